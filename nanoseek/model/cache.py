@@ -1,0 +1,54 @@
+"""A static per-layer cache the attention modules write into and read from.
+
+The cache is a set of preallocated buffers, one group per layer, of shape [B, S, ...]. A
+forward pass with `positions` [B, T] writes its T new entries of every sequence at those
+positions and reads the whole buffer back; attention then lets query t see key s iff
+s <= positions[b, t]. One rule therefore covers prefill, decode, and sequences of
+different lengths in one batch, without a host sync.
+
+What goes in depends on the attention: MLA stores only the normalised latent c_kv
+(kv_lora_rank values) and the rotated RoPE key (qk_rope_head_dim values) per token;
+the MHA/GQA baselines store full keys and values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+
+
+def cache_entry_shapes(config: ModelConfig) -> list[tuple[int, ...]]:
+    """Per-token shapes of what one layer caches."""
+    if config.attention_type == "mla":
+        return [(config.kv_lora_rank,), (config.qk_rope_head_dim,)]
+    return [(config.kv_heads, config.attn_head_dim)] * 2
+
+
+class StaticCache:
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 num_layers: int | None = None):
+        num_layers = num_layers or config.num_hidden_layers + config.num_nextn_predict_layers
+        self.max_len = max_len
+        self.layers = [[torch.zeros(batch_size, max_len, *shape, dtype=dtype, device=device)
+                        for shape in cache_entry_shapes(config)] for _ in range(num_layers)]
+
+    def update(self, layer_idx: int, positions: torch.Tensor,
+               *entries: torch.Tensor) -> list[torch.Tensor]:
+        """Write entries [B, T, ...] at positions [B, T]; return the full buffers [B, S, ...]."""
+        out = []
+        for buf, new in zip(self.layers[layer_idx], entries):
+            idx = positions.reshape(*positions.shape, *([1] * (new.dim() - 2))).expand_as(new)
+            buf.scatter_(1, idx, new.to(buf.dtype))
+            out.append(buf)
+        return out
+
+    def nbytes_per_token(self) -> int:
+        return sum(b.element_size() * b[0, 0].numel() for layer in self.layers for b in layer)
+
+
+def cache_mask(positions: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Boolean [B, 1, T, S]: query at positions[b, t] may attend to cache slot s <= it."""
+    slots = torch.arange(max_len, device=positions.device)
+    return (slots <= positions[..., None]).unsqueeze(1)

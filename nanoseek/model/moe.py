@@ -1,0 +1,217 @@
+"""DeepSeekMoE: fine-grained routed experts + shared experts (V2 §2.2, V3 §2.1.2).
+
+Legend: B batch, T tokens per sequence, N = B·T tokens, D hidden_size, E routed experts,
+K experts per token, F moe_intermediate_size, G expert groups.
+
+Routing (V3 eq. 12-16). Affinities s_{i,t} = sigmoid(u_t·e_i) (V3) or softmax (V2, GShard).
+Selection adds a per-expert bias b_i (`e_score_correction_bias`) to s for choosing only;
+the gate values g_{i,t} are the unbiased s of the chosen experts, normalised over the top-K
+when `norm_topk_prob`, times `routed_scaling_factor`. Group-limited routing first keeps the
+`topk_group` best of `n_group` groups, a group scored by its best expert (V2,
+`group_limited_greedy`) or the sum of its best two (V3, `noaux_tc`), then picks K experts
+inside them, which bounds how many devices a token's experts live on.
+
+Balancing.
+- Auxiliary-loss-free (V3 §2.1.2): after each optimizer step, b_i += γ·sign(mean load −
+  load_i) from that step's expert loads: overloaded experts become less attractive. The
+  loads are counted in the forward pass (`Router.load`), the update is `update_bias()`.
+- Sequence-wise balance loss (V3 eq. 17-20): per sequence, f_i = E/(K·T)·Σ_t 1[i ∈ TopK_t],
+  P_i = 1/T·Σ_t s'_{i,t} with s' the affinities normalised per token, L = α·Σ_i f_i·P_i,
+  averaged over sequences (`seq_aux=True`).
+- Batch-wise auxiliary loss (GShard / V2 eq. 12-14): the same formula over all N tokens
+  (`seq_aux=False`), for the GShard baseline.
+Balance is watched through MaxVio = (max_i load_i − mean load) / mean load (V3 §4.5.2).
+
+Experts. Routed experts are stored stacked ([E, F, D] and [E, D, F]) and run as one grouped
+GEMM over tokens sorted by expert (`torch._grouped_mm`), with no host sync. The per-expert
+loop (`moe_impl="loop"`) is the plain reference twin; it syncs to find each expert's tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: dense layers and the shared experts."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """`mlp.gate` in the checkpoints: weight [E, D] and, for V3, e_score_correction_bias [E]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.n_experts, self.top_k = c.n_routed_experts, c.num_experts_per_tok
+        self.scoring_func, self.topk_method = c.scoring_func, c.topk_method
+        self.n_group, self.topk_group = c.n_group or 1, c.topk_group or 1
+        self.norm_topk_prob, self.scaling = c.norm_topk_prob, c.routed_scaling_factor
+        self.bias_update_speed = c.bias_update_speed
+        self.weight = nn.Parameter(torch.empty(self.n_experts, c.hidden_size))
+        if self.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts))
+        else:
+            self.e_score_correction_bias = None
+        # tokens routed to each expert since the last update_bias() (training mode only)
+        self.register_buffer("load", torch.zeros(self.n_experts), persistent=False)
+
+    def forward(self, x_ND):
+        logits_NE = F.linear(x_ND.float(), self.weight.float())
+        scores_NE = logits_NE.sigmoid() if self.scoring_func == "sigmoid" else logits_NE.softmax(-1)
+        choice_NE = scores_NE
+        if self.e_score_correction_bias is not None:
+            choice_NE = scores_NE + self.e_score_correction_bias
+        if self.topk_method != "greedy" and self.n_group > 1:
+            groups_NGX = choice_NE.unflatten(-1, (self.n_group, -1))
+            if self.topk_method == "noaux_tc":
+                group_score_NG = groups_NGX.topk(2, dim=-1).values.sum(-1)
+            else:
+                group_score_NG = groups_NGX.amax(-1)
+            keep_NG = torch.zeros_like(group_score_NG, dtype=torch.bool).scatter_(
+                1, group_score_NG.topk(self.topk_group, dim=-1).indices, True)
+            choice_NE = groups_NGX.masked_fill(~keep_NG[..., None], float("-inf")).flatten(1)
+        idx_NK = choice_NE.topk(self.top_k, dim=-1).indices
+        weight_NK = scores_NE.gather(1, idx_NK)
+        if self.norm_topk_prob:
+            weight_NK = weight_NK / (weight_NK.sum(-1, keepdim=True) + 1e-20)
+        weight_NK = weight_NK * self.scaling
+        if self.training:
+            with torch.no_grad():
+                self.load.scatter_add_(0, idx_NK.flatten(), torch.ones_like(idx_NK.flatten(), dtype=self.load.dtype))
+        return weight_NK, idx_NK, scores_NE
+
+    @torch.no_grad()
+    def update_bias(self) -> torch.Tensor:
+        """b_i += γ·sign(mean load − load_i) from the loads counted since the last call.
+
+        Returns those loads and resets the counter. A no-op on the bias for routers
+        without one (V2, GShard)."""
+        load = self.load.clone()
+        if self.e_score_correction_bias is not None and load.sum() > 0:
+            self.e_score_correction_bias += self.bias_update_speed * torch.sign(load.mean() - load)
+        self.load.zero_()
+        return load
+
+
+def max_violation(load_E: torch.Tensor) -> torch.Tensor:
+    """MaxVio = (max load − mean load) / mean load."""
+    mean = load_E.float().mean()
+    return (load_E.float().max() - mean) / mean.clamp_min(1e-9)
+
+
+def balance_loss(scores_BTE, idx_BTK, n_experts: int, alpha: float, per_sequence: bool):
+    """α·Σ_i f_i·P_i, per sequence (V3 eq. 17-20) or over the batch (GShard, V2 eq. 12-14)."""
+    B, T, K = idx_BTK.shape
+    if not per_sequence:
+        scores_BTE, idx_BTK = scores_BTE.reshape(1, B * T, -1), idx_BTK.reshape(1, B * T, K)
+        T = B * T
+    probs = scores_BTE / scores_BTE.sum(-1, keepdim=True)  # s'_{i,t}
+    counts_BE = torch.zeros(idx_BTK.shape[0], n_experts, device=idx_BTK.device).scatter_add_(
+        1, idx_BTK.flatten(1), torch.ones(idx_BTK.shape[0], T * K, device=idx_BTK.device))
+    f_BE = counts_BE * n_experts / (K * T)
+    P_BE = probs.mean(1)
+    return alpha * (f_BE * P_BE).sum(-1).mean()
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored stacked. Checkpoint keys are per expert (see hf.py)."""
+
+    def __init__(self, n_experts: int, dim: int, hidden: int, impl: str = "grouped"):
+        super().__init__()
+        self.impl = impl
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
+
+    def forward(self, x_ND, weight_NK, idx_NK):
+        if self.impl == "loop" or not grouped_mm_supported(x_ND):
+            return self.forward_loop(x_ND, weight_NK, idx_NK)
+        return self.forward_grouped(x_ND, weight_NK, idx_NK)
+
+    def forward_grouped(self, x_ND, weight_NK, idx_NK):
+        N, K = idx_NK.shape
+        E = self.gate_proj.shape[0]
+        flat_M = idx_NK.flatten()                       # M = N·K (token, slot) pairs
+        order_M = flat_M.argsort(stable=True)          # sorted by expert
+        token_M = order_M // K
+        counts_E = torch.zeros(E, dtype=torch.int32, device=x_ND.device).scatter_add_(
+            0, flat_M, torch.ones_like(flat_M, dtype=torch.int32))
+        offsets_E = counts_E.cumsum(0, dtype=torch.int32)
+        dtype = compute_dtype(x_ND)
+        w_gate, w_up, w_down = (w.to(dtype).transpose(-2, -1)
+                                for w in (self.gate_proj, self.up_proj, self.down_proj))
+        x_MD = x_ND[token_M].to(dtype)
+        gate_MF = torch._grouped_mm(x_MD, w_gate, offs=offsets_E)
+        up_MF = torch._grouped_mm(x_MD, w_up, offs=offsets_E)
+        h_MF = F.silu(gate_MF) * up_MF
+        y_MD = torch._grouped_mm(h_MF, w_down, offs=offsets_E)
+        y_MD = y_MD * weight_NK.flatten()[order_M, None].to(y_MD.dtype)
+        return torch.zeros_like(x_ND).index_add_(0, token_M, y_MD.to(x_ND.dtype))
+
+    def forward_loop(self, x_ND, weight_NK, idx_NK):
+        """Reference twin: one plain SwiGLU per expert over the tokens that chose it."""
+        out = torch.zeros_like(x_ND)
+        for e in range(self.gate_proj.shape[0]):
+            token, slot = torch.where(idx_NK == e)
+            if token.numel() == 0:
+                continue
+            x = x_ND[token]
+            h = F.silu(x @ self.gate_proj[e].T) * (x @ self.up_proj[e].T)
+            y = (h @ self.down_proj[e].T) * weight_NK[token, slot, None].to(x.dtype)
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matrix products run in: autocast's if it is on, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def grouped_mm_supported(x: torch.Tensor) -> bool:
+    """torch._grouped_mm runs on Hopper+ GPUs in bf16 and on CPU in float32."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.is_cuda:
+        return torch.cuda.get_device_capability(x.device)[0] >= 9 and compute_dtype(x) == torch.bfloat16
+    return compute_dtype(x) == torch.float32
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.n_experts = c.n_routed_experts
+        self.aux_loss_alpha, self.seq_aux = c.aux_loss_alpha, c.seq_aux
+        self.gate = Router(c)
+        self.experts = Experts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size, c.moe_impl)
+        self.shared_experts = (MLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts)
+                               if c.n_shared_experts else None)
+
+    def forward(self, x_BTD):
+        """Returns the output [B, T, D] and the balance loss (a zero scalar when unused)."""
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(-1, D)
+        weight_NK, idx_NK, scores_NE = self.gate(x_ND)
+        y_ND = self.experts(x_ND, weight_NK, idx_NK)
+        if self.shared_experts is not None:
+            y_ND = y_ND + self.shared_experts(x_ND)
+        aux = x_BTD.new_zeros((), dtype=torch.float32)
+        if self.training and self.aux_loss_alpha > 0:
+            aux = balance_loss(scores_NE.view(B, T, -1), idx_NK.view(B, T, -1), self.n_experts,
+                               self.aux_loss_alpha, self.seq_aux)
+        return y_ND.view(B, T, D), aux
