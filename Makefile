@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/nanoseek run --out $(OUT)
+	$(VENV)/bin/nanoseek speedrun --out $(OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest
