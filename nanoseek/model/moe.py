@@ -137,9 +137,13 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
 
     def forward(self, x_ND, weight_NK, idx_NK):
-        if self.impl == "loop" or not grouped_mm_supported(x_ND):
+        if self.impl == "loop":
             return self.forward_loop(x_ND, weight_NK, idx_NK)
-        return self.forward_grouped(x_ND, weight_NK, idx_NK)
+        if grouped_mm_supported(x_ND):
+            return self.forward_grouped(x_ND, weight_NK, idx_NK)
+        if torch.compiler.is_compiling():
+            return self.forward_dense(x_ND, weight_NK, idx_NK)
+        return self.forward_loop(x_ND, weight_NK, idx_NK)
 
     def forward_grouped(self, x_ND, weight_NK, idx_NK):
         N, K = idx_NK.shape
@@ -160,6 +164,16 @@ class Experts(nn.Module):
         y_MD = torch._grouped_mm(h_MF, w_down, offs=offsets_E)
         y_MD = y_MD * weight_NK.flatten()[order_M, None].to(y_MD.dtype)
         return torch.zeros_like(x_ND).index_add_(0, token_M, y_MD.to(x_ND.dtype))
+
+    def forward_dense(self, x_ND, weight_NK, idx_NK):
+        """Every expert on every token, weighted by a mostly-zero gate: E/K times the work, no
+        host sync. Only for torch.compile where the grouped GEMM cannot run (float32 on CPU,
+        whose grouped GEMM has no compile support yet)."""
+        gates_NE = torch.zeros(x_ND.shape[0], self.gate_proj.shape[0], dtype=x_ND.dtype,
+                               device=x_ND.device).scatter(1, idx_NK, weight_NK.to(x_ND.dtype))
+        h_NEF = (F.silu(torch.einsum("nd,efd->nef", x_ND, self.gate_proj))
+                 * torch.einsum("nd,efd->nef", x_ND, self.up_proj))
+        return torch.einsum("ne,nef,edf->nd", gates_NE, h_NEF, self.down_proj)
 
     def forward_loop(self, x_ND, weight_NK, idx_NK):
         """Reference twin: one plain SwiGLU per expert over the tokens that chose it."""
@@ -188,7 +202,8 @@ def grouped_mm_supported(x: torch.Tensor) -> bool:
         return False
     if x.is_cuda:
         return torch.cuda.get_device_capability(x.device)[0] >= 9 and compute_dtype(x) == torch.bfloat16
-    return compute_dtype(x) == torch.float32
+    # CPU float32 runs eagerly, but its grouped GEMM has no compile (meta) support yet
+    return compute_dtype(x) == torch.float32 and not torch.compiler.is_compiling()
 
 
 class MoE(nn.Module):
