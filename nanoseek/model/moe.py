@@ -170,7 +170,7 @@ class Experts(nn.Module):
         host sync. Only for torch.compile where the grouped GEMM cannot run (float32 on CPU,
         whose grouped GEMM has no compile support yet)."""
         gates_NE = torch.zeros(x_ND.shape[0], self.gate_proj.shape[0], dtype=x_ND.dtype,
-                               device=x_ND.device).scatter(1, idx_NK, weight_NK.to(x_ND.dtype))
+                               device=x_ND.device).scatter_add(1, idx_NK, weight_NK.to(x_ND.dtype))
         h_NEF = (F.silu(torch.einsum("nd,efd->nef", x_ND, self.gate_proj))
                  * torch.einsum("nd,efd->nef", x_ND, self.up_proj))
         return torch.einsum("ne,nef,edf->nd", gates_NE, h_NEF, self.down_proj)
