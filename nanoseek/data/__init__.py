@@ -1,0 +1,1 @@
+"""Data: tokenizers, built-in verifiable tasks, datasets, packing loader."""
