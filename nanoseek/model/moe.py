@@ -69,7 +69,8 @@ class Router(nn.Module):
         self.register_buffer("load", torch.zeros(self.n_experts), persistent=False)
 
     def forward(self, x_ND):
-        logits_NE = F.linear(x_ND.float(), self.weight.float())
+        with torch.autocast(x_ND.device.type, enabled=False):  # gating stays in float32
+            logits_NE = F.linear(x_ND.float(), self.weight.float())
         scores_NE = logits_NE.sigmoid() if self.scoring_func == "sigmoid" else logits_NE.softmax(-1)
         choice_NE = scores_NE
         if self.e_score_correction_bias is not None:
