@@ -88,6 +88,8 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
+        self._check_types()
+
         def need(cond: bool, name: str, msg: str) -> None:
             if not cond:
                 raise ConfigError(f"config field '{name}' = {getattr(self, name)!r}: {msg}")
@@ -156,6 +158,27 @@ class ModelConfig:
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
         need(self.aux_loss_alpha >= 0, "aux_loss_alpha", "must be >= 0")
         need(self.bias_update_speed >= 0, "bias_update_speed", "must be >= 0")
+
+    def _check_types(self) -> None:
+        kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,)}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            parts = [p.strip() for p in str(f.type).split("|")]
+            if value is None:
+                if "None" in parts:
+                    continue
+                raise ConfigError(f"config field '{f.name}' must not be null")
+            allowed = tuple(t for p in parts for t in kinds.get(p, ()))
+            if not allowed:
+                continue
+            if isinstance(value, bool) and bool not in allowed and f.name != "extra":
+                ok = False  # true/false is not a number here
+            else:
+                ok = isinstance(value, allowed)
+            if not ok:
+                want = " or ".join(p for p in parts if p != "None")
+                raise ConfigError(f"config field '{f.name}' = {value!r}: must be {want}"
+                                  + (" or null" if "None" in parts else ""))
 
     # ------------------------------------------------------------------ derived
     @property
@@ -238,6 +261,7 @@ class ModelConfig:
             d["n_routed_experts"] = d["num_local_experts"]
         if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:
             d["num_nextn_predict_layers"] = d["num_mtp_layers"]
+        d.setdefault("num_nextn_predict_layers", 0)  # a checkpoint without the key has no MTP
         kwargs = {k: v for k, v in d.items() if k in known}
         extra = {k: v for k, v in d.items() if k not in known}
         for name in ("eos_token_id", "bos_token_id"):
@@ -277,18 +301,17 @@ class ModelConfig:
                                "deepseek_v2": "DeepseekV2ForCausalLM"}.get(mtype, "NanoseekForCausalLM")]
         # what transformers needs to build the same model
         d["num_key_value_heads"] = self.kv_heads if self.attention_type != "mla" else self.num_attention_heads
-        d["n_routed_experts"] = self.n_routed_experts or None
+        if self.attention_type == "mla":
+            d["head_dim"] = self.qk_rope_head_dim  # transformers sizes its rotary tables by it
         d["rope_interleave"] = True
         rp = {"rope_theta": self.rope_theta, "rope_type": self.rope_type}
         if self.rope_scaling:
             rp.update({k: v for k, v in self.rope_scaling.items() if k != "type"})
         d["rope_parameters"] = rp
         if not self.is_moe:
-            # HF builds dense MLPs for layers < first_k_dense_replace
+            # transformers builds dense MLPs for layers < first_k_dense_replace
+            d["n_routed_experts"] = 0
             d["first_k_dense_replace"] = self.num_hidden_layers
-            d["n_routed_experts"] = 1
-            d["num_experts_per_tok"] = 1
-            d["n_group"] = d["topk_group"] = 1
         return d
 
     def to_json(self, path: str | Path) -> None:

@@ -178,10 +178,6 @@ def hf_config_dict(model: Transformer, dtype: torch.dtype) -> dict:
     d = c.to_dict()
     for key in _STALE_CONFIG_KEYS:
         d.pop(key, None)
-    if c.attention_type == "mla":
-        d["head_dim"] = c.qk_rope_head_dim  # transformers sizes its rotary tables by head_dim
-    if not c.is_moe:
-        d["n_routed_experts"] = 0  # so that it reads back dense; to_dict's 1 would not
     d["dtype"] = str(dtype).removeprefix("torch.")
     return d
 
@@ -192,7 +188,8 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int =
 
     One `model.safetensors`, or shards `model-00001-of-0000N.safetensors` plus
     `model.safetensors.index.json` beyond max_shard_bytes. `dtype` casts floating tensors
-    except the router's. An existing directory at `path` is replaced as a whole.
+    except the router's. An existing directory at `path` is replaced as a whole, keeping
+    the files of it that a save does not write (a tokenizer, a README) but no old weights.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -219,6 +216,9 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int =
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is not
     try:
         weight_map, total = {}, 0
         for name, keys in zip(names, shards):
@@ -234,11 +234,25 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int =
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(model, dtype), indent=2) + "\n")
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
+        _keep_other_files(path, tmp)
         _fsync_tree(tmp)
         _move_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _keep_other_files(old: Path, new: Path) -> None:
+    """Copy into `new` the files of an existing checkpoint dir that this save does not write,
+    except old weights and their index."""
+    if not old.is_dir():
+        return
+    for f in old.iterdir():
+        stale = f.suffix == ".safetensors" or f.name == INDEX_FILE
+        if f.is_file() and not stale and not (new / f.name).exists():
+            shutil.copy2(f, new / f.name)
 
 
 def _fsync_tree(directory: Path) -> None:

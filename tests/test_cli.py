@@ -60,7 +60,7 @@ def test_info_reads_a_config_file(tmp_path, capsys):
     (["info", "--preset", "tiny", "n_experts=4"], "unknown config field 'n_experts'"),
     (["info", "--preset", "tiny", "n_routed_experts"], "must look like key=value"),
     (["info", "--preset", "tiny", "scoring_func=relu"], "'scoring_func' = 'relu'"),
-    (["info", "--preset", "tiny", "kv_lora_rank=abc"], "kv_lora_rank=abc"),
+    (["info", "--preset", "tiny", "kv_lora_rank=abc"], "'kv_lora_rank' = 'abc': must be int"),
     (["info", "--config", "/nonexistent/ckpt"], "no config file at /nonexistent/ckpt"),
     (["info"], "--preset --config is required"),
     (["init", "--preset", "tiny", "--out", "unused", "vocab_size=100"], "vocab_size 100 is too small"),

@@ -482,3 +482,21 @@ def test_pickles_are_never_loaded(checkpoint, tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="no \\*.safetensors"):
         from_pretrained(ck)
     assert not marker.exists()
+
+
+def test_save_over_existing_dir_keeps_tokenizer_and_drops_old_shards(tmp_path):
+    import nanoseek
+    from nanoseek.config import preset
+    from nanoseek.model import Transformer
+    out = tmp_path / "ckpt"
+    Transformer(preset("tiny")).save_pretrained(out, max_shard_bytes=200_000)
+    assert (out / "model.safetensors.index.json").exists()
+    (out / "tokenizer.json").write_text("{}")
+    model = Transformer(preset("tiny"))
+    model.save_pretrained(out)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["config.json", "model.safetensors", "tokenizer.json"], names
+    assert oct(out.stat().st_mode & 0o777) != oct(0o700)
+    back = nanoseek.from_pretrained(out)
+    ids = torch.randint(0, 1024, (1, 8))
+    torch.testing.assert_close(back(ids).logits, model.eval()(ids).logits)

@@ -362,3 +362,23 @@ def test_presets_build_and_bench_1b_shape():
     assert m.num_parameters(include_mtp=False) == pytest.approx(1.25e9, rel=0.005)
     for name in nanoseek.PRESETS:
         preset(name)  # every preset validates
+
+
+def test_config_wrong_type_names_the_field():
+    with pytest.raises(ConfigError, match="'kv_lora_rank' = 'abc': must be int"):
+        tiny(kv_lora_rank="abc")
+    with pytest.raises(ConfigError, match="'norm_topk_prob'"):
+        tiny(norm_topk_prob="yes")
+
+
+@pytest.mark.parametrize("name", ["dense", "gshard", "tiny", "deepseek-v2-lite"])
+def test_config_dict_round_trip(name):
+    cfg = preset(name)
+    back = ModelConfig.from_dict(cfg.to_dict())
+    assert back.is_moe == cfg.is_moe
+    for f in ("num_nextn_predict_layers", "scoring_func", "topk_method", "q_lora_rank",
+              "rope_scaling", "softmax_scale", "attention_type"):
+        assert getattr(back, f) == getattr(cfg, f), f
+    if cfg.is_moe:
+        assert back.first_k_dense_replace == cfg.first_k_dense_replace
+        assert back.n_routed_experts == cfg.n_routed_experts
