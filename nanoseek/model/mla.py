@@ -84,10 +84,14 @@ class MLA(nn.Module):
         k_nope, v_BSHV = kv_BSHX.split([self.nope_dim, self.v_dim], dim=-1)
         k_BSHK = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, S, H, -1)], dim=-1)
         q_BTHK = torch.cat([q_nope, q_pe], dim=-1)
+        qk_dim = q_BTHK.shape[-1]
+        if q_BTHK.is_cuda and self.v_dim < qk_dim:
+            # flash attention wants one head size for q, k and v: pad v with zeros, slice after
+            v_BSHV = F.pad(v_BSHV, (0, qk_dim - self.v_dim))
         o = F.scaled_dot_product_attention(
             q_BTHK.transpose(1, 2), k_BSHK.transpose(1, 2), v_BSHV.transpose(1, 2),
             attn_mask=mask, is_causal=mask is None, scale=self.scale)
-        return o.transpose(1, 2)  # [B, T, H, V]
+        return o.transpose(1, 2)[..., : self.v_dim]  # [B, T, H, V]
 
     def absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Decode path: attention over the latent alone, W_UK and W_UV absorbed."""

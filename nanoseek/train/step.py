@@ -1,0 +1,58 @@
+"""One optimizer step: micro-batches with gradient accumulation, clipping, the MTP and balance
+losses, then the auxiliary-loss-free bias update from this step's expert loads.
+
+A non-finite loss or gradient norm skips the update (gradients dropped, loads discarded) and
+is reported in the returned stats; the caller decides when too many in a row stop a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from ..model.moe import max_violation
+
+
+def forward_backward(model: nn.Module, batch: dict, scale: float, autocast_dtype: torch.dtype | None):
+    device_type = batch["input_ids"].device.type
+    ctx = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype
+           else contextlib.nullcontext())
+    with ctx:
+        out = model(batch["input_ids"], labels=batch["labels"])
+    (out.loss * scale).backward()
+    return out
+
+
+def train_step(model: nn.Module, micro_batches: list[dict], optimizer: torch.optim.Optimizer,
+               grad_clip: float = 1.0, autocast_dtype: torch.dtype | None = None,
+               compiled: nn.Module | None = None, base_model: nn.Module | None = None) -> dict:
+    """Returns loss parts (averaged over micro-batches) as tensors, grad norm, and MaxVio per
+    MoE layer. `compiled` is the module to call (e.g. torch.compile(model)); `base_model` the
+    plain module whose parameters and routers are updated (defaults to `model`)."""
+    base = base_model if base_model is not None else model
+    call = compiled if compiled is not None else model
+    n = len(micro_batches)
+    parts = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+    for batch in micro_batches:
+        out = forward_backward(call, batch, 1.0 / n, autocast_dtype)
+        for k in parts:
+            v = getattr(out, k)
+            if v is not None:
+                parts[k] = parts[k] + v.detach().float() / n
+    grad_norm = torch.nn.utils.clip_grad_norm_(base.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(torch.as_tensor(parts["loss"])))
+    if finite:
+        optimizer.step()
+        loads = base.update_expert_bias()
+    else:
+        for r in base.routers().values():
+            r.load.zero_()
+        loads = {}
+    optimizer.zero_grad(set_to_none=True)
+    stats = {k: float(v) for k, v in parts.items()}
+    stats["grad_norm"] = float(grad_norm)
+    stats["skipped"] = not finite
+    stats["maxvio"] = {i: float(max_violation(load)) for i, load in loads.items()}
+    return stats
