@@ -1,0 +1,79 @@
+"""Batched generation over the static latent cache: prefill once, then one token per step.
+
+Prompts of different lengths share one batch: each row's tokens sit at positions 0..len-1
+and every new token goes to its own row's next position, so a row never reads another's
+padding (see model/cache.py). This is the plain loop that evaluation uses; the serving
+engine (continuous batching, CUDA graphs, MTP speculation) builds on the same cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model import StaticCache, Transformer
+
+
+def sample_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Greedy when temperature == 0, else softmax(logits / T) restricted to top-k / top-p."""
+    if temperature <= 0:
+        return logits_BV.argmax(-1)
+    logits = logits_BV.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None = None,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+             autocast: torch.dtype | None = None) -> list[list[int]]:
+    """New tokens for each prompt (stopping after eos, which is kept)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    cfg = model.config
+    device = next(model.parameters()).device
+    B, lens = len(prompts), torch.tensor([len(p) for p in prompts], device=device)
+    T = int(lens.max())
+    if T + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceed the "
+                         f"model's context of {cfg.max_position_embeddings}")
+    was_training = model.training
+    model.eval()
+    dtype = autocast or next(model.parameters()).dtype
+    cache = StaticCache(cfg, B, T + max_new_tokens, dtype=dtype, device=device,
+                        num_layers=cfg.num_hidden_layers)
+    ids = torch.zeros(B, T, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p, device=device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    ctx = torch.autocast(device.type, dtype=autocast) if autocast else torch.autocast(device.type, enabled=False)
+    out = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    with ctx:
+        logits = model(ids, positions=torch.arange(T, device=device).expand(B, T), cache=cache).logits
+        last = logits[torch.arange(B, device=device), lens - 1]
+        pos = lens.clone()
+        for _ in range(max_new_tokens):
+            nxt = sample_next(last, temperature, top_k, top_p, generator)
+            nxt = torch.where(done, torch.zeros_like(nxt), nxt)
+            for i, (t, d) in enumerate(zip(nxt.tolist(), done.tolist())):
+                if not d:
+                    out[i].append(t)
+            if eos_id is not None:
+                done = done | (nxt == eos_id)
+                if bool(done.all()):
+                    break
+            last = model(nxt[:, None], positions=pos[:, None], cache=cache).logits[:, -1]
+            pos = pos + 1
+    model.train(was_training)
+    return out

@@ -1,0 +1,54 @@
+"""Held-out accuracy on the built-in tasks: greedy accuracy and pass@k.
+
+Prompts are the task's test split (disjoint from training by construction). A model after
+SFT is prompted with the chat template (the answer is read from `<answer>…</answer>`); a
+pretrained-only model with the plain-text format it was trained on ("Question: …\nSolution:").
+pass@k: k samples per problem at the given temperature; a problem counts when any is right
+(the unbiased estimator of Chen et al. 2021 with n = k).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..data.tasks import check, get_task
+from ..infer import generate
+
+
+def task_prompt(tokenizer, prompt: str, fmt: str) -> list[int]:
+    if fmt == "chat":
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    else:
+        text = tokenizer.bos + f"Question: {prompt}\nSolution:\n"
+    return tokenizer.encode(text)
+
+
+def evaluate_task(model, tokenizer, task: str, level: int, n: int = 100, k: int = 0,
+                  temperature: float = 0.8, fmt: str = "chat", max_new_tokens: int = 160,
+                  batch_size: int = 64, seed: int = 1234) -> dict:
+    examples = get_task(task).generate(n, level=level, split="test", seed=seed, unique=True)
+    prompts = [task_prompt(tokenizer, ex.prompt, fmt) for ex in examples]
+    autocast = torch.bfloat16 if next(model.parameters()).is_cuda else None
+
+    def run(temp: float, sample_seed: int | None) -> list[bool]:
+        right = []
+        for i in range(0, n, batch_size):
+            outs = generate(model, prompts[i:i + batch_size], max_new_tokens, tokenizer.eos_id,
+                            temperature=temp, seed=sample_seed, autocast=autocast)
+            for ex, ids in zip(examples[i:i + batch_size], outs):
+                text = tokenizer.decode(ids)
+                if fmt != "chat":
+                    text = text.split("Answer:")[-1] if "Answer:" in text else text
+                right.append(check(ex, text))
+        return right
+
+    greedy = run(0.0, None)
+    result = {"task": task, "level": level, "n": n, "format": fmt,
+              "greedy_accuracy": sum(greedy) / n}
+    if k > 1:
+        hits = [False] * n
+        for j in range(k):
+            hits = [h or r for h, r in zip(hits, run(temperature, seed + j))]
+        result[f"pass@{k}"] = sum(hits) / n
+        result["temperature"] = temperature
+    return result

@@ -1,0 +1,42 @@
+import torch
+
+from nanoseek import Transformer, preset
+from nanoseek.infer import generate, sample_next
+
+
+def greedy_by_recomputation(model, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_batched_greedy_equals_full_recomputation():
+    cfg = preset("tiny")
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(5)  # sharper logits: fewer near-ties between the two computations
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 200, 300, 400]]
+    outs = generate(model, prompts, max_new_tokens=6)
+    with torch.no_grad():
+        for p, o in zip(prompts, outs):
+            assert o == greedy_by_recomputation(model, p, 6)
+
+
+def test_eos_stops_a_row_and_sampling_is_seeded():
+    cfg = preset("tiny")
+    model = Transformer(cfg).eval()
+    first = generate(model, [[1, 2, 3]], max_new_tokens=1)[0][0]
+    out = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=5, eos_id=first)
+    assert out[0] == [first]
+    a = generate(model, [[1, 2, 3]], 8, temperature=1.0, seed=7)
+    b = generate(model, [[1, 2, 3]], 8, temperature=1.0, seed=7)
+    assert a == b
+
+
+def test_top_k_and_top_p_restrict_support():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).repeat(200, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, 1.0, top_k=2, generator=g).tolist()) <= {2, 3}
+    assert set(sample_next(logits, 1.0, top_p=0.5, generator=g).tolist()) == {3}
