@@ -180,12 +180,103 @@ def cmd_init(args: argparse.Namespace) -> None:
           f"byte tokenizer with {tok.get_vocab_size():,} tokens")
 
 
+# ---------------------------------------------------------------------- train / sft / eval
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    add_config_args(p)
+    p.add_argument("--data", required=True, metavar="SPEC",
+                   help="file(s) (.txt .jsonl .parquet, a datasets folder) or builtin:TASK[:level=N], comma-joined")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--save-every", type=int, default=0, metavar="K")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--tokenizer", metavar="DIR", help="an existing tokenizer.json (default: train BPE on the data)")
+    p.epilog = "key=value words set model config fields or train fields (lr, batch_size, seq_len, ...)"
+
+
+def _train_cfg(args, extra: dict):
+    from .train.pipeline import train_config
+    if args.steps < 1:
+        raise UsageError(f"--steps must be positive, got {args.steps}")
+    return train_config(steps=args.steps, save_every=args.save_every, **extra)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train.pipeline import pretrain, split_overrides
+    model_over, train_over = split_overrides(args.overrides)
+    args.overrides = model_over
+    trainer, _, records = pretrain(load_config(args), _train_cfg(args, train_over), args.data, args.out,
+                                   tokenizer=args.tokenizer, resume=args.resume)
+    last = records[-1] if records else {}
+    print(f"trained to step {trainer.step}; last loss {last.get('loss', float('nan')):.4f}; "
+          f"model in {Path(args.out) / 'final'}")
+
+
+def add_sft_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="a checkpoint or a run directory")
+    p.add_argument("--data", required=True, metavar="SPEC", help="chats: .jsonl/.parquet with messages, or builtin:TASK")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--save-every", type=int, default=0, metavar="K")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="train fields (lr, batch_size, seq_len, ...)")
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    from .train.pipeline import sft, split_overrides
+    model_over, train_over = split_overrides(args.overrides)
+    if model_over:
+        raise UsageError(f"sft takes train fields only, not {', '.join(model_over)}")
+    trainer, _, records = sft(args.model, _train_cfg(args, train_over), args.data, args.out, resume=args.resume)
+    last = records[-1] if records else {}
+    print(f"SFT to step {trainer.step}; last loss {last.get('loss', float('nan')):.4f}; "
+          f"model in {Path(args.out) / 'final'}")
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="a checkpoint or a run directory")
+    p.add_argument("--task", default="arithmetic", help="built-in task (arithmetic, countdown)")
+    p.add_argument("--level", type=int, default=1)
+    p.add_argument("--n", type=int, default=100, help="held-out problems")
+    p.add_argument("--k", type=int, default=0, help="also pass@k with k samples per problem")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--format", choices=("chat", "plain"), default="chat",
+                   help="chat template (after SFT) or the plain pretraining format")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .hf import from_pretrained
+    from .train.evaluate import evaluate_task
+    from .train.pipeline import resolve_model_dir, tokenizer_for
+    from .train.trainer import resolve_device
+    src = resolve_model_dir(args.model)
+    model = from_pretrained(src, device=resolve_device("auto"))
+    result = evaluate_task(model, tokenizer_for(src), args.task, args.level, n=args.n, k=args.k,
+                           temperature=args.temperature, fmt=args.format)
+    print(json.dumps(result, indent=2))
+
+
+def add_speedrun_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/speedrun", metavar="DIR")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="wall-time budget for training (default: 9 on a CPU, 20 on a GPU)")
+
+
+def cmd_speedrun(args: argparse.Namespace) -> None:
+    from .speedrun import speedrun
+    report = speedrun(args.out, minutes=args.minutes)
+    print(f"report: {report}")
+
+
 # ---------------------------------------------------------------------- dispatch
 # name: (add_arguments, run, help). Each stage of the pipeline adds its row here.
 COMMANDS = {
     "info": (add_info_args, cmd_info, "parameters, activated parameters, KV cache, FLOPs"),
     "init": (add_init_args, cmd_init, "write a randomly initialised model and a byte tokenizer"),
-    # ---- later stages (tokenizer, pretrain, sft, rl, serve, speedrun, ...) go here ----
+    "train": (add_train_args, cmd_train, "pretrain a model on documents (tokenizer trained on the data)"),
+    "sft": (add_sft_args, cmd_sft, "supervised fine-tuning on chats, loss on assistant tokens only"),
+    "eval": (add_eval_args, cmd_eval, "held-out accuracy on a built-in task (greedy, pass@k)"),
+    "speedrun": (add_speedrun_args, cmd_speedrun, "the whole pipeline on built-in data, ending in report.md"),
+    # ---- later stages (rl, serve, ...) go here ----
 }
 
 
@@ -201,10 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .train.trainer import TrainingError  # a run that cannot go on: one line too
     try:
         args = build_parser().parse_args(argv)
         args.run(args)
-    except (UsageError, ConfigError, ValueError, FileNotFoundError) as e:
+    except (UsageError, ConfigError, ValueError, FileNotFoundError, TrainingError) as e:
         message = " ".join(str(e).split())  # one line, whatever the message held
         print(f"nanoseek: error: {message}", file=sys.stderr)
         return 2

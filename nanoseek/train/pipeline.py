@@ -1,0 +1,143 @@
+"""Stage functions the CLI and the speedrun call: pretrain, SFT, and their inputs.
+
+    pretrain(model_cfg, train_cfg, data, out)   tokenizer (trained on the data unless given)
+                                                 -> packed documents -> Trainer
+    sft(model_dir, train_cfg, data, out)        a checkpoint + its tokenizer -> loss-masked
+                                                 chats -> Trainer
+
+A data spec may join several specs with commas (`builtin:arithmetic:level=1,notes.txt`).
+A stage writes into `out`: `tokenizer/`, `checkpoints/step_*/` (HF layout + optimizer and
+loader state), `metrics.jsonl`, `tb/`, `plots/`, and `final/` — the last model in HF
+layout with its tokenizer, what later stages and other tools load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+from ..config import ModelConfig
+from ..data.datasets import load_chats, load_documents
+from ..data.loader import PackedLoader, SFTLoader, tokenize_chat
+from ..data.tokenizer import ChatTokenizer, load_tokenizer, train_bpe
+from ..model import Transformer
+from .checkpoint import latest_checkpoint
+from .trainer import TrainConfig, Trainer, refuse_existing_run
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], dict]:
+    """key=value words -> (model config overrides, train config changes)."""
+    from ..config import coerce_value
+    model, train = [], {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key in TrainConfig.fields():
+            train[key] = coerce_value(value)
+        else:
+            model.append(item)
+    return model, train
+
+
+def read_specs(spec: str, reader) -> list:
+    items = []
+    for part in (p for p in spec.split(",") if p):
+        items += reader(part)
+    return items
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A checkpoint directory (config.json) or a run directory (its `final/` or latest checkpoint)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    if (path / "final" / "config.json").is_file():
+        return path / "final"
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        return latest
+    raise FileNotFoundError(f"{path}: not a checkpoint (no config.json) nor a run directory")
+
+
+def tokenizer_for(path: Path) -> ChatTokenizer:
+    for candidate in (path, path / "tokenizer", path.parent / "tokenizer", path.parent.parent / "tokenizer"):
+        if (candidate / "tokenizer.json").is_file():
+            return load_tokenizer(candidate)
+    raise FileNotFoundError(f"{path}: no tokenizer.json beside the model")
+
+
+def _publish_final(trainer: Trainer, tokenizer_dir: Path, out: Path) -> Path:
+    final = out / "final"
+    trainer.model.save_pretrained(final)
+    for f in tokenizer_dir.iterdir():
+        if f.is_file():
+            shutil.copy2(f, final / f.name)
+    return final
+
+
+def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: str | Path,
+             tokenizer: str | Path | None = None, resume: bool = False,
+             progress: bool | None = None) -> tuple[Trainer, ChatTokenizer, list[dict]]:
+    out = Path(out)
+    if not resume:  # before anything is written: the tokenizer of the run there is its own
+        refuse_existing_run(out)
+    docs = read_specs(data, load_documents)
+    tok_dir = out / "tokenizer"
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+    elif resume and (tok_dir / "tokenizer.json").is_file():
+        tok = load_tokenizer(tok_dir)
+    else:
+        tok = ChatTokenizer(train_bpe(docs, model_cfg.vocab_size))
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
+                         f"{model_cfg.vocab_size}; set vocab_size={tok.vocab_size} or larger")
+    tok.save(tok_dir)
+    model_cfg = model_cfg.replace(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    token_docs = [[tok.bos_id] + ids for ids in tok.encode_batch(docs)]
+    loader = PackedLoader(token_docs, train_cfg.batch_size, train_cfg.seq_len, seed=train_cfg.seed,
+                          eos_id=tok.eos_id)
+    import torch
+    torch.manual_seed(train_cfg.seed)
+    model = Transformer(model_cfg)
+    trainer = Trainer(model, loader, train_cfg, out, tokenizer_dir=tok_dir, stage="pretrain",
+                      extra_state={"data": data})
+    records = trainer.fit(resume=resume, progress=progress)
+    _publish_final(trainer, tok_dir, out)
+    return trainer, tok, records
+
+
+def sft(model_dir: str | Path, train_cfg: TrainConfig, data: str, out: str | Path,
+        resume: bool = False, progress: bool | None = None) -> tuple[Trainer, ChatTokenizer, list[dict]]:
+    import torch
+
+    from ..hf import from_pretrained
+    out = Path(out)
+    if not resume:
+        refuse_existing_run(out)
+    src = resolve_model_dir(model_dir)
+    tok = tokenizer_for(src)
+    tok_dir = out / "tokenizer"
+    tok.save(tok_dir)
+    chats = read_specs(data, load_chats)
+    examples = [tokenize_chat(tok, messages) for messages in chats]
+    if not any(any(mask[1:train_cfg.seq_len]) for _, mask in examples):  # else every loss is 0/0
+        first = min(mask.index(True) for _, mask in examples)
+        raise ValueError(f"seq_len={train_cfg.seq_len} cuts every chat before its assistant reply "
+                         f"(the earliest starts at token {first}); raise seq_len")
+    loader = SFTLoader(examples, train_cfg.batch_size, train_cfg.seq_len, seed=train_cfg.seed,
+                       pad_id=tok.pad_id)
+    model = from_pretrained(src, dtype=torch.float32)  # float32 master weights
+    trainer = Trainer(model, loader, train_cfg, out, tokenizer_dir=tok_dir, stage="sft",
+                      extra_state={"data": data, "base_model": str(src)})
+    records = trainer.fit(resume=resume, progress=progress)
+    _publish_final(trainer, tok_dir, out)
+    return trainer, tok, records
+
+
+def train_config(**changes) -> TrainConfig:
+    known = TrainConfig.fields()
+    bad = [k for k in changes if k not in known]
+    if bad:
+        raise ValueError(f"unknown train field(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+    return dataclasses.replace(TrainConfig(), **changes)
