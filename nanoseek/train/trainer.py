@@ -71,6 +71,13 @@ class TrainConfig:
         return {f.name for f in dataclasses.fields(cls)}
 
 
+def refuse_existing_run(run_dir: str | Path) -> None:
+    """A run started without resume must not write into another run's directory."""
+    if latest_checkpoint(run_dir) is not None:
+        raise TrainingError(f"{run_dir} already holds checkpoints of a run: pass --resume "
+                            "to continue it, or choose another --out")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -141,9 +148,7 @@ class Trainer:
         if resume:
             self.resume()
         else:
-            if latest_checkpoint(self.run_dir) is not None:
-                raise TrainingError(f"{self.run_dir} already holds checkpoints of a run: pass --resume "
-                                    "to continue it, or choose another --out")
+            refuse_existing_run(self.run_dir)
             seed_everything(cfg.seed)
         records = []
         logger = MetricsLogger(self.run_dir, resume_from_step=self.step + 1)
