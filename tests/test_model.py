@@ -382,3 +382,11 @@ def test_config_dict_round_trip(name):
     if cfg.is_moe:
         assert back.first_k_dense_replace == cfg.first_k_dense_replace
         assert back.n_routed_experts == cfg.n_routed_experts
+
+
+def test_loss_of_a_fully_masked_batch_is_zero_not_nan():
+    cfg = tiny()
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    out = model(ids, labels=torch.full_like(ids, -100))
+    assert out.main_loss.item() == 0.0 and torch.isfinite(out.loss)

@@ -190,7 +190,10 @@ def shifted_cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, k: 
         return logits_BTV.new_zeros((), dtype=torch.float32)
     pred = logits_BTV[:, :n].float()
     target = labels_BT[:, k + 1: k + 1 + n]
-    return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=-100)
+    total = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=-100,
+                            reduction="sum")
+    # mean over the counted positions; 0, not 0/0, for a batch whose labels are all ignored
+    return total / (target != -100).sum().clamp_min(1)
 
 
 def maxvio_per_layer(loads: dict[int, torch.Tensor]) -> dict[int, float]:
