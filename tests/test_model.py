@@ -390,3 +390,19 @@ def test_loss_of_a_fully_masked_batch_is_zero_not_nan():
     ids = torch.randint(0, cfg.vocab_size, (2, 8))
     out = model(ids, labels=torch.full_like(ids, -100))
     assert out.main_loss.item() == 0.0 and torch.isfinite(out.loss)
+
+
+def test_nanoseek_runs_without_transformers():
+    """transformers is a test dependency only: block it and build, run and save a model."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "import torch, tempfile, nanoseek\n"
+            "m = nanoseek.Transformer(nanoseek.preset('tiny'))\n"
+            "d = tempfile.mkdtemp(); m.save_pretrained(d)\n"
+            "x = torch.randint(0, 1024, (1, 8))\n"
+            "assert torch.equal(nanoseek.from_pretrained(d)(x).logits, m.eval()(x).logits)\n"
+            "import nanoseek.cli, nanoseek.train.trainer, nanoseek.data.tasks\n"
+            "print('ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
