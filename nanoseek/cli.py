@@ -3,6 +3,8 @@
     nanoseek info --preset deepseek-v3                 parameters, KV cache, FLOPs
     nanoseek info --config ckpt/ --json n_routed_experts=64
     nanoseek init --preset tiny --out ckpt/ --seed 0   random model + byte tokenizer
+    nanoseek generate --model ckpt/ --prompt "2+2=" --max-tokens 16
+    nanoseek chat --model runs/speedrun               streams, reasoning apart from the answer
 
 Config overrides are `key=value` words with JSON values (`q_lora_rank=null`). A user error
 (unknown preset, bad override, invalid value, missing file) prints one line
@@ -267,6 +269,138 @@ def cmd_speedrun(args: argparse.Namespace) -> None:
     print(f"report: {report}")
 
 
+# ---------------------------------------------------------------------- generate / chat
+def add_sampling_args(p: argparse.ArgumentParser, temperature: float, top_p: float, max_tokens: int) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="a checkpoint or a run directory")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N",
+                   help=f"tokens to generate at most (default {max_tokens})")
+    p.add_argument("--temperature", type=float, default=temperature, metavar="T",
+                   help=f"0 is greedy (default {temperature})")
+    p.add_argument("--top-p", type=float, default=top_p, metavar="P", help=f"nucleus (default {top_p})")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="0: off (default)")
+    p.add_argument("--seed", type=int, default=None, metavar="S")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    add_sampling_args(p, temperature=0.0, top_p=1.0, max_tokens=256)
+    p.add_argument("--prompt", required=True, metavar="TEXT")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
+    p.add_argument("--speculative", type=int, default=0, metavar="K",
+                   help="draft K tokens per step with the MTP module(s) (default 0: off)")
+
+
+def load_model(args: argparse.Namespace):
+    """(model, tokenizer) of --model on --device."""
+    from .hf import from_pretrained
+    from .train.pipeline import resolve_model_dir, tokenizer_for
+    from .train.trainer import resolve_device
+    if args.max_tokens < 1:
+        raise UsageError(f"--max-tokens must be positive, got {args.max_tokens}")
+    src = resolve_model_dir(args.model)
+    tokenizer = tokenizer_for(src)
+    return from_pretrained(src, device=resolve_device(args.device)), tokenizer
+
+
+def sampling_params(args: argparse.Namespace, max_tokens: int):
+    from .infer.sampling import SamplingParams
+    return SamplingParams(max_tokens=max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .infer.engine import Engine
+    if args.speculative < 0:
+        raise UsageError(f"--speculative must be >= 0, got {args.speculative}")
+    model, tokenizer = load_model(args)
+    prompt = args.prompt
+    if args.chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    # one slot just long enough; a request beyond the model's context is refused by add_request
+    max_len = min(len(tokenizer.encode(prompt)) + args.max_tokens, model.config.max_position_embeddings)
+    engine = Engine(model, tokenizer, max_batch=1, max_len=max_len, speculative_k=args.speculative)
+    for event in engine.generate(prompt, sampling_params(args, args.max_tokens), stream=True):
+        print(event.new_text, end="", flush=True)
+    print()
+
+
+def add_chat_args(p: argparse.ArgumentParser) -> None:
+    add_sampling_args(p, temperature=0.6, top_p=0.95, max_tokens=1024)  # R1's recommended sampling
+    p.add_argument("--system", default="", metavar="TEXT", help="a system prompt")
+    p.add_argument("--context", type=int, default=4096, metavar="T",
+                   help="tokens the whole conversation may hold (default 4096, at most the model's)")
+
+
+class ReplyPrinter:
+    """Reasoning dimmed on a terminal, after `thinking:` / before `answer:` labels in plain text."""
+
+    def __init__(self, out, tty: bool):
+        self.out, self.tty, self.part = out, tty, None
+
+    def __call__(self, part: str, text: str) -> None:
+        if part != self.part:
+            if self.tty:
+                self.out.write("\x1b[2m" if part == "reasoning" else "\x1b[0m")
+            elif part == "reasoning":
+                self.out.write(("\n" if self.part else "") + "thinking: ")
+            elif self.part is not None:  # an answer after shown reasoning
+                self.out.write("\nanswer: ")
+            self.part = part
+        self.out.write(text)
+        self.out.flush()
+
+    def end(self) -> None:
+        self.out.write(("\x1b[0m" if self.tty else "") + "\n")
+        self.out.flush()
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from .infer.engine import Engine
+    from .infer.reasoning import ReasoningSplitter
+    if args.context < 1:
+        raise UsageError(f"--context must be positive, got {args.context}")
+    model, tokenizer = load_model(args)
+    engine = Engine(model, tokenizer, max_batch=1,
+                    max_len=min(args.context, model.config.max_position_embeddings))
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    tty = sys.stdout.isatty()
+    print(f"nanoseek chat: {args.model} (context {engine.max_len} tokens); /reset forgets, /exit or Ctrl-D ends")
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        prompt = tokenizer.apply_chat_template(messages + [{"role": "user", "content": line}],
+                                               add_generation_prompt=True)
+        room = engine.max_len - len(tokenizer.encode(prompt))
+        if room < 1:
+            print(f"nanoseek: the conversation fills the context of {engine.max_len} tokens; /reset to start "
+                  "again", file=sys.stderr)
+            continue
+        splitter, show = ReasoningSplitter(), ReplyPrinter(sys.stdout, tty)
+        sys.stdout.write("assistant> ")
+        params = sampling_params(args, min(args.max_tokens, room))
+        try:
+            for event in engine.generate(prompt, params, stream=True):
+                for part, text in splitter.feed(event.new_text):
+                    show(part, text)
+        except KeyboardInterrupt:  # the stream's close aborted the request; keep what came
+            pass
+        for part, text in splitter.flush():
+            show(part, text)
+        show.end()
+        messages += [{"role": "user", "content": line},
+                     {"role": "assistant", "content": splitter.answer.strip()}]  # R1: history without reasoning
+
+
 # ---------------------------------------------------------------------- dispatch
 # name: (add_arguments, run, help). Each stage of the pipeline adds its row here.
 COMMANDS = {
@@ -276,6 +410,8 @@ COMMANDS = {
     "sft": (add_sft_args, cmd_sft, "supervised fine-tuning on chats, loss on assistant tokens only"),
     "eval": (add_eval_args, cmd_eval, "held-out accuracy on a built-in task (greedy, pass@k)"),
     "speedrun": (add_speedrun_args, cmd_speedrun, "the whole pipeline on built-in data, ending in report.md"),
+    "generate": (add_generate_args, cmd_generate, "complete a prompt (streams the text)"),
+    "chat": (add_chat_args, cmd_chat, "an interactive chat; shows the reasoning apart from the answer"),
     # ---- later stages (rl, serve, ...) go here ----
 }
 

@@ -3,7 +3,8 @@
 Prompts of different lengths share one batch: each row's tokens sit at positions 0..len-1
 and every new token goes to its own row's next position, so a row never reads another's
 padding (see model/cache.py). This is the plain loop that evaluation uses; the serving
-engine (continuous batching, CUDA graphs, MTP speculation) builds on the same cache.
+engine (engine.py: continuous batching, per-request sampling, stop strings, streaming)
+builds on the same cache.
 """
 
 from __future__ import annotations
@@ -11,24 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..model import StaticCache, Transformer
-
-
-def sample_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Greedy when temperature == 0, else softmax(logits / T) restricted to top-k / top-p."""
-    if temperature <= 0:
-        return logits_BV.argmax(-1)
-    logits = logits_BV.float() / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+from .sampling import sample_next
 
 
 @torch.no_grad()

@@ -6,6 +6,11 @@ positions and reads the whole buffer back; attention then lets query t see key s
 s <= positions[b, t]. One rule therefore covers prefill, decode, and sequences of
 different lengths in one batch, without a host sync.
 
+A serving engine keeps one cache of fixed rows ("slots") and runs each forward over only
+some of them: `cache.select(slot_ids, kv_len)` is a view with the same `update` protocol
+that writes into those rows and reads back their first kv_len positions, so a prefill of
+newly admitted requests or a decode of the running ones leaves every other slot alone.
+
 What goes in depends on the attention: MLA stores only the normalised latent c_kv
 (kv_lora_rank values) and the rotated RoPE key (qk_rope_head_dim values) per token;
 the MHA/GQA baselines store full keys and values.
@@ -46,6 +51,49 @@ class StaticCache:
 
     def nbytes_per_token(self) -> int:
         return sum(b.element_size() * b[0, 0].numel() for layer in self.layers for b in layer)
+
+    def nbytes(self) -> int:
+        return sum(b.element_size() * b.numel() for layer in self.layers for b in layer)
+
+    @property
+    def num_slots(self) -> int:
+        return self.layers[0][0].shape[0]
+
+    def select(self, slot_ids: list[int], kv_len: int | None = None) -> CacheView:
+        """A view of rows `slot_ids` whose reads cover positions [0, kv_len) (default: all)."""
+        return CacheView(self, slot_ids, kv_len or self.max_len)
+
+
+class CacheView:
+    """Rows of a StaticCache, in the order given; `update` as StaticCache.update.
+
+    A run of consecutive slots is a plain slice (no copy); any other set of rows is
+    gathered after the write, which costs one read of what attention reads anyway."""
+
+    def __init__(self, cache: StaticCache, slot_ids: list[int], kv_len: int):
+        if not 0 < kv_len <= cache.max_len:
+            raise ValueError(f"kv_len {kv_len} outside 1..{cache.max_len}")
+        self.cache, self.kv_len = cache, kv_len
+        n, first = len(slot_ids), slot_ids[0]
+        contiguous = list(slot_ids) == list(range(first, first + n))
+        self.rows = slice(first, first + n) if contiguous else None
+        self.slot_ids = None if contiguous else torch.tensor(slot_ids, device=cache.layers[0][0].device)
+
+    def update(self, layer_idx: int, positions: torch.Tensor,
+               *entries: torch.Tensor) -> list[torch.Tensor]:
+        """Write entries [b, T, ...] at positions [b, T] of the selected rows; return those
+        rows' buffers [b, kv_len, ...]."""
+        out = []
+        for buf, new in zip(self.cache.layers[layer_idx], entries):
+            if self.rows is not None:
+                rows = buf[self.rows]
+                idx = positions.reshape(*positions.shape, *([1] * (new.dim() - 2))).expand_as(new)
+                rows.scatter_(1, idx, new.to(buf.dtype))
+                out.append(rows[:, : self.kv_len])
+            else:
+                buf.index_put_((self.slot_ids[:, None], positions), new.to(buf.dtype))
+                out.append(buf[self.slot_ids, : self.kv_len])
+        return out
 
 
 def cache_mask(positions: torch.Tensor, max_len: int) -> torch.Tensor:

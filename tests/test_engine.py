@@ -1,0 +1,234 @@
+"""The inference engine: continuous batching over the latent cache, sampling, stops, streaming, CLI."""
+
+import pytest
+import torch
+
+from nanoseek import Transformer, preset
+from nanoseek.cli import main
+from nanoseek.data.tokenizer import ChatTokenizer, byte_tokenizer
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.reasoning import ReasoningSplitter
+from nanoseek.infer.sampling import SamplingParams
+from nanoseek.infer.sequence import Sequence
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 200, 300, 400], list(range(20, 31))]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = Transformer(preset("tiny")).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(5)  # sharper logits: no near-ties between cached and recomputed decoding
+    return m
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return ChatTokenizer(byte_tokenizer(preset("tiny").vocab_size))
+
+
+@torch.no_grad()
+def greedy_by_recomputation(model, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    return [greedy_by_recomputation(model, p, 8) for p in PROMPTS]
+
+
+def greedy(n, **kw):
+    return SamplingParams(max_tokens=n, ignore_eos=True, **kw)
+
+
+def run_all(engine):
+    while engine.has_unfinished():
+        engine.step()
+
+
+def test_greedy_batch_of_different_lengths_equals_full_recomputation(model, reference):
+    engine = Engine(model, max_batch=4, max_len=64)
+    outs = engine.generate(PROMPTS, greedy(8))
+    for out, ref, prompt in zip(outs, reference, PROMPTS):
+        assert out.token_ids == ref
+        assert out.finish_reason == "length"
+        assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(prompt), 8)
+
+
+def test_requests_joining_mid_batch_get_the_same_tokens_as_alone(model, reference):
+    engine = Engine(model, max_batch=3, max_len=64)
+    a = engine.add_request(PROMPTS[0], greedy(8))
+    b = engine.add_request(PROMPTS[1], greedy(3))
+    c = engine.add_request(PROMPTS[2], greedy(8))
+    while not b.finished:
+        engine.step()
+    engine.step()  # a decode over slots 0 and 2 only: rows gathered around the free one
+    assert (a.slot, c.slot, engine.scheduler.free_slots) == (0, 2, [1])
+    e = engine.add_request(PROMPTS[1], greedy(8))  # joins mid-batch, into b's old slot
+    d = engine.add_request(PROMPTS[3], greedy(8))  # no slot left: waits for a or c to finish
+    engine.step()
+    assert e.slot == 1 and d.slot is None
+    run_all(engine)
+    assert b.output_ids == reference[1][:3] and b.finish_reason == "length"
+    assert [a.output_ids, e.output_ids, c.output_ids, d.output_ids] == reference
+
+
+def test_abort_frees_the_slot_and_the_others_continue_unchanged(model, reference):
+    engine = Engine(model, max_batch=2, max_len=64)
+    a = engine.add_request(PROMPTS[0], greedy(8), request_id="a")
+    b = engine.add_request(PROMPTS[1], greedy(8), request_id="b")
+    engine.step(), engine.step()
+    slot = a.slot
+    assert engine.abort("a") and not engine.abort("a") and not engine.abort("nope")
+    assert a.finish_reason == "abort" and a.finished and slot in engine.scheduler.free_slots
+    c = engine.add_request(PROMPTS[3], greedy(8))
+    engine.step()  # c is admitted at once, into a's slot
+    assert c.slot == slot
+    run_all(engine)
+    assert b.output_ids == reference[1] and c.output_ids == reference[3]
+
+
+def test_seeded_sampling_is_per_request_and_independent_of_the_batch(model):
+    params = SamplingParams(max_tokens=12, temperature=1.5, top_k=100, top_p=0.95, seed=123, ignore_eos=True)
+    alone = Engine(model, max_batch=1, max_len=64).generate([PROMPTS[0]], params)[0].token_ids
+    engine = Engine(model, max_batch=4, max_len=64)
+    others = [greedy(5), SamplingParams(max_tokens=9, temperature=1.0, seed=7, ignore_eos=True),
+              SamplingParams(max_tokens=12, temperature=1.5, seed=124, ignore_eos=True)]
+    outs = engine.generate([PROMPTS[1], PROMPTS[2], PROMPTS[0], PROMPTS[0]], others[:2] + [params] + others[2:])
+    assert outs[2].token_ids == alone
+    assert outs[3].token_ids != alone  # another seed, another sample
+    assert len(set(alone)) > 3  # really sampled (not greedy-like)
+
+
+def test_stop_strings_stop_ids_and_max_tokens(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=2, max_len=64)
+    full = engine.generate([PROMPTS[3]], greedy(16))[0]
+    assert full.finish_reason == "length" and len(full.token_ids) == 16
+    # a stop string from inside the text: the output ends right before its first occurrence
+    i = next(i for i in range(2, len(full.text) - 2)
+             if "\ufffd" not in full.text[i:i + 2] and full.text.find(full.text[i:i + 2]) == i)
+    stop = full.text[i:i + 2]
+    out = engine.generate([PROMPTS[3]], greedy(16, stop=["never there", stop]))[0]
+    assert out.text == full.text[:i] and out.finish_reason == "stop"
+    assert out.token_ids == full.token_ids[: len(out.token_ids)] and len(out.token_ids) <= 16
+    # a stop token id: kept in the ids, not in the text
+    k = next(k for k in range(2, 16) if full.token_ids[k] not in full.token_ids[:k])
+    out = engine.generate([PROMPTS[3]], greedy(16, stop_token_ids=[full.token_ids[k]]))[0]
+    assert out.token_ids == full.token_ids[: k + 1] and out.finish_reason == "stop"
+    assert out.text == tokenizer.decode(full.token_ids[:k])
+    # EOS counts as a stop unless ignored
+    engine.eos_id = full.token_ids[k]
+    assert engine.generate([PROMPTS[3]], SamplingParams(max_tokens=16))[0].token_ids == full.token_ids[: k + 1]
+
+
+def test_streaming_concatenates_to_the_full_text(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=3, max_len=64)
+    prompts = ["Hello", "a", "12+3="]
+    params = [greedy(20), greedy(14, temperature=1.0, seed=3), greedy(20, stop=["ab", "e"])]
+    outs = engine.generate(prompts, params)
+    texts, done = {}, {}
+    for rid, new_text, finished, reason in engine.generate(prompts, params, stream=True):
+        assert rid not in done
+        texts[rid] = texts.get(rid, "") + new_text
+        if finished:
+            done[rid] = reason
+    order = sorted(done, key=lambda rid: int(rid.split("-")[1]))  # request ids req-N, N in order
+    assert [texts.get(rid, "") for rid in order] == [o.text for o in outs]
+    assert [done[rid] for rid in order] == [o.finish_reason for o in outs]
+    assert {o.finish_reason for o in outs} == {"stop", "length"}
+
+
+def test_stream_never_breaks_a_character_nor_shows_part_of_a_stop(tokenizer):
+    text = "naïve € costs 5 ST"
+    ids = tokenizer.encode(text + "OP and more")
+    seq = Sequence("r", [1], SamplingParams(stop=["STOP"]), max_tokens=100, seed=0)
+    pieces = []
+    for t in ids:
+        pieces.append(seq.append(t, tokenizer, eos_id=None))
+        if seq.finished:
+            break
+    sent = [p.new_text for p in pieces]
+    assert all("\ufffd" not in s and "S" not in s for s in sent)  # no half character, no start of STOP
+    assert "".join(sent) == seq.text == "naïve € costs 5 "
+    assert [p.finished for p in pieces] == [False] * (len(pieces) - 1) + [True]
+    assert pieces[-1].finish_reason == "stop" and len(pieces) == len(tokenizer.encode(text + "OP"))
+
+
+def test_cache_holds_latent_and_rope_key_only_within_a_budget():
+    cfg = preset("tiny")
+    model = Transformer(cfg).to(torch.bfloat16).eval()
+    per_token = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 2
+    engine = Engine(model, max_batch=3, max_len=64)
+    assert engine.cache_bytes_per_token == per_token == 240
+    buffers = [b for layer in engine.cache.layers for b in layer]
+    assert len(buffers) == 2 * cfg.num_hidden_layers  # c_kv and k_pe per main layer, no MTP
+    assert {tuple(b.shape) for b in buffers} == {(3, 64, cfg.kv_lora_rank), (3, 64, cfg.qk_rope_head_dim)}
+    assert all(b.dtype == torch.bfloat16 for b in buffers)
+    assert engine.cache_bytes == sum(b.numel() * b.element_size() for b in buffers) == 3 * 64 * per_token
+    out = engine.generate([[1, 2, 3]], greedy(4))[0]  # bf16 end to end
+    assert len(out.token_ids) == 4
+    budgeted = Engine(model, max_batch=8, max_len=64, cache_budget_bytes=2 * 64 * per_token + 100)
+    assert budgeted.num_slots == 2 and budgeted.cache_bytes == 2 * 64 * per_token
+    with pytest.raises(ValueError, match=r"budget of 1,000 bytes holds no sequence.*64 tokens × 240 bytes"):
+        Engine(model, max_len=64, cache_budget_bytes=1000)
+
+
+def test_a_request_that_cannot_fit_is_refused_with_the_numbers(model):
+    engine = Engine(model, max_batch=2, max_len=32)
+    with pytest.raises(ValueError, match=r"prompt \(20 tokens\) \+ max_tokens \(13\) = 33 tokens does not fit "
+                                         r"in the context of 32 tokens.*max_position_embeddings is 512"):
+        engine.add_request(list(range(20)), SamplingParams(max_tokens=13))
+    engine.add_request(list(range(20)), SamplingParams(max_tokens=12))  # exactly fits
+    assert engine.add_request(list(range(20))).max_tokens == 12  # default: what the context leaves
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        Engine(model, max_len=513)
+    with pytest.raises(ValueError, match="speculative decoding is not"):
+        Engine(model, speculative_k=2)
+
+
+def test_reasoning_is_split_from_the_answer_across_chunks():
+    s = ReasoningSplitter()
+    pieces = []
+    for chunk in ["<th", "ink>let me", " see</t", "hink>", "4", "<"]:
+        pieces += s.feed(chunk)
+    pieces += s.flush()
+    assert pieces == [("reasoning", "let me"), ("reasoning", " see"), ("answer", "4"), ("answer", "<")]
+    assert (s.reasoning, s.answer) == ("let me see", "4<")
+
+
+def test_cli_generate_prints_what_the_engine_generates(tmp_path, capsys):
+    import nanoseek
+    from nanoseek.train.pipeline import tokenizer_for
+    ckpt = tmp_path / "ckpt"
+    assert main(["init", "--preset", "tiny", "--out", str(ckpt)]) == 0
+    model, tok = nanoseek.from_pretrained(ckpt), tokenizer_for(ckpt)
+    capsys.readouterr()
+    for extra, params, prompt in [
+            ([], SamplingParams(max_tokens=12), "Hello"),
+            (["--temperature", "0.9", "--top-p", "0.9", "--seed", "5"],
+             SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=5), "Hello"),
+            (["--chat"], SamplingParams(max_tokens=12),
+             tok.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True))]:
+        expected = Engine(model, tok, max_batch=1, max_len=128).generate([prompt], params)[0].text
+        rc = main(["generate", "--model", str(ckpt), "--prompt", "Hello", "--max-tokens", "12",
+                   "--device", "cpu", *extra])
+        out, err = capsys.readouterr()
+        assert rc == 0 and out == expected + "\n", err
+    rc = main(["generate", "--model", str(ckpt), "--prompt", "Hi", "--max-tokens", "600", "--device", "cpu"])
+    assert rc == 2 and "does not fit in the context of 512 tokens" in capsys.readouterr().err
+
+
+def test_cli_chat_streams_a_reply_per_turn(tmp_path, capsys, monkeypatch):
+    import io
+    ckpt = tmp_path / "ckpt"
+    main(["init", "--preset", "tiny", "--out", str(ckpt)])
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\nhow are you?\n"))
+    assert main(["chat", "--model", str(ckpt), "--max-tokens", "5", "--seed", "0", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("assistant> ") == 2 and out.startswith("nanoseek chat:")
