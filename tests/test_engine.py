@@ -232,3 +232,30 @@ def test_cli_chat_streams_a_reply_per_turn(tmp_path, capsys, monkeypatch):
     assert main(["chat", "--model", str(ckpt), "--max-tokens", "5", "--seed", "0", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert out.count("assistant> ") == 2 and out.startswith("nanoseek chat:")
+
+
+def test_static_shape_decode_step_matches_eager_decode():
+    """The CUDA-graph step (all bucket rows, full-length reads, dummy rows at position 0)
+    computes what the eager decode computes; run here without capture, on the CPU."""
+    from nanoseek.infer.cuda_graph import GraphDecoder
+    from nanoseek.infer.engine import Engine
+    from nanoseek.infer.sampling import SamplingParams
+    cfg = preset("tiny")
+    model = Transformer(cfg).eval()
+    engine = Engine(model, None, max_batch=4, max_len=32)
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=8), request_id="a")
+    engine.add_request([9, 10], SamplingParams(max_tokens=8), request_id="b")
+    engine.step()  # prefill both
+    seqs = [engine.scheduler.find("a"), engine.scheduler.find("b")]
+    eager = engine.runner.decode(seqs)
+    # the eager decode wrote its own entries; the static step rewrites the same slots
+    graph = GraphDecoder(model, engine.cache, None)
+    bucket = graph.bucket_for(max(s.slot for s in seqs) + 1)
+    graph.ids.zero_()
+    graph.positions.zero_()
+    for s in seqs:
+        graph.ids[s.slot, 0] = s.last_token
+        graph.positions[s.slot, 0] = s.num_tokens - 1
+    with torch.no_grad():
+        static = graph._step(bucket)[[s.slot for s in seqs]]
+    torch.testing.assert_close(static, eager, rtol=1e-4, atol=1e-5)

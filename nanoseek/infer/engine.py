@@ -43,9 +43,14 @@ from .sequence import RequestOutput, Sequence, Status, StreamEvent
 class ModelRunner:
     """Forward passes over rows of the engine's cache; returns next-token logits [n, V]."""
 
-    def __init__(self, model: Transformer, cache: StaticCache, autocast: torch.dtype | None):
+    def __init__(self, model: Transformer, cache: StaticCache, autocast: torch.dtype | None,
+                 cuda_graphs: bool = True):
         self.model, self.cache, self.autocast = model, cache, autocast
         self.device = model.model.embed_tokens.weight.device
+        self.graphs = None
+        if cuda_graphs and self.device.type == "cuda":
+            from .cuda_graph import GraphDecoder
+            self.graphs = GraphDecoder(model, cache, autocast)
 
     @contextlib.contextmanager
     def _context(self):
@@ -76,6 +81,12 @@ class ModelRunner:
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """Each sequence's newest token at its own position; attention reads the first
         kv_len positions of its row (kv_len: the longest sequence of the batch)."""
+        if self.graphs is not None:
+            with self._context():
+                logits = self.graphs.decode([s.slot for s in seqs], [s.last_token for s in seqs],
+                                            [s.num_tokens - 1 for s in seqs])
+            if logits is not None:
+                return logits
         ids = torch.tensor([[s.last_token] for s in seqs], device=self.device)
         positions = torch.tensor([[s.num_tokens - 1] for s in seqs], device=self.device)
         view = self.cache.select([s.slot for s in seqs], kv_len=max(s.num_tokens for s in seqs))
@@ -86,11 +97,12 @@ class ModelRunner:
 class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
                  cache_budget_bytes: int | None = None, max_prefill_tokens: int = 8192,
-                 speculative_k: int = 0):
+                 speculative_k: int = 0, cuda_graphs: bool = True):
         """model: any `nanoseek.from_pretrained` model; tokenizer: a ChatTokenizer (or None
         to work in token ids only). max_len: tokens per sequence, prompt + output (default
         the model's max_position_embeddings). max_prefill_tokens: padded prompt tokens one
-        prefill step may take (one request is always admitted)."""
+        prefill step may take (one request is always admitted). cuda_graphs: on a GPU, replay
+        the decode step from captured CUDA graphs (cuda_graph.py)."""
         cfg = model.config
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -124,7 +136,7 @@ class Engine:
         self.cache = StaticCache(cfg, num_slots, max_len, dtype=self.dtype, device=self.device,
                                  num_layers=num_layers)
         assert self.cache.nbytes_per_token() == self.cache_bytes_per_token
-        self.runner = ModelRunner(model, self.cache, autocast)
+        self.runner = ModelRunner(model, self.cache, autocast, cuda_graphs)
         self.scheduler = Scheduler(num_slots, max_prefill_tokens)
         eos = getattr(tokenizer, "eos_id", None)
         self.eos_id = eos if eos is not None else cfg.eos_token_id

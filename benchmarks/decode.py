@@ -1,0 +1,128 @@
+"""Decode speed: the nanoseek engine against transformers' `generate`, same weights, same job.
+
+bench-1b with random weights (seeded) is saved in HF layout; transformers loads that
+directory; both run in BF16 weights on random prompts of 512 tokens and generate exactly
+128 new tokens greedily (EOS ignored), at batch 1 and batch 32.
+
+- time to first token (TTFT): prefill + first token, timed as a 1-token generation;
+- decode tokens/s: batch × 127 / (time for 128 tokens − TTFT);
+- peak memory: torch.cuda.max_memory_allocated during the run.
+nanoseek runs its engine as a server would (continuous-batching scheduler, latent cache,
+absorbed MLA decode, CUDA-graph decode step), and once more without CUDA graphs.
+Each figure is the median of `--repeat` runs after a warm-up run.
+
+    python benchmarks/decode.py [--prompt 512 --new 128 --batches 1 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, write_json  # noqa: E402
+
+from nanoseek import Transformer, from_pretrained, preset  # noqa: E402
+from nanoseek.infer.engine import Engine  # noqa: E402
+from nanoseek.infer.sampling import SamplingParams  # noqa: E402
+
+
+def timed(fn, repeat):
+    fn()  # warm-up (graph capture, cudnn/cublas plans)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(run, batch, new, repeat):
+    torch.cuda.reset_peak_memory_stats()
+    ttft = timed(lambda: run(1), repeat)
+    total = timed(lambda: run(new), repeat)
+    return {"ttft_s": ttft, "total_s": total,
+            "decode_tokens_per_s": batch * (new - 1) / max(total - ttft, 1e-9),
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    cfg = preset("bench-1b")
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, cfg.vocab_size, (max(args.batches), args.prompt), generator=g)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        Transformer(cfg).save_pretrained(tmp, dtype=torch.bfloat16)
+        gc.collect()
+        if not args.skip_hf:
+            import transformers
+            transformers.logging.set_verbosity_error()
+            hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).cuda().eval()
+            for B in args.batches:
+                ids = prompts[:B].cuda()
+
+                def run(n, ids=ids):
+                    with torch.no_grad():
+                        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                    min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+                rows[f"transformers generate, batch {B}"] = {"batch": B, **measure(run, B, args.new, args.repeat)}
+                print(f"transformers batch {B}: {rows[f'transformers generate, batch {B}']}", flush=True)
+            del hf
+            gc.collect()
+            torch.cuda.empty_cache()
+        model = from_pretrained(tmp, dtype=torch.bfloat16, device="cuda")
+    for graphs in (True, False):
+        engine = Engine(model, None, max_batch=max(args.batches), max_len=args.prompt + args.new,
+                        cuda_graphs=graphs)
+        for B in args.batches:
+            plist = [p.tolist() for p in prompts[:B]]
+
+            def run(n, plist=plist):
+                outs = engine.generate(plist, SamplingParams(max_tokens=n, ignore_eos=True))
+                assert all(len(o.token_ids) == n for o in outs)
+            name = f"nanoseek engine{'' if graphs else ' (no CUDA graphs)'}, batch {B}"
+            rows[name] = {"batch": B, **measure(run, B, args.new, args.repeat)}
+            if graphs:
+                rows[name]["cuda_graphs_used"] = bool(engine.runner.graphs and engine.runner.graphs.graphs
+                                                      and not engine.runner.graphs.failed)
+            print(f"{name}: {rows[name]}", flush=True)
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+    for B in args.batches:
+        hf_row = rows.get(f"transformers generate, batch {B}")
+        if hf_row:
+            for name, r in rows.items():
+                if r["batch"] == B:
+                    r["decode_speedup_vs_transformers"] = r["decode_tokens_per_s"] / hf_row["decode_tokens_per_s"]
+    result = {"benchmark": "decode", **environment(), "preset": "bench-1b", "prompt_tokens": args.prompt,
+              "new_tokens": args.new, "dtype": "bfloat16", "greedy": True, "rows": rows}
+    path = write_json(result, "decode.json")
+    print(f"\n{'run':42s} {'TTFT ms':>8s} {'decode tok/s':>13s} {'peak GiB':>9s} {'vs HF':>7s}")
+    for name, r in rows.items():
+        print(f"{name:42s} {r['ttft_s'] * 1e3:8.1f} {r['decode_tokens_per_s']:13,.0f} "
+              f"{r['peak_memory_gib']:9.2f} {r.get('decode_speedup_vs_transformers', float('nan')):6.1f}x")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
