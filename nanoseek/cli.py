@@ -402,6 +402,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------- dispatch
+from .serve.launch import add_serve_args, cmd_serve  # noqa: E402  (FastAPI loads only when serving)
+
 # name: (add_arguments, run, help). Each stage of the pipeline adds its row here.
 COMMANDS = {
     "info": (add_info_args, cmd_info, "parameters, activated parameters, KV cache, FLOPs"),
@@ -412,6 +414,7 @@ COMMANDS = {
     "speedrun": (add_speedrun_args, cmd_speedrun, "the whole pipeline on built-in data, ending in report.md"),
     "generate": (add_generate_args, cmd_generate, "complete a prompt (streams the text)"),
     "chat": (add_chat_args, cmd_chat, "an interactive chat; shows the reasoning apart from the answer"),
+    "serve": (add_serve_args, cmd_serve, "an OpenAI-compatible HTTP server (local, behind a proxy, or hybrid)"),
     # ---- later stages (rl, serve, ...) go here ----
 }
 

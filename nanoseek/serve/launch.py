@@ -1,0 +1,80 @@
+"""`nanoseek serve`: load a model, build the engine and the app, run uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="a checkpoint or a run directory")
+    p.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: DIR's name)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--api-key-file", metavar="F", help="API keys, one per line (also env NANOSEEK_API_KEYS=k1,k2)")
+    p.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests decoded together (cache slots)")
+    p.add_argument("--speculative", type=int, default=0, metavar="K",
+                   help="draft K tokens per step with the MTP module(s) (default 0: off)")
+    p.add_argument("--max-len", type=int, default=None, metavar="T",
+                   help="tokens per sequence, prompt + output (default: the model's context)")
+    p.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="cap on a request's max_tokens")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N")
+    p.add_argument("--max-queue", type=int, default=256, metavar="N", help="accepted unfinished requests (then 429)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="B")
+    p.add_argument("--audit-log", metavar="F", help="append one JSONL line per request (no content by default)")
+    p.add_argument("--audit-content", action="store_true", help="put prompts and outputs in the audit log too")
+    p.add_argument("--feedback-db", metavar="F", help="SQLite file for POST /v1/feedback (default: off)")
+    p.add_argument("--upstream", metavar="URL", help="an OpenAI-compatible base URL, e.g. https://host/v1")
+    p.add_argument("--upstream-models", default="", metavar="A,B",
+                   help="models served by the upstream (the first also takes requests over local limits)")
+    p.add_argument("--upstream-api-key-file", metavar="F", help="the upstream's key (also env NANOSEEK_UPSTREAM_API_KEY)")
+
+
+def read_keys(path: str | None) -> list[str]:
+    keys = [k.strip() for k in os.environ.get("NANOSEEK_API_KEYS", "").split(",") if k.strip()]
+    if path:
+        lines = Path(path).read_text().splitlines()
+        keys += [k.strip() for k in lines if k.strip() and not k.lstrip().startswith("#")]
+    return keys
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from ..hf import from_pretrained
+    from ..infer.engine import Engine
+    from ..train.pipeline import resolve_model_dir, tokenizer_for
+    from ..train.trainer import resolve_device
+    from .app import Settings, create_app
+
+    if args.speculative < 0:
+        raise ValueError(f"--speculative must be >= 0, got {args.speculative}")
+    for name in ("port", "max_batch", "max_tokens", "max_queue", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    upstream_models = [m for m in args.upstream_models.split(",") if m]
+    if upstream_models and not args.upstream:
+        raise ValueError("--upstream-models needs --upstream URL")
+    keys = read_keys(args.api_key_file)
+    upstream_key = os.environ.get("NANOSEEK_UPSTREAM_API_KEY")
+    if args.upstream_api_key_file:
+        upstream_key = Path(args.upstream_api_key_file).read_text().strip()
+    src = resolve_model_dir(args.model)
+    tokenizer = tokenizer_for(src)
+    model = from_pretrained(src, device=resolve_device(args.device))
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_len=args.max_len,
+                    speculative_k=args.speculative)
+    settings = Settings(api_keys=keys, max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
+                        max_tokens=args.max_tokens, max_queue=args.max_queue, audit_log=args.audit_log,
+                        audit_content=args.audit_content, feedback_db=args.feedback_db, upstream_url=args.upstream,
+                        upstream_models=upstream_models, upstream_api_key=upstream_key)
+    name = args.served_model_name or Path(args.model).resolve().name
+    app = create_app(engine, tokenizer, name, settings)
+    if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"nanoseek serve: warning: listening on {args.host} without API keys", file=sys.stderr)
+    print(f"nanoseek serve: {name} on http://{args.host}:{args.port}/v1 ({len(keys)} API key(s), "
+          f"{engine.num_slots} slots of {engine.max_len} tokens)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")

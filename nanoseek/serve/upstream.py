@@ -1,0 +1,90 @@
+"""Hybrid routing: a request proxied to an upstream OpenAI-compatible endpoint.
+
+The body goes upstream as the client sent it (only `model` may be replaced), streamed or
+not; the answer comes back labelled AI-generated like a local one. When the upstream
+cannot be reached, times out or answers something that is not the OpenAI error shape,
+the client gets a 502 in the OpenAI error shape; an upstream's own OpenAI error (a 400,
+a 429 …) is passed through with its status.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from .protocol import APIError, error_body
+
+
+class Upstream:
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 600.0):
+        self.base_url = base_url.rstrip("/") + "/"
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.AsyncClient(base_url=self.base_url, headers=headers,
+                                        timeout=httpx.Timeout(timeout, connect=10.0))
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    @staticmethod
+    async def _failure(response: httpx.Response) -> APIError:
+        body = await response.aread()
+        try:
+            err = json.loads(body)["error"]
+            return APIError(response.status_code, str(err.get("message")), err.get("type") or "upstream_error",
+                            err.get("param"), err.get("code"))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return APIError(502, f"the upstream answered HTTP {response.status_code}", "upstream_error",
+                            None, "bad_gateway")
+
+    async def post(self, path: str, body: dict) -> dict:
+        """A non-streamed request; APIError on any failure."""
+        try:
+            r = await self.client.post(path, json=body)
+        except httpx.HTTPError as e:
+            raise APIError(502, f"the upstream is unreachable ({type(e).__name__})", "upstream_error",
+                           None, "upstream_unavailable") from None
+        if r.status_code >= 400:
+            raise await self._failure(r)
+        try:
+            return r.json()
+        except ValueError:
+            raise APIError(502, "the upstream answered something that is not JSON", "upstream_error",
+                           None, "bad_gateway") from None
+
+    async def stream(self, path: str, body: dict):
+        """Open a streamed request (APIError if that fails) and return an async iterator of
+        the upstream's SSE data payloads (dicts, then the string "[DONE]")."""
+        request = self.client.build_request("POST", path, json=body)
+        try:
+            r = await self.client.send(request, stream=True)
+        except httpx.HTTPError as e:
+            raise APIError(502, f"the upstream is unreachable ({type(e).__name__})", "upstream_error",
+                           None, "upstream_unavailable") from None
+        if r.status_code >= 400:
+            try:
+                raise await self._failure(r)
+            finally:
+                await r.aclose()
+        return self._events(r)
+
+    @staticmethod
+    async def _events(r: httpx.Response):
+        try:
+            async for line in r.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    yield data
+                    return
+                try:
+                    yield json.loads(data)
+                except ValueError:
+                    yield error_body("the upstream sent a malformed event", "upstream_error", None, "bad_gateway")
+                    return
+        except httpx.HTTPError as e:
+            yield error_body(f"the upstream stream broke ({type(e).__name__})", "upstream_error", None,
+                             "upstream_unavailable")
+        finally:
+            await r.aclose()

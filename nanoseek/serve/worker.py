@@ -1,0 +1,163 @@
+"""The one thread that owns the engine: it steps continuously while any request runs.
+
+HTTP handlers never touch the engine. They `submit()` a Job (prompt ids, SamplingParams,
+their event loop and an asyncio.Queue) and `abort()` by request id; both go through a
+thread-safe inbox that the worker drains between steps. What a step produced for a job is
+pushed into that job's queue with `loop.call_soon_threadsafe`, so a handler simply awaits
+`queue.get()`. New requests join the running batch at the next step (continuous batching),
+and an abort frees the request's cache slot before the next step.
+
+Events put on a job's queue:
+    (index, "text", new_text)                                 stable text, in order
+    (index, "done", finish_reason, prompt_tokens, completion_tokens)
+    (index, "error", message, status)         400: the engine refused it; 500: a step failed
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+log = logging.getLogger("nanoseek.serve")
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    request_id: str
+    prompt_ids: list[int]
+    params: object          # SamplingParams
+    loop: object            # the handler's asyncio loop
+    events: object          # its asyncio.Queue
+    index: int = 0          # the choice this job answers
+    seq: object = None      # the engine's Sequence, once added
+    counted: int = 0        # output tokens already counted for the metrics
+
+
+class EngineWorker:
+    def __init__(self, engine, max_queue: int = 256):
+        self.engine, self.max_queue = engine, max_queue
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._outstanding = 0           # submitted and not yet done: the queue depth limit
+        self._jobs: dict[str, Job] = {}  # worker thread only
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        # figures for /metrics, written by the worker, read by anyone
+        self.waiting = self.running = 0
+        self.generated_tokens = 0
+        self.steps = 0
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last steps
+
+    # ------------------------------------------------------------- handler side
+    @property
+    def outstanding(self) -> int:
+        return self._outstanding
+
+    def submit(self, jobs: list[Job]) -> None:
+        """All of a request's jobs or none (QueueFull when they would pass max_queue)."""
+        with self._lock:
+            if self._outstanding + len(jobs) > self.max_queue:
+                raise QueueFull(f"the server queue is full ({self._outstanding} requests, "
+                                f"limit {self.max_queue}); retry later")
+            self._outstanding += len(jobs)
+        for job in jobs:
+            self._inbox.put(("add", job))
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self._recent) if now - t <= window]
+        return sum(n for _, n in recent) / window
+
+    def start(self) -> None:
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="nanoseek-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------- worker side
+    def _push(self, job: Job, event: tuple) -> None:
+        try:
+            job.loop.call_soon_threadsafe(job.events.put_nowait, (job.index, *event))
+        except RuntimeError:  # the handler's loop is gone: nobody is listening
+            self._inbox.put(("abort", job.request_id))
+
+    def _done(self, job: Job) -> None:
+        self._jobs.pop(job.request_id, None)
+        with self._lock:
+            self._outstanding -= 1
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                try:
+                    item.seq = self.engine.add_request(item.prompt_ids, item.params, request_id=item.request_id)
+                except ValueError as e:
+                    self._push(item, ("error", str(e), 400))
+                    with self._lock:
+                        self._outstanding -= 1
+                    continue
+                self._jobs[item.request_id] = item
+            elif kind == "abort" and item in self._jobs:
+                self.engine.abort(item)
+                self._done(self._jobs[item])
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._drain()
+            if not self._jobs:
+                self.waiting = self.running = 0
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as e:  # a failed step fails its requests, not the server
+                log.exception("engine step failed")
+                for job in list(self._jobs.values()):
+                    self.engine.abort(job.request_id)
+                    self._push(job, ("error", f"the engine failed: {type(e).__name__}", 500))
+                    self._done(job)
+                continue
+            self.steps += 1
+            new_tokens = 0
+            for event in events:
+                job = self._jobs.get(event.request_id)
+                if job is None:
+                    continue
+                n = len(job.seq.output_ids)  # a speculative step may add several
+                new_tokens, job.counted = new_tokens + n - job.counted, n
+                if event.new_text:
+                    self._push(job, ("text", event.new_text))
+                if event.finished:
+                    self._push(job, ("done", event.finish_reason, len(job.prompt_ids), n))
+                    self._done(job)
+            self.generated_tokens += new_tokens
+            self._recent.append((time.monotonic(), new_tokens))
+            while len(self._recent) > 4096:
+                self._recent.popleft()
+            sched = getattr(self.engine, "scheduler", None)
+            if sched is not None:
+                self.waiting, self.running = len(sched.waiting), len(sched.running)

@@ -1,0 +1,392 @@
+"""The OpenAI-compatible server, live on 127.0.0.1, driven by the official `openai` client.
+
+A tiny random model from `nanoseek init` (its text is gibberish but greedy decoding is
+deterministic) serves the API tests; a scripted engine whose output is known (reasoning
+tags, endless text) serves the reasoning, disconnect and queue tests.
+"""
+
+import contextlib
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+fastapi = pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from nanoseek.cli import build_parser, main  # noqa: E402
+from nanoseek.hf import from_pretrained  # noqa: E402
+from nanoseek.infer.engine import Engine  # noqa: E402
+from nanoseek.infer.sequence import StreamEvent  # noqa: E402
+from nanoseek.serve.app import Settings, chat_message, create_app  # noqa: E402
+from nanoseek.serve.audit import FeedbackStore  # noqa: E402
+from nanoseek.train.pipeline import tokenizer_for  # noqa: E402
+
+KEY = "sk-local-test"
+CHAT = [{"role": "user", "content": "2+2="}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def live(app):
+    """The app under uvicorn in a thread on a free loopback port; yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.02)
+    assert server.started, "the server did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve") / "tiny"
+    assert main(["init", "--preset", "tiny", "--out", str(out), "--seed", "0"]) == 0
+    return out
+
+
+def tiny_app(tiny_dir, name, **settings):
+    tok = tokenizer_for(tiny_dir)
+    engine = Engine(from_pretrained(tiny_dir), tok, max_batch=4, max_len=128)
+    return create_app(engine, tok, name, Settings(**settings))
+
+
+@pytest.fixture(scope="module")
+def feedback_db(tmp_path_factory):
+    return tmp_path_factory.mktemp("feedback") / "feedback.sqlite"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, feedback_db):
+    app = tiny_app(tiny_dir, "tiny", api_keys=[KEY, "sk-other"], max_body_bytes=8192, max_tokens=64,
+                   feedback_db=feedback_db)
+    with live(app) as url:
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=30)
+
+
+def greedy_chat(client, model="tiny", **kw):
+    kw = {"max_tokens": 12, "temperature": 0, **kw}
+    return client.chat.completions.create(model=model, messages=CHAT, **kw)
+
+
+def streamed_chat(client, model="tiny", **kw):
+    kw = {"max_tokens": 12, "temperature": 0, **kw}
+    chunks = list(client.chat.completions.create(model=model, messages=CHAT, stream=True, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, chunks
+
+
+# ------------------------------------------------------------------ the API
+def test_models_lists_the_local_model(client):
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def test_chat_streamed_equals_unstreamed_with_usage(client):
+    out = greedy_chat(client)
+    choice = out.choices[0]
+    assert out.object == "chat.completion" and out.model == "tiny"
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    u = out.usage
+    assert u.prompt_tokens > 0 and 1 <= u.completion_tokens <= 12
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert u.completion_tokens_details.reasoning_tokens == 0
+    if choice.finish_reason == "length":
+        assert u.completion_tokens == 12
+    assert greedy_chat(client).choices[0].message.content == choice.message.content  # deterministic
+
+    text, chunks = streamed_chat(client, stream_options={"include_usage": True})
+    assert text == choice.message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == u.total_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completion_streamed_equals_unstreamed(client):
+    out = client.completions.create(model="tiny", prompt="The sky is", max_tokens=10, temperature=0)
+    assert out.object == "text_completion" and out.usage.prompt_tokens == len("The sky is")
+    chunks = list(client.completions.create(model="tiny", prompt="The sky is", max_tokens=10, temperature=0,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == out.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == out.choices[0].finish_reason
+
+
+def test_seeded_sampling_n_choices_repeat(client):
+    kw = dict(model="tiny", prompt="abc", max_tokens=8, temperature=1.0, top_p=0.9, seed=7, n=3)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert 3 <= a.usage.completion_tokens <= 3 * 8
+    assert len({c.text for c in a.choices}) > 1  # each choice its own seed
+
+
+def test_stop_sequence_cuts_the_text(client):
+    full = client.completions.create(model="tiny", prompt="xyz", max_tokens=24, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = next(full[i:i + 2] for i in range(2, len(full) - 2) if full[i:i + 2].strip())
+    cut = client.completions.create(model="tiny", prompt="xyz", max_tokens=24, temperature=0, stop=[stop, "@@@@"])
+    assert cut.choices[0].text == full[: full.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_ai_generated_label_header_and_body(server):
+    url, _ = server
+    r = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": "tiny", "messages": CHAT, "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200 and r.headers["x-ai-generated"] == "true"
+    assert r.json()["ai_generated"] is True and r.headers["x-request-id"] == r.json()["id"]
+    with httpx.stream("POST", f"{url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "tiny", "prompt": "a", "max_tokens": 3, "stream": True}) as r:
+        assert r.headers["x-ai-generated"] == "true"
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and all(json.loads(e)["ai_generated"] for e in events[:-1])
+
+
+# ------------------------------------------------------------------ errors
+def assert_openai_error(body: dict, code=None):
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    if code is not None:
+        assert body["error"]["code"] == code
+
+
+@pytest.mark.parametrize("kw, param", [
+    (dict(temperature=-1), "temperature"),
+    (dict(messages=[]), "messages"),
+    (dict(top_p=0), "top_p"),
+    (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
+])
+def test_invalid_requests_are_400(client, kw, param):
+    kw = {"messages": CHAT, **kw}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", **kw)
+    assert e.value.status_code == 400
+    assert_openai_error(e.value.body if "error" in e.value.body else {"error": e.value.body})
+    assert e.value.body["param"].startswith(param)
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-9", messages=CHAT)
+    assert e.value.code == "model_not_found"
+
+
+def test_over_the_context_is_400(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="x" * 200, max_tokens=4)
+    assert e.value.code == "context_length_exceeded"
+
+
+def test_malformed_json_oversized_body_and_keys(server):
+    url, _ = server
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    r = httpx.post(f"{url}/v1/chat/completions", headers=auth, content=b'{"model": "tiny", "messages": [')
+    assert r.status_code == 400
+    assert_openai_error(r.json(), "invalid_json")
+    r = httpx.post(f"{url}/v1/chat/completions", headers=auth,
+                   json={"model": "tiny", "messages": [{"role": "user", "content": "x" * 20_000}]})
+    assert r.status_code == 413
+    assert_openai_error(r.json(), "request_too_large")
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": "tiny", "messages": CHAT})
+    assert r.status_code == 401
+    assert_openai_error(r.json(), "missing_api_key")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="sk-wrong", max_retries=0).models.list()
+    assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer sk-other"}).status_code == 200
+    r = httpx.get(f"{url}/v1/nothing-here", headers=auth)
+    assert r.status_code == 404
+    assert_openai_error(r.json())
+
+
+def test_metrics_and_health(server, client):
+    url, _ = server
+    greedy_chat(client, max_tokens=2)
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    assert httpx.get(f"{url}/metrics").status_code == 401
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    assert 'nanoseek_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
+    for name in ("nanoseek_request_latency_seconds_bucket", "nanoseek_queue_depth",
+                 "nanoseek_generation_tokens_per_second", "nanoseek_completion_tokens_total"):
+        assert name in text
+
+
+def test_feedback_is_stored_in_sqlite(server, client, feedback_db):
+    url, _ = server
+    rid = greedy_chat(client, max_tokens=2).id
+    r = httpx.post(f"{url}/v1/feedback", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"request_id": rid, "rating": 5, "comment": "good"})
+    assert r.status_code == 200 and r.json()["stored"]
+    assert (rid, 5, "good") in FeedbackStore(feedback_db).all()
+    r = httpx.post(f"{url}/v1/feedback", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"request_id": rid, "rating": 9})
+    assert r.status_code == 400
+
+
+def test_serve_command_parses():
+    args = build_parser().parse_args(["serve", "--model", "m", "--upstream", "http://127.0.0.1:1/v1",
+                                      "--upstream-models", "a,b", "--audit-log", "a.jsonl"])
+    assert args.port == 8000 and args.host == "127.0.0.1" and args.upstream_models == "a,b"
+
+
+# ------------------------------------------------------------------ a scripted engine
+class ScriptedEngine:
+    """The engine's serving interface, emitting a fixed text (then 'x' forever if endless)."""
+
+    max_len = 4096
+
+    def __init__(self, pieces, endless=False, delay=0.002):
+        self.pieces, self.endless, self.delay = pieces, endless, delay
+        self.running = {}
+
+    def add_request(self, prompt_ids, params, request_id):
+        seq = type("Seq", (), {})()
+        seq.output_ids, seq.params = [], params
+        self.running[request_id] = seq
+        return seq
+
+    def abort(self, request_id):
+        return self.running.pop(request_id, None) is not None
+
+    def has_unfinished(self):
+        return bool(self.running)
+
+    def speculative_stats(self):
+        return {"k": 2, "acceptance_rate": 0.5}
+
+    def step(self):
+        time.sleep(self.delay)
+        events = []
+        for rid, seq in list(self.running.items()):
+            i = len(seq.output_ids)
+            seq.output_ids.append(0)
+            text = self.pieces[i] if i < len(self.pieces) else "x"
+            done = not self.endless and i + 1 == len(self.pieces)
+            if done:
+                del self.running[rid]
+            events.append(StreamEvent(rid, text, done, "stop" if done else None))
+        return events
+
+
+THINK = ["<th", "ink>I add", " 2 and 2.</thi", "nk>", "The answer", " is 4."]
+
+
+def test_reasoning_split_of_a_whole_output():
+    m = chat_message("<think>plan</think>done")
+    assert (m["reasoning_content"], m["reasoning"], m["content"]) == ("plan", "plan", "done")
+    assert chat_message("plain")["reasoning_content"] is None
+
+
+def test_reasoning_apart_from_the_answer_live(tiny_dir):
+    tok = tokenizer_for(tiny_dir)
+    app = create_app(ScriptedEngine(THINK), tok, "r1")
+    with live(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
+        out = client.chat.completions.create(model="r1", messages=CHAT)
+        msg = out.choices[0].message
+        assert msg.content == "The answer is 4."
+        assert msg.reasoning_content == msg.reasoning == "I add 2 and 2."
+        assert out.usage.completion_tokens_details.reasoning_tokens > 0
+        chunks = list(client.chat.completions.create(model="r1", messages=CHAT, stream=True))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join(d.content or "" for d in deltas) == msg.content
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == msg.reasoning_content
+        assert "".join(getattr(d, "reasoning", None) or "" for d in deltas) == msg.reasoning
+
+
+def test_disconnect_frees_the_slot_and_queue_full_is_429(tiny_dir):
+    tok = tokenizer_for(tiny_dir)
+    app = create_app(ScriptedEngine(["a"], endless=True), tok, "loop", Settings(max_queue=1))
+    worker = app.state.worker
+    with live(app) as url:
+        body = {"model": "loop", "messages": CHAT, "stream": True, "max_tokens": 4000}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=10) as r:
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(6)]
+            assert any(line.startswith("data: ") for line in got) and worker.outstanding == 1
+            full = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": False}, timeout=10)
+            assert full.status_code == 429
+            assert_openai_error(full.json(), "queue_full")
+        for _ in range(300):  # the client is gone: its request leaves the engine
+            if worker.outstanding == 0 and not app.state.worker.engine.running:
+                break
+            time.sleep(0.01)
+        assert worker.outstanding == 0 and not worker.engine.running
+        text = httpx.get(f"{url}/metrics").text
+        assert "nanoseek_speculative_acceptance_rate 0.5000" in text and "nanoseek_queue_depth 0" in text
+        assert 'nanoseek_requests_total{endpoint="/v1/chat/completions",status="429"} 1' in text
+
+
+# ------------------------------------------------------------------ audit log
+def test_audit_log_off_by_default_on_with_flag(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tok = tokenizer_for(tiny_dir)
+    secret = "my secret prompt"
+    for content in (None, False, True):
+        log = tmp_path / f"audit-{content}.jsonl"
+        settings = Settings() if content is None else Settings(audit_log=log, audit_content=content)
+        with live(create_app(ScriptedEngine(["hello"]), tok, "m", settings)) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
+            rid = client.chat.completions.create(model="m", messages=[{"role": "user", "content": secret}]).id
+        if content is None:
+            assert list(tmp_path.iterdir()) == []  # nothing stored
+            continue
+        (record,) = [json.loads(line) for line in log.read_text().splitlines()]
+        assert record["request_id"] == rid and record["model"] == "m" and record["status"] == 200
+        assert record["prompt_tokens"] > 0 and record["completion_tokens"] == 1 and record["latency_s"] >= 0
+        assert (secret in log.read_text()) == content and ("prompt" in record) == content
+
+
+# ------------------------------------------------------------------ hybrid routing
+def test_hybrid_routing_to_an_upstream_nanoseek(tiny_dir):
+    upstream_app = tiny_app(tiny_dir, "tiny-big", api_keys=["sk-up"])
+    with live(upstream_app) as up_url:
+        direct = openai.OpenAI(base_url=up_url + "/v1", api_key="sk-up", max_retries=0, timeout=30)
+        local_app = tiny_app(tiny_dir, "tiny", max_tokens=8, upstream_url=up_url + "/v1",
+                             upstream_models=["tiny-big"], upstream_api_key="sk-up")
+        with live(local_app) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
+            assert [m.id for m in client.models.list()] == ["tiny", "tiny-big"]
+            want = greedy_chat(direct, model="tiny-big").choices[0].message.content
+            raw = client.chat.completions.with_raw_response.create(
+                model="tiny-big", messages=CHAT, max_tokens=12, temperature=0)
+            assert raw.headers["x-nanoseek-route"] == "upstream" and raw.headers["x-ai-generated"] == "true"
+            assert raw.parse().choices[0].message.content == want
+            assert streamed_chat(client, model="tiny-big")[0] == want
+            # over the local max_tokens limit (8): the upstream's model answers
+            over = greedy_chat(client, model="tiny", max_tokens=12)
+            assert over.model == "tiny-big" and over.choices[0].message.content == want
+            # the upstream's own errors keep their status
+            with pytest.raises(openai.BadRequestError):
+                client.chat.completions.create(model="tiny-big", messages=CHAT, temperature=-1)
+    # the upstream is down now: 502 in the OpenAI shape, streamed or not
+    local_app = tiny_app(tiny_dir, "tiny", upstream_url=f"http://127.0.0.1:{free_port()}/v1",
+                         upstream_models=["tiny-big"])
+    with live(local_app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
+        for stream in (False, True):
+            with pytest.raises(openai.APIStatusError) as e:
+                client.chat.completions.create(model="tiny-big", messages=CHAT, stream=stream)
+            assert e.value.status_code == 502 and e.value.code == "upstream_unavailable"
+        assert greedy_chat(client, max_tokens=2).model == "tiny"  # the local model still serves
