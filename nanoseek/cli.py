@@ -322,6 +322,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     for event in engine.generate(prompt, sampling_params(args, args.max_tokens), stream=True):
         print(event.new_text, end="", flush=True)
     print()
+    if args.speculative:
+        s = engine.speculative_stats()
+        print(f"speculative k={s['k']}: {s['accepted']}/{s['proposed']} drafts accepted "
+              f"({s['acceptance_rate']:.0%}), {s['mean_accepted_length']:.2f} tokens per forward",
+              file=sys.stderr)
 
 
 def add_chat_args(p: argparse.ArgumentParser) -> None:

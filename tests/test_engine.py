@@ -187,8 +187,10 @@ def test_a_request_that_cannot_fit_is_refused_with_the_numbers(model):
     assert engine.add_request(list(range(20))).max_tokens == 12  # default: what the context leaves
     with pytest.raises(ValueError, match="max_position_embeddings"):
         Engine(model, max_len=513)
-    with pytest.raises(ValueError, match="speculative decoding is not"):
-        Engine(model, speculative_k=2)
+    with pytest.raises(ValueError, match="num_nextn_predict_layers = 0"):
+        Engine(Transformer(preset("tiny", num_nextn_predict_layers=0)), speculative_k=2)
+    with pytest.raises(ValueError, match="speculative_k"):
+        Engine(model, speculative_k=-1)
 
 
 def test_reasoning_is_split_from_the_answer_across_chunks():

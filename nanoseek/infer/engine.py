@@ -22,6 +22,27 @@ nothing else, so a token costs (kv_lora_rank + qk_rope_head_dim) × layers × el
 bytes (DeepSeek-V3 in BF16: (512 + 64) × 61 × 2 = 70,272 B). Given `cache_budget_bytes`
 the engine holds as many slots as fit (at most max_batch); a request whose prompt plus
 max_tokens cannot fit in one slot is refused when it is added, naming the numbers.
+
+Speculative decoding (`speculative_k=K`, speculative.py has the algorithm and its proofs).
+The cache then has one more layer, the first MTP module's (`mtp_cache_bytes_per_token`,
+reported apart from the main model's `cache_bytes_per_token`), and K - 1 more positions per
+slot (a verify writes up to K - 1 positions past the last token a request may hold). Per
+slot the runner keeps the drafter state: the MTP module's output at the position before the
+pending token, from which the next draft starts. A prefill also runs the MTP layer over the
+prompt (position i on h_i and the token after it, the last one paired with the first sampled
+token). A decode step is then, for all running rows at once: K drafts from the MTP module,
+ONE main-model forward over [last token, d_1..d_K] at each row's own positions, the
+acceptance rule per row (greedy: the longest prefix equal to the main model's argmax, then
+its next token, so the output equals non-speculative greedy decoding token for token;
+sampled: min(1, p/q) and the residual resample, with the request's own uniforms, 2K + 1 per
+step), and the MTP layer's catch-up over the accepted positions. Postprocess appends the
+1..K+1 tokens of each row one by one, so a stop string, stop id, EOS or max_tokens in the
+middle of an accepted run ends the request there and the rest is dropped. Each
+RequestOutput carries `speculative` (proposed, accepted, forwards, acceptance_rate,
+mean_accepted_length); `engine.speculative_stats()` sums over every request served.
+A seeded sampled request draws differently with and without speculation (different uses of
+its uniforms), with the same distribution. Speculative steps always run eagerly, without
+CUDA graphs.
 """
 
 from __future__ import annotations
@@ -38,17 +59,26 @@ from ..model.cache import StaticCache, cache_entry_shapes
 from .sampling import SamplingParams, sample_rows
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence, Status, StreamEvent
+from .speculative import MTPDrafter, RequestStats, greedy_accept, sampling_probs, speculative_accept_rows
 
 
 class ModelRunner:
-    """Forward passes over rows of the engine's cache; returns next-token logits [n, V]."""
+    """Forward passes over rows of the engine's cache: prefill and decode return next-token
+    logits [n, V]; with speculative_k, draft_prompts() follows each prefill and speculate()
+    replaces decode (draft, verify, accept, MTP catch-up in one call)."""
 
     def __init__(self, model: Transformer, cache: StaticCache, autocast: torch.dtype | None,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, speculative_k: int = 0):
         self.model, self.cache, self.autocast = model, cache, autocast
         self.device = model.model.embed_tokens.weight.device
+        self.k = speculative_k
+        if self.k:
+            # per slot: the MTP module's output at the position before the pending token
+            self.draft_h = torch.zeros(cache.num_slots, model.config.hidden_size, device=self.device,
+                                       dtype=model.model.embed_tokens.weight.dtype)
+            self.prompt_states = None
         self.graphs = None
-        if cuda_graphs and self.device.type == "cuda":
+        if cuda_graphs and self.device.type == "cuda" and not self.k:
             from .cuda_graph import GraphDecoder
             self.graphs = GraphDecoder(model, cache, autocast)
 
@@ -76,7 +106,75 @@ class ModelRunner:
             out = self.model(ids, positions=positions, cache=view, absorb=False, logits_to_keep=1)
             last = torch.tensor(lens, device=self.device) - 1
             h_nD = out.hidden_states[torch.arange(len(seqs), device=self.device), last]
+            if self.k:  # for draft_prompts(), once the first tokens are sampled
+                self.prompt_states = (view, ids, positions, out.hidden_states, last)
             return self.model.lm_head(h_nD)
+
+    def draft_prompts(self, seqs: list[Sequence], first_n: torch.Tensor) -> None:
+        """Speculative: after a prefill, the MTP layer over the prompts, position i on (h_i,
+        x_{i+1}) with the sampled first token after the last one; its output there is the
+        state the first draft starts from."""
+        view, ids, positions, hidden, last = self.prompt_states
+        self.prompt_states = None
+        next_ids = torch.cat([ids[:, 1:], ids[:, :1]], 1).scatter(1, last[:, None], first_n[:, None])
+        with self._context():
+            drafter = MTPDrafter(self.model, view)
+            drafter.observe(hidden, next_ids, positions, last, absorb=False)
+            self.draft_h[torch.tensor([s.slot for s in seqs], device=self.device)] = drafter.h_BD.to(self.draft_h.dtype)
+
+    def draft(self, seqs: list[Sequence], drafter: MTPDrafter, pending_pos_B: torch.Tensor,
+              uniforms_BK: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """K drafts per row [B, K] and, when some row samples, the distributions they were
+        drawn from [B, K, V]: greedy rows take the MTP head's argmax, sampled rows its
+        filtered distribution (the request's own temperature / top-k / top-p) at their uniforms."""
+        params = [s.params for s in seqs]
+        if all(p.greedy for p in params):
+            return drafter.propose(pending_pos_B, self.k)  # the drafter's own rule: argmax
+        settings = self._settings(params)
+
+        def choose(logits_BV, j):
+            return (sample_rows(logits_BV, params, [u[j] for u in uniforms_BK]),
+                    sampling_probs(logits_BV, *settings))
+        return drafter.propose(pending_pos_B, self.k, choose)
+
+    def _settings(self, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dev = self.device
+        return (torch.tensor([p.temperature or 1.0 for p in params], device=dev),
+                torch.tensor([p.top_k for p in params], device=dev),
+                torch.tensor([p.top_p for p in params], device=dev))
+
+    def speculate(self, seqs: list[Sequence], uniforms: list[list[float]]) -> list[list[int]]:
+        """One speculative decode step of `seqs` (module docstring). uniforms: per row 2K + 1
+        numbers (K for the drafts, K for keeping them, one for the token after them; unused by
+        greedy rows). Returns per row [a, x_1..x_{K+1}]: a drafts accepted, so x_1..x_{a+1}
+        are the new tokens (the rest repeats x_{a+1})."""
+        k, dev = self.k, self.device
+        slots = [s.slot for s in seqs]
+        rows = torch.tensor(slots, device=dev)
+        pending_B = torch.tensor([s.last_token for s in seqs], device=dev)
+        pos_B = torch.tensor([s.num_tokens - 1 for s in seqs], device=dev)        # x_{n-1} at n-1
+        # drafting writes the MTP layer up to n+K-3, verifying both up to n-1+K
+        view = self.cache.select(slots, kv_len=max(s.num_tokens for s in seqs) + k)
+        params = [s.params for s in seqs]
+        with self._context():
+            drafter = MTPDrafter(self.model, view)
+            drafter.h_BD = self.draft_h[rows]
+            draft_BK, q_BKV = self.draft(seqs, drafter, pos_B, [u[:k] for u in uniforms])
+            offsets = torch.arange(k + 1, device=dev)
+            verify_pos = pos_B[:, None] + offsets
+            out = self.model(torch.cat([pending_B[:, None], draft_BK], 1), positions=verify_pos, cache=view)
+            n_acc, nxt = greedy_accept(out.logits.argmax(-1), draft_BK)
+            if q_BKV is not None:
+                u = torch.tensor(uniforms, device=dev)
+                p_BKV = sampling_probs(out.logits, *self._settings(params))
+                s_acc, s_nxt = speculative_accept_rows(p_BKV, q_BKV, draft_BK, u[:, k:2 * k], u[:, 2 * k])
+                is_greedy = torch.tensor([p.greedy for p in params], device=dev)
+                n_acc, nxt = torch.where(is_greedy, n_acc, s_acc), torch.where(is_greedy, nxt, s_nxt)
+            # x_n.. = d_1..d_a, t; t again as filler after it (speculative.py, "Fixed shapes")
+            new_BK1 = torch.where(offsets < n_acc[:, None], torch.cat([draft_BK, nxt[:, None]], 1), nxt[:, None])
+            drafter.observe(out.hidden_states, new_BK1, verify_pos, n_acc)
+            self.draft_h[rows] = drafter.h_BD.to(self.draft_h.dtype)
+            return torch.cat([n_acc[:, None], new_BK1], 1).tolist()
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """Each sequence's newest token at its own position; attention reads the first
@@ -101,8 +199,10 @@ class Engine:
         """model: any `nanoseek.from_pretrained` model; tokenizer: a ChatTokenizer (or None
         to work in token ids only). max_len: tokens per sequence, prompt + output (default
         the model's max_position_embeddings). max_prefill_tokens: padded prompt tokens one
-        prefill step may take (one request is always admitted). cuda_graphs: on a GPU, replay
-        the decode step from captured CUDA graphs (cuda_graph.py)."""
+        prefill step may take (one request is always admitted). speculative_k: K > 0 drafts K
+        tokens per step with the model's first MTP module (module docstring). cuda_graphs: on
+        a GPU, replay the decode step from captured CUDA graphs (cuda_graph.py); not used by
+        speculative steps, which run eagerly."""
         cfg = model.config
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -110,33 +210,42 @@ class Engine:
         if not 0 < max_len <= cfg.max_position_embeddings:
             raise ValueError(f"max_len {max_len} must be in 1..{cfg.max_position_embeddings} "
                              "(the model's max_position_embeddings)")
-        if speculative_k:
-            try:
-                from . import speculative  # noqa: F401
-            except ImportError:
-                raise ValueError("speculative decoding is not available yet") from None
-            raise ValueError("speculative decoding is not wired into the engine yet")
+        if speculative_k < 0:
+            raise ValueError(f"speculative_k (drafts per step) must be >= 0, got {speculative_k}")
+        if speculative_k and len(model.mtp_layers) == 0:
+            raise ValueError("speculative decoding drafts with the MTP module: this model has "
+                             "num_nextn_predict_layers = 0")
         self.model, self.tokenizer, self.max_len = model, tokenizer, max_len
+        self.speculative_k = speculative_k
         self.device = model.model.embed_tokens.weight.device
         weight_dtype = model.model.embed_tokens.weight.dtype
         # float32 weights on a GPU run under BF16 autocast; the cache holds what attention computes in
         autocast = torch.bfloat16 if self.device.type == "cuda" and weight_dtype == torch.float32 else None
         self.dtype = autocast or weight_dtype
-        num_layers = cfg.num_hidden_layers
-        values_per_token = sum(math.prod(shape) for shape in cache_entry_shapes(cfg)) * num_layers
-        self.cache_bytes_per_token = values_per_token * self.dtype.itemsize
-        slot_bytes = self.cache_bytes_per_token * max_len
+        layer_bytes = sum(math.prod(shape) for shape in cache_entry_shapes(cfg)) * self.dtype.itemsize
+        self.cache_bytes_per_token = layer_bytes * cfg.num_hidden_layers    # the main model's
+        self.mtp_cache_bytes_per_token = layer_bytes if speculative_k else 0  # the MTP layer's
+        bytes_per_token = self.cache_bytes_per_token + self.mtp_cache_bytes_per_token
+        # a verify writes up to K - 1 positions beyond the last a request may hold
+        cache_len = max_len + max(speculative_k - 1, 0)
+        slot_bytes = bytes_per_token * cache_len
         num_slots = max_batch
         if cache_budget_bytes is not None:
             num_slots = min(max_batch, cache_budget_bytes // slot_bytes)
             if num_slots < 1:
+                per_token = f"{self.cache_bytes_per_token:,} bytes per token"
+                if speculative_k:
+                    per_token = (f"{bytes_per_token:,} bytes per token (main model {self.cache_bytes_per_token:,}"
+                                 f" + MTP layer {self.mtp_cache_bytes_per_token:,})")
                 raise ValueError(f"a cache budget of {cache_budget_bytes:,} bytes holds no sequence: one slot "
-                                 f"of max_len {max_len} tokens × {self.cache_bytes_per_token:,} bytes per token "
-                                 f"needs {slot_bytes:,} bytes")
-        self.cache = StaticCache(cfg, num_slots, max_len, dtype=self.dtype, device=self.device,
-                                 num_layers=num_layers)
-        assert self.cache.nbytes_per_token() == self.cache_bytes_per_token
-        self.runner = ModelRunner(model, self.cache, autocast, cuda_graphs)
+                                 f"of max_len {max_len} tokens"
+                                 + (f" + {cache_len - max_len} for drafts" if cache_len > max_len else "")
+                                 + f" × {per_token} needs {slot_bytes:,} bytes")
+        self.cache = StaticCache(cfg, num_slots, cache_len, dtype=self.dtype, device=self.device,
+                                 num_layers=cfg.num_hidden_layers + (1 if speculative_k else 0))
+        assert self.cache.nbytes_per_token() == bytes_per_token
+        self.runner = ModelRunner(model, self.cache, autocast, cuda_graphs, speculative_k)
+        self.speculative_totals = RequestStats()
         self.scheduler = Scheduler(num_slots, max_prefill_tokens)
         eos = getattr(tokenizer, "eos_id", None)
         self.eos_id = eos if eos is not None else cfg.eos_token_id
@@ -183,7 +292,10 @@ class Engine:
             raise ValueError(f"request {request_id}: prompt ({n} tokens) + max_tokens ({max_tokens}) = "
                              f"{n + max_tokens} tokens does not fit in {context}")
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()))
-        return Sequence(request_id, prompt, params, max_tokens, seed)
+        seq = Sequence(request_id, prompt, params, max_tokens, seed)
+        if self.speculative_k:
+            seq.speculative = RequestStats()
+        return seq
 
     def abort(self, request_id: str) -> bool:
         """Drop a waiting or running request now (finish_reason "abort"), freeing its slot."""
@@ -197,6 +309,14 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def speculative_stats(self) -> dict | None:
+        """Over every request this engine has decoded: k, drafts proposed and accepted,
+        verifying forwards, acceptance_rate and mean_accepted_length (tokens per forward);
+        None without speculative decoding."""
+        if not self.speculative_k:
+            return None
+        return dict(k=self.speculative_k, **self.speculative_totals.as_dict())
+
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[StreamEvent]:
         """schedule -> run -> postprocess; one event per request that ran this step."""
@@ -204,12 +324,37 @@ class Engine:
         if scheduled is None:
             return []
         kind, seqs = scheduled
+        if kind == "decode" and self.speculative_k:
+            return self._speculative_step(seqs)
         logits = self.runner.prefill(seqs) if kind == "prefill" else self.runner.decode(seqs)
         uniforms = [0.0 if s.params.greedy else s.uniform() for s in seqs]
-        tokens = sample_rows(logits, [s.params for s in seqs], uniforms).tolist()
+        tokens_n = sample_rows(logits, [s.params for s in seqs], uniforms)
+        if kind == "prefill" and self.speculative_k:
+            self.runner.draft_prompts(seqs, tokens_n)
+        return self._postprocess(seqs, [[t] for t in tokens_n.tolist()])
+
+    def _speculative_step(self, seqs: list[Sequence]) -> list[StreamEvent]:
+        k = self.speculative_k
+        uniforms = [[0.0] * (2 * k + 1) if s.params.greedy else [s.uniform() for _ in range(2 * k + 1)]
+                    for s in seqs]
+        runs = self.runner.speculate(seqs, uniforms)
+        for seq, run in zip(seqs, runs):
+            # counted in full even where a stop or max_tokens cuts the run short
+            seq.speculative.add(k, run[0])
+            self.speculative_totals.add(k, run[0])
+        return self._postprocess(seqs, [run[1: run[0] + 2] for run in runs])
+
+    def _postprocess(self, seqs: list[Sequence], runs: list[list[int]]) -> list[StreamEvent]:
+        """Append each sequence's new tokens in order, up to the one that finishes it."""
         events = []
-        for seq, token in zip(seqs, tokens):
-            events.append(seq.append(token, self.tokenizer, self.eos_id))
+        for seq, run in zip(seqs, runs):
+            texts = []
+            for token in run:
+                event = seq.append(token, self.tokenizer, self.eos_id)
+                texts.append(event.new_text)
+                if seq.finished:
+                    break
+            events.append(event._replace(new_text="".join(texts)))
             if seq.finished:
                 self.scheduler.finish(seq)
         return events

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from .sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from .speculative import RequestStats
 
 
 class Status(enum.Enum):
@@ -48,6 +51,8 @@ class RequestOutput:
     token_ids: list[int]
     finish_reason: str | None
     usage: Usage
+    # with speculative decoding: proposed, accepted, forwards, acceptance_rate, mean_accepted_length
+    speculative: dict | None = None
 
 
 @dataclass(eq=False)  # identity: a request is itself, whatever its fields
@@ -63,6 +68,7 @@ class Sequence:
     finish_reason: str | None = None
     text: str = ""                           # decoded output (cut at a stop string)
     sent: int = 0                            # characters of `text` already streamed
+    speculative: RequestStats | None = None  # drafts proposed / accepted, when the engine speculates
 
     def __post_init__(self):
         self.rng = torch.Generator().manual_seed(self.seed)  # CPU: one float per sampled token
@@ -109,7 +115,8 @@ class Sequence:
 
     def output(self) -> RequestOutput:
         return RequestOutput(self.request_id, self.text, list(self.output_ids), self.finish_reason,
-                             Usage(len(self.prompt_ids), len(self.output_ids)))
+                             Usage(len(self.prompt_ids), len(self.output_ids)),
+                             self.speculative.as_dict() if self.speculative is not None else None)
 
 
 def stable_end(text: str, stops: list[str]) -> int:

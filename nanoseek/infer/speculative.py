@@ -44,6 +44,10 @@ at index a and t again as filler after it: the filler writes slots beyond the ne
 which the argument above already covers. Every forward is [B, k+1] or [B, 1], whatever
 each row accepted, so rows of one batch advance at their own speed without a host sync in
 any forward (the host reads the accepted tokens once per step to emit them).
+
+`speculative_generate` below is the self-contained loop over one batch; the engine
+(engine.py) runs the same step over its cache slots with per-request sampling settings and
+per-request uniforms (`speculative_accept_rows`), so requests join and leave between steps.
 """
 
 from __future__ import annotations
@@ -58,16 +62,30 @@ from .sampling import filter_sorted, sample_next
 
 
 # ------------------------------------------------------------------------- the rule
-def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """The distribution sample_next draws from, [..., V] float32, in vocabulary order."""
+def sampling_probs(logits: torch.Tensor, temperature, top_k=0, top_p=1.0) -> torch.Tensor:
+    """The distribution sample_next / sample_rows draw from, [..., V] float32, in vocabulary order.
+
+    temperature, top_k, top_p: numbers, or tensors [B] of per-row settings for logits [B, ..., V]."""
     V = logits.shape[-1]
     flat = logits.reshape(-1, V)
     N, dev = flat.shape[0], flat.device
-    sorted_NV, order_NV = filter_sorted(flat, torch.full((N,), float(temperature), device=dev),
-                                        torch.full((N,), top_k, device=dev),
-                                        torch.full((N,), float(top_p), device=dev))
+
+    def per_row(x, dtype):
+        x = torch.as_tensor(x, dtype=dtype, device=dev)
+        return x.expand(N) if x.dim() == 0 else x.repeat_interleave(N // x.shape[0])
+
+    sorted_NV, order_NV = filter_sorted(flat, per_row(temperature, torch.float32), per_row(top_k, torch.long),
+                                        per_row(top_p, torch.float32))
     probs = torch.zeros_like(sorted_NV).scatter_(-1, order_NV, sorted_NV.softmax(-1))
     return probs.reshape(logits.shape)
+
+
+def sample_at(probs_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
+    """The inverse CDF of each row's distribution (vocabulary order) at u_B in [0, 1)."""
+    cdf_BV = probs_BV.float().cumsum(-1)
+    # the first index whose cdf reaches a target > 0 has positive probability
+    target_B1 = (u_B.to(cdf_BV.dtype)[:, None] * cdf_BV[:, -1:]).clamp_min(torch.finfo(cdf_BV.dtype).tiny)
+    return torch.searchsorted(cdf_BV, target_B1).clamp(max=cdf_BV.shape[-1] - 1)[:, 0]
 
 
 def greedy_accept(target_BK1: torch.Tensor, draft_BK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,18 +106,27 @@ def speculative_accept(p_probs: torch.Tensor, q_probs: torch.Tensor, draft_token
     Returns (drafts accepted [B], the token after them [B]): drawn from
     norm(max(0, p_a - q_a)) after a rejection at a, from p_k when all k were kept."""
     B, k = draft_tokens.shape
+    u = torch.rand(B, k + 1, generator=generator, device=p_probs.device)
+    return speculative_accept_rows(p_probs, q_probs, draft_tokens, u[:, :k], u[:, k])
+
+
+def speculative_accept_rows(p_probs: torch.Tensor, q_probs: torch.Tensor, draft_tokens: torch.Tensor,
+                            u_keep_BK: torch.Tensor, u_next_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """speculative_accept with the randomness given: u_keep [B, k] decides the drafts, u_next
+    [B] (inverse CDF) the token after them. The engine passes each request's own uniforms,
+    so a seeded request draws the same whatever batch it runs in."""
+    B, k = draft_tokens.shape
     d = draft_tokens[..., None]
     p_d = p_probs[:, :k].gather(-1, d)[..., 0]
     q_d = q_probs.gather(-1, d)[..., 0]
-    u = torch.rand(B, k, generator=generator, device=p_probs.device)
-    keep = u * q_d < p_d                                   # u < p/q, no division by q
+    keep = u_keep_BK.to(p_d.dtype) * q_d < p_d             # u < p/q, no division by q
     n_acc = keep.long().cumprod(-1).sum(-1)
     rows = torch.arange(B, device=p_probs.device)
     residual = (p_probs - torch.cat([q_probs, torch.zeros_like(q_probs[:, :1])], 1)).clamp_min(0)
     r_BV = residual[rows, n_acc]                            # index k: p_k itself
     # mass 0 only when p_a == q_a up to rounding, where a rejection has probability 0 anyway
     r_BV = torch.where(r_BV.sum(-1, keepdim=True) > 0, r_BV, p_probs[rows, n_acc])
-    return n_acc, torch.multinomial(r_BV, 1, generator=generator)[:, 0]
+    return n_acc, sample_at(r_BV, u_next_B)
 
 
 # ------------------------------------------------------------------------- drafters
@@ -126,23 +153,31 @@ class MTPDrafter:
         self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
         self.h_BD: torch.Tensor | None = None
 
-    def _run(self, h_BTD, ids_BT, positions_BT):
+    def _run(self, h_BTD, ids_BT, positions_BT, absorb=None):
         cos, sin = self.model.model.rotary(positions_BT)
-        out, _ = self.layer(h_BTD, self.model.model.embed_tokens(ids_BT), cos, sin, positions_BT, self.cache)
+        out, _ = self.layer(h_BTD, self.model.model.embed_tokens(ids_BT), cos, sin, positions_BT, self.cache,
+                            absorb)
         return out
 
-    def observe(self, hidden_BTD, next_ids_BT, positions_BT, last_B):
-        out_BTD = self._run(hidden_BTD, next_ids_BT, positions_BT)
+    def observe(self, hidden_BTD, next_ids_BT, positions_BT, last_B, absorb=None):
+        out_BTD = self._run(hidden_BTD, next_ids_BT, positions_BT, absorb)
         self.h_BD = out_BTD[torch.arange(out_BTD.shape[0], device=out_BTD.device), last_B]
 
-    def propose(self, pending_pos_B, k):
+    def propose(self, pending_pos_B, k, choose=None):
+        """choose(logits [B, V], j) -> (draft j [B], its distributions [B, V] or None) replaces
+        the drafter's own temperature / top-k / top-p / generator (the engine's per-row rule)."""
         drafts, qs, h_BD = [], [], self.h_BD
         for j in range(k):
             if j:
                 h_BD = self._run(g_BD[:, None], drafts[-1][:, None], (pending_pos_B + j - 1)[:, None])[:, 0]
             g_BD = self.layer.shared_head.norm(h_BD)
             logits_BV = self.model.lm_head(g_BD)
-            if self.temperature <= 0:
+            if choose is not None:
+                d_B, q_BV = choose(logits_BV, j)
+                drafts.append(d_B)
+                if q_BV is not None:
+                    qs.append(q_BV)
+            elif self.temperature <= 0:
                 drafts.append(logits_BV.argmax(-1))
             else:
                 q_BV = sampling_probs(logits_BV, self.temperature, self.top_k, self.top_p)
@@ -168,6 +203,14 @@ class RequestStats:
         The last step counts in full even where max_new_tokens or EOS cut it short."""
         return (self.forwards + self.accepted) / self.forwards if self.forwards else 0.0
 
+    def add(self, proposed: int, accepted: int, forwards: int = 1) -> None:
+        self.proposed, self.accepted, self.forwards = (self.proposed + proposed, self.accepted + accepted,
+                                                       self.forwards + forwards)
+
+    def as_dict(self) -> dict:
+        return dict(proposed=self.proposed, accepted=self.accepted, forwards=self.forwards,
+                    acceptance_rate=self.acceptance_rate, mean_accepted_length=self.mean_accepted_length)
+
 
 @dataclass
 class SpeculativeStats:
@@ -187,10 +230,7 @@ class SpeculativeStats:
         return self.total.mean_accepted_length
 
     def as_dict(self) -> dict:
-        def one(r: RequestStats) -> dict:
-            return dict(proposed=r.proposed, accepted=r.accepted, forwards=r.forwards,
-                        acceptance_rate=r.acceptance_rate, mean_accepted_length=r.mean_accepted_length)
-        return dict(total=one(self.total), requests=[one(r) for r in self.requests])
+        return dict(total=self.total.as_dict(), requests=[r.as_dict() for r in self.requests])
 
 
 # ------------------------------------------------------------------------- the loop
