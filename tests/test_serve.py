@@ -333,6 +333,13 @@ def test_disconnect_frees_the_slot_and_queue_full_is_429(tiny_dir):
                 break
             time.sleep(0.01)
         assert worker.outstanding == 0 and not worker.engine.running
+        with pytest.raises(httpx.ReadTimeout):  # an unstreamed request whose client gives up
+            httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": False}, timeout=0.3)
+        for _ in range(300):
+            if worker.outstanding == 0 and not worker.engine.running:
+                break
+            time.sleep(0.01)
+        assert worker.outstanding == 0 and not worker.engine.running
         text = httpx.get(f"{url}/metrics").text
         assert "nanoseek_speculative_acceptance_rate 0.5000" in text and "nanoseek_queue_depth 0" in text
         assert 'nanoseek_requests_total{endpoint="/v1/chat/completions",status="429"} 1' in text
@@ -390,3 +397,25 @@ def test_hybrid_routing_to_an_upstream_nanoseek(tiny_dir):
                 client.chat.completions.create(model="tiny-big", messages=CHAT, stream=stream)
             assert e.value.status_code == 502 and e.value.code == "upstream_unavailable"
         assert greedy_chat(client, max_tokens=2).model == "tiny"  # the local model still serves
+
+
+# ------------------------------------------------------------------ under load
+def test_32_concurrent_streams_each_get_what_they_get_alone(tiny_dir):
+    """Distinct prompts and seeds, sampled: each concurrent stream equals its solo answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    app = tiny_app(tiny_dir, "tiny", max_tokens=16)
+    requests = [dict(prompt=f"request {i}: " + "ab" * (i % 5), seed=100 + i, temperature=0.8 if i % 2 else 0)
+                for i in range(32)]
+    with live(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+        def stream(r):
+            chunks = client.completions.create(model="tiny", max_tokens=12, stream=True, **r)
+            return "".join(c.choices[0].text for c in chunks if c.choices)
+
+        alone = [client.completions.create(model="tiny", max_tokens=12, **r).choices[0].text for r in requests]
+        with ThreadPoolExecutor(32) as pool:
+            together = list(pool.map(stream, requests))
+    assert together == alone
+    assert len(set(alone)) > 16 and app.state.worker.peak_running == 4  # the batch was full

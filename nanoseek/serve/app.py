@@ -54,7 +54,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -354,15 +354,19 @@ def create_app(engine, tokenizer, model_name: str, settings: Settings | None = N
                 return await proxy(raw, endpoint, overflow_model, start)
             raise APIError(429, str(e), "rate_limit_error", None, "queue_full") from None
         run = LocalRun(jobs, events, request, rid, req, chat, start, endpoint, raw)
+        streaming = False
         try:
             first = await run.first_event()
-        except BaseException:
-            run.abort_unfinished()
-            raise
-        headers = {**AI_HEADERS, "X-Request-Id": rid}
-        if req.stream:
-            return ClosingStreamingResponse(run.stream(first), media_type="text/event-stream", headers=headers)
-        return JSONResponse(await run.collect(first), headers=headers)
+            headers = {**AI_HEADERS, "X-Request-Id": rid}
+            if req.stream:
+                streaming = True  # the stream's generator owns the jobs now
+                return ClosingStreamingResponse(run.stream(first), media_type="text/event-stream", headers=headers)
+            return JSONResponse(await run.collect(first), headers=headers)
+        except ConnectionAbortedError:  # nobody is left to answer (nginx's "client closed request")
+            return Response(status_code=499)
+        finally:
+            if not streaming:
+                run.abort_unfinished()
 
     def over_limit(prompts: list[list[int]], max_new: int | None) -> APIError | None:
         for ids in prompts:
@@ -392,6 +396,8 @@ def create_app(engine, tokenizer, model_name: str, settings: Settings | None = N
             self.prompt_tokens = sum(len(j.prompt_ids) for j in jobs)
             self.open = set(range(k))
             self.status = 200
+            self.checked = time.monotonic()
+            self.error: APIError | None = None
 
         def abort_unfinished(self) -> None:
             for index in self.open:
@@ -399,14 +405,18 @@ def create_app(engine, tokenizer, model_name: str, settings: Settings | None = N
             self.open = set()
 
         async def next_event(self):
-            """The next event; aborts all if the client went away (checked once a second)."""
+            """The next event; aborts all if the client went away (checked about once a
+            second: a stream also learns it when a write fails)."""
             while True:
+                if time.monotonic() - self.checked > 1.0:
+                    self.checked = time.monotonic()
+                    if await self.request.is_disconnected():
+                        self.status = 499
+                        raise ConnectionAbortedError
                 try:
                     return await asyncio.wait_for(self.events.get(), timeout=1.0)
                 except asyncio.TimeoutError:
-                    if await self.request.is_disconnected():
-                        self.status = 499
-                        raise ConnectionAbortedError from None
+                    continue
 
         async def first_event(self):
             event = await self.next_event()
@@ -425,7 +435,8 @@ def create_app(engine, tokenizer, model_name: str, settings: Settings | None = N
                 self.open.discard(index)
             elif kind == "error":
                 self.open.discard(index)
-                self.finish[index] = "error"
+                self.finish[index], self.status = "error", event[3]
+                self.error = APIError(event[3], event[2], "server_error")
 
         def usage(self) -> dict:
             completion = sum(self.completion)
@@ -441,20 +452,18 @@ def create_app(engine, tokenizer, model_name: str, settings: Settings | None = N
                         sum(self.completion), self.start, self.raw, self.texts)
 
         async def collect(self, first) -> dict:
+            event = first
             try:
-                event = first
                 while True:
                     self.take(event)
                     if not self.open:
                         break
                     event = await self.next_event()
-            except ConnectionAbortedError:
-                self.abort_unfinished()
-                self.finish_audit()
-                raise
             finally:
                 self.abort_unfinished()
-            self.finish_audit()
+                self.finish_audit()
+            if self.error is not None:
+                raise self.error
             if self.chat:
                 choices = [{"index": i, "message": chat_message(t), "logprobs": None, "finish_reason": f}
                            for i, (t, f) in enumerate(zip(self.texts, self.finish))]

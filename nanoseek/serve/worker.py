@@ -52,7 +52,7 @@ class EngineWorker:
         self._thread: threading.Thread | None = None
         self._stop = False
         # figures for /metrics, written by the worker, read by anyone
-        self.waiting = self.running = 0
+        self.waiting = self.running = self.peak_running = 0
         self.generated_tokens = 0
         self.steps = 0
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last steps
@@ -161,3 +161,4 @@ class EngineWorker:
             sched = getattr(self.engine, "scheduler", None)
             if sched is not None:
                 self.waiting, self.running = len(sched.waiting), len(sched.running)
+                self.peak_running = max(self.peak_running, self.running)
