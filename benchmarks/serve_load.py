@@ -1,0 +1,134 @@
+"""Serving under load: `nanoseek serve` in its own process, C concurrent streaming clients.
+
+A random model of the preset (seeded; `nanoseek init`) is served with `--max-batch`
+slots; each of `--clients` clients streams `--requests` chat completions one after the
+other, every request with its own prompt and seed (sampled at temperature 0.8, EOS
+ignored, exactly `--new` tokens). Reported: requests/s and output tokens/s over the whole
+run, and the p50/p99 of request latency (to the last byte) and of time to first token.
+The clients are asyncio + httpx in this process; the server is a separate process.
+
+    python benchmarks/serve_load.py --preset tiny --clients 32                     # CPU
+    python benchmarks/serve_load.py --preset bench-1b --clients 64 --max-batch 64  # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, write_json  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * len(xs)) - 1))]
+
+
+async def one_request(client: httpx.AsyncClient, i: int, new: int) -> dict:
+    body = {"model": "bench", "messages": [{"role": "user", "content": f"Request {i}: tell me about {i * 7919}."}],
+            "max_tokens": new, "temperature": 0.8, "seed": i, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, usage = None, None
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                ttft = time.perf_counter() - t0
+            usage = chunk.get("usage") or usage
+    return {"latency_s": time.perf_counter() - t0, "ttft_s": ttft or 0.0,
+            "completion_tokens": usage["completion_tokens"]}
+
+
+async def load(url: str, clients: int, requests: int, new: int) -> tuple[list[dict], float]:
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        async def worker(c):
+            return [await one_request(client, c * requests + k, new) for k in range(requests)]
+        await one_request(client, 10**6, new)  # warm-up (graph capture, allocator)
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(worker(c) for c in range(clients)))
+        return [r for rs in results for r in rs], time.perf_counter() - t0
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--requests", type=int, default=4, help="requests per client, one after the other")
+    p.add_argument("--new", type=int, default=64, help="tokens per completion")
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="bfloat16")
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "model"
+        subprocess.run([sys.executable, "-m", "nanoseek.cli", "init", "--preset", args.preset, "--out", str(model),
+                        "--dtype", args.dtype], check=True)
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(model),
+                                   "--served-model-name", "bench", "--port", str(port), "--device", args.device,
+                                   "--max-batch", str(args.max_batch), "--max-len", str(args.max_len),
+                                   "--max-queue", str(4 * args.clients)])
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(600):
+                try:
+                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if server.poll() is not None:
+                    raise SystemExit("the server exited")
+                time.sleep(0.5)
+            results, wall = asyncio.run(load(url, args.clients, args.requests, args.new))
+            metrics = httpx.get(f"{url}/metrics").text
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+    lat = [r["latency_s"] for r in results]
+    ttft = [r["ttft_s"] for r in results]
+    tokens = sum(r["completion_tokens"] for r in results)
+    figures = {"requests": len(results), "wall_s": wall, "requests_per_s": len(results) / wall,
+               "output_tokens_per_s": tokens / wall,
+               "latency_p50_s": statistics.median(lat), "latency_p99_s": percentile(lat, 99),
+               "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": percentile(ttft, 99)}
+    print(f"serve load: {args.preset}, {args.clients} clients × {args.requests} requests × {args.new} tokens, "
+          f"max_batch {args.max_batch}")
+    print(f"  {'requests/s':<22}{figures['requests_per_s']:10.2f}")
+    print(f"  {'output tokens/s':<22}{figures['output_tokens_per_s']:10.1f}")
+    for name in ("latency", "ttft"):
+        print(f"  {name + ' p50 / p99 (s)':<22}{figures[name + '_p50_s']:10.3f} / {figures[name + '_p99_s']:.3f}")
+    assert all(r["completion_tokens"] == args.new for r in results)
+    assert "nanoseek_queue_depth" in metrics
+    path = write_json({**environment(), "config": vars(args), "figures": figures},
+                      f"serve_load_{args.preset}.json")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
