@@ -244,6 +244,19 @@ def test_feedback_is_stored_in_sqlite(server, client, feedback_db):
     assert r.status_code == 400
 
 
+def test_keys_from_file_and_environment_never_logged(tmp_path, monkeypatch, server, caplog):
+    from nanoseek.serve.launch import read_keys
+    (tmp_path / "keys").write_text("# ops keys\nsk-a\n\n  sk-b  \n")
+    monkeypatch.setenv("NANOSEEK_API_KEYS", "sk-c, sk-d")
+    assert sorted(read_keys(str(tmp_path / "keys"))) == ["sk-a", "sk-b", "sk-c", "sk-d"]
+    url, _ = server
+    with caplog.at_level("DEBUG"):
+        r = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer sk-secret-wrong-key"})
+        assert r.status_code == 401 and "sk-secret" not in r.text
+        httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    assert "sk-secret" not in caplog.text and KEY not in caplog.text
+
+
 def test_serve_command_parses():
     args = build_parser().parse_args(["serve", "--model", "m", "--upstream", "http://127.0.0.1:1/v1",
                                       "--upstream-models", "a,b", "--audit-log", "a.jsonl"])
@@ -387,6 +400,14 @@ def test_hybrid_routing_to_an_upstream_nanoseek(tiny_dir):
             # the upstream's own errors keep their status
             with pytest.raises(openai.BadRequestError):
                 client.chat.completions.create(model="tiny-big", messages=CHAT, temperature=-1)
+        # this server's upstream key is wrong: a 502, not a 401 the client would blame on its own key
+        wrong_key = tiny_app(tiny_dir, "tiny", upstream_url=up_url + "/v1", upstream_models=["tiny-big"],
+                             upstream_api_key="sk-wrong")
+        with live(wrong_key) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
+            with pytest.raises(openai.APIStatusError) as e:
+                client.chat.completions.create(model="tiny-big", messages=CHAT)
+            assert e.value.status_code == 502 and e.value.code == "upstream_auth_failed"
     # the upstream is down now: 502 in the OpenAI shape, streamed or not
     local_app = tiny_app(tiny_dir, "tiny", upstream_url=f"http://127.0.0.1:{free_port()}/v1",
                          upstream_models=["tiny-big"])

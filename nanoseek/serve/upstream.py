@@ -2,9 +2,9 @@
 
 The body goes upstream as the client sent it (only `model` may be replaced), streamed or
 not; the answer comes back labelled AI-generated like a local one. When the upstream
-cannot be reached, times out or answers something that is not the OpenAI error shape,
-the client gets a 502 in the OpenAI error shape; an upstream's own OpenAI error (a 400,
-a 429 …) is passed through with its status.
+cannot be reached, times out, fails (5xx), refuses this server's key (401/403) or answers
+something that is not the OpenAI error shape, the client gets a 502 in the OpenAI error
+shape; the upstream's verdict on the request itself (a 400, 404, 429 …) keeps its status.
 """
 
 from __future__ import annotations
@@ -28,14 +28,22 @@ class Upstream:
 
     @staticmethod
     async def _failure(response: httpx.Response) -> APIError:
+        """The upstream's client errors keep their status; its refusal of this server's key
+        and its own failures are a 502 (the client's request and key were fine)."""
         body = await response.aread()
+        status = response.status_code
+        if status in (401, 403):
+            return APIError(502, f"the upstream refused this server's credentials (HTTP {status})",
+                            "upstream_error", None, "upstream_auth_failed")
         try:
             err = json.loads(body)["error"]
-            return APIError(response.status_code, str(err.get("message")), err.get("type") or "upstream_error",
-                            err.get("param"), err.get("code"))
+            message = str(err.get("message"))
         except (ValueError, KeyError, TypeError, AttributeError):
-            return APIError(502, f"the upstream answered HTTP {response.status_code}", "upstream_error",
-                            None, "bad_gateway")
+            return APIError(502, f"the upstream answered HTTP {status}", "upstream_error", None, "bad_gateway")
+        if status >= 500:
+            return APIError(502, f"the upstream failed (HTTP {status}): {message}", "upstream_error", None,
+                            "bad_gateway")
+        return APIError(status, message, err.get("type") or "upstream_error", err.get("param"), err.get("code"))
 
     async def post(self, path: str, body: dict) -> dict:
         """A non-streamed request; APIError on any failure."""
