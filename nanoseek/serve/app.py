@@ -1,8 +1,9 @@
 """An OpenAI-compatible HTTP server over the engine: `create_app(engine, tokenizer, name, settings)`.
 
     GET  /v1/models                 the local model and the upstream's models
-    POST /v1/chat/completions       chat template from the model's tokenizer; <think>…</think>
-                                    returned apart as reasoning_content (DeepSeek) and reasoning (vLLM)
+    POST /v1/chat/completions       chat template from the model's tokenizer (message text never
+                                    becomes special tokens: prompt.py); <think>…</think> returned
+                                    apart as reasoning_content (DeepSeek) and reasoning (vLLM)
     POST /v1/completions            raw text (or token-id) prompts
     POST /v1/feedback               {request_id, rating 1..5, comment} into a local SQLite file
     GET  /health, GET /metrics      liveness; Prometheus text format
@@ -62,6 +63,7 @@ from ..infer.reasoning import ReasoningSplitter
 from ..infer.sampling import SamplingParams
 from .audit import AuditLog, FeedbackStore
 from .metrics import Metrics
+from .prompt import ChatEncoder
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, FeedbackRequest,
                        error_body)
 from .upstream import Upstream
@@ -166,6 +168,7 @@ def create_app(engine, tokenizer, model_name: str, settings: Settings | None = N
     upstream_models = list(settings.upstream_models) if upstream else []
     keys = [k.encode() for k in settings.api_keys]
     max_prompt = settings.max_prompt_tokens or engine.max_len - 1
+    chat_encoder = ChatEncoder(tokenizer)
     created = int(time.time())
 
     @asynccontextmanager
@@ -316,11 +319,9 @@ def create_app(engine, tokenizer, model_name: str, settings: Settings | None = N
             return await proxy(raw, endpoint, None, start)
         if chat:
             try:
-                text = tokenizer.apply_chat_template([m.as_template_turn() for m in req.messages],
-                                                     add_generation_prompt=True)
+                prompts = [chat_encoder.encode_chat([m.as_template_turn() for m in req.messages])]
             except (ValueError, KeyError) as e:
                 raise APIError(400, str(e), "invalid_request_error", "messages", "invalid_value") from None
-            prompts = [tokenizer.encode(text)]
         else:
             prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in req.prompts()]
         if len(prompts) * req.n > settings.max_choices:
