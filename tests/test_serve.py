@@ -410,6 +410,8 @@ def test_hybrid_routing_to_an_upstream_nanoseek(tiny_dir):
             # over the local max_tokens limit (8): the upstream's model answers
             over = greedy_chat(client, model="tiny", max_tokens=12)
             assert over.model == "tiny-big" and over.choices[0].message.content == want
+            with pytest.raises(openai.BadRequestError):  # a mistake stays here, not sent upstream
+                client.completions.create(model="tiny", prompt="")
             # the upstream's own errors keep their status
             with pytest.raises(openai.BadRequestError):
                 client.chat.completions.create(model="tiny-big", messages=CHAT, temperature=-1)

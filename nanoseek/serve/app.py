@@ -328,7 +328,9 @@ def create_app(engine, tokenizer, model_name: str, settings: Settings | None = N
             raise APIError(400, f"{len(prompts)} prompt(s) × n={req.n} is over this server's limit of "
                            f"{settings.max_choices} choices per request", "invalid_request_error", "n",
                            "invalid_value")
-        over = over_limit(prompts, req.max_new_tokens)
+        if any(not ids for ids in prompts):  # a mistake, not a request for a bigger model
+            raise APIError(400, "the prompt is empty", "invalid_request_error", "prompt", "invalid_value")
+        over = over_limit(prompts, req.max_new_tokens, "messages" if chat else "prompt")
         overflow_model = upstream_models[0] if upstream_models else None
         if over is not None:
             if overflow_model is not None:
@@ -369,13 +371,12 @@ def create_app(engine, tokenizer, model_name: str, settings: Settings | None = N
             if not streaming:
                 run.abort_unfinished()
 
-    def over_limit(prompts: list[list[int]], max_new: int | None) -> APIError | None:
+    def over_limit(prompts: list[list[int]], max_new: int | None, prompt_param: str) -> APIError | None:
+        """Why this request is over the local limits (it may go upstream then), or None."""
         for ids in prompts:
-            if not ids:
-                return APIError(400, "the prompt is empty", "invalid_request_error", "prompt", "invalid_value")
             if len(ids) > max_prompt:
                 return APIError(400, f"the prompt has {len(ids)} tokens, over this server's limit of {max_prompt}",
-                                "invalid_request_error", "messages", "context_length_exceeded")
+                                "invalid_request_error", prompt_param, "context_length_exceeded")
             if max_new is not None and max_new > settings.max_tokens:
                 return APIError(400, f"max_tokens {max_new} is over this server's limit of {settings.max_tokens}",
                                 "invalid_request_error", "max_tokens", "invalid_value")
@@ -521,7 +522,9 @@ def create_app(engine, tokenizer, model_name: str, settings: Settings | None = N
                 if self.req.include_usage:
                     yield self.chunk([], self.usage())
                 yield sse("[DONE]")
-            except (ConnectionAbortedError, asyncio.CancelledError, GeneratorExit):
+            except ConnectionAbortedError:  # the client left while nothing was sent
+                self.status = 499
+            except (asyncio.CancelledError, GeneratorExit):
                 self.status = 499
                 raise
             finally:
