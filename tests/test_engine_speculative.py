@@ -15,16 +15,6 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 200, 300, 400], list(range(20,
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = Transformer(preset("tiny")).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.mul_(5)  # sharper logits: no near-ties between a 1-token and a (k+1)-token forward
-    return m
-
-
-@pytest.fixture(scope="module")
 def tokenizer():
     return ChatTokenizer(byte_tokenizer(preset("tiny").vocab_size))
 

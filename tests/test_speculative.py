@@ -9,16 +9,6 @@ from nanoseek.infer.speculative import (RequestStats, SpeculativeStats, greedy_a
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 200, 300, 400], [42]]
 
 
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = Transformer(preset("tiny")).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.mul_(5)  # sharper logits: no near-ties between a 1-token and a (k+1)-token forward
-    return m
-
-
 class OracleDrafter:
     """Drafts from known continuations; `wrong` shifts every draft by one token."""
 

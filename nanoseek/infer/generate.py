@@ -15,20 +15,28 @@ from ..model import StaticCache, Transformer
 from .sampling import sample_next
 
 
+def check_prompts(model: Transformer, prompts: list[list[int]], max_new_tokens: int):
+    """Validate a batch of prompts; returns (batch size, lengths on the model's device, longest)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = next(model.parameters()).device
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    T = int(lens.max())
+    limit = model.config.max_position_embeddings
+    if T + max_new_tokens > limit:
+        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceed the "
+                         f"model's context of {limit}")
+    return len(prompts), lens, T
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None = None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
              autocast: torch.dtype | None = None) -> list[list[int]]:
     """New tokens for each prompt (stopping after eos, which is kept)."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
     cfg = model.config
     device = next(model.parameters()).device
-    B, lens = len(prompts), torch.tensor([len(p) for p in prompts], device=device)
-    T = int(lens.max())
-    if T + max_new_tokens > cfg.max_position_embeddings:
-        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceed the "
-                         f"model's context of {cfg.max_position_embeddings}")
+    B, lens, T = check_prompts(model, prompts, max_new_tokens)
     was_training = model.training
     model.eval()
     dtype = autocast or next(model.parameters()).dtype

@@ -58,6 +58,7 @@ from typing import Protocol
 import torch
 
 from ..model import StaticCache, Transformer
+from .generate import check_prompts
 from .sampling import filter_sorted, sample_next
 
 
@@ -243,17 +244,11 @@ def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_t
 
     Greedy output equals `generate(...)`'s token for token; sampled output has its
     distribution. `drafter` replaces the MTP drafter (tests use oracles)."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
     if k < 1:
         raise ValueError(f"k (drafts per step) must be at least 1, got {k}")
     cfg = model.config
     device = next(model.parameters()).device
-    B, lens = len(prompts), torch.tensor([len(p) for p in prompts], device=device)
-    T = int(lens.max())
-    if T + max_new_tokens > cfg.max_position_embeddings:
-        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceed the "
-                         f"model's context of {cfg.max_position_embeddings}")
+    B, lens, T = check_prompts(model, prompts, max_new_tokens)
     stats = SpeculativeStats([RequestStats() for _ in range(B)])
     out: list[list[int]] = [[] for _ in range(B)]
     if max_new_tokens < 1:
