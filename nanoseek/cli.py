@@ -5,6 +5,7 @@
     nanoseek init --preset tiny --out ckpt/ --seed 0   random model + byte tokenizer
     nanoseek generate --model ckpt/ --prompt "2+2=" --max-tokens 16
     nanoseek chat --model runs/speedrun               streams, reasoning apart from the answer
+    nanoseek grpo --model runs/sft --task arithmetic --out runs/grpo group_size=8 beta=0
 
 Config overrides are `key=value` words with JSON values (`q_lora_rank=null`). A user error
 (unknown preset, bad override, invalid value, missing file) prints one line
@@ -269,6 +270,42 @@ def cmd_speedrun(args: argparse.Namespace) -> None:
     print(f"report: {report}")
 
 
+# ---------------------------------------------------------------------- grpo
+def add_grpo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="a checkpoint or a run directory (after SFT)")
+    p.add_argument("--task", required=True, metavar="NAME", help="built-in task (arithmetic, countdown); "
+                   "--data FILE (your own prompts and reward columns) is not available yet")
+    p.add_argument("--level", type=int, default=None, metavar="N", help="task difficulty (default 1)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--steps", type=int, default=None, metavar="K", help="GRPO steps (default 100)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="GRPOConfig fields, JSON values (group_size=8 beta=0 loss_type=dapo "
+                        "rewards='{\"accuracy\": 1, \"format\": 0.2}')")
+
+
+def cmd_grpo(args: argparse.Namespace) -> None:
+    from .config import coerce_value
+    from .rl.trainer import grpo, grpo_config
+    changes = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"override {item!r} must look like key=value")
+        changes[key] = coerce_value(value)
+    for name, value in (("steps", args.steps), ("level", args.level)):
+        if value is not None:
+            changes[name] = value
+    try:
+        cfg = grpo_config(**changes)
+    except TypeError as e:  # a value of the wrong type, e.g. beta="x"
+        raise UsageError(f"invalid grpo value ({e})") from None
+    trainer, records = grpo(args.model, args.task, cfg, args.out, resume=args.resume)
+    last = records[-1] if records else {}
+    print(f"GRPO to step {trainer.step}; last reward {last.get('reward', float('nan')):.4f}; "
+          f"model in {Path(args.out) / 'final'}")
+
+
 # ---------------------------------------------------------------------- generate / chat
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float, top_p: float, max_tokens: int) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="a checkpoint or a run directory")
@@ -415,6 +452,7 @@ COMMANDS = {
     "init": (add_init_args, cmd_init, "write a randomly initialised model and a byte tokenizer"),
     "train": (add_train_args, cmd_train, "pretrain a model on documents (tokenizer trained on the data)"),
     "sft": (add_sft_args, cmd_sft, "supervised fine-tuning on chats, loss on assistant tokens only"),
+    "grpo": (add_grpo_args, cmd_grpo, "reinforcement learning with GRPO and rule-based rewards on a task"),
     "eval": (add_eval_args, cmd_eval, "held-out accuracy on a built-in task (greedy, pass@k)"),
     "speedrun": (add_speedrun_args, cmd_speedrun, "the whole pipeline on built-in data, ending in report.md"),
     "generate": (add_generate_args, cmd_generate, "complete a prompt (streams the text)"),

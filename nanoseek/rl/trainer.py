@@ -1,0 +1,546 @@
+"""The GRPO training loop: rollouts by the inference engine on the policy's own weights.
+
+Per step (GRPOTrainer.train_step):
+
+    prompts   N training prompts: a built-in task's train split (`tasks.get_task(name)
+              .generate`, seeded by (seed, step, attempt), so a resumed run draws what an
+              uninterrupted one would) or a list of dataset rows {"prompt": ..., columns};
+              rendered with the R1-Zero template (templates.py, R1 Table 1) or the chat
+              template (optionally opening "<think>\\n").
+    rollouts  G completions per prompt from `infer.Engine` over the policy module itself
+              (no weight copy: the engine reads the same parameters the optimizer updates;
+              its latent cache is its own buffer, so one engine is reused across steps and
+              rebuilt only when a longer prompt needs a longer slot). Each request has its
+              own seed from (seed, step, prompt, j): the rollouts are reproducible.
+    rewards   the configured functions (rewards.py, TRL signature; `reward_funcs` adds the
+              caller's own) combined with the configured weights; the task's `meta`, and
+              `answer`, arrive as dataset columns.
+    advantages grpo.group_advantages (scale "group" as GRPO, "none" as Dr. GRPO).
+    dynamic sampling (DAPO §3.2, optional): groups whose rewards are all equal carry no
+              gradient (advantages 0); they are dropped and more prompts are sampled, up to
+              `dynamic_sampling_tries` extra rounds, to fill N groups; a step left with no
+              informative group makes no update.
+    old / ref log-probs under no_grad: the sampling policy's (needed only when mu > 1; with
+              mu = 1 the ratio is 1 in value and old_logp = logp.detach() is the same
+              number, as TRL does) and the frozen initial model's (only when beta > 0).
+    update    mu inner iterations over the same rollouts, each: grpo.grpo_loss (over
+              micro-batches with gradient accumulation, weighted so the sum equals the
+              full-batch loss of every loss_type), clipping, one AdamW step.
+
+Choices, stated:
+- MTP and the balance loss are not used in RL: the objective is the policy's own
+  next-token log-probs (sequence_logprobs calls the model without labels, so neither term
+  is computed). MTP weights are left as they are (they drift from the trunk; a later
+  SFT or a short MTP-only pass re-aligns them for speculative decoding).
+- The auxiliary-loss-free expert bias IS updated after each optimizer step
+  (`model.update_expert_bias()`) from the expert loads of that step's training forwards,
+  as in pre-training (V3 §2.1.2): RL shifts which experts the policy uses, and a frozen
+  bias would let the load drift out of balance. Rollout and old/ref forwards run in eval
+  mode and count no load.
+- The reference model is a frozen copy of the model given to the constructor (the initial
+  policy), made before `resume` loads later weights.
+- Rollouts run in eval mode with no grad; the model goes back to train mode after.
+
+Logged per step (metrics.jsonl): loss, reward (total mean) and reward_{name} per function
+(mean over the samples it applies to), reward_std, accuracy (the accuracy reward's mean,
+when configured), response_length, response_length_correct / _incorrect (tokens),
+kl, clip_fraction (+ _low/_high), entropy, ratio_mean, grad_norm, groups_kept,
+groups_dropped, rollout_tokens, rollout_tokens_per_s, rollout_time_s, step_time_s, lr; and
+every eval_every steps eval_accuracy (greedy, held-out test split).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data.tasks import get_task
+from ..infer.engine import Engine
+from ..infer.sampling import SamplingParams
+from ..train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..train.metrics import MetricsLogger, ProgressBar, plot_metrics, read_metrics
+from ..train.optim import build_optimizer
+from ..train.trainer import TrainingError, refuse_existing_run, resolve_device, seed_everything
+from .grpo import LOSS_TYPES, SCALES, group_advantages, grpo_loss, sequence_logprobs
+from .rewards import combine_rewards, get_reward
+from .templates import chat_prompt, r1_zero_prompt
+
+PROMPT_FORMATS = ("r1_zero", "chat", "chat_think")
+
+
+@dataclass
+class GRPOConfig:
+    group_size: int = 8            # G completions per prompt
+    prompts_per_step: int = 8      # N prompts per step (B = N·G sequences)
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    beta: float = 0.001            # KL weight (R1 §2.2: 0.001); 0 needs no reference model
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None  # DAPO clip-higher; None: symmetric
+    loss_type: str = "grpo"        # grpo | dr_grpo | dapo
+    scale: str = "group"           # group | none (Dr. GRPO)
+    mu: int = 1                    # inner iterations per batch of rollouts
+    micro_batch: int = 0           # sequences per forward/backward; 0: the whole batch
+    dynamic_sampling: bool = False
+    dynamic_sampling_tries: int = 3
+    rewards: dict = field(default_factory=lambda: {"accuracy": 1.0})  # name -> weight
+    level: int = 1                 # built-in task difficulty
+    prompt_format: str = "chat"    # r1_zero | chat | chat_think
+    eval_every: int = 0            # 0: only at the end (when eval_n > 0)
+    eval_n: int = 0                # held-out problems per evaluation; 0: no evaluation
+    save_every: int = 0            # 0: only at the end
+    keep_last: int = 3
+    steps: int = 100
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ValueError(f"grpo field '{name}' = {getattr(self, name)!r}: {why}")
+        for name in ("group_size", "prompts_per_step", "max_new_tokens", "mu", "steps",
+                     "level", "dynamic_sampling_tries", "keep_last"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(name, "must be a positive integer")
+        if self.group_size < 2:
+            bad("group_size", "must be >= 2 (a group of one has no baseline)")
+        for name in ("micro_batch", "eval_every", "eval_n", "save_every", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                bad(name, "must be an integer >= 0")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            bad("temperature", "must be > 0 (GRPO needs sampled, different completions)")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if not self.lr > 0:
+            bad("lr", "must be > 0")
+        if self.beta < 0 or self.clip_eps <= 0 or self.weight_decay < 0:
+            bad("beta" if self.beta < 0 else "clip_eps" if self.clip_eps <= 0 else "weight_decay",
+                "out of range (beta >= 0, clip_eps > 0, weight_decay >= 0)")
+        if self.clip_eps_high is not None and self.clip_eps_high < self.clip_eps:
+            bad("clip_eps_high", f"must be >= clip_eps ({self.clip_eps}) or null")
+        if self.loss_type not in LOSS_TYPES:
+            bad("loss_type", f"choose one of {', '.join(LOSS_TYPES)}")
+        if self.scale not in SCALES:
+            bad("scale", f"choose one of {', '.join(SCALES)}")
+        if self.prompt_format not in PROMPT_FORMATS:
+            bad("prompt_format", f"choose one of {', '.join(PROMPT_FORMATS)}")
+        if not isinstance(self.dynamic_sampling, bool):
+            bad("dynamic_sampling", "must be true or false")
+        if (not isinstance(self.rewards, dict) or not self.rewards
+                or not all(isinstance(w, (int, float)) for w in self.rewards.values())):
+            bad("rewards", 'must be a non-empty {"name": weight} object')
+
+    @classmethod
+    def fields(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+
+def grpo_config(**changes) -> GRPOConfig:
+    """GRPOConfig with `changes`; an unknown field is a ValueError naming the known ones."""
+    bad = [k for k in changes if k not in GRPOConfig.fields()]
+    if bad:
+        raise ValueError(f"unknown grpo field(s) {', '.join(bad)}; known: "
+                         f"{', '.join(sorted(GRPOConfig.fields()))}")
+    return GRPOConfig(**changes)
+
+
+def informative_groups(rewards: Sequence[float], group_size: int) -> list[bool]:
+    """Per group of G contiguous rewards: False when all are equal (advantages 0, no
+    gradient: DAPO's dynamic-sampling filter), else True."""
+    if len(rewards) % group_size:
+        raise ValueError(f"{len(rewards)} rewards do not split into groups of {group_size}")
+    groups = [rewards[i:i + group_size] for i in range(0, len(rewards), group_size)]
+    return [max(g) - min(g) > 0 for g in groups]
+
+
+def _seed(*parts) -> int:
+    """A stable 62-bit seed from the parts (Python's hash() of str changes per process)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 2
+
+
+def _mean(values) -> float | None:
+    values = [float(v) for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+class GRPOTrainer:
+    def __init__(self, model, tokenizer, task_or_dataset: str | Sequence[dict], cfg: GRPOConfig,
+                 run_dir: str | Path, reward_funcs: dict[str, Callable] | None = None,
+                 tokenizer_dir: str | Path | None = None, extra_state: dict | None = None):
+        """model: a nanoseek Transformer (float32 master weights); tokenizer: a ChatTokenizer.
+        task_or_dataset: a built-in task name, or rows {"prompt": str, other columns}.
+        reward_funcs: name -> TRL-signature function, looked up before the built-in rewards;
+        cfg.rewards gives each name's weight."""
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.run_dir = Path(run_dir)
+        self.tokenizer_dir, self.extra_state = tokenizer_dir, extra_state or {}
+        self.device = resolve_device(cfg.device)
+        self.model = model.to(self.device).train()
+        self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
+        if isinstance(task_or_dataset, str):
+            self.task, self.rows = get_task(task_or_dataset), None
+            self.task.generate(1, level=cfg.level)  # a bad level fails here, not at step 1
+        else:
+            self.task, self.rows = None, list(task_or_dataset)
+            if not self.rows or not all(isinstance(r, dict) and "prompt" in r for r in self.rows):
+                raise ValueError("a dataset must be a non-empty list of rows with a 'prompt'")
+        funcs = []
+        for name in cfg.rewards:
+            funcs.append((reward_funcs or {}).get(name) or get_reward(name))
+        self.reward_names = list(cfg.rewards)
+        self.reward_fn = combine_rewards(funcs, list(cfg.rewards.values()))
+        # combine_rewards names results after the functions; map back to the config's names
+        self._name_of = dict(zip(self.reward_fn.names, self.reward_names))
+        self.ref_model = None
+        if cfg.beta > 0:  # before any resume: the reference is the initial policy
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay)
+        self.engine: Engine | None = None
+        self.step = 0
+
+    # ------------------------------------------------------------ prompts
+    def _render(self, question: str) -> str:
+        fmt = self.cfg.prompt_format
+        if fmt == "r1_zero":
+            return self.tokenizer.bos + r1_zero_prompt(question)
+        return chat_prompt(self.tokenizer, question, think=fmt == "chat_think")
+
+    def sample_prompts(self, n: int, attempt: int = 0) -> list[dict]:
+        """n rows {"prompt": question, columns...} for this step; the same (seed, step,
+        attempt) give the same rows."""
+        seed = _seed(self.cfg.seed, self.step, attempt)
+        if self.task is not None:
+            examples = self.task.generate(n, level=self.cfg.level, split="train", seed=seed)
+            return [{"prompt": ex.prompt, "answer": ex.answer, "meta": ex.meta} for ex in examples]
+        rng = random.Random(seed)
+        return [dict(rng.choice(self.rows)) for _ in range(n)]
+
+    # ------------------------------------------------------------ rollouts
+    def _engine(self, n_requests: int, longest_prompt: int) -> Engine:
+        need = longest_prompt + self.cfg.max_new_tokens
+        limit = self.model.config.max_position_embeddings
+        if need > limit:
+            raise ValueError(f"a prompt of {longest_prompt} tokens + max_new_tokens "
+                             f"{self.cfg.max_new_tokens} exceed the model's context of {limit}")
+        e = self.engine
+        if e is None or e.max_len < need or e.num_slots < n_requests:
+            max_len = min(limit, 64 * math.ceil(need / 64))
+            self.engine = Engine(self.model, self.tokenizer, max_batch=n_requests, max_len=max_len)
+        return self.engine
+
+    @torch.no_grad()
+    def rollout(self, rows: list[dict], attempt: int = 0) -> dict:
+        """G completions per row: prompt ids, completion ids and texts, in row-major order."""
+        G, cfg = self.cfg.group_size, self.cfg
+        prompt_ids = [self.tokenizer.encode(self._render(r["prompt"])) for r in rows]
+        engine = self._engine(len(rows) * G, max(len(p) for p in prompt_ids))
+        params = [SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                 top_p=cfg.top_p, seed=_seed(cfg.seed, self.step, attempt, i, j))
+                  for i in range(len(rows)) for j in range(G)]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            outs = engine.generate([p for p in prompt_ids for _ in range(G)], params)
+        finally:
+            self.model.train(was_training)
+        return {"prompt_ids": [p for p in prompt_ids for _ in range(G)],
+                "completion_ids": [o.token_ids for o in outs],
+                "completions": [o.text for o in outs],
+                "rows": [r for r in rows for _ in range(G)]}
+
+    def score(self, batch: dict) -> tuple[list[float], dict[str, list]]:
+        rows = batch["rows"]
+        columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"}
+        totals, per_fn = self.reward_fn([r["prompt"] for r in rows], batch["completions"], **columns)
+        return totals, {self._name_of[k]: v for k, v in per_fn.items()}
+
+    # ------------------------------------------------------------ tensors
+    def _tensors(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids [B, L] (prompt, completion, right padding) and completion mask [B, L]."""
+        seqs = [p + c for p, c in zip(batch["prompt_ids"], batch["completion_ids"])]
+        L = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_id
+        ids = torch.full((len(seqs), L), pad, dtype=torch.long)
+        mask = torch.zeros(len(seqs), L, dtype=torch.long)
+        for b, (p, c) in enumerate(zip(batch["prompt_ids"], batch["completion_ids"])):
+            ids[b, :len(p) + len(c)] = torch.tensor(p + c)
+            mask[b, len(p):len(p) + len(c)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _amp(self):
+        return (torch.autocast(self.device.type, dtype=self.autocast) if self.autocast
+                else contextlib.nullcontext())
+
+    def _chunks(self, B: int) -> list[slice]:
+        mb = self.cfg.micro_batch or B
+        return [slice(i, min(i + mb, B)) for i in range(0, B, mb)]
+
+    @torch.no_grad()
+    def _logprobs_of(self, model, ids, mask) -> torch.Tensor:
+        was_training = model.training
+        model.eval()  # no expert-load counting for these forwards
+        try:
+            with self._amp():
+                return torch.cat([sequence_logprobs(model, ids[s], mask[s], self.cfg.temperature)
+                                  for s in self._chunks(ids.shape[0])])
+        finally:
+            model.train(was_training)
+
+    def _update(self, ids, mask, advantages, old_logp, ref_logp) -> dict:
+        """One optimizer step over the batch in micro-batches; returns loss and stats."""
+        cfg = self.cfg
+        B, n_tokens, T = ids.shape[0], mask.sum().clamp_min(1), mask.shape[1]
+        totals: dict[str, torch.Tensor] = {}
+        for s in self._chunks(B):
+            with self._amp():
+                logp, entropy = sequence_logprobs(self.model, ids[s], mask[s], cfg.temperature,
+                                                  return_entropy=True)
+            old = logp.detach() if old_logp is None else old_logp[s]
+            loss, stats = grpo_loss(logp, old, None if ref_logp is None else ref_logp[s],
+                                    advantages[s], mask[s], cfg.clip_eps, cfg.clip_eps_high,
+                                    cfg.beta, cfg.loss_type, entropy=entropy, max_completion_length=T)
+            # weight so that the micro-batch losses sum to the full-batch loss
+            chunk_tokens = mask[s].sum()
+            w = chunk_tokens / n_tokens if cfg.loss_type == "dapo" else (s.stop - s.start) / B
+            (loss * w).backward()
+            tw = chunk_tokens / n_tokens  # token-mean statistics
+            for k, v in {"loss": loss.detach() * w, **{k: v * tw for k, v in stats.items()}}.items():
+                totals[k] = totals.get(k, 0) + v
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+            self.model.update_expert_bias()
+        else:
+            for r in self.model.routers().values():
+                r.load.zero_()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = {k: float(v) for k, v in totals.items()}
+        out["grad_norm"] = float(grad_norm)
+        return out
+
+    # ------------------------------------------------------------ one step
+    def train_step(self) -> dict:
+        cfg, G, N = self.cfg, self.cfg.group_size, self.cfg.prompts_per_step
+        t0 = time.perf_counter()
+        kept: dict = {"prompt_ids": [], "completion_ids": [], "completions": [], "rows": [],
+                      "rewards": [], "per_fn": {}}
+        everything = {"completion_ids": [], "rewards": [], "per_fn": {}}
+        dropped, rollout_time, rollout_tokens = 0, 0.0, 0
+        for attempt in range(1 + (cfg.dynamic_sampling_tries if cfg.dynamic_sampling else 0)):
+            need = N - len(kept["rows"]) // G
+            if need <= 0:
+                break
+            rows = self.sample_prompts(need if attempt else N, attempt)
+            tr = time.perf_counter()
+            batch = self.rollout(rows, attempt)
+            rollout_time += time.perf_counter() - tr
+            rollout_tokens += sum(len(c) for c in batch["completion_ids"])
+            rewards, per_fn = self.score(batch)
+            everything["completion_ids"] += batch["completion_ids"]
+            everything["rewards"] += rewards
+            for k, v in per_fn.items():
+                everything["per_fn"].setdefault(k, []).extend(v)
+            keep = (informative_groups(rewards, G) if cfg.dynamic_sampling
+                    else [True] * (len(rewards) // G))
+            for g, ok in enumerate(keep):
+                if not ok:
+                    dropped += 1
+                    continue
+                if len(kept["rows"]) // G >= N:
+                    break
+                sl = slice(g * G, (g + 1) * G)
+                for key in ("prompt_ids", "completion_ids", "completions", "rows"):
+                    kept[key] += batch[key][sl]
+                kept["rewards"] += rewards[sl]
+                for k, v in per_fn.items():
+                    kept["per_fn"].setdefault(k, []).extend(v[sl])
+
+        record = self._rollout_metrics(everything)
+        record.update(groups_kept=len(kept["rows"]) // G, groups_dropped=dropped,
+                      rollout_tokens=rollout_tokens, rollout_time_s=rollout_time,
+                      rollout_tokens_per_s=rollout_tokens / max(rollout_time, 1e-9), lr=cfg.lr)
+        if kept["rows"]:
+            ids, mask = self._tensors(kept)
+            advantages = group_advantages(torch.tensor(kept["rewards"]), G, cfg.scale).to(self.device)
+            old_logp = self._logprobs_of(self.model, ids, mask) if cfg.mu > 1 else None
+            ref_logp = self._logprobs_of(self.ref_model, ids, mask) if self.ref_model is not None else None
+            stats = [self._update(ids, mask, advantages, old_logp, ref_logp) for _ in range(cfg.mu)]
+            record.update({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]})
+        self.step += 1
+        record["step_time_s"] = time.perf_counter() - t0
+        return record
+
+    def _rollout_metrics(self, batch: dict) -> dict:
+        rewards, lengths = batch["rewards"], [len(c) for c in batch["completion_ids"]]
+        mean = sum(rewards) / len(rewards)
+        rec = {"reward": mean,
+               "reward_std": (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5,
+               "response_length": sum(lengths) / len(lengths)}
+        for name, values in batch["per_fn"].items():
+            m = _mean(values)
+            if m is not None:
+                rec[f"reward_{name}"] = m
+        if "accuracy" in batch["per_fn"]:
+            acc = batch["per_fn"]["accuracy"]
+            rec["accuracy"] = rec.get("reward_accuracy", 0.0)
+            for label, want in (("correct", True), ("incorrect", False)):
+                ls = [n for n, a in zip(lengths, acc) if a is not None and (a > 0) == want]
+                if ls:
+                    rec[f"response_length_{label}"] = sum(ls) / len(ls)
+        return rec
+
+    # ------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Greedy accuracy on cfg.eval_n held-out (test split) problems of the task. The
+        chat format goes through train.evaluate.evaluate_task (the same figure as `nanoseek
+        eval`); the other formats through the engine with the training prompt format."""
+        cfg = self.cfg
+        if self.task is None:
+            return {}
+        if cfg.prompt_format == "chat":
+            from ..train.evaluate import evaluate_task
+            r = evaluate_task(self.model, self.tokenizer, self.task.name, cfg.level, n=cfg.eval_n,
+                              fmt="chat", max_new_tokens=cfg.max_new_tokens)
+            self.model.train()
+            return {"eval_accuracy": r["greedy_accuracy"]}
+        examples = self.task.generate(cfg.eval_n, level=cfg.level, split="test", seed=1234, unique=True)
+        ids = [self.tokenizer.encode(self._render(ex.prompt)) for ex in examples]
+        engine = self._engine(len(ids), max(len(p) for p in ids))
+        self.model.eval()
+        try:
+            outs = engine.generate(ids, SamplingParams(max_tokens=cfg.max_new_tokens))
+        finally:
+            self.model.train()
+        right = [self.task.check(ex, o.text) for ex, o in zip(examples, outs)]
+        return {"eval_accuracy": sum(right) / len(right)}
+
+    # ------------------------------------------------------------ state
+    def state(self) -> dict:
+        return {"stage": "grpo", "step": self.step, "grpo_config": dataclasses.asdict(self.cfg),
+                **self.extra_state}
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.state(),
+                               tokenizer_dir=self.tokenizer_dir, keep_last=self.cfg.keep_last)
+
+    def resume(self) -> bool:
+        if latest_checkpoint(self.run_dir) is None:
+            return False
+        state = load_checkpoint(self.run_dir, self.model, self.optimizer, map_location=self.device)
+        if state.get("stage") != "grpo":
+            raise TrainingError(f"{self.run_dir} holds a {state.get('stage')!r} run, not a GRPO run")
+        self.step = state["step"]
+        return True
+
+    # ------------------------------------------------------------ loop
+    def fit(self, resume: bool = False, progress: bool | None = None) -> list[dict]:
+        """Train to cfg.steps; returns the records logged by this call."""
+        cfg = self.cfg
+        if resume:
+            self.resume()
+        else:
+            refuse_existing_run(self.run_dir)
+            seed_everything(cfg.seed)
+        records = []
+        logger = MetricsLogger(self.run_dir, resume_from_step=self.step + 1)
+        bar = ProgressBar(cfg.steps, initial=self.step, desc="grpo",
+                          disable=None if progress is None else not progress)
+        try:
+            while self.step < cfg.steps:
+                record = self.train_step()
+                last = self.step == cfg.steps
+                if cfg.eval_n and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
+                    record.update(self.evaluate())
+                records.append(logger.log(self.step, **record))
+                bar.update(self.step, loss=record.get("loss"))
+                if cfg.save_every and self.step % cfg.save_every == 0 and not last:
+                    self.save()
+            self.save()
+        finally:
+            bar.close()
+            logger.close()
+        plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "plots")
+        plot_rl_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "plots")
+        return records
+
+
+def plot_rl_metrics(metrics_jsonl: str | Path, out_dir: str | Path) -> Path | None:
+    """rl.png: reward (total), accuracy (train and held-out) and response length
+    (correct / incorrect) over steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_jsonl)
+    if not records:
+        return None
+
+    def series(name):
+        pts = [(r["step"], r[name]) for r in records
+               if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    panels = [("reward", ["reward"]), ("accuracy", ["accuracy", "eval_accuracy"]),
+              ("response length (tokens)", ["response_length", "response_length_correct",
+                                            "response_length_incorrect"])]
+    for ax, (title, names) in zip(axes, panels):
+        for name in names:
+            xs, ys = series(name)
+            if xs:
+                ax.plot(xs, ys, label=name, marker="o" if name == "eval_accuracy" else None,
+                        markersize=3, linewidth=1.2)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "rl.png", dpi=110)
+    plt.close(fig)
+    return out / "rl.png"
+
+
+def grpo(model_dir: str | Path, task: str, cfg: GRPOConfig, out: str | Path, resume: bool = False,
+         progress: bool | None = None) -> tuple[GRPOTrainer, list[dict]]:
+    """The CLI's stage: a checkpoint (or run directory) + its tokenizer -> GRPO -> out/final."""
+    from ..hf import from_pretrained
+    from ..train.pipeline import resolve_model_dir, tokenizer_for
+    out = Path(out)
+    if not resume:
+        refuse_existing_run(out)
+    src = resolve_model_dir(model_dir)
+    tok = tokenizer_for(src)
+    tok_dir = out / "tokenizer"
+    tok.save(tok_dir)
+    model = from_pretrained(src, dtype=torch.float32)  # float32 master weights
+    trainer = GRPOTrainer(model, tok, task, cfg, out, tokenizer_dir=tok_dir,
+                          extra_state={"task": task, "base_model": str(src)})
+    records = trainer.fit(resume=resume, progress=progress)
+    final = out / "final"
+    trainer.model.save_pretrained(final)
+    for f in tok_dir.iterdir():
+        if f.is_file():
+            (final / f.name).write_bytes(f.read_bytes())
+    (out / "grpo_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    return trainer, records

@@ -1,0 +1,167 @@
+"""The GRPO loop on a tiny model on the CPU: two steps update the weights and log what the
+issue asks for, a checkpoint resumes to step 3, dynamic sampling drops groups whose
+rewards are all equal, micro-batches sum to the full-batch loss, config validation, and
+`nanoseek grpo` end to end (one step; a bad key is one error line, exit 2).
+
+The reward is `len(completion) % 3`: a random model's completions differ in length, so
+rewards vary within a group and the advantages (hence the gradient) are not zero."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek.cli import main
+from nanoseek.data.tokenizer import ChatTokenizer, byte_tokenizer
+from nanoseek.rl.trainer import GRPOConfig, GRPOTrainer, grpo_config, informative_groups
+from nanoseek.train.checkpoint import latest_checkpoint
+from nanoseek.train.metrics import read_metrics
+
+
+def len3(prompts, completions, **kwargs):
+    return [float(len(c) % 3) for c in completions]
+
+
+def constant(prompts, completions, **kwargs):
+    return [1.0] * len(completions)
+
+
+FUNCS = {"len3": len3, "constant": constant}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def few_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return nanoseek.Transformer(nanoseek.preset("tiny")), ChatTokenizer(byte_tokenizer(1024))
+
+
+def make(tiny, run_dir, **changes):
+    model, tok = tiny
+    fields = dict(group_size=4, prompts_per_step=2, max_new_tokens=12, lr=1e-3, steps=2,
+                  rewards={"len3": 1.0, "accuracy": 0.5}, beta=0.01, mu=2)
+    cfg = grpo_config(**{**fields, **changes})
+    return GRPOTrainer(copy.deepcopy(model), tok, "arithmetic", cfg, run_dir, reward_funcs=FUNCS)
+
+
+def test_two_steps_update_the_weights_log_and_resume_to_step_3(tiny, tmp_path):
+    run = tmp_path / "run"
+    trainer = make(tiny, run, eval_n=4, eval_every=1)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    records = trainer.fit(progress=False)
+    after = trainer.model.state_dict()
+    assert [r["step"] for r in records] == [1, 2]
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any("layers.0.self_attn" in k for k in changed) and any("lm_head" in k for k in changed)
+    assert trainer.ref_model is not None  # beta > 0: the frozen initial policy
+    assert all(torch.equal(before[k], v) for k, v in trainer.ref_model.state_dict().items())
+
+    logged = read_metrics(run)
+    for name in ("loss", "reward", "reward_len3", "reward_accuracy", "accuracy", "response_length",
+                 "response_length_incorrect", "kl", "clip_fraction", "entropy", "grad_norm",
+                 "rollout_tokens_per_s", "step_time_s", "eval_accuracy", "groups_kept"):
+        assert all(name in r for r in logged), name
+    assert logged[0]["reward_std"] > 0 and logged[0]["groups_kept"] == 2
+    assert logged[0]["kl"] >= 0 and 0 < logged[0]["entropy"] < 7.0  # ln(1024) = 6.93
+    assert (run / "plots" / "rl.png").is_file()
+    ckpt = latest_checkpoint(run)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert ckpt.name == "step_00000002" and state["step"] == 2 and state["grpo_config"]["mu"] == 2
+
+    resumed = make(tiny, run, eval_n=4, eval_every=1, steps=3)
+    more = resumed.fit(resume=True, progress=False)
+    assert [r["step"] for r in more] == [3] and resumed.step == 3
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+    assert latest_checkpoint(run).name == "step_00000003"
+    # the resumed step 3 is the step 3 of an uninterrupted run (seeded rollouts, Adam state)
+    straight = make(tiny, tmp_path / "straight", eval_n=4, eval_every=1, steps=3).fit(progress=False)
+    for k in ("reward", "loss", "kl", "grad_norm", "eval_accuracy"):
+        assert more[0][k] == pytest.approx(straight[2][k], rel=1e-5, abs=1e-7), k
+
+
+def test_a_run_without_resume_refuses_an_existing_run(tiny, tmp_path):
+    make(tiny, tmp_path, steps=1).fit(progress=False)
+    with pytest.raises(Exception, match="--resume"):
+        make(tiny, tmp_path, steps=1).fit(progress=False)
+
+
+def test_informative_groups_drop_all_equal_rewards():
+    assert informative_groups([1, 1, 1, 0, 1, 0, 2, 2, 2], 3) == [False, True, False]
+    assert informative_groups([0.5, 0.5], 2) == [False]
+    with pytest.raises(ValueError):
+        informative_groups([1, 2, 3], 2)
+
+
+def test_dynamic_sampling_with_all_equal_rewards_makes_no_update(tiny, tmp_path):
+    trainer = make(tiny, tmp_path, rewards={"constant": 1.0}, dynamic_sampling=True,
+                   dynamic_sampling_tries=1, beta=0.0, mu=1)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    record = trainer.train_step()
+    assert record["groups_kept"] == 0 and record["groups_dropped"] == 2 + 2  # N, then N refilled
+    assert "loss" not in record
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert trainer.ref_model is None  # beta = 0: no reference model
+
+
+def test_dynamic_sampling_keeps_informative_groups(tiny, tmp_path):
+    trainer = make(tiny, tmp_path, dynamic_sampling=True, beta=0.0, mu=1)
+    record = trainer.train_step()
+    assert record["groups_kept"] == 2 and "loss" in record
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_micro_batches_sum_to_the_full_batch_loss(tiny, tmp_path, loss_type):
+    whole = make(tiny, tmp_path / "a", loss_type=loss_type, mu=1).train_step()
+    split = make(tiny, tmp_path / "b", loss_type=loss_type, mu=1, micro_batch=3).train_step()
+    assert split["reward"] == whole["reward"]  # the same seeded rollouts
+    for k in ("loss", "kl", "entropy", "clip_fraction"):
+        assert split[k] == pytest.approx(whole[k], rel=1e-4, abs=1e-6), k
+    assert split["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-3)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(group_size=1), "group_size"), (dict(temperature=0.0), "temperature"),
+    (dict(loss_type="ppo"), "loss_type"), (dict(scale="batch"), "scale"),
+    (dict(clip_eps=0.2, clip_eps_high=0.1), "clip_eps_high"), (dict(rewards={}), "rewards"),
+    (dict(prompt_format="plain"), "prompt_format"), (dict(grup_size=4), "unknown grpo field"),
+])
+def test_config_validation(changes, message):
+    with pytest.raises(ValueError, match=message):
+        grpo_config(**changes)
+    assert GRPOConfig().beta == 0.001
+
+
+def test_an_unknown_reward_is_named(tiny, tmp_path):
+    with pytest.raises(ValueError, match="unknown reward 'nope'"):
+        make(tiny, tmp_path, rewards={"nope": 1.0})
+
+
+def test_cli_grpo_one_step_and_a_bad_key(tmp_path, capsys):
+    ckpt = tmp_path / "init"
+    assert main(["init", "--preset", "tiny", "--out", str(ckpt)]) == 0
+    out = tmp_path / "grpo"
+    argv = ["grpo", "--model", str(ckpt), "--task", "arithmetic", "--out", str(out), "--steps", "1",
+            "group_size=2", "prompts_per_step=2", "max_new_tokens=8", "prompt_format=r1_zero",
+            "eval_n=2", 'rewards={"accuracy": 1, "format": 0.2}']
+    assert main(argv) == 0
+    assert "GRPO to step 1" in capsys.readouterr().out
+    assert (out / "final" / "config.json").is_file() and (out / "final" / "tokenizer.json").is_file()
+    (record,) = read_metrics(out)
+    assert "reward_format" in record and "eval_accuracy" in record
+
+    assert main(["grpo", "--model", str(ckpt), "--task", "arithmetic", "--out", str(tmp_path / "x"),
+                 "grup_size=4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown grpo field(s) grup_size" in err
+    assert main(["grpo", "--model", str(ckpt), "--task", "arithmetic", "--out", str(tmp_path / "y"),
+                 "beta=-1"]) == 2
+    assert "beta" in capsys.readouterr().err
