@@ -261,7 +261,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def add_speedrun_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/speedrun", metavar="DIR")
     p.add_argument("--minutes", type=float, default=None,
-                   help="wall-time budget for training (default: 8 on a CPU, 20 on a GPU)")
+                   help="wall-time budget for training (default: 10 on a CPU, 20 on a GPU)")
 
 
 def cmd_speedrun(args: argparse.Namespace) -> None:

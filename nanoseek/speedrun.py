@@ -27,7 +27,7 @@ from .train.evaluate import evaluate_task
 from .train.pipeline import pretrain, sft, train_config
 
 # (task, level, n) of the pretraining documents and of the SFT chats
-PRETRAIN_DATA = "builtin:arithmetic:level=1:n=30000,builtin:arithmetic:level=2:n=5000"
+PRETRAIN_DATA = "builtin:arithmetic:level=1:n=30000,builtin:arithmetic:level=2:n=3000"
 SFT_DATA = ("builtin:arithmetic:level=1:n=6000:seed=1,builtin:arithmetic:level=2:n=3000:seed=1,"
             "builtin:countdown:level=1:n=2000:seed=1")
 EVALS = [("arithmetic", 1, 4), ("arithmetic", 2, 0), ("countdown", 1, 0)]
@@ -58,7 +58,7 @@ def speedrun(out: str | Path = "runs/speedrun", minutes: float | None = None) ->
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.is_available()
-    minutes = minutes or (20.0 if gpu else 8.0)
+    minutes = minutes or (20.0 if gpu else 10.0)
     if gpu:
         model_cfg = preset("small")
         common = dict(batch_size=32, seq_len=512, warmup=50, compile=True)
