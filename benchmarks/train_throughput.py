@@ -33,7 +33,7 @@ from common import environment, write_json  # noqa: E402
 
 from nanoseek import Transformer, preset  # noqa: E402
 from nanoseek.info import model_info  # noqa: E402
-from nanoseek.train.optim import build_optimizer  # noqa: E402
+from nanoseek.train.optim import build_optimizer, param_groups  # noqa: E402
 from nanoseek.train.step import train_step  # noqa: E402
 
 PEAK_BF16 = 989e12
@@ -56,6 +56,17 @@ def measure(step_fn, batches, warmup, steps):
     return times[len(times) // 2], loss
 
 
+def time_steps(step, batches, args) -> dict:
+    """First step (compilation included), median step after warm-up, peak memory."""
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    step(batches[0])
+    first = time.time() - t0
+    ms, loss = measure(step, batches, args.warmup, args.steps)
+    return {"median_step_ms": ms, "first_step_s": first, "last_loss": loss,
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
 def nanoseek_side(cfg, state, batches, args, mtp: bool, compile: bool, profile_dir=None):
     model = Transformer(cfg if mtp else cfg.replace(num_nextn_predict_layers=0)).cuda().train()
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -68,12 +79,7 @@ def nanoseek_side(cfg, state, batches, args, mtp: bool, compile: bool, profile_d
                            compiled=call, base_model=model)
         return stats["loss"]
 
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.time()
-    step(batches[0])
-    first = time.time() - t0
-    ms, loss = measure(step, batches, args.warmup, args.steps)
-    peak = torch.cuda.max_memory_allocated() / 2**30
+    row = time_steps(step, batches, args)
     if profile_dir is not None:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -84,8 +90,9 @@ def nanoseek_side(cfg, state, batches, args, mtp: bool, compile: bool, profile_d
         (Path(profile_dir) / "profile_nanoseek.txt").write_text(table)
         print(table[:6000])
     del model, opt, call
-    print(f"nanoseek mtp={mtp} compile={compile}: {ms:.1f} ms/step, first step {first:.0f}s", flush=True)
-    return {"median_step_ms": ms, "first_step_s": first, "last_loss": loss, "peak_memory_gib": peak}
+    print(f"nanoseek mtp={mtp} compile={compile}: {row['median_step_ms']:.1f} ms/step, "
+          f"first step {row['first_step_s']:.0f}s", flush=True)
+    return row
 
 
 def hf_side(ckpt_dir, batches, args):
@@ -93,7 +100,8 @@ def hf_side(ckpt_dir, batches, args):
     from transformers import AutoModelForCausalLM
     transformers.logging.set_verbosity_error()
     model = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32).cuda().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    # the same parameter groups as nanoseek's (the module names are the same)
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=LR, betas=(0.9, 0.95), fused=True)
     impl = {"attn": model.config._attn_implementation,
             "experts": getattr(model.config, "_experts_implementation", None)}
 
@@ -106,16 +114,10 @@ def hf_side(ckpt_dir, batches, args):
         opt.zero_grad(set_to_none=True)
         return float(out.loss)
 
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.time()
-    step(batches[0])
-    first = time.time() - t0
-    ms, loss = measure(step, batches, args.warmup, args.steps)
-    peak = torch.cuda.max_memory_allocated() / 2**30
+    row = time_steps(step, batches, args)
     del model, opt
-    print(f"transformers {impl}: {ms:.1f} ms/step", flush=True)
-    return {"median_step_ms": ms, "first_step_s": first, "last_loss": loss, "peak_memory_gib": peak,
-            "implementation": impl}
+    print(f"transformers {impl}: {row['median_step_ms']:.1f} ms/step", flush=True)
+    return {**row, "implementation": impl}
 
 
 def main():

@@ -392,3 +392,16 @@ def test_cli_eval_prints_greedy_accuracy(trained, capsys):
     assert result["task"] == "arithmetic" and result["level"] == 1 and result["n"] == 8
     assert 0.0 <= result["greedy_accuracy"] <= 1.0
     assert (result["greedy_accuracy"] * 8).is_integer()
+
+
+def test_resume_without_a_checkpoint_starts_a_seeded_fresh_run(tmp_path):
+    """--resume on an empty run directory is a fresh run: seeded, and equal to one."""
+    from nanoseek import preset
+    from nanoseek.train.pipeline import pretrain, train_config
+    cfg = train_config(steps=3, batch_size=2, seq_len=32, warmup=1)
+    data = "builtin:arithmetic:level=1:n=50"
+    torch.manual_seed(123)  # disturbed global RNG: the run must seed itself either way
+    _, _, fresh = pretrain(preset("tiny"), cfg, data, tmp_path / "a", progress=False)
+    torch.manual_seed(456)
+    _, _, resumed = pretrain(preset("tiny"), cfg, data, tmp_path / "b", resume=True, progress=False)
+    assert [r["loss"] for r in fresh] == [r["loss"] for r in resumed]

@@ -50,21 +50,19 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         generator = torch.Generator(device=device).manual_seed(seed)
     ctx = torch.autocast(device.type, dtype=autocast) if autocast else torch.autocast(device.type, enabled=False)
     out = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    done = [False] * B  # rows past their eos keep decoding; their tokens are dropped
     with ctx:
         logits = model(ids, positions=torch.arange(T, device=device).expand(B, T), cache=cache).logits
         last = logits[torch.arange(B, device=device), lens - 1]
         pos = lens.clone()
         for _ in range(max_new_tokens):
             nxt = sample_next(last, temperature, top_k, top_p, generator)
-            nxt = torch.where(done, torch.zeros_like(nxt), nxt)
-            for i, (t, d) in enumerate(zip(nxt.tolist(), done.tolist())):
-                if not d:
+            for i, t in enumerate(nxt.tolist()):  # the step's one host read
+                if not done[i]:
                     out[i].append(t)
-            if eos_id is not None:
-                done = done | (nxt == eos_id)
-                if bool(done.all()):
-                    break
+                    done[i] = t == eos_id
+            if all(done):
+                break
             last = model(nxt[:, None], positions=pos[:, None], cache=cache).logits[:, -1]
             pos = pos + 1
     model.train(was_training)

@@ -69,9 +69,10 @@ from ..data.tasks import get_task
 from ..infer.engine import Engine
 from ..infer.sampling import SamplingParams
 from ..train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ..train.metrics import MetricsLogger, ProgressBar, plot_metrics, read_metrics
+from ..train.metrics import plot_metrics, read_metrics
 from ..train.optim import build_optimizer
-from ..train.trainer import TrainingError, refuse_existing_run, resolve_device, seed_everything
+from ..train.trainer import (TrainingError, refuse_existing_run, resolve_device, run_outputs,
+                             start_run)
 from .grpo import LOSS_TYPES, SCALES, group_advantages, grpo_loss, sequence_logprobs
 from .rewards import combine_rewards, get_reward
 from .templates import chat_prompt, r1_zero_prompt
@@ -454,15 +455,9 @@ class GRPOTrainer:
     def fit(self, resume: bool = False, progress: bool | None = None) -> list[dict]:
         """Train to cfg.steps; returns the records logged by this call."""
         cfg = self.cfg
-        if resume:
-            self.resume()
-        else:
-            refuse_existing_run(self.run_dir)
-            seed_everything(cfg.seed)
+        start_run(self.run_dir, resume, self.resume, cfg.seed)
         records = []
-        logger = MetricsLogger(self.run_dir, resume_from_step=self.step + 1)
-        bar = ProgressBar(cfg.steps, initial=self.step, desc="grpo",
-                          disable=None if progress is None else not progress)
+        logger, bar = run_outputs(self.run_dir, self.step, cfg.steps, "grpo", progress)
         try:
             while self.step < cfg.steps:
                 record = self.train_step()
@@ -524,23 +519,14 @@ def plot_rl_metrics(metrics_jsonl: str | Path, out_dir: str | Path) -> Path | No
 def grpo(model_dir: str | Path, task: str, cfg: GRPOConfig, out: str | Path, resume: bool = False,
          progress: bool | None = None) -> tuple[GRPOTrainer, list[dict]]:
     """The CLI's stage: a checkpoint (or run directory) + its tokenizer -> GRPO -> out/final."""
-    from ..hf import from_pretrained
-    from ..train.pipeline import resolve_model_dir, tokenizer_for
+    from ..train.pipeline import load_base, publish_final
     out = Path(out)
     if not resume:
         refuse_existing_run(out)
-    src = resolve_model_dir(model_dir)
-    tok = tokenizer_for(src)
-    tok_dir = out / "tokenizer"
-    tok.save(tok_dir)
-    model = from_pretrained(src, dtype=torch.float32)  # float32 master weights
+    src, tok, tok_dir, model = load_base(model_dir, out)
     trainer = GRPOTrainer(model, tok, task, cfg, out, tokenizer_dir=tok_dir,
                           extra_state={"task": task, "base_model": str(src)})
     records = trainer.fit(resume=resume, progress=progress)
-    final = out / "final"
-    trainer.model.save_pretrained(final)
-    for f in tok_dir.iterdir():
-        if f.is_file():
-            (final / f.name).write_bytes(f.read_bytes())
+    publish_final(trainer.model, tok_dir, out)
     (out / "grpo_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     return trainer, records

@@ -66,13 +66,27 @@ def tokenizer_for(path: Path) -> ChatTokenizer:
     raise FileNotFoundError(f"{path}: no tokenizer.json beside the model")
 
 
-def _publish_final(trainer: Trainer, tokenizer_dir: Path, out: Path) -> Path:
+def publish_final(model: Transformer, tokenizer_dir: Path, out: Path) -> Path:
+    """`out/final`: the model in HF layout with its tokenizer, what later stages load."""
     final = out / "final"
-    trainer.model.save_pretrained(final)
+    model.save_pretrained(final)
     for f in tokenizer_dir.iterdir():
         if f.is_file():
             shutil.copy2(f, final / f.name)
     return final
+
+
+def load_base(model_dir: str | Path, out: Path) -> tuple[Path, ChatTokenizer, Path, Transformer]:
+    """What a fine-tuning stage starts from: the checkpoint (a run's `final/` or latest), its
+    tokenizer copied to `out/tokenizer`, and the model with float32 master weights."""
+    import torch
+
+    from ..hf import from_pretrained
+    src = resolve_model_dir(model_dir)
+    tok = tokenizer_for(src)
+    tok_dir = out / "tokenizer"
+    tok.save(tok_dir)
+    return src, tok, tok_dir, from_pretrained(src, dtype=torch.float32)
 
 
 def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: str | Path,
@@ -103,22 +117,16 @@ def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: str
     trainer = Trainer(model, loader, train_cfg, out, tokenizer_dir=tok_dir, stage="pretrain",
                       extra_state={"data": data})
     records = trainer.fit(resume=resume, progress=progress)
-    _publish_final(trainer, tok_dir, out)
+    publish_final(trainer.model, tok_dir, out)
     return trainer, tok, records
 
 
 def sft(model_dir: str | Path, train_cfg: TrainConfig, data: str, out: str | Path,
         resume: bool = False, progress: bool | None = None) -> tuple[Trainer, ChatTokenizer, list[dict]]:
-    import torch
-
-    from ..hf import from_pretrained
     out = Path(out)
     if not resume:
         refuse_existing_run(out)
-    src = resolve_model_dir(model_dir)
-    tok = tokenizer_for(src)
-    tok_dir = out / "tokenizer"
-    tok.save(tok_dir)
+    src, tok, tok_dir, model = load_base(model_dir, out)
     chats = read_specs(data, load_chats)
     examples = [tokenize_chat(tok, messages) for messages in chats]
     if not any(any(mask[1:train_cfg.seq_len]) for _, mask in examples):  # else every loss is 0/0
@@ -127,11 +135,10 @@ def sft(model_dir: str | Path, train_cfg: TrainConfig, data: str, out: str | Pat
                          f"(the earliest starts at token {first}); raise seq_len")
     loader = SFTLoader(examples, train_cfg.batch_size, train_cfg.seq_len, seed=train_cfg.seed,
                        pad_id=tok.pad_id)
-    model = from_pretrained(src, dtype=torch.float32)  # float32 master weights
     trainer = Trainer(model, loader, train_cfg, out, tokenizer_dir=tok_dir, stage="sft",
                       extra_state={"data": data, "base_model": str(src)})
     records = trainer.fit(resume=resume, progress=progress)
-    _publish_final(trainer, tok_dir, out)
+    publish_final(trainer.model, tok_dir, out)
     return trainer, tok, records
 
 

@@ -8,6 +8,7 @@ is reported in the returned stats; the caller decides when too many in a row sto
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import nn
@@ -34,15 +35,17 @@ def train_step(model: nn.Module, micro_batches: list[dict], optimizer: torch.opt
     base = base_model if base_model is not None else model
     call = compiled if compiled is not None else model
     n = len(micro_batches)
-    parts = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+    names = ("loss", "main_loss", "mtp_loss", "balance_loss")
+    parts = torch.zeros(len(names))
     for batch in micro_batches:
         out = forward_backward(call, batch, 1.0 / n, autocast_dtype)
-        for k in parts:
-            v = getattr(out, k)
-            if v is not None:
-                parts[k] = parts[k] + v.detach().float() / n
+        parts = parts.to(out.loss.device) + torch.stack(
+            [getattr(out, k).detach().float() if getattr(out, k) is not None else out.loss.new_zeros(())
+             for k in names]) / n
     grad_norm = torch.nn.utils.clip_grad_norm_(base.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(torch.as_tensor(parts["loss"])))
+    # the step's one host read: loss parts and grad norm together
+    *values, norm = torch.cat([parts, grad_norm.reshape(1).to(parts)]).tolist()
+    finite = math.isfinite(norm) and math.isfinite(values[0])
     if finite:
         optimizer.step()
         loads = base.update_expert_bias()
@@ -51,8 +54,8 @@ def train_step(model: nn.Module, micro_batches: list[dict], optimizer: torch.opt
             r.load.zero_()
         loads = {}
     optimizer.zero_grad(set_to_none=True)
-    stats = {k: float(v) for k, v in parts.items()}
-    stats["grad_norm"] = float(grad_norm)
+    stats = dict(zip(names, values))
+    stats["grad_norm"] = norm
     stats["skipped"] = not finite
     stats["maxvio"] = {i: float(max_violation(load)) for i, load in loads.items()}
     return stats

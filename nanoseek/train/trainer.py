@@ -84,6 +84,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def start_run(run_dir: str | Path, resume: bool, resume_fn, seed: int) -> None:
+    """Continue the run in `run_dir` when asked and a checkpoint exists (`resume_fn()` loads it
+    and returns True); otherwise start afresh: refuse a directory that holds a run, then seed."""
+    if resume and resume_fn():
+        return
+    refuse_existing_run(run_dir)
+    seed_everything(seed)
+
+
+def run_outputs(run_dir: str | Path, step: int, total: int, desc: str,
+                progress: bool | None) -> tuple[MetricsLogger, ProgressBar]:
+    """metrics.jsonl (cut back to `step`) and the progress bar of a run continuing after `step`."""
+    return (MetricsLogger(run_dir, resume_from_step=step + 1),
+            ProgressBar(total, initial=step, desc=desc, disable=None if progress is None else not progress))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -145,15 +161,9 @@ class Trainer:
     def fit(self, resume: bool = False, progress: bool | None = None) -> list[dict]:
         """Train to cfg.steps; returns the logged records of this call."""
         cfg = self.cfg
-        if resume:
-            self.resume()
-        else:
-            refuse_existing_run(self.run_dir)
-            seed_everything(cfg.seed)
+        start_run(self.run_dir, resume, self.resume, cfg.seed)
         records = []
-        logger = MetricsLogger(self.run_dir, resume_from_step=self.step + 1)
-        bar = ProgressBar(cfg.steps, initial=self.step, desc=self.stage,
-                          disable=None if progress is None else not progress)
+        logger, bar = run_outputs(self.run_dir, self.step, cfg.steps, self.stage, progress)
         try:
             while self.step < cfg.steps:
                 lr = cfg.lr * lr_multiplier(self.step, cfg.steps, cfg.warmup, cfg.schedule,
