@@ -261,12 +261,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def add_speedrun_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/speedrun", metavar="DIR")
     p.add_argument("--minutes", type=float, default=None,
-                   help="wall-time budget for training (default: 10 on a CPU, 20 on a GPU)")
+                   help="wall-time budget for pretraining + SFT (default: 9 on a CPU, 20 on a GPU)")
+    p.add_argument("--grpo-minutes", type=float, default=None, metavar="M",
+                   help="budget of the GRPO stage (default: 1.5 on a CPU, 6 on a GPU; 0 skips it)")
 
 
 def cmd_speedrun(args: argparse.Namespace) -> None:
     from .speedrun import speedrun
-    report = speedrun(args.out, minutes=args.minutes)
+    for flag, value in (("--minutes", args.minutes), ("--grpo-minutes", args.grpo_minutes)):
+        if value is not None and (value < 0 or (flag == "--minutes" and value == 0)):
+            raise UsageError(f"{flag} must be positive{' or 0' if flag != '--minutes' else ''}, got {value:g}")
+    report = speedrun(args.out, minutes=args.minutes, grpo_minutes=args.grpo_minutes)
     print(f"report: {report}")
 
 

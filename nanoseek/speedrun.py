@@ -1,6 +1,7 @@
 """`nanoseek speedrun` — what `make run` runs: the whole pipeline on built-in data.
 
-    tokenizer (BPE on the data) -> pretrain -> SFT (R1 cold-start format) -> eval -> report.md
+    tokenizer (BPE on the data) -> pretrain -> SFT (R1 cold-start format) -> eval
+        -> GRPO on a task of the right difficulty -> eval -> report.md
 
 The data are the built-in verifiable tasks: multi-digit arithmetic with worked column
 solutions and Countdown. On a CPU a small MoE model (MLA, DeepSeekMoE with bias balancing,
@@ -8,13 +9,25 @@ MTP) trains for a few minutes; with a GPU the `small` preset trains longer. The 
 budget is in minutes: a few calibration steps measure the step time and set the number of
 steps, so the learning-rate schedule completes within the budget.
 
+GRPO stage (R1's reasoning RL after the cold start). RL learns only where the model is
+sometimes right: a group whose G samples are all wrong (or all right) has zero advantages.
+So the SFT model is evaluated greedily on held-out problems of GRPO_CANDIDATES in order,
+and the first (task, level) whose accuracy lies in GRPO_BAND is trained (else the one
+closest to GRPO_TARGET). The stage has its own budget in minutes: two throwaway steps
+measure the step time, which sets the number of steps and the evaluation interval; the
+loop also stops at the deadline whatever the estimate (`GRPOTrainer.fit(deadline=)`),
+with the final held-out evaluation and checkpoint at the step where it stops.
+
 The report holds the config, parameter counts, the KV-cache saving against MHA, loss and
-MaxVio plots, held-out accuracies (greedy and pass@k), throughput and wall time.
+MaxVio plots, held-out accuracies (greedy and pass@k), the GRPO task choice, accuracy
+before and after GRPO and its curves, throughput and wall time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -22,15 +35,29 @@ from pathlib import Path
 import torch
 
 from .config import preset
+from .data.tasks import format_chat, get_task
 from .info import model_info
+from .rl.trainer import GRPOConfig, GRPOTrainer, grpo, grpo_config
 from .train.evaluate import evaluate_task
-from .train.pipeline import pretrain, sft, train_config
+from .train.pipeline import load_base, pretrain, sft, train_config
 
 # (task, level, n) of the pretraining documents and of the SFT chats
 PRETRAIN_DATA = "builtin:arithmetic:level=1:n=30000,builtin:arithmetic:level=2:n=3000"
 SFT_DATA = ("builtin:arithmetic:level=1:n=6000:seed=1,builtin:arithmetic:level=2:n=3000:seed=1,"
             "builtin:countdown:level=1:n=2000:seed=1")
 EVALS = [("arithmetic", 1, 4), ("arithmetic", 2, 0), ("countdown", 1, 0)]
+# On a GPU the small model masters levels 1-2 (99% held-out); a little of level 3
+# (2-digit multiplication) gives it a level it only partly solves, where GRPO can teach.
+GPU_PRETRAIN_EXTRA = ",builtin:arithmetic:level=3:n=3000"
+GPU_SFT_EXTRA = ",builtin:arithmetic:level=3:n=1000:seed=1"
+
+# GRPO: the first candidate whose held-out greedy accuracy after SFT lies in the band
+GRPO_CANDIDATES = [("arithmetic", 1), ("arithmetic", 2), ("arithmetic", 3), ("arithmetic", 4),
+                   ("countdown", 1), ("countdown", 2)]
+GRPO_BAND = (0.10, 0.60)
+GRPO_TARGET = 0.35  # without a candidate in the band: the one closest to this
+GRPO_EVAL_N = 100
+GRPO_CURVE_POINTS = 5  # held-out evaluations during the GRPO stage (the last at its end)
 
 
 def cpu_model():
@@ -53,16 +80,22 @@ def calibrate_steps(model_cfg, tcfg_kwargs: dict, minutes: float, data: str, out
     return max(20, int(minutes * 60 / step_s))
 
 
-def speedrun(out: str | Path = "runs/speedrun", minutes: float | None = None) -> Path:
+def speedrun(out: str | Path = "runs/speedrun", minutes: float | None = None,
+             grpo_minutes: float | None = None) -> Path:
+    """minutes: pretrain + SFT budget (default 20 on a GPU, 9 on a CPU); grpo_minutes: the
+    GRPO stage's budget (default 6 on a GPU, 1.5 on a CPU; 0 skips the stage)."""
     t_start = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.is_available()
-    minutes = minutes or (20.0 if gpu else 10.0)
+    minutes = minutes or (20.0 if gpu else 9.0)
+    grpo_minutes = (6.0 if gpu else 1.5) if grpo_minutes is None else grpo_minutes
+    pretrain_data, sft_data = PRETRAIN_DATA, SFT_DATA
     if gpu:
         model_cfg = preset("small")
         common = dict(batch_size=32, seq_len=512, warmup=50, compile=True)
         pre_lr, sft_lr = 2e-3, 5e-4
+        pretrain_data, sft_data = PRETRAIN_DATA + GPU_PRETRAIN_EXTRA, SFT_DATA + GPU_SFT_EXTRA
     else:
         torch.set_num_threads(max(1, torch.get_num_threads()))
         model_cfg = cpu_model()
@@ -73,13 +106,13 @@ def speedrun(out: str | Path = "runs/speedrun", minutes: float | None = None) ->
 
     # ---- pretrain (the tokenizer is trained on the same documents first)
     pre_minutes, sft_minutes = 0.7 * minutes, 0.3 * minutes
-    for stage in ("pretrain", "sft"):
+    for stage in ("pretrain", "sft", "grpo"):
         shutil.rmtree(out / stage, ignore_errors=True)
-    steps = calibrate_steps(model_cfg, dict(common, lr=pre_lr), pre_minutes, PRETRAIN_DATA, out)
+    steps = calibrate_steps(model_cfg, dict(common, lr=pre_lr), pre_minutes, pretrain_data, out)
     say(f"pretrain: {steps} steps of {common['batch_size']}x{common['seq_len']} tokens")
     t0 = time.time()
     trainer, tok, pre_records = pretrain(model_cfg, train_config(steps=steps, lr=pre_lr, **common),
-                                         PRETRAIN_DATA, out / "pretrain")
+                                         pretrain_data, out / "pretrain")
     pre_wall = time.time() - t0
     model_cfg = trainer.model.config
 
@@ -92,7 +125,7 @@ def speedrun(out: str | Path = "runs/speedrun", minutes: float | None = None) ->
     say(f"sft: {sft_steps} steps")
     t0 = time.time()
     sft_trainer, tok, sft_records = sft(out / "pretrain", train_config(steps=sft_steps, lr=sft_lr, **sft_common),
-                                        SFT_DATA, out / "sft")
+                                        sft_data, out / "sft")
     sft_wall = time.time() - t0
 
     # ---- eval on held-out problems (the test split is disjoint from all training data)
@@ -102,11 +135,123 @@ def speedrun(out: str | Path = "runs/speedrun", minutes: float | None = None) ->
         say(f"{e['task']} level {e['level']}: greedy {e['greedy_accuracy']:.0%}"
             + (f", pass@{EVALS[0][2]} {e.get(f'pass@{EVALS[0][2]}', 0):.0%}" if f"pass@{EVALS[0][2]}" in e else ""))
 
+    # ---- GRPO on the first task of the right difficulty
+    grpo_summary, grpo_wall = None, 0.0
+    if grpo_minutes > 0:
+        t0 = time.time()
+        grpo_summary = grpo_stage(sft_trainer.model, tok, out, grpo_minutes, gpu, say)
+        grpo_wall = time.time() - t0
+
     report = write_report(out, model_cfg, pre_records, sft_records, pre_eval, evals,
-                          {"pretrain_s": pre_wall, "sft_s": sft_wall, "total_s": time.time() - t_start},
-                          device=torch.cuda.get_device_name() if gpu else "cpu")
+                          {"pretrain_s": pre_wall, "sft_s": sft_wall, "grpo_s": grpo_wall,
+                           "total_s": time.time() - t_start},
+                          device=torch.cuda.get_device_name() if gpu else "cpu", grpo=grpo_summary)
     say(f"done: {report}")
     return report
+
+
+# ---------------------------------------------------------------------- GRPO stage
+def grpo_settings(gpu: bool, max_new_tokens: int, level: int) -> GRPOConfig:
+    """The speedrun's GRPO hyper-parameters (steps and eval_every are set from the budget).
+
+    GPU: G = 16 samples per prompt, 32 prompts per step (512 rollouts), temperature 1.0 as
+    in R1 and DAPO; beta 0 (no reference model; Dr. GRPO and DAPO drop the KL term for
+    verifiable rewards, and in minutes of RL the policy cannot drift far); lr 3e-6 with
+    AdamW, constant: DeepSeekMath's GRPO used 1e-6 for a 7B model and DAPO 1e-6 for 32B;
+    small models tolerate and, in a budget of ~100 steps, need a few times more (TRL's
+    GRPO examples for 0.5-1.5B models use 1e-6 to 5e-6). CPU: the same recipe scaled to the
+    1.3M-parameter model and 1.5 minutes: 8 samples per prompt, 4 prompts, and a learning
+    rate near the SFT one's tenth, since a few dozen steps must move the policy at all.
+    Rewards: task accuracy (1.0) and the R1 format reward (0.1) that keeps the
+    <think>...</think><answer>...</answer> structure of the cold start."""
+    common = dict(max_new_tokens=max_new_tokens, temperature=1.0, beta=0.0, level=level,
+                  rewards={"accuracy": 1.0, "format": 0.1}, prompt_format="chat",
+                  eval_n=GRPO_EVAL_N, keep_last=1)
+    if gpu:
+        return grpo_config(group_size=16, prompts_per_step=32, lr=3e-6, micro_batch=256, **common)
+    return grpo_config(group_size=8, prompts_per_step=4, lr=1e-4, **common)
+
+
+def answer_budget(tokenizer, task: str, level: int, n: int = 256) -> int:
+    """max_new_tokens for a task: the longest SFT reply (worked solution and answer) over n
+    training examples, + 25% and the EOS, rounded up to a multiple of 16."""
+    examples = get_task(task).generate(n, level=level, split="train", seed=1)
+    longest = max(len(tokenizer.encode(format_chat(e)[1]["content"])) for e in examples)
+    return 16 * math.ceil((1.25 * longest + 1) / 16)
+
+
+def choose_grpo_task(accuracy_of, candidates=GRPO_CANDIDATES, band=GRPO_BAND, target=GRPO_TARGET):
+    """(task, level, why, tried): the first candidate whose `accuracy_of(task, level)` lies
+    in `band` (candidates after it are not evaluated), else the one closest to `target`."""
+    tried = []
+    for task, level in candidates:
+        acc = accuracy_of(task, level)
+        tried.append({"task": task, "level": level, "greedy_accuracy": acc})
+        if band[0] <= acc <= band[1]:
+            return task, level, (f"the first candidate whose held-out greedy accuracy after SFT "
+                                 f"({acc:.0%}) lies in [{band[0]:.0%}, {band[1]:.0%}]"), tried
+    best = min(tried, key=lambda t: abs(t["greedy_accuracy"] - target))
+    return best["task"], best["level"], (f"no candidate's accuracy after SFT lies in "
+                                         f"[{band[0]:.0%}, {band[1]:.0%}]; the closest to "
+                                         f"{target:.0%} ({best['greedy_accuracy']:.0%})"), tried
+
+
+def grpo_stage(model, tokenizer, out: Path, minutes: float, gpu: bool, say=print,
+               candidates=GRPO_CANDIDATES, eval_n: int = GRPO_EVAL_N, **changes) -> dict:
+    """Choose the task (held-out greedy accuracy of `model`, the SFT model in memory, equal to
+    out/sft/final), then GRPO from out/sft/final into out/grpo within `minutes`. `changes`:
+    GRPOConfig fields over grpo_settings (a max_new_tokens there holds for the evaluations
+    that choose the task too)."""
+    budgets, evals, eval_s = {}, {}, {}
+
+    def accuracy_of(task, level):
+        budgets[task, level] = changes.get("max_new_tokens") or answer_budget(tokenizer, task, level)
+        t0 = time.time()
+        r = evaluate_task(model, tokenizer, task, level, n=eval_n, max_new_tokens=budgets[task, level])
+        eval_s[task, level] = time.time() - t0
+        evals[task, level] = r["greedy_accuracy"]
+        say(f"grpo candidate {task} level {level}: greedy {r['greedy_accuracy']:.0%} "
+            f"(max_new_tokens {budgets[task, level]})")
+        return r["greedy_accuracy"]
+
+    task, level, why, tried = choose_grpo_task(accuracy_of, candidates)
+    model.train()
+    say(f"grpo on {task} level {level}: {why}")
+    cfg = dataclasses.replace(grpo_settings(gpu, budgets[task, level], level), eval_n=eval_n, **changes)
+
+    # the budget: two throwaway steps measure the step time (the first builds the engine)
+    t_start = time.time()
+    deadline = t_start + 60 * minutes
+    probe = out / ".calibrate_grpo"
+    shutil.rmtree(probe, ignore_errors=True)
+    _, probe_tok, _, probe_model = load_base(out / "sft", probe)
+    trainer = GRPOTrainer(probe_model, probe_tok, task, dataclasses.replace(cfg, eval_n=0), probe)
+    step_s = [trainer.train_step()["step_time_s"] for _ in range(2)][-1]
+    del trainer, probe_model
+    shutil.rmtree(probe, ignore_errors=True)
+    left = deadline - time.time()
+    one_eval = eval_s[task, level]
+    steps = max(2, int((left - GRPO_CURVE_POINTS * one_eval) / (1.1 * step_s)))
+    eval_every = max(1, math.ceil(steps / GRPO_CURVE_POINTS))
+    cfg = dataclasses.replace(cfg, steps=steps, eval_every=eval_every)
+    say(f"grpo: {steps} steps of {cfg.prompts_per_step}x{cfg.group_size} rollouts "
+        f"(~{step_s:.1f} s each), held-out eval every {eval_every}")
+    trainer, records = grpo(out / "sft", task, cfg, out / "grpo", progress=False, deadline=deadline)
+    curve = [{"step": 0, "eval_accuracy": evals[task, level]}] + [
+        {"step": r["step"], "eval_accuracy": r["eval_accuracy"]} for r in records if "eval_accuracy" in r]
+    after = curve[-1]["eval_accuracy"]
+    say(f"grpo on {task} level {level}: greedy {evals[task, level]:.0%} -> {after:.0%} "
+        f"in {trainer.step} steps")
+    median = lambda xs: sorted(xs)[len(xs) // 2] if xs else float("nan")  # noqa: E731
+    return {"task": task, "level": level, "why": why, "candidates": tried,
+            "before": evals[task, level], "after": after, "curve": curve, "steps": trainer.step,
+            "seconds_per_step": median([r["step_time_s"] for r in records]),
+            "rollout_tokens_per_s": median([r["rollout_tokens_per_s"] for r in records]),
+            "reward_first": records[0]["reward"], "reward_last": records[-1]["reward"],
+            "train_accuracy_first": records[0].get("accuracy"),
+            "train_accuracy_last": records[-1].get("accuracy"),
+            "budget_minutes": minutes, "wall_s": time.time() - t_start,
+            "config": dataclasses.asdict(cfg)}
 
 
 def _throughput(records: list[dict]) -> float:
@@ -114,19 +259,21 @@ def _throughput(records: list[dict]) -> float:
     return rates[len(rates) // 2]
 
 
-def write_report(out: Path, cfg, pre_records, sft_records, pre_eval, evals, walls, device) -> Path:
+def write_report(out: Path, cfg, pre_records, sft_records, pre_eval, evals, walls, device,
+                 grpo: dict | None = None) -> Path:
     info = model_info(cfg, context_length=cfg.max_position_embeddings)
     summary = {"device": device, "config": cfg.to_dict(), "info": info, "pretrain_eval": pre_eval,
                "eval": evals, "wall_time_s": walls,
                "pretrain": {"steps": len(pre_records), "final_loss": pre_records[-1]["loss"],
                             "tokens_per_s": _throughput(pre_records)},
                "sft": {"steps": len(sft_records), "final_loss": sft_records[-1]["loss"],
-                       "tokens_per_s": _throughput(sft_records)}}
+                       "tokens_per_s": _throughput(sft_records)},
+               "grpo": grpo}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
-    for stage in ("pretrain", "sft"):
-        for name in ("loss.png", "maxvio.png"):
+    for stage in ("pretrain", "sft", "grpo"):
+        for name in ("loss.png", "maxvio.png", "rl.png"):
             src = out / stage / "plots" / name
             if src.exists():
                 shutil.copy2(src, plots / f"{stage}_{name}")
@@ -135,7 +282,8 @@ def write_report(out: Path, cfg, pre_records, sft_records, pre_eval, evals, wall
         "# nanoseek speedrun",
         "",
         f"Device: {device}. Wall time {walls['total_s'] / 60:.1f} min "
-        f"(pretrain {walls['pretrain_s'] / 60:.1f}, SFT {walls['sft_s'] / 60:.1f}).",
+        f"(pretrain {walls['pretrain_s'] / 60:.1f}, SFT {walls['sft_s'] / 60:.1f}, "
+        f"GRPO {walls.get('grpo_s', 0) / 60:.1f} with its task choice).",
         "",
         "## Model",
         "",
@@ -175,8 +323,41 @@ def write_report(out: Path, cfg, pre_records, sft_records, pre_eval, evals, wall
         for e in rows:
             pk = next((f"{v:.0%} (k={k[5:]})" for k, v in e.items() if k.startswith("pass@")), "")
             lines.append(f"| {stage} | {e['task']} | {e['level']} | {e['n']} | {e['greedy_accuracy']:.0%} | {pk} |")
+    if grpo:
+        lines += grpo_report_lines(grpo)
     lines += ["", f"Full figures: `summary.json`; per-step metrics: `pretrain/metrics.jsonl`, "
-              f"`sft/metrics.jsonl`; models: `pretrain/final`, `sft/final` (HF layout)."]
+              f"`sft/metrics.jsonl`" + (", `grpo/metrics.jsonl`" if grpo else "") +
+              "; models: `pretrain/final`, `sft/final`" + (", `grpo/final`" if grpo else "") + " (HF layout)."]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
+
+
+def grpo_report_lines(g: dict) -> list[str]:
+    c = g["config"]
+    tried = ", ".join(f"{t['task']} {t['level']}: {t['greedy_accuracy']:.0%}" for t in g["candidates"])
+    curve = ", ".join(f"{p['eval_accuracy']:.0%} (step {p['step']})" for p in g["curve"])
+    return [
+        "",
+        "## GRPO",
+        "",
+        f"Task: **{g['task']} level {g['level']}**, {g['why']}. Candidates evaluated (held-out "
+        f"greedy after SFT, n={c['eval_n']}): {tried}.",
+        "",
+        "| | before GRPO (SFT) | after GRPO |",
+        "|---|---|---|",
+        f"| held-out greedy accuracy, {g['task']} level {g['level']} (n={c['eval_n']}) | "
+        f"{g['before']:.0%} | {g['after']:.0%} |",
+        f"| mean reward of the rollouts (first / last step) | {g['reward_first']:.3f} | {g['reward_last']:.3f} |",
+        "",
+        f"{g['steps']} steps in {g['wall_s'] / 60:.1f} min (budget {g['budget_minutes']:g} min): "
+        f"{g['seconds_per_step']:.2f} s per step, rollouts at {g['rollout_tokens_per_s']:,.0f} tokens/s "
+        f"(medians). Held-out accuracy along the way: {curve}.",
+        "",
+        f"Settings: G={c['group_size']} samples per prompt, {c['prompts_per_step']} prompts per step, "
+        f"temperature {c['temperature']}, lr {c['lr']:g} (constant), beta {c['beta']:g}, loss "
+        f"{c['loss_type']}, clip eps {c['clip_eps']}, mu {c['mu']}, max_new_tokens {c['max_new_tokens']}, "
+        f"rewards {json.dumps(c['rewards'])}, {c['prompt_format']} prompts.",
+        "",
+        "![GRPO reward, accuracy and length](plots/grpo_rl.png)",
+    ]

@@ -452,8 +452,14 @@ class GRPOTrainer:
         return True
 
     # ------------------------------------------------------------ loop
-    def fit(self, resume: bool = False, progress: bool | None = None) -> list[dict]:
-        """Train to cfg.steps; returns the records logged by this call."""
+    def fit(self, resume: bool = False, progress: bool | None = None,
+            deadline: float | None = None) -> list[dict]:
+        """Train to cfg.steps; returns the records logged by this call.
+
+        deadline: a `time.time()` after which the run should be over. The loop then stops
+        early, after the step that leaves less time than that step took; that step gets the
+        final evaluation and the checkpoint as the last one would, and a later `resume`
+        goes on toward cfg.steps (GRPO's learning rate is constant: no schedule to cut)."""
         cfg = self.cfg
         start_run(self.run_dir, resume, self.resume, cfg.seed)
         records = []
@@ -461,13 +467,16 @@ class GRPOTrainer:
         try:
             while self.step < cfg.steps:
                 record = self.train_step()
-                last = self.step == cfg.steps
+                out_of_time = deadline is not None and time.time() + record["step_time_s"] > deadline
+                last = self.step == cfg.steps or out_of_time
                 if cfg.eval_n and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
                     record.update(self.evaluate())
                 records.append(logger.log(self.step, **record))
                 bar.update(self.step, loss=record.get("loss"))
                 if cfg.save_every and self.step % cfg.save_every == 0 and not last:
                     self.save()
+                if out_of_time:
+                    break
             self.save()
         finally:
             bar.close()
@@ -517,8 +526,9 @@ def plot_rl_metrics(metrics_jsonl: str | Path, out_dir: str | Path) -> Path | No
 
 
 def grpo(model_dir: str | Path, task: str, cfg: GRPOConfig, out: str | Path, resume: bool = False,
-         progress: bool | None = None) -> tuple[GRPOTrainer, list[dict]]:
-    """The CLI's stage: a checkpoint (or run directory) + its tokenizer -> GRPO -> out/final."""
+         progress: bool | None = None, deadline: float | None = None) -> tuple[GRPOTrainer, list[dict]]:
+    """The CLI's stage: a checkpoint (or run directory) + its tokenizer -> GRPO -> out/final.
+    deadline: as in GRPOTrainer.fit."""
     from ..train.pipeline import load_base, publish_final
     out = Path(out)
     if not resume:
@@ -526,7 +536,7 @@ def grpo(model_dir: str | Path, task: str, cfg: GRPOConfig, out: str | Path, res
     src, tok, tok_dir, model = load_base(model_dir, out)
     trainer = GRPOTrainer(model, tok, task, cfg, out, tokenizer_dir=tok_dir,
                           extra_state={"task": task, "base_model": str(src)})
-    records = trainer.fit(resume=resume, progress=progress)
+    records = trainer.fit(resume=resume, progress=progress, deadline=deadline)
     publish_final(trainer.model, tok_dir, out)
     (out / "grpo_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     return trainer, records
