@@ -8,7 +8,9 @@ directory; both run in BF16 weights on random prompts of 512 tokens and generate
 - decode tokens/s: batch × 127 / (time for 128 tokens − TTFT);
 - peak memory: torch.cuda.max_memory_allocated during the run.
 nanoseek runs its engine as a server would (continuous-batching scheduler, latent cache,
-absorbed MLA decode, CUDA-graph decode step), and once more without CUDA graphs.
+absorbed MLA decode, the decode step compiled by torch.compile and captured as a CUDA
+graph), then with the graph of the uncompiled step, then eagerly; the greedy tokens of the
+last two are compared with the compiled engine's (same_tokens_as_compiled, per token).
 Each figure is the median of `--repeat` runs after a warm-up run.
 
     python benchmarks/decode.py [--prompt 512 --new 128 --batches 1 32]
@@ -90,20 +92,30 @@ def main():
             gc.collect()
             torch.cuda.empty_cache()
         model = from_pretrained(tmp, dtype=torch.bfloat16, device="cuda")
-    for graphs in (True, False):
-        engine = Engine(model, None, max_batch=max(args.batches), max_len=args.prompt + args.new,
-                        cuda_graphs=graphs)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    modes = {"": dict(cuda_graphs=True, compile=True),
+             " (CUDA graphs, not compiled)": dict(cuda_graphs=True, compile=False),
+             " (no CUDA graphs)": dict(cuda_graphs=False, compile=False)}
+    tokens = {}
+    for label, mode in modes.items():
+        engine = Engine(model, None, max_batch=max(args.batches), max_len=args.prompt + args.new, **mode)
         for B in args.batches:
             plist = [p.tolist() for p in prompts[:B]]
 
-            def run(n, plist=plist):
+            def run(n, plist=plist, B=B, label=label):
                 outs = engine.generate(plist, SamplingParams(max_tokens=n, ignore_eos=True))
                 assert all(len(o.token_ids) == n for o in outs)
-            name = f"nanoseek engine{'' if graphs else ' (no CUDA graphs)'}, batch {B}"
+                if n == args.new:
+                    tokens[label, B] = [o.token_ids for o in outs]
+            name = f"nanoseek engine{label}, batch {B}"
             rows[name] = {"batch": B, **measure(run, B, args.new, args.repeat)}
-            if graphs:
-                rows[name]["cuda_graphs_used"] = bool(engine.runner.graphs and engine.runner.graphs.graphs
-                                                      and not engine.runner.graphs.failed)
+            graphs = engine.runner.graphs
+            rows[name]["cuda_graphs_used"] = bool(graphs and graphs.graphs and not graphs.failed)
+            rows[name]["compiled"] = bool(graphs and graphs.compiled is not None)
+            if label != "" and ("", B) in tokens:  # same greedy tokens as the compiled engine?
+                mine = tokens[label, B]
+                rows[name]["same_tokens_as_compiled"] = sum(
+                    a == b for x, y in zip(mine, tokens["", B]) for a, b in zip(x, y)) / sum(map(len, mine))
             print(f"{name}: {rows[name]}", flush=True)
         del engine
         gc.collect()

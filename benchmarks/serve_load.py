@@ -8,7 +8,7 @@ run, and the p50/p99 of request latency (to the last byte) and of time to first 
 The clients are asyncio + httpx in this process; the server is a separate process.
 
     python benchmarks/serve_load.py --preset tiny --clients 32                     # CPU
-    python benchmarks/serve_load.py --preset bench-1b --clients 64 --max-batch 64  # GPU
+    python benchmarks/serve_load.py --preset bench-1b --clients 64 --max-batch 64 --compile  # GPU
 """
 
 from __future__ import annotations
@@ -66,7 +66,9 @@ async def load(url: str, clients: int, requests: int, new: int) -> tuple[list[di
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         async def worker(c):
             return [await one_request(client, c * requests + k, new) for k in range(requests)]
-        await one_request(client, 10**6, new)  # warm-up (graph capture, allocator)
+        # warm-up, untimed: one wave at full concurrency (compilation and graph capture of the
+        # batch sizes the run meets, allocator)
+        await asyncio.gather(*(one_request(client, 10**6 + c, new) for c in range(clients)))
         t0 = time.perf_counter()
         results = await asyncio.gather(*(worker(c) for c in range(clients)))
         return [r for rs in results for r in rs], time.perf_counter() - t0
@@ -82,6 +84,7 @@ def main():
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--compile", action="store_true", help="serve with --compile (GPU)")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,7 +95,7 @@ def main():
         server = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(model),
                                    "--served-model-name", "bench", "--port", str(port), "--device", args.device,
                                    "--max-batch", str(args.max_batch), "--max-len", str(args.max_len),
-                                   "--max-queue", str(4 * args.clients)])
+                                   "--max-queue", str(4 * args.clients)] + (["--compile"] if args.compile else []))
         url = f"http://127.0.0.1:{port}"
         try:
             for _ in range(600):

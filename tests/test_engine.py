@@ -226,9 +226,11 @@ def test_cli_chat_streams_a_reply_per_turn(tmp_path, capsys, monkeypatch):
     assert out.count("assistant> ") == 2 and out.startswith("nanoseek chat:")
 
 
-def test_static_shape_decode_step_matches_eager_decode():
-    """The CUDA-graph step (all bucket rows, full-length reads, dummy rows at position 0)
-    computes what the eager decode computes; run here without capture, on the CPU."""
+@pytest.mark.parametrize("compile", [False, True])
+def test_static_shape_decode_step_matches_eager_decode(compile):
+    """The CUDA-graph step (all bucket rows, full-length reads, dummy rows at position 0),
+    plain or through torch.compile, computes what the eager decode computes; run here
+    without capture, on the CPU."""
     from nanoseek.infer.cuda_graph import GraphDecoder
     from nanoseek.infer.engine import Engine
     from nanoseek.infer.sampling import SamplingParams
@@ -241,13 +243,9 @@ def test_static_shape_decode_step_matches_eager_decode():
     seqs = [engine.scheduler.find("a"), engine.scheduler.find("b")]
     eager = engine.runner.decode(seqs)
     # the eager decode wrote its own entries; the static step rewrites the same slots
-    graph = GraphDecoder(model, engine.cache, None)
-    bucket = graph.bucket_for(max(s.slot for s in seqs) + 1)
-    graph.ids.zero_()
-    graph.positions.zero_()
-    for s in seqs:
-        graph.ids[s.slot, 0] = s.last_token
-        graph.positions[s.slot, 0] = s.num_tokens - 1
+    graph = GraphDecoder(model, engine.cache, None, compile=compile, capture=False)
+    slots = [s.slot for s in seqs]
     with torch.no_grad():
-        static = graph._step(bucket)[[s.slot for s in seqs]]
+        static = graph.decode(slots, [s.last_token for s in seqs], [s.num_tokens - 1 for s in seqs])
+    assert graph.graphs and (graph.compiled is not None) == compile  # no silent fallback
     torch.testing.assert_close(static, eager, rtol=1e-4, atol=1e-5)

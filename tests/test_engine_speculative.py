@@ -276,3 +276,21 @@ def test_cli_generate_speculative_prints_the_same_text(tmp_path, capsys):
     assert texts[0] == texts[1] and len(texts[0]) > 1
     assert main(["generate", "--model", str(ckpt), "--prompt", "Hi", "--speculative", "-1",
                  "--device", "cpu"]) == 2
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_static_greedy_speculative_step_equals_plain_greedy(model, k):
+    """GraphSpeculator's step (rows [0, bucket), full-length reads, dummy rows at position 0,
+    no host sync) gives plain greedy's tokens and the eager path's statistics; run here
+    without capture, on the CPU."""
+    from nanoseek.infer.cuda_graph import GraphSpeculator
+    want = [o.token_ids for o in plain(model, PROMPTS, greedy(12))]
+    eager = Engine(model, max_batch=4, max_len=64, speculative_k=k)
+    want_stats = [o.speculative for o in eager.generate(PROMPTS[1:], greedy(12))]
+    engine = Engine(model, max_batch=4, max_len=64, speculative_k=k)
+    engine.runner.spec_graphs = GraphSpeculator(engine.runner, capture=False)
+    # three of four rows: the bucket of 4 holds a dummy row
+    outs = engine.generate(PROMPTS[1:], greedy(12))
+    assert engine.runner.spec_graphs.graphs  # the static step ran
+    assert [o.token_ids for o in outs] == want[1:]
+    assert [o.speculative for o in outs] == want_stats

@@ -41,8 +41,8 @@ middle of an accepted run ends the request there and the rest is dropped. Each
 RequestOutput carries `speculative` (proposed, accepted, forwards, acceptance_rate,
 mean_accepted_length); `engine.speculative_stats()` sums over every request served.
 A seeded sampled request draws differently with and without speculation (different uses of
-its uniforms), with the same distribution. Speculative steps always run eagerly, without
-CUDA graphs.
+its uniforms), with the same distribution. On a GPU an all-greedy speculative step is one
+captured CUDA graph (cuda_graph.GraphSpeculator); a step with sampled rows runs eagerly.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class ModelRunner:
     replaces decode (draft, verify, accept, MTP catch-up in one call)."""
 
     def __init__(self, model: Transformer, cache: StaticCache, autocast: torch.dtype | None,
-                 cuda_graphs: bool = True, speculative_k: int = 0):
+                 cuda_graphs: bool = True, speculative_k: int = 0, compile: bool = False):
         self.model, self.cache, self.autocast = model, cache, autocast
         self.device = model.model.embed_tokens.weight.device
         self.k = speculative_k
@@ -77,10 +77,13 @@ class ModelRunner:
             self.draft_h = torch.zeros(cache.num_slots, model.config.hidden_size, device=self.device,
                                        dtype=model.model.embed_tokens.weight.dtype)
             self.prompt_states = None
-        self.graphs = None
-        if cuda_graphs and self.device.type == "cuda" and not self.k:
-            from .cuda_graph import GraphDecoder
-            self.graphs = GraphDecoder(model, cache, autocast)
+        self.graphs = self.spec_graphs = None
+        if cuda_graphs and self.device.type == "cuda":
+            from .cuda_graph import GraphDecoder, GraphSpeculator
+            if self.k:
+                self.spec_graphs = GraphSpeculator(self, compile=compile)
+            else:
+                self.graphs = GraphDecoder(model, cache, autocast, compile=compile)
 
     @contextlib.contextmanager
     def _context(self):
@@ -147,15 +150,24 @@ class ModelRunner:
         """One speculative decode step of `seqs` (module docstring). uniforms: per row 2K + 1
         numbers (K for the drafts, K for keeping them, one for the token after them; unused by
         greedy rows). Returns per row [a, x_1..x_{K+1}]: a drafts accepted, so x_1..x_{a+1}
-        are the new tokens (the rest repeats x_{a+1})."""
+        are the new tokens (the rest repeats x_{a+1}). An all-greedy batch replays a captured
+        step (cuda_graph.GraphSpeculator) where there is one."""
         k, dev = self.k, self.device
         slots = [s.slot for s in seqs]
+        params = [s.params for s in seqs]
+        pending = [s.last_token for s in seqs]
+        positions = [s.num_tokens - 1 for s in seqs]                              # x_{n-1} at n-1
+        greedy = all(p.greedy for p in params)
+        if greedy and self.spec_graphs is not None:
+            with self._context():
+                out = self.spec_graphs.speculate(slots, pending, positions)
+            if out is not None:
+                return out.tolist()
         rows = torch.tensor(slots, device=dev)
-        pending_B = torch.tensor([s.last_token for s in seqs], device=dev)
-        pos_B = torch.tensor([s.num_tokens - 1 for s in seqs], device=dev)        # x_{n-1} at n-1
+        pending_B = torch.tensor(pending, device=dev)
+        pos_B = torch.tensor(positions, device=dev)
         # drafting writes the MTP layer up to n+K-3, verifying both up to n-1+K
         view = self.cache.select(slots, kv_len=max(s.num_tokens for s in seqs) + k)
-        params = [s.params for s in seqs]
         with self._context():
             drafter = MTPDrafter(self.model, view)
             drafter.h_BD = self.draft_h[rows]
@@ -170,11 +182,29 @@ class ModelRunner:
                 s_acc, s_nxt = speculative_accept_rows(p_BKV, q_BKV, draft_BK, u[:, k:2 * k], u[:, 2 * k])
                 is_greedy = torch.tensor([p.greedy for p in params], device=dev)
                 n_acc, nxt = torch.where(is_greedy, n_acc, s_acc), torch.where(is_greedy, nxt, s_nxt)
-            # x_n.. = d_1..d_a, t; t again as filler after it (speculative.py, "Fixed shapes")
-            new_BK1 = torch.where(offsets < n_acc[:, None], torch.cat([draft_BK, nxt[:, None]], 1), nxt[:, None])
-            drafter.observe(out.hidden_states, new_BK1, verify_pos, n_acc)
-            self.draft_h[rows] = drafter.h_BD.to(self.draft_h.dtype)
-            return torch.cat([n_acc[:, None], new_BK1], 1).tolist()
+            return self._accept(drafter, rows, out.hidden_states, draft_BK, n_acc, nxt, verify_pos).tolist()
+
+    def speculate_greedy(self, rows, pending_B: torch.Tensor, pos_B: torch.Tensor, view) -> torch.Tensor:
+        """The all-greedy step as tensors only (no host sync, fixed shapes): rows (a slice or
+        index tensor of draft_h) -> [B, K + 2], speculate's layout. What GraphSpeculator
+        captures; the eager path above computes the same through draft()."""
+        k = self.k
+        drafter = MTPDrafter(self.model, view)
+        drafter.h_BD = self.draft_h[rows]
+        draft_BK, _ = drafter.propose(pos_B, k)  # the drafter's own rule: argmax
+        verify_pos = pos_B[:, None] + torch.arange(k + 1, device=pos_B.device)
+        out = self.model(torch.cat([pending_B[:, None], draft_BK], 1), positions=verify_pos, cache=view)
+        n_acc, nxt = greedy_accept(out.logits.argmax(-1), draft_BK)
+        return self._accept(drafter, rows, out.hidden_states, draft_BK, n_acc, nxt, verify_pos)
+
+    def _accept(self, drafter, rows, hidden_BTD, draft_BK, n_acc, nxt, verify_pos) -> torch.Tensor:
+        """The MTP catch-up over the verified positions; returns [B, K + 2] = [a, x_1..x_{K+1}]."""
+        offsets = torch.arange(self.k + 1, device=draft_BK.device)
+        # x_n.. = d_1..d_a, t; t again as filler after it (speculative.py, "Fixed shapes")
+        new_BK1 = torch.where(offsets < n_acc[:, None], torch.cat([draft_BK, nxt[:, None]], 1), nxt[:, None])
+        drafter.observe(hidden_BTD, new_BK1, verify_pos, n_acc)
+        self.draft_h[rows] = drafter.h_BD.to(self.draft_h.dtype)
+        return torch.cat([n_acc[:, None], new_BK1], 1)
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """Each sequence's newest token at its own position; attention reads the first
@@ -195,14 +225,16 @@ class ModelRunner:
 class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
                  cache_budget_bytes: int | None = None, max_prefill_tokens: int = 8192,
-                 speculative_k: int = 0, cuda_graphs: bool = True):
+                 speculative_k: int = 0, cuda_graphs: bool = True, compile: bool = False):
         """model: any `nanoseek.from_pretrained` model; tokenizer: a ChatTokenizer (or None
         to work in token ids only). max_len: tokens per sequence, prompt + output (default
         the model's max_position_embeddings). max_prefill_tokens: padded prompt tokens one
         prefill step may take (one request is always admitted). speculative_k: K > 0 drafts K
         tokens per step with the model's first MTP module (module docstring). cuda_graphs: on
-        a GPU, replay the decode step from captured CUDA graphs (cuda_graph.py); not used by
-        speculative steps, which run eagerly."""
+        a GPU, replay the decode step (and the all-greedy speculative step) from captured CUDA
+        graphs (cuda_graph.py); sampled speculative steps run eagerly. compile: put those
+        steps through torch.compile before capture (fewer, fused kernels; each new batch
+        bucket shape costs a compilation the first time it is met)."""
         cfg = model.config
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -244,7 +276,7 @@ class Engine:
         self.cache = StaticCache(cfg, num_slots, cache_len, dtype=self.dtype, device=self.device,
                                  num_layers=cfg.num_hidden_layers + (1 if speculative_k else 0))
         assert self.cache.nbytes_per_token() == bytes_per_token
-        self.runner = ModelRunner(model, self.cache, autocast, cuda_graphs, speculative_k)
+        self.runner = ModelRunner(model, self.cache, autocast, cuda_graphs, speculative_k, compile)
         self.speculative_totals = RequestStats()
         self.scheduler = Scheduler(num_slots, max_prefill_tokens)
         eos = getattr(tokenizer, "eos_id", None)

@@ -63,6 +63,11 @@ class StaticCache:
         """A view of rows `slot_ids` whose reads cover positions [0, kv_len) (default: all)."""
         return CacheView(self, slot_ids, kv_len or self.max_len)
 
+    def prefix(self, n: int) -> CacheView:
+        """Rows [0, n), all positions: the static view a captured step reads (n may be symbolic
+        under torch.compile, so no Python list of the rows is made)."""
+        return CacheView(self, slice(0, n), self.max_len)
+
 
 class CacheView:
     """Rows of a StaticCache, in the order given; `update` as StaticCache.update.
@@ -70,10 +75,13 @@ class CacheView:
     A run of consecutive slots is a plain slice (no copy); any other set of rows is
     gathered after the write, which costs one read of what attention reads anyway."""
 
-    def __init__(self, cache: StaticCache, slot_ids: list[int], kv_len: int):
+    def __init__(self, cache: StaticCache, slot_ids: list[int] | slice, kv_len: int):
         if not 0 < kv_len <= cache.max_len:
             raise ValueError(f"kv_len {kv_len} outside 1..{cache.max_len}")
         self.cache, self.kv_len = cache, kv_len
+        if isinstance(slot_ids, slice):
+            self.rows, self.slot_ids = slot_ids, None
+            return
         n, first = len(slot_ids), slot_ids[0]
         contiguous = list(slot_ids) == list(range(first, first + n))
         self.rows = slice(first, first + n) if contiguous else None

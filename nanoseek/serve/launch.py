@@ -18,6 +18,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests decoded together (cache slots)")
     p.add_argument("--speculative", type=int, default=0, metavar="K",
                    help="draft K tokens per step with the MTP module(s) (default 0: off)")
+    p.add_argument("--compile", action="store_true",
+                   help="GPU: torch.compile the decode step before CUDA-graph capture (faster decoding; "
+                        "the first requests of each new batch size wait for a compilation)")
     p.add_argument("--max-len", type=int, default=None, metavar="T",
                    help="tokens per sequence, prompt + output (default: the model's context)")
     p.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="cap on a request's max_tokens")
@@ -66,7 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     tokenizer = tokenizer_for(src)
     model = from_pretrained(src, device=resolve_device(args.device))
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_len=args.max_len,
-                    speculative_k=args.speculative)
+                    speculative_k=args.speculative, compile=args.compile)
     settings = Settings(api_keys=keys, max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                         max_tokens=args.max_tokens, max_queue=args.max_queue, audit_log=args.audit_log,
                         audit_content=args.audit_content, feedback_db=args.feedback_db, upstream_url=args.upstream,
