@@ -53,11 +53,12 @@ def run_engine(engine, prompts, batch, new):
     """Generate every prompt, `batch` at a time; returns (seconds, outputs)."""
     params = SamplingParams(max_tokens=new)
     outs = []
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     for i in range(0, len(prompts), batch):
         outs += engine.generate(prompts[i:i + batch], params)
-    torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - t0, outs
 
 
@@ -73,7 +74,9 @@ def main():
     ap.add_argument("--no-compile", action="store_true")
     args = ap.parse_args()
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    model = from_pretrained(args.model, dtype=torch.bfloat16, device="cuda").eval()
+    ap_device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke test only
+    model = from_pretrained(args.model, dtype=torch.bfloat16 if ap_device == "cuda" else torch.float32,
+                            device=ap_device).eval()
     tok = tokenizer_for(Path(args.model))
     prompts = prompts_for(tok, args.tasks, args.n)
     max_len = max(len(p) for p in prompts) + args.new + 8
@@ -112,7 +115,8 @@ def main():
             rows[name] = row
             print(name, {x: (round(y, 4) if isinstance(y, float) else y) for x, y in row.items()}, flush=True)
         del engine
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     result = {"benchmark": "speculative", **environment(), "model": args.model, "tasks": args.tasks,
               "max_new_tokens": args.new, "dtype": "bfloat16", "greedy": True, "compile": compile,
               "rows": rows}

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One device call per stage; everything it makes goes to $OUT (logs, JSON, one tarball of the
+# run reports and plots, since a call brings back at most 8 files).
+#
+#   bash benchmarks/h200_session.sh speedrun   # pretrain + SFT + GRPO demo, then MTP speculative decoding
+#   bash benchmarks/h200_session.sh serving    # decode vs transformers, serve load at 64 clients
+#   bash benchmarks/h200_session.sh trl        # GRPO step time: nanoseek vs TRL
+#
+# Wheels the image lacks (fastapi, uvicorn, trl, ...) come in .whl (benchmarks/device_wheels.txt).
+set -uo pipefail
+stage=$1
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PWD:/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+git rev-parse --short HEAD > "$OUT/commit.txt" 2>/dev/null || true
+start=$(date +%s)
+elapsed() { echo $(( $(date +%s) - start )); }
+
+case $stage in
+  speedrun)
+    python3 -m nanoseek.cli speedrun --out runs/h200 --minutes "${MINUTES:-1.5}" \
+      --grpo-minutes "${GRPO_MINUTES:-4.5}" 2>&1 | tee "$OUT/speedrun.log"
+    echo "speedrun done at $(elapsed)s"
+    if [ -d runs/h200/sft/final ] && [ "$(elapsed)" -lt 480 ]; then
+      OUT=$OUT python3 benchmarks/speculative.py --model runs/h200/sft/final --k 1 2 --batches 1 8 \
+        --repeat 2 2>&1 | tee "$OUT/speculative.log"
+    fi
+    tar czf "$OUT/speedrun_h200.tgz" --exclude='*.safetensors' --exclude='checkpoint*' \
+      --exclude='*.pt' runs/h200 2>/dev/null
+    ;;
+  serving)
+    if [ ! -d runs/h200/sft/final ]; then  # a fresh machine: a short MTP-trained model first
+      python3 -m nanoseek.cli speedrun --out runs/h200 --minutes 1 --grpo-minutes 0 2>&1 | tail -5
+    fi
+    OUT=$OUT python3 benchmarks/speculative.py --model runs/h200/sft/final --k 1 2 --batches 1 8 \
+      --repeat 2 2>&1 | tee "$OUT/speculative.log"
+    echo "speculative done at $(elapsed)s"
+    OUT=$OUT python3 benchmarks/decode.py --repeat 3 2>&1 | grep -v Warning | tee "$OUT/decode.log"
+    echo "decode done at $(elapsed)s"
+    OUT=$OUT python3 benchmarks/serve_load.py --preset bench-1b --clients 64 --max-batch 64 --requests 4 \
+      --new 128 --compile 2>&1 | tail -20 | tee "$OUT/serve_load.log"
+    echo "serve done at $(elapsed)s"
+    ;;
+  trl)
+    OUT=$OUT python3 benchmarks/grpo_trl.py ${TRL_ARGS:-} 2>&1 | tee "$OUT/grpo_trl.log"
+    ;;
+esac
+echo "stage $stage: $(elapsed)s"
