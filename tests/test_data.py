@@ -14,7 +14,7 @@ from nanoseek.data.loader import IGNORE, PackedLoader, SFTLoader, tokenize_chat
 from nanoseek.data.tasks import (Arithmetic, Countdown, Example, check, extract_answer,
                                  format_chat, format_pretrain, get_task, split_of,
                                  verify_countdown)
-from nanoseek.data.tokenizer import (BOS, EOS, SPECIAL_TOKENS, ChatTokenizer,
+from nanoseek.data.tokenizer import (BOS, EOS, SPECIAL_TOKENS, TAG_TOKENS, ChatTokenizer,
                                      apply_chat_template, byte_tokenizer, load_tokenizer,
                                      save_tokenizer, train_bpe)
 
@@ -476,3 +476,22 @@ def test_builtin_data_to_batches_end_to_end(bpe):
     labels = sft.next_batch()["labels"]
     kept = [tok.decode([t for t in row.tolist() if t != IGNORE]) for row in labels]
     assert all(k.startswith("<think>\n") and k.endswith("</answer><|end_of_sentence|>") for k in kept)
+
+
+@pytest.mark.parametrize("which", ["bpe", "bytes"])
+def test_reasoning_tags_are_single_tokens_that_survive_skipping_specials(bpe, which, tmp_path):
+    """As in DeepSeek-R1's tokenizer: <think>/<answer> are one token each but not special, so
+    transformers / TRL / vLLM decoding with skip_special_tokens=True keeps them; the chat
+    role tokens and EOS are special and are dropped."""
+    tok = ChatTokenizer(bpe if which == "bpe" else byte_tokenizer(300))
+    text = "<think>\n1+1</think> <answer>2</answer><|end_of_sentence|>"
+    ids = tok.encode(text)
+    for tag in TAG_TOKENS:
+        assert tok.tokenizer.token_to_id(tag) in ids
+    assert tok.tokenizer.decode(ids, skip_special_tokens=True) == "<think>\n1+1</think> <answer>2</answer>"
+    assert tok.decode(ids) == text
+    transformers = pytest.importorskip("transformers")
+    tok.save(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert hf.decode(ids, skip_special_tokens=True) == "<think>\n1+1</think> <answer>2</answer>"
+    assert hf.encode(text, add_special_tokens=False) == ids

@@ -32,7 +32,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 BOS, EOS, PAD = "<|begin_of_sentence|>", "<|end_of_sentence|>", "<|pad|>"
 USER, ASSISTANT = "<|User|>", "<|Assistant|>"
-SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, "<think>", "</think>", "<answer>", "</answer>"]
+# The reasoning tags are single tokens but, as in DeepSeek-R1's tokenizer, not "special":
+# decoders that skip special tokens (transformers' decode, TRL, vLLM) keep them in the text.
+TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
+SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, *TAG_TOKENS]
 N_BYTES = 256
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + N_BYTES
 
@@ -68,8 +71,19 @@ def byte_tokenizer(vocab_size: int) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(specials)  # already in the vocab: they keep their ids
+    tok = _tags_not_special(tok)
     assert tok.get_vocab_size() == vocab_size and tok.token_to_id(BOS) == 0 and tok.token_to_id(EOS) == 1
     return tok
+
+
+def _tags_not_special(tok: Tokenizer) -> Tokenizer:
+    """Mark TAG_TOKENS as added tokens that are not special (the trainer marks every token it
+    is given special); ids, matching and decoding with skip_special_tokens=False unchanged."""
+    data = json.loads(tok.to_str())
+    for added in data["added_tokens"]:
+        if added["content"] in TAG_TOKENS:
+            added["special"] = False
+    return Tokenizer.from_str(json.dumps(data))
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -90,6 +104,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
                                   show_progress=False)
     tok.train_from_iterator(texts, trainer)
     tok.add_special_tokens([f"<|reserved_{i}|>" for i in range(vocab_size - tok.get_vocab_size())])
+    tok = _tags_not_special(tok)
     assert tok.get_vocab_size() == vocab_size and tok.token_to_id(BOS) == 0 and tok.token_to_id(EOS) == 1
     return tok
 
