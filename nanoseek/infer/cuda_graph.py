@@ -141,7 +141,8 @@ class GraphDecoder(BucketGraphs):
 
     def _step(self, ids_B1, positions_B1):
         view = self.cache.prefix(ids_B1.shape[0])
-        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None,
+                            cache_enabled=False):  # see ModelRunner._context
             out = self.model(ids_B1, positions=positions_B1, cache=view)
         return out.logits[:, -1]
 

@@ -89,7 +89,11 @@ class ModelRunner:
     def _context(self):
         was_training = self.model.training
         self.model.eval()
-        amp = (torch.autocast(self.device.type, dtype=self.autocast) if self.autocast
+        # cache_enabled=False: autocast's cache of bf16 weight copies lives only as long as the
+        # context, so a CUDA graph captured inside it would read freed copies (garbage or an
+        # illegal memory access) that never see optimizer updates (GRPO rollouts); without the
+        # cache the casts are kernels of the graph reading the live float32 weights
+        amp = (torch.autocast(self.device.type, dtype=self.autocast, cache_enabled=False) if self.autocast
                else contextlib.nullcontext())
         try:
             with torch.no_grad(), amp:
