@@ -46,6 +46,20 @@ case $stage in
       --new 128 --compile 2>&1 | tail -20 | tee "$OUT/serve_load.log"
     echo "serve done at $(elapsed)s"
     ;;
+  all)  # serve load, decode, TRL side by side, then speculative decoding if a trained model is here
+    OUT=$OUT python3 benchmarks/serve_load.py --preset bench-1b --clients 64 --max-batch 64 --requests 4 \
+      --new 128 --compile 2>&1 | tail -20 | tee "$OUT/serve_load.log"
+    echo "serve done at $(elapsed)s"
+    OUT=$OUT python3 benchmarks/decode.py --repeat 2 2>&1 | grep -v Warning | tee "$OUT/decode.log"
+    echo "decode done at $(elapsed)s"
+    OUT=$OUT python3 benchmarks/grpo_trl.py --out "$OUT/grpo_trl.json" ${TRL_ARGS:-} 2>&1 | tee "$OUT/grpo_trl.log"
+    echo "trl done at $(elapsed)s"
+    model=$(ls -d runs/*/sft/final 2>/dev/null | head -1)
+    if [ -n "$model" ] && [ "$(elapsed)" -lt 450 ]; then
+      OUT=$OUT timeout $((570 - $(elapsed))) python3 benchmarks/speculative.py --model "$model" --k 1 --batches 1 8 \
+        --repeat 2 2>&1 | tee "$OUT/speculative.log"
+    fi
+    ;;
   trl)
     OUT=$OUT python3 benchmarks/grpo_trl.py ${TRL_ARGS:-} 2>&1 | tee "$OUT/grpo_trl.log"
     ;;
