@@ -154,21 +154,25 @@ def speedrun(out: str | Path = "runs/speedrun", minutes: float | None = None,
 def grpo_settings(gpu: bool, max_new_tokens: int, level: int) -> GRPOConfig:
     """The speedrun's GRPO hyper-parameters (steps and eval_every are set from the budget).
 
-    GPU: G = 16 samples per prompt, 32 prompts per step (512 rollouts), temperature 1.0 as
-    in R1 and DAPO; beta 0 (no reference model; Dr. GRPO and DAPO drop the KL term for
-    verifiable rewards, and in minutes of RL the policy cannot drift far); lr 3e-6 with
-    AdamW, constant: DeepSeekMath's GRPO used 1e-6 for a 7B model and DAPO 1e-6 for 32B;
-    small models tolerate and, in a budget of ~100 steps, need a few times more (TRL's
-    GRPO examples for 0.5-1.5B models use 1e-6 to 5e-6). CPU: the same recipe scaled to the
-    1.3M-parameter model and 1.5 minutes: 8 samples per prompt, 4 prompts, and a learning
-    rate near the SFT one's tenth, since a few dozen steps must move the policy at all.
+    GPU: G = 16 samples per prompt, 32 prompts per step (512 rollouts, ~1.2 s per step on an
+    H200), temperature 1.0 as in R1 and DAPO; beta 0 (no reference model: Dr. GRPO and DAPO
+    drop the KL term for verifiable rewards, and minutes of RL cannot drift far). The
+    learning rate, AdamW, constant: 3e-5. The literature's 1e-6 (DeepSeekMath's GRPO, 7B;
+    DAPO, 32B) to 5e-6 (TRL's examples for 0.5-1.5B models) is for large pretrained models
+    and thousands of steps; this 100M-parameter model was trained from scratch at 5e-4 (SFT)
+    and gets a few hundred steps. Measured from one SFT model on arithmetic level 3 (53%
+    held-out greedy), 75 steps each: lr 3e-6 (123 steps) and 1e-5 moved neither the
+    training (sampled) accuracy nor the held-out one; 3e-5 and 1e-4 raised the sampled
+    accuracy from ~0.3 to ~0.47 while held-out greedy stayed within noise (n = 100:
+    +-5 points) of the start. CPU: the same recipe scaled to the 1.3M-parameter model and
+    1.5 minutes: 8 samples per prompt, 4 prompts, lr 1e-4 (a tenth of its SFT rate).
     Rewards: task accuracy (1.0) and the R1 format reward (0.1) that keeps the
     <think>...</think><answer>...</answer> structure of the cold start."""
     common = dict(max_new_tokens=max_new_tokens, temperature=1.0, beta=0.0, level=level,
                   rewards={"accuracy": 1.0, "format": 0.1}, prompt_format="chat",
                   eval_n=GRPO_EVAL_N, keep_last=1)
     if gpu:
-        return grpo_config(group_size=16, prompts_per_step=32, lr=3e-6, micro_batch=256, **common)
+        return grpo_config(group_size=16, prompts_per_step=32, lr=3e-5, micro_batch=256, **common)
     return grpo_config(group_size=8, prompts_per_step=4, lr=1e-4, **common)
 
 
