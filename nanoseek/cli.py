@@ -6,6 +6,7 @@
     nanoseek generate --model ckpt/ --prompt "2+2=" --max-tokens 16
     nanoseek chat --model runs/speedrun               streams, reasoning apart from the answer
     nanoseek grpo --model runs/sft --task arithmetic --out runs/grpo group_size=8 beta=0
+    nanoseek grpo --model runs/sft --data problems.jsonl --out runs/grpo   (math-verify reward)
 
 Config overrides are `key=value` words with JSON values (`q_lora_rank=null`). A user error
 (unknown preset, bad override, invalid value, missing file) prints one line
@@ -278,9 +279,14 @@ def cmd_speedrun(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------- grpo
 def add_grpo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="a checkpoint or a run directory (after SFT)")
-    p.add_argument("--task", required=True, metavar="NAME", help="built-in task (arithmetic, countdown); "
-                   "--data FILE (your own prompts and reward columns) is not available yet")
-    p.add_argument("--level", type=int, default=None, metavar="N", help="task difficulty (default 1)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--task", metavar="NAME", help="built-in task (arithmetic, countdown)")
+    src.add_argument("--data", metavar="FILE",
+                     help="your prompts: .jsonl/.json/.parquet rows with a 'prompt' (text or chat "
+                          "messages); other columns (answer, solution, tests, ...) reach the reward "
+                          "functions as keyword arguments. Default reward: math (math-verify) for "
+                          "rows with answer/solution, code for rows with tests")
+    p.add_argument("--level", type=int, default=None, metavar="N", help="task difficulty (default 1; --task only)")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--steps", type=int, default=None, metavar="K", help="GRPO steps (default 100)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
@@ -298,14 +304,23 @@ def cmd_grpo(args: argparse.Namespace) -> None:
         if not sep:
             raise UsageError(f"override {item!r} must look like key=value")
         changes[key] = coerce_value(value)
+    if args.data and args.level is not None:
+        raise UsageError("--level sets a built-in task's difficulty; it does not apply to --data")
     for name, value in (("steps", args.steps), ("level", args.level)):
         if value is not None:
             changes[name] = value
+    source = args.task
+    if args.data:
+        from .rl.recipe import correctness_reward, load_prompt_rows
+        source = load_prompt_rows(args.data)
+        if "rewards" not in changes:
+            changes["rewards"] = {correctness_reward(source): 1.0}
+            print(f"rewards: {json.dumps(changes['rewards'])} (set rewards='{{...}}' to choose)")
     try:
         cfg = grpo_config(**changes)
     except TypeError as e:  # a value of the wrong type, e.g. beta="x"
         raise UsageError(f"invalid grpo value ({e})") from None
-    trainer, records = grpo(args.model, args.task, cfg, args.out, resume=args.resume)
+    trainer, records = grpo(args.model, source, cfg, args.out, resume=args.resume, data=args.data)
     last = records[-1] if records else {}
     print(f"GRPO to step {trainer.step}; last reward {last.get('reward', float('nan')):.4f}; "
           f"model in {Path(args.out) / 'final'}")

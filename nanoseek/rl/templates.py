@@ -38,3 +38,19 @@ def chat_prompt(tokenizer, question: str, system: str | None = None, think: bool
         {"role": "user", "content": question}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     return text + "<think>\n" if think else text
+
+
+def render_prompt(tokenizer, prompt, prompt_format: str = "chat") -> str:
+    """A dataset's prompt as the text the model continues. `prompt` is a question string or,
+    as in TRL's conversational datasets, a list of {"role", "content"} messages.
+    prompt_format: "r1_zero" (bos + the R1-Zero template; string prompts only), "chat" (the
+    chat template with the generation prompt) or "chat_think" (that, opening "<think>\\n")."""
+    if isinstance(prompt, str):
+        if prompt_format == "r1_zero":
+            return tokenizer.bos + r1_zero_prompt(prompt)
+        return chat_prompt(tokenizer, prompt, think=prompt_format == "chat_think")
+    if prompt_format == "r1_zero":
+        raise ValueError("the r1_zero template takes a question string, not chat messages; "
+                         "use prompt_format=chat")
+    text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
+    return text + "<think>\n" if prompt_format == "chat_think" else text

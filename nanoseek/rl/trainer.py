@@ -75,7 +75,7 @@ from ..train.trainer import (TrainingError, refuse_existing_run, resolve_device,
                              start_run)
 from .grpo import LOSS_TYPES, SCALES, group_advantages, grpo_loss, sequence_logprobs
 from .rewards import combine_rewards, get_reward
-from .templates import chat_prompt, r1_zero_prompt
+from .templates import render_prompt
 
 PROMPT_FORMATS = ("r1_zero", "chat", "chat_think")
 
@@ -220,6 +220,9 @@ class GRPOTrainer:
             self.task, self.rows = None, list(task_or_dataset)
             if not self.rows or not all(isinstance(r, dict) and "prompt" in r for r in self.rows):
                 raise ValueError("a dataset must be a non-empty list of rows with a 'prompt'")
+            if cfg.prompt_format == "r1_zero" and not all(isinstance(r["prompt"], str) for r in self.rows):
+                raise ValueError("prompt_format=r1_zero takes question strings; these rows hold "
+                                 "chat messages: use prompt_format=chat")
         funcs = []
         for name in cfg.rewards:
             funcs.append((reward_funcs or {}).get(name) or get_reward(name))
@@ -227,6 +230,8 @@ class GRPOTrainer:
         self.reward_fn = combine_rewards(funcs, list(cfg.rewards.values()))
         # combine_rewards names results after the functions; map back to the config's names
         self._name_of = dict(zip(self.reward_fn.names, self.reward_names))
+        if self.rows is not None:  # a reward that needs a column the rows lack fails here, not at step 1
+            self.score({"rows": self.rows[:1], "completions": [""]})
         self.ref_model = None
         if cfg.beta > 0:  # before any resume: the reference is the initial policy
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -235,11 +240,8 @@ class GRPOTrainer:
         self.step = 0
 
     # ------------------------------------------------------------ prompts
-    def _render(self, question: str) -> str:
-        fmt = self.cfg.prompt_format
-        if fmt == "r1_zero":
-            return self.tokenizer.bos + r1_zero_prompt(question)
-        return chat_prompt(self.tokenizer, question, think=fmt == "chat_think")
+    def _render(self, prompt) -> str:
+        return render_prompt(self.tokenizer, prompt, self.cfg.prompt_format)
 
     def sample_prompts(self, n: int, attempt: int = 0) -> list[dict]:
         """n rows {"prompt": question, columns...} for this step; the same (seed, step,
@@ -546,17 +548,20 @@ def plot_rl_metrics(metrics_jsonl: str | Path, out_dir: str | Path) -> Path | No
     return out / "rl.png"
 
 
-def grpo(model_dir: str | Path, task: str, cfg: GRPOConfig, out: str | Path, resume: bool = False,
-         progress: bool | None = None, deadline: float | None = None) -> tuple[GRPOTrainer, list[dict]]:
+def grpo(model_dir: str | Path, task: str | Sequence[dict], cfg: GRPOConfig, out: str | Path,
+         resume: bool = False, progress: bool | None = None, deadline: float | None = None,
+         data: str | None = None) -> tuple[GRPOTrainer, list[dict]]:
     """The CLI's stage: a checkpoint (or run directory) + its tokenizer -> GRPO -> out/final.
+    task: a built-in task name, or dataset rows (recipe.load_prompt_rows) read from `data`.
     deadline: as in GRPOTrainer.fit."""
     from ..train.pipeline import load_base, publish_final
     out = Path(out)
     if not resume:
         refuse_existing_run(out)
     src, tok, tok_dir, model = load_base(model_dir, out)
+    source = {"task": task} if isinstance(task, str) else {"data": data}
     trainer = GRPOTrainer(model, tok, task, cfg, out, tokenizer_dir=tok_dir,
-                          extra_state={"task": task, "base_model": str(src)})
+                          extra_state={**source, "base_model": str(src)})
     records = trainer.fit(resume=resume, progress=progress, deadline=deadline)
     publish_final(trainer.model, tok_dir, out)
     (out / "grpo_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
