@@ -7,6 +7,8 @@
     nanoseek chat --model runs/speedrun               streams, reasoning apart from the answer
     nanoseek grpo --model runs/sft --task arithmetic --out runs/grpo group_size=8 beta=0
     nanoseek grpo --model runs/sft --data problems.jsonl --out runs/grpo   (math-verify reward)
+    nanoseek rejection-sample --model runs/grpo --task arithmetic --n 8 --out rs.jsonl
+    nanoseek distill --teacher http://host:8000/v1 --data problems.jsonl --out traces.jsonl
 
 Config overrides are `key=value` words with JSON values (`q_lora_rank=null`). A user error
 (unknown preset, bad override, invalid value, missing file) prints one line
@@ -326,6 +328,100 @@ def cmd_grpo(args: argparse.Namespace) -> None:
           f"model in {Path(args.out) / 'final'}")
 
 
+# ---------------------------------------------------------------------- rejection sampling / distillation
+def add_prompt_source_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--task", metavar="NAME", help="built-in task (arithmetic, countdown): its train split")
+    src.add_argument("--data", metavar="FILE", help=".jsonl/.json/.parquet rows with a 'prompt' and the "
+                     "columns that check it (answer or solution: math-verify; tests: code)")
+    p.add_argument("--level", type=int, default=None, metavar="L", help="task difficulty (default 1; --task only)")
+    p.add_argument("--num-prompts", type=int, default=None, metavar="M",
+                   help="prompts to use (default: 100 task problems, or every row of --data)")
+    p.add_argument("--out", required=True, metavar="FILE.jsonl", help="SFT chats for `nanoseek sft --data`; "
+                   "figures and per-prompt pass rates go beside it in FILE.stats.json")
+    p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--device", default="auto", help="for a local model: auto, cpu, cuda, ...")
+
+
+def add_rejection_sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="a checkpoint or a run directory (after RL)")
+    add_prompt_source_args(p)
+    p.add_argument("--n", type=int, default=4, metavar="N", help="samples per prompt (default 4)")
+    p.add_argument("--temperature", type=float, default=0.7, metavar="T", help="(default 0.7)")
+    p.add_argument("--max-tokens", type=int, default=256, metavar="K", help="per sample (default 256)")
+
+
+def print_recipe_stats(stats: dict, n: int, out: str, judged: bool = True) -> None:
+    from .rl.recipe import report_lines
+    for line in report_lines(stats, n, judged):
+        print(line)
+    print(f"wrote {stats['kept']} chats to {out}")
+    if not stats["kept"]:
+        print("nanoseek: nothing was kept; raise --n or --temperature, or use a stronger model", file=sys.stderr)
+
+
+def cmd_rejection_sample(args: argparse.Namespace) -> None:
+    from .rl.recipe import prompt_rows, rejection_sample
+    rows = prompt_rows(args.task, args.data, args.level, args.num_prompts, args.seed)
+    stats = rejection_sample(args.model, rows, args.out, n=args.n, temperature=args.temperature,
+                             max_tokens=args.max_tokens, seed=args.seed, device=args.device)
+    print_recipe_stats(stats, args.n, args.out)
+
+
+def add_distill_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, metavar="DIR|URL",
+                   help="a checkpoint/run directory, or an OpenAI-compatible base URL (http://host:8000/v1); "
+                        "its key from $NANOSEEK_TEACHER_API_KEY or --api-key-file")
+    add_prompt_source_args(p)
+    p.add_argument("--n", type=int, default=1, metavar="N", help="traces per prompt (default 1)")
+    p.add_argument("--temperature", type=float, default=0.6, metavar="T", help="(default 0.6, R1's advice)")
+    p.add_argument("--top-p", type=float, default=0.95, metavar="P", help="(default 0.95)")
+    p.add_argument("--max-tokens", type=int, default=1024, metavar="K", help="per trace (default 1024)")
+    p.add_argument("--only-correct", action="store_true", help="keep only traces whose answer checks out")
+    p.add_argument("--teacher-model", metavar="NAME", help="the endpoint's model (default: the first it lists)")
+    p.add_argument("--api-key-file", metavar="FILE", help="the endpoint's key, first line")
+    p.add_argument("--concurrency", type=int, default=8, metavar="C", help="requests in flight (default 8)")
+    p.add_argument("--student", metavar="DIR", help="then fine-tune this checkpoint on the traces ...")
+    p.add_argument("--sft-out", metavar="DIR", help="... into this run directory")
+    p.add_argument("--sft-steps", type=int, default=100, metavar="K", help="SFT steps (default 100)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="SFT train fields (lr, batch_size, seq_len, ...)")
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    from .rl.recipe import distill, is_url, prompt_rows, teacher_key
+    from .train.pipeline import resolve_model_dir, sft, split_overrides, train_config
+    if bool(args.student) != bool(args.sft_out):
+        raise UsageError("--student and --sft-out go together: the student to fine-tune and where to")
+    train_over = {}
+    if args.student:
+        resolve_model_dir(args.student)  # a wrong student path fails before the teacher works
+        model_over, train_over = split_overrides(args.overrides)
+        if model_over:
+            raise UsageError(f"distill takes SFT train fields only, not {', '.join(model_over)}")
+        if args.sft_steps < 1:
+            raise UsageError(f"--sft-steps must be positive, got {args.sft_steps}")
+        train_config(steps=args.sft_steps, **train_over)  # an unknown field fails now too
+    elif args.overrides:
+        raise UsageError(f"key=value words set the student's SFT; without --student: {' '.join(args.overrides)}")
+    if args.concurrency < 1:
+        raise UsageError(f"--concurrency must be positive, got {args.concurrency}")
+    url = is_url(args.teacher)
+    if not url and (args.api_key_file or args.teacher_model):
+        raise UsageError("--api-key-file and --teacher-model are for a URL teacher")
+    rows = prompt_rows(args.task, args.data, args.level, args.num_prompts, args.seed)
+    stats = distill(args.teacher, rows, args.out, n=args.n, temperature=args.temperature, top_p=args.top_p,
+                    max_tokens=args.max_tokens, only_correct=args.only_correct,
+                    teacher_model=args.teacher_model, api_key=teacher_key(args.api_key_file) if url else None,
+                    concurrency=args.concurrency, seed=args.seed, device=args.device)
+    print_recipe_stats(stats, args.n, args.out, judged=stats["correctness_checked"])
+    if args.student and stats["kept"]:
+        trainer, _, records = sft(args.student, train_config(steps=args.sft_steps, **train_over),
+                                  args.out, args.sft_out)
+        last = records[-1] if records else {}
+        print(f"student SFT to step {trainer.step}; last loss {last.get('loss', float('nan')):.4f}; "
+              f"model in {Path(args.sft_out) / 'final'}")
+
+
 # ---------------------------------------------------------------------- generate / chat
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float, top_p: float, max_tokens: int) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="a checkpoint or a run directory")
@@ -473,6 +569,10 @@ COMMANDS = {
     "train": (add_train_args, cmd_train, "pretrain a model on documents (tokenizer trained on the data)"),
     "sft": (add_sft_args, cmd_sft, "supervised fine-tuning on chats, loss on assistant tokens only"),
     "grpo": (add_grpo_args, cmd_grpo, "reinforcement learning with GRPO and rule-based rewards on a task"),
+    "rejection-sample": (add_rejection_sample_args, cmd_rejection_sample,
+                         "N samples per prompt; the correct, well-formed ones become SFT data"),
+    "distill": (add_distill_args, cmd_distill,
+                "a teacher's (checkpoint or OpenAI-compatible URL) reasoning traces as SFT data for a student"),
     "eval": (add_eval_args, cmd_eval, "held-out accuracy on a built-in task (greedy, pass@k)"),
     "speedrun": (add_speedrun_args, cmd_speedrun, "the whole pipeline on built-in data, ending in report.md"),
     "generate": (add_generate_args, cmd_generate, "complete a prompt (streams the text)"),

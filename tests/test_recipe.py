@@ -149,3 +149,83 @@ def test_cli_grpo_data_one_step(ckpt, tmp_path, capsys):
     state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
     assert state["data"] == str(data) and "task" not in state
     assert (out / "final" / "config.json").is_file()
+
+
+# ------------------------------------------------------------------ judging
+def test_judge_and_select_keep_correct_well_formed_and_drop_repeats():
+    rows = recipe.task_rows("arithmetic", level=1, n=2, seed=3)
+    right = [f"<think>\nadd\n</think>\n<answer>{r['answer']}</answer>" for r in rows]
+    samples = [recipe.Sample(0, right[0]), recipe.Sample(0, right[0]),           # right, and its repeat
+               recipe.Sample(0, f"the answer is {rows[0]['answer']}"),        # right, not well-formed
+               recipe.Sample(1, "<think>\nx\n</think>\n<answer>-1</answer>"),  # well-formed, wrong
+               recipe.Sample(1, right[1])]
+    judged = recipe.judge(rows, samples)
+    assert [(j.correct, j.well_formed) for j in judged] == [
+        (True, True), (True, True), (True, False), (False, True), (True, True)]
+    records, stats = recipe.select(rows, judged, n=3, require_correct=True, require_format=True)
+    assert [r["messages"][1]["content"] for r in records] == [right[0], right[1]]
+    assert records[0]["messages"][0] == {"role": "user", "content": rows[0]["prompt"]}
+    assert stats["kept"] == 2 and stats["repeats_dropped"] == 1 and stats["correct"] == 4
+    assert [p["pass_rate"] for p in stats["per_prompt"]] == [2 / 3, 1 / 3]
+    assert stats["pass_rate_histogram"] == "1/3: 1, 2/3: 1"
+
+
+def test_trace_text_puts_reasoning_back_inside_think():
+    assert recipe.trace_text({"content": " 4 ", "reasoning_content": "2+2"}) == "<think>\n2+2\n</think>\n4"
+    assert recipe.trace_text({"content": "4", "reasoning": "2+2"}) == "<think>\n2+2\n</think>\n4"
+    assert recipe.trace_text({"content": "<think>a</think>4", "reasoning_content": None}) == "<think>a</think>4"
+    assert recipe.endpoint_url("http://h:1") == "http://h:1/v1/chat/completions"
+    assert recipe.endpoint_url("https://api.x.com/v1/") == "https://api.x.com/v1/chat/completions"
+
+
+# ------------------------------------------------------------------ rejection-sample
+def test_rejection_sample_through_the_engine(ckpt, tmp_path, capsys):
+    out = tmp_path / "rs.jsonl"
+    argv = ["rejection-sample", "--model", str(ckpt), "--task", "arithmetic", "--num-prompts", "3",
+            "--n", "2", "--max-tokens", "8", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    stats = json.loads(out.with_suffix(".stats.json").read_text())
+    assert stats["samples"] == 6 and stats["prompts"] == 3 and len(stats["per_prompt"]) == 3
+    assert f"kept {stats['kept']}/6 samples" in printed and "per-prompt pass rate" in printed
+    assert len(out.read_text().splitlines()) == stats["kept"]  # a random model: most likely none
+    # the same seeds give the same samples
+    assert main(argv[:-1] + [str(tmp_path / "again.jsonl")]) == 0
+    assert json.loads((tmp_path / "again.stats.json").read_text()) == stats
+
+
+def test_rejection_sample_output_trains_with_sft(ckpt, tmp_path, monkeypatch, capsys):
+    """The engine's text replaced by one right and one wrong answer per prompt: the right
+    ones are written, and `nanoseek sft --data` trains on the file."""
+    def scripted(model, tokenizer, rows, n=4, **kw):
+        return [recipe.Sample(i, f"<think>\nsum\n</think>\n<answer>{r['answer'] if j == 0 else 'x'}</answer>")
+                for i, r in enumerate(rows) for j in range(n)]
+    monkeypatch.setattr(recipe, "sample_engine", scripted)
+    out = tmp_path / "rs.jsonl"
+    assert main(["rejection-sample", "--model", str(ckpt), "--task", "countdown", "--num-prompts", "4",
+                 "--n", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "kept 4/8 samples" in printed and "prompts by passes: 1/2: 4" in printed
+    chats = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [m["role"] for m in chats[0]["messages"]] == ["user", "assistant"]
+    assert main(["sft", "--model", str(ckpt), "--data", str(out), "--steps", "1", "--out",
+                 str(tmp_path / "sft"), "batch_size=2", "seq_len=256"]) == 0
+    assert (tmp_path / "sft" / "final" / "config.json").is_file()
+
+
+def test_rejection_sample_bad_inputs(ckpt, tmp_path, capsys):
+    rows = write_rows(tmp_path / "rows.jsonl", [{"prompt": "hi"}])
+    for extra, message in ((["--data", str(rows)], "cannot check correctness"),
+                           (["--task", "arithmetic", "--n", "0"], "--n must be positive"),
+                           (["--task", "arithmetic", "--num-prompts", "0"], "--num-prompts must be positive"),
+                           (["--task", "sudoku"], "unknown task 'sudoku'"),
+                           (["--task", "arithmetic", "--max-tokens", "100000"], "lower --max-tokens")):
+        assert main(["rejection-sample", "--model", str(ckpt), "--out", str(tmp_path / "o.jsonl")] + extra) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert main(["rejection-sample", "--model", str(tmp_path / "nope"), "--task", "arithmetic",
+                 "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "not a checkpoint" in capsys.readouterr().err
+    assert main(["rejection-sample", "--model", str(ckpt), "--task", "arithmetic",
+                 "--out", str(tmp_path / "o.txt")]) == 2
+    assert "name it FILE.jsonl" in capsys.readouterr().err

@@ -175,8 +175,9 @@ def trace_text(message: dict) -> str:
     return content
 
 
-class EndpointError(RuntimeError):
-    """The teacher endpoint refused or failed; the message is one line without the key."""
+class EndpointError(ValueError):
+    """The teacher endpoint refused or failed; the message is one line without the key (a
+    ValueError, so the CLI prints it as its one error line)."""
 
 
 def sample_endpoint(url: str, rows: Sequence[dict], n: int = 4, temperature: float = 0.7,
@@ -270,11 +271,52 @@ def judge(rows: Sequence[dict], samples: Sequence[Sample], check_correct: bool =
 
 
 def pass_rates(rows: Sequence[dict], judged: Sequence[Judged], n: int) -> list[float]:
-    """Per row: the fraction of its n samples that are kept (correct and well-formed)."""
+    """Per row: the fraction of its n samples that are correct and well-formed."""
     kept = [0] * len(rows)
     for j in judged:
         kept[j.sample.row] += bool(j.correct) and j.well_formed
     return [k / n for k in kept]
+
+
+def select(rows: Sequence[dict], judged: Sequence[Judged], n: int, require_correct: bool,
+           require_format: bool) -> tuple[list[dict], dict]:
+    """SFT records of the samples that pass (exact repeats of a kept completion for the same
+    prompt dropped), and the figures: samples, kept, correct, well-formed, repeats, and per
+    prompt its pass rate (correct and well-formed, of n)."""
+    records, seen, repeats = [], set(), 0
+    for j in judged:
+        if (require_correct and not j.correct) or (require_format and not j.well_formed):
+            continue
+        key = (j.sample.row, j.sample.text)
+        if key in seen:
+            repeats += 1
+            continue
+        seen.add(key)
+        records.append(sft_record(rows[j.sample.row]["prompt"], j.sample.text))
+    rates = pass_rates(rows, judged, n)
+    stats = {"prompts": len(rows), "samples": len(judged), "kept": len(records), "repeats_dropped": repeats,
+             "correct": sum(j.correct is True for j in judged),
+             "well_formed": sum(j.well_formed for j in judged),
+             "with_reasoning": sum("</think>" in j.sample.text for j in judged),
+             "prompts_with_a_pass": sum(r > 0 for r in rates),
+             "mean_pass_rate": sum(rates) / len(rates) if rates else 0.0,
+             "pass_rate_histogram": pass_rate_summary(rates, n),
+             "per_prompt": [{"prompt": prompt_text(r["prompt"]), "pass_rate": rate}
+                            for r, rate in zip(rows, rates)]}
+    return records, stats
+
+
+def report_lines(stats: dict, n: int, judged_correct: bool = True) -> list[str]:
+    s = stats
+    lines = [f"kept {s['kept']}/{s['samples']} samples ({s['kept'] / max(s['samples'], 1):.1%}) from "
+             f"{s['prompts']} prompts x {n}: " + (f"{s['correct']} correct, " if judged_correct else "")
+             + f"{s['well_formed']} well-formed, {s['with_reasoning']} with reasoning, "
+             f"{s['repeats_dropped']} repeats dropped"]
+    if judged_correct:
+        lines.append(f"per-prompt pass rate (correct and well-formed, of {n}): mean {s['mean_pass_rate']:.1%}; "
+                     f"{s['prompts_with_a_pass']}/{s['prompts']} prompts pass at least once; "
+                     f"prompts by passes: {s['pass_rate_histogram']}")
+    return lines
 
 
 def sft_record(prompt, completion: str) -> dict:
@@ -308,3 +350,96 @@ def first_rows(rows: list[dict], num_prompts: int | None) -> list[dict]:
     if num_prompts is not None and num_prompts < 1:
         raise ValueError(f"--num-prompts must be positive, got {num_prompts}")
     return rows if num_prompts is None else rows[:num_prompts]
+
+
+# ------------------------------------------------------------------ the two commands
+def prompt_rows(task: str | None, data: str | None, level: int | None = None,
+                num_prompts: int | None = None, seed: int = 0) -> list[dict]:
+    """--task NAME [--level L] (num_prompts distinct train problems, default 100) or --data FILE
+    (its first num_prompts rows, default all)."""
+    if data is not None:
+        if level is not None:
+            raise ValueError("--level sets a built-in task's difficulty; it does not apply to --data")
+        return first_rows(load_prompt_rows(data), num_prompts)
+    first_rows([], num_prompts)  # validates the count
+    return task_rows(task, level or 1, num_prompts or 100, seed)
+
+
+def load_sampler(model_dir: str | Path, device: str = "auto"):
+    """(model, tokenizer) of a checkpoint or run directory, in eval mode on `device`."""
+    from ..hf import from_pretrained
+    from ..train.pipeline import resolve_model_dir, tokenizer_for
+    from ..train.trainer import resolve_device
+    src = resolve_model_dir(model_dir)
+    return from_pretrained(src, device=resolve_device(device)).eval(), tokenizer_for(src)
+
+
+def _check_sampling(n: int, temperature: float, max_tokens: int) -> None:
+    if n < 1:
+        raise ValueError(f"--n must be positive, got {n}")
+    if temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {temperature}")
+    if max_tokens < 1:
+        raise ValueError(f"--max-tokens must be positive, got {max_tokens}")
+
+
+def _write(out: str | Path, records: list[dict], stats: dict) -> Path:
+    out = Path(out)
+    if out.suffix != ".jsonl":
+        raise ValueError(f"--out {out}: the SFT file is JSONL; name it FILE.jsonl")
+    write_jsonl(out, records)
+    out.with_suffix(".stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    return out
+
+
+def rejection_sample(model_dir: str | Path, rows: list[dict], out: str | Path, n: int = 4,
+                     temperature: float = 0.7, max_tokens: int = 256, seed: int = 0,
+                     device: str = "auto") -> dict:
+    """n samples per row from the checkpoint; the correct and well-formed ones (repeats
+    dropped) -> `out` (SFT chats); figures and per-prompt pass rates -> out.stats.json."""
+    _check_sampling(n, temperature, max_tokens)
+    if Path(out).suffix != ".jsonl":
+        raise ValueError(f"--out {out}: the SFT file is JSONL; name it FILE.jsonl")
+    correctness_reward(rows)  # rows that cannot be checked fail before any sampling
+    model, tokenizer = load_sampler(model_dir, device)
+    samples = sample_engine(model, tokenizer, rows, n=n, temperature=temperature,
+                            max_tokens=max_tokens, seed=seed)
+    records, stats = select(rows, judge(rows, samples), n, require_correct=True, require_format=True)
+    _write(out, records, stats)
+    return stats
+
+
+def is_url(teacher: str) -> bool:
+    return str(teacher).startswith(("http://", "https://"))
+
+
+def distill(teacher: str, rows: list[dict], out: str | Path, n: int = 1, temperature: float = 0.6,
+            top_p: float = 0.95, max_tokens: int = 1024, only_correct: bool = False,
+            teacher_model: str | None = None, api_key: str | None = None, concurrency: int = 8,
+            seed: int = 0, device: str = "auto") -> dict:
+    """The teacher's reasoning traces for the rows -> `out` (SFT chats), all of them or only
+    the correct ones. teacher: a checkpoint/run directory, or an OpenAI-compatible base URL.
+    Sampling defaults are R1's recommended temperature 0.6, top-p 0.95."""
+    _check_sampling(n, temperature, max_tokens)
+    if Path(out).suffix != ".jsonl":
+        raise ValueError(f"--out {out}: the SFT file is JSONL; name it FILE.jsonl")
+    checkable = True
+    try:
+        correctness_reward(rows)
+    except DataError:
+        if only_correct:
+            raise
+        checkable = False
+    if is_url(teacher):
+        samples = sample_endpoint(teacher, rows, n=n, temperature=temperature, max_tokens=max_tokens,
+                                  top_p=top_p, model=teacher_model, api_key=api_key,
+                                  concurrency=concurrency, seed=seed)
+    else:
+        model, tokenizer = load_sampler(teacher, device)
+        samples = sample_engine(model, tokenizer, rows, n=n, temperature=temperature,
+                                max_tokens=max_tokens, top_p=top_p, seed=seed)
+    judged = judge(rows, samples, check_correct=checkable)
+    records, stats = select(rows, judged, n, require_correct=only_correct, require_format=False)
+    stats["correctness_checked"] = checkable
+    _write(out, records, stats)
+    return stats
