@@ -229,3 +229,88 @@ def test_rejection_sample_bad_inputs(ckpt, tmp_path, capsys):
     assert main(["rejection-sample", "--model", str(ckpt), "--task", "arithmetic",
                  "--out", str(tmp_path / "o.txt")]) == 2
     assert "name it FILE.jsonl" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ distill
+def test_distill_from_a_local_checkpoint_then_sft_of_the_student(ckpt, tmp_path, capsys):
+    out, student_run = tmp_path / "traces.jsonl", tmp_path / "student"
+    assert main(["distill", "--teacher", str(ckpt), "--task", "arithmetic", "--num-prompts", "3", "--n", "2",
+                 "--max-tokens", "8", "--out", str(out), "--student", str(ckpt), "--sft-out", str(student_run),
+                 "--sft-steps", "1", "batch_size=2", "seq_len=128"]) == 0
+    printed = capsys.readouterr().out
+    chats = [json.loads(line) for line in out.read_text().splitlines()]
+    stats = json.loads(out.with_suffix(".stats.json").read_text())
+    assert stats["samples"] == 6 and stats["correctness_checked"]
+    assert len(chats) == stats["kept"] == 6 - stats["repeats_dropped"]  # no filter: every distinct trace
+    assert "student SFT to step 1" in printed and (student_run / "final" / "config.json").is_file()
+
+
+def test_distill_bad_inputs(ckpt, tmp_path, capsys):
+    base = ["distill", "--teacher", str(ckpt), "--task", "arithmetic", "--out", str(tmp_path / "t.jsonl")]
+    for extra, message in ((["--student", str(ckpt)], "--student and --sft-out go together"),
+                           (["--student", str(tmp_path / "nope"), "--sft-out", str(tmp_path / "s")], "not a checkpoint"),
+                           (["--student", str(ckpt), "--sft-out", str(tmp_path / "s"), "lrr=1"], "lrr"),
+                           (["lr=1"], "without --student"),
+                           (["--api-key-file", "k"], "for a URL teacher"),
+                           (["--concurrency", "0"], "--concurrency must be positive")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    rows = write_rows(tmp_path / "rows.jsonl", [{"prompt": "hi"}])
+    assert main(["distill", "--teacher", str(ckpt), "--data", str(rows), "--only-correct",
+                 "--out", str(tmp_path / "t.jsonl")]) == 2
+    assert "cannot check correctness" in capsys.readouterr().err
+
+
+# the URL teacher: a live `nanoseek serve` app, from test_serve's helpers
+serve = pytest.importorskip("test_serve", reason="needs fastapi, uvicorn, httpx, openai")
+
+REASONER = ["<think>", "ones: 2 + 4 = 6", "\ntens: 1 + 3 = 4", "</think>", "<answer>46</answer>"]
+
+
+def test_distill_from_a_live_reasoning_endpoint(ckpt, tmp_path, monkeypatch, capsys):
+    """The server returns the chain apart (reasoning_content); the trace puts it back in
+    <think>; --only-correct keeps the row whose answer is 46, drops the one whose answer is 7."""
+    from nanoseek.serve.app import Settings, create_app
+    from nanoseek.train.pipeline import tokenizer_for
+    rows = write_rows(tmp_path / "rows.jsonl", [{"prompt": "What is 12 + 34?", "answer": "46"},
+                                                {"prompt": "What is 3 + 4?", "answer": "7"}])
+    app = create_app(serve.ScriptedEngine(REASONER), tokenizer_for(ckpt), "r1", Settings(api_keys=[serve.KEY]))
+    out = tmp_path / "traces.jsonl"
+    with serve.live(app) as url:
+        argv = ["distill", "--teacher", url + "/v1", "--data", str(rows), "--out", str(out), "--only-correct"]
+        monkeypatch.delenv("NANOSEEK_TEACHER_API_KEY", raising=False)
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "HTTP 401" in err and "NANOSEEK_TEACHER_API_KEY" in err
+
+        monkeypatch.setenv("NANOSEEK_TEACHER_API_KEY", serve.KEY)
+        assert main(argv + ["--n", "2"]) == 0
+        printed = capsys.readouterr().out
+        assert "2 correct" in printed and "1 repeats dropped" in printed and serve.KEY not in printed
+        (chat,) = [json.loads(line) for line in out.read_text().splitlines()]
+        assert chat["messages"] == [
+            {"role": "user", "content": "What is 12 + 34?"},
+            {"role": "assistant", "content": "<think>\nones: 2 + 4 = 6\ntens: 1 + 3 = 4\n</think>\n<answer>46</answer>"}]
+
+        monkeypatch.delenv("NANOSEEK_TEACHER_API_KEY")
+        key_file = tmp_path / "key"
+        key_file.write_text(serve.KEY + "\n")
+        assert main(["distill", "--teacher", url, "--teacher-model", "r1", "--api-key-file", str(key_file),
+                     "--data", str(rows), "--out", str(tmp_path / "t2.jsonl")]) == 0  # bare host: /v1 added
+        assert len((tmp_path / "t2.jsonl").read_text().splitlines()) == 2  # no filter: both traces
+        assert main(["distill", "--teacher", url, "--teacher-model", "nope", "--api-key-file", str(key_file),
+                     "--data", str(rows), "--out", str(tmp_path / "t3.jsonl")]) == 2
+        assert "HTTP 404" in capsys.readouterr().err
+
+
+def test_distill_from_a_live_nanoseek_serve_of_a_model(ckpt, tmp_path, capsys):
+    """A real engine behind the server: one trace per prompt, in order, unfiltered."""
+    out = tmp_path / "traces.jsonl"
+    with serve.live(serve.tiny_app(ckpt, "tiny")) as url:
+        assert main(["distill", "--teacher", url + "/v1", "--task", "arithmetic", "--num-prompts", "3",
+                     "--max-tokens", "6", "--temperature", "0", "--out", str(out)]) == 0
+    chats = [json.loads(line) for line in out.read_text().splitlines()]
+    prompts = [r["prompt"] for r in recipe.task_rows("arithmetic", 1, 3)]
+    assert [c["messages"][0]["content"] for c in chats] == prompts
+    assert json.loads(out.with_suffix(".stats.json").read_text())["samples"] == 3
