@@ -9,8 +9,11 @@ directory; both run in BF16 weights on random prompts of 512 tokens and generate
 - peak memory: torch.cuda.max_memory_allocated during the run.
 nanoseek runs its engine as a server would (continuous-batching scheduler, latent cache,
 absorbed MLA decode, the decode step compiled by torch.compile and captured as a CUDA
-graph), then with the graph of the uncompiled step, then eagerly; the greedy tokens of the
-last two are compared with the compiled engine's (same_tokens_as_compiled, per token).
+graph), then the same with the routed experts always on the grouped GEMM (at batch 1 a
+decode step otherwise gathers the chosen experts' weights, model/moe.py), then with the
+graph of the uncompiled step, then eagerly; the greedy tokens of the others are compared
+with the compiled engine's (same_tokens_as_compiled, per token: with random weights the
+logits are near-tied, so BF16 rounding differences alone change tokens).
 Each figure is the median of `--repeat` runs after a warm-up run.
 
     python benchmarks/decode.py [--prompt 512 --new 128 --batches 1 32]
@@ -93,11 +96,15 @@ def main():
             torch.cuda.empty_cache()
         model = from_pretrained(tmp, dtype=torch.bfloat16, device="cuda")
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    from nanoseek.model import moe
+    gather = moe.GATHER_MAX_PAIRS
     modes = {"": dict(cuda_graphs=True, compile=True),
+             " (compiled, grouped GEMM experts only)": dict(cuda_graphs=True, compile=True, gather=0),
              " (CUDA graphs, not compiled)": dict(cuda_graphs=True, compile=False),
              " (no CUDA graphs)": dict(cuda_graphs=False, compile=False)}
     tokens = {}
     for label, mode in modes.items():
+        moe.GATHER_MAX_PAIRS = mode.pop("gather", gather)  # (token, expert) pairs gathered, not grouped
         engine = Engine(model, None, max_batch=max(args.batches), max_len=args.prompt + args.new, **mode)
         for B in args.batches:
             plist = [p.tolist() for p in prompts[:B]]

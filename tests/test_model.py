@@ -133,11 +133,32 @@ def test_grouped_experts_equal_per_expert_loop():
     y_loop = experts.forward_loop(x, w, idx)
     torch.testing.assert_close(y_grouped, y_loop, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(experts.forward_dense(x, w, idx), y_loop, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(experts.forward_gathered(x, w, idx), y_loop, rtol=1e-5, atol=1e-6)
     g = torch.randn_like(y_loop)
     grads_grouped = torch.autograd.grad(y_grouped, [x, experts.gate_proj, experts.down_proj], g)
     grads_loop = torch.autograd.grad(experts.forward_loop(x, w, idx), [x, experts.gate_proj, experts.down_proj], g)
     for a, b in zip(grads_grouped, grads_loop):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_small_decode_batches_take_the_gathered_expert_path(monkeypatch):
+    """Without grad and with at most GATHER_MAX_PAIRS (token, expert) pairs the experts are
+    gathered per pair; larger batches, and any forward that records gradients, do not."""
+    from nanoseek.model import moe
+    experts = Experts(n_experts=8, dim=16, hidden=8)
+    calls = []
+    monkeypatch.setattr(Experts, "forward_gathered", lambda self, *a: calls.append("gathered") or a[0])
+    x, w = torch.randn(2, 16), torch.rand(2, 3)
+    idx = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    with torch.no_grad():
+        experts(x, w, idx)
+        assert calls == ["gathered"]
+        monkeypatch.setattr(moe, "GATHER_MAX_PAIRS", 5)  # 6 pairs: the grouped path
+        experts(x, w, idx)
+    assert calls == ["gathered"]
+    monkeypatch.setattr(moe, "GATHER_MAX_PAIRS", 16)
+    experts(x, w, idx)  # grad enabled: training never gathers
+    assert calls == ["gathered"]
 
 
 def test_moe_impl_flag_switches_to_loop_with_same_logits():

@@ -23,8 +23,12 @@ Balancing.
 Balance is watched through MaxVio = (max_i load_i − mean load) / mean load (V3 §4.5.2).
 
 Experts. Routed experts are stored stacked ([E, F, D] and [E, D, F]) and run as one grouped
-GEMM over tokens sorted by expert (`torch._grouped_mm`), with no host sync. The per-expert
-loop (`moe_impl="loop"`) is the plain reference twin; it syncs to find each expert's tokens.
+GEMM over tokens sorted by expert (`torch._grouped_mm`), with no host sync. A decode step of
+a few tokens has only N·K (token, expert) pairs: then the chosen experts' weights are
+gathered and applied as batched matrix-vector products (gpt-fast's decode MoE), which
+reads the same weights with three plain kernels instead of a sort, a grouped GEMM over all
+E groups and a scatter (`GATHER_MAX_PAIRS`). The per-expert loop (`moe_impl="loop"`) is the
+plain reference twin; it syncs to find each expert's tokens.
 """
 
 from __future__ import annotations
@@ -127,6 +131,11 @@ def balance_loss(scores_BTE, idx_BTK, n_experts: int, alpha: float, per_sequence
     return alpha * (f_BE * P_BE).sum(-1).mean()
 
 
+# N·K (token, expert) pairs up to which the experts' weights are gathered per pair instead
+# of running the grouped GEMM (decode steps of a few sequences); 0 turns the path off
+GATHER_MAX_PAIRS = 16
+
+
 class Experts(nn.Module):
     """E SwiGLU experts stored stacked. Checkpoint keys are per expert (see hf.py)."""
 
@@ -140,6 +149,8 @@ class Experts(nn.Module):
     def forward(self, x_ND, weight_NK, idx_NK):
         if self.impl == "loop":
             return self.forward_loop(x_ND, weight_NK, idx_NK)
+        if idx_NK.numel() <= GATHER_MAX_PAIRS and not torch.is_grad_enabled():
+            return self.forward_gathered(x_ND, weight_NK, idx_NK)
         if grouped_mm_supported(x_ND):
             return self.forward_grouped(x_ND, weight_NK, idx_NK)
         if torch.compiler.is_compiling():
@@ -165,6 +176,20 @@ class Experts(nn.Module):
         y_MD = torch._grouped_mm(h_MF, w_down, offs=offsets_E)
         y_MD = y_MD * weight_NK.flatten()[order_M, None].to(y_MD.dtype)
         return torch.zeros_like(x_ND).index_add_(0, token_M, y_MD.to(x_ND.dtype))
+
+    def forward_gathered(self, x_ND, weight_NK, idx_NK):
+        """Each (token, expert) pair on its own copy of that expert's weights: M = N·K gathered
+        [F, D] / [D, F] matrices and batched matrix-vector products. Reads M experts' weights
+        (a repeated expert twice), so it is for small M only; no sort, no host sync."""
+        N, K = idx_NK.shape
+        dtype = compute_dtype(x_ND)
+        flat_M = idx_NK.flatten()
+        x_MD1 = x_ND.to(dtype).repeat_interleave(K, dim=0)[:, :, None]
+        gate_MF1 = torch.bmm(self.gate_proj[flat_M].to(dtype), x_MD1)
+        up_MF1 = torch.bmm(self.up_proj[flat_M].to(dtype), x_MD1)
+        y_MD1 = torch.bmm(self.down_proj[flat_M].to(dtype), F.silu(gate_MF1) * up_MF1)
+        y_NKD = y_MD1.view(N, K, -1) * weight_NK[..., None].to(y_MD1.dtype)
+        return y_NKD.sum(1).to(x_ND.dtype)
 
     def forward_dense(self, x_ND, weight_NK, idx_NK):
         """Every expert on every token, weighted by a mostly-zero gate: E/K times the work, no
