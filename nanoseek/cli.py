@@ -264,7 +264,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def add_speedrun_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/speedrun", metavar="DIR")
     p.add_argument("--minutes", type=float, default=None,
-                   help="wall-time budget for pretraining + SFT (default: 9 on a CPU, 20 on a GPU)")
+                   help="wall-time budget for pretraining + SFT (default: 9.5 on a CPU, 20 on a GPU)")
     p.add_argument("--grpo-minutes", type=float, default=None, metavar="M",
                    help="budget of the GRPO stage (default: 1.5 on a CPU, 6 on a GPU; 0 skips it)")
 

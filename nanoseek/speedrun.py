@@ -82,13 +82,13 @@ def calibrate_steps(model_cfg, tcfg_kwargs: dict, minutes: float, data: str, out
 
 def speedrun(out: str | Path = "runs/speedrun", minutes: float | None = None,
              grpo_minutes: float | None = None) -> Path:
-    """minutes: pretrain + SFT budget (default 20 on a GPU, 9 on a CPU); grpo_minutes: the
+    """minutes: pretrain + SFT budget (default 20 on a GPU, 9.5 on a CPU); grpo_minutes: the
     GRPO stage's budget (default 6 on a GPU, 1.5 on a CPU; 0 skips the stage)."""
     t_start = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.is_available()
-    minutes = minutes or (20.0 if gpu else 9.0)
+    minutes = minutes or (20.0 if gpu else 9.5)
     grpo_minutes = (6.0 if gpu else 1.5) if grpo_minutes is None else grpo_minutes
     pretrain_data, sft_data = PRETRAIN_DATA, SFT_DATA
     if gpu:
