@@ -249,3 +249,25 @@ def test_static_shape_decode_step_matches_eager_decode(compile):
         static = graph.decode(slots, [s.last_token for s in seqs], [s.num_tokens - 1 for s in seqs])
     assert graph.graphs and (graph.compiled is not None) == compile  # no silent fallback
     torch.testing.assert_close(static, eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_graph_decoding_follows_in_place_weight_updates():
+    """float32 weights under bf16 autocast, decode captured as CUDA graphs: after an in-place
+    update (as an optimizer's, in GRPO) the engine's tokens equal an eager engine's on the
+    new weights; autocast's weight cache would have frozen (or freed) the captured copies."""
+    torch.manual_seed(0)
+    tok = ChatTokenizer(byte_tokenizer(1024))
+    model = Transformer(preset("tiny")).cuda()
+    prompts, sp = [tok.encode("What is 12 + 34?"), tok.encode("Using 1, 2")], SamplingParams(max_tokens=16)
+
+    def tokens(engine):
+        return [o.token_ids for o in engine.generate(prompts, sp)]
+
+    graphs = Engine(model, tok, max_batch=4, max_len=64)
+    tokens(graphs)  # captures the graphs with the first weights
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    assert graphs.runner.graphs.graphs  # the decode ran from captured graphs
+    assert tokens(graphs) == tokens(Engine(model, tok, max_batch=4, max_len=64, cuda_graphs=False))

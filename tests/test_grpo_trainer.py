@@ -165,37 +165,3 @@ def test_cli_grpo_one_step_and_a_bad_key(tmp_path, capsys):
     assert main(["grpo", "--model", str(ckpt), "--task", "arithmetic", "--out", str(tmp_path / "y"),
                  "beta=-1"]) == 2
     assert "beta" in capsys.readouterr().err
-
-
-def test_autocast_cache_off_is_restored():
-    from nanoseek.rl.trainer import autocast_cache_off
-    assert torch.is_autocast_cache_enabled()
-    with autocast_cache_off():
-        assert not torch.is_autocast_cache_enabled()
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # nested contexts inherit it
-            assert not torch.is_autocast_cache_enabled()
-    assert torch.is_autocast_cache_enabled()
-
-
-@pytest.mark.gpu
-def test_graph_rollouts_follow_in_place_weight_updates():
-    """float32 weights under bf16 autocast, decode captured as CUDA graphs: after an
-    in-place update (as the optimizer's) the rollouts equal eager ones of the new weights."""
-    from nanoseek.infer.engine import Engine
-    from nanoseek.infer.sampling import SamplingParams
-    from nanoseek.rl.trainer import autocast_cache_off
-    torch.manual_seed(0)
-    tok = ChatTokenizer(byte_tokenizer(1024))
-    model = nanoseek.Transformer(nanoseek.preset("tiny")).cuda()
-    prompts, sp = [tok.encode("What is 12 + 34?"), tok.encode("Using 1, 2")], SamplingParams(max_tokens=16)
-
-    def tokens(engine):
-        with autocast_cache_off():
-            return [o.token_ids for o in engine.generate(prompts, sp)]
-
-    graphs = Engine(model, tok, max_batch=4, max_len=64)
-    tokens(graphs)  # captures the graphs with the first weights
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(1.5)
-    assert tokens(graphs) == tokens(Engine(model, tok, max_batch=4, max_len=64, cuda_graphs=False))

@@ -122,7 +122,7 @@ def sample_engine(model, tokenizer, rows: Sequence[dict], n: int = 4, temperatur
 
     from ..infer.engine import Engine
     from ..infer.sampling import SamplingParams
-    from .trainer import _seed, autocast_cache_off
+    from .trainer import _seed
     prompts = [tokenizer.encode(render_prompt(tokenizer, r["prompt"], prompt_format)) for r in rows]
     limit = model.config.max_position_embeddings
     longest = max(len(p) for p in prompts)
@@ -134,7 +134,7 @@ def sample_engine(model, tokenizer, rows: Sequence[dict], n: int = 4, temperatur
     params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                              seed=_seed(seed, i, j)) for i in range(len(rows)) for j in range(n)]
     model.eval()
-    with torch.no_grad(), autocast_cache_off():
+    with torch.no_grad():
         outs = engine.generate([p for p in prompts for _ in range(n)], params)
     opened = "<think>\n" if prompt_format == "chat_think" else ""  # the prompt opened it
     return [Sample(k // n, opened + o.text, len(o.token_ids)) for k, o in enumerate(outs)]

@@ -175,25 +175,6 @@ def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 2
 
 
-@contextlib.contextmanager
-def autocast_cache_off():
-    """Rollouts on a GPU: the engine captures its decode step as CUDA graphs and, over float32
-    master weights, runs it under bf16 autocast. Autocast caches the bf16 copy of each weight
-    that requires grad for as long as its outermost context lasts, so the capture would be
-    handed the copies made during its warm-up: a graph reading tensors that are freed when
-    the context exits (stale values, or an illegal memory access) and that never see the
-    optimizer's updates. With the cache off, the casts are kernels inside the graph reading
-    the live float32 weights. (torch.cuda.make_graphed_callables refuses the cache for the
-    same reason; torch.cuda.graph does not check.) Nested autocast contexts inherit the
-    setting."""
-    before = torch.is_autocast_cache_enabled()
-    torch.set_autocast_cache_enabled(False)
-    try:
-        yield
-    finally:
-        torch.set_autocast_cache_enabled(before)
-
-
 def _mean(values) -> float | None:
     values = [float(v) for v in values if v is not None]
     return sum(values) / len(values) if values else None
@@ -278,8 +259,7 @@ class GRPOTrainer:
         was_training = self.model.training
         self.model.eval()
         try:
-            with autocast_cache_off():
-                outs = engine.generate([p for p in prompt_ids for _ in range(G)], params)
+            outs = engine.generate([p for p in prompt_ids for _ in range(G)], params)
         finally:
             self.model.train(was_training)
         return {"prompt_ids": [p for p in prompt_ids for _ in range(G)],
@@ -449,8 +429,7 @@ class GRPOTrainer:
         engine = self._engine(len(ids), max(len(p) for p in ids))
         self.model.eval()
         try:
-            with autocast_cache_off():
-                outs = engine.generate(ids, SamplingParams(max_tokens=cfg.max_new_tokens))
+            outs = engine.generate(ids, SamplingParams(max_tokens=cfg.max_new_tokens))
         finally:
             self.model.train()
         right = [self.task.check(ex, o.text) for ex, o in zip(examples, outs)]
