@@ -191,7 +191,9 @@ def run_nanoseek(args, export_dir: Path, tok: ChatTokenizer, cfg, rows: list[lis
                implementation={"rollouts": "nanoseek infer.Engine",
                                "cuda_graphs": bool(trainer.engine and trainer.engine.runner.graphs
                                                    and trainer.engine.runner.graphs.graphs
-                                                   and not trainer.engine.runner.graphs.failed)})
+                                                   and not trainer.engine.runner.graphs.failed),
+                               "compiled": bool(trainer.engine and trainer.engine.runner.graphs
+                                                and trainer.engine.runner.graphs.compiled is not None)})
     del trainer, model
     reset_memory(device)
     return out
@@ -341,6 +343,8 @@ def main():
     ap.add_argument("--level", type=int, default=1, help="arithmetic difficulty")
     ap.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                     help="full-length completions on both sides (default on)")
+    ap.add_argument("--compile-rollouts", action="store_true",
+                    help="nanoseek: compile the engine's decode step before graph capture (warm-up pays it)")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -356,6 +360,7 @@ def main():
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=1.0,
                       lr=args.lr, weight_decay=0.0, grad_clip=1.0, beta=args.beta, loss_type=args.loss_type,
                       scale="group", mu=1, micro_batch=0, dynamic_sampling=False,
+                      compile_rollouts=args.compile_rollouts,
                       rewards={"accuracy": 1.0}, level=args.level, prompt_format="chat",
                       steps=args.warmup + args.steps, seed=args.seed, device=str(device))
     out_path = Path(args.out)

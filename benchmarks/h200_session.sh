@@ -52,7 +52,8 @@ case $stage in
     echo "serve done at $(elapsed)s"
     OUT=$OUT python3 benchmarks/decode.py --repeat 2 2>&1 | grep -v Warning | tee "$OUT/decode.log"
     echo "decode done at $(elapsed)s"
-    OUT=$OUT python3 benchmarks/grpo_trl.py --out "$OUT/grpo_trl.json" ${TRL_ARGS:-} 2>&1 | tee "$OUT/grpo_trl.log"
+    OUT=$OUT python3 benchmarks/grpo_trl.py --out "$OUT/grpo_trl.json" --compile-rollouts ${TRL_ARGS:-} 2>&1 \
+      | tee "$OUT/grpo_trl.log"
     echo "trl done at $(elapsed)s"
     model=$(ls -d runs/*/sft/final 2>/dev/null | head -1)
     if [ -n "$model" ] && [ "$(elapsed)" -lt 450 ]; then

@@ -98,6 +98,7 @@ class GRPOConfig:
     mu: int = 1                    # inner iterations per batch of rollouts
     micro_batch: int = 0           # sequences per forward/backward; 0: the whole batch
     dynamic_sampling: bool = False
+    compile_rollouts: bool = False  # GPU: torch.compile the engine's decode step (infer/cuda_graph.py)
     dynamic_sampling_tries: int = 3
     rewards: dict = field(default_factory=lambda: {"accuracy": 1.0})  # name -> weight
     level: int = 1                 # built-in task difficulty
@@ -141,8 +142,9 @@ class GRPOConfig:
             bad("scale", f"choose one of {', '.join(SCALES)}")
         if self.prompt_format not in PROMPT_FORMATS:
             bad("prompt_format", f"choose one of {', '.join(PROMPT_FORMATS)}")
-        if not isinstance(self.dynamic_sampling, bool):
-            bad("dynamic_sampling", "must be true or false")
+        for name in ("dynamic_sampling", "compile_rollouts"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be true or false")
         if (not isinstance(self.rewards, dict) or not self.rewards
                 or not all(isinstance(w, (int, float)) for w in self.rewards.values())):
             bad("rewards", 'must be a non-empty {"name": weight} object')
@@ -244,7 +246,8 @@ class GRPOTrainer:
         e = self.engine
         if e is None or e.max_len < need or e.num_slots < n_requests:
             max_len = min(limit, 64 * math.ceil(need / 64))
-            self.engine = Engine(self.model, self.tokenizer, max_batch=n_requests, max_len=max_len)
+            self.engine = Engine(self.model, self.tokenizer, max_batch=n_requests, max_len=max_len,
+                                 compile=self.cfg.compile_rollouts)
         return self.engine
 
     @torch.no_grad()
