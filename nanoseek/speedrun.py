@@ -72,13 +72,14 @@ def calibrate_steps(model_cfg, tcfg_kwargs: dict, minutes: float, data: str, out
     """Steps that fit `minutes`, from the median time of a few throwaway steps."""
     probe = out / ".calibrate"
     shutil.rmtree(probe, ignore_errors=True)
-    n = 12
+    n = 24
     trainer, _, records = pretrain(model_cfg, train_config(steps=n, **tcfg_kwargs), data, probe, progress=False)
-    times = sorted(r["step_time_s"] for r in records[4:])  # the first steps warm up (allocator, compile)
+    # the first steps run slow (allocator, compile, and on a CPU the threads still busy after
+    # the tokenizer's training: probes of 6 steps read 25-70% over the run's real step time)
+    times = sorted(r["step_time_s"] for r in records[n // 2:])
     shutil.rmtree(probe, ignore_errors=True)
-    # + 5%: a whole run also logs, evaluates nothing and saves at the end (measured on a 2-core
-    # CPU: 0.293 s per step over a run whose median step took 0.282 s)
-    step_s = times[len(times) // 2] * 1.05
+    # + 4%: a whole run's wall time per step over its median step (2-core CPU: 0.272 vs 0.261 s)
+    step_s = times[len(times) // 2] * 1.04
     return max(20, int(minutes * 60 / step_s))
 
 
