@@ -8,6 +8,15 @@ def _seed():
 
 
 @pytest.fixture(scope="module")
+def few_threads():
+    """At most 2 torch threads for a module (the CI machine's cores), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def model():
     """The tiny preset with its weights scaled up: sharper logits, so that no near-tie lets
     two equal computations (cached vs recomputed, 1-token vs (k+1)-token forwards) pick

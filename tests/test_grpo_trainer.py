@@ -31,12 +31,7 @@ def constant(prompts, completions, **kwargs):
 FUNCS = {"len3": len3, "constant": constant}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("few_threads")  # conftest.py
 
 
 @pytest.fixture(scope="module")

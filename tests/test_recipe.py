@@ -27,12 +27,7 @@ ROWS = [{"prompt": "What is 1/2 + 1/4?", "answer": "3/4", "solution": "\\frac{3}
          "answer": "1024", "solution": "1024", "level": 2}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("few_threads")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,7 @@ from nanoseek.train.metrics import read_metrics
 from nanoseek.train.pipeline import tokenizer_for
 
 
-@pytest.fixture(scope="module", autouse=True)
-def few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("few_threads")  # conftest.py
 
 
 def test_choose_grpo_task_first_in_band_else_closest():

@@ -112,6 +112,17 @@ class BucketGraphs:
         graph.replay()
         return out
 
+    def replay_rows(self, buffers: list[torch.Tensor], slots: list[int], *values: list[int]):
+        """Write values[i] at rows `slots` of buffers[i], run the step of the smallest bucket
+        holding them and return its outputs at those rows; None when no bucket fits or
+        capture failed (the caller steps eagerly)."""
+        if self.failed or self.bucket_for(max(slots) + 1) is None:
+            return None
+        out = self.run(self.load(buffers, slots, *values))
+        if out is None:
+            return None
+        return out[: len(slots)] if slots == list(range(len(slots))) else out[torch.tensor(slots, device=self.device)]
+
     def load(self, buffers: list[torch.Tensor], slots: list[int], *values: list[int]) -> int:
         """Write values[i] at rows `slots` of buffers[i] (zeros elsewhere); returns the bucket."""
         bucket = self.bucket_for(max(slots) + 1)
@@ -149,13 +160,7 @@ class GraphDecoder(BucketGraphs):
     @torch.no_grad()
     def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor | None:
         """Logits [len(slots), V] for one token per listed slot, or None when no graph fits."""
-        if self.failed or self.bucket_for(max(slots) + 1) is None:
-            return None
-        bucket = self.load([self.ids, self.positions], slots, tokens, positions)
-        logits = self.run(bucket)
-        if logits is None:
-            return None
-        return logits[: len(slots)] if slots == list(range(len(slots))) else logits[torch.tensor(slots, device=self.device)]
+        return self.replay_rows([self.ids, self.positions], slots, tokens, positions)
 
 
 class GraphSpeculator(BucketGraphs):
@@ -180,10 +185,4 @@ class GraphSpeculator(BucketGraphs):
     @torch.no_grad()
     def speculate(self, slots: list[int], pending: list[int], positions: list[int]) -> torch.Tensor | None:
         """[len(slots), K + 2]: accepted count, then the K + 1 tokens (speculate's layout)."""
-        if self.failed or self.bucket_for(max(slots) + 1) is None:
-            return None
-        bucket = self.load([self.pending, self.pos], slots, pending, positions)
-        out = self.run(bucket)
-        if out is None:
-            return None
-        return out[: len(slots)] if slots == list(range(len(slots))) else out[torch.tensor(slots, device=self.device)]
+        return self.replay_rows([self.pending, self.pos], slots, pending, positions)
