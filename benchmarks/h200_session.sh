@@ -62,7 +62,7 @@ case $stage in
     fi
     ;;
   trl)
-    OUT=$OUT python3 benchmarks/grpo_trl.py ${TRL_ARGS:-} 2>&1 | tee "$OUT/grpo_trl.log"
+    OUT=$OUT python3 benchmarks/grpo_trl.py --compile-rollouts ${TRL_ARGS:-} 2>&1 | tee "$OUT/grpo_trl.log"
     ;;
 esac
 echo "stage $stage: $(elapsed)s"
