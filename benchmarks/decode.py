@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import sys
 import tempfile
@@ -69,6 +70,8 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile the compiled decode step (uncaptured) per kernel: decode_profile.txt")
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = preset("bench-1b")
@@ -141,6 +144,37 @@ def main():
         print(f"{name:42s} {r['ttft_s'] * 1e3:8.1f} {r['decode_tokens_per_s']:13,.0f} "
               f"{r['peak_memory_gib']:9.2f} {r.get('decode_speedup_vs_transformers', float('nan')):6.1f}x")
     print(f"wrote {path}")
+    if args.profile:
+        profile_decode_step(model, args)
+
+
+def profile_decode_step(model, args):
+    """Where a decode step's GPU time goes: the compiled step run without capture under
+    torch.profiler, at batch 1 and the largest batch, kernels by total CUDA time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nanoseek.infer.cuda_graph import GraphDecoder
+    engine = Engine(model, None, max_batch=max(args.batches), max_len=args.prompt + args.new, cuda_graphs=False)
+    lines = []
+    for B in sorted({1, max(args.batches)}):
+        step = GraphDecoder(model, engine.cache, None, compile=True, capture=False)
+        slots = list(range(B))
+        with torch.no_grad():
+            for _ in range(3):  # compile, warm up
+                step.decode(slots, [1] * B, [args.prompt] * B)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    step.decode(slots, [1] * B, [args.prompt] * B)
+                torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or e.self_device_time_total > 0]
+        total = sum(e.self_device_time_total for e in events) / 10
+        lines += [f"## batch {B}: {total:.0f} us of kernels per decode step, "
+                  f"{sum(e.count for e in events) / 10:.0f} kernel launches", "",
+                  prof.key_averages().table(sort_by="self_device_time_total", row_limit=30), ""]
+    out = Path(os.environ.get("OUT", "benchmarks/results")) / "decode_profile.txt"
+    out.write_text("\n".join(lines))
+    print("\n".join(lines[:1]), f"\nwrote {out}")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ case $stage in
     OUT=$OUT python3 benchmarks/speculative.py --model runs/h200/sft/final --k 1 2 --batches 1 8 \
       --repeat 2 2>&1 | tee "$OUT/speculative.log"
     echo "speculative done at $(elapsed)s"
-    OUT=$OUT python3 benchmarks/decode.py --repeat 3 2>&1 | grep -v Warning | tee "$OUT/decode.log"
+    OUT=$OUT python3 benchmarks/decode.py --repeat 3 --profile 2>&1 | grep -v Warning | tee "$OUT/decode.log"
     echo "decode done at $(elapsed)s"
     OUT=$OUT python3 benchmarks/serve_load.py --preset bench-1b --clients 64 --max-batch 64 --requests 4 \
       --new 128 --compile 2>&1 | tail -20 | tee "$OUT/serve_load.log"
