@@ -288,6 +288,10 @@ def add_grpo_args(p: argparse.ArgumentParser) -> None:
                           "messages); other columns (answer, solution, tests, ...) reach the reward "
                           "functions as keyword arguments. Default reward: math (math-verify) for "
                           "rows with answer/solution, code for rows with tests")
+    p.add_argument("--eval-data", metavar="FILE",
+                   help="held-out rows like --data's, answered greedily and scored by the same rewards "
+                        "every eval_every steps and at the end (eval_reward in metrics.jsonl; eval_n "
+                        "rows, default all); --task runs use the task's test split instead")
     p.add_argument("--level", type=int, default=None, metavar="N", help="task difficulty (default 1; --task only)")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--steps", type=int, default=None, metavar="K", help="GRPO steps (default 100)")
@@ -311,7 +315,14 @@ def cmd_grpo(args: argparse.Namespace) -> None:
     for name, value in (("steps", args.steps), ("level", args.level)):
         if value is not None:
             changes[name] = value
-    source = args.task
+    if args.eval_data and not args.data:
+        raise UsageError("--eval-data goes with --data; a --task run evaluates on the task's test split "
+                         "(set eval_n=N)")
+    source, eval_rows = args.task, None
+    if args.eval_data:
+        from .rl.recipe import load_prompt_rows
+        eval_rows = load_prompt_rows(args.eval_data)
+        changes.setdefault("eval_n", len(eval_rows))
     if args.data:
         from .rl.recipe import correctness_reward, load_prompt_rows
         source = load_prompt_rows(args.data)
@@ -322,7 +333,8 @@ def cmd_grpo(args: argparse.Namespace) -> None:
         cfg = grpo_config(**changes)
     except TypeError as e:  # a value of the wrong type, e.g. beta="x"
         raise UsageError(f"invalid grpo value ({e})") from None
-    trainer, records = grpo(args.model, source, cfg, args.out, resume=args.resume, data=args.data)
+    trainer, records = grpo(args.model, source, cfg, args.out, resume=args.resume, data=args.data,
+                            eval_rows=eval_rows)
     last = records[-1] if records else {}
     print(f"GRPO to step {trainer.step}; last reward {last.get('reward', float('nan')):.4f}; "
           f"model in {Path(args.out) / 'final'}")

@@ -146,6 +146,45 @@ def test_cli_grpo_data_one_step(ckpt, tmp_path, capsys):
     assert (out / "final" / "config.json").is_file()
 
 
+def test_eval_rows_are_answered_greedily_and_scored_by_the_rewards(ckpt, tmp_path, monkeypatch):
+    """A dataset run's held-out evaluation: eval_n rows, greedy (temperature 0), scored by
+    the configured rewards: the weighted total and each function's mean."""
+    from nanoseek.hf import from_pretrained
+    from nanoseek.infer.engine import Engine
+    from nanoseek.train.pipeline import tokenizer_for
+    held_out = [{"prompt": "What is 1/2 + 1/4?", "answer": "3/4"}, {"prompt": "What is 2 + 2?", "answer": "4"},
+                {"prompt": "What is 3 * 3?", "answer": "9"}]
+    cfg = grpo_config(group_size=2, prompts_per_step=1, max_new_tokens=4, steps=1, eval_n=2,
+                      rewards={"math": 1.0, "format": 0.5})
+    trainer = GRPOTrainer(from_pretrained(ckpt), tokenizer_for(ckpt), ROWS, cfg, tmp_path, eval_rows=held_out)
+    asked = []
+
+    def scripted(self, prompts, params):  # right, then well-formed but wrong
+        asked.append((len(prompts), params.temperature))
+        texts = ["<answer>3/4</answer>", "<think>\nhm\n</think>\n<answer>5</answer>"]
+        return [type("Out", (), {"text": t})() for t in texts[: len(prompts)]]
+    monkeypatch.setattr(Engine, "generate", scripted)
+    r = trainer.evaluate()
+    assert asked == [(2, 0.0)]  # eval_n rows, greedy
+    assert r["eval_reward_math"] == 0.5 and r["eval_reward_format"] == 0.5
+    assert r["eval_reward"] == pytest.approx((1.0 + 0.5) / 2)
+    with pytest.raises(ValueError, match="eval_rows are for a dataset run"):
+        GRPOTrainer(from_pretrained(ckpt), tokenizer_for(ckpt), "arithmetic", cfg, tmp_path / "t", eval_rows=held_out)
+
+
+def test_cli_grpo_eval_data(ckpt, tmp_path, capsys):
+    data = write_rows(tmp_path / "rows.jsonl", ROWS)
+    held_out = write_rows(tmp_path / "held_out.jsonl", ROWS[:1])
+    out = tmp_path / "g"
+    assert main(["grpo", "--model", str(ckpt), "--data", str(data), "--eval-data", str(held_out), "--out", str(out),
+                 "--steps", "1", "group_size=2", "prompts_per_step=2", "max_new_tokens=6"]) == 0
+    (record,) = read_metrics(out)
+    assert record["eval_reward"] == record["eval_reward_math"] and 0.0 <= record["eval_reward"] <= 1.0
+    assert main(["grpo", "--model", str(ckpt), "--task", "arithmetic", "--eval-data", str(held_out),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--eval-data goes with --data" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ judging
 def test_judge_and_select_keep_correct_well_formed_and_drop_repeats():
     rows = recipe.task_rows("arithmetic", level=1, n=2, seed=3)

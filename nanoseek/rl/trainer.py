@@ -46,7 +46,9 @@ Logged per step (metrics.jsonl): loss, reward (total mean) and reward_{name} per
 when configured), response_length, response_length_correct / _incorrect (tokens),
 kl, clip_fraction (+ _low/_high), entropy, ratio_mean, grad_norm, groups_kept,
 groups_dropped, rollout_tokens, rollout_tokens_per_s, rollout_time_s, step_time_s, lr; and
-every eval_every steps eval_accuracy (greedy, held-out test split).
+every eval_every steps eval_accuracy (greedy, held-out test split), or for a dataset run
+with held-out rows (`eval_rows`, `nanoseek grpo --eval-data`) eval_reward and
+eval_reward_{name}: the rewards of greedy answers to them.
 """
 
 from __future__ import annotations
@@ -185,9 +187,12 @@ def _mean(values) -> float | None:
 class GRPOTrainer:
     def __init__(self, model, tokenizer, task_or_dataset: str | Sequence[dict], cfg: GRPOConfig,
                  run_dir: str | Path, reward_funcs: dict[str, Callable] | None = None,
-                 tokenizer_dir: str | Path | None = None, extra_state: dict | None = None):
+                 tokenizer_dir: str | Path | None = None, extra_state: dict | None = None,
+                 eval_rows: Sequence[dict] | None = None):
         """model: a nanoseek Transformer (float32 master weights); tokenizer: a ChatTokenizer.
         task_or_dataset: a built-in task name, or rows {"prompt": str, other columns}.
+        eval_rows: held-out rows like the dataset's, scored greedily by the same rewards
+        (a built-in task's evaluation uses its own test split instead).
         reward_funcs: name -> TRL-signature function, looked up before the built-in rewards;
         cfg.rewards gives each name's weight."""
         self.cfg, self.tokenizer = cfg, tokenizer
@@ -213,8 +218,12 @@ class GRPOTrainer:
         self.reward_fn = combine_rewards(funcs, list(cfg.rewards.values()))
         # combine_rewards names results after the functions; map back to the config's names
         self._name_of = dict(zip(self.reward_fn.names, self.reward_names))
-        if self.rows is not None:  # a reward that needs a column the rows lack fails here, not at step 1
-            self.score({"rows": self.rows[:1], "completions": [""]})
+        self.eval_rows = list(eval_rows or [])
+        if self.eval_rows and self.task is not None:
+            raise ValueError("eval_rows are for a dataset run; a built-in task evaluates on its test split")
+        for rows in (self.rows, self.eval_rows):  # a reward that needs a missing column fails here, not later
+            if rows:
+                self.score({"rows": rows[:1], "completions": [""]})
         self.ref_model = None
         if cfg.beta > 0:  # before any resume: the reference is the initial policy
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -420,7 +429,7 @@ class GRPOTrainer:
         eval`); the other formats through the engine with the training prompt format."""
         cfg = self.cfg
         if self.task is None:
-            return {}
+            return self._evaluate_rows()
         if cfg.prompt_format == "chat":
             from ..train.evaluate import evaluate_task
             r = evaluate_task(self.model, self.tokenizer, self.task.name, cfg.level, n=cfg.eval_n,
@@ -437,6 +446,23 @@ class GRPOTrainer:
             self.model.train()
         right = [self.task.check(ex, o.text) for ex, o in zip(examples, outs)]
         return {"eval_accuracy": sum(right) / len(right)}
+
+    def _evaluate_rows(self) -> dict:
+        """Dataset runs: greedy completions of the first eval_n held-out rows, scored by the
+        configured rewards: eval_reward (the weighted total) and eval_reward_{name} (each
+        function's mean over the rows it applies to)."""
+        rows = self.eval_rows[: self.cfg.eval_n]
+        if not rows:
+            return {}
+        ids = [self.tokenizer.encode(self._render(r["prompt"])) for r in rows]
+        engine = self._engine(len(ids), max(len(p) for p in ids))
+        self.model.eval()
+        try:
+            outs = engine.generate(ids, SamplingParams(max_tokens=self.cfg.max_new_tokens))
+        finally:
+            self.model.train()
+        totals, per_fn = self.score({"rows": rows, "completions": [o.text for o in outs]})
+        return {"eval_reward": _mean(totals), **{f"eval_reward_{k}": _mean(v) for k, v in per_fn.items()}}
 
     # ------------------------------------------------------------ state
     def state(self) -> dict:
@@ -492,8 +518,8 @@ class GRPOTrainer:
 
 
 def plot_rl_metrics(metrics_jsonl: str | Path, out_dir: str | Path) -> Path | None:
-    """rl.png: reward (total), accuracy (train and held-out) and response length
-    (correct / incorrect) over steps."""
+    """rl.png: reward (total, and held-out for dataset runs), accuracy (train and held-out)
+    and response length (correct / incorrect) over steps."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -508,14 +534,14 @@ def plot_rl_metrics(metrics_jsonl: str | Path, out_dir: str | Path) -> Path | No
         return [p[0] for p in pts], [p[1] for p in pts]
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    panels = [("reward", ["reward"]), ("accuracy", ["accuracy", "eval_accuracy"]),
+    panels = [("reward", ["reward", "eval_reward"]), ("accuracy", ["accuracy", "eval_accuracy"]),
               ("response length (tokens)", ["response_length", "response_length_correct",
                                             "response_length_incorrect"])]
     for ax, (title, names) in zip(axes, panels):
         for name in names:
             xs, ys = series(name)
             if xs:
-                ax.plot(xs, ys, label=name, marker="o" if name == "eval_accuracy" else None,
+                ax.plot(xs, ys, label=name, marker="o" if name.startswith("eval_") else None,
                         markersize=3, linewidth=1.2)
         ax.set_title(title)
         ax.set_xlabel("step")
@@ -532,10 +558,10 @@ def plot_rl_metrics(metrics_jsonl: str | Path, out_dir: str | Path) -> Path | No
 
 def grpo(model_dir: str | Path, task: str | Sequence[dict], cfg: GRPOConfig, out: str | Path,
          resume: bool = False, progress: bool | None = None, deadline: float | None = None,
-         data: str | None = None) -> tuple[GRPOTrainer, list[dict]]:
+         data: str | None = None, eval_rows: Sequence[dict] | None = None) -> tuple[GRPOTrainer, list[dict]]:
     """The CLI's stage: a checkpoint (or run directory) + its tokenizer -> GRPO -> out/final.
-    task: a built-in task name, or dataset rows (recipe.load_prompt_rows) read from `data`.
-    deadline: as in GRPOTrainer.fit."""
+    task: a built-in task name, or dataset rows (recipe.load_prompt_rows) read from `data`;
+    eval_rows: held-out rows for a dataset run. deadline: as in GRPOTrainer.fit."""
     from ..train.pipeline import load_base, publish_final
     out = Path(out)
     if not resume:
@@ -543,7 +569,7 @@ def grpo(model_dir: str | Path, task: str | Sequence[dict], cfg: GRPOConfig, out
     src, tok, tok_dir, model = load_base(model_dir, out)
     source = {"task": task} if isinstance(task, str) else {"data": data}
     trainer = GRPOTrainer(model, tok, task, cfg, out, tokenizer_dir=tok_dir,
-                          extra_state={**source, "base_model": str(src)})
+                          extra_state={**source, "base_model": str(src)}, eval_rows=eval_rows)
     records = trainer.fit(resume=resume, progress=progress, deadline=deadline)
     publish_final(trainer.model, tok_dir, out)
     (out / "grpo_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
