@@ -114,7 +114,7 @@ def _abstract(key: str) -> tuple[str, list[int]]:
     return _NUMBER.sub("{}", key), [int(n) for n in _NUMBER.findall(key)]
 
 
-def _keep_fp32(model: Transformer) -> set[str]:
+def float32_params(model: Transformer) -> set[str]:
     """The router's weight and bias stay float32 whatever the dtype, as in DeepSeek's code."""
     names = set()
     for prefix, module in model.named_modules():
@@ -195,7 +195,7 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int =
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a directory; not replacing it")
     dtype = dtype or model.model.embed_tokens.weight.dtype
-    fp32 = _keep_fp32(model)
+    fp32 = float32_params(model)
     tensors = to_hf_state_dict(model)
 
     def stored_dtype(key: str, t: torch.Tensor) -> torch.dtype:
@@ -295,7 +295,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     path = Path(path)
     config = ModelConfig.from_json(path)
     with ExitStack() as stack:
-        ckpt = _Checkpoint.open(path, stack)
+        ckpt = WeightFiles.open(path, stack)
         L, n_mtp = config.num_hidden_layers, config.num_nextn_predict_layers
         if n_mtp and not any(ckpt.has_layer(L + k) for k in range(n_mtp)):
             if config.extra.get("model_type") != "deepseek_v2":  # V2 configs leave it at 1
@@ -308,11 +308,9 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None,
 
         with torch.device("meta"):
             model = Transformer(config)
-        plan, missing, unexpected = _plan(ckpt, model, block)
+        plan, missing, unexpected = plan_load(ckpt, model, block)
         if strict and (missing or unexpected):
-            problems = ([f"missing key(s) {_some(missing)}"] if missing else []) + \
-                       ([f"unexpected key(s) {_some(unexpected)}"] if unexpected else [])
-            raise CheckpointError(f"{path} does not match its config.json: " + "; ".join(problems))
+            raise CheckpointError(f"{path} does not match its config.json: {key_mismatch(missing, unexpected)}")
 
         model = _materialize(model, dtype, torch.device(device or "cpu"))
         if missing:
@@ -328,7 +326,10 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     return model.eval()
 
 
-class _Checkpoint:
+# ------------------------------------------------------------------ the loading API
+# WeightFiles, plan_load, key_mismatch and float32_params are what train/checkpoint.py's
+# exact-resume loader shares with from_pretrained: one routing of HF keys onto the model.
+class WeightFiles:
     """The safetensors files of a checkpoint directory, opened (headers only until read)."""
 
     def __init__(self, handles: dict):
@@ -336,7 +337,7 @@ class _Checkpoint:
         self.where = {k: f for f, h in handles.items() for k in h.keys()}  # key -> file
 
     @classmethod
-    def open(cls, path: Path, stack: ExitStack) -> "_Checkpoint":
+    def open(cls, path: Path, stack: ExitStack) -> "WeightFiles":
         index = path / INDEX_FILE
         if index.exists():
             try:
@@ -391,7 +392,7 @@ def _recorded_dtype(config: ModelConfig) -> torch.dtype:
     return torch.bfloat16 if dtype.itemsize == 1 else dtype
 
 
-def _plan(ckpt: _Checkpoint, model: Transformer, block: tuple[int, int]):
+def plan_load(ckpt: WeightFiles, model: Transformer, block: tuple[int, int]):
     """Route every checkpoint key and check its shape against the (meta) model, before any
     tensor is read. Returns {key: pieces} in file order, the missing and the unexpected keys."""
     config = model.config
@@ -476,8 +477,14 @@ def _expected_shape(piece: _Piece, shapes: dict[str, torch.Size]) -> tuple[int, 
     return tuple(shape)
 
 
-def _some(keys: list[str], n: int = 5) -> str:
+def some_keys(keys: list[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def key_mismatch(missing: list[str], unexpected: list[str]) -> str:
+    """'missing key(s) a, b; unexpected key(s) c' for an error message."""
+    return "; ".join(([f"missing key(s) {some_keys(missing)}"] if missing else [])
+                     + ([f"unexpected key(s) {some_keys(unexpected)}"] if unexpected else []))
 
 
 def _materialize(model: Transformer, dtype: torch.dtype, device: torch.device) -> Transformer:

@@ -45,7 +45,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..config import ConfigError, ModelConfig
-from ..hf import FP8_BLOCK, CheckpointError, _Checkpoint, _keep_fp32, _plan, _some, save_pretrained
+from ..hf import (FP8_BLOCK, CheckpointError, WeightFiles, float32_params, key_mismatch, plan_load,
+                  save_pretrained, some_keys)
 from ..model.moe import Router
 
 CHECKPOINTS = "checkpoints"
@@ -198,7 +199,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
 def _check_one_dtype(model: nn.Module) -> None:
     """hf.save_pretrained stores every floating tensor but the router's in one dtype; refuse a
     model it would silently round (e.g. float32 weights beside a bfloat16 embedding)."""
-    fp32 = _keep_fp32(model)
+    fp32 = float32_params(model)
     dtypes = {t.dtype for k, t in model.state_dict().items() if t.is_floating_point() and k not in fp32}
     if len(dtypes) > 1:
         raise ValueError(f"the model mixes floating dtypes {sorted(map(str, dtypes))}; a checkpoint "
@@ -385,13 +386,11 @@ def load_checkpoint(run_dir_or_ckpt_dir: str | Path, model: nn.Module,
     _check_config(ckpt, model)
 
     with ExitStack() as stack:
-        weights = _Checkpoint.open(ckpt, stack)
-        plan, missing, unexpected = _plan(weights, model, FP8_BLOCK)
+        weights = WeightFiles.open(ckpt, stack)
+        plan, missing, unexpected = plan_load(weights, model, FP8_BLOCK)
         if missing or unexpected:
-            problems = ([f"missing key(s) {_some(missing)}"] if missing else []) + \
-                       ([f"unexpected key(s) {_some(unexpected)}"] if unexpected else [])
             raise CheckpointError(f"{ckpt / 'model.safetensors'} does not match the model: "
-                                  + "; ".join(problems))
+                                  f"{key_mismatch(missing, unexpected)}")
         loaded = {}
         for key in plan:
             try:
@@ -507,8 +506,8 @@ def _load_optimizer(ckpt: Path, optimizer: torch.optim.Optimizer, model: nn.Modu
             lost = sorted(set(ours) - set(saved["params"]))
             extra = sorted(set(saved["params"]) - set(ours))
             raise CheckpointError(f"{meta_path}: param group {gi} does not match the optimizer's"
-                                  + (f"; not saved: {_some(lost)}" if lost else "")
-                                  + (f"; saved but not in it: {_some(extra)}" if extra else ""))
+                                  + (f"; not saved: {some_keys(lost)}" if lost else "")
+                                  + (f"; saved but not in it: {some_keys(extra)}" if extra else ""))
         group = {}
         for key, value in saved.items():
             if key == "params":
