@@ -10,6 +10,7 @@ from nanoseek.data.tokenizer import ChatTokenizer, byte_tokenizer
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.infer.speculative import sampling_probs
+from test_speculative import assert_drafts_recomputed  # tests/ is on sys.path
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 200, 300, 400], list(range(20, 31))]
 
@@ -174,24 +175,11 @@ def test_mtp_state_matches_recomputation_without_cache(model):
     run_all(engine)
     assert [s.output_ids for s in seqs] == [c.token_ids[:n] for c in cont]
     assert seqs[0].speculative.accepted == k * seqs[0].speculative.forwards
-    layer, stack = model.mtp_layers[0], model.model
     checked = 0
-    with torch.no_grad():
-        for rids, positions, h, d in calls:
-            for b, (rid, p) in enumerate(zip(rids, positions)):
-                seq = full[rid]
-                ids = torch.tensor([seq[: p + 1]])
-                hid = model(ids).hidden_states[:, :p]
-                emb = stack.embed_tokens(ids[:, 1:])
-                cos, sin = stack.rotary(torch.arange(p + 1)[None])
-                ref, _ = layer(hid, emb, cos[:, :p], sin[:, :p])
-                torch.testing.assert_close(h[b], ref[0, -1], atol=1e-4, rtol=1e-4)
-                g = layer.shared_head.norm(ref[:, -1:])
-                assert int(model.lm_head(g)[0, 0].argmax()) == int(d[b, 0])
-                ref2, _ = layer(torch.cat([hid, g], 1),
-                                stack.embed_tokens(torch.cat([ids[:, 1:], d[b:b + 1, :1]], 1)), cos, sin)
-                assert int(model.lm_head(layer.shared_head.norm(ref2[0, -1])).argmax()) == int(d[b, 1])
-                checked += 1
+    for rids, positions, h, d in calls:
+        for b, (rid, p) in enumerate(zip(rids, positions)):
+            assert_drafts_recomputed(model, full[rid], p, h[b], d[b])
+            checked += 1
     assert checked >= 12
 
 

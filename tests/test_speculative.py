@@ -105,7 +105,6 @@ def test_mtp_cache_matches_recomputation_without_cache(model, monkeypatch):
     out, stats = spec.speculative_generate(model, PROMPTS, max_new_tokens=n, k=k)
     assert out == [s[len(p): len(p) + n] for p, s in zip(PROMPTS, seqs)]
     assert [r.accepted for r in stats.requests][:2] == [2 * stats.requests[0].forwards, stats.requests[1].forwards]
-    layer, stack = model.mtp_layers[0], model.model
     checked = set()
     with torch.no_grad():
         for b, prompt in enumerate(PROMPTS):
@@ -115,18 +114,26 @@ def test_mtp_cache_matches_recomputation_without_cache(model, monkeypatch):
                 if (b, p) in checked:  # a finished row repeats its last position
                     continue
                 checked.add((b, p))
-                ids = torch.tensor([seq[: p + 1]])
-                hid = model(ids).hidden_states[:, :p]
-                emb = stack.embed_tokens(ids[:, 1:])
-                cos, sin = stack.rotary(torch.arange(p + 1)[None])
-                ref, _ = layer(hid, emb, cos[:, :p], sin[:, :p])
-                torch.testing.assert_close(h[b], ref[0, -1], atol=1e-4, rtol=1e-4)
-                g = layer.shared_head.norm(ref[:, -1:])
-                assert int(model.lm_head(g)[0, 0].argmax()) == int(d[b, 0])
-                ref2, _ = layer(torch.cat([hid, g], 1),
-                                stack.embed_tokens(torch.cat([ids[:, 1:], d[b:b + 1, :1]], 1)), cos, sin)
-                assert int(model.lm_head(layer.shared_head.norm(ref2[0, -1])).argmax()) == int(d[b, 1])
+                assert_drafts_recomputed(model, seq, p, h[b], d[b])
     assert len(checked) >= 3 + 5 + 5 + 5
+
+
+def assert_drafts_recomputed(model, seq: list[int], p: int, h_D, d_K) -> None:
+    """The drafter's state h (MTP output at p - 1, x_p pending) and its first two drafts equal
+    a cache-free recomputation over seq[: p + 1]: the MTP module on (h_{<p}, x_{1..p}), then
+    once more on its own normed output and first draft."""
+    layer, stack = model.mtp_layers[0], model.model
+    with torch.no_grad():
+        ids = torch.tensor([seq[: p + 1]])
+        hid = model(ids).hidden_states[:, :p]
+        cos, sin = stack.rotary(torch.arange(p + 1)[None])
+        ref, _ = layer(hid, stack.embed_tokens(ids[:, 1:]), cos[:, :p], sin[:, :p])
+        torch.testing.assert_close(h_D, ref[0, -1], atol=1e-4, rtol=1e-4)
+        g = layer.shared_head.norm(ref[:, -1:])
+        assert int(model.lm_head(g)[0, 0].argmax()) == int(d_K[0])
+        ref2, _ = layer(torch.cat([hid, g], 1), stack.embed_tokens(torch.cat([ids[:, 1:], d_K[None, :1]], 1)),
+                        cos, sin)
+        assert int(model.lm_head(layer.shared_head.norm(ref2[0, -1])).argmax()) == int(d_K[1])
 
 
 def tv(counts: torch.Tensor, probs: torch.Tensor) -> float:
