@@ -45,15 +45,23 @@ class Upstream:
                             "bad_gateway")
         return APIError(status, message, err.get("type") or "upstream_error", err.get("param"), err.get("code"))
 
-    async def post(self, path: str, body: dict) -> dict:
-        """A non-streamed request; APIError on any failure."""
+    async def _send(self, path: str, body: dict, stream: bool) -> httpx.Response:
+        """POST body; an unreachable upstream or an error status is an APIError."""
         try:
-            r = await self.client.post(path, json=body)
+            r = await self.client.send(self.client.build_request("POST", path, json=body), stream=stream)
         except httpx.HTTPError as e:
             raise APIError(502, f"the upstream is unreachable ({type(e).__name__})", "upstream_error",
                            None, "upstream_unavailable") from None
         if r.status_code >= 400:
-            raise await self._failure(r)
+            try:
+                raise await self._failure(r)
+            finally:
+                await r.aclose()
+        return r
+
+    async def post(self, path: str, body: dict) -> dict:
+        """A non-streamed request; APIError on any failure."""
+        r = await self._send(path, body, stream=False)
         try:
             return r.json()
         except ValueError:
@@ -63,18 +71,7 @@ class Upstream:
     async def stream(self, path: str, body: dict):
         """Open a streamed request (APIError if that fails) and return an async iterator of
         the upstream's SSE data payloads (dicts, then the string "[DONE]")."""
-        request = self.client.build_request("POST", path, json=body)
-        try:
-            r = await self.client.send(request, stream=True)
-        except httpx.HTTPError as e:
-            raise APIError(502, f"the upstream is unreachable ({type(e).__name__})", "upstream_error",
-                           None, "upstream_unavailable") from None
-        if r.status_code >= 400:
-            try:
-                raise await self._failure(r)
-            finally:
-                await r.aclose()
-        return self._events(r)
+        return self._events(await self._send(path, body, stream=True))
 
     @staticmethod
     async def _events(r: httpx.Response):
