@@ -405,3 +405,24 @@ def test_resume_without_a_checkpoint_starts_a_seeded_fresh_run(tmp_path):
     torch.manual_seed(456)
     _, _, resumed = pretrain(preset("tiny"), cfg, data, tmp_path / "b", resume=True, progress=False)
     assert [r["loss"] for r in fresh] == [r["loss"] for r in resumed]
+
+
+def test_resume_refuses_a_checkpoint_of_another_kind_of_run(tmp_path):
+    """Trainer and GRPOTrainer share save/resume (train.trainer.Checkpointed): a run
+    directory holding another stage's checkpoint is refused, naming both stages."""
+    from nanoseek import preset
+    from nanoseek.data.tokenizer import ChatTokenizer, byte_tokenizer
+    from nanoseek.rl.trainer import GRPOTrainer, grpo_config
+    from nanoseek.train.pipeline import pretrain, train_config
+    from nanoseek.train.trainer import TrainingError
+    trainer, _, _ = pretrain(preset("tiny"), train_config(steps=1, batch_size=2, seq_len=32, warmup=1),
+                             "builtin:arithmetic:level=1:n=20", tmp_path, progress=False)
+    trainer.stage = "sft"
+    with pytest.raises(TrainingError, match="holds a 'pretrain' run, not a 'sft' run"):
+        trainer.resume()
+    grpo = GRPOTrainer(trainer.model, ChatTokenizer(byte_tokenizer(trainer.model.config.vocab_size)),
+                       "arithmetic", grpo_config(steps=1, beta=0.0), tmp_path)
+    with pytest.raises(TrainingError, match="not a 'grpo' run"):
+        grpo.resume()
+    trainer.stage = "pretrain"
+    assert trainer.resume() and trainer.step == 1

@@ -70,11 +70,10 @@ import torch
 from ..data.tasks import get_task
 from ..infer.engine import Engine
 from ..infer.sampling import SamplingParams
-from ..train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..train.metrics import plot_metrics, read_metrics
 from ..train.optim import build_optimizer
-from ..train.trainer import (TrainingError, refuse_existing_run, resolve_device, run_outputs,
-                             start_run)
+from ..train.trainer import (Checkpointed, refuse_existing_run, resolve_device,
+                             run_outputs, start_run)
 from .grpo import LOSS_TYPES, SCALES, group_advantages, grpo_loss, sequence_logprobs
 from .rewards import combine_rewards, get_reward
 from .templates import render_prompt
@@ -184,7 +183,9 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-class GRPOTrainer:
+class GRPOTrainer(Checkpointed):
+    stage = "grpo"
+
     def __init__(self, model, tokenizer, task_or_dataset: str | Sequence[dict], cfg: GRPOConfig,
                  run_dir: str | Path, reward_funcs: dict[str, Callable] | None = None,
                  tokenizer_dir: str | Path | None = None, extra_state: dict | None = None,
@@ -466,21 +467,8 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------ state
     def state(self) -> dict:
-        return {"stage": "grpo", "step": self.step, "grpo_config": dataclasses.asdict(self.cfg),
+        return {"stage": self.stage, "step": self.step, "grpo_config": dataclasses.asdict(self.cfg),
                 **self.extra_state}
-
-    def save(self) -> Path:
-        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.state(),
-                               tokenizer_dir=self.tokenizer_dir, keep_last=self.cfg.keep_last)
-
-    def resume(self) -> bool:
-        if latest_checkpoint(self.run_dir) is None:
-            return False
-        state = load_checkpoint(self.run_dir, self.model, self.optimizer, map_location=self.device)
-        if state.get("stage") != "grpo":
-            raise TrainingError(f"{self.run_dir} holds a {state.get('stage')!r} run, not a GRPO run")
-        self.step = state["step"]
-        return True
 
     # ------------------------------------------------------------ loop
     def fit(self, resume: bool = False, progress: bool | None = None,

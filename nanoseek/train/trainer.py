@@ -110,7 +110,34 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-class Trainer:
+class Checkpointed:
+    """save() and resume() of a trainer's run directory, shared by Trainer and GRPOTrainer.
+
+    The trainer has run_dir, step, model, optimizer, device, tokenizer_dir, cfg.keep_last,
+    `stage` (the run kind its checkpoints record) and state(); `restore(state)` puts back
+    what state() added beyond the step."""
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.state(),
+                               tokenizer_dir=self.tokenizer_dir, keep_last=self.cfg.keep_last)
+
+    def resume(self) -> bool:
+        """Continue from the run's latest checkpoint, if any. Returns whether one was found;
+        a checkpoint of another kind of run is a TrainingError."""
+        if latest_checkpoint(self.run_dir) is None:
+            return False
+        state = load_checkpoint(self.run_dir, self.model, self.optimizer, map_location=self.device)
+        if state.get("stage") != self.stage:
+            raise TrainingError(f"{self.run_dir} holds a {state.get('stage')!r} run, not a {self.stage!r} run")
+        self.step = state["step"]
+        self.restore(state)
+        return True
+
+    def restore(self, state: dict) -> None:
+        pass
+
+
+class Trainer(Checkpointed):
     def __init__(self, model: Transformer, loader, cfg: TrainConfig, run_dir: str | Path,
                  tokenizer_dir: str | Path | None = None, stage: str = "train",
                  extra_state: dict | None = None):
@@ -135,20 +162,10 @@ class Trainer:
                 "bad_in_a_row": self.bad_in_a_row, "skipped_total": self.skipped_total,
                 "train_config": dataclasses.asdict(self.cfg), **self.extra_state}
 
-    def save(self) -> Path:
-        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.state(),
-                               tokenizer_dir=self.tokenizer_dir, keep_last=self.cfg.keep_last)
-
-    def resume(self) -> bool:
-        """Continue from the run's latest checkpoint, if any. Returns whether one was found."""
-        if latest_checkpoint(self.run_dir) is None:
-            return False
-        state = load_checkpoint(self.run_dir, self.model, self.optimizer, map_location=self.device)
-        self.step = state["step"]
+    def restore(self, state: dict) -> None:
         self.loader.load_state_dict(state["loader"])
         self.bad_in_a_row = state.get("bad_in_a_row", 0)
         self.skipped_total = state.get("skipped_total", 0)
-        return True
 
     # ------------------------------------------------------------ loop
     def _micro_batches(self) -> list[dict]:
