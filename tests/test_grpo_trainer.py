@@ -123,6 +123,19 @@ def test_micro_batches_sum_to_the_full_batch_loss(tiny, tmp_path, loss_type):
     assert split["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-3)
 
 
+def test_dr_grpo_divides_by_the_completion_budget_not_the_padded_sequence(tiny, tmp_path, monkeypatch):
+    """Dr. GRPO's constant T is the maximum completion length (max_new_tokens), whatever the
+    prompts' lengths in the batch."""
+    from nanoseek.rl import trainer as rl_trainer
+    seen = []
+    real = rl_trainer.grpo_loss
+    monkeypatch.setattr(rl_trainer, "grpo_loss", lambda *a, **kw: seen.append(kw["max_completion_length"])
+                        or real(*a, **kw))
+    t = make(tiny, tmp_path, loss_type="dr_grpo", mu=1)
+    t.train_step()
+    assert seen and set(seen) == {t.cfg.max_new_tokens}
+
+
 @pytest.mark.parametrize("changes, message", [
     (dict(group_size=1), "group_size"), (dict(temperature=0.0), "temperature"),
     (dict(loss_type="ppo"), "loss_type"), (dict(scale="batch"), "scale"),
@@ -132,7 +145,6 @@ def test_micro_batches_sum_to_the_full_batch_loss(tiny, tmp_path, loss_type):
 def test_config_validation(changes, message):
     with pytest.raises(ValueError, match=message):
         grpo_config(**changes)
-    assert GRPOConfig().beta == 0.001
 
 
 def test_an_unknown_reward_is_named(tiny, tmp_path):

@@ -105,7 +105,7 @@ class Router(nn.Module):
         Returns those loads and resets the counter. A no-op on the bias for routers
         without one (V2, GShard)."""
         load = self.load.clone()
-        if self.e_score_correction_bias is not None and load.sum() > 0:
+        if self.e_score_correction_bias is not None:  # no load counted: sign(0 - 0) = 0, no change
             self.e_score_correction_bias += self.bias_update_speed * torch.sign(load.mean() - load)
         self.load.zero_()
         return load

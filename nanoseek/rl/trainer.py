@@ -72,6 +72,7 @@ from ..infer.engine import Engine
 from ..infer.sampling import SamplingParams
 from ..train.metrics import plot_metrics, read_metrics
 from ..train.optim import build_optimizer
+from ..train.step import apply_update
 from ..train.trainer import (Checkpointed, refuse_existing_run, resolve_device,
                              run_outputs, start_run)
 from .grpo import LOSS_TYPES, SCALES, group_advantages, grpo_loss, sequence_logprobs
@@ -321,7 +322,7 @@ class GRPOTrainer(Checkpointed):
     def _update(self, ids, mask, advantages, old_logp, ref_logp) -> dict:
         """One optimizer step over the batch in micro-batches; returns loss and stats."""
         cfg = self.cfg
-        B, n_tokens, T = ids.shape[0], mask.sum().clamp_min(1), mask.shape[1]
+        B, n_tokens = ids.shape[0], mask.sum().clamp_min(1)
         totals: dict[str, torch.Tensor] = {}
         for s in self._chunks(B):
             with self._amp():
@@ -330,7 +331,8 @@ class GRPOTrainer(Checkpointed):
             old = logp.detach() if old_logp is None else old_logp[s]
             loss, stats = grpo_loss(logp, old, None if ref_logp is None else ref_logp[s],
                                     advantages[s], mask[s], cfg.clip_eps, cfg.clip_eps_high,
-                                    cfg.beta, cfg.loss_type, entropy=entropy, max_completion_length=T)
+                                    cfg.beta, cfg.loss_type, entropy=entropy,
+                                    max_completion_length=cfg.max_new_tokens)  # Dr. GRPO's T
             # weight so that the micro-batch losses sum to the full-batch loss
             chunk_tokens = mask[s].sum()
             w = chunk_tokens / n_tokens if cfg.loss_type == "dapo" else (s.stop - s.start) / B
@@ -338,18 +340,10 @@ class GRPOTrainer(Checkpointed):
             tw = chunk_tokens / n_tokens  # token-mean statistics
             for k, v in {"loss": loss.detach() * w, **{k: v * tw for k, v in stats.items()}}.items():
                 totals[k] = totals.get(k, 0) + v
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                   cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        if torch.isfinite(grad_norm):
-            self.optimizer.step()
-            self.model.update_expert_bias()
-        else:
-            for r in self.model.routers().values():
-                r.load.zero_()
-        self.optimizer.zero_grad(set_to_none=True)
-        out = {k: float(v) for k, v in totals.items()}
-        out["grad_norm"] = float(grad_norm)
-        return out
+        names = list(totals)  # "loss" first: apply_update checks it is finite
+        parts = torch.stack([torch.as_tensor(totals[k], device=self.device).float() for k in names])
+        values, norm, finite, _ = apply_update(self.model, self.optimizer, cfg.grad_clip, parts)
+        return {**dict(zip(names, values)), "grad_norm": norm, "skipped": not finite}
 
     # ------------------------------------------------------------ one step
     def train_step(self) -> dict:

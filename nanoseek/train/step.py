@@ -42,9 +42,24 @@ def train_step(model: nn.Module, micro_batches: list[dict], optimizer: torch.opt
         parts = parts.to(out.loss.device) + torch.stack(
             [getattr(out, k).detach().float() if getattr(out, k) is not None else out.loss.new_zeros(())
              for k in names]) / n
+    values, norm, finite, loads = apply_update(base, optimizer, grad_clip, parts)
+    stats = dict(zip(names, values))
+    stats["grad_norm"] = norm
+    stats["skipped"] = not finite
+    maxvio = torch.stack([max_violation(load) for load in loads.values()]).tolist() if loads else []
+    stats["maxvio"] = dict(zip(loads, maxvio))
+    return stats
+
+
+def apply_update(base: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
+                 parts: torch.Tensor) -> tuple[list[float], float, bool, dict]:
+    """The end of every optimizer step (pre-training, SFT, GRPO): clip the gradients, read the
+    step's figures `parts` (loss first) and the grad norm in ONE host read, then, if both the
+    loss and the norm are finite, step the optimizer and update the expert bias from this
+    step's loads; otherwise drop the gradients and the loads. Returns (parts as floats, grad
+    norm, finite, loads per MoE layer: empty when skipped)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(base.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    # the step's one host read: loss parts and grad norm together
-    *values, norm = torch.cat([parts, grad_norm.reshape(1).to(parts)]).tolist()
+    *values, norm = torch.cat([parts.float(), grad_norm.reshape(1).to(parts.device, torch.float32)]).tolist()
     finite = math.isfinite(norm) and math.isfinite(values[0])
     if finite:
         optimizer.step()
@@ -54,8 +69,4 @@ def train_step(model: nn.Module, micro_batches: list[dict], optimizer: torch.opt
             r.load.zero_()
         loads = {}
     optimizer.zero_grad(set_to_none=True)
-    stats = dict(zip(names, values))
-    stats["grad_norm"] = norm
-    stats["skipped"] = not finite
-    stats["maxvio"] = {i: float(max_violation(load)) for i, load in loads.items()}
-    return stats
+    return values, norm, finite, loads
