@@ -238,9 +238,12 @@ def test_static_shape_decode_step_matches_eager_decode(compile):
     model = Transformer(cfg).eval()
     engine = Engine(model, None, max_batch=4, max_len=32)
     engine.add_request([5, 6, 7], SamplingParams(max_tokens=8), request_id="a")
+    engine.add_request([1, 2, 3, 4], SamplingParams(max_tokens=8), request_id="gone")
     engine.add_request([9, 10], SamplingParams(max_tokens=8), request_id="b")
-    engine.step()  # prefill both
+    engine.step()  # prefill all three
+    engine.abort("gone")  # slots 0 and 2 decode: bucket 4, dummy rows 1 and 3, rows gathered
     seqs = [engine.scheduler.find("a"), engine.scheduler.find("b")]
+    assert [s.slot for s in seqs] == [0, 2]
     eager = engine.runner.decode(seqs)
     # the eager decode wrote its own entries; the static step rewrites the same slots
     graph = GraphDecoder(model, engine.cache, None, compile=compile, capture=False)

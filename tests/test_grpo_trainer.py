@@ -15,7 +15,7 @@ import torch
 import nanoseek
 from nanoseek.cli import main
 from nanoseek.data.tokenizer import ChatTokenizer, byte_tokenizer
-from nanoseek.rl.trainer import GRPOConfig, GRPOTrainer, grpo_config, informative_groups
+from nanoseek.rl.trainer import GRPOTrainer, grpo_config, informative_groups
 from nanoseek.train.checkpoint import latest_checkpoint
 from nanoseek.train.metrics import read_metrics
 

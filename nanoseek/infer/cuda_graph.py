@@ -44,12 +44,9 @@ class BucketGraphs:
 
     kind = "step"
 
-    def __init__(self, num_slots: int, device: torch.device, max_bucket: int | None = None,
-                 compile: bool = False, capture: bool = True):
+    def __init__(self, num_slots: int, device: torch.device, compile: bool = False, capture: bool = True):
         self.device = device
         self.buckets = [b for b in BUCKETS if b < num_slots] + [num_slots]
-        if max_bucket:
-            self.buckets = [b for b in self.buckets if b <= max_bucket] or [self.buckets[0]]
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, object]] = {}
         self.pool = None
         self.failed = False          # capture failed: callers step eagerly
@@ -139,10 +136,10 @@ class GraphDecoder(BucketGraphs):
     kind = "decode"
 
     def __init__(self, model: Transformer, cache: StaticCache, autocast: torch.dtype | None,
-                 max_bucket: int | None = None, compile: bool = False, capture: bool = True):
+                 compile: bool = False, capture: bool = True):
         self.model, self.cache, self.autocast = model, cache, autocast
         device = model.model.embed_tokens.weight.device
-        super().__init__(cache.num_slots, device, max_bucket, compile, capture)
+        super().__init__(cache.num_slots, device, compile, capture)
         n = cache.num_slots
         self.ids = torch.zeros(n, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(n, 1, dtype=torch.long, device=device)
@@ -168,9 +165,9 @@ class GraphSpeculator(BucketGraphs):
 
     kind = "speculative"
 
-    def __init__(self, runner, max_bucket: int | None = None, compile: bool = False, capture: bool = True):
+    def __init__(self, runner, compile: bool = False, capture: bool = True):
         self.runner = runner
-        super().__init__(runner.cache.num_slots, runner.device, max_bucket, compile, capture)
+        super().__init__(runner.cache.num_slots, runner.device, compile, capture)
         n = runner.cache.num_slots
         self.pending = torch.zeros(n, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(n, dtype=torch.long, device=self.device)
