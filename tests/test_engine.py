@@ -274,3 +274,21 @@ def test_graph_decoding_follows_in_place_weight_updates():
             p.mul_(1.5)
     assert graphs.runner.graphs.graphs  # the decode ran from captured graphs
     assert tokens(graphs) == tokens(Engine(model, tok, max_batch=4, max_len=64, cuda_graphs=False))
+
+
+def test_incremental_detokenizing_equals_decoding_the_whole_output():
+    """Sequence builds its text token by token from the ids since the last stable point; for
+    outputs that split multi-byte characters over tokens (and end inside one) the text equals
+    decoding everything at once, and what streams is always a prefix of it."""
+    tok = ChatTokenizer(byte_tokenizer(512))
+    text = "naïve — 数学 ok 🙂 end"
+    base = tok.encode(text)
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        ids = base + torch.randint(9, 265, (int(torch.randint(1, 12, (), generator=g)),), generator=g).tolist()
+        seq = Sequence(f"r{trial}", [1], SamplingParams(max_tokens=len(ids), ignore_eos=True), len(ids), seed=0)
+        streamed = ""
+        for t in ids:
+            streamed += seq.append(t, tok, eos_id=None).new_text
+            assert tok.decode(seq.output_ids).startswith(seq.text.rstrip("\ufffd"))
+        assert seq.finished and seq.text == tok.decode(ids) and streamed == seq.text

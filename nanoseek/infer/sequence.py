@@ -1,9 +1,13 @@
 """A request's life in the engine: its tokens, its text, how it ends, what it streams.
 
-The text is always the decode of the whole output (so a multi-byte character split over
-tokens is never broken) and a stream sends only its stable part: not trailing U+FFFD
-(bytes of a character still incomplete) and not a tail that could be the start of a stop
-string. What was sent is therefore always a prefix of the final text.
+The text is the decode of the whole output, built incrementally (vLLM's detokenizer): each
+token decodes only the ids since the last stable point (`prefix_offset`), and its new text is
+what that decode adds to the decode of the ids already read (`read_offset`); while the new
+ids end inside a multi-byte character (trailing U+FFFD) nothing is added until it completes,
+and a request that finishes there gets the rest, U+FFFD included. Stop strings are looked for
+only where the new text could complete one. So a token costs the same at position 10 or 4,000.
+A stream sends only the stable part of the text: not a tail that could be the start of a
+stop string. What was sent is therefore always a prefix of the final text.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ class Sequence:
 
     def __post_init__(self):
         self.rng = torch.Generator().manual_seed(self.seed)  # CPU: one float per sampled token
+        self.prefix_offset = self.read_offset = 0  # incremental detokenizing (module docstring)
 
     @property
     def num_tokens(self) -> int:
@@ -95,17 +100,28 @@ class Sequence:
         text_ids = self.output_ids
         if token in p.stop_token_ids or (token == eos_id and not p.ignore_eos):
             self.finish_reason, text_ids = "stop", self.output_ids[:-1]
-        if tokenizer is not None:
-            text = tokenizer.decode(text_ids)
-            hits = [i for i in (text.find(s) for s in p.stop) if i >= 0]
-            if hits and self.finish_reason is None:
-                text, self.finish_reason = text[: min(hits)], "stop"
-            self.text = text
         if self.finish_reason is None and len(self.output_ids) >= self.max_tokens:
             self.finish_reason = "length"
+        if tokenizer is not None:
+            self._detokenize(tokenizer, text_ids)
         if self.finish_reason is not None:
             self.status = Status.FINISHED
         return self.stream_event()
+
+    def _detokenize(self, tokenizer, text_ids: list[int]) -> None:
+        """Extend self.text by what text_ids add since the last call; cut at a stop string."""
+        done = self.text
+        read = tokenizer.decode(text_ids[self.prefix_offset: self.read_offset])
+        new = tokenizer.decode(text_ids[self.prefix_offset:])
+        if len(new) > len(read) and (not new.endswith("\ufffd") or self.finish_reason is not None):
+            self.text = done + new[len(read):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(text_ids)
+        stops = self.params.stop
+        if stops and self.finish_reason is None:
+            start = max(0, len(done) - max(map(len, stops)) + 1)
+            hits = [i for i in (self.text.find(s, start) for s in stops) if i >= 0]
+            if hits:
+                self.text, self.finish_reason = self.text[: min(hits)], "stop"
 
     def stream_event(self) -> StreamEvent:
         end = len(self.text) if self.finished else stable_end(self.text, self.params.stop)
