@@ -18,7 +18,7 @@ the built-in arithmetic task with nanoseek's TRL-signature `accuracy_reward`:
               sides), mu = num_iterations = 1 (old log-probs skipped on both sides), lr
               (constant), AdamW betas (0.9, 0.95), weight decay 0, gradient clip 1.0.
     lengths   `--ignore-eos` (default on) makes every completion exactly --max-new-tokens
-              long on both sides: nanoseek's engine with SamplingParams(ignore_eos=True),
+              long on both sides: nanoseek's GRPOConfig(ignore_eos=True),
               transformers' generate with min_new_tokens = max_new_tokens (EOS is masked out
               until then). `--no-ignore-eos` lets each side stop at EOS; then compare the
               mean completion lengths in the table, not only the seconds.
@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import gc
 import json
 import os
@@ -61,7 +60,6 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -69,13 +67,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment  # noqa: E402
 
-import nanoseek.rl.trainer as nanoseek_rl_trainer  # noqa: E402
 from nanoseek import Transformer, from_pretrained, preset  # noqa: E402
 from nanoseek.data.tasks import get_task  # noqa: E402
 from nanoseek.data.tokenizer import ChatTokenizer, byte_tokenizer  # noqa: E402
 from nanoseek.rl.rewards import accuracy_reward  # noqa: E402
 from nanoseek.rl.templates import chat_prompt  # noqa: E402
-from nanoseek.rl.trainer import GRPOTrainer, grpo_config  # noqa: E402
+from nanoseek.rl.trainer import GRPOTrainer, grpo_config, sample_prompts  # noqa: E402
 
 TASK = "arithmetic"
 
@@ -139,11 +136,10 @@ def export(args, tmp: Path) -> tuple[Path, ChatTokenizer, dict]:
 
 
 def step_rows(cfg, steps: int) -> list[list[dict]]:
-    """The prompts nanoseek's trainer samples at each step (its own sample_prompts, run on a
-    stand-in that holds only what the method reads), so TRL can be fed the same ones."""
+    """The prompts nanoseek's trainer draws at each step (rl.trainer.sample_prompts), so TRL
+    can be fed the same ones."""
     task = get_task(TASK)
-    return [GRPOTrainer.sample_prompts(SimpleNamespace(cfg=cfg, step=s, task=task, rows=None),
-                                       cfg.prompts_per_step) for s in range(steps)]
+    return [sample_prompts(task, cfg, s, cfg.prompts_per_step) for s in range(steps)]
 
 
 def error_record(exc: BaseException) -> dict:
@@ -152,39 +148,24 @@ def error_record(exc: BaseException) -> dict:
 
 
 # ------------------------------------------------------------------ nanoseek
-@contextlib.contextmanager
-def engine_ignores_eos(on: bool):
-    """nanoseek's GRPOConfig has no ignore-EOS switch (training never wants one); its
-    trainer builds each request's SamplingParams through the module-level name, so the
-    benchmark swaps in a constructor that sets ignore_eos for the run."""
-    original = nanoseek_rl_trainer.SamplingParams
-    if on:
-        nanoseek_rl_trainer.SamplingParams = functools.partial(original, ignore_eos=True)
-    try:
-        yield
-    finally:
-        nanoseek_rl_trainer.SamplingParams = original
-
-
 def run_nanoseek(args, export_dir: Path, tok: ChatTokenizer, cfg, rows: list[list[dict]],
                  device: torch.device, tmp: Path) -> dict:
     reset_memory(device)
     model = from_pretrained(export_dir, dtype=torch.float32)
     trainer = GRPOTrainer(model, tok, TASK, cfg, tmp / "nanoseek_run")
     times, tokens, rollout, used, lengths_full = [], [], [], [], True
-    with engine_ignores_eos(args.ignore_eos):
-        for s in range(args.warmup + args.steps):
-            used.append(trainer.sample_prompts(cfg.prompts_per_step))
-            sync(device)
-            t0 = time.perf_counter()
-            record = trainer.train_step()
-            sync(device)
-            times.append(time.perf_counter() - t0)
-            tokens.append(int(record["rollout_tokens"]))
-            rollout.append(record["rollout_time_s"])
-            lengths_full &= tokens[-1] == cfg.prompts_per_step * cfg.group_size * cfg.max_new_tokens
-            print(f"nanoseek step {s + 1}: {times[-1]:.3f}s, {tokens[-1]} completion tokens, "
-                  f"rollout {rollout[-1]:.3f}s, reward {record['reward']:.3f}", flush=True)
+    for s in range(args.warmup + args.steps):
+        used.append(trainer.sample_prompts(cfg.prompts_per_step))
+        sync(device)
+        t0 = time.perf_counter()
+        record = trainer.train_step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        tokens.append(int(record["rollout_tokens"]))
+        rollout.append(record["rollout_time_s"])
+        lengths_full &= tokens[-1] == cfg.prompts_per_step * cfg.group_size * cfg.max_new_tokens
+        print(f"nanoseek step {s + 1}: {times[-1]:.3f}s, {tokens[-1]} completion tokens, "
+              f"rollout {rollout[-1]:.3f}s, reward {record['reward']:.3f}", flush=True)
     out = summarize(times, tokens, rollout, args.warmup)
     out.update(peak_memory_gib=peak_memory_gib(device), all_full_length=lengths_full,
                same_prompts_as_trl=used == rows,
@@ -360,7 +341,7 @@ def main():
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=1.0,
                       lr=args.lr, weight_decay=0.0, grad_clip=1.0, beta=args.beta, loss_type=args.loss_type,
                       scale="group", mu=1, micro_batch=0, dynamic_sampling=False,
-                      compile_rollouts=args.compile_rollouts,
+                      compile_rollouts=args.compile_rollouts, ignore_eos=args.ignore_eos,
                       rewards={"accuracy": 1.0}, level=args.level, prompt_format="chat",
                       steps=args.warmup + args.steps, seed=args.seed, device=str(device))
     out_path = Path(args.out)

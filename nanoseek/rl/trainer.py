@@ -101,6 +101,7 @@ class GRPOConfig:
     micro_batch: int = 0           # sequences per forward/backward; 0: the whole batch
     dynamic_sampling: bool = False
     compile_rollouts: bool = False  # GPU: torch.compile the engine's decode step (infer/cuda_graph.py)
+    ignore_eos: bool = False       # rollouts always run to max_new_tokens (benchmarks: fixed lengths)
     dynamic_sampling_tries: int = 3
     rewards: dict = field(default_factory=lambda: {"accuracy": 1.0})  # name -> weight
     level: int = 1                 # built-in task difficulty
@@ -144,7 +145,7 @@ class GRPOConfig:
             bad("scale", f"choose one of {', '.join(SCALES)}")
         if self.prompt_format not in PROMPT_FORMATS:
             bad("prompt_format", f"choose one of {', '.join(PROMPT_FORMATS)}")
-        for name in ("dynamic_sampling", "compile_rollouts"):
+        for name in ("dynamic_sampling", "compile_rollouts", "ignore_eos"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be true or false")
         if (not isinstance(self.rewards, dict) or not self.rewards
@@ -177,6 +178,18 @@ def informative_groups(rewards: Sequence[float], group_size: int) -> list[bool]:
 def _seed(*parts) -> int:
     """A stable 62-bit seed from the parts (Python's hash() of str changes per process)."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 2
+
+
+def sample_prompts(task_or_rows, cfg: GRPOConfig, step: int, n: int, attempt: int = 0) -> list[dict]:
+    """The n rows {"prompt": question, columns...} a run draws at `step` from a built-in task
+    (its train split at cfg.level) or dataset rows; the same (cfg.seed, step, attempt) give
+    the same rows, so a resumed run, or a side-by-side benchmark, draws what this one does."""
+    seed = _seed(cfg.seed, step, attempt)
+    if not isinstance(task_or_rows, (list, tuple)):
+        examples = task_or_rows.generate(n, level=cfg.level, split="train", seed=seed)
+        return [{"prompt": ex.prompt, "answer": ex.answer, "meta": ex.meta} for ex in examples]
+    rng = random.Random(seed)
+    return [dict(rng.choice(task_or_rows)) for _ in range(n)]
 
 
 def _mean(values) -> float | None:
@@ -238,14 +251,7 @@ class GRPOTrainer(Checkpointed):
         return render_prompt(self.tokenizer, prompt, self.cfg.prompt_format)
 
     def sample_prompts(self, n: int, attempt: int = 0) -> list[dict]:
-        """n rows {"prompt": question, columns...} for this step; the same (seed, step,
-        attempt) give the same rows."""
-        seed = _seed(self.cfg.seed, self.step, attempt)
-        if self.task is not None:
-            examples = self.task.generate(n, level=self.cfg.level, split="train", seed=seed)
-            return [{"prompt": ex.prompt, "answer": ex.answer, "meta": ex.meta} for ex in examples]
-        rng = random.Random(seed)
-        return [dict(rng.choice(self.rows)) for _ in range(n)]
+        return sample_prompts(self.task or self.rows, self.cfg, self.step, n, attempt)
 
     # ------------------------------------------------------------ rollouts
     def _engine(self, n_requests: int, longest_prompt: int) -> Engine:
@@ -262,21 +268,28 @@ class GRPOTrainer(Checkpointed):
         return self.engine
 
     @torch.no_grad()
-    def rollout(self, rows: list[dict], attempt: int = 0) -> dict:
-        """G completions per row: prompt ids, completion ids and texts, in row-major order."""
-        G, cfg = self.cfg.group_size, self.cfg
-        prompt_ids = [self.tokenizer.encode(self._render(r["prompt"])) for r in rows]
-        engine = self._engine(len(rows) * G, max(len(p) for p in prompt_ids))
-        params = [SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                 top_p=cfg.top_p, seed=_seed(cfg.seed, self.step, attempt, i, j))
-                  for i in range(len(rows)) for j in range(G)]
+    def _generate(self, prompts: list, params: list[SamplingParams] | SamplingParams,
+                  repeat: int = 1) -> tuple[list, list]:
+        """Prompts rendered and encoded once, each run `repeat` times in a row, through the
+        engine in eval mode (no expert-load counting); returns (prompt ids, RequestOutputs),
+        one per run, and leaves the model in the mode it found."""
+        ids = [p for p in (self.tokenizer.encode(self._render(p)) for p in prompts) for _ in range(repeat)]
+        engine = self._engine(len(ids), max(len(p) for p in ids))
         was_training = self.model.training
         self.model.eval()
         try:
-            outs = engine.generate([p for p in prompt_ids for _ in range(G)], params)
+            return ids, engine.generate(ids, params)
         finally:
             self.model.train(was_training)
-        return {"prompt_ids": [p for p in prompt_ids for _ in range(G)],
+
+    def rollout(self, rows: list[dict], attempt: int = 0) -> dict:
+        """G completions per row: prompt ids, completion ids and texts, in row-major order."""
+        G, cfg = self.cfg.group_size, self.cfg
+        params = [SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                 seed=_seed(cfg.seed, self.step, attempt, i, j), ignore_eos=cfg.ignore_eos)
+                  for i in range(len(rows)) for j in range(G)]
+        prompt_ids, outs = self._generate([r["prompt"] for r in rows], params, repeat=G)
+        return {"prompt_ids": prompt_ids,
                 "completion_ids": [o.token_ids for o in outs],
                 "completions": [o.text for o in outs],
                 "rows": [r for r in rows for _ in range(G)]}
@@ -432,13 +445,7 @@ class GRPOTrainer(Checkpointed):
             self.model.train()
             return {"eval_accuracy": r["greedy_accuracy"]}
         examples = self.task.generate(cfg.eval_n, level=cfg.level, split="test", seed=1234, unique=True)
-        ids = [self.tokenizer.encode(self._render(ex.prompt)) for ex in examples]
-        engine = self._engine(len(ids), max(len(p) for p in ids))
-        self.model.eval()
-        try:
-            outs = engine.generate(ids, SamplingParams(max_tokens=cfg.max_new_tokens))
-        finally:
-            self.model.train()
+        _, outs = self._generate([ex.prompt for ex in examples], SamplingParams(max_tokens=cfg.max_new_tokens))
         right = [self.task.check(ex, o.text) for ex, o in zip(examples, outs)]
         return {"eval_accuracy": sum(right) / len(right)}
 
@@ -449,13 +456,7 @@ class GRPOTrainer(Checkpointed):
         rows = self.eval_rows[: self.cfg.eval_n]
         if not rows:
             return {}
-        ids = [self.tokenizer.encode(self._render(r["prompt"])) for r in rows]
-        engine = self._engine(len(ids), max(len(p) for p in ids))
-        self.model.eval()
-        try:
-            outs = engine.generate(ids, SamplingParams(max_tokens=self.cfg.max_new_tokens))
-        finally:
-            self.model.train()
+        _, outs = self._generate([r["prompt"] for r in rows], SamplingParams(max_tokens=self.cfg.max_new_tokens))
         totals, per_fn = self.score({"rows": rows, "completions": [o.text for o in outs]})
         return {"eval_reward": _mean(totals), **{f"eval_reward_{k}": _mean(v) for k, v in per_fn.items()}}
 
