@@ -33,7 +33,7 @@ from common import environment, write_json  # noqa: E402
 
 from nanoseek import Transformer, preset  # noqa: E402
 from nanoseek.info import model_info  # noqa: E402
-from nanoseek.train.optim import build_optimizer, param_groups  # noqa: E402
+from nanoseek.train.optim import build_optimizer  # noqa: E402
 from nanoseek.train.step import train_step  # noqa: E402
 
 PEAK_BF16 = 989e12
@@ -100,8 +100,7 @@ def hf_side(ckpt_dir, batches, args):
     from transformers import AutoModelForCausalLM
     transformers.logging.set_verbosity_error()
     model = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32).cuda().train()
-    # the same parameter groups as nanoseek's (the module names are the same)
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=LR, betas=(0.9, 0.95), fused=True)
+    opt = build_optimizer(model, LR)  # nanoseek's parameter groups: the module names are the same
     impl = {"attn": model.config._attn_implementation,
             "experts": getattr(model.config, "_experts_implementation", None)}
 

@@ -240,9 +240,12 @@ def test_metrics_and_health(server, client):
     assert httpx.get(f"{url}/metrics").status_code == 401
     text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     assert 'nanoseek_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
-    for name in ("nanoseek_request_latency_seconds_bucket", "nanoseek_queue_depth",
-                 "nanoseek_generation_tokens_per_second", "nanoseek_completion_tokens_total"):
-        assert name in text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line and not line.startswith("#") and "{" not in line}
+    assert values["nanoseek_queue_depth"] == 0 and "nanoseek_request_latency_seconds_bucket" in text
+    # the chat's 2 tokens were counted, and generated within the last 10 s
+    assert values["nanoseek_completion_tokens_total"] >= 2
+    assert values["nanoseek_generation_tokens_per_second"] > 0
 
 
 def test_feedback_is_stored_in_sqlite(server, client, feedback_db):

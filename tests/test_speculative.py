@@ -229,7 +229,7 @@ def test_stats_bookkeeping():
 
 
 def test_errors(model):
-    with pytest.raises(ValueError, match="k"):
+    with pytest.raises(ValueError, match=r"k \(drafts per step\) must be at least 1, got 0"):
         speculative_generate(model, [[1]], 4, k=0)
     no_mtp = Transformer(preset("tiny", num_nextn_predict_layers=0))
     with pytest.raises(ValueError, match="MTP"):

@@ -263,5 +263,4 @@ def combine_rewards(funcs: Sequence[RewardFn], weights: Sequence[float] | None =
         return totals, per_function
 
     combined.names = names
-    combined.weights = weights
     return combined

@@ -69,10 +69,9 @@ class Metrics:
                    [({}, worker.running)])
             metric("nanoseek_generation_tokens_per_second", "gauge", "Tokens generated per second, last 10 s.",
                    [({}, f"{worker.tokens_per_second():.3f}")])
-        stats = getattr(engine, "speculative_stats", None)  # the engine's speculative figures, if any
-        stats = stats() if callable(stats) else stats
-        rate = stats.get("acceptance_rate") if isinstance(stats, dict) else getattr(stats, "acceptance_rate", None)
-        if rate is not None:
+        stats = engine.speculative_stats() if engine is not None else None  # None without speculation
+        if stats is not None:
+            rate = stats["acceptance_rate"]
             metric("nanoseek_speculative_acceptance_rate", "gauge", "Accepted / proposed MTP drafts.",
                    [({}, f"{rate:.4f}")])
         return "\n".join(out) + "\n"

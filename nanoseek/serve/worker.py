@@ -53,9 +53,7 @@ class EngineWorker:
         self._stop = False
         # figures for /metrics, written by the worker, read by anyone
         self.waiting = self.running = self.peak_running = 0
-        self.generated_tokens = 0
-        self.steps = 0
-        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last steps
+        self._recent: deque[tuple[float, int]] = deque(maxlen=4096)  # (time, tokens) of the last steps
 
     # ------------------------------------------------------------- handler side
     @property
@@ -141,7 +139,6 @@ class EngineWorker:
                     self._push(job, ("error", f"the engine failed: {type(e).__name__}", 500))
                     self._done(job)
                 continue
-            self.steps += 1
             new_tokens = 0
             for event in events:
                 job = self._jobs.get(event.request_id)
@@ -154,10 +151,7 @@ class EngineWorker:
                 if event.finished:
                     self._push(job, ("done", event.finish_reason, len(job.prompt_ids), n))
                     self._done(job)
-            self.generated_tokens += new_tokens
             self._recent.append((time.monotonic(), new_tokens))
-            while len(self._recent) > 4096:
-                self._recent.popleft()
             sched = getattr(self.engine, "scheduler", None)
             if sched is not None:
                 self.waiting, self.running = len(sched.waiting), len(sched.running)
