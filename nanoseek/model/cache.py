@@ -42,12 +42,7 @@ class StaticCache:
     def update(self, layer_idx: int, positions: torch.Tensor,
                *entries: torch.Tensor) -> list[torch.Tensor]:
         """Write entries [B, T, ...] at positions [B, T]; return the full buffers [B, S, ...]."""
-        out = []
-        for buf, new in zip(self.layers[layer_idx], entries):
-            idx = positions.reshape(*positions.shape, *([1] * (new.dim() - 2))).expand_as(new)
-            buf.scatter_(1, idx, new.to(buf.dtype))
-            out.append(buf)
-        return out
+        return CacheView(self, slice(None), self.max_len).update(layer_idx, positions, *entries)
 
     def nbytes_per_token(self) -> int:
         return sum(b.element_size() * b[0, 0].numel() for layer in self.layers for b in layer)
@@ -61,7 +56,7 @@ class StaticCache:
 
     def select(self, slot_ids: list[int], kv_len: int | None = None) -> CacheView:
         """A view of rows `slot_ids` whose reads cover positions [0, kv_len) (default: all)."""
-        return CacheView(self, slot_ids, kv_len or self.max_len)
+        return CacheView(self, slot_ids, self.max_len if kv_len is None else kv_len)
 
     def prefix(self, n: int) -> CacheView:
         """Rows [0, n), all positions: the static view a captured step reads (n may be symbolic
