@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/h200_session.sh speedrun   # pretrain + SFT + GRPO demo, then MTP speculative decoding
 #   bash benchmarks/h200_session.sh serving    # decode vs transformers, serve load at 64 clients
+#   bash benchmarks/h200_session.sh engine     # decode vs transformers with a kernel profile, MTP speculation
 #   bash benchmarks/h200_session.sh trl        # GRPO step time: nanoseek vs TRL
 #
 # Wheels the image lacks (fastapi, uvicorn, trl, ...) come in .whl (benchmarks/device_wheels.txt).
@@ -45,6 +46,15 @@ case $stage in
     OUT=$OUT python3 benchmarks/serve_load.py --preset bench-1b --clients 64 --max-batch 64 --requests 4 \
       --new 128 --compile 2>&1 | tail -20 | tee "$OUT/serve_load.log"
     echo "serve done at $(elapsed)s"
+    ;;
+  engine)  # issue 4: decode vs transformers (+ per-kernel profile), then MTP speculation on a trained model
+    OUT=$OUT python3 benchmarks/decode.py --repeat 2 --profile 2>&1 | grep -v Warning | tee "$OUT/decode.log"
+    echo "decode done at $(elapsed)s"
+    python3 -m nanoseek.cli speedrun --out runs/h200 --minutes "${MINUTES:-1.5}" --grpo-minutes 0 2>&1 \
+      | tail -12 | tee "$OUT/speedrun.log"
+    echo "speedrun done at $(elapsed)s"
+    OUT=$OUT timeout $((575 - $(elapsed))) python3 benchmarks/speculative.py --model runs/h200/sft/final \
+      --k 1 2 --batches 1 8 --repeat 2 2>&1 | tee "$OUT/speculative.log"
     ;;
   all)  # serve load, decode, TRL side by side, then speculative decoding if a trained model is here
     OUT=$OUT python3 benchmarks/serve_load.py --preset bench-1b --clients 64 --max-batch 64 --requests 4 \
