@@ -70,6 +70,10 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--modes", nargs="+", default=["compiled", "grouped", "graphs", "eager"],
+                    choices=["compiled", "grouped", "graphs", "eager"],
+                    help="engine settings to run: compiled + graphs, the same with grouped-GEMM experts "
+                         "only, graphs not compiled, eager")
     ap.add_argument("--profile", action="store_true",
                     help="also profile the compiled decode step (uncaptured) per kernel: decode_profile.txt")
     args = ap.parse_args()
@@ -105,6 +109,8 @@ def main():
              " (compiled, grouped GEMM experts only)": dict(cuda_graphs=True, compile=True, gather=0),
              " (CUDA graphs, not compiled)": dict(cuda_graphs=True, compile=False),
              " (no CUDA graphs)": dict(cuda_graphs=False, compile=False)}
+    keys = dict(zip(["compiled", "grouped", "graphs", "eager"], modes))
+    modes = {keys[k]: modes[keys[k]] for k in args.modes}
     tokens = {}
     for label, mode in modes.items():
         moe.GATHER_MAX_PAIRS = mode.pop("gather", gather)  # (token, expert) pairs gathered, not grouped

@@ -5,6 +5,7 @@
 #   bash benchmarks/h200_session.sh speedrun   # pretrain + SFT + GRPO demo, then MTP speculative decoding
 #   bash benchmarks/h200_session.sh serving    # decode vs transformers, serve load at 64 clients
 #   bash benchmarks/h200_session.sh engine     # decode vs transformers with a kernel profile, MTP speculation
+#   bash benchmarks/h200_session.sh measure    # TRL side by side, decode, MTP speculation after a short speedrun
 #   bash benchmarks/h200_session.sh trl        # GRPO step time: nanoseek vs TRL
 #
 # Wheels the image lacks (fastapi, uvicorn, trl, ...) come in .whl (benchmarks/device_wheels.txt).
@@ -55,6 +56,21 @@ case $stage in
     echo "speedrun done at $(elapsed)s"
     OUT=$OUT timeout $((575 - $(elapsed))) python3 benchmarks/speculative.py --model runs/h200/sft/final \
       --k 1 2 --batches 1 8 --repeat 2 2>&1 | tee "$OUT/speculative.log"
+    ;;
+  measure)  # GPU tests, GRPO step vs TRL (compiled rollouts), decode vs transformers, MTP speculation
+    timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_engine.py 2>&1 \
+      | tail -15 | tee "$OUT/gpu_tests.log"
+    OUT=$OUT python3 benchmarks/grpo_trl.py --out "$OUT/grpo_trl.json" --compile-rollouts ${TRL_ARGS:-} 2>&1 \
+      | tee "$OUT/grpo_trl.log"
+    echo "trl done at $(elapsed)s"
+    OUT=$OUT python3 benchmarks/decode.py --repeat 3 --modes compiled graphs --profile 2>&1 | grep -v Warning \
+      | tee "$OUT/decode.log"
+    echo "decode done at $(elapsed)s"
+    python3 -m nanoseek.cli speedrun --out runs/h200 --minutes "${MINUTES:-0.6}" --grpo-minutes 0 2>&1 \
+      | tail -12 | tee "$OUT/speedrun.log"
+    echo "speedrun done at $(elapsed)s"
+    OUT=$OUT timeout $((580 - $(elapsed))) python3 benchmarks/speculative.py --model runs/h200/sft/final \
+      --k 1 2 --batches 1 8 --repeat 1 --n 6 --no-compile 2>&1 | tee "$OUT/speculative.log"
     ;;
   all)  # serve load, decode, TRL side by side, then speculative decoding if a trained model is here
     OUT=$OUT python3 benchmarks/serve_load.py --preset bench-1b --clients 64 --max-batch 64 --requests 4 \

@@ -190,6 +190,58 @@ def test_group_limited_routing_keeps_topk_groups_v3():
     torch.testing.assert_close(w, ref / ref.sum(-1, keepdim=True) * r.scaling)
 
 
+def test_pairwise_ranks_equal_topk_order_with_ties_to_the_lower_index():
+    from nanoseek.model.moe import rank_order, ranks
+    torch.manual_seed(0)
+    x = torch.randn(37, 64)
+    torch.testing.assert_close(rank_order(ranks(x), 6), x.topk(6).indices, rtol=0, atol=0)
+    x[:, 3] = x[:, 5]  # a tie: the lower index ranks first, as a stable descending sort
+    x[:, 9] = float("-inf")
+    order = torch.sort(x, dim=-1, descending=True, stable=True).indices
+    torch.testing.assert_close(rank_order(ranks(x), 64), order, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["noaux_tc", "group_limited_greedy", "greedy"])
+def test_router_choice_by_pairwise_ranks_equals_topk(monkeypatch, method):
+    """Few tokens rank by pairwise comparison (compile-friendly), many by torch.topk: the
+    same experts and gate values."""
+    from nanoseek.model import moe
+    kw = dict(n_group=4, topk_group=2) if method != "greedy" else dict(n_group=1, topk_group=1)
+    r = _router(topk_method=method, scoring_func="softmax" if method == "group_limited_greedy" else "sigmoid",
+                **kw)
+    if r.e_score_correction_bias is not None:
+        r.e_score_correction_bias.normal_(0, 0.1)
+    x = torch.randn(24, 16)
+    w_small, idx_small, _ = r(x)
+    assert x.shape[0] * r.n_experts ** 2 <= moe.PAIRWISE_TOPK_MAX
+    monkeypatch.setattr(moe, "PAIRWISE_TOPK_MAX", 0)
+    w_topk, idx_topk, _ = r(x)
+    torch.testing.assert_close(idx_small, idx_topk, rtol=0, atol=0)
+    torch.testing.assert_close(w_small, w_topk)
+
+
+def test_compiled_decode_router_and_gathered_experts_equal_the_loop():
+    """Under torch.compile a decode step's router scores by product-and-sum and the gathered
+    experts read their rows in place (moe.py); same choice and output as the eager twins."""
+    torch.manual_seed(3)
+    r = _router(n_group=4, topk_group=2, topk_method="noaux_tc")
+    r.e_score_correction_bias.normal_(0, 0.1)
+    experts = Experts(n_experts=8, dim=16, hidden=8)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(3, 16)
+
+    def step(x):
+        w, idx, _ = r(x)
+        return experts.forward_gathered(x, w, idx), idx
+
+    with torch.no_grad():
+        y, idx = torch.compile(step, fullgraph=True)(x)
+        w_ref, idx_ref, _ = r(x)
+    torch.testing.assert_close(idx, idx_ref, rtol=0, atol=0)
+    torch.testing.assert_close(y, experts.forward_loop(x, w_ref, idx_ref), rtol=1e-5, atol=1e-6)
+
+
 def test_group_limited_routing_v2_uses_group_max():
     r = _router(n_group=4, topk_group=1, scoring_func="softmax", topk_method="group_limited_greedy",
                 norm_topk_prob=False, routed_scaling_factor=1.0)

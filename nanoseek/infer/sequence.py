@@ -13,10 +13,10 @@ stop string. What was sent is therefore always a prefix of the final text.
 from __future__ import annotations
 
 import enum
+import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
-import torch
 
 from .sampling import SamplingParams
 
@@ -75,7 +75,9 @@ class Sequence:
     speculative: RequestStats | None = None  # drafts proposed / accepted, when the engine speculates
 
     def __post_init__(self):
-        self.rng = torch.Generator().manual_seed(self.seed)  # CPU: one float per sampled token
+        # one float per sampled token, from the request's own generator (Python's: a few
+        # hundred ns a draw on the host, where a torch.Generator draw costs microseconds)
+        self.rng = random.Random(self.seed)
         self.prefix_offset = self.read_offset = 0  # incremental detokenizing (module docstring)
 
     @property
@@ -91,7 +93,7 @@ class Sequence:
         return self.status is Status.FINISHED
 
     def uniform(self) -> float:
-        return float(torch.rand((), generator=self.rng))
+        return self.rng.random()
 
     def append(self, token: int, tokenizer, eos_id: int | None) -> StreamEvent:
         """Take one sampled token: update text and finish state, return what to stream."""

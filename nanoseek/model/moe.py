@@ -74,21 +74,38 @@ class Router(nn.Module):
 
     def forward(self, x_ND):
         with torch.autocast(x_ND.device.type, enabled=False):  # gating stays in float32
-            logits_NE = F.linear(x_ND.float(), self.weight.float())
+            if torch.compiler.is_compiling() and x_ND.shape[0] <= 32:
+                # a few tokens: a product and a sum that Inductor fuses with the scoring below
+                logits_NE = (x_ND.float()[:, None, :] * self.weight.float()).sum(-1)
+            else:
+                logits_NE = F.linear(x_ND.float(), self.weight.float())
         scores_NE = logits_NE.sigmoid() if self.scoring_func == "sigmoid" else logits_NE.softmax(-1)
         choice_NE = scores_NE
         if self.e_score_correction_bias is not None:
             choice_NE = scores_NE + self.e_score_correction_bias
+        # a few tokens (decode): ranks by pairwise comparison, which torch.compile fuses into
+        # a couple of kernels, instead of a sort-based torch.topk per selection (two kernels
+        # each, three selections per layer); the same choice wherever scores are not tied
+        small = x_ND.shape[0] * self.n_experts ** 2 <= PAIRWISE_TOPK_MAX
         if self.topk_method != "greedy" and self.n_group > 1:
             groups_NGX = choice_NE.unflatten(-1, (self.n_group, -1))
-            if self.topk_method == "noaux_tc":
+            if self.topk_method == "noaux_tc" and small:
+                top2_NGX = ranks(groups_NGX) < 2
+                group_score_NG = groups_NGX.where(top2_NGX, 0.0).sum(-1)
+            elif self.topk_method == "noaux_tc":
                 group_score_NG = groups_NGX.topk(2, dim=-1).values.sum(-1)
             else:
                 group_score_NG = groups_NGX.amax(-1)
-            keep_NG = torch.zeros_like(group_score_NG, dtype=torch.bool).scatter_(
-                1, group_score_NG.topk(self.topk_group, dim=-1).indices, True)
+            if small:
+                keep_NG = ranks(group_score_NG) < self.topk_group
+            else:
+                keep_NG = torch.zeros_like(group_score_NG, dtype=torch.bool).scatter_(
+                    1, group_score_NG.topk(self.topk_group, dim=-1).indices, True)
             choice_NE = groups_NGX.masked_fill(~keep_NG[..., None], float("-inf")).flatten(1)
-        idx_NK = choice_NE.topk(self.top_k, dim=-1).indices
+        if small:
+            idx_NK = rank_order(ranks(choice_NE), self.top_k)
+        else:
+            idx_NK = choice_NE.topk(self.top_k, dim=-1).indices
         weight_NK = scores_NE.gather(1, idx_NK)
         if self.norm_topk_prob:
             weight_NK = weight_NK / (weight_NK.sum(-1, keepdim=True) + 1e-20)
@@ -109,6 +126,28 @@ class Router(nn.Module):
             self.e_score_correction_bias += self.bias_update_speed * torch.sign(load.mean() - load)
         self.load.zero_()
         return load
+
+
+# tokens x experts^2 up to which a router ranks its scores by pairwise comparison instead of
+# torch.topk (64 experts: 256 tokens)
+PAIRWISE_TOPK_MAX = 2**20
+
+
+def ranks(x: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry along the last dimension, 0 for the largest: how many entries are
+    greater, or equal with a lower index. [..., E] -> [..., E] (compares E^2 pairs)."""
+    E = x.shape[-1]
+    i = torch.arange(E, device=x.device)
+    x_i, x_j = x[..., :, None], x[..., None, :]
+    beats = (x_j > x_i) | ((x_j == x_i) & (i[None, :] < i[:, None]))  # [..., i, j]: j ranks above i
+    return beats.sum(-1)
+
+
+def rank_order(rank: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ranks 0..k-1 in that order (torch.topk(k).indices): [..., E] -> [..., k]."""
+    E = rank.shape[-1]
+    hit = rank[..., :, None] == torch.arange(k, device=rank.device)        # [..., E, k]
+    return (hit * torch.arange(E, device=rank.device)[:, None]).sum(-2)
 
 
 def max_violation(load_E: torch.Tensor) -> torch.Tensor:
@@ -184,6 +223,15 @@ class Experts(nn.Module):
         N, K = idx_NK.shape
         dtype = compute_dtype(x_ND)
         flat_M = idx_NK.flatten()
+        if torch.compiler.is_compiling():
+            # written as products and sums, which Inductor turns into one kernel per projection
+            # that reads the chosen experts' rows in place (no gathered copy, no separate GEMV)
+            x_M1D = x_ND.to(dtype).repeat_interleave(K, dim=0)[:, None, :]
+            gate_MF = (self.gate_proj[flat_M].to(dtype) * x_M1D).sum(-1, dtype=torch.float32)
+            up_MF = (self.up_proj[flat_M].to(dtype) * x_M1D).sum(-1, dtype=torch.float32)
+            h_M1F = (F.silu(gate_MF) * up_MF).to(dtype)[:, None, :]
+            y_MD = (self.down_proj[flat_M].to(dtype) * h_M1F).sum(-1, dtype=torch.float32)
+            return (y_MD.view(N, K, -1) * weight_NK[..., None]).sum(1).to(x_ND.dtype)
         x_MD1 = x_ND.to(dtype).repeat_interleave(K, dim=0)[:, :, None]
         gate_MF1 = torch.bmm(self.gate_proj[flat_M].to(dtype), x_MD1)
         up_MF1 = torch.bmm(self.up_proj[flat_M].to(dtype), x_MD1)
