@@ -25,10 +25,10 @@ elapsed() { echo $(( $(date +%s) - start )); }
 
 case $stage in
   speedrun)
-    python3 -m nanoseek.cli speedrun --out runs/h200 --minutes "${MINUTES:-1.5}" \
+    timeout "${SPEEDRUN_LIMIT:-570}" python3 -m nanoseek.cli speedrun --out runs/h200 --minutes "${MINUTES:-1.5}" \
       --grpo-minutes "${GRPO_MINUTES:-4.5}" 2>&1 | tee "$OUT/speedrun.log"
     echo "speedrun done at $(elapsed)s"
-    if [ -d runs/h200/sft/final ] && [ "$(elapsed)" -lt 480 ]; then
+    if [ "${SPECULATIVE:-1}" = 1 ] && [ -d runs/h200/sft/final ] && [ "$(elapsed)" -lt 480 ]; then
       OUT=$OUT python3 benchmarks/speculative.py --model runs/h200/sft/final --k 1 2 --batches 1 8 \
         --repeat 2 2>&1 | tee "$OUT/speculative.log"
     fi
