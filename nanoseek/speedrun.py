@@ -258,7 +258,8 @@ def grpo_stage(model, tokenizer, out: Path, minutes: float, gpu: bool, say=print
     cfg = dataclasses.replace(cfg, steps=steps, eval_every=eval_every)
     say(f"grpo: {steps} steps of {cfg.prompts_per_step}x{cfg.group_size} rollouts "
         f"(~{step_s:.1f} s each), held-out eval every {eval_every}")
-    trainer, records = grpo(out / "sft", task, cfg, out / "grpo", progress=False, deadline=deadline)
+    trainer, records = grpo(out / "sft", task, cfg, out / "grpo", progress=False, deadline=deadline,
+                            before={"eval_accuracy": evals[task, level]})  # same problems, same n
     curve = [{"step": 0, "eval_accuracy": evals[task, level]}] + [
         {"step": r["step"], "eval_accuracy": r["eval_accuracy"]} for r in records if "eval_accuracy" in r]
     after = curve[-1]["eval_accuracy"]

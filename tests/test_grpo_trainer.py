@@ -61,6 +61,10 @@ def test_two_steps_update_the_weights_log_and_resume_to_step_3(tiny, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in trainer.ref_model.state_dict().items())
 
     logged = read_metrics(run)
+    # step 0: the starting model's held-out accuracy, so the curves start where training does
+    assert [r["step"] for r in logged] == [0, 1, 2]
+    assert 0.0 <= logged[0]["eval_accuracy"] <= 1.0 and "loss" not in logged[0]
+    logged = logged[1:]
     for name in ("loss", "reward", "reward_len3", "reward_accuracy", "accuracy", "response_length",
                  "response_length_incorrect", "kl", "clip_fraction", "entropy", "grad_norm",
                  "rollout_tokens_per_s", "step_time_s", "eval_accuracy", "groups_kept"):
@@ -75,7 +79,7 @@ def test_two_steps_update_the_weights_log_and_resume_to_step_3(tiny, tmp_path):
     resumed = make(tiny, run, eval_n=4, eval_every=1, steps=3)
     more = resumed.fit(resume=True, progress=False)
     assert [r["step"] for r in more] == [3] and resumed.step == 3
-    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(run)] == [0, 1, 2, 3]
     assert latest_checkpoint(run).name == "step_00000003"
     # the resumed step 3 is the step 3 of an uninterrupted run (seeded rollouts, Adam state)
     straight = make(tiny, tmp_path / "straight", eval_n=4, eval_every=1, steps=3).fit(progress=False)
@@ -162,7 +166,8 @@ def test_cli_grpo_one_step_and_a_bad_key(tmp_path, capsys):
     assert main(argv) == 0
     assert "GRPO to step 1" in capsys.readouterr().out
     assert (out / "final" / "config.json").is_file() and (out / "final" / "tokenizer.json").is_file()
-    (record,) = read_metrics(out)
+    start, record = read_metrics(out)  # step 0: the starting model's held-out accuracy
+    assert start["step"] == 0 and 0.0 <= start["eval_accuracy"] <= 1.0 and "reward_format" not in start
     assert "reward_format" in record and "eval_accuracy" in record
 
     assert main(["grpo", "--model", str(ckpt), "--task", "arithmetic", "--out", str(tmp_path / "x"),

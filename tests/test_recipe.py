@@ -178,8 +178,10 @@ def test_cli_grpo_eval_data(ckpt, tmp_path, capsys):
     out = tmp_path / "g"
     assert main(["grpo", "--model", str(ckpt), "--data", str(data), "--eval-data", str(held_out), "--out", str(out),
                  "--steps", "1", "group_size=2", "prompts_per_step=2", "max_new_tokens=6"]) == 0
-    (record,) = read_metrics(out)
-    assert record["eval_reward"] == record["eval_reward_math"] and 0.0 <= record["eval_reward"] <= 1.0
+    start, record = read_metrics(out)  # step 0: the starting model's held-out rewards
+    assert [start["step"], record["step"]] == [0, 1]
+    for r in (start, record):
+        assert r["eval_reward"] == r["eval_reward_math"] and 0.0 <= r["eval_reward"] <= 1.0
     assert main(["grpo", "--model", str(ckpt), "--task", "arithmetic", "--eval-data", str(held_out),
                  "--out", str(tmp_path / "x")]) == 2
     assert "--eval-data goes with --data" in capsys.readouterr().err

@@ -53,6 +53,7 @@ def test_grpo_stage_stops_at_its_deadline_then_reports_before_and_after(tmp_path
     assert [p["step"] for p in g["curve"]] == [0, 1]  # before, and the final evaluation anyway
     logged = [r["eval_accuracy"] for r in read_metrics(tmp_path / "grpo" / "metrics.jsonl") if "eval_accuracy" in r]
     assert g["after"] == logged[-1]  # the report's "after" is the run's own last evaluation
+    assert logged[0] == g["before"] and len(logged) == 2  # step 0: the task-choice evaluation, not redone
     assert g["seconds_per_step"] > 0 and g["rollout_tokens_per_s"] > 0
     run = tmp_path / "grpo"
     assert (run / "final" / "config.json").is_file() and (run / "plots" / "rl.png").is_file()
@@ -63,7 +64,7 @@ def test_grpo_stage_stops_at_its_deadline_then_reports_before_and_after(tmp_path
     from nanoseek.rl.trainer import grpo_config
     cfg = grpo_config(**{**g["config"], "steps": 2})
     trainer, records = grpo(sft_dir, g["task"], cfg, run, resume=True, progress=False)
-    assert trainer.step == 2 and [r["step"] for r in read_metrics(run)] == [1, 2]
+    assert trainer.step == 2 and [r["step"] for r in read_metrics(run)] == [0, 1, 2]
 
     record = {"loss": 1.0, "tokens": 10, "tokens_per_s": 5.0}
     report = write_report(tmp_path, model.config, [record], [record], [], [],

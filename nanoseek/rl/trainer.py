@@ -46,7 +46,8 @@ Logged per step (metrics.jsonl): loss, reward (total mean) and reward_{name} per
 when configured), response_length, response_length_correct / _incorrect (tokens),
 kl, clip_fraction (+ _low/_high), entropy, ratio_mean, grad_norm, groups_kept,
 groups_dropped, rollout_tokens, rollout_tokens_per_s, rollout_time_s, step_time_s, lr; and
-every eval_every steps eval_accuracy (greedy, held-out test split), or for a dataset run
+every eval_every steps (and at step 0, the starting model) eval_accuracy (greedy, held-out
+test split), or for a dataset run
 with held-out rows (`eval_rows`, `nanoseek grpo --eval-data`) eval_reward and
 eval_reward_{name}: the rewards of greedy answers to them.
 """
@@ -467,8 +468,13 @@ class GRPOTrainer(Checkpointed):
 
     # ------------------------------------------------------------ loop
     def fit(self, resume: bool = False, progress: bool | None = None,
-            deadline: float | None = None) -> list[dict]:
-        """Train to cfg.steps; returns the records logged by this call.
+            deadline: float | None = None, before: dict | None = None) -> list[dict]:
+        """Train to cfg.steps; returns the records of the steps this call trained.
+
+        A fresh run with evaluations (eval_n > 0) first logs the starting model's held-out figures as
+        step 0 of metrics.jsonl, so that the curves start where training does: `before`
+        when given (figures the caller already has, e.g. {"eval_accuracy": 0.6}), else
+        an evaluation here.
 
         deadline: a `time.time()` after which the run should be over. The loop then stops
         early, after the step that leaves less time than that step took; that step gets the
@@ -479,6 +485,10 @@ class GRPOTrainer(Checkpointed):
         records = []
         logger, bar = run_outputs(self.run_dir, self.step, cfg.steps, "grpo", progress)
         try:
+            if self.step == 0 and cfg.eval_n:
+                start = before if before is not None else self.evaluate()
+                if start:
+                    logger.log(0, **start)
             while self.step < cfg.steps:
                 record = self.train_step()
                 out_of_time = deadline is not None and time.time() + record["step_time_s"] > deadline
@@ -541,10 +551,11 @@ def plot_rl_metrics(metrics_jsonl: str | Path, out_dir: str | Path) -> Path | No
 
 def grpo(model_dir: str | Path, task: str | Sequence[dict], cfg: GRPOConfig, out: str | Path,
          resume: bool = False, progress: bool | None = None, deadline: float | None = None,
-         data: str | None = None, eval_rows: Sequence[dict] | None = None) -> tuple[GRPOTrainer, list[dict]]:
+         data: str | None = None, eval_rows: Sequence[dict] | None = None,
+         before: dict | None = None) -> tuple[GRPOTrainer, list[dict]]:
     """The CLI's stage: a checkpoint (or run directory) + its tokenizer -> GRPO -> out/final.
     task: a built-in task name, or dataset rows (recipe.load_prompt_rows) read from `data`;
-    eval_rows: held-out rows for a dataset run. deadline: as in GRPOTrainer.fit."""
+    eval_rows: held-out rows for a dataset run. deadline, before: as in GRPOTrainer.fit."""
     from ..train.pipeline import load_base, publish_final
     out = Path(out)
     if not resume:
@@ -553,7 +564,7 @@ def grpo(model_dir: str | Path, task: str | Sequence[dict], cfg: GRPOConfig, out
     source = {"task": task} if isinstance(task, str) else {"data": data}
     trainer = GRPOTrainer(model, tok, task, cfg, out, tokenizer_dir=tok_dir,
                           extra_state={**source, "base_model": str(src)}, eval_rows=eval_rows)
-    records = trainer.fit(resume=resume, progress=progress, deadline=deadline)
+    records = trainer.fit(resume=resume, progress=progress, deadline=deadline, before=before)
     publish_final(trainer.model, tok_dir, out)
     (out / "grpo_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     return trainer, records
