@@ -199,6 +199,10 @@ def test_pairwise_ranks_equal_topk_order_with_ties_to_the_lower_index():
     x[:, 9] = float("-inf")
     order = torch.sort(x, dim=-1, descending=True, stable=True).indices
     torch.testing.assert_close(rank_order(ranks(x), 64), order, rtol=0, atol=0)
+    x[:, 7] = float("nan")  # a non-finite step: still a permutation, NaN as -inf (index 7 before 9)
+    r = ranks(x)
+    assert torch.equal(r.sort(-1).values, torch.arange(64).expand(37, 64))
+    assert (r[:, 7] == 62).all() and (r[:, 9] == 63).all()
 
 
 @pytest.mark.parametrize("method", ["noaux_tc", "group_limited_greedy", "greedy"])

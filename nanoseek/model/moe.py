@@ -135,8 +135,10 @@ PAIRWISE_TOPK_MAX = 2**20
 
 def ranks(x: torch.Tensor) -> torch.Tensor:
     """Rank of each entry along the last dimension, 0 for the largest: how many entries are
-    greater, or equal with a lower index. [..., E] -> [..., E] (compares E^2 pairs)."""
+    greater, or equal with a lower index. [..., E] -> [..., E] (compares E^2 pairs). NaN
+    ranks as -inf, so the ranks stay a permutation (a non-finite step is skipped anyway)."""
     E = x.shape[-1]
+    x = x.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     i = torch.arange(E, device=x.device)
     x_i, x_j = x[..., :, None], x[..., None, :]
     beats = (x_j > x_i) | ((x_j == x_i) & (i[None, :] < i[:, None]))  # [..., i, j]: j ranks above i
