@@ -215,8 +215,12 @@ class Experts(nn.Module):
         up_MF = torch._grouped_mm(x_MD, w_up, offs=offsets_E)
         h_MF = F.silu(gate_MF) * up_MF
         y_MD = torch._grouped_mm(h_MF, w_down, offs=offsets_E)
-        y_MD = y_MD * weight_NK.flatten()[order_M, None].to(y_MD.dtype)
-        return torch.zeros_like(x_ND).index_add_(0, token_M, y_MD.to(x_ND.dtype))
+        # back to (token, slot) order, a permutation: a plain scatter, then each token's K
+        # outputs summed at once (fp32 inside the reduction). An index_add_ of the rows would
+        # accumulate with atomics in the activation dtype: bf16 sums in whatever order the
+        # GPU runs them, so the same prompt could decode differently from run to run.
+        y_NKD = torch.empty_like(y_MD).index_put_((order_M,), y_MD).view(N, K, -1)
+        return (y_NKD * weight_NK[..., None].to(y_NKD.dtype)).sum(1).to(x_ND.dtype)
 
     def forward_gathered(self, x_ND, weight_NK, idx_NK):
         """Each (token, expert) pair on its own copy of that expert's weights: M = N·K gathered
