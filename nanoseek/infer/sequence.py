@@ -17,7 +17,6 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
-
 from .sampling import SamplingParams
 
 if TYPE_CHECKING:

@@ -471,10 +471,10 @@ class GRPOTrainer(Checkpointed):
             deadline: float | None = None, before: dict | None = None) -> list[dict]:
         """Train to cfg.steps; returns the records of the steps this call trained.
 
-        A fresh run with evaluations (eval_n > 0) first logs the starting model's held-out figures as
-        step 0 of metrics.jsonl, so that the curves start where training does: `before`
-        when given (figures the caller already has, e.g. {"eval_accuracy": 0.6}), else
-        an evaluation here.
+        A fresh run with evaluations (eval_n > 0) first logs the starting model's held-out
+        figures as step 0 of metrics.jsonl, so that the curves start where training does:
+        `before` when given (figures the caller already has, e.g. {"eval_accuracy": 0.6}),
+        else an evaluation here.
 
         deadline: a `time.time()` after which the run should be over. The loop then stops
         early, after the step that leaves less time than that step took; that step gets the
