@@ -13,7 +13,9 @@ graph), then the same with the routed experts always on the grouped GEMM (at bat
 decode step otherwise gathers the chosen experts' weights, model/moe.py), then with the
 graph of the uncompiled step, then eagerly; the greedy tokens of the others are compared
 with the compiled engine's (same_tokens_as_compiled, per token: with random weights the
-logits are near-tied, so BF16 rounding differences alone change tokens).
+logits are near-tied, so BF16 rounding differences alone change tokens), and each engine's
+first and last timed runs with each other (same_tokens_run_to_run: 1.0 unless some kernel
+sums in a run-dependent order).
 Each figure is the median of `--repeat` runs after a warm-up run.
 
     python benchmarks/decode.py [--prompt 512 --new 128 --batches 1 32]
@@ -52,6 +54,11 @@ def timed(fn, repeat):
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def same_tokens(a: list[list[int]], b: list[list[int]]) -> float:
+    """The fraction of positions at which two runs' token lists agree."""
+    return sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / sum(map(len, a))
 
 
 def measure(run, batch, new, repeat):
@@ -121,17 +128,18 @@ def main():
             def run(n, plist=plist, B=B, label=label):
                 outs = engine.generate(plist, SamplingParams(max_tokens=n, ignore_eos=True))
                 assert all(len(o.token_ids) == n for o in outs)
-                if n == args.new:
-                    tokens[label, B] = [o.token_ids for o in outs]
+                if n == args.new:  # every full run's tokens: the first and last are compared below
+                    tokens.setdefault((label, B), []).append([o.token_ids for o in outs])
             name = f"nanoseek engine{label}, batch {B}"
             rows[name] = {"batch": B, **measure(run, B, args.new, args.repeat)}
             graphs = engine.runner.graphs
             rows[name]["cuda_graphs_used"] = bool(graphs and graphs.graphs and not graphs.failed)
             rows[name]["compiled"] = bool(graphs and graphs.compiled is not None)
-            if label != "" and ("", B) in tokens:  # same greedy tokens as the compiled engine?
-                mine = tokens[label, B]
-                rows[name]["same_tokens_as_compiled"] = sum(
-                    a == b for x, y in zip(mine, tokens["", B]) for a, b in zip(x, y)) / sum(map(len, mine))
+            runs = tokens[label, B]
+            # the same greedy tokens in every run of this engine (deterministic kernels)?
+            rows[name]["same_tokens_run_to_run"] = same_tokens(runs[0], runs[-1])
+            if label != "" and ("", B) in tokens:  # the same greedy tokens as the compiled engine?
+                rows[name]["same_tokens_as_compiled"] = same_tokens(runs[-1], tokens["", B][-1])
             print(f"{name}: {rows[name]}", flush=True)
         del engine
         gc.collect()
