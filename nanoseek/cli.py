@@ -250,13 +250,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .hf import from_pretrained
     from .train.evaluate import evaluate_task
-    from .train.pipeline import resolve_model_dir, tokenizer_for
-    from .train.trainer import resolve_device
-    src = resolve_model_dir(args.model)
-    model = from_pretrained(src, device=resolve_device("auto"))
-    result = evaluate_task(model, tokenizer_for(src), args.task, args.level, n=args.n, k=args.k,
+    from .train.pipeline import load_model_dir
+    _, model, tokenizer = load_model_dir(args.model)
+    result = evaluate_task(model, tokenizer, args.task, args.level, n=args.n, k=args.k,
                            temperature=args.temperature, fmt=args.format)
     print(json.dumps(result, indent=2))
 
@@ -457,14 +454,11 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 
 def load_model(args: argparse.Namespace):
     """(model, tokenizer) of --model on --device."""
-    from .hf import from_pretrained
-    from .train.pipeline import resolve_model_dir, tokenizer_for
-    from .train.trainer import resolve_device
+    from .train.pipeline import load_model_dir
     if args.max_tokens < 1:
         raise UsageError(f"--max-tokens must be positive, got {args.max_tokens}")
-    src = resolve_model_dir(args.model)
-    tokenizer = tokenizer_for(src)
-    return from_pretrained(src, device=resolve_device(args.device)), tokenizer
+    _, model, tokenizer = load_model_dir(args.model, args.device)
+    return model, tokenizer
 
 
 def sampling_params(args: argparse.Namespace, max_tokens: int):

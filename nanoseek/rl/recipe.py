@@ -367,11 +367,9 @@ def prompt_rows(task: str | None, data: str | None, level: int | None = None,
 
 def load_sampler(model_dir: str | Path, device: str = "auto"):
     """(model, tokenizer) of a checkpoint or run directory, in eval mode on `device`."""
-    from ..hf import from_pretrained
-    from ..train.pipeline import resolve_model_dir, tokenizer_for
-    from ..train.trainer import resolve_device
-    src = resolve_model_dir(model_dir)
-    return from_pretrained(src, device=resolve_device(device)).eval(), tokenizer_for(src)
+    from ..train.pipeline import load_model_dir
+    _, model, tokenizer = load_model_dir(model_dir, device)
+    return model.eval(), tokenizer
 
 
 def _check_sampling(n: int, temperature: float, max_tokens: int) -> None:

@@ -66,6 +66,16 @@ def tokenizer_for(path: Path) -> ChatTokenizer:
     raise FileNotFoundError(f"{path}: no tokenizer.json beside the model")
 
 
+def load_model_dir(path: str | Path, device: str = "auto", dtype=None) -> tuple[Path, Transformer, ChatTokenizer]:
+    """(checkpoint, model, tokenizer) of a checkpoint or run directory (resolve_model_dir), the
+    model on `device` ("auto": a GPU when there is one), in the checkpoint's dtype unless given."""
+    from ..hf import from_pretrained
+    from .trainer import resolve_device
+    src = resolve_model_dir(path)
+    tokenizer = tokenizer_for(src)
+    return src, from_pretrained(src, dtype=dtype, device=resolve_device(device)), tokenizer
+
+
 def publish_final(model: Transformer, tokenizer_dir: Path, out: Path) -> Path:
     """`out/final`: the model in HF layout with its tokenizer, what later stages load."""
     final = out / "final"
@@ -81,12 +91,10 @@ def load_base(model_dir: str | Path, out: Path) -> tuple[Path, ChatTokenizer, Pa
     tokenizer copied to `out/tokenizer`, and the model with float32 master weights."""
     import torch
 
-    from ..hf import from_pretrained
-    src = resolve_model_dir(model_dir)
-    tok = tokenizer_for(src)
+    src, model, tok = load_model_dir(model_dir, device="cpu", dtype=torch.float32)
     tok_dir = out / "tokenizer"
     tok.save(tok_dir)
-    return src, tok, tok_dir, from_pretrained(src, dtype=torch.float32)
+    return src, tok, tok_dir, model
 
 
 def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: str | Path,
