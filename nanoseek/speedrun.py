@@ -69,12 +69,15 @@ def cpu_model():
                   num_experts_per_tok=2, n_group=2, topk_group=1)
 
 
-def calibrate_steps(model_cfg, tcfg_kwargs: dict, minutes: float, data: str, out: Path) -> int:
-    """Steps that fit `minutes`, from the median time of a few throwaway steps."""
+def calibrate_steps(model_cfg, tcfg_kwargs: dict, minutes: float, data: str, out: Path,
+                    tokenizer: Path) -> int:
+    """Steps that fit `minutes`, from the median time of a few throwaway steps. The BPE
+    tokenizer the probe trains on `data` is kept at `tokenizer` for the real run."""
     probe = out / ".calibrate"
     shutil.rmtree(probe, ignore_errors=True)
     n = 24
-    trainer, _, records = pretrain(model_cfg, train_config(steps=n, **tcfg_kwargs), data, probe, progress=False)
+    trainer, tok, records = pretrain(model_cfg, train_config(steps=n, **tcfg_kwargs), data, probe, progress=False)
+    tok.save(tokenizer)
     # the first steps run slow (allocator, compile, and on a CPU the threads still busy after
     # the tokenizer's training: probes of 6 steps read 25-70% over the run's real step time)
     times = sorted(r["step_time_s"] for r in records[n // 2:])
@@ -112,11 +115,13 @@ def speedrun(out: str | Path = "runs/speedrun", minutes: float | None = None,
     pre_minutes, sft_minutes = 0.7 * minutes, 0.3 * minutes
     for stage in ("pretrain", "sft", "grpo"):
         shutil.rmtree(out / stage, ignore_errors=True)
-    steps = calibrate_steps(model_cfg, dict(common, lr=pre_lr), pre_minutes, pretrain_data, out)
+    bpe = out / ".tokenizer"  # trained once, by the probe, on the pretraining documents
+    steps = calibrate_steps(model_cfg, dict(common, lr=pre_lr), pre_minutes, pretrain_data, out, bpe)
     say(f"pretrain: {steps} steps of {common['batch_size']}x{common['seq_len']} tokens")
     t0 = time.time()
     trainer, tok, pre_records = pretrain(model_cfg, train_config(steps=steps, lr=pre_lr, **common),
-                                         pretrain_data, out / "pretrain")
+                                         pretrain_data, out / "pretrain", tokenizer=bpe)
+    shutil.rmtree(bpe, ignore_errors=True)
     pre_wall = time.time() - t0
     model_cfg = trainer.model.config
 
