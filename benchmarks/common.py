@@ -23,7 +23,8 @@ def environment() -> dict:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "git_commit": commit or os.environ.get("GIT_COMMIT"),
+        # GIT_COMMIT first: a copied tree (the device's) can carry an older .git than its files
+        "git_commit": os.environ.get("GIT_COMMIT") or commit,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
