@@ -216,10 +216,15 @@ def test_router_choice_by_pairwise_ranks_equals_topk(monkeypatch, method):
     if r.e_score_correction_bias is not None:
         r.e_score_correction_bias.normal_(0, 0.1)
     x = torch.randn(24, 16)
+    calls = []
+    ranks = moe.ranks
+    monkeypatch.setattr(moe, "ranks", lambda t: calls.append(t.shape) or ranks(t))
     w_small, idx_small, _ = r(x)
-    assert x.shape[0] * r.n_experts ** 2 <= moe.PAIRWISE_TOPK_MAX
+    assert calls  # the pairwise path ran
     monkeypatch.setattr(moe, "PAIRWISE_TOPK_MAX", 0)
+    calls.clear()
     w_topk, idx_topk, _ = r(x)
+    assert not calls  # and here torch.topk did
     torch.testing.assert_close(idx_small, idx_topk, rtol=0, atol=0)
     torch.testing.assert_close(w_small, w_topk)
 
