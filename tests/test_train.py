@@ -409,20 +409,25 @@ def test_resume_without_a_checkpoint_starts_a_seeded_fresh_run(tmp_path):
 
 def test_resume_refuses_a_checkpoint_of_another_kind_of_run(tmp_path):
     """Trainer and GRPOTrainer share save/resume (train.trainer.Checkpointed): a run
-    directory holding another stage's checkpoint is refused, naming both stages."""
+    directory holding another stage's checkpoint is refused, naming both stages, before
+    anything of it is loaded."""
     from nanoseek import preset
     from nanoseek.data.tokenizer import ChatTokenizer, byte_tokenizer
     from nanoseek.rl.trainer import GRPOTrainer, grpo_config
     from nanoseek.train.pipeline import pretrain, train_config
-    from nanoseek.train.trainer import TrainingError
+    from nanoseek.hf import CheckpointError
     trainer, _, _ = pretrain(preset("tiny"), train_config(steps=1, batch_size=2, seq_len=32, warmup=1),
                              "builtin:arithmetic:level=1:n=20", tmp_path, progress=False)
     trainer.stage = "sft"
-    with pytest.raises(TrainingError, match="holds a 'pretrain' run, not a 'sft' run"):
+    with torch.no_grad():
+        trainer.model.lm_head.weight.fill_(0.5)  # a refused resume leaves this as it is
+    with pytest.raises(CheckpointError, match="holds a 'pretrain' run, not a 'sft' run"):
         trainer.resume()
+    assert (trainer.model.lm_head.weight == 0.5).all() and trainer.step == 1
     grpo = GRPOTrainer(trainer.model, ChatTokenizer(byte_tokenizer(trainer.model.config.vocab_size)),
                        "arithmetic", grpo_config(steps=1, beta=0.0), tmp_path)
-    with pytest.raises(TrainingError, match="not a 'grpo' run"):
+    with pytest.raises(CheckpointError, match="not a 'grpo' run"):
         grpo.resume()
+    assert (trainer.model.lm_head.weight == 0.5).all()
     trainer.stage = "pretrain"
     assert trainer.resume() and trainer.step == 1

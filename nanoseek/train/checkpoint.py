@@ -364,7 +364,8 @@ def _prune(root: Path, keep_last: int, keep: set[str]) -> None:
 # ============================================================================ load
 def load_checkpoint(run_dir_or_ckpt_dir: str | Path, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None = None,
-                    map_location: torch.device | str | None = None, restore_rng: bool = True) -> dict:
+                    map_location: torch.device | str | None = None, restore_rng: bool = True,
+                    stage: str | None = None) -> dict:
     """Load a checkpoint into `model` (in place: parameters keep their identity, so an
     optimizer built on them stays valid), `optimizer` and the RNGs; return the train_state.
 
@@ -372,7 +373,8 @@ def load_checkpoint(run_dir_or_ckpt_dir: str | Path, model: nn.Module,
     checkpoint directory. `map_location`: where tensors are read to before they are copied to
     the model's / optimizer's own devices (default CPU). Everything is read and checked before
     the model, optimizer or RNGs are touched, so a bad checkpoint changes nothing.
-    Raises CheckpointError naming the file for a missing or corrupt checkpoint.
+    Raises CheckpointError naming the file for a missing or corrupt checkpoint, or, given
+    `stage`, for a checkpoint of another kind of run (train_state["stage"]).
     """
     ckpt = resolve_checkpoint(run_dir_or_ckpt_dir)
     clean_stale_tmp(ckpt.parent.parent, only_dead_writers=True)
@@ -381,6 +383,9 @@ def load_checkpoint(run_dir_or_ckpt_dir: str | Path, model: nn.Module,
     train_state = _read_json(ckpt / TRAINER_STATE)
     if not isinstance(train_state, dict):
         raise CheckpointError(f"{ckpt / TRAINER_STATE} must hold a JSON object")
+    if stage is not None and train_state.get("stage") != stage:
+        raise CheckpointError(f"{ckpt.parent.parent} holds a {train_state.get('stage')!r} run, "
+                              f"not a {stage!r} run")
     opt_state = _load_optimizer(ckpt, optimizer, model, device) if optimizer is not None else None
     rng = _load_rng(ckpt) if restore_rng else None
     _check_config(ckpt, model)

@@ -123,12 +123,11 @@ class Checkpointed:
 
     def resume(self) -> bool:
         """Continue from the run's latest checkpoint, if any. Returns whether one was found;
-        a checkpoint of another kind of run is a TrainingError."""
+        a checkpoint of another kind of run is refused (CheckpointError) before anything loads."""
         if latest_checkpoint(self.run_dir) is None:
             return False
-        state = load_checkpoint(self.run_dir, self.model, self.optimizer, map_location=self.device)
-        if state.get("stage") != self.stage:
-            raise TrainingError(f"{self.run_dir} holds a {state.get('stage')!r} run, not a {self.stage!r} run")
+        state = load_checkpoint(self.run_dir, self.model, self.optimizer, map_location=self.device,
+                                stage=self.stage)
         self.step = state["step"]
         self.restore(state)
         return True
