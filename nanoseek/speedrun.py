@@ -39,7 +39,9 @@ from .data.tasks import format_chat, get_task
 from .info import model_info
 from .rl.trainer import GRPOConfig, GRPOTrainer, grpo, grpo_config
 from .train.evaluate import evaluate_task
-from .train.pipeline import load_base, pretrain, sft, train_config
+from .data.datasets import load_documents
+from .data.tokenizer import ChatTokenizer, train_bpe
+from .train.pipeline import load_base, pretrain, read_specs, sft, train_config
 
 # (task, level, n) of the pretraining documents and of the SFT chats
 PRETRAIN_DATA = "builtin:arithmetic:level=1:n=30000,builtin:arithmetic:level=2:n=3000"
@@ -70,14 +72,14 @@ def cpu_model():
 
 
 def calibrate_steps(model_cfg, tcfg_kwargs: dict, minutes: float, data: str, out: Path,
-                    tokenizer: Path) -> int:
-    """Steps that fit `minutes`, from the median time of a few throwaway steps. The BPE
-    tokenizer the probe trains on `data` is kept at `tokenizer` for the real run."""
+                    tokenizer: Path | None = None) -> int:
+    """Steps that fit `minutes`, from the median time of a few throwaway steps (on the run's
+    tokenizer when given, else one trained for the probe)."""
     probe = out / ".calibrate"
     shutil.rmtree(probe, ignore_errors=True)
     n = 24
-    trainer, tok, records = pretrain(model_cfg, train_config(steps=n, **tcfg_kwargs), data, probe, progress=False)
-    tok.save(tokenizer)
+    trainer, _, records = pretrain(model_cfg, train_config(steps=n, **tcfg_kwargs), data, probe,
+                                   tokenizer=tokenizer, progress=False)
     # the first steps run slow (allocator, compile, and on a CPU the threads still busy after
     # the tokenizer's training: probes of 6 steps read 25-70% over the run's real step time)
     times = sorted(r["step_time_s"] for r in records[n // 2:])
@@ -115,7 +117,8 @@ def speedrun(out: str | Path = "runs/speedrun", minutes: float | None = None,
     pre_minutes, sft_minutes = 0.7 * minutes, 0.3 * minutes
     for stage in ("pretrain", "sft", "grpo"):
         shutil.rmtree(out / stage, ignore_errors=True)
-    bpe = out / ".tokenizer"  # trained once, by the probe, on the pretraining documents
+    bpe = out / ".tokenizer"  # trained once on the pretraining documents, for the probe and the run
+    ChatTokenizer(train_bpe(read_specs(pretrain_data, load_documents), model_cfg.vocab_size)).save(bpe)
     steps = calibrate_steps(model_cfg, dict(common, lr=pre_lr), pre_minutes, pretrain_data, out, bpe)
     say(f"pretrain: {steps} steps of {common['batch_size']}x{common['seq_len']} tokens")
     t0 = time.time()
@@ -148,8 +151,7 @@ def speedrun(out: str | Path = "runs/speedrun", minutes: float | None = None,
     grpo_summary, grpo_wall = None, 0.0
     if grpo_minutes > 0:
         t0 = time.time()
-        grpo_summary = grpo_stage(sft_trainer.model, tok, out, grpo_minutes, gpu, say,
-                                  eval_n=GRPO_EVAL_N_GPU if gpu else GRPO_EVAL_N)
+        grpo_summary = grpo_stage(sft_trainer.model, tok, out, grpo_minutes, gpu, say)
         grpo_wall = time.time() - t0
 
     report = write_report(out, model_cfg, pre_records, sft_records, pre_eval, evals,
@@ -194,7 +196,7 @@ def grpo_settings(gpu: bool, max_new_tokens: int, level: int) -> GRPOConfig:
     <think>...</think><answer>...</answer> structure of the cold start."""
     common = dict(max_new_tokens=max_new_tokens, temperature=1.0, beta=0.0, level=level,
                   rewards={"accuracy": 1.0, "format": 0.1}, prompt_format="chat",
-                  eval_n=GRPO_EVAL_N, keep_last=1)
+                  keep_last=1)
     if gpu:
         return grpo_config(group_size=16, prompts_per_step=32, lr=5e-5, micro_batch=256,
                            dynamic_sampling=True, clip_eps_high=0.28, **common)
@@ -226,11 +228,13 @@ def choose_grpo_task(accuracy_of, candidates=GRPO_CANDIDATES, band=GRPO_BAND, ta
 
 
 def grpo_stage(model, tokenizer, out: Path, minutes: float, gpu: bool, say=print,
-               candidates=GRPO_CANDIDATES, eval_n: int = GRPO_EVAL_N, **changes) -> dict:
+               candidates=GRPO_CANDIDATES, eval_n: int | None = None, **changes) -> dict:
     """Choose the task (held-out greedy accuracy of `model`, the SFT model in memory, equal to
     out/sft/final), then GRPO from out/sft/final into out/grpo within `minutes`. `changes`:
     GRPOConfig fields over grpo_settings (a max_new_tokens there holds for the evaluations
-    that choose the task too)."""
+    that choose the task too). eval_n: held-out problems per evaluation (default
+    GRPO_EVAL_N_GPU on a GPU, GRPO_EVAL_N on a CPU)."""
+    eval_n = eval_n or (GRPO_EVAL_N_GPU if gpu else GRPO_EVAL_N)
     budgets, evals, eval_s = {}, {}, {}
 
     def accuracy_of(task, level):

@@ -47,10 +47,8 @@ def read_keys(path: str | None) -> list[str]:
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from ..hf import from_pretrained
     from ..infer.engine import Engine
-    from ..train.pipeline import resolve_model_dir, tokenizer_for
-    from ..train.trainer import resolve_device
+    from ..train.pipeline import load_model_dir
     from .app import Settings, create_app
 
     if args.speculative < 0:
@@ -65,9 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     upstream_key = os.environ.get("NANOSEEK_UPSTREAM_API_KEY")
     if args.upstream_api_key_file:
         upstream_key = Path(args.upstream_api_key_file).read_text().strip()
-    src = resolve_model_dir(args.model)
-    tokenizer = tokenizer_for(src)
-    model = from_pretrained(src, device=resolve_device(args.device))
+    _, model, tokenizer = load_model_dir(args.model, args.device)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_len=args.max_len,
                     speculative_k=args.speculative, compile=args.compile)
     settings = Settings(api_keys=keys, max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
