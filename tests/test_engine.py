@@ -268,12 +268,14 @@ def test_graph_decoding_follows_in_place_weight_updates():
         return [o.token_ids for o in engine.generate(prompts, sp)]
 
     graphs = Engine(model, tok, max_batch=4, max_len=64)
-    tokens(graphs)  # captures the graphs with the first weights
+    before = tokens(graphs)  # captures the graphs with the first weights
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.5)
     assert graphs.runner.graphs.graphs  # the decode ran from captured graphs
-    assert tokens(graphs) == tokens(Engine(model, tok, max_batch=4, max_len=64, cuda_graphs=False))
+    after = tokens(Engine(model, tok, max_batch=4, max_len=64, cuda_graphs=False))
+    assert after != before  # the update changes the tokens, so stale captured weights would show
+    assert tokens(graphs) == after
 
 
 def test_incremental_detokenizing_equals_decoding_the_whole_output():
@@ -290,5 +292,18 @@ def test_incremental_detokenizing_equals_decoding_the_whole_output():
         streamed = ""
         for t in ids:
             streamed += seq.append(t, tok, eos_id=None).new_text
-            assert tok.decode(seq.output_ids).startswith(seq.text.rstrip("\ufffd"))
+            assert tok.decode(seq.output_ids).startswith(seq.text)
         assert seq.finished and seq.text == tok.decode(ids) and streamed == seq.text
+
+
+@pytest.mark.parametrize("budget", [0, 3])
+def test_a_stop_string_completed_by_the_last_allowed_token_ends_as_stop(budget):
+    """max_tokens reached by the very token that completes a stop string: finish_reason
+    "stop" and the text cut before it (as with tokens to spare)."""
+    tok = ChatTokenizer(byte_tokenizer(512))
+    ids = tok.encode("abc</answer>")
+    n = len(ids) + budget
+    seq = Sequence("r", [1], SamplingParams(max_tokens=n, stop=["</answer>"]), n, seed=0)
+    for t in ids:
+        seq.append(t, tok, eos_id=None)
+    assert (seq.text, seq.finish_reason, seq.finished) == ("abc", "stop", True)

@@ -101,20 +101,22 @@ class Sequence:
         text_ids = self.output_ids
         if token in p.stop_token_ids or (token == eos_id and not p.ignore_eos):
             self.finish_reason, text_ids = "stop", self.output_ids[:-1]
-        if self.finish_reason is None and len(self.output_ids) >= self.max_tokens:
+        last = self.finish_reason is not None or len(self.output_ids) >= self.max_tokens
+        if tokenizer is not None:  # a stop string the last token completes still ends it as "stop"
+            self._detokenize(tokenizer, text_ids, last)
+        if self.finish_reason is None and last:
             self.finish_reason = "length"
-        if tokenizer is not None:
-            self._detokenize(tokenizer, text_ids)
         if self.finish_reason is not None:
             self.status = Status.FINISHED
         return self.stream_event()
 
-    def _detokenize(self, tokenizer, text_ids: list[int]) -> None:
-        """Extend self.text by what text_ids add since the last call; cut at a stop string."""
+    def _detokenize(self, tokenizer, text_ids: list[int], last: bool) -> None:
+        """Extend self.text by what text_ids add since the last call (on the last call also an
+        incomplete character, as U+FFFD); cut at a stop string."""
         done = self.text
         read = tokenizer.decode(text_ids[self.prefix_offset: self.read_offset])
         new = tokenizer.decode(text_ids[self.prefix_offset:])
-        if len(new) > len(read) and (not new.endswith("\ufffd") or self.finish_reason is not None):
+        if len(new) > len(read) and (not new.endswith("\ufffd") or last):
             self.text = done + new[len(read):]
             self.prefix_offset, self.read_offset = self.read_offset, len(text_ids)
         stops = self.params.stop
@@ -138,9 +140,7 @@ class Sequence:
 
 def stable_end(text: str, stops: list[str]) -> int:
     """Length of the prefix of `text` that later tokens cannot change or cut off."""
-    end = len(text)
-    while end and text[end - 1] == "\ufffd":
-        end -= 1
+    end = len(text)  # (an incomplete character is never in the text before the last token)
     for s in stops:
         for k in range(min(len(s) - 1, len(text)), 0, -1):
             if text.endswith(s[:k]):
