@@ -109,7 +109,6 @@ def main():
             gc.collect()
             torch.cuda.empty_cache()
         model = from_pretrained(tmp, dtype=torch.bfloat16, device="cuda")
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     from nanoseek.model import moe
     gather = moe.GATHER_MAX_PAIRS
     modes = {"": dict(cuda_graphs=True, compile=True),

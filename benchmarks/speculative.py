@@ -73,7 +73,6 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true")
     args = ap.parse_args()
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     ap_device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke test only
     model = from_pretrained(args.model, dtype=torch.bfloat16 if ap_device == "cuda" else torch.float32,
                             device=ap_device).eval()

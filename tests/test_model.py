@@ -207,9 +207,11 @@ def test_pairwise_ranks_equal_topk_order_with_ties_to_the_lower_index():
 
 @pytest.mark.parametrize("method", ["noaux_tc", "group_limited_greedy", "greedy"])
 def test_router_choice_by_pairwise_ranks_equals_topk(monkeypatch, method):
-    """Few tokens rank by pairwise comparison (compile-friendly), many by torch.topk: the
-    same experts and gate values."""
+    """Few tokens under torch.compile rank by pairwise comparison, many (or eager) by
+    torch.topk: the same experts and gate values. (is_compiling is patched: the branch's
+    logic runs eagerly here; test_compiled_decode_... runs it compiled.)"""
     from nanoseek.model import moe
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     kw = dict(n_group=4, topk_group=2) if method != "greedy" else dict(n_group=1, topk_group=1)
     r = _router(topk_method=method, scoring_func="softmax" if method == "group_limited_greedy" else "sigmoid",
                 **kw)

@@ -13,7 +13,8 @@ than running them. So the step is captured once per batch-size bucket (1, 2, 4, 
 With `compile=True` the step is first put through `torch.compile` (Inductor), which fuses
 the norms, RoPE, the router's elementwise work and the residual adds into a few Triton
 kernels, and the graph then captures the compiled step: fewer, fuller kernels per token.
-The batch dimension is compiled once as dynamic, so buckets share one compilation.
+Each bucket size is compiled on first use (the size thresholds of the MoE's decode paths
+specialise the graph), so the compile cache limit is raised to 64 graphs.
 
 Shapes are static: the bucket covers cache rows [0, bucket) and attention reads all
 max_len positions of each row, masked by the row's own position; rows of the bucket that
@@ -53,6 +54,9 @@ class BucketGraphs:
         self.capture = capture       # False: run the (compiled) step without a graph (tests, CPU)
         self.compiled = None
         if compile:
+            # one compiled graph per bucket; several engines (and both step kinds) share the limit
+            cfg = torch._dynamo.config
+            cfg.cache_size_limit = max(cfg.cache_size_limit, 64)
             self.compiled = torch.compile(self._step, fullgraph=True, dynamic=None)
 
     def bucket_for(self, rows_needed: int) -> int | None:

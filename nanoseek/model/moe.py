@@ -83,10 +83,11 @@ class Router(nn.Module):
         choice_NE = scores_NE
         if self.e_score_correction_bias is not None:
             choice_NE = scores_NE + self.e_score_correction_bias
-        # a few tokens (decode): ranks by pairwise comparison, which torch.compile fuses into
-        # a couple of kernels, instead of a sort-based torch.topk per selection (two kernels
-        # each, three selections per layer); the same choice wherever scores are not tied
-        small = x_ND.shape[0] * self.n_experts ** 2 <= PAIRWISE_TOPK_MAX
+        # a few tokens under torch.compile (decode): ranks by pairwise comparison, which
+        # Inductor fuses into a couple of kernels, instead of a sort-based torch.topk per
+        # selection (two kernels each, three selections per layer); eagerly the comparisons
+        # would be more kernels than topk's. The same choice wherever scores are not tied.
+        small = torch.compiler.is_compiling() and x_ND.shape[0] * self.n_experts ** 2 <= PAIRWISE_TOPK_MAX
         if self.topk_method != "greedy" and self.n_group > 1:
             groups_NGX = choice_NE.unflatten(-1, (self.n_group, -1))
             if self.topk_method == "noaux_tc" and small:
@@ -128,8 +129,8 @@ class Router(nn.Module):
         return load
 
 
-# tokens x experts^2 up to which a router ranks its scores by pairwise comparison instead of
-# torch.topk (64 experts: 256 tokens)
+# tokens x experts^2 up to which a compiled router ranks its scores by pairwise comparison
+# instead of torch.topk (64 experts: 256 tokens)
 PAIRWISE_TOPK_MAX = 2**20
 
 
