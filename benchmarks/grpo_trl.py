@@ -111,12 +111,10 @@ def summarize(times: list[float], tokens: list[int], rollout: list[float], warmu
 
 def export(args, tmp: Path) -> tuple[Path, ChatTokenizer, dict]:
     """The model and its tokenizer in HF layout (float32, what both sides train from)."""
-    from nanoseek.train.pipeline import resolve_model_dir, tokenizer_for
+    from nanoseek.train.pipeline import load_model_dir
     torch.manual_seed(args.seed)
     if args.model:
-        src = resolve_model_dir(args.model)
-        tok = tokenizer_for(src)
-        model = from_pretrained(src, dtype=torch.float32)
+        src, model, tok = load_model_dir(args.model, device="cpu", dtype=torch.float32)
         source = {"model": str(src)}
     else:
         cfg = preset(args.preset)

@@ -32,12 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_json  # noqa: E402
 
-from nanoseek import from_pretrained  # noqa: E402
 from nanoseek.data.tasks import get_task  # noqa: E402
 from nanoseek.infer.engine import Engine  # noqa: E402
 from nanoseek.infer.sampling import SamplingParams  # noqa: E402
 from nanoseek.train.evaluate import task_prompt  # noqa: E402
-from nanoseek.train.pipeline import tokenizer_for  # noqa: E402
+from nanoseek.train.pipeline import load_model_dir  # noqa: E402
 
 
 def prompts_for(tok, specs: list[str], n: int) -> list[list[int]]:
@@ -73,10 +72,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true")
     args = ap.parse_args()
-    ap_device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke test only
-    model = from_pretrained(args.model, dtype=torch.bfloat16 if ap_device == "cuda" else torch.float32,
-                            device=ap_device).eval()
-    tok = tokenizer_for(Path(args.model))
+    gpu = torch.cuda.is_available()  # CPU: a smoke test only
+    _, model, tok = load_model_dir(args.model, dtype=torch.bfloat16 if gpu else torch.float32)
     prompts = prompts_for(tok, args.tasks, args.n)
     max_len = max(len(p) for p in prompts) + args.new + 8
     compile = not args.no_compile
