@@ -114,30 +114,16 @@ class Sample:
 
 
 def sample_engine(model, tokenizer, rows: Sequence[dict], n: int = 4, temperature: float = 0.7,
-                  max_tokens: int = 512, top_p: float = 1.0, seed: int = 0,
-                  prompt_format: str = "chat", max_batch: int = 256) -> list[Sample]:
+                  max_tokens: int = 512, top_p: float = 1.0, seed: int = 0) -> list[Sample]:
     """n completions per row from a nanoseek model through the engine (continuous batching;
-    per-sample seeds, so the same call gives the same samples)."""
-    import torch
-
-    from ..infer.engine import Engine
+    per-sample seeds, so the same call gives the same samples), chat-templated prompts."""
     from ..infer.sampling import SamplingParams
-    from .trainer import _seed
-    prompts = [tokenizer.encode(render_prompt(tokenizer, r["prompt"], prompt_format)) for r in rows]
-    limit = model.config.max_position_embeddings
-    longest = max(len(p) for p in prompts)
-    if longest + max_tokens > limit:
-        raise ValueError(f"the longest prompt ({longest} tokens) + max tokens ({max_tokens}) exceed "
-                         f"the model's context of {limit}; lower --max-tokens")
-    engine = Engine(model, tokenizer, max_batch=min(max_batch, len(prompts) * n),
-                    max_len=longest + max_tokens)
+    from .trainer import _seed, generate_repeated
     params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                              seed=_seed(seed, i, j)) for i in range(len(rows)) for j in range(n)]
-    model.eval()
-    with torch.no_grad():
-        outs = engine.generate([p for p in prompts for _ in range(n)], params)
-    opened = "<think>\n" if prompt_format == "chat_think" else ""  # the prompt opened it
-    return [Sample(k // n, opened + o.text, len(o.token_ids)) for k, o in enumerate(outs)]
+    _, outs, _ = generate_repeated(model, tokenizer, [r["prompt"] for r in rows], params, repeat=n,
+                                   max_new_tokens=max_tokens)
+    return [Sample(k // n, o.text, len(o.token_ids)) for k, o in enumerate(outs)]
 
 
 def endpoint_url(url: str) -> str:

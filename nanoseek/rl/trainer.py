@@ -181,6 +181,31 @@ def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 2
 
 
+@torch.no_grad()
+def generate_repeated(model, tokenizer, prompts: list, params: list[SamplingParams] | SamplingParams,
+                      repeat: int = 1, prompt_format: str = "chat", max_new_tokens: int = 512,
+                      engine: Engine | None = None, compile: bool = False) -> tuple[list, list, Engine]:
+    """Prompts (questions or chat messages) rendered and encoded once, each run `repeat` times
+    in a row through `infer.Engine` on `model` itself, in eval mode (no expert-load counting;
+    the mode it had is restored). Returns (prompt ids, RequestOutputs, one per run, and the
+    engine), reusing `engine` when its slots and length suffice for the next call."""
+    ids = [p for p in (tokenizer.encode(render_prompt(tokenizer, p, prompt_format)) for p in prompts)
+           for _ in range(repeat)]
+    need, limit = max(map(len, ids)) + max_new_tokens, model.config.max_position_embeddings
+    if need > limit:
+        raise ValueError(f"a prompt of {need - max_new_tokens} tokens + {max_new_tokens} new tokens "
+                         f"exceed the model's context of {limit}; lower --max-tokens (max_new_tokens)")
+    if engine is None or engine.max_len < need or engine.num_slots < len(ids):
+        engine = Engine(model, tokenizer, max_batch=len(ids), max_len=min(limit, 64 * math.ceil(need / 64)),
+                        compile=compile)
+    was_training = model.training
+    model.eval()
+    try:
+        return ids, engine.generate(ids, params), engine
+    finally:
+        model.train(was_training)
+
+
 def sample_prompts(task_or_rows, cfg: GRPOConfig, step: int, n: int, attempt: int = 0) -> list[dict]:
     """The n rows {"prompt": question, columns...} a run draws at `step` from a built-in task
     (its train split at cfg.level) or dataset rows; the same (cfg.seed, step, attempt) give
@@ -248,40 +273,18 @@ class GRPOTrainer(Checkpointed):
         self.step = 0
 
     # ------------------------------------------------------------ prompts
-    def _render(self, prompt) -> str:
-        return render_prompt(self.tokenizer, prompt, self.cfg.prompt_format)
-
     def sample_prompts(self, n: int, attempt: int = 0) -> list[dict]:
         return sample_prompts(self.task or self.rows, self.cfg, self.step, n, attempt)
 
     # ------------------------------------------------------------ rollouts
-    def _engine(self, n_requests: int, longest_prompt: int) -> Engine:
-        need = longest_prompt + self.cfg.max_new_tokens
-        limit = self.model.config.max_position_embeddings
-        if need > limit:
-            raise ValueError(f"a prompt of {longest_prompt} tokens + max_new_tokens "
-                             f"{self.cfg.max_new_tokens} exceed the model's context of {limit}")
-        e = self.engine
-        if e is None or e.max_len < need or e.num_slots < n_requests:
-            max_len = min(limit, 64 * math.ceil(need / 64))
-            self.engine = Engine(self.model, self.tokenizer, max_batch=n_requests, max_len=max_len,
-                                 compile=self.cfg.compile_rollouts)
-        return self.engine
-
     @torch.no_grad()
     def _generate(self, prompts: list, params: list[SamplingParams] | SamplingParams,
                   repeat: int = 1) -> tuple[list, list]:
-        """Prompts rendered and encoded once, each run `repeat` times in a row, through the
-        engine in eval mode (no expert-load counting); returns (prompt ids, RequestOutputs),
-        one per run, and leaves the model in the mode it found."""
-        ids = [p for p in (self.tokenizer.encode(self._render(p)) for p in prompts) for _ in range(repeat)]
-        engine = self._engine(len(ids), max(len(p) for p in ids))
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            return ids, engine.generate(ids, params)
-        finally:
-            self.model.train(was_training)
+        """generate_repeated on the policy, keeping its engine for the next call."""
+        ids, outs, self.engine = generate_repeated(self.model, self.tokenizer, prompts, params, repeat,
+                                                   self.cfg.prompt_format, self.cfg.max_new_tokens,
+                                                   self.engine, self.cfg.compile_rollouts)
+        return ids, outs
 
     def rollout(self, rows: list[dict], attempt: int = 0) -> dict:
         """G completions per row: prompt ids, completion ids and texts, in row-major order."""
