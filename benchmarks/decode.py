@@ -56,6 +56,13 @@ def timed(fn, repeat):
     return statistics.median(times)
 
 
+# --modes: (row label suffix, Engine settings; gather: moe.GATHER_MAX_PAIRS for the run)
+MODES = {"compiled": ("", dict(cuda_graphs=True, compile=True)),
+         "grouped": (" (compiled, grouped GEMM experts only)", dict(cuda_graphs=True, compile=True, gather=0)),
+         "graphs": (" (CUDA graphs, not compiled)", dict(cuda_graphs=True, compile=False)),
+         "eager": (" (no CUDA graphs)", dict(cuda_graphs=False, compile=False))}
+
+
 def same_tokens(a: list[list[int]], b: list[list[int]]) -> float:
     """The fraction of positions at which two runs' token lists agree."""
     return sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / sum(map(len, a))
@@ -77,8 +84,7 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--modes", nargs="+", default=["compiled", "grouped", "graphs", "eager"],
-                    choices=["compiled", "grouped", "graphs", "eager"],
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
                     help="engine settings to run: compiled + graphs, the same with grouped-GEMM experts "
                          "only, graphs not compiled, eager")
     ap.add_argument("--profile", action="store_true",
@@ -111,14 +117,9 @@ def main():
         model = from_pretrained(tmp, dtype=torch.bfloat16, device="cuda")
     from nanoseek.model import moe
     gather = moe.GATHER_MAX_PAIRS
-    modes = {"": dict(cuda_graphs=True, compile=True),
-             " (compiled, grouped GEMM experts only)": dict(cuda_graphs=True, compile=True, gather=0),
-             " (CUDA graphs, not compiled)": dict(cuda_graphs=True, compile=False),
-             " (no CUDA graphs)": dict(cuda_graphs=False, compile=False)}
-    keys = dict(zip(["compiled", "grouped", "graphs", "eager"], modes))
-    modes = {keys[k]: modes[keys[k]] for k in args.modes}
     tokens = {}
-    for label, mode in modes.items():
+    for label, mode in (MODES[m] for m in args.modes):
+        mode = dict(mode)
         moe.GATHER_MAX_PAIRS = mode.pop("gather", gather)  # (token, expert) pairs gathered, not grouped
         engine = Engine(model, None, max_batch=max(args.batches), max_len=args.prompt + args.new, **mode)
         for B in args.batches:
