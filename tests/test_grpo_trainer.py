@@ -129,15 +129,37 @@ def test_micro_batches_sum_to_the_full_batch_loss(tiny, tmp_path, loss_type):
 
 def test_dr_grpo_divides_by_the_completion_budget_not_the_padded_sequence(tiny, tmp_path, monkeypatch):
     """Dr. GRPO's constant T is the maximum completion length (max_new_tokens), whatever the
-    prompts' lengths in the batch."""
+    prompts' lengths in the batch. With mu=1 the ratio is 1 and beta=0 drops the KL, so each
+    completion token's loss is -A: the step's loss is -sum_b A_b |o_b| / (B * max_new_tokens),
+    computed here from the rollouts' rewards and lengths. The tiny model's rollouts all run to the budget, so
+    the rollouts are cut to unequal lengths (with equal ones the advantages sum to 0)."""
     from nanoseek.rl import trainer as rl_trainer
-    seen = []
+    t = make(tiny, tmp_path, loss_type="dr_grpo", scale="none", beta=0.0, mu=1)
+    rollout, rollouts, padded = t.rollout, [], []
+
+    def cut_rollout(rows, attempt=0):
+        batch = rollout(rows, attempt)
+        batch["completion_ids"] = [c[:len(c) - (k % 4) ** 2]  # lengths 12, 11, 8, 3 per group
+                                   for k, c in enumerate(batch["completion_ids"])]
+        batch["completions"] = [t.tokenizer.decode(c) for c in batch["completion_ids"]]
+        rollouts.append(batch)
+        return batch
+
+    monkeypatch.setattr(t, "rollout", cut_rollout)
     real = rl_trainer.grpo_loss
-    monkeypatch.setattr(rl_trainer, "grpo_loss", lambda *a, **kw: seen.append(kw["max_completion_length"])
+    monkeypatch.setattr(rl_trainer, "grpo_loss", lambda *a, **kw: padded.append(a[4].shape[1])
                         or real(*a, **kw))
-    t = make(tiny, tmp_path, loss_type="dr_grpo", mu=1)
-    t.train_step()
-    assert seen and set(seen) == {t.cfg.max_new_tokens}
+    record = t.train_step()
+
+    [batch] = rollouts
+    rewards, _ = t.score(batch)
+    lengths = [len(c) for c in batch["completion_ids"]]
+    G, B, T = t.cfg.group_size, len(rewards), t.cfg.max_new_tokens
+    advantages = [r - sum(rewards[g:g + G]) / G for g in range(0, B, G) for r in rewards[g:g + G]]
+    token_sum = -sum(a * n for a, n in zip(advantages, lengths))
+    assert len(padded) == 1 and padded[0] > T  # the padded sequence is longer than the budget
+    assert abs(token_sum) > 0.1  # so dividing by it instead would change the loss
+    assert record["loss"] == pytest.approx(token_sum / (B * T), rel=1e-5)
 
 
 @pytest.mark.parametrize("changes, message", [
