@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -367,13 +367,29 @@ def _check_sampling(n: int, temperature: float, max_tokens: int) -> None:
         raise ValueError(f"--max-tokens must be positive, got {max_tokens}")
 
 
-def _write(out: str | Path, records: list[dict], stats: dict) -> Path:
+def _sft_data(rows: list[dict], out: str | Path, sample: Callable[[], list[Sample]], n: int,
+              temperature: float, max_tokens: int, require_correct: bool, require_format: bool) -> dict:
+    """rejection_sample's and distill's common body: check the arguments and the rows before
+    any sampling, take the n samples per row of `sample()`, keep those that pass (repeats
+    dropped) -> `out` (SFT chats), figures -> out.stats.json. Correctness is judged where the
+    rows allow it; require_correct makes rows that do not an error."""
+    _check_sampling(n, temperature, max_tokens)
     out = Path(out)
     if out.suffix != ".jsonl":
         raise ValueError(f"--out {out}: the SFT file is JSONL; name it FILE.jsonl")
+    checkable = True
+    try:
+        correctness_reward(rows)
+    except DataError:
+        if require_correct:
+            raise
+        checkable = False
+    judged = judge(rows, sample(), check_correct=checkable)
+    records, stats = select(rows, judged, n, require_correct, require_format)
+    stats["correctness_checked"] = checkable
     write_jsonl(out, records)
     out.with_suffix(".stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
-    return out
+    return stats
 
 
 def rejection_sample(model_dir: str | Path, rows: list[dict], out: str | Path, n: int = 4,
@@ -381,16 +397,11 @@ def rejection_sample(model_dir: str | Path, rows: list[dict], out: str | Path, n
                      device: str = "auto") -> dict:
     """n samples per row from the checkpoint; the correct and well-formed ones (repeats
     dropped) -> `out` (SFT chats); figures and per-prompt pass rates -> out.stats.json."""
-    _check_sampling(n, temperature, max_tokens)
-    if Path(out).suffix != ".jsonl":
-        raise ValueError(f"--out {out}: the SFT file is JSONL; name it FILE.jsonl")
-    correctness_reward(rows)  # rows that cannot be checked fail before any sampling
-    model, tokenizer = load_sampler(model_dir, device)
-    samples = sample_engine(model, tokenizer, rows, n=n, temperature=temperature,
-                            max_tokens=max_tokens, seed=seed)
-    records, stats = select(rows, judge(rows, samples), n, require_correct=True, require_format=True)
-    _write(out, records, stats)
-    return stats
+    def sample():
+        model, tokenizer = load_sampler(model_dir, device)
+        return sample_engine(model, tokenizer, rows, n=n, temperature=temperature,
+                             max_tokens=max_tokens, seed=seed)
+    return _sft_data(rows, out, sample, n, temperature, max_tokens, require_correct=True, require_format=True)
 
 
 def is_url(teacher: str) -> bool:
@@ -404,26 +415,13 @@ def distill(teacher: str, rows: list[dict], out: str | Path, n: int = 1, tempera
     """The teacher's reasoning traces for the rows -> `out` (SFT chats), all of them or only
     the correct ones. teacher: a checkpoint/run directory, or an OpenAI-compatible base URL.
     Sampling defaults are R1's recommended temperature 0.6, top-p 0.95."""
-    _check_sampling(n, temperature, max_tokens)
-    if Path(out).suffix != ".jsonl":
-        raise ValueError(f"--out {out}: the SFT file is JSONL; name it FILE.jsonl")
-    checkable = True
-    try:
-        correctness_reward(rows)
-    except DataError:
-        if only_correct:
-            raise
-        checkable = False
-    if is_url(teacher):
-        samples = sample_endpoint(teacher, rows, n=n, temperature=temperature, max_tokens=max_tokens,
-                                  top_p=top_p, model=teacher_model, api_key=api_key,
-                                  concurrency=concurrency, seed=seed)
-    else:
+    def sample():
+        if is_url(teacher):
+            return sample_endpoint(teacher, rows, n=n, temperature=temperature, max_tokens=max_tokens,
+                                   top_p=top_p, model=teacher_model, api_key=api_key,
+                                   concurrency=concurrency, seed=seed)
         model, tokenizer = load_sampler(teacher, device)
-        samples = sample_engine(model, tokenizer, rows, n=n, temperature=temperature,
-                                max_tokens=max_tokens, top_p=top_p, seed=seed)
-    judged = judge(rows, samples, check_correct=checkable)
-    records, stats = select(rows, judged, n, require_correct=only_correct, require_format=False)
-    stats["correctness_checked"] = checkable
-    _write(out, records, stats)
-    return stats
+        return sample_engine(model, tokenizer, rows, n=n, temperature=temperature,
+                             max_tokens=max_tokens, top_p=top_p, seed=seed)
+    return _sft_data(rows, out, sample, n, temperature, max_tokens, require_correct=only_correct,
+                     require_format=False)
