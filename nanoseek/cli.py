@@ -190,7 +190,8 @@ def cmd_init(args: argparse.Namespace) -> None:
 def add_train_args(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
     p.add_argument("--data", required=True, metavar="SPEC",
-                   help="file(s) (.txt .jsonl .parquet, a datasets folder) or builtin:TASK[:level=N], comma-joined")
+                   help="file(s) (.txt .jsonl .json .parquet, a datasets folder) or builtin:TASK[:level=N], "
+                        "comma-joined")
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--save-every", type=int, default=0, metavar="K")
@@ -219,7 +220,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def add_sft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="a checkpoint or a run directory")
-    p.add_argument("--data", required=True, metavar="SPEC", help="chats: .jsonl/.parquet with messages, or builtin:TASK")
+    p.add_argument("--data", required=True, metavar="SPEC",
+                   help="chats: .jsonl/.json/.parquet with messages, or builtin:TASK")
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--save-every", type=int, default=0, metavar="K")

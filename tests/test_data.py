@@ -303,6 +303,15 @@ def test_load_each_format(tmp_path):
     assert chats == [format_chat(e) for e in get_task("countdown").generate(3, level=1, seed=4)]
 
 
+def test_load_json_list(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps([{"text": "one"}, {"messages": CHAT}]))
+    assert load_documents(path) == ["one", apply_chat_template(CHAT)]
+    path.write_text(json.dumps([{"messages": CHAT}, {"text": "x"}]))
+    with pytest.raises(DataError, match=r"a.json row 2: a chat record needs 'messages'"):
+        load_chats(path)
+
+
 def test_load_parquet(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
@@ -338,6 +347,12 @@ def _bad(tmp_path, name, content):
      "j.jsonl:3: a record needs a 'text' string or 'messages'"),
     (lambda d: _bad(d, "j.jsonl", '[1, 2]\n'), load_documents, "j.jsonl:1: expected a JSON object"),
     (lambda d: _bad(d, "e.jsonl", "\n\n"), load_documents, "e.jsonl: holds no documents"),
+    (lambda d: _bad(d, "l.json", '{"text": "x"}\n{"text": "y"}\n'), load_documents,
+     "l.json: malformed JSON (Extra data at line 2); one object per line is JSON Lines: name it .jsonl"),
+    (lambda d: _bad(d, "o.json", '{"text": "x"}'), load_documents,
+     "o.json: a .json file must hold a list of objects, [{...}, ...]; it holds a dict"),
+    (lambda d: _bad(d, "s.json", '[{"text": "x"}, "y"]'), load_documents, "s.json row 2: expected a JSON object"),
+    (lambda d: _bad(d, "e.json", "[]"), load_documents, "e.json: holds no documents"),
     (lambda d: _bad(d, "e.txt", " \n"), load_documents, "e.txt: holds no documents"),
     (lambda d: _bad(d, "r.jsonl", json.dumps({"messages": [{"role": "tool", "content": "x"}]})),
      load_chats, "r.jsonl:1: message 0 has role 'tool'"),

@@ -5,6 +5,7 @@ A spec is one of
                             a file without blank lines is one document
     path/to/file.jsonl      one JSON object per line with "text" (a document) or
                             "messages" ([{role, content}], a chat)
+    path/to/file.json       a JSON list of such objects
     path/to/file.parquet    a "text" or "messages" column (needs pyarrow)
     path/to/folder          a Hugging Face dataset saved with `save_to_disk` (needs
                             `datasets`); a DatasetDict gives its "train" split
@@ -41,7 +42,7 @@ def load_documents(spec: str | Path) -> list[str]:
     if str(spec).startswith("builtin:"):
         return [tasks.format_pretrain(e) for e in _builtin(str(spec))]
     docs = []
-    for where, record in _records(Path(spec)):
+    for where, record in read_records(Path(spec)):
         if isinstance(record.get("text"), str):
             docs.append(record["text"])
         elif "messages" in record:
@@ -57,10 +58,10 @@ def load_chats(spec: str | Path) -> list[list[dict]]:
         return [tasks.format_chat(e) for e in _builtin(str(spec))]
     path = Path(spec)
     if path.suffix == ".txt":
-        raise DataError(f"{path}: a .txt file holds documents, not chats; use .jsonl or "
+        raise DataError(f"{path}: a .txt file holds documents, not chats; use .jsonl, .json or "
                         f".parquet with 'messages'")
     chats = []
-    for where, record in _records(path):
+    for where, record in read_records(path):
         if "messages" not in record:
             raise DataError(f"{where}: a chat record needs 'messages' ([{{role, content}}, ...])")
         chat = _messages(record["messages"], where)
@@ -71,8 +72,9 @@ def load_chats(spec: str | Path) -> list[list[dict]]:
 
 
 # ------------------------------------------------------------------ readers
-def _records(path: Path) -> Iterator[tuple[str, dict]]:
-    """(where, record) pairs; `where` is 'file:line' or 'file row N' for messages."""
+def read_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """(where, record) pairs of a file or saved dataset, whatever its records hold; `where`
+    is 'file:line' or 'file row N' for messages."""
     if path.is_dir():
         yield from _hf_dataset(path)
         return
@@ -95,6 +97,19 @@ def _records(path: Path) -> Iterator[tuple[str, dict]]:
                     raise DataError(f"{path}:{n}: expected a JSON object, got "
                                     f"{type(record).__name__}")
                 yield f"{path}:{n}", record
+    elif path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            hint = "; one object per line is JSON Lines: name it .jsonl" if e.msg == "Extra data" else ""
+            raise DataError(f"{path}: malformed JSON ({e.msg} at line {e.lineno}){hint}") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: a .json file must hold a list of objects, [{{...}}, ...]; "
+                            f"it holds a {type(data).__name__}")
+        for n, record in enumerate(data, 1):
+            if not isinstance(record, dict):
+                raise DataError(f"{path} row {n}: expected a JSON object, got {type(record).__name__}")
+            yield f"{path} row {n}", record
     elif path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -103,7 +118,7 @@ def _records(path: Path) -> Iterator[tuple[str, dict]]:
         for n, record in enumerate(pq.read_table(path).to_pylist(), 1):
             yield f"{path} row {n}", record
     else:
-        raise DataError(f"{path}: unknown data format '{path.suffix}' (expected .txt, .jsonl, "
+        raise DataError(f"{path}: unknown data format '{path.suffix}' (expected .txt, .jsonl, .json, "
                         f".parquet, a folder saved with datasets' save_to_disk, or builtin:TASK)")
 
 

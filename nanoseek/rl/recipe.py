@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.datasets import DataError, _records
+from ..data.datasets import DataError, read_records
 from ..data.tasks import get_task
 from .rewards import REWARDS, format_reward
 from .templates import render_prompt
@@ -45,22 +45,10 @@ def load_prompt_rows(path: str | Path) -> list[dict]:
     """Rows {"prompt": str | messages, other columns} from .jsonl, .json (a list of objects),
     .parquet or a datasets folder; a DataError names the file, the row and what to fix."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    if not path.is_dir() and path.suffix not in (".jsonl", ".json", ".parquet"):
+    if path.is_file() and path.suffix not in (".jsonl", ".json", ".parquet"):  # not .txt documents
         raise DataError(f"{path}: prompt rows come from .jsonl, .json (a list of objects), .parquet "
                         f"or a datasets folder, each row with a 'prompt'; not '{path.suffix}'")
-    if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise DataError(f"{path}: a .json file must hold a list of objects (rows)")
-        records = [(f"{path} row {i}", r) for i, r in enumerate(data, 1)]
-    else:
-        records = list(_records(path))
-    rows = [check_row(where, r) for where, r in records]
+    rows = [check_row(where, r) for where, r in read_records(path)]
     if not rows:
         raise DataError(f"{path}: holds no rows")
     return rows
