@@ -190,8 +190,8 @@ def grpo_settings(gpu: bool, max_new_tokens: int, level: int) -> GRPOConfig:
     temperature 1.0 raised held-out greedy accuracy from 18.5% to 30.5%, lr 3e-5 at 0.7 to
     29%, rising steadily in both. So the GPU lr is 5e-5, between the two, one tenth of
     the SFT lr as 1e-4 is of the CPU SFT's 1e-3. On an H200 (`speedrun --minutes 0.45
-    --grpo-minutes 4`: level 1 at 59.5% after the short SFT) these settings raised it to 72%
-    in 93 steps, 3 minutes, still rising (benchmarks/results/speedrun_h200).
+    --grpo-minutes 6`: arithmetic level 2 at 47% after the short SFT) these settings raised
+    it to 67% in 134 steps, 6.3 minutes (benchmarks/results/speedrun_h200).
     Rewards: task accuracy (1.0) and the R1 format reward (0.1) that keeps the
     <think>...</think><answer>...</answer> structure of the cold start."""
     common = dict(max_new_tokens=max_new_tokens, temperature=1.0, beta=0.0, level=level,
