@@ -134,7 +134,7 @@ def main():
             rows[name] = {"batch": B, **measure(run, B, args.new, args.repeat)}
             graphs = engine.runner.graphs
             rows[name]["cuda_graphs_used"] = bool(graphs and graphs.graphs and not graphs.failed)
-            rows[name]["compiled"] = bool(graphs and graphs.compiled is not None)
+            rows[name]["compiled"] = bool(graphs and graphs.compile)
             runs = tokens[label, B]
             # the same greedy tokens in every run of this engine (deterministic kernels)?
             rows[name]["same_tokens_run_to_run"] = same_tokens(runs[0], runs[-1])

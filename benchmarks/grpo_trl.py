@@ -172,7 +172,7 @@ def run_nanoseek(args, export_dir: Path, tok: ChatTokenizer, cfg, rows: list[lis
                                                    and trainer.engine.runner.graphs.graphs
                                                    and not trainer.engine.runner.graphs.failed),
                                "compiled": bool(trainer.engine and trainer.engine.runner.graphs
-                                                and trainer.engine.runner.graphs.compiled is not None)})
+                                                and trainer.engine.runner.graphs.compile)})
     del trainer, model
     reset_memory(device)
     return out

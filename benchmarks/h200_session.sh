@@ -3,6 +3,7 @@
 # and for the speedrun a tarball of its reports and plots (a call brings back at most 8 files).
 #
 #   bash benchmarks/h200_session.sh speedrun   # pretrain + SFT + GRPO demo, then MTP speculation if time is left
+#   bash benchmarks/h200_session.sh decode     # GPU tests, decode vs transformers (+ profile), GRPO step vs TRL
 #   bash benchmarks/h200_session.sh measure    # GPU tests, GRPO step vs TRL, decode vs transformers (+ kernel
 #                                              # profile), MTP speculation after a short speedrun
 #   bash benchmarks/h200_session.sh serve      # serve load at 64 clients
@@ -37,8 +38,20 @@ case $stage in
     tar czf "$OUT/speedrun_h200.tgz" --exclude='*.safetensors' --exclude='checkpoint*' \
       --exclude='*.pt' runs/h200 2>/dev/null
     ;;
+  decode)  # the engine's decode path: GPU tests, decode vs transformers (+ kernel profile), GRPO step vs TRL
+    timeout 240 python3 -m pytest -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_engine.py 2>&1 \
+      | tail -25 | tee "$OUT/gpu_tests.log"
+    echo "gpu tests done at $(elapsed)s"
+    OUT=$OUT timeout $((470 - $(elapsed))) python3 benchmarks/decode.py --repeat 3 --modes compiled graphs \
+      --profile 2>&1 | grep -v Warning | tee "$OUT/decode.log"
+    echo "decode done at $(elapsed)s"
+    if [ "$(elapsed)" -lt 430 ]; then
+      OUT=$OUT timeout $((585 - $(elapsed))) python3 benchmarks/grpo_trl.py --out "$OUT/grpo_trl.json" \
+        --compile-rollouts ${TRL_ARGS:-} 2>&1 | tee "$OUT/grpo_trl.log"
+    fi
+    ;;
   measure)  # GPU tests, GRPO step vs TRL (compiled rollouts), decode vs transformers, MTP speculation
-    timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_engine.py 2>&1 \
+    timeout 100 python3 -m pytest -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_engine.py 2>&1 \
       | tail -15 | tee "$OUT/gpu_tests.log"
     OUT=$OUT python3 benchmarks/grpo_trl.py --out "$OUT/grpo_trl.json" --compile-rollouts ${TRL_ARGS:-} 2>&1 \
       | tee "$OUT/grpo_trl.log"
@@ -59,7 +72,7 @@ case $stage in
   trl)
     OUT=$OUT python3 benchmarks/grpo_trl.py --compile-rollouts ${TRL_ARGS:-} 2>&1 | tee "$OUT/grpo_trl.log"
     ;;
-  *) echo "unknown stage $stage: speedrun, measure, serve or trl" >&2; exit 2 ;;
+  *) echo "unknown stage $stage: speedrun, decode, measure, serve or trl" >&2; exit 2 ;;
 esac
 echo "stage $stage: $(elapsed)s"
 # a call returns at most 8 files: the logs travel as one archive beside the JSON results

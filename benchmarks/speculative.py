@@ -94,7 +94,7 @@ def main():
                    "seconds": t, "tokens_per_s": tokens / t}
             graphs = engine.runner.spec_graphs if k else engine.runner.graphs
             row["cuda_graphs"] = bool(graphs and graphs.graphs and not graphs.failed)
-            row["compiled"] = bool(graphs and graphs.compiled is not None)
+            row["compiled"] = bool(graphs and graphs.compile)
             if k:
                 after = engine.speculative_stats()
                 proposed = after["proposed"] - before.get("proposed", 0)

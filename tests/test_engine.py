@@ -250,8 +250,58 @@ def test_static_shape_decode_step_matches_eager_decode(compile):
     slots = [s.slot for s in seqs]
     with torch.no_grad():
         static = graph.decode(slots, [s.last_token for s in seqs], [s.num_tokens - 1 for s in seqs])
-    assert graph.graphs and (graph.compiled is not None) == compile  # no silent fallback
+    assert graph.graphs and graph.compile == compile  # no silent fallback
     torch.testing.assert_close(static, eager, rtol=1e-4, atol=1e-5)
+
+
+def burst_engine(model, tokenizer, compile=False, **kw):
+    """An engine whose decode runs through GraphDecoder's static step in bursts of 4, here
+    without capture (CPU): the step's own token choice and input advance, as replayed on a GPU."""
+    from nanoseek.infer.cuda_graph import GraphDecoder
+    engine = Engine(model, tokenizer, decode_burst=4, **kw)
+    engine.runner.graphs = GraphDecoder(model, engine.cache, None, compile=compile, capture=False)
+    return engine
+
+
+def test_decode_bursts_equal_one_step_at_a_time(model, tokenizer):
+    """Greedy and seeded sampled requests (top-k, top-p), stop strings, stop ids, EOS, different
+    budgets and a request that joins mid-way: bursts of 4 steps, tokens chosen inside the step,
+    give exactly the one-step engine's outputs, stops inside a burst included."""
+    plain = Engine(model, tokenizer, max_batch=3, max_len=64)
+    full = plain.generate(["Hello"], greedy(16))[0]
+    stop = next(full.text[i:i + 2] for i in range(5, len(full.text) - 2)
+                if "\ufffd" not in full.text[i:i + 2] and full.text.find(full.text[i:i + 2]) == i)
+    prompts = ["Hello", "a", "12+3=", "Hello", "xyz"]
+    params = [greedy(16, stop=[stop]), greedy(13, temperature=1.0, seed=3),
+              greedy(11, temperature=0.8, top_k=50, top_p=0.9, seed=5),
+              greedy(16, stop_token_ids=[full.token_ids[6]]), SamplingParams(max_tokens=14, seed=9)]
+    expected = [o for o in plain.generate(prompts, params)]
+    engine = burst_engine(model, tokenizer, max_batch=3, max_len=64)
+    seqs = [engine.add_request(p, sp) for p, sp in zip(prompts[:3], params[:3])]
+    engine.step(), engine.step()  # prefill, one burst; then two more join as slots free up
+    seqs += [engine.add_request(p, sp) for p, sp in zip(prompts[3:], params[3:])]
+    run_all(engine)
+    got = [s.output() for s in seqs]
+    assert [(o.token_ids, o.text, o.finish_reason) for o in got] == \
+        [(o.token_ids, o.text, o.finish_reason) for o in expected]
+    assert got[0].finish_reason == got[3].finish_reason == "stop"  # a stop string, a stop id
+    graphs = engine.runner.graphs
+    assert {sampled for _, sampled in graphs.graphs} == {False, True}  # both step forms ran
+
+
+def test_a_failed_capture_falls_back_to_eager_steps_with_the_same_tokens(model, tokenizer):
+    """The burst drew the sampled rows' uniforms before its capture failed: they are given
+    back, so the eager steps after it draw the same numbers and the tokens are unchanged."""
+    params = [greedy(10, temperature=1.0, seed=4), greedy(10)]
+    expected = [o.token_ids for o in Engine(model, tokenizer, max_batch=2, max_len=64).generate(["ab", "c"], params)]
+    engine = burst_engine(model, tokenizer, max_batch=2, max_len=64)
+
+    def fail(key):
+        raise RuntimeError("no capture here")
+    engine.runner.graphs._capture = fail
+    with pytest.warns(UserWarning, match="capture of the decode step failed"):
+        outs = engine.generate(["ab", "c"], params)
+    assert engine.runner.graphs.failed and [o.token_ids for o in outs] == expected
 
 
 @pytest.mark.gpu
@@ -276,6 +326,29 @@ def test_graph_decoding_follows_in_place_weight_updates():
     after = tokens(Engine(model, tok, max_batch=4, max_len=64, cuda_graphs=False))
     assert after != before  # the update changes the tokens, so stale captured weights would show
     assert tokens(graphs) == after
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
+def test_captured_decode_bursts_equal_captured_single_steps(compile, tokenizer):
+    """On a GPU, bursts of 8 replayed graphs (the token chosen and the inputs advanced inside
+    the graph, read back once per burst) give the tokens of single replays with the choice made
+    after each, greedy and seeded sampled rows alike (compiled: greedy only, as the sampling
+    step is a compilation of its own, free to fuse the shared part differently)."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny")).cuda().eval()
+    prompts = ["What is 12 + 34?", "Using 1, 2", "abc"]
+    params = [greedy(24), greedy(24, temperature=1.0, seed=1), greedy(20, temperature=0.7, top_p=0.9, seed=2)]
+    if compile:
+        params = [greedy(24), greedy(24), greedy(20)]
+
+    def run(burst):
+        engine = Engine(model, tokenizer, max_batch=4, max_len=64, compile=compile, decode_burst=burst)
+        outs = engine.generate(prompts, params)
+        assert engine.runner.graphs.graphs and not engine.runner.graphs.failed
+        assert engine.runner.graphs.compile == compile
+        return [o.token_ids for o in outs]
+    assert run(8) == run(1)
 
 
 def test_incremental_detokenizing_equals_decoding_the_whole_output():

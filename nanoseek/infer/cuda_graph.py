@@ -5,7 +5,9 @@ than running them. So the step is captured once per batch-size bucket (1, 2, 4, 
 ...) and replayed:
 
 - `GraphDecoder`: embedding, every layer's absorbed MLA over the latent cache and the
-  routed experts' grouped GEMMs, the head: next-token logits of each row;
+  routed experts' grouped GEMMs, the head, the token choice (argmax, or the sampler at the
+  row's uniform): next-token logits and tokens of each row, the tokens and next positions
+  also written into the step's own inputs, so that steps replay back to back (a burst);
 - `GraphSpeculator`: a whole greedy MTP speculative step (speculative.py): K drafts from
   the MTP module, the main model's verifying forward over [last token, d_1..d_K], the
   greedy acceptance and the MTP catch-up; out come the accepted count and the new tokens.
@@ -13,8 +15,11 @@ than running them. So the step is captured once per batch-size bucket (1, 2, 4, 
 With `compile=True` the step is first put through `torch.compile` (Inductor), which fuses
 the norms, RoPE, the router's elementwise work and the residual adds into a few Triton
 kernels, and the graph then captures the compiled step: fewer, fuller kernels per token.
-Each bucket size is compiled on first use (the size thresholds of the MoE's decode paths
-specialise the graph), so the compile cache limit is raised to 64 graphs.
+Each bucket size (and step variant) is compiled on first use, with static shapes (the size
+thresholds of the MoE's decode paths specialise the graph), so the compile cache limit is
+raised to 64 graphs. The batch-1 decode step is compiled with Inductor's coordinate-descent
+tuning, which also turns its one-row matmuls into tuned, fused reductions (gpt-fast's
+setting): cuBLAS's small-M GEMMs were the largest item of a batch-1 step.
 
 Shapes are static: the bucket covers cache rows [0, bucket) and attention reads all
 max_len positions of each row, masked by the row's own position; rows of the bucket that
@@ -36,108 +41,135 @@ import warnings
 import torch
 
 from ..model import StaticCache, Transformer
+from .sampling import SamplingParams, row_settings, sample_tensors
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 class BucketGraphs:
-    """`_step(*static inputs sliced to the bucket)` captured per bucket, replayed by `run`."""
+    """`_step(*static inputs sliced to the bucket)` captured per key, replayed by `run`.
+
+    A key is (bucket, variant): the variant picks a form of the step (the decoder's greedy or
+    sampling step), each its own compilation and graph."""
 
     kind = "step"
+    tuned_buckets: tuple[int, ...] = ()  # compiled with Inductor's coordinate-descent tuning
 
     def __init__(self, num_slots: int, device: torch.device, compile: bool = False, capture: bool = True):
         self.device = device
         self.buckets = [b for b in BUCKETS if b < num_slots] + [num_slots]
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, object]] = {}
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph | None, object]] = {}
         self.pool = None
         self.failed = False          # capture failed: callers step eagerly
         self.capture = capture       # False: run the (compiled) step without a graph (tests, CPU)
-        self.compiled = None
+        self.compile = compile       # False again if compiling fails
+        self._compiled: dict[tuple, object] = {}
         if compile:
-            # one compiled graph per bucket; several engines (and both step kinds) share the limit
+            # one compiled graph per key; several engines (and both step kinds) share the limit
             cfg = torch._dynamo.config
             cfg.cache_size_limit = max(cfg.cache_size_limit, 64)
-            self.compiled = torch.compile(self._step, fullgraph=True, dynamic=None)
 
     def bucket_for(self, rows_needed: int) -> int | None:
         return next((b for b in self.buckets if b >= rows_needed), None)
 
-    def _inputs(self, bucket: int) -> tuple[torch.Tensor, ...]:
+    def _inputs(self, key: tuple) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
+
+    def _state(self) -> list[torch.Tensor]:
+        """Tensors besides the cache that the step writes (restored after the warm-up runs)."""
+        return []
 
     def _step(self, *inputs):
         raise NotImplementedError
 
-    def _call(self, bucket: int):
-        inputs = self._inputs(bucket)
-        if self.compiled is not None:
+    def _compiled_step(self, key: tuple):
+        if key not in self._compiled:
+            # dynamic=False: a bucket is one static shape. Coordinate-descent tuning also makes
+            # Inductor write a matmul with one row (a batch-1 decode's every projection) as a
+            # reduction it fuses with its neighbours and tunes, instead of a cuBLAS GEMM call
+            options = {"coordinate_descent_tuning": True} if key[0] in self.tuned_buckets else None
+            self._compiled[key] = torch.compile(self._step, fullgraph=True, dynamic=False, options=options)
+        return self._compiled[key]
+
+    def _call(self, key: tuple):
+        inputs = self._inputs(key)
+        if self.compile:
             try:
-                return self.compiled(*inputs)
+                return self._compiled_step(key)(*inputs)
             except Exception as e:  # noqa: BLE001 — any compiler failure: plain steps, loudly, once
                 warnings.warn(f"torch.compile of the {self.kind} step failed ({type(e).__name__}: "
                               f"{str(e)[:300]}); capturing the uncompiled step")
-                self.compiled = None
+                self.compile = False
         return self._step(*inputs)
 
-    def _capture(self, bucket: int) -> None:
+    def _capture(self, key: tuple) -> None:
         if not self.capture:
-            self.graphs[bucket] = (None, None)
+            self.graphs[key] = (None, None)
             return
+        state = [t.clone() for t in self._state()]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm up: compilation, lazy inits and autotuning outside the graph
-                self._call(bucket)
+                self._call(key)
         torch.cuda.current_stream().wait_stream(stream)
+        for t, saved in zip(self._state(), state):  # the warm-ups advanced it: undo
+            t.copy_(saved)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self._call(bucket)
+            out = self._call(key)
         self.pool = graph.pool()
-        self.graphs[bucket] = (graph, out)
+        self.graphs[key] = (graph, out)
 
-    def run(self, bucket: int):
+    def run(self, key: tuple):
         """The step's outputs for the static inputs as they are now; None if capture failed."""
         if self.failed:
             return None
-        if bucket not in self.graphs:
+        if key not in self.graphs:
             try:
-                self._capture(bucket)
+                self._capture(key)
             except Exception as e:  # noqa: BLE001 — fall back to eager steps, loudly, once
                 warnings.warn(f"CUDA graph capture of the {self.kind} step failed "
                               f"({type(e).__name__}: {str(e)[:300]}); stepping eagerly")
                 self.failed = True
                 return None
-        graph, out = self.graphs[bucket]
+        graph, out = self.graphs[key]
         if graph is None:
-            return self._call(bucket)
+            return self._call(key)
         graph.replay()
         return out
 
-    def replay_rows(self, buffers: list[torch.Tensor], slots: list[int], *values: list[int]):
-        """Write values[i] at rows `slots` of buffers[i], run the step of the smallest bucket
-        holding them and return its outputs at those rows; None when no bucket fits or
-        capture failed (the caller steps eagerly)."""
-        if self.failed or self.bucket_for(max(slots) + 1) is None:
-            return None
-        out = self.run(self.load(buffers, slots, *values))
-        if out is None:
-            return None
-        return out[: len(slots)] if slots == list(range(len(slots))) else out[torch.tensor(slots, device=self.device)]
+    def fits(self, slots: list[int]) -> bool:
+        """Whether a captured step can run these rows (else the caller steps eagerly)."""
+        return not self.failed and self.bucket_for(max(slots) + 1) is not None
 
-    def load(self, buffers: list[torch.Tensor], slots: list[int], *values: list[int]) -> int:
-        """Write values[i] at rows `slots` of buffers[i] (zeros elsewhere); returns the bucket."""
+    def load(self, buffers: list[torch.Tensor], slots: list[int], *values: list) -> int:
+        """Write values[i] at rows `slots` of buffers[i] (zeros elsewhere), all of one dtype in
+        one upload; returns the bucket."""
         bucket = self.bucket_for(max(slots) + 1)
-        host = torch.zeros(len(buffers), bucket, dtype=torch.long)
+        host = torch.zeros(len(buffers), bucket, dtype=buffers[0].dtype)
         idx = torch.tensor(slots)
         for i, vals in enumerate(values):
-            host[i, idx] = torch.tensor(vals, dtype=torch.long)
+            host[i, idx] = torch.tensor(vals, dtype=host.dtype)
+        host = host.to(self.device, non_blocking=True)
         for i, buf in enumerate(buffers):
-            buf.view(buf.shape[0], -1)[:bucket, 0].copy_(host[i], non_blocking=True)
+            buf.view(buf.shape[0], -1)[:bucket, 0].copy_(host[i])
         return bucket
+
+    def rows(self, out: torch.Tensor, slots: list[int], dim: int = 0) -> torch.Tensor:
+        """out's entries (along dim) for `slots`, in their order."""
+        if slots == list(range(len(slots))):
+            return out.narrow(dim, 0, len(slots))
+        return out.index_select(dim, torch.tensor(slots, device=out.device))
 
 
 class GraphDecoder(BucketGraphs):
+    """The decode step: logits and the chosen token of every bucket row. The step also writes
+    each row's token and next position into its own inputs, so `decode_burst` replays it n
+    times back to back and reads the n tokens to the host once."""
+
     kind = "decode"
+    tuned_buckets = (1,)  # one row: every matmul has M = 1
 
     def __init__(self, model: Transformer, cache: StaticCache, autocast: torch.dtype | None,
                  compile: bool = False, capture: bool = True):
@@ -147,21 +179,67 @@ class GraphDecoder(BucketGraphs):
         n = cache.num_slots
         self.ids = torch.zeros(n, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(n, 1, dtype=torch.long, device=device)
+        # the sampling step's settings per row: greedy, temperature, top_k, top_p; and its uniform
+        self.settings = torch.zeros(4, n, dtype=torch.float32, device=device)
+        self.uniform = torch.zeros(n, dtype=torch.float32, device=device)
+        self.last_position = cache.max_len - 1
 
-    def _inputs(self, bucket):
-        return self.ids[:bucket], self.positions[:bucket]
+    def _inputs(self, key):
+        bucket, sampled = key
+        static = (self.ids[:bucket], self.positions[:bucket])
+        return static + ((self.settings[:, :bucket], self.uniform[:bucket]) if sampled else ())
 
-    def _step(self, ids_B1, positions_B1):
+    def _state(self):
+        return [self.ids, self.positions]
+
+    def _step(self, ids_B1, positions_B1, settings_4B=None, uniform_B=None):
         view = self.cache.prefix(ids_B1.shape[0])
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None,
                             cache_enabled=False):  # see ModelRunner._context
-            out = self.model(ids_B1, positions=positions_B1, cache=view)
-        return out.logits[:, -1]
+            logits_BV = self.model(ids_B1, positions=positions_B1, cache=view).logits[:, -1]
+        if settings_4B is None:
+            tokens_B = logits_BV.argmax(-1)
+        else:
+            greedy, temperature, top_k, top_p = settings_4B
+            tokens_B = sample_tensors(logits_BV, greedy > 0, temperature, top_k.long(), top_p, uniform_B)
+        # the next step's inputs (dummy rows too, kept inside the cache)
+        ids_B1.copy_(tokens_B[:, None])
+        positions_B1.copy_((positions_B1 + 1).clamp(max=self.last_position))
+        return logits_BV, tokens_B
 
     @torch.no_grad()
     def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor | None:
         """Logits [len(slots), V] for one token per listed slot, or None when no graph fits."""
-        return self.replay_rows([self.ids, self.positions], slots, tokens, positions)
+        if not self.fits(slots):
+            return None
+        out = self.run((self.load([self.ids, self.positions], slots, tokens, positions), False))
+        return None if out is None else self.rows(out[0], slots)
+
+    @torch.no_grad()
+    def decode_burst(self, slots: list[int], tokens: list[int], positions: list[int], n: int,
+                     params: list[SamplingParams] | None = None,
+                     uniforms: list[list[float]] | None = None) -> torch.Tensor | None:
+        """n decode steps from each slot's last token and position: the tokens [n, len(slots)]
+        on the device (nothing read back), or None when no graph fits. params (one per slot)
+        and uniforms (n per slot) for a batch with sampled rows; None: all greedy."""
+        if not self.fits(slots):
+            return None
+        bucket = self.load([self.ids, self.positions], slots, tokens, positions)
+        sampled = params is not None
+        if sampled:
+            self.load(list(self.settings), slots, *(t.tolist() for t in row_settings(params, "cpu")))
+            u_nB = torch.zeros(n, bucket)
+            u_nB[:, torch.tensor(slots)] = torch.tensor(uniforms, dtype=torch.float32).T
+            u_nB = u_nB.to(self.device, non_blocking=True)
+        tokens_nB = torch.empty(n, bucket, dtype=torch.long, device=self.device)
+        for i in range(n):
+            if sampled:
+                self.uniform[:bucket].copy_(u_nB[i])
+            out = self.run((bucket, sampled))
+            if out is None:
+                return None
+            tokens_nB[i].copy_(out[1])
+        return self.rows(tokens_nB, slots, dim=1)
 
 
 class GraphSpeculator(BucketGraphs):
@@ -176,8 +254,11 @@ class GraphSpeculator(BucketGraphs):
         self.pending = torch.zeros(n, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(n, dtype=torch.long, device=self.device)
 
-    def _inputs(self, bucket):
-        return self.pending[:bucket], self.pos[:bucket]
+    def _inputs(self, key):
+        return self.pending[:key[0]], self.pos[:key[0]]
+
+    def _state(self):
+        return [self.runner.draft_h]
 
     def _step(self, pending_B, pos_B):
         B = pending_B.shape[0]
@@ -186,4 +267,7 @@ class GraphSpeculator(BucketGraphs):
     @torch.no_grad()
     def speculate(self, slots: list[int], pending: list[int], positions: list[int]) -> torch.Tensor | None:
         """[len(slots), K + 2]: accepted count, then the K + 1 tokens (speculate's layout)."""
-        return self.replay_rows([self.pending, self.pos], slots, pending, positions)
+        if not self.fits(slots):
+            return None
+        out = self.run((self.load([self.pending, self.pos], slots, pending, positions), None))
+        return None if out is None else self.rows(out, slots)

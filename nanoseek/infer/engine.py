@@ -16,6 +16,15 @@ A server drives the same loop itself: `add_request()` at any time, `step()` to a
 - postprocess (sequence.py): the sampled ids (one `.tolist()` per step, the only host
   sync) appended, stop strings / stop ids / EOS / max_tokens checked, text streamed.
 
+Decode bursts. From CUDA graphs a decode step also chooses its tokens (argmax, or the
+sampler at the request's uniform) and writes them and the next positions into its own
+inputs, so `decode_burst` steps (default 8) replay back to back and their tokens come to
+the host in one `.tolist()`: the host's work of a step, a millisecond of Python that would
+otherwise leave the GPU idle between two steps, runs once per burst while the GPU works.
+Postprocess then takes each request's burst token by token, as it takes a speculative run,
+so a stop inside the burst ends the request there. A burst never runs past the nearest
+max_tokens of the batch.
+
 Memory. The cache is `num_slots` rows of `max_len` tokens. Per token and layer MLA keeps
 the latent c_kv (kv_lora_rank values) and the rotated RoPE key (qk_rope_head_dim values),
 nothing else, so a token costs (kv_lora_rank + qk_rope_head_dim) × layers × element size
@@ -56,7 +65,7 @@ import torch
 
 from ..model import Transformer
 from ..model.cache import StaticCache, cache_entry_shapes
-from .sampling import SamplingParams, sample_rows
+from .sampling import SamplingParams, row_settings, sample_rows
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence, Status, StreamEvent
 from .speculative import MTPDrafter, RequestStats, greedy_accept, sampling_probs, speculative_accept_rows
@@ -141,18 +150,12 @@ class ModelRunner:
         params = [s.params for s in seqs]
         if all(p.greedy for p in params):
             return drafter.propose(pending_pos_B, self.k)  # the drafter's own rule: argmax
-        settings = self._settings(params)
+        settings = row_settings(params, self.device)[1:]
 
         def choose(logits_BV, j):
             return (sample_rows(logits_BV, params, [u[j] for u in uniforms_BK]),
                     sampling_probs(logits_BV, *settings))
         return drafter.propose(pending_pos_B, self.k, choose)
-
-    def _settings(self, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dev = self.device
-        return (torch.tensor([p.temperature or 1.0 for p in params], device=dev),
-                torch.tensor([p.top_k for p in params], device=dev),
-                torch.tensor([p.top_p for p in params], device=dev))
 
     def speculate(self, seqs: list[Sequence], uniforms: list[list[float]]) -> list[list[int]]:
         """One speculative decode step of `seqs` (module docstring). uniforms: per row 2K + 1
@@ -186,7 +189,7 @@ class ModelRunner:
             n_acc, nxt = greedy_accept(out.logits.argmax(-1), draft_BK)
             if q_BKV is not None:
                 u = torch.tensor(uniforms, device=dev)
-                p_BKV = sampling_probs(out.logits, *self._settings(params))
+                p_BKV = sampling_probs(out.logits, *row_settings(params, dev)[1:])
                 s_acc, s_nxt = speculative_accept_rows(p_BKV, q_BKV, draft_BK, u[:, k:2 * k], u[:, 2 * k])
                 is_greedy = torch.tensor([p.greedy for p in params], device=dev)
                 n_acc, nxt = torch.where(is_greedy, n_acc, s_acc), torch.where(is_greedy, nxt, s_nxt)
@@ -214,6 +217,29 @@ class ModelRunner:
         self.draft_h[rows] = drafter.h_BD.to(self.draft_h.dtype)
         return torch.cat([n_acc[:, None], new_BK1], 1)
 
+    def decode_burst(self, seqs: list[Sequence], n: int) -> list[list[int]] | None:
+        """n decode steps of every row from captured graphs, one read-back: per sequence its
+        n next tokens; None where no graph fits (the caller steps eagerly). Sampled rows draw n
+        uniforms each; a row that stops after fewer keeps the rest unused, as it keeps its
+        cache entries beyond the stop: its slot's next prefill writes them again."""
+        slots = [s.slot for s in seqs]
+        if self.graphs is None or not self.graphs.fits(slots):
+            return None
+        params = [s.params for s in seqs]
+        sampled = not all(p.greedy for p in params)
+        uniforms = [[0.0] * n if p.greedy else [s.uniform() for _ in range(n)]
+                    for s, p in zip(seqs, params)] if sampled else None
+        with self._context():
+            out = self.graphs.decode_burst(slots, [s.last_token for s in seqs],
+                                           [s.num_tokens - 1 for s in seqs], n,
+                                           params if sampled else None, uniforms)
+        if out is None:
+            if sampled:  # capture failed just now: the eager steps draw these again
+                for s, u in zip(seqs, uniforms):
+                    s.unread_uniforms(u if not s.params.greedy else [])
+            return None
+        return out.T.tolist()
+
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """Each sequence's newest token at its own position; attention reads the first
         kv_len positions of its row (kv_len: the longest sequence of the batch)."""
@@ -233,7 +259,8 @@ class ModelRunner:
 class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
                  cache_budget_bytes: int | None = None, max_prefill_tokens: int = 8192,
-                 speculative_k: int = 0, cuda_graphs: bool = True, compile: bool = False):
+                 speculative_k: int = 0, cuda_graphs: bool = True, compile: bool = False,
+                 decode_burst: int = 8):
         """model: any `nanoseek.from_pretrained` model; tokenizer: a ChatTokenizer (or None
         to work in token ids only). max_len: tokens per sequence, prompt + output (default
         the model's max_position_embeddings). max_prefill_tokens: padded prompt tokens one
@@ -242,7 +269,11 @@ class Engine:
         a GPU, replay the decode step (and the all-greedy speculative step) from captured CUDA
         graphs (cuda_graph.py); sampled speculative steps run eagerly. compile: put those
         steps through torch.compile before capture (fewer, fused kernels; each new batch
-        bucket shape costs a compilation the first time it is met)."""
+        bucket shape costs a compilation the first time it is met). decode_burst: decode steps
+        replayed back to back from the graphs per read-back of their tokens (the host's work
+        per step, scheduling, detokenizing and stop checks, then runs once per burst while the
+        GPU decodes; a request that stops inside a burst drops the tokens after its stop, and
+        a request waiting for a slot may wait up to a burst longer)."""
         cfg = model.config
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -250,13 +281,15 @@ class Engine:
         if not 0 < max_len <= cfg.max_position_embeddings:
             raise ValueError(f"max_len {max_len} must be in 1..{cfg.max_position_embeddings} "
                              "(the model's max_position_embeddings)")
+        if decode_burst < 1:
+            raise ValueError(f"decode_burst (decode steps per read-back) must be >= 1, got {decode_burst}")
         if speculative_k < 0:
             raise ValueError(f"speculative_k (drafts per step) must be >= 0, got {speculative_k}")
         if speculative_k and len(model.mtp_layers) == 0:
             raise ValueError("speculative decoding drafts with the MTP module: this model has "
                              "num_nextn_predict_layers = 0")
         self.model, self.tokenizer, self.max_len = model, tokenizer, max_len
-        self.speculative_k = speculative_k
+        self.speculative_k, self.decode_burst = speculative_k, decode_burst
         self.device = model.model.embed_tokens.weight.device
         weight_dtype = model.model.embed_tokens.weight.dtype
         # float32 weights on a GPU run under BF16 autocast; the cache holds what attention computes in
@@ -366,6 +399,12 @@ class Engine:
         kind, seqs = scheduled
         if kind == "decode" and self.speculative_k:
             return self._speculative_step(seqs)
+        if kind == "decode" and self.decode_burst > 1:
+            # never past a request's max_tokens: its positions stay inside its context
+            n = min(self.decode_burst, min(s.max_tokens - len(s.output_ids) for s in seqs))
+            runs = self.runner.decode_burst(seqs, n) if n > 1 else None
+            if runs is not None:
+                return self._postprocess(seqs, runs)
         logits = self.runner.prefill(seqs) if kind == "prefill" else self.runner.decode(seqs)
         uniforms = [0.0 if s.params.greedy else s.uniform() for s in seqs]
         tokens_n = sample_rows(logits, [s.params for s in seqs], uniforms)

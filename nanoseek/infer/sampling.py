@@ -70,24 +70,35 @@ def filter_sorted(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B:
     return sorted_BV.masked_fill(drop, float("-inf")), order_BV
 
 
-def sample_rows(logits_BV: torch.Tensor, params: list[SamplingParams],
-                uniforms: list[float]) -> torch.Tensor:
-    """One token per row: argmax for greedy rows, else the inverse CDF at uniforms[b]."""
-    greedy = logits_BV.argmax(-1)
-    if all(p.greedy for p in params):
-        return greedy
-    dev = logits_BV.device
-    temperature = torch.tensor([p.temperature or 1.0 for p in params], device=dev)
-    top_k = torch.tensor([p.top_k for p in params], device=dev)
-    top_p = torch.tensor([p.top_p for p in params], device=dev)
-    sorted_BV, order_BV = filter_sorted(logits_BV, temperature, top_k, top_p)
+def row_settings(params: list[SamplingParams], device) -> tuple[torch.Tensor, ...]:
+    """Per-row tensors of a batch's settings: greedy [B] bool, temperature [B] (1.0 for
+    greedy rows), top_k [B], top_p [B]."""
+    return (torch.tensor([p.greedy for p in params], device=device),
+            torch.tensor([p.temperature or 1.0 for p in params], device=device),
+            torch.tensor([p.top_k for p in params], device=device),
+            torch.tensor([p.top_p for p in params], device=device))
+
+
+def sample_tensors(logits_BV: torch.Tensor, greedy_B: torch.Tensor, temperature_B: torch.Tensor,
+                   top_k_B: torch.Tensor, top_p_B: torch.Tensor, uniform_B: torch.Tensor) -> torch.Tensor:
+    """sample_rows on tensors only (no host sync, fixed shapes: a CUDA graph captures it):
+    argmax where greedy_B, else the inverse CDF of the row's filtered distribution at uniform_B."""
+    sorted_BV, order_BV = filter_sorted(logits_BV, temperature_B, top_k_B, top_p_B)
     cdf_BV = sorted_BV.softmax(-1).cumsum(-1)
-    target_B1 = torch.tensor(uniforms, device=dev, dtype=cdf_BV.dtype)[:, None] * cdf_BV[:, -1:]
+    target_B1 = uniform_B.to(cdf_BV.dtype)[:, None] * cdf_BV[:, -1:]
     # the first index with cdf >= target has positive probability (index 0 for target 0)
     idx_B1 = torch.searchsorted(cdf_BV, target_B1).clamp(max=cdf_BV.shape[-1] - 1)
     sampled = order_BV.gather(-1, idx_B1).squeeze(-1)
-    is_greedy = torch.tensor([p.greedy for p in params], device=dev)
-    return torch.where(is_greedy, greedy, sampled)
+    return torch.where(greedy_B, logits_BV.argmax(-1), sampled)
+
+
+def sample_rows(logits_BV: torch.Tensor, params: list[SamplingParams],
+                uniforms: list[float]) -> torch.Tensor:
+    """One token per row: argmax for greedy rows, else the inverse CDF at uniforms[b]."""
+    if all(p.greedy for p in params):
+        return logits_BV.argmax(-1)
+    dev = logits_BV.device
+    return sample_tensors(logits_BV, *row_settings(params, dev), torch.tensor(uniforms, device=dev))
 
 
 def sample_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,

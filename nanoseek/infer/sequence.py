@@ -77,6 +77,7 @@ class Sequence:
         # one float per sampled token, from the request's own generator (Python's: a few
         # hundred ns a draw on the host, where a torch.Generator draw costs microseconds)
         self.rng = random.Random(self.seed)
+        self.unread: list[float] = []  # uniforms given back (unread_uniforms), last first
         self.prefix_offset = self.read_offset = 0  # incremental detokenizing (module docstring)
 
     @property
@@ -92,7 +93,11 @@ class Sequence:
         return self.status is Status.FINISHED
 
     def uniform(self) -> float:
-        return self.rng.random()
+        return self.unread.pop() if self.unread else self.rng.random()
+
+    def unread_uniforms(self, uniforms: list[float]) -> None:
+        """Give back drawn uniforms, unused, in order: uniform() returns them first."""
+        self.unread.extend(reversed(uniforms))
 
     def append(self, token: int, tokenizer, eos_id: int | None) -> StreamEvent:
         """Take one sampled token: update text and finish state, return what to stream."""
