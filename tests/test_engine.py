@@ -351,6 +351,25 @@ def test_captured_decode_bursts_equal_captured_single_steps(compile, tokenizer):
     assert run(8) == run(1)
 
 
+@pytest.mark.gpu
+def test_captured_speculative_bursts_equal_captured_single_steps(tokenizer):
+    """On a GPU, bursts of captured greedy speculative steps (each from the token and position
+    the last one wrote inside the graph) give the tokens and statistics of single replays."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny")).cuda().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(5)  # sharper logits, as tests/conftest.py's model
+    prompts, params = ["What is 12 + 34?", "Using 1, 2", "abc"], greedy(30)
+
+    def run(burst):
+        engine = Engine(model, tokenizer, max_batch=4, max_len=64, speculative_k=2, decode_burst=burst)
+        outs = engine.generate(prompts, params)
+        assert engine.runner.spec_graphs.graphs and not engine.runner.spec_graphs.failed
+        return [(o.token_ids, o.speculative) for o in outs]
+    assert run(8) == run(1)
+
+
 def test_incremental_detokenizing_equals_decoding_the_whole_output():
     """Sequence builds its text token by token from the ids since the last stable point; for
     outputs that split multi-byte characters over tokens (and end inside one) the text equals

@@ -266,19 +266,39 @@ def test_cli_generate_speculative_prints_the_same_text(tmp_path, capsys):
                  "--device", "cpu"]) == 2
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_static_greedy_speculative_step_equals_plain_greedy(model, k):
+@pytest.mark.parametrize("k, burst", [(1, 1), (3, 1), (1, 8), (3, 8)])
+def test_static_greedy_speculative_step_equals_plain_greedy(model, k, burst):
     """GraphSpeculator's step (rows [0, bucket), full-length reads, dummy rows at position 0,
-    no host sync) gives plain greedy's tokens and the eager path's statistics; run here
-    without capture, on the CPU."""
+    no host sync), one step per read-back or in bursts (each step starting from the token and
+    position the last one wrote), gives plain greedy's tokens and the eager path's
+    statistics; run here without capture, on the CPU."""
     from nanoseek.infer.cuda_graph import GraphSpeculator
     want = [o.token_ids for o in plain(model, PROMPTS, greedy(12))]
     eager = Engine(model, max_batch=4, max_len=64, speculative_k=k)
     want_stats = [o.speculative for o in eager.generate(PROMPTS[1:], greedy(12))]
-    engine = Engine(model, max_batch=4, max_len=64, speculative_k=k)
+    engine = Engine(model, max_batch=4, max_len=64, speculative_k=k, decode_burst=burst)
     engine.runner.spec_graphs = GraphSpeculator(engine.runner, capture=False)
     # three of four rows: the bucket of 4 holds a dummy row
     outs = engine.generate(PROMPTS[1:], greedy(12))
     assert engine.runner.spec_graphs.graphs  # the static step ran
     assert [o.token_ids for o in outs] == want[1:]
     assert [o.speculative for o in outs] == want_stats
+
+
+def test_speculative_bursts_stop_inside_a_burst_and_count_only_the_steps_taken(model):
+    """A stop id met inside a burst of speculative steps ends the request there (plain
+    greedy's tokens up to the stop), and its statistics count the steps up to that one, as
+    one step per read-back does; the steps the burst ran after it are not counted."""
+    from nanoseek.infer.cuda_graph import GraphSpeculator
+    full = [o.token_ids for o in plain(model, PROMPTS[:2], greedy(24))]
+    params = [greedy(24, stop_token_ids=[full[0][9]]), greedy(24)]
+    want = [o.token_ids for o in plain(model, PROMPTS[:2], params)]
+    assert len(want[0]) <= 10 < len(want[1])  # the stop is met early
+    stats = {}
+    for burst in (1, 8):
+        engine = Engine(model, max_batch=2, max_len=64, speculative_k=2, decode_burst=burst)
+        engine.runner.spec_graphs = GraphSpeculator(engine.runner, capture=False)
+        outs = engine.generate(PROMPTS[:2], params)
+        assert [o.token_ids for o in outs] == want and outs[0].finish_reason == "stop"
+        stats[burst] = [o.speculative for o in outs]
+    assert stats[8] == stats[1]

@@ -10,7 +10,8 @@ than running them. So the step is captured once per batch-size bucket (1, 2, 4, 
   also written into the step's own inputs, so that steps replay back to back (a burst);
 - `GraphSpeculator`: a whole greedy MTP speculative step (speculative.py): K drafts from
   the MTP module, the main model's verifying forward over [last token, d_1..d_K], the
-  greedy acceptance and the MTP catch-up; out come the accepted count and the new tokens.
+  greedy acceptance and the MTP catch-up; out come the accepted count and the new tokens,
+  and the last new token and its position go into the step's inputs (bursts again).
 
 With `compile=True` the step is first put through `torch.compile` (Inductor), which fuses
 the norms, RoPE, the router's elementwise work and the residual adds into a few Triton
@@ -253,6 +254,7 @@ class GraphSpeculator(BucketGraphs):
         n = runner.cache.num_slots
         self.pending = torch.zeros(n, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(n, dtype=torch.long, device=self.device)
+        self.last_position = runner.cache.max_len - 1 - runner.k  # a verify writes K past it
 
     def _inputs(self, key):
         return self.pending[:key[0]], self.pos[:key[0]]
@@ -262,12 +264,31 @@ class GraphSpeculator(BucketGraphs):
 
     def _step(self, pending_B, pos_B):
         B = pending_B.shape[0]
-        return self.runner.speculate_greedy(slice(0, B), pending_B, pos_B, self.runner.cache.prefix(B))
+        out_BK2 = self.runner.speculate_greedy(slice(0, B), pending_B, pos_B, self.runner.cache.prefix(B))
+        # the next step's inputs: the last new token x_{a+1}, a + 1 positions on
+        n_acc_B = out_BK2[:, 0]
+        pending_B.copy_(out_BK2.gather(1, n_acc_B[:, None] + 1).squeeze(1))
+        pos_B.copy_((pos_B + n_acc_B + 1).clamp(max=self.last_position))
+        return out_BK2
 
     @torch.no_grad()
     def speculate(self, slots: list[int], pending: list[int], positions: list[int]) -> torch.Tensor | None:
         """[len(slots), K + 2]: accepted count, then the K + 1 tokens (speculate's layout)."""
+        out = self.speculate_burst(slots, pending, positions, 1)
+        return None if out is None else out[0]
+
+    @torch.no_grad()
+    def speculate_burst(self, slots: list[int], pending: list[int], positions: list[int],
+                        n: int) -> torch.Tensor | None:
+        """n speculative steps back to back, each from where the last one ended: [n, len(slots),
+        K + 2] on the device, or None when no graph fits."""
         if not self.fits(slots):
             return None
-        out = self.run((self.load([self.pending, self.pos], slots, pending, positions), None))
-        return None if out is None else self.rows(out, slots)
+        bucket = self.load([self.pending, self.pos], slots, pending, positions)
+        out_nBK2 = torch.empty(n, bucket, self.runner.k + 2, dtype=torch.long, device=self.device)
+        for i in range(n):
+            out = self.run((bucket, None))
+            if out is None:
+                return None
+            out_nBK2[i].copy_(out)
+        return self.rows(out_nBK2, slots, dim=1)

@@ -51,7 +51,9 @@ RequestOutput carries `speculative` (proposed, accepted, forwards, acceptance_ra
 mean_accepted_length); `engine.speculative_stats()` sums over every request served.
 A seeded sampled request draws differently with and without speculation (different uses of
 its uniforms), with the same distribution. On a GPU an all-greedy speculative step is one
-captured CUDA graph (cuda_graph.GraphSpeculator); a step with sampled rows runs eagerly.
+captured CUDA graph (cuda_graph.GraphSpeculator), replayed in bursts like the plain decode
+step (up to decode_burst steps while every request has room for K + 1 tokens a step); a
+step with sampled rows runs eagerly.
 """
 
 from __future__ import annotations
@@ -194,6 +196,17 @@ class ModelRunner:
                 is_greedy = torch.tensor([p.greedy for p in params], device=dev)
                 n_acc, nxt = torch.where(is_greedy, n_acc, s_acc), torch.where(is_greedy, nxt, s_nxt)
             return self._accept(drafter, rows, out.hidden_states, draft_BK, n_acc, nxt, verify_pos).tolist()
+
+    def speculate_burst(self, seqs: list[Sequence], n: int) -> list[list[list[int]]] | None:
+        """n all-greedy speculative steps from the captured graph, one read-back: per sequence
+        n lists in speculate's layout; None where no graph fits (the caller steps once)."""
+        slots = [s.slot for s in seqs]
+        if self.spec_graphs is None or not self.spec_graphs.fits(slots):
+            return None
+        with self._context():
+            out = self.spec_graphs.speculate_burst(slots, [s.last_token for s in seqs],
+                                                   [s.num_tokens - 1 for s in seqs], n)
+        return None if out is None else out.transpose(0, 1).tolist()
 
     def speculate_greedy(self, rows, pending_B: torch.Tensor, pos_B: torch.Tensor, view) -> torch.Tensor:
         """The all-greedy step as tensors only (no host sync, fixed shapes): rows (a slice or
@@ -414,14 +427,28 @@ class Engine:
 
     def _speculative_step(self, seqs: list[Sequence]) -> list[StreamEvent]:
         k = self.speculative_k
-        uniforms = [[0.0] * (2 * k + 1) if s.params.greedy else [s.uniform() for _ in range(2 * k + 1)]
-                    for s in seqs]
-        runs = self.runner.speculate(seqs, uniforms)
-        for seq, run in zip(seqs, runs):
-            # counted in full even where a stop or max_tokens cuts the run short
-            seq.speculative.add(k, run[0])
-            self.speculative_totals.add(k, run[0])
-        return self._postprocess(seqs, [run[1: run[0] + 2] for run in runs])
+        steps = None  # per sequence, the speculative steps' [a, x_1..x_{K+1}]
+        if self.decode_burst > 1 and all(s.params.greedy for s in seqs):
+            # a step adds at most K + 1 tokens: a burst never passes the nearest max_tokens
+            n = min(self.decode_burst, min((s.max_tokens - len(s.output_ids)) // (k + 1) for s in seqs))
+            steps = self.runner.speculate_burst(seqs, n) if n > 1 else None
+        if steps is None:
+            uniforms = [[0.0] * (2 * k + 1) if s.params.greedy else [s.uniform() for _ in range(2 * k + 1)]
+                        for s in seqs]
+            steps = [[run] for run in self.runner.speculate(seqs, uniforms)]
+        before = [len(s.output_ids) for s in seqs]
+        events = self._postprocess(seqs, [[t for run in runs for t in run[1: run[0] + 2]] for runs in steps])
+        for seq, runs, start in zip(seqs, steps, before):
+            # the steps the request took a token from, each counted in full even where a stop or
+            # max_tokens cuts its run short; steps after the request ended are not counted
+            taken, offset = len(seq.output_ids) - start, 0
+            for run in runs:
+                if offset >= taken:
+                    break
+                seq.speculative.add(k, run[0])
+                self.speculative_totals.add(k, run[0])
+                offset += run[0] + 1
+        return events
 
     def _postprocess(self, seqs: list[Sequence], runs: list[list[int]]) -> list[StreamEvent]:
         """Append each sequence's new tokens in order, up to the one that finishes it."""
