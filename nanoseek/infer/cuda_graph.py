@@ -16,11 +16,12 @@ than running them. So the step is captured once per batch-size bucket (1, 2, 4, 
 With `compile=True` the step is first put through `torch.compile` (Inductor), which fuses
 the norms, RoPE, the router's elementwise work and the residual adds into a few Triton
 kernels, and the graph then captures the compiled step: fewer, fuller kernels per token.
-Each bucket size (and step variant) is compiled on first use, with static shapes (the size
-thresholds of the MoE's decode paths specialise the graph), so the compile cache limit is
-raised to 64 graphs. The batch-1 decode step is compiled with Inductor's coordinate-descent
-tuning, which also turns its one-row matmuls into tuned, fused reductions (gpt-fast's
-setting): cuBLAS's small-M GEMMs were the largest item of a batch-1 step.
+Compilation happens on first use: the first bucket met static, later ones through one
+shape-generic graph (dynamo's automatic dynamic shapes; the size thresholds of the MoE's
+decode paths add their guards), each step variant apart; the compile cache limit is raised
+to 64 graphs. The batch-1 decode step has a static compilation of its own, with Inductor's
+coordinate-descent tuning, which also turns its one-row matmuls into tuned, fused reductions
+(gpt-fast's setting): cuBLAS's small-M GEMMs were the largest item of a batch-1 step.
 
 Shapes are static: the bucket covers cache rows [0, bucket) and attention reads all
 max_len positions of each row, masked by the row's own position; rows of the bucket that
@@ -64,7 +65,7 @@ class BucketGraphs:
         self.failed = False          # capture failed: callers step eagerly
         self.capture = capture       # False: run the (compiled) step without a graph (tests, CPU)
         self.compile = compile       # False again if compiling fails
-        self._compiled: dict[tuple, object] = {}
+        self._compiled: dict[bool, object] = {}  # tuned (a bucket of tuned_buckets) or not
         if compile:
             # one compiled graph per key; several engines (and both step kinds) share the limit
             cfg = torch._dynamo.config
@@ -84,13 +85,20 @@ class BucketGraphs:
         raise NotImplementedError
 
     def _compiled_step(self, key: tuple):
-        if key not in self._compiled:
-            # dynamic=False: a bucket is one static shape. Coordinate-descent tuning also makes
-            # Inductor write a matmul with one row (a batch-1 decode's every projection) as a
-            # reduction it fuses with its neighbours and tunes, instead of a cuBLAS GEMM call
-            options = {"coordinate_descent_tuning": True} if key[0] in self.tuned_buckets else None
-            self._compiled[key] = torch.compile(self._step, fullgraph=True, dynamic=False, options=options)
-        return self._compiled[key]
+        tuned = key[0] in self.tuned_buckets
+        if tuned not in self._compiled:
+            if tuned:
+                # static, and with coordinate-descent tuning, which also makes Inductor write a
+                # one-row matmul (a batch-1 decode's every projection) as a reduction it fuses
+                # with its neighbours and tunes, instead of a cuBLAS GEMM call
+                step = torch.compile(self._step, fullgraph=True, dynamic=False,
+                                     options={"coordinate_descent_tuning": True})
+            else:
+                # the first bucket met compiles static, the next one shape-generic for all the
+                # others (dynamo's automatic dynamic shapes): two compilations, not one per bucket
+                step = torch.compile(self._step, fullgraph=True, dynamic=None)
+            self._compiled[tuned] = step
+        return self._compiled[tuned]
 
     def _call(self, key: tuple):
         inputs = self._inputs(key)
