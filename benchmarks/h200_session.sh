@@ -5,6 +5,7 @@
 #   bash benchmarks/h200_session.sh speedrun   # pretrain + SFT + GRPO demo, then MTP speculation if time is left
 #   bash benchmarks/h200_session.sh decode     # GPU tests, decode vs transformers (+ profile), GRPO step vs TRL
 #   bash benchmarks/h200_session.sh mtp        # GPU tests, MTP speculation after a short speedrun, serve load
+#   bash benchmarks/h200_session.sh spec       # its short form: burst GPU tests, MTP after a 0.3-min speedrun
 #   bash benchmarks/h200_session.sh measure    # GPU tests, GRPO step vs TRL, decode vs transformers (+ kernel
 #                                              # profile), MTP speculation after a short speedrun
 #   bash benchmarks/h200_session.sh serve      # serve load at 64 clients
@@ -64,6 +65,16 @@ case $stage in
     OUT=$OUT timeout $((585 - $(elapsed))) python3 benchmarks/serve_load.py --preset bench-1b --clients 64 \
       --max-batch 64 --requests 4 --new 128 --compile 2>&1 | tail -20 | tee "$OUT/serve_load.log"
     ;;
+  spec)  # the short form of mtp: the burst GPU tests, a 0.3-minute speedrun, MTP speculation (~5 min)
+    timeout 70 python3 -m pytest -m gpu -p no:cacheprovider tests/test_engine.py -k captured 2>&1 \
+      | tail -25 | tee "$OUT/gpu_tests.log"
+    echo "gpu tests done at $(elapsed)s"
+    timeout 180 python3 -m nanoseek.cli speedrun --out runs/h200 --minutes "${MINUTES:-0.3}" \
+      --grpo-minutes 0 2>&1 | tail -12 | tee "$OUT/speedrun.log"
+    echo "speedrun done at $(elapsed)s"
+    OUT=$OUT timeout $((265 - $(elapsed))) python3 benchmarks/speculative.py --model runs/h200/sft/final \
+      --k 1 2 --batches 1 8 --repeat 1 --n 6 --no-compile 2>&1 | tee "$OUT/speculative.log"
+    ;;
   measure)  # GPU tests, GRPO step vs TRL (compiled rollouts), decode vs transformers, MTP speculation
     timeout 100 python3 -m pytest -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_engine.py 2>&1 \
       | tail -15 | tee "$OUT/gpu_tests.log"
@@ -86,7 +97,7 @@ case $stage in
   trl)
     OUT=$OUT python3 benchmarks/grpo_trl.py --compile-rollouts ${TRL_ARGS:-} 2>&1 | tee "$OUT/grpo_trl.log"
     ;;
-  *) echo "unknown stage $stage: speedrun, decode, mtp, measure, serve or trl" >&2; exit 2 ;;
+  *) echo "unknown stage $stage: speedrun, decode, mtp, spec, measure, serve or trl" >&2; exit 2 ;;
 esac
 echo "stage $stage: $(elapsed)s"
 # a call returns at most 8 files: the logs travel as one archive beside the JSON results

@@ -302,3 +302,27 @@ def test_speculative_bursts_stop_inside_a_burst_and_count_only_the_steps_taken(m
         assert [o.token_ids for o in outs] == want and outs[0].finish_reason == "stop"
         stats[burst] = [o.speculative for o in outs]
     assert stats[8] == stats[1]
+
+
+def test_graph_warm_ups_leave_the_step_state_as_they_found_it(model):
+    """Capture runs each step twice first; those runs advance what the step writes besides the
+    cache (the speculator's pending token, position and drafter state; the decoder's ids and
+    positions), and all of it must be back before the captured step's first replay."""
+    from nanoseek.infer.cuda_graph import GraphDecoder, GraphSpeculator
+    engine = Engine(model, max_batch=2, max_len=64, speculative_k=2)
+    for p in PROMPTS[:2]:
+        engine.add_request(p, greedy(8))
+    engine.step()  # prefill: the drafter state of both rows
+    spec = GraphSpeculator(engine.runner, capture=False)
+    decoder = GraphDecoder(model, engine.cache, None, capture=False)
+    seqs = engine.scheduler.running
+    for graphs, key, tensors in ((spec, (2, None), [spec.pending, spec.pos, engine.runner.draft_h]),
+                                 (decoder, (2, False), [decoder.ids, decoder.positions])):
+        graphs.load(tensors[:2], [s.slot for s in seqs], [s.last_token for s in seqs],
+                    [s.num_tokens - 1 for s in seqs])
+        before = [t.clone() for t in tensors]
+        with torch.no_grad():
+            graphs._warm_up(key)
+            assert all(torch.equal(t, b) for t, b in zip(tensors, before))
+            graphs._call(key)  # a step does change every one of them
+        assert not any(torch.equal(t, b) for t, b in zip(tensors, before))

@@ -111,19 +111,25 @@ class BucketGraphs:
                 self.compile = False
         return self._step(*inputs)
 
+    def _warm_up(self, key: tuple) -> None:
+        """Two runs before capture (compilation, lazy inits and autotuning outside the graph),
+        then the state they advanced put back."""
+        state = [t.clone() for t in self._state()]
+        for _ in range(2):
+            self._call(key)
+        for t, saved in zip(self._state(), state):
+            t.copy_(saved)
+
     def _capture(self, key: tuple) -> None:
-        if not self.capture:
+        if not self.capture:  # the warm-ups still run, so CPU tests see what they leave behind
+            self._warm_up(key)
             self.graphs[key] = (None, None)
             return
-        state = [t.clone() for t in self._state()]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm up: compilation, lazy inits and autotuning outside the graph
-                self._call(key)
+            self._warm_up(key)
         torch.cuda.current_stream().wait_stream(stream)
-        for t, saved in zip(self._state(), state):  # the warm-ups advanced it: undo
-            t.copy_(saved)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             out = self._call(key)
@@ -268,7 +274,7 @@ class GraphSpeculator(BucketGraphs):
         return self.pending[:key[0]], self.pos[:key[0]]
 
     def _state(self):
-        return [self.runner.draft_h]
+        return [self.pending, self.pos, self.runner.draft_h]
 
     def _step(self, pending_B, pos_B):
         B = pending_B.shape[0]
