@@ -281,8 +281,9 @@ class Engine:
         tokens per step with the model's first MTP module (module docstring). cuda_graphs: on
         a GPU, replay the decode step (and the all-greedy speculative step) from captured CUDA
         graphs (cuda_graph.py); sampled speculative steps run eagerly. compile: put those
-        steps through torch.compile before capture (fewer, fused kernels; each new batch
-        bucket shape costs a compilation the first time it is met). decode_burst: decode steps
+        steps through torch.compile before capture (fewer, fused kernels; compiled on first
+        use: batch 1 on its own, the other buckets through one shape-generic graph after the
+        first, cuda_graph.py). decode_burst: decode steps
         replayed back to back from the graphs per read-back of their tokens (the host's work
         per step, scheduling, detokenizing and stop checks, then runs once per burst while the
         GPU decodes; a request that stops inside a burst drops the tokens after its stop, and
