@@ -10,6 +10,7 @@ everything stands in for a correct policy."""
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -82,6 +83,9 @@ def test_other_bad_inputs(tmp_path, capsys, ckpt):
     (tmp_path / "rows.txt").write_text("What is 2+2?")
     with pytest.raises(recipe.DataError, match="not '.txt'"):
         recipe.load_prompt_rows(tmp_path / "rows.txt")
+    os.mkfifo(tmp_path / "pipe.txt")  # not a regular file, still a file of the wrong kind
+    with pytest.raises(recipe.DataError, match="not '.txt'"):
+        recipe.load_prompt_rows(tmp_path / "pipe.txt")
     with pytest.raises(recipe.DataError, match="a list of objects"):
         recipe.load_prompt_rows(write_rows(tmp_path / "rows.json", {"prompt": "x"}))
     with pytest.raises(recipe.DataError, match="cannot check correctness"):
@@ -222,7 +226,7 @@ def test_rejection_sample_through_the_engine(ckpt, tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     stats = json.loads(out.with_suffix(".stats.json").read_text())
-    assert stats["samples"] == 6 and stats["prompts"] == 3 and len(stats["per_prompt"]) == 3
+    assert stats["samples"] == 6 and stats["prompts"] == 3 and stats["correctness_checked"] and len(stats["per_prompt"]) == 3
     assert f"kept {stats['kept']}/6 samples" in printed and "per-prompt pass rate" in printed
     assert len(out.read_text().splitlines()) == stats["kept"]  # a random model: most likely none
     # the same seeds give the same samples

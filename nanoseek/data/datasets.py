@@ -74,7 +74,8 @@ def load_chats(spec: str | Path) -> list[list[dict]]:
 # ------------------------------------------------------------------ readers
 def read_records(path: Path) -> Iterator[tuple[str, dict]]:
     """(where, record) pairs of a file or saved dataset, whatever its records hold; `where`
-    is 'file:line' or 'file row N' for messages."""
+    is 'file:line' (.jsonl), 'file document N' (.txt) or 'file row N' (.json, .parquet, a
+    dataset folder), for messages."""
     if path.is_dir():
         yield from _hf_dataset(path)
         return

@@ -45,7 +45,7 @@ def load_prompt_rows(path: str | Path) -> list[dict]:
     """Rows {"prompt": str | messages, other columns} from .jsonl, .json (a list of objects),
     .parquet or a datasets folder; a DataError names the file, the row and what to fix."""
     path = Path(path)
-    if path.is_file() and path.suffix not in (".jsonl", ".json", ".parquet"):  # not .txt documents
+    if path.exists() and not path.is_dir() and path.suffix not in (".jsonl", ".json", ".parquet"):  # not .txt
         raise DataError(f"{path}: prompt rows come from .jsonl, .json (a list of objects), .parquet "
                         f"or a datasets folder, each row with a 'prompt'; not '{path.suffix}'")
     rows = [check_row(where, r) for where, r in read_records(path)]
