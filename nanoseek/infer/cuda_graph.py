@@ -18,15 +18,16 @@ the norms, RoPE, the router's elementwise work and the residual adds into a few 
 kernels, and the graph then captures the compiled step: fewer, fuller kernels per token.
 Compilation happens on first use: the first bucket met static, later ones through one
 shape-generic graph (dynamo's automatic dynamic shapes; the size thresholds of the MoE's
-decode paths add their guards), each step variant apart; the compile cache limit is raised
-to 64 graphs. The batch-1 decode step has a static compilation of its own, with Inductor's
+decode paths add their guards; the greedy and the sampling decode step are graphs of their
+own); the compile cache limit is raised to 64 graphs. The batch-1 decode step has a static compilation of its own, with Inductor's
 coordinate-descent tuning, which also turns its one-row matmuls into tuned, fused reductions
 (gpt-fast's setting): cuBLAS's small-M GEMMs were the largest item of a batch-1 step.
 
 Shapes are static: the bucket covers cache rows [0, bucket) and attention reads all
 max_len positions of each row, masked by the row's own position; rows of the bucket that
-no sequence holds run a dummy token at position 0 (0..K for a speculative step), slots that
-the next prefill of that row writes again before reading. The scheduler decodes every
+no sequence holds run a dummy token from position 0 (advancing through a burst, clamped at
+the cache's end), in slots that the next prefill of that row writes again before reading;
+so do the rows of requests that end inside a burst, for the rest of it. The scheduler decodes every
 running request in each decode step, so no row in the bucket belongs to a sequence that is
 left out of the step.
 
@@ -115,10 +116,12 @@ class BucketGraphs:
         """Two runs before capture (compilation, lazy inits and autotuning outside the graph),
         then the state they advanced put back."""
         state = [t.clone() for t in self._state()]
-        for _ in range(2):
-            self._call(key)
-        for t, saved in zip(self._state(), state):
-            t.copy_(saved)
+        try:
+            for _ in range(2):
+                self._call(key)
+        finally:  # also when a warm-up fails: the eager steps that follow read this state
+            for t, saved in zip(self._state(), state):
+                t.copy_(saved)
 
     def _capture(self, key: tuple) -> None:
         if not self.capture:  # the warm-ups still run, so CPU tests see what they leave behind
@@ -158,11 +161,14 @@ class BucketGraphs:
         """Whether a captured step can run these rows (else the caller steps eagerly)."""
         return not self.failed and self.bucket_for(max(slots) + 1) is not None
 
-    def load(self, buffers: list[torch.Tensor], slots: list[int], *values: list) -> int:
-        """Write values[i] at rows `slots` of buffers[i] (zeros elsewhere), all of one dtype in
-        one upload; returns the bucket."""
+    def load(self, buffers: list[torch.Tensor], slots: list[int], *values: list,
+             fill: list[float] | None = None) -> int:
+        """Write values[i] at rows `slots` of buffers[i] (fill[i], default 0, elsewhere), all
+        of one dtype in one upload; returns the bucket."""
         bucket = self.bucket_for(max(slots) + 1)
         host = torch.zeros(len(buffers), bucket, dtype=buffers[0].dtype)
+        if fill is not None:
+            host[:] = torch.tensor(fill, dtype=host.dtype)[:, None]
         idx = torch.tensor(slots)
         for i, vals in enumerate(values):
             host[i, idx] = torch.tensor(vals, dtype=host.dtype)
@@ -242,7 +248,9 @@ class GraphDecoder(BucketGraphs):
         bucket = self.load([self.ids, self.positions], slots, tokens, positions)
         sampled = params is not None
         if sampled:
-            self.load(list(self.settings), slots, *(t.tolist() for t in row_settings(params, "cpu")))
+            # rows no request holds: a greedy row's settings (no division by a zero temperature)
+            self.load(list(self.settings), slots, *(t.tolist() for t in row_settings(params, "cpu")),
+                      fill=[1.0, 1.0, 0.0, 1.0])
             u_nB = torch.zeros(n, bucket)
             u_nB[:, torch.tensor(slots)] = torch.tensor(uniforms, dtype=torch.float32).T
             u_nB = u_nB.to(self.device, non_blocking=True)

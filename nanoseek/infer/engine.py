@@ -8,13 +8,14 @@
 A server drives the same loop itself: `add_request()` at any time, `step()` to advance,
 `abort()` to drop a request at once. Each step reads schedule -> run -> postprocess:
 
-- schedule (scheduler.py): a prefill of newly admitted requests, or one decode step of all
+- schedule (scheduler.py): a prefill of newly admitted requests, or decoding of all
   running ones, and the cache slot (row) each holds;
-- run (`ModelRunner`): one forward over exactly those rows of the cache (`cache.select`),
-  other rows untouched; prefill through the expanded attention, decode through the
-  absorbed MLA path, which reads only the cached latent; then sampling (sampling.py);
-- postprocess (sequence.py): the sampled ids (one `.tolist()` per step, the only host
-  sync) appended, stop strings / stop ids / EOS / max_tokens checked, text streamed.
+- run (`ModelRunner`): a prefill is one forward over exactly those rows of the cache
+  (`cache.select`), other rows untouched, through the expanded attention, then sampling
+  (sampling.py); decoding goes through the absorbed MLA path, which reads only the cached
+  latent: on a GPU a burst of steps from CUDA graphs (below), else one eager step;
+- postprocess (sequence.py): the sampled ids (one `.tolist()` per step or burst, the only
+  host sync) appended, stop strings / stop ids / EOS / max_tokens checked, text streamed.
 
 Decode bursts. From CUDA graphs a decode step also chooses its tokens (argmax, or the
 sampler at the request's uniform) and writes them and the next positions into its own
@@ -22,8 +23,10 @@ inputs, so `decode_burst` steps (default 8) replay back to back and their tokens
 the host in one `.tolist()`: the host's work of a step, a millisecond of Python that would
 otherwise leave the GPU idle between two steps, runs once per burst while the GPU works.
 Postprocess then takes each request's burst token by token, as it takes a speculative run,
-so a stop inside the burst ends the request there. A burst never runs past the nearest
-max_tokens of the batch.
+so a stop inside the burst ends the request there; a burst is as long as the batch's
+longest max_tokens left allows (at most decode_burst), and a request with fewer left keeps
+only those. Without graphs (CPU, or a batch no captured bucket holds) a step is one eager
+forward.
 
 Memory. The cache is `num_slots` rows of `max_len` tokens. Per token and layer MLA keeps
 the latent c_kv (kv_lora_rank values) and the rotated RoPE key (qk_rope_head_dim values),
@@ -232,36 +235,33 @@ class ModelRunner:
 
     def decode_burst(self, seqs: list[Sequence], n: int) -> list[list[int]] | None:
         """n decode steps of every row from captured graphs, one read-back: per sequence its
-        n next tokens; None where no graph fits (the caller steps eagerly). Sampled rows draw n
-        uniforms each; a row that stops after fewer keeps the rest unused, as it keeps its
-        cache entries beyond the stop: its slot's next prefill writes them again."""
+        next tokens, at most its max_tokens left; None where no graph fits (the caller steps
+        eagerly). A row with fewer tokens left runs on for the rest of the burst and its
+        tokens there are dropped: its positions stop at the cache's end, and its slot, which it
+        leaves after this step, is written again by the next prefill before it is read. So is
+        a row's tail after a stop. Sampled rows draw one uniform per token they may keep."""
         slots = [s.slot for s in seqs]
         if self.graphs is None or not self.graphs.fits(slots):
             return None
         params = [s.params for s in seqs]
+        left = [min(n, s.max_tokens - len(s.output_ids)) for s in seqs]
         sampled = not all(p.greedy for p in params)
-        uniforms = [[0.0] * n if p.greedy else [s.uniform() for _ in range(n)]
-                    for s, p in zip(seqs, params)] if sampled else None
+        drawn = [[] if p.greedy else [s.uniform() for _ in range(m)] for s, p, m in zip(seqs, params, left)]
         with self._context():
             out = self.graphs.decode_burst(slots, [s.last_token for s in seqs],
                                            [s.num_tokens - 1 for s in seqs], n,
-                                           params if sampled else None, uniforms)
-        if out is None:
-            if sampled:  # capture failed just now: the eager steps draw these again
-                for s, u in zip(seqs, uniforms):
-                    s.unread_uniforms(u if not s.params.greedy else [])
+                                           params if sampled else None,
+                                           [u + [0.0] * (n - len(u)) for u in drawn] if sampled else None)
+        if out is None:  # capture failed just now: the eager steps draw these again
+            for s, u in zip(seqs, drawn):
+                s.unread_uniforms(u)
             return None
-        return out.T.tolist()
+        return [run[:m] for run, m in zip(out.T.tolist(), left)]
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Each sequence's newest token at its own position; attention reads the first
-        kv_len positions of its row (kv_len: the longest sequence of the batch)."""
-        if self.graphs is not None:
-            with self._context():
-                logits = self.graphs.decode([s.slot for s in seqs], [s.last_token for s in seqs],
-                                            [s.num_tokens - 1 for s in seqs])
-            if logits is not None:
-                return logits
+        """The eager decode step (no graph fits, or none runs here): each sequence's newest
+        token at its own position; attention reads the first kv_len positions of its row
+        (kv_len: the longest sequence of the batch)."""
         ids = torch.tensor([[s.last_token] for s in seqs], device=self.device)
         positions = torch.tensor([[s.num_tokens - 1] for s in seqs], device=self.device)
         view = self.cache.select([s.slot for s in seqs], kv_len=max(s.num_tokens for s in seqs))
@@ -413,10 +413,9 @@ class Engine:
         kind, seqs = scheduled
         if kind == "decode" and self.speculative_k:
             return self._speculative_step(seqs)
-        if kind == "decode" and self.decode_burst > 1:
-            # never past a request's max_tokens: its positions stay inside its context
-            n = min(self.decode_burst, min(s.max_tokens - len(s.output_ids) for s in seqs))
-            runs = self.runner.decode_burst(seqs, n) if n > 1 else None
+        if kind == "decode":  # from the graphs where they run: n steps, each row to its own max_tokens
+            n = min(self.decode_burst, max(s.max_tokens - len(s.output_ids) for s in seqs))
+            runs = self.runner.decode_burst(seqs, n)
             if runs is not None:
                 return self._postprocess(seqs, runs)
         logits = self.runner.prefill(seqs) if kind == "prefill" else self.runner.decode(seqs)

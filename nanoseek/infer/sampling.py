@@ -2,10 +2,12 @@
 
 Every request of an engine batch has its own temperature, top-k, top-p and seed, so the
 filter works per row (tensors [B]) and the randomness comes from the request, not from
-the batch: each request owns a CPU `torch.Generator` that gives one uniform number per
-sampled token, and the token is the inverse CDF of that row's filtered distribution at
-that number. A request therefore draws the same tokens alone or in any batch, on any
-device, and the only host work per step is one float per sampled row.
+the batch: each request owns a generator (Python's `random.Random`, sequence.py) that gives
+one uniform number per sampled token, and the token is the inverse CDF of that row's
+filtered distribution at that number. A request therefore draws the same numbers alone or
+in any batch, on any device, and the only host work per step is one float per sampled row
+(the same tokens wherever its logits are the same: a batch of another size can run other
+kernels, whose last bits differ in BF16).
 
 `sample_next` is the one-generator, one-setting form that `generate()` uses.
 """

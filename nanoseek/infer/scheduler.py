@@ -2,7 +2,7 @@
 
 Requests wait in arrival order. Between steps, waiting requests take free slots (lowest
 first, so the running rows tend to stay one contiguous run of the cache) and are prefilled
-together; otherwise every running request decodes one token. A request leaves, and its
+together; otherwise every running request decodes (one token, or a burst of them: engine.py). A request leaves, and its
 slot is free for the next, as soon as it finishes or is aborted.
 """
 
