@@ -27,6 +27,38 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
+left() { echo $(( $1 - $(elapsed) )); }  # seconds until second $1 of the call
+
+# the parts; each takes a time limit in seconds and logs to $OUT
+gpu_tests() {  # limit, test files and pytest options
+  local limit=$1; shift
+  timeout "$limit" python3 -m pytest -m gpu -p no:cacheprovider "$@" 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
+  echo "gpu tests done at $(elapsed)s"
+}
+short_speedrun() {  # limit, minutes: pretrain + SFT only, a model with MTP for speculation
+  timeout "$1" python3 -m nanoseek.cli speedrun --out runs/h200 --minutes "$2" --grpo-minutes 0 2>&1 \
+    | tail -12 | tee "$OUT/speedrun.log"
+  echo "speedrun done at $(elapsed)s"
+}
+speculation() {  # limit: MTP K = 1, 2 at batch 1, 8 on the speedrun's SFT model
+  OUT=$OUT timeout "$1" python3 benchmarks/speculative.py --model runs/h200/sft/final --k 1 2 --batches 1 8 \
+    --repeat 1 --n 6 --no-compile 2>&1 | tee "$OUT/speculative.log"
+  echo "speculative done at $(elapsed)s"
+}
+decode() {  # limit: bench-1b decode vs transformers, with the kernel profile
+  OUT=$OUT timeout "$1" python3 benchmarks/decode.py --repeat 3 --modes compiled graphs --profile 2>&1 \
+    | grep -v Warning | tee "$OUT/decode.log"
+  echo "decode done at $(elapsed)s"
+}
+trl() {  # limit: a GRPO step, nanoseek vs TRL
+  OUT=$OUT timeout "$1" python3 benchmarks/grpo_trl.py --out "$OUT/grpo_trl.json" --compile-rollouts \
+    ${TRL_ARGS:-} 2>&1 | tee "$OUT/grpo_trl.log"
+  echo "trl done at $(elapsed)s"
+}
+serve() {  # limit: 64 streaming clients against serve --compile
+  OUT=$OUT timeout "$1" python3 benchmarks/serve_load.py --preset bench-1b --clients 64 --max-batch 64 \
+    --requests 4 --new 128 --compile 2>&1 | tail -20 | tee "$OUT/serve_load.log"
+}
 
 case $stage in
   speedrun)
@@ -34,69 +66,36 @@ case $stage in
       --grpo-minutes "${GRPO_MINUTES:-4.5}" 2>&1 | tee "$OUT/speedrun.log"
     echo "speedrun done at $(elapsed)s"
     if [ "${SPECULATIVE:-1}" = 1 ] && [ -d runs/h200/sft/final ] && [ "$(elapsed)" -lt 480 ]; then
-      OUT=$OUT python3 benchmarks/speculative.py --model runs/h200/sft/final --k 1 2 --batches 1 8 \
-        --repeat 2 2>&1 | tee "$OUT/speculative.log"
+      speculation "$(left 585)"
     fi
     tar czf "$OUT/speedrun_h200.tgz" --exclude='*.safetensors' --exclude='checkpoint*' \
       --exclude='*.pt' runs/h200 2>/dev/null
     ;;
-  decode)  # the engine's decode path: GPU tests, decode vs transformers (+ kernel profile), GRPO step vs TRL
-    timeout 240 python3 -m pytest -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_engine.py 2>&1 \
-      | tail -25 | tee "$OUT/gpu_tests.log"
-    echo "gpu tests done at $(elapsed)s"
-    OUT=$OUT timeout $((470 - $(elapsed))) python3 benchmarks/decode.py --repeat 3 --modes compiled graphs \
-      --profile 2>&1 | grep -v Warning | tee "$OUT/decode.log"
-    echo "decode done at $(elapsed)s"
-    if [ "$(elapsed)" -lt 430 ]; then
-      OUT=$OUT timeout $((585 - $(elapsed))) python3 benchmarks/grpo_trl.py --out "$OUT/grpo_trl.json" \
-        --compile-rollouts ${TRL_ARGS:-} 2>&1 | tee "$OUT/grpo_trl.log"
-    fi
+  decode)  # GPU tests, decode vs transformers (+ kernel profile), GRPO step vs TRL
+    gpu_tests 240 tests/test_gpu.py tests/test_engine.py
+    decode "$(left 470)"
+    [ "$(elapsed)" -lt 430 ] && trl "$(left 585)"
     ;;
   mtp)  # GPU tests, MTP speculation on a short speedrun's model, then serve load
-    timeout 150 python3 -m pytest -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_engine.py \
-      tests/test_engine_speculative.py 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
-    echo "gpu tests done at $(elapsed)s"
-    timeout 300 python3 -m nanoseek.cli speedrun --out runs/h200 --minutes "${MINUTES:-0.6}" \
-      --grpo-minutes 0 2>&1 | tail -12 | tee "$OUT/speedrun.log"
-    echo "speedrun done at $(elapsed)s"
-    OUT=$OUT timeout $((460 - $(elapsed))) python3 benchmarks/speculative.py --model runs/h200/sft/final \
-      --k 1 2 --batches 1 8 --repeat 1 --n 6 --no-compile 2>&1 | tee "$OUT/speculative.log"
-    echo "speculative done at $(elapsed)s"
-    OUT=$OUT timeout $((585 - $(elapsed))) python3 benchmarks/serve_load.py --preset bench-1b --clients 64 \
-      --max-batch 64 --requests 4 --new 128 --compile 2>&1 | tail -20 | tee "$OUT/serve_load.log"
+    gpu_tests 150 tests/test_gpu.py tests/test_engine.py tests/test_engine_speculative.py
+    short_speedrun 300 "${MINUTES:-0.6}"
+    speculation "$(left 460)"
+    serve "$(left 585)"
     ;;
-  spec)  # the short form of mtp: the burst GPU tests, a 0.3-minute speedrun, MTP speculation (~5 min)
-    timeout 70 python3 -m pytest -m gpu -p no:cacheprovider tests/test_engine.py -k captured 2>&1 \
-      | tail -25 | tee "$OUT/gpu_tests.log"
-    echo "gpu tests done at $(elapsed)s"
-    timeout 180 python3 -m nanoseek.cli speedrun --out runs/h200 --minutes "${MINUTES:-0.3}" \
-      --grpo-minutes 0 2>&1 | tail -12 | tee "$OUT/speedrun.log"
-    echo "speedrun done at $(elapsed)s"
-    OUT=$OUT timeout $((265 - $(elapsed))) python3 benchmarks/speculative.py --model runs/h200/sft/final \
-      --k 1 2 --batches 1 8 --repeat 1 --n 6 --no-compile 2>&1 | tee "$OUT/speculative.log"
+  spec)  # the short form of mtp (~5 min): the burst GPU tests, a 0.3-minute speedrun, MTP speculation
+    gpu_tests 70 tests/test_engine.py -k captured
+    short_speedrun 180 "${MINUTES:-0.3}"
+    speculation "$(left 265)"
     ;;
-  measure)  # GPU tests, GRPO step vs TRL (compiled rollouts), decode vs transformers, MTP speculation
-    timeout 100 python3 -m pytest -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_engine.py 2>&1 \
-      | tail -15 | tee "$OUT/gpu_tests.log"
-    OUT=$OUT python3 benchmarks/grpo_trl.py --out "$OUT/grpo_trl.json" --compile-rollouts ${TRL_ARGS:-} 2>&1 \
-      | tee "$OUT/grpo_trl.log"
-    echo "trl done at $(elapsed)s"
-    OUT=$OUT python3 benchmarks/decode.py --repeat 3 --modes compiled graphs --profile 2>&1 | grep -v Warning \
-      | tee "$OUT/decode.log"
-    echo "decode done at $(elapsed)s"
-    python3 -m nanoseek.cli speedrun --out runs/h200 --minutes "${MINUTES:-0.6}" --grpo-minutes 0 2>&1 \
-      | tail -12 | tee "$OUT/speedrun.log"
-    echo "speedrun done at $(elapsed)s"
-    OUT=$OUT timeout $((580 - $(elapsed))) python3 benchmarks/speculative.py --model runs/h200/sft/final \
-      --k 1 2 --batches 1 8 --repeat 1 --n 6 --no-compile 2>&1 | tee "$OUT/speculative.log"
+  measure)  # all but serving: GPU tests, GRPO step vs TRL, decode vs transformers, MTP speculation
+    gpu_tests 100 tests/test_gpu.py tests/test_engine.py
+    trl 200
+    decode "$(left 400)"
+    short_speedrun "$(left 500)" "${MINUTES:-0.6}"
+    speculation "$(left 580)"
     ;;
-  serve)
-    OUT=$OUT python3 benchmarks/serve_load.py --preset bench-1b --clients 64 --max-batch 64 --requests 4 \
-      --new 128 --compile 2>&1 | tail -20 | tee "$OUT/serve_load.log"
-    ;;
-  trl)
-    OUT=$OUT python3 benchmarks/grpo_trl.py --compile-rollouts ${TRL_ARGS:-} 2>&1 | tee "$OUT/grpo_trl.log"
-    ;;
+  serve) serve 585 ;;
+  trl) trl 585 ;;
   *) echo "unknown stage $stage: speedrun, decode, mtp, spec, measure, serve or trl" >&2; exit 2 ;;
 esac
 echo "stage $stage: $(elapsed)s"
