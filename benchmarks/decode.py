@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_json  # noqa: E402
 
 from nanoseek import Transformer, from_pretrained, preset  # noqa: E402
+from nanoseek.infer.cuda_graph import BucketGraphs  # noqa: E402
 from nanoseek.infer.engine import Engine  # noqa: E402
 from nanoseek.infer.sampling import SamplingParams  # noqa: E402
 
@@ -68,6 +69,19 @@ def same_tokens(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / sum(map(len, a))
 
 
+def inductor_option(text: str) -> tuple[str, object]:
+    """'key=value' -> (key, value as bool, int, float or string)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--tuned-option wants KEY=VALUE, got {text!r}")
+    for parse in (lambda v: {"true": True, "false": False}[v.lower()], int, float):
+        try:
+            return key, parse(value)
+        except (KeyError, ValueError):
+            pass
+    return key, value
+
+
 def measure(run, batch, new, repeat):
     torch.cuda.reset_peak_memory_stats()
     ttft = timed(lambda: run(1), repeat)
@@ -87,9 +101,13 @@ def main():
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
                     help="engine settings to run: compiled + graphs, the same with grouped-GEMM experts "
                          "only, graphs not compiled, eager")
+    ap.add_argument("--tuned-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an Inductor option for the batch-1 step's compilation, beside coordinate-descent "
+                         "tuning (e.g. combo_kernels=true, aggressive_fusion=true); repeatable")
     ap.add_argument("--profile", action="store_true",
                     help="also profile the compiled decode step (uncaptured) per kernel: decode_profile.txt")
     args = ap.parse_args()
+    BucketGraphs.tuned_options = {**BucketGraphs.tuned_options, **dict(map(inductor_option, args.tuned_option))}
     torch.manual_seed(0)
     cfg = preset("bench-1b")
     g = torch.Generator().manual_seed(1)
@@ -151,7 +169,8 @@ def main():
                 if r["batch"] == B:
                     r["decode_speedup_vs_transformers"] = r["decode_tokens_per_s"] / hf_row["decode_tokens_per_s"]
     result = {"benchmark": "decode", **environment(), "preset": "bench-1b", "prompt_tokens": args.prompt,
-              "new_tokens": args.new, "dtype": "bfloat16", "greedy": True, "rows": rows}
+              "new_tokens": args.new, "dtype": "bfloat16", "greedy": True,
+              "batch1_inductor_options": BucketGraphs.tuned_options, "rows": rows}
     path = write_json(result, "decode.json")
     print(f"\n{'run':42s} {'TTFT ms':>8s} {'decode tok/s':>13s} {'peak GiB':>9s} {'vs HF':>7s}")
     for name, r in rows.items():
@@ -185,7 +204,8 @@ def profile_decode_step(model, args):
         total = sum(e.self_device_time_total for e in events) / 10
         lines += [f"## batch {B}: {total:.0f} us of kernels per decode step, "
                   f"{sum(e.count for e in events) / 10:.0f} kernel launches", "",
-                  prof.key_averages().table(sort_by="self_device_time_total", row_limit=30), ""]
+                  prof.key_averages().table(sort_by="self_device_time_total", row_limit=200,
+                                            max_name_column_width=90), ""]
     out = Path(os.environ.get("OUT", "benchmarks/results")) / "decode_profile.txt"
     out.write_text("\n".join(lines))
     print("\n".join(lines[:1]), f"\nwrote {out}")

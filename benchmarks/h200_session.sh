@@ -12,6 +12,7 @@
 #   bash benchmarks/h200_session.sh trl        # GRPO step time: nanoseek vs TRL
 #
 # Environment: MINUTES, GRPO_MINUTES, SPEEDRUN_LIMIT, SPECULATIVE (speedrun); TRL_ARGS (trl, measure);
+# DECODE_ARGS (decode, measure: e.g. "--tuned-option combo_kernels=true");
 # GIT_COMMIT: the commit the tree is at, recorded in the JSON results (the device's copy of .git may
 # still read an older HEAD than the working tree it was sent).
 # Wheels the image lacks (fastapi, uvicorn, trl, ...) come in .whl (benchmarks/device_wheels.txt).
@@ -46,7 +47,7 @@ speculation() {  # limit: MTP K = 1, 2 at batch 1, 8 on the speedrun's SFT model
   echo "speculative done at $(elapsed)s"
 }
 decode() {  # limit: bench-1b decode vs transformers, with the kernel profile
-  OUT=$OUT timeout "$1" python3 benchmarks/decode.py --repeat 3 --modes compiled graphs --profile 2>&1 \
+  OUT=$OUT timeout "$1" python3 benchmarks/decode.py --repeat 3 --modes compiled graphs --profile ${DECODE_ARGS:-} 2>&1 \
     | grep -v Warning | tee "$OUT/decode.log"
   echo "decode done at $(elapsed)s"
 }

@@ -57,6 +57,8 @@ class BucketGraphs:
 
     kind = "step"
     tuned_buckets: tuple[int, ...] = ()  # compiled with Inductor's coordinate-descent tuning
+    # Inductor options of the tuned buckets' compilation (benchmarks/decode.py --tuned-option adds)
+    tuned_options: dict = {"coordinate_descent_tuning": True}
 
     def __init__(self, num_slots: int, device: torch.device, compile: bool = False, capture: bool = True):
         self.device = device
@@ -93,7 +95,7 @@ class BucketGraphs:
                 # one-row matmul (a batch-1 decode's every projection) as a reduction it fuses
                 # with its neighbours and tunes, instead of a cuBLAS GEMM call
                 step = torch.compile(self._step, fullgraph=True, dynamic=False,
-                                     options={"coordinate_descent_tuning": True})
+                                     options=dict(self.tuned_options))
             else:
                 # the first bucket met compiles static, the next one shape-generic for all the
                 # others (dynamo's automatic dynamic shapes): two compilations, not one per bucket
