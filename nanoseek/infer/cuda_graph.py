@@ -70,7 +70,7 @@ class BucketGraphs:
         self.compile = compile       # False again if compiling fails
         self._compiled: dict[bool, object] = {}  # tuned (a bucket of tuned_buckets) or not
         if compile:
-            # one compiled graph per key; several engines (and both step kinds) share the limit
+            # a compiled graph per bucket shape and step variant; engines (and step kinds) share the limit
             cfg = torch._dynamo.config
             cfg.cache_size_limit = max(cfg.cache_size_limit, 64)
 
