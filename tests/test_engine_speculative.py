@@ -286,20 +286,22 @@ def test_static_greedy_speculative_step_equals_plain_greedy(model, k, burst):
 
 
 def test_speculative_bursts_stop_inside_a_burst_and_count_only_the_steps_taken(model):
-    """A stop id met inside a burst of speculative steps ends the request there (plain
-    greedy's tokens up to the stop), and its statistics count the steps up to that one, as
-    one step per read-back does; the steps the burst ran after it are not counted."""
+    """A stop id, or a max_tokens, met inside a burst of speculative steps ends the request
+    there (plain greedy's tokens up to it), and its statistics count the steps up to that
+    one, as one step per read-back does; the steps the burst ran after it are not counted."""
     from nanoseek.infer.cuda_graph import GraphSpeculator
-    full = [o.token_ids for o in plain(model, PROMPTS[:2], greedy(24))]
-    params = [greedy(24, stop_token_ids=[full[0][9]]), greedy(24)]
-    want = [o.token_ids for o in plain(model, PROMPTS[:2], params)]
+    full = [o.token_ids for o in plain(model, PROMPTS[:3], greedy(24))]
+    # a stop id, a short budget (ends inside the first burst) and a long one
+    params = [greedy(24, stop_token_ids=[full[0][9]]), greedy(24), greedy(4)]
+    want = [o.token_ids for o in plain(model, PROMPTS[:3], params)]
     assert len(want[0]) <= 10 < len(want[1])  # the stop is met early
     stats = {}
     for burst in (1, 8):
-        engine = Engine(model, max_batch=2, max_len=64, speculative_k=2, decode_burst=burst)
+        engine = Engine(model, max_batch=3, max_len=64, speculative_k=2, decode_burst=burst)
         engine.runner.spec_graphs = GraphSpeculator(engine.runner, capture=False)
-        outs = engine.generate(PROMPTS[:2], params)
+        outs = engine.generate(PROMPTS[:3], params)
         assert [o.token_ids for o in outs] == want and outs[0].finish_reason == "stop"
+        assert outs[2].finish_reason == "length"
         stats[burst] = [o.speculative for o in outs]
     assert stats[8] == stats[1]
 
@@ -326,3 +328,17 @@ def test_graph_warm_ups_leave_the_step_state_as_they_found_it(model):
             assert all(torch.equal(t, b) for t, b in zip(tensors, before))
             graphs._call(key)  # a step does change every one of them
         assert not any(torch.equal(t, b) for t, b in zip(tensors, before))
+
+
+def test_speculative_bursts_run_rows_to_the_end_of_their_context(model):
+    """Requests that fill a 37-token context (max_tokens None) with prompts of different
+    lengths: the first to end runs on inside the burst at positions held where its verify still
+    fits the cache; both get plain greedy's tokens, to the context's last position."""
+    from nanoseek.infer.cuda_graph import GraphSpeculator
+    prompts = [PROMPTS[3], PROMPTS[1]]
+    want = [o.token_ids for o in plain(model, prompts, [greedy(37 - len(p)) for p in prompts])]
+    engine = Engine(model, max_batch=2, max_len=37, speculative_k=3, decode_burst=8)
+    engine.runner.spec_graphs = GraphSpeculator(engine.runner, capture=False)
+    outs = engine.generate(prompts, SamplingParams(ignore_eos=True))
+    assert [o.token_ids for o in outs] == want
+    assert [len(p) + len(o.token_ids) for p, o in zip(prompts, outs)] == [37, 37]

@@ -55,8 +55,8 @@ mean_accepted_length); `engine.speculative_stats()` sums over every request serv
 A seeded sampled request draws differently with and without speculation (different uses of
 its uniforms), with the same distribution. On a GPU an all-greedy speculative step is one
 captured CUDA graph (cuda_graph.GraphSpeculator), replayed in bursts like the plain decode
-step (up to decode_burst steps while every request has room for K + 1 tokens a step); a
-step with sampled rows runs eagerly.
+step (up to decode_burst steps while the request with the most tokens left has room for K + 1
+tokens a step); a step with sampled rows runs eagerly.
 """
 
 from __future__ import annotations
@@ -429,8 +429,10 @@ class Engine:
         k = self.speculative_k
         steps = None  # per sequence, the speculative steps' [a, x_1..x_{K+1}]
         if self.decode_burst > 1 and all(s.params.greedy for s in seqs):
-            # a step adds at most K + 1 tokens: a burst never passes the nearest max_tokens
-            n = min(self.decode_burst, min((s.max_tokens - len(s.output_ids)) // (k + 1) for s in seqs))
+            # a step adds at most K + 1 tokens: the burst stays within the longest max_tokens
+            # left; a request with less ends inside it and runs on at positions held at the
+            # cache's end (GraphSpeculator), its tokens and statistics there dropped
+            n = min(self.decode_burst, max((s.max_tokens - len(s.output_ids)) // (k + 1) for s in seqs))
             steps = self.runner.speculate_burst(seqs, n) if n > 1 else None
         if steps is None:
             uniforms = [[0.0] * (2 * k + 1) if s.params.greedy else [s.uniform() for _ in range(2 * k + 1)]
