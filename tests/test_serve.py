@@ -277,6 +277,11 @@ def test_serve_command_parses():
     args = build_parser().parse_args(["serve", "--model", "m", "--upstream", "http://127.0.0.1:1/v1",
                                       "--upstream-models", "a,b", "--audit-log", "a.jsonl"])
     assert args.port == 8000 and args.host == "127.0.0.1" and args.upstream_models == "a,b"
+    assert args.decode_burst == 8
+    from nanoseek.serve.launch import cmd_serve
+    bad = build_parser().parse_args(["serve", "--model", "m", "--decode-burst", "0"])
+    with pytest.raises(ValueError, match="--decode-burst must be positive, got 0"):
+        cmd_serve(bad)
 
 
 # ------------------------------------------------------------------ a scripted engine

@@ -20,7 +20,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="draft K tokens per step with the MTP module(s) (default 0: off)")
     p.add_argument("--compile", action="store_true",
                    help="GPU: torch.compile the decode step before CUDA-graph capture (faster decoding; "
-                        "the first requests of each new batch size wait for a compilation)")
+                        "the first requests at batch 1 and at two other batch sizes wait for a compilation)")
+    p.add_argument("--decode-burst", type=int, default=8, metavar="N",
+                   help="GPU: decode steps replayed per read-back of their tokens (default 8; tokens "
+                        "stream in bursts of up to N, a waiting request waits up to N steps; 1: every step)")
     p.add_argument("--max-len", type=int, default=None, metavar="T",
                    help="tokens per sequence, prompt + output (default: the model's context)")
     p.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="cap on a request's max_tokens")
@@ -53,7 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if args.speculative < 0:
         raise ValueError(f"--speculative must be >= 0, got {args.speculative}")
-    for name in ("port", "max_batch", "max_tokens", "max_queue", "max_body_bytes"):
+    for name in ("port", "max_batch", "max_tokens", "max_queue", "max_body_bytes", "decode_burst"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     upstream_models = [m for m in args.upstream_models.split(",") if m]
@@ -65,7 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         upstream_key = Path(args.upstream_api_key_file).read_text().strip()
     _, model, tokenizer = load_model_dir(args.model, args.device)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_len=args.max_len,
-                    speculative_k=args.speculative, compile=args.compile)
+                    speculative_k=args.speculative, compile=args.compile, decode_burst=args.decode_burst)
     settings = Settings(api_keys=keys, max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                         max_tokens=args.max_tokens, max_queue=args.max_queue, audit_log=args.audit_log,
                         audit_content=args.audit_content, feedback_db=args.feedback_db, upstream_url=args.upstream,
