@@ -283,11 +283,11 @@ class Engine:
         graphs (cuda_graph.py); sampled speculative steps run eagerly. compile: put those
         steps through torch.compile before capture (fewer, fused kernels; compiled on first
         use: batch 1 on its own, the other buckets through one shape-generic graph after the
-        first, cuda_graph.py). decode_burst: decode steps
-        replayed back to back from the graphs per read-back of their tokens (the host's work
-        per step, scheduling, detokenizing and stop checks, then runs once per burst while the
-        GPU decodes; a request that stops inside a burst drops the tokens after its stop, and
-        a request waiting for a slot may wait up to a burst longer)."""
+        first, cuda_graph.py). decode_burst: decode steps replayed back to back from the
+        graphs per read-back of their tokens (the host's work per step, scheduling,
+        detokenizing and stop checks, then runs once per burst while the GPU decodes; a
+        request that stops inside a burst drops the tokens after its stop, and a request
+        waiting for a slot may wait up to a burst longer)."""
         cfg = model.config
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
