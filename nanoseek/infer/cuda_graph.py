@@ -173,7 +173,7 @@ class BucketGraphs:
             host[:] = torch.tensor(fill, dtype=host.dtype)[:, None]
         idx = torch.tensor(slots)
         for i, vals in enumerate(values):
-            host[i, idx] = torch.tensor(vals, dtype=host.dtype)
+            host[i, idx] = torch.as_tensor(vals, dtype=host.dtype)
         host = host.to(self.device, non_blocking=True)
         for i, buf in enumerate(buffers):
             buf.view(buf.shape[0], -1)[:bucket, 0].copy_(host[i])
@@ -251,8 +251,7 @@ class GraphDecoder(BucketGraphs):
         sampled = params is not None
         if sampled:
             # rows no request holds: a greedy row's settings (no division by a zero temperature)
-            self.load(list(self.settings), slots, *(t.tolist() for t in row_settings(params, "cpu")),
-                      fill=[1.0, 1.0, 0.0, 1.0])
+            self.load(list(self.settings), slots, *row_settings(params, "cpu"), fill=[1.0, 1.0, 0.0, 1.0])
             u_nB = torch.zeros(n, bucket)
             u_nB[:, torch.tensor(slots)] = torch.tensor(uniforms, dtype=torch.float32).T
             u_nB = u_nB.to(self.device, non_blocking=True)
@@ -296,16 +295,11 @@ class GraphSpeculator(BucketGraphs):
         return out_BK2
 
     @torch.no_grad()
-    def speculate(self, slots: list[int], pending: list[int], positions: list[int]) -> torch.Tensor | None:
-        """[len(slots), K + 2]: accepted count, then the K + 1 tokens (speculate's layout)."""
-        out = self.speculate_burst(slots, pending, positions, 1)
-        return None if out is None else out[0]
-
-    @torch.no_grad()
     def speculate_burst(self, slots: list[int], pending: list[int], positions: list[int],
                         n: int) -> torch.Tensor | None:
         """n speculative steps back to back, each from where the last one ended: [n, len(slots),
-        K + 2] on the device, or None when no graph fits."""
+        K + 2] (per step the accepted count, then the K + 1 tokens: speculate's layout) on the
+        device, or None when no graph fits."""
         if not self.fits(slots):
             return None
         bucket = self.load([self.pending, self.pos], slots, pending, positions)

@@ -166,22 +166,14 @@ class ModelRunner:
         """One speculative decode step of `seqs` (module docstring). uniforms: per row 2K + 1
         numbers (K for the drafts, K for keeping them, one for the token after them; unused by
         greedy rows). Returns per row [a, x_1..x_{K+1}]: a drafts accepted, so x_1..x_{a+1}
-        are the new tokens (the rest repeats x_{a+1}). An all-greedy batch replays a captured
-        step (cuda_graph.GraphSpeculator) where there is one."""
+        are the new tokens (the rest repeats x_{a+1}). The eager step: an all-greedy batch
+        runs from a captured graph where one fits (speculate_burst)."""
         k, dev = self.k, self.device
         slots = [s.slot for s in seqs]
         params = [s.params for s in seqs]
-        pending = [s.last_token for s in seqs]
-        positions = [s.num_tokens - 1 for s in seqs]                              # x_{n-1} at n-1
-        greedy = all(p.greedy for p in params)
-        if greedy and self.spec_graphs is not None:
-            with self._context():
-                out = self.spec_graphs.speculate(slots, pending, positions)
-            if out is not None:
-                return out.tolist()
         rows = torch.tensor(slots, device=dev)
-        pending_B = torch.tensor(pending, device=dev)
-        pos_B = torch.tensor(positions, device=dev)
+        pending_B = torch.tensor([s.last_token for s in seqs], device=dev)
+        pos_B = torch.tensor([s.num_tokens - 1 for s in seqs], device=dev)      # x_{n-1} at n-1
         # drafting writes the MTP layer up to n+K-3, verifying both up to n-1+K
         view = self.cache.select(slots, kv_len=max(s.num_tokens for s in seqs) + k)
         with self._context():
@@ -428,12 +420,12 @@ class Engine:
     def _speculative_step(self, seqs: list[Sequence]) -> list[StreamEvent]:
         k = self.speculative_k
         steps = None  # per sequence, the speculative steps' [a, x_1..x_{K+1}]
-        if self.decode_burst > 1 and all(s.params.greedy for s in seqs):
+        if all(s.params.greedy for s in seqs):  # from the captured graph where one fits
             # a step adds at most K + 1 tokens: the burst stays within the longest max_tokens
             # left; a request with less ends inside it and runs on at positions held at the
             # cache's end (GraphSpeculator), its tokens and statistics there dropped
             n = min(self.decode_burst, max((s.max_tokens - len(s.output_ids)) // (k + 1) for s in seqs))
-            steps = self.runner.speculate_burst(seqs, n) if n > 1 else None
+            steps = self.runner.speculate_burst(seqs, max(n, 1))
         if steps is None:
             uniforms = [[0.0] * (2 * k + 1) if s.params.greedy else [s.uniform() for _ in range(2 * k + 1)]
                         for s in seqs]
