@@ -234,7 +234,8 @@ def grpo_stage(model, tokenizer, out: Path, minutes: float, gpu: bool, say=print
     GRPOConfig fields over grpo_settings (a max_new_tokens there holds for the evaluations
     that choose the task too). eval_n: held-out problems per evaluation (default
     GRPO_EVAL_N_GPU on a GPU, GRPO_EVAL_N on a CPU)."""
-    eval_n = eval_n or (GRPO_EVAL_N_GPU if gpu else GRPO_EVAL_N)
+    if eval_n is None:
+        eval_n = GRPO_EVAL_N_GPU if gpu else GRPO_EVAL_N
     budgets, evals, eval_s = {}, {}, {}
 
     def accuracy_of(task, level):

@@ -199,3 +199,17 @@ def test_cli_grpo_one_step_and_a_bad_key(tmp_path, capsys):
     assert main(["grpo", "--model", str(ckpt), "--task", "arithmetic", "--out", str(tmp_path / "y"),
                  "beta=-1"]) == 2
     assert "beta" in capsys.readouterr().err
+
+
+def test_generate_repeated_decodes_through_max_batch_slots(tiny):
+    """A sampler over many prompts x runs (rejection-sample, distill) holds max_batch cache
+    slots, not one per run; the runs beyond wait for a slot and come out the same."""
+    from nanoseek.infer.sampling import SamplingParams
+    from nanoseek.rl.trainer import generate_repeated
+    model, tok = tiny
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=3, ignore_eos=True)
+    ids, few, engine = generate_repeated(model, tok, ["1+1=", "2+3="], params, repeat=3, max_new_tokens=6,
+                                         max_batch=2)
+    assert len(ids) == len(few) == 6 and engine.num_slots == 2
+    _, all_at_once, engine = generate_repeated(model, tok, ["1+1=", "2+3="], params, repeat=3, max_new_tokens=6)
+    assert engine.num_slots == 6 and [o.token_ids for o in few] == [o.token_ids for o in all_at_once]

@@ -418,12 +418,12 @@ def test_resume_refuses_a_checkpoint_of_another_kind_of_run(tmp_path):
     from nanoseek.hf import CheckpointError
     trainer, _, _ = pretrain(preset("tiny"), train_config(steps=1, batch_size=2, seq_len=32, warmup=1),
                              "builtin:arithmetic:level=1:n=20", tmp_path, progress=False)
-    trainer.stage = "sft"
+    trainer.stage, trainer.step = "sft", 0  # a refused resume leaves both as they are
     with torch.no_grad():
-        trainer.model.lm_head.weight.fill_(0.5)  # a refused resume leaves this as it is
+        trainer.model.lm_head.weight.fill_(0.5)
     with pytest.raises(CheckpointError, match="holds a 'pretrain' run, not a 'sft' run"):
         trainer.resume()
-    assert (trainer.model.lm_head.weight == 0.5).all() and trainer.step == 1
+    assert (trainer.model.lm_head.weight == 0.5).all() and trainer.step == 0
     grpo = GRPOTrainer(trainer.model, ChatTokenizer(byte_tokenizer(trainer.model.config.vocab_size)),
                        "arithmetic", grpo_config(steps=1, beta=0.0), tmp_path)
     with pytest.raises(CheckpointError, match="not a 'grpo' run"):

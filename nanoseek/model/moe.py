@@ -74,7 +74,7 @@ class Router(nn.Module):
 
     def forward(self, x_ND):
         with torch.autocast(x_ND.device.type, enabled=False):  # gating stays in float32
-            if torch.compiler.is_compiling() and x_ND.shape[0] <= 32:
+            if torch.compiler.is_compiling() and x_ND.shape[0] <= PRODUCT_LOGITS_MAX:
                 # a few tokens: a product and a sum that Inductor fuses with the scoring below
                 logits_NE = (x_ND.float()[:, None, :] * self.weight.float()).sum(-1)
             else:
@@ -87,26 +87,17 @@ class Router(nn.Module):
         # Inductor fuses into a couple of kernels, instead of a sort-based torch.topk per
         # selection (two kernels each, three selections per layer); eagerly the comparisons
         # would be more kernels than topk's. The same choice wherever scores are not tied.
-        small = torch.compiler.is_compiling() and x_ND.shape[0] * self.n_experts ** 2 <= PAIRWISE_TOPK_MAX
+        pairwise = torch.compiler.is_compiling() and x_ND.shape[0] * self.n_experts ** 2 <= PAIRWISE_TOPK_MAX
         if self.topk_method != "greedy" and self.n_group > 1:
             groups_NGX = choice_NE.unflatten(-1, (self.n_group, -1))
-            if self.topk_method == "noaux_tc" and small:
-                top2_NGX = ranks(groups_NGX) < 2
-                group_score_NG = groups_NGX.where(top2_NGX, 0.0).sum(-1)
-            elif self.topk_method == "noaux_tc":
-                group_score_NG = groups_NGX.topk(2, dim=-1).values.sum(-1)
+            if self.topk_method == "noaux_tc":  # a group's score: the sum of its top two
+                group_score_NG = groups_NGX.where(top_mask(groups_NGX, 2, pairwise), 0.0).sum(-1)
             else:
                 group_score_NG = groups_NGX.amax(-1)
-            if small:
-                keep_NG = ranks(group_score_NG) < self.topk_group
-            else:
-                keep_NG = torch.zeros_like(group_score_NG, dtype=torch.bool).scatter_(
-                    1, group_score_NG.topk(self.topk_group, dim=-1).indices, True)
+            keep_NG = top_mask(group_score_NG, self.topk_group, pairwise)
             choice_NE = groups_NGX.masked_fill(~keep_NG[..., None], float("-inf")).flatten(1)
-        if small:
-            idx_NK = rank_order(ranks(choice_NE), self.top_k)
-        else:
-            idx_NK = choice_NE.topk(self.top_k, dim=-1).indices
+        idx_NK = (rank_order(ranks(choice_NE), self.top_k) if pairwise
+                  else choice_NE.topk(self.top_k, dim=-1).indices)
         weight_NK = scores_NE.gather(1, idx_NK)
         if self.norm_topk_prob:
             weight_NK = weight_NK / (weight_NK.sum(-1, keepdim=True) + 1e-20)
@@ -132,6 +123,16 @@ class Router(nn.Module):
 # tokens x experts^2 up to which a compiled router ranks its scores by pairwise comparison
 # instead of torch.topk (64 experts: 256 tokens)
 PAIRWISE_TOPK_MAX = 2**20
+# tokens up to which a compiled router's logits are a product and a sum, not a GEMM
+PRODUCT_LOGITS_MAX = 32
+
+
+def top_mask(x: torch.Tensor, k: int, pairwise: bool) -> torch.Tensor:
+    """True at the k largest entries along the last dimension (ties: the lower index), by
+    pairwise ranks or by torch.topk."""
+    if pairwise:
+        return ranks(x) < k
+    return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, x.topk(k, dim=-1).indices, True)
 
 
 def ranks(x: torch.Tensor) -> torch.Tensor:

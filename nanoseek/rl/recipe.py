@@ -35,7 +35,6 @@ from pathlib import Path
 from ..data.datasets import DataError, read_records
 from ..data.tasks import get_task
 from .rewards import REWARDS, format_reward
-from .templates import render_prompt
 
 TEACHER_KEY_ENV = "NANOSEEK_TEACHER_API_KEY"
 
@@ -101,6 +100,9 @@ class Sample:
     tokens: int = 0   # completion tokens (as the sampler counted them; 0 if unknown)
 
 
+SAMPLE_MAX_BATCH = 256  # sequences a local sampler decodes at once (its cache slots)
+
+
 def sample_engine(model, tokenizer, rows: Sequence[dict], n: int = 4, temperature: float = 0.7,
                   max_tokens: int = 512, top_p: float = 1.0, seed: int = 0) -> list[Sample]:
     """n completions per row from a nanoseek model through the engine (continuous batching;
@@ -110,7 +112,7 @@ def sample_engine(model, tokenizer, rows: Sequence[dict], n: int = 4, temperatur
     params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                              seed=_seed(seed, i, j)) for i in range(len(rows)) for j in range(n)]
     _, outs, _ = generate_repeated(model, tokenizer, [r["prompt"] for r in rows], params, repeat=n,
-                                   max_new_tokens=max_tokens)
+                                   max_new_tokens=max_tokens, max_batch=SAMPLE_MAX_BATCH)
     return [Sample(k // n, o.text, len(o.token_ids)) for k, o in enumerate(outs)]
 
 

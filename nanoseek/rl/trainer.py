@@ -184,10 +184,12 @@ def _seed(*parts) -> int:
 @torch.no_grad()
 def generate_repeated(model, tokenizer, prompts: list, params: list[SamplingParams] | SamplingParams,
                       repeat: int = 1, prompt_format: str = "chat", max_new_tokens: int = 512,
-                      engine: Engine | None = None, compile: bool = False) -> tuple[list, list, Engine]:
+                      engine: Engine | None = None, compile: bool = False,
+                      max_batch: int | None = None) -> tuple[list, list, Engine]:
     """Prompts (questions or chat messages) rendered and encoded once, each run `repeat` times
     in a row through `infer.Engine` on `model` itself, in eval mode (no expert-load counting;
-    the mode it had is restored). Returns (prompt ids, RequestOutputs, one per run, and the
+    the mode it had is restored). max_batch: cache slots, runs decoded at once (default: all
+    runs; more wait for a slot). Returns (prompt ids, RequestOutputs, one per run, and the
     engine), reusing `engine` when its slots and length suffice for the next call."""
     ids = [p for p in (tokenizer.encode(render_prompt(tokenizer, p, prompt_format)) for p in prompts)
            for _ in range(repeat)]
@@ -195,8 +197,9 @@ def generate_repeated(model, tokenizer, prompts: list, params: list[SamplingPara
     if need > limit:
         raise ValueError(f"a prompt of {need - max_new_tokens} tokens + {max_new_tokens} new tokens "
                          f"exceed the model's context of {limit}; lower --max-tokens (max_new_tokens)")
-    if engine is None or engine.max_len < need or engine.num_slots < len(ids):
-        engine = Engine(model, tokenizer, max_batch=len(ids), max_len=min(limit, 64 * math.ceil(need / 64)),
+    slots = min(max_batch or len(ids), len(ids))
+    if engine is None or engine.max_len < need or engine.num_slots < slots:
+        engine = Engine(model, tokenizer, max_batch=slots, max_len=min(limit, 64 * math.ceil(need / 64)),
                         compile=compile)
     was_training = model.training
     model.eval()
@@ -277,7 +280,6 @@ class GRPOTrainer(Checkpointed):
         return sample_prompts(self.task or self.rows, self.cfg, self.step, n, attempt)
 
     # ------------------------------------------------------------ rollouts
-    @torch.no_grad()
     def _generate(self, prompts: list, params: list[SamplingParams] | SamplingParams,
                   repeat: int = 1) -> tuple[list, list]:
         """generate_repeated on the policy, keeping its engine for the next call."""
