@@ -51,9 +51,20 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def write_json(obj: dict, name: str) -> Path:
+def out_dir() -> Path:
+    """Where results go: $OUT (the device's returned folder) or benchmarks/results."""
     out = Path(os.environ.get("OUT", "benchmarks/results"))
     out.mkdir(parents=True, exist_ok=True)
-    path = out / name
+    return out
+
+
+def graph_flags(graphs) -> dict:
+    """How an engine's steps ran: from captured CUDA graphs (none failed), and compiled."""
+    return {"cuda_graphs": bool(graphs and graphs.graphs and not graphs.failed),
+            "compiled": bool(graphs and graphs.compile)}
+
+
+def write_json(obj: dict, name: str) -> Path:
+    path = out_dir() / name
     path.write_text(json.dumps(obj, indent=2) + "\n")
     return path

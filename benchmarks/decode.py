@@ -14,8 +14,8 @@ decode step otherwise gathers the chosen experts' weights, model/moe.py), then w
 graph of the uncompiled step, then eagerly; the greedy tokens of the others are compared
 with the compiled engine's (same_tokens_as_compiled, per token: with random weights the
 logits are near-tied, so BF16 rounding differences alone change tokens), and each engine's
-first and last timed runs with each other (same_tokens_run_to_run: 1.0 unless some kernel
-sums in a run-dependent order).
+warm-up run with its last timed run (same_tokens_run_to_run: 1.0 unless some kernel sums in
+a run-dependent order).
 Each figure is the median of `--repeat` runs after a warm-up run.
 
     python benchmarks/decode.py [--prompt 512 --new 128 --batches 1 32]
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import statistics
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_json  # noqa: E402
+from common import environment, graph_flags, out_dir, write_json  # noqa: E402
 
 from nanoseek import Transformer, from_pretrained, preset  # noqa: E402
 from nanoseek.infer.cuda_graph import BucketGraphs  # noqa: E402
@@ -150,9 +149,7 @@ def main():
                     tokens.setdefault((label, B), []).append([o.token_ids for o in outs])
             name = f"nanoseek engine{label}, batch {B}"
             rows[name] = {"batch": B, **measure(run, B, args.new, args.repeat)}
-            graphs = engine.runner.graphs
-            rows[name]["cuda_graphs_used"] = bool(graphs and graphs.graphs and not graphs.failed)
-            rows[name]["compiled"] = bool(graphs and graphs.compile)
+            rows[name].update(graph_flags(engine.runner.graphs))
             runs = tokens[label, B]
             # the same greedy tokens in every run of this engine (deterministic kernels)?
             rows[name]["same_tokens_run_to_run"] = same_tokens(runs[0], runs[-1])
@@ -162,6 +159,7 @@ def main():
         del engine
         gc.collect()
         torch.cuda.empty_cache()
+    moe.GATHER_MAX_PAIRS = gather  # the profile below runs the default experts path
     for B in args.batches:
         hf_row = rows.get(f"transformers generate, batch {B}")
         if hf_row:
@@ -169,8 +167,9 @@ def main():
                 if r["batch"] == B:
                     r["decode_speedup_vs_transformers"] = r["decode_tokens_per_s"] / hf_row["decode_tokens_per_s"]
     result = {"benchmark": "decode", **environment(), "preset": "bench-1b", "prompt_tokens": args.prompt,
-              "new_tokens": args.new, "dtype": "bfloat16", "greedy": True,
-              "batch1_inductor_options": BucketGraphs.tuned_options, "rows": rows}
+              "new_tokens": args.new, "dtype": "bfloat16", "greedy": True, "rows": rows}
+    if any(MODES[m][1]["compile"] for m in args.modes):
+        result["batch1_inductor_options"] = BucketGraphs.tuned_options
     path = write_json(result, "decode.json")
     print(f"\n{'run':42s} {'TTFT ms':>8s} {'decode tok/s':>13s} {'peak GiB':>9s} {'vs HF':>7s}")
     for name, r in rows.items():
@@ -206,7 +205,7 @@ def profile_decode_step(model, args):
                   f"{sum(e.count for e in events) / 10:.0f} kernel launches", "",
                   prof.key_averages().table(sort_by="self_device_time_total", row_limit=200,
                                             max_name_column_width=90), ""]
-    out = Path(os.environ.get("OUT", "benchmarks/results")) / "decode_profile.txt"
+    out = out_dir() / "decode_profile.txt"
     out.write_text("\n".join(lines))
     print("\n".join(lines[:1]), f"\nwrote {out}")
 

@@ -49,10 +49,8 @@ auxiliary-loss-free expert bias (V3 §2.1.2); its loss also computes per-token e
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -65,7 +63,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment  # noqa: E402
+from common import environment, graph_flags, out_dir  # noqa: E402
 
 from nanoseek import Transformer, from_pretrained, preset  # noqa: E402
 from nanoseek.data.tasks import get_task  # noqa: E402
@@ -168,11 +166,7 @@ def run_nanoseek(args, export_dir: Path, tok: ChatTokenizer, cfg, rows: list[lis
     out.update(peak_memory_gib=peak_memory_gib(device), all_full_length=lengths_full,
                same_prompts_as_trl=used == rows,
                implementation={"rollouts": "nanoseek infer.Engine",
-                               "cuda_graphs": bool(trainer.engine and trainer.engine.runner.graphs
-                                                   and trainer.engine.runner.graphs.graphs
-                                                   and not trainer.engine.runner.graphs.failed),
-                               "compiled": bool(trainer.engine and trainer.engine.runner.graphs
-                                                and trainer.engine.runner.graphs.compile)})
+                               **graph_flags(trainer.engine and trainer.engine.runner.graphs)})
     del trainer, model
     reset_memory(device)
     return out
@@ -327,7 +321,7 @@ def main():
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "grpo_trl.json"))
+    ap.add_argument("--out", default=str(out_dir() / "grpo_trl.json"))
     args = ap.parse_args()
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")

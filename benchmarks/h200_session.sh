@@ -17,7 +17,8 @@
 # still read an older HEAD than the working tree it was sent).
 # Wheels the image lacks (fastapi, uvicorn, trl, ...) come in .whl (benchmarks/device_wheels.txt).
 set -uo pipefail
-stage=$1
+start=$(date +%s)
+stage=${1:-}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -26,39 +27,50 @@ if [ -d .whl ]; then
     && export PYTHONPATH=$PWD:/tmp/site
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
-start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
 left() { echo $(( $1 - $(elapsed) )); }  # seconds until second $1 of the call
+enough() {  # limit, least useful seconds: a part with less time than that is skipped, saying so
+  [ "$1" -ge "$2" ] && return 0
+  echo "${FUNCNAME[1]} skipped: $1 s left, it needs $2" | tee -a "$OUT/skipped.log"
+  return 1
+}
 
 # the parts; each takes a time limit in seconds and logs to $OUT
 gpu_tests() {  # limit, test files and pytest options
   local limit=$1; shift
+  enough "$limit" 30 || return
   timeout "$limit" python3 -m pytest -m gpu -p no:cacheprovider "$@" 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
   echo "gpu tests done at $(elapsed)s"
 }
 short_speedrun() {  # limit, minutes: pretrain + SFT only, a model with MTP for speculation
+  enough "$1" 120 || return
   timeout "$1" python3 -m nanoseek.cli speedrun --out runs/h200 --minutes "$2" --grpo-minutes 0 2>&1 \
     | tail -12 | tee "$OUT/speedrun.log"
   echo "speedrun done at $(elapsed)s"
 }
 speculation() {  # limit: MTP K = 1, 2 at batch 1, 8 on the speedrun's SFT model
+  enough "$1" 30 || return
   OUT=$OUT timeout "$1" python3 benchmarks/speculative.py --model runs/h200/sft/final --k 1 2 --batches 1 8 \
     --repeat 1 --n 6 --no-compile 2>&1 | tee "$OUT/speculative.log"
   echo "speculative done at $(elapsed)s"
 }
 decode() {  # limit: bench-1b decode vs transformers, with the kernel profile
+  enough "$1" 200 || return
   OUT=$OUT timeout "$1" python3 benchmarks/decode.py --repeat 3 --modes compiled graphs --profile ${DECODE_ARGS:-} 2>&1 \
     | grep -v Warning | tee "$OUT/decode.log"
   echo "decode done at $(elapsed)s"
 }
 trl() {  # limit: a GRPO step, nanoseek vs TRL
+  enough "$1" 150 || return
   OUT=$OUT timeout "$1" python3 benchmarks/grpo_trl.py --out "$OUT/grpo_trl.json" --compile-rollouts \
     ${TRL_ARGS:-} 2>&1 | tee "$OUT/grpo_trl.log"
   echo "trl done at $(elapsed)s"
 }
 serve() {  # limit: 64 streaming clients against serve --compile
+  enough "$1" 90 || return
   OUT=$OUT timeout "$1" python3 benchmarks/serve_load.py --preset bench-1b --clients 64 --max-batch 64 \
     --requests 4 --new 128 --compile 2>&1 | tail -20 | tee "$OUT/serve_load.log"
+  echo "serve done at $(elapsed)s"
 }
 
 case $stage in
@@ -66,7 +78,7 @@ case $stage in
     timeout "${SPEEDRUN_LIMIT:-570}" python3 -m nanoseek.cli speedrun --out runs/h200 --minutes "${MINUTES:-1.5}" \
       --grpo-minutes "${GRPO_MINUTES:-4.5}" 2>&1 | tee "$OUT/speedrun.log"
     echo "speedrun done at $(elapsed)s"
-    if [ "${SPECULATIVE:-1}" = 1 ] && [ -d runs/h200/sft/final ] && [ "$(elapsed)" -lt 480 ]; then
+    if [ "${SPECULATIVE:-1}" = 1 ] && [ -d runs/h200/sft/final ]; then
       speculation "$(left 585)"
     fi
     tar czf "$OUT/speedrun_h200.tgz" --exclude='*.safetensors' --exclude='checkpoint*' \
@@ -75,7 +87,7 @@ case $stage in
   decode)  # GPU tests, decode vs transformers (+ kernel profile), GRPO step vs TRL
     gpu_tests 240 tests/test_gpu.py tests/test_engine.py
     decode "$(left 470)"
-    [ "$(elapsed)" -lt 430 ] && trl "$(left 585)"
+    trl "$(left 585)"
     ;;
   mtp)  # GPU tests, MTP speculation on a short speedrun's model, then serve load
     gpu_tests 150 tests/test_gpu.py tests/test_engine.py tests/test_engine_speculative.py

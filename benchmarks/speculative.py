@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_json  # noqa: E402
+from common import environment, graph_flags, write_json  # noqa: E402
 
 from nanoseek.data.tasks import get_task  # noqa: E402
 from nanoseek.infer.engine import Engine  # noqa: E402
@@ -73,7 +73,8 @@ def main():
     ap.add_argument("--no-compile", action="store_true")
     args = ap.parse_args()
     gpu = torch.cuda.is_available()  # CPU: a smoke test only
-    _, model, tok = load_model_dir(args.model, dtype=torch.bfloat16 if gpu else torch.float32)
+    dtype = torch.bfloat16 if gpu else torch.float32
+    checkpoint, model, tok = load_model_dir(args.model, dtype=dtype)
     prompts = prompts_for(tok, args.tasks, args.n)
     max_len = max(len(p) for p in prompts) + args.new + 8
     compile = not args.no_compile
@@ -92,9 +93,7 @@ def main():
             tokens = sum(len(o.token_ids) for o in outs)
             row = {"k": k, "batch": B, "requests": len(prompts), "generated_tokens": tokens,
                    "seconds": t, "tokens_per_s": tokens / t}
-            graphs = engine.runner.spec_graphs if k else engine.runner.graphs
-            row["cuda_graphs"] = bool(graphs and graphs.graphs and not graphs.failed)
-            row["compiled"] = bool(graphs and graphs.compile)
+            row.update(graph_flags(engine.runner.spec_graphs if k else engine.runner.graphs))
             if k:
                 after = engine.speculative_stats()
                 proposed = after["proposed"] - before.get("proposed", 0)
@@ -113,9 +112,9 @@ def main():
         del engine
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    result = {"benchmark": "speculative", **environment(), "model": args.model, "tasks": args.tasks,
-              "max_new_tokens": args.new, "dtype": "bfloat16", "greedy": True, "compile": compile,
-              "rows": rows}
+    result = {"benchmark": "speculative", **environment(), "model": str(checkpoint), "tasks": args.tasks,
+              "prompts_per_task": args.n, "repeat": args.repeat, "max_new_tokens": args.new,
+              "dtype": str(dtype).removeprefix("torch."), "greedy": True, "compile": compile, "rows": rows}
     path = write_json(result, "speculative.json")
     print(f"\n{'run':28s} {'tok/s':>9s} {'accept':>7s} {'tok/fwd':>8s} {'speedup':>8s} {'same':>5s}")
     for name, r in rows.items():

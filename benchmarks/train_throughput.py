@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_json  # noqa: E402
+from common import environment, out_dir, write_json  # noqa: E402
 
 from nanoseek import Transformer, preset  # noqa: E402
 from nanoseek.info import model_info  # noqa: E402
@@ -139,7 +139,7 @@ def main():
         batches.append({"input_ids": ids, "labels": ids})
     tokens = args.batch * args.seq
     flops = model_info(cfg, context_length=args.seq)["train_flops_per_token"]
-    out_dir = Path(__import__("os").environ.get("OUT", "benchmarks/results"))
+    results = out_dir()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         ref.save_pretrained(tmp)
@@ -151,7 +151,7 @@ def main():
     rows["nanoseek eager, no MTP"] = nanoseek_side(cfg, state, batches, args, mtp=False, compile=False)
     gc.collect(); torch.cuda.empty_cache()
     rows["nanoseek compile, no MTP"] = nanoseek_side(cfg, state, batches, args, mtp=False, compile=True,
-                                                     profile_dir=out_dir if args.profile else None)
+                                                     profile_dir=results if args.profile else None)
     gc.collect(); torch.cuda.empty_cache(); torch._dynamo.reset()
     rows["nanoseek compile, MTP"] = nanoseek_side(cfg, state, batches, args, mtp=True, compile=True)
     for r in rows.values():
