@@ -48,7 +48,8 @@ PRETRAIN_DATA = "builtin:arithmetic:level=1:n=30000,builtin:arithmetic:level=2:n
 SFT_DATA = ("builtin:arithmetic:level=1:n=6000:seed=1,builtin:arithmetic:level=2:n=3000:seed=1,"
             "builtin:countdown:level=1:n=2000:seed=1")
 EVALS = [("arithmetic", 1, 4), ("arithmetic", 2, 0), ("countdown", 1, 0)]
-# On a GPU the small model masters levels 1-2 (99% held-out); a little of level 3
+# On a GPU the small model masters level 1 (95-99% held-out) and much of level 2 (49-99%,
+# with the pretraining budget; reports in benchmarks/results/speedrun_h200*); a little of level 3
 # (2-digit multiplication) gives it a level it only partly solves, where GRPO can teach.
 GPU_PRETRAIN_EXTRA = ",builtin:arithmetic:level=3:n=3000"
 GPU_SFT_EXTRA = ",builtin:arithmetic:level=3:n=1000:seed=1"
@@ -166,24 +167,25 @@ def speedrun(out: str | Path = "runs/speedrun", minutes: float | None = None,
 def grpo_settings(gpu: bool, max_new_tokens: int, level: int) -> GRPOConfig:
     """The speedrun's GRPO hyper-parameters (steps and eval_every are set from the budget).
 
-    GPU: G = 16 samples per prompt, 32 prompts per step (512 rollouts, 1.4-2.3 s per step on an
-    H200 at 96-128 new tokens), temperature 1.0 as in R1 and DAPO; beta 0 (no reference model: Dr. GRPO and DAPO
-    drop the KL term for verifiable rewards, and minutes of RL cannot drift far). The
-    learning rate, AdamW, constant: 5e-5 (below). The literature's 1e-6 (DeepSeekMath's GRPO, 7B;
-    DAPO, 32B) to 5e-6 (TRL's examples for 0.5-1.5B models) is for large pretrained models
-    and thousands of steps; this 100M-parameter model was trained from scratch at 5e-4 (SFT)
-    and gets a few hundred steps. Measured from one SFT model on arithmetic level 3 (53%
-    held-out greedy), 75 steps each: lr 3e-6 (123 steps) and 1e-5 moved neither the
-    training (sampled) accuracy nor the held-out one; 3e-5 and 1e-4 raised the sampled
-    accuracy from ~0.3 to ~0.47 while held-out greedy stayed within noise (n = 100:
+    GPU: G = 16 samples per prompt, 32 prompts per step (512 rollouts, 1.4-2.3 s per step
+    on an H200 at 96-128 new tokens), temperature 1.0 as in R1 and DAPO; beta 0 (no
+    reference model: Dr. GRPO and DAPO drop the KL term for verifiable rewards, and minutes
+    of RL cannot drift far). The learning rate, AdamW, constant: 5e-5 (below). The
+    literature's 1e-6 (DeepSeekMath's GRPO, 7B; DAPO, 32B) to 5e-6 (TRL's examples for
+    0.5-1.5B models) is for large pretrained models and thousands of steps; this
+    100M-parameter model was trained from scratch at 5e-4 (SFT) and gets a few hundred
+    steps. Measured in session 2 (no result files kept) from one SFT model on arithmetic
+    level 3 (53% held-out greedy), 75 steps each: lr 3e-6 (123 steps) and 1e-5 moved
+    neither the training (sampled) accuracy nor the held-out one; 3e-5 and 1e-4 raised the
+    sampled accuracy from ~0.3 to ~0.47 while held-out greedy stayed within noise (n = 100:
     +-5 points) of the start. CPU: the same recipe scaled to the 1.3M-parameter model and
-    1.5 minutes: 8 samples per prompt, 4 prompts, lr 1e-5. Measured on a 2-core CPU from one
-    SFT model (arithmetic level 1, 48% held-out greedy): lr 1e-4 fell to 39-43% within 26
-    steps; 3e-5 gave 47%, 49% and 1e-5 50%, 51% at steps 40 and 80 (n = 100, +-5 points).
-    Those runs also showed why little moves: the SFT policy's entropy is ~0.04 nats per
-    token, so most groups of 16 samples are identical and carry zero advantage. Since then
-    the GPU stage uses DAPO's two remedies: dynamic sampling (drop groups
-    whose rewards are all equal and sample more prompts to refill the batch) and the
+    1.5 minutes: 8 samples per prompt, 4 prompts, lr 1e-5. Measured (also not kept) on a
+    2-core CPU from one SFT model (arithmetic level 1, 48% held-out greedy): lr 1e-4 fell to
+    39-43% within 26 steps; 3e-5 gave 47%, 49% and 1e-5 50%, 51% at steps 40 and 80
+    (n = 100, +-5 points). Those runs also showed why little moves: the SFT policy's
+    entropy is ~0.04 nats per token, so most groups of 16 samples are identical and carry
+    zero advantage. Since then the GPU stage uses DAPO's two remedies: dynamic sampling
+    (drop groups whose rewards are all equal and sample more prompts to refill the batch) and the
     clip-higher bound (eps_high 0.28) that lets unlikely right tokens gain probability.
     A CPU run then showed them working (`nanoseek grpo` from the committed CPU speedrun's
     SFT model, arithmetic level 1, 16 prompts x G 8, 200 steps, n = 200): lr 1e-4 at
