@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels (nanoseek/kernels) run in Triton's interpreter, on CPU tensors; set before
+    # any kernel module is imported, since triton.jit reads it when it wraps a function
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

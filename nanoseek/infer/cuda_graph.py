@@ -103,9 +103,13 @@ class BucketGraphs:
             self._compiled[tuned] = step
         return self._compiled[tuned]
 
+    def _compiles(self, key: tuple) -> bool:
+        """Whether this key's step goes through torch.compile (when compiling at all)."""
+        return True
+
     def _call(self, key: tuple):
         inputs = self._inputs(key)
-        if self.compile:
+        if self.compile and self._compiles(key):
             try:
                 return self._compiled_step(key)(*inputs)
             except Exception as e:  # noqa: BLE001 — any compiler failure: plain steps, loudly, once
@@ -195,10 +199,16 @@ class GraphDecoder(BucketGraphs):
     tuned_buckets = (1,)  # one row: every matmul has M = 1
 
     def __init__(self, model: Transformer, cache: StaticCache, autocast: torch.dtype | None,
-                 compile: bool = False, capture: bool = True):
+                 compile: bool = False, capture: bool = True, fused_rows: int = 0):
+        """fused_rows: buckets of up to this many rows run the fused Triton step (fused.py)
+        instead of the model's forward, uncompiled (0: none)."""
         self.model, self.cache, self.autocast = model, cache, autocast
         device = model.model.embed_tokens.weight.device
         super().__init__(cache.num_slots, device, compile, capture)
+        self.fused = None
+        if fused_rows:
+            from .fused import FusedDecoder
+            self.fused = FusedDecoder(model, cache, max(b for b in self.buckets if b <= max(fused_rows, 1)))
         n = cache.num_slots
         self.ids = torch.zeros(n, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(n, 1, dtype=torch.long, device=device)
@@ -215,11 +225,20 @@ class GraphDecoder(BucketGraphs):
     def _state(self):
         return [self.ids, self.positions]
 
+    def _fused(self, bucket: int) -> bool:
+        return self.fused is not None and bucket <= self.fused.max_rows
+
+    def _compiles(self, key):
+        return not self._fused(key[0])  # Triton already: nothing for Inductor to fuse
+
     def _step(self, ids_B1, positions_B1, settings_4B=None, uniform_B=None):
-        view = self.cache.prefix(ids_B1.shape[0])
-        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None,
-                            cache_enabled=False):  # see ModelRunner._context
-            logits_BV = self.model(ids_B1, positions=positions_B1, cache=view).logits[:, -1]
+        if self._fused(ids_B1.shape[0]):
+            logits_BV = self.fused.forward(ids_B1, positions_B1)
+        else:
+            view = self.cache.prefix(ids_B1.shape[0])
+            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None,
+                                cache_enabled=False):  # see ModelRunner._context
+                logits_BV = self.model(ids_B1, positions=positions_B1, cache=view).logits[:, -1]
         if settings_4B is None:
             tokens_B = logits_BV.argmax(-1)
         else:

@@ -82,7 +82,8 @@ class ModelRunner:
     replaces decode (draft, verify, accept, MTP catch-up in one call)."""
 
     def __init__(self, model: Transformer, cache: StaticCache, autocast: torch.dtype | None,
-                 cuda_graphs: bool = True, speculative_k: int = 0, compile: bool = False):
+                 cuda_graphs: bool = True, speculative_k: int = 0, compile: bool = False,
+                 fused_decode: int = 0):
         self.model, self.cache, self.autocast = model, cache, autocast
         self.device = model.model.embed_tokens.weight.device
         self.k = speculative_k
@@ -97,7 +98,9 @@ class ModelRunner:
             if self.k:
                 self.spec_graphs = GraphSpeculator(self, compile=compile)
             else:
-                self.graphs = GraphDecoder(model, cache, autocast, compile=compile)
+                from .fused import FusedDecoder
+                fused = fused_decode if FusedDecoder.unsupported(model.config) is None else 0
+                self.graphs = GraphDecoder(model, cache, autocast, compile=compile, fused_rows=fused)
 
     @contextlib.contextmanager
     def _context(self):
@@ -265,7 +268,7 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
                  cache_budget_bytes: int | None = None, max_prefill_tokens: int = 8192,
                  speculative_k: int = 0, cuda_graphs: bool = True, compile: bool = False,
-                 decode_burst: int = 8):
+                 decode_burst: int = 8, fused_decode: int = 0):
         """model: any `nanoseek.from_pretrained` model; tokenizer: a ChatTokenizer (or None
         to work in token ids only). max_len: tokens per sequence, prompt + output (default
         the model's max_position_embeddings). max_prefill_tokens: padded prompt tokens one
@@ -279,7 +282,9 @@ class Engine:
         graphs per read-back of their tokens (the host's work per step, scheduling,
         detokenizing and stop checks, then runs once per burst while the GPU decodes; a
         request that stops inside a burst drops the tokens after its stop, and a request
-        waiting for a slot may wait up to a burst longer)."""
+        waiting for a slot may wait up to a burst longer). fused_decode: captured decode steps of
+        up to this many rows run the fused Triton step (fused.py: eight kernels a layer, for
+        batch-1 latency) where the model supports it (0: never)."""
         cfg = model.config
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -287,6 +292,8 @@ class Engine:
         if not 0 < max_len <= cfg.max_position_embeddings:
             raise ValueError(f"max_len {max_len} must be in 1..{cfg.max_position_embeddings} "
                              "(the model's max_position_embeddings)")
+        if fused_decode < 0:
+            raise ValueError(f"fused_decode (rows up to which decode runs fused) must be >= 0, got {fused_decode}")
         if decode_burst < 1:
             raise ValueError(f"decode_burst (decode steps per read-back) must be >= 1, got {decode_burst}")
         if speculative_k < 0:
@@ -323,7 +330,8 @@ class Engine:
         self.cache = StaticCache(cfg, num_slots, cache_len, dtype=self.dtype, device=self.device,
                                  num_layers=cfg.num_hidden_layers + (1 if speculative_k else 0))
         assert self.cache.nbytes_per_token() == bytes_per_token
-        self.runner = ModelRunner(model, self.cache, autocast, cuda_graphs, speculative_k, compile)
+        self.runner = ModelRunner(model, self.cache, autocast, cuda_graphs, speculative_k, compile,
+                                  fused_decode)
         self.speculative_totals = RequestStats()
         self.scheduler = Scheduler(num_slots, max_prefill_tokens)
         eos = getattr(tokenizer, "eos_id", None)

@@ -1,0 +1,197 @@
+"""The fused decode step: one new token for each of a few cache rows, every decoder layer in
+eight Triton kernels (kernels/decode.py), for batch-1 latency.
+
+A decode step of one sequence reads each weight once and does almost no arithmetic, so its
+time is the number of kernels it launches plus how near each comes to the memory bandwidth.
+The model's PyTorch forward, even fused by Inductor, is ~30 kernels a layer, many of them
+shorter than their launch; this step is the same computation in 8 (see kernels/decode.py
+for the list): norms recomputed inside the projections that need them, RoPE and the cache
+write inside the query kernel, W_UK and W_UV absorbed inside the query and output kernels,
+the routing inside the experts' kernel, the residual adds inside the last projection of
+each half. Its twin is the model's absorbed decode forward (`model(ids, positions=...,
+cache=...)`); tests compare the logits.
+
+It reads the model's own parameters (no copies), so it follows weight updates (GRPO) and
+runs inside a CUDA graph. Scratch buffers are allocated once, for `max_rows` rows.
+
+Supported: MLA with a q_lora_rank and no attention bias, SwiGLU dense and MoE layers
+(sigmoid or softmax routing, group-limited or not, up to 128 routed experts), one token
+per row. `FusedDecoder.unsupported(config)` says why not, and the engine then keeps the
+model's forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+from ..model import StaticCache, Transformer
+from ..model.moe import MoE
+
+MAX_EXPERTS = 128   # the routing compares all E^2 pairs of one token's scores in registers
+SPLIT = 128         # cache positions per attention program (flash-decoding split)
+
+
+def _pow2(n: int, at_least: int = 1) -> int:
+    return max(at_least, 1 << max(0, (n - 1).bit_length()))
+
+
+class FusedDecoder:
+    def __init__(self, model: Transformer, cache: StaticCache, max_rows: int):
+        from ..kernels import decode as kernels  # Triton, imported only where the path runs
+        reason = self.unsupported(model.config)
+        if reason:
+            raise ValueError(f"the fused decode step does not support this model: {reason}")
+        self.k = kernels
+        self.model, self.cache, self.max_rows = model, cache, max_rows
+        c = self.config = model.config
+        dev = model.model.embed_tokens.weight.device
+        f32 = dict(dtype=torch.float32, device=dev)
+        H, C, R = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim
+        self.nsplit = -(-cache.max_len // SPLIT)
+        moe_layers = [layer.mlp for layer in model.main_layers if isinstance(layer.mlp, MoE)]
+        K = c.num_experts_per_tok if moe_layers else 0
+        self.widths = [c.moe_intermediate_size * max(c.n_shared_experts or 0, 1)]
+        if len(moe_layers) < c.num_hidden_layers:
+            self.widths.append(c.intermediate_size)
+        M = max_rows
+        self.h = torch.empty(M, c.hidden_size, dtype=model.model.embed_tokens.weight.dtype, device=dev)
+        self.qkv = torch.empty(M, c.q_lora_rank + C + R, **f32)
+        self.q_lat = torch.empty(M, H, C, **f32)
+        self.q_pe = torch.empty(M, H, R, **f32)
+        self.part_acc = torch.empty(M, self.nsplit, H, C, **f32)
+        self.part_m = torch.empty(M, self.nsplit, H, **f32)
+        self.part_l = torch.empty(M, self.nsplit, H, **f32)
+        self.o = torch.empty(M, H * c.v_head_dim, **f32)
+        self.router_logits = torch.empty(M, max(c.n_routed_experts, 1), **f32)
+        self.sel_idx = torch.zeros(M, max(K, 1), dtype=torch.int32, device=dev)
+        self.sel_gate = torch.zeros(M, max(K, 1), **f32)
+        self.hmid = torch.empty(M, K + 1, max(self.widths + [c.moe_intermediate_size]), **f32)
+        self.logits = torch.empty(M, c.vocab_size, **f32)
+        # fp32 caches and weights (CPU tests): exact dot products, not TF32
+        self.dot_precision = "ieee" if cache.layers[0][0].dtype == torch.float32 else "tf32"
+
+    @staticmethod
+    def unsupported(config: ModelConfig) -> str | None:
+        """Why this model cannot take the fused step, or None."""
+        c = config
+        if c.attention_type != "mla":
+            return f"attention_type {c.attention_type!r} (MLA only)"
+        if c.q_lora_rank is None:
+            return "no q_lora_rank (a single query projection)"
+        if c.attention_bias:
+            return "attention_bias"
+        if c.n_routed_experts and c.n_routed_experts > MAX_EXPERTS:
+            return f"{c.n_routed_experts} routed experts (at most {MAX_EXPERTS})"
+        if c.n_routed_experts and c.n_group and c.n_group > 1 and c.n_routed_experts % c.n_group:
+            return "n_routed_experts not a multiple of n_group"
+        return None
+
+    @torch.no_grad()
+    def forward(self, ids_B1: torch.Tensor, positions_B1: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] (float32) of one token per cache row 0..B-1 at its position; writes
+        each row's latent and RoPE key into the cache there, like the model's forward."""
+        B = ids_B1.shape[0]
+        if B > self.max_rows:
+            raise ValueError(f"{B} rows, but scratch for at most {self.max_rows}")
+        m, k = self.model, self.k
+        h = self.h[:B]
+        h.copy_(m.model.embed_tokens(ids_B1[:, 0]))
+        positions_B = positions_B1[:, 0]
+        cos_B1, sin_B1 = m.model.rotary(positions_B1)  # [B, 1, R/2] float32
+        cos, sin = cos_B1.contiguous(), sin_B1.contiguous()
+        for i, layer in enumerate(m.main_layers):
+            self._attention(layer, i, h, positions_B, cos, sin)
+            self._mlp(layer, h)
+        self._gemv(h, m.lm_head.weight, self.logits[:B], norm=m.model.norm)
+        return self.logits[:B]
+
+    # ------------------------------------------------------------------ pieces
+    def _gemv(self, x, weight, out, norm=None, weight2=None, residual=None):
+        """out = [norm(x)] @ [weight; weight2]^T (+ residual): kernels.gemv_kernel."""
+        B, K = x.shape
+        n1 = weight.shape[0]
+        n2 = 0 if weight2 is None else weight2.shape[0]
+        n = max(n1, n2)
+        # about 128 programs or more: each a few rows of the weight, all B rows of x
+        block_o = min(32, max(4, _pow2(max(n // 256, 1))))
+        grid = (triton_cdiv(n1, block_o) + (triton_cdiv(n2, block_o) if n2 else 0),)
+        self.k.gemv_kernel[grid](
+            x, x.stride(0), B, K, norm.weight if norm is not None else x,
+            norm.eps if norm is not None else 0.0,
+            weight, n1, weight2 if weight2 is not None else weight, n2,
+            residual if residual is not None else out, residual.stride(0) if residual is not None else 0,
+            out, out.stride(0),
+            HAS_NORM=norm is not None, HAS_RES=residual is not None,
+            BLOCK_B=_pow2(B), BLOCK_O=block_o, BLOCK_K=min(128, _pow2(K)), num_warps=4)
+
+    def _attention(self, layer, i, h, positions_B, cos, sin):
+        c, k, a = self.config, self.k, layer.self_attn
+        B = h.shape[0]
+        H, C, R, N, V, Q = (c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim,
+                            c.qk_nope_head_dim, c.v_head_dim, c.q_lora_rank)
+        qkv = self.qkv[:B]
+        self._gemv(h, a.q_a_proj.weight, qkv, norm=layer.input_layernorm, weight2=a.kv_a_proj_with_mqa.weight)
+        ckv, kpe = self.cache.layers[i]
+        k.mla_query_kernel[(B, H + 1)](
+            qkv, qkv.stride(0), a.q_a_layernorm.weight, a.kv_a_layernorm.weight,
+            a.q_a_layernorm.eps, a.kv_a_layernorm.eps, a.q_b_proj.weight, a.kv_b_proj.weight,
+            cos, sin, positions_B, self.q_lat, self.q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0),
+            H, Q, C, N, R, V,
+            BLOCK_Q=min(128, _pow2(Q)), BLOCK_N=_pow2(N), BLOCK_C=min(128, _pow2(C)),
+            BLOCK_R2=_pow2(R // 2), num_warps=4)
+        k.mla_attend_kernel[(B, self.nsplit)](
+            self.q_lat, self.q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0), positions_B,
+            self.part_acc, self.part_m, self.part_l, a.scale, H, C, R, SPLIT, self.nsplit,
+            BLOCK_H=_pow2(H, 16), BLOCK_C=_pow2(C, 16), BLOCK_R=_pow2(R, 16), BLOCK_S=32,
+            DOT_PRECISION=self.dot_precision, num_warps=4)
+        o = self.o[:B]
+        k.mla_output_kernel[(B, H)](
+            self.part_acc, self.part_m, self.part_l, a.kv_b_proj.weight, o, H, C, N, V, self.nsplit,
+            BLOCK_SP=_pow2(self.nsplit), BLOCK_C=min(128, _pow2(C)), BLOCK_V=_pow2(V), num_warps=4)
+        self._gemv(o, a.o_proj.weight, h, residual=h)
+
+    def _mlp(self, layer, h):
+        c, k = self.config, self.k
+        B, D = h.shape
+        norm = layer.post_attention_layernorm
+        mlp = layer.mlp
+        if isinstance(mlp, MoE):
+            router, experts, shared = mlp.gate, mlp.experts, mlp.shared_experts
+            self._gemv(h, router.weight, self.router_logits[:B], norm=norm)
+            K, E, F = router.top_k, router.n_experts, experts.gate_proj.shape[1]
+            wg, wu, wd = experts.gate_proj, experts.up_proj, experts.down_proj
+            bias = router.e_score_correction_bias
+            grouped = router.topk_method != "greedy"  # greedy ignores the groups, as moe.Router
+            route = dict(G=router.n_group if grouped else 1, TOPK_GROUP=router.topk_group, HAS_BIAS=bias is not None,
+                         SIGMOID=router.scoring_func == "sigmoid", GROUP_TOP2=router.topk_method == "noaux_tc",
+                         NORM_TOPK=router.norm_topk_prob, BLOCK_E=_pow2(E, 16))
+            scaling = router.scaling
+        else:  # a dense layer: its MLP is the "shared" part, no routed slots
+            router, shared, bias = None, mlp, None
+            K, E, F, scaling = 0, 1, 0, 1.0
+            wg = wu = wd = None
+            route = dict(G=1, TOPK_GROUP=1, HAS_BIAS=False, SIGMOID=True, GROUP_TOP2=False,
+                         NORM_TOPK=False, BLOCK_E=16)
+        FS = shared.gate_proj.weight.shape[0] if shared is not None else 0
+        sg = shared.gate_proj.weight if shared is not None else wg
+        su = shared.up_proj.weight if shared is not None else wu
+        sd = shared.down_proj.weight if shared is not None else wd
+        wg, wu, wd = (sg, su, sd) if wg is None else (wg, wu, wd)
+        P = K + (shared is not None)
+        block_f = 16
+        hmid = self.hmid
+        k.moe_up_kernel[(B, P, triton_cdiv(max(F, FS), block_f))](
+            h, h.stride(0), norm.weight, norm.eps, D,
+            self.router_logits, bias if bias is not None else self.router_logits, E, scaling,
+            self.sel_idx, self.sel_gate, wg, wu, F, sg, su, FS, hmid, hmid.stride(0), hmid.stride(1),
+            K=K, **route, BLOCK_F=block_f, BLOCK_D=min(256, _pow2(D)), num_warps=4)
+        block_d = 8
+        k.moe_down_kernel[(B, triton_cdiv(D, block_d))](
+            h, h.stride(0), self.sel_idx, self.sel_gate, wd, F, sd, FS, D, hmid, hmid.stride(0),
+            hmid.stride(1), K=K, HAS_SHARED=shared is not None, BLOCK_D=block_d,
+            BLOCK_F=min(256, _pow2(max(F, FS))), num_warps=4)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

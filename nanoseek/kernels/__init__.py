@@ -1,0 +1,9 @@
+"""Triton fast paths. Each has a plain-torch twin it is tested against:
+
+- decode.py: the kernels of the fused small-batch decode step (infer/fused.py), whose twin
+  is the model's own absorbed-MLA decode forward.
+
+Importing a module here imports Triton; callers import lazily, only where a fast path runs.
+Under TRITON_INTERPRET=1 the kernels run on CPU tensors (slowly), which is how the CPU
+tests check them.
+"""

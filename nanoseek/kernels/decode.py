@@ -1,0 +1,364 @@
+"""Triton kernels of the fused decode step: one decoder layer of one token per row in eight
+kernels (infer/fused.py wires them; its twin is the model's absorbed-MLA decode forward).
+
+Legend: B rows (one new token each), D hidden_size, Q q_lora_rank, C kv_lora_rank, R
+qk_rope_head_dim, N qk_nope_head_dim, V v_head_dim, H heads, S cache positions, E routed
+experts, K experts per token, F an expert's width, P = K (+1 with shared experts).
+
+A decode step of a small batch reads every weight once and does little else: its speed is
+how many kernels it takes and how close each comes to the memory bandwidth. Written as
+PyTorch ops, a layer is ~30 kernels even after Inductor's fusion (norms, projections,
+RoPE, cache write, absorption, attention, router, top-k, experts, combine); here it is:
+
+1. `gemv`            RMSNorm(h) @ [W_q_a; W_kv_a]^T              -> qkv_a [B, Q + C + R]
+2. `mla_query`       per head: q_a norm, q_b, RoPE, W_UK absorbed -> q_lat [B, H, C], q_pe;
+                     one more program: kv norm, k_pe RoPE, the cache write
+3. `mla_attend`      attention over the latent cache, split over S (flash-decoding)
+4. `mla_output`      merge the splits, W_UV                       -> o [B, H·V]
+5. `gemv`            h += o @ W_o^T
+6. `gemv`            RMSNorm(h) @ W_router^T                      -> router logits [B, E]
+7. `moe_up`          routing (every program again; 64 numbers), then per (row, expert,
+                     block of F): SiLU(x W_gate^T) * (x W_up^T), shared experts as one more
+8. `moe_down`        h += Σ_p g_p · hmid_p W_down_p^T, shared included
+
+Everything is computed in float32 from whatever the tensors hold (BF16 weights and cache,
+or float32 in the CPU tests) and rounded once, on store. Norms are recomputed by each
+program that needs them: a 1,024-number reduction is cheaper than another kernel.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _inv_rms(x_ptr, n, eps, BLOCK: tl.constexpr):
+    """1 / RMS of x[0:n] (a scalar)."""
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i0 in range(0, n, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + i, mask=i < n, other=0.0).to(tl.float32)
+        acc += x * x
+    return tl.rsqrt(tl.sum(acc, axis=0) / n + eps)
+
+
+@triton.jit
+def gemv_kernel(x_ptr, stride_x, B, K, norm_ptr, eps,
+                w1_ptr, n1, w2_ptr, n2, res_ptr, stride_res, out_ptr, stride_out,
+                HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr,
+                BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[b, :n1] = x_b @ w1^T, out[b, n1:n1+n2] = x_b @ w2^T (two weights, one launch),
+    x_b = RMSNorm(x[b]) · norm if HAS_NORM, plus res[b] if HAS_RES. All B rows per program:
+    each weight block is read once."""
+    pid = tl.program_id(0)
+    nb1 = tl.cdiv(n1, BLOCK_O)
+    second = (pid >= nb1).to(tl.int32)
+    w_ptr = w1_ptr
+    if pid >= nb1:
+        w_ptr = w2_ptr
+    o = (pid - second * nb1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    omask = o < n1 + second * (n2 - n1)
+    rows = tl.arange(0, BLOCK_B)
+    bmask = rows < B
+    if HAS_NORM:
+        sq = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rows[:, None] * stride_x + k[None, :],
+                        mask=bmask[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
+            sq += x * x
+        inv = tl.rsqrt(tl.sum(sq, axis=1) / K + eps)
+    acc = tl.zeros([BLOCK_B, BLOCK_O], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < K
+        x = tl.load(x_ptr + rows[:, None] * stride_x + k[None, :],
+                    mask=bmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        if HAS_NORM:
+            g = tl.load(norm_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+            x = x * inv[:, None] * g[None, :]
+        w = tl.load(w_ptr + o[:, None] * K + k[None, :], mask=omask[:, None] & kmask[None, :],
+                    other=0.0).to(tl.float32)
+        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    col = o + second * n1
+    mask = bmask[:, None] & omask[None, :]
+    if HAS_RES:
+        acc += tl.load(res_ptr + rows[:, None] * stride_res + col[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * stride_out + col[None, :], acc, mask=mask)
+
+
+@triton.jit
+def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
+                     wqb_ptr, wkvb_ptr, cos_ptr, sin_ptr, pos_ptr,
+                     qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe,
+                     H, Q, C, N, R, V,
+                     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                     BLOCK_R2: tl.constexpr):
+    """Program (b, h < H): q_nope, q_pe = q_b(RMSNorm(q_a)) of head h; q_pe rotated; q_lat =
+    W_UK_h^T q_nope. Program (b, H): c_kv = RMSNorm(kv_a[:C]), k_pe = RoPE(kv_a[C:]), both
+    written into the cache at the row's position. RoPE pairs are interleaved (x0, x1), ..."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    R2 = R // 2
+    r2 = tl.arange(0, BLOCK_R2)
+    r2mask = r2 < R2
+    cos = tl.load(cos_ptr + b * R2 + r2, mask=r2mask, other=0.0)
+    sin = tl.load(sin_ptr + b * R2 + r2, mask=r2mask, other=0.0)
+    row_ptr = qkv_ptr + b * stride_qkv
+    if h < H:
+        inv = _inv_rms(row_ptr, Q, eps_q, BLOCK_Q)
+        n = tl.arange(0, BLOCK_N)
+        nmask = n < N
+        row0 = h * (N + R)
+        acc_n = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc_e = tl.zeros([BLOCK_R2], dtype=tl.float32)
+        acc_o = tl.zeros([BLOCK_R2], dtype=tl.float32)
+        for j0 in range(0, Q, BLOCK_Q):
+            j = j0 + tl.arange(0, BLOCK_Q)
+            jmask = j < Q
+            x = (tl.load(row_ptr + j, mask=jmask, other=0.0).to(tl.float32) * inv
+                 * tl.load(qnorm_ptr + j, mask=jmask, other=0.0).to(tl.float32))
+            w = tl.load(wqb_ptr + (row0 + n)[:, None] * Q + j[None, :],
+                        mask=nmask[:, None] & jmask[None, :], other=0.0).to(tl.float32)
+            acc_n += tl.sum(w * x[None, :], axis=1)
+            pe_rows = row0 + N + 2 * r2
+            pmask = r2mask[:, None] & jmask[None, :]
+            w_e = tl.load(wqb_ptr + pe_rows[:, None] * Q + j[None, :], mask=pmask, other=0.0).to(tl.float32)
+            w_o = tl.load(wqb_ptr + (pe_rows + 1)[:, None] * Q + j[None, :], mask=pmask, other=0.0).to(tl.float32)
+            acc_e += tl.sum(w_e * x[None, :], axis=1)
+            acc_o += tl.sum(w_o * x[None, :], axis=1)
+        pe_ptr = qpe_ptr + (b * H + h) * R
+        tl.store(pe_ptr + 2 * r2, acc_e * cos - acc_o * sin, mask=r2mask)
+        tl.store(pe_ptr + 2 * r2 + 1, acc_o * cos + acc_e * sin, mask=r2mask)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            cmask = c < C
+            w = tl.load(wkvb_ptr + (h * (N + V) + n)[:, None] * C + c[None, :],
+                        mask=nmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            tl.store(qlat_ptr + (b * H + h) * C + c, tl.sum(w * acc_n[:, None], axis=0), mask=cmask)
+    else:
+        kv_ptr = row_ptr + Q
+        inv = _inv_rms(kv_ptr, C, eps_kv, BLOCK_C)
+        pos = tl.load(pos_ptr + b)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            cmask = c < C
+            x = (tl.load(kv_ptr + c, mask=cmask, other=0.0).to(tl.float32) * inv
+                 * tl.load(kvnorm_ptr + c, mask=cmask, other=0.0).to(tl.float32))
+            tl.store(ckv_ptr + b * stride_ckv + pos * C + c, x, mask=cmask)
+        e = tl.load(kv_ptr + C + 2 * r2, mask=r2mask, other=0.0).to(tl.float32)
+        o = tl.load(kv_ptr + C + 2 * r2 + 1, mask=r2mask, other=0.0).to(tl.float32)
+        out = kpe_ptr + b * stride_kpe + pos * R
+        tl.store(out + 2 * r2, e * cos - o * sin, mask=r2mask)
+        tl.store(out + 2 * r2 + 1, o * cos + e * sin, mask=r2mask)
+
+
+@triton.jit
+def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe, pos_ptr,
+                      acc_ptr, m_ptr, l_ptr, scale, H, C, R, SPLIT, NSPLIT,
+                      BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Program (b, split): all heads over cache positions [split·SPLIT, +SPLIT) ∩ [0, pos]:
+    scores q_lat·c_kv + q_pe·k_pe, an online softmax, the unnormalised sum of p·c_kv with
+    its running max and sum (merged by mla_output)."""
+    b = tl.program_id(0)
+    sp = tl.program_id(1)
+    pos = tl.load(pos_ptr + b)
+    hh = tl.arange(0, BLOCK_H)
+    cc = tl.arange(0, BLOCK_C)
+    rr = tl.arange(0, BLOCK_R)
+    hmask, cmask, rmask = hh < H, cc < C, rr < R
+    dtype = ckv_ptr.dtype.element_ty
+    q = tl.load(qlat_ptr + (b * H + hh)[:, None] * C + cc[None, :],
+                mask=hmask[:, None] & cmask[None, :], other=0.0).to(dtype)
+    qp = tl.load(qpe_ptr + (b * H + hh)[:, None] * R + rr[None, :],
+                 mask=hmask[:, None] & rmask[None, :], other=0.0).to(dtype)
+    m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+    start = sp * SPLIT
+    end = tl.minimum(start + SPLIT, pos + 1)
+    for s0 in range(start, end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        smask = s < end
+        c = tl.load(ckv_ptr + b * stride_ckv + s[:, None] * C + cc[None, :],
+                    mask=smask[:, None] & cmask[None, :], other=0.0)
+        kp = tl.load(kpe_ptr + b * stride_kpe + s[:, None] * R + rr[None, :],
+                     mask=smask[:, None] & rmask[None, :], other=0.0)
+        sc = (tl.dot(q, tl.trans(c), input_precision=DOT_PRECISION)
+              + tl.dot(qp, tl.trans(kp), input_precision=DOT_PRECISION)) * scale
+        sc = tl.where(smask[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m, tl.max(sc, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(sc - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), c, input_precision=DOT_PRECISION)
+        m = m_new
+    part = (b * NSPLIT + sp) * H + hh
+    tl.store(m_ptr + part, m, mask=hmask)
+    tl.store(l_ptr + part, l, mask=hmask)
+    tl.store(acc_ptr + part[:, None] * C + cc[None, :], acc, mask=hmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def mla_output_kernel(acc_ptr, m_ptr, l_ptr, wkvb_ptr, o_ptr, H, C, N, V, NSPLIT,
+                      BLOCK_SP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Program (b, h): o_lat = the splits merged (softmax-weighted), o[b, h·V:(h+1)·V] =
+    W_UV_h o_lat."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.arange(0, BLOCK_SP)
+    spmask = sp < NSPLIT
+    part = (b * NSPLIT + sp) * H + h
+    m = tl.load(m_ptr + part, mask=spmask, other=float("-inf"))
+    l = tl.load(l_ptr + part, mask=spmask, other=0.0)
+    m_max = tl.max(m, axis=0)
+    w = tl.where(spmask, tl.exp(m - m_max), 0.0)
+    w = w / tl.sum(w * l, axis=0)
+    v = tl.arange(0, BLOCK_V)
+    vmask = v < V
+    out = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cmask = c < C
+        a = tl.load(acc_ptr + part[:, None] * C + c[None, :], mask=spmask[:, None] & cmask[None, :], other=0.0)
+        o_lat = tl.sum(a * w[:, None], axis=0)
+        wuv = tl.load(wkvb_ptr + (h * (N + V) + N + v)[:, None] * C + c[None, :],
+                      mask=vmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        out += tl.sum(wuv * o_lat[None, :], axis=1)
+    tl.store(o_ptr + (b * H + h) * V + v, out, mask=vmask)
+
+
+@triton.jit
+def _route(logits_ptr, bias_ptr, E, scaling, p,
+           K: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+           SIGMOID: tl.constexpr, GROUP_TOP2: tl.constexpr, NORM_TOPK: tl.constexpr,
+           BLOCK_E: tl.constexpr):
+    """Expert and gate value of slot p of one token's routing (moe.Router, as a few
+    pairwise comparisons of its E scores): affinities by sigmoid or softmax, the bias added
+    for choosing, the best TOPK_GROUP of G groups kept (a group scored by the sum of its
+    best two, or its best one), the top K of those; gates normalised over the K and scaled.
+    Ties go to the lower index, as moe.ranks."""
+    e = tl.arange(0, BLOCK_E)
+    valid = e < E
+    logit = tl.load(logits_ptr + e, mask=valid, other=float("-inf")).to(tl.float32)
+    if SIGMOID:
+        score = tl.where(valid, tl.sigmoid(logit), 0.0)
+    else:
+        ex = tl.where(valid, tl.exp(logit - tl.max(logit, axis=0)), 0.0)
+        score = ex / tl.sum(ex, axis=0)
+    choice = score
+    if HAS_BIAS:
+        choice += tl.load(bias_ptr + e, mask=valid, other=0.0).to(tl.float32)
+    choice = tl.where(valid, choice, float("-inf"))
+    # beats[i, j]: entry j ranks above entry i
+    ci, cj = choice[:, None], choice[None, :]
+    beats = (cj > ci) | ((cj == ci) & (e[None, :] < e[:, None]))
+    if G > 1:
+        group = e // (E // G)
+        same = group[:, None] == group[None, :]
+        rank_in_group = tl.sum((same & beats).to(tl.int32), axis=1)
+        if GROUP_TOP2:
+            member = rank_in_group < 2
+        else:
+            member = rank_in_group < 1
+        # every entry carries its group's score; a group's first entry stands for it
+        gscore = tl.sum(tl.where(same & member[None, :], cj, 0.0), axis=1)
+        leader = (rank_in_group == 0) & valid
+        gbeats = leader[None, :] & ((gscore[None, :] > gscore[:, None])
+                                    | ((gscore[None, :] == gscore[:, None]) & (group[None, :] < group[:, None])))
+        keep = tl.sum(gbeats.to(tl.int32), axis=1) < TOPK_GROUP
+        choice = tl.where(keep, choice, float("-inf"))
+        ci, cj = choice[:, None], choice[None, :]
+        beats = (cj > ci) | ((cj == ci) & (e[None, :] < e[:, None]))
+    rank = tl.sum(beats.to(tl.int32), axis=1)
+    chosen = rank < K
+    idx = tl.sum(tl.where(rank == p, e, 0), axis=0)
+    gate = tl.sum(tl.where(rank == p, score, 0.0), axis=0)
+    if NORM_TOPK:
+        gate = gate / (tl.sum(tl.where(chosen, score, 0.0), axis=0) + 1e-20)
+    return idx, gate * scaling
+
+
+@triton.jit
+def moe_up_kernel(h_ptr, stride_h, norm_ptr, eps, D,
+                  logits_ptr, bias_ptr, E, scaling, sel_idx_ptr, sel_gate_ptr,
+                  wg_ptr, wu_ptr, F, sg_ptr, su_ptr, FS,
+                  hmid_ptr, stride_hm_b, stride_hm_p,
+                  K: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  SIGMOID: tl.constexpr, GROUP_TOP2: tl.constexpr, NORM_TOPK: tl.constexpr,
+                  BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (b, p, f-block): slot p < K is routed expert idx_p (routed here, and written to
+    sel_* for moe_down), p == K the shared experts (their stacked [FS, D] weights, or a dense
+    layer's MLP). hmid[b, p, f] = SiLU(x·W_gate[f]) · (x·W_up[f]), x = RMSNorm(h[b])·norm."""
+    b = tl.program_id(0)
+    p = tl.program_id(1)
+    fb = tl.program_id(2)
+    wg, wu, width = sg_ptr, su_ptr, FS
+    if p < K:
+        idx, gate = _route(logits_ptr + b * E, bias_ptr, E, scaling, p, K, G, TOPK_GROUP, HAS_BIAS,
+                           SIGMOID, GROUP_TOP2, NORM_TOPK, BLOCK_E)
+        if fb == 0:
+            tl.store(sel_idx_ptr + b * K + p, idx)
+            tl.store(sel_gate_ptr + b * K + p, gate)
+        offset = idx.to(tl.int64) * F * D
+        wg, wu, width = wg_ptr + offset, wu_ptr + offset, F
+    if fb * BLOCK_F < width:
+        x_ptr = h_ptr + b * stride_h
+        inv = _inv_rms(x_ptr, D, eps, BLOCK_D)
+        f = fb * BLOCK_F + tl.arange(0, BLOCK_F)
+        fmask = f < width
+        acc_g = tl.zeros([BLOCK_F], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_F], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dmask = d < D
+            x = (tl.load(x_ptr + d, mask=dmask, other=0.0).to(tl.float32) * inv
+                 * tl.load(norm_ptr + d, mask=dmask, other=0.0).to(tl.float32))
+            wmask = fmask[:, None] & dmask[None, :]
+            g = tl.load(wg + f[:, None] * D + d[None, :], mask=wmask, other=0.0).to(tl.float32)
+            u = tl.load(wu + f[:, None] * D + d[None, :], mask=wmask, other=0.0).to(tl.float32)
+            acc_g += tl.sum(g * x[None, :], axis=1)
+            acc_u += tl.sum(u * x[None, :], axis=1)
+        tl.store(hmid_ptr + b * stride_hm_b + p * stride_hm_p + f, acc_g * tl.sigmoid(acc_g) * acc_u,
+                 mask=fmask)
+
+
+@triton.jit
+def moe_down_kernel(h_ptr, stride_h, sel_idx_ptr, sel_gate_ptr, wd_ptr, F, sd_ptr, FS, D,
+                    hmid_ptr, stride_hm_b, stride_hm_p,
+                    K: tl.constexpr, HAS_SHARED: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
+    """Program (b, d-block): h[b, d] += Σ_p gate_p · W_down_p[d] · hmid[b, p] over the routed
+    slots, plus the shared experts' W_down[d] · hmid[b, K] (in place: a program reads and
+    writes only its own block)."""
+    b = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = d < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    hm_ptr = hmid_ptr + b * stride_hm_b
+    for p in tl.static_range(K):
+        idx = tl.load(sel_idx_ptr + b * K + p)
+        gate = tl.load(sel_gate_ptr + b * K + p)
+        w_ptr = wd_ptr + idx.to(tl.int64) * D * F
+        acc_p = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for f0 in range(0, F, BLOCK_F):
+            f = f0 + tl.arange(0, BLOCK_F)
+            fmask = f < F
+            w = tl.load(w_ptr + d[:, None] * F + f[None, :], mask=dmask[:, None] & fmask[None, :],
+                        other=0.0).to(tl.float32)
+            x = tl.load(hm_ptr + p * stride_hm_p + f, mask=fmask, other=0.0)
+            acc_p += tl.sum(w * x[None, :], axis=1)
+        acc += gate * acc_p
+    if HAS_SHARED:
+        for f0 in range(0, FS, BLOCK_F):
+            f = f0 + tl.arange(0, BLOCK_F)
+            fmask = f < FS
+            w = tl.load(sd_ptr + d[:, None] * FS + f[None, :], mask=dmask[:, None] & fmask[None, :],
+                        other=0.0).to(tl.float32)
+            x = tl.load(hm_ptr + K * stride_hm_p + f, mask=fmask, other=0.0)
+            acc += tl.sum(w * x[None, :], axis=1)
+    out_ptr = h_ptr + b * stride_h + d
+    acc += tl.load(out_ptr, mask=dmask, other=0.0).to(tl.float32)
+    tl.store(out_ptr, acc, mask=dmask)

@@ -1,0 +1,114 @@
+"""The fused Triton decode step (infer/fused.py, kernels/decode.py) against its twin, the
+model's absorbed decode forward. Without a GPU the kernels run in Triton's interpreter
+(tests/conftest.py sets TRITON_INTERPRET=1 there); on a GPU they run compiled."""
+
+import copy
+
+import pytest
+import torch
+
+from nanoseek import Transformer, preset
+from nanoseek.infer.sampling import SamplingParams
+from nanoseek.model import StaticCache
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sharp_model(**overrides):
+    """tiny with a smaller vocabulary (the interpreter's time is per program), weights scaled
+    up and a random expert bias, so that a wrong expert or a wrong position shows."""
+    torch.manual_seed(0)
+    m = Transformer(preset("tiny", vocab_size=256, **overrides)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(5)
+        for r in m.routers().values():
+            if r.e_score_correction_bias is not None:
+                r.e_score_correction_bias.normal_(0, 0.1)
+    return m.to(DEVICE)
+
+
+def prefilled_cache(model, lengths, max_len=40):
+    """A cache whose rows hold prompts of the given lengths (the model's prefill)."""
+    cache = StaticCache(model.config, len(lengths), max_len, device=DEVICE)
+    ids = torch.randint(0, model.config.vocab_size, (len(lengths), max(lengths)), device=DEVICE)
+    with torch.no_grad():
+        for b, n in enumerate(lengths):
+            model(ids[b:b + 1, :n], positions=torch.arange(n, device=DEVICE)[None],
+                  cache=cache.select([b], kv_len=n), absorb=False)
+    return cache
+
+
+@pytest.mark.parametrize("routing", [
+    dict(),                                                                  # V3: sigmoid, noaux_tc, bias
+    dict(topk_method="greedy"),                                              # no groups
+    dict(scoring_func="softmax", topk_method="group_limited_greedy", n_group=4, topk_group=2),  # V2
+])
+def test_fused_step_matches_model_decode(routing):
+    """Logits of rows at different positions (one of them the dummy row at 0 that a bucket
+    pads with) and every layer's cache entries: the fused step equals the model's absorbed
+    decode forward in float32."""
+    from nanoseek.infer.fused import FusedDecoder
+    model = sharp_model(**routing)
+    cache = prefilled_cache(model, [7, 12, 1])
+    fused_cache = copy.deepcopy(cache)
+    ids = torch.randint(0, model.config.vocab_size, (3, 1), device=DEVICE)
+    positions = torch.tensor([[7], [12], [0]], device=DEVICE)
+    with torch.no_grad():
+        want = model(ids, positions=positions, cache=cache.prefix(3)).logits[:, -1]
+    got = FusedDecoder(model, fused_cache, max_rows=4).forward(ids, positions)
+    assert want.abs().max() > 5  # sharp logits: a wrong expert moves them by whole units
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-4)
+    for layer, fused_layer in zip(cache.layers, fused_cache.layers):
+        for buf, fused_buf in zip(layer, fused_layer):
+            torch.testing.assert_close(fused_buf, buf, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_decoder_bursts_equal_the_model_step():
+    """GraphDecoder with fused rows, uncaptured here: greedy and sampled bursts (the token
+    chosen inside the step, the inputs advanced) give the model step's tokens; rows 0 and 2
+    of bucket 4 (dummy rows between), more rows than fused_rows fall back to the model."""
+    from nanoseek.infer.cuda_graph import GraphDecoder
+    model = sharp_model()
+    cache = prefilled_cache(model, [5, 3, 9, 2])
+    params = [SamplingParams(max_tokens=4), SamplingParams(max_tokens=4, temperature=0.8, top_p=0.9, seed=1)]
+    uniforms = [[0.0] * 4, [0.3, 0.9, 0.5, 0.1]]
+
+    def burst(fused_rows, slots, sampled):
+        c = copy.deepcopy(cache)
+        step = GraphDecoder(model, c, None, capture=False, fused_rows=fused_rows)
+        toks = step.decode_burst(slots, [3, 4], [5, 9] if slots == [0, 2] else [5, 3], 4,
+                                 params if sampled else None, uniforms if sampled else None)
+        return toks.tolist(), step, c
+
+    for sampled in (False, True):
+        want, plain, want_cache = burst(0, [0, 2], sampled)
+        got, fused, got_cache = burst(4, [0, 2], sampled)
+        assert fused._fused(4) and not plain._fused(4)
+        assert got == want
+        torch.testing.assert_close(got_cache.layers[-2][0], want_cache.layers[-2][0], rtol=1e-4, atol=1e-5)
+    # fused_rows 1: bucket 2 runs the model's forward (and may compile), bucket 1 the fused step
+    _, step, _ = burst(1, [0, 1], False)
+    assert step.fused.max_rows == 1 and not step._fused(2) and step._compiles((2, False))
+
+
+def test_unsupported_models_say_why():
+    from nanoseek.infer.fused import FusedDecoder
+    assert FusedDecoder.unsupported(preset("tiny")) is None
+    assert FusedDecoder.unsupported(preset("bench-1b")) is None
+    cases = {"attention_type": dict(attention_type="gqa", num_key_value_heads=2),
+             "q_lora_rank": dict(q_lora_rank=None),
+             "256 routed experts": dict(n_routed_experts=256, n_group=8, topk_group=4)}
+    for words, overrides in cases.items():
+        reason = FusedDecoder.unsupported(preset("tiny", **overrides))
+        assert reason and words in reason, reason
+    with pytest.raises(ValueError, match="does not support this model: attention_type"):
+        m = Transformer(preset("tiny", attention_type="gqa", num_key_value_heads=2))
+        FusedDecoder(m, StaticCache(m.config, 1, 8), 1)
+
+
+def test_engine_checks_fused_decode():
+    from nanoseek.infer.engine import Engine
+    with pytest.raises(ValueError, match="fused_decode"):
+        Engine(Transformer(preset("tiny")), fused_decode=-1)
