@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from nanoseek import Transformer, preset
-from nanoseek.infer.sampling import SamplingParams
 from nanoseek.model import StaticCache
 
 pytest.importorskip("triton")
@@ -66,31 +65,26 @@ def test_fused_step_matches_model_decode(routing):
 
 
 def test_fused_decoder_bursts_equal_the_model_step():
-    """GraphDecoder with fused rows, uncaptured here: greedy and sampled bursts (the token
-    chosen inside the step, the inputs advanced) give the model step's tokens; rows 0 and 2
-    of bucket 4 (dummy rows between), more rows than fused_rows fall back to the model."""
+    """GraphDecoder with fused rows, uncaptured here: a burst (the token chosen inside the
+    step, the inputs advanced by it) gives the model step's tokens and cache; buckets above
+    fused_rows keep the model's forward (and may compile)."""
     from nanoseek.infer.cuda_graph import GraphDecoder
     model = sharp_model()
-    cache = prefilled_cache(model, [5, 3, 9, 2])
-    params = [SamplingParams(max_tokens=4), SamplingParams(max_tokens=4, temperature=0.8, top_p=0.9, seed=1)]
-    uniforms = [[0.0] * 4, [0.3, 0.9, 0.5, 0.1]]
+    cache = prefilled_cache(model, [5, 9])
 
-    def burst(fused_rows, slots, sampled):
+    def burst(fused_rows):
         c = copy.deepcopy(cache)
         step = GraphDecoder(model, c, None, capture=False, fused_rows=fused_rows)
-        toks = step.decode_burst(slots, [3, 4], [5, 9] if slots == [0, 2] else [5, 3], 4,
-                                 params if sampled else None, uniforms if sampled else None)
-        return toks.tolist(), step, c
+        return step.decode_burst([0, 1], [3, 4], [5, 9], 3).tolist(), step, c
 
-    for sampled in (False, True):
-        want, plain, want_cache = burst(0, [0, 2], sampled)
-        got, fused, got_cache = burst(4, [0, 2], sampled)
-        assert fused._fused(4) and not plain._fused(4)
-        assert got == want
-        torch.testing.assert_close(got_cache.layers[-2][0], want_cache.layers[-2][0], rtol=1e-4, atol=1e-5)
-    # fused_rows 1: bucket 2 runs the model's forward (and may compile), bucket 1 the fused step
-    _, step, _ = burst(1, [0, 1], False)
-    assert step.fused.max_rows == 1 and not step._fused(2) and step._compiles((2, False))
+    want, plain, want_cache = burst(0)
+    got, fused, got_cache = burst(2)
+    assert fused._fused(2) and not fused._compiles((2, False)) and plain.fused is None
+    assert got == want
+    for layer, fused_layer in zip(want_cache.layers, got_cache.layers):
+        torch.testing.assert_close(fused_layer[0], layer[0], rtol=1e-4, atol=1e-5)
+    one = GraphDecoder(model, copy.deepcopy(cache), None, capture=False, fused_rows=1)
+    assert one.fused.max_rows == 1 and one._fused(1) and not one._fused(2) and one._compiles((2, False))
 
 
 def test_unsupported_models_say_why():

@@ -22,6 +22,8 @@ model's forward.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..config import ModelConfig
@@ -70,6 +72,10 @@ class FusedDecoder:
         self.logits = torch.empty(M, c.vocab_size, **f32)
         # fp32 caches and weights (CPU tests): exact dot products, not TF32
         self.dot_precision = "ieee" if cache.layers[0][0].dtype == torch.float32 else "tf32"
+        # Triton's interpreter (CPU tests) pays per program, a GPU wants ~128 or more of them:
+        # the interpreter gets bigger blocks (still several per kernel, so boundaries are tested)
+        self.min_programs = 4 if os.environ.get("TRITON_INTERPRET") == "1" else 256
+        self.block_f, self.block_d = (32, 32) if self.min_programs < 256 else (16, 8)
 
     @staticmethod
     def unsupported(config: ModelConfig) -> str | None:
@@ -113,8 +119,8 @@ class FusedDecoder:
         n1 = weight.shape[0]
         n2 = 0 if weight2 is None else weight2.shape[0]
         n = max(n1, n2)
-        # about 128 programs or more: each a few rows of the weight, all B rows of x
-        block_o = min(32, max(4, _pow2(max(n // 256, 1))))
+        # about min_programs programs or more: each a few rows of the weight, all B rows of x
+        block_o = min(32, max(4, _pow2(max(n // self.min_programs, 1))))
         grid = (triton_cdiv(n1, block_o) + (triton_cdiv(n2, block_o) if n2 else 0),)
         self.k.gemv_kernel[grid](
             x, x.stride(0), B, K, norm.weight if norm is not None else x,
@@ -179,14 +185,13 @@ class FusedDecoder:
         sd = shared.down_proj.weight if shared is not None else wd
         wg, wu, wd = (sg, su, sd) if wg is None else (wg, wu, wd)
         P = K + (shared is not None)
-        block_f = 16
+        block_f, block_d = self.block_f, self.block_d
         hmid = self.hmid
         k.moe_up_kernel[(B, P, triton_cdiv(max(F, FS), block_f))](
             h, h.stride(0), norm.weight, norm.eps, D,
             self.router_logits, bias if bias is not None else self.router_logits, E, scaling,
             self.sel_idx, self.sel_gate, wg, wu, F, sg, su, FS, hmid, hmid.stride(0), hmid.stride(1),
             K=K, **route, BLOCK_F=block_f, BLOCK_D=min(256, _pow2(D)), num_warps=4)
-        block_d = 8
         k.moe_down_kernel[(B, triton_cdiv(D, block_d))](
             h, h.stride(0), self.sel_idx, self.sel_gate, wd, F, sd, FS, D, hmid, hmid.stride(0),
             hmid.stride(1), K=K, HAS_SHARED=shared is not None, BLOCK_D=block_d,
