@@ -9,7 +9,8 @@ directory; both run in BF16 weights on random prompts of 512 tokens and generate
 - peak memory: torch.cuda.max_memory_allocated during the run.
 nanoseek runs its engine as a server would (continuous-batching scheduler, latent cache,
 absorbed MLA decode, the decode step compiled by torch.compile and captured as a CUDA
-graph), then the same with the routed experts always on the grouped GEMM (at batch 1 a
+graph), with batches of up to 4 rows on the fused Triton step instead (infer/fused.py,
+eight kernels a layer; `--modes fused`), then the same with the routed experts always on the grouped GEMM (at batch 1 a
 decode step otherwise gathers the chosen experts' weights, model/moe.py), then with the
 graph of the uncompiled step, then eagerly; the greedy tokens of the others are compared
 with the compiled engine's (same_tokens_as_compiled, per token: with random weights the
@@ -58,6 +59,8 @@ def timed(fn, repeat):
 
 # --modes: (row label suffix, Engine settings; gather: moe.GATHER_MAX_PAIRS for the run)
 MODES = {"compiled": ("", dict(cuda_graphs=True, compile=True)),
+         # batches of up to 4 rows on the fused Triton step (infer/fused.py); larger ones compiled
+         "fused": (" (fused Triton step)", dict(cuda_graphs=True, compile=True, fused_decode=4)),
          "grouped": (" (compiled, grouped GEMM experts only)", dict(cuda_graphs=True, compile=True, gather=0)),
          "graphs": (" (CUDA graphs, not compiled)", dict(cuda_graphs=True, compile=False)),
          "eager": (" (no CUDA graphs)", dict(cuda_graphs=False, compile=False))}
@@ -98,8 +101,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
-                    help="engine settings to run: compiled + graphs, the same with grouped-GEMM experts "
-                         "only, graphs not compiled, eager")
+                    help="engine settings to run: compiled + graphs, the fused Triton step at batches "
+                         "up to 4, compiled with grouped-GEMM experts only, graphs not compiled, eager")
     ap.add_argument("--tuned-option", action="append", default=[], metavar="KEY=VALUE",
                     help="an Inductor option for the batch-1 step's compilation, beside coordinate-descent "
                          "tuning (e.g. combo_kernels=true, aggressive_fusion=true); repeatable")
@@ -140,6 +143,8 @@ def main():
         moe.GATHER_MAX_PAIRS = mode.pop("gather", gather)  # (token, expert) pairs gathered, not grouped
         engine = Engine(model, None, max_batch=max(args.batches), max_len=args.prompt + args.new, **mode)
         for B in args.batches:
+            if B > mode.get("fused_decode", B):
+                continue  # the fused mode's larger batches are the compiled mode's
             plist = [p.tolist() for p in prompts[:B]]
 
             def run(n, plist=plist, B=B, label=label):

@@ -8,11 +8,14 @@
 #   bash benchmarks/h200_session.sh spec       # its short form: burst GPU tests, MTP after a 0.3-min speedrun
 #   bash benchmarks/h200_session.sh measure    # GPU tests, GRPO step vs TRL, decode vs transformers (+ kernel
 #                                              # profile), MTP speculation after a short speedrun
+#   bash benchmarks/h200_session.sh fused      # fused decode step: tests, accuracy and speed per bucket,
+#                                              # then decode vs transformers (fused and compiled modes)
 #   bash benchmarks/h200_session.sh serve      # serve load at 64 clients
 #   bash benchmarks/h200_session.sh trl        # GRPO step time: nanoseek vs TRL
 #
 # Environment: MINUTES, GRPO_MINUTES, SPEEDRUN_LIMIT, SPECULATIVE (speedrun); TRL_ARGS (trl, measure);
-# DECODE_ARGS (decode, measure: e.g. "--tuned-option combo_kernels=true");
+# DECODE_ARGS (decode, measure: e.g. "--tuned-option combo_kernels=true"); DECODE_MODES (decode.py --modes);
+# FUSED_ARGS (benchmarks/fused_decode.py);
 # GIT_COMMIT: the commit the tree is at, recorded in the JSON results (the device's copy of .git may
 # still read an older HEAD than the working tree it was sent).
 # Wheels the image lacks (fastapi, uvicorn, trl, ...) come in .whl (benchmarks/device_wheels.txt).
@@ -54,9 +57,20 @@ speculation() {  # limit: MTP K = 1, 2 at batch 1, 8 on the speedrun's SFT model
     --repeat 1 --n 6 --no-compile 2>&1 | tee "$OUT/speculative.log"
   echo "speculative done at $(elapsed)s"
 }
+fused() {  # limit: the fused decode step's tests on the GPU, its accuracy and speed against the compiled step
+  enough "$1" 60 || return
+  local until=$(( $(elapsed) + $1 ))
+  timeout "$(( $1 < 150 ? $1 : 150 ))" python3 -m pytest -p no:cacheprovider tests/test_fused_decode.py 2>&1 \
+    | tail -25 | tee "$OUT/fused_tests.log"
+  local rest=$(( until - $(elapsed) ))
+  enough "$rest" 60 || return
+  OUT=$OUT timeout "$rest" python3 benchmarks/fused_decode.py --profile ${FUSED_ARGS:-} 2>&1 | grep -v Warning \
+    | tee "$OUT/fused_decode.log"
+  echo "fused done at $(elapsed)s"
+}
 decode() {  # limit: bench-1b decode vs transformers, with the kernel profile
   enough "$1" 200 || return
-  OUT=$OUT timeout "$1" python3 benchmarks/decode.py --repeat 3 --modes compiled graphs --profile ${DECODE_ARGS:-} 2>&1 \
+  OUT=$OUT timeout "$1" python3 benchmarks/decode.py --repeat 3 --modes ${DECODE_MODES:-compiled graphs} --profile ${DECODE_ARGS:-} 2>&1 \
     | grep -v Warning | tee "$OUT/decode.log"
   echo "decode done at $(elapsed)s"
 }
@@ -107,9 +121,13 @@ case $stage in
     short_speedrun "$(left 500)" "${MINUTES:-0.6}"
     speculation "$(left 580)"
     ;;
+  fused)  # the fused decode step: its tests, accuracy and speed per bucket, then decode vs transformers
+    fused 330
+    DECODE_MODES=${DECODE_MODES:-fused compiled} decode "$(left 585)"
+    ;;
   serve) serve 585 ;;
   trl) trl 585 ;;
-  *) echo "unknown stage $stage: speedrun, decode, mtp, spec, measure, serve or trl" >&2; exit 2 ;;
+  *) echo "unknown stage $stage: speedrun, decode, mtp, spec, measure, fused, serve or trl" >&2; exit 2 ;;
 esac
 echo "stage $stage: $(elapsed)s"
 # a call returns at most 8 files: the logs travel as one archive beside the JSON results

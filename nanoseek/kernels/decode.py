@@ -164,7 +164,7 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
     its running max and sum (merged by mla_output)."""
     b = tl.program_id(0)
     sp = tl.program_id(1)
-    pos = tl.load(pos_ptr + b)
+    pos = tl.load(pos_ptr + b).to(tl.int32)
     hh = tl.arange(0, BLOCK_H)
     cc = tl.arange(0, BLOCK_C)
     rr = tl.arange(0, BLOCK_R)

@@ -1,0 +1,171 @@
+"""The fused decode step (infer/fused.py) on a GPU: accurate, and how much faster per step.
+
+bench-1b with random weights (seeded), BF16, every cache row prefilled with a prompt of
+`--prompt` tokens (max_len prompt + 128, as benchmarks/decode.py).
+
+- accuracy, per bucket: the next-token logits of the fused step and of the model's own
+  absorbed decode forward (both BF16), each against the same forward of a float32 copy of
+  the model and cache: relative error ||x - x32|| / ||x32|| and argmax agreement;
+- speed, per bucket: a captured decode burst of `--steps` steps (graph replays, tokens
+  chosen inside) timed by CUDA events, median of `--repeat` after a warm-up (capture and
+  compilation): µs per step for the fused step and for the compiled model step
+  (torch.compile + CUDA graph, the engine's path without fused_decode), and their ratio;
+  the weight bytes a batch-1 step must read, over its time: the bandwidth it reaches;
+- `--profile`: the fused step's kernels at batch 1 (torch.profiler, uncaptured) in
+  fused_profile.txt.
+
+    python benchmarks/fused_decode.py [--buckets 1 2 4 --steps 64 --repeat 5 --profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, out_dir, rel_err, time_cuda, write_json  # noqa: E402
+
+from nanoseek import Transformer, preset  # noqa: E402
+from nanoseek.infer.cuda_graph import GraphDecoder  # noqa: E402
+from nanoseek.infer.fused import FusedDecoder  # noqa: E402
+from nanoseek.model import StaticCache  # noqa: E402
+from nanoseek.model.moe import MoE, Router  # noqa: E402
+
+
+def step_weight_bytes(model: Transformer) -> int:
+    """Bytes of the weights one token's decode step reads: everything but the embedding
+    table (one row), the MTP layers and the routed experts it does not choose."""
+    c = model.config
+    total = 0
+    for layer in model.main_layers:
+        total += sum(p.numel() * p.element_size() for p in layer.self_attn.parameters())
+        total += sum(p.numel() * p.element_size() for p in (layer.input_layernorm.weight,
+                                                             layer.post_attention_layernorm.weight))
+        mlp = layer.mlp
+        if isinstance(mlp, MoE):
+            total += mlp.gate.weight.numel() * mlp.gate.weight.element_size()
+            total += sum(p[0].numel() * p.element_size() * c.num_experts_per_tok
+                         for p in (mlp.experts.gate_proj, mlp.experts.up_proj, mlp.experts.down_proj))
+            if mlp.shared_experts is not None:
+                total += sum(p.numel() * p.element_size() for p in mlp.shared_experts.parameters())
+        else:
+            total += sum(p.numel() * p.element_size() for p in mlp.parameters())
+    return total + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+
+
+def bf16_copy(model: Transformer) -> Transformer:
+    """As from_pretrained(dtype=bfloat16) makes it: BF16 weights, the routers and the RoPE
+    frequencies in float32."""
+    out = copy.deepcopy(model).to(torch.bfloat16)
+    for module in out.modules():
+        if isinstance(module, Router):
+            module.float()
+    out.model.rotary.inv_freq = model.model.rotary.inv_freq.clone()
+    return out
+
+
+def prefill(model, cache, prompts):
+    with torch.no_grad():
+        for b, p in enumerate(prompts):
+            model(p[None], positions=torch.arange(len(p), device=p.device)[None],
+                  cache=cache.select([b], kv_len=len(p)), absorb=False)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--buckets", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    cfg = preset("bench-1b")
+    model = Transformer(cfg).cuda().eval()   # float32 twin: the reference both are held to
+    model_bf16 = bf16_copy(model)
+    R = max(args.buckets)
+    max_len = args.prompt + 128
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, cfg.vocab_size, (R, args.prompt), generator=g).cuda()
+    cache32 = StaticCache(cfg, R, max_len, dtype=torch.float32, device="cuda")
+    cache16 = StaticCache(cfg, R, max_len, dtype=torch.bfloat16, device="cuda")
+    prefill(model, cache32, prompts)
+    prefill(model_bf16, cache16, prompts)
+    rows = {}
+    for B in args.buckets:
+        ids = torch.randint(0, cfg.vocab_size, (B, 1), generator=g).cuda()
+        pos = torch.full((B, 1), args.prompt, device="cuda")
+        with torch.no_grad():
+            ref = model(ids, positions=pos, cache=copy.deepcopy(cache32).prefix(B)).logits[:, -1].float()
+            plain = model_bf16(ids, positions=pos, cache=copy.deepcopy(cache16).prefix(B)).logits[:, -1].float()
+        fused = FusedDecoder(model_bf16, copy.deepcopy(cache16), B).forward(ids, pos).float()
+        rows[f"batch {B}"] = {
+            "batch": B,
+            "fused_rel_err_vs_fp32": rel_err(fused, ref), "model_bf16_rel_err_vs_fp32": rel_err(plain, ref),
+            "fused_argmax_agrees_fp32": float((fused.argmax(-1) == ref.argmax(-1)).float().mean()),
+            "model_bf16_argmax_agrees_fp32": float((plain.argmax(-1) == ref.argmax(-1)).float().mean()),
+            "fused_vs_model_bf16_max_abs_diff": float((fused - plain).abs().max()),
+        }
+        print(rows[f"batch {B}"], flush=True)
+    del model, cache32
+    torch.cuda.empty_cache()
+
+    for name, kw in (("fused", dict(fused_rows=R)), ("compiled", dict(compile=True))):
+        for B in args.buckets:
+            cache = copy.deepcopy(cache16)
+            step = GraphDecoder(model_bf16, cache, None, **kw)
+            slots = list(range(B))
+
+            def burst(step=step, slots=slots):
+                return step.decode_burst(slots, [1] * len(slots), [args.prompt] * len(slots), args.steps)
+            us = time_cuda(burst, warmup=1, repeat=args.repeat)["median_ms"] * 1e3 / args.steps  # warm-up: capture
+            row = rows[f"batch {B}"]
+            row[f"{name}_us_per_step"] = us
+            row[f"{name}_graph_captured"] = bool(step.graphs) and not step.failed
+            if name == "compiled":
+                row["compiled_compiled"] = step.compile
+                row["speedup_fused_vs_compiled"] = row["compiled_us_per_step"] / row["fused_us_per_step"]
+            print(f"{name} batch {B}: {us:.1f} us/step", flush=True)
+            del step, cache
+            torch.cuda.empty_cache()
+    weight_bytes = step_weight_bytes(model_bf16)
+    if "batch 1" in rows:
+        for name in ("fused", "compiled"):
+            rows["batch 1"][f"{name}_weight_bandwidth_TBps"] = weight_bytes / rows["batch 1"][f"{name}_us_per_step"] / 1e6
+    result = {"benchmark": "fused_decode", **environment(), "preset": "bench-1b", "prompt_tokens": args.prompt,
+              "max_len": max_len, "steps_per_burst": args.steps, "repeat": args.repeat,
+              "batch1_weight_bytes": weight_bytes, "rows": rows}
+    print(f"wrote {write_json(result, 'fused_decode.json')}")
+    if args.profile:
+        profile(model_bf16, cache16, args)
+
+
+def profile(model, cache, args):
+    from torch.profiler import ProfilerActivity, profile
+    fused = FusedDecoder(model, cache, 1)
+    ids = torch.ones(1, 1, dtype=torch.long, device="cuda")
+    pos = torch.full((1, 1), args.prompt, device="cuda")
+    for _ in range(3):
+        fused.forward(ids, pos)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            fused.forward(ids, pos)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events) / 10
+    head = (f"## fused step, batch 1: {total:.0f} us of kernels per step, "
+            f"{sum(e.count for e in events) / 10:.0f} kernel launches")
+    out = out_dir() / "fused_profile.txt"
+    out.write_text(head + "\n\n" + prof.key_averages().table(sort_by="self_device_time_total", row_limit=40,
+                                                             max_name_column_width=60) + "\n")
+    print(head, f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
