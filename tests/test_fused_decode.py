@@ -39,24 +39,29 @@ def prefilled_cache(model, lengths, max_len=40):
     return cache
 
 
-@pytest.mark.parametrize("routing", [
-    dict(),                                                                  # V3: sigmoid, noaux_tc, bias
-    dict(topk_method="greedy"),                                              # no groups
-    dict(scoring_func="softmax", topk_method="group_limited_greedy", n_group=4, topk_group=2),  # V2
+@pytest.mark.parametrize("routing, chunked", [
+    (dict(), False),                                                          # V3: sigmoid, noaux_tc, bias
+    (dict(topk_method="greedy"), True),                                       # no groups
+    (dict(scoring_func="softmax", topk_method="group_limited_greedy", n_group=4, topk_group=2), False),  # V2
 ])
-def test_fused_step_matches_model_decode(routing):
+def test_fused_step_matches_model_decode(routing, chunked, monkeypatch):
     """Logits of rows at different positions (one of them the dummy row at 0 that a bucket
     pads with) and every layer's cache entries: the fused step equals the model's absorbed
-    decode forward in float32."""
-    from nanoseek.infer.fused import FusedDecoder
+    decode forward in float32. Attention in splits of 16 positions (row 2 spans two);
+    chunked: rows wider than 16 read in chunks (the path of a wide model's hidden size)."""
+    from nanoseek.infer import fused
+    if chunked:
+        monkeypatch.setattr(fused, "MAX_BLOCK", 16)
     model = sharp_model(**routing)
-    cache = prefilled_cache(model, [7, 12, 1])
+    cache = prefilled_cache(model, [7, 20, 1])
     fused_cache = copy.deepcopy(cache)
     ids = torch.randint(0, model.config.vocab_size, (3, 1), device=DEVICE)
-    positions = torch.tensor([[7], [12], [0]], device=DEVICE)
+    positions = torch.tensor([[7], [20], [0]], device=DEVICE)
     with torch.no_grad():
         want = model(ids, positions=positions, cache=cache.prefix(3)).logits[:, -1]
-    got = FusedDecoder(model, fused_cache, max_rows=4).forward(ids, positions)
+    step = fused.FusedDecoder(model, fused_cache, max_rows=4, tuning=dict(attend_split=16))
+    assert step.nsplit == 3
+    got = step.forward(ids, positions)
     assert want.abs().max() > 5  # sharp logits: a wrong expert moves them by whole units
     torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-4)
     for layer, fused_layer in zip(cache.layers, fused_cache.layers):
@@ -89,6 +94,9 @@ def test_fused_decoder_bursts_equal_the_model_step():
 
 def test_unsupported_models_say_why():
     from nanoseek.infer.fused import FusedDecoder
+    with pytest.raises(ValueError, match="unknown tuning keys \\['gemv_row'\\]"):
+        m = Transformer(preset("tiny"))
+        FusedDecoder(m, StaticCache(m.config, 1, 8), 1, tuning=dict(gemv_row=8))
     assert FusedDecoder.unsupported(preset("tiny")) is None
     assert FusedDecoder.unsupported(preset("bench-1b")) is None
     cases = {"attention_type": dict(attention_type="gqa", num_key_value_heads=2),

@@ -31,7 +31,12 @@ from ..model import StaticCache, Transformer
 from ..model.moe import MoE
 
 MAX_EXPERTS = 128   # the routing compares all E^2 pairs of one token's scores in registers
-SPLIT = 128         # cache positions per attention program (flash-decoding split)
+MAX_BLOCK = 2048    # widest row a program loads at once (wider ones are read in chunks)
+
+# Launch shapes, measured on an H200 with bench-1b (benchmarks/fused_decode.py --tune):
+# rows of a weight per program and warps per program for each kernel, attention's split.
+TUNING = dict(gemv_rows=4, gemv_warps=4, query_warps=8, attend_split=64, attend_warps=4,
+              output_warps=8, up_rows=4, up_warps=4, down_rows=4, down_warps=4)
 
 
 def _pow2(n: int, at_least: int = 1) -> int:
@@ -39,18 +44,27 @@ def _pow2(n: int, at_least: int = 1) -> int:
 
 
 class FusedDecoder:
-    def __init__(self, model: Transformer, cache: StaticCache, max_rows: int):
+    def __init__(self, model: Transformer, cache: StaticCache, max_rows: int, tuning: dict | None = None):
         from ..kernels import decode as kernels  # Triton, imported only where the path runs
         reason = self.unsupported(model.config)
         if reason:
             raise ValueError(f"the fused decode step does not support this model: {reason}")
         self.k = kernels
         self.model, self.cache, self.max_rows = model, cache, max_rows
+        unknown = set(tuning or {}) - set(TUNING)
+        if unknown:
+            raise ValueError(f"unknown tuning keys {sorted(unknown)}; known: {sorted(TUNING)}")
+        self.t = {**TUNING, **(tuning or {})}
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            # Triton's interpreter (CPU tests) pays per program: a few big ones, still more
+            # than one per kernel, so that block boundaries are tested
+            self.t.update(gemv_rows=16, up_rows=32, down_rows=32)
         c = self.config = model.config
         dev = model.model.embed_tokens.weight.device
         f32 = dict(dtype=torch.float32, device=dev)
         H, C, R = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim
-        self.nsplit = -(-cache.max_len // SPLIT)
+        self.split = self.t["attend_split"]
+        self.nsplit = triton_cdiv(cache.max_len, self.split)
         moe_layers = [layer.mlp for layer in model.main_layers if isinstance(layer.mlp, MoE)]
         K = c.num_experts_per_tok if moe_layers else 0
         self.widths = [c.moe_intermediate_size * max(c.n_shared_experts or 0, 1)]
@@ -72,10 +86,6 @@ class FusedDecoder:
         self.logits = torch.empty(M, c.vocab_size, **f32)
         # fp32 caches and weights (CPU tests): exact dot products, not TF32
         self.dot_precision = "ieee" if cache.layers[0][0].dtype == torch.float32 else "tf32"
-        # Triton's interpreter (CPU tests) pays per program, a GPU wants ~128 or more of them:
-        # the interpreter gets bigger blocks (still several per kernel, so boundaries are tested)
-        self.min_programs = 4 if os.environ.get("TRITON_INTERPRET") == "1" else 256
-        self.block_f, self.block_d = (32, 32) if self.min_programs < 256 else (16, 8)
 
     @staticmethod
     def unsupported(config: ModelConfig) -> str | None:
@@ -118,9 +128,7 @@ class FusedDecoder:
         B, K = x.shape
         n1 = weight.shape[0]
         n2 = 0 if weight2 is None else weight2.shape[0]
-        n = max(n1, n2)
-        # about min_programs programs or more: each a few rows of the weight, all B rows of x
-        block_o = min(32, max(4, _pow2(max(n // self.min_programs, 1))))
+        block_o = self.t["gemv_rows"]  # rows of the weight per program, all B rows of x
         grid = (triton_cdiv(n1, block_o) + (triton_cdiv(n2, block_o) if n2 else 0),)
         self.k.gemv_kernel[grid](
             x, x.stride(0), B, K, norm.weight if norm is not None else x,
@@ -129,7 +137,7 @@ class FusedDecoder:
             residual if residual is not None else out, residual.stride(0) if residual is not None else 0,
             out, out.stride(0),
             HAS_NORM=norm is not None, HAS_RES=residual is not None,
-            BLOCK_B=_pow2(B), BLOCK_O=block_o, BLOCK_K=min(128, _pow2(K)), num_warps=4)
+            BLOCK_B=_pow2(B), BLOCK_O=block_o, BLOCK_K=min(MAX_BLOCK, _pow2(K)), num_warps=self.t["gemv_warps"])
 
     def _attention(self, layer, i, h, positions_B, cos, sin):
         c, k, a = self.config, self.k, layer.self_attn
@@ -144,17 +152,17 @@ class FusedDecoder:
             a.q_a_layernorm.eps, a.kv_a_layernorm.eps, a.q_b_proj.weight, a.kv_b_proj.weight,
             cos, sin, positions_B, self.q_lat, self.q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0),
             H, Q, C, N, R, V,
-            BLOCK_Q=min(128, _pow2(Q)), BLOCK_N=_pow2(N), BLOCK_C=min(128, _pow2(C)),
-            BLOCK_R2=_pow2(R // 2), num_warps=4)
+            BLOCK_Q=_pow2(Q), BLOCK_N=_pow2(N), BLOCK_C=_pow2(C), BLOCK_R2=_pow2(R // 2),
+            num_warps=self.t["query_warps"])
         k.mla_attend_kernel[(B, self.nsplit)](
             self.q_lat, self.q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0), positions_B,
-            self.part_acc, self.part_m, self.part_l, a.scale, H, C, R, SPLIT, self.nsplit,
-            BLOCK_H=_pow2(H, 16), BLOCK_C=_pow2(C, 16), BLOCK_R=_pow2(R, 16), BLOCK_S=32,
-            DOT_PRECISION=self.dot_precision, num_warps=4)
+            self.part_acc, self.part_m, self.part_l, a.scale, H, C, R, self.split, self.nsplit,
+            BLOCK_H=_pow2(H, 16), BLOCK_C=_pow2(C, 16), BLOCK_R=_pow2(R, 16), BLOCK_S=min(self.split, 64),
+            DOT_PRECISION=self.dot_precision, num_warps=self.t["attend_warps"])
         o = self.o[:B]
         k.mla_output_kernel[(B, H)](
             self.part_acc, self.part_m, self.part_l, a.kv_b_proj.weight, o, H, C, N, V, self.nsplit,
-            BLOCK_SP=_pow2(self.nsplit), BLOCK_C=min(128, _pow2(C)), BLOCK_V=_pow2(V), num_warps=4)
+            BLOCK_SP=_pow2(self.nsplit), BLOCK_C=_pow2(C), BLOCK_V=_pow2(V), num_warps=self.t["output_warps"])
         self._gemv(o, a.o_proj.weight, h, residual=h)
 
     def _mlp(self, layer, h):
@@ -185,17 +193,18 @@ class FusedDecoder:
         sd = shared.down_proj.weight if shared is not None else wd
         wg, wu, wd = (sg, su, sd) if wg is None else (wg, wu, wd)
         P = K + (shared is not None)
-        block_f, block_d = self.block_f, self.block_d
+        block_f, block_d = self.t["up_rows"], self.t["down_rows"]
         hmid = self.hmid
         k.moe_up_kernel[(B, P, triton_cdiv(max(F, FS), block_f))](
             h, h.stride(0), norm.weight, norm.eps, D,
             self.router_logits, bias if bias is not None else self.router_logits, E, scaling,
             self.sel_idx, self.sel_gate, wg, wu, F, sg, su, FS, hmid, hmid.stride(0), hmid.stride(1),
-            K=K, **route, BLOCK_F=block_f, BLOCK_D=min(256, _pow2(D)), num_warps=4)
+            K=K, **route, BLOCK_F=block_f, BLOCK_D=min(MAX_BLOCK, _pow2(D)), num_warps=self.t["up_warps"])
         k.moe_down_kernel[(B, triton_cdiv(D, block_d))](
             h, h.stride(0), self.sel_idx, self.sel_gate, wd, F, sd, FS, D, hmid, hmid.stride(0),
             hmid.stride(1), K=K, HAS_SHARED=shared is not None, BLOCK_D=block_d,
-            BLOCK_F=min(256, _pow2(max(F, FS))), num_warps=4)
+            BLOCK_F=min(MAX_BLOCK, _pow2(max(F, 1))), BLOCK_FS=min(MAX_BLOCK, _pow2(max(FS, 1))),
+            num_warps=self.t["down_warps"])
 
 
 def triton_cdiv(a: int, b: int) -> int:

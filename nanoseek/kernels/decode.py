@@ -50,7 +50,9 @@ def gemv_kernel(x_ptr, stride_x, B, K, norm_ptr, eps,
                 BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[b, :n1] = x_b @ w1^T, out[b, n1:n1+n2] = x_b @ w2^T (two weights, one launch),
     x_b = RMSNorm(x[b]) · norm if HAS_NORM, plus res[b] if HAS_RES. All B rows per program:
-    each weight block is read once."""
+    each weight block is read once. BLOCK_K >= K: one load of the weight block, issued
+    first, so its latency overlaps the row's and the norm's (a loop over K would wait for
+    memory once per chunk); else chunks of BLOCK_K (a wide hidden size)."""
     pid = tl.program_id(0)
     nb1 = tl.cdiv(n1, BLOCK_O)
     second = (pid >= nb1).to(tl.int32)
@@ -61,26 +63,38 @@ def gemv_kernel(x_ptr, stride_x, B, K, norm_ptr, eps,
     omask = o < n1 + second * (n2 - n1)
     rows = tl.arange(0, BLOCK_B)
     bmask = rows < B
-    if HAS_NORM:
-        sq = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rows[:, None] * stride_x + k[None, :],
-                        mask=bmask[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
-            sq += x * x
-        inv = tl.rsqrt(tl.sum(sq, axis=1) / K + eps)
-    acc = tl.zeros([BLOCK_B, BLOCK_O], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
+    if BLOCK_K >= K:
+        k = tl.arange(0, BLOCK_K)
         kmask = k < K
+        w = tl.load(w_ptr + o[:, None] * K + k[None, :], mask=omask[:, None] & kmask[None, :], other=0.0)
         x = tl.load(x_ptr + rows[:, None] * stride_x + k[None, :],
                     mask=bmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
         if HAS_NORM:
             g = tl.load(norm_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+            inv = tl.rsqrt(tl.sum(x * x, axis=1) / K + eps)
             x = x * inv[:, None] * g[None, :]
-        w = tl.load(w_ptr + o[:, None] * K + k[None, :], mask=omask[:, None] & kmask[None, :],
-                    other=0.0).to(tl.float32)
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+        acc = tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    else:
+        if HAS_NORM:
+            sq = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + rows[:, None] * stride_x + k[None, :],
+                            mask=bmask[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
+                sq += x * x
+            inv = tl.rsqrt(tl.sum(sq, axis=1) / K + eps)
+        acc = tl.zeros([BLOCK_B, BLOCK_O], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            kmask = k < K
+            w = tl.load(w_ptr + o[:, None] * K + k[None, :], mask=omask[:, None] & kmask[None, :],
+                        other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + rows[:, None] * stride_x + k[None, :],
+                        mask=bmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            if HAS_NORM:
+                g = tl.load(norm_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+                x = x * inv[:, None] * g[None, :]
+            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
     col = o + second * n1
     mask = bmask[:, None] & omask[None, :]
     if HAS_RES:
@@ -97,58 +111,52 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
                      BLOCK_R2: tl.constexpr):
     """Program (b, h < H): q_nope, q_pe = q_b(RMSNorm(q_a)) of head h; q_pe rotated; q_lat =
     W_UK_h^T q_nope. Program (b, H): c_kv = RMSNorm(kv_a[:C]), k_pe = RoPE(kv_a[C:]), both
-    written into the cache at the row's position. RoPE pairs are interleaved (x0, x1), ..."""
+    written into the cache at the row's position. RoPE pairs are interleaved (x0, x1), ...
+    BLOCK_Q >= Q and BLOCK_C >= C: the head's weights are loaded at once, before the row."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     R2 = R // 2
     r2 = tl.arange(0, BLOCK_R2)
     r2mask = r2 < R2
-    cos = tl.load(cos_ptr + b * R2 + r2, mask=r2mask, other=0.0)
-    sin = tl.load(sin_ptr + b * R2 + r2, mask=r2mask, other=0.0)
     row_ptr = qkv_ptr + b * stride_qkv
+    c = tl.arange(0, BLOCK_C)
+    cmask = c < C
     if h < H:
-        inv = _inv_rms(row_ptr, Q, eps_q, BLOCK_Q)
         n = tl.arange(0, BLOCK_N)
         nmask = n < N
+        j = tl.arange(0, BLOCK_Q)
+        jmask = j < Q
         row0 = h * (N + R)
-        acc_n = tl.zeros([BLOCK_N], dtype=tl.float32)
-        acc_e = tl.zeros([BLOCK_R2], dtype=tl.float32)
-        acc_o = tl.zeros([BLOCK_R2], dtype=tl.float32)
-        for j0 in range(0, Q, BLOCK_Q):
-            j = j0 + tl.arange(0, BLOCK_Q)
-            jmask = j < Q
-            x = (tl.load(row_ptr + j, mask=jmask, other=0.0).to(tl.float32) * inv
-                 * tl.load(qnorm_ptr + j, mask=jmask, other=0.0).to(tl.float32))
-            w = tl.load(wqb_ptr + (row0 + n)[:, None] * Q + j[None, :],
-                        mask=nmask[:, None] & jmask[None, :], other=0.0).to(tl.float32)
-            acc_n += tl.sum(w * x[None, :], axis=1)
-            pe_rows = row0 + N + 2 * r2
-            pmask = r2mask[:, None] & jmask[None, :]
-            w_e = tl.load(wqb_ptr + pe_rows[:, None] * Q + j[None, :], mask=pmask, other=0.0).to(tl.float32)
-            w_o = tl.load(wqb_ptr + (pe_rows + 1)[:, None] * Q + j[None, :], mask=pmask, other=0.0).to(tl.float32)
-            acc_e += tl.sum(w_e * x[None, :], axis=1)
-            acc_o += tl.sum(w_o * x[None, :], axis=1)
+        pe_rows = row0 + N + 2 * r2
+        pmask = r2mask[:, None] & jmask[None, :]
+        w_n = tl.load(wqb_ptr + (row0 + n)[:, None] * Q + j[None, :], mask=nmask[:, None] & jmask[None, :], other=0.0)
+        w_e = tl.load(wqb_ptr + pe_rows[:, None] * Q + j[None, :], mask=pmask, other=0.0)
+        w_o = tl.load(wqb_ptr + (pe_rows + 1)[:, None] * Q + j[None, :], mask=pmask, other=0.0)
+        w_uk = tl.load(wkvb_ptr + (h * (N + V) + n)[:, None] * C + c[None, :],
+                       mask=nmask[:, None] & cmask[None, :], other=0.0)
+        qa = tl.load(row_ptr + j, mask=jmask, other=0.0).to(tl.float32)
+        g = tl.load(qnorm_ptr + j, mask=jmask, other=0.0).to(tl.float32)
+        cos = tl.load(cos_ptr + b * R2 + r2, mask=r2mask, other=0.0)
+        sin = tl.load(sin_ptr + b * R2 + r2, mask=r2mask, other=0.0)
+        x = qa * tl.rsqrt(tl.sum(qa * qa, axis=0) / Q + eps_q) * g
+        q_nope = tl.sum(w_n.to(tl.float32) * x[None, :], axis=1)
+        pe_e = tl.sum(w_e.to(tl.float32) * x[None, :], axis=1)
+        pe_o = tl.sum(w_o.to(tl.float32) * x[None, :], axis=1)
         pe_ptr = qpe_ptr + (b * H + h) * R
-        tl.store(pe_ptr + 2 * r2, acc_e * cos - acc_o * sin, mask=r2mask)
-        tl.store(pe_ptr + 2 * r2 + 1, acc_o * cos + acc_e * sin, mask=r2mask)
-        for c0 in range(0, C, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
-            cmask = c < C
-            w = tl.load(wkvb_ptr + (h * (N + V) + n)[:, None] * C + c[None, :],
-                        mask=nmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-            tl.store(qlat_ptr + (b * H + h) * C + c, tl.sum(w * acc_n[:, None], axis=0), mask=cmask)
+        tl.store(pe_ptr + 2 * r2, pe_e * cos - pe_o * sin, mask=r2mask)
+        tl.store(pe_ptr + 2 * r2 + 1, pe_o * cos + pe_e * sin, mask=r2mask)
+        tl.store(qlat_ptr + (b * H + h) * C + c, tl.sum(w_uk.to(tl.float32) * q_nope[:, None], axis=0), mask=cmask)
     else:
         kv_ptr = row_ptr + Q
-        inv = _inv_rms(kv_ptr, C, eps_kv, BLOCK_C)
         pos = tl.load(pos_ptr + b)
-        for c0 in range(0, C, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
-            cmask = c < C
-            x = (tl.load(kv_ptr + c, mask=cmask, other=0.0).to(tl.float32) * inv
-                 * tl.load(kvnorm_ptr + c, mask=cmask, other=0.0).to(tl.float32))
-            tl.store(ckv_ptr + b * stride_ckv + pos * C + c, x, mask=cmask)
+        kv = tl.load(kv_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+        g = tl.load(kvnorm_ptr + c, mask=cmask, other=0.0).to(tl.float32)
         e = tl.load(kv_ptr + C + 2 * r2, mask=r2mask, other=0.0).to(tl.float32)
         o = tl.load(kv_ptr + C + 2 * r2 + 1, mask=r2mask, other=0.0).to(tl.float32)
+        cos = tl.load(cos_ptr + b * R2 + r2, mask=r2mask, other=0.0)
+        sin = tl.load(sin_ptr + b * R2 + r2, mask=r2mask, other=0.0)
+        tl.store(ckv_ptr + b * stride_ckv + pos * C + c, kv * tl.rsqrt(tl.sum(kv * kv, axis=0) / C + eps_kv) * g,
+                 mask=cmask)
         out = kpe_ptr + b * stride_kpe + pos * R
         tl.store(out + 2 * r2, e * cos - o * sin, mask=r2mask)
         tl.store(out + 2 * r2 + 1, o * cos + e * sin, mask=r2mask)
@@ -205,29 +213,24 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
 def mla_output_kernel(acc_ptr, m_ptr, l_ptr, wkvb_ptr, o_ptr, H, C, N, V, NSPLIT,
                       BLOCK_SP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
     """Program (b, h): o_lat = the splits merged (softmax-weighted), o[b, h·V:(h+1)·V] =
-    W_UV_h o_lat."""
+    W_UV_h o_lat. BLOCK_C >= C: one load each of the head's W_UV and partial sums."""
     b = tl.program_id(0)
     h = tl.program_id(1)
+    v = tl.arange(0, BLOCK_V)
+    vmask = v < V
+    c = tl.arange(0, BLOCK_C)
+    cmask = c < C
     sp = tl.arange(0, BLOCK_SP)
     spmask = sp < NSPLIT
     part = (b * NSPLIT + sp) * H + h
+    wuv = tl.load(wkvb_ptr + (h * (N + V) + N + v)[:, None] * C + c[None, :],
+                  mask=vmask[:, None] & cmask[None, :], other=0.0)
+    a = tl.load(acc_ptr + part[:, None] * C + c[None, :], mask=spmask[:, None] & cmask[None, :], other=0.0)
     m = tl.load(m_ptr + part, mask=spmask, other=float("-inf"))
     l = tl.load(l_ptr + part, mask=spmask, other=0.0)
-    m_max = tl.max(m, axis=0)
-    w = tl.where(spmask, tl.exp(m - m_max), 0.0)
-    w = w / tl.sum(w * l, axis=0)
-    v = tl.arange(0, BLOCK_V)
-    vmask = v < V
-    out = tl.zeros([BLOCK_V], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        cmask = c < C
-        a = tl.load(acc_ptr + part[:, None] * C + c[None, :], mask=spmask[:, None] & cmask[None, :], other=0.0)
-        o_lat = tl.sum(a * w[:, None], axis=0)
-        wuv = tl.load(wkvb_ptr + (h * (N + V) + N + v)[:, None] * C + c[None, :],
-                      mask=vmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        out += tl.sum(wuv * o_lat[None, :], axis=1)
-    tl.store(o_ptr + (b * H + h) * V + v, out, mask=vmask)
+    w = tl.where(spmask, tl.exp(m - tl.max(m, axis=0)), 0.0)
+    o_lat = tl.sum(a * w[:, None], axis=0) / tl.sum(w * l, axis=0)
+    tl.store(o_ptr + (b * H + h) * V + v, tl.sum(wuv.to(tl.float32) * o_lat[None, :], axis=1), mask=vmask)
 
 
 @triton.jit
@@ -291,10 +294,16 @@ def moe_up_kernel(h_ptr, stride_h, norm_ptr, eps, D,
                   BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (b, p, f-block): slot p < K is routed expert idx_p (routed here, and written to
     sel_* for moe_down), p == K the shared experts (their stacked [FS, D] weights, or a dense
-    layer's MLP). hmid[b, p, f] = SiLU(x·W_gate[f]) · (x·W_up[f]), x = RMSNorm(h[b])·norm."""
+    layer's MLP). hmid[b, p, f] = SiLU(x·W_gate[f]) · (x·W_up[f]), x = RMSNorm(h[b])·norm.
+    BLOCK_D >= D: the rows of W_gate and W_up are loaded at once."""
     b = tl.program_id(0)
     p = tl.program_id(1)
     fb = tl.program_id(2)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    x_ptr = h_ptr + b * stride_h
+    hx = tl.load(x_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+    g = tl.load(norm_ptr + d, mask=dmask, other=0.0).to(tl.float32)
     wg, wu, width = sg_ptr, su_ptr, FS
     if p < K:
         idx, gate = _route(logits_ptr + b * E, bias_ptr, E, scaling, p, K, G, TOPK_GROUP, HAS_BIAS,
@@ -305,60 +314,65 @@ def moe_up_kernel(h_ptr, stride_h, norm_ptr, eps, D,
         offset = idx.to(tl.int64) * F * D
         wg, wu, width = wg_ptr + offset, wu_ptr + offset, F
     if fb * BLOCK_F < width:
-        x_ptr = h_ptr + b * stride_h
-        inv = _inv_rms(x_ptr, D, eps, BLOCK_D)
         f = fb * BLOCK_F + tl.arange(0, BLOCK_F)
         fmask = f < width
-        acc_g = tl.zeros([BLOCK_F], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_F], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            dmask = d < D
-            x = (tl.load(x_ptr + d, mask=dmask, other=0.0).to(tl.float32) * inv
-                 * tl.load(norm_ptr + d, mask=dmask, other=0.0).to(tl.float32))
+        if BLOCK_D >= D:
             wmask = fmask[:, None] & dmask[None, :]
-            g = tl.load(wg + f[:, None] * D + d[None, :], mask=wmask, other=0.0).to(tl.float32)
-            u = tl.load(wu + f[:, None] * D + d[None, :], mask=wmask, other=0.0).to(tl.float32)
-            acc_g += tl.sum(g * x[None, :], axis=1)
-            acc_u += tl.sum(u * x[None, :], axis=1)
+            w_g = tl.load(wg + f[:, None] * D + d[None, :], mask=wmask, other=0.0)
+            w_u = tl.load(wu + f[:, None] * D + d[None, :], mask=wmask, other=0.0)
+            x = hx * tl.rsqrt(tl.sum(hx * hx, axis=0) / D + eps) * g
+            acc_g = tl.sum(w_g.to(tl.float32) * x[None, :], axis=1)
+            acc_u = tl.sum(w_u.to(tl.float32) * x[None, :], axis=1)
+        else:
+            inv = _inv_rms(x_ptr, D, eps, BLOCK_D)
+            acc_g = tl.zeros([BLOCK_F], dtype=tl.float32)
+            acc_u = tl.zeros([BLOCK_F], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + tl.arange(0, BLOCK_D)
+                ddmask = dd < D
+                x = (tl.load(x_ptr + dd, mask=ddmask, other=0.0).to(tl.float32) * inv
+                     * tl.load(norm_ptr + dd, mask=ddmask, other=0.0).to(tl.float32))
+                wmask = fmask[:, None] & ddmask[None, :]
+                w_g = tl.load(wg + f[:, None] * D + dd[None, :], mask=wmask, other=0.0).to(tl.float32)
+                w_u = tl.load(wu + f[:, None] * D + dd[None, :], mask=wmask, other=0.0).to(tl.float32)
+                acc_g += tl.sum(w_g * x[None, :], axis=1)
+                acc_u += tl.sum(w_u * x[None, :], axis=1)
         tl.store(hmid_ptr + b * stride_hm_b + p * stride_hm_p + f, acc_g * tl.sigmoid(acc_g) * acc_u,
                  mask=fmask)
+
+
+@triton.jit
+def _down_rows(w_ptr, width, d, dmask, x_ptr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
+    """W[d, :width] · x[:width] for the rows d of a [D, width] matrix."""
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for f0 in range(0, width, BLOCK_F):
+        f = f0 + tl.arange(0, BLOCK_F)
+        fmask = f < width
+        w = tl.load(w_ptr + d[:, None] * width + f[None, :], mask=dmask[:, None] & fmask[None, :], other=0.0)
+        x = tl.load(x_ptr + f, mask=fmask, other=0.0)
+        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    return acc
 
 
 @triton.jit
 def moe_down_kernel(h_ptr, stride_h, sel_idx_ptr, sel_gate_ptr, wd_ptr, F, sd_ptr, FS, D,
                     hmid_ptr, stride_hm_b, stride_hm_p,
                     K: tl.constexpr, HAS_SHARED: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
+                    BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_FS: tl.constexpr):
     """Program (b, d-block): h[b, d] += Σ_p gate_p · W_down_p[d] · hmid[b, p] over the routed
     slots, plus the shared experts' W_down[d] · hmid[b, K] (in place: a program reads and
-    writes only its own block)."""
+    writes only its own block). The slots are unrolled, so their loads are independent."""
     b = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = d < D
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     hm_ptr = hmid_ptr + b * stride_hm_b
+    out_ptr = h_ptr + b * stride_h + d
+    acc = tl.load(out_ptr, mask=dmask, other=0.0).to(tl.float32)
+    if HAS_SHARED:
+        acc += _down_rows(sd_ptr, FS, d, dmask, hm_ptr + K * stride_hm_p, BLOCK_D, BLOCK_FS)
     for p in tl.static_range(K):
         idx = tl.load(sel_idx_ptr + b * K + p)
         gate = tl.load(sel_gate_ptr + b * K + p)
-        w_ptr = wd_ptr + idx.to(tl.int64) * D * F
-        acc_p = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for f0 in range(0, F, BLOCK_F):
-            f = f0 + tl.arange(0, BLOCK_F)
-            fmask = f < F
-            w = tl.load(w_ptr + d[:, None] * F + f[None, :], mask=dmask[:, None] & fmask[None, :],
-                        other=0.0).to(tl.float32)
-            x = tl.load(hm_ptr + p * stride_hm_p + f, mask=fmask, other=0.0)
-            acc_p += tl.sum(w * x[None, :], axis=1)
-        acc += gate * acc_p
-    if HAS_SHARED:
-        for f0 in range(0, FS, BLOCK_F):
-            f = f0 + tl.arange(0, BLOCK_F)
-            fmask = f < FS
-            w = tl.load(sd_ptr + d[:, None] * FS + f[None, :], mask=dmask[:, None] & fmask[None, :],
-                        other=0.0).to(tl.float32)
-            x = tl.load(hm_ptr + K * stride_hm_p + f, mask=fmask, other=0.0)
-            acc += tl.sum(w * x[None, :], axis=1)
-    out_ptr = h_ptr + b * stride_h + d
-    acc += tl.load(out_ptr, mask=dmask, other=0.0).to(tl.float32)
+        acc += gate * _down_rows(wd_ptr + idx.to(tl.int64) * D * F, F, d, dmask, hm_ptr + p * stride_hm_p,
+                                 BLOCK_D, BLOCK_F)
     tl.store(out_ptr, acc, mask=dmask)
