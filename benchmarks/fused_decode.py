@@ -11,10 +11,14 @@ bench-1b with random weights (seeded), BF16, every cache row prefilled with a pr
   compilation): µs per step for the fused step and for the compiled model step
   (torch.compile + CUDA graph, the engine's path without fused_decode), and their ratio;
   the weight bytes a batch-1 step must read, over its time: the bandwidth it reaches;
+- `--tune`: before all that, the launch shapes (fused.TUNING) by coordinate descent at
+  batch 1: each knob in turn over its candidates, the others held, keeping the fastest
+  captured step (µs per step of 16 replayed steps, median of 5); the path and the best
+  shapes go to the JSON and are used for the rest of the run;
 - `--profile`: the fused step's kernels at batch 1 (torch.profiler, uncaptured) in
   fused_profile.txt.
 
-    python benchmarks/fused_decode.py [--buckets 1 2 4 --steps 64 --repeat 5 --profile]
+    python benchmarks/fused_decode.py [--buckets 1 2 4 --steps 64 --repeat 5 --tune --profile]
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from common import environment, out_dir, rel_err, time_cuda, write_json  # noqa:
 
 from nanoseek import Transformer, preset  # noqa: E402
 from nanoseek.infer.cuda_graph import GraphDecoder  # noqa: E402
+from nanoseek.infer import fused as fused_module  # noqa: E402
 from nanoseek.infer.fused import FusedDecoder  # noqa: E402
 from nanoseek.model import StaticCache  # noqa: E402
 from nanoseek.model.moe import MoE, Router  # noqa: E402
@@ -69,6 +74,53 @@ def bf16_copy(model: Transformer) -> Transformer:
     return out
 
 
+CANDIDATES = dict(gemv_rows=[2, 4, 8, 16], gemv_warps=[2, 4, 8], query_warps=[4, 8, 16],
+                  attend_split=[32, 64, 128], attend_warps=[4, 8], output_warps=[4, 8],
+                  up_rows=[2, 4, 8], up_warps=[2, 4, 8], down_rows=[2, 4, 8, 16], down_warps=[2, 4, 8])
+
+
+def fused_step_us(model, cache, tuning, prompt, steps=16, repeat=5) -> float:
+    """µs per step of the batch-1 fused step with these launch shapes, captured (steps
+    forwards in one graph), median of repeat replays after a warm-up."""
+    step = FusedDecoder(model, cache, 1, tuning)
+    ids = torch.ones(1, 1, dtype=torch.long, device="cuda")
+    pos = torch.full((1, 1), prompt, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step.forward(ids, pos)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(steps):
+            step.forward(ids, pos)
+    return time_cuda(graph.replay, warmup=1, repeat=repeat)["median_ms"] * 1e3 / steps
+
+
+def tune(model, cache, prompt) -> tuple[dict, list]:
+    """Coordinate descent over CANDIDATES from fused.TUNING; returns the best and the path."""
+    best = dict(fused_module.TUNING)
+    best_us = fused_step_us(model, cache, best, prompt)
+    path = [{"tuning": dict(best), "us_per_step": best_us}]
+    print(f"tune: start {best_us:.1f} us/step", flush=True)
+    for key, values in CANDIDATES.items():
+        for v in values:
+            if v == best[key]:
+                continue
+            trial = {**best, key: v}
+            try:
+                us = fused_step_us(model, cache, trial, prompt)
+            except Exception as e:  # noqa: BLE001 — a shape that does not compile: skip it, say so
+                print(f"tune: {key}={v} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            path.append({"tuning": trial, "us_per_step": us})
+            if us < best_us:
+                best, best_us = trial, us
+                print(f"tune: {key}={v} -> {us:.1f} us/step", flush=True)
+    return best, path
+
+
 def prefill(model, cache, prompts):
     with torch.no_grad():
         for b, p in enumerate(prompts):
@@ -83,6 +135,8 @@ def main():
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--tune", action="store_true", help="tune the launch shapes first (coordinate descent)")
+    ap.add_argument("--no-compiled", action="store_true", help="time the fused step only")
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = preset("bench-1b")
@@ -96,7 +150,11 @@ def main():
     cache16 = StaticCache(cfg, R, max_len, dtype=torch.bfloat16, device="cuda")
     prefill(model, cache32, prompts)
     prefill(model_bf16, cache16, prompts)
-    rows = {}
+    rows, tuning = {}, {}
+    if args.tune:
+        best, path = tune(model_bf16, copy.deepcopy(cache16), args.prompt)
+        fused_module.TUNING.update(best)
+        tuning = {"best": best, "path": path}
     for B in args.buckets:
         ids = torch.randint(0, cfg.vocab_size, (B, 1), generator=g).cuda()
         pos = torch.full((B, 1), args.prompt, device="cuda")
@@ -115,7 +173,8 @@ def main():
     del model, cache32
     torch.cuda.empty_cache()
 
-    for name, kw in (("fused", dict(fused_rows=R)), ("compiled", dict(compile=True))):
+    modes = (("fused", dict(fused_rows=R)),) + (() if args.no_compiled else (("compiled", dict(compile=True)),))
+    for name, kw in modes:
         for B in args.buckets:
             cache = copy.deepcopy(cache16)
             step = GraphDecoder(model_bf16, cache, None, **kw)
@@ -135,11 +194,12 @@ def main():
             torch.cuda.empty_cache()
     weight_bytes = step_weight_bytes(model_bf16)
     if "batch 1" in rows:
-        for name in ("fused", "compiled"):
+        for name, _ in modes:
             rows["batch 1"][f"{name}_weight_bandwidth_TBps"] = weight_bytes / rows["batch 1"][f"{name}_us_per_step"] / 1e6
     result = {"benchmark": "fused_decode", **environment(), "preset": "bench-1b", "prompt_tokens": args.prompt,
               "max_len": max_len, "steps_per_burst": args.steps, "repeat": args.repeat,
-              "batch1_weight_bytes": weight_bytes, "rows": rows}
+              "batch1_weight_bytes": weight_bytes, "tuning_used": dict(fused_module.TUNING),
+              "tuning_search": tuning, "rows": rows}
     print(f"wrote {write_json(result, 'fused_decode.json')}")
     if args.profile:
         profile(model_bf16, cache16, args)

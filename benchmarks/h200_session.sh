@@ -10,6 +10,7 @@
 #                                              # profile), MTP speculation after a short speedrun
 #   bash benchmarks/h200_session.sh fused      # fused decode step: tests, accuracy and speed per bucket,
 #                                              # then decode vs transformers (fused and compiled modes)
+#   bash benchmarks/h200_session.sh tune       # fused decode step: tests, launch shapes tuned, speed per bucket
 #   bash benchmarks/h200_session.sh serve      # serve load at 64 clients
 #   bash benchmarks/h200_session.sh trl        # GRPO step time: nanoseek vs TRL
 #
@@ -125,9 +126,12 @@ case $stage in
     fused 330
     DECODE_MODES=${DECODE_MODES:-fused compiled} decode "$(left 585)"
     ;;
+  tune)  # the fused step's tests, then its launch shapes tuned at batch 1 and its speed per bucket
+    FUSED_ARGS="--tune --no-compiled ${FUSED_ARGS:-}" fused 585
+    ;;
   serve) serve 585 ;;
   trl) trl 585 ;;
-  *) echo "unknown stage $stage: speedrun, decode, mtp, spec, measure, fused, serve or trl" >&2; exit 2 ;;
+  *) echo "unknown stage $stage: speedrun, decode, mtp, spec, measure, fused, tune, serve or trl" >&2; exit 2 ;;
 esac
 echo "stage $stage: $(elapsed)s"
 # a call returns at most 8 files: the logs travel as one archive beside the JSON results
