@@ -137,7 +137,8 @@ class FusedDecoder:
             residual if residual is not None else out, residual.stride(0) if residual is not None else 0,
             out, out.stride(0),
             HAS_NORM=norm is not None, HAS_RES=residual is not None,
-            BLOCK_B=_pow2(B), BLOCK_O=block_o, BLOCK_K=min(MAX_BLOCK, _pow2(K)), num_warps=self.t["gemv_warps"])
+            BLOCK_B=_pow2(B), BLOCK_O=block_o, BLOCK_K=min(MAX_BLOCK, _pow2(K)), ONE_CHUNK=K <= MAX_BLOCK,
+            num_warps=self.t["gemv_warps"])
 
     def _attention(self, layer, i, h, positions_B, cos, sin):
         c, k, a = self.config, self.k, layer.self_attn
@@ -199,7 +200,8 @@ class FusedDecoder:
             h, h.stride(0), norm.weight, norm.eps, D,
             self.router_logits, bias if bias is not None else self.router_logits, E, scaling,
             self.sel_idx, self.sel_gate, wg, wu, F, sg, su, FS, hmid, hmid.stride(0), hmid.stride(1),
-            K=K, **route, BLOCK_F=block_f, BLOCK_D=min(MAX_BLOCK, _pow2(D)), num_warps=self.t["up_warps"])
+            K=K, **route, BLOCK_F=block_f, BLOCK_D=min(MAX_BLOCK, _pow2(D)), ONE_CHUNK=D <= MAX_BLOCK,
+            num_warps=self.t["up_warps"])
         k.moe_down_kernel[(B, triton_cdiv(D, block_d))](
             h, h.stride(0), self.sel_idx, self.sel_gate, wd, F, sd, FS, D, hmid, hmid.stride(0),
             hmid.stride(1), K=K, HAS_SHARED=shared is not None, BLOCK_D=block_d,

@@ -47,10 +47,10 @@ def _inv_rms(x_ptr, n, eps, BLOCK: tl.constexpr):
 def gemv_kernel(x_ptr, stride_x, B, K, norm_ptr, eps,
                 w1_ptr, n1, w2_ptr, n2, res_ptr, stride_res, out_ptr, stride_out,
                 HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr,
-                BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
+                BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr):
     """out[b, :n1] = x_b @ w1^T, out[b, n1:n1+n2] = x_b @ w2^T (two weights, one launch),
     x_b = RMSNorm(x[b]) · norm if HAS_NORM, plus res[b] if HAS_RES. All B rows per program:
-    each weight block is read once. BLOCK_K >= K: one load of the weight block, issued
+    each weight block is read once. ONE_CHUNK (BLOCK_K >= K): one load of the weight block, issued
     first, so its latency overlaps the row's and the norm's (a loop over K would wait for
     memory once per chunk); else chunks of BLOCK_K (a wide hidden size)."""
     pid = tl.program_id(0)
@@ -63,7 +63,7 @@ def gemv_kernel(x_ptr, stride_x, B, K, norm_ptr, eps,
     omask = o < n1 + second * (n2 - n1)
     rows = tl.arange(0, BLOCK_B)
     bmask = rows < B
-    if BLOCK_K >= K:
+    if ONE_CHUNK:
         k = tl.arange(0, BLOCK_K)
         kmask = k < K
         w = tl.load(w_ptr + o[:, None] * K + k[None, :], mask=omask[:, None] & kmask[None, :], other=0.0)
@@ -291,11 +291,11 @@ def moe_up_kernel(h_ptr, stride_h, norm_ptr, eps, D,
                   hmid_ptr, stride_hm_b, stride_hm_p,
                   K: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                   SIGMOID: tl.constexpr, GROUP_TOP2: tl.constexpr, NORM_TOPK: tl.constexpr,
-                  BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
+                  BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr):
     """Program (b, p, f-block): slot p < K is routed expert idx_p (routed here, and written to
     sel_* for moe_down), p == K the shared experts (their stacked [FS, D] weights, or a dense
     layer's MLP). hmid[b, p, f] = SiLU(x·W_gate[f]) · (x·W_up[f]), x = RMSNorm(h[b])·norm.
-    BLOCK_D >= D: the rows of W_gate and W_up are loaded at once."""
+    ONE_CHUNK (BLOCK_D >= D): the rows of W_gate and W_up are loaded at once."""
     b = tl.program_id(0)
     p = tl.program_id(1)
     fb = tl.program_id(2)
@@ -316,7 +316,7 @@ def moe_up_kernel(h_ptr, stride_h, norm_ptr, eps, D,
     if fb * BLOCK_F < width:
         f = fb * BLOCK_F + tl.arange(0, BLOCK_F)
         fmask = f < width
-        if BLOCK_D >= D:
+        if ONE_CHUNK:
             wmask = fmask[:, None] & dmask[None, :]
             w_g = tl.load(wg + f[:, None] * D + d[None, :], mask=wmask, other=0.0)
             w_u = tl.load(wu + f[:, None] * D + d[None, :], mask=wmask, other=0.0)
