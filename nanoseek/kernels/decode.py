@@ -147,19 +147,20 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
         tl.store(pe_ptr + 2 * r2 + 1, pe_o * cos + pe_e * sin, mask=r2mask)
         tl.store(qlat_ptr + (b * H + h) * C + c, tl.sum(w_uk.to(tl.float32) * q_nope[:, None], axis=0), mask=cmask)
     else:
+        # (names of its own: Triton merges same-named values of the two branches)
         kv_ptr = row_ptr + Q
         pos = tl.load(pos_ptr + b)
         kv = tl.load(kv_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-        g = tl.load(kvnorm_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-        e = tl.load(kv_ptr + C + 2 * r2, mask=r2mask, other=0.0).to(tl.float32)
-        o = tl.load(kv_ptr + C + 2 * r2 + 1, mask=r2mask, other=0.0).to(tl.float32)
-        cos = tl.load(cos_ptr + b * R2 + r2, mask=r2mask, other=0.0)
-        sin = tl.load(sin_ptr + b * R2 + r2, mask=r2mask, other=0.0)
-        tl.store(ckv_ptr + b * stride_ckv + pos * C + c, kv * tl.rsqrt(tl.sum(kv * kv, axis=0) / C + eps_kv) * g,
+        g_kv = tl.load(kvnorm_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+        k_e = tl.load(kv_ptr + C + 2 * r2, mask=r2mask, other=0.0).to(tl.float32)
+        k_o = tl.load(kv_ptr + C + 2 * r2 + 1, mask=r2mask, other=0.0).to(tl.float32)
+        cos_k = tl.load(cos_ptr + b * R2 + r2, mask=r2mask, other=0.0)
+        sin_k = tl.load(sin_ptr + b * R2 + r2, mask=r2mask, other=0.0)
+        tl.store(ckv_ptr + b * stride_ckv + pos * C + c, kv * tl.rsqrt(tl.sum(kv * kv, axis=0) / C + eps_kv) * g_kv,
                  mask=cmask)
         out = kpe_ptr + b * stride_kpe + pos * R
-        tl.store(out + 2 * r2, e * cos - o * sin, mask=r2mask)
-        tl.store(out + 2 * r2 + 1, o * cos + e * sin, mask=r2mask)
+        tl.store(out + 2 * r2, k_e * cos_k - k_o * sin_k, mask=r2mask)
+        tl.store(out + 2 * r2 + 1, k_o * cos_k + k_e * sin_k, mask=r2mask)
 
 
 @triton.jit
