@@ -11,14 +11,14 @@ bench-1b with random weights (seeded), BF16, every cache row prefilled with a pr
   compilation): µs per step for the fused step and for the compiled model step
   (torch.compile + CUDA graph, the engine's path without fused_decode), and their ratio;
   the weight bytes a batch-1 step must read, over its time: the bandwidth it reaches;
-- `--tune`: before all that, the launch shapes (fused.TUNING) by coordinate descent at
+- `--tune PASSES`: before all that, the launch shapes (fused.TUNING) by coordinate descent at
   batch 1: each knob in turn over its candidates, the others held, keeping the fastest
   captured step (µs per step of 16 replayed steps, median of 5); the path and the best
   shapes go to the JSON and are used for the rest of the run;
 - `--profile`: the fused step's kernels at batch 1 (torch.profiler, uncaptured) in
   fused_profile.txt.
 
-    python benchmarks/fused_decode.py [--buckets 1 2 4 --steps 64 --repeat 5 --tune --profile]
+    python benchmarks/fused_decode.py [--buckets 1 2 4 --steps 64 --repeat 5 --tune 2 --profile]
 """
 
 from __future__ import annotations
@@ -74,9 +74,10 @@ def bf16_copy(model: Transformer) -> Transformer:
     return out
 
 
-CANDIDATES = dict(gemv_rows=[2, 4, 8, 16], gemv_warps=[2, 4, 8], query_warps=[4, 8, 16],
-                  attend_split=[32, 64, 128], attend_warps=[4, 8], output_warps=[4, 8],
-                  up_rows=[2, 4, 8], up_warps=[2, 4, 8], down_rows=[2, 4, 8, 16], down_warps=[2, 4, 8])
+# the largest kernels' knobs first
+CANDIDATES = dict(up_rows=[4, 8, 16], up_warps=[1, 2, 4], down_rows=[1, 2, 4, 8], down_warps=[1, 2, 4, 8],
+                  query_split=[1, 2, 4, 8], query_warps=[2, 4, 8], gemv_rows=[2, 4, 8], gemv_warps=[2, 4, 8],
+                  attend_split=[32, 64, 128], attend_warps=[4, 8], output_warps=[2, 4, 8], route_warps=[1, 2, 4])
 
 
 def fused_step_us(model, cache, tuning, prompt, steps=16, repeat=5) -> float:
@@ -98,17 +99,19 @@ def fused_step_us(model, cache, tuning, prompt, steps=16, repeat=5) -> float:
     return time_cuda(graph.replay, warmup=1, repeat=repeat)["median_ms"] * 1e3 / steps
 
 
-def tune(model, cache, prompt) -> tuple[dict, list]:
+def tune(model, cache, prompt, passes) -> tuple[dict, list]:
     """Coordinate descent over CANDIDATES from fused.TUNING; returns the best and the path."""
     best = dict(fused_module.TUNING)
     best_us = fused_step_us(model, cache, best, prompt)
     path = [{"tuning": dict(best), "us_per_step": best_us}]
     print(f"tune: start {best_us:.1f} us/step", flush=True)
-    for key, values in CANDIDATES.items():
+    tried = {tuple(sorted(best.items()))}
+    for key, values in [kv for _ in range(passes) for kv in CANDIDATES.items()]:
         for v in values:
-            if v == best[key]:
-                continue
             trial = {**best, key: v}
+            if tuple(sorted(trial.items())) in tried:
+                continue
+            tried.add(tuple(sorted(trial.items())))
             try:
                 us = fused_step_us(model, cache, trial, prompt)
             except Exception as e:  # noqa: BLE001 — a shape that does not compile: skip it, say so
@@ -135,7 +138,8 @@ def main():
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--tune", action="store_true", help="tune the launch shapes first (coordinate descent)")
+    ap.add_argument("--tune", type=int, default=0, metavar="PASSES",
+                    help="tune the launch shapes first: PASSES rounds of coordinate descent")
     ap.add_argument("--no-compiled", action="store_true", help="time the fused step only")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -152,7 +156,7 @@ def main():
     prefill(model_bf16, cache16, prompts)
     rows, tuning = {}, {}
     if args.tune:
-        best, path = tune(model_bf16, copy.deepcopy(cache16), args.prompt)
+        best, path = tune(model_bf16, copy.deepcopy(cache16), args.prompt, args.tune)
         fused_module.TUNING.update(best)
         tuning = {"best": best, "path": path}
     for B in args.buckets:

@@ -127,7 +127,7 @@ case $stage in
     DECODE_MODES=${DECODE_MODES:-fused compiled} decode "$(left 585)"
     ;;
   tune)  # the fused step's tests, then its launch shapes tuned at batch 1 and its speed per bucket
-    FUSED_ARGS="--tune --no-compiled ${FUSED_ARGS:-}" fused 585
+    FUSED_ARGS="--tune 2 --no-compiled ${FUSED_ARGS:-}" fused 585
     ;;
   serve) serve 585 ;;
   trl) trl 585 ;;

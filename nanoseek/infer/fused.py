@@ -35,8 +35,8 @@ MAX_BLOCK = 2048    # widest row a program loads at once (wider ones are read in
 
 # Launch shapes, measured on an H200 with bench-1b (benchmarks/fused_decode.py --tune):
 # rows of a weight per program and warps per program for each kernel, attention's split.
-TUNING = dict(gemv_rows=4, gemv_warps=4, query_warps=8, attend_split=64, attend_warps=4,
-              output_warps=8, up_rows=4, up_warps=4, down_rows=4, down_warps=4)
+TUNING = dict(gemv_rows=4, gemv_warps=4, query_split=1, query_warps=8, attend_split=64, attend_warps=4,
+              output_warps=8, route_warps=2, up_rows=8, up_warps=2, down_rows=2, down_warps=4)
 
 
 def _pow2(n: int, at_least: int = 1) -> int:
@@ -58,7 +58,7 @@ class FusedDecoder:
         if os.environ.get("TRITON_INTERPRET") == "1":
             # Triton's interpreter (CPU tests) pays per program: a few big ones, still more
             # than one per kernel, so that block boundaries are tested
-            self.t.update(gemv_rows=16, up_rows=32, down_rows=32)
+            self.t.update(gemv_rows=16, up_rows=16, down_rows=32)
         c = self.config = model.config
         dev = model.model.embed_tokens.weight.device
         f32 = dict(dtype=torch.float32, device=dev)
@@ -67,13 +67,13 @@ class FusedDecoder:
         self.nsplit = triton_cdiv(cache.max_len, self.split)
         moe_layers = [layer.mlp for layer in model.main_layers if isinstance(layer.mlp, MoE)]
         K = c.num_experts_per_tok if moe_layers else 0
-        self.widths = [c.moe_intermediate_size * max(c.n_shared_experts or 0, 1)]
+        self.widths = [(K + (c.n_shared_experts or 0)) * c.moe_intermediate_size] if moe_layers else []
         if len(moe_layers) < c.num_hidden_layers:
             self.widths.append(c.intermediate_size)
         M = max_rows
         self.h = torch.empty(M, c.hidden_size, dtype=model.model.embed_tokens.weight.dtype, device=dev)
         self.qkv = torch.empty(M, c.q_lora_rank + C + R, **f32)
-        self.q_lat = torch.empty(M, H, C, **f32)
+        self.q_lat = torch.empty(M, self.t["query_split"], H, C, **f32)  # NS shares, summed by the attention
         self.q_pe = torch.empty(M, H, R, **f32)
         self.part_acc = torch.empty(M, self.nsplit, H, C, **f32)
         self.part_m = torch.empty(M, self.nsplit, H, **f32)
@@ -82,7 +82,8 @@ class FusedDecoder:
         self.router_logits = torch.empty(M, max(c.n_routed_experts, 1), **f32)
         self.sel_idx = torch.zeros(M, max(K, 1), dtype=torch.int32, device=dev)
         self.sel_gate = torch.zeros(M, max(K, 1), **f32)
-        self.hmid = torch.empty(M, K + 1, max(self.widths + [c.moe_intermediate_size]), **f32)
+        # per row: the routed and shared slots' SiLU(gate)·up, or a dense layer's
+        self.hmid = torch.empty(M * max(self.widths), **f32)
         self.logits = torch.empty(M, c.vocab_size, **f32)
         # fp32 caches and weights (CPU tests): exact dot products, not TF32
         self.dot_precision = "ieee" if cache.layers[0][0].dtype == torch.float32 else "tf32"
@@ -148,16 +149,17 @@ class FusedDecoder:
         qkv = self.qkv[:B]
         self._gemv(h, a.q_a_proj.weight, qkv, norm=layer.input_layernorm, weight2=a.kv_a_proj_with_mqa.weight)
         ckv, kpe = self.cache.layers[i]
-        k.mla_query_kernel[(B, H + 1)](
+        NS = self.t["query_split"]
+        k.mla_query_kernel[(B, H * NS + 1)](
             qkv, qkv.stride(0), a.q_a_layernorm.weight, a.kv_a_layernorm.weight,
             a.q_a_layernorm.eps, a.kv_a_layernorm.eps, a.q_b_proj.weight, a.kv_b_proj.weight,
             cos, sin, positions_B, self.q_lat, self.q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0),
-            H, Q, C, N, R, V,
-            BLOCK_Q=_pow2(Q), BLOCK_N=_pow2(N), BLOCK_C=_pow2(C), BLOCK_R2=_pow2(R // 2),
+            H, Q, C, N, R, V, NS,
+            BLOCK_Q=_pow2(Q), BLOCK_N=_pow2(triton_cdiv(N, NS)), BLOCK_C=_pow2(C), BLOCK_R2=_pow2(R // 2),
             num_warps=self.t["query_warps"])
         k.mla_attend_kernel[(B, self.nsplit)](
             self.q_lat, self.q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0), positions_B,
-            self.part_acc, self.part_m, self.part_l, a.scale, H, C, R, self.split, self.nsplit,
+            self.part_acc, self.part_m, self.part_l, a.scale, H, C, R, self.split, self.nsplit, NS,
             BLOCK_H=_pow2(H, 16), BLOCK_C=_pow2(C, 16), BLOCK_R=_pow2(R, 16), BLOCK_S=min(self.split, 64),
             DOT_PRECISION=self.dot_precision, num_warps=self.t["attend_warps"])
         o = self.o[:B]
@@ -167,45 +169,46 @@ class FusedDecoder:
         self._gemv(o, a.o_proj.weight, h, residual=h)
 
     def _mlp(self, layer, h):
-        c, k = self.config, self.k
+        """h += the layer's MLP or MoE of RMSNorm(h): router logits (gemv), routing, expert
+        gate/up, expert down + combine + residual. The shared experts (or a dense layer's
+        MLP) run as slots after the routed ones, in chunks of an expert's width F."""
+        k = self.k
         B, D = h.shape
-        norm = layer.post_attention_layernorm
-        mlp = layer.mlp
+        norm, mlp = layer.post_attention_layernorm, layer.mlp
         if isinstance(mlp, MoE):
             router, experts, shared = mlp.gate, mlp.experts, mlp.shared_experts
-            self._gemv(h, router.weight, self.router_logits[:B], norm=norm)
             K, E, F = router.top_k, router.n_experts, experts.gate_proj.shape[1]
-            wg, wu, wd = experts.gate_proj, experts.up_proj, experts.down_proj
+            self._gemv(h, router.weight, self.router_logits[:B], norm=norm)
             bias = router.e_score_correction_bias
             grouped = router.topk_method != "greedy"  # greedy ignores the groups, as moe.Router
-            route = dict(G=router.n_group if grouped else 1, TOPK_GROUP=router.topk_group, HAS_BIAS=bias is not None,
-                         SIGMOID=router.scoring_func == "sigmoid", GROUP_TOP2=router.topk_method == "noaux_tc",
-                         NORM_TOPK=router.norm_topk_prob, BLOCK_E=_pow2(E, 16))
-            scaling = router.scaling
-        else:  # a dense layer: its MLP is the "shared" part, no routed slots
-            router, shared, bias = None, mlp, None
-            K, E, F, scaling = 0, 1, 0, 1.0
-            wg = wu = wd = None
-            route = dict(G=1, TOPK_GROUP=1, HAS_BIAS=False, SIGMOID=True, GROUP_TOP2=False,
-                         NORM_TOPK=False, BLOCK_E=16)
-        FS = shared.gate_proj.weight.shape[0] if shared is not None else 0
-        sg = shared.gate_proj.weight if shared is not None else wg
-        su = shared.up_proj.weight if shared is not None else wu
-        sd = shared.down_proj.weight if shared is not None else wd
-        wg, wu, wd = (sg, su, sd) if wg is None else (wg, wu, wd)
-        P = K + (shared is not None)
-        block_f, block_d = self.t["up_rows"], self.t["down_rows"]
-        hmid = self.hmid
-        k.moe_up_kernel[(B, P, triton_cdiv(max(F, FS), block_f))](
-            h, h.stride(0), norm.weight, norm.eps, D,
-            self.router_logits, bias if bias is not None else self.router_logits, E, scaling,
-            self.sel_idx, self.sel_gate, wg, wu, F, sg, su, FS, hmid, hmid.stride(0), hmid.stride(1),
-            K=K, **route, BLOCK_F=block_f, BLOCK_D=min(MAX_BLOCK, _pow2(D)), ONE_CHUNK=D <= MAX_BLOCK,
+            k.moe_route_kernel[(B,)](
+                self.router_logits, bias if bias is not None else self.router_logits, E, router.scaling,
+                self.sel_idx, self.sel_gate, K=K, G=router.n_group if grouped else 1,
+                TOPK_GROUP=router.topk_group, HAS_BIAS=bias is not None,
+                SIGMOID=router.scoring_func == "sigmoid", GROUP_TOP2=router.topk_method == "noaux_tc",
+                NORM_TOPK=router.norm_topk_prob, BLOCK_E=_pow2(E, 16), num_warps=self.t["route_warps"])
+            routed = (experts.gate_proj, experts.up_proj, experts.down_proj)
+        else:  # a dense layer: its MLP is the one "shared" chunk, no routed slots
+            shared, K, F = mlp, 0, mlp.gate_proj.weight.shape[0]
+            routed = None
+        if shared is not None:
+            sg, su, sd = shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight
+        S = sg.shape[0] // F if shared is not None else 0
+        wg, wu, wd = routed if routed is not None else (sg, su, sd)
+        if shared is None:
+            sg, su, sd = wg, wu, wd  # not read
+        P = K + S
+        hmid = self.hmid[: B * P * F].view(B, P, F)
+        rows = self.t["up_rows"]
+        k.moe_up_kernel[(B, P, triton_cdiv(F, rows))](
+            h, h.stride(0), norm.weight, norm.eps, D, self.sel_idx, wg, wu, sg, su, F, hmid, hmid.stride(0),
+            K=K, BLOCK_F=rows, BLOCK_D=min(MAX_BLOCK, _pow2(D)), ONE_CHUNK=D <= MAX_BLOCK,
             num_warps=self.t["up_warps"])
-        k.moe_down_kernel[(B, triton_cdiv(D, block_d))](
-            h, h.stride(0), self.sel_idx, self.sel_gate, wd, F, sd, FS, D, hmid, hmid.stride(0),
-            hmid.stride(1), K=K, HAS_SHARED=shared is not None, BLOCK_D=block_d,
-            BLOCK_F=min(MAX_BLOCK, _pow2(max(F, 1))), BLOCK_FS=min(MAX_BLOCK, _pow2(max(FS, 1))),
+        rows = self.t["down_rows"]
+        k.moe_down_kernel[(B, triton_cdiv(D, rows))](
+            h, h.stride(0), self.sel_idx, self.sel_gate, wd, F, sd, S * F, D, hmid, hmid.stride(0),
+            K=K, HAS_SHARED=S > 0, BLOCK_P=_pow2(max(K, 1)), BLOCK_D=rows,
+            BLOCK_F=min(MAX_BLOCK, _pow2(F)), BLOCK_FS=min(MAX_BLOCK, _pow2(max(S * F, 1))),
             num_warps=self.t["down_warps"])
 
 

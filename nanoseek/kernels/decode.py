@@ -106,29 +106,35 @@ def gemv_kernel(x_ptr, stride_x, B, K, norm_ptr, eps,
 def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
                      wqb_ptr, wkvb_ptr, cos_ptr, sin_ptr, pos_ptr,
                      qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe,
-                     H, Q, C, N, R, V,
+                     H, Q, C, N, R, V, NS,
                      BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
                      BLOCK_R2: tl.constexpr):
-    """Program (b, h < H): q_nope, q_pe = q_b(RMSNorm(q_a)) of head h; q_pe rotated; q_lat =
-    W_UK_h^T q_nope. Program (b, H): c_kv = RMSNorm(kv_a[:C]), k_pe = RoPE(kv_a[C:]), both
-    written into the cache at the row's position. RoPE pairs are interleaved (x0, x1), ...
-    BLOCK_Q >= Q and BLOCK_C >= C: the head's weights are loaded at once, before the row."""
+    """Program (b, h·NS + ns): rows ns·⌈N/NS⌉.. of head h's q_nope = q_b(RMSNorm(q_a)), and
+    their share of the absorbed query, q_lat[b, ns, h] = W_UK_h[rows]^T q_nope[rows] (the
+    attention sums the NS shares); share 0 also q_pe, rotated. Program (b, H·NS): c_kv =
+    RMSNorm(kv_a[:C]), k_pe = RoPE(kv_a[C:]), both written into the cache at the row's
+    position. RoPE pairs are interleaved (x0, x1), ... BLOCK_Q >= Q and BLOCK_C >= C: the
+    weights are loaded at once, before the row."""
     b = tl.program_id(0)
-    h = tl.program_id(1)
+    hs = tl.program_id(1)
     R2 = R // 2
     r2 = tl.arange(0, BLOCK_R2)
     r2mask = r2 < R2
     row_ptr = qkv_ptr + b * stride_qkv
     c = tl.arange(0, BLOCK_C)
     cmask = c < C
-    if h < H:
-        n = tl.arange(0, BLOCK_N)
-        nmask = n < N
+    if hs < H * NS:
+        h = hs // NS
+        ns = hs % NS
+        share = tl.cdiv(N, NS)
+        n = ns * share + tl.arange(0, BLOCK_N)
+        nmask = (tl.arange(0, BLOCK_N) < share) & (n < N)
         j = tl.arange(0, BLOCK_Q)
         jmask = j < Q
         row0 = h * (N + R)
         pe_rows = row0 + N + 2 * r2
-        pmask = r2mask[:, None] & jmask[None, :]
+        pe_mask = r2mask & (ns == 0)
+        pmask = pe_mask[:, None] & jmask[None, :]
         w_n = tl.load(wqb_ptr + (row0 + n)[:, None] * Q + j[None, :], mask=nmask[:, None] & jmask[None, :], other=0.0)
         w_e = tl.load(wqb_ptr + pe_rows[:, None] * Q + j[None, :], mask=pmask, other=0.0)
         w_o = tl.load(wqb_ptr + (pe_rows + 1)[:, None] * Q + j[None, :], mask=pmask, other=0.0)
@@ -143,9 +149,10 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
         pe_e = tl.sum(w_e.to(tl.float32) * x[None, :], axis=1)
         pe_o = tl.sum(w_o.to(tl.float32) * x[None, :], axis=1)
         pe_ptr = qpe_ptr + (b * H + h) * R
-        tl.store(pe_ptr + 2 * r2, pe_e * cos - pe_o * sin, mask=r2mask)
-        tl.store(pe_ptr + 2 * r2 + 1, pe_o * cos + pe_e * sin, mask=r2mask)
-        tl.store(qlat_ptr + (b * H + h) * C + c, tl.sum(w_uk.to(tl.float32) * q_nope[:, None], axis=0), mask=cmask)
+        tl.store(pe_ptr + 2 * r2, pe_e * cos - pe_o * sin, mask=pe_mask)
+        tl.store(pe_ptr + 2 * r2 + 1, pe_o * cos + pe_e * sin, mask=pe_mask)
+        tl.store(qlat_ptr + ((b * NS + ns) * H + h) * C + c, tl.sum(w_uk.to(tl.float32) * q_nope[:, None], axis=0),
+                 mask=cmask)
     else:
         # (names of its own: Triton merges same-named values of the two branches)
         kv_ptr = row_ptr + Q
@@ -165,12 +172,13 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
 
 @triton.jit
 def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe, pos_ptr,
-                      acc_ptr, m_ptr, l_ptr, scale, H, C, R, SPLIT, NSPLIT,
+                      acc_ptr, m_ptr, l_ptr, scale, H, C, R, SPLIT, NSPLIT, NS,
                       BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Program (b, split): all heads over cache positions [split·SPLIT, +SPLIT) ∩ [0, pos]:
-    scores q_lat·c_kv + q_pe·k_pe, an online softmax, the unnormalised sum of p·c_kv with
-    its running max and sum (merged by mla_output)."""
+    scores q_lat·c_kv + q_pe·k_pe (q_lat the sum of mla_query's NS shares), an online
+    softmax, the unnormalised sum of p·c_kv with its running max and sum (merged by
+    mla_output)."""
     b = tl.program_id(0)
     sp = tl.program_id(1)
     pos = tl.load(pos_ptr + b).to(tl.int32)
@@ -179,8 +187,11 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
     rr = tl.arange(0, BLOCK_R)
     hmask, cmask, rmask = hh < H, cc < C, rr < R
     dtype = ckv_ptr.dtype.element_ty
-    q = tl.load(qlat_ptr + (b * H + hh)[:, None] * C + cc[None, :],
-                mask=hmask[:, None] & cmask[None, :], other=0.0).to(dtype)
+    q = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+    for ns in range(NS):
+        q += tl.load(qlat_ptr + ((b * NS + ns) * H + hh)[:, None] * C + cc[None, :],
+                     mask=hmask[:, None] & cmask[None, :], other=0.0)
+    q = q.to(dtype)
     qp = tl.load(qpe_ptr + (b * H + hh)[:, None] * R + rr[None, :],
                  mask=hmask[:, None] & rmask[None, :], other=0.0).to(dtype)
     m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
@@ -235,18 +246,19 @@ def mla_output_kernel(acc_ptr, m_ptr, l_ptr, wkvb_ptr, o_ptr, H, C, N, V, NSPLIT
 
 
 @triton.jit
-def _route(logits_ptr, bias_ptr, E, scaling, p,
-           K: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-           SIGMOID: tl.constexpr, GROUP_TOP2: tl.constexpr, NORM_TOPK: tl.constexpr,
-           BLOCK_E: tl.constexpr):
-    """Expert and gate value of slot p of one token's routing (moe.Router, as a few
-    pairwise comparisons of its E scores): affinities by sigmoid or softmax, the bias added
-    for choosing, the best TOPK_GROUP of G groups kept (a group scored by the sum of its
-    best two, or its best one), the top K of those; gates normalised over the K and scaled.
-    Ties go to the lower index, as moe.ranks."""
+def moe_route_kernel(logits_ptr, bias_ptr, E, scaling, sel_idx_ptr, sel_gate_ptr,
+                     K: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     SIGMOID: tl.constexpr, GROUP_TOP2: tl.constexpr, NORM_TOPK: tl.constexpr,
+                     BLOCK_E: tl.constexpr):
+    """Program b: one token's routing (moe.Router) from its E logits, as pairwise comparisons
+    of its scores: affinities by sigmoid or softmax, the bias added for choosing, the best
+    TOPK_GROUP of G groups kept (a group scored by the sum of its best two, or its best
+    one), the top K of those; gates normalised over the K and scaled. Ties go to the lower
+    index, as moe.ranks. Writes the K experts (best first) and their gates."""
+    b = tl.program_id(0)
     e = tl.arange(0, BLOCK_E)
     valid = e < E
-    logit = tl.load(logits_ptr + e, mask=valid, other=float("-inf")).to(tl.float32)
+    logit = tl.load(logits_ptr + b * E + e, mask=valid, other=float("-inf")).to(tl.float32)
     if SIGMOID:
         score = tl.where(valid, tl.sigmoid(logit), 0.0)
     else:
@@ -277,103 +289,95 @@ def _route(logits_ptr, bias_ptr, E, scaling, p,
         ci, cj = choice[:, None], choice[None, :]
         beats = (cj > ci) | ((cj == ci) & (e[None, :] < e[:, None]))
     rank = tl.sum(beats.to(tl.int32), axis=1)
-    chosen = rank < K
-    idx = tl.sum(tl.where(rank == p, e, 0), axis=0)
-    gate = tl.sum(tl.where(rank == p, score, 0.0), axis=0)
+    norm = scaling
     if NORM_TOPK:
-        gate = gate / (tl.sum(tl.where(chosen, score, 0.0), axis=0) + 1e-20)
-    return idx, gate * scaling
+        norm = scaling / (tl.sum(tl.where(rank < K, score, 0.0), axis=0) + 1e-20)
+    for p in tl.static_range(K):
+        tl.store(sel_idx_ptr + b * K + p, tl.sum(tl.where(rank == p, e, 0), axis=0))
+        tl.store(sel_gate_ptr + b * K + p, tl.sum(tl.where(rank == p, score, 0.0), axis=0) * norm)
 
 
 @triton.jit
-def moe_up_kernel(h_ptr, stride_h, norm_ptr, eps, D,
-                  logits_ptr, bias_ptr, E, scaling, sel_idx_ptr, sel_gate_ptr,
-                  wg_ptr, wu_ptr, F, sg_ptr, su_ptr, FS,
-                  hmid_ptr, stride_hm_b, stride_hm_p,
-                  K: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  SIGMOID: tl.constexpr, GROUP_TOP2: tl.constexpr, NORM_TOPK: tl.constexpr,
-                  BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr):
-    """Program (b, p, f-block): slot p < K is routed expert idx_p (routed here, and written to
-    sel_* for moe_down), p == K the shared experts (their stacked [FS, D] weights, or a dense
-    layer's MLP). hmid[b, p, f] = SiLU(x·W_gate[f]) · (x·W_up[f]), x = RMSNorm(h[b])·norm.
-    ONE_CHUNK (BLOCK_D >= D): the rows of W_gate and W_up are loaded at once."""
+def moe_up_kernel(h_ptr, stride_h, norm_ptr, eps, D, sel_idx_ptr,
+                  wg_ptr, wu_ptr, sg_ptr, su_ptr, F,
+                  hmid_ptr, stride_hm_b,
+                  K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr):
+    """Program (b, p, f-block): slot p < K is routed expert sel_idx[b, p], p >= K the shared
+    experts' chunk p - K (rows (p-K)·F.. of their stacked [S·F, D] weights, or a dense
+    layer's whole MLP with F its width). hmid[b, p, f] = SiLU(x·W_gate[f]) · (x·W_up[f]),
+    x = RMSNorm(h[b])·norm. ONE_CHUNK (BLOCK_D >= D): the rows of W_gate and W_up are
+    loaded at once, before the row of h."""
     b = tl.program_id(0)
     p = tl.program_id(1)
-    fb = tl.program_id(2)
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
-    x_ptr = h_ptr + b * stride_h
-    hx = tl.load(x_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-    g = tl.load(norm_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-    wg, wu, width = sg_ptr, su_ptr, FS
+    f = tl.program_id(2) * BLOCK_F + tl.arange(0, BLOCK_F)
+    fmask = f < F
+    wg, wu = sg_ptr + (p - K) * F * D, su_ptr + (p - K) * F * D
     if p < K:
-        idx, gate = _route(logits_ptr + b * E, bias_ptr, E, scaling, p, K, G, TOPK_GROUP, HAS_BIAS,
-                           SIGMOID, GROUP_TOP2, NORM_TOPK, BLOCK_E)
-        if fb == 0:
-            tl.store(sel_idx_ptr + b * K + p, idx)
-            tl.store(sel_gate_ptr + b * K + p, gate)
-        offset = idx.to(tl.int64) * F * D
-        wg, wu, width = wg_ptr + offset, wu_ptr + offset, F
-    if fb * BLOCK_F < width:
-        f = fb * BLOCK_F + tl.arange(0, BLOCK_F)
-        fmask = f < width
-        if ONE_CHUNK:
+        offset = tl.load(sel_idx_ptr + b * K + p).to(tl.int64) * F * D
+        wg, wu = wg_ptr + offset, wu_ptr + offset
+    x_ptr = h_ptr + b * stride_h
+    if ONE_CHUNK:
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        wmask = fmask[:, None] & dmask[None, :]
+        w_g = tl.load(wg + f[:, None] * D + d[None, :], mask=wmask, other=0.0)
+        w_u = tl.load(wu + f[:, None] * D + d[None, :], mask=wmask, other=0.0)
+        hx = tl.load(x_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+        g = tl.load(norm_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+        x = hx * tl.rsqrt(tl.sum(hx * hx, axis=0) / D + eps) * g
+        acc_g = tl.sum(w_g.to(tl.float32) * x[None, :], axis=1)
+        acc_u = tl.sum(w_u.to(tl.float32) * x[None, :], axis=1)
+    else:
+        inv = _inv_rms(x_ptr, D, eps, BLOCK_D)
+        acc_g = tl.zeros([BLOCK_F], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_F], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dmask = d < D
+            x = (tl.load(x_ptr + d, mask=dmask, other=0.0).to(tl.float32) * inv
+                 * tl.load(norm_ptr + d, mask=dmask, other=0.0).to(tl.float32))
             wmask = fmask[:, None] & dmask[None, :]
-            w_g = tl.load(wg + f[:, None] * D + d[None, :], mask=wmask, other=0.0)
-            w_u = tl.load(wu + f[:, None] * D + d[None, :], mask=wmask, other=0.0)
-            x = hx * tl.rsqrt(tl.sum(hx * hx, axis=0) / D + eps) * g
-            acc_g = tl.sum(w_g.to(tl.float32) * x[None, :], axis=1)
-            acc_u = tl.sum(w_u.to(tl.float32) * x[None, :], axis=1)
-        else:
-            inv = _inv_rms(x_ptr, D, eps, BLOCK_D)
-            acc_g = tl.zeros([BLOCK_F], dtype=tl.float32)
-            acc_u = tl.zeros([BLOCK_F], dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                dd = d0 + tl.arange(0, BLOCK_D)
-                ddmask = dd < D
-                x = (tl.load(x_ptr + dd, mask=ddmask, other=0.0).to(tl.float32) * inv
-                     * tl.load(norm_ptr + dd, mask=ddmask, other=0.0).to(tl.float32))
-                wmask = fmask[:, None] & ddmask[None, :]
-                w_g = tl.load(wg + f[:, None] * D + dd[None, :], mask=wmask, other=0.0).to(tl.float32)
-                w_u = tl.load(wu + f[:, None] * D + dd[None, :], mask=wmask, other=0.0).to(tl.float32)
-                acc_g += tl.sum(w_g * x[None, :], axis=1)
-                acc_u += tl.sum(w_u * x[None, :], axis=1)
-        tl.store(hmid_ptr + b * stride_hm_b + p * stride_hm_p + f, acc_g * tl.sigmoid(acc_g) * acc_u,
-                 mask=fmask)
-
-
-@triton.jit
-def _down_rows(w_ptr, width, d, dmask, x_ptr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
-    """W[d, :width] · x[:width] for the rows d of a [D, width] matrix."""
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for f0 in range(0, width, BLOCK_F):
-        f = f0 + tl.arange(0, BLOCK_F)
-        fmask = f < width
-        w = tl.load(w_ptr + d[:, None] * width + f[None, :], mask=dmask[:, None] & fmask[None, :], other=0.0)
-        x = tl.load(x_ptr + f, mask=fmask, other=0.0)
-        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-    return acc
+            w_g = tl.load(wg + f[:, None] * D + d[None, :], mask=wmask, other=0.0).to(tl.float32)
+            w_u = tl.load(wu + f[:, None] * D + d[None, :], mask=wmask, other=0.0).to(tl.float32)
+            acc_g += tl.sum(w_g * x[None, :], axis=1)
+            acc_u += tl.sum(w_u * x[None, :], axis=1)
+    tl.store(hmid_ptr + b * stride_hm_b + p * F + f, acc_g * tl.sigmoid(acc_g) * acc_u, mask=fmask)
 
 
 @triton.jit
 def moe_down_kernel(h_ptr, stride_h, sel_idx_ptr, sel_gate_ptr, wd_ptr, F, sd_ptr, FS, D,
-                    hmid_ptr, stride_hm_b, stride_hm_p,
-                    K: tl.constexpr, HAS_SHARED: tl.constexpr,
+                    hmid_ptr, stride_hm_b,
+                    K: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_P: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_FS: tl.constexpr):
-    """Program (b, d-block): h[b, d] += Σ_p gate_p · W_down_p[d] · hmid[b, p] over the routed
-    slots, plus the shared experts' W_down[d] · hmid[b, K] (in place: a program reads and
-    writes only its own block). The slots are unrolled, so their loads are independent."""
+    """Program (b, d-block): h[b, d] += Σ_p gate_p · W_down_p[d] · hmid[b, p] over the K
+    routed slots (one [K, BLOCK_D, F] load: every expert's rows in flight at once), plus
+    the shared experts' W_down[d] · hmid[b, K:] (their FS = S·F values follow the routed
+    slots'). In place: a program reads and writes only its own block of h."""
     b = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = d < D
     hm_ptr = hmid_ptr + b * stride_hm_b
     out_ptr = h_ptr + b * stride_h + d
     acc = tl.load(out_ptr, mask=dmask, other=0.0).to(tl.float32)
+    if K > 0:
+        pp = tl.arange(0, BLOCK_P)
+        pmask = pp < K
+        base = tl.load(sel_idx_ptr + b * K + pp, mask=pmask, other=0).to(tl.int64) * D * F
+        gate = tl.load(sel_gate_ptr + b * K + pp, mask=pmask, other=0.0)
+        acc_p = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+        for f0 in range(0, F, BLOCK_F):
+            f = f0 + tl.arange(0, BLOCK_F)
+            fmask = f < F
+            w = tl.load(wd_ptr + base[:, None, None] + d[None, :, None] * F + f[None, None, :],
+                        mask=pmask[:, None, None] & dmask[None, :, None] & fmask[None, None, :], other=0.0)
+            x = tl.load(hm_ptr + pp[:, None] * F + f[None, :], mask=pmask[:, None] & fmask[None, :], other=0.0)
+            acc_p += tl.sum(w.to(tl.float32) * x[:, None, :], axis=2)
+        acc += tl.sum(acc_p * gate[:, None], axis=0)
     if HAS_SHARED:
-        acc += _down_rows(sd_ptr, FS, d, dmask, hm_ptr + K * stride_hm_p, BLOCK_D, BLOCK_FS)
-    for p in tl.static_range(K):
-        idx = tl.load(sel_idx_ptr + b * K + p)
-        gate = tl.load(sel_gate_ptr + b * K + p)
-        acc += gate * _down_rows(wd_ptr + idx.to(tl.int64) * D * F, F, d, dmask, hm_ptr + p * stride_hm_p,
-                                 BLOCK_D, BLOCK_F)
+        for f0 in range(0, FS, BLOCK_FS):
+            f = f0 + tl.arange(0, BLOCK_FS)
+            fmask = f < FS
+            w = tl.load(sd_ptr + d[:, None] * FS + f[None, :], mask=dmask[:, None] & fmask[None, :], other=0.0)
+            x = tl.load(hm_ptr + K * F + f, mask=fmask, other=0.0)
+            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
     tl.store(out_ptr, acc, mask=dmask)
