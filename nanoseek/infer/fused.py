@@ -35,12 +35,25 @@ MAX_BLOCK = 2048    # widest row a program loads at once (wider ones are read in
 
 # Launch shapes, measured on an H200 with bench-1b (benchmarks/fused_decode.py --tune):
 # rows of a weight per program and warps per program for each kernel, attention's split.
-TUNING = dict(gemv_rows=4, gemv_warps=4, query_split=1, query_warps=8, attend_split=64, attend_warps=4,
-              output_warps=8, route_warps=2, up_rows=8, up_warps=2, down_rows=2, down_warps=4)
+TUNING = dict(gemv_rows=4, gemv_warps=4, query_split=2, query_warps=4, attend_split=64, attend_warps=8,
+              output_warps=8, route_warps=4, up_rows=4, up_warps=4, down_rows=2, down_warps=4, pdl=True)
 
 
 def _pow2(n: int, at_least: int = 1) -> int:
     return max(at_least, 1 << max(0, (n - 1).bit_length()))
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: a Hopper+ GPU, compiled kernels (not the interpreter)
+    and a Triton whose launcher takes `launch_pdl`."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {}) and \
+        torch.cuda.get_device_capability(device)[0] >= 9
 
 
 class FusedDecoder:
@@ -62,6 +75,12 @@ class FusedDecoder:
         c = self.config = model.config
         dev = model.model.embed_tokens.weight.device
         f32 = dict(dtype=torch.float32, device=dev)
+        self.pdl = bool(self.t["pdl"]) and pdl_supported(dev)
+        # every launch: the PDL flag for the kernel and, when on, the launch attribute
+        self.launch = dict(USE_PDL=self.pdl, **({"launch_pdl": True} if self.pdl else {}))
+        rotary = model.model.rotary
+        self.inv_freq = rotary.inv_freq.float()  # derived from the config, never trained
+        self.rope_factor = float(rotary.attention_factor)
         H, C, R = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim
         self.split = self.t["attend_split"]
         self.nsplit = triton_cdiv(cache.max_len, self.split)
@@ -113,12 +132,10 @@ class FusedDecoder:
             raise ValueError(f"{B} rows, but scratch for at most {self.max_rows}")
         m, k = self.model, self.k
         h = self.h[:B]
-        h.copy_(m.model.embed_tokens(ids_B1[:, 0]))
+        torch.index_select(m.model.embed_tokens.weight, 0, ids_B1[:, 0], out=h)
         positions_B = positions_B1[:, 0]
-        cos_B1, sin_B1 = m.model.rotary(positions_B1)  # [B, 1, R/2] float32
-        cos, sin = cos_B1.contiguous(), sin_B1.contiguous()
         for i, layer in enumerate(m.main_layers):
-            self._attention(layer, i, h, positions_B, cos, sin)
+            self._attention(layer, i, h, positions_B)
             self._mlp(layer, h)
         self._gemv(h, m.lm_head.weight, self.logits[:B], norm=m.model.norm)
         return self.logits[:B]
@@ -139,9 +156,9 @@ class FusedDecoder:
             out, out.stride(0),
             HAS_NORM=norm is not None, HAS_RES=residual is not None,
             BLOCK_B=_pow2(B), BLOCK_O=block_o, BLOCK_K=min(MAX_BLOCK, _pow2(K)), ONE_CHUNK=K <= MAX_BLOCK,
-            num_warps=self.t["gemv_warps"])
+            num_warps=self.t["gemv_warps"], **self.launch)
 
-    def _attention(self, layer, i, h, positions_B, cos, sin):
+    def _attention(self, layer, i, h, positions_B):
         c, k, a = self.config, self.k, layer.self_attn
         B = h.shape[0]
         H, C, R, N, V, Q = (c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim,
@@ -153,19 +170,20 @@ class FusedDecoder:
         k.mla_query_kernel[(B, H * NS + 1)](
             qkv, qkv.stride(0), a.q_a_layernorm.weight, a.kv_a_layernorm.weight,
             a.q_a_layernorm.eps, a.kv_a_layernorm.eps, a.q_b_proj.weight, a.kv_b_proj.weight,
-            cos, sin, positions_B, self.q_lat, self.q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0),
+            self.inv_freq, self.rope_factor, positions_B, self.q_lat, self.q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0),
             H, Q, C, N, R, V, NS,
             BLOCK_Q=_pow2(Q), BLOCK_N=_pow2(triton_cdiv(N, NS)), BLOCK_C=_pow2(C), BLOCK_R2=_pow2(R // 2),
-            num_warps=self.t["query_warps"])
+            num_warps=self.t["query_warps"], **self.launch)
         k.mla_attend_kernel[(B, self.nsplit)](
             self.q_lat, self.q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0), positions_B,
             self.part_acc, self.part_m, self.part_l, a.scale, H, C, R, self.split, self.nsplit, NS,
             BLOCK_H=_pow2(H, 16), BLOCK_C=_pow2(C, 16), BLOCK_R=_pow2(R, 16), BLOCK_S=min(self.split, 64),
-            DOT_PRECISION=self.dot_precision, num_warps=self.t["attend_warps"])
+            DOT_PRECISION=self.dot_precision, num_warps=self.t["attend_warps"], **self.launch)
         o = self.o[:B]
         k.mla_output_kernel[(B, H)](
             self.part_acc, self.part_m, self.part_l, a.kv_b_proj.weight, o, H, C, N, V, self.nsplit,
-            BLOCK_SP=_pow2(self.nsplit), BLOCK_C=_pow2(C), BLOCK_V=_pow2(V), num_warps=self.t["output_warps"])
+            BLOCK_SP=_pow2(self.nsplit), BLOCK_C=_pow2(C), BLOCK_V=_pow2(V), num_warps=self.t["output_warps"],
+            **self.launch)
         self._gemv(o, a.o_proj.weight, h, residual=h)
 
     def _mlp(self, layer, h):
@@ -186,7 +204,8 @@ class FusedDecoder:
                 self.sel_idx, self.sel_gate, K=K, G=router.n_group if grouped else 1,
                 TOPK_GROUP=router.topk_group, HAS_BIAS=bias is not None,
                 SIGMOID=router.scoring_func == "sigmoid", GROUP_TOP2=router.topk_method == "noaux_tc",
-                NORM_TOPK=router.norm_topk_prob, BLOCK_E=_pow2(E, 16), num_warps=self.t["route_warps"])
+                NORM_TOPK=router.norm_topk_prob, BLOCK_E=_pow2(E, 16), num_warps=self.t["route_warps"],
+                **self.launch)
             routed = (experts.gate_proj, experts.up_proj, experts.down_proj)
         else:  # a dense layer: its MLP is the one "shared" chunk, no routed slots
             shared, K, F = mlp, 0, mlp.gate_proj.weight.shape[0]
@@ -203,13 +222,13 @@ class FusedDecoder:
         k.moe_up_kernel[(B, P, triton_cdiv(F, rows))](
             h, h.stride(0), norm.weight, norm.eps, D, self.sel_idx, wg, wu, sg, su, F, hmid, hmid.stride(0),
             K=K, BLOCK_F=rows, BLOCK_D=min(MAX_BLOCK, _pow2(D)), ONE_CHUNK=D <= MAX_BLOCK,
-            num_warps=self.t["up_warps"])
+            num_warps=self.t["up_warps"], **self.launch)
         rows = self.t["down_rows"]
         k.moe_down_kernel[(B, triton_cdiv(D, rows))](
             h, h.stride(0), self.sel_idx, self.sel_gate, wd, F, sd, S * F, D, hmid, hmid.stride(0),
             K=K, HAS_SHARED=S > 0, BLOCK_P=_pow2(max(K, 1)), BLOCK_D=rows,
-            BLOCK_F=min(MAX_BLOCK, _pow2(F)), BLOCK_FS=min(MAX_BLOCK, _pow2(max(S * F, 1))),
-            num_warps=self.t["down_warps"])
+            BLOCK_F=min(MAX_BLOCK, _pow2(F)), BLOCK_FS=min(2 * MAX_BLOCK, _pow2(max(S * F, 1))),
+            num_warps=self.t["down_warps"], **self.launch)
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -3,33 +3,55 @@ kernels (infer/fused.py wires them; its twin is the model's absorbed-MLA decode 
 
 Legend: B rows (one new token each), D hidden_size, Q q_lora_rank, C kv_lora_rank, R
 qk_rope_head_dim, N qk_nope_head_dim, V v_head_dim, H heads, S cache positions, E routed
-experts, K experts per token, F an expert's width, P = K (+1 with shared experts).
+experts, K experts per token, F an expert's width, P = K routed + S shared slots.
 
 A decode step of a small batch reads every weight once and does little else: its speed is
-how many kernels it takes and how close each comes to the memory bandwidth. Written as
-PyTorch ops, a layer is ~30 kernels even after Inductor's fusion (norms, projections,
-RoPE, cache write, absorption, attention, router, top-k, experts, combine); here it is:
+how many kernels it takes and how much of each one's time is waiting. Written as PyTorch
+ops, a layer is ~30 kernels even after Inductor's fusion (norms, projections, RoPE, cache
+write, absorption, attention, router, top-k, experts, combine); here it is eight:
 
 1. `gemv`            RMSNorm(h) @ [W_q_a; W_kv_a]^T              -> qkv_a [B, Q + C + R]
-2. `mla_query`       per head: q_a norm, q_b, RoPE, W_UK absorbed -> q_lat [B, H, C], q_pe;
-                     one more program: kv norm, k_pe RoPE, the cache write
+2. `mla_query`       per head (in shares of its rows): q_a norm, q_b, RoPE, W_UK absorbed
+                     -> q_lat, q_pe; one more program: kv norm, k_pe RoPE, the cache write
 3. `mla_attend`      attention over the latent cache, split over S (flash-decoding)
 4. `mla_output`      merge the splits, W_UV                       -> o [B, H·V]
 5. `gemv`            h += o @ W_o^T
-6. `gemv`            RMSNorm(h) @ W_router^T                      -> router logits [B, E]
-7. `moe_up`          routing (every program again; 64 numbers), then per (row, expert,
-                     block of F): SiLU(x W_gate^T) * (x W_up^T), shared experts as one more
+6. `moe_gate`        RMSNorm(h) @ W_router^T, then the routing    -> K experts, K gates
+7. `moe_up`          per (row, slot, block of F): SiLU(x W_gate^T) · (x W_up^T); the
+                     shared experts are slots after the routed ones
 8. `moe_down`        h += Σ_p g_p · hmid_p W_down_p^T, shared included
 
 Everything is computed in float32 from whatever the tensors hold (BF16 weights and cache,
 or float32 in the CPU tests) and rounded once, on store. Norms are recomputed by each
 program that needs them: a 1,024-number reduction is cheaper than another kernel.
+
+Programmatic dependent launch (PDL, Hopper+). Each kernel first lets the next one launch
+(`_launch_next`), then loads what no earlier kernel of the step writes (its weights), and
+only then waits for the previous kernel (`_wait_prev`) before reading activations. So a
+kernel's launch and its weight reads overlap the kernel before it, and the chain of
+dependent kernels costs little more than its activations' round trips. Nothing a kernel
+writes is read by another before that one's wait; the expert weights of the routed slots
+depend on the routing and are read after it. USE_PDL is off in Triton's interpreter.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _launch_next(USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _wait_prev(USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [],
+                                  dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -47,12 +69,15 @@ def _inv_rms(x_ptr, n, eps, BLOCK: tl.constexpr):
 def gemv_kernel(x_ptr, stride_x, B, K, norm_ptr, eps,
                 w1_ptr, n1, w2_ptr, n2, res_ptr, stride_res, out_ptr, stride_out,
                 HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr,
-                BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr):
+                BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr,
+                USE_PDL: tl.constexpr):
     """out[b, :n1] = x_b @ w1^T, out[b, n1:n1+n2] = x_b @ w2^T (two weights, one launch),
-    x_b = RMSNorm(x[b]) · norm if HAS_NORM, plus res[b] if HAS_RES. All B rows per program:
+    x_b = RMSNorm(x[b]) · norm if HAS_NORM, plus res[b] if HAS_RES (res may be out: each
+    program reads and writes only its own columns). All B rows per program:
     each weight block is read once. ONE_CHUNK (BLOCK_K >= K): one load of the weight block, issued
     first, so its latency overlaps the row's and the norm's (a loop over K would wait for
     memory once per chunk); else chunks of BLOCK_K (a wide hidden size)."""
+    _launch_next(USE_PDL)
     pid = tl.program_id(0)
     nb1 = tl.cdiv(n1, BLOCK_O)
     second = (pid >= nb1).to(tl.int32)
@@ -67,14 +92,17 @@ def gemv_kernel(x_ptr, stride_x, B, K, norm_ptr, eps,
         k = tl.arange(0, BLOCK_K)
         kmask = k < K
         w = tl.load(w_ptr + o[:, None] * K + k[None, :], mask=omask[:, None] & kmask[None, :], other=0.0)
+        if HAS_NORM:
+            g = tl.load(norm_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+        _wait_prev(USE_PDL)
         x = tl.load(x_ptr + rows[:, None] * stride_x + k[None, :],
                     mask=bmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
         if HAS_NORM:
-            g = tl.load(norm_ptr + k, mask=kmask, other=0.0).to(tl.float32)
             inv = tl.rsqrt(tl.sum(x * x, axis=1) / K + eps)
             x = x * inv[:, None] * g[None, :]
         acc = tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     else:
+        _wait_prev(USE_PDL)
         if HAS_NORM:
             sq = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -104,23 +132,29 @@ def gemv_kernel(x_ptr, stride_x, B, K, norm_ptr, eps,
 
 @triton.jit
 def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
-                     wqb_ptr, wkvb_ptr, cos_ptr, sin_ptr, pos_ptr,
+                     wqb_ptr, wkvb_ptr, inv_freq_ptr, rope_factor, pos_ptr,
                      qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe,
                      H, Q, C, N, R, V, NS,
                      BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                     BLOCK_R2: tl.constexpr):
+                     BLOCK_R2: tl.constexpr, USE_PDL: tl.constexpr):
     """Program (b, h·NS + ns): rows ns·⌈N/NS⌉.. of head h's q_nope = q_b(RMSNorm(q_a)), and
     their share of the absorbed query, q_lat[b, ns, h] = W_UK_h[rows]^T q_nope[rows] (the
     attention sums the NS shares); share 0 also q_pe, rotated. Program (b, H·NS): c_kv =
     RMSNorm(kv_a[:C]), k_pe = RoPE(kv_a[C:]), both written into the cache at the row's
-    position. RoPE pairs are interleaved (x0, x1), ... BLOCK_Q >= Q and BLOCK_C >= C: the
-    weights are loaded at once, before the row."""
+    position. RoPE pairs are interleaved (x0, x1), ..., pair i turned by the angle
+    position · inv_freq[i], cos and sin scaled by rope_factor (rope.RotaryEmbedding).
+    BLOCK_Q >= Q and BLOCK_C >= C: the weights are loaded at once, before the row."""
+    _launch_next(USE_PDL)
     b = tl.program_id(0)
     hs = tl.program_id(1)
     R2 = R // 2
     r2 = tl.arange(0, BLOCK_R2)
     r2mask = r2 < R2
     row_ptr = qkv_ptr + b * stride_qkv
+    # positions are written between steps, not by a kernel of this step
+    angle = tl.load(pos_ptr + b).to(tl.float32) * tl.load(inv_freq_ptr + r2, mask=r2mask, other=0.0)
+    cos = tl.cos(angle) * rope_factor
+    sin = tl.sin(angle) * rope_factor
     c = tl.arange(0, BLOCK_C)
     cmask = c < C
     if hs < H * NS:
@@ -140,10 +174,9 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
         w_o = tl.load(wqb_ptr + (pe_rows + 1)[:, None] * Q + j[None, :], mask=pmask, other=0.0)
         w_uk = tl.load(wkvb_ptr + (h * (N + V) + n)[:, None] * C + c[None, :],
                        mask=nmask[:, None] & cmask[None, :], other=0.0)
-        qa = tl.load(row_ptr + j, mask=jmask, other=0.0).to(tl.float32)
         g = tl.load(qnorm_ptr + j, mask=jmask, other=0.0).to(tl.float32)
-        cos = tl.load(cos_ptr + b * R2 + r2, mask=r2mask, other=0.0)
-        sin = tl.load(sin_ptr + b * R2 + r2, mask=r2mask, other=0.0)
+        _wait_prev(USE_PDL)
+        qa = tl.load(row_ptr + j, mask=jmask, other=0.0).to(tl.float32)
         x = qa * tl.rsqrt(tl.sum(qa * qa, axis=0) / Q + eps_q) * g
         q_nope = tl.sum(w_n.to(tl.float32) * x[None, :], axis=1)
         pe_e = tl.sum(w_e.to(tl.float32) * x[None, :], axis=1)
@@ -157,31 +190,32 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
         # (names of its own: Triton merges same-named values of the two branches)
         kv_ptr = row_ptr + Q
         pos = tl.load(pos_ptr + b)
-        kv = tl.load(kv_ptr + c, mask=cmask, other=0.0).to(tl.float32)
         g_kv = tl.load(kvnorm_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+        _wait_prev(USE_PDL)
+        kv = tl.load(kv_ptr + c, mask=cmask, other=0.0).to(tl.float32)
         k_e = tl.load(kv_ptr + C + 2 * r2, mask=r2mask, other=0.0).to(tl.float32)
         k_o = tl.load(kv_ptr + C + 2 * r2 + 1, mask=r2mask, other=0.0).to(tl.float32)
-        cos_k = tl.load(cos_ptr + b * R2 + r2, mask=r2mask, other=0.0)
-        sin_k = tl.load(sin_ptr + b * R2 + r2, mask=r2mask, other=0.0)
         tl.store(ckv_ptr + b * stride_ckv + pos * C + c, kv * tl.rsqrt(tl.sum(kv * kv, axis=0) / C + eps_kv) * g_kv,
                  mask=cmask)
         out = kpe_ptr + b * stride_kpe + pos * R
-        tl.store(out + 2 * r2, k_e * cos_k - k_o * sin_k, mask=r2mask)
-        tl.store(out + 2 * r2 + 1, k_o * cos_k + k_e * sin_k, mask=r2mask)
+        tl.store(out + 2 * r2, k_e * cos - k_o * sin, mask=r2mask)
+        tl.store(out + 2 * r2 + 1, k_o * cos + k_e * sin, mask=r2mask)
 
 
 @triton.jit
 def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe, pos_ptr,
                       acc_ptr, m_ptr, l_ptr, scale, H, C, R, SPLIT, NSPLIT, NS,
                       BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
     """Program (b, split): all heads over cache positions [split·SPLIT, +SPLIT) ∩ [0, pos]:
     scores q_lat·c_kv + q_pe·k_pe (q_lat the sum of mla_query's NS shares), an online
     softmax, the unnormalised sum of p·c_kv with its running max and sum (merged by
     mla_output)."""
+    _launch_next(USE_PDL)
     b = tl.program_id(0)
     sp = tl.program_id(1)
     pos = tl.load(pos_ptr + b).to(tl.int32)
+    _wait_prev(USE_PDL)  # everything else it reads, the previous kernel may just have written
     hh = tl.arange(0, BLOCK_H)
     cc = tl.arange(0, BLOCK_C)
     rr = tl.arange(0, BLOCK_R)
@@ -223,9 +257,11 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
 
 @triton.jit
 def mla_output_kernel(acc_ptr, m_ptr, l_ptr, wkvb_ptr, o_ptr, H, C, N, V, NSPLIT,
-                      BLOCK_SP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
+                      BLOCK_SP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr,
+                      USE_PDL: tl.constexpr):
     """Program (b, h): o_lat = the splits merged (softmax-weighted), o[b, h·V:(h+1)·V] =
     W_UV_h o_lat. BLOCK_C >= C: one load each of the head's W_UV and partial sums."""
+    _launch_next(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     v = tl.arange(0, BLOCK_V)
@@ -237,6 +273,7 @@ def mla_output_kernel(acc_ptr, m_ptr, l_ptr, wkvb_ptr, o_ptr, H, C, N, V, NSPLIT
     part = (b * NSPLIT + sp) * H + h
     wuv = tl.load(wkvb_ptr + (h * (N + V) + N + v)[:, None] * C + c[None, :],
                   mask=vmask[:, None] & cmask[None, :], other=0.0)
+    _wait_prev(USE_PDL)
     a = tl.load(acc_ptr + part[:, None] * C + c[None, :], mask=spmask[:, None] & cmask[None, :], other=0.0)
     m = tl.load(m_ptr + part, mask=spmask, other=float("-inf"))
     l = tl.load(l_ptr + part, mask=spmask, other=0.0)
@@ -249,15 +286,19 @@ def mla_output_kernel(acc_ptr, m_ptr, l_ptr, wkvb_ptr, o_ptr, H, C, N, V, NSPLIT
 def moe_route_kernel(logits_ptr, bias_ptr, E, scaling, sel_idx_ptr, sel_gate_ptr,
                      K: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                      SIGMOID: tl.constexpr, GROUP_TOP2: tl.constexpr, NORM_TOPK: tl.constexpr,
-                     BLOCK_E: tl.constexpr):
+                     BLOCK_E: tl.constexpr, USE_PDL: tl.constexpr):
     """Program b: one token's routing (moe.Router) from its E logits, as pairwise comparisons
     of its scores: affinities by sigmoid or softmax, the bias added for choosing, the best
     TOPK_GROUP of G groups kept (a group scored by the sum of its best two, or its best
     one), the top K of those; gates normalised over the K and scaled. Ties go to the lower
     index, as moe.ranks. Writes the K experts (best first) and their gates."""
+    _launch_next(USE_PDL)
     b = tl.program_id(0)
     e = tl.arange(0, BLOCK_E)
     valid = e < E
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + e, mask=valid, other=0.0).to(tl.float32)
+    _wait_prev(USE_PDL)
     logit = tl.load(logits_ptr + b * E + e, mask=valid, other=float("-inf")).to(tl.float32)
     if SIGMOID:
         score = tl.where(valid, tl.sigmoid(logit), 0.0)
@@ -266,7 +307,7 @@ def moe_route_kernel(logits_ptr, bias_ptr, E, scaling, sel_idx_ptr, sel_gate_ptr
         score = ex / tl.sum(ex, axis=0)
     choice = score
     if HAS_BIAS:
-        choice += tl.load(bias_ptr + e, mask=valid, other=0.0).to(tl.float32)
+        choice += bias
     choice = tl.where(valid, choice, float("-inf"))
     # beats[i, j]: entry j ranks above entry i
     ci, cj = choice[:, None], choice[None, :]
@@ -289,45 +330,58 @@ def moe_route_kernel(logits_ptr, bias_ptr, E, scaling, sel_idx_ptr, sel_gate_ptr
         ci, cj = choice[:, None], choice[None, :]
         beats = (cj > ci) | ((cj == ci) & (e[None, :] < e[:, None]))
     rank = tl.sum(beats.to(tl.int32), axis=1)
+    chosen = rank < K
     norm = scaling
     if NORM_TOPK:
-        norm = scaling / (tl.sum(tl.where(rank < K, score, 0.0), axis=0) + 1e-20)
-    for p in tl.static_range(K):
-        tl.store(sel_idx_ptr + b * K + p, tl.sum(tl.where(rank == p, e, 0), axis=0))
-        tl.store(sel_gate_ptr + b * K + p, tl.sum(tl.where(rank == p, score, 0.0), axis=0) * norm)
+        norm = scaling / (tl.sum(tl.where(chosen, score, 0.0), axis=0) + 1e-20)
+    # expert e goes to slot rank[e]: one scattered store each
+    tl.store(sel_idx_ptr + b * K + rank, e, mask=chosen)
+    tl.store(sel_gate_ptr + b * K + rank, score * norm, mask=chosen)
 
 
 @triton.jit
 def moe_up_kernel(h_ptr, stride_h, norm_ptr, eps, D, sel_idx_ptr,
                   wg_ptr, wu_ptr, sg_ptr, su_ptr, F,
                   hmid_ptr, stride_hm_b,
-                  K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr):
+                  K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr,
+                  USE_PDL: tl.constexpr):
     """Program (b, p, f-block): slot p < K is routed expert sel_idx[b, p], p >= K the shared
     experts' chunk p - K (rows (p-K)·F.. of their stacked [S·F, D] weights, or a dense
     layer's whole MLP with F its width). hmid[b, p, f] = SiLU(x·W_gate[f]) · (x·W_up[f]),
     x = RMSNorm(h[b])·norm. ONE_CHUNK (BLOCK_D >= D): the rows of W_gate and W_up are
-    loaded at once, before the row of h."""
+    loaded at once, a shared slot's before the wait (they depend on no routing)."""
+    _launch_next(USE_PDL)
     b = tl.program_id(0)
     p = tl.program_id(1)
     f = tl.program_id(2) * BLOCK_F + tl.arange(0, BLOCK_F)
     fmask = f < F
-    wg, wu = sg_ptr + (p - K) * F * D, su_ptr + (p - K) * F * D
-    if p < K:
-        offset = tl.load(sel_idx_ptr + b * K + p).to(tl.int64) * F * D
-        wg, wu = wg_ptr + offset, wu_ptr + offset
+    shared = p >= K
     x_ptr = h_ptr + b * stride_h
     if ONE_CHUNK:
         d = tl.arange(0, BLOCK_D)
         dmask = d < D
         wmask = fmask[:, None] & dmask[None, :]
-        w_g = tl.load(wg + f[:, None] * D + d[None, :], mask=wmask, other=0.0)
-        w_u = tl.load(wu + f[:, None] * D + d[None, :], mask=wmask, other=0.0)
-        hx = tl.load(x_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+        rows = (p - K) * F + f
+        # a shared slot's rows now (a routed slot's mask is empty: no traffic), a routed slot's
+        # after the routing: each program reads one of the two
+        s_g = tl.load(sg_ptr + rows[:, None] * D + d[None, :], mask=wmask & shared, other=0.0)
+        s_u = tl.load(su_ptr + rows[:, None] * D + d[None, :], mask=wmask & shared, other=0.0)
         g = tl.load(norm_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+        _wait_prev(USE_PDL)
+        idx = tl.load(sel_idx_ptr + b * K + p, mask=p < K, other=0).to(tl.int64)
+        rmask = wmask & (p < K)
+        w_g = s_g + tl.load(wg_ptr + idx * F * D + f[:, None] * D + d[None, :], mask=rmask, other=0.0)
+        w_u = s_u + tl.load(wu_ptr + idx * F * D + f[:, None] * D + d[None, :], mask=rmask, other=0.0)
+        hx = tl.load(x_ptr + d, mask=dmask, other=0.0).to(tl.float32)
         x = hx * tl.rsqrt(tl.sum(hx * hx, axis=0) / D + eps) * g
         acc_g = tl.sum(w_g.to(tl.float32) * x[None, :], axis=1)
         acc_u = tl.sum(w_u.to(tl.float32) * x[None, :], axis=1)
     else:
+        _wait_prev(USE_PDL)
+        wg, wu = sg_ptr + (p - K) * F * D, su_ptr + (p - K) * F * D
+        if p < K:
+            offset = tl.load(sel_idx_ptr + b * K + p).to(tl.int64) * F * D
+            wg, wu = wg_ptr + offset, wu_ptr + offset
         inv = _inv_rms(x_ptr, D, eps, BLOCK_D)
         acc_g = tl.zeros([BLOCK_F], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_F], dtype=tl.float32)
@@ -348,16 +402,23 @@ def moe_up_kernel(h_ptr, stride_h, norm_ptr, eps, D, sel_idx_ptr,
 def moe_down_kernel(h_ptr, stride_h, sel_idx_ptr, sel_gate_ptr, wd_ptr, F, sd_ptr, FS, D,
                     hmid_ptr, stride_hm_b,
                     K: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_P: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_FS: tl.constexpr):
+                    BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_FS: tl.constexpr,
+                    USE_PDL: tl.constexpr):
     """Program (b, d-block): h[b, d] += Σ_p gate_p · W_down_p[d] · hmid[b, p] over the K
     routed slots (one [K, BLOCK_D, F] load: every expert's rows in flight at once), plus
     the shared experts' W_down[d] · hmid[b, K:] (their FS = S·F values follow the routed
-    slots'). In place: a program reads and writes only its own block of h."""
+    slots'; their rows loaded before the wait when BLOCK_FS >= FS). In place: a program
+    reads and writes only its own block of h."""
+    _launch_next(USE_PDL)
     b = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = d < D
     hm_ptr = hmid_ptr + b * stride_hm_b
     out_ptr = h_ptr + b * stride_h + d
+    if HAS_SHARED:
+        fs = tl.arange(0, BLOCK_FS)
+        w_s = tl.load(sd_ptr + d[:, None] * FS + fs[None, :], mask=dmask[:, None] & (fs < FS)[None, :], other=0.0)
+    _wait_prev(USE_PDL)
     acc = tl.load(out_ptr, mask=dmask, other=0.0).to(tl.float32)
     if K > 0:
         pp = tl.arange(0, BLOCK_P)
@@ -374,7 +435,9 @@ def moe_down_kernel(h_ptr, stride_h, sel_idx_ptr, sel_gate_ptr, wd_ptr, F, sd_pt
             acc_p += tl.sum(w.to(tl.float32) * x[:, None, :], axis=2)
         acc += tl.sum(acc_p * gate[:, None], axis=0)
     if HAS_SHARED:
-        for f0 in range(0, FS, BLOCK_FS):
+        x_s = tl.load(hm_ptr + K * F + fs, mask=fs < FS, other=0.0)
+        acc += tl.sum(w_s.to(tl.float32) * x_s[None, :], axis=1)
+        for f0 in range(BLOCK_FS, FS, BLOCK_FS):  # shared experts wider than BLOCK_FS
             f = f0 + tl.arange(0, BLOCK_FS)
             fmask = f < FS
             w = tl.load(sd_ptr + d[:, None] * FS + f[None, :], mask=dmask[:, None] & fmask[None, :], other=0.0)
