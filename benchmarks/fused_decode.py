@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 from pathlib import Path
 
@@ -196,6 +197,7 @@ def main():
             print(f"{name} batch {B}: {us:.1f} us/step", flush=True)
             del step, cache
             torch.cuda.empty_cache()
+    rows["engine, batch 1"] = engine_overhead(model_bf16, prompts[0].tolist(), max_len, args.repeat)
     weight_bytes = step_weight_bytes(model_bf16)
     if "batch 1" in rows:
         for name, _ in modes:
@@ -209,6 +211,33 @@ def main():
     print(f"wrote {write_json(result, 'fused_decode.json')}")
     if args.profile:
         profile(model_bf16, cache16, args)
+
+
+def engine_overhead(model, prompt, max_len, repeat) -> dict:
+    """The engine's batch-1 decode with the fused step, at decode bursts of 8, 16 and 32:
+    µs per decoded token (127 after the first, median of repeat runs after a warm-up), the
+    engine's whole loop (scheduling, read-back, postprocess) on top of the graph replays."""
+    import time
+
+    from nanoseek.infer.engine import Engine
+    from nanoseek.infer.sampling import SamplingParams
+    out = {}
+    for burst in (8, 16, 32):
+        engine = Engine(model, None, max_batch=1, max_len=max_len, fused_decode=1, decode_burst=burst)
+
+        def run(n, engine=engine):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            engine.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0
+        run(128)
+        first = statistics.median(run(1) for _ in range(repeat))
+        total = statistics.median(run(128) for _ in range(repeat))
+        out[f"decode_burst_{burst}_us_per_token"] = (total - first) / 127 * 1e6
+        print(f"engine batch 1, burst {burst}: {out[f'decode_burst_{burst}_us_per_token']:.1f} us/token", flush=True)
+        del engine
+    return out
 
 
 def profile(model, cache, args):

@@ -82,7 +82,7 @@ def test_fused_decoder_bursts_equal_the_model_step():
     def burst(fused_rows):
         c = copy.deepcopy(cache)
         step = GraphDecoder(model, c, None, capture=False, fused_rows=fused_rows)
-        return step.decode_burst([0, 1], [3, 4], [5, 9], 3).tolist(), step, c
+        return step.decode_burst([0, 1], [3, 4], [5, 9], 2).tolist(), step, c
 
     want, plain, want_cache = burst(0)
     got, fused, got_cache = burst(2)
@@ -103,13 +103,51 @@ def test_unsupported_models_say_why():
     assert FusedDecoder.unsupported(preset("bench-1b")) is None
     cases = {"attention_type": dict(attention_type="gqa", num_key_value_heads=2),
              "q_lora_rank": dict(q_lora_rank=None),
-             "256 routed experts": dict(n_routed_experts=256, n_group=8, topk_group=4)}
+             "96 routed experts in 8 groups": dict(n_routed_experts=96, n_group=8, topk_group=4),
+             "at most 256": dict(n_routed_experts=512, n_group=8, topk_group=4)}
     for words, overrides in cases.items():
         reason = FusedDecoder.unsupported(preset("tiny", **overrides))
         assert reason and words in reason, reason
     with pytest.raises(ValueError, match="does not support this model: attention_type"):
         m = Transformer(preset("tiny", attention_type="gqa", num_key_value_heads=2))
         FusedDecoder(m, StaticCache(m.config, 1, 8), 1)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),                                                                        # V3: sigmoid, noaux_tc, bias
+    dict(scoring_func="softmax", topk_method="group_limited_greedy", n_group=4, topk_group=3,
+         norm_topk_prob=False),                                                    # V2
+    dict(topk_method="greedy", n_group=1, topk_group=1),                           # no groups
+])
+def test_routing_kernel_chooses_the_routers_experts(overrides):
+    """moe_route_kernel against moe.Router on 48 tokens of bench-1b's routing shape (64
+    experts, 8 groups, top 6): the same experts and gates for every token (slots may come in
+    another order), a random bias included."""
+    from nanoseek.infer.fused import FusedDecoder
+    from nanoseek.kernels import decode as kernels
+    from nanoseek.model.moe import Router
+    cfg = preset("bench-1b", **overrides)
+    router = Router(cfg).to(DEVICE)
+    torch.nn.init.normal_(router.weight, std=0.05)
+    if router.e_score_correction_bias is not None:
+        router.e_score_correction_bias.normal_(0, 0.05)
+    x = torch.randn(48, cfg.hidden_size, device=DEVICE)
+    with torch.no_grad():
+        want_gate, want_idx, _ = router(x)
+        logits = x @ router.weight.T
+    K = router.top_k
+    idx = torch.zeros(48, K, dtype=torch.int32, device=DEVICE)
+    gate = torch.zeros(48, K, device=DEVICE)
+    bias = router.e_score_correction_bias
+    kernels.moe_route_kernel[(48,)](
+        logits, bias if bias is not None else logits, router.scaling, idx, gate, E=router.n_experts, K=K,
+        G=router.n_group if router.topk_method != "greedy" else 1, TOPK_GROUP=router.topk_group,
+        HAS_BIAS=bias is not None, SIGMOID=router.scoring_func == "sigmoid",
+        GROUP_TOP2=router.topk_method == "noaux_tc", NORM_TOPK=router.norm_topk_prob, USE_PDL=False)
+    order, want_order = idx.long().argsort(-1), want_idx.argsort(-1)
+    assert torch.equal(idx.long().gather(1, order), want_idx.gather(1, want_order))
+    torch.testing.assert_close(gate.gather(1, order), want_gate.gather(1, want_order), rtol=1e-5, atol=1e-6)
+    assert FusedDecoder.unsupported(cfg) is None
 
 
 def test_engine_checks_fused_decode():

@@ -15,7 +15,8 @@ It reads the model's own parameters (no copies), so it follows weight updates (G
 runs inside a CUDA graph. Scratch buffers are allocated once, for `max_rows` rows.
 
 Supported: MLA with a q_lora_rank and no attention bias, SwiGLU dense and MoE layers
-(sigmoid or softmax routing, group-limited or not, up to 128 routed experts), one token
+(sigmoid or softmax routing, group-limited or not, up to 256 routed experts in groups, all
+powers of two), one token
 per row. `FusedDecoder.unsupported(config)` says why not, and the engine then keeps the
 model's forward.
 """
@@ -30,13 +31,13 @@ from ..config import ModelConfig
 from ..model import StaticCache, Transformer
 from ..model.moe import MoE
 
-MAX_EXPERTS = 128   # the routing compares all E^2 pairs of one token's scores in registers
+MAX_EXPERTS = 256   # one program holds a token's E scores for the routing
 MAX_BLOCK = 2048    # widest row a program loads at once (wider ones are read in chunks)
 
 # Launch shapes, measured on an H200 with bench-1b (benchmarks/fused_decode.py --tune):
 # rows of a weight per program and warps per program for each kernel, attention's split.
-TUNING = dict(gemv_rows=4, gemv_warps=4, query_split=2, query_warps=4, attend_split=64, attend_warps=8,
-              output_warps=8, route_warps=4, up_rows=4, up_warps=4, down_rows=2, down_warps=4, pdl=True)
+TUNING = dict(gemv_rows=8, gemv_warps=4, query_split=2, query_warps=8, attend_split=32, attend_warps=8,
+              output_warps=8, route_warps=1, up_rows=4, up_warps=4, down_rows=1, down_warps=4, pdl=True)
 
 
 def _pow2(n: int, at_least: int = 1) -> int:
@@ -117,10 +118,11 @@ class FusedDecoder:
             return "no q_lora_rank (a single query projection)"
         if c.attention_bias:
             return "attention_bias"
-        if c.n_routed_experts and c.n_routed_experts > MAX_EXPERTS:
-            return f"{c.n_routed_experts} routed experts (at most {MAX_EXPERTS})"
-        if c.n_routed_experts and c.n_group and c.n_group > 1 and c.n_routed_experts % c.n_group:
-            return "n_routed_experts not a multiple of n_group"
+        E, G = c.n_routed_experts or 0, c.n_group or 1
+        if E and (E & (E - 1) or G & (G - 1) or E % G):
+            return f"{E} routed experts in {G} groups (powers of two, the groups dividing the experts)"
+        if E > MAX_EXPERTS:
+            return f"{E} routed experts (at most {MAX_EXPERTS})"
         return None
 
     @torch.no_grad()
@@ -200,12 +202,11 @@ class FusedDecoder:
             bias = router.e_score_correction_bias
             grouped = router.topk_method != "greedy"  # greedy ignores the groups, as moe.Router
             k.moe_route_kernel[(B,)](
-                self.router_logits, bias if bias is not None else self.router_logits, E, router.scaling,
-                self.sel_idx, self.sel_gate, K=K, G=router.n_group if grouped else 1,
+                self.router_logits, bias if bias is not None else self.router_logits, router.scaling,
+                self.sel_idx, self.sel_gate, E=E, K=K, G=router.n_group if grouped else 1,
                 TOPK_GROUP=router.topk_group, HAS_BIAS=bias is not None,
                 SIGMOID=router.scoring_func == "sigmoid", GROUP_TOP2=router.topk_method == "noaux_tc",
-                NORM_TOPK=router.norm_topk_prob, BLOCK_E=_pow2(E, 16), num_warps=self.t["route_warps"],
-                **self.launch)
+                NORM_TOPK=router.norm_topk_prob, num_warps=self.t["route_warps"], **self.launch)
             routed = (experts.gate_proj, experts.up_proj, experts.down_proj)
         else:  # a dense layer: its MLP is the one "shared" chunk, no routed slots
             shared, K, F = mlp, 0, mlp.gate_proj.weight.shape[0]

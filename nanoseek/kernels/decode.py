@@ -283,60 +283,61 @@ def mla_output_kernel(acc_ptr, m_ptr, l_ptr, wkvb_ptr, o_ptr, H, C, N, V, NSPLIT
 
 
 @triton.jit
-def moe_route_kernel(logits_ptr, bias_ptr, E, scaling, sel_idx_ptr, sel_gate_ptr,
-                     K: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     SIGMOID: tl.constexpr, GROUP_TOP2: tl.constexpr, NORM_TOPK: tl.constexpr,
-                     BLOCK_E: tl.constexpr, USE_PDL: tl.constexpr):
-    """Program b: one token's routing (moe.Router) from its E logits, as pairwise comparisons
-    of its scores: affinities by sigmoid or softmax, the bias added for choosing, the best
-    TOPK_GROUP of G groups kept (a group scored by the sum of its best two, or its best
-    one), the top K of those; gates normalised over the K and scaled. Ties go to the lower
-    index, as moe.ranks. Writes the K experts (best first) and their gates."""
+def moe_route_kernel(logits_ptr, bias_ptr, scaling, sel_idx_ptr, sel_gate_ptr,
+                     E: tl.constexpr, K: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr, GROUP_TOP2: tl.constexpr,
+                     NORM_TOPK: tl.constexpr, USE_PDL: tl.constexpr):
+    """Program b: one token's routing (moe.Router) from its E logits, held as [G, E/G]
+    (E and G powers of two): affinities by sigmoid or softmax, the bias added for choosing,
+    the best TOPK_GROUP of the G groups kept (a group scored by the sum of its best two, or
+    its best one), the top K of those by K rounds of max; gates normalised over the K and
+    scaled. Ties go to the lower index, as moe.ranks. The K chosen experts are written in
+    index order with their gates (the slots' order does not change the sum)."""
+    EG: tl.constexpr = E // G
     _launch_next(USE_PDL)
     b = tl.program_id(0)
-    e = tl.arange(0, BLOCK_E)
-    valid = e < E
+    g = tl.arange(0, G)
+    j = tl.arange(0, EG)
+    flat = g[:, None] * EG + j[None, :]
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + e, mask=valid, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + flat).to(tl.float32)
     _wait_prev(USE_PDL)
-    logit = tl.load(logits_ptr + b * E + e, mask=valid, other=float("-inf")).to(tl.float32)
+    logit = tl.load(logits_ptr + b * E + flat).to(tl.float32)
     if SIGMOID:
-        score = tl.where(valid, tl.sigmoid(logit), 0.0)
+        score = tl.sigmoid(logit)
     else:
-        ex = tl.where(valid, tl.exp(logit - tl.max(logit, axis=0)), 0.0)
-        score = ex / tl.sum(ex, axis=0)
+        ex = tl.exp(logit - tl.max(tl.max(logit, axis=1), axis=0))
+        score = ex / tl.sum(tl.sum(ex, axis=1), axis=0)
     choice = score
     if HAS_BIAS:
         choice += bias
-    choice = tl.where(valid, choice, float("-inf"))
-    # beats[i, j]: entry j ranks above entry i
-    ci, cj = choice[:, None], choice[None, :]
-    beats = (cj > ci) | ((cj == ci) & (e[None, :] < e[:, None]))
-    if G > 1:
-        group = e // (E // G)
-        same = group[:, None] == group[None, :]
-        rank_in_group = tl.sum((same & beats).to(tl.int32), axis=1)
+    if G > 1 and TOPK_GROUP < G:
+        top1 = tl.max(choice, axis=1)
         if GROUP_TOP2:
-            member = rank_in_group < 2
+            first = tl.min(tl.where(choice == top1[:, None], j[None, :], EG), axis=1)
+            gscore = top1 + tl.max(tl.where(j[None, :] == first[:, None], float("-inf"), choice), axis=1)
         else:
-            member = rank_in_group < 1
-        # every entry carries its group's score; a group's first entry stands for it
-        gscore = tl.sum(tl.where(same & member[None, :], cj, 0.0), axis=1)
-        leader = (rank_in_group == 0) & valid
-        gbeats = leader[None, :] & ((gscore[None, :] > gscore[:, None])
-                                    | ((gscore[None, :] == gscore[:, None]) & (group[None, :] < group[:, None])))
-        keep = tl.sum(gbeats.to(tl.int32), axis=1) < TOPK_GROUP
-        choice = tl.where(keep, choice, float("-inf"))
-        ci, cj = choice[:, None], choice[None, :]
-        beats = (cj > ci) | ((cj == ci) & (e[None, :] < e[:, None]))
-    rank = tl.sum(beats.to(tl.int32), axis=1)
-    chosen = rank < K
+            gscore = top1
+        keep = g < 0
+        for _ in tl.static_range(TOPK_GROUP):
+            best = tl.max(tl.where(keep, float("-inf"), gscore), axis=0)
+            keep = keep | (g == tl.min(tl.where(~keep & (gscore == best), g, G), axis=0))
+        choice = tl.where(keep[:, None], choice, float("-inf"))
+    taken = flat < 0
+    for _ in tl.static_range(K):
+        rest = tl.where(taken, float("-inf"), choice)
+        best = tl.max(tl.max(rest, axis=1), axis=0)
+        pick = tl.min(tl.min(tl.where(~taken & (rest == best), flat, E), axis=1), axis=0)
+        taken = taken | (flat == pick)
     norm = scaling
     if NORM_TOPK:
-        norm = scaling / (tl.sum(tl.where(chosen, score, 0.0), axis=0) + 1e-20)
-    # expert e goes to slot rank[e]: one scattered store each
-    tl.store(sel_idx_ptr + b * K + rank, e, mask=chosen)
-    tl.store(sel_gate_ptr + b * K + rank, score * norm, mask=chosen)
+        norm = scaling / (tl.sum(tl.sum(tl.where(taken, score, 0.0), axis=1), axis=0) + 1e-20)
+    # slot of a chosen expert: how many chosen ones have a lower index
+    count = taken.to(tl.int32)
+    per_group = tl.sum(count, axis=1)
+    slot = (tl.cumsum(per_group, axis=0) - per_group)[:, None] + tl.cumsum(count, axis=1) - count
+    tl.store(sel_idx_ptr + b * K + slot, flat, mask=taken)
+    tl.store(sel_gate_ptr + b * K + slot, score * norm, mask=taken)
 
 
 @triton.jit
