@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
 import sys
 import tempfile
@@ -106,10 +107,15 @@ def main():
     ap.add_argument("--tuned-option", action="append", default=[], metavar="KEY=VALUE",
                     help="an Inductor option for the batch-1 step's compilation, beside coordinate-descent "
                          "tuning (e.g. combo_kernels=true, aggressive_fusion=true); repeatable")
+    ap.add_argument("--fused-tuning", metavar="JSON",
+                    help="launch shapes for the fused step (fused_tuning.json of benchmarks/fused_decode.py --tune)")
     ap.add_argument("--profile", action="store_true",
                     help="also profile the compiled decode step (uncaptured) per kernel: decode_profile.txt")
     args = ap.parse_args()
     BucketGraphs.tuned_options = {**BucketGraphs.tuned_options, **dict(map(inductor_option, args.tuned_option))}
+    if args.fused_tuning:
+        from nanoseek.infer import fused
+        fused.TUNING.update(json.loads(Path(args.fused_tuning).read_text()))
     torch.manual_seed(0)
     cfg = preset("bench-1b")
     g = torch.Generator().manual_seed(1)
@@ -175,6 +181,9 @@ def main():
               "new_tokens": args.new, "dtype": "bfloat16", "greedy": True, "rows": rows}
     if any(MODES[m][1]["compile"] for m in args.modes):
         result["batch1_inductor_options"] = BucketGraphs.tuned_options
+    if "fused" in args.modes:
+        from nanoseek.infer import fused
+        result["fused_tuning"] = dict(fused.TUNING)
     path = write_json(result, "decode.json")
     print(f"\n{'run':42s} {'TTFT ms':>8s} {'decode tok/s':>13s} {'peak GiB':>9s} {'vs HF':>7s}")
     for name, r in rows.items():

@@ -14,7 +14,8 @@ bench-1b with random weights (seeded), BF16, every cache row prefilled with a pr
 - `--tune PASSES`: before all that, the launch shapes (fused.TUNING) by coordinate descent at
   batch 1: each knob in turn over its candidates, the others held, keeping the fastest
   captured step (µs per step of 16 replayed steps, median of 5); the path and the best
-  shapes go to the JSON and are used for the rest of the run;
+  shapes go to the JSON and are used for the rest of the run, and the shapes alone to
+  fused_tuning.json (benchmarks/decode.py --fused-tuning reads them);
 - `--profile`: the fused step's kernels at batch 1 (torch.profiler, uncaptured) in
   fused_profile.txt.
 
@@ -76,9 +77,10 @@ def bf16_copy(model: Transformer) -> Transformer:
 
 
 # the largest kernels' knobs first
-CANDIDATES = dict(pdl=[True, False], up_rows=[4, 8, 16], up_warps=[1, 2, 4], down_rows=[1, 2, 4, 8], down_warps=[1, 2, 4, 8],
+CANDIDATES = dict(pdl=[True, False], attend_prefetch=[True, False], up_rows=[4, 8, 16], up_warps=[1, 2, 4], down_rows=[1, 2, 4, 8], down_warps=[1, 2, 4, 8],
                   query_split=[1, 2, 4, 8], query_warps=[2, 4, 8], gemv_rows=[2, 4, 8], gemv_warps=[2, 4, 8],
-                  attend_split=[32, 64, 128], attend_warps=[4, 8], output_warps=[2, 4, 8], route_warps=[1, 2, 4])
+                  attend_split=[32, 64, 128], attend_warps=[4, 8], output_warps=[2, 4, 8], route_warps=[1, 2, 4],
+                  head_rows=[4, 8, 16, 32], head_warps=[4, 8])
 
 
 def fused_step_us(model, cache, tuning, prompt, steps=16, repeat=5) -> float:
@@ -209,6 +211,8 @@ def main():
               "batch1_weight_bytes": weight_bytes, "tuning_used": dict(fused_module.TUNING),
               "tuning_search": tuning, "rows": rows}
     print(f"wrote {write_json(result, 'fused_decode.json')}")
+    if args.tune:  # for benchmarks/decode.py --fused-tuning
+        print(f"wrote {write_json(dict(fused_module.TUNING), 'fused_tuning.json')}")
     if args.profile:
         profile(model_bf16, cache16, args)
 

@@ -122,9 +122,11 @@ case $stage in
     short_speedrun "$(left 500)" "${MINUTES:-0.6}"
     speculation "$(left 580)"
     ;;
-  fused)  # the fused decode step: its tests, accuracy and speed per bucket, then decode vs transformers
-    fused 330
-    DECODE_MODES=${DECODE_MODES:-fused compiled} decode "$(left 585)"
+  fused)  # the fused decode step: its tests, launch shapes tuned, accuracy and speed per bucket, then decode
+          # vs transformers with those shapes (fused and compiled modes)
+    FUSED_ARGS="--tune 1 --no-compiled ${FUSED_ARGS:-}" fused 200
+    tuned=""; [ -f "$OUT/fused_tuning.json" ] && tuned="--fused-tuning $OUT/fused_tuning.json"
+    DECODE_MODES=${DECODE_MODES:-fused compiled} DECODE_ARGS="${DECODE_ARGS:-} $tuned" decode "$(left 585)"
     ;;
   tune)  # the fused step's tests, then its launch shapes tuned at batch 1 and its speed per bucket
     FUSED_ARGS="--tune 2 --no-compiled ${FUSED_ARGS:-}" fused 585

@@ -50,7 +50,8 @@ def test_fused_step_matches_model_decode(overrides, chunked, query_split, monkey
     pads with) and every layer's cache entries: the fused step equals the model's absorbed
     decode forward in float32. Attention in splits of 16 positions (row 2 spans two), the
     query in 1, 4 or 3 shares of each head's rows (3: uneven); chunked: rows wider than 16
-    read in chunks (the path of a wide model's hidden size)."""
+    read in chunks (the path of a wide model's hidden size) and the attention's loop over
+    blocks instead of one block read ahead."""
     from nanoseek.infer import fused
     if chunked:
         monkeypatch.setattr(fused, "MAX_BLOCK", 16)
@@ -61,7 +62,8 @@ def test_fused_step_matches_model_decode(overrides, chunked, query_split, monkey
     positions = torch.tensor([[7], [20], [0]], device=DEVICE)
     with torch.no_grad():
         want = model(ids, positions=positions, cache=cache.prefix(3)).logits[:, -1]
-    step = fused.FusedDecoder(model, fused_cache, max_rows=4, tuning=dict(attend_split=16, query_split=query_split))
+    step = fused.FusedDecoder(model, fused_cache, max_rows=4,
+                              tuning=dict(attend_split=16, query_split=query_split, attend_prefetch=not chunked))
     assert step.nsplit == 3
     got = step.forward(ids, positions)
     assert want.abs().max() > 5  # sharp logits: a wrong expert moves them by whole units

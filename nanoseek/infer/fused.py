@@ -36,8 +36,9 @@ MAX_BLOCK = 2048    # widest row a program loads at once (wider ones are read in
 
 # Launch shapes, measured on an H200 with bench-1b (benchmarks/fused_decode.py --tune):
 # rows of a weight per program and warps per program for each kernel, attention's split.
-TUNING = dict(gemv_rows=8, gemv_warps=4, query_split=2, query_warps=8, attend_split=32, attend_warps=8,
-              output_warps=8, route_warps=1, up_rows=4, up_warps=4, down_rows=1, down_warps=4, pdl=True)
+TUNING = dict(gemv_rows=4, gemv_warps=4, head_rows=4, head_warps=4, query_split=1, query_warps=8,
+              attend_split=32, attend_prefetch=True, attend_warps=8, output_warps=8, route_warps=1,
+              up_rows=8, up_warps=4, down_rows=1, down_warps=4, pdl=True)
 
 
 def _pow2(n: int, at_least: int = 1) -> int:
@@ -72,7 +73,7 @@ class FusedDecoder:
         if os.environ.get("TRITON_INTERPRET") == "1":
             # Triton's interpreter (CPU tests) pays per program: a few big ones, still more
             # than one per kernel, so that block boundaries are tested
-            self.t.update(gemv_rows=16, up_rows=16, down_rows=32)
+            self.t.update(gemv_rows=16, head_rows=16, up_rows=16, down_rows=32)
         c = self.config = model.config
         dev = model.model.embed_tokens.weight.device
         f32 = dict(dtype=torch.float32, device=dev)
@@ -84,6 +85,11 @@ class FusedDecoder:
         self.rope_factor = float(rotary.attention_factor)
         H, C, R = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim
         self.split = self.t["attend_split"]
+        if self.split < 16 or self.split & (self.split - 1):
+            raise ValueError(f"attend_split must be a power of two >= 16, got {self.split}")
+        # one block of cache rows per attention program (read ahead of the wait) up to 64 rows
+        self.one_block = bool(self.t["attend_prefetch"]) and self.split <= 64
+        self.block_s = self.split if self.one_block else min(self.split, 64)
         self.nsplit = triton_cdiv(cache.max_len, self.split)
         moe_layers = [layer.mlp for layer in model.main_layers if isinstance(layer.mlp, MoE)]
         K = c.num_experts_per_tok if moe_layers else 0
@@ -139,16 +145,17 @@ class FusedDecoder:
         for i, layer in enumerate(m.main_layers):
             self._attention(layer, i, h, positions_B)
             self._mlp(layer, h)
-        self._gemv(h, m.lm_head.weight, self.logits[:B], norm=m.model.norm)
+        self._gemv(h, m.lm_head.weight, self.logits[:B], norm=m.model.norm, head=True)
         return self.logits[:B]
 
     # ------------------------------------------------------------------ pieces
-    def _gemv(self, x, weight, out, norm=None, weight2=None, residual=None):
-        """out = [norm(x)] @ [weight; weight2]^T (+ residual): kernels.gemv_kernel."""
+    def _gemv(self, x, weight, out, norm=None, weight2=None, residual=None, head=False):
+        """out = [norm(x)] @ [weight; weight2]^T (+ residual): kernels.gemv_kernel; head: the
+        output head's launch shape (a far taller matrix than a layer's)."""
         B, K = x.shape
         n1 = weight.shape[0]
         n2 = 0 if weight2 is None else weight2.shape[0]
-        block_o = self.t["gemv_rows"]  # rows of the weight per program, all B rows of x
+        block_o = self.t["head_rows" if head else "gemv_rows"]  # rows of the weight per program, all B rows of x
         grid = (triton_cdiv(n1, block_o) + (triton_cdiv(n2, block_o) if n2 else 0),)
         self.k.gemv_kernel[grid](
             x, x.stride(0), B, K, norm.weight if norm is not None else x,
@@ -158,7 +165,7 @@ class FusedDecoder:
             out, out.stride(0),
             HAS_NORM=norm is not None, HAS_RES=residual is not None,
             BLOCK_B=_pow2(B), BLOCK_O=block_o, BLOCK_K=min(MAX_BLOCK, _pow2(K)), ONE_CHUNK=K <= MAX_BLOCK,
-            num_warps=self.t["gemv_warps"], **self.launch)
+            num_warps=self.t["head_warps" if head else "gemv_warps"], **self.launch)
 
     def _attention(self, layer, i, h, positions_B):
         c, k, a = self.config, self.k, layer.self_attn
@@ -179,8 +186,8 @@ class FusedDecoder:
         k.mla_attend_kernel[(B, self.nsplit)](
             self.q_lat, self.q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0), positions_B,
             self.part_acc, self.part_m, self.part_l, a.scale, H, C, R, self.split, self.nsplit, NS,
-            BLOCK_H=_pow2(H, 16), BLOCK_C=_pow2(C, 16), BLOCK_R=_pow2(R, 16), BLOCK_S=min(self.split, 64),
-            DOT_PRECISION=self.dot_precision, num_warps=self.t["attend_warps"], **self.launch)
+            BLOCK_H=_pow2(H, 16), BLOCK_C=_pow2(C, 16), BLOCK_R=_pow2(R, 16), BLOCK_S=self.block_s,
+            ONE_BLOCK=self.one_block, DOT_PRECISION=self.dot_precision, num_warps=self.t["attend_warps"], **self.launch)
         o = self.o[:B]
         k.mla_output_kernel[(B, H)](
             self.part_acc, self.part_m, self.part_l, a.kv_b_proj.weight, o, H, C, N, V, self.nsplit,

@@ -203,24 +203,51 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
 
 
 @triton.jit
+def _attend_block(q, qp, c, kp, smask, m, l, acc, scale, DOT_PRECISION: tl.constexpr):
+    """One block of cache positions into the online softmax: (m, l, acc) updated."""
+    sc = (tl.dot(q, tl.trans(c), input_precision=DOT_PRECISION)
+          + tl.dot(qp, tl.trans(kp), input_precision=DOT_PRECISION)) * scale
+    sc = tl.where(smask[None, :], sc, float("-inf"))
+    m_new = tl.maximum(m, tl.max(sc, axis=1))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(sc - m_new[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=DOT_PRECISION)
+    return m_new, l, acc
+
+
+@triton.jit
 def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe, pos_ptr,
                       acc_ptr, m_ptr, l_ptr, scale, H, C, R, SPLIT, NSPLIT, NS,
                       BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+                      BLOCK_S: tl.constexpr, ONE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      USE_PDL: tl.constexpr):
     """Program (b, split): all heads over cache positions [split·SPLIT, +SPLIT) ∩ [0, pos]:
     scores q_lat·c_kv + q_pe·k_pe (q_lat the sum of mla_query's NS shares), an online
     softmax, the unnormalised sum of p·c_kv with its running max and sum (merged by
-    mla_output)."""
+    mla_output). ONE_BLOCK (SPLIT == BLOCK_S): the split's cache rows before pos are read
+    before the wait (earlier steps wrote them), the row at pos, which mla_query has just
+    written, after it."""
     _launch_next(USE_PDL)
     b = tl.program_id(0)
     sp = tl.program_id(1)
-    pos = tl.load(pos_ptr + b).to(tl.int32)
-    _wait_prev(USE_PDL)  # everything else it reads, the previous kernel may just have written
+    pos = tl.load(pos_ptr + b).to(tl.int32)  # positions are written between steps
     hh = tl.arange(0, BLOCK_H)
     cc = tl.arange(0, BLOCK_C)
     rr = tl.arange(0, BLOCK_R)
     hmask, cmask, rmask = hh < H, cc < C, rr < R
     dtype = ckv_ptr.dtype.element_ty
+    start = sp * SPLIT
+    end = tl.minimum(start + SPLIT, pos + 1)
+    c_ptr = ckv_ptr + b * stride_ckv
+    k_ptr = kpe_ptr + b * stride_kpe
+    if ONE_BLOCK:
+        s = start + tl.arange(0, BLOCK_S)
+        smask = s < end
+        older = smask & (s != pos)
+        c = tl.load(c_ptr + s[:, None] * C + cc[None, :], mask=older[:, None] & cmask[None, :], other=0.0)
+        kp = tl.load(k_ptr + s[:, None] * R + rr[None, :], mask=older[:, None] & rmask[None, :], other=0.0)
+    _wait_prev(USE_PDL)  # everything else it reads, the previous kernel may just have written
     q = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
     for ns in range(NS):
         q += tl.load(qlat_ptr + ((b * NS + ns) * H + hh)[:, None] * C + cc[None, :],
@@ -231,24 +258,22 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
     m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
-    start = sp * SPLIT
-    end = tl.minimum(start + SPLIT, pos + 1)
-    for s0 in range(start, end, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        smask = s < end
-        c = tl.load(ckv_ptr + b * stride_ckv + s[:, None] * C + cc[None, :],
-                    mask=smask[:, None] & cmask[None, :], other=0.0)
-        kp = tl.load(kpe_ptr + b * stride_kpe + s[:, None] * R + rr[None, :],
-                     mask=smask[:, None] & rmask[None, :], other=0.0)
-        sc = (tl.dot(q, tl.trans(c), input_precision=DOT_PRECISION)
-              + tl.dot(qp, tl.trans(kp), input_precision=DOT_PRECISION)) * scale
-        sc = tl.where(smask[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m, tl.max(sc, axis=1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(sc - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), c, input_precision=DOT_PRECISION)
-        m = m_new
+    if ONE_BLOCK:
+        if start < end:
+            here = (start <= pos) & (pos < start + SPLIT)  # the new row is in this split
+            c_new = tl.load(c_ptr + pos * C + cc, mask=cmask & here, other=0.0)
+            kp_new = tl.load(k_ptr + pos * R + rr, mask=rmask & here, other=0.0)
+            is_new = (s == pos)[:, None]
+            c = tl.where(is_new, c_new[None, :], c)
+            kp = tl.where(is_new, kp_new[None, :], kp)
+            m, l, acc = _attend_block(q, qp, c, kp, smask, m, l, acc, scale, DOT_PRECISION)
+    else:
+        for s0 in range(start, end, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            smask = s < end
+            c = tl.load(c_ptr + s[:, None] * C + cc[None, :], mask=smask[:, None] & cmask[None, :], other=0.0)
+            kp = tl.load(k_ptr + s[:, None] * R + rr[None, :], mask=smask[:, None] & rmask[None, :], other=0.0)
+            m, l, acc = _attend_block(q, qp, c, kp, smask, m, l, acc, scale, DOT_PRECISION)
     part = (b * NSPLIT + sp) * H + hh
     tl.store(m_ptr + part, m, mask=hmask)
     tl.store(l_ptr + part, l, mask=hmask)
