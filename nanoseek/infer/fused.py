@@ -34,11 +34,12 @@ from ..model.moe import MoE
 MAX_EXPERTS = 256   # one program holds a token's E scores for the routing
 MAX_BLOCK = 2048    # widest row a program loads at once (wider ones are read in chunks)
 
-# Launch shapes, measured on an H200 with bench-1b (benchmarks/fused_decode.py --tune):
+# Launch shapes, the fastest an H200 found for bench-1b at batch 1 (benchmarks/fused_decode.py
+# --tune, benchmarks/results/fused_tuning.json):
 # rows of a weight per program and warps per program for each kernel, attention's split.
-TUNING = dict(gemv_rows=4, gemv_warps=4, head_rows=4, head_warps=4, query_split=1, query_warps=8,
-              attend_split=32, attend_prefetch=True, attend_warps=8, output_warps=8, route_warps=1,
-              up_rows=8, up_warps=4, down_rows=1, down_warps=4, pdl=True)
+TUNING = dict(gemv_rows=4, gemv_warps=2, head_rows=8, head_warps=4, query_split=1, query_warps=8,
+              attend_split=32, attend_prefetch=False, attend_warps=8, output_warps=8, route_warps=1,
+              up_rows=4, up_warps=4, down_rows=2, down_warps=4, pdl=True)
 
 
 def _pow2(n: int, at_least: int = 1) -> int:
