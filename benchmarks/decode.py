@@ -60,11 +60,12 @@ def timed(fn, repeat):
 
 
 # --modes: (row label suffix, Engine settings; gather: moe.GATHER_MAX_PAIRS for the run)
-MODES = {"compiled": ("", dict(cuda_graphs=True, compile=True)),
+MODES = {"compiled": ("", dict(cuda_graphs=True, compile=True, fused_decode=0)),
          # batches of up to 4 rows on the fused Triton step (infer/fused.py); larger ones compiled
          "fused": (" (fused Triton step)", dict(cuda_graphs=True, compile=True, fused_decode=4)),
-         "grouped": (" (compiled, grouped GEMM experts only)", dict(cuda_graphs=True, compile=True, gather=0)),
-         "graphs": (" (CUDA graphs, not compiled)", dict(cuda_graphs=True, compile=False)),
+         "grouped": (" (compiled, grouped GEMM experts only)",
+                     dict(cuda_graphs=True, compile=True, fused_decode=0, gather=0)),
+         "graphs": (" (CUDA graphs, not compiled)", dict(cuda_graphs=True, compile=False, fused_decode=0)),
          "eager": (" (no CUDA graphs)", dict(cuda_graphs=False, compile=False))}
 
 
@@ -190,7 +191,7 @@ def main():
         moe.GATHER_MAX_PAIRS = mode.pop("gather", gather)  # (token, expert) pairs gathered, not grouped
         engine = Engine(model, None, max_batch=max(args.batches), max_len=args.prompt + args.new, **mode)
         for B in args.batches:
-            if B > mode.get("fused_decode", B):
+            if B > (mode.get("fused_decode") or B):
                 continue  # the fused mode's larger batches are the compiled mode's
             plist = [p.tolist() for p in prompts[:B]]
 

@@ -80,8 +80,10 @@ def main():
     compile = not args.no_compile
     rows, base = {}, {}
     for k in [0, *args.k]:
+        # fused_decode=0: the plain baseline decodes with the model's forward, as the speculative
+        # steps verify with it (the fused Triton step has no speculative form yet)
         engine = Engine(model, tok, max_batch=max(args.batches), max_len=max_len, speculative_k=k,
-                        compile=compile)
+                        compile=compile, fused_decode=0)
         for B in args.batches:
             run_engine(engine, prompts[:B], B, args.new)  # warm-up: compile and capture this bucket
             before = dict(engine.speculative_stats() or {})

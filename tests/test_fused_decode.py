@@ -153,6 +153,14 @@ def test_routing_kernel_chooses_the_routers_experts(overrides):
 
 
 def test_engine_checks_fused_decode():
-    from nanoseek.infer.engine import Engine
+    """A negative row count is refused; by default the fused step is off for float32 weights
+    and CPU models (it was measured with 16-bit weights on a GPU)."""
+    from nanoseek.infer.engine import FUSED_DECODE_ROWS, Engine
     with pytest.raises(ValueError, match="fused_decode"):
         Engine(Transformer(preset("tiny")), fused_decode=-1)
+    engine = Engine(Transformer(preset("tiny")).to(DEVICE), max_batch=4, max_len=16)
+    graphs = engine.runner.graphs
+    assert graphs is None or graphs.fused is None  # float32 weights
+    if DEVICE == "cuda":
+        engine = Engine(Transformer(preset("tiny")).to(DEVICE, torch.bfloat16), max_batch=8, max_len=16)
+        assert engine.runner.graphs.fused.max_rows == FUSED_DECODE_ROWS

@@ -282,6 +282,10 @@ def test_serve_command_parses():
     bad = build_parser().parse_args(["serve", "--model", "m", "--decode-burst", "0"])
     with pytest.raises(ValueError, match="--decode-burst must be positive, got 0"):
         cmd_serve(bad)
+    assert args.fused_decode is None  # the engine's default
+    bad = build_parser().parse_args(["serve", "--model", "m", "--fused-decode", "-1"])
+    with pytest.raises(ValueError, match="--fused-decode must be >= 0, got -1"):
+        cmd_serve(bad)
 
 
 # ------------------------------------------------------------------ a scripted engine

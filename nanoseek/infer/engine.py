@@ -264,11 +264,17 @@ class ModelRunner:
             return self.model(ids, positions=positions, cache=view).logits[:, -1]
 
 
+# batches up to which the engine's captured decode takes the fused Triton step by default: on an
+# H200 with bench-1b its captured step took 403, 534 and 765 us at 1, 2 and 4 rows (37ee3ca,
+# benchmarks/results/fused_decode.json), the compiled step 935, 1327 and 1767 (0b23480's run)
+FUSED_DECODE_ROWS = 4
+
+
 class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
                  cache_budget_bytes: int | None = None, max_prefill_tokens: int = 8192,
                  speculative_k: int = 0, cuda_graphs: bool = True, compile: bool = False,
-                 decode_burst: int = 8, fused_decode: int = 0):
+                 decode_burst: int = 8, fused_decode: int | None = None):
         """model: any `nanoseek.from_pretrained` model; tokenizer: a ChatTokenizer (or None
         to work in token ids only). max_len: tokens per sequence, prompt + output (default
         the model's max_position_embeddings). max_prefill_tokens: padded prompt tokens one
@@ -284,7 +290,8 @@ class Engine:
         request that stops inside a burst drops the tokens after its stop, and a request
         waiting for a slot may wait up to a burst longer). fused_decode: captured decode steps of
         up to this many rows run the fused Triton step (fused.py: eight kernels a layer, for
-        batch-1 latency) where the model supports it (0: never)."""
+        batch-1 latency) where the model supports it; 0: never; None (default):
+        FUSED_DECODE_ROWS on a GPU with 16-bit weights (where it was measured), else 0."""
         cfg = model.config
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -292,6 +299,9 @@ class Engine:
         if not 0 < max_len <= cfg.max_position_embeddings:
             raise ValueError(f"max_len {max_len} must be in 1..{cfg.max_position_embeddings} "
                              "(the model's max_position_embeddings)")
+        if fused_decode is None:
+            bits16 = model.model.embed_tokens.weight.dtype in (torch.bfloat16, torch.float16)
+            fused_decode = FUSED_DECODE_ROWS if bits16 and model.model.embed_tokens.weight.is_cuda else 0
         if fused_decode < 0:
             raise ValueError(f"fused_decode (rows up to which decode runs fused) must be >= 0, got {fused_decode}")
         if decode_burst < 1:

@@ -24,6 +24,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-burst", type=int, default=8, metavar="N",
                    help="GPU: decode steps replayed per read-back of their tokens (default 8; tokens "
                         "stream in bursts of up to N, a waiting request waits up to N steps; 1: every step)")
+    p.add_argument("--fused-decode", type=int, default=None, metavar="N",
+                   help="GPU: decode batches of up to N requests with the fused Triton step (default: 4 "
+                        "with 16-bit weights, else 0; 0: never)")
     p.add_argument("--max-len", type=int, default=None, metavar="T",
                    help="tokens per sequence, prompt + output (default: the model's context)")
     p.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="cap on a request's max_tokens")
@@ -56,6 +59,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if args.speculative < 0:
         raise ValueError(f"--speculative must be >= 0, got {args.speculative}")
+    if args.fused_decode is not None and args.fused_decode < 0:
+        raise ValueError(f"--fused-decode must be >= 0, got {args.fused_decode}")
     for name in ("port", "max_batch", "max_tokens", "max_queue", "max_body_bytes", "decode_burst"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -68,7 +73,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         upstream_key = Path(args.upstream_api_key_file).read_text().strip()
     _, model, tokenizer = load_model_dir(args.model, args.device)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_len=args.max_len,
-                    speculative_k=args.speculative, compile=args.compile, decode_burst=args.decode_burst)
+                    speculative_k=args.speculative, compile=args.compile, decode_burst=args.decode_burst,
+                    fused_decode=args.fused_decode)
     settings = Settings(api_keys=keys, max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                         max_tokens=args.max_tokens, max_queue=args.max_queue, audit_log=args.audit_log,
                         audit_content=args.audit_content, feedback_db=args.feedback_db, upstream_url=args.upstream,
