@@ -403,6 +403,36 @@ def test_incremental_detokenizing_equals_decoding_the_whole_output():
         assert seq.finished and seq.text == tok.decode(ids) and streamed == seq.text
 
 
+def test_extending_by_runs_equals_appending_token_by_token():
+    """Sequence.extend (a decode burst's tokens at once) against append() one at a time, over
+    runs of random lengths: the same ids, text, finish reason and streamed text, for outputs
+    that split characters over tokens, stop ids, EOS (and ignore_eos), max_tokens and stop
+    strings; without a tokenizer too."""
+    tok = ChatTokenizer(byte_tokenizer(512))
+    base = tok.encode("naïve — 数学 ok 🙂 end")
+    g = torch.Generator().manual_seed(1)
+    cases = [dict(), dict(stop_token_ids=[base[7]]), dict(ignore_eos=True), dict(stop=["ok"])]
+    for trial in range(24):
+        ids = base + torch.randint(9, 265, (int(torch.randint(1, 12, (), generator=g)),), generator=g).tolist()
+        eos = ids[int(torch.randint(3, len(ids), (), generator=g))] if trial % 3 == 0 else None
+        params = SamplingParams(max_tokens=len(ids) - int(torch.randint(0, 4, (), generator=g)),
+                                **cases[trial % len(cases)])
+        for tokenizer in (tok, None):
+            one = Sequence("a", [1], params, len(ids), seed=0)
+            runs = Sequence("b", [1], params, len(ids), seed=0)
+            streamed_one = streamed_runs = ""
+            for t in ids:
+                if not one.finished:
+                    streamed_one += one.append(t, tokenizer, eos).new_text
+            i = 0
+            while not runs.finished and i < len(ids):
+                n = int(torch.randint(1, 9, (), generator=g))
+                streamed_runs += runs.extend(ids[i: i + n], tokenizer, eos).new_text
+                i += n
+            assert (runs.output_ids, runs.text, runs.finish_reason, streamed_runs) == \
+                (one.output_ids, one.text, one.finish_reason, streamed_one)
+
+
 @pytest.mark.parametrize("budget", [0, 3])
 def test_a_stop_string_completed_by_the_last_allowed_token_ends_as_stop(budget):
     """max_tokens reached by the very token that completes a stop string: finish_reason

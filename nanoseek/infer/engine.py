@@ -466,13 +466,7 @@ class Engine:
         """Append each sequence's new tokens in order, up to the one that finishes it."""
         events = []
         for seq, run in zip(seqs, runs):
-            texts = []
-            for token in run:
-                event = seq.append(token, self.tokenizer, self.eos_id)
-                texts.append(event.new_text)
-                if seq.finished:
-                    break
-            events.append(event._replace(new_text="".join(texts)))
+            events.append(seq.extend(run, self.tokenizer, self.eos_id))
             if seq.finished:
                 self.scheduler.finish(seq)
         return events

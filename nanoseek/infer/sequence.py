@@ -115,6 +115,35 @@ class Sequence:
             self.status = Status.FINISHED
         return self.stream_event()
 
+    def extend(self, run: list[int], tokenizer, eos_id: int | None) -> StreamEvent:
+        """Take a burst's tokens in order, up to the one that finishes the sequence (a stop id,
+        EOS, max_tokens): what append() token by token gives, with one detokenizing step for
+        the run. With stop strings and a tokenizer any token may complete one, so those still
+        go one at a time."""
+        if self.params.stop and tokenizer is not None:
+            texts = []
+            for token in run:
+                event = self.append(token, tokenizer, eos_id)
+                texts.append(event.new_text)
+                if self.finished:
+                    break
+            return event._replace(new_text="".join(texts))
+        p = self.params
+        run = run[: self.max_tokens - len(self.output_ids)]
+        ends = set(p.stop_token_ids) | ({eos_id} if eos_id is not None and not p.ignore_eos else set())
+        stop = next((i for i, token in enumerate(run) if token in ends), None)
+        self.output_ids.extend(run if stop is None else run[: stop + 1])
+        if stop is not None:
+            self.finish_reason = "stop"
+        elif len(self.output_ids) >= self.max_tokens:
+            self.finish_reason = "length"
+        if tokenizer is not None:
+            text_ids = self.output_ids[:-1] if stop is not None else self.output_ids
+            self._detokenize(tokenizer, text_ids, self.finish_reason is not None)
+        if self.finish_reason is not None:
+            self.status = Status.FINISHED
+        return self.stream_event()
+
     def _detokenize(self, tokenizer, text_ids: list[int], last: bool) -> None:
         """Extend self.text by what text_ids add since the last call (on the last call also an
         incomplete character, as U+FFFD); cut at a stop string."""
