@@ -11,7 +11,7 @@ directory; both run in BF16 weights on random prompts of 512 tokens and generate
 nanoseek runs its engine as a server would (continuous-batching scheduler, latent cache,
 absorbed MLA decode, the decode step compiled by torch.compile and captured as a CUDA
 graph), with batches of up to 4 rows on the fused Triton step instead (infer/fused.py,
-eight kernels a layer; `--modes fused`), then the same with the routed experts always on the grouped GEMM (at batch 1 a
+nine kernels a layer; `--modes fused`), then the same with the routed experts always on the grouped GEMM (at batch 1 a
 decode step otherwise gathers the chosen experts' weights, model/moe.py), then with the
 graph of the uncompiled step, then eagerly; the greedy tokens of the others are compared
 with the compiled engine's (same_tokens_as_compiled, per token: with random weights the

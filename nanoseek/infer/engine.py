@@ -289,7 +289,7 @@ class Engine:
         detokenizing and stop checks, then runs once per burst while the GPU decodes; a
         request that stops inside a burst drops the tokens after its stop, and a request
         waiting for a slot may wait up to a burst longer). fused_decode: captured decode steps of
-        up to this many rows run the fused Triton step (fused.py: eight kernels a layer, for
+        up to this many rows run the fused Triton step (fused.py: nine kernels a layer, for
         batch-1 latency) where the model supports it; 0: never; None (default):
         FUSED_DECODE_ROWS on a GPU with 16-bit weights (where it was measured), else 0."""
         cfg = model.config

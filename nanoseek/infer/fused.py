@@ -1,24 +1,24 @@
 """The fused decode step: one new token for each of a few cache rows, every decoder layer in
-eight Triton kernels (kernels/decode.py), for batch-1 latency.
+nine Triton kernels (eight for a dense layer; kernels/decode.py), for batch-1 latency.
 
 A decode step of one sequence reads each weight once and does almost no arithmetic, so its
 time is the number of kernels it launches plus how near each comes to the memory bandwidth.
 The model's PyTorch forward, even fused by Inductor, is ~30 kernels a layer, many of them
-shorter than their launch; this step is the same computation in 8 (see kernels/decode.py
+shorter than their launch; this step is the same computation in 9 (see kernels/decode.py
 for the list): norms recomputed inside the projections that need them, RoPE and the cache
 write inside the query kernel, W_UK and W_UV absorbed inside the query and output kernels,
-the routing inside the experts' kernel, the residual adds inside the last projection of
-each half. Its twin is the model's absorbed decode forward (`model(ids, positions=...,
-cache=...)`); tests compare the logits.
+the shared experts as slots of the routed experts' kernels, the residual adds inside the
+last projection of each half; each kernel reads its weights while the one before it runs
+(programmatic dependent launch). Its twin is the model's absorbed decode forward
+(`model(ids, positions=..., cache=...)`); tests compare the logits.
 
 It reads the model's own parameters (no copies), so it follows weight updates (GRPO) and
 runs inside a CUDA graph. Scratch buffers are allocated once, for `max_rows` rows.
 
 Supported: MLA with a q_lora_rank and no attention bias, SwiGLU dense and MoE layers
 (sigmoid or softmax routing, group-limited or not, up to 256 routed experts in groups, all
-powers of two), one token
-per row. `FusedDecoder.unsupported(config)` says why not, and the engine then keeps the
-model's forward.
+powers of two), one token per row. `FusedDecoder.unsupported(config)` says why not, and
+the engine then keeps the model's forward.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Triton kernels of the fused decode step: one decoder layer of one token per row in eight
-kernels (infer/fused.py wires them; its twin is the model's absorbed-MLA decode forward).
+"""Triton kernels of the fused decode step: one decoder layer of one token per row in nine
+kernels, eight for a dense layer (infer/fused.py wires them; its twin is the model's
+absorbed-MLA decode forward).
 
 Legend: B rows (one new token each), D hidden_size, Q q_lora_rank, C kv_lora_rank, R
 qk_rope_head_dim, N qk_nope_head_dim, V v_head_dim, H heads, S cache positions, E routed
@@ -8,7 +9,7 @@ experts, K experts per token, F an expert's width, P = K routed + S shared slots
 A decode step of a small batch reads every weight once and does little else: its speed is
 how many kernels it takes and how much of each one's time is waiting. Written as PyTorch
 ops, a layer is ~30 kernels even after Inductor's fusion (norms, projections, RoPE, cache
-write, absorption, attention, router, top-k, experts, combine); here it is eight:
+write, absorption, attention, router, top-k, experts, combine); here it is nine:
 
 1. `gemv`            RMSNorm(h) @ [W_q_a; W_kv_a]^T              -> qkv_a [B, Q + C + R]
 2. `mla_query`       per head (in shares of its rows): q_a norm, q_b, RoPE, W_UK absorbed
@@ -16,10 +17,12 @@ write, absorption, attention, router, top-k, experts, combine); here it is eight
 3. `mla_attend`      attention over the latent cache, split over S (flash-decoding)
 4. `mla_output`      merge the splits, W_UV                       -> o [B, H·V]
 5. `gemv`            h += o @ W_o^T
-6. `moe_gate`        RMSNorm(h) @ W_router^T, then the routing    -> K experts, K gates
-7. `moe_up`          per (row, slot, block of F): SiLU(x W_gate^T) · (x W_up^T); the
-                     shared experts are slots after the routed ones
-8. `moe_down`        h += Σ_p g_p · hmid_p W_down_p^T, shared included
+6. `gemv`            RMSNorm(h) @ W_router^T                      -> router logits [B, E]
+7. `moe_route`       group-limited top-K of the affinities         -> K experts, K gates
+8. `moe_up`          per (row, slot, block of F): SiLU(x W_gate^T) · (x W_up^T); the
+                     shared experts are slots after the routed ones (a dense layer's MLP:
+                     the one slot, no router)
+9. `moe_down`        h += Σ_p g_p · hmid_p W_down_p^T, shared included
 
 Everything is computed in float32 from whatever the tensors hold (BF16 weights and cache,
 or float32 in the CPU tests) and rounded once, on store. Norms are recomputed by each
