@@ -74,17 +74,21 @@ def test_fused_step_matches_model_decode(overrides, chunked, query_split, monkey
 
 
 def test_fused_decoder_bursts_equal_the_model_step():
-    """GraphDecoder with fused rows, uncaptured here: a burst (the token chosen inside the
-    step, the inputs advanced by it) gives the model step's tokens and cache; buckets above
-    fused_rows keep the model's forward (and may compile)."""
+    """GraphDecoder with fused rows, uncaptured here: a greedy burst (the token chosen inside
+    the step, the inputs advanced by it) gives the model step's tokens and cache, and a
+    sampled one (top-p, each row's own uniforms) its tokens; buckets above fused_rows keep
+    the model's forward (and may compile)."""
     from nanoseek.infer.cuda_graph import GraphDecoder
+    from nanoseek.infer.sampling import SamplingParams
     model = sharp_model()
     cache = prefilled_cache(model, [5, 9])
+    params = [SamplingParams(temperature=0.8, top_p=0.9, seed=1), SamplingParams(max_tokens=4)]
 
-    def burst(fused_rows):
+    def burst(fused_rows, sampled=False, n=2):
         c = copy.deepcopy(cache)
         step = GraphDecoder(model, c, None, capture=False, fused_rows=fused_rows)
-        return step.decode_burst([0, 1], [3, 4], [5, 9], 2).tolist(), step, c
+        extra = (params, [[0.3] * n, [0.0] * n]) if sampled else ()
+        return step.decode_burst([0, 1], [3, 4], [5, 9], n, *extra).tolist(), step, c
 
     want, plain, want_cache = burst(0)
     got, fused, got_cache = burst(2)
@@ -92,6 +96,7 @@ def test_fused_decoder_bursts_equal_the_model_step():
     assert got == want
     for layer, fused_layer in zip(want_cache.layers, got_cache.layers):
         torch.testing.assert_close(fused_layer[0], layer[0], rtol=1e-4, atol=1e-5)
+    assert burst(2, sampled=True, n=1)[0] == burst(0, sampled=True, n=1)[0]
     one = GraphDecoder(model, copy.deepcopy(cache), None, capture=False, fused_rows=1)
     assert one.fused.max_rows == 1 and one._fused(1) and not one._fused(2) and one._compiles((2, False))
 
