@@ -266,7 +266,7 @@ class ModelRunner:
 
 # batches up to which the engine's captured decode takes the fused Triton step by default: on an
 # H200 with bench-1b its captured step took 403, 534 and 765 us at 1, 2 and 4 rows (37ee3ca,
-# benchmarks/results/fused_decode.json), the compiled step 935, 1327 and 1767 (0b23480's run)
+# benchmarks/results/fused_decode.json), the compiled step 935, 1327 and 1767 (fused_decode_0b23480.json)
 FUSED_DECODE_ROWS = 4
 
 
