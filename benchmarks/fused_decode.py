@@ -219,26 +219,19 @@ def main():
 
 def engine_overhead(model, prompt, max_len, repeat) -> dict:
     """The engine's batch-1 decode with the fused step, at decode bursts of 8, 16 and 32:
-    µs per decoded token (127 after the first, median of repeat runs after a warm-up), the
-    engine's whole loop (scheduling, read-back, postprocess) on top of the graph replays."""
-    import time
+    µs per decoded token from the first token to the 128th inside each run (decode.py's
+    engine_run), median of repeat runs after a warm-up: the engine's whole loop (scheduling,
+    read-back, postprocess) on top of the graph replays. (Up to 37ee3ca's file these
+    figures subtracted a 1-token run's median from a 128-token run's instead.)"""
+    from decode import engine_run
 
     from nanoseek.infer.engine import Engine
-    from nanoseek.infer.sampling import SamplingParams
     out = {}
     for burst in (8, 16, 32):
         engine = Engine(model, None, max_batch=1, max_len=max_len, fused_decode=1, decode_burst=burst)
-
-        def run(n, engine=engine):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            engine.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))
-            torch.cuda.synchronize()
-            return time.perf_counter() - t0
-        run(128)
-        first = statistics.median(run(1) for _ in range(repeat))
-        total = statistics.median(run(128) for _ in range(repeat))
-        out[f"decode_burst_{burst}_us_per_token"] = (total - first) / 127 * 1e6
+        engine_run(engine, [prompt], 128)  # warm-up: capture
+        span = statistics.median(engine_run(engine, [prompt], 128)[1] for _ in range(repeat))
+        out[f"decode_burst_{burst}_us_per_token"] = span / 127 * 1e6
         print(f"engine batch 1, burst {burst}: {out[f'decode_burst_{burst}_us_per_token']:.1f} us/token", flush=True)
         del engine
     return out

@@ -8,8 +8,9 @@
 #   bash benchmarks/h200_session.sh spec       # its short form: burst GPU tests, MTP after a 0.3-min speedrun
 #   bash benchmarks/h200_session.sh measure    # GPU tests, GRPO step vs TRL, decode vs transformers (+ kernel
 #                                              # profile), MTP speculation after a short speedrun
-#   bash benchmarks/h200_session.sh fused      # fused decode step: tests, accuracy and speed per bucket,
-#                                              # then decode vs transformers (fused and compiled modes)
+#   bash benchmarks/h200_session.sh fused      # fused decode step: tests, launch shapes tuned (one pass),
+#                                              # accuracy and speed per bucket, then decode vs transformers
+#                                              # with those shapes (fused and compiled modes)
 #   bash benchmarks/h200_session.sh tune       # fused decode step: tests, launch shapes tuned, speed per bucket
 #   bash benchmarks/h200_session.sh serve      # serve load at 64 clients
 #   bash benchmarks/h200_session.sh trl        # GRPO step time: nanoseek vs TRL
@@ -58,7 +59,7 @@ speculation() {  # limit: MTP K = 1, 2 at batch 1, 8 on the speedrun's SFT model
     --repeat 1 --n 6 --no-compile 2>&1 | tee "$OUT/speculative.log"
   echo "speculative done at $(elapsed)s"
 }
-fused() {  # limit: the fused decode step's tests on the GPU, its accuracy and speed against the compiled step
+fused() {  # limit: the fused decode step's tests on the GPU, then benchmarks/fused_decode.py $FUSED_ARGS
   enough "$1" 60 || return
   local until=$(( $(elapsed) + $1 ))
   timeout "$(( $1 < 150 ? $1 : 150 ))" python3 -m pytest -p no:cacheprovider tests/test_fused_decode.py 2>&1 \
