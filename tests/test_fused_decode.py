@@ -48,13 +48,15 @@ def prefilled_cache(model, lengths, max_len=40):
 def test_fused_step_matches_model_decode(overrides, chunked, query_split, monkeypatch):
     """Logits of rows at different positions (one of them the dummy row at 0 that a bucket
     pads with) and every layer's cache entries: the fused step equals the model's absorbed
-    decode forward in float32. Attention in splits of 16 positions (row 2 spans two), the
-    query in 1, 4 or 3 shares of each head's rows (3: uneven); chunked: rows wider than 16
-    read in chunks (the path of a wide model's hidden size) and the attention's loop over
-    blocks instead of one block read ahead."""
+    decode forward in float32. Attention in splits of 16 positions (row 2 spans two, the
+    others one of three), the query in 1, 4 or 3 shares of each head's rows (3: uneven);
+    chunked: rows wider than 16 read in chunks (the path of a wide model's hidden size), the
+    attention's loop over blocks instead of one block read ahead, the splits merged two at
+    a time."""
     from nanoseek.infer import fused
     if chunked:
         monkeypatch.setattr(fused, "MAX_BLOCK", 16)
+        monkeypatch.setattr(fused, "MERGE_SPLITS", 2)
     model = sharp_model(**overrides)
     cache = prefilled_cache(model, [7, 20, 1])
     fused_cache = copy.deepcopy(cache)
@@ -65,6 +67,8 @@ def test_fused_step_matches_model_decode(overrides, chunked, query_split, monkey
     step = fused.FusedDecoder(model, fused_cache, max_rows=4,
                               tuning=dict(attend_split=16, query_split=query_split, attend_prefetch=not chunked))
     assert step.nsplit == 3
+    for scratch in (step.part_acc, step.part_m, step.part_l):  # a split past a row's position is
+        scratch.fill_(float("nan"))                          # neither written nor read
     got = step.forward(ids, positions)
     assert want.abs().max() > 5  # sharp logits: a wrong expert moves them by whole units
     torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-4)
@@ -95,7 +99,8 @@ def test_fused_decoder_bursts_equal_the_model_step():
     assert fused._fused(2) and not fused._compiles((2, False)) and plain.fused is None
     assert got == want
     for layer, fused_layer in zip(want_cache.layers, got_cache.layers):
-        torch.testing.assert_close(fused_layer[0], layer[0], rtol=1e-4, atol=1e-5)
+        for buf, fused_buf in zip(layer, fused_layer):  # c_kv and k_pe
+            torch.testing.assert_close(fused_buf, buf, rtol=1e-4, atol=1e-5)
     assert burst(2, sampled=True, n=1)[0] == burst(0, sampled=True, n=1)[0]
     one = GraphDecoder(model, copy.deepcopy(cache), None, capture=False, fused_rows=1)
     assert one.fused.max_rows == 1 and one._fused(1) and not one._fused(2) and one._compiles((2, False))
@@ -157,15 +162,37 @@ def test_routing_kernel_chooses_the_routers_experts(overrides):
     assert FusedDecoder.unsupported(cfg) is None
 
 
-def test_engine_checks_fused_decode():
-    """A negative row count is refused; by default the fused step is off for float32 weights
-    and CPU models (it was measured with 16-bit weights on a GPU)."""
-    from nanoseek.infer.engine import FUSED_DECODE_ROWS, Engine
+def test_engine_checks_fused_decode(monkeypatch):
+    """A negative row count is refused; by default the fused step runs with 16-bit weights on
+    an NVIDIA GPU (where it was measured), not with float32 weights, on the CPU or ROCm."""
+    from nanoseek.infer import engine as engine_module
+    from nanoseek.infer.engine import FUSED_DECODE_ROWS, Engine, default_fused_rows
     with pytest.raises(ValueError, match="fused_decode"):
         Engine(Transformer(preset("tiny")), fused_decode=-1)
-    engine = Engine(Transformer(preset("tiny")).to(DEVICE), max_batch=4, max_len=16)
-    graphs = engine.runner.graphs
-    assert graphs is None or graphs.fused is None  # float32 weights
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert default_fused_rows(torch.bfloat16, cuda) == default_fused_rows(torch.float16, cuda) == FUSED_DECODE_ROWS
+    assert default_fused_rows(torch.float32, cuda) == default_fused_rows(torch.bfloat16, cpu) == 0
+    monkeypatch.setattr(engine_module.torch.version, "hip", "6.2")
+    assert default_fused_rows(torch.bfloat16, cuda) == 0
+    monkeypatch.undo()
     if DEVICE == "cuda":
         engine = Engine(Transformer(preset("tiny")).to(DEVICE, torch.bfloat16), max_batch=8, max_len=16)
         assert engine.runner.graphs.fused.max_rows == FUSED_DECODE_ROWS
+
+
+def test_a_failing_fused_step_falls_back_to_the_model_step(monkeypatch):
+    """Fused kernels that fail (say, do not compile on this GPU) hand every bucket back to the
+    model's step, with a warning, instead of leaving the decoder without graphs."""
+    from nanoseek.infer.cuda_graph import GraphDecoder
+    from nanoseek.infer.fused import FusedDecoder
+    model = sharp_model()
+    cache = prefilled_cache(model, [5, 9])
+    want = GraphDecoder(model, copy.deepcopy(cache), None, capture=False).decode_burst([0, 1], [3, 4], [5, 9], 1)
+
+    def broken(self, ids, positions):
+        raise RuntimeError("no kernel image for this GPU")
+    monkeypatch.setattr(FusedDecoder, "forward", broken)
+    step = GraphDecoder(model, copy.deepcopy(cache), None, capture=False, fused_rows=2)
+    with pytest.warns(UserWarning, match="fused decode step failed .*no kernel image.*model's step"):
+        got = step.decode_burst([0, 1], [3, 4], [5, 9], 1)
+    assert step.fused is None and not step.failed and torch.equal(got, want)

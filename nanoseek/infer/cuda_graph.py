@@ -7,7 +7,10 @@ than running them. So the step is captured once per batch-size bucket (1, 2, 4, 
 - `GraphDecoder`: embedding, every layer's absorbed MLA over the latent cache and the
   routed experts' grouped GEMMs, the head, the token choice (argmax, or the sampler at the
   row's uniform): next-token logits and tokens of each row, the tokens and next positions
-  also written into the step's own inputs, so that steps replay back to back (a burst);
+  also written into the step's own inputs, so that steps replay back to back (a burst).
+  Buckets of up to `fused_rows` rows run the fused Triton step (fused.py) in place of the
+  model's forward, uncompiled; a fused bucket that fails to capture hands every bucket
+  back to the model's step;
 - `GraphSpeculator`: a whole greedy MTP speculative step (speculative.py): K drafts from
   the MTP module, the main model's verifying forward over [last token, d_1..d_K], the
   greedy acceptance and the MTP catch-up; out come the accepted count and the new tokens,
@@ -152,7 +155,9 @@ class BucketGraphs:
         if key not in self.graphs:
             try:
                 self._capture(key)
-            except Exception as e:  # noqa: BLE001 — fall back to eager steps, loudly, once
+            except Exception as e:  # noqa: BLE001 — fall back, loudly, once
+                if self._recover(key, e):
+                    return self.run(key)
                 warnings.warn(f"CUDA graph capture of the {self.kind} step failed "
                               f"({type(e).__name__}: {str(e)[:300]}); stepping eagerly")
                 self.failed = True
@@ -162,6 +167,11 @@ class BucketGraphs:
             return self._call(key)
         graph.replay()
         return out
+
+    def _recover(self, key: tuple, error: Exception) -> bool:
+        """After a failed capture of key: whether a plainer form of the step may capture
+        instead (then run() tries again), or not (every step goes eager)."""
+        return False
 
     def fits(self, slots: list[int]) -> bool:
         """Whether a captured step can run these rows (else the caller steps eagerly)."""
@@ -230,6 +240,17 @@ class GraphDecoder(BucketGraphs):
 
     def _compiles(self, key):
         return not self._fused(key[0])  # Triton already: nothing for Inductor to fuse
+
+    def _recover(self, key, error):
+        """A fused bucket that fails (its kernels do not compile on this GPU, say) falls back
+        to the model's step for every bucket, not to eager steps."""
+        if not self._fused(key[0]):
+            return False
+        warnings.warn(f"the fused decode step failed ({type(error).__name__}: {str(error)[:300]}); "
+                      "decoding with the model's step")
+        max_rows, self.fused = self.fused.max_rows, None
+        self.graphs = {k: v for k, v in self.graphs.items() if k[0] > max_rows}
+        return True
 
     def _step(self, ids_B1, positions_B1, settings_4B=None, uniform_B=None):
         if self._fused(ids_B1.shape[0]):

@@ -22,8 +22,9 @@ sampler at the request's uniform) and writes them and the next positions into it
 inputs, so `decode_burst` steps (default 8) replay back to back and their tokens come to
 the host in one `.tolist()`: the host's work of a step, a millisecond of Python that would
 otherwise leave the GPU idle between two steps, runs once per burst while the GPU works.
-Postprocess then takes each request's burst token by token, as it takes a speculative run,
-so a stop inside the burst ends the request there; a burst is as long as the batch's
+Postprocess then takes each request's burst up to the token that finishes it
+(`Sequence.extend`), as it takes a speculative run, so a stop inside the burst ends the
+request there; a burst is as long as the batch's
 longest max_tokens left allows (at most decode_burst), and a request with fewer left keeps
 only those. Without graphs (CPU, or a batch no captured bucket holds) a step is one eager
 forward.
@@ -270,6 +271,13 @@ class ModelRunner:
 FUSED_DECODE_ROWS = 4
 
 
+def default_fused_rows(dtype: torch.dtype, device: torch.device) -> int:
+    """FUSED_DECODE_ROWS for 16-bit weights on an NVIDIA GPU (where the fused step was
+    measured), else 0."""
+    nvidia = device.type == "cuda" and not torch.version.hip
+    return FUSED_DECODE_ROWS if nvidia and dtype in (torch.bfloat16, torch.float16) else 0
+
+
 class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
                  cache_budget_bytes: int | None = None, max_prefill_tokens: int = 8192,
@@ -291,7 +299,7 @@ class Engine:
         waiting for a slot may wait up to a burst longer). fused_decode: captured decode steps of
         up to this many rows run the fused Triton step (fused.py: nine kernels a layer, for
         batch-1 latency) where the model supports it; 0: never; None (default):
-        FUSED_DECODE_ROWS on a GPU with 16-bit weights (where it was measured), else 0."""
+        FUSED_DECODE_ROWS on an NVIDIA GPU with 16-bit weights (where it was measured), else 0."""
         cfg = model.config
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -300,8 +308,8 @@ class Engine:
             raise ValueError(f"max_len {max_len} must be in 1..{cfg.max_position_embeddings} "
                              "(the model's max_position_embeddings)")
         if fused_decode is None:
-            bits16 = model.model.embed_tokens.weight.dtype in (torch.bfloat16, torch.float16)
-            fused_decode = FUSED_DECODE_ROWS if bits16 and model.model.embed_tokens.weight.is_cuda else 0
+            weight = model.model.embed_tokens.weight
+            fused_decode = default_fused_rows(weight.dtype, weight.device)
         if fused_decode < 0:
             raise ValueError(f"fused_decode (rows up to which decode runs fused) must be >= 0, got {fused_decode}")
         if decode_burst < 1:

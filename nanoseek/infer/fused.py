@@ -33,6 +33,7 @@ from ..model.moe import MoE
 
 MAX_EXPERTS = 256   # one program holds a token's E scores for the routing
 MAX_BLOCK = 2048    # widest row a program loads at once (wider ones are read in chunks)
+MERGE_SPLITS = 16   # attention splits the merge reads at once
 
 # Launch shapes, the fastest an H200 found for bench-1b at batch 1 (benchmarks/fused_decode.py
 # --tune, benchmarks/results/fused_tuning.json):
@@ -49,8 +50,8 @@ def _pow2(n: int, at_least: int = 1) -> int:
 def pdl_supported(device: torch.device) -> bool:
     """Programmatic dependent launch: a Hopper+ GPU, compiled kernels (not the interpreter)
     and a Triton whose launcher takes `launch_pdl`."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
+    if device.type != "cuda" or torch.version.hip or os.environ.get("TRITON_INTERPRET") == "1":
+        return False  # (griddepcontrol is NVIDIA PTX)
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
     except ImportError:
@@ -73,8 +74,14 @@ class FusedDecoder:
         self.t = {**TUNING, **(tuning or {})}
         if os.environ.get("TRITON_INTERPRET") == "1":
             # Triton's interpreter (CPU tests) pays per program: a few big ones, still more
-            # than one per kernel, so that block boundaries are tested
-            self.t.update(gemv_rows=16, head_rows=16, up_rows=16, down_rows=32)
+            # than one per kernel, so that block boundaries are tested (unless a test set them)
+            big = dict(gemv_rows=16, head_rows=16, up_rows=16, down_rows=32)
+            self.t.update({k: v for k, v in big.items() if k not in (tuning or {})})
+        for key, value in self.t.items():
+            if key == "query_split" and value < 1:
+                raise ValueError(f"tuning query_split={value}: shares of a head's rows, at least 1")
+            if key.endswith(("_rows", "_warps")) and (value < 1 or value & (value - 1)):
+                raise ValueError(f"tuning {key}={value}: a power of two")
         c = self.config = model.config
         dev = model.model.embed_tokens.weight.device
         f32 = dict(dtype=torch.float32, device=dev)
@@ -125,7 +132,8 @@ class FusedDecoder:
             return "no q_lora_rank (a single query projection)"
         if c.attention_bias:
             return "attention_bias"
-        E, G = c.n_routed_experts or 0, c.n_group or 1
+        E = c.n_routed_experts or 0
+        G = (c.n_group or 1) if c.topk_method != "greedy" else 1  # greedy routing ignores the groups
         if E and (E & (E - 1) or G & (G - 1) or E % G):
             return f"{E} routed experts in {G} groups (powers of two, the groups dividing the experts)"
         if E > MAX_EXPERTS:
@@ -191,8 +199,9 @@ class FusedDecoder:
             ONE_BLOCK=self.one_block, DOT_PRECISION=self.dot_precision, num_warps=self.t["attend_warps"], **self.launch)
         o = self.o[:B]
         k.mla_output_kernel[(B, H)](
-            self.part_acc, self.part_m, self.part_l, a.kv_b_proj.weight, o, H, C, N, V, self.nsplit,
-            BLOCK_SP=_pow2(self.nsplit), BLOCK_C=_pow2(C), BLOCK_V=_pow2(V), num_warps=self.t["output_warps"],
+            self.part_acc, self.part_m, self.part_l, a.kv_b_proj.weight, o, positions_B, H, C, N, V,
+            self.split, self.nsplit, BLOCK_SP=_pow2(self.nsplit), CHUNK_SP=min(MERGE_SPLITS, _pow2(self.nsplit)),
+            BLOCK_C=_pow2(C), BLOCK_V=_pow2(V), num_warps=self.t["output_warps"],
             **self.launch)
         self._gemv(o, a.o_proj.weight, h, residual=h)
 

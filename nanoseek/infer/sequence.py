@@ -120,6 +120,8 @@ class Sequence:
         EOS, max_tokens): what append() token by token gives, with one detokenizing step for
         the run. With stop strings and a tokenizer any token may complete one, so those still
         go one at a time."""
+        if not run:
+            return self.stream_event()
         if self.params.stop and tokenizer is not None:
             texts = []
             for token in run:

@@ -22,10 +22,12 @@ write, absorption, attention, router, top-k, experts, combine); here it is nine:
 8. `moe_up`          per (row, slot, block of F): SiLU(x W_gate^T) · (x W_up^T); the
                      shared experts are slots after the routed ones (a dense layer's MLP:
                      the one slot, no router)
-9. `moe_down`        h += Σ_p g_p · hmid_p W_down_p^T, shared included
+9. `moe_down`        h += Σ_p g_p · hmid_p W_down_p^T (routed slots), + hmid_s W_down_s^T
+                     (the shared ones, no gate)
 
 Everything is computed in float32 from whatever the tensors hold (BF16 weights and cache,
-or float32 in the CPU tests) and rounded once, on store. Norms are recomputed by each
+or float32 in the CPU tests) and rounded on store, except the attention's dot products,
+whose operands (q_lat, q_pe, the softmax weights) are rounded to the cache's dtype first. Norms are recomputed by each
 program that needs them: a 1,024-number reduction is cheaper than another kernel.
 
 Programmatic dependent launch (PDL, Hopper+). Each kernel first lets the next one launch
@@ -148,7 +150,7 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
     position · inv_freq[i], cos and sin scaled by rope_factor (rope.RotaryEmbedding).
     BLOCK_Q >= Q and BLOCK_C >= C: the weights are loaded at once, before the row."""
     _launch_next(USE_PDL)
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     hs = tl.program_id(1)
     R2 = R // 2
     r2 = tl.arange(0, BLOCK_R2)
@@ -228,11 +230,11 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
     """Program (b, split): all heads over cache positions [split·SPLIT, +SPLIT) ∩ [0, pos]:
     scores q_lat·c_kv + q_pe·k_pe (q_lat the sum of mla_query's NS shares), an online
     softmax, the unnormalised sum of p·c_kv with its running max and sum (merged by
-    mla_output). ONE_BLOCK (SPLIT == BLOCK_S): the split's cache rows before pos are read
-    before the wait (earlier steps wrote them), the row at pos, which mla_query has just
-    written, after it."""
+    mla_output; a split past pos writes nothing). ONE_BLOCK (SPLIT == BLOCK_S): the split's
+    cache rows before pos are read before the wait (earlier steps wrote them), the row at
+    pos, which mla_query has just written, after it."""
     _launch_next(USE_PDL)
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     pos = tl.load(pos_ptr + b).to(tl.int32)  # positions are written between steps
     hh = tl.arange(0, BLOCK_H)
@@ -251,62 +253,71 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
         c = tl.load(c_ptr + s[:, None] * C + cc[None, :], mask=older[:, None] & cmask[None, :], other=0.0)
         kp = tl.load(k_ptr + s[:, None] * R + rr[None, :], mask=older[:, None] & rmask[None, :], other=0.0)
     _wait_prev(USE_PDL)  # everything else it reads, the previous kernel may just have written
-    q = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
-    for ns in range(NS):
-        q += tl.load(qlat_ptr + ((b * NS + ns) * H + hh)[:, None] * C + cc[None, :],
-                     mask=hmask[:, None] & cmask[None, :], other=0.0)
-    q = q.to(dtype)
-    qp = tl.load(qpe_ptr + (b * H + hh)[:, None] * R + rr[None, :],
-                 mask=hmask[:, None] & rmask[None, :], other=0.0).to(dtype)
-    m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
-    if ONE_BLOCK:
-        if start < end:
-            here = (start <= pos) & (pos < start + SPLIT)  # the new row is in this split
+    if start <= pos:  # else past the row's position: nothing to attend to, and mla_output reads nothing
+        q = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+        for ns in range(NS):
+            q += tl.load(qlat_ptr + ((b * NS + ns) * H + hh)[:, None] * C + cc[None, :],
+                         mask=hmask[:, None] & cmask[None, :], other=0.0)
+        q = q.to(dtype)
+        qp = tl.load(qpe_ptr + (b * H + hh)[:, None] * R + rr[None, :],
+                     mask=hmask[:, None] & rmask[None, :], other=0.0).to(dtype)
+        m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        l = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+        if ONE_BLOCK:
+            here = pos < start + SPLIT  # the new row is in this split
             c_new = tl.load(c_ptr + pos * C + cc, mask=cmask & here, other=0.0)
             kp_new = tl.load(k_ptr + pos * R + rr, mask=rmask & here, other=0.0)
             is_new = (s == pos)[:, None]
             c = tl.where(is_new, c_new[None, :], c)
             kp = tl.where(is_new, kp_new[None, :], kp)
             m, l, acc = _attend_block(q, qp, c, kp, smask, m, l, acc, scale, DOT_PRECISION)
-    else:
-        for s0 in range(start, end, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            smask = s < end
-            c = tl.load(c_ptr + s[:, None] * C + cc[None, :], mask=smask[:, None] & cmask[None, :], other=0.0)
-            kp = tl.load(k_ptr + s[:, None] * R + rr[None, :], mask=smask[:, None] & rmask[None, :], other=0.0)
-            m, l, acc = _attend_block(q, qp, c, kp, smask, m, l, acc, scale, DOT_PRECISION)
-    part = (b * NSPLIT + sp) * H + hh
-    tl.store(m_ptr + part, m, mask=hmask)
-    tl.store(l_ptr + part, l, mask=hmask)
-    tl.store(acc_ptr + part[:, None] * C + cc[None, :], acc, mask=hmask[:, None] & cmask[None, :])
+        else:
+            for s0 in range(start, end, BLOCK_S):
+                s = s0 + tl.arange(0, BLOCK_S)
+                smask = s < end
+                c = tl.load(c_ptr + s[:, None] * C + cc[None, :], mask=smask[:, None] & cmask[None, :], other=0.0)
+                kp = tl.load(k_ptr + s[:, None] * R + rr[None, :], mask=smask[:, None] & rmask[None, :], other=0.0)
+                m, l, acc = _attend_block(q, qp, c, kp, smask, m, l, acc, scale, DOT_PRECISION)
+        part = (b * NSPLIT + sp) * H + hh
+        tl.store(m_ptr + part, m, mask=hmask)
+        tl.store(l_ptr + part, l, mask=hmask)
+        tl.store(acc_ptr + part[:, None] * C + cc[None, :], acc, mask=hmask[:, None] & cmask[None, :])
 
 
 @triton.jit
-def mla_output_kernel(acc_ptr, m_ptr, l_ptr, wkvb_ptr, o_ptr, H, C, N, V, NSPLIT,
-                      BLOCK_SP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr,
-                      USE_PDL: tl.constexpr):
+def mla_output_kernel(acc_ptr, m_ptr, l_ptr, wkvb_ptr, o_ptr, pos_ptr, H, C, N, V, SPLIT, NSPLIT,
+                      BLOCK_SP: tl.constexpr, CHUNK_SP: tl.constexpr, BLOCK_C: tl.constexpr,
+                      BLOCK_V: tl.constexpr, USE_PDL: tl.constexpr):
     """Program (b, h): o_lat = the splits merged (softmax-weighted), o[b, h·V:(h+1)·V] =
-    W_UV_h o_lat. BLOCK_C >= C: one load each of the head's W_UV and partial sums."""
+    W_UV_h o_lat. Only the splits that reach the row's position are read (mla_attend
+    leaves the others unwritten), CHUNK_SP at a time: the work follows the position, not
+    the cache's length. BLOCK_C >= C."""
     _launch_next(USE_PDL)
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     v = tl.arange(0, BLOCK_V)
     vmask = v < V
     c = tl.arange(0, BLOCK_C)
     cmask = c < C
-    sp = tl.arange(0, BLOCK_SP)
-    spmask = sp < NSPLIT
-    part = (b * NSPLIT + sp) * H + h
     wuv = tl.load(wkvb_ptr + (h * (N + V) + N + v)[:, None] * C + c[None, :],
                   mask=vmask[:, None] & cmask[None, :], other=0.0)
+    used = tl.minimum(tl.load(pos_ptr + b).to(tl.int32) // SPLIT + 1, NSPLIT)  # positions: between steps
     _wait_prev(USE_PDL)
-    a = tl.load(acc_ptr + part[:, None] * C + c[None, :], mask=spmask[:, None] & cmask[None, :], other=0.0)
-    m = tl.load(m_ptr + part, mask=spmask, other=float("-inf"))
-    l = tl.load(l_ptr + part, mask=spmask, other=0.0)
-    w = tl.where(spmask, tl.exp(m - tl.max(m, axis=0)), 0.0)
-    o_lat = tl.sum(a * w[:, None], axis=0) / tl.sum(w * l, axis=0)
+    sp = tl.arange(0, BLOCK_SP)
+    m = tl.load(m_ptr + (b * NSPLIT + sp) * H + h, mask=sp < used, other=float("-inf"))
+    m_max = tl.max(m, axis=0)
+    o_lat = tl.zeros([BLOCK_C], dtype=tl.float32)
+    total = 0.0
+    for s0 in range(0, used, CHUNK_SP):
+        spc = s0 + tl.arange(0, CHUNK_SP)
+        smask = spc < used
+        part = (b * NSPLIT + spc) * H + h
+        w = tl.where(smask, tl.exp(tl.load(m_ptr + part, mask=smask, other=float("-inf")) - m_max), 0.0)
+        total += tl.sum(w * tl.load(l_ptr + part, mask=smask, other=0.0), axis=0)
+        a = tl.load(acc_ptr + part[:, None] * C + c[None, :], mask=smask[:, None] & cmask[None, :], other=0.0)
+        o_lat += tl.sum(a * w[:, None], axis=0)
+    o_lat = o_lat / total
     tl.store(o_ptr + (b * H + h) * V + v, tl.sum(wuv.to(tl.float32) * o_lat[None, :], axis=1), mask=vmask)
 
 
@@ -323,7 +334,7 @@ def moe_route_kernel(logits_ptr, bias_ptr, scaling, sel_idx_ptr, sel_gate_ptr,
     index order with their gates (the slots' order does not change the sum)."""
     EG: tl.constexpr = E // G
     _launch_next(USE_PDL)
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, G)
     j = tl.arange(0, EG)
     flat = g[:, None] * EG + j[None, :]
@@ -380,7 +391,7 @@ def moe_up_kernel(h_ptr, stride_h, norm_ptr, eps, D, sel_idx_ptr,
     x = RMSNorm(h[b])·norm. ONE_CHUNK (BLOCK_D >= D): the rows of W_gate and W_up are
     loaded at once, a shared slot's before the wait (they depend on no routing)."""
     _launch_next(USE_PDL)
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
     f = tl.program_id(2) * BLOCK_F + tl.arange(0, BLOCK_F)
     fmask = f < F
@@ -439,7 +450,7 @@ def moe_down_kernel(h_ptr, stride_h, sel_idx_ptr, sel_gate_ptr, wd_ptr, F, sd_pt
     slots'; their rows loaded before the wait when BLOCK_FS >= FS). In place: a program
     reads and writes only its own block of h."""
     _launch_next(USE_PDL)
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = d < D
     hm_ptr = hmid_ptr + b * stride_hm_b
