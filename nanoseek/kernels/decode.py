@@ -308,16 +308,16 @@ def mla_output_kernel(acc_ptr, m_ptr, l_ptr, wkvb_ptr, o_ptr, pos_ptr, H, C, N, 
     m = tl.load(m_ptr + (b * NSPLIT + sp) * H + h, mask=sp < used, other=float("-inf"))
     m_max = tl.max(m, axis=0)
     o_lat = tl.zeros([BLOCK_C], dtype=tl.float32)
-    total = 0.0
+    total = tl.zeros([CHUNK_SP], dtype=tl.float32)  # (tensors, not Python numbers: loop-carried)
     for s0 in range(0, used, CHUNK_SP):
         spc = s0 + tl.arange(0, CHUNK_SP)
         smask = spc < used
         part = (b * NSPLIT + spc) * H + h
         w = tl.where(smask, tl.exp(tl.load(m_ptr + part, mask=smask, other=float("-inf")) - m_max), 0.0)
-        total += tl.sum(w * tl.load(l_ptr + part, mask=smask, other=0.0), axis=0)
+        total += w * tl.load(l_ptr + part, mask=smask, other=0.0)
         a = tl.load(acc_ptr + part[:, None] * C + c[None, :], mask=smask[:, None] & cmask[None, :], other=0.0)
         o_lat += tl.sum(a * w[:, None], axis=0)
-    o_lat = o_lat / total
+    o_lat = o_lat / tl.sum(total, axis=0)
     tl.store(o_ptr + (b * H + h) * V + v, tl.sum(wuv.to(tl.float32) * o_lat[None, :], axis=1), mask=vmask)
 
 
