@@ -77,7 +77,8 @@ def bf16_copy(model: Transformer) -> Transformer:
 
 
 # the largest kernels' knobs first
-CANDIDATES = dict(pdl=[True, False], attend_prefetch=[True, False], up_rows=[4, 8, 16], up_warps=[1, 2, 4], down_rows=[1, 2, 4, 8], down_warps=[1, 2, 4, 8],
+CANDIDATES = dict(pdl=[True, False], attend_prefetch=[True, False], up_rows=[4, 8, 16], up_warps=[1, 2, 4],
+                  down_rows=[1, 2, 4, 8], down_warps=[1, 2, 4, 8],
                   query_split=[1, 2, 4, 8], query_warps=[2, 4, 8], gemv_rows=[2, 4, 8], gemv_warps=[2, 4, 8],
                   attend_split=[32, 64, 128], attend_warps=[4, 8], output_warps=[2, 4, 8], route_warps=[1, 2, 4],
                   head_rows=[4, 8, 16, 32], head_warps=[4, 8])
@@ -203,10 +204,12 @@ def main():
     weight_bytes = step_weight_bytes(model_bf16)
     if "batch 1" in rows:
         for name, _ in modes:
-            rows["batch 1"][f"{name}_weight_bandwidth_TBps"] = weight_bytes / rows["batch 1"][f"{name}_us_per_step"] / 1e6
+            us = rows["batch 1"][f"{name}_us_per_step"]
+            rows["batch 1"][f"{name}_weight_bandwidth_TBps"] = weight_bytes / us / 1e6
     import triton
-    result = {"benchmark": "fused_decode", **environment(), "triton": triton.__version__,
-              "pdl": fused_module.pdl_supported(torch.device("cuda")) and bool(fused_module.TUNING["pdl"]), "preset": "bench-1b", "prompt_tokens": args.prompt,
+    pdl = fused_module.pdl_supported(torch.device("cuda")) and bool(fused_module.TUNING["pdl"])
+    result = {"benchmark": "fused_decode", **environment(), "triton": triton.__version__, "pdl": pdl,
+              "preset": "bench-1b", "prompt_tokens": args.prompt,
               "max_len": max_len, "steps_per_burst": args.steps, "repeat": args.repeat,
               "batch1_weight_bytes": weight_bytes, "tuning_used": dict(fused_module.TUNING),
               "tuning_search": tuning, "rows": rows}

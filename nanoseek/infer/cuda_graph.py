@@ -22,7 +22,8 @@ kernels, and the graph then captures the compiled step: fewer, fuller kernels pe
 Compilation happens on first use: the first bucket met static, later ones through one
 shape-generic graph (dynamo's automatic dynamic shapes; the size thresholds of the MoE's
 decode paths add their guards; the greedy and the sampling decode step are graphs of their
-own); the compile cache limit is raised to 64 graphs. The batch-1 decode step has a static compilation of its own, with Inductor's
+own); the compile cache limit is raised to 64 graphs. The batch-1 decode step (where the
+fused step does not take it) has a static compilation of its own, with Inductor's
 coordinate-descent tuning, which also turns its one-row matmuls into tuned, fused reductions
 (gpt-fast's setting): cuBLAS's small-M GEMMs were the largest item of a batch-1 step.
 

@@ -27,8 +27,9 @@ write, absorption, attention, router, top-k, experts, combine); here it is nine:
 
 Everything is computed in float32 from whatever the tensors hold (BF16 weights and cache,
 or float32 in the CPU tests) and rounded on store, except the attention's dot products,
-whose operands (q_lat, q_pe, the softmax weights) are rounded to the cache's dtype first. Norms are recomputed by each
-program that needs them: a 1,024-number reduction is cheaper than another kernel.
+whose operands (q_lat, q_pe, the softmax weights) are rounded to the cache's dtype first.
+Norms are recomputed by each program that needs them: a 1,024-number reduction is cheaper
+than another kernel.
 
 Programmatic dependent launch (PDL, Hopper+). Each kernel first lets the next one launch
 (`_launch_next`), then loads what no earlier kernel of the step writes (its weights), and
