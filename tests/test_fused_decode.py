@@ -28,10 +28,12 @@ def sharp_model(**overrides):
     return m.to(DEVICE)
 
 
-def prefilled_cache(model, lengths, max_len=40):
-    """A cache whose rows hold prompts of the given lengths (the model's prefill)."""
-    cache = StaticCache(model.config, len(lengths), max_len, device=DEVICE)
-    ids = torch.randint(0, model.config.vocab_size, (len(lengths), max(lengths)), device=DEVICE)
+def prefilled_cache(model, lengths, max_len=40, ids=None, dtype=torch.float32):
+    """A cache whose rows hold prompts of the given lengths (the model's prefill; random
+    prompts unless ids [rows, longest] are given)."""
+    cache = StaticCache(model.config, len(lengths), max_len, dtype=dtype, device=DEVICE)
+    if ids is None:
+        ids = torch.randint(0, model.config.vocab_size, (len(lengths), max(lengths)), device=DEVICE)
     with torch.no_grad():
         for b, n in enumerate(lengths):
             model(ids[b:b + 1, :n], positions=torch.arange(n, device=DEVICE)[None],
@@ -196,3 +198,32 @@ def test_a_failing_fused_step_falls_back_to_the_model_step(monkeypatch):
     with pytest.warns(UserWarning, match="fused decode step failed .*no kernel image.*model's step"):
         got = step.decode_burst([0, 1], [3, 4], [5, 9], 1)
     assert step.fused is None and not step.failed and torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_bf16_fused_step_is_as_accurate_as_the_bf16_model():
+    """On a GPU, in BF16 (weights and cache; the tensor-core dots the interpreter cannot run):
+    the fused step's logits are as close to a float32 reference (model and cache) as the
+    BF16 model's own forward is, within half again, for rows at different positions."""
+    from nanoseek.infer.fused import FusedDecoder
+    from nanoseek.model.moe import Router
+    model = sharp_model()
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    for module in half.modules():  # as from_pretrained(dtype=bfloat16) keeps them
+        if isinstance(module, Router):
+            module.float()
+    half.model.rotary.inv_freq = model.model.rotary.inv_freq.clone()
+    lengths = [7, 20, 1]
+    ids = torch.randint(0, model.config.vocab_size, (3, 20), device=DEVICE)
+    cache32 = prefilled_cache(model, lengths, ids=ids)
+    cache16 = prefilled_cache(half, lengths, ids=ids, dtype=torch.bfloat16)
+    nxt = torch.randint(0, model.config.vocab_size, (3, 1), device=DEVICE)
+    positions = torch.tensor([[7], [20], [0]], device=DEVICE)
+    with torch.no_grad():
+        ref = model(nxt, positions=positions, cache=copy.deepcopy(cache32).prefix(3)).logits[:, -1]
+        plain = half(nxt, positions=positions, cache=copy.deepcopy(cache16).prefix(3)).logits[:, -1].float()
+    fused = FusedDecoder(half, cache16, 4).forward(nxt, positions)
+
+    def rel(x):
+        return float((x - ref).norm() / ref.norm())
+    assert rel(fused) <= 1.5 * rel(plain) + 1e-3, (rel(fused), rel(plain))
