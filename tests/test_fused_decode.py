@@ -79,6 +79,23 @@ def test_fused_step_matches_model_decode(overrides, chunked, query_split, monkey
             torch.testing.assert_close(fused_buf, buf, rtol=1e-4, atol=1e-4)
 
 
+def test_fused_step_of_a_dense_model():
+    """A model without experts (n_routed_experts None): every layer's MLP is the one slot."""
+    from nanoseek.infer.fused import FusedDecoder
+    torch.manual_seed(0)
+    model = Transformer(preset("dense", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=2, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8,
+                               qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=None)).eval().to(DEVICE)
+    cache = prefilled_cache(model, [5, 3])
+    fused_cache = copy.deepcopy(cache)
+    ids = torch.randint(0, 128, (2, 1), device=DEVICE)
+    positions = torch.tensor([[5], [3]], device=DEVICE)
+    with torch.no_grad():
+        want = model(ids, positions=positions, cache=cache.prefix(2)).logits[:, -1]
+    torch.testing.assert_close(FusedDecoder(model, fused_cache, 2).forward(ids, positions), want,
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_fused_decoder_bursts_equal_the_model_step():
     """GraphDecoder with fused rows, uncaptured here: a greedy burst (the token chosen inside
     the step, the inputs advanced by it) gives the model step's tokens and cache, and a

@@ -113,7 +113,7 @@ class FusedDecoder:
         self.part_m = torch.empty(M, self.nsplit, H, **f32)
         self.part_l = torch.empty(M, self.nsplit, H, **f32)
         self.o = torch.empty(M, H * c.v_head_dim, **f32)
-        self.router_logits = torch.empty(M, max(c.n_routed_experts, 1), **f32)
+        self.router_logits = torch.empty(M, max(c.n_routed_experts or 0, 1), **f32)
         self.sel_idx = torch.zeros(M, max(K, 1), dtype=torch.int32, device=dev)
         self.sel_gate = torch.zeros(M, max(K, 1), **f32)
         # per row: the routed and shared slots' SiLU(gate)·up, or a dense layer's
