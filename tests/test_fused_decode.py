@@ -41,23 +41,23 @@ def prefilled_cache(model, lengths, max_len=40, ids=None, dtype=torch.float32):
     return cache
 
 
-@pytest.mark.parametrize("overrides, chunked, query_split", [
-    (dict(), False, 1),                                          # V3: sigmoid, noaux_tc, bias
-    (dict(topk_method="greedy", n_shared_experts=0), True, 4),   # no groups, no shared experts
+@pytest.mark.parametrize("overrides, chunked", [
+    (dict(), False),                                          # V3: sigmoid, noaux_tc, bias
+    (dict(topk_method="greedy", n_shared_experts=0), True),   # no groups, no shared experts
     (dict(scoring_func="softmax", topk_method="group_limited_greedy", n_group=4, topk_group=2,
-          n_shared_experts=2), False, 3),                        # V2, two shared experts
+          n_shared_experts=2), False),                        # V2, two shared experts
 ])
-def test_fused_step_matches_model_decode(overrides, chunked, query_split, monkeypatch):
+def test_fused_step_matches_model_decode(overrides, chunked, monkeypatch):
     """Logits of rows at different positions (one of them the dummy row at 0 that a bucket
     pads with) and every layer's cache entries: the fused step equals the model's absorbed
-    decode forward in float32. Attention in splits of 16 positions (row 2 spans two, the
-    others one of three), the query in 1, 4 or 3 shares of each head's rows (3: uneven);
-    chunked: rows wider than 16 read in chunks (the path of a wide model's hidden size), the
-    attention's loop over blocks instead of one block read ahead, the splits merged two at
-    a time."""
+    decode forward in float32. Attention in three splits of 16 positions (row 1 spans two,
+    the others one); chunked: rows wider than 16 read in chunks (the path of a wide model's
+    hidden size), two splits of 32 positions read in blocks of 16, the splits merged two at a
+    time."""
     from nanoseek.infer import fused
     if chunked:
         monkeypatch.setattr(fused, "MAX_BLOCK", 16)
+        monkeypatch.setattr(fused, "ATTEND_BLOCK", 16)
         monkeypatch.setattr(fused, "MERGE_SPLITS", 2)
     model = sharp_model(**overrides)
     cache = prefilled_cache(model, [7, 20, 1])
@@ -66,9 +66,8 @@ def test_fused_step_matches_model_decode(overrides, chunked, query_split, monkey
     positions = torch.tensor([[7], [20], [0]], device=DEVICE)
     with torch.no_grad():
         want = model(ids, positions=positions, cache=cache.prefix(3)).logits[:, -1]
-    step = fused.FusedDecoder(model, fused_cache, max_rows=4,
-                              tuning=dict(attend_split=16, query_split=query_split, attend_prefetch=not chunked))
-    assert step.nsplit == 3
+    step = fused.FusedDecoder(model, fused_cache, max_rows=4, tuning=dict(attend_split=32 if chunked else 16))
+    assert step.nsplit == (2 if chunked else 3)
     for scratch in (step.part_acc, step.part_m, step.part_l):  # a split past a row's position is
         scratch.fill_(float("nan"))                          # neither written nor read
     got = step.forward(ids, positions)

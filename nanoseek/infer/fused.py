@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
 
 from ..config import ModelConfig
 from ..model import StaticCache, Transformer
@@ -33,18 +34,20 @@ from ..model.moe import MoE
 
 MAX_EXPERTS = 256   # one program holds a token's E scores for the routing
 MAX_BLOCK = 2048    # widest row a program loads at once (wider ones are read in chunks)
+ATTEND_BLOCK = 64   # cache positions an attention program scores at once (a split is one or more)
 MERGE_SPLITS = 16   # attention splits the merge reads at once
 
 # Launch shapes, the fastest an H200 found for bench-1b at batch 1 (benchmarks/fused_decode.py
-# --tune, benchmarks/results/fused_tuning.json):
-# rows of a weight per program and warps per program for each kernel, attention's split.
-TUNING = dict(gemv_rows=4, gemv_warps=2, head_rows=8, head_warps=4, query_split=1, query_warps=8,
-              attend_split=32, attend_prefetch=False, attend_warps=8, output_warps=8, route_warps=1,
-              up_rows=4, up_warps=4, down_rows=2, down_warps=4, pdl=True)
+# --tune, benchmarks/results/fused_tuning.json, which also holds two knobs since removed at the
+# settings it chose: query_split 1, attend_prefetch off): rows of a weight per program and
+# warps per program for each kernel, attention's split.
+TUNING = dict(gemv_rows=4, gemv_warps=2, head_rows=8, head_warps=4, query_warps=8, attend_split=32,
+              attend_warps=8, output_warps=8, route_warps=1, up_rows=4, up_warps=4, down_rows=2,
+              down_warps=4, pdl=True)
 
 
 def _pow2(n: int, at_least: int = 1) -> int:
-    return max(at_least, 1 << max(0, (n - 1).bit_length()))
+    return max(at_least, triton.next_power_of_2(n))
 
 
 def pdl_supported(device: torch.device) -> bool:
@@ -62,7 +65,7 @@ def pdl_supported(device: torch.device) -> bool:
 
 class FusedDecoder:
     def __init__(self, model: Transformer, cache: StaticCache, max_rows: int, tuning: dict | None = None):
-        from ..kernels import decode as kernels  # Triton, imported only where the path runs
+        from ..kernels import decode as kernels
         reason = self.unsupported(model.config)
         if reason:
             raise ValueError(f"the fused decode step does not support this model: {reason}")
@@ -78,8 +81,6 @@ class FusedDecoder:
             big = dict(gemv_rows=16, head_rows=16, up_rows=16, down_rows=32)
             self.t.update({k: v for k, v in big.items() if k not in (tuning or {})})
         for key, value in self.t.items():
-            if key == "query_split" and value < 1:
-                raise ValueError(f"tuning query_split={value}: shares of a head's rows, at least 1")
             if key.endswith(("_rows", "_warps")) and (value < 1 or value & (value - 1)):
                 raise ValueError(f"tuning {key}={value}: a power of two")
         c = self.config = model.config
@@ -95,19 +96,12 @@ class FusedDecoder:
         self.split = self.t["attend_split"]
         if self.split < 16 or self.split & (self.split - 1):
             raise ValueError(f"attend_split must be a power of two >= 16, got {self.split}")
-        # one block of cache rows per attention program (read ahead of the wait) up to 64 rows
-        self.one_block = bool(self.t["attend_prefetch"]) and self.split <= 64
-        self.block_s = self.split if self.one_block else min(self.split, 64)
-        self.nsplit = triton_cdiv(cache.max_len, self.split)
-        moe_layers = [layer.mlp for layer in model.main_layers if isinstance(layer.mlp, MoE)]
-        K = c.num_experts_per_tok if moe_layers else 0
-        self.widths = [(K + (c.n_shared_experts or 0)) * c.moe_intermediate_size] if moe_layers else []
-        if len(moe_layers) < c.num_hidden_layers:
-            self.widths.append(c.intermediate_size)
+        self.nsplit = triton.cdiv(cache.max_len, self.split)
+        K = c.num_experts_per_tok if c.n_routed_experts else 0
         M = max_rows
         self.h = torch.empty(M, c.hidden_size, dtype=model.model.embed_tokens.weight.dtype, device=dev)
         self.qkv = torch.empty(M, c.q_lora_rank + C + R, **f32)
-        self.q_lat = torch.empty(M, self.t["query_split"], H, C, **f32)  # NS shares, summed by the attention
+        self.q_lat = torch.empty(M, H, C, **f32)
         self.q_pe = torch.empty(M, H, R, **f32)
         self.part_acc = torch.empty(M, self.nsplit, H, C, **f32)
         self.part_m = torch.empty(M, self.nsplit, H, **f32)
@@ -116,8 +110,9 @@ class FusedDecoder:
         self.router_logits = torch.empty(M, max(c.n_routed_experts or 0, 1), **f32)
         self.sel_idx = torch.zeros(M, max(K, 1), dtype=torch.int32, device=dev)
         self.sel_gate = torch.zeros(M, max(K, 1), **f32)
-        # per row: the routed and shared slots' SiLU(gate)·up, or a dense layer's
-        self.hmid = torch.empty(M * max(self.widths), **f32)
+        # per row: the slots' SiLU(gate)·up (routed and shared, or a dense layer's one slot)
+        self.hmid = torch.empty(M * max(slots * width for slots, width, _ in map(self._slots, model.main_layers)),
+                                **f32)
         self.logits = torch.empty(M, c.vocab_size, **f32)
         # fp32 caches and weights (CPU tests): exact dot products, not TF32
         self.dot_precision = "ieee" if cache.layers[0][0].dtype == torch.float32 else "tf32"
@@ -165,7 +160,7 @@ class FusedDecoder:
         n1 = weight.shape[0]
         n2 = 0 if weight2 is None else weight2.shape[0]
         block_o = self.t["head_rows" if head else "gemv_rows"]  # rows of the weight per program, all B rows of x
-        grid = (triton_cdiv(n1, block_o) + (triton_cdiv(n2, block_o) if n2 else 0),)
+        grid = (triton.cdiv(n1, block_o) + triton.cdiv(n2, block_o),)
         self.k.gemv_kernel[grid](
             x, x.stride(0), B, K, norm.weight if norm is not None else x,
             norm.eps if norm is not None else 0.0,
@@ -184,19 +179,17 @@ class FusedDecoder:
         qkv = self.qkv[:B]
         self._gemv(h, a.q_a_proj.weight, qkv, norm=layer.input_layernorm, weight2=a.kv_a_proj_with_mqa.weight)
         ckv, kpe = self.cache.layers[i]
-        NS = self.t["query_split"]
-        k.mla_query_kernel[(B, H * NS + 1)](
+        k.mla_query_kernel[(B, H + 1)](
             qkv, qkv.stride(0), a.q_a_layernorm.weight, a.kv_a_layernorm.weight,
             a.q_a_layernorm.eps, a.kv_a_layernorm.eps, a.q_b_proj.weight, a.kv_b_proj.weight,
             self.inv_freq, self.rope_factor, positions_B, self.q_lat, self.q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0),
-            H, Q, C, N, R, V, NS,
-            BLOCK_Q=_pow2(Q), BLOCK_N=_pow2(triton_cdiv(N, NS)), BLOCK_C=_pow2(C), BLOCK_R2=_pow2(R // 2),
+            H, Q, C, N, R, V, BLOCK_Q=_pow2(Q), BLOCK_N=_pow2(N), BLOCK_C=_pow2(C), BLOCK_R2=_pow2(R // 2),
             num_warps=self.t["query_warps"], **self.launch)
         k.mla_attend_kernel[(B, self.nsplit)](
             self.q_lat, self.q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0), positions_B,
-            self.part_acc, self.part_m, self.part_l, a.scale, H, C, R, self.split, self.nsplit, NS,
-            BLOCK_H=_pow2(H, 16), BLOCK_C=_pow2(C, 16), BLOCK_R=_pow2(R, 16), BLOCK_S=self.block_s,
-            ONE_BLOCK=self.one_block, DOT_PRECISION=self.dot_precision, num_warps=self.t["attend_warps"], **self.launch)
+            self.part_acc, self.part_m, self.part_l, a.scale, H, C, R, self.split, self.nsplit,
+            BLOCK_H=_pow2(H, 16), BLOCK_C=_pow2(C, 16), BLOCK_R=_pow2(R, 16), BLOCK_S=min(self.split, ATTEND_BLOCK),
+            DOT_PRECISION=self.dot_precision, num_warps=self.t["attend_warps"], **self.launch)
         o = self.o[:B]
         k.mla_output_kernel[(B, H)](
             self.part_acc, self.part_m, self.part_l, a.kv_b_proj.weight, o, positions_B, H, C, N, V,
@@ -205,49 +198,53 @@ class FusedDecoder:
             **self.launch)
         self._gemv(o, a.o_proj.weight, h, residual=h)
 
+    @staticmethod
+    def _slots(layer) -> tuple[int, int, tuple | None]:
+        """A layer's expert slots, their width F, and the weights (gate, up, down) of the
+        shared slots, stacked [S·F, D] / [D, S·F]: the K routed experts then the shared
+        experts in chunks of F; a dense layer's MLP is one slot of its own width."""
+        mlp = layer.mlp
+        shared = mlp.shared_experts if isinstance(mlp, MoE) else mlp
+        weights = None if shared is None else (shared.gate_proj.weight, shared.up_proj.weight,
+                                               shared.down_proj.weight)
+        if not isinstance(mlp, MoE):
+            return 1, weights[0].shape[0], weights
+        F = mlp.experts.gate_proj.shape[1]
+        return mlp.gate.top_k + (0 if shared is None else weights[0].shape[0] // F), F, weights
+
     def _mlp(self, layer, h):
         """h += the layer's MLP or MoE of RMSNorm(h): router logits (gemv), routing, expert
-        gate/up, expert down + combine + residual. The shared experts (or a dense layer's
-        MLP) run as slots after the routed ones, in chunks of an expert's width F."""
+        gate/up, expert down + combine + residual."""
         k = self.k
         B, D = h.shape
         norm, mlp = layer.post_attention_layernorm, layer.mlp
+        P, F, shared = self._slots(layer)
+        K = 0
         if isinstance(mlp, MoE):
-            router, experts, shared = mlp.gate, mlp.experts, mlp.shared_experts
-            K, E, F = router.top_k, router.n_experts, experts.gate_proj.shape[1]
+            router, experts = mlp.gate, mlp.experts
+            K = router.top_k
             self._gemv(h, router.weight, self.router_logits[:B], norm=norm)
             bias = router.e_score_correction_bias
             grouped = router.topk_method != "greedy"  # greedy ignores the groups, as moe.Router
             k.moe_route_kernel[(B,)](
                 self.router_logits, bias if bias is not None else self.router_logits, router.scaling,
-                self.sel_idx, self.sel_gate, E=E, K=K, G=router.n_group if grouped else 1,
+                self.sel_idx, self.sel_gate, E=router.n_experts, K=K, G=router.n_group if grouped else 1,
                 TOPK_GROUP=router.topk_group, HAS_BIAS=bias is not None,
                 SIGMOID=router.scoring_func == "sigmoid", GROUP_TOP2=router.topk_method == "noaux_tc",
                 NORM_TOPK=router.norm_topk_prob, num_warps=self.t["route_warps"], **self.launch)
-            routed = (experts.gate_proj, experts.up_proj, experts.down_proj)
-        else:  # a dense layer: its MLP is the one "shared" chunk, no routed slots
-            shared, K, F = mlp, 0, mlp.gate_proj.weight.shape[0]
-            routed = None
-        if shared is not None:
-            sg, su, sd = shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight
-        S = sg.shape[0] // F if shared is not None else 0
-        wg, wu, wd = routed if routed is not None else (sg, su, sd)
-        if shared is None:
-            sg, su, sd = wg, wu, wd  # not read
-        P = K + S
+        # pointers a layer lacks (routed in a dense layer, shared without shared experts) are never read
+        routed = (experts.gate_proj, experts.up_proj, experts.down_proj) if K else shared
+        sg, su, sd = shared if shared is not None else routed
+        S = P - K
         hmid = self.hmid[: B * P * F].view(B, P, F)
         rows = self.t["up_rows"]
-        k.moe_up_kernel[(B, P, triton_cdiv(F, rows))](
-            h, h.stride(0), norm.weight, norm.eps, D, self.sel_idx, wg, wu, sg, su, F, hmid, hmid.stride(0),
-            K=K, BLOCK_F=rows, BLOCK_D=min(MAX_BLOCK, _pow2(D)), ONE_CHUNK=D <= MAX_BLOCK,
+        k.moe_up_kernel[(B, P, triton.cdiv(F, rows))](
+            h, h.stride(0), norm.weight, norm.eps, D, self.sel_idx, routed[0], routed[1], sg, su, F, hmid,
+            hmid.stride(0), K=K, BLOCK_F=rows, BLOCK_D=min(MAX_BLOCK, _pow2(D)), ONE_CHUNK=D <= MAX_BLOCK,
             num_warps=self.t["up_warps"], **self.launch)
         rows = self.t["down_rows"]
-        k.moe_down_kernel[(B, triton_cdiv(D, rows))](
-            h, h.stride(0), self.sel_idx, self.sel_gate, wd, F, sd, S * F, D, hmid, hmid.stride(0),
+        k.moe_down_kernel[(B, triton.cdiv(D, rows))](
+            h, h.stride(0), self.sel_idx, self.sel_gate, routed[2], F, sd, S * F, D, hmid, hmid.stride(0),
             K=K, HAS_SHARED=S > 0, BLOCK_P=_pow2(max(K, 1)), BLOCK_D=rows,
             BLOCK_F=min(MAX_BLOCK, _pow2(F)), BLOCK_FS=min(2 * MAX_BLOCK, _pow2(max(S * F, 1))),
             num_warps=self.t["down_warps"], **self.launch)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)

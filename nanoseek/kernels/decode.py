@@ -12,7 +12,7 @@ ops, a layer is ~30 kernels even after Inductor's fusion (norms, projections, Ro
 write, absorption, attention, router, top-k, experts, combine); here it is nine:
 
 1. `gemv`            RMSNorm(h) @ [W_q_a; W_kv_a]^T              -> qkv_a [B, Q + C + R]
-2. `mla_query`       per head (in shares of its rows): q_a norm, q_b, RoPE, W_UK absorbed
+2. `mla_query`       per head: q_a norm, q_b, RoPE, W_UK absorbed
                      -> q_lat, q_pe; one more program: kv norm, k_pe RoPE, the cache write
 3. `mla_attend`      attention over the latent cache, split over S (flash-decoding)
 4. `mla_output`      merge the splits, W_UV                       -> o [B, H·V]
@@ -140,19 +140,17 @@ def gemv_kernel(x_ptr, stride_x, B, K, norm_ptr, eps,
 def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
                      wqb_ptr, wkvb_ptr, inv_freq_ptr, rope_factor, pos_ptr,
                      qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe,
-                     H, Q, C, N, R, V, NS,
+                     H, Q, C, N, R, V,
                      BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
                      BLOCK_R2: tl.constexpr, USE_PDL: tl.constexpr):
-    """Program (b, h·NS + ns): rows ns·⌈N/NS⌉.. of head h's q_nope = q_b(RMSNorm(q_a)), and
-    their share of the absorbed query, q_lat[b, ns, h] = W_UK_h[rows]^T q_nope[rows] (the
-    attention sums the NS shares); share 0 also q_pe, rotated. Program (b, H·NS): c_kv =
-    RMSNorm(kv_a[:C]), k_pe = RoPE(kv_a[C:]), both written into the cache at the row's
-    position. RoPE pairs are interleaved (x0, x1), ..., pair i turned by the angle
+    """Program (b, h < H): head h's q_nope, q_pe = q_b(RMSNorm(q_a)), q_pe rotated, and the
+    absorbed query q_lat[b, h] = W_UK_h^T q_nope. Program (b, H): c_kv = RMSNorm(kv_a[:C]),
+    k_pe = RoPE(kv_a[C:]), both written into the cache at the row's position. RoPE pairs are interleaved (x0, x1), ..., pair i turned by the angle
     position · inv_freq[i], cos and sin scaled by rope_factor (rope.RotaryEmbedding).
     BLOCK_Q >= Q and BLOCK_C >= C: the weights are loaded at once, before the row."""
     _launch_next(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
-    hs = tl.program_id(1)
+    h = tl.program_id(1)
     R2 = R // 2
     r2 = tl.arange(0, BLOCK_R2)
     r2mask = r2 < R2
@@ -163,18 +161,14 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
     sin = tl.sin(angle) * rope_factor
     c = tl.arange(0, BLOCK_C)
     cmask = c < C
-    if hs < H * NS:
-        h = hs // NS
-        ns = hs % NS
-        share = tl.cdiv(N, NS)
-        n = ns * share + tl.arange(0, BLOCK_N)
-        nmask = (tl.arange(0, BLOCK_N) < share) & (n < N)
+    if h < H:
+        n = tl.arange(0, BLOCK_N)
+        nmask = n < N
         j = tl.arange(0, BLOCK_Q)
         jmask = j < Q
         row0 = h * (N + R)
         pe_rows = row0 + N + 2 * r2
-        pe_mask = r2mask & (ns == 0)
-        pmask = pe_mask[:, None] & jmask[None, :]
+        pmask = r2mask[:, None] & jmask[None, :]
         w_n = tl.load(wqb_ptr + (row0 + n)[:, None] * Q + j[None, :], mask=nmask[:, None] & jmask[None, :], other=0.0)
         w_e = tl.load(wqb_ptr + pe_rows[:, None] * Q + j[None, :], mask=pmask, other=0.0)
         w_o = tl.load(wqb_ptr + (pe_rows + 1)[:, None] * Q + j[None, :], mask=pmask, other=0.0)
@@ -188,10 +182,9 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
         pe_e = tl.sum(w_e.to(tl.float32) * x[None, :], axis=1)
         pe_o = tl.sum(w_o.to(tl.float32) * x[None, :], axis=1)
         pe_ptr = qpe_ptr + (b * H + h) * R
-        tl.store(pe_ptr + 2 * r2, pe_e * cos - pe_o * sin, mask=pe_mask)
-        tl.store(pe_ptr + 2 * r2 + 1, pe_o * cos + pe_e * sin, mask=pe_mask)
-        tl.store(qlat_ptr + ((b * NS + ns) * H + h) * C + c, tl.sum(w_uk.to(tl.float32) * q_nope[:, None], axis=0),
-                 mask=cmask)
+        tl.store(pe_ptr + 2 * r2, pe_e * cos - pe_o * sin, mask=r2mask)
+        tl.store(pe_ptr + 2 * r2 + 1, pe_o * cos + pe_e * sin, mask=r2mask)
+        tl.store(qlat_ptr + (b * H + h) * C + c, tl.sum(w_uk.to(tl.float32) * q_nope[:, None], axis=0), mask=cmask)
     else:
         # (names of its own: Triton merges same-named values of the two branches)
         kv_ptr = row_ptr + Q
@@ -209,77 +202,51 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
 
 
 @triton.jit
-def _attend_block(q, qp, c, kp, smask, m, l, acc, scale, DOT_PRECISION: tl.constexpr):
-    """One block of cache positions into the online softmax: (m, l, acc) updated."""
-    sc = (tl.dot(q, tl.trans(c), input_precision=DOT_PRECISION)
-          + tl.dot(qp, tl.trans(kp), input_precision=DOT_PRECISION)) * scale
-    sc = tl.where(smask[None, :], sc, float("-inf"))
-    m_new = tl.maximum(m, tl.max(sc, axis=1))
-    alpha = tl.exp(m - m_new)
-    p = tl.exp(sc - m_new[:, None])
-    l = l * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=DOT_PRECISION)
-    return m_new, l, acc
-
-
-@triton.jit
 def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe, pos_ptr,
-                      acc_ptr, m_ptr, l_ptr, scale, H, C, R, SPLIT, NSPLIT, NS,
+                      acc_ptr, m_ptr, l_ptr, scale, H, C, R, SPLIT, NSPLIT,
                       BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_S: tl.constexpr, ONE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                      USE_PDL: tl.constexpr):
+                      BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
     """Program (b, split): all heads over cache positions [split·SPLIT, +SPLIT) ∩ [0, pos]:
-    scores q_lat·c_kv + q_pe·k_pe (q_lat the sum of mla_query's NS shares), an online
-    softmax, the unnormalised sum of p·c_kv with its running max and sum (merged by
-    mla_output; a split past pos writes nothing). ONE_BLOCK (SPLIT == BLOCK_S): the split's
-    cache rows before pos are read before the wait (earlier steps wrote them), the row at
-    pos, which mla_query has just written, after it."""
+    scores q_lat·c_kv + q_pe·k_pe, an online softmax over blocks of BLOCK_S positions, the
+    unnormalised sum of p·c_kv with its running max and sum (merged by mla_output; a split
+    past pos writes nothing). Everything it reads but the position, the previous kernel may
+    just have written (the new cache row), so it waits first."""
     _launch_next(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     pos = tl.load(pos_ptr + b).to(tl.int32)  # positions are written between steps
-    hh = tl.arange(0, BLOCK_H)
-    cc = tl.arange(0, BLOCK_C)
-    rr = tl.arange(0, BLOCK_R)
-    hmask, cmask, rmask = hh < H, cc < C, rr < R
-    dtype = ckv_ptr.dtype.element_ty
     start = sp * SPLIT
-    end = tl.minimum(start + SPLIT, pos + 1)
-    c_ptr = ckv_ptr + b * stride_ckv
-    k_ptr = kpe_ptr + b * stride_kpe
-    if ONE_BLOCK:
-        s = start + tl.arange(0, BLOCK_S)
-        smask = s < end
-        older = smask & (s != pos)
-        c = tl.load(c_ptr + s[:, None] * C + cc[None, :], mask=older[:, None] & cmask[None, :], other=0.0)
-        kp = tl.load(k_ptr + s[:, None] * R + rr[None, :], mask=older[:, None] & rmask[None, :], other=0.0)
-    _wait_prev(USE_PDL)  # everything else it reads, the previous kernel may just have written
-    if start <= pos:  # else past the row's position: nothing to attend to, and mla_output reads nothing
-        q = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
-        for ns in range(NS):
-            q += tl.load(qlat_ptr + ((b * NS + ns) * H + hh)[:, None] * C + cc[None, :],
-                         mask=hmask[:, None] & cmask[None, :], other=0.0)
-        q = q.to(dtype)
+    _wait_prev(USE_PDL)
+    if start <= pos:
+        hh = tl.arange(0, BLOCK_H)
+        cc = tl.arange(0, BLOCK_C)
+        rr = tl.arange(0, BLOCK_R)
+        hmask, cmask, rmask = hh < H, cc < C, rr < R
+        dtype = ckv_ptr.dtype.element_ty
+        q = tl.load(qlat_ptr + (b * H + hh)[:, None] * C + cc[None, :],
+                    mask=hmask[:, None] & cmask[None, :], other=0.0).to(dtype)
         qp = tl.load(qpe_ptr + (b * H + hh)[:, None] * R + rr[None, :],
                      mask=hmask[:, None] & rmask[None, :], other=0.0).to(dtype)
         m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         l = tl.zeros([BLOCK_H], dtype=tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
-        if ONE_BLOCK:
-            here = pos < start + SPLIT  # the new row is in this split
-            c_new = tl.load(c_ptr + pos * C + cc, mask=cmask & here, other=0.0)
-            kp_new = tl.load(k_ptr + pos * R + rr, mask=rmask & here, other=0.0)
-            is_new = (s == pos)[:, None]
-            c = tl.where(is_new, c_new[None, :], c)
-            kp = tl.where(is_new, kp_new[None, :], kp)
-            m, l, acc = _attend_block(q, qp, c, kp, smask, m, l, acc, scale, DOT_PRECISION)
-        else:
-            for s0 in range(start, end, BLOCK_S):
-                s = s0 + tl.arange(0, BLOCK_S)
-                smask = s < end
-                c = tl.load(c_ptr + s[:, None] * C + cc[None, :], mask=smask[:, None] & cmask[None, :], other=0.0)
-                kp = tl.load(k_ptr + s[:, None] * R + rr[None, :], mask=smask[:, None] & rmask[None, :], other=0.0)
-                m, l, acc = _attend_block(q, qp, c, kp, smask, m, l, acc, scale, DOT_PRECISION)
+        end = tl.minimum(start + SPLIT, pos + 1)
+        for s0 in range(start, end, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            smask = s < end
+            c = tl.load(ckv_ptr + b * stride_ckv + s[:, None] * C + cc[None, :],
+                        mask=smask[:, None] & cmask[None, :], other=0.0)
+            kp = tl.load(kpe_ptr + b * stride_kpe + s[:, None] * R + rr[None, :],
+                         mask=smask[:, None] & rmask[None, :], other=0.0)
+            sc = (tl.dot(q, tl.trans(c), input_precision=DOT_PRECISION)
+                  + tl.dot(qp, tl.trans(kp), input_precision=DOT_PRECISION)) * scale
+            sc = tl.where(smask[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m, tl.max(sc, axis=1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(sc - m_new[:, None])
+            l = l * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(dtype), c, input_precision=DOT_PRECISION)
+            m = m_new
         part = (b * NSPLIT + sp) * H + hh
         tl.store(m_ptr + part, m, mask=hmask)
         tl.store(l_ptr + part, l, mask=hmask)
