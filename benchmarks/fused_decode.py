@@ -41,7 +41,8 @@ from nanoseek.infer.cuda_graph import GraphDecoder  # noqa: E402
 from nanoseek.infer import fused as fused_module  # noqa: E402
 from nanoseek.infer.fused import FusedDecoder  # noqa: E402
 from nanoseek.model import StaticCache  # noqa: E402
-from nanoseek.model.moe import MoE, Router  # noqa: E402
+from nanoseek.hf import to_dtype  # noqa: E402
+from nanoseek.model.moe import MoE  # noqa: E402
 
 
 def step_weight_bytes(model: Transformer) -> int:
@@ -65,69 +66,6 @@ def step_weight_bytes(model: Transformer) -> int:
     return total + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
 
 
-def bf16_copy(model: Transformer) -> Transformer:
-    """As from_pretrained(dtype=bfloat16) makes it: BF16 weights, the routers and the RoPE
-    frequencies in float32."""
-    out = copy.deepcopy(model).to(torch.bfloat16)
-    for module in out.modules():
-        if isinstance(module, Router):
-            module.float()
-    out.model.rotary.inv_freq = model.model.rotary.inv_freq.clone()
-    return out
-
-
-# the largest kernels' knobs first
-CANDIDATES = dict(pdl=[True, False], up_rows=[4, 8, 16], up_warps=[1, 2, 4],
-                  down_rows=[1, 2, 4, 8], down_warps=[1, 2, 4, 8],
-                  query_warps=[2, 4, 8], gemv_rows=[2, 4, 8], gemv_warps=[2, 4, 8],
-                  attend_split=[32, 64, 128], attend_warps=[4, 8], output_warps=[2, 4, 8], route_warps=[1, 2, 4],
-                  head_rows=[4, 8, 16, 32], head_warps=[4, 8])
-
-
-def fused_step_us(model, cache, tuning, prompt, steps=16, repeat=5) -> float:
-    """µs per step of the batch-1 fused step with these launch shapes, captured (steps
-    forwards in one graph), median of repeat replays after a warm-up."""
-    step = FusedDecoder(model, cache, 1, tuning)
-    ids = torch.ones(1, 1, dtype=torch.long, device="cuda")
-    pos = torch.full((1, 1), prompt, device="cuda")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            step.forward(ids, pos)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(steps):
-            step.forward(ids, pos)
-    return time_cuda(graph.replay, warmup=1, repeat=repeat)["median_ms"] * 1e3 / steps
-
-
-def tune(model, cache, prompt, passes) -> tuple[dict, list]:
-    """Coordinate descent over CANDIDATES from fused.TUNING; returns the best and the path."""
-    best = dict(fused_module.TUNING)
-    best_us = fused_step_us(model, cache, best, prompt)
-    path = [{"tuning": dict(best), "us_per_step": best_us}]
-    print(f"tune: start {best_us:.1f} us/step", flush=True)
-    tried = {tuple(sorted(best.items()))}
-    for key, values in [kv for _ in range(passes) for kv in CANDIDATES.items()]:
-        for v in values:
-            trial = {**best, key: v}
-            if tuple(sorted(trial.items())) in tried:
-                continue
-            tried.add(tuple(sorted(trial.items())))
-            try:
-                us = fused_step_us(model, cache, trial, prompt)
-            except Exception as e:  # noqa: BLE001 — a shape that does not compile: skip it, say so
-                print(f"tune: {key}={v} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                continue
-            path.append({"tuning": trial, "us_per_step": us})
-            if us < best_us:
-                best, best_us = trial, us
-                print(f"tune: {key}={v} -> {us:.1f} us/step", flush=True)
-    return best, path
-
-
 def prefill(model, cache, prompts):
     with torch.no_grad():
         for b, p in enumerate(prompts):
@@ -149,7 +87,7 @@ def main():
     torch.manual_seed(0)
     cfg = preset("bench-1b")
     model = Transformer(cfg).cuda().eval()   # float32 twin: the reference both are held to
-    model_bf16 = bf16_copy(model)
+    model_bf16 = to_dtype(copy.deepcopy(model), torch.bfloat16)  # as from_pretrained(dtype=) loads it
     R = max(args.buckets)
     max_len = args.prompt + 128
     g = torch.Generator().manual_seed(1)

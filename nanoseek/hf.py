@@ -487,20 +487,44 @@ def key_mismatch(missing: list[str], unexpected: list[str]) -> str:
                      + ([f"unexpected key(s) {some_keys(unexpected)}"] if unexpected else []))
 
 
-def _materialize(model: Transformer, dtype: torch.dtype, device: torch.device) -> Transformer:
-    """Allocate the meta model on `device`: floating weights in dtype, the router in float32,
-    derived buffers recomputed (to_empty leaves memory uninitialised), embeddings re-tied."""
+def to_dtype(model: Transformer, dtype: torch.dtype) -> Transformer:
+    """The model in dtype as from_pretrained(dtype=) gives it, in place: floating weights in
+    dtype, the routers in float32, the RoPE frequencies recomputed in float32 (a cast would
+    round them)."""
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    kept = [{k: v.clone() for k, v in r.state_dict().items()} for r in routers]  # before any rounding
+    _cast(model, dtype)
+    for router, state in zip(routers, kept):
+        router.load_state_dict(state)
+    _rebuild_rope(model, model.model.embed_tokens.weight.device)
+    return model
+
+
+def _cast(model: Transformer, dtype: torch.dtype) -> None:
     model.to(dtype)
     for module in model.modules():
         if isinstance(module, Router):
             module.float()
-    model.to_empty(device=device)
+
+
+def _rebuild_rope(model: Transformer, device: torch.device) -> set[str]:
+    """The RoPE frequencies recomputed from the config; returns their buffer names."""
     rebuilt = set()
     for prefix, module in model.named_modules():
         if isinstance(module, RotaryEmbedding):
             module.inv_freq = RotaryEmbedding(model.config, module.dim).inv_freq.to(device)
             rebuilt.add(f"{prefix}.inv_freq")
-        elif isinstance(module, Router):
+    return rebuilt
+
+
+def _materialize(model: Transformer, dtype: torch.dtype, device: torch.device) -> Transformer:
+    """Allocate the meta model on `device`: floating weights in dtype, the router in float32,
+    derived buffers recomputed (to_empty leaves memory uninitialised), embeddings re-tied."""
+    _cast(model, dtype)
+    model.to_empty(device=device)
+    rebuilt = _rebuild_rope(model, device)
+    for prefix, module in model.named_modules():
+        if isinstance(module, Router):
             module.load.zero_()
             rebuilt.add(f"{prefix}.load")
     for prefix, module in model.named_modules():

@@ -221,14 +221,10 @@ def test_bf16_fused_step_is_as_accurate_as_the_bf16_model():
     """On a GPU, in BF16 (weights and cache; the tensor-core dots the interpreter cannot run):
     the fused step's logits are as close to a float32 reference (model and cache) as the
     BF16 model's own forward is, within half again, for rows at different positions."""
+    from nanoseek.hf import to_dtype
     from nanoseek.infer.fused import FusedDecoder
-    from nanoseek.model.moe import Router
     model = sharp_model()
-    half = copy.deepcopy(model).to(torch.bfloat16)
-    for module in half.modules():  # as from_pretrained(dtype=bfloat16) keeps them
-        if isinstance(module, Router):
-            module.float()
-    half.model.rotary.inv_freq = model.model.rotary.inv_freq.clone()
+    half = to_dtype(copy.deepcopy(model), torch.bfloat16)
     lengths = [7, 20, 1]
     ids = torch.randint(0, model.config.vocab_size, (3, 20), device=DEVICE)
     cache32 = prefilled_cache(model, lengths, ids=ids)

@@ -1,5 +1,6 @@
 """hf.py: HF-layout safetensors in and out, against transformers' own DeepSeek-V2/V3 models."""
 
+import copy
 import json
 import pickle
 
@@ -302,6 +303,21 @@ def test_a_crash_while_saving_leaves_the_old_checkpoint(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- dtypes
+def test_to_dtype_casts_as_from_pretrained_loads(tmp_path):
+    """hf.to_dtype on a model in memory gives what saving and loading in that dtype gives."""
+    from nanoseek.hf import to_dtype
+    model = nanoseek_model(**V3)
+    save_pretrained(model, tmp_path / "ck", dtype=torch.bfloat16)
+    loaded = from_pretrained(tmp_path / "ck")
+    cast = to_dtype(copy.deepcopy(model), torch.bfloat16)
+    want = {**loaded.state_dict(), "model.rotary.inv_freq": loaded.model.rotary.inv_freq}
+    got = {**cast.state_dict(), "model.rotary.inv_freq": cast.model.rotary.inv_freq}
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+    assert cast.model.rotary.inv_freq.dtype == torch.float32 and cast.routers()[1].weight.dtype == torch.float32
+
+
 def test_bf16_keeps_the_router_in_float32(tmp_path):
     model = nanoseek_model(**V3)
     save_pretrained(model, tmp_path / "ck", dtype=torch.bfloat16)
