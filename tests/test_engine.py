@@ -139,7 +139,7 @@ def test_stream_never_breaks_a_character_nor_shows_part_of_a_stop(tokenizer):
     seq = Sequence("r", [1], SamplingParams(stop=["STOP"]), max_tokens=100, seed=0)
     pieces = []
     for t in ids:
-        pieces.append(seq.append(t, tokenizer, eos_id=None))
+        pieces.append(seq.extend([t], tokenizer, eos_id=None))
         if seq.finished:
             break
     sent = [p.new_text for p in pieces]
@@ -398,13 +398,13 @@ def test_incremental_detokenizing_equals_decoding_the_whole_output():
         seq = Sequence(f"r{trial}", [1], SamplingParams(max_tokens=len(ids), ignore_eos=True), len(ids), seed=0)
         streamed = ""
         for t in ids:
-            streamed += seq.append(t, tok, eos_id=None).new_text
+            streamed += seq.extend([t], tok, eos_id=None).new_text
             assert tok.decode(seq.output_ids).startswith(seq.text)
         assert seq.finished and seq.text == tok.decode(ids) and streamed == seq.text
 
 
-def test_extending_by_runs_equals_appending_token_by_token():
-    """Sequence.extend (a decode burst's tokens at once) against append() one at a time, over
+def test_extending_by_runs_equals_extending_token_by_token():
+    """Sequence.extend with a decode burst's tokens at once against one token at a time, over
     runs of random lengths: the same ids, text, finish reason and streamed text, for outputs
     that split characters over tokens, stop ids, EOS (and ignore_eos), max_tokens and stop
     strings; without a tokenizer too."""
@@ -423,7 +423,7 @@ def test_extending_by_runs_equals_appending_token_by_token():
             streamed_one = streamed_runs = ""
             for t in ids:
                 if not one.finished:
-                    streamed_one += one.append(t, tokenizer, eos).new_text
+                    streamed_one += one.extend([t], tokenizer, eos).new_text
             i = 0
             while not runs.finished and i < len(ids):
                 n = int(torch.randint(1, 9, (), generator=g))
@@ -442,5 +442,5 @@ def test_a_stop_string_completed_by_the_last_allowed_token_ends_as_stop(budget):
     n = len(ids) + budget
     seq = Sequence("r", [1], SamplingParams(max_tokens=n, stop=["</answer>"]), n, seed=0)
     for t in ids:
-        seq.append(t, tok, eos_id=None)
+        seq.extend([t], tok, eos_id=None)
     assert (seq.text, seq.finish_reason, seq.finished) == ("abc", "stop", True)

@@ -99,49 +99,31 @@ class Sequence:
         """Give back drawn uniforms, unused, in order: uniform() returns them first."""
         self.unread.extend(reversed(uniforms))
 
-    def append(self, token: int, tokenizer, eos_id: int | None) -> StreamEvent:
-        """Take one sampled token: update text and finish state, return what to stream."""
-        self.output_ids.append(token)
-        p = self.params
-        text_ids = self.output_ids
-        if token in p.stop_token_ids or (token == eos_id and not p.ignore_eos):
-            self.finish_reason, text_ids = "stop", self.output_ids[:-1]
-        last = self.finish_reason is not None or len(self.output_ids) >= self.max_tokens
-        if tokenizer is not None:  # a stop string the last token completes still ends it as "stop"
-            self._detokenize(tokenizer, text_ids, last)
-        if self.finish_reason is None and last:
-            self.finish_reason = "length"
-        if self.finish_reason is not None:
-            self.status = Status.FINISHED
-        return self.stream_event()
-
     def extend(self, run: list[int], tokenizer, eos_id: int | None) -> StreamEvent:
-        """Take a burst's tokens in order, up to the one that finishes the sequence (a stop id,
-        EOS, max_tokens): what append() token by token gives, with one detokenizing step for
-        the run. With stop strings and a tokenizer any token may complete one, so those still
-        go one at a time."""
-        if not run:
-            return self.stream_event()
-        if self.params.stop and tokenizer is not None:
+        """Take sampled tokens in order (one, or a decode burst's), up to the one that finishes
+        the sequence (a stop id, EOS, max_tokens, a stop string): update the text and finish
+        state, return what to stream. The run is detokenized in one step; with stop strings
+        (and a tokenizer) any token may complete one, so such a run goes a token at a time."""
+        if self.params.stop and tokenizer is not None and len(run) > 1:
             texts = []
             for token in run:
-                event = self.append(token, tokenizer, eos_id)
-                texts.append(event.new_text)
+                texts.append(self.extend([token], tokenizer, eos_id).new_text)
                 if self.finished:
                     break
-            return event._replace(new_text="".join(texts))
+            return StreamEvent(self.request_id, "".join(texts), self.finished, self.finish_reason)
         p = self.params
         run = run[: self.max_tokens - len(self.output_ids)]
         ends = set(p.stop_token_ids) | ({eos_id} if eos_id is not None and not p.ignore_eos else set())
         stop = next((i for i, token in enumerate(run) if token in ends), None)
-        self.output_ids.extend(run if stop is None else run[: stop + 1])
         if stop is not None:
-            self.finish_reason = "stop"
-        elif len(self.output_ids) >= self.max_tokens:
+            run, self.finish_reason = run[: stop + 1], "stop"
+        self.output_ids.extend(run)
+        full = len(self.output_ids) >= self.max_tokens
+        if tokenizer is not None:  # a stop string the last token completes still ends it as "stop"
+            self._detokenize(tokenizer, self.output_ids[:-1] if stop is not None else self.output_ids,
+                             stop is not None or full)
+        if self.finish_reason is None and full:
             self.finish_reason = "length"
-        if tokenizer is not None:
-            text_ids = self.output_ids[:-1] if stop is not None else self.output_ids
-            self._detokenize(tokenizer, text_ids, self.finish_reason is not None)
         if self.finish_reason is not None:
             self.status = Status.FINISHED
         return self.stream_event()
