@@ -71,7 +71,7 @@ import torch
 
 from ..model import Transformer
 from ..model.cache import StaticCache, cache_entry_shapes
-from .sampling import SamplingParams, row_settings, sample_rows
+from .sampling import SamplingParams, row_settings, sample_rows, sample_tensors
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence, Status, StreamEvent
 from .speculative import MTPDrafter, RequestStats, greedy_accept, sampling_probs, speculative_accept_rows
@@ -152,17 +152,18 @@ class ModelRunner:
             self.draft_h[torch.tensor([s.slot for s in seqs], device=self.device)] = drafter.h_BD.to(self.draft_h.dtype)
 
     def draft(self, seqs: list[Sequence], drafter: MTPDrafter, pending_pos_B: torch.Tensor,
-              uniforms_BK: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+              sampling: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """K drafts per row [B, K] and, when some row samples, the distributions they were
         drawn from [B, K, V]: greedy rows take the MTP head's argmax, sampled rows its
-        filtered distribution (the request's own temperature / top-k / top-p) at their uniforms."""
-        params = [s.params for s in seqs]
-        if all(p.greedy for p in params):
+        filtered distribution (the request's own temperature / top-k / top-p) at their
+        uniforms. sampling: None for an all-greedy batch, else the rows' settings
+        (row_settings) and their draft uniforms [B, K]."""
+        if sampling is None:
             return drafter.propose(pending_pos_B, self.k)  # the drafter's own rule: argmax
-        settings = row_settings(params, self.device)[1:]
+        greedy_B, *settings, u_BK = sampling
 
         def choose(logits_BV, j):
-            return (sample_rows(logits_BV, params, [u[j] for u in uniforms_BK]),
+            return (sample_tensors(logits_BV, greedy_B, *settings, u_BK[:, j]),
                     sampling_probs(logits_BV, *settings))
         return drafter.propose(pending_pos_B, self.k, choose)
 
@@ -174,7 +175,10 @@ class ModelRunner:
         runs from a captured graph where one fits (speculate_burst)."""
         k, dev = self.k, self.device
         slots = [s.slot for s in seqs]
-        params = [s.params for s in seqs]
+        sampled = not all(s.params.greedy for s in seqs)
+        if sampled:  # each uploaded once for the drafts, the acceptance and the token after
+            greedy_B, *settings = row_settings([s.params for s in seqs], dev)
+            u = torch.tensor(uniforms, device=dev)
         rows = torch.tensor(slots, device=dev)
         pending_B = torch.tensor([s.last_token for s in seqs], device=dev)
         pos_B = torch.tensor([s.num_tokens - 1 for s in seqs], device=dev)      # x_{n-1} at n-1
@@ -183,17 +187,15 @@ class ModelRunner:
         with self._context():
             drafter = MTPDrafter(self.model, view)
             drafter.h_BD = self.draft_h[rows]
-            draft_BK, q_BKV = self.draft(seqs, drafter, pos_B, [u[:k] for u in uniforms])
+            draft_BK, q_BKV = self.draft(seqs, drafter, pos_B, (greedy_B, *settings, u[:, :k]) if sampled else None)
             offsets = torch.arange(k + 1, device=dev)
             verify_pos = pos_B[:, None] + offsets
             out = self.model(torch.cat([pending_B[:, None], draft_BK], 1), positions=verify_pos, cache=view)
             n_acc, nxt = greedy_accept(out.logits.argmax(-1), draft_BK)
-            if q_BKV is not None:
-                u = torch.tensor(uniforms, device=dev)
-                p_BKV = sampling_probs(out.logits, *row_settings(params, dev)[1:])
+            if q_BKV is not None:  # some row samples (its drafts came with their distributions)
+                p_BKV = sampling_probs(out.logits, *settings)
                 s_acc, s_nxt = speculative_accept_rows(p_BKV, q_BKV, draft_BK, u[:, k:2 * k], u[:, 2 * k])
-                is_greedy = torch.tensor([p.greedy for p in params], device=dev)
-                n_acc, nxt = torch.where(is_greedy, n_acc, s_acc), torch.where(is_greedy, nxt, s_nxt)
+                n_acc, nxt = torch.where(greedy_B, n_acc, s_acc), torch.where(greedy_B, nxt, s_nxt)
             return self._accept(drafter, rows, out.hidden_states, draft_BK, n_acc, nxt, verify_pos).tolist()
 
     def speculate_burst(self, seqs: list[Sequence], n: int) -> list[list[list[int]]] | None:
