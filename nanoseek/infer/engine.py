@@ -232,10 +232,10 @@ class ModelRunner:
         return torch.cat([n_acc[:, None], new_BK1], 1)
 
     def decode_burst(self, seqs: list[Sequence], n: int) -> list[list[int]] | None:
-        """n decode steps of every row from captured graphs, one read-back: per sequence its
-        next tokens, at most its max_tokens left; None where no graph fits (the caller steps
-        eagerly). A row with fewer tokens left runs on for the rest of the burst and its
-        tokens there are dropped: its positions stop at the cache's end, and its slot, which it
+        """n decode steps of every row from captured graphs, one read-back: per sequence its n
+        next tokens (postprocess keeps those its max_tokens allows); None where no graph fits
+        (the caller steps eagerly). A row with fewer tokens left runs on for the rest of the
+        burst and its tokens there are dropped: its positions stop at the cache's end, and its slot, which it
         leaves after this step, is written again by the next prefill before it is read. So is
         a row's tail after a stop. Sampled rows draw one uniform per token they may keep."""
         slots = [s.slot for s in seqs]
@@ -254,7 +254,7 @@ class ModelRunner:
             for s, u in zip(seqs, drawn):
                 s.unread_uniforms(u)
             return None
-        return [run[:m] for run, m in zip(out.T.tolist(), left)]
+        return out.T.tolist()  # each sequence's extend() keeps what its max_tokens allows
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """The eager decode step (no graph fits, or none runs here): each sequence's newest

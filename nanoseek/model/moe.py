@@ -90,8 +90,10 @@ class Router(nn.Module):
         pairwise = torch.compiler.is_compiling() and x_ND.shape[0] * self.n_experts ** 2 <= PAIRWISE_TOPK_MAX
         if self.topk_method != "greedy" and self.n_group > 1:
             groups_NGX = choice_NE.unflatten(-1, (self.n_group, -1))
-            if self.topk_method == "noaux_tc":  # a group's score: the sum of its top two
+            if self.topk_method == "noaux_tc" and pairwise:  # a group's score: the sum of its top two
                 group_score_NG = groups_NGX.where(top_mask(groups_NGX, 2, pairwise), 0.0).sum(-1)
+            elif self.topk_method == "noaux_tc":
+                group_score_NG = groups_NGX.topk(2, dim=-1).values.sum(-1)
             else:
                 group_score_NG = groups_NGX.amax(-1)
             keep_NG = top_mask(group_score_NG, self.topk_group, pairwise)
