@@ -69,7 +69,7 @@ def main():
             rows[f"{name}, batch {B}"] = {"batch": B, "host_ms_per_burst": ms,
                                           "host_us_per_step": ms * 1e3 / engine.decode_burst}
             print(f"{name}, batch {B}: {ms:.3f} ms per burst", flush=True)
-    result = {"benchmark": "engine_host", **environment(), "decode_burst": 8, "rows": rows}
+    result = {"benchmark": "engine_host", **environment(), "decode_burst": engine.decode_burst, "rows": rows}
     print(f"wrote {write_json(result, 'engine_host.json')}")
 
 

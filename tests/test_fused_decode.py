@@ -138,9 +138,11 @@ def test_unsupported_models_say_why():
     for words, overrides in cases.items():
         reason = FusedDecoder.unsupported(preset("tiny", **overrides))
         assert reason and words in reason, reason
+    m = Transformer(preset("tiny", attention_type="gqa", num_key_value_heads=2))
     with pytest.raises(ValueError, match="does not support this model: attention_type"):
-        m = Transformer(preset("tiny", attention_type="gqa", num_key_value_heads=2))
         FusedDecoder(m, StaticCache(m.config, 1, 8), 1)
+    from nanoseek.infer.cuda_graph import GraphDecoder  # the decoder then keeps the model's step
+    assert GraphDecoder(m, StaticCache(m.config, 2, 8), None, capture=False, fused_rows=2).fused is None
 
 
 @pytest.mark.parametrize("overrides", [

@@ -212,14 +212,15 @@ class GraphDecoder(BucketGraphs):
     def __init__(self, model: Transformer, cache: StaticCache, autocast: torch.dtype | None,
                  compile: bool = False, capture: bool = True, fused_rows: int = 0):
         """fused_rows: buckets of up to this many rows run the fused Triton step (fused.py)
-        instead of the model's forward, uncompiled (0: none)."""
+        instead of the model's forward, uncompiled, where the model supports it (0: none)."""
         self.model, self.cache, self.autocast = model, cache, autocast
         device = model.model.embed_tokens.weight.device
         super().__init__(cache.num_slots, device, compile, capture)
         self.fused = None
         if fused_rows:
             from .fused import FusedDecoder
-            self.fused = FusedDecoder(model, cache, max(b for b in self.buckets if b <= max(fused_rows, 1)))
+            if FusedDecoder.unsupported(model.config) is None:  # else the model's step for all
+                self.fused = FusedDecoder(model, cache, max(b for b in self.buckets if b <= fused_rows))
         n = cache.num_slots
         self.ids = torch.zeros(n, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(n, 1, dtype=torch.long, device=device)
@@ -273,7 +274,9 @@ class GraphDecoder(BucketGraphs):
 
     @torch.no_grad()
     def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor | None:
-        """Logits [len(slots), V] for one token per listed slot, or None when no graph fits."""
+        """Logits [len(slots), V] for one token per listed slot, or None when no graph fits.
+        (The engine decodes through decode_burst; this one step with its logits is for tests
+        and profiles.)"""
         if not self.fits(slots):
             return None
         out = self.run((self.load([self.ids, self.positions], slots, tokens, positions), False))

@@ -99,9 +99,7 @@ class ModelRunner:
             if self.k:
                 self.spec_graphs = GraphSpeculator(self, compile=compile)
             else:
-                from .fused import FusedDecoder
-                fused = fused_decode if FusedDecoder.unsupported(model.config) is None else 0
-                self.graphs = GraphDecoder(model, cache, autocast, compile=compile, fused_rows=fused)
+                self.graphs = GraphDecoder(model, cache, autocast, compile=compile, fused_rows=fused_decode)
 
     @contextlib.contextmanager
     def _context(self):

@@ -142,7 +142,7 @@ class FusedDecoder:
         B = ids_B1.shape[0]
         if B > self.max_rows:
             raise ValueError(f"{B} rows, but scratch for at most {self.max_rows}")
-        m, k = self.model, self.k
+        m = self.model
         h = self.h[:B]
         torch.index_select(m.model.embed_tokens.weight, 0, ids_B1[:, 0], out=h)
         positions_B = positions_B1[:, 0]
