@@ -89,10 +89,13 @@ class CacheView:
         out = []
         for buf, new in zip(self.cache.layers[layer_idx], entries):
             if self.rows is not None:
-                rows = buf[self.rows]
-                idx = positions.reshape(*positions.shape, *([1] * (new.dim() - 2))).expand_as(new)
-                rows.scatter_(1, idx, new.to(buf.dtype))
-                out.append(rows[:, : self.kv_len])
+                # index_put_ on the whole buffer, not scatter_ into the slice view: Inductor
+                # compiles a write into a view as a copy of the view, the write, and a copy back
+                start = self.rows.start or 0
+                stop = buf.shape[0] if self.rows.stop is None else self.rows.stop
+                row_ids = torch.arange(start, stop, device=buf.device)[:, None]
+                buf.index_put_((row_ids, positions), new.to(buf.dtype))
+                out.append(buf[self.rows, : self.kv_len])
             else:
                 buf.index_put_((self.slot_ids[:, None], positions), new.to(buf.dtype))
                 out.append(buf[self.slot_ids, : self.kv_len])
