@@ -16,7 +16,7 @@ Per bucket and variant, in one job:
 
 Variants (`--variants`) put a code choice side by side in the same job:
 - `base`: the code as it is;
-- `scatter_cache_write`: the cache write as it was up to 3d3b5d2 (`scatter_` into the slice
+- `scatter_cache_write`: the cache write as it was up to 2e31b10 (`scatter_` into the slice
   view of the rows, which Inductor compiles as a copy of the whole view, the scatter, and a
   copy back).
 
