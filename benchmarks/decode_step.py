@@ -10,9 +10,10 @@ Per bucket and variant, in one job:
   `--repeat` after the capture): `gap_us` = replay − kernels is the time between kernels;
 - `burst_us`: µs per step of `GraphDecoder.decode_burst` (the replays, plus its per-step
   token copy, plus the read-back of the tokens);
-- `engine_us`: µs per decoded token of the engine at that batch (decode.py's `engine_run`:
-  first token to the 128th, scheduling, read-back and postprocess included) at decode
-  bursts 8 and 32 (first variant only).
+- `engine_burst{8,32}_*`: the compiled engine at that batch (decode.py's compiled mode) at
+  decode bursts 8 and 32 (first variant only): µs per decoded token (decode.py's
+  `engine_run`: first token to the 128th, scheduling, read-back and postprocess included),
+  and the host's time per burst in its parts (`engine_breakdown`).
 
 Variants (`--variants`) put a code choice side by side in the same job:
 - `base`: the code as it is;
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -85,6 +87,54 @@ def graph_kernels(step: GraphDecoder, key: tuple, steps: int) -> tuple[float, fl
             sum(e.count for e in events) / steps)
 
 
+class Timer:
+    """Host seconds spent inside a wrapped callable, summed."""
+
+    def __init__(self, fn):
+        self.fn, self.seconds, self.calls = fn, 0.0, 0
+
+    def __call__(self, *args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - t
+            self.calls += 1
+
+
+def engine_breakdown(model, prompts, max_len: int, burst: int, repeat: int) -> dict:
+    """The compiled engine (decode.py's compiled mode: fused_decode=0) at this batch and decode
+    burst: µs per decoded token (decode.py's engine_run, median of repeat after a warm-up),
+    and per burst of the last run the host's time in each part of a decode step: the graph
+    launches (GraphDecoder.decode_burst, which returns before the GPU is done), the whole
+    ModelRunner.decode_burst (launches + waiting for the GPU + read-back), postprocess."""
+    from decode import engine_run
+
+    from nanoseek.infer.engine import Engine
+    engine = Engine(model, None, max_batch=len(prompts), max_len=max_len, compile=True, fused_decode=0,
+                    decode_burst=burst)
+    plist = [p.tolist() for p in prompts]
+    engine_run(engine, plist, 128)  # warm-up: compile, capture
+    spans = []
+    for i in range(repeat):
+        if i == repeat - 1:
+            launch = engine.runner.graphs.decode_burst = Timer(engine.runner.graphs.decode_burst)
+            runner = engine.runner.decode_burst = Timer(engine.runner.decode_burst)
+            post = engine._postprocess = Timer(engine._postprocess)
+            step = engine.step = Timer(engine.step)
+        spans.append(engine_run(engine, plist, 128)[1])
+    bursts = max(runner.calls, 1)
+    out = {f"engine_burst{burst}_us_per_token": statistics.median(spans) / 127 * 1e6,
+           f"engine_burst{burst}_bursts": runner.calls,
+           f"engine_burst{burst}_host_launch_ms_per_burst": launch.seconds / bursts * 1e3,
+           f"engine_burst{burst}_runner_ms_per_burst": runner.seconds / bursts * 1e3,
+           f"engine_burst{burst}_postprocess_ms_per_burst": post.seconds / bursts * 1e3,
+           f"engine_burst{burst}_steps_ms_total": step.seconds * 1e3, f"engine_burst{burst}_steps": step.calls}
+    del engine
+    torch.cuda.empty_cache()
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompt", type=int, default=512)
@@ -94,9 +144,6 @@ def main():
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-engine", action="store_true", help="skip the engine runs")
     args = ap.parse_args()
-    from decode import engine_run
-
-    from nanoseek.infer.engine import Engine
     torch.manual_seed(0)
     cfg = preset("bench-1b")
     model = to_dtype(Transformer(cfg), torch.bfloat16).cuda().eval()
@@ -130,13 +177,7 @@ def main():
                 torch.cuda.empty_cache()
                 if not args.no_engine and name == args.variants[0]:
                     for n in (8, 32):
-                        engine = Engine(model, None, max_batch=B, max_len=max_len, decode_burst=n)
-                        plist = [p.tolist() for p in prompts[:B]]
-                        engine_run(engine, plist, 128)  # warm-up: compile, capture
-                        span = statistics.median(engine_run(engine, plist, 128)[1] for _ in range(args.repeat))
-                        row[f"engine_burst{n}_us"] = span / 127 * 1e6
-                        del engine
-                        torch.cuda.empty_cache()
+                        row.update(engine_breakdown(model, prompts[:B], max_len, n, args.repeat))
                 rows[f"{name}, batch {B}"] = row
                 print({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     result = {"benchmark": "decode_step", **environment(), "preset": "bench-1b", "prompt_tokens": args.prompt,
