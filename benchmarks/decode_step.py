@@ -1,32 +1,42 @@
 """Where a batch's decode step time goes, on a GPU: the compiled model step (the engine's
 path for buckets above the fused step's rows) per bucket, bench-1b BF16 with random weights,
-every cache row prefilled with a prompt of `--prompt` tokens (max_len prompt + 128, as
-benchmarks/decode.py).
+every cache row prefilled with its own prompt of `--prompt` tokens (max_len prompt + 128, as
+benchmarks/decode.py) and each row decoding its own token, so that rows route to different
+experts as in the engine. (The first job's file, decode_step_2cd077d.json, decoded the same
+token in every row over an empty cache: all rows chose the same 6 experts, so its steps read
+a tenth of the expert weights that a real batch reads.)
 
 Per bucket and variant, in one job:
 - `kernels_us`: the GPU time of the step's kernels, summed, inside captured replays
   (torch.profiler over `--steps` replays), and `launches` per step;
-- `replay_us`: µs per step of `--steps` back-to-back graph replays (CUDA events, median of
-  `--repeat` after the capture): `gap_us` = replay − kernels is the time between kernels;
+- `replay_us`: µs per step of `--steps` back-to-back graph replays from the prompt's end
+  (CUDA events, median of `--repeat` after the capture): `gap_us` = replay − kernels is the
+  time between kernels;
 - `burst_us`: µs per step of `GraphDecoder.decode_burst` (the replays, plus its per-step
   token copy, plus the read-back of the tokens);
-- `engine_burst{8,32}_*`: the compiled engine at that batch (decode.py's compiled mode) at
-  decode bursts 8 and 32 (first variant only): µs per decoded token (decode.py's
+- `engine_burst{n}_*`: the compiled engine at that batch (decode.py's compiled mode) at
+  decode bursts `--engine-bursts` (default 8; first variant only): µs per decoded token (decode.py's
   `engine_run`: first token to the 128th, scheduling, read-back and postprocess included),
   and the host's time per burst in its parts (`engine_breakdown`).
 
 Variants (`--variants`) put a code choice side by side in the same job:
 - `base`: the code as it is;
+- `grouped_experts`: the routed experts through the grouped GEMM (moe.SMALL_BATCH_KERNELS
+  off) instead of kernels/moe.py;
 - `scatter_cache_write`: the cache write as it was up to 2e31b10 (`scatter_` into the slice
   view of the rows, which Inductor compiles as a copy of the whole view, the scatter, and a
   copy back).
 
-    python benchmarks/decode_step.py [--buckets 8 32 --variants base scatter_cache_write]
+`--moe-sweep` first times kernels/moe.py's launch shapes on one MoE layer and keeps the
+fastest; `--profile` writes the first variant's kernels at the largest bucket.
+
+    python benchmarks/decode_step.py [--buckets 8 32 --variants base grouped_experts --moe-sweep --profile]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -37,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, time_cuda, write_json  # noqa: E402
+from common import environment, out_dir, time_cuda, write_json  # noqa: E402
 
 from nanoseek import Transformer, preset  # noqa: E402
 from nanoseek.hf import to_dtype  # noqa: E402
@@ -61,30 +71,41 @@ def _scatter_update(self, layer_idx, positions, *entries):
 
 @contextmanager
 def variant(name: str):
-    saved = cache_module.CacheView.update
+    from nanoseek.model import moe
+    saved = cache_module.CacheView.update, moe.SMALL_BATCH_KERNELS
     if name == "scatter_cache_write":
         cache_module.CacheView.update = _scatter_update
+    elif name == "grouped_experts":
+        moe.SMALL_BATCH_KERNELS = False
     elif name != "base":
         raise SystemExit(f"unknown variant {name!r}")
     try:
         yield
     finally:
-        cache_module.CacheView.update = saved
+        cache_module.CacheView.update, moe.SMALL_BATCH_KERNELS = saved
         torch._dynamo.reset()  # the next variant compiles its own code
 
 
-def graph_kernels(step: GraphDecoder, key: tuple, steps: int) -> tuple[float, float]:
-    """Kernel µs and launches per step inside `steps` replays of key's graph."""
+def graph_kernels(step: GraphDecoder, B: int, ids: list[int], position: int, steps: int,
+                  table: bool) -> tuple[float, float]:
+    """Kernel µs and launches per step inside `steps` replays of bucket B's graph (from the
+    prompt's end); with table, the kernels by total time go to decode_step_profile.txt."""
     from torch.profiler import ProfilerActivity, profile
-    step.run(key)
+    bucket = step.load([step.ids, step.positions], list(range(B)), ids, [position] * B)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            step.run(key)
+            step.run((bucket, False))
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
-    return (sum(e.self_device_time_total for e in events) / steps,
-            sum(e.count for e in events) / steps)
+    kernels = sum(e.self_device_time_total for e in events) / steps
+    launches = sum(e.count for e in events) / steps
+    if table:
+        head = f"## batch {B}, captured replays: {kernels:.0f} us of kernels per step, {launches:.0f} launches"
+        (out_dir() / "decode_step_profile.txt").write_text(
+            head + "\n\n" + prof.key_averages().table(sort_by="self_device_time_total", row_limit=60,
+                                                      max_name_column_width=90) + "\n")
+    return kernels, launches
 
 
 class Timer:
@@ -135,14 +156,67 @@ def engine_breakdown(model, prompts, max_len: int, burst: int, repeat: int) -> d
     return out
 
 
+def moe_sweep(model, n_tokens: int, repeat: int) -> dict:
+    """kernels/moe.py's launch shapes at n_tokens rows of one MoE layer of the model, routed
+    by its own router on random hidden states: µs per call (CUDA events, median of repeat
+    over 50 calls) of each shape in a small grid, and of the grouped GEMM; TUNING is left at
+    the fastest."""
+    from nanoseek.kernels import moe as moe_kernels
+    from nanoseek.model.moe import MoE
+    layer = next(m for m in model.modules() if isinstance(m, MoE))
+    ex = layer.experts
+    x = torch.randn(n_tokens, ex.gate_proj.shape[2], device="cuda", dtype=ex.gate_proj.dtype)
+    with torch.no_grad():
+        weight, idx, _ = layer.gate(x)
+        ref = ex.forward_grouped(x, weight, idx).float()
+
+        def timed(fn):
+            return time_cuda(lambda: [fn() for _ in range(50)], warmup=2, repeat=repeat)["median_ms"] * 1e3 / 50
+        out = {"tokens": n_tokens, "experts_chosen": int(idx.unique().numel()),
+               "grouped_us": timed(lambda: ex.forward_grouped(x, weight, idx))}
+        best = dict(moe_kernels.TUNING)
+        for part, grid in (("up", [(f, d, w, st) for f in (32, 64, 128) for d in (64, 128) for w in (4,)
+                                   for st in (3, 4)]),
+                           ("down", [(d, f, w, st) for d in (32, 64, 128) for f in (64, 128) for w in (4,)
+                                     for st in (3, 4)])):
+            times = {}
+            for shape in grid:
+                moe_kernels.TUNING[part] = shape
+                try:
+                    y = ex.forward_small_batch(x, weight, idx).float()
+                    err = float((y - ref).norm() / ref.norm())
+                    if err > 2e-2:
+                        raise RuntimeError(f"rel err {err:.3g}")
+                    times[str(shape)] = timed(lambda: ex.forward_small_batch(x, weight, idx))
+                except Exception as e:  # noqa: BLE001 — a shape that does not compile or fit: skipped
+                    times[str(shape)] = f"{type(e).__name__}: {str(e)[:80]}"
+            ok = {k: v for k, v in times.items() if isinstance(v, float)}
+            best[part] = eval(min(ok, key=ok.get))  # noqa: S307 — our own tuple's repr
+            moe_kernels.TUNING[part] = best[part]
+            out[f"{part}_us"] = times
+        moe_kernels.TUNING.update(best)
+        out["best"] = {k: list(v) for k, v in best.items()}
+        out["best_us"] = timed(lambda: ex.forward_small_batch(x, weight, idx))
+        y = ex.forward_small_batch(x, weight, idx).float()
+        out["rel_err_vs_grouped"] = float((y - ref).norm() / ref.norm())
+    print({k: v for k, v in out.items() if not k.endswith("_us") or isinstance(v, float)}, flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--buckets", type=int, nargs="+", default=[8, 32])
-    ap.add_argument("--variants", nargs="+", default=["base", "scatter_cache_write"])
+    ap.add_argument("--variants", nargs="+", default=["base", "grouped_experts"])
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-engine", action="store_true", help="skip the engine runs")
+    ap.add_argument("--engine-bursts", type=int, nargs="+", default=[8], help="the engine's decode bursts")
+    ap.add_argument("--moe-sweep", action="store_true",
+                    help="first tune kernels/moe.py's launch shapes at the largest bucket's tokens")
+    ap.add_argument("--profile", action="store_true",
+                    help="the first variant's kernels at the largest bucket, inside graph replays: "
+                         "decode_step_profile.txt")
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = preset("bench-1b")
@@ -150,39 +224,53 @@ def main():
     R, max_len = max(args.buckets), args.prompt + 128
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, cfg.vocab_size, (R, args.prompt), generator=g)
-    rows = {}
+    first = torch.randint(0, cfg.vocab_size, (R,), generator=g).tolist()
+    # every row its own prompt: rows route to different experts, as in the engine
+    prefilled = StaticCache(cfg, R, max_len, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        for b, p in enumerate(prompts.cuda()):
+            model(p[None], positions=torch.arange(len(p), device="cuda")[None],
+                  cache=prefilled.select([b], kv_len=len(p)), absorb=False)
+    rows = {"moe_sweep": moe_sweep(model, R, args.repeat)} if args.moe_sweep else {}
     for name in args.variants:
         with variant(name):
             for B in args.buckets:
-                cache = StaticCache(cfg, B, max_len, dtype=torch.bfloat16, device="cuda")
+                cache = copy.deepcopy(prefilled)
                 step = GraphDecoder(model, cache, None, compile=True)
                 slots = list(range(B))
-                bucket = step.load([step.ids, step.positions], slots, [1] * B, [args.prompt] * B)
-                key = (bucket, False)
 
-                def replays(step=step, key=key):
+                def replays(step=step, B=B):  # each from the prompt's end again: the same steps each run
+                    bucket = step.load([step.ids, step.positions], slots, first[:B], [args.prompt] * B)
                     for _ in range(args.steps):
-                        step.run(key)
+                        step.run((bucket, False))
 
-                def burst(step=step, slots=slots):
-                    step.decode_burst(slots, [1] * len(slots), [args.prompt] * len(slots), args.steps).tolist()
+                def burst(step=step, B=B):
+                    step.decode_burst(slots, first[:B], [args.prompt] * B, args.steps).tolist()
                 with torch.no_grad():
                     replay = time_cuda(replays, warmup=1, repeat=args.repeat)["median_ms"] * 1e3 / args.steps
                     burst_us = time_cuda(burst, warmup=1, repeat=args.repeat)["median_ms"] * 1e3 / args.steps
-                    kernels, launches = graph_kernels(step, key, args.steps)
+                    kernels, launches = graph_kernels(step, B, first[:B], args.prompt, args.steps,
+                                                      args.profile and name == args.variants[0] and B == R)
                 row = {"variant": name, "batch": B, "kernels_us": kernels, "launches": launches,
                        "replay_us": replay, "gap_us": replay - kernels, "burst_us": burst_us,
                        "compiled": step.compile, "captured": bool(step.graphs) and not step.failed}
                 del step, cache
                 torch.cuda.empty_cache()
                 if not args.no_engine and name == args.variants[0]:
-                    for n in (8, 32):
+                    for n in args.engine_bursts:
                         row.update(engine_breakdown(model, prompts[:B], max_len, n, args.repeat))
                 rows[f"{name}, batch {B}"] = row
                 print({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+                write(args, max_len, rows)  # after every row: a job cut short keeps what it measured
+    print(f"wrote {write(args, max_len, rows)}")
+
+
+def write(args, max_len: int, rows: dict):
+    from nanoseek.kernels import moe as moe_kernels
     result = {"benchmark": "decode_step", **environment(), "preset": "bench-1b", "prompt_tokens": args.prompt,
-              "max_len": max_len, "steps": args.steps, "repeat": args.repeat, "rows": rows}
-    print(f"wrote {write_json(result, 'decode_step.json')}")
+              "max_len": max_len, "steps": args.steps, "repeat": args.repeat,
+              "moe_kernel_tuning": {k: list(v) for k, v in moe_kernels.TUNING.items()}, "rows": rows}
+    return write_json(result, "decode_step.json")
 
 
 if __name__ == "__main__":

@@ -179,6 +179,23 @@ def balance_loss(scores_BTE, idx_BTK, n_experts: int, alpha: float, per_sequence
 # N·K (token, expert) pairs up to which the experts' weights are gathered per pair instead
 # of running the grouped GEMM (decode steps of a few sequences); 0 turns the path off
 GATHER_MAX_PAIRS = 16
+# Above that and up to kernels.moe.MAX_TOKENS tokens (decode steps of a batch), without
+# autograd: the expert-major Triton kernels (kernels/moe.py), two kernels a layer instead of
+# the grouped GEMM's dozen. "auto": on an NVIDIA GPU with 16-bit weights; True: wherever
+# Triton runs (the CPU tests, under TRITON_INTERPRET=1); False: never
+SMALL_BATCH_KERNELS: bool | str = "auto"
+
+
+def small_batch_kernels(x: torch.Tensor, weight: torch.Tensor, n_tokens: int) -> bool:
+    """Whether the experts of these n_tokens rows run through kernels/moe.py."""
+    mode = SMALL_BATCH_KERNELS
+    if mode is False or torch.is_grad_enabled() or compute_dtype(x) != weight.dtype:
+        return False
+    if mode == "auto" and not (x.is_cuda and not torch.version.hip
+                               and weight.dtype in (torch.bfloat16, torch.float16)):
+        return False
+    from ..kernels import moe as moe_kernels  # imports Triton (and registers the op) on first use
+    return moe_kernels.supported(n_tokens, weight.shape[2], weight.shape[1])
 
 
 class Experts(nn.Module):
@@ -196,6 +213,8 @@ class Experts(nn.Module):
             return self.forward_loop(x_ND, weight_NK, idx_NK)
         if idx_NK.numel() <= GATHER_MAX_PAIRS and not torch.is_grad_enabled():
             return self.forward_gathered(x_ND, weight_NK, idx_NK)
+        if small_batch_kernels(x_ND, self.gate_proj, x_ND.shape[0]):
+            return self.forward_small_batch(x_ND, weight_NK, idx_NK)
         if grouped_mm_supported(x_ND):
             return self.forward_grouped(x_ND, weight_NK, idx_NK)
         if torch.compiler.is_compiling():
@@ -247,6 +266,13 @@ class Experts(nn.Module):
         up_MF1 = torch.bmm(self.up_proj[flat_M].to(dtype), x_MD1)
         y_MD1 = torch.bmm(self.down_proj[flat_M].to(dtype), F.silu(gate_MF1) * up_MF1)
         y_NKD = y_MD1.view(N, K, -1) * weight_NK[..., None].to(y_MD1.dtype)
+        return y_NKD.sum(1).to(x_ND.dtype)
+
+    def forward_small_batch(self, x_ND, weight_NK, idx_NK):
+        """kernels/moe.py's two expert-major kernels: each chosen expert's weights read once,
+        no sort; each (token, slot)'s gated output in float32, summed here."""
+        y_NKD = torch.ops.nanoseek.small_batch_experts(x_ND.to(self.gate_proj.dtype), idx_NK, weight_NK,
+                                                       self.gate_proj, self.up_proj, self.down_proj)
         return y_NKD.sum(1).to(x_ND.dtype)
 
     def forward_dense(self, x_ND, weight_NK, idx_NK):

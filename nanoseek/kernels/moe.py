@@ -1,0 +1,133 @@
+"""Triton kernels for the routed experts of a small batch: decode steps of 3 to 64 tokens.
+
+Legend: N tokens, K experts per token, E routed experts, D hidden_size, F an expert's width.
+
+A batch of 32 decode tokens picks 192 (token, expert) pairs, which touch most of 64
+experts: the step has to read nearly every expert's weights, and should read each one once,
+at the GPU's bandwidth, with as few kernels as it can. The grouped GEMM (moe.Experts.
+forward_grouped) sorts the pairs by expert, gathers the tokens, runs three grouped GEMMs
+(each with a setup kernel) and scatters back: about a dozen kernels a layer. Here it is two,
+expert-major, with no sort:
+
+1. `expert_up`    per (expert, block of F): the rows whose top-K holds the expert, found
+                  from the [N, K] routing table by the program itself; SiLU(x W_gate^T) ·
+                  (x W_up^T) for them by tensor-core dot products over all N rows (rows that
+                  did not choose the expert are masked to zero: at N <= 64 the extra
+                  products cost nothing next to the weight reads) -> hmid [E, N, F];
+2. `expert_down`  per (expert, block of D): hmid W_down^T, times each row's gate, stored at
+                  the row's slot k of y [N, K, D] (float32). Every (row, slot) has exactly
+                  one expert, so every entry is written once: no atomics, the same result
+                  run to run.
+
+The caller sums y over K (moe.Experts.forward_small_batch). An expert no row chose is
+skipped whole: its weights are not read. The twin is moe.Experts.forward_loop.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_TOKENS = 64  # the rows one program takes in its dot products (BLOCK_N)
+# launch shapes: (block of F, block of D, warps, stages) for expert_up and (block of D,
+# block of F, warps, stages) for expert_down
+TUNING = {"up": (64, 128, 4, 3), "down": (64, 128, 4, 3)}
+
+
+@triton.jit
+def _chosen(idx_ptr, e, N, K: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_N] whether each row's top-K holds expert e."""
+    rows = tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, KP)
+    idx = tl.load(idx_ptr + rows[:, None] * K + ks[None, :],
+                  mask=(rows[:, None] < N) & (ks[None, :] < K), other=-1)
+    return tl.sum((idx == e).to(tl.int32), 1) > 0
+
+
+@triton.jit
+def expert_up_kernel(x_ptr, idx_ptr, gate_ptr, up_ptr, h_ptr, N,
+                     D: tl.constexpr, F: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
+    e = tl.program_id(0)
+    f0 = tl.program_id(1) * BLOCK_F
+    sel = _chosen(idx_ptr, e, N, K, KP, BLOCK_N)
+    if tl.sum(sel.to(tl.int32), 0) > 0:
+        rows = tl.arange(0, BLOCK_N)
+        fs = f0 + tl.arange(0, BLOCK_F)
+        ds = tl.arange(0, BLOCK_D)
+        w_off = e.to(tl.int64) * F * D + fs[:, None] * D + ds[None, :]
+        acc_g = tl.zeros((BLOCK_N, BLOCK_F), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N, BLOCK_F), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            x = tl.load(x_ptr + rows[:, None] * D + d0 + ds[None, :], mask=sel[:, None], other=0.0)
+            w_g = tl.load(gate_ptr + w_off + d0)
+            w_u = tl.load(up_ptr + w_off + d0)
+            acc_g = tl.dot(x, tl.trans(w_g), acc_g)
+            acc_u = tl.dot(x, tl.trans(w_u), acc_u)
+        h = acc_g * tl.sigmoid(acc_g) * acc_u
+        tl.store(h_ptr + (e.to(tl.int64) * N + rows[:, None]) * F + fs[None, :],
+                 h.to(h_ptr.dtype.element_ty), mask=sel[:, None])
+
+
+@triton.jit
+def expert_down_kernel(h_ptr, idx_ptr, gates_ptr, down_ptr, y_ptr, N,
+                       D: tl.constexpr, F: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
+    e = tl.program_id(0)
+    d0 = tl.program_id(1) * BLOCK_D
+    sel = _chosen(idx_ptr, e, N, K, KP, BLOCK_N)
+    if tl.sum(sel.to(tl.int32), 0) > 0:
+        rows = tl.arange(0, BLOCK_N)
+        ds = d0 + tl.arange(0, BLOCK_D)
+        fs = tl.arange(0, BLOCK_F)
+        w_off = e.to(tl.int64) * D * F + ds[:, None] * F + fs[None, :]
+        h_off = (e.to(tl.int64) * N + rows[:, None]) * F + fs[None, :]
+        acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        for f0 in range(0, F, BLOCK_F):
+            h = tl.load(h_ptr + h_off + f0, mask=sel[:, None], other=0.0)
+            w_d = tl.load(down_ptr + w_off + f0)
+            acc = tl.dot(h, tl.trans(w_d), acc)
+        for k in tl.static_range(K):
+            hit = tl.load(idx_ptr + rows * K + k, mask=rows < N, other=-1) == e
+            gate = tl.load(gates_ptr + rows * K + k, mask=hit, other=0.0)
+            tl.store(y_ptr + (rows[:, None] * K + k) * D + ds[None, :], acc * gate[:, None],
+                     mask=hit[:, None])
+
+
+def supported(n_tokens: int, dim: int, hidden: int) -> bool:
+    """Whether these kernels take a batch: at most MAX_TOKENS rows, and widths that the
+    launch shapes' blocks divide."""
+    up_f, up_d, _, _ = TUNING["up"]
+    down_d, down_f, _, _ = TUNING["down"]
+    return (0 < n_tokens <= MAX_TOKENS and dim % up_d == 0 and dim % down_d == 0
+            and hidden % up_f == 0 and hidden % down_f == 0)
+
+
+@torch.library.custom_op("nanoseek::small_batch_experts", mutates_args=())
+def small_batch_experts(x_ND: torch.Tensor, idx_NK: torch.Tensor, gate_NK: torch.Tensor,
+                        w_gate_EFD: torch.Tensor, w_up_EFD: torch.Tensor,
+                        w_down_EDF: torch.Tensor) -> torch.Tensor:
+    """y [N, K, D] float32: each (token, slot)'s expert output times its gate. x, the weights
+    in one dtype (the weights' row-major layout as moe.Experts stores them)."""
+    N, D = x_ND.shape
+    K = idx_NK.shape[1]
+    E, F, _ = w_gate_EFD.shape
+    x_ND, idx_NK = x_ND.contiguous(), idx_NK.contiguous()
+    gate_NK = gate_NK.float().contiguous()
+    block_n = max(16, triton.next_power_of_2(N))  # tl.dot takes M >= 16
+    kp = triton.next_power_of_2(K)
+    h_ENF = torch.empty(E, N, F, dtype=x_ND.dtype, device=x_ND.device)
+    y_NKD = torch.empty(N, K, D, dtype=torch.float32, device=x_ND.device)
+    bf, bd, warps, stages = TUNING["up"]
+    expert_up_kernel[(E, F // bf)](x_ND, idx_NK, w_gate_EFD, w_up_EFD, h_ENF, N, D, F, K, kp,
+                                   block_n, bf, bd, num_warps=warps, num_stages=stages)
+    bd, bf, warps, stages = TUNING["down"]
+    expert_down_kernel[(E, D // bd)](h_ENF, idx_NK, gate_NK, w_down_EDF, y_NKD, N, D, F, K, kp,
+                                     block_n, bd, bf, num_warps=warps, num_stages=stages)
+    return y_NKD
+
+
+@small_batch_experts.register_fake
+def _(x_ND, idx_NK, gate_NK, w_gate_EFD, w_up_EFD, w_down_EDF):
+    return x_ND.new_empty(x_ND.shape[0], idx_NK.shape[1], x_ND.shape[1], dtype=torch.float32)

@@ -1,0 +1,108 @@
+"""The small-batch experts kernels (kernels/moe.py) against their twin, moe.Experts'
+per-expert loop. Without a GPU the kernels run in Triton's interpreter (tests/conftest.py
+sets TRITON_INTERPRET=1 there); on a GPU they run compiled."""
+
+import copy
+
+import pytest
+import torch
+
+from nanoseek.model import moe
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def experts_and_batch(E, K, N, D=64, F=64, dtype=torch.float32):
+    torch.manual_seed(0)
+    ex = moe.Experts(E, D, F)
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.normal_(0, 0.1)
+    x = torch.randn(N, D)
+    # expert 1: no row chose it (its blocks must write nothing); row 0 holds the last expert
+    others = torch.tensor([e for e in range(E) if e != 1])
+    idx = torch.stack([others[torch.randperm(E - 1)[:K]] for _ in range(N)])
+    if not (idx[0] == E - 1).any():
+        idx[0, 0] = E - 1
+    gate = torch.rand(N, K)
+    return ex.to(DEVICE, dtype), x.to(DEVICE, dtype), idx.to(DEVICE), gate.to(DEVICE)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 32: two of F and two of D per expert, so the loops and the grid both step."""
+    from nanoseek.kernels import moe as moe_kernels
+    monkeypatch.setattr(moe_kernels, "TUNING", {"up": (32, 32, 4, 1), "down": (32, 32, 4, 1)})
+    monkeypatch.setattr(moe, "SMALL_BATCH_KERNELS", True)
+
+
+@pytest.mark.parametrize("E, K, N", [(8, 3, 7), (16, 6, 20)])
+def test_small_batch_experts_match_the_loop(E, K, N, small_blocks):
+    """Each token's gated sum over its K experts equals the loop's, for N rows not a power
+    of two, K not a power of two (6), an expert no row chose and the last expert chosen;
+    the kernel's own output puts each (token, slot)'s gated output at its slot."""
+    ex, x, idx, gate = experts_and_batch(E, K, N)
+    assert not (idx == 1).any() and (idx == E - 1).any()
+    with torch.no_grad():
+        want = ex.forward_loop(x, gate, idx)
+        got = ex(x, gate, idx)                      # through Experts.forward's dispatch
+        y_NKD = torch.ops.nanoseek.small_batch_experts(x, idx, gate, ex.gate_proj, ex.up_proj, ex.down_proj)
+        n, k = 3, 2                                 # one (token, slot) by hand
+        e = int(idx[n, k])
+        h = torch.nn.functional.silu(x[n] @ ex.gate_proj[e].T) * (x[n] @ ex.up_proj[e].T)
+        slot = gate[n, k] * (h @ ex.down_proj[e].T)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_NKD[n, k], slot, rtol=1e-5, atol=1e-5)
+
+
+def test_small_batch_experts_compile_as_one_op(small_blocks):
+    """Under torch.compile (fullgraph) the kernels are one opaque op of the graph: the same
+    output as eagerly."""
+    ex, x, idx, gate = experts_and_batch(8, 3, 7)
+    step = torch.compile(lambda x, gate, idx: ex(x, gate, idx), fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(step(x, gate, idx), ex.forward_loop(x, gate, idx), rtol=1e-5, atol=1e-5)
+
+
+def test_small_batch_kernels_dispatch(monkeypatch):
+    """Where the kernels take a batch: not under autograd, not for more than MAX_TOKENS rows,
+    not when the weights' dtype is not the compute dtype (float32 weights under autocast),
+    and in "auto" mode only on a GPU with 16-bit weights."""
+    from nanoseek.kernels import moe as moe_kernels
+    w16 = torch.zeros(4, 128, 128, dtype=torch.bfloat16)  # [E, F, D]
+    x16 = torch.zeros(8, 128, dtype=torch.bfloat16)
+    monkeypatch.setattr(moe, "SMALL_BATCH_KERNELS", True)
+    with torch.no_grad():
+        assert moe.small_batch_kernels(x16, w16, 8)
+        assert not moe.small_batch_kernels(x16, w16, moe_kernels.MAX_TOKENS + 1)
+        assert not moe.small_batch_kernels(x16, w16.float(), 8)
+        assert not moe.small_batch_kernels(x16, w16[:, :48], 8)   # F = 48: no block divides it
+    assert not moe.small_batch_kernels(x16, w16, 8)               # autograd on
+    monkeypatch.setattr(moe, "SMALL_BATCH_KERNELS", "auto")
+    with torch.no_grad():
+        assert not moe.small_batch_kernels(x16, w16, 8)           # CPU tensors
+        if torch.cuda.is_available():
+            assert moe.small_batch_kernels(x16.cuda(), w16.cuda(), 8)
+            assert not moe.small_batch_kernels(x16.cuda().float(), w16.cuda().float(), 8)
+    monkeypatch.setattr(moe, "SMALL_BATCH_KERNELS", False)
+    with torch.no_grad():
+        assert not moe.small_batch_kernels(x16, w16, 8)
+
+
+@pytest.mark.gpu
+def test_bf16_small_batch_experts_on_gpu():
+    """On a GPU in BF16 at the default launch shapes (tensor-core dots): as close to the
+    float32 loop as the BF16 grouped GEMM is, within half again; the same bits run to run."""
+    ex32, x32, idx, gate = experts_and_batch(64, 6, 32, D=256, F=128)
+    ex16, x16 = copy.deepcopy(ex32).to(torch.bfloat16), x32.to(torch.bfloat16)
+    with torch.no_grad():
+        ref = ex32.forward_loop(x32, gate, idx)
+        grouped = ex16.forward_grouped(x16, gate, idx).float()
+        got = ex16.forward_small_batch(x16, gate, idx).float()
+        again = ex16.forward_small_batch(x16, gate, idx).float()
+
+    def rel(y):
+        return float((y - ref).norm() / ref.norm())
+    assert rel(got) <= 1.5 * rel(grouped) + 1e-3, (rel(got), rel(grouped))
+    assert torch.equal(got, again)
