@@ -11,8 +11,9 @@ directory; both run in BF16 weights on random prompts of 512 tokens and generate
 nanoseek runs its engine as a server would (continuous-batching scheduler, latent cache,
 absorbed MLA decode, the decode step compiled by torch.compile and captured as a CUDA
 graph), with batches of up to 4 rows on the fused Triton step instead (infer/fused.py,
-nine kernels a layer; `--modes fused`), then the same with the routed experts always on the grouped GEMM (at batch 1 a
-decode step otherwise gathers the chosen experts' weights, model/moe.py), then with the
+nine kernels a layer; `--modes fused`), then the same with the routed experts always on the
+grouped GEMM (a decode step otherwise gathers the chosen experts' weights at batches 1-2 and
+runs kernels/moe.py's two expert-major kernels at 3-64, model/moe.py), then with the
 graph of the uncompiled step, then eagerly; the greedy tokens of the others are compared
 with the compiled engine's (same_tokens_as_compiled, per token: with random weights the
 logits are near-tied, so BF16 rounding differences alone change tokens), and each engine's
@@ -59,12 +60,13 @@ def timed(fn, repeat):
     return statistics.median(times)
 
 
-# --modes: (row label suffix, Engine settings; gather: moe.GATHER_MAX_PAIRS for the run)
+# --modes: (row label suffix, Engine settings; gather: moe.GATHER_MAX_PAIRS, small_batch:
+# moe.SMALL_BATCH_KERNELS for the run)
 MODES = {"compiled": ("", dict(cuda_graphs=True, compile=True, fused_decode=0)),
          # batches of up to 4 rows on the fused Triton step (infer/fused.py); larger ones compiled
          "fused": (" (fused Triton step)", dict(cuda_graphs=True, compile=True, fused_decode=4)),
          "grouped": (" (compiled, grouped GEMM experts only)",
-                     dict(cuda_graphs=True, compile=True, fused_decode=0, gather=0)),
+                     dict(cuda_graphs=True, compile=True, fused_decode=0, gather=0, small_batch=False)),
          "graphs": (" (CUDA graphs, not compiled)", dict(cuda_graphs=True, compile=False, fused_decode=0)),
          "eager": (" (no CUDA graphs)", dict(cuda_graphs=False, compile=False))}
 
@@ -147,6 +149,9 @@ def main():
                          "tuning (e.g. combo_kernels=true, aggressive_fusion=true); repeatable")
     ap.add_argument("--fused-tuning", metavar="JSON",
                     help="launch shapes for the fused step (fused_tuning.json of benchmarks/fused_decode.py --tune)")
+    ap.add_argument("--moe-tuning", metavar="JSON",
+                    help="launch shapes for the small-batch experts kernels (moe_tuning.json of "
+                         "benchmarks/decode_step.py --moe-sweep)")
     ap.add_argument("--profile", action="store_true",
                     help="also profile the compiled decode step (uncaptured) per kernel: decode_profile.txt")
     args = ap.parse_args()
@@ -154,6 +159,9 @@ def main():
     if args.fused_tuning:
         from nanoseek.infer import fused
         fused.TUNING.update(json.loads(Path(args.fused_tuning).read_text()))
+    from nanoseek.kernels import moe as moe_kernels
+    if args.moe_tuning:
+        moe_kernels.TUNING.update({k: tuple(v) for k, v in json.loads(Path(args.moe_tuning).read_text()).items()})
     torch.manual_seed(0)
     cfg = preset("bench-1b")
     g = torch.Generator().manual_seed(1)
@@ -184,11 +192,12 @@ def main():
             torch.cuda.empty_cache()
         model = from_pretrained(tmp, dtype=torch.bfloat16, device="cuda")
     from nanoseek.model import moe
-    gather = moe.GATHER_MAX_PAIRS
+    gather, small_batch = moe.GATHER_MAX_PAIRS, moe.SMALL_BATCH_KERNELS
     tokens = {}
     for label, mode in (MODES[m] for m in args.modes):
         mode = dict(mode)
         moe.GATHER_MAX_PAIRS = mode.pop("gather", gather)  # (token, expert) pairs gathered, not grouped
+        moe.SMALL_BATCH_KERNELS = mode.pop("small_batch", small_batch)  # batches of 3-64 in kernels/moe.py
         engine = Engine(model, None, max_batch=max(args.batches), max_len=args.prompt + args.new, **mode)
         for B in args.batches:
             if B > (mode.get("fused_decode") or B):
@@ -213,7 +222,7 @@ def main():
         del engine
         gc.collect()
         torch.cuda.empty_cache()
-    moe.GATHER_MAX_PAIRS = gather  # the profile below runs the default experts path
+    moe.GATHER_MAX_PAIRS, moe.SMALL_BATCH_KERNELS = gather, small_batch  # the profile runs the defaults
     for B in args.batches:
         hf_row = rows.get(f"transformers generate, batch {B}")
         if hf_row:
@@ -227,6 +236,7 @@ def main():
     if "fused" in args.modes:
         from nanoseek.infer import fused
         result["fused_tuning"] = dict(fused.TUNING)
+    result["moe_kernel_tuning"] = {k: list(v) for k, v in moe_kernels.TUNING.items()}
     path = write_json(result, "decode.json")
     print(f"\n{'run':42s} {'TTFT ms':>8s} {'decode tok/s':>13s} {'peak GiB':>9s} {'vs HF':>7s}")
     for name, r in rows.items():

@@ -156,11 +156,27 @@ def engine_breakdown(model, prompts, max_len: int, burst: int, repeat: int) -> d
     return out
 
 
+def graph_us(fn, repeat: int, calls: int = 20) -> float:
+    """µs per call of fn, captured `calls` times in one CUDA graph and replayed (CUDA events,
+    median of repeat): the GPU's time, without the host's per-call launch cost."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(), fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return time_cuda(graph.replay, warmup=2, repeat=repeat)["median_ms"] * 1e3 / calls
+
+
 def moe_sweep(model, n_tokens: int, repeat: int) -> dict:
     """kernels/moe.py's launch shapes at n_tokens rows of one MoE layer of the model, routed
-    by its own router on random hidden states: µs per call (CUDA events, median of repeat
-    over 50 calls) of each shape in a small grid, and of the grouped GEMM; TUNING is left at
-    the fastest."""
+    by its own router on random hidden states: µs per call of each shape in a grid, first of
+    expert_up's, then of expert_down's with the best up (graph_us), and of the grouped GEMM;
+    TUNING is left at the fastest, which also goes to moe_tuning.json (decode.py
+    --moe-tuning reads it)."""
     from nanoseek.kernels import moe as moe_kernels
     from nanoseek.model.moe import MoE
     layer = next(m for m in model.modules() if isinstance(m, MoE))
@@ -169,37 +185,32 @@ def moe_sweep(model, n_tokens: int, repeat: int) -> dict:
     with torch.no_grad():
         weight, idx, _ = layer.gate(x)
         ref = ex.forward_grouped(x, weight, idx).float()
-
-        def timed(fn):
-            return time_cuda(lambda: [fn() for _ in range(50)], warmup=2, repeat=repeat)["median_ms"] * 1e3 / 50
         out = {"tokens": n_tokens, "experts_chosen": int(idx.unique().numel()),
-               "grouped_us": timed(lambda: ex.forward_grouped(x, weight, idx))}
+               "grouped_us": graph_us(lambda: ex.forward_grouped(x, weight, idx), repeat)}
         best = dict(moe_kernels.TUNING)
-        for part, grid in (("up", [(f, d, w, st) for f in (32, 64, 128) for d in (64, 128) for w in (4,)
-                                   for st in (3, 4)]),
-                           ("down", [(d, f, w, st) for d in (32, 64, 128) for f in (64, 128) for w in (4,)
-                                     for st in (3, 4)])):
+        for part in ("up", "down"):
             times = {}
-            for shape in grid:
+            for shape in [(a, b, w, st) for a in (32, 64, 128) for b in (64, 128, 256) for w in (4, 8)
+                          for st in (3, 4)]:
                 moe_kernels.TUNING[part] = shape
                 try:
                     y = ex.forward_small_batch(x, weight, idx).float()
                     err = float((y - ref).norm() / ref.norm())
                     if err > 2e-2:
                         raise RuntimeError(f"rel err {err:.3g}")
-                    times[str(shape)] = timed(lambda: ex.forward_small_batch(x, weight, idx))
+                    times[str(shape)] = graph_us(lambda: ex.forward_small_batch(x, weight, idx), repeat)
                 except Exception as e:  # noqa: BLE001 — a shape that does not compile or fit: skipped
                     times[str(shape)] = f"{type(e).__name__}: {str(e)[:80]}"
             ok = {k: v for k, v in times.items() if isinstance(v, float)}
-            best[part] = eval(min(ok, key=ok.get))  # noqa: S307 — our own tuple's repr
+            best[part] = tuple(int(v) for v in min(ok, key=ok.get).strip("()").split(","))
             moe_kernels.TUNING[part] = best[part]
             out[f"{part}_us"] = times
-        moe_kernels.TUNING.update(best)
         out["best"] = {k: list(v) for k, v in best.items()}
-        out["best_us"] = timed(lambda: ex.forward_small_batch(x, weight, idx))
+        out["best_us"] = graph_us(lambda: ex.forward_small_batch(x, weight, idx), repeat)
         y = ex.forward_small_batch(x, weight, idx).float()
         out["rel_err_vs_grouped"] = float((y - ref).norm() / ref.norm())
     print({k: v for k, v in out.items() if not k.endswith("_us") or isinstance(v, float)}, flush=True)
+    print(f"wrote {write_json(out['best'], 'moe_tuning.json')}")
     return out
 
 

@@ -48,7 +48,8 @@ def _chosen(idx_ptr, e, N, K: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.conste
 @triton.jit
 def expert_up_kernel(x_ptr, idx_ptr, gate_ptr, up_ptr, h_ptr, N,
                      D: tl.constexpr, F: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PRECISION: tl.constexpr):
     e = tl.program_id(0)
     f0 = tl.program_id(1) * BLOCK_F
     sel = _chosen(idx_ptr, e, N, K, KP, BLOCK_N)
@@ -63,8 +64,8 @@ def expert_up_kernel(x_ptr, idx_ptr, gate_ptr, up_ptr, h_ptr, N,
             x = tl.load(x_ptr + rows[:, None] * D + d0 + ds[None, :], mask=sel[:, None], other=0.0)
             w_g = tl.load(gate_ptr + w_off + d0)
             w_u = tl.load(up_ptr + w_off + d0)
-            acc_g = tl.dot(x, tl.trans(w_g), acc_g)
-            acc_u = tl.dot(x, tl.trans(w_u), acc_u)
+            acc_g = tl.dot(x, tl.trans(w_g), acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(x, tl.trans(w_u), acc_u, input_precision=PRECISION)
         h = acc_g * tl.sigmoid(acc_g) * acc_u
         tl.store(h_ptr + (e.to(tl.int64) * N + rows[:, None]) * F + fs[None, :],
                  h.to(h_ptr.dtype.element_ty), mask=sel[:, None])
@@ -73,7 +74,8 @@ def expert_up_kernel(x_ptr, idx_ptr, gate_ptr, up_ptr, h_ptr, N,
 @triton.jit
 def expert_down_kernel(h_ptr, idx_ptr, gates_ptr, down_ptr, y_ptr, N,
                        D: tl.constexpr, F: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
+                       PRECISION: tl.constexpr):
     e = tl.program_id(0)
     d0 = tl.program_id(1) * BLOCK_D
     sel = _chosen(idx_ptr, e, N, K, KP, BLOCK_N)
@@ -87,7 +89,7 @@ def expert_down_kernel(h_ptr, idx_ptr, gates_ptr, down_ptr, y_ptr, N,
         for f0 in range(0, F, BLOCK_F):
             h = tl.load(h_ptr + h_off + f0, mask=sel[:, None], other=0.0)
             w_d = tl.load(down_ptr + w_off + f0)
-            acc = tl.dot(h, tl.trans(w_d), acc)
+            acc = tl.dot(h, tl.trans(w_d), acc, input_precision=PRECISION)
         for k in tl.static_range(K):
             hit = tl.load(idx_ptr + rows * K + k, mask=rows < N, other=-1) == e
             gate = tl.load(gates_ptr + rows * K + k, mask=hit, other=0.0)
@@ -117,14 +119,16 @@ def small_batch_experts(x_ND: torch.Tensor, idx_NK: torch.Tensor, gate_NK: torch
     gate_NK = gate_NK.float().contiguous()
     block_n = max(16, triton.next_power_of_2(N))  # tl.dot takes M >= 16
     kp = triton.next_power_of_2(K)
+    # float32 (the tests) as float32, not TF32; 16-bit operands are exact either way
+    precision = "ieee" if x_ND.dtype == torch.float32 else "tf32"
     h_ENF = torch.empty(E, N, F, dtype=x_ND.dtype, device=x_ND.device)
     y_NKD = torch.empty(N, K, D, dtype=torch.float32, device=x_ND.device)
     bf, bd, warps, stages = TUNING["up"]
     expert_up_kernel[(E, F // bf)](x_ND, idx_NK, w_gate_EFD, w_up_EFD, h_ENF, N, D, F, K, kp,
-                                   block_n, bf, bd, num_warps=warps, num_stages=stages)
+                                   block_n, bf, bd, precision, num_warps=warps, num_stages=stages)
     bd, bf, warps, stages = TUNING["down"]
     expert_down_kernel[(E, D // bd)](h_ENF, idx_NK, gate_NK, w_down_EDF, y_NKD, N, D, F, K, kp,
-                                     block_n, bd, bf, num_warps=warps, num_stages=stages)
+                                     block_n, bd, bf, precision, num_warps=warps, num_stages=stages)
     return y_NKD
 
 
