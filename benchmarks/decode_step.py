@@ -218,7 +218,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--buckets", type=int, nargs="+", default=[8, 32])
-    ap.add_argument("--variants", nargs="+", default=["base", "grouped_experts"])
+    ap.add_argument("--variants", nargs="*", default=["base", "grouped_experts"],
+                    help="none: only the --moe-sweep")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-engine", action="store_true", help="skip the engine runs")
