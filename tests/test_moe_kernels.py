@@ -106,3 +106,47 @@ def test_bf16_small_batch_experts_on_gpu():
         return float((y - ref).norm() / ref.norm())
     assert rel(got) <= 1.5 * rel(grouped) + 1e-3, (rel(got), rel(grouped))
     assert torch.equal(got, again)
+
+
+@pytest.mark.gpu
+def test_bf16_captured_decode_steps_take_the_small_batch_kernels(monkeypatch):
+    """On a GPU, the engine's compiled and captured decode step of a BF16 model at buckets 4,
+    8 and 16 (the first compiled static, the others shape-generic) runs its routed experts
+    through kernels/moe.py (the gathered path for a few pairs turned off, so all three do),
+    and its logits match the grouped GEMM's step as closely as BF16 allows."""
+    from nanoseek import Transformer, preset
+    from nanoseek.hf import to_dtype
+    from nanoseek.infer.cuda_graph import GraphDecoder
+    from nanoseek.model import StaticCache
+    torch.manual_seed(0)
+    model = to_dtype(Transformer(preset("tiny", hidden_size=128, moe_intermediate_size=128)), torch.bfloat16)
+    model = model.cuda().eval()
+    R, S = 16, 24
+    cache = StaticCache(model.config, R, 32, dtype=torch.bfloat16, device="cuda")
+    prompts = torch.randint(0, model.config.vocab_size, (R, S), device="cuda")
+    with torch.no_grad():
+        for b in range(R):
+            model(prompts[b:b + 1], positions=torch.arange(S, device="cuda")[None],
+                  cache=cache.select([b], kv_len=S), absorb=False)
+    nxt = torch.randint(0, model.config.vocab_size, (R,)).tolist()
+    monkeypatch.setattr(moe, "GATHER_MAX_PAIRS", 0)
+    traced = []
+    forward_small_batch = moe.Experts.forward_small_batch
+    monkeypatch.setattr(moe.Experts, "forward_small_batch",
+                        lambda self, *a: traced.append(1) or forward_small_batch(self, *a))
+
+    def logits(small_batch):
+        monkeypatch.setattr(moe, "SMALL_BATCH_KERNELS", "auto" if small_batch else False)
+        torch._dynamo.reset()
+        step = GraphDecoder(model, copy.deepcopy(cache), None, compile=True)
+        out = [step.decode(list(range(B)), nxt[:B], [S] * B).float() for B in (4, 8, 16)]
+        assert step.compile and not step.failed and len(step.graphs) == 3
+        return out
+
+    got = logits(True)
+    assert traced, "the compiled step did not trace the small-batch experts"
+    traced.clear()
+    want = logits(False)
+    assert not traced
+    for g, w in zip(got, want):
+        assert float((g - w).norm() / w.norm()) < 2e-2
