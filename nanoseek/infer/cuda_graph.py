@@ -5,7 +5,8 @@ than running them. So the step is captured once per batch-size bucket (1, 2, 4, 
 ...) and replayed:
 
 - `GraphDecoder`: embedding, every layer's absorbed MLA over the latent cache and the
-  routed experts' grouped GEMMs, the head, the token choice (argmax, or the sampler at the
+  routed experts (gathered, kernels/moe.py's small-batch kernels or the grouped GEMM, by
+  the batch: model/moe.py), the head, the token choice (argmax, or the sampler at the
   row's uniform): next-token logits and tokens of each row, the tokens and next positions
   also written into the step's own inputs, so that steps replay back to back (a burst).
   Buckets of up to `fused_rows` rows run the fused Triton step (fused.py) in place of the

@@ -27,8 +27,12 @@ GEMM over tokens sorted by expert (`torch._grouped_mm`), with no host sync. A de
 a few tokens has only N·K (token, expert) pairs: then the chosen experts' weights are
 gathered and applied as batched matrix-vector products (gpt-fast's decode MoE), which
 reads the same weights with three plain kernels instead of a sort, a grouped GEMM over all
-E groups and a scatter (`GATHER_MAX_PAIRS`). The per-expert loop (`moe_impl="loop"`) is the
-plain reference twin; it syncs to find each expert's tokens.
+E groups and a scatter (`GATHER_MAX_PAIRS`). A decode step of a batch (3 to 64 tokens) on an
+NVIDIA GPU with 16-bit weights runs kernels/moe.py's two expert-major Triton kernels instead
+(`SMALL_BATCH_KERNELS`): at bench-1b's 32 tokens, which touch 63 of 64 experts, they read
+the experts' weights in 66 µs a layer against the grouped GEMM's 162, with no sort and no
+scatter. The per-expert loop (`moe_impl="loop"`) is the plain reference twin; it syncs to
+find each expert's tokens.
 """
 
 from __future__ import annotations
