@@ -68,23 +68,28 @@ def test_small_batch_experts_compile_as_one_op(small_blocks):
 def test_small_batch_kernels_dispatch(monkeypatch):
     """Where the kernels take a batch: not under autograd, not for more than MAX_TOKENS rows,
     not when the weights' dtype is not the compute dtype (float32 weights under autocast),
-    and in "auto" mode only on a GPU with 16-bit weights."""
+    not for weights they cannot read in place (a transposed view), and in "auto" mode only on
+    a GPU with 16-bit weights."""
     from nanoseek.kernels import moe as moe_kernels
-    w16 = torch.zeros(4, 128, 128, dtype=torch.bfloat16)  # [E, F, D]
+    gate = torch.zeros(4, 128, 128, dtype=torch.bfloat16)  # [E, F, D]
+    w16 = (gate, gate.clone(), gate.clone())
     x16 = torch.zeros(8, 128, dtype=torch.bfloat16)
     monkeypatch.setattr(moe, "SMALL_BATCH_KERNELS", True)
     with torch.no_grad():
         assert moe.small_batch_kernels(x16, w16, 8)
         assert not moe.small_batch_kernels(x16, w16, moe_kernels.MAX_TOKENS + 1)
-        assert not moe.small_batch_kernels(x16, w16.float(), 8)
-        assert not moe.small_batch_kernels(x16, w16[:, :48], 8)   # F = 48: no block divides it
-    assert not moe.small_batch_kernels(x16, w16, 8)               # autograd on
+        assert not moe.small_batch_kernels(x16, tuple(w.float() for w in w16), 8)
+        f48 = torch.zeros(4, 48, 128, dtype=torch.bfloat16)
+        assert not moe.small_batch_kernels(x16, (f48, f48, f48.transpose(1, 2).contiguous()), 8)  # F = 48
+        assert not moe.small_batch_kernels(x16, (gate, gate.transpose(1, 2), gate), 8)
+    assert not moe.small_batch_kernels(x16, w16, 8)                        # autograd on
     monkeypatch.setattr(moe, "SMALL_BATCH_KERNELS", "auto")
     with torch.no_grad():
-        assert not moe.small_batch_kernels(x16, w16, 8)           # CPU tensors
+        assert not moe.small_batch_kernels(x16, w16, 8)                    # CPU tensors
         if torch.cuda.is_available():
-            assert moe.small_batch_kernels(x16.cuda(), w16.cuda(), 8)
-            assert not moe.small_batch_kernels(x16.cuda().float(), w16.cuda().float(), 8)
+            cuda = tuple(w.cuda() for w in w16)
+            assert moe.small_batch_kernels(x16.cuda(), cuda, 8)
+            assert not moe.small_batch_kernels(x16.cuda().float(), tuple(w.float() for w in cuda), 8)
     monkeypatch.setattr(moe, "SMALL_BATCH_KERNELS", False)
     with torch.no_grad():
         assert not moe.small_batch_kernels(x16, w16, 8)

@@ -190,10 +190,14 @@ GATHER_MAX_PAIRS = 16
 SMALL_BATCH_KERNELS: bool | str = "auto"
 
 
-def small_batch_kernels(x: torch.Tensor, weight: torch.Tensor, n_tokens: int) -> bool:
-    """Whether the experts of these n_tokens rows run through kernels/moe.py."""
-    mode = SMALL_BATCH_KERNELS
+def small_batch_kernels(x: torch.Tensor, weights: tuple[torch.Tensor, ...], n_tokens: int) -> bool:
+    """Whether the experts of these n_tokens rows run through kernels/moe.py; weights: the
+    stacked gate [E, F, D], up and down projections, which the kernels read in place (so
+    they must be contiguous, in the compute dtype)."""
+    mode, weight = SMALL_BATCH_KERNELS, weights[0]
     if mode is False or torch.is_grad_enabled() or compute_dtype(x) != weight.dtype:
+        return False
+    if not all(w.is_contiguous() and w.dtype == weight.dtype for w in weights):
         return False
     if mode == "auto" and not (x.is_cuda and not torch.version.hip
                                and weight.dtype in (torch.bfloat16, torch.float16)):
@@ -217,7 +221,7 @@ class Experts(nn.Module):
             return self.forward_loop(x_ND, weight_NK, idx_NK)
         if idx_NK.numel() <= GATHER_MAX_PAIRS and not torch.is_grad_enabled():
             return self.forward_gathered(x_ND, weight_NK, idx_NK)
-        if small_batch_kernels(x_ND, self.gate_proj, x_ND.shape[0]):
+        if small_batch_kernels(x_ND, (self.gate_proj, self.up_proj, self.down_proj), x_ND.shape[0]):
             return self.forward_small_batch(x_ND, weight_NK, idx_NK)
         if grouped_mm_supported(x_ND):
             return self.forward_grouped(x_ND, weight_NK, idx_NK)
