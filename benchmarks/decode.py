@@ -13,7 +13,7 @@ absorbed MLA decode, the decode step compiled by torch.compile and captured as a
 graph), with batches of up to 4 rows on the fused Triton step instead (infer/fused.py,
 nine kernels a layer; `--modes fused`), then the same with the routed experts always on the
 grouped GEMM (a decode step otherwise gathers the chosen experts' weights at batches 1-2 and
-runs kernels/moe.py's two expert-major kernels at 3-64, model/moe.py), then with the
+runs kernels/moe.py's two expert-major kernels at 3-64, bench-1b's K = 6: model/moe.py), then with the
 graph of the uncompiled step, then eagerly; the greedy tokens of the others are compared
 with the compiled engine's (same_tokens_as_compiled, per token: with random weights the
 logits are near-tied, so BF16 rounding differences alone change tokens), and each engine's
@@ -69,6 +69,13 @@ MODES = {"compiled": ("", dict(cuda_graphs=True, compile=True, fused_decode=0)),
                      dict(cuda_graphs=True, compile=True, fused_decode=0, gather=0, small_batch=False)),
          "graphs": (" (CUDA graphs, not compiled)", dict(cuda_graphs=True, compile=False, fused_decode=0)),
          "eager": (" (no CUDA graphs)", dict(cuda_graphs=False, compile=False))}
+
+
+def moe_tuning(saved: dict) -> dict:
+    """kernels/moe.py's TUNING from a moe_tuning.json: named keys, or (files up to 6ab6110)
+    lists in the order (block_f, block_d, warps, stages) for up, (block_d, block_f, ...) for down."""
+    order = {"up": ("block_f", "block_d", "warps", "stages"), "down": ("block_d", "block_f", "warps", "stages")}
+    return {part: dict(zip(order[part], v)) if isinstance(v, list) else v for part, v in saved.items()}
 
 
 def same_tokens(a: list[list[int]], b: list[list[int]]) -> float:
@@ -161,7 +168,7 @@ def main():
         fused.TUNING.update(json.loads(Path(args.fused_tuning).read_text()))
     from nanoseek.kernels import moe as moe_kernels
     if args.moe_tuning:
-        moe_kernels.TUNING.update({k: tuple(v) for k, v in json.loads(Path(args.moe_tuning).read_text()).items()})
+        moe_kernels.TUNING.update(moe_tuning(json.loads(Path(args.moe_tuning).read_text())))
     torch.manual_seed(0)
     cfg = preset("bench-1b")
     g = torch.Generator().manual_seed(1)
@@ -197,7 +204,7 @@ def main():
     for label, mode in (MODES[m] for m in args.modes):
         mode = dict(mode)
         moe.GATHER_MAX_PAIRS = mode.pop("gather", gather)  # (token, expert) pairs gathered, not grouped
-        moe.SMALL_BATCH_KERNELS = mode.pop("small_batch", small_batch)  # batches of 3-64 in kernels/moe.py
+        moe.SMALL_BATCH_KERNELS = mode.pop("small_batch", small_batch)  # kernels/moe.py: batches of 3-64 here
         engine = Engine(model, None, max_batch=max(args.batches), max_len=args.prompt + args.new, **mode)
         for B in args.batches:
             if B > (mode.get("fused_decode") or B):
@@ -236,7 +243,7 @@ def main():
     if "fused" in args.modes:
         from nanoseek.infer import fused
         result["fused_tuning"] = dict(fused.TUNING)
-    result["moe_kernel_tuning"] = {k: list(v) for k, v in moe_kernels.TUNING.items()}
+    result["moe_kernel_tuning"] = moe_kernels.TUNING
     path = write_json(result, "decode.json")
     print(f"\n{'run':42s} {'TTFT ms':>8s} {'decode tok/s':>13s} {'peak GiB':>9s} {'vs HF':>7s}")
     for name, r in rows.items():

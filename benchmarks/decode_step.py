@@ -188,24 +188,29 @@ def moe_sweep(model, n_tokens: int, repeat: int) -> dict:
         out = {"tokens": n_tokens, "experts_chosen": int(idx.unique().numel()),
                "grouped_us": graph_us(lambda: ex.forward_grouped(x, weight, idx), repeat)}
         best = dict(moe_kernels.TUNING)
-        for part in ("up", "down"):
-            times = {}
-            for shape in [(a, b, w, st) for a in (32, 64, 128) for b in (64, 128, 256) for w in (4, 8)
-                          for st in (3, 4)]:
+        for part, (outer, inner) in (("up", ("block_f", "block_d")), ("down", ("block_d", "block_f"))):
+            times, shapes = {}, {}
+            for a in (32, 64, 128):
+                for b in (64, 128, 256):
+                    for w in (4, 8):
+                        for st in (3, 4):
+                            shapes[f"{outer} {a}, {inner} {b}, warps {w}, stages {st}"] = {
+                                outer: a, inner: b, "warps": w, "stages": st}
+            for label, shape in shapes.items():
                 moe_kernels.TUNING[part] = shape
                 try:
                     y = ex.forward_small_batch(x, weight, idx).float()
                     err = float((y - ref).norm() / ref.norm())
                     if err > 2e-2:
                         raise RuntimeError(f"rel err {err:.3g}")
-                    times[str(shape)] = graph_us(lambda: ex.forward_small_batch(x, weight, idx), repeat)
+                    times[label] = graph_us(lambda: ex.forward_small_batch(x, weight, idx), repeat)
                 except Exception as e:  # noqa: BLE001 — a shape that does not compile or fit: skipped
-                    times[str(shape)] = f"{type(e).__name__}: {str(e)[:80]}"
+                    times[label] = f"{type(e).__name__}: {str(e)[:80]}"
             ok = {k: v for k, v in times.items() if isinstance(v, float)}
-            best[part] = tuple(int(v) for v in min(ok, key=ok.get).strip("()").split(","))
+            best[part] = shapes[min(ok, key=ok.get)]
             moe_kernels.TUNING[part] = best[part]
             out[f"{part}_us"] = times
-        out["best"] = {k: list(v) for k, v in best.items()}
+        out["best"] = best
         out["best_us"] = graph_us(lambda: ex.forward_small_batch(x, weight, idx), repeat)
         y = ex.forward_small_batch(x, weight, idx).float()
         out["rel_err_vs_grouped"] = float((y - ref).norm() / ref.norm())
@@ -281,7 +286,7 @@ def write(args, max_len: int, rows: dict):
     from nanoseek.kernels import moe as moe_kernels
     result = {"benchmark": "decode_step", **environment(), "preset": "bench-1b", "prompt_tokens": args.prompt,
               "max_len": max_len, "steps": args.steps, "repeat": args.repeat,
-              "moe_kernel_tuning": {k: list(v) for k, v in moe_kernels.TUNING.items()}, "rows": rows}
+              "moe_kernel_tuning": moe_kernels.TUNING, "rows": rows}
     return write_json(result, "decode_step.json")
 
 

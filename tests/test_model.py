@@ -62,6 +62,29 @@ def test_cache_holds_only_latent_and_rope_key():
     assert cache.nbytes_per_token() == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 2
 
 
+@pytest.mark.parametrize("rows", [slice(1, 3), [2, 0]])
+def test_cache_view_writes_each_row_at_its_own_positions(rows):
+    """A view's update writes row b's entries at positions[b] of that row only (a run of rows
+    and a gathered set alike), returns the view's rows, and refuses positions for fewer rows
+    than the view holds (index_put_ would copy one row's entries into every row)."""
+    cfg = tiny()
+    cache = StaticCache(cfg, batch_size=3, max_len=6, num_layers=1)
+    view = cache.select(list(range(3))[rows] if isinstance(rows, slice) else rows, kv_len=6)
+    slots = list(range(3))[rows] if isinstance(rows, slice) else rows
+    shapes = [b[0, 0].shape for b in cache.layers[0]]
+    new = [torch.randn(2, 2, *shape) for shape in shapes]
+    positions = torch.tensor([[4, 1], [0, 5]])
+    out = view.update(0, positions, *new)
+    for buf, entry, got in zip(cache.layers[0], new, out):
+        want = torch.zeros(3, 6, *entry.shape[2:])
+        for b, slot in enumerate(slots):
+            want[slot, positions[b]] = entry[b]
+        torch.testing.assert_close(buf, want)
+        torch.testing.assert_close(got, want[slots])
+    with pytest.raises(RuntimeError, match="one row per row of the view"):
+        view.update(0, positions[:1], *(e[:1] for e in new))
+
+
 def test_batch_of_different_lengths_matches_each_alone():
     cfg = tiny()
     model = randomize_(Transformer(cfg)).eval()

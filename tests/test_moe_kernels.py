@@ -33,41 +33,74 @@ def experts_and_batch(E, K, N, D=64, F=64, dtype=torch.float32):
 def small_blocks(monkeypatch):
     """Blocks of 32: two of F and two of D per expert, so the loops and the grid both step."""
     from nanoseek.kernels import moe as moe_kernels
-    monkeypatch.setattr(moe_kernels, "TUNING", {"up": (32, 32, 4, 1), "down": (32, 32, 4, 1)})
+    block = dict(block_f=32, block_d=32, warps=4, stages=1)
+    monkeypatch.setattr(moe_kernels, "TUNING", {"up": block, "down": block})
     monkeypatch.setattr(moe, "SMALL_BATCH_KERNELS", True)
+    calls = []
+    forward_small_batch = moe.Experts.forward_small_batch
+    monkeypatch.setattr(moe.Experts, "forward_small_batch",
+                        lambda self, *a: calls.append(1) or forward_small_batch(self, *a))
+    return calls
 
 
 @pytest.mark.parametrize("E, K, N", [(8, 3, 7), (16, 6, 20)])
 def test_small_batch_experts_match_the_loop(E, K, N, small_blocks):
-    """Each token's gated sum over its K experts equals the loop's, for N rows not a power
-    of two, K not a power of two (6), an expert no row chose and the last expert chosen;
-    the kernel's own output puts each (token, slot)'s gated output at its slot."""
+    """Each token's gated sum over its K experts equals the loop's, through Experts.forward's
+    dispatch (which must take the kernels) and from the op itself, for N rows not a power of
+    two, K not a power of two (6), an expert no row chose (its programs skip) and the last
+    expert chosen; the op puts each (token, slot)'s gated output at its slot."""
+    from nanoseek.kernels.moe import small_batch_experts
     ex, x, idx, gate = experts_and_batch(E, K, N)
     assert not (idx == 1).any() and (idx == E - 1).any()
     with torch.no_grad():
         want = ex.forward_loop(x, gate, idx)
-        got = ex(x, gate, idx)                      # through Experts.forward's dispatch
-        y_NKD = torch.ops.nanoseek.small_batch_experts(x, idx, gate, ex.gate_proj, ex.up_proj, ex.down_proj)
+        got = ex(x, gate, idx)
+        assert small_blocks == [1]
+        y_NKD = small_batch_experts(x, idx, gate, ex.gate_proj, ex.up_proj, ex.down_proj)
         n, k = 3, 2                                 # one (token, slot) by hand
         e = int(idx[n, k])
         h = torch.nn.functional.silu(x[n] @ ex.gate_proj[e].T) * (x[n] @ ex.up_proj[e].T)
         slot = gate[n, k] * (h @ ex.down_proj[e].T)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_NKD.sum(1), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y_NKD[n, k], slot, rtol=1e-5, atol=1e-5)
 
 
 def test_small_batch_experts_compile_as_one_op(small_blocks):
-    """Under torch.compile (fullgraph) the kernels are one opaque op of the graph: the same
-    output as eagerly."""
+    """Under torch.compile (fullgraph) the kernels are one opaque op of the traced graph, and
+    the compiled call gives the loop's output."""
     ex, x, idx, gate = experts_and_batch(8, 3, 7)
-    step = torch.compile(lambda x, gate, idx: ex(x, gate, idx), fullgraph=True)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    step = torch.compile(lambda x, gate, idx: ex(x, gate, idx), fullgraph=True, backend=backend)
     with torch.no_grad():
         torch.testing.assert_close(step(x, gate, idx), ex.forward_loop(x, gate, idx), rtol=1e-5, atol=1e-5)
+    ops = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.nanoseek.small_batch_experts.default) == 1, ops
+
+
+def test_small_batch_experts_refuse_what_they_cannot_read(small_blocks):
+    """The op itself (not only the dispatch) refuses more than MAX_TOKENS rows, widths its
+    blocks do not divide and weights it cannot read in place, saying what is wrong."""
+    from nanoseek.kernels.moe import MAX_TOKENS, small_batch_experts
+    ex, x, idx, gate = experts_and_batch(8, 3, MAX_TOKENS + 1)
+    w = (ex.gate_proj, ex.up_proj, ex.down_proj)
+    with pytest.raises(ValueError, match=f"1..{MAX_TOKENS} tokens .* got {MAX_TOKENS + 1} tokens"):
+        small_batch_experts(x, idx, gate, *w)
+    with pytest.raises(ValueError, match="expert width 48"):
+        small_batch_experts(x[:4], idx[:4], gate[:4], ex.gate_proj[:, :48].contiguous(),
+                            ex.up_proj[:, :48].contiguous(), ex.down_proj[..., :48].contiguous())
+    with pytest.raises(ValueError, match="contiguous"):
+        small_batch_experts(x[:4], idx[:4], gate[:4], ex.gate_proj, ex.up_proj,
+                            ex.down_proj.transpose(1, 2).contiguous().transpose(1, 2))
 
 
 def test_small_batch_kernels_dispatch(monkeypatch):
     """Where the kernels take a batch: not under autograd, not for more than MAX_TOKENS rows,
-    not when the weights' dtype is not the compute dtype (float32 weights under autocast),
+    not when the weights' dtype is not the compute dtype (float32 weights, BF16 activations),
     not for weights they cannot read in place (a transposed view), and in "auto" mode only on
     a GPU with 16-bit weights."""
     from nanoseek.kernels import moe as moe_kernels
@@ -78,7 +111,7 @@ def test_small_batch_kernels_dispatch(monkeypatch):
     with torch.no_grad():
         assert moe.small_batch_kernels(x16, w16, 8)
         assert not moe.small_batch_kernels(x16, w16, moe_kernels.MAX_TOKENS + 1)
-        assert not moe.small_batch_kernels(x16, tuple(w.float() for w in w16), 8)
+        assert not moe.small_batch_kernels(x16, tuple(w.float() for w in w16), 8)  # weights not in x's dtype
         f48 = torch.zeros(4, 48, 128, dtype=torch.bfloat16)
         assert not moe.small_batch_kernels(x16, (f48, f48, f48.transpose(1, 2).contiguous()), 8)  # F = 48
         assert not moe.small_batch_kernels(x16, (gate, gate.transpose(1, 2), gate), 8)
@@ -116,9 +149,9 @@ def test_bf16_small_batch_experts_on_gpu():
 @pytest.mark.gpu
 def test_bf16_captured_decode_steps_take_the_small_batch_kernels(monkeypatch):
     """On a GPU, the engine's compiled and captured decode step of a BF16 model at buckets 4,
-    8 and 16 (the first compiled static, the others shape-generic) runs its routed experts
-    through kernels/moe.py (the gathered path for a few pairs turned off, so all three do),
-    and its logits match the grouped GEMM's step as closely as BF16 allows."""
+    8 and 16 (the first compiled static, the others shape-generic) traces its routed experts
+    through kernels/moe.py (the gathered path for a few pairs turned off), and its logits at
+    each bucket match the grouped GEMM's step as closely as BF16 allows."""
     from nanoseek import Transformer, preset
     from nanoseek.hf import to_dtype
     from nanoseek.infer.cuda_graph import GraphDecoder

@@ -2,8 +2,9 @@
 
 - decode.py: the kernels of the fused small-batch decode step (infer/fused.py), whose twin
   is the model's own absorbed-MLA decode forward.
-- moe.py: the routed experts of a batch of 3-64 tokens (model/moe.py's Experts takes them on
-  an NVIDIA GPU with 16-bit weights, without autograd), whose twin is Experts.forward_loop.
+- moe.py: the routed experts of a batch of up to 64 tokens (model/moe.py's Experts takes
+  them above GATHER_MAX_PAIRS on a Hopper+ NVIDIA GPU with 16-bit weights, without
+  autograd), whose twin is Experts.forward_loop.
 
 Importing a module here imports Triton; callers import lazily, only where a fast path runs.
 Under TRITON_INTERPRET=1 the kernels run on CPU tensors (slowly), which is how the CPU

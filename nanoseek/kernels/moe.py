@@ -1,4 +1,5 @@
-"""Triton kernels for the routed experts of a small batch: decode steps of 3 to 64 tokens.
+"""Triton kernels for the routed experts of a small batch: decode steps of up to 64 tokens
+(model/moe.py takes them above GATHER_MAX_PAIRS (token, expert) pairs: from 3 tokens at K = 6).
 
 Legend: N tokens, K experts per token, E routed experts, D hidden_size, F an expert's width.
 
@@ -30,11 +31,12 @@ import triton
 import triton.language as tl
 
 MAX_TOKENS = 64  # the rows one program takes in its dot products (BLOCK_N)
-# launch shapes: (block of F, block of D, warps, stages) for expert_up and (block of D,
-# block of F, warps, stages) for expert_down; the fastest of benchmarks/decode_step.py
-# --moe-sweep on the H200 at bench-1b's 32 tokens (moe_sweep.json: 66 us a layer for 63 of
-# 64 experts, against 162 for the grouped GEMM; most shapes were within 5% of it)
-TUNING = {"up": (64, 64, 4, 3), "down": (128, 64, 4, 3)}
+# launch shapes of each kernel: the fastest of benchmarks/decode_step.py --moe-sweep on the
+# H200 at bench-1b's 32 tokens (moe_sweep.json: 66 us a layer for 63 of 64 experts, against
+# 162 for the grouped GEMM; the sweep was flat, 14 of 30 up shapes and 12 of 34 down shapes
+# within 5% of each kernel's best)
+TUNING = {"up": dict(block_f=64, block_d=64, warps=4, stages=3),
+          "down": dict(block_d=128, block_f=64, warps=4, stages=3)}
 
 
 @triton.jit
@@ -48,7 +50,7 @@ def _chosen(idx_ptr, e, N, K: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.conste
 
 
 @triton.jit
-def expert_up_kernel(x_ptr, idx_ptr, gate_ptr, up_ptr, h_ptr, N,
+def expert_up_kernel(x_ptr, idx_ptr, w_gate_ptr, w_up_ptr, h_ptr, N,
                      D: tl.constexpr, F: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
                      PRECISION: tl.constexpr):
@@ -64,8 +66,8 @@ def expert_up_kernel(x_ptr, idx_ptr, gate_ptr, up_ptr, h_ptr, N,
         acc_u = tl.zeros((BLOCK_N, BLOCK_F), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             x = tl.load(x_ptr + rows[:, None] * D + d0 + ds[None, :], mask=sel[:, None], other=0.0)
-            w_g = tl.load(gate_ptr + w_off + d0)
-            w_u = tl.load(up_ptr + w_off + d0)
+            w_g = tl.load(w_gate_ptr + w_off + d0)
+            w_u = tl.load(w_up_ptr + w_off + d0)
             acc_g = tl.dot(x, tl.trans(w_g), acc_g, input_precision=PRECISION)
             acc_u = tl.dot(x, tl.trans(w_u), acc_u, input_precision=PRECISION)
         h = acc_g * tl.sigmoid(acc_g) * acc_u
@@ -74,7 +76,7 @@ def expert_up_kernel(x_ptr, idx_ptr, gate_ptr, up_ptr, h_ptr, N,
 
 
 @triton.jit
-def expert_down_kernel(h_ptr, idx_ptr, gates_ptr, down_ptr, y_ptr, N,
+def expert_down_kernel(h_ptr, idx_ptr, route_gate_ptr, w_down_ptr, y_ptr, N,
                        D: tl.constexpr, F: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
                        PRECISION: tl.constexpr):
@@ -90,47 +92,55 @@ def expert_down_kernel(h_ptr, idx_ptr, gates_ptr, down_ptr, y_ptr, N,
         acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         for f0 in range(0, F, BLOCK_F):
             h = tl.load(h_ptr + h_off + f0, mask=sel[:, None], other=0.0)
-            w_d = tl.load(down_ptr + w_off + f0)
+            w_d = tl.load(w_down_ptr + w_off + f0)
             acc = tl.dot(h, tl.trans(w_d), acc, input_precision=PRECISION)
         for k in tl.static_range(K):
             hit = tl.load(idx_ptr + rows * K + k, mask=rows < N, other=-1) == e
-            gate = tl.load(gates_ptr + rows * K + k, mask=hit, other=0.0)
+            gate = tl.load(route_gate_ptr + rows * K + k, mask=hit, other=0.0)
             tl.store(y_ptr + (rows[:, None] * K + k) * D + ds[None, :], acc * gate[:, None],
                      mask=hit[:, None])
 
 
 def supported(n_tokens: int, dim: int, hidden: int) -> bool:
     """Whether these kernels take a batch: at most MAX_TOKENS rows, and widths that the
-    launch shapes' blocks divide."""
-    up_f, up_d, _, _ = TUNING["up"]
-    down_d, down_f, _, _ = TUNING["down"]
-    return (0 < n_tokens <= MAX_TOKENS and dim % up_d == 0 and dim % down_d == 0
-            and hidden % up_f == 0 and hidden % down_f == 0)
+    launch shapes' blocks divide (the weight loads are not masked)."""
+    up, down = TUNING["up"], TUNING["down"]
+    return (0 < n_tokens <= MAX_TOKENS and dim % up["block_d"] == 0 and dim % down["block_d"] == 0
+            and hidden % up["block_f"] == 0 and hidden % down["block_f"] == 0)
 
 
 @torch.library.custom_op("nanoseek::small_batch_experts", mutates_args=())
 def small_batch_experts(x_ND: torch.Tensor, idx_NK: torch.Tensor, gate_NK: torch.Tensor,
                         w_gate_EFD: torch.Tensor, w_up_EFD: torch.Tensor,
                         w_down_EDF: torch.Tensor) -> torch.Tensor:
-    """y [N, K, D] float32: each (token, slot)'s expert output times its gate. x, the weights
-    in one dtype (the weights' row-major layout as moe.Experts stores them)."""
+    """y [N, K, D] float32: each (token, slot)'s expert output times its gate. idx_NK: each
+    token's K distinct experts, in [0, E); x and the weights in one dtype, the weights
+    contiguous as moe.Experts stores them (the kernels read them in place)."""
     N, D = x_ND.shape
     K = idx_NK.shape[1]
     E, F, _ = w_gate_EFD.shape
+    if not supported(N, D, F):
+        raise ValueError(f"small_batch_experts takes 1..{MAX_TOKENS} tokens and widths its blocks divide "
+                         f"(TUNING {TUNING}); got {N} tokens, hidden size {D}, expert width {F}")
+    if not all(w.is_contiguous() for w in (w_gate_EFD, w_up_EFD, w_down_EDF)):
+        raise ValueError("small_batch_experts reads the expert weights in place: pass contiguous ones")
     x_ND, idx_NK = x_ND.contiguous(), idx_NK.contiguous()
     gate_NK = gate_NK.float().contiguous()
     block_n = max(16, triton.next_power_of_2(N))  # tl.dot takes M >= 16
     kp = triton.next_power_of_2(K)
     # float32 (the tests) as float32, not TF32; 16-bit operands are exact either way
     precision = "ieee" if x_ND.dtype == torch.float32 else "tf32"
+    # every expert's rows for all N tokens, of which the N·K chosen are written and read: at
+    # most 64 tokens, so a few MB (bench-1b: 64 x 32 x 512 x 2 bytes = 2 MiB)
     h_ENF = torch.empty(E, N, F, dtype=x_ND.dtype, device=x_ND.device)
     y_NKD = torch.empty(N, K, D, dtype=torch.float32, device=x_ND.device)
-    bf, bd, warps, stages = TUNING["up"]
-    expert_up_kernel[(E, F // bf)](x_ND, idx_NK, w_gate_EFD, w_up_EFD, h_ENF, N, D, F, K, kp,
-                                   block_n, bf, bd, precision, num_warps=warps, num_stages=stages)
-    bd, bf, warps, stages = TUNING["down"]
-    expert_down_kernel[(E, D // bd)](h_ENF, idx_NK, gate_NK, w_down_EDF, y_NKD, N, D, F, K, kp,
-                                     block_n, bd, bf, precision, num_warps=warps, num_stages=stages)
+    up, down = TUNING["up"], TUNING["down"]
+    expert_up_kernel[(E, F // up["block_f"])](
+        x_ND, idx_NK, w_gate_EFD, w_up_EFD, h_ENF, N, D, F, K, kp, block_n, up["block_f"], up["block_d"],
+        precision, num_warps=up["warps"], num_stages=up["stages"])
+    expert_down_kernel[(E, D // down["block_d"])](
+        h_ENF, idx_NK, gate_NK, w_down_EDF, y_NKD, N, D, F, K, kp, block_n, down["block_d"], down["block_f"],
+        precision, num_warps=down["warps"], num_stages=down["stages"])
     return y_NKD
 
 

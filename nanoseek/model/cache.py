@@ -86,19 +86,22 @@ class CacheView:
                *entries: torch.Tensor) -> list[torch.Tensor]:
         """Write entries [b, T, ...] at positions [b, T] of the selected rows; return those
         rows' buffers [b, kv_len, ...]."""
+        bufs = self.cache.layers[layer_idx]
+        if self.rows is not None:
+            # index_put_ on the whole buffer, not scatter_ into the slice view: Inductor
+            # compiles a write into a view as a copy of the view, the write, and a copy back
+            start = self.rows.start or 0
+            stop = bufs[0].shape[0] if self.rows.stop is None else self.rows.stop
+            row_ids = torch.arange(start, stop, device=bufs[0].device)[:, None]
+        else:
+            row_ids = self.slot_ids[:, None]
+        # one entry per row: index_put_ would broadcast a single row's entries to all of them
+        torch._check(positions.shape[0] == row_ids.shape[0],
+                     lambda: "CacheView.update: positions [b, T] need one row per row of the view")
         out = []
-        for buf, new in zip(self.cache.layers[layer_idx], entries):
-            if self.rows is not None:
-                # index_put_ on the whole buffer, not scatter_ into the slice view: Inductor
-                # compiles a write into a view as a copy of the view, the write, and a copy back
-                start = self.rows.start or 0
-                stop = buf.shape[0] if self.rows.stop is None else self.rows.stop
-                row_ids = torch.arange(start, stop, device=buf.device)[:, None]
-                buf.index_put_((row_ids, positions), new.to(buf.dtype))
-                out.append(buf[self.rows, : self.kv_len])
-            else:
-                buf.index_put_((self.slot_ids[:, None], positions), new.to(buf.dtype))
-                out.append(buf[self.slot_ids, : self.kv_len])
+        for buf, new in zip(bufs, entries):
+            buf.index_put_((row_ids, positions), new.to(buf.dtype))
+            out.append(buf[self.rows if self.rows is not None else self.slot_ids, : self.kv_len])
         return out
 
 

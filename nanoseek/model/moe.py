@@ -27,9 +27,9 @@ GEMM over tokens sorted by expert (`torch._grouped_mm`), with no host sync. A de
 a few tokens has only N·K (token, expert) pairs: then the chosen experts' weights are
 gathered and applied as batched matrix-vector products (gpt-fast's decode MoE), which
 reads the same weights with three plain kernels instead of a sort, a grouped GEMM over all
-E groups and a scatter (`GATHER_MAX_PAIRS`). A decode step of a batch (3 to 64 tokens) on an
-NVIDIA GPU with 16-bit weights runs kernels/moe.py's two expert-major Triton kernels instead
-(`SMALL_BATCH_KERNELS`): at bench-1b's 32 tokens, which touch 63 of 64 experts, they read
+E groups and a scatter (`GATHER_MAX_PAIRS`). A decode step of a batch (more pairs than that,
+up to 64 tokens: 3-64 tokens at K = 6) on a Hopper+ NVIDIA GPU with 16-bit weights runs
+kernels/moe.py's two expert-major Triton kernels instead (`SMALL_BATCH_KERNELS`): at bench-1b's 32 tokens, which touch 63 of 64 experts, they read
 the experts' weights in 66 µs a layer against the grouped GEMM's 162, with no sort and no
 scatter. The per-expert loop (`moe_impl="loop"`) is the plain reference twin; it syncs to
 find each expert's tokens.
@@ -185,8 +185,9 @@ def balance_loss(scores_BTE, idx_BTK, n_experts: int, alpha: float, per_sequence
 GATHER_MAX_PAIRS = 16
 # Above that and up to kernels.moe.MAX_TOKENS tokens (decode steps of a batch), without
 # autograd: the expert-major Triton kernels (kernels/moe.py), two kernels a layer instead of
-# the grouped GEMM's dozen. "auto": on an NVIDIA GPU with 16-bit weights; True: wherever
-# Triton runs (the CPU tests, under TRITON_INTERPRET=1); False: never
+# the grouped GEMM's dozen. "auto": on a Hopper+ NVIDIA GPU (where they were measured) with
+# 16-bit weights; True: wherever Triton runs (the CPU tests, under TRITON_INTERPRET=1); False:
+# never
 SMALL_BATCH_KERNELS: bool | str = "auto"
 
 
@@ -199,10 +200,13 @@ def small_batch_kernels(x: torch.Tensor, weights: tuple[torch.Tensor, ...], n_to
         return False
     if not all(w.is_contiguous() and w.dtype == weight.dtype for w in weights):
         return False
-    if mode == "auto" and not (x.is_cuda and not torch.version.hip
-                               and weight.dtype in (torch.bfloat16, torch.float16)):
+    if mode == "auto" and not (x.is_cuda and not torch.version.hip and weight.dtype in (torch.bfloat16, torch.float16)
+                               and torch.cuda.get_device_capability(x.device)[0] >= 9):
         return False
-    from ..kernels import moe as moe_kernels  # imports Triton (and registers the op) on first use
+    try:
+        from ..kernels import moe as moe_kernels  # imports Triton (and registers the op) on first use
+    except ImportError:
+        return False
     return moe_kernels.supported(n_tokens, weight.shape[2], weight.shape[1])
 
 
@@ -279,8 +283,9 @@ class Experts(nn.Module):
     def forward_small_batch(self, x_ND, weight_NK, idx_NK):
         """kernels/moe.py's two expert-major kernels: each chosen expert's weights read once,
         no sort; each (token, slot)'s gated output in float32, summed here."""
-        y_NKD = torch.ops.nanoseek.small_batch_experts(x_ND.to(self.gate_proj.dtype), idx_NK, weight_NK,
-                                                       self.gate_proj, self.up_proj, self.down_proj)
+        from ..kernels.moe import small_batch_experts
+        y_NKD = small_batch_experts(x_ND.to(self.gate_proj.dtype), idx_NK, weight_NK,
+                                    self.gate_proj, self.up_proj, self.down_proj)
         return y_NKD.sum(1).to(x_ND.dtype)
 
     def forward_dense(self, x_ND, weight_NK, idx_NK):
