@@ -251,27 +251,33 @@ def main():
               f"{r['peak_memory_gib']:9.2f} {r.get('decode_speedup_vs_transformers', float('nan')):6.1f}x")
     print(f"wrote {path}")
     if args.profile:
-        profile_decode_step(model, args)
+        profile_decode_step(model, args, prompts)
 
 
-def profile_decode_step(model, args):
+def profile_decode_step(model, args, prompts):
     """Where a decode step's GPU time goes: the compiled step run without capture under
-    torch.profiler, at batch 1 and the largest batch, kernels by total CUDA time."""
+    torch.profiler, at batch 1 and the largest batch, kernels by total CUDA time. Every row
+    decodes its own token after its own prompt, so rows choose different experts as in the
+    engine (up to 6ab6110 every row decoded token 1 over an empty cache: all rows chose the
+    same experts, and the MoE's share of the step read far too small)."""
     from torch.profiler import ProfilerActivity, profile
 
     from nanoseek.infer.cuda_graph import GraphDecoder
     engine = Engine(model, None, max_batch=max(args.batches), max_len=args.prompt + args.new, cuda_graphs=False)
+    plist = [p.tolist() for p in prompts]
+    engine_run(engine, plist, 1)  # the requests end at their first token; their rows keep the prompts
     lines = []
     for B in sorted({1, max(args.batches)}):
         step = GraphDecoder(model, engine.cache, None, compile=True, capture=False)
         slots = list(range(B))
         with torch.no_grad():
+            nxt = [p[0] for p in plist[:B]]
             for _ in range(3):  # compile, warm up
-                step.decode(slots, [1] * B, [args.prompt] * B)
+                step.decode(slots, nxt, [args.prompt] * B)
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(10):
-                    step.decode(slots, [1] * B, [args.prompt] * B)
+                    step.decode(slots, nxt, [args.prompt] * B)
                 torch.cuda.synchronize()
         events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or e.self_device_time_total > 0]
         total = sum(e.self_device_time_total for e in events) / 10
