@@ -12,6 +12,8 @@
 #                                              # accuracy and speed per bucket, then decode vs transformers
 #                                              # with those shapes (fused and compiled modes)
 #   bash benchmarks/h200_session.sh tune       # fused decode step: tests, launch shapes tuned, speed per bucket
+#   bash benchmarks/h200_session.sh step       # the batch decode step: small-batch experts and engine GPU
+#                                              # tests, experts shapes swept, where steps at 8 and 32 go
 #   bash benchmarks/h200_session.sh serve      # serve load at 64 clients
 #   bash benchmarks/h200_session.sh trl        # GRPO step time: nanoseek vs TRL
 #
@@ -82,6 +84,13 @@ trl() {  # limit: a GRPO step, nanoseek vs TRL
     ${TRL_ARGS:-} 2>&1 | tee "$OUT/grpo_trl.log"
   echo "trl done at $(elapsed)s"
 }
+step() {  # limit: kernels/moe.py's and the engine's GPU tests, then benchmarks/decode_step.py
+  enough "$1" 200 || return
+  gpu_tests 150 tests/test_moe_kernels.py tests/test_engine.py tests/test_gpu.py
+  OUT=$OUT timeout "$(left "$1")" python3 benchmarks/decode_step.py --buckets 8 32 --moe-sweep --profile \
+    --repeat 3 2>&1 | grep -v Warning | tee "$OUT/decode_step.log"
+  echo "step done at $(elapsed)s"
+}
 serve() {  # limit: 64 streaming clients against serve --compile
   enough "$1" 90 || return
   OUT=$OUT timeout "$1" python3 benchmarks/serve_load.py --preset bench-1b --clients 64 --max-batch 64 \
@@ -132,9 +141,10 @@ case $stage in
   tune)  # the fused step's tests, then its launch shapes tuned at batch 1 and its speed per bucket
     FUSED_ARGS="--tune 2 --no-compiled ${FUSED_ARGS:-}" fused 585
     ;;
+  step) step 585 ;;
   serve) serve 585 ;;
   trl) trl 585 ;;
-  *) echo "unknown stage $stage: speedrun, decode, mtp, spec, measure, fused, tune, serve or trl" >&2; exit 2 ;;
+  *) echo "unknown stage $stage: speedrun, decode, mtp, spec, measure, fused, tune, step, serve or trl" >&2; exit 2 ;;
 esac
 echo "stage $stage: $(elapsed)s"
 # a call returns at most 8 files: the logs travel as one archive beside the JSON results
