@@ -101,12 +101,21 @@ def expert_down_kernel(h_ptr, idx_ptr, route_gate_ptr, w_down_ptr, y_ptr, N,
                      mask=hit[:, None])
 
 
-def supported(n_tokens: int, dim: int, hidden: int) -> bool:
-    """Whether these kernels take a batch: at most MAX_TOKENS rows, and widths that the
-    launch shapes' blocks divide (the weight loads are not masked)."""
+def unsupported(n_tokens: int, w_gate_EFD: torch.Tensor, w_up_EFD: torch.Tensor,
+                w_down_EDF: torch.Tensor) -> str | None:
+    """Why these kernels cannot take a batch, or None: at most MAX_TOKENS rows, widths that
+    the launch shapes' blocks divide (the weight loads are not masked), and weights of one
+    dtype that they can read in place (contiguous, as moe.Experts stores them)."""
+    _, F, D = w_gate_EFD.shape
     up, down = TUNING["up"], TUNING["down"]
-    return (0 < n_tokens <= MAX_TOKENS and dim % up["block_d"] == 0 and dim % down["block_d"] == 0
-            and hidden % up["block_f"] == 0 and hidden % down["block_f"] == 0)
+    if not 0 < n_tokens <= MAX_TOKENS:
+        return f"{n_tokens} tokens (it takes 1..{MAX_TOKENS})"
+    if D % up["block_d"] or D % down["block_d"] or F % up["block_f"] or F % down["block_f"]:
+        return f"hidden size {D}, expert width {F} (TUNING's blocks must divide them: {TUNING})"
+    weights = (w_gate_EFD, w_up_EFD, w_down_EDF)
+    if not all(w.is_contiguous() and w.dtype == w_gate_EFD.dtype for w in weights):
+        return "expert weights not contiguous or not of one dtype (the kernels read them in place)"
+    return None
 
 
 @torch.library.custom_op("nanoseek::small_batch_experts", mutates_args=())
@@ -119,11 +128,9 @@ def small_batch_experts(x_ND: torch.Tensor, idx_NK: torch.Tensor, gate_NK: torch
     N, D = x_ND.shape
     K = idx_NK.shape[1]
     E, F, _ = w_gate_EFD.shape
-    if not supported(N, D, F):
-        raise ValueError(f"small_batch_experts takes 1..{MAX_TOKENS} tokens and widths its blocks divide "
-                         f"(TUNING {TUNING}); got {N} tokens, hidden size {D}, expert width {F}")
-    if not all(w.is_contiguous() for w in (w_gate_EFD, w_up_EFD, w_down_EDF)):
-        raise ValueError("small_batch_experts reads the expert weights in place: pass contiguous ones")
+    reason = unsupported(N, w_gate_EFD, w_up_EFD, w_down_EDF)
+    if reason is not None:
+        raise ValueError(f"small_batch_experts cannot take {reason}")
     x_ND, idx_NK = x_ND.contiguous(), idx_NK.contiguous()
     gate_NK = gate_NK.float().contiguous()
     block_n = max(16, triton.next_power_of_2(N))  # tl.dot takes M >= 16

@@ -193,12 +193,10 @@ SMALL_BATCH_KERNELS: bool | str = "auto"
 
 def small_batch_kernels(x: torch.Tensor, weights: tuple[torch.Tensor, ...], n_tokens: int) -> bool:
     """Whether the experts of these n_tokens rows run through kernels/moe.py; weights: the
-    stacked gate [E, F, D], up and down projections, which the kernels read in place (so
-    they must be contiguous, in the compute dtype)."""
+    stacked gate [E, F, D], up and down projections, in the compute dtype (the kernels'
+    own limits: kernels.moe.unsupported)."""
     mode, weight = SMALL_BATCH_KERNELS, weights[0]
     if mode is False or torch.is_grad_enabled() or compute_dtype(x) != weight.dtype:
-        return False
-    if not all(w.is_contiguous() and w.dtype == weight.dtype for w in weights):
         return False
     if mode == "auto" and not (x.is_cuda and not torch.version.hip and weight.dtype in (torch.bfloat16, torch.float16)
                                and torch.cuda.get_device_capability(x.device)[0] >= 9):
@@ -207,7 +205,7 @@ def small_batch_kernels(x: torch.Tensor, weights: tuple[torch.Tensor, ...], n_to
         from ..kernels import moe as moe_kernels  # imports Triton (and registers the op) on first use
     except ImportError:
         return False
-    return moe_kernels.supported(n_tokens, weight.shape[2], weight.shape[1])
+    return moe_kernels.unsupported(n_tokens, *weights) is None
 
 
 class Experts(nn.Module):
