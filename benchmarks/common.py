@@ -45,6 +45,14 @@ def time_cuda(fn, warmup: int = 3, repeat: int = 10) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "runs": len(times)}
 
 
+def prefill(model, cache, prompts: torch.Tensor) -> None:
+    """Row b of the cache holds prompts[b] (the model's own prefill, one row at a time)."""
+    with torch.no_grad():
+        for b, p in enumerate(prompts):
+            model(p[None], positions=torch.arange(len(p), device=p.device)[None],
+                  cache=cache.select([b], kv_len=len(p)), absorb=False)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64."""
     a, b = a.detach().double().cpu(), b.detach().double().cpu()

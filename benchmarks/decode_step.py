@@ -47,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, out_dir, time_cuda, write_json  # noqa: E402
+from common import environment, out_dir, prefill, time_cuda, write_json  # noqa: E402
 
 from nanoseek import Transformer, preset  # noqa: E402
 from nanoseek.hf import to_dtype  # noqa: E402
@@ -244,10 +244,7 @@ def main():
     first = torch.randint(0, cfg.vocab_size, (R,), generator=g).tolist()
     # every row its own prompt: rows route to different experts, as in the engine
     prefilled = StaticCache(cfg, R, max_len, dtype=torch.bfloat16, device="cuda")
-    with torch.no_grad():
-        for b, p in enumerate(prompts.cuda()):
-            model(p[None], positions=torch.arange(len(p), device="cuda")[None],
-                  cache=prefilled.select([b], kv_len=len(p)), absorb=False)
+    prefill(model, prefilled, prompts.cuda())
     rows = {"moe_sweep": moe_sweep(model, R, args.repeat)} if args.moe_sweep else {}
     for name in args.variants:
         with variant(name):

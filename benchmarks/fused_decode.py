@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, out_dir, rel_err, time_cuda, write_json  # noqa: E402
+from common import environment, out_dir, prefill, rel_err, time_cuda, write_json  # noqa: E402
 
 from nanoseek import Transformer, preset  # noqa: E402
 from nanoseek.infer.cuda_graph import GraphDecoder  # noqa: E402
@@ -64,13 +64,6 @@ def step_weight_bytes(model: Transformer) -> int:
         else:
             total += sum(p.numel() * p.element_size() for p in mlp.parameters())
     return total + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
-
-
-def prefill(model, cache, prompts):
-    with torch.no_grad():
-        for b, p in enumerate(prompts):
-            model(p[None], positions=torch.arange(len(p), device=p.device)[None],
-                  cache=cache.select([b], kv_len=len(p)), absorb=False)
 
 
 def main():
