@@ -418,8 +418,9 @@ def test_extending_by_runs_equals_extending_token_by_token():
         params = SamplingParams(max_tokens=len(ids) - int(torch.randint(0, 4, (), generator=g)),
                                 **cases[trial % len(cases)])
         for tokenizer in (tok, None):
-            one = Sequence("a", [1], params, len(ids), seed=0)
-            runs = Sequence("b", [1], params, len(ids), seed=0)
+            # the ids run up to 3 past max_tokens: both must cut there
+            one = Sequence("a", [1], params, params.max_tokens, seed=0)
+            runs = Sequence("b", [1], params, params.max_tokens, seed=0)
             streamed_one = streamed_runs = ""
             for t in ids:
                 if not one.finished:

@@ -104,13 +104,17 @@ class Sequence:
         the sequence (a stop id, EOS, max_tokens, a stop string): update the text and finish
         state, return what to stream. The run is detokenized in one step; with stop strings
         (and a tokenizer) any token may complete one, so such a run goes a token at a time."""
-        if self.params.stop and tokenizer is not None and len(run) > 1:
-            texts = []
+        if self.params.stop and tokenizer is not None:
             for token in run:
-                texts.append(self.extend([token], tokenizer, eos_id).new_text)
+                self._take([token], tokenizer, eos_id)
                 if self.finished:
                     break
-            return StreamEvent(self.request_id, "".join(texts), self.finished, self.finish_reason)
+        else:
+            self._take(run, tokenizer, eos_id)
+        return self.stream_event()
+
+    def _take(self, run: list[int], tokenizer, eos_id: int | None) -> None:
+        """extend()'s state update for one run, nothing streamed."""
         p = self.params
         run = run[: self.max_tokens - len(self.output_ids)]
         ends = set(p.stop_token_ids) | ({eos_id} if eos_id is not None and not p.ignore_eos else set())
@@ -126,7 +130,6 @@ class Sequence:
             self.finish_reason = "length"
         if self.finish_reason is not None:
             self.status = Status.FINISHED
-        return self.stream_event()
 
     def _detokenize(self, tokenizer, text_ids: list[int], last: bool) -> None:
         """Extend self.text by what text_ids add since the last call (on the last call also an
