@@ -53,6 +53,21 @@ def prefill(model, cache, prompts: torch.Tensor) -> None:
                   cache=cache.select([b], kv_len=len(p)), absorb=False)
 
 
+def graph_us(fn, repeat: int, calls: int = 20) -> float:
+    """µs per call of fn, captured `calls` times in one CUDA graph and replayed (CUDA events,
+    median of repeat): the GPU's time, without the host's per-call launch cost."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(), fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return time_cuda(graph.replay, warmup=2, repeat=repeat)["median_ms"] * 1e3 / calls
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64."""
     a, b = a.detach().double().cpu(), b.detach().double().cpu()

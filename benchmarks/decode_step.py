@@ -27,8 +27,10 @@ Variants (`--variants`) put a code choice side by side in the same job:
   view of the rows, which Inductor compiles as a copy of the whole view, the scatter, and a
   copy back).
 
-`--moe-sweep` first times kernels/moe.py's launch shapes on one MoE layer and keeps the
-fastest; `--profile` writes the first variant's kernels at the largest bucket.
+`--moe-sweep` first times kernels/moe.py's launch shapes on one MoE layer and writes the
+fastest to moe_tuning.json (the rows then run the code's own shapes; up to 6ab6110 the sweep
+left its choice in place, so decode_step_4b6711a.json's rows ran the eager sweep's shapes);
+`--profile` writes the first variant's kernels at the largest bucket.
 
     python benchmarks/decode_step.py [--buckets 8 32 --variants base grouped_experts --moe-sweep --profile]
 """
@@ -47,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, out_dir, prefill, time_cuda, write_json  # noqa: E402
+from common import environment, graph_flags, graph_us, out_dir, prefill, rel_err, time_cuda, write_json  # noqa: E402
 
 from nanoseek import Transformer, preset  # noqa: E402
 from nanoseek.hf import to_dtype  # noqa: E402
@@ -156,27 +158,12 @@ def engine_breakdown(model, prompts, max_len: int, burst: int, repeat: int) -> d
     return out
 
 
-def graph_us(fn, repeat: int, calls: int = 20) -> float:
-    """µs per call of fn, captured `calls` times in one CUDA graph and replayed (CUDA events,
-    median of repeat): the GPU's time, without the host's per-call launch cost."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn(), fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return time_cuda(graph.replay, warmup=2, repeat=repeat)["median_ms"] * 1e3 / calls
-
-
 def moe_sweep(model, n_tokens: int, repeat: int) -> dict:
     """kernels/moe.py's launch shapes at n_tokens rows of one MoE layer of the model, routed
     by its own router on random hidden states: µs per call of each shape in a grid, first of
     expert_up's, then of expert_down's with the best up (graph_us), and of the grouped GEMM;
-    TUNING is left at the fastest, which also goes to moe_tuning.json (decode.py
-    --moe-tuning reads it)."""
+    the fastest go to moe_tuning.json (decode.py --moe-tuning reads it) and TUNING is put
+    back, so the rows after the sweep run the code's own shapes."""
     from nanoseek.kernels import moe as moe_kernels
     from nanoseek.model.moe import MoE
     layer = next(m for m in model.modules() if isinstance(m, MoE))
@@ -184,10 +171,10 @@ def moe_sweep(model, n_tokens: int, repeat: int) -> dict:
     x = torch.randn(n_tokens, ex.gate_proj.shape[2], device="cuda", dtype=ex.gate_proj.dtype)
     with torch.no_grad():
         weight, idx, _ = layer.gate(x)
-        ref = ex.forward_grouped(x, weight, idx).float()
+        ref = ex.forward_grouped(x, weight, idx)
         out = {"tokens": n_tokens, "experts_chosen": int(idx.unique().numel()),
                "grouped_us": graph_us(lambda: ex.forward_grouped(x, weight, idx), repeat)}
-        best = dict(moe_kernels.TUNING)
+        defaults, best = dict(moe_kernels.TUNING), dict(moe_kernels.TUNING)
         for part, (outer, inner) in (("up", ("block_f", "block_d")), ("down", ("block_d", "block_f"))):
             times, shapes = {}, {}
             for a in (32, 64, 128):
@@ -199,8 +186,7 @@ def moe_sweep(model, n_tokens: int, repeat: int) -> dict:
             for label, shape in shapes.items():
                 moe_kernels.TUNING[part] = shape
                 try:
-                    y = ex.forward_small_batch(x, weight, idx).float()
-                    err = float((y - ref).norm() / ref.norm())
+                    err = rel_err(ex.forward_small_batch(x, weight, idx), ref)
                     if err > 2e-2:
                         raise RuntimeError(f"rel err {err:.3g}")
                     times[label] = graph_us(lambda: ex.forward_small_batch(x, weight, idx), repeat)
@@ -212,8 +198,8 @@ def moe_sweep(model, n_tokens: int, repeat: int) -> dict:
             out[f"{part}_us"] = times
         out["best"] = best
         out["best_us"] = graph_us(lambda: ex.forward_small_batch(x, weight, idx), repeat)
-        y = ex.forward_small_batch(x, weight, idx).float()
-        out["rel_err_vs_grouped"] = float((y - ref).norm() / ref.norm())
+        out["rel_err_vs_grouped"] = rel_err(ex.forward_small_batch(x, weight, idx), ref)
+        moe_kernels.TUNING.update(defaults)
     print({k: v for k, v in out.items() if not k.endswith("_us") or isinstance(v, float)}, flush=True)
     print(f"wrote {write_json(out['best'], 'moe_tuning.json')}")
     return out
@@ -267,7 +253,7 @@ def main():
                                                       args.profile and name == args.variants[0] and B == R)
                 row = {"variant": name, "batch": B, "kernels_us": kernels, "launches": launches,
                        "replay_us": replay, "gap_us": replay - kernels, "burst_us": burst_us,
-                       "compiled": step.compile, "captured": bool(step.graphs) and not step.failed}
+                       **graph_flags(step)}
                 del step, cache
                 torch.cuda.empty_cache()
                 if not args.no_engine and name == args.variants[0]:

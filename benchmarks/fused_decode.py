@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, out_dir, prefill, rel_err, time_cuda, write_json  # noqa: E402
+from common import environment, graph_flags, graph_us, out_dir, prefill, rel_err, time_cuda, write_json  # noqa: E402
 
 from nanoseek import Transformer, preset  # noqa: E402
 from nanoseek.infer.cuda_graph import GraphDecoder  # noqa: E402
@@ -64,6 +64,49 @@ def step_weight_bytes(model: Transformer) -> int:
         else:
             total += sum(p.numel() * p.element_size() for p in mlp.parameters())
     return total + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+
+
+# the largest kernels' knobs first (fused.TUNING's keys; each candidate list holds the default)
+CANDIDATES = dict(pdl=[True, False], up_rows=[4, 8, 16], up_warps=[1, 2, 4],
+                  down_rows=[1, 2, 4, 8], down_warps=[1, 2, 4, 8],
+                  query_warps=[2, 4, 8], gemv_rows=[2, 4, 8], gemv_warps=[2, 4, 8],
+                  attend_split=[32, 64, 128], attend_warps=[4, 8], output_warps=[2, 4, 8], route_warps=[1, 2, 4],
+                  head_rows=[4, 8, 16, 32], head_warps=[4, 8])
+
+
+def fused_step_us(model, cache, tuning, prompt, repeat=5) -> float:
+    """µs per step of the batch-1 fused step with these launch shapes: 16 forwards captured
+    in one graph (graph_us), median of repeat replays."""
+    step = FusedDecoder(model, cache, 1, tuning)
+    ids = torch.ones(1, 1, dtype=torch.long, device="cuda")
+    pos = torch.full((1, 1), prompt, device="cuda")
+    return graph_us(lambda: step.forward(ids, pos), repeat, calls=16)
+
+
+def tune(model, cache, prompt, passes) -> tuple[dict, list]:
+    """Coordinate descent over CANDIDATES from fused.TUNING: each knob in turn over its
+    values, the others held, keeping the fastest; returns the best shapes and the path."""
+    best = dict(fused_module.TUNING)
+    best_us = fused_step_us(model, cache, best, prompt)
+    path = [{"tuning": dict(best), "us_per_step": best_us}]
+    print(f"tune: start {best_us:.1f} us/step", flush=True)
+    tried = {tuple(sorted(best.items()))}
+    for key, values in [kv for _ in range(passes) for kv in CANDIDATES.items()]:
+        for v in values:
+            trial = {**best, key: v}
+            if tuple(sorted(trial.items())) in tried:
+                continue
+            tried.add(tuple(sorted(trial.items())))
+            try:
+                us = fused_step_us(model, cache, trial, prompt)
+            except Exception as e:  # noqa: BLE001 — a shape that does not compile: skip it, say so
+                print(f"tune: {key}={v} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            path.append({"tuning": trial, "us_per_step": us})
+            if us < best_us:
+                best, best_us = trial, us
+                print(f"tune: {key}={v} -> {us:.1f} us/step", flush=True)
+    return best, path
 
 
 def main():
@@ -124,9 +167,8 @@ def main():
             us = time_cuda(burst, warmup=1, repeat=args.repeat)["median_ms"] * 1e3 / args.steps  # warm-up: capture
             row = rows[f"batch {B}"]
             row[f"{name}_us_per_step"] = us
-            row[f"{name}_graph_captured"] = bool(step.graphs) and not step.failed
+            row.update({f"{name}_{k}": v for k, v in graph_flags(step).items()})  # captured, compiled
             if name == "compiled":
-                row["compiled_compiled"] = step.compile
                 row["speedup_fused_vs_compiled"] = row["compiled_us_per_step"] / row["fused_us_per_step"]
             print(f"{name} batch {B}: {us:.1f} us/step", flush=True)
             del step, cache
