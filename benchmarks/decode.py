@@ -71,11 +71,15 @@ MODES = {"compiled": ("", dict(cuda_graphs=True, compile=True, fused_decode=0)),
          "eager": (" (no CUDA graphs)", dict(cuda_graphs=False, compile=False))}
 
 
-def moe_tuning(saved: dict) -> dict:
-    """kernels/moe.py's TUNING from a moe_tuning.json: named keys, or (files up to 6ab6110)
-    lists in the order (block_f, block_d, warps, stages) for up, (block_d, block_f, ...) for down."""
-    order = {"up": ("block_f", "block_d", "warps", "stages"), "down": ("block_d", "block_f", "warps", "stages")}
-    return {part: dict(zip(order[part], v)) if isinstance(v, list) else v for part, v in saved.items()}
+def load_tuning(path: str, tuning: dict) -> None:
+    """Update a TUNING dict (fused.py's or kernels/moe.py's) from a JSON file of its keys; a
+    key it does not have (a knob since removed) is an error, not silently recorded."""
+    saved = json.loads(Path(path).read_text())
+    unknown = set(saved) - set(tuning)
+    if unknown:
+        raise SystemExit(f"{path}: keys {sorted(unknown)} are not launch shapes of this code "
+                         f"(known: {sorted(tuning)}); tune again")
+    tuning.update(saved)
 
 
 def same_tokens(a: list[list[int]], b: list[list[int]]) -> float:
@@ -165,10 +169,10 @@ def main():
     BucketGraphs.tuned_options = {**BucketGraphs.tuned_options, **dict(map(inductor_option, args.tuned_option))}
     if args.fused_tuning:
         from nanoseek.infer import fused
-        fused.TUNING.update(json.loads(Path(args.fused_tuning).read_text()))
+        load_tuning(args.fused_tuning, fused.TUNING)
     from nanoseek.kernels import moe as moe_kernels
     if args.moe_tuning:
-        moe_kernels.TUNING.update(moe_tuning(json.loads(Path(args.moe_tuning).read_text())))
+        load_tuning(args.moe_tuning, moe_kernels.TUNING)
     torch.manual_seed(0)
     cfg = preset("bench-1b")
     g = torch.Generator().manual_seed(1)
