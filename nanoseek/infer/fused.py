@@ -1,5 +1,5 @@
 """The fused decode step: one new token for each of a few cache rows, every decoder layer in
-nine Triton kernels (eight for a dense layer; kernels/decode.py), for batch-1 latency.
+nine Triton kernels (seven for a dense layer; kernels/decode.py), for batch-1 latency.
 
 A decode step of one sequence reads each weight once and does almost no arithmetic, so its
 time is the number of kernels it launches plus how near each comes to the memory bandwidth.
@@ -29,8 +29,9 @@ import torch
 import triton
 
 from ..config import ModelConfig
+from ..kernels import decode as kernels
 from ..model import StaticCache, Transformer
-from ..model.moe import MoE
+from ..model.moe import MoE, Router
 
 MAX_EXPERTS = 256   # one program holds a token's E scores for the routing
 MAX_BLOCK = 2048    # widest row a program loads at once (wider ones are read in chunks)
@@ -50,6 +51,24 @@ def _pow2(n: int, at_least: int = 1) -> int:
     return max(at_least, triton.next_power_of_2(n))
 
 
+def routing_groups(topk_method: str, n_group: int | None) -> int:
+    """The groups the routing chooses among: greedy routing ignores them, as moe.Router does."""
+    return 1 if topk_method == "greedy" else (n_group or 1)
+
+
+def route(router: Router, logits_BE: torch.Tensor, idx_BK: torch.Tensor, gate_BK: torch.Tensor,
+          rows: int, num_warps: int = 1, **launch) -> None:
+    """kernels.moe_route_kernel for the first `rows` rows of the router logits: each row's K
+    experts and gates into idx_BK / gate_BK, by the router's own rule."""
+    bias = router.e_score_correction_bias
+    kernels.moe_route_kernel[(rows,)](
+        logits_BE, bias if bias is not None else logits_BE, router.scaling, idx_BK, gate_BK,
+        E=router.n_experts, K=router.top_k, G=routing_groups(router.topk_method, router.n_group),
+        TOPK_GROUP=router.topk_group, HAS_BIAS=bias is not None, SIGMOID=router.scoring_func == "sigmoid",
+        GROUP_TOP2=router.topk_method == "noaux_tc", NORM_TOPK=router.norm_topk_prob,
+        num_warps=num_warps, **({"USE_PDL": False} | launch))
+
+
 def pdl_supported(device: torch.device) -> bool:
     """Programmatic dependent launch: a Hopper+ GPU, compiled kernels (not the interpreter)
     and a Triton whose launcher takes `launch_pdl`."""
@@ -65,21 +84,14 @@ def pdl_supported(device: torch.device) -> bool:
 
 class FusedDecoder:
     def __init__(self, model: Transformer, cache: StaticCache, max_rows: int, tuning: dict | None = None):
-        from ..kernels import decode as kernels
         reason = self.unsupported(model.config)
         if reason:
             raise ValueError(f"the fused decode step does not support this model: {reason}")
-        self.k = kernels
         self.model, self.cache, self.max_rows = model, cache, max_rows
         unknown = set(tuning or {}) - set(TUNING)
         if unknown:
             raise ValueError(f"unknown tuning keys {sorted(unknown)}; known: {sorted(TUNING)}")
         self.t = {**TUNING, **(tuning or {})}
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            # Triton's interpreter (CPU tests) pays per program: a few big ones, still more
-            # than one per kernel, so that block boundaries are tested (unless a test set them)
-            big = dict(gemv_rows=16, head_rows=16, up_rows=16, down_rows=32)
-            self.t.update({k: v for k, v in big.items() if k not in (tuning or {})})
         for key, value in self.t.items():
             if key.endswith(("_rows", "_warps")) and (value < 1 or value & (value - 1)):
                 raise ValueError(f"tuning {key}={value}: a power of two")
@@ -128,7 +140,7 @@ class FusedDecoder:
         if c.attention_bias:
             return "attention_bias"
         E = c.n_routed_experts or 0
-        G = (c.n_group or 1) if c.topk_method != "greedy" else 1  # greedy routing ignores the groups
+        G = routing_groups(c.topk_method, c.n_group)
         if E and (E & (E - 1) or G & (G - 1) or E % G):
             return f"{E} routed experts in {G} groups (powers of two, the groups dividing the experts)"
         if E > MAX_EXPERTS:
@@ -161,7 +173,7 @@ class FusedDecoder:
         n2 = 0 if weight2 is None else weight2.shape[0]
         block_o = self.t["head_rows" if head else "gemv_rows"]  # rows of the weight per program, all B rows of x
         grid = (triton.cdiv(n1, block_o) + triton.cdiv(n2, block_o),)
-        self.k.gemv_kernel[grid](
+        kernels.gemv_kernel[grid](
             x, x.stride(0), B, K, norm.weight if norm is not None else x,
             norm.eps if norm is not None else 0.0,
             weight, n1, weight2 if weight2 is not None else weight, n2,
@@ -172,7 +184,7 @@ class FusedDecoder:
             num_warps=self.t["head_warps" if head else "gemv_warps"], **self.launch)
 
     def _attention(self, layer, i, h, positions_B):
-        c, k, a = self.config, self.k, layer.self_attn
+        c, k, a = self.config, kernels, layer.self_attn
         B = h.shape[0]
         H, C, R, N, V, Q = (c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim,
                             c.qk_nope_head_dim, c.v_head_dim, c.q_lora_rank)
@@ -215,7 +227,7 @@ class FusedDecoder:
     def _mlp(self, layer, h):
         """h += the layer's MLP or MoE of RMSNorm(h): router logits (gemv), routing, expert
         gate/up, expert down + combine + residual."""
-        k = self.k
+        k = kernels
         B, D = h.shape
         norm, mlp = layer.post_attention_layernorm, layer.mlp
         P, F, shared = self._slots(layer)
@@ -224,14 +236,7 @@ class FusedDecoder:
             router, experts = mlp.gate, mlp.experts
             K = router.top_k
             self._gemv(h, router.weight, self.router_logits[:B], norm=norm)
-            bias = router.e_score_correction_bias
-            grouped = router.topk_method != "greedy"  # greedy ignores the groups, as moe.Router
-            k.moe_route_kernel[(B,)](
-                self.router_logits, bias if bias is not None else self.router_logits, router.scaling,
-                self.sel_idx, self.sel_gate, E=router.n_experts, K=K, G=router.n_group if grouped else 1,
-                TOPK_GROUP=router.topk_group, HAS_BIAS=bias is not None,
-                SIGMOID=router.scoring_func == "sigmoid", GROUP_TOP2=router.topk_method == "noaux_tc",
-                NORM_TOPK=router.norm_topk_prob, num_warps=self.t["route_warps"], **self.launch)
+            route(router, self.router_logits, self.sel_idx, self.sel_gate, B, self.t["route_warps"], **self.launch)
         # pointers a layer lacks (routed in a dense layer, shared without shared experts) are never read
         routed = (experts.gate_proj, experts.up_proj, experts.down_proj) if K else shared
         sg, su, sd = shared if shared is not None else routed

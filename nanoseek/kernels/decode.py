@@ -1,5 +1,5 @@
 """Triton kernels of the fused decode step: one decoder layer of one token per row in nine
-kernels, eight for a dense layer (infer/fused.py wires them; its twin is the model's
+kernels, seven for a dense layer (infer/fused.py wires them; its twin is the model's
 absorbed-MLA decode forward).
 
 Legend: B rows (one new token each), D hidden_size, Q q_lora_rank, C kv_lora_rank, R
