@@ -194,15 +194,19 @@ def test_routing_kernel_chooses_the_routers_experts(overrides):
 
 def test_engine_checks_fused_decode(monkeypatch):
     """A negative row count is refused; by default the fused step runs with 16-bit weights on
-    an NVIDIA GPU (where it was measured), not with float32 weights, on the CPU or ROCm."""
-    from nanoseek.infer import engine as engine_module
+    an NVIDIA Hopper+ GPU (where it was measured), not with float32 weights, on the CPU, an
+    older GPU or ROCm."""
     from nanoseek.infer.engine import FUSED_DECODE_ROWS, Engine, default_fused_rows
     with pytest.raises(ValueError, match="fused_decode"):
         Engine(Transformer(preset("tiny")), fused_decode=-1)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert default_fused_rows(torch.bfloat16, cuda) == default_fused_rows(torch.float16, cuda) == FUSED_DECODE_ROWS
     assert default_fused_rows(torch.float32, cuda) == default_fused_rows(torch.bfloat16, cpu) == 0
-    monkeypatch.setattr(engine_module.torch.version, "hip", "6.2")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert default_fused_rows(torch.bfloat16, cuda) == 0
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.version, "hip", "6.2")
     assert default_fused_rows(torch.bfloat16, cuda) == 0
     monkeypatch.undo()
     if DEVICE == "cuda":

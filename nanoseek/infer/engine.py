@@ -272,10 +272,10 @@ FUSED_DECODE_ROWS = 4
 
 
 def default_fused_rows(dtype: torch.dtype, device: torch.device) -> int:
-    """FUSED_DECODE_ROWS for 16-bit weights on an NVIDIA GPU (where the fused step was
-    measured), else 0."""
-    nvidia = device.type == "cuda" and not torch.version.hip
-    return FUSED_DECODE_ROWS if nvidia and dtype in (torch.bfloat16, torch.float16) else 0
+    """FUSED_DECODE_ROWS where the fused step was measured (kernels.tuned_gpu: 16-bit weights
+    on an NVIDIA Hopper+ GPU, Triton installed), else 0."""
+    from ..kernels import tuned_gpu
+    return FUSED_DECODE_ROWS if tuned_gpu(device, dtype) else 0
 
 
 class Engine:

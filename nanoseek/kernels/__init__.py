@@ -6,7 +6,20 @@
   them above GATHER_MAX_PAIRS on a Hopper+ NVIDIA GPU with 16-bit weights, without
   autograd), whose twin is Experts.forward_loop.
 
-Importing a module here imports Triton; callers import lazily, only where a fast path runs.
-Under TRITON_INTERPRET=1 the kernels run on CPU tensors (slowly), which is how the CPU
-tests check them.
+Importing a module here imports Triton; callers import lazily, only where a fast path runs
+(this package itself does not). Under TRITON_INTERPRET=1 the kernels run on CPU tensors
+(slowly), which is how the CPU tests check them.
 """
+
+import importlib.util
+
+import torch
+
+TRITON = importlib.util.find_spec("triton") is not None
+
+
+def tuned_gpu(device: torch.device, dtype: torch.dtype) -> bool:
+    """Where the fast paths are on by default: where they were measured and tuned, an NVIDIA
+    Hopper+ GPU with 16-bit weights, and Triton installed."""
+    return (TRITON and device.type == "cuda" and not torch.version.hip
+            and dtype in (torch.bfloat16, torch.float16) and torch.cuda.get_device_capability(device)[0] >= 9)

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..kernels import tuned_gpu
 
 
 class MLP(nn.Module):
@@ -185,9 +186,9 @@ def balance_loss(scores_BTE, idx_BTK, n_experts: int, alpha: float, per_sequence
 GATHER_MAX_PAIRS = 16
 # Above that and up to kernels.moe.MAX_TOKENS tokens (decode steps of a batch), without
 # autograd: the expert-major Triton kernels (kernels/moe.py), two kernels a layer instead of
-# the grouped GEMM's dozen. "auto": on a Hopper+ NVIDIA GPU (where they were measured) with
-# 16-bit weights; True: wherever Triton runs (the CPU tests, under TRITON_INTERPRET=1); False:
-# never
+# the grouped GEMM's dozen. "auto": where they were measured (kernels.tuned_gpu: a Hopper+
+# NVIDIA GPU, 16-bit weights); True: wherever Triton runs (the CPU tests, under
+# TRITON_INTERPRET=1); False: never
 SMALL_BATCH_KERNELS: bool | str = "auto"
 
 
@@ -198,13 +199,9 @@ def small_batch_kernels(x: torch.Tensor, weights: tuple[torch.Tensor, ...], n_to
     mode, weight = SMALL_BATCH_KERNELS, weights[0]
     if mode is False or torch.is_grad_enabled() or compute_dtype(x) != weight.dtype:
         return False
-    if mode == "auto" and not (x.is_cuda and not torch.version.hip and weight.dtype in (torch.bfloat16, torch.float16)
-                               and torch.cuda.get_device_capability(x.device)[0] >= 9):
+    if mode == "auto" and not tuned_gpu(x.device, weight.dtype):
         return False
-    try:
-        from ..kernels import moe as moe_kernels  # imports Triton (and registers the op) on first use
-    except ImportError:
-        return False
+    from ..kernels import moe as moe_kernels  # imports Triton (and registers the op) on first use
     return moe_kernels.unsupported(n_tokens, *weights) is None
 
 
