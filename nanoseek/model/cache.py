@@ -74,34 +74,32 @@ class CacheView:
         if not 0 < kv_len <= cache.max_len:
             raise ValueError(f"kv_len {kv_len} outside 1..{cache.max_len}")
         self.cache, self.kv_len = cache, kv_len
-        if isinstance(slot_ids, slice):
-            self.rows, self.slot_ids = slot_ids, None
-            return
-        n, first = len(slot_ids), slot_ids[0]
-        contiguous = list(slot_ids) == list(range(first, first + n))
-        self.rows = slice(first, first + n) if contiguous else None
-        self.slot_ids = None if contiguous else torch.tensor(slot_ids, device=cache.layers[0][0].device)
+        device = cache.layers[0][0].device
+        if not isinstance(slot_ids, slice):
+            first, n = slot_ids[0], len(slot_ids)
+            if list(slot_ids) == list(range(first, first + n)):
+                slot_ids = slice(first, first + n)
+        if isinstance(slot_ids, slice):  # reads: a plain slice of the buffers
+            self.rows = slot_ids
+            stop = cache.num_slots if slot_ids.stop is None else slot_ids.stop
+            self.row_ids = torch.arange(slot_ids.start or 0, stop, device=device)[:, None]
+        else:                            # reads: a gather of the rows
+            self.row_ids = torch.tensor(slot_ids, device=device)[:, None]
+            self.rows = self.row_ids[:, 0]
 
     def update(self, layer_idx: int, positions: torch.Tensor,
                *entries: torch.Tensor) -> list[torch.Tensor]:
         """Write entries [b, T, ...] at positions [b, T] of the selected rows; return those
-        rows' buffers [b, kv_len, ...]."""
-        bufs = self.cache.layers[layer_idx]
-        if self.rows is not None:
-            # index_put_ on the whole buffer, not scatter_ into the slice view: Inductor
-            # compiles a write into a view as a copy of the view, the write, and a copy back
-            start = self.rows.start or 0
-            stop = bufs[0].shape[0] if self.rows.stop is None else self.rows.stop
-            row_ids = torch.arange(start, stop, device=bufs[0].device)[:, None]
-        else:
-            row_ids = self.slot_ids[:, None]
+        rows' buffers [b, kv_len, ...]. The write is an index_put_ on the whole buffer, not a
+        scatter_ into a slice view: Inductor compiles a write into a view as a copy of the
+        view, the write, and a copy back."""
         # one entry per row: index_put_ would broadcast a single row's entries to all of them
-        torch._check(positions.shape[0] == row_ids.shape[0],
+        torch._check(positions.shape[0] == self.row_ids.shape[0],
                      lambda: "CacheView.update: positions [b, T] need one row per row of the view")
         out = []
-        for buf, new in zip(bufs, entries):
-            buf.index_put_((row_ids, positions), new.to(buf.dtype))
-            out.append(buf[self.rows if self.rows is not None else self.slot_ids, : self.kv_len])
+        for buf, new in zip(self.cache.layers[layer_idx], entries):
+            buf.index_put_((self.row_ids, positions), new.to(buf.dtype))
+            out.append(buf[self.rows, : self.kv_len])
         return out
 
 
