@@ -190,7 +190,7 @@ class ModelRunner:
             verify_pos = pos_B[:, None] + offsets
             out = self.model(torch.cat([pending_B[:, None], draft_BK], 1), positions=verify_pos, cache=view)
             n_acc, nxt = greedy_accept(out.logits.argmax(-1), draft_BK)
-            if q_BKV is not None:  # some row samples (its drafts came with their distributions)
+            if sampled:  # some row samples: its drafts came with their distributions q
                 p_BKV = sampling_probs(out.logits, *settings)
                 s_acc, s_nxt = speculative_accept_rows(p_BKV, q_BKV, draft_BK, u[:, k:2 * k], u[:, 2 * k])
                 n_acc, nxt = torch.where(greedy_B, n_acc, s_acc), torch.where(greedy_B, nxt, s_nxt)
