@@ -46,7 +46,8 @@ enough() {  # limit, least useful seconds: a part with less time than that is sk
 gpu_tests() {  # limit, test files and pytest options
   local limit=$1; shift
   enough "$limit" 30 || return
-  timeout "$limit" python3 -m pytest -m gpu -p no:cacheprovider "$@" 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
+  # -rA: the log names every test and its outcome (a log of dots shows neither)
+  timeout "$limit" python3 -m pytest -m gpu -rA -p no:cacheprovider "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
   echo "gpu tests done at $(elapsed)s"
 }
 short_speedrun() {  # limit, minutes: pretrain + SFT only, a model with MTP for speculation
@@ -64,8 +65,8 @@ speculation() {  # limit: MTP K = 1, 2 at batch 1, 8 on the speedrun's SFT model
 fused() {  # limit: the fused decode step's tests on the GPU, then benchmarks/fused_decode.py $FUSED_ARGS
   enough "$1" 60 || return
   local until=$(( $(elapsed) + $1 ))
-  timeout "$(( $1 < 150 ? $1 : 150 ))" python3 -m pytest -p no:cacheprovider tests/test_fused_decode.py 2>&1 \
-    | tail -25 | tee "$OUT/fused_tests.log"
+  timeout "$(( $1 < 150 ? $1 : 150 ))" python3 -m pytest -rA -p no:cacheprovider tests/test_fused_decode.py 2>&1 \
+    | tee "$OUT/fused_tests.log" | tail -25
   local rest=$(( until - $(elapsed) ))
   enough "$rest" 60 || return
   OUT=$OUT timeout "$rest" python3 benchmarks/fused_decode.py --profile ${FUSED_ARGS:-} 2>&1 | grep -v Warning \
