@@ -62,7 +62,7 @@ def timed(fn, repeat):
 
 # --modes: (row label suffix, Engine settings; gather: moe.GATHER_MAX_PAIRS, small_batch:
 # moe.SMALL_BATCH_KERNELS for the run)
-MODES = {"compiled": ("", dict(cuda_graphs=True, compile=True, fused_decode=0)),
+MODES = {"compiled": (" (compiled step)", dict(cuda_graphs=True, compile=True, fused_decode=0)),
          # batches of up to 4 rows on the fused Triton step (infer/fused.py); larger ones compiled
          "fused": (" (fused Triton step)", dict(cuda_graphs=True, compile=True, fused_decode=4)),
          "grouped": (" (compiled, grouped GEMM experts only)",
@@ -227,8 +227,9 @@ def main():
             runs = tokens[label, B]
             # the same greedy tokens in every run of this engine (deterministic kernels)?
             rows[name]["same_tokens_run_to_run"] = same_tokens(runs[0], runs[-1])
-            if label != "" and ("", B) in tokens:  # the same greedy tokens as the compiled engine?
-                rows[name]["same_tokens_as_compiled"] = same_tokens(runs[-1], tokens["", B][-1])
+            compiled = MODES["compiled"][0]
+            if label != compiled and (compiled, B) in tokens:  # the same greedy tokens as the compiled engine?
+                rows[name]["same_tokens_as_compiled"] = same_tokens(runs[-1], tokens[compiled, B][-1])
             print(f"{name}: {rows[name]}", flush=True)
         del engine
         gc.collect()
