@@ -61,6 +61,19 @@ def _wait_prev(USE_PDL: tl.constexpr):
 
 
 @triton.jit
+def _rms_norm(x, g, n, eps):
+    """RMSNorm of a row held whole in registers (float32; padding zeros), times the weight g."""
+    return x * tl.rsqrt(tl.sum(x * x, axis=0) / n + eps) * g
+
+
+@triton.jit
+def _rope_store(ptr, even, odd, cos, sin, mask):
+    """Pairs (even, odd) turned by the angles of (cos, sin), stored interleaved at ptr."""
+    tl.store(ptr, even * cos - odd * sin, mask=mask)
+    tl.store(ptr + 1, odd * cos + even * sin, mask=mask)
+
+
+@triton.jit
 def _inv_rms(x_ptr, n, eps, BLOCK: tl.constexpr):
     """1 / RMS of x[0:n] (a scalar)."""
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -177,13 +190,11 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
         g = tl.load(qnorm_ptr + j, mask=jmask, other=0.0).to(tl.float32)
         _wait_prev(USE_PDL)
         qa = tl.load(row_ptr + j, mask=jmask, other=0.0).to(tl.float32)
-        x = qa * tl.rsqrt(tl.sum(qa * qa, axis=0) / Q + eps_q) * g
+        x = _rms_norm(qa, g, Q, eps_q)
         q_nope = tl.sum(w_n.to(tl.float32) * x[None, :], axis=1)
         pe_e = tl.sum(w_e.to(tl.float32) * x[None, :], axis=1)
         pe_o = tl.sum(w_o.to(tl.float32) * x[None, :], axis=1)
-        pe_ptr = qpe_ptr + (b * H + h) * R
-        tl.store(pe_ptr + 2 * r2, pe_e * cos - pe_o * sin, mask=r2mask)
-        tl.store(pe_ptr + 2 * r2 + 1, pe_o * cos + pe_e * sin, mask=r2mask)
+        _rope_store(qpe_ptr + (b * H + h) * R + 2 * r2, pe_e, pe_o, cos, sin, r2mask)
         tl.store(qlat_ptr + (b * H + h) * C + c, tl.sum(w_uk.to(tl.float32) * q_nope[:, None], axis=0), mask=cmask)
     else:
         # (names of its own: Triton merges same-named values of the two branches)
@@ -194,11 +205,8 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
         kv = tl.load(kv_ptr + c, mask=cmask, other=0.0).to(tl.float32)
         k_e = tl.load(kv_ptr + C + 2 * r2, mask=r2mask, other=0.0).to(tl.float32)
         k_o = tl.load(kv_ptr + C + 2 * r2 + 1, mask=r2mask, other=0.0).to(tl.float32)
-        tl.store(ckv_ptr + b * stride_ckv + pos * C + c, kv * tl.rsqrt(tl.sum(kv * kv, axis=0) / C + eps_kv) * g_kv,
-                 mask=cmask)
-        out = kpe_ptr + b * stride_kpe + pos * R
-        tl.store(out + 2 * r2, k_e * cos - k_o * sin, mask=r2mask)
-        tl.store(out + 2 * r2 + 1, k_o * cos + k_e * sin, mask=r2mask)
+        tl.store(ckv_ptr + b * stride_ckv + pos * C + c, _rms_norm(kv, g_kv, C, eps_kv), mask=cmask)
+        _rope_store(kpe_ptr + b * stride_kpe + pos * R + 2 * r2, k_e, k_o, cos, sin, r2mask)
 
 
 @triton.jit
@@ -381,7 +389,7 @@ def moe_up_kernel(h_ptr, stride_h, norm_ptr, eps, D, sel_idx_ptr,
         w_g = s_g + tl.load(wg_ptr + idx * F * D + f[:, None] * D + d[None, :], mask=rmask, other=0.0)
         w_u = s_u + tl.load(wu_ptr + idx * F * D + f[:, None] * D + d[None, :], mask=rmask, other=0.0)
         hx = tl.load(x_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-        x = hx * tl.rsqrt(tl.sum(hx * hx, axis=0) / D + eps) * g
+        x = _rms_norm(hx, g, D, eps)
         acc_g = tl.sum(w_g.to(tl.float32) * x[None, :], axis=1)
         acc_u = tl.sum(w_u.to(tl.float32) * x[None, :], axis=1)
     else:
