@@ -68,6 +68,20 @@ def graph_us(fn, repeat: int, calls: int = 20) -> float:
     return time_cuda(graph.replay, warmup=2, repeat=repeat)["median_ms"] * 1e3 / calls
 
 
+def profile_kernels(fn, calls: int, rows: int = 60) -> tuple[float, float, str]:
+    """fn() `calls` times under torch.profiler's CUDA activity: the kernels' µs and launches
+    per call (kernels inside replayed CUDA graphs included), and their table by total time."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=90)
+    return (sum(e.self_device_time_total for e in events) / calls, sum(e.count for e in events) / calls, table)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64."""
     a, b = a.detach().double().cpu(), b.detach().double().cpu()

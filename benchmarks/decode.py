@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, graph_flags, out_dir, write_json  # noqa: E402
+from common import environment, graph_flags, out_dir, profile_kernels, write_json  # noqa: E402
 
 from nanoseek import Transformer, from_pretrained, preset  # noqa: E402
 from nanoseek.infer.cuda_graph import BucketGraphs  # noqa: E402
@@ -265,8 +265,6 @@ def profile_decode_step(model, args, prompts):
     decodes its own token after its own prompt, so rows choose different experts as in the
     engine (up to 6ab6110 every row decoded token 1 over an empty cache: all rows chose the
     same experts, and the MoE's share of the step read far too small)."""
-    from torch.profiler import ProfilerActivity, profile
-
     from nanoseek.infer.cuda_graph import GraphDecoder
     engine = Engine(model, None, max_batch=max(args.batches), max_len=args.prompt + args.new, cuda_graphs=False)
     plist = [p.tolist() for p in prompts]
@@ -280,16 +278,10 @@ def profile_decode_step(model, args, prompts):
             for _ in range(3):  # compile, warm up
                 step.decode(slots, nxt, [args.prompt] * B)
             torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(10):
-                    step.decode(slots, nxt, [args.prompt] * B)
-                torch.cuda.synchronize()
-        events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or e.self_device_time_total > 0]
-        total = sum(e.self_device_time_total for e in events) / 10
-        lines += [f"## batch {B}: {total:.0f} us of kernels per decode step, "
-                  f"{sum(e.count for e in events) / 10:.0f} kernel launches", "",
-                  prof.key_averages().table(sort_by="self_device_time_total", row_limit=200,
-                                            max_name_column_width=90), ""]
+            total, launches, table = profile_kernels(lambda: step.decode(slots, nxt, [args.prompt] * B), 10,
+                                                     rows=200)
+        lines += [f"## batch {B}: {total:.0f} us of kernels per decode step, {launches:.0f} kernel launches", "",
+                  table, ""]
     out = out_dir() / "decode_profile.txt"
     out.write_text("\n".join(lines))
     print("\n".join(lines[:1]), f"\nwrote {out}")

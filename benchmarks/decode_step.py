@@ -49,7 +49,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, graph_flags, graph_us, out_dir, prefill, rel_err, time_cuda, write_json  # noqa: E402
+from common import (environment, graph_flags, graph_us, out_dir, prefill, profile_kernels, rel_err,  # noqa: E402
+                    time_cuda, write_json)  # noqa: E402
 
 from nanoseek import Transformer, preset  # noqa: E402
 from nanoseek.hf import to_dtype  # noqa: E402
@@ -92,21 +93,11 @@ def graph_kernels(step: GraphDecoder, B: int, ids: list[int], position: int, ste
                   table: bool) -> tuple[float, float]:
     """Kernel µs and launches per step inside `steps` replays of bucket B's graph (from the
     prompt's end); with table, the kernels by total time go to decode_step_profile.txt."""
-    from torch.profiler import ProfilerActivity, profile
     bucket = step.load([step.ids, step.positions], list(range(B)), ids, [position] * B)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step.run((bucket, False))
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
-    kernels = sum(e.self_device_time_total for e in events) / steps
-    launches = sum(e.count for e in events) / steps
+    kernels, launches, text = profile_kernels(lambda: step.run((bucket, False)), steps)
     if table:
         head = f"## batch {B}, captured replays: {kernels:.0f} us of kernels per step, {launches:.0f} launches"
-        (out_dir() / "decode_step_profile.txt").write_text(
-            head + "\n\n" + prof.key_averages().table(sort_by="self_device_time_total", row_limit=60,
-                                                      max_name_column_width=90) + "\n")
+        (out_dir() / "decode_step_profile.txt").write_text(head + "\n\n" + text + "\n")
     return kernels, launches
 
 

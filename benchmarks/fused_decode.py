@@ -34,7 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, graph_flags, graph_us, out_dir, prefill, rel_err, time_cuda, write_json  # noqa: E402
+from common import (environment, graph_flags, graph_us, out_dir, prefill, profile_kernels, rel_err,  # noqa: E402
+                    time_cuda, write_json)  # noqa: E402
 
 from nanoseek import Transformer, preset  # noqa: E402
 from nanoseek.infer.cuda_graph import GraphDecoder  # noqa: E402
@@ -214,24 +215,15 @@ def engine_overhead(model, prompt, max_len, repeat) -> dict:
 
 
 def profile(model, cache, args):
-    from torch.profiler import ProfilerActivity, profile
     fused = FusedDecoder(model, cache, 1)
     ids = torch.ones(1, 1, dtype=torch.long, device="cuda")
     pos = torch.full((1, 1), args.prompt, device="cuda")
     for _ in range(3):
         fused.forward(ids, pos)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
-            fused.forward(ids, pos)
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
-    total = sum(e.self_device_time_total for e in events) / 10
-    head = (f"## fused step, batch 1: {total:.0f} us of kernels per step, "
-            f"{sum(e.count for e in events) / 10:.0f} kernel launches")
+    total, launches, table = profile_kernels(lambda: fused.forward(ids, pos), 10, rows=40)
+    head = f"## fused step, batch 1: {total:.0f} us of kernels per step, {launches:.0f} kernel launches"
     out = out_dir() / "fused_profile.txt"
-    out.write_text(head + "\n\n" + prof.key_averages().table(sort_by="self_device_time_total", row_limit=40,
-                                                             max_name_column_width=60) + "\n")
+    out.write_text(head + "\n\n" + table + "\n")
     print(head, f"\nwrote {out}")
 
 
