@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, graph_flags, out_dir, profile_kernels, write_json  # noqa: E402
 
-from nanoseek import Transformer, from_pretrained, preset  # noqa: E402
+from nanoseek import Transformer, from_pretrained, preset, save_pretrained  # noqa: E402
 from nanoseek.infer.cuda_graph import BucketGraphs  # noqa: E402
 from nanoseek.infer.engine import Engine  # noqa: E402
 from nanoseek.infer.sampling import SamplingParams  # noqa: E402
@@ -179,7 +179,7 @@ def main():
     prompts = torch.randint(0, cfg.vocab_size, (max(args.batches), args.prompt), generator=g)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        Transformer(cfg).save_pretrained(tmp, dtype=torch.bfloat16)
+        save_pretrained(Transformer(cfg), tmp, dtype=torch.bfloat16)
         gc.collect()
         if not args.skip_hf:
             import transformers

@@ -65,7 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, graph_flags, out_dir  # noqa: E402
 
-from nanoseek import Transformer, from_pretrained, preset  # noqa: E402
+from nanoseek import Transformer, from_pretrained, preset, save_pretrained  # noqa: E402
 from nanoseek.data.tasks import get_task  # noqa: E402
 from nanoseek.data.tokenizer import ChatTokenizer, byte_tokenizer  # noqa: E402
 from nanoseek.rl.rewards import accuracy_reward  # noqa: E402
@@ -109,7 +109,7 @@ def summarize(times: list[float], tokens: list[int], rollout: list[float], warmu
 
 def export(args, tmp: Path) -> tuple[Path, ChatTokenizer, dict]:
     """The model and its tokenizer in HF layout (float32, what both sides train from)."""
-    from nanoseek.train.pipeline import load_model_dir
+    from nanoseek.loading import load_model_dir
     torch.manual_seed(args.seed)
     if args.model:
         src, model, tok = load_model_dir(args.model, device="cpu", dtype=torch.float32)
@@ -122,7 +122,7 @@ def export(args, tmp: Path) -> tuple[Path, ChatTokenizer, dict]:
         source = {"preset": args.preset, "weights": f"random, seed {args.seed}",
                   "tokenizer": f"byte_tokenizer({cfg.vocab_size})"}
     export_dir = tmp / "hf"
-    model.save_pretrained(export_dir, dtype=torch.float32)
+    save_pretrained(model, export_dir, dtype=torch.float32)
     tok.save(export_dir)
     source["config"] = model.config.to_dict()
     source["parameters"] = sum(p.numel() for p in model.parameters())

@@ -36,7 +36,7 @@ from nanoseek.data.tasks import get_task  # noqa: E402
 from nanoseek.infer.engine import Engine  # noqa: E402
 from nanoseek.infer.sampling import SamplingParams  # noqa: E402
 from nanoseek.train.evaluate import task_prompt  # noqa: E402
-from nanoseek.train.pipeline import load_model_dir  # noqa: E402
+from nanoseek.loading import load_model_dir  # noqa: E402
 
 
 def prompts_for(tok, specs: list[str], n: int) -> list[list[int]]:

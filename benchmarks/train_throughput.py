@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, out_dir, write_json  # noqa: E402
 
-from nanoseek import Transformer, preset  # noqa: E402
+from nanoseek import Transformer, preset, save_pretrained  # noqa: E402
 from nanoseek.info import model_info  # noqa: E402
 from nanoseek.train.optim import build_optimizer  # noqa: E402
 from nanoseek.train.step import train_step  # noqa: E402
@@ -142,7 +142,7 @@ def main():
     results = out_dir()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        ref.save_pretrained(tmp)
+        save_pretrained(ref, tmp)
         del ref
         gc.collect()
         if not args.skip_hf:

@@ -6,11 +6,8 @@ from .model import ModelOutput, StaticCache, Transformer
 __version__ = "0.1.0"
 
 
-def from_pretrained(path, dtype=None, device=None, **kwargs) -> Transformer:
-    """Load an HF-layout DeepSeek checkpoint (V2 or V3, BF16 or FP8) or one nanoseek saved."""
-    from .hf import from_pretrained as _load
-    return _load(path, dtype=dtype, device=device, **kwargs)
+from .hf import from_pretrained, save_pretrained
 
 
 __all__ = ["PRESETS", "ConfigError", "ModelConfig", "ModelOutput", "StaticCache", "Transformer",
-           "from_pretrained", "preset", "__version__"]
+           "from_pretrained", "preset", "save_pretrained", "__version__"]

@@ -159,6 +159,7 @@ def cmd_init(args: argparse.Namespace) -> None:
     import torch
 
     from .data.tokenizer import BOS, EOS, PAD, byte_tokenizer, save_tokenizer
+    from .hf import save_pretrained
     from .info import count_parameters
     from .model import Transformer
 
@@ -179,7 +180,7 @@ def cmd_init(args: argparse.Namespace) -> None:
                          f"of memory; this machine has {approx_bytes(mem)}")
     torch.manual_seed(args.seed)
     model = Transformer(cfg)  # initialised in float32, stored in `dtype` (routers stay float32)
-    model.save_pretrained(out, dtype=dtype)  # replaces `out` as a whole: tokenizer after
+    save_pretrained(model, out, dtype=dtype)  # replaces `out` as a whole: tokenizer after
     save_tokenizer(tok, out)
     mtp = f" + {approx(n['mtp_layers'])} MTP" if n["mtp_layers"] else ""
     print(f"wrote {out}: {approx(n['total'])}{mtp} parameters ({args.dtype}, seed {args.seed}), "
@@ -201,14 +202,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_cfg(args, extra: dict):
-    from .train.pipeline import train_config
+    from .train.stages import train_config
     if args.steps < 1:
         raise UsageError(f"--steps must be positive, got {args.steps}")
     return train_config(steps=args.steps, save_every=args.save_every, **extra)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .train.pipeline import pretrain, split_overrides
+    from .train.stages import pretrain, split_overrides
     model_over, train_over = split_overrides(args.overrides)
     args.overrides = model_over
     trainer, _, records = pretrain(load_config(args), _train_cfg(args, train_over), args.data, args.out,
@@ -230,7 +231,7 @@ def add_sft_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
-    from .train.pipeline import sft, split_overrides
+    from .train.stages import sft, split_overrides
     model_over, train_over = split_overrides(args.overrides)
     if model_over:
         raise UsageError(f"sft takes train fields only, not {', '.join(model_over)}")
@@ -253,7 +254,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .train.evaluate import evaluate_task
-    from .train.pipeline import load_model_dir
+    from .loading import load_model_dir
     _, model, tokenizer = load_model_dir(args.model)
     result = evaluate_task(model, tokenizer, args.task, args.level, n=args.n, k=args.k,
                            temperature=args.temperature, fmt=args.format)
@@ -319,11 +320,11 @@ def cmd_grpo(args: argparse.Namespace) -> None:
                          "(set eval_n=N)")
     source, eval_rows = args.task, None
     if args.eval_data:
-        from .rl.recipe import load_prompt_rows
+        from .rl.distill import load_prompt_rows
         eval_rows = load_prompt_rows(args.eval_data)
         changes.setdefault("eval_n", len(eval_rows))
     if args.data:
-        from .rl.recipe import correctness_reward, load_prompt_rows
+        from .rl.distill import correctness_reward, load_prompt_rows
         source = load_prompt_rows(args.data)
         if "rewards" not in changes:
             changes["rewards"] = {correctness_reward(source): 1.0}
@@ -363,7 +364,7 @@ def add_rejection_sample_args(p: argparse.ArgumentParser) -> None:
 
 
 def print_recipe_stats(stats: dict, n: int, out: str, judged: bool = True) -> None:
-    from .rl.recipe import report_lines
+    from .rl.distill import report_lines
     for line in report_lines(stats, n, judged):
         print(line)
     print(f"wrote {stats['kept']} chats to {out}")
@@ -372,7 +373,7 @@ def print_recipe_stats(stats: dict, n: int, out: str, judged: bool = True) -> No
 
 
 def cmd_rejection_sample(args: argparse.Namespace) -> None:
-    from .rl.recipe import prompt_rows, rejection_sample
+    from .rl.distill import prompt_rows, rejection_sample
     rows = prompt_rows(args.task, args.data, args.level, args.num_prompts, args.seed)
     stats = rejection_sample(args.model, rows, args.out, n=args.n, temperature=args.temperature,
                              max_tokens=args.max_tokens, seed=args.seed, device=args.device)
@@ -399,8 +400,9 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
-    from .rl.recipe import distill, is_url, prompt_rows, teacher_key
-    from .train.pipeline import resolve_model_dir, sft, split_overrides, train_config
+    from .rl.distill import distill, is_url, prompt_rows, teacher_key
+    from .loading import resolve_model_dir
+    from .train.stages import sft, split_overrides, train_config
     if bool(args.student) != bool(args.sft_out):
         raise UsageError("--student and --sft-out go together: the student to fine-tune and where to")
     train_over = {}
@@ -456,7 +458,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 
 def load_model(args: argparse.Namespace):
     """(model, tokenizer) of --model on --device."""
-    from .train.pipeline import load_model_dir
+    from .loading import load_model_dir
     if args.max_tokens < 1:
         raise UsageError(f"--max-tokens must be positive, got {args.max_tokens}")
     _, model, tokenizer = load_model_dir(args.model, args.device)

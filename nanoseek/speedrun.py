@@ -41,7 +41,7 @@ from .rl.trainer import GRPOConfig, GRPOTrainer, grpo, grpo_config
 from .train.evaluate import evaluate_task
 from .data.datasets import load_documents
 from .data.tokenizer import ChatTokenizer, train_bpe
-from .train.pipeline import load_base, pretrain, read_specs, sft, train_config
+from .train.stages import load_base, pretrain, read_specs, sft, train_config
 
 # (task, level, n) of the pretraining documents and of the SFT chats
 PRETRAIN_DATA = "builtin:arithmetic:level=1:n=30000,builtin:arithmetic:level=2:n=3000"

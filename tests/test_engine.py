@@ -195,7 +195,7 @@ def test_reasoning_is_split_from_the_answer_across_chunks():
 
 def test_cli_generate_prints_what_the_engine_generates(tmp_path, capsys):
     import nanoseek
-    from nanoseek.train.pipeline import tokenizer_for
+    from nanoseek.loading import tokenizer_for
     ckpt = tmp_path / "ckpt"
     assert main(["init", "--preset", "tiny", "--out", str(ckpt)]) == 0
     model, tok = nanoseek.from_pretrained(ckpt), tokenizer_for(ckpt)

@@ -96,7 +96,7 @@ def logits(model, ids):
 def test_transformers_loads_what_nanoseek_saves(case, tmp_path):
     transformers = pytest.importorskip("transformers")
     model = nanoseek_model(**CASES[case])
-    model.save_pretrained(tmp_path / "ck")
+    save_pretrained(model, tmp_path / "ck")
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "ck", dtype=torch.float32, attn_implementation="eager").eval()
     expected = "DeepseekV3ForCausalLM" if case.startswith("v3") else "DeepseekV2ForCausalLM"
@@ -133,7 +133,7 @@ def test_nanoseek_loads_what_transformers_saves(case, tmp_path):
 def test_transformers_loads_a_dense_model(tmp_path):
     transformers = pytest.importorskip("transformers")
     model = nanoseek_model(**dict(V3, n_routed_experts=0, first_k_dense_replace=0))
-    model.save_pretrained(tmp_path / "ck")
+    save_pretrained(model, tmp_path / "ck")
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "ck", dtype=torch.float32, attn_implementation="eager").eval()
     ids = torch.randint(0, model.config.vocab_size, (2, SEQ))
@@ -161,7 +161,7 @@ def test_transformers_fused_expert_layout_loads(tmp_path):
 def test_transformers_reads_sharded_checkpoint(tmp_path):
     transformers = pytest.importorskip("transformers")
     model = nanoseek_model(**V3)
-    model.save_pretrained(tmp_path / "ck", max_shard_bytes=20_000)
+    save_pretrained(model, tmp_path / "ck", max_shard_bytes=20_000)
     assert (tmp_path / "ck" / "model.safetensors.index.json").exists()
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "ck", dtype=torch.float32, attn_implementation="eager").eval()
@@ -172,7 +172,7 @@ def test_transformers_reads_sharded_checkpoint(tmp_path):
 # ---------------------------------------------------------------- layout
 def test_checkpoint_layout_and_round_trip(tmp_path):
     model = nanoseek_model(**V3)
-    model.save_pretrained(tmp_path / "ck")
+    save_pretrained(model, tmp_path / "ck")
     keys = load_file(tmp_path / "ck" / "model.safetensors")
     assert "model.layers.1.mlp.experts.7.down_proj.weight" in keys
     assert keys["model.layers.1.mlp.experts.7.down_proj.weight"].shape == (32, 16)
@@ -198,7 +198,7 @@ def test_checkpoint_layout_and_round_trip(tmp_path):
 ], ids=["dense", "mha", "gqa"])
 def test_dense_and_baseline_models_round_trip(tmp_path, kw):
     model = nanoseek_model(**kw)
-    model.save_pretrained(tmp_path / "ck")
+    save_pretrained(model, tmp_path / "ck")
     loaded = from_pretrained(tmp_path / "ck")
     assert loaded.config.is_moe == model.config.is_moe
     assert loaded.config.attention_type == model.config.attention_type
@@ -209,7 +209,7 @@ def test_dense_and_baseline_models_round_trip(tmp_path, kw):
 def test_mtp_layers_hold_copies_of_the_shared_embedding_and_head(tmp_path):
     L = V3["num_hidden_layers"]
     model = nanoseek_model(**dict(V3, num_nextn_predict_layers=2))
-    model.save_pretrained(tmp_path / "ck")
+    save_pretrained(model, tmp_path / "ck")
     keys = load_file(tmp_path / "ck" / "model.safetensors")
     for k in (L, L + 1):
         for suffix in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
@@ -237,7 +237,7 @@ def test_mtp_layers_hold_copies_of_the_shared_embedding_and_head(tmp_path):
 
 def test_tied_embeddings_store_no_head(tmp_path):
     model = nanoseek_model(**dict(V3, tie_word_embeddings=True))
-    model.save_pretrained(tmp_path / "ck")
+    save_pretrained(model, tmp_path / "ck")
     keys = load_file(tmp_path / "ck" / "model.safetensors")
     assert "lm_head.weight" not in keys
     assert keys["model.layers.3.shared_head.head.weight"].equal(model.model.embed_tokens.weight)
@@ -366,7 +366,7 @@ def test_fp8_block_quantization_matches_a_per_block_reference():
 def test_official_fp8_checkpoint_is_dequantised_on_load(tmp_path):
     # intermediate 160, vocab 200: weights of several 128x128 blocks with partial edges
     model = nanoseek_model(**dict(V3, intermediate_size=160, vocab_size=200))
-    model.save_pretrained(tmp_path / "ck")
+    save_pretrained(model, tmp_path / "ck")
     keys = load_file(tmp_path / "ck" / "model.safetensors")
     fp8, dequantised = {}, {}
     for k, v in keys.items():
@@ -405,7 +405,7 @@ def test_official_fp8_checkpoint_is_dequantised_on_load(tmp_path):
 
     assert "quantization_config" not in loaded.config.extra  # the loaded model is not FP8
     assert from_pretrained(tmp_path / "fp8").model.embed_tokens.weight.dtype == torch.bfloat16
-    loaded.save_pretrained(tmp_path / "resaved")
+    save_pretrained(loaded, tmp_path / "resaved")
     assert "quantization_config" not in json.loads((tmp_path / "resaved" / "config.json").read_text())
 
     del fp8["model.layers.0.self_attn.o_proj.weight_scale_inv"]
@@ -418,7 +418,7 @@ def test_official_fp8_checkpoint_is_dequantised_on_load(tmp_path):
 @pytest.fixture
 def checkpoint(tmp_path):
     """A saved V3 model and its tensors, to be edited and written back."""
-    nanoseek_model(**V3).save_pretrained(tmp_path / "ck")
+    save_pretrained(nanoseek_model(**V3), tmp_path / "ck")
     return tmp_path / "ck", load_file(tmp_path / "ck" / "model.safetensors")
 
 
@@ -505,11 +505,11 @@ def test_save_over_existing_dir_keeps_tokenizer_and_drops_old_shards(tmp_path):
     from nanoseek.config import preset
     from nanoseek.model import Transformer
     out = tmp_path / "ckpt"
-    Transformer(preset("tiny")).save_pretrained(out, max_shard_bytes=200_000)
+    save_pretrained(Transformer(preset("tiny")), out, max_shard_bytes=200_000)
     assert (out / "model.safetensors.index.json").exists()
     (out / "tokenizer.json").write_text("{}")
     model = Transformer(preset("tiny"))
-    model.save_pretrained(out)
+    save_pretrained(model, out)
     names = sorted(p.name for p in out.iterdir())
     assert names == ["config.json", "model.safetensors", "tokenizer.json"], names
     assert oct(out.stat().st_mode & 0o777) != oct(0o700)

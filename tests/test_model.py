@@ -506,7 +506,7 @@ def test_nanoseek_runs_without_transformers():
     code = ("import sys; sys.modules['transformers'] = None\n"
             "import torch, tempfile, nanoseek\n"
             "m = nanoseek.Transformer(nanoseek.preset('tiny'))\n"
-            "d = tempfile.mkdtemp(); m.save_pretrained(d)\n"
+            "d = tempfile.mkdtemp(); nanoseek.save_pretrained(m, d)\n"
             "x = torch.randint(0, 1024, (1, 8))\n"
             "assert torch.equal(nanoseek.from_pretrained(d)(x).logits, m.eval()(x).logits)\n"
             "import nanoseek.cli, nanoseek.train.trainer, nanoseek.data.tasks\n"

@@ -24,7 +24,7 @@ from nanoseek.infer.engine import Engine  # noqa: E402
 from nanoseek.infer.sequence import StreamEvent  # noqa: E402
 from nanoseek.serve.app import Settings, chat_message, create_app  # noqa: E402
 from nanoseek.serve.audit import FeedbackStore  # noqa: E402
-from nanoseek.train.pipeline import tokenizer_for  # noqa: E402
+from nanoseek.loading import tokenizer_for  # noqa: E402
 
 KEY = "sk-local-test"
 CHAT = [{"role": "user", "content": "2+2="}]

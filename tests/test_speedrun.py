@@ -14,7 +14,7 @@ from nanoseek.rl.trainer import grpo
 from nanoseek.speedrun import answer_budget, choose_grpo_task, grpo_stage, write_report
 from nanoseek.train.checkpoint import latest_checkpoint
 from nanoseek.train.metrics import read_metrics
-from nanoseek.train.pipeline import tokenizer_for
+from nanoseek.loading import tokenizer_for
 
 
 pytestmark = pytest.mark.usefixtures("few_threads")  # conftest.py

@@ -25,7 +25,7 @@ from nanoseek.data.datasets import load_chats
 from nanoseek.data.loader import IGNORE, PackedLoader, SFTLoader, tokenize_chat
 from nanoseek.train.checkpoint import LATEST, TMP_PREFIX, latest_checkpoint, step_dir_name
 from nanoseek.train.metrics import read_metrics
-from nanoseek.train.pipeline import pretrain, sft, train_config
+from nanoseek.train.stages import pretrain, sft, train_config
 from nanoseek.train.trainer import Trainer, TrainingError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -397,7 +397,7 @@ def test_cli_eval_prints_greedy_accuracy(trained, capsys):
 def test_resume_without_a_checkpoint_starts_a_seeded_fresh_run(tmp_path):
     """--resume on an empty run directory is a fresh run: seeded, and equal to one."""
     from nanoseek import preset
-    from nanoseek.train.pipeline import pretrain, train_config
+    from nanoseek.train.stages import pretrain, train_config
     cfg = train_config(steps=3, batch_size=2, seq_len=32, warmup=1)
     data = "builtin:arithmetic:level=1:n=50"
     torch.manual_seed(123)  # disturbed global RNG: the run must seed itself either way
@@ -414,7 +414,7 @@ def test_resume_refuses_a_checkpoint_of_another_kind_of_run(tmp_path):
     from nanoseek import preset
     from nanoseek.data.tokenizer import ChatTokenizer, byte_tokenizer
     from nanoseek.rl.trainer import GRPOTrainer, grpo_config
-    from nanoseek.train.pipeline import pretrain, train_config
+    from nanoseek.train.stages import pretrain, train_config
     from nanoseek.hf import CheckpointError
     trainer, _, _ = pretrain(preset("tiny"), train_config(steps=1, batch_size=2, seq_len=32, warmup=1),
                              "builtin:arithmetic:level=1:n=20", tmp_path, progress=False)

@@ -174,11 +174,6 @@ class Transformer(nn.Module):
         """Tokens per expert counted since the last update_expert_bias(), per MoE layer."""
         return {i: r.load.clone() for i, r in self.routers().items()}
 
-    # -------------------------------------------------------------- checkpoints
-    def save_pretrained(self, path, **kwargs) -> None:
-        from ..hf import save_pretrained
-        save_pretrained(self, path, **kwargs)
-
 
 def shifted_cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, k: int) -> torch.Tensor:
     """CE of logits at i against labels at i+k+1 (k = 0: next token; k >= 1: MTP depth k).

@@ -74,7 +74,8 @@ from ..infer.sampling import SamplingParams
 from ..train.metrics import plot_metrics, read_metrics
 from ..train.optim import build_optimizer
 from ..train.step import apply_update
-from ..train.trainer import (Checkpointed, refuse_existing_run, resolve_device,
+from ..loading import resolve_device
+from ..train.trainer import (Checkpointed, refuse_existing_run,
                              run_outputs, start_run)
 from .grpo import LOSS_TYPES, SCALES, group_advantages, grpo_loss, sequence_logprobs
 from .rewards import combine_rewards, get_reward
@@ -561,7 +562,7 @@ def grpo(model_dir: str | Path, task: str | Sequence[dict], cfg: GRPOConfig, out
     """The CLI's stage: a checkpoint (or run directory) + its tokenizer -> GRPO -> out/final.
     task: a built-in task name, or dataset rows (recipe.load_prompt_rows) read from `data`;
     eval_rows: held-out rows for a dataset run. deadline, before: as in GRPOTrainer.fit."""
-    from ..train.pipeline import load_base, publish_final
+    from ..train.stages import load_base, publish_final
     out = Path(out)
     if not resume:
         refuse_existing_run(out)

@@ -54,7 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from ..infer.engine import Engine
-    from ..train.pipeline import load_model_dir
+    from ..loading import load_model_dir
     from .app import Settings, create_app
 
     if args.speculative < 0:

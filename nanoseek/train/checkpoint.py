@@ -47,59 +47,22 @@ from torch import nn
 from ..config import ConfigError, ModelConfig
 from ..hf import (FP8_BLOCK, CheckpointError, WeightFiles, float32_params, key_mismatch, plan_load,
                   save_pretrained, some_keys)
+from ..loading import (CHECKPOINTS, LATEST, TRAINER_STATE, checkpoint_root, latest_checkpoint,  # noqa: F401
+                       step_dir_name, step_dirs)
 from ..model.moe import Router
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 OPTIMIZER_TENSORS, OPTIMIZER_JSON = "optimizer.safetensors", "optimizer.json"
-TRAINER_STATE = "trainer_state.json"
 RNG_TENSORS, RNG_JSON = "rng.safetensors", "rng.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 OPTIMIZER_FORMAT = "nanoseek-optimizer/1"
 
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_OWNER = re.compile(r"^\.tmp-.*?-host=(?P<host>[^-]*)-pid=(?P<pid>\d+)-")
 # optimizer.json: a param-group value stored as a tensor in optimizer.safetensors (e.g. lr)
 _GROUP_TENSOR = "__tensor__"
 
 
 # ============================================================================ paths
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def _ckpt_root(run_dir: Path) -> Path:
-    return Path(run_dir) / CHECKPOINTS
-
-
-def _step_dirs(root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoint directories under `root`, oldest step first."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    return sorted(found)
-
-
-def _is_complete(ckpt: Path) -> bool:
-    return ckpt.is_dir() and (ckpt / TRAINER_STATE).is_file() and (ckpt / "config.json").is_file()
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint `run_dir/checkpoints/latest` names; if that file is missing or names a
-    directory that is gone, the complete checkpoint with the highest step; None if there is none."""
-    root = _ckpt_root(Path(run_dir))
-    try:
-        name = (root / LATEST).read_text().strip()
-    except (FileNotFoundError, NotADirectoryError):
-        name = ""
-    if name and _STEP_DIR.match(name) and _is_complete(root / name):
-        return root / name
-    complete = [p for _, p in _step_dirs(root) if _is_complete(p)]
-    return complete[-1] if complete else None
-
-
 def _tmp_name(what: str) -> str:
     host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())
     return f"{TMP_PREFIX}{what}-host={host}-pid={os.getpid()}-"
@@ -127,7 +90,7 @@ def _writer_alive(name: str) -> bool:
 def clean_stale_tmp(run_dir: str | Path, only_dead_writers: bool = False) -> list[Path]:
     """Delete what a killed save left under run_dir/checkpoints (`.tmp-*`). Returns them.
     only_dead_writers: keep the ones a live process on this host (or another host) may own."""
-    root = _ckpt_root(Path(run_dir))
+    root = checkpoint_root(Path(run_dir))
     removed = []
     if not root.is_dir():
         return removed
@@ -154,7 +117,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
     `model` is the plain Transformer (not a compiled or wrapped one); `train_state` must be
     JSON-serialisable (TypeError before anything is written otherwise).
     """
-    root = _ckpt_root(Path(run_dir))
+    root = checkpoint_root(Path(run_dir))
     root.mkdir(parents=True, exist_ok=True)
     name = step_dir_name(step)
     final = root / name
@@ -352,7 +315,7 @@ def _prune(root: Path, keep_last: int, keep: set[str]) -> None:
     """Delete all but the keep_last highest steps (never those in `keep`, nor what latest names).
     Each is renamed to a .tmp- name first: a kill mid-delete leaves only stale tmp behind."""
     latest = (root / LATEST).read_text().strip() if (root / LATEST).exists() else ""
-    dirs = _step_dirs(root)
+    dirs = step_dirs(root)
     for _, p in dirs[:max(len(dirs) - keep_last, 0)]:
         if p.name in keep or p.name == latest:
             continue

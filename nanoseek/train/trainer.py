@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from ..info import model_info
+from ..loading import latest_checkpoint, resolve_device
 from ..model import Transformer
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .metrics import MetricsLogger, ProgressBar, mfu, plot_metrics
 from .optim import SCHEDULES, build_optimizer, lr_multiplier, set_lr
 from .step import train_step
@@ -76,12 +77,6 @@ def refuse_existing_run(run_dir: str | Path) -> None:
     if latest_checkpoint(run_dir) is not None:
         raise TrainingError(f"{run_dir} already holds checkpoints of a run: pass --resume "
                             "to continue it, or choose another --out")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def start_run(run_dir: str | Path, resume: bool, resume_fn, seed: int) -> None:

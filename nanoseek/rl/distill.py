@@ -343,7 +343,7 @@ def prompt_rows(task: str | None, data: str | None, level: int | None = None,
 
 def load_sampler(model_dir: str | Path, device: str = "auto"):
     """(model, tokenizer) of a checkpoint or run directory, in eval mode on `device`."""
-    from ..train.pipeline import load_model_dir
+    from ..loading import load_model_dir
     _, model, tokenizer = load_model_dir(model_dir, device)
     return model.eval(), tokenizer
 

@@ -21,8 +21,9 @@ from ..config import ModelConfig
 from ..data.datasets import load_chats, load_documents
 from ..data.loader import PackedLoader, SFTLoader, tokenize_chat
 from ..data.tokenizer import ChatTokenizer, load_tokenizer, train_bpe
+from ..hf import save_pretrained
+from ..loading import load_model_dir
 from ..model import Transformer
-from .checkpoint import latest_checkpoint
 from .trainer import TrainConfig, Trainer, refuse_existing_run
 
 
@@ -46,40 +47,10 @@ def read_specs(spec: str, reader) -> list:
     return items
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """A checkpoint directory (config.json) or a run directory (its `final/` or latest checkpoint)."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    if (path / "final" / "config.json").is_file():
-        return path / "final"
-    latest = latest_checkpoint(path)
-    if latest is not None:
-        return latest
-    raise FileNotFoundError(f"{path}: not a checkpoint (no config.json) nor a run directory")
-
-
-def tokenizer_for(path: Path) -> ChatTokenizer:
-    for candidate in (path, path / "tokenizer", path.parent / "tokenizer", path.parent.parent / "tokenizer"):
-        if (candidate / "tokenizer.json").is_file():
-            return load_tokenizer(candidate)
-    raise FileNotFoundError(f"{path}: no tokenizer.json beside the model")
-
-
-def load_model_dir(path: str | Path, device: str = "auto", dtype=None) -> tuple[Path, Transformer, ChatTokenizer]:
-    """(checkpoint, model, tokenizer) of a checkpoint or run directory (resolve_model_dir), the
-    model on `device` ("auto": a GPU when there is one), in the checkpoint's dtype unless given."""
-    from ..hf import from_pretrained
-    from .trainer import resolve_device
-    src = resolve_model_dir(path)
-    tokenizer = tokenizer_for(src)
-    return src, from_pretrained(src, dtype=dtype, device=resolve_device(device)), tokenizer
-
-
 def publish_final(model: Transformer, tokenizer_dir: Path, out: Path) -> Path:
     """`out/final`: the model in HF layout with its tokenizer, what later stages load."""
     final = out / "final"
-    model.save_pretrained(final)
+    save_pretrained(model, final)
     for f in tokenizer_dir.iterdir():
         if f.is_file():
             shutil.copy2(f, final / f.name)

@@ -100,7 +100,7 @@ def test_other_bad_inputs(tmp_path, capsys, ckpt):
 # ------------------------------------------------------------------ grpo --data
 def test_dataset_columns_reach_the_rewards_as_keyword_arguments(ckpt, tmp_path):
     from nanoseek.hf import from_pretrained
-    from nanoseek.train.pipeline import tokenizer_for
+    from nanoseek.loading import tokenizer_for
     seen = []
 
     def spy(prompts, completions, **columns):
@@ -121,7 +121,7 @@ def test_dataset_columns_reach_the_rewards_as_keyword_arguments(ckpt, tmp_path):
 
 def test_math_reward_against_answer_through_the_trainer(ckpt, tmp_path):
     from nanoseek.hf import from_pretrained
-    from nanoseek.train.pipeline import tokenizer_for
+    from nanoseek.loading import tokenizer_for
     rows = [{"prompt": "What is 1/2 + 1/4?", "answer": "3/4"}]
     cfg = grpo_config(group_size=2, prompts_per_step=1, max_new_tokens=4, steps=1, rewards={"math": 1.0})
     trainer = GRPOTrainer(from_pretrained(ckpt), tokenizer_for(ckpt), rows, cfg, tmp_path)
@@ -151,7 +151,7 @@ def test_eval_rows_are_answered_greedily_and_scored_by_the_rewards(ckpt, tmp_pat
     the configured rewards: the weighted total and each function's mean."""
     from nanoseek.hf import from_pretrained
     from nanoseek.infer.engine import Engine
-    from nanoseek.train.pipeline import tokenizer_for
+    from nanoseek.loading import tokenizer_for
     held_out = [{"prompt": "What is 1/2 + 1/4?", "answer": "3/4"}, {"prompt": "What is 2 + 2?", "answer": "4"},
                 {"prompt": "What is 3 * 3?", "answer": "9"}]
     cfg = grpo_config(group_size=2, prompts_per_step=1, max_new_tokens=4, steps=1, eval_n=2,
@@ -308,7 +308,7 @@ def test_distill_from_a_live_reasoning_endpoint(ckpt, tmp_path, monkeypatch, cap
     """The server returns the chain apart (reasoning_content); the trace puts it back in
     <think>; --only-correct keeps the row whose answer is 46, drops the one whose answer is 7."""
     from nanoseek.serve.app import Settings, create_app
-    from nanoseek.train.pipeline import tokenizer_for
+    from nanoseek.loading import tokenizer_for
     rows = write_rows(tmp_path / "rows.jsonl", [{"prompt": "What is 12 + 34?", "answer": "46"},
                                                 {"prompt": "What is 3 + 4?", "answer": "7"}])
     app = create_app(serve.ScriptedEngine(REASONER), tokenizer_for(ckpt), "r1", Settings(api_keys=[serve.KEY]))
