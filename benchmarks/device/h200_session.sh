@@ -2,27 +2,27 @@
 # One device call per stage; everything it makes goes to $OUT: JSON results, the logs in logs.tgz,
 # and for the speedrun a tarball of its reports and plots (a call brings back at most 8 files).
 #
-#   bash benchmarks/h200_session.sh speedrun   # pretrain + SFT + GRPO demo, then MTP speculation if time is left
-#   bash benchmarks/h200_session.sh decode     # GPU tests, decode vs transformers (+ profile), GRPO step vs TRL
-#   bash benchmarks/h200_session.sh mtp        # GPU tests, MTP speculation after a short speedrun, serve load
-#   bash benchmarks/h200_session.sh spec       # its short form: burst GPU tests, MTP after a 0.3-min speedrun
-#   bash benchmarks/h200_session.sh measure    # GPU tests, GRPO step vs TRL, decode vs transformers (+ kernel
+#   bash benchmarks/device/h200_session.sh speedrun   # pretrain + SFT + GRPO demo, then MTP speculation if time is left
+#   bash benchmarks/device/h200_session.sh decode     # GPU tests, decode vs transformers (+ profile), GRPO step vs TRL
+#   bash benchmarks/device/h200_session.sh mtp        # GPU tests, MTP speculation after a short speedrun, serve load
+#   bash benchmarks/device/h200_session.sh spec       # its short form: burst GPU tests, MTP after a 0.3-min speedrun
+#   bash benchmarks/device/h200_session.sh measure    # GPU tests, GRPO step vs TRL, decode vs transformers (+ kernel
 #                                              # profile), MTP speculation after a short speedrun
-#   bash benchmarks/h200_session.sh fused      # fused decode step: tests, launch shapes tuned (one pass),
+#   bash benchmarks/device/h200_session.sh fused      # fused decode step: tests, launch shapes tuned (one pass),
 #                                              # accuracy and speed per bucket, then decode vs transformers
 #                                              # with those shapes (fused and compiled modes)
-#   bash benchmarks/h200_session.sh tune       # fused decode step: tests, launch shapes tuned, speed per bucket
-#   bash benchmarks/h200_session.sh step       # the batch decode step: small-batch experts and engine GPU
+#   bash benchmarks/device/h200_session.sh tune       # fused decode step: tests, launch shapes tuned, speed per bucket
+#   bash benchmarks/device/h200_session.sh step       # the batch decode step: small-batch experts and engine GPU
 #                                              # tests, experts shapes swept, where steps at 8 and 32 go
-#   bash benchmarks/h200_session.sh serve      # serve load at 64 clients
-#   bash benchmarks/h200_session.sh trl        # GRPO step time: nanoseek vs TRL
+#   bash benchmarks/device/h200_session.sh serve      # serve load at 64 clients
+#   bash benchmarks/device/h200_session.sh trl        # GRPO step time: nanoseek vs TRL
 #
 # Environment: MINUTES, GRPO_MINUTES, SPEEDRUN_LIMIT, SPECULATIVE (speedrun); TRL_ARGS (trl, measure);
 # DECODE_ARGS (decode, measure: e.g. "--tuned-option combo_kernels=true"); DECODE_MODES (decode.py --modes);
 # FUSED_ARGS (benchmarks/fused_decode.py);
 # GIT_COMMIT: the commit the tree is at, recorded in the JSON results (the device's copy of .git may
 # still read an older HEAD than the working tree it was sent).
-# Wheels the image lacks (fastapi, uvicorn, trl, ...) come in .whl (benchmarks/device_wheels.txt).
+# Wheels the image lacks (fastapi, uvicorn, trl, ...) come in .whl (benchmarks/device/device_wheels.txt).
 set -uo pipefail
 start=$(date +%s)
 stage=${1:-}
