@@ -11,6 +11,7 @@ OUT ?= runs/main
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	-git config core.hooksPath .githooks 2>/dev/null
 	touch $(STAMP)
 
 setup: $(STAMP)
