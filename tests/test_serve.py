@@ -22,7 +22,8 @@ from nanoseek.cli import build_parser, main  # noqa: E402
 from nanoseek.hf import from_pretrained  # noqa: E402
 from nanoseek.infer.engine import Engine  # noqa: E402
 from nanoseek.infer.sequence import StreamEvent  # noqa: E402
-from nanoseek.serve.app import Settings, chat_message, create_app  # noqa: E402
+from nanoseek.serve.app import Settings, create_app  # noqa: E402
+from nanoseek.serve.responses import chat_message  # noqa: E402
 from nanoseek.serve.audit import FeedbackStore  # noqa: E402
 from nanoseek.loading import tokenizer_for  # noqa: E402
 
@@ -286,6 +287,13 @@ def test_serve_command_parses():
     bad = build_parser().parse_args(["serve", "--model", "m", "--fused-decode", "-1"])
     with pytest.raises(ValueError, match="--fused-decode must be >= 0, got -1"):
         cmd_serve(bad)
+
+
+def test_serve_port_out_of_range_is_one_line_exit_2(tiny_dir, capsys):
+    """Checked before the model loads and the URL is announced (uvicorn's OverflowError otherwise)."""
+    assert main(["serve", "--model", str(tiny_dir), "--port", "99999"]) == 2
+    err = capsys.readouterr().err
+    assert err == "nanoseek: error: --port must be in 1..65535, got 99999\n"
 
 
 # ------------------------------------------------------------------ a scripted engine

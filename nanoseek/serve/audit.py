@@ -31,6 +31,18 @@ class AuditLog:
             f.write(line)
 
 
+def write_completion(audit: AuditLog | None, rid: str, endpoint: str, model: str | None, route: str,
+                     status: int, prompt_tokens: int | None, completion_tokens: int | None, start: float,
+                     raw: dict, outputs) -> None:
+    """One completion request's line (nothing when the log is off); `start` is its perf_counter."""
+    if audit is None:
+        return
+    record = {"request_id": rid, "endpoint": endpoint, "model": model, "route": route, "status": status,
+              "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+              "latency_s": round(time.perf_counter() - start, 4)}
+    audit.write(record, prompt=raw.get("messages", raw.get("prompt")), output=outputs)
+
+
 class FeedbackStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)

@@ -61,7 +61,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ValueError(f"--speculative must be >= 0, got {args.speculative}")
     if args.fused_decode is not None and args.fused_decode < 0:
         raise ValueError(f"--fused-decode must be >= 0, got {args.fused_decode}")
-    for name in ("port", "max_batch", "max_tokens", "max_queue", "max_body_bytes", "decode_burst"):
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    for name in ("max_batch", "max_tokens", "max_queue", "max_body_bytes", "decode_burst"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     upstream_models = [m for m in args.upstream_models.split(",") if m]

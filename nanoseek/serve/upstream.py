@@ -10,10 +10,14 @@ shape; the upstream's verdict on the request itself (a 400, 404, 429 …) keeps 
 from __future__ import annotations
 
 import json
+import uuid
 
 import httpx
+from fastapi.responses import JSONResponse
 
+from .audit import write_completion
 from .protocol import APIError, error_body
+from .responses import AI_HEADERS, ClosingStreamingResponse, sse
 
 
 class Upstream:
@@ -93,3 +97,43 @@ class Upstream:
                              "upstream_unavailable")
         finally:
             await r.aclose()
+
+
+async def proxy(state, raw: dict, endpoint: str, model: str | None, start: float):
+    """Forward to the upstream (model replaced when given), labelled like a local answer."""
+    body = dict(raw, model=model) if model else raw
+    path, rid = endpoint.removeprefix("/v1/"), f"proxy-{uuid.uuid4().hex}"
+    headers = {**AI_HEADERS, "X-Request-Id": rid, "X-Nanoseek-Route": "upstream"}
+
+    def audit(rid, status, usage, outputs):
+        write_completion(state.audit, rid, endpoint, body.get("model"), "upstream", status,
+                         usage.get("prompt_tokens"), usage.get("completion_tokens"), start, raw, outputs)
+
+    try:
+        if not raw.get("stream"):
+            data = await state.upstream.post(path, body)
+            data["ai_generated"] = True
+            state.metrics.upstream_requests["200"] += 1
+            audit(data.get("id", rid), 200, data.get("usage") or {},
+                  [c.get("message", {}).get("content") or c.get("text") for c in data.get("choices", [])])
+            return JSONResponse(data, headers=headers)
+        events = await state.upstream.stream(path, body)
+    except APIError as e:
+        state.metrics.upstream_requests[str(e.status)] += 1
+        audit(rid, e.status, {}, None)
+        raise
+    state.metrics.upstream_requests["200"] += 1
+
+    async def relay():
+        usage = {}
+        try:
+            async for event in events:
+                if isinstance(event, dict) and "error" not in event:
+                    event["ai_generated"] = True
+                    usage = event.get("usage") or usage
+                yield sse(event)
+        finally:
+            await events.aclose()
+            audit(rid, 200, usage, None)
+
+    return ClosingStreamingResponse(relay(), media_type="text/event-stream", headers=headers)

@@ -1,0 +1,158 @@
+"""The HTTP routes: plain handlers over `request.app.state` (what app.py's `init_app_state` puts
+there), and the request intake they share (key check, bounded body read, validation)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import ValidationError
+
+from .local import LocalRun, check_prompts, encode_prompts, make_jobs, over_limit, respond
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, FeedbackRequest
+from .upstream import proxy
+from .worker import QueueFull
+
+router = APIRouter()
+
+
+# ------------------------------------------------------------ request intake
+def authorize(request: Request) -> None:
+    keys = request.app.state.api_keys
+    if not keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise APIError(401, "no API key given: send the header 'Authorization: Bearer <key>'",
+                       "authentication_error", None, "missing_api_key")
+    given, ok = token.strip().encode(), False
+    for key in keys:  # every key compared, each in constant time
+        ok |= hmac.compare_digest(key, given)
+    if not ok:
+        raise APIError(401, "incorrect API key", "authentication_error", None, "invalid_api_key")
+
+
+async def read_json(request: Request) -> dict:
+    limit = request.app.state.settings.max_body_bytes
+    too_large = APIError(413, f"the request body is over the limit of {limit:,} bytes",
+                         "invalid_request_error", None, "request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the body is not valid JSON ({e})", "invalid_request_error", None,
+                       "invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the body must be a JSON object", "invalid_request_error", None, "invalid_json")
+    return data
+
+
+def parse(cls, data: dict):
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(x) for x in err["loc"]) or None
+        raise APIError(400, f"{param}: {err['msg']}" if param else err["msg"], "invalid_request_error",
+                       param, "invalid_value") from None
+
+
+def check_model(state, model: str) -> None:
+    if model != state.model_name and model not in state.upstream_models:
+        raise APIError(404, f"the model {model!r} does not exist; this server has "
+                       f"{', '.join([state.model_name, *state.upstream_models])}", "invalid_request_error",
+                       "model", "model_not_found")
+
+
+# ------------------------------------------------------------ routes
+@router.get("/health")
+async def health(request: Request):
+    state = request.app.state
+    thread = state.worker._thread
+    alive = thread is not None and thread.is_alive()
+    return JSONResponse({"status": "ok" if alive else "engine stopped", "model": state.model_name,
+                         "queue_depth": state.worker.outstanding, "running": state.worker.running},
+                        status_code=200 if alive else 503)
+
+
+@router.get("/metrics")
+async def metrics_text(request: Request):
+    authorize(request)
+    state = request.app.state
+    return PlainTextResponse(state.metrics.render(state.worker, state.engine),
+                             media_type="text/plain; version=0.0.4")
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    authorize(request)
+    state = request.app.state
+    data = [{"id": state.model_name, "object": "model", "created": state.created, "owned_by": "nanoseek"}]
+    data += [{"id": m, "object": "model", "created": state.created, "owned_by": "upstream"}
+             for m in state.upstream_models]
+    return {"object": "list", "data": data}
+
+
+@router.post("/v1/feedback")
+async def post_feedback(request: Request):
+    authorize(request)
+    req = parse(FeedbackRequest, await read_json(request))
+    feedback = request.app.state.feedback
+    if feedback is None:
+        raise APIError(404, "feedback is not enabled on this server (start it with --feedback-db)",
+                       "invalid_request_error", None, "feedback_disabled")
+    row = await asyncio.to_thread(feedback.add, req.request_id, req.rating, req.comment)
+    return {"id": f"feedback-{row}", "object": "feedback", "request_id": req.request_id, "stored": True}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    authorize(request)
+    raw = await read_json(request)
+    return await complete(request, raw, parse(ChatCompletionRequest, raw), chat=True)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    authorize(request)
+    raw = await read_json(request)
+    return await complete(request, raw, parse(CompletionRequest, raw), chat=False)
+
+
+async def complete(request: Request, raw: dict, req, chat: bool):
+    """A completion, local or upstream: the upstream's models, and requests over the local
+    limits when an upstream model exists, are proxied."""
+    state, start = request.app.state, time.perf_counter()
+    endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+    check_model(state, req.model)
+    if req.model in state.upstream_models:
+        return await proxy(state, raw, endpoint, None, start)
+    prompts = encode_prompts(state, req, chat)
+    check_prompts(state, prompts, req.n)
+    overflow_model = state.upstream_models[0] if state.upstream_models else None
+    over = over_limit(state, prompts, req.max_new_tokens, "messages" if chat else "prompt")
+    if over is not None:
+        if overflow_model is not None:
+            return await proxy(state, raw, endpoint, overflow_model, start)
+        raise over
+    rid, events = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", asyncio.Queue()
+    jobs = make_jobs(state, req, prompts, rid, events)
+    try:
+        state.worker.submit(jobs)
+    except QueueFull as e:
+        if overflow_model is not None:
+            return await proxy(state, raw, endpoint, overflow_model, start)
+        raise APIError(429, str(e), "rate_limit_error", None, "queue_full") from None
+    return await respond(LocalRun(state, jobs, events, request, rid, req, chat, start, endpoint, raw))
