@@ -49,7 +49,7 @@ import warnings
 import torch
 
 from ..model import StaticCache, Transformer
-from .sampling import SamplingParams, row_settings, sample_tensors
+from .sampling import SamplingParams, logprob_rows, row_settings, sample_tensors
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -286,10 +286,13 @@ class GraphDecoder(BucketGraphs):
     @torch.no_grad()
     def decode_burst(self, slots: list[int], tokens: list[int], positions: list[int], n: int,
                      params: list[SamplingParams] | None = None,
-                     uniforms: list[list[float]] | None = None) -> torch.Tensor | None:
+                     uniforms: list[list[float]] | None = None,
+                     logprobs_k: int | None = None) -> torch.Tensor | None:
         """n decode steps from each slot's last token and position: the tokens [n, len(slots)]
         on the device (nothing read back), or None when no graph fits. params (one per slot)
-        and uniforms (n per slot) for a batch with sampled rows; None: all greedy."""
+        and uniforms (n per slot) for a batch with sampled rows; None: all greedy. logprobs_k:
+        [n, len(slots), 2 + 2k] of sampling.logprob_rows instead, each step's computed from its
+        logits between the replays (kernels queued behind the graph, no read-back)."""
         if not self.fits(slots):
             return None
         bucket = self.load([self.ids, self.positions], slots, tokens, positions)
@@ -301,6 +304,7 @@ class GraphDecoder(BucketGraphs):
             u_nB[:, torch.tensor(slots)] = torch.tensor(uniforms, dtype=torch.float32).T
             u_nB = u_nB.to(self.device, non_blocking=True)
         tokens_nB = torch.empty(n, bucket, dtype=torch.long, device=self.device)
+        logprobs = []
         for i in range(n):
             if sampled:
                 self.uniform[:bucket].copy_(u_nB[i])
@@ -308,7 +312,9 @@ class GraphDecoder(BucketGraphs):
             if out is None:
                 return None
             tokens_nB[i].copy_(out[1])
-        return self.rows(tokens_nB, slots, dim=1)
+            if logprobs_k is not None:  # now: the next replay overwrites the step's logits
+                logprobs.append(logprob_rows(out[0], out[1], logprobs_k))
+        return self.rows(torch.stack(logprobs) if logprobs else tokens_nB, slots, dim=1)
 
 
 class GraphSpeculator(BucketGraphs):

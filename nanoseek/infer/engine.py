@@ -71,7 +71,9 @@ import torch
 
 from ..model import Transformer
 from ..model.cache import StaticCache, cache_entry_shapes
-from .sampling import SamplingParams, row_settings, sample_rows, sample_tensors
+from .grammar import GrammarCompiler, bitmask
+from .sampling import (SamplingParams, TokenLogprob, logprob_rows, process_logits, row_settings, sample_rows,
+                       sample_tensors, unpack_logprobs)
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence, Status, StreamEvent
 from .speculative import MTPDrafter, RequestStats, greedy_accept, sampling_probs, speculative_accept_rows
@@ -123,7 +125,8 @@ class ModelRunner:
 
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
         """Prompts right-padded to the longest; a row's padding lands at positions beyond
-        its prompt, which it never reads and its first decode step overwrites."""
+        its prompt, which it never reads and its first decode step overwrites. Rows that ask
+        for prompt logprobs get them here (Sequence.prompt_logprobs), from the same forward."""
         lens = [len(s.prompt_ids) for s in seqs]
         T = max(lens)
         ids = torch.tensor([s.prompt_ids + [0] * (T - len(s.prompt_ids)) for s in seqs], device=self.device)
@@ -135,7 +138,21 @@ class ModelRunner:
             h_nD = out.hidden_states[torch.arange(len(seqs), device=self.device), last]
             if self.k:  # for draft_prompts(), once the first tokens are sampled
                 self.prompt_states = (view, ids, positions, out.hidden_states, last)
+            for b, seq in enumerate(seqs):
+                if seq.params.prompt_logprobs is not None:
+                    seq.prompt_logprobs = self.prompt_logprobs(out.hidden_states[b, : lens[b]], seq)
             return self.model.lm_head(h_nD)
+
+    def prompt_logprobs(self, hidden_TD: torch.Tensor, seq: Sequence, chunk: int = 512) -> list:
+        """Per prompt token its logprob given the tokens before it (None for the first), with
+        the params' number of top tokens; the head runs over `chunk` positions at a time, so
+        a long prompt never holds its whole [T, V] logits."""
+        k, ids = seq.params.prompt_logprobs, seq.prompt_ids
+        target = torch.tensor(ids[1:], device=self.device)  # position i predicts token i + 1
+        rows = [logprob_rows(self.model.lm_head(hidden_TD[i: min(i + chunk, len(target))]), target[i: i + chunk], k)
+                for i in range(0, len(target), chunk)]
+        host = torch.cat(rows).tolist() if rows else []
+        return [None] + [unpack_logprobs(r, k) for r in host]
 
     def draft_prompts(self, seqs: list[Sequence], first_n: torch.Tensor) -> None:
         """Speculative: after a prefill, the MTP layer over the prompts, position i on (h_i,
@@ -229,13 +246,15 @@ class ModelRunner:
         self.draft_h[rows] = drafter.h_BD.to(self.draft_h.dtype)
         return torch.cat([n_acc[:, None], new_BK1], 1)
 
-    def decode_burst(self, seqs: list[Sequence], n: int) -> list[list[int]] | None:
+    def decode_burst(self, seqs: list[Sequence], n: int, logprobs_k: int | None = None) -> list[list] | None:
         """n decode steps of every row from captured graphs, one read-back: per sequence its n
         next tokens (postprocess keeps those its max_tokens allows); None where no graph fits
         (the caller steps eagerly). A row with fewer tokens left runs on for the rest of the
         burst and its tokens there are dropped: its positions stop at the cache's end, and its slot, which it
         leaves after this step, is written again by the next prefill before it is read. So is
-        a row's tail after a stop. Sampled rows draw one uniform per token they may keep."""
+        a row's tail after a stop. Sampled rows draw one uniform per token they may keep.
+        logprobs_k: per sequence n rows of sampling.logprob_rows (token, logprob, k best) instead
+        of n tokens, read back with them."""
         slots = [s.slot for s in seqs]
         if self.graphs is None or not self.graphs.fits(slots):
             return None
@@ -247,12 +266,13 @@ class ModelRunner:
             out = self.graphs.decode_burst(slots, [s.last_token for s in seqs],
                                            [s.num_tokens - 1 for s in seqs], n,
                                            params if sampled else None,
-                                           [u + [0.0] * (n - len(u)) for u in drawn] if sampled else None)
+                                           [u + [0.0] * (n - len(u)) for u in drawn] if sampled else None,
+                                           logprobs_k)
         if out is None:  # capture failed just now: the eager steps draw these again
             for s, u in zip(seqs, drawn):
                 s.unread_uniforms(u)
             return None
-        return out.T.tolist()  # each sequence's extend() keeps what its max_tokens allows
+        return out.transpose(0, 1).tolist()  # each sequence's extend() keeps what its max_tokens allows
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """The eager decode step (no graph fits, or none runs here): each sequence's newest
@@ -355,6 +375,7 @@ class Engine:
         eos = getattr(tokenizer, "eos_id", None)
         self.eos_id = eos if eos is not None else cfg.eos_token_id
         self._ids = itertools.count()
+        self._grammars: GrammarCompiler | None = None  # built on the first grammar request
 
     # ------------------------------------------------------------------ figures
     @property
@@ -393,14 +414,30 @@ class Engine:
         context = (f"the context of {self.max_len} tokens per sequence (engine max_len; "
                    f"the model's max_position_embeddings is {self.model.config.max_position_embeddings})")
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_len - n
-        if n + max_tokens > self.max_len or max_tokens < 1:
+        if n + max_tokens > self.max_len or max_tokens < (0 if params.prompt_logprobs is not None else 1):
             raise ValueError(f"request {request_id}: prompt ({n} tokens) + max_tokens ({max_tokens}) = "
                              f"{n + max_tokens} tokens does not fit in {context}")
+        if not all(0 <= t < vocab for t in params.logit_bias):
+            raise ValueError(f"request {request_id}: logit_bias token ids must be in 0..{vocab - 1}")
+        if self.speculative_k and (params.processed or params.logprobs is not None
+                                   or params.prompt_logprobs is not None):
+            raise ValueError("logprobs, penalties, logit_bias and grammars are not available with "
+                             "speculative decoding; start the engine without speculative_k for them")
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()))
         seq = Sequence(request_id, prompt, params, max_tokens, seed)
+        if params.grammar is not None:
+            seq.matcher = self.grammars().matcher(params.grammar)
         if self.speculative_k:
             seq.speculative = RequestStats()
         return seq
+
+    def grammars(self) -> GrammarCompiler:
+        """The compiler of grammar requests for this engine's tokenizer (built once)."""
+        if self.tokenizer is None:
+            raise ValueError("grammar-constrained decoding needs the engine's tokenizer")
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size, self.eos_id)
+        return self._grammars
 
     def abort(self, request_id: str) -> bool:
         """Drop a waiting or running request now (finish_reason "abort"), freeing its slot."""
@@ -431,17 +468,45 @@ class Engine:
         kind, seqs = scheduled
         if kind == "decode" and self.speculative_k:
             return self._speculative_step(seqs)
-        if kind == "decode":  # from the graphs where they run: n steps, each row to its own max_tokens
+        params = [s.params for s in seqs]
+        wanted = [p.logprobs for p in params if p.logprobs is not None]
+        k = max(wanted) if wanted else None  # top logprobs computed for the batch: the most any row asks
+        # from the graphs where they run: n steps, each row to its own max_tokens; a row whose
+        # logits change before the choice (penalties, bias, grammar) steps eagerly, with its batch
+        if kind == "decode" and not any(p.processed for p in params):
             n = min(self.decode_burst, max(s.max_tokens - len(s.output_ids) for s in seqs))
-            runs = self.runner.decode_burst(seqs, n)
+            runs = self.runner.decode_burst(seqs, n, k)
             if runs is not None:
-                return self._postprocess(seqs, runs)
+                return self._postprocess(seqs, *self._unpack(seqs, runs, k))
         logits = self.runner.prefill(seqs) if kind == "prefill" else self.runner.decode(seqs)
-        uniforms = [0.0 if s.params.greedy else s.uniform() for s in seqs]
-        tokens_n = sample_rows(logits, [s.params for s in seqs], uniforms)
+        chosen_from = logits
+        if any(p.processed for p in params):
+            mask = None
+            if any(s.matcher is not None for s in seqs):
+                mask = bitmask(len(seqs), logits.shape[-1])
+                for b, seq in enumerate(seqs):
+                    if seq.matcher is not None:
+                        seq.matcher.fill(mask, b)
+            chosen_from = process_logits(logits, params, [s.prompt_ids for s in seqs],
+                                         [s.output_ids for s in seqs], mask)
+        uniforms = [0.0 if p.greedy else s.uniform() for s, p in zip(seqs, params)]
+        tokens_n = sample_rows(chosen_from, params, uniforms)
         if kind == "prefill" and self.speculative_k:
             self.runner.draft_prompts(seqs, tokens_n)
-        return self._postprocess(seqs, [[t] for t in tokens_n.tolist()])
+        if k is None:
+            return self._postprocess(seqs, [[t] for t in tokens_n.tolist()])
+        rows = logprob_rows(logits, tokens_n, k).tolist()  # the tokens and their logprobs: one read
+        return self._postprocess(seqs, *self._unpack(seqs, [[r] for r in rows], k))
+
+    @staticmethod
+    def _unpack(seqs: list[Sequence], runs: list[list], k: int | None):
+        """Runs of tokens, or with k runs of logprob_rows: (tokens, TokenLogprobs or None) per sequence."""
+        if k is None:
+            return runs, [None] * len(runs)
+        tokens = [[int(r[0]) for r in run] for run in runs]
+        logprobs = [None if s.params.logprobs is None else [unpack_logprobs(r, s.params.logprobs) for r in run]
+                    for s, run in zip(seqs, runs)]
+        return tokens, logprobs
 
     def _speculative_step(self, seqs: list[Sequence]) -> list[StreamEvent]:
         k = self.speculative_k
@@ -470,11 +535,12 @@ class Engine:
                 offset += run[0] + 1
         return events
 
-    def _postprocess(self, seqs: list[Sequence], runs: list[list[int]]) -> list[StreamEvent]:
+    def _postprocess(self, seqs: list[Sequence], runs: list[list[int]],
+                     logprobs: list[list[TokenLogprob] | None] | None = None) -> list[StreamEvent]:
         """Append each sequence's new tokens in order, up to the one that finishes it."""
         events = []
-        for seq, run in zip(seqs, runs):
-            events.append(seq.extend(run, self.tokenizer, self.eos_id))
+        for seq, run, lps in zip(seqs, runs, logprobs or [None] * len(seqs)):
+            events.append(seq.extend(run, self.tokenizer, self.eos_id, lps))
             if seq.finished:
                 self.scheduler.finish(seq)
         return events

@@ -9,14 +9,24 @@ in any batch, on any device, and the only host work per step is one float per sa
 (the same tokens wherever its logits are the same: a batch of another size can run other
 kernels, whose last bits differ in BF16).
 
+Before the choice, `process_logits` applies what OpenAI and vLLM let a request change
+about the distribution, on the device, per row: the repetition penalty (CTRL's: a seen
+token's positive logit divided by it, a negative one multiplied), the frequency and presence
+penalties (OpenAI's: logit - frequency × count - presence × [count > 0], over the output so
+far), the logit bias (added) and a grammar's token mask (-inf outside it). Logprobs are
+those of the model's own logits (vLLM's raw logprobs), whatever changed the choice.
+
 `sample_next` is the one-generator, one-setting form that `generate()` uses.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
+
+MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's chat limit; vLLM's default)
 
 
 @dataclass
@@ -26,7 +36,15 @@ class SamplingParams:
     temperature 0 is greedy. max_tokens None: up to the engine's context. A stop string
     ends the output before it (finish_reason "stop"); so does a token of stop_token_ids or
     EOS (unless ignore_eos), which is kept in the token ids but not in the text; reaching
-    max_tokens gives finish_reason "length"."""
+    max_tokens gives finish_reason "length".
+
+    logprobs: per output token its logprob and the `logprobs` most likely tokens' (0: the
+    chosen token's only; None: none); prompt_logprobs: the same over the prompt (the first
+    token has none), and then max_tokens may be 0 (score the prompt only). Penalties and
+    logit_bias (token id -> added to its logit) as in OpenAI's API, repetition_penalty as in
+    vLLM (1: off); grammar: an llguidance grammar (grammar.py) the output must match.
+    skip_special_tokens: special tokens are left out of the text (not of the token ids); off
+    by default here, so that the text decodes every id (the HTTP API turns it on, as vLLM)."""
     max_tokens: int | None = None
     temperature: float = 0.0
     top_p: float = 1.0
@@ -35,12 +53,34 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    grammar: str | None = None
+    skip_special_tokens: bool = False
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        least = 0 if self.prompt_logprobs is not None else 1
+        if self.max_tokens is not None and self.max_tokens < least:
+            raise ValueError(f"max_tokens must be at least {least}, got {self.max_tokens}"
+                             + ("" if least == 0 else " (0 only to score a prompt: with prompt_logprobs)"))
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in 0..{MAX_LOGPROBS}, got {k}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in -2..2, got {getattr(self, name)}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1: off), got {self.repetition_penalty}")
+        for token, bias in self.logit_bias.items():
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias of token {token} must be in -100..100, got {bias}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -53,6 +93,77 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
+                    or self.logit_bias)
+
+    @property
+    def processed(self) -> bool:
+        """Whether the logits change before the choice (process_logits)."""
+        return self.penalized or self.grammar is not None
+
+
+class TokenLogprob(NamedTuple):
+    """A token, its logprob under the model, and the most likely tokens' [(id, logprob)]."""
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def _counts(rows_of_ids: list[list[int]], V: int, device) -> torch.Tensor:
+    """[B, V] how often each token occurs in each row's list (one upload, one scatter)."""
+    L = max(1, max(map(len, rows_of_ids)))
+    ids_BL = torch.tensor([ids + [V] * (L - len(ids)) for ids in rows_of_ids], device=device)
+    counts = torch.zeros(len(rows_of_ids), V + 1, device=device)
+    return counts.scatter_add_(1, ids_BL, torch.ones_like(ids_BL, dtype=counts.dtype))[:, :V]
+
+
+def process_logits(logits_BV: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]],
+                   outputs: list[list[int]], bitmask_BW: torch.Tensor | None = None) -> torch.Tensor:
+    """The logits a row's token is chosen from (module docstring), float32 [B, V]; rows whose
+    params change nothing keep theirs. bitmask_BW: a grammar's allowed tokens, bit v % 32 of
+    word v // 32 (llguidance's layout, all ones for free rows), on the host."""
+    B, V = logits_BV.shape
+    dev = logits_BV.device
+    out = logits_BV.float().clone()
+    if any(p.penalized for p in params):
+        rep_B1 = torch.tensor([[p.repetition_penalty] for p in params], device=dev)
+        seen = _counts([pr + o if p.repetition_penalty != 1 else [] for p, pr, o in zip(params, prompts, outputs)],
+                       V, dev) > 0
+        out = torch.where(seen, torch.where(out > 0, out / rep_B1, out * rep_B1), out)
+        counts_BV = _counts(outputs, V, dev)
+        freq_B1 = torch.tensor([[p.frequency_penalty] for p in params], device=dev)
+        pres_B1 = torch.tensor([[p.presence_penalty] for p in params], device=dev)
+        out = out - freq_B1 * counts_BV - pres_B1 * (counts_BV > 0)
+        biased = [(b, t, v) for b, p in enumerate(params) for t, v in p.logit_bias.items()]
+        if biased:
+            rows, tokens, values = zip(*biased)
+            out.index_put_((torch.tensor(rows, device=dev), torch.tensor(tokens, device=dev)),
+                           torch.tensor(values, device=dev), accumulate=True)
+    if bitmask_BW is not None:
+        bits = torch.arange(32, device=dev, dtype=torch.int32)
+        allowed_BV = ((bitmask_BW.to(dev, non_blocking=True)[:, :, None] >> bits) & 1).flatten(1)[:, :V]
+        out = out.masked_fill(allowed_BV == 0, float("-inf"))
+    return out
+
+
+def logprob_rows(logits_BV: torch.Tensor, tokens_B: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, 2 + 2k] float64: the token, its logprob, the k most likely tokens and theirs, in
+    one tensor so that they reach the host with the tokens in one read (ids are exact in
+    float64). Logprobs in float32 at least (float64 models keep float64)."""
+    lp_BV = logits_BV.to(torch.promote_types(logits_BV.dtype, torch.float32)).log_softmax(-1)
+    chosen_B1 = lp_BV.gather(-1, tokens_B[:, None])
+    top_lp, top_ids = lp_BV.topk(k, -1)
+    return torch.cat([tokens_B[:, None].double(), chosen_B1.double(), top_ids.double(), top_lp.double()], 1)
+
+
+def unpack_logprobs(row: list[float], k: int) -> TokenLogprob:
+    """A row of logprob_rows as a TokenLogprob (its first k top tokens)."""
+    width = (len(row) - 2) // 2
+    top = [(int(t), lp) for t, lp in zip(row[2: 2 + k], row[2 + width: 2 + width + k])]
+    return TokenLogprob(int(row[0]), row[1], top)
 
 
 def filter_sorted(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor,

@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
-from .sampling import SamplingParams
+from .sampling import SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
     from .speculative import RequestStats
@@ -56,6 +56,9 @@ class RequestOutput:
     usage: Usage
     # with speculative decoding: proposed, accepted, forwards, acceptance_rate, mean_accepted_length
     speculative: dict | None = None
+    logprobs: list[TokenLogprob] | None = None         # per output token (params.logprobs)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token, the first None
+    cached_tokens: int = 0                              # prompt tokens read from the prefix cache
 
 
 @dataclass(eq=False)  # identity: a request is itself, whatever its fields
@@ -72,6 +75,10 @@ class Sequence:
     text: str = ""                           # decoded output (cut at a stop string)
     sent: int = 0                            # characters of `text` already streamed
     speculative: RequestStats | None = None  # drafts proposed / accepted, when the engine speculates
+    logprobs: list[TokenLogprob] | None = None             # per output token, with params.logprobs
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # filled by the prefill, with params.prompt_logprobs
+    matcher: object = None                   # the grammar's state (grammar.py), with params.grammar
+    cached_tokens: int = 0                   # prompt tokens whose cache came from the prefix cache
 
     def __post_init__(self):
         # one float per sampled token, from the request's own generator (Python's: a few
@@ -79,6 +86,8 @@ class Sequence:
         self.rng = random.Random(self.seed)
         self.unread: list[float] = []  # uniforms given back (unread_uniforms), last first
         self.prefix_offset = self.read_offset = 0  # incremental detokenizing (module docstring)
+        if self.params.logprobs is not None:
+            self.logprobs = []
 
     @property
     def num_tokens(self) -> int:
@@ -99,21 +108,24 @@ class Sequence:
         """Give back drawn uniforms, unused, in order: uniform() returns them first."""
         self.unread.extend(reversed(uniforms))
 
-    def extend(self, run: list[int], tokenizer, eos_id: int | None) -> StreamEvent:
+    def extend(self, run: list[int], tokenizer, eos_id: int | None,
+               logprobs: list[TokenLogprob] | None = None) -> StreamEvent:
         """Take sampled tokens in order (one, or a decode burst's), up to the one that finishes
         the sequence (a stop id, EOS, max_tokens, a stop string): update the text and finish
         state, return what to stream. The run is detokenized in one step; with stop strings
-        (and a tokenizer) any token may complete one, so such a run goes a token at a time."""
+        (and a tokenizer) any token may complete one, so such a run goes a token at a time.
+        logprobs: the run's, one per token (kept for the tokens taken)."""
         if self.params.stop and tokenizer is not None:
-            for token in run:
-                self._take([token], tokenizer, eos_id)
+            for i, token in enumerate(run):
+                self._take([token], tokenizer, eos_id, logprobs[i: i + 1] if logprobs else None)
                 if self.finished:
                     break
         else:
-            self._take(run, tokenizer, eos_id)
+            self._take(run, tokenizer, eos_id, logprobs)
         return self.stream_event()
 
-    def _take(self, run: list[int], tokenizer, eos_id: int | None) -> None:
+    def _take(self, run: list[int], tokenizer, eos_id: int | None,
+              logprobs: list[TokenLogprob] | None = None) -> None:
         """extend()'s state update for one run, nothing streamed."""
         p = self.params
         run = run[: self.max_tokens - len(self.output_ids)]
@@ -122,6 +134,10 @@ class Sequence:
         if stop is not None:
             run, self.finish_reason = run[: stop + 1], "stop"
         self.output_ids.extend(run)
+        if self.logprobs is not None and logprobs is not None:
+            self.logprobs.extend(logprobs[: len(run)])
+        if self.matcher is not None:
+            self.matcher.consume(run)
         full = len(self.output_ids) >= self.max_tokens
         if tokenizer is not None:  # a stop string the last token completes still ends it as "stop"
             self._detokenize(tokenizer, self.output_ids[:-1] if stop is not None else self.output_ids,
@@ -135,8 +151,9 @@ class Sequence:
         """Extend self.text by what text_ids add since the last call (on the last call also an
         incomplete character, as U+FFFD); cut at a stop string."""
         done = self.text
-        read = tokenizer.decode(text_ids[self.prefix_offset: self.read_offset])
-        new = tokenizer.decode(text_ids[self.prefix_offset:])
+        skip = self.params.skip_special_tokens
+        read = tokenizer.decode(text_ids[self.prefix_offset: self.read_offset], skip_special_tokens=skip)
+        new = tokenizer.decode(text_ids[self.prefix_offset:], skip_special_tokens=skip)
         if len(new) > len(read) and (not new.endswith("\ufffd") or last):
             self.text = done + new[len(read):]
             self.prefix_offset, self.read_offset = self.read_offset, len(text_ids)
@@ -156,7 +173,8 @@ class Sequence:
     def output(self) -> RequestOutput:
         return RequestOutput(self.request_id, self.text, list(self.output_ids), self.finish_reason,
                              Usage(len(self.prompt_ids), len(self.output_ids)),
-                             self.speculative.as_dict() if self.speculative is not None else None)
+                             self.speculative.as_dict() if self.speculative is not None else None,
+                             self.logprobs, self.prompt_logprobs, self.cached_tokens)
 
 
 def stable_end(text: str, stops: list[str]) -> int:
