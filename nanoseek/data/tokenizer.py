@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from functools import cached_property
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -56,6 +57,7 @@ def _byte_symbols() -> list[str]:
 
 
 BYTE_SYMBOLS = _byte_symbols()  # id of byte b: len(SPECIAL_TOKENS) + b
+_BYTE_OF_SYMBOL = {c: b for b, c in enumerate(BYTE_SYMBOLS)}
 
 
 def byte_tokenizer(vocab_size: int) -> Tokenizer:
@@ -207,6 +209,18 @@ class ChatTokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for: a byte-level piece mapped back through the byte
+        alphabet, an added token's own text (a token may hold part of a character)."""
+        piece = self.tokenizer.id_to_token(token_id) or ""
+        if token_id in self._added or not all(c in _BYTE_OF_SYMBOL for c in piece):
+            return piece.encode()
+        return bytes(_BYTE_OF_SYMBOL[c] for c in piece)
+
+    @cached_property
+    def _added(self) -> set[int]:
+        return set(self.tokenizer.get_added_tokens_decoder())
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         if self.user_id is None or self.assistant_id is None:

@@ -76,9 +76,11 @@ class GrammarMatcher:
         self.matcher = matcher
 
     def fill(self, bitmask_BW: torch.Tensor, row: int) -> None:
-        """Write the allowed next tokens into row `row` of a host int32 bitmask."""
-        from llguidance.torch import fill_next_token_bitmask
-        fill_next_token_bitmask(self.matcher, bitmask_BW, row)
+        """Write the allowed next tokens into row `row` of a host int32 bitmask (what
+        llguidance.torch's helper does, without importing its torch.compile'd kernels)."""
+        assert bitmask_BW.dtype == torch.int32 and bitmask_BW.is_cpu and bitmask_BW.is_contiguous()
+        words = bitmask_BW[row]
+        self.matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
 
     def consume(self, tokens: list[int]) -> None:
         for token in tokens:

@@ -86,6 +86,7 @@ class Settings:
     upstream_models: list[str] = field(default_factory=list)
     upstream_api_key: str | None = None
     upstream_timeout: float = 600.0
+    allow_unknown_fields: bool = False       # ignore request fields this server does not implement
 
 
 def init_app_state(state: State, engine, tokenizer, model_name: str, settings: Settings) -> None:

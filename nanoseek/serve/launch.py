@@ -40,6 +40,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upstream-models", default="", metavar="A,B",
                    help="models served by the upstream (the first also takes requests over local limits)")
     p.add_argument("--upstream-api-key-file", metavar="F", help="the upstream's key (also env NANOSEEK_UPSTREAM_API_KEY)")
+    p.add_argument("--allow-unknown-fields", action="store_true",
+                   help="ignore request fields this server does not implement (default: 400 naming the field)")
 
 
 def read_keys(path: str | None) -> list[str]:
@@ -80,7 +82,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = Settings(api_keys=keys, max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                         max_tokens=args.max_tokens, max_queue=args.max_queue, audit_log=args.audit_log,
                         audit_content=args.audit_content, feedback_db=args.feedback_db, upstream_url=args.upstream,
-                        upstream_models=upstream_models, upstream_api_key=upstream_key)
+                        upstream_models=upstream_models, upstream_api_key=upstream_key,
+                        allow_unknown_fields=args.allow_unknown_fields)
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(engine, tokenizer, name, settings)
     if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):

@@ -12,13 +12,20 @@ import time
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from ..infer.grammar import json_schema_grammar
 from ..infer.reasoning import ReasoningSplitter
 from ..infer.sampling import SamplingParams
 from .audit import write_completion
-from .protocol import APIError, error_body
-from .responses import (AI_HEADERS, ClosingStreamingResponse, chat_message, count_reasoning_tokens,
-                        split_reasoning, sse, usage_body)
+from .protocol import APIError, ChatCompletionRequest, NamedToolChoice, error_body
+from .responses import (AI_HEADERS, ClosingStreamingResponse, chat_logprobs, chat_message, completion_logprobs,
+                        count_reasoning_tokens, split_reasoning, sse, usage_body)
+from .tools import ToolCallStreamer, forced_call_grammar, template_turns
 from .worker import Job
+
+
+def tools_on(req, chat: bool) -> bool:
+    """Whether the model sees the request's tools and its output is read for calls."""
+    return chat and bool(req.tools) and req.tool_choice != "none"
 
 
 def encode_prompts(state, req, chat: bool) -> list[list[int]]:
@@ -26,9 +33,49 @@ def encode_prompts(state, req, chat: bool) -> list[list[int]]:
     if not chat:
         return [state.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in req.prompts()]
     try:
-        return [state.chat_encoder.encode_chat([m.as_template_turn() for m in req.messages])]
+        return [state.chat_encoder.encode_chat(template_turns(req.messages, req.tools if tools_on(req, chat) else None))]
     except (ValueError, KeyError) as e:
         raise APIError(400, str(e), "invalid_request_error", "messages", "invalid_value") from None
+
+
+def request_grammar(state, req, chat: bool) -> str | None:
+    """The grammar the output must match: a forced tool call, or response_format's JSON."""
+    if not chat:
+        return None
+    forced = tools_on(req, chat) and (req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice))
+    fmt = req.response_format.type if req.response_format is not None else "text"
+    if forced and fmt != "text":
+        raise APIError(400, "a forced tool call and a JSON response_format cannot both constrain the output",
+                       "invalid_request_error", "response_format", "invalid_value")
+    if forced:
+        name = req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else None
+        grammar, param = forced_call_grammar(req.tools, name, req.parallel_tool_calls, state.tokenizer), "tools"
+    elif fmt == "json_object":
+        grammar, param = json_schema_grammar(None), "response_format"
+    elif fmt == "json_schema":
+        grammar, param = json_schema_grammar(req.response_format.json_schema.schema_ or {}), "response_format"
+    else:
+        return None
+    try:
+        state.engine.grammars().check(grammar)
+    except ValueError as e:
+        raise APIError(400, str(e), "invalid_request_error", param, "invalid_value") from None
+    return grammar
+
+
+def sampling_params(state, req, chat: bool, max_new: int, grammar: str | None, seed: int | None) -> SamplingParams:
+    if chat:
+        logprobs, prompt_logprobs = ((req.top_logprobs or 0) if req.logprobs else None), None
+    else:  # echo with logprobs scores the prompt; max_tokens 0 needs the prompt's forward alone
+        logprobs = req.logprobs
+        prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else (0 if max_new == 0 else None)
+    return SamplingParams(max_tokens=max_new, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                          stop=list(req.stop or []), ignore_eos=req.ignore_eos, seed=seed, logprobs=logprobs,
+                          prompt_logprobs=prompt_logprobs, presence_penalty=req.presence_penalty,
+                          frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+                          logit_bias=req.logit_bias or {}, grammar=grammar,
+                          # tool-call markers may be special tokens: kept in the text to be parsed
+                          skip_special_tokens=req.skip_special_tokens and not tools_on(req, chat))
 
 
 def check_prompts(state, prompts: list[list[int]], n: int) -> None:
@@ -62,14 +109,17 @@ def over_limit(state, prompts: list[list[int]], max_new: int | None, prompt_para
 def make_jobs(state, req, prompts: list[list[int]], rid: str, events: asyncio.Queue) -> list[Job]:
     """One engine job per choice: prompt p's i-th sample is choice p·n + i (seeded seed + index)."""
     jobs, loop = [], asyncio.get_running_loop()
+    chat = isinstance(req, ChatCompletionRequest)
+    grammar = request_grammar(state, req, chat)
     for p, ids in enumerate(prompts):
-        max_new = req.max_new_tokens or min(state.settings.max_tokens, state.engine.max_len - len(ids))
+        max_new = req.max_new_tokens
+        if max_new is None:
+            max_new = min(state.settings.max_tokens, state.engine.max_len - len(ids))
         for i in range(req.n):
             index = p * req.n + i
             try:
-                params = SamplingParams(max_tokens=max_new, temperature=req.temperature, top_p=req.top_p,
-                                        top_k=req.top_k, stop=list(req.stop or []), ignore_eos=req.ignore_eos,
-                                        seed=None if req.seed is None else req.seed + index)
+                params = sampling_params(state, req, chat, max_new, grammar,
+                                         None if req.seed is None else req.seed + index)
             except ValueError as e:
                 raise APIError(400, str(e), "invalid_request_error", None, "invalid_value") from None
             jobs.append(Job(f"{rid}-{index}", ids, params, loop, events, index=index))
@@ -102,6 +152,15 @@ class LocalRun:
         self.chat, self.start, self.endpoint, self.raw = chat, start, endpoint, raw
         k = len(jobs)
         self.texts, self.finish, self.completion = [""] * k, [None] * k, [0] * k
+        self.logprobs = [[] for _ in range(k)]
+        self.cached = [0] * k
+        self.tools = tools_on(req, chat)
+        # a prompt that opened the reasoning (R1's "<think>\n"): the output starts inside it
+        self.thinking = chat and state.chat_encoder.opens_thinking(jobs[0].prompt_ids)
+        self.echo = [""] * k
+        if not chat and req.echo:
+            texts = [p if isinstance(p, str) else state.tokenizer.decode(p) for p in req.prompts()]
+            self.echo = [texts[j.index // req.n] for j in jobs]
         self.prompt_tokens = sum(len(j.prompt_ids) for j in jobs)
         self.open = set(range(k))
         self.status = 200
@@ -139,8 +198,10 @@ class LocalRun:
         index, kind = event[0], event[1]
         if kind == "text":
             self.texts[index] += event[2]
+            self.logprobs[index] += (event[3] or []) if len(event) > 3 else []
         elif kind == "done":
             self.finish[index], self.completion[index] = event[2], event[4]
+            self.cached[index] = event[5]["cached_tokens"] if len(event) > 5 else 0
             self.open.discard(index)
         elif kind == "error":
             self.open.discard(index)
@@ -151,9 +212,29 @@ class LocalRun:
         completion = sum(self.completion)
         reasoning = 0
         if self.chat:
-            reasoning = sum(count_reasoning_tokens(self.state.tokenizer, split_reasoning(t)[0], c)
+            reasoning = sum(count_reasoning_tokens(self.state.tokenizer, split_reasoning(t, self.thinking)[0], c)
                             for t, c in zip(self.texts, self.completion))
-        return usage_body(self.prompt_tokens, completion, reasoning)
+        return usage_body(self.prompt_tokens, completion, reasoning, sum(self.cached))
+
+    def choice_logprobs(self, index: int, entries: list, with_prompt: bool = False) -> dict | None:
+        """A choice's logprobs in its endpoint's shape (None when not asked for); with_prompt:
+        the echoed prompt's first (completions)."""
+        tok = self.state.tokenizer
+        if self.chat:
+            return chat_logprobs(tok, entries) if self.req.logprobs else None
+        if self.req.logprobs is None:
+            return None
+        pairs = [(e.token, e) for e in entries]
+        if with_prompt:
+            job = self.jobs[index]
+            prompt = getattr(job.seq, "prompt_logprobs", None) or [None] * len(job.prompt_ids)
+            pairs = list(zip(job.prompt_ids, prompt)) + pairs
+        return completion_logprobs(tok, pairs)
+
+    def finish_reason(self, index: int, message: dict | None = None) -> str | None:
+        if message is not None and message.get("tool_calls"):
+            return "tool_calls"
+        return self.finish[index]
 
     def finish_audit(self) -> None:
         self.state.metrics.tokens(self.prompt_tokens, sum(self.completion))
@@ -173,12 +254,15 @@ class LocalRun:
             self.finish_audit()
         if self.error is not None:
             raise self.error
-        if self.chat:
-            choices = [{"index": i, "message": chat_message(t), "logprobs": None, "finish_reason": f}
-                       for i, (t, f) in enumerate(zip(self.texts, self.finish))]
-        else:
-            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
-                       for i, (t, f) in enumerate(zip(self.texts, self.finish))]
+        choices = []
+        for i, text in enumerate(self.texts):
+            if self.chat:
+                message = chat_message(text, self.thinking, self.tools)
+                choices.append({"index": i, "message": message, "logprobs": self.choice_logprobs(i, self.logprobs[i]),
+                                "finish_reason": self.finish_reason(i, message)})
+            else:
+                choices.append({"index": i, "text": self.echo[i] + text, "finish_reason": self.finish[i],
+                                "logprobs": self.choice_logprobs(i, self.logprobs[i], bool(self.echo[i]))})
         return {"id": self.rid, "object": "chat.completion" if self.chat else "text_completion",
                 "created": int(time.time()), "model": self.state.model_name, "system_fingerprint": None,
                 "choices": choices, "usage": self.usage(), "ai_generated": True}
@@ -191,36 +275,63 @@ class LocalRun:
             body["usage"] = usage
         return sse(body)
 
-    def delta(self, index: int, delta: dict | str, finish=None) -> dict:
+    def delta(self, index: int, delta: dict | str, finish=None, logprobs=None) -> dict:
         if self.chat:
-            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"index": index, "text": delta, "logprobs": None, "finish_reason": finish}
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish}
 
-    def event_chunks(self, event, splitters: list[ReasoningSplitter]) -> list[str]:
-        """The SSE chunks one engine event makes (text split into reasoning and answer for chat)."""
+    def answer_deltas(self, index: int, text: str, streamers: list[ToolCallStreamer]) -> list[dict]:
+        """Chat deltas of answer text: content, or with tools content and tool_calls."""
+        if not self.tools:
+            return [{"content": text}] if text else []
+        content, calls = streamers[index].feed(text)
+        self.called[index] |= bool(calls)
+        return ([{"content": content}] if content else []) + ([{"tool_calls": calls}] if calls else [])
+
+    def event_chunks(self, event, splitters: list[ReasoningSplitter], streamers: list[ToolCallStreamer]) -> list[str]:
+        """The SSE chunks one engine event makes (text split into reasoning and answer for chat,
+        tool calls apart with tools); a text event's logprobs go with its last chunk."""
         index, kind = event[0], event[1]
         pieces = []
         if kind == "text":
             pieces = splitters[index].feed(event[2]) if self.chat else [("answer", event[2])]
         elif kind in ("done", "error") and self.chat:
             pieces = splitters[index].flush()
-        out = []
+        deltas = []
         for part, text in pieces:
             if not self.chat:
-                out.append(self.chunk([self.delta(index, text)]))
+                deltas.append(text)
             elif part == "reasoning":
-                out.append(self.chunk([self.delta(index, {"reasoning_content": text, "reasoning": text})]))
+                deltas.append({"reasoning_content": text, "reasoning": text})
             else:
-                out.append(self.chunk([self.delta(index, {"content": text})]))
+                deltas += self.answer_deltas(index, text, streamers)
+        if kind in ("done", "error") and self.tools:
+            rest = streamers[index].flush()
+            deltas += [{"content": rest}] if rest else []
+        logprobs = event[3] if kind == "text" and len(event) > 3 else None
+        if logprobs and not deltas:
+            deltas.append({"content": ""} if self.chat else "")
+        out = [self.chunk([self.delta(index, d, logprobs=self.choice_logprobs(index, logprobs)
+                                      if logprobs and j == len(deltas) - 1 else None)])
+               for j, d in enumerate(deltas)]
         if kind == "done":
-            out.append(self.chunk([self.delta(index, {} if self.chat else "", event[2])]))
+            finish = "tool_calls" if self.called[index] else event[2]
+            out.append(self.chunk([self.delta(index, {} if self.chat else "", finish)]))
         elif kind == "error":
             self.status = event[3]
             out.append(sse(error_body(event[2], "server_error")))
         return out
 
+    def echo_chunk(self, index: int) -> str:
+        """A completion's echoed prompt, streamed before its first text (with its logprobs)."""
+        logprobs = self.choice_logprobs(index, [], with_prompt=True)
+        return self.chunk([self.delta(index, self.echo[index], logprobs=logprobs)])
+
     async def stream(self, first):
-        splitters = [ReasoningSplitter() for _ in self.jobs]
+        splitters = [ReasoningSplitter(thinking=self.thinking) for _ in self.jobs]
+        streamers = [ToolCallStreamer() for _ in self.jobs]
+        self.called = [False] * len(self.jobs)
+        echoed = [not e for e in self.echo]
         try:
             if self.chat:
                 for i in range(len(self.jobs)):
@@ -228,7 +339,10 @@ class LocalRun:
             event = first
             while True:
                 self.take(event)
-                for chunk in self.event_chunks(event, splitters):
+                if not echoed[event[0]]:
+                    echoed[event[0]] = True
+                    yield self.echo_chunk(event[0])
+                for chunk in self.event_chunks(event, splitters, streamers):
                     yield chunk
                 if not self.open:
                     break

@@ -11,6 +11,12 @@ rendered text whenever the content holds no special-token spelling.
 from __future__ import annotations
 
 MARK = "\ue000{}\ue001"  # private-use characters: no template or tokenizer gives them meaning
+THINK_OPEN = "<think>"
+
+
+class Markup(str):
+    """Template text inside a turn's content (tools.py's tool-call markers): encoded as the
+    template's own text, so its special-token spellings become special ids."""
 
 
 class ChatEncoder:
@@ -29,16 +35,27 @@ class ChatEncoder:
         return self.plain.encode(text, add_special_tokens=False).ids
 
     def encode_chat(self, turns: list[dict]) -> list[int]:
-        marks = [MARK.format(i) for i in range(len(turns))]
-        text = self.tokenizer.apply_chat_template([{**t, "content": m} for t, m in zip(turns, marks)],
+        """turns: {"role", "content"}, the content a string or a list of strings and Markup."""
+        pieces = [t["content"] if isinstance(t["content"], list) else [t["content"]] for t in turns]
+        plain = [p for turn in pieces for p in turn if not isinstance(p, Markup)]
+        marks = iter(MARK.format(i) for i in range(len(plain)))
+        placeholders = ["".join(p if isinstance(p, Markup) else next(marks) for p in turn) for turn in pieces]
+        text = self.tokenizer.apply_chat_template([{**t, "content": c} for t, c in zip(turns, placeholders)],
                                                   add_generation_prompt=True)
+        marks = [MARK.format(i) for i in range(len(plain))]
         positions = [text.find(m) for m in marks]
         if any(p < 0 for p in positions) or positions != sorted(positions):  # a template that rewrites content
-            return self.tokenizer.encode(self.tokenizer.apply_chat_template(turns, add_generation_prompt=True))
+            whole = [{**t, "content": "".join(p)} for t, p in zip(turns, pieces)]
+            return self.tokenizer.encode(self.tokenizer.apply_chat_template(whole, add_generation_prompt=True))
         ids, pos = [], 0
-        for turn, mark, at in zip(turns, marks, positions):
+        for content, mark, at in zip(plain, marks, positions):
             ids += self.tokenizer.encode(text[pos:at]) if at > pos else []
-            ids += self.encode_plain(turn["content"])
+            ids += self.encode_plain(content)
             pos = at + len(mark)
         ids += self.tokenizer.encode(text[pos:]) if pos < len(text) else []
         return ids
+
+    def opens_thinking(self, ids: list[int]) -> bool:
+        """Whether the prompt ends inside an open <think> (DeepSeek-R1's templates end their
+        generation prompt with "<think>\n"): the output then starts with reasoning."""
+        return self.tokenizer.decode(ids[-8:]).rstrip().endswith(THINK_OPEN)

@@ -59,12 +59,16 @@ async def read_json(request: Request) -> dict:
     return data
 
 
-def parse(cls, data: dict):
+def parse(cls, data: dict, allow_unknown: bool = False):
     try:
-        return cls.model_validate(data)
+        return cls.model_validate(data, extra="ignore" if allow_unknown else None)
     except ValidationError as e:
         err = e.errors()[0]
         param = ".".join(str(x) for x in err["loc"]) or None
+        if err["type"] == "extra_forbidden":
+            raise APIError(400, f"unrecognized request argument supplied: {param} (this server does not "
+                           "implement it; docs/openai_api.md lists what it does)", "invalid_request_error",
+                           param, "unknown_parameter") from None
         raise APIError(400, f"{param}: {err['msg']}" if param else err["msg"], "invalid_request_error",
                        param, "invalid_value") from None
 
@@ -121,14 +125,16 @@ async def post_feedback(request: Request):
 async def chat_completions(request: Request):
     authorize(request)
     raw = await read_json(request)
-    return await complete(request, raw, parse(ChatCompletionRequest, raw), chat=True)
+    allow = request.app.state.settings.allow_unknown_fields
+    return await complete(request, raw, parse(ChatCompletionRequest, raw, allow), chat=True)
 
 
 @router.post("/v1/completions")
 async def completions(request: Request):
     authorize(request)
     raw = await read_json(request)
-    return await complete(request, raw, parse(CompletionRequest, raw), chat=False)
+    allow = request.app.state.settings.allow_unknown_fields
+    return await complete(request, raw, parse(CompletionRequest, raw, allow), chat=False)
 
 
 async def complete(request: Request, raw: dict, req, chat: bool):

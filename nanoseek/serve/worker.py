@@ -8,9 +8,11 @@ pushed into that job's queue with `loop.call_soon_threadsafe`, so a handler simp
 and an abort frees the request's cache slot before the next step.
 
 Events put on a job's queue:
-    (index, "text", new_text)                                 stable text, in order
-    (index, "done", finish_reason, prompt_tokens, completion_tokens)
+    (index, "text", new_text, new_logprobs)                   stable text, in order; the logprobs
+                                                              of the tokens since the last event
+    (index, "done", finish_reason, prompt_tokens, completion_tokens, info)
     (index, "error", message, status)         400: the engine refused it; 500: a step failed
+info: {"prompt_logprobs": the prompt's (or None), "cached_tokens": prompt tokens from the prefix cache}.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Job:
     index: int = 0          # the choice this job answers
     seq: object = None      # the engine's Sequence, once added
     counted: int = 0        # output tokens already counted for the metrics
+    logprobs_sent: int = 0  # output tokens whose logprobs were pushed
 
 
 class EngineWorker:
@@ -146,10 +149,16 @@ class EngineWorker:
                     continue
                 n = len(job.seq.output_ids)  # a speculative step may add several
                 new_tokens, job.counted = new_tokens + n - job.counted, n
-                if event.new_text:
-                    self._push(job, ("text", event.new_text))
+                logprobs = getattr(job.seq, "logprobs", None)
+                new_logprobs = logprobs[job.logprobs_sent:] if logprobs else None
+                if new_logprobs:
+                    job.logprobs_sent = len(logprobs)
+                if event.new_text or new_logprobs:
+                    self._push(job, ("text", event.new_text, new_logprobs))
                 if event.finished:
-                    self._push(job, ("done", event.finish_reason, len(job.prompt_ids), n))
+                    info = {"prompt_logprobs": getattr(job.seq, "prompt_logprobs", None),
+                            "cached_tokens": getattr(job.seq, "cached_tokens", 0)}
+                    self._push(job, ("done", event.finish_reason, len(job.prompt_ids), n, info))
                     self._done(job)
             self._recent.append((time.monotonic(), new_tokens))
             sched = getattr(self.engine, "scheduler", None)
