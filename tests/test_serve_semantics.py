@@ -307,3 +307,17 @@ def test_reasoning_is_split_when_the_template_opens_it(tok):
                   if ch.choices]
         assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "Let me plan."
         assert "".join(d.content or "" for d in deltas) == "The answer is 4."
+
+
+# ------------------------------------------------------------ prefix cache
+def test_cached_prompt_tokens_are_reported_in_usage(tiny_dir, tok):  # noqa: F811
+    engine = Engine(from_pretrained(tiny_dir), tok, max_batch=2, max_len=256, prefix_cache=True)
+    system = {"role": "system", "content": "You are a terse assistant who answers in one word. " * 2}
+    with live(create_app(engine, tok, "tiny")) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        first, second = (c.chat.completions.create(model="tiny", max_tokens=2, temperature=0,
+                                                   messages=[system, {"role": "user", "content": q}])
+                         for q in ("Hi?", "Why?"))
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        shared = len(tok.encode("<|begin_of_sentence|>" + system["content"] + "<|User|>"))
+        assert second.usage.prompt_tokens_details.cached_tokens == shared // 16 * 16 > 0

@@ -30,9 +30,10 @@ coordinate-descent tuning, which also turns its one-row matmuls into tuned, fuse
 
 Shapes are static: the bucket covers cache rows [0, bucket) and attention reads all
 max_len positions of each row, masked by the row's own position; rows of the bucket that
-no sequence holds run a dummy token from position 0 (advancing through a burst, clamped at
-the cache's end), in slots that the next prefill of that row writes again before reading;
-so do the rows of requests that end inside a burst, for the rest of it. The scheduler decodes every
+no sequence holds run a dummy token at the cache's last position, which no request's
+tokens occupy (a free slot keeps what a prefix cache may reuse: prefix_cache.py); the rows
+of requests that end inside a burst run on past their last token for the rest of it
+(clamped at the cache's end), where the next request in that slot writes before reading. The scheduler decodes every
 running request in each decode step, so no row in the bucket belongs to a sequence that is
 left out of the step.
 
@@ -280,7 +281,8 @@ class GraphDecoder(BucketGraphs):
         and profiles.)"""
         if not self.fits(slots):
             return None
-        out = self.run((self.load([self.ids, self.positions], slots, tokens, positions), False))
+        bucket = self.load([self.ids, self.positions], slots, tokens, positions, fill=[0, self.last_position])
+        out = self.run((bucket, False))
         return None if out is None else self.rows(out[0], slots)
 
     @torch.no_grad()
@@ -295,7 +297,7 @@ class GraphDecoder(BucketGraphs):
         logits between the replays (kernels queued behind the graph, no read-back)."""
         if not self.fits(slots):
             return None
-        bucket = self.load([self.ids, self.positions], slots, tokens, positions)
+        bucket = self.load([self.ids, self.positions], slots, tokens, positions, fill=[0, self.last_position])
         sampled = params is not None
         if sampled:
             # rows no request holds: a greedy row's settings (no division by a zero temperature)

@@ -74,6 +74,7 @@ from ..model.cache import StaticCache, cache_entry_shapes
 from .grammar import GrammarCompiler, bitmask
 from .sampling import (SamplingParams, TokenLogprob, logprob_rows, process_logits, row_settings, sample_rows,
                        sample_tensors, unpack_logprobs)
+from .prefix_cache import PrefixCache
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence, Status, StreamEvent
 from .speculative import MTPDrafter, RequestStats, greedy_accept, sampling_probs, speculative_accept_rows
@@ -126,12 +127,21 @@ class ModelRunner:
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
         """Prompts right-padded to the longest; a row's padding lands at positions beyond
         its prompt, which it never reads and its first decode step overwrites. Rows that ask
-        for prompt logprobs get them here (Sequence.prompt_logprobs), from the same forward."""
-        lens = [len(s.prompt_ids) for s in seqs]
+        for prompt logprobs get them here (Sequence.prompt_logprobs), from the same forward.
+        A prompt whose first cached_tokens are in the cache already (prefix_cache.py; copied
+        into its slot first when they are in another) is computed from there on."""
+        for s in seqs:
+            if s.copy_from is not None:
+                self.cache.copy_prefix(s.copy_from, s.slot, s.cached_tokens)
+        starts = [s.cached_tokens for s in seqs]
+        lens = [len(s.prompt_ids) - start for s, start in zip(seqs, starts)]
         T = max(lens)
-        ids = torch.tensor([s.prompt_ids + [0] * (T - len(s.prompt_ids)) for s in seqs], device=self.device)
-        positions = torch.arange(T, device=self.device).expand(len(seqs), T)
-        view = self.cache.select([s.slot for s in seqs], kv_len=T)
+        ids = torch.tensor([s.prompt_ids[start:] + [0] * (T - n) for s, start, n in zip(seqs, starts, lens)],
+                           device=self.device)
+        # padding of a row that starts late may run past the cache: held at its last position
+        positions = (torch.tensor(starts, device=self.device)[:, None] + torch.arange(T, device=self.device)
+                     ).clamp(max=self.cache.max_len - 1)
+        view = self.cache.select([s.slot for s in seqs], kv_len=min(max(starts) + T, self.cache.max_len))
         with self._context():
             out = self.model(ids, positions=positions, cache=view, absorb=False, logits_to_keep=1)
             last = torch.tensor(lens, device=self.device) - 1
@@ -302,7 +312,7 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
                  cache_budget_bytes: int | None = None, max_prefill_tokens: int = 8192,
                  speculative_k: int = 0, cuda_graphs: bool = True, compile: bool = False,
-                 decode_burst: int = 8, fused_decode: int | None = None):
+                 decode_burst: int = 8, fused_decode: int | None = None, prefix_cache: bool = False):
         """model: any `nanoseek.from_pretrained` model; tokenizer: a ChatTokenizer (or None
         to work in token ids only). max_len: tokens per sequence, prompt + output (default
         the model's max_position_embeddings). max_prefill_tokens: padded prompt tokens one
@@ -319,7 +329,8 @@ class Engine:
         waiting for a slot may wait up to a burst longer). fused_decode: captured decode steps of
         up to this many rows run the fused Triton step (fused.py: nine kernels a layer, for
         batch-1 latency) where the model supports it; 0: never; None (default):
-        FUSED_DECODE_ROWS on an NVIDIA GPU with 16-bit weights (where it was measured), else 0."""
+        FUSED_DECODE_ROWS on an NVIDIA GPU with 16-bit weights (where it was measured), else 0.
+        prefix_cache: reuse the cache of prompt prefixes still held by idle slots (prefix_cache.py)."""
         cfg = model.config
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -371,7 +382,10 @@ class Engine:
         self.runner = ModelRunner(model, self.cache, autocast, cuda_graphs, speculative_k, compile,
                                   fused_decode)
         self.speculative_totals = RequestStats()
-        self.scheduler = Scheduler(num_slots, max_prefill_tokens)
+        if prefix_cache and speculative_k:  # the MTP layer's entry at a prefix's end depends on the token after it
+            raise ValueError("prefix caching is not available with speculative decoding (speculative_k > 0)")
+        self.scheduler = Scheduler(num_slots, max_prefill_tokens, PrefixCache(num_slots) if prefix_cache else None)
+        self.prefilled_tokens = 0  # prompt tokens computed (the rest came from the prefix cache)
         eos = getattr(tokenizer, "eos_id", None)
         self.eos_id = eos if eos is not None else cfg.eos_token_id
         self._ids = itertools.count()
@@ -478,7 +492,14 @@ class Engine:
             runs = self.runner.decode_burst(seqs, n, k)
             if runs is not None:
                 return self._postprocess(seqs, *self._unpack(seqs, runs, k))
-        logits = self.runner.prefill(seqs) if kind == "prefill" else self.runner.decode(seqs)
+        if kind == "prefill":
+            logits = self.runner.prefill(seqs)
+            self.prefilled_tokens += sum(len(s.prompt_ids) - s.cached_tokens for s in seqs)
+            if self.scheduler.prefix_cache is not None:
+                for seq in seqs:
+                    self.scheduler.prefix_cache.record(seq.slot, seq.prompt_ids)
+        else:
+            logits = self.runner.decode(seqs)
         chosen_from = logits
         if any(p.processed for p in params):
             mask = None

@@ -79,6 +79,7 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # filled by the prefill, with params.prompt_logprobs
     matcher: object = None                   # the grammar's state (grammar.py), with params.grammar
     cached_tokens: int = 0                   # prompt tokens whose cache came from the prefix cache
+    copy_from: int | None = None             # the slot those come from, when not its own
 
     def __post_init__(self):
         # one float per sampled token, from the request's own generator (Python's: a few

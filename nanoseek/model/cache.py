@@ -58,6 +58,12 @@ class StaticCache:
         """A view of rows `slot_ids` whose reads cover positions [0, kv_len) (default: all)."""
         return CacheView(self, slot_ids, self.max_len if kv_len is None else kv_len)
 
+    def copy_prefix(self, src_slot: int, dst_slot: int, n: int) -> None:
+        """Positions [0, n) of row src_slot into row dst_slot, every layer (a prefix cache's reuse)."""
+        for layer in self.layers:
+            for buf in layer:
+                buf[dst_slot, :n] = buf[src_slot, :n]
+
     def prefix(self, n: int) -> CacheView:
         """Rows [0, n), all positions: the static view a captured step reads (n may be symbolic
         under torch.compile, so no Python list of the rows is made)."""

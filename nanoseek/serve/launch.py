@@ -27,6 +27,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fused-decode", type=int, default=None, metavar="N",
                    help="GPU: decode batches of up to N requests with the fused Triton step (default: 4 "
                         "with 16-bit weights, else 0; 0: never)")
+    p.add_argument("--prefix-cache", action="store_true",
+                   help="reuse the cache of prompt prefixes that idle slots still hold (shared system prompts, "
+                        "multi-turn chats); not with --speculative")
     p.add_argument("--max-len", type=int, default=None, metavar="T",
                    help="tokens per sequence, prompt + output (default: the model's context)")
     p.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="cap on a request's max_tokens")
@@ -78,7 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     _, model, tokenizer = load_model_dir(args.model, args.device)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_len=args.max_len,
                     speculative_k=args.speculative, compile=args.compile, decode_burst=args.decode_burst,
-                    fused_decode=args.fused_decode)
+                    fused_decode=args.fused_decode, prefix_cache=args.prefix_cache)
     settings = Settings(api_keys=keys, max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                         max_tokens=args.max_tokens, max_queue=args.max_queue, audit_log=args.audit_log,
                         audit_content=args.audit_content, feedback_db=args.feedback_db, upstream_url=args.upstream,

@@ -1,0 +1,92 @@
+"""Prefix caching: the same tokens with and without it, fewer prompt tokens computed with it."""
+
+import pytest
+
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.prefix_cache import PrefixCache
+from nanoseek.infer.sampling import SamplingParams
+
+SYSTEM = [(7 * i + 3) % 500 + 9 for i in range(53)]  # a 53-token "system prompt": 3 full blocks of 16
+QUESTIONS = [[11, 12, 13], [40, 41], [200, 201, 202, 203, 204], [77], list(range(90, 102))]
+
+
+def greedy(n=8):
+    return SamplingParams(max_tokens=n, ignore_eos=True)
+
+
+def run(engine, prompts, params):
+    """Requests added in two waves (the second while the first decodes), run to the end."""
+    half = len(prompts) // 2
+    seqs = [engine.add_request(p, params) for p in prompts[:half]]
+    engine.step(), engine.step()
+    seqs += [engine.add_request(p, params) for p in prompts[half:]]
+    while engine.has_unfinished():
+        engine.step()
+    return seqs
+
+
+def burst_engine(model, **kw):
+    from nanoseek.infer.cuda_graph import GraphDecoder
+    engine = Engine(model, None, decode_burst=4, **kw)
+    engine.runner.graphs = GraphDecoder(model, engine.cache, None, capture=False)
+    return engine
+
+
+@pytest.mark.parametrize("make", [Engine, burst_engine])
+def test_outputs_are_token_identical_with_and_without_the_prefix_cache(model, make):
+    """Prompts sharing a system prompt, two slots for five requests (prefixes read from a running
+    slot, from a free one in place, copied from another, evicted), plus a second turn that
+    extends a first conversation; greedy tokens equal those of the engine without the cache.
+    With bursts, the rows no request holds must leave the free slots' cached prefixes alone."""
+    prompts = [SYSTEM + q for q in QUESTIONS]
+    plain = [s.output_ids for s in run(make(model, max_batch=2, max_len=96), prompts, greedy())]
+    engine = make(model, max_batch=2, max_len=96, prefix_cache=True)
+    seqs = run(engine, prompts, greedy())
+    assert [s.output_ids for s in seqs] == plain
+    assert [s.cached_tokens for s in seqs] == [0, 48, 48, 48, 48]
+    assert engine.prefilled_tokens == sum(map(len, prompts)) - 4 * 48
+    # a second turn of the last conversation: its prompt and answer stayed in its slot (all
+    # but the answer's last token, 65 + 7 tokens: 4 blocks, one past the system prompt)
+    turn = prompts[-1] + plain[-1] + [300, 301]
+    (second,) = engine.generate([turn], greedy())
+    (want,) = make(model, max_batch=2, max_len=96).generate([turn], greedy())
+    assert second.token_ids == want.token_ids and second.cached_tokens == 64
+
+
+def test_a_request_sharing_a_prefix_with_one_in_the_same_step_waits_to_reuse_it(model):
+    engine = Engine(model, max_batch=4, max_len=96, prefix_cache=True)
+    seqs = [engine.add_request(SYSTEM + q, greedy(2)) for q in QUESTIONS[:3]]
+    engine.step()  # the first prefills alone; the others would compute the same 48 tokens again
+    assert [s.slot is not None for s in seqs] == [True, False, False]
+    engine.step()
+    assert [s.cached_tokens for s in seqs] == [0, 48, 48] and len({s.slot for s in seqs}) == 3
+    assert {s.copy_from for s in seqs[1:]} == {seqs[0].slot}
+
+
+def test_the_least_recently_used_prefix_is_evicted_when_its_slot_is_needed(model):
+    engine = Engine(model, max_batch=2, max_len=96, prefix_cache=True)
+    other = [(5 * i + 1) % 400 + 9 for i in range(40)]
+    third = [(3 * i + 2) % 300 + 9 for i in range(40)]
+    engine.generate([SYSTEM + [1], other + [1]], greedy(2))  # both slots hold a prefix now
+    (again,) = engine.generate([SYSTEM + [2]], greedy(2))
+    assert again.cached_tokens == 48  # read in place; `other` is now the least recently used
+    engine.generate([third + [1]], greedy(2))  # takes the slot that held `other`
+    (kept,) = engine.generate([SYSTEM + [3]], greedy(2))
+    (gone,) = engine.generate([other + [2]], greedy(2))
+    assert kept.cached_tokens == 48 and gone.cached_tokens == 0
+
+
+def test_chained_block_hashes_name_a_whole_prefix():
+    pc = PrefixCache(num_slots=2, block_size=4)
+    a, b = pc.hashes([1, 2, 3, 4, 5, 6, 7, 8, 9]), pc.hashes([0, 2, 3, 4, 5, 6, 7, 8])
+    assert len(a) == 2 and len(b) == 2 and a[1] != b[1]  # same second block, different first
+    pc.record(0, [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert pc.longest(a, limit_tokens=9) == (0, 8) and pc.longest(a, limit_tokens=7) == (0, 4)
+    assert pc.longest(b, limit_tokens=8) == (None, 0)
+    pc.forget(0, keep=1)
+    assert pc.longest(a, limit_tokens=9) == (0, 4) and pc.cached_blocks == 1
+
+
+def test_prefix_caching_refuses_speculative_decoding(model):
+    with pytest.raises(ValueError, match="speculative"):
+        Engine(model, max_batch=1, max_len=32, speculative_k=2, prefix_cache=True)
