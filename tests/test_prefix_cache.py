@@ -1,6 +1,7 @@
 """Prefix caching: the same tokens with and without it, fewer prompt tokens computed with it."""
 
 import pytest
+from test_sampling import burst_engine
 
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.prefix_cache import PrefixCache
@@ -23,13 +24,6 @@ def run(engine, prompts, params):
     while engine.has_unfinished():
         engine.step()
     return seqs
-
-
-def burst_engine(model, **kw):
-    from nanoseek.infer.cuda_graph import GraphDecoder
-    engine = Engine(model, None, decode_burst=4, **kw)
-    engine.runner.graphs = GraphDecoder(model, engine.cache, None, capture=False)
-    return engine
 
 
 @pytest.mark.parametrize("make", [Engine, burst_engine])

@@ -38,6 +38,7 @@ def tolerance(lp32, lp64):
 
 
 def burst_engine(model, **kw):
+    """Decode bursts of 4 through GraphDecoder's static step, uncaptured (the CPU twin)."""
     from nanoseek.infer.cuda_graph import GraphDecoder
     engine = Engine(model, None, decode_burst=4, **kw)
     engine.runner.graphs = GraphDecoder(model, engine.cache, None, capture=False)

@@ -19,7 +19,7 @@ from nanoseek.serve.app import create_app  # noqa: E402
 from nanoseek.serve.prompt import ChatEncoder  # noqa: E402
 from nanoseek.infer.engine import Engine  # noqa: E402
 from nanoseek.serve.tools import (CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, OUTPUT_BEGIN, OUTPUT_END,  # noqa: E402
-                                  OUTPUTS_BEGIN, OUTPUTS_END, SEP, template_turns)
+                                  OUTPUTS_BEGIN, OUTPUTS_END, SEP, forced_call_grammar, template_turns)
 from nanoseek.serve.protocol import ChatCompletionRequest  # noqa: E402
 
 
@@ -69,6 +69,15 @@ def test_unknown_fields_are_400_naming_them_unless_allowed(client, tiny_dir):  #
         assert out.usage.completion_tokens >= 1
 
 
+def test_more_choices_than_the_queue_holds_is_400_not_429(tiny_dir):  # noqa: F811
+    with live(tiny_app(tiny_dir, "tiny", max_queue=2)) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model="tiny", prompt=["a", "b"], n=2, max_tokens=1)
+        assert e.value.param == "n" and "queue" in e.value.message
+        assert len(c.completions.create(model="tiny", prompt=["a", "b"], max_tokens=1).choices) == 2
+
+
 # ------------------------------------------------------------ logprobs and echo
 def test_chat_logprobs_are_log_softmax_of_the_models_logits(client, tok, model):
     out = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=6, temperature=0,
@@ -112,6 +121,13 @@ def test_echo_scores_the_prompt_as_evaluation_harnesses_read_it(client, tok, mod
             best = lp64[i - 1].argmax().item()
             assert max(lp.top_logprobs[i].values()) == pytest.approx(lp64[i - 1, best].item(), abs=tol)
         assert out.usage.completion_tokens == max_tokens
+    streamed = list(client.completions.create(model="tiny", prompt=prompt, echo=True, logprobs=1, max_tokens=3,
+                                              temperature=0, stream=True))
+    whole = client.completions.create(model="tiny", prompt=prompt, echo=True, logprobs=1, max_tokens=3,
+                                      temperature=0).choices[0]
+    assert "".join(c.choices[0].text for c in streamed) == whole.text
+    assert [lp for c in streamed if c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs] == \
+        whole.logprobs.token_logprobs
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny", prompt=prompt, max_tokens=0)  # nothing to return
 
@@ -247,6 +263,23 @@ def test_forced_tool_calls_come_back_as_tool_calls(ds_client):
     assert [d.function.name for d in deltas] == ["get_weather"]
     assert json.loads(deltas[0].function.arguments)["city"] in ("Paris", "Oslo")
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_a_forced_call_grammar_spells_markers_a_tokenizer_lacks(tok):
+    """nanoseek's byte tokenizer has no tool-call tokens: the grammar matches their text, and
+    the call json.dumps would write for arguments of the schema, then only EOS."""
+    from nanoseek.infer.grammar import GrammarCompiler
+    req = ChatCompletionRequest.model_validate({"model": "m", "messages": CHAT, "tools": [WEATHER, CLOCK]})
+    matcher = GrammarCompiler(tok, tok.vocab_size, tok.eos_id).matcher(
+        forced_call_grammar(req.tools, None, True, tok))
+    args = json.dumps({"city": "Oslo", "days": 3})
+    text = (CALLS_BEGIN + CALL_BEGIN + "function" + SEP + "get_time\n```json\n{}\n```" + CALL_END + "\n"
+            + CALL_BEGIN + "function" + SEP + f"get_weather\n```json\n{args}\n```" + CALL_END + CALLS_END)
+    matcher.consume(tok.encode(text))
+    assert matcher.done
+    with pytest.raises(RuntimeError, match="rejected"):
+        GrammarCompiler(tok, tok.vocab_size, tok.eos_id).matcher(
+            forced_call_grammar(req.tools, "get_time", False, tok)).consume(tok.encode(CALLS_BEGIN + "x"))
 
 
 def test_tool_messages_are_rendered_in_deepseeks_format(ds_client):

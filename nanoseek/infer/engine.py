@@ -29,6 +29,16 @@ longest max_tokens left allows (at most decode_burst), and a request with fewer 
 only those. Without graphs (CPU, or a batch no captured bucket holds) a step is one eager
 forward.
 
+Logprobs, penalties, bias, grammars (sampling.py, grammar.py). A request's logprobs are
+computed on the device from the logits its tokens came from and read back packed with the
+tokens (a burst's with its tokens, after the last replay); prompt logprobs come from the
+prefill's forward, one read for the rows that ask. Rows whose logits change before the
+choice (penalties, logit_bias, a grammar's mask) step eagerly, one token per step: a
+grammar's next mask needs the token just chosen.
+
+Prefix caching (prefix_cache.py, `prefix_cache=True`): a prompt whose first blocks are
+still held by a slot, idle or running, starts from them (copied when in another slot).
+
 Memory. The cache is `num_slots` rows of `max_len` tokens. Per token and layer MLA keeps
 the latent c_kv (kv_lora_rank values) and the rotated RoPE key (qk_rope_head_dim values),
 nothing else, so a token costs (kv_lora_rank + qk_rope_head_dim) × layers × element size

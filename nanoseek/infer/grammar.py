@@ -25,13 +25,15 @@ from functools import cached_property
 import torch
 
 
+# JSON as json.dumps writes it, without free whitespace: a model cannot fill its budget with blanks
+JSON_FORMAT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
 def json_schema_grammar(schema: dict | None) -> str:
-    """A grammar for JSON matching `schema` (None: any JSON object, OpenAI's json_object).
-    Compact JSON without free whitespace: a model cannot fill its budget with blanks."""
+    """A grammar for JSON matching `schema` (None: any JSON object, OpenAI's json_object)."""
     import llguidance
-    return llguidance.LLMatcher.grammar_from_json_schema(
-        schema if schema is not None else {"type": "object"},
-        overrides={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "})
+    return llguidance.LLMatcher.grammar_from_json_schema(schema if schema is not None else {"type": "object"},
+                                                         overrides=JSON_FORMAT)
 
 
 def lark_grammar(lark: str) -> str:

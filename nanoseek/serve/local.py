@@ -80,6 +80,9 @@ def sampling_params(state, req, chat: bool, max_new: int, grammar: str | None, s
 
 def check_prompts(state, prompts: list[list[int]], n: int) -> None:
     """Mistakes that no bigger model would fix (never routed upstream)."""
+    if len(prompts) * n > state.settings.max_queue:  # more than the queue ever holds: no retry helps
+        raise APIError(400, f"{len(prompts)} prompt(s) × n={n} is over this server's queue of "
+                       f"{state.settings.max_queue} requests", "invalid_request_error", "n", "invalid_value")
     if len(prompts) * n > state.settings.max_choices:
         raise APIError(400, f"{len(prompts)} prompt(s) × n={n} is over this server's limit of "
                        f"{state.settings.max_choices} choices per request", "invalid_request_error", "n",

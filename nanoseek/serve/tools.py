@@ -98,12 +98,12 @@ def _marker(text: str, tokenizer) -> str:
 def forced_call_grammar(tools, name: str | None, parallel: bool, tokenizer) -> str:
     """A grammar for one call of `name` (None: of any tool; several with `parallel`), in
     DeepSeek's format, each function's arguments following its parameter schema."""
-    from ..infer.grammar import lark_grammar
+    from ..infer.grammar import JSON_FORMAT, lark_grammar
     m = {t: _marker(t, tokenizer) for t in (CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP)}
     chosen = [t.function for t in tools if name is None or t.function.name == name]
     rules = []
     for i, f in enumerate(chosen):
-        schema = {**(f.parameters or NO_PARAMETERS), "x-guidance": {"whitespace_flexible": False}}
+        schema = {**(f.parameters or NO_PARAMETERS), "x-guidance": JSON_FORMAT}
         rules.append(f"fn{i}: {json.dumps(f.name)} \"\\n```json\\n\" args{i} \"\\n```\" {m[CALL_END]}\n"
                      f"args{i}: %json {json.dumps(schema)}")
     calls = "call (\"\\n\" call)*" if parallel and name is None else "call"
