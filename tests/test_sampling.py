@@ -136,7 +136,7 @@ def test_a_penalty_changes_greedy_output_first_where_it_repeats(model, penalty):
     first one it had already seen (in its output; for the repetition penalty, in the prompt
     too), and there this model's penalized choice moves to another token."""
     engine = Engine(model, None, max_batch=1, max_len=48)
-    greedy = dict(max_tokens=32, ignore_eos=True)
+    greedy = dict(max_tokens=16, ignore_eos=True)
     (free,) = engine.generate([PROMPT], SamplingParams(**greedy))
     (penalized,) = engine.generate([PROMPT], SamplingParams(**greedy, **penalty))
     seen = set(PROMPT) if "repetition_penalty" in penalty else set()
