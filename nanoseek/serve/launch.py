@@ -39,6 +39,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upstream", metavar="URL", help="an OpenAI-compatible base URL, e.g. https://host/v1")
     p.add_argument("--upstream-models", default="", metavar="A,B",
                    help="models served by the upstream (the first also takes requests over local limits)")
+    p.add_argument("--ui", action="store_true",
+                   help="serve a chat page at / (shipped with nanoseek; the conversation stays in the browser)")
     p.add_argument("--upstream-api-key-file", metavar="F", help="the upstream's key (also env NANOSEEK_UPSTREAM_API_KEY)")
 
 
@@ -80,11 +82,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = Settings(api_keys=keys, max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                         max_tokens=args.max_tokens, max_queue=args.max_queue, audit_log=args.audit_log,
                         audit_content=args.audit_content, feedback_db=args.feedback_db, upstream_url=args.upstream,
-                        upstream_models=upstream_models, upstream_api_key=upstream_key)
+                        upstream_models=upstream_models, upstream_api_key=upstream_key, ui=args.ui)
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(engine, tokenizer, name, settings)
     if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"nanoseek serve: warning: listening on {args.host} without API keys", file=sys.stderr)
     print(f"nanoseek serve: {name} on http://{args.host}:{args.port}/v1 ({len(keys)} API key(s), "
           f"{engine.num_slots} slots of {engine.max_len} tokens)", file=sys.stderr)
+    if args.ui:
+        print(f"nanoseek serve: chat page on http://{args.host}:{args.port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
