@@ -236,15 +236,7 @@ class Experts(nn.Module):
         token_M = order_M // K
         counts_E = torch.zeros(E, dtype=torch.int32, device=x_ND.device).scatter_add_(
             0, flat_M, torch.ones_like(flat_M, dtype=torch.int32))
-        offsets_E = counts_E.cumsum(0, dtype=torch.int32)
-        dtype = compute_dtype(x_ND)
-        w_gate, w_up, w_down = (w.to(dtype).transpose(-2, -1)
-                                for w in (self.gate_proj, self.up_proj, self.down_proj))
-        x_MD = x_ND[token_M].to(dtype)
-        gate_MF = torch._grouped_mm(x_MD, w_gate, offs=offsets_E)
-        up_MF = torch._grouped_mm(x_MD, w_up, offs=offsets_E)
-        h_MF = F.silu(gate_MF) * up_MF
-        y_MD = torch._grouped_mm(h_MF, w_down, offs=offsets_E)
+        y_MD = grouped_swiglu(x_ND[token_M], counts_E, self.gate_proj, self.up_proj, self.down_proj)
         # back to (token, slot) order, a permutation: a plain scatter, then each token's K
         # outputs summed at once (fp32 inside the reduction). An index_add_ of the rows would
         # accumulate with atomics in the activation dtype: bf16 sums in whatever order the
@@ -305,6 +297,19 @@ class Experts(nn.Module):
             y = (h @ self.down_proj[e].T) * weight_NK[token, slot, None].to(x.dtype)
             out.index_add_(0, token, y.to(out.dtype))
         return out
+
+
+def grouped_swiglu(x_MD: torch.Tensor, counts_E: torch.Tensor, w_gate_EFD: torch.Tensor,
+                   w_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor) -> torch.Tensor:
+    """Rows sorted by expert, `counts_E` [E] of them for each, through their expert's SwiGLU
+    as three grouped GEMMs in the compute dtype: [M, D] -> [M, D]."""
+    offsets_E = counts_E.cumsum(0, dtype=torch.int32)
+    dtype = compute_dtype(x_MD)
+    w_gate, w_up, w_down = (w.to(dtype).transpose(-2, -1) for w in (w_gate_EFD, w_up_EFD, w_down_EDF))
+    x_MD = x_MD.to(dtype)
+    gate_MF = torch._grouped_mm(x_MD, w_gate, offs=offsets_E)
+    up_MF = torch._grouped_mm(x_MD, w_up, offs=offsets_E)
+    return torch._grouped_mm(F.silu(gate_MF) * up_MF, w_down, offs=offsets_E)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
