@@ -198,7 +198,45 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, default=0, metavar="K")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--tokenizer", metavar="DIR", help="an existing tokenizer.json (default: train BPE on the data)")
+    add_parallel_args(p)
     p.epilog = "key=value words set model config fields or train fields (lr, batch_size, seq_len, ...)"
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallel training (launch with torchrun --nproc-per-node N -m nanoseek ...)")
+    g.add_argument("--dp", type=int, metavar="N", help="data-parallel ranks, FSDP2-sharded (default: the "
+                                                       "processes torchrun started, divided by --pp)")
+    g.add_argument("--ep", type=int, default=1, metavar="N", help="expert-parallel group size; divides --dp")
+    g.add_argument("--pp", type=int, default=1, metavar="N", help="pipeline-parallel ranks")
+    g.add_argument("--pp-schedule", choices=("1f1b", "dualpipev"), default="1f1b",
+                   help="pipeline schedule (dualpipev: two stages per rank, V-shaped)")
+    g.add_argument("--microbatches", type=int, default=0, metavar="N",
+                   help="pipeline micro-batches per step (default: 2 per stage)")
+    g.add_argument("--replicate", action="store_true", help="replicate non-expert weights over dp "
+                                                            "instead of sharding them")
+    g.add_argument("--fsdp-bf16", action="store_true", help="FSDP computes with bf16 copies of the weights")
+    g.add_argument("--cpu-offload", action="store_true", help="FSDP keeps weights and optimizer state in CPU memory")
+
+
+def parallel_config(args: argparse.Namespace):
+    """The ParallelConfig of a run started by torchrun or with parallel flags; None for today's
+    one-process path. A resumed run whose checkpoints are distributed continues in one process."""
+    from .loading import latest_checkpoint
+    from .parallel.checkpoint import is_distributed_checkpoint
+    from .parallel.mesh import ParallelConfig, init_distributed
+    launched = "WORLD_SIZE" in os.environ
+    flags = args.dp is not None or args.ep > 1 or args.pp > 1
+    resumed = args.resume and (ckpt := latest_checkpoint(args.out)) is not None and is_distributed_checkpoint(ckpt)
+    if not (launched or flags or resumed):
+        return None
+    rank, world = init_distributed()
+    if rank != 0:  # one copy of what a run prints: rank 0's
+        sys.stdout = open(os.devnull, "w")
+    if args.pp < 1 or world % args.pp:
+        raise UsageError(f"--pp {args.pp} must be a positive divisor of the {world} processes started")
+    return ParallelConfig(dp=args.dp if args.dp is not None else world // args.pp, ep=args.ep, pp=args.pp,
+                          schedule=args.pp_schedule, microbatches=args.microbatches, fsdp=not args.replicate,
+                          param_dtype="bf16" if args.fsdp_bf16 else None, cpu_offload=args.cpu_offload)
 
 
 def _train_cfg(args, extra: dict):
@@ -213,7 +251,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     model_over, train_over = split_overrides(args.overrides)
     args.overrides = model_over
     trainer, _, records = pretrain(load_config(args), _train_cfg(args, train_over), args.data, args.out,
-                                   tokenizer=args.tokenizer, resume=args.resume)
+                                   tokenizer=args.tokenizer, resume=args.resume, parallel=parallel_config(args))
     last = records[-1] if records else {}
     print(f"trained to step {trainer.step}; last loss {last.get('loss', float('nan')):.4f}; "
           f"model in {Path(args.out) / 'final'}")
@@ -227,6 +265,7 @@ def add_sft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--save-every", type=int, default=0, metavar="K")
     p.add_argument("--resume", action="store_true")
+    add_parallel_args(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="train fields (lr, batch_size, seq_len, ...)")
 
 
@@ -235,7 +274,8 @@ def cmd_sft(args: argparse.Namespace) -> None:
     model_over, train_over = split_overrides(args.overrides)
     if model_over:
         raise UsageError(f"sft takes train fields only, not {', '.join(model_over)}")
-    trainer, _, records = sft(args.model, _train_cfg(args, train_over), args.data, args.out, resume=args.resume)
+    trainer, _, records = sft(args.model, _train_cfg(args, train_over), args.data, args.out, resume=args.resume,
+                              parallel=parallel_config(args))
     last = records[-1] if records else {}
     print(f"SFT to step {trainer.step}; last loss {last.get('loss', float('nan')):.4f}; "
           f"model in {Path(args.out) / 'final'}")

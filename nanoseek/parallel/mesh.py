@@ -17,6 +17,7 @@ the same rows (the first stage needs the tokens, the last the labels).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -108,6 +109,21 @@ class Meshes:
     dp: DeviceMesh
     edp: DeviceMesh
     ep: DeviceMesh
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Rank 0 runs the block first, the other ranks after it (e.g. to read what it wrote)."""
+    others = dist.is_initialized() and dist.get_world_size() > 1
+    if others and dist.get_rank() != 0:
+        dist.barrier()
+    yield
+    if others and dist.get_rank() == 0:
+        dist.barrier()
 
 
 def build_mesh(cfg: ParallelConfig) -> Meshes:

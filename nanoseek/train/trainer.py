@@ -174,7 +174,7 @@ class Trainer(Checkpointed):
         cfg = self.cfg
         start_run(self.run_dir, resume, self.resume, cfg.seed)
         records = []
-        logger, bar = run_outputs(self.run_dir, self.step, cfg.steps, self.stage, progress)
+        logger, bar = self.outputs(progress)
         try:
             while self.step < cfg.steps:
                 lr = cfg.lr * lr_multiplier(self.step, cfg.steps, cfg.warmup, cfg.schedule,
@@ -182,8 +182,7 @@ class Trainer(Checkpointed):
                 set_lr(self.optimizer, lr)
                 t0 = time.perf_counter()
                 batches = self._micro_batches()
-                stats = train_step(self.model, batches, self.optimizer, cfg.grad_clip, self.autocast,
-                                   compiled=self.compiled, base_model=self.model)
+                stats = self.train_step(batches)
                 dt = time.perf_counter() - t0
                 tokens = sum(int(b["input_ids"].numel()) for b in batches)
                 self.step += 1
@@ -204,7 +203,7 @@ class Trainer(Checkpointed):
                 maxvio = stats.pop("maxvio")
                 record = {**stats, "lr": lr, "tokens": tokens, "tokens_per_s": tps,
                           "step_time_s": dt, "skipped_total": self.skipped_total}
-                util = mfu(tps, self.flops_per_token, self.device)
+                util = mfu(tps / self.n_devices, self.flops_per_token, self.device)
                 if util is not None:
                     record["mfu"] = util
                 if maxvio:
@@ -218,5 +217,21 @@ class Trainer(Checkpointed):
         finally:
             bar.close()
             logger.close()
-        plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "plots")
+        if self.is_main:
+            plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "plots")
         return records
+
+    # ------------------------------------------------------------ what a parallel run changes
+    is_main = True    # the process that writes metrics, progress and plots
+    n_devices = 1     # devices the step's tokens were spread over (MFU is per device)
+
+    def train_step(self, batches: list[dict]) -> dict:
+        return train_step(self.model, batches, self.optimizer, self.cfg.grad_clip, self.autocast,
+                          compiled=self.compiled, base_model=self.model)
+
+    def outputs(self, progress: bool | None) -> tuple[MetricsLogger, ProgressBar]:
+        return run_outputs(self.run_dir, self.step, self.cfg.steps, self.stage, progress)
+
+    def final_model(self) -> Transformer | None:
+        """The trained model as one plain Transformer, where this process publishes it."""
+        return self.model
