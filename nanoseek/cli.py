@@ -234,9 +234,11 @@ def parallel_config(args: argparse.Namespace):
         sys.stdout = open(os.devnull, "w")
     if args.pp < 1 or world % args.pp:
         raise UsageError(f"--pp {args.pp} must be a positive divisor of the {world} processes started")
-    return ParallelConfig(dp=args.dp if args.dp is not None else world // args.pp, ep=args.ep, pp=args.pp,
-                          schedule=args.pp_schedule, microbatches=args.microbatches, fsdp=not args.replicate,
-                          param_dtype="bf16" if args.fsdp_bf16 else None, cpu_offload=args.cpu_offload)
+    cfg = ParallelConfig(dp=args.dp if args.dp is not None else world // args.pp, ep=args.ep, pp=args.pp,
+                         schedule=args.pp_schedule, microbatches=args.microbatches, fsdp=not args.replicate,
+                         param_dtype="bf16" if args.fsdp_bf16 else None, cpu_offload=args.cpu_offload)
+    cfg.check_world(world)
+    return cfg
 
 
 def _train_cfg(args, extra: dict):
