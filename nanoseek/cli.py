@@ -221,14 +221,11 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
 def parallel_config(args: argparse.Namespace):
     """The ParallelConfig of a run started by torchrun or with parallel flags; None for today's
     one-process path. A resumed run whose checkpoints are distributed continues in one process."""
-    from .loading import latest_checkpoint
-    from .parallel.checkpoint import is_distributed_checkpoint
-    from .parallel.mesh import ParallelConfig, init_distributed
     launched = "WORLD_SIZE" in os.environ
     flags = args.dp is not None or args.ep > 1 or args.pp > 1
-    resumed = args.resume and (ckpt := latest_checkpoint(args.out)) is not None and is_distributed_checkpoint(ckpt)
-    if not (launched or flags or resumed):
+    if not (launched or flags or (args.resume and distributed_run(args.out))):
         return None
+    from .parallel.mesh import ParallelConfig, init_distributed
     rank, world = init_distributed()
     if rank != 0:  # one copy of what a run prints: rank 0's
         sys.stdout = open(os.devnull, "w")
@@ -239,6 +236,16 @@ def parallel_config(args: argparse.Namespace):
                          param_dtype="bf16" if args.fsdp_bf16 else None, cpu_offload=args.cpu_offload)
     cfg.check_world(world)
     return cfg
+
+
+def distributed_run(run_dir: str) -> bool:
+    """Whether the latest checkpoint of a run directory was written by a parallel run."""
+    from .loading import latest_checkpoint
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return False
+    from .parallel.checkpoint import is_distributed_checkpoint
+    return is_distributed_checkpoint(ckpt)
 
 
 def _train_cfg(args, extra: dict):

@@ -76,7 +76,7 @@ class ExpertParallelExperts(nn.Module):
         x_recv_SD = all_to_all_single_autograd(x_sent_MD, recv_R, send_R, self.group)
         # (source, local expert) order -> local-expert-major, stably: the grouped GEMM's layout
         expert_S = torch.repeat_interleave(torch.arange(L, device=x_ND.device).repeat(R),
-                                           recv_counts_RL.flatten())
+                                           recv_counts_RL.flatten(), output_size=sum(recv_R))
         perm_S = expert_S.argsort(stable=True)
         y_SD = self.run_local_experts(x_recv_SD[perm_S], recv_counts_RL.sum(0))
         y_recv_SD = torch.empty_like(y_SD).index_put_((perm_S,), y_SD)

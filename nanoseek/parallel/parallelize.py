@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..config import ModelConfig
 from ..model.moe import Router
 from ..model.transformer import Transformer
 from .data_parallel import apply_data_parallel
@@ -28,7 +29,7 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 class ParallelModel:
     """This rank's stages (one, or two for DualPipeV), `view`: one module holding them under
     the full model's names (the optimizer and checkpoints use it), and the schedule if pp > 1."""
-    config: object
+    config: ModelConfig
     cfg: ParallelConfig
     stages: list[ModelStage]
     view: nn.Module

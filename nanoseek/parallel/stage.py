@@ -153,4 +153,4 @@ def denominators(labels: torch.Tensor, n_mtp: int) -> torch.Tensor:
     """Token counts of the main and each MTP cross-entropy term, and the number of rows, of
     one rank's batch [B, T] (float64: exact counts); all-reduce them for the global batch."""
     counts = [(labels[:, k + 1:] != -100).sum() for k in range(n_mtp + 1)]
-    return torch.stack([*counts, torch.tensor(labels.shape[0])]).to(torch.float64)
+    return torch.stack([*counts, labels.new_tensor(labels.shape[0])]).to(torch.float64)
