@@ -140,3 +140,17 @@ def test_a_layout_that_does_not_fit_the_processes_is_one_line(tmp_path, capsys):
     assert main(["train", *RUN_ARGS, "--pp", "2", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err == "nanoseek: error: --pp 2 must be a positive divisor of the 1 processes started\n"
+
+
+@pytest.mark.slow
+@pytest.mark.multigpu
+def test_torchrun_sft_on_masked_chats_matches_one_process(one_process, tmp_path):
+    """Chats leave a different number of assistant tokens on each rank: the loss is still the
+    one-process loss of the global batch."""
+    sft_args = ["sft", "--model", one_process, "--data", "builtin:arithmetic:level=1:n=50", "--steps", 3,
+                "batch_size=4", "seq_len=96"]
+    assert main([str(a) for a in sft_args] + ["--out", str(tmp_path / "one")]) == 0
+    proc = torchrun(tmp_path, 2, *sft_args, "--dp", 2, "--ep", 2, "--out", tmp_path / "two")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert max(abs(a - b) for a, b in zip(losses(tmp_path / "two"), losses(tmp_path / "one"))) <= LOSS_TOL
+    assert (tmp_path / "two" / "final" / "model.safetensors").is_file()
