@@ -79,7 +79,8 @@ def make_trainer(model: Transformer, loader, cfg: TrainConfig, out: Path, parall
     return ParallelTrainer(model, loader, cfg, out, parallel, **kwargs)
 
 
-def finish(trainer: Trainer, tok_dir: Path, out: Path) -> None:
+def publish_trained(trainer: Trainer, tok_dir: Path, out: Path) -> None:
+    """`out/final` from the trainer's model, by the process that publishes it."""
     model = trainer.final_model()
     if model is not None:
         publish_final(model, tok_dir, out)
@@ -116,7 +117,7 @@ def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: str
     trainer = make_trainer(model, loader, train_cfg, out, parallel, tokenizer_dir=tok_dir, stage="pretrain",
                            extra_state={"data": data})
     records = trainer.fit(resume=resume, progress=progress)
-    finish(trainer, tok_dir, out)
+    publish_trained(trainer, tok_dir, out)
     return trainer, tok, records
 
 
@@ -138,7 +139,7 @@ def sft(model_dir: str | Path, train_cfg: TrainConfig, data: str, out: str | Pat
     trainer = make_trainer(model, loader, train_cfg, out, parallel, tokenizer_dir=tok_dir, stage="sft",
                            extra_state={"data": data, "base_model": str(src)})
     records = trainer.fit(resume=resume, progress=progress)
-    finish(trainer, tok_dir, out)
+    publish_trained(trainer, tok_dir, out)
     return trainer, tok, records
 
 
