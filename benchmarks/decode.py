@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, graph_flags, out_dir, profile_kernels, write_json  # noqa: E402
 
 from nanoseek import Transformer, from_pretrained, preset, save_pretrained  # noqa: E402
-from nanoseek.infer.cuda_graph import BucketGraphs  # noqa: E402
+from nanoseek.infer.config import InferenceConfig  # noqa: E402
 from nanoseek.infer.engine import Engine  # noqa: E402
 from nanoseek.infer.sampling import SamplingParams  # noqa: E402
 
@@ -60,26 +60,19 @@ def timed(fn, repeat):
     return statistics.median(times)
 
 
-# --modes: (row label suffix, Engine settings; gather: moe.GATHER_MAX_PAIRS, small_batch:
-# moe.SMALL_BATCH_KERNELS for the run)
-MODES = {"compiled": (" (compiled step)", dict(cuda_graphs=True, compile=True, fused_decode=0)),
+# --modes: (row label suffix, the engine's InferenceConfig settings)
+MODES = {"compiled": (" (compiled step)", dict(compile=True, fused_decode_rows=0)),
          # batches of up to 4 rows on the fused Triton step (infer/fused.py); larger ones compiled
-         "fused": (" (fused Triton step)", dict(cuda_graphs=True, compile=True, fused_decode=4)),
+         "fused": (" (fused Triton step)", dict(compile=True, fused_decode_rows=4)),
          "grouped": (" (compiled, grouped GEMM experts only)",
-                     dict(cuda_graphs=True, compile=True, fused_decode=0, gather=0, small_batch=False)),
-         "graphs": (" (CUDA graphs, not compiled)", dict(cuda_graphs=True, compile=False, fused_decode=0)),
+                     dict(compile=True, fused_decode_rows=0, expert_path="grouped")),
+         "graphs": (" (CUDA graphs, not compiled)", dict(compile=False, fused_decode_rows=0)),
          "eager": (" (no CUDA graphs)", dict(cuda_graphs=False, compile=False))}
 
 
-def load_tuning(path: str, tuning: dict) -> None:
-    """Update a TUNING dict (fused.py's or kernels/moe.py's) from a JSON file of its keys; a
-    key it does not have (a knob since removed) is an error, not silently recorded."""
-    saved = json.loads(Path(path).read_text())
-    unknown = set(saved) - set(tuning)
-    if unknown:
-        raise SystemExit(f"{path}: keys {sorted(unknown)} are not launch shapes of this code "
-                         f"(known: {sorted(tuning)}); tune again")
-    tuning.update(saved)
+def launch_file(path: str | None) -> dict | None:
+    """Launch shapes saved by a tuning run (fused_tuning.json, moe_tuning.json), or None."""
+    return json.loads(Path(path).read_text()) if path else None
 
 
 def same_tokens(a: list[list[int]], b: list[list[int]]) -> float:
@@ -166,13 +159,9 @@ def main():
     ap.add_argument("--profile", action="store_true",
                     help="also profile the compiled decode step (uncaptured) per kernel: decode_profile.txt")
     args = ap.parse_args()
-    BucketGraphs.tuned_options = {**BucketGraphs.tuned_options, **dict(map(inductor_option, args.tuned_option))}
-    if args.fused_tuning:
-        from nanoseek.infer import fused
-        load_tuning(args.fused_tuning, fused.TUNING)
-    from nanoseek.kernels import moe as moe_kernels
-    if args.moe_tuning:
-        load_tuning(args.moe_tuning, moe_kernels.TUNING)
+    # every mode's engine: these, then the mode's own settings
+    common = dict(compile_options=dict(map(inductor_option, args.tuned_option)),
+                  fused_launch=launch_file(args.fused_tuning), small_batch_launch=launch_file(args.moe_tuning))
     torch.manual_seed(0)
     cfg = preset("bench-1b")
     g = torch.Generator().manual_seed(1)
@@ -202,16 +191,12 @@ def main():
             gc.collect()
             torch.cuda.empty_cache()
         model = from_pretrained(tmp, dtype=torch.bfloat16, device="cuda")
-    from nanoseek.model import moe
-    gather, small_batch = moe.GATHER_MAX_PAIRS, moe.SMALL_BATCH_KERNELS
     tokens = {}
     for label, mode in (MODES[m] for m in args.modes):
-        mode = dict(mode)
-        moe.GATHER_MAX_PAIRS = mode.pop("gather", gather)  # (token, expert) pairs gathered, not grouped
-        moe.SMALL_BATCH_KERNELS = mode.pop("small_batch", small_batch)  # kernels/moe.py: batches of 3-64 here
-        engine = Engine(model, None, max_batch=max(args.batches), max_len=args.prompt + args.new, **mode)
+        config = InferenceConfig(**{**common, **mode})
+        engine = Engine(model, None, max_batch=max(args.batches), max_len=args.prompt + args.new, config=config)
         for B in args.batches:
-            if B > (mode.get("fused_decode") or B):
+            if B > (config.fused_decode_rows or B):
                 continue  # the fused mode's larger batches are the compiled mode's
             plist = [p.tolist() for p in prompts[:B]]
 
@@ -234,7 +219,6 @@ def main():
         del engine
         gc.collect()
         torch.cuda.empty_cache()
-    moe.GATHER_MAX_PAIRS, moe.SMALL_BATCH_KERNELS = gather, small_batch  # the profile runs the defaults
     for B in args.batches:
         hf_row = rows.get(f"transformers generate, batch {B}")
         if hf_row:
@@ -243,12 +227,7 @@ def main():
                     r["decode_speedup_vs_transformers"] = r["decode_tokens_per_s"] / hf_row["decode_tokens_per_s"]
     result = {"benchmark": "decode", **environment(), "preset": "bench-1b", "prompt_tokens": args.prompt,
               "new_tokens": args.new, "dtype": "bfloat16", "greedy": True, "rows": rows}
-    if any(MODES[m][1]["compile"] for m in args.modes):
-        result["batch1_inductor_options"] = BucketGraphs.tuned_options
-    if "fused" in args.modes:
-        from nanoseek.infer import fused
-        result["fused_tuning"] = dict(fused.TUNING)
-    result["moe_kernel_tuning"] = moe_kernels.TUNING
+    result["inference_config"] = common
     path = write_json(result, "decode.json")
     print(f"\n{'run':42s} {'TTFT ms':>8s} {'decode tok/s':>13s} {'peak GiB':>9s} {'vs HF':>7s}")
     for name, r in rows.items():
@@ -263,10 +242,10 @@ def profile_decode_step(model, args, prompts):
     """Where a decode step's GPU time goes: the compiled step run without capture under
     torch.profiler, at batch 1 and the largest batch, kernels by total CUDA time. Every row
     decodes its own token after its own prompt, so rows choose different experts as in the
-    engine (up to 6ab6110 every row decoded token 1 over an empty cache: all rows chose the
-    same experts, and the MoE's share of the step read far too small)."""
+    engine (the same token in every row would route every row to the same experts)."""
     from nanoseek.infer.cuda_graph import GraphDecoder
-    engine = Engine(model, None, max_batch=max(args.batches), max_len=args.prompt + args.new, cuda_graphs=False)
+    engine = Engine(model, None, max_batch=max(args.batches), max_len=args.prompt + args.new,
+                    config=InferenceConfig(cuda_graphs=False))
     plist = [p.tolist() for p in prompts]
     engine_run(engine, plist, 1)  # the requests end at their first token; their rows keep the prompts
     lines = []

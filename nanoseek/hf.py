@@ -103,7 +103,7 @@ FP8_BLOCK = (128, 128)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # config.json keys of a loaded checkpoint that no longer describe what we write
-_STALE_CONFIG_KEYS = ("quantization_config", "torch_dtype", "auto_map")
+_STALE_CONFIG_KEYS = ("quantization_config", "torch_dtype", "auto_map", "moe_impl")
 
 _NUMBER = re.compile(r"(?<=\.)\d+(?=\.|$)")
 

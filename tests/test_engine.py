@@ -6,6 +6,7 @@ import torch
 from nanoseek import Transformer, preset
 from nanoseek.cli import main
 from nanoseek.data.tokenizer import ChatTokenizer, byte_tokenizer
+from nanoseek.infer.config import InferenceConfig
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.reasoning import ReasoningSplitter
 from nanoseek.infer.sampling import SamplingParams
@@ -258,7 +259,7 @@ def burst_engine(model, tokenizer, compile=False, **kw):
     """An engine whose decode runs through GraphDecoder's static step in bursts of 4, here
     without capture (CPU): the step's own token choice and input advance, as replayed on a GPU."""
     from nanoseek.infer.cuda_graph import GraphDecoder
-    engine = Engine(model, tokenizer, decode_burst=4, **kw)
+    engine = Engine(model, tokenizer, config=InferenceConfig(decode_burst=4), **kw)
     engine.runner.graphs = GraphDecoder(model, engine.cache, None, compile=compile, capture=False)
     return engine
 
@@ -340,7 +341,7 @@ def test_graph_decoding_follows_in_place_weight_updates():
         for p in model.parameters():
             p.mul_(1.5)
     assert graphs.runner.graphs.graphs  # the decode ran from captured graphs
-    after = tokens(Engine(model, tok, max_batch=4, max_len=64, cuda_graphs=False))
+    after = tokens(Engine(model, tok, max_batch=4, max_len=64, config=InferenceConfig(cuda_graphs=False)))
     assert after != before  # the update changes the tokens, so stale captured weights would show
     assert tokens(graphs) == after
 
@@ -358,7 +359,8 @@ def test_captured_decode_bursts_equal_captured_single_steps(compile, tokenizer):
     params = [greedy(24), greedy(24, temperature=1.0, seed=1), greedy(24, temperature=0.7, top_p=0.9, seed=2)]
 
     def run(burst):
-        engine = Engine(model, tokenizer, max_batch=4, max_len=64, compile=compile, decode_burst=burst)
+        engine = Engine(model, tokenizer, max_batch=4, max_len=64,
+                        config=InferenceConfig(compile=compile, decode_burst=burst))
         outs = engine.generate(prompts, params)
         assert engine.runner.graphs.graphs and not engine.runner.graphs.failed
         assert engine.runner.graphs.compile == compile
@@ -378,7 +380,8 @@ def test_captured_speculative_bursts_equal_captured_single_steps(tokenizer):
     prompts, params = ["What is 12 + 34?", "Using 1, 2", "abc"], greedy(30)
 
     def run(burst):
-        engine = Engine(model, tokenizer, max_batch=4, max_len=64, speculative_k=2, decode_burst=burst)
+        engine = Engine(model, tokenizer, max_batch=4, max_len=64, speculative_k=2,
+                        config=InferenceConfig(decode_burst=burst))
         outs = engine.generate(prompts, params)
         assert engine.runner.spec_graphs.graphs and not engine.runner.spec_graphs.failed
         return [(o.token_ids, o.speculative) for o in outs]

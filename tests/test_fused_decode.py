@@ -15,15 +15,10 @@ pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def _interpreter_shapes(monkeypatch):
-    """Triton's interpreter (no GPU) pays per program: bigger blocks than the GPU's, still
-    several programs per kernel so that block boundaries are crossed (a test's own tuning=
-    overrides these)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        from nanoseek.infer import fused
-        for key, value in dict(gemv_rows=16, head_rows=16, up_rows=16, down_rows=32).items():
-            monkeypatch.setitem(fused.TUNING, key, value)
+# Triton's interpreter (no GPU) pays per program: bigger blocks than the GPU's, still several
+# programs per kernel so that block boundaries are crossed
+LAUNCH = (dict(gemv_rows=16, head_rows=16, up_rows=16, down_rows=32)
+          if os.environ.get("TRITON_INTERPRET") == "1" else {})
 
 
 def sharp_model(**overrides):
@@ -78,7 +73,7 @@ def test_fused_step_matches_model_decode(overrides, chunked, monkeypatch):
     positions = torch.tensor([[7], [20], [0]], device=DEVICE)
     with torch.no_grad():
         want = model(ids, positions=positions, cache=cache.prefix(3)).logits[:, -1]
-    step = fused.FusedDecoder(model, fused_cache, max_rows=4, tuning=dict(attend_split=32 if chunked else 16))
+    step = fused.FusedDecoder(model, fused_cache, max_rows=4, launch={**LAUNCH, "attend_split": 32 if chunked else 16})
     assert step.nsplit == (2 if chunked else 3)
     for scratch in (step.part_acc, step.part_m, step.part_l):  # a split past a row's position is
         scratch.fill_(float("nan"))                          # neither written nor read
@@ -106,7 +101,7 @@ def test_fused_step_of_a_dense_model():
     positions = torch.tensor([[5], [3]], device=DEVICE)
     with torch.no_grad():
         want = model(ids, positions=positions, cache=cache.prefix(2)).logits[:, -1]
-    torch.testing.assert_close(FusedDecoder(model, fused_cache, 2).forward(ids, positions), want,
+    torch.testing.assert_close(FusedDecoder(model, fused_cache, 2, LAUNCH).forward(ids, positions), want,
                                rtol=1e-4, atol=1e-5)
 
 
@@ -123,7 +118,7 @@ def test_fused_decoder_bursts_equal_the_model_step():
 
     def burst(fused_rows, sampled=False, n=2):
         c = copy.deepcopy(cache)
-        step = GraphDecoder(model, c, None, capture=False, fused_rows=fused_rows)
+        step = GraphDecoder(model, c, None, capture=False, fused_rows=fused_rows, fused_launch=LAUNCH)
         extra = (params, [[0.3] * n, [0.0] * n]) if sampled else ()
         return step.decode_burst([0, 1], [3, 4], [5, 9], n, *extra).tolist(), step, c
 
@@ -135,15 +130,15 @@ def test_fused_decoder_bursts_equal_the_model_step():
         for buf, fused_buf in zip(layer, fused_layer):  # c_kv and k_pe
             torch.testing.assert_close(fused_buf, buf, rtol=1e-4, atol=1e-5)
     assert burst(2, sampled=True, n=1)[0] == burst(0, sampled=True, n=1)[0]
-    one = GraphDecoder(model, copy.deepcopy(cache), None, capture=False, fused_rows=1)
+    one = GraphDecoder(model, copy.deepcopy(cache), None, capture=False, fused_rows=1, fused_launch=LAUNCH)
     assert one.fused.max_rows == 1 and one._fused(1) and not one._fused(2) and one._compiles((2, False))
 
 
 def test_unsupported_models_say_why():
     from nanoseek.infer.fused import FusedDecoder
-    with pytest.raises(ValueError, match="unknown tuning keys \\['gemv_row'\\]"):
+    with pytest.raises(ValueError, match="unknown launch keys \\['gemv_row'\\]"):
         m = Transformer(preset("tiny"))
-        FusedDecoder(m, StaticCache(m.config, 1, 8), 1, tuning=dict(gemv_row=8))
+        FusedDecoder(m, StaticCache(m.config, 1, 8), 1, launch=dict(gemv_row=8))
     assert FusedDecoder.unsupported(preset("tiny")) is None
     assert FusedDecoder.unsupported(preset("bench-1b")) is None
     cases = {"attention_type": dict(attention_type="gqa", num_key_value_heads=2),
@@ -196,9 +191,10 @@ def test_engine_checks_fused_decode(monkeypatch):
     """A negative row count is refused; by default the fused step runs with 16-bit weights on
     an NVIDIA Hopper+ GPU (where it was measured), not with float32 weights, on the CPU, an
     older GPU or ROCm."""
+    from nanoseek.infer.config import InferenceConfig
     from nanoseek.infer.engine import FUSED_DECODE_ROWS, Engine, default_fused_rows
-    with pytest.raises(ValueError, match="fused_decode"):
-        Engine(Transformer(preset("tiny")), fused_decode=-1)
+    with pytest.raises(ValueError, match="fused_decode_rows"):
+        InferenceConfig(fused_decode_rows=-1)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert default_fused_rows(torch.bfloat16, cuda) == default_fused_rows(torch.float16, cuda) == FUSED_DECODE_ROWS
@@ -226,7 +222,7 @@ def test_a_failing_fused_step_falls_back_to_the_model_step(monkeypatch):
     def broken(self, ids, positions):
         raise RuntimeError("no kernel image for this GPU")
     monkeypatch.setattr(FusedDecoder, "forward", broken)
-    step = GraphDecoder(model, copy.deepcopy(cache), None, capture=False, fused_rows=2)
+    step = GraphDecoder(model, copy.deepcopy(cache), None, capture=False, fused_rows=2, fused_launch=LAUNCH)
     with pytest.warns(UserWarning, match="fused decode step failed .*no kernel image.*model's step"):
         got = step.decode_burst([0, 1], [3, 4], [5, 9], 1)
     assert step.fused is None and not step.failed and torch.equal(got, want)

@@ -3,14 +3,15 @@ nine Triton kernels (seven for a dense layer; kernels/decode.py), for batch-1 la
 
 A decode step of one sequence reads each weight once and does almost no arithmetic, so its
 time is the number of kernels it launches plus how near each comes to the memory bandwidth.
-The model's PyTorch forward, even fused by Inductor, is ~30 kernels a layer, many of them
-shorter than their launch; this step is the same computation in 9 (see kernels/decode.py
-for the list): norms recomputed inside the projections that need them, RoPE and the cache
-write inside the query kernel, W_UK and W_UV absorbed inside the query and output kernels,
-the shared experts as slots of the routed experts' kernels, the residual adds inside the
-last projection of each half; each kernel reads its weights while the one before it runs
-(programmatic dependent launch). Its twin is the model's absorbed decode forward
-(`model(ids, positions=..., cache=...)`); tests compare the logits.
+The model's PyTorch forward, even fused by Inductor, is dozens of kernels a layer, many of
+them shorter than their launch (benchmarks/results/decode_profile.txt); this step is the
+same computation in 9 (see kernels/decode.py for the list): norms recomputed inside the
+projections that need them, RoPE and the cache write inside the query kernel, W_UK and W_UV
+absorbed inside the query and output kernels, the shared experts as slots of the routed
+experts' kernels, the residual adds inside the last projection of each half; each kernel
+reads its weights while the one before it runs (programmatic dependent launch). Its twin is
+the model's absorbed decode forward (`model(ids, positions=..., cache=...)`); tests compare
+the logits.
 
 It reads the model's own parameters (no copies), so it follows weight updates (GRPO) and
 runs inside a CUDA graph. Scratch buffers are allocated once, for `max_rows` rows.
@@ -38,11 +39,10 @@ MAX_BLOCK = 2048    # widest row a program loads at once (wider ones are read in
 ATTEND_BLOCK = 64   # cache positions an attention program scores at once (a split is one or more)
 MERGE_SPLITS = 16   # attention splits the merge reads at once
 
-# Launch shapes, the fastest an H200 found for bench-1b at batch 1 (benchmarks/fused_decode.py
-# --tune, benchmarks/results/fused_tuning.json, which also holds two knobs since removed at the
-# settings it chose: query_split 1, attend_prefetch off): rows of a weight per program and
-# warps per program for each kernel, attention's split.
-TUNING = dict(gemv_rows=4, gemv_warps=2, head_rows=8, head_warps=4, query_warps=8, attend_split=32,
+# Launch shapes: rows of a weight per program and warps per program for each kernel,
+# attention's split; the fastest of benchmarks/fused_decode.py --tune for bench-1b at batch 1
+# (benchmarks/results/fused_tuning.json)
+FUSED_STEP_LAUNCH = dict(gemv_rows=4, gemv_warps=2, head_rows=8, head_warps=4, query_warps=8, attend_split=32,
               attend_warps=8, output_warps=8, route_warps=1, up_rows=4, up_warps=4, down_rows=2,
               down_warps=4, pdl=True)
 
@@ -83,18 +83,19 @@ def pdl_supported(device: torch.device) -> bool:
 
 
 class FusedDecoder:
-    def __init__(self, model: Transformer, cache: StaticCache, max_rows: int, tuning: dict | None = None):
+    def __init__(self, model: Transformer, cache: StaticCache, max_rows: int, launch: dict | None = None):
+        """launch: launch shapes replacing FUSED_STEP_LAUNCH's."""
         reason = self.unsupported(model.config)
         if reason:
             raise ValueError(f"the fused decode step does not support this model: {reason}")
         self.model, self.cache, self.max_rows = model, cache, max_rows
-        unknown = set(tuning or {}) - set(TUNING)
+        unknown = set(launch or {}) - set(FUSED_STEP_LAUNCH)
         if unknown:
-            raise ValueError(f"unknown tuning keys {sorted(unknown)}; known: {sorted(TUNING)}")
-        self.t = {**TUNING, **(tuning or {})}
+            raise ValueError(f"unknown launch keys {sorted(unknown)}; known: {sorted(FUSED_STEP_LAUNCH)}")
+        self.t = {**FUSED_STEP_LAUNCH, **(launch or {})}
         for key, value in self.t.items():
             if key.endswith(("_rows", "_warps")) and (value < 1 or value & (value - 1)):
-                raise ValueError(f"tuning {key}={value}: a power of two")
+                raise ValueError(f"launch {key}={value}: a power of two")
         c = self.config = model.config
         dev = model.model.embed_tokens.weight.device
         f32 = dict(dtype=torch.float32, device=dev)
