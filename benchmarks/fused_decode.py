@@ -11,7 +11,7 @@ bench-1b with random weights (seeded), BF16, every cache row prefilled with a pr
   compilation): µs per step for the fused step and for the compiled model step
   (torch.compile + CUDA graph, the engine's path without fused_decode), and their ratio;
   the weight bytes a batch-1 step must read, over its time: the bandwidth it reaches;
-- `--tune PASSES`: before all that, the launch shapes (fused.FUSED_STEP_LAUNCH) by
+- `--tune PASSES`: before all that, the launch shapes (fused.fused_step_launch) by
   coordinate descent at batch 1: each knob in turn over its candidates, the others held,
   keeping the fastest captured step (µs per step of 16 replayed steps, median of 5); the
   path and the best shapes go to the JSON and are used for the rest of the run, and the
@@ -68,7 +68,7 @@ def step_weight_bytes(model: Transformer) -> int:
     return total + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
 
 
-# the largest kernels' knobs first (fused.FUSED_STEP_LAUNCH's keys; each list holds the default)
+# the largest kernels' knobs first (fused.LAUNCH_KEYS; each list holds bench-1b's derived value)
 CANDIDATES = dict(pdl=[True, False], up_rows=[4, 8, 16], up_warps=[1, 2, 4],
                   down_rows=[1, 2, 4, 8], down_warps=[1, 2, 4, 8],
                   query_warps=[2, 4, 8], gemv_rows=[2, 4, 8], gemv_warps=[2, 4, 8],
@@ -86,9 +86,10 @@ def fused_step_us(model, cache, launch, prompt, repeat=5) -> float:
 
 
 def tune(model, cache, prompt, passes) -> tuple[dict, list]:
-    """Coordinate descent over CANDIDATES from fused.FUSED_STEP_LAUNCH: each knob in turn over
-    its values, the others held, keeping the fastest; returns the best shapes and the path."""
-    best = dict(fused_module.FUSED_STEP_LAUNCH)
+    """Coordinate descent over CANDIDATES from the derived launch shapes (fused_step_launch):
+    each knob in turn over its values, the others held, keeping the fastest; returns the best
+    shapes and the path."""
+    best = fused_module.fused_step_launch(model.config, cache.max_len)
     best_us = fused_step_us(model, cache, best, prompt)
     path = [{"tuning": dict(best), "us_per_step": best_us}]
     print(f"tune: start {best_us:.1f} us/step", flush=True)
@@ -135,7 +136,7 @@ def main():
     prefill(model, cache32, prompts)
     prefill(model_bf16, cache16, prompts)
     rows, tuning = {}, {}
-    launch = dict(fused_module.FUSED_STEP_LAUNCH)  # the shapes every fused step below runs
+    launch = fused_module.fused_step_launch(cfg, max_len)  # the shapes every fused step below runs
     if args.tune:
         launch, path = tune(model_bf16, copy.deepcopy(cache16), args.prompt, args.tune)
         tuning = {"best": launch, "path": path}

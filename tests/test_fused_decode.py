@@ -53,19 +53,16 @@ def prefilled_cache(model, lengths, max_len=40, ids=None, dtype=torch.float32):
     (dict(topk_method="greedy", n_shared_experts=0), True),   # no groups, no shared experts
     (dict(scoring_func="softmax", topk_method="group_limited_greedy", n_group=4, topk_group=2,
           n_shared_experts=2), False),                        # V2, two shared experts
+    (dict(num_attention_heads=32), False),                    # attention in two blocks of heads
 ])
-def test_fused_step_matches_model_decode(overrides, chunked, monkeypatch):
+def test_fused_step_matches_model_decode(overrides, chunked):
     """Logits of rows at different positions (one of them the dummy row at 0 that a bucket
     pads with) and every layer's cache entries: the fused step equals the model's absorbed
     decode forward in float32. Attention in three splits of 16 positions (row 1 spans two,
-    the others one); chunked: rows wider than 16 read in chunks (the path of a wide model's
-    hidden size), two splits of 32 positions read in blocks of 16, the splits merged two at a
-    time."""
+    the others one), 16 heads per program; chunked: rows wider than 16 read in chunks (the
+    path of a wide model's hidden size), two splits of 32 positions read in blocks of 16, the
+    splits merged two at a time."""
     from nanoseek.infer import fused
-    if chunked:
-        monkeypatch.setattr(fused, "MAX_BLOCK", 16)
-        monkeypatch.setattr(fused, "ATTEND_BLOCK", 16)
-        monkeypatch.setattr(fused, "MERGE_SPLITS", 2)
     model = sharp_model(**overrides)
     cache = prefilled_cache(model, [7, 20, 1])
     fused_cache = copy.deepcopy(cache)
@@ -73,7 +70,8 @@ def test_fused_step_matches_model_decode(overrides, chunked, monkeypatch):
     positions = torch.tensor([[7], [20], [0]], device=DEVICE)
     with torch.no_grad():
         want = model(ids, positions=positions, cache=cache.prefix(3)).logits[:, -1]
-    step = fused.FusedDecoder(model, fused_cache, max_rows=4, launch={**LAUNCH, "attend_split": 32 if chunked else 16})
+    chunks = dict(attend_split=32, max_block=16, attend_block=16, merge_splits=2) if chunked else dict(attend_split=16)
+    step = fused.FusedDecoder(model, fused_cache, max_rows=4, launch={**LAUNCH, **chunks, "attend_heads": 16})
     assert step.nsplit == (2 if chunked else 3)
     for scratch in (step.part_acc, step.part_m, step.part_l):  # a split past a row's position is
         scratch.fill_(float("nan"))                          # neither written nor read
@@ -185,29 +183,6 @@ def test_routing_kernel_chooses_the_routers_experts(overrides):
     assert torch.equal(idx.long().gather(1, order), want_idx.gather(1, want_order))
     torch.testing.assert_close(gate.gather(1, order), want_gate.gather(1, want_order), rtol=1e-5, atol=1e-6)
     assert FusedDecoder.unsupported(cfg) is None
-
-
-def test_engine_checks_fused_decode(monkeypatch):
-    """A negative row count is refused; by default the fused step runs with 16-bit weights on
-    an NVIDIA Hopper+ GPU (where it was measured), not with float32 weights, on the CPU, an
-    older GPU or ROCm."""
-    from nanoseek.infer.config import InferenceConfig
-    from nanoseek.infer.engine import FUSED_DECODE_ROWS, Engine, default_fused_rows
-    with pytest.raises(ValueError, match="fused_decode_rows"):
-        InferenceConfig(fused_decode_rows=-1)
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert default_fused_rows(torch.bfloat16, cuda) == default_fused_rows(torch.float16, cuda) == FUSED_DECODE_ROWS
-    assert default_fused_rows(torch.float32, cuda) == default_fused_rows(torch.bfloat16, cpu) == 0
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert default_fused_rows(torch.bfloat16, cuda) == 0
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(torch.version, "hip", "6.2")
-    assert default_fused_rows(torch.bfloat16, cuda) == 0
-    monkeypatch.undo()
-    if DEVICE == "cuda":
-        engine = Engine(Transformer(preset("tiny")).to(DEVICE, torch.bfloat16), max_batch=8, max_len=16)
-        assert engine.runner.graphs.fused.max_rows == FUSED_DECODE_ROWS
 
 
 def test_a_failing_fused_step_falls_back_to_the_model_step(monkeypatch):

@@ -26,14 +26,15 @@ class InferenceConfig:
     small_batch_launch: dict | None = None
     # GPU: replay decode steps from CUDA graphs captured per batch bucket (cuda_graph.py)
     cuda_graphs: bool = True
-    # GPU: torch.compile the captured steps first (fewer, fused kernels; compiled on first use)
-    compile: bool = False
+    # GPU: torch.compile the captured steps first (fewer, fused kernels; compiled on first use,
+    # so the first requests of a new batch size wait for it)
+    compile: bool = True
     # Inductor options added to the batch-1 step's compilation (coordinate-descent tuning is on)
     compile_options: dict = field(default_factory=dict)
     # GPU: decode batches of up to this many rows take the fused Triton step (fused.py);
-    # 0: never; None: where it was measured faster (engine.default_fused_rows)
+    # 0: never; None: as far as it was measured faster than the compiled step (decode_paths.py)
     fused_decode_rows: int | None = None
-    # launch shapes of the fused step's kernels, over fused.FUSED_STEP_LAUNCH
+    # launch shapes of the fused step's kernels, over those fused.fused_step_launch derives
     fused_launch: dict | None = None
     # GPU: decode steps replayed back to back per read-back of their tokens
     decode_burst: int = 8

@@ -216,7 +216,7 @@ class GraphDecoder(BucketGraphs):
                  fused_launch: dict | None = None, compile_options: dict | None = None):
         """fused_rows: buckets of up to this many rows run the fused Triton step (fused.py)
         instead of the model's forward, uncompiled, where the model supports it (0: none);
-        fused_launch: its launch shapes over fused.FUSED_STEP_LAUNCH."""
+        fused_launch: its launch shapes over those fused.fused_step_launch derives."""
         self.model, self.cache, self.autocast = model, cache, autocast
         device = model.model.embed_tokens.weight.device
         super().__init__(cache.num_slots, device, compile, capture, compile_options)

@@ -72,6 +72,7 @@ import torch
 from ..model import Transformer
 from ..model.cache import StaticCache, cache_entry_shapes
 from .config import InferenceConfig
+from .decode_paths import measured_fused_rows
 from .sampling import SamplingParams, row_settings, sample_rows, sample_tensors
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence, Status, StreamEvent
@@ -268,18 +269,6 @@ class ModelRunner:
             return self.model(ids, positions=positions, cache=view).logits[:, -1]
 
 
-# batches up to which the engine's captured decode takes the fused Triton step by default,
-# where it was measured faster than the compiled step (benchmarks/results/fused_decode.json)
-FUSED_DECODE_ROWS = 4
-
-
-def default_fused_rows(dtype: torch.dtype, device: torch.device) -> int:
-    """FUSED_DECODE_ROWS where the fused step was measured (kernels.fast_kernels_supported:
-    16-bit weights on an NVIDIA Hopper+ GPU, Triton installed), else 0."""
-    from ..kernels import fast_kernels_supported
-    return FUSED_DECODE_ROWS if fast_kernels_supported(device, dtype) else 0
-
-
 class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
                  cache_budget_bytes: int | None = None, max_prefill_tokens: int = 8192,
@@ -308,8 +297,8 @@ class Engine:
         self.speculative_k, self.decode_burst = speculative_k, config.decode_burst
         self.device = model.model.embed_tokens.weight.device
         fused_rows = config.fused_decode_rows
-        if fused_rows is None:
-            fused_rows = default_fused_rows(model.model.embed_tokens.weight.dtype, self.device)
+        if fused_rows is None:  # where it was measured faster than the compiled step
+            fused_rows = measured_fused_rows(cfg, model.model.embed_tokens.weight.dtype, self.device)
         model.set_expert_path(config.experts())
         weight_dtype = model.model.embed_tokens.weight.dtype
         # float32 weights on a GPU run under BF16 autocast; the cache holds what attention computes in

@@ -215,7 +215,8 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
                       acc_ptr, m_ptr, l_ptr, scale, H, C, R, SPLIT, NSPLIT,
                       BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
-    """Program (b, split): all heads over cache positions [split·SPLIT, +SPLIT) ∩ [0, pos]:
+    """Program (b, split, head block): BLOCK_H heads over cache positions [split·SPLIT,
+    +SPLIT) ∩ [0, pos]:
     scores q_lat·c_kv + q_pe·k_pe, an online softmax over blocks of BLOCK_S positions, the
     unnormalised sum of p·c_kv with its running max and sum (merged by mla_output; a split
     past pos writes nothing). Everything it reads but the position, the previous kernel may
@@ -227,7 +228,7 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
     start = sp * SPLIT
     _wait_prev(USE_PDL)
     if start <= pos:
-        hh = tl.arange(0, BLOCK_H)
+        hh = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
         cc = tl.arange(0, BLOCK_C)
         rr = tl.arange(0, BLOCK_R)
         hmask, cmask, rmask = hh < H, cc < C, rr < R

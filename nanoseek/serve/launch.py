@@ -20,17 +20,17 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests decoded together (cache slots)")
     p.add_argument("--speculative", type=int, default=0, metavar="K",
                    help="draft K tokens per step with the MTP module(s) (default 0: off)")
-    p.add_argument("--compile", action="store_true",
-                   help="GPU: torch.compile the decode step before CUDA-graph capture (faster decoding; "
-                        "the first requests at batch 1 and at two other batch sizes wait for a compilation)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPU: torch.compile the decode step before CUDA-graph capture (default on: faster "
+                        "decoding; the first requests at batch 1 and at two other batch sizes wait for a compilation)")
     p.add_argument("--expert-path", default="auto", choices=EXPERT_PATHS,
                    help="how the routed experts are computed (default auto: by batch size and device)")
     p.add_argument("--decode-burst", type=int, default=8, metavar="N",
                    help="GPU: decode steps replayed per read-back of their tokens (default 8; tokens "
                         "stream in bursts of up to N, a waiting request waits up to N steps; 1: every step)")
     p.add_argument("--fused-decode", type=int, default=None, metavar="N",
-                   help="GPU: decode batches of up to N requests with the fused Triton step (default: 4 "
-                        "with 16-bit weights, else 0; 0: never)")
+                   help="GPU: decode batches of up to N requests with the fused Triton step (default: as far "
+                        "as it was measured faster than the compiled step for this model and GPU; 0: never)")
     p.add_argument("--max-len", type=int, default=None, metavar="T",
                    help="tokens per sequence, prompt + output (default: the model's context)")
     p.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="cap on a request's max_tokens")
