@@ -223,7 +223,7 @@ class GraphDecoder(BucketGraphs):
         self.fused = None
         if fused_rows:
             from .fused import FusedDecoder
-            if FusedDecoder.unsupported(model.config) is None:  # else the model's step for all
+            if FusedDecoder.unsupported(model.config, model) is None:  # else the model's step for all
                 self.fused = FusedDecoder(model, cache, max(b for b in self.buckets if b <= fused_rows),
                                           fused_launch)
         n = cache.num_slots

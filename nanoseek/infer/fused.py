@@ -141,7 +141,7 @@ def pdl_supported(device: torch.device) -> bool:
 class FusedDecoder:
     def __init__(self, model: Transformer, cache: StaticCache, max_rows: int, launch: dict | None = None):
         """launch: launch shapes replacing those fused_step_launch derives."""
-        reason = self.unsupported(model.config)
+        reason = self.unsupported(model.config, model)
         if reason:
             raise ValueError(f"the fused decode step does not support this model: {reason}")
         self.model, self.cache, self.max_rows = model, cache, max_rows
@@ -179,8 +179,12 @@ class FusedDecoder:
         self.dot_precision = "ieee" if cache.layers[0][0].dtype == torch.float32 else "tf32"
 
     @staticmethod
-    def unsupported(config: ModelConfig) -> str | None:
-        """Why this model cannot take the fused step, or None."""
+    def unsupported(config: ModelConfig, model: Transformer | None = None) -> str | None:
+        """Why this model (its config; and the built model's weights, if given) cannot take
+        the fused step, or None."""
+        from .fp8_weights import has_fp8_weights
+        if model is not None and has_fp8_weights(model):
+            return "FP8 weights (its kernels read 16-bit weights)"
         c = config
         if c.attention_type != "mla":
             return f"attention_type {c.attention_type!r} (MLA only)"

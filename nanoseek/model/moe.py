@@ -254,6 +254,14 @@ class Experts(nn.Module):
             return "grouped"
         return "dense" if torch.compiler.is_compiling() else "loop"
 
+    def expert_weights(self, idx: torch.Tensor | int | None = None) -> tuple[torch.Tensor, ...]:
+        """The weights the paths compute with, (gate [E, F, D], up [E, F, D], down [E, D, F]),
+        or the rows idx of each: the one place they are read (a quantised subclass dequantises
+        here)."""
+        if idx is None:
+            return self.gate_proj, self.up_proj, self.down_proj
+        return self.gate_proj[idx], self.up_proj[idx], self.down_proj[idx]
+
     def forward(self, x_ND, weight_NK, idx_NK):
         path = self.choose_path(x_ND, idx_NK)
         if not torch.compiler.is_compiling():
@@ -273,8 +281,7 @@ class Experts(nn.Module):
             0, flat_M, torch.ones_like(flat_M, dtype=torch.int32))
         offsets_E = counts_E.cumsum(0, dtype=torch.int32)
         dtype = compute_dtype(x_ND)
-        w_gate, w_up, w_down = (w.to(dtype).transpose(-2, -1)
-                                for w in (self.gate_proj, self.up_proj, self.down_proj))
+        w_gate, w_up, w_down = (w.to(dtype).transpose(-2, -1) for w in self.expert_weights())
         x_MD = x_ND[token_M].to(dtype)
         gate_MF = torch._grouped_mm(x_MD, w_gate, offs=offsets_E)
         up_MF = torch._grouped_mm(x_MD, w_up, offs=offsets_E)
@@ -293,20 +300,20 @@ class Experts(nn.Module):
         (a repeated expert twice), so it is for small M only; no sort, no host sync."""
         N, K = idx_NK.shape
         dtype = compute_dtype(x_ND)
-        flat_M = idx_NK.flatten()
+        gate_MFD, up_MFD, down_MDF = (w.to(dtype) for w in self.expert_weights(idx_NK.flatten()))
         if torch.compiler.is_compiling():
             # written as products and sums, which Inductor turns into one kernel per projection
             # that reads the chosen experts' rows in place (no gathered copy, no separate GEMV)
             x_M1D = x_ND.to(dtype).repeat_interleave(K, dim=0)[:, None, :]
-            gate_MF = (self.gate_proj[flat_M].to(dtype) * x_M1D).sum(-1, dtype=torch.float32)
-            up_MF = (self.up_proj[flat_M].to(dtype) * x_M1D).sum(-1, dtype=torch.float32)
+            gate_MF = (gate_MFD * x_M1D).sum(-1, dtype=torch.float32)
+            up_MF = (up_MFD * x_M1D).sum(-1, dtype=torch.float32)
             h_M1F = (F.silu(gate_MF) * up_MF).to(dtype)[:, None, :]
-            y_MD = (self.down_proj[flat_M].to(dtype) * h_M1F).sum(-1, dtype=torch.float32)
+            y_MD = (down_MDF * h_M1F).sum(-1, dtype=torch.float32)
             return (y_MD.view(N, K, -1) * weight_NK[..., None]).sum(1).to(x_ND.dtype)
         x_MD1 = x_ND.to(dtype).repeat_interleave(K, dim=0)[:, :, None]
-        gate_MF1 = torch.bmm(self.gate_proj[flat_M].to(dtype), x_MD1)
-        up_MF1 = torch.bmm(self.up_proj[flat_M].to(dtype), x_MD1)
-        y_MD1 = torch.bmm(self.down_proj[flat_M].to(dtype), F.silu(gate_MF1) * up_MF1)
+        gate_MF1 = torch.bmm(gate_MFD, x_MD1)
+        up_MF1 = torch.bmm(up_MFD, x_MD1)
+        y_MD1 = torch.bmm(down_MDF, F.silu(gate_MF1) * up_MF1)
         y_NKD = y_MD1.view(N, K, -1) * weight_NK[..., None].to(y_MD1.dtype)
         return y_NKD.sum(1).to(x_ND.dtype)
 
@@ -322,11 +329,11 @@ class Experts(nn.Module):
         """Every expert on every token, weighted by a mostly-zero gate: E/K times the work, no
         host sync. Only for torch.compile where the grouped GEMM cannot run (float32 on CPU,
         whose grouped GEMM has no compile support yet)."""
-        gates_NE = torch.zeros(x_ND.shape[0], self.gate_proj.shape[0], dtype=x_ND.dtype,
+        gate_EFD, up_EFD, down_EDF = self.expert_weights()
+        gates_NE = torch.zeros(x_ND.shape[0], gate_EFD.shape[0], dtype=x_ND.dtype,
                                device=x_ND.device).scatter_add(1, idx_NK, weight_NK.to(x_ND.dtype))
-        h_NEF = (F.silu(torch.einsum("nd,efd->nef", x_ND, self.gate_proj))
-                 * torch.einsum("nd,efd->nef", x_ND, self.up_proj))
-        return torch.einsum("ne,nef,edf->nd", gates_NE, h_NEF, self.down_proj)
+        h_NEF = (F.silu(torch.einsum("nd,efd->nef", x_ND, gate_EFD)) * torch.einsum("nd,efd->nef", x_ND, up_EFD))
+        return torch.einsum("ne,nef,edf->nd", gates_NE, h_NEF, down_EDF)
 
     def forward_loop(self, x_ND, weight_NK, idx_NK):
         """Reference twin: one plain SwiGLU per expert over the tokens that chose it."""
@@ -336,8 +343,9 @@ class Experts(nn.Module):
             if token.numel() == 0:
                 continue
             x = x_ND[token]
-            h = F.silu(x @ self.gate_proj[e].T) * (x @ self.up_proj[e].T)
-            y = (h @ self.down_proj[e].T) * weight_NK[token, slot, None].to(x.dtype)
+            gate_FD, up_FD, down_DF = self.expert_weights(e)
+            h = F.silu(x @ gate_FD.T) * (x @ up_FD.T)
+            y = (h @ down_DF.T) * weight_NK[token, slot, None].to(x.dtype)
             out.index_add_(0, token, y.to(out.dtype))
         return out
 

@@ -16,6 +16,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="weights: auto keeps an FP8 checkpoint in FP8 (others as stored); bf16, fp32 dequantize")
     p.add_argument("--api-key-file", metavar="F", help="API keys, one per line (also env NANOSEEK_API_KEYS=k1,k2)")
     p.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests decoded together (cache slots)")
     p.add_argument("--speculative", type=int, default=0, metavar="K",
@@ -64,10 +66,12 @@ def inference_config(args: argparse.Namespace):
 
 
 def load_engine(args: argparse.Namespace, config):
-    """(engine, tokenizer) of --model on --device with the serve flags' fast paths."""
+    """(engine, tokenizer) of --model on --device, its weights as --dtype says, with the serve
+    flags' fast paths."""
     from ..infer.engine import Engine
+    from ..infer.fp8_weights import DTYPE_CHOICES
     from ..loading import load_model_dir
-    _, model, tokenizer = load_model_dir(args.model, args.device)
+    _, model, tokenizer = load_model_dir(args.model, args.device, **DTYPE_CHOICES[args.dtype])
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_len=args.max_len,
                     speculative_k=args.speculative, config=config)
     return engine, tokenizer
