@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import float32_tolerance  # tests/ is on sys.path
 from nanoseek import Transformer, preset
 from nanoseek.cli import main
 from nanoseek.data.tokenizer import ChatTokenizer, byte_tokenizer
@@ -21,16 +22,33 @@ def tokenizer():
 
 
 @torch.no_grad()
-def greedy_by_recomputation(model, prompt, n):
+def greedy_by_recomputation(model, prompt, n, margins=None):
+    """n greedy tokens, each from a full forward over everything before it (no cache);
+    margins: collects each choice's lead of the best logit over the second."""
     ids = list(prompt)
     for _ in range(n):
-        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        logits = model(torch.tensor([ids])).logits[0, -1]
+        if margins is not None:
+            top = logits.topk(2).values
+            margins.append((float(top[0] - top[1]), float32_tolerance(model.config, len(ids), float(logits.abs().max()))))
+        ids.append(int(logits.argmax()))
     return ids[len(prompt):]
 
 
 @pytest.fixture(scope="module")
 def reference(model):
     return [greedy_by_recomputation(model, p, 8) for p in PROMPTS]
+
+
+def test_the_reference_choices_are_decisive(model):
+    """Every greedy choice of the full recomputation leads the runner-up by more than twice
+    the drift float32 allows between two orders of summation (conftest.float32_tolerance):
+    the engine's cached computation cannot flip it, so the token equalities below test the
+    engine, not rounding luck."""
+    margins = []
+    for prompt in PROMPTS:
+        greedy_by_recomputation(model, prompt, 8, margins)
+    assert all(lead > 2 * tol for lead, tol in margins), min(margins)
 
 
 def greedy(n, **kw):
@@ -49,6 +67,25 @@ def test_greedy_batch_of_different_lengths_equals_full_recomputation(model, refe
         assert out.token_ids == ref
         assert out.finish_reason == "length"
         assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(prompt), 8)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5])
+def test_chunked_prefill_equals_one_shot(model, reference, chunk):
+    """Prompts of 2-11 tokens prefilled in chunks of 1, 3 or 5 through the cache (each chunk
+    attending to the positions before it there): the prefill's next-token logits are the
+    one-shot prefill's within float32's reordering bound, and the greedy tokens are the
+    full recomputation's."""
+    def prefill_logits(prefill_chunk):
+        engine = Engine(model, max_batch=4, max_len=64, config=InferenceConfig(prefill_chunk=prefill_chunk))
+        seqs = [engine.add_request(p, greedy(8)) for p in PROMPTS]
+        kind, scheduled = engine.scheduler.schedule()
+        assert kind == "prefill" and scheduled == seqs
+        return engine.runner.prefill(seqs)
+    want = prefill_logits(64)
+    tol = float32_tolerance(model.config, max(map(len, PROMPTS)), float(want.abs().max()))
+    torch.testing.assert_close(prefill_logits(chunk), want, rtol=0, atol=tol)
+    engine = Engine(model, max_batch=4, max_len=64, config=InferenceConfig(prefill_chunk=chunk))
+    assert [o.token_ids for o in engine.generate(PROMPTS, greedy(8))] == reference
 
 
 def test_requests_joining_mid_batch_get_the_same_tokens_as_alone(model, reference):
@@ -448,3 +485,20 @@ def test_a_stop_string_completed_by_the_last_allowed_token_ends_as_stop(budget):
     for t in ids:
         seq.extend([t], tok, eos_id=None)
     assert (seq.text, seq.finish_reason, seq.finished) == ("abc", "stop", True)
+
+
+@pytest.mark.gpu
+def test_a_32k_prompt_prefills_in_chunks_on_gpu():
+    """DeepSeek-V3's attention widths (128 heads, latent 512), one layer, BF16: a prompt of
+    32K tokens prefills chunk by chunk (2048 tokens attending to up to 32K cached positions
+    each) and decodes, its peak memory a few GiB; in one shot the expanded keys and values
+    of every head and a 32K x 32K mask would come on top of each other."""
+    from nanoseek.hf import to_dtype
+    cfg = preset("deepseek-v3", num_hidden_layers=1, first_k_dense_replace=1, intermediate_size=2048,
+                 vocab_size=1024, num_nextn_predict_layers=0)
+    model = to_dtype(Transformer(cfg), torch.bfloat16).cuda().eval()
+    n = 32 * 1024
+    engine = Engine(model, max_batch=1, max_len=n + 8, config=InferenceConfig(cuda_graphs=False, prefill_chunk=2048))
+    torch.cuda.reset_peak_memory_stats()
+    out = engine.generate([[t % 1000 + 3 for t in range(n)]], greedy(2))[0]
+    assert len(out.token_ids) == 2 and torch.cuda.max_memory_allocated() < 16 * 2**30

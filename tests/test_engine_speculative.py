@@ -145,15 +145,17 @@ def test_stream_of_a_speculative_request_concatenates_to_its_text(model, tokeniz
     assert [o.text for o in outs] == [o.text for o in plain(model, prompts, params, tokenizer)]
 
 
-def test_mtp_state_matches_recomputation_without_cache(model):
+@pytest.mark.parametrize("prefill_chunk", [2048, 3])
+def test_mtp_state_matches_recomputation_without_cache(model, prefill_chunk):
     """The engine's drafter state per slot against the MTP module run over the whole accepted
     sequence, with rows accepting k, 1, 0 or alternately k/1 drafts, a request joining mid-run
     and gathered (non-contiguous) rows: the state behind each row's first draft, the draft
-    itself, and (through the MTP layer's cache) the second draft."""
+    itself, and (through the MTP layer's cache) the second draft; with the prompts prefilled
+    whole, and in chunks of 3 (the MTP layer's pass over them too)."""
     k, n = 2, 9
     cont = plain(model, PROMPTS, greedy(n + k + 1))
     full = {f"p{i}": p + c.token_ids for i, (p, c) in enumerate(zip(PROMPTS, cont))}
-    engine = Engine(model, max_batch=3, max_len=64, speculative_k=k)
+    engine = Engine(model, max_batch=3, max_len=64, speculative_k=k, config=InferenceConfig(prefill_chunk=prefill_chunk))
     real_draft, calls = engine.runner.draft, []
 
     def draft(seqs, drafter, pending_pos_B, uniforms):

@@ -38,6 +38,9 @@ class InferenceConfig:
     fused_launch: dict | None = None
     # GPU: decode steps replayed back to back per read-back of their tokens
     decode_burst: int = 8
+    # prompt tokens one prefill forward takes; longer prompts go through the cache in chunks
+    # (attention then holds chunk x context scores, not context^2)
+    prefill_chunk: int = 2048
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -47,6 +50,7 @@ class InferenceConfig:
         check_field(self, self.fused_decode_rows is None or self.fused_decode_rows >= 0, "fused_decode_rows",
                     "must be >= 0 (0: never the fused step), or null for the measured default")
         check_field(self, self.decode_burst >= 1, "decode_burst", "must be >= 1 (1: read every step back)")
+        check_field(self, self.prefill_chunk >= 1, "prefill_chunk", "must be >= 1")
 
     def experts(self) -> ExpertPath:
         """The model-side expert path these settings choose."""

@@ -86,8 +86,9 @@ class ModelRunner:
 
     def __init__(self, model: Transformer, cache: StaticCache, autocast: torch.dtype | None,
                  config: InferenceConfig, speculative_k: int = 0, fused_rows: int = 0):
-        """fused_rows: config.fused_decode_rows resolved (default_fused_rows)."""
+        """fused_rows: config.fused_decode_rows resolved (decode_paths.measured_fused_rows)."""
         self.model, self.cache, self.autocast = model, cache, autocast
+        self.prefill_chunk = config.prefill_chunk
         self.device = model.model.embed_tokens.weight.device
         self.k = speculative_k
         if self.k:
@@ -127,31 +128,48 @@ class ModelRunner:
 
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
         """Prompts right-padded to the longest; a row's padding lands at positions beyond
-        its prompt, which it never reads and its first decode step overwrites."""
+        its prompt, which it never reads and its first decode step overwrites. A prompt
+        longer than prefill_chunk goes through in chunks: each chunk's tokens attend to the
+        cache's positions up to the chunk's end, so attention holds chunk x context scores,
+        not context^2."""
         lens = [len(s.prompt_ids) for s in seqs]
         T = max(lens)
         ids = torch.tensor([s.prompt_ids + [0] * (T - len(s.prompt_ids)) for s in seqs], device=self.device)
         positions = torch.arange(T, device=self.device).expand(len(seqs), T)
-        view = self.cache.select([s.slot for s in seqs], kv_len=T)
+        slots = [s.slot for s in seqs]
+        last = [n - 1 for n in lens]
         with self._context():
-            out = self.model(ids, positions=positions, cache=view, absorb=False, logits_to_keep=1)
-            last = torch.tensor(lens, device=self.device) - 1
-            h_nD = out.hidden_states[torch.arange(len(seqs), device=self.device), last]
+            h_nD, hidden = None, []
+            for start, end in self._chunks(T):
+                out = self.model(ids[:, start:end], positions=positions[:, start:end],
+                                 cache=self.cache.select(slots, kv_len=end), absorb=False, logits_to_keep=1)
+                h_nD = out.hidden_states.new_empty(len(seqs), out.hidden_states.shape[-1]) if h_nD is None else h_nD
+                for row in (r for r, p in enumerate(last) if start <= p < end):  # rows whose prompt ends here
+                    h_nD[row] = out.hidden_states[row, last[row] - start]
+                if self.k:
+                    hidden.append(out.hidden_states)
             if self.k:  # for draft_prompts(), once the first tokens are sampled
-                self.prompt_states = (view, ids, positions, out.hidden_states, last)
+                self.prompt_states = (slots, ids, positions, torch.cat(hidden, 1), last)
             return self.model.lm_head(h_nD)
 
+    def _chunks(self, T: int) -> list[tuple[int, int]]:
+        return [(start, min(T, start + self.prefill_chunk)) for start in range(0, T, self.prefill_chunk)]
+
     def draft_prompts(self, seqs: list[Sequence], first_n: torch.Tensor) -> None:
-        """Speculative: after a prefill, the MTP layer over the prompts, position i on (h_i,
-        x_{i+1}) with the sampled first token after the last one; its output there is the
-        state the first draft starts from."""
-        view, ids, positions, hidden, last = self.prompt_states
+        """Speculative: after a prefill, the MTP layer over the prompts (in the prefill's
+        chunks), position i on (h_i, x_{i+1}) with the sampled first token after the last one;
+        its output there is the state the first draft starts from."""
+        slots, ids, positions, hidden, last = self.prompt_states
         self.prompt_states = None
-        next_ids = torch.cat([ids[:, 1:], ids[:, :1]], 1).scatter(1, last[:, None], first_n[:, None])
+        last_n = torch.tensor(last, device=self.device)
+        next_ids = torch.cat([ids[:, 1:], ids[:, :1]], 1).scatter(1, last_n[:, None], first_n[:, None])
         with self._context():
-            drafter = MTPDrafter(self.model, view)
-            drafter.observe(hidden, next_ids, positions, last, absorb=False)
-            self.draft_h[torch.tensor([s.slot for s in seqs], device=self.device)] = drafter.h_BD.to(self.draft_h.dtype)
+            for start, end in self._chunks(ids.shape[1]):
+                drafter = MTPDrafter(self.model, self.cache.select(slots, kv_len=end))
+                drafter.observe(hidden[:, start:end], next_ids[:, start:end], positions[:, start:end],
+                                (last_n - start).clamp(0, end - start - 1), absorb=False)
+                for row in (r for r, p in enumerate(last) if start <= p < end):
+                    self.draft_h[slots[row]] = drafter.h_BD[row].to(self.draft_h.dtype)
 
     def draft(self, seqs: list[Sequence], drafter: MTPDrafter, pending_pos_B: torch.Tensor,
               sampling: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
