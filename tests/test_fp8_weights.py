@@ -198,3 +198,16 @@ def test_the_fused_step_refuses_fp8_weights(fp8_dir):
     fp8 = load(fp8_dir, torch.float32)
     assert FusedDecoder.unsupported(fp8.config) is None
     assert "FP8 weights" in FusedDecoder.unsupported(fp8.config, fp8)
+
+
+def test_quantizing_a_loaded_model_equals_loading_its_fp8_checkpoint(fp8_dir, tmp_path):
+    """quantize_weights on a loaded (dequantised) model gives the FP8 values and block scales
+    its FP8 checkpoint holds: the in-memory way to the FP8-resident model."""
+    from nanoseek.infer.fp8_weights import quantize_weights
+    model = sharp_tiny()
+    write_fp8_checkpoint(model, tmp_path / "ckpt", block=(32, 32))
+    loaded = load(tmp_path / "ckpt", torch.float32)
+    quantized = quantize_weights(from_pretrained(tmp_path / "ckpt", dtype=torch.float32), (32, 32), "twin")
+    want = {k: v for k, v in loaded.state_dict().items() if v.dtype == torch.float8_e4m3fn or k.endswith(SCALE_SUFFIX)}
+    got = quantized.state_dict()
+    assert want and all(torch.equal(got[k].float(), v.float()) for k, v in want.items())

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hf import SCALE_SUFFIX, dequantize_fp8_blockwise
+from ..hf import FP8_BLOCK, SCALE_SUFFIX, dequantize_fp8_blockwise, quantize_fp8_blockwise
 from ..kernels import fast_kernels_supported, triton_runs
 from ..model import Transformer
 from ..model.moe import Experts, compute_dtype
@@ -43,12 +43,17 @@ def _dequantize(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]
     return dequantize_fp8_blockwise(w, scale_inv, block).to(dtype)
 
 
-def _fp8_buffers(module: nn.Module, name: str, shape: tuple[int, ...], block: tuple[int, int], device) -> None:
-    """Register `name` (float8 [..., rows, cols]) and its block scales `name_scale_inv`."""
-    *lead, rows, cols = shape
-    module.register_buffer(name, torch.empty(shape, dtype=torch.float8_e4m3fn, device=device))
-    module.register_buffer(name + SCALE_SUFFIX, torch.empty(
-        *lead, -(-rows // block[0]), -(-cols // block[1]), dtype=torch.float32, device=device))
+def _fp8_buffers(module: nn.Module, name: str, weight: torch.Tensor, block: tuple[int, int]) -> None:
+    """Register `name` (float8, weight's shape) and its block scales `name_scale_inv`: empty
+    on the meta device (a checkpoint fills them), else weight quantised."""
+    if weight.is_meta:
+        *lead, rows, cols = weight.shape
+        w_fp8 = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device="meta")
+        scale_inv = torch.empty(*lead, -(-rows // block[0]), -(-cols // block[1]), device="meta")
+    else:
+        w_fp8, scale_inv = quantize_fp8_blockwise(weight.detach(), block)
+    module.register_buffer(name, w_fp8)
+    module.register_buffer(name + SCALE_SUFFIX, scale_inv)
 
 
 class FP8Linear(nn.Module):
@@ -61,7 +66,7 @@ class FP8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.block, self.kernel, self.dtype = block, kernel, linear.weight.dtype
-        _fp8_buffers(self, "weight", tuple(linear.weight.shape), block, linear.weight.device)
+        _fp8_buffers(self, "weight", linear.weight, block)
         self.bias = linear.bias
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -97,8 +102,7 @@ class FP8Experts(Experts):
         self.path, self.last_path = experts.path, None
         self.block, self.dtype = block, experts.gate_proj.dtype
         for name in ("gate_proj", "up_proj", "down_proj"):
-            w = getattr(experts, name)
-            _fp8_buffers(self, name, tuple(w.shape), block, w.device)
+            _fp8_buffers(self, name, getattr(experts, name), block)
 
     def expert_weights(self, idx=None):
         names = ("gate_proj", "up_proj", "down_proj")
@@ -112,7 +116,8 @@ def keep_fp8_weights(model: Transformer, fp8_names: set[str], block: tuple[int, 
                      kernel: str = "auto") -> None:
     """The module swap `from_pretrained(keep_fp8=...)` applies: every nn.Linear and Experts
     whose weights the checkpoint stores in FP8 (fp8_names: state-dict names) becomes an
-    FP8Linear / FP8Experts, except DEQUANTIZED; kernel: FP8Linear's."""
+    FP8Linear / FP8Experts, except DEQUANTIZED; kernel: FP8Linear's. On a model that is not
+    on the meta device the new modules hold its weights quantised."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel {kernel!r}: must be one of {', '.join(KERNELS)}")
     for name, module in list(model.named_modules()):
@@ -126,6 +131,22 @@ def keep_fp8_weights(model: Transformer, fp8_names: set[str], block: tuple[int, 
         else:
             continue
         setattr(model.get_submodule(parent_name), child, swapped)
+
+
+def layer_weights(model: Transformer) -> set[str]:
+    """What an official V3 checkpoint stores in FP8: every decoder layer's linear weights and
+    routed experts (state-dict names; the stacked gate_proj names its experts); not the
+    embedding, the output head or the routers."""
+    return {f"{name}.weight" if isinstance(m, nn.Linear) else f"{name}.gate_proj"
+            for name, m in model.named_modules()
+            if name.startswith("model.layers.") and (isinstance(m, nn.Linear) or type(m) is Experts)}
+
+
+def quantize_weights(model: Transformer, block: tuple[int, int] = FP8_BLOCK, kernel: str = "auto") -> Transformer:
+    """A loaded model's layer weights (layer_weights) in FP8 with block scales, in place, as
+    loading its FP8 checkpoint would hold them (kv_b_proj excepted, keep_fp8_weights)."""
+    keep_fp8_weights(model, layer_weights(model), block, kernel)
+    return model
 
 
 # --dtype of serve, generate and chat: how a checkpoint's weights are held

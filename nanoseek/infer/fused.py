@@ -251,19 +251,29 @@ class FusedDecoder:
             self.inv_freq, self.rope_factor, positions_B, self.q_lat, self.q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0),
             H, Q, C, N, R, V, BLOCK_Q=_pow2(Q), BLOCK_N=_pow2(N), BLOCK_C=_pow2(C), BLOCK_R2=_pow2(R // 2),
             num_warps=self.t["query_warps"], **self.launch)
+        o = self.attend(a, i, positions_B, B)
+        self._gemv(o, a.o_proj.weight, h, residual=h)
+
+    def attend(self, attn, i: int, positions_B: torch.Tensor, B: int) -> torch.Tensor:
+        """Attention of rows 0..B-1 over layer i's latent cache from the absorbed queries in
+        q_lat / q_pe: the splits (mla_attend), then their merge and W_UV (mla_output) ->
+        o [B, H·V] (float32)."""
+        c, k = self.config, kernels
+        H, C, R, N, V = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim
+        ckv, kpe = self.cache.layers[i]
         heads = self.t["attend_heads"]
         k.mla_attend_kernel[(B, self.nsplit, triton.cdiv(H, heads))](
             self.q_lat, self.q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0), positions_B,
-            self.part_acc, self.part_m, self.part_l, a.scale, H, C, R, self.split, self.nsplit,
+            self.part_acc, self.part_m, self.part_l, attn.scale, H, C, R, self.split, self.nsplit,
             BLOCK_H=heads, BLOCK_C=_pow2(C, 16), BLOCK_R=_pow2(R, 16), BLOCK_S=self.t["attend_block"],
             DOT_PRECISION=self.dot_precision, num_warps=self.t["attend_warps"], **self.launch)
         o = self.o[:B]
         k.mla_output_kernel[(B, H)](
-            self.part_acc, self.part_m, self.part_l, a.kv_b_proj.weight, o, positions_B, H, C, N, V,
-            self.split, self.nsplit, BLOCK_SP=_pow2(self.nsplit), CHUNK_SP=min(self.t["merge_splits"], _pow2(self.nsplit)),
-            BLOCK_C=_pow2(C), BLOCK_V=_pow2(V), num_warps=self.t["output_warps"],
-            **self.launch)
-        self._gemv(o, a.o_proj.weight, h, residual=h)
+            self.part_acc, self.part_m, self.part_l, attn.kv_b_proj.weight, o, positions_B, H, C, N, V,
+            self.split, self.nsplit, BLOCK_SP=_pow2(self.nsplit),
+            CHUNK_SP=min(self.t["merge_splits"], _pow2(self.nsplit)), BLOCK_C=_pow2(C), BLOCK_V=_pow2(V),
+            num_warps=self.t["output_warps"], **self.launch)
+        return o
 
     @staticmethod
     def _slots(layer) -> tuple[int, int, tuple | None]:
