@@ -25,34 +25,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_bandwidth, environment, sliced_preset, synchronize, write_json  # noqa: E402
+from common import copy_bandwidth, environment, median_seconds, sliced_preset, write_json  # noqa: E402
 
 from nanoseek import Transformer  # noqa: E402
 from nanoseek.hf import to_dtype  # noqa: E402
 from nanoseek.model import StaticCache  # noqa: E402
 from nanoseek.model.cache import cache_mask  # noqa: E402
-
-
-def seconds(fn, repeat: int, device: torch.device) -> float:
-    for _ in range(2):  # warm-up: compilation, autotuning
-        fn()
-    times = []
-    for _ in range(repeat):
-        synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main():
@@ -103,7 +88,7 @@ def main():
                     row["fused_launch"] = {k: fused.t[k] for k in ("attend_split", "attend_heads", "attend_block")}
                 for name, fn in ways.items():
                     try:
-                        t = seconds(fn, args.repeat, device)
+                        t = median_seconds(fn, args.repeat, device, warmup=2)
                     except torch.OutOfMemoryError as e:
                         row[f"{name}_error"] = f"out of memory: {str(e)[:120]}"
                         torch.cuda.empty_cache()

@@ -34,6 +34,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def median_seconds(fn, repeat: int, device: torch.device, warmup: int = 1) -> float:
+    """Median host seconds of fn() (the device synchronised around each call) after warm-up
+    calls (compilation, graph capture, autotuning)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeat: int = 5) -> float:
     """Bytes per second one device-to-device copy moves (each byte read once and written
     once), median of `repeat` after a warm-up: the memory bandwidth a decode step can reach on

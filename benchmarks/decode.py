@@ -54,8 +54,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (copy_bandwidth, environment, graph_flags, out_dir, profile_kernels, sliced_preset,  # noqa: E402
-                    synchronize, write_json)  # noqa: E402
+from common import (copy_bandwidth, environment, graph_flags, median_seconds, out_dir, profile_kernels,  # noqa: E402
+                    sliced_preset, synchronize, write_json)  # noqa: E402
 
 from nanoseek import Transformer, from_pretrained, save_pretrained  # noqa: E402
 from nanoseek.infer.config import InferenceConfig  # noqa: E402
@@ -72,18 +72,6 @@ MODES = {"default": (" (defaults)", dict()),
                      dict(compile=True, fused_decode_rows=0, expert_path="grouped")),
          "graphs": (" (CUDA graphs, not compiled)", dict(compile=False, fused_decode_rows=0)),
          "eager": (" (no CUDA graphs)", dict(cuda_graphs=False, compile=False))}
-
-
-def timed(fn, repeat, device):
-    fn()  # warm-up (graph capture, compilation, cuBLAS plans)
-    times = []
-    for _ in range(repeat):
-        synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def launch_file(path: str | None) -> dict | None:
@@ -116,9 +104,9 @@ def measure(run, batch, new, repeat, device):
     timed full runs (not the full runs minus the TTFT runs: prefill jitter would dominate)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    ttft = timed(lambda: run(1), repeat, device)
+    ttft = median_seconds(lambda: run(1), repeat, device)
     spans = []
-    total = timed(lambda: spans.append(run(new)), repeat, device)
+    total = median_seconds(lambda: spans.append(run(new)), repeat, device)
     span = statistics.median(spans[1:])  # the timed runs, not the warm-up
     return {"ttft_s": ttft, "total_s": total, "decode_s": span, "decode_tokens_per_s": batch * (new - 1) / span,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}

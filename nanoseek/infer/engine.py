@@ -139,18 +139,17 @@ class ModelRunner:
         slots = [s.slot for s in seqs]
         last = [n - 1 for n in lens]
         with self._context():
-            h_nD, hidden = None, []
+            h_D, hidden = [None] * len(seqs), []  # per row, the hidden state at its last token
             for start, end in self._chunks(T):
                 out = self.model(ids[:, start:end], positions=positions[:, start:end],
                                  cache=self.cache.select(slots, kv_len=end), absorb=False, logits_to_keep=1)
-                h_nD = out.hidden_states.new_empty(len(seqs), out.hidden_states.shape[-1]) if h_nD is None else h_nD
                 for row in (r for r, p in enumerate(last) if start <= p < end):  # rows whose prompt ends here
-                    h_nD[row] = out.hidden_states[row, last[row] - start]
+                    h_D[row] = out.hidden_states[row, last[row] - start]
                 if self.k:
                     hidden.append(out.hidden_states)
             if self.k:  # for draft_prompts(), once the first tokens are sampled
                 self.prompt_states = (slots, ids, positions, torch.cat(hidden, 1), last)
-            return self.model.lm_head(h_nD)
+            return self.model.lm_head(torch.stack(h_D))
 
     def _chunks(self, T: int) -> list[tuple[int, int]]:
         return [(start, min(T, start + self.prefill_chunk)) for start in range(0, T, self.prefill_chunk)]
