@@ -495,6 +495,8 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float, top_p: flo
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="0: off (default)")
     p.add_argument("--seed", type=int, default=None, metavar="S")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="weights: auto keeps an FP8 checkpoint in FP8 (others as stored); bf16, fp32 dequantize")
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -506,11 +508,12 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(args: argparse.Namespace):
-    """(model, tokenizer) of --model on --device."""
+    """(model, tokenizer) of --model on --device, its weights as --dtype says."""
+    from .infer.fp8_weights import DTYPE_CHOICES
     from .loading import load_model_dir
     if args.max_tokens < 1:
         raise UsageError(f"--max-tokens must be positive, got {args.max_tokens}")
-    _, model, tokenizer = load_model_dir(args.model, args.device)
+    _, model, tokenizer = load_model_dir(args.model, args.device, **DTYPE_CHOICES[args.dtype])
     return model, tokenizer
 
 

@@ -29,7 +29,36 @@ SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 ATTENTION_TYPES = ("mla", "mha", "gqa")
 ROPE_TYPES = ("default", "yarn")
-MOE_IMPLS = ("grouped", "loop")
+
+
+def check_field(config, ok: bool, name: str, msg: str) -> None:
+    """A ConfigError naming the field and its value unless ok."""
+    if not ok:
+        raise ConfigError(f"config field '{name}' = {getattr(config, name)!r}: {msg}")
+
+
+def check_field_types(config) -> None:
+    """Each field of a dataclass config holds a value of its annotated type (`int | None`,
+    `float`, `bool`, `str`, `dict`; annotations as strings). true/false is not a number."""
+    kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,)}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        parts = [p.strip() for p in str(f.type).split("|")]
+        if value is None:
+            if "None" in parts:
+                continue
+            raise ConfigError(f"config field '{f.name}' must not be null")
+        allowed = tuple(t for p in parts for t in kinds.get(p, ()))
+        if not allowed:
+            continue
+        if isinstance(value, bool) and bool not in allowed and f.name != "extra":
+            ok = False  # true/false is not a number here
+        else:
+            ok = isinstance(value, allowed)
+        if not ok:
+            want = " or ".join(p for p in parts if p != "None")
+            raise ConfigError(f"config field '{f.name}' = {value!r}: must be {want}"
+                              + (" or null" if "None" in parts else ""))
 
 
 @dataclass
@@ -82,17 +111,15 @@ class ModelConfig:
     pad_token_id: int | None = None
     # --- nanoseek-only ---
     attention_type: str = "mla"
-    moe_impl: str = "grouped"  # "loop" is the per-expert reference twin
     # keys of a loaded config.json that nanoseek does not use; written back on save
     extra: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
-        self._check_types()
+        check_field_types(self)
 
         def need(cond: bool, name: str, msg: str) -> None:
-            if not cond:
-                raise ConfigError(f"config field '{name}' = {getattr(self, name)!r}: {msg}")
+            check_field(self, cond, name, msg)
 
         def choice(name: str, allowed: tuple[str, ...]) -> None:
             need(getattr(self, name) in allowed, name, f"must be one of {', '.join(allowed)}")
@@ -103,7 +130,6 @@ class ModelConfig:
         choice("scoring_func", SCORING_FUNCS)
         choice("topk_method", TOPK_METHODS)
         choice("attention_type", ATTENTION_TYPES)
-        choice("moe_impl", MOE_IMPLS)
         need(self.hidden_act == "silu", "hidden_act", "only 'silu' (SwiGLU experts) is supported")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
         if self.rope_scaling is not None:
@@ -158,27 +184,6 @@ class ModelConfig:
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
         need(self.aux_loss_alpha >= 0, "aux_loss_alpha", "must be >= 0")
         need(self.bias_update_speed >= 0, "bias_update_speed", "must be >= 0")
-
-    def _check_types(self) -> None:
-        kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,)}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            parts = [p.strip() for p in str(f.type).split("|")]
-            if value is None:
-                if "None" in parts:
-                    continue
-                raise ConfigError(f"config field '{f.name}' must not be null")
-            allowed = tuple(t for p in parts for t in kinds.get(p, ()))
-            if not allowed:
-                continue
-            if isinstance(value, bool) and bool not in allowed and f.name != "extra":
-                ok = False  # true/false is not a number here
-            else:
-                ok = isinstance(value, allowed)
-            if not ok:
-                want = " or ".join(p for p in parts if p != "None")
-                raise ConfigError(f"config field '{f.name}' = {value!r}: must be {want}"
-                                  + (" or null" if "None" in parts else ""))
 
     # ------------------------------------------------------------------ derived
     @property

@@ -9,6 +9,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def float32_tolerance(config, context: int, magnitude: float) -> float:
+    """How far two float32 computations of one forward may drift apart when they sum in other
+    orders (cached vs recomputed, one expert path vs another): the unit roundoff times the
+    reduction lengths chained through the layers (hidden size, MLP width, context), times
+    the output's magnitude."""
+    chain = (config.num_hidden_layers + 1) * (config.hidden_size + config.intermediate_size + context)
+    return torch.finfo(torch.float32).eps * chain * magnitude
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -21,6 +21,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from nanoseek.cli import build_parser, main  # noqa: E402
 from nanoseek.hf import from_pretrained  # noqa: E402
 from nanoseek.infer.engine import Engine  # noqa: E402
+from nanoseek.infer.sampling import SamplingParams  # noqa: E402
 from nanoseek.infer.sequence import StreamEvent  # noqa: E402
 from nanoseek.serve.app import Settings, create_app  # noqa: E402
 from nanoseek.serve.responses import chat_message  # noqa: E402
@@ -278,14 +279,14 @@ def test_serve_command_parses():
     args = build_parser().parse_args(["serve", "--model", "m", "--upstream", "http://127.0.0.1:1/v1",
                                       "--upstream-models", "a,b", "--audit-log", "a.jsonl"])
     assert args.port == 8000 and args.host == "127.0.0.1" and args.upstream_models == "a,b"
-    assert args.decode_burst == 8
-    from nanoseek.serve.launch import cmd_serve
+    from nanoseek.infer.config import InferenceConfig
+    from nanoseek.serve.launch import cmd_serve, inference_config
+    assert inference_config(args) == InferenceConfig()  # the engine's defaults
     bad = build_parser().parse_args(["serve", "--model", "m", "--decode-burst", "0"])
-    with pytest.raises(ValueError, match="--decode-burst must be positive, got 0"):
+    with pytest.raises(ValueError, match="'decode_burst' = 0: must be >= 1"):
         cmd_serve(bad)
-    assert args.fused_decode is None  # the engine's default
     bad = build_parser().parse_args(["serve", "--model", "m", "--fused-decode", "-1"])
-    with pytest.raises(ValueError, match="--fused-decode must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="'fused_decode_rows' = -1: must be >= 0"):
         cmd_serve(bad)
 
 
@@ -294,6 +295,23 @@ def test_serve_port_out_of_range_is_one_line_exit_2(tiny_dir, capsys):
     assert main(["serve", "--model", str(tiny_dir), "--port", "99999"]) == 2
     err = capsys.readouterr().err
     assert err == "nanoseek: error: --port must be in 1..65535, got 99999\n"
+
+
+def test_serve_flags_reach_the_engine_and_the_experts(tiny_dir):
+    """--expert-path, --decode-burst and --fused-decode become the engine's InferenceConfig;
+    the chosen expert path is the one the served model's MoE layers run."""
+    from nanoseek.infer.config import InferenceConfig
+    from nanoseek.model.moe import Experts
+    from nanoseek.serve.launch import inference_config, load_engine
+    args = build_parser().parse_args(["serve", "--model", str(tiny_dir), "--device", "cpu", "--max-len", "64",
+                                      "--expert-path", "loop", "--decode-burst", "3", "--fused-decode", "0"])
+    config = inference_config(args)
+    assert config == InferenceConfig(expert_path="loop", decode_burst=3, fused_decode_rows=0)
+    engine, tok = load_engine(args, config)
+    assert engine.config is config and engine.decode_burst == 3
+    engine.generate(["2+2="], SamplingParams(max_tokens=2))
+    experts = [m for m in engine.model.main_layers.modules() if isinstance(m, Experts)]
+    assert experts and all(e.last_path == "loop" for e in experts)
 
 
 # ------------------------------------------------------------------ a scripted engine

@@ -17,7 +17,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import GQA
 from .mla import MLA
-from .moe import MLP, Experts, MoE, Router, max_violation
+from .moe import MLP, ExpertPath, Experts, MoE, Router, max_violation
 from .mtp import make_mtp_layer
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
@@ -86,6 +86,13 @@ class Transformer(nn.Module):
     @property
     def mtp_layers(self) -> nn.ModuleList:
         return self.model.layers[self.config.num_hidden_layers:]
+
+    def set_expert_path(self, path: ExpertPath) -> None:
+        """How every MoE layer computes its routed experts from now on (moe.ExpertPath): the
+        one switch of the experts' fast paths; an inference engine sets it from its config."""
+        for module in self.modules():
+            if isinstance(module, Experts):
+                module.path = path
 
     def reset_parameters(self) -> None:
         std = self.config.initializer_range

@@ -69,6 +69,7 @@ from pathlib import Path
 import torch
 
 from ..data.tasks import get_task
+from ..infer.config import InferenceConfig
 from ..infer.engine import Engine
 from ..infer.sampling import SamplingParams
 from ..train.metrics import plot_metrics, read_metrics
@@ -201,7 +202,7 @@ def generate_repeated(model, tokenizer, prompts: list, params: list[SamplingPara
     slots = min(max_batch or len(ids), len(ids))
     if engine is None or engine.max_len < need or engine.num_slots < slots:
         engine = Engine(model, tokenizer, max_batch=slots, max_len=min(limit, 64 * math.ceil(need / 64)),
-                        compile=compile)
+                        config=InferenceConfig(compile=compile))
     was_training = model.training
     model.eval()
     try:
