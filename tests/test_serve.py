@@ -417,7 +417,7 @@ def test_hybrid_routing_to_an_upstream_nanoseek(tiny_dir):
     with live(upstream_app) as up_url:
         direct = openai.OpenAI(base_url=up_url + "/v1", api_key="sk-up", max_retries=0, timeout=30)
         local_app = tiny_app(tiny_dir, "tiny", max_tokens=8, upstream_url=up_url + "/v1",
-                             upstream_models=["tiny-big"], upstream_api_key="sk-up")
+                             upstream_models=["tiny-big"], upstream_api_key="sk-up", upstream_overflow=True)
         with live(local_app) as url:
             client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
             assert [m.id for m in client.models.list()] == ["tiny", "tiny-big"]
@@ -427,7 +427,7 @@ def test_hybrid_routing_to_an_upstream_nanoseek(tiny_dir):
             assert raw.headers["x-nanoseek-route"] == "upstream" and raw.headers["x-ai-generated"] == "true"
             assert raw.parse().choices[0].message.content == want
             assert streamed_chat(client, model="tiny-big")[0] == want
-            # over the local max_tokens limit (8): the upstream's model answers
+            # over the local max_tokens limit (8), opted in to overflow: the upstream's model answers
             over = greedy_chat(client, model="tiny", max_tokens=12)
             assert over.model == "tiny-big" and over.choices[0].message.content == want
             with pytest.raises(openai.BadRequestError):  # a mistake stays here, not sent upstream

@@ -38,10 +38,10 @@ line, not the only one. Scrape `/metrics` with a bearer token when keys are set.
 
 Hybrid: `--upstream https://api.example.com/v1 --upstream-models big-model` serves the
 local model here and proxies requests for `big-model` (streamed or not) to the upstream
-OpenAI-compatible endpoint with the key in `NANOSEEK_UPSTREAM_API_KEY`; requests over
-the local limits (prompt, max_tokens, full queue) go to the first upstream model too.
-Sensitive traffic stays local by naming the local model; an unreachable upstream answers
-502 in the OpenAI error shape.
+OpenAI-compatible endpoint with the key in `NANOSEEK_UPSTREAM_API_KEY`. A request naming
+the local model never leaves the machine: over the local limits it is a 400, with the
+queue full a 429, unless `--upstream-overflow` sends such requests to the first upstream
+model. An unreachable upstream answers 502 in the OpenAI error shape.
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ class Settings:
     upstream_url: str | None = None
     upstream_models: list[str] = field(default_factory=list)
     upstream_api_key: str | None = None
+    upstream_overflow: bool = False          # local requests over the limits or queue go upstream
     upstream_timeout: float = 600.0
 
 

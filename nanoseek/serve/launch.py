@@ -38,7 +38,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feedback-db", metavar="F", help="SQLite file for POST /v1/feedback (default: off)")
     p.add_argument("--upstream", metavar="URL", help="an OpenAI-compatible base URL, e.g. https://host/v1")
     p.add_argument("--upstream-models", default="", metavar="A,B",
-                   help="models served by the upstream (the first also takes requests over local limits)")
+                   help="models served by the upstream (requests naming them are proxied)")
+    p.add_argument("--upstream-overflow", action="store_true",
+                   help="send requests for the local model that are over its limits or find the queue full "
+                        "to the first upstream model (default: a 400 or 429 here; the data stays local)")
     p.add_argument("--upstream-api-key-file", metavar="F", help="the upstream's key (also env NANOSEEK_UPSTREAM_API_KEY)")
 
 
@@ -69,6 +72,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     upstream_models = [m for m in args.upstream_models.split(",") if m]
     if upstream_models and not args.upstream:
         raise ValueError("--upstream-models needs --upstream URL")
+    if args.upstream_overflow and not upstream_models:
+        raise ValueError("--upstream-overflow needs --upstream URL --upstream-models NAME")
     keys = read_keys(args.api_key_file)
     upstream_key = os.environ.get("NANOSEEK_UPSTREAM_API_KEY")
     if args.upstream_api_key_file:
@@ -80,7 +85,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = Settings(api_keys=keys, max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                         max_tokens=args.max_tokens, max_queue=args.max_queue, audit_log=args.audit_log,
                         audit_content=args.audit_content, feedback_db=args.feedback_db, upstream_url=args.upstream,
-                        upstream_models=upstream_models, upstream_api_key=upstream_key)
+                        upstream_models=upstream_models, upstream_api_key=upstream_key,
+                        upstream_overflow=args.upstream_overflow)
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(engine, tokenizer, name, settings)
     if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):

@@ -132,8 +132,9 @@ async def completions(request: Request):
 
 
 async def complete(request: Request, raw: dict, req, chat: bool):
-    """A completion, local or upstream: the upstream's models, and requests over the local
-    limits when an upstream model exists, are proxied."""
+    """A completion, local or upstream. Only requests naming an upstream model leave the
+    machine, unless `upstream_overflow` opts in to sending local requests that are over the
+    local limits or find the queue full to the first upstream model."""
     state, start = request.app.state, time.perf_counter()
     endpoint = "/v1/chat/completions" if chat else "/v1/completions"
     check_model(state, req.model)
@@ -141,7 +142,8 @@ async def complete(request: Request, raw: dict, req, chat: bool):
         return await proxy(state, raw, endpoint, None, start)
     prompts = encode_prompts(state, req, chat)
     check_prompts(state, prompts, req.n)
-    overflow_model = state.upstream_models[0] if state.upstream_models else None
+    overflow = state.settings.upstream_overflow and state.upstream_models
+    overflow_model = state.upstream_models[0] if overflow else None
     over = over_limit(state, prompts, req.max_new_tokens, "messages" if chat else "prompt")
     if over is not None:
         if overflow_model is not None:

@@ -1,0 +1,48 @@
+"""Data governance of the server: what leaves the machine, what is logged and stored, and
+which requests a browser on another site can make. Helpers (a live uvicorn, the tiny model,
+a scripted engine) come from test_serve."""
+
+import httpx
+import pytest
+
+serve = pytest.importorskip("test_serve", reason="needs fastapi, uvicorn, httpx, openai")
+from test_serve import CHAT, KEY, ScriptedEngine, free_port, live, tiny_app, tiny_dir  # noqa: E402,F401
+
+from nanoseek.loading import tokenizer_for  # noqa: E402
+from nanoseek.serve.app import Settings, create_app  # noqa: E402
+
+
+def dead_upstream() -> str:
+    """An upstream nobody listens on: a request routed there is a 502, one answered here is not."""
+    return f"http://127.0.0.1:{free_port()}/v1"
+
+
+def test_local_model_requests_never_go_upstream(tiny_dir):
+    app = tiny_app(tiny_dir, "local3", max_prompt_tokens=20, upstream_url=dead_upstream(), upstream_models=["m"])
+    with live(app) as url:
+        r = httpx.post(f"{url}/v1/completions", json={"model": "local3", "prompt": "x" * 24, "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert "x-nanoseek-route" not in r.headers
+    engine = ScriptedEngine(["a"], endless=True)
+    app = create_app(engine, tokenizer_for(tiny_dir), "local3",
+                     Settings(max_queue=1, upstream_url=dead_upstream(), upstream_models=["m"]))
+    body = {"model": "local3", "messages": CHAT, "stream": True, "max_tokens": 4000}
+    with live(app) as url, httpx.stream("POST", f"{url}/v1/chat/completions", json=body) as held:
+        lines = held.iter_lines()  # kept: a dropped iterator closes the stream
+        next(lines)  # the queue's one place is taken
+        r = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": False})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+
+
+def test_upstream_overflow_is_an_explicit_opt_in(tiny_dir):
+    app = tiny_app(tiny_dir, "local3", max_prompt_tokens=20, upstream_url=dead_upstream(), upstream_models=["m"],
+                   upstream_overflow=True)
+    with live(app) as url:
+        r = httpx.post(f"{url}/v1/completions", json={"model": "local3", "prompt": "x" * 24, "max_tokens": 2})
+        assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unavailable"
+
+
+def test_upstream_overflow_needs_upstream_models(capsys):
+    from nanoseek.cli import main
+    assert main(["serve", "--model", "m", "--upstream-overflow"]) == 2
+    assert capsys.readouterr().err == "nanoseek: error: --upstream-overflow needs --upstream URL --upstream-models NAME\n"
