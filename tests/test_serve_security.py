@@ -46,3 +46,29 @@ def test_upstream_overflow_needs_upstream_models(capsys):
     from nanoseek.cli import main
     assert main(["serve", "--model", "m", "--upstream-overflow"]) == 2
     assert capsys.readouterr().err == "nanoseek: error: --upstream-overflow needs --upstream URL --upstream-models NAME\n"
+
+
+def test_query_strings_are_redacted_from_the_access_log(tiny_dir):
+    import logging
+
+    class Lines(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    access, lines = logging.getLogger("uvicorn.access"), Lines()
+    app = create_app(ScriptedEngine(["a"]), tokenizer_for(tiny_dir), "m")
+    with live(app) as url:
+        level = access.level
+        access.setLevel(logging.INFO)  # live() runs uvicorn at "warning"
+        access.addHandler(lines)
+        try:
+            assert httpx.get(f"{url}/v1/models?api_key=sk-secret-in-query").status_code == 200
+        finally:
+            access.removeHandler(lines)
+            access.setLevel(level)
+    (line,) = lines.lines
+    assert "sk-secret" not in line and '"GET /v1/models?<redacted> HTTP/1.1" 200' in line

@@ -58,6 +58,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import State
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .access_log import redact_access_log
 from .audit import AuditLog, FeedbackStore
 from .metrics import Metrics
 from .prompt import ChatEncoder
@@ -107,6 +108,7 @@ def init_app_state(state: State, engine, tokenizer, model_name: str, settings: S
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
+    redact_access_log()
     app.state.worker.start()
     try:
         yield
