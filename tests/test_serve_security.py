@@ -72,3 +72,36 @@ def test_query_strings_are_redacted_from_the_access_log(tiny_dir):
             access.setLevel(level)
     (line,) = lines.lines
     assert "sk-secret" not in line and '"GET /v1/models?<redacted> HTTP/1.1" 200' in line
+
+
+def test_cross_site_requests_are_refused(tiny_dir):
+    """A page elsewhere can send a text/plain POST without a preflight, and through DNS
+    rebinding (its name resolved to 127.0.0.1) read the answer; neither gets through."""
+    app = create_app(ScriptedEngine(["hi"]), tokenizer_for(tiny_dir), "m", Settings(allowed_hosts=["api.internal"]))
+    body = '{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+    with live(app) as url:
+        def post(**headers):
+            return httpx.post(f"{url}/v1/chat/completions", content=body, headers=headers)
+
+        r = post(**{"Content-Type": "text/plain", "Origin": "http://evil.example"})
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+        assert post().status_code == 415  # no Content-Type at all
+        r = post(**{"Content-Type": "application/json", "Host": "evil.example:8000"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host"
+        for host in ("localhost:8000", "[::1]:8000", "10.1.2.3", "API.internal:443"):
+            r = post(**{"Content-Type": "application/json; charset=utf-8", "Host": host})
+            assert r.status_code == 200, host
+        r = post(**{"Content-Type": "application/json", "Origin": "http://evil.example"})
+        assert r.status_code == 200 and not any(h.startswith("access-control-") for h in r.headers)
+        preflight = httpx.options(f"{url}/v1/chat/completions", headers={
+            "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        assert not any(h.startswith("access-control-") for h in preflight.headers)
+
+
+def test_serve_accepts_its_own_host_name():
+    """--host NAME and --allowed-hosts reach Settings.allowed_hosts; an address needs no entry."""
+    from nanoseek.cli import build_parser
+    from nanoseek.serve.launch import settings_from_args
+    for host, want in (("gpu-box.lan", ["api.internal", "gpu-box.lan"]), ("0.0.0.0", ["api.internal"])):
+        args = build_parser().parse_args(["serve", "--model", "m", "--host", host, "--allowed-hosts", "api.internal"])
+        assert settings_from_args(args).allowed_hosts == want

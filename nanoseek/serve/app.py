@@ -60,6 +60,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .access_log import redact_access_log
 from .audit import AuditLog, FeedbackStore
+from .cross_site import CrossSiteGuard
 from .metrics import Metrics
 from .prompt import ChatEncoder
 from .protocol import APIError, error_body
@@ -87,6 +88,7 @@ class Settings:
     upstream_models: list[str] = field(default_factory=list)
     upstream_api_key: str | None = None
     upstream_overflow: bool = False          # local requests over the limits or queue go upstream
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names besides addresses and localhost
     upstream_timeout: float = 600.0
 
 
@@ -167,6 +169,7 @@ class MetricsMiddleware:
 def create_app(engine, tokenizer, model_name: str, settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     init_app_state(app.state, engine, tokenizer, model_name, settings or Settings())
+    app.add_middleware(CrossSiteGuard, allowed_hosts=app.state.settings.allowed_hosts)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)

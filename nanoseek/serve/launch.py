@@ -13,6 +13,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: DIR's name)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--allowed-hosts", default="", metavar="A,B",
+                   help="Host header names accepted besides IP addresses, localhost and --host "
+                        "(the names a proxy or DNS reaches this server by; '*': any)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     p.add_argument("--api-key-file", metavar="F", help="API keys, one per line (also env NANOSEEK_API_KEYS=k1,k2)")
     p.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests decoded together (cache slots)")
@@ -53,13 +56,8 @@ def read_keys(path: str | None) -> list[str]:
     return keys
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
-    from ..infer.engine import Engine
-    from ..loading import load_model_dir
-    from .app import Settings, create_app
-
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag's range, before anything loads (a ValueError is one line and exit 2)."""
     if args.speculative < 0:
         raise ValueError(f"--speculative must be >= 0, got {args.speculative}")
     if args.fused_decode is not None and args.fused_decode < 0:
@@ -69,26 +67,47 @@ def cmd_serve(args: argparse.Namespace) -> None:
     for name in ("max_batch", "max_tokens", "max_queue", "max_body_bytes", "decode_burst"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    upstream_models = [m for m in args.upstream_models.split(",") if m]
-    if upstream_models and not args.upstream:
+    if args.upstream_models and not args.upstream:
         raise ValueError("--upstream-models needs --upstream URL")
-    if args.upstream_overflow and not upstream_models:
+    if args.upstream_overflow and not args.upstream_models:
         raise ValueError("--upstream-overflow needs --upstream URL --upstream-models NAME")
-    keys = read_keys(args.api_key_file)
+
+
+def settings_from_args(args: argparse.Namespace):
+    """The server's Settings from the flags, the key files and the environment."""
+    from .app import Settings
+    from .cross_site import is_ip
+
+    allowed_hosts = [h for h in args.allowed_hosts.split(",") if h]
+    if not is_ip(args.host):
+        allowed_hosts.append(args.host)
     upstream_key = os.environ.get("NANOSEEK_UPSTREAM_API_KEY")
     if args.upstream_api_key_file:
         upstream_key = Path(args.upstream_api_key_file).read_text().strip()
+    return Settings(api_keys=read_keys(args.api_key_file), max_body_bytes=args.max_body_bytes,
+                    max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_queue=args.max_queue,
+                    audit_log=args.audit_log, audit_content=args.audit_content, feedback_db=args.feedback_db,
+                    upstream_url=args.upstream, upstream_models=[m for m in args.upstream_models.split(",") if m],
+                    upstream_api_key=upstream_key, upstream_overflow=args.upstream_overflow,
+                    allowed_hosts=allowed_hosts)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from ..infer.engine import Engine
+    from ..loading import load_model_dir
+    from .app import create_app
+
+    check_args(args)
+    settings = settings_from_args(args)
     _, model, tokenizer = load_model_dir(args.model, args.device)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_len=args.max_len,
                     speculative_k=args.speculative, compile=args.compile, decode_burst=args.decode_burst,
                     fused_decode=args.fused_decode)
-    settings = Settings(api_keys=keys, max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
-                        max_tokens=args.max_tokens, max_queue=args.max_queue, audit_log=args.audit_log,
-                        audit_content=args.audit_content, feedback_db=args.feedback_db, upstream_url=args.upstream,
-                        upstream_models=upstream_models, upstream_api_key=upstream_key,
-                        upstream_overflow=args.upstream_overflow)
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(engine, tokenizer, name, settings)
+    keys = settings.api_keys
     if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"nanoseek serve: warning: listening on {args.host} without API keys", file=sys.stderr)
     print(f"nanoseek serve: {name} on http://{args.host}:{args.port}/v1 ({len(keys)} API key(s), "
