@@ -298,7 +298,7 @@ def test_serve_port_out_of_range_is_one_line_exit_2(tiny_dir, capsys):
 
 # ------------------------------------------------------------------ a scripted engine
 class ScriptedEngine:
-    """The engine's serving interface, emitting a fixed text (then 'x' forever if endless)."""
+    """The engine's serving interface, emitting a fixed text (then 'x' up to max_tokens if endless)."""
 
     max_len = 4096
 
@@ -328,10 +328,11 @@ class ScriptedEngine:
             i = len(seq.output_ids)
             seq.output_ids.append(0)
             text = self.pieces[i] if i < len(self.pieces) else "x"
-            done = not self.endless and i + 1 == len(self.pieces)
-            if done:
+            stop = not self.endless and i + 1 == len(self.pieces)
+            length = self.endless and i + 1 == seq.params.max_tokens
+            if stop or length:
                 del self.running[rid]
-            events.append(StreamEvent(rid, text, done, "stop" if done else None))
+            events.append(StreamEvent(rid, text, stop or length, "stop" if stop else "length" if length else None))
         return events
 
 

@@ -105,3 +105,78 @@ def test_serve_accepts_its_own_host_name():
     for host, want in (("gpu-box.lan", ["api.internal", "gpu-box.lan"]), ("0.0.0.0", ["api.internal"])):
         args = build_parser().parse_args(["serve", "--model", "m", "--host", host, "--allowed-hosts", "api.internal"])
         assert settings_from_args(args).allowed_hosts == want
+
+
+# ------------------------------------------------------------------ what is kept
+def audit_lines(path) -> list[dict]:
+    import json
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_every_request_is_audited_with_key_id_client_and_user(tiny_dir, tmp_path):
+    import hashlib
+    log = tmp_path / "audit.jsonl"
+    app = create_app(ScriptedEngine(["a"], endless=True), tokenizer_for(tiny_dir), "m",
+                     Settings(api_keys=[KEY], audit_log=log, max_queue=1, max_body_bytes=2000))
+    auth = {"Authorization": f"Bearer {KEY}"}
+    chat = {"model": "m", "messages": CHAT, "max_tokens": 2, "user": "alice"}
+    with live(app) as url:
+        def post(body, headers=auth, **kw):
+            return httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, **kw).status_code
+
+        assert post(chat) == 200
+        assert post(chat, {"Authorization": "Bearer sk-wrong-key"}) == 401
+        assert post({**chat, "temperature": -1}) == 400
+        assert post({**chat, "model": "nope"}) == 404
+        assert post({**chat, "messages": [{"role": "user", "content": "x" * 3000}]}) == 413
+        assert httpx.post(f"{url}/v1/chat/completions", content="{}", headers={**auth, "Content-Type": "text/plain"},
+                          ).status_code == 415
+        assert httpx.get(f"{url}/nothing", headers=auth).status_code == 404
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json={**chat, "stream": True, "max_tokens": 4000},
+                          headers=auth) as held:
+            lines = held.iter_lines()
+            next(lines)
+            assert post(chat) == 429
+    records = audit_lines(log)
+    assert [(r["endpoint"], r["status"]) for r in records] == [
+        ("/v1/chat/completions", 200), ("/v1/chat/completions", 401), ("/v1/chat/completions", 400),
+        ("/v1/chat/completions", 404), ("/v1/chat/completions", 413), ("/v1/chat/completions", 415),
+        ("/nothing", 404), ("/v1/chat/completions", 429), ("/v1/chat/completions", 499)]
+    kid = hashlib.sha256(KEY.encode()).hexdigest()[:12]
+    assert [r["key_id"] for r in records] == [kid, None, kid, kid, kid, None, None, kid, kid]
+    assert {r["client"] for r in records} == {"127.0.0.1"}
+    assert [r["user"] for r in records] == ["alice", None, "alice", "alice", None, None, None, "alice", "alice"]
+    assert records[0]["model"] == "m" and records[0]["completion_tokens"] == 2 and records[0]["route"] == "local"
+    text = log.read_text()
+    assert KEY not in text and "sk-wrong-key" not in text
+
+
+def test_audit_log_and_feedback_db_are_private_and_the_log_rotates(tiny_dir, tmp_path):
+    import os
+    import stat
+    umask = os.umask(0o022)  # the usual default: files 0644 unless made private
+    try:
+        log, db = tmp_path / "audit.jsonl", tmp_path / "feedback.sqlite"
+        app = create_app(ScriptedEngine(["a"]), tokenizer_for(tiny_dir), "m",
+                         Settings(audit_log=log, audit_max_bytes=600, audit_backups=2, feedback_db=db))
+        with live(app) as url:
+            for _ in range(8):
+                assert httpx.post(f"{url}/v1/completions", json={"model": "m", "prompt": "hi"}).status_code == 200
+    finally:
+        os.umask(umask)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2", "feedback.sqlite"]
+    for name in files:
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+    for name in files[:3]:
+        assert 0 < (tmp_path / name).stat().st_size <= 600
+        assert all(r["status"] == 200 for r in audit_lines(tmp_path / name))
+
+
+def test_audit_rotation_flags_reach_the_settings():
+    from nanoseek.cli import build_parser
+    from nanoseek.serve.launch import settings_from_args
+    args = build_parser().parse_args(["serve", "--model", "m", "--audit-log", "a.jsonl", "--audit-rotate-bytes", "1000",
+                                      "--audit-backups", "3"])
+    settings = settings_from_args(args)
+    assert (settings.audit_max_bytes, settings.audit_backups) == (1000, 3)

@@ -25,8 +25,9 @@ Deployment
 ----------
 Local (data stays on the machine): `nanoseek serve --model DIR` listens on 127.0.0.1:8000;
 point any OpenAI client at `http://127.0.0.1:8000/v1`. Prompts and outputs are not stored;
-`--audit-log F` keeps one JSONL line per request (ids, token counts, latency), and
-`--audit-content` adds the texts. Keys: `--api-key-file F` (one per line) or
+`--audit-log F` keeps one JSONL line per request, refused ones included (ids, key id,
+client, status, token counts, latency; mode 0600, rotated by size), and `--audit-content`
+adds the texts. Keys: `--api-key-file F` (one per line) or
 `NANOSEEK_API_KEYS=k1,k2`; they are compared in constant time and never logged.
 
 Behind a proxy: keep the server on loopback (or a private interface) and let nginx, Caddy
@@ -59,17 +60,17 @@ from starlette.datastructures import State
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .access_log import redact_access_log
-from .audit import AuditLog, FeedbackStore
+from .audit import AuditLog, FeedbackStore, key_id
 from .cross_site import CrossSiteGuard
 from .metrics import Metrics
 from .prompt import ChatEncoder
 from .protocol import APIError, error_body
+from .request_log import RequestLogMiddleware
 from .routes import router
 from .upstream import Upstream
 from .worker import EngineWorker
 
 log = logging.getLogger("nanoseek.serve")
-ENDPOINTS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/feedback", "/health", "/metrics")
 
 
 @dataclass
@@ -83,6 +84,8 @@ class Settings:
     max_choices: int = 8                     # n × prompts of one request
     audit_log: str | Path | None = None      # None: nothing is stored
     audit_content: bool = False
+    audit_max_bytes: int = 100 << 20        # size at which the audit log rotates (0: never)
+    audit_backups: int = 5                   # rotated files kept (audit.jsonl.1 …)
     feedback_db: str | Path | None = None    # None: /v1/feedback is off
     upstream_url: str | None = None
     upstream_models: list[str] = field(default_factory=list)
@@ -97,12 +100,13 @@ def init_app_state(state: State, engine, tokenizer, model_name: str, settings: S
     state.engine, state.tokenizer, state.model_name, state.settings = engine, tokenizer, model_name, settings
     state.worker = EngineWorker(engine, settings.max_queue)
     state.metrics = Metrics()
-    state.audit = AuditLog(settings.audit_log, settings.audit_content) if settings.audit_log else None
+    state.audit = (AuditLog(settings.audit_log, settings.audit_content, settings.audit_max_bytes,
+                            settings.audit_backups) if settings.audit_log else None)
     state.feedback = FeedbackStore(settings.feedback_db) if settings.feedback_db else None
     state.upstream = (Upstream(settings.upstream_url, settings.upstream_api_key, settings.upstream_timeout)
                       if settings.upstream_url else None)
     state.upstream_models = list(settings.upstream_models) if state.upstream else []
-    state.api_keys = [k.encode() for k in settings.api_keys]
+    state.api_keys = [(k.encode(), key_id(k.encode())) for k in settings.api_keys]
     state.max_prompt_tokens = settings.max_prompt_tokens or engine.max_len - 1
     state.chat_encoder = ChatEncoder(tokenizer)
     state.created = int(time.time())
@@ -118,6 +122,8 @@ async def lifespan(app: FastAPI):
         app.state.worker.stop()
         if app.state.upstream is not None:
             await app.state.upstream.close()
+        if app.state.audit is not None:
+            app.state.audit.close()
 
 
 # ------------------------------------------------------------ errors, OpenAI's shape
@@ -143,34 +149,11 @@ async def server_error(request, exc: Exception):
     return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
 
 
-class MetricsMiddleware:
-    """Status and latency of every HTTP request (to its last byte, streams included)."""
-
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), [500]
-
-        async def send_status(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            path = scope.get("path", "")
-            self.metrics.observe(path if path in ENDPOINTS else "other", status[0], time.perf_counter() - start)
-
-
 def create_app(engine, tokenizer, model_name: str, settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     init_app_state(app.state, engine, tokenizer, model_name, settings or Settings())
     app.add_middleware(CrossSiteGuard, allowed_hosts=app.state.settings.allowed_hosts)
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(RequestLogMiddleware, metrics=app.state.metrics, audit=app.state.audit)
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)

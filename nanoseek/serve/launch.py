@@ -38,6 +38,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="B")
     p.add_argument("--audit-log", metavar="F", help="append one JSONL line per request (no content by default)")
     p.add_argument("--audit-content", action="store_true", help="put prompts and outputs in the audit log too")
+    p.add_argument("--audit-rotate-bytes", type=int, default=100 << 20, metavar="B",
+                   help="rotate the audit log when it reaches B bytes (default 100 MiB; 0: never)")
+    p.add_argument("--audit-backups", type=int, default=5, metavar="N", help="rotated audit logs kept (F.1 … F.N)")
     p.add_argument("--feedback-db", metavar="F", help="SQLite file for POST /v1/feedback (default: off)")
     p.add_argument("--upstream", metavar="URL", help="an OpenAI-compatible base URL, e.g. https://host/v1")
     p.add_argument("--upstream-models", default="", metavar="A,B",
@@ -67,6 +70,9 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("max_batch", "max_tokens", "max_queue", "max_body_bytes", "decode_burst"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("audit_rotate_bytes", "audit_backups"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.upstream_models and not args.upstream:
         raise ValueError("--upstream-models needs --upstream URL")
     if args.upstream_overflow and not args.upstream_models:
@@ -86,7 +92,9 @@ def settings_from_args(args: argparse.Namespace):
         upstream_key = Path(args.upstream_api_key_file).read_text().strip()
     return Settings(api_keys=read_keys(args.api_key_file), max_body_bytes=args.max_body_bytes,
                     max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_queue=args.max_queue,
-                    audit_log=args.audit_log, audit_content=args.audit_content, feedback_db=args.feedback_db,
+                    audit_log=args.audit_log, audit_content=args.audit_content,
+                    audit_max_bytes=args.audit_rotate_bytes, audit_backups=args.audit_backups,
+                    feedback_db=args.feedback_db,
                     upstream_url=args.upstream, upstream_models=[m for m in args.upstream_models.split(",") if m],
                     upstream_api_key=upstream_key, upstream_overflow=args.upstream_overflow,
                     allowed_hosts=allowed_hosts)

@@ -14,7 +14,6 @@ from fastapi.responses import JSONResponse, Response
 
 from ..infer.reasoning import ReasoningSplitter
 from ..infer.sampling import SamplingParams
-from .audit import write_completion
 from .protocol import APIError, error_body
 from .responses import (AI_HEADERS, ClosingStreamingResponse, chat_message, count_reasoning_tokens,
                         split_reasoning, sse, usage_body)
@@ -96,10 +95,9 @@ async def respond(run: LocalRun) -> Response:
 class LocalRun:
     """The jobs of one request: their events turned into a response or an SSE stream."""
 
-    def __init__(self, state, jobs: list[Job], events: asyncio.Queue, request: Request, rid: str, req,
-                 chat: bool, start: float, endpoint: str, raw: dict):
+    def __init__(self, state, jobs: list[Job], events: asyncio.Queue, request: Request, rid: str, req, chat: bool):
         self.state, self.jobs, self.events, self.request, self.rid, self.req = state, jobs, events, request, rid, req
-        self.chat, self.start, self.endpoint, self.raw = chat, start, endpoint, raw
+        self.chat = chat
         k = len(jobs)
         self.texts, self.finish, self.completion = [""] * k, [None] * k, [0] * k
         self.prompt_tokens = sum(len(j.prompt_ids) for j in jobs)
@@ -157,8 +155,8 @@ class LocalRun:
 
     def finish_audit(self) -> None:
         self.state.metrics.tokens(self.prompt_tokens, sum(self.completion))
-        write_completion(self.state.audit, self.rid, self.endpoint, self.state.model_name, "local", self.status,
-                         self.prompt_tokens, sum(self.completion), self.start, self.raw, self.texts)
+        self.request.state.record.update(status=self.status, prompt_tokens=self.prompt_tokens,
+                                         completion_tokens=sum(self.completion), output=self.texts)
 
     async def collect(self, first) -> dict:
         event = first

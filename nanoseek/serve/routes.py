@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import time
 import uuid
 
 from fastapi import APIRouter, Request
@@ -30,11 +29,13 @@ def authorize(request: Request) -> None:
     if scheme.lower() != "bearer" or not token.strip():
         raise APIError(401, "no API key given: send the header 'Authorization: Bearer <key>'",
                        "authentication_error", None, "missing_api_key")
-    given, ok = token.strip().encode(), False
-    for key in keys:  # every key compared, each in constant time
-        ok |= hmac.compare_digest(key, given)
-    if not ok:
+    given, matched = token.strip().encode(), None
+    for key, kid in keys:  # every key compared, each in constant time
+        if hmac.compare_digest(key, given):
+            matched = kid
+    if matched is None:
         raise APIError(401, "incorrect API key", "authentication_error", None, "invalid_api_key")
+    request.state.record["key_id"] = matched
 
 
 async def read_json(request: Request) -> dict:
@@ -67,6 +68,13 @@ def parse(cls, data: dict):
         param = ".".join(str(x) for x in err["loc"]) or None
         raise APIError(400, f"{param}: {err['msg']}" if param else err["msg"], "invalid_request_error",
                        param, "invalid_value") from None
+
+
+def note_request(request: Request, raw: dict) -> None:
+    """The audit's model and user fields, taken before validation so that a refused request has them too."""
+    for name in ("model", "user"):
+        if isinstance(raw.get(name), str):
+            request.state.record[name] = raw[name]
 
 
 def check_model(state, model: str) -> None:
@@ -121,6 +129,7 @@ async def post_feedback(request: Request):
 async def chat_completions(request: Request):
     authorize(request)
     raw = await read_json(request)
+    note_request(request, raw)
     return await complete(request, raw, parse(ChatCompletionRequest, raw), chat=True)
 
 
@@ -128,6 +137,7 @@ async def chat_completions(request: Request):
 async def completions(request: Request):
     authorize(request)
     raw = await read_json(request)
+    note_request(request, raw)
     return await complete(request, raw, parse(CompletionRequest, raw), chat=False)
 
 
@@ -135,11 +145,12 @@ async def complete(request: Request, raw: dict, req, chat: bool):
     """A completion, local or upstream. Only requests naming an upstream model leave the
     machine, unless `upstream_overflow` opts in to sending local requests that are over the
     local limits or find the queue full to the first upstream model."""
-    state, start = request.app.state, time.perf_counter()
+    state, record = request.app.state, request.state.record
+    record["prompt"] = raw.get("messages", raw.get("prompt"))
     endpoint = "/v1/chat/completions" if chat else "/v1/completions"
     check_model(state, req.model)
     if req.model in state.upstream_models:
-        return await proxy(state, raw, endpoint, None, start)
+        return await proxy(request, raw, endpoint, None)
     prompts = encode_prompts(state, req, chat)
     check_prompts(state, prompts, req.n)
     overflow = state.settings.upstream_overflow and state.upstream_models
@@ -147,14 +158,15 @@ async def complete(request: Request, raw: dict, req, chat: bool):
     over = over_limit(state, prompts, req.max_new_tokens, "messages" if chat else "prompt")
     if over is not None:
         if overflow_model is not None:
-            return await proxy(state, raw, endpoint, overflow_model, start)
+            return await proxy(request, raw, endpoint, overflow_model)
         raise over
     rid, events = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", asyncio.Queue()
+    record.update(request_id=rid, route="local")
     jobs = make_jobs(state, req, prompts, rid, events)
     try:
         state.worker.submit(jobs)
     except QueueFull as e:
         if overflow_model is not None:
-            return await proxy(state, raw, endpoint, overflow_model, start)
+            return await proxy(request, raw, endpoint, overflow_model)
         raise APIError(429, str(e), "rate_limit_error", None, "queue_full") from None
-    return await respond(LocalRun(state, jobs, events, request, rid, req, chat, start, endpoint, raw))
+    return await respond(LocalRun(state, jobs, events, request, rid, req, chat))
