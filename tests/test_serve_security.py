@@ -180,3 +180,34 @@ def test_audit_rotation_flags_reach_the_settings():
                                       "--audit-backups", "3"])
     settings = settings_from_args(args)
     assert (settings.audit_max_bytes, settings.audit_backups) == (1000, 3)
+
+
+def test_feedback_only_on_answers_this_server_gave_the_same_key(tiny_dir, tmp_path):
+    import sqlite3
+    db = tmp_path / "feedback.sqlite"
+    app = create_app(ScriptedEngine(["a"]), tokenizer_for(tiny_dir), "m",
+                     Settings(api_keys=[KEY, "sk-other"], feedback_db=db, feedback_rate=2))
+    auth, other = {"Authorization": f"Bearer {KEY}"}, {"Authorization": "Bearer sk-other"}
+    with live(app) as url:
+        def feedback(rid, headers=auth):
+            return httpx.post(f"{url}/v1/feedback", json={"request_id": rid, "rating": 5}, headers=headers)
+
+        rid = httpx.post(f"{url}/v1/completions", json={"model": "m", "prompt": "a"}, headers=auth).json()["id"]
+        r = feedback("chatcmpl-made-up")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_request_id"
+        assert feedback(rid, other).status_code == 404  # someone else's answer
+        assert feedback(rid).status_code == 200
+        r = feedback(rid)  # the third from this key within a minute (rate 2; unknown ids count too)
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    (row,) = sqlite3.connect(db).execute("SELECT request_id, rating, key_id FROM feedback").fetchall()
+    assert row[:2] == (rid, 5) and row[2] == __import__("hashlib").sha256(KEY.encode()).hexdigest()[:12]
+
+
+def test_feedback_window_expires_ids(tiny_dir, tmp_path):
+    app = create_app(ScriptedEngine(["a"]), tokenizer_for(tiny_dir), "m",
+                     Settings(feedback_db=tmp_path / "f.sqlite", feedback_window=0))
+    with live(app) as url:
+        rid = httpx.post(f"{url}/v1/completions", json={"model": "m", "prompt": "a"}).json()["id"]
+        r = httpx.post(f"{url}/v1/feedback", json={"request_id": rid, "rating": 1})
+        assert r.status_code == 404 and "in the last 0 s" in r.json()["error"]["message"]

@@ -62,6 +62,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .access_log import redact_access_log
 from .audit import AuditLog, FeedbackStore, key_id
 from .cross_site import CrossSiteGuard
+from .feedback import IssuedIds, RateLimit
 from .metrics import Metrics
 from .prompt import ChatEncoder
 from .protocol import APIError, error_body
@@ -87,6 +88,8 @@ class Settings:
     audit_max_bytes: int = 100 << 20        # size at which the audit log rotates (0: never)
     audit_backups: int = 5                   # rotated files kept (audit.jsonl.1 …)
     feedback_db: str | Path | None = None    # None: /v1/feedback is off
+    feedback_window: float = 3600.0          # seconds an answer's id takes feedback
+    feedback_rate: float = 60.0              # feedback requests a minute per key (or client)
     upstream_url: str | None = None
     upstream_models: list[str] = field(default_factory=list)
     upstream_api_key: str | None = None
@@ -103,6 +106,8 @@ def init_app_state(state: State, engine, tokenizer, model_name: str, settings: S
     state.audit = (AuditLog(settings.audit_log, settings.audit_content, settings.audit_max_bytes,
                             settings.audit_backups) if settings.audit_log else None)
     state.feedback = FeedbackStore(settings.feedback_db) if settings.feedback_db else None
+    state.issued = IssuedIds(settings.feedback_window) if state.feedback else None
+    state.feedback_rate = RateLimit(settings.feedback_rate)
     state.upstream = (Upstream(settings.upstream_url, settings.upstream_api_key, settings.upstream_timeout)
                       if settings.upstream_url else None)
     state.upstream_models = list(settings.upstream_models) if state.upstream else []
@@ -128,7 +133,7 @@ async def lifespan(app: FastAPI):
 
 # ------------------------------------------------------------ errors, OpenAI's shape
 async def api_error(request, exc: APIError):
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 async def validation_error(request, exc: RequestValidationError):

@@ -6,7 +6,8 @@ status, token counts, latency, the client's address, the request's `user` field 
 key id, never the key (`key_id`: `printf %s KEY | sha256sum | cut -c1-12`). Prompts and
 outputs are added only with `content=True` (`--audit-content`), a separate decision from
 keeping the log at all. The file is the owner's alone (mode 0600) and rotates by size.
-Feedback (`POST /v1/feedback`) goes into a local SQLite file, also mode 0600.
+Feedback (`POST /v1/feedback`) goes into a local SQLite file, also mode 0600, with the
+key id of its sender.
 """
 
 from __future__ import annotations
@@ -72,15 +73,17 @@ class FeedbackStore:
         self._lock = threading.Lock()
         with self._connect() as db:
             db.execute("CREATE TABLE IF NOT EXISTS feedback (id INTEGER PRIMARY KEY, time REAL NOT NULL, "
-                       "request_id TEXT NOT NULL, rating INTEGER NOT NULL, comment TEXT NOT NULL)")
+                       "request_id TEXT NOT NULL, rating INTEGER NOT NULL, comment TEXT NOT NULL, key_id TEXT)")
+            if "key_id" not in [row[1] for row in db.execute("PRAGMA table_info(feedback)")]:  # an older file
+                db.execute("ALTER TABLE feedback ADD COLUMN key_id TEXT")
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=10)
 
-    def add(self, request_id: str, rating: int, comment: str) -> int:
+    def add(self, request_id: str, rating: int, comment: str, key_id: str | None = None) -> int:
         with self._lock, self._connect() as db:
-            cur = db.execute("INSERT INTO feedback (time, request_id, rating, comment) VALUES (?, ?, ?, ?)",
-                             (time.time(), request_id, rating, comment))
+            cur = db.execute("INSERT INTO feedback (time, request_id, rating, comment, key_id) VALUES (?, ?, ?, ?, ?)",
+                             (time.time(), request_id, rating, comment, key_id))
             return cur.lastrowid
 
     def all(self) -> list[tuple]:

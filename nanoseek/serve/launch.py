@@ -42,6 +42,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="rotate the audit log when it reaches B bytes (default 100 MiB; 0: never)")
     p.add_argument("--audit-backups", type=int, default=5, metavar="N", help="rotated audit logs kept (F.1 … F.N)")
     p.add_argument("--feedback-db", metavar="F", help="SQLite file for POST /v1/feedback (default: off)")
+    p.add_argument("--feedback-window", type=float, default=3600.0, metavar="S",
+                   help="seconds after an answer during which its id takes feedback (default 3600)")
+    p.add_argument("--feedback-rate", type=float, default=60.0, metavar="N",
+                   help="feedback requests a minute per key, or per client without keys (default 60)")
     p.add_argument("--upstream", metavar="URL", help="an OpenAI-compatible base URL, e.g. https://host/v1")
     p.add_argument("--upstream-models", default="", metavar="A,B",
                    help="models served by the upstream (requests naming them are proxied)")
@@ -70,7 +74,7 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("max_batch", "max_tokens", "max_queue", "max_body_bytes", "decode_burst"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("audit_rotate_bytes", "audit_backups"):
+    for name in ("audit_rotate_bytes", "audit_backups", "feedback_window", "feedback_rate"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.upstream_models and not args.upstream:
@@ -94,7 +98,8 @@ def settings_from_args(args: argparse.Namespace):
                     max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_queue=args.max_queue,
                     audit_log=args.audit_log, audit_content=args.audit_content,
                     audit_max_bytes=args.audit_rotate_bytes, audit_backups=args.audit_backups,
-                    feedback_db=args.feedback_db,
+                    feedback_db=args.feedback_db, feedback_window=args.feedback_window,
+                    feedback_rate=args.feedback_rate,
                     upstream_url=args.upstream, upstream_models=[m for m in args.upstream_models.split(",") if m],
                     upstream_api_key=upstream_key, upstream_overflow=args.upstream_overflow,
                     allowed_hosts=allowed_hosts)

@@ -12,8 +12,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 
+from .feedback import remember
 from .local import LocalRun, check_prompts, encode_prompts, make_jobs, over_limit, respond
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, FeedbackRequest
+from .request_log import client_address
 from .upstream import proxy
 from .worker import QueueFull
 
@@ -115,13 +117,24 @@ async def models(request: Request):
 
 @router.post("/v1/feedback")
 async def post_feedback(request: Request):
+    """Feedback on an answer this server gave the same key within the feedback window."""
     authorize(request)
     req = parse(FeedbackRequest, await read_json(request))
-    feedback = request.app.state.feedback
-    if feedback is None:
+    state, record = request.app.state, request.state.record
+    if state.feedback is None:
         raise APIError(404, "feedback is not enabled on this server (start it with --feedback-db)",
                        "invalid_request_error", None, "feedback_disabled")
-    row = await asyncio.to_thread(feedback.add, req.request_id, req.rating, req.comment)
+    record["feedback_for"] = req.request_id
+    kid = record.get("key_id")
+    wait = state.feedback_rate.retry_after(kid or client_address(request.scope) or "")
+    if wait:
+        raise APIError(429, f"too much feedback from this caller; retry in {wait} s", "rate_limit_error", None,
+                       "rate_limit_exceeded", headers={"Retry-After": str(wait)})
+    if not state.issued.issued_to(req.request_id, kid):
+        raise APIError(404, f"no answer with id {req.request_id!r} was given to this caller in the last "
+                       f"{state.settings.feedback_window:g} s", "invalid_request_error", "request_id",
+                       "unknown_request_id")
+    row = await asyncio.to_thread(state.feedback.add, req.request_id, req.rating, req.comment, kid)
     return {"id": f"feedback-{row}", "object": "feedback", "request_id": req.request_id, "stored": True}
 
 
@@ -162,6 +175,7 @@ async def complete(request: Request, raw: dict, req, chat: bool):
         raise over
     rid, events = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", asyncio.Queue()
     record.update(request_id=rid, route="local")
+    remember(state.issued, record, rid)
     jobs = make_jobs(state, req, prompts, rid, events)
     try:
         state.worker.submit(jobs)

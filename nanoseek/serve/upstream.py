@@ -15,6 +15,7 @@ import uuid
 import httpx
 from fastapi.responses import JSONResponse
 
+from .feedback import remember
 from .protocol import APIError, error_body
 from .responses import AI_HEADERS, ClosingStreamingResponse, sse
 
@@ -114,11 +115,13 @@ async def proxy(request, raw: dict, endpoint: str, model: str | None):
             data = await state.upstream.post(path, body)
             data["ai_generated"] = True
             state.metrics.upstream_requests["200"] += 1
+            remember(state.issued, record, rid, data.get("id", rid))
             record.update(request_id=data.get("id", rid),
                           output=[c.get("message", {}).get("content") or c.get("text") for c in data.get("choices", [])])
             count(data.get("usage") or {})
             return JSONResponse(data, headers=headers)
         events = await state.upstream.stream(path, body)
+        remember(state.issued, record, rid)
     except APIError as e:
         state.metrics.upstream_requests[str(e.status)] += 1
         raise
