@@ -32,10 +32,10 @@ def encode_prompts(state, req, chat: bool) -> list[list[int]]:
 
 def check_prompts(state, prompts: list[list[int]], n: int) -> None:
     """Mistakes that no bigger model would fix (never routed upstream)."""
-    if len(prompts) * n > state.settings.max_choices:
-        raise APIError(400, f"{len(prompts)} prompt(s) × n={n} is over this server's limit of "
-                       f"{state.settings.max_choices} choices per request", "invalid_request_error", "n",
-                       "invalid_value")
+    choices, limit = len(prompts) * n, min(state.settings.max_choices, state.settings.max_queue)
+    if choices > limit:  # over the queue it could never be accepted: not a 429 to retry
+        raise APIError(400, f"{len(prompts)} prompt(s) × n={n} is over this server's limit of {limit} "
+                       "choices per request", "invalid_request_error", "n", "invalid_value")
     if any(not ids for ids in prompts):
         raise APIError(400, "the prompt is empty", "invalid_request_error", "prompt", "invalid_value")
 

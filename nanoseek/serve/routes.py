@@ -182,5 +182,5 @@ async def complete(request: Request, raw: dict, req, chat: bool):
     except QueueFull as e:
         if overflow_model is not None:
             return await proxy(request, raw, endpoint, overflow_model)
-        raise APIError(429, str(e), "rate_limit_error", None, "queue_full") from None
+        raise APIError(429, str(e), "rate_limit_error", None, "queue_full", headers={"Retry-After": "1"}) from None
     return await respond(LocalRun(state, jobs, events, request, rid, req, chat))
