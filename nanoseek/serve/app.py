@@ -83,6 +83,7 @@ class Settings:
     max_tokens: int = 4096                   # cap on max_tokens (and its default)
     max_queue: int = 256                     # accepted, unfinished engine requests
     max_choices: int = 8                     # n × prompts of one request
+    max_messages: int = 2048                 # messages of one chat request
     audit_log: str | Path | None = None      # None: nothing is stored
     audit_content: bool = False
     audit_max_bytes: int = 100 << 20        # size at which the audit log rotates (0: never)

@@ -35,6 +35,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="cap on a request's max_tokens")
     p.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N")
     p.add_argument("--max-queue", type=int, default=256, metavar="N", help="accepted unfinished requests (then 429)")
+    p.add_argument("--max-messages", type=int, default=2048, metavar="N", help="messages in one chat request")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="B")
     p.add_argument("--audit-log", metavar="F", help="append one JSONL line per request (no content by default)")
     p.add_argument("--audit-content", action="store_true", help="put prompts and outputs in the audit log too")
@@ -71,7 +72,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--fused-decode must be >= 0, got {args.fused_decode}")
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
-    for name in ("max_batch", "max_tokens", "max_queue", "max_body_bytes", "decode_burst"):
+    for name in ("max_batch", "max_tokens", "max_queue", "max_messages", "max_body_bytes", "decode_burst"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ("audit_rotate_bytes", "audit_backups", "feedback_window", "feedback_rate"):
@@ -96,6 +97,7 @@ def settings_from_args(args: argparse.Namespace):
         upstream_key = Path(args.upstream_api_key_file).read_text().strip()
     return Settings(api_keys=read_keys(args.api_key_file), max_body_bytes=args.max_body_bytes,
                     max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_queue=args.max_queue,
+                    max_messages=args.max_messages,
                     audit_log=args.audit_log, audit_content=args.audit_content,
                     audit_max_bytes=args.audit_rotate_bytes, audit_backups=args.audit_backups,
                     feedback_db=args.feedback_db, feedback_window=args.feedback_window,

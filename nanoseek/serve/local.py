@@ -20,8 +20,13 @@ from .responses import (AI_HEADERS, ClosingStreamingResponse, chat_message, coun
 from .worker import Job
 
 
-def encode_prompts(state, req, chat: bool) -> list[list[int]]:
-    """The token ids of each prompt of a request."""
+async def encode_prompts(state, req, chat: bool) -> list[list[int]]:
+    """The token ids of each prompt of a request, encoded in a worker thread: a long prompt
+    must not hold up the event loop (and with it every other client)."""
+    return await asyncio.to_thread(tokenize_prompts, state, req, chat)
+
+
+def tokenize_prompts(state, req, chat: bool) -> list[list[int]]:
     if not chat:
         return [state.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in req.prompts()]
     try:

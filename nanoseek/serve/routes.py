@@ -79,6 +79,14 @@ def note_request(request: Request, raw: dict) -> None:
             request.state.record[name] = raw[name]
 
 
+def check_message_count(state, raw: dict) -> None:
+    """Before validation, which costs about 7 µs a message on the event loop."""
+    messages, limit = raw.get("messages"), state.settings.max_messages
+    if isinstance(messages, list) and len(messages) > limit:
+        raise APIError(400, f"{len(messages)} messages are over this server's limit of {limit}",
+                       "invalid_request_error", "messages", "invalid_value")
+
+
 def check_model(state, model: str) -> None:
     if model != state.model_name and model not in state.upstream_models:
         raise APIError(404, f"the model {model!r} does not exist; this server has "
@@ -143,6 +151,7 @@ async def chat_completions(request: Request):
     authorize(request)
     raw = await read_json(request)
     note_request(request, raw)
+    check_message_count(request.app.state, raw)
     return await complete(request, raw, parse(ChatCompletionRequest, raw), chat=True)
 
 
@@ -164,7 +173,7 @@ async def complete(request: Request, raw: dict, req, chat: bool):
     check_model(state, req.model)
     if req.model in state.upstream_models:
         return await proxy(request, raw, endpoint, None)
-    prompts = encode_prompts(state, req, chat)
+    prompts = await encode_prompts(state, req, chat)
     check_prompts(state, prompts, req.n)
     overflow = state.settings.upstream_overflow and state.upstream_models
     overflow_model = state.upstream_models[0] if overflow else None
