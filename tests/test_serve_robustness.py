@@ -102,3 +102,38 @@ def test_messages_per_request_are_capped(tiny_dir):
         r = httpx.post(f"{url}/v1/chat/completions", json={"model": "m", "messages": CHAT * 4})
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
         assert "4 messages are over this server's limit of 3" in r.json()["error"]["message"]
+
+
+# ------------------------------------------------------------------ strict types
+@pytest.mark.parametrize("field, value, param", [
+    ("max_tokens", True, "max_tokens"), ("max_tokens", "8", "max_tokens"), ("max_tokens", 8.0, "max_tokens"),
+    ("stream", "yes", "stream"), ("n", "2", "n"), ("seed", 1.5, "seed"), ("temperature", "0.5", "temperature"),
+    ("stop", [1], "stop.0"), ("messages", [{"role": "user", "content": 5}], "messages.0.content"),
+    ("messages", [{"role": "user", "content": [{"type": "text", "text": 1}]}], "messages.0.content.0.text"),
+    ("messages", [{"content": "hi"}], "messages.0.role"), ("stream_options", {"include_usage": 1},
+                                                          "stream_options.include_usage"),
+])
+def test_loose_types_are_400_naming_the_field(tiny_dir, client_of_scripted, field, value, param):
+    r = client_of_scripted.post("/v1/chat/completions", json={"model": "m", "messages": CHAT, field: value})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == param and error["message"].startswith(param + ": ")
+
+
+def test_strict_types_keep_what_openai_accepts(client_of_scripted):
+    """An integer temperature, a string stop, text parts, a token-id prompt."""
+    ok = [("/v1/chat/completions", {"messages": CHAT, "temperature": 1, "stop": "x", "max_tokens": 2}),
+          ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}),
+          ("/v1/completions", {"prompt": [1, 2, 3], "top_p": 1, "stream": False})]
+    for path, body in ok:
+        assert client_of_scripted.post(path, json={"model": "m", **body}).status_code == 200, body
+    r = client_of_scripted.post("/v1/completions", json={"model": "m", "prompt": [1, True]})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("prompt")
+    r = client_of_scripted.post("/v1/chat/completions", json={"model": "m", "messages": CHAT, "stop": ["a"] * 5})
+    assert r.json()["error"]["message"] == "stop: at most 4 stop sequences"
+
+
+@pytest.fixture(scope="module")
+def client_of_scripted(tiny_dir):
+    with live(scripted_app(tiny_dir)) as url, httpx.Client(base_url=url) as client:
+        yield client

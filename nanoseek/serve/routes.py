@@ -66,10 +66,27 @@ def parse(cls, data: dict):
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        param = ".".join(str(x) for x in err["loc"]) or None
-        raise APIError(400, f"{param}: {err['msg']}" if param else err["msg"], "invalid_request_error",
+        # of a union's errors (one per member), the one that went deepest into the request
+        paths = [(field_path(data, err["loc"], err["type"] == "missing"), err) for err in e.errors()]
+        param, err = max(paths, key=lambda p: len(p[0].split(".")) if p[0] else 0)
+        message = err["msg"].removeprefix("Value error, ")
+        raise APIError(400, f"{param}: {message}" if param else message, "invalid_request_error",
                        param, "invalid_value") from None
+
+
+def field_path(data, loc: tuple, missing: bool) -> str | None:
+    """The request's own path to an error ("messages.0.content"), without the union members
+    and validators pydantic puts in `loc` ("str", "list[TextPart]", "function-after[…]")."""
+    path, node = [], data
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        elif not (missing and i == len(loc) - 1):
+            continue
+        path.append(str(part))
+    return ".".join(path) or None
 
 
 def note_request(request: Request, raw: dict) -> None:
