@@ -137,3 +137,56 @@ def test_strict_types_keep_what_openai_accepts(client_of_scripted):
 def client_of_scripted(tiny_dir):
     with live(scripted_app(tiny_dir)) as url, httpx.Client(base_url=url) as client:
         yield client
+
+
+# ------------------------------------------------------------------ hostile bodies
+def test_lone_surrogate_is_400_and_a_pair_is_text(client_of_scripted):
+    lone = b'{"model": "m", "messages": [{"role": "user", "content": "x\\ud800y"}]}'
+    r = client_of_scripted.post("/v1/chat/completions", content=lone, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    assert "surrogate pair" in r.json()["error"]["message"]
+    pair = lone.replace(b"\\ud800", b"\\ud83d\\ude00")
+    r = client_of_scripted.post("/v1/chat/completions", content=pair, headers={"Content-Type": "application/json"})
+    assert r.status_code == 200
+
+
+class Records:
+    """Log records of the server's and uvicorn's loggers (uvicorn's do not reach caplog)."""
+
+    def __init__(self):
+        import logging
+        self.records, self.loggers = [], [logging.getLogger(n) for n in ("nanoseek.serve", "uvicorn.error")]
+        self.handler = type("H", (logging.Handler,), {"emit": lambda h, r: self.records.append(r)})()
+
+    def __enter__(self):
+        for logger in self.loggers:
+            logger.addHandler(self.handler)
+        return self.records
+
+    def __exit__(self, *exc):
+        for logger in self.loggers:
+            logger.removeHandler(self.handler)
+
+
+def metric_lines(url, endpoint) -> list[str]:
+    text = httpx.get(f"{url}/metrics").text
+    return [line for line in text.splitlines() if line.startswith(f'nanoseek_requests_total{{endpoint="{endpoint}"')]
+
+
+def test_client_gone_mid_body_is_no_traceback_and_no_500(tiny_dir):
+    import socket
+    import time
+    app = scripted_app(tiny_dir)
+    with live(app) as url, Records() as records:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{\"model\": \"m\", ")
+            time.sleep(0.2)  # the handler is reading the body now
+        for _ in range(200):
+            if metric_lines(url, "/v1/chat/completions"):
+                break
+            time.sleep(0.02)
+        assert metric_lines(url, "/v1/chat/completions") == [
+            'nanoseek_requests_total{endpoint="/v1/chat/completions",status="499"} 1']
+    assert not [r for r in records if r.exc_info], [r.getMessage() for r in records]

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import uuid
 
+import pydantic_core
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from .feedback import remember
 from .local import LocalRun, check_prompts, encode_prompts, make_jobs, over_limit, respond
@@ -41,7 +42,15 @@ def authorize(request: Request) -> None:
 
 
 async def read_json(request: Request) -> dict:
-    limit = request.app.state.settings.max_body_bytes
+    try:
+        body = await read_body(request, request.app.state.settings.max_body_bytes)
+    except ClientDisconnect:  # nobody to answer; 499 in the metrics and the audit, not a 500
+        raise APIError(499, "the client closed the connection before sending the whole body",
+                       "invalid_request_error", None, "client_closed_request") from None
+    return decode_json(body)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
     too_large = APIError(413, f"the request body is over the limit of {limit:,} bytes",
                          "invalid_request_error", None, "request_too_large")
     length = request.headers.get("content-length", "")
@@ -52,10 +61,17 @@ async def read_json(request: Request) -> dict:
         body += chunk
         if len(body) > limit:
             raise too_large
+    return bytes(body)
+
+
+def decode_json(body: bytes) -> dict:
+    """pydantic's parser, which (unlike json.loads) refuses lone UTF-16 surrogates ("\\ud800"):
+    text that no tokenizer, log or response can encode."""
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the body is not valid JSON ({e})", "invalid_request_error", None,
+        data = pydantic_core.from_json(body)
+    except ValueError as e:
+        hint = " (a \\ud800-\\udfff escape must be half of a surrogate pair)" if "hex escape" in str(e) else ""
+        raise APIError(400, f"the body is not valid JSON: {e}{hint}", "invalid_request_error", None,
                        "invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the body must be a JSON object", "invalid_request_error", None, "invalid_json")
