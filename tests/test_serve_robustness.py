@@ -190,3 +190,25 @@ def test_client_gone_mid_body_is_no_traceback_and_no_500(tiny_dir):
         assert metric_lines(url, "/v1/chat/completions") == [
             'nanoseek_requests_total{endpoint="/v1/chat/completions",status="499"} 1']
     assert not [r for r in records if r.exc_info], [r.getMessage() for r in records]
+
+
+def test_aborted_stream_counts_its_tokens_and_is_499(tiny_dir, tmp_path):
+    import json
+    import time
+    log = tmp_path / "audit.jsonl"
+    app = scripted_app(tiny_dir, endless=True, audit_log=log)
+    body = {"model": "m", "prompt": "a", "max_tokens": 4000, "stream": True}
+    with live(app) as url:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            received = sum(1 for _, line in zip(range(10), lines) if line.startswith("data: "))
+        for _ in range(300):  # the server learns of the disconnect at its next write
+            if metric_lines(url, "/v1/completions"):
+                break
+            time.sleep(0.01)
+        assert metric_lines(url, "/v1/completions") == [
+            'nanoseek_requests_total{endpoint="/v1/completions",status="499"} 1']
+        tokens = next(float(line.split()[1]) for line in httpx.get(f"{url}/metrics").text.splitlines()
+                      if line.startswith("nanoseek_completion_tokens_total "))
+    (record,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert record["status"] == 499 and record["completion_tokens"] == tokens >= received == 5

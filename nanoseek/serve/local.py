@@ -159,9 +159,12 @@ class LocalRun:
         return usage_body(self.prompt_tokens, completion, reasoning)
 
     def finish_audit(self) -> None:
-        self.state.metrics.tokens(self.prompt_tokens, sum(self.completion))
+        """Counts what the engine produced, an aborted request's tokens too (the worker's
+        count: they were computed even if no client read them)."""
+        produced = sum(job.counted for job in self.jobs)
+        self.state.metrics.tokens(self.prompt_tokens, produced)
         self.request.state.record.update(status=self.status, prompt_tokens=self.prompt_tokens,
-                                         completion_tokens=sum(self.completion), output=self.texts)
+                                         completion_tokens=produced, output=self.texts)
 
     async def collect(self, first) -> dict:
         event = first

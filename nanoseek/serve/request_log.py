@@ -42,11 +42,11 @@ class RequestLogMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            latency = time.perf_counter() - start
-            path = scope.get("path", "")
-            self.metrics.observe(path if path in ENDPOINTS else "other", status[0], latency)
-            if self.audit is not None and (path.startswith("/v1/") or status[0] >= 400):
-                self.write_audit(scope, record, status[0], latency)
+            latency, path = time.perf_counter() - start, scope.get("path", "")
+            outcome = record.get("status", status[0])  # a stream's 200 may have ended as 499 or 500
+            self.metrics.observe(path if path in ENDPOINTS else "other", outcome, latency)
+            if self.audit is not None and (path.startswith("/v1/") or outcome >= 400):
+                self.write_audit(scope, record, outcome, latency)
 
     def write_audit(self, scope, record: dict, status: int, latency: float) -> None:
         prompt, output = record.pop("prompt", None), record.pop("output", None)

@@ -38,7 +38,7 @@ class Job:
     events: object          # its asyncio.Queue
     index: int = 0          # the choice this job answers
     seq: object = None      # the engine's Sequence, once added
-    counted: int = 0        # output tokens already counted for the metrics
+    counted: int = 0        # output tokens produced so far (written by the worker thread)
 
 
 class EngineWorker:
