@@ -38,11 +38,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live(app):
-    """The app under uvicorn in a thread on a free loopback port; yields its base URL."""
+def serving(app):
+    """The app under its server (uvicorn) in a thread on a free loopback port; yields its base
+    URL and the server (`server.should_exit = True` is what SIGTERM does)."""
+    from nanoseek.serve.server import build_server
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="on"))
+    server = build_server(app, "127.0.0.1", port, log_level="warning")
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     for _ in range(200):
@@ -51,10 +52,16 @@ def live(app):
         time.sleep(0.02)
     assert server.started, "the server did not start"
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", server
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def live(app):
+    with serving(app) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -212,3 +212,92 @@ def test_aborted_stream_counts_its_tokens_and_is_499(tiny_dir, tmp_path):
                       if line.startswith("nanoseek_completion_tokens_total "))
     (record,) = [json.loads(line) for line in log.read_text().splitlines()]
     assert record["status"] == 499 and record["completion_tokens"] == tokens >= received == 5
+
+
+# ------------------------------------------------------------------ slow clients, shutdown
+def read_until_closed(sock) -> bytes:
+    """What the server sends until it closes the connection (socket.timeout if it never does)."""
+    sock.settimeout(10)
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    return data
+
+
+def test_half_sent_headers_are_cut_off(tiny_dir):
+    import socket
+    with live(scripted_app(tiny_dir, header_timeout=0.3)) as url:
+        address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        with socket.create_connection(address) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            assert read_until_closed(s) == b""
+        with socket.create_connection(address) as s:  # the same on a kept-alive connection
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            response = b""
+            while not response.endswith(b"}"):  # /health's JSON, to its last byte
+                response += s.recv(4096)
+            assert response.startswith(b"HTTP/1.1 200")
+            s.sendall(b"GET /health HTTP/1.1\r\n")
+            assert read_until_closed(s) == b""
+
+
+def test_half_sent_body_is_408(tiny_dir):
+    import socket
+    with live(scripted_app(tiny_dir, body_timeout=0.3)) as url:
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"model\": ")
+            response = read_until_closed(s)
+    assert response.startswith(b"HTTP/1.1 408") and b'"code":"request_timeout"' in response
+
+
+def test_shutdown_ends_running_requests_with_an_error(tiny_dir):
+    import json
+    import threading
+    from test_serve import serving
+    app = scripted_app(tiny_dir, endless=True, shutdown_timeout=0.2)
+    body = {"model": "m", "prompt": "a", "max_tokens": 4000}
+    with serving(app) as (url, server):
+        unstreamed = []
+        thread = threading.Thread(target=lambda: unstreamed.append(httpx.post(f"{url}/v1/completions", json=body)))
+        thread.start()
+        with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}) as r:
+            lines = r.iter_lines()
+            next(lines)
+            server.should_exit = True  # what SIGTERM does
+            events = [line[6:] for line in lines if line.startswith("data: ")]
+        thread.join()
+    assert events[-1] == "[DONE]" and json.loads(events[-2]) == {"error": {
+        "message": "the server is shutting down", "type": "server_error", "param": None, "code": None}}
+    assert all("error" not in json.loads(e) for e in events[:-2])
+    assert unstreamed[0].status_code == 503
+    assert not app.state.worker._thread.is_alive()  # the server finished its shutdown
+
+
+def test_serve_command_exits_0_on_sigterm_and_logs_no_query(tiny_dir):
+    """The real command: uvicorn re-raises SIGTERM after its shutdown, which killed the process
+    (status -15) before; the access log on stdout shows no query string."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from test_serve import free_port
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(tiny_dir), "--port",
+                             str(port), "--max-len", "64", "--shutdown-timeout", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models?api_key=sk-secret-in-query").status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "sk-secret" not in out + err
+    assert '"GET /v1/models?<redacted> HTTP/1.1" 200' in out + err

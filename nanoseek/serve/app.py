@@ -84,6 +84,9 @@ class Settings:
     max_queue: int = 256                     # accepted, unfinished engine requests
     max_choices: int = 8                     # n × prompts of one request
     max_messages: int = 2048                 # messages of one chat request
+    header_timeout: float = 10.0             # seconds for a request's headers (server.py)
+    body_timeout: float = 30.0               # seconds for a request's body, from its headers
+    shutdown_timeout: float = 30.0           # seconds running requests get after SIGTERM
     audit_log: str | Path | None = None      # None: nothing is stored
     audit_content: bool = False
     audit_max_bytes: int = 100 << 20        # size at which the audit log rotates (0: never)

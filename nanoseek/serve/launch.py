@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -37,6 +38,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=256, metavar="N", help="accepted unfinished requests (then 429)")
     p.add_argument("--max-messages", type=int, default=2048, metavar="N", help="messages in one chat request")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="B")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                   help="close a connection whose request headers are not in within S seconds (default 10)")
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
+                   help="answer 408 to a request whose body is not in within S seconds (default 30)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, end requests still running after S seconds with an error (default 30)")
     p.add_argument("--audit-log", metavar="F", help="append one JSONL line per request (no content by default)")
     p.add_argument("--audit-content", action="store_true", help="put prompts and outputs in the audit log too")
     p.add_argument("--audit-rotate-bytes", type=int, default=100 << 20, metavar="B",
@@ -75,9 +82,12 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("max_batch", "max_tokens", "max_queue", "max_messages", "max_body_bytes", "decode_burst"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("audit_rotate_bytes", "audit_backups", "feedback_window", "feedback_rate"):
+    for name in ("audit_rotate_bytes", "audit_backups", "feedback_window", "feedback_rate", "shutdown_timeout"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("header_timeout", "body_timeout"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.upstream_models and not args.upstream:
         raise ValueError("--upstream-models needs --upstream URL")
     if args.upstream_overflow and not args.upstream_models:
@@ -97,7 +107,8 @@ def settings_from_args(args: argparse.Namespace):
         upstream_key = Path(args.upstream_api_key_file).read_text().strip()
     return Settings(api_keys=read_keys(args.api_key_file), max_body_bytes=args.max_body_bytes,
                     max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_queue=args.max_queue,
-                    max_messages=args.max_messages,
+                    max_messages=args.max_messages, header_timeout=args.header_timeout,
+                    body_timeout=args.body_timeout, shutdown_timeout=args.shutdown_timeout,
                     audit_log=args.audit_log, audit_content=args.audit_content,
                     audit_max_bytes=args.audit_rotate_bytes, audit_backups=args.audit_backups,
                     feedback_db=args.feedback_db, feedback_window=args.feedback_window,
@@ -108,11 +119,10 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
     from ..infer.engine import Engine
     from ..loading import load_model_dir
     from .app import create_app
+    from .server import build_server
 
     check_args(args)
     settings = settings_from_args(args)
@@ -127,4 +137,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
         print(f"nanoseek serve: warning: listening on {args.host} without API keys", file=sys.stderr)
     print(f"nanoseek serve: {name} on http://{args.host}:{args.port}/v1 ({len(keys)} API key(s), "
           f"{engine.num_slots} slots of {engine.max_len} tokens)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    run_until_signal(build_server(app, args.host, args.port))
+
+
+def run_until_signal(server) -> None:
+    """Serve until SIGINT or SIGTERM, then drain and return (exit status 0). uvicorn raises
+    the signal again once it has shut down, to whatever handler was there before it: here
+    one that ignores it, where the default one would kill the process (or raise
+    KeyboardInterrupt) after a clean shutdown."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

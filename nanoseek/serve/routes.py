@@ -42,11 +42,15 @@ def authorize(request: Request) -> None:
 
 
 async def read_json(request: Request) -> dict:
+    settings = request.app.state.settings
     try:
-        body = await read_body(request, request.app.state.settings.max_body_bytes)
+        body = await asyncio.wait_for(read_body(request, settings.max_body_bytes), settings.body_timeout)
     except ClientDisconnect:  # nobody to answer; 499 in the metrics and the audit, not a 500
         raise APIError(499, "the client closed the connection before sending the whole body",
                        "invalid_request_error", None, "client_closed_request") from None
+    except asyncio.TimeoutError:  # the connection closes: the rest of the body is not waited for
+        raise APIError(408, f"the request body did not arrive within {settings.body_timeout:g} s",
+                       "invalid_request_error", None, "request_timeout", headers={"Connection": "close"}) from None
     return decode_json(body)
 
 
