@@ -211,3 +211,12 @@ def test_feedback_window_expires_ids(tiny_dir, tmp_path):
         rid = httpx.post(f"{url}/v1/completions", json={"model": "m", "prompt": "a"}).json()["id"]
         r = httpx.post(f"{url}/v1/feedback", json={"request_id": rid, "rating": 1})
         assert r.status_code == 404 and "in the last 0 s" in r.json()["error"]["message"]
+
+
+def test_the_bearer_scheme_is_case_insensitive(tiny_dir):
+    """RFC 9110: auth schemes are case-insensitive; some clients send "bearer"."""
+    app = create_app(ScriptedEngine(["a"]), tokenizer_for(tiny_dir), "m", Settings(api_keys=[KEY]))
+    with live(app) as url:
+        for scheme in ("Bearer", "bearer", "BEARER"):
+            assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"{scheme} {KEY}"}).status_code == 200
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Basic {KEY}"}).status_code == 401
