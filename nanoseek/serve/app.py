@@ -18,8 +18,11 @@ that disconnects has its request aborted and its cache slot freed before the nex
 Every completion is labelled AI-generated: header `X-AI-Generated: true` and the body field
 `"ai_generated": true` (in each streamed chunk too). Errors have OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}`: 400 invalid request or malformed JSON,
-401 missing or wrong key, 404 unknown model, 413 body too large, 429 queue full, 502 the
-upstream failed; a client's mistake is never a 500.
+401 missing or wrong key, 404 unknown model, 408 body too slow, 413 body too large, 415 a
+POST that is not JSON, 429 queue full (with Retry-After), 502 the upstream failed, 503
+shutting down; a client's mistake is never a 500. Slow clients, long chats and shutdown
+are bounded (server.py, `--header-timeout`, `--body-timeout`, `--max-messages`,
+`--shutdown-timeout`).
 
 Deployment
 ----------
@@ -27,15 +30,20 @@ Local (data stays on the machine): `nanoseek serve --model DIR` listens on 127.0
 point any OpenAI client at `http://127.0.0.1:8000/v1`. Prompts and outputs are not stored;
 `--audit-log F` keeps one JSONL line per request, refused ones included (ids, key id,
 client, status, token counts, latency; mode 0600, rotated by size), and `--audit-content`
-adds the texts. Keys: `--api-key-file F` (one per line) or
-`NANOSEEK_API_KEYS=k1,k2`; they are compared in constant time and never logged.
+adds the texts. Keys: `--api-key-file F` (one per line) or `NANOSEEK_API_KEYS=k1,k2`;
+they are compared in constant time and never logged (query strings are cut from the
+access log). A web page elsewhere cannot use the server through a browser: POSTs must be
+JSON, no CORS header is sent, and the Host must be an address, localhost or a name given
+with `--allowed-hosts` (cross_site.py).
 
 Behind a proxy: keep the server on loopback (or a private interface) and let nginx, Caddy
 or an API gateway terminate TLS and forward to it. Disable the proxy's response buffering
 for `/v1/*/completions` (nginx: `proxy_buffering off;`) so streamed tokens arrive as they
 are made, and raise its read timeout beyond the longest generation. Body-size, prompt,
 max-tokens and queue limits are enforced here too, so a proxy's own limits are a second
-line, not the only one. Scrape `/metrics` with a bearer token when keys are set.
+line, not the only one. A proxy that forwards its own Host name (nginx: `proxy_set_header
+Host $host;`) needs that name in `--allowed-hosts`. Scrape `/metrics` with a bearer token
+when keys are set.
 
 Hybrid: `--upstream https://api.example.com/v1 --upstream-models big-model` serves the
 local model here and proxies requests for `big-model` (streamed or not) to the upstream

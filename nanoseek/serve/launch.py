@@ -1,4 +1,4 @@
-"""`nanoseek serve`: load a model, build the engine and the app, run uvicorn."""
+"""`nanoseek serve`: load a model, build the engine and the app, run the server (server.py)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,7 @@ from pathlib import Path
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="a checkpoint or a run directory")
     p.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: DIR's name)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--allowed-hosts", default="", metavar="A,B",
-                   help="Host header names accepted besides IP addresses, localhost and --host "
-                        "(the names a proxy or DNS reaches this server by; '*': any)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
-    p.add_argument("--api-key-file", metavar="F", help="API keys, one per line (also env NANOSEEK_API_KEYS=k1,k2)")
     p.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests decoded together (cache slots)")
     p.add_argument("--speculative", type=int, default=0, metavar="K",
                    help="draft K tokens per step with the MTP module(s) (default 0: off)")
@@ -33,6 +27,22 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "with 16-bit weights, else 0; 0: never)")
     p.add_argument("--max-len", type=int, default=None, metavar="T",
                    help="tokens per sequence, prompt + output (default: the model's context)")
+    add_access_args(p.add_argument_group("access"))
+    add_limit_args(p.add_argument_group("limits"))
+    add_record_args(p.add_argument_group("what is kept"))
+    add_upstream_args(p.add_argument_group("hybrid"))
+
+
+def add_access_args(p) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--allowed-hosts", default="", metavar="A,B",
+                   help="Host header names accepted besides IP addresses, localhost and --host "
+                        "(the names a proxy or DNS reaches this server by; '*': any)")
+    p.add_argument("--api-key-file", metavar="F", help="API keys, one per line (also env NANOSEEK_API_KEYS=k1,k2)")
+
+
+def add_limit_args(p) -> None:
     p.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="cap on a request's max_tokens")
     p.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N")
     p.add_argument("--max-queue", type=int, default=256, metavar="N", help="accepted unfinished requests (then 429)")
@@ -44,6 +54,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="answer 408 to a request whose body is not in within S seconds (default 30)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, end requests still running after S seconds with an error (default 30)")
+
+
+def add_record_args(p) -> None:
     p.add_argument("--audit-log", metavar="F", help="append one JSONL line per request (no content by default)")
     p.add_argument("--audit-content", action="store_true", help="put prompts and outputs in the audit log too")
     p.add_argument("--audit-rotate-bytes", type=int, default=100 << 20, metavar="B",
@@ -54,6 +67,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="seconds after an answer during which its id takes feedback (default 3600)")
     p.add_argument("--feedback-rate", type=float, default=60.0, metavar="N",
                    help="feedback requests a minute per key, or per client without keys (default 60)")
+
+
+def add_upstream_args(p) -> None:
     p.add_argument("--upstream", metavar="URL", help="an OpenAI-compatible base URL, e.g. https://host/v1")
     p.add_argument("--upstream-models", default="", metavar="A,B",
                    help="models served by the upstream (requests naming them are proxied)")
