@@ -64,13 +64,6 @@ def live(app):
         yield url
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve") / "tiny"
-    assert main(["init", "--preset", "tiny", "--out", str(out), "--seed", "0"]) == 0
-    return out
-
-
 def tiny_app(tiny_dir, name, **settings):
     tok = tokenizer_for(tiny_dir)
     engine = Engine(from_pretrained(tiny_dir), tok, max_batch=4, max_len=128)

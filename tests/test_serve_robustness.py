@@ -5,7 +5,7 @@ import httpx
 import pytest
 
 serve = pytest.importorskip("test_serve", reason="needs fastapi, uvicorn, httpx, openai")
-from test_serve import CHAT, KEY, ScriptedEngine, live, tiny_app, tiny_dir  # noqa: E402,F401
+from test_serve import CHAT, ScriptedEngine, live  # noqa: E402
 
 from nanoseek.loading import tokenizer_for  # noqa: E402
 from nanoseek.serve.app import Settings, create_app  # noqa: E402
@@ -85,8 +85,9 @@ def test_health_answers_while_a_chat_prompt_is_tokenized(tiny_dir):
     app = create_app(ScriptedEngine(["a"]), tok, "m")
     with live(app) as url:
         chat = []
+        long_chat = [{"role": "user", "content": "x" * 10}] * 150  # short chats are encoded inline
         thread = threading.Thread(target=lambda: chat.append(httpx.post(
-            f"{url}/v1/chat/completions", json={"model": "m", "messages": CHAT}, timeout=30)))
+            f"{url}/v1/chat/completions", json={"model": "m", "messages": long_chat}, timeout=30)))
         thread.start()
         try:
             assert tok.entered.wait(10)

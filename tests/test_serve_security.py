@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 serve = pytest.importorskip("test_serve", reason="needs fastapi, uvicorn, httpx, openai")
-from test_serve import CHAT, KEY, ScriptedEngine, free_port, live, tiny_app, tiny_dir  # noqa: E402,F401
+from test_serve import CHAT, KEY, ScriptedEngine, free_port, live, tiny_app  # noqa: E402
 
 from nanoseek.loading import tokenizer_for  # noqa: E402
 from nanoseek.serve.app import Settings, create_app  # noqa: E402

@@ -20,10 +20,23 @@ from .responses import (AI_HEADERS, ClosingStreamingResponse, chat_message, coun
 from .worker import Job
 
 
+INLINE_TEXT = 8192  # characters (a message counts 64 more) short enough to encode on the event loop
+
+
 async def encode_prompts(state, req, chat: bool) -> list[list[int]]:
-    """The token ids of each prompt of a request, encoded in a worker thread: a long prompt
-    must not hold up the event loop (and with it every other client)."""
+    """The token ids of each prompt of a request. A long prompt is encoded in a worker thread,
+    so that it does not hold up the event loop (and with it every other client); a short one
+    here, where a thread's hand-offs of the GIL (shared with the engine's thread) cost more
+    than the encoding."""
+    if text_size(req, chat) <= INLINE_TEXT:
+        return tokenize_prompts(state, req, chat)
     return await asyncio.to_thread(tokenize_prompts, state, req, chat)
+
+
+def text_size(req, chat: bool) -> int:
+    if chat:
+        return sum(64 + len(m.as_template_turn()["content"]) for m in req.messages)
+    return sum(len(p) for p in req.prompts() if isinstance(p, str))
 
 
 def tokenize_prompts(state, req, chat: bool) -> list[list[int]]:
