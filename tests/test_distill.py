@@ -17,7 +17,7 @@ import torch
 import nanoseek
 from nanoseek.cli import main
 from nanoseek.data.tokenizer import ChatTokenizer, byte_tokenizer
-from nanoseek.rl import recipe
+from nanoseek.rl import distill
 from nanoseek.rl.trainer import GRPOTrainer, grpo_config
 from nanoseek.train.checkpoint import latest_checkpoint
 from nanoseek.train.metrics import read_metrics
@@ -56,9 +56,9 @@ def test_prompt_rows_from_each_format(tmp_path, suffix):
                                               "answer": r["answer"]} for r in ROWS]), path)
     else:
         write_rows(path, ROWS)
-    rows = recipe.load_prompt_rows(path)
+    rows = distill.load_prompt_rows(path)
     assert len(rows) == 2 and rows[0]["answer"] == "3/4"
-    assert recipe.correctness_reward(rows) == "math"
+    assert distill.correctness_reward(rows) == "math"
 
 
 @pytest.mark.parametrize("content, message", [
@@ -80,12 +80,12 @@ def test_bad_prompt_rows_are_one_line_errors(tmp_path, capsys, ckpt, content, me
 
 def test_other_bad_inputs(tmp_path, capsys, ckpt):
     (tmp_path / "rows.txt").write_text("What is 2+2?")
-    with pytest.raises(recipe.DataError, match="not '.txt'"):
-        recipe.load_prompt_rows(tmp_path / "rows.txt")
-    with pytest.raises(recipe.DataError, match="a list of objects"):
-        recipe.load_prompt_rows(write_rows(tmp_path / "rows.json", {"prompt": "x"}))
-    with pytest.raises(recipe.DataError, match="cannot check correctness"):
-        recipe.correctness_reward([{"prompt": "x"}])
+    with pytest.raises(distill.DataError, match="not '.txt'"):
+        distill.load_prompt_rows(tmp_path / "rows.txt")
+    with pytest.raises(distill.DataError, match="a list of objects"):
+        distill.load_prompt_rows(write_rows(tmp_path / "rows.json", {"prompt": "x"}))
+    with pytest.raises(distill.DataError, match="cannot check correctness"):
+        distill.correctness_reward([{"prompt": "x"}])
     data = write_rows(tmp_path / "rows.jsonl", ROWS)
     argv = ["grpo", "--model", str(ckpt), "--out", str(tmp_path / "g")]
     for extra, message in ((["--task", "arithmetic", "--data", str(data)], "not allowed with argument"),
@@ -189,16 +189,16 @@ def test_cli_grpo_eval_data(ckpt, tmp_path, capsys):
 
 # ------------------------------------------------------------------ judging
 def test_judge_and_select_keep_correct_well_formed_and_drop_repeats():
-    rows = recipe.task_rows("arithmetic", level=1, n=2, seed=3)
+    rows = distill.task_rows("arithmetic", level=1, n=2, seed=3)
     right = [f"<think>\nadd\n</think>\n<answer>{r['answer']}</answer>" for r in rows]
-    samples = [recipe.Sample(0, right[0]), recipe.Sample(0, right[0]),           # right, and its repeat
-               recipe.Sample(0, f"the answer is {rows[0]['answer']}"),        # right, not well-formed
-               recipe.Sample(1, "<think>\nx\n</think>\n<answer>-1</answer>"),  # well-formed, wrong
-               recipe.Sample(1, right[1])]
-    judged = recipe.judge(rows, samples)
+    samples = [distill.Sample(0, right[0]), distill.Sample(0, right[0]),           # right, and its repeat
+               distill.Sample(0, f"the answer is {rows[0]['answer']}"),        # right, not well-formed
+               distill.Sample(1, "<think>\nx\n</think>\n<answer>-1</answer>"),  # well-formed, wrong
+               distill.Sample(1, right[1])]
+    judged = distill.judge(rows, samples)
     assert [(j.correct, j.well_formed) for j in judged] == [
         (True, True), (True, True), (True, False), (False, True), (True, True)]
-    records, stats = recipe.select(rows, judged, n=3, require_correct=True, require_format=True)
+    records, stats = distill.select(rows, judged, n=3, require_correct=True, require_format=True)
     assert [r["messages"][1]["content"] for r in records] == [right[0], right[1]]
     assert records[0]["messages"][0] == {"role": "user", "content": rows[0]["prompt"]}
     assert stats["kept"] == 2 and stats["repeats_dropped"] == 1 and stats["correct"] == 4
@@ -207,11 +207,11 @@ def test_judge_and_select_keep_correct_well_formed_and_drop_repeats():
 
 
 def test_trace_text_puts_reasoning_back_inside_think():
-    assert recipe.trace_text({"content": " 4 ", "reasoning_content": "2+2"}) == "<think>\n2+2\n</think>\n4"
-    assert recipe.trace_text({"content": "4", "reasoning": "2+2"}) == "<think>\n2+2\n</think>\n4"
-    assert recipe.trace_text({"content": "<think>a</think>4", "reasoning_content": None}) == "<think>a</think>4"
-    assert recipe.endpoint_url("http://h:1") == "http://h:1/v1/chat/completions"
-    assert recipe.endpoint_url("https://api.x.com/v1/") == "https://api.x.com/v1/chat/completions"
+    assert distill.trace_text({"content": " 4 ", "reasoning_content": "2+2"}) == "<think>\n2+2\n</think>\n4"
+    assert distill.trace_text({"content": "4", "reasoning": "2+2"}) == "<think>\n2+2\n</think>\n4"
+    assert distill.trace_text({"content": "<think>a</think>4", "reasoning_content": None}) == "<think>a</think>4"
+    assert distill.endpoint_url("http://h:1") == "http://h:1/v1/chat/completions"
+    assert distill.endpoint_url("https://api.x.com/v1/") == "https://api.x.com/v1/chat/completions"
 
 
 # ------------------------------------------------------------------ rejection-sample
@@ -234,9 +234,9 @@ def test_rejection_sample_output_trains_with_sft(ckpt, tmp_path, monkeypatch, ca
     """The engine's text replaced by one right and one wrong answer per prompt: the right
     ones are written, and `nanoseek sft --data` trains on the file."""
     def scripted(model, tokenizer, rows, n=4, **kw):
-        return [recipe.Sample(i, f"<think>\nsum\n</think>\n<answer>{r['answer'] if j == 0 else 'x'}</answer>")
+        return [distill.Sample(i, f"<think>\nsum\n</think>\n<answer>{r['answer'] if j == 0 else 'x'}</answer>")
                 for i, r in enumerate(rows) for j in range(n)]
-    monkeypatch.setattr(recipe, "sample_engine", scripted)
+    monkeypatch.setattr(distill, "sample_engine", scripted)
     out = tmp_path / "rs.jsonl"
     assert main(["rejection-sample", "--model", str(ckpt), "--task", "countdown", "--num-prompts", "4",
                  "--n", "2", "--out", str(out)]) == 0
@@ -347,6 +347,6 @@ def test_distill_from_a_live_nanoseek_serve_of_a_model(ckpt, tmp_path, capsys):
         assert main(["distill", "--teacher", url + "/v1", "--task", "arithmetic", "--num-prompts", "3",
                      "--max-tokens", "6", "--temperature", "0", "--out", str(out)]) == 0
     chats = [json.loads(line) for line in out.read_text().splitlines()]
-    prompts = [r["prompt"] for r in recipe.task_rows("arithmetic", 1, 3)]
+    prompts = [r["prompt"] for r in distill.task_rows("arithmetic", 1, 3)]
     assert [c["messages"][0]["content"] for c in chats] == prompts
     assert json.loads(out.with_suffix(".stats.json").read_text())["samples"] == 3

@@ -3,13 +3,15 @@
 The app holds its parts in `app.state` (engine, worker, metrics, audit, upstream …) and its
 routes are plain handlers over that state (routes.py), as in vLLM's api_server:
 
-    GET  /v1/models                 the local model and the upstream's models
+    GET  /v1/models                 the local model and the upstream's models, each with its
+                                    `route`: local or upstream
     POST /v1/chat/completions       chat template from the model's tokenizer (message text never
                                     becomes special tokens: prompt.py); <think>…</think> returned
                                     apart as reasoning_content (DeepSeek) and reasoning (vLLM)
     POST /v1/completions            raw text (or token-id) prompts
     POST /v1/feedback               {request_id, rating 1..5, comment} into a local SQLite file
     GET  /health, GET /metrics      liveness; Prometheus text format
+    GET  /                          with `ui`: the chat page (ui.py), else 404
 
 Streaming is server-sent events (`data: {chunk}` … `data: [DONE]`), with a last usage
 chunk when `stream_options.include_usage`. One thread owns the engine and steps it while
@@ -76,6 +78,7 @@ from .prompt import ChatEncoder
 from .protocol import APIError, error_body
 from .request_log import RequestLogMiddleware
 from .routes import router
+from .ui import add_ui
 from .upstream import Upstream
 from .worker import EngineWorker
 
@@ -108,6 +111,7 @@ class Settings:
     upstream_overflow: bool = False          # local requests over the limits or queue go upstream
     allowed_hosts: list[str] = field(default_factory=list)  # Host names besides addresses and localhost
     upstream_timeout: float = 600.0
+    ui: bool = False                         # the chat page at / (ui.py)
 
 
 def init_app_state(state: State, engine, tokenizer, model_name: str, settings: Settings) -> None:
@@ -176,4 +180,6 @@ def create_app(engine, tokenizer, model_name: str, settings: Settings | None = N
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, server_error)
     app.include_router(router)
+    if app.state.settings.ui:
+        add_ui(app)
     return app

@@ -27,6 +27,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "with 16-bit weights, else 0; 0: never)")
     p.add_argument("--max-len", type=int, default=None, metavar="T",
                    help="tokens per sequence, prompt + output (default: the model's context)")
+    p.add_argument("--ui", action="store_true",
+                   help="serve a chat page at / (shipped with nanoseek; the conversation stays in the browser)")
     add_access_args(p.add_argument_group("access"))
     add_limit_args(p.add_argument_group("limits"))
     add_record_args(p.add_argument_group("what is kept"))
@@ -131,7 +133,7 @@ def settings_from_args(args: argparse.Namespace):
                     feedback_rate=args.feedback_rate,
                     upstream_url=args.upstream, upstream_models=[m for m in args.upstream_models.split(",") if m],
                     upstream_api_key=upstream_key, upstream_overflow=args.upstream_overflow,
-                    allowed_hosts=allowed_hosts)
+                    allowed_hosts=allowed_hosts, ui=args.ui)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -153,6 +155,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         print(f"nanoseek serve: warning: listening on {args.host} without API keys", file=sys.stderr)
     print(f"nanoseek serve: {name} on http://{args.host}:{args.port}/v1 ({len(keys)} API key(s), "
           f"{engine.num_slots} slots of {engine.max_len} tokens)", file=sys.stderr)
+    if args.ui:
+        print(f"nanoseek serve: chat page on http://{args.host}:{args.port}/", file=sys.stderr)
     run_until_signal(build_server(app, args.host, args.port))
 
 

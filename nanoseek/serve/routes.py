@@ -154,8 +154,9 @@ async def metrics_text(request: Request):
 async def models(request: Request):
     authorize(request)
     state = request.app.state
-    data = [{"id": state.model_name, "object": "model", "created": state.created, "owned_by": "nanoseek"}]
-    data += [{"id": m, "object": "model", "created": state.created, "owned_by": "upstream"}
+    data = [{"id": state.model_name, "object": "model", "created": state.created, "owned_by": "nanoseek",
+             "route": "local"}]
+    data += [{"id": m, "object": "model", "created": state.created, "owned_by": "upstream", "route": "upstream"}
              for m in state.upstream_models]
     return {"object": "list", "data": data}
 

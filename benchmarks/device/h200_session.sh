@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# One device call per stage; everything it makes goes to $OUT: JSON results, the logs in logs.tgz,
+# and for the speedrun a tarball of its reports and plots (a call brings back at most 8 files).
+#
+#   bash benchmarks/device/h200_session.sh speedrun   # pretrain + SFT + GRPO demo, then MTP speculation if time is left
+#   bash benchmarks/device/h200_session.sh decode     # GPU tests, decode vs transformers (+ profile), GRPO step vs TRL
+#   bash benchmarks/device/h200_session.sh mtp        # GPU tests, MTP speculation after a short speedrun, serve load
+#   bash benchmarks/device/h200_session.sh spec       # its short form: burst GPU tests, MTP after a 0.3-min speedrun
+#   bash benchmarks/device/h200_session.sh measure    # GPU tests, GRPO step vs TRL, decode vs transformers (+ kernel
+#                                              # profile), MTP speculation after a short speedrun
+#   bash benchmarks/device/h200_session.sh fused      # fused decode step: tests, launch shapes tuned (one pass),
+#                                              # accuracy and speed per bucket, then decode vs transformers
+#                                              # with those shapes (fused and compiled modes)
+#   bash benchmarks/device/h200_session.sh tune       # fused decode step: tests, launch shapes tuned, speed per bucket
+#   bash benchmarks/device/h200_session.sh step       # the batch decode step: small-batch experts and engine GPU
+#                                              # tests, experts shapes swept, where steps at 8 and 32 go
+#   bash benchmarks/device/h200_session.sh serve      # serve load at 64 clients
+#   bash benchmarks/device/h200_session.sh trl        # GRPO step time: nanoseek vs TRL
+#
+# Environment: MINUTES, GRPO_MINUTES, SPEEDRUN_LIMIT, SPECULATIVE (speedrun); TRL_ARGS (trl, measure);
+# DECODE_ARGS (decode, measure: e.g. "--tuned-option combo_kernels=true"); DECODE_MODES (decode.py --modes);
+# FUSED_ARGS (benchmarks/fused_decode.py);
+# GIT_COMMIT: the commit the tree is at, recorded in the JSON results (the device's copy of .git may
+# still read an older HEAD than the working tree it was sent).
+# Wheels the image lacks (fastapi, uvicorn, trl, ...) come in .whl (benchmarks/device/device_wheels.txt).
+set -uo pipefail
+start=$(date +%s)
+stage=${1:-}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PWD:/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+elapsed() { echo $(( $(date +%s) - start )); }
+left() { echo $(( $1 - $(elapsed) )); }  # seconds until second $1 of the call
+enough() {  # limit, least useful seconds: a part with less time than that is skipped, saying so
+  [ "$1" -ge "$2" ] && return 0
+  echo "${FUNCNAME[1]} skipped: $1 s left, it needs $2" | tee -a "$OUT/skipped.log"
+  return 1
+}
+
+# the parts; each takes a time limit in seconds and logs to $OUT
+gpu_tests() {  # limit, test files and pytest options
+  local limit=$1; shift
+  enough "$limit" 30 || return
+  # -rA: the log names every test and its outcome (a log of dots shows neither)
+  timeout "$limit" python3 -m pytest -m gpu -rA -p no:cacheprovider "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  echo "gpu tests done at $(elapsed)s"
+}
+short_speedrun() {  # limit, minutes: pretrain + SFT only, a model with MTP for speculation
+  enough "$1" 120 || return
+  timeout "$1" python3 -m nanoseek.cli speedrun --out runs/h200 --minutes "$2" --grpo-minutes 0 2>&1 \
+    | tail -12 | tee "$OUT/speedrun.log"
+  echo "speedrun done at $(elapsed)s"
+}
+speculation() {  # limit: MTP K = 1, 2 at batch 1, 8 on the speedrun's SFT model
+  enough "$1" 30 || return
+  OUT=$OUT timeout "$1" python3 benchmarks/speculative.py --model runs/h200/sft/final --k 1 2 --batches 1 8 \
+    --repeat 1 --n 6 --no-compile 2>&1 | tee "$OUT/speculative.log"
+  echo "speculative done at $(elapsed)s"
+}
+fused() {  # limit: the fused decode step's tests on the GPU, then benchmarks/fused_decode.py $FUSED_ARGS
+  enough "$1" 60 || return
+  local until=$(( $(elapsed) + $1 ))
+  timeout "$(( $1 < 150 ? $1 : 150 ))" python3 -m pytest -rA -p no:cacheprovider tests/test_fused_decode.py 2>&1 \
+    | tee "$OUT/fused_tests.log" | tail -25
+  local rest=$(( until - $(elapsed) ))
+  enough "$rest" 60 || return
+  OUT=$OUT timeout "$rest" python3 benchmarks/fused_decode.py --profile ${FUSED_ARGS:-} 2>&1 | grep -v Warning \
+    | tee "$OUT/fused_decode.log"
+  echo "fused done at $(elapsed)s"
+}
+decode() {  # limit: bench-1b decode vs transformers, with the kernel profile
+  enough "$1" 200 || return
+  OUT=$OUT timeout "$1" python3 benchmarks/decode.py --repeat 3 --modes ${DECODE_MODES:-compiled graphs} --profile ${DECODE_ARGS:-} 2>&1 \
+    | grep -v Warning | tee "$OUT/decode.log"
+  echo "decode done at $(elapsed)s"
+}
+trl() {  # limit: a GRPO step, nanoseek vs TRL
+  enough "$1" 150 || return
+  OUT=$OUT timeout "$1" python3 benchmarks/grpo_trl.py --out "$OUT/grpo_trl.json" --compile-rollouts \
+    ${TRL_ARGS:-} 2>&1 | tee "$OUT/grpo_trl.log"
+  echo "trl done at $(elapsed)s"
+}
+step() {  # limit: kernels/moe.py's and the engine's GPU tests, then benchmarks/decode_step.py
+  enough "$1" 200 || return
+  gpu_tests 150 tests/test_moe_kernels.py tests/test_engine.py tests/test_gpu.py
+  OUT=$OUT timeout "$(left "$1")" python3 benchmarks/decode_step.py --buckets 8 32 --moe-sweep --profile \
+    --repeat 3 2>&1 | grep -v Warning | tee "$OUT/decode_step.log"
+  echo "step done at $(elapsed)s"
+}
+serve() {  # limit: 64 streaming clients against serve --compile
+  enough "$1" 90 || return
+  OUT=$OUT timeout "$1" python3 benchmarks/serve_load.py --preset bench-1b --clients 64 --max-batch 64 \
+    --requests 4 --new 128 --compile 2>&1 | tail -20 | tee "$OUT/serve_load.log"
+  echo "serve done at $(elapsed)s"
+}
+
+case $stage in
+  speedrun)
+    timeout "${SPEEDRUN_LIMIT:-570}" python3 -m nanoseek.cli speedrun --out runs/h200 --minutes "${MINUTES:-1.5}" \
+      --grpo-minutes "${GRPO_MINUTES:-4.5}" 2>&1 | tee "$OUT/speedrun.log"
+    echo "speedrun done at $(elapsed)s"
+    if [ "${SPECULATIVE:-1}" = 1 ] && [ -d runs/h200/sft/final ]; then
+      speculation "$(left 585)"
+    fi
+    tar czf "$OUT/speedrun_h200.tgz" --exclude='*.safetensors' --exclude='checkpoint*' \
+      --exclude='*.pt' runs/h200 2>/dev/null
+    ;;
+  decode)  # GPU tests, decode vs transformers (+ kernel profile), GRPO step vs TRL
+    gpu_tests 240 tests/test_gpu.py tests/test_engine.py
+    decode "$(left 470)"
+    trl "$(left 585)"
+    ;;
+  mtp)  # GPU tests, MTP speculation on a short speedrun's model, then serve load
+    gpu_tests 150 tests/test_gpu.py tests/test_engine.py tests/test_engine_speculative.py
+    short_speedrun 300 "${MINUTES:-0.6}"
+    speculation "$(left 460)"
+    serve "$(left 585)"
+    ;;
+  spec)  # the short form of mtp (~5 min): the burst GPU tests, a 0.3-minute speedrun, MTP speculation
+    gpu_tests 70 tests/test_engine.py -k captured
+    short_speedrun 180 "${MINUTES:-0.3}"
+    speculation "$(left 265)"
+    ;;
+  measure)  # all but serving: GPU tests, GRPO step vs TRL, decode vs transformers, MTP speculation
+    gpu_tests 100 tests/test_gpu.py tests/test_engine.py
+    trl 200
+    decode "$(left 400)"
+    short_speedrun "$(left 500)" "${MINUTES:-0.6}"
+    speculation "$(left 580)"
+    ;;
+  fused)  # the fused decode step: its tests, launch shapes tuned, accuracy and speed per bucket, then decode
+          # vs transformers with those shapes (fused and compiled modes)
+    FUSED_ARGS="--tune 1 --no-compiled ${FUSED_ARGS:-}" fused 200
+    tuned=""; [ -f "$OUT/fused_tuning.json" ] && tuned="--fused-tuning $OUT/fused_tuning.json"
+    DECODE_MODES=${DECODE_MODES:-fused compiled} DECODE_ARGS="${DECODE_ARGS:-} $tuned" decode "$(left 585)"
+    ;;
+  tune)  # the fused step's tests, then its launch shapes tuned at batch 1 and its speed per bucket
+    FUSED_ARGS="--tune 2 --no-compiled ${FUSED_ARGS:-}" fused 585
+    ;;
+  step) step 585 ;;
+  serve) serve 585 ;;
+  trl) trl 585 ;;
+  *) echo "unknown stage $stage: speedrun, decode, mtp, spec, measure, fused, tune, step, serve or trl" >&2; exit 2 ;;
+esac
+echo "stage $stage: $(elapsed)s"
+# a call returns at most 8 files: the logs travel as one archive beside the JSON results
+(cd "$OUT" && tar czf logs.tgz ./*.log gpu.txt 2>/dev/null && rm -f ./*.log gpu.txt)
