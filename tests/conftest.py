@@ -53,3 +53,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A random tiny model with its byte tokenizer, from `nanoseek init` (the server tests' model)."""
+    from nanoseek.cli import main
+    out = tmp_path_factory.mktemp("serve") / "tiny"
+    assert main(["init", "--preset", "tiny", "--out", str(out), "--seed", "0"]) == 0
+    return out

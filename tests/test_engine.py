@@ -187,6 +187,21 @@ def test_stream_never_breaks_a_character_nor_shows_part_of_a_stop(tokenizer):
     assert pieces[-1].finish_reason == "stop" and len(pieces) == len(tokenizer.encode(text + "OP"))
 
 
+def test_a_token_completing_two_stop_strings_cuts_at_the_first():
+    """"cd" completes both "bcd" (at 2) and "cd" (at 3) of "xabcd": the text ends before the
+    earlier one, whichever is listed first."""
+    pieces = {1: "x", 2: "a", 3: "b", 4: "cd", 5: "e"}
+
+    class Pieces:
+        def decode(self, ids):
+            return "".join(pieces[i] for i in ids)
+
+    seq = Sequence("r", [1], SamplingParams(stop=["cd", "bcd"]), max_tokens=100, seed=0)
+    sent = [seq.extend([t], Pieces(), eos_id=None).new_text for t in (1, 2, 3, 4)]
+    assert seq.finished and seq.finish_reason == "stop"
+    assert seq.text == "".join(sent) == "xa"
+
+
 def test_cache_holds_latent_and_rope_key_only_within_a_budget():
     cfg = preset("tiny")
     model = Transformer(cfg).to(torch.bfloat16).eval()

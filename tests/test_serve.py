@@ -39,11 +39,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live(app):
-    """The app under uvicorn in a thread on a free loopback port; yields its base URL."""
+def serving(app):
+    """The app under its server (uvicorn) in a thread on a free loopback port; yields its base
+    URL and the server (`server.should_exit = True` is what SIGTERM does)."""
+    from nanoseek.serve.server import build_server
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="on"))
+    server = build_server(app, "127.0.0.1", port, log_level="warning")
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     for _ in range(200):
@@ -52,17 +53,16 @@ def live(app):
         time.sleep(0.02)
     assert server.started, "the server did not start"
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", server
     finally:
         server.should_exit = True
         thread.join(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve") / "tiny"
-    assert main(["init", "--preset", "tiny", "--out", str(out), "--seed", "0"]) == 0
-    return out
+@contextlib.contextmanager
+def live(app):
+    with serving(app) as (url, _):
+        yield url
 
 
 def tiny_app(tiny_dir, name, **settings):
@@ -316,7 +316,7 @@ def test_serve_flags_reach_the_engine_and_the_experts(tiny_dir):
 
 # ------------------------------------------------------------------ a scripted engine
 class ScriptedEngine:
-    """The engine's serving interface, emitting a fixed text (then 'x' forever if endless)."""
+    """The engine's serving interface, emitting a fixed text (then 'x' up to max_tokens if endless)."""
 
     max_len = 4096
 
@@ -346,10 +346,11 @@ class ScriptedEngine:
             i = len(seq.output_ids)
             seq.output_ids.append(0)
             text = self.pieces[i] if i < len(self.pieces) else "x"
-            done = not self.endless and i + 1 == len(self.pieces)
-            if done:
+            stop = not self.endless and i + 1 == len(self.pieces)
+            length = self.endless and i + 1 == seq.params.max_tokens
+            if stop or length:
                 del self.running[rid]
-            events.append(StreamEvent(rid, text, done, "stop" if done else None))
+            events.append(StreamEvent(rid, text, stop or length, "stop" if stop else "length" if length else None))
         return events
 
 
@@ -435,7 +436,7 @@ def test_hybrid_routing_to_an_upstream_nanoseek(tiny_dir):
     with live(upstream_app) as up_url:
         direct = openai.OpenAI(base_url=up_url + "/v1", api_key="sk-up", max_retries=0, timeout=30)
         local_app = tiny_app(tiny_dir, "tiny", max_tokens=8, upstream_url=up_url + "/v1",
-                             upstream_models=["tiny-big"], upstream_api_key="sk-up")
+                             upstream_models=["tiny-big"], upstream_api_key="sk-up", upstream_overflow=True)
         with live(local_app) as url:
             client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
             assert [m.id for m in client.models.list()] == ["tiny", "tiny-big"]
@@ -445,7 +446,7 @@ def test_hybrid_routing_to_an_upstream_nanoseek(tiny_dir):
             assert raw.headers["x-nanoseek-route"] == "upstream" and raw.headers["x-ai-generated"] == "true"
             assert raw.parse().choices[0].message.content == want
             assert streamed_chat(client, model="tiny-big")[0] == want
-            # over the local max_tokens limit (8): the upstream's model answers
+            # over the local max_tokens limit (8), opted in to overflow: the upstream's model answers
             over = greedy_chat(client, model="tiny", max_tokens=12)
             assert over.model == "tiny-big" and over.choices[0].message.content == want
             with pytest.raises(openai.BadRequestError):  # a mistake stays here, not sent upstream

@@ -19,7 +19,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from test_serve import live, tiny_dir  # noqa: E402,F401  (tiny_dir: the fixture, used by name)
+from test_serve import live  # noqa: E402  (tiny_dir, the model, is conftest.py's)
 
 from nanoseek.cli import main  # noqa: E402
 from nanoseek.infer.sequence import StreamEvent  # noqa: E402
@@ -85,7 +85,7 @@ class ScriptedChat:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_dir):  # noqa: F811
+def tokenizer(tiny_dir):
     return tokenizer_for(tiny_dir)
 
 
@@ -159,14 +159,15 @@ def test_no_page_without_ui_and_models_carry_their_route(tokenizer):
 def serve_app(monkeypatch, *argv):
     """The app `nanoseek serve ARGV` builds and would run."""
     built = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: built.append(app))
+    monkeypatch.setattr("nanoseek.serve.launch.run_until_signal", lambda server: built.append(server.config.app))
     assert main(["serve", *argv]) == 0
     return built[0]
 
 
-def test_serve_ui_flag(tiny_dir, monkeypatch):  # noqa: F811
+def test_serve_ui_flag(tiny_dir, monkeypatch):
     from fastapi.testclient import TestClient  # no lifespan: the engine's thread is not needed here
-    with_ui, without = (TestClient(serve_app(monkeypatch, "--model", str(tiny_dir), *flag)).get("/")
+    with_ui, without = (TestClient(serve_app(monkeypatch, "--model", str(tiny_dir), *flag),
+                                   base_url="http://localhost").get("/")  # a Host the server accepts
                         for flag in (["--ui"], []))
     assert with_ui.status_code == 200 and with_ui.headers["content-security-policy"] == CSP
     assert without.status_code == 404
@@ -275,7 +276,7 @@ def test_page_streams_reasoning_stops_and_shows_html_as_text(page, tokenizer):
         assert page.evaluate("[localStorage.length, document.cookie]") == [0, ""]
 
 
-def test_page_on_the_tiny_model_asks_for_a_key_and_stores_feedback(page, tiny_dir, tmp_path,  # noqa: F811
+def test_page_on_the_tiny_model_asks_for_a_key_and_stores_feedback(page, tiny_dir, tmp_path,
                                                                     monkeypatch):
     monkeypatch.setenv("NANOSEEK_API_KEYS", KEY)
     db, audit = tmp_path / "feedback.sqlite", tmp_path / "audit.jsonl"

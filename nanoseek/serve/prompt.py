@@ -13,6 +13,19 @@ from __future__ import annotations
 MARK = "\ue000{}\ue001"  # private-use characters: no template or tokenizer gives them meaning
 
 
+def find_in_order(text: str, marks: list[str]) -> list[int] | None:
+    """Where each mark starts, each searched after the last (one pass over the text, where a
+    search from the start for each would be quadratic in the number of messages), or None."""
+    positions, pos = [], 0
+    for mark in marks:
+        at = text.find(mark, pos)
+        if at < 0:
+            return None
+        positions.append(at)
+        pos = at + len(mark)
+    return positions
+
+
 class ChatEncoder:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -32,8 +45,8 @@ class ChatEncoder:
         marks = [MARK.format(i) for i in range(len(turns))]
         text = self.tokenizer.apply_chat_template([{**t, "content": m} for t, m in zip(turns, marks)],
                                                   add_generation_prompt=True)
-        positions = [text.find(m) for m in marks]
-        if any(p < 0 for p in positions) or positions != sorted(positions):  # a template that rewrites content
+        positions = find_in_order(text, marks)
+        if positions is None:  # a template that rewrites or reorders content
             return self.tokenizer.encode(self.tokenizer.apply_chat_template(turns, add_generation_prompt=True))
         ids, pos = [], 0
         for turn, mark, at in zip(turns, marks, positions):

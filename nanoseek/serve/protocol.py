@@ -1,8 +1,10 @@
 """The OpenAI wire format: request bodies (pydantic) and the error shape.
 
 Requests are validated here, not in the engine, so a client's mistake is a 400 that names
-the field (`param`) before anything is queued. Unknown fields are ignored, as the many
-OpenAI clients send parameters this server does not implement (penalties, logit bias …).
+the field (`param`) before anything is queued. Types are strict, as OpenAI's: `"8"`, `8.0`
+or `true` is not an integer and `"yes"` is not a boolean (an integer is a float). Unknown
+fields are ignored, as the many OpenAI clients send parameters this server does not
+implement (penalties, logit bias …).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ class APIError(Exception):
     """Answered as {"error": {"message", "type", "param", "code"}} with `status`."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers  # e.g. Retry-After of a 429
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
@@ -28,13 +31,16 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-class StreamOptions(BaseModel):
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
+class _Sampling(Strict):
     """Fields shared by chat and text completions (OpenAI's names and ranges)."""
-    model_config = ConfigDict(extra="ignore")
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -66,14 +72,12 @@ class _Sampling(BaseModel):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
-class TextPart(BaseModel):
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = ""
 
@@ -115,9 +119,7 @@ class CompletionRequest(_Sampling):
         return list(v)
 
 
-class FeedbackRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class FeedbackRequest(Strict):
     request_id: str = Field(min_length=1, max_length=200)
     rating: int = Field(ge=1, le=5)  # five stars; a thumbs-up/down UI sends 5 / 1
     comment: str = Field("", max_length=10_000)

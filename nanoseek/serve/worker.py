@@ -10,7 +10,8 @@ and an abort frees the request's cache slot before the next step.
 Events put on a job's queue:
     (index, "text", new_text)                                 stable text, in order
     (index, "done", finish_reason, prompt_tokens, completion_tokens)
-    (index, "error", message, status)         400: the engine refused it; 500: a step failed
+    (index, "error", message, status)         400: the engine refused it; 500: a step failed;
+                                              503: the server is shutting down
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class Job:
     events: object          # its asyncio.Queue
     index: int = 0          # the choice this job answers
     seq: object = None      # the engine's Sequence, once added
-    counted: int = 0        # output tokens already counted for the metrics
+    counted: int = 0        # output tokens produced so far (written by the worker thread)
 
 
 class EngineWorker:
@@ -73,6 +74,11 @@ class EngineWorker:
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def fail_all(self, message: str, status: int = 503) -> None:
+        """End every request submitted so far with an error event (at shutdown)."""
+        self._inbox.put(("fail_all", (message, status)))
         self._wake.set()
 
     def tokens_per_second(self, window: float = 10.0) -> float:
@@ -121,6 +127,14 @@ class EngineWorker:
             elif kind == "abort" and item in self._jobs:
                 self.engine.abort(item)
                 self._done(self._jobs[item])
+            elif kind == "fail_all":
+                self._fail(*item)
+
+    def _fail(self, message: str, status: int) -> None:
+        for job in list(self._jobs.values()):
+            self.engine.abort(job.request_id)
+            self._push(job, ("error", message, status))
+            self._done(job)
 
     def _run(self) -> None:
         while not self._stop:
@@ -134,10 +148,7 @@ class EngineWorker:
                 events = self.engine.step()
             except Exception as e:  # a failed step fails its requests, not the server
                 log.exception("engine step failed")
-                for job in list(self._jobs.values()):
-                    self.engine.abort(job.request_id)
-                    self._push(job, ("error", f"the engine failed: {type(e).__name__}", 500))
-                    self._done(job)
+                self._fail(f"the engine failed: {type(e).__name__}", 500)
                 continue
             new_tokens = 0
             for event in events:
