@@ -13,7 +13,6 @@ layout with its tokenizer, what later stages and other tools load.
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from ..data.datasets import load_chats, load_documents
 from ..data.loader import PackedLoader, SFTLoader, tokenize_chat
 from ..data.tokenizer import ChatTokenizer, load_tokenizer, train_bpe
 from ..hf import save_pretrained
-from ..loading import load_model_dir
+from ..loading import load_model_dir, resolve_device
 from ..model import Transformer
 from .trainer import TrainConfig, Trainer, refuse_existing_run
 
@@ -33,7 +32,7 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], dict]:
     model, train = [], {}
     for item in overrides:
         key, sep, value = item.partition("=")
-        if sep and key in TrainConfig.fields():
+        if sep and key in TrainConfig.field_names():
             train[key] = coerce_value(value)
         else:
             model.append(item)
@@ -70,8 +69,9 @@ def load_base(model_dir: str | Path, out: Path) -> tuple[Path, ChatTokenizer, Pa
 
 def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: str | Path,
              tokenizer: str | Path | None = None, resume: bool = False,
-             progress: bool | None = None) -> tuple[Trainer, ChatTokenizer, list[dict]]:
+             progress: bool = True) -> tuple[Trainer, ChatTokenizer, list[dict]]:
     out = Path(out)
+    resolve_device(train_cfg.device)  # a device this machine lacks fails before any work
     if not resume:  # before anything is written: the tokenizer of the run there is its own
         refuse_existing_run(out)
     docs = read_specs(data, load_documents)
@@ -101,8 +101,9 @@ def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: str
 
 
 def sft(model_dir: str | Path, train_cfg: TrainConfig, data: str, out: str | Path,
-        resume: bool = False, progress: bool | None = None) -> tuple[Trainer, ChatTokenizer, list[dict]]:
+        resume: bool = False, progress: bool = True) -> tuple[Trainer, ChatTokenizer, list[dict]]:
     out = Path(out)
+    resolve_device(train_cfg.device)
     if not resume:
         refuse_existing_run(out)
     src, tok, tok_dir, model = load_base(model_dir, out)
@@ -122,8 +123,5 @@ def sft(model_dir: str | Path, train_cfg: TrainConfig, data: str, out: str | Pat
 
 
 def train_config(**changes) -> TrainConfig:
-    known = TrainConfig.fields()
-    bad = [k for k in changes if k not in known]
-    if bad:
-        raise ValueError(f"unknown train field(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
-    return dataclasses.replace(TrainConfig(), **changes)
+    """TrainConfig with `changes`, checked; an unknown field is named with the known ones."""
+    return TrainConfig.with_changes(**changes)
