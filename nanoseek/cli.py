@@ -653,18 +653,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
-    if not argv:
-        parser.print_help()
-        return 0
+    parser, args, status = build_parser(), None, 0
     try:
-        try:
-            args = parser.parse_args(argv)
-        except SystemExit as e:  # --help, --list-fields: printed, nothing more to do
-            return e.code or 0
-        if getattr(args, "device", None) is not None:
-            resolve_device(args.device)  # a device this machine lacks: before any work
-        args.run(args)
+        if not argv:
+            parser.print_help()  # the command list
+        else:
+            try:
+                args = parser.parse_args(argv)
+            except SystemExit as e:  # --help, --list-fields: printed, nothing more to do
+                status = e.code or 0
+        if args is not None:
+            if getattr(args, "device", None) is not None:
+                resolve_device(args.device)  # a device this machine lacks: before any work
+            args.run(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
     except (UsageError, ConfigError, ValueError, FileNotFoundError, TrainingError) as e:
         message = " ".join(str(e).split())  # one line, whatever the message held
@@ -686,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError):  # stdout is not a file (captured in a test)
             pass
         return 141
-    return 0
+    return status
 
 
 if __name__ == "__main__":
