@@ -79,8 +79,8 @@ def calibrate_steps(model_cfg, tcfg_kwargs: dict, minutes: float, data: str, out
     probe = out / ".calibrate"
     shutil.rmtree(probe, ignore_errors=True)
     n = 24
-    trainer, _, records = pretrain(model_cfg, train_config(steps=n, save_every=0, **tcfg_kwargs), data,
-                                   probe, tokenizer=tokenizer, progress=False)
+    trainer, _, records = pretrain(model_cfg, train_config(steps=n, **tcfg_kwargs), data, probe,
+                                   tokenizer=tokenizer, progress=False)
     # the first steps run slow (allocator, compile, and on a CPU the threads still busy after
     # the tokenizer's training), so only the second half counts
     times = sorted(r["step_time_s"] for r in records[n // 2:])
@@ -101,16 +101,18 @@ def speedrun(out: str | Path = "runs/speedrun", minutes: float | None = None,
     minutes = minutes or (20.0 if gpu else 9.5)
     grpo_minutes = (6.0 if gpu else 1.5) if grpo_minutes is None else grpo_minutes
     pretrain_data, sft_data = PRETRAIN_DATA, SFT_DATA
+    # save_every=0 (here and in grpo_settings): a speedrun starts its stages afresh, so
+    # checkpoints along the way would only spend its budget
     if gpu:
         model_cfg = preset("small")
-        common = dict(batch_size=32, seq_len=512, warmup=50, compile=True)
+        common = dict(batch_size=32, seq_len=512, warmup=50, compile=True, save_every=0)
         pre_lr, sft_lr = 2e-3, 5e-4
         pretrain_data, sft_data = PRETRAIN_DATA + GPU_PRETRAIN_EXTRA, SFT_DATA + GPU_SFT_EXTRA
     else:
         torch.set_num_threads(max(1, torch.get_num_threads()))
         model_cfg = cpu_model()
         # small batches, many steps: on a CPU budget, steps teach more than tokens per step
-        common = dict(batch_size=8, seq_len=256, warmup=30)
+        common = dict(batch_size=8, seq_len=256, warmup=30, save_every=0)
         pre_lr, sft_lr = 5e-3, 1e-3
     say = lambda msg: print(f"[speedrun {time.time() - t_start:5.0f}s] {msg}", flush=True)  # noqa: E731
 
@@ -176,7 +178,7 @@ def grpo_settings(gpu: bool, max_new_tokens: int, level: int) -> GRPOConfig:
     accuracy (1.0) and the R1 format reward (0.1), which keeps the cold start's structure."""
     common = dict(max_new_tokens=max_new_tokens, temperature=1.0, beta=0.0, level=level,
                   rewards={"accuracy": 1.0, "format": 0.1}, prompt_format="chat",
-                  keep_last=1)
+                  keep_last=1, save_every=0)
     if gpu:
         return grpo_config(group_size=16, prompts_per_step=32, lr=5e-5, micro_batch=256,
                            dynamic_sampling=True, clip_eps_high=0.28, **common)
