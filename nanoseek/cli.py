@@ -47,11 +47,11 @@ class Parser(argparse.ArgumentParser):
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows each option's default, unless its help states it already or there is none
-    worth showing (unset, an off flag)."""
+    worth showing (unset, an off flag, empty)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+        if "default" in text or any(action.default is v for v in (None, False, "", argparse.SUPPRESS)):
             return text
         return super()._get_help_string(action)
 
