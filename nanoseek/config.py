@@ -64,6 +64,14 @@ class CheckedConfig:
         if not cond:
             raise ConfigError(f"{self.kind} field '{name}' = {getattr(self, name)!r}: {msg}")
 
+    def need_at_least(self, minimum: int, *names: str) -> None:
+        for name in names:
+            self.need(getattr(self, name) >= minimum, name,
+                      "must be a positive integer" if minimum == 1 else f"must be >= {minimum}")
+
+    def need_one_of(self, name: str, allowed: tuple[str, ...]) -> None:
+        self.need(getattr(self, name) in allowed, name, f"must be one of {', '.join(allowed)}")
+
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)} - {"extra"}
@@ -155,17 +163,11 @@ class ModelConfig(CheckedConfig):
     def __post_init__(self) -> None:
         self.check_types()
         need = self.need
-
-        def choice(name: str, allowed: tuple[str, ...]) -> None:
-            need(getattr(self, name) in allowed, name, f"must be one of {', '.join(allowed)}")
-
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name,
-                 "must be a positive integer")
-        choice("scoring_func", SCORING_FUNCS)
-        choice("topk_method", TOPK_METHODS)
-        choice("attention_type", ATTENTION_TYPES)
-        choice("moe_impl", MOE_IMPLS)
+        self.need_at_least(1, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+        self.need_one_of("scoring_func", SCORING_FUNCS)
+        self.need_one_of("topk_method", TOPK_METHODS)
+        self.need_one_of("attention_type", ATTENTION_TYPES)
+        self.need_one_of("moe_impl", MOE_IMPLS)
         need(self.hidden_act == "silu", "hidden_act", "only 'silu' (SwiGLU experts) is supported")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
         if self.rope_scaling is not None:

@@ -121,24 +121,21 @@ class GRPOConfig(CheckedConfig):
     def __post_init__(self):
         self.check_types()
         need = self.need
-        for name in ("group_size", "prompts_per_step", "max_new_tokens", "mu", "steps",
-                     "level", "dynamic_sampling_tries"):
-            need(getattr(self, name) >= 1, name, "must be a positive integer")
+        self.need_at_least(1, "group_size", "prompts_per_step", "max_new_tokens", "mu", "steps", "level",
+                           "dynamic_sampling_tries")
         need(self.group_size >= 2, "group_size", "must be >= 2 (a group of one has no baseline)")
-        for name in ("micro_batch", "eval_every", "eval_n", "keep_last", "seed"):
-            need(getattr(self, name) >= 0, name, "must be an integer >= 0")
+        self.need_at_least(0, "micro_batch", "eval_every", "eval_n", "keep_last", "seed", "beta",
+                           "weight_decay", "grad_clip")
         need(self.save_every is None or self.save_every >= 0, "save_every", "must be >= 0 or null")
         need(self.temperature > 0, "temperature", "must be > 0 (GRPO needs sampled, different completions)")
         need(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         need(self.lr > 0, "lr", "must be > 0")
-        for name in ("beta", "weight_decay", "grad_clip"):
-            need(getattr(self, name) >= 0, name, "must be >= 0")
         need(self.clip_eps > 0, "clip_eps", "must be > 0")
         need(self.clip_eps_high is None or self.clip_eps_high >= self.clip_eps, "clip_eps_high",
              f"must be >= clip_eps ({self.clip_eps}) or null")
-        need(self.loss_type in LOSS_TYPES, "loss_type", f"choose one of {', '.join(LOSS_TYPES)}")
-        need(self.scale in SCALES, "scale", f"choose one of {', '.join(SCALES)}")
-        need(self.prompt_format in PROMPT_FORMATS, "prompt_format", f"choose one of {', '.join(PROMPT_FORMATS)}")
+        self.need_one_of("loss_type", LOSS_TYPES)
+        self.need_one_of("scale", SCALES)
+        self.need_one_of("prompt_format", PROMPT_FORMATS)
         need(bool(self.rewards) and all(isinstance(w, (int, float)) and not isinstance(w, bool)
                                         for w in self.rewards.values()),
              "rewards", 'must be a non-empty {"name": weight} object')

@@ -37,6 +37,9 @@ from .optim import SCHEDULES, build_optimizer, lr_multiplier, set_lr
 from .step import train_step
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
 class TrainingError(RuntimeError):
     """A run cannot continue; the message says why and what to change."""
 
@@ -75,18 +78,14 @@ class TrainConfig(CheckedConfig):
     def __post_init__(self):
         self.check_types()
         need = self.need
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "max_bad_steps"):
-            need(getattr(self, name) >= 1, name, "must be a positive integer")
-        for name in ("warmup", "keep_last", "seed"):
-            need(getattr(self, name) >= 0, name, "must be an integer >= 0")
+        self.need_at_least(1, "steps", "batch_size", "seq_len", "grad_accum", "max_bad_steps")
+        self.need_at_least(0, "warmup", "keep_last", "seed", "weight_decay", "grad_clip")
         need(self.save_every is None or self.save_every >= 0, "save_every", "must be >= 0 or null")
         need(self.lr > 0, "lr", "must be > 0")
         for name in ("min_lr_ratio", "decay_frac"):
             need(0 <= getattr(self, name) <= 1, name, "must be between 0 and 1")
-        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0: no clipping)")
-        need(self.schedule in SCHEDULES, "schedule", f"choose one of {', '.join(SCHEDULES)}")
-        need(self.precision in ("auto", "bf16", "fp32"), "precision", "choose auto, bf16 or fp32")
+        self.need_one_of("schedule", SCHEDULES)
+        self.need_one_of("precision", PRECISIONS)
 
 
 def refuse_existing_run(run_dir: str | Path) -> None:
