@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import check_field, check_field_types
+from ..config import CheckedConfig
 from ..model.moe import EXPERT_PATHS, ExpertPath
 
 
 @dataclass
-class InferenceConfig:
+class InferenceConfig(CheckedConfig):
     # routed experts (model/moe.py): auto, grouped, gather, small_batch or loop
     expert_path: str = "auto"
     # under "auto": (token, expert) pairs up to which a decode step gathers the experts; 0: never
@@ -43,14 +43,13 @@ class InferenceConfig:
     prefill_chunk: int = 2048
 
     def __post_init__(self) -> None:
-        check_field_types(self)
-        check_field(self, self.expert_path in EXPERT_PATHS, "expert_path",
-                    f"must be one of {', '.join(EXPERT_PATHS)}")
-        check_field(self, self.gather_max_pairs >= 0, "gather_max_pairs", "must be >= 0 (0: never gather)")
-        check_field(self, self.fused_decode_rows is None or self.fused_decode_rows >= 0, "fused_decode_rows",
-                    "must be >= 0 (0: never the fused step), or null for the measured default")
-        check_field(self, self.decode_burst >= 1, "decode_burst", "must be >= 1 (1: read every step back)")
-        check_field(self, self.prefill_chunk >= 1, "prefill_chunk", "must be >= 1")
+        self.check_types()
+        self.need_one_of("expert_path", EXPERT_PATHS)
+        self.need(self.gather_max_pairs >= 0, "gather_max_pairs", "must be >= 0 (0: never gather)")
+        self.need(self.fused_decode_rows is None or self.fused_decode_rows >= 0, "fused_decode_rows",
+                  "must be >= 0 (0: never the fused step), or null for the measured default")
+        self.need(self.decode_burst >= 1, "decode_burst", "must be >= 1 (1: read every step back)")
+        self.need_at_least(1, "prefill_chunk")
 
     def experts(self) -> ExpertPath:
         """The model-side expert path these settings choose."""

@@ -18,7 +18,7 @@ import torch
 from ..loading import latest_checkpoint
 from ..model import Transformer
 from ..train.optim import build_optimizer
-from ..train.trainer import Trainer, TrainConfig, run_outputs
+from ..train.trainer import Trainer, TrainConfig
 from .checkpoint import load_distributed, load_full_model, save_distributed
 from .mesh import ParallelConfig, ParallelError, build_mesh, device_type, init_distributed
 from .parallelize import parallelize
@@ -56,7 +56,7 @@ class ParallelTrainer(Trainer):
 
     def outputs(self, progress):
         if self.is_main:
-            return run_outputs(self.run_dir, self.step, self.cfg.steps, self.stage, progress)
+            return super().outputs(progress)
         return _Discard(), _Discard()
 
     def save(self) -> Path:
@@ -102,4 +102,10 @@ class _Discard:
         pass
 
     def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
         pass

@@ -13,7 +13,6 @@ layout with its tokenizer, what later stages and other tools load.
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from ..data.datasets import load_chats, load_documents
 from ..data.loader import PackedLoader, SFTLoader, tokenize_chat
 from ..data.tokenizer import ChatTokenizer, load_tokenizer, train_bpe
 from ..hf import save_pretrained
-from ..loading import load_model_dir
+from ..loading import load_model_dir, resolve_device
 from ..model import Transformer
 from ..parallel.mesh import is_main_process, main_process_first
 from .trainer import TrainConfig, Trainer, refuse_existing_run
@@ -34,7 +33,7 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], dict]:
     model, train = [], {}
     for item in overrides:
         key, sep, value = item.partition("=")
-        if sep and key in TrainConfig.fields():
+        if sep and key in TrainConfig.field_names():
             train[key] = coerce_value(value)
         else:
             model.append(item)
@@ -88,9 +87,10 @@ def publish_trained(trainer: Trainer, tok_dir: Path, out: Path) -> None:
 
 def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: str | Path,
              tokenizer: str | Path | None = None, resume: bool = False,
-             progress: bool | None = None, parallel=None) -> tuple[Trainer, ChatTokenizer, list[dict]]:
+             progress: bool = True, parallel=None) -> tuple[Trainer, ChatTokenizer, list[dict]]:
     """`parallel`: a parallel.mesh.ParallelConfig to train on the processes torchrun started."""
     out = Path(out)
+    resolve_device(train_cfg.device)  # a device this machine lacks fails before any work
     if not resume:  # before anything is written: the tokenizer of the run there is its own
         refuse_existing_run(out)
     docs = read_specs(data, load_documents)
@@ -122,9 +122,10 @@ def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: str
 
 
 def sft(model_dir: str | Path, train_cfg: TrainConfig, data: str, out: str | Path,
-        resume: bool = False, progress: bool | None = None,
+        resume: bool = False, progress: bool = True,
         parallel=None) -> tuple[Trainer, ChatTokenizer, list[dict]]:
     out = Path(out)
+    resolve_device(train_cfg.device)
     if not resume:
         refuse_existing_run(out)
     src, tok, tok_dir, model = load_base(model_dir, out)
@@ -144,8 +145,5 @@ def sft(model_dir: str | Path, train_cfg: TrainConfig, data: str, out: str | Pat
 
 
 def train_config(**changes) -> TrainConfig:
-    known = TrainConfig.fields()
-    bad = [k for k in changes if k not in known]
-    if bad:
-        raise ValueError(f"unknown train field(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
-    return dataclasses.replace(TrainConfig(), **changes)
+    """TrainConfig with `changes`, checked; an unknown field is named with the known ones."""
+    return TrainConfig.with_changes(**changes)
