@@ -29,6 +29,58 @@ def environment() -> dict:
     }
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, repeat: int, device: torch.device, warmup: int = 1) -> float:
+    """Median host seconds of fn() (the device synchronised around each call) after warm-up
+    calls (compilation, graph capture, autotuning)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeat: int = 5) -> float:
+    """Bytes per second one device-to-device copy moves (each byte read once and written
+    once), median of `repeat` after a warm-up: the memory bandwidth a decode step can reach on
+    this device, measured in the same run as the step."""
+    nbytes = nbytes or (2**30 if device.type == "cuda" else 2**27)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(repeat + 1):
+        synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times)
+
+
+def sliced_preset(name: str, layers: int | None = None, **overrides):
+    """A preset's model with its real layer shapes, cut to its first `layers` decoder layers
+    (the first min(first_k_dense_replace, layers - 1) of them dense, so an MoE model keeps a
+    MoE layer), without MTP."""
+    from nanoseek import preset
+    cfg = preset(name, **overrides)
+    if layers is not None:
+        if layers < 1:
+            raise SystemExit(f"--layers must be positive, got {layers}")
+        cfg = cfg.replace(num_hidden_layers=layers, num_nextn_predict_layers=0,
+                          first_k_dense_replace=min(cfg.first_k_dense_replace, max(layers - 1, 0)))
+    return cfg
+
+
 def time_cuda(fn, warmup: int = 3, repeat: int = 10) -> dict:
     """Median/min milliseconds of fn() by CUDA events, after warm-up."""
     for _ in range(warmup):

@@ -1,27 +1,42 @@
-"""Decode speed: the nanoseek engine against transformers' `generate`, same weights, same job.
+"""Decode speed against the memory-bandwidth roofline, and against transformers' `generate`
+on the same weights in the same job.
 
-bench-1b with random weights (seeded) is saved in HF layout; transformers loads that
-directory; both run in BF16 weights on random prompts of 512 tokens and generate exactly
-128 new tokens greedily (EOS ignored), at batch 1 and batch 32.
+A preset's model (`--preset`: bench-1b, deepseek-v2-lite, deepseek-v3 ...; `--layers N`: its
+first N layers with their real shapes, MTP off) with random weights (seeded) is saved in HF
+layout; transformers loads that directory; both run in BF16 on random prompts of `--prompt`
+tokens and generate exactly `--new` tokens greedily (EOS ignored), at each of `--batches`.
 
-- time to first token (TTFT): prefill + first token, timed as a 1-token generation;
-- decode tokens/s: batch × 127 / (time from every row's first token to every row's last,
-  within the same 128-token run: transformers' per-step logits, the engine's step loop);
-- peak memory: torch.cuda.max_memory_allocated during the run.
-nanoseek runs its engine as a server would (continuous-batching scheduler, latent cache,
-absorbed MLA decode, the decode step compiled by torch.compile and captured as a CUDA
-graph), with batches of up to 4 rows on the fused Triton step instead (infer/fused.py,
-nine kernels a layer; `--modes fused`), then the same with the routed experts always on the
-grouped GEMM (a decode step otherwise gathers the chosen experts' weights at batches 1-2 and
-runs kernels/moe.py's two expert-major kernels at 3-64, bench-1b's K = 6: model/moe.py), then with the
-graph of the uncompiled step, then eagerly; the greedy tokens of the others are compared
-with the compiled engine's (same_tokens_as_compiled, per token: with random weights the
-logits are near-tied, so BF16 rounding differences alone change tokens), and each engine's
-warm-up run with its last timed run (same_tokens_run_to_run: 1.0 unless some kernel sums in
-a run-dependent order).
-Each figure is the median of `--repeat` runs after a warm-up run.
+Per row:
+- TTFT: prefill + first token, timed as a 1-token generation;
+- decode tokens/s: batch × (new − 1) / the time from every row's first token to every
+  row's last within the same run (transformers' per-step logits, the engine's step loop);
+- peak memory (GPU): torch.cuda.max_memory_allocated during the run;
+- the roofline: a decode step must read every weight it uses (attention, dense MLPs, shared
+  experts, routers, the output head), the routed experts its batch touches, and the latent
+  cache of every row up to its position. `roofline_tokens_per_s` is the batch over the time
+  those bytes take at the device copy bandwidth measured in this run (`copy_bandwidth_GBps`);
+  the experts touched are counted per layer and step in an eager pass over the same prompts
+  (`experts_touched_per_layer`), the cache at the decode's middle position;
+  `roofline_fraction` = decode tokens/s ÷ roofline.
+Modes (`--modes`): the engine's defaults (`default`), the compiled captured step
+(`compiled`), batches up to 4 on the fused Triton step (`fused`), compiled with the routed
+experts always on the grouped GEMM (`grouped`), captured but not compiled (`graphs`), no
+CUDA graphs (`eager`). Greedy tokens are compared with the compiled engine's
+(`same_tokens_as_compiled`; random weights leave logits near-tied, so BF16 rounding alone
+changes some) and between an engine's first and last run (`same_tokens_run_to_run`).
+`--fp8`: the BF16 rows run the weights an FP8 checkpoint of the model holds, dequantised
+(the twin), then the same modes run them FP8-resident (128x128 block scales, as the official
+V3 checkpoints: infer/fp8_weights.py), rows marked "FP8 weights" with `speedup_vs_bf16` and
+`same_tokens_as_bf16` against the BF16 row of their mode and batch (`--sharpen 5` for logits far from ties: tests/conftest.py's model). Each
+figure is the median of `--repeat` runs after a warm-up run.
+`--record-paths` (with
+`fused` and `compiled`) writes the batches up to which the fused step was faster into
+nanoseek/infer/decode_paths.json, the engine's default choice of decode step.
 
-    python benchmarks/decode.py [--prompt 512 --new 128 --batches 1 32]
+    python benchmarks/decode.py --preset deepseek-v2-lite --batches 1 32
+    python benchmarks/decode.py --preset deepseek-v3 --layers 2 --modes compiled fused --record-paths
+    python benchmarks/decode.py --preset deepseek-v2-lite --batches 1 32 --modes default --fp8 --skip-hf
+    python benchmarks/decode.py --device cpu --preset tiny --prompt 32 --new 8 --batches 1 4 --skip-hf --modes eager
 """
 
 from __future__ import annotations
@@ -39,47 +54,29 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, graph_flags, out_dir, profile_kernels, write_json  # noqa: E402
+from common import (copy_bandwidth, environment, graph_flags, median_seconds, out_dir, profile_kernels,  # noqa: E402
+                    sliced_preset, synchronize, write_json)  # noqa: E402
 
-from nanoseek import Transformer, from_pretrained, preset, save_pretrained  # noqa: E402
-from nanoseek.infer.cuda_graph import BucketGraphs  # noqa: E402
+from nanoseek import Transformer, from_pretrained, save_pretrained  # noqa: E402
+from nanoseek.infer.config import InferenceConfig  # noqa: E402
 from nanoseek.infer.engine import Engine  # noqa: E402
 from nanoseek.infer.sampling import SamplingParams  # noqa: E402
+from nanoseek.model.moe import Experts, MoE  # noqa: E402
 
-
-def timed(fn, repeat):
-    fn()  # warm-up (graph capture, cudnn/cublas plans)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-# --modes: (row label suffix, Engine settings; gather: moe.GATHER_MAX_PAIRS, small_batch:
-# moe.SMALL_BATCH_KERNELS for the run)
-MODES = {"compiled": (" (compiled step)", dict(cuda_graphs=True, compile=True, fused_decode=0)),
+# --modes: (row label suffix, the engine's InferenceConfig settings)
+MODES = {"default": (" (defaults)", dict()),
+         "compiled": (" (compiled step)", dict(compile=True, fused_decode_rows=0)),
          # batches of up to 4 rows on the fused Triton step (infer/fused.py); larger ones compiled
-         "fused": (" (fused Triton step)", dict(cuda_graphs=True, compile=True, fused_decode=4)),
+         "fused": (" (fused Triton step)", dict(compile=True, fused_decode_rows=4)),
          "grouped": (" (compiled, grouped GEMM experts only)",
-                     dict(cuda_graphs=True, compile=True, fused_decode=0, gather=0, small_batch=False)),
-         "graphs": (" (CUDA graphs, not compiled)", dict(cuda_graphs=True, compile=False, fused_decode=0)),
+                     dict(compile=True, fused_decode_rows=0, expert_path="grouped")),
+         "graphs": (" (CUDA graphs, not compiled)", dict(compile=False, fused_decode_rows=0)),
          "eager": (" (no CUDA graphs)", dict(cuda_graphs=False, compile=False))}
 
 
-def load_tuning(path: str, tuning: dict) -> None:
-    """Update a TUNING dict (fused.py's or kernels/moe.py's) from a JSON file of its keys; a
-    key it does not have (a knob since removed) is an error, not silently recorded."""
-    saved = json.loads(Path(path).read_text())
-    unknown = set(saved) - set(tuning)
-    if unknown:
-        raise SystemExit(f"{path}: keys {sorted(unknown)} are not launch shapes of this code "
-                         f"(known: {sorted(tuning)}); tune again")
-    tuning.update(saved)
+def launch_file(path: str | None) -> dict | None:
+    """Launch shapes saved by a tuning run (fused_tuning.json, moe_tuning.json), or None."""
+    return json.loads(Path(path).read_text()) if path else None
 
 
 def same_tokens(a: list[list[int]], b: list[list[int]]) -> float:
@@ -100,22 +97,19 @@ def inductor_option(text: str) -> tuple[str, object]:
     return key, value
 
 
-def measure(run, batch, new, repeat):
+def measure(run, batch, new, repeat, device):
     """run(n) generates n tokens per row and returns the seconds from every row's first token
     to every row's last. TTFT and the whole run are medians of `repeat` timed runs after a
     warm-up; decode tokens/s is batch·(new − 1) over the median first-to-last span of the
-    timed full runs. (Subtracting the TTFT runs' median from the full runs' median, kept as
-    decode_tokens_per_s_total_minus_ttft, mixes two runs' prefill times: a few ms of
-    prefill jitter are ±10% of a 50 ms decode.)"""
-    torch.cuda.reset_peak_memory_stats()
-    ttft = timed(lambda: run(1), repeat)
+    timed full runs (not the full runs minus the TTFT runs: prefill jitter would dominate)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    ttft = median_seconds(lambda: run(1), repeat, device)
     spans = []
-    total = timed(lambda: spans.append(run(new)), repeat)
+    total = median_seconds(lambda: spans.append(run(new)), repeat, device)
     span = statistics.median(spans[1:])  # the timed runs, not the warm-up
-    return {"ttft_s": ttft, "total_s": total, "decode_s": span,
-            "decode_tokens_per_s": batch * (new - 1) / span,
-            "decode_tokens_per_s_total_minus_ttft": batch * (new - 1) / max(total - ttft, 1e-9),
-            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return {"ttft_s": ttft, "total_s": total, "decode_s": span, "decode_tokens_per_s": batch * (new - 1) / span,
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
 
 
 class StepTimes:
@@ -123,11 +117,11 @@ class StepTimes:
     (one call per generated token; the synchronize is what transformers' own per-step
     stopping check does anyway)."""
 
-    def __init__(self):
-        self.times = []
+    def __init__(self, device):
+        self.times, self.device = [], device
 
     def __call__(self, input_ids, scores):
-        torch.cuda.synchronize()
+        synchronize(self.device)
         self.times.append(time.perf_counter())
         return scores
 
@@ -145,19 +139,67 @@ def engine_run(engine, prompts, n):
     return [list(s.output_ids) for s in seqs], time.perf_counter() - first
 
 
+def tensor_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def experts_touched(model, prompts, steps: int) -> list[float]:
+    """Distinct routed experts a decode step of len(prompts) rows reads, per MoE layer, mean
+    over `steps` eager decode steps after the prompts' prefill (the routers' choices as the
+    engine makes them)."""
+    B, counts = len(prompts), {}
+    hooks = []
+    for i, layer in enumerate(model.main_layers):
+        if isinstance(layer.mlp, MoE):
+            def count(module, args, out, i=i):
+                if out[1].shape[0] == B:  # a decode step: one token per row
+                    counts.setdefault(i, []).append(out[1].unique().numel())
+            hooks.append(layer.mlp.gate.register_forward_hook(count))
+    try:
+        engine_run(Engine(model, None, max_batch=B, max_len=len(prompts[0]) + steps + 1,
+                          config=InferenceConfig(cuda_graphs=False)), prompts, steps + 1)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [statistics.mean(c) for _, c in sorted(counts.items())]
+
+
+def step_bytes(model, touched: list[float], batch: int, positions: float, cache_bytes_per_token: int) -> float:
+    """Bytes one decode step of `batch` rows must read: every main-layer weight but the routed
+    experts, their touched experts, the final norm and head, the batch's embedding rows, and
+    each row's latent cache up to `positions`."""
+    total, moe = 0.0, iter(touched)
+    for layer in model.main_layers:
+        total += tensor_bytes(layer)
+        experts = next((m for m in layer.modules() if isinstance(m, Experts)), None)
+        if experts is not None:
+            per_expert = tensor_bytes(experts) / experts.gate_proj.shape[0]
+            total += per_expert * next(moe) - tensor_bytes(experts)
+    emb = model.model.embed_tokens.weight
+    total += tensor_bytes(model.model.norm) + tensor_bytes(model.lm_head) + batch * emb[0].numel() * emb.element_size()
+    return total + batch * positions * cache_bytes_per_token
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="bench-1b")
+    ap.add_argument("--layers", type=int, default=None, help="the preset's first N layers (real shapes, no MTP)")
+    ap.add_argument("--device", default=None, help="cuda (default when there is one) or cpu (a smoke run)")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
-                    help="engine settings to run: compiled + graphs, the fused Triton step at batches "
-                         "up to 4, compiled with grouped-GEMM experts only, graphs not compiled, eager")
+    ap.add_argument("--modes", nargs="+", default=["default", "compiled"], choices=list(MODES))
+    ap.add_argument("--fp8", action="store_true", help="the modes again with the layer weights in FP8")
+    ap.add_argument("--sharpen", type=float, default=1.0, metavar="F",
+                    help="every random weight times F (tests/conftest.py's model: 5): logits far from ties, "
+                         "so token agreement between modes measures their arithmetic")
+    ap.add_argument("--record-paths", action="store_true",
+                    help="write the batches where fused beat compiled into nanoseek/infer/decode_paths.json")
     ap.add_argument("--tuned-option", action="append", default=[], metavar="KEY=VALUE",
                     help="an Inductor option for the batch-1 step's compilation, beside coordinate-descent "
-                         "tuning (e.g. combo_kernels=true, aggressive_fusion=true); repeatable")
+                         "tuning (e.g. combo_kernels=true); repeatable")
     ap.add_argument("--fused-tuning", metavar="JSON",
                     help="launch shapes for the fused step (fused_tuning.json of benchmarks/fused_decode.py --tune)")
     ap.add_argument("--moe-tuning", metavar="JSON",
@@ -166,107 +208,169 @@ def main():
     ap.add_argument("--profile", action="store_true",
                     help="also profile the compiled decode step (uncaptured) per kernel: decode_profile.txt")
     args = ap.parse_args()
-    BucketGraphs.tuned_options = {**BucketGraphs.tuned_options, **dict(map(inductor_option, args.tuned_option))}
-    if args.fused_tuning:
-        from nanoseek.infer import fused
-        load_tuning(args.fused_tuning, fused.TUNING)
-    from nanoseek.kernels import moe as moe_kernels
-    if args.moe_tuning:
-        load_tuning(args.moe_tuning, moe_kernels.TUNING)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.record_paths and not {"fused", "compiled"} <= set(args.modes):
+        raise SystemExit("--record-paths compares the fused and the compiled step: add --modes fused compiled")
+    # every mode's engine: these, then the mode's own settings
+    common = dict(compile_options=dict(map(inductor_option, args.tuned_option)),
+                  fused_launch=launch_file(args.fused_tuning), small_batch_launch=launch_file(args.moe_tuning))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    cfg = preset("bench-1b")
+    cfg = sliced_preset(args.preset, args.layers)
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, cfg.vocab_size, (max(args.batches), args.prompt), generator=g)
+    bandwidth = copy_bandwidth(device)
+    print(f"{args.preset}{f' ({args.layers} layers)' if args.layers else ''} on {device}: copy bandwidth "
+          f"{bandwidth / 1e9:,.0f} GB/s", flush=True)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(Transformer(cfg), tmp, dtype=torch.bfloat16)
+        model = Transformer(cfg)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(args.sharpen)
+        save_pretrained(model, tmp, dtype=dtype)
+        del model
         gc.collect()
         if not args.skip_hf:
-            import transformers
-            transformers.logging.set_verbosity_error()
-            hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).cuda().eval()
-            for B in args.batches:
-                ids = prompts[:B].cuda()
-
-                def run(n, ids=ids):
-                    steps = StepTimes()
-                    with torch.no_grad():
-                        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                    min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
-                                    logits_processor=transformers.LogitsProcessorList([steps]))
-                    assert len(steps.times) == n
-                    return steps.times[-1] - steps.times[0]
-                rows[f"transformers generate, batch {B}"] = {"batch": B, **measure(run, B, args.new, args.repeat)}
-                print(f"transformers batch {B}: {rows[f'transformers generate, batch {B}']}", flush=True)
-            del hf
-            gc.collect()
-            torch.cuda.empty_cache()
-        model = from_pretrained(tmp, dtype=torch.bfloat16, device="cuda")
-    from nanoseek.model import moe
-    gather, small_batch = moe.GATHER_MAX_PAIRS, moe.SMALL_BATCH_KERNELS
+            rows.update(transformers_rows(tmp, prompts, args, dtype, device))
+        model = from_pretrained(tmp, dtype=dtype, device=device)
+    plists = {B: [p.tolist() for p in prompts[:B]] for B in args.batches}
     tokens = {}
-    for label, mode in (MODES[m] for m in args.modes):
-        mode = dict(mode)
-        moe.GATHER_MAX_PAIRS = mode.pop("gather", gather)  # (token, expert) pairs gathered, not grouped
-        moe.SMALL_BATCH_KERNELS = mode.pop("small_batch", small_batch)  # kernels/moe.py: batches of 3-64 here
-        engine = Engine(model, None, max_batch=max(args.batches), max_len=args.prompt + args.new, **mode)
-        for B in args.batches:
-            if B > (mode.get("fused_decode") or B):
-                continue  # the fused mode's larger batches are the compiled mode's
-            plist = [p.tolist() for p in prompts[:B]]
+    if args.fp8:
+        fp8_round_trip(model)
+    engine_rows(model, plists, args, common, device, bandwidth, rows, tokens)
+    if args.fp8:
+        from nanoseek.infer.fp8_weights import quantize_weights
+        engine_rows(quantize_weights(model), plists, args, common, device, bandwidth, rows, tokens, " FP8 weights")
+    for B in args.batches:
+        hf_row = rows.get(f"transformers generate, batch {B}")
+        for r in rows.values():
+            if hf_row and r["batch"] == B:
+                r["decode_speedup_vs_transformers"] = r["decode_tokens_per_s"] / hf_row["decode_tokens_per_s"]
+    name = "decode.json" if args.preset == "bench-1b" and not args.layers else \
+        f"decode_{args.preset}{f'_{args.layers}L' if args.layers else ''}.json"
+    result = {"benchmark": "decode", **environment(), "preset": args.preset, "layers": cfg.num_hidden_layers,
+              "prompt_tokens": args.prompt, "new_tokens": args.new, "dtype": str(dtype).removeprefix("torch."),
+              "greedy": True, "sharpen": args.sharpen, "copy_bandwidth_GBps": bandwidth / 1e9,
+              "inference_config": common, "rows": rows}
+    path = write_json(result, name)
+    print(f"\n{'run':52s} {'TTFT ms':>8s} {'decode tok/s':>13s} {'roofline':>9s} {'fraction':>8s} {'vs HF':>7s}")
+    for label, r in rows.items():
+        print(f"{label:52s} {r['ttft_s'] * 1e3:8.1f} {r['decode_tokens_per_s']:13,.0f} "
+              f"{r.get('roofline_tokens_per_s', float('nan')):9,.0f} {r.get('roofline_fraction', float('nan')):8.0%} "
+              f"{r.get('decode_speedup_vs_transformers', float('nan')):6.1f}x")
+    print(f"wrote {path}")
+    if args.record_paths:
+        record_paths(cfg, dtype, device, rows, f"benchmarks/results/{name}")
+    if args.profile and device.type == "cuda":
+        profile_decode_step(model, args, prompts)
 
-            def run(n, plist=plist, B=B, label=label):
-                outs, span = engine_run(engine, plist, n)
+
+def fp8_round_trip(model) -> None:
+    """The layer weights an FP8 checkpoint would hold, dequantised in place: the BF16 twin the
+    FP8-resident rows are compared with."""
+    from nanoseek.hf import dequantize_fp8_blockwise, quantize_fp8_blockwise
+    from nanoseek.infer.fp8_weights import layer_weights
+    names = layer_weights(model)
+    with torch.no_grad():
+        for name, t in model.state_dict(keep_vars=True).items():
+            stacked = name.rsplit(".", 1)[0] + ".gate_proj"  # an expert tensor's name in the set
+            if name in names or (name.endswith(("up_proj", "down_proj")) and stacked in names):
+                t.copy_(dequantize_fp8_blockwise(*quantize_fp8_blockwise(t.float())))
+
+
+def engine_rows(model, plists, args, common, device, bandwidth, rows, tokens, weights="") -> None:
+    """The engine's rows of every mode and batch into rows (their tokens into tokens); weights:
+    the label of the model's weights (FP8 rows are compared with the BF16 ones)."""
+    roofline = {}
+    for B in args.batches:  # what a step must read at this batch, at the bandwidth measured above
+        touched = experts_touched(model, plists[B], min(args.new, 16))
+        engine = Engine(model, None, max_batch=B, max_len=args.prompt + args.new, config=InferenceConfig(cuda_graphs=False))
+        nbytes = step_bytes(model, touched, B, args.prompt + args.new / 2, engine.cache_bytes_per_token)
+        roofline[B] = {"step_bytes": nbytes, "experts_touched_per_layer": touched,
+                       "roofline_tokens_per_s": B * bandwidth / nbytes}
+        del engine
+    for mode_label, mode in (MODES[m] for m in args.modes):
+        label = mode_label + weights
+        config = InferenceConfig(**{**common, **mode})
+        engine = Engine(model, None, max_batch=max(args.batches), max_len=args.prompt + args.new, config=config)
+        for B in args.batches:
+            if B > (config.fused_decode_rows or B):
+                continue  # the fused mode's larger batches are the compiled mode's
+
+            def run(n, B=B, label=label):
+                outs, span = engine_run(engine, plists[B], n)
                 assert all(len(o) == n for o in outs)
                 if n == args.new:  # every full run's tokens: the first and last are compared below
                     tokens.setdefault((label, B), []).append(outs)
                 return span
             name = f"nanoseek engine{label}, batch {B}"
-            rows[name] = {"batch": B, **measure(run, B, args.new, args.repeat)}
-            rows[name].update(graph_flags(engine.runner.graphs))
+            row = rows[name] = {"batch": B, **measure(run, B, args.new, args.repeat, device), **roofline[B]}
+            row["roofline_fraction"] = row["decode_tokens_per_s"] / row["roofline_tokens_per_s"]
+            row.update(graph_flags(engine.runner.graphs))
             runs = tokens[label, B]
-            # the same greedy tokens in every run of this engine (deterministic kernels)?
-            rows[name]["same_tokens_run_to_run"] = same_tokens(runs[0], runs[-1])
-            compiled = MODES["compiled"][0]
-            if label != compiled and (compiled, B) in tokens:  # the same greedy tokens as the compiled engine?
-                rows[name]["same_tokens_as_compiled"] = same_tokens(runs[-1], tokens[compiled, B][-1])
-            print(f"{name}: {rows[name]}", flush=True)
+            row["same_tokens_run_to_run"] = same_tokens(runs[0], runs[-1])
+            compiled = MODES["compiled"][0] + weights
+            if label != compiled and (compiled, B) in tokens:
+                row["same_tokens_as_compiled"] = same_tokens(runs[-1], tokens[compiled, B][-1])
+            if weights:
+                bf16 = rows[f"nanoseek engine{mode_label}, batch {B}"]
+                row["speedup_vs_bf16"] = row["decode_tokens_per_s"] / bf16["decode_tokens_per_s"]
+                row["same_tokens_as_bf16"] = same_tokens(runs[-1], tokens[mode_label, B][-1])
+            print(f"{name}: {row}", flush=True)
         del engine
         gc.collect()
-        torch.cuda.empty_cache()
-    moe.GATHER_MAX_PAIRS, moe.SMALL_BATCH_KERNELS = gather, small_batch  # the profile runs the defaults
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def transformers_rows(directory, prompts, args, dtype, device) -> dict:
+    import transformers
+    transformers.logging.set_verbosity_error()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
+    rows = {}
     for B in args.batches:
-        hf_row = rows.get(f"transformers generate, batch {B}")
-        if hf_row:
-            for name, r in rows.items():
-                if r["batch"] == B:
-                    r["decode_speedup_vs_transformers"] = r["decode_tokens_per_s"] / hf_row["decode_tokens_per_s"]
-    result = {"benchmark": "decode", **environment(), "preset": "bench-1b", "prompt_tokens": args.prompt,
-              "new_tokens": args.new, "dtype": "bfloat16", "greedy": True, "rows": rows}
-    if any(MODES[m][1]["compile"] for m in args.modes):
-        result["batch1_inductor_options"] = BucketGraphs.tuned_options
-    if "fused" in args.modes:
-        from nanoseek.infer import fused
-        result["fused_tuning"] = dict(fused.TUNING)
-    result["moe_kernel_tuning"] = moe_kernels.TUNING
-    path = write_json(result, "decode.json")
-    print(f"\n{'run':42s} {'TTFT ms':>8s} {'decode tok/s':>13s} {'peak GiB':>9s} {'vs HF':>7s}")
-    for name, r in rows.items():
-        print(f"{name:42s} {r['ttft_s'] * 1e3:8.1f} {r['decode_tokens_per_s']:13,.0f} "
-              f"{r['peak_memory_gib']:9.2f} {r.get('decode_speedup_vs_transformers', float('nan')):6.1f}x")
-    print(f"wrote {path}")
-    if args.profile:
-        profile_decode_step(model, args, prompts)
+        ids = prompts[:B].to(device)
+
+        def run(n, ids=ids):
+            steps = StepTimes(device)
+            with torch.no_grad():
+                hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False, eos_token_id=None, pad_token_id=0,
+                            logits_processor=transformers.LogitsProcessorList([steps]))
+            assert len(steps.times) == n
+            return steps.times[-1] - steps.times[0]
+        rows[f"transformers generate, batch {B}"] = {"batch": B, **measure(run, B, args.new, args.repeat, device)}
+        print(f"transformers batch {B}: {rows[f'transformers generate, batch {B}']}", flush=True)
+    del hf
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def record_paths(cfg, dtype, device, rows, result: str) -> None:
+    """The batches up to which the fused step's tokens/s beat the compiled step's, into the
+    engine's table of decode paths."""
+    from nanoseek.infer.decode_paths import record_fused_rows, rows_the_fused_step_won
+    fused, compiled = MODES["fused"][0], MODES["compiled"][0]
+    pairs = {r["batch"]: (rows[f"nanoseek engine{fused}, batch {r['batch']}"]["decode_tokens_per_s"],
+                          r["decode_tokens_per_s"])
+             for name, r in rows.items() if name.startswith(f"nanoseek engine{compiled}")
+             and f"nanoseek engine{fused}, batch {r['batch']}" in rows}
+    won = rows_the_fused_step_won(pairs)
+    record_fused_rows(cfg, dtype, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", won, result)
+    print(f"decode paths: the fused step up to batch {won} for this shape (nanoseek/infer/decode_paths.json)")
 
 
 def profile_decode_step(model, args, prompts):
     """Where a decode step's GPU time goes: the compiled step run without capture under
     torch.profiler, at batch 1 and the largest batch, kernels by total CUDA time. Every row
     decodes its own token after its own prompt, so rows choose different experts as in the
-    engine (up to 6ab6110 every row decoded token 1 over an empty cache: all rows chose the
-    same experts, and the MoE's share of the step read far too small)."""
+    engine (the same token in every row would route every row to the same experts)."""
     from nanoseek.infer.cuda_graph import GraphDecoder
-    engine = Engine(model, None, max_batch=max(args.batches), max_len=args.prompt + args.new, cuda_graphs=False)
+    engine = Engine(model, None, max_batch=max(args.batches), max_len=args.prompt + args.new,
+                    config=InferenceConfig(cuda_graphs=False))
     plist = [p.tolist() for p in prompts]
     engine_run(engine, plist, 1)  # the requests end at their first token; their rows keep the prompts
     lines = []

@@ -2,9 +2,7 @@
 path for buckets above the fused step's rows) per bucket, bench-1b BF16 with random weights,
 every cache row prefilled with its own prompt of `--prompt` tokens (max_len prompt + 128, as
 benchmarks/decode.py) and each row decoding its own token, so that rows route to different
-experts as in the engine. (The first job's file, decode_step_2cd077d.json, decoded the same
-token in every row over an empty cache: all rows chose the same 6 experts, so its steps read
-a tenth of the expert weights that a real batch reads.)
+experts as in the engine.
 
 Per bucket and variant, in one job:
 - `kernels_us`: the GPU time of the step's kernels, summed, inside captured replays
@@ -19,18 +17,13 @@ Per bucket and variant, in one job:
   `engine_run`: first token to the 128th, scheduling, read-back and postprocess included),
   and the host's time per burst in its parts (`engine_breakdown`).
 
-Variants (`--variants`) put a code choice side by side in the same job:
-- `base`: the code as it is;
-- `grouped_experts`: the routed experts through the grouped GEMM (moe.SMALL_BATCH_KERNELS
-  off) instead of kernels/moe.py;
-- `scatter_cache_write`: the cache write as it was up to 2e31b10 (`scatter_` into the slice
-  view of the rows, which Inductor compiles as a copy of the whole view, the scatter, and a
-  copy back).
+Variants (`--variants`) put an expert path side by side in the same job (model/moe.py):
+- `base`: the default ("auto");
+- `grouped_experts`: the routed experts always through the grouped GEMM.
 
 `--moe-sweep` first times kernels/moe.py's launch shapes on one MoE layer and writes the
-fastest to moe_tuning.json (the rows then run the code's own shapes; up to 6ab6110 the sweep
-left its choice in place, so decode_step_4b6711a.json's rows ran the eager sweep's shapes);
-`--profile` writes the first variant's kernels at the largest bucket.
+fastest to moe_tuning.json (decode.py --moe-tuning reads it; the rows here run the code's
+own shapes); `--profile` writes the first variant's kernels at the largest bucket.
 
     python benchmarks/decode_step.py [--buckets 8 32 --variants base grouped_experts --moe-sweep --profile]
 """
@@ -42,7 +35,6 @@ import copy
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -54,39 +46,13 @@ from common import (environment, graph_flags, graph_us, out_dir, prefill, profil
 
 from nanoseek import Transformer, preset  # noqa: E402
 from nanoseek.hf import to_dtype  # noqa: E402
+from nanoseek.infer.config import InferenceConfig  # noqa: E402
 from nanoseek.infer.cuda_graph import GraphDecoder  # noqa: E402
 from nanoseek.model import StaticCache  # noqa: E402
-from nanoseek.model import cache as cache_module  # noqa: E402
+from nanoseek.model.moe import ExpertPath  # noqa: E402
 
-
-def _scatter_update(self, layer_idx, positions, *entries):
-    """CacheView.update as it was: scatter_ into the rows' slice view."""
-    out = []
-    for buf, new in zip(self.cache.layers[layer_idx], entries):
-        if self.rows is None:
-            raise NotImplementedError("only contiguous rows in this variant")
-        rows = buf[self.rows]
-        idx = positions.reshape(*positions.shape, *([1] * (new.dim() - 2))).expand_as(new)
-        rows.scatter_(1, idx, new.to(buf.dtype))
-        out.append(rows[:, : self.kv_len])
-    return out
-
-
-@contextmanager
-def variant(name: str):
-    from nanoseek.model import moe
-    saved = cache_module.CacheView.update, moe.SMALL_BATCH_KERNELS
-    if name == "scatter_cache_write":
-        cache_module.CacheView.update = _scatter_update
-    elif name == "grouped_experts":
-        moe.SMALL_BATCH_KERNELS = False
-    elif name != "base":
-        raise SystemExit(f"unknown variant {name!r}")
-    try:
-        yield
-    finally:
-        cache_module.CacheView.update, moe.SMALL_BATCH_KERNELS = saved
-        torch._dynamo.reset()  # the next variant compiles its own code
+# --variants: the expert path each runs
+VARIANTS = {"base": ExpertPath("auto"), "grouped_experts": ExpertPath("grouped")}
 
 
 def graph_kernels(step: GraphDecoder, B: int, ids: list[int], position: int, steps: int,
@@ -116,7 +82,7 @@ class Timer:
             self.calls += 1
 
 
-def engine_breakdown(model, prompts, max_len: int, burst: int, repeat: int) -> dict:
+def engine_breakdown(model, prompts, max_len: int, burst: int, repeat: int, expert_path: str) -> dict:
     """The compiled engine (decode.py's compiled mode: fused_decode=0) at this batch and decode
     burst: µs per decoded token (decode.py's engine_run, median of repeat after a warm-up),
     and per burst of the last run the host's time in each part of a decode step: the graph
@@ -125,8 +91,9 @@ def engine_breakdown(model, prompts, max_len: int, burst: int, repeat: int) -> d
     from decode import engine_run
 
     from nanoseek.infer.engine import Engine
-    engine = Engine(model, None, max_batch=len(prompts), max_len=max_len, compile=True, fused_decode=0,
-                    decode_burst=burst)
+    engine = Engine(model, None, max_batch=len(prompts), max_len=max_len,
+                    config=InferenceConfig(compile=True, fused_decode_rows=0, decode_burst=burst,
+                                           expert_path=expert_path))
     plist = [p.tolist() for p in prompts]
     engine_run(engine, plist, 128)  # warm-up: compile, capture
     spans = []
@@ -153,8 +120,7 @@ def moe_sweep(model, n_tokens: int, repeat: int) -> dict:
     """kernels/moe.py's launch shapes at n_tokens rows of one MoE layer of the model, routed
     by its own router on random hidden states: µs per call of each shape in a grid, first of
     expert_up's, then of expert_down's with the best up (graph_us), and of the grouped GEMM;
-    the fastest go to moe_tuning.json (decode.py --moe-tuning reads it) and TUNING is put
-    back, so the rows after the sweep run the code's own shapes."""
+    the fastest go to moe_tuning.json (decode.py --moe-tuning reads it)."""
     from nanoseek.kernels import moe as moe_kernels
     from nanoseek.model.moe import MoE
     layer = next(m for m in model.modules() if isinstance(m, MoE))
@@ -165,7 +131,11 @@ def moe_sweep(model, n_tokens: int, repeat: int) -> dict:
         ref = ex.forward_grouped(x, weight, idx)
         out = {"tokens": n_tokens, "experts_chosen": int(idx.unique().numel()),
                "grouped_us": graph_us(lambda: ex.forward_grouped(x, weight, idx), repeat)}
-        defaults, best = dict(moe_kernels.TUNING), dict(moe_kernels.TUNING)
+        best = moe_kernels.launch_shapes()
+
+        def kernels(launch):
+            return moe_kernels.small_batch_experts(x, idx, weight, ex.gate_proj, ex.up_proj, ex.down_proj,
+                                                   launch=launch).sum(1).to(x.dtype)
         for part, (outer, inner) in (("up", ("block_f", "block_d")), ("down", ("block_d", "block_f"))):
             times, shapes = {}, {}
             for a in (32, 64, 128):
@@ -175,22 +145,20 @@ def moe_sweep(model, n_tokens: int, repeat: int) -> dict:
                             shapes[f"{outer} {a}, {inner} {b}, warps {w}, stages {st}"] = {
                                 outer: a, inner: b, "warps": w, "stages": st}
             for label, shape in shapes.items():
-                moe_kernels.TUNING[part] = shape
+                trial = {**best, part: shape}
                 try:
-                    err = rel_err(ex.forward_small_batch(x, weight, idx), ref)
+                    err = rel_err(kernels(trial), ref)
                     if err > 2e-2:
                         raise RuntimeError(f"rel err {err:.3g}")
-                    times[label] = graph_us(lambda: ex.forward_small_batch(x, weight, idx), repeat)
+                    times[label] = graph_us(lambda trial=trial: kernels(trial), repeat)
                 except Exception as e:  # noqa: BLE001 — a shape that does not compile or fit: skipped
                     times[label] = f"{type(e).__name__}: {str(e)[:80]}"
             ok = {k: v for k, v in times.items() if isinstance(v, float)}
             best[part] = shapes[min(ok, key=ok.get)]
-            moe_kernels.TUNING[part] = best[part]
             out[f"{part}_us"] = times
         out["best"] = best
-        out["best_us"] = graph_us(lambda: ex.forward_small_batch(x, weight, idx), repeat)
-        out["rel_err_vs_grouped"] = rel_err(ex.forward_small_batch(x, weight, idx), ref)
-        moe_kernels.TUNING.update(defaults)
+        out["best_us"] = graph_us(lambda: kernels(best), repeat)
+        out["rel_err_vs_grouped"] = rel_err(kernels(best), ref)
     print({k: v for k, v in out.items() if not k.endswith("_us") or isinstance(v, float)}, flush=True)
     print(f"wrote {write_json(out['best'], 'moe_tuning.json')}")
     return out
@@ -200,7 +168,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--buckets", type=int, nargs="+", default=[8, 32])
-    ap.add_argument("--variants", nargs="*", default=["base", "grouped_experts"],
+    ap.add_argument("--variants", nargs="*", default=["base", "grouped_experts"], choices=list(VARIANTS),
                     help="none: only the --moe-sweep")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=5)
@@ -224,35 +192,36 @@ def main():
     prefill(model, prefilled, prompts.cuda())
     rows = {"moe_sweep": moe_sweep(model, R, args.repeat)} if args.moe_sweep else {}
     for name in args.variants:
-        with variant(name):
-            for B in args.buckets:
-                cache = copy.deepcopy(prefilled)
-                step = GraphDecoder(model, cache, None, compile=True)
-                slots = list(range(B))
+        model.set_expert_path(VARIANTS[name])
+        torch._dynamo.reset()  # each variant compiles its own step
+        for B in args.buckets:
+            cache = copy.deepcopy(prefilled)
+            step = GraphDecoder(model, cache, None, compile=True)
+            slots = list(range(B))
 
-                def replays(step=step, B=B):  # each from the prompt's end again: the same steps each run
-                    bucket = step.load([step.ids, step.positions], slots, first[:B], [args.prompt] * B)
-                    for _ in range(args.steps):
-                        step.run((bucket, False))
+            def replays(step=step, B=B):  # each from the prompt's end again: the same steps each run
+                bucket = step.load([step.ids, step.positions], slots, first[:B], [args.prompt] * B)
+                for _ in range(args.steps):
+                    step.run((bucket, False))
 
-                def burst(step=step, B=B):
-                    step.decode_burst(slots, first[:B], [args.prompt] * B, args.steps).tolist()
-                with torch.no_grad():
-                    replay = time_cuda(replays, warmup=1, repeat=args.repeat)["median_ms"] * 1e3 / args.steps
-                    burst_us = time_cuda(burst, warmup=1, repeat=args.repeat)["median_ms"] * 1e3 / args.steps
-                    kernels, launches = graph_kernels(step, B, first[:B], args.prompt, args.steps,
-                                                      args.profile and name == args.variants[0] and B == R)
-                row = {"variant": name, "batch": B, "kernels_us": kernels, "launches": launches,
-                       "replay_us": replay, "gap_us": replay - kernels, "burst_us": burst_us,
-                       **graph_flags(step)}
-                del step, cache
-                torch.cuda.empty_cache()
-                if not args.no_engine and name == args.variants[0]:
-                    for n in args.engine_bursts:
-                        row.update(engine_breakdown(model, prompts[:B], max_len, n, args.repeat))
-                rows[f"{name}, batch {B}"] = row
-                print({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
-                write(args, max_len, rows)  # after every row: a job cut short keeps what it measured
+            def burst(step=step, B=B):
+                step.decode_burst(slots, first[:B], [args.prompt] * B, args.steps).tolist()
+            with torch.no_grad():
+                replay = time_cuda(replays, warmup=1, repeat=args.repeat)["median_ms"] * 1e3 / args.steps
+                burst_us = time_cuda(burst, warmup=1, repeat=args.repeat)["median_ms"] * 1e3 / args.steps
+                kernels, launches = graph_kernels(step, B, first[:B], args.prompt, args.steps,
+                                                  args.profile and name == args.variants[0] and B == R)
+            row = {"variant": name, "batch": B, "kernels_us": kernels, "launches": launches,
+                   "replay_us": replay, "gap_us": replay - kernels, "burst_us": burst_us,
+                   **graph_flags(step)}
+            del step, cache
+            torch.cuda.empty_cache()
+            if not args.no_engine and name == args.variants[0]:
+                for n in args.engine_bursts:
+                    row.update(engine_breakdown(model, prompts[:B], max_len, n, args.repeat, VARIANTS[name].kind))
+            rows[f"{name}, batch {B}"] = row
+            print({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+            write(args, max_len, rows)  # after every row: a job cut short keeps what it measured
     print(f"wrote {write(args, max_len, rows)}")
 
 
@@ -260,7 +229,7 @@ def write(args, max_len: int, rows: dict):
     from nanoseek.kernels import moe as moe_kernels
     result = {"benchmark": "decode_step", **environment(), "preset": "bench-1b", "prompt_tokens": args.prompt,
               "max_len": max_len, "steps": args.steps, "repeat": args.repeat,
-              "moe_kernel_tuning": moe_kernels.TUNING, "rows": rows}
+              "small_batch_experts_launch": moe_kernels.SMALL_BATCH_EXPERTS_LAUNCH, "rows": rows}
     return write_json(result, "decode_step.json")
 
 

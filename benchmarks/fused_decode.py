@@ -11,11 +11,11 @@ bench-1b with random weights (seeded), BF16, every cache row prefilled with a pr
   compilation): µs per step for the fused step and for the compiled model step
   (torch.compile + CUDA graph, the engine's path without fused_decode), and their ratio;
   the weight bytes a batch-1 step must read, over its time: the bandwidth it reaches;
-- `--tune PASSES`: before all that, the launch shapes (fused.TUNING) by coordinate descent at
-  batch 1: each knob in turn over its candidates, the others held, keeping the fastest
-  captured step (µs per step of 16 replayed steps, median of 5); the path and the best
-  shapes go to the JSON and are used for the rest of the run, and the shapes alone to
-  fused_tuning.json (benchmarks/decode.py --fused-tuning reads them);
+- `--tune PASSES`: before all that, the launch shapes (fused.fused_step_launch) by
+  coordinate descent at batch 1: each knob in turn over its candidates, the others held,
+  keeping the fastest captured step (µs per step of 16 replayed steps, median of 5); the
+  path and the best shapes go to the JSON and are used for the rest of the run, and the
+  shapes alone to fused_tuning.json (benchmarks/decode.py --fused-tuning reads them);
 - `--profile`: the fused step's kernels at batch 1 (torch.profiler, uncaptured) in
   fused_profile.txt.
 
@@ -38,6 +38,7 @@ from common import (environment, graph_flags, graph_us, out_dir, prefill, profil
                     time_cuda, write_json)  # noqa: E402
 
 from nanoseek import Transformer, preset  # noqa: E402
+from nanoseek.infer.config import InferenceConfig  # noqa: E402
 from nanoseek.infer.cuda_graph import GraphDecoder  # noqa: E402
 from nanoseek.infer import fused as fused_module  # noqa: E402
 from nanoseek.infer.fused import FusedDecoder  # noqa: E402
@@ -67,7 +68,7 @@ def step_weight_bytes(model: Transformer) -> int:
     return total + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
 
 
-# the largest kernels' knobs first (fused.TUNING's keys; each candidate list holds the default)
+# the largest kernels' knobs first (fused.LAUNCH_KEYS; each list holds bench-1b's derived value)
 CANDIDATES = dict(pdl=[True, False], up_rows=[4, 8, 16], up_warps=[1, 2, 4],
                   down_rows=[1, 2, 4, 8], down_warps=[1, 2, 4, 8],
                   query_warps=[2, 4, 8], gemv_rows=[2, 4, 8], gemv_warps=[2, 4, 8],
@@ -75,19 +76,20 @@ CANDIDATES = dict(pdl=[True, False], up_rows=[4, 8, 16], up_warps=[1, 2, 4],
                   head_rows=[4, 8, 16, 32], head_warps=[4, 8])
 
 
-def fused_step_us(model, cache, tuning, prompt, repeat=5) -> float:
+def fused_step_us(model, cache, launch, prompt, repeat=5) -> float:
     """µs per step of the batch-1 fused step with these launch shapes: 16 forwards captured
     in one graph (graph_us), median of repeat replays."""
-    step = FusedDecoder(model, cache, 1, tuning)
+    step = FusedDecoder(model, cache, 1, launch)
     ids = torch.ones(1, 1, dtype=torch.long, device="cuda")
     pos = torch.full((1, 1), prompt, device="cuda")
     return graph_us(lambda: step.forward(ids, pos), repeat, calls=16)
 
 
 def tune(model, cache, prompt, passes) -> tuple[dict, list]:
-    """Coordinate descent over CANDIDATES from fused.TUNING: each knob in turn over its
-    values, the others held, keeping the fastest; returns the best shapes and the path."""
-    best = dict(fused_module.TUNING)
+    """Coordinate descent over CANDIDATES from the derived launch shapes (fused_step_launch):
+    each knob in turn over its values, the others held, keeping the fastest; returns the best
+    shapes and the path."""
+    best = fused_module.fused_step_launch(model.config, cache.max_len)
     best_us = fused_step_us(model, cache, best, prompt)
     path = [{"tuning": dict(best), "us_per_step": best_us}]
     print(f"tune: start {best_us:.1f} us/step", flush=True)
@@ -134,17 +136,17 @@ def main():
     prefill(model, cache32, prompts)
     prefill(model_bf16, cache16, prompts)
     rows, tuning = {}, {}
+    launch = fused_module.fused_step_launch(cfg, max_len)  # the shapes every fused step below runs
     if args.tune:
-        best, path = tune(model_bf16, copy.deepcopy(cache16), args.prompt, args.tune)
-        fused_module.TUNING.update(best)
-        tuning = {"best": best, "path": path}
+        launch, path = tune(model_bf16, copy.deepcopy(cache16), args.prompt, args.tune)
+        tuning = {"best": launch, "path": path}
     for B in args.buckets:
         ids = torch.randint(0, cfg.vocab_size, (B, 1), generator=g).cuda()
         pos = torch.full((B, 1), args.prompt, device="cuda")
         with torch.no_grad():
             ref = model(ids, positions=pos, cache=copy.deepcopy(cache32).prefix(B)).logits[:, -1].float()
             plain = model_bf16(ids, positions=pos, cache=copy.deepcopy(cache16).prefix(B)).logits[:, -1].float()
-        fused = FusedDecoder(model_bf16, copy.deepcopy(cache16), B).forward(ids, pos).float()
+        fused = FusedDecoder(model_bf16, copy.deepcopy(cache16), B, launch).forward(ids, pos).float()
         rows[f"batch {B}"] = {
             "batch": B,
             "fused_rel_err_vs_fp32": rel_err(fused, ref), "model_bf16_rel_err_vs_fp32": rel_err(plain, ref),
@@ -156,7 +158,8 @@ def main():
     del model, cache32
     torch.cuda.empty_cache()
 
-    modes = (("fused", dict(fused_rows=R)),) + (() if args.no_compiled else (("compiled", dict(compile=True)),))
+    modes = ((("fused", dict(fused_rows=R, fused_launch=launch)),)
+             + (() if args.no_compiled else (("compiled", dict(compile=True)),)))
     for name, kw in modes:
         for B in args.buckets:
             cache = copy.deepcopy(cache16)
@@ -174,38 +177,38 @@ def main():
             print(f"{name} batch {B}: {us:.1f} us/step", flush=True)
             del step, cache
             torch.cuda.empty_cache()
-    rows["engine, batch 1"] = engine_overhead(model_bf16, prompts[0].tolist(), max_len, args.repeat)
+    rows["engine, batch 1"] = engine_overhead(model_bf16, prompts[0].tolist(), max_len, args.repeat, launch)
     weight_bytes = step_weight_bytes(model_bf16)
     if "batch 1" in rows:
         for name, _ in modes:
             us = rows["batch 1"][f"{name}_us_per_step"]
             rows["batch 1"][f"{name}_weight_bandwidth_TBps"] = weight_bytes / us / 1e6
     import triton
-    pdl = fused_module.pdl_supported(torch.device("cuda")) and bool(fused_module.TUNING["pdl"])
+    pdl = fused_module.pdl_supported(torch.device("cuda")) and bool(launch["pdl"])
     result = {"benchmark": "fused_decode", **environment(), "triton": triton.__version__, "pdl": pdl,
               "preset": "bench-1b", "prompt_tokens": args.prompt,
               "max_len": max_len, "steps_per_burst": args.steps, "repeat": args.repeat,
-              "batch1_weight_bytes": weight_bytes, "tuning_used": dict(fused_module.TUNING),
+              "batch1_weight_bytes": weight_bytes, "launch_used": launch,
               "tuning_search": tuning, "rows": rows}
     print(f"wrote {write_json(result, 'fused_decode.json')}")
     if args.tune:  # for benchmarks/decode.py --fused-tuning
-        print(f"wrote {write_json(dict(fused_module.TUNING), 'fused_tuning.json')}")
+        print(f"wrote {write_json(launch, 'fused_tuning.json')}")
     if args.profile:
-        profile(model_bf16, cache16, args)
+        profile(model_bf16, cache16, args, launch)
 
 
-def engine_overhead(model, prompt, max_len, repeat) -> dict:
+def engine_overhead(model, prompt, max_len, repeat, launch) -> dict:
     """The engine's batch-1 decode with the fused step, at decode bursts of 8, 16 and 32:
     µs per decoded token from the first token to the 128th inside each run (decode.py's
     engine_run), median of repeat runs after a warm-up: the engine's whole loop (scheduling,
-    read-back, postprocess) on top of the graph replays. (Up to 37ee3ca's file these
-    figures subtracted a 1-token run's median from a 128-token run's instead.)"""
+    read-back, postprocess) on top of the graph replays."""
     from decode import engine_run
 
     from nanoseek.infer.engine import Engine
     out = {}
     for burst in (8, 16, 32):
-        engine = Engine(model, None, max_batch=1, max_len=max_len, fused_decode=1, decode_burst=burst)
+        engine = Engine(model, None, max_batch=1, max_len=max_len,
+                        config=InferenceConfig(fused_decode_rows=1, fused_launch=launch, decode_burst=burst))
         engine_run(engine, [prompt], 128)  # warm-up: capture
         span = statistics.median(engine_run(engine, [prompt], 128)[1] for _ in range(repeat))
         out[f"decode_burst_{burst}_us_per_token"] = span / 127 * 1e6
@@ -214,8 +217,8 @@ def engine_overhead(model, prompt, max_len, repeat) -> dict:
     return out
 
 
-def profile(model, cache, args):
-    fused = FusedDecoder(model, cache, 1)
+def profile(model, cache, args, launch):
+    fused = FusedDecoder(model, cache, 1, launch)
     ids = torch.ones(1, 1, dtype=torch.long, device="cuda")
     pos = torch.full((1, 1), args.prompt, device="cuda")
     for _ in range(3):

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, graph_flags, write_json  # noqa: E402
 
 from nanoseek import Transformer, preset  # noqa: E402
+from nanoseek.infer.config import InferenceConfig  # noqa: E402
 from nanoseek.infer.engine import Engine  # noqa: E402
 from nanoseek.infer.sampling import SamplingParams  # noqa: E402
 
@@ -89,8 +90,8 @@ def main() -> None:
     warm = [[7] * 40 + [i] for i in range(3)]
     results = {}
     for cached in (False, True):
-        engine = Engine(model, None, max_batch=args.max_batch, max_len=max_len, compile=args.compile,
-                        prefix_cache=cached)
+        engine = Engine(model, None, max_batch=args.max_batch, max_len=max_len,
+                        config=InferenceConfig(compile=args.compile, prefix_cache=cached))
         run(engine, warm, 4)  # captures and compiles; its prefixes are unrelated to the measured ones
         results["prefix_cache" if cached else "no_cache"] = {**run(engine, prompts, args.new),
                                                              **graph_flags(engine.runner.graphs)}

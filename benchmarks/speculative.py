@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, graph_flags, write_json  # noqa: E402
 
 from nanoseek.data.tasks import get_task  # noqa: E402
+from nanoseek.infer.config import InferenceConfig  # noqa: E402
 from nanoseek.infer.engine import Engine  # noqa: E402
 from nanoseek.infer.sampling import SamplingParams  # noqa: E402
 from nanoseek.train.evaluate import task_prompt  # noqa: E402
@@ -83,7 +84,7 @@ def main():
         # fused_decode=0: the plain baseline decodes with the model's forward, as the speculative
         # steps verify with it (the fused Triton step has no speculative form yet)
         engine = Engine(model, tok, max_batch=max(args.batches), max_len=max_len, speculative_k=k,
-                        compile=compile, fused_decode=0)
+                        config=InferenceConfig(compile=compile, fused_decode_rows=0))
         for B in args.batches:
             run_engine(engine, prompts[:B], B, args.new)  # warm-up: compile and capture this bucket
             before = dict(engine.speculative_stats() or {})

@@ -10,9 +10,15 @@
     nanoseek rejection-sample --model runs/grpo --task arithmetic --n 8 --out rs.jsonl
     nanoseek distill --teacher http://host:8000/v1 --data problems.jsonl --out traces.jsonl
 
-Config overrides are `key=value` words with JSON values (`q_lora_rank=null`). A user error
-(unknown preset, bad override, invalid value, missing file) prints one line
-`nanoseek: error: ...` to stderr and exits with status 2.
+Config overrides are `key=value` words with JSON values (`q_lora_rank=null`);
+`nanoseek train --list-fields` (sft, grpo, distill) lists them with their defaults. Bare
+`nanoseek` prints the command list and exits 0; `COMMAND --help` shows each option's default.
+
+Exit status: 0 done; 2 a user error (unknown preset, bad override, invalid value, missing file,
+a device this machine lacks), printed as one line `nanoseek: error: ...` on stderr; 130 after
+Ctrl-C (train, sft and grpo first finish the step in flight and save it, and the line says how
+to resume); 141 when the reader of the output went away (`nanoseek info --json | head`),
+quietly, as a tool killed by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -20,10 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
-from .config import PRESETS, ConfigError, ModelConfig, apply_overrides, preset
+from .config import PRESETS, CheckedConfig, ConfigError, ModelConfig, apply_overrides, preset
+from .loading import resolve_device
+from .rl.trainer import GRPOConfig
+from .train.trainer import TrainConfig, TrainingError, TrainingInterrupted
 
 
 class UsageError(Exception):
@@ -35,6 +45,45 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, unless its help states it already or there is none
+    worth showing (unset, an off flag, empty)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or any(action.default is v for v in (None, False, "", argparse.SUPPRESS)):
+            return text
+        return super()._get_help_string(action)
+
+
+def int_at_least(minimum: int):
+    """An argparse type: an integer >= minimum (a wrong one is a one-line usage error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            bound = "positive" if minimum == 1 else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+    return parse
+
+
+positive_int, non_negative_int = int_at_least(1), int_at_least(0)
+
+
+def add_list_fields(p: argparse.ArgumentParser, config: type[CheckedConfig], note: str = "") -> None:
+    """`--list-fields`: print the key=value fields a command takes, with their defaults and
+    meanings, and stop (as --help does, before required arguments are asked for)."""
+    class ListFields(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"{config.kind} fields (key=value, JSON values):\n{config.field_table()}" + note)
+            parser.exit(0)
+    p.add_argument("--list-fields", action=ListFields, nargs=0, default=argparse.SUPPRESS,
+                   help="list the key=value fields with their defaults, and exit")
+
+
 # ---------------------------------------------------------------------- shared options
 def add_config_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
@@ -42,6 +91,10 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--config", metavar="FILE", help="a config.json or a checkpoint directory")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config field overrides, JSON values (e.g. n_routed_experts=16 q_lora_rank=null)")
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:N")
 
 
 def load_config(args: argparse.Namespace) -> ModelConfig:
@@ -57,15 +110,13 @@ def load_config(args: argparse.Namespace) -> ModelConfig:
 # ---------------------------------------------------------------------- info
 def add_info_args(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
-    p.add_argument("--context", type=int, default=4096, metavar="T",
-                   help="context length for the FLOP counts (default 4096)")
+    p.add_argument("--context", type=positive_int, default=4096, metavar="T",
+                   help="context length for the FLOP counts")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
     from .info import model_info
-    if args.context <= 0:
-        raise UsageError(f"--context must be positive, got {args.context}")
     info = model_info(load_config(args), context_length=args.context)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -151,8 +202,8 @@ def info_table(i: dict, title: str = "") -> str:
 def add_init_args(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to create")
-    p.add_argument("--seed", type=int, default=0, help="torch seed of the initialisation (default 0)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--seed", type=int, default=0, help="torch seed of the initialisation")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights' dtype")
 
 
 def cmd_init(args: argparse.Namespace) -> None:
@@ -188,23 +239,79 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------- train / sft / eval
+MODEL_FIELDS_NOTE = ("\nand any model config field, by transformers' DeepseekV3Config names (hidden_size=256, "
+                     "...);\n`nanoseek info --preset NAME --json` lists a preset's values")
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
     p.add_argument("--data", required=True, metavar="SPEC",
                    help="file(s) (.txt .jsonl .json .parquet, a datasets folder) or builtin:TASK[:level=N], "
                         "comma-joined")
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--save-every", type=int, default=0, metavar="K")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    add_run_args(p)
     p.add_argument("--tokenizer", metavar="DIR", help="an existing tokenizer.json (default: train BPE on the data)")
+    add_parallel_args(p)
+    add_list_fields(p, TrainConfig, MODEL_FIELDS_NOTE)
     p.epilog = "key=value words set model config fields or train fields (lr, batch_size, seq_len, ...)"
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The options of a training run (train, sft)."""
+    p.add_argument("--steps", type=positive_int, required=True, metavar="K", help="optimizer steps")
+    p.add_argument("--out", required=True, metavar="DIR", help="the run directory")
+    p.add_argument("--save-every", type=non_negative_int, default=None, metavar="K",
+                   help="checkpoint every K steps (default: every tenth of the run; 0: only at the end)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallel training (launch with torchrun --nproc-per-node N -m nanoseek ...)")
+    g.add_argument("--dp", type=int, metavar="N", help="data-parallel ranks, FSDP2-sharded (default: the "
+                                                       "processes torchrun started, divided by --pp)")
+    g.add_argument("--ep", type=int, default=1, metavar="N", help="expert-parallel group size; divides --dp")
+    g.add_argument("--pp", type=int, default=1, metavar="N", help="pipeline-parallel ranks")
+    g.add_argument("--pp-schedule", choices=("1f1b", "dualpipev"), default="1f1b",
+                   help="pipeline schedule (dualpipev: two stages per rank, V-shaped)")
+    g.add_argument("--microbatches", type=int, default=0, metavar="N",
+                   help="pipeline micro-batches per step (default: 2 per stage)")
+    g.add_argument("--replicate", action="store_true", help="replicate non-expert weights over dp "
+                                                            "instead of sharding them")
+    g.add_argument("--fsdp-bf16", action="store_true", help="FSDP computes with bf16 copies of the weights")
+    g.add_argument("--cpu-offload", action="store_true", help="FSDP keeps weights and optimizer state in CPU memory")
+
+
+def parallel_config(args: argparse.Namespace):
+    """The ParallelConfig of a run started by torchrun or with parallel flags; None for today's
+    one-process path. A resumed run whose checkpoints are distributed continues in one process."""
+    launched = "WORLD_SIZE" in os.environ
+    flags = args.dp is not None or args.ep > 1 or args.pp > 1
+    if not (launched or flags or (args.resume and distributed_run(args.out))):
+        return None
+    from .parallel.mesh import ParallelConfig, init_distributed
+    rank, world = init_distributed()
+    if rank != 0:  # one copy of what a run prints: rank 0's
+        sys.stdout = open(os.devnull, "w")
+    if args.pp < 1 or world % args.pp:
+        raise UsageError(f"--pp {args.pp} must be a positive divisor of the {world} processes started")
+    cfg = ParallelConfig(dp=args.dp if args.dp is not None else world // args.pp, ep=args.ep, pp=args.pp,
+                         schedule=args.pp_schedule, microbatches=args.microbatches, fsdp=not args.replicate,
+                         param_dtype="bf16" if args.fsdp_bf16 else None, cpu_offload=args.cpu_offload)
+    cfg.check_world(world)
+    return cfg
+
+
+def distributed_run(run_dir: str) -> bool:
+    """Whether the latest checkpoint of a run directory was written by a parallel run."""
+    from .loading import latest_checkpoint
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return False
+    from .parallel.checkpoint import is_distributed_checkpoint
+    return is_distributed_checkpoint(ckpt)
 
 
 def _train_cfg(args, extra: dict):
     from .train.stages import train_config
-    if args.steps < 1:
-        raise UsageError(f"--steps must be positive, got {args.steps}")
     return train_config(steps=args.steps, save_every=args.save_every, **extra)
 
 
@@ -213,7 +320,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     model_over, train_over = split_overrides(args.overrides)
     args.overrides = model_over
     trainer, _, records = pretrain(load_config(args), _train_cfg(args, train_over), args.data, args.out,
-                                   tokenizer=args.tokenizer, resume=args.resume)
+                                   tokenizer=args.tokenizer, resume=args.resume, parallel=parallel_config(args))
     last = records[-1] if records else {}
     print(f"trained to step {trainer.step}; last loss {last.get('loss', float('nan')):.4f}; "
           f"model in {Path(args.out) / 'final'}")
@@ -223,11 +330,10 @@ def add_sft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="a checkpoint or a run directory")
     p.add_argument("--data", required=True, metavar="SPEC",
                    help="chats: .jsonl/.json/.parquet with messages, or builtin:TASK")
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--save-every", type=int, default=0, metavar="K")
-    p.add_argument("--resume", action="store_true")
+    add_run_args(p)
+    add_parallel_args(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="train fields (lr, batch_size, seq_len, ...)")
+    add_list_fields(p, TrainConfig)
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
@@ -235,7 +341,8 @@ def cmd_sft(args: argparse.Namespace) -> None:
     model_over, train_over = split_overrides(args.overrides)
     if model_over:
         raise UsageError(f"sft takes train fields only, not {', '.join(model_over)}")
-    trainer, _, records = sft(args.model, _train_cfg(args, train_over), args.data, args.out, resume=args.resume)
+    trainer, _, records = sft(args.model, _train_cfg(args, train_over), args.data, args.out, resume=args.resume,
+                              parallel=parallel_config(args))
     last = records[-1] if records else {}
     print(f"SFT to step {trainer.step}; last loss {last.get('loss', float('nan')):.4f}; "
           f"model in {Path(args.out) / 'final'}")
@@ -244,25 +351,26 @@ def cmd_sft(args: argparse.Namespace) -> None:
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="a checkpoint or a run directory")
     p.add_argument("--task", default="arithmetic", help="built-in task (arithmetic, countdown)")
-    p.add_argument("--level", type=int, default=1)
-    p.add_argument("--n", type=int, default=100, help="held-out problems")
-    p.add_argument("--k", type=int, default=0, help="also pass@k with k samples per problem")
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--level", type=int, default=1, help="task difficulty")
+    p.add_argument("--n", type=positive_int, default=100, help="held-out problems")
+    p.add_argument("--k", type=non_negative_int, default=0, help="also pass@k with k samples per problem")
+    p.add_argument("--temperature", type=float, default=0.8, help="of the pass@k samples")
     p.add_argument("--format", choices=("chat", "plain"), default="chat",
                    help="chat template (after SFT) or the plain pretraining format")
+    add_device_arg(p)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .train.evaluate import evaluate_task
     from .loading import load_model_dir
-    _, model, tokenizer = load_model_dir(args.model)
+    _, model, tokenizer = load_model_dir(args.model, args.device)
     result = evaluate_task(model, tokenizer, args.task, args.level, n=args.n, k=args.k,
                            temperature=args.temperature, fmt=args.format)
     print(json.dumps(result, indent=2))
 
 
 def add_speedrun_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/speedrun", metavar="DIR")
+    p.add_argument("--out", default="runs/speedrun", metavar="DIR", help="where the stages and report.md go")
     p.add_argument("--minutes", type=float, default=None,
                    help="wall-time budget for pretraining + SFT (default: 9.5 on a CPU, 20 on a GPU)")
     p.add_argument("--grpo-minutes", type=float, default=None, metavar="M",
@@ -293,9 +401,10 @@ def add_grpo_args(p: argparse.ArgumentParser) -> None:
                         "every eval_every steps and at the end (eval_reward in metrics.jsonl; eval_n "
                         "rows, default all); --task runs use the task's test split instead")
     p.add_argument("--level", type=int, default=None, metavar="N", help="task difficulty (default 1; --task only)")
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--steps", type=int, default=None, metavar="K", help="GRPO steps (default 100)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the run directory")
+    p.add_argument("--steps", type=positive_int, default=None, metavar="K", help="GRPO steps (default 100)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    add_list_fields(p, GRPOConfig)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="GRPOConfig fields, JSON values (group_size=8 beta=0 loss_type=dapo "
                         "rewards='{\"accuracy\": 1, \"format\": 0.2}')")
@@ -329,10 +438,7 @@ def cmd_grpo(args: argparse.Namespace) -> None:
         if "rewards" not in changes:
             changes["rewards"] = {correctness_reward(source): 1.0}
             print(f"rewards: {json.dumps(changes['rewards'])} (set rewards='{{...}}' to choose)")
-    try:
-        cfg = grpo_config(**changes)
-    except TypeError as e:  # a value of the wrong type, e.g. beta="x"
-        raise UsageError(f"invalid grpo value ({e})") from None
+    cfg = grpo_config(**changes)
     trainer, records = grpo(args.model, source, cfg, args.out, resume=args.resume, data=args.data,
                             eval_rows=eval_rows)
     last = records[-1] if records else {}
@@ -351,16 +457,16 @@ def add_prompt_source_args(p: argparse.ArgumentParser) -> None:
                    help="prompts to use (default: 100 task problems, or every row of --data)")
     p.add_argument("--out", required=True, metavar="FILE.jsonl", help="SFT chats for `nanoseek sft --data`; "
                    "figures and per-prompt pass rates go beside it in FILE.stats.json")
-    p.add_argument("--seed", type=int, default=0, metavar="S")
-    p.add_argument("--device", default="auto", help="for a local model: auto, cpu, cuda, ...")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="of the samples")
+    add_device_arg(p)
 
 
 def add_rejection_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="a checkpoint or a run directory (after RL)")
     add_prompt_source_args(p)
-    p.add_argument("--n", type=int, default=4, metavar="N", help="samples per prompt (default 4)")
-    p.add_argument("--temperature", type=float, default=0.7, metavar="T", help="(default 0.7)")
-    p.add_argument("--max-tokens", type=int, default=256, metavar="K", help="per sample (default 256)")
+    p.add_argument("--n", type=positive_int, default=4, metavar="N", help="samples per prompt")
+    p.add_argument("--temperature", type=float, default=0.7, metavar="T", help="sampling temperature")
+    p.add_argument("--max-tokens", type=positive_int, default=256, metavar="K", help="per sample")
 
 
 def print_recipe_stats(stats: dict, n: int, out: str, judged: bool = True) -> None:
@@ -385,18 +491,19 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
                    help="a checkpoint/run directory, or an OpenAI-compatible base URL (http://host:8000/v1); "
                         "its key from $NANOSEEK_TEACHER_API_KEY or --api-key-file")
     add_prompt_source_args(p)
-    p.add_argument("--n", type=int, default=1, metavar="N", help="traces per prompt (default 1)")
-    p.add_argument("--temperature", type=float, default=0.6, metavar="T", help="(default 0.6, R1's advice)")
-    p.add_argument("--top-p", type=float, default=0.95, metavar="P", help="(default 0.95)")
-    p.add_argument("--max-tokens", type=int, default=1024, metavar="K", help="per trace (default 1024)")
+    p.add_argument("--n", type=positive_int, default=1, metavar="N", help="traces per prompt")
+    p.add_argument("--temperature", type=float, default=0.6, metavar="T", help="sampling temperature (R1's advice)")
+    p.add_argument("--top-p", type=float, default=0.95, metavar="P", help="nucleus sampling")
+    p.add_argument("--max-tokens", type=positive_int, default=1024, metavar="K", help="per trace")
     p.add_argument("--only-correct", action="store_true", help="keep only traces whose answer checks out")
     p.add_argument("--teacher-model", metavar="NAME", help="the endpoint's model (default: the first it lists)")
     p.add_argument("--api-key-file", metavar="FILE", help="the endpoint's key, first line")
-    p.add_argument("--concurrency", type=int, default=8, metavar="C", help="requests in flight (default 8)")
+    p.add_argument("--concurrency", type=positive_int, default=8, metavar="C", help="requests in flight")
     p.add_argument("--student", metavar="DIR", help="then fine-tune this checkpoint on the traces ...")
     p.add_argument("--sft-out", metavar="DIR", help="... into this run directory")
-    p.add_argument("--sft-steps", type=int, default=100, metavar="K", help="SFT steps (default 100)")
+    p.add_argument("--sft-steps", type=positive_int, default=100, metavar="K", help="SFT steps")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="SFT train fields (lr, batch_size, seq_len, ...)")
+    add_list_fields(p, TrainConfig)
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
@@ -411,13 +518,9 @@ def cmd_distill(args: argparse.Namespace) -> None:
         model_over, train_over = split_overrides(args.overrides)
         if model_over:
             raise UsageError(f"distill takes SFT train fields only, not {', '.join(model_over)}")
-        if args.sft_steps < 1:
-            raise UsageError(f"--sft-steps must be positive, got {args.sft_steps}")
         train_config(steps=args.sft_steps, **train_over)  # an unknown field fails now too
     elif args.overrides:
         raise UsageError(f"key=value words set the student's SFT; without --student: {' '.join(args.overrides)}")
-    if args.concurrency < 1:
-        raise UsageError(f"--concurrency must be positive, got {args.concurrency}")
     url = is_url(args.teacher)
     if not url and (args.api_key_file or args.teacher_model):
         raise UsageError("--api-key-file and --teacher-model are for a URL teacher")
@@ -438,30 +541,30 @@ def cmd_distill(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------- generate / chat
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float, top_p: float, max_tokens: int) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="a checkpoint or a run directory")
-    p.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N",
-                   help=f"tokens to generate at most (default {max_tokens})")
-    p.add_argument("--temperature", type=float, default=temperature, metavar="T",
-                   help=f"0 is greedy (default {temperature})")
-    p.add_argument("--top-p", type=float, default=top_p, metavar="P", help=f"nucleus (default {top_p})")
-    p.add_argument("--top-k", type=int, default=0, metavar="K", help="0: off (default)")
-    p.add_argument("--seed", type=int, default=None, metavar="S")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--max-tokens", type=positive_int, default=max_tokens, metavar="N",
+                   help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=temperature, metavar="T", help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=top_p, metavar="P", help="nucleus sampling")
+    p.add_argument("--top-k", type=non_negative_int, default=0, metavar="K", help="0: off")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="of the sampling")
+    add_device_arg(p)
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="weights: auto keeps an FP8 checkpoint in FP8 (others as stored); bf16, fp32 dequantize")
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
     add_sampling_args(p, temperature=0.0, top_p=1.0, max_tokens=256)
     p.add_argument("--prompt", required=True, metavar="TEXT")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
-    p.add_argument("--speculative", type=int, default=0, metavar="K",
-                   help="draft K tokens per step with the MTP module(s) (default 0: off)")
+    p.add_argument("--speculative", type=non_negative_int, default=0, metavar="K",
+                   help="draft K tokens per step with the MTP module(s); 0: off")
 
 
 def load_model(args: argparse.Namespace):
-    """(model, tokenizer) of --model on --device."""
+    """(model, tokenizer) of --model on --device, its weights as --dtype says."""
+    from .infer.fp8_weights import DTYPE_CHOICES
     from .loading import load_model_dir
-    if args.max_tokens < 1:
-        raise UsageError(f"--max-tokens must be positive, got {args.max_tokens}")
-    _, model, tokenizer = load_model_dir(args.model, args.device)
+    _, model, tokenizer = load_model_dir(args.model, args.device, **DTYPE_CHOICES[args.dtype])
     return model, tokenizer
 
 
@@ -473,8 +576,6 @@ def sampling_params(args: argparse.Namespace, max_tokens: int):
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from .infer.engine import Engine
-    if args.speculative < 0:
-        raise UsageError(f"--speculative must be >= 0, got {args.speculative}")
     model, tokenizer = load_model(args)
     prompt = args.prompt
     if args.chat:
@@ -495,8 +596,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def add_chat_args(p: argparse.ArgumentParser) -> None:
     add_sampling_args(p, temperature=0.6, top_p=0.95, max_tokens=1024)  # R1's recommended sampling
     p.add_argument("--system", default="", metavar="TEXT", help="a system prompt")
-    p.add_argument("--context", type=int, default=4096, metavar="T",
-                   help="tokens the whole conversation may hold (default 4096, at most the model's)")
+    p.add_argument("--context", type=positive_int, default=4096, metavar="T",
+                   help="tokens the whole conversation may hold, at most the model's")
 
 
 class ReplyPrinter:
@@ -525,8 +626,6 @@ class ReplyPrinter:
 def cmd_chat(args: argparse.Namespace) -> None:
     from .infer.engine import Engine
     from .infer.reasoning import ReasoningSplitter
-    if args.context < 1:
-        raise UsageError(f"--context must be positive, got {args.context}")
     model, tokenizer = load_model(args)
     engine = Engine(model, tokenizer, max_batch=1,
                     max_len=min(args.context, model.config.max_position_embeddings))
@@ -593,26 +692,54 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="nanoseek", description="The DeepSeek-V3 / R1 system in PyTorch.")
+    parser = Parser(prog="nanoseek", description="The DeepSeek-V3 / R1 system in PyTorch.",
+                    epilog="`nanoseek COMMAND --help` shows a command's options and their defaults.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=Parser)
     for name, (add_args, run, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(name, help=help_, description=help_, formatter_class=HelpFormatter)
         add_args(p)
         p.set_defaults(run=run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .train.trainer import TrainingError  # a run that cannot go on: one line too
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, args, status = build_parser(), None, 0
     try:
-        args = build_parser().parse_args(argv)
-        args.run(args)
+        if not argv:
+            parser.print_help()  # the command list
+        else:
+            try:
+                args = parser.parse_args(argv)
+            except SystemExit as e:  # --help, --list-fields: printed, nothing more to do
+                status = e.code or 0
+        if args is not None:
+            if getattr(args, "device", None) is not None:
+                resolve_device(args.device)  # a device this machine lacks: before any work
+            args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
     except (UsageError, ConfigError, ValueError, FileNotFoundError, TrainingError) as e:
         message = " ".join(str(e).split())  # one line, whatever the message held
         print(f"nanoseek: error: {message}", file=sys.stderr)
         return 2
-    return 0
+    except TrainingInterrupted as e:
+        how = ""
+        if hasattr(args, "resume"):  # train, sft, grpo: the same command goes on from the checkpoint
+            how = "; continue with: nanoseek " + shlex.join(argv + ([] if "--resume" in argv else ["--resume"]))
+        print(f"nanoseek: interrupted: {e}{how}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("nanoseek: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader went away (`| head`): no traceback, and nothing left for the exit's flush
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a file (captured in a test)
+            pass
+        return 141
+    return status
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ canonical attribute and `to_dict` writes both spellings so that either reader is
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -29,11 +30,82 @@ SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 ATTENTION_TYPES = ("mla", "mha", "gqa")
 ROPE_TYPES = ("default", "yarn")
-MOE_IMPLS = ("grouped", "loop")
+
+
+class CheckedConfig:
+    """The field checks every config dataclass shares (ModelConfig, TrainConfig, GRPOConfig):
+    `check_types()` holds each value to its annotation before any range check compares it, so
+    a wrong type is named instead of failing inside a comparison; `need()` states a range.
+    Messages read "{kind} field 'name' = value: what is wrong"."""
+
+    kind = "config"
+
+    def check_types(self) -> None:
+        kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,)}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            parts = [p.strip() for p in str(f.type).split("|")]
+            if value is None:
+                if "None" in parts:
+                    continue
+                raise ConfigError(f"{self.kind} field '{f.name}' must not be null")
+            allowed = tuple(t for p in parts for t in kinds.get(p, ()))
+            if not allowed:
+                continue
+            want = " or ".join(p for p in parts if p != "None") + (" or null" if "None" in parts else "")
+            # true/false is not a number here, though Python's bool is an int
+            if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+                raise ConfigError(f"{self.kind} field '{f.name}' = {value!r}: must be {want}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{self.kind} field '{f.name}' = {value!r}: must be a finite number")
+
+    def need(self, cond: bool, name: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{self.kind} field '{name}' = {getattr(self, name)!r}: {msg}")
+
+    def need_at_least(self, minimum: int, *names: str) -> None:
+        for name in names:
+            self.need(getattr(self, name) >= minimum, name,
+                      "must be a positive integer" if minimum == 1 else f"must be >= {minimum}")
+
+    def need_one_of(self, name: str, allowed: tuple[str, ...]) -> None:
+        self.need(getattr(self, name) in allowed, name, f"must be one of {', '.join(allowed)}")
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)} - {"extra"}
+
+    @classmethod
+    def with_changes(cls, **changes: Any):
+        """The defaults with `changes`; an unknown field is a ConfigError naming the known ones."""
+        unknown = [k for k in changes if k not in cls.field_names()]
+        if unknown:
+            raise ConfigError(f"unknown {cls.kind} field(s) {', '.join(unknown)}; known: "
+                              f"{', '.join(sorted(cls.field_names()))}")
+        return cls(**changes)
+
+    @classmethod
+    def field_table(cls) -> str:
+        """`name=default  meaning` per field (defaults as the JSON a key=value word takes)."""
+        rows = [(f"{f.name}={json.dumps(_default(f))}", f.metadata.get("help", ""))
+                for f in dataclasses.fields(cls) if f.name != "extra"]
+        width = max(len(left) for left, _ in rows)
+        return "\n".join(f"  {left:<{width}}  {meaning}".rstrip() for left, meaning in rows)
+
+
+def described(default: Any, help: str) -> Any:
+    """A dataclass field with a one-line meaning, which `--list-fields` prints."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(CheckedConfig):
     # --- sizes (HF names) ---
     vocab_size: int = 129280
     hidden_size: int = 7168
@@ -82,28 +154,17 @@ class ModelConfig:
     pad_token_id: int | None = None
     # --- nanoseek-only ---
     attention_type: str = "mla"
-    moe_impl: str = "grouped"  # "loop" is the per-expert reference twin
     # keys of a loaded config.json that nanoseek does not use; written back on save
     extra: dict = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
-        self._check_types()
-
-        def need(cond: bool, name: str, msg: str) -> None:
-            if not cond:
-                raise ConfigError(f"config field '{name}' = {getattr(self, name)!r}: {msg}")
-
-        def choice(name: str, allowed: tuple[str, ...]) -> None:
-            need(getattr(self, name) in allowed, name, f"must be one of {', '.join(allowed)}")
-
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name,
-                 "must be a positive integer")
-        choice("scoring_func", SCORING_FUNCS)
-        choice("topk_method", TOPK_METHODS)
-        choice("attention_type", ATTENTION_TYPES)
-        choice("moe_impl", MOE_IMPLS)
+        self.check_types()
+        need = self.need
+        self.need_at_least(1, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+        self.need_one_of("scoring_func", SCORING_FUNCS)
+        self.need_one_of("topk_method", TOPK_METHODS)
+        self.need_one_of("attention_type", ATTENTION_TYPES)
         need(self.hidden_act == "silu", "hidden_act", "only 'silu' (SwiGLU experts) is supported")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
         if self.rope_scaling is not None:
@@ -158,27 +219,6 @@ class ModelConfig:
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
         need(self.aux_loss_alpha >= 0, "aux_loss_alpha", "must be >= 0")
         need(self.bias_update_speed >= 0, "bias_update_speed", "must be >= 0")
-
-    def _check_types(self) -> None:
-        kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,)}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            parts = [p.strip() for p in str(f.type).split("|")]
-            if value is None:
-                if "None" in parts:
-                    continue
-                raise ConfigError(f"config field '{f.name}' must not be null")
-            allowed = tuple(t for p in parts for t in kinds.get(p, ()))
-            if not allowed:
-                continue
-            if isinstance(value, bool) and bool not in allowed and f.name != "extra":
-                ok = False  # true/false is not a number here
-            else:
-                ok = isinstance(value, allowed)
-            if not ok:
-                want = " or ".join(p for p in parts if p != "None")
-                raise ConfigError(f"config field '{f.name}' = {value!r}: must be {want}"
-                                  + (" or null" if "None" in parts else ""))
 
     # ------------------------------------------------------------------ derived
     @property
@@ -336,7 +376,7 @@ def coerce_value(text: str) -> Any:
 
 def apply_overrides(cfg: ModelConfig, overrides: list[str]) -> ModelConfig:
     """`["n_routed_experts=16", "q_lora_rank=null"]` -> a validated new config."""
-    known = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra"}
+    known = ModelConfig.field_names()
     changes = {}
     for item in overrides:
         if "=" not in item:

@@ -103,7 +103,7 @@ FP8_BLOCK = (128, 128)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # config.json keys of a loaded checkpoint that no longer describe what we write
-_STALE_CONFIG_KEYS = ("quantization_config", "torch_dtype", "auto_map")
+_STALE_CONFIG_KEYS = ("quantization_config", "torch_dtype", "auto_map", "moe_impl")
 
 _NUMBER = re.compile(r"(?<=\.)\d+(?=\.|$)")
 
@@ -284,13 +284,19 @@ def _move_into_place(tmp: Path, path: Path) -> None:
 
 # ============================================================================ load
 def from_pretrained(path: str | Path, dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None, strict: bool = True) -> Transformer:
+                    device: torch.device | str | None = None, strict: bool = True,
+                    keep_fp8=None) -> Transformer:
     """Build the model of `path/config.json` and load its safetensors (HF V2/V3 layout, BF16/FP8).
 
     dtype: of the floating weights (the router's stay float32); None: the dtype config.json
     records (`dtype` / `torch_dtype`; bfloat16 for FP8 weights), else float32.
     strict=False lets keys be missing (they keep a fresh init) or unexpected (ignored);
     a wrong shape is an error either way. Returns the model in eval mode.
+    keep_fp8: a module swap `keep_fp8(model, names, block)` applied to the model before its
+    weights are allocated, given the state-dict names the checkpoint stores in FP8 (e.g.
+    infer.fp8_weights.keep_fp8_weights); a weight the swapped model holds as float8 is
+    loaded as stored, its block scales into `<name>_scale_inv` beside it. Without it every
+    FP8 weight is dequantised into dtype.
     """
     path = Path(path)
     config = ModelConfig.from_json(path)
@@ -308,22 +314,39 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None,
 
         with torch.device("meta"):
             model = Transformer(config)
+        _cast(model, dtype)
+        if keep_fp8 is not None:
+            keep_fp8(model, fp8_names(ckpt, config), block)
         plan, missing, unexpected = plan_load(ckpt, model, block)
         if strict and (missing or unexpected):
             raise CheckpointError(f"{path} does not match its config.json: {key_mismatch(missing, unexpected)}")
 
-        model = _materialize(model, dtype, torch.device(device or "cpu"))
+        model = _materialize(model, torch.device(device or "cpu"))
         if missing:
             model.reset_parameters()
         targets = model.state_dict(keep_vars=True)
         with torch.no_grad():
             for key, pieces in plan.items():  # file by file
-                t = ckpt.tensor(key, block)
+                as_stored = targets[pieces[0].name].dtype in FP8_DTYPES
+                t = ckpt.stored(key) if as_stored else ckpt.tensor(key, block)
                 for p in pieces:
+                    if as_stored and p.part is not None:
+                        raise CheckpointError(f"{key}: FP8 weights are kept per tensor, not as parts of a fused one")
                     src = t if p.part is None else t.chunk(p.n_parts, dim=-2)[p.part]
-                    dst = targets[p.name] if p.expert is None else targets[p.name][p.expert]
-                    dst.copy_(src)
+                    _target(targets, p.name, p.expert).copy_(src)
+                    if as_stored:
+                        _target(targets, p.name + SCALE_SUFFIX, p.expert).copy_(ckpt.stored(key + SCALE_SUFFIX))
     return model.eval()
+
+
+def _target(targets: dict[str, torch.Tensor], name: str, expert: int | None) -> torch.Tensor:
+    return targets[name] if expert is None else targets[name][expert]
+
+
+def fp8_names(ckpt: "WeightFiles", config: ModelConfig) -> set[str]:
+    """The nanoseek state-dict names whose checkpoint tensors are FP8 with block scales (a
+    stacked expert tensor when its experts' are)."""
+    return {p.name for key in ckpt.where if key + SCALE_SUFFIX in ckpt for p in _route(key, config)}
 
 
 # ------------------------------------------------------------------ the loading API
@@ -374,13 +397,16 @@ class WeightFiles:
     def is_fp8(self, key: str) -> bool:
         return self.handles[self.where[key]].get_slice(key).get_dtype().startswith("F8")
 
+    def stored(self, key: str) -> torch.Tensor:
+        """The tensor at key as the file stores it."""
+        return self.handles[self.where[key]].get_tensor(key)
+
     def tensor(self, key: str, block: tuple[int, int]) -> torch.Tensor:
         """The tensor at key, dequantised if it has an FP8 scale beside it."""
-        t = self.handles[self.where[key]].get_tensor(key)
+        t = self.stored(key)
         scale_key = key + SCALE_SUFFIX
         if scale_key in self:
-            scale_inv = self.handles[self.where[scale_key]].get_tensor(scale_key)
-            t = dequantize_fp8_blockwise(t, scale_inv, block)
+            t = dequantize_fp8_blockwise(t, self.stored(scale_key), block)
         return t
 
 
@@ -428,6 +454,8 @@ def plan_load(ckpt: WeightFiles, model: Transformer, block: tuple[int, int]):
 
     missing = []
     for name, shape in shapes.items():
+        if name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) in shapes:
+            continue  # an FP8 weight's block scales: read with the weight
         got = covered.get(name, set())
         if None in got or (name == "lm_head.weight" and config.tie_word_embeddings):
             continue
@@ -507,6 +535,9 @@ def _cast(model: Transformer, dtype: torch.dtype) -> None:
             module.float()
 
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 def _rebuild_rope(model: Transformer, device: torch.device) -> set[str]:
     """The RoPE frequencies recomputed from the config; returns their buffer names."""
     rebuilt = set()
@@ -517,10 +548,9 @@ def _rebuild_rope(model: Transformer, device: torch.device) -> set[str]:
     return rebuilt
 
 
-def _materialize(model: Transformer, dtype: torch.dtype, device: torch.device) -> Transformer:
-    """Allocate the meta model on `device`: floating weights in dtype, the router in float32,
-    derived buffers recomputed (to_empty leaves memory uninitialised), embeddings re-tied."""
-    _cast(model, dtype)
+def _materialize(model: Transformer, device: torch.device) -> Transformer:
+    """Allocate the meta model on `device` in the dtypes it holds, derived buffers recomputed
+    (to_empty leaves memory uninitialised), embeddings re-tied."""
     model.to_empty(device=device)
     rebuilt = _rebuild_rope(model, device)
     for prefix, module in model.named_modules():

@@ -98,11 +98,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_model_dir(path: str | Path, device: str = "auto", dtype=None):
+def load_model_dir(path: str | Path, device: str = "auto", dtype=None, keep_fp8=None):
     """(checkpoint, model, tokenizer) of a checkpoint or run directory (resolve_model_dir), the
-    model on `device` ("auto": a GPU when there is one), in the checkpoint's dtype unless given."""
+    model on `device` ("auto": a GPU when there is one), in the checkpoint's dtype unless given;
+    keep_fp8: from_pretrained's module swap that keeps FP8 weights FP8."""
     from .hf import from_pretrained
     target = resolve_device(device)  # a bad device fails before the weights are read
     src = resolve_model_dir(path)
     tokenizer = tokenizer_for(src)
-    return src, from_pretrained(src, dtype=dtype, device=target), tokenizer
+    return src, from_pretrained(src, dtype=dtype, device=target, keep_fp8=keep_fp8), tokenizer

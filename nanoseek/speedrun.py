@@ -48,9 +48,9 @@ PRETRAIN_DATA = "builtin:arithmetic:level=1:n=30000,builtin:arithmetic:level=2:n
 SFT_DATA = ("builtin:arithmetic:level=1:n=6000:seed=1,builtin:arithmetic:level=2:n=3000:seed=1,"
             "builtin:countdown:level=1:n=2000:seed=1")
 EVALS = [("arithmetic", 1, 4), ("arithmetic", 2, 0), ("countdown", 1, 0)]
-# On a GPU the small model masters level 1 (95-99% held-out) and much of level 2 (49-99%,
-# with the pretraining budget; reports in benchmarks/results/speedrun_h200*); a little of level 3
-# (2-digit multiplication) gives it a level it only partly solves, where GRPO can teach.
+# On a GPU the small model masters levels 1 and 2 (benchmarks/results/speedrun_h200/report.md);
+# a little of level 3 (2-digit multiplication) gives it a level it only partly solves, where
+# GRPO can teach.
 GPU_PRETRAIN_EXTRA = ",builtin:arithmetic:level=3:n=3000"
 GPU_SFT_EXTRA = ",builtin:arithmetic:level=3:n=1000:seed=1"
 
@@ -82,10 +82,10 @@ def calibrate_steps(model_cfg, tcfg_kwargs: dict, minutes: float, data: str, out
     trainer, _, records = pretrain(model_cfg, train_config(steps=n, **tcfg_kwargs), data, probe,
                                    tokenizer=tokenizer, progress=False)
     # the first steps run slow (allocator, compile, and on a CPU the threads still busy after
-    # the tokenizer's training: probes of 6 steps read 25-70% over the run's real step time)
+    # the tokenizer's training), so only the second half counts
     times = sorted(r["step_time_s"] for r in records[n // 2:])
     shutil.rmtree(probe, ignore_errors=True)
-    # + 4%: a whole run's wall time per step over its median step (2-core CPU: 0.272 vs 0.261 s)
+    # + 4%: what a whole run adds to its median step (logging, checkpoints, slower steps)
     step_s = times[len(times) // 2] * 1.04
     return max(20, int(minutes * 60 / step_s))
 
@@ -101,16 +101,18 @@ def speedrun(out: str | Path = "runs/speedrun", minutes: float | None = None,
     minutes = minutes or (20.0 if gpu else 9.5)
     grpo_minutes = (6.0 if gpu else 1.5) if grpo_minutes is None else grpo_minutes
     pretrain_data, sft_data = PRETRAIN_DATA, SFT_DATA
+    # save_every=0 (here and in grpo_settings): a speedrun starts its stages afresh, so
+    # checkpoints along the way would only spend its budget
     if gpu:
         model_cfg = preset("small")
-        common = dict(batch_size=32, seq_len=512, warmup=50, compile=True)
+        common = dict(batch_size=32, seq_len=512, warmup=50, compile=True, save_every=0)
         pre_lr, sft_lr = 2e-3, 5e-4
         pretrain_data, sft_data = PRETRAIN_DATA + GPU_PRETRAIN_EXTRA, SFT_DATA + GPU_SFT_EXTRA
     else:
         torch.set_num_threads(max(1, torch.get_num_threads()))
         model_cfg = cpu_model()
         # small batches, many steps: on a CPU budget, steps teach more than tokens per step
-        common = dict(batch_size=8, seq_len=256, warmup=30)
+        common = dict(batch_size=8, seq_len=256, warmup=30, save_every=0)
         pre_lr, sft_lr = 5e-3, 1e-3
     say = lambda msg: print(f"[speedrun {time.time() - t_start:5.0f}s] {msg}", flush=True)  # noqa: E731
 
@@ -118,6 +120,7 @@ def speedrun(out: str | Path = "runs/speedrun", minutes: float | None = None,
     pre_minutes, sft_minutes = 0.7 * minutes, 0.3 * minutes
     for stage in ("pretrain", "sft", "grpo"):
         shutil.rmtree(out / stage, ignore_errors=True)
+    say("pretrain: the tokenizer, then a few steps to time them")
     bpe = out / ".tokenizer"  # trained once on the pretraining documents, for the probe and the run
     ChatTokenizer(train_bpe(read_specs(pretrain_data, load_documents), model_cfg.vocab_size)).save(bpe)
     steps = calibrate_steps(model_cfg, dict(common, lr=pre_lr), pre_minutes, pretrain_data, out, bpe)
@@ -167,38 +170,15 @@ def speedrun(out: str | Path = "runs/speedrun", minutes: float | None = None,
 def grpo_settings(gpu: bool, max_new_tokens: int, level: int) -> GRPOConfig:
     """The speedrun's GRPO hyper-parameters (steps and eval_every are set from the budget).
 
-    GPU: G = 16 samples per prompt, 32 prompts per step (512 rollouts, 1.4-2.3 s per step
-    on an H200 at 96-128 new tokens), temperature 1.0 as in R1 and DAPO; beta 0 (no
-    reference model: Dr. GRPO and DAPO drop the KL term for verifiable rewards, and minutes
-    of RL cannot drift far). The learning rate, AdamW, constant: 5e-5 (below). The
-    literature's 1e-6 (DeepSeekMath's GRPO, 7B; DAPO, 32B) to 5e-6 (TRL's examples for
-    0.5-1.5B models) is for large pretrained models and thousands of steps; this
-    100M-parameter model was trained from scratch at 5e-4 (SFT) and gets a few hundred
-    steps. Measured in session 2 (no result files kept) from one SFT model on arithmetic
-    level 3 (53% held-out greedy), 75 steps each: lr 3e-6 (123 steps) and 1e-5 moved
-    neither the training (sampled) accuracy nor the held-out one; 3e-5 and 1e-4 raised the
-    sampled accuracy from ~0.3 to ~0.47 while held-out greedy stayed within noise (n = 100:
-    +-5 points) of the start. CPU: the same recipe scaled to the 1.3M-parameter model and
-    1.5 minutes: 8 samples per prompt, 4 prompts, lr 1e-5. Measured (also not kept) on a
-    2-core CPU from one SFT model (arithmetic level 1, 48% held-out greedy): lr 1e-4 fell to
-    39-43% within 26 steps; 3e-5 gave 47%, 49% and 1e-5 50%, 51% at steps 40 and 80
-    (n = 100, +-5 points). Those runs also showed why little moves: the SFT policy's
-    entropy is ~0.04 nats per token, so most groups of 16 samples are identical and carry
-    zero advantage. Since then the GPU stage uses DAPO's two remedies: dynamic sampling
-    (drop groups whose rewards are all equal and sample more prompts to refill the batch) and the
-    clip-higher bound (eps_high 0.28) that lets unlikely right tokens gain probability.
-    A CPU run then showed them working (`nanoseek grpo` from the committed CPU speedrun's
-    SFT model, arithmetic level 1, 16 prompts x G 8, 200 steps, n = 200): lr 1e-4 at
-    temperature 1.0 raised held-out greedy accuracy from 18.5% to 30.5%, lr 3e-5 at 0.7 to
-    29%, rising steadily in both. So the GPU lr is 5e-5, between the two, one tenth of
-    the SFT lr as 1e-4 is of the CPU SFT's 1e-3. On an H200 (`speedrun --minutes 0.45
-    --grpo-minutes 6`: arithmetic level 2 at 47% after the short SFT) these settings raised
-    it to 67% in 134 steps, 6.3 minutes (benchmarks/results/speedrun_h200).
-    Rewards: task accuracy (1.0) and the R1 format reward (0.1) that keeps the
-    <think>...</think><answer>...</answer> structure of the cold start."""
+    Temperature 1.0 and no KL term (beta 0), as DAPO and Dr. GRPO do for verifiable rewards.
+    The SFT policy's low entropy leaves most groups with zero advantage, hence on the GPU DAPO's
+    dynamic sampling and clip-higher; the learning rates sit far above the literature's 1e-6,
+    since this small model trained from scratch gets only hundreds of steps
+    (benchmarks/results/grpo_cpu_200steps, benchmarks/results/speedrun_h200). Rewards: task
+    accuracy (1.0) and the R1 format reward (0.1), which keeps the cold start's structure."""
     common = dict(max_new_tokens=max_new_tokens, temperature=1.0, beta=0.0, level=level,
                   rewards={"accuracy": 1.0, "format": 0.1}, prompt_format="chat",
-                  keep_last=1)
+                  keep_last=1, save_every=0)
     if gpu:
         return grpo_config(group_size=16, prompts_per_step=32, lr=5e-5, micro_batch=256,
                            dynamic_sampling=True, clip_eps_high=0.28, **common)
@@ -272,7 +252,7 @@ def grpo_stage(model, tokenizer, out: Path, minutes: float, gpu: bool, say=print
     cfg = dataclasses.replace(cfg, steps=steps, eval_every=eval_every)
     say(f"grpo: {steps} steps of {cfg.prompts_per_step}x{cfg.group_size} rollouts "
         f"(~{step_s:.1f} s each), held-out eval every {eval_every}")
-    trainer, records = grpo(out / "sft", task, cfg, out / "grpo", progress=False, deadline=deadline,
+    trainer, records = grpo(out / "sft", task, cfg, out / "grpo", deadline=deadline,
                             before={"eval_accuracy": evals[task, level]})  # same problems, same n
     curve = [{"step": 0, "eval_accuracy": evals[task, level]}] + [
         {"step": r["step"], "eval_accuracy": r["eval_accuracy"]} for r in records if "eval_accuracy" in r]

@@ -9,6 +9,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def float32_tolerance(config, context: int, magnitude: float) -> float:
+    """How far two float32 computations of one forward may drift apart when they sum in other
+    orders (cached vs recomputed, one expert path vs another): the unit roundoff times the
+    reduction lengths chained through the layers (hidden size, MLP width, context), times
+    the output's magnitude."""
+    chain = (config.num_hidden_layers + 1) * (config.hidden_size + config.intermediate_size + context)
+    return torch.finfo(torch.float32).eps * chain * magnitude
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -44,3 +53,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A random tiny model with its byte tokenizer, from `nanoseek init` (the server tests' model)."""
+    from nanoseek.cli import main
+    out = tmp_path_factory.mktemp("serve") / "tiny"
+    assert main(["init", "--preset", "tiny", "--out", str(out), "--seed", "0"]) == 0
+    return out

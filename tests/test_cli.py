@@ -1,5 +1,8 @@
-"""The `nanoseek` command: info figures and table, one-line errors, init's checkpoint and tokenizer."""
+"""The `nanoseek` command: info figures and table, one-line errors (exit 2) for every bad input,
+before any work; no traceback when the reader of the output goes away; the command list, the
+defaults in --help and the key=value fields; init's checkpoint and tokenizer."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -8,21 +11,24 @@ import pytest
 import torch
 
 import nanoseek
-from nanoseek.cli import main
+from nanoseek.cli import COMMANDS, main
 from nanoseek.config import preset
+from nanoseek.rl.trainer import GRPOConfig
+from nanoseek.train import stages
+from nanoseek.train.trainer import TrainConfig
 from nanoseek.data.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, byte_tokenizer
 from nanoseek.info import model_info
 from nanoseek.model import Transformer
 
 
-def run(capsys, *argv):
-    rc = main(list(argv))
+def run_cli(capsys, *argv):
+    rc = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return rc, out, err
 
 
 def test_info_json_deepseek_v3(capsys):
-    rc, out, err = run(capsys, "info", "--preset", "deepseek-v3", "--json")
+    rc, out, err = run_cli(capsys, "info", "--preset", "deepseek-v3", "--json")
     assert rc == 0 and err == ""
     i = json.loads(out)
     assert abs(i["total_params"] - 671e9) < 0.01 * 671e9
@@ -31,7 +37,7 @@ def test_info_json_deepseek_v3(capsys):
 
 
 def test_info_json_takes_overrides_and_context(capsys):
-    rc, out, _ = run(capsys, "info", "--preset", "tiny", "--json", "--context", "128",
+    rc, out, _ = run_cli(capsys, "info", "--preset", "tiny", "--json", "--context", "128",
                      "n_routed_experts=16", "q_lora_rank=null")
     i = json.loads(out)
     assert rc == 0 and i["n_routed_experts"] == 16 and i["q_lora_rank"] is None
@@ -39,7 +45,7 @@ def test_info_json_takes_overrides_and_context(capsys):
 
 
 def test_info_table_for_tiny(capsys):
-    rc, out, _ = run(capsys, "info", "--preset", "tiny")
+    rc, out, _ = run_cli(capsys, "info", "--preset", "tiny")
     i = model_info(preset("tiny"))
     assert rc == 0
     for figure in (i["total_params"], i["activated_params"], i["mtp_params"],
@@ -51,7 +57,7 @@ def test_info_table_for_tiny(capsys):
 def test_info_reads_a_config_file(tmp_path, capsys):
     preset("tiny", n_shared_experts=2).to_json(tmp_path / "config.json")
     for target in (tmp_path, tmp_path / "config.json"):
-        _, out, _ = run(capsys, "info", "--config", str(target), "--json")
+        _, out, _ = run_cli(capsys, "info", "--config", str(target), "--json")
         assert json.loads(out)["n_shared_experts"] == 2
 
 
@@ -66,10 +72,106 @@ def test_info_reads_a_config_file(tmp_path, capsys):
     (["init", "--preset", "tiny", "--out", "unused", "vocab_size=100"], "vocab_size 100 is too small"),
 ])
 def test_errors_are_one_line_and_exit_2(capsys, argv, names):
-    rc, out, err = run(capsys, *argv)
+    rc, out, err = run_cli(capsys, *argv)
     assert rc == 2 and out == ""
     assert err.startswith("nanoseek: error: ") and err.count("\n") == 1, err
     assert names in err
+
+
+def one_error_line(rc: int, out: str, err: str) -> str:
+    assert rc == 2 and out == "", (rc, out, err)
+    assert err.startswith("nanoseek: error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("field", ["lr", "grad_clip", "weight_decay"])
+def test_a_train_field_of_the_wrong_type_fails_before_the_tokenizer(tmp_path, capsys, monkeypatch, field):
+    monkeypatch.setattr(stages, "train_bpe", lambda *a, **k: pytest.fail("a tokenizer was trained"))
+    run = tmp_path / "run"
+    err = one_error_line(*run_cli(capsys, "train", "--preset", "tiny", "--data", "builtin:arithmetic:n=20",
+                                  "--steps", "2", "--out", run, f"{field}=abc"))
+    assert f"train field '{field}' = 'abc': must be float" in err
+    assert not run.exists()  # no half-made run directory
+
+
+@pytest.mark.parametrize("n", ["0", "-3"])
+def test_eval_needs_a_positive_number_of_problems(capsys, n):
+    err = one_error_line(*run_cli(capsys, "eval", "--model", "/nonexistent", "--n", n))
+    assert f"argument --n: must be positive, got {n}" in err
+
+
+# every command that takes a device, on a model that does not exist: the device is refused first
+DEVICE_COMMANDS = {
+    "generate": ["generate", "--model", "/nonexistent", "--prompt", "hi", "--device", "{}"],
+    "chat": ["chat", "--model", "/nonexistent", "--device", "{}"],
+    "eval": ["eval", "--model", "/nonexistent", "--device", "{}"],
+    "rejection-sample": ["rejection-sample", "--model", "/nonexistent", "--task", "arithmetic",
+                         "--out", "{out}/rs.jsonl", "--device", "{}"],
+    "distill": ["distill", "--teacher", "/nonexistent", "--task", "arithmetic", "--out", "{out}/d.jsonl",
+                "--device", "{}"],
+    "train": ["train", "--preset", "tiny", "--data", "builtin:arithmetic:n=20", "--steps", "2",
+              "--out", "{out}/run", "device={}"],
+    "sft": ["sft", "--model", "/nonexistent", "--data", "builtin:arithmetic:n=20", "--steps", "2",
+            "--out", "{out}/run", "device={}"],
+    "grpo": ["grpo", "--model", "/nonexistent", "--task", "arithmetic", "--out", "{out}/run", "device={}"],
+}
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda", "device 'cuda' asked for, but this torch build sees no CUDA GPU"),
+    ("nosuch", "unknown device 'nosuch'; use auto, cpu, cuda or cuda:N"),
+])
+@pytest.mark.parametrize("command", DEVICE_COMMANDS)
+def test_a_device_this_machine_lacks_is_refused_before_any_work(tmp_path, capsys, monkeypatch, command,
+                                                                device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU build, whatever runs this
+    argv = [a.replace("{}", device).replace("{out}", str(tmp_path)) for a in DEVICE_COMMANDS[command]]
+    assert message in one_error_line(*run_cli(capsys, *argv))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_closed_output_pipe_ends_quietly():
+    """`nanoseek info --json | head`: the reader has gone before the JSON is written. No
+    traceback; status 141 (128 + SIGPIPE), as a shell reports a tool killed by SIGPIPE."""
+    p = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "info", "--preset", "tiny", "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # long before the interpreter has imported torch
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 141 and err == ""
+
+
+def test_bare_nanoseek_lists_the_commands(capsys):
+    rc, out, err = run_cli(capsys)
+    assert rc == 0 and err == ""
+    for name, (_, _, help_) in COMMANDS.items():
+        assert name in out and help_.split()[0] in out
+    assert "COMMAND --help" in out
+
+
+def test_help_shows_the_defaults(capsys):
+    rc, out, _ = run_cli(capsys, "eval", "--help")
+    assert rc == 0
+    text = " ".join(out.split())
+    for default in ("held-out problems (default: 100)", "task difficulty (default: 1)",
+                    "(default: arithmetic)", "(default: auto)", "(default: 0.8)"):
+        assert default in text
+    rc, out, _ = run_cli(capsys, "generate", "--help")
+    assert "tokens to generate at most (default: 256)" in " ".join(out.split())
+
+
+@pytest.mark.parametrize("command, config", [("train", TrainConfig), ("sft", TrainConfig),
+                                             ("distill", TrainConfig), ("grpo", GRPOConfig)])
+def test_list_fields_prints_every_field_with_its_default(capsys, command, config):
+    rc, out, err = run_cli(capsys, command, "--list-fields")  # no other argument needed
+    assert rc == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0] == f"{config.kind} fields (key=value, JSON values):"
+    defaults = config()
+    for f in dataclasses.fields(config):
+        [line] = [ln for ln in lines if ln.startswith(f"  {f.name}=")]
+        assert line.startswith(f"  {f.name}={json.dumps(getattr(defaults, f.name))} ")
+        assert line.endswith(f" {f.metadata['help']}")
+    assert ("model config field" in out) == (command == "train")
 
 
 def test_module_entry_point_exits_2_without_traceback():
@@ -109,7 +211,7 @@ def test_byte_tokenizer_round_trips_text_and_specials():
 def test_init_writes_a_checkpoint_and_tokenizer(tmp_path, capsys):
     pytest.importorskip("nanoseek.hf")  # save_pretrained / from_pretrained
     out = tmp_path / "ckpt"
-    rc, stdout, err = run(capsys, "init", "--preset", "tiny", "--out", str(out), "--seed", "3")
+    rc, stdout, err = run_cli(capsys, "init", "--preset", "tiny", "--out", str(out), "--seed", "3")
     assert rc == 0, err
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= \
         {p.name for p in out.iterdir()}
@@ -128,5 +230,5 @@ def test_init_writes_a_checkpoint_and_tokenizer(tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, ref(ids).logits, rtol=0, atol=0)
 
-    rc, _, err = run(capsys, "init", "--preset", "tiny", "--out", str(out))
+    rc, _, err = run_cli(capsys, "init", "--preset", "tiny", "--out", str(out))
     assert rc == 2 and "not an empty directory" in err  # never overwrites a checkpoint

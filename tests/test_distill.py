@@ -150,8 +150,8 @@ def test_eval_rows_are_answered_greedily_and_scored_by_the_rewards(ckpt, tmp_pat
     """A dataset run's held-out evaluation: eval_n rows, greedy (temperature 0), scored by
     the configured rewards: the weighted total and each function's mean."""
     from nanoseek.hf import from_pretrained
-    from nanoseek.infer.engine import Engine
     from nanoseek.loading import tokenizer_for
+    from nanoseek.rl import trainer as rl_trainer
     held_out = [{"prompt": "What is 1/2 + 1/4?", "answer": "3/4"}, {"prompt": "What is 2 + 2?", "answer": "4"},
                 {"prompt": "What is 3 * 3?", "answer": "9"}]
     cfg = grpo_config(group_size=2, prompts_per_step=1, max_new_tokens=4, steps=1, eval_n=2,
@@ -159,13 +159,13 @@ def test_eval_rows_are_answered_greedily_and_scored_by_the_rewards(ckpt, tmp_pat
     trainer = GRPOTrainer(from_pretrained(ckpt), tokenizer_for(ckpt), ROWS, cfg, tmp_path, eval_rows=held_out)
     asked = []
 
-    def scripted(self, prompts, params):  # right, then well-formed but wrong
-        asked.append((len(prompts), params.temperature))
+    def scripted(model, tokenizer, prompts, params, *args, **kwargs):  # right, then well-formed but wrong
+        asked.append((prompts, params.temperature))
         texts = ["<answer>3/4</answer>", "<think>\nhm\n</think>\n<answer>5</answer>"]
-        return [type("Out", (), {"text": t})() for t in texts[: len(prompts)]]
-    monkeypatch.setattr(Engine, "generate", scripted)
+        return None, [type("Out", (), {"text": t})() for t in texts[: len(prompts)]], None
+    monkeypatch.setattr(rl_trainer, "generate_repeated", scripted)
     r = trainer.evaluate()
-    assert asked == [(2, 0.0)]  # eval_n rows, greedy
+    assert asked == [([r["prompt"] for r in held_out[:2]], 0.0)]  # eval_n rows, greedy
     assert r["eval_reward_math"] == 0.5 and r["eval_reward_format"] == 0.5
     assert r["eval_reward"] == pytest.approx((1.0 + 0.5) / 2)
     with pytest.raises(ValueError, match="eval_rows are for a dataset run"):
@@ -220,7 +220,8 @@ def test_rejection_sample_through_the_engine(ckpt, tmp_path, capsys):
     argv = ["rejection-sample", "--model", str(ckpt), "--task", "arithmetic", "--num-prompts", "3",
             "--n", "2", "--max-tokens", "8", "--out", str(out)]
     assert main(argv) == 0
-    printed = capsys.readouterr().out
+    printed, err = capsys.readouterr()
+    assert "sampling 6/6 samples (100%)" in err  # progress, as lines off a terminal
     stats = json.loads(out.with_suffix(".stats.json").read_text())
     assert stats["samples"] == 6 and stats["prompts"] == 3 and stats["correctness_checked"] and len(stats["per_prompt"]) == 3
     assert f"kept {stats['kept']}/6 samples" in printed and "per-prompt pass rate" in printed
@@ -252,7 +253,7 @@ def test_rejection_sample_output_trains_with_sft(ckpt, tmp_path, monkeypatch, ca
 def test_rejection_sample_bad_inputs(ckpt, tmp_path, capsys):
     rows = write_rows(tmp_path / "rows.jsonl", [{"prompt": "hi"}])
     for extra, message in ((["--data", str(rows)], "cannot check correctness"),
-                           (["--task", "arithmetic", "--n", "0"], "--n must be positive"),
+                           (["--task", "arithmetic", "--n", "0"], "--n: must be positive, got 0"),
                            (["--task", "arithmetic", "--num-prompts", "0"], "--num-prompts must be positive"),
                            (["--task", "sudoku"], "unknown task 'sudoku'"),
                            (["--task", "arithmetic", "--max-tokens", "100000"], "lower --max-tokens")):
@@ -288,7 +289,7 @@ def test_distill_bad_inputs(ckpt, tmp_path, capsys):
                            (["--student", str(ckpt), "--sft-out", str(tmp_path / "s"), "lrr=1"], "lrr"),
                            (["lr=1"], "without --student"),
                            (["--api-key-file", "k"], "for a URL teacher"),
-                           (["--concurrency", "0"], "--concurrency must be positive")):
+                           (["--concurrency", "0"], "--concurrency: must be positive, got 0")):
         assert main(base + extra) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
@@ -322,7 +323,8 @@ def test_distill_from_a_live_reasoning_endpoint(ckpt, tmp_path, monkeypatch, cap
 
         monkeypatch.setenv("NANOSEEK_TEACHER_API_KEY", serve.KEY)
         assert main(argv + ["--n", "2"]) == 0
-        printed = capsys.readouterr().out
+        printed, err = capsys.readouterr()
+        assert "sampling 4/4 samples (100%)" in err
         assert "2 correct" in printed and "1 repeats dropped" in printed and serve.KEY not in printed
         (chat,) = [json.loads(line) for line in out.read_text().splitlines()]
         assert chat["messages"] == [

@@ -1,11 +1,15 @@
 """The inference engine: continuous batching over the latent cache, sampling, stops, streaming, CLI."""
 
+import dataclasses
+
 import pytest
 import torch
 
+from conftest import float32_tolerance  # tests/ is on sys.path
 from nanoseek import Transformer, preset
 from nanoseek.cli import main
 from nanoseek.data.tokenizer import ChatTokenizer, byte_tokenizer
+from nanoseek.infer.config import InferenceConfig
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.reasoning import ReasoningSplitter
 from nanoseek.infer.sampling import SamplingParams
@@ -20,16 +24,33 @@ def tokenizer():
 
 
 @torch.no_grad()
-def greedy_by_recomputation(model, prompt, n):
+def greedy_by_recomputation(model, prompt, n, margins=None):
+    """n greedy tokens, each from a full forward over everything before it (no cache);
+    margins: collects each choice's lead of the best logit over the second."""
     ids = list(prompt)
     for _ in range(n):
-        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        logits = model(torch.tensor([ids])).logits[0, -1]
+        if margins is not None:
+            top = logits.topk(2).values
+            margins.append((float(top[0] - top[1]), float32_tolerance(model.config, len(ids), float(logits.abs().max()))))
+        ids.append(int(logits.argmax()))
     return ids[len(prompt):]
 
 
 @pytest.fixture(scope="module")
 def reference(model):
     return [greedy_by_recomputation(model, p, 8) for p in PROMPTS]
+
+
+def test_the_reference_choices_are_decisive(model):
+    """Every greedy choice of the full recomputation leads the runner-up by more than twice
+    the drift float32 allows between two orders of summation (conftest.float32_tolerance):
+    the engine's cached computation cannot flip it, so the token equalities below test the
+    engine, not rounding luck."""
+    margins = []
+    for prompt in PROMPTS:
+        greedy_by_recomputation(model, prompt, 8, margins)
+    assert all(lead > 2 * tol for lead, tol in margins), min(margins)
 
 
 def greedy(n, **kw):
@@ -48,6 +69,25 @@ def test_greedy_batch_of_different_lengths_equals_full_recomputation(model, refe
         assert out.token_ids == ref
         assert out.finish_reason == "length"
         assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(prompt), 8)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5])
+def test_chunked_prefill_equals_one_shot(model, reference, chunk):
+    """Prompts of 2-11 tokens prefilled in chunks of 1, 3 or 5 through the cache (each chunk
+    attending to the positions before it there): the prefill's next-token logits are the
+    one-shot prefill's within float32's reordering bound, and the greedy tokens are the
+    full recomputation's."""
+    def prefill_logits(prefill_chunk):
+        engine = Engine(model, max_batch=4, max_len=64, config=InferenceConfig(prefill_chunk=prefill_chunk))
+        seqs = [engine.add_request(p, greedy(8)) for p in PROMPTS]
+        kind, scheduled = engine.scheduler.schedule()
+        assert kind == "prefill" and scheduled == seqs
+        return engine.runner.prefill(seqs)
+    want = prefill_logits(64)
+    tol = float32_tolerance(model.config, max(map(len, PROMPTS)), float(want.abs().max()))
+    torch.testing.assert_close(prefill_logits(chunk), want, rtol=0, atol=tol)
+    engine = Engine(model, max_batch=4, max_len=64, config=InferenceConfig(prefill_chunk=chunk))
+    assert [o.token_ids for o in engine.generate(PROMPTS, greedy(8))] == reference
 
 
 def test_requests_joining_mid_batch_get_the_same_tokens_as_alone(model, reference):
@@ -147,6 +187,21 @@ def test_stream_never_breaks_a_character_nor_shows_part_of_a_stop(tokenizer):
     assert "".join(sent) == seq.text == "naïve € costs 5 "
     assert [p.finished for p in pieces] == [False] * (len(pieces) - 1) + [True]
     assert pieces[-1].finish_reason == "stop" and len(pieces) == len(tokenizer.encode(text + "OP"))
+
+
+def test_a_token_completing_two_stop_strings_cuts_at_the_first():
+    """"cd" completes both "bcd" (at 2) and "cd" (at 3) of "xabcd": the text ends before the
+    earlier one, whichever is listed first."""
+    pieces = {1: "x", 2: "a", 3: "b", 4: "cd", 5: "e"}
+
+    class Pieces:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(pieces[i] for i in ids)
+
+    seq = Sequence("r", [1], SamplingParams(stop=["cd", "bcd"]), max_tokens=100, seed=0)
+    sent = [seq.extend([t], Pieces(), eos_id=None).new_text for t in (1, 2, 3, 4)]
+    assert seq.finished and seq.finish_reason == "stop"
+    assert seq.text == "".join(sent) == "xa"
 
 
 def test_cache_holds_latent_and_rope_key_only_within_a_budget():
@@ -254,11 +309,12 @@ def test_static_shape_decode_step_matches_eager_decode(compile):
     torch.testing.assert_close(static, eager, rtol=1e-4, atol=1e-5)
 
 
-def burst_engine(model, tokenizer, compile=False, **kw):
+def burst_engine(model, tokenizer=None, compile=False, config=None, **kw):
     """An engine whose decode runs through GraphDecoder's static step in bursts of 4, here
-    without capture (CPU): the step's own token choice and input advance, as replayed on a GPU."""
+    without capture (CPU): the step's own token choice and input advance, as replayed on a GPU.
+    config: its other settings (InferenceConfig's defaults when None)."""
     from nanoseek.infer.cuda_graph import GraphDecoder
-    engine = Engine(model, tokenizer, decode_burst=4, **kw)
+    engine = Engine(model, tokenizer, config=dataclasses.replace(config or InferenceConfig(), decode_burst=4), **kw)
     engine.runner.graphs = GraphDecoder(model, engine.cache, None, compile=compile, capture=False)
     return engine
 
@@ -340,7 +396,7 @@ def test_graph_decoding_follows_in_place_weight_updates():
         for p in model.parameters():
             p.mul_(1.5)
     assert graphs.runner.graphs.graphs  # the decode ran from captured graphs
-    after = tokens(Engine(model, tok, max_batch=4, max_len=64, cuda_graphs=False))
+    after = tokens(Engine(model, tok, max_batch=4, max_len=64, config=InferenceConfig(cuda_graphs=False)))
     assert after != before  # the update changes the tokens, so stale captured weights would show
     assert tokens(graphs) == after
 
@@ -358,7 +414,8 @@ def test_captured_decode_bursts_equal_captured_single_steps(compile, tokenizer):
     params = [greedy(24), greedy(24, temperature=1.0, seed=1), greedy(24, temperature=0.7, top_p=0.9, seed=2)]
 
     def run(burst):
-        engine = Engine(model, tokenizer, max_batch=4, max_len=64, compile=compile, decode_burst=burst)
+        engine = Engine(model, tokenizer, max_batch=4, max_len=64,
+                        config=InferenceConfig(compile=compile, decode_burst=burst))
         outs = engine.generate(prompts, params)
         assert engine.runner.graphs.graphs and not engine.runner.graphs.failed
         assert engine.runner.graphs.compile == compile
@@ -378,7 +435,8 @@ def test_captured_speculative_bursts_equal_captured_single_steps(tokenizer):
     prompts, params = ["What is 12 + 34?", "Using 1, 2", "abc"], greedy(30)
 
     def run(burst):
-        engine = Engine(model, tokenizer, max_batch=4, max_len=64, speculative_k=2, decode_burst=burst)
+        engine = Engine(model, tokenizer, max_batch=4, max_len=64, speculative_k=2,
+                        config=InferenceConfig(decode_burst=burst))
         outs = engine.generate(prompts, params)
         assert engine.runner.spec_graphs.graphs and not engine.runner.spec_graphs.failed
         return [(o.token_ids, o.speculative) for o in outs]
@@ -445,3 +503,20 @@ def test_a_stop_string_completed_by_the_last_allowed_token_ends_as_stop(budget):
     for t in ids:
         seq.extend([t], tok, eos_id=None)
     assert (seq.text, seq.finish_reason, seq.finished) == ("abc", "stop", True)
+
+
+@pytest.mark.gpu
+def test_a_32k_prompt_prefills_in_chunks_on_gpu():
+    """DeepSeek-V3's attention widths (128 heads, latent 512), one layer, BF16: a prompt of
+    32K tokens prefills chunk by chunk (2048 tokens attending to up to 32K cached positions
+    each) and decodes, its peak memory a few GiB; in one shot the expanded keys and values
+    of every head and a 32K x 32K mask would come on top of each other."""
+    from nanoseek.hf import to_dtype
+    cfg = preset("deepseek-v3", num_hidden_layers=1, first_k_dense_replace=1, intermediate_size=2048,
+                 vocab_size=1024, num_nextn_predict_layers=0)
+    model = to_dtype(Transformer(cfg), torch.bfloat16).cuda().eval()
+    n = 32 * 1024
+    engine = Engine(model, max_batch=1, max_len=n + 8, config=InferenceConfig(cuda_graphs=False, prefill_chunk=2048))
+    torch.cuda.reset_peak_memory_stats()
+    out = engine.generate([[t % 1000 + 3 for t in range(n)]], greedy(2))[0]
+    assert len(out.token_ids) == 2 and torch.cuda.max_memory_allocated() < 16 * 2**30

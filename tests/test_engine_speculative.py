@@ -7,6 +7,7 @@ import torch
 from nanoseek import Transformer, preset
 from nanoseek.cli import main
 from nanoseek.data.tokenizer import ChatTokenizer, byte_tokenizer
+from nanoseek.infer.config import InferenceConfig
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.infer.speculative import sampling_probs
@@ -144,15 +145,17 @@ def test_stream_of_a_speculative_request_concatenates_to_its_text(model, tokeniz
     assert [o.text for o in outs] == [o.text for o in plain(model, prompts, params, tokenizer)]
 
 
-def test_mtp_state_matches_recomputation_without_cache(model):
+@pytest.mark.parametrize("prefill_chunk", [2048, 3])
+def test_mtp_state_matches_recomputation_without_cache(model, prefill_chunk):
     """The engine's drafter state per slot against the MTP module run over the whole accepted
     sequence, with rows accepting k, 1, 0 or alternately k/1 drafts, a request joining mid-run
     and gathered (non-contiguous) rows: the state behind each row's first draft, the draft
-    itself, and (through the MTP layer's cache) the second draft."""
+    itself, and (through the MTP layer's cache) the second draft; with the prompts prefilled
+    whole, and in chunks of 3 (the MTP layer's pass over them too)."""
     k, n = 2, 9
     cont = plain(model, PROMPTS, greedy(n + k + 1))
     full = {f"p{i}": p + c.token_ids for i, (p, c) in enumerate(zip(PROMPTS, cont))}
-    engine = Engine(model, max_batch=3, max_len=64, speculative_k=k)
+    engine = Engine(model, max_batch=3, max_len=64, speculative_k=k, config=InferenceConfig(prefill_chunk=prefill_chunk))
     real_draft, calls = engine.runner.draft, []
 
     def draft(seqs, drafter, pending_pos_B, uniforms):
@@ -276,7 +279,7 @@ def test_static_greedy_speculative_step_equals_plain_greedy(model, k, burst):
     want = [o.token_ids for o in plain(model, PROMPTS, greedy(12))]
     eager = Engine(model, max_batch=4, max_len=64, speculative_k=k)
     want_stats = [o.speculative for o in eager.generate(PROMPTS[1:], greedy(12))]
-    engine = Engine(model, max_batch=4, max_len=64, speculative_k=k, decode_burst=burst)
+    engine = Engine(model, max_batch=4, max_len=64, speculative_k=k, config=InferenceConfig(decode_burst=burst))
     engine.runner.spec_graphs = GraphSpeculator(engine.runner, capture=False)
     # three of four rows: the bucket of 4 holds a dummy row
     outs = engine.generate(PROMPTS[1:], greedy(12))
@@ -297,7 +300,7 @@ def test_speculative_bursts_stop_inside_a_burst_and_count_only_the_steps_taken(m
     assert len(want[0]) <= 10 < len(want[1])  # the stop is met early
     stats = {}
     for burst in (1, 8):
-        engine = Engine(model, max_batch=3, max_len=64, speculative_k=2, decode_burst=burst)
+        engine = Engine(model, max_batch=3, max_len=64, speculative_k=2, config=InferenceConfig(decode_burst=burst))
         engine.runner.spec_graphs = GraphSpeculator(engine.runner, capture=False)
         outs = engine.generate(PROMPTS[:3], params)
         assert [o.token_ids for o in outs] == want and outs[0].finish_reason == "stop"
@@ -337,7 +340,7 @@ def test_speculative_bursts_run_rows_to_the_end_of_their_context(model):
     from nanoseek.infer.cuda_graph import GraphSpeculator
     prompts = [PROMPTS[3], PROMPTS[1]]
     want = [o.token_ids for o in plain(model, prompts, [greedy(37 - len(p)) for p in prompts])]
-    engine = Engine(model, max_batch=2, max_len=37, speculative_k=3, decode_burst=8)
+    engine = Engine(model, max_batch=2, max_len=37, speculative_k=3, config=InferenceConfig(decode_burst=8))
     engine.runner.spec_graphs = GraphSpeculator(engine.runner, capture=False)
     outs = engine.generate(prompts, SamplingParams(ignore_eos=True))
     assert [o.token_ids for o in outs] == want

@@ -15,15 +15,10 @@ pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def _interpreter_shapes(monkeypatch):
-    """Triton's interpreter (no GPU) pays per program: bigger blocks than the GPU's, still
-    several programs per kernel so that block boundaries are crossed (a test's own tuning=
-    overrides these)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        from nanoseek.infer import fused
-        for key, value in dict(gemv_rows=16, head_rows=16, up_rows=16, down_rows=32).items():
-            monkeypatch.setitem(fused.TUNING, key, value)
+# Triton's interpreter (no GPU) pays per program: bigger blocks than the GPU's, still several
+# programs per kernel so that block boundaries are crossed
+LAUNCH = (dict(gemv_rows=16, head_rows=16, up_rows=16, down_rows=32)
+          if os.environ.get("TRITON_INTERPRET") == "1" else {})
 
 
 def sharp_model(**overrides):
@@ -58,19 +53,16 @@ def prefilled_cache(model, lengths, max_len=40, ids=None, dtype=torch.float32):
     (dict(topk_method="greedy", n_shared_experts=0), True),   # no groups, no shared experts
     (dict(scoring_func="softmax", topk_method="group_limited_greedy", n_group=4, topk_group=2,
           n_shared_experts=2), False),                        # V2, two shared experts
+    (dict(num_attention_heads=32), False),                    # attention in two blocks of heads
 ])
-def test_fused_step_matches_model_decode(overrides, chunked, monkeypatch):
+def test_fused_step_matches_model_decode(overrides, chunked):
     """Logits of rows at different positions (one of them the dummy row at 0 that a bucket
     pads with) and every layer's cache entries: the fused step equals the model's absorbed
     decode forward in float32. Attention in three splits of 16 positions (row 1 spans two,
-    the others one); chunked: rows wider than 16 read in chunks (the path of a wide model's
-    hidden size), two splits of 32 positions read in blocks of 16, the splits merged two at a
-    time."""
+    the others one), 16 heads per program; chunked: rows wider than 16 read in chunks (the
+    path of a wide model's hidden size), two splits of 32 positions read in blocks of 16, the
+    splits merged two at a time."""
     from nanoseek.infer import fused
-    if chunked:
-        monkeypatch.setattr(fused, "MAX_BLOCK", 16)
-        monkeypatch.setattr(fused, "ATTEND_BLOCK", 16)
-        monkeypatch.setattr(fused, "MERGE_SPLITS", 2)
     model = sharp_model(**overrides)
     cache = prefilled_cache(model, [7, 20, 1])
     fused_cache = copy.deepcopy(cache)
@@ -78,7 +70,8 @@ def test_fused_step_matches_model_decode(overrides, chunked, monkeypatch):
     positions = torch.tensor([[7], [20], [0]], device=DEVICE)
     with torch.no_grad():
         want = model(ids, positions=positions, cache=cache.prefix(3)).logits[:, -1]
-    step = fused.FusedDecoder(model, fused_cache, max_rows=4, tuning=dict(attend_split=32 if chunked else 16))
+    chunks = dict(attend_split=32, max_block=16, attend_block=16, merge_splits=2) if chunked else dict(attend_split=16)
+    step = fused.FusedDecoder(model, fused_cache, max_rows=4, launch={**LAUNCH, **chunks, "attend_heads": 16})
     assert step.nsplit == (2 if chunked else 3)
     for scratch in (step.part_acc, step.part_m, step.part_l):  # a split past a row's position is
         scratch.fill_(float("nan"))                          # neither written nor read
@@ -106,7 +99,7 @@ def test_fused_step_of_a_dense_model():
     positions = torch.tensor([[5], [3]], device=DEVICE)
     with torch.no_grad():
         want = model(ids, positions=positions, cache=cache.prefix(2)).logits[:, -1]
-    torch.testing.assert_close(FusedDecoder(model, fused_cache, 2).forward(ids, positions), want,
+    torch.testing.assert_close(FusedDecoder(model, fused_cache, 2, LAUNCH).forward(ids, positions), want,
                                rtol=1e-4, atol=1e-5)
 
 
@@ -123,7 +116,7 @@ def test_fused_decoder_bursts_equal_the_model_step():
 
     def burst(fused_rows, sampled=False, n=2):
         c = copy.deepcopy(cache)
-        step = GraphDecoder(model, c, None, capture=False, fused_rows=fused_rows)
+        step = GraphDecoder(model, c, None, capture=False, fused_rows=fused_rows, fused_launch=LAUNCH)
         extra = (params, [[0.3] * n, [0.0] * n]) if sampled else ()
         return step.decode_burst([0, 1], [3, 4], [5, 9], n, *extra).tolist(), step, c
 
@@ -135,15 +128,15 @@ def test_fused_decoder_bursts_equal_the_model_step():
         for buf, fused_buf in zip(layer, fused_layer):  # c_kv and k_pe
             torch.testing.assert_close(fused_buf, buf, rtol=1e-4, atol=1e-5)
     assert burst(2, sampled=True, n=1)[0] == burst(0, sampled=True, n=1)[0]
-    one = GraphDecoder(model, copy.deepcopy(cache), None, capture=False, fused_rows=1)
+    one = GraphDecoder(model, copy.deepcopy(cache), None, capture=False, fused_rows=1, fused_launch=LAUNCH)
     assert one.fused.max_rows == 1 and one._fused(1) and not one._fused(2) and one._compiles((2, False))
 
 
 def test_unsupported_models_say_why():
     from nanoseek.infer.fused import FusedDecoder
-    with pytest.raises(ValueError, match="unknown tuning keys \\['gemv_row'\\]"):
+    with pytest.raises(ValueError, match="unknown launch keys \\['gemv_row'\\]"):
         m = Transformer(preset("tiny"))
-        FusedDecoder(m, StaticCache(m.config, 1, 8), 1, tuning=dict(gemv_row=8))
+        FusedDecoder(m, StaticCache(m.config, 1, 8), 1, launch=dict(gemv_row=8))
     assert FusedDecoder.unsupported(preset("tiny")) is None
     assert FusedDecoder.unsupported(preset("bench-1b")) is None
     cases = {"attention_type": dict(attention_type="gqa", num_key_value_heads=2),
@@ -192,28 +185,6 @@ def test_routing_kernel_chooses_the_routers_experts(overrides):
     assert FusedDecoder.unsupported(cfg) is None
 
 
-def test_engine_checks_fused_decode(monkeypatch):
-    """A negative row count is refused; by default the fused step runs with 16-bit weights on
-    an NVIDIA Hopper+ GPU (where it was measured), not with float32 weights, on the CPU, an
-    older GPU or ROCm."""
-    from nanoseek.infer.engine import FUSED_DECODE_ROWS, Engine, default_fused_rows
-    with pytest.raises(ValueError, match="fused_decode"):
-        Engine(Transformer(preset("tiny")), fused_decode=-1)
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert default_fused_rows(torch.bfloat16, cuda) == default_fused_rows(torch.float16, cuda) == FUSED_DECODE_ROWS
-    assert default_fused_rows(torch.float32, cuda) == default_fused_rows(torch.bfloat16, cpu) == 0
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert default_fused_rows(torch.bfloat16, cuda) == 0
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(torch.version, "hip", "6.2")
-    assert default_fused_rows(torch.bfloat16, cuda) == 0
-    monkeypatch.undo()
-    if DEVICE == "cuda":
-        engine = Engine(Transformer(preset("tiny")).to(DEVICE, torch.bfloat16), max_batch=8, max_len=16)
-        assert engine.runner.graphs.fused.max_rows == FUSED_DECODE_ROWS
-
-
 def test_a_failing_fused_step_falls_back_to_the_model_step(monkeypatch):
     """Fused kernels that fail (say, do not compile on this GPU) hand every bucket back to the
     model's step, with a warning, instead of leaving the decoder without graphs."""
@@ -226,7 +197,7 @@ def test_a_failing_fused_step_falls_back_to_the_model_step(monkeypatch):
     def broken(self, ids, positions):
         raise RuntimeError("no kernel image for this GPU")
     monkeypatch.setattr(FusedDecoder, "forward", broken)
-    step = GraphDecoder(model, copy.deepcopy(cache), None, capture=False, fused_rows=2)
+    step = GraphDecoder(model, copy.deepcopy(cache), None, capture=False, fused_rows=2, fused_launch=LAUNCH)
     with pytest.warns(UserWarning, match="fused decode step failed .*no kernel image.*model's step"):
         got = step.decode_burst([0, 1], [3, 4], [5, 9], 1)
     assert step.fused is None and not step.failed and torch.equal(got, want)
@@ -255,3 +226,35 @@ def test_bf16_fused_step_is_as_accurate_as_the_bf16_model():
     def rel(x):
         return float((x - ref).norm() / ref.norm())
     assert rel(fused) <= 1.5 * rel(plain) + 1e-3, (rel(fused), rel(plain))
+
+
+@pytest.mark.gpu
+def test_bf16_fused_step_at_v3_layer_widths():
+    """On a GPU, BF16, DeepSeek-V3's layer widths (hidden 7168, 128 heads, latent 512,
+    q_lora 1536, experts of width 2048, top-8 in 4 of 8 groups; 64 experts instead of 256 and
+    a small vocabulary, to fit a float32 reference beside it), one dense and one MoE layer:
+    the fused step with the launch shapes derived for these widths (2 GEMV rows a program,
+    attention in 16-head blocks) is as close to float32 as the BF16 model's own step."""
+    from nanoseek.hf import to_dtype
+    from nanoseek.infer.fused import FusedDecoder
+    torch.manual_seed(0)
+    cfg = preset("deepseek-v3", num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=64,
+                 vocab_size=2048, num_nextn_predict_layers=0)
+    model = Transformer(cfg).cuda().eval()
+    half = to_dtype(copy.deepcopy(model), torch.bfloat16)
+    lengths = [100, 37]
+    ids = torch.randint(0, cfg.vocab_size, (2, 100), device=DEVICE)
+    cache32 = prefilled_cache(model, lengths, max_len=128, ids=ids)
+    cache16 = prefilled_cache(half, lengths, max_len=128, ids=ids, dtype=torch.bfloat16)
+    nxt = torch.randint(0, cfg.vocab_size, (2, 1), device=DEVICE)
+    positions = torch.tensor([[100], [37]], device=DEVICE)
+    with torch.no_grad():
+        ref = model(nxt, positions=positions, cache=copy.deepcopy(cache32).prefix(2)).logits[:, -1]
+        plain = half(nxt, positions=positions, cache=copy.deepcopy(cache16).prefix(2)).logits[:, -1].float()
+    fused = FusedDecoder(half, cache16, 2)
+    assert fused.t["gemv_rows"] == 2 and fused.t["attend_heads"] == 16
+    got = fused.forward(nxt, positions)
+
+    def rel(x):
+        return float((x - ref).norm() / ref.norm())
+    assert rel(got) <= 1.5 * rel(plain) + 1e-3, (rel(got), rel(plain))

@@ -1,13 +1,15 @@
 """The GRPO loop on a tiny model on the CPU: two steps update the weights and log what the
 issue asks for, a checkpoint resumes to step 3, dynamic sampling drops groups whose
-rewards are all equal, micro-batches sum to the full-batch loss, config validation, and
-`nanoseek grpo` end to end (one step; a bad key is one error line, exit 2).
+rewards are all equal, micro-batches sum to the full-batch loss, Ctrl-C saves the step it
+finishes, config validation, and `nanoseek grpo` end to end (one step; a bad key is one error
+line, exit 2).
 
 The reward is `len(completion) % 3`: a random model's completions differ in length, so
 rewards vary within a group and the advantages (hence the gradient) are not zero."""
 
 import copy
 import json
+import signal
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ import nanoseek
 from nanoseek.cli import main
 from nanoseek.data.tokenizer import ChatTokenizer, byte_tokenizer
 from nanoseek.rl.trainer import GRPOTrainer, grpo_config, informative_groups
+from nanoseek.train.trainer import TrainingInterrupted
 from nanoseek.train.checkpoint import latest_checkpoint
 from nanoseek.train.metrics import read_metrics
 
@@ -93,6 +96,35 @@ def test_a_run_without_resume_refuses_an_existing_run(tiny, tmp_path):
         make(tiny, tmp_path, steps=1).fit(progress=False)
 
 
+def test_ctrl_c_saves_the_step_in_flight_and_a_resume_goes_on(tiny, tmp_path):
+    """SIGINT during step 2's rewards (in this process, as a terminal sends it): step 2 ends,
+    is saved, and TrainingInterrupted says where; default save_every (a tenth of 10 steps)
+    saved step 1 too. A resume trains on from step 3."""
+    rewarded = []
+
+    def interrupt_in_step_2(prompts, completions, **kwargs):
+        rewarded.append(1)
+        if len(rewarded) == 2:
+            signal.raise_signal(signal.SIGINT)
+        return len3(prompts, completions)
+
+    model, tok = tiny
+    cfg = grpo_config(group_size=2, prompts_per_step=2, max_new_tokens=6, beta=0.0, steps=10,
+                      rewards={"interrupt": 1.0})
+    trainer = GRPOTrainer(copy.deepcopy(model), tok, "arithmetic", cfg, tmp_path,
+                          reward_funcs={"interrupt": interrupt_in_step_2})
+    rewarded.clear()  # the constructor scored one row to check the reward's columns
+    with pytest.raises(TrainingInterrupted, match=r"^grpo stopped at step 2 of 10; checkpoint saved in "):
+        trainer.fit(progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is itself again
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000001",
+                                                                                "step_00000002"]
+    resumed = GRPOTrainer(copy.deepcopy(model), tok, "arithmetic", grpo_config(**{**vars(cfg), "steps": 3}),
+                          tmp_path, reward_funcs={"interrupt": len3})
+    assert [r["step"] for r in resumed.fit(resume=True, progress=False)] == [3]
+
+
 def test_informative_groups_drop_all_equal_rewards():
     assert informative_groups([1, 1, 1, 0, 1, 0, 2, 2, 2], 3) == [False, True, False]
     assert informative_groups([0.5, 0.5], 2) == [False]
@@ -167,6 +199,10 @@ def test_dr_grpo_divides_by_the_completion_budget_not_the_padded_sequence(tiny, 
     (dict(loss_type="ppo"), "loss_type"), (dict(scale="batch"), "scale"),
     (dict(clip_eps=0.2, clip_eps_high=0.1), "clip_eps_high"), (dict(rewards={}), "rewards"),
     (dict(prompt_format="plain"), "prompt_format"), (dict(grup_size=4), "unknown grpo field"),
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(top_p=0.0), "top_p"), (dict(lr=0.0), "lr"),
+    (dict(beta=-1.0), "beta"), (dict(grad_clip=-1.0), "grad_clip"), (dict(clip_eps=0.0), "clip_eps"),
+    (dict(micro_batch=-1), "micro_batch"), (dict(save_every=-1), "save_every"),
+    (dict(rewards={"accuracy": True}), "rewards"), (dict(steps=0), "steps"),
 ])
 def test_config_validation(changes, message):
     with pytest.raises(ValueError, match=message):

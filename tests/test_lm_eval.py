@@ -11,7 +11,7 @@ lm_eval = pytest.importorskip("lm_eval")
 openai = pytest.importorskip("openai")
 
 from test_sampling import full_logprobs, tolerance  # noqa: E402
-from test_serve import live, tiny_app, tiny_dir  # noqa: E402,F401
+from test_serve import live, tiny_app  # noqa: E402
 
 from nanoseek.hf import from_pretrained  # noqa: E402
 from nanoseek.loading import tokenizer_for  # noqa: E402
@@ -29,7 +29,7 @@ def write_task(folder, name, rows, body: str) -> None:
         f"test_split: test\ndoc_to_text: \"{{{{question}}}}\"\n" + body)
 
 
-def test_multiple_choice_and_generate_until_tasks_run_end_to_end(tiny_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_multiple_choice_and_generate_until_tasks_run_end_to_end(tiny_dir, tmp_path, monkeypatch):
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(var, "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))

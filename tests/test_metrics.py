@@ -1,4 +1,5 @@
-"""train/metrics.py: JSONL written line by line, resume truncation, plots, MFU, progress bar."""
+"""train/metrics.py: JSONL written line by line, resume truncation, plots and their smoothed
+lines, MFU, progress (a bar on a terminal, timed lines elsewhere)."""
 
 import json
 import math
@@ -8,8 +9,8 @@ import torch
 
 import nanoseek
 from nanoseek.info import model_info
-from nanoseek.train.metrics import (METRICS_FILE, MetricsLogger, ProgressBar, flatten, mfu,
-                                    peak_flops, plot_metrics, read_metrics)
+from nanoseek.train.metrics import (METRICS_FILE, MetricsLogger, ProgressBar, flatten, mfu, peak_flops,
+                                    plot_metrics, plot_smoothed, progress_line, read_metrics, smoothed)
 
 
 def lines(run_dir):
@@ -100,11 +101,53 @@ def test_mfu():
     assert mfu(1e6, flops, "Some Unknown Accelerator") is None
 
 
-def test_progress_bar(capsys):
+def test_progress_line_holds_the_figures_elapsed_time_and_eta():
+    # 120 steps done in 42 s by this process: the 1,880 left take 658 s at that pace
+    line = progress_line("pretrain", 120, 2000, "step", {"loss": "2.1000", "tok/s": "9,500"}, 42.0, 120)
+    assert line == "pretrain 120/2000 steps (6%): loss=2.1000, tok/s=9,500; 00:42 elapsed, ETA 10:58"
+    # a resumed run: only the 20 steps of this process set the pace
+    assert progress_line("sft", 120, 200, "step", {}, 10.0, 20).endswith("00:10 elapsed, ETA 00:40")
+    assert progress_line("eval", 0, 8, "answer", {}, 0.0, 0) == "eval 0/8 answers (0%); 00:00 elapsed, ETA ?"
+
+
+def test_progress_off_a_terminal_is_a_line_every_interval_and_one_at_the_end(capsys):
     with ProgressBar(10, disable=True) as bar:
         bar.update(1, loss=2.0, tokens_per_s=1e4, lr=1e-3)
     assert capsys.readouterr().err == ""
-    with ProgressBar(10, initial=2, disable=False) as bar:
-        bar.update(3, loss=2.0, tokens_per_s=12345.0, lr=1e-3)
-    err = capsys.readouterr().err
-    assert "3/10" in err and "loss=2.0000" in err and "12,345" in err and "1.00e-03" in err
+    with ProgressBar(10, initial=2, interval=3600) as bar:  # stderr is captured: not a terminal
+        bar.update(3, loss=2.0, tokens_per_s=12345.0, lr=1e-3)  # the first update: a line
+        bar.update(4, loss=1.5, tokens_per_s=12345.0, lr=1e-3)  # within the interval: none
+        bar.update(5, loss=1.0, tokens_per_s=12345.0, lr=1e-3, reward=0.25, skipped=None)
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(";")[0] for line in err] == [  # then the end: a line
+        "train 3/10 steps (30%): loss=2.0000, tok/s=12,345, lr=1.00e-03",
+        "train 5/10 steps (50%): loss=1.0000, tok/s=12,345, lr=1.00e-03, reward=0.25"]
+    with ProgressBar(4, interval=0, unit="answer", desc="eval") as bar:
+        for n in range(1, 5):
+            bar.update(n)
+    assert [line.split(";")[0] for line in capsys.readouterr().err.splitlines()] == [
+        f"eval {n}/4 answers ({25 * n}%)" for n in range(1, 5)]
+
+
+def test_smoothed_is_a_debiased_moving_average():
+    # weight 1/2 on each new value; the average divided by the weight gathered so far
+    assert smoothed([0.0, 1.0, 1.0], 2) == pytest.approx([0.0, (0.5) / 0.75, (0.75) / 0.875], rel=1e-15, abs=0)
+    assert smoothed([3.0] * 5, 4) == pytest.approx([3.0] * 5, rel=1e-15)
+
+
+def test_a_long_series_is_drawn_faint_with_its_smoothed_line_over_it():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    xs, ys = list(range(1, 41)), [float(s % 3) for s in range(1, 41)]
+    plot_smoothed(ax, xs, ys, "reward")
+    raw, smooth = ax.get_lines()
+    assert list(raw.get_ydata()) == ys and raw.get_alpha() == 0.3 and raw.get_label().startswith("_")
+    assert list(smooth.get_ydata()) == smoothed(ys, 4.0) and smooth.get_label() == "reward (smoothed)"
+    assert smooth.get_color() == raw.get_color()
+    fig, ax = plt.subplots()
+    plot_smoothed(ax, xs[:10], ys[:10], "reward")  # too few points to average: drawn as they are
+    [line] = ax.get_lines()
+    assert list(line.get_ydata()) == ys[:10] and line.get_label() == "reward"
+    plt.close("all")

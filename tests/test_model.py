@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import nanoseek
+from conftest import float32_tolerance  # tests/ is on sys.path
 from nanoseek.config import ConfigError, ModelConfig, preset
 from nanoseek.model import StaticCache, Transformer
-from nanoseek.model.moe import Experts, MoE, Router, balance_loss, max_violation
+from nanoseek.model.moe import ExpertPath, Experts, MoE, Router, balance_loss, max_violation
 from nanoseek.model.rope import apply_rope
 from nanoseek.model.transformer import shifted_cross_entropy
 
@@ -164,33 +165,54 @@ def test_grouped_experts_equal_per_expert_loop():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_small_decode_batches_take_the_gathered_expert_path(monkeypatch):
-    """Without grad and with at most GATHER_MAX_PAIRS (token, expert) pairs the experts are
-    gathered per pair; larger batches, and any forward that records gradients, do not."""
-    from nanoseek.model import moe
-    experts = Experts(n_experts=8, dim=16, hidden=8)
-    calls = []
-    monkeypatch.setattr(Experts, "forward_gathered", lambda self, *a: calls.append("gathered") or a[0])
+def test_auto_expert_path_gathers_small_decode_batches():
+    """"auto": without grad and with at most gather_max_pairs (token, expert) pairs the
+    experts are gathered per pair; larger batches, and any forward that records gradients,
+    are not; last_path says which path ran."""
+    experts = Experts(n_experts=8, dim=16, hidden=8, path=ExpertPath("auto", gather_max_pairs=6))
     x, w = torch.randn(2, 16), torch.rand(2, 3)
     idx = torch.tensor([[0, 1, 2], [3, 4, 5]])
     with torch.no_grad():
         experts(x, w, idx)
-        assert calls == ["gathered"]
-        monkeypatch.setattr(moe, "GATHER_MAX_PAIRS", 5)  # 6 pairs: the grouped path
+        assert experts.last_path == "gather"
+        experts.path = ExpertPath("auto", gather_max_pairs=5)  # 6 pairs: the grouped GEMM
         experts(x, w, idx)
-    assert calls == ["gathered"]
-    monkeypatch.setattr(moe, "GATHER_MAX_PAIRS", 16)
+        assert experts.last_path == "grouped"
+    experts.path = ExpertPath("gather")
     experts(x, w, idx)  # grad enabled: training never gathers
-    assert calls == ["gathered"]
+    assert experts.last_path == "grouped"
 
 
-def test_moe_impl_flag_switches_to_loop_with_same_logits():
+# kernels/moe.py's blocks for the tiny preset's widths (64 and 32; the defaults do not divide 32)
+TINY_KERNEL_LAUNCH = {"up": dict(block_f=32, block_d=32, stages=1), "down": dict(block_d=32, block_f=32, stages=1)}
+
+
+@pytest.mark.parametrize("kind", ["grouped", "gather", "small_batch", "auto", "loop"])
+def test_each_expert_path_runs_when_chosen_and_gives_the_loops_logits(kind):
+    """set_expert_path reaches every MoE layer's experts: a decode-sized forward (20 pairs)
+    runs the chosen path in each (auto on the CPU: above 16 pairs, the grouped GEMM; the
+    small-batch kernels in Triton's interpreter) and gives the reference loop's logits."""
+    if kind == "small_batch":
+        pytest.importorskip("triton")
     cfg = tiny()
     model = randomize_(Transformer(cfg)).eval()
-    ref = Transformer(cfg.replace(moe_impl="loop")).eval()
-    ref.load_state_dict(model.state_dict())
-    ids = torch.randint(0, cfg.vocab_size, (2, 16))
-    torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-6)
+    ids = torch.randint(0, cfg.vocab_size, (2, 5))
+    experts = [m for m in model.main_layers.modules() if isinstance(m, Experts)]
+    with torch.no_grad():
+        model.set_expert_path(ExpertPath("loop"))
+        want = model(ids).logits
+        model.set_expert_path(ExpertPath(kind, small_batch_launch=TINY_KERNEL_LAUNCH))
+        got = model(ids).logits
+    assert [e.last_path for e in experts] == [{"auto": "grouped"}.get(kind, kind)] * len(experts)
+    # the paths sum each expert's products in other orders
+    torch.testing.assert_close(got, want, rtol=0, atol=float32_tolerance(cfg, 5, float(want.abs().max())))
+
+
+def test_expert_path_names_are_checked():
+    with pytest.raises(ValueError, match="expert path 'fast': must be one of auto, grouped, gather"):
+        ExpertPath("fast")
+    with pytest.raises(ValueError, match="gather_max_pairs must be >= 0, got -1"):
+        ExpertPath(gather_max_pairs=-1)
 
 
 def _router(**kw):

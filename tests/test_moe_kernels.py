@@ -13,9 +13,13 @@ pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def experts_and_batch(E, K, N, D=64, F=64, dtype=torch.float32):
+# blocks of 32: two of F and two of D per expert, so the kernels' loops and grids both step
+BLOCKS_32 = {"up": dict(block_f=32, block_d=32, stages=1), "down": dict(block_d=32, block_f=32, stages=1)}
+
+
+def experts_and_batch(E, K, N, D=64, F=64, dtype=torch.float32, path=None):
     torch.manual_seed(0)
-    ex = moe.Experts(E, D, F)
+    ex = moe.Experts(E, D, F, path)
     with torch.no_grad():
         for p in ex.parameters():
             p.normal_(0, 0.1)
@@ -29,47 +33,40 @@ def experts_and_batch(E, K, N, D=64, F=64, dtype=torch.float32):
     return ex.to(DEVICE, dtype), x.to(DEVICE, dtype), idx.to(DEVICE), gate.to(DEVICE)
 
 
-@pytest.fixture
-def small_blocks(monkeypatch):
-    """Blocks of 32: two of F and two of D per expert, so the loops and the grid both step."""
-    from nanoseek.kernels import moe as moe_kernels
-    block = dict(block_f=32, block_d=32, warps=4, stages=1)
-    monkeypatch.setattr(moe_kernels, "TUNING", {"up": block, "down": block})
-    monkeypatch.setattr(moe, "SMALL_BATCH_KERNELS", True)
-    calls = []
-    forward_small_batch = moe.Experts.forward_small_batch
-    monkeypatch.setattr(moe.Experts, "forward_small_batch",
-                        lambda self, *a: calls.append(1) or forward_small_batch(self, *a))
-    return calls
+def kernel_tolerance(ex, want) -> float:
+    """float32 sums over D then F in another order than the loop's (conftest.float32_tolerance)."""
+    _, F, D = ex.gate_proj.shape
+    return torch.finfo(torch.float32).eps * (D + F) * float(want.abs().max())
 
 
 @pytest.mark.parametrize("E, K, N", [(8, 3, 7), (16, 6, 20)])
-def test_small_batch_experts_match_the_loop(E, K, N, small_blocks):
+def test_small_batch_experts_match_the_loop(E, K, N):
     """Each token's gated sum over its K experts equals the loop's, through Experts.forward's
     dispatch (which must take the kernels) and from the op itself, for N rows not a power of
     two, K not a power of two (6), an expert no row chose (its programs skip) and the last
     expert chosen; the op puts each (token, slot)'s gated output at its slot."""
     from nanoseek.kernels.moe import small_batch_experts
-    ex, x, idx, gate = experts_and_batch(E, K, N)
+    ex, x, idx, gate = experts_and_batch(E, K, N, path=moe.ExpertPath("small_batch", small_batch_launch=BLOCKS_32))
     assert not (idx == 1).any() and (idx == E - 1).any()
     with torch.no_grad():
         want = ex.forward_loop(x, gate, idx)
         got = ex(x, gate, idx)
-        assert small_blocks == [1]
-        y_NKD = small_batch_experts(x, idx, gate, ex.gate_proj, ex.up_proj, ex.down_proj)
+        assert ex.last_path == "small_batch"
+        y_NKD = small_batch_experts(x, idx, gate, ex.gate_proj, ex.up_proj, ex.down_proj, launch=BLOCKS_32)
         n, k = 3, 2                                 # one (token, slot) by hand
         e = int(idx[n, k])
         h = torch.nn.functional.silu(x[n] @ ex.gate_proj[e].T) * (x[n] @ ex.up_proj[e].T)
         slot = gate[n, k] * (h @ ex.down_proj[e].T)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(y_NKD.sum(1), want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(y_NKD[n, k], slot, rtol=1e-5, atol=1e-5)
+    tol = kernel_tolerance(ex, want)
+    torch.testing.assert_close(got, want, rtol=0, atol=tol)
+    torch.testing.assert_close(y_NKD.sum(1), want, rtol=0, atol=tol)
+    torch.testing.assert_close(y_NKD[n, k], slot, rtol=0, atol=tol)
 
 
-def test_small_batch_experts_compile_as_one_op(small_blocks):
+def test_small_batch_experts_compile_as_one_op():
     """Under torch.compile (fullgraph) the kernels are one opaque op of the traced graph, and
     the compiled call gives the loop's output."""
-    ex, x, idx, gate = experts_and_batch(8, 3, 7)
+    ex, x, idx, gate = experts_and_batch(8, 3, 7, path=moe.ExpertPath("small_batch", small_batch_launch=BLOCKS_32))
     graphs = []
 
     def backend(gm, example_inputs):
@@ -77,55 +74,56 @@ def test_small_batch_experts_compile_as_one_op(small_blocks):
         return gm.forward
     step = torch.compile(lambda x, gate, idx: ex(x, gate, idx), fullgraph=True, backend=backend)
     with torch.no_grad():
-        torch.testing.assert_close(step(x, gate, idx), ex.forward_loop(x, gate, idx), rtol=1e-5, atol=1e-5)
+        want = ex.forward_loop(x, gate, idx)
+        torch.testing.assert_close(step(x, gate, idx), want, rtol=0, atol=kernel_tolerance(ex, want))
     ops = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
     assert ops.count(torch.ops.nanoseek.small_batch_experts.default) == 1, ops
 
 
-def test_small_batch_experts_refuse_what_they_cannot_read(small_blocks):
+def test_small_batch_experts_refuse_what_they_cannot_read():
     """The op itself (not only the dispatch) refuses more than MAX_TOKENS rows, widths its
-    blocks do not divide and weights it cannot read in place, saying what is wrong."""
+    blocks do not divide, weights it cannot read in place and launch keys it does not know,
+    saying what is wrong."""
     from nanoseek.kernels.moe import MAX_TOKENS, small_batch_experts
     ex, x, idx, gate = experts_and_batch(8, 3, MAX_TOKENS + 1)
     w = (ex.gate_proj, ex.up_proj, ex.down_proj)
     with pytest.raises(ValueError, match=rf"cannot take {MAX_TOKENS + 1} tokens \(it takes 1..{MAX_TOKENS}\)"):
-        small_batch_experts(x, idx, gate, *w)
+        small_batch_experts(x, idx, gate, *w, launch=BLOCKS_32)
     with pytest.raises(ValueError, match="expert width 48"):
         small_batch_experts(x[:4], idx[:4], gate[:4], ex.gate_proj[:, :48].contiguous(),
-                            ex.up_proj[:, :48].contiguous(), ex.down_proj[..., :48].contiguous())
+                            ex.up_proj[:, :48].contiguous(), ex.down_proj[..., :48].contiguous(), launch=BLOCKS_32)
     with pytest.raises(ValueError, match="contiguous"):
         small_batch_experts(x[:4], idx[:4], gate[:4], ex.gate_proj, ex.up_proj,
-                            ex.down_proj.transpose(1, 2).contiguous().transpose(1, 2))
+                            ex.down_proj.transpose(1, 2).contiguous().transpose(1, 2), launch=BLOCKS_32)
+    with pytest.raises(ValueError, match="launch up=.*block_k"):
+        small_batch_experts(x[:4], idx[:4], gate[:4], *w, launch={"up": dict(block_k=32)})
 
 
 def test_small_batch_kernels_dispatch(monkeypatch):
-    """Where the kernels take a batch: not under autograd, not for more than MAX_TOKENS rows,
-    not when the weights' dtype is not the compute dtype (float32 weights, BF16 activations),
-    not for weights they cannot read in place (a transposed view), and in "auto" mode only on
-    a GPU with 16-bit weights."""
+    """Where the kernels can take a batch: not under autograd, not for more than MAX_TOKENS
+    rows, not when the weights' dtype is not the compute dtype (float32 weights, BF16
+    activations), not for weights they cannot read in place (a transposed view); by default
+    ("auto") only on a GPU with 16-bit weights, "small_batch" wherever Triton runs."""
     from nanoseek.kernels import moe as moe_kernels
+    take = moe.small_batch_kernels_take
     gate = torch.zeros(4, 128, 128, dtype=torch.bfloat16)  # [E, F, D]
     w16 = (gate, gate.clone(), gate.clone())
     x16 = torch.zeros(8, 128, dtype=torch.bfloat16)
-    monkeypatch.setattr(moe, "SMALL_BATCH_KERNELS", True)
     with torch.no_grad():
-        assert moe.small_batch_kernels(x16, w16, 8)
-        assert not moe.small_batch_kernels(x16, w16, moe_kernels.MAX_TOKENS + 1)
-        assert not moe.small_batch_kernels(x16, tuple(w.float() for w in w16), 8)  # weights not in x's dtype
+        assert take(x16, w16, 8, anywhere=True)
+        assert not take(x16, w16, moe_kernels.MAX_TOKENS + 1, anywhere=True)
+        assert not take(x16, tuple(w.float() for w in w16), 8, anywhere=True)  # weights not in x's dtype
         f48 = torch.zeros(4, 48, 128, dtype=torch.bfloat16)
-        assert not moe.small_batch_kernels(x16, (f48, f48, f48.transpose(1, 2).contiguous()), 8)  # F = 48
-        assert not moe.small_batch_kernels(x16, (gate, gate.transpose(1, 2), gate), 8)
-    assert not moe.small_batch_kernels(x16, w16, 8)                        # autograd on
-    monkeypatch.setattr(moe, "SMALL_BATCH_KERNELS", "auto")
-    with torch.no_grad():
-        assert not moe.small_batch_kernels(x16, w16, 8)                    # CPU tensors
+        assert not take(x16, (f48, f48, f48.transpose(1, 2).contiguous()), 8, anywhere=True)  # F = 48
+        assert not take(x16, (gate, gate.transpose(1, 2), gate), 8, anywhere=True)
+        assert not take(x16, w16, 8)                                   # auto: not on CPU tensors
         if torch.cuda.is_available():
             cuda = tuple(w.cuda() for w in w16)
-            assert moe.small_batch_kernels(x16.cuda(), cuda, 8)
-            assert not moe.small_batch_kernels(x16.cuda().float(), tuple(w.float() for w in cuda), 8)
-    monkeypatch.setattr(moe, "SMALL_BATCH_KERNELS", False)
-    with torch.no_grad():
-        assert not moe.small_batch_kernels(x16, w16, 8)
+            assert take(x16.cuda(), cuda, 8)
+            assert not take(x16.cuda().float(), tuple(w.float() for w in cuda), 8)
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert take(x16, w16, 8, anywhere=True) == torch.cuda.is_available()  # no interpreter, no GPU
+    assert not take(x16, w16, 8, anywhere=True)                         # autograd on
 
 
 @pytest.mark.gpu
@@ -150,8 +148,8 @@ def test_bf16_small_batch_experts_on_gpu():
 def test_bf16_captured_decode_steps_take_the_small_batch_kernels(monkeypatch):
     """On a GPU, the engine's compiled and captured decode step of a BF16 model at buckets 4,
     8 and 16 (the first compiled static, the others shape-generic) traces its routed experts
-    through kernels/moe.py (the gathered path for a few pairs turned off), and its logits at
-    each bucket match the grouped GEMM's step as closely as BF16 allows."""
+    through kernels/moe.py on the "small_batch" path, and its logits at each bucket match
+    the grouped GEMM's step as closely as BF16 allows."""
     from nanoseek import Transformer, preset
     from nanoseek.hf import to_dtype
     from nanoseek.infer.cuda_graph import GraphDecoder
@@ -167,24 +165,23 @@ def test_bf16_captured_decode_steps_take_the_small_batch_kernels(monkeypatch):
             model(prompts[b:b + 1], positions=torch.arange(S, device="cuda")[None],
                   cache=cache.select([b], kv_len=S), absorb=False)
     nxt = torch.randint(0, model.config.vocab_size, (R,)).tolist()
-    monkeypatch.setattr(moe, "GATHER_MAX_PAIRS", 0)
     traced = []
     forward_small_batch = moe.Experts.forward_small_batch
     monkeypatch.setattr(moe.Experts, "forward_small_batch",
                         lambda self, *a: traced.append(1) or forward_small_batch(self, *a))
 
-    def logits(small_batch):
-        monkeypatch.setattr(moe, "SMALL_BATCH_KERNELS", "auto" if small_batch else False)
+    def logits(kind):
+        model.set_expert_path(moe.ExpertPath(kind))
         torch._dynamo.reset()
         step = GraphDecoder(model, copy.deepcopy(cache), None, compile=True)
         out = [step.decode(list(range(B)), nxt[:B], [S] * B).float() for B in (4, 8, 16)]
         assert step.compile and not step.failed and len(step.graphs) == 3
         return out
 
-    got = logits(True)
+    got = logits("small_batch")
     assert traced, "the compiled step did not trace the small-batch experts"
     traced.clear()
-    want = logits(False)
+    want = logits("grouped")
     assert not traced
     for g, w in zip(got, want):
         assert float((g - w).norm() / w.norm()) < 2e-2

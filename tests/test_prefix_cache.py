@@ -1,14 +1,18 @@
 """Prefix caching: the same tokens with and without it, fewer prompt tokens computed with it."""
 
 import pytest
-from test_sampling import burst_engine
+from test_engine import burst_engine
 
+from nanoseek.infer.config import InferenceConfig
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.prefix_cache import PrefixCache
 from nanoseek.infer.sampling import SamplingParams
 
 SYSTEM = [(7 * i + 3) % 500 + 9 for i in range(53)]  # a 53-token "system prompt": 3 full blocks of 16
 QUESTIONS = [[11, 12, 13], [40, 41], [200, 201, 202, 203, 204], [77], list(range(90, 102))]
+
+
+CACHED = InferenceConfig(prefix_cache=True)
 
 
 def greedy(n=8):
@@ -34,7 +38,7 @@ def test_outputs_are_token_identical_with_and_without_the_prefix_cache(model, ma
     With bursts, the rows no request holds must leave the free slots' cached prefixes alone."""
     prompts = [SYSTEM + q for q in QUESTIONS]
     plain = [s.output_ids for s in run(make(model, max_batch=2, max_len=96), prompts, greedy())]
-    engine = make(model, max_batch=2, max_len=96, prefix_cache=True)
+    engine = make(model, max_batch=2, max_len=96, config=CACHED)
     seqs = run(engine, prompts, greedy())
     assert [s.output_ids for s in seqs] == plain
     assert [s.cached_tokens for s in seqs] == [0, 48, 48, 48, 48]
@@ -47,8 +51,35 @@ def test_outputs_are_token_identical_with_and_without_the_prefix_cache(model, ma
     assert second.token_ids == want.token_ids and second.cached_tokens == 64
 
 
+@pytest.mark.parametrize("chunk", [4, 7])
+def test_a_cached_prefix_and_a_remainder_prefilled_in_chunks(model, chunk):
+    """Prefix cache and chunked prefill together: a request that reads the system prompt's 48
+    cached tokens computes the rest of its prompt (6 to 17 tokens) in chunks of `chunk`, each
+    at the positions after what the cache holds; greedy tokens equal those of the engine with
+    neither, and only the uncached tokens are computed."""
+    prompts = [SYSTEM + q for q in QUESTIONS]
+    plain = [s.output_ids for s in run(Engine(model, max_batch=2, max_len=96), prompts, greedy())]
+    engine = Engine(model, max_batch=2, max_len=96, config=InferenceConfig(prefix_cache=True, prefill_chunk=chunk))
+    starts = []  # per prefill forward, the first position of each row
+
+    def record(module, args, kwargs):
+        if kwargs.get("absorb") is False:  # the prefill's expanded attention, not a decode step
+            starts.append(kwargs["positions"][:, 0].tolist())
+            assert kwargs["positions"].shape[1] <= chunk
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        seqs = run(engine, prompts, greedy())
+    finally:
+        hook.remove()
+    assert [s.output_ids for s in seqs] == plain
+    assert [s.cached_tokens for s in seqs] == [0, 48, 48, 48, 48]
+    assert engine.prefilled_tokens == sum(map(len, prompts)) - 4 * 48
+    # a cached request's remainder: its first chunk at position 48, its second one chunk later
+    assert any(48 in rows for rows in starts) and any(48 + chunk in rows for rows in starts)
+
+
 def test_a_request_sharing_a_prefix_with_one_in_the_same_step_waits_to_reuse_it(model):
-    engine = Engine(model, max_batch=4, max_len=96, prefix_cache=True)
+    engine = Engine(model, max_batch=4, max_len=96, config=CACHED)
     seqs = [engine.add_request(SYSTEM + q, greedy(2)) for q in QUESTIONS[:3]]
     engine.step()  # the first prefills alone; the others would compute the same 48 tokens again
     assert [s.slot is not None for s in seqs] == [True, False, False]
@@ -58,7 +89,7 @@ def test_a_request_sharing_a_prefix_with_one_in_the_same_step_waits_to_reuse_it(
 
 
 def test_the_least_recently_used_prefix_is_evicted_when_its_slot_is_needed(model):
-    engine = Engine(model, max_batch=2, max_len=96, prefix_cache=True)
+    engine = Engine(model, max_batch=2, max_len=96, config=CACHED)
     other = [(5 * i + 1) % 400 + 9 for i in range(40)]
     third = [(3 * i + 2) % 300 + 9 for i in range(40)]
     engine.generate([SYSTEM + [1], other + [1]], greedy(2))  # both slots hold a prefix now
@@ -83,4 +114,4 @@ def test_chained_block_hashes_name_a_whole_prefix():
 
 def test_prefix_caching_refuses_speculative_decoding(model):
     with pytest.raises(ValueError, match="speculative"):
-        Engine(model, max_batch=1, max_len=32, speculative_k=2, prefix_cache=True)
+        Engine(model, max_batch=1, max_len=32, speculative_k=2, config=CACHED)

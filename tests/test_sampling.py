@@ -10,8 +10,11 @@ import copy
 import pytest
 import torch
 
+from test_engine import burst_engine
+
 from nanoseek import preset
 from nanoseek.data.tokenizer import ChatTokenizer, byte_tokenizer
+from nanoseek.infer.config import InferenceConfig
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams, process_logits
 
@@ -37,21 +40,16 @@ def tolerance(lp32, lp64):
     return 8 * (lp32.double() - lp64).abs().max().item() + 16 * eps * lp64.abs().max().item()
 
 
-def burst_engine(model, **kw):
-    """Decode bursts of 4 through GraphDecoder's static step, uncaptured (the CPU twin)."""
-    from nanoseek.infer.cuda_graph import GraphDecoder
-    engine = Engine(model, None, decode_burst=4, **kw)
-    engine.runner.graphs = GraphDecoder(model, engine.cache, None, capture=False)
-    return engine
-
-
-@pytest.mark.parametrize("path", ["eager", "burst"])
+@pytest.mark.parametrize("path", ["eager", "burst", "chunked"])
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_logprobs_are_log_softmax_of_the_models_logits(model, path, temperature):
     """Output and prompt logprobs, and the top tokens, equal a full forward's log_softmax at
-    the tokens returned, for greedy and sampled rows, eager steps and decode bursts."""
-    engine = (Engine(model, None, max_batch=2, max_len=32) if path == "eager"
-              else burst_engine(model, max_batch=2, max_len=32))
+    the tokens returned, for greedy and sampled rows, eager steps and decode bursts, and a
+    prompt prefilled in chunks of 3 (its logprobs gathered chunk by chunk)."""
+    engine = {"eager": lambda: Engine(model, None, max_batch=2, max_len=32),
+              "burst": lambda: burst_engine(model, max_batch=2, max_len=32),
+              "chunked": lambda: Engine(model, None, max_batch=2, max_len=32,
+                                        config=InferenceConfig(prefill_chunk=3))}[path]()
     params = SamplingParams(max_tokens=9, temperature=temperature, seed=4, ignore_eos=True, logprobs=3,
                             prompt_logprobs=2)
     other = SamplingParams(max_tokens=5, ignore_eos=True)  # a batch-mate without logprobs

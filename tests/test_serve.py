@@ -21,6 +21,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from nanoseek.cli import build_parser, main  # noqa: E402
 from nanoseek.hf import from_pretrained  # noqa: E402
 from nanoseek.infer.engine import Engine  # noqa: E402
+from nanoseek.infer.sampling import SamplingParams  # noqa: E402
 from nanoseek.infer.sequence import StreamEvent  # noqa: E402
 from nanoseek.serve.app import Settings, create_app  # noqa: E402
 from nanoseek.serve.responses import chat_message  # noqa: E402
@@ -38,11 +39,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live(app):
-    """The app under uvicorn in a thread on a free loopback port; yields its base URL."""
+def serving(app):
+    """The app under its server (uvicorn) in a thread on a free loopback port; yields its base
+    URL and the server (`server.should_exit = True` is what SIGTERM does)."""
+    from nanoseek.serve.server import build_server
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="on"))
+    server = build_server(app, "127.0.0.1", port, log_level="warning")
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     for _ in range(200):
@@ -51,17 +53,16 @@ def live(app):
         time.sleep(0.02)
     assert server.started, "the server did not start"
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", server
     finally:
         server.should_exit = True
         thread.join(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve") / "tiny"
-    assert main(["init", "--preset", "tiny", "--out", str(out), "--seed", "0"]) == 0
-    return out
+@contextlib.contextmanager
+def live(app):
+    with serving(app) as (url, _):
+        yield url
 
 
 def tiny_app(tiny_dir, name, **settings):
@@ -278,14 +279,17 @@ def test_serve_command_parses():
     args = build_parser().parse_args(["serve", "--model", "m", "--upstream", "http://127.0.0.1:1/v1",
                                       "--upstream-models", "a,b", "--audit-log", "a.jsonl"])
     assert args.port == 8000 and args.host == "127.0.0.1" and args.upstream_models == "a,b"
-    assert args.decode_burst == 8
-    from nanoseek.serve.launch import cmd_serve
+    from nanoseek.infer.config import InferenceConfig
+    from nanoseek.serve.launch import cmd_serve, inference_config
+    assert inference_config(args) == InferenceConfig()  # the engine's defaults
     bad = build_parser().parse_args(["serve", "--model", "m", "--decode-burst", "0"])
-    with pytest.raises(ValueError, match="--decode-burst must be positive, got 0"):
+    with pytest.raises(ValueError, match="'decode_burst' = 0: must be >= 1"):
         cmd_serve(bad)
-    assert args.fused_decode is None  # the engine's default
     bad = build_parser().parse_args(["serve", "--model", "m", "--fused-decode", "-1"])
-    with pytest.raises(ValueError, match="--fused-decode must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="'fused_decode_rows' = -1: must be >= 0"):
+        cmd_serve(bad)
+    bad = build_parser().parse_args(["serve", "--model", "m", "--prefix-cache", "--speculative", "2"])
+    with pytest.raises(ValueError, match="--prefix-cache does not work with --speculative"):
         cmd_serve(bad)
 
 
@@ -296,9 +300,27 @@ def test_serve_port_out_of_range_is_one_line_exit_2(tiny_dir, capsys):
     assert err == "nanoseek: error: --port must be in 1..65535, got 99999\n"
 
 
+def test_serve_flags_reach_the_engine_and_the_experts(tiny_dir):
+    """--expert-path, --decode-burst, --fused-decode and --prefix-cache become the engine's
+    InferenceConfig; the chosen expert path is the one the served model's MoE layers run."""
+    from nanoseek.infer.config import InferenceConfig
+    from nanoseek.model.moe import Experts
+    from nanoseek.serve.launch import inference_config, load_engine
+    args = build_parser().parse_args(["serve", "--model", str(tiny_dir), "--device", "cpu", "--max-len", "64",
+                                      "--expert-path", "loop", "--decode-burst", "3", "--fused-decode", "0",
+                                      "--prefix-cache"])
+    config = inference_config(args)
+    assert config == InferenceConfig(expert_path="loop", decode_burst=3, fused_decode_rows=0, prefix_cache=True)
+    engine, tok = load_engine(args, config)
+    assert engine.config is config and engine.decode_burst == 3 and engine.scheduler.prefix_cache is not None
+    engine.generate(["2+2="], SamplingParams(max_tokens=2))
+    experts = [m for m in engine.model.main_layers.modules() if isinstance(m, Experts)]
+    assert experts and all(e.last_path == "loop" for e in experts)
+
+
 # ------------------------------------------------------------------ a scripted engine
 class ScriptedEngine:
-    """The engine's serving interface, emitting a fixed text (then 'x' forever if endless)."""
+    """The engine's serving interface, emitting a fixed text (then 'x' up to max_tokens if endless)."""
 
     max_len = 4096
 
@@ -328,10 +350,11 @@ class ScriptedEngine:
             i = len(seq.output_ids)
             seq.output_ids.append(0)
             text = self.pieces[i] if i < len(self.pieces) else "x"
-            done = not self.endless and i + 1 == len(self.pieces)
-            if done:
+            stop = not self.endless and i + 1 == len(self.pieces)
+            length = self.endless and i + 1 == seq.params.max_tokens
+            if stop or length:
                 del self.running[rid]
-            events.append(StreamEvent(rid, text, done, "stop" if done else None))
+            events.append(StreamEvent(rid, text, stop or length, "stop" if stop else "length" if length else None))
         return events
 
 
@@ -417,7 +440,7 @@ def test_hybrid_routing_to_an_upstream_nanoseek(tiny_dir):
     with live(upstream_app) as up_url:
         direct = openai.OpenAI(base_url=up_url + "/v1", api_key="sk-up", max_retries=0, timeout=30)
         local_app = tiny_app(tiny_dir, "tiny", max_tokens=8, upstream_url=up_url + "/v1",
-                             upstream_models=["tiny-big"], upstream_api_key="sk-up")
+                             upstream_models=["tiny-big"], upstream_api_key="sk-up", upstream_overflow=True)
         with live(local_app) as url:
             client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
             assert [m.id for m in client.models.list()] == ["tiny", "tiny-big"]
@@ -427,7 +450,7 @@ def test_hybrid_routing_to_an_upstream_nanoseek(tiny_dir):
             assert raw.headers["x-nanoseek-route"] == "upstream" and raw.headers["x-ai-generated"] == "true"
             assert raw.parse().choices[0].message.content == want
             assert streamed_chat(client, model="tiny-big")[0] == want
-            # over the local max_tokens limit (8): the upstream's model answers
+            # over the local max_tokens limit (8), opted in to overflow: the upstream's model answers
             over = greedy_chat(client, model="tiny", max_tokens=12)
             assert over.model == "tiny-big" and over.choices[0].message.content == want
             with pytest.raises(openai.BadRequestError):  # a mistake stays here, not sent upstream

@@ -1,7 +1,7 @@
 """The speedrun's GRPO stage on a tiny random model: the task choice (first candidate in the
 accuracy band, else the closest to the target), a budget so small that the loop stops at
-its deadline after one step yet still evaluates, saves and resumes, and the report and
-summary holding the accuracy before and after GRPO."""
+its deadline after one step yet still evaluates, saves, shows its progress and resumes, and
+the report and summary holding the accuracy before and after GRPO."""
 
 import json
 
@@ -36,7 +36,7 @@ def test_choose_grpo_task_first_in_band_else_closest():
     assert (task, level) == ("a", 2) and "closest" in why  # 5% is nearer 35% than 99%
 
 
-def test_grpo_stage_stops_at_its_deadline_then_reports_before_and_after(tmp_path):
+def test_grpo_stage_stops_at_its_deadline_then_reports_before_and_after(tmp_path, capsys):
     sft_dir = tmp_path / "sft"
     assert main(["init", "--preset", "tiny", "--out", str(sft_dir)]) == 0
     tok, model = tokenizer_for(sft_dir), from_pretrained(sft_dir)
@@ -50,6 +50,8 @@ def test_grpo_stage_stops_at_its_deadline_then_reports_before_and_after(tmp_path
                    group_size=2, prompts_per_step=2, max_new_tokens=8)
     assert [(t["task"], t["level"]) for t in g["candidates"]] == [("arithmetic", 1), ("countdown", 1)]
     assert g["steps"] == 1 and g["config"]["steps"] >= 2  # the deadline stopped it, not the step count
+    # the stage's progress on stderr, a line as the log of `make run > log` shows it
+    assert f"grpo 1/{g['config']['steps']} steps " in capsys.readouterr().err
     assert [p["step"] for p in g["curve"]] == [0, 1]  # before, and the final evaluation anyway
     logged = [r["eval_accuracy"] for r in read_metrics(tmp_path / "grpo" / "metrics.jsonl") if "eval_accuracy" in r]
     assert g["after"] == logged[-1]  # the report's "after" is the run's own last evaluation

@@ -1,15 +1,19 @@
 """Training end to end on the CPU: the loss falls, metrics and plots, a killed run resumes to
 the losses of an uninterrupted one (bit for bit), a kill during a save leaves a usable run,
-non-finite steps are skipped then stop the run, SFT learns only assistant tokens, one-line
-errors, and `nanoseek eval` on a trained model.
+Ctrl-C saves the step it finishes and the printed command resumes it exactly, non-finite
+steps are skipped then stop the run, SFT learns only assistant tokens, every train field is
+checked before any work, one-line errors, and `nanoseek eval` on a trained model.
 
-Kills are SIGKILLs a subprocess sends itself from a hooked function (the hook only chooses
-the moment; the process dies as under an outside `kill -9`), so each lands at a known point.
+Kills and Ctrl-Cs are signals (SIGKILL, SIGINT) a subprocess sends itself from a hooked
+function (the hook only chooses the moment; the process gets them as from `kill -9` or a
+terminal), so each lands at a known point.
 """
 
+import dataclasses
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -21,12 +25,14 @@ import torch.nn.functional as F
 
 import nanoseek
 from nanoseek.cli import main
+from nanoseek.config import ConfigError
 from nanoseek.data.datasets import load_chats
 from nanoseek.data.loader import IGNORE, PackedLoader, SFTLoader, tokenize_chat
 from nanoseek.train.checkpoint import LATEST, TMP_PREFIX, latest_checkpoint, step_dir_name
 from nanoseek.train.metrics import read_metrics
 from nanoseek.train.stages import pretrain, sft, train_config
-from nanoseek.train.trainer import Trainer, TrainingError
+from nanoseek.rl.trainer import GRPOConfig
+from nanoseek.train.trainer import TrainConfig, Trainer, TrainingError
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = "builtin:arithmetic:level=1:n=300"
@@ -97,7 +103,8 @@ def test_loss_falls_and_the_run_leaves_metrics_plots_and_a_loadable_model(traine
         assert math.isfinite(r["main_loss"]) and math.isfinite(r["mtp_loss"])
     for name in ("loss.png", "maxvio.png"):
         assert (out / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert latest_checkpoint(out).name == step_dir_name(40)
+    # the default save_every: every tenth of the run, the last keep_last=3 kept
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == [step_dir_name(s) for s in (32, 36, 40)]
 
     loaded = nanoseek.from_pretrained(out / "final")
     assert (out / "final" / "tokenizer.json").is_file()
@@ -114,28 +121,34 @@ RUNNER = textwrap.dedent("""
     from nanoseek import cli
     from nanoseek.train import checkpoint, metrics
 
-    where, attr, when = sys.argv[1], sys.argv[2], sys.argv[3]
+    where, attr, when, signals = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(",")
     owner = {"checkpoint": checkpoint, "MetricsLogger": metrics.MetricsLogger, "shutil": shutil}[where]
     original = getattr(owner, attr)
 
     def hooked(*args, **kwargs):
         if eval(when):
-            os.kill(os.getpid(), signal.SIGKILL)
+            for name in signals:
+                os.kill(os.getpid(), getattr(signal, name))
         return original(*args, **kwargs)
 
     setattr(owner, attr, hooked)
-    sys.exit(cli.main(sys.argv[4:]))
+    sys.exit(cli.main(sys.argv[5:]))
 """)
 
 
-def killed_run(out: Path, where: str, attr: str, when: str, *extra: str) -> None:
-    """`nanoseek train RUN_ARGS` in a subprocess that SIGKILLs itself when `owner.attr` is called
-    with arguments that make the expression `when` true."""
-    proc = subprocess.run([sys.executable, "-c", RUNNER, where, attr, when, "train", *RUN_ARGS,
+def signalled_run(out: Path, where: str, attr: str, when: str, signals: str, *extra: str):
+    """`nanoseek train RUN_ARGS` in a subprocess that sends itself `signals` (comma-joined
+    names) when `owner.attr` is called with arguments that make the expression `when` true."""
+    proc = subprocess.run([sys.executable, "-c", RUNNER, where, attr, when, signals, "train", *RUN_ARGS,
                            *extra, "--out", str(out)],
                           cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -9, proc.stderr[-2000:]  # killed, not finished nor failed
     assert not (out / "final").exists()
+    return proc
+
+
+def killed_run(out: Path, where: str, attr: str, when: str, *extra: str) -> None:
+    proc = signalled_run(out, where, attr, when, "SIGKILL", *extra)
+    assert proc.returncode == -9, proc.stderr[-2000:]  # killed, not finished nor failed
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +175,36 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted,
     a = nanoseek.from_pretrained(uninterrupted / "final").state_dict()
     b = nanoseek.from_pretrained(run / "final").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_saves_the_step_it_finishes_and_the_printed_command_resumes_exactly(tmp_path, uninterrupted,
+                                                                                   capsys):
+    """SIGINT while step 5 logs: the step finishes and is saved (save_every is 3), the process
+    exits 130 (128 + SIGINT, as a shell reports a Ctrl-C'd command) with one line naming the
+    checkpoint and the command that continues the run; that command resumes bit for bit."""
+    run = tmp_path / "run"
+    proc = signalled_run(run, "MetricsLogger", "log", "args[1] == 5", "SIGINT")
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    command = ["train", *RUN_ARGS, "--out", str(run), "--resume"]
+    assert proc.stderr.splitlines()[-1] == (
+        f"nanoseek: interrupted: pretrain stopped at step 5 of 12; checkpoint saved in "
+        f"{run / 'checkpoints' / step_dir_name(5)}; continue with: nanoseek {shlex.join(command)}")
+    assert latest_checkpoint(run).name == step_dir_name(5)
+    assert steps(run) == [1, 2, 3, 4, 5] and losses(run) == losses(uninterrupted)[:5]
+
+    rc, out, err = cli(capsys, *command)
+    assert rc == 0, err
+    assert "trained to step 12" in out
+    assert losses(run) == losses(uninterrupted)  # bit for bit
+    assert "pretrain 12/12 steps (100%): loss=" in err  # the progress line of a log, not a terminal
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    proc = signalled_run(run, "MetricsLogger", "log", "args[1] == 5", "SIGINT,SIGINT")
+    assert proc.returncode == 130 and proc.stderr.splitlines()[-1] == "nanoseek: interrupted"
+    assert "Traceback" not in proc.stderr
+    assert latest_checkpoint(run).name == step_dir_name(3)  # step 5 was not saved
 
 
 # (hooked function, kill condition, extra args, checkpoint `latest_checkpoint` names after the kill)
@@ -348,7 +391,7 @@ def test_cli_bad_data_exits_2_from_a_real_process(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--steps", "0"], "--steps must be positive, got 0"),
+    (["--steps", "0"], "argument --steps: must be positive, got 0"),
     (["--steps", "2", "bogus_field=1"], "unknown config field 'bogus_field'"),
     (["--steps", "2", "schedule=sideways"], "train field 'schedule' = 'sideways'"),
     (["--steps", "2", "seq_len=0"], "train field 'seq_len' = 0: must be a positive integer"),
@@ -357,6 +400,34 @@ def test_cli_bad_arguments_are_one_line(tmp_path, capsys, argv, message):
     rc, _, err = cli(capsys, "train", "--preset", "tiny", "--data", DATA, "--out", tmp_path / "run", *argv)
     assert rc == 2 and err.count("\n") == 1 and err.startswith("nanoseek: error: "), err
     assert message in err
+
+
+def wrong_type(field) -> object:
+    """A value of another type than the field's annotation allows."""
+    return 5 if field.type == "str" else [1] if field.type == "dict" else "abc"
+
+
+@pytest.mark.parametrize("config", [TrainConfig, GRPOConfig])
+def test_every_field_is_type_checked(config):
+    for field in dataclasses.fields(config):
+        with pytest.raises(ConfigError, match=rf"^{config.kind} field '{field.name}' = .*: must be "):
+            config(**{field.name: wrong_type(field)})
+    with pytest.raises(ConfigError, match="'lr' = inf: must be a finite number"):
+        config(lr=float("inf"))
+    with pytest.raises(ConfigError, match="'steps' = True: must be int"):  # a bool is no count
+        config(steps=True)
+
+
+@pytest.mark.parametrize("changes", [
+    dict(steps=0), dict(batch_size=0), dict(seq_len=0), dict(grad_accum=0), dict(max_bad_steps=0),
+    dict(warmup=-1), dict(keep_last=-1), dict(seed=-1), dict(save_every=-1), dict(lr=0.0),
+    dict(min_lr_ratio=1.5), dict(decay_frac=-0.1), dict(weight_decay=-0.1), dict(grad_clip=-1.0),
+    dict(schedule="sideways"), dict(precision="fp8"),
+])
+def test_train_fields_are_range_checked(changes):
+    [(name, value)] = changes.items()
+    with pytest.raises(ConfigError, match=rf"^train field '{name}' = {value!r}: "):
+        TrainConfig(**changes)
 
 
 def test_sft_takes_train_fields_only(tmp_path, capsys):
@@ -388,6 +459,7 @@ def test_cli_eval_prints_greedy_accuracy(trained, capsys):
     run, _, _, _ = trained
     rc, out, err = cli(capsys, "eval", "--model", run, "--task", "arithmetic", "--level", "1", "--n", "8")
     assert rc == 0, err
+    assert "eval arithmetic level 1 8/8 answers (100%): correct=" in err  # progress
     result = json.loads(out)
     assert result["task"] == "arithmetic" and result["level"] == 1 and result["n"] == 8
     assert 0.0 <= result["greedy_accuracy"] <= 1.0

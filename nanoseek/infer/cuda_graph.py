@@ -5,10 +5,10 @@ than running them. So the step is captured once per batch-size bucket (1, 2, 4, 
 ...) and replayed:
 
 - `GraphDecoder`: embedding, every layer's absorbed MLA over the latent cache and the
-  routed experts (gathered, kernels/moe.py's small-batch kernels or the grouped GEMM, by
-  the batch: model/moe.py), the head, the token choice (argmax, or the sampler at the
-  row's uniform): next-token logits and tokens of each row, the tokens and next positions
-  also written into the step's own inputs, so that steps replay back to back (a burst).
+  routed experts (by the model's expert path: model/moe.py), the head, the token choice
+  (argmax, or the sampler at the row's uniform): next-token logits and tokens of each row,
+  the tokens and next positions also written into the step's own inputs, so that steps
+  replay back to back (a burst).
   Buckets of up to `fused_rows` rows run the fused Triton step (fused.py) in place of the
   model's forward, uncompiled; a fused bucket that fails to capture hands every bucket
   back to the model's step;
@@ -63,11 +63,12 @@ class BucketGraphs:
 
     kind = "step"
     tuned_buckets: tuple[int, ...] = ()  # compiled with Inductor's coordinate-descent tuning
-    # Inductor options of the tuned buckets' compilation (benchmarks/decode.py --tuned-option adds)
-    tuned_options: dict = {"coordinate_descent_tuning": True}
 
-    def __init__(self, num_slots: int, device: torch.device, compile: bool = False, capture: bool = True):
+    def __init__(self, num_slots: int, device: torch.device, compile: bool = False, capture: bool = True,
+                 compile_options: dict | None = None):
+        """compile_options: Inductor options added to the tuned buckets' compilation."""
         self.device = device
+        self.tuned_options = {"coordinate_descent_tuning": True, **(compile_options or {})}
         self.buckets = [b for b in BUCKETS if b < num_slots] + [num_slots]
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph | None, object]] = {}
         self.pool = None
@@ -212,17 +213,20 @@ class GraphDecoder(BucketGraphs):
     tuned_buckets = (1,)  # one row: every matmul has M = 1
 
     def __init__(self, model: Transformer, cache: StaticCache, autocast: torch.dtype | None,
-                 compile: bool = False, capture: bool = True, fused_rows: int = 0):
+                 compile: bool = False, capture: bool = True, fused_rows: int = 0,
+                 fused_launch: dict | None = None, compile_options: dict | None = None):
         """fused_rows: buckets of up to this many rows run the fused Triton step (fused.py)
-        instead of the model's forward, uncompiled, where the model supports it (0: none)."""
+        instead of the model's forward, uncompiled, where the model supports it (0: none);
+        fused_launch: its launch shapes over those fused.fused_step_launch derives."""
         self.model, self.cache, self.autocast = model, cache, autocast
         device = model.model.embed_tokens.weight.device
-        super().__init__(cache.num_slots, device, compile, capture)
+        super().__init__(cache.num_slots, device, compile, capture, compile_options)
         self.fused = None
         if fused_rows:
             from .fused import FusedDecoder
-            if FusedDecoder.unsupported(model.config) is None:  # else the model's step for all
-                self.fused = FusedDecoder(model, cache, max(b for b in self.buckets if b <= fused_rows))
+            if FusedDecoder.unsupported(model.config, model) is None:  # else the model's step for all
+                self.fused = FusedDecoder(model, cache, max(b for b in self.buckets if b <= fused_rows),
+                                          fused_launch)
         n = cache.num_slots
         self.ids = torch.zeros(n, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(n, 1, dtype=torch.long, device=device)

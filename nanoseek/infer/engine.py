@@ -36,8 +36,9 @@ prefill's forward, one read for the rows that ask. Rows whose logits change befo
 choice (penalties, logit_bias, a grammar's mask) step eagerly, one token per step: a
 grammar's next mask needs the token just chosen.
 
-Prefix caching (prefix_cache.py, `prefix_cache=True`): a prompt whose first blocks are
-still held by a slot, idle or running, starts from them (copied when in another slot).
+Prefix caching (prefix_cache.py, `InferenceConfig(prefix_cache=True)`): a prompt whose first
+blocks are still held by a slot, idle or running, starts from them (copied when in another
+slot); the rest of it is prefilled in chunks like any prompt.
 
 Memory. The cache is `num_slots` rows of `max_len` tokens. Per token and layer MLA keeps
 the latent c_kv (kv_lora_rank values) and the rotated RoPE key (qk_rope_head_dim values),
@@ -81,10 +82,12 @@ import torch
 
 from ..model import Transformer
 from ..model.cache import StaticCache, cache_entry_shapes
+from .config import InferenceConfig
+from .decode_paths import measured_fused_rows
 from .grammar import GrammarCompiler, bitmask
+from .prefix_cache import PrefixCache
 from .sampling import (SamplingParams, TokenLogprob, logprob_rows, process_logits, row_settings, sample_rows,
                        sample_tensors, unpack_logprobs)
-from .prefix_cache import PrefixCache
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence, Status, StreamEvent
 from .speculative import MTPDrafter, RequestStats, greedy_accept, sampling_probs, speculative_accept_rows
@@ -96,9 +99,10 @@ class ModelRunner:
     replaces decode (draft, verify, accept, MTP catch-up in one call)."""
 
     def __init__(self, model: Transformer, cache: StaticCache, autocast: torch.dtype | None,
-                 cuda_graphs: bool = True, speculative_k: int = 0, compile: bool = False,
-                 fused_decode: int = 0):
+                 config: InferenceConfig, speculative_k: int = 0, fused_rows: int = 0):
+        """fused_rows: config.fused_decode_rows resolved (decode_paths.measured_fused_rows)."""
         self.model, self.cache, self.autocast = model, cache, autocast
+        self.prefill_chunk = config.prefill_chunk
         self.device = model.model.embed_tokens.weight.device
         self.k = speculative_k
         if self.k:
@@ -107,17 +111,19 @@ class ModelRunner:
                                        dtype=model.model.embed_tokens.weight.dtype)
             self.prompt_states = None
         self.graphs = self.spec_graphs = None
-        if cuda_graphs and self.device.type == "cuda":
+        if config.cuda_graphs and self.device.type == "cuda":
             from .cuda_graph import GraphDecoder, GraphSpeculator
             if self.k:
-                self.spec_graphs = GraphSpeculator(self, compile=compile)
+                self.spec_graphs = GraphSpeculator(self, compile=config.compile)
             else:
-                self.graphs = GraphDecoder(model, cache, autocast, compile=compile, fused_rows=fused_decode)
+                self.graphs = GraphDecoder(model, cache, autocast, compile=config.compile, fused_rows=fused_rows,
+                                           fused_launch=config.fused_launch,
+                                           compile_options=config.compile_options)
 
     @contextlib.contextmanager
     def _context(self):
-        # Module.eval() walks every submodule: ~1 ms a call for bench-1b's 243 modules, more
-        # than the GPU time of a decode step, so the mode is switched only when it must be
+        # Module.eval() walks every submodule, which takes longer on the host than a small
+        # decode step on the GPU, so the mode is switched only when it must be
         was_training = self.model.training
         if was_training:
             self.model.eval()
@@ -136,55 +142,74 @@ class ModelRunner:
 
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
         """Prompts right-padded to the longest; a row's padding lands at positions beyond
-        its prompt, which it never reads and its first decode step overwrites. Rows that ask
-        for prompt logprobs get them here (Sequence.prompt_logprobs), from the same forward.
-        A prompt whose first cached_tokens are in the cache already (prefix_cache.py; copied
-        into its slot first when they are in another) is computed from there on."""
+        its prompt, which it never reads and its first decode step overwrites. A prompt whose
+        first cached_tokens are in the cache already (prefix_cache.py; copied into its slot
+        first when they are in another) is computed from there on. A remainder longer than
+        prefill_chunk goes through in chunks: each chunk's tokens attend to the cache's
+        positions up to the chunk's end, so attention holds chunk x context scores, not
+        context^2. Rows that ask for prompt logprobs get them here (Sequence.prompt_logprobs),
+        chunk by chunk from the same forwards; the scheduler gives those rows no cached prefix."""
         for s in seqs:
             if s.copy_from is not None:
                 self.cache.copy_prefix(s.copy_from, s.slot, s.cached_tokens)
         starts = [s.cached_tokens for s in seqs]
-        lens = [len(s.prompt_ids) - start for s, start in zip(seqs, starts)]
+        lens = [len(s.prompt_ids) - start for s, start in zip(seqs, starts)]  # tokens to compute
         T = max(lens)
         ids = torch.tensor([s.prompt_ids[start:] + [0] * (T - n) for s, start, n in zip(seqs, starts, lens)],
                            device=self.device)
         # padding of a row that starts late may run past the cache: held at its last position
         positions = (torch.tensor(starts, device=self.device)[:, None] + torch.arange(T, device=self.device)
                      ).clamp(max=self.cache.max_len - 1)
-        view = self.cache.select([s.slot for s in seqs], kv_len=min(max(starts) + T, self.cache.max_len))
+        slots = [s.slot for s in seqs]
+        last = [n - 1 for n in lens]
+        scored = {b: [] for b, s in enumerate(seqs) if s.params.prompt_logprobs is not None}
         with self._context():
-            out = self.model(ids, positions=positions, cache=view, absorb=False, logits_to_keep=1)
-            last = torch.tensor(lens, device=self.device) - 1
-            h_nD = out.hidden_states[torch.arange(len(seqs), device=self.device), last]
+            h_D, hidden = [None] * len(seqs), []  # per row, the hidden state at its last token
+            for start, end in self._chunks(T):
+                view = self.cache.select(slots, kv_len=min(max(starts) + end, self.cache.max_len))
+                out = self.model(ids[:, start:end], positions=positions[:, start:end], cache=view, absorb=False,
+                                 logits_to_keep=1)
+                for row in (r for r, p in enumerate(last) if start <= p < end):  # rows whose prompt ends here
+                    h_D[row] = out.hidden_states[row, last[row] - start]
+                for b, rows in scored.items():  # position i predicts token i + 1; the last one, an output
+                    stop = min(end, last[b])
+                    if stop > start:
+                        rows.append(self.score_prompt(out.hidden_states[b, : stop - start], ids[b, start + 1: stop + 1],
+                                                      seqs[b].params.prompt_logprobs))
+                if self.k:
+                    hidden.append(out.hidden_states)
             if self.k:  # for draft_prompts(), once the first tokens are sampled
-                self.prompt_states = (view, ids, positions, out.hidden_states, last)
-            for b, seq in enumerate(seqs):
-                if seq.params.prompt_logprobs is not None:
-                    seq.prompt_logprobs = self.prompt_logprobs(out.hidden_states[b, : lens[b]], seq)
-            return self.model.lm_head(h_nD)
+                self.prompt_states = (slots, ids, positions, torch.cat(hidden, 1), last)
+            for b, rows in scored.items():  # one read per row that asked
+                host = torch.cat(rows).tolist() if rows else []
+                seqs[b].prompt_logprobs = [None] + [unpack_logprobs(r, seqs[b].params.prompt_logprobs) for r in host]
+            return self.model.lm_head(torch.stack(h_D))
 
-    def prompt_logprobs(self, hidden_TD: torch.Tensor, seq: Sequence, chunk: int = 512) -> list:
-        """Per prompt token its logprob given the tokens before it (None for the first), with
-        the params' number of top tokens; the head runs over `chunk` positions at a time, so
-        a long prompt never holds its whole [T, V] logits."""
-        k, ids = seq.params.prompt_logprobs, seq.prompt_ids
-        target = torch.tensor(ids[1:], device=self.device)  # position i predicts token i + 1
-        rows = [logprob_rows(self.model.lm_head(hidden_TD[i: min(i + chunk, len(target))]), target[i: i + chunk], k)
-                for i in range(0, len(target), chunk)]
-        host = torch.cat(rows).tolist() if rows else []
-        return [None] + [unpack_logprobs(r, k) for r in host]
+    def _chunks(self, T: int) -> list[tuple[int, int]]:
+        return [(start, min(T, start + self.prefill_chunk)) for start in range(0, T, self.prefill_chunk)]
+
+    def score_prompt(self, hidden_TD: torch.Tensor, target_T: torch.Tensor, k: int, chunk: int = 512) -> torch.Tensor:
+        """logprob_rows of the tokens target_T that the positions of hidden_TD predict, with k
+        top tokens; the head runs over `chunk` positions at a time, so a long prompt never
+        holds its whole [T, V] logits."""
+        return torch.cat([logprob_rows(self.model.lm_head(hidden_TD[i: i + chunk]), target_T[i: i + chunk], k)
+                          for i in range(0, len(target_T), chunk)])
 
     def draft_prompts(self, seqs: list[Sequence], first_n: torch.Tensor) -> None:
-        """Speculative: after a prefill, the MTP layer over the prompts, position i on (h_i,
-        x_{i+1}) with the sampled first token after the last one; its output there is the
-        state the first draft starts from."""
-        view, ids, positions, hidden, last = self.prompt_states
+        """Speculative: after a prefill, the MTP layer over the prompts (in the prefill's
+        chunks), position i on (h_i, x_{i+1}) with the sampled first token after the last one;
+        its output there is the state the first draft starts from."""
+        slots, ids, positions, hidden, last = self.prompt_states
         self.prompt_states = None
-        next_ids = torch.cat([ids[:, 1:], ids[:, :1]], 1).scatter(1, last[:, None], first_n[:, None])
+        last_n = torch.tensor(last, device=self.device)
+        next_ids = torch.cat([ids[:, 1:], ids[:, :1]], 1).scatter(1, last_n[:, None], first_n[:, None])
         with self._context():
-            drafter = MTPDrafter(self.model, view)
-            drafter.observe(hidden, next_ids, positions, last, absorb=False)
-            self.draft_h[torch.tensor([s.slot for s in seqs], device=self.device)] = drafter.h_BD.to(self.draft_h.dtype)
+            for start, end in self._chunks(ids.shape[1]):
+                drafter = MTPDrafter(self.model, self.cache.select(slots, kv_len=end))
+                drafter.observe(hidden[:, start:end], next_ids[:, start:end], positions[:, start:end],
+                                (last_n - start).clamp(0, end - start - 1), absorb=False)
+                for row in (r for r, p in enumerate(last) if start <= p < end):
+                    self.draft_h[slots[row]] = drafter.h_BD[row].to(self.draft_h.dtype)
 
     def draft(self, seqs: list[Sequence], drafter: MTPDrafter, pending_pos_B: torch.Tensor,
               sampling: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -305,42 +330,18 @@ class ModelRunner:
             return self.model(ids, positions=positions, cache=view).logits[:, -1]
 
 
-# batches up to which the engine's captured decode takes the fused Triton step by default: on an
-# H200 with bench-1b its captured step took 403, 534 and 765 us at 1, 2 and 4 rows (37ee3ca,
-# benchmarks/results/fused_decode.json), the compiled step 935, 1327 and 1767 (fused_decode_0b23480.json)
-FUSED_DECODE_ROWS = 4
-
-
-def default_fused_rows(dtype: torch.dtype, device: torch.device) -> int:
-    """FUSED_DECODE_ROWS where the fused step was measured (kernels.tuned_gpu: 16-bit weights
-    on an NVIDIA Hopper+ GPU, Triton installed), else 0."""
-    from ..kernels import tuned_gpu
-    return FUSED_DECODE_ROWS if tuned_gpu(device, dtype) else 0
-
-
 class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
                  cache_budget_bytes: int | None = None, max_prefill_tokens: int = 8192,
-                 speculative_k: int = 0, cuda_graphs: bool = True, compile: bool = False,
-                 decode_burst: int = 8, fused_decode: int | None = None, prefix_cache: bool = False):
+                 speculative_k: int = 0, config: InferenceConfig | None = None):
         """model: any `nanoseek.from_pretrained` model; tokenizer: a ChatTokenizer (or None
         to work in token ids only). max_len: tokens per sequence, prompt + output (default
         the model's max_position_embeddings). max_prefill_tokens: padded prompt tokens one
         prefill step may take (one request is always admitted). speculative_k: K > 0 drafts K
-        tokens per step with the model's first MTP module (module docstring). cuda_graphs: on
-        a GPU, replay the decode step (and the all-greedy speculative step) from captured CUDA
-        graphs (cuda_graph.py); sampled speculative steps run eagerly. compile: put those
-        steps through torch.compile before capture (fewer, fused kernels; compiled on first
-        use: batch 1 on its own, the other buckets through one shape-generic graph after the
-        first, cuda_graph.py). decode_burst: decode steps replayed back to back from the
-        graphs per read-back of their tokens (the host's work per step, scheduling,
-        detokenizing and stop checks, then runs once per burst while the GPU decodes; a
-        request that stops inside a burst drops the tokens after its stop, and a request
-        waiting for a slot may wait up to a burst longer). fused_decode: captured decode steps of
-        up to this many rows run the fused Triton step (fused.py: nine kernels a layer, for
-        batch-1 latency) where the model supports it; 0: never; None (default):
-        FUSED_DECODE_ROWS on an NVIDIA GPU with 16-bit weights (where it was measured), else 0.
-        prefix_cache: reuse the cache of prompt prefixes still held by idle slots (prefix_cache.py)."""
+        tokens per step with the model's first MTP module (module docstring). config: the
+        fast paths (InferenceConfig: CUDA graphs, compile, the fused step, decode bursts, the
+        expert path, which the engine sets on the model, chunked prefill, the prefix cache);
+        its defaults when None."""
         cfg = model.config
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -348,21 +349,19 @@ class Engine:
         if not 0 < max_len <= cfg.max_position_embeddings:
             raise ValueError(f"max_len {max_len} must be in 1..{cfg.max_position_embeddings} "
                              "(the model's max_position_embeddings)")
-        if fused_decode is None:
-            weight = model.model.embed_tokens.weight
-            fused_decode = default_fused_rows(weight.dtype, weight.device)
-        if fused_decode < 0:
-            raise ValueError(f"fused_decode (rows up to which decode runs fused) must be >= 0, got {fused_decode}")
-        if decode_burst < 1:
-            raise ValueError(f"decode_burst (decode steps per read-back) must be >= 1, got {decode_burst}")
         if speculative_k < 0:
             raise ValueError(f"speculative_k (drafts per step) must be >= 0, got {speculative_k}")
         if speculative_k and len(model.mtp_layers) == 0:
             raise ValueError("speculative decoding drafts with the MTP module: this model has "
                              "num_nextn_predict_layers = 0")
         self.model, self.tokenizer, self.max_len = model, tokenizer, max_len
-        self.speculative_k, self.decode_burst = speculative_k, decode_burst
+        self.config = config = config or InferenceConfig()
+        self.speculative_k, self.decode_burst = speculative_k, config.decode_burst
         self.device = model.model.embed_tokens.weight.device
+        fused_rows = config.fused_decode_rows
+        if fused_rows is None:  # where it was measured faster than the compiled step
+            fused_rows = measured_fused_rows(cfg, model.model.embed_tokens.weight.dtype, self.device)
+        model.set_expert_path(config.experts())
         weight_dtype = model.model.embed_tokens.weight.dtype
         # float32 weights on a GPU run under BF16 autocast; the cache holds what attention computes in
         autocast = torch.bfloat16 if self.device.type == "cuda" and weight_dtype == torch.float32 else None
@@ -389,12 +388,12 @@ class Engine:
         self.cache = StaticCache(cfg, num_slots, cache_len, dtype=self.dtype, device=self.device,
                                  num_layers=cfg.num_hidden_layers + (1 if speculative_k else 0))
         assert self.cache.nbytes_per_token() == bytes_per_token
-        self.runner = ModelRunner(model, self.cache, autocast, cuda_graphs, speculative_k, compile,
-                                  fused_decode)
+        self.runner = ModelRunner(model, self.cache, autocast, config, speculative_k, fused_rows)
         self.speculative_totals = RequestStats()
-        if prefix_cache and speculative_k:  # the MTP layer's entry at a prefix's end depends on the token after it
+        if config.prefix_cache and speculative_k:  # the MTP entry at a prefix's end depends on the next token
             raise ValueError("prefix caching is not available with speculative decoding (speculative_k > 0)")
-        self.scheduler = Scheduler(num_slots, max_prefill_tokens, PrefixCache(num_slots) if prefix_cache else None)
+        prefixes = PrefixCache(num_slots) if config.prefix_cache else None
+        self.scheduler = Scheduler(num_slots, max_prefill_tokens, prefixes)
         self.prefilled_tokens = 0  # prompt tokens computed (the rest came from the prefix cache)
         eos = getattr(tokenizer, "eos_id", None)
         self.eos_id = eos if eos is not None else cfg.eos_token_id

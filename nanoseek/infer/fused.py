@@ -3,14 +3,15 @@ nine Triton kernels (seven for a dense layer; kernels/decode.py), for batch-1 la
 
 A decode step of one sequence reads each weight once and does almost no arithmetic, so its
 time is the number of kernels it launches plus how near each comes to the memory bandwidth.
-The model's PyTorch forward, even fused by Inductor, is ~30 kernels a layer, many of them
-shorter than their launch; this step is the same computation in 9 (see kernels/decode.py
-for the list): norms recomputed inside the projections that need them, RoPE and the cache
-write inside the query kernel, W_UK and W_UV absorbed inside the query and output kernels,
-the shared experts as slots of the routed experts' kernels, the residual adds inside the
-last projection of each half; each kernel reads its weights while the one before it runs
-(programmatic dependent launch). Its twin is the model's absorbed decode forward
-(`model(ids, positions=..., cache=...)`); tests compare the logits.
+The model's PyTorch forward, even fused by Inductor, is dozens of kernels a layer, many of
+them shorter than their launch (benchmarks/results/decode_profile.txt); this step is the
+same computation in 9 (see kernels/decode.py for the list): norms recomputed inside the
+projections that need them, RoPE and the cache write inside the query kernel, W_UK and W_UV
+absorbed inside the query and output kernels, the shared experts as slots of the routed
+experts' kernels, the residual adds inside the last projection of each half; each kernel
+reads its weights while the one before it runs (programmatic dependent launch). Its twin is
+the model's absorbed decode forward (`model(ids, positions=..., cache=...)`); tests compare
+the logits.
 
 It reads the model's own parameters (no copies), so it follows weight updates (GRPO) and
 runs inside a CUDA graph. Scratch buffers are allocated once, for `max_rows` rows.
@@ -34,21 +35,76 @@ from ..model import StaticCache, Transformer
 from ..model.moe import MoE, Router
 
 MAX_EXPERTS = 256   # one program holds a token's E scores for the routing
-MAX_BLOCK = 2048    # widest row a program loads at once (wider ones are read in chunks)
-ATTEND_BLOCK = 64   # cache positions an attention program scores at once (a split is one or more)
-MERGE_SPLITS = 16   # attention splits the merge reads at once
 
-# Launch shapes, the fastest an H200 found for bench-1b at batch 1 (benchmarks/fused_decode.py
-# --tune, benchmarks/results/fused_tuning.json, which also holds two knobs since removed at the
-# settings it chose: query_split 1, attend_prefetch off): rows of a weight per program and
-# warps per program for each kernel, attention's split.
-TUNING = dict(gemv_rows=4, gemv_warps=2, head_rows=8, head_warps=4, query_warps=8, attend_split=32,
-              attend_warps=8, output_warps=8, route_warps=1, up_rows=4, up_warps=4, down_rows=2,
-              down_warps=4, pdl=True)
+# Launch shapes follow from the model's widths by one rule: a program streams about
+# PROGRAM_ELEMENTS of a weight, WARP_ELEMENTS of them per warp (at most MAX_WARPS warps). At
+# bench-1b's widths the rule gives back the fastest shapes benchmarks/fused_decode.py --tune
+# found there (benchmarks/results/fused_tuning.json); wider models get fewer rows per program
+# instead of more registers per thread.
+WARP_ELEMENTS = 2048
+MAX_WARPS = 8
+PROGRAM_ELEMENTS = dict(gemv=4096, head=8192, up=4096, down=8192)
+MAX_BLOCK = 2048     # widest row a program loads at once (wider ones are read in chunks)
+ATTEND_BLOCK = 64    # cache positions an attention program scores at once (a split is one or more)
+ATTEND_SPLITS = 128  # attention splits a long cache is cut into (flash-decoding's parallelism)
+MERGE_SPLITS = 16    # attention splits the merge reads at once
+# rows of a weight per program (_rows), warps per program (_warps), cache positions per
+# attention split, heads per attention program, and the block sizes above
+LAUNCH_KEYS = ("gemv_rows", "gemv_warps", "head_rows", "head_warps", "query_warps", "attend_split",
+               "attend_heads", "attend_block", "attend_warps", "output_warps", "merge_splits", "route_warps",
+               "up_rows", "up_warps", "down_rows", "down_warps", "max_block", "pdl")
 
 
 def _pow2(n: int, at_least: int = 1) -> int:
     return max(at_least, triton.next_power_of_2(n))
+
+
+def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = None) -> dict:
+    """The fused step's launch shapes for this model and a cache of max_len positions (module
+    constants' rule); `launch` replaces any of them (a benchmark's tuning, the interpreter's
+    shapes in tests). Every block and warp count is a power of two."""
+    c, given = config, dict(launch or {})
+    unknown = set(given) - set(LAUNCH_KEYS)
+    if unknown:
+        raise ValueError(f"unknown launch keys {sorted(unknown)}; known: {', '.join(LAUNCH_KEYS)}")
+    max_block = given.get("max_block", MAX_BLOCK)
+
+    def warps(elements: int) -> int:
+        return min(MAX_WARPS, _pow2(max(1, elements // WARP_ELEMENTS)))
+
+    def rows(kind: str, row_elements: int) -> int:
+        return max(1, PROGRAM_ELEMENTS[kind] // row_elements)
+
+    H, C, R, N = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim
+    D = min(max_block, _pow2(c.hidden_size))
+    # the down kernel loads [slots, rows, F] at once: an MoE layer's K routed slots of width
+    # F, or a dense model's one MLP
+    slots, F = ((_pow2(c.num_experts_per_tok), c.moe_intermediate_size) if c.is_moe
+                else (1, c.intermediate_size))
+    F = min(max_block, _pow2(F))
+    split = given.get("attend_split", max(32, _pow2(triton.cdiv(max_len, ATTEND_SPLITS))))
+    block_s = given.get("attend_block", min(split, ATTEND_BLOCK))
+    # the running sum over the latent, heads x C float32 values, stays within 8 warps' registers
+    heads = given.get("attend_heads", min(_pow2(H, 16), max(16, 4 * WARP_ELEMENTS // _pow2(C))))
+    out = dict(gemv_rows=rows("gemv", D), head_rows=rows("head", D), up_rows=rows("up", D),
+               down_rows=rows("down", slots * F), attend_split=split, attend_heads=heads, attend_block=block_s,
+               merge_splits=MERGE_SPLITS, max_block=max_block, pdl=True)
+    out.update({k: v for k, v in given.items() if k in out})  # the warps follow the rows given
+    out.update(gemv_warps=warps(out["gemv_rows"] * D), head_warps=warps(out["head_rows"] * D),
+               up_warps=warps(2 * out["up_rows"] * D), down_warps=warps(out["down_rows"] * slots * F),
+               query_warps=warps(N * (c.q_lora_rank or 0) + R * (c.q_lora_rank or 0) + N * C),
+               attend_warps=warps(block_s * (C + R) + heads * C), output_warps=warps(c.v_head_dim * C),
+               route_warps=warps(32 * (c.n_routed_experts or 0)))
+    out.update(given)
+    for key, value in out.items():
+        if key != "pdl" and (value < 1 or value & (value - 1)):
+            raise ValueError(f"launch {key}={value}: must be a power of two")
+    for key in ("attend_split", "attend_heads", "attend_block"):
+        if out[key] < 16:  # tl.dot's smallest block
+            raise ValueError(f"launch {key}={out[key]}: must be at least 16")
+    if out["attend_block"] > out["attend_split"]:
+        raise ValueError(f"launch attend_block={out['attend_block']} exceeds attend_split={out['attend_split']}")
+    return out
 
 
 def routing_groups(topk_method: str, n_group: int | None) -> int:
@@ -83,18 +139,13 @@ def pdl_supported(device: torch.device) -> bool:
 
 
 class FusedDecoder:
-    def __init__(self, model: Transformer, cache: StaticCache, max_rows: int, tuning: dict | None = None):
-        reason = self.unsupported(model.config)
+    def __init__(self, model: Transformer, cache: StaticCache, max_rows: int, launch: dict | None = None):
+        """launch: launch shapes replacing those fused_step_launch derives."""
+        reason = self.unsupported(model.config, model)
         if reason:
             raise ValueError(f"the fused decode step does not support this model: {reason}")
         self.model, self.cache, self.max_rows = model, cache, max_rows
-        unknown = set(tuning or {}) - set(TUNING)
-        if unknown:
-            raise ValueError(f"unknown tuning keys {sorted(unknown)}; known: {sorted(TUNING)}")
-        self.t = {**TUNING, **(tuning or {})}
-        for key, value in self.t.items():
-            if key.endswith(("_rows", "_warps")) and (value < 1 or value & (value - 1)):
-                raise ValueError(f"tuning {key}={value}: a power of two")
+        self.t = fused_step_launch(model.config, cache.max_len, launch)
         c = self.config = model.config
         dev = model.model.embed_tokens.weight.device
         f32 = dict(dtype=torch.float32, device=dev)
@@ -106,8 +157,6 @@ class FusedDecoder:
         self.rope_factor = float(rotary.attention_factor)
         H, C, R = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim
         self.split = self.t["attend_split"]
-        if self.split < 16 or self.split & (self.split - 1):
-            raise ValueError(f"attend_split must be a power of two >= 16, got {self.split}")
         self.nsplit = triton.cdiv(cache.max_len, self.split)
         K = c.num_experts_per_tok if c.n_routed_experts else 0
         M = max_rows
@@ -130,8 +179,12 @@ class FusedDecoder:
         self.dot_precision = "ieee" if cache.layers[0][0].dtype == torch.float32 else "tf32"
 
     @staticmethod
-    def unsupported(config: ModelConfig) -> str | None:
-        """Why this model cannot take the fused step, or None."""
+    def unsupported(config: ModelConfig, model: Transformer | None = None) -> str | None:
+        """Why this model (its config; and the built model's weights, if given) cannot take
+        the fused step, or None."""
+        from .fp8_weights import has_fp8_weights
+        if model is not None and has_fp8_weights(model):
+            return "FP8 weights (its kernels read 16-bit weights)"
         c = config
         if c.attention_type != "mla":
             return f"attention_type {c.attention_type!r} (MLA only)"
@@ -180,7 +233,8 @@ class FusedDecoder:
             residual if residual is not None else out, residual.stride(0) if residual is not None else 0,
             out, out.stride(0),
             HAS_NORM=norm is not None, HAS_RES=residual is not None,
-            BLOCK_B=_pow2(B), BLOCK_O=block_o, BLOCK_K=min(MAX_BLOCK, _pow2(K)), ONE_CHUNK=K <= MAX_BLOCK,
+            BLOCK_B=_pow2(B), BLOCK_O=block_o, BLOCK_K=min(self.t["max_block"], _pow2(K)),
+            ONE_CHUNK=K <= self.t["max_block"],
             num_warps=self.t["head_warps" if head else "gemv_warps"], **self.launch)
 
     def _attention(self, layer, i, h, positions_B):
@@ -197,18 +251,29 @@ class FusedDecoder:
             self.inv_freq, self.rope_factor, positions_B, self.q_lat, self.q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0),
             H, Q, C, N, R, V, BLOCK_Q=_pow2(Q), BLOCK_N=_pow2(N), BLOCK_C=_pow2(C), BLOCK_R2=_pow2(R // 2),
             num_warps=self.t["query_warps"], **self.launch)
-        k.mla_attend_kernel[(B, self.nsplit)](
+        o = self.attend(a, i, positions_B, B)
+        self._gemv(o, a.o_proj.weight, h, residual=h)
+
+    def attend(self, attn, i: int, positions_B: torch.Tensor, B: int) -> torch.Tensor:
+        """Attention of rows 0..B-1 over layer i's latent cache from the absorbed queries in
+        q_lat / q_pe: the splits (mla_attend), then their merge and W_UV (mla_output) ->
+        o [B, H·V] (float32)."""
+        c, k = self.config, kernels
+        H, C, R, N, V = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim
+        ckv, kpe = self.cache.layers[i]
+        heads = self.t["attend_heads"]
+        k.mla_attend_kernel[(B, self.nsplit, triton.cdiv(H, heads))](
             self.q_lat, self.q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0), positions_B,
-            self.part_acc, self.part_m, self.part_l, a.scale, H, C, R, self.split, self.nsplit,
-            BLOCK_H=_pow2(H, 16), BLOCK_C=_pow2(C, 16), BLOCK_R=_pow2(R, 16), BLOCK_S=min(self.split, ATTEND_BLOCK),
+            self.part_acc, self.part_m, self.part_l, attn.scale, H, C, R, self.split, self.nsplit,
+            BLOCK_H=heads, BLOCK_C=_pow2(C, 16), BLOCK_R=_pow2(R, 16), BLOCK_S=self.t["attend_block"],
             DOT_PRECISION=self.dot_precision, num_warps=self.t["attend_warps"], **self.launch)
         o = self.o[:B]
         k.mla_output_kernel[(B, H)](
-            self.part_acc, self.part_m, self.part_l, a.kv_b_proj.weight, o, positions_B, H, C, N, V,
-            self.split, self.nsplit, BLOCK_SP=_pow2(self.nsplit), CHUNK_SP=min(MERGE_SPLITS, _pow2(self.nsplit)),
-            BLOCK_C=_pow2(C), BLOCK_V=_pow2(V), num_warps=self.t["output_warps"],
-            **self.launch)
-        self._gemv(o, a.o_proj.weight, h, residual=h)
+            self.part_acc, self.part_m, self.part_l, attn.kv_b_proj.weight, o, positions_B, H, C, N, V,
+            self.split, self.nsplit, BLOCK_SP=_pow2(self.nsplit),
+            CHUNK_SP=min(self.t["merge_splits"], _pow2(self.nsplit)), BLOCK_C=_pow2(C), BLOCK_V=_pow2(V),
+            num_warps=self.t["output_warps"], **self.launch)
+        return o
 
     @staticmethod
     def _slots(layer) -> tuple[int, int, tuple | None]:
@@ -245,11 +310,12 @@ class FusedDecoder:
         rows = self.t["up_rows"]
         k.moe_up_kernel[(B, P, triton.cdiv(F, rows))](
             h, h.stride(0), norm.weight, norm.eps, D, self.sel_idx, routed[0], routed[1], sg, su, F, hmid,
-            hmid.stride(0), K=K, BLOCK_F=rows, BLOCK_D=min(MAX_BLOCK, _pow2(D)), ONE_CHUNK=D <= MAX_BLOCK,
+            hmid.stride(0), K=K, BLOCK_F=rows, BLOCK_D=min(self.t["max_block"], _pow2(D)),
+            ONE_CHUNK=D <= self.t["max_block"],
             num_warps=self.t["up_warps"], **self.launch)
         rows = self.t["down_rows"]
         k.moe_down_kernel[(B, triton.cdiv(D, rows))](
             h, h.stride(0), self.sel_idx, self.sel_gate, routed[2], F, sd, S * F, D, hmid, hmid.stride(0),
             K=K, HAS_SHARED=S > 0, BLOCK_P=_pow2(max(K, 1)), BLOCK_D=rows,
-            BLOCK_F=min(MAX_BLOCK, _pow2(F)), BLOCK_FS=min(2 * MAX_BLOCK, _pow2(max(S * F, 1))),
+            BLOCK_F=min(self.t["max_block"], _pow2(F)), BLOCK_FS=min(2 * self.t["max_block"], _pow2(max(S * F, 1))),
             num_warps=self.t["down_warps"], **self.launch)

@@ -8,8 +8,9 @@ experts, K experts per token, F an expert's width, P = K routed + S shared slots
 
 A decode step of a small batch reads every weight once and does little else: its speed is
 how many kernels it takes and how much of each one's time is waiting. Written as PyTorch
-ops, a layer is ~30 kernels even after Inductor's fusion (norms, projections, RoPE, cache
-write, absorption, attention, router, top-k, experts, combine); here it is nine:
+ops, a layer is dozens of kernels even after Inductor's fusion (norms, projections, RoPE,
+cache write, absorption, attention, router, top-k, experts, combine; benchmarks/results/
+decode_profile.txt); here it is nine:
 
 1. `gemv`            RMSNorm(h) @ [W_q_a; W_kv_a]^T              -> qkv_a [B, Q + C + R]
 2. `mla_query`       per head: q_a norm, q_b, RoPE, W_UK absorbed
@@ -28,7 +29,7 @@ write, absorption, attention, router, top-k, experts, combine); here it is nine:
 Everything is computed in float32 from whatever the tensors hold (BF16 weights and cache,
 or float32 in the CPU tests) and rounded on store, except the attention's dot products,
 whose operands (q_lat, q_pe, the softmax weights) are rounded to the cache's dtype first.
-Norms are recomputed by each program that needs them: a 1,024-number reduction is cheaper
+Norms are recomputed by each program that needs them: a reduction over one row is cheaper
 than another kernel.
 
 Programmatic dependent launch (PDL, Hopper+). Each kernel first lets the next one launch
@@ -214,7 +215,8 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
                       acc_ptr, m_ptr, l_ptr, scale, H, C, R, SPLIT, NSPLIT,
                       BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
-    """Program (b, split): all heads over cache positions [split·SPLIT, +SPLIT) ∩ [0, pos]:
+    """Program (b, split, head block): BLOCK_H heads over cache positions [split·SPLIT,
+    +SPLIT) ∩ [0, pos]:
     scores q_lat·c_kv + q_pe·k_pe, an online softmax over blocks of BLOCK_S positions, the
     unnormalised sum of p·c_kv with its running max and sum (merged by mla_output; a split
     past pos writes nothing). Everything it reads but the position, the previous kernel may
@@ -226,7 +228,7 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
     start = sp * SPLIT
     _wait_prev(USE_PDL)
     if start <= pos:
-        hh = tl.arange(0, BLOCK_H)
+        hh = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
         cc = tl.arange(0, BLOCK_C)
         rr = tl.arange(0, BLOCK_R)
         hmask, cmask, rmask = hh < H, cc < C, rr < R

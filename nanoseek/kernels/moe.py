@@ -1,5 +1,5 @@
 """Triton kernels for the routed experts of a small batch: decode steps of up to 64 tokens
-(model/moe.py takes them above GATHER_MAX_PAIRS (token, expert) pairs: from 3 tokens at K = 6).
+(model/moe.py's "small_batch" expert path).
 
 Legend: N tokens, K experts per token, E routed experts, D hidden_size, F an expert's width.
 
@@ -31,12 +31,10 @@ import triton
 import triton.language as tl
 
 MAX_TOKENS = 64  # the rows one program takes in its dot products (BLOCK_N)
-# launch shapes of each kernel: the fastest of benchmarks/decode_step.py --moe-sweep on the
-# H200 at bench-1b's 32 tokens (moe_sweep.json: 66 us a layer for 63 of 64 experts, against
-# 162 for the grouped GEMM; the sweep was flat, 14 of 30 up shapes and 12 of 34 down shapes
-# within 5% of each kernel's best)
-TUNING = {"up": dict(block_f=64, block_d=64, warps=4, stages=3),
-          "down": dict(block_d=128, block_f=64, warps=4, stages=3)}
+# launch shapes of expert_up and expert_down: the fastest of benchmarks/decode_step.py
+# --moe-sweep (benchmarks/results/moe_sweep.json, where many shapes came within 5% of these)
+SMALL_BATCH_EXPERTS_LAUNCH = {"up": dict(block_f=64, block_d=64, warps=4, stages=3),
+                              "down": dict(block_d=128, block_f=64, warps=4, stages=3)}
 
 
 @triton.jit
@@ -101,34 +99,62 @@ def expert_down_kernel(h_ptr, idx_ptr, route_gate_ptr, w_down_ptr, y_ptr, N,
                      mask=hit[:, None])
 
 
+def launch_shapes(launch: dict | None = None) -> dict:
+    """SMALL_BATCH_EXPERTS_LAUNCH with the given kernels' entries replaced; a key that is
+    not a launch shape of these kernels is an error."""
+    shapes = {part: dict(shape) for part, shape in SMALL_BATCH_EXPERTS_LAUNCH.items()}
+    for part, shape in (launch or {}).items():
+        if part not in shapes or set(shape) - set(shapes[part]):
+            raise ValueError(f"small-batch experts launch {part}={shape}: the kernels take "
+                             f"{SMALL_BATCH_EXPERTS_LAUNCH} (any of those keys)")
+        shapes[part].update(shape)
+    return shapes
+
+
 def unsupported(n_tokens: int, w_gate_EFD: torch.Tensor, w_up_EFD: torch.Tensor,
-                w_down_EDF: torch.Tensor) -> str | None:
+                w_down_EDF: torch.Tensor, launch: dict | None = None) -> str | None:
     """Why these kernels cannot take a batch, or None: at most MAX_TOKENS rows, widths that
     the launch shapes' blocks divide (the weight loads are not masked), and weights of one
     dtype that they can read in place (contiguous, as moe.Experts stores them)."""
     _, F, D = w_gate_EFD.shape
-    up, down = TUNING["up"], TUNING["down"]
+    shapes = launch_shapes(launch)
+    up, down = shapes["up"], shapes["down"]
     if not 0 < n_tokens <= MAX_TOKENS:
         return f"{n_tokens} tokens (it takes 1..{MAX_TOKENS})"
     if D % up["block_d"] or D % down["block_d"] or F % up["block_f"] or F % down["block_f"]:
-        return f"hidden size {D}, expert width {F} (TUNING's blocks must divide them: {TUNING})"
+        return f"hidden size {D}, expert width {F} (the launch's blocks must divide them: {shapes})"
     weights = (w_gate_EFD, w_up_EFD, w_down_EDF)
     if not all(w.is_contiguous() and w.dtype == w_gate_EFD.dtype for w in weights):
         return "expert weights not contiguous or not of one dtype (the kernels read them in place)"
     return None
 
 
-@torch.library.custom_op("nanoseek::small_batch_experts", mutates_args=())
 def small_batch_experts(x_ND: torch.Tensor, idx_NK: torch.Tensor, gate_NK: torch.Tensor,
-                        w_gate_EFD: torch.Tensor, w_up_EFD: torch.Tensor,
-                        w_down_EDF: torch.Tensor) -> torch.Tensor:
+                        w_gate_EFD: torch.Tensor, w_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor,
+                        launch: dict | None = None) -> torch.Tensor:
     """y [N, K, D] float32: each (token, slot)'s expert output times its gate. idx_NK: each
     token's K distinct experts, in [0, E); x and the weights in one dtype, the weights
-    contiguous as moe.Experts stores them (the kernels read them in place)."""
+    contiguous as moe.Experts stores them (the kernels read them in place). launch: launch
+    shapes over SMALL_BATCH_EXPERTS_LAUNCH."""
+    shapes = launch_shapes(launch)
+    flat = [shapes["up"][k] for k in ("block_f", "block_d", "warps", "stages")] + \
+           [shapes["down"][k] for k in ("block_d", "block_f", "warps", "stages")]
+    return _small_batch_experts(x_ND, idx_NK, gate_NK, w_gate_EFD, w_up_EFD, w_down_EDF, flat)
+
+
+@torch.library.custom_op("nanoseek::small_batch_experts", mutates_args=())
+def _small_batch_experts(x_ND: torch.Tensor, idx_NK: torch.Tensor, gate_NK: torch.Tensor,
+                         w_gate_EFD: torch.Tensor, w_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor,
+                         launch: list[int]) -> torch.Tensor:
+    """small_batch_experts as one opaque op (torch.compile traces it whole); launch: the up
+    kernel's block_f, block_d, warps, stages, then the down kernel's block_d, block_f, warps,
+    stages."""
     N, D = x_ND.shape
     K = idx_NK.shape[1]
     E, F, _ = w_gate_EFD.shape
-    reason = unsupported(N, w_gate_EFD, w_up_EFD, w_down_EDF)
+    up_f, up_d, up_warps, up_stages, down_d, down_f, down_warps, down_stages = launch
+    shapes = {"up": dict(block_f=up_f, block_d=up_d), "down": dict(block_d=down_d, block_f=down_f)}
+    reason = unsupported(N, w_gate_EFD, w_up_EFD, w_down_EDF, shapes)
     if reason is not None:
         raise ValueError(f"small_batch_experts cannot take {reason}")
     x_ND, idx_NK = x_ND.contiguous(), idx_NK.contiguous()
@@ -138,19 +164,18 @@ def small_batch_experts(x_ND: torch.Tensor, idx_NK: torch.Tensor, gate_NK: torch
     # float32 (the tests) as float32, not TF32; 16-bit operands are exact either way
     precision = "ieee" if x_ND.dtype == torch.float32 else "tf32"
     # every expert's rows for all N tokens, of which the N·K chosen are written and read: at
-    # most 64 tokens, so a few MB (bench-1b: 64 x 32 x 512 x 2 bytes = 2 MiB)
+    # most 64 tokens, so a few MB
     h_ENF = torch.empty(E, N, F, dtype=x_ND.dtype, device=x_ND.device)
     y_NKD = torch.empty(N, K, D, dtype=torch.float32, device=x_ND.device)
-    up, down = TUNING["up"], TUNING["down"]
-    expert_up_kernel[(E, F // up["block_f"])](
-        x_ND, idx_NK, w_gate_EFD, w_up_EFD, h_ENF, N, D, F, K, kp, block_n, up["block_f"], up["block_d"],
-        precision, num_warps=up["warps"], num_stages=up["stages"])
-    expert_down_kernel[(E, D // down["block_d"])](
-        h_ENF, idx_NK, gate_NK, w_down_EDF, y_NKD, N, D, F, K, kp, block_n, down["block_d"], down["block_f"],
-        precision, num_warps=down["warps"], num_stages=down["stages"])
+    expert_up_kernel[(E, F // up_f)](
+        x_ND, idx_NK, w_gate_EFD, w_up_EFD, h_ENF, N, D, F, K, kp, block_n, up_f, up_d,
+        precision, num_warps=up_warps, num_stages=up_stages)
+    expert_down_kernel[(E, D // down_d)](
+        h_ENF, idx_NK, gate_NK, w_down_EDF, y_NKD, N, D, F, K, kp, block_n, down_d, down_f,
+        precision, num_warps=down_warps, num_stages=down_stages)
     return y_NKD
 
 
-@small_batch_experts.register_fake
-def _(x_ND, idx_NK, gate_NK, w_gate_EFD, w_up_EFD, w_down_EDF):
+@_small_batch_experts.register_fake
+def _(x_ND, idx_NK, gate_NK, w_gate_EFD, w_up_EFD, w_down_EDF, launch):
     return x_ND.new_empty(x_ND.shape[0], idx_NK.shape[1], x_ND.shape[1], dtype=torch.float32)

@@ -22,27 +22,36 @@ Balancing.
   (`seq_aux=False`), for the GShard baseline.
 Balance is watched through MaxVio = (max_i load_i − mean load) / mean load (V3 §4.5.2).
 
-Experts. Routed experts are stored stacked ([E, F, D] and [E, D, F]) and run as one grouped
-GEMM over tokens sorted by expert (`torch._grouped_mm`), with no host sync. A decode step of
-a few tokens has only N·K (token, expert) pairs: then the chosen experts' weights are
-gathered and applied as batched matrix-vector products (gpt-fast's decode MoE), which
-reads the same weights with three plain kernels instead of a sort, a grouped GEMM over all
-E groups and a scatter (`GATHER_MAX_PAIRS`). A decode step of a batch (more pairs than that,
-up to 64 tokens: 3-64 tokens at K = 6) on a Hopper+ NVIDIA GPU with 16-bit weights runs
-kernels/moe.py's two expert-major Triton kernels instead (`SMALL_BATCH_KERNELS`): at bench-1b's 32 tokens, which touch 63 of 64 experts, they read
-the experts' weights in 66 µs a layer against the grouped GEMM's 162, with no sort and no
-scatter. The per-expert loop (`moe_impl="loop"`) is the plain reference twin; it syncs to
-find each expert's tokens.
+Experts. Routed experts are stored stacked ([E, F, D] and [E, D, F]). Every path below
+computes the same sum; which one runs is the model's `ExpertPath` (`Transformer.
+set_expert_path`; the inference engine sets it from its config), and `Experts.last_path`
+names the one the last eager forward took:
+- grouped: one grouped GEMM over the tokens sorted by expert (`torch._grouped_mm`), no host
+  sync: training and prefill;
+- gather: each (token, expert) pair's weights gathered and applied as batched matrix-vector
+  products (gpt-fast's decode MoE): three plain kernels instead of a sort, a grouped GEMM
+  over all E groups and a scatter, for a decode step of a few pairs;
+- small_batch: kernels/moe.py's two expert-major Triton kernels, which read each chosen
+  expert's weights once with no sort and no scatter: decode steps of up to 64 tokens;
+- loop: one plain SwiGLU per expert over its tokens, the reference twin (it syncs to find
+  each expert's tokens).
+"auto" gathers up to `gather_max_pairs` pairs, takes the small-batch kernels above that
+where they were measured faster than the grouped GEMM (kernels.fast_kernels_supported;
+benchmarks/results/moe_sweep.json), else the grouped GEMM. Under autograd it never gathers
+nor takes the kernels. Where the grouped GEMM cannot run (an older GPU, CPU under
+torch.compile) a dense form or the loop stands in for it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..kernels import tuned_gpu
+from ..kernels import fast_kernels_supported, triton_runs
 
 
 class MLP(nn.Module):
@@ -181,52 +190,86 @@ def balance_loss(scores_BTE, idx_BTK, n_experts: int, alpha: float, per_sequence
     return alpha * (f_BE * P_BE).sum(-1).mean()
 
 
-# N·K (token, expert) pairs up to which the experts' weights are gathered per pair instead
-# of running the grouped GEMM (decode steps of a few sequences); 0 turns the path off
-GATHER_MAX_PAIRS = 16
-# Above that and up to kernels.moe.MAX_TOKENS tokens (decode steps of a batch), without
-# autograd: the expert-major Triton kernels (kernels/moe.py), two kernels a layer instead of
-# the grouped GEMM's dozen. "auto": where they were measured (kernels.tuned_gpu: a Hopper+
-# NVIDIA GPU, 16-bit weights); True: wherever Triton runs (the CPU tests, under
-# TRITON_INTERPRET=1); False: never
-SMALL_BATCH_KERNELS: bool | str = "auto"
+EXPERT_PATHS = ("auto", "grouped", "gather", "small_batch", "loop")
 
 
-def small_batch_kernels(x: torch.Tensor, weights: tuple[torch.Tensor, ...], n_tokens: int) -> bool:
-    """Whether the experts of these n_tokens rows run through kernels/moe.py; weights: the
-    stacked gate [E, F, D], up and down projections, in the compute dtype (the kernels'
-    own limits: kernels.moe.unsupported)."""
-    mode, weight = SMALL_BATCH_KERNELS, weights[0]
-    if mode is False or torch.is_grad_enabled() or compute_dtype(x) != weight.dtype:
+@dataclass(frozen=True)
+class ExpertPath:
+    """How the routed experts are computed (module docstring). kind: one of EXPERT_PATHS;
+    gather_max_pairs: under "auto", the (token, expert) pairs up to which a forward without
+    autograd gathers (0: never); small_batch_launch: launch shapes of kernels/moe.py's
+    kernels, {"up": {...}, "down": {...}} over its SMALL_BATCH_EXPERTS_LAUNCH (None: those)."""
+
+    kind: str = "auto"
+    gather_max_pairs: int = 16
+    small_batch_launch: dict | None = None
+
+    def __post_init__(self):
+        if self.kind not in EXPERT_PATHS:
+            raise ValueError(f"expert path {self.kind!r}: must be one of {', '.join(EXPERT_PATHS)}")
+        if self.gather_max_pairs < 0:
+            raise ValueError(f"gather_max_pairs must be >= 0, got {self.gather_max_pairs}")
+
+
+def small_batch_kernels_take(x: torch.Tensor, weights: tuple[torch.Tensor, ...], n_tokens: int,
+                             launch: dict | None = None, anywhere: bool = False) -> bool:
+    """Whether kernels/moe.py can take the experts of these n_tokens rows: no autograd, the
+    weights (stacked gate [E, F, D], up, down) in the compute dtype, and the kernels' own
+    limits (kernels.moe.unsupported). anywhere: wherever Triton runs (the CPU tests run its
+    interpreter); else only where the kernels were measured faster (fast_kernels_supported)."""
+    weight = weights[0]
+    if torch.is_grad_enabled() or compute_dtype(x) != weight.dtype:
         return False
-    if mode == "auto" and not tuned_gpu(x.device, weight.dtype):
+    if not (triton_runs(x.device) if anywhere else fast_kernels_supported(x.device, weight.dtype)):
         return False
     from ..kernels import moe as moe_kernels  # imports Triton (and registers the op) on first use
-    return moe_kernels.unsupported(n_tokens, *weights) is None
+    return moe_kernels.unsupported(n_tokens, *weights, launch=launch) is None
 
 
 class Experts(nn.Module):
     """E SwiGLU experts stored stacked. Checkpoint keys are per expert (see hf.py)."""
 
-    def __init__(self, n_experts: int, dim: int, hidden: int, impl: str = "grouped"):
+    def __init__(self, n_experts: int, dim: int, hidden: int, path: ExpertPath | None = None):
         super().__init__()
-        self.impl = impl
+        self.path = path or ExpertPath()
+        self.last_path: str | None = None  # the path the last eager forward took
         self.gate_proj = nn.Parameter(torch.empty(n_experts, hidden, dim))
         self.up_proj = nn.Parameter(torch.empty(n_experts, hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
 
-    def forward(self, x_ND, weight_NK, idx_NK):
-        if self.impl == "loop":
-            return self.forward_loop(x_ND, weight_NK, idx_NK)
-        if idx_NK.numel() <= GATHER_MAX_PAIRS and not torch.is_grad_enabled():
-            return self.forward_gathered(x_ND, weight_NK, idx_NK)
-        if small_batch_kernels(x_ND, (self.gate_proj, self.up_proj, self.down_proj), x_ND.shape[0]):
-            return self.forward_small_batch(x_ND, weight_NK, idx_NK)
+    def choose_path(self, x_ND: torch.Tensor, idx_NK: torch.Tensor) -> str:
+        """The computation this forward takes: grouped, gather, small_batch, loop, or dense
+        (the grouped GEMM's stand-in under torch.compile where it cannot run)."""
+        kind = self.path.kind
+        if kind == "loop":
+            return "loop"
+        if not torch.is_grad_enabled() and (
+                kind == "gather" or (kind == "auto" and idx_NK.numel() <= self.path.gather_max_pairs)):
+            return "gather"
+        if kind in ("auto", "small_batch") and small_batch_kernels_take(
+                x_ND, (self.gate_proj, self.up_proj, self.down_proj), x_ND.shape[0],
+                self.path.small_batch_launch, anywhere=kind == "small_batch"):
+            return "small_batch"
         if grouped_mm_supported(x_ND):
-            return self.forward_grouped(x_ND, weight_NK, idx_NK)
-        if torch.compiler.is_compiling():
-            return self.forward_dense(x_ND, weight_NK, idx_NK)
-        return self.forward_loop(x_ND, weight_NK, idx_NK)
+            return "grouped"
+        return "dense" if torch.compiler.is_compiling() else "loop"
+
+    def expert_weights(self, idx: torch.Tensor | int | None = None) -> tuple[torch.Tensor, ...]:
+        """The weights the paths compute with, (gate [E, F, D], up [E, F, D], down [E, D, F]),
+        or the rows idx of each: the one place they are read (a quantised subclass dequantises
+        here)."""
+        if idx is None:
+            return self.gate_proj, self.up_proj, self.down_proj
+        return self.gate_proj[idx], self.up_proj[idx], self.down_proj[idx]
+
+    def forward(self, x_ND, weight_NK, idx_NK):
+        path = self.choose_path(x_ND, idx_NK)
+        if not torch.compiler.is_compiling():
+            self.last_path = path
+        forward = {"grouped": self.forward_grouped, "gather": self.forward_gathered,
+                   "small_batch": self.forward_small_batch, "dense": self.forward_dense,
+                   "loop": self.forward_loop}[path]
+        return forward(x_ND, weight_NK, idx_NK)
 
     def forward_grouped(self, x_ND, weight_NK, idx_NK):
         N, K = idx_NK.shape
@@ -236,15 +279,7 @@ class Experts(nn.Module):
         token_M = order_M // K
         counts_E = torch.zeros(E, dtype=torch.int32, device=x_ND.device).scatter_add_(
             0, flat_M, torch.ones_like(flat_M, dtype=torch.int32))
-        offsets_E = counts_E.cumsum(0, dtype=torch.int32)
-        dtype = compute_dtype(x_ND)
-        w_gate, w_up, w_down = (w.to(dtype).transpose(-2, -1)
-                                for w in (self.gate_proj, self.up_proj, self.down_proj))
-        x_MD = x_ND[token_M].to(dtype)
-        gate_MF = torch._grouped_mm(x_MD, w_gate, offs=offsets_E)
-        up_MF = torch._grouped_mm(x_MD, w_up, offs=offsets_E)
-        h_MF = F.silu(gate_MF) * up_MF
-        y_MD = torch._grouped_mm(h_MF, w_down, offs=offsets_E)
+        y_MD = grouped_swiglu(x_ND[token_M], counts_E, *self.expert_weights())
         # back to (token, slot) order, a permutation: a plain scatter, then each token's K
         # outputs summed at once (fp32 inside the reduction). An index_add_ of the rows would
         # accumulate with atomics in the activation dtype: bf16 sums in whatever order the
@@ -258,20 +293,20 @@ class Experts(nn.Module):
         (a repeated expert twice), so it is for small M only; no sort, no host sync."""
         N, K = idx_NK.shape
         dtype = compute_dtype(x_ND)
-        flat_M = idx_NK.flatten()
+        gate_MFD, up_MFD, down_MDF = (w.to(dtype) for w in self.expert_weights(idx_NK.flatten()))
         if torch.compiler.is_compiling():
             # written as products and sums, which Inductor turns into one kernel per projection
             # that reads the chosen experts' rows in place (no gathered copy, no separate GEMV)
             x_M1D = x_ND.to(dtype).repeat_interleave(K, dim=0)[:, None, :]
-            gate_MF = (self.gate_proj[flat_M].to(dtype) * x_M1D).sum(-1, dtype=torch.float32)
-            up_MF = (self.up_proj[flat_M].to(dtype) * x_M1D).sum(-1, dtype=torch.float32)
+            gate_MF = (gate_MFD * x_M1D).sum(-1, dtype=torch.float32)
+            up_MF = (up_MFD * x_M1D).sum(-1, dtype=torch.float32)
             h_M1F = (F.silu(gate_MF) * up_MF).to(dtype)[:, None, :]
-            y_MD = (self.down_proj[flat_M].to(dtype) * h_M1F).sum(-1, dtype=torch.float32)
+            y_MD = (down_MDF * h_M1F).sum(-1, dtype=torch.float32)
             return (y_MD.view(N, K, -1) * weight_NK[..., None]).sum(1).to(x_ND.dtype)
         x_MD1 = x_ND.to(dtype).repeat_interleave(K, dim=0)[:, :, None]
-        gate_MF1 = torch.bmm(self.gate_proj[flat_M].to(dtype), x_MD1)
-        up_MF1 = torch.bmm(self.up_proj[flat_M].to(dtype), x_MD1)
-        y_MD1 = torch.bmm(self.down_proj[flat_M].to(dtype), F.silu(gate_MF1) * up_MF1)
+        gate_MF1 = torch.bmm(gate_MFD, x_MD1)
+        up_MF1 = torch.bmm(up_MFD, x_MD1)
+        y_MD1 = torch.bmm(down_MDF, F.silu(gate_MF1) * up_MF1)
         y_NKD = y_MD1.view(N, K, -1) * weight_NK[..., None].to(y_MD1.dtype)
         return y_NKD.sum(1).to(x_ND.dtype)
 
@@ -279,19 +314,19 @@ class Experts(nn.Module):
         """kernels/moe.py's two expert-major kernels: each chosen expert's weights read once,
         no sort; each (token, slot)'s gated output in float32, summed here."""
         from ..kernels.moe import small_batch_experts
-        y_NKD = small_batch_experts(x_ND.to(self.gate_proj.dtype), idx_NK, weight_NK,
-                                    self.gate_proj, self.up_proj, self.down_proj)
+        y_NKD = small_batch_experts(x_ND.to(self.gate_proj.dtype), idx_NK, weight_NK, self.gate_proj,
+                                    self.up_proj, self.down_proj, launch=self.path.small_batch_launch)
         return y_NKD.sum(1).to(x_ND.dtype)
 
     def forward_dense(self, x_ND, weight_NK, idx_NK):
         """Every expert on every token, weighted by a mostly-zero gate: E/K times the work, no
         host sync. Only for torch.compile where the grouped GEMM cannot run (float32 on CPU,
         whose grouped GEMM has no compile support yet)."""
-        gates_NE = torch.zeros(x_ND.shape[0], self.gate_proj.shape[0], dtype=x_ND.dtype,
+        gate_EFD, up_EFD, down_EDF = self.expert_weights()
+        gates_NE = torch.zeros(x_ND.shape[0], gate_EFD.shape[0], dtype=x_ND.dtype,
                                device=x_ND.device).scatter_add(1, idx_NK, weight_NK.to(x_ND.dtype))
-        h_NEF = (F.silu(torch.einsum("nd,efd->nef", x_ND, self.gate_proj))
-                 * torch.einsum("nd,efd->nef", x_ND, self.up_proj))
-        return torch.einsum("ne,nef,edf->nd", gates_NE, h_NEF, self.down_proj)
+        h_NEF = (F.silu(torch.einsum("nd,efd->nef", x_ND, gate_EFD)) * torch.einsum("nd,efd->nef", x_ND, up_EFD))
+        return torch.einsum("ne,nef,edf->nd", gates_NE, h_NEF, down_EDF)
 
     def forward_loop(self, x_ND, weight_NK, idx_NK):
         """Reference twin: one plain SwiGLU per expert over the tokens that chose it."""
@@ -301,10 +336,24 @@ class Experts(nn.Module):
             if token.numel() == 0:
                 continue
             x = x_ND[token]
-            h = F.silu(x @ self.gate_proj[e].T) * (x @ self.up_proj[e].T)
-            y = (h @ self.down_proj[e].T) * weight_NK[token, slot, None].to(x.dtype)
+            gate_FD, up_FD, down_DF = self.expert_weights(e)
+            h = F.silu(x @ gate_FD.T) * (x @ up_FD.T)
+            y = (h @ down_DF.T) * weight_NK[token, slot, None].to(x.dtype)
             out.index_add_(0, token, y.to(out.dtype))
         return out
+
+
+def grouped_swiglu(x_MD: torch.Tensor, counts_E: torch.Tensor, w_gate_EFD: torch.Tensor,
+                   w_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor) -> torch.Tensor:
+    """Rows sorted by expert, `counts_E` [E] of them for each, through their expert's SwiGLU
+    as three grouped GEMMs in the compute dtype: [M, D] -> [M, D]."""
+    offsets_E = counts_E.cumsum(0, dtype=torch.int32)
+    dtype = compute_dtype(x_MD)
+    w_gate, w_up, w_down = (w.to(dtype).transpose(-2, -1) for w in (w_gate_EFD, w_up_EFD, w_down_EDF))
+    x_MD = x_MD.to(dtype)
+    gate_MF = torch._grouped_mm(x_MD, w_gate, offs=offsets_E)
+    up_MF = torch._grouped_mm(x_MD, w_up, offs=offsets_E)
+    return torch._grouped_mm(F.silu(gate_MF) * up_MF, w_down, offs=offsets_E)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -331,7 +380,7 @@ class MoE(nn.Module):
         self.n_experts = c.n_routed_experts
         self.aux_loss_alpha, self.seq_aux = c.aux_loss_alpha, c.seq_aux
         self.gate = Router(c)
-        self.experts = Experts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size, c.moe_impl)
+        self.experts = Experts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size)
         self.shared_experts = (MLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts)
                                if c.n_shared_experts else None)
 

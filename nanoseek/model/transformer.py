@@ -17,7 +17,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import GQA
 from .mla import MLA
-from .moe import MLP, Experts, MoE, Router, max_violation
+from .moe import MLP, ExpertPath, Experts, MoE, Router, max_violation
 from .mtp import make_mtp_layer
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
@@ -87,6 +87,13 @@ class Transformer(nn.Module):
     def mtp_layers(self) -> nn.ModuleList:
         return self.model.layers[self.config.num_hidden_layers:]
 
+    def set_expert_path(self, path: ExpertPath) -> None:
+        """How every MoE layer computes its routed experts from now on (moe.ExpertPath): the
+        one switch of the experts' fast paths; an inference engine sets it from its config."""
+        for module in self.modules():
+            if isinstance(module, Experts):
+                module.path = path
+
     def reset_parameters(self) -> None:
         std = self.config.initializer_range
         for m in self.modules():
@@ -127,27 +134,16 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         cos, sin = self.model.rotary(positions)
         h = self.model.embed_tokens(input_ids)
-        balance = h.new_zeros((), dtype=torch.float32)
-        for layer in self.main_layers:
-            h, aux = layer(h, cos, sin, positions, cache, absorb)
-            if aux is not None:
-                balance = balance + aux
+        h, balance = run_blocks(self.main_layers, h, cos, sin, positions, cache, absorb)
         h = self.model.norm(h)
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         out = ModelOutput(logits=logits, hidden_states=h)
 
         want_mtp = len(self.mtp_layers) > 0 and (return_mtp or (labels is not None and self.training))
         if want_mtp and cache is None:
-            emb = self.model.embed_tokens(input_ids)
-            h_prev = h
-            for k, layer in enumerate(self.mtp_layers, start=1):
-                if T - k <= 0:
-                    break
-                h_prev, aux = layer(h_prev[:, : T - k], emb[:, k:], cos[:, : T - k], sin[:, : T - k],
-                                    positions[:, : T - k])
-                if aux is not None:
-                    balance = balance + aux
-                out.mtp_logits.append(self.lm_head(layer.shared_head.norm(h_prev)))
+            out.mtp_logits, mtp_balance = run_mtp(self.mtp_layers, self.lm_head, h,
+                                                  self.model.embed_tokens(input_ids), cos, sin, positions)
+            balance = balance + mtp_balance
 
         if labels is not None:
             out.main_loss = shifted_cross_entropy(logits, labels, 0)
@@ -173,6 +169,33 @@ class Transformer(nn.Module):
     def expert_loads(self) -> dict[int, torch.Tensor]:
         """Tokens per expert counted since the last update_expert_bias(), per MoE layer."""
         return {i: r.load.clone() for i, r in self.routers().items()}
+
+
+def run_blocks(blocks, h_BTD, cos, sin, positions=None, cache=None, absorb=None):
+    """Decoder blocks in order; returns the hidden state and their summed balance losses."""
+    balance = h_BTD.new_zeros((), dtype=torch.float32)
+    for block in blocks:
+        h_BTD, aux = block(h_BTD, cos, sin, positions, cache, absorb)
+        if aux is not None:
+            balance = balance + aux
+    return h_BTD, balance
+
+
+def run_mtp(mtp_layers, lm_head: nn.Module, h_BTD, emb_BTD, cos, sin, positions):
+    """The MTP modules on the main model's final-normed h and the token embeddings: depth k's
+    logits [B, T-k, vocab] for each k, and their summed balance losses."""
+    T = h_BTD.shape[1]
+    logits, balance = [], h_BTD.new_zeros((), dtype=torch.float32)
+    h_prev = h_BTD
+    for k, layer in enumerate(mtp_layers, start=1):
+        if T - k <= 0:
+            break
+        h_prev, aux = layer(h_prev[:, : T - k], emb_BTD[:, k:], cos[:, : T - k], sin[:, : T - k],
+                            positions[:, : T - k])
+        if aux is not None:
+            balance = balance + aux
+        logits.append(lm_head(layer.shared_head.norm(h_prev)))
+    return logits, balance
 
 
 def shifted_cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, k: int) -> torch.Tensor:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from ..data.datasets import DataError, read_records
 from ..data.tasks import get_task
+from ..train.metrics import ProgressBar
 from .rewards import REWARDS, format_reward
 
 TEACHER_KEY_ENV = "NANOSEEK_TEACHER_API_KEY"
@@ -104,16 +105,22 @@ SAMPLE_MAX_BATCH = 256  # sequences a local sampler decodes at once (its cache s
 
 
 def sample_engine(model, tokenizer, rows: Sequence[dict], n: int = 4, temperature: float = 0.7,
-                  max_tokens: int = 512, top_p: float = 1.0, seed: int = 0) -> list[Sample]:
+                  max_tokens: int = 512, top_p: float = 1.0, seed: int = 0,
+                  progress: bool = True) -> list[Sample]:
     """n completions per row from a nanoseek model through the engine (continuous batching;
     per-sample seeds, so the same call gives the same samples), chat-templated prompts."""
     from ..infer.sampling import SamplingParams
     from .trainer import _seed, generate_repeated
     params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                              seed=_seed(seed, i, j)) for i in range(len(rows)) for j in range(n)]
-    _, outs, _ = generate_repeated(model, tokenizer, [r["prompt"] for r in rows], params, repeat=n,
-                                   max_new_tokens=max_tokens, max_batch=SAMPLE_MAX_BATCH)
+    with sampling_bar(len(params), progress) as bar:
+        _, outs, _ = generate_repeated(model, tokenizer, [r["prompt"] for r in rows], params, repeat=n,
+                                       max_new_tokens=max_tokens, max_batch=SAMPLE_MAX_BATCH, bar=bar)
     return [Sample(k // n, o.text, len(o.token_ids)) for k, o in enumerate(outs)]
+
+
+def sampling_bar(total: int, progress: bool) -> ProgressBar:
+    return ProgressBar(total, desc="sampling", unit="sample", disable=not progress)
 
 
 def endpoint_url(url: str) -> str:
@@ -159,7 +166,7 @@ class EndpointError(ValueError):
 def sample_endpoint(url: str, rows: Sequence[dict], n: int = 4, temperature: float = 0.7,
                     max_tokens: int = 512, top_p: float = 1.0, model: str | None = None,
                     api_key: str | None = None, concurrency: int = 8, timeout: float = 600.0,
-                    retries: int = 2, seed: int = 0) -> list[Sample]:
+                    retries: int = 2, seed: int = 0, progress: bool = True) -> list[Sample]:
     """n completions per row from an OpenAI-compatible chat endpoint, one request per sample
     (n=1 each: not every API takes n > 1), `concurrency` at a time. model: the endpoint's
     model name (default: the first of GET /models). 429 and 5xx answers and dropped
@@ -192,8 +199,12 @@ def sample_endpoint(url: str, rows: Sequence[dict], n: int = 4, temperature: flo
                                     f"({json.dumps(body)[:200]})") from None
 
         jobs = [(i, j) for i in range(len(rows)) for j in range(n)]
-        with ThreadPoolExecutor(max(1, concurrency)) as pool:
-            return list(pool.map(one, jobs))
+        samples: list[Sample] = []
+        with ThreadPoolExecutor(max(1, concurrency)) as pool, sampling_bar(len(jobs), progress) as bar:
+            for sample in pool.map(one, jobs):  # in order: the bar lags the fastest answers a little
+                samples.append(sample)
+                bar.update(len(samples))
+        return samples
 
 
 def _call(client, method: str, url: str, body: dict | None, retries: int) -> dict:

@@ -63,20 +63,21 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..config import CheckedConfig, described
 from ..data.tasks import get_task
+from ..infer.config import InferenceConfig
 from ..infer.engine import Engine
 from ..infer.sampling import SamplingParams
-from ..train.metrics import plot_metrics, read_metrics
+from ..train.metrics import MetricsLogger, ProgressBar, plot_metrics, plot_smoothed, read_metrics
 from ..train.optim import build_optimizer
 from ..train.step import apply_update
 from ..loading import resolve_device
-from ..train.trainer import (Checkpointed, refuse_existing_run,
-                             run_outputs, start_run)
+from ..train.trainer import Checkpointed, StopRequest, refuse_existing_run, start_run
 from .grpo import LOSS_TYPES, SCALES, group_advantages, grpo_loss, sequence_logprobs
 from .rewards import combine_rewards, get_reward
 from .templates import render_prompt
@@ -85,87 +86,65 @@ PROMPT_FORMATS = ("r1_zero", "chat", "chat_think")
 
 
 @dataclass
-class GRPOConfig:
-    group_size: int = 8            # G completions per prompt
-    prompts_per_step: int = 8      # N prompts per step (B = N·G sequences)
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    beta: float = 0.001            # KL weight (R1 §2.2: 0.001); 0 needs no reference model
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = None  # DAPO clip-higher; None: symmetric
-    loss_type: str = "grpo"        # grpo | dr_grpo | dapo
-    scale: str = "group"           # group | none (Dr. GRPO)
-    mu: int = 1                    # inner iterations per batch of rollouts
-    micro_batch: int = 0           # sequences per forward/backward; 0: the whole batch
-    dynamic_sampling: bool = False
-    compile_rollouts: bool = False  # GPU: torch.compile the engine's decode step (infer/cuda_graph.py)
-    ignore_eos: bool = False       # rollouts always run to max_new_tokens (benchmarks: fixed lengths)
-    dynamic_sampling_tries: int = 3
-    rewards: dict = field(default_factory=lambda: {"accuracy": 1.0})  # name -> weight
-    level: int = 1                 # built-in task difficulty
-    prompt_format: str = "chat"    # r1_zero | chat | chat_think
-    eval_every: int = 0            # 0: only at the end (when eval_n > 0)
-    eval_n: int = 0                # held-out problems per evaluation; 0: no evaluation
-    save_every: int = 0            # 0: only at the end
-    keep_last: int = 3
-    steps: int = 100
-    seed: int = 0
-    device: str = "auto"
+class GRPOConfig(CheckedConfig):
+    kind = "grpo"
+    group_size: int = described(8, "G completions per prompt")
+    prompts_per_step: int = described(8, "N prompts per step (B = N x G sequences)")
+    max_new_tokens: int = described(128, "tokens per completion at most")
+    temperature: float = described(1.0, "sampling temperature of the rollouts")
+    top_p: float = described(1.0, "nucleus sampling of the rollouts")
+    lr: float = described(1e-5, "learning rate (AdamW, constant)")
+    weight_decay: float = described(0.0, "AdamW weight decay")
+    grad_clip: float = described(1.0, "clip the gradient norm to this (0: no clipping)")
+    beta: float = described(0.001, "KL weight (R1: 0.001); 0 needs no reference model")
+    clip_eps: float = described(0.2, "PPO clip range of the ratio")
+    clip_eps_high: float | None = described(None, "DAPO clip-higher upper range; null: clip_eps")
+    loss_type: str = described("grpo", f"{' | '.join(LOSS_TYPES)} (see rl/grpo.py)")
+    scale: str = described("group", "advantages divided by the group's std (group) or not (none, Dr. GRPO)")
+    mu: int = described(1, "inner optimizer iterations per batch of rollouts")
+    micro_batch: int = described(0, "sequences per forward/backward; 0: the whole batch")
+    dynamic_sampling: bool = described(False, "DAPO: drop groups whose rewards are all equal, refill")
+    compile_rollouts: bool = described(False, "GPU: torch.compile the engine's decode step")
+    ignore_eos: bool = described(False, "rollouts always run to max_new_tokens (benchmarks)")
+    dynamic_sampling_tries: int = described(3, "extra sampling rounds to refill the groups")
+    rewards: dict = described({"accuracy": 1.0}, "reward name -> weight")
+    level: int = described(1, "built-in task difficulty")
+    prompt_format: str = described("chat", f"{' | '.join(PROMPT_FORMATS)}")
+    eval_every: int = described(0, "held-out evaluation every K steps; 0: only at the end")
+    eval_n: int = described(0, "held-out problems per evaluation; 0: no evaluation")
+    save_every: int | None = described(None, "checkpoint every K steps (null: every tenth of the run; "
+                                             "0: only at the end)")
+    keep_last: int = described(3, "checkpoints kept (0: all)")
+    steps: int = described(100, "GRPO steps")
+    seed: int = described(0, "seed of the prompts and the rollouts")
+    device: str = described("auto", "auto (a GPU when there is one), cpu, cuda, cuda:N")
 
     def __post_init__(self):
-        def bad(name, why):
-            raise ValueError(f"grpo field '{name}' = {getattr(self, name)!r}: {why}")
-        for name in ("group_size", "prompts_per_step", "max_new_tokens", "mu", "steps",
-                     "level", "dynamic_sampling_tries", "keep_last"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                bad(name, "must be a positive integer")
-        if self.group_size < 2:
-            bad("group_size", "must be >= 2 (a group of one has no baseline)")
-        for name in ("micro_batch", "eval_every", "eval_n", "save_every", "seed"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                bad(name, "must be an integer >= 0")
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
-            bad("temperature", "must be > 0 (GRPO needs sampled, different completions)")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", "must be in (0, 1]")
-        if not self.lr > 0:
-            bad("lr", "must be > 0")
-        if self.beta < 0 or self.clip_eps <= 0 or self.weight_decay < 0:
-            bad("beta" if self.beta < 0 else "clip_eps" if self.clip_eps <= 0 else "weight_decay",
-                "out of range (beta >= 0, clip_eps > 0, weight_decay >= 0)")
-        if self.clip_eps_high is not None and self.clip_eps_high < self.clip_eps:
-            bad("clip_eps_high", f"must be >= clip_eps ({self.clip_eps}) or null")
-        if self.loss_type not in LOSS_TYPES:
-            bad("loss_type", f"choose one of {', '.join(LOSS_TYPES)}")
-        if self.scale not in SCALES:
-            bad("scale", f"choose one of {', '.join(SCALES)}")
-        if self.prompt_format not in PROMPT_FORMATS:
-            bad("prompt_format", f"choose one of {', '.join(PROMPT_FORMATS)}")
-        for name in ("dynamic_sampling", "compile_rollouts", "ignore_eos"):
-            if not isinstance(getattr(self, name), bool):
-                bad(name, "must be true or false")
-        if (not isinstance(self.rewards, dict) or not self.rewards
-                or not all(isinstance(w, (int, float)) for w in self.rewards.values())):
-            bad("rewards", 'must be a non-empty {"name": weight} object')
-
-    @classmethod
-    def fields(cls) -> set[str]:
-        return {f.name for f in dataclasses.fields(cls)}
+        self.check_types()
+        need = self.need
+        self.need_at_least(1, "group_size", "prompts_per_step", "max_new_tokens", "mu", "steps", "level",
+                           "dynamic_sampling_tries")
+        need(self.group_size >= 2, "group_size", "must be >= 2 (a group of one has no baseline)")
+        self.need_at_least(0, "micro_batch", "eval_every", "eval_n", "keep_last", "seed", "beta",
+                           "weight_decay", "grad_clip")
+        need(self.save_every is None or self.save_every >= 0, "save_every", "must be >= 0 or null")
+        need(self.temperature > 0, "temperature", "must be > 0 (GRPO needs sampled, different completions)")
+        need(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        need(self.lr > 0, "lr", "must be > 0")
+        need(self.clip_eps > 0, "clip_eps", "must be > 0")
+        need(self.clip_eps_high is None or self.clip_eps_high >= self.clip_eps, "clip_eps_high",
+             f"must be >= clip_eps ({self.clip_eps}) or null")
+        self.need_one_of("loss_type", LOSS_TYPES)
+        self.need_one_of("scale", SCALES)
+        self.need_one_of("prompt_format", PROMPT_FORMATS)
+        need(bool(self.rewards) and all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                        for w in self.rewards.values()),
+             "rewards", 'must be a non-empty {"name": weight} object')
 
 
 def grpo_config(**changes) -> GRPOConfig:
-    """GRPOConfig with `changes`; an unknown field is a ValueError naming the known ones."""
-    bad = [k for k in changes if k not in GRPOConfig.fields()]
-    if bad:
-        raise ValueError(f"unknown grpo field(s) {', '.join(bad)}; known: "
-                         f"{', '.join(sorted(GRPOConfig.fields()))}")
-    return GRPOConfig(**changes)
+    """GRPOConfig with `changes`, checked; an unknown field is named with the known ones."""
+    return GRPOConfig.with_changes(**changes)
 
 
 def informative_groups(rewards: Sequence[float], group_size: int) -> list[bool]:
@@ -186,12 +165,13 @@ def _seed(*parts) -> int:
 def generate_repeated(model, tokenizer, prompts: list, params: list[SamplingParams] | SamplingParams,
                       repeat: int = 1, prompt_format: str = "chat", max_new_tokens: int = 512,
                       engine: Engine | None = None, compile: bool = False,
-                      max_batch: int | None = None) -> tuple[list, list, Engine]:
+                      max_batch: int | None = None, bar: ProgressBar | None = None) -> tuple[list, list, Engine]:
     """Prompts (questions or chat messages) rendered and encoded once, each run `repeat` times
     in a row through `infer.Engine` on `model` itself, in eval mode (no expert-load counting;
     the mode it had is restored). max_batch: cache slots, runs decoded at once (default: all
-    runs; more wait for a slot). Returns (prompt ids, RequestOutputs, one per run, and the
-    engine), reusing `engine` when its slots and length suffice for the next call."""
+    runs; more wait for a slot). bar: moved to the number of finished runs as they finish.
+    Returns (prompt ids, RequestOutputs, one per run, and the engine), reusing `engine` when
+    its slots and length suffice for the next call."""
     ids = [p for p in (tokenizer.encode(render_prompt(tokenizer, p, prompt_format)) for p in prompts)
            for _ in range(repeat)]
     need, limit = max(map(len, ids)) + max_new_tokens, model.config.max_position_embeddings
@@ -201,11 +181,18 @@ def generate_repeated(model, tokenizer, prompts: list, params: list[SamplingPara
     slots = min(max_batch or len(ids), len(ids))
     if engine is None or engine.max_len < need or engine.num_slots < slots:
         engine = Engine(model, tokenizer, max_batch=slots, max_len=min(limit, 64 * math.ceil(need / 64)),
-                        compile=compile)
+                        config=InferenceConfig(compile=compile))
+    per_run = params if isinstance(params, list) else [params] * len(ids)
     was_training = model.training
     model.eval()
     try:
-        return ids, engine.generate(ids, params), engine
+        # engine.generate's loop, with a look at the finished runs after each engine step
+        runs = [engine.add_request(p, sp) for p, sp in zip(ids, per_run)]
+        while any(not r.finished for r in runs):
+            engine.step()
+            if bar is not None:
+                bar.update(sum(r.finished for r in runs))
+        return ids, [r.output() for r in runs], engine
     finally:
         model.train(was_training)
 
@@ -448,7 +435,7 @@ class GRPOTrainer(Checkpointed):
         if cfg.prompt_format == "chat":
             from ..train.evaluate import evaluate_task
             r = evaluate_task(self.model, self.tokenizer, self.task.name, cfg.level, n=cfg.eval_n,
-                              fmt="chat", max_new_tokens=cfg.max_new_tokens)
+                              fmt="chat", max_new_tokens=cfg.max_new_tokens, progress=False)
             self.model.train()
             return {"eval_accuracy": r["greedy_accuracy"]}
         examples = self.task.generate(cfg.eval_n, level=cfg.level, split="test", seed=1234, unique=True)
@@ -473,7 +460,7 @@ class GRPOTrainer(Checkpointed):
                 **self.extra_state}
 
     # ------------------------------------------------------------ loop
-    def fit(self, resume: bool = False, progress: bool | None = None,
+    def fit(self, resume: bool = False, progress: bool = True,
             deadline: float | None = None, before: dict | None = None) -> list[dict]:
         """Train to cfg.steps; returns the records of the steps this call trained.
 
@@ -485,34 +472,34 @@ class GRPOTrainer(Checkpointed):
         deadline: a `time.time()` after which the run should be over. The loop then stops
         early, after the step that leaves less time than that step took; that step gets the
         final evaluation and the checkpoint as the last one would, and a later `resume`
-        goes on toward cfg.steps (GRPO's learning rate is constant: no schedule to cut)."""
+        goes on toward cfg.steps (GRPO's learning rate is constant: no schedule to cut).
+        Ctrl-C ends the step in flight, saves it and raises TrainingInterrupted."""
         cfg = self.cfg
         start_run(self.run_dir, resume, self.resume, cfg.seed)
         records = []
-        logger, bar = run_outputs(self.run_dir, self.step, cfg.steps, "grpo", progress)
-        try:
+        with MetricsLogger(self.run_dir, resume_from_step=self.step + 1) as logger, \
+                ProgressBar(cfg.steps, initial=self.step, desc="grpo", disable=not progress) as bar, \
+                StopRequest(bar.write) as stop:
             if self.step == 0 and cfg.eval_n:
                 start = before if before is not None else self.evaluate()
                 if start:
                     logger.log(0, **start)
-            while self.step < cfg.steps:
+            while self.step < cfg.steps and not stop.requested:
                 record = self.train_step()
                 out_of_time = deadline is not None and time.time() + record["step_time_s"] > deadline
                 last = self.step == cfg.steps or out_of_time
                 if cfg.eval_n and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
                     record.update(self.evaluate())
                 records.append(logger.log(self.step, **record))
-                bar.update(self.step, loss=record.get("loss"))
-                if cfg.save_every and self.step % cfg.save_every == 0 and not last:
+                bar.update(self.step, loss=record.get("loss"), reward=record.get("reward"),
+                           accuracy=record.get("accuracy"), held_out=record.get("eval_accuracy"))
+                if self.save_due():
                     self.save()
                 if out_of_time:
                     break
-            self.save()
-        finally:
-            bar.close()
-            logger.close()
-        plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "plots")
-        plot_rl_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "plots")
+            plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "plots")
+            plot_rl_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "plots")
+            self.end_run(stop)
         return records
 
 
@@ -539,9 +526,10 @@ def plot_rl_metrics(metrics_jsonl: str | Path, out_dir: str | Path) -> Path | No
     for ax, (title, names) in zip(axes, panels):
         for name in names:
             xs, ys = series(name)
-            if xs:
-                ax.plot(xs, ys, label=name, marker="o" if name.startswith("eval_") else None,
-                        markersize=3, linewidth=1.2)
+            if xs and name.startswith("eval_"):  # a few held-out points: drawn as they are
+                ax.plot(xs, ys, label=name, marker="o", markersize=3, linewidth=1.2)
+            elif xs:
+                plot_smoothed(ax, xs, ys, name)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -556,7 +544,7 @@ def plot_rl_metrics(metrics_jsonl: str | Path, out_dir: str | Path) -> Path | No
 
 
 def grpo(model_dir: str | Path, task: str | Sequence[dict], cfg: GRPOConfig, out: str | Path,
-         resume: bool = False, progress: bool | None = None, deadline: float | None = None,
+         resume: bool = False, progress: bool = True, deadline: float | None = None,
          data: str | None = None, eval_rows: Sequence[dict] | None = None,
          before: dict | None = None) -> tuple[GRPOTrainer, list[dict]]:
     """The CLI's stage: a checkpoint (or run directory) + its tokenizer -> GRPO -> out/final.
@@ -564,6 +552,7 @@ def grpo(model_dir: str | Path, task: str | Sequence[dict], cfg: GRPOConfig, out
     eval_rows: held-out rows for a dataset run. deadline, before: as in GRPOTrainer.fit."""
     from ..train.stages import load_base, publish_final
     out = Path(out)
+    resolve_device(cfg.device)  # a device this machine lacks fails before any work
     if not resume:
         refuse_existing_run(out)
     src, tok, tok_dir, model = load_base(model_dir, out)

@@ -15,7 +15,6 @@ from fastapi.responses import JSONResponse, Response
 from ..infer.grammar import json_schema_grammar
 from ..infer.reasoning import ReasoningSplitter
 from ..infer.sampling import SamplingParams
-from .audit import write_completion
 from .protocol import APIError, ChatCompletionRequest, NamedToolChoice, error_body
 from .responses import (AI_HEADERS, ClosingStreamingResponse, chat_logprobs, chat_message, completion_logprobs,
                         count_reasoning_tokens, split_reasoning, sse, usage_body)
@@ -23,13 +22,31 @@ from .tools import ToolCallStreamer, forced_call_grammar, template_turns
 from .worker import Job
 
 
+INLINE_TEXT = 8192  # characters (a message counts 64 more) short enough to encode on the event loop
+
+
 def tools_on(req, chat: bool) -> bool:
     """Whether the model sees the request's tools and its output is read for calls."""
     return chat and bool(req.tools) and req.tool_choice != "none"
 
 
-def encode_prompts(state, req, chat: bool) -> list[list[int]]:
-    """The token ids of each prompt of a request."""
+async def encode_prompts(state, req, chat: bool) -> list[list[int]]:
+    """The token ids of each prompt of a request. A long prompt is encoded in a worker thread,
+    so that it does not hold up the event loop (and with it every other client); a short one
+    here, where a thread's hand-offs of the GIL (shared with the engine's thread) cost more
+    than the encoding."""
+    if text_size(req, chat) <= INLINE_TEXT:
+        return tokenize_prompts(state, req, chat)
+    return await asyncio.to_thread(tokenize_prompts, state, req, chat)
+
+
+def text_size(req, chat: bool) -> int:
+    if chat:
+        return sum(64 + len(m.text) for m in req.messages)
+    return sum(len(p) for p in req.prompts() if isinstance(p, str))
+
+
+def tokenize_prompts(state, req, chat: bool) -> list[list[int]]:
     if not chat:
         return [state.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in req.prompts()]
     try:
@@ -80,13 +97,10 @@ def sampling_params(state, req, chat: bool, max_new: int, grammar: str | None, s
 
 def check_prompts(state, prompts: list[list[int]], n: int) -> None:
     """Mistakes that no bigger model would fix (never routed upstream)."""
-    if len(prompts) * n > state.settings.max_queue:  # more than the queue ever holds: no retry helps
-        raise APIError(400, f"{len(prompts)} prompt(s) × n={n} is over this server's queue of "
-                       f"{state.settings.max_queue} requests", "invalid_request_error", "n", "invalid_value")
-    if len(prompts) * n > state.settings.max_choices:
-        raise APIError(400, f"{len(prompts)} prompt(s) × n={n} is over this server's limit of "
-                       f"{state.settings.max_choices} choices per request", "invalid_request_error", "n",
-                       "invalid_value")
+    choices, limit = len(prompts) * n, min(state.settings.max_choices, state.settings.max_queue)
+    if choices > limit:  # over the queue it could never be accepted: not a 429 to retry
+        raise APIError(400, f"{len(prompts)} prompt(s) × n={n} is over this server's limit of {limit} "
+                       "choices per request", "invalid_request_error", "n", "invalid_value")
     if any(not ids for ids in prompts):
         raise APIError(400, "the prompt is empty", "invalid_request_error", "prompt", "invalid_value")
 
@@ -149,10 +163,9 @@ async def respond(run: LocalRun) -> Response:
 class LocalRun:
     """The jobs of one request: their events turned into a response or an SSE stream."""
 
-    def __init__(self, state, jobs: list[Job], events: asyncio.Queue, request: Request, rid: str, req,
-                 chat: bool, start: float, endpoint: str, raw: dict):
+    def __init__(self, state, jobs: list[Job], events: asyncio.Queue, request: Request, rid: str, req, chat: bool):
         self.state, self.jobs, self.events, self.request, self.rid, self.req = state, jobs, events, request, rid, req
-        self.chat, self.start, self.endpoint, self.raw = chat, start, endpoint, raw
+        self.chat = chat
         k = len(jobs)
         self.texts, self.finish, self.completion = [""] * k, [None] * k, [0] * k
         self.logprobs = [[] for _ in range(k)]
@@ -240,9 +253,12 @@ class LocalRun:
         return self.finish[index]
 
     def finish_audit(self) -> None:
-        self.state.metrics.tokens(self.prompt_tokens, sum(self.completion))
-        write_completion(self.state.audit, self.rid, self.endpoint, self.state.model_name, "local", self.status,
-                         self.prompt_tokens, sum(self.completion), self.start, self.raw, self.texts)
+        """Counts what the engine produced, an aborted request's tokens too (the worker's
+        count: they were computed even if no client read them)."""
+        produced = sum(job.counted for job in self.jobs)
+        self.state.metrics.tokens(self.prompt_tokens, produced)
+        self.request.state.record.update(status=self.status, prompt_tokens=self.prompt_tokens,
+                                         completion_tokens=produced, output=self.texts)
 
     async def collect(self, first) -> dict:
         event = first

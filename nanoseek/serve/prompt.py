@@ -19,6 +19,19 @@ class Markup(str):
     template's own text, so its special-token spellings become special ids."""
 
 
+def find_in_order(text: str, marks: list[str]) -> list[int] | None:
+    """Where each mark starts, each searched after the last (one pass over the text, where a
+    search from the start for each would be quadratic in the number of messages), or None."""
+    positions, pos = [], 0
+    for mark in marks:
+        at = text.find(mark, pos)
+        if at < 0:
+            return None
+        positions.append(at)
+        pos = at + len(mark)
+    return positions
+
+
 class ChatEncoder:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -38,13 +51,13 @@ class ChatEncoder:
         """turns: {"role", "content"}, the content a string or a list of strings and Markup."""
         pieces = [t["content"] if isinstance(t["content"], list) else [t["content"]] for t in turns]
         plain = [p for turn in pieces for p in turn if not isinstance(p, Markup)]
-        marks = iter(MARK.format(i) for i in range(len(plain)))
-        placeholders = ["".join(p if isinstance(p, Markup) else next(marks) for p in turn) for turn in pieces]
+        marks = [MARK.format(i) for i in range(len(plain))]
+        unused = iter(marks)
+        placeholders = ["".join(p if isinstance(p, Markup) else next(unused) for p in turn) for turn in pieces]
         text = self.tokenizer.apply_chat_template([{**t, "content": c} for t, c in zip(turns, placeholders)],
                                                   add_generation_prompt=True)
-        marks = [MARK.format(i) for i in range(len(plain))]
-        positions = [text.find(m) for m in marks]
-        if any(p < 0 for p in positions) or positions != sorted(positions):  # a template that rewrites content
+        positions = find_in_order(text, marks)
+        if positions is None:  # a template that rewrites or reorders content
             whole = [{**t, "content": "".join(p)} for t, p in zip(turns, pieces)]
             return self.tokenizer.encode(self.tokenizer.apply_chat_template(whole, add_generation_prompt=True))
         ids, pos = [], 0

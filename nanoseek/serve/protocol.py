@@ -1,11 +1,12 @@
 """The OpenAI wire format: request bodies (pydantic) and the error shape.
 
 Requests are validated here, not in the engine, so a client's mistake is a 400 that names
-the field (`param`) before anything is queued. A field this server does not implement is a
-400 naming it, as OpenAI answers an unknown argument (`--allow-unknown-fields` ignores them
-instead): every field accepted here does what it does in OpenAI's API, or vLLM's for its
-extensions (top_k, ignore_eos, repetition_penalty, skip_special_tokens). docs/openai_api.md
-lists them.
+the field (`param`) before anything is queued. Types are strict, as OpenAI's: `"8"`, `8.0`
+or `true` is not an integer and `"yes"` is not a boolean (an integer is a float). A field
+this server does not implement is a 400 naming it, as OpenAI answers an unknown argument
+(`--allow-unknown-fields` ignores them instead): every field accepted here does what it
+does in OpenAI's API, or vLLM's for its extensions (top_k, ignore_eos, repetition_penalty,
+skip_special_tokens). docs/openai_api.md lists them.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ class APIError(Exception):
     """Answered as {"error": {"message", "type", "param", "code"}} with `status`."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers  # e.g. Retry-After of a 429
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
@@ -35,15 +37,16 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # relaxed per request by --allow-unknown-fields
+class Strict(BaseModel):
+    # extra="forbid" is relaxed per request by --allow-unknown-fields (routes.parse)
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
-class StreamOptions(_Body):
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class _Sampling(_Body):
+class _Sampling(Strict):
     """Fields shared by chat and text completions (OpenAI's names and ranges)."""
 
     model: str
@@ -96,23 +99,23 @@ class _Sampling(_Body):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
-class TextPart(_Body):
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class FunctionCall(_Body):
+class FunctionCall(Strict):
     name: str
     arguments: str
 
 
-class ToolCall(_Body):
+class ToolCall(Strict):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(_Body):
+class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = ""
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
@@ -135,35 +138,35 @@ class ChatMessage(_Body):
         return {"role": "system" if self.role == "developer" else self.role, "content": self.text}
 
 
-class FunctionDefinition(_Body):
+class FunctionDefinition(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict | None = None  # a JSON schema of the arguments (None: no arguments)
     strict: bool | None = None      # arguments always follow the schema when a call is forced
 
 
-class Tool(_Body):
+class Tool(Strict):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class ToolChoiceFunction(_Body):
+class ToolChoiceFunction(Strict):
     name: str
 
 
-class NamedToolChoice(_Body):
+class NamedToolChoice(Strict):
     type: Literal["function"]
     function: ToolChoiceFunction
 
 
-class JSONSchemaFormat(_Body):
+class JSONSchemaFormat(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
     schema_: dict | None = Field(None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Body):
+class ResponseFormat(Strict):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 
@@ -230,7 +233,7 @@ class CompletionRequest(_Sampling):
         return list(v)
 
 
-class FeedbackRequest(_Body):
+class FeedbackRequest(Strict):
     request_id: str = Field(min_length=1, max_length=200)
     rating: int = Field(ge=1, le=5)  # five stars; a thumbs-up/down UI sends 5 / 1
     comment: str = Field("", max_length=10_000)

@@ -15,7 +15,7 @@ import uuid
 import httpx
 from fastapi.responses import JSONResponse
 
-from .audit import write_completion
+from .feedback import remember
 from .protocol import APIError, error_body
 from .responses import AI_HEADERS, ClosingStreamingResponse, sse
 
@@ -99,41 +99,43 @@ class Upstream:
             await r.aclose()
 
 
-async def proxy(state, raw: dict, endpoint: str, model: str | None, start: float):
+async def proxy(request, raw: dict, endpoint: str, model: str | None):
     """Forward to the upstream (model replaced when given), labelled like a local answer."""
+    state, record = request.app.state, request.state.record
     body = dict(raw, model=model) if model else raw
     path, rid = endpoint.removeprefix("/v1/"), f"proxy-{uuid.uuid4().hex}"
     headers = {**AI_HEADERS, "X-Request-Id": rid, "X-Nanoseek-Route": "upstream"}
+    record.update(request_id=rid, model=body.get("model"), route="upstream")
 
-    def audit(rid, status, usage, outputs):
-        write_completion(state.audit, rid, endpoint, body.get("model"), "upstream", status,
-                         usage.get("prompt_tokens"), usage.get("completion_tokens"), start, raw, outputs)
+    def count(usage: dict) -> None:
+        record.update(prompt_tokens=usage.get("prompt_tokens"), completion_tokens=usage.get("completion_tokens"))
 
     try:
         if not raw.get("stream"):
             data = await state.upstream.post(path, body)
             data["ai_generated"] = True
             state.metrics.upstream_requests["200"] += 1
-            audit(data.get("id", rid), 200, data.get("usage") or {},
-                  [c.get("message", {}).get("content") or c.get("text") for c in data.get("choices", [])])
+            remember(state.issued, record, rid, data.get("id", rid))
+            record.update(request_id=data.get("id", rid),
+                          output=[c.get("message", {}).get("content") or c.get("text") for c in data.get("choices", [])])
+            count(data.get("usage") or {})
             return JSONResponse(data, headers=headers)
         events = await state.upstream.stream(path, body)
+        remember(state.issued, record, rid)
     except APIError as e:
         state.metrics.upstream_requests[str(e.status)] += 1
-        audit(rid, e.status, {}, None)
         raise
     state.metrics.upstream_requests["200"] += 1
 
     async def relay():
-        usage = {}
         try:
             async for event in events:
                 if isinstance(event, dict) and "error" not in event:
                     event["ai_generated"] = True
-                    usage = event.get("usage") or usage
+                    if event.get("usage"):
+                        count(event["usage"])
                 yield sse(event)
         finally:
             await events.aclose()
-            audit(rid, 200, usage, None)
 
     return ClosingStreamingResponse(relay(), media_type="text/event-stream", headers=headers)

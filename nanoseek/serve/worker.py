@@ -11,7 +11,8 @@ Events put on a job's queue:
     (index, "text", new_text, new_logprobs)                   stable text, in order; the logprobs
                                                               of the tokens since the last event
     (index, "done", finish_reason, prompt_tokens, completion_tokens, info)
-    (index, "error", message, status)         400: the engine refused it; 500: a step failed
+    (index, "error", message, status)         400: the engine refused it; 500: a step failed;
+                                              503: the server is shutting down
 info: {"prompt_logprobs": the prompt's (or None), "cached_tokens": prompt tokens from the prefix cache}.
 """
 
@@ -40,7 +41,7 @@ class Job:
     events: object          # its asyncio.Queue
     index: int = 0          # the choice this job answers
     seq: object = None      # the engine's Sequence, once added
-    counted: int = 0        # output tokens already counted for the metrics
+    counted: int = 0        # output tokens produced so far (written by the worker thread)
     logprobs_sent: int = 0  # output tokens whose logprobs were pushed
 
 
@@ -76,6 +77,11 @@ class EngineWorker:
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def fail_all(self, message: str, status: int = 503) -> None:
+        """End every request submitted so far with an error event (at shutdown)."""
+        self._inbox.put(("fail_all", (message, status)))
         self._wake.set()
 
     def tokens_per_second(self, window: float = 10.0) -> float:
@@ -124,6 +130,14 @@ class EngineWorker:
             elif kind == "abort" and item in self._jobs:
                 self.engine.abort(item)
                 self._done(self._jobs[item])
+            elif kind == "fail_all":
+                self._fail(*item)
+
+    def _fail(self, message: str, status: int) -> None:
+        for job in list(self._jobs.values()):
+            self.engine.abort(job.request_id)
+            self._push(job, ("error", message, status))
+            self._done(job)
 
     def _run(self) -> None:
         while not self._stop:
@@ -137,10 +151,7 @@ class EngineWorker:
                 events = self.engine.step()
             except Exception as e:  # a failed step fails its requests, not the server
                 log.exception("engine step failed")
-                for job in list(self._jobs.values()):
-                    self.engine.abort(job.request_id)
-                    self._push(job, ("error", f"the engine failed: {type(e).__name__}", 500))
-                    self._done(job)
+                self._fail(f"the engine failed: {type(e).__name__}", 500)
                 continue
             new_tokens = 0
             for event in events:

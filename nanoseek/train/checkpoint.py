@@ -117,23 +117,11 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
     `model` is the plain Transformer (not a compiled or wrapped one); `train_state` must be
     JSON-serialisable (TypeError before anything is written otherwise).
     """
-    root = checkpoint_root(Path(run_dir))
-    root.mkdir(parents=True, exist_ok=True)
-    name = step_dir_name(step)
-    final = root / name
-    try:
-        state_text = json.dumps(train_state, indent=2, allow_nan=True) + "\n"
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"train_state is not JSON-serialisable: {e}") from None
     _check_one_dtype(model)
     opt_tensors, opt_json = (_optimizer_to_flat(optimizer, model) if optimizer is not None
                              else (None, None))
-    tok_files = _tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else []
 
-    clean_stale_tmp(run_dir)  # we are the run's only writer
-    tmp = Path(tempfile.mkdtemp(prefix=_tmp_name(name), dir=root))
-    try:
-        _chmod_like_umask(tmp, 0o777)
+    def write_model(tmp: Path) -> None:
         # hf.save_pretrained writes atomically into a directory of its own; let it do so inside
         # tmp, then lift its files up (renames within one directory tree).
         save_pretrained(model, tmp / "model")
@@ -142,6 +130,30 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
         os.rmdir(tmp / "model")
         if optimizer is not None:
             _save_optimizer(tmp, opt_tensors, opt_json)
+
+    return write_checkpoint(run_dir, step, write_model, train_state, tokenizer_dir, keep_last)
+
+
+def write_checkpoint(run_dir: str | Path, step: int, write_files, train_state: dict,
+                     tokenizer_dir: str | Path | None = None, keep_last: int | None = 3) -> Path:
+    """The atomic frame of every save: `write_files(tmp)` fills a fresh temporary directory
+    with the model (and optimizer) files, then the train state, RNG states and tokenizer join
+    them, everything is fsynced, renamed into place, `latest` points at it and old ones go."""
+    root = checkpoint_root(Path(run_dir))
+    root.mkdir(parents=True, exist_ok=True)
+    name = step_dir_name(step)
+    final = root / name
+    try:
+        state_text = json.dumps(train_state, indent=2, allow_nan=True) + "\n"
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"train_state is not JSON-serialisable: {e}") from None
+    tok_files = _tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else []
+
+    clean_stale_tmp(run_dir)  # we are the run's only writer
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_name(name), dir=root))
+    try:
+        _chmod_like_umask(tmp, 0o777)
+        write_files(tmp)
         _write_text(tmp / TRAINER_STATE, state_text)
         _save_rng(tmp)
         for f in tok_files:
@@ -280,6 +292,8 @@ def _fsync_dir_tree(directory: Path) -> None:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        elif f.is_dir():
+            _fsync_dir_tree(f)
     _fsync_dir(directory)
 
 
@@ -509,6 +523,13 @@ def _need(tensors: dict, key: str, path: Path) -> torch.Tensor:
     if key not in tensors:
         raise CheckpointError(f"{path} has no tensor {key}")
     return tensors[key]
+
+
+def restore_rng(ckpt: Path) -> None:
+    """Set the random generators to the states a checkpoint saved (a warning if it has none)."""
+    rng = _load_rng(ckpt)
+    if rng is not None:
+        _set_rng(rng)
 
 
 def _load_rng(ckpt: Path) -> dict | None:

@@ -13,6 +13,7 @@ import torch
 
 from ..data.tasks import check, get_task
 from ..infer import generate
+from .metrics import ProgressBar
 
 
 def task_prompt(tokenizer, prompt: str, fmt: str) -> list[int]:
@@ -25,10 +26,14 @@ def task_prompt(tokenizer, prompt: str, fmt: str) -> list[int]:
 
 def evaluate_task(model, tokenizer, task: str, level: int, n: int = 100, k: int = 0,
                   temperature: float = 0.8, fmt: str = "chat", max_new_tokens: int = 160,
-                  batch_size: int = 64, seed: int = 1234) -> dict:
+                  batch_size: int = 64, seed: int = 1234, progress: bool = True) -> dict:
+    if n < 1:
+        raise ValueError(f"the number of held-out problems must be positive, got {n}")
     examples = get_task(task).generate(n, level=level, split="test", seed=seed, unique=True)
     prompts = [task_prompt(tokenizer, ex.prompt, fmt) for ex in examples]
     autocast = torch.bfloat16 if next(model.parameters()).is_cuda else None
+    passes = 1 + (k if k > 1 else 0)  # greedy, then k samples per problem for pass@k
+    bar = ProgressBar(n * passes, desc=f"eval {task} level {level}", unit="answer", disable=not progress)
 
     def run(temp: float, sample_seed: int | None) -> list[bool]:
         right = []
@@ -40,15 +45,17 @@ def evaluate_task(model, tokenizer, task: str, level: int, n: int = 100, k: int 
                 if fmt != "chat":
                     text = text.split("Answer:")[-1] if "Answer:" in text else text
                 right.append(check(ex, text))
+            bar.update(bar.done + len(outs), correct=f"{sum(right)}/{len(right)}")
         return right
 
-    greedy = run(0.0, None)
-    result = {"task": task, "level": level, "n": n, "format": fmt,
-              "greedy_accuracy": sum(greedy) / n}
-    if k > 1:
-        hits = [False] * n
-        for j in range(k):
-            hits = [h or r for h, r in zip(hits, run(temperature, seed + j))]
-        result[f"pass@{k}"] = sum(hits) / n
-        result["temperature"] = temperature
+    with bar:
+        greedy = run(0.0, None)
+        result = {"task": task, "level": level, "n": n, "format": fmt,
+                  "greedy_accuracy": sum(greedy) / n}
+        if k > 1:
+            hits = [False] * n
+            for j in range(k):
+                hits = [h or r for h, r in zip(hits, run(temperature, seed + j))]
+            result[f"pass@{k}"] = sum(hits) / n
+            result["temperature"] = temperature
     return result

@@ -1,4 +1,4 @@
-"""Training metrics: a JSONL log (and TensorBoard), plots, MFU and a progress bar.
+"""Training metrics: a JSONL log (and TensorBoard), plots, MFU and progress on stderr.
 
 `run_dir/metrics.jsonl` holds one JSON object per logged step, flushed line by line, so a
 killed run loses nothing it logged. The names the plots look for:
@@ -260,12 +260,14 @@ def plot_metrics(metrics_jsonl: str | Path, out_dir: str | Path) -> list[Path]:
                                  squeeze=False)
         ax = axes[0, 0]
         for label, xs, ys in drawn:
-            ax.plot(xs, ys, label=label, marker="o" if label == "eval" else None,
-                    markersize=3, linewidth=1.2)
+            if label == "eval":
+                ax.plot(xs, ys, label=label, marker="o", markersize=3, linewidth=1.2)
+            else:
+                plot_smoothed(ax, xs, ys, label)
         ax.legend()
         if has_balance:
             bax = axes[0, 1]
-            bax.plot(*balance, color="tab:purple", linewidth=1.2)
+            plot_smoothed(bax, *balance, None, color="tab:purple")
             bax.set_title("balance loss")
             bax.set_xlabel("step")
             bax.set_ylabel("loss")
@@ -311,6 +313,30 @@ def plot_metrics(metrics_jsonl: str | Path, out_dir: str | Path) -> list[Path]:
             ax.legend(handles=handles)
         save(fig, ax, "throughput.png", "training throughput", "tokens / s")
     return written
+
+
+def smoothed(ys: list[float], span: float) -> list[float]:
+    """Exponential moving average, weight 1/span on each new value, debiased as TensorBoard's
+    smoothing is (divided by the weight the average has gathered, so the start is not pulled
+    toward 0)."""
+    alpha, avg, weight, out = 1.0 / span, 0.0, 0.0, []
+    for y in ys:
+        avg = (1 - alpha) * avg + alpha * y
+        weight = (1 - alpha) * weight + alpha
+        out.append(avg / weight)
+    return out
+
+
+def plot_smoothed(ax, xs: list, ys: list[float], label: str | None, **style) -> None:
+    """A per-step series faint, and over it in the same colour its moving average over a tenth
+    of the run: RL rewards and small-batch losses are too noisy to read a trend from."""
+    span = len(ys) / 10
+    if span < 2:  # too few points for an average to say more than the points
+        ax.plot(xs, ys, label=label, linewidth=1.2, **style)
+        return
+    (raw,) = ax.plot(xs, ys, linewidth=0.8, alpha=0.3, **style)
+    ax.plot(xs, smoothed(ys, span), color=raw.get_color(), linewidth=1.6,
+            label=None if label is None else f"{label} (smoothed)")
 
 
 def _eval_loss(record: dict):
@@ -363,27 +389,35 @@ def mfu(tokens_per_s: float, flops_per_token: float, device: torch.device | str 
     return tokens_per_s * flops_per_token / (peak * num_devices)
 
 
-# ============================================================================ progress bar
+# ============================================================================ progress
 class ProgressBar:
-    """tqdm showing step/total with loss, tokens/s and lr in the postfix. Disabled (every call a
-    no-op) when stderr is not a terminal or `disable=True`."""
+    """Progress of a long loop on stderr, with figures (loss, tokens/s, lr, ...) beside the
+    count: a tqdm bar on a terminal; elsewhere (a log file, CI, `make run > log`) one line
+    every `interval` seconds and one at the end, since a bar's carriage returns make an
+    unreadable log. disable=True: nothing at all."""
 
-    def __init__(self, total: int, initial: int = 0, desc: str = "train", disable: bool | None = None):
-        if disable is None:
-            disable = not sys.stderr.isatty()
-        self.disabled = disable
-        self._bar = None
-        if not disable:
-            from tqdm.auto import tqdm
-            self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step",
-                             dynamic_ncols=True, smoothing=0.1)
-        self._n = initial
-
-    def update(self, step: int, loss: float | None = None, tokens_per_s: float | None = None,
-               lr: float | None = None, **extra) -> None:
-        """Move the bar to `step` (the number of steps done) and refresh the postfix."""
-        if self._bar is None:
+    def __init__(self, total: int, initial: int = 0, desc: str = "train", disable: bool = False,
+                 unit: str = "step", interval: float = 30.0):
+        self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
+        self._n = self._start = self._printed = initial
+        self._post: dict[str, str] = {}
+        self._bar, self._lines = None, False
+        if disable:
             return
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit,
+                             dynamic_ncols=True, smoothing=0.1)
+        else:
+            self._lines, self._t0, self._printed_at = True, time.monotonic(), None
+
+    @property
+    def done(self) -> int:
+        return self._n
+
+    def update(self, n: int, loss: float | None = None, tokens_per_s: float | None = None,
+               lr: float | None = None, **extra) -> None:
+        """Move to `n` done (steps, problems, ...) and show the figures given."""
         post = {}
         if loss is not None:
             post["loss"] = f"{float(loss):.4f}"
@@ -391,10 +425,20 @@ class ProgressBar:
             post["tok/s"] = f"{float(tokens_per_s):,.0f}"
         if lr is not None:
             post["lr"] = f"{float(lr):.2e}"
-        post.update({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in extra.items()})
-        self._bar.set_postfix(post, refresh=False)
-        self._bar.update(step - self._n)
-        self._n = step
+        post.update({k: (f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in extra.items()
+                     if v is not None})
+        if self._bar is not None:
+            self._bar.set_postfix(post, refresh=False)
+            self._bar.update(n - self._n)
+        self._n, self._post = n, post
+        if self._lines and (self._printed_at is None or time.monotonic() - self._printed_at >= self.interval):
+            self._print_line()
+
+    def _print_line(self) -> None:
+        now = time.monotonic()
+        print(progress_line(self.desc, self._n, self.total, self.unit, self._post, now - self._t0,
+                            self._n - self._start), file=sys.stderr, flush=True)
+        self._printed_at, self._printed = now, self._n
 
     def write(self, message: str) -> None:
         """Print a line without breaking the bar."""
@@ -407,9 +451,24 @@ class ProgressBar:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        if self._lines and self._n != self._printed:
+            self._print_line()
+        self._lines = False
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def progress_line(desc: str, n: int, total: int, unit: str, figures: dict[str, str], elapsed: float,
+                  done: int) -> str:
+    """'pretrain 120/2000 steps (6%): loss=2.1000, tok/s=9,500; 00:42 elapsed, ETA 10:58'; the
+    ETA at the pace of the `done` units this process did in `elapsed` seconds."""
+    from tqdm import tqdm
+    line = f"{desc} {n}/{total} {unit}s ({100 * n / max(total, 1):.0f}%)"
+    if figures:
+        line += ": " + ", ".join(f"{k}={v}" for k, v in figures.items())
+    eta = tqdm.format_interval(elapsed / done * (total - n)) if done > 0 else "?"
+    return f"{line}; {tqdm.format_interval(elapsed)} elapsed, ETA {eta}"

@@ -13,7 +13,6 @@ layout with its tokenizer, what later stages and other tools load.
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 
@@ -22,8 +21,9 @@ from ..data.datasets import load_chats, load_documents
 from ..data.loader import PackedLoader, SFTLoader, tokenize_chat
 from ..data.tokenizer import ChatTokenizer, load_tokenizer, train_bpe
 from ..hf import save_pretrained
-from ..loading import load_model_dir
+from ..loading import load_model_dir, resolve_device
 from ..model import Transformer
+from ..parallel.mesh import is_main_process, main_process_first
 from .trainer import TrainConfig, Trainer, refuse_existing_run
 
 
@@ -33,7 +33,7 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], dict]:
     model, train = [], {}
     for item in overrides:
         key, sep, value = item.partition("=")
-        if sep and key in TrainConfig.fields():
+        if sep and key in TrainConfig.field_names():
             train[key] = coerce_value(value)
         else:
             model.append(item)
@@ -64,28 +64,49 @@ def load_base(model_dir: str | Path, out: Path) -> tuple[Path, ChatTokenizer, Pa
 
     src, model, tok = load_model_dir(model_dir, device="cpu", dtype=torch.float32)
     tok_dir = out / "tokenizer"
-    tok.save(tok_dir)
+    with main_process_first():
+        if is_main_process():
+            tok.save(tok_dir)
     return src, tok, tok_dir, model
+
+
+def make_trainer(model: Transformer, loader, cfg: TrainConfig, out: Path, parallel, **kwargs) -> Trainer:
+    """The single-process Trainer, or with a ParallelConfig its torchrun twin."""
+    if parallel is None:
+        return Trainer(model, loader, cfg, out, **kwargs)
+    from ..parallel.trainer import ParallelTrainer
+    return ParallelTrainer(model, loader, cfg, out, parallel, **kwargs)
+
+
+def publish_trained(trainer: Trainer, tok_dir: Path, out: Path) -> None:
+    """`out/final` from the trainer's model, by the process that publishes it."""
+    model = trainer.final_model()
+    if model is not None:
+        publish_final(model, tok_dir, out)
 
 
 def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: str | Path,
              tokenizer: str | Path | None = None, resume: bool = False,
-             progress: bool | None = None) -> tuple[Trainer, ChatTokenizer, list[dict]]:
+             progress: bool = True, parallel=None) -> tuple[Trainer, ChatTokenizer, list[dict]]:
+    """`parallel`: a parallel.mesh.ParallelConfig to train on the processes torchrun started."""
     out = Path(out)
+    resolve_device(train_cfg.device)  # a device this machine lacks fails before any work
     if not resume:  # before anything is written: the tokenizer of the run there is its own
         refuse_existing_run(out)
     docs = read_specs(data, load_documents)
     tok_dir = out / "tokenizer"
-    if tokenizer is not None:
-        tok = load_tokenizer(tokenizer)
-    elif resume and (tok_dir / "tokenizer.json").is_file():
-        tok = load_tokenizer(tok_dir)
-    else:
-        tok = ChatTokenizer(train_bpe(docs, model_cfg.vocab_size))
-    if tok.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
-                         f"{model_cfg.vocab_size}; set vocab_size={tok.vocab_size} or larger")
-    tok.save(tok_dir)
+    with main_process_first():  # of several processes, rank 0 trains the tokenizer, the others read it
+        if tokenizer is not None:
+            tok = load_tokenizer(tokenizer)
+        elif (resume or not is_main_process()) and (tok_dir / "tokenizer.json").is_file():
+            tok = load_tokenizer(tok_dir)
+        else:
+            tok = ChatTokenizer(train_bpe(docs, model_cfg.vocab_size))
+        if tok.vocab_size > model_cfg.vocab_size:
+            raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
+                             f"{model_cfg.vocab_size}; set vocab_size={tok.vocab_size} or larger")
+        if is_main_process():
+            tok.save(tok_dir)
     model_cfg = model_cfg.replace(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     token_docs = [[tok.bos_id] + ids for ids in tok.encode_batch(docs)]
     loader = PackedLoader(token_docs, train_cfg.batch_size, train_cfg.seq_len, seed=train_cfg.seed,
@@ -93,16 +114,18 @@ def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: str
     import torch
     torch.manual_seed(train_cfg.seed)
     model = Transformer(model_cfg)
-    trainer = Trainer(model, loader, train_cfg, out, tokenizer_dir=tok_dir, stage="pretrain",
-                      extra_state={"data": data})
+    trainer = make_trainer(model, loader, train_cfg, out, parallel, tokenizer_dir=tok_dir, stage="pretrain",
+                           extra_state={"data": data})
     records = trainer.fit(resume=resume, progress=progress)
-    publish_final(trainer.model, tok_dir, out)
+    publish_trained(trainer, tok_dir, out)
     return trainer, tok, records
 
 
 def sft(model_dir: str | Path, train_cfg: TrainConfig, data: str, out: str | Path,
-        resume: bool = False, progress: bool | None = None) -> tuple[Trainer, ChatTokenizer, list[dict]]:
+        resume: bool = False, progress: bool = True,
+        parallel=None) -> tuple[Trainer, ChatTokenizer, list[dict]]:
     out = Path(out)
+    resolve_device(train_cfg.device)
     if not resume:
         refuse_existing_run(out)
     src, tok, tok_dir, model = load_base(model_dir, out)
@@ -114,16 +137,13 @@ def sft(model_dir: str | Path, train_cfg: TrainConfig, data: str, out: str | Pat
                          f"(the earliest starts at token {first}); raise seq_len")
     loader = SFTLoader(examples, train_cfg.batch_size, train_cfg.seq_len, seed=train_cfg.seed,
                        pad_id=tok.pad_id)
-    trainer = Trainer(model, loader, train_cfg, out, tokenizer_dir=tok_dir, stage="sft",
-                      extra_state={"data": data, "base_model": str(src)})
+    trainer = make_trainer(model, loader, train_cfg, out, parallel, tokenizer_dir=tok_dir, stage="sft",
+                           extra_state={"data": data, "base_model": str(src)})
     records = trainer.fit(resume=resume, progress=progress)
-    publish_final(trainer.model, tok_dir, out)
+    publish_trained(trainer, tok_dir, out)
     return trainer, tok, records
 
 
 def train_config(**changes) -> TrainConfig:
-    known = TrainConfig.fields()
-    bad = [k for k in changes if k not in known]
-    if bad:
-        raise ValueError(f"unknown train field(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
-    return dataclasses.replace(TrainConfig(), **changes)
+    """TrainConfig with `changes`, checked; an unknown field is named with the known ones."""
+    return TrainConfig.with_changes(**changes)

@@ -4,9 +4,11 @@ Per step: the learning rate from the schedule, `grad_accum` micro-batches throug
 `train_step` (MTP and balance losses, clipping, AdamW, then the auxiliary-loss-free bias
 update from that step's expert loads), one line of metrics (loss and its parts, lr, grad
 norm, tokens/s, MFU, MaxVio per MoE layer), the progress bar, and every `save_every` steps
-an atomic checkpoint that holds the model, optimizer, loader position and RNG states.
-`resume=True` continues from the latest checkpoint exactly: the per-step losses of a run
-killed and resumed equal those of an uninterrupted run (on the CPU, bit for bit).
+(by default every tenth of the run) an atomic checkpoint that holds the model, optimizer,
+loader position and RNG states. Ctrl-C finishes the step in flight, saves it and raises
+`TrainingInterrupted`. `resume=True` continues from the latest checkpoint exactly: the
+per-step losses of a run stopped and resumed equal those of an uninterrupted run (on the
+CPU, bit for bit).
 
 A non-finite loss or gradient skips the update and is counted; `max_bad_steps` in a row
 stop the run with a `TrainingError` that says what to try.
@@ -15,13 +17,17 @@ stop the run with a `TrainingError` that says what to try.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..config import CheckedConfig, described
 from ..info import model_info
 from ..loading import latest_checkpoint, resolve_device
 from ..model import Transformer
@@ -31,45 +37,55 @@ from .optim import SCHEDULES, build_optimizer, lr_multiplier, set_lr
 from .step import train_step
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
 class TrainingError(RuntimeError):
     """A run cannot continue; the message says why and what to change."""
 
 
+class TrainingInterrupted(Exception):
+    """Ctrl-C stopped a run between two steps, after saving the step it had finished."""
+
+    def __init__(self, stage: str, step: int, total: int, checkpoint: Path):
+        super().__init__(f"{stage} stopped at step {step} of {total}; checkpoint saved in {checkpoint}")
+        self.checkpoint = checkpoint
+
+
 @dataclass
-class TrainConfig:
-    steps: int = 200
-    batch_size: int = 8
-    seq_len: int = 256
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 20
-    schedule: str = "cosine"
-    decay_frac: float = 0.2  # wsd: the final fraction of steps that decays
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    precision: str = "auto"  # auto: bf16 autocast on GPU, float32 on CPU
-    compile: bool = False
-    save_every: int = 0  # 0: only at the end
-    keep_last: int = 3
-    max_bad_steps: int = 5
-    seed: int = 0
-    device: str = "auto"
+class TrainConfig(CheckedConfig):
+    kind = "train"
+    steps: int = described(200, "optimizer steps")
+    batch_size: int = described(8, "sequences per micro-batch")
+    seq_len: int = described(256, "tokens per sequence")
+    grad_accum: int = described(1, "micro-batches per optimizer step")
+    lr: float = described(1e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = described(0.1, "the schedule's final lr as a fraction of lr")
+    warmup: int = described(20, "steps of linear warm-up")
+    schedule: str = described("cosine", f"lr schedule: {', '.join(SCHEDULES)}")
+    decay_frac: float = described(0.2, "wsd: the final fraction of steps that decays")
+    weight_decay: float = described(0.1, "AdamW weight decay of the matrices")
+    grad_clip: float = described(1.0, "clip the gradient norm to this (0: no clipping)")
+    precision: str = described("auto", "auto (bf16 autocast on GPU, float32 on CPU), bf16 or fp32")
+    compile: bool = described(False, "torch.compile the model")
+    save_every: int | None = described(None, "checkpoint every K steps (null: every tenth of the run; "
+                                             "0: only at the end)")
+    keep_last: int = described(3, "checkpoints kept (0: all)")
+    max_bad_steps: int = described(5, "non-finite steps in a row that stop the run")
+    seed: int = described(0, "seed of the initialisation and the data order")
+    device: str = described("auto", "auto (a GPU when there is one), cpu, cuda, cuda:N")
 
     def __post_init__(self):
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"train field 'schedule' = {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"train field 'precision' = {self.precision!r}: choose auto, bf16 or fp32")
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "max_bad_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"train field '{name}' = {getattr(self, name)!r}: must be a positive integer")
-        if not self.lr > 0:
-            raise ValueError(f"train field 'lr' = {self.lr!r}: must be > 0")
-
-    @classmethod
-    def fields(cls) -> set[str]:
-        return {f.name for f in dataclasses.fields(cls)}
+        self.check_types()
+        need = self.need
+        self.need_at_least(1, "steps", "batch_size", "seq_len", "grad_accum", "max_bad_steps")
+        self.need_at_least(0, "warmup", "keep_last", "seed", "weight_decay", "grad_clip")
+        need(self.save_every is None or self.save_every >= 0, "save_every", "must be >= 0 or null")
+        need(self.lr > 0, "lr", "must be > 0")
+        for name in ("min_lr_ratio", "decay_frac"):
+            need(0 <= getattr(self, name) <= 1, name, "must be between 0 and 1")
+        self.need_one_of("schedule", SCHEDULES)
+        self.need_one_of("precision", PRECISIONS)
 
 
 def refuse_existing_run(run_dir: str | Path) -> None:
@@ -88,11 +104,30 @@ def start_run(run_dir: str | Path, resume: bool, resume_fn, seed: int) -> None:
     seed_everything(seed)
 
 
-def run_outputs(run_dir: str | Path, step: int, total: int, desc: str,
-                progress: bool | None) -> tuple[MetricsLogger, ProgressBar]:
-    """metrics.jsonl (cut back to `step`) and the progress bar of a run continuing after `step`."""
-    return (MetricsLogger(run_dir, resume_from_step=step + 1),
-            ProgressBar(total, initial=step, desc=desc, disable=None if progress is None else not progress))
+class StopRequest:
+    """Ctrl-C (SIGINT) while a training loop runs: the first asks the loop to stop after the
+    step in flight, so that the checkpoint it saves holds whole steps (a KeyboardInterrupt could
+    land inside optimizer.step); a second one stops at once. Signals reach only the main
+    thread; elsewhere Ctrl-C is left as it is."""
+
+    def __init__(self, note):
+        self.note, self.requested, self._installed, self._previous = note, False, False, None
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:  # None: a handler set outside Python, which the default stands for
+            signal.signal(signal.SIGINT, signal.SIG_DFL if self._previous is None else self._previous)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.note("Ctrl-C: stopping after this step to save a checkpoint (Ctrl-C again: stop now, unsaved)")
 
 
 def seed_everything(seed: int) -> None:
@@ -108,13 +143,33 @@ def seed_everything(seed: int) -> None:
 class Checkpointed:
     """save() and resume() of a trainer's run directory, shared by Trainer and GRPOTrainer.
 
-    The trainer has run_dir, step, model, optimizer, device, tokenizer_dir, cfg.keep_last,
-    `stage` (the run kind its checkpoints record) and state(); `restore(state)` puts back
-    what state() added beyond the step."""
+    The trainer has run_dir, step, model, optimizer, device, tokenizer_dir, cfg (steps,
+    save_every, keep_last), `stage` (the run kind its checkpoints record) and state();
+    `restore(state)` puts back what state() added beyond the step."""
+
+    saved_step: int | None = None
 
     def save(self) -> Path:
-        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.state(),
+        path = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.state(),
                                tokenizer_dir=self.tokenizer_dir, keep_last=self.cfg.keep_last)
+        self.saved_step = self.step
+        return path
+
+    def save_due(self) -> bool:
+        """Whether the step just done ends with a periodic checkpoint: every cfg.save_every
+        steps, by default every tenth of the run, so that a crash loses little."""
+        every = self.cfg.save_every
+        if every is None:
+            every = max(1, math.ceil(self.cfg.steps / 10))
+        return every > 0 and self.step % every == 0
+
+    def end_run(self, stop: StopRequest) -> None:
+        """The last checkpoint (unless this step's is saved); after a Ctrl-C, the
+        TrainingInterrupted that says where it is."""
+        if self.saved_step != self.step:
+            self.save()
+        if stop.requested and self.step < self.cfg.steps:
+            raise TrainingInterrupted(self.stage, self.step, self.cfg.steps, latest_checkpoint(self.run_dir))
 
     def resume(self) -> bool:
         """Continue from the run's latest checkpoint, if any. Returns whether one was found;
@@ -169,21 +224,21 @@ class Trainer(Checkpointed):
             batches.append({k: v.to(self.device, non_blocking=True) for k, v in b.items()})
         return batches
 
-    def fit(self, resume: bool = False, progress: bool | None = None) -> list[dict]:
-        """Train to cfg.steps; returns the logged records of this call."""
+    def fit(self, resume: bool = False, progress: bool = True) -> list[dict]:
+        """Train to cfg.steps; returns the logged records of this call. Ctrl-C ends the step
+        in flight, saves it and raises TrainingInterrupted."""
         cfg = self.cfg
         start_run(self.run_dir, resume, self.resume, cfg.seed)
         records = []
-        logger, bar = run_outputs(self.run_dir, self.step, cfg.steps, self.stage, progress)
-        try:
-            while self.step < cfg.steps:
+        logger, bar = self.outputs(progress)
+        with logger, bar, StopRequest(bar.write) as stop:
+            while self.step < cfg.steps and not stop.requested:
                 lr = cfg.lr * lr_multiplier(self.step, cfg.steps, cfg.warmup, cfg.schedule,
                                             cfg.min_lr_ratio, cfg.decay_frac)
                 set_lr(self.optimizer, lr)
                 t0 = time.perf_counter()
                 batches = self._micro_batches()
-                stats = train_step(self.model, batches, self.optimizer, cfg.grad_clip, self.autocast,
-                                   compiled=self.compiled, base_model=self.model)
+                stats = self.train_step(batches)
                 dt = time.perf_counter() - t0
                 tokens = sum(int(b["input_ids"].numel()) for b in batches)
                 self.step += 1
@@ -204,7 +259,7 @@ class Trainer(Checkpointed):
                 maxvio = stats.pop("maxvio")
                 record = {**stats, "lr": lr, "tokens": tokens, "tokens_per_s": tps,
                           "step_time_s": dt, "skipped_total": self.skipped_total}
-                util = mfu(tps, self.flops_per_token, self.device)
+                util = mfu(tps / self.n_devices, self.flops_per_token, self.device)
                 if util is not None:
                     record["mfu"] = util
                 if maxvio:
@@ -212,11 +267,26 @@ class Trainer(Checkpointed):
                     record["maxvio_mean"] = sum(maxvio.values()) / len(maxvio)
                 records.append(logger.log(self.step, **record))
                 bar.update(self.step, loss=stats["loss"], tokens_per_s=tps, lr=lr)
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                if self.save_due():
                     self.save()
-            self.save()
-        finally:
-            bar.close()
-            logger.close()
-        plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "plots")
+            if self.is_main:
+                plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "plots")
+            self.end_run(stop)
         return records
+
+    # ------------------------------------------------------------ what a parallel run changes
+    is_main = True    # the process that writes metrics, progress and plots
+    n_devices = 1     # devices the step's tokens were spread over (MFU is per device)
+
+    def train_step(self, batches: list[dict]) -> dict:
+        return train_step(self.model, batches, self.optimizer, self.cfg.grad_clip, self.autocast,
+                          compiled=self.compiled, base_model=self.model)
+
+    def outputs(self, progress: bool) -> tuple[MetricsLogger, ProgressBar]:
+        """The metrics log (cut back to this step) and the progress bar of the run from here."""
+        return (MetricsLogger(self.run_dir, resume_from_step=self.step + 1),
+                ProgressBar(self.cfg.steps, initial=self.step, desc=self.stage, disable=not progress))
+
+    def final_model(self) -> Transformer | None:
+        """The trained model as one plain Transformer, where this process publishes it."""
+        return self.model

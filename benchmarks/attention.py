@@ -1,0 +1,110 @@
+"""MLA decode attention over the latent cache at long contexts: time and bandwidth reached.
+
+A decode step's attention reads, per row and layer, the latent cache of every position so
+far, kv_lora_rank + qk_rope_head_dim values each, and little else: at long contexts that
+read is the step's cost, so its bandwidth is the figure of merit (FlashMLA reports about 90%
+of HBM bandwidth on an H800). For a preset's attention widths (`--preset`, default
+deepseek-v3: 128 heads, a 512-wide latent, YaRN RoPE to 128K positions), one layer, one new
+token per row over `--contexts` cached positions (4K, 32K, 128K) at `--batches` rows (1, 16),
+random BF16 weights and cache, each timed as the median of `--repeat` calls after warm-up:
+
+- `absorbed`: the model's absorbed attention (mla.MLA.absorbed: the absorbed query against
+  the latent, softmax over all positions, W_UV), eager;
+- `absorbed_compiled`: the same under torch.compile (GPU);
+- `fused`: the fused decode step's split attention and merge (FusedDecoder.attend:
+  kernels/decode.py's mla_attend + mla_output, launch shapes derived from the widths and
+  the context; GPU, or Triton's interpreter with TRITON_INTERPRET=1).
+Per row: µs per call, the latent bytes read (rows × context × (C + R) × element size) over
+that time, and its fraction of the device copy bandwidth measured in the same run.
+
+    python benchmarks/attention.py [--contexts 4096 32768 131072 --batches 1 16]
+    python benchmarks/attention.py --device cpu --preset tiny --contexts 256 512 --batches 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import copy_bandwidth, environment, median_seconds, sliced_preset, write_json  # noqa: E402
+
+from nanoseek import Transformer  # noqa: E402
+from nanoseek.hf import to_dtype  # noqa: E402
+from nanoseek.model import StaticCache  # noqa: E402
+from nanoseek.model.cache import cache_mask  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="deepseek-v3")
+    ap.add_argument("--device", default=None, help="cuda (default when there is one) or cpu (a smoke run)")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--repeat", type=int, default=10)
+    args = ap.parse_args()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # one dense layer of the preset's widths, a small vocabulary: only the attention is timed
+    cfg = sliced_preset(args.preset, 1, vocab_size=256, intermediate_size=256)
+    too_long = [n for n in args.contexts if n > cfg.max_position_embeddings]
+    if too_long:
+        raise SystemExit(f"contexts {too_long} exceed {args.preset}'s {cfg.max_position_embeddings} positions")
+    torch.manual_seed(0)
+    model = to_dtype(Transformer(cfg), dtype).to(device).eval()
+    attn = model.main_layers[0].self_attn
+    C, R, H = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.num_attention_heads
+    bandwidth = copy_bandwidth(device)
+    fused_runs = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    compiled = torch.compile(attn.absorbed, dynamic=False) if device.type == "cuda" else None
+    rows = {}
+    for S in args.contexts:
+        for B in args.batches:
+            cache = StaticCache(cfg, B, S, dtype=dtype, device=device, num_layers=1)
+            for buf in cache.layers[0]:
+                buf.normal_()
+            c_kv, k_pe = cache.layers[0]
+            positions = torch.full((B, 1), S - 1, device=device)
+            mask = cache_mask(positions, S)
+            q_nope = torch.randn(B, 1, H, cfg.qk_nope_head_dim, device=device, dtype=dtype)
+            q_pe = torch.randn(B, 1, H, R, device=device, dtype=dtype)
+            nbytes = B * S * (C + R) * c_kv.element_size()
+            row = {"context": S, "batch": B, "latent_bytes": nbytes}
+            with torch.no_grad():
+                ways = {"absorbed": lambda: attn.absorbed(q_nope, q_pe, c_kv, k_pe, mask)}
+                if compiled is not None:
+                    ways["absorbed_compiled"] = lambda: compiled(q_nope, q_pe, c_kv, k_pe, mask)
+                if fused_runs:
+                    from nanoseek.infer.fused import FusedDecoder
+                    fused = FusedDecoder(model, cache, B)
+                    fused.q_lat[:B].normal_()
+                    fused.q_pe[:B].normal_()
+                    ways["fused"] = lambda: fused.attend(attn, 0, positions[:, 0], B)
+                    row["fused_launch"] = {k: fused.t[k] for k in ("attend_split", "attend_heads", "attend_block")}
+                for name, fn in ways.items():
+                    try:
+                        t = median_seconds(fn, args.repeat, device, warmup=2)
+                    except torch.OutOfMemoryError as e:
+                        row[f"{name}_error"] = f"out of memory: {str(e)[:120]}"
+                        torch.cuda.empty_cache()
+                        continue
+                    row[f"{name}_us"] = t * 1e6
+                    row[f"{name}_GBps"] = nbytes / t / 1e9
+                    row[f"{name}_bandwidth_fraction"] = nbytes / t / bandwidth
+            rows[f"context {S}, batch {B}"] = row
+            print(row, flush=True)
+            del cache
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    result = {"benchmark": "attention", **environment(), "preset": args.preset, "dtype": str(dtype),
+              "copy_bandwidth_GBps": bandwidth / 1e9, "rows": rows}
+    print(f"wrote {write_json(result, f'attention_{args.preset}.json')}")
+
+
+if __name__ == "__main__":
+    main()

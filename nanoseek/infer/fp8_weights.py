@@ -1,0 +1,170 @@
+"""FP8 weights at inference: a checkpoint stored in FP8 stays FP8 in memory.
+
+The official V3 / R1 weights keep the linear layers' and the experts' matrices as
+float8_e4m3fn with one float32 scale per 128x128 block (`weight_scale_inv`; hf.py).
+Dequantising them at load doubles the memory and the bytes every decode step reads, and a
+decode step's time is those bytes. So `keep_fp8_weights`, a module swap applied from outside
+the model while it is still on the meta device (`from_pretrained(keep_fp8=...)`), puts an
+`FP8Linear` or `FP8Experts` wherever the checkpoint is FP8, and the loader copies the FP8
+values and their scales in as stored:
+
+- FP8Linear: weight [out, in] float8 + weight_scale_inv. The twin dequantises (w_fp8 ·
+  scale_inv, in float32) into the model's weight dtype and runs `F.linear`: exactly what the
+  model dequantised at load computes. On a GPU, decode-sized inputs (up to 64 rows) go
+  through kernels/fp8_linear.py instead, which reads the FP8 weight in place (weight-only
+  FP8: the products in BF16, float32 sums, the block scales applied to them).
+- FP8Experts: the stacked experts [E, F, D] / [E, D, F] in float8 with scales [E, ⌈F/128⌉,
+  ⌈D/128⌉]. Every expert path reads its weights through `Experts.expert_weights`, which
+  this class dequantises: the chosen experts' only when a decode step gathers them (under
+  torch.compile the dequantisation fuses into the reads), all of them for a prefill's
+  grouped GEMM.
+`kv_b_proj` is dequantised at load: the absorbed attention uses its per-head blocks as
+matrices (W_UK into the query, W_UV into the output), as DeepSeek's own inference code does.
+The dequantised model is the twin of the FP8 one (tests compare their logits).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..hf import FP8_BLOCK, SCALE_SUFFIX, dequantize_fp8_blockwise, quantize_fp8_blockwise
+from ..kernels import fast_kernels_supported, triton_runs
+from ..model import Transformer
+from ..model.moe import Experts, compute_dtype
+
+# modules an FP8 checkpoint's weights stay FP8 in, by name; kv_b_proj: see the module docstring
+DEQUANTIZED = ("kv_b_proj",)
+KERNELS = ("auto", "triton", "twin")
+
+
+def _dequantize(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype):
+    return dequantize_fp8_blockwise(w, scale_inv, block).to(dtype)
+
+
+def _fp8_buffers(module: nn.Module, name: str, weight: torch.Tensor, block: tuple[int, int]) -> None:
+    """Register `name` (float8, weight's shape) and its block scales `name_scale_inv`: empty
+    on the meta device (a checkpoint fills them), else weight quantised."""
+    if weight.is_meta:
+        *lead, rows, cols = weight.shape
+        w_fp8 = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device="meta")
+        scale_inv = torch.empty(*lead, -(-rows // block[0]), -(-cols // block[1]), device="meta")
+    else:
+        w_fp8, scale_inv = quantize_fp8_blockwise(weight.detach(), block)
+    module.register_buffer(name, w_fp8)
+    module.register_buffer(name + SCALE_SUFFIX, scale_inv)
+
+
+class FP8Linear(nn.Module):
+    """A bias-optional linear layer with an FP8 weight and 128x128 block scales (module
+    docstring). dtype: what the twin dequantises into (the model's other weights' dtype);
+    kernel: "auto" (the Triton kernel on an NVIDIA Hopper+ GPU for up to 64 rows), "triton"
+    (wherever Triton runs: the CPU tests use its interpreter) or "twin" (never)."""
+
+    def __init__(self, linear: nn.Linear, block: tuple[int, int], kernel: str = "auto"):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.block, self.kernel, self.dtype = block, kernel, linear.weight.dtype
+        _fp8_buffers(self, "weight", linear.weight, block)
+        self.bias = linear.bias
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return _dequantize(self.weight, self.weight_scale_inv, self.block, self.dtype)
+
+    def takes_kernel(self, x_MK: torch.Tensor) -> bool:
+        if self.kernel == "twin" or torch.is_grad_enabled():
+            return False
+        if not (triton_runs(x_MK.device) if self.kernel == "triton"
+                else fast_kernels_supported(x_MK.device, compute_dtype(x_MK))):
+            return False
+        from ..kernels import fp8_linear
+        return fp8_linear.unsupported(x_MK.shape[0], self.weight, self.block) is None
+
+    def forward(self, x):
+        x_MK = x.reshape(-1, self.in_features)
+        if self.takes_kernel(x_MK):
+            from ..kernels.fp8_linear import fp8_weight_linear
+            y = fp8_weight_linear(x_MK.to(compute_dtype(x)), self.weight, self.weight_scale_inv, list(self.block))
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.dequantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 blocks {self.block}"
+
+
+class FP8Experts(Experts):
+    """Experts whose stacked weights are FP8 with block scales per expert (module docstring)."""
+
+    def __init__(self, experts: Experts, block: tuple[int, int]):
+        nn.Module.__init__(self)
+        self.path, self.last_path = experts.path, None
+        self.block, self.dtype = block, experts.gate_proj.dtype
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            _fp8_buffers(self, name, getattr(experts, name), block)
+
+    def expert_weights(self, idx=None):
+        names = ("gate_proj", "up_proj", "down_proj")
+        pairs = [(getattr(self, n), getattr(self, n + SCALE_SUFFIX)) for n in names]
+        if idx is not None:
+            pairs = [(w[idx], s[idx]) for w, s in pairs]
+        return tuple(_dequantize(w, s, self.block, self.dtype) for w, s in pairs)
+
+
+def keep_fp8_weights(model: Transformer, fp8_names: set[str], block: tuple[int, int],
+                     kernel: str = "auto") -> None:
+    """The module swap `from_pretrained(keep_fp8=...)` applies: every nn.Linear and Experts
+    whose weights the checkpoint stores in FP8 (fp8_names: state-dict names) becomes an
+    FP8Linear / FP8Experts, except DEQUANTIZED; kernel: FP8Linear's. On a model that is not
+    on the meta device the new modules hold its weights quantised."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel {kernel!r}: must be one of {', '.join(KERNELS)}")
+    for name, module in list(model.named_modules()):
+        parent_name, _, child = name.rpartition(".")
+        if child in DEQUANTIZED:
+            continue
+        if isinstance(module, nn.Linear) and f"{name}.weight" in fp8_names:
+            swapped = FP8Linear(module, block, kernel)
+        elif type(module) is Experts and f"{name}.gate_proj" in fp8_names:
+            swapped = FP8Experts(module, block)
+        else:
+            continue
+        setattr(model.get_submodule(parent_name), child, swapped)
+
+
+def layer_weights(model: Transformer) -> set[str]:
+    """What an official V3 checkpoint stores in FP8: every decoder layer's linear weights and
+    routed experts (state-dict names; the stacked gate_proj names its experts); not the
+    embedding, the output head or the routers."""
+    return {f"{name}.weight" if isinstance(m, nn.Linear) else f"{name}.gate_proj"
+            for name, m in model.named_modules()
+            if name.startswith("model.layers.") and (isinstance(m, nn.Linear) or type(m) is Experts)}
+
+
+def quantize_weights(model: Transformer, block: tuple[int, int] = FP8_BLOCK, kernel: str = "auto") -> Transformer:
+    """A loaded model's layer weights (layer_weights) in FP8 with block scales, in place, as
+    loading its FP8 checkpoint would hold them (kv_b_proj excepted, keep_fp8_weights)."""
+    keep_fp8_weights(model, layer_weights(model), block, kernel)
+    return model
+
+
+# --dtype of serve, generate and chat: how a checkpoint's weights are held
+DTYPE_CHOICES = {"auto": dict(dtype=None, keep_fp8=keep_fp8_weights),   # FP8 stays FP8, else as stored
+                 "bf16": dict(dtype=torch.bfloat16, keep_fp8=None),      # FP8 dequantised
+                 "fp32": dict(dtype=torch.float32, keep_fp8=None)}
+
+
+def has_fp8_weights(model: nn.Module) -> bool:
+    return any(isinstance(m, (FP8Linear, FP8Experts)) for m in model.modules())
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and persistent buffers (FP8 weights and their scales
+    included), each tensor counted once."""
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,80 @@
+"""A weight-only FP8 linear layer for a few rows (decode): y = x · (w_fp8 ⊙ scale)^T, the
+weight read as stored, one byte an element, never written out dequantised.
+
+Legend: M rows of x, K input features, N output features; the weight [N, K] is
+float8_e4m3fn with one float32 scale per (BR x BC) block, `scale_inv` [⌈N/BR⌉, ⌈K/BC⌉]
+(the V3 checkpoints' layout, BR = BC = 128; hf.py).
+
+A decode step's linear layers read each weight once for a handful of rows: their time is
+the bytes of the weight, so reading one byte instead of BF16's two is the whole gain, and it
+is only kept if the dequantisation happens in registers. Per program: BLOCK_N output rows
+(inside one block row of scales) against all M rows of x, over K in steps of BC: the FP8 tile
+converted to x's dtype (exact: every e4m3 value is a BF16 value), one tensor-core dot with
+float32 accumulation, times the tile's one scale. The twin is infer/fp8_weights.py's
+dequantise-then-matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROWS = 64      # rows of x one program holds (tl.dot's M)
+BLOCK_N = 64       # output rows per program (fewer when a scale block has fewer)
+
+
+@triton.jit
+def fp8_weight_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_x, stride_y, scale_cols,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             SCALE_ROWS: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.arange(0, BLOCK_M)
+    kk = tl.arange(0, BLOCK_K)
+    scale_row = (pid * BLOCK_N) // SCALE_ROWS
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + kk
+        x = tl.load(x_ptr + m[:, None] * stride_x + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
+        w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K),
+                    other=0.0)
+        scale = tl.load(s_ptr + scale_row * scale_cols + k0 // BLOCK_K)
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION) * scale
+    tl.store(y_ptr + m[:, None] * stride_y + n[None, :], acc, mask=(m[:, None] < M) & (n[None, :] < N))
+
+
+def unsupported(rows: int, weight: torch.Tensor, block: tuple[int, int]) -> str | None:
+    """Why the kernel cannot take this call, or None."""
+    if not 0 < rows <= MAX_ROWS:
+        return f"{rows} rows (it takes 1..{MAX_ROWS})"
+    if any(b < 16 or b & (b - 1) for b in block):
+        return f"scale blocks of {block[0]}x{block[1]} (powers of two from 16)"
+    if not weight.is_contiguous():
+        return "a weight that is not contiguous"
+    return None
+
+
+@torch.library.custom_op("nanoseek::fp8_weight_linear", mutates_args=())
+def fp8_weight_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale_inv: torch.Tensor,
+                      block: list[int]) -> torch.Tensor:
+    """y [M, N] in x's dtype = x · (w ⊙ scale_inv spread over its blocks)^T; M <= MAX_ROWS."""
+    M, K = x_MK.shape
+    N = w_NK.shape[0]
+    reason = unsupported(M, w_NK, tuple(block))
+    if reason is not None:
+        raise ValueError(f"fp8_weight_linear cannot take {reason}")
+    x_MK = x_MK.contiguous()
+    y = torch.empty(M, N, dtype=x_MK.dtype, device=x_MK.device)
+    precision = "ieee" if x_MK.dtype == torch.float32 else "tf32"  # float32 (the tests) exactly
+    block_n = min(BLOCK_N, block[0])  # inside one row of scale blocks
+    fp8_weight_linear_kernel[(triton.cdiv(N, block_n),)](
+        x_MK, w_NK, scale_inv, y, M, N, K, x_MK.stride(0), y.stride(0), scale_inv.shape[1],
+        BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=block[1], SCALE_ROWS=block[0],
+        PRECISION=precision, num_warps=4)
+    return y
+
+
+@fp8_weight_linear.register_fake
+def _(x_MK, w_NK, scale_inv, block):
+    return x_MK.new_empty(x_MK.shape[0], w_NK.shape[0])

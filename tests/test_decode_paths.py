@@ -1,0 +1,96 @@
+"""Which decode step the engine takes per model (infer/decode_paths.py), and the fused step's
+launch shapes derived from the model's widths (infer/fused.py)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from nanoseek import Transformer, preset
+from nanoseek.config import ConfigError
+from nanoseek.infer import decode_paths
+from nanoseek.infer.config import InferenceConfig
+from nanoseek.infer.decode_paths import measured_fused_rows, record_fused_rows, rows_the_fused_step_won
+
+pytest.importorskip("triton")
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    """A pretend H200: the device queries the choice makes, answered without a GPU."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.version, "hip", None)
+
+
+def test_the_shipped_table_takes_the_fused_step_only_where_it_won(hopper, monkeypatch):
+    """bench-1b in BF16 on an H200 was measured: the fused step at batch 1. Its float32 or
+    CPU weights, another GPU, an unmeasured model (V3's layer widths) or one the fused step
+    cannot run (V2-Lite: no q_lora_rank) take the compiled step (0 fused rows)."""
+    bench = preset("bench-1b")
+    assert measured_fused_rows(bench, torch.bfloat16, CUDA) == 1
+    assert measured_fused_rows(bench, torch.float32, CUDA) == 0
+    assert measured_fused_rows(bench, torch.bfloat16, torch.device("cpu")) == 0
+    assert measured_fused_rows(preset("deepseek-v3"), torch.bfloat16, CUDA) == 0
+    assert measured_fused_rows(preset("deepseek-v2-lite"), torch.bfloat16, CUDA) == 0
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert measured_fused_rows(bench, torch.bfloat16, CUDA) == 0
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert measured_fused_rows(bench, torch.bfloat16, CUDA) == 0  # not where its kernels are tuned
+
+
+def test_a_recorded_measurement_is_what_the_engine_takes(hopper, tmp_path):
+    """rows_the_fused_step_won keeps the batches up to the first the fused step lost; the
+    record replaces an earlier figure of the same shape, device and dtype."""
+    assert rows_the_fused_step_won({1: (2100.0, 1200.0), 2: (3000.0, 2900.0), 4: (4000.0, 4100.0),
+                                    8: (9000.0, 5000.0)}) == 2
+    assert rows_the_fused_step_won({1: (520.0, 830.0)}) == 0
+    table = tmp_path / "paths.json"
+    shutil.copy(decode_paths.TABLE, table)
+    tiny = preset("tiny")
+    assert measured_fused_rows(tiny, torch.bfloat16, CUDA, table) == 0
+    record_fused_rows(tiny, torch.bfloat16, "NVIDIA H200", 4, "benchmarks/results/decode_tiny.json", table)
+    record_fused_rows(tiny, torch.bfloat16, "NVIDIA H200", 2, "benchmarks/results/decode_tiny.json", table)
+    assert measured_fused_rows(tiny, torch.bfloat16, CUDA, table) == 2
+    assert measured_fused_rows(preset("bench-1b"), torch.bfloat16, CUDA, table) == 1
+    assert len(json.loads(table.read_text())["measured"]) == 2
+
+
+def test_the_engine_defaults_to_the_compiled_step():
+    """No setting: compiled captured steps, the fused step only as the table says."""
+    config = InferenceConfig()
+    assert config.compile and config.cuda_graphs and config.fused_decode_rows is None
+    with pytest.raises(ConfigError, match="fused_decode_rows"):
+        InferenceConfig(fused_decode_rows=-1)
+
+
+def test_launch_shapes_follow_the_model_widths():
+    """The rule gives back the shapes tuned on an H200 for bench-1b (fused_tuning.json, less
+    the knobs since removed); for V3's widths the rows per program shrink so a program holds
+    the same number of weight elements, attention takes 16 of its 128 heads per program and
+    a 32K cache is cut into 128 splits."""
+    from nanoseek.infer.fused import MAX_WARPS, fused_step_launch
+    tuned = json.loads(open("benchmarks/results/fused_tuning.json").read())
+    bench = fused_step_launch(preset("bench-1b"), 640)
+    assert {k: bench[k] for k in tuned if k in bench} == {k: v for k, v in tuned.items() if k in bench}
+    assert set(tuned) - set(bench) == {"query_split", "attend_prefetch"}
+    v3 = fused_step_launch(preset("deepseek-v3"), 32768)
+    assert (v3["gemv_rows"], v3["head_rows"], v3["up_rows"], v3["down_rows"]) == (2, 4, 2, 1)
+    assert v3["attend_heads"] == 16 and v3["attend_split"] == 256
+    assert all(v3[k] <= MAX_WARPS for k in v3 if k.endswith("_warps"))
+    assert fused_step_launch(preset("bench-1b"), 640, {"gemv_rows": 16})["gemv_warps"] == 8  # the warps follow
+    with pytest.raises(ValueError, match="unknown launch keys \\['gemv_row'\\]"):
+        fused_step_launch(preset("tiny"), 64, {"gemv_row": 8})
+    with pytest.raises(ValueError, match="attend_heads=8: must be at least 16"):
+        fused_step_launch(preset("tiny"), 64, {"attend_heads": 8})
+    with pytest.raises(ValueError, match="gemv_rows=3: must be a power of two"):
+        fused_step_launch(preset("tiny"), 64, {"gemv_rows": 3})
+
+
+def test_cpu_engines_take_no_fused_step():
+    engine_model = Transformer(preset("tiny"))
+    from nanoseek.infer.engine import Engine
+    assert Engine(engine_model, max_batch=2, max_len=16).runner.graphs is None

@@ -1,0 +1,213 @@
+"""FP8 weights at inference (infer/fp8_weights.py, kernels/fp8_linear.py): an FP8 checkpoint
+loaded FP8-resident computes what the model dequantised at load computes, in about half
+the memory; the weight-only FP8 kernel against its dequantise-then-matmul twin."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import float32_tolerance  # tests/ is on sys.path
+from nanoseek import Transformer, from_pretrained, preset
+from nanoseek.hf import SCALE_SUFFIX, hf_config_dict, quantize_fp8_blockwise, save_pretrained, to_hf_state_dict
+from nanoseek.infer.config import InferenceConfig
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.fp8_weights import FP8Experts, FP8Linear, has_fp8_weights, keep_fp8_weights, weight_bytes
+from nanoseek.infer.sampling import SamplingParams
+
+# kept in BF16 by the official V3 checkpoints: the embedding, the output heads, the routers
+NOT_FP8 = ("embed_tokens", "lm_head", "shared_head.head", "mlp.gate.")
+
+
+def write_fp8_checkpoint(model: Transformer, path, block=(128, 128)) -> None:
+    """model as an official V3 checkpoint holds it: its 2-D layer weights float8_e4m3fn with
+    `weight_scale_inv` block scales, the rest BF16 (the router float32)."""
+    save_pretrained(model, path, dtype=torch.bfloat16)  # config.json, and the layout
+    tensors = {}
+    for key, t in to_hf_state_dict(model).items():
+        t = t.detach().float().contiguous()
+        if t.dim() == 2 and key.endswith(".weight") and not any(n in key for n in NOT_FP8):
+            tensors[key], tensors[key + SCALE_SUFFIX] = quantize_fp8_blockwise(t, block)
+        else:
+            tensors[key] = t if "mlp.gate." in key else t.to(torch.bfloat16)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path / "model.safetensors")
+    config = hf_config_dict(model, torch.bfloat16)
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block)}
+    (path / "config.json").write_text(__import__("json").dumps(config))
+
+
+def sharp_tiny(**overrides) -> Transformer:
+    """The tiny preset with its output head scaled up: decisive greedy choices."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", **overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3)
+        model.lm_head.weight.mul_(4)
+    return model
+
+
+@pytest.fixture(scope="module")
+def fp8_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fp8") / "tiny-fp8"
+    write_fp8_checkpoint(sharp_tiny(), path, block=(32, 32))  # blocks smaller than tiny's widths
+    return path
+
+
+def load(path, dtype, kernel="twin"):
+    return from_pretrained(path, dtype=dtype, keep_fp8=lambda m, names, block: keep_fp8_weights(m, names, block, kernel))
+
+
+def test_fp8_resident_logits_equal_the_dequantized_models(fp8_dir):
+    """float32: the FP8-resident model (weights dequantised where they are read) and the model
+    dequantised at load compute the same logits bit for bit, for a prefill through the
+    expanded attention and a cached decode step through the absorbed one; the checkpoint's
+    FP8 layers are FP8Linear / FP8Experts, kv_b_proj dequantised at load."""
+    fp8, plain = load(fp8_dir, torch.float32), from_pretrained(fp8_dir, dtype=torch.float32)
+    attn = fp8.model.layers[1].self_attn
+    assert isinstance(attn.q_a_proj, FP8Linear) and attn.q_a_proj.weight.dtype == torch.float8_e4m3fn
+    assert type(attn.kv_b_proj) is torch.nn.Linear
+    assert isinstance(fp8.model.layers[1].mlp.experts, FP8Experts)
+    assert type(fp8.lm_head) is torch.nn.Linear
+    ids = torch.randint(0, fp8.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(fp8(ids).logits, plain(ids).logits)
+        logits = []
+        for model in (fp8, plain):
+            from nanoseek.model import StaticCache
+            cache = StaticCache(model.config, 2, 16)
+            model(ids, positions=torch.arange(9).expand(2, 9), cache=cache, absorb=False)
+            logits.append(model(ids[:, :1], positions=torch.full((2, 1), 9), cache=cache).logits)
+    assert torch.equal(*logits)
+
+
+def test_fp8_weights_take_about_half_the_bytes_of_bf16(tmp_path):
+    """BF16 compute: the FP8-resident model holds each FP8 weight in one byte plus a float32
+    scale per 128x128 block, the rest as the BF16 model does: a model whose layers dominate
+    (V3-like 128-multiples, a small vocabulary) takes a little over half the BF16 bytes."""
+    model = sharp_tiny(vocab_size=256, hidden_size=256, moe_intermediate_size=128, intermediate_size=512,
+                       q_lora_rank=128, kv_lora_rank=128, num_attention_heads=2, qk_nope_head_dim=64,
+                       v_head_dim=64, num_nextn_predict_layers=0)
+    write_fp8_checkpoint(model, tmp_path / "fp8")
+    fp8, bf16 = load(tmp_path / "fp8", torch.bfloat16), from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16)
+    quantized = sum(t.numel() for n, t in fp8.state_dict().items() if t.dtype == torch.float8_e4m3fn)
+    scales = sum(t.numel() for n, t in fp8.state_dict().items() if n.endswith(SCALE_SUFFIX))
+    assert weight_bytes(fp8) == weight_bytes(bf16) - quantized + 4 * scales  # 2 bytes -> 1, + scales
+    assert 0.5 < weight_bytes(fp8) / weight_bytes(bf16) < 0.6
+
+
+@pytest.mark.parametrize("M, N, K, block", [(3, 200, 300, (128, 128)), (16, 64, 96, (64, 32))])
+def test_fp8_kernel_matches_the_dequantized_matmul(M, N, K, block):
+    """kernels/fp8_linear.py (Triton's interpreter without a GPU) against the twin, for edge
+    blocks cut short on both sides: float32 sums of K products in another order, the scale
+    applied per block after them."""
+    pytest.importorskip("triton")
+    from nanoseek.kernels.fp8_linear import fp8_weight_linear
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    w, scale = quantize_fp8_blockwise(torch.randn(N, K), block)
+    x = torch.randn(M, K)
+    from nanoseek.hf import dequantize_fp8_blockwise
+    want = x.double() @ dequantize_fp8_blockwise(w, scale, block).double().T
+    got = fp8_weight_linear(x.to(device), w.to(device), scale.to(device), list(block)).cpu()
+    bound = torch.finfo(torch.float32).eps * K * float((x.abs().double() @ dequantize_fp8_blockwise(
+        w, scale, block).abs().double().T).max())
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=bound)
+
+
+def test_fp8_linear_takes_the_kernel_where_told(fp8_dir):
+    """kernel="triton": decode-sized inputs go through the kernel (up to 64 rows), larger
+    ones and autograd through the twin; the logits of a decode step stay within float32's
+    reordering bound of the twin's."""
+    pytest.importorskip("triton")
+    fp8, twin = load(fp8_dir, torch.float32, kernel="triton"), load(fp8_dir, torch.float32)
+    layer = fp8.model.layers[0].self_attn.q_a_proj
+    x = torch.randn(4, layer.in_features)
+    with torch.no_grad():
+        assert layer.takes_kernel(x) and not layer.takes_kernel(torch.randn(65, layer.in_features))
+    assert not layer.takes_kernel(x)  # grad on
+    ids = torch.randint(0, fp8.config.vocab_size, (2, 3))
+    with torch.no_grad():
+        got, want = fp8(ids).logits, twin(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=float32_tolerance(fp8.config, 3, float(want.abs().max())))
+
+
+def test_the_engine_decodes_an_fp8_checkpoint_as_the_dequantized_model(fp8_dir):
+    """Greedy tokens of the engine on the FP8-resident model equal the dequantised model's."""
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+
+    def tokens(model):
+        engine = Engine(model, max_batch=2, max_len=32, config=InferenceConfig(cuda_graphs=False))
+        return [o.token_ids for o in engine.generate(prompts, SamplingParams(max_tokens=12))]
+    assert tokens(load(fp8_dir, torch.float32)) == tokens(from_pretrained(fp8_dir, dtype=torch.float32))
+
+
+def test_serve_keeps_an_fp8_checkpoint_fp8_unless_told(fp8_dir, tmp_path):
+    """`serve --model DIR` of an FP8 checkpoint serves FP8 weights; `--dtype bf16` dequantizes;
+    a BF16 checkpoint stays as it is under the default."""
+    from nanoseek.cli import build_parser
+    from nanoseek.data.tokenizer import byte_tokenizer, save_tokenizer
+    from nanoseek.serve.launch import inference_config, load_engine
+    save_tokenizer(byte_tokenizer(300), fp8_dir)
+
+    def served(*flags, model=fp8_dir):
+        args = build_parser().parse_args(["serve", "--model", str(model), "--device", "cpu", "--max-len", "32",
+                                          *flags])
+        return load_engine(args, inference_config(args))[0].model
+    assert has_fp8_weights(served())
+    plain = served("--dtype", "bf16")
+    assert not has_fp8_weights(plain) and plain.model.embed_tokens.weight.dtype == torch.bfloat16
+    save_pretrained(sharp_tiny(), tmp_path / "bf16", dtype=torch.bfloat16)
+    save_tokenizer(byte_tokenizer(300), tmp_path / "bf16")
+    assert not has_fp8_weights(served(model=tmp_path / "bf16"))
+
+
+@pytest.mark.gpu
+def test_bf16_fp8_kernel_on_gpu_is_as_close_as_bf16_rounding():
+    """On a GPU in BF16: the kernel's output against the float64 product of the same FP8
+    weights is within BF16's rounding of the result (the products are exact in the
+    tensor cores, sums float32, one rounding to BF16 on store)."""
+    from nanoseek.hf import dequantize_fp8_blockwise
+    from nanoseek.kernels.fp8_linear import fp8_weight_linear
+    w, scale = quantize_fp8_blockwise(torch.randn(1024, 2048))
+    x = torch.randn(8, 2048).to(torch.bfloat16)
+    w64 = dequantize_fp8_blockwise(w, scale).double()
+    want = x.double() @ w64.T
+    got = fp8_weight_linear(x.cuda(), w.cuda(), scale.cuda(), [128, 128]).cpu().double()
+    # float32 sums of 2048 products, then one rounding to BF16 (8 bits) on store
+    bound = 2 ** -8 * want.abs() + 2048 * torch.finfo(torch.float32).eps * (x.double().abs() @ w64.abs().T)
+    assert bool(((got - want).abs() <= bound).all())
+
+
+@pytest.mark.gpu
+def test_fp8_model_on_gpu_decodes_the_dequantized_models_tokens(fp8_dir):
+    """On a GPU, BF16 compute, the engine's defaults (compiled captured steps): the FP8
+    model's greedy tokens equal the BF16-dequantised model's on at least 95% of positions."""
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [1, 2]]
+
+    def tokens(model):
+        engine = Engine(model.cuda(), max_batch=4, max_len=64)
+        return [t for o in engine.generate(prompts, SamplingParams(max_tokens=32)) for t in o.token_ids]
+    fp8 = from_pretrained(fp8_dir, dtype=torch.bfloat16, device="cuda", keep_fp8=keep_fp8_weights)
+    got, want = tokens(fp8), tokens(from_pretrained(fp8_dir, dtype=torch.bfloat16, device="cuda"))
+    assert sum(a == b for a, b in zip(got, want)) >= 0.95 * len(want)
+
+
+def test_the_fused_step_refuses_fp8_weights(fp8_dir):
+    """The fused Triton step reads 16-bit weights: an FP8-resident model keeps the model step."""
+    pytest.importorskip("triton")
+    from nanoseek.infer.fused import FusedDecoder
+    fp8 = load(fp8_dir, torch.float32)
+    assert FusedDecoder.unsupported(fp8.config) is None
+    assert "FP8 weights" in FusedDecoder.unsupported(fp8.config, fp8)
+
+
+def test_quantizing_a_loaded_model_equals_loading_its_fp8_checkpoint(fp8_dir, tmp_path):
+    """quantize_weights on a loaded (dequantised) model gives the FP8 values and block scales
+    its FP8 checkpoint holds: the in-memory way to the FP8-resident model."""
+    from nanoseek.infer.fp8_weights import quantize_weights
+    model = sharp_tiny()
+    write_fp8_checkpoint(model, tmp_path / "ckpt", block=(32, 32))
+    loaded = load(tmp_path / "ckpt", torch.float32)
+    quantized = quantize_weights(from_pretrained(tmp_path / "ckpt", dtype=torch.float32), (32, 32), "twin")
+    want = {k: v for k, v in loaded.state_dict().items() if v.dtype == torch.float8_e4m3fn or k.endswith(SCALE_SUFFIX)}
+    got = quantized.state_dict()
+    assert want and all(torch.equal(got[k].float(), v.float()) for k, v in want.items())
