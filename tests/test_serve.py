@@ -455,9 +455,14 @@ def test_hybrid_routing_to_an_upstream_nanoseek(tiny_dir):
             assert over.model == "tiny-big" and over.choices[0].message.content == want
             with pytest.raises(openai.BadRequestError):  # a mistake stays here, not sent upstream
                 client.completions.create(model="tiny", prompt="")
-            # the upstream's own errors keep their status
-            with pytest.raises(openai.BadRequestError):
-                client.chat.completions.create(model="tiny-big", messages=CHAT, temperature=-1)
+            # fields this server does not know go to the upstream, which answers for them: its own
+            # 400 comes back with its status and code
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model="tiny-big", messages=CHAT, extra_body={"reasoning_effort": "low"})
+            assert e.value.code == "unknown_parameter" and e.value.param == "reasoning_effort"
+            with pytest.raises(openai.BadRequestError) as e:  # for the local model: refused here
+                client.chat.completions.create(model="tiny", messages=CHAT, extra_body={"reasoning_effort": "low"})
+            assert e.value.param == "reasoning_effort"
         # this server's upstream key is wrong: a 502, not a 401 the client would blame on its own key
         wrong_key = tiny_app(tiny_dir, "tiny", upstream_url=up_url + "/v1", upstream_models=["tiny-big"],
                              upstream_api_key="sk-wrong")

@@ -194,8 +194,7 @@ async def chat_completions(request: Request):
     raw = await read_json(request)
     note_request(request, raw)
     check_message_count(request.app.state, raw)
-    allow = request.app.state.settings.allow_unknown_fields
-    return await complete(request, raw, parse(ChatCompletionRequest, raw, allow), chat=True)
+    return await complete(request, raw, parse(ChatCompletionRequest, raw, unknown_allowed(request, raw)), chat=True)
 
 
 @router.post("/v1/completions")
@@ -203,8 +202,14 @@ async def completions(request: Request):
     authorize(request)
     raw = await read_json(request)
     note_request(request, raw)
-    allow = request.app.state.settings.allow_unknown_fields
-    return await complete(request, raw, parse(CompletionRequest, raw, allow), chat=False)
+    return await complete(request, raw, parse(CompletionRequest, raw, unknown_allowed(request, raw)), chat=False)
+
+
+def unknown_allowed(request: Request, raw: dict) -> bool:
+    """Unknown fields are a 400 here unless the server relaxes that, or the request names an
+    upstream model: the upstream knows its own fields and answers for them."""
+    state = request.app.state
+    return state.settings.allow_unknown_fields or raw.get("model") in state.upstream_models
 
 
 async def complete(request: Request, raw: dict, req, chat: bool):
