@@ -57,6 +57,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .fp8.quant import WEIGHT_BLOCK, Quantized, dequantize, quantize
 from .model.moe import Router
 from .model.rope import RotaryEmbedding
 from .model.transformer import Transformer
@@ -98,8 +99,7 @@ _PER_EXPERT_KEY = {v.removesuffix("[{}]"): k for k, v in HF_TO_NANOSEEK.items()
                    if isinstance(v, str) and v.endswith("[{}]")}
 
 SCALE_SUFFIX = "_scale_inv"
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-FP8_BLOCK = (128, 128)
+FP8_BLOCK = WEIGHT_BLOCK
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # config.json keys of a loaded checkpoint that no longer describe what we write
@@ -128,27 +128,16 @@ def quantize_fp8_blockwise(w: torch.Tensor, block: tuple[int, int] = FP8_BLOCK):
     """w [..., out, in] -> float8_e4m3fn [..., out, in], float32 scale_inv [..., ⌈out/b⌉, ⌈in/b⌉].
 
     One scale per block: scale_inv = amax(|block|) / 448, so that each block's largest value
-    lands on the largest float8 value.
+    lands on the largest float8 value (fp8/quant.py, which FP8 training shares).
     """
-    *lead, rows, cols = w.shape
-    br, bc = block
-    nr, nc = math.ceil(rows / br), math.ceil(cols / bc)
-    padded = w.new_zeros(*lead, nr * br, nc * bc, dtype=torch.float32)
-    padded[..., :rows, :cols] = w.float()
-    blocks = padded.unflatten(-1, (nc, bc)).unflatten(-3, (nr, br))  # [..., nr, br, nc, bc]
-    amax = blocks.abs().amax(dim=(-3, -1))                               # [..., nr, nc]
-    scale_inv = (amax / FP8_MAX).clamp_min(1e-12)
-    q = (blocks / scale_inv[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
-    q = q.flatten(-2).flatten(-3, -2)[..., :rows, :cols]
-    return q.to(torch.float8_e4m3fn), scale_inv
+    q = quantize(w, block)
+    return q.data, q.scale
 
 
 def dequantize_fp8_blockwise(w_fp8: torch.Tensor, scale_inv: torch.Tensor,
                              block: tuple[int, int] = FP8_BLOCK) -> torch.Tensor:
     """w = w_fp8 · scale_inv, each scale spread over its block (edge blocks cut). float32."""
-    rows, cols = w_fp8.shape[-2:]
-    scale = scale_inv.float().repeat_interleave(block[0], -2).repeat_interleave(block[1], -1)
-    return w_fp8.float() * scale[..., :rows, :cols]
+    return dequantize(Quantized(w_fp8, scale_inv.float(), block))
 
 
 # ============================================================================ save

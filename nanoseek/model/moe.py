@@ -279,13 +279,18 @@ class Experts(nn.Module):
         token_M = order_M // K
         counts_E = torch.zeros(E, dtype=torch.int32, device=x_ND.device).scatter_add_(
             0, flat_M, torch.ones_like(flat_M, dtype=torch.int32))
-        y_MD = grouped_swiglu(x_ND[token_M], counts_E, *self.expert_weights())
+        y_MD = self.swiglu_sorted(x_ND[token_M], counts_E)
         # back to (token, slot) order, a permutation: a plain scatter, then each token's K
         # outputs summed at once (fp32 inside the reduction). An index_add_ of the rows would
         # accumulate with atomics in the activation dtype: bf16 sums in whatever order the
         # GPU runs them, so the same prompt could decode differently from run to run.
         y_NKD = torch.empty_like(y_MD).index_put_((order_M,), y_MD).view(N, K, -1)
         return (y_NKD * weight_NK[..., None].to(y_NKD.dtype)).sum(1).to(x_ND.dtype)
+
+    def swiglu_sorted(self, x_MD, counts_E):
+        """The experts on rows sorted by expert, counts_E [E] of them each: grouped_swiglu
+        (FP8 training, nanoseek/fp8, runs its own here)."""
+        return grouped_swiglu(x_MD, counts_E, *self.expert_weights())
 
     def forward_gathered(self, x_ND, weight_NK, idx_NK):
         """Each (token, expert) pair on its own copy of that expert's weights: M = N·K gathered

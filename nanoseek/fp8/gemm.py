@@ -1,0 +1,117 @@
+"""The three FP8 GEMM shapes of training, each with its emulated twin and its fast path.
+
+Every GEMM here is "NT": both operands are quantized along the contraction axis K, the
+last axis of each, which is what the scales of `quant.py` describe.
+
+    scaled_mm      a [M, K] · b [N, K]^T -> [M, N]            dense linear: fprop, dgrad, wgrad
+    grouped_mm     a [M, K] · b[e] [N, K]^T for a's rows of   experts: fprop and dgrad
+                   group e (rows sorted by group)
+    grouped_mm_tokens  a [N, M] · b [K, M]^T over the tokens   experts: wgrad, one [N, K] per group
+                   of each group -> [E, N, K]
+
+Twin (`fast=False`, and the CPU): dequantize both operands to float32 and multiply in
+float32. Since every product of two E4M3 numbers is exact in float32, the twin differs from
+an exact product of the dequantized operands only by float32 rounding.
+
+Fast path (`fast=True`, an FP8-capable Hopper GPU):
+- dense: `torch._scaled_mm` with blockwise scales (1x128 activations with 128x128 weights, or
+  1x128 with 1x128 for the wgrad), cuBLASLt's DeepSeek-style recipe on SM90. cuBLAS applies
+  each 128-long K block's scales to that block's tensor-core partial sum and accumulates in
+  float32: the promotion at N_C = 128 that V3 §3.3.2 describes.
+- grouped: torch 2.14's `_scaled_grouped_mm` has no blockwise scales (rowwise or MXFP8 only),
+  so kernels.py has two Triton kernels doing the same per-128-K promotion.
+Shapes cuBLAS does not take (a dimension not a multiple of 16) go to the Triton kernels too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .quant import ACT_TILE, WEIGHT_BLOCK, Quantized, dequantize
+
+
+# ---------------------------------------------------------------------- dense
+def scaled_mm(a: Quantized, b: Quantized, out_dtype: torch.dtype, fast: bool) -> torch.Tensor:
+    """a [M, K] (1x128 tiles) · b [N, K]^T (128x128 blocks or 1x128 tiles) -> [M, N] out_dtype."""
+    if not fast:
+        return (dequantize(a) @ dequantize(b).t()).to(out_dtype)
+    if cublas_takes(a, b):
+        return torch._scaled_mm(a.data, b.data.t(), scale_a=column_major(a.scale),
+                                scale_b=cublas_scale_b(b), out_dtype=out_dtype)
+    from .kernels import grouped_mm_fp8, grouped_mm_tokens_fp8
+    if b.block == WEIGHT_BLOCK:  # a's rows as one group
+        return grouped_mm_fp8(a.data, a.scale, b.data[None], b.scale[None], one_group(a.data.shape[0], a),
+                              out_dtype)
+    # both quantized along K (a wgrad): K as one group of tokens
+    return grouped_mm_tokens_fp8(a.data, a.scale, b.data, b.scale, one_group(a.data.shape[1], a), 1,
+                                 out_dtype)[0]
+
+
+def cublas_takes(a: Quantized, b: Quantized) -> bool:
+    """cuBLASLt's blockwise FP8 GEMM takes row-major a, column-major b, sizes multiple of 16."""
+    (M, K), N = a.data.shape, b.data.shape[0]
+    return a.block == ACT_TILE and b.block in (ACT_TILE, WEIGHT_BLOCK) and not (M % 16 or K % 16 or N % 16)
+
+
+def column_major(scale: torch.Tensor) -> torch.Tensor:
+    """The same values with strides (1, rows): cuBLAS reads 1x128 scales outer-dim-major."""
+    return scale.t().contiguous().t()
+
+
+def cublas_scale_b(b: Quantized) -> torch.Tensor:
+    """b's scale as _scaled_mm wants it for mat2 = b.data.t() [K, N]: [⌈K/128⌉, N] (1x128
+    tiles, N-major) or [⌈K/128⌉, ⌈N/128⌉] (128x128 blocks, K-major)."""
+    return b.scale.t().contiguous() if b.block == ACT_TILE else b.scale.t()
+
+
+def one_group(n: int, a: Quantized) -> torch.Tensor:
+    """The offsets of one group of n rows or tokens, on a's device."""
+    return torch.full((1,), n, dtype=torch.int32, device=a.data.device)
+
+
+# ---------------------------------------------------------------------- grouped
+def grouped_mm(a: Quantized, b: Quantized, offsets_E: torch.Tensor | None, out_dtype: torch.dtype,
+               fast: bool) -> torch.Tensor:
+    """a [M, K] (1x128 tiles, rows sorted by group) · b[e] [N, K]^T (b [E, N, K], 128x128
+    blocks) -> [M, N]; offsets_E: cumulative group ends, None for one group (a dense layer)."""
+    if offsets_E is None:
+        return scaled_mm(a, Quantized(b.data[0], b.scale[0], b.block), out_dtype, fast)
+    if fast:
+        from .kernels import grouped_mm_fp8
+        return grouped_mm_fp8(a.data, a.scale, b.data, b.scale, offsets_E, out_dtype)
+    a_MK, b_ENK = dequantize(a), dequantize(b)
+    if grouped_mm_f32_takes(a_MK, b_ENK):
+        return torch._grouped_mm(a_MK, b_ENK.transpose(-2, -1), offs=offsets_E).to(out_dtype)
+    group_M = group_of_rows(offsets_E, a_MK.shape[0])
+    out = a_MK.new_zeros(a_MK.shape[0], b_ENK.shape[1])
+    for e in range(b_ENK.shape[0]):  # every group on every row, kept where the row is its group's
+        out = torch.where((group_M == e)[:, None], a_MK @ b_ENK[e].t(), out)
+    return out.to(out_dtype)
+
+
+def grouped_mm_tokens(a: Quantized, b: Quantized, offsets_E: torch.Tensor | None, n_groups: int,
+                      out_dtype: torch.dtype, fast: bool) -> torch.Tensor:
+    """a [N, M] · b [K, M]^T summed over each group's tokens -> [E, N, K] (a weight gradient
+    per group; zeros for a group without tokens). a and b come from quant.quantize_tokens with
+    the same offsets_E (None: one group of all M tokens)."""
+    if offsets_E is None:
+        return scaled_mm(a, b, out_dtype, fast)[None]
+    if fast:
+        from .kernels import grouped_mm_tokens_fp8
+        return grouped_mm_tokens_fp8(a.data, a.scale, b.data, b.scale, offsets_E, n_groups, out_dtype)
+    a_NM, b_KM = dequantize(a), dequantize(b)
+    if grouped_mm_f32_takes(a_NM, b_KM):
+        return torch._grouped_mm(a_NM, b_KM.t(), offs=offsets_E).to(out_dtype)
+    group_M = group_of_rows(offsets_E, a_NM.shape[1])
+    return torch.stack([(a_NM * (group_M == e)) @ b_KM.t() for e in range(n_groups)]).to(out_dtype)
+
+
+def grouped_mm_f32_takes(*tensors: torch.Tensor) -> bool:
+    """torch._grouped_mm runs float32 on the CPU, eagerly, on rows aligned to 16 bytes."""
+    return (all(t.device.type == "cpu" and t.shape[-1] % 4 == 0 for t in tensors)
+            and not torch.compiler.is_compiling())
+
+
+def group_of_rows(offsets_E: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """[M] the group of each row, from the cumulative group ends."""
+    return torch.bucketize(torch.arange(n_rows, device=offsets_E.device), offsets_E, right=True)

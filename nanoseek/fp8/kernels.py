@@ -1,0 +1,132 @@
+"""Triton kernels for the grouped FP8 GEMMs of the experts, blockwise-scaled as V3 does.
+
+torch 2.14's `_scaled_grouped_mm` takes rowwise or MXFP8 scales only, not DeepSeek's
+1x128 / 128x128 ones, so the grouped GEMMs are written here (the dense ones go to cuBLAS
+through `torch._scaled_mm`, gemm.py). Both kernels step through K one 128-long block at a
+time: `tl.dot` of two E4M3 blocks gives that block's partial sums in float32, which are
+multiplied by the block's two scales and added to a float32 accumulator. That is the
+promotion of V3 §3.3.2 at N_C = 128 (the scales change every 128 of K, so they must).
+
+Legend: M tokens sorted by group (expert), E groups, `ends` the cumulative group ends
+(int32, as torch._grouped_mm's offs), `first_tile` [E + 1] each group's first 128-token
+tile (quant.first_tiles). A tile never holds two groups' tokens.
+
+- `grouped_mm_kernel`: c [M, N] = a [M, K] · b[e] [N, K]^T for the rows of group e, with a
+  in 1x128 tiles and b in 128x128 blocks; one program per (128-row tile, 128 columns).
+- `grouped_mm_tokens_kernel`: c[e] [N, K] = Σ over group e's tokens of a [N, M] · b [K, M]^T,
+  both in group-aligned 128-token tiles (quant.quantize_tokens); one program per (group,
+  block of N, block of K), looping over the group's tiles.
+
+The launch shapes are the usual FP8 Hopper ones (128-wide blocks, 8 warps); they have not
+been tuned. The twins are gemm.py's float32 paths.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .quant import TILE, first_tiles
+
+WARPS, STAGES = 8, 3
+
+
+@triton.jit
+def _group_bounds(ends_ptr, first_tile_ptr, e):
+    """(first token, end token, first tile) of group e."""
+    end = tl.load(ends_ptr + e)
+    start = tl.load(ends_ptr + tl.maximum(e - 1, 0), mask=e > 0, other=0)
+    return start, end, tl.load(first_tile_ptr + e)
+
+
+@triton.jit
+def grouped_mm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, ends_ptr, first_tile_ptr, N, K, E,
+                      EP: tl.constexpr, BLOCK: tl.constexpr):
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if tile < tl.load(first_tile_ptr + E):  # the grid is a bound: ⌈M/128⌉ + E - 1 tiles
+        groups = tl.arange(0, EP)
+        tile_ends = tl.load(first_tile_ptr + 1 + groups, mask=groups < E, other=2**30)
+        e = tl.sum((tile_ends <= tile).to(tl.int32), 0)  # the group whose tiles hold this one
+        start, end, first = _group_bounds(ends_ptr, first_tile_ptr, e)
+        rows = (start + (tile - first) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+        cols = pid_n * BLOCK + tl.arange(0, BLOCK)
+        row_ok, col_ok = rows < end, cols < N
+        nk = tl.cdiv(K, BLOCK)
+        b_base = b_ptr + e.to(tl.int64) * N * K
+        sb_base = sb_ptr + (e.to(tl.int64) * tl.cdiv(N, BLOCK) + pid_n) * nk
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        for kb in range(0, nk):
+            ks = kb * BLOCK + tl.arange(0, BLOCK)
+            a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :],
+                        other=0.0)
+            b = tl.load(b_base + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :],
+                        other=0.0)
+            sa = tl.load(sa_ptr + rows * nk + kb, mask=row_ok, other=0.0)
+            sb = tl.load(sb_base + kb)
+            acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb)
+        tl.store(c_ptr + rows[:, None] * N + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def grouped_mm_tokens_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, ends_ptr, first_tile_ptr, N, K, M, T,
+                             BLOCK: tl.constexpr):
+    e = tl.program_id(0)
+    ns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ks = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+    n_ok, k_ok = ns < N, ks < K
+    start, end, first = _group_bounds(ends_ptr, first_tile_ptr, e)
+    last = tl.load(first_tile_ptr + e + 1)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for t in range(first, last):  # an empty group: no tile, a zero gradient
+        ms = start + (t - first) * BLOCK + tl.arange(0, BLOCK)
+        m_ok = ms < end
+        a = tl.load(a_ptr + ns[:, None].to(tl.int64) * M + ms[None, :], mask=n_ok[:, None] & m_ok[None, :],
+                    other=0.0)
+        b = tl.load(b_ptr + ks[:, None].to(tl.int64) * M + ms[None, :], mask=k_ok[:, None] & m_ok[None, :],
+                    other=0.0)
+        sa = tl.load(sa_ptr + ns * T + t, mask=n_ok, other=0.0)
+        sb = tl.load(sb_ptr + ks * T + t, mask=k_ok, other=0.0)
+        acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb[None, :])
+    tl.store(c_ptr + (e.to(tl.int64) * N + ns[:, None]) * K + ks[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & k_ok[None, :])
+
+
+@torch.library.custom_op("nanoseek::fp8_grouped_mm", mutates_args=())
+def grouped_mm_fp8(a_MK: torch.Tensor, scale_a: torch.Tensor, b_ENK: torch.Tensor, scale_b: torch.Tensor,
+                   offsets_E: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """[M, N]: a's rows of group e times b[e]^T. a [M, K] E4M3 with scale_a [M, ⌈K/128⌉];
+    b [E, N, K] E4M3 with scale_b [E, ⌈N/128⌉, ⌈K/128⌉]; all contiguous."""
+    M, K = a_MK.shape
+    E, N, _ = b_ENK.shape
+    c = torch.empty(M, N, dtype=out_dtype, device=a_MK.device)
+    grid = (triton.cdiv(M, TILE) + E - 1, triton.cdiv(N, TILE))
+    grouped_mm_kernel[grid](a_MK, scale_a, b_ENK, scale_b, c, offsets_E, first_tiles(offsets_E), N, K, E,
+                            triton.next_power_of_2(E), TILE, num_warps=WARPS, num_stages=STAGES)
+    return c
+
+
+@grouped_mm_fp8.register_fake
+def _(a_MK, scale_a, b_ENK, scale_b, offsets_E, out_dtype):
+    return a_MK.new_empty(a_MK.shape[0], b_ENK.shape[1], dtype=out_dtype)
+
+
+@torch.library.custom_op("nanoseek::fp8_grouped_mm_tokens", mutates_args=())
+def grouped_mm_tokens_fp8(a_NM: torch.Tensor, scale_a: torch.Tensor, b_KM: torch.Tensor, scale_b: torch.Tensor,
+                          offsets_E: torch.Tensor, n_groups: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """[E, N, K]: per group, a [N, M] · b [K, M]^T over its tokens. a, b E4M3 in group-aligned
+    128-token tiles with scales [N, T] and [K, T] (quant.quantize_tokens); all contiguous."""
+    N, M = a_NM.shape
+    K, T = b_KM.shape[0], scale_a.shape[1]
+    c = torch.empty(n_groups, N, K, dtype=out_dtype, device=a_NM.device)
+    grid = (n_groups, triton.cdiv(N, TILE), triton.cdiv(K, TILE))
+    grouped_mm_tokens_kernel[grid](a_NM, scale_a, b_KM, scale_b, c, offsets_E, first_tiles(offsets_E), N, K, M,
+                                   T, TILE, num_warps=WARPS, num_stages=STAGES)
+    return c
+
+
+@grouped_mm_tokens_fp8.register_fake
+def _(a_NM, scale_a, b_KM, scale_b, offsets_E, n_groups, out_dtype):
+    return a_NM.new_empty(n_groups, a_NM.shape[0], b_KM.shape[0], dtype=out_dtype)

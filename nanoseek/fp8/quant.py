@@ -1,0 +1,134 @@
+"""Fine-grained E4M3 quantization: tiles and blocks, each with its own online scale.
+
+A tensor [..., R, C] is cut into tiles of `block` = (br, bc) elements: (1, 128) for
+activations and gradients (per row, 128 columns at a time), (128, 128) for weights. The
+tiles at the bottom and right edges are partial when R or C is not a multiple of the block
+(they are zero-padded to find their amax and cropped after). Each tile gets
+
+    scale_inv = amax(|tile|) / 448          (448: the largest finite float8_e4m3fn)
+    q         = tile / scale_inv            rounded to E4M3, within [-448, 448]
+
+so the tile's largest value lands on E4M3's largest, and tile ≈ q · scale_inv, which is
+what `dequantize` returns and what the GEMMs multiply back in (the DeepSeek-V3 checkpoints
+name the scale `weight_scale_inv` for this reason).
+
+Edge cases, by design:
+- amax = 0 (a tile of zeros): scale_inv = 1, q = 0; the tile dequantizes to zeros.
+- a tile holding inf or NaN gets a non-finite scale and dequantizes to NaN throughout. An
+  overflow is never saturated into a finite number: it reaches the gradient norm, and the
+  trainer skips the step (train/step.py).
+
+The wgrad GEMMs contract over tokens, so their operands are quantized along the token
+axis (128x1 tiles of the [tokens, channels] tensor, which `quantize_tokens` returns
+transposed, as 1x128 tiles of [channels, tokens]). With experts, tokens come sorted by
+expert and a tile must not straddle two experts (each expert's weight gradient sums over
+its own tokens only): tiles restart at every group's first token, and a group of n tokens
+takes ⌈n/128⌉ tiles.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+TILE = 128       # the 1x128 activation tile's length and the 128x128 weight block's side
+ACT_TILE = (1, TILE)
+WEIGHT_BLOCK = (TILE, TILE)
+
+
+class Quantized(NamedTuple):
+    """data [..., R, C] float8_e4m3fn and scale [..., ⌈R/br⌉, ⌈C/bc⌉] float32 (x ≈ data ·
+    scale, each scale spread over its tile). `tile_of_col` [C]: for group-aligned tiles
+    (quantize_tokens with groups) the scale column of each data column; None for plain tiles."""
+    data: torch.Tensor
+    scale: torch.Tensor
+    block: tuple[int, int]
+    tile_of_col: torch.Tensor | None = None
+
+    def t(self) -> "Quantized":
+        """The transpose [..., C, R], contiguous, with its blocks' scales transposed: a square
+        block's scale is the same number either way, so a 128x128-quantized weight serves the
+        backward GEMM that needs W^T without quantizing again."""
+        if self.tile_of_col is not None or self.block[0] != self.block[1]:
+            raise ValueError(f"only square blocks transpose with their scales (got {self.block} tiles)")
+        return Quantized(self.data.transpose(-2, -1).contiguous(), self.scale.transpose(-2, -1).contiguous(),
+                         self.block)
+
+
+def tile_scale(amax: torch.Tensor) -> torch.Tensor:
+    """scale_inv of tiles with this amax: amax/448, 1 for an all-zero tile; inf or NaN stays non-finite."""
+    return torch.where(amax == 0, torch.ones_like(amax), amax / FP8_MAX)
+
+
+def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale rounded to E4M3. The clamp only catches a rounding of 448·(1 + ε); a NaN
+    (from a non-finite tile) passes through it."""
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def quantize(x: torch.Tensor, block: tuple[int, int]) -> Quantized:
+    """x [..., R, C] (any float dtype) -> Quantized with one scale per `block` tile."""
+    *lead, R, C = x.shape
+    br, bc = block
+    nr, nc = math.ceil(R / br), math.ceil(C / bc)
+    xf = x.float()
+    if R % br or C % bc:  # ragged edges: zero-pad (zeros do not change a tile's amax), crop after
+        xf = F.pad(xf, (0, nc * bc - C, 0, nr * br - R))
+    tiles = xf.unflatten(-1, (nc, bc)).unflatten(-3, (nr, br))     # [..., nr, br, nc, bc]
+    scale = tile_scale(tiles.abs().amax(dim=(-3, -1)))              # [..., nr, nc]
+    q = to_fp8(tiles, scale[..., :, None, :, None]).flatten(-2).flatten(-3, -2)
+    if R % br or C % bc:
+        q = q[..., :R, :C]
+    return Quantized(q.contiguous(), scale, tuple(block))
+
+
+def dequantize(q: Quantized) -> torch.Tensor:
+    """data · scale, float32, each scale spread over its tile (edge tiles cut)."""
+    R, C = q.data.shape[-2:]
+    if q.tile_of_col is not None:
+        return q.data.float() * q.scale[..., q.tile_of_col]
+    br, bc = q.block
+    scale = q.scale.repeat_interleave(br, -2).repeat_interleave(bc, -1)[..., :R, :C]
+    return q.data.float() * scale
+
+
+def first_tiles(offsets_E: torch.Tensor) -> torch.Tensor:
+    """[E + 1] the first token tile of each group, and the tile count last; offsets_E: the
+    cumulative group ends (int32, as torch._grouped_mm takes them)."""
+    ends = offsets_E.long()
+    tiles_per_group = (torch.diff(ends, prepend=ends.new_zeros(1)) + TILE - 1) // TILE
+    return F.pad(tiles_per_group.cumsum(0), (1, 0))
+
+
+def tile_of_tokens(offsets_E: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, int]:
+    """The group-aligned tile of each of the M tokens sorted by group [M], and the number of
+    tiles at most, ⌈M/128⌉ + E - 1 (a static bound: no host sync)."""
+    ends = offsets_E.long()
+    starts = ends - torch.diff(ends, prepend=ends.new_zeros(1))
+    token = torch.arange(n_tokens, device=offsets_E.device)
+    # the group of each token; tokens past the last end (none in use) count in the last group
+    group = torch.bucketize(token, ends, right=True).clamp_max(ends.shape[0] - 1)
+    tile = first_tiles(offsets_E)[group] + (token - starts[group]) // TILE
+    return tile, math.ceil(n_tokens / TILE) + ends.shape[0] - 1
+
+
+def quantize_tokens(x_MC: torch.Tensor, offsets_E: torch.Tensor | None = None) -> Quantized:
+    """x [M tokens, C] -> x^T [C, M] quantized along the tokens: 128x1 tiles of x (what a
+    GEMM contracting over tokens needs). With offsets_E (tokens sorted by group), the tiles
+    restart at each group's first token (see the module docstring); scale [C, tiles]."""
+    if offsets_E is None:
+        return quantize(x_MC.t(), ACT_TILE)
+    M, C = x_MC.shape
+    tile_M, n_tiles = tile_of_tokens(offsets_E, M)
+    xf_CM = x_MC.t().float()
+    amax = xf_CM.new_zeros(C, n_tiles).scatter_reduce_(1, tile_M.expand(C, M), xf_CM.abs(), "amax")
+    # scatter_reduce's amax need not keep a NaN on every device: put it back, so that a
+    # NaN tile stays non-finite
+    nan = xf_CM.new_zeros(C, n_tiles).index_add_(1, tile_M, xf_CM.isnan().float())
+    scale = tile_scale(amax.masked_fill(nan > 0, float("nan")))
+    return Quantized(to_fp8(xf_CM, scale[:, tile_M]).contiguous(), scale, ACT_TILE, tile_M)

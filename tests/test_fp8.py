@@ -1,0 +1,473 @@
+"""FP8 training (nanoseek/fp8): the quantization maths by hand, the emulated twin's GEMMs and
+autograd functions against float64 references, the module swap, FP8-emulated training
+against float32, the device check; on a GPU, the fast path against the twin.
+
+Tolerances. Every product of two E4M3 values is exact in float32, so the twin's GEMMs differ
+from a float64 product of the same dequantized operands only by float32 accumulation:
+|error| <= γ_K · Σ_k |a_k b_k|, γ_K = K·u / (1 - K·u), u = 2^-24 (`gamma_bound`). E4M3
+itself rounds to 3 mantissa bits: relative error <= 2^-4 for normal values, absolute <=
+2^-10 · scale below its smallest normal (2^-6 · scale).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nanoseek
+from nanoseek.fp8 import (Fp8Config, Fp8Experts, Fp8Linear, Fp8MLP, Fp8Unsupported, convert_to_fp8, dequantize,
+                          fast_fp8, fp8_modules, quantize, quantize_tokens)
+from nanoseek.fp8 import gemm
+from nanoseek.fp8.linear import Fp8LinearFunction
+from nanoseek.fp8.quant import ACT_TILE, FP8_MAX, WEIGHT_BLOCK, Quantized
+from nanoseek.fp8.swiglu import fp8_swiglu
+from nanoseek.model.moe import Router
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the fast path's kernels: Triton's interpreter on CPU
+E4M3_REL = 2.0 ** -4     # half a unit in the last place of a 3-bit mantissa, relative
+E4M3_SUB_ABS = 2.0 ** -10  # half the subnormal spacing 2^-9, in units of the scale
+
+
+def gamma_bound(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """γ_K · |a| @ |b|^T: the float32 accumulation bound of a @ b^T over K (float64)."""
+    K = a.shape[-1]
+    u = 2.0 ** -24
+    return (K * u / (1 - K * u)) * (a.double().abs() @ b.double().abs().transpose(-2, -1))
+
+
+def deq64(q: Quantized) -> torch.Tensor:
+    return dequantize(q).double().cpu()
+
+
+def moved(q: Quantized) -> Quantized:
+    return Quantized(*(t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in q))
+
+
+# ---------------------------------------------------------------------- quantization, by hand
+def test_1x128_tiles_one_scale_per_row_and_128_columns_with_a_ragged_last_tile():
+    x = torch.zeros(2, 200)  # two rows; columns: one full tile of 128, one ragged of 72
+    x[0, :4] = torch.tensor([448.0, -3.5, 0.875, 1.0])   # amax 448: scale 1, E4M3 values stay exact
+    x[0, 130:133] = torch.tensor([7.0, -0.4375, 3.0])    # ragged tile, amax 7: scale 7/448 = 1/64
+    x[1, 5] = -3.5                                       # amax 3.5: scale 3.5/448 = 1/128
+    q = quantize(x, ACT_TILE)
+    assert q.data.dtype == torch.float8_e4m3fn and q.data.shape == (2, 200)
+    assert q.scale.dtype == torch.float32 and q.scale.shape == (2, 2)
+    assert q.scale.tolist() == [[1.0, 1 / 64], [1 / 128, 1.0]]  # row 1's second tile is all zero: scale 1
+    assert q.data[0, :4].float().tolist() == [448.0, -3.5, 0.875, 1.0]
+    assert q.data[0, 130:133].float().tolist() == [448.0, -28.0, 192.0]  # 7, -0.4375, 3 times 64
+    assert q.data[1, 5].float() == -448.0  # the tile's amax lands on E4M3's largest
+    assert dequantize(q).equal(x)  # every value here is an E4M3 number times its scale
+
+
+def test_128x128_weight_blocks_with_ragged_edges():
+    w = torch.zeros(130, 260)  # blocks: 2 x 3, the last row of blocks 2 high, the last column 4 wide
+    w[0, 0], w[127, 127] = 1.0, -0.5     # block (0, 0): amax 1
+    w[129, 259] = 3.0                    # block (1, 2), the 2x4 corner
+    w[128, 0] = float(2 ** -20)          # block (1, 0): a tiny amax still gets its own scale
+    q = quantize(w, WEIGHT_BLOCK)
+    assert q.scale.shape == (2, 3)
+    expected = torch.tensor([[1 / 448, 1.0, 1.0], [2 ** -20 / 448, 1.0, 3 / 448]])  # in float32, as computed
+    assert q.scale.equal(expected)
+    assert q.data[129, 259].float() == 448 and q.data[128, 0].float() == 448
+    assert q.data[127, 127].float() == -224  # -0.5 / (1/448)
+    # scales that are not powers of two: w ≈ q·scale within float32 rounding
+    assert torch.allclose(dequantize(q), w, rtol=2 ** -23, atol=0)
+
+
+def test_rounding_stays_within_e4m3s_bound():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 300, generator=g) * torch.logspace(-3, 3, 300)  # tiles of very different ranges
+    x[3, 17] = 5e4  # an outlier shrinks only its own tile's resolution
+    q = quantize(x, ACT_TILE)
+    scale = q.scale.repeat_interleave(128, -1)[:, :300]
+    err = (dequantize(q) - x).abs()
+    assert (err <= torch.maximum(E4M3_REL * x.abs(), E4M3_SUB_ABS * scale)).all()
+    row3 = err[3, 128:] / x[3, 128:].abs()  # the outlier's row, other tiles: unaffected
+    assert row3.max() <= E4M3_REL
+
+
+def test_all_zero_tile_has_scale_one_and_dequantizes_to_zeros():
+    q = quantize(torch.zeros(3, 128), ACT_TILE)
+    assert q.scale.tolist() == [[1.0]] * 3 and dequantize(q).abs().sum() == 0
+    w = quantize(torch.zeros(128, 128), WEIGHT_BLOCK)
+    assert w.scale.item() == 1.0 and not dequantize(w).isnan().any()
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_inf_or_nan_turns_its_whole_tile_nan_and_no_other(bad):
+    x = torch.randn(4, 256)
+    x[1, 200] = bad
+    out = dequantize(quantize(x, ACT_TILE))
+    assert out[1, 128:].isnan().all()  # never saturated into a finite number
+    others = torch.ones_like(x, dtype=torch.bool)
+    others[1, 128:] = False
+    assert out[others].isfinite().all()
+    assert ((out[others] - x[others]).abs() <= E4M3_REL * x[others].abs() + 1e-6).all()
+    w = torch.randn(256, 256)
+    w[130, 3] = bad
+    wq = dequantize(quantize(w, WEIGHT_BLOCK))
+    assert wq[128:, :128].isnan().all() and wq[:128].isfinite().all() and wq[128:, 128:].isfinite().all()
+
+
+def test_token_tiles_restart_at_every_group():
+    # 133 tokens sorted by group: group 0 has tokens 0-2, group 1 none, group 2 tokens 3-132
+    offsets = torch.tensor([3, 3, 133], dtype=torch.int32)
+    x = torch.randn(133, 5)
+    q = quantize_tokens(x, offsets)  # x^T [5, 133] in group-aligned 128-token tiles
+    assert q.data.shape == (5, 133)
+    # tiles: group 0 -> 0; group 2 -> 1 (tokens 3-130) and 2 (131-132); bound ⌈133/128⌉ + 3 - 1 = 4
+    assert q.tile_of_col.tolist() == [0] * 3 + [1] * 128 + [2] * 2
+    assert q.scale.shape == (5, 4)
+    for tile, tokens in ((0, slice(0, 3)), (1, slice(3, 131)), (2, slice(131, 133))):
+        assert q.scale[:, tile].equal(x[tokens].abs().amax(0) / FP8_MAX)
+    assert (q.scale[:, 3] == 1).all()  # the unused tile of the bound
+    assert ((deq64(q).t() - x.double()).abs() <= E4M3_REL * x.double().abs() + 1e-9).all()
+    x[131, 2] = float("nan")
+    bad = dequantize(quantize_tokens(x, offsets))
+    assert bad[2, 131:].isnan().all() and bad[2, :131].isfinite().all()
+    # without groups: plain 128x1 tiles of x, i.e. 1x128 tiles of x^T
+    plain = quantize_tokens(x[:130])
+    assert plain.tile_of_col is None and plain.scale.shape == (5, 2)
+
+
+def test_transposed_weight_blocks_keep_their_scales():
+    w = torch.randn(200, 136)
+    q = quantize(w, WEIGHT_BLOCK)
+    assert dequantize(q.t()).equal(dequantize(q).t())
+    assert q.t().data.is_contiguous()
+    with pytest.raises(ValueError, match="square blocks"):
+        quantize(w, ACT_TILE).t()
+
+
+# ---------------------------------------------------------------------- the twin's GEMMs
+def test_dense_gemms_equal_the_float64_product_of_dequantized_operands():
+    g = torch.Generator().manual_seed(1)
+    a = quantize(torch.randn(150, 200, generator=g), ACT_TILE)       # fprop: 1x128 x 128x128
+    b = quantize(torch.randn(136, 200, generator=g), WEIGHT_BLOCK)
+    out = gemm.scaled_mm(a, b, torch.float32, fast=False)
+    ref = deq64(a) @ deq64(b).t()
+    assert ((out.double() - ref).abs() <= gamma_bound(deq64(a), deq64(b))).all()
+    c = quantize(torch.randn(136, 150, generator=g), ACT_TILE)       # wgrad: 1x128 x 1x128
+    out = gemm.scaled_mm(c, quantize(torch.randn(200, 150, generator=g), ACT_TILE), torch.float32, False)
+    assert out.shape == (136, 200)
+
+
+@pytest.fixture
+def grouped_operands():
+    """Tokens sorted into 4 groups of 100, 0, 161 and 39 (ragged tiles, an empty group)."""
+    g = torch.Generator().manual_seed(2)
+    offsets = torch.tensor([100, 100, 261, 300], dtype=torch.int32)
+    bounds = [0, 100, 100, 261, 300]
+    a = quantize(torch.randn(300, 200, generator=g), ACT_TILE)
+    b = quantize(torch.randn(4, 136, 200, generator=g), WEIGHT_BLOCK)
+    return offsets, bounds, a, b, g
+
+
+def test_grouped_gemm_is_each_groups_rows_times_its_weight(grouped_operands):
+    offsets, bounds, a, b, _ = grouped_operands
+    out = gemm.grouped_mm(a, b, offsets, torch.float32, fast=False).double()
+    for e in range(4):
+        rows = slice(bounds[e], bounds[e + 1])
+        ref = deq64(a)[rows] @ deq64(b)[e].t()
+        assert ((out[rows] - ref).abs() <= gamma_bound(deq64(a)[rows], deq64(b)[e])).all()
+
+
+def test_grouped_wgrad_sums_each_groups_tokens_only(grouped_operands):
+    offsets, bounds, _, _, g = grouped_operands
+    dy, x = torch.randn(300, 72, generator=g), torch.randn(300, 48, generator=g)
+    qa, qb = quantize_tokens(dy, offsets), quantize_tokens(x, offsets)
+    out = gemm.grouped_mm_tokens(qa, qb, offsets, 4, torch.float32, fast=False).double()
+    assert out.shape == (4, 72, 48) and (out[1] == 0).all()  # the empty group: a zero gradient
+    for e in (0, 2, 3):
+        tokens = slice(bounds[e], bounds[e + 1])
+        a_e, b_e = deq64(qa)[:, tokens], deq64(qb)[:, tokens]
+        assert ((out[e] - a_e @ b_e.t()).abs() <= gamma_bound(a_e, b_e)).all()
+
+
+def test_triton_grouped_kernels_agree_with_the_twin(grouped_operands):
+    """The fast path's kernels (in Triton's interpreter without a GPU): the same maths,
+    another float32 summation order, so within twice the accumulation bound."""
+    pytest.importorskip("triton")
+    offsets, _, a, b, g = grouped_operands
+    twin = gemm.grouped_mm(a, b, offsets, torch.float32, fast=False).double()
+    fast = gemm.grouped_mm(moved(a), moved(b), offsets.to(DEVICE), torch.float32, fast=True).double().cpu()
+    bound = torch.cat([gamma_bound(deq64(a)[s], deq64(b)[e]) for e, s in
+                       enumerate((slice(0, 100), slice(100, 100), slice(100, 261), slice(261, 300)))])
+    assert ((fast - twin).abs() <= 2 * bound).all()
+    dy, x = torch.randn(300, 72, generator=g), torch.randn(300, 48, generator=g)
+    qa, qb = quantize_tokens(dy, offsets), quantize_tokens(x, offsets)
+    twin = gemm.grouped_mm_tokens(qa, qb, offsets, 4, torch.float32, fast=False)
+    fast = gemm.grouped_mm_tokens(*(moved(q) for q in (qa, qb)), offsets.to(DEVICE), 4, torch.float32,
+                                  fast=True).cpu()
+    assert ((fast.double() - twin.double()).abs() <= 2 * gamma_bound(deq64(qa), deq64(qb)).max()).all()
+
+
+# ---------------------------------------------------------------------- autograd functions
+def saved_by(fn):
+    """(output, [(dtype, shape)] of every tensor autograd saved while fn() ran)."""
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, tuple(t.shape)))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+def test_fp8_linear_runs_its_three_gemms_on_quantized_operands():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 75, 200, generator=g, requires_grad=True)   # M = 150 tokens, K = 200
+    w = (torch.randn(136, 200, generator=g) * 0.1).requires_grad_()
+    dy = torch.randn(2, 75, 136, generator=g)
+    y = Fp8LinearFunction.apply(x, w, False, True)
+    y.backward(dy)
+    x_MK, dy_MN = x.detach().reshape(150, 200), dy.reshape(150, 136)
+    xq, wq = deq64(quantize(x_MK, ACT_TILE)), deq64(quantize(w.detach(), WEIGHT_BLOCK))
+    dyq = deq64(quantize(dy_MN, ACT_TILE))
+    # wgrad operands: 128x1 tiles along the tokens of dy and of the saved (FP8) x
+    dyt = deq64(quantize(dy_MN.t(), ACT_TILE))
+    xt = deq64(quantize(dequantize(quantize(x_MK, ACT_TILE)).t(), ACT_TILE))
+    for out, ref, bound in ((y.reshape(150, 136), xq @ wq.t(), gamma_bound(xq, wq)),
+                            (x.grad.reshape(150, 200), dyq @ wq, gamma_bound(dyq, wq.t())),
+                            (w.grad, dyt @ xt.t(), gamma_bound(dyt, xt))):
+        assert ((out.double() - ref).abs() <= bound).all()
+    assert w.grad.dtype == torch.float32 and x.grad.shape == x.shape
+    exact = x_MK.double() @ w.detach().double().t()  # FP8 is an approximation, not noise
+    assert 1e-3 < ((y.reshape(150, 136) - exact).norm() / exact.norm()).item() < E4M3_REL
+
+
+def test_fp8_linear_keeps_its_input_in_fp8_for_the_backward():
+    x = torch.randn(256, 384, requires_grad=True)
+    w = torch.randn(512, 384, requires_grad=True)
+    _, saved = saved_by(lambda: Fp8LinearFunction.apply(x, w, False, True))
+    big = [(dt, s) for dt, s in saved if math.prod(s) >= 256 * 384]
+    assert sorted(big, key=str) == sorted([(torch.float8_e4m3fn, (256, 384)), (torch.float8_e4m3fn, (512, 384))],
+                                          key=str)
+    scales = [s for dt, s in saved if dt == torch.float32]
+    assert sorted(scales) == [(4, 3), (256, 3)]  # 128x128 weight blocks, 1x128 input tiles
+    _, saved = saved_by(lambda: Fp8LinearFunction.apply(x, w, False, False))  # Fp8Config.keep_input
+    assert (torch.float32, (256, 384)) in saved
+
+
+def swiglu_reference(x, wg, wu, wd, bounds):
+    """The FP8 SwiGLU's maths, spelled out per group in float64 from the recipe."""
+    def q64(t, block=ACT_TILE):
+        return deq64(quantize(t, block))
+    ys, grads = [], []
+    for e in range(len(bounds) - 1):
+        xe = x[bounds[e]:bounds[e + 1]]
+        xq = q64(xe)
+        gate, up = xq @ q64(wg[e], WEIGHT_BLOCK).t(), xq @ q64(wu[e], WEIGHT_BLOCK).t()
+        ys.append(q64(F.silu(gate) * up) @ q64(wd[e], WEIGHT_BLOCK).t())
+    return torch.cat(ys)
+
+
+def test_fp8_swiglu_follows_the_recipe_and_recomputes_its_output():
+    g = torch.Generator().manual_seed(4)
+    M, D, F_, E = 150, 64, 72, 3
+    offsets, bounds = torch.tensor([40, 40, 150], dtype=torch.int32), [0, 40, 40, 150]
+    x = torch.randn(M, D, generator=g, requires_grad=True)
+    wg, wu, wd = ((torch.randn(*s, generator=g) * 0.2).requires_grad_()
+                  for s in ((E, F_, D), (E, F_, D), (E, D, F_)))
+    y, saved = saved_by(lambda: fp8_swiglu(x, wg, wu, wd, offsets, False))
+    ref = swiglu_reference(*(t.detach() for t in (x, wg, wu, wd)), bounds)
+    # the float32 twin and the float64 reference round gate, up and h to FP8 from values that
+    # differ in the last float32 bits; an E4M3 rounding can flip, by one unit (2^-3 relative)
+    close = ((y.double() - ref).abs() <= 1e-4 * ref.abs().max()).float().mean()
+    assert close > 0.99
+    # saved for the backward: x, gate and up in FP8 ([M, D], [M, F] twice), the weights'
+    # FP8 copies; never h = SiLU(gate)·up, the other [M, F] tensor, which is recomputed
+    mf = [dt for dt, s in saved if s == (M, F_)]
+    assert mf == [torch.float8_e4m3fn, torch.float8_e4m3fn]
+    assert all(dt in (torch.float8_e4m3fn, torch.float32, torch.int32) for dt, _ in saved)
+    assert all(dt != torch.float32 or math.prod(s) <= M * 1 for dt, s in saved)  # float32: scales only
+    # the backward (SiLU's derivative, the recompute) against float64 autograd of the plain
+    # SwiGLU: each gradient passes through ~3 E4M3 roundings, so within 3·2^-4 in norm
+    dy = torch.randn(M, D, generator=g)
+    got = torch.autograd.grad(y, (x, wg, wu, wd), dy)
+    xs = [t.detach().double().requires_grad_() for t in (x, wg, wu, wd)]
+    plain = torch.cat([(F.silu(xs[0][a:b] @ xs[1][e].t()) * (xs[0][a:b] @ xs[2][e].t())) @ xs[3][e].t()
+                       for e, (a, b) in enumerate(zip(bounds, bounds[1:]))])
+    want = torch.autograd.grad(plain, xs, dy.double())
+    for a, b in zip(got, want):
+        assert ((a.double() - b).norm() / b.norm()).item() < 3 * E4M3_REL
+
+
+def test_grouped_fp8_swiglu_equals_the_dense_one_per_expert():
+    """Tiles restart at every expert's first token, so each expert's tokens are quantized
+    exactly as a dense layer over those tokens alone would quantize them: forward and all
+    four gradients agree up to float32 summation order."""
+    g = torch.Generator().manual_seed(5)
+    M, D, F_, E = 200, 64, 48, 3
+    offsets, bounds = torch.tensor([130, 130, 200], dtype=torch.int32), [0, 130, 130, 200]
+    x = torch.randn(M, D, generator=g, requires_grad=True)
+    ws = [(torch.randn(*s, generator=g) * 0.2).requires_grad_() for s in ((E, F_, D), (E, F_, D), (E, D, F_))]
+    dy = torch.randn(M, D, generator=g)
+    grouped = torch.autograd.grad(fp8_swiglu(x, *ws, offsets, False), (x, *ws), dy)
+    dense_dx = torch.zeros_like(x)
+    for e in range(E):
+        rows = slice(bounds[e], bounds[e + 1])
+        xe = x.detach()[rows].requires_grad_()
+        we = [w.detach()[e:e + 1].requires_grad_() for w in ws]
+        grads = torch.autograd.grad(fp8_swiglu(xe, *we, None, False), (xe, *we), dy[rows])
+        dense_dx[rows] = grads[0]
+        for got, want in zip(grouped[1:], grads[1:]):
+            assert torch.allclose(got[e:e + 1], want, rtol=0, atol=1e-5 * want.abs().max().clamp_min(1e-6))
+    assert torch.allclose(grouped[0], dense_dx, rtol=0, atol=1e-5 * dense_dx.abs().max())
+    assert (grouped[1][1] == 0).all()  # expert 1 had no tokens
+
+
+# ---------------------------------------------------------------------- the module swap
+def tiny_model(**overrides):
+    torch.manual_seed(0)
+    return nanoseek.Transformer(nanoseek.preset("tiny", vocab_size=256, **overrides))
+
+
+def test_convert_swaps_by_name_and_keeps_parameters_names_and_eval_outputs():
+    model = tiny_model()
+    ids = torch.randint(0, 256, (2, 24))
+    before_keys, params = list(model.state_dict()), {n: p for n, p in model.named_parameters()}
+    with torch.no_grad():
+        eval_logits = model.eval()(ids).logits
+    convert_to_fp8(model.train(), Fp8Config(), device="cpu")
+    assert list(model.state_dict()) == before_keys
+    assert all(p is params[n] for n, p in model.named_parameters())  # an optimizer built before still holds them
+    kinds = {n: type(m).__name__ for n, m in fp8_modules(model).items()}
+    assert kinds["model.layers.0.mlp"] == "Fp8MLP"                       # dense layer
+    assert kinds["model.layers.1.mlp.experts"] == "Fp8Experts"           # routed experts
+    assert kinds["model.layers.1.mlp.shared_experts"] == "Fp8MLP"        # shared experts
+    assert kinds["model.layers.1.self_attn.q_a_proj"] == "Fp8Linear"
+    assert kinds["model.layers.3.eh_proj"] == "Fp8Linear"                # MTP's projection
+    assert "lm_head" not in kinds and "model.layers.0.mlp.gate_proj" not in kinds
+    assert type(model.lm_head) is nn.Linear and type(model.model.layers[1].mlp.gate) is Router
+    assert type(model.model.embed_tokens) is nn.Embedding
+    assert not model.model.layers[1].self_attn.o_proj.save_fp8_input   # V3 §3.3.3's exception
+    assert model.model.layers[1].self_attn.kv_b_proj.save_fp8_input
+    with torch.no_grad():
+        assert model.eval()(ids).logits.equal(eval_logits)  # eval mode: the plain layers
+        train_logits = model.train()(ids).logits
+    rel = ((train_logits - eval_logits).norm() / eval_logits.norm()).item()
+    assert 0 < rel < E4M3_REL
+
+
+def test_fp8_on_a_gpu_without_fp8_support_is_one_clear_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(torch.version, "hip", None)
+    with pytest.raises(Fp8Unsupported) as err:
+        fast_fp8("cuda")
+    message = str(err.value)
+    assert "\n" not in message and "A100" in message and "8.0" in message and "--precision bf16" in message
+    assert fast_fp8("cpu") is False and fast_fp8("cuda", backend="emulated") is False
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert fast_fp8("cuda") is True
+    with pytest.raises(ValueError, match="fp8 backend 'cublas': choose one of auto, emulated"):
+        Fp8Config(backend="cublas")
+
+
+# ---------------------------------------------------------------------- training
+def train_losses(precision: str, steps: int) -> list[float]:
+    from nanoseek.data.loader import PackedLoader
+    from nanoseek.train.optim import build_optimizer
+    from nanoseek.train.step import train_step
+    model = tiny_model(num_hidden_layers=2).train()
+    if precision == "fp8":
+        convert_to_fp8(model, device="cpu")
+    g = torch.Generator().manual_seed(1)
+    docs = [torch.randint(3, 64, (int(n),), generator=g).tolist() for n in torch.randint(20, 60, (200,), generator=g)]
+    loader = PackedLoader(docs, batch_size=2, seq_len=64, seed=0)
+    opt = build_optimizer(model, 3e-3)
+    return [train_step(model, [loader.next_batch()], opt)["loss"] for _ in range(steps)]
+
+
+def test_fp8_emulated_training_tracks_float32_for_50_steps():
+    """The same 50 steps (same init, data and order) in float32 and FP8-emulated. Stated
+    tolerance: 2^-4 relative, E4M3's rounding bound for one operand: every GEMM operand of
+    the FP8 run lies within that of the float32 run's, so while the two trajectories stay
+    close the losses do too. Here they agree far better (~0.3%). One thread: a few seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fp32, fp8 = train_losses("fp32", 50), train_losses("fp8", 50)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(math.isfinite(v) for v in fp8)
+    assert fp8[-1] < fp8[0] - 1.0  # it learns (ln 256 = 5.5 at the start)
+    rel = [abs(a - b) / b for a, b in zip(fp8, fp32)]
+    assert max(rel) < E4M3_REL
+    last10 = abs(sum(fp8[-10:]) - sum(fp32[-10:])) / sum(fp32[-10:])
+    assert last10 < E4M3_REL / 4
+
+
+# ---------------------------------------------------------------------- GPU: fast path vs twin
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(256, 512, 384), (200, 576, 136), (4096, 2048, 1408)])
+def test_gpu_scaled_mm_matches_the_twin(shape):
+    """cuBLAS's blockwise FP8 GEMM (and Triton's where cuBLAS declines a shape) against the
+    float32 twin on the same quantized operands. Bound: BF16 output rounding (2^-9 of the
+    value) plus accumulation: cuBLAS promotes every 128 of K to float32, inside which the
+    tensor cores keep ~14 bits (V3 §3.3.2): 2^-13 of Σ|a·b| over a block, at worst."""
+    M, K, N = shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = quantize(torch.randn(M, K, device="cuda", generator=g), ACT_TILE)
+    for b in (quantize(torch.randn(N, K, device="cuda", generator=g), WEIGHT_BLOCK),
+              quantize(torch.randn(N, K, device="cuda", generator=g), ACT_TILE)):
+        fast = gemm.scaled_mm(a, b, torch.bfloat16, fast=True).double()
+        twin = gemm.scaled_mm(a, b, torch.float32, fast=False).double()
+        absprod = deq64(a).abs() @ deq64(b).abs().t()
+        assert ((fast - twin).abs() <= 2 ** -9 * twin.abs() + 2 ** -13 * absprod).all()
+
+
+@pytest.mark.gpu
+def test_gpu_grouped_kernels_match_the_twin(grouped_operands):
+    offsets, _, a, b, g = grouped_operands
+    fast = gemm.grouped_mm(moved(a), moved(b), offsets.cuda(), torch.float32, fast=True).double().cpu()
+    twin = gemm.grouped_mm(a, b, offsets, torch.float32, fast=False).double()
+    absprod = deq64(a).abs() @ deq64(b).abs().amax(0).t()
+    assert ((fast - twin).abs() <= 2 ** -13 * absprod).all()
+    dy, x = torch.randn(300, 72, generator=g), torch.randn(300, 48, generator=g)
+    qa, qb = quantize_tokens(dy, offsets), quantize_tokens(x, offsets)
+    fast = gemm.grouped_mm_tokens(moved(qa), moved(qb), offsets.cuda(), 4, torch.float32, fast=True).cpu()
+    twin = gemm.grouped_mm_tokens(qa, qb, offsets, 4, torch.float32, fast=False)
+    assert ((fast - twin).abs() <= 2 ** -13 * (deq64(qa).abs() @ deq64(qb).abs().t())).all()
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_linear_and_experts_match_the_emulated_twin():
+    """Whole layers, forward and backward: the fast and emulated paths quantize intermediate
+    values (dy, h) that differ in their last bits, which can flip an E4M3 rounding; so the
+    comparison is of norms, against E4M3's bound."""
+    torch.manual_seed(0)
+    cfg = nanoseek.preset("tiny", hidden_size=256, moe_intermediate_size=128, vocab_size=256)
+    fast, twin = (tiny_model(hidden_size=256, moe_intermediate_size=128).cuda() for _ in range(2))
+    twin.load_state_dict(fast.state_dict())
+    convert_to_fp8(fast, device="cuda")
+    convert_to_fp8(twin, Fp8Config(backend="emulated"), device="cuda")
+    ids = torch.randint(0, cfg.vocab_size, (2, 64), device="cuda")
+    grads = []
+    for m in (fast, twin):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = m.train()(ids, labels=ids).loss
+        loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    for n, g in grads[1].items():
+        assert ((grads[0][n] - g).norm() / g.norm().clamp_min(1e-12)).item() < E4M3_REL, n
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_training_steps_compile_with_fullgraph():
+    from nanoseek.train.optim import build_optimizer
+    from nanoseek.train.step import train_step
+    model = tiny_model(hidden_size=256, moe_intermediate_size=128).cuda().train()
+    convert_to_fp8(model)
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    opt = build_optimizer(model, 3e-3)
+    ids = torch.randint(0, 256, (4, 128), device="cuda")
+    losses = [train_step(model, [{"input_ids": ids, "labels": ids}], opt, autocast_dtype=torch.bfloat16,
+                         compiled=compiled, base_model=model)["loss"] for _ in range(4)]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
