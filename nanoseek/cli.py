@@ -97,6 +97,14 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:N")
 
 
+def add_precision_arg(p: argparse.ArgumentParser) -> None:
+    from .train.precision import PRECISIONS
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="auto (default: BF16 autocast on a GPU, float32 on the CPU), bf16, fp32, or fp8: "
+                        "DeepSeek-V3's FP8 training (a Hopper GPU; on the CPU the FP8 GEMMs are emulated, "
+                        "to check the maths, not for speed)")
+
+
 def load_config(args: argparse.Namespace) -> ModelConfig:
     path = getattr(args, "config", None)
     try:
@@ -262,6 +270,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=non_negative_int, default=None, metavar="K",
                    help="checkpoint every K steps (default: every tenth of the run; 0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    add_precision_arg(p)
 
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
@@ -312,6 +321,8 @@ def distributed_run(run_dir: str) -> bool:
 
 def _train_cfg(args, extra: dict):
     from .train.stages import train_config
+    if args.precision:
+        extra = {**extra, "precision": args.precision}
     return train_config(steps=args.steps, save_every=args.save_every, **extra)
 
 
@@ -375,6 +386,7 @@ def add_speedrun_args(p: argparse.ArgumentParser) -> None:
                    help="wall-time budget for pretraining + SFT (default: 9.5 on a CPU, 20 on a GPU)")
     p.add_argument("--grpo-minutes", type=float, default=None, metavar="M",
                    help="budget of the GRPO stage (default: 1.5 on a CPU, 6 on a GPU; 0 skips it)")
+    add_precision_arg(p)
 
 
 def cmd_speedrun(args: argparse.Namespace) -> None:
@@ -382,7 +394,8 @@ def cmd_speedrun(args: argparse.Namespace) -> None:
     for flag, value in (("--minutes", args.minutes), ("--grpo-minutes", args.grpo_minutes)):
         if value is not None and (value < 0 or (flag == "--minutes" and value == 0)):
             raise UsageError(f"{flag} must be positive{' or 0' if flag != '--minutes' else ''}, got {value:g}")
-    report = speedrun(args.out, minutes=args.minutes, grpo_minutes=args.grpo_minutes)
+    report = speedrun(args.out, minutes=args.minutes, grpo_minutes=args.grpo_minutes,
+                      precision=args.precision or "auto")
     print(f"report: {report}")
 
 
@@ -404,6 +417,7 @@ def add_grpo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="the run directory")
     p.add_argument("--steps", type=positive_int, default=None, metavar="K", help="GRPO steps (default 100)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    add_precision_arg(p)
     add_list_fields(p, GRPOConfig)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="GRPOConfig fields, JSON values (group_size=8 beta=0 loss_type=dapo "
@@ -421,7 +435,7 @@ def cmd_grpo(args: argparse.Namespace) -> None:
         changes[key] = coerce_value(value)
     if args.data and args.level is not None:
         raise UsageError("--level sets a built-in task's difficulty; it does not apply to --data")
-    for name, value in (("steps", args.steps), ("level", args.level)):
+    for name, value in (("steps", args.steps), ("level", args.level), ("precision", args.precision)):
         if value is not None:
             changes[name] = value
     if args.eval_data and not args.data:

@@ -32,7 +32,9 @@ value 448) with one float32 scale per 128x128 block beside them: `<name>_scale_i
 ceil(in/128)]; blocks at the bottom and right edges are partial. scale_inv = amax/448 is the
 inverse of the scale the quantiser multiplied the block by, so w ≈ w_fp8 · scale_inv, which is
 how from_pretrained dequantises. The block size comes from config.json's
-`quantization_config.weight_block_size`.
+`quantization_config.weight_block_size`. save_pretrained(dtype=torch.float8_e4m3fn) writes
+this layout: the weights the official checkpoints quantize (`stored_in_fp8`) in FP8 with
+their scales, the rest in BF16 (the routers in float32).
 
 Safety. Only safetensors files are read, never pickles: a stray `pytorch_model.bin` is
 ignored. Loading checks every key and shape against config.json before it reads a tensor.
@@ -57,7 +59,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .fp8.quant import WEIGHT_BLOCK, Quantized, dequantize, quantize
+from .fp8.quant import FP8_DTYPE, WEIGHT_BLOCK, Quantized, dequantize, quantize
 from .model.moe import Router
 from .model.rope import RotaryEmbedding
 from .model.transformer import Transformer
@@ -168,7 +170,30 @@ def hf_config_dict(model: Transformer, dtype: torch.dtype) -> dict:
     for key in _STALE_CONFIG_KEYS:
         d.pop(key, None)
     d["dtype"] = str(dtype).removeprefix("torch.")
+    if dtype == FP8_DTYPE:  # as the official V3 config.json says it
+        d["dtype"] = "bfloat16"
+        d["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                    "weight_block_size": list(FP8_BLOCK)}
     return d
+
+
+def stored_in_fp8(key: str, t: torch.Tensor) -> bool:
+    """What the official V3 / R1 checkpoints keep in FP8: the 2-D weights of linear layers,
+    not the embedding, the output heads or the routers (`mlp.gate`)."""
+    return (t.dim() == 2 and key.endswith(".weight") and ".mlp.gate." not in key
+            and "embed_tokens" not in key and "head" not in key)
+
+
+def quantize_fp8_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors with those stored_in_fp8 quantized in 128x128 blocks, each followed by its
+    `_scale_inv`."""
+    out = {}
+    for key, t in tensors.items():
+        if stored_in_fp8(key, t):
+            out[key], out[key + SCALE_SUFFIX] = quantize_fp8_blockwise(t.detach())
+        else:
+            out[key] = t
+    return out
 
 
 def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int = 5 * 2**30,
@@ -177,7 +202,8 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int =
 
     One `model.safetensors`, or shards `model-00001-of-0000N.safetensors` plus
     `model.safetensors.index.json` beyond max_shard_bytes. `dtype` casts floating tensors
-    except the router's. An existing directory at `path` is replaced as a whole, keeping
+    except the router's; torch.float8_e4m3fn writes the official FP8 layout (module docstring).
+    An existing directory at `path` is replaced as a whole, keeping
     the files of it that a save does not write (a tokenizer, a README) but no old weights.
     """
     path = Path(path)
@@ -186,9 +212,16 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int =
     dtype = dtype or model.model.embed_tokens.weight.dtype
     fp32 = float32_params(model)
     tensors = to_hf_state_dict(model)
+    fp8 = dtype == FP8_DTYPE
+    if fp8:
+        tensors = quantize_fp8_tensors(tensors)
 
     def stored_dtype(key: str, t: torch.Tensor) -> torch.dtype:
-        return torch.float32 if key in fp32 else dtype if t.is_floating_point() else t.dtype
+        if key in fp32 or (fp8 and key.endswith(SCALE_SUFFIX)):
+            return torch.float32
+        if t.dtype == FP8_DTYPE or not t.is_floating_point():
+            return t.dtype
+        return torch.bfloat16 if fp8 else dtype
 
     shards: list[list[str]] = [[]]
     shard_bytes = 0

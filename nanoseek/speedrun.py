@@ -41,6 +41,7 @@ from .rl.trainer import GRPOConfig, GRPOTrainer, grpo, grpo_config
 from .train.evaluate import evaluate_task
 from .data.datasets import load_documents
 from .data.tokenizer import ChatTokenizer, train_bpe
+from .fp8 import fast_fp8
 from .train.stages import load_base, pretrain, read_specs, sft, train_config
 
 # (task, level, n) of the pretraining documents and of the SFT chats
@@ -91,13 +92,17 @@ def calibrate_steps(model_cfg, tcfg_kwargs: dict, minutes: float, data: str, out
 
 
 def speedrun(out: str | Path = "runs/speedrun", minutes: float | None = None,
-             grpo_minutes: float | None = None) -> Path:
+             grpo_minutes: float | None = None, precision: str = "auto") -> Path:
     """minutes: pretrain + SFT budget (default 20 on a GPU, 9.5 on a CPU); grpo_minutes: the
-    GRPO stage's budget (default 6 on a GPU, 1.5 on a CPU; 0 skips the stage)."""
+    GRPO stage's budget (default 6 on a GPU, 1.5 on a CPU; 0 skips the stage); precision: of
+    every training stage (train/precision.py)."""
     t_start = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.is_available()
+    train_config(precision=precision)  # a bad value fails before any work
+    if precision == "fp8":
+        fast_fp8("cuda" if gpu else "cpu")  # and so does a GPU that cannot run FP8
     minutes = minutes or (20.0 if gpu else 9.5)
     grpo_minutes = (6.0 if gpu else 1.5) if grpo_minutes is None else grpo_minutes
     pretrain_data, sft_data = PRETRAIN_DATA, SFT_DATA
@@ -105,14 +110,14 @@ def speedrun(out: str | Path = "runs/speedrun", minutes: float | None = None,
     # checkpoints along the way would only spend its budget
     if gpu:
         model_cfg = preset("small")
-        common = dict(batch_size=32, seq_len=512, warmup=50, compile=True, save_every=0)
+        common = dict(batch_size=32, seq_len=512, warmup=50, compile=True, save_every=0, precision=precision)
         pre_lr, sft_lr = 2e-3, 5e-4
         pretrain_data, sft_data = PRETRAIN_DATA + GPU_PRETRAIN_EXTRA, SFT_DATA + GPU_SFT_EXTRA
     else:
         torch.set_num_threads(max(1, torch.get_num_threads()))
         model_cfg = cpu_model()
         # small batches, many steps: on a CPU budget, steps teach more than tokens per step
-        common = dict(batch_size=8, seq_len=256, warmup=30, save_every=0)
+        common = dict(batch_size=8, seq_len=256, warmup=30, save_every=0, precision=precision)
         pre_lr, sft_lr = 5e-3, 1e-3
     say = lambda msg: print(f"[speedrun {time.time() - t_start:5.0f}s] {msg}", flush=True)  # noqa: E731
 
@@ -155,7 +160,7 @@ def speedrun(out: str | Path = "runs/speedrun", minutes: float | None = None,
     grpo_summary, grpo_wall = None, 0.0
     if grpo_minutes > 0:
         t0 = time.time()
-        grpo_summary = grpo_stage(sft_trainer.model, tok, out, grpo_minutes, gpu, say)
+        grpo_summary = grpo_stage(sft_trainer.model, tok, out, grpo_minutes, gpu, say, precision=precision)
         grpo_wall = time.time() - t0
 
     report = write_report(out, model_cfg, pre_records, sft_records, pre_eval, evals,

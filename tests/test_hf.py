@@ -516,3 +516,48 @@ def test_save_over_existing_dir_keeps_tokenizer_and_drops_old_shards(tmp_path):
     back = nanoseek.from_pretrained(out)
     ids = torch.randint(0, 1024, (1, 8))
     torch.testing.assert_close(back(ids).logits, model.eval()(ids).logits)
+
+
+# ---------------------------------------------------------------- FP8 out
+def test_save_pretrained_fp8_writes_the_official_layout_and_loads_back(tmp_path):
+    from nanoseek.hf import stored_in_fp8, to_hf_state_dict
+    # intermediate 160, vocab 200: weights of several 128x128 blocks with partial edges
+    model = nanoseek_model(**dict(V3, intermediate_size=160, vocab_size=200))
+    save_pretrained(model, tmp_path / "ck", dtype=torch.float8_e4m3fn)
+    config = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config["quantization_config"] == {
+        "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+    stored = load_file(tmp_path / "ck" / "model.safetensors")
+    original = {k: v.detach() for k, v in to_hf_state_dict(model).items()}
+    loaded = from_pretrained(tmp_path / "ck", dtype=torch.float32)
+    ours = {k: v for k, v in to_hf_state_dict(loaded).items()}
+    assert stored["model.layers.0.mlp.gate_proj.weight_scale_inv"].shape == (2, 1)
+    for key, v in original.items():
+        if stored_in_fp8(key, v):
+            q, s = quantize_fp8_blockwise(v)
+            assert stored[key].equal(q) and stored[key + "_scale_inv"].equal(s), key
+            assert ours[key].equal(dequantize_fp8_blockwise(q, s)), key
+        elif ".mlp.gate." in key:  # the router, float32 as always
+            assert stored[key].dtype == torch.float32 and ours[key].equal(v), key
+        else:
+            assert stored[key].dtype == torch.bfloat16 and ours[key].equal(v.bfloat16().float()), key
+    assert sum(k.endswith("_scale_inv") for k in stored) == sum(stored_in_fp8(k, v) for k, v in original.items())
+
+
+def test_transformers_loads_an_fp8_checkpoint_nanoseek_saves(tmp_path):
+    """transformers 5 dequantizes FP8 checkpoints on the CPU (with accelerate installed). Its
+    load-time dequantization takes a block as rows // scale rows, which is right for a
+    dimension of one block or of whole blocks but not for a ragged one (160 rows in blocks
+    of 128 and 32 it reads as two of 80): so every quantized dimension here is <= 128."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    model = nanoseek_model(**V3)
+    save_pretrained(model, tmp_path / "ck", dtype=torch.float8_e4m3fn)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "ck", dtype=torch.float32, attn_implementation="eager").eval()
+    ours = from_pretrained(tmp_path / "ck", dtype=torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (2, SEQ))
+    expected, theirs = logits(ours, ids), logits(hf, ids)
+    assert expected.abs().max() > 0.5
+    assert max_err(expected, theirs) <= 1e-4
+    assert max_err(expected, logits(model, ids)) > 1e-3  # it did load the FP8-rounded weights

@@ -300,6 +300,47 @@ def test_max_bad_steps_in_a_row_stop_the_run_naming_the_learning_rate(tmp_path):
     assert trainer.step == 4 and trainer.skipped_total == 3
 
 
+def test_a_finite_loss_with_an_inf_gradient_skips_the_whole_step(tmp_path):
+    """What an FP8 overflow in the backward looks like: the loss is finite, one gradient is
+    not. The step must leave the weights, the router bias and AdamW's state as they were and
+    drop its expert loads, so that the next bias update counts the next step's tokens only.
+    A trainer that checked the loss alone would step on the poisoned gradient (clipping by an
+    inf norm turns it into NaN weights) and update the bias from the bad step's loads."""
+    torch.manual_seed(0)
+    model = nanoseek.Transformer(nanoseek.preset("tiny", vocab_size=256))
+    docs = [torch.randint(3, 256, (int(n),)).tolist() for n in torch.randint(20, 60, (60,))]
+    trainer = Trainer(model, PackedLoader(docs, batch_size=4, seq_len=32),
+                      train_config(steps=4, batch_size=4, seq_len=32, warmup=1), tmp_path)
+    routers = list(model.routers().values())
+    before = []  # before each step's forward: weights and buffers, AdamW state, routers' loads
+
+    def snapshot(module, args):
+        before.append(({k: v.clone() for k, v in module.state_dict().items()},
+                       {id(p): {k: v.clone() for k, v in s.items()} for p, s in trainer.optimizer.state.items()},
+                       [r.load.clone() for r in routers]))
+
+    def poison(grad):  # one element of one weight's gradient, in step 2's backward only
+        if trainer.step != 1:
+            return grad
+        grad = grad.clone()
+        grad[0, 0] = float("inf")
+        return grad
+
+    model.register_forward_pre_hook(snapshot)
+    model.model.layers[1].self_attn.q_a_proj.weight.register_hook(poison)
+    records = trainer.fit(progress=False)
+
+    assert [r["skipped"] for r in records] == [False, True, False, False]
+    assert math.isfinite(records[1]["loss"]) and not math.isfinite(records[1]["grad_norm"])
+    weights_2, adam_2, _ = before[1]
+    weights_3, adam_3, loads_3 = before[2]
+    assert same(weights_2, weights_3)  # weights and the router bias (a buffer) unchanged
+    assert adam_2.keys() == adam_3.keys() and all(same(adam_2[p], adam_3[p]) for p in adam_2)
+    assert all(not load.any() for load in loads_3)  # the bad step's loads were dropped
+    assert not same(before[2][0], before[3][0])  # the next step updates again
+    assert {float(s["step"]) for s in trainer.optimizer.state.values()} == {3.0}
+
+
 def test_cli_too_high_learning_rate_is_one_error_line(tmp_path, capsys):
     # lr 1e30: step 1's update blows the weights up, every later forward overflows
     rc, _, err = cli(capsys, "train", "--preset", "tiny", "--data", DATA, "--steps", "8",

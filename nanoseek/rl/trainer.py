@@ -75,6 +75,7 @@ from ..infer.engine import Engine
 from ..infer.sampling import SamplingParams
 from ..train.metrics import MetricsLogger, ProgressBar, plot_metrics, plot_smoothed, read_metrics
 from ..train.optim import build_optimizer
+from ..train.precision import PRECISIONS, prepare_precision
 from ..train.step import apply_update
 from ..loading import resolve_device
 from ..train.trainer import Checkpointed, StopRequest, refuse_existing_run, start_run
@@ -106,6 +107,8 @@ class GRPOConfig(CheckedConfig):
     dynamic_sampling: bool = described(False, "DAPO: drop groups whose rewards are all equal, refill")
     compile_rollouts: bool = described(False, "GPU: torch.compile the engine's decode step")
     ignore_eos: bool = described(False, "rollouts always run to max_new_tokens (benchmarks)")
+    precision: str = described("auto", "of the policy's training forwards: auto, bf16, fp32 or fp8 "
+                                       "(train/precision.py); rollouts run the BF16 layers")
     dynamic_sampling_tries: int = described(3, "extra sampling rounds to refill the groups")
     rewards: dict = described({"accuracy": 1.0}, "reward name -> weight")
     level: int = described(1, "built-in task difficulty")
@@ -137,6 +140,7 @@ class GRPOConfig(CheckedConfig):
         self.need_one_of("loss_type", LOSS_TYPES)
         self.need_one_of("scale", SCALES)
         self.need_one_of("prompt_format", PROMPT_FORMATS)
+        self.need_one_of("precision", PRECISIONS)
         need(bool(self.rewards) and all(isinstance(w, (int, float)) and not isinstance(w, bool)
                                         for w in self.rewards.values()),
              "rewards", 'must be a non-empty {"name": weight} object')
@@ -232,7 +236,9 @@ class GRPOTrainer(Checkpointed):
         self.tokenizer_dir, self.extra_state = tokenizer_dir, extra_state or {}
         self.device = resolve_device(cfg.device)
         self.model = model.to(self.device).train()
-        self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
+        # fp8 swaps the layers for FP8 ones, which run only in train mode: the rollouts and the
+        # old / reference log-probs (eval mode) stay in BF16
+        self.autocast = prepare_precision(self.model, cfg.precision, self.device)
         if isinstance(task_or_dataset, str):
             self.task, self.rows = get_task(task_or_dataset), None
             self.task.generate(1, level=cfg.level)  # a bad level fails here, not at step 1

@@ -33,11 +33,10 @@ from ..loading import latest_checkpoint, resolve_device
 from ..model import Transformer
 from .checkpoint import load_checkpoint, save_checkpoint
 from .metrics import MetricsLogger, ProgressBar, mfu, plot_metrics
-from .optim import SCHEDULES, build_optimizer, lr_multiplier, set_lr
+from .optim import MOMENTS, SCHEDULES, build_optimizer, lr_multiplier, set_lr
+from .precision import PRECISIONS, prepare_precision
+from .recompute import checkpoint_blocks
 from .step import train_step
-
-
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 class TrainingError(RuntimeError):
@@ -66,7 +65,10 @@ class TrainConfig(CheckedConfig):
     decay_frac: float = described(0.2, "wsd: the final fraction of steps that decays")
     weight_decay: float = described(0.1, "AdamW weight decay of the matrices")
     grad_clip: float = described(1.0, "clip the gradient norm to this (0: no clipping)")
-    precision: str = described("auto", "auto (bf16 autocast on GPU, float32 on CPU), bf16 or fp32")
+    precision: str = described("auto", "auto (bf16 autocast on GPU, float32 on CPU), bf16, fp32, or fp8: "
+                                       "DeepSeek-V3's FP8 GEMMs (train/precision.py; emulated on the CPU)")
+    activation_checkpointing: bool = described(False, "recompute each block in the backward (memory for compute)")
+    adam_moments: str = described("fp32", f"AdamW's moments in {' or '.join(MOMENTS)} (V3 §3.3.3)")
     compile: bool = described(False, "torch.compile the model")
     save_every: int | None = described(None, "checkpoint every K steps (null: every tenth of the run; "
                                              "0: only at the end)")
@@ -86,6 +88,7 @@ class TrainConfig(CheckedConfig):
             need(0 <= getattr(self, name) <= 1, name, "must be between 0 and 1")
         self.need_one_of("schedule", SCHEDULES)
         self.need_one_of("precision", PRECISIONS)
+        self.need_one_of("adam_moments", MOMENTS)
 
 
 def refuse_existing_run(run_dir: str | Path) -> None:
@@ -196,9 +199,10 @@ class Trainer(Checkpointed):
         self.extra_state = extra_state or {}
         self.device = resolve_device(cfg.device)
         self.model = model.to(self.device).train()
-        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
-        self.autocast = torch.bfloat16 if use_bf16 else None
-        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay)
+        self.autocast = prepare_precision(self.model, cfg.precision, self.device)
+        if cfg.activation_checkpointing:
+            checkpoint_blocks(self.model)
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, moments=cfg.adam_moments)
         self.compiled = torch.compile(self.model, dynamic=False) if cfg.compile else None
         self.flops_per_token = model_info(model.config, context_length=cfg.seq_len)["train_flops_per_token"]
         self.step = 0

@@ -1,0 +1,146 @@
+"""Training precision and memory options: `--precision` (fp8 emulated on the CPU, clear
+errors), activation checkpointing per block, AdamW with BF16 moments."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek.cli import main
+from nanoseek.fp8 import Fp8Unsupported, fp8_modules
+from nanoseek.train.metrics import read_metrics
+from nanoseek.train.optim import AdamWBF16Moments, build_optimizer
+from nanoseek.train.precision import prepare_precision
+from nanoseek.train.recompute import checkpoint_blocks
+from nanoseek.train.stages import train_config
+
+DATA = "builtin:arithmetic:level=1:n=200"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cli(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def tiny_model(**overrides):
+    torch.manual_seed(0)
+    return nanoseek.Transformer(nanoseek.preset("tiny", vocab_size=256, **overrides))
+
+
+# ---------------------------------------------------------------------- --precision
+def test_precision_fp8_on_the_cpu_trains_emulated_and_saves_a_plain_checkpoint(tmp_path, capsys):
+    rc, out, err = cli(capsys, "train", "--preset", "tiny", "--data", DATA, "--steps", 3, "--out", tmp_path,
+                       "--precision", "fp8", "batch_size=2", "seq_len=32")
+    assert rc == 0, err
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and not r["skipped"] for r in records)
+    final = nanoseek.from_pretrained(tmp_path / "final")  # HF layout, float32 as trained
+    assert final.model.layers[1].mlp.experts.gate_proj.dtype == torch.float32
+    assert not fp8_modules(final)  # FP8 is how it trained, not what it is
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
+    (["precision=fp9"], "train field 'precision' = 'fp9': choose auto, bf16, fp32 or fp8"),
+    (["adam_moments=fp16"], "train field 'adam_moments' = 'fp16': choose one of fp32, bf16"),
+    (["activation_checkpointing=1"], "train field 'activation_checkpointing' = 1: must be true or false"),
+])
+def test_bad_precision_options_are_one_line(tmp_path, capsys, argv, message):
+    rc, _, err = cli(capsys, "train", "--preset", "tiny", "--data", DATA, "--steps", 1, "--out", tmp_path, *argv)
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("nanoseek: error: ") and message in err, err
+
+
+def test_grpo_precision_is_checked_too(tmp_path, capsys):
+    rc, _, err = cli(capsys, "grpo", "--model", tmp_path, "--task", "arithmetic", "--out", tmp_path / "g",
+                     "precision=fp9")
+    assert rc == 2 and "grpo field 'precision' = 'fp9': choose auto, bf16, fp32 or fp8" in err
+
+
+def test_fp8_on_a_gpu_without_it_stops_before_touching_the_model(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 3090")
+    monkeypatch.setattr(torch.version, "hip", None)
+    model = tiny_model()
+    with pytest.raises(Fp8Unsupported, match=r"needs a Hopper GPU .* RTX 3090 is 8\.6; use --precision bf16"):
+        prepare_precision(model, "fp8", torch.device("cuda"))
+    assert not fp8_modules(model)
+    assert prepare_precision(model, "fp8", torch.device("cpu")) is None  # emulated, float32 around it
+    assert fp8_modules(model)
+
+
+# ---------------------------------------------------------------------- activation checkpointing
+def test_checkpointed_blocks_give_the_same_gradients_and_count_each_token_once():
+    ids = torch.randint(0, 256, (2, 32))
+    runs = []
+    for recompute in (False, True):
+        model = tiny_model().train()
+        if recompute:
+            checkpoint_blocks(model)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        runs.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters()},
+                     model.expert_loads(), list(model.state_dict())))
+    (loss_a, grads_a, loads_a, keys_a), (loss_b, grads_b, loads_b, keys_b) = runs
+    assert loss_a.equal(loss_b) and keys_a == keys_b
+    assert grads_a.keys() == grads_b.keys() and all(grads_a[n].equal(grads_b[n]) for n in grads_a)
+    assert all(loads_a[i].equal(loads_b[i]) for i in loads_a)  # the recompute did not count again
+    assert sum(loads_b[1]) == 2 * 32 * 2  # tokens x experts per token
+
+
+# ---------------------------------------------------------------------- BF16 moments
+def test_adamw_with_bf16_moments_tracks_float32_adamw():
+    """The same 10 steps from the same gradients. Bound: each step stores m and v rounded to
+    BF16 (relative 2^-9); through the moving averages the stored moments drift from float32's
+    by at most 2^-9/(1 - β) relative (2^-9·10 for m, 2^-9·20 for v), so each update m̂/√v̂
+    differs by at most 2^-9·(10 + 20/2) = 4% of its size, and Adam's update is at most
+    (1-β1)/√(1-β2)/(1 - β1/√β2) ≈ 5.8 times lr: |Δp| <= steps · 4% · lr · 6."""
+    g = torch.Generator().manual_seed(0)
+    p32, p16 = (torch.nn.Parameter(torch.randn(64, 64, generator=g)) for _ in range(2))
+    p16.data.copy_(p32.data)
+    lr, steps = 1e-2, 10
+    ref = torch.optim.AdamW([p32], lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = AdamWBF16Moments([p16], lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    for _ in range(steps):
+        grad = torch.randn(64, 64, generator=g)
+        p32.grad, p16.grad = grad.clone(), grad.clone()
+        ref.step()
+        opt.step()
+    state = opt.state[p16]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16 and float(state["step"]) == steps
+    moved = (p32.detach() - p16.detach()).abs().max().item()
+    assert moved <= steps * 0.04 * lr * 6
+    assert (p32.detach() - p16.detach()).abs().max() > 0  # it is not float32 AdamW under another name
+
+
+def test_train_fields_for_memory_train_and_resume(tmp_path):
+    from nanoseek.data.loader import PackedLoader
+    from nanoseek.train.trainer import Trainer
+    docs = [torch.randint(3, 256, (40,)).tolist() for _ in range(40)]
+
+    def trainer(steps):
+        cfg = train_config(steps=steps, batch_size=2, seq_len=32, warmup=1, activation_checkpointing=True,
+                           adam_moments="bf16")
+        return Trainer(tiny_model(), PackedLoader(docs, batch_size=2, seq_len=32), cfg, tmp_path)
+    first = trainer(2)
+    records = first.fit(progress=False)
+    assert isinstance(first.optimizer, AdamWBF16Moments)
+    assert all(math.isfinite(r["loss"]) for r in records)
+    resumed = trainer(3)
+    resumed.fit(resume=True, progress=False)
+    assert resumed.step == 3
+    exp_avg = [s["exp_avg"] for s in resumed.optimizer.state.values()]
+    assert exp_avg and all(t.dtype == torch.bfloat16 for t in exp_avg)
+    assert build_optimizer(tiny_model(), 1e-3).__class__ is torch.optim.AdamW  # the default
