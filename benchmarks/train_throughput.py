@@ -1,19 +1,29 @@
-"""Training throughput: nanoseek against transformers' DeepseekV3ForCausalLM, same job.
+"""Training throughput: nanoseek in BF16 and FP8 against transformers' DeepseekV3ForCausalLM, same job.
 
-Both sides train bench-1b from the same weights (nanoseek saves them in HF layout and
-transformers loads that directory), on the same token batches (batch 8 x 1024 by default),
-with the same optimizer (fused AdamW, lr 3e-4, betas 0.9/0.95, weight decay 0.1, clip 1.0),
-float32 master weights under BF16 autocast. One step = forward, backward, clip, AdamW
-step, zero_grad and one host read of the loss (what a trainer logging every step does).
+Both sides train the same weights (nanoseek saves them in HF layout and transformers loads
+that directory) on the same token batches (batch 8 x 1024 by default), with the same
+optimizer (fused AdamW, lr 3e-4, betas 0.9/0.95, weight decay 0.1, clip 1.0), float32
+master weights under BF16 autocast. One step = forward, backward, clip, AdamW step,
+zero_grad and one host read of the loss (what a trainer logging every step does).
 
 transformers trains the main model only: it has no MTP loss and no balance loss. nanoseek
-runs twice: with MTP (its real objective, ~1 extra MoE layer and output head) and without,
-which is the same computation as transformers' and is the apples-to-apples ratio.
+runs with MTP (its real objective, ~1 extra MoE layer and output head, where the preset
+has MTP) and without, which is the same computation as transformers' and is the
+apples-to-apples ratio. `--precision bf16,fp8` adds nanoseek's FP8 rows (nanoseek/fp8:
+DeepSeek-V3's recipe), against which transformers has nothing to run.
 
-MFU = tokens/s x training FLOPs per token (`nanoseek info`, at this sequence length) /
-989 TFLOP/s (H100/H200 SXM dense BF16 datasheet; ~790 measured on this card's matmuls).
+Shapes: `--preset bench-1b` (default), or a real model's layer shapes with fewer layers,
+e.g. `--preset deepseek-v2-lite --layers 4 --batch 2 --seq 4096`.
 
-    python benchmarks/train_throughput.py [--batch 8 --seq 1024 --steps 10 --profile]
+MFU = tokens/s x training FLOPs per token (`nanoseek info`, at this sequence length) over
+a peak: the datasheet's dense peak of the row's GEMM precision (H100/H200 SXM: 989 TFLOP/s
+BF16, 1,979 FP8) and the GEMM ceiling measured in the same job (an 8192^3 BF16 matmul; an
+8192^3 FP8 `torch._scaled_mm` with 1x128 / 128x128 scales). An FP8 row's attention and
+head still run in BF16, so its MFU against the FP8 peak understates it.
+
+    python benchmarks/train_throughput.py [--preset NAME --layers N --batch 8 --seq 1024
+        --precision bf16,fp8 --steps 10 --profile --skip-hf --activation-checkpointing]
+    python benchmarks/train_throughput.py --smoke    the CPU, tiny preset, 2 steps: checks the script
 """
 
 from __future__ import annotations
@@ -34,78 +44,113 @@ from common import environment, out_dir, write_json  # noqa: E402
 from nanoseek import Transformer, preset, save_pretrained  # noqa: E402
 from nanoseek.info import model_info  # noqa: E402
 from nanoseek.train.optim import build_optimizer  # noqa: E402
+from nanoseek.train.precision import prepare_precision  # noqa: E402
+from nanoseek.train.recompute import checkpoint_blocks  # noqa: E402
 from nanoseek.train.step import train_step  # noqa: E402
 
-PEAK_BF16 = 989e12
+PEAK = {"bf16": 989e12, "fp8": 1979e12}  # H100/H200 SXM dense datasheet peaks
 LR = 3e-4
 
 
-def measure(step_fn, batches, warmup, steps):
-    for i in range(warmup):
-        step_fn(batches[i % len(batches)])
-    torch.cuda.synchronize()
-    times = []
-    for i in range(steps):
+class Clock:
+    """Milliseconds of a call: CUDA events on a GPU, the wall clock on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def time(self, fn):
+        if not self.cuda:
+            t0 = time.perf_counter()
+            out = fn()
+            return (time.perf_counter() - t0) * 1e3, out
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        loss = step_fn(batches[i % len(batches)])
+        out = fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2], loss
+        return start.elapsed_time(end), out
 
 
-def time_steps(step, batches, args) -> dict:
+def time_steps(step, batches, args, clock: Clock) -> dict:
     """First step (compilation included), median step after warm-up, peak memory."""
-    torch.cuda.reset_peak_memory_stats()
+    if clock.cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     step(batches[0])
+    clock.sync()
     first = time.time() - t0
-    ms, loss = measure(step, batches, args.warmup, args.steps)
-    return {"median_step_ms": ms, "first_step_s": first, "last_loss": loss,
-            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+    for i in range(args.warmup):
+        step(batches[i % len(batches)])
+    clock.sync()
+    timed = [clock.time(lambda b=batches[i % len(batches)]: step(b)) for i in range(args.steps)]
+    times = sorted(ms for ms, _ in timed)
+    return {"median_step_ms": times[len(times) // 2], "first_step_s": first, "last_loss": timed[-1][1],
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if clock.cuda else None}
 
 
-def nanoseek_side(cfg, state, batches, args, mtp: bool, compile: bool, profile_dir=None):
-    model = Transformer(cfg if mtp else cfg.replace(num_nextn_predict_layers=0)).cuda().train()
+def gemm_ceilings(device: torch.device, n: int = 8192) -> dict:
+    """TFLOP/s of an n^3 BF16 matmul and of an n^3 FP8 blockwise-scaled _scaled_mm, measured."""
+    if device.type != "cuda":
+        return {}
+    from nanoseek.fp8 import gemm
+    from nanoseek.fp8.quant import ACT_TILE, WEIGHT_BLOCK, quantize
+    clock = Clock(device)
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    qa, qb = quantize(a, ACT_TILE), quantize(b, WEIGHT_BLOCK)
+    runs = {"bf16": lambda: a @ b.t(), "fp8": lambda: gemm.scaled_mm(qa, qb, torch.bfloat16, fast=True)}
+    out = {}
+    for name, fn in runs.items():
+        for _ in range(3):
+            fn()
+        ms = sorted(clock.time(fn)[0] for _ in range(10))[5]
+        out[name] = 2 * n**3 / (ms / 1e3)
+    return out
+
+
+def nanoseek_side(cfg, state, batches, args, device, precision: str, mtp: bool, compile: bool,
+                  profile_dir=None):
+    model = Transformer(cfg if mtp else cfg.replace(num_nextn_predict_layers=0)).to(device).train()
     missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not missing and all(".12." in k for k in unexpected), (missing, unexpected)
+    assert not missing and all(k.startswith(f"model.layers.{cfg.num_hidden_layers}.") for k in unexpected), \
+        (missing, unexpected)
+    autocast = prepare_precision(model, precision, device)
+    if args.activation_checkpointing:
+        checkpoint_blocks(model)
     opt = build_optimizer(model, LR)
     call = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
 
     def step(batch):
-        stats = train_step(model, [batch], opt, grad_clip=1.0, autocast_dtype=torch.bfloat16,
-                           compiled=call, base_model=model)
+        stats = train_step(model, [batch], opt, grad_clip=1.0, autocast_dtype=autocast, compiled=call,
+                           base_model=model)
         return stats["loss"]
 
-    row = time_steps(step, batches, args)
+    row = time_steps(step, batches, args, Clock(device))
     if profile_dir is not None:
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for b in batches[:3]:
-                step(b)
-            torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
-        (Path(profile_dir) / "profile_nanoseek.txt").write_text(table)
+        from common import profile_kernels
+        _, _, table = profile_kernels(lambda: step(batches[0]), calls=3)
+        (Path(profile_dir) / f"profile_train_{args.preset}_{precision}.txt").write_text(table)
         print(table[:6000])
     del model, opt, call
-    print(f"nanoseek mtp={mtp} compile={compile}: {row['median_step_ms']:.1f} ms/step, "
+    print(f"nanoseek {precision} mtp={mtp} compile={compile}: {row['median_step_ms']:.1f} ms/step, "
           f"first step {row['first_step_s']:.0f}s", flush=True)
-    return row
+    return {**row, "precision": precision}
 
 
-def hf_side(ckpt_dir, batches, args):
+def hf_side(ckpt_dir, batches, args, device):
     import transformers
     from transformers import AutoModelForCausalLM
     transformers.logging.set_verbosity_error()
-    model = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32).cuda().train()
+    model = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32).to(device).train()
     opt = build_optimizer(model, LR)  # nanoseek's parameter groups: the module names are the same
     impl = {"attn": model.config._attn_implementation,
             "experts": getattr(model.config, "_experts_implementation", None)}
 
     def step(batch):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             out = model(input_ids=batch["input_ids"], labels=batch["labels"])
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -113,63 +158,109 @@ def hf_side(ckpt_dir, batches, args):
         opt.zero_grad(set_to_none=True)
         return float(out.loss)
 
-    row = time_steps(step, batches, args)
+    row = time_steps(step, batches, args, Clock(device))
     del model, opt
     print(f"transformers {impl}: {row['median_step_ms']:.1f} ms/step", flush=True)
-    return {**row, "implementation": impl}
+    return {**row, "implementation": impl, "precision": "bf16"}
+
+
+def parse_args():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="bench-1b")
+    ap.add_argument("--layers", type=int, default=None, help="num_hidden_layers (default: the preset's)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--precision", default="bf16", help="comma-separated: bf16, fp8")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="kernel table of one compiled step per precision")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--eager", action="store_true", help="also eager rows (default: compiled only, and "
+                    "bench-1b's eager BF16 row)")
+    ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="the CPU, the tiny preset, 2 steps, no compile")
+    args = ap.parse_args()
+    if args.smoke:
+        args.preset, args.batch, args.seq, args.steps, args.warmup = "tiny", 2, 64, 2, 0
+        args.skip_hf, args.layers = True, args.layers or 2
+    args.precisions = args.precision.split(",")
+    if not set(args.precisions) <= set(PEAK):
+        ap.error(f"--precision {args.precision}: comma-separated bf16 and/or fp8")
+    return args
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--skip-hf", action="store_true")
-    args = ap.parse_args()
+    args = parse_args()
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     torch.manual_seed(0)
-    cfg = preset("bench-1b")
+    cfg = preset(args.preset)
+    if args.layers:
+        cfg = cfg.replace(num_hidden_layers=args.layers)
     ref = Transformer(cfg)
     state = ref.state_dict()
     g = torch.Generator().manual_seed(1)
     batches = []
     for _ in range(4):
-        ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).cuda()
+        ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).to(device)
         batches.append({"input_ids": ids, "labels": ids})
     tokens = args.batch * args.seq
     flops = model_info(cfg, context_length=args.seq)["train_flops_per_token"]
     results = out_dir()
+    ceilings = gemm_ceilings(device)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(ref, tmp)
         del ref
         gc.collect()
         if not args.skip_hf:
-            rows["transformers (eager, default)"] = hf_side(tmp, batches, args)
+            rows["transformers (eager, default)"] = hf_side(tmp, batches, args, device)
             gc.collect(); torch.cuda.empty_cache()
-    rows["nanoseek eager, no MTP"] = nanoseek_side(cfg, state, batches, args, mtp=False, compile=False)
-    gc.collect(); torch.cuda.empty_cache()
-    rows["nanoseek compile, no MTP"] = nanoseek_side(cfg, state, batches, args, mtp=False, compile=True,
-                                                     profile_dir=results if args.profile else None)
-    gc.collect(); torch.cuda.empty_cache(); torch._dynamo.reset()
-    rows["nanoseek compile, MTP"] = nanoseek_side(cfg, state, batches, args, mtp=True, compile=True)
+    compile = device.type == "cuda"
+    for precision in args.precisions:
+        modes = [False, True] if (args.eager or (args.preset == "bench-1b" and precision == "bf16")) else [True]
+        for eager_or_compiled in modes if compile else [False]:
+            mtp_rows = [False, True] if cfg.num_nextn_predict_layers and eager_or_compiled else [False]
+            for mtp in mtp_rows:
+                mode = "compile" if eager_or_compiled else "eager"
+                name = f"nanoseek {mode}, {'MTP' if mtp else 'no MTP'}, {precision}"
+                profile = results if args.profile and eager_or_compiled and not mtp else None
+                rows[name] = nanoseek_side(cfg, state, batches, args, device, precision, mtp,
+                                           eager_or_compiled, profile)
+                gc.collect(); torch._dynamo.reset()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     for r in rows.values():
         r["tokens_per_s"] = tokens / (r["median_step_ms"] / 1e3)
-        r["mfu"] = r["tokens_per_s"] * flops / PEAK_BF16
+        achieved = r["tokens_per_s"] * flops
+        r["mfu_datasheet"] = achieved / PEAK[r["precision"]] if device.type == "cuda" else None
+        r["mfu_measured_ceiling"] = achieved / ceilings[r["precision"]] if ceilings else None
     hf = rows.get("transformers (eager, default)")
-    if hf:
-        for r in rows.values():
-            r["speedup_vs_transformers"] = r["tokens_per_s"] / hf["tokens_per_s"]
-    result = {"benchmark": "train_throughput", **environment(), "preset": "bench-1b",
-              "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
-              "train_flops_per_token": flops, "peak_flops": PEAK_BF16, "rows": rows,
-              "config": cfg.to_dict()}
-    path = write_json(result, "train_throughput.json")
-    print(f"\n{'run':32s} {'step ms':>8s} {'tokens/s':>10s} {'MFU':>6s} {'peak GiB':>9s} {'vs HF':>6s}")
     for name, r in rows.items():
-        print(f"{name:32s} {r['median_step_ms']:8.1f} {r['tokens_per_s']:10,.0f} {r['mfu']:6.1%} "
-              f"{r['peak_memory_gib']:9.1f} {r.get('speedup_vs_transformers', float('nan')):6.2f}x")
+        if hf:
+            r["speedup_vs_transformers"] = r["tokens_per_s"] / hf["tokens_per_s"]
+        bf16 = rows.get(name.replace(", fp8", ", bf16"))  # the same row in BF16
+        if bf16 and name.endswith(", fp8"):
+            r["speedup_vs_bf16"] = r["tokens_per_s"] / bf16["tokens_per_s"]
+            r["peak_memory_vs_bf16"] = (r["peak_memory_gib"] / bf16["peak_memory_gib"]
+                                        if r["peak_memory_gib"] else None)
+    result = {"benchmark": "train_throughput", **environment(), "preset": args.preset, "layers": cfg.num_hidden_layers,
+              "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
+              "activation_checkpointing": args.activation_checkpointing, "smoke": args.smoke,
+              "train_flops_per_token": flops, "peak_flops_datasheet": PEAK,
+              "gemm_ceiling_flops_measured": ceilings, "rows": rows, "config": cfg.to_dict(),
+              "command": " ".join(sys.argv)}
+    suffix = "" if args.preset == "bench-1b" and not args.smoke else f"_{args.preset}{'_smoke' if args.smoke else ''}"
+    path = write_json(result, f"train_throughput{suffix}.json")
+    def fmt(v, spec):
+        return format(v, spec) if v is not None else format("-", f">{spec.split('.')[0]}")
+    print(f"\n{'run':34s} {'step ms':>9s} {'tokens/s':>10s} {'MFU sheet':>9s} {'MFU meas':>9s} "
+          f"{'peak GiB':>9s} {'vs HF':>6s} {'vs bf16':>7s}")
+    for name, r in rows.items():
+        print(f"{name:34s} {r['median_step_ms']:9.1f} {r['tokens_per_s']:10,.0f} {fmt(r['mfu_datasheet'], '9.1%')} "
+              f"{fmt(r['mfu_measured_ceiling'], '9.1%')} {fmt(r['peak_memory_gib'], '9.1f')} "
+              f"{fmt(r.get('speedup_vs_transformers'), '6.2f')} {fmt(r.get('speedup_vs_bf16'), '7.2f')}")
+    if ceilings:
+        print("GEMM ceilings measured: " + ", ".join(f"{k} {v / 1e12:,.0f} TFLOP/s" for k, v in ceilings.items()))
     print(f"wrote {path}")
 
 

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import nanoseek
-from nanoseek.fp8 import (Fp8Config, Fp8Experts, Fp8Linear, Fp8MLP, Fp8Unsupported, convert_to_fp8, dequantize,
-                          fast_fp8, fp8_modules, quantize, quantize_tokens)
+from nanoseek.fp8 import (Fp8Config, Fp8Unsupported, convert_to_fp8, dequantize, fast_fp8, fp8_modules, quantize,
+                          quantize_tokens)
 from nanoseek.fp8 import gemm
 from nanoseek.fp8.linear import Fp8LinearFunction
 from nanoseek.fp8.quant import ACT_TILE, FP8_MAX, WEIGHT_BLOCK, Quantized

@@ -7,10 +7,12 @@ import math
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import nanoseek
 from nanoseek.cli import main
 from nanoseek.fp8 import Fp8Unsupported, fp8_modules
+from nanoseek.loading import latest_checkpoint
 from nanoseek.train.metrics import read_metrics
 from nanoseek.train.optim import AdamWBF16Moments, build_optimizer
 from nanoseek.train.precision import prepare_precision
@@ -40,15 +42,22 @@ def tiny_model(**overrides):
 
 
 # ---------------------------------------------------------------------- --precision
-def test_precision_fp8_on_the_cpu_trains_emulated_and_saves_a_plain_checkpoint(tmp_path, capsys):
+def test_precision_fp8_on_the_cpu_trains_emulated_and_can_save_an_fp8_checkpoint(tmp_path, capsys):
     rc, out, err = cli(capsys, "train", "--preset", "tiny", "--data", DATA, "--steps", 3, "--out", tmp_path,
-                       "--precision", "fp8", "batch_size=2", "seq_len=32")
+                       "--precision", "fp8", "batch_size=2", "seq_len=32", "final_dtype=fp8")
     assert rc == 0, err
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and not r["skipped"] for r in records)
-    final = nanoseek.from_pretrained(tmp_path / "final")  # HF layout, float32 as trained
-    assert final.model.layers[1].mlp.experts.gate_proj.dtype == torch.float32
+    # the resumable checkpoints keep the float32 master weights; final/ is in V3's FP8 layout
+    latest = latest_checkpoint(tmp_path)
+    with safe_open(latest / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.layers.1.mlp.experts.0.up_proj.weight").dtype == torch.float32
+    with safe_open(tmp_path / "final" / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.layers.1.mlp.experts.0.up_proj.weight").dtype == torch.float8_e4m3fn
+        assert "model.layers.1.mlp.experts.0.up_proj.weight_scale_inv" in f.keys()
+    final = nanoseek.from_pretrained(tmp_path / "final")  # dequantized, in the BF16 the config records
+    assert final.model.layers[1].mlp.experts.gate_proj.dtype == torch.bfloat16
     assert not fp8_modules(final)  # FP8 is how it trained, not what it is
 
 
@@ -57,6 +66,7 @@ def test_precision_fp8_on_the_cpu_trains_emulated_and_saves_a_plain_checkpoint(t
     (["precision=fp9"], "train field 'precision' = 'fp9': choose auto, bf16, fp32 or fp8"),
     (["adam_moments=fp16"], "train field 'adam_moments' = 'fp16': choose one of fp32, bf16"),
     (["activation_checkpointing=1"], "train field 'activation_checkpointing' = 1: must be true or false"),
+    (["final_dtype=fp16"], "train field 'final_dtype' = 'fp16': choose auto, bf16, fp8"),
 ])
 def test_bad_precision_options_are_one_line(tmp_path, capsys, argv, message):
     rc, _, err = cli(capsys, "train", "--preset", "tiny", "--data", DATA, "--steps", 1, "--out", tmp_path, *argv)

@@ -68,6 +68,8 @@ def convert_to_fp8(model: nn.Module, config: Fp8Config | None = None,
     parameters are), which chooses fast kernels or the emulated twin."""
     config = config or Fp8Config()
     fast = fast_fp8(device or next(model.parameters()).device, config.backend)
+    if fast:
+        from . import kernels  # noqa: F401  (imports Triton and registers its ops before anything compiles)
     swaps = [(MLP, Fp8MLP), (Experts, Fp8Experts), (nn.Linear, Fp8Linear)]
     inside_mlp: set[str] = set()
     for name, module in list(model.named_modules()):

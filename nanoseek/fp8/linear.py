@@ -15,7 +15,6 @@ dW in the weight's (float32 master weights: float32 gradients, §3.3.1).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..model.moe import compute_dtype
@@ -69,7 +68,3 @@ class Fp8Linear(nn.Linear):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fp8={'fast' if self.fast else 'emulated'}"
 
-
-def linear_bf16_twin(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """What Fp8Linear replaces: the layer in the compute dtype (for comparisons)."""
-    return F.linear(x, weight.to(compute_dtype(x)))

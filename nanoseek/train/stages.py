@@ -47,10 +47,13 @@ def read_specs(spec: str, reader) -> list:
     return items
 
 
-def publish_final(model: Transformer, tokenizer_dir: Path, out: Path) -> Path:
-    """`out/final`: the model in HF layout with its tokenizer, what later stages load."""
+def publish_final(model: Transformer, tokenizer_dir: Path, out: Path, dtype: str = "auto") -> Path:
+    """`out/final`: the model in HF layout with its tokenizer, what later stages load. dtype
+    (train field final_dtype): auto keeps the training dtype; fp8 writes V3's FP8 layout (hf.py)."""
+    import torch
+
     final = out / "final"
-    save_pretrained(model, final)
+    save_pretrained(model, final, dtype={"auto": None, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[dtype])
     for f in tokenizer_dir.iterdir():
         if f.is_file():
             shutil.copy2(f, final / f.name)
@@ -82,7 +85,7 @@ def publish_trained(trainer: Trainer, tok_dir: Path, out: Path) -> None:
     """`out/final` from the trainer's model, by the process that publishes it."""
     model = trainer.final_model()
     if model is not None:
-        publish_final(model, tok_dir, out)
+        publish_final(model, tok_dir, out, trainer.cfg.final_dtype)
 
 
 def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str, out: str | Path,

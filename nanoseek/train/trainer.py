@@ -39,6 +39,9 @@ from .recompute import checkpoint_blocks
 from .step import train_step
 
 
+FINAL_DTYPES = ("auto", "bf16", "fp8")  # of a run's final/ (stages.publish_final)
+
+
 class TrainingError(RuntimeError):
     """A run cannot continue; the message says why and what to change."""
 
@@ -69,6 +72,8 @@ class TrainConfig(CheckedConfig):
                                        "DeepSeek-V3's FP8 GEMMs (train/precision.py; emulated on the CPU)")
     activation_checkpointing: bool = described(False, "recompute each block in the backward (memory for compute)")
     adam_moments: str = described("fp32", f"AdamW's moments in {' or '.join(MOMENTS)} (V3 §3.3.3)")
+    final_dtype: str = described("auto", "final/ as trained (auto), in bf16, or in fp8: V3's FP8 checkpoint "
+                                         "layout")
     compile: bool = described(False, "torch.compile the model")
     save_every: int | None = described(None, "checkpoint every K steps (null: every tenth of the run; "
                                              "0: only at the end)")
@@ -89,6 +94,7 @@ class TrainConfig(CheckedConfig):
         self.need_one_of("schedule", SCHEDULES)
         self.need_one_of("precision", PRECISIONS)
         self.need_one_of("adam_moments", MOMENTS)
+        self.need_one_of("final_dtype", FINAL_DTYPES)
 
 
 def refuse_existing_run(run_dir: str | Path) -> None:

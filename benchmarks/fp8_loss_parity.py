@@ -1,0 +1,123 @@
+"""Loss parity: the same pretraining run in BF16 and in FP8 (nanoseek/fp8), both curves in one plot.
+
+V3 Appendix B.1 trains the same models in BF16 and in its FP8 recipe and reports the FP8
+run's loss within 0.25% relative of BF16's. Here: one model config, one tokenizer (trained
+once on the data), the same seed, data order and schedule; only `precision` differs. The
+figure compared is the final training loss, the mean over the last `--tail` steps (one
+step's loss is noisy), and its relative difference.
+
+    python benchmarks/fp8_loss_parity.py [--preset small --steps 2000 --batch 32 --seq 512]
+    python benchmarks/fp8_loss_parity.py --smoke    the CPU (FP8 emulated), tiny preset, 10 steps
+
+Writes fp8_loss_parity[_PRESET][_smoke].json and .png into benchmarks/results (or $OUT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, out_dir, write_json  # noqa: E402
+
+from nanoseek import preset  # noqa: E402
+from nanoseek.train.metrics import read_metrics  # noqa: E402
+from nanoseek.train.stages import pretrain, train_config  # noqa: E402
+
+DATA = ("builtin:arithmetic:level=1:n=30000,builtin:arithmetic:level=2:n=10000,"
+        "builtin:arithmetic:level=3:n=10000,builtin:countdown:level=1:n=10000")
+V3_CLAIM = 0.0025  # V3 Appendix B.1: relative loss error below 0.25%
+
+
+def run(precision: str, args, work: Path, tokenizer: Path | None) -> list[dict]:
+    cfg = train_config(steps=args.steps, batch_size=args.batch, seq_len=args.seq, lr=args.lr,
+                       warmup=args.warmup, precision=precision, compile=args.compile, seed=0)
+    out = work / precision
+    model_cfg = preset(args.preset, **({"num_hidden_layers": args.layers} if args.layers else {}))
+    pretrain(model_cfg, cfg, args.data, out, tokenizer=tokenizer, progress=False)
+    return read_metrics(out)
+
+
+def plot(curves: dict[str, list[dict]], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax, rel) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 1))
+    smooth = {}
+    for name, records in curves.items():
+        steps = [r["step"] for r in records]
+        loss = [r["loss"] for r in records]
+        ema, s = [], loss[0]
+        for v in loss:  # exponential moving average, for the eye
+            s = 0.95 * s + 0.05 * v
+            ema.append(s)
+        smooth[name] = ema
+        line, = ax.plot(steps, loss, alpha=0.25, linewidth=0.8)
+        ax.plot(steps, ema, color=line.get_color(), linewidth=1.5, label=f"{name} (EMA 0.95)")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    steps = [r["step"] for r in curves["bf16"]]
+    rel.plot(steps, [100 * (f - b) / b for f, b in zip(smooth["fp8"], smooth["bf16"])], color="black", linewidth=1)
+    rel.axhline(100 * V3_CLAIM, color="tab:red", linestyle="--", linewidth=0.8)
+    rel.axhline(-100 * V3_CLAIM, color="tab:red", linestyle="--", linewidth=0.8, label="±0.25% (V3 B.1)")
+    rel.set_ylabel("fp8 - bf16 (% of bf16)")
+    rel.set_xlabel("step")
+    rel.grid(alpha=0.3)
+    rel.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--tail", type=int, default=100, help="final loss: the mean over these last steps")
+    ap.add_argument("--data", default=DATA)
+    ap.add_argument("--compile", action="store_true", help="torch.compile both runs (GPU)")
+    ap.add_argument("--smoke", action="store_true", help="the CPU, tiny preset, 10 steps")
+    args = ap.parse_args()
+    if args.smoke:
+        args.preset, args.steps, args.batch, args.seq, args.warmup, args.tail = "tiny", 10, 2, 64, 2, 5
+        args.data, args.compile = "builtin:arithmetic:level=1:n=300", False
+    if not torch.cuda.is_available() and not args.smoke:
+        print("note: no GPU; the FP8 run is the emulated twin (slow)", file=sys.stderr)
+    work = Path(tempfile.mkdtemp(prefix="fp8_parity-"))
+    try:
+        curves = {"bf16": run("bf16", args, work, None)}
+        curves["fp8"] = run("fp8", args, work, work / "bf16" / "tokenizer")  # the same tokenizer
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    final = {k: sum(r["loss"] for r in v[-args.tail:]) / len(v[-args.tail:]) for k, v in curves.items()}
+    rel = (final["fp8"] - final["bf16"]) / final["bf16"]
+    tokens = args.steps * args.batch * args.seq
+    name = f"fp8_loss_parity{'' if args.preset == 'small' else '_' + args.preset}{'_smoke' if args.smoke else ''}"
+    png = out_dir() / f"{name}.png"
+    plot(curves, png, f"{args.preset}: BF16 vs FP8, {args.steps} steps, {tokens / 1e6:.0f}M tokens")
+    result = {"benchmark": "fp8_loss_parity", **environment(), "preset": args.preset, "layers": args.layers,
+              "steps": args.steps, "batch": args.batch, "seq": args.seq, "tokens": tokens, "lr": args.lr,
+              "data": args.data, "tail": args.tail, "final_loss": final, "relative_difference": rel,
+              "within_v3_claim": abs(rel) <= V3_CLAIM, "command": " ".join(sys.argv),
+              "curves": {k: [{"step": r["step"], "loss": r["loss"]} for r in v] for k, v in curves.items()}}
+    path = write_json(result, f"{name}.json")
+    print(f"final training loss (mean of the last {args.tail} steps): bf16 {final['bf16']:.4f}, "
+          f"fp8 {final['fp8']:.4f}, relative {rel:+.3%} (V3 B.1: within ±{V3_CLAIM:.2%})")
+    print(f"wrote {path} and {png}")
+
+
+if __name__ == "__main__":
+    main()
