@@ -21,6 +21,8 @@ Fast path (`fast=True`, an FP8-capable Hopper GPU):
 - grouped: torch 2.14's `_scaled_grouped_mm` has no blockwise scales (rowwise or MXFP8 only),
   so kernels.py has two Triton kernels doing the same per-128-K promotion.
 Shapes cuBLAS does not take (a dimension not a multiple of 16) go to the Triton kernels too.
+benchmarks/fp8_gemm_error.py measures both paths' accumulation error against an FP8 GEMM that
+sums all of K in the tensor cores (no promotion).
 """
 
 from __future__ import annotations
