@@ -2,8 +2,9 @@
 
 `checkpoint_blocks(model)` makes every decoder layer (MTP layers included) keep only its
 input for the backward and recompute the rest there: the memory of one layer's activations
-instead of all of them, for about one more forward pass of compute (the trade V3 §3.3.3
-and §3.2.3 make). Names, parameters and state_dict stay as they are: the layer's own
+instead of all of them, for about one more forward pass of compute. V3 makes this trade for
+a few operators (§3.2.3: RMSNorm and the MLA up-projections; §3.3.3: the SwiGLU, which
+nanoseek/fp8 recomputes too); here it is whole blocks. Names, parameters and state_dict stay as they are: the layer's own
 `forward` is wrapped in place, no wrapper module is inserted.
 
 The router counts each expert's tokens in its forward (the bias update's input). A
