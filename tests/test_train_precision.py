@@ -154,3 +154,22 @@ def test_train_fields_for_memory_train_and_resume(tmp_path):
     exp_avg = [s["exp_avg"] for s in resumed.optimizer.state.values()]
     assert exp_avg and all(t.dtype == torch.bfloat16 for t in exp_avg)
     assert build_optimizer(tiny_model(), 1e-3).__class__ is torch.optim.AdamW  # the default
+
+
+def test_grpo_in_fp8_updates_the_policy_through_the_fp8_layers(tmp_path):
+    from nanoseek.data.tokenizer import ChatTokenizer, byte_tokenizer
+    from nanoseek.rl.trainer import GRPOTrainer, grpo_config
+    cfg = grpo_config(group_size=2, prompts_per_step=2, max_new_tokens=6, lr=1e-3, steps=1, beta=0.0,
+                      precision="fp8", rewards={"length": 1.0})
+
+    def length(prompts, completions, **kwargs):
+        return [float(len(c)) for c in completions]
+    torch.manual_seed(0)
+    model = nanoseek.Transformer(nanoseek.preset("tiny"))
+    trainer = GRPOTrainer(model, ChatTokenizer(byte_tokenizer(1024)), "arithmetic", cfg, tmp_path,
+                          reward_funcs={"length": length})
+    assert trainer.autocast is None and fp8_modules(trainer.model)  # the CPU: emulated, float32 around it
+    before = trainer.model.model.layers[0].self_attn.kv_b_proj.weight.detach().clone()
+    stats = trainer.train_step()  # rollouts in eval mode (BF16 layers), the update in train mode (FP8)
+    assert math.isfinite(stats["loss"]) and not stats["skipped"]
+    assert not trainer.model.model.layers[0].self_attn.kv_b_proj.weight.equal(before)

@@ -4,8 +4,8 @@
 input for the backward and recompute the rest there: the memory of one layer's activations
 instead of all of them, for about one more forward pass of compute. V3 makes this trade for
 a few operators (§3.2.3: RMSNorm and the MLA up-projections; §3.3.3: the SwiGLU, which
-nanoseek/fp8 recomputes too); here it is whole blocks. Names, parameters and state_dict stay as they are: the layer's own
-`forward` is wrapped in place, no wrapper module is inserted.
+nanoseek/fp8 recomputes too); here it is whole blocks. Names, parameters and state_dict stay
+as they are: the layer's own `forward` is wrapped in place, no wrapper module is inserted.
 
 The router counts each expert's tokens in its forward (the bias update's input). A
 recomputation must not count them a second time: eagerly, the recomputation runs with the
