@@ -338,11 +338,11 @@ def test_convert_swaps_by_name_and_keeps_parameters_names_and_eval_outputs():
     assert list(model.state_dict()) == before_keys
     assert all(p is params[n] for n, p in model.named_parameters())  # an optimizer built before still holds them
     kinds = {n: type(m).__name__ for n, m in fp8_modules(model).items()}
-    assert kinds["model.layers.0.mlp"] == "Fp8MLP"                       # dense layer
-    assert kinds["model.layers.1.mlp.experts"] == "Fp8Experts"           # routed experts
-    assert kinds["model.layers.1.mlp.shared_experts"] == "Fp8MLP"        # shared experts
-    assert kinds["model.layers.1.self_attn.q_a_proj"] == "Fp8Linear"
-    assert kinds["model.layers.3.eh_proj"] == "Fp8Linear"                # MTP's projection
+    assert kinds["model.layers.0.mlp"] == "Fp8TrainMLP"                       # dense layer
+    assert kinds["model.layers.1.mlp.experts"] == "Fp8TrainExperts"           # routed experts
+    assert kinds["model.layers.1.mlp.shared_experts"] == "Fp8TrainMLP"        # shared experts
+    assert kinds["model.layers.1.self_attn.q_a_proj"] == "Fp8TrainLinear"
+    assert kinds["model.layers.3.eh_proj"] == "Fp8TrainLinear"                # MTP's projection
     assert "lm_head" not in kinds and "model.layers.0.mlp.gate_proj" not in kinds
     assert type(model.lm_head) is nn.Linear and type(model.model.layers[1].mlp.gate) is Router
     assert type(model.model.embed_tokens) is nn.Embedding

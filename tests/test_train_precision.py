@@ -173,3 +173,13 @@ def test_grpo_in_fp8_updates_the_policy_through_the_fp8_layers(tmp_path):
     stats = trainer.train_step()  # rollouts in eval mode (BF16 layers), the update in train mode (FP8)
     assert math.isfinite(stats["loss"]) and not stats["skipped"]
     assert not trainer.model.model.layers[0].self_attn.kv_b_proj.weight.equal(before)
+
+
+@pytest.mark.parametrize("field, shown", [({"precision": "fp8"}, "precision=fp8"),
+                                          ({"activation_checkpointing": True}, "activation_checkpointing=true")])
+def test_parallel_runs_refuse_fp8_and_recompute_for_now(tmp_path, field, shown):
+    from nanoseek.parallel.mesh import ParallelConfig, ParallelError
+    from nanoseek.parallel.trainer import ParallelTrainer
+    cfg = train_config(steps=1, batch_size=2, seq_len=32, **field)
+    with pytest.raises(ParallelError, match=f"^{shown} is not supported with --dp/--ep/--pp yet; drop it$"):
+        ParallelTrainer(tiny_model(), None, cfg, tmp_path, ParallelConfig(dp=1))

@@ -44,9 +44,11 @@ Layout of this package:
     quant.py    the quantize -> dequantize maths (tiles, blocks, ragged edges, amax = 0, inf/NaN)
     gemm.py     the three GEMM shapes, each an emulated float32 twin and a fast path
     kernels.py  Triton grouped FP8 GEMMs for the experts (torch has no blockwise grouped one)
-    linear.py   Fp8Linear: the autograd function of one linear layer
-    swiglu.py   Fp8MLP, Fp8Experts: SwiGLU in FP8 with the recompute, dense and grouped
+    linear.py   Fp8TrainLinear: one linear layer's autograd function
+    swiglu.py   Fp8TrainMLP, Fp8TrainExperts: SwiGLU in FP8 with the recompute, dense and grouped
     convert.py  convert_to_fp8: the module swap by name, Fp8Config, the device check
+
+(infer/fp8_weights.py is the other FP8: weights kept in FP8 at inference, computed in BF16.)
 
 The twin is what runs on the CPU (`--precision fp8` there is emulated: same quantization,
 float32 GEMMs, for checking the maths, not for speed) and what the GPU tests compare the
@@ -54,9 +56,9 @@ fast path against.
 """
 
 from .convert import Fp8Config, Fp8Unsupported, convert_to_fp8, fast_fp8, fp8_modules
-from .linear import Fp8Linear
+from .linear import Fp8TrainLinear
 from .quant import Quantized, dequantize, quantize, quantize_tokens
-from .swiglu import Fp8Experts, Fp8MLP
+from .swiglu import Fp8TrainExperts, Fp8TrainMLP
 
-__all__ = ["Fp8Config", "Fp8Experts", "Fp8Linear", "Fp8MLP", "Fp8Unsupported", "Quantized", "convert_to_fp8",
-           "dequantize", "fast_fp8", "fp8_modules", "quantize", "quantize_tokens"]
+__all__ = ["Fp8Config", "Fp8TrainExperts", "Fp8TrainLinear", "Fp8TrainMLP", "Fp8Unsupported", "Quantized",
+           "convert_to_fp8", "dequantize", "fast_fp8", "fp8_modules", "quantize", "quantize_tokens"]

@@ -1,13 +1,15 @@
 """Applying FP8 to a built model from outside: a module swap chosen by name (torchao style).
 
 `convert_to_fp8(model, config)` walks the modules once and swaps, in place:
-- every SwiGLU MLP (dense layers, shared experts) for `Fp8MLP`,
-- every routed `Experts` for `Fp8Experts`,
-- every other `nn.Linear` (the attention projections, MTP's eh_proj) for `Fp8Linear`,
+- every SwiGLU MLP (dense layers, shared experts) for `Fp8TrainMLP`,
+- every routed `Experts` for `Fp8TrainExperts`,
+- every other `nn.Linear` (the attention projections, MTP's eh_proj) for `Fp8TrainLinear`,
 unless `config.skip` names it (the output head, V3 §3.3.1). The embedding, the router (its
 logits are float32 in `Router`), the norms and the attention operator are no nn.Linear and
-stay as they are. A swapped module keeps its parameters and names (checkpoints, optimizer
-state and `hf.save_pretrained` see the same model) and runs the plain BF16 layer in eval mode.
+stay as they are; so do subclasses of the three (they compute their own way, e.g.
+infer/fp8_weights.py's FP8-stored experts). A swapped module keeps its parameters and names
+(checkpoints, optimizer state and `hf.save_pretrained` see the same model) and runs the plain
+BF16 layer in eval mode.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import torch
 from torch import nn
 
 from ..model.moe import MLP, Experts
-from .linear import Fp8Linear
-from .swiglu import Fp8Experts, Fp8MLP
+from .linear import Fp8TrainLinear
+from .swiglu import Fp8TrainExperts, Fp8TrainMLP
 
 BACKENDS = ("auto", "emulated")
 
@@ -70,18 +72,18 @@ def convert_to_fp8(model: nn.Module, config: Fp8Config | None = None,
     fast = fast_fp8(device or next(model.parameters()).device, config.backend)
     if fast:
         from . import kernels  # noqa: F401  (imports Triton and registers its ops before anything compiles)
-    swaps = [(MLP, Fp8MLP), (Experts, Fp8Experts), (nn.Linear, Fp8Linear)]
+    swaps = [(MLP, Fp8TrainMLP), (Experts, Fp8TrainExperts), (nn.Linear, Fp8TrainLinear)]
     inside_mlp: set[str] = set()
     for name, module in list(model.named_modules()):
         if any(s in name for s in config.skip) or name.rpartition(".")[0] in inside_mlp:
             continue
         for plain, fp8 in swaps:
-            if isinstance(module, plain) and not isinstance(module, fp8):
+            if type(module) is plain:  # not a subclass: infer/fp8_weights' FP8-stored experts, say
                 module.__class__ = fp8  # same object: parameters, hooks and parents stay
                 module.fast = fast
-                if fp8 is Fp8Linear:
+                if fp8 is Fp8TrainLinear:
                     module.save_fp8_input = not any(k in name for k in config.keep_input)
-                if fp8 is Fp8MLP:
+                if fp8 is Fp8TrainMLP:
                     inside_mlp.add(name)
                 break
     return model
@@ -89,4 +91,5 @@ def convert_to_fp8(model: nn.Module, config: Fp8Config | None = None,
 
 def fp8_modules(model: nn.Module) -> dict[str, nn.Module]:
     """name -> module of everything convert_to_fp8 swapped."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, (Fp8Linear, Fp8MLP, Fp8Experts))}
+    kinds = (Fp8TrainLinear, Fp8TrainMLP, Fp8TrainExperts)
+    return {n: m for n, m in model.named_modules() if isinstance(m, kinds)}

@@ -51,7 +51,7 @@ class Fp8LinearFunction(torch.autograd.Function):
         return dx, dw, None, None
 
 
-class Fp8Linear(nn.Linear):
+class Fp8TrainLinear(nn.Linear):
     """nn.Linear whose training forward runs the FP8 recipe; eval mode (inference, rollouts,
     evaluation) runs the plain layer. Same parameters and names: checkpoints do not change.
     Made by `convert.convert_to_fp8`, not constructed directly."""

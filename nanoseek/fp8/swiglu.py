@@ -67,7 +67,7 @@ def fp8_swiglu(x_MD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E, fast: bool) ->
     return Fp8SwiGLUFunction.apply(x_MD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E, fast)
 
 
-class Fp8MLP(MLP):
+class Fp8TrainMLP(MLP):
     """A dense SwiGLU (dense layers, shared experts) in FP8 in training mode. The same
     gate_proj / up_proj / down_proj linears hold the weights, as in checkpoints."""
 
@@ -81,7 +81,7 @@ class Fp8MLP(MLP):
         return y_MD.view(*x.shape[:-1], -1)
 
 
-class Fp8Experts(Experts):
+class Fp8TrainExperts(Experts):
     """The routed experts in FP8 in training mode: model/moe.py's grouped path (tokens sorted
     by expert, one grouped GEMM per projection) with FP8 GEMMs."""
 

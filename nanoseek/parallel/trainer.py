@@ -34,6 +34,11 @@ class ParallelTrainer(Trainer):
         check_batch(cfg, parallel)
         if cfg.compile:
             raise ParallelError("compile=true is not supported with --dp/--ep/--pp yet; drop it")
+        # the expert-parallel layers replace the FP8 experts, and a layer's recompute has not
+        # been tried under FSDP's hooks or the pipeline's stages
+        for name, value in (("precision", "fp8"), ("activation_checkpointing", True)):
+            if getattr(cfg, name) == value:
+                raise ParallelError(f"{name}={str(value).lower()} is not supported with --dp/--ep/--pp yet; drop it")
         if cfg.device not in ("auto", device_type()):
             raise ParallelError(f"device={cfg.device!r}: a parallel run uses one {device_type()} per "
                                 "process; leave device=auto")
@@ -45,7 +50,7 @@ class ParallelTrainer(Trainer):
         self.mesh = build_mesh(parallel) if world > 1 else None
         self.pm = parallelize(model, parallel, self.mesh, self.device)
         self.model = self.pm.view
-        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay)
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, moments=cfg.adam_moments)
         dp_rank = self.mesh.dp.get_local_rank() if self.mesh is not None else 0
         rows = cfg.batch_size // parallel.dp
         self.rows = slice(dp_rank * rows, (dp_rank + 1) * rows)

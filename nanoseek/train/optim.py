@@ -80,7 +80,7 @@ class AdamWBF16Moments(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
                 state["step"] += 1
-                step = state["step"].to(p.device)  # bias corrections as tensors: no host read
+                step = float(state["step"])  # a CPU tensor, as torch's AdamW keeps it: no device sync
                 g = p.grad.float()
                 m = state["exp_avg"].float().lerp_(g, 1 - beta1)
                 v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -88,7 +88,7 @@ class AdamWBF16Moments(torch.optim.Optimizer):
                 state["exp_avg_sq"].copy_(v)
                 p.mul_(1 - lr * wd)
                 denom = (v / (1 - beta2 ** step)).sqrt_().add_(eps)
-                p.add_(m / denom * (-lr / (1 - beta1 ** step)))
+                p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** step))
         return loss
 
 
