@@ -33,6 +33,16 @@ def few_threads():
 
 
 @pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: tiny models gain nothing from more, and lose much (many
+    times their run time) when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def model():
     """The tiny preset with its weights scaled up: sharper logits, so that no near-tie lets
     two equal computations (cached vs recomputed, 1-token vs (k+1)-token forwards) pick

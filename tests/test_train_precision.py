@@ -20,14 +20,7 @@ from nanoseek.train.recompute import checkpoint_blocks
 from nanoseek.train.stages import train_config
 
 DATA = "builtin:arithmetic:level=1:n=200"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def cli(capsys, *argv):
@@ -66,7 +59,7 @@ def test_precision_fp8_on_the_cpu_trains_emulated_and_can_save_an_fp8_checkpoint
     (["precision=fp9"], "train field 'precision' = 'fp9': choose auto, bf16, fp32 or fp8"),
     (["adam_moments=fp16"], "train field 'adam_moments' = 'fp16': choose one of fp32, bf16"),
     (["activation_checkpointing=1"], "train field 'activation_checkpointing' = 1: must be true or false"),
-    (["final_dtype=fp16"], "train field 'final_dtype' = 'fp16': choose auto, bf16, fp8"),
+    (["final_dtype=fp16"], "train field 'final_dtype' = 'fp16': choose one of auto, bf16, fp8"),
 ])
 def test_bad_precision_options_are_one_line(tmp_path, capsys, argv, message):
     rc, _, err = cli(capsys, "train", "--preset", "tiny", "--data", DATA, "--steps", 1, "--out", tmp_path, *argv)
