@@ -56,10 +56,10 @@ def test_precision_fp8_on_the_cpu_trains_emulated_and_can_save_an_fp8_checkpoint
 
 @pytest.mark.parametrize("argv, message", [
     (["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
-    (["precision=fp9"], "train field 'precision' = 'fp9': choose auto, bf16, fp32 or fp8"),
-    (["adam_moments=fp16"], "train field 'adam_moments' = 'fp16': choose one of fp32, bf16"),
-    (["activation_checkpointing=1"], "train field 'activation_checkpointing' = 1: must be true or false"),
-    (["final_dtype=fp16"], "train field 'final_dtype' = 'fp16': choose one of auto, bf16, fp8"),
+    (["precision=fp9"], "train field 'precision' = 'fp9': must be one of auto, bf16, fp32, fp8"),
+    (["adam_moments=fp16"], "train field 'adam_moments' = 'fp16': must be one of fp32, bf16"),
+    (["activation_checkpointing=1"], "train field 'activation_checkpointing' = 1: must be bool"),
+    (["final_dtype=fp16"], "train field 'final_dtype' = 'fp16': must be one of auto, bf16, fp8"),
 ])
 def test_bad_precision_options_are_one_line(tmp_path, capsys, argv, message):
     rc, _, err = cli(capsys, "train", "--preset", "tiny", "--data", DATA, "--steps", 1, "--out", tmp_path, *argv)
@@ -69,7 +69,7 @@ def test_bad_precision_options_are_one_line(tmp_path, capsys, argv, message):
 def test_grpo_precision_is_checked_too(tmp_path, capsys):
     rc, _, err = cli(capsys, "grpo", "--model", tmp_path, "--task", "arithmetic", "--out", tmp_path / "g",
                      "precision=fp9")
-    assert rc == 2 and "grpo field 'precision' = 'fp9': choose auto, bf16, fp32 or fp8" in err
+    assert rc == 2 and "grpo field 'precision' = 'fp9': must be one of auto, bf16, fp32, fp8" in err
 
 
 def test_fp8_on_a_gpu_without_it_stops_before_touching_the_model(monkeypatch):
