@@ -463,7 +463,7 @@ def test_every_field_is_type_checked(config):
     dict(steps=0), dict(batch_size=0), dict(seq_len=0), dict(grad_accum=0), dict(max_bad_steps=0),
     dict(warmup=-1), dict(keep_last=-1), dict(seed=-1), dict(save_every=-1), dict(lr=0.0),
     dict(min_lr_ratio=1.5), dict(decay_frac=-0.1), dict(weight_decay=-0.1), dict(grad_clip=-1.0),
-    dict(schedule="sideways"), dict(precision="fp8"),
+    dict(schedule="sideways"), dict(precision="fp16"),
 ])
 def test_train_fields_are_range_checked(changes):
     [(name, value)] = changes.items()
