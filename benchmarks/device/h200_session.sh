@@ -16,6 +16,11 @@
 #                                              # tests, experts shapes swept, where steps at 8 and 32 go
 #   bash benchmarks/device/h200_session.sh serve      # serve load at 64 clients
 #   bash benchmarks/device/h200_session.sh trl        # GRPO step time: nanoseek vs TRL
+#   bash benchmarks/device/h200_session.sh shapes     # GPU tests (FP8, fused, engine), decode on V2-Lite and a V3
+#                                              # slice: fused vs compiled recorded as the default path
+#   bash benchmarks/device/h200_session.sh fp8        # FP8 GEMM error, FP8-resident decode, long-context
+#                                              # attention, training throughput BF16 vs FP8 on V2-Lite layers
+#   bash benchmarks/device/h200_session.sh serving    # FP8 vs BF16 loss parity, serve load, prefix cache
 #
 # Environment: MINUTES, GRPO_MINUTES, SPEEDRUN_LIMIT, SPECULATIVE (speedrun); TRL_ARGS (trl, measure);
 # DECODE_ARGS (decode, measure: e.g. "--tuned-option combo_kernels=true"); DECODE_MODES (decode.py --modes);
@@ -99,7 +104,43 @@ serve() {  # limit: 64 streaming clients against serve --compile
   echo "serve done at $(elapsed)s"
 }
 
+real_decode() {  # limit, decode.py arguments: a real-shape decode run, its JSON and log kept
+  enough "$1" 60 || return
+  local limit=$1; shift
+  OUT=$OUT timeout "$limit" python3 benchmarks/decode.py "$@" 2>&1 | grep -v Warning | tee -a "$OUT/decode_shapes.log"
+  echo "decode $* done at $(elapsed)s"
+}
+bench() {  # limit, least seconds, script and its arguments, logged to $OUT/<script>.log
+  enough "$1" "$2" || return
+  local limit=$1; shift 2
+  local name; name=$(basename "$1" .py)
+  OUT=$OUT timeout "$limit" python3 "$@" 2>&1 | grep -v Warning | tee -a "$OUT/$name.log" | tail -30
+  echo "$name done at $(elapsed)s"
+}
+
 case $stage in
+  shapes)  # the GPU tests of the FP8 kernels and the fused step, then decode on real shapes; the measured
+           # fused-vs-compiled batches are recorded into decode_paths.json (brought back in $OUT)
+    gpu_tests 190 tests/test_fp8.py tests/test_fp8_weights.py tests/test_fused_decode.py tests/test_moe_kernels.py \
+      tests/test_inference_config.py tests/test_gpu.py tests/test_engine.py tests/test_decode_paths.py
+    real_decode "$(left 400)" --preset deepseek-v2-lite --batches 1 32 --new 64 --modes compiled fused --record-paths
+    real_decode "$(left 570)" --preset deepseek-v3 --layers 2 --batches 1 32 --new 64 --modes compiled fused \
+      --record-paths --skip-hf
+    cp nanoseek/infer/decode_paths.json "$OUT/"
+    ;;
+  fp8)  # blockwise FP8 GEMM error, FP8-resident weights at decode, long-context attention, training speed
+    bench 40 20 benchmarks/fp8_gemm_error.py
+    real_decode "$(left 200)" --preset deepseek-v2-lite --batches 1 32 --new 64 --modes compiled --fp8 --sharpen 5 --skip-hf
+    real_decode "$(left 290)" --preset deepseek-v3 --layers 2 --batches 1 --new 64 --modes compiled --fp8 --sharpen 5 --skip-hf
+    bench "$(( $(left 350) ))" 40 benchmarks/attention.py --contexts 4096 32768 131072 --batches 1 16
+    bench "$(left 570)" 90 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
+      --precision bf16,fp8 --profile
+    ;;
+  serving)  # FP8 vs BF16 loss parity, the server under 64 clients, prefix caching
+    bench 320 120 benchmarks/fp8_loss_parity.py --preset small --steps 2000 --compile
+    bench "$(left 440)" 60 benchmarks/serve_load.py --preset bench-1b --clients 64 --max-batch 64 --requests 4 --new 128 --compile
+    bench "$(left 570)" 60 benchmarks/prefix_cache.py --preset bench-1b --requests 64 --system-tokens 2000 --compile
+    ;;
   speedrun)
     timeout "${SPEEDRUN_LIMIT:-570}" python3 -m nanoseek.cli speedrun --out runs/h200 --minutes "${MINUTES:-1.5}" \
       --grpo-minutes "${GRPO_MINUTES:-4.5}" 2>&1 | tee "$OUT/speedrun.log"
@@ -145,8 +186,8 @@ case $stage in
   step) step 585 ;;
   serve) serve 585 ;;
   trl) trl 585 ;;
-  *) echo "unknown stage $stage: speedrun, decode, mtp, spec, measure, fused, tune, step, serve or trl" >&2; exit 2 ;;
+  *) echo "unknown stage $stage: speedrun, decode, mtp, spec, measure, fused, tune, step, serve, trl, shapes, fp8 or serving" >&2; exit 2 ;;
 esac
 echo "stage $stage: $(elapsed)s"
-# a call returns at most 8 files: the logs travel as one archive beside the JSON results
-(cd "$OUT" && tar czf logs.tgz ./*.log gpu.txt 2>/dev/null && rm -f ./*.log gpu.txt)
+# a call returns at most 8 files: everything travels as one archive
+(cd "$OUT" && tar czf /tmp/results.tgz . && rm -rf ./* && mv /tmp/results.tgz .)
