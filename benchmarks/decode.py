@@ -26,7 +26,8 @@ CUDA graphs (`eager`). Greedy tokens are compared with the compiled engine's
 changes some) and between an engine's first and last run (`same_tokens_run_to_run`).
 `--fp8`: the BF16 rows run the weights an FP8 checkpoint of the model holds, dequantised
 (the twin), then the same modes run them FP8-resident (128x128 block scales, as the official
-V3 checkpoints: infer/fp8_weights.py), rows marked "FP8 weights" with `speedup_vs_bf16` and
+V3 checkpoints: infer/fp8_weights.py), weight-only and with the activations in FP8 too
+(`--fp8-kernels auto w8a8`), rows marked "FP8 weights" with `speedup_vs_bf16` and
 `same_tokens_as_bf16` against the BF16 row of their mode and batch (`--sharpen 5` for logits far from ties: tests/conftest.py's model). Each
 figure is the median of `--repeat` runs after a warm-up run.
 `--record-paths` (with
@@ -192,6 +193,9 @@ def main():
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--modes", nargs="+", default=["default", "compiled"], choices=list(MODES))
     ap.add_argument("--fp8", action="store_true", help="the modes again with the layer weights in FP8")
+    ap.add_argument("--fp8-kernels", nargs="+", default=["auto", "w8a8"], choices=["auto", "w8a8"],
+                    help="with --fp8, FP8Linear's kernels to run: weight-only (auto) and/or activations in FP8 "
+                         "too (w8a8)")
     ap.add_argument("--sharpen", type=float, default=1.0, metavar="F",
                     help="every random weight times F (tests/conftest.py's model: 5): logits far from ties, "
                          "so token agreement between modes measures their arithmetic")
@@ -240,8 +244,13 @@ def main():
         fp8_round_trip(model)
     engine_rows(model, plists, args, common, device, bandwidth, rows, tokens)
     if args.fp8:
-        from nanoseek.infer.fp8_weights import quantize_weights
-        engine_rows(quantize_weights(model), plists, args, common, device, bandwidth, rows, tokens, " FP8 weights")
+        from nanoseek.infer.fp8_weights import FP8Linear, quantize_weights
+        quantize_weights(model)
+        for kernel in args.fp8_kernels:
+            for m in model.modules():
+                if isinstance(m, FP8Linear):
+                    m.kernel = kernel
+            engine_rows(model, plists, args, common, device, bandwidth, rows, tokens, FP8_LABELS[kernel])
     for B in args.batches:
         hf_row = rows.get(f"transformers generate, batch {B}")
         for r in rows.values():
@@ -264,6 +273,9 @@ def main():
         record_paths(cfg, dtype, device, rows, f"benchmarks/results/{name}")
     if args.profile and device.type == "cuda":
         profile_decode_step(model, args, prompts)
+
+
+FP8_LABELS = {"auto": " FP8 weights", "w8a8": " FP8 weights, W8A8"}
 
 
 def fp8_round_trip(model) -> None:

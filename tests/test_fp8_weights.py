@@ -211,3 +211,55 @@ def test_quantizing_a_loaded_model_equals_loading_its_fp8_checkpoint(fp8_dir, tm
     want = {k: v for k, v in loaded.state_dict().items() if v.dtype == torch.float8_e4m3fn or k.endswith(SCALE_SUFFIX)}
     got = quantized.state_dict()
     assert want and all(torch.equal(got[k].float(), v.float()) for k, v in want.items())
+
+
+def hand_w8a8(x: torch.Tensor, w_fp8: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """x quantised by hand per row and 128 columns (float32 scale amax/448, x/scale rounded
+    to E4M3), times the dequantised FP8 weight, in float64."""
+    from nanoseek.hf import dequantize_fp8_blockwise
+    tiles = x.float().unflatten(-1, (-1, 128))
+    scale = tiles.abs().amax(-1, keepdim=True) / 448
+    x_q = ((tiles / scale).to(torch.float8_e4m3fn).double() * scale.double()).flatten(-2)
+    return x_q @ dequantize_fp8_blockwise(w_fp8, scale_inv).double().T
+
+
+def w8a8_linear(out_features: int, in_features: int) -> FP8Linear:
+    linear = torch.nn.Linear(in_features, out_features, bias=False)
+    return FP8Linear(linear, (128, 128), kernel="w8a8")
+
+
+def test_w8a8_quantizes_activations_per_1x128_tile():
+    """kernel="w8a8" on the CPU (the float32 twin): the hand-quantised activations times the
+    FP8 weight, to float32 rounding of the K-long sums."""
+    torch.manual_seed(0)
+    layer = w8a8_linear(192, 256)
+    x = torch.randn(3, 256) * torch.logspace(-2, 2, 256)  # tiles of very different ranges
+    with torch.no_grad():
+        got = layer(x).double()
+    want = hand_w8a8(x, layer.weight, layer.weight_scale_inv)
+    from nanoseek.hf import dequantize_fp8_blockwise
+    mag = x.double().abs() @ dequantize_fp8_blockwise(layer.weight, layer.weight_scale_inv).double().abs().T
+    assert bool(((got - want).abs() <= 2 * 256 * torch.finfo(torch.float32).eps * mag).all())
+    # and not the weight-only product: the activations' rounding shows
+    layer.kernel = "twin"
+    with torch.no_grad():
+        assert not torch.allclose(layer(x).double(), want, rtol=1e-4, atol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_w8a8_matches_the_hand_product_at_decode_and_prefill_rows():
+    """On a Hopper GPU (cuBLAS's blockwise FP8 GEMM, rows padded to 16): BF16 output within
+    BF16 rounding of the float64 hand product, for 1 (decode) and 300 (prefill) rows."""
+    torch.manual_seed(0)
+    layer = w8a8_linear(1024, 2048).cuda()
+    for rows in (1, 300):
+        x = torch.randn(rows, 2048).to(torch.bfloat16).cuda()
+        with torch.no_grad():
+            got = layer(x).double().cpu()
+        want = hand_w8a8(x.cpu().float(), layer.weight.cpu(), layer.weight_scale_inv.cpu())
+        from nanoseek.hf import dequantize_fp8_blockwise
+        w64 = dequantize_fp8_blockwise(layer.weight.cpu(), layer.weight_scale_inv.cpu()).double()
+        mag = x.cpu().double().abs() @ w64.abs().T
+        # float32 sums of exact FP8 products, then one rounding to BF16 (8 bits) on store
+        assert got.shape == (rows, 1024)
+        assert bool(((got - want).abs() <= 2 ** -8 * want.abs() + 2048 * torch.finfo(torch.float32).eps * mag).all())

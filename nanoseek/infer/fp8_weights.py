@@ -12,7 +12,10 @@ values and their scales in as stored:
   scale_inv, in float32) into the model's weight dtype and runs `F.linear`: exactly what the
   model dequantised at load computes. On a GPU, decode-sized inputs (up to 64 rows) go
   through kernels/fp8_linear.py instead, which reads the FP8 weight in place (weight-only
-  FP8: the products in BF16, float32 sums, the block scales applied to them).
+  FP8: the products in BF16, float32 sums, the block scales applied to them). kernel="w8a8"
+  quantises the activations too, per token per 128 channels as FP8 training does, and runs
+  the FP8 x FP8 GEMM of training (fp8/gemm.py: cuBLAS's blockwise `_scaled_mm` on Hopper, the
+  float32 twin elsewhere), for every row count: prefill and decode.
 - FP8Experts: the stacked experts [E, F, D] / [E, D, F] in float8 with scales [E, ⌈F/128⌉,
   ⌈D/128⌉]. Every expert path reads its weights through `Experts.expert_weights`, which
   this class dequantises: the chosen experts' only when a decode step gathers them (under
@@ -36,7 +39,7 @@ from ..model.moe import Experts, compute_dtype
 
 # modules an FP8 checkpoint's weights stay FP8 in, by name; kv_b_proj: see the module docstring
 DEQUANTIZED = ("kv_b_proj",)
-KERNELS = ("auto", "triton", "twin")
+KERNELS = ("auto", "triton", "twin", "w8a8")
 
 
 def _dequantize(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype):
@@ -60,7 +63,8 @@ class FP8Linear(nn.Module):
     """A bias-optional linear layer with an FP8 weight and 128x128 block scales (module
     docstring). dtype: what the twin dequantises into (the model's other weights' dtype);
     kernel: "auto" (the Triton kernel on an NVIDIA Hopper+ GPU for up to 64 rows), "triton"
-    (wherever Triton runs: the CPU tests use its interpreter) or "twin" (never)."""
+    (wherever Triton runs: the CPU tests use its interpreter), "twin" (never) or "w8a8"
+    (activations in FP8 too: module docstring)."""
 
     def __init__(self, linear: nn.Linear, block: tuple[int, int], kernel: str = "auto"):
         super().__init__()
@@ -81,8 +85,21 @@ class FP8Linear(nn.Module):
         from ..kernels import fp8_linear
         return fp8_linear.unsupported(x_MK.shape[0], self.weight, self.block) is None
 
+    def w8a8(self, x_MK: torch.Tensor) -> torch.Tensor:
+        """x [M, K] in 1x128 FP8 tiles times the FP8 weight: [M, N] in x's compute dtype."""
+        from ..fp8.gemm import scaled_mm
+        from ..fp8.quant import ACT_TILE, Quantized, quantize
+        fast = x_MK.is_cuda and torch.cuda.get_device_capability(x_MK.device)[0] == 9
+        M, pad = x_MK.shape[0], -x_MK.shape[0] % 16  # cuBLAS's blockwise GEMM takes rows in 16s
+        x_q = quantize(F.pad(x_MK, (0, 0, 0, pad)) if fast and pad else x_MK, ACT_TILE)
+        w_q = Quantized(self.weight, self.weight_scale_inv, self.block)
+        return scaled_mm(x_q, w_q, compute_dtype(x_MK), fast)[:M]
+
     def forward(self, x):
         x_MK = x.reshape(-1, self.in_features)
+        if self.kernel == "w8a8" and not torch.is_grad_enabled() and self.block == FP8_BLOCK:
+            y = self.w8a8(x_MK).view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
         if self.takes_kernel(x_MK):
             from ..kernels.fp8_linear import fp8_weight_linear
             y = fp8_weight_linear(x_MK.to(compute_dtype(x)), self.weight, self.weight_scale_inv, list(self.block))
