@@ -121,25 +121,25 @@ bench() {  # limit, least seconds, script and its arguments, logged to $OUT/<scr
 case $stage in
   shapes)  # the GPU tests of the FP8 kernels and the fused step, then decode on real shapes; the measured
            # fused-vs-compiled batches are recorded into decode_paths.json (brought back in $OUT)
-    gpu_tests 190 tests/test_fp8.py tests/test_fp8_weights.py tests/test_fused_decode.py tests/test_moe_kernels.py \
+    gpu_tests 150 tests/test_fp8.py tests/test_fp8_weights.py tests/test_fused_decode.py tests/test_moe_kernels.py \
       tests/test_inference_config.py tests/test_gpu.py tests/test_engine.py tests/test_decode_paths.py
-    real_decode "$(left 400)" --preset deepseek-v2-lite --batches 1 32 --new 64 --modes compiled fused --record-paths
-    real_decode "$(left 570)" --preset deepseek-v3 --layers 2 --batches 1 32 --new 64 --modes compiled fused \
+    real_decode "$(left 320)" --preset deepseek-v2-lite --batches 1 32 --new 64 --modes compiled fused --record-paths
+    real_decode "$(left 440)" --preset deepseek-v3 --layers 2 --batches 1 32 --new 64 --modes compiled fused \
       --record-paths --skip-hf
     cp nanoseek/infer/decode_paths.json "$OUT/"
     ;;
   fp8)  # blockwise FP8 GEMM error, FP8-resident weights at decode, long-context attention, training speed
-    bench 40 20 benchmarks/fp8_gemm_error.py
-    real_decode "$(left 200)" --preset deepseek-v2-lite --batches 1 32 --new 64 --modes compiled --fp8 --sharpen 5 --skip-hf
-    real_decode "$(left 290)" --preset deepseek-v3 --layers 2 --batches 1 --new 64 --modes compiled --fp8 --sharpen 5 --skip-hf
-    bench "$(( $(left 350) ))" 40 benchmarks/attention.py --contexts 4096 32768 131072 --batches 1 16
-    bench "$(left 570)" 90 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
+    bench 30 15 benchmarks/fp8_gemm_error.py
+    real_decode "$(left 170)" --preset deepseek-v2-lite --batches 1 --new 64 --modes compiled --fp8 --sharpen 5 --skip-hf
+    real_decode "$(left 250)" --preset deepseek-v3 --layers 2 --batches 1 --new 64 --modes compiled --fp8 --sharpen 5 --skip-hf
+    bench "$(left 300)" 30 benchmarks/attention.py --contexts 4096 32768 131072 --batches 1 16
+    bench "$(left 440)" 90 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
       --precision bf16,fp8 --profile
     ;;
   serving)  # FP8 vs BF16 loss parity, the server under 64 clients, prefix caching
-    bench 320 120 benchmarks/fp8_loss_parity.py --preset small --steps 2000 --compile
-    bench "$(left 440)" 60 benchmarks/serve_load.py --preset bench-1b --clients 64 --max-batch 64 --requests 4 --new 128 --compile
-    bench "$(left 570)" 60 benchmarks/prefix_cache.py --preset bench-1b --requests 64 --system-tokens 2000 --compile
+    bench 290 120 benchmarks/fp8_loss_parity.py --preset small --steps 2000 --batch 8 --seq 256 --compile
+    bench "$(left 390)" 60 benchmarks/serve_load.py --preset bench-1b --clients 64 --max-batch 64 --requests 4 --new 128 --compile
+    bench "$(left 470)" 60 benchmarks/prefix_cache.py --preset bench-1b --requests 64 --system-tokens 2000 --compile
     ;;
   speedrun)
     timeout "${SPEEDRUN_LIMIT:-570}" python3 -m nanoseek.cli speedrun --out runs/h200 --minutes "${MINUTES:-1.5}" \
