@@ -21,6 +21,7 @@
 #   bash benchmarks/device/h200_session.sh fp8        # FP8 GEMM error, FP8-resident decode, long-context
 #                                              # attention, training throughput BF16 vs FP8 on V2-Lite layers
 #   bash benchmarks/device/h200_session.sh serving    # FP8 vs BF16 loss parity, serve load, prefix cache
+#   bash benchmarks/device/h200_session.sh one        # the most needed of shapes and fp8 in one call
 #
 # Environment: MINUTES, GRPO_MINUTES, SPEEDRUN_LIMIT, SPECULATIVE (speedrun); TRL_ARGS (trl, measure);
 # DECODE_ARGS (decode, measure: e.g. "--tuned-option combo_kernels=true"); DECODE_MODES (decode.py --modes);
@@ -136,6 +137,16 @@ case $stage in
     bench "$(left 440)" 90 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
       --precision bf16,fp8 --profile
     ;;
+  one)  # the first of each when only one call is to be had: GPU tests, V2-Lite decode (fused vs compiled,
+        # FP8 weights), training throughput BF16 vs FP8
+    gpu_tests 120 tests/test_fp8.py tests/test_fp8_weights.py tests/test_fused_decode.py tests/test_moe_kernels.py \
+      tests/test_inference_config.py tests/test_gpu.py tests/test_engine.py tests/test_decode_paths.py
+    real_decode "$(left 290)" --preset deepseek-v2-lite --batches 1 32 --new 64 --modes compiled fused --record-paths
+    cp nanoseek/infer/decode_paths.json "$OUT/"
+    real_decode "$(left 400)" --preset deepseek-v2-lite --batches 1 --new 64 --modes compiled --fp8 --sharpen 5 --skip-hf
+    bench "$(left 540)" 90 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
+      --precision bf16,fp8
+    ;;
   serving)  # FP8 vs BF16 loss parity, the server under 64 clients, prefix caching
     bench 290 120 benchmarks/fp8_loss_parity.py --preset small --steps 2000 --batch 8 --seq 256 --compile
     bench "$(left 390)" 60 benchmarks/serve_load.py --preset bench-1b --clients 64 --max-batch 64 --requests 4 --new 128 --compile
@@ -186,7 +197,7 @@ case $stage in
   step) step 585 ;;
   serve) serve 585 ;;
   trl) trl 585 ;;
-  *) echo "unknown stage $stage: speedrun, decode, mtp, spec, measure, fused, tune, step, serve, trl, shapes, fp8 or serving" >&2; exit 2 ;;
+  *) echo "unknown stage $stage: speedrun, decode, mtp, spec, measure, fused, tune, step, serve, trl, shapes, fp8, one or serving" >&2; exit 2 ;;
 esac
 echo "stage $stage: $(elapsed)s"
 # a call returns at most 8 files: everything travels as one archive
