@@ -99,15 +99,30 @@ def test_format_reward(text, want):
 # ---------------------------------------------------------------- language
 
 
-def test_language_consistency_reward():
-    out = language_consistency_reward(None, [
-        "<think>add the two numbers</think><answer>4</answer>",  # all English
-        "<think>add 两个 numbers</think><answer>4</answer>",  # 2 of 3 words ASCII
-        "<think>12 + 30 = 42</think>",  # no words
-        "plain english without tags"])
-    assert out == [1.0, pytest.approx(2 / 3), None, 1.0]
-    with pytest.raises(ValueError):
-        language_consistency_reward(None, ["x"], language="zh")
+def test_language_consistency_reward_in_three_scripts():
+    """Shares counted by hand: words are letter runs; a Han character is one word; digits and
+    symbols are no words. Only the reasoning inside <think> counts when there is one."""
+    english = ["<think>add the two numbers</think><answer>4</answer>",   # 4 of 4
+               "<think>add 两个 numbers</think><answer>4</answer>",      # add, 两, 个, numbers: 2 of 4
+               "<think>12 + 30 = 42</think>",                             # no words
+               "plain english without tags"]                              # 4 of 4
+    assert language_consistency_reward(None, english) == [1.0, 2 / 4, None, 1.0]
+    chinese = ["<think>先算个位，再算十位</think><answer>42</answer>",       # 8 of 8
+               "<think>先算 ones 再进位</think>",                           # 先 算 ones 再 进 位: 5 of 6
+               "<think>add the ones</think>"]                               # 0 of 3
+    assert language_consistency_reward(None, chinese, language="zh") == [1.0, 5 / 6, 0.0]
+    russian = ["<think>Сначала сложим единицы: 7 + 5 = 12</think>",          # 3 of 3
+               "<think>Сначала сложим 7 и 5, then carry</think>",            # 3 of 5
+               "<think>сложим 两个</think>"]                                # 1 of 3
+    assert language_consistency_reward(None, russian, language="ru") == [1.0, 3 / 5, 1 / 3]
+    # a script name works as a target, and a dataset column gives one target per sample
+    assert language_consistency_reward(None, russian[1:2], language="Cyrillic") == [3 / 5]
+    assert language_consistency_reward(None, [english[1], chinese[1], russian[1]],
+                                       language=["en", "zh", "ru"]) == [2 / 4, 5 / 6, 3 / 5]
+    with pytest.raises(ValueError, match="unknown language 'klingon'"):
+        language_consistency_reward(None, ["x"], language="klingon")
+    with pytest.raises(ValueError, match="column 'language' has 1 entries for 2"):
+        language_consistency_reward(None, ["x", "y"], language=["en"])
 
 
 # ---------------------------------------------------------------- combined

@@ -13,7 +13,8 @@ this sample" (TRL's convention), e.g. a gold answer that cannot be parsed.
                        the fraction of asserts passed
     format_reward      the R1-Zero structure <think>...</think> <answer>...</answer>
     language_consistency_reward
-                       R1 §2.3.3: the share of the reasoning's words in the target language
+                       R1 §2.3.2: the share of the reasoning's words in the target language
+                       (by Unicode script, language.py)
     combine_rewards    a weighted sum, with the per-function values for logging
 
 Where an answer is looked for, it is the content of the last <answer>...</answer> if there
@@ -30,6 +31,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from ..data import tasks
+from .language import language_share
 from .sandbox import run_python
 
 RewardFn = Callable[..., list]
@@ -184,30 +186,20 @@ def format_reward(prompts, completions, **kwargs) -> list[float]:
 
 
 # ------------------------------------------------------------------ language consistency
-_WORD = re.compile(r"[^\W\d_]+")  # a run of letters, any script
-
-
 def _reasoning(text: str) -> str:
     found = re.findall(r"<think>(.*?)</think>", text, flags=re.S)
     return "\n".join(found) if found else text
 
 
-def language_consistency_reward(prompts, completions, language: str = "en",
-                                **kwargs) -> list[float | None]:
-    """The share of the reasoning's words (inside <think>, else the whole completion) that
-    are in the target language; None when it has no words.
-
-    R1 (§2.3.3) counts "the proportion of target language words in the CoT". Here, for
-    "en" only, a word is a run of letters and an English word is one made of ASCII letters
-    only: a simplification that cannot tell English from other Latin-script languages, and
-    counts any non-ASCII-letter word (Chinese, Cyrillic, accented) as not English."""
-    if language != "en":
-        raise ValueError(f"language_consistency_reward supports language='en' only, not {language!r}")
-    out: list[float | None] = []
-    for c in completions:
-        words = _WORD.findall(_reasoning(completion_text(c)))
-        out.append(sum(w.isascii() for w in words) / len(words) if words else None)
-    return out
+def language_consistency_reward(prompts, completions, language="en", **kwargs) -> list[float | None]:
+    """The share of the reasoning's words (inside <think>, else the whole completion) written
+    in the target language's script (language.py: "en", "zh", "ru", ... or a script name such
+    as "Cyrillic"); None when it has no words. `language` is one target for every sample, or
+    a dataset column (one per completion)."""
+    targets = (_column("language", language, len(completions), "language_consistency_reward")
+               if isinstance(language, (list, tuple)) else [language] * len(completions))
+    return [language_share(_reasoning(completion_text(c)), target)
+            for c, target in zip(completions, targets)]
 
 
 # ------------------------------------------------------------------ registry and sums
