@@ -338,7 +338,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def add_sft_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR", help="a checkpoint or a run directory")
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="a checkpoint or a run directory, or a transformers causal LM directory (Qwen2, Llama ...)")
     p.add_argument("--data", required=True, metavar="SPEC",
                    help="chats: .jsonl/.json/.parquet with messages, or builtin:TASK")
     add_run_args(p)
@@ -513,7 +514,8 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-model", metavar="NAME", help="the endpoint's model (default: the first it lists)")
     p.add_argument("--api-key-file", metavar="FILE", help="the endpoint's key, first line")
     p.add_argument("--concurrency", type=positive_int, default=8, metavar="C", help="requests in flight")
-    p.add_argument("--student", metavar="DIR", help="then fine-tune this checkpoint on the traces ...")
+    p.add_argument("--student", metavar="DIR",
+                   help="then fine-tune this checkpoint (or a transformers causal LM directory) on the traces ...")
     p.add_argument("--sft-out", metavar="DIR", help="... into this run directory")
     p.add_argument("--sft-steps", type=positive_int, default=100, metavar="K", help="SFT steps")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="SFT train fields (lr, batch_size, seq_len, ...)")

@@ -206,6 +206,8 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int =
     An existing directory at `path` is replaced as a whole, keeping
     the files of it that a save does not write (a tokenizer, a README) but no old weights.
     """
+    if not isinstance(model, Transformer):  # a wrapped transformers model (train/hf_student.py)
+        return model.save_pretrained(path)
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a directory; not replacing it")

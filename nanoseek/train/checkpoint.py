@@ -367,26 +367,29 @@ def load_checkpoint(run_dir_or_ckpt_dir: str | Path, model: nn.Module,
     rng = _load_rng(ckpt) if restore_rng else None
     _check_config(ckpt, model)
 
-    with ExitStack() as stack:
-        weights = WeightFiles.open(ckpt, stack)
-        plan, missing, unexpected = plan_load(weights, model, FP8_BLOCK)
-        if missing or unexpected:
-            raise CheckpointError(f"{ckpt / 'model.safetensors'} does not match the model: "
-                                  f"{key_mismatch(missing, unexpected)}")
-        loaded = {}
-        for key in plan:
-            try:
-                loaded[key] = weights.tensor(key, FP8_BLOCK).to(device)
-            except Exception as e:
-                raise CheckpointError(f"{weights.where[key]}: cannot read {key}: {e}") from None
-        targets = model.state_dict(keep_vars=True)
-        with torch.no_grad():
-            for key, pieces in plan.items():
-                t = loaded[key]
-                for p in pieces:
-                    src = t if p.part is None else t.chunk(p.n_parts, dim=-2)[p.part]
-                    dst = targets[p.name] if p.expert is None else targets[p.name][p.expert]
-                    dst.copy_(src)
+    if hasattr(model, "load_pretrained_weights"):  # a wrapped transformers model (train/hf_student.py)
+        model.load_pretrained_weights(ckpt)
+    else:
+        with ExitStack() as stack:
+            weights = WeightFiles.open(ckpt, stack)
+            plan, missing, unexpected = plan_load(weights, model, FP8_BLOCK)
+            if missing or unexpected:
+                raise CheckpointError(f"{ckpt / 'model.safetensors'} does not match the model: "
+                                      f"{key_mismatch(missing, unexpected)}")
+            loaded = {}
+            for key in plan:
+                try:
+                    loaded[key] = weights.tensor(key, FP8_BLOCK).to(device)
+                except Exception as e:
+                    raise CheckpointError(f"{weights.where[key]}: cannot read {key}: {e}") from None
+            targets = model.state_dict(keep_vars=True)
+            with torch.no_grad():
+                for key, pieces in plan.items():
+                    t = loaded[key]
+                    for p in pieces:
+                        src = t if p.part is None else t.chunk(p.n_parts, dim=-2)[p.part]
+                        dst = targets[p.name] if p.expert is None else targets[p.name][p.expert]
+                        dst.copy_(src)
     # counters of a step in flight are not part of a checkpoint (saved between steps)
     for module in model.modules():
         if isinstance(module, Router):

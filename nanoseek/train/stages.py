@@ -14,6 +14,7 @@ layout with its tokenizer, what later stages and other tools load.
 from __future__ import annotations
 
 import shutil
+from functools import partial
 from pathlib import Path
 
 from ..config import ModelConfig
@@ -24,6 +25,7 @@ from ..hf import save_pretrained
 from ..loading import load_model_dir, resolve_device
 from ..model import Transformer
 from ..parallel.mesh import is_main_process, main_process_first
+from .hf_student import is_transformers_model, load_student
 from .trainer import TrainConfig, Trainer, refuse_existing_run
 
 
@@ -131,9 +133,16 @@ def sft(model_dir: str | Path, train_cfg: TrainConfig, data: str, out: str | Pat
     resolve_device(train_cfg.device)
     if not resume:
         refuse_existing_run(out)
-    src, tok, tok_dir, model = load_base(model_dir, out)
+    if is_transformers_model(model_dir):  # a dense student with its own tokenizer and chat template
+        if parallel is not None:
+            raise ValueError("a transformers student trains in one process; run sft without torchrun")
+        src, tok, tok_dir, model = load_student(model_dir, out)
+        encode = tok.tokenize_chat
+    else:
+        src, tok, tok_dir, model = load_base(model_dir, out)
+        encode = partial(tokenize_chat, tok)
     chats = read_specs(data, load_chats)
-    examples = [tokenize_chat(tok, messages) for messages in chats]
+    examples = [encode(messages) for messages in chats]
     if not any(any(mask[1:train_cfg.seq_len]) for _, mask in examples):  # else every loss is 0/0
         first = min(mask.index(True) for _, mask in examples)
         raise ValueError(f"seq_len={train_cfg.seq_len} cuts every chat before its assistant reply "

@@ -210,7 +210,9 @@ class Trainer(Checkpointed):
             checkpoint_blocks(self.model)
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, moments=cfg.adam_moments)
         self.compiled = torch.compile(self.model, dynamic=False) if cfg.compile else None
-        self.flops_per_token = model_info(model.config, context_length=cfg.seq_len)["train_flops_per_token"]
+        own_flops = getattr(model, "train_flops_per_token", None)  # a transformers student (hf_student.py)
+        self.flops_per_token = (own_flops(cfg.seq_len) if own_flops else
+                                model_info(model.config, context_length=cfg.seq_len)["train_flops_per_token"])
         self.step = 0
         self.bad_in_a_row = 0
         self.skipped_total = 0
