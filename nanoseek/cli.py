@@ -686,6 +686,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------- dispatch
 from .serve.launch import add_serve_args, cmd_serve  # noqa: E402  (FastAPI loads only when serving)
+from .rl.r1 import add_r1_args, cmd_r1  # noqa: E402
 
 # name: (add_arguments, run, help). Each stage of the pipeline adds its row here.
 COMMANDS = {
@@ -700,6 +701,8 @@ COMMANDS = {
                 "a teacher's (checkpoint or OpenAI-compatible URL) reasoning traces as SFT data for a student"),
     "eval": (add_eval_args, cmd_eval, "held-out accuracy on a built-in task (greedy, pass@k)"),
     "speedrun": (add_speedrun_args, cmd_speedrun, "the whole pipeline on built-in data, ending in report.md"),
+    "r1": (add_r1_args, cmd_r1, "the R1 recipe as one resumable run: R1-Zero, or cold start -> RL -> "
+                                "rejection sampling + SFT -> RL, with report.md"),
     "generate": (add_generate_args, cmd_generate, "complete a prompt (streams the text)"),
     "chat": (add_chat_args, cmd_chat, "an interactive chat; shows the reasoning apart from the answer"),
     "serve": (add_serve_args, cmd_serve, "an OpenAI-compatible HTTP server (local, behind a proxy, or hybrid)"),
