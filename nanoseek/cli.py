@@ -687,6 +687,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------- dispatch
 from .serve.launch import add_serve_args, cmd_serve  # noqa: E402  (FastAPI loads only when serving)
 from .rl.r1 import add_r1_args, cmd_r1  # noqa: E402
+from .serve.feedback_export import add_feedback_args, cmd_feedback  # noqa: E402
 
 # name: (add_arguments, run, help). Each stage of the pipeline adds its row here.
 COMMANDS = {
@@ -706,6 +707,7 @@ COMMANDS = {
     "generate": (add_generate_args, cmd_generate, "complete a prompt (streams the text)"),
     "chat": (add_chat_args, cmd_chat, "an interactive chat; shows the reasoning apart from the answer"),
     "serve": (add_serve_args, cmd_serve, "an OpenAI-compatible HTTP server (local, behind a proxy, or hybrid)"),
+    "feedback": (add_feedback_args, cmd_feedback, "export: the server's rated answers as SFT chats and DPO pairs"),
     # ---- later stages (rl, serve, ...) go here ----
 }
 
