@@ -22,8 +22,13 @@
 #                                              # attention, training throughput BF16 vs FP8 on V2-Lite layers
 #   bash benchmarks/device/h200_session.sh serving    # FP8 vs BF16 loss parity, serve load, prefix cache
 #   bash benchmarks/device/h200_session.sh one        # the most needed of shapes and fp8 in one call
+#   bash benchmarks/device/h200_session.sh r1-zero    # `nanoseek r1 --stages zero` from a `small` pretrained model
+#   bash benchmarks/device/h200_session.sh r1-full    # `nanoseek r1 --stages full` from the same base
+#                                              # (each call goes on where the last stopped while the machine
+#                                              # stays warm: call again until r1_*.log ends with "report:")
 #
-# Environment: MINUTES, GRPO_MINUTES, SPEEDRUN_LIMIT, SPECULATIVE (speedrun); TRL_ARGS (trl, measure);
+# Environment: MINUTES, GRPO_MINUTES, SPEEDRUN_LIMIT, SPECULATIVE (speedrun); R1_LEVEL, R1_PRETRAIN_STEPS,
+# R1_ARGS (r1-zero, r1-full: key=value settings of nanoseek r1); TRL_ARGS (trl, measure);
 # DECODE_ARGS (decode, measure: e.g. "--tuned-option combo_kernels=true"); DECODE_MODES (decode.py --modes);
 # FUSED_ARGS (benchmarks/fused_decode.py);
 # GIT_COMMIT: the commit the tree is at, recorded in the JSON results (the device's copy of .git may
@@ -103,6 +108,22 @@ serve() {  # limit: 64 streaming clients against serve --compile
   OUT=$OUT timeout "$1" python3 benchmarks/serve_load.py --preset bench-1b --clients 64 --max-batch 64 \
     --requests 4 --new 128 --compile 2>&1 | tail -20 | tee "$OUT/serve_load.log"
   echo "serve done at $(elapsed)s"
+}
+r1() {  # limit, zero|full: the `small` base pretrained once (resumable), then `nanoseek r1`, which resumes a
+        # stopped run (runs/ stays on a warm machine); its report, figures and stage results -> $OUT/r1_<stages>.tgz
+  local until=$(( $(elapsed) + $1 ))
+  if [ ! -f runs/r1/base/final/config.json ]; then
+    timeout "$(left "$until")" python3 -m nanoseek.cli train --preset small --resume --out runs/r1/base \
+      --data builtin:arithmetic:level=1:n=30000,builtin:arithmetic:level=2:n=3000,builtin:arithmetic:level=3:n=3000 \
+      --steps "${R1_PRETRAIN_STEPS:-1500}" --save-every 250 lr=2e-3 batch_size=32 seq_len=512 warmup=50 compile=true \
+      2>&1 | grep -v Warning | tail -3 | tee -a "$OUT/r1_base.log"
+  fi
+  enough "$(left "$until")" 60 || return
+  timeout "$(left "$until")" python3 -m nanoseek.cli r1 --model runs/r1/base --task arithmetic \
+    --level "${R1_LEVEL:-2}" --stages "$2" --out "runs/r1/$2" ${R1_ARGS:-} 2>&1 | grep -v Warning \
+    | tee -a "$OUT/r1_$2.log"
+  tar czf "$OUT/r1_$2.tgz" --exclude='*.safetensors' --exclude='checkpoints' --exclude='tb' "runs/r1/$2" 2>/dev/null
+  echo "r1 $2 call done at $(elapsed)s"
 }
 
 real_decode() {  # limit, decode.py arguments: a real-shape decode run, its JSON and log kept
@@ -197,7 +218,10 @@ case $stage in
   step) step 585 ;;
   serve) serve 585 ;;
   trl) trl 585 ;;
-  *) echo "unknown stage $stage: speedrun, decode, mtp, spec, measure, fused, tune, step, serve, trl, shapes, fp8, one or serving" >&2; exit 2 ;;
+  r1-zero) r1 585 zero ;;
+  r1-full) r1 585 full ;;
+  *) echo "unknown stage $stage: speedrun, decode, mtp, spec, measure, fused, tune, step, serve, trl, shapes, fp8, one, serving, r1-zero or r1-full" >&2
+     exit 2 ;;
 esac
 echo "stage $stage: $(elapsed)s"
 # a call returns at most 8 files: everything travels as one archive

@@ -112,7 +112,7 @@ class R1Config(CheckedConfig):
 # stages; not yet measured as a whole (benchmarks/device/h200_session.sh r1 runs them).
 GPU_SETTINGS = dict(eval_n=500, max_new_tokens=128, cold_start_n=6000, cold_start_steps=400, sft_steps=400,
                     sft_lr=5e-4, batch_size=32, seq_len=512, train={"compile": True},
-                    zero_steps=300, reasoning_steps=200, final_steps=100, group_size=16, prompts_per_step=32,
+                    zero_steps=250, reasoning_steps=200, final_steps=100, group_size=16, prompts_per_step=32,
                     grpo_lr=5e-5, curve_points=6,
                     grpo={"dynamic_sampling": True, "clip_eps_high": 0.28, "micro_batch": 256},
                     rejection_prompts=2000, save_every=50)
