@@ -19,8 +19,9 @@ Each stage is the existing stage function (`train.stages.sft`, `rl.trainer.grpo`
 `rl.distill.rejection_sample`) writing into its own directory of the run; the next stage
 reads what it wrote (a run's `final/`, the SFT mix file). A finished stage leaves
 `stage.json` (its held-out accuracy and figures). Running the command again skips the
-finished stages and resumes the unfinished one from its latest checkpoint; `r1.json` keeps
-the settings, and a re-run with other settings is refused rather than mixed in.
+finished stages and resumes the unfinished one from its latest checkpoint (rejection sampling
+keeps none: it runs again whole, from the same seed); `r1.json` keeps the settings,
+and a re-run with other settings is refused rather than mixed in.
 
 Held-out accuracy after each stage: greedy, on `eval_n` problems of the task's test split
 (the problems `nanoseek eval` and GRPO's evaluations use), in the prompt format the stage's
