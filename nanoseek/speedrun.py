@@ -1,26 +1,34 @@
 """`nanoseek speedrun` — what `make run` runs: the whole pipeline on built-in data.
 
-    tokenizer (BPE on the data) -> pretrain -> SFT (R1 cold-start format) -> eval
+    tokenizer (BPE on the data) -> pretrain -> eval -> SFT (R1 cold-start format) -> eval
         -> GRPO on a task of the right difficulty -> eval -> report.md
 
 The data are the built-in verifiable tasks: multi-digit arithmetic with worked column
-solutions and Countdown. On a CPU a small MoE model (MLA, DeepSeekMoE with bias balancing,
-MTP) trains for a few minutes; with a GPU the `small` preset trains longer. The training
-budget is in minutes: a few calibration steps measure the step time and set the number of
-steps, so the learning-rate schedule completes within the budget.
+solutions and Countdown. On a GPU the `small` preset trains within budgets in minutes: a few
+calibration steps measure the step time and set the number of steps, so the learning-rate
+schedule completes within the budget. On a CPU the run's work is fixed instead (CPU_STEPS),
+so that its results do not depend on how busy the machine is; `--minutes` gives it a budget
+as on a GPU. `--seed` changes everything random: the generated data, the initialization, the
+data order and the rollouts.
+
+Held-out accuracies are measured on EVAL_N problems of the test split, disjoint from all
+training data, each with its 95% Wilson interval; a stage's effect is the paired difference
+on the same problems with its interval (train/intervals.py), so the report can say whether
+the stage helped beyond noise.
 
 GRPO stage (R1's reasoning RL after the cold start). RL learns only where the model is
 sometimes right: a group whose G samples are all wrong (or all right) has zero advantages.
-So the SFT model is evaluated greedily on held-out problems of GRPO_CANDIDATES in order,
-and the first (task, level) whose accuracy lies in GRPO_BAND is trained (else the one
-closest to GRPO_TARGET). The stage has its own budget in minutes: two throwaway steps
-measure the step time, which sets the number of steps and the evaluation interval; the
-loop also stops at the deadline whatever the estimate (`GRPOTrainer.fit(deadline=)`),
-with the final held-out evaluation and checkpoint at the step where it stops.
+So the SFT model's held-out greedy accuracy on GRPO_CANDIDATES is looked at in order, and
+the first (task, level) in GRPO_BAND is trained (else the one closest to GRPO_TARGET). With
+a budget in minutes, two throwaway steps measure the step time, which sets the number of
+steps and the evaluation interval; the loop also stops at the deadline whatever the
+estimate (`GRPOTrainer.fit(deadline=)`), with the final held-out evaluation and checkpoint
+at the step where it stops.
 
-The report holds the config, parameter counts, the KV-cache saving against MHA, loss and
-MaxVio plots, held-out accuracies (greedy and pass@k), the GRPO task choice, accuracy
-before and after GRPO and its curves, throughput and wall time.
+The report opens with one line per stage (what it did, whether it helped), then the config,
+parameter counts, the KV-cache saving against MHA, loss and MaxVio plots, held-out
+accuracies, the GRPO task choice and curves, throughput, wall and CPU time, and ends with
+the command that reproduces it.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -39,30 +48,48 @@ from .data.tasks import format_chat, get_task
 from .info import model_info
 from .rl.trainer import GRPOConfig, GRPOTrainer, grpo, grpo_config
 from .train.evaluate import evaluate_task
+from .train.intervals import paired_difference
 from .data.datasets import load_documents
 from .data.tokenizer import ChatTokenizer, train_bpe
 from .fp8 import fast_fp8
 from .train.stages import load_base, pretrain, read_specs, sft, train_config
 
-# (task, level, n) of the pretraining documents and of the SFT chats
-PRETRAIN_DATA = "builtin:arithmetic:level=1:n=30000,builtin:arithmetic:level=2:n=3000"
-SFT_DATA = ("builtin:arithmetic:level=1:n=6000:seed=1,builtin:arithmetic:level=2:n=3000:seed=1,"
-            "builtin:countdown:level=1:n=2000:seed=1")
+
+def pretrain_data(gpu: bool, seed: int) -> str:
+    """(task, level, n) of the pretraining documents. On a GPU the small model masters levels 1
+    and 2 (benchmarks/results/speedrun_h200/report.md); a little of level 3 (2-digit
+    multiplication) gives it a level it only partly solves, where GRPO can teach."""
+    spec = f"builtin:arithmetic:level=1:n=30000:seed={seed},builtin:arithmetic:level=2:n=3000:seed={seed}"
+    return spec + (f",builtin:arithmetic:level=3:n=3000:seed={seed}" if gpu else "")
+
+
+def sft_data(gpu: bool, seed: int) -> str:
+    """The SFT chats: other problems of the same levels, and on a GPU Countdown too."""
+    s = seed + 1  # other draws than the pretraining documents'
+    spec = f"builtin:arithmetic:level=1:n=6000:seed={s},builtin:arithmetic:level=2:n=3000:seed={s}"
+    return spec + (f",builtin:countdown:level=1:n=2000:seed={s},builtin:arithmetic:level=3:n=1000:seed={s}"
+                   if gpu else "")
+
+
+# (task, level, k of pass@k) evaluated after SFT
 EVALS = [("arithmetic", 1, 4), ("arithmetic", 2, 0), ("countdown", 1, 0)]
-# On a GPU the small model masters levels 1 and 2 (benchmarks/results/speedrun_h200/report.md);
-# a little of level 3 (2-digit multiplication) gives it a level it only partly solves, where
-# GRPO can teach.
-GPU_PRETRAIN_EXTRA = ",builtin:arithmetic:level=3:n=3000"
-GPU_SFT_EXTRA = ",builtin:arithmetic:level=3:n=1000:seed=1"
+# countdown stays at 0% on the CPU model, and pass@k would cost as much as k more evaluations
+EVALS_CPU = [("arithmetic", 1, 0), ("arithmetic", 2, 0)]
+EVAL_N = 200  # held-out problems per evaluation: +-7 points at 50%, a paired change of +-5 or less
 
 # GRPO: the first candidate whose held-out greedy accuracy after SFT lies in the band
 GRPO_CANDIDATES = [("arithmetic", 1), ("arithmetic", 2), ("arithmetic", 3), ("arithmetic", 4),
                    ("countdown", 1), ("countdown", 2)]
 GRPO_BAND = (0.10, 0.60)
 GRPO_TARGET = 0.35  # without a candidate in the band: the one closest to this
-GRPO_EVAL_N = 100      # held-out problems per evaluation on a CPU (+-5 points)
-GRPO_EVAL_N_GPU = 200  # on a GPU, where they cost seconds (+-3.5 points)
-GRPO_CURVE_POINTS = 5  # held-out evaluations during the GRPO stage (the last at its end)
+GRPO_CURVE_POINTS = 2  # held-out evaluations during the GRPO stage (the last at its end)
+
+# The CPU run's work, fixed so that its results do not depend on the machine's load
+CPU_STEPS = {"pretrain": 1400, "sft": 400, "grpo": 50}
+# seconds per step (an evaluation: per EVAL_N problems) on an idle 2-core CPU, from the
+# 8x256-token steps' 6,700 tokens/s of benchmarks/results/speedrun_cpu; only for the
+# progress lines' estimate of the time left, never for the number of steps
+CPU_STEP_SECONDS = {"pretrain": 0.3, "sft": 0.3, "grpo": 4.0, "eval": 20.0}
 
 
 def cpu_model():
@@ -91,103 +118,158 @@ def calibrate_steps(model_cfg, tcfg_kwargs: dict, minutes: float, data: str, out
     return max(20, int(minutes * 60 / step_s))
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process so far, all its threads (user + system)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class StageClock:
+    """The speedrun's progress lines: elapsed time, and the time left estimated from the
+    stages' planned seconds, scaled by how the finished stages went against their plan."""
+
+    def __init__(self, planned: dict[str, float]):
+        self.planned, self.took = dict(planned), {}
+        self.t0 = self.t_stage = time.time()
+        self.stage = None
+
+    def start(self, stage: str, what: str) -> None:
+        now = time.time()
+        if self.stage is not None:
+            self.took[self.stage] = now - self.t_stage
+        self.stage, self.t_stage = stage, now
+        planned_done = sum(self.planned.get(s, 0.0) for s in self.took)
+        pace = sum(self.took.values()) / planned_done if planned_done > 0 else 1.0
+        left = pace * sum(v for s, v in self.planned.items() if s not in self.took)
+        self.say(f"{what} (about {left / 60:.1f} min left)")
+
+    def say(self, msg: str) -> None:
+        print(f"[speedrun {time.time() - self.t0:5.0f}s] {msg}", flush=True)
+
+
 def speedrun(out: str | Path = "runs/speedrun", minutes: float | None = None,
-             grpo_minutes: float | None = None, precision: str = "auto") -> Path:
-    """minutes: pretrain + SFT budget (default 20 on a GPU, 9.5 on a CPU); grpo_minutes: the
-    GRPO stage's budget (default 6 on a GPU, 1.5 on a CPU; 0 skips the stage); precision: of
-    every training stage (train/precision.py)."""
-    t_start = time.time()
+             grpo_minutes: float | None = None, seed: int = 0, precision: str = "auto") -> Path:
+    """minutes: pretrain + SFT budget (default on a GPU 20; on a CPU CPU_STEPS' fixed steps);
+    grpo_minutes: the GRPO stage's budget (default on a GPU 6, on a CPU its fixed steps; 0
+    skips the stage); seed: of the data, the initialization, the data order and the rollouts;
+    precision: of every training stage (train/precision.py)."""
+    t_start, cpu_start = time.time(), cpu_seconds()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.is_available()
     train_config(precision=precision)  # a bad value fails before any work
     if precision == "fp8":
         fast_fp8("cuda" if gpu else "cpu")  # and so does a GPU that cannot run FP8
-    minutes = minutes or (20.0 if gpu else 9.5)
-    grpo_minutes = (6.0 if gpu else 1.5) if grpo_minutes is None else grpo_minutes
-    pretrain_data, sft_data = PRETRAIN_DATA, SFT_DATA
+    timed = gpu or minutes is not None  # budgets in minutes; else the fixed CPU_STEPS
+    minutes = minutes or 20.0
+    grpo_timed = gpu or grpo_minutes is not None
+    grpo_minutes = 6.0 if grpo_minutes is None else grpo_minutes
+    data, chats = pretrain_data(gpu, seed), sft_data(gpu, seed)
     # save_every=0 (here and in grpo_settings): a speedrun starts its stages afresh, so
     # checkpoints along the way would only spend its budget
     if gpu:
         model_cfg = preset("small")
-        common = dict(batch_size=32, seq_len=512, warmup=50, compile=True, save_every=0, precision=precision)
+        common = dict(batch_size=32, seq_len=512, warmup=50, compile=True, save_every=0, seed=seed,
+                      precision=precision)
+        sft_shape = {}
         pre_lr, sft_lr = 2e-3, 5e-4
-        pretrain_data, sft_data = PRETRAIN_DATA + GPU_PRETRAIN_EXTRA, SFT_DATA + GPU_SFT_EXTRA
     else:
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         model_cfg = cpu_model()
-        # small batches, many steps: on a CPU budget, steps teach more than tokens per step
-        common = dict(batch_size=8, seq_len=256, warmup=30, save_every=0, precision=precision)
+        # small batches, many steps: on a CPU budget, steps teach more than tokens per step;
+        # 128 tokens hold two packed documents and cost a quarter less than 256 (attention)
+        common = dict(batch_size=16, seq_len=128, warmup=30, save_every=0, seed=seed, precision=precision)
+        # one chat per row: 128 tokens fit the longest level-2 chat (about 120)
+        sft_shape = dict(batch_size=16, seq_len=128)
         pre_lr, sft_lr = 5e-3, 1e-3
-    say = lambda msg: print(f"[speedrun {time.time() - t_start:5.0f}s] {msg}", flush=True)  # noqa: E731
+    evals_after_sft = EVALS if gpu else EVALS_CPU
+    evals_s = CPU_STEP_SECONDS["eval"] * sum(1 + k for _, _, k in evals_after_sft)
+    if timed:
+        planned = {"pretrain": 0.7 * 60 * minutes, "sft": 0.3 * 60 * minutes}
+    else:
+        planned = {stage: CPU_STEPS[stage] * CPU_STEP_SECONDS[stage] for stage in ("pretrain", "sft")}
+    planned["eval_pretrained"], planned["eval"] = CPU_STEP_SECONDS["eval"], evals_s
+    if grpo_minutes > 0 or not grpo_timed:
+        planned["grpo"] = (60 * grpo_minutes if grpo_timed
+                           else CPU_STEPS["grpo"] * CPU_STEP_SECONDS["grpo"]
+                           + GRPO_CURVE_POINTS * CPU_STEP_SECONDS["eval"])
+    clock = StageClock(planned)
 
     # ---- pretrain (the tokenizer is trained on the same documents first)
-    pre_minutes, sft_minutes = 0.7 * minutes, 0.3 * minutes
     for stage in ("pretrain", "sft", "grpo"):
         shutil.rmtree(out / stage, ignore_errors=True)
-    say("pretrain: the tokenizer, then a few steps to time them")
+    clock.start("pretrain", "pretrain: the tokenizer" + (", then a few steps to time them" if timed else ""))
     bpe = out / ".tokenizer"  # trained once on the pretraining documents, for the probe and the run
-    ChatTokenizer(train_bpe(read_specs(pretrain_data, load_documents), model_cfg.vocab_size)).save(bpe)
-    steps = calibrate_steps(model_cfg, dict(common, lr=pre_lr), pre_minutes, pretrain_data, out, bpe)
-    say(f"pretrain: {steps} steps of {common['batch_size']}x{common['seq_len']} tokens")
+    ChatTokenizer(train_bpe(read_specs(data, load_documents), model_cfg.vocab_size)).save(bpe)
+    if timed:
+        steps = calibrate_steps(model_cfg, dict(common, lr=pre_lr), 0.7 * minutes, data, out, bpe)
+        sft_steps = max(20, int(steps * 0.3 / 0.7))
+    else:
+        steps, sft_steps = CPU_STEPS["pretrain"], CPU_STEPS["sft"]
+    clock.say(f"pretrain: {steps} steps of {common['batch_size']}x{common['seq_len']} tokens")
     t0 = time.time()
     trainer, tok, pre_records = pretrain(model_cfg, train_config(steps=steps, lr=pre_lr, **common),
-                                         pretrain_data, out / "pretrain", tokenizer=bpe)
+                                         data, out / "pretrain", tokenizer=bpe)
     shutil.rmtree(bpe, ignore_errors=True)
     pre_wall = time.time() - t0
     model_cfg = trainer.model.config
 
-    say("eval of the pretrained model (plain format)")
-    pre_eval = [evaluate_task(trainer.model, tok, "arithmetic", 1, n=100, fmt="plain")]
+    clock.start("eval_pretrained", "eval of the pretrained model (plain format)")
+    pre_eval = [evaluate_task(trainer.model, tok, "arithmetic", 1, n=EVAL_N, fmt="plain", per_problem=True)]
 
     # ---- SFT in the R1 cold-start format: <think> reasoning </think> <answer> answer </answer>
-    sft_common = dict(common, warmup=10)
-    sft_steps = max(20, int(steps * sft_minutes / pre_minutes))
-    say(f"sft: {sft_steps} steps")
+    clock.start("sft", f"sft: {sft_steps} steps")
     t0 = time.time()
-    sft_trainer, tok, sft_records = sft(out / "pretrain", train_config(steps=sft_steps, lr=sft_lr, **sft_common),
-                                        sft_data, out / "sft")
+    sft_trainer, tok, sft_records = sft(out / "pretrain",
+                                        train_config(steps=sft_steps, lr=sft_lr, **dict(common, warmup=10, **sft_shape)),
+                                        chats, out / "sft")
     sft_wall = time.time() - t0
 
     # ---- eval on held-out problems (the test split is disjoint from all training data)
-    say("eval")
-    evals = [evaluate_task(sft_trainer.model, tok, task, level, n=100, k=k) for task, level, k in EVALS]
+    clock.start("eval", "eval of the SFT model")
+    evals = [evaluate_task(sft_trainer.model, tok, task, level, n=EVAL_N, k=k, per_problem=True,
+                           max_new_tokens=answer_budget(tok, task, level))
+             for task, level, k in evals_after_sft]
     for e in evals:
-        say(f"{e['task']} level {e['level']}: greedy {e['greedy_accuracy']:.0%}"
-            + (f", pass@{EVALS[0][2]} {e.get(f'pass@{EVALS[0][2]}', 0):.0%}" if f"pass@{EVALS[0][2]}" in e else ""))
+        clock.say(f"{e['task']} level {e['level']}: greedy {accuracy_text(e['greedy_accuracy'], e['greedy_interval'])}")
 
     # ---- GRPO on the first task of the right difficulty
     grpo_summary, grpo_wall = None, 0.0
-    if grpo_minutes > 0:
+    if "grpo" in planned:
+        clock.start("grpo", "grpo: the task, then the steps")
         t0 = time.time()
-        grpo_summary = grpo_stage(sft_trainer.model, tok, out, grpo_minutes, gpu, say, precision=precision)
+        grpo_summary = grpo_stage(sft_trainer.model, tok, out, gpu, say=clock.say, seed=seed, precision=precision,
+                                  known={(e["task"], e["level"]): e for e in evals}, eval_n=EVAL_N,
+                                  **({"minutes": grpo_minutes} if grpo_timed else {"steps": CPU_STEPS["grpo"]}))
         grpo_wall = time.time() - t0
 
-    report = write_report(out, model_cfg, pre_records, sft_records, pre_eval, evals,
-                          {"pretrain_s": pre_wall, "sft_s": sft_wall, "grpo_s": grpo_wall,
-                           "total_s": time.time() - t_start},
-                          device=torch.cuda.get_device_name() if gpu else "cpu", grpo=grpo_summary)
-    say(f"done: {report}")
+    walls = {"pretrain_s": pre_wall, "sft_s": sft_wall, "grpo_s": grpo_wall, "total_s": time.time() - t_start,
+             "cpu_s": cpu_seconds() - cpu_start, "threads": torch.get_num_threads()}
+    command = "nanoseek speedrun" + (f" --seed {seed}" if seed else "") + (
+        f" --minutes {minutes:g}" if timed and not gpu else "") + (
+        f" --grpo-minutes {grpo_minutes:g}" if grpo_timed and not gpu else "")
+    report = write_report(out, model_cfg, pre_records, sft_records, pre_eval, evals, walls,
+                          device=torch.cuda.get_device_name() if gpu else "cpu", grpo=grpo_summary,
+                          command=command)
+    clock.say(f"done: {report}")
     return report
 
 
 # ---------------------------------------------------------------------- GRPO stage
 def grpo_settings(gpu: bool, max_new_tokens: int, level: int) -> GRPOConfig:
-    """The speedrun's GRPO hyper-parameters (steps and eval_every are set from the budget).
+    """The speedrun's GRPO hyper-parameters (steps and eval_every are set by the stage).
 
     Temperature 1.0 and no KL term (beta 0), as DAPO and Dr. GRPO do for verifiable rewards.
-    The SFT policy's low entropy leaves most groups with zero advantage, hence on the GPU DAPO's
-    dynamic sampling and clip-higher; the learning rates sit far above the literature's 1e-6,
-    since this small model trained from scratch gets only hundreds of steps
+    The SFT policy's low entropy leaves many groups with zero advantage, hence DAPO's dynamic
+    sampling and clip-higher; the learning rates sit far above the literature's 1e-6, since
+    this small model trained from scratch gets only tens to hundreds of steps
     (benchmarks/results/grpo_cpu_200steps, benchmarks/results/speedrun_h200). Rewards: task
     accuracy (1.0) and the R1 format reward (0.1), which keeps the cold start's structure."""
     common = dict(max_new_tokens=max_new_tokens, temperature=1.0, beta=0.0, level=level,
                   rewards={"accuracy": 1.0, "format": 0.1}, prompt_format="chat",
-                  keep_last=1, save_every=0)
+                  keep_last=1, save_every=0, dynamic_sampling=True, clip_eps_high=0.28)
     if gpu:
-        return grpo_config(group_size=16, prompts_per_step=32, lr=5e-5, micro_batch=256,
-                           dynamic_sampling=True, clip_eps_high=0.28, **common)
-    return grpo_config(group_size=8, prompts_per_step=4, lr=1e-5, **common)
+        return grpo_config(group_size=16, prompts_per_step=32, lr=5e-5, micro_batch=256, **common)
+    return grpo_config(group_size=8, prompts_per_step=16, lr=1e-4, **common)
 
 
 def answer_budget(tokenizer, task: str, level: int, n: int = 256) -> int:
@@ -214,59 +296,70 @@ def choose_grpo_task(accuracy_of, candidates=GRPO_CANDIDATES, band=GRPO_BAND, ta
                                          f"{target:.0%} ({best['greedy_accuracy']:.0%})"), tried
 
 
-def grpo_stage(model, tokenizer, out: Path, minutes: float, gpu: bool, say=print,
-               candidates=GRPO_CANDIDATES, eval_n: int | None = None, **changes) -> dict:
+def grpo_stage(model, tokenizer, out: Path, gpu: bool, say=print, minutes: float | None = None,
+               steps: int | None = None, candidates=GRPO_CANDIDATES, eval_n: int = EVAL_N,
+               known: dict | None = None, **changes) -> dict:
     """Choose the task (held-out greedy accuracy of `model`, the SFT model in memory, equal to
-    out/sft/final), then GRPO from out/sft/final into out/grpo within `minutes`. `changes`:
+    out/sft/final), then GRPO from out/sft/final into out/grpo, for `steps` steps or within
+    `minutes`. known: {(task, level): evaluate_task result with greedy_correct} already
+    measured on the same eval_n problems and answer budget, not measured again. `changes`:
     GRPOConfig fields over grpo_settings (a max_new_tokens there holds for the evaluations
-    that choose the task too). eval_n: held-out problems per evaluation (default
-    GRPO_EVAL_N_GPU on a GPU, GRPO_EVAL_N on a CPU)."""
-    if eval_n is None:
-        eval_n = GRPO_EVAL_N_GPU if gpu else GRPO_EVAL_N
+    that choose the task too)."""
+    if (minutes is None) == (steps is None):
+        raise ValueError("grpo_stage needs either minutes (a time budget) or steps (a fixed amount of work)")
+    known = known or {}
     budgets, evals, eval_s = {}, {}, {}
 
     def accuracy_of(task, level):
         budgets[task, level] = changes.get("max_new_tokens") or answer_budget(tokenizer, task, level)
-        t0 = time.time()
-        r = evaluate_task(model, tokenizer, task, level, n=eval_n, max_new_tokens=budgets[task, level])
-        eval_s[task, level] = time.time() - t0
-        evals[task, level] = r["greedy_accuracy"]
-        say(f"grpo candidate {task} level {level}: greedy {r['greedy_accuracy']:.0%} "
-            f"(max_new_tokens {budgets[task, level]})")
+        r = known.get((task, level))
+        if r is None or r["n"] != eval_n or "max_new_tokens" in changes or "greedy_correct" not in r:
+            t0 = time.time()
+            r = evaluate_task(model, tokenizer, task, level, n=eval_n, max_new_tokens=budgets[task, level],
+                              per_problem=True, progress=False)
+            eval_s[task, level] = time.time() - t0
+        evals[task, level] = r
+        say(f"grpo candidate {task} level {level}: greedy "
+            f"{accuracy_text(r['greedy_accuracy'], r['greedy_interval'])} (max_new_tokens {budgets[task, level]})")
         return r["greedy_accuracy"]
 
     task, level, why, tried = choose_grpo_task(accuracy_of, candidates)
     model.train()
     say(f"grpo on {task} level {level}: {why}")
     cfg = dataclasses.replace(grpo_settings(gpu, budgets[task, level], level), eval_n=eval_n, **changes)
+    before = evals[task, level]
 
-    # the budget: two throwaway steps measure the step time (the first builds the engine)
     t_start = time.time()
-    deadline = t_start + 60 * minutes
-    probe = out / ".calibrate_grpo"
-    shutil.rmtree(probe, ignore_errors=True)
-    _, probe_tok, _, probe_model = load_base(out / "sft", probe)
-    trainer = GRPOTrainer(probe_model, probe_tok, task, dataclasses.replace(cfg, eval_n=0), probe)
-    step_s = [trainer.train_step()["step_time_s"] for _ in range(2)][-1]
-    del trainer, probe_model
-    shutil.rmtree(probe, ignore_errors=True)
-    left = deadline - time.time()
-    one_eval = eval_s[task, level]
-    steps = max(2, int((left - GRPO_CURVE_POINTS * one_eval) / (1.1 * step_s)))
+    deadline = None
+    if minutes is not None:
+        # the budget: two throwaway steps measure the step time (the first builds the engine)
+        deadline = t_start + 60 * minutes
+        probe = out / ".calibrate_grpo"
+        shutil.rmtree(probe, ignore_errors=True)
+        _, probe_tok, _, probe_model = load_base(out / "sft", probe)
+        trainer = GRPOTrainer(probe_model, probe_tok, task, dataclasses.replace(cfg, eval_n=0), probe)
+        step_s = [trainer.train_step()["step_time_s"] for _ in range(2)][-1]
+        del trainer, probe_model
+        shutil.rmtree(probe, ignore_errors=True)
+        one_eval = eval_s.get((task, level), step_s)
+        steps = max(2, int((deadline - time.time() - GRPO_CURVE_POINTS * one_eval) / (1.1 * step_s)))
     eval_every = max(1, math.ceil(steps / GRPO_CURVE_POINTS))
     cfg = dataclasses.replace(cfg, steps=steps, eval_every=eval_every)
-    say(f"grpo: {steps} steps of {cfg.prompts_per_step}x{cfg.group_size} rollouts "
-        f"(~{step_s:.1f} s each), held-out eval every {eval_every}")
+    say(f"grpo: {steps} steps of {cfg.prompts_per_step}x{cfg.group_size} rollouts, held-out eval every {eval_every}")
     trainer, records = grpo(out / "sft", task, cfg, out / "grpo", deadline=deadline,
-                            before={"eval_accuracy": evals[task, level]})  # same problems, same n
-    curve = [{"step": 0, "eval_accuracy": evals[task, level]}] + [
+                            before={"eval_accuracy": before["greedy_accuracy"]})  # same problems, same n
+    curve = [{"step": 0, "eval_accuracy": before["greedy_accuracy"]}] + [
         {"step": r["step"], "eval_accuracy": r["eval_accuracy"]} for r in records if "eval_accuracy" in r]
-    after = curve[-1]["eval_accuracy"]
-    say(f"grpo on {task} level {level}: greedy {evals[task, level]:.0%} -> {after:.0%} "
-        f"in {trainer.step} steps")
+    after = trainer.last_evaluation or {}
+    change = (paired_difference(before["greedy_correct"], after["greedy_correct"])
+              if "greedy_correct" in after else None)
+    say(f"grpo on {task} level {level}: greedy {before['greedy_accuracy']:.0%} -> {curve[-1]['eval_accuracy']:.0%} "
+        f"in {trainer.step} steps" + (f", change {difference_text(change)}" if change else ""))
     median = lambda xs: sorted(xs)[len(xs) // 2] if xs else float("nan")  # noqa: E731
     return {"task": task, "level": level, "why": why, "candidates": tried,
-            "before": evals[task, level], "after": after, "curve": curve, "steps": trainer.step,
+            "before": before["greedy_accuracy"], "before_interval": before["greedy_interval"],
+            "after": curve[-1]["eval_accuracy"], "after_interval": after.get("greedy_interval"),
+            "change": change, "curve": curve, "steps": trainer.step,
             "seconds_per_step": median([r["step_time_s"] for r in records]),
             "rollout_tokens_per_s": median([r["rollout_tokens_per_s"] for r in records]),
             "reward_first": records[0]["reward"], "reward_last": records[-1]["reward"],
@@ -276,13 +369,53 @@ def grpo_stage(model, tokenizer, out: Path, minutes: float, gpu: bool, say=print
             "config": dataclasses.asdict(cfg)}
 
 
+def accuracy_text(accuracy: float, interval) -> str:
+    """'43% [38, 48]': an accuracy and its 95% interval in points."""
+    return f"{accuracy:.0%} [{100 * interval[0]:.0f}, {100 * interval[1]:.0f}]"
+
+
+def difference_text(d: dict) -> str:
+    """'+9 points [4, 14] (36 gained, 0 lost)': a paired difference and its 95% interval."""
+    lo, hi = d["interval"]
+    return (f"{100 * d['difference']:+.0f} points [{100 * lo:+.0f}, {100 * hi:+.0f}] "
+            f"({d['gains']} gained, {d['losses']} lost)")
+
+
 def _throughput(records: list[dict]) -> float:
     rates = sorted(r["tokens_per_s"] for r in records[len(records) // 10:]) or [0.0]
     return rates[len(rates) // 2]
 
 
+def stage_lines(pre_records, pre_eval, evals, grpo: dict | None) -> list[str]:
+    """One line per stage: what it did, and whether it helped beyond noise (an interval that
+    excludes 0: for pretraining the accuracy itself, as a random model answers none; for SFT
+    and GRPO the paired difference on the same held-out problems)."""
+    def verdict(lo: float, hi: float) -> str:
+        return "helped" if lo > 0 else ("made it worse" if hi < 0 else "no change beyond noise")
+
+    lines = []
+    p = pre_eval[0] if pre_eval else None
+    if p:
+        lines.append(f"- **Pretraining**: {len(pre_records)} steps on worked arithmetic solutions; the model "
+                     f"answers {p['task']} level {p['level']} (plain prompt) "
+                     f"{accuracy_text(p['greedy_accuracy'], p['greedy_interval'])}: "
+                     f"{verdict(*p['greedy_interval'])}.")
+    s = next((e for e in evals if p and (e["task"], e["level"]) == (p["task"], p["level"])), None)
+    if s and "greedy_correct" in p and "greedy_correct" in s:
+        d = paired_difference(p["greedy_correct"], s["greedy_correct"])
+        lines.append(f"- **SFT** (R1 cold-start format): {s['task']} level {s['level']} "
+                     f"{accuracy_text(s['greedy_accuracy'], s['greedy_interval'])}, "
+                     f"{difference_text(d)} against pretraining: {verdict(*d['interval'])}.")
+    if grpo and grpo.get("change"):
+        d = grpo["change"]
+        lines.append(f"- **GRPO** ({grpo['steps']} steps on {grpo['task']} level {grpo['level']}): "
+                     f"{grpo['before']:.0%} -> {accuracy_text(grpo['after'], grpo['after_interval'])}, "
+                     f"{difference_text(d)}: {verdict(*d['interval'])}.")
+    return lines
+
+
 def write_report(out: Path, cfg, pre_records, sft_records, pre_eval, evals, walls, device,
-                 grpo: dict | None = None) -> Path:
+                 grpo: dict | None = None, command: str = "nanoseek speedrun") -> Path:
     info = model_info(cfg, context_length=cfg.max_position_embeddings)
     summary = {"device": device, "config": cfg.to_dict(), "info": info, "pretrain_eval": pre_eval,
                "eval": evals, "wall_time_s": walls,
@@ -305,7 +438,14 @@ def write_report(out: Path, cfg, pre_records, sft_records, pre_eval, evals, wall
         "",
         f"Device: {device}. Wall time {walls['total_s'] / 60:.1f} min "
         f"(pretrain {walls['pretrain_s'] / 60:.1f}, SFT {walls['sft_s'] / 60:.1f}, "
-        f"GRPO {walls.get('grpo_s', 0) / 60:.1f} with its task choice).",
+        f"GRPO {walls.get('grpo_s', 0) / 60:.1f} with its task choice)"
+        + (f"; CPU time {walls['cpu_s'] / 60:.1f} min on {walls['threads']} threads." if "cpu_s" in walls else "."),
+        "",
+        *stage_lines(pre_records, pre_eval, evals, grpo),
+        "",
+        "Accuracies: greedy, on n held-out problems, with the 95% Wilson interval in points; a "
+        "change: the paired difference on the same problems, with its 95% interval from the "
+        "discordant pairs (train/intervals.py).",
         "",
         "## Model",
         "",
@@ -343,13 +483,16 @@ def write_report(out: Path, cfg, pre_records, sft_records, pre_eval, evals, wall
     ]
     for stage, rows in (("pretrained (plain prompt)", pre_eval), ("after SFT (chat)", evals)):
         for e in rows:
-            pk = next((f"{v:.0%} (k={k[5:]})" for k, v in e.items() if k.startswith("pass@")), "")
-            lines.append(f"| {stage} | {e['task']} | {e['level']} | {e['n']} | {e['greedy_accuracy']:.0%} | {pk} |")
+            pk = next((f"{accuracy_text(v, e[k + '_interval'])} (k={k[5:]})" for k, v in e.items()
+                       if k.startswith("pass@") and not k.endswith("_interval")), "")
+            lines.append(f"| {stage} | {e['task']} | {e['level']} | {e['n']} | "
+                         f"{accuracy_text(e['greedy_accuracy'], e['greedy_interval'])} | {pk} |")
     if grpo:
         lines += grpo_report_lines(grpo)
     lines += ["", f"Full figures: `summary.json`; per-step metrics: `pretrain/metrics.jsonl`, "
               f"`sft/metrics.jsonl`" + (", `grpo/metrics.jsonl`" if grpo else "") +
-              "; models: `pretrain/final`, `sft/final`" + (", `grpo/final`" if grpo else "") + " (HF layout)."]
+              "; models: `pretrain/final`, `sft/final`" + (", `grpo/final`" if grpo else "") + " (HF layout).",
+              "", f"Reproduce: `{command}`"]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
@@ -359,6 +502,8 @@ def grpo_report_lines(g: dict) -> list[str]:
     c = g["config"]
     tried = ", ".join(f"{t['task']} {t['level']}: {t['greedy_accuracy']:.0%}" for t in g["candidates"])
     curve = ", ".join(f"{p['eval_accuracy']:.0%} (step {p['step']})" for p in g["curve"])
+    after = accuracy_text(g["after"], g["after_interval"]) if g.get("after_interval") else f"{g['after']:.0%}"
+    change = f" Change: {difference_text(g['change'])}." if g.get("change") else ""
     return [
         "",
         "## GRPO",
@@ -369,12 +514,13 @@ def grpo_report_lines(g: dict) -> list[str]:
         "| | before GRPO (SFT) | after GRPO |",
         "|---|---|---|",
         f"| held-out greedy accuracy, {g['task']} level {g['level']} (n={c['eval_n']}) | "
-        f"{g['before']:.0%} | {g['after']:.0%} |",
+        f"{accuracy_text(g['before'], g['before_interval'])} | {after} |",
         f"| mean reward of the rollouts (first / last step) | {g['reward_first']:.3f} | {g['reward_last']:.3f} |",
         "",
-        f"{g['steps']} steps in {g['wall_s'] / 60:.1f} min (budget {g['budget_minutes']:g} min): "
+        f"{g['steps']} steps in {g['wall_s'] / 60:.1f} min"
+        + (f" (budget {g['budget_minutes']:g} min)" if g.get("budget_minutes") else "") + ": "
         f"{g['seconds_per_step']:.2f} s per step, rollouts at {g['rollout_tokens_per_s']:,.0f} tokens/s "
-        f"(medians). Held-out accuracy along the way: {curve}.",
+        f"(medians). Held-out accuracy along the way: {curve}.{change}",
         "",
         f"Settings: G={c['group_size']} samples per prompt, {c['prompts_per_step']} prompts per step, "
         f"temperature {c['temperature']}, lr {c['lr']:g} (constant), beta {c['beta']:g}, loss "

@@ -11,7 +11,8 @@ import torch
 from nanoseek.cli import main
 from nanoseek.hf import from_pretrained
 from nanoseek.rl.trainer import grpo
-from nanoseek.speedrun import answer_budget, choose_grpo_task, grpo_stage, write_report
+from nanoseek.speedrun import (accuracy_text, answer_budget, choose_grpo_task, difference_text, grpo_stage,
+                               stage_lines, write_report)
 from nanoseek.train.checkpoint import latest_checkpoint
 from nanoseek.train.metrics import read_metrics
 from nanoseek.loading import tokenizer_for
@@ -73,7 +74,10 @@ def test_grpo_stage_stops_at_its_deadline_then_reports_before_and_after(tmp_path
                           {"pretrain_s": 1, "sft_s": 1, "grpo_s": 1, "total_s": 3}, "cpu", grpo=g)
     text = report.read_text()
     assert "## GRPO" in text and f"{g['task']} level {g['level']}" in text
-    assert f"| {g['before']:.0%} | {g['after']:.0%} |" in text and "plots/grpo_rl.png" in text
+    assert f"| {accuracy_text(g['before'], g['before_interval'])} | {accuracy_text(g['after'], g['after_interval'])} |" in text
+    assert "plots/grpo_rl.png" in text and text.rstrip().splitlines()[-1] == "Reproduce: `nanoseek speedrun`"
+    # the change is the paired difference on the same 4 problems
+    assert g["change"]["n"] == 4 and g["change"]["difference"] == pytest.approx(g["after"] - g["before"], abs=1e-12)
     assert (tmp_path / "plots" / "grpo_rl.png").is_file()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["grpo"]["before"] == g["before"] and summary["grpo"]["after"] == g["after"]
@@ -82,3 +86,31 @@ def test_grpo_stage_stops_at_its_deadline_then_reports_before_and_after(tmp_path
 def test_speedrun_flags_are_checked(capsys):
     assert main(["speedrun", "--grpo-minutes", "-1"]) == 2
     assert "--grpo-minutes must be positive or 0" in capsys.readouterr().err
+
+
+def test_stage_lines_say_whether_each_stage_helped():
+    n = 200
+    pre = {"task": "arithmetic", "level": 1, "greedy_accuracy": 0.1, "greedy_interval": (0.066, 0.149),
+           "greedy_correct": [True] * 20 + [False] * 180}
+    # SFT: 20 right before stay right, 40 more right; GRPO (below): 30 gained, 10 lost
+    sft = {"task": "arithmetic", "level": 1, "greedy_accuracy": 0.3, "greedy_interval": (0.240, 0.367),
+           "greedy_correct": [True] * 60 + [False] * 140}
+    change = {"difference": 0.1, "interval": (0.04, 0.16), "gains": 30, "losses": 10, "n": n}
+    grpo = {"steps": 50, "task": "arithmetic", "level": 1, "before": 0.3, "after": 0.4,
+            "after_interval": (0.334, 0.469), "change": change}
+    pretrain_line, sft_line, grpo_line = stage_lines([{}] * 7, [pre], [sft], grpo)
+    assert "7 steps" in pretrain_line and "10% [7, 15]: helped" in pretrain_line
+    # 40 gained of 40 discordant: Wilson's lower end 40 / (40 + z^2) = 0.912, so the change's
+    # interval is 0.2 * (2 * 0.912 - 1) = +16.5 to +20 points
+    assert "30% [24, 37], +20 points [+16, +20] (40 gained, 0 lost) against pretraining: helped" in sft_line
+    assert "30% -> 40% [33, 47], +10 points [+4, +16] (30 gained, 10 lost): helped" in grpo_line
+    worse = dict(change, difference=-0.1, interval=(-0.16, -0.04))
+    assert stage_lines([], [], [], dict(grpo, change=worse))[0].endswith("made it worse.")
+    noise = dict(change, interval=(-0.01, 0.2))
+    assert difference_text(noise) == "+10 points [-1, +20] (30 gained, 10 lost)"
+    assert stage_lines([], [], [], dict(grpo, change=noise))[0].endswith("no change beyond noise.")
+
+
+def test_grpo_stage_needs_steps_or_minutes(tmp_path):
+    with pytest.raises(ValueError, match="either minutes .* or steps"):
+        grpo_stage(None, None, tmp_path, gpu=False)

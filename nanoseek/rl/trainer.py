@@ -268,6 +268,7 @@ class GRPOTrainer(Checkpointed):
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay)
         self.engine: Engine | None = None
         self.step = 0
+        self.last_evaluation: dict | None = None  # evaluate_task's result, per problem, of the latest evaluation
 
     # ------------------------------------------------------------ prompts
     def sample_prompts(self, n: int, attempt: int = 0) -> list[dict]:
@@ -434,15 +435,19 @@ class GRPOTrainer(Checkpointed):
     def evaluate(self) -> dict:
         """Greedy accuracy on cfg.eval_n held-out (test split) problems of the task. The
         chat format goes through train.evaluate.evaluate_task (the same figure as `nanoseek
-        eval`); the other formats through the engine with the training prompt format."""
+        eval`), whose whole result, each problem's too, stays in `last_evaluation` for a paired
+        comparison with another model; the other formats through the engine with the training
+        prompt format."""
         cfg = self.cfg
         if self.task is None:
             return self._evaluate_rows()
         if cfg.prompt_format == "chat":
             from ..train.evaluate import evaluate_task
             r = evaluate_task(self.model, self.tokenizer, self.task.name, cfg.level, n=cfg.eval_n,
-                              fmt="chat", max_new_tokens=cfg.max_new_tokens, progress=False)
+                              fmt="chat", max_new_tokens=cfg.max_new_tokens, progress=False,
+                              per_problem=True)
             self.model.train()
+            self.last_evaluation = r
             return {"eval_accuracy": r["greedy_accuracy"]}
         examples = self.task.generate(cfg.eval_n, level=cfg.level, split="test", seed=1234, unique=True)
         _, outs = self._generate([ex.prompt for ex in examples], SamplingParams(max_tokens=cfg.max_new_tokens))

@@ -4,7 +4,9 @@ Prompts are the task's test split (disjoint from training by construction). A mo
 SFT is prompted with the chat template (the answer is read from `<answer>…</answer>`); a
 pretrained-only model with the plain-text format it was trained on ("Question: …\nSolution:").
 pass@k: k samples per problem at the given temperature; a problem counts when any is right
-(the unbiased estimator of Chen et al. 2021 with n = k).
+(the unbiased estimator of Chen et al. 2021 with n = k). Each accuracy comes with its 95%
+Wilson interval (intervals.py); `per_problem=True` also returns the greedy result of every
+problem, for a paired comparison of two models on the same problems.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 
 from ..data.tasks import check, get_task
 from ..infer import generate
+from .intervals import wilson_interval
 from .metrics import ProgressBar
 
 
@@ -26,7 +29,8 @@ def task_prompt(tokenizer, prompt: str, fmt: str) -> list[int]:
 
 def evaluate_task(model, tokenizer, task: str, level: int, n: int = 100, k: int = 0,
                   temperature: float = 0.8, fmt: str = "chat", max_new_tokens: int = 160,
-                  batch_size: int = 64, seed: int = 1234, progress: bool = True) -> dict:
+                  batch_size: int = 64, seed: int = 1234, progress: bool = True,
+                  per_problem: bool = False) -> dict:
     if n < 1:
         raise ValueError(f"the number of held-out problems must be positive, got {n}")
     examples = get_task(task).generate(n, level=level, split="test", seed=seed, unique=True)
@@ -51,11 +55,14 @@ def evaluate_task(model, tokenizer, task: str, level: int, n: int = 100, k: int 
     with bar:
         greedy = run(0.0, None)
         result = {"task": task, "level": level, "n": n, "format": fmt,
-                  "greedy_accuracy": sum(greedy) / n}
+                  "greedy_accuracy": sum(greedy) / n, "greedy_interval": wilson_interval(sum(greedy), n)}
+        if per_problem:
+            result["greedy_correct"] = greedy
         if k > 1:
             hits = [False] * n
             for j in range(k):
                 hits = [h or r for h, r in zip(hits, run(temperature, seed + j))]
             result[f"pass@{k}"] = sum(hits) / n
+            result[f"pass@{k}_interval"] = wilson_interval(sum(hits), n)
             result["temperature"] = temperature
     return result
