@@ -114,3 +114,15 @@ def test_stage_lines_say_whether_each_stage_helped():
 def test_grpo_stage_needs_steps_or_minutes(tmp_path):
     with pytest.raises(ValueError, match="either minutes .* or steps"):
         grpo_stage(None, None, tmp_path, gpu=False)
+
+
+def test_stage_clock_scales_the_time_left_by_the_pace_so_far(monkeypatch, capsys):
+    import nanoseek.speedrun as speedrun
+    now = [1000.0]
+    monkeypatch.setattr(speedrun.time, "time", lambda: now[0])
+    clock = speedrun.StageClock({"pretrain": 60.0, "sft": 30.0, "grpo": 90.0})
+    clock.start("pretrain", "pretrain")
+    now[0] += 120.0  # twice the plan: the stages left should take twice theirs, 240 s
+    clock.start("sft", "sft")
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["[speedrun     0s] pretrain (about 3.0 min left)", "[speedrun   120s] sft (about 4.0 min left)"]
