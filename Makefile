@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 OUT ?= runs/main
+SEED ?= 0
 
 .PHONY: run test setup browser clean
 
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/nanoseek speedrun --out $(OUT)
+	$(VENV)/bin/nanoseek speedrun --out $(OUT) --seed $(SEED)
 
 # The chat page's browser test drives Debian's Chromium; installed here when missing and we
 # may (root with apt-get), else that test skips and says why.
