@@ -264,7 +264,7 @@ def table(result: dict) -> str:
             lines.append(f"{r['config']:14} {r['n']:>2} failed: {r.get('error', '').splitlines()[-1:]}")
             continue
         a2a = r.get("all_to_all", {})
-        fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
+        fmt = lambda v, f: format(v, f) if v is not None else format("-", f[:2])  # noqa: E731
         lines.append(f"{r['config']:14} {r['n']:>2} {r['tokens_per_s_per_gpu']:>10,.0f} "
                      f"{fmt(r.get('efficiency'), '>6.1%')} {r['peak_memory_bytes'] / 2**20:>9,.0f} "
                      f"{fmt(r.get('loss_vs_one_process', {}).get('max_abs_diff'), '>10.2e')} "
