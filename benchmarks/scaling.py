@@ -26,7 +26,7 @@ per-step losses are compared with one process trained on the same global batch (
 reference run per N, shared by all configurations).
 
 Measured, per run (rank 0's metrics.jsonl unless said):
-- tokens/s: the median over the steps after `--warmup-steps`, before the profiled ones; per GPU: / N.
+- tokens/s: the median over the steps after `--warmup-steps`, before the profiler starts; per GPU: / N.
 - peak memory: the maximum over ranks of torch.cuda.max_memory_allocated (CPU: max RSS).
 - pipeline bubble: 1 - T1 / (N * TN), T1 the one-process step time on the same global batch, TN
   the pipeline's: the fraction of each stage's time not spent on its share of the work, an upper
@@ -45,6 +45,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -74,7 +75,7 @@ FP32_LOSS_TOL = 1e-5      # tests/test_parallel_train.py's tolerance between lay
 BF16_LOSS_RTOL = 2 ** -6
 SMOKE = {"preset": "tiny", "gpus": [1, 2], "steps": 6, "batch_per_gpu": 4, "seq": 32, "precision": "fp32",
          "warmup_steps": 1, "profile_steps": 2}
-GPU = {"preset": "small", "gpus": [1, 2, 4], "steps": 50, "batch_per_gpu": 8, "seq": 512, "precision": "bf16",
+GPU = {"preset": "small", "gpus": [1, 2, 4], "steps": 100, "batch_per_gpu": 8, "seq": 512, "precision": "bf16",
        "warmup_steps": 5, "profile_steps": 3}
 A2A_KERNEL = re.compile(r"SendRecv|AllToAll", re.I)       # NCCL's all_to_all_single kernels
 A2A_OP = re.compile(r"all_?to_?all", re.I)                # gloo / c10d ops on the CPU
@@ -197,17 +198,28 @@ def launch(n: int, flags: list, global_batch: int, run_dir: Path, args, profile_
     if args.device == "cpu":
         env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run([str(c) for c in cmd], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=args.run_timeout)
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"timed out after {args.run_timeout} s"}
+    with subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=args.run_timeout)
+        except BaseException as e:
+            # SIGTERM, not run()'s SIGKILL: torchrun passes it on to its workers, which would
+            # otherwise keep the GPUs busy after this script is gone
+            proc.terminate()
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            if isinstance(e, subprocess.TimeoutExpired):
+                return {"ok": False, "error": f"timed out after {args.run_timeout} s"}
+            raise
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        return {"ok": False, "error": (proc.stderr.strip() or proc.stdout.strip())[-1500:]}
+        return {"ok": False, "error": (stderr.strip() or stdout.strip())[-1500:]}
     records = read_metrics(run_dir)
     probes = [json.loads(p.read_text()) for p in sorted(run_dir.glob("probe.rank*.json"))]
-    timed = records[args.warmup_steps:len(records) - profile_steps] or records
+    # the profiler's own warm-up step is as slow as the profiled ones
+    timed = records[args.warmup_steps:len(records) - profile_steps - bool(profile_steps)] or records
     out = {"ok": True, "wall_s": wall, "losses": [r["loss"] for r in records],
            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
            "step_time_s": statistics.median(r["step_time_s"] for r in timed), "timed_steps": len(timed),
@@ -264,13 +276,17 @@ def table(result: dict) -> str:
             lines.append(f"{r['config']:14} {r['n']:>2} failed: {r.get('error', '').splitlines()[-1:]}")
             continue
         a2a = r.get("all_to_all", {})
-        fmt = lambda v, f: format(v, f) if v is not None else format("-", f[:2])  # noqa: E731
         lines.append(f"{r['config']:14} {r['n']:>2} {r['tokens_per_s_per_gpu']:>10,.0f} "
                      f"{fmt(r.get('efficiency'), '>6.1%')} {r['peak_memory_bytes'] / 2**20:>9,.0f} "
                      f"{fmt(r.get('loss_vs_one_process', {}).get('max_abs_diff'), '>10.2e')} "
                      f"{fmt(r.get('bubble'), '>7.1%')} {fmt(a2a.get('ms_per_step'), '>7.2f')} "
                      f"{fmt(a2a.get('overlap_fraction'), '>7.1%')}")
     return "\n".join(lines)
+
+
+def fmt(value, spec: str) -> str:
+    """`value` in a table column of format `spec` (">W..."), or "-" as wide when there is none."""
+    return format(value, spec) if value is not None else format("-", re.match(r"\D*\d*", spec).group())
 
 
 def plot(result: dict, path: Path) -> None:
@@ -293,7 +309,9 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xlabel("processes (GPUs)")
     ax.set_ylabel("tokens/s per GPU")
     ax.set_ylim(bottom=0)
-    ax.set_title(f"{result['label']}: weak scaling, {result['settings']['batch_per_gpu']} sequences per GPU")
+    settings = result["settings"]
+    ax.set_title(f"{result['label']}\nweak scaling: {settings['batch_per_gpu']} sequences of {settings['seq']} "
+                 "tokens per GPU", fontsize=9)
     ax.legend(fontsize=8)
     ax.spines[["top", "right"]].set_visible(False)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -338,7 +356,7 @@ def parse(argv=None) -> argparse.Namespace:
     for key, value in (SMOKE if args.smoke else GPU).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.steps < args.warmup_steps + args.profile_steps + 2:
+    if args.steps < args.warmup_steps + args.profile_steps + 2:     # + the profiler's warm-up step
         p.error(f"--steps {args.steps} leaves no timed step after {args.warmup_steps} warm-up and "
                 f"{args.profile_steps} profiled steps; raise --steps")
     if args.batch_per_gpu % 4:
@@ -358,6 +376,8 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse(argv)
+    # a time limit's SIGTERM unwinds through launch(), which stops the run in flight
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     runs_root = Path(args.runs or tempfile.mkdtemp(prefix="scaling_"))
     settings = {k: getattr(args, k) for k in ("device", "preset", "layers", "gpus", "configs", "steps",
                                               "batch_per_gpu", "seq", "precision", "warmup_steps",

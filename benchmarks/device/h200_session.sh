@@ -26,11 +26,14 @@
 #   bash benchmarks/device/h200_session.sh r1-full    # `nanoseek r1 --stages full` from the same base
 #                                              # (each call goes on where the last stopped while the machine
 #                                              # stays warm: call again until r1_*.log ends with "report:")
+#   bash benchmarks/device/h200_session.sh multigpu   # on a 2- or 4-GPU kind: DP, EP, EP+DP, 1F1B, DualPipeV
+#                                              # against one GPU (benchmarks/scaling.py, small preset)
 #
 # Environment: MINUTES, GRPO_MINUTES, SPEEDRUN_LIMIT, SPECULATIVE (speedrun); R1_LEVEL, R1_PRETRAIN_STEPS,
 # R1_ARGS (r1-zero, r1-full: key=value settings of nanoseek r1); TRL_ARGS (trl, measure);
 # DECODE_ARGS (decode, measure: e.g. "--tuned-option combo_kernels=true"); DECODE_MODES (decode.py --modes);
-# FUSED_ARGS (benchmarks/fused_decode.py);
+# FUSED_ARGS (benchmarks/fused_decode.py); SCALING_ARGS (benchmarks/scaling.py, multigpu: e.g.
+# "--preset deepseek-v2-lite --layers 8");
 # GIT_COMMIT: the commit the tree is at, recorded in the JSON results (the device's copy of .git may
 # still read an older HEAD than the working tree it was sent).
 # Wheels the image lacks (fastapi, uvicorn, trl, ...) come in .whl (benchmarks/device/device_wheels.txt).
@@ -215,12 +218,18 @@ case $stage in
   tune)  # the fused step's tests, then its launch shapes tuned at batch 1 and its speed per bucket
     FUSED_ARGS="--tune 2 --no-compiled ${FUSED_ARGS:-}" fused 585
     ;;
+  multigpu)  # N = 1, 2 (and 4 where there are 4 GPUs) processes; NVLink multicast off in every one
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    gpus=$(nvidia-smi -L | wc -l)
+    counts="1 2"; [ "$gpus" -ge 4 ] && counts="1 2 4"
+    bench 530 120 benchmarks/scaling.py --gpus $counts --run-timeout 150 ${SCALING_ARGS:-}
+    ;;
   step) step 585 ;;
   serve) serve 585 ;;
   trl) trl 585 ;;
   r1-zero) r1 585 zero ;;
   r1-full) r1 585 full ;;
-  *) echo "unknown stage $stage: speedrun, decode, mtp, spec, measure, fused, tune, step, serve, trl, shapes, fp8, one, serving, r1-zero or r1-full" >&2
+  *) echo "unknown stage $stage: speedrun, decode, mtp, spec, measure, fused, tune, step, serve, trl, shapes, fp8, one, serving, r1-zero, r1-full or multigpu" >&2
      exit 2 ;;
 esac
 echo "stage $stage: $(elapsed)s"
