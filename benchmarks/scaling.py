@@ -367,10 +367,12 @@ def parse(argv=None) -> argparse.Namespace:
         have = torch.cuda.device_count()
         if max(args.gpus) > have:
             p.error(f"--gpus {max(args.gpus)} but this machine has {have} GPUs; lower --gpus or use --device cpu")
-    name = "cpu_smoke" if args.smoke else f"{args.preset}{f'_L{args.layers}' if args.layers else ''}"
+    cpu = args.device == "cpu"
+    name = "cpu_smoke" if args.smoke else f"{'cpu_' * cpu}{args.preset}{f'_L{args.layers}' if args.layers else ''}"
     args.json = args.json or str(RESULTS / f"scaling_{name}.json")
-    args.label = ("CPU smoke test (gloo): timings say nothing about GPU scaling" if args.device == "cpu"
-                  else f"{args.preset}{f' ({args.layers} layers)' if args.layers else ''}, {args.precision}")
+    model = f"{args.preset}{f' ({args.layers} layers)' if args.layers else ''}, {args.precision}"
+    args.label = (f"CPU {'smoke test ' * args.smoke}(gloo), {model}: timings say nothing about GPU scaling"
+                  if cpu else model)
     return args
 
 
