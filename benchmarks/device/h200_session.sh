@@ -222,7 +222,7 @@ case $stage in
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
     gpus=$(nvidia-smi -L | wc -l)
     counts="1 2"; [ "$gpus" -ge 4 ] && counts="1 2 4"
-    bench 530 120 benchmarks/scaling.py --gpus $counts --run-timeout 150 ${SCALING_ARGS:-}
+    bench "$(left 530)" 120 benchmarks/scaling.py --gpus $counts --run-timeout 150 ${SCALING_ARGS:-}
     ;;
   step) step 585 ;;
   serve) serve 585 ;;
