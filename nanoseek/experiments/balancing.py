@@ -57,7 +57,7 @@ EXPERIMENT = Experiment(
             Compare("loss-free: lower held-out loss than aux loss α=0.001", "val_loss", "loss-free",
                     "aux-seq-0.001", "ppl 9.50 vs 9.56"),
             Compare("loss-free: lower held-out loss than aux loss α=0.01", "val_loss", "loss-free",
-                    "aux-seq-0.01", "a larger α costs more loss (ibid. §4.2)"),
+                    "aux-seq-0.01", "a larger α hurts perplexity more (ibid.)"),
             Compare("loss-free: lower global MaxVio than no balancing", "maxvio_global", "loss-free", "none",
                     "no figure (balancing's purpose)"),
             Compare("batch-wise aux loss: lower held-out loss than sequence-wise", "val_loss", "aux-batch-0.001",
