@@ -77,9 +77,10 @@ def test_fit_width_finds_the_closest_count_and_check_equal_holds_the_tolerance()
 
     def total(w):
         return model_info(base.replace(intermediate_size=w), 32)["total_params"]
-    assert abs(total(width) - target) <= min(abs(total(width - 1) - target), abs(total(width + 1) - target))
-    per_unit = 3 * base.hidden_size * base.num_hidden_layers  # gate, up and down rows of one FFN unit
-    assert total(width + 1) - total(width) == per_unit and abs(total(width) - target) <= per_unit / 2
+    assert width % 8 == 0  # widths move in steps of 8
+    assert abs(total(width) - target) <= min(abs(total(width - 8) - target), abs(total(width + 8) - target))
+    per_step = 8 * 3 * base.hidden_size * base.num_hidden_layers  # gate, up and down rows of 8 FFN units
+    assert total(width + 8) - total(width) == per_step and abs(total(width) - target) <= per_step / 2
     rows = {"a": {"total_params": 100}, "b": {"total_params": 97}}
     assert check_equal(rows, "total_params", ("a", "b"), 0.05) == pytest.approx(0.03)
     with pytest.raises(ValueError, match=r"total_params of a, b differ by 3.0% \(> 2%\)"):

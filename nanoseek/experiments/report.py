@@ -172,12 +172,18 @@ The CPU-scale results are tiny models trained for a few minutes on a shared 2-co
 they test that each experiment runs end to end and show what such models do, not what the
 papers' billion-parameter models do.
 
-This file is regenerated from the `result.json` files below it after every experiment.
+Scales: `gpu` (the default with CUDA: 8 minutes an experiment on one H100/H200, so that one
+device call runs one) and `cpu` (tiny models). This file is regenerated from the
+`result.json` files below it after every experiment; after copying a device run's
+`<scale>/<name>/` folder here, regenerate it with
+`python -c "from nanoseek.experiments.report import write_readme; write_readme('benchmarks/results/claims')"`.
 """
 
 
-def write_readme(root: Path) -> Path:
+def write_readme(root: str | Path) -> Path:
     from . import EXPERIMENTS
+
+    root = Path(root)
 
     results = {}
     for path in sorted(root.glob(f"*/*/{RESULT}")):

@@ -83,7 +83,7 @@ SCALES = {
                  trunk=mla_trunk(2048, 384, 6, 6, 64, q_lora_rank=192, intermediate_size=1024),
                  moe=v3_moe(32, 128, 4, 4, 2), gshard_width=768,
                  batch_size=32, seq_len=512, lr=2e-3, warmup=50,
-                 docs_per_domain=12000, heldout_docs_per_domain=400, heldout_rows=256,
+                 docs_per_domain=12000, heldout_docs_per_domain=1000, heldout_rows=128,
                  eval_problems=128, eval_max_tokens=96, decode_prompts=32, decode_tokens=64),
     "cpu": Scale(name="cpu", budget_minutes=4.0,
                  trunk=mla_trunk(512, 64, 2, 4, 16, q_lora_rank=48, intermediate_size=192),

@@ -1,8 +1,8 @@
 """Equal compute, computed: the arms' accounting from `model_info` and a search over widths.
 
 An arm that must match another in total or activated parameters gets the width (an FFN or
-expert `intermediate_size`) whose count comes closest, found by bisection over the widths
-(every count here grows with the width). `check_equal` then holds the arms to a stated
+expert `intermediate_size`, a multiple of 8) whose count comes closest, found by bisection
+over the widths (every count here grows with the width). `check_equal` then holds the arms to a stated
 relative tolerance, so a comparison never silently runs between unequal models.
 """
 
@@ -11,6 +11,8 @@ from __future__ import annotations
 from ..config import ModelConfig
 from ..info import model_info
 
+# widths are searched in steps of 8: 16-byte rows for BF16 GEMMs (grouped ones require it)
+WIDTH_MULTIPLE = 8
 # model_info's figures that each arm's table row shows
 ACCOUNTING = ("total_params", "activated_params", "train_flops_per_token", "kv_cache_bytes_per_token",
               "mtp_params")
@@ -23,10 +25,12 @@ def accounting(config: ModelConfig, seq_len: int) -> dict:
     return {key: info[key] for key in ACCOUNTING}
 
 
-def fit_width(config: ModelConfig, field: str, metric: str, target: float, seq_len: int) -> ModelConfig:
-    """`config` with the width `field` set so that model_info's `metric` is closest to target."""
-    def value(width: int) -> float:
-        return model_info(config.replace(**{field: width}), context_length=seq_len)[metric]
+def fit_width(config: ModelConfig, field: str, metric: str, target: float, seq_len: int,
+              multiple: int = WIDTH_MULTIPLE) -> ModelConfig:
+    """`config` with the width `field` set to the multiple of `multiple` whose model_info
+    `metric` is closest to target."""
+    def value(k: int) -> float:
+        return model_info(config.replace(**{field: k * multiple}), context_length=seq_len)[metric]
 
     lo, hi = 1, 2
     while value(hi) < target:
@@ -34,8 +38,8 @@ def fit_width(config: ModelConfig, field: str, metric: str, target: float, seq_l
     while hi - lo > 1:  # value(lo) < target <= value(hi), or lo = 1
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if value(mid) < target else (lo, mid)
-    best = min((lo, hi), key=lambda w: abs(value(w) - target))
-    return config.replace(**{field: best})
+    best = min((lo, hi), key=lambda k: abs(value(k) - target))
+    return config.replace(**{field: best * multiple})
 
 
 def relative_gap(values: list[float]) -> float:
