@@ -77,10 +77,11 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
 
     arms = [a["name"] for a in result["arms"]]
     tokens_per_step = result["scale"]["batch_size"] * result["scale"]["seq_len"]
-    curves = [("main_loss", "training loss (next token)")]
+    curves = [("main_loss", "training loss (next token; y from the last 3/4)")]
     if any("maxvio" in r["curve"] for r in result["runs"]):
         curves.append(("maxvio", "MaxVio_batch (mean over MoE layers)"))
     bars = [m for m in result["metrics"] if any(m[0] in result["summary"].get(a, {}) for a in arms)]
@@ -92,15 +93,20 @@ def plot(result: dict, path: Path) -> None:
     panels = iter(axes.flat)
     for key, title in curves:
         ax = next(panels)
+        late = []
         for arm in arms:
             series = [r["curve"][key] for r in result["runs"] if r["arm"] == arm and key in r["curve"]]
             if not series:
                 continue
             steps = next(r["curve"]["step"] for r in result["runs"] if r["arm"] == arm)
-            mean = [sum(v) / len(v) for v in zip(*series)]
-            ax.plot([s * tokens_per_step for s in steps], smooth(mean), label=arm, color=colors[arm], lw=1.2)
+            mean = smooth([sum(v) / len(v) for v in zip(*series)])
+            ax.plot([s * tokens_per_step for s in steps], mean, label=arm, color=colors[arm], lw=1.2)
+            late += mean[len(mean) // 4:]
+        if key == "main_loss" and late:  # the arms part late in training: show that, not the first drop
+            ax.set_ylim(0.98 * min(late), max(late) + 0.02 * min(late))
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("training tokens")
+        ax.xaxis.set_major_formatter(EngFormatter())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for key, label, fmt in bars:
