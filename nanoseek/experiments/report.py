@@ -27,8 +27,8 @@ def spread(s: dict, fmt: str) -> str:
 
 def scale_line(result: dict) -> str:
     s = result["scale"]
-    return (f"{SCALE_TITLES.get(s['name'], s['name'])}: {s['device_name']} ({s['device']}, "
-            f"{s['cpu_threads']} CPU threads), budget {s['budget_minutes']:g} min, took "
+    return (f"Run at the {s['name']} scale on {s['device_name']} ({s['device']}, "
+            f"{s['cpu_threads']} CPU thread{'s' if s['cpu_threads'] != 1 else ''}), budget {s['budget_minutes']:g} min, took "
             f"{s['wall_minutes']:.1f} min; seeds {', '.join(map(str, s['seeds']))}; {s['steps']} steps of "
             f"{s['batch_size']}x{s['seq_len']} tokens ({s['tokens_per_run']:,} tokens per run); "
             f"torch {s['torch']}, commit {s['git_commit']}, {s['time']}")
@@ -123,7 +123,7 @@ def plot(result: dict, path: Path) -> None:
         highs = [max(result["summary"][a][key]["values"]) for a in shown]
         if "%" in fmt:  # a rate: its whole range
             ax.set_ylim(0, 1)
-        elif min(lows) > 0 and max(highs) - min(lows) < 0.2 * max(highs):  # close figures: zoom in
+        elif len(shown) > 1 and min(lows) > 0 and max(highs) - min(lows) < 0.2 * max(highs):  # close: zoom in
             pad = max(max(highs) - min(lows), 1e-9 + 0.01 * max(highs))
             ax.set_ylim(min(lows) - pad, max(highs) + pad)
     for ax in panels:
