@@ -16,8 +16,9 @@ Verdict rule, per comparison the paper makes: the claimed-better arm's mean must
 other's by more than the larger of the two arms' seed ranges (max − min) to *support* the
 claim at this scale; worse by that much *contradicts* it; anything between is
 *inconclusive*. For an accuracy over n problems the margin is at least two binomial
-standard errors, 2·sqrt(p(1 − p)/n), so that two seeds agreeing by chance decide nothing. A figure the paper states as a level (85-90% acceptance, < 0.25% error) is
-*within*, *below* or *above* it, by the seeds' mean.
+standard errors, 2·sqrt(p(1 − p)/n), so that two seeds agreeing by chance decide nothing.
+A figure the paper states as a level (85-90% acceptance, < 0.25% error) is *within*,
+*below* or *above* it, by the seeds' mean.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """How big the experiments are on each device: the shared model trunk, batches and budgets.
 
-Two scales, one code path. `gpu` is sized so that one experiment (up to ten trained models
-with its evaluations) fits its default 8-minute budget on one H100/H200 without compiling;
-`cpu` is the same design shrunk to tiny models that train in a few minutes on a laptop.
+Two scales, one code path. `gpu`: models of about 10-90M parameters, eager (compiling ten
+models would eat the budget), and an 8-minute default budget, so that one experiment (up to
+ten trained models with their evaluations) fits a 10-minute call on one H100/H200; the
+runner's timed probe sets the steps to fit. `cpu`: the same design shrunk to tiny models
+that train in a few minutes.
 Tests build a smaller scale still with `dataclasses.replace` and fixed `steps`.
 
 The trunk keeps DeepSeek-V2's attention proportions (§2.1.2 and Table 1): with d_h the head
