@@ -131,7 +131,9 @@ def build_data(scale: Scale, work: Path) -> Data:
 
 
 def train_fields(scale: Scale, arm: Arm, steps: int, seed: int, device: str) -> dict:
-    return dict(scale.train_fields(), steps=steps, seed=seed, device=device,
+    # save_every=0: only the final checkpoint; the runs are never resumed, so more would
+    # only spend the budget
+    return dict(scale.train_fields(), steps=steps, seed=seed, device=device, save_every=0, keep_last=1,
                 warmup=max(1, min(scale.warmup, steps // 5)), **arm.train)
 
 
@@ -170,7 +172,7 @@ def run_arm(exp: Experiment, arm: Arm, seed: int, steps: int, scale: Scale, data
     if exp.accuracy:
         run["accuracy"] = evaluate_task(model, tok, "arithmetic", 1, n=scale.eval_problems, fmt="plain",
                                         max_new_tokens=scale.eval_max_tokens,
-                                        batch_size=scale.eval_problems)["greedy_accuracy"]
+                                        batch_size=scale.eval_problems, progress=False)["greedy_accuracy"]
         run["accuracy_problems"] = scale.eval_problems
     if exp.measure is not None:
         run.update(exp.measure(model, data, scale))
