@@ -24,7 +24,7 @@ TINY = SCALES["cpu"].replace(
     heldout_rows=4, eval_problems=2, eval_max_tokens=8, decode_prompts=2, decode_tokens=6, steps=3)
 SEEDS = [0, 1]
 
-pytestmark = pytest.mark.usefixtures("few_threads")  # conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 # ---------------------------------------------------------------------------- the CLI
