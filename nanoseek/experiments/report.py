@@ -63,7 +63,8 @@ def arms_table(result: dict) -> list[str]:
 
 def section(result: dict, image_prefix: str = "") -> str:
     eq = "; ".join(f"{e['metric']} of {', '.join(e['arms'])} within {e['gap']:.2%}" for e in result["equalities"])
-    lines = [scale_line(result), ""] + checks_table(result) + ["", *arms_table(result), ""]
+    lines = [scale_line(result), ""] + ([f"*{result['note']}*", ""] if result.get("note") else [])
+    lines += checks_table(result) + ["", *arms_table(result), ""]
     if eq:
         lines += [f"Equal by construction and search (tolerance {result['tolerance']:.0%}): {eq}.", ""]
     lines += [f"![{result['experiment']}]({image_prefix}{name})" for name in result["files"]]
@@ -201,8 +202,7 @@ def write_readme(root: str | Path) -> Path:
         parts.append(f"## Claim {exp.claim}: {exp.title} (`nanoseek experiment {name}`)\n\n{exp.paper}\n")
         found = sorted(results.get(name, []), key=lambda x: x[1]["scale"]["name"] != "gpu")
         if not found:
-            reason = exp.unavailable() if exp.unavailable else None
-            parts.append(f"Not run yet{': ' + reason if reason else ''}.\n")
+            parts.append("Not run yet.\n")
         for folder, r in found:
             parts.append(f"### {SCALE_TITLES.get(r['scale']['name'], r['scale']['name'])} "
                          f"([JSON]({folder}/{RESULT}))\n\n" + section(r, image_prefix=folder + "/"))

@@ -99,7 +99,7 @@ class Experiment:
     measure: Callable | None = None               # (model, data, scale) -> {metric: value}
     derive: Callable | None = None                # (runs) -> {arm: {metric: [per seed]}}
     figures: Callable | None = None               # (result, out_dir) -> [extra image paths]
-    unavailable: Callable[[], str | None] | None = None  # why it cannot run here, else None
+    notes: dict[str, str] = field(default_factory=dict)  # scale name: what a result there does and does not show
 
 
 @dataclass
@@ -247,9 +247,6 @@ def run_experiment(exp: Experiment, scale: Scale, seeds: list[int], budget_minut
     out/<scale>/<name>/ and regenerates out/README.md. Returns the result."""
     from .report import write_readme, write_result
 
-    reason = exp.unavailable() if exp.unavailable else None
-    if reason:
-        raise ValueError(reason)
     started = time.time()
     arms = exp.arms(scale)
     rows = {arm.name: accounting(arm.config, scale.seq_len) for arm in arms}
@@ -268,6 +265,7 @@ def run_experiment(exp: Experiment, scale: Scale, seeds: list[int], budget_minut
     summary = summarize(runs, exp.derive(runs) if exp.derive else None)
     result = {
         "experiment": exp.name, "claim": exp.claim, "title": exp.title, "paper": exp.paper,
+        "note": exp.notes.get(scale.name, ""),
         "scale": {"name": scale.name, "budget_minutes": budget_minutes, "seeds": list(seeds), "steps": steps,
                   "batch_size": scale.batch_size, "seq_len": scale.seq_len,
                   "tokens_per_run": steps * scale.batch_size * scale.seq_len, "probe_step_seconds": probe_s,
