@@ -64,4 +64,7 @@ EXPERIMENT = Experiment(
                     "aux-seq-0.001", "2.253 vs 2.258")],
     metrics=[("val_loss", "held-out loss", "{:.4f}"), ("maxvio_global", "global MaxVio (held-out)", "{:.3f}"),
              ("maxvio_batch", "MaxVio_batch (2nd half of training)", "{:.3f}")],
-    measure=measure)
+    measure=measure,
+    notes={"cpu": "CPU scale: a run of a few hundred steps lets the bias update (γ = 0.001 a step) move each "
+                  "bias by a few tenths at most, so loss-free balancing has only begun; V3's runs take "
+                  "thousands of steps."})
