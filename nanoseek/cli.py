@@ -687,6 +687,17 @@ def cmd_chat(args: argparse.Namespace) -> None:
                      {"role": "assistant", "content": splitter.answer.strip()}]  # R1: history without reasoning
 
 
+# ---------------------------------------------------------------------- experiment
+def add_experiment_args(p: argparse.ArgumentParser) -> None:
+    from .experiments.command import add_arguments  # the light registry; an experiment loads when it runs
+    add_arguments(p)
+
+
+def cmd_experiment(args: argparse.Namespace) -> None:
+    from .experiments.command import run
+    run(args)
+
+
 # ---------------------------------------------------------------------- dispatch
 from .serve.launch import add_serve_args, cmd_serve  # noqa: E402  (FastAPI loads only when serving)
 from .rl.r1 import add_r1_args, cmd_r1  # noqa: E402
@@ -711,6 +722,7 @@ COMMANDS = {
     "chat": (add_chat_args, cmd_chat, "an interactive chat; shows the reasoning apart from the answer"),
     "serve": (add_serve_args, cmd_serve, "an OpenAI-compatible HTTP server (local, behind a proxy, or hybrid)"),
     "feedback": (add_feedback_args, cmd_feedback, "export: the server's rated answers as SFT chats and DPO pairs"),
+    "experiment": (add_experiment_args, cmd_experiment, "a claim of the papers as a small training experiment"),
     # ---- later stages (rl, serve, ...) go here ----
 }
 

@@ -7,6 +7,9 @@ pass@k: k samples per problem at the given temperature; a problem counts when an
 (the unbiased estimator of Chen et al. 2021 with n = k). Each accuracy comes with its 95%
 Wilson interval (intervals.py); `per_problem=True` also returns the greedy result of every
 problem, for a paired comparison of two models on the same problems.
+
+Held-out loss: the main model's next-token loss over batches the training loaders did not
+see (in eval mode, so neither the MTP nor the balance terms), weighted by counted positions.
 """
 
 from __future__ import annotations
@@ -66,3 +69,22 @@ def evaluate_task(model, tokenizer, task: str, level: int, n: int = 100, k: int 
             result[f"pass@{k}_interval"] = wilson_interval(sum(hits), n)
             result["temperature"] = temperature
     return result
+
+
+@torch.no_grad()
+def heldout_loss(model, batches: list[dict]) -> float:
+    """Mean next-token loss of the main model over `batches` ({input_ids, labels} [B, T],
+    labels aligned as the loaders make them), each position counted once."""
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    was_training = model.training
+    model.eval()
+    total, counted = torch.zeros((), device=device), torch.zeros((), device=device)
+    for batch in batches:
+        labels = batch["labels"].to(device)
+        with autocast:
+            out = model(batch["input_ids"].to(device), labels=labels)
+        n = (labels[:, 1:] != -100).sum()
+        total, counted = total + out.main_loss.float() * n, counted + n
+    model.train(was_training)
+    return float(total / counted.clamp_min(1))
