@@ -135,31 +135,33 @@ RUNNER = textwrap.dedent("""
 """)
 
 
-def run_grpo(tmp: Path, nproc: int, out: Path, *argv) -> subprocess.CompletedProcess:
+def torchrun_grpo(tmp: Path, out: Path, *argv) -> subprocess.CompletedProcess:
+    """`nanoseek grpo <argv>` on 2 gloo ranks; rank 0 appends each step's completions to
+    out.rollouts.jsonl."""
     runner = tmp / "runner.py"
     runner.write_text(RUNNER)
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
-    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-              if nproc > 1 else [sys.executable])
-    cmd = [*launch, str(runner), str(out.parent / f"{out.name}.rollouts.jsonl"), "grpo", *map(str, argv),
-           "--out", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(runner),
+           str(out.parent / f"{out.name}.rollouts.jsonl"), "grpo", *map(str, argv), "--out", str(out)]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_torchrun_grpo_rolls_out_like_one_process_and_writes_once(tmp_path):
+def test_torchrun_grpo_rolls_out_like_one_process_and_writes_once(tmp_path, monkeypatch, one_thread):
     ckpt = tmp_path / "ckpt"
     assert main(["init", "--preset", "tiny", "--out", str(ckpt)]) == 0
     args = ["--model", ckpt, "--task", "arithmetic", "--steps", 2, "group_size=4", "prompts_per_step=3",
             "max_new_tokens=8", "temperature=0.001", "beta=0.01", "mu=2", "save_every=1"]
-    one = run_grpo(tmp_path, 1, tmp_path / "one", *args)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = run_grpo(tmp_path, 2, tmp_path / "two", *args, "--dp", 2)
+    two = torchrun_grpo(tmp_path, tmp_path / "two", *args, "--dp", 2)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("GRPO to step 2") == 1                  # rank 0 prints, rank 1 is quiet
-
     read = [json.loads(line) for line in (tmp_path / "two.rollouts.jsonl").read_text().splitlines()]
-    want = [json.loads(line) for line in (tmp_path / "one.rollouts.jsonl").read_text().splitlines()]
+
+    want, original = [], GRPOTrainer._rollout_metrics
+    monkeypatch.setattr(GRPOTrainer, "_rollout_metrics",
+                        lambda self, batch: want.append(batch["completion_ids"]) or original(self, batch))
+    assert main(["grpo", *map(str, args), "--steps", "1", "--out", str(tmp_path / "one")]) == 0
+    monkeypatch.undo()
     assert len(read) == 2 and len(read[0]) == 12 and read[0] == want[0]
     assert [r["step"] for r in read_metrics(tmp_path / "two")] == [1, 2]
     assert (tmp_path / "two" / "final" / "model.safetensors").is_file()
