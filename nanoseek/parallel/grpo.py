@@ -117,6 +117,8 @@ class ParallelGRPOTrainer(DistributedRun, GRPOTrainer):
         return batch, rewards, per_fn
 
     def learn(self, batch: dict, advantages: torch.Tensor, n_rows=None, n_tokens=None) -> dict:
+        """`batch` is the step's whole batch (the same on every rank): this rank learns on its
+        share, normalised by the whole batch's counts, then refreshes the decoding copy."""
         n_rows = len(batch["completion_ids"])
         mine = share(n_rows, self.n_ranks, self.rank)
         pad = -(-n_rows // self.n_ranks) - (mine.stop - mine.start)
@@ -127,7 +129,7 @@ class ParallelGRPOTrainer(DistributedRun, GRPOTrainer):
         self.sync_rollout_model()
         return stats
 
-    def apply_update(self, parts: torch.Tensor) -> tuple[list[float], float, bool]:
+    def finish_update(self, parts: torch.Tensor) -> tuple[list[float], float, bool]:
         all_reduce(parts)   # each rank holds its share of the global figures
         values, norm, finite, _ = apply_parallel_update(self.model, self.model.routers(), self.mesh,
                                                         self.optimizer, self.cfg.grad_clip, parts)

@@ -10,7 +10,8 @@ Per step (GRPOTrainer.train_step):
     rollouts  G completions per prompt from `infer.Engine` over the policy module itself
               (no weight copy: the engine reads the same parameters the optimizer updates;
               its latent cache is its own buffer, so one engine is reused across steps and
-              rebuilt only when a longer prompt needs a longer slot). Each request has its
+              rebuilt only when a longer prompt needs a longer slot; on several processes,
+              parallel/grpo.py decodes with a plain copy instead). Each request has its
               own seed from (seed, step, prompt, j): the rollouts are reproducible.
     rewards   the configured functions (rewards.py, TRL signature; `reward_funcs` adds the
               caller's own) combined with the configured weights; the task's `meta`, and
@@ -369,10 +370,12 @@ class GRPOTrainer(Checkpointed):
                 totals[k] = totals.get(k, 0) + v
         names = list(totals)  # "loss" first: apply_update checks it is finite
         parts = torch.stack([torch.as_tensor(totals[k], device=self.device).float() for k in names])
-        values, norm, finite = self.apply_update(parts)
+        values, norm, finite = self.finish_update(parts)
         return {**dict(zip(names, values)), "grad_norm": norm, "skipped": not finite}
 
-    def apply_update(self, parts: torch.Tensor) -> tuple[list[float], float, bool]:
+    def finish_update(self, parts: torch.Tensor) -> tuple[list[float], float, bool]:
+        """train/step.py's apply_update: clip, step or skip; parts (loss first) as floats,
+        grad norm, finite."""
         values, norm, finite, _ = apply_update(self.model, self.optimizer, self.cfg.grad_clip, parts)
         return values, norm, finite
 
