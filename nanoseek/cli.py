@@ -422,6 +422,7 @@ def add_grpo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive_int, default=None, metavar="K", help="GRPO steps (default 100)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     add_precision_arg(p)
+    add_parallel_args(p)
     add_list_fields(p, GRPOConfig)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="GRPOConfig fields, JSON values (group_size=8 beta=0 loss_type=dapo "
@@ -431,6 +432,7 @@ def add_grpo_args(p: argparse.ArgumentParser) -> None:
 def cmd_grpo(args: argparse.Namespace) -> None:
     from .config import coerce_value
     from .rl.trainer import grpo, grpo_config
+    parallel = parallel_config(args)  # first: the other ranks print nothing from here on
     changes = {}
     for item in args.overrides:
         key, sep, value = item.partition("=")
@@ -458,7 +460,7 @@ def cmd_grpo(args: argparse.Namespace) -> None:
             print(f"rewards: {json.dumps(changes['rewards'])} (set rewards='{{...}}' to choose)")
     cfg = grpo_config(**changes)
     trainer, records = grpo(args.model, source, cfg, args.out, resume=args.resume, data=args.data,
-                            eval_rows=eval_rows)
+                            eval_rows=eval_rows, parallel=parallel)
     last = records[-1] if records else {}
     print(f"GRPO to step {trainer.step}; last reward {last.get('reward', float('nan')):.4f}; "
           f"model in {Path(args.out) / 'final'}")

@@ -78,27 +78,40 @@ def parallel_train_step(pm: ParallelModel, mesh: Meshes | None, micro_batches: l
 
     parts = all_reduce(sum(stage.stats for stage in pm.stages).double())
     parts = torch.stack([parts.sum(), parts[MAIN], parts[MTP], parts[BALANCE]])
-    norm = clip_grad_norm(pm.view.parameters(), grad_clip, mesh)
-    *values, grad_norm = torch.cat([parts.float(), norm.reshape(1).to(parts.device)]).tolist()
-    finite = math.isfinite(grad_norm) and math.isfinite(values[0])
-    routers = pm.routers()
-    if finite:
-        optimizer.step()
-        loads = torch.stack([r.load for r in routers.values()]) if routers else None
-        if loads is not None:
-            all_reduce(loads, dp)
-            for r, load in zip(routers.values(), loads):
-                r.load.copy_(load)
-                r.update_bias()
-    for r in routers.values():
-        r.load.zero_()
-    optimizer.zero_grad(set_to_none=True)
+    values, grad_norm, finite, loads = apply_parallel_update(pm.view, pm.routers(), mesh, optimizer,
+                                                             grad_clip, parts)
     maxvio = {}
-    if finite and routers:
-        maxvio = dict(zip(routers, torch.stack([max_violation(load) for load in loads]).tolist()))
+    if loads:
+        maxvio = dict(zip(loads, torch.stack([max_violation(load) for load in loads.values()]).tolist()))
     if mesh is not None and mesh.pp.size() > 1:       # the other stages' layers
         gathered = [None] * mesh.pp.size()
         dist.all_gather_object(gathered, maxvio, group=mesh.pp.get_group())
         maxvio = {k: v for d in gathered for k, v in sorted(d.items())}
     return {**dict(zip(NAMES, values)), "grad_norm": grad_norm, "skipped": not finite,
             "maxvio": dict(sorted(maxvio.items()))}
+
+
+def apply_parallel_update(view: torch.nn.Module, routers: dict, mesh: Meshes | None,
+                          optimizer: torch.optim.Optimizer, grad_clip: float,
+                          parts: torch.Tensor) -> tuple[list[float], float, bool, dict]:
+    """train/step.py's apply_update for a model spread over a mesh: `parts` (loss first) are
+    already the global figures; clip, one host read, then step and update the expert bias from
+    the loads summed over dp, or drop the gradients and loads, the same decision on every rank.
+    Returns (parts as floats, grad norm, finite, global loads per MoE layer: empty when skipped)."""
+    dp = mesh.dp if mesh is not None else None
+    norm = clip_grad_norm(view.parameters(), grad_clip, mesh)
+    *values, grad_norm = torch.cat([parts.float(), norm.reshape(1).to(parts.device)]).tolist()
+    finite = math.isfinite(grad_norm) and math.isfinite(values[0])
+    loads = {}
+    if finite:
+        optimizer.step()
+        if routers:
+            stacked = all_reduce(torch.stack([r.load for r in routers.values()]), dp)
+            for r, load in zip(routers.values(), stacked):
+                r.load.copy_(load)
+                r.update_bias()
+            loads = dict(zip(routers, stacked))
+    for r in routers.values():
+        r.load.zero_()
+    optimizer.zero_grad(set_to_none=True)
+    return values, grad_norm, finite, loads

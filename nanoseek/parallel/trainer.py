@@ -25,7 +25,32 @@ from .parallelize import parallelize
 from .step import parallel_train_step
 
 
-class ParallelTrainer(Trainer):
+class DistributedRun:
+    """What a trainer whose model is spread over ranks does differently with its run
+    directory: distributed checkpoints, and metrics and progress from rank 0 alone. The
+    trainer has `is_main` and `model_config` besides Checkpointed's attributes."""
+
+    def outputs(self, progress):
+        if self.is_main:
+            return super().outputs(progress)
+        return _Discard(), _Discard()
+
+    def save(self) -> Path:
+        path = save_distributed(self.run_dir, self.step, self.model, self.optimizer, self.model_config,
+                                self.state(), tokenizer_dir=self.tokenizer_dir, keep_last=self.cfg.keep_last)
+        self.saved_step = self.step
+        return path
+
+    def resume(self) -> bool:
+        if latest_checkpoint(self.run_dir) is None:
+            return False
+        state = load_distributed(self.run_dir, self.model, self.optimizer, stage=self.stage)
+        self.step = state["step"]
+        self.restore(state)
+        return True
+
+
+class ParallelTrainer(DistributedRun, Trainer):
     def __init__(self, model: Transformer, loader, cfg: TrainConfig, run_dir: str | Path,
                  parallel: ParallelConfig, tokenizer_dir: str | Path | None = None, stage: str = "train",
                  extra_state: dict | None = None):
@@ -49,6 +74,7 @@ class ParallelTrainer(Trainer):
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.mesh = build_mesh(parallel) if world > 1 else None
         self.pm = parallelize(model, parallel, self.mesh, self.device)
+        self.model_config = self.pm.config
         self.model = self.pm.view
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, moments=cfg.adam_moments)
         dp_rank = self.mesh.dp.get_local_rank() if self.mesh is not None else 0
@@ -58,23 +84,6 @@ class ParallelTrainer(Trainer):
     def train_step(self, batches: list[dict]) -> dict:
         mine = [{k: v[self.rows] for k, v in b.items()} for b in batches]
         return parallel_train_step(self.pm, self.mesh, mine, self.optimizer, self.cfg.grad_clip, self.autocast)
-
-    def outputs(self, progress):
-        if self.is_main:
-            return super().outputs(progress)
-        return _Discard(), _Discard()
-
-    def save(self) -> Path:
-        return save_distributed(self.run_dir, self.step, self.model, self.optimizer, self.pm.config,
-                                self.state(), tokenizer_dir=self.tokenizer_dir, keep_last=self.cfg.keep_last)
-
-    def resume(self) -> bool:
-        if latest_checkpoint(self.run_dir) is None:
-            return False
-        state = load_distributed(self.run_dir, self.model, self.optimizer, stage=self.stage)
-        self.step = state["step"]
-        self.restore(state)
-        return True
 
     def final_model(self) -> Transformer | None:
         """Rank 0: the whole model, read back from the last checkpoint."""

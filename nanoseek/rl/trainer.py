@@ -10,7 +10,8 @@ Per step (GRPOTrainer.train_step):
     rollouts  G completions per prompt from `infer.Engine` over the policy module itself
               (no weight copy: the engine reads the same parameters the optimizer updates;
               its latent cache is its own buffer, so one engine is reused across steps and
-              rebuilt only when a longer prompt needs a longer slot). Each request has its
+              rebuilt only when a longer prompt needs a longer slot; on several processes,
+              parallel/grpo.py decodes with a plain copy instead). Each request has its
               own seed from (seed, step, prompt, j): the rollouts are reproducible.
     rewards   the configured functions (rewards.py, TRL signature; `reward_funcs` adds the
               caller's own) combined with the configured weights; the task's `meta`, and
@@ -64,6 +65,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -73,7 +75,7 @@ from ..data.tasks import get_task
 from ..infer.config import InferenceConfig
 from ..infer.engine import Engine
 from ..infer.sampling import SamplingParams
-from ..train.metrics import MetricsLogger, ProgressBar, plot_metrics, plot_smoothed, read_metrics
+from ..train.metrics import ProgressBar, plot_metrics, plot_smoothed, read_metrics
 from ..train.optim import build_optimizer
 from ..train.precision import PRECISIONS, prepare_precision
 from ..train.step import apply_update
@@ -275,25 +277,36 @@ class GRPOTrainer(Checkpointed):
         return sample_prompts(self.task or self.rows, self.cfg, self.step, n, attempt)
 
     # ------------------------------------------------------------ rollouts
+    @property
+    def rollout_model(self):
+        """The module the engine decodes and evaluates with: the policy itself."""
+        return self.model
+
     def _generate(self, prompts: list, params: list[SamplingParams] | SamplingParams,
                   repeat: int = 1) -> tuple[list, list]:
         """generate_repeated on the policy, keeping its engine for the next call."""
-        ids, outs, self.engine = generate_repeated(self.model, self.tokenizer, prompts, params, repeat,
+        ids, outs, self.engine = generate_repeated(self.rollout_model, self.tokenizer, prompts, params, repeat,
                                                    self.cfg.prompt_format, self.cfg.max_new_tokens,
                                                    self.engine, self.cfg.compile_rollouts)
         return ids, outs
 
-    def rollout(self, rows: list[dict], attempt: int = 0) -> dict:
-        """G completions per row: prompt ids, completion ids and texts, in row-major order."""
+    def rollout(self, rows: list[dict], attempt: int = 0, first: int = 0) -> dict:
+        """G completions per row: prompt ids, completion ids and texts, in row-major order.
+        first: the step's index of rows[0], which the rollout seeds take."""
         G, cfg = self.cfg.group_size, self.cfg
         params = [SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                 seed=_seed(cfg.seed, self.step, attempt, i, j), ignore_eos=cfg.ignore_eos)
+                                 seed=_seed(cfg.seed, self.step, attempt, first + i, j), ignore_eos=cfg.ignore_eos)
                   for i in range(len(rows)) for j in range(G)]
         prompt_ids, outs = self._generate([r["prompt"] for r in rows], params, repeat=G)
         return {"prompt_ids": prompt_ids,
                 "completion_ids": [o.token_ids for o in outs],
                 "completions": [o.text for o in outs],
                 "rows": [r for r in rows for _ in range(G)]}
+
+    def rollout_scored(self, rows: list[dict], attempt: int) -> tuple[dict, list[float], dict[str, list]]:
+        """rollout() of the rows and score() of its completions."""
+        batch = self.rollout(rows, attempt)
+        return (batch, *self.score(batch))
 
     def score(self, batch: dict) -> tuple[list[float], dict[str, list]]:
         rows = batch["rows"]
@@ -333,10 +346,11 @@ class GRPOTrainer(Checkpointed):
         finally:
             model.train(was_training)
 
-    def _update(self, ids, mask, advantages, old_logp, ref_logp) -> dict:
-        """One optimizer step over the batch in micro-batches; returns loss and stats."""
+    def _update(self, ids, mask, advantages, old_logp, ref_logp, n_rows: int, n_tokens: int) -> dict:
+        """One optimizer step over the batch in micro-batches; returns loss and stats. n_rows,
+        n_tokens: the sequences and completion tokens the loss is normalised by."""
         cfg = self.cfg
-        B, n_tokens = ids.shape[0], mask.sum().clamp_min(1)
+        B, n_tokens = ids.shape[0], max(n_tokens, 1)
         totals: dict[str, torch.Tensor] = {}
         for s in self._chunks(B):
             with self._amp():
@@ -349,15 +363,21 @@ class GRPOTrainer(Checkpointed):
                                     max_completion_length=cfg.max_new_tokens)  # Dr. GRPO's T
             # weight so that the micro-batch losses sum to the full-batch loss
             chunk_tokens = mask[s].sum()
-            w = chunk_tokens / n_tokens if cfg.loss_type == "dapo" else (s.stop - s.start) / B
+            w = chunk_tokens / n_tokens if cfg.loss_type == "dapo" else (s.stop - s.start) / n_rows
             (loss * w).backward()
             tw = chunk_tokens / n_tokens  # token-mean statistics
             for k, v in {"loss": loss.detach() * w, **{k: v * tw for k, v in stats.items()}}.items():
                 totals[k] = totals.get(k, 0) + v
         names = list(totals)  # "loss" first: apply_update checks it is finite
         parts = torch.stack([torch.as_tensor(totals[k], device=self.device).float() for k in names])
-        values, norm, finite, _ = apply_update(self.model, self.optimizer, cfg.grad_clip, parts)
+        values, norm, finite = self.finish_update(parts)
         return {**dict(zip(names, values)), "grad_norm": norm, "skipped": not finite}
+
+    def finish_update(self, parts: torch.Tensor) -> tuple[list[float], float, bool]:
+        """train/step.py's apply_update: clip, step or skip; parts (loss first) as floats,
+        grad norm, finite."""
+        values, norm, finite, _ = apply_update(self.model, self.optimizer, self.cfg.grad_clip, parts)
+        return values, norm, finite
 
     # ------------------------------------------------------------ one step
     def train_step(self) -> dict:
@@ -373,10 +393,9 @@ class GRPOTrainer(Checkpointed):
                 break
             rows = self.sample_prompts(need if attempt else N, attempt)
             tr = time.perf_counter()
-            batch = self.rollout(rows, attempt)
+            batch, rewards, per_fn = self.rollout_scored(rows, attempt)
             rollout_time += time.perf_counter() - tr
             rollout_tokens += sum(len(c) for c in batch["completion_ids"])
-            rewards, per_fn = self.score(batch)
             everything["completion_ids"] += batch["completion_ids"]
             everything["rewards"] += rewards
             for k, v in per_fn.items():
@@ -401,15 +420,26 @@ class GRPOTrainer(Checkpointed):
                       rollout_tokens=rollout_tokens, rollout_time_s=rollout_time,
                       rollout_tokens_per_s=rollout_tokens / max(rollout_time, 1e-9), lr=cfg.lr)
         if kept["rows"]:
-            ids, mask = self._tensors(kept)
-            advantages = group_advantages(torch.tensor(kept["rewards"]), G, cfg.scale).to(self.device)
-            old_logp = self._logprobs_of(self.model, ids, mask) if cfg.mu > 1 else None
-            ref_logp = self._logprobs_of(self.ref_model, ids, mask) if self.ref_model is not None else None
-            stats = [self._update(ids, mask, advantages, old_logp, ref_logp) for _ in range(cfg.mu)]
-            record.update({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]})
+            advantages = group_advantages(torch.tensor(kept["rewards"]), G, cfg.scale)
+            record.update(self.learn(kept, advantages))
         self.step += 1
         record["step_time_s"] = time.perf_counter() - t0
         return record
+
+    def learn(self, batch: dict, advantages: torch.Tensor, n_rows: int | None = None,
+              n_tokens: int | None = None) -> dict:
+        """cfg.mu updates on the rollouts `batch` (prompt and completion ids) with their
+        advantages [B]; the loss is normalised by n_rows sequences and n_tokens completion
+        tokens (default: this batch's). Returns the updates' mean stats."""
+        cfg = self.cfg
+        ids, mask = self._tensors(batch)
+        advantages = advantages.to(self.device)
+        n_rows = ids.shape[0] if n_rows is None else n_rows
+        n_tokens = int(mask.sum()) if n_tokens is None else n_tokens
+        old_logp = self._logprobs_of(self.model, ids, mask) if cfg.mu > 1 else None
+        ref_logp = self._logprobs_of(self.ref_model, ids, mask) if self.ref_model is not None else None
+        stats = [self._update(ids, mask, advantages, old_logp, ref_logp, n_rows, n_tokens) for _ in range(cfg.mu)]
+        return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
 
     def _rollout_metrics(self, batch: dict) -> dict:
         rewards, lengths = batch["rewards"], [len(c) for c in batch["completion_ids"]]
@@ -443,7 +473,7 @@ class GRPOTrainer(Checkpointed):
             return self._evaluate_rows()
         if cfg.prompt_format == "chat":
             from ..train.evaluate import evaluate_task
-            r = evaluate_task(self.model, self.tokenizer, self.task.name, cfg.level, n=cfg.eval_n,
+            r = evaluate_task(self.rollout_model, self.tokenizer, self.task.name, cfg.level, n=cfg.eval_n,
                               fmt="chat", max_new_tokens=cfg.max_new_tokens, progress=False,
                               per_problem=True)
             self.model.train()
@@ -488,9 +518,8 @@ class GRPOTrainer(Checkpointed):
         cfg = self.cfg
         start_run(self.run_dir, resume, self.resume, cfg.seed)
         records = []
-        with MetricsLogger(self.run_dir, resume_from_step=self.step + 1) as logger, \
-                ProgressBar(cfg.steps, initial=self.step, desc="grpo", disable=not progress) as bar, \
-                StopRequest(bar.write) as stop:
+        logger, bar = self.outputs(progress)
+        with logger, bar, StopRequest(bar.write) as stop:
             if self.step == 0 and cfg.eval_n:
                 start = before if before is not None else self.evaluate()
                 if start:
@@ -508,8 +537,9 @@ class GRPOTrainer(Checkpointed):
                     self.save()
                 if out_of_time:
                     break
-            plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "plots")
-            plot_rl_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "plots")
+            if self.is_main:
+                plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "plots")
+                plot_rl_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "plots")
             self.end_run(stop)
         return records
 
@@ -557,10 +587,11 @@ def plot_rl_metrics(metrics_jsonl: str | Path, out_dir: str | Path) -> Path | No
 def grpo(model_dir: str | Path, task: str | Sequence[dict], cfg: GRPOConfig, out: str | Path,
          resume: bool = False, progress: bool = True, deadline: float | None = None,
          data: str | None = None, eval_rows: Sequence[dict] | None = None,
-         before: dict | None = None) -> tuple[GRPOTrainer, list[dict]]:
+         before: dict | None = None, parallel=None) -> tuple[GRPOTrainer, list[dict]]:
     """The CLI's stage: a checkpoint (or run directory) + its tokenizer -> GRPO -> out/final.
     task: a built-in task name, or dataset rows (recipe.load_prompt_rows) read from `data`;
-    eval_rows: held-out rows for a dataset run. deadline, before: as in GRPOTrainer.fit."""
+    eval_rows: held-out rows for a dataset run. deadline, before: as in GRPOTrainer.fit.
+    parallel: a parallel.mesh.ParallelConfig to learn on the processes torchrun started."""
     from ..train.stages import load_base, publish_final
     out = Path(out)
     resolve_device(cfg.device)  # a device this machine lacks fails before any work
@@ -568,9 +599,15 @@ def grpo(model_dir: str | Path, task: str | Sequence[dict], cfg: GRPOConfig, out
         refuse_existing_run(out)
     src, tok, tok_dir, model = load_base(model_dir, out)
     source = {"task": task} if isinstance(task, str) else {"data": data}
-    trainer = GRPOTrainer(model, tok, task, cfg, out, tokenizer_dir=tok_dir,
-                          extra_state={**source, "base_model": str(src)}, eval_rows=eval_rows)
+    kind = GRPOTrainer
+    if parallel is not None:
+        from ..parallel.grpo import ParallelGRPOTrainer
+        kind = partial(ParallelGRPOTrainer, parallel=parallel)
+    trainer = kind(model, tok, task, cfg, out, tokenizer_dir=tok_dir,
+                   extra_state={**source, "base_model": str(src)}, eval_rows=eval_rows)
     records = trainer.fit(resume=resume, progress=progress, deadline=deadline, before=before)
-    publish_final(trainer.model, tok_dir, out)
-    (out / "grpo_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    final = trainer.final_model()
+    if final is not None:
+        publish_final(final, tok_dir, out)
+        (out / "grpo_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     return trainer, records

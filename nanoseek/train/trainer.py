@@ -157,6 +157,16 @@ class Checkpointed:
     `restore(state)` puts back what state() added beyond the step."""
 
     saved_step: int | None = None
+    is_main = True    # the process that writes metrics, progress and plots
+
+    def outputs(self, progress: bool) -> tuple[MetricsLogger, ProgressBar]:
+        """The metrics log (cut back to this step) and the progress bar of the run from here."""
+        return (MetricsLogger(self.run_dir, resume_from_step=self.step + 1),
+                ProgressBar(self.cfg.steps, initial=self.step, desc=self.stage, disable=not progress))
+
+    def final_model(self) -> Transformer | None:
+        """The trained model as one plain Transformer, where this process publishes it."""
+        return self.model
 
     def save(self) -> Path:
         path = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.state(),
@@ -287,18 +297,8 @@ class Trainer(Checkpointed):
         return records
 
     # ------------------------------------------------------------ what a parallel run changes
-    is_main = True    # the process that writes metrics, progress and plots
     n_devices = 1     # devices the step's tokens were spread over (MFU is per device)
 
     def train_step(self, batches: list[dict]) -> dict:
         return train_step(self.model, batches, self.optimizer, self.cfg.grad_clip, self.autocast,
                           compiled=self.compiled, base_model=self.model)
-
-    def outputs(self, progress: bool) -> tuple[MetricsLogger, ProgressBar]:
-        """The metrics log (cut back to this step) and the progress bar of the run from here."""
-        return (MetricsLogger(self.run_dir, resume_from_step=self.step + 1),
-                ProgressBar(self.cfg.steps, initial=self.step, desc=self.stage, disable=not progress))
-
-    def final_model(self) -> Transformer | None:
-        """The trained model as one plain Transformer, where this process publishes it."""
-        return self.model
