@@ -161,14 +161,14 @@ case $stage in
     bench "$(left 440)" 90 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
       --precision bf16,fp8 --profile
     ;;
-  one)  # the first of each when only one call is to be had: GPU tests, V2-Lite decode (fused vs compiled,
-        # FP8 weights), training throughput BF16 vs FP8
-    gpu_tests 120 tests/test_fp8.py tests/test_fp8_weights.py tests/test_fused_decode.py tests/test_moe_kernels.py \
+  one)  # the first of each when only one call is to be had (about 8 minutes): GPU tests, V2-Lite decode
+        # (fused vs compiled, FP8 weights), training throughput BF16 vs FP8
+    gpu_tests 100 tests/test_fp8.py tests/test_fp8_weights.py tests/test_fused_decode.py tests/test_moe_kernels.py \
       tests/test_inference_config.py tests/test_gpu.py tests/test_engine.py tests/test_decode_paths.py
-    real_decode "$(left 290)" --preset deepseek-v2-lite --batches 1 32 --new 64 --modes compiled fused --record-paths
+    real_decode "$(left 250)" --preset deepseek-v2-lite --batches 1 32 --new 64 --repeat 2 --modes compiled fused --record-paths
     cp nanoseek/infer/decode_paths.json "$OUT/"
-    real_decode "$(left 400)" --preset deepseek-v2-lite --batches 1 --new 64 --modes compiled --fp8 --sharpen 5 --skip-hf
-    bench "$(left 540)" 90 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
+    real_decode "$(left 340)" --preset deepseek-v2-lite --batches 1 --new 64 --repeat 2 --modes compiled --fp8 --sharpen 5 --skip-hf
+    bench "$(left 460)" 90 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
       --precision bf16,fp8
     ;;
   serving)  # FP8 vs BF16 loss parity, the server under 64 clients, prefix caching
