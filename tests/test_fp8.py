@@ -412,8 +412,8 @@ def test_gpu_scaled_mm_matches_the_twin(shape):
     a = quantize(torch.randn(M, K, device="cuda", generator=g), ACT_TILE)
     for b in (quantize(torch.randn(N, K, device="cuda", generator=g), WEIGHT_BLOCK),
               quantize(torch.randn(N, K, device="cuda", generator=g), ACT_TILE)):
-        fast = gemm.scaled_mm(a, b, torch.bfloat16, fast=True).double()
-        twin = gemm.scaled_mm(a, b, torch.float32, fast=False).double()
+        fast = gemm.scaled_mm(a, b, torch.bfloat16, fast=True).double().cpu()
+        twin = gemm.scaled_mm(a, b, torch.float32, fast=False).double().cpu()
         absprod = deq64(a).abs() @ deq64(b).abs().t()
         assert ((fast - twin).abs() <= 2 ** -9 * twin.abs() + 2 ** -13 * absprod).all()
 

@@ -177,18 +177,40 @@ def test_bf16_fp8_kernel_on_gpu_is_as_close_as_bf16_rounding():
     assert bool(((got - want).abs() <= bound).all())
 
 
-@pytest.mark.gpu
-def test_fp8_model_on_gpu_decodes_the_dequantized_models_tokens(fp8_dir):
-    """On a GPU, BF16 compute, the engine's defaults (compiled captured steps): the FP8
-    model's greedy tokens equal the BF16-dequantised model's on at least 95% of positions."""
-    prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [1, 2]]
+def decode_argmax(model, seqs: torch.Tensor, start: int) -> torch.Tensor:
+    """Teacher-forced greedy choices of a cached decode: seqs [B, T] prefilled up to `start`,
+    then one token a step through the cache (decode-sized inputs: the FP8 kernels' rows);
+    the argmax after each of positions start-1 .. T-2, [B, T - start]."""
+    from nanoseek.model import StaticCache
+    B, T = seqs.shape
+    cache = StaticCache(model.config, B, T, dtype=next(model.parameters()).dtype, device=seqs.device)
+    pos = torch.arange(T, device=seqs.device).expand(B, T)
+    choices = []
+    with torch.no_grad():
+        logits = model(seqs[:, :start], positions=pos[:, :start], cache=cache, absorb=False).logits[:, -1]
+        for t in range(start, T):
+            choices.append(logits.argmax(-1))
+            logits = model(seqs[:, t:t + 1], positions=pos[:, t:t + 1], cache=cache).logits[:, -1]
+    return torch.stack(choices, 1)
 
-    def tokens(model):
-        engine = Engine(model.cuda(), max_batch=4, max_len=64)
-        return [t for o in engine.generate(prompts, SamplingParams(max_tokens=32)) for t in o.token_ids]
-    fp8 = from_pretrained(fp8_dir, dtype=torch.bfloat16, device="cuda", keep_fp8=keep_fp8_weights)
-    got, want = tokens(fp8), tokens(from_pretrained(fp8_dir, dtype=torch.bfloat16, device="cuda"))
-    assert sum(a == b for a, b in zip(got, want)) >= 0.95 * len(want)
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fp8_model_decodes_the_dequantized_models_tokens(fp8_dir, device):
+    """BF16 compute: over the BF16-dequantised model's greedy continuations, the FP8-resident
+    model's greedy choice at each position (teacher-forced, so one early difference does not
+    shift every later position) equals the dequantised model's on at least 95% of positions.
+    On the GPU the FP8 weights go through the FP8 kernel, whose products are exact where the
+    dequantised model rounded each weight to BF16."""
+    from nanoseek.infer.engine import Engine
+    bf16 = from_pretrained(fp8_dir, dtype=torch.bfloat16, device=device)
+    fp8 = from_pretrained(fp8_dir, dtype=torch.bfloat16, device=device, keep_fp8=keep_fp8_weights)
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12], [1, 2, 3, 4]]
+    outs = Engine(bf16, max_batch=3, max_len=64).generate(prompts, SamplingParams(max_tokens=32, ignore_eos=True))
+    seqs = torch.tensor([p + o.token_ids for p, o in zip(prompts, outs)], device=device)
+    want, got = decode_argmax(bf16, seqs, 4), decode_argmax(fp8, seqs, 4)
+    # the cached decode reproduces the engine's greedy tokens (its compiled GPU step may break a rare tie)
+    assert (want == seqs[:, 4:]).float().mean().item() >= 0.95
+    assert (got == want).float().mean().item() >= 0.95
 
 
 def test_the_fused_step_refuses_fp8_weights(fp8_dir):
@@ -249,7 +271,10 @@ def test_w8a8_quantizes_activations_per_1x128_tile():
 @pytest.mark.gpu
 def test_gpu_w8a8_matches_the_hand_product_at_decode_and_prefill_rows():
     """On a Hopper GPU (cuBLAS's blockwise FP8 GEMM, rows padded to 16): BF16 output within
-    BF16 rounding of the float64 hand product, for 1 (decode) and 300 (prefill) rows."""
+    BF16 rounding of the float64 hand product plus the tensor cores' accumulation error: inside
+    each 128-long K block the running sum keeps about 14 bits (V3 §3.3.2) through its four
+    32-deep MMA steps, each losing up to 2^-13 of the block's Σ|x·w|, so 2^-11 of Σ|x·w| in all.
+    For 1 (decode) and 300 (prefill) rows."""
     torch.manual_seed(0)
     layer = w8a8_linear(1024, 2048).cuda()
     for rows in (1, 300):
@@ -260,6 +285,5 @@ def test_gpu_w8a8_matches_the_hand_product_at_decode_and_prefill_rows():
         from nanoseek.hf import dequantize_fp8_blockwise
         w64 = dequantize_fp8_blockwise(layer.weight.cpu(), layer.weight_scale_inv.cpu()).double()
         mag = x.cpu().double().abs() @ w64.abs().T
-        # float32 sums of exact FP8 products, then one rounding to BF16 (8 bits) on store
         assert got.shape == (rows, 1024)
-        assert bool(((got - want).abs() <= 2 ** -8 * want.abs() + 2048 * torch.finfo(torch.float32).eps * mag).all())
+        assert bool(((got - want).abs() <= 2 ** -8 * want.abs() + 2 ** -11 * mag).all())
