@@ -16,8 +16,9 @@
 #                                              # tests, experts shapes swept, where steps at 8 and 32 go
 #   bash benchmarks/device/h200_session.sh serve      # serve load at 64 clients
 #   bash benchmarks/device/h200_session.sh trl        # GRPO step time: nanoseek vs TRL
-#   bash benchmarks/device/h200_session.sh shapes     # GPU tests (FP8, fused, engine), decode on V2-Lite and a V3
-#                                              # slice: fused vs compiled recorded as the default path
+#   bash benchmarks/device/h200_session.sh gputests   # every test marked gpu (FP8, fused step, engine)
+#   bash benchmarks/device/h200_session.sh shapes     # decode on V2-Lite and a V3 slice: fused vs compiled
+#                                              # recorded as the default path
 #   bash benchmarks/device/h200_session.sh fp8        # FP8 GEMM error, FP8-resident decode, long-context
 #                                              # attention, training throughput BF16 vs FP8 on V2-Lite layers
 #   bash benchmarks/device/h200_session.sh serving    # FP8 vs BF16 loss parity, serve load, prefix cache
@@ -144,11 +145,14 @@ bench() {  # limit, least seconds, script and its arguments, logged to $OUT/<scr
 }
 
 case $stage in
+  gputests)  # every test marked gpu: on an H100 the FP8 files alone took 94 s, so they get a call
+    gpu_tests 570 -p no:logging tests/test_fp8.py tests/test_fp8_weights.py tests/test_fused_decode.py \
+      tests/test_moe_kernels.py tests/test_inference_config.py tests/test_gpu.py tests/test_engine.py \
+      tests/test_decode_paths.py tests/test_engine_speculative.py
+    ;;
   shapes)  # decode on real shapes, fused vs compiled, recorded into decode_paths.json (brought back in
            # $OUT); transformers is skipped: loading V2-Lite's 27 layers into it and compiling ours
            # took longer than 150 s on an H100 (benchmarks/results/h100_first_run)
-    gpu_tests 100 tests/test_fp8.py tests/test_fp8_weights.py tests/test_fused_decode.py tests/test_moe_kernels.py \
-      tests/test_inference_config.py tests/test_gpu.py tests/test_engine.py tests/test_decode_paths.py
     real_decode "$(left 400)" --preset deepseek-v2-lite --batches 1 32 --new 64 --repeat 2 --modes compiled fused \
       --record-paths --skip-hf
     real_decode "$(left 570)" --preset deepseek-v3 --layers 2 --batches 1 32 --new 64 --repeat 2 --modes compiled fused \
@@ -163,10 +167,8 @@ case $stage in
     bench "$(left 440)" 90 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
       --precision bf16,fp8 --profile
     ;;
-  one)  # the first of each when only one call is to be had (about 8 minutes): GPU tests, V2-Lite decode
-        # (fused vs compiled, FP8 weights), training throughput BF16 vs FP8
-    gpu_tests 100 tests/test_fp8.py tests/test_fp8_weights.py tests/test_fused_decode.py tests/test_moe_kernels.py \
-      tests/test_inference_config.py tests/test_gpu.py tests/test_engine.py tests/test_decode_paths.py
+  one)  # the first of each when only one call is to be had (about 8 minutes): V2-Lite decode (fused vs
+        # compiled, FP8 weights), training throughput BF16 vs FP8
     real_decode "$(left 250)" --preset deepseek-v2-lite --batches 1 32 --new 64 --repeat 2 --modes compiled fused --record-paths
     cp nanoseek/infer/decode_paths.json "$OUT/"
     real_decode "$(left 340)" --preset deepseek-v2-lite --batches 1 --new 64 --repeat 2 --modes compiled --fp8 --sharpen 5 --skip-hf
