@@ -145,8 +145,10 @@ bench() {  # limit, least seconds, script and its arguments, logged to $OUT/<scr
 }
 
 case $stage in
-  gputests)  # every test marked gpu: on an H100 the FP8 files alone took 94 s, so they get a call
-    gpu_tests 570 -p no:logging tests/test_fp8.py tests/test_fp8_weights.py tests/test_fused_decode.py \
+  gputests)  # every test marked gpu: on an H100 the FP8 files alone took 94 s, so they get a call;
+             # first the fast-vs-twin FP8 table, which localises a failing FP8 test to a GEMM or a layer
+    bench 90 20 benchmarks/fp8_fast_vs_twin.py
+    gpu_tests "$(left 570)" -p no:logging tests/test_fp8.py tests/test_fp8_weights.py tests/test_fused_decode.py \
       tests/test_moe_kernels.py tests/test_inference_config.py tests/test_gpu.py tests/test_engine.py \
       tests/test_decode_paths.py tests/test_engine_speculative.py
     ;;
