@@ -72,6 +72,8 @@ def convert_to_fp8(model: nn.Module, config: Fp8Config | None = None,
     fast = fast_fp8(device or next(model.parameters()).device, config.backend)
     if fast:
         from . import kernels  # noqa: F401  (imports Triton and registers its ops before anything compiles)
+        from .gemm import cublas_recipe
+        cublas_recipe(device or next(model.parameters()).device)  # probed eagerly, before any compile
     swaps = [(MLP, Fp8TrainMLP), (Experts, Fp8TrainExperts), (nn.Linear, Fp8TrainLinear)]
     inside_mlp: set[str] = set()
     for name, module in list(model.named_modules()):

@@ -20,7 +20,8 @@ Fast path (`fast=True`, an FP8-capable Hopper GPU):
   float32: the promotion at N_C = 128 that V3 §3.3.2 describes.
 - grouped: torch 2.14's `_scaled_grouped_mm` has no blockwise scales (rowwise or MXFP8 only),
   so kernels.py has two Triton kernels doing the same per-128-K promotion.
-Shapes cuBLAS does not take (a dimension not a multiple of 16) go to the Triton kernels too.
+Shapes cuBLAS does not take (a dimension not a multiple of 16, or a 128x128 scale layout the
+installed torch would hand over wrong: `cublas_recipe`) go to the Triton kernels too.
 benchmarks/fp8_gemm_error.py measures both paths' accumulation error against an FP8 GEMM that
 sums all of K in the tensor cores (no promotion).
 """
@@ -28,6 +29,7 @@ sums all of K in the tensor cores (no promotion).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .quant import ACT_TILE, WEIGHT_BLOCK, Quantized, dequantize
 
@@ -50,9 +52,64 @@ def scaled_mm(a: Quantized, b: Quantized, out_dtype: torch.dtype, fast: bool) ->
 
 
 def cublas_takes(a: Quantized, b: Quantized) -> bool:
-    """cuBLASLt's blockwise FP8 GEMM takes row-major a, column-major b, sizes multiple of 16."""
+    """cuBLASLt's blockwise FP8 GEMM takes row-major a, column-major b, sizes multiple of 16,
+    and a 128x128-blocked b only in a scale layout this torch hands over correctly."""
     (M, K), N = a.data.shape, b.data.shape[0]
-    return a.block == ACT_TILE and b.block in (ACT_TILE, WEIGHT_BLOCK) and not (M % 16 or K % 16 or N % 16)
+    if a.block != ACT_TILE or b.block not in (ACT_TILE, WEIGHT_BLOCK) or M % 16 or K % 16 or N % 16:
+        return False
+    recipe = cublas_recipe(a.data.device)
+    if b.block == ACT_TILE or recipe != "unpadded":
+        return recipe is not None
+    return k_blocks(K) % 4 == 0 or N <= WEIGHT_BLOCK[0]
+
+
+def k_blocks(K: int) -> int:
+    return -(-K // WEIGHT_BLOCK[1])
+
+
+# cuBLASLt reads a 128x128-block scale with its K-block stride rounded up to 4 (16 bytes).
+# A torch that knows this takes the padded layout; an older one takes only the unpadded one,
+# with which cuBLAS reads wrong scales wherever ⌈K/128⌉ is not a multiple of 4 (pytorch#166752),
+# so those shapes go to the Triton kernels there. The installed torch is probed once, eagerly
+# (a probe cannot run inside a compiled graph).
+_RECIPES: dict[str, str | None] = {}
+
+
+def cublas_recipe(device: torch.device) -> str | None:
+    """"padded" or "unpadded" (the 128x128 scale layout this torch's _scaled_mm takes), or
+    None (no blockwise _scaled_mm here: every FP8 GEMM goes to Triton)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = str(device)
+    if key not in _RECIPES:
+        if torch.compiler.is_compiling():
+            return None  # not probed before compiling: the Triton kernels, always right
+        _RECIPES[key] = _probe(device)
+    return _RECIPES[key]
+
+
+def _probe(device: torch.device) -> str | None:
+    """_scaled_mm on 16xK · Kx256 (two N blocks) with each layout: the padded one at K = 128
+    (one K block, where the layouts differ), the unpadded one at K = 512 (four, where they
+    agree); the first that torch accepts and computes right wins."""
+    if device.type != "cuda":
+        return None
+    for name, k_blocks_ in (("padded", 1), ("unpadded", 4)):
+        K = 128 * k_blocks_
+        a = torch.ones(16, K, device=device).to(torch.float8_e4m3fn)
+        b = torch.ones(256, K, device=device).to(torch.float8_e4m3fn)
+        scale_a = column_major(torch.ones(16, k_blocks_, device=device))
+        blocks = torch.tensor([[1.0], [2.0]], device=device).expand(2, k_blocks_)  # [N blocks, K blocks]
+        scale_b = F.pad(blocks, (0, -k_blocks_ % 4))[:, :k_blocks_].t() if name == "padded" else blocks.contiguous().t()
+        want = torch.cat([torch.full((16, 128), K), torch.full((16, 128), 2.0 * K)], 1).to(device)
+        try:
+            out = torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.float32)
+        except RuntimeError:
+            continue
+        if torch.equal(out, want):
+            return name
+    return None
 
 
 def column_major(scale: torch.Tensor) -> torch.Tensor:
@@ -62,8 +119,14 @@ def column_major(scale: torch.Tensor) -> torch.Tensor:
 
 def cublas_scale_b(b: Quantized) -> torch.Tensor:
     """b's scale as _scaled_mm wants it for mat2 = b.data.t() [K, N]: [⌈K/128⌉, N] (1x128
-    tiles, N-major) or [⌈K/128⌉, ⌈N/128⌉] (128x128 blocks, K-major)."""
-    return b.scale.t().contiguous() if b.block == ACT_TILE else b.scale.t()
+    tiles, N-major) or [⌈K/128⌉, ⌈N/128⌉] (128x128 blocks, K-major; the K stride padded to a
+    multiple of 4 where this torch takes it so)."""
+    if b.block == ACT_TILE:
+        return b.scale.t().contiguous()
+    L = b.scale.shape[-1]
+    if L % 4 == 0 or cublas_recipe(b.scale.device) != "padded":
+        return b.scale.t()
+    return F.pad(b.scale, (0, -L % 4))[:, :L].t()
 
 
 def one_group(n: int, a: Quantized) -> torch.Tensor:

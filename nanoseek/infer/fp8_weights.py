@@ -137,6 +137,9 @@ def keep_fp8_weights(model: Transformer, fp8_names: set[str], block: tuple[int, 
     on the meta device the new modules hold its weights quantised."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel {kernel!r}: must be one of {', '.join(KERNELS)}")
+    if kernel == "w8a8" and torch.cuda.is_available():
+        from ..fp8.gemm import cublas_recipe
+        cublas_recipe(torch.device("cuda"))  # probed eagerly, before any compile or CUDA graph
     for name, module in list(model.named_modules()):
         parent_name, _, child = name.rpartition(".")
         if child in DEQUANTIZED:
