@@ -48,7 +48,7 @@ from .data.tasks import format_chat, get_task
 from .info import model_info
 from .rl.trainer import GRPOConfig, GRPOTrainer, grpo, grpo_config
 from .train.evaluate import evaluate_task
-from .train.intervals import paired_difference
+from .train.intervals import paired_difference, paired_mean_difference
 from .data.datasets import load_documents
 from .data.tokenizer import ChatTokenizer, train_bpe
 from .fp8 import fast_fp8
@@ -84,6 +84,10 @@ GRPO_CANDIDATES = [("arithmetic", 1), ("arithmetic", 2), ("arithmetic", 3), ("ar
 GRPO_BAND = (0.10, 0.60)
 GRPO_TARGET = 0.35  # without a candidate in the band: the one closest to this
 GRPO_CURVE_POINTS = 2  # held-out evaluations during the GRPO stage (the last at its end)
+# Before and after GRPO also R1's metric: pass@1 as the mean of samples at T = 0.6 per problem
+# (DeepSeek-R1 §3.1); fewer samples on a CPU, where each costs about one greedy evaluation
+SAMPLED_T = 0.6
+SAMPLED_K = {"gpu": 4, "cpu": 2}
 
 # The CPU run's work, fixed so that its results do not depend on the machine's load. GRPO
 # gets a third of the time: at these settings it gained 6 points in 60 steps and 10 in 100
@@ -194,7 +198,7 @@ def speedrun(out: str | Path = "runs/speedrun", minutes: float | None = None,
     if grpo_minutes > 0 or not grpo_timed:
         planned["grpo"] = (60 * grpo_minutes if grpo_timed
                            else CPU_STEPS["grpo"] * CPU_STEP_SECONDS["grpo"]
-                           + GRPO_CURVE_POINTS * CPU_STEP_SECONDS["eval"])
+                           + (GRPO_CURVE_POINTS + 2 * SAMPLED_K["cpu"]) * CPU_STEP_SECONDS["eval"])
     clock = StageClock(planned)
 
     # ---- pretrain (the tokenizer is trained on the same documents first)
@@ -327,6 +331,9 @@ def grpo_stage(model, tokenizer, out: Path, gpu: bool, say=print, minutes: float
         return r["greedy_accuracy"]
 
     task, level, why, tried = choose_grpo_task(accuracy_of, candidates)
+    sampled = dict(samples=SAMPLED_K["gpu" if gpu else "cpu"], temperature=SAMPLED_T, greedy=False, n=eval_n,
+                   max_new_tokens=budgets[task, level], per_problem=True, progress=False)
+    before_sampled = evaluate_task(model, tokenizer, task, level, **sampled)
     model.train()
     say(f"grpo on {task} level {level}: {why}")
     cfg = dataclasses.replace(grpo_settings(gpu, budgets[task, level], level), eval_n=eval_n, **changes)
@@ -356,13 +363,22 @@ def grpo_stage(model, tokenizer, out: Path, gpu: bool, say=print, minutes: float
     after = trainer.last_evaluation or {}
     change = (paired_difference(before["greedy_correct"], after["greedy_correct"])
               if "greedy_correct" in after else None)
+    after_sampled = evaluate_task(trainer.rollout_model, tokenizer, task, level, **sampled)
+    trainer.model.train()
+    sampled_change = paired_mean_difference(before_sampled["sampled_scores"], after_sampled["sampled_scores"])
     say(f"grpo on {task} level {level}: greedy {before['greedy_accuracy']:.0%} -> {curve[-1]['eval_accuracy']:.0%} "
-        f"in {trainer.step} steps" + (f", change {difference_text(change)}" if change else ""))
+        f"in {trainer.step} steps" + (f", change {difference_text(change)}" if change else "")
+        + f"; sampled pass@1 {before_sampled['sampled_pass@1']:.0%} -> {after_sampled['sampled_pass@1']:.0%}")
     median = lambda xs: sorted(xs)[len(xs) // 2] if xs else float("nan")  # noqa: E731
     return {"task": task, "level": level, "why": why, "candidates": tried,
             "before": before["greedy_accuracy"], "before_interval": before["greedy_interval"],
             "after": curve[-1]["eval_accuracy"], "after_interval": after.get("greedy_interval"),
             "change": change, "curve": curve, "steps": trainer.step,
+            "sampled": {"samples": sampled["samples"], "temperature": SAMPLED_T,
+                        "before": before_sampled["sampled_pass@1"],
+                        "before_interval": before_sampled["sampled_pass@1_interval"],
+                        "after": after_sampled["sampled_pass@1"],
+                        "after_interval": after_sampled["sampled_pass@1_interval"], "change": sampled_change},
             "seconds_per_step": median([r["step_time_s"] for r in records]),
             "rollout_tokens_per_s": median([r["rollout_tokens_per_s"] for r in records]),
             "reward_first": records[0]["reward"], "reward_last": records[-1]["reward"],
@@ -382,6 +398,12 @@ def difference_text(d: dict) -> str:
     lo, hi = d["interval"]
     return (f"{100 * d['difference']:+.0f} points [{100 * lo:+.0f}, {100 * hi:+.0f}] "
             f"({d['gains']} gained, {d['losses']} lost)")
+
+
+def mean_difference_text(d: dict) -> str:
+    """'+9 points [4, 14]': a paired difference of means and its 95% interval."""
+    lo, hi = d["interval"]
+    return f"{100 * d['difference']:+.0f} points [{100 * lo:+.0f}, {100 * hi:+.0f}]"
 
 
 def _throughput(records: list[dict]) -> float:
@@ -411,9 +433,14 @@ def stage_lines(pre_records, pre_eval, evals, grpo: dict | None) -> list[str]:
                      f"{difference_text(d)} against pretraining: {verdict(*d['interval'])}.")
     if grpo and grpo.get("change"):
         d = grpo["change"]
-        lines.append(f"- **GRPO** ({grpo['steps']} steps on {grpo['task']} level {grpo['level']}): "
-                     f"{grpo['before']:.0%} -> {accuracy_text(grpo['after'], grpo['after_interval'])}, "
-                     f"{difference_text(d)}: {verdict(*d['interval'])}.")
+        line = (f"- **GRPO** ({grpo['steps']} steps on {grpo['task']} level {grpo['level']}): greedy "
+                f"{grpo['before']:.0%} -> {accuracy_text(grpo['after'], grpo['after_interval'])}, "
+                f"{difference_text(d)}: {verdict(*d['interval'])}")
+        if grpo.get("sampled"):
+            sp = grpo["sampled"]
+            line += (f"; R1's sampled pass@1 {sp['before']:.0%} -> {accuracy_text(sp['after'], sp['after_interval'])}, "
+                     f"{mean_difference_text(sp['change'])}: {verdict(*sp['change']['interval'])}")
+        lines.append(line + ".")
     return lines
 
 
@@ -448,7 +475,9 @@ def write_report(out: Path, cfg, pre_records, sft_records, pre_eval, evals, wall
         "",
         "Accuracies: greedy, on n held-out problems, with the 95% Wilson interval in points; a "
         "change: the paired difference on the same problems, with its 95% interval from the "
-        "discordant pairs (train/intervals.py).",
+        "discordant pairs (train/intervals.py). R1's sampled pass@1: the mean accuracy of "
+        "samples at temperature 0.6 per problem (DeepSeek-R1's metric), its change the mean "
+        "per-problem difference with its normal 95% interval.",
         "",
         "## Model",
         "",
@@ -518,6 +547,9 @@ def grpo_report_lines(g: dict) -> list[str]:
         "|---|---|---|",
         f"| held-out greedy accuracy, {g['task']} level {g['level']} (n={c['eval_n']}) | "
         f"{accuracy_text(g['before'], g['before_interval'])} | {after} |",
+        *([f"| R1's sampled pass@1 ({g['sampled']['samples']} samples at T {g['sampled']['temperature']:g} "
+           f"per problem) | {accuracy_text(g['sampled']['before'], g['sampled']['before_interval'])} | "
+           f"{accuracy_text(g['sampled']['after'], g['sampled']['after_interval'])} |"] if g.get("sampled") else []),
         f"| mean reward of the rollouts (first / last step) | {g['reward_first']:.3f} | {g['reward_last']:.3f} |",
         "",
         f"{g['steps']} steps in {g['wall_s'] / 60:.1f} min"

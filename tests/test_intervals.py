@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from nanoseek.train.intervals import Z95, paired_difference, wilson_interval
+from nanoseek.train.intervals import Z95, mean_interval, paired_difference, paired_mean_difference, wilson_interval
 
 EPS = 1e-12  # float64 arithmetic of a few operations on numbers of order 1
 
@@ -60,3 +60,18 @@ def test_bad_input_is_named():
         wilson_interval(5, 4)
     with pytest.raises(ValueError, match="equally long"):
         paired_difference([True], [True, False])
+
+
+def test_mean_interval_and_paired_mean_difference_by_hand():
+    # scores 0, 0.5, 1, 0.5: mean 0.5, sample variance (0.25 + 0 + 0.25 + 0) / 3 = 1/6
+    scores = [0.0, 0.5, 1.0, 0.5]
+    half = Z95 * math.sqrt((1 / 6) / 4)
+    assert mean_interval(scores) == pytest.approx((0.5 - half, 0.5 + half), abs=EPS)
+    assert mean_interval([1.0, 1.0, 0.75])[1] == 1.0  # clipped to [0, 1]
+    # differences 0.25, 0.25, -0.25, 0.75: mean 0.25, variance (0 + 0 + 0.25 + 0.25) / 3 = 1/6
+    d = paired_mean_difference([0.5, 0.25, 0.75, 0.0], [0.75, 0.5, 0.5, 0.75])
+    half = Z95 * math.sqrt((1 / 6) / 4)
+    assert d["difference"] == pytest.approx(0.25, abs=EPS) and d["n"] == 4
+    assert d["interval"] == pytest.approx((0.25 - half, 0.25 + half), abs=EPS)
+    with pytest.raises(ValueError, match="same problems"):
+        paired_mean_difference([0.5], [0.5, 1.0])

@@ -81,6 +81,12 @@ def test_grpo_stage_stops_at_its_deadline_then_reports_before_and_after(tmp_path
     assert (tmp_path / "plots" / "grpo_rl.png").is_file()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["grpo"]["before"] == g["before"] and summary["grpo"]["after"] == g["after"]
+    # R1's sampled pass@1 before and after, on the same 4 problems, and its paired change
+    sp = g["sampled"]
+    assert sp["samples"] == 2 and sp["temperature"] == 0.6 and sp["change"]["n"] == 4
+    assert sp["change"]["difference"] == pytest.approx(sp["after"] - sp["before"], abs=1e-12)
+    assert (f"| R1's sampled pass@1 (2 samples at T 0.6 per problem) | {accuracy_text(sp['before'], sp['before_interval'])} | "
+            f"{accuracy_text(sp['after'], sp['after_interval'])} |") in text
 
 
 def test_speedrun_flags_are_checked(capsys):
@@ -103,7 +109,11 @@ def test_stage_lines_say_whether_each_stage_helped():
     # 40 gained of 40 discordant: Wilson's lower end 40 / (40 + z^2) = 0.912, so the change's
     # interval is 0.2 * (2 * 0.912 - 1) = +16.5 to +20 points
     assert "30% [24, 37], +20 points [+16, +20] (40 gained, 0 lost) against pretraining: helped" in sft_line
-    assert "30% -> 40% [33, 47], +10 points [+4, +16] (30 gained, 10 lost): helped" in grpo_line
+    assert "greedy 30% -> 40% [33, 47], +10 points [+4, +16] (30 gained, 10 lost): helped." in grpo_line
+    sampled = {"before": 0.25, "after": 0.4, "after_interval": (0.35, 0.45),
+               "change": {"difference": 0.15, "interval": (0.1, 0.2), "n": n}}
+    line = stage_lines([], [], [], dict(grpo, sampled=sampled))[0]
+    assert line.endswith("helped; R1's sampled pass@1 25% -> 40% [35, 45], +15 points [+10, +20]: helped.")
     worse = dict(change, difference=-0.1, interval=(-0.16, -0.04))
     assert stage_lines([], [], [], dict(grpo, change=worse))[0].endswith("made it worse.")
     noise = dict(change, interval=(-0.01, 0.2))

@@ -4,9 +4,12 @@ Prompts are the task's test split (disjoint from training by construction). A mo
 SFT is prompted with the chat template (the answer is read from `<answer>…</answer>`); a
 pretrained-only model with the plain-text format it was trained on ("Question: …\nSolution:").
 pass@k: k samples per problem at the given temperature; a problem counts when any is right
-(the unbiased estimator of Chen et al. 2021 with n = k). Each accuracy comes with its 95%
-Wilson interval (intervals.py); `per_problem=True` also returns the greedy result of every
-problem, for a paired comparison of two models on the same problems.
+(the unbiased estimator of Chen et al. 2021 with n = k). Sampled pass@1 (`samples` > 0): the
+mean accuracy of that many samples per problem at the temperature, the metric DeepSeek-R1
+reports (at T = 0.6); it moves with what RL sharpens before greedy decoding does. Each
+accuracy comes with its 95% interval (intervals.py); `per_problem=True` also returns every
+problem's greedy result and sampled score, for a paired comparison of two models on the same
+problems.
 
 Held-out loss: the main model's next-token loss over batches the training loaders did not
 see (in eval mode, so neither the MTP nor the balance terms), weighted by counted positions.
@@ -18,7 +21,7 @@ import torch
 
 from ..data.tasks import check, get_task
 from ..infer import generate
-from .intervals import wilson_interval
+from .intervals import mean_interval, wilson_interval
 from .metrics import ProgressBar
 
 
@@ -33,13 +36,13 @@ def task_prompt(tokenizer, prompt: str, fmt: str) -> list[int]:
 def evaluate_task(model, tokenizer, task: str, level: int, n: int = 100, k: int = 0,
                   temperature: float = 0.8, fmt: str = "chat", max_new_tokens: int = 160,
                   batch_size: int = 64, seed: int = 1234, progress: bool = True,
-                  per_problem: bool = False) -> dict:
+                  per_problem: bool = False, samples: int = 0, greedy: bool = True) -> dict:
     if n < 1:
         raise ValueError(f"the number of held-out problems must be positive, got {n}")
     examples = get_task(task).generate(n, level=level, split="test", seed=seed, unique=True)
     prompts = [task_prompt(tokenizer, ex.prompt, fmt) for ex in examples]
     autocast = torch.bfloat16 if next(model.parameters()).is_cuda else None
-    passes = 1 + (k if k > 1 else 0)  # greedy, then k samples per problem for pass@k
+    passes = int(greedy) + (k if k > 1 else 0) + samples  # greedy, k samples for pass@k, `samples` for pass@1
     bar = ProgressBar(n * passes, desc=f"eval {task} level {level}", unit="answer", disable=not progress)
 
     def run(temp: float, sample_seed: int | None) -> list[bool]:
@@ -56,11 +59,12 @@ def evaluate_task(model, tokenizer, task: str, level: int, n: int = 100, k: int 
         return right
 
     with bar:
-        greedy = run(0.0, None)
-        result = {"task": task, "level": level, "n": n, "format": fmt,
-                  "greedy_accuracy": sum(greedy) / n, "greedy_interval": wilson_interval(sum(greedy), n)}
-        if per_problem:
-            result["greedy_correct"] = greedy
+        result = {"task": task, "level": level, "n": n, "format": fmt}
+        if greedy:  # greedy=False: only the sampled figures
+            right = run(0.0, None)
+            result.update(greedy_accuracy=sum(right) / n, greedy_interval=wilson_interval(sum(right), n))
+            if per_problem:
+                result["greedy_correct"] = right
         if k > 1:
             hits = [False] * n
             for j in range(k):
@@ -68,6 +72,14 @@ def evaluate_task(model, tokenizer, task: str, level: int, n: int = 100, k: int 
             result[f"pass@{k}"] = sum(hits) / n
             result[f"pass@{k}_interval"] = wilson_interval(sum(hits), n)
             result["temperature"] = temperature
+        if samples > 0:
+            runs = [run(temperature, seed + 1000 + j) for j in range(samples)]
+            scores = [sum(r) / samples for r in zip(*runs)]
+            result["sampled_pass@1"] = sum(scores) / n
+            result["sampled_pass@1_interval"] = mean_interval(scores) if n > 1 else (0.0, 1.0)
+            result["samples"], result["temperature"] = samples, temperature
+            if per_problem:
+                result["sampled_scores"] = scores
     return result
 
 

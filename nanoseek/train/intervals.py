@@ -14,6 +14,12 @@
                                      when the score (McNemar) test rejects "no change". An
                                      unpaired interval would ignore that most problems are
                                      answered alike by both models and be about twice as wide.
+    mean_interval(scores)            a mean of per-problem scores in [0, 1] (the fraction of k
+                                     samples right, R1's pass@1): the normal interval of the
+                                     mean over problems, whose spread already holds the
+                                     samples' correlation within a problem.
+    paired_mean_difference(b, a)     the change of such a mean on the same problems: the normal
+                                     interval of the mean per-problem difference.
 """
 
 from __future__ import annotations
@@ -51,3 +57,28 @@ def paired_difference(before: Sequence[bool], after: Sequence[bool], z: float = 
         interval = (m / n * (2 * lo - 1), m / n * (2 * hi - 1))
     return {"difference": (gains - losses) / n, "interval": interval, "gains": gains,
             "losses": losses, "n": n}
+
+
+def mean_interval(scores: Sequence[float], z: float = Z95) -> tuple[float, float]:
+    """The normal 95% interval of the mean of per-problem scores in [0, 1], clipped to [0, 1]."""
+    mean, half = _mean_and_half_width(scores, z)
+    return max(0.0, mean - half), min(1.0, mean + half)
+
+
+def paired_mean_difference(before: Sequence[float], after: Sequence[float], z: float = Z95) -> dict:
+    """mean(after) - mean(before) over the same problems, with the normal interval of the mean
+    per-problem difference: {"difference", "interval", "n"}."""
+    if len(before) != len(after) or not before:
+        raise ValueError(f"a paired difference needs two equally long, non-empty lists of "
+                         f"scores on the same problems, got {len(before)} and {len(after)}")
+    diff, half = _mean_and_half_width([a - b for b, a in zip(before, after)], z)
+    return {"difference": diff, "interval": (diff - half, diff + half), "n": len(before)}
+
+
+def _mean_and_half_width(values: Sequence[float], z: float) -> tuple[float, float]:
+    n = len(values)
+    if n < 2:
+        raise ValueError(f"an interval of a mean needs at least 2 values, got {n}")
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, z * math.sqrt(var / n)
