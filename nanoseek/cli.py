@@ -366,7 +366,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--level", type=int, default=1, help="task difficulty")
     p.add_argument("--n", type=positive_int, default=100, help="held-out problems")
     p.add_argument("--k", type=non_negative_int, default=0, help="also pass@k with k samples per problem")
-    p.add_argument("--temperature", type=float, default=0.8, help="of the pass@k samples")
+    p.add_argument("--samples", type=non_negative_int, default=0,
+                   help="also sampled pass@1: the mean accuracy of this many samples per problem (DeepSeek-R1's "
+                        "metric, with --temperature 0.6)")
+    p.add_argument("--temperature", type=float, default=0.8, help="of the pass@k and pass@1 samples")
     p.add_argument("--format", choices=("chat", "plain"), default="chat",
                    help="chat template (after SFT) or the plain pretraining format")
     add_device_arg(p)
@@ -377,7 +380,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .loading import load_model_dir
     _, model, tokenizer = load_model_dir(args.model, args.device)
     result = evaluate_task(model, tokenizer, args.task, args.level, n=args.n, k=args.k,
-                           temperature=args.temperature, fmt=args.format)
+                           temperature=args.temperature, fmt=args.format, samples=args.samples)
     print(json.dumps(result, indent=2))
 
 
@@ -716,7 +719,7 @@ COMMANDS = {
                          "N samples per prompt; the correct, well-formed ones become SFT data"),
     "distill": (add_distill_args, cmd_distill,
                 "a teacher's (checkpoint or OpenAI-compatible URL) reasoning traces as SFT data for a student"),
-    "eval": (add_eval_args, cmd_eval, "held-out accuracy on a built-in task (greedy, pass@k)"),
+    "eval": (add_eval_args, cmd_eval, "held-out accuracy on a built-in task (greedy, pass@k, sampled pass@1)"),
     "speedrun": (add_speedrun_args, cmd_speedrun, "the whole pipeline on built-in data, ending in report.md"),
     "r1": (add_r1_args, cmd_r1, "the R1 recipe as one resumable run: R1-Zero, or cold start -> RL -> "
                                 "rejection sampling + SFT -> RL, with report.md"),
