@@ -177,21 +177,30 @@ def test_bf16_fp8_kernel_on_gpu_is_as_close_as_bf16_rounding():
     assert bool(((got - want).abs() <= bound).all())
 
 
-def decode_argmax(model, seqs: torch.Tensor, start: int) -> torch.Tensor:
+def decode_argmax(model, seqs: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced greedy choices of a cached decode: seqs [B, T] prefilled up to `start`,
     then one token a step through the cache (decode-sized inputs: the FP8 kernels' rows);
-    the argmax after each of positions start-1 .. T-2, [B, T - start]."""
+    the argmax after each of positions start-1 .. T-2, [B, T - start], and those logits
+    [B, T - start, V] in float32."""
     from nanoseek.model import StaticCache
     B, T = seqs.shape
     cache = StaticCache(model.config, B, T, dtype=next(model.parameters()).dtype, device=seqs.device)
     pos = torch.arange(T, device=seqs.device).expand(B, T)
-    choices = []
+    steps = []
     with torch.no_grad():
         logits = model(seqs[:, :start], positions=pos[:, :start], cache=cache, absorb=False).logits[:, -1]
         for t in range(start, T):
-            choices.append(logits.argmax(-1))
+            steps.append(logits.float())
             logits = model(seqs[:, t:t + 1], positions=pos[:, t:t + 1], cache=cache).logits[:, -1]
-    return torch.stack(choices, 1)
+    steps = torch.stack(steps, 1)
+    return steps.argmax(-1), steps
+
+
+def near_ties(logits: torch.Tensor, chosen: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Where two choices differ, whether the reference logits hold them within 4 BF16 units of
+    the largest logit (2^-6 of it): a tie that another kernel's rounding may break either way."""
+    gap = logits.gather(-1, chosen[..., None]) - logits.gather(-1, other[..., None])
+    return (chosen == other) | (gap[..., 0].abs() <= 2 ** -6 * logits.abs().amax(-1))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -207,9 +216,10 @@ def test_fp8_model_decodes_the_dequantized_models_tokens(fp8_dir, device):
     prompts = [[5, 6, 7, 8], [9, 10, 11, 12], [1, 2, 3, 4]]
     outs = Engine(bf16, max_batch=3, max_len=64).generate(prompts, SamplingParams(max_tokens=32, ignore_eos=True))
     seqs = torch.tensor([p + o.token_ids for p, o in zip(prompts, outs)], device=device)
-    want, got = decode_argmax(bf16, seqs, 4), decode_argmax(fp8, seqs, 4)
-    # the cached decode reproduces the engine's greedy tokens (its compiled GPU step may break a rare tie)
-    assert (want == seqs[:, 4:]).float().mean().item() >= 0.95
+    (want, logits), (got, _) = decode_argmax(bf16, seqs, 4), decode_argmax(fp8, seqs, 4)
+    # the cached decode reproduces the engine's greedy tokens but for near-ties, which the
+    # engine's own GPU kernels may break the other way (a random tiny model has many)
+    assert near_ties(logits, want, seqs[:, 4:]).all()
     assert (got == want).float().mean().item() >= 0.95
 
 
