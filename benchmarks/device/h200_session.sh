@@ -157,7 +157,8 @@ case $stage in
              # not marked gpu but take the GPU when there is one), then BF16 vs FP8 training speed
     bench 75 20 benchmarks/fp8_fast_vs_twin.py
     timeout "$(left 150)" python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8.py \
-      tests/test_fp8_weights.py -k "fast_fp8 or scaled_mm or w8a8 or model_loss" 2>&1 | tee "$OUT/fp8_tests.log" | tail -15
+      tests/test_fp8_weights.py tests/test_fused_decode.py -k "fast_fp8 or scaled_mm or w8a8 or model_loss or \
+      dequantized_models_tokens or v3_layer_widths" 2>&1 | tee "$OUT/fp8_tests.log" | tail -15
     bench "$(left 270)" 100 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
       --precision bf16,fp8
     ;;
