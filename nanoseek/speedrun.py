@@ -180,6 +180,7 @@ def speedrun(out: str | Path = "runs/speedrun", minutes: float | None = None,
                       precision=precision)
         sft_shape = {}
         pre_lr, sft_lr = 2e-3, 5e-4
+        pre_schedule = "cosine"
     else:
         model_cfg = cpu_model()
         # small batches, many steps: on a CPU budget, steps teach more than tokens per step;
@@ -188,6 +189,9 @@ def speedrun(out: str | Path = "runs/speedrun", minutes: float | None = None,
         # one chat per row: 128 tokens fit the longest level-2 chat (about 120)
         sft_shape = dict(batch_size=16, seq_len=128)
         pre_lr, sft_lr = 5e-3, 1e-3
+        # V3's warmup-stable-decay shape: the peak rate held to 80% of the run. Under cosine decay
+        # seed 1 reached 27% on level 1 in 1400 steps, under wsd 95.5% (seed 0: 88% -> 89.5%)
+        pre_schedule = "wsd"
     evals_after_sft = EVALS if gpu else EVALS_CPU
     evals_s = CPU_STEP_SECONDS["eval"] * sum(1 + k for _, _, k in evals_after_sft)
     if timed:
@@ -214,7 +218,8 @@ def speedrun(out: str | Path = "runs/speedrun", minutes: float | None = None,
         steps, sft_steps = CPU_STEPS["pretrain"], CPU_STEPS["sft"]
     clock.say(f"pretrain: {steps} steps of {common['batch_size']}x{common['seq_len']} tokens")
     t0 = time.time()
-    trainer, tok, pre_records = pretrain(model_cfg, train_config(steps=steps, lr=pre_lr, **common),
+    trainer, tok, pre_records = pretrain(model_cfg, train_config(steps=steps, lr=pre_lr, schedule=pre_schedule,
+                                                              **common),
                                          data, out / "pretrain", tokenizer=bpe)
     shutil.rmtree(bpe, ignore_errors=True)
     pre_wall = time.time() - t0
