@@ -90,8 +90,9 @@ SAMPLED_T = 0.6
 SAMPLED_K = {"gpu": 4, "cpu": 2}
 
 # The CPU run's work, fixed so that its results do not depend on the machine's load. GRPO
-# gets about 40% of the time; SFT's 600 steps (not 400) take level 2, where GRPO then works,
-# from 8% to ~18% on the seed whose pretraining learned it least (benchmarks/RESULTS.md)
+# gets about 40% of the time; SFT's 600 steps (not 400) took level 2, where GRPO then works,
+# from 7.5% to 18.5% on the seed whose pretraining learned it least
+# (benchmarks/results/grpo_cpu_settings/README.md)
 CPU_STEPS = {"pretrain": 1400, "sft": 600, "grpo": 80}
 # seconds per step on an idle 2-core CPU (an evaluation: EVAL_N problems): a 16x128-token
 # step costs 0.24 s of CPU time on one thread, a GRPO step 5 s on one thread
@@ -189,8 +190,9 @@ def speedrun(out: str | Path = "runs/speedrun", minutes: float | None = None,
         # one chat per row: 128 tokens fit the longest level-2 chat (about 120)
         sft_shape = dict(batch_size=16, seq_len=128)
         pre_lr, sft_lr = 5e-3, 1e-3
-        # V3's warmup-stable-decay shape: the peak rate held to 80% of the run. Under cosine decay
-        # seed 1 reached 27% on level 1 in 1400 steps, under wsd 95.5% (seed 0: 88% -> 89.5%)
+        # V3's warmup-stable-decay shape: the peak rate held to 80% of the run. Pretrained under
+        # cosine decay, seeds 0 / 1 / 2 answered level 1 88% / 27% / 98%, under wsd 90% / 96% / 99%
+        # (the reports in benchmarks/results/speedrun_cpu_seed*, and their git history)
         pre_schedule = "wsd"
     evals_after_sft = EVALS if gpu else EVALS_CPU
     evals_s = CPU_STEP_SECONDS["eval"] * sum(1 + k for _, _, k in evals_after_sft)
@@ -278,7 +280,8 @@ def grpo_settings(gpu: bool, max_new_tokens: int, level: int) -> GRPOConfig:
     accuracy (1.0) and the R1 format reward (0.1), which keeps the cold start's structure.
     The CPU's 80 steps sample at T 0.7 and take two updates per batch (mu 2): at T 1.0 and
     mu 1 they sharpened the sampled policy without moving greedy accuracy (+1 point), at
-    T 0.7 / mu 2 greedy rose 54% -> 62.5% on the same SFT model (benchmarks/RESULTS.md)."""
+    T 0.7 / mu 2 greedy rose 54% -> 62.5% on the same SFT model
+    (benchmarks/results/grpo_cpu_settings/README.md)."""
     common = dict(max_new_tokens=max_new_tokens, beta=0.0, level=level,
                   rewards={"accuracy": 1.0, "format": 0.1}, prompt_format="chat",
                   keep_last=1, save_every=0, dynamic_sampling=True, clip_eps_high=0.28)
@@ -402,14 +405,12 @@ def accuracy_text(accuracy: float, interval) -> str:
 
 
 def difference_text(d: dict) -> str:
-    """'+9 points [4, 14] (36 gained, 0 lost)': a paired difference and its 95% interval."""
-    lo, hi = d["interval"]
-    return (f"{100 * d['difference']:+.0f} points [{100 * lo:+.0f}, {100 * hi:+.0f}] "
-            f"({d['gains']} gained, {d['losses']} lost)")
+    """'+9 points [+4, +14] (36 gained, 0 lost)': a paired difference and its 95% interval."""
+    return f"{mean_difference_text(d)} ({d['gains']} gained, {d['losses']} lost)"
 
 
 def mean_difference_text(d: dict) -> str:
-    """'+9 points [4, 14]': a paired difference of means and its 95% interval."""
+    """'+9 points [+4, +14]': a paired difference of means and its 95% interval."""
     lo, hi = d["interval"]
     return f"{100 * d['difference']:+.0f} points [{100 * lo:+.0f}, {100 * hi:+.0f}]"
 

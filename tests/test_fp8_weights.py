@@ -209,7 +209,8 @@ def test_fp8_model_decodes_the_dequantized_models_tokens(fp8_dir, device):
     model's greedy choice at each position (teacher-forced, so one early difference does not
     shift every later position) equals the dequantised model's on at least 95% of positions.
     On the GPU the FP8 weights go through the FP8 kernel, whose products are exact where the
-    dequantised model rounded each weight to BF16."""
+    dequantised model rounded each weight to BF16; on the CPU both compute with the same
+    dequantised weights, so there the choices must agree everywhere."""
     from nanoseek.infer.engine import Engine
     bf16 = from_pretrained(fp8_dir, dtype=torch.bfloat16, device=device)
     fp8 = from_pretrained(fp8_dir, dtype=torch.bfloat16, device=device, keep_fp8=keep_fp8_weights)
@@ -220,7 +221,10 @@ def test_fp8_model_decodes_the_dequantized_models_tokens(fp8_dir, device):
     # the cached decode reproduces the engine's greedy tokens but for near-ties, which the
     # engine's own GPU kernels may break the other way (a random tiny model has many)
     assert near_ties(logits, want, seqs[:, 4:]).all()
-    assert (got == want).float().mean().item() >= 0.95
+    if device == "cpu":  # both dequantise the FP8 weights to the same BF16 values: every choice agrees
+        assert torch.equal(got, want)
+    else:
+        assert (got == want).float().mean().item() >= 0.95
 
 
 def test_the_fused_step_refuses_fp8_weights(fp8_dir):

@@ -248,7 +248,8 @@ def test_bf16_fused_step_at_v3_layer_widths():
                  vocab_size=2048, num_nextn_predict_layers=0)
     model = Transformer(cfg).cuda().eval()
     # a random model's expert scores all sit near sigmoid(0): a spread of selection bias makes
-    # the routing decisive, so that BF16 rounding cannot flip an expert (which is no defect)
+    # the routing decisive, so that the test measures the step's arithmetic, not which expert
+    # BF16 rounding happens to pick
     with torch.no_grad():
         for r in model.routers().values():
             r.e_score_correction_bias.normal_(0, 1)

@@ -58,13 +58,11 @@ def cublas_takes(a: Quantized, b: Quantized) -> bool:
     if a.block != ACT_TILE or b.block not in (ACT_TILE, WEIGHT_BLOCK) or M % 16 or K % 16 or N % 16:
         return False
     recipe = cublas_recipe(a.data.device)
-    if b.block == ACT_TILE or recipe != "unpadded":
-        return recipe is not None
-    return k_blocks(K) % 4 == 0 or N <= WEIGHT_BLOCK[0]
-
-
-def k_blocks(K: int) -> int:
-    return -(-K // WEIGHT_BLOCK[1])
+    if recipe is None:
+        return False
+    if b.block == WEIGHT_BLOCK and recipe == "unpadded":  # right only where no padding is needed
+        return b.scale.shape[-1] % 4 == 0 or b.scale.shape[0] == 1
+    return True
 
 
 # cuBLASLt reads a 128x128-block scale with its K-block stride rounded up to 4 (16 bytes).
@@ -95,16 +93,16 @@ def _probe(device: torch.device) -> str | None:
     agree); the first that torch accepts and computes right wins."""
     if device.type != "cuda":
         return None
-    for name, k_blocks_ in (("padded", 1), ("unpadded", 4)):
-        K = 128 * k_blocks_
+    for name, L in (("padded", 1), ("unpadded", 4)):
+        K = 128 * L
         a = torch.ones(16, K, device=device).to(torch.float8_e4m3fn)
         b = torch.ones(256, K, device=device).to(torch.float8_e4m3fn)
-        scale_a = column_major(torch.ones(16, k_blocks_, device=device))
-        blocks = torch.tensor([[1.0], [2.0]], device=device).expand(2, k_blocks_)  # [N blocks, K blocks]
-        scale_b = F.pad(blocks, (0, -k_blocks_ % 4))[:, :k_blocks_].t() if name == "padded" else blocks.contiguous().t()
+        scale_a = column_major(torch.ones(16, L, device=device))
+        blocks = torch.tensor([[1.0], [2.0]], device=device).repeat(1, L)  # [N blocks, K blocks]
         want = torch.cat([torch.full((16, 128), K), torch.full((16, 128), 2.0 * K)], 1).to(device)
         try:
-            out = torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.float32)
+            out = torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=k_major(blocks, name == "padded"),
+                                   out_dtype=torch.float32)
         except RuntimeError:
             continue
         if torch.equal(out, want):
@@ -123,10 +121,14 @@ def cublas_scale_b(b: Quantized) -> torch.Tensor:
     multiple of 4 where this torch takes it so)."""
     if b.block == ACT_TILE:
         return b.scale.t().contiguous()
-    L = b.scale.shape[-1]
-    if L % 4 == 0 or cublas_recipe(b.scale.device) != "padded":
-        return b.scale.t()
-    return F.pad(b.scale, (0, -L % 4))[:, :L].t()
+    return k_major(b.scale, cublas_recipe(b.scale.device) == "padded")
+
+
+def k_major(scale: torch.Tensor, padded: bool) -> torch.Tensor:
+    """A contiguous [N blocks, L K-blocks] weight scale as the [L, N blocks] view cuBLAS reads;
+    padded: its K stride rounded up to a multiple of 4 (a copy, unless L already is one)."""
+    L = scale.shape[-1]
+    return (F.pad(scale, (0, -L % 4))[:, :L] if padded and L % 4 else scale).t()
 
 
 def one_group(n: int, a: Quantized) -> torch.Tensor:

@@ -42,7 +42,9 @@ def evaluate_task(model, tokenizer, task: str, level: int, n: int = 100, k: int 
     examples = get_task(task).generate(n, level=level, split="test", seed=seed, unique=True)
     prompts = [task_prompt(tokenizer, ex.prompt, fmt) for ex in examples]
     autocast = torch.bfloat16 if next(model.parameters()).is_cuda else None
-    passes = int(greedy) + (k if k > 1 else 0) + samples  # greedy, k samples for pass@k, `samples` for pass@1
+    k = k if k > 1 else 0
+    # greedy, then max(k, samples) sampled runs: pass@k reads the first k, pass@1 the first `samples`
+    passes = int(greedy) + max(k, samples)
     bar = ProgressBar(n * passes, desc=f"eval {task} level {level}", unit="answer", disable=not progress)
 
     def run(temp: float, sample_seed: int | None) -> list[bool]:
@@ -65,21 +67,20 @@ def evaluate_task(model, tokenizer, task: str, level: int, n: int = 100, k: int 
             result.update(greedy_accuracy=sum(right) / n, greedy_interval=wilson_interval(sum(right), n))
             if per_problem:
                 result["greedy_correct"] = right
-        if k > 1:
-            hits = [False] * n
-            for j in range(k):
-                hits = [h or r for h, r in zip(hits, run(temperature, seed + j))]
+        runs = [run(temperature, seed + j) for j in range(max(k, samples))]
+        if k:
+            hits = [any(r) for r in zip(*runs[:k])]
             result[f"pass@{k}"] = sum(hits) / n
             result[f"pass@{k}_interval"] = wilson_interval(sum(hits), n)
-            result["temperature"] = temperature
-        if samples > 0:
-            runs = [run(temperature, seed + 1000 + j) for j in range(samples)]
-            scores = [sum(r) / samples for r in zip(*runs)]
+        if samples:
+            scores = [sum(r) / samples for r in zip(*runs[:samples])]
             result["sampled_pass@1"] = sum(scores) / n
             result["sampled_pass@1_interval"] = mean_interval(scores) if n > 1 else (0.0, 1.0)
-            result["samples"], result["temperature"] = samples, temperature
+            result["samples"] = samples
             if per_problem:
                 result["sampled_scores"] = scores
+        if runs:
+            result["temperature"] = temperature
     return result
 
 
