@@ -3,8 +3,8 @@
 Both sides train the same weights (nanoseek saves them in HF layout and transformers loads
 that directory) on the same token batches (batch 8 x 1024 by default), with the same
 optimizer (fused AdamW, lr 3e-4, betas 0.9/0.95, weight decay 0.1, clip 1.0), float32
-master weights under BF16 autocast. One step = forward, backward, clip, AdamW step,
-zero_grad and one host read of the loss (what a trainer logging every step does).
+master weights under BF16 autocast. One step = forward and backward of `--accum`
+micro-batches, clip, AdamW step, zero_grad and one host read of the loss (what a trainer logging every step does).
 
 transformers trains the main model only: it has no MTP loss and no balance loss. nanoseek
 runs with MTP (its real objective, ~1 extra MoE layer and output head, where the preset
@@ -22,7 +22,7 @@ BF16, 1,979 FP8) and the GEMM ceiling measured in the same job (an 8192^3 BF16 m
 head still run in BF16, so its MFU against the FP8 peak understates it.
 
     python benchmarks/train_throughput.py [--preset NAME --layers N --batch 8 --seq 1024
-        --precision bf16,fp8 --steps 10 --profile --skip-hf --activation-checkpointing]
+        --accum 1 --precision bf16,fp8 --steps 10 --profile --skip-hf --activation-checkpointing]
     python benchmarks/train_throughput.py --smoke    the CPU, tiny preset, 2 steps: checks the script
 """
 
@@ -124,7 +124,7 @@ def nanoseek_side(cfg, state, batches, args, device, precision: str, mtp: bool, 
     call = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
 
     def step(batch):
-        stats = train_step(model, [batch], opt, grad_clip=1.0, autocast_dtype=autocast, compiled=call,
+        stats = train_step(model, [batch] * args.accum, opt, grad_clip=1.0, autocast_dtype=autocast, compiled=call,
                            base_model=model)
         return stats["loss"]
 
@@ -150,9 +150,10 @@ def hf_side(ckpt_dir, batches, args, device):
             "experts": getattr(model.config, "_experts_implementation", None)}
 
     def step(batch):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            out = model(input_ids=batch["input_ids"], labels=batch["labels"])
-        out.loss.backward()
+        for _ in range(args.accum):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                out = model(input_ids=batch["input_ids"], labels=batch["labels"])
+            (out.loss / args.accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -171,6 +172,8 @@ def parse_args():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--precision", default="bf16", help="comma-separated: bf16, fp8")
+    ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (a real run's "
+                    "global batch is many: the AdamW step, which FP8 does not change, is paid once for them)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="kernel table of one compiled step per precision")
@@ -203,7 +206,7 @@ def main():
     for _ in range(4):
         ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).to(device)
         batches.append({"input_ids": ids, "labels": ids})
-    tokens = args.batch * args.seq
+    tokens = args.batch * args.seq * args.accum
     flops = model_info(cfg, context_length=args.seq)["train_flops_per_token"]
     results = out_dir()
     ceilings = gemm_ceilings(device)
@@ -244,7 +247,7 @@ def main():
             r["peak_memory_vs_bf16"] = (r["peak_memory_gib"] / bf16["peak_memory_gib"]
                                         if r["peak_memory_gib"] else None)
     result = {"benchmark": "train_throughput", **environment(), "preset": args.preset, "layers": cfg.num_hidden_layers,
-              "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
+              "batch": args.batch, "seq": args.seq, "accum": args.accum, "steps": args.steps, "warmup": args.warmup,
               "activation_checkpointing": args.activation_checkpointing, "smoke": args.smoke,
               "train_flops_per_token": flops, "peak_flops_datasheet": PEAK,
               "gemm_ceiling_flops_measured": ceilings, "rows": rows, "config": cfg.to_dict(),

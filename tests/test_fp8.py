@@ -21,7 +21,7 @@ from torch import nn
 
 import nanoseek
 from nanoseek.fp8 import (Fp8Config, Fp8Unsupported, convert_to_fp8, dequantize, fast_fp8, fp8_modules, quantize,
-                          quantize_tokens)
+                          quantize_tokens, token_columns)
 from nanoseek.fp8 import gemm
 from nanoseek.fp8.linear import Fp8LinearFunction
 from nanoseek.fp8.quant import ACT_TILE, FP8_MAX, WEIGHT_BLOCK, Quantized
@@ -118,21 +118,24 @@ def test_token_tiles_restart_at_every_group():
     # 133 tokens sorted by group: group 0 has tokens 0-2, group 1 none, group 2 tokens 3-132
     offsets = torch.tensor([3, 3, 133], dtype=torch.int32)
     x = torch.randn(133, 5)
-    q = quantize_tokens(x, offsets)  # x^T [5, 133] in group-aligned 128-token tiles
-    assert q.data.shape == (5, 133)
+    q = quantize_tokens(x, offsets)  # x^T in group-aligned 128-token tiles, padded
     # tiles: group 0 -> 0; group 2 -> 1 (tokens 3-130) and 2 (131-132); bound ⌈133/128⌉ + 3 - 1 = 4
-    assert q.tile_of_col.tolist() == [0] * 3 + [1] * 128 + [2] * 2
-    assert q.scale.shape == (5, 4)
+    assert q.data.shape == (5, 4 * 128) and q.scale.shape == (5, 4)
+    cols, width = token_columns(offsets, 133)
+    assert width == 512 and cols.tolist() == [0, 1, 2] + list(range(128, 256)) + [256, 257]
     for tile, tokens in ((0, slice(0, 3)), (1, slice(3, 131)), (2, slice(131, 133))):
         assert q.scale[:, tile].equal(x[tokens].abs().amax(0) / FP8_MAX)
     assert (q.scale[:, 3] == 1).all()  # the unused tile of the bound
-    assert ((deq64(q).t() - x.double()).abs() <= E4M3_REL * x.double().abs() + 1e-9).all()
+    padding = torch.ones(512, dtype=torch.bool)
+    padding[cols] = False
+    assert (q.data.float()[:, padding] == 0).all()
+    assert ((deq64(q)[:, cols].t() - x.double()).abs() <= E4M3_REL * x.double().abs() + 1e-9).all()
     x[131, 2] = float("nan")
     bad = dequantize(quantize_tokens(x, offsets))
-    assert bad[2, 131:].isnan().all() and bad[2, :131].isfinite().all()
+    assert bad[2, 256:384].isnan().all() and bad[2, :256].isfinite().all() and bad[:2].isfinite().all()
     # without groups: plain 128x1 tiles of x, i.e. 1x128 tiles of x^T
     plain = quantize_tokens(x[:130])
-    assert plain.tile_of_col is None and plain.scale.shape == (5, 2)
+    assert plain.data.shape == (5, 130) and plain.scale.shape == (5, 2)
 
 
 def test_transposed_weight_blocks_keep_their_scales():
@@ -183,8 +186,9 @@ def test_grouped_wgrad_sums_each_groups_tokens_only(grouped_operands):
     qa, qb = quantize_tokens(dy, offsets), quantize_tokens(x, offsets)
     out = gemm.grouped_mm_tokens(qa, qb, offsets, 4, torch.float32, fast=False).double()
     assert out.shape == (4, 72, 48) and (out[1] == 0).all()  # the empty group: a zero gradient
+    cols = token_columns(offsets, 300)[0]
     for e in (0, 2, 3):
-        tokens = slice(bounds[e], bounds[e + 1])
+        tokens = cols[bounds[e]:bounds[e + 1]]
         a_e, b_e = deq64(qa)[:, tokens], deq64(qb)[:, tokens]
         assert ((out[e] - a_e @ b_e.t()).abs() <= gamma_bound(a_e, b_e)).all()
 
@@ -205,6 +209,37 @@ def test_triton_grouped_kernels_agree_with_the_twin(grouped_operands):
     fast = gemm.grouped_mm_tokens(*(moved(q) for q in (qa, qb)), offsets.to(DEVICE), 4, torch.float32,
                                   fast=True).cpu()
     assert ((fast.double() - twin.double()).abs() <= 2 * gamma_bound(deq64(qa), deq64(qb)).max()).all()
+
+
+def test_every_launch_shape_the_gpu_may_choose_agrees_with_the_twin(grouped_operands):
+    """A GPU times several output block widths and picks one per shape: each must compute the
+    same thing. N = 136 and 300 cross a 128 block inside a 256-wide one (two weight scales in one
+    block); Triton's interpreter runs them on the CPU."""
+    triton = pytest.importorskip("triton")
+    from nanoseek.fp8 import kernels
+    from nanoseek.fp8.quant import first_tiles
+    offsets, _, a, b, g = grouped_operands
+    twin = gemm.grouped_mm(a, b, offsets, torch.float32, fast=False)
+    bound = 2 * torch.cat([gamma_bound(deq64(a)[s], deq64(b)[e]) for e, s in
+                           enumerate((slice(0, 100), slice(100, 100), slice(100, 261), slice(261, 300)))])
+    ends = offsets.to(DEVICE)
+    for config in kernels._grouped_tuned.configs:
+        out = torch.full_like(twin, float("nan"), device=DEVICE)
+        grid = (triton.cdiv(300, 128) + 3, triton.cdiv(136, config.kwargs["BLOCK_N"]))
+        kernels.grouped_mm_kernel[grid](*(t.to(DEVICE) for t in (a.data, a.scale, b.data, b.scale)), out, ends,
+                                        first_tiles(ends), 136, 200, 4, 4, 128, **config.kwargs)
+        assert ((out.cpu().double() - twin.double()).abs() <= bound).all(), config
+    dy, x = torch.randn(300, 300, generator=g), torch.randn(300, 48, generator=g)
+    qa, qb = quantize_tokens(dy, offsets), quantize_tokens(x, offsets)
+    twin = gemm.grouped_mm_tokens(qa, qb, offsets, 4, torch.float32, fast=False)
+    bound = 2 * gamma_bound(deq64(qa), deq64(qb)).max()
+    for config in kernels._tokens_tuned.configs:
+        out = torch.full_like(twin, float("nan"), device=DEVICE)
+        blocks = triton.cdiv(300, config.kwargs["BLOCK_N"]) * triton.cdiv(48, config.kwargs["BLOCK_K"])
+        kernels.grouped_mm_tokens_kernel[(blocks, 4)](*(t.to(DEVICE) for t in (qa.data, qa.scale, qb.data, qb.scale)),
+                                                       out, first_tiles(ends), 300, 48, qa.data.shape[1],
+                                                       qa.scale.shape[1], 128, **config.kwargs)
+        assert ((out.cpu().double() - twin.double()).abs() <= bound).all(), config
 
 
 # ---------------------------------------------------------------------- autograd functions
@@ -460,11 +495,16 @@ def test_gpu_grouped_kernels_match_the_twin(grouped_operands):
 
 # The fast path (Triton's kernels, and cuBLAS on a GPU) against the twin, op by op on the same
 # inputs. The GEMMs see identical quantized operands, so they differ by float32 accumulation
-# only; the SwiGLU quantizes its own intermediates (h, dh), where such a last-bit difference can
-# flip one E4M3 rounding (2^-4 of one element). 2^-8 of the norm holds both with room.
+# only: 2^-8 of the norm holds with room.
+# The SwiGLU quantizes its own intermediates (h, dgate, dup) from GEMM outputs that already
+# differ by some ε relative; where that moves a value across an E4M3 rounding boundary (odds
+# |δ|/ulp) it lands one ulp (≤ 2^-3 |v|) away, so the requantized tensor differs by about
+# sqrt(Σ|δ|·ulp) ≤ sqrt(2^-3 ε) of its norm: with ε = 2^-8 that is CHAINED_REL below (on an
+# H100 the measured ε of 1.3e-4 gave 4.4e-3 at dx, where sqrt(2^-3 ε) = 4.0e-3).
 # A whole model's gradients are not compared: with its router, a tiny random model is chaotic
 # (a 1e-6 change of the embedding moves a BF16 run's expert gradients by ~20%).
 FAST_REL = 2.0 ** -8
+CHAINED_REL = FAST_REL + math.sqrt(2.0 ** -3 * FAST_REL)
 
 
 def rel64(fast: torch.Tensor, twin: torch.Tensor) -> float:
@@ -513,7 +553,7 @@ def test_fast_fp8_swiglu_matches_the_twin_dense_and_grouped(counts):
     fast, twin = fast_and_twin(lambda x, wg, wu, wd, fast: fp8_swiglu(x, wg, wu, wd, offsets, fast),
                                *(t.to(DEVICE) for t in [x, *ws]))
     for name, f, t in zip(("y", "dx", "dW_gate", "dW_up", "dW_down"), fast, twin):
-        assert rel64(f, t) < FAST_REL, name
+        assert rel64(f, t) < CHAINED_REL, name  # each is a GEMM of a requantized GEMM output
 
 
 @pytest.mark.gpu

@@ -6,8 +6,8 @@ last axis of each, which is what the scales of `quant.py` describe.
     scaled_mm      a [M, K] · b [N, K]^T -> [M, N]            dense linear: fprop, dgrad, wgrad
     grouped_mm     a [M, K] · b[e] [N, K]^T for a's rows of   experts: fprop and dgrad
                    group e (rows sorted by group)
-    grouped_mm_tokens  a [N, M] · b [K, M]^T over the tokens   experts: wgrad, one [N, K] per group
-                   of each group -> [E, N, K]
+    grouped_mm_tokens  a [N, P] · b [K, P]^T over the tokens   experts: wgrad, one [N, K] per group
+                   of each group -> [E, N, K] (P: the padded group-aligned token columns)
 
 Twin (`fast=False`, and the CPU): dequantize both operands to float32 and multiply in
 float32. Since every product of two E4M3 numbers is exact in float32, the twin differs from
@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .quant import ACT_TILE, WEIGHT_BLOCK, Quantized, dequantize
+from .quant import ACT_TILE, TILE, WEIGHT_BLOCK, Quantized, dequantize, first_tiles
 
 
 # ---------------------------------------------------------------------- dense
@@ -158,19 +158,20 @@ def grouped_mm(a: Quantized, b: Quantized, offsets_E: torch.Tensor | None, out_d
 
 def grouped_mm_tokens(a: Quantized, b: Quantized, offsets_E: torch.Tensor | None, n_groups: int,
                       out_dtype: torch.dtype, fast: bool) -> torch.Tensor:
-    """a [N, M] · b [K, M]^T summed over each group's tokens -> [E, N, K] (a weight gradient
+    """a [N, P] · b [K, P]^T summed over each group's tokens -> [E, N, K] (a weight gradient
     per group; zeros for a group without tokens). a and b come from quant.quantize_tokens with
-    the same offsets_E (None: one group of all M tokens)."""
+    the same offsets_E, in its padded group-aligned layout (None: one group of all tokens)."""
     if offsets_E is None:
         return scaled_mm(a, b, out_dtype, fast)[None]
     if fast:
         from .kernels import grouped_mm_tokens_fp8
         return grouped_mm_tokens_fp8(a.data, a.scale, b.data, b.scale, offsets_E, n_groups, out_dtype)
-    a_NM, b_KM = dequantize(a), dequantize(b)
-    if grouped_mm_f32_takes(a_NM, b_KM):
-        return torch._grouped_mm(a_NM, b_KM.t(), offs=offsets_E).to(out_dtype)
-    group_M = group_of_rows(offsets_E, a_NM.shape[1])
-    return torch.stack([(a_NM * (group_M == e)) @ b_KM.t() for e in range(n_groups)]).to(out_dtype)
+    a_NP, b_KP = dequantize(a), dequantize(b)
+    ends_E = (first_tiles(offsets_E)[1:] * TILE).to(torch.int32)  # each group's end column
+    if grouped_mm_f32_takes(a_NP, b_KP):
+        return torch._grouped_mm(a_NP, b_KP.t(), offs=ends_E).to(out_dtype)
+    group_P = group_of_rows(ends_E, a_NP.shape[1])
+    return torch.stack([(a_NP * (group_P == e)) @ b_KP.t() for e in range(n_groups)]).to(out_dtype)
 
 
 def grouped_mm_f32_takes(*tensors: torch.Tensor) -> bool:

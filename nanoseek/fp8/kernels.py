@@ -13,12 +13,13 @@ tile (quant.first_tiles). A tile never holds two groups' tokens.
 
 - `grouped_mm_kernel`: c [M, N] = a [M, K] · b[e] [N, K]^T for the rows of group e, with a
   in 1x128 tiles and b in 128x128 blocks; one program per (128-row tile, 128 columns).
-- `grouped_mm_tokens_kernel`: c[e] [N, K] = Σ over group e's tokens of a [N, M] · b [K, M]^T,
-  both in group-aligned 128-token tiles (quant.quantize_tokens); one program per (group,
-  block of N, block of K), looping over the group's tiles.
+- `grouped_mm_tokens_kernel`: c[e] [N, K] = Σ over group e's tokens of a [N, P] · b [K, P]^T,
+  both in the padded group-aligned 128-token tiles of quant.quantize_tokens; one program per
+  (block of N, block of K, group), looping over the group's tiles.
 
-The launch shapes are the usual FP8 Hopper ones (128-wide blocks, 8 warps); they have not
-been tuned. The twins are gemm.py's float32 paths.
+The contraction tile is always 128 (the scales' granularity); the output block widths,
+warps and stages are timed per shape on a GPU (triton.autotune). The twins are gemm.py's
+float32 paths.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _group_bounds(ends_ptr, first_tile_ptr, e):
 
 @triton.jit
 def grouped_mm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, ends_ptr, first_tile_ptr, N, K, E,
-                      EP: tl.constexpr, BLOCK: tl.constexpr):
+                      EP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
     if tile < tl.load(first_tile_ptr + E):  # the grid is a bound: ⌈M/128⌉ + E - 1 tiles
@@ -51,12 +52,13 @@ def grouped_mm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, ends_ptr, first_tile_
         e = tl.sum((tile_ends <= tile).to(tl.int32), 0)  # the group whose tiles hold this one
         start, end, first = _group_bounds(ends_ptr, first_tile_ptr, e)
         rows = (start + (tile - first) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-        cols = pid_n * BLOCK + tl.arange(0, BLOCK)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok, col_ok = rows < end, cols < N
         nk = tl.cdiv(K, BLOCK)
         b_base = b_ptr + e.to(tl.int64) * N * K
-        sb_base = sb_ptr + (e.to(tl.int64) * tl.cdiv(N, BLOCK) + pid_n) * nk
-        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        # the 128x128 block scale of each column, per K block
+        sb_cols = sb_ptr + (e.to(tl.int64) * tl.cdiv(N, BLOCK) + cols // BLOCK) * nk
+        acc = tl.zeros((BLOCK, BLOCK_N), dtype=tl.float32)
         for kb in range(0, nk):
             ks = kb * BLOCK + tl.arange(0, BLOCK)
             a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :],
@@ -64,34 +66,50 @@ def grouped_mm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, ends_ptr, first_tile_
             b = tl.load(b_base + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :],
                         other=0.0)
             sa = tl.load(sa_ptr + rows * nk + kb, mask=row_ok, other=0.0)
-            sb = tl.load(sb_base + kb)
-            acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb)
+            sb = tl.load(sb_cols + kb, mask=col_ok, other=0.0)
+            acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb[None, :])
         tl.store(c_ptr + rows[:, None] * N + cols[None, :], acc.to(c_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
-def grouped_mm_tokens_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, ends_ptr, first_tile_ptr, N, K, M, T,
-                             BLOCK: tl.constexpr):
-    e = tl.program_id(0)
-    ns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ks = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+def grouped_mm_tokens_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, first_tile_ptr, N, K, P, T,
+                             BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # the group is the slowest grid axis, so that the programs running at once share their
+    # group's tiles in L2
+    e = tl.program_id(1)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    ns = (tl.program_id(0) % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = (tl.program_id(0) // n_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
     n_ok, k_ok = ns < N, ks < K
-    start, end, first = _group_bounds(ends_ptr, first_tile_ptr, e)
-    last = tl.load(first_tile_ptr + e + 1)
-    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-    for t in range(first, last):  # an empty group: no tile, a zero gradient
-        ms = start + (t - first) * BLOCK + tl.arange(0, BLOCK)
-        m_ok = ms < end
-        a = tl.load(a_ptr + ns[:, None].to(tl.int64) * M + ms[None, :], mask=n_ok[:, None] & m_ok[None, :],
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for t in range(tl.load(first_tile_ptr + e), tl.load(first_tile_ptr + e + 1)):  # none: a zero gradient
+        ms = t * BLOCK + tl.arange(0, BLOCK)
+        m_ok = ms < P  # the padded layout is whole tiles; one plain group may end mid-tile
+        a = tl.load(a_ptr + ns[:, None].to(tl.int64) * P + ms[None, :], mask=n_ok[:, None] & m_ok[None, :],
                     other=0.0)
-        b = tl.load(b_ptr + ks[:, None].to(tl.int64) * M + ms[None, :], mask=k_ok[:, None] & m_ok[None, :],
+        b = tl.load(b_ptr + ks[:, None].to(tl.int64) * P + ms[None, :], mask=k_ok[:, None] & m_ok[None, :],
                     other=0.0)
         sa = tl.load(sa_ptr + ns * T + t, mask=n_ok, other=0.0)
         sb = tl.load(sb_ptr + ks * T + t, mask=k_ok, other=0.0)
         acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb[None, :])
     tl.store(c_ptr + (e.to(tl.int64) * N + ns[:, None]) * K + ks[None, :], acc.to(c_ptr.dtype.element_ty),
              mask=n_ok[:, None] & k_ok[None, :])
+
+
+# On a GPU the launch shapes are chosen per (N, K) by timing a few Hopper-typical ones (each
+# kernel writes its whole output, so a timing run is harmless); Triton's CPU interpreter
+# gets the first one only.
+def _configs(blocks: list[dict]) -> list[triton.Config]:
+    """Each output block with 8 warps and 3 or 4 stages, and a 128x128 one with 4 warps too (a
+    wider block's float32 accumulator would spill with 4)."""
+    return [triton.Config(b, num_warps=w, num_stages=s) for b in blocks
+            for w, s in ((8, 3), (8, 4)) + (((4, 4),) if 256 not in b.values() else ())]
+
+
+_grouped_tuned = triton.autotune(_configs([{"BLOCK_N": 128}, {"BLOCK_N": 256}]), key=["N", "K"])(grouped_mm_kernel)
+_tokens_tuned = triton.autotune(_configs([{"BLOCK_N": 128, "BLOCK_K": 128}, {"BLOCK_N": 128, "BLOCK_K": 256},
+                                          {"BLOCK_N": 256, "BLOCK_K": 128}]), key=["N", "K"])(grouped_mm_tokens_kernel)
 
 
 @torch.library.custom_op("nanoseek::fp8_grouped_mm", mutates_args=())
@@ -102,9 +120,13 @@ def grouped_mm_fp8(a_MK: torch.Tensor, scale_a: torch.Tensor, b_ENK: torch.Tenso
     M, K = a_MK.shape
     E, N, _ = b_ENK.shape
     c = torch.empty(M, N, dtype=out_dtype, device=a_MK.device)
-    grid = (triton.cdiv(M, TILE) + E - 1, triton.cdiv(N, TILE))
-    grouped_mm_kernel[grid](a_MK, scale_a, b_ENK, scale_b, c, offsets_E, first_tiles(offsets_E), N, K, E,
-                            triton.next_power_of_2(E), TILE, num_warps=WARPS, num_stages=STAGES)
+    args = (a_MK, scale_a, b_ENK, scale_b, c, offsets_E, first_tiles(offsets_E), N, K, E, triton.next_power_of_2(E),
+            TILE)
+    if a_MK.is_cuda:
+        _grouped_tuned[lambda meta: (triton.cdiv(M, TILE) + E - 1, triton.cdiv(N, meta["BLOCK_N"]))](*args)
+    else:
+        grouped_mm_kernel[(triton.cdiv(M, TILE) + E - 1, triton.cdiv(N, TILE))](*args, TILE, num_warps=WARPS,
+                                                                                 num_stages=STAGES)
     return c
 
 
@@ -114,19 +136,23 @@ def _(a_MK, scale_a, b_ENK, scale_b, offsets_E, out_dtype):
 
 
 @torch.library.custom_op("nanoseek::fp8_grouped_mm_tokens", mutates_args=())
-def grouped_mm_tokens_fp8(a_NM: torch.Tensor, scale_a: torch.Tensor, b_KM: torch.Tensor, scale_b: torch.Tensor,
+def grouped_mm_tokens_fp8(a_NP: torch.Tensor, scale_a: torch.Tensor, b_KP: torch.Tensor, scale_b: torch.Tensor,
                           offsets_E: torch.Tensor, n_groups: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """[E, N, K]: per group, a [N, M] · b [K, M]^T over its tokens. a, b E4M3 in group-aligned
-    128-token tiles with scales [N, T] and [K, T] (quant.quantize_tokens); all contiguous."""
-    N, M = a_NM.shape
-    K, T = b_KM.shape[0], scale_a.shape[1]
-    c = torch.empty(n_groups, N, K, dtype=out_dtype, device=a_NM.device)
-    grid = (n_groups, triton.cdiv(N, TILE), triton.cdiv(K, TILE))
-    grouped_mm_tokens_kernel[grid](a_NM, scale_a, b_KM, scale_b, c, offsets_E, first_tiles(offsets_E), N, K, M,
-                                   T, TILE, num_warps=WARPS, num_stages=STAGES)
+    """[E, N, K]: per group, a [N, P] · b [K, P]^T over its tokens. a, b E4M3 in the padded
+    group-aligned layout with scales [N, T] and [K, T] (quant.quantize_tokens); all contiguous."""
+    N, P = a_NP.shape
+    K, T = b_KP.shape[0], scale_a.shape[1]
+    c = torch.empty(n_groups, N, K, dtype=out_dtype, device=a_NP.device)
+    args = (a_NP, scale_a, b_KP, scale_b, c, first_tiles(offsets_E), N, K, P, T, TILE)
+    if a_NP.is_cuda:
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]), n_groups)  # noqa: E731
+        _tokens_tuned[grid](*args)
+    else:
+        grouped_mm_tokens_kernel[(triton.cdiv(N, TILE) * triton.cdiv(K, TILE), n_groups)](
+            *args, TILE, TILE, num_warps=WARPS, num_stages=STAGES)
     return c
 
 
 @grouped_mm_tokens_fp8.register_fake
-def _(a_NM, scale_a, b_KM, scale_b, offsets_E, n_groups, out_dtype):
-    return a_NM.new_empty(n_groups, a_NM.shape[0], b_KM.shape[0], dtype=out_dtype)
+def _(a_NP, scale_a, b_KP, scale_b, offsets_E, n_groups, out_dtype):
+    return a_NP.new_empty(n_groups, a_NP.shape[0], b_KP.shape[0], dtype=out_dtype)

@@ -22,8 +22,10 @@ The wgrad GEMMs contract over tokens, so their operands are quantized along the 
 axis (128x1 tiles of the [tokens, channels] tensor, which `quantize_tokens` returns
 transposed, as 1x128 tiles of [channels, tokens]). With experts, tokens come sorted by
 expert and a tile must not straddle two experts (each expert's weight gradient sums over
-its own tokens only): tiles restart at every group's first token, and a group of n tokens
-takes ⌈n/128⌉ tiles.
+its own tokens only): each group starts a new tile, so a group of n tokens takes ⌈n/128⌉
+tiles. The tokens are laid out padded: group e's first token at column 128·first_tile[e],
+zeros in the gaps. Every tile is then a plain aligned 128 columns (a gather and a dense
+amax to build, aligned loads for the kernel), where a scatter into ragged tiles was slow.
 """
 
 from __future__ import annotations
@@ -43,18 +45,16 @@ WEIGHT_BLOCK = (TILE, TILE)
 
 class Quantized(NamedTuple):
     """data [..., R, C] float8_e4m3fn and scale [..., ⌈R/br⌉, ⌈C/bc⌉] float32 (x ≈ data ·
-    scale, each scale spread over its tile). `tile_of_col` [C]: for group-aligned tiles
-    (quantize_tokens with groups) the scale column of each data column; None for plain tiles."""
+    scale, each scale spread over its tile)."""
     data: torch.Tensor
     scale: torch.Tensor
     block: tuple[int, int]
-    tile_of_col: torch.Tensor | None = None
 
     def t(self) -> "Quantized":
         """The transpose [..., C, R], contiguous, with its blocks' scales transposed: a square
         block's scale is the same number either way, so a 128x128-quantized weight serves the
         backward GEMM that needs W^T without quantizing again."""
-        if self.tile_of_col is not None or self.block[0] != self.block[1]:
+        if self.block[0] != self.block[1]:
             raise ValueError(f"only square blocks transpose with their scales (got {self.block} tiles)")
         return Quantized(self.data.transpose(-2, -1).contiguous(), self.scale.transpose(-2, -1).contiguous(),
                          self.block)
@@ -90,8 +90,6 @@ def quantize(x: torch.Tensor, block: tuple[int, int]) -> Quantized:
 def dequantize(q: Quantized) -> torch.Tensor:
     """data · scale, float32, each scale spread over its tile (edge tiles cut)."""
     R, C = q.data.shape[-2:]
-    if q.tile_of_col is not None:
-        return q.data.float() * q.scale[..., q.tile_of_col]
     br, bc = q.block
     scale = q.scale.repeat_interleave(br, -2).repeat_interleave(bc, -1)[..., :R, :C]
     return q.data.float() * scale
@@ -105,30 +103,40 @@ def first_tiles(offsets_E: torch.Tensor) -> torch.Tensor:
     return F.pad(tiles_per_group.cumsum(0), (1, 0))
 
 
-def tile_of_tokens(offsets_E: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, int]:
-    """The group-aligned tile of each of the M tokens sorted by group [M], and the number of
-    tiles at most, ⌈M/128⌉ + E - 1 (a static bound: no host sync)."""
+def token_columns(offsets_E: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, int]:
+    """The column of each of the M tokens (sorted by group) in the padded group-aligned
+    layout [M], and the layout's width, the static bound 128·(⌈M/128⌉ + E - 1) (no host sync)."""
     ends = offsets_E.long()
     starts = ends - torch.diff(ends, prepend=ends.new_zeros(1))
     token = torch.arange(n_tokens, device=offsets_E.device)
     # the group of each token; tokens past the last end (none in use) count in the last group
     group = torch.bucketize(token, ends, right=True).clamp_max(ends.shape[0] - 1)
-    tile = first_tiles(offsets_E)[group] + (token - starts[group]) // TILE
-    return tile, math.ceil(n_tokens / TILE) + ends.shape[0] - 1
+    return first_tiles(offsets_E)[group] * TILE + token - starts[group], TILE * n_tiles(offsets_E, n_tokens)
+
+
+def n_tiles(offsets_E: torch.Tensor, n_tokens: int) -> int:
+    """The group-aligned tiles of n tokens in E groups, at most: ⌈n/128⌉ + E - 1."""
+    return math.ceil(n_tokens / TILE) + offsets_E.shape[0] - 1
 
 
 def quantize_tokens(x_MC: torch.Tensor, offsets_E: torch.Tensor | None = None) -> Quantized:
-    """x [M tokens, C] -> x^T [C, M] quantized along the tokens: 128x1 tiles of x (what a
-    GEMM contracting over tokens needs). With offsets_E (tokens sorted by group), the tiles
-    restart at each group's first token (see the module docstring); scale [C, tiles]."""
+    """x [M tokens, C] -> x^T quantized along the tokens: 128x1 tiles of x (what a GEMM
+    contracting over tokens needs), data [C, M] and scale [C, ⌈M/128⌉]. With offsets_E (tokens
+    sorted by group), the padded group-aligned layout of the module docstring: data [C, 128·T]
+    and scale [C, T] with T = n_tiles(offsets_E, M); `token_columns` maps tokens to columns."""
     if offsets_E is None:
         return quantize(x_MC.t(), ACT_TILE)
     M, C = x_MC.shape
-    tile_M, n_tiles = tile_of_tokens(offsets_E, M)
-    xf_CM = x_MC.t().float()
-    amax = xf_CM.new_zeros(C, n_tiles).scatter_reduce_(1, tile_M.expand(C, M), xf_CM.abs(), "amax")
-    # scatter_reduce's amax need not keep a NaN on every device: put it back, so that a
-    # NaN tile stays non-finite
-    nan = xf_CM.new_zeros(C, n_tiles).index_add_(1, tile_M, xf_CM.isnan().float())
-    scale = tile_scale(amax.masked_fill(nan > 0, float("nan")))
-    return Quantized(to_fp8(xf_CM, scale[:, tile_M]).contiguous(), scale, ACT_TILE, tile_M)
+    T = n_tiles(offsets_E, M)
+    ends = offsets_E.long()
+    first = first_tiles(offsets_E)
+    tile = torch.arange(T, device=x_MC.device)
+    # the group of each tile (tiles past the last group's count in the last group and stay empty)
+    group_T = torch.bucketize(tile, first[1:], right=True).clamp_max(ends.shape[0] - 1)
+    start_T = (ends - torch.diff(ends, prepend=ends.new_zeros(1)))[group_T]
+    token_TP = (start_T + (tile - first[group_T]) * TILE)[:, None] + torch.arange(TILE, device=x_MC.device)
+    inside = token_TP < ends[group_T][:, None]
+    x_TPC = torch.where(inside[..., None], x_MC[token_TP.clamp_max(max(M - 1, 0))].float(), 0.0)
+    scale_TC = tile_scale(x_TPC.abs().amax(1))  # amax keeps a NaN: a NaN tile stays non-finite
+    q_TPC = to_fp8(x_TPC, scale_TC[:, None, :])
+    return Quantized(q_TPC.flatten(0, 1).t().contiguous(), scale_TC.t().contiguous(), ACT_TILE)
