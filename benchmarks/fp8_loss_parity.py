@@ -9,15 +9,22 @@ step's loss is noisy), and its relative difference.
     python benchmarks/fp8_loss_parity.py [--preset small --steps 2000 --batch 32 --seq 512]
     python benchmarks/fp8_loss_parity.py --smoke    the CPU (FP8 emulated), tiny preset, 10 steps
 
+Where one job cannot hold both runs, run them apart and join them:
+    python benchmarks/fp8_loss_parity.py --only bf16 ...             also writes the tokenizer
+    python benchmarks/fp8_loss_parity.py --only fp8 --tokenizer DIR ...
+    python benchmarks/fp8_loss_parity.py --join BF16.json FP8.json   the plot and the comparison
+
 Writes fp8_loss_parity[_PRESET][_smoke].json and .png into benchmarks/results (or $OUT).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -90,31 +97,67 @@ def main():
     ap.add_argument("--data", default=DATA)
     ap.add_argument("--compile", action="store_true", help="torch.compile both runs (GPU)")
     ap.add_argument("--smoke", action="store_true", help="the CPU, tiny preset, 10 steps")
+    ap.add_argument("--only", choices=("bf16", "fp8"), help="run one precision, write its curve")
+    ap.add_argument("--tokenizer", type=Path, help="the tokenizer of the other run (with --only)")
+    ap.add_argument("--join", nargs=2, type=Path, metavar=("BF16_JSON", "FP8_JSON"),
+                    help="compare two --only runs' curves")
     args = ap.parse_args()
+    if args.join:
+        return join(args)
     if args.smoke:
         args.preset, args.steps, args.batch, args.seq, args.warmup, args.tail = "tiny", 10, 2, 64, 2, 5
         args.data, args.compile = "builtin:arithmetic:level=1:n=300", False
     if not torch.cuda.is_available() and not args.smoke:
         print("note: no GPU; the FP8 run is the emulated twin (slow)", file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="fp8_parity-"))
+    name = f"fp8_loss_parity{'' if args.preset == 'small' else '_' + args.preset}{'_smoke' if args.smoke else ''}"
+    setting = {"preset": args.preset, "layers": args.layers, "steps": args.steps, "batch": args.batch,
+               "seq": args.seq, "tokens": args.steps * args.batch * args.seq, "lr": args.lr, "data": args.data,
+               "tail": args.tail}
     try:
-        curves = {"bf16": run("bf16", args, work, None)}
-        curves["fp8"] = run("fp8", args, work, work / "bf16" / "tokenizer")  # the same tokenizer
+        curves = {}
+        for precision in [args.only] if args.only else ["bf16", "fp8"]:
+            t0 = time.time()
+            tokenizer = args.tokenizer or (work / "bf16" / "tokenizer" if curves else None)  # the same tokenizer
+            curves[precision] = run(precision, args, work, tokenizer)
+            print(f"{precision}: {args.steps} steps in {time.time() - t0:.0f}s", flush=True)
+            if args.only:
+                if tokenizer is None:
+                    shutil.copytree(work / precision / "tokenizer", out_dir() / f"{name}_tokenizer", dirs_exist_ok=True)
+                write_json({"benchmark": "fp8_loss_parity", **environment(), **setting, "precision": precision,
+                            "wall_s": time.time() - t0, "command": " ".join(sys.argv),
+                            "curve": [{"step": r["step"], "loss": r["loss"]} for r in curves[precision]]},
+                           f"{name}_{precision}.json")
+                return
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    final = {k: sum(r["loss"] for r in v[-args.tail:]) / len(v[-args.tail:]) for k, v in curves.items()}
+    compare(curves, setting, name)
+
+
+def join(args):
+    """The comparison of two --only runs (their settings must agree)."""
+    runs = [json.loads(p.read_text()) for p in args.join]
+    keys = ("preset", "layers", "steps", "batch", "seq", "lr", "data", "tail")
+    if [r.get("precision") for r in runs] != ["bf16", "fp8"] or any(runs[0][k] != runs[1][k] for k in keys):
+        sys.exit(f"--join takes a bf16 and an fp8 run of the same setting ({', '.join(keys)}); got "
+                 f"{[{k: r.get(k) for k in ('precision', *keys)} for r in runs]}")
+    setting = {k: runs[0][k] for k in (*keys, "tokens")}
+    suffix = "" if setting["preset"] == "small" else "_" + setting["preset"]
+    compare({r["precision"]: r["curve"] for r in runs}, setting, f"fp8_loss_parity{suffix}")
+
+
+def compare(curves: dict[str, list[dict]], setting: dict, name: str) -> None:
+    tail = setting["tail"]
+    final = {k: sum(r["loss"] for r in v[-tail:]) / len(v[-tail:]) for k, v in curves.items()}
     rel = (final["fp8"] - final["bf16"]) / final["bf16"]
-    tokens = args.steps * args.batch * args.seq
-    name = f"fp8_loss_parity{'' if args.preset == 'small' else '_' + args.preset}{'_smoke' if args.smoke else ''}"
     png = out_dir() / f"{name}.png"
-    plot(curves, png, f"{args.preset}: BF16 vs FP8, {args.steps} steps, {tokens / 1e6:.0f}M tokens")
-    result = {"benchmark": "fp8_loss_parity", **environment(), "preset": args.preset, "layers": args.layers,
-              "steps": args.steps, "batch": args.batch, "seq": args.seq, "tokens": tokens, "lr": args.lr,
-              "data": args.data, "tail": args.tail, "final_loss": final, "relative_difference": rel,
-              "within_v3_claim": abs(rel) <= V3_CLAIM, "command": " ".join(sys.argv),
+    plot(curves, png, f"{setting['preset']}: BF16 vs FP8, {setting['steps']} steps, "
+                      f"{setting['tokens'] / 1e6:.0f}M tokens")
+    result = {"benchmark": "fp8_loss_parity", **environment(), **setting, "final_loss": final,
+              "relative_difference": rel, "within_v3_claim": abs(rel) <= V3_CLAIM, "command": " ".join(sys.argv),
               "curves": {k: [{"step": r["step"], "loss": r["loss"]} for r in v] for k, v in curves.items()}}
     path = write_json(result, f"{name}.json")
-    print(f"final training loss (mean of the last {args.tail} steps): bf16 {final['bf16']:.4f}, "
+    print(f"final training loss (mean of the last {tail} steps): bf16 {final['bf16']:.4f}, "
           f"fp8 {final['fp8']:.4f}, relative {rel:+.3%} (V3 B.1: within ±{V3_CLAIM:.2%})")
     print(f"wrote {path} and {png}")
 

@@ -19,7 +19,7 @@
 #   bash benchmarks/device/h200_session.sh gputests   # every test marked gpu (FP8, fused step, engine)
 #   bash benchmarks/device/h200_session.sh fp8check   # FP8 fast path vs twin per GEMM and op, BF16 vs FP8 speed
 #   bash benchmarks/device/h200_session.sh fp8train   # BF16 vs FP8 training speed on V2-Lite layers
-#   bash benchmarks/device/h200_session.sh parity     # FP8 vs BF16 loss parity (small, 2,000 steps)
+#   bash benchmarks/device/h200_session.sh parity     # FP8 vs BF16 loss parity (small, 2,000 steps; PARITY=)
 #   bash benchmarks/device/h200_session.sh shapes     # decode on V2-Lite and a V3 slice: fused vs compiled
 #                                              # recorded as the default path
 #   bash benchmarks/device/h200_session.sh fp8        # FP8 GEMM error, FP8-resident decode, long-context
@@ -33,8 +33,8 @@
 #   bash benchmarks/device/h200_session.sh multigpu   # on a 2- or 4-GPU kind: DP, EP, EP+DP, 1F1B, DualPipeV
 #                                              # against one GPU (benchmarks/scaling.py, small preset)
 #
-# Environment: MINUTES, GRPO_MINUTES, SPEEDRUN_LIMIT, SPECULATIVE (speedrun); R1_LEVEL, R1_PRETRAIN_STEPS,
-# R1_ARGS (r1-zero, r1-full: key=value settings of nanoseek r1); TRL_ARGS (trl, measure);
+# Environment: PARITY, PARITY_TOKENIZER (parity); MINUTES, GRPO_MINUTES, SPEEDRUN_LIMIT, SPECULATIVE (speedrun);
+# R1_LEVEL, R1_PRETRAIN_STEPS, R1_ARGS (r1-zero, r1-full: key=value settings of nanoseek r1); TRL_ARGS (trl, measure);
 # DECODE_ARGS (decode, measure: e.g. "--tuned-option combo_kernels=true"); DECODE_MODES (decode.py --modes);
 # FUSED_ARGS (benchmarks/fused_decode.py); SCALING_ARGS (benchmarks/scaling.py, multigpu: e.g.
 # "--preset deepseek-v2-lite --layers 8");
@@ -166,15 +166,18 @@ case $stage in
     ;;
   fp8train)  # the FP8 kernels against the twin, the FP8 tests, then BF16 vs FP8 training speed on V2-Lite
              # layers (4 micro-batches a step, as a real global batch amortizes AdamW) with a kernel table of each
-    bench 60 20 benchmarks/fp8_fast_vs_twin.py
-    timeout "$(left 130)" python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8.py \
+    bench 120 20 benchmarks/fp8_fast_vs_twin.py  # its sweep times the kernels' launch shapes for ~50 (N, K)
+    timeout "$(left 200)" python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8.py \
       tests/test_fp8_weights.py -k "gpu_grouped or fast_fp8_swiglu or w8a8_matches or dequantized_models_tokens \
       or fullgraph" 2>&1 | tee "$OUT/fp8_tests.log" | tail -12
-    bench "$(left 470)" 100 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
+    bench "$(left 560)" 100 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
       --accum 4 --precision bf16,fp8 --skip-hf --profile
     ;;
-  parity)  # FP8 vs BF16 loss parity alone, 2,000 steps of the small preset
-    bench 590 120 benchmarks/fp8_loss_parity.py --preset small --steps 2000 --batch 8 --seq 256 --compile
+  parity)  # FP8 vs BF16 loss parity, 2,000 steps of the small preset: both did not fit 590 s on an H100, so one
+           # precision a call, PARITY=bf16 then PARITY=fp8 PARITY_TOKENIZER=<the bf16 call's, committed>;
+           # fp8_loss_parity.py --join then compares them
+    bench 590 120 benchmarks/fp8_loss_parity.py --preset small --steps 2000 --batch 8 --seq 256 --compile \
+      --only "${PARITY:-bf16}" ${PARITY_TOKENIZER:+--tokenizer "$PARITY_TOKENIZER"}
     ;;
   shapes)  # decode on real shapes, fused vs compiled, recorded into decode_paths.json (brought back in
            # $OUT); transformers is skipped: loading V2-Lite's 27 layers into it and compiling ours

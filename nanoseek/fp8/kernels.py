@@ -98,18 +98,19 @@ def grouped_mm_tokens_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, first_tile_ptr
 
 
 # On a GPU the launch shapes are chosen per (N, K) by timing a few Hopper-typical ones (each
-# kernel writes its whole output, so a timing run is harmless); Triton's CPU interpreter
-# gets the first one only.
-def _configs(blocks: list[dict]) -> list[triton.Config]:
-    """Each output block with 8 warps and 3 or 4 stages, and a 128x128 one with 4 warps too (a
-    wider block's float32 accumulator would spill with 4)."""
-    return [triton.Config(b, num_warps=w, num_stages=s) for b in blocks
-            for w, s in ((8, 3), (8, 4)) + (((4, 4),) if 256 not in b.values() else ())]
+# kernel writes its whole output, so a timing run is harmless; a 256-wide block with 4 warps
+# would spill its float32 accumulator). Triton's CPU interpreter gets the first one only.
+def _configs(*shapes: tuple[dict, int, int]) -> list[triton.Config]:
+    return [triton.Config(blocks, num_warps=warps, num_stages=stages) for blocks, warps, stages in shapes]
 
 
-_grouped_tuned = triton.autotune(_configs([{"BLOCK_N": 128}, {"BLOCK_N": 256}]), key=["N", "K"])(grouped_mm_kernel)
-_tokens_tuned = triton.autotune(_configs([{"BLOCK_N": 128, "BLOCK_K": 128}, {"BLOCK_N": 128, "BLOCK_K": 256},
-                                          {"BLOCK_N": 256, "BLOCK_K": 128}]), key=["N", "K"])(grouped_mm_tokens_kernel)
+_grouped_tuned = triton.autotune(_configs(({"BLOCK_N": 128}, 8, 3), ({"BLOCK_N": 128}, 4, 4),
+                                          ({"BLOCK_N": 256}, 8, 3)), key=["N", "K"])(grouped_mm_kernel)
+_tokens_tuned = triton.autotune(_configs(({"BLOCK_N": 128, "BLOCK_K": 128}, 8, 3),
+                                         ({"BLOCK_N": 128, "BLOCK_K": 128}, 4, 4),
+                                         ({"BLOCK_N": 128, "BLOCK_K": 256}, 8, 3),
+                                         ({"BLOCK_N": 256, "BLOCK_K": 128}, 8, 3)),
+                                key=["N", "K"])(grouped_mm_tokens_kernel)
 
 
 @torch.library.custom_op("nanoseek::fp8_grouped_mm", mutates_args=())

@@ -131,8 +131,10 @@ def quantize_tokens(x_MC: torch.Tensor, offsets_E: torch.Tensor | None = None) -
     ends = offsets_E.long()
     first = first_tiles(offsets_E)
     tile = torch.arange(T, device=x_MC.device)
-    # the group of each tile (tiles past the last group's count in the last group and stay empty)
-    group_T = torch.bucketize(tile, first[1:], right=True).clamp_max(ends.shape[0] - 1)
+    # the group of each tile: how many groups end at or before it (tiles past the last group's
+    # count in the last group and stay empty). Not bucketize: torch 2.11's inductor cannot lower
+    # it on a slice.
+    group_T = (first[1:, None] <= tile).sum(0).clamp_max(ends.shape[0] - 1)
     start_T = (ends - torch.diff(ends, prepend=ends.new_zeros(1)))[group_T]
     token_TP = (start_T + (tile - first[group_T]) * TILE)[:, None] + torch.arange(TILE, device=x_MC.device)
     inside = token_TP < ends[group_T][:, None]
