@@ -12,7 +12,7 @@ Legend: M tokens sorted by group (expert), E groups, `ends` the cumulative group
 tile (quant.first_tiles). A tile never holds two groups' tokens.
 
 - `grouped_mm_kernel`: c [M, N] = a [M, K] · b[e] [N, K]^T for the rows of group e, with a
-  in 1x128 tiles and b in 128x128 blocks; one program per (128-row tile, 128 columns).
+  in 1x128 tiles and b in 128x128 blocks; one program per (128-row tile, block of columns).
 - `grouped_mm_tokens_kernel`: c[e] [N, K] = Σ over group e's tokens of a [N, P] · b [K, P]^T,
   both in the padded group-aligned 128-token tiles of quant.quantize_tokens; one program per
   (block of N, block of K, group), looping over the group's tiles.
