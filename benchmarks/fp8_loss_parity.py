@@ -109,29 +109,27 @@ def main():
         args.data, args.compile = "builtin:arithmetic:level=1:n=300", False
     if not torch.cuda.is_available() and not args.smoke:
         print("note: no GPU; the FP8 run is the emulated twin (slow)", file=sys.stderr)
-    work = Path(tempfile.mkdtemp(prefix="fp8_parity-"))
     name = f"fp8_loss_parity{'' if args.preset == 'small' else '_' + args.preset}{'_smoke' if args.smoke else ''}"
     setting = {"preset": args.preset, "layers": args.layers, "steps": args.steps, "batch": args.batch,
                "seq": args.seq, "tokens": args.steps * args.batch * args.seq, "lr": args.lr, "data": args.data,
                "tail": args.tail}
-    try:
-        curves = {}
+    curves, wall = {}, {}
+    with tempfile.TemporaryDirectory(prefix="fp8_parity-") as tmp:
+        work = Path(tmp)
         for precision in [args.only] if args.only else ["bf16", "fp8"]:
-            t0 = time.time()
             tokenizer = args.tokenizer or (work / "bf16" / "tokenizer" if curves else None)  # the same tokenizer
+            t0 = time.time()
             curves[precision] = run(precision, args, work, tokenizer)
-            print(f"{precision}: {args.steps} steps in {time.time() - t0:.0f}s", flush=True)
-            if args.only:
-                if tokenizer is None:
-                    shutil.copytree(work / precision / "tokenizer", out_dir() / f"{name}_tokenizer", dirs_exist_ok=True)
-                write_json({"benchmark": "fp8_loss_parity", **environment(), **setting, "precision": precision,
-                            "wall_s": time.time() - t0, "command": " ".join(sys.argv),
-                            "curve": [{"step": r["step"], "loss": r["loss"]} for r in curves[precision]]},
-                           f"{name}_{precision}.json")
-                return
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    compare(curves, setting, name)
+            wall[precision] = time.time() - t0
+            print(f"{precision}: {args.steps} steps in {wall[precision]:.0f}s", flush=True)
+        if args.only and args.tokenizer is None:  # for the other precision's run
+            shutil.copytree(work / args.only / "tokenizer", out_dir() / f"{name}_tokenizer", dirs_exist_ok=True)
+    if not args.only:
+        return compare(curves, setting, name)
+    write_json({"benchmark": "fp8_loss_parity", **environment(), **setting, "name": name, "precision": args.only,
+                "wall_s": wall[args.only], "command": " ".join(sys.argv),
+                "curve": [{"step": r["step"], "loss": r["loss"]} for r in curves[args.only]]},
+               f"{name}_{args.only}.json")
 
 
 def join(args):
@@ -142,8 +140,7 @@ def join(args):
         sys.exit(f"--join takes a bf16 and an fp8 run of the same setting ({', '.join(keys)}); got "
                  f"{[{k: r.get(k) for k in ('precision', *keys)} for r in runs]}")
     setting = {k: runs[0][k] for k in (*keys, "tokens")}
-    suffix = "" if setting["preset"] == "small" else "_" + setting["preset"]
-    compare({r["precision"]: r["curve"] for r in runs}, setting, f"fp8_loss_parity{suffix}")
+    compare({r["precision"]: r["curve"] for r in runs}, setting, runs[0]["name"])
 
 
 def compare(curves: dict[str, list[dict]], setting: dict, name: str) -> None:

@@ -21,10 +21,10 @@ from torch import nn
 
 import nanoseek
 from nanoseek.fp8 import (Fp8Config, Fp8Unsupported, convert_to_fp8, dequantize, fast_fp8, fp8_modules, quantize,
-                          quantize_tokens, token_columns)
+                          quantize_tokens)
 from nanoseek.fp8 import gemm
 from nanoseek.fp8.linear import Fp8LinearFunction
-from nanoseek.fp8.quant import ACT_TILE, FP8_MAX, WEIGHT_BLOCK, Quantized
+from nanoseek.fp8.quant import ACT_TILE, FP8_MAX, WEIGHT_BLOCK, Quantized, token_of_column
 from nanoseek.fp8.swiglu import fp8_swiglu
 from nanoseek.model.moe import Router
 
@@ -121,14 +121,14 @@ def test_token_tiles_restart_at_every_group():
     q = quantize_tokens(x, offsets)  # x^T in group-aligned 128-token tiles, padded
     # tiles: group 0 -> 0; group 2 -> 1 (tokens 3-130) and 2 (131-132); bound ⌈133/128⌉ + 3 - 1 = 4
     assert q.data.shape == (5, 4 * 128) and q.scale.shape == (5, 4)
-    cols, width = token_columns(offsets, 133)
-    assert width == 512 and cols.tolist() == [0, 1, 2] + list(range(128, 256)) + [256, 257]
+    token = token_of_column(offsets, 133)
+    cols = (token < 133).nonzero().squeeze(1)  # the columns holding tokens, in token order
+    assert token.shape == (512,) and cols.tolist() == [0, 1, 2] + list(range(128, 256)) + [256, 257]
+    assert token[cols].tolist() == list(range(133))
     for tile, tokens in ((0, slice(0, 3)), (1, slice(3, 131)), (2, slice(131, 133))):
         assert q.scale[:, tile].equal(x[tokens].abs().amax(0) / FP8_MAX)
     assert (q.scale[:, 3] == 1).all()  # the unused tile of the bound
-    padding = torch.ones(512, dtype=torch.bool)
-    padding[cols] = False
-    assert (q.data.float()[:, padding] == 0).all()
+    assert (q.data.float()[:, token == 133] == 0).all()  # the padding
     assert ((deq64(q)[:, cols].t() - x.double()).abs() <= E4M3_REL * x.double().abs() + 1e-9).all()
     x[131, 2] = float("nan")
     bad = dequantize(quantize_tokens(x, offsets))
@@ -186,7 +186,7 @@ def test_grouped_wgrad_sums_each_groups_tokens_only(grouped_operands):
     qa, qb = quantize_tokens(dy, offsets), quantize_tokens(x, offsets)
     out = gemm.grouped_mm_tokens(qa, qb, offsets, 4, torch.float32, fast=False).double()
     assert out.shape == (4, 72, 48) and (out[1] == 0).all()  # the empty group: a zero gradient
-    cols = token_columns(offsets, 300)[0]
+    cols = (token_of_column(offsets, 300) < 300).nonzero().squeeze(1)  # token i at cols[i]
     for e in (0, 2, 3):
         tokens = cols[bounds[e]:bounds[e + 1]]
         a_e, b_e = deq64(qa)[:, tokens], deq64(qb)[:, tokens]

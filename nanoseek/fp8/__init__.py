@@ -57,8 +57,8 @@ fast path against.
 
 from .convert import Fp8Config, Fp8Unsupported, convert_to_fp8, fast_fp8, fp8_modules
 from .linear import Fp8TrainLinear
-from .quant import Quantized, dequantize, quantize, quantize_tokens, token_columns
+from .quant import Quantized, dequantize, quantize, quantize_tokens
 from .swiglu import Fp8TrainExperts, Fp8TrainMLP
 
 __all__ = ["Fp8Config", "Fp8TrainExperts", "Fp8TrainLinear", "Fp8TrainMLP", "Fp8Unsupported", "Quantized",
-           "convert_to_fp8", "dequantize", "fast_fp8", "fp8_modules", "quantize", "quantize_tokens", "token_columns"]
+           "convert_to_fp8", "dequantize", "fast_fp8", "fp8_modules", "quantize", "quantize_tokens"]

@@ -30,7 +30,6 @@ import triton.language as tl
 
 from .quant import TILE, first_tiles
 
-WARPS, STAGES = 8, 3
 
 
 @triton.jit
@@ -113,6 +112,15 @@ _tokens_tuned = triton.autotune(_configs(({"BLOCK_N": 128, "BLOCK_K": 128}, 8, 3
                                 key=["N", "K"])(grouped_mm_tokens_kernel)
 
 
+def _launch(tuned, grid, *args) -> None:
+    """The autotuned kernel on a GPU; its first configuration in Triton's CPU interpreter."""
+    if args[0].is_cuda:
+        tuned[grid](*args)
+        return
+    config = tuned.configs[0]
+    tuned.fn[grid(config.kwargs)](*args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
 @torch.library.custom_op("nanoseek::fp8_grouped_mm", mutates_args=())
 def grouped_mm_fp8(a_MK: torch.Tensor, scale_a: torch.Tensor, b_ENK: torch.Tensor, scale_b: torch.Tensor,
                    offsets_E: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -121,13 +129,9 @@ def grouped_mm_fp8(a_MK: torch.Tensor, scale_a: torch.Tensor, b_ENK: torch.Tenso
     M, K = a_MK.shape
     E, N, _ = b_ENK.shape
     c = torch.empty(M, N, dtype=out_dtype, device=a_MK.device)
-    args = (a_MK, scale_a, b_ENK, scale_b, c, offsets_E, first_tiles(offsets_E), N, K, E, triton.next_power_of_2(E),
+    _launch(_grouped_tuned, lambda meta: (triton.cdiv(M, TILE) + E - 1, triton.cdiv(N, meta["BLOCK_N"])),
+            a_MK, scale_a, b_ENK, scale_b, c, offsets_E, first_tiles(offsets_E), N, K, E, triton.next_power_of_2(E),
             TILE)
-    if a_MK.is_cuda:
-        _grouped_tuned[lambda meta: (triton.cdiv(M, TILE) + E - 1, triton.cdiv(N, meta["BLOCK_N"]))](*args)
-    else:
-        grouped_mm_kernel[(triton.cdiv(M, TILE) + E - 1, triton.cdiv(N, TILE))](*args, TILE, num_warps=WARPS,
-                                                                                 num_stages=STAGES)
     return c
 
 
@@ -144,13 +148,8 @@ def grouped_mm_tokens_fp8(a_NP: torch.Tensor, scale_a: torch.Tensor, b_KP: torch
     N, P = a_NP.shape
     K, T = b_KP.shape[0], scale_a.shape[1]
     c = torch.empty(n_groups, N, K, dtype=out_dtype, device=a_NP.device)
-    args = (a_NP, scale_a, b_KP, scale_b, c, first_tiles(offsets_E), N, K, P, T, TILE)
-    if a_NP.is_cuda:
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]), n_groups)  # noqa: E731
-        _tokens_tuned[grid](*args)
-    else:
-        grouped_mm_tokens_kernel[(triton.cdiv(N, TILE) * triton.cdiv(K, TILE), n_groups)](
-            *args, TILE, TILE, num_warps=WARPS, num_stages=STAGES)
+    _launch(_tokens_tuned, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]), n_groups),
+            a_NP, scale_a, b_KP, scale_b, c, first_tiles(offsets_E), N, K, P, T, TILE)
     return c
 
 

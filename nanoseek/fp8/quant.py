@@ -103,42 +103,37 @@ def first_tiles(offsets_E: torch.Tensor) -> torch.Tensor:
     return F.pad(tiles_per_group.cumsum(0), (1, 0))
 
 
-def token_columns(offsets_E: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, int]:
-    """The column of each of the M tokens (sorted by group) in the padded group-aligned
-    layout [M], and the layout's width, the static bound 128·(⌈M/128⌉ + E - 1) (no host sync)."""
-    ends = offsets_E.long()
-    starts = ends - torch.diff(ends, prepend=ends.new_zeros(1))
-    token = torch.arange(n_tokens, device=offsets_E.device)
-    # the group of each token; tokens past the last end (none in use) count in the last group
-    group = torch.bucketize(token, ends, right=True).clamp_max(ends.shape[0] - 1)
-    return first_tiles(offsets_E)[group] * TILE + token - starts[group], TILE * n_tiles(offsets_E, n_tokens)
-
-
 def n_tiles(offsets_E: torch.Tensor, n_tokens: int) -> int:
     """The group-aligned tiles of n tokens in E groups, at most: ⌈n/128⌉ + E - 1."""
     return math.ceil(n_tokens / TILE) + offsets_E.shape[0] - 1
+
+
+def token_of_column(offsets_E: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """[128·T] the token each column of the padded group-aligned layout holds, n_tokens for a
+    padding column (T = n_tiles, a static bound: no host sync). The tokens keep their order."""
+    ends = offsets_E.long()
+    first = first_tiles(offsets_E)
+    tile = torch.arange(n_tiles(offsets_E, n_tokens), device=offsets_E.device)
+    # the group of each tile: how many groups end at or before it (tiles past the last group's
+    # count in the last group and stay empty). Not bucketize: torch 2.11's inductor cannot lower
+    # it on a slice.
+    group_T = (first[1:, None] <= tile).sum(0).clamp_max(ends.shape[0] - 1)
+    start_T = (ends - torch.diff(ends, prepend=ends.new_zeros(1)))[group_T]
+    token_TP = (start_T + (tile - first[group_T]) * TILE)[:, None] + torch.arange(TILE, device=offsets_E.device)
+    return torch.where(token_TP < ends[group_T][:, None], token_TP, n_tokens).flatten()
 
 
 def quantize_tokens(x_MC: torch.Tensor, offsets_E: torch.Tensor | None = None) -> Quantized:
     """x [M tokens, C] -> x^T quantized along the tokens: 128x1 tiles of x (what a GEMM
     contracting over tokens needs), data [C, M] and scale [C, ⌈M/128⌉]. With offsets_E (tokens
     sorted by group), the padded group-aligned layout of the module docstring: data [C, 128·T]
-    and scale [C, T] with T = n_tiles(offsets_E, M); `token_columns` maps tokens to columns."""
+    and scale [C, T] with T = n_tiles(offsets_E, M), its columns as `token_of_column` says."""
     if offsets_E is None:
         return quantize(x_MC.t(), ACT_TILE)
     M, C = x_MC.shape
-    T = n_tiles(offsets_E, M)
-    ends = offsets_E.long()
-    first = first_tiles(offsets_E)
-    tile = torch.arange(T, device=x_MC.device)
-    # the group of each tile: how many groups end at or before it (tiles past the last group's
-    # count in the last group and stay empty). Not bucketize: torch 2.11's inductor cannot lower
-    # it on a slice.
-    group_T = (first[1:, None] <= tile).sum(0).clamp_max(ends.shape[0] - 1)
-    start_T = (ends - torch.diff(ends, prepend=ends.new_zeros(1)))[group_T]
-    token_TP = (start_T + (tile - first[group_T]) * TILE)[:, None] + torch.arange(TILE, device=x_MC.device)
-    inside = token_TP < ends[group_T][:, None]
-    x_TPC = torch.where(inside[..., None], x_MC[token_TP.clamp_max(max(M - 1, 0))].float(), 0.0)
+    token_P = token_of_column(offsets_E, M)
+    x_PC = torch.where((token_P < M)[:, None], x_MC[token_P.clamp_max(max(M - 1, 0))].float(), 0.0)
+    x_TPC = x_PC.view(-1, TILE, C)
     scale_TC = tile_scale(x_TPC.abs().amax(1))  # amax keeps a NaN: a NaN tile stays non-finite
-    q_TPC = to_fp8(x_TPC, scale_TC[:, None, :])
-    return Quantized(q_TPC.flatten(0, 1).t().contiguous(), scale_TC.t().contiguous(), ACT_TILE)
+    q_PC = to_fp8(x_TPC, scale_TC[:, None, :]).flatten(0, 1)
+    return Quantized(q_PC.t().contiguous(), scale_TC.t().contiguous(), ACT_TILE)

@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
@@ -79,6 +80,4 @@ def _mean_and_half_width(values: Sequence[float], z: float) -> tuple[float, floa
     n = len(values)
     if n < 2:
         raise ValueError(f"an interval of a mean needs at least 2 values, got {n}")
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, z * math.sqrt(var / n)
+    return statistics.fmean(values), z * statistics.stdev(values) / math.sqrt(n)
