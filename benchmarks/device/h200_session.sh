@@ -19,7 +19,7 @@
 #   bash benchmarks/device/h200_session.sh gputests   # every test marked gpu (FP8, fused step, engine)
 #   bash benchmarks/device/h200_session.sh fp8check   # FP8 fast path vs twin per GEMM and op
 #   bash benchmarks/device/h200_session.sh fp8train   # BF16 vs FP8 training speed on V2-Lite layers
-#   bash benchmarks/device/h200_session.sh parity     # FP8 vs BF16 loss parity (small, 2,000 steps; PARITY=)
+#   bash benchmarks/device/h200_session.sh parity     # FP8 vs BF16 loss parity (small, 2,000 steps, both at once)
 #   bash benchmarks/device/h200_session.sh shapes     # decode on V2-Lite and a V3 slice: fused vs compiled
 #                                              # recorded as the default path
 #   bash benchmarks/device/h200_session.sh fp8        # FP8 GEMM error, FP8-resident decode, long-context
@@ -33,7 +33,7 @@
 #   bash benchmarks/device/h200_session.sh multigpu   # on a 2- or 4-GPU kind: DP, EP, EP+DP, 1F1B, DualPipeV
 #                                              # against one GPU (benchmarks/scaling.py, small preset)
 #
-# Environment: PARITY, PARITY_TOKENIZER (parity); MINUTES, GRPO_MINUTES, SPEEDRUN_LIMIT, SPECULATIVE (speedrun);
+# Environment: MINUTES, GRPO_MINUTES, SPEEDRUN_LIMIT, SPECULATIVE (speedrun);
 # R1_LEVEL, R1_PRETRAIN_STEPS, R1_ARGS (r1-zero, r1-full: key=value settings of nanoseek r1); TRL_ARGS (trl, measure);
 # DECODE_ARGS (decode, measure: e.g. "--tuned-option combo_kernels=true"); DECODE_MODES (decode.py --modes);
 # FUSED_ARGS (benchmarks/fused_decode.py); SCALING_ARGS (benchmarks/scaling.py, multigpu: e.g.
@@ -171,11 +171,18 @@ case $stage in
     bench "$(left 560)" 100 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
       --accum 4 --precision bf16,fp8 --skip-hf --profile
     ;;
-  parity)  # FP8 vs BF16 loss parity, 2,000 steps of the small preset: both did not fit 590 s on an H100, so one
-           # precision a call, PARITY=bf16 then PARITY=fp8 PARITY_TOKENIZER=<the bf16 call's, committed>;
-           # fp8_loss_parity.py --join then compares them
-    bench 590 120 benchmarks/fp8_loss_parity.py --preset small --steps 2000 --batch 8 --seq 256 --compile \
-      --only "${PARITY:-bf16}" ${PARITY_TOKENIZER:+--tokenizer "$PARITY_TOKENIZER"}
+  parity)  # FP8 vs BF16 loss parity, 2,000 steps of the small preset: one after the other they did not fit
+           # 590 s on an H100, so both run at once on the GPU (the small model leaves it mostly idle) with the
+           # committed tokenizer, and fp8_loss_parity.py --join compares them
+    enough "$(left 590)" 200 || exit
+    for p in bf16 fp8; do
+      OUT=$OUT timeout "$(left 580)" python3 benchmarks/fp8_loss_parity.py --preset small --steps 2000 --batch 8 \
+        --seq 256 --compile --only $p --tokenizer benchmarks/results/fp8_parity/tokenizer > "$OUT/parity_$p.log" 2>&1 &
+    done
+    wait
+    tail -3 "$OUT"/parity_*.log
+    OUT=$OUT python3 benchmarks/fp8_loss_parity.py --join "$OUT/fp8_loss_parity_bf16.json" \
+      "$OUT/fp8_loss_parity_fp8.json" 2>&1 | tee "$OUT/parity_join.log"
     ;;
   shapes)  # decode on real shapes, fused vs compiled, recorded into decode_paths.json (brought back in
            # $OUT); transformers is skipped: loading V2-Lite's 27 layers into it and compiling ours
