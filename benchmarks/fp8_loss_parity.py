@@ -12,7 +12,9 @@ step's loss is noisy), and its relative difference.
 Where one job cannot hold both runs, run them apart and join them:
     python benchmarks/fp8_loss_parity.py --only bf16 ...             also writes the tokenizer
     python benchmarks/fp8_loss_parity.py --only fp8 --tokenizer DIR ...
-    python benchmarks/fp8_loss_parity.py --join BF16.json FP8.json   the plot and the comparison
+    python benchmarks/fp8_loss_parity.py --join BF16.json FP8.json [BF16_SEED1.json]
+                                     the plot and the comparison; a third run, BF16 at another
+                                     seed, gives the seed-to-seed spread the difference is read against
 
 Writes fp8_loss_parity[_PRESET][_smoke].json and .png into benchmarks/results (or $OUT).
 """
@@ -44,7 +46,7 @@ V3_CLAIM = 0.0025  # V3 Appendix B.1: relative loss error below 0.25%
 
 def run(precision: str, args, work: Path, tokenizer: Path | None) -> list[dict]:
     cfg = train_config(steps=args.steps, batch_size=args.batch, seq_len=args.seq, lr=args.lr,
-                       warmup=args.warmup, precision=precision, compile=args.compile, seed=0)
+                       warmup=args.warmup, precision=precision, compile=args.compile, seed=args.seed)
     out = work / precision
     model_cfg = preset(args.preset, **({"num_hidden_layers": args.layers} if args.layers else {}))
     pretrain(model_cfg, cfg, args.data, out, tokenizer=tokenizer, progress=False)
@@ -72,10 +74,12 @@ def plot(curves: dict[str, list[dict]], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     steps = [r["step"] for r in curves["bf16"]]
-    rel.plot(steps, [100 * (f - b) / b for f, b in zip(smooth["fp8"], smooth["bf16"])], color="black", linewidth=1)
+    for other, color in zip((k for k in curves if k != "bf16"), ("black", "tab:gray")):
+        rel.plot(steps, [100 * (f - b) / b for f, b in zip(smooth[other], smooth["bf16"])], color=color,
+                 linewidth=1, label=f"{other} - bf16")
     rel.axhline(100 * V3_CLAIM, color="tab:red", linestyle="--", linewidth=0.8)
     rel.axhline(-100 * V3_CLAIM, color="tab:red", linestyle="--", linewidth=0.8, label="±0.25% (V3 B.1)")
-    rel.set_ylabel("fp8 - bf16 (% of bf16)")
+    rel.set_ylabel("% of bf16")
     rel.set_xlabel("step")
     rel.grid(alpha=0.3)
     rel.legend(fontsize=8)
@@ -95,12 +99,13 @@ def main():
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--tail", type=int, default=100, help="final loss: the mean over these last steps")
     ap.add_argument("--data", default=DATA)
+    ap.add_argument("--seed", type=int, default=0, help="initialization and data order (with --only)")
     ap.add_argument("--compile", action="store_true", help="torch.compile both runs (GPU)")
     ap.add_argument("--smoke", action="store_true", help="the CPU, tiny preset, 10 steps")
     ap.add_argument("--only", choices=("bf16", "fp8"), help="run one precision, write its curve")
     ap.add_argument("--tokenizer", type=Path, help="the tokenizer of the other run (with --only)")
-    ap.add_argument("--join", nargs=2, type=Path, metavar=("BF16_JSON", "FP8_JSON"),
-                    help="compare two --only runs' curves")
+    ap.add_argument("--join", nargs="+", type=Path, metavar="JSON",
+                    help="compare --only runs' curves: BF16 FP8 [BF16 at another seed]")
     args = ap.parse_args()
     if args.join:
         return join(args)
@@ -127,35 +132,50 @@ def main():
     if not args.only:
         return compare(curves, setting, name)
     write_json({"benchmark": "fp8_loss_parity", **environment(), **setting, "name": name, "precision": args.only,
-                "wall_s": wall[args.only], "command": " ".join(sys.argv),
+                "seed": args.seed, "wall_s": wall[args.only], "command": " ".join(sys.argv),
                 "curve": [{"step": r["step"], "loss": r["loss"]} for r in curves[args.only]]},
-               f"{name}_{args.only}.json")
+               f"{name}_{args.only}{f'_seed{args.seed}' if args.seed else ''}.json")
 
 
 def join(args):
-    """The comparison of two --only runs (their settings must agree)."""
+    """The comparison of --only runs: BF16, FP8 and optionally BF16 at another seed (the
+    settings must agree)."""
     runs = [json.loads(p.read_text()) for p in args.join]
     keys = ("preset", "layers", "steps", "batch", "seq", "lr", "data", "tail")
-    if [r.get("precision") for r in runs] != ["bf16", "fp8"] or any(runs[0][k] != runs[1][k] for k in keys):
-        sys.exit(f"--join takes a bf16 and an fp8 run of the same setting ({', '.join(keys)}); got "
-                 f"{[{k: r.get(k) for k in ('precision', *keys)} for r in runs]}")
+    precisions = [r.get("precision") for r in runs]
+    seeds = [r.get("seed", 0) for r in runs]
+    same_setting = all(r[k] == runs[0][k] for r in runs for k in keys)
+    seeds_right = seeds[0] == seeds[1] and (len(runs) == 2 or seeds[2] != seeds[0])
+    if precisions not in (["bf16", "fp8"], ["bf16", "fp8", "bf16"]) or not same_setting or not seeds_right:
+        sys.exit(f"--join takes a bf16 and an fp8 run of the same setting ({', '.join(keys)}) and seed, and "
+                 f"optionally a bf16 run at another seed; got "
+                 f"{[{k: r.get(k) for k in ('precision', 'seed', *keys)} for r in runs]}")
     setting = {k: runs[0][k] for k in (*keys, "tokens")}
-    compare({r["precision"]: r["curve"] for r in runs}, setting, runs[0]["name"])
+    curves = {"bf16": runs[0]["curve"], "fp8": runs[1]["curve"]}
+    if len(runs) == 3:
+        curves[f"bf16 seed {runs[2]['seed']}"] = runs[2]["curve"]
+    compare(curves, setting, runs[0]["name"])
 
 
 def compare(curves: dict[str, list[dict]], setting: dict, name: str) -> None:
+    """FP8's final loss against BF16's; a third curve (BF16 at another seed) is the yardstick:
+    how far two BF16 runs that differ only in their seed end apart at this scale."""
     tail = setting["tail"]
     final = {k: sum(r["loss"] for r in v[-tail:]) / len(v[-tail:]) for k, v in curves.items()}
-    rel = (final["fp8"] - final["bf16"]) / final["bf16"]
+    rel = {k: (v - final["bf16"]) / final["bf16"] for k, v in final.items() if k != "bf16"}
     png = out_dir() / f"{name}.png"
     plot(curves, png, f"{setting['preset']}: BF16 vs FP8, {setting['steps']} steps, "
                       f"{setting['tokens'] / 1e6:.0f}M tokens")
+    seed_spread = next((v for k, v in rel.items() if k != "fp8"), None)
     result = {"benchmark": "fp8_loss_parity", **environment(), **setting, "final_loss": final,
-              "relative_difference": rel, "within_v3_claim": abs(rel) <= V3_CLAIM, "command": " ".join(sys.argv),
+              "relative_difference": rel["fp8"], "bf16_seed_spread": seed_spread,
+              "within_v3_claim": abs(rel["fp8"]) <= V3_CLAIM, "command": " ".join(sys.argv),
               "curves": {k: [{"step": r["step"], "loss": r["loss"]} for r in v] for k, v in curves.items()}}
     path = write_json(result, f"{name}.json")
-    print(f"final training loss (mean of the last {tail} steps): bf16 {final['bf16']:.4f}, "
-          f"fp8 {final['fp8']:.4f}, relative {rel:+.3%} (V3 B.1: within ±{V3_CLAIM:.2%})")
+    print(f"final training loss (mean of the last {tail} steps): "
+          + ", ".join(f"{k} {v:.4f}" for k, v in final.items())
+          + f"; fp8 relative {rel['fp8']:+.3%} (V3 B.1: within ±{V3_CLAIM:.2%})"
+          + ("" if seed_spread is None else f"; bf16 at another seed {seed_spread:+.3%}"))
     print(f"wrote {path} and {png}")
 
 

@@ -205,30 +205,32 @@ def near_ties(logits: torch.Tensor, chosen: torch.Tensor, other: torch.Tensor) -
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_fp8_model_decodes_the_dequantized_models_tokens(fp8_dir, device):
-    """BF16 compute: over the BF16-dequantised model's greedy continuations, the FP8-resident
-    model's greedy choice at each position (teacher-forced, so one early difference does not
-    shift every later position) equals the dequantised model's on at least 95% of positions.
-    On the GPU the FP8 weights go through the FP8 kernel, whose products are exact where the
-    dequantised model rounded each weight to BF16; on the CPU both compute with the same
-    dequantised weights, so there the choices must agree everywhere."""
+    """BF16 compute, teacher-forced over the engine's greedy continuations (a cached decode,
+    decode-sized inputs: the FP8 kernels' rows). On the CPU both models compute with the same
+    dequantised BF16 weights, so every greedy choice agrees. On the GPU the FP8 weights go
+    through the FP8 kernel, whose products are exact where the dequantised model rounded each
+    weight to BF16: both approximate the float32 model of the checkpoint's exact weights, and
+    the FP8-resident one may be no farther from it than the BF16 one (2x slack for the two
+    kernels' accumulation orders)."""
     from nanoseek.infer.engine import Engine
     bf16 = from_pretrained(fp8_dir, dtype=torch.bfloat16, device=device)
     fp8 = from_pretrained(fp8_dir, dtype=torch.bfloat16, device=device, keep_fp8=keep_fp8_weights)
     prompts = [[5, 6, 7, 8], [9, 10, 11, 12], [1, 2, 3, 4]]
     outs = Engine(bf16, max_batch=3, max_len=64).generate(prompts, SamplingParams(max_tokens=32, ignore_eos=True))
     seqs = torch.tensor([p + o.token_ids for p, o in zip(prompts, outs)], device=device)
-    (want, logits), (got, _) = decode_argmax(bf16, seqs, 4), decode_argmax(fp8, seqs, 4)
+    (want, logits), (got, fp8_logits) = decode_argmax(bf16, seqs, 4), decode_argmax(fp8, seqs, 4)
     if device == "cpu":
         # the cached decode reproduces the engine's greedy tokens but for near-ties; both models
         # dequantise the FP8 weights to the same BF16 values, so every choice agrees
         assert near_ties(logits, want, seqs[:, 4:]).all()
         assert torch.equal(got, want)
     else:
-        # the engine's GPU kernels round otherwise than the cached decode, and a random tiny
-        # model's router turns some of those roundings into another expert, so on the GPU the
-        # engine's tokens are a reference within the same 95%, not a near-tie of each position
-        assert (want == seqs[:, 4:]).float().mean().item() >= 0.95
-        assert (got == want).float().mean().item() >= 0.95
+        # a random tiny model's router turns some roundings into another expert, which moves
+        # that position's logits far: the median position's error is the measure, not the worst
+        _, exact = decode_argmax(from_pretrained(fp8_dir, dtype=torch.float32, device=device), seqs, 4)
+        def median_error(x):
+            return ((x - exact).norm(dim=-1) / exact.norm(dim=-1)).median().item()
+        assert median_error(fp8_logits) <= 2 * median_error(logits), (median_error(fp8_logits), median_error(logits))
 
 
 def test_the_fused_step_refuses_fp8_weights(fp8_dir):
