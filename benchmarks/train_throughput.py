@@ -10,7 +10,9 @@ transformers trains the main model only: it has no MTP loss and no balance loss.
 runs with MTP (its real objective, ~1 extra MoE layer and output head, where the preset
 has MTP) and without, which is the same computation as transformers' and is the
 apples-to-apples ratio. `--precision bf16,fp8` adds nanoseek's FP8 rows (nanoseek/fp8:
-DeepSeek-V3's recipe), against which transformers has nothing to run.
+DeepSeek-V3's recipe), against which transformers has nothing to run. `bf16-per-use` is BF16
+with the experts' weights recast at every use, as autocast does, instead of once a step
+(train/precision.py's cast_expert_weights, the default): the peer that default must beat.
 
 Shapes: `--preset bench-1b` (default), or a real model's layer shapes with fewer layers,
 e.g. `--preset deepseek-v2-lite --layers 4 --batch 2 --seq 4096`.
@@ -29,11 +31,13 @@ head still run in BF16, so its MFU against the FP8 peak understates it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -46,6 +50,7 @@ from nanoseek.info import model_info  # noqa: E402
 from nanoseek.train.optim import build_optimizer  # noqa: E402
 from nanoseek.train.precision import prepare_precision  # noqa: E402
 from nanoseek.train.recompute import checkpoint_blocks  # noqa: E402
+from nanoseek.train import step as step_module  # noqa: E402
 from nanoseek.train.step import train_step  # noqa: E402
 
 PEAK = {"bf16": 989e12, "fp8": 1979e12}  # H100/H200 SXM dense datasheet peaks
@@ -117,15 +122,19 @@ def nanoseek_side(cfg, state, batches, args, device, precision: str, mtp: bool, 
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not missing and all(k.startswith(f"model.layers.{cfg.num_hidden_layers}.") for k in unexpected), \
         (missing, unexpected)
-    autocast = prepare_precision(model, precision, device)
+    per_use = precision == "bf16-per-use"
+    autocast = prepare_precision(model, "bf16" if per_use else precision, device)
     if args.activation_checkpointing:
         checkpoint_blocks(model)
     opt = build_optimizer(model, LR)
     call = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
 
     def step(batch):
-        stats = train_step(model, [batch] * args.accum, opt, grad_clip=1.0, autocast_dtype=autocast, compiled=call,
-                           base_model=model)
+        casts = (mock.patch.object(step_module, "cast_expert_weights", lambda *_: contextlib.nullcontext())
+                 if per_use else contextlib.nullcontext())
+        with casts:
+            stats = train_step(model, [batch] * args.accum, opt, grad_clip=1.0, autocast_dtype=autocast,
+                               compiled=call, base_model=model)
         return stats["loss"]
 
     row = time_steps(step, batches, args, Clock(device))
@@ -137,7 +146,7 @@ def nanoseek_side(cfg, state, batches, args, device, precision: str, mtp: bool, 
     del model, opt, call
     print(f"nanoseek {precision} mtp={mtp} compile={compile}: {row['median_step_ms']:.1f} ms/step, "
           f"first step {row['first_step_s']:.0f}s", flush=True)
-    return {**row, "precision": precision}
+    return {**row, "precision": "bf16" if per_use else precision, "variant": precision}
 
 
 def hf_side(ckpt_dir, batches, args, device):
@@ -171,7 +180,7 @@ def parse_args():
     ap.add_argument("--layers", type=int, default=None, help="num_hidden_layers (default: the preset's)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--precision", default="bf16", help="comma-separated: bf16, fp8")
+    ap.add_argument("--precision", default="bf16", help="comma-separated: bf16, fp8, bf16-per-use")
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (a real run's "
                     "global batch is many: the AdamW step, which FP8 does not change, is paid once for them)")
     ap.add_argument("--steps", type=int, default=10)
@@ -187,8 +196,8 @@ def parse_args():
         args.preset, args.batch, args.seq, args.steps, args.warmup = "tiny", 2, 64, 2, 0
         args.skip_hf, args.layers = True, args.layers or 2
     args.precisions = args.precision.split(",")
-    if not set(args.precisions) <= set(PEAK):
-        ap.error(f"--precision {args.precision}: comma-separated bf16 and/or fp8")
+    if not set(args.precisions) <= {*PEAK, "bf16-per-use"}:
+        ap.error(f"--precision {args.precision}: comma-separated bf16, fp8 and/or bf16-per-use")
     return args
 
 
@@ -241,8 +250,9 @@ def main():
     for name, r in rows.items():
         if hf:
             r["speedup_vs_transformers"] = r["tokens_per_s"] / hf["tokens_per_s"]
-        bf16 = rows.get(name.replace(", fp8", ", bf16"))  # the same row in BF16
-        if bf16 and name.endswith(", fp8"):
+        variant = name.rsplit(", ", 1)[-1]
+        bf16 = rows.get(name.replace(f", {variant}", ", bf16"))  # the same row in BF16 (its default path)
+        if bf16 and variant != "bf16" and not name.startswith("transformers"):
             r["speedup_vs_bf16"] = r["tokens_per_s"] / bf16["tokens_per_s"]
             r["peak_memory_vs_bf16"] = (r["peak_memory_gib"] / bf16["peak_memory_gib"]
                                         if r["peak_memory_gib"] else None)

@@ -3,6 +3,7 @@ errors), activation checkpointing per block, AdamW with BF16 moments."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -101,6 +102,49 @@ def test_checkpointed_blocks_give_the_same_gradients_and_count_each_token_once()
     assert grads_a.keys() == grads_b.keys() and all(grads_a[n].equal(grads_b[n]) for n in grads_a)
     assert all(loads_a[i].equal(loads_b[i]) for i in loads_a)  # the recompute did not count again
     assert sum(loads_b[1]) == 2 * 32 * 2  # tokens x experts per token
+
+
+# ---------------------------------------------------------------------- expert weights cast once a step
+def test_expert_weights_cast_once_a_step_train_bit_for_bit_like_autocast(monkeypatch):
+    """BF16 autocast, 2 micro-batches a step, 3 steps: with the experts' weights cast once a
+    step (the default) or by autocast at every use, the same losses, the same float32 weights
+    and optimizer state, bit for bit: the cast is the same rounding either way and the gradient
+    reaches the float32 weight as autocast's would. The checkpoint keys stay the model's."""
+    from nanoseek.model.moe import Experts
+    from nanoseek.train import step as step_module
+    batches = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 256, (6, 2, 32), generator=
+                                                                           torch.Generator().manual_seed(1))]
+    runs = []
+    for once in (True, False):
+        if not once:
+            monkeypatch.setattr(step_module, "cast_expert_weights", lambda model, dtype: contextlib.nullcontext())
+        model = tiny_model().train()
+        keys = list(model.state_dict())
+        opt = build_optimizer(model, 1e-3, 0.1)
+        losses = [step_module.train_step(model, batches[i:i + 2], opt, autocast_dtype=torch.bfloat16)["loss"]
+                  for i in range(0, 6, 2)]
+        experts = [m for m in model.modules() if isinstance(m, Experts)]
+        assert experts and all(type(m) is Experts for m in experts)  # plain layers again outside a step
+        assert all(hasattr(m, "gate_cast") == once for m in experts)
+        assert list(model.state_dict()) == keys
+        runs.append((losses, model.state_dict(), [s["exp_avg"] for s in opt.state.values()]))
+    (loss_a, state_a, moments_a), (loss_b, state_b, moments_b) = runs
+    assert loss_a == loss_b
+    assert all(state_a[k].equal(state_b[k]) for k in state_a)
+    assert all(a.equal(b) for a, b in zip(moments_a, moments_b))
+    assert not state_a["model.layers.1.mlp.experts.gate_proj"].equal(tiny_model().state_dict()[
+        "model.layers.1.mlp.experts.gate_proj"])  # the experts did train
+
+
+def test_expert_weights_cast_once_only_where_autocast_lowers_float32():
+    """No autocast, or weights already in the compute dtype: nothing to cast, the layers stay."""
+    from nanoseek.model.moe import Experts
+    from nanoseek.train.precision import step_cast_experts
+    assert step_cast_experts(tiny_model(), None) == []
+    assert step_cast_experts(tiny_model().to(torch.bfloat16), torch.bfloat16) == []
+    model = tiny_model()
+    assert len(step_cast_experts(model, torch.bfloat16)) == sum(isinstance(m, Experts) for m in model.modules()) > 0
+    assert step_cast_experts(model, torch.float32) == []
 
 
 # ---------------------------------------------------------------------- BF16 moments

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..model.moe import max_violation
+from .precision import cast_expert_weights
 
 
 def forward_backward(model: nn.Module, batch: dict, scale: float, autocast_dtype: torch.dtype | None):
@@ -37,11 +38,12 @@ def train_step(model: nn.Module, micro_batches: list[dict], optimizer: torch.opt
     n = len(micro_batches)
     names = ("loss", "main_loss", "mtp_loss", "balance_loss")
     parts = torch.zeros(len(names))
-    for batch in micro_batches:
-        out = forward_backward(call, batch, 1.0 / n, autocast_dtype)
-        parts = parts.to(out.loss.device) + torch.stack(
-            [getattr(out, k).detach().float() if getattr(out, k) is not None else out.loss.new_zeros(())
-             for k in names]) / n
+    with cast_expert_weights(base, autocast_dtype):
+        for batch in micro_batches:
+            out = forward_backward(call, batch, 1.0 / n, autocast_dtype)
+            parts = parts.to(out.loss.device) + torch.stack(
+                [getattr(out, k).detach().float() if getattr(out, k) is not None else out.loss.new_zeros(())
+                 for k in names]) / n
     values, norm, finite, loads = apply_update(base, optimizer, grad_clip, parts)
     stats = dict(zip(names, values))
     stats["grad_norm"] = norm
