@@ -345,6 +345,30 @@ def test_decode_bursts_equal_one_step_at_a_time(model, tokenizer):
     assert {sampled for _, sampled in graphs.graphs} == {False, True}  # both step forms ran
 
 
+
+def test_a_sampler_that_fails_to_compile_keeps_the_models_forward_compiled(model, tokenizer, monkeypatch):
+    """Where Inductor cannot compile the sampling step (code generation failed on the sampler
+    on one build), the sampled steps compile the model's forward and sample uncompiled, the
+    greedy steps stay whole, and the tokens are the one-step engine's."""
+    from nanoseek.infer import cuda_graph
+    real = cuda_graph.sample_tensors
+
+    def sampler(*args):
+        if torch.compiler.is_compiling():
+            raise RuntimeError("the sampler's code generation failed")
+        return real(*args)
+
+    monkeypatch.setattr(cuda_graph, "sample_tensors", sampler)
+    prompts, params = ["Hello", "12+3="], [greedy(9), greedy(9, temperature=0.8, top_k=50, seed=5)]
+    expected = Engine(model, tokenizer, max_batch=2, max_len=32).generate(prompts, params)
+    engine = burst_engine(model, tokenizer, compile=True, max_batch=2, max_len=32)
+    with pytest.warns(UserWarning, match="compiling the model's forward only"):
+        got = engine.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    graphs = engine.runner.graphs
+    assert graphs.compile and not graphs.compile_sampler  # not the whole step uncompiled
+    assert {name for name, _ in graphs._compiled} == {"_step", "_logits"}
+
 def test_bursts_run_rows_to_the_end_of_their_context(model, tokenizer):
     """Requests that fill the whole context (max_tokens None), with different prompt lengths:
     the shorter budget ends inside a burst, its row runs on to the cache's end and beyond

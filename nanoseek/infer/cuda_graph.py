@@ -39,8 +39,9 @@ left out of the step.
 
 Nothing in a step reads back to the host (the forwards are sync-free by construction), so
 capture works; if compiling or capturing fails anyway (an unsupported op on some build),
-the runner says so once and falls back: from compiled to plain capture, from capture to
-eager steps.
+the runner says so once and falls back: a sampling step whose sampler does not compile to
+the compiled forward with the sampler uncompiled, then from compiled to plain capture, from
+capture to eager steps.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class BucketGraphs:
         self.failed = False          # capture failed: callers step eagerly
         self.capture = capture       # False: run the (compiled) step without a graph (tests, CPU)
         self.compile = compile       # False again if compiling fails
-        self._compiled: dict[bool, object] = {}  # tuned (a bucket of tuned_buckets) or not
+        self._compiled: dict[tuple[str, bool], object] = {}  # (the step's method, tuned bucket or not)
         if compile:
             # a compiled graph per bucket shape and step variant; engines (and step kinds) share the limit
             cfg = torch._dynamo.config
@@ -95,20 +96,22 @@ class BucketGraphs:
         raise NotImplementedError
 
     def _compiled_step(self, key: tuple):
-        tuned = key[0] in self.tuned_buckets
-        if tuned not in self._compiled:
+        return self._compile(self._step, key[0] in self.tuned_buckets)
+
+    def _compile(self, fn, tuned: bool):
+        """fn (a method of this step) through torch.compile, one compilation per (fn, tuned)."""
+        if (fn.__name__, tuned) not in self._compiled:
             if tuned:
                 # static, and with coordinate-descent tuning, which also makes Inductor write a
                 # one-row matmul (a batch-1 decode's every projection) as a reduction it fuses
                 # with its neighbours and tunes, instead of a cuBLAS GEMM call
-                step = torch.compile(self._step, fullgraph=True, dynamic=False,
-                                     options=dict(self.tuned_options))
+                compiled = torch.compile(fn, fullgraph=True, dynamic=False, options=dict(self.tuned_options))
             else:
                 # the first bucket met compiles static, the next one shape-generic for all the
                 # others (dynamo's automatic dynamic shapes): two compilations, not one per bucket
-                step = torch.compile(self._step, fullgraph=True, dynamic=None)
-            self._compiled[tuned] = step
-        return self._compiled[tuned]
+                compiled = torch.compile(fn, fullgraph=True, dynamic=None)
+            self._compiled[fn.__name__, tuned] = compiled
+        return self._compiled[fn.__name__, tuned]
 
     def _compiles(self, key: tuple) -> bool:
         """Whether this key's step goes through torch.compile (when compiling at all)."""
@@ -120,10 +123,17 @@ class BucketGraphs:
             try:
                 return self._compiled_step(key)(*inputs)
             except Exception as e:  # noqa: BLE001 — any compiler failure: plain steps, loudly, once
+                if self._plainer_compile(key, e):
+                    return self._call(key)
                 warnings.warn(f"torch.compile of the {self.kind} step failed ({type(e).__name__}: "
                               f"{str(e)[:300]}); capturing the uncompiled step")
                 self.compile = False
         return self._step(*inputs)
+
+    def _plainer_compile(self, key: tuple, error: Exception) -> bool:
+        """After key's compiled step failed: whether a plainer compiled form may run instead
+        (then _call tries again), or not (every step runs uncompiled)."""
+        return False
 
     def _warm_up(self, key: tuple) -> None:
         """Two runs before capture (compilation, lazy inits and autotuning outside the graph),
@@ -234,6 +244,7 @@ class GraphDecoder(BucketGraphs):
         self.settings = torch.zeros(4, n, dtype=torch.float32, device=device)
         self.uniform = torch.zeros(n, dtype=torch.float32, device=device)
         self.last_position = cache.max_len - 1
+        self.compile_sampler = True  # False: sampling steps compile the model's forward only
 
     def _inputs(self, key):
         bucket, sampled = key
@@ -260,14 +271,38 @@ class GraphDecoder(BucketGraphs):
         self.graphs = {k: v for k, v in self.graphs.items() if k[0] > max_rows}
         return True
 
+    def _plainer_compile(self, key, error):
+        """A sampling step that does not compile (Inductor's code generation failed on the
+        sampler's fused gather and softmax on one build) keeps the model's forward compiled
+        and samples uncompiled; the greedy step stays whole."""
+        if not (key[1] and self.compile_sampler):
+            return False
+        warnings.warn(f"torch.compile of the sampling decode step failed ({type(error).__name__}: "
+                      f"{str(error)[:300]}); compiling the model's forward only, sampling uncompiled")
+        self.compile_sampler = False
+        return True
+
+    def _compiled_step(self, key):
+        if self.compile_sampler or not key[1]:
+            return super()._compiled_step(key)
+        logits = self._compile(self._logits, key[0] in self.tuned_buckets)
+        return lambda ids_B1, positions_B1, *settings: self._choose(logits(ids_B1, positions_B1), ids_B1,
+                                                                     positions_B1, *settings)
+
     def _step(self, ids_B1, positions_B1, settings_4B=None, uniform_B=None):
+        return self._choose(self._logits(ids_B1, positions_B1), ids_B1, positions_B1, settings_4B, uniform_B)
+
+    def _logits(self, ids_B1, positions_B1):
         if self._fused(ids_B1.shape[0]):
-            logits_BV = self.fused.forward(ids_B1, positions_B1)
-        else:
-            view = self.cache.prefix(ids_B1.shape[0])
-            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None,
-                                cache_enabled=False):  # see ModelRunner._context
-                logits_BV = self.model(ids_B1, positions=positions_B1, cache=view).logits[:, -1]
+            return self.fused.forward(ids_B1, positions_B1)
+        view = self.cache.prefix(ids_B1.shape[0])
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None,
+                            cache_enabled=False):  # see ModelRunner._context
+            return self.model(ids_B1, positions=positions_B1, cache=view).logits[:, -1]
+
+    def _choose(self, logits_BV, ids_B1, positions_B1, settings_4B=None, uniform_B=None):
+        """The token of each row (argmax, or the sampler at the row's uniform), written with
+        the next position into the step's inputs."""
         if settings_4B is None:
             tokens_B = logits_BV.argmax(-1)
         else:
