@@ -165,14 +165,16 @@ case $stage in
       tests/test_fp8_weights.py tests/test_fused_decode.py -k "fast_fp8 or scaled_mm or w8a8 or model_loss or \
       dequantized_models_tokens or v3_layer_widths" 2>&1 | tee "$OUT/fp8_tests.log" | tail -15
     ;;
-  fp8train)  # the FP8 kernels against the twin, the FP8 tests, then BF16 vs FP8 training speed on V2-Lite
-             # layers (4 micro-batches a step, as a real global batch amortizes AdamW) with a kernel table of each
-    bench 120 20 benchmarks/fp8_fast_vs_twin.py  # its sweep times the kernels' launch shapes for ~50 (N, K)
-    timeout "$(left 200)" python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8.py \
-      tests/test_fp8_weights.py -k "gpu_grouped or fast_fp8_swiglu or w8a8_matches or dequantized_models_tokens \
+  fp8train)  # the FP8 kernels against the twin, BF16 (expert weights cast once a step, and per use as the
+             # peer) vs FP8 training speed on V2-Lite layers (4 micro-batches a step, as a real global batch
+             # amortizes AdamW) with a kernel table of each, then the FP8 GPU tests in what is left (the
+             # fullgraph one, which compiles and autotunes, last)
+    bench 100 20 benchmarks/fp8_fast_vs_twin.py  # its sweep times the kernels' launch shapes for ~50 (N, K)
+    bench "$(left 470)" 100 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
+      --accum 4 --precision bf16,bf16-per-use,fp8 --skip-hf --profile
+    timeout "$(left 590)" python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8_weights.py \
+      tests/test_fp8.py -k "gpu_grouped or fast_fp8_swiglu or w8a8_matches or dequantized_models_tokens \
       or fullgraph" 2>&1 | tee "$OUT/fp8_tests.log" | tail -12
-    bench "$(left 560)" 100 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
-      --accum 4 --precision bf16,fp8 --skip-hf --profile
     ;;
   parity)  # FP8 vs BF16 loss parity, 2,000 steps of the small preset with the committed tokenizer: FP8 and,
            # beside it on the same GPU (the small model leaves it mostly idle), BF16 at seed 0 and then at
