@@ -10,9 +10,10 @@ transformers trains the main model only: it has no MTP loss and no balance loss.
 runs with MTP (its real objective, ~1 extra MoE layer and output head, where the preset
 has MTP) and without, which is the same computation as transformers' and is the
 apples-to-apples ratio. `--precision bf16,fp8` adds nanoseek's FP8 rows (nanoseek/fp8:
-DeepSeek-V3's recipe), against which transformers has nothing to run. `bf16-per-use` is BF16
-with the experts' weights recast at every use, as autocast does, instead of once a step
-(train/precision.py's cast_expert_weights, the default): the peer that default must beat.
+DeepSeek-V3's recipe), against which transformers has nothing to run. `bf16-per-use` and
+`fp8-per-use` prepare the experts' weights (the BF16 cast, the FP8 quantization) at every
+use instead of once a step (train/precision.py's expert_weights_once, the default): the
+peers that default must beat.
 
 Shapes: `--preset bench-1b` (default), or a real model's layer shapes with fewer layers,
 e.g. `--preset deepseek-v2-lite --layers 4 --batch 2 --seq 4096`.
@@ -122,15 +123,15 @@ def nanoseek_side(cfg, state, batches, args, device, precision: str, mtp: bool, 
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not missing and all(k.startswith(f"model.layers.{cfg.num_hidden_layers}.") for k in unexpected), \
         (missing, unexpected)
-    per_use = precision == "bf16-per-use"
-    autocast = prepare_precision(model, "bf16" if per_use else precision, device)
+    base, per_use = precision.removesuffix("-per-use"), precision.endswith("-per-use")
+    autocast = prepare_precision(model, base, device)
     if args.activation_checkpointing:
         checkpoint_blocks(model)
     opt = build_optimizer(model, LR)
     call = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
 
     def step(batch):
-        casts = (mock.patch.object(step_module, "cast_expert_weights", lambda *_: contextlib.nullcontext())
+        casts = (mock.patch.object(step_module, "expert_weights_once", lambda *_: contextlib.nullcontext())
                  if per_use else contextlib.nullcontext())
         with casts:
             stats = train_step(model, [batch] * args.accum, opt, grad_clip=1.0, autocast_dtype=autocast,
@@ -146,7 +147,7 @@ def nanoseek_side(cfg, state, batches, args, device, precision: str, mtp: bool, 
     del model, opt, call
     print(f"nanoseek {precision} mtp={mtp} compile={compile}: {row['median_step_ms']:.1f} ms/step, "
           f"first step {row['first_step_s']:.0f}s", flush=True)
-    return {**row, "precision": "bf16" if per_use else precision, "variant": precision}
+    return {**row, "precision": base, "variant": precision}
 
 
 def hf_side(ckpt_dir, batches, args, device):
@@ -180,7 +181,7 @@ def parse_args():
     ap.add_argument("--layers", type=int, default=None, help="num_hidden_layers (default: the preset's)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--precision", default="bf16", help="comma-separated: bf16, fp8, bf16-per-use")
+    ap.add_argument("--precision", default="bf16", help="comma-separated: bf16, fp8, bf16-per-use, fp8-per-use")
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (a real run's "
                     "global batch is many: the AdamW step, which FP8 does not change, is paid once for them)")
     ap.add_argument("--steps", type=int, default=10)
@@ -196,8 +197,8 @@ def parse_args():
         args.preset, args.batch, args.seq, args.steps, args.warmup = "tiny", 2, 64, 2, 0
         args.skip_hf, args.layers = True, args.layers or 2
     args.precisions = args.precision.split(",")
-    if not set(args.precisions) <= {*PEAK, "bf16-per-use"}:
-        ap.error(f"--precision {args.precision}: comma-separated bf16, fp8 and/or bf16-per-use")
+    if not set(args.precisions) <= {*PEAK, *(f"{p}-per-use" for p in PEAK)}:
+        ap.error(f"--precision {args.precision}: comma-separated bf16, fp8, bf16-per-use, fp8-per-use")
     return args
 
 

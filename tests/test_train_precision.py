@@ -105,11 +105,13 @@ def test_checkpointed_blocks_give_the_same_gradients_and_count_each_token_once()
 
 
 # ---------------------------------------------------------------------- expert weights cast once a step
-def test_expert_weights_cast_once_a_step_train_bit_for_bit_like_autocast(monkeypatch):
-    """BF16 autocast, 2 micro-batches a step, 3 steps: with the experts' weights cast once a
-    step (the default) or by autocast at every use, the same losses, the same float32 weights
-    and optimizer state, bit for bit: the cast is the same rounding either way and the gradient
-    reaches the float32 weight as autocast's would. The checkpoint keys stay the model's."""
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_expert_weights_prepared_once_a_step_train_bit_for_bit_like_at_every_use(monkeypatch, precision):
+    """2 micro-batches a step, 3 steps: with the experts' weights prepared once a step (the
+    default: cast to BF16 under autocast, quantized in FP8 training, emulated here) or at every
+    use, the same losses, the same float32 weights and optimizer state, bit for bit: the cast
+    or quantization is the same rounding either way, and the gradient reaches the float32
+    weight as before. The checkpoint keys stay the model's."""
     from nanoseek.model.moe import Experts
     from nanoseek.train import step as step_module
     batches = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 256, (6, 2, 32), generator=
@@ -117,15 +119,20 @@ def test_expert_weights_cast_once_a_step_train_bit_for_bit_like_autocast(monkeyp
     runs = []
     for once in (True, False):
         if not once:
-            monkeypatch.setattr(step_module, "cast_expert_weights", lambda model, dtype: contextlib.nullcontext())
+            monkeypatch.setattr(step_module, "expert_weights_once", lambda model, dtype: contextlib.nullcontext())
         model = tiny_model().train()
         keys = list(model.state_dict())
+        autocast = prepare_precision(model, precision, torch.device("cpu"))
         opt = build_optimizer(model, 1e-3, 0.1)
-        losses = [step_module.train_step(model, batches[i:i + 2], opt, autocast_dtype=torch.bfloat16)["loss"]
+        losses = [step_module.train_step(model, batches[i:i + 2], opt, autocast_dtype=autocast)["loss"]
                   for i in range(0, 6, 2)]
         experts = [m for m in model.modules() if isinstance(m, Experts)]
-        assert experts and all(type(m) is Experts for m in experts)  # plain layers again outside a step
-        assert all(hasattr(m, "gate_cast") == once for m in experts)
+        if precision == "bf16":
+            assert experts and all(type(m) is Experts for m in experts)  # plain layers again outside a step
+            assert all(hasattr(m, "gate_cast") == once for m in experts)
+        else:
+            assert experts and not any(m.step_weights for m in experts)  # off outside a step
+            assert all(hasattr(m, "gate_q") == once for m in experts)
         assert list(model.state_dict()) == keys
         runs.append((losses, model.state_dict(), [s["exp_avg"] for s in opt.state.values()]))
     (loss_a, state_a, moments_a), (loss_b, state_b, moments_b) = runs

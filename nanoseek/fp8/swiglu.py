@@ -7,6 +7,8 @@ is the grouped case with one group. What the backward keeps (V3 §3.3.3, "low-pr
 activation"): the FP8 copy of x and the SwiGLU's inputs (gate, up) in FP8 with 1x128 tiles;
 the SwiGLU's output h, the down projection's input, is not stored but recomputed from them
 in the backward. Forward-only values (h for the fprop) use the unquantized gate and up.
+The routed experts' weights change only at the optimizer step, so a training step quantizes
+them once for all its micro-batches (train/precision.py's expert_weights_once).
 
 Legend: M tokens (sorted by expert for the routed experts), D hidden size, F expert width,
 E experts; `offsets_E` the cumulative token count of each expert (None: one dense layer).
@@ -24,11 +26,16 @@ from .quant import ACT_TILE, WEIGHT_BLOCK, Quantized, dequantize, quantize, quan
 
 class Fp8SwiGLUFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_MD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E, fast: bool):
+    def forward(ctx, x_MD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E, fast: bool, *weights_q):
+        """weights_q: the three weights as this step already quantized them (data, scale each),
+        or nothing: quantize them here."""
         out_dtype = compute_dtype(x_MD)
         with torch.autocast(x_MD.device.type, enabled=False):
             xq = quantize(x_MD, ACT_TILE)
-            wg, wu, wd = (quantize(w, WEIGHT_BLOCK) for w in (w_gate_EFD, w_up_EFD, w_down_EDF))
+            if weights_q:
+                wg, wu, wd = (Quantized(*weights_q[i:i + 2], WEIGHT_BLOCK) for i in (0, 2, 4))
+            else:
+                wg, wu, wd = (quantize(w, WEIGHT_BLOCK) for w in (w_gate_EFD, w_up_EFD, w_down_EDF))
             gate_MF = grouped_mm(xq, wg, offsets_E, out_dtype, fast)
             up_MF = grouped_mm(xq, wu, offsets_E, out_dtype, fast)
             h_MF = F.silu(gate_MF.float()) * up_MF.float()
@@ -36,7 +43,7 @@ class Fp8SwiGLUFunction(torch.autograd.Function):
             gate_q, up_q = quantize(gate_MF, ACT_TILE), quantize(up_MF, ACT_TILE)
         ctx.save_for_backward(xq.data, xq.scale, gate_q.data, gate_q.scale, up_q.data, up_q.scale,
                               wg.data, wg.scale, wu.data, wu.scale, wd.data, wd.scale, offsets_E)
-        ctx.fast, ctx.x_dtype, ctx.n_groups = fast, x_MD.dtype, w_gate_EFD.shape[0]
+        ctx.fast, ctx.x_dtype, ctx.n_groups, ctx.n_given = fast, x_MD.dtype, w_gate_EFD.shape[0], len(weights_q)
         return y_MD
 
     @staticmethod
@@ -60,11 +67,12 @@ class Fp8SwiGLUFunction(torch.autograd.Function):
             dw_up = grouped_mm_tokens(quantize_tokens(d_up_MF, offsets_E), x_T, offsets_E, E, f32, fast)
             dx_MD = (grouped_mm(quantize(d_gate_MF, ACT_TILE), q(wg_d, wg_s, WEIGHT_BLOCK).t(), offsets_E, f32, fast)
                      + grouped_mm(quantize(d_up_MF, ACT_TILE), q(wu_d, wu_s, WEIGHT_BLOCK).t(), offsets_E, f32, fast))
-        return dx_MD.to(ctx.x_dtype), dw_gate, dw_up, dw_down, None, None
+        return dx_MD.to(ctx.x_dtype), dw_gate, dw_up, dw_down, None, None, *[None] * ctx.n_given
 
 
-def fp8_swiglu(x_MD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E, fast: bool) -> torch.Tensor:
-    return Fp8SwiGLUFunction.apply(x_MD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E, fast)
+def fp8_swiglu(x_MD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E, fast: bool,
+               weights_q: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+    return Fp8SwiGLUFunction.apply(x_MD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E, fast, *weights_q)
 
 
 class Fp8TrainMLP(MLP):
@@ -86,6 +94,8 @@ class Fp8TrainExperts(Experts):
     by expert, one grouped GEMM per projection) with FP8 GEMMs."""
 
     fast: bool = False
+    step_weights: bool = False  # within an optimizer step: the weights as quantized on its entry
+    _QUANTIZED = ("gate_q", "gate_q_scale", "up_q", "up_q_scale", "down_q", "down_q_scale")
 
     def forward(self, x_ND, weight_NK, idx_NK):
         if not self.training:
@@ -96,4 +106,17 @@ class Fp8TrainExperts(Experts):
         if not self.training:
             return super().swiglu_sorted(x_MD, counts_E)
         offsets_E = counts_E.cumsum(0, dtype=torch.int32)
-        return fp8_swiglu(x_MD, self.gate_proj, self.up_proj, self.down_proj, offsets_E, self.fast)
+        given = tuple(getattr(self, name) for name in self._QUANTIZED) if self.step_weights else ()
+        return fp8_swiglu(x_MD, self.gate_proj, self.up_proj, self.down_proj, offsets_E, self.fast, given)
+
+    def quantize_weights_once(self) -> None:
+        """Quantize the weights for every micro-batch of the step about to run (they change only
+        at its optimizer step), into non-persistent buffers: checkpoints do not change."""
+        with torch.no_grad():
+            for i, w in enumerate((self.gate_proj, self.up_proj, self.down_proj)):
+                for name, t in zip(self._QUANTIZED[2 * i:2 * i + 2], quantize(w, WEIGHT_BLOCK)[:2]):
+                    buf = getattr(self, name, None)
+                    if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.device != t.device:
+                        self.register_buffer(name, torch.empty_like(t), persistent=False)
+                    getattr(self, name).copy_(t)
+        self.step_weights = True

@@ -2,7 +2,7 @@
 
     auto   BF16 autocast on a GPU, float32 on the CPU
     bf16   BF16 autocast (float32 master weights, gradients and optimizer); the routed experts'
-           weights cast to BF16 once per optimizer step, not at every use (cast_expert_weights:
+           weights cast to BF16 once per optimizer step, not at every use (expert_weights_once:
            2 bytes a weight of memory for a step's recasts)
     fp32   float32 throughout
     fp8    DeepSeek-V3's FP8 recipe (nanoseek/fp8) for the linear and expert GEMMs, BF16
@@ -57,7 +57,7 @@ class _StepCast(torch.autograd.Function):
 
 class StepCastExperts(Experts):
     """Experts, within one optimizer step, whose weights are read from copies in the compute
-    dtype cast once on entry (`cast_expert_weights`; non-persistent buffers, so checkpoints do
+    dtype cast once on entry (`expert_weights_once`; non-persistent buffers, so checkpoints do
     not change). Outside a step the layer is a plain Experts again."""
 
     _CASTS = ("gate_cast", "up_cast", "down_cast")
@@ -88,15 +88,23 @@ def step_cast_experts(model: nn.Module, dtype: torch.dtype | None) -> list[Exper
 
 
 @contextlib.contextmanager
-def cast_expert_weights(model: nn.Module, dtype: torch.dtype | None):
+def expert_weights_once(model: nn.Module, dtype: torch.dtype | None):
     """Within it (one optimizer step's forward and backward passes), the expert layers compute
-    with their weights cast once to `dtype` on entry."""
-    layers = step_cast_experts(model, dtype)
+    with their weights prepared once on entry: cast to autocast's `dtype`, or quantized (FP8
+    training's experts). The same numbers as at every use, since the weights change only at
+    the optimizer step."""
+    from ..fp8.swiglu import Fp8TrainExperts
+    cast = step_cast_experts(model, dtype)
+    quantized = [m for m in model.modules() if isinstance(m, Fp8TrainExperts) and m.training]
     try:
-        for layer in layers:
+        for layer in cast:
             layer.__class__ = StepCastExperts
             layer.refresh_casts(dtype)
+        for layer in quantized:
+            layer.quantize_weights_once()
         yield
     finally:
-        for layer in layers:
+        for layer in cast:
             layer.__class__ = Experts
+        for layer in quantized:
+            layer.step_weights = False
