@@ -19,6 +19,7 @@
 #   bash benchmarks/device/h200_session.sh gputests   # every test marked gpu (FP8, fused step, engine)
 #   bash benchmarks/device/h200_session.sh fp8check   # FP8 fast path vs twin per GEMM and op
 #   bash benchmarks/device/h200_session.sh fp8train   # BF16 vs FP8 training speed on V2-Lite layers
+#   bash benchmarks/device/h200_session.sh fp8deep    # BF16 vs FP8 training speed, the most V2-Lite layers that fit
 #   bash benchmarks/device/h200_session.sh parity     # FP8 vs BF16 loss parity (small, 2,000 steps), BF16's seed spread
 #   bash benchmarks/device/h200_session.sh shapes     # decode on V2-Lite and a V3 slice: fused vs compiled
 #                                              # recorded as the default path
@@ -33,7 +34,7 @@
 #   bash benchmarks/device/h200_session.sh multigpu   # on a 2- or 4-GPU kind: DP, EP, EP+DP, 1F1B, DualPipeV
 #                                              # against one GPU (benchmarks/scaling.py, small preset)
 #
-# Environment: MINUTES, GRPO_MINUTES, SPEEDRUN_LIMIT, SPECULATIVE (speedrun);
+# Environment: LAYERS (fp8deep); MINUTES, GRPO_MINUTES, SPEEDRUN_LIMIT, SPECULATIVE (speedrun);
 # R1_LEVEL, R1_PRETRAIN_STEPS, R1_ARGS (r1-zero, r1-full: key=value settings of nanoseek r1); TRL_ARGS (trl, measure);
 # DECODE_ARGS (decode, measure: e.g. "--tuned-option combo_kernels=true"); DECODE_MODES (decode.py --modes);
 # FUSED_ARGS (benchmarks/fused_decode.py); SCALING_ARGS (benchmarks/scaling.py, multigpu: e.g.
@@ -176,6 +177,13 @@ case $stage in
       tests/test_fp8.py -k "gpu_grouped or fast_fp8_swiglu or w8a8_matches or dequantized_models_tokens \
       or fullgraph" 2>&1 | tee "$OUT/fp8_tests.log" | tail -12
     ;;
+  fp8deep)  # BF16 vs FP8 training speed on the most V2-Lite layers that fit (8 on an H200's 141 GB, 6 on an
+            # H100's 80 GB; LAYERS= to choose), where the expert GEMMs outweigh the BF16 head and AdamW
+    gib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+    bench "$(left 590)" 100 benchmarks/train_throughput.py --preset deepseek-v2-lite \
+      --layers "${LAYERS:-$([ "${gib:-0}" -gt 100000 ] && echo 8 || echo 6)}" --seq 4096 --batch 1 --accum 4 \
+      --precision bf16,fp8 --skip-hf
+    ;;
   parity)  # FP8 vs BF16 loss parity, 2,000 steps of the small preset with the committed tokenizer: FP8 and,
            # beside it on the same GPU (the small model leaves it mostly idle), BF16 at seed 0 and then at
            # seed 1, the spread that FP8's difference is read against; fp8_loss_parity.py --join compares them
@@ -274,7 +282,8 @@ case $stage in
   trl) trl 585 ;;
   r1-zero) r1 585 zero ;;
   r1-full) r1 585 full ;;
-  *) echo "unknown stage $stage: speedrun, decode, mtp, spec, measure, fused, tune, step, serve, trl, shapes, fp8, one, serving, r1-zero, r1-full or multigpu" >&2
+  *) echo "unknown stage $stage: gputests, fp8check, fp8train, fp8deep, parity, shapes, fp8, one, serving, speedrun," \
+       "decode, mtp, spec, measure, fused, tune, multigpu, step, serve, trl, r1-zero or r1-full" >&2
      exit 2 ;;
 esac
 echo "stage $stage: $(elapsed)s"
