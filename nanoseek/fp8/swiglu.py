@@ -94,8 +94,10 @@ class Fp8TrainExperts(Experts):
     by expert, one grouped GEMM per projection) with FP8 GEMMs."""
 
     fast: bool = False
-    step_weights: bool = False  # within an optimizer step: the weights as quantized on its entry
-    _QUANTIZED = ("gate_q", "gate_q_scale", "up_q", "up_q_scale", "down_q", "down_q_scale")
+    # within an optimizer step: the weights as quantized on its entry, in these non-persistent
+    # buffers (train/precision.py's expert_weights_once), data and scale of each
+    step_weights: bool = False
+    QUANTIZED = ("gate_q", "gate_q_scale", "up_q", "up_q_scale", "down_q", "down_q_scale")
 
     def forward(self, x_ND, weight_NK, idx_NK):
         if not self.training:
@@ -106,17 +108,5 @@ class Fp8TrainExperts(Experts):
         if not self.training:
             return super().swiglu_sorted(x_MD, counts_E)
         offsets_E = counts_E.cumsum(0, dtype=torch.int32)
-        given = tuple(getattr(self, name) for name in self._QUANTIZED) if self.step_weights else ()
+        given = tuple(getattr(self, name) for name in self.QUANTIZED) if self.step_weights else ()
         return fp8_swiglu(x_MD, self.gate_proj, self.up_proj, self.down_proj, offsets_E, self.fast, given)
-
-    def quantize_weights_once(self) -> None:
-        """Quantize the weights for every micro-batch of the step about to run (they change only
-        at its optimizer step), into non-persistent buffers: checkpoints do not change."""
-        with torch.no_grad():
-            for i, w in enumerate((self.gate_proj, self.up_proj, self.down_proj)):
-                for name, t in zip(self._QUANTIZED[2 * i:2 * i + 2], quantize(w, WEIGHT_BLOCK)[:2]):
-                    buf = getattr(self, name, None)
-                    if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.device != t.device:
-                        self.register_buffer(name, torch.empty_like(t), persistent=False)
-                    getattr(self, name).copy_(t)
-        self.step_weights = True

@@ -60,22 +60,14 @@ class StepCastExperts(Experts):
     dtype cast once on entry (`expert_weights_once`; non-persistent buffers, so checkpoints do
     not change). Outside a step the layer is a plain Experts again."""
 
-    _CASTS = ("gate_cast", "up_cast", "down_cast")
+    CASTS = ("gate_cast", "up_cast", "down_cast")
 
     def expert_weights(self, idx=None):
         if not self.training:
             return super().expert_weights(idx)
         weights = tuple(_StepCast.apply(w, getattr(self, c))
-                        for w, c in zip(super().expert_weights(), self._CASTS))
+                        for w, c in zip(super().expert_weights(), self.CASTS))
         return weights if idx is None else tuple(w[idx] for w in weights)
-
-    def refresh_casts(self, dtype: torch.dtype) -> None:
-        with torch.no_grad():
-            for w, name in zip(super().expert_weights(), self._CASTS):
-                cast = getattr(self, name, None)
-                if cast is None or cast.dtype != dtype or cast.shape != w.shape or cast.device != w.device:
-                    self.register_buffer(name, torch.empty_like(w, dtype=dtype), persistent=False)
-                getattr(self, name).copy_(w)
 
 
 def step_cast_experts(model: nn.Module, dtype: torch.dtype | None) -> list[Experts]:
@@ -93,18 +85,33 @@ def expert_weights_once(model: nn.Module, dtype: torch.dtype | None):
     with their weights prepared once on entry: cast to autocast's `dtype`, or quantized (FP8
     training's experts). The same numbers as at every use, since the weights change only at
     the optimizer step."""
+    from ..fp8.quant import WEIGHT_BLOCK, quantize
     from ..fp8.swiglu import Fp8TrainExperts
     cast = step_cast_experts(model, dtype)
     quantized = [m for m in model.modules() if isinstance(m, Fp8TrainExperts) and m.training]
     try:
-        for layer in cast:
-            layer.__class__ = StepCastExperts
-            layer.refresh_casts(dtype)
-        for layer in quantized:
-            layer.quantize_weights_once()
+        with torch.no_grad():
+            for layer in cast:
+                for w, name in zip(Experts.expert_weights(layer), StepCastExperts.CASTS):
+                    kept_buffer(layer, name, w, dtype).copy_(w)
+                layer.__class__ = StepCastExperts
+            for layer in quantized:
+                for i, w in enumerate(Experts.expert_weights(layer)):
+                    for name, t in zip(layer.QUANTIZED[2 * i:2 * i + 2], quantize(w, WEIGHT_BLOCK)[:2]):
+                        kept_buffer(layer, name, t, t.dtype).copy_(t)
+                layer.step_weights = True
         yield
     finally:
         for layer in cast:
             layer.__class__ = Experts
         for layer in quantized:
             layer.step_weights = False
+
+
+def kept_buffer(module: nn.Module, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """module's non-persistent buffer `name` shaped as `like` in `dtype`, the one it holds when it
+    fits (the same memory every step: a compiled step reads the same addresses), else a new one."""
+    buf = getattr(module, name, None)
+    if buf is None or buf.dtype != dtype or buf.shape != like.shape or buf.device != like.device:
+        module.register_buffer(name, torch.empty_like(like, dtype=dtype), persistent=False)
+    return getattr(module, name)
