@@ -98,9 +98,12 @@ def main() -> None:
                                                              **graph_flags(engine.runner.graphs)}
     # on a GPU the suffix's prefill runs in other batch shapes than the whole prompt's, so BF16
     # rounding may break a random model's near-tied logits the other way: count the requests
+    # (a wrong cached prefix would differ from the first token on; a rounding, later and rarely)
     pairs = list(zip(results["no_cache"].pop("tokens"), results["prefix_cache"].pop("tokens")))
     identical = sum(a == b for a, b in pairs)
     same = identical == len(pairs)
+    first_differences = sorted(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                               for a, b in pairs if a != b)
     ratio = results["no_cache"]["ttft_p50_s"] / results["prefix_cache"]["ttft_p50_s"]
     print(f"{args.requests} requests, {args.system_tokens}-token shared system prompt + {args.question_tokens} "
           f"tokens each, {args.new} new tokens, {args.preset} on {args.device}")
@@ -109,10 +112,11 @@ def main() -> None:
         print(f"{name:14} {r['ttft_p50_s']:11.3f} {r['ttft_p99_s']:11.3f} {r['output_tokens_per_s']:9.1f} "
               f"{r['requests_per_s']:7.2f} {r['prompt_tokens_computed']:9d}")
     print(f"TTFT p50 ratio (no cache / cache): {ratio:.2f}x; identical greedy tokens: {identical} of "
-          f"{len(pairs)} requests")
+          f"{len(pairs)} requests" + (f" (the others first differ at tokens {first_differences})"
+                                      if first_differences else ""))
     path = write_json({"benchmark": "prefix_cache", **environment(), "config": vars(args),
                        "results": results, "ttft_p50_ratio": ratio, "identical_tokens": same,
-                       "identical_requests": identical},
+                       "identical_requests": identical, "first_differences": first_differences},
                       f"prefix_cache_{args.preset}_{args.device.split(':')[0]}.json")
     print(f"wrote {path}")
 
