@@ -11,8 +11,8 @@ runs with MTP (its real objective, ~1 extra MoE layer and output head, where the
 has MTP) and without, which is the same computation as transformers' and is the
 apples-to-apples ratio. `--precision bf16,fp8` adds nanoseek's FP8 rows (nanoseek/fp8:
 DeepSeek-V3's recipe), against which transformers has nothing to run. `bf16-per-use` and
-`fp8-per-use` prepare the experts' weights (the BF16 cast, the FP8 quantization) at every
-use instead of once a step (train/precision.py's expert_weights_once, the default): the
+`fp8-per-use` prepare the weights (the BF16 cast, the experts' FP8 quantization) at every
+use instead of once a step (train/precision.py's weights_once_a_step, the default): the
 peers that default must beat.
 
 Shapes: `--preset bench-1b` (default), or a real model's layer shapes with fewer layers,
@@ -131,7 +131,7 @@ def nanoseek_side(cfg, state, batches, args, device, precision: str, mtp: bool, 
     call = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
 
     def step(batch):
-        casts = (mock.patch.object(step_module, "expert_weights_once", lambda *_: contextlib.nullcontext())
+        casts = (mock.patch.object(step_module, "weights_once_a_step", lambda *_: contextlib.nullcontext())
                  if per_use else contextlib.nullcontext())
         with casts:
             stats = train_step(model, [batch] * args.accum, opt, grad_clip=1.0, autocast_dtype=autocast,

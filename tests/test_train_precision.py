@@ -106,12 +106,14 @@ def test_checkpointed_blocks_give_the_same_gradients_and_count_each_token_once()
 
 # ---------------------------------------------------------------------- expert weights cast once a step
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
-def test_expert_weights_prepared_once_a_step_train_bit_for_bit_like_at_every_use(monkeypatch, precision):
-    """2 micro-batches a step, 3 steps: with the experts' weights prepared once a step (the
-    default: cast to BF16 under autocast, quantized in FP8 training, emulated here) or at every
-    use, the same losses, the same float32 weights and optimizer state, bit for bit: the cast
-    or quantization is the same rounding either way, and the gradient reaches the float32
-    weight as before. The checkpoint keys stay the model's."""
+def test_weights_prepared_once_a_step_train_bit_for_bit_like_at_every_use(monkeypatch, precision):
+    """2 micro-batches a step, 3 steps: with the weights prepared once a step (the default: the
+    linear and expert weights cast to BF16 under autocast; in FP8 training, emulated here, the
+    experts' quantized and the output head's cast) or at every use, the same losses, the same
+    float32 weights and optimizer state, bit for bit: the cast or quantization is the same
+    rounding either way, and the gradient reaches the float32 weight as before. Outside a step
+    the layers are the model's own again, and the checkpoint keys do not change. (Without MTP:
+    its second use of the head is the next test's.)"""
     from nanoseek.model.moe import Experts
     from nanoseek.train import step as step_module
     batches = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 256, (6, 2, 32), generator=
@@ -119,20 +121,24 @@ def test_expert_weights_prepared_once_a_step_train_bit_for_bit_like_at_every_use
     runs = []
     for once in (True, False):
         if not once:
-            monkeypatch.setattr(step_module, "expert_weights_once", lambda model, dtype: contextlib.nullcontext())
-        model = tiny_model().train()
+            monkeypatch.setattr(step_module, "weights_once_a_step", lambda model, dtype: contextlib.nullcontext())
+        model = tiny_model(num_nextn_predict_layers=0).train()
         keys = list(model.state_dict())
         autocast = prepare_precision(model, precision, torch.device("cpu"))
+        kinds = [type(m) for m in model.modules()]
         opt = build_optimizer(model, 1e-3, 0.1)
         losses = [step_module.train_step(model, batches[i:i + 2], opt, autocast_dtype=autocast)["loss"]
                   for i in range(0, 6, 2)]
+        assert [type(m) for m in model.modules()] == kinds
         experts = [m for m in model.modules() if isinstance(m, Experts)]
         if precision == "bf16":
-            assert experts and all(type(m) is Experts for m in experts)  # plain layers again outside a step
-            assert all(hasattr(m, "gate_cast") == once for m in experts)
+            assert experts and all(hasattr(m, "gate_cast") == once for m in experts)
+            assert hasattr(model.model.layers[0].self_attn.o_proj, "weight_cast") == once
         else:
             assert experts and not any(m.step_weights for m in experts)  # off outside a step
             assert all(hasattr(m, "gate_q") == once for m in experts)
+            assert not hasattr(model.model.layers[0].self_attn.o_proj, "weight_cast")  # an FP8 linear
+        assert hasattr(model.lm_head, "weight_cast") == (once and autocast is not None)
         assert list(model.state_dict()) == keys
         runs.append((losses, model.state_dict(), [s["exp_avg"] for s in opt.state.values()]))
     (loss_a, state_a, moments_a), (loss_b, state_b, moments_b) = runs
@@ -143,15 +149,47 @@ def test_expert_weights_prepared_once_a_step_train_bit_for_bit_like_at_every_use
         "model.layers.1.mlp.experts.gate_proj"])  # the experts did train
 
 
-def test_expert_weights_cast_once_only_where_autocast_lowers_float32():
-    """No autocast, or weights already in the compute dtype: nothing to cast, the layers stay."""
+def test_a_weight_used_twice_sums_its_gradients_in_float32():
+    """With MTP the output head serves the main and the MTP logits. Autocast's cast cache gives
+    both uses one BF16 cast, so their gradients add in BF16; cast once a step, each use's
+    gradient enters float32 on its own and they add there. Every other gradient is equal bit
+    for bit; the head's differ by the BF16 rounding of that sum at most (2^-9 of it, 2^-8 here
+    for the rounding of the float32 sum too)."""
+    from nanoseek.train.precision import weights_once_a_step
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(2))
+    grads = []
+    for once in (True, False):
+        model = tiny_model().train()
+        assert model.config.num_nextn_predict_layers > 0
+        with weights_once_a_step(model, torch.bfloat16) if once else contextlib.nullcontext():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(ids, labels=ids)
+            out.loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    once, per_use = grads
+    assert once.keys() == per_use.keys()
+    assert all(once[n].equal(per_use[n]) for n in once if n != "lm_head.weight")
+    head_once, head_per_use = once["lm_head.weight"], per_use["lm_head.weight"]
+    assert ((head_once - head_per_use).abs() <= 2 ** -8 * head_once.abs()).all()
+    assert not head_once.equal(head_per_use)  # the sums did differ: the test sees the case it names
+
+
+def test_weights_cast_once_only_where_autocast_lowers_float32():
+    """No autocast, or weights already in the compute dtype: nothing to cast. In FP8 training,
+    the MLPs' linears (read by the FP8 GEMMs) are left alone."""
+    from nanoseek.fp8 import convert_to_fp8
     from nanoseek.model.moe import Experts
-    from nanoseek.train.precision import step_cast_experts
-    assert step_cast_experts(tiny_model(), None) == []
-    assert step_cast_experts(tiny_model().to(torch.bfloat16), torch.bfloat16) == []
+    from nanoseek.train.precision import step_cast_layers
+    assert step_cast_layers(tiny_model(), None) == []
+    assert step_cast_layers(tiny_model().to(torch.bfloat16), torch.bfloat16) == []
     model = tiny_model()
-    assert len(step_cast_experts(model, torch.bfloat16)) == sum(isinstance(m, Experts) for m in model.modules()) > 0
-    assert step_cast_experts(model, torch.float32) == []
+    assert step_cast_layers(model, torch.float32) == []
+    layers = step_cast_layers(model, torch.bfloat16)
+    assert sum(isinstance(m, Experts) for m in layers) == sum(isinstance(m, Experts) for m in model.modules()) > 0
+    assert sum(isinstance(m, torch.nn.Linear) for m in layers) == sum(
+        isinstance(m, torch.nn.Linear) for m in model.modules())
+    convert_to_fp8(model)
+    assert [type(m).__name__ for m in step_cast_layers(model, torch.bfloat16)] == ["Linear"]  # the head
 
 
 # ---------------------------------------------------------------------- BF16 moments

@@ -8,7 +8,7 @@ activation"): the FP8 copy of x and the SwiGLU's inputs (gate, up) in FP8 with 1
 the SwiGLU's output h, the down projection's input, is not stored but recomputed from them
 in the backward. Forward-only values (h for the fprop) use the unquantized gate and up.
 The routed experts' weights change only at the optimizer step, so a training step quantizes
-them once for all its micro-batches (train/precision.py's expert_weights_once).
+them once for all its micro-batches (train/precision.py's weights_once_a_step).
 
 Legend: M tokens (sorted by expert for the routed experts), D hidden size, F expert width,
 E experts; `offsets_E` the cumulative token count of each expert (None: one dense layer).
@@ -95,7 +95,7 @@ class Fp8TrainExperts(Experts):
 
     fast: bool = False
     # within an optimizer step: the weights as quantized on its entry, in these non-persistent
-    # buffers (train/precision.py's expert_weights_once), data and scale of each
+    # buffers (train/precision.py's weights_once_a_step), data and scale of each
     step_weights: bool = False
     QUANTIZED = ("gate_q", "gate_q_scale", "up_q", "up_q_scale", "down_q", "down_q_scale")
 

@@ -1,8 +1,8 @@
 """Training precision, one choice for every trainer (pretraining, SFT, GRPO):
 
     auto   BF16 autocast on a GPU, float32 on the CPU
-    bf16   BF16 autocast (float32 master weights, gradients and optimizer); the routed experts'
-           weights cast to BF16 once per optimizer step, not at every use (expert_weights_once:
+    bf16   BF16 autocast (float32 master weights, gradients and optimizer); the linear and expert
+           weights cast to BF16 once per optimizer step, not at every use (weights_once_a_step:
            2 bytes a weight of memory for a step's recasts)
     fp32   float32 throughout
     fp8    DeepSeek-V3's FP8 recipe (nanoseek/fp8) for the linear and expert GEMMs, BF16
@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..model.moe import Experts
@@ -35,11 +36,11 @@ def prepare_precision(model: nn.Module, precision: str, device: torch.device) ->
     return None
 
 
-# ---------------------------------------------------------------------- expert weights, cast once a step
-# Under autocast every micro-batch recasts the float32 expert weights to BF16, and the compiled
-# backward recasts them again rather than keep the casts: on DeepSeek-V2-Lite's layers ~15% of a
-# BF16 step. The weights change only at the optimizer step, so one cast a step serves every
-# micro-batch; the gradient still goes to the float32 weights, in float32.
+# ---------------------------------------------------------------------- weights prepared once a step
+# Under autocast every micro-batch recasts the float32 weights to BF16, and the compiled backward
+# recasts them again rather than keep the casts: on DeepSeek-V2-Lite's layers the expert weights
+# alone were ~15% of a BF16 step. The weights change only at the optimizer step, so one cast a
+# step serves every micro-batch; the gradient still goes to the float32 weights, in float32.
 
 class _StepCast(torch.autograd.Function):
     """weight (float32, a parameter) -> cast (its copy in the compute dtype, made this step);
@@ -57,44 +58,71 @@ class _StepCast(torch.autograd.Function):
 
 class StepCastExperts(Experts):
     """Experts, within one optimizer step, whose weights are read from copies in the compute
-    dtype cast once on entry (`expert_weights_once`; non-persistent buffers, so checkpoints do
+    dtype cast once on entry (`weights_once_a_step`; non-persistent buffers, so checkpoints do
     not change). Outside a step the layer is a plain Experts again."""
 
     CASTS = ("gate_cast", "up_cast", "down_cast")
 
+    @staticmethod
+    def weights(layer: Experts) -> tuple[torch.Tensor, ...]:
+        return Experts.expert_weights(layer)
+
     def expert_weights(self, idx=None):
         if not self.training:
             return super().expert_weights(idx)
-        weights = tuple(_StepCast.apply(w, getattr(self, c))
-                        for w, c in zip(super().expert_weights(), self.CASTS))
+        weights = tuple(_StepCast.apply(w, getattr(self, c)) for w, c in zip(self.weights(self), self.CASTS))
         return weights if idx is None else tuple(w[idx] for w in weights)
 
 
-def step_cast_experts(model: nn.Module, dtype: torch.dtype | None) -> list[Experts]:
-    """The plain expert layers of `model` that can take one cast a step: float32 weights on one
-    device (not sharded), computed in a lower `dtype` (autocast's)."""
+class StepCastLinear(nn.Linear):
+    """nn.Linear, within one optimizer step, whose weight is read from its copy cast once on
+    entry (the bias, a few values, autocast still casts)."""
+
+    CASTS = ("weight_cast",)
+
+    @staticmethod
+    def weights(layer: nn.Linear) -> tuple[torch.Tensor, ...]:
+        return (layer.weight,)
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        return F.linear(x, _StepCast.apply(self.weight, self.weight_cast), self.bias)
+
+
+STEP_CAST = {Experts: StepCastExperts, nn.Linear: StepCastLinear}
+
+
+def step_cast_layers(model: nn.Module, dtype: torch.dtype | None) -> list[nn.Module]:
+    """The plain linear and expert layers of `model` that can take one cast a step: float32
+    weights on one device (not sharded), computed in a lower `dtype` (autocast's). Not the
+    linears of FP8 training's MLPs, which read their weights into FP8 GEMMs."""
+    from ..fp8.swiglu import Fp8TrainMLP
     if dtype is None or dtype == torch.float32:
         return []
-    return [m for m in model.modules() if type(m) is Experts and all(
+    fp8 = {id(m) for mlp in model.modules() if isinstance(mlp, Fp8TrainMLP) for m in mlp.modules()}
+    return [m for m in model.modules() if type(m) in STEP_CAST and id(m) not in fp8 and all(
         type(p.data) is torch.Tensor and p.dtype == torch.float32 for p in m.parameters(recurse=False))]
 
 
 @contextlib.contextmanager
-def expert_weights_once(model: nn.Module, dtype: torch.dtype | None):
-    """Within it (one optimizer step's forward and backward passes), the expert layers compute
-    with their weights prepared once on entry: cast to autocast's `dtype`, or quantized (FP8
-    training's experts). The same numbers as at every use, since the weights change only at
-    the optimizer step."""
+def weights_once_a_step(model: nn.Module, dtype: torch.dtype | None):
+    """Within it (one optimizer step's forward and backward passes), the linear and expert
+    layers compute with their weights prepared once on entry: cast to autocast's `dtype`, or
+    quantized (FP8 training's experts). The same numbers as at every use, since the weights
+    change only at the optimizer step."""
     from ..fp8.quant import WEIGHT_BLOCK, quantize
     from ..fp8.swiglu import Fp8TrainExperts
-    cast = step_cast_experts(model, dtype)
+    cast = step_cast_layers(model, dtype)
+    kinds = [type(layer) for layer in cast]
     quantized = [m for m in model.modules() if isinstance(m, Fp8TrainExperts) and m.training]
     try:
         with torch.no_grad():
-            for layer in cast:
-                for w, name in zip(Experts.expert_weights(layer), StepCastExperts.CASTS):
+            for layer, kind in zip(cast, kinds):
+                step_kind = STEP_CAST[kind]
+                for w, name in zip(step_kind.weights(layer), step_kind.CASTS):
                     kept_buffer(layer, name, w, dtype).copy_(w)
-                layer.__class__ = StepCastExperts
+                layer.__class__ = step_kind
             for layer in quantized:
                 for i, w in enumerate(Experts.expert_weights(layer)):
                     for name, t in zip(layer.QUANTIZED[2 * i:2 * i + 2], quantize(w, WEIGHT_BLOCK)[:2]):
@@ -102,8 +130,8 @@ def expert_weights_once(model: nn.Module, dtype: torch.dtype | None):
                 layer.step_weights = True
         yield
     finally:
-        for layer in cast:
-            layer.__class__ = Experts
+        for layer, kind in zip(cast, kinds):
+            layer.__class__ = kind
         for layer in quantized:
             layer.step_weights = False
 

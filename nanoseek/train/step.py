@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..model.moe import max_violation
-from .precision import expert_weights_once
+from .precision import weights_once_a_step
 
 
 def forward_backward(model: nn.Module, batch: dict, scale: float, autocast_dtype: torch.dtype | None):
@@ -38,7 +38,7 @@ def train_step(model: nn.Module, micro_batches: list[dict], optimizer: torch.opt
     n = len(micro_batches)
     names = ("loss", "main_loss", "mtp_loss", "balance_loss")
     parts = torch.zeros(len(names))
-    with expert_weights_once(base, autocast_dtype):
+    with weights_once_a_step(base, autocast_dtype):
         for batch in micro_batches:
             out = forward_backward(call, batch, 1.0 / n, autocast_dtype)
             parts = parts.to(out.loss.device) + torch.stack(
