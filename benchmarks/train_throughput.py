@@ -12,7 +12,7 @@ has MTP) and without, which is the same computation as transformers' and is the
 apples-to-apples ratio. `--precision bf16,fp8` adds nanoseek's FP8 rows (nanoseek/fp8:
 DeepSeek-V3's recipe), against which transformers has nothing to run. `bf16-per-use` and
 `fp8-per-use` prepare the weights (the BF16 cast, the experts' FP8 quantization) at every
-use instead of once a step (train/precision.py's weights_once_a_step, the default): the
+use instead of once a step (train field weights_once, on by default): the
 peers that default must beat.
 
 Shapes: `--preset bench-1b` (default), or a real model's layer shapes with fewer layers,
@@ -32,13 +32,11 @@ head still run in BF16, so its MFU against the FP8 peak understates it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import sys
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -51,7 +49,6 @@ from nanoseek.info import model_info  # noqa: E402
 from nanoseek.train.optim import build_optimizer  # noqa: E402
 from nanoseek.train.precision import prepare_precision  # noqa: E402
 from nanoseek.train.recompute import checkpoint_blocks  # noqa: E402
-from nanoseek.train import step as step_module  # noqa: E402
 from nanoseek.train.step import train_step  # noqa: E402
 
 PEAK = {"bf16": 989e12, "fp8": 1979e12}  # H100/H200 SXM dense datasheet peaks
@@ -131,11 +128,8 @@ def nanoseek_side(cfg, state, batches, args, device, precision: str, mtp: bool, 
     call = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
 
     def step(batch):
-        casts = (mock.patch.object(step_module, "weights_once_a_step", lambda *_: contextlib.nullcontext())
-                 if per_use else contextlib.nullcontext())
-        with casts:
-            stats = train_step(model, [batch] * args.accum, opt, grad_clip=1.0, autocast_dtype=autocast,
-                               compiled=call, base_model=model)
+        stats = train_step(model, [batch] * args.accum, opt, grad_clip=1.0, autocast_dtype=autocast, compiled=call,
+                           base_model=model, weights_once=not per_use)
         return stats["loss"]
 
     row = time_steps(step, batches, args, Clock(device))

@@ -106,7 +106,7 @@ def test_checkpointed_blocks_give_the_same_gradients_and_count_each_token_once()
 
 # ---------------------------------------------------------------------- expert weights cast once a step
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
-def test_weights_prepared_once_a_step_train_bit_for_bit_like_at_every_use(monkeypatch, precision):
+def test_weights_prepared_once_a_step_train_bit_for_bit_like_at_every_use(precision):
     """2 micro-batches a step, 3 steps: with the weights prepared once a step (the default: the
     linear and expert weights cast to BF16 under autocast; in FP8 training, emulated here, the
     experts' quantized and the output head's cast) or at every use, the same losses, the same
@@ -115,19 +115,17 @@ def test_weights_prepared_once_a_step_train_bit_for_bit_like_at_every_use(monkey
     the layers are the model's own again, and the checkpoint keys do not change. (Without MTP:
     its second use of the head is the next test's.)"""
     from nanoseek.model.moe import Experts
-    from nanoseek.train import step as step_module
+    from nanoseek.train.step import train_step
     batches = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 256, (6, 2, 32), generator=
                                                                            torch.Generator().manual_seed(1))]
     runs = []
     for once in (True, False):
-        if not once:
-            monkeypatch.setattr(step_module, "weights_once_a_step", lambda model, dtype: contextlib.nullcontext())
         model = tiny_model(num_nextn_predict_layers=0).train()
         keys = list(model.state_dict())
         autocast = prepare_precision(model, precision, torch.device("cpu"))
         kinds = [type(m) for m in model.modules()]
         opt = build_optimizer(model, 1e-3, 0.1)
-        losses = [step_module.train_step(model, batches[i:i + 2], opt, autocast_dtype=autocast)["loss"]
+        losses = [train_step(model, batches[i:i + 2], opt, autocast_dtype=autocast, weights_once=once)["loss"]
                   for i in range(0, 6, 2)]
         assert [type(m) for m in model.modules()] == kinds
         experts = [m for m in model.modules() if isinstance(m, Experts)]
@@ -190,6 +188,19 @@ def test_weights_cast_once_only_where_autocast_lowers_float32():
         isinstance(m, torch.nn.Linear) for m in model.modules())
     convert_to_fp8(model)
     assert [type(m).__name__ for m in step_cast_layers(model, torch.bfloat16)] == ["Linear"]  # the head
+
+
+def test_one_eager_micro_batch_casts_at_every_use():
+    """One micro-batch, not compiled: autocast's own cast serves the forward and its backward,
+    so casting once a step would save nothing; the step leaves the layers alone."""
+    from nanoseek.train.step import train_step
+    model = tiny_model().train()
+    ids = torch.randint(0, 256, (2, 32))
+    train_step(model, [{"input_ids": ids, "labels": ids}], build_optimizer(model, 1e-3), autocast_dtype=torch.bfloat16)
+    assert not any(hasattr(m, "weight_cast") or hasattr(m, "gate_cast") for m in model.modules())
+    train_step(model, [{"input_ids": ids, "labels": ids}] * 2, build_optimizer(model, 1e-3),
+               autocast_dtype=torch.bfloat16)
+    assert hasattr(model.lm_head, "weight_cast")
 
 
 # ---------------------------------------------------------------------- BF16 moments

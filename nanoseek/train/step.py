@@ -29,16 +29,22 @@ def forward_backward(model: nn.Module, batch: dict, scale: float, autocast_dtype
 
 def train_step(model: nn.Module, micro_batches: list[dict], optimizer: torch.optim.Optimizer,
                grad_clip: float = 1.0, autocast_dtype: torch.dtype | None = None,
-               compiled: nn.Module | None = None, base_model: nn.Module | None = None) -> dict:
+               compiled: nn.Module | None = None, base_model: nn.Module | None = None,
+               weights_once: bool = True) -> dict:
     """Returns loss parts (averaged over micro-batches) as tensors, grad norm, and MaxVio per
     MoE layer. `compiled` is the module to call (e.g. torch.compile(model)); `base_model` the
-    plain module whose parameters and routers are updated (defaults to `model`)."""
+    plain module whose parameters and routers are updated (defaults to `model`); weights_once:
+    the weights cast (quantized) once for the step's micro-batches (precision.weights_once_a_step)
+    where that saves casts, else at every use."""
     base = base_model if base_model is not None else model
     call = compiled if compiled is not None else model
     n = len(micro_batches)
     names = ("loss", "main_loss", "mtp_loss", "balance_loss")
     parts = torch.zeros(len(names))
-    with weights_once_a_step(base, autocast_dtype):
+    # once a step pays where a weight would be cast more than once: over several micro-batches,
+    # or in a compiled backward, which recasts rather than keep the forward's casts
+    once = weights_once and (n > 1 or compiled is not None)
+    with weights_once_a_step(base, autocast_dtype) if once else contextlib.nullcontext():
         for batch in micro_batches:
             out = forward_backward(call, batch, 1.0 / n, autocast_dtype)
             parts = parts.to(out.loss.device) + torch.stack(

@@ -72,6 +72,8 @@ class TrainConfig(CheckedConfig):
                                        "DeepSeek-V3's FP8 GEMMs (train/precision.py; emulated on the CPU)")
     activation_checkpointing: bool = described(False, "recompute each block in the backward (memory for compute)")
     adam_moments: str = described("fp32", f"AdamW's moments in {' or '.join(MOMENTS)} (V3 §3.3.3)")
+    weights_once: bool = described(True, "cast the weights to BF16 (FP8: quantize the experts') once per "
+                                         "optimizer step, not at every use: faster, 2 bytes a weight of memory")
     final_dtype: str = described("auto", "final/ as trained (auto), in bf16, or in fp8: V3's FP8 checkpoint "
                                          "layout")
     compile: bool = described(False, "torch.compile the model")
@@ -301,4 +303,4 @@ class Trainer(Checkpointed):
 
     def train_step(self, batches: list[dict]) -> dict:
         return train_step(self.model, batches, self.optimizer, self.cfg.grad_clip, self.autocast,
-                          compiled=self.compiled, base_model=self.model)
+                          compiled=self.compiled, base_model=self.model, weights_once=self.cfg.weights_once)
