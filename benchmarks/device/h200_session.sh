@@ -179,9 +179,9 @@ case $stage in
     ;;
   fp8deep)  # BF16 vs FP8 training speed on the most V2-Lite layers that fit (8 on an H200's 141 GB, 6 on an
             # H100's 80 GB; LAYERS= to choose), where the expert GEMMs outweigh the BF16 head and AdamW
-    gib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+    mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
     bench "$(left 590)" 100 benchmarks/train_throughput.py --preset deepseek-v2-lite \
-      --layers "${LAYERS:-$([ "${gib:-0}" -gt 100000 ] && echo 8 || echo 6)}" --seq 4096 --batch 1 --accum 4 \
+      --layers "${LAYERS:-$([ "${mib:-0}" -gt 100000 ] && echo 8 || echo 6)}" --seq 4096 --batch 1 --accum 4 \
       --precision bf16,fp8 --skip-hf
     ;;
   parity)  # FP8 vs BF16 loss parity, 2,000 steps of the small preset with the committed tokenizer: FP8 and,
