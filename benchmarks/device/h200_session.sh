@@ -173,6 +173,7 @@ case $stage in
     bench 100 20 benchmarks/fp8_fast_vs_twin.py  # its sweep times the kernels' launch shapes for ~50 (N, K)
     bench "$(left 470)" 100 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
       --accum 4 --precision bf16,bf16-per-use,fp8 --skip-hf --profile
+    python3 benchmarks/profile_categories.py "$OUT"/profile_train_*.txt 2>&1 | tee "$OUT/profile_categories.txt"
     timeout "$(left 590)" python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8_weights.py \
       tests/test_fp8.py -k "gpu_grouped or fast_fp8_swiglu or w8a8_matches or dequantized_models_tokens \
       or fullgraph" 2>&1 | tee "$OUT/fp8_tests.log" | tail -12
