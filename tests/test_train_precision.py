@@ -249,6 +249,28 @@ def test_train_fields_for_memory_train_and_resume(tmp_path):
     assert build_optimizer(tiny_model(), 1e-3).__class__ is torch.optim.AdamW  # the default
 
 
+def test_bf16_with_weights_cast_once_resumes_bit_for_bit(tmp_path):
+    """BF16 autocast, 2 micro-batches a step (the weights cast once a step): 4 steps at once, or
+    2 steps then a resume to 4, end with the same weights. The step's casts are buffers that are
+    not saved, and each step makes them anew from the float32 weights."""
+    from nanoseek.data.loader import PackedLoader
+    from nanoseek.train.trainer import Trainer
+    docs = [torch.randint(3, 256, (40,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(40)]
+
+    def trainer(steps, out):
+        cfg = train_config(steps=steps, batch_size=2, seq_len=32, warmup=1, grad_accum=2, precision="bf16",
+                           save_every=2)
+        return Trainer(tiny_model(), PackedLoader(docs, batch_size=2, seq_len=32), cfg, out)
+    whole = trainer(4, tmp_path / "whole")
+    whole.fit(progress=False)
+    trainer(2, tmp_path / "split").fit(progress=False)
+    resumed = trainer(4, tmp_path / "split")
+    resumed.fit(resume=True, progress=False)
+    assert hasattr(whole.model.lm_head, "weight_cast") and resumed.step == 4
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
 def test_grpo_in_fp8_updates_the_policy_through_the_fp8_layers(tmp_path):
     from nanoseek.data.tokenizer import ChatTokenizer, byte_tokenizer
     from nanoseek.rl.trainer import GRPOTrainer, grpo_config
