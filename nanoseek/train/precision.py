@@ -110,7 +110,8 @@ def weights_once_a_step(model: nn.Module, dtype: torch.dtype | None):
     """Within it (one optimizer step's forward and backward passes), the linear and expert
     layers compute with their weights prepared once on entry: cast to autocast's `dtype`, or
     quantized (FP8 training's experts). The same numbers as at every use, since the weights
-    change only at the optimizer step."""
+    change only at the optimizer step; but a weight used twice in a forward (the head, shared
+    with MTP) sums its two gradients in float32, where autocast's cast cache sums them in BF16."""
     from ..fp8.quant import WEIGHT_BLOCK, quantize
     from ..fp8.swiglu import Fp8TrainExperts
     cast = step_cast_layers(model, dtype)
