@@ -19,7 +19,7 @@
 #   bash benchmarks/device/h200_session.sh gputests   # every test marked gpu (FP8, fused step, engine)
 #   bash benchmarks/device/h200_session.sh fp8check   # FP8 fast path vs twin per GEMM and op
 #   bash benchmarks/device/h200_session.sh fp8train   # BF16 vs FP8 training speed on V2-Lite layers
-#   bash benchmarks/device/h200_session.sh fp8deep    # BF16 vs FP8 training speed, the most V2-Lite layers that fit
+#   bash benchmarks/device/h200_session.sh fp8deep    # expert GEMMs alone; BF16 vs FP8 training, most V2-Lite layers
 #   bash benchmarks/device/h200_session.sh parity     # FP8 vs BF16 loss parity (small, 2,000 steps), BF16's seed spread
 #   bash benchmarks/device/h200_session.sh shapes     # decode on V2-Lite and a V3 slice: fused vs compiled
 #                                              # recorded as the default path
@@ -178,8 +178,12 @@ case $stage in
       tests/test_fp8.py -k "gpu_grouped or fast_fp8_swiglu or w8a8_matches or dequantized_models_tokens \
       or fullgraph" 2>&1 | tee "$OUT/fp8_tests.log" | tail -12
     ;;
-  fp8deep)  # BF16 vs FP8 training speed on the most V2-Lite layers that fit (8 on an H200's 141 GB, 6 on an
-            # H100's 80 GB; LAYERS= to choose), where the expert GEMMs outweigh the BF16 head and AdamW
+  fp8deep)  # the expert GEMMs alone, then BF16 vs FP8 training speed on the most V2-Lite layers that fit (8 on
+            # an H200's 141 GB, 6 on an H100's 80 GB; LAYERS= to choose), where the expert GEMMs outweigh the
+            # BF16 head and AdamW
+    # first the expert GEMMs alone, FP8 against BF16, at V2-Lite's and bench-1b's shapes
+    bench 90 30 benchmarks/fp8_grouped_gemm.py --preset deepseek-v2-lite
+    bench "$(left 140)" 30 benchmarks/fp8_grouped_gemm.py --preset bench-1b --tokens 8192
     mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
     bench "$(left 590)" 100 benchmarks/train_throughput.py --preset deepseek-v2-lite \
       --layers "${LAYERS:-$([ "${mib:-0}" -gt 100000 ] && echo 8 || echo 6)}" --seq 4096 --batch 1 --accum 4 \
