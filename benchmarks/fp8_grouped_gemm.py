@@ -9,8 +9,9 @@ rows over E experts of width F and hidden size D (routing uniform at random):
     wgrad  dh^T . x over each expert's rows -> [E, F, D], float32 in FP8 (V3's FP32 gradients)
 
 Each row: FP8's relative error against BF16 (a check that both compute the same product), the
-median time by CUDA events after warm-up (the first calls autotune the Triton kernels), TFLOP/s, the fraction of the GEMM ceilings measured in the same run (an 8192^3 BF16
-matmul; an 8192^3 blockwise FP8 _scaled_mm), and FP8's speed over BF16's. The quantization
+median time by CUDA events after warm-up (the first calls autotune the Triton kernels),
+TFLOP/s, the fraction of the GEMM ceilings measured in the same run (an 8192^3 BF16 matmul;
+an 8192^3 blockwise FP8 _scaled_mm), and FP8's speed over BF16's. The quantization
 rows time what the FP8 GEMMs need first; the launch shape the autotuner chose per (N, K) is
 recorded.
 
