@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -161,7 +162,7 @@ def compare(curves: dict[str, list[dict]], setting: dict, name: str) -> None:
     """FP8's final loss against BF16's; a third curve (BF16 at another seed) is the yardstick:
     how far two BF16 runs that differ only in their seed end apart at this scale."""
     tail = setting["tail"]
-    final = {k: sum(r["loss"] for r in v[-tail:]) / len(v[-tail:]) for k, v in curves.items()}
+    final = {k: statistics.fmean(r["loss"] for r in v[-tail:]) for k, v in curves.items()}
     rel = {k: (v - final["bf16"]) / final["bf16"] for k, v in final.items() if k != "bf16"}
     png = out_dir() / f"{name}.png"
     plot(curves, png, f"{setting['preset']}: BF16 vs FP8, {setting['steps']} steps, "

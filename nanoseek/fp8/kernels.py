@@ -31,7 +31,6 @@ import triton.language as tl
 from .quant import TILE, first_tiles
 
 
-
 @triton.jit
 def _group_bounds(ends_ptr, first_tile_ptr, e):
     """(first token, end token, first tile) of group e."""

@@ -97,7 +97,7 @@ class Fp8TrainExperts(Experts):
     # within an optimizer step: the weights as quantized on its entry, in these non-persistent
     # buffers (train/precision.py's weights_once_a_step), data and scale of each
     step_weights: bool = False
-    QUANTIZED = ("gate_q", "gate_q_scale", "up_q", "up_q_scale", "down_q", "down_q_scale")
+    QUANTIZED = (("gate_q", "gate_q_scale"), ("up_q", "up_q_scale"), ("down_q", "down_q_scale"))
 
     def forward(self, x_ND, weight_NK, idx_NK):
         if not self.training:
@@ -108,5 +108,5 @@ class Fp8TrainExperts(Experts):
         if not self.training:
             return super().swiglu_sorted(x_MD, counts_E)
         offsets_E = counts_E.cumsum(0, dtype=torch.int32)
-        given = tuple(getattr(self, name) for name in self.QUANTIZED) if self.step_weights else ()
+        given = tuple(getattr(self, n) for pair in self.QUANTIZED for n in pair) if self.step_weights else ()
         return fp8_swiglu(x_MD, self.gate_proj, self.up_proj, self.down_proj, offsets_E, self.fast, given)
