@@ -4,7 +4,8 @@ Both sides train the same weights (nanoseek saves them in HF layout and transfor
 that directory) on the same token batches (batch 8 x 1024 by default), with the same
 optimizer (fused AdamW, lr 3e-4, betas 0.9/0.95, weight decay 0.1, clip 1.0), float32
 master weights under BF16 autocast. One step = forward and backward of `--accum`
-micro-batches, clip, AdamW step, zero_grad and one host read of the loss (what a trainer logging every step does).
+micro-batches, clip, AdamW step, zero_grad and one host read of the loss (what a trainer
+logging every step does).
 
 transformers trains the main model only: it has no MTP loss and no balance loss. nanoseek
 runs with MTP (its real objective, ~1 extra MoE layer and output head, where the preset
@@ -12,8 +13,8 @@ has MTP) and without, which is the same computation as transformers' and is the
 apples-to-apples ratio. `--precision bf16,fp8` adds nanoseek's FP8 rows (nanoseek/fp8:
 DeepSeek-V3's recipe), against which transformers has nothing to run. `bf16-per-use` and
 `fp8-per-use` prepare the weights (the BF16 cast, the experts' FP8 quantization) at every
-use instead of once a step (train field weights_once, on by default): the
-peers that default must beat.
+use instead of once a step (train field weights_once, on by default): the peers that
+default must beat.
 
 Shapes: `--preset bench-1b` (default), or a real model's layer shapes with fewer layers,
 e.g. `--preset deepseek-v2-lite --layers 4 --batch 2 --seq 4096`.
@@ -125,7 +126,7 @@ def nanoseek_side(cfg, state, batches, args, device, precision: str, mtp: bool, 
     if args.activation_checkpointing:
         checkpoint_blocks(model)
     opt = build_optimizer(model, LR)
-    call = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
+    call = torch.compile(model, fullgraph=True, dynamic=False) if compile else None  # None: as the trainer
 
     def step(batch):
         stats = train_step(model, [batch] * args.accum, opt, grad_clip=1.0, autocast_dtype=autocast, compiled=call,
@@ -247,7 +248,7 @@ def main():
             r["speedup_vs_transformers"] = r["tokens_per_s"] / hf["tokens_per_s"]
         variant = name.rsplit(", ", 1)[-1]
         bf16 = rows.get(name.replace(f", {variant}", ", bf16"))  # the same row in BF16 (its default path)
-        if bf16 and variant != "bf16" and not name.startswith("transformers"):
+        if bf16 and variant != "bf16":
             r["speedup_vs_bf16"] = r["tokens_per_s"] / bf16["tokens_per_s"]
             r["peak_memory_vs_bf16"] = (r["peak_memory_gib"] / bf16["peak_memory_gib"]
                                         if r["peak_memory_gib"] else None)
