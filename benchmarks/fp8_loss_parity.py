@@ -12,9 +12,9 @@ step's loss is noisy), and its relative difference.
 Where one job cannot hold both runs, run them apart and join them:
     python benchmarks/fp8_loss_parity.py --only bf16 ...             also writes the tokenizer
     python benchmarks/fp8_loss_parity.py --only fp8 --tokenizer DIR ...
-    python benchmarks/fp8_loss_parity.py --join BF16.json FP8.json [BF16_SEED1.json]
-                                     the plot and the comparison; a third run, BF16 at another
-                                     seed, gives the seed-to-seed spread the difference is read against
+    python benchmarks/fp8_loss_parity.py --join BF16.json FP8.json [BF16_SEED1.json BF16_RERUN.json ...]
+                                     the plot and the comparison; further BF16 runs (another seed,
+                                     or the same seed again) give the spread the difference is read against
 
 Writes fp8_loss_parity[_PRESET][_smoke].json and .png into benchmarks/results (or $OUT).
 """
@@ -70,14 +70,17 @@ def plot(curves: dict[str, list[dict]], path: Path, title: str) -> None:
         smooth[name] = ema
         line, = ax.plot(steps, loss, alpha=0.25, linewidth=0.8)
         ax.plot(steps, ema, color=line.get_color(), linewidth=1.5, label=f"{name} (EMA 0.95)")
+    ax.set_yscale("log")  # the first 200 steps fall from 12 to 1; the comparison is in the tail
     ax.set_ylabel("training loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     steps = [r["step"] for r in curves["bf16"]]
-    for other, color in zip((k for k in curves if k != "bf16"), ("black", "tab:gray")):
-        rel.plot(steps, [100 * (f - b) / b for f, b in zip(smooth[other], smooth["bf16"])], color=color,
-                 linewidth=1, label=f"{other} - bf16")
+    yardsticks = iter(("-", "--", ":", "-."))
+    for other in (k for k in curves if k != "bf16"):  # FP8 in black, the BF16 yardsticks in gray
+        style = dict(color="black") if other == "fp8" else dict(color="tab:gray", linestyle=next(yardsticks, "-"))
+        rel.plot(steps, [100 * (f - b) / b for f, b in zip(smooth[other], smooth["bf16"])], linewidth=1,
+                 label=f"{other} - bf16", **style)
     rel.axhline(100 * V3_CLAIM, color="tab:red", linestyle="--", linewidth=0.8)
     rel.axhline(-100 * V3_CLAIM, color="tab:red", linestyle="--", linewidth=0.8, label="±0.25% (V3 B.1)")
     rel.set_ylabel("% of bf16")
@@ -106,7 +109,7 @@ def main():
     ap.add_argument("--only", choices=("bf16", "fp8"), help="run one precision, write its curve")
     ap.add_argument("--tokenizer", type=Path, help="the tokenizer of the other run (with --only)")
     ap.add_argument("--join", nargs="+", type=Path, metavar="JSON",
-                    help="compare --only runs' curves: BF16 FP8 [BF16 at another seed]")
+                    help="compare --only runs' curves: BF16 FP8 [more BF16 runs as yardsticks]")
     args = ap.parse_args()
     if args.join:
         return join(args)
@@ -139,44 +142,54 @@ def main():
 
 
 def join(args):
-    """The comparison of --only runs: BF16, FP8 and optionally BF16 at another seed (the
-    settings must agree)."""
+    """The comparison of --only runs: BF16, FP8, then any number of BF16 yardsticks (other
+    seeds, or the same seed again: GPU kernels are not bit-for-bit reproducible, so a rerun
+    drifts too). The settings must agree."""
     runs = [json.loads(p.read_text()) for p in args.join]
     keys = ("preset", "layers", "steps", "batch", "seq", "lr", "data", "tail")
     precisions = [r.get("precision") for r in runs]
     seeds = [r.get("seed", 0) for r in runs]
     same_setting = all(r[k] == runs[0][k] for r in runs for k in keys)
-    seeds_right = seeds[0] == seeds[1] and (len(runs) == 2 or seeds[2] != seeds[0])
-    if precisions not in (["bf16", "fp8"], ["bf16", "fp8", "bf16"]) or not same_setting or not seeds_right:
-        sys.exit(f"--join takes a bf16 and an fp8 run of the same setting ({', '.join(keys)}) and seed, and "
-                 f"optionally a bf16 run at another seed; got "
+    if precisions[:2] != ["bf16", "fp8"] or any(p != "bf16" for p in precisions[2:]) or not same_setting \
+            or seeds[0] != seeds[1]:
+        sys.exit(f"--join takes a bf16 and an fp8 run of the same setting ({', '.join(keys)}) and seed, then "
+                 f"any bf16 runs of that setting as yardsticks; got "
                  f"{[{k: r.get(k) for k in ('precision', 'seed', *keys)} for r in runs]}")
     setting = {k: runs[0][k] for k in (*keys, "tokens")}
     curves = {"bf16": runs[0]["curve"], "fp8": runs[1]["curve"]}
-    if len(runs) == 3:
-        curves[f"bf16 seed {runs[2]['seed']}"] = runs[2]["curve"]
+    taken = {seeds[0]}
+    for i, (run, seed) in enumerate(zip(runs[2:], seeds[2:])):
+        label = f"bf16 seed {seed}" + (" rerun" if seed in taken else "")
+        taken.add(seed)
+        curves[label if label not in curves else f"{label} {i + 2}"] = run["curve"]
     compare(curves, setting, runs[0]["name"])
 
 
 def compare(curves: dict[str, list[dict]], setting: dict, name: str) -> None:
-    """FP8's final loss against BF16's; a third curve (BF16 at another seed) is the yardstick:
-    how far two BF16 runs that differ only in their seed end apart at this scale."""
+    """FP8's final loss against BF16's; further BF16 curves (another seed, or a rerun) are the
+    yardstick: how far two BF16 runs that differ only by chance end apart at this scale."""
     tail = setting["tail"]
     final = {k: statistics.fmean(r["loss"] for r in v[-tail:]) for k, v in curves.items()}
     rel = {k: (v - final["bf16"]) / final["bf16"] for k, v in final.items() if k != "bf16"}
     png = out_dir() / f"{name}.png"
     plot(curves, png, f"{setting['preset']}: BF16 vs FP8, {setting['steps']} steps, "
                       f"{setting['tokens'] / 1e6:.0f}M tokens")
-    seed_spread = next((v for k, v in rel.items() if k != "fp8"), None)
+    spread = {k: v for k, v in rel.items() if k != "fp8"}
+    # the widest gap between two BF16 runs, as a fraction of the reference run's loss
+    widest = max(spread.values(), default=0.0) - min(0.0, *spread.values()) if spread else None
     result = {"benchmark": "fp8_loss_parity", **environment(), **setting, "final_loss": final,
-              "relative_difference": rel["fp8"], "bf16_seed_spread": seed_spread,
+              "relative_difference": rel["fp8"], "bf16_spread": spread,
+              "widest_bf16_gap": widest,
+              "within_bf16_spread": None if widest is None else abs(rel["fp8"]) <= widest,
               "within_v3_claim": abs(rel["fp8"]) <= V3_CLAIM, "command": " ".join(sys.argv),
               "curves": {k: [{"step": r["step"], "loss": r["loss"]} for r in v] for k, v in curves.items()}}
     path = write_json(result, f"{name}.json")
     print(f"final training loss (mean of the last {tail} steps): "
           + ", ".join(f"{k} {v:.4f}" for k, v in final.items())
           + f"; fp8 relative {rel['fp8']:+.3%} (V3 B.1: within ±{V3_CLAIM:.2%})"
-          + ("" if seed_spread is None else f"; bf16 at another seed {seed_spread:+.3%}"))
+          + "".join(f"; {k} {v:+.3%}" for k, v in spread.items())
+          + ("" if widest is None else f"; FP8's gap {'within' if abs(rel['fp8']) <= widest else 'beyond'} "
+             f"the widest between two BF16 runs, {widest:.3%}"))
     print(f"wrote {path} and {png}")
 
 
