@@ -6,8 +6,9 @@ system prompt (default 2,000) followed by its own `--question-tokens` tokens, an
 CUDA graphs on a GPU) runs them without and with the prefix cache, in one process, after a
 warm-up of each. Reported per side: TTFT p50 / p99 (from the arrival of all requests to a
 request's first token, which comes back with its prefill step), throughput (output tokens
-and requests per second over the whole run), prompt tokens computed, and whether the two
-sides' greedy tokens are identical; and the TTFT p50 ratio.
+and requests per second over the whole run), prompt tokens computed, how many requests'
+greedy tokens are identical on both sides, and where they part, which token a float32 copy of
+the model prefers and by how much; and the TTFT p50 ratio.
 
     python benchmarks/prefix_cache.py --preset tiny --device cpu --requests 16   # CPU smoke run
     python benchmarks/prefix_cache.py --preset bench-1b                         # GPU
@@ -68,6 +69,27 @@ def run(engine: Engine, prompts: list[list[int]], new: int) -> dict:
             "tokens": [s.output_ids for s in seqs]}
 
 
+@torch.no_grad()
+def referee(reference: Transformer, prompts: list[list[int]], pairs: list[tuple[list[int], list[int]]]) -> dict:
+    """Where the two sides' greedy tokens first part, the float32 reference model's verdict:
+    the margin between the two tokens there (in units of the logits' standard deviation), and
+    which side it prefers. A wrong cached prefix would lose clearly and every time; BF16
+    rounding tipping a near tie loses by a hair, and each side about as often."""
+    margins, cache_preferred = [], 0
+    dev = next(reference.parameters()).device
+    for prompt, (plain, cached) in zip(prompts, pairs):
+        at = next((i for i, (x, y) in enumerate(zip(plain, cached)) if x != y), None)
+        if at is None:
+            continue
+        ids = torch.tensor([prompt + plain[:at]], device=dev)
+        logits = reference(ids, logits_to_keep=1).logits[0, -1].double()
+        gap = (logits[cached[at]] - logits[plain[at]]).item()
+        margins.append(abs(gap) / logits.std().item())
+        cache_preferred += gap > 0
+    return {"parted": len(margins), "cache_preferred": cache_preferred,
+            "margin_over_logit_std": {"median": statistics.median(margins), "max": max(margins)} if margins else None}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="bench-1b")
@@ -97,13 +119,14 @@ def main() -> None:
         results["prefix_cache" if cached else "no_cache"] = {**run(engine, prompts, args.new),
                                                              **graph_flags(engine.runner.graphs)}
     # on a GPU the suffix's prefill runs in other batch shapes than the whole prompt's, so BF16
-    # rounding may break a random model's near-tied logits the other way: count the requests
-    # (a wrong cached prefix would differ from the first token on; a rounding, later and rarely)
+    # rounding may break a random model's near-tied logits the other way: count the requests,
+    # and let a float32 copy judge where they part (a wrong cached prefix loses clearly)
     pairs = list(zip(results["no_cache"].pop("tokens"), results["prefix_cache"].pop("tokens")))
     identical = sum(a == b for a, b in pairs)
     same = identical == len(pairs)
     first_differences = sorted(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
                                for a, b in pairs if a != b)
+    verdict = referee(model.float(), prompts, pairs) if first_differences else None
     ratio = results["no_cache"]["ttft_p50_s"] / results["prefix_cache"]["ttft_p50_s"]
     print(f"{args.requests} requests, {args.system_tokens}-token shared system prompt + {args.question_tokens} "
           f"tokens each, {args.new} new tokens, {args.preset} on {args.device}")
@@ -114,9 +137,15 @@ def main() -> None:
     print(f"TTFT p50 ratio (no cache / cache): {ratio:.2f}x; identical greedy tokens: {identical} of "
           f"{len(pairs)} requests" + (f" (the others first differ at tokens {first_differences})"
                                       if first_differences else ""))
+    if verdict:
+        m = verdict["margin_over_logit_std"]
+        print(f"float32 reference where they part: the cached side's token preferred in {verdict['cache_preferred']} "
+              f"of {verdict['parted']}; margin between the two tokens / logits' std: median {m['median']:.2e}, "
+              f"max {m['max']:.2e}")
     path = write_json({"benchmark": "prefix_cache", **environment(), "config": vars(args),
                        "results": results, "ttft_p50_ratio": ratio, "identical_tokens": same,
-                       "identical_requests": identical, "first_differences": first_differences},
+                       "identical_requests": identical, "first_differences": first_differences,
+                       "float32_referee": verdict},
                       f"prefix_cache_{args.preset}_{args.device.split(':')[0]}.json")
     print(f"wrote {path}")
 

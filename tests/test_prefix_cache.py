@@ -1,6 +1,7 @@
 """Prefix caching: the same tokens with and without it, fewer prompt tokens computed with it."""
 
 import pytest
+import torch
 from test_engine import burst_engine
 
 from nanoseek.infer.config import InferenceConfig
@@ -115,3 +116,28 @@ def test_chained_block_hashes_name_a_whole_prefix():
 def test_prefix_caching_refuses_speculative_decoding(model):
     with pytest.raises(ValueError, match="speculative"):
         Engine(model, max_batch=1, max_len=32, speculative_k=2, config=CACHED)
+
+
+def test_the_benchmarks_float32_referee_judges_where_two_outputs_part(model):
+    """benchmarks/prefix_cache.py: where the no-cache and cached tokens part, the reference
+    model's logits there give the margin (over the logits' std) and the side it prefers."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "prefix_cache_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "prefix_cache.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    prompts = [SYSTEM + QUESTIONS[0], SYSTEM + QUESTIONS[1], SYSTEM + QUESTIONS[2]]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompts[1] + [5, 6]])).logits[0, -1].double()
+    best, worse = logits.topk(2).indices.tolist()
+    pairs = [([5, 6, 7], [5, 6, 7]),            # identical: not judged
+             ([5, 6, worse, 1], [5, 6, best, 1]),  # part at 2, the cached side has the better token
+             ([3, best], [3, best, 2])]          # one a prefix of the other: they never part in a token
+    verdict = bench.referee(model, prompts, pairs)
+    gap = (logits[best] - logits[worse]).item() / logits.std().item()
+    assert verdict["parted"] == 1 and verdict["cache_preferred"] == 1
+    assert verdict["margin_over_logit_std"]["median"] == pytest.approx(gap, rel=1e-4, abs=1e-4)
+    assert verdict["margin_over_logit_std"]["max"] == pytest.approx(gap, rel=1e-4, abs=1e-4)
+    assert bench.referee(model, prompts[:1], pairs[:1]) == {"parted": 0, "cache_preferred": 0,
+                                                           "margin_over_logit_std": None}
