@@ -1,3 +1,5 @@
+import math
+
 import torch
 
 from nanoseek import Transformer, preset
@@ -40,3 +42,18 @@ def test_top_k_and_top_p_restrict_support():
     g = torch.Generator().manual_seed(0)
     assert set(sample_next(logits, 1.0, top_k=2, generator=g).tolist()) <= {2, 3}
     assert set(sample_next(logits, 1.0, top_p=0.5, generator=g).tolist()) == {3}
+
+
+def test_top_k_keeps_exactly_k_tokens_with_their_renormalised_probabilities():
+    """filter_sorted: k tokens stay even where values tie at the k-th (the sort's order
+    breaks the tie), beyond k is -inf, and what stays is the distribution renormalised."""
+    from nanoseek.infer.sampling import filter_sorted
+    logits = torch.tensor([[1.0, 3.0, 2.0, 2.0, 0.0], [1.0, 3.0, 2.0, 2.0, 0.0]])  # sampled in float32
+    sorted_BV, order_BV = filter_sorted(logits, torch.tensor([1.0, 2.0]), torch.tensor([2, 9]),
+                                        torch.tensor([1.0, 1.0]))
+    assert torch.isinf(sorted_BV[0, 2:]).all() and torch.isfinite(sorted_BV[0, :2]).all()
+    assert order_BV[0, 0] == 1 and order_BV[0, 1] in (2, 3)
+    p = sorted_BV[0].double().softmax(-1)[:2]  # exp(3 - 3), exp(2 - 3), renormalised
+    assert torch.allclose(p, torch.tensor([1.0, math.exp(-1)], dtype=torch.float64) / (1 + math.exp(-1)), rtol=1e-12)
+    # k above the vocabulary keeps all, at the row's temperature
+    assert torch.equal(sorted_BV[1], torch.tensor([1.5, 1.0, 1.0, 0.5, 0.0]))

@@ -170,14 +170,17 @@ def filter_sorted(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B:
                   top_p_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: logits / T sorted descending, outside the top-k and the top-p nucleus -inf.
 
-    Returns (sorted logits [B, V], their token ids [B, V]). top_k 0 is off; top-p keeps the
-    smallest prefix whose probability reaches top_p (always at least the first token)."""
+    Returns (sorted logits [B, V], their token ids [B, V]). top_k 0 is off, else exactly k
+    tokens stay (ties at the k-th value broken by the sort's order); top-p keeps the smallest
+    prefix whose probability reaches top_p (always at least the first token)."""
     V = logits_BV.shape[-1]
     logits = logits_BV.float() / temperature_B[:, None]
     sorted_BV, order_BV = logits.sort(-1, descending=True)
-    k_B = torch.where(top_k_B > 0, top_k_B.clamp(max=V), V)
-    kth = sorted_BV.gather(-1, (k_B - 1)[:, None])
-    sorted_BV = sorted_BV.masked_fill(sorted_BV < kth, float("-inf"))
+    k_B = torch.where(top_k_B > 0, top_k_B, V)
+    # by position, not by comparing with a gathered k-th value: Inductor (torch 2.11, CUDA)
+    # failed to generate that gather fused into the softmax below
+    beyond_k = torch.arange(V, device=logits.device) >= k_B[:, None]
+    sorted_BV = sorted_BV.masked_fill(beyond_k, float("-inf"))
     p = sorted_BV.softmax(-1)
     drop = p.cumsum(-1) - p > top_p_B[:, None]
     return sorted_BV.masked_fill(drop, float("-inf")), order_BV
