@@ -298,3 +298,23 @@ def test_parallel_runs_refuse_fp8_and_recompute_for_now(tmp_path, field, shown):
     cfg = train_config(steps=1, batch_size=2, seq_len=32, **field)
     with pytest.raises(ParallelError, match=f"^{shown} is not supported with --dp/--ep/--pp yet; drop it$"):
         ParallelTrainer(tiny_model(), None, cfg, tmp_path, ParallelConfig(dp=1))
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_once_a_step_quantization_matches_eager_bit_for_bit():
+    """A compiled step quantizes its expert weights compiled too (precision.quantize_into):
+    the same FP8 bytes and scales as the eager quantize, ragged edges and a zero block included."""
+    from nanoseek.fp8.quant import WEIGHT_BLOCK, quantize
+    from nanoseek.train.precision import block_scales_like, quantize_into
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    torch.manual_seed(0)
+    for shape in ((4, 200, 300), (8, 1408, 2048)):
+        w = torch.randn(shape, device="cuda") * torch.rand(shape[0], 1, 1, device="cuda") * 3
+        w[0, :128, :128] = 0
+        data = torch.empty_like(w, dtype=torch.float8_e4m3fn)
+        scale = block_scales_like(w)
+        quantize_into(w, data, scale, compiled=True)
+        q = quantize(w, WEIGHT_BLOCK)
+        assert torch.equal(scale, q.scale) and scale[0, 0, 0] == 1
+        assert torch.equal(data.view(torch.uint8), q.data.view(torch.uint8))

@@ -166,17 +166,17 @@ case $stage in
       tests/test_fp8_weights.py tests/test_fused_decode.py -k "fast_fp8 or scaled_mm or w8a8 or model_loss or \
       dequantized_models_tokens or v3_layer_widths" 2>&1 | tee "$OUT/fp8_tests.log" | tail -15
     ;;
-  fp8train)  # the FP8 kernels against the twin, BF16 (expert weights cast once a step, and per use as the
-             # peer) vs FP8 training speed on V2-Lite layers (4 micro-batches a step, as a real global batch
-             # amortizes AdamW) with a kernel table of each, then the FP8 GPU tests in what is left (the
-             # fullgraph one, which compiles and autotunes, last)
+  fp8train)  # the FP8 kernels against the twin, BF16 vs FP8 training speed on V2-Lite layers (4 micro-batches
+             # a step, as a real global batch amortizes AdamW; FP8's expert weights quantized once a step,
+             # compiled, and per use as the peer) with a kernel table of each, then the FP8 GPU tests in what
+             # is left (the compiled once-a-step quantization first)
     bench 100 20 benchmarks/fp8_fast_vs_twin.py  # its sweep times the kernels' launch shapes for ~50 (N, K)
     bench "$(left 470)" 100 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
-      --accum 4 --precision bf16,bf16-per-use,fp8 --skip-hf --profile
+      --accum 4 --precision bf16,fp8,fp8-per-use --skip-hf --profile
     python3 benchmarks/profile_categories.py "$OUT"/profile_train_*.txt 2>&1 | tee "$OUT/profile_categories.txt"
-    timeout "$(left 590)" python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8_weights.py \
-      tests/test_fp8.py -k "gpu_grouped or fast_fp8_swiglu or w8a8_matches or dequantized_models_tokens \
-      or fullgraph" 2>&1 | tee "$OUT/fp8_tests.log" | tail -12
+    timeout "$(left 590)" python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_train_precision.py \
+      tests/test_fp8.py -k "compiled_once_a_step or gpu_grouped or fast_fp8_swiglu" 2>&1 \
+      | tee "$OUT/fp8_tests.log" | tail -12
     ;;
   fp8deep)  # the expert GEMMs alone, then BF16 vs FP8 training speed on the most V2-Lite layers that fit (8 on
             # an H200's 141 GB, 6 on an H100's 80 GB; LAYERS= to choose), where the expert GEMMs outweigh the

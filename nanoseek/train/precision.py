@@ -107,13 +107,14 @@ def step_cast_layers(model: nn.Module, dtype: torch.dtype | None) -> list[nn.Mod
 
 
 @contextlib.contextmanager
-def weights_once_a_step(model: nn.Module, dtype: torch.dtype | None):
+def weights_once_a_step(model: nn.Module, dtype: torch.dtype | None, compiled: bool = False):
     """Within it (one optimizer step's forward and backward passes), the linear and expert
     layers compute with their weights prepared once on entry: cast to autocast's `dtype`, or
     quantized (FP8 training's experts). The same numbers as at every use, since the weights
     change only at the optimizer step; but a weight used twice in a forward (the head, shared
-    with MTP) sums its two gradients in float32, where autocast's cast cache sums them in BF16."""
-    from ..fp8.quant import WEIGHT_BLOCK, quantize
+    with MTP) sums its two gradients in float32, where autocast's cast cache sums them in BF16.
+    `compiled`: the step runs compiled, so the quantization is compiled too (on a GPU)."""
+    from ..fp8.quant import FP8_DTYPE
     from ..fp8.swiglu import Fp8TrainExperts
     cast = step_cast_layers(model, dtype)
     kinds = [type(layer) for layer in cast]
@@ -127,9 +128,9 @@ def weights_once_a_step(model: nn.Module, dtype: torch.dtype | None):
                 layer.__class__ = step_kind
             for layer in quantized:
                 for w, (data_name, scale_name) in zip(Experts.expert_weights(layer), layer.QUANTIZED):
-                    q = quantize(w, WEIGHT_BLOCK)
-                    kept_buffer(layer, data_name, q.data, q.data.dtype).copy_(q.data)
-                    kept_buffer(layer, scale_name, q.scale, q.scale.dtype).copy_(q.scale)
+                    data = kept_buffer(layer, data_name, w, FP8_DTYPE)
+                    scale = kept_buffer(layer, scale_name, block_scales_like(w), torch.float32)
+                    quantize_into(w, data, scale, compiled=compiled)
                 layer.step_weights = True
         yield
     finally:
@@ -137,6 +138,35 @@ def weights_once_a_step(model: nn.Module, dtype: torch.dtype | None):
             layer.__class__ = kind
         for layer in quantized:
             layer.step_weights = False
+
+
+def block_scales_like(w: torch.Tensor) -> torch.Tensor:
+    """An uninitialised float32 tensor shaped as the scales of `w` in 128x128 weight blocks."""
+    from ..fp8.quant import WEIGHT_BLOCK
+    *lead, R, C = w.shape
+    return w.new_empty(*lead, -(-R // WEIGHT_BLOCK[0]), -(-C // WEIGHT_BLOCK[1]), dtype=torch.float32)
+
+
+def _quantize_into(w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> None:
+    from ..fp8.quant import WEIGHT_BLOCK, quantize
+    q = quantize(w, WEIGHT_BLOCK)
+    data.copy_(q.data)
+    scale.copy_(q.scale)
+
+
+_compiled_quantize_into = None
+
+
+def quantize_into(w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, compiled: bool) -> None:
+    """w quantized in 128x128 blocks into the buffers `data` and `scale`; compiled for a
+    compiled step on a GPU, where eager's five passes over the float32 weights (amax, scale,
+    cast, copies) took ~8x the one fused pass's HBM time on V2-Lite's shapes."""
+    global _compiled_quantize_into
+    if not (compiled and w.is_cuda):
+        return _quantize_into(w, data, scale)
+    if _compiled_quantize_into is None:
+        _compiled_quantize_into = torch.compile(_quantize_into, dynamic=False)
+    _compiled_quantize_into(w, data, scale)
 
 
 def kept_buffer(module: nn.Module, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

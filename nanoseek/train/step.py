@@ -44,7 +44,7 @@ def train_step(model: nn.Module, micro_batches: list[dict], optimizer: torch.opt
     # once a step pays where a weight would be cast more than once: over several micro-batches,
     # or in a compiled backward, which recasts rather than keep the forward's casts
     once = weights_once and (n > 1 or compiled is not None)
-    with weights_once_a_step(base, autocast_dtype) if once else contextlib.nullcontext():
+    with weights_once_a_step(base, autocast_dtype, compiled is not None) if once else contextlib.nullcontext():
         for batch in micro_batches:
             out = forward_backward(call, batch, 1.0 / n, autocast_dtype)
             parts = parts.to(out.loss.device) + torch.stack(
