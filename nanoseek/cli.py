@@ -283,6 +283,8 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
                    help="pipeline schedule (dualpipev: two stages per rank, V-shaped)")
     g.add_argument("--microbatches", type=int, default=0, metavar="N",
                    help="pipeline micro-batches per step (default: 2 per stage)")
+    g.add_argument("--no-overlap", action="store_true", help="dualpipev with --ep: run each forward/backward "
+                                                             "pair in turn, not overlapping their all-to-alls")
     g.add_argument("--replicate", action="store_true", help="replicate non-expert weights over dp "
                                                             "instead of sharding them")
     g.add_argument("--fsdp-bf16", action="store_true", help="FSDP computes with bf16 copies of the weights")
@@ -304,7 +306,8 @@ def parallel_config(args: argparse.Namespace):
         raise UsageError(f"--pp {args.pp} must be a positive divisor of the {world} processes started")
     cfg = ParallelConfig(dp=args.dp if args.dp is not None else world // args.pp, ep=args.ep, pp=args.pp,
                          schedule=args.pp_schedule, microbatches=args.microbatches, fsdp=not args.replicate,
-                         param_dtype="bf16" if args.fsdp_bf16 else None, cpu_offload=args.cpu_offload)
+                         param_dtype="bf16" if args.fsdp_bf16 else None, cpu_offload=args.cpu_offload,
+                         overlap=not args.no_overlap)
     cfg.check_world(world)
     return cfg
 

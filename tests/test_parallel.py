@@ -38,13 +38,13 @@ FIELDS = ("loss", "main_loss", "mtp_loss", "balance_loss", "grad_norm")
 
 
 # ---------------------------------------------------------------------- shared by the workers
-def batches(n: int = STEPS) -> list[dict]:
+def batches(n: int = STEPS, rows: int = BATCH) -> list[dict]:
     """Random tokens with a third of the labels ignored, so that ranks count different tokens."""
     g = torch.Generator().manual_seed(1)
     out = []
     for _ in range(n):
-        ids = torch.randint(0, 1024, (BATCH, SEQ), generator=g)
-        labels = ids.where(torch.rand(BATCH, SEQ, generator=g) > 0.3, -100)
+        ids = torch.randint(0, 1024, (rows, SEQ), generator=g)
+        labels = ids.where(torch.rand(rows, SEQ, generator=g) > 0.3, -100)
         out.append({"input_ids": ids, "labels": labels})
     return out
 
@@ -74,7 +74,7 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def my_rows(batch: dict, mesh, dp: int) -> dict:
-    r, b = mesh.dp.get_local_rank(), BATCH // dp
+    r, b = mesh.dp.get_local_rank(), len(batch["input_ids"]) // dp
     return {k: v[r * b:(r + 1) * b] for k, v in batch.items()}
 
 
@@ -217,6 +217,45 @@ FOUR_RANK_LAYOUTS = {
 @pytest.mark.multigpu
 def test_every_layout_on_four_ranks_matches_one_process(tmp_path):
     check_layouts(spawn(tmp_path, 4, FOUR_RANK_LAYOUTS), FOUR_RANK_LAYOUTS)
+
+
+def overlap_worker(rank: int, world: int, init_file: str, out_dir: str):
+    """DualPipeV with EP over 4 ranks, its pairs run in turn and overlapped: two steps each
+    from the same model (7 layers, so that the stages hold 1-2 MoE layers), same batches."""
+    from nanoseek.parallel import overlap
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        data = batches(2, rows=16)
+        out = {}
+        for overlapped in (False, True):
+            cfg = ParallelConfig(dp=2, ep=2, pp=2, schedule="dualpipev", microbatches=8, overlap=overlapped)
+            mesh = build_mesh(cfg)
+            torch.manual_seed(0)
+            pm = parallelize(Transformer(preset("tiny", num_hidden_layers=7)), cfg, mesh, torch.device("cpu"))
+            opt = torch.optim.SGD(pm.view.parameters(), lr=LR)
+            overlap.TURNS.log = []
+            losses = [parallel_train_step(pm, mesh, [my_rows(b, mesh, 2)], opt, 1.0)["loss"] for b in data]
+            out[str(overlapped)] = {"losses": losses, "meetings": len(overlap.TURNS.log)}
+            torch.save({k: full(t) for k, t in pm.view.state_dict().items()}, Path(out_dir) / f"rank{rank}_{overlapped}.pt")
+        overlap.TURNS.log = None
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(out))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multigpu
+def test_dualpipev_overlapping_ep_all_to_alls_trains_bit_for_bit_as_in_turn(tmp_path):
+    """The overlapped pairs (parallel/overlap.py) take turns at every rank's MoE layers and
+    give the very same losses and weights as the pairs run one after the other."""
+    mp.spawn(overlap_worker, args=(4, str(tmp_path / "pg"), str(tmp_path)), nprocs=4)
+    for rank in range(4):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["True"]["losses"] == got["False"]["losses"], rank
+        assert got["False"]["meetings"] == 0 and got["True"]["meetings"] > 0, (rank, got)
+        in_turn, overlapped = (torch.load(tmp_path / f"rank{rank}_{o}.pt") for o in (False, True))
+        assert in_turn.keys() == overlapped.keys()
+        assert all(torch.equal(in_turn[k], overlapped[k]) for k in in_turn), rank
 
 
 # ---------------------------------------------------------------------- one process

@@ -36,6 +36,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from ..config import ModelConfig
 from ..model.moe import Experts, MoE, grouped_mm_supported, grouped_swiglu
 from .mesh import ParallelError
+from .overlap import turn_point
 
 
 class ExpertParallelExperts(nn.Module):
@@ -63,6 +64,8 @@ class ExpertParallelExperts(nn.Module):
                      for w in (self.gate_proj, self.up_proj, self.down_proj))
 
     def forward(self, x_ND, weight_NK, idx_NK):
+        # turn points (overlap.py) around the two all-to-alls, for DualPipeV's overlapped pairs
+        x_ND = turn_point(x_ND)                                         # A: before the dispatch
         N, K = idx_NK.shape
         R, L = self.n_ranks, self.n_local
         flat_M = idx_NK.flatten()
@@ -74,13 +77,14 @@ class ExpertParallelExperts(nn.Module):
 
         x_sent_MD = x_ND[order_M // K]
         x_recv_SD = all_to_all_single_autograd(x_sent_MD, recv_R, send_R, self.group)
+        x_recv_SD = turn_point(x_recv_SD)                            # B: dispatched
         # (source, local expert) order -> local-expert-major, stably: the grouped GEMM's layout
         expert_S = torch.repeat_interleave(torch.arange(L, device=x_ND.device).repeat(R),
                                            recv_counts_RL.flatten(), output_size=sum(recv_R))
         perm_S = expert_S.argsort(stable=True)
         y_SD = self.run_local_experts(x_recv_SD[perm_S], recv_counts_RL.sum(0))
-        y_recv_SD = torch.empty_like(y_SD).index_put_((perm_S,), y_SD)
-        y_sent_MD = all_to_all_single_autograd(y_recv_SD, send_R, recv_R, self.group)
+        y_recv_SD = turn_point(torch.empty_like(y_SD).index_put_((perm_S,), y_SD))  # C: before the combine
+        y_sent_MD = turn_point(all_to_all_single_autograd(y_recv_SD, send_R, recv_R, self.group))  # D
 
         y_NKD = torch.empty_like(y_sent_MD).index_put_((order_M,), y_sent_MD).view(N, K, -1)
         return (y_NKD * weight_NK[..., None].to(y_NKD.dtype)).sum(1).to(x_ND.dtype)

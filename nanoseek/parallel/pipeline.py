@@ -9,9 +9,10 @@ Schedules (`--pp-schedule`):
   micro-batches are paired (OVERLAP_F_B) and the backward is split into input and weight
   parts (zero-bubble) to fill the gaps. Needs at least 2·pp micro-batches.
 Torch runs an OVERLAP_F_B pair one after the other unless a custom function is registered
-for it; overlapping the EP all-to-all of one chunk with the other's compute is that function,
-which this module does not register (see benchmarks/pipeline_bubble.py for the schedules'
-bubbles themselves).
+for it. With expert parallelism, `overlap.py`'s is registered (`overlap`, on by default): the
+pair runs as two threads taking turns at the all-to-alls, so that one chunk's communication
+hides behind the other's compute, DualPipe's point (benchmarks/pipeline_bubble.py measures
+the schedules' bubbles themselves).
 
 Every schedule here is built with `scale_grads=False`: the stages' loss is already each
 micro-batch's share of the global-batch loss (stage.py).
@@ -19,11 +20,14 @@ micro-batch's share of the global-batch loss (stage.py).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleDualPipeV
 
 from ..model.transformer import Transformer
+from . import overlap
 from .mesh import ParallelConfig, ParallelError
 from .stage import ModelStage, split_layers
 
@@ -53,8 +57,23 @@ def build_schedule(stages: list[ModelStage], cfg: ParallelConfig, pp_mesh: Devic
     group = pp_mesh.get_group()
     pipe_stages = [PipelineStage(s, s.index, s.n_stages, device, group=group) for s in stages]
     if cfg.schedule == "dualpipev":
-        return ScheduleDualPipeV(pipe_stages, cfg.n_microbatches, loss_fn=loss_fn, scale_grads=False)
+        schedule = ScheduleDualPipeV(pipe_stages, cfg.n_microbatches, loss_fn=loss_fn, scale_grads=False)
+        if cfg.overlap and cfg.ep > 1:
+            register_overlap(schedule)
+        return schedule
     return Schedule1F1B(pipe_stages[0], cfg.n_microbatches, loss_fn=loss_fn, scale_grads=False)
+
+
+def register_overlap(schedule) -> bool:
+    """Run the schedule's OVERLAP_F_B pairs overlapped (overlap.py), where this torch allows."""
+    from torch.distributed.pipelining.schedules import OVERLAP_F_B
+    if not overlap.supported(schedule):
+        warnings.warn("this torch's pipeline runtime lacks what the DualPipeV overlap uses; "
+                      "its forward/backward pairs run one after the other", stacklevel=2)
+        return False
+    overlap.TURNS.enabled = True
+    schedule.register_custom_function(OVERLAP_F_B, overlap.overlap_f_b)
+    return True
 
 
 def pipeline_step(schedule, stages: list[ModelStage], input_ids: torch.Tensor, labels: torch.Tensor) -> None:

@@ -1,0 +1,159 @@
+"""parallel/overlap.py: an overlapped DualPipeV pair's threads take turns at the MoE layers'
+all-to-alls, so that exactly one of them communicates at a time, in the same order on every
+rank, and the other computes meanwhile. Here the all-to-alls are stand-ins that record when
+they run; the real ones, over gloo, are in test_parallel.py's four-rank test."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from nanoseek.parallel import overlap
+from nanoseek.parallel.overlap import TURNS, run_pair, turn_point
+
+
+class Comm(torch.autograd.Function):
+    """An all-to-all stand-in: records (side, what, layer) when it runs, forward and backward,
+    and takes a little time so that a racing thread would show in the record."""
+
+    @staticmethod
+    def forward(ctx, x, log, what, layer):
+        ctx.log, ctx.what, ctx.layer = log, what, layer
+        log.append(("forward", what, layer))
+        time.sleep(0.002)
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.log.append(("backward", ctx.what, ctx.layer))
+        time.sleep(0.002)
+        return grad * 1.0, None, None, None
+
+
+def moe_like(x, log, layer):
+    """ExpertParallelExperts' shape of a layer: A dispatch B experts C combine D."""
+    x = turn_point(x)
+    x = turn_point(Comm.apply(x, log, "dispatch", layer))
+    x = torch.tanh(x) * 1.5                            # the experts
+    x = turn_point(x)
+    x = turn_point(Comm.apply(x, log, "combine", layer))
+    return torch.sin(x) + x                            # the rest of the block
+
+
+def chunk(x, n_layers, log):
+    for layer in range(n_layers):
+        x = moe_like(x, log, layer)
+    return x.sum()
+
+
+@pytest.fixture
+def turns():
+    TURNS.enabled, TURNS.log = True, []
+    yield TURNS
+    TURNS.enabled, TURNS.log = False, None
+    TURNS.close()
+
+
+@pytest.mark.parametrize("n_f,n_b", [(2, 2), (3, 1), (1, 3)])
+def test_a_pair_communicates_one_thread_at_a_time_in_a_fixed_order(turns, n_f, n_b):
+    log: list = []
+    b_in = torch.randn(4, 8, requires_grad=True)
+    b_loss = chunk(b_in, n_b, log)                      # its forward ran earlier, unpaired
+    log.clear()
+    f_in = torch.randn(4, 8, requires_grad=True)
+    out = {}
+    meetings = min(4 * n_f, 4 * n_b - 1)
+    run_pair(lambda: out.setdefault("f", chunk(f_in, n_f, log)), lambda: b_loss.backward(), meetings)
+
+    # each thread met `meetings` times
+    assert [s for s, _ in turns.log].count("forward") == meetings
+    assert [s for s, _ in turns.log].count("backward") == meetings
+    # the all-to-alls alternate: the backward's first combine', then the forward's dispatch, the
+    # backward's dispatch', the forward's combine, ... until one thread has met its last turn
+    fwd = [("forward", what, layer) for layer in range(n_f) for what in ("dispatch", "combine")]
+    bwd = [("backward", what, layer) for layer in reversed(range(n_b)) for what in ("combine", "dispatch")]
+    paired = []
+    for i in range(max(len(fwd), len(bwd))):
+        paired += bwd[i:i + 1] + fwd[i:i + 1]
+    assert log == paired                    # whichever thread runs out of turns, the other goes on alone
+    # the same numbers as one after the other
+    expect_f = chunk(f_in.detach().clone().requires_grad_(), n_f, [])
+    assert torch.equal(out["f"], expect_f)
+    ref_in = b_in.detach().clone().requires_grad_()
+    chunk(ref_in, n_b, []).backward()
+    assert torch.equal(b_in.grad, ref_in.grad)
+
+
+def test_the_other_thread_computes_while_one_communicates(turns):
+    """A slow all-to-all in one thread: the other thread's compute between the same two
+    meetings runs during it."""
+    events: list = []
+
+    class SlowComm(Comm):
+        @staticmethod
+        def forward(ctx, x, log, what, layer):
+            events.append(("comm start", time.perf_counter()))
+            time.sleep(0.05)
+            events.append(("comm end", time.perf_counter()))
+            return x * 1.0
+
+    class Compute(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 1.0
+
+        @staticmethod
+        def backward(ctx, grad):
+            time.sleep(0.01)                # a little work, begun as the other thread's all-to-all begins
+            events.append(("compute", time.perf_counter()))
+            return grad * 1.0
+
+    def f_chunk(x):
+        x = turn_point(x)                                   # A (meets the backward's C')
+        x = turn_point(SlowComm.apply(x, [], "dispatch", 0))  # B
+        x = turn_point(x)
+        x = turn_point(x)
+        return x.sum()
+
+    def b_chunk(x):
+        x = turn_point(turn_point(x))
+        x = Compute.apply(x)                # backward: C' meets A, then Compute' while the dispatch runs
+        x = turn_point(turn_point(x))
+        return x.sum()
+
+    b_in = torch.randn(3, requires_grad=True)
+    b_loss = b_chunk(b_in)
+    f_in = torch.randn(3, requires_grad=True)
+    run_pair(lambda: f_chunk(f_in), lambda: b_loss.backward(), 3)
+    start = next(t for e, t in events if e == "comm start")
+    end = next(t for e, t in events if e == "comm end")
+    compute = next(t for e, t in events if e == "compute")
+    assert start < compute < end
+
+
+def test_an_error_in_the_backward_thread_is_raised_and_frees_the_forward(turns):
+    class Boom(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 1.0
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise ValueError("boom in the backward")
+
+    b_in = torch.randn(4, 8, requires_grad=True)
+    b_loss = Boom.apply(chunk(b_in, 2, []))
+    f_in = torch.randn(4, 8, requires_grad=True)
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="boom in the backward"):
+        run_pair(lambda: chunk(f_in, 2, []), lambda: b_loss.backward(), 7)
+    assert time.perf_counter() - started < 30
+    assert not any(t.name == "overlap-backward" for t in threading.enumerate())
+
+
+def test_turn_points_are_identities_outside_an_overlapping_run():
+    assert not TURNS.enabled
+    x = torch.randn(3, requires_grad=True)
+    assert turn_point(x) is x
+    assert overlap.supported(object()) is False
