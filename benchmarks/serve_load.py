@@ -4,7 +4,9 @@ A random model of the preset (seeded; `nanoseek init`) is served with `--max-bat
 slots; each of `--clients` clients streams `--requests` chat completions one after the
 other, every request with its own prompt and seed (sampled at temperature 0.8, EOS
 ignored, exactly `--new` tokens). Reported: requests/s and output tokens/s over the whole
-run, and the p50/p99 of request latency (to the last byte) and of time to first token.
+run, the p50/p99 of request latency (to the last byte) and of time to first token, and from
+the server's /metrics the engine's share: its steps, their mean length and batch, and the
+fraction of the run spent inside them (the rest is HTTP, JSON and the event loop).
 The clients are asyncio + httpx in this process; the server is a separate process.
 
     python benchmarks/serve_load.py --preset tiny --clients 32                     # CPU
@@ -61,7 +63,30 @@ async def one_request(client: httpx.AsyncClient, i: int, new: int) -> dict:
             "completion_tokens": usage["completion_tokens"]}
 
 
-async def load(url: str, clients: int, requests: int, new: int) -> tuple[list[dict], float]:
+ENGINE_COUNTERS = ("nanoseek_engine_steps_total", "nanoseek_engine_step_seconds_total",
+                   "nanoseek_engine_step_sequences_total")
+
+
+def engine_counters(metrics_text: str) -> dict[str, float]:
+    """The engine's step counters from a /metrics scrape."""
+    values = {}
+    for line in metrics_text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ENGINE_COUNTERS:
+            values[name] = float(value)
+    return values
+
+
+def engine_share(before: dict, after: dict, wall: float) -> dict:
+    """Where the run's time went on the server: the engine's steps (how many, their mean
+    length and batch) and the fraction of the wall clock spent inside them; the rest is the
+    server's and the clients' own work (HTTP, JSON, the event loop) and waiting."""
+    steps, seconds, rows = (after[k] - before[k] for k in ENGINE_COUNTERS)
+    return {"engine_steps": int(steps), "engine_busy_fraction": seconds / wall,
+            "engine_step_ms": 1e3 * seconds / max(steps, 1), "sequences_per_step": rows / max(steps, 1)}
+
+
+async def load(url: str, clients: int, requests: int, new: int) -> tuple[list[dict], float, dict]:
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         async def worker(c):
@@ -69,9 +94,12 @@ async def load(url: str, clients: int, requests: int, new: int) -> tuple[list[di
         # warm-up, untimed: one wave at full concurrency (compilation and graph capture of the
         # batch sizes the run meets, allocator)
         await asyncio.gather(*(one_request(client, 10**6 + c, new) for c in range(clients)))
+        before = engine_counters((await client.get("/metrics")).text)
         t0 = time.perf_counter()
         results = await asyncio.gather(*(worker(c) for c in range(clients)))
-        return [r for rs in results for r in rs], time.perf_counter() - t0
+        wall = time.perf_counter() - t0
+        after = engine_counters((await client.get("/metrics")).text)
+        return [r for rs in results for r in rs], wall, engine_share(before, after, wall)
 
 
 def main():
@@ -107,7 +135,7 @@ def main():
                 if server.poll() is not None:
                     raise SystemExit("the server exited")
                 time.sleep(0.5)
-            results, wall = asyncio.run(load(url, args.clients, args.requests, args.new))
+            results, wall, engine = asyncio.run(load(url, args.clients, args.requests, args.new))
             metrics = httpx.get(f"{url}/metrics").text
         finally:
             server.terminate()
@@ -119,13 +147,16 @@ def main():
     figures = {"requests": len(results), "wall_s": wall, "requests_per_s": len(results) / wall,
                "output_tokens_per_s": tokens / wall,
                "latency_p50_s": statistics.median(lat), "latency_p99_s": percentile(lat, 99),
-               "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": percentile(ttft, 99)}
+               "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": percentile(ttft, 99), **engine}
     print(f"serve load: {args.preset}, {args.clients} clients × {args.requests} requests × {args.new} tokens, "
           f"max_batch {args.max_batch}")
     print(f"  {'requests/s':<22}{figures['requests_per_s']:10.2f}")
     print(f"  {'output tokens/s':<22}{figures['output_tokens_per_s']:10.1f}")
     for name in ("latency", "ttft"):
         print(f"  {name + ' p50 / p99 (s)':<22}{figures[name + '_p50_s']:10.3f} / {figures[name + '_p99_s']:.3f}")
+    print(f"  engine: {engine['engine_steps']} steps of {engine['engine_step_ms']:.2f} ms and "
+          f"{engine['sequences_per_step']:.1f} sequences on average, busy {engine['engine_busy_fraction']:.0%} "
+          f"of the wall clock")
     assert all(r["completion_tokens"] == args.new for r in results)
     assert "nanoseek_queue_depth" in metrics
     path = write_json({**environment(), "config": vars(args), "figures": figures},

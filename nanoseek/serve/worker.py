@@ -57,6 +57,9 @@ class EngineWorker:
         self._stop = False
         # figures for /metrics, written by the worker, read by anyone
         self.waiting = self.running = self.peak_running = 0
+        # engine steps, the seconds spent in them and the sequences they advanced: with the wall
+        # clock, how busy the engine is and how full its batches (what a slow server lacks)
+        self.steps, self.step_seconds, self.step_rows = 0, 0.0, 0
         self._recent: deque[tuple[float, int]] = deque(maxlen=4096)  # (time, tokens) of the last steps
 
     # ------------------------------------------------------------- handler side
@@ -147,12 +150,16 @@ class EngineWorker:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
+            started = time.perf_counter()
             try:
                 events = self.engine.step()
             except Exception as e:  # a failed step fails its requests, not the server
                 log.exception("engine step failed")
                 self._fail(f"the engine failed: {type(e).__name__}", 500)
                 continue
+            self.steps += 1
+            self.step_seconds += time.perf_counter() - started
+            self.step_rows += len(events)
             new_tokens = 0
             for event in events:
                 job = self._jobs.get(event.request_id)
