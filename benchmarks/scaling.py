@@ -16,6 +16,8 @@ Configurations at N processes:
     EP+DP         --dp N --ep N          routed experts split over N, the rest FSDP2-sharded over N
     PP 1F1B       --pp N                 one stage per rank
     PP DualPipeV  --pp N --pp-schedule dualpipev   two stages per rank, V-shaped
+    DualPipeV+EP  --pp 2 --dp N/2 --ep N/2 --pp-schedule dualpipev   (N >= 4) pairs' all-to-alls
+                  overlapped with compute; "in turn" adds --no-overlap, the peer
 
 Weak scaling: every GPU keeps `--batch-per-gpu` sequences, so the global batch is N times that.
 A GPU's work per step then stays the same as N grows and tokens/s per GPU at N against N = 1 is
@@ -66,6 +68,12 @@ CONFIGS = {
     "EP+DP": lambda n: ["--dp", n, "--ep", n],
     "PP 1F1B": lambda n: ["--pp", n, "--pp-schedule", "1f1b"],
     "PP DualPipeV": lambda n: ["--pp", n, "--pp-schedule", "dualpipev"],
+    # DualPipe's point: one micro-batch's EP all-to-all behind another's compute, and the peer
+    # without it (from 4 processes: 2 pipeline ranks of N/2 expert-parallel ones)
+    "DualPipeV+EP": lambda n: ["--pp", 2, "--dp", n // 2, "--ep", n // 2, "--pp-schedule", "dualpipev"]
+    if n >= 4 else None,
+    "DualPipeV+EP in turn": lambda n: ["--pp", 2, "--dp", n // 2, "--ep", n // 2, "--pp-schedule", "dualpipev",
+                                       "--no-overlap"] if n >= 4 else None,
 }
 # NVLink multicast stays off in every launched process (the device notes say why)
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -398,6 +406,8 @@ def main(argv=None) -> None:
     for n in sorted(n for n in args.gpus if n > 1):
         for config in args.configs:
             flags = CONFIGS[config](n)
+            if flags is None:       # not a layout at this N
+                continue
             print(f"{config} on {n} ...", flush=True)
             profile_steps = args.profile_steps if "--ep" in flags else 0
             run = launch(n, flags, n * args.batch_per_gpu, runs_root / f"{config.replace(' ', '_')}_{n}", args,
