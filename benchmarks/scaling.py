@@ -275,16 +275,16 @@ def summarise(result: dict, args) -> None:
 
 
 def table(result: dict) -> str:
-    lines = [f"{'config':14} {'N':>2} {'tok/s/GPU':>10} {'eff':>6} {'peak MiB':>9} {'loss diff':>10} "
+    lines = [f"{'config':20} {'N':>2} {'tok/s/GPU':>10} {'eff':>6} {'peak MiB':>9} {'loss diff':>10} "
              f"{'bubble':>7} {'a2a ms':>7} {'overlap':>7}"]
     base = result["one_process"].get("1", {})
     rows = [{"config": "one process", "n": 1, **base}] + result["runs"]
     for r in rows:
         if not r.get("ok"):
-            lines.append(f"{r['config']:14} {r['n']:>2} failed: {r.get('error', '').splitlines()[-1:]}")
+            lines.append(f"{r['config']:20} {r['n']:>2} failed: {r.get('error', '').splitlines()[-1:]}")
             continue
         a2a = r.get("all_to_all", {})
-        lines.append(f"{r['config']:14} {r['n']:>2} {r['tokens_per_s_per_gpu']:>10,.0f} "
+        lines.append(f"{r['config']:20} {r['n']:>2} {r['tokens_per_s_per_gpu']:>10,.0f} "
                      f"{fmt(r.get('efficiency'), '>6.1%')} {r['peak_memory_bytes'] / 2**20:>9,.0f} "
                      f"{fmt(r.get('loss_vs_one_process', {}).get('max_abs_diff'), '>10.2e')} "
                      f"{fmt(r.get('bubble'), '>7.1%')} {fmt(a2a.get('ms_per_step'), '>7.2f')} "
