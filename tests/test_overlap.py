@@ -31,6 +31,20 @@ class Comm(torch.autograd.Function):
         return grad * 1.0, None, None, None
 
 
+class OnBackward(torch.autograd.Function):
+    """Identity whose backward calls `fn()` first (a stand-in for some backward work)."""
+
+    @staticmethod
+    def forward(ctx, x, fn):
+        ctx.fn = fn
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.fn()
+        return grad * 1.0, None
+
+
 def moe_like(x, log, layer):
     """ExpertParallelExperts' shape of a layer: A dispatch B experts C combine D."""
     x = turn_point(x)
@@ -98,16 +112,9 @@ def test_the_other_thread_computes_while_one_communicates(turns):
             events.append(("comm end", time.perf_counter()))
             return x * 1.0
 
-    class Compute(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x * 1.0
-
-        @staticmethod
-        def backward(ctx, grad):
-            time.sleep(0.01)                # a little work, begun as the other thread's all-to-all begins
-            events.append(("compute", time.perf_counter()))
-            return grad * 1.0
+    def compute():
+        time.sleep(0.01)                    # a little work, begun as the other thread's all-to-all begins
+        events.append(("compute", time.perf_counter()))
 
     def f_chunk(x):
         x = turn_point(x)                                   # A (meets the backward's C')
@@ -118,7 +125,7 @@ def test_the_other_thread_computes_while_one_communicates(turns):
 
     def b_chunk(x):
         x = turn_point(turn_point(x))
-        x = Compute.apply(x)                # backward: C' meets A, then Compute' while the dispatch runs
+        x = OnBackward.apply(x, compute)    # backward: C' meets A, then compute() while the dispatch runs
         x = turn_point(turn_point(x))
         return x.sum()
 
@@ -133,17 +140,11 @@ def test_the_other_thread_computes_while_one_communicates(turns):
 
 
 def test_an_error_in_the_backward_thread_is_raised_and_frees_the_forward(turns):
-    class Boom(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x * 1.0
-
-        @staticmethod
-        def backward(ctx, grad):
-            raise ValueError("boom in the backward")
+    def boom():
+        raise ValueError("boom in the backward")
 
     b_in = torch.randn(4, 8, requires_grad=True)
-    b_loss = Boom.apply(chunk(b_in, 2, []))
+    b_loss = OnBackward.apply(chunk(b_in, 2, []), boom)
     f_in = torch.randn(4, 8, requires_grad=True)
     started = time.perf_counter()
     with pytest.raises(ValueError, match="boom in the backward"):
