@@ -32,10 +32,13 @@
 #                                              # (each call goes on where the last stopped while the machine
 #                                              # stays warm: call again until r1_*.log ends with "report:")
 #   bash benchmarks/device/h200_session.sh multigpu   # on a 2- or 4-GPU kind: DP, EP, EP+DP, 1F1B, DualPipeV
-#                                              # against one GPU (benchmarks/scaling.py, small preset)
+#                                              # (and at 4, DualPipeV+EP overlapped and in turn) against one
+#                                              # GPU (benchmarks/scaling.py, small preset)
+#   CLAIM=moe bash benchmarks/device/h200_session.sh claim   # one of the papers' claims, gpu scale (8 min)
 #
 # Environment: LAYERS (fp8deep); MINUTES, GRPO_MINUTES, SPEEDRUN_LIMIT, SPECULATIVE (speedrun);
 # R1_LEVEL, R1_PRETRAIN_STEPS, R1_ARGS (r1-zero, r1-full: key=value settings of nanoseek r1); TRL_ARGS (trl, measure);
+# CLAIM (claim: moe, balancing, attention, mtp, fp8 or specialization);
 # DECODE_ARGS (decode, measure: e.g. "--tuned-option combo_kernels=true"); DECODE_MODES (decode.py --modes);
 # FUSED_ARGS (benchmarks/fused_decode.py); SCALING_ARGS (benchmarks/scaling.py, multigpu: e.g.
 # "--preset deepseek-v2-lite --layers 8");
@@ -278,13 +281,19 @@ case $stage in
     counts="1 2"; [ "$gpus" -ge 4 ] && counts="1 2 4"
     bench "$(left 530)" 120 benchmarks/scaling.py --gpus $counts --run-timeout 150 ${SCALING_ARGS:-}
     ;;
+  claim)  # one of the papers' claims at the gpu scale (CLAIM=moe|balancing|attention|mtp|fp8|specialization;
+          # 8 minutes at its default budget): its result folder comes back under $OUT/claims/gpu/<name>/
+    enough "$(left 590)" 500 || exit
+    timeout "$(left 590)" python3 -m nanoseek.cli experiment "${CLAIM:?set CLAIM to an experiment name}" \
+      --device cuda --out "$OUT/claims" 2>&1 | quiet | tee "$OUT/claim_${CLAIM}.log" | tail -30
+    ;;
   step) step 585 ;;
   serve) serve 585 ;;
   trl) trl 585 ;;
   r1-zero) r1 585 zero ;;
   r1-full) r1 585 full ;;
   *) echo "unknown stage $stage: gputests, fp8check, fp8train, fp8deep, parity, shapes, fp8, one, serving, speedrun," \
-       "decode, mtp, spec, measure, fused, tune, multigpu, step, serve, trl, r1-zero or r1-full" >&2
+       "decode, mtp, spec, measure, fused, tune, multigpu, step, serve, trl, r1-zero, r1-full or claim" >&2
      exit 2 ;;
 esac
 echo "stage $stage: $(elapsed)s"
