@@ -17,7 +17,7 @@ Configurations at N processes:
     PP 1F1B       --pp N                 one stage per rank
     PP DualPipeV  --pp N --pp-schedule dualpipev   two stages per rank, V-shaped
     DualPipeV+EP  --pp 2 --dp N/2 --ep N/2 --pp-schedule dualpipev   (N >= 4) pairs' all-to-alls
-                  overlapped with compute; "in turn" adds --no-overlap, the peer
+                  overlapped with compute; "-no-overlap" adds --no-overlap, the peer
 
 Weak scaling: every GPU keeps `--batch-per-gpu` sequences, so the global batch is N times that.
 A GPU's work per step then stays the same as N grows and tokens/s per GPU at N against N = 1 is
@@ -72,8 +72,8 @@ CONFIGS = {
     # without it (from 4 processes: 2 pipeline ranks of N/2 expert-parallel ones)
     "DualPipeV+EP": lambda n: ["--pp", 2, "--dp", n // 2, "--ep", n // 2, "--pp-schedule", "dualpipev"]
     if n >= 4 else None,
-    "DualPipeV+EP in turn": lambda n: ["--pp", 2, "--dp", n // 2, "--ep", n // 2, "--pp-schedule", "dualpipev",
-                                       "--no-overlap"] if n >= 4 else None,
+    "DualPipeV+EP-no-overlap": lambda n: ["--pp", 2, "--dp", n // 2, "--ep", n // 2, "--pp-schedule",
+                                          "dualpipev", "--no-overlap"] if n >= 4 else None,
 }
 # NVLink multicast stays off in every launched process (the device notes say why)
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -275,16 +275,16 @@ def summarise(result: dict, args) -> None:
 
 
 def table(result: dict) -> str:
-    lines = [f"{'config':20} {'N':>2} {'tok/s/GPU':>10} {'eff':>6} {'peak MiB':>9} {'loss diff':>10} "
+    lines = [f"{'config':24} {'N':>2} {'tok/s/GPU':>10} {'eff':>6} {'peak MiB':>9} {'loss diff':>10} "
              f"{'bubble':>7} {'a2a ms':>7} {'overlap':>7}"]
     base = result["one_process"].get("1", {})
     rows = [{"config": "one process", "n": 1, **base}] + result["runs"]
     for r in rows:
         if not r.get("ok"):
-            lines.append(f"{r['config']:20} {r['n']:>2} failed: {r.get('error', '').splitlines()[-1:]}")
+            lines.append(f"{r['config']:24} {r['n']:>2} failed: {r.get('error', '').splitlines()[-1:]}")
             continue
         a2a = r.get("all_to_all", {})
-        lines.append(f"{r['config']:20} {r['n']:>2} {r['tokens_per_s_per_gpu']:>10,.0f} "
+        lines.append(f"{r['config']:24} {r['n']:>2} {r['tokens_per_s_per_gpu']:>10,.0f} "
                      f"{fmt(r.get('efficiency'), '>6.1%')} {r['peak_memory_bytes'] / 2**20:>9,.0f} "
                      f"{fmt(r.get('loss_vs_one_process', {}).get('max_abs_diff'), '>10.2e')} "
                      f"{fmt(r.get('bubble'), '>7.1%')} {fmt(a2a.get('ms_per_step'), '>7.2f')} "

@@ -275,7 +275,8 @@ case $stage in
   tune)  # the fused step's tests, then its launch shapes tuned at batch 1 and its speed per bucket
     FUSED_ARGS="--tune 2 --no-compiled ${FUSED_ARGS:-}" fused 585
     ;;
-  multigpu)  # N = 1, 2 (and 4 where there are 4 GPUs) processes; NVLink multicast off in every one
+  multigpu)  # N = 1, 2 (and 4 where there are 4 GPUs) processes; NVLink multicast off in every one. The overlap
+             # alone: SCALING_ARGS="--gpus 1 4 --configs DualPipeV+EP DualPipeV+EP-no-overlap"
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
     gpus=$(nvidia-smi -L | wc -l)
     counts="1 2"; [ "$gpus" -ge 4 ] && counts="1 2 4"
