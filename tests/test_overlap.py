@@ -158,3 +158,27 @@ def test_turn_points_are_identities_outside_an_overlapping_run():
     x = torch.randn(3, requires_grad=True)
     assert turn_point(x) is x
     assert overlap.supported(object()) is False
+
+
+def test_the_expert_exchange_leaves_its_waits_to_the_first_use(tmp_path):
+    """expert_parallel.exchange: the received rows (forward) and the gradients sent back
+    (backward) come as tensors waited on at their first use, so that on a GPU the other
+    overlapped thread's kernels are not queued behind the all-to-all; the numbers are those
+    of torch's own all_to_all_single (one gloo rank: the identity)."""
+    import torch.distributed as dist
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    from nanoseek.parallel.expert_parallel import exchange
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        x = torch.randn(5, 3, requires_grad=True)
+        seen = []
+        x.register_hook(lambda g: seen.append(g) or g)
+        y = exchange(x, [5], [5], dist.group.WORLD)
+        assert isinstance(y, AsyncCollectiveTensor)
+        (y * torch.arange(3.0)).sum().backward()
+        assert isinstance(seen[0], AsyncCollectiveTensor)
+        assert torch.equal(y.wait(), x.detach())
+        assert torch.equal(x.grad, torch.arange(3.0).expand(5, 3))
+    finally:
+        dist.destroy_process_group()

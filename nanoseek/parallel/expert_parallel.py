@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed._functional_collectives import all_to_all_single, all_to_all_single_autograd
+from torch.distributed._functional_collectives import all_to_all_single
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
@@ -37,6 +37,27 @@ from ..config import ModelConfig
 from ..model.moe import Experts, MoE, grouped_mm_supported, grouped_swiglu
 from .mesh import ParallelError
 from .overlap import turn_point
+
+
+class _Exchange(torch.autograd.Function):
+    """all_to_all_single with autograd whose results, the rows forward and their gradients
+    backward, are waited on at their first use. Torch's own backward waits at once: on a GPU
+    that queues the other overlapped thread's kernels (overlap.py) behind the exchange."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        return all_to_all_single(x.contiguous(), out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        return all_to_all_single(grad.contiguous(), in_splits, out_splits, ctx.group), None, None, None
+
+
+def exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    """Rows of x sent in_splits[r] to rank r; returns those received, out_splits[r] from rank r."""
+    return _Exchange.apply(x, out_splits, in_splits, group)
 
 
 class ExpertParallelExperts(nn.Module):
@@ -64,27 +85,25 @@ class ExpertParallelExperts(nn.Module):
                      for w in (self.gate_proj, self.up_proj, self.down_proj))
 
     def forward(self, x_ND, weight_NK, idx_NK):
-        # turn points (overlap.py) around the two all-to-alls, for DualPipeV's overlapped pairs
-        x_ND = turn_point(x_ND)                                         # A: before the dispatch
         N, K = idx_NK.shape
         R, L = self.n_ranks, self.n_local
         flat_M = idx_NK.flatten()
         order_M = flat_M.argsort(stable=True)                       # by expert, hence by rank
         counts_E = torch.bincount(flat_M, minlength=self.n_experts)
+        x_sent_MD = x_ND[order_M // K]
+        # turn points (overlap.py) right around the all-to-alls, for DualPipeV's overlapped pairs
+        x_sent_MD = turn_point(x_sent_MD)                               # A: before the dispatch
         # recv_counts_RL[s, l]: pairs rank s sends to my local expert l
         recv_counts_RL = all_to_all_single(counts_E, None, None, self.group).wait().view(R, L)
         send_R, recv_R = torch.stack([counts_E.view(R, L).sum(1), recv_counts_RL.sum(1)]).tolist()
-
-        x_sent_MD = x_ND[order_M // K]
-        x_recv_SD = all_to_all_single_autograd(x_sent_MD, recv_R, send_R, self.group)
-        x_recv_SD = turn_point(x_recv_SD)                            # B: dispatched
+        x_recv_SD = turn_point(exchange(x_sent_MD, recv_R, send_R, self.group))  # B: dispatched
         # (source, local expert) order -> local-expert-major, stably: the grouped GEMM's layout
         expert_S = torch.repeat_interleave(torch.arange(L, device=x_ND.device).repeat(R),
                                            recv_counts_RL.flatten(), output_size=sum(recv_R))
         perm_S = expert_S.argsort(stable=True)
         y_SD = self.run_local_experts(x_recv_SD[perm_S], recv_counts_RL.sum(0))
         y_recv_SD = turn_point(torch.empty_like(y_SD).index_put_((perm_S,), y_SD))  # C: before the combine
-        y_sent_MD = turn_point(all_to_all_single_autograd(y_recv_SD, send_R, recv_R, self.group))  # D
+        y_sent_MD = turn_point(exchange(y_recv_SD, send_R, recv_R, self.group))  # D: combined
 
         y_NKD = torch.empty_like(y_sent_MD).index_put_((order_M,), y_sent_MD).view(N, K, -1)
         return (y_NKD * weight_NK[..., None].to(y_NKD.dtype)).sum(1).to(x_ND.dtype)

@@ -11,7 +11,10 @@ The threads meet in this order, the backward's first D' passing straight into it
     backward  =combine'=  C' ..experts'.. B' =dispatch'= A' ..compute..  D' =combine'= C' ...
 
 so that between two meetings exactly one thread communicates, and the order of the EP group's
-collectives is the same on every rank. With n_f MoE layers in the forward chunk and n_b in the
+collectives is the same on every rank. On a GPU both threads queue kernels on one stream: an
+exchange's result, forward or backward, is waited on at its first use (expert_parallel's
+`exchange`), after the next meeting, so that the kernels the other thread queued meanwhile do
+not wait behind it. With n_f MoE layers in the forward chunk and n_b in the
 backward, min(4·n_f, 4·n_b - 1) meetings; after them the thread still running goes on alone.
 
 A pair whose backward is its stage's last runs in turn as torch does: that backward reduces the
