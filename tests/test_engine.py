@@ -345,7 +345,6 @@ def test_decode_bursts_equal_one_step_at_a_time(model, tokenizer):
     assert {sampled for _, sampled in graphs.graphs} == {False, True}  # both step forms ran
 
 
-
 def test_a_sampler_that_fails_to_compile_keeps_the_models_forward_compiled(model, tokenizer, monkeypatch):
     """Where Inductor cannot compile the sampling step (code generation failed on the sampler
     on one build), the sampled steps compile the model's forward and sample uncompiled, the
@@ -368,6 +367,7 @@ def test_a_sampler_that_fails_to_compile_keeps_the_models_forward_compiled(model
     graphs = engine.runner.graphs
     assert graphs.compile and not graphs.compile_sampler  # not the whole step uncompiled
     assert {name for name, _ in graphs._compiled} == {"_step", "_logits"}
+
 
 def test_bursts_run_rows_to_the_end_of_their_context(model, tokenizer):
     """Requests that fill the whole context (max_tokens None), with different prompt lengths:
