@@ -294,6 +294,24 @@ def test_serve_command_parses():
     bad = build_parser().parse_args(["serve", "--model", "m", "--prefix-cache", "--speculative", "2"])
     with pytest.raises(ValueError, match="--prefix-cache does not work with --speculative"):
         cmd_serve(bad)
+    bad = build_parser().parse_args(["serve", "--model", "m", "--cpu-threads", "0"])
+    with pytest.raises(ValueError, match="--cpu-threads must be positive, got 0"):
+        cmd_serve(bad)
+
+
+def test_a_cpu_server_leaves_one_core_to_its_event_loop(monkeypatch):
+    """serve's compute threads on a CPU: the flag, else OMP_NUM_THREADS's (left alone), else
+    the usable cores less one, at least one."""
+    import os
+
+    from nanoseek.serve.launch import cpu_threads
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert cpu_threads(None) == 3 and cpu_threads(6) == 6
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5}, raising=False)
+    assert cpu_threads(None) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cpu_threads(None) is None and cpu_threads(4) == 4
 
 
 def test_serve_port_out_of_range_is_one_line_exit_2(tiny_dir, capsys):
