@@ -16,8 +16,8 @@ Configurations at N processes:
     EP+DP         --dp N --ep N          routed experts split over N, the rest FSDP2-sharded over N
     PP 1F1B       --pp N                 one stage per rank
     PP DualPipeV  --pp N --pp-schedule dualpipev   two stages per rank, V-shaped
-    DualPipeV+EP  --pp 2 --dp N/2 --ep N/2 --pp-schedule dualpipev   (N >= 4) pairs' all-to-alls
-                  overlapped with compute; "-no-overlap" adds --no-overlap, the peer
+    DualPipeV+EP  --pp 2 --dp N/2 --ep N/2 --pp-schedule dualpipev --overlap   (N >= 4) pairs'
+                  all-to-alls overlapped with compute; "-no-overlap" has --no-overlap, the peer
 
 Weak scaling: every GPU keeps `--batch-per-gpu` sequences, so the global batch is N times that.
 A GPU's work per step then stays the same as N grows and tokens/s per GPU at N against N = 1 is
@@ -70,8 +70,8 @@ CONFIGS = {
     "PP DualPipeV": lambda n: ["--pp", n, "--pp-schedule", "dualpipev"],
     # DualPipe's point: one micro-batch's EP all-to-all behind another's compute, and the peer
     # without it (from 4 processes: 2 pipeline ranks of N/2 expert-parallel ones)
-    "DualPipeV+EP": lambda n: ["--pp", 2, "--dp", n // 2, "--ep", n // 2, "--pp-schedule", "dualpipev"]
-    if n >= 4 else None,
+    "DualPipeV+EP": lambda n: ["--pp", 2, "--dp", n // 2, "--ep", n // 2, "--pp-schedule", "dualpipev",
+                               "--overlap"] if n >= 4 else None,
     "DualPipeV+EP-no-overlap": lambda n: ["--pp", 2, "--dp", n // 2, "--ep", n // 2, "--pp-schedule",
                                           "dualpipev", "--no-overlap"] if n >= 4 else None,
 }

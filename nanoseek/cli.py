@@ -283,8 +283,9 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
                    help="pipeline schedule (dualpipev: two stages per rank, V-shaped)")
     g.add_argument("--microbatches", type=int, default=0, metavar="N",
                    help="pipeline micro-batches per step (default: 2 per stage)")
-    g.add_argument("--no-overlap", action="store_true", help="dualpipev with --ep: run each forward/backward "
-                                                             "pair in turn, not overlapping their all-to-alls")
+    g.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="dualpipev with --ep: overlap each forward/backward pair's all-to-alls with the other's "
+                        "compute (default: on GPUs; --no-overlap runs the pair in turn)")
     g.add_argument("--replicate", action="store_true", help="replicate non-expert weights over dp "
                                                             "instead of sharding them")
     g.add_argument("--fsdp-bf16", action="store_true", help="FSDP computes with bf16 copies of the weights")
@@ -307,7 +308,7 @@ def parallel_config(args: argparse.Namespace):
     cfg = ParallelConfig(dp=args.dp if args.dp is not None else world // args.pp, ep=args.ep, pp=args.pp,
                          schedule=args.pp_schedule, microbatches=args.microbatches, fsdp=not args.replicate,
                          param_dtype="bf16" if args.fsdp_bf16 else None, cpu_offload=args.cpu_offload,
-                         overlap=not args.no_overlap)
+                         overlap=args.overlap)
     cfg.check_world(world)
     return cfg
 

@@ -220,15 +220,16 @@ def test_every_layout_on_four_ranks_matches_one_process(tmp_path):
 
 
 def overlap_worker(rank: int, world: int, init_file: str, out_dir: str):
-    """DualPipeV with EP over 4 ranks, its pairs run in turn and overlapped: two steps each
-    from the same model (7 layers, so that the stages hold 1-2 MoE layers), same batches."""
+    """DualPipeV with EP over 4 ranks, its pairs run in turn, overlapped, and as by default (on
+    the CPU: in turn): two steps each from the same model (7 layers, so that the stages hold 1-2
+    MoE layers), same batches."""
     from nanoseek.parallel import overlap
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         data = batches(2, rows=16)
         out = {}
-        for overlapped in (False, True):
+        for overlapped in (False, True, None):      # None: the default, on GPUs only
             cfg = ParallelConfig(dp=2, ep=2, pp=2, schedule="dualpipev", microbatches=8, overlap=overlapped)
             mesh = build_mesh(cfg)
             torch.manual_seed(0)
@@ -253,6 +254,7 @@ def test_dualpipev_overlapping_ep_all_to_alls_trains_bit_for_bit_as_in_turn(tmp_
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["True"]["losses"] == got["False"]["losses"], rank
         assert got["False"]["meetings"] == 0 and got["True"]["meetings"] > 0, (rank, got)
+        assert got["None"]["meetings"] == 0 and got["None"]["losses"] == got["False"]["losses"]  # CPU
         in_turn, overlapped = (torch.load(tmp_path / f"rank{rank}_{o}.pt") for o in (False, True))
         assert in_turn.keys() == overlapped.keys()
         assert all(torch.equal(in_turn[k], overlapped[k]) for k in in_turn), rank

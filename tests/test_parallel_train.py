@@ -140,13 +140,13 @@ def test_torchrun_layouts_train_like_one_process(layout, one_process, tmp_path):
 @pytest.mark.multigpu
 def test_torchrun_dualpipev_with_overlapped_expert_parallelism_trains_like_one_process(tmp_path):
     """4 ranks: 2 pipeline ranks of 2 data- and expert-parallel ones, DualPipeV with its pairs'
-    all-to-alls overlapped (the default) through the real command line; 4 micro-batches of
-    each data-parallel rank's 4 rows of a global batch of 8."""
+    all-to-alls overlapped (`--overlap`: by default only on GPUs) through the real command line;
+    4 micro-batches of each data-parallel rank's 4 rows of a global batch of 8."""
     args = [*RUN_ARGS, "batch_size=8"]          # the last of a repeated field wins
     assert main(["train", *args, "--out", str(tmp_path / "one")]) == 0
     out = tmp_path / "run"
     proc = torchrun(tmp_path, 4, "train", *args, "--pp", 2, "--dp", 2, "--ep", 2, "--pp-schedule", "dualpipev",
-                    "--microbatches", 4, "--out", out)
+                    "--microbatches", 4, "--overlap", "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert max(abs(a - b) for a, b in zip(losses(out), losses(tmp_path / "one"))) <= LOSS_TOL
     assert steps(out) == list(range(1, 7))

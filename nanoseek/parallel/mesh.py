@@ -43,7 +43,9 @@ class ParallelConfig:
     fsdp: bool = True               # shard non-expert parameters over dp (else replicate them)
     param_dtype: str | None = None  # FSDP's compute copy: the parameters' own dtype, or bf16
     cpu_offload: bool = False       # FSDP keeps parameters, gradients and optimizer state on CPU
-    overlap: bool = True            # DualPipeV with ep > 1: a pair's all-to-alls behind its other half's compute
+    # DualPipeV with ep > 1: a pair's all-to-alls behind its other half's compute; None: on GPUs
+    # only (on CPU processes the two threads share the cores, which measured slower)
+    overlap: bool | None = None
 
     def __post_init__(self):
         for name in ("dp", "ep", "pp"):

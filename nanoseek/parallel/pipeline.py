@@ -9,8 +9,8 @@ Schedules (`--pp-schedule`):
   micro-batches are paired (OVERLAP_F_B) and the backward is split into input and weight
   parts (zero-bubble) to fill the gaps. Needs at least 2·pp micro-batches.
 Torch runs an OVERLAP_F_B pair one after the other unless a custom function is registered
-for it. With expert parallelism, `overlap.py`'s is registered (`overlap`, on by default): the
-pair runs as two threads taking turns at the all-to-alls, so that one chunk's communication
+for it. With expert parallelism, `overlap.py`'s is registered (`overlap`; by default on GPUs):
+the pair runs as two threads taking turns at the all-to-alls, so that one chunk's communication
 hides behind the other's compute, DualPipe's point (benchmarks/pipeline_bubble.py measures
 the schedules' bubbles themselves).
 
@@ -58,7 +58,7 @@ def build_schedule(stages: list[ModelStage], cfg: ParallelConfig, pp_mesh: Devic
     pipe_stages = [PipelineStage(s, s.index, s.n_stages, device, group=group) for s in stages]
     if cfg.schedule == "dualpipev":
         schedule = ScheduleDualPipeV(pipe_stages, cfg.n_microbatches, loss_fn=loss_fn, scale_grads=False)
-        if cfg.overlap and cfg.ep > 1:
+        if cfg.ep > 1 and (cfg.overlap if cfg.overlap is not None else device.type == "cuda"):
             register_overlap(schedule)
         return schedule
     return Schedule1F1B(pipe_stages[0], cfg.n_microbatches, loss_fn=loss_fn, scale_grads=False)
