@@ -345,6 +345,24 @@ def test_decode_bursts_equal_one_step_at_a_time(model, tokenizer):
     assert {sampled for _, sampled in graphs.graphs} == {False, True}  # both step forms ran
 
 
+def test_a_burst_where_no_row_filters_samples_without_the_sort(model, tokenizer):
+    """Temperature-only requests (no top-k, no top-p): the bursts run the unfiltered form of
+    the sampling step, and every request's tokens are those the one-step engine draws, where
+    a filtering request in the same batch makes it sort."""
+    from nanoseek.infer.cuda_graph import UNFILTERED
+    prompts = ["Hello", "a", "12+3="]
+    params = [greedy(12, temperature=1.0, seed=3), greedy(12, temperature=0.7, seed=4), greedy(12)]
+    engine = burst_engine(model, tokenizer, max_batch=3, max_len=64)
+    got = [o.token_ids for o in engine.generate(prompts, params)]
+    assert {variant for _, variant in engine.runner.graphs.graphs} == {UNFILTERED}
+    assert got == [o.token_ids for o in Engine(model, tokenizer, max_batch=3, max_len=64).generate(prompts, params)]
+    # beside a row that filters, the same requests draw the same tokens
+    mixed = burst_engine(model, tokenizer, max_batch=4, max_len=64)
+    both = mixed.generate(prompts + ["xyz"], params + [greedy(12, temperature=0.8, top_p=0.5, seed=5)])
+    assert [o.token_ids for o in both[:3]] == got
+    assert {variant for _, variant in mixed.runner.graphs.graphs} == {True}
+
+
 def test_a_sampler_that_fails_to_compile_keeps_the_models_forward_compiled(model, tokenizer, monkeypatch):
     """Where Inductor cannot compile the sampling step (code generation failed on the sampler
     on one build), the sampled steps compile the model's forward and sample uncompiled, the
@@ -352,10 +370,10 @@ def test_a_sampler_that_fails_to_compile_keeps_the_models_forward_compiled(model
     from nanoseek.infer import cuda_graph
     real = cuda_graph.sample_tensors
 
-    def sampler(*args):
+    def sampler(*args, **kwargs):
         if torch.compiler.is_compiling():
             raise RuntimeError("the sampler's code generation failed")
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(cuda_graph, "sample_tensors", sampler)
     prompts, params = ["Hello", "12+3="], [greedy(9), greedy(9, temperature=0.8, top_k=50, seed=5)]

@@ -57,3 +57,29 @@ def test_top_k_keeps_exactly_k_tokens_with_their_renormalised_probabilities():
     assert torch.allclose(p, torch.tensor([1.0, math.exp(-1)], dtype=torch.float64) / (1 + math.exp(-1)), rtol=1e-12)
     # k above the vocabulary keeps all, at the row's temperature
     assert torch.equal(sorted_BV[1], torch.tensor([1.5, 1.0, 1.0, 0.5, 0.0]))
+
+
+def test_the_inverse_cdf_draws_in_vocabulary_order_and_never_a_banned_token():
+    """sampling.draw / sample_tensors: uniforms on a fine grid land on each token as often as
+    its probability says; 0 and 1 - 2^-24 land on the first and last allowed token (never a
+    -inf one); unfiltered and filtered-with-no-filter batches draw the same tokens."""
+    from nanoseek.infer.sampling import draw, sample_tensors
+    inf = float("inf")
+    logits = torch.tensor([[-inf, 1.0, 0.0, 2.0, -inf]])
+    n = 20000
+    u = (torch.arange(n, dtype=torch.float32) + 0.5) / n
+    tokens = draw(logits.expand(n, -1), u)
+    p = logits[0].double().softmax(-1)
+    freq = torch.bincount(tokens, minlength=5).double() / n
+    assert freq[0] == 0 and freq[4] == 0
+    assert torch.allclose(freq, p, atol=2.0 / n)          # each token's share of the grid, to a grid step
+    assert draw(logits, torch.tensor([0.0])).item() == 1
+    assert draw(logits, torch.tensor([1 - 2 ** -24])).item() == 3
+    # the same rows through the filter with nothing to filter (top_k 0, top_p 1), and without it
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(64, 50, generator=g) * 3
+    settings = (torch.zeros(64, dtype=torch.bool), torch.full((64,), 0.7), torch.zeros(64, dtype=torch.long),
+                torch.ones(64))
+    uniforms = torch.rand(64, generator=g)
+    assert torch.equal(sample_tensors(rows, *settings, uniforms, filtered=True),
+                       sample_tensors(rows, *settings, uniforms, filtered=False))

@@ -51,9 +51,12 @@ import warnings
 import torch
 
 from ..model import StaticCache, Transformer
-from .sampling import SamplingParams, logprob_rows, row_settings, sample_tensors
+from .sampling import SamplingParams, filters, logprob_rows, row_settings, sample_tensors
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# the decode step's forms, a key's second part: False greedy, True sampling (with the top-k /
+# top-p filter), UNFILTERED sampling where no row filters (no sort of the vocabulary)
+UNFILTERED = "unfiltered"
 
 
 class BucketGraphs:
@@ -95,8 +98,12 @@ class BucketGraphs:
     def _step(self, *inputs):
         raise NotImplementedError
 
+    def _step_for(self, key: tuple):
+        """The method that runs key's form of the step."""
+        return self._step
+
     def _compiled_step(self, key: tuple):
-        return self._compile(self._step, key[0] in self.tuned_buckets)
+        return self._compile(self._step_for(key), key[0] in self.tuned_buckets)
 
     def _compile(self, fn, tuned: bool):
         """fn (a method of this step) through torch.compile, one compilation per (fn, tuned)."""
@@ -128,7 +135,7 @@ class BucketGraphs:
                 warnings.warn(f"torch.compile of the {self.kind} step failed ({type(e).__name__}: "
                               f"{str(e)[:300]}); capturing the uncompiled step")
                 self.compile = False
-        return self._step(*inputs)
+        return self._step_for(key)(*inputs)
 
     def _plainer_compile(self, key: tuple, error: Exception) -> bool:
         """After key's compiled step failed: whether a plainer compiled form may run instead
@@ -286,11 +293,20 @@ class GraphDecoder(BucketGraphs):
         if self.compile_sampler or not key[1]:
             return super()._compiled_step(key)
         logits = self._compile(self._logits, key[0] in self.tuned_buckets)
+        filtered = key[1] is not UNFILTERED
         return lambda ids_B1, positions_B1, *settings: self._choose(logits(ids_B1, positions_B1), ids_B1,
-                                                                     positions_B1, *settings)
+                                                                     positions_B1, *settings, filtered=filtered)
+
+    def _step_for(self, key):
+        return self._step_unfiltered if key[1] is UNFILTERED else self._step
 
     def _step(self, ids_B1, positions_B1, settings_4B=None, uniform_B=None):
         return self._choose(self._logits(ids_B1, positions_B1), ids_B1, positions_B1, settings_4B, uniform_B)
+
+    def _step_unfiltered(self, ids_B1, positions_B1, settings_4B, uniform_B):
+        """The sampling step of a batch where no row filters (sampling.filters): no sort."""
+        return self._choose(self._logits(ids_B1, positions_B1), ids_B1, positions_B1, settings_4B, uniform_B,
+                            filtered=False)
 
     def _logits(self, ids_B1, positions_B1):
         if self._fused(ids_B1.shape[0]):
@@ -300,14 +316,15 @@ class GraphDecoder(BucketGraphs):
                             cache_enabled=False):  # see ModelRunner._context
             return self.model(ids_B1, positions=positions_B1, cache=view).logits[:, -1]
 
-    def _choose(self, logits_BV, ids_B1, positions_B1, settings_4B=None, uniform_B=None):
+    def _choose(self, logits_BV, ids_B1, positions_B1, settings_4B=None, uniform_B=None, filtered=True):
         """The token of each row (argmax, or the sampler at the row's uniform), written with
         the next position into the step's inputs."""
         if settings_4B is None:
             tokens_B = logits_BV.argmax(-1)
         else:
             greedy, temperature, top_k, top_p = settings_4B
-            tokens_B = sample_tensors(logits_BV, greedy > 0, temperature, top_k.long(), top_p, uniform_B)
+            tokens_B = sample_tensors(logits_BV, greedy > 0, temperature, top_k.long(), top_p, uniform_B,
+                                      filtered=filtered)
         # the next step's inputs (dummy rows too, kept inside the cache)
         ids_B1.copy_(tokens_B[:, None])
         positions_B1.copy_((positions_B1 + 1).clamp(max=self.last_position))
@@ -338,6 +355,7 @@ class GraphDecoder(BucketGraphs):
             return None
         bucket = self.load([self.ids, self.positions], slots, tokens, positions, fill=[0, self.last_position])
         sampled = params is not None
+        variant = (True if filters(params) else UNFILTERED) if sampled else False
         if sampled:
             # rows no request holds: a greedy row's settings (no division by a zero temperature)
             self.load(list(self.settings), slots, *row_settings(params, "cpu"), fill=[1.0, 1.0, 0.0, 1.0])
@@ -349,7 +367,7 @@ class GraphDecoder(BucketGraphs):
         for i in range(n):
             if sampled:
                 self.uniform[:bucket].copy_(u_nB[i])
-            out = self.run((bucket, sampled))
+            out = self.run((bucket, variant))
             if out is None:
                 return None
             tokens_nB[i].copy_(out[1])

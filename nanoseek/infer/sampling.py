@@ -4,7 +4,9 @@ Every request of an engine batch has its own temperature, top-k, top-p and seed,
 filter works per row (tensors [B]) and the randomness comes from the request, not from
 the batch: each request owns a generator (Python's `random.Random`, sequence.py) that gives
 one uniform number per sampled token, and the token is the inverse CDF of that row's
-filtered distribution at that number. A request therefore draws the same numbers alone or
+filtered distribution at that number, over the vocabulary in its own order (so that a batch
+where no row keeps only its top-k or top-p skips the sort those filters need, and a row
+draws the same token in either kind of batch). A request therefore draws the same numbers alone or
 in any batch, on any device, and the only host work per step is one float per sampled row
 (the same tokens wherever its logits are the same: a batch of another size can run other
 kernels, whose last bits differ in BF16).
@@ -182,7 +184,8 @@ def filter_sorted(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B:
     beyond_k = torch.arange(V, device=logits.device) >= k_B[:, None]
     sorted_BV = sorted_BV.masked_fill(beyond_k, float("-inf"))
     p = sorted_BV.softmax(-1)
-    drop = p.cumsum(-1) - p > top_p_B[:, None]
+    # top_p 1 keeps every token: a cumulative sum rounded above 1 would drop the tail's last
+    drop = (p.cumsum(-1) - p > top_p_B[:, None]) & (top_p_B[:, None] < 1)
     return sorted_BV.masked_fill(drop, float("-inf")), order_BV
 
 
@@ -195,17 +198,36 @@ def row_settings(params: list[SamplingParams], device) -> tuple[torch.Tensor, ..
             torch.tensor([p.top_p for p in params], device=device))
 
 
-def sample_tensors(logits_BV: torch.Tensor, greedy_B: torch.Tensor, temperature_B: torch.Tensor,
-                   top_k_B: torch.Tensor, top_p_B: torch.Tensor, uniform_B: torch.Tensor) -> torch.Tensor:
-    """sample_rows on tensors only (no host sync, fixed shapes: a CUDA graph captures it):
-    argmax where greedy_B, else the inverse CDF of the row's filtered distribution at uniform_B."""
-    sorted_BV, order_BV = filter_sorted(logits_BV, temperature_B, top_k_B, top_p_B)
-    cdf_BV = sorted_BV.softmax(-1).cumsum(-1)
+def filters(params: list[SamplingParams]) -> bool:
+    """Whether some row keeps only part of its distribution (top-k or top-p): only then does
+    the sampler sort the vocabulary."""
+    return any(p.top_k > 0 or p.top_p < 1 for p in params if not p.greedy)
+
+
+def draw(scaled_BV: torch.Tensor, uniform_B: torch.Tensor) -> torch.Tensor:
+    """Per row the inverse CDF of softmax(scaled) at uniform, over the vocabulary in its own
+    order: the first token whose cumulative probability exceeds uniform × the total, so never
+    a token of probability 0 (-inf), whatever the uniform in [0, 1)."""
+    cdf_BV = scaled_BV.softmax(-1).cumsum(-1)
     target_B1 = uniform_B.to(cdf_BV.dtype)[:, None] * cdf_BV[:, -1:]
-    # the first index with cdf >= target has positive probability (index 0 for target 0)
-    idx_B1 = torch.searchsorted(cdf_BV, target_B1).clamp(max=cdf_BV.shape[-1] - 1)
-    sampled = order_BV.gather(-1, idx_B1).squeeze(-1)
-    return torch.where(greedy_B, logits_BV.argmax(-1), sampled)
+    idx_B1 = torch.searchsorted(cdf_BV, target_B1, right=True)
+    # past the end only when rounding put the target at the total: the likeliest token then
+    return torch.where(idx_B1 < cdf_BV.shape[-1], idx_B1, scaled_BV.argmax(-1, keepdim=True)).squeeze(-1)
+
+
+def sample_tensors(logits_BV: torch.Tensor, greedy_B: torch.Tensor, temperature_B: torch.Tensor,
+                   top_k_B: torch.Tensor, top_p_B: torch.Tensor, uniform_B: torch.Tensor,
+                   filtered: bool = True) -> torch.Tensor:
+    """sample_rows on tensors only (no host sync, fixed shapes: a CUDA graph captures it):
+    argmax where greedy_B, else the inverse CDF of the row's filtered distribution at uniform_B.
+    filtered False skips the top-k / top-p filter (and its sort), for a batch where no row
+    filters (`filters`); a row draws the same token either way."""
+    if filtered:
+        sorted_BV, order_BV = filter_sorted(logits_BV, temperature_B, top_k_B, top_p_B)
+        scaled_BV = torch.empty_like(sorted_BV).scatter_(-1, order_BV, sorted_BV)  # back in vocabulary order
+    else:
+        scaled_BV = logits_BV.float() / temperature_B[:, None]
+    return torch.where(greedy_B, logits_BV.argmax(-1), draw(scaled_BV, uniform_B))
 
 
 def sample_rows(logits_BV: torch.Tensor, params: list[SamplingParams],
@@ -214,7 +236,8 @@ def sample_rows(logits_BV: torch.Tensor, params: list[SamplingParams],
     if all(p.greedy for p in params):
         return logits_BV.argmax(-1)
     dev = logits_BV.device
-    return sample_tensors(logits_BV, *row_settings(params, dev), torch.tensor(uniforms, device=dev))
+    return sample_tensors(logits_BV, *row_settings(params, dev), torch.tensor(uniforms, device=dev),
+                          filtered=filters(params))
 
 
 def sample_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
