@@ -114,7 +114,7 @@ def cpu_threads(requested: int | None) -> int | None:
     """The model's intra-op threads on a CPU: `requested`, else OMP_NUM_THREADS's choice (None:
     left as torch set it), else the cores this process may use less one. The engine's threads
     share the cores with the event loop that streams every token: on 2 cores a tiny model served
-    44.7 requests/s on 2 compute threads and 96.7 on 1 (benchmarks/results/serve_load_tiny*.json)."""
+    50.2 requests/s on 2 compute threads and 129.8 on 1 (benchmarks/results/serve_load_tiny*.json)."""
     if requested is not None:
         return requested
     if os.environ.get("OMP_NUM_THREADS"):
