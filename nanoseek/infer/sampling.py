@@ -208,11 +208,13 @@ def draw(scaled_BV: torch.Tensor, uniform_B: torch.Tensor) -> torch.Tensor:
     """Per row the inverse CDF of softmax(scaled) at uniform, over the vocabulary in its own
     order: the first token whose cumulative probability exceeds uniform × the total, so never
     a token of probability 0 (-inf), whatever the uniform in [0, 1)."""
-    cdf_BV = scaled_BV.softmax(-1).cumsum(-1)
-    target_B1 = uniform_B.to(cdf_BV.dtype)[:, None] * cdf_BV[:, -1:]
-    idx_B1 = torch.searchsorted(cdf_BV, target_B1, right=True)
-    # past the end only when rounding put the target at the total: the likeliest token then
-    return torch.where(idx_B1 < cdf_BV.shape[-1], idx_B1, scaled_BV.argmax(-1, keepdim=True)).squeeze(-1)
+    # unnormalised weights: the target is a fraction of their total, so no division is needed
+    cdf_BV = (scaled_BV - scaled_BV.amax(-1, keepdim=True)).exp().cumsum(-1)
+    total_B1 = cdf_BV[:, -1:].contiguous()
+    idx_B1 = torch.searchsorted(cdf_BV, uniform_B.to(cdf_BV.dtype)[:, None] * total_B1, right=True)
+    # past the end only when rounding put the target at the total: then the last allowed token
+    last_B1 = torch.searchsorted(cdf_BV, total_B1)
+    return torch.minimum(idx_B1, last_B1).squeeze(-1)
 
 
 def sample_tensors(logits_BV: torch.Tensor, greedy_B: torch.Tensor, temperature_B: torch.Tensor,
