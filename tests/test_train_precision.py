@@ -318,3 +318,27 @@ def test_gpu_compiled_once_a_step_quantization_matches_eager_bit_for_bit():
         q = quantize(w, WEIGHT_BLOCK)
         assert torch.equal(scale, q.scale) and scale[0, 0, 0] == 1
         assert torch.equal(data.view(torch.uint8), q.data.view(torch.uint8))
+
+
+def test_once_a_step_quantization_that_fails_to_compile_goes_on_eagerly(monkeypatch):
+    """precision.quantize_into: a compiler failure warns once and quantizes eagerly (the same
+    bytes), and later calls do not try to compile again."""
+    from nanoseek.fp8.quant import WEIGHT_BLOCK, quantize
+    from nanoseek.train import precision
+    calls = []
+
+    def broken(*args):
+        calls.append(args)
+        raise RuntimeError("Inductor could not generate code")
+
+    monkeypatch.setattr(precision, "_compiles_on", lambda w: True)
+    monkeypatch.setattr(precision, "_compiled_quantize_into", broken)
+    w = torch.randn(2, 200, 300)
+    data, scale = torch.empty_like(w, dtype=torch.float8_e4m3fn), precision.block_scales_like(w)
+    with pytest.warns(UserWarning, match="quantizing eagerly"):
+        precision.quantize_into(w, data, scale, compiled=True)
+    q = quantize(w, WEIGHT_BLOCK)
+    assert torch.equal(scale, q.scale) and torch.equal(data.view(torch.uint8), q.data.view(torch.uint8))
+    precision.quantize_into(w * 2, data, scale, compiled=True)
+    assert len(calls) == 1 and precision._compiled_quantize_into is False
+    assert torch.equal(scale, quantize(w * 2, WEIGHT_BLOCK).scale)

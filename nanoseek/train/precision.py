@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -154,7 +155,11 @@ def _quantize_into(w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> 
     scale.copy_(q.scale)
 
 
-_compiled_quantize_into = None
+_compiled_quantize_into = None  # False once compiling it failed
+
+
+def _compiles_on(w: torch.Tensor) -> bool:
+    return w.is_cuda
 
 
 def quantize_into(w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, compiled: bool) -> None:
@@ -162,11 +167,17 @@ def quantize_into(w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, comp
     compiled step on a GPU, where eager's five passes over the float32 weights (amax, scale,
     cast, copies) took ~8x the one fused pass's HBM time on V2-Lite's shapes."""
     global _compiled_quantize_into
-    if not (compiled and w.is_cuda):
+    if not (compiled and _compiles_on(w)) or _compiled_quantize_into is False:
         return _quantize_into(w, data, scale)
     if _compiled_quantize_into is None:
         _compiled_quantize_into = torch.compile(_quantize_into, dynamic=False)
-    _compiled_quantize_into(w, data, scale)
+    try:
+        _compiled_quantize_into(w, data, scale)
+    except Exception as e:  # noqa: BLE001 - a compiler failure costs speed, not the run
+        warnings.warn(f"torch.compile of the FP8 weight quantization failed ({type(e).__name__}: "
+                      f"{str(e)[:200]}); quantizing eagerly")
+        _compiled_quantize_into = False
+        _quantize_into(w, data, scale)
 
 
 def kept_buffer(module: nn.Module, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
