@@ -176,7 +176,7 @@ def compare(curves: dict[str, list[dict]], setting: dict, name: str) -> None:
                       f"{setting['tokens'] / 1e6:.0f}M tokens")
     spread = {k: v for k, v in rel.items() if k != "fp8"}
     # the widest gap between two BF16 runs, as a fraction of the reference run's loss
-    widest = max(spread.values(), default=0.0) - min(0.0, *spread.values()) if spread else None
+    widest = max(0.0, *spread.values()) - min(0.0, *spread.values()) if spread else None
     result = {"benchmark": "fp8_loss_parity", **environment(), **setting, "final_loss": final,
               "relative_difference": rel["fp8"], "bf16_spread": spread,
               "widest_bf16_gap": widest,

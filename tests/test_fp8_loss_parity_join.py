@@ -43,6 +43,12 @@ def test_join_reads_fp8s_gap_against_the_widest_gap_between_bf16_runs(tmp_path):
     assert result["within_bf16_spread"] is True and result["within_v3_claim"] is False
     assert (tmp_path / "out" / "fp8_loss_parity.png").stat().st_size > 0
 
+    # yardsticks all below the reference: the widest gap still counts the reference (0 to -3%)
+    below = write(tmp_path, "below", "bf16", 2, [5.0, 3.0, 0.98, 0.98])
+    assert join(tmp_path, bf16, fp8, below, again).returncode == 0
+    result = json.loads((tmp_path / "out" / "fp8_loss_parity.json").read_text())
+    assert result["widest_bf16_gap"] == pytest.approx(0.03, abs=1e-12) and result["within_bf16_spread"] is True
+
     # one yardstick, closer than FP8: FP8's gap is beyond it
     close = write(tmp_path, "close", "bf16", 1, [5.0, 3.0, 1.0, 1.0])
     assert join(tmp_path, bf16, fp8, close).returncode == 0
