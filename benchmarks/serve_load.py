@@ -5,7 +5,7 @@ slots; each of `--clients` clients streams `--requests` chat completions one aft
 other, every request with its own prompt and seed (sampled at temperature 0.8, EOS
 ignored, exactly `--new` tokens). Reported: requests/s and output tokens/s over the whole
 run, the p50/p99 of request latency (to the last byte) and of time to first token, and from
-the server's /metrics the engine's share: its steps, their mean length and batch, and the
+the server's /metrics the engine's share: its steps, their mean length and tokens, and the
 fraction of the run spent inside them (the rest is HTTP, JSON and the event loop).
 The clients are asyncio + httpx in this process; the server is a separate process.
 
@@ -64,7 +64,7 @@ async def one_request(client: httpx.AsyncClient, i: int, new: int) -> dict:
 
 
 ENGINE_COUNTERS = ("nanoseek_engine_steps_total", "nanoseek_engine_step_seconds_total",
-                   "nanoseek_engine_step_sequences_total")
+                   "nanoseek_engine_step_tokens_total")
 
 
 def engine_counters(metrics_text: str) -> dict[str, float]:
@@ -78,12 +78,12 @@ def engine_counters(metrics_text: str) -> dict[str, float]:
 
 
 def engine_share(before: dict, after: dict, wall: float) -> dict:
-    """Where the run's time went on the server: the engine's steps (how many, their mean
-    length and batch) and the fraction of the wall clock spent inside them; the rest is the
-    server's and the clients' own work (HTTP, JSON, the event loop) and waiting."""
-    steps, seconds, rows = (after[k] - before[k] for k in ENGINE_COUNTERS)
+    """Where the run's time went on the server: the engine's steps (engine.step() calls: how
+    many, their mean length and tokens) and the fraction of the wall clock spent inside them;
+    the rest is the server's and the clients' own work (HTTP, JSON, the event loop) and waiting."""
+    steps, seconds, tokens = (after[k] - before[k] for k in ENGINE_COUNTERS)
     return {"engine_steps": int(steps), "engine_busy_fraction": seconds / wall,
-            "engine_step_ms": 1e3 * seconds / max(steps, 1), "sequences_per_step": rows / max(steps, 1)}
+            "engine_step_ms": 1e3 * seconds / max(steps, 1), "tokens_per_step": tokens / max(steps, 1)}
 
 
 async def load(url: str, clients: int, requests: int, new: int) -> tuple[list[dict], float, dict]:
@@ -155,7 +155,7 @@ def main():
     for name in ("latency", "ttft"):
         print(f"  {name + ' p50 / p99 (s)':<22}{figures[name + '_p50_s']:10.3f} / {figures[name + '_p99_s']:.3f}")
     print(f"  engine: {engine['engine_steps']} steps of {engine['engine_step_ms']:.2f} ms and "
-          f"{engine['sequences_per_step']:.1f} sequences on average, busy {engine['engine_busy_fraction']:.0%} "
+          f"{engine['tokens_per_step']:.1f} tokens on average, busy {engine['engine_busy_fraction']:.0%} "
           f"of the wall clock")
     assert all(r["completion_tokens"] == args.new for r in results)
     assert "nanoseek_queue_depth" in metrics

@@ -248,9 +248,9 @@ def test_metrics_and_health(server, client):
     # the chat's 2 tokens were counted, and generated within the last 10 s
     assert values["nanoseek_completion_tokens_total"] >= 2
     assert values["nanoseek_generation_tokens_per_second"] > 0
-    # the engine's steps: the chat's prefill and decode at least, each giving its sequence a token
+    # the engine's steps: the chat's prefill and decode at least; their tokens are the completions'
     assert values["nanoseek_engine_steps_total"] >= 2 and values["nanoseek_engine_step_seconds_total"] > 0
-    assert values["nanoseek_engine_step_sequences_total"] >= 2
+    assert values["nanoseek_engine_step_tokens_total"] == values["nanoseek_completion_tokens_total"]
 
 
 def test_feedback_is_stored_in_sqlite(server, client, feedback_db):
@@ -535,12 +535,12 @@ def test_serve_load_reads_the_engines_share_of_the_run_from_two_scrapes():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     scrape = ("# HELP nanoseek_engine_steps_total Engine steps.\nnanoseek_engine_steps_total {}\n"
-              "nanoseek_engine_step_seconds_total {}\nnanoseek_engine_step_sequences_total {}\n"
+              "nanoseek_engine_step_seconds_total {}\nnanoseek_engine_step_tokens_total {}\n"
               'nanoseek_requests_total{{endpoint="/v1/chat/completions",status="200"}} 3\n')
     before = bench.engine_counters(scrape.format(10, "1.5", 40))
     after = bench.engine_counters(scrape.format(110, "3.5", 6440))
     assert before == {"nanoseek_engine_steps_total": 10, "nanoseek_engine_step_seconds_total": 1.5,
-                      "nanoseek_engine_step_sequences_total": 40}
+                      "nanoseek_engine_step_tokens_total": 40}
     share = bench.engine_share(before, after, wall=4.0)
     assert share == {"engine_steps": 100, "engine_busy_fraction": 0.5, "engine_step_ms": 20.0,
-                     "sequences_per_step": 64.0}
+                     "tokens_per_step": 64.0}

@@ -1,7 +1,7 @@
 """/metrics in the Prometheus text format, written by hand (no dependency): counters of
 requests by endpoint and status, a latency histogram, token counters, and gauges read from
 the engine worker at scrape time (queue depth, running requests, tokens/s, and the engine's
-steps: how many, their seconds, the sequences they advanced)."""
+steps: how many, their seconds, the tokens they gave)."""
 
 from __future__ import annotations
 
@@ -70,12 +70,13 @@ class Metrics:
                    [({}, worker.running)])
             metric("nanoseek_generation_tokens_per_second", "gauge", "Tokens generated per second, last 10 s.",
                    [({}, f"{worker.tokens_per_second():.3f}")])
-            metric("nanoseek_engine_steps_total", "counter", "Engine steps (a batch's prefill chunk or decode).",
+            metric("nanoseek_engine_steps_total", "counter",
+                   "engine.step() calls: a prefill chunk, or a decode burst of up to --decode-burst steps.",
                    [({}, worker.steps)])
             metric("nanoseek_engine_step_seconds_total", "counter", "Seconds spent in engine steps.",
                    [({}, f"{worker.step_seconds:.6f}")])
-            metric("nanoseek_engine_step_sequences_total", "counter", "Sequences given a token, summed over steps.",
-                   [({}, worker.step_rows)])
+            metric("nanoseek_engine_step_tokens_total", "counter", "Tokens the engine's steps generated.",
+                   [({}, worker.step_tokens)])
         stats = engine.speculative_stats() if engine is not None else None  # None without speculation
         if stats is not None:
             rate = stats["acceptance_rate"]

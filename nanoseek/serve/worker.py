@@ -57,9 +57,10 @@ class EngineWorker:
         self._stop = False
         # figures for /metrics, written by the worker, read by anyone
         self.waiting = self.running = self.peak_running = 0
-        # engine steps, the seconds spent in them and the sequences they advanced: with the wall
-        # clock, how busy the engine is and how full its batches (what a slow server lacks)
-        self.steps, self.step_seconds, self.step_rows = 0, 0.0, 0
+        # engine.step() calls (a prefill chunk, or a decode burst of up to --decode-burst steps),
+        # their seconds and the tokens they gave: against the wall clock, how busy the engine is
+        # and how much each call yields (what a slow server lacks)
+        self.steps, self.step_seconds, self.step_tokens = 0, 0.0, 0
         self._recent: deque[tuple[float, int]] = deque(maxlen=4096)  # (time, tokens) of the last steps
 
     # ------------------------------------------------------------- handler side
@@ -159,7 +160,6 @@ class EngineWorker:
                 continue
             self.steps += 1
             self.step_seconds += time.perf_counter() - started
-            self.step_rows += len(events)
             new_tokens = 0
             for event in events:
                 job = self._jobs.get(event.request_id)
@@ -178,6 +178,7 @@ class EngineWorker:
                             "cached_tokens": getattr(job.seq, "cached_tokens", 0)}
                     self._push(job, ("done", event.finish_reason, len(job.prompt_ids), n, info))
                     self._done(job)
+            self.step_tokens += new_tokens
             self._recent.append((time.monotonic(), new_tokens))
             sched = getattr(self.engine, "scheduler", None)
             if sched is not None:
