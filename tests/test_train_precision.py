@@ -331,7 +331,6 @@ def test_once_a_step_quantization_that_fails_to_compile_goes_on_eagerly(monkeypa
         calls.append(args)
         raise RuntimeError("Inductor could not generate code")
 
-    monkeypatch.setattr(precision, "_compiles_on", lambda w: True)
     monkeypatch.setattr(precision, "_compiled_quantize_into", broken)
     w = torch.randn(2, 200, 300)
     data, scale = torch.empty_like(w, dtype=torch.float8_e4m3fn), precision.block_scales_like(w)

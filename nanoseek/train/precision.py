@@ -131,7 +131,7 @@ def weights_once_a_step(model: nn.Module, dtype: torch.dtype | None, compiled: b
                 for w, (data_name, scale_name) in zip(Experts.expert_weights(layer), layer.QUANTIZED):
                     data = kept_buffer(layer, data_name, w, FP8_DTYPE)
                     scale = kept_buffer(layer, scale_name, block_scales_like(w), torch.float32)
-                    quantize_into(w, data, scale, compiled=compiled)
+                    quantize_into(w, data, scale, compiled=compiled and w.is_cuda)
                 layer.step_weights = True
         yield
     finally:
@@ -158,16 +158,12 @@ def _quantize_into(w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> 
 _compiled_quantize_into = None  # False once compiling it failed
 
 
-def _compiles_on(w: torch.Tensor) -> bool:
-    return w.is_cuda
-
-
 def quantize_into(w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, compiled: bool) -> None:
-    """w quantized in 128x128 blocks into the buffers `data` and `scale`; compiled for a
-    compiled step on a GPU, where eager's five passes over the float32 weights (amax, scale,
-    cast, copies) took ~8x the one fused pass's HBM time on V2-Lite's shapes."""
+    """w quantized in 128x128 blocks into the buffers `data` and `scale`; `compiled` (a compiled
+    step on a GPU), through torch.compile: eager's five passes over the float32 weights (amax,
+    scale, cast, copies) took ~8x the one fused pass's HBM time on V2-Lite's shapes."""
     global _compiled_quantize_into
-    if not (compiled and _compiles_on(w)) or _compiled_quantize_into is False:
+    if not compiled or _compiled_quantize_into is False:
         return _quantize_into(w, data, scale)
     if _compiled_quantize_into is None:
         _compiled_quantize_into = torch.compile(_quantize_into, dynamic=False)
