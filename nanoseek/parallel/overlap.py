@@ -25,6 +25,7 @@ installed torch lacks any of it, DualPipeV runs without the overlap (`supported`
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
@@ -45,7 +46,7 @@ class Turns:
         self.forward_thread = None
         self.left = {"forward": 0, "backward": 0}
         self.first_backward_point = True
-        self.log: list[tuple[str, int]] | None = None   # (thread, meeting) for the tests
+        self.held = {"forward": 0, "backward": 0}       # meetings each side has kept, ever
 
     def open(self, meetings: int) -> None:
         self.barrier = threading.Barrier(2, timeout=self.TIMEOUT_S) if meetings else None
@@ -76,8 +77,7 @@ class Turns:
         if self.left[side] == 0:
             return
         self.left[side] -= 1
-        if self.log is not None:
-            self.log.append((side, self.left[side]))
+        self.held[side] += 1
         try:
             barrier.wait()
         except threading.BrokenBarrierError:
@@ -113,10 +113,13 @@ def turn_point(x: torch.Tensor) -> torch.Tensor:
 
 def supported(schedule) -> bool:
     """Whether the installed torch's pipeline runtime has what the overlap uses."""
-    return all(hasattr(schedule, name) for name in _RUNTIME_NEEDS)
+    from torch.distributed.pipelining import schedules
+    return all(hasattr(schedule, name) for name in _RUNTIME_NEEDS) and hasattr(schedules, "_wait_batch_p2p")
 
 
+@functools.lru_cache(maxsize=64)
 def moe_layers(stage) -> int:
+    """The expert-parallel MoE layers of a pipeline stage (a module walk: once per stage)."""
     from .expert_parallel import ExpertParallelExperts
     return sum(isinstance(m, ExpertParallelExperts) for m in stage.submod.modules())
 
@@ -135,9 +138,9 @@ def overlap_f_b(action, ctx) -> None:
         _wait_batch_p2p(schedule.fwd_recv_ops.pop((fwd.stage_index, f_mb)))
     if not b_stage.is_last and bwd.stage_index + 1 not in stages:
         _wait_batch_p2p(schedule.bwd_recv_ops.pop((bwd.stage_index, b_mb)))
-    for stage in (f_stage, b_stage):
-        if hasattr(schedule, "_assert_unsharded"):
-            schedule._assert_unsharded(stage)
+    if hasattr(schedule, "_assert_unsharded"):  # FSDP: wait for the stages' unshards
+        schedule._assert_unsharded(f_stage)
+        schedule._assert_unsharded(b_stage)
 
     def forward():
         output = f_stage.forward_one_chunk(f_mb, ctx.arg_mbs[f_mb], ctx.kwarg_mbs[f_mb])
@@ -155,8 +158,7 @@ def overlap_f_b(action, ctx) -> None:
             stages[bwd.stage_index - 1].set_local_bwd_input(b_stage.get_local_bwd_output(b_mb), b_mb)
 
     n_f, n_b = moe_layers(f_stage), moe_layers(b_stage)
-    meetings = 0 if last else min(4 * n_f, 4 * n_b - 1)
-    run_pair(forward, backward, max(meetings, 0))
+    run_pair(forward, backward, 0 if last or not (n_f and n_b) else min(4 * n_f, 4 * n_b - 1))
 
 
 def run_pair(forward, backward, meetings: int) -> None:

@@ -64,16 +64,15 @@ def build_schedule(stages: list[ModelStage], cfg: ParallelConfig, pp_mesh: Devic
     return Schedule1F1B(pipe_stages[0], cfg.n_microbatches, loss_fn=loss_fn, scale_grads=False)
 
 
-def register_overlap(schedule) -> bool:
+def register_overlap(schedule) -> None:
     """Run the schedule's OVERLAP_F_B pairs overlapped (overlap.py), where this torch allows."""
     from torch.distributed.pipelining.schedules import OVERLAP_F_B
     if not overlap.supported(schedule):
         warnings.warn("this torch's pipeline runtime lacks what the DualPipeV overlap uses; "
                       "its forward/backward pairs run one after the other", stacklevel=2)
-        return False
+        return
     overlap.TURNS.enabled = True
     schedule.register_custom_function(OVERLAP_F_B, overlap.overlap_f_b)
-    return True
 
 
 def pipeline_step(schedule, stages: list[ModelStage], input_ids: torch.Tensor, labels: torch.Tensor) -> None:
