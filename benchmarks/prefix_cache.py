@@ -69,6 +69,14 @@ def run(engine: Engine, prompts: list[list[int]], new: int) -> dict:
             "tokens": [s.output_ids for s in seqs]}
 
 
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The first position where two token lists differ (the shorter's length when one is the
+    other's start), None when they are equal."""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 @torch.no_grad()
 def referee(reference: Transformer, prompts: list[list[int]], pairs: list[tuple[list[int], list[int]]]) -> dict:
     """Where the two sides' greedy tokens first part, the float32 reference model's verdict:
@@ -78,8 +86,8 @@ def referee(reference: Transformer, prompts: list[list[int]], pairs: list[tuple[
     margins, cache_preferred = [], 0
     dev = next(reference.parameters()).device
     for prompt, (plain, cached) in zip(prompts, pairs):
-        at = next((i for i, (x, y) in enumerate(zip(plain, cached)) if x != y), None)
-        if at is None:
+        at = first_difference(plain, cached)
+        if at is None or at == min(len(plain), len(cached)):  # equal, or one stops early: no two tokens
             continue
         ids = torch.tensor([prompt + plain[:at]], device=dev)
         logits = reference(ids, logits_to_keep=1).logits[0, -1].double()
@@ -124,8 +132,7 @@ def main() -> None:
     pairs = list(zip(results["no_cache"].pop("tokens"), results["prefix_cache"].pop("tokens")))
     identical = sum(a == b for a, b in pairs)
     same = identical == len(pairs)
-    first_differences = sorted(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                               for a, b in pairs if a != b)
+    first_differences = sorted(first_difference(a, b) for a, b in pairs if a != b)
     verdict = referee(model.float(), prompts, pairs) if first_differences else None
     ratio = results["no_cache"]["ttft_p50_s"] / results["prefix_cache"]["ttft_p50_s"]
     print(f"{args.requests} requests, {args.system_tokens}-token shared system prompt + {args.question_tokens} "

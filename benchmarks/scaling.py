@@ -62,6 +62,11 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from common import environment, sliced_preset, write_json  # noqa: E402
 
+def dualpipev_ep(n: int, overlap_flag: str) -> list | None:
+    """2 pipeline ranks of n/2 data- and expert-parallel ones (none below 4 processes)."""
+    return ["--pp", 2, "--dp", n // 2, "--ep", n // 2, "--pp-schedule", "dualpipev", overlap_flag] if n >= 4 else None
+
+
 CONFIGS = {
     "DP": lambda n: ["--dp", n],
     "EP": lambda n: ["--dp", n, "--ep", n, "--replicate"],
@@ -70,10 +75,8 @@ CONFIGS = {
     "PP DualPipeV": lambda n: ["--pp", n, "--pp-schedule", "dualpipev"],
     # DualPipe's point: one micro-batch's EP all-to-all behind another's compute, and the peer
     # without it (from 4 processes: 2 pipeline ranks of N/2 expert-parallel ones)
-    "DualPipeV+EP": lambda n: ["--pp", 2, "--dp", n // 2, "--ep", n // 2, "--pp-schedule", "dualpipev",
-                               "--overlap"] if n >= 4 else None,
-    "DualPipeV+EP-no-overlap": lambda n: ["--pp", 2, "--dp", n // 2, "--ep", n // 2, "--pp-schedule",
-                                          "dualpipev", "--no-overlap"] if n >= 4 else None,
+    "DualPipeV+EP": lambda n: dualpipev_ep(n, "--overlap"),
+    "DualPipeV+EP-no-overlap": lambda n: dualpipev_ep(n, "--no-overlap"),
 }
 # NVLink multicast stays off in every launched process (the device notes say why)
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
