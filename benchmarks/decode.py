@@ -4,7 +4,8 @@ on the same weights in the same job.
 A preset's model (`--preset`: bench-1b, deepseek-v2-lite, deepseek-v3 ...; `--layers N`: its
 first N layers with their real shapes, MTP off) with random weights (seeded) is saved in HF
 layout; transformers loads that directory; both run in BF16 on random prompts of `--prompt`
-tokens and generate exactly `--new` tokens greedily (EOS ignored), at each of `--batches`.
+tokens and generate exactly `--new` tokens greedily (`--temperature T`: the engine samples,
+seeded), EOS ignored, at each of `--batches`.
 
 Per row:
 - TTFT: prefill + first token, timed as a 1-token generation;
@@ -127,11 +128,13 @@ class StepTimes:
         return scores
 
 
-def engine_run(engine, prompts, n):
-    """Greedy run of the prompts to n tokens each through the engine's step loop: the token
-    lists and the seconds from the step that gave every request its first token to the end
-    (each step ends with the tokens read back to the host)."""
-    seqs = [engine.add_request(p, SamplingParams(max_tokens=n, ignore_eos=True)) for p in prompts]
+def engine_run(engine, prompts, n, temperature: float = 0.0):
+    """Run of the prompts to n tokens each through the engine's step loop, greedy or sampled
+    at `temperature` (request i seeded with i): the token lists and the seconds from the step
+    that gave every request its first token to the end (each step ends with the tokens read
+    back to the host)."""
+    seqs = [engine.add_request(p, SamplingParams(max_tokens=n, ignore_eos=True, temperature=temperature, seed=i))
+            for i, p in enumerate(prompts)]
     first = None
     while engine.has_unfinished():
         engine.step()
@@ -190,6 +193,9 @@ def main():
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="the engine's requests sample at this temperature, seeded (default 0: greedy; "
+                         "transformers stays greedy, so use --skip-hf)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--modes", nargs="+", default=["default", "compiled"], choices=list(MODES))
     ap.add_argument("--fp8", action="store_true", help="the modes again with the layer weights in FP8")
@@ -260,7 +266,7 @@ def main():
         f"decode_{args.preset}{f'_{args.layers}L' if args.layers else ''}.json"
     result = {"benchmark": "decode", **environment(), "preset": args.preset, "layers": cfg.num_hidden_layers,
               "prompt_tokens": args.prompt, "new_tokens": args.new, "dtype": str(dtype).removeprefix("torch."),
-              "greedy": True, "sharpen": args.sharpen, "copy_bandwidth_GBps": bandwidth / 1e9,
+              "greedy": args.temperature == 0, "temperature": args.temperature, "sharpen": args.sharpen, "copy_bandwidth_GBps": bandwidth / 1e9,
               "inference_config": common, "rows": rows}
     path = write_json(result, name)
     print(f"\n{'run':52s} {'TTFT ms':>8s} {'decode tok/s':>13s} {'roofline':>9s} {'fraction':>8s} {'vs HF':>7s}")
@@ -311,7 +317,7 @@ def engine_rows(model, plists, args, common, device, bandwidth, rows, tokens, we
                 continue  # the fused mode's larger batches are the compiled mode's
 
             def run(n, B=B, label=label):
-                outs, span = engine_run(engine, plists[B], n)
+                outs, span = engine_run(engine, plists[B], n, args.temperature)
                 assert all(len(o) == n for o in outs)
                 if n == args.new:  # every full run's tokens: the first and last are compared below
                     tokens.setdefault((label, B), []).append(outs)
