@@ -83,3 +83,33 @@ def test_the_inverse_cdf_draws_in_vocabulary_order_and_never_a_banned_token():
     uniforms = torch.rand(64, generator=g)
     assert torch.equal(sample_tensors(rows, *settings, uniforms, filtered=True),
                        sample_tensors(rows, *settings, uniforms, filtered=False))
+
+
+def test_the_two_level_inverse_cdf_matches_a_float64_one_across_blocks():
+    """sampling.draw over a vocabulary of several DRAW_BLOCK blocks (a ragged last one), with
+    banned tokens at block edges and a whole banned block: every uniform of a fine grid gets
+    the token of a float64 inverse CDF, except within 1e-5 of a boundary between two tokens
+    (float32 sums may put it either side); never a banned token; 0 and 1 - 2^-24 land on the
+    first and last allowed tokens."""
+    from nanoseek.infer.sampling import DRAW_BLOCK, draw
+    K, V = DRAW_BLOCK, 3 * DRAW_BLOCK + 40
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, V, generator=g, dtype=torch.float64) * 2
+    banned = torch.zeros(V, dtype=torch.bool)
+    banned[[0, 1, K - 1, K, V - 1]] = True
+    banned[2 * K:3 * K] = True  # a block with no weight at all
+    logits[:, banned] = -torch.inf
+    logits[2, 5:V - 9] = -torch.inf  # a row whose few allowed tokens sit at its two ends
+    n = 20000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    for row in logits:
+        tokens = draw(row.float().expand(n, -1), u.float())
+        cdf = row.softmax(-1).cumsum(-1)
+        want = torch.searchsorted(cdf, u, right=True).clamp(max=V - 1)
+        near = (u[:, None] - cdf[None, :]).abs().min(-1).values < 1e-5
+        assert not torch.isinf(row[tokens]).any()
+        assert torch.equal(tokens[~near], want[~near]) and near.sum() < n // 100
+        allowed = torch.isfinite(row).nonzero()[:, 0]
+        assert draw(row[None].float(), torch.tensor([0.0])).item() == allowed[0]
+        assert draw(row[None].float(), torch.tensor([1 - 2 ** -24])).item() == allowed[-1]
+

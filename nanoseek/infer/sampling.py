@@ -204,17 +204,36 @@ def filters(params: list[SamplingParams]) -> bool:
     return any(p.top_k > 0 or p.top_p < 1 for p in params if not p.greedy)
 
 
+DRAW_BLOCK = 128  # tokens per block of the two-level inverse CDF (draw)
+
+
 def draw(scaled_BV: torch.Tensor, uniform_B: torch.Tensor) -> torch.Tensor:
     """Per row the inverse CDF of softmax(scaled) at uniform, over the vocabulary in its own
     order: the first token whose cumulative probability exceeds uniform × the total, so never
-    a token of probability 0 (-inf), whatever the uniform in [0, 1)."""
+    a token of probability 0 (-inf), whatever the uniform in [0, 1).
+
+    In two levels, blocks of DRAW_BLOCK tokens and then the tokens of the chosen block: no
+    cumulative sum runs along the whole vocabulary, which Inductor would split across
+    programs on a GPU (and on torch 2.11 fail to compile, fused with the greedy argmax)."""
+    B, V = scaled_BV.shape
+    K = DRAW_BLOCK
+    n_blocks = -(-V // K)
     # unnormalised weights: the target is a fraction of their total, so no division is needed
-    cdf_BV = (scaled_BV - scaled_BV.amax(-1, keepdim=True)).exp().cumsum(-1)
-    total_B1 = cdf_BV[:, -1:].contiguous()
-    idx_B1 = torch.searchsorted(cdf_BV, uniform_B.to(cdf_BV.dtype)[:, None] * total_B1, right=True)
-    # past the end only when rounding put the target at the total: then the last allowed token
-    last_B1 = torch.searchsorted(cdf_BV, total_B1)
-    return torch.minimum(idx_B1, last_B1).squeeze(-1)
+    w_BV = (scaled_BV - scaled_BV.amax(-1, keepdim=True)).exp()
+    within_BNK = torch.nn.functional.pad(w_BV, (0, n_blocks * K - V)).view(B, n_blocks, K).cumsum(-1)
+    cdf_BN = within_BNK[..., -1].cumsum(-1)
+    total_B1 = cdf_BN[:, -1:].contiguous()
+    target_B1 = uniform_B.to(cdf_BN.dtype)[:, None] * total_B1
+    # the first block whose cumulative weight exceeds the target; past the end only when
+    # rounding put the target at the total: then the last block with weight
+    block_B1 = torch.minimum(torch.searchsorted(cdf_BN, target_B1, right=True), torch.searchsorted(cdf_BN, total_B1))
+    before_B1 = torch.where(block_B1 > 0, cdf_BN.gather(1, (block_B1 - 1).clamp(min=0)), 0.0)
+    row_BK = within_BNK.gather(1, block_B1[:, :, None].expand(B, 1, K)).squeeze(1)
+    rest_B1 = (target_B1 - before_B1).clamp(min=0)
+    # the same rule within the block, whose own sum can round below what the blocks' sums left
+    token_B1 = torch.minimum(torch.searchsorted(row_BK, rest_B1, right=True),
+                             torch.searchsorted(row_BK, row_BK[:, -1:].contiguous()))
+    return (block_B1 * K + token_B1).squeeze(-1)
 
 
 def sample_tensors(logits_BV: torch.Tensor, greedy_B: torch.Tensor, temperature_B: torch.Tensor,
