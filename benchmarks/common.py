@@ -134,6 +134,12 @@ def profile_kernels(fn, calls: int, rows: int = 60) -> tuple[float, float, str]:
     return (sum(e.self_device_time_total for e in events) / calls, sum(e.count for e in events) / calls, table)
 
 
+def percentile(xs: list[float], q: float) -> float:
+    """The nearest-rank q-th percentile (an observed value, as latency reports give them)."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * len(xs)) - 1))]
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64."""
     a, b = a.detach().double().cpu(), b.detach().double().cpu()

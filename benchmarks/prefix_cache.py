@@ -27,17 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, graph_flags, write_json  # noqa: E402
+from common import environment, graph_flags, percentile, write_json  # noqa: E402
 
 from nanoseek import Transformer, preset  # noqa: E402
 from nanoseek.infer.config import InferenceConfig  # noqa: E402
 from nanoseek.infer.engine import Engine  # noqa: E402
 from nanoseek.infer.sampling import SamplingParams  # noqa: E402
-
-
-def percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q / 100 * len(xs)) - 1))]
 
 
 def prompts_for(args, vocab: int) -> list[list[int]]:
