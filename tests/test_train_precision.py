@@ -337,7 +337,8 @@ def test_rounding_flips_only_accepts_division_flips_and_nothing_else():
     # taken again after, should a plant replace a block's largest value)
     grid = torch.arange(0x08, 0x30, dtype=torch.uint8).view(FP8_DTYPE).float()
     ties = torch.randint(0, w.numel(), (200,))
-    w.view(-1)[ties] = ((grid[:-1] + grid[1:]) / 2)[torch.randint(0, grid.numel() - 1, (200,))] * scale.reshape(-1)[ties]
+    midpoints = ((grid[:-1] + grid[1:]) / 2)[torch.randint(0, grid.numel() - 1, (200,))]
+    w.view(-1)[ties] = midpoints * scale.reshape(-1)[ties]
     want = quantize(w, WEIGHT_BLOCK)
     scale = want.scale.repeat_interleave(128, -2).repeat_interleave(128, -1)[..., :512, :1000]
     quotient = w / scale
