@@ -16,6 +16,8 @@ random BF16 weights and cache, each timed as the median of `--repeat` calls afte
   the context; GPU, or Triton's interpreter with TRITON_INTERPRET=1).
 Per row: µs per call, the latent bytes read (rows × context × (C + R) × element size) over
 that time, and its fraction of the device copy bandwidth measured in the same run.
+`--sweep` also times the fused attention at other launch shapes than the rule's (heads per
+program, positions per split), to derive the rule from measurements.
 
     python benchmarks/attention.py [--contexts 4096 32768 131072 --batches 1 16]
     python benchmarks/attention.py --device cpu --preset tiny --contexts 256 512 --batches 1 2
@@ -47,6 +49,8 @@ def main():
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time the fused attention at the launch shapes of sweep_launches")
     args = ap.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -96,6 +100,10 @@ def main():
                     row[f"{name}_us"] = t * 1e6
                     row[f"{name}_GBps"] = nbytes / t / 1e9
                     row[f"{name}_bandwidth_fraction"] = nbytes / t / bandwidth
+            if fused_runs and args.sweep:
+                row["fused_sweep"] = sweep(model, cache, attn, positions, B, nbytes, bandwidth, args.repeat, device)
+                best = min(row["fused_sweep"], key=lambda r: r.get("us", float("inf")))
+                print(f"  fastest fused launch {best['launch']}: {best.get('us', float('nan')):.1f} µs", flush=True)
             rows[f"context {S}, batch {B}"] = row
             print(row, flush=True)
             del cache
@@ -104,6 +112,34 @@ def main():
     result = {"benchmark": "attention", **environment(), "preset": args.preset, "dtype": str(dtype),
               "copy_bandwidth_GBps": bandwidth / 1e9, "rows": rows}
     print(f"wrote {write_json(result, f'attention_{args.preset}.json')}")
+
+
+def sweep_launches(rule: dict, heads: int) -> list[dict]:
+    """The rule's attention launch and its neighbours: 16 to 64 heads a program (at most the
+    model's), and splits of the rule's length and 4x it (fewer partial sums to merge)."""
+    widths = [h for h in (16, 32, 64) if h <= max(16, heads)]
+    splits = [rule["attend_split"], 4 * rule["attend_split"]]
+    return [dict(attend_heads=h, attend_split=sp, attend_block=min(sp, rule["attend_block"]))
+            for h in widths for sp in splits]
+
+
+def sweep(model, cache, attn, positions, B, nbytes, bandwidth, repeat, device) -> list[dict]:
+    from nanoseek.infer.fused import FusedDecoder
+    rule = FusedDecoder(model, cache, B).t
+    out = []
+    for launch in sweep_launches(rule, model.config.num_attention_heads):
+        fused = FusedDecoder(model, cache, B, launch=launch)
+        fused.q_lat[:B].normal_()
+        fused.q_pe[:B].normal_()
+        entry = {"launch": launch}
+        try:
+            t = median_seconds(lambda: fused.attend(attn, 0, positions[:, 0], B), repeat, device, warmup=2)
+            entry.update(us=t * 1e6, bandwidth_fraction=nbytes / t / bandwidth)
+        except Exception as e:  # noqa: BLE001 - a shape that does not compile or fit is a result too
+            entry["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+        out.append(entry)
+        del fused
+    return out
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@
 #   bash benchmarks/device/h200_session.sh fp8        # FP8 GEMM error, FP8-resident decode, long-context
 #                                              # attention, training throughput BF16 vs FP8 on V2-Lite layers
 #   bash benchmarks/device/h200_session.sh serving    # serve load, prefix cache
+#   bash benchmarks/device/h200_session.sh attention  # MLA decode attention at V3 widths, fused launches swept
 #   bash benchmarks/device/h200_session.sh one        # the most needed of shapes and fp8 in one call
 #   bash benchmarks/device/h200_session.sh r1-zero    # `nanoseek r1 --stages zero` from a `small` pretrained model
 #   bash benchmarks/device/h200_session.sh r1-full    # `nanoseek r1 --stages full` from the same base
@@ -217,7 +218,7 @@ case $stage in
     bench 30 15 benchmarks/fp8_gemm_error.py
     real_decode "$(left 170)" --preset deepseek-v2-lite --batches 1 --new 64 --modes compiled --fp8 --sharpen 5 --skip-hf
     real_decode "$(left 250)" --preset deepseek-v3 --layers 2 --batches 1 --new 64 --modes compiled --fp8 --sharpen 5 --skip-hf
-    bench "$(left 300)" 30 benchmarks/attention.py --contexts 4096 32768 131072 --batches 1 16
+    bench "$(left 300)" 30 benchmarks/attention.py --contexts 4096 32768 131072 --batches 1 16 --sweep
     bench "$(left 440)" 90 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
       --precision bf16,fp8 --profile
     ;;
@@ -228,6 +229,9 @@ case $stage in
     real_decode "$(left 340)" --preset deepseek-v2-lite --batches 1 --new 64 --repeat 2 --modes compiled --fp8 --sharpen 5 --skip-hf
     bench "$(left 460)" 90 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
       --precision bf16,fp8
+    ;;
+  attention)  # MLA decode attention at V3's widths, 4K-128K, batch 1 and 16, the fused launch swept (~3 min)
+    bench 500 30 benchmarks/attention.py --contexts 4096 32768 131072 --batches 1 16 --sweep
     ;;
   serving)  # the server under 64 clients, prefix caching
     bench 300 60 benchmarks/serve_load.py --preset bench-1b --clients 64 --max-batch 64 --requests 4 --new 128 --compile

@@ -262,7 +262,7 @@ class FusedDecoder:
         H, C, R, N, V = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim
         ckv, kpe = self.cache.layers[i]
         heads = self.t["attend_heads"]
-        k.mla_attend_kernel[(B, self.nsplit, triton.cdiv(H, heads))](
+        k.mla_attend_kernel[(triton.cdiv(H, heads), self.nsplit, B)](
             self.q_lat, self.q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0), positions_B,
             self.part_acc, self.part_m, self.part_l, attn.scale, H, C, R, self.split, self.nsplit,
             BLOCK_H=heads, BLOCK_C=_pow2(C, 16), BLOCK_R=_pow2(R, 16), BLOCK_S=self.t["attend_block"],

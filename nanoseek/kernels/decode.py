@@ -215,20 +215,21 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
                       acc_ptr, m_ptr, l_ptr, scale, H, C, R, SPLIT, NSPLIT,
                       BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
-    """Program (b, split, head block): BLOCK_H heads over cache positions [split·SPLIT,
-    +SPLIT) ∩ [0, pos]:
+    """Program (head block, split, b): BLOCK_H heads over cache positions [split·SPLIT,
+    +SPLIT) ∩ [0, pos] (the head block varies fastest, so the programs that read the same
+    latent positions run together and share them through L2):
     scores q_lat·c_kv + q_pe·k_pe, an online softmax over blocks of BLOCK_S positions, the
     unnormalised sum of p·c_kv with its running max and sum (merged by mla_output; a split
     past pos writes nothing). Everything it reads but the position, the previous kernel may
     just have written (the new cache row), so it waits first."""
     _launch_next(USE_PDL)
-    b = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     sp = tl.program_id(1)
     pos = tl.load(pos_ptr + b).to(tl.int32)  # positions are written between steps
     start = sp * SPLIT
     _wait_prev(USE_PDL)
     if start <= pos:
-        hh = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+        hh = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
         cc = tl.arange(0, BLOCK_C)
         rr = tl.arange(0, BLOCK_R)
         hmask, cmask, rmask = hh < H, cc < C, rr < R
