@@ -235,16 +235,25 @@ def test_malformed_json_oversized_body_and_keys(server):
     assert_openai_error(r.json())
 
 
+def scrape_metrics(url: str, **kw) -> dict[str, float]:
+    """A /metrics page as {series with its labels: value}, checked to be Prometheus text."""
+    r = httpx.get(url, **kw)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    return {name: float(value) for name, value in
+            (line.rsplit(" ", 1) for line in r.text.splitlines() if line and not line.startswith("#"))}
+
+
 def test_metrics_and_health(server, client):
     url, _ = server
     greedy_chat(client, max_tokens=2)
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
     assert httpx.get(f"{url}/metrics").status_code == 401
-    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
-    assert 'nanoseek_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
-    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-              if line and not line.startswith("#") and "{" not in line}
-    assert values["nanoseek_queue_depth"] == 0 and "nanoseek_request_latency_seconds_bucket" in text
+    values = scrape_metrics(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    assert values['nanoseek_requests_total{endpoint="/v1/chat/completions",status="200"}'] >= 1
+    assert values["nanoseek_queue_depth"] == 0
+    # every request so far in the histogram's last bucket and its count
+    assert values['nanoseek_request_latency_seconds_bucket{le="+Inf"}'] == values["nanoseek_request_latency_seconds_count"]
+    assert values["nanoseek_request_latency_seconds_count"] >= 2
     # the chat's 2 tokens were counted, and generated within the last 10 s
     assert values["nanoseek_completion_tokens_total"] >= 2
     assert values["nanoseek_generation_tokens_per_second"] > 0
@@ -430,9 +439,9 @@ def test_disconnect_frees_the_slot_and_queue_full_is_429(tiny_dir):
                 break
             time.sleep(0.01)
         assert worker.outstanding == 0 and not worker.engine.running
-        text = httpx.get(f"{url}/metrics").text
-        assert "nanoseek_speculative_acceptance_rate 0.5000" in text and "nanoseek_queue_depth 0" in text
-        assert 'nanoseek_requests_total{endpoint="/v1/chat/completions",status="429"} 1' in text
+        values = scrape_metrics(f"{url}/metrics")
+        assert values["nanoseek_speculative_acceptance_rate"] == 0.5 and values["nanoseek_queue_depth"] == 0
+        assert values['nanoseek_requests_total{endpoint="/v1/chat/completions",status="429"}'] == 1
 
 
 # ------------------------------------------------------------------ audit log
@@ -484,6 +493,10 @@ def test_hybrid_routing_to_an_upstream_nanoseek(tiny_dir):
             with pytest.raises(openai.BadRequestError) as e:  # for the local model: refused here
                 client.chat.completions.create(model="tiny", messages=CHAT, extra_body={"reasoning_effort": "low"})
             assert e.value.param == "reasoning_effort"
+            # /metrics counts what went upstream by the upstream's status: three answers, one 400
+            counted = scrape_metrics(f"{url}/metrics")
+            assert counted['nanoseek_upstream_requests_total{status="200"}'] == 3
+            assert counted['nanoseek_upstream_requests_total{status="400"}'] == 1
         # this server's upstream key is wrong: a 502, not a 401 the client would blame on its own key
         wrong_key = tiny_app(tiny_dir, "tiny", upstream_url=up_url + "/v1", upstream_models=["tiny-big"],
                              upstream_api_key="sk-wrong")
@@ -502,6 +515,7 @@ def test_hybrid_routing_to_an_upstream_nanoseek(tiny_dir):
                 client.chat.completions.create(model="tiny-big", messages=CHAT, stream=stream)
             assert e.value.status_code == 502 and e.value.code == "upstream_unavailable"
         assert greedy_chat(client, max_tokens=2).model == "tiny"  # the local model still serves
+        assert scrape_metrics(f"{url}/metrics")['nanoseek_upstream_requests_total{status="502"}'] == 2
 
 
 # ------------------------------------------------------------------ under load

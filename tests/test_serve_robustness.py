@@ -189,7 +189,7 @@ def test_client_gone_mid_body_is_no_traceback_and_no_500(tiny_dir):
                 break
             time.sleep(0.02)
         assert metric_lines(url, "/v1/chat/completions") == [
-            'nanoseek_requests_total{endpoint="/v1/chat/completions",status="499"} 1']
+            'nanoseek_requests_total{endpoint="/v1/chat/completions",status="499"} 1.0']
     assert not [r for r in records if r.exc_info], [r.getMessage() for r in records]
 
 
@@ -208,7 +208,7 @@ def test_aborted_stream_counts_its_tokens_and_is_499(tiny_dir, tmp_path):
                 break
             time.sleep(0.01)
         assert metric_lines(url, "/v1/completions") == [
-            'nanoseek_requests_total{endpoint="/v1/completions",status="499"} 1']
+            'nanoseek_requests_total{endpoint="/v1/completions",status="499"} 1.0']
         tokens = next(float(line.split()[1]) for line in httpx.get(f"{url}/metrics").text.splitlines()
                       if line.startswith("nanoseek_completion_tokens_total "))
     (record,) = [json.loads(line) for line in log.read_text().splitlines()]

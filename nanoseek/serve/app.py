@@ -119,7 +119,7 @@ def init_app_state(state: State, engine, tokenizer, model_name: str, settings: S
     """What the handlers read from `request.app.state`."""
     state.engine, state.tokenizer, state.model_name, state.settings = engine, tokenizer, model_name, settings
     state.worker = EngineWorker(engine, settings.max_queue)
-    state.metrics = Metrics()
+    state.metrics = Metrics(state.worker, engine)
     state.audit = (AuditLog(settings.audit_log, settings.audit_content, settings.audit_max_bytes,
                             settings.audit_backups) if settings.audit_log else None)
     state.feedback = FeedbackStore(settings.feedback_db) if settings.feedback_db else None

@@ -9,12 +9,13 @@ import uuid
 
 import pydantic_core
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from .feedback import remember
 from .local import LocalRun, check_prompts, encode_prompts, make_jobs, over_limit, respond
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, FeedbackRequest
 from .request_log import client_address
 from .upstream import proxy
@@ -150,8 +151,7 @@ async def health(request: Request):
 async def metrics_text(request: Request):
     authorize(request)
     state = request.app.state
-    return PlainTextResponse(state.metrics.render(state.worker, state.engine),
-                             media_type="text/plain; version=0.0.4")
+    return Response(state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
 
 @router.get("/v1/models")

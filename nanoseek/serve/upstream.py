@@ -114,7 +114,7 @@ async def proxy(request, raw: dict, endpoint: str, model: str | None):
         if not raw.get("stream"):
             data = await state.upstream.post(path, body)
             data["ai_generated"] = True
-            state.metrics.upstream_requests["200"] += 1
+            state.metrics.upstream(200)
             remember(state.issued, record, rid, data.get("id", rid))
             record.update(request_id=data.get("id", rid),
                           output=[c.get("message", {}).get("content") or c.get("text") for c in data.get("choices", [])])
@@ -123,9 +123,9 @@ async def proxy(request, raw: dict, endpoint: str, model: str | None):
         events = await state.upstream.stream(path, body)
         remember(state.issued, record, rid)
     except APIError as e:
-        state.metrics.upstream_requests[str(e.status)] += 1
+        state.metrics.upstream(e.status)
         raise
-    state.metrics.upstream_requests["200"] += 1
+    state.metrics.upstream(200)
 
     async def relay():
         try:
