@@ -212,7 +212,7 @@ def test_triton_grouped_kernels_agree_with_the_twin(grouped_operands):
 
 
 def test_every_launch_shape_the_gpu_may_choose_agrees_with_the_twin(grouped_operands):
-    """A GPU times several output block widths and picks one per shape: each must compute the
+    """A GPU times several output block shapes and picks one per shape: each must compute the
     same thing. N = 136 and 300 cross a 128 block inside a 256-wide one (two weight scales in one
     block); Triton's interpreter runs them on the CPU."""
     triton = pytest.importorskip("triton")
@@ -225,7 +225,8 @@ def test_every_launch_shape_the_gpu_may_choose_agrees_with_the_twin(grouped_oper
     ends = offsets.to(DEVICE)
     for config in kernels._grouped_tuned.configs:
         out = torch.full_like(twin, float("nan"), device=DEVICE)
-        grid = (triton.cdiv(300, 128) + 3, triton.cdiv(136, config.kwargs["BLOCK_N"]))
+        grid = ((triton.cdiv(300, 128) + 3) * (128 // config.kwargs["BLOCK_M"]),
+                triton.cdiv(136, config.kwargs["BLOCK_N"]))
         kernels.grouped_mm_kernel[grid](*(t.to(DEVICE) for t in (a.data, a.scale, b.data, b.scale)), out, ends,
                                         first_tiles(ends), 136, 200, 4, 4, 128, **config.kwargs)
         assert ((out.cpu().double() - twin.double()).abs() <= bound).all(), config

@@ -12,7 +12,8 @@ Legend: M tokens sorted by group (expert), E groups, `ends` the cumulative group
 tile (quant.first_tiles). A tile never holds two groups' tokens.
 
 - `grouped_mm_kernel`: c [M, N] = a [M, K] · b[e] [N, K]^T for the rows of group e, with a
-  in 1x128 tiles and b in 128x128 blocks; one program per (128-row tile, block of columns).
+  in 1x128 tiles and b in 128x128 blocks; one program per (128-row tile or half of one, block
+  of columns).
 - `grouped_mm_tokens_kernel`: c[e] [N, K] = Σ over group e's tokens of a [N, P] · b [K, P]^T,
   both in the padded group-aligned 128-token tiles of quant.quantize_tokens; one program per
   (block of N, block of K, group), looping over the group's tiles.
@@ -41,22 +42,24 @@ def _group_bounds(ends_ptr, first_tile_ptr, e):
 
 @triton.jit
 def grouped_mm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, ends_ptr, first_tile_ptr, N, K, E,
-                      EP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
-    tile = tl.program_id(0)
+                      EP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # a program takes BLOCK_M rows of a 128-row tile: all of it, or half (BLOCK_M divides 128)
+    tile = tl.program_id(0) // (BLOCK // BLOCK_M)
+    part = tl.program_id(0) % (BLOCK // BLOCK_M)
     pid_n = tl.program_id(1)
     if tile < tl.load(first_tile_ptr + E):  # the grid is a bound: ⌈M/128⌉ + E - 1 tiles
         groups = tl.arange(0, EP)
         tile_ends = tl.load(first_tile_ptr + 1 + groups, mask=groups < E, other=2**30)
         e = tl.sum((tile_ends <= tile).to(tl.int32), 0)  # the group whose tiles hold this one
         start, end, first = _group_bounds(ends_ptr, first_tile_ptr, e)
-        rows = (start + (tile - first) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+        rows = (start + (tile - first) * BLOCK + part * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok, col_ok = rows < end, cols < N
         nk = tl.cdiv(K, BLOCK)
         b_base = b_ptr + e.to(tl.int64) * N * K
         # the 128x128 block scale of each column, per K block
         sb_cols = sb_ptr + (e.to(tl.int64) * tl.cdiv(N, BLOCK) + cols // BLOCK) * nk
-        acc = tl.zeros((BLOCK, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(0, nk):
             ks = kb * BLOCK + tl.arange(0, BLOCK)
             a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :],
@@ -97,13 +100,20 @@ def grouped_mm_tokens_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, first_tile_ptr
 
 # On a GPU the launch shapes are chosen per (N, K) by timing a few Hopper-typical ones (each
 # kernel writes its whole output, so a timing run is harmless; a 256-wide block with 4 warps
-# would spill its float32 accumulator). Triton's CPU interpreter gets the first one only.
+# would spill its float32 accumulator). 64-row programs of 4 warps (one warpgroup) are what
+# vLLM's tuned tables for its Triton blockwise FP8 GEMM pick on an H100 at every M; timing
+# more shapes costs the first step, never a later one. Triton's CPU interpreter gets the first.
 def _configs(*shapes: tuple[dict, int, int]) -> list[triton.Config]:
     return [triton.Config(blocks, num_warps=warps, num_stages=stages) for blocks, warps, stages in shapes]
 
 
-_grouped_tuned = triton.autotune(_configs(({"BLOCK_N": 128}, 8, 3), ({"BLOCK_N": 128}, 4, 4),
-                                          ({"BLOCK_N": 256}, 8, 3)), key=["N", "K"])(grouped_mm_kernel)
+_grouped_tuned = triton.autotune(_configs(({"BLOCK_M": 128, "BLOCK_N": 128}, 8, 3),
+                                          ({"BLOCK_M": 128, "BLOCK_N": 128}, 4, 4),
+                                          ({"BLOCK_M": 128, "BLOCK_N": 256}, 8, 3),
+                                          ({"BLOCK_M": 64, "BLOCK_N": 128}, 4, 3),
+                                          ({"BLOCK_M": 64, "BLOCK_N": 128}, 4, 4),
+                                          ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3)),
+                                 key=["N", "K"])(grouped_mm_kernel)
 _tokens_tuned = triton.autotune(_configs(({"BLOCK_N": 128, "BLOCK_K": 128}, 8, 3),
                                          ({"BLOCK_N": 128, "BLOCK_K": 128}, 4, 4),
                                          ({"BLOCK_N": 128, "BLOCK_K": 256}, 8, 3),
@@ -128,7 +138,8 @@ def grouped_mm_fp8(a_MK: torch.Tensor, scale_a: torch.Tensor, b_ENK: torch.Tenso
     M, K = a_MK.shape
     E, N, _ = b_ENK.shape
     c = torch.empty(M, N, dtype=out_dtype, device=a_MK.device)
-    _launch(_grouped_tuned, lambda meta: (triton.cdiv(M, TILE) + E - 1, triton.cdiv(N, meta["BLOCK_N"])),
+    _launch(_grouped_tuned, lambda meta: ((triton.cdiv(M, TILE) + E - 1) * (TILE // meta["BLOCK_M"]),
+                                          triton.cdiv(N, meta["BLOCK_N"])),
             a_MK, scale_a, b_ENK, scale_b, c, offsets_E, first_tiles(offsets_E), N, K, E, triton.next_power_of_2(E),
             TILE)
     return c
