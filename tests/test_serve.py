@@ -254,6 +254,11 @@ def test_metrics_and_health(server, client):
     # every request so far in the histogram's last bucket and its count
     assert values['nanoseek_request_latency_seconds_bucket{le="+Inf"}'] == values["nanoseek_request_latency_seconds_count"]
     assert values["nanoseek_request_latency_seconds_count"] >= 2
+    # the chat's one choice: its first token came within its request's time, and its second
+    # gave one time-per-output-token observation
+    assert values["nanoseek_time_to_first_token_seconds_count"] >= 1
+    assert 0 < values["nanoseek_time_to_first_token_seconds_sum"] <= values["nanoseek_request_latency_seconds_sum"]
+    assert values["nanoseek_time_per_output_token_seconds_count"] >= 1
     # the chat's 2 tokens were counted, and generated within the last 10 s
     assert values["nanoseek_completion_tokens_total"] >= 2
     assert values["nanoseek_generation_tokens_per_second"] > 0
@@ -386,6 +391,22 @@ class ScriptedEngine:
                 del self.running[rid]
             events.append(StreamEvent(rid, text, stop or length, "stop" if stop else "length" if length else None))
         return events
+
+
+def test_time_to_first_token_and_per_output_token_histograms(tiny_dir):
+    """Engine steps of 50 ms: each of 2 choices of 5 tokens gives one TTFT of at least one
+    step and within its request's time, and one time per output token of at least one step
+    (4 steps between its first and last token) and at most the request's time / 4."""
+    app = create_app(ScriptedEngine(["a"], endless=True, delay=0.05), tokenizer_for(tiny_dir), "m", Settings())
+    with live(app) as url:
+        r = httpx.post(f"{url}/v1/completions", json={"model": "m", "prompt": "a", "max_tokens": 5, "n": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 10
+        values = scrape_metrics(f"{url}/metrics")
+    latency = values["nanoseek_request_latency_seconds_sum"]
+    assert values["nanoseek_time_to_first_token_seconds_count"] == 2
+    assert 2 * 0.05 <= values["nanoseek_time_to_first_token_seconds_sum"] <= 2 * latency
+    assert values["nanoseek_time_per_output_token_seconds_count"] == 2
+    assert 2 * 0.05 <= values["nanoseek_time_per_output_token_seconds_sum"] <= 2 * latency / 4
 
 
 THINK = ["<th", "ink>I add", " 2 and 2.</thi", "nk>", "The answer", " is 4."]

@@ -1,5 +1,6 @@
 """/metrics in the Prometheus text format (prometheus_client): counters of requests by
-endpoint and status, a latency histogram, token counters, and gauges read from the engine
+endpoint and status, histograms of the request latency, the time to a choice's first token
+and the time per output token after it, token counters, and gauges read from the engine
 worker at scrape time (queue depth, running requests, tokens/s, and the engine's steps: how
 many, their seconds, the tokens they gave).
 
@@ -13,6 +14,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, float("inf"))
+# vLLM's buckets for the same two figures, so dashboards built for one read the other
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0, float("inf"))
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, float("inf"))
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -54,6 +60,12 @@ class Metrics:
                                 ["endpoint", "status"], registry=r)
         self.latency = Histogram("nanoseek_request_latency_seconds", "Time from request to the last byte.",
                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("nanoseek_time_to_first_token_seconds",
+                              "Time from a local request's arrival to its choice's first output text.",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram("nanoseek_time_per_output_token_seconds",
+                              "A local choice's time from its first to its last token, per token after the first.",
+                              buckets=TPOT_BUCKETS, registry=r)
         self.prompt_tokens = Counter("nanoseek_prompt_tokens", "Prompt tokens of local requests.", registry=r)
         self.completion_tokens = Counter("nanoseek_completion_tokens", "Generated tokens of local requests.",
                                          registry=r)
@@ -64,6 +76,12 @@ class Metrics:
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()
         self.latency.observe(seconds)
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def per_output_token(self, seconds: float) -> None:
+        self.tpot.observe(seconds)
 
     def tokens(self, prompt: int, completion: int) -> None:
         self.prompt_tokens.inc(prompt)

@@ -32,7 +32,7 @@ class RequestLogMiddleware:
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), [500]
         record: dict = {}
-        scope.setdefault("state", {})["record"] = record
+        scope.setdefault("state", {}).update(record=record, arrival=start)
 
         async def send_status(message):
             if message["type"] == "http.response.start":
