@@ -44,9 +44,11 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def model():
-    """The tiny preset with its weights scaled up: sharper logits, so that no near-tie lets
-    two equal computations (cached vs recomputed, 1-token vs (k+1)-token forwards) pick
-    different argmax tokens."""
+    """The tiny preset with its weights scaled by 5. The scaling does not make greedy choices
+    more decisive: the gap between the top two logits stays ~0.22 of the logits' standard
+    deviation (0.23 unscaled), since RMSNorm and a linear head keep that ratio. Two equal
+    computations (cached vs recomputed, 1-token vs (k+1)-token forwards) pick the same tokens
+    because float32 on one CPU computes them almost exactly alike."""
     from nanoseek import Transformer, preset
     torch.manual_seed(0)
     m = Transformer(preset("tiny")).eval()
