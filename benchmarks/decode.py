@@ -30,7 +30,10 @@ changes some) and between an engine's first and last run (`same_tokens_run_to_ru
 V3 checkpoints: infer/fp8_weights.py), weight-only and with the activations in FP8 too
 (`--fp8-kernels auto w8a8`), rows marked "FP8 weights" with `speedup_vs_bf16` and
 `same_tokens_as_bf16` against the BF16 row of their mode and batch (near-tie flips of a
-random model included). Each figure is the median of `--repeat` runs after a warm-up run.
+random model included), and `fp8_teacher_forced_vs_bf16`: the largest batch's BF16
+continuations forced through each FP8 model's cached decode, its greedy choices against BF16's
+at every position and where BF16's top-two gap exceeds 0.25, 0.5 and 1 logit standard
+deviations. Each figure is the median of `--repeat` runs after a warm-up run.
 `--record-paths` (with
 `fused` and `compiled`) writes the batches up to which the fused step was faster into
 nanoseek/infer/decode_paths.json, the engine's default choice of decode step.
@@ -84,6 +87,43 @@ def launch_file(path: str | None) -> dict | None:
 def same_tokens(a: list[list[int]], b: list[list[int]]) -> float:
     """The fraction of positions at which two runs' token lists agree."""
     return sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / sum(map(len, a))
+
+
+DECISIVE = (0.25, 0.5, 1.0)  # top-two logit gaps, in the logits' standard deviations
+
+
+@torch.no_grad()
+def teacher_forced(model, seqs: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cached greedy decode forced along seqs [B, T]: prefilled to `start`, then one token a
+    step (decode-sized inputs, the FP8 weights' decode kernels). The choice after each of
+    positions start-1 .. T-2, [B, T - start], and the gap between its top two logits over the
+    logits' standard deviation."""
+    from nanoseek.model import StaticCache
+    B, T = seqs.shape
+    cache = StaticCache(model.config, B, T, dtype=next(model.parameters()).dtype, device=seqs.device)
+    pos = torch.arange(T, device=seqs.device).expand(B, T)
+    choices, gaps = [], []
+    logits = model(seqs[:, :start], positions=pos[:, :start], cache=cache, absorb=False).logits[:, -1]
+    for t in range(start, T):
+        top = logits.float().topk(2, -1).values
+        choices.append(logits.argmax(-1))
+        gaps.append((top[:, 0] - top[:, 1]) / logits.float().std(-1))
+        if t + 1 < T:
+            logits = model(seqs[:, t:t + 1], positions=pos[:, t:t + 1], cache=cache).logits[:, -1]
+    return torch.stack(choices, 1), torch.stack(gaps, 1)
+
+
+def agreement(choice: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    """How often `choice` equals the reference's choices: at every position, and where the
+    reference's top-two gap exceeds each of DECISIVE (a random model's logits are near-tied,
+    median gap ~0.2 std, so its flips there say little about a kernel's arithmetic)."""
+    ref, gap = reference
+    same = choice == ref
+    out = {"positions": ref.numel(), "same": int(same.sum()) / ref.numel()}
+    for t in DECISIVE:
+        n = int((gap > t).sum())
+        out[f"gap_over_{t}_std"] = {"positions": n, "same": int(same[gap > t].sum()) / n if n else None}
+    return out
 
 
 def inductor_option(text: str) -> tuple[str, object]:
@@ -250,14 +290,24 @@ def main():
     if args.fp8:
         fp8_round_trip(model)
     engine_rows(model, plists, args, common, device, bandwidth, rows, tokens)
+    forced = {}
     if args.fp8:
         from nanoseek.infer.fp8_weights import FP8Linear, quantize_weights
+        # the largest batch's BF16 continuations, forced through both models: greedy choices
+        # compared position by position, not only until two free runs first part
+        B = max(args.batches)
+        label = MODES[args.modes[0]][0]
+        seqs = torch.tensor([p + g for p, g in zip(plists[B], tokens[label, B][-1])], device=device)
+        reference = teacher_forced(model, seqs, args.prompt)
         quantize_weights(model)
         for kernel in args.fp8_kernels:
             for m in model.modules():
                 if isinstance(m, FP8Linear):
                     m.kernel = kernel
             engine_rows(model, plists, args, common, device, bandwidth, rows, tokens, FP8_LABELS[kernel])
+            name = FP8_LABELS[kernel].strip()
+            forced[name] = agreement(teacher_forced(model, seqs, args.prompt)[0], reference)
+            print(f"teacher-forced greedy choices, {name} against BF16: {forced[name]}", flush=True)
     for B in args.batches:
         hf_row = rows.get(f"transformers generate, batch {B}")
         for r in rows.values():
@@ -268,7 +318,8 @@ def main():
     result = {"benchmark": "decode", **environment(), "preset": args.preset, "layers": cfg.num_hidden_layers,
               "prompt_tokens": args.prompt, "new_tokens": args.new, "dtype": str(dtype).removeprefix("torch."),
               "greedy": args.temperature == 0, "temperature": args.temperature, "sharpen": args.sharpen, "copy_bandwidth_GBps": bandwidth / 1e9,
-              "inference_config": common, "rows": rows}
+              "inference_config": common, "rows": rows,
+              **({"fp8_teacher_forced_vs_bf16": forced} if forced else {})}
     path = write_json(result, name)
     print(f"\n{'run':52s} {'TTFT ms':>8s} {'decode tok/s':>13s} {'roofline':>9s} {'fraction':>8s} {'vs HF':>7s}")
     for label, r in rows.items():

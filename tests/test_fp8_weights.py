@@ -319,3 +319,22 @@ def test_gpu_w8a8_matches_the_hand_product_at_decode_and_prefill_rows():
         assert bool((err <= bound).all()), (f"rows {rows}: worst at {divmod(i, 1024)}: got {got.flatten()[i]:.6g}, "
                                             f"want {want.flatten()[i]:.6g}, Σ|x·w| {mag.flatten()[i]:.4g}; "
                                             f"max err/Σ|x·w| {float((err / mag).max()):.3e}")
+
+
+def test_decode_benchmark_counts_agreement_where_the_reference_is_decisive():
+    """benchmarks/decode.py's FP8 agreement: over all forced positions, and over those where the
+    BF16 reference's top-two gap exceeds 0.25, 0.5 and 1 standard deviations."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("decode_bench", Path(__file__).resolve().parents[1] / "benchmarks"
+                                                  / "decode.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ref = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    gap = torch.tensor([[0.1, 0.3, 0.6, 2.0], [0.2, 0.4, 1.5, 0.05]])
+    choice = torch.tensor([[9, 2, 3, 9], [5, 9, 7, 8]])  # wrong at gaps 0.1, 2.0 and 0.4
+    got = bench.agreement(choice, (ref, gap))
+    assert got["positions"] == 8 and got["same"] == 5 / 8
+    assert got["gap_over_0.25_std"] == {"positions": 5, "same": 3 / 5}  # 0.3, 0.6, 2.0, 0.4, 1.5
+    assert got["gap_over_0.5_std"] == {"positions": 3, "same": 2 / 3}   # 0.6, 2.0, 1.5
+    assert got["gap_over_1.0_std"] == {"positions": 2, "same": 1 / 2}   # 2.0, 1.5
