@@ -233,9 +233,15 @@ case $stage in
   attention)  # MLA decode attention at V3's widths, 4K-128K, batch 1 and 16, the fused launch swept (~3 min)
     bench 500 30 benchmarks/attention.py --contexts 4096 32768 131072 --batches 1 16 --sweep
     ;;
-  serving)  # the server under 64 clients, prefix caching
+  serving)  # the server under 64 clients, prefix caching, then the engine alone at the load's batch, greedy and
+            # sampled as the load samples (the server's decode steps took ~5x decode.json's: which part is it?)
     bench 300 60 benchmarks/serve_load.py --preset bench-1b --clients 64 --max-batch 64 --requests 4 --new 128 --compile
-    bench "$(left 500)" 60 benchmarks/prefix_cache.py --preset bench-1b --requests 64 --system-tokens 2000 --compile
+    bench "$(left 400)" 60 benchmarks/prefix_cache.py --preset bench-1b --requests 64 --system-tokens 2000 --compile
+    for t in 0 0.8; do
+      mkdir -p "$OUT/temperature_$t"
+      OUT=$OUT/temperature_$t bench "$(left 590)" 60 benchmarks/decode.py --preset bench-1b --prompt 32 --new 128 \
+        --batches 64 --modes compiled --skip-hf --repeat 2 --temperature $t
+    done
     ;;
   speedrun)
     timeout "${SPEEDRUN_LIMIT:-570}" python3 -m nanoseek.cli speedrun --out runs/h200 --minutes "${MINUTES:-1.5}" \
