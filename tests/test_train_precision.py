@@ -306,7 +306,7 @@ def rounding_flips_only(got, want, w: torch.Tensor) -> str | None:
     between two neighbouring E4M3 values, and the bytes there are those two neighbours: a
     division that is not correctly rounded (Triton's float32 `/`, within 2 ulps) can land on
     either side there and nowhere else. Otherwise, what differs."""
-    from nanoseek.fp8.quant import dequantize
+    from nanoseek.fp8.quant import dequantize, spread_scales
     if not torch.equal(got.scale, want.scale):
         return "the scales differ"
     a, b = got.data.view(torch.uint8), want.data.view(torch.uint8)
@@ -316,7 +316,7 @@ def rounding_flips_only(got, want, w: torch.Tensor) -> str | None:
     codes_apart = (a[where].int() - b[where].int()).abs()
     if (codes_apart != 1).any():
         return f"{int((codes_apart != 1).sum())} bytes differ by more than one E4M3 step"
-    scale = want.scale.repeat_interleave(128, -2).repeat_interleave(128, -1)[..., :w.shape[-2], :w.shape[-1]]
+    scale = spread_scales(want.scale, want.block, w.shape)
     quotient = w.double()[where] / scale.double()[where]
     midpoint = (dequantize(got).double()[where] + dequantize(want).double()[where]) / 2 / scale.double()[where]
     off = ((quotient - midpoint).abs() / midpoint.abs()).max().item()
@@ -329,10 +329,10 @@ def test_rounding_flips_only_accepts_division_flips_and_nothing_else():
     """The GPU test's yardstick, on the CPU: a division off by one float32 ulp (a random
     direction per element) passes against quantize, planted rounding ties included; a byte
     moved one step from where E4M3 holds its quotient exactly, or a changed scale, does not."""
-    from nanoseek.fp8.quant import FP8_DTYPE, FP8_MAX, WEIGHT_BLOCK, Quantized, quantize
+    from nanoseek.fp8.quant import FP8_DTYPE, FP8_MAX, WEIGHT_BLOCK, Quantized, quantize, spread_scales
     torch.manual_seed(0)
     w = torch.randn(4, 512, 1000) * torch.rand(4, 1, 1) * 3
-    scale = quantize(w, WEIGHT_BLOCK).scale.repeat_interleave(128, -2).repeat_interleave(128, -1)[..., :512, :1000]
+    scale = spread_scales(quantize(w, WEIGHT_BLOCK).scale, WEIGHT_BLOCK, w.shape)
     # plant quotients at midpoints between neighbouring E4M3 values, all below 0.5 (the scales are
     # taken again after, should a plant replace a block's largest value)
     grid = torch.arange(0x08, 0x30, dtype=torch.uint8).view(FP8_DTYPE).float()
@@ -340,7 +340,7 @@ def test_rounding_flips_only_accepts_division_flips_and_nothing_else():
     midpoints = ((grid[:-1] + grid[1:]) / 2)[torch.randint(0, grid.numel() - 1, (200,))]
     w.view(-1)[ties] = midpoints * scale.reshape(-1)[ties]
     want = quantize(w, WEIGHT_BLOCK)
-    scale = want.scale.repeat_interleave(128, -2).repeat_interleave(128, -1)[..., :512, :1000]
+    scale = spread_scales(want.scale, WEIGHT_BLOCK, w.shape)
     quotient = w / scale
     sloppy = torch.nextafter(quotient, torch.where(torch.rand_like(w) < 0.5, -torch.inf, torch.inf))
     data = sloppy.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
@@ -365,8 +365,8 @@ def test_gpu_compiled_once_a_step_quantization_matches_eager():
     the same scales as the eager quantize, ragged edges and a zero block included, and the same
     FP8 bytes but where Triton's division rounds a quotient at an E4M3 boundary the other way
     (4 of 23M bytes on an H100)."""
-    from nanoseek.fp8.quant import WEIGHT_BLOCK, Quantized, quantize
-    from nanoseek.train.precision import block_scales_like, quantize_into
+    from nanoseek.fp8.quant import WEIGHT_BLOCK, Quantized, block_scale_shape, quantize
+    from nanoseek.train.precision import quantize_into
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
     torch.manual_seed(0)
@@ -374,7 +374,7 @@ def test_gpu_compiled_once_a_step_quantization_matches_eager():
         w = torch.randn(shape, device="cuda") * torch.rand(shape[0], 1, 1, device="cuda") * 3
         w[0, :128, :128] = 0
         data = torch.empty_like(w, dtype=torch.float8_e4m3fn)
-        scale = block_scales_like(w)
+        scale = torch.empty(block_scale_shape(w.shape, WEIGHT_BLOCK), device="cuda")
         quantize_into(w, data, scale, compiled=True)
         assert scale[0, 0, 0] == 1
         assert rounding_flips_only(Quantized(data, scale, WEIGHT_BLOCK), quantize(w, WEIGHT_BLOCK), w) is None
@@ -383,7 +383,7 @@ def test_gpu_compiled_once_a_step_quantization_matches_eager():
 def test_once_a_step_quantization_that_fails_to_compile_goes_on_eagerly(monkeypatch):
     """precision.quantize_into: a compiler failure warns once and quantizes eagerly (the same
     bytes), and later calls do not try to compile again."""
-    from nanoseek.fp8.quant import WEIGHT_BLOCK, quantize
+    from nanoseek.fp8.quant import WEIGHT_BLOCK, block_scale_shape, quantize
     from nanoseek.train import precision
     calls = []
 
@@ -393,7 +393,7 @@ def test_once_a_step_quantization_that_fails_to_compile_goes_on_eagerly(monkeypa
 
     monkeypatch.setattr(precision, "_compiled_quantize_into", broken)
     w = torch.randn(2, 200, 300)
-    data, scale = torch.empty_like(w, dtype=torch.float8_e4m3fn), precision.block_scales_like(w)
+    data, scale = torch.empty_like(w, dtype=torch.float8_e4m3fn), torch.empty(block_scale_shape(w.shape, WEIGHT_BLOCK))
     with pytest.warns(UserWarning, match="quantizing eagerly"):
         precision.quantize_into(w, data, scale, compiled=True)
     q = quantize(w, WEIGHT_BLOCK)

@@ -71,11 +71,23 @@ def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
+def block_scale_shape(shape: torch.Size | tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
+    """The scales' shape of a [..., R, C] tensor quantized in `block` tiles: [..., ⌈R/br⌉, ⌈C/bc⌉]."""
+    *lead, R, C = shape
+    return (*lead, math.ceil(R / block[0]), math.ceil(C / block[1]))
+
+
+def spread_scales(scale: torch.Tensor, block: tuple[int, int], shape: torch.Size) -> torch.Tensor:
+    """Each block's scale repeated over its block, cut to the quantized tensor's `shape`."""
+    R, C = shape[-2:]
+    return scale.repeat_interleave(block[0], -2).repeat_interleave(block[1], -1)[..., :R, :C]
+
+
 def quantize(x: torch.Tensor, block: tuple[int, int]) -> Quantized:
     """x [..., R, C] (any float dtype) -> Quantized with one scale per `block` tile."""
     *lead, R, C = x.shape
     br, bc = block
-    nr, nc = math.ceil(R / br), math.ceil(C / bc)
+    nr, nc = block_scale_shape(x.shape, block)[-2:]
     xf = x.float()
     if R % br or C % bc:  # ragged edges: zero-pad (zeros do not change a tile's amax), crop after
         xf = F.pad(xf, (0, nc * bc - C, 0, nr * br - R))
@@ -89,10 +101,7 @@ def quantize(x: torch.Tensor, block: tuple[int, int]) -> Quantized:
 
 def dequantize(q: Quantized) -> torch.Tensor:
     """data · scale, float32, each scale spread over its tile (edge tiles cut)."""
-    R, C = q.data.shape[-2:]
-    br, bc = q.block
-    scale = q.scale.repeat_interleave(br, -2).repeat_interleave(bc, -1)[..., :R, :C]
-    return q.data.float() * scale
+    return q.data.float() * spread_scales(q.scale, q.block, q.data.shape)
 
 
 def first_tiles(offsets_E: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fp8.quant import block_scale_shape
 from ..hf import FP8_BLOCK, SCALE_SUFFIX, dequantize_fp8_blockwise, quantize_fp8_blockwise
 from ..kernels import fast_kernels_supported, triton_runs
 from ..model import Transformer
@@ -50,9 +51,8 @@ def _fp8_buffers(module: nn.Module, name: str, weight: torch.Tensor, block: tupl
     """Register `name` (float8, weight's shape) and its block scales `name_scale_inv`: empty
     on the meta device (a checkpoint fills them), else weight quantised."""
     if weight.is_meta:
-        *lead, rows, cols = weight.shape
         w_fp8 = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device="meta")
-        scale_inv = torch.empty(*lead, -(-rows // block[0]), -(-cols // block[1]), device="meta")
+        scale_inv = torch.empty(block_scale_shape(weight.shape, block), device="meta")
     else:
         w_fp8, scale_inv = quantize_fp8_blockwise(weight.detach(), block)
     module.register_buffer(name, w_fp8)

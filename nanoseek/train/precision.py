@@ -115,7 +115,7 @@ def weights_once_a_step(model: nn.Module, dtype: torch.dtype | None, compiled: b
     change only at the optimizer step; but a weight used twice in a forward (the head, shared
     with MTP) sums its two gradients in float32, where autocast's cast cache sums them in BF16.
     `compiled`: the step runs compiled, so the quantization is compiled too (on a GPU)."""
-    from ..fp8.quant import FP8_DTYPE
+    from ..fp8.quant import FP8_DTYPE, WEIGHT_BLOCK, block_scale_shape
     from ..fp8.swiglu import Fp8TrainExperts
     cast = step_cast_layers(model, dtype)
     kinds = [type(layer) for layer in cast]
@@ -125,12 +125,13 @@ def weights_once_a_step(model: nn.Module, dtype: torch.dtype | None, compiled: b
             for layer, kind in zip(cast, kinds):
                 step_kind = STEP_CAST[kind]
                 for w, name in zip(step_kind.weights(layer), step_kind.CASTS):
-                    kept_buffer(layer, name, w, dtype).copy_(w)
+                    kept_buffer(layer, name, w.shape, dtype, w.device).copy_(w)
                 layer.__class__ = step_kind
             for layer in quantized:
                 for w, (data_name, scale_name) in zip(Experts.expert_weights(layer), layer.QUANTIZED):
-                    data = kept_buffer(layer, data_name, w, FP8_DTYPE)
-                    scale = kept_buffer(layer, scale_name, block_scales_like(w), torch.float32)
+                    data = kept_buffer(layer, data_name, w.shape, FP8_DTYPE, w.device)
+                    scale = kept_buffer(layer, scale_name, block_scale_shape(w.shape, WEIGHT_BLOCK), torch.float32,
+                                        w.device)
                     quantize_into(w, data, scale, compiled=compiled and w.is_cuda)
                 layer.step_weights = True
         yield
@@ -139,13 +140,6 @@ def weights_once_a_step(model: nn.Module, dtype: torch.dtype | None, compiled: b
             layer.__class__ = kind
         for layer in quantized:
             layer.step_weights = False
-
-
-def block_scales_like(w: torch.Tensor) -> torch.Tensor:
-    """An uninitialised float32 tensor shaped as the scales of `w` in 128x128 weight blocks."""
-    from ..fp8.quant import WEIGHT_BLOCK
-    *lead, R, C = w.shape
-    return w.new_empty(*lead, -(-R // WEIGHT_BLOCK[0]), -(-C // WEIGHT_BLOCK[1]), dtype=torch.float32)
 
 
 def _quantize_into(w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> None:
@@ -176,10 +170,12 @@ def quantize_into(w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, comp
         _quantize_into(w, data, scale)
 
 
-def kept_buffer(module: nn.Module, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """module's non-persistent buffer `name` shaped as `like` in `dtype`, the one it holds when it
-    fits (the same memory every step: a compiled step reads the same addresses), else a new one."""
+def kept_buffer(module: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+    """module's non-persistent buffer `name` of this shape, dtype and device, the one it holds
+    when it fits (the same memory every step: a compiled step reads the same addresses), else a
+    new one."""
     buf = getattr(module, name, None)
-    if buf is None or buf.dtype != dtype or buf.shape != like.shape or buf.device != like.device:
-        module.register_buffer(name, torch.empty_like(like, dtype=dtype), persistent=False)
+    if buf is None or buf.dtype != dtype or buf.shape != tuple(shape) or buf.device != device:
+        module.register_buffer(name, torch.empty(shape, dtype=dtype, device=device), persistent=False)
     return getattr(module, name)
