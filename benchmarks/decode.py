@@ -92,24 +92,16 @@ def same_tokens(a: list[list[int]], b: list[list[int]]) -> float:
 DECISIVE = (0.25, 0.5, 1.0)  # top-two logit gaps, in the logits' standard deviations
 
 
-@torch.no_grad()
 def teacher_forced(model, seqs: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A cached greedy decode forced along seqs [B, T]: prefilled to `start`, then one token a
-    step (decode-sized inputs, the FP8 weights' decode kernels). The choice after each of
-    positions start-1 .. T-2, [B, T - start], and the gap between its top two logits over the
-    logits' standard deviation."""
-    from nanoseek.model import StaticCache
-    B, T = seqs.shape
-    cache = StaticCache(model.config, B, T, dtype=next(model.parameters()).dtype, device=seqs.device)
-    pos = torch.arange(T, device=seqs.device).expand(B, T)
+    """generate.forced_decode's choices after each of positions start-1 .. T-2, [B, T - start],
+    and the gap between each one's top two logits over the logits' standard deviation."""
+    from nanoseek.infer.generate import forced_decode
     choices, gaps = [], []
-    logits = model(seqs[:, :start], positions=pos[:, :start], cache=cache, absorb=False).logits[:, -1]
-    for t in range(start, T):
-        top = logits.float().topk(2, -1).values
+    for logits in forced_decode(model, seqs, start):
+        logits = logits.float()
+        top = logits.topk(2, -1).values
         choices.append(logits.argmax(-1))
-        gaps.append((top[:, 0] - top[:, 1]) / logits.float().std(-1))
-        if t + 1 < T:
-            logits = model(seqs[:, t:t + 1], positions=pos[:, t:t + 1], cache=cache).logits[:, -1]
+        gaps.append((top[:, 0] - top[:, 1]) / logits.std(-1))
     return torch.stack(choices, 1), torch.stack(gaps, 1)
 
 
@@ -317,7 +309,8 @@ def main():
         f"decode_{args.preset}{f'_{args.layers}L' if args.layers else ''}.json"
     result = {"benchmark": "decode", **environment(), "preset": args.preset, "layers": cfg.num_hidden_layers,
               "prompt_tokens": args.prompt, "new_tokens": args.new, "dtype": str(dtype).removeprefix("torch."),
-              "greedy": args.temperature == 0, "temperature": args.temperature, "sharpen": args.sharpen, "copy_bandwidth_GBps": bandwidth / 1e9,
+              "greedy": args.temperature == 0, "temperature": args.temperature, "sharpen": args.sharpen,
+              "copy_bandwidth_GBps": bandwidth / 1e9,
               "inference_config": common, "rows": rows,
               **({"fp8_teacher_forced_vs_bf16": forced} if forced else {})}
     path = write_json(result, name)

@@ -182,17 +182,8 @@ def decode_argmax(model, seqs: torch.Tensor, start: int) -> tuple[torch.Tensor, 
     then one token a step through the cache (decode-sized inputs: the FP8 kernels' rows);
     the argmax after each of positions start-1 .. T-2, [B, T - start], and those logits
     [B, T - start, V] in float32."""
-    from nanoseek.model import StaticCache
-    B, T = seqs.shape
-    cache = StaticCache(model.config, B, T, dtype=next(model.parameters()).dtype, device=seqs.device)
-    pos = torch.arange(T, device=seqs.device).expand(B, T)
-    steps = []
-    with torch.no_grad():
-        logits = model(seqs[:, :start], positions=pos[:, :start], cache=cache, absorb=False).logits[:, -1]
-        for t in range(start, T):
-            steps.append(logits.float())
-            logits = model(seqs[:, t:t + 1], positions=pos[:, t:t + 1], cache=cache).logits[:, -1]
-    steps = torch.stack(steps, 1)
+    from nanoseek.infer.generate import forced_decode
+    steps = torch.stack([logits.float() for logits in forced_decode(model, seqs, start)], 1)
     return steps.argmax(-1), steps
 
 

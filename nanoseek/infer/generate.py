@@ -9,6 +9,8 @@ builds on the same cache.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from ..model import StaticCache, Transformer
@@ -67,3 +69,19 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             pos = pos + 1
     model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def forced_decode(model: Transformer, seqs: torch.Tensor, start: int) -> Iterator[torch.Tensor]:
+    """A cached greedy decode forced along seqs [B, T] (the same length every row): prefilled
+    to `start`, then one token a step, so the decode-sized paths run (FP8 weights' kernels,
+    the absorbed attention). Yields the next-token logits [B, V] after each of positions
+    start-1 .. T-2: what the model would choose where the sequence goes on as given."""
+    B, T = seqs.shape
+    cache = StaticCache(model.config, B, T, dtype=next(model.parameters()).dtype, device=seqs.device)
+    pos = torch.arange(T, device=seqs.device).expand(B, T)
+    logits = model(seqs[:, :start], positions=pos[:, :start], cache=cache, absorb=False).logits[:, -1]
+    for t in range(start, T):
+        yield logits
+        if t + 1 < T:
+            logits = model(seqs[:, t:t + 1], positions=pos[:, t:t + 1], cache=cache).logits[:, -1]
