@@ -184,7 +184,7 @@ class LocalRun:
         self.error: APIError | None = None
         # for the TTFT and TPOT histograms: the request's arrival (RequestLogMiddleware) and
         # each choice's first text
-        self.arrival = getattr(request.state, "arrival", None) or time.perf_counter()
+        self.arrival = request.state.arrival
         self.first_text: list[float | None] = [None] * k
 
     def abort_unfinished(self) -> None:
@@ -219,13 +219,13 @@ class LocalRun:
         if kind == "text":
             if self.first_text[index] is None and event[2]:
                 self.first_text[index] = time.perf_counter()
-                self.state.metrics.first_token(self.first_text[index] - self.arrival)
+                self.state.metrics.ttft.observe(self.first_text[index] - self.arrival)
             self.texts[index] += event[2]
             self.logprobs[index] += (event[3] or []) if len(event) > 3 else []
         elif kind == "done":
             self.finish[index], self.completion[index] = event[2], event[4]
             if self.first_text[index] is not None and event[4] > 1:
-                self.state.metrics.per_output_token((time.perf_counter() - self.first_text[index]) / (event[4] - 1))
+                self.state.metrics.tpot.observe((time.perf_counter() - self.first_text[index]) / (event[4] - 1))
             self.cached[index] = event[5]["cached_tokens"] if len(event) > 5 else 0
             self.open.discard(index)
         elif kind == "error":

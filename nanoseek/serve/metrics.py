@@ -25,35 +25,34 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class _Live:
     """What the worker and the engine hold at scrape time, as metric families."""
 
-    def __init__(self, worker=None, engine=None):
+    def __init__(self, worker, engine):
         self.worker, self.engine = worker, engine
 
     def collect(self):
         w = self.worker
-        if w is not None:
-            yield GaugeMetricFamily("nanoseek_queue_depth", "Requests accepted and not finished (waiting + running).",
-                                    value=w.outstanding)
-            yield GaugeMetricFamily("nanoseek_waiting_requests", "Requests waiting for a cache slot.", value=w.waiting)
-            yield GaugeMetricFamily("nanoseek_running_requests", "Requests holding a cache slot.", value=w.running)
-            yield GaugeMetricFamily("nanoseek_generation_tokens_per_second", "Tokens generated per second, last 10 s.",
-                                    value=w.tokens_per_second())
-            yield CounterMetricFamily(
-                "nanoseek_engine_steps",
-                "engine.step() calls: a prefill chunk, or a decode burst of up to --decode-burst steps.",
-                value=w.steps)
-            yield CounterMetricFamily("nanoseek_engine_step_seconds", "Seconds spent in engine steps.",
-                                      value=w.step_seconds)
-            yield CounterMetricFamily("nanoseek_engine_step_tokens", "Tokens the engine's steps generated.",
-                                      value=w.step_tokens)
-        stats = self.engine.speculative_stats() if self.engine is not None else None  # None without speculation
+        yield GaugeMetricFamily("nanoseek_queue_depth", "Requests accepted and not finished (waiting + running).",
+                                value=w.outstanding)
+        yield GaugeMetricFamily("nanoseek_waiting_requests", "Requests waiting for a cache slot.", value=w.waiting)
+        yield GaugeMetricFamily("nanoseek_running_requests", "Requests holding a cache slot.", value=w.running)
+        yield GaugeMetricFamily("nanoseek_generation_tokens_per_second", "Tokens generated per second, last 10 s.",
+                                value=w.tokens_per_second())
+        yield CounterMetricFamily(
+            "nanoseek_engine_steps",
+            "engine.step() calls: a prefill chunk, or a decode burst of up to --decode-burst steps.",
+            value=w.steps)
+        yield CounterMetricFamily("nanoseek_engine_step_seconds", "Seconds spent in engine steps.",
+                                  value=w.step_seconds)
+        yield CounterMetricFamily("nanoseek_engine_step_tokens", "Tokens the engine's steps generated.",
+                                  value=w.step_tokens)
+        stats = self.engine.speculative_stats()  # None without speculation
         if stats is not None:
             yield GaugeMetricFamily("nanoseek_speculative_acceptance_rate", "Accepted / proposed MTP drafts.",
                                     value=stats["acceptance_rate"])
 
 
 class Metrics:
-    def __init__(self, worker=None, engine=None):
-        """worker, engine: the parts whose state the scrape reads (None: not exported)."""
+    def __init__(self, worker, engine):
+        """worker, engine: the parts whose state each scrape reads."""
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
         self.requests = Counter("nanoseek_requests", "HTTP requests by endpoint and status.",
@@ -76,12 +75,6 @@ class Metrics:
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()
         self.latency.observe(seconds)
-
-    def first_token(self, seconds: float) -> None:
-        self.ttft.observe(seconds)
-
-    def per_output_token(self, seconds: float) -> None:
-        self.tpot.observe(seconds)
 
     def tokens(self, prompt: int, completion: int) -> None:
         self.prompt_tokens.inc(prompt)
