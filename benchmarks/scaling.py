@@ -62,6 +62,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from common import environment, sliced_preset, write_json  # noqa: E402
 
+
 def dualpipev_ep(n: int, overlap_flag: str) -> list | None:
     """2 pipeline ranks of n/2 data- and expert-parallel ones (none below 4 processes)."""
     return ["--pp", 2, "--dp", n // 2, "--ep", n // 2, "--pp-schedule", "dualpipev", overlap_flag] if n >= 4 else None

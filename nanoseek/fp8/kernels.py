@@ -101,8 +101,9 @@ def grouped_mm_tokens_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, first_tile_ptr
 # On a GPU the launch shapes are chosen per (N, K) by timing a few Hopper-typical ones (each
 # kernel writes its whole output, so a timing run is harmless; a 256-wide block with 4 warps
 # would spill its float32 accumulator). 64-row programs of 4 warps (one warpgroup) are what
-# vLLM's tuned tables for its Triton blockwise FP8 GEMM pick on an H100 at every M; timing
-# more shapes costs the first step, never a later one. Triton's CPU interpreter gets the first.
+# vLLM's tuned table for its Triton blockwise FP8 GEMM at N = K = 1536 on an H100 picks at every
+# M; timing more shapes costs the first step, never a later one. Triton's CPU interpreter gets
+# the first.
 def _configs(*shapes: tuple[dict, int, int]) -> list[triton.Config]:
     return [triton.Config(blocks, num_warps=warps, num_stages=stages) for blocks, warps, stages in shapes]
 
