@@ -102,8 +102,10 @@ def grouped_mm_tokens_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, first_tile_ptr
 # kernel writes its whole output, so a timing run is harmless; a 256-wide block with 4 warps
 # would spill its float32 accumulator). 64-row programs of 4 warps (one warpgroup) are what
 # vLLM's tuned table for its Triton blockwise FP8 GEMM at N = K = 1536 on an H100 picks at every
-# M; timing more shapes costs the first step, never a later one. Triton's CPU interpreter gets
-# the first.
+# M. A weight gradient's program loops over its expert's few token tiles (~3 at V2-Lite's
+# 4,096 tokens) and then stores a float32 block: two stages and less shared memory leave room
+# for more programs an SM to hide those stores. Timing more shapes costs the first step, never
+# a later one. Triton's CPU interpreter gets the first.
 def _configs(*shapes: tuple[dict, int, int]) -> list[triton.Config]:
     return [triton.Config(blocks, num_warps=warps, num_stages=stages) for blocks, warps, stages in shapes]
 
@@ -118,7 +120,9 @@ _grouped_tuned = triton.autotune(_configs(({"BLOCK_M": 128, "BLOCK_N": 128}, 8, 
 _tokens_tuned = triton.autotune(_configs(({"BLOCK_N": 128, "BLOCK_K": 128}, 8, 3),
                                          ({"BLOCK_N": 128, "BLOCK_K": 128}, 4, 4),
                                          ({"BLOCK_N": 128, "BLOCK_K": 256}, 8, 3),
-                                         ({"BLOCK_N": 256, "BLOCK_K": 128}, 8, 3)),
+                                         ({"BLOCK_N": 256, "BLOCK_K": 128}, 8, 3),
+                                         ({"BLOCK_N": 128, "BLOCK_K": 128}, 4, 2),
+                                         ({"BLOCK_N": 64, "BLOCK_K": 128}, 4, 2)),
                                 key=["N", "K"])(grouped_mm_tokens_kernel)
 
 
