@@ -110,7 +110,8 @@ class R1Config(CheckedConfig):
 
 
 # On a GPU: the speedrun's GPU settings (speedrun.grpo_settings and its SFT), over longer
-# stages; not yet measured as a whole (benchmarks/device/h200_session.sh r1 runs them).
+# stages. R1-Zero's 250 steps take ~17 minutes on an H100 (benchmarks/results/r1/h100_zero);
+# the full pipeline is sized to the 30 minutes but not yet measured.
 GPU_SETTINGS = dict(eval_n=500, max_new_tokens=128, cold_start_n=6000, cold_start_steps=400, sft_steps=400,
                     sft_lr=5e-4, batch_size=32, seq_len=512, train={"compile": True},
                     zero_steps=250, reasoning_steps=200, final_steps=100, group_size=16, prompts_per_step=32,
