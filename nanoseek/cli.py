@@ -773,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "resume"):  # train, sft, grpo: the same command goes on from the checkpoint
             how = "; continue with: nanoseek " + shlex.join(argv + ([] if "--resume" in argv else ["--resume"]))
         print(f"nanoseek: interrupted: {e}{how}", file=sys.stderr)
-        return 130
+        return 128 + e.signum  # as a shell reports a command the signal ended
     except KeyboardInterrupt:
         print("nanoseek: interrupted", file=sys.stderr)
         return 130

@@ -96,16 +96,18 @@ def test_a_run_without_resume_refuses_an_existing_run(tiny, tmp_path):
         make(tiny, tmp_path, steps=1).fit(progress=False)
 
 
-def test_ctrl_c_saves_the_step_in_flight_and_a_resume_goes_on(tiny, tmp_path):
-    """SIGINT during step 2's rewards (in this process, as a terminal sends it): step 2 ends,
-    is saved, and TrainingInterrupted says where; default save_every (a tenth of 10 steps)
-    saved step 1 too. A resume trains on from step 3."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_saves_the_step_in_flight_and_a_resume_goes_on(tiny, tmp_path, signum):
+    """SIGINT (as a terminal sends it) or SIGTERM (as a scheduler does) during step 2's rewards,
+    in this process: step 2 ends, is saved, and TrainingInterrupted says where and which
+    signal; default save_every (a tenth of 10 steps) saved step 1 too. A resume trains on
+    from step 3."""
     rewarded = []
 
     def interrupt_in_step_2(prompts, completions, **kwargs):
         rewarded.append(1)
         if len(rewarded) == 2:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signum)
         return len3(prompts, completions)
 
     model, tok = tiny
@@ -114,10 +116,11 @@ def test_ctrl_c_saves_the_step_in_flight_and_a_resume_goes_on(tiny, tmp_path):
     trainer = GRPOTrainer(copy.deepcopy(model), tok, "arithmetic", cfg, tmp_path,
                           reward_funcs={"interrupt": interrupt_in_step_2})
     rewarded.clear()  # the constructor scored one row to check the reward's columns
-    before = signal.getsignal(signal.SIGINT)  # Python's handler, or SIG_IGN under a background launcher
-    with pytest.raises(TrainingInterrupted, match=r"^grpo stopped at step 2 of 10; checkpoint saved in "):
+    before = signal.getsignal(signum)  # Python's handler, or SIG_IGN under a background launcher
+    with pytest.raises(TrainingInterrupted, match=r"^grpo stopped at step 2 of 10; checkpoint saved in ") as e:
         trainer.fit(progress=False)
-    assert signal.getsignal(signal.SIGINT) is before  # Ctrl-C is itself again
+    assert e.value.signum == signum
+    assert signal.getsignal(signum) is before  # the signal is itself again
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000001",
                                                                                 "step_00000002"]

@@ -1,6 +1,7 @@
 """`torchrun -m nanoseek train --dp/--ep/--pp` end to end on the CPU (gloo): its losses are the
 one-process run's, metrics and the HF export are written once, and a run killed mid-training
-resumes, on one process or on two, to the losses of an uninterrupted run.
+resumes, on one process or on two, to the losses of an uninterrupted run; a SIGTERM that
+reaches one rank stops every rank after the same step, saved.
 
 The kill is a SIGKILL that rank 0 sends itself from a hooked `MetricsLogger.log` (as in
 test_train.py), so it lands at a known step; torchrun then stops the other rank.
@@ -62,6 +63,43 @@ def torchrun(tmp: Path, nproc: int, *argv, kill_at: int = 0) -> subprocess.Compl
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(runner), str(kill_at), *map(str, argv)]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+TERM_RUNNER = textwrap.dedent("""
+    import os, signal, sys
+    from nanoseek import cli
+    from nanoseek.train import trainer
+
+    term_at = int(sys.argv[1])
+    original = trainer.lr_multiplier  # called by every rank as each step starts
+
+    def lr_multiplier(step, *args, **kwargs):
+        if step + 1 == term_at and os.environ["RANK"] == "1":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(step, *args, **kwargs)
+
+    trainer.lr_multiplier = lr_multiplier
+    sys.exit(cli.main(sys.argv[2:]))
+""")
+
+
+def test_a_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """SIGTERM reaches rank 1 alone as step 3 starts: rank 0 learns of it after that step, so
+    both save step 3 together and stop, each exiting 143, with nothing lost. A rank-local stop
+    would leave rank 0 in step 4's collectives while rank 1 saved."""
+    (tmp_path / "runner.py").write_text(TERM_RUNNER)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(tmp_path / "runner.py"), "3", "train", *map(str, RUN_ARGS), "--dp", "2", "--ep", "2",
+                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=180)  # ~10 s; ranks that disagree wait in collectives until this
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert proc.stderr.count("nanoseek: interrupted: pretrain stopped at step 3 of 6") == 2, proc.stderr[-3000:]
+    assert steps(out) == [1, 2, 3]
+    assert latest_checkpoint(out).name == step_dir_name(3)
+    assert (latest_checkpoint(out) / "dcp" / ".metadata").is_file()
 
 
 def losses(run_dir) -> list[float]:

@@ -177,14 +177,17 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("name, status", [("SIGINT", 130), ("SIGTERM", 143)])
 def test_ctrl_c_saves_the_step_it_finishes_and_the_printed_command_resumes_exactly(tmp_path, uninterrupted,
-                                                                                   capsys):
-    """SIGINT while step 5 logs: the step finishes and is saved (save_every is 3), the process
-    exits 130 (128 + SIGINT, as a shell reports a Ctrl-C'd command) with one line naming the
-    checkpoint and the command that continues the run; that command resumes bit for bit."""
+                                                                                   capsys, name, status):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's or `timeout`'s stop) while step 5 logs: the
+    step finishes and is saved (save_every is 3), the process exits 128 + the signal's number
+    (as a shell reports a command the signal ended) with one line naming the checkpoint and
+    the command that continues the run; that command resumes bit for bit."""
     run = tmp_path / "run"
-    proc = signalled_run(run, "MetricsLogger", "log", "args[1] == 5", "SIGINT")
-    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    proc = signalled_run(run, "MetricsLogger", "log", "args[1] == 5", name)
+    assert proc.returncode == status and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"{name.replace('SIGINT', 'Ctrl-C')}: stopping after this step to save a checkpoint" in proc.stderr
     command = ["train", *RUN_ARGS, "--out", str(run), "--resume"]
     assert proc.stderr.splitlines()[-1] == (
         f"nanoseek: interrupted: pretrain stopped at step 5 of 12; checkpoint saved in "
@@ -199,9 +202,10 @@ def test_ctrl_c_saves_the_step_it_finishes_and_the_printed_command_resumes_exact
     assert "pretrain 12/12 steps (100%): loss=" in err  # the progress line of a log, not a terminal
 
 
-def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("signals", ["SIGINT,SIGINT", "SIGTERM,SIGINT"])
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, signals):
     run = tmp_path / "run"
-    proc = signalled_run(run, "MetricsLogger", "log", "args[1] == 5", "SIGINT,SIGINT")
+    proc = signalled_run(run, "MetricsLogger", "log", "args[1] == 5", signals)
     assert proc.returncode == 130 and proc.stderr.splitlines()[-1] == "nanoseek: interrupted"
     assert "Traceback" not in proc.stderr
     assert latest_checkpoint(run).name == step_dir_name(3)  # step 5 was not saved

@@ -65,8 +65,9 @@ enough() {  # limit, least useful seconds: a part with less time than that is sk
   return 1
 }
 
-quiet() {  # drops Python's warnings, but not those that say something failed (a compile fallback)
-  awk '!/Warning/ || /failed/'
+quiet() {  # drops Python's warnings, but not those that say something failed (a compile fallback);
+          # line by line, so that a call cut off mid-run still brings back the log so far
+  awk '(!/Warning/ || /failed/) { print; fflush() }'
 }
 # the parts; each takes a time limit in seconds and logs to $OUT
 gpu_tests() {  # limit, test files and pytest options
@@ -134,7 +135,9 @@ r1() {  # limit, zero|full: the `small` base pretrained once (resumable), then `
       2>&1 | quiet | tail -3 | tee -a "$OUT/r1_base.log"
   fi
   enough "$(left "$until")" 60 || return
-  timeout "$(left "$until")" python3 -m nanoseek.cli r1 --model runs/r1/base --task arithmetic \
+  # SIGTERM 30 s before the call's end: the step in flight finishes and is saved (a ~4 s GRPO
+  # step and a save), so the next call goes on from there, not from the last save_every
+  timeout -k 10 "$(( $(left "$until") - 30 ))" python3 -m nanoseek.cli r1 --model runs/r1/base --task arithmetic \
     --level "${R1_LEVEL:-2}" --stages "$2" --out "runs/r1/$2" ${R1_ARGS:-} 2>&1 | quiet \
     | tee -a "$OUT/r1_$2.log"
   tar czf "$OUT/r1_$2.tgz" --exclude='*.safetensors' --exclude='checkpoints' --exclude='tb' "runs/r1/$2" 2>/dev/null

@@ -10,6 +10,7 @@ the plots; checkpoints are distributed (parallel/checkpoint.py) and written once
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -40,6 +41,18 @@ class DistributedRun:
                                 self.state(), tokenizer_dir=self.tokenizer_dir, keep_last=self.cfg.keep_last)
         self.saved_step = self.step
         return path
+
+    def stop_agreed(self, stop) -> bool:
+        """A stop any rank was asked for (Ctrl-C or SIGTERM reach the ranks at different
+        moments): every rank stops after the same step, where a rank-local stop would leave the
+        others waiting in the next step's collectives."""
+        if not torch.distributed.is_initialized():  # one process (a run resumed alone)
+            return bool(stop.requested)
+        asked = torch.tensor([int(stop.requested or 0)], device=self.device)
+        torch.distributed.all_reduce(asked, op=torch.distributed.ReduceOp.MAX)
+        if asked.item() and not stop.requested:
+            stop.requested = signal.Signals(int(asked.item()))
+        return bool(stop.requested)
 
     def resume(self) -> bool:
         if latest_checkpoint(self.run_dir) is None:

@@ -514,7 +514,7 @@ class GRPOTrainer(Checkpointed):
         early, after the step that leaves less time than that step took; that step gets the
         final evaluation and the checkpoint as the last one would, and a later `resume`
         goes on toward cfg.steps (GRPO's learning rate is constant: no schedule to cut).
-        Ctrl-C ends the step in flight, saves it and raises TrainingInterrupted."""
+        Ctrl-C or SIGTERM ends the step in flight, saves it and raises TrainingInterrupted."""
         cfg = self.cfg
         start_run(self.run_dir, resume, self.resume, cfg.seed)
         records = []
@@ -524,7 +524,7 @@ class GRPOTrainer(Checkpointed):
                 start = before if before is not None else self.evaluate()
                 if start:
                     logger.log(0, **start)
-            while self.step < cfg.steps and not stop.requested:
+            while self.step < cfg.steps and not self.stop_agreed(stop):
                 record = self.train_step()
                 out_of_time = deadline is not None and time.time() + record["step_time_s"] > deadline
                 last = self.step == cfg.steps or out_of_time

@@ -5,8 +5,8 @@ Per step: the learning rate from the schedule, `grad_accum` micro-batches throug
 update from that step's expert loads), one line of metrics (loss and its parts, lr, grad
 norm, tokens/s, MFU, MaxVio per MoE layer), the progress bar, and every `save_every` steps
 (by default every tenth of the run) an atomic checkpoint that holds the model, optimizer,
-loader position and RNG states. Ctrl-C finishes the step in flight, saves it and raises
-`TrainingInterrupted`. `resume=True` continues from the latest checkpoint exactly: the
+loader position and RNG states. Ctrl-C or SIGTERM (a scheduler's stop) finishes the step in flight,
+saves it and raises `TrainingInterrupted`. `resume=True` continues from the latest checkpoint exactly: the
 per-step losses of a run stopped and resumed equal those of an uninterrupted run (on the
 CPU, bit for bit).
 
@@ -47,11 +47,12 @@ class TrainingError(RuntimeError):
 
 
 class TrainingInterrupted(Exception):
-    """Ctrl-C stopped a run between two steps, after saving the step it had finished."""
+    """Ctrl-C or SIGTERM stopped a run between two steps, after saving the step it had finished.
+    `signum` is the signal that asked (a shell reports the command's exit as 128 + signum)."""
 
-    def __init__(self, stage: str, step: int, total: int, checkpoint: Path):
+    def __init__(self, stage: str, step: int, total: int, checkpoint: Path, signum: int = signal.SIGINT):
         super().__init__(f"{stage} stopped at step {step} of {total}; checkpoint saved in {checkpoint}")
-        self.checkpoint = checkpoint
+        self.checkpoint, self.signum = checkpoint, int(signum)
 
 
 @dataclass
@@ -116,29 +117,33 @@ def start_run(run_dir: str | Path, resume: bool, resume_fn, seed: int) -> None:
 
 
 class StopRequest:
-    """Ctrl-C (SIGINT) while a training loop runs: the first asks the loop to stop after the
-    step in flight, so that the checkpoint it saves holds whole steps (a KeyboardInterrupt could
-    land inside optimizer.step); a second one stops at once. Signals reach only the main
-    thread; elsewhere Ctrl-C is left as it is."""
+    """Ctrl-C (SIGINT), or SIGTERM (what `timeout`, Slurm and Kubernetes send before they kill),
+    while a training loop runs: the first asks the loop to stop after the step in flight, so
+    that the checkpoint it saves holds whole steps (an exception could land inside
+    optimizer.step) and a preempted job loses nothing; a second one stops at once. Signals
+    reach only the main thread; elsewhere they are left as they are."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
     def __init__(self, note):
-        self.note, self.requested, self._installed, self._previous = note, False, False, None
+        self.note, self.requested, self._previous = note, None, {}
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
-            self._installed = True
+            self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._installed:  # None: a handler set outside Python, which the default stands for
-            signal.signal(signal.SIGINT, signal.SIG_DFL if self._previous is None else self._previous)
+        for sig, previous in self._previous.items():  # None: a handler set outside Python, as the default
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
 
-    def _on_sigint(self, signum, frame) -> None:
+    def _on_signal(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        self.note("Ctrl-C: stopping after this step to save a checkpoint (Ctrl-C again: stop now, unsaved)")
+        self.requested = signal.Signals(signum)
+        name = self.NAMES[self.requested]
+        self.note(f"{name}: stopping after this step to save a checkpoint ({name} again: stop now, unsaved)")
 
 
 def seed_everything(seed: int) -> None:
@@ -184,13 +189,18 @@ class Checkpointed:
             every = max(1, math.ceil(self.cfg.steps / 10))
         return every > 0 and self.step % every == 0
 
+    def stop_agreed(self, stop: StopRequest) -> bool:
+        """Whether the loop stops before its next step: a stop was requested (in one process)."""
+        return bool(stop.requested)
+
     def end_run(self, stop: StopRequest) -> None:
-        """The last checkpoint (unless this step's is saved); after a Ctrl-C, the
+        """The last checkpoint (unless this step's is saved); after a Ctrl-C or SIGTERM, the
         TrainingInterrupted that says where it is."""
         if self.saved_step != self.step:
             self.save()
         if stop.requested and self.step < self.cfg.steps:
-            raise TrainingInterrupted(self.stage, self.step, self.cfg.steps, latest_checkpoint(self.run_dir))
+            raise TrainingInterrupted(self.stage, self.step, self.cfg.steps, latest_checkpoint(self.run_dir),
+                                      stop.requested)
 
     def resume(self) -> bool:
         """Continue from the run's latest checkpoint, if any. Returns whether one was found;
@@ -249,14 +259,14 @@ class Trainer(Checkpointed):
         return batches
 
     def fit(self, resume: bool = False, progress: bool = True) -> list[dict]:
-        """Train to cfg.steps; returns the logged records of this call. Ctrl-C ends the step
-        in flight, saves it and raises TrainingInterrupted."""
+        """Train to cfg.steps; returns the logged records of this call. Ctrl-C or SIGTERM ends
+        the step in flight, saves it and raises TrainingInterrupted."""
         cfg = self.cfg
         start_run(self.run_dir, resume, self.resume, cfg.seed)
         records = []
         logger, bar = self.outputs(progress)
         with logger, bar, StopRequest(bar.write) as stop:
-            while self.step < cfg.steps and not stop.requested:
+            while self.step < cfg.steps and not self.stop_agreed(stop):
                 lr = cfg.lr * lr_multiplier(self.step, cfg.steps, cfg.warmup, cfg.schedule,
                                             cfg.min_lr_ratio, cfg.decay_frac)
                 set_lr(self.optimizer, lr)
