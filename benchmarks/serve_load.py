@@ -60,25 +60,37 @@ async def one_request(client: httpx.AsyncClient, i: int, new: int) -> dict:
 
 ENGINE_COUNTERS = ("nanoseek_engine_steps_total", "nanoseek_engine_step_seconds_total",
                    "nanoseek_engine_step_tokens_total")
+STEP_KINDS = ("prefill", "decode")
 
 
-def engine_counters(metrics_text: str) -> dict[str, float]:
-    """The engine's step counters from a /metrics scrape."""
+def engine_counters(metrics_text: str) -> dict[tuple[str, str], float]:
+    """The engine's step counters from a /metrics scrape: (counter, kind) -> value."""
     values = {}
     for line in metrics_text.splitlines():
-        name, _, value = line.partition(" ")
+        series, _, value = line.rpartition(" ")
+        name, _, labels = series.partition("{")
         if name in ENGINE_COUNTERS:
-            values[name] = float(value)
+            values[name, labels.removeprefix('kind="').removesuffix('"}')] = float(value)
     return values
 
 
 def engine_share(before: dict, after: dict, wall: float) -> dict:
     """Where the run's time went on the server: the engine's steps (engine.step() calls: how
-    many, their mean length and tokens) and the fraction of the wall clock spent inside them;
-    the rest is the server's and the clients' own work (HTTP, JSON, the event loop) and waiting."""
-    steps, seconds, tokens = (after[k] - before[k] for k in ENGINE_COUNTERS)
-    return {"engine_steps": int(steps), "engine_busy_fraction": seconds / wall,
-            "engine_step_ms": 1e3 * seconds / max(steps, 1), "tokens_per_step": tokens / max(steps, 1)}
+    many, their mean length and tokens), all of them and by kind (prefill chunks, decode
+    bursts), and the fraction of the wall clock spent inside them; the rest is the server's
+    and the clients' own work (HTTP, JSON, the event loop) and waiting."""
+    def diff(kinds):
+        return [sum(after.get((k, kind), 0.0) - before.get((k, kind), 0.0) for kind in kinds)
+                for k in ENGINE_COUNTERS]
+
+    steps, seconds, tokens = diff(STEP_KINDS)
+    out = {"engine_steps": int(steps), "engine_busy_fraction": seconds / wall,
+           "engine_step_ms": 1e3 * seconds / max(steps, 1), "tokens_per_step": tokens / max(steps, 1)}
+    for kind in STEP_KINDS:
+        steps, seconds, tokens = diff([kind])
+        out.update({f"{kind}_steps": int(steps), f"{kind}_busy_fraction": seconds / wall,
+                    f"{kind}_step_ms": 1e3 * seconds / max(steps, 1), f"{kind}_tokens_per_step": tokens / max(steps, 1)})
+    return out
 
 
 async def load(url: str, clients: int, requests: int, new: int) -> tuple[list[dict], float, dict]:
@@ -152,6 +164,9 @@ def main():
     print(f"  engine: {engine['engine_steps']} steps of {engine['engine_step_ms']:.2f} ms and "
           f"{engine['tokens_per_step']:.1f} tokens on average, busy {engine['engine_busy_fraction']:.0%} "
           f"of the wall clock")
+    for kind in STEP_KINDS:
+        print(f"    {kind}: {engine[kind + '_steps']} steps of {engine[kind + '_step_ms']:.2f} ms and "
+              f"{engine[kind + '_tokens_per_step']:.1f} tokens, {engine[kind + '_busy_fraction']:.0%} of the wall clock")
     assert all(r["completion_tokens"] == args.new for r in results)
     assert "nanoseek_queue_depth" in metrics
     path = write_json({**environment(), "config": vars(args), "figures": figures},

@@ -245,10 +245,12 @@ def scrape_metrics(url: str, **kw) -> dict[str, float]:
 
 def test_metrics_and_health(server, client):
     url, _ = server
+    auth = {"Authorization": f"Bearer {KEY}"}
+    earlier = scrape_metrics(f"{url}/metrics", headers=auth)  # the module's server: other tests' counts
     greedy_chat(client, max_tokens=2)
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
     assert httpx.get(f"{url}/metrics").status_code == 401
-    values = scrape_metrics(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    values = scrape_metrics(f"{url}/metrics", headers=auth)
     assert values['nanoseek_requests_total{endpoint="/v1/chat/completions",status="200"}'] >= 1
     assert values["nanoseek_queue_depth"] == 0
     # every request so far in the histogram's last bucket and its count
@@ -262,9 +264,14 @@ def test_metrics_and_health(server, client):
     # the chat's 2 tokens were counted, and generated within the last 10 s
     assert values["nanoseek_completion_tokens_total"] >= 2
     assert values["nanoseek_generation_tokens_per_second"] > 0
-    # the engine's steps: the chat's prefill and decode at least; their tokens are the completions'
-    assert values["nanoseek_engine_steps_total"] >= 2 and values["nanoseek_engine_step_seconds_total"] > 0
-    assert values["nanoseek_engine_step_tokens_total"] == values["nanoseek_completion_tokens_total"]
+    # the engine's steps by kind, over all requests so far: their tokens are the completions'
+    def kinds(name, scrape=values):
+        return [scrape.get(f'{name}{{kind="{kind}"}}', 0.0) for kind in ("prefill", "decode")]
+    assert sum(kinds("nanoseek_engine_step_tokens_total")) == values["nanoseek_completion_tokens_total"]
+    # and this chat's: one prefill step gave its first token, one decode step its second
+    steps, seconds, tokens = ([a - b for a, b in zip(kinds(name), kinds(name, earlier))] for name in (
+        "nanoseek_engine_steps_total", "nanoseek_engine_step_seconds_total", "nanoseek_engine_step_tokens_total"))
+    assert steps == [1, 1] and tokens == [1, 1] and min(seconds) > 0
 
 
 def test_feedback_is_stored_in_sqlite(server, client, feedback_db):
@@ -569,13 +576,21 @@ def test_serve_load_reads_the_engines_share_of_the_run_from_two_scrapes():
         "serve_load", Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    scrape = ("# HELP nanoseek_engine_steps_total Engine steps.\nnanoseek_engine_steps_total {}\n"
-              "nanoseek_engine_step_seconds_total {}\nnanoseek_engine_step_tokens_total {}\n"
+    scrape = ("# HELP nanoseek_engine_steps_total Engine steps.\n"
+              'nanoseek_engine_steps_total{{kind="prefill"}} {}\nnanoseek_engine_steps_total{{kind="decode"}} {}\n'
+              'nanoseek_engine_step_seconds_total{{kind="prefill"}} {}\n'
+              'nanoseek_engine_step_seconds_total{{kind="decode"}} {}\n'
+              'nanoseek_engine_step_tokens_total{{kind="prefill"}} {}\n'
+              'nanoseek_engine_step_tokens_total{{kind="decode"}} {}\n'
               'nanoseek_requests_total{{endpoint="/v1/chat/completions",status="200"}} 3\n')
-    before = bench.engine_counters(scrape.format(10, "1.5", 40))
-    after = bench.engine_counters(scrape.format(110, "3.5", 6440))
-    assert before == {"nanoseek_engine_steps_total": 10, "nanoseek_engine_step_seconds_total": 1.5,
-                      "nanoseek_engine_step_tokens_total": 40}
+    before = bench.engine_counters(scrape.format(4, 6, "1.0", "0.5", 4, 36))
+    after = bench.engine_counters(scrape.format(24, 86, "2.0", "1.5", 64, 6376))
+    assert before[("nanoseek_engine_step_seconds_total", "prefill")] == 1.0 and len(before) == 6
     share = bench.engine_share(before, after, wall=4.0)
+    # 100 steps in 2 s of the 4 s: 20 prefills (1 s, 60 tokens), 80 decode bursts (1 s, 6340 tokens)
     assert share == {"engine_steps": 100, "engine_busy_fraction": 0.5, "engine_step_ms": 20.0,
-                     "tokens_per_step": 64.0}
+                     "tokens_per_step": 64.0,
+                     "prefill_steps": 20, "prefill_busy_fraction": 0.25, "prefill_step_ms": 50.0,
+                     "prefill_tokens_per_step": 3.0,
+                     "decode_steps": 80, "decode_busy_fraction": 0.25, "decode_step_ms": 12.5,
+                     "decode_tokens_per_step": 79.25}

@@ -489,6 +489,7 @@ class Engine:
         if scheduled is None:
             return []
         kind, seqs = scheduled
+        self.last_step_kind = kind  # what a server's /metrics counts this step as
         if kind == "decode" and self.speculative_k:
             return self._speculative_step(seqs)
         params = [s.params for s in seqs]

@@ -1,8 +1,8 @@
 """/metrics in the Prometheus text format (prometheus_client): counters of requests by
 endpoint and status, histograms of the request latency, the time to a choice's first token
 and the time per output token after it, token counters, and gauges read from the engine
-worker at scrape time (queue depth, running requests, tokens/s, and the engine's steps: how
-many, their seconds, the tokens they gave).
+worker at scrape time (queue depth, running requests, tokens/s, and the engine's steps by
+kind, prefill or decode: how many, their seconds, the tokens they gave).
 
 Each server has its own registry, so two apps in one process (tests) count apart, and
 nothing of prometheus_client's default registry (process and platform collectors) is
@@ -36,14 +36,15 @@ class _Live:
         yield GaugeMetricFamily("nanoseek_running_requests", "Requests holding a cache slot.", value=w.running)
         yield GaugeMetricFamily("nanoseek_generation_tokens_per_second", "Tokens generated per second, last 10 s.",
                                 value=w.tokens_per_second())
-        yield CounterMetricFamily(
-            "nanoseek_engine_steps",
-            "engine.step() calls: a prefill chunk, or a decode burst of up to --decode-burst steps.",
-            value=w.steps)
-        yield CounterMetricFamily("nanoseek_engine_step_seconds", "Seconds spent in engine steps.",
-                                  value=w.step_seconds)
-        yield CounterMetricFamily("nanoseek_engine_step_tokens", "Tokens the engine's steps generated.",
-                                  value=w.step_tokens)
+        for name, doc, values in (
+                ("nanoseek_engine_steps", "engine.step() calls by kind: a prefill chunk, or a decode burst of up "
+                                          "to --decode-burst steps.", w.steps),
+                ("nanoseek_engine_step_seconds", "Seconds spent in engine steps, by kind.", w.step_seconds),
+                ("nanoseek_engine_step_tokens", "Tokens the engine's steps generated, by kind.", w.step_tokens)):
+            family = CounterMetricFamily(name, doc, labels=["kind"])
+            for kind, value in values.items():
+                family.add_metric([kind], value)
+            yield family
         stats = self.engine.speculative_stats()  # None without speculation
         if stats is not None:
             yield GaugeMetricFamily("nanoseek_speculative_acceptance_rate", "Accepted / proposed MTP drafts.",

@@ -45,6 +45,9 @@ class Job:
     logprobs_sent: int = 0  # output tokens whose logprobs were pushed
 
 
+STEP_KINDS = ("prefill", "decode")
+
+
 class EngineWorker:
     def __init__(self, engine, max_queue: int = 256):
         self.engine, self.max_queue = engine, max_queue
@@ -57,10 +60,12 @@ class EngineWorker:
         self._stop = False
         # figures for /metrics, written by the worker, read by anyone
         self.waiting = self.running = self.peak_running = 0
-        # engine.step() calls (a prefill chunk, or a decode burst of up to --decode-burst steps),
-        # their seconds and the tokens they gave: against the wall clock, how busy the engine is
-        # and how much each call yields (what a slow server lacks)
-        self.steps, self.step_seconds, self.step_tokens = 0, 0.0, 0
+        # engine.step() calls by kind (a prefill chunk, or a decode burst of up to --decode-burst
+        # steps), their seconds and the tokens they gave: against the wall clock, how busy the
+        # engine is, and which kind of call its time goes to (what a slow server lacks)
+        self.steps = {kind: 0 for kind in STEP_KINDS}
+        self.step_seconds = {kind: 0.0 for kind in STEP_KINDS}
+        self.step_tokens = {kind: 0 for kind in STEP_KINDS}
         self._recent: deque[tuple[float, int]] = deque(maxlen=4096)  # (time, tokens) of the last steps
 
     # ------------------------------------------------------------- handler side
@@ -158,8 +163,9 @@ class EngineWorker:
                 log.exception("engine step failed")
                 self._fail(f"the engine failed: {type(e).__name__}", 500)
                 continue
-            self.steps += 1
-            self.step_seconds += time.perf_counter() - started
+            kind = getattr(self.engine, "last_step_kind", "decode")
+            self.steps[kind] += 1
+            self.step_seconds[kind] += time.perf_counter() - started
             new_tokens = 0
             for event in events:
                 job = self._jobs.get(event.request_id)
@@ -178,7 +184,7 @@ class EngineWorker:
                             "cached_tokens": getattr(job.seq, "cached_tokens", 0)}
                     self._push(job, ("done", event.finish_reason, len(job.prompt_ids), n, info))
                     self._done(job)
-            self.step_tokens += new_tokens
+            self.step_tokens[kind] += new_tokens
             self._recent.append((time.monotonic(), new_tokens))
             sched = getattr(self.engine, "scheduler", None)
             if sched is not None:
