@@ -16,9 +16,9 @@ Config overrides are `key=value` words with JSON values (`q_lora_rank=null`);
 
 Exit status: 0 done; 2 a user error (unknown preset, bad override, invalid value, missing file,
 a device this machine lacks), printed as one line `nanoseek: error: ...` on stderr; 130 after
-Ctrl-C (train, sft and grpo first finish the step in flight and save it, and the line says how
-to resume); 141 when the reader of the output went away (`nanoseek info --json | head`),
-quietly, as a tool killed by SIGPIPE.
+Ctrl-C and 143 after SIGTERM (train, sft, grpo and r1 first finish the step in flight and save
+it, and the line says how to resume); 141 when the reader of the output went away
+(`nanoseek info --json | head`), quietly, as a tool killed by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -772,6 +772,8 @@ def main(argv: list[str] | None = None) -> int:
         how = ""
         if hasattr(args, "resume"):  # train, sft, grpo: the same command goes on from the checkpoint
             how = "; continue with: nanoseek " + shlex.join(argv + ([] if "--resume" in argv else ["--resume"]))
+        elif getattr(args, "rerun_resumes", False):  # r1: the same command, as it was
+            how = "; continue with: nanoseek " + shlex.join(argv)
         print(f"nanoseek: interrupted: {e}{how}", file=sys.stderr)
         return 128 + e.signum  # as a shell reports a command the signal ended
     except KeyboardInterrupt:

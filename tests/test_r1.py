@@ -7,6 +7,8 @@ sampler is scripted to give one right and one wrong answer per prompt (as in tes
 
 import json
 import math
+import shlex
+import signal
 
 import pytest
 
@@ -123,6 +125,32 @@ def test_rerun_skips_finished_stages_and_resumes_the_unfinished_one_exactly(base
     # other settings on the same directory are refused, not mixed in
     with pytest.raises(ValueError, match=r"other settings \(zero_steps: 2 -> 5\)"):
         r1(base, cut, "zero", cfg=r1_config(gpu=False, **{**TINY, "zero_steps": 5}), say=lambda _: None)
+
+
+def test_cli_r1_stopped_by_sigterm_says_how_to_go_on_and_that_command_finishes(base, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """SIGTERM (a scheduler's stop) during R1-Zero's first RL step: the step finishes and is
+    saved, the command exits 143 with one line naming the checkpoint and the command that goes
+    on, the stage is not marked done, and that command finishes the run."""
+    step = GRPOTrainer.train_step
+
+    def sigterm_in_step_1(self):
+        if self.step == 0:
+            signal.raise_signal(signal.SIGTERM)
+        return step(self)
+    monkeypatch.setattr(GRPOTrainer, "train_step", sigterm_in_step_1)
+    out = tmp_path / "run"
+    argv = ["r1", "--model", str(base), "--stages", "zero", "--out", str(out), "--level", "1",
+            *(f"{k}={json.dumps(v)}" for k, v in TINY.items()), "device=\"cpu\""]
+    assert main(argv) == 143
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("nanoseek: interrupted: grpo stopped at step 1 of 2; checkpoint saved in ")
+    assert last.endswith("; continue with: nanoseek " + shlex.join(argv))
+    assert not (out / "zero_rl" / "stage.json").exists()
+    monkeypatch.setattr(GRPOTrainer, "train_step", step)
+    assert main(argv) == 0
+    assert [r["step"] for r in read_metrics(out / "zero_rl")] == [0, 1, 2]
+    assert (out / "report.md").is_file()
 
 
 def test_wilson_interval_against_its_closed_forms():

@@ -324,6 +324,7 @@ def add_r1_args(p: argparse.ArgumentParser) -> None:
     add_list_fields(p, R1Config, "\n(on a GPU, GPU_SETTINGS in nanoseek/rl/r1.py replace some defaults)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="R1 settings, JSON values (zero_steps=100 eval_n=500 grpo='{\"beta\": 0.001}')")
+    p.set_defaults(rerun_resumes=True)  # an interrupted run says: run the same command again
 
 
 def cmd_r1(args: argparse.Namespace) -> None:
