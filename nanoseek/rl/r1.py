@@ -110,11 +110,12 @@ class R1Config(CheckedConfig):
 
 
 # On a GPU: the speedrun's GPU settings (speedrun.grpo_settings and its SFT), over longer
-# stages. R1-Zero's 250 steps take ~17 minutes on an H100 (benchmarks/results/r1/h100_zero);
-# the full pipeline is sized to the 30 minutes but not yet measured.
+# stages. A GRPO step of 32 x 16 samples took ~4 s on an H100 (benchmarks/results/r1/h100_zero:
+# R1-Zero's 250 steps in ~17 minutes), so the pipeline's two RL stages get 120 + 60 steps to
+# finish within ~20 minutes with its SFT stages (R1-Zero had made most of its gain by step 120).
 GPU_SETTINGS = dict(eval_n=500, max_new_tokens=128, cold_start_n=6000, cold_start_steps=400, sft_steps=400,
                     sft_lr=5e-4, batch_size=32, seq_len=512, train={"compile": True},
-                    zero_steps=250, reasoning_steps=200, final_steps=100, group_size=16, prompts_per_step=32,
+                    zero_steps=250, reasoning_steps=120, final_steps=60, group_size=16, prompts_per_step=32,
                     grpo_lr=5e-5, curve_points=6,
                     grpo={"dynamic_sampling": True, "clip_eps_high": 0.28, "micro_batch": 256},
                     rejection_prompts=2000, save_every=50)
