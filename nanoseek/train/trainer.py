@@ -5,10 +5,10 @@ Per step: the learning rate from the schedule, `grad_accum` micro-batches throug
 update from that step's expert loads), one line of metrics (loss and its parts, lr, grad
 norm, tokens/s, MFU, MaxVio per MoE layer), the progress bar, and every `save_every` steps
 (by default every tenth of the run) an atomic checkpoint that holds the model, optimizer,
-loader position and RNG states. Ctrl-C or SIGTERM (a scheduler's stop) finishes the step in flight,
-saves it and raises `TrainingInterrupted`. `resume=True` continues from the latest checkpoint exactly: the
-per-step losses of a run stopped and resumed equal those of an uninterrupted run (on the
-CPU, bit for bit).
+loader position and RNG states. Ctrl-C or SIGTERM (a scheduler's stop) finishes the step in
+flight, saves it and raises `TrainingInterrupted`. `resume=True` continues from the latest
+checkpoint exactly: the per-step losses of a run stopped and resumed equal those of an
+uninterrupted run (on the CPU, bit for bit).
 
 A non-finite loss or gradient skips the update and is counted; `max_bad_steps` in a row
 stop the run with a `TrainingError` that says what to try.
