@@ -57,8 +57,10 @@ def grouped_mm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, ends_ptr, first_tile_
         row_ok, col_ok = rows < end, cols < N
         nk = tl.cdiv(K, BLOCK)
         b_base = b_ptr + e.to(tl.int64) * N * K
-        # the 128x128 block scale of each column, per K block
+        # the 128x128 block scale of each column, per K block: one number for a block of at
+        # most 128 columns, which then scales the rows' scales, not every partial sum twice
         sb_cols = sb_ptr + (e.to(tl.int64) * tl.cdiv(N, BLOCK) + cols // BLOCK) * nk
+        sb_block = sb_ptr + (e.to(tl.int64) * tl.cdiv(N, BLOCK) + pid_n * BLOCK_N // BLOCK) * nk
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(0, nk):
             ks = kb * BLOCK + tl.arange(0, BLOCK)
@@ -67,8 +69,11 @@ def grouped_mm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, ends_ptr, first_tile_
             b = tl.load(b_base + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :],
                         other=0.0)
             sa = tl.load(sa_ptr + rows * nk + kb, mask=row_ok, other=0.0)
-            sb = tl.load(sb_cols + kb, mask=col_ok, other=0.0)
-            acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb[None, :])
+            if BLOCK_N <= BLOCK:
+                acc += tl.dot(a, tl.trans(b)) * (sa * tl.load(sb_block + kb))[:, None]
+            else:
+                sb = tl.load(sb_cols + kb, mask=col_ok, other=0.0)
+                acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb[None, :])
         tl.store(c_ptr + rows[:, None] * N + cols[None, :], acc.to(c_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
