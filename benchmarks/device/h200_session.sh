@@ -66,8 +66,9 @@ enough() {  # limit, least useful seconds: a part with less time than that is sk
 }
 
 quiet() {  # drops Python's warnings, but not those that say something failed (a compile fallback);
-          # line by line, so that a call cut off mid-run still brings back the log so far
-  awk '(!/Warning/ || /failed/) { print; fflush() }'
+          # line by line, so that a call cut off mid-run still brings back the log so far (mawk,
+          # Debian's awk, reads a pipe in blocks whatever it flushes: it kept a cut-off log empty)
+  grep --line-buffered -v -P '^(?!.*failed).*Warning'
 }
 # the parts; each takes a time limit in seconds and logs to $OUT
 gpu_tests() {  # limit, test files and pytest options
