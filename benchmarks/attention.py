@@ -124,8 +124,8 @@ def sweep_launches(rule: dict, heads: int) -> list[dict]:
 
 
 def sweep(model, cache, attn, positions, B, nbytes, bandwidth, repeat, device) -> list[dict]:
-    from nanoseek.infer.fused import FusedDecoder
-    rule = FusedDecoder(model, cache, B).t
+    from nanoseek.infer.fused import FusedDecoder, fused_step_launch
+    rule = fused_step_launch(model.config, cache.max_len)  # not a decoder: its partial sums are large
     out = []
     for launch in sweep_launches(rule, model.config.num_attention_heads):
         fused = FusedDecoder(model, cache, B, launch=launch)
