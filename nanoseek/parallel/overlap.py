@@ -25,8 +25,8 @@ installed torch lacks any of it, DualPipeV runs without the overlap (`supported`
 
 from __future__ import annotations
 
-import functools
 import threading
+import weakref
 
 import torch
 
@@ -117,11 +117,15 @@ def supported(schedule) -> bool:
     return all(hasattr(schedule, name) for name in _RUNTIME_NEEDS) and hasattr(schedules, "_wait_batch_p2p")
 
 
-@functools.lru_cache(maxsize=64)
+_MOE_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a stage's count, while it lives
+
+
 def moe_layers(stage) -> int:
     """The expert-parallel MoE layers of a pipeline stage (a module walk: once per stage)."""
     from .expert_parallel import ExpertParallelExperts
-    return sum(isinstance(m, ExpertParallelExperts) for m in stage.submod.modules())
+    if stage not in _MOE_LAYERS:
+        _MOE_LAYERS[stage] = sum(isinstance(m, ExpertParallelExperts) for m in stage.submod.modules())
+    return _MOE_LAYERS[stage]
 
 
 def overlap_f_b(action, ctx) -> None:
