@@ -27,10 +27,13 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, percentile, write_json  # noqa: E402
+
+from nanoseek.serve.worker import STEP_KINDS  # noqa: E402
 
 
 def free_port() -> int:
@@ -58,20 +61,14 @@ async def one_request(client: httpx.AsyncClient, i: int, new: int) -> dict:
             "completion_tokens": usage["completion_tokens"]}
 
 
-ENGINE_COUNTERS = ("nanoseek_engine_steps_total", "nanoseek_engine_step_seconds_total",
-                   "nanoseek_engine_step_tokens_total")
-STEP_KINDS = ("prefill", "decode")
+ENGINE_COUNTERS = ("nanoseek_engine_steps", "nanoseek_engine_step_seconds", "nanoseek_engine_step_tokens")
 
 
 def engine_counters(metrics_text: str) -> dict[tuple[str, str], float]:
     """The engine's step counters from a /metrics scrape: (counter, kind) -> value."""
-    values = {}
-    for line in metrics_text.splitlines():
-        series, _, value = line.rpartition(" ")
-        name, _, labels = series.partition("{")
-        if name in ENGINE_COUNTERS:
-            values[name, labels.removeprefix('kind="').removesuffix('"}')] = float(value)
-    return values
+    return {(family.name, sample.labels["kind"]): sample.value
+            for family in text_string_to_metric_families(metrics_text) if family.name in ENGINE_COUNTERS
+            for sample in family.samples if sample.name == family.name + "_total"}
 
 
 def engine_share(before: dict, after: dict, wall: float) -> dict:

@@ -236,11 +236,13 @@ def test_malformed_json_oversized_body_and_keys(server):
 
 
 def scrape_metrics(url: str, **kw) -> dict[str, float]:
-    """A /metrics page as {series with its labels: value}, checked to be Prometheus text."""
+    """A /metrics page as {series with its labels: value}, read by prometheus_client's parser
+    (which refuses what is not Prometheus text); labels in name order, as the page writes them."""
+    from prometheus_client.parser import text_string_to_metric_families
     r = httpx.get(url, **kw)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
-    return {name: float(value) for name, value in
-            (line.rsplit(" ", 1) for line in r.text.splitlines() if line and not line.startswith("#"))}
+    return {s.name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items())) + "}" if s.labels else ""):
+            s.value for family in text_string_to_metric_families(r.text) for s in family.samples}
 
 
 def test_metrics_and_health(server, client):
@@ -576,16 +578,20 @@ def test_serve_load_reads_the_engines_share_of_the_run_from_two_scrapes():
         "serve_load", Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    scrape = ("# HELP nanoseek_engine_steps_total Engine steps.\n"
-              'nanoseek_engine_steps_total{{kind="prefill"}} {}\nnanoseek_engine_steps_total{{kind="decode"}} {}\n'
-              'nanoseek_engine_step_seconds_total{{kind="prefill"}} {}\n'
-              'nanoseek_engine_step_seconds_total{{kind="decode"}} {}\n'
-              'nanoseek_engine_step_tokens_total{{kind="prefill"}} {}\n'
-              'nanoseek_engine_step_tokens_total{{kind="decode"}} {}\n'
-              'nanoseek_requests_total{{endpoint="/v1/chat/completions",status="200"}} 3\n')
-    before = bench.engine_counters(scrape.format(4, 6, "1.0", "0.5", 4, 36))
-    after = bench.engine_counters(scrape.format(24, 86, "2.0", "1.5", 64, 6376))
-    assert before[("nanoseek_engine_step_seconds_total", "prefill")] == 1.0 and len(before) == 6
+    from types import SimpleNamespace
+
+    from nanoseek.serve.metrics import Metrics
+
+    def scrape(steps, seconds, tokens):  # the page a server with these worker counters writes
+        kinds = lambda values: dict(zip(("prefill", "decode"), values))  # noqa: E731
+        worker = SimpleNamespace(outstanding=0, waiting=0, running=0, tokens_per_second=lambda: 0.0,
+                                 steps=kinds(steps), step_seconds=kinds(seconds), step_tokens=kinds(tokens))
+        return Metrics(worker, SimpleNamespace(speculative_stats=lambda: None)).render().decode()
+    before = bench.engine_counters(scrape((4, 6), (1.0, 0.5), (4, 36)))
+    after = bench.engine_counters(scrape((24, 86), (2.0, 1.5), (64, 6376)))
+    assert before == {("nanoseek_engine_steps", "prefill"): 4, ("nanoseek_engine_steps", "decode"): 6,
+                      ("nanoseek_engine_step_seconds", "prefill"): 1.0, ("nanoseek_engine_step_seconds", "decode"): 0.5,
+                      ("nanoseek_engine_step_tokens", "prefill"): 4, ("nanoseek_engine_step_tokens", "decode"): 36}
     share = bench.engine_share(before, after, wall=4.0)
     # 100 steps in 2 s of the 4 s: 20 prefills (1 s, 60 tokens), 80 decode bursts (1 s, 6340 tokens)
     assert share == {"engine_steps": 100, "engine_busy_fraction": 0.5, "engine_step_ms": 20.0,
