@@ -14,10 +14,17 @@ random BF16 weights and cache, each timed as the median of `--repeat` calls afte
 - `fused`: the fused decode step's split attention and merge (FusedDecoder.attend:
   kernels/decode.py's mla_attend + mla_output, launch shapes derived from the widths and
   the context; GPU, or Triton's interpreter with TRITON_INTERPRET=1).
-Per row: µs per call, the latent bytes read (rows × context × (C + R) × element size) over
-that time, and its fraction of the device copy bandwidth measured in the same run.
+Each call is timed on the GPU by CUDA events with L2 flushed before it (triton's do_bench),
+so the latent comes from HBM as it does in a step whose other layers evicted it. Per row:
+µs per call, the latent bytes read (rows × context × (C + R) × element size) over that time
+and its fraction of the device copy bandwidth measured in the same run; and the roofline:
+the larger of the latent's time at that bandwidth and the attention's FLOPs (rows × context
+× heads × 2·(2C + R): scores and the weighted sum) at the BF16 GEMM rate measured in the same
+run. With 128 heads a latent byte meets ~240 FLOPs, more than an H200's ~200 FLOP/byte ridge:
+V3's decode attention is bound by the tensor cores there, not by HBM.
 `--sweep` also times the fused attention at other launch shapes than the rule's (heads per
-program, positions per split), to derive the rule from measurements.
+program, programs aimed for; then positions per block, warps and pipeline stages around the
+fastest), to derive the rule from measurements.
 
     python benchmarks/attention.py [--contexts 4096 32768 131072 --batches 1 16]
     python benchmarks/attention.py --device cpu --preset tiny --contexts 256 512 --batches 1 2
@@ -34,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_bandwidth, environment, median_seconds, sliced_preset, write_json  # noqa: E402
+from common import bf16_gemm_flops, copy_bandwidth, environment, median_seconds, sliced_preset, write_json  # noqa: E402
 
 from nanoseek import Transformer  # noqa: E402
 from nanoseek.hf import to_dtype  # noqa: E402
@@ -64,6 +71,7 @@ def main():
     attn = model.main_layers[0].self_attn
     C, R, H = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.num_attention_heads
     bandwidth = copy_bandwidth(device)
+    gemm_rate = bf16_gemm_flops(device) if device.type == "cuda" else None
     fused_runs = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     compiled = torch.compile(attn.absorbed, dynamic=False) if device.type == "cuda" else None
     rows = {}
@@ -78,7 +86,10 @@ def main():
             q_nope = torch.randn(B, 1, H, cfg.qk_nope_head_dim, device=device, dtype=dtype)
             q_pe = torch.randn(B, 1, H, R, device=device, dtype=dtype)
             nbytes = B * S * (C + R) * c_kv.element_size()
-            row = {"context": S, "batch": B, "latent_bytes": nbytes}
+            flops = B * S * H * 2 * (2 * C + R)
+            roofline = max(nbytes / bandwidth, flops / gemm_rate if gemm_rate else 0.0)
+            row = {"context": S, "batch": B, "latent_bytes": nbytes, "flops": flops, "roofline_us": roofline * 1e6,
+                   "bound": "compute" if gemm_rate and flops / gemm_rate > nbytes / bandwidth else "memory"}
             with torch.no_grad():
                 ways = {"absorbed": lambda: attn.absorbed(q_nope, q_pe, c_kv, k_pe, mask)}
                 if compiled is not None:
@@ -89,10 +100,11 @@ def main():
                     fused.q_lat[:B].normal_()
                     fused.q_pe[:B].normal_()
                     ways["fused"] = lambda: fused.attend(attn, 0, positions[:, 0], B)
-                    row["fused_launch"] = {k: fused.t[k] for k in ("attend_split", "attend_heads", "attend_block")}
+                    row["fused_launch"] = {k: fused.t[k] for k in ATTEND_KEYS}
+                    row["fused_launch"]["splits"] = fused.splits(B)
                 for name, fn in ways.items():
                     try:
-                        t = median_seconds(fn, args.repeat, device, warmup=2)
+                        t = call_seconds(fn, args.repeat, device)
                     except torch.OutOfMemoryError as e:
                         row[f"{name}_error"] = f"out of memory: {str(e)[:120]}"
                         torch.cuda.empty_cache()
@@ -100,45 +112,82 @@ def main():
                     row[f"{name}_us"] = t * 1e6
                     row[f"{name}_GBps"] = nbytes / t / 1e9
                     row[f"{name}_bandwidth_fraction"] = nbytes / t / bandwidth
+                    row[f"{name}_roofline_fraction"] = roofline / t
+                    if gemm_rate:
+                        row[f"{name}_TFLOPs"] = flops / t / 1e12
             if fused_runs and args.sweep:
-                row["fused_sweep"] = sweep(model, cache, attn, positions, B, nbytes, bandwidth, args.repeat, device)
+                row["fused_sweep"] = sweep(model, cache, attn, positions, B, args.repeat, device)
                 best = min(row["fused_sweep"], key=lambda r: r.get("us", float("inf")))
+                if "us" in best:
+                    row["fused_best"] = {"launch": best["launch"], "us": best["us"],
+                                         "roofline_fraction": roofline * 1e6 / best["us"]}
                 print(f"  fastest fused launch {best['launch']}: {best.get('us', float('nan')):.1f} µs", flush=True)
             rows[f"context {S}, batch {B}"] = row
-            print(row, flush=True)
+            print(summary(row), flush=True)
             del cache
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     result = {"benchmark": "attention", **environment(), "preset": args.preset, "dtype": str(dtype),
-              "copy_bandwidth_GBps": bandwidth / 1e9, "rows": rows}
+              "copy_bandwidth_GBps": bandwidth / 1e9, "bf16_gemm_TFLOPs": gemm_rate and gemm_rate / 1e12,
+              "rows": rows}
     print(f"wrote {write_json(result, f'attention_{args.preset}.json')}")
 
 
-def sweep_launches(rule: dict, heads: int) -> list[dict]:
-    """The rule's attention launch and its neighbours: 16 to 64 heads a program (at most the
-    model's), and splits of the rule's length and 4x it (fewer partial sums to merge)."""
-    widths = [h for h in (16, 32, 64) if h <= max(16, heads)]
-    splits = [rule["attend_split"], 4 * rule["attend_split"]]
-    return [dict(attend_heads=h, attend_split=sp, attend_block=min(sp, rule["attend_block"]))
-            for h in widths for sp in splits]
+ATTEND_KEYS = ("attend_heads", "attend_programs", "attend_split", "attend_block", "attend_warps", "attend_stages")
 
 
-def sweep(model, cache, attn, positions, B, nbytes, bandwidth, repeat, device) -> list[dict]:
+def call_seconds(fn, repeat: int, device: torch.device) -> float:
+    """Median seconds of fn(): on a GPU by CUDA events with L2 flushed before each call
+    (triton's do_bench), else host time."""
+    if device.type != "cuda":
+        return median_seconds(fn, repeat, device, warmup=2)
+    import triton.testing
+    fn()  # compilation and autotuning outside the timing
+    # warmup and rep are milliseconds of calls, not counts
+    return triton.testing.do_bench(fn, warmup=5, rep=max(2 * repeat, 20), return_mode="median") / 1e3
+
+
+def summary(row: dict) -> str:
+    ways = [k.removesuffix("_us") for k in row if k.endswith("_us") and k != "roofline_us"]
+    times = ", ".join(f"{w} {row[w + '_us']:.0f} µs ({row[w + '_roofline_fraction']:.0%})" for w in ways)
+    best = row.get("fused_best")
+    swept = f"; swept fused {best['us']:.0f} µs ({best['roofline_fraction']:.0%})" if best else ""
+    return (f"context {row['context']}, batch {row['batch']}: roofline {row['roofline_us']:.0f} µs "
+            f"({row['bound']}-bound); {times}{swept}")
+
+
+def sweep_launches(rule: dict, heads: int, best: dict | None = None) -> list[dict]:
+    """First (best None): 16 to 64 heads a program (at most the model's) x 128 to 1024
+    attention programs aimed for, at the rule's block, warps and stages; then, around the
+    fastest of those, blocks of 32 and 64 positions x 4 or 8 warps x 2 to 4 stages."""
+    if best is None:
+        widths = [h for h in (16, 32, 64) if h <= max(16, heads)]
+        return [dict(attend_heads=h, attend_programs=p) for h in widths for p in (128, 256, 512, 1024)]
+    return [dict(best, attend_block=b, attend_split=max(b, rule["attend_split"]), attend_warps=w, attend_stages=st)
+            for b in (32, 64) for w in (4, 8) for st in (2, 3, 4)]
+
+
+def sweep(model, cache, attn, positions, B, repeat, device) -> list[dict]:
     from nanoseek.infer.fused import FusedDecoder, fused_step_launch
-    rule = fused_step_launch(model.config, cache.max_len)  # not a decoder: its partial sums are large
+    rule = fused_step_launch(model.config, cache.max_len)
     out = []
-    for launch in sweep_launches(rule, model.config.num_attention_heads):
-        fused = FusedDecoder(model, cache, B, launch=launch)
-        fused.q_lat[:B].normal_()
-        fused.q_pe[:B].normal_()
-        entry = {"launch": launch}
-        try:
-            t = median_seconds(lambda: fused.attend(attn, 0, positions[:, 0], B), repeat, device, warmup=2)
-            entry.update(us=t * 1e6, bandwidth_fraction=nbytes / t / bandwidth)
-        except Exception as e:  # noqa: BLE001 - a shape that does not compile or fit is a result too
-            entry["error"] = f"{type(e).__name__}: {str(e)[:160]}"
-        out.append(entry)
-        del fused
+
+    def time_launches(launches):
+        for launch in launches:
+            entry = {"launch": launch}
+            try:
+                fused = FusedDecoder(model, cache, B, launch=launch)
+                fused.q_lat[:B].normal_()
+                fused.q_pe[:B].normal_()
+                entry["us"] = call_seconds(lambda: fused.attend(attn, 0, positions[:, 0], B), repeat, device) * 1e6
+                del fused
+            except Exception as e:  # noqa: BLE001 - a shape that does not compile or fit is a result too
+                entry["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+            out.append(entry)
+
+    time_launches(sweep_launches(rule, model.config.num_attention_heads))
+    best = min(out, key=lambda r: r.get("us", float("inf")))["launch"]
+    time_launches(sweep_launches(rule, model.config.num_attention_heads, best))
     return out
 
 

@@ -67,6 +67,15 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeat: int 
     return 2 * nbytes / statistics.median(times)
 
 
+def bf16_gemm_flops(device: torch.device, n: int = 8192) -> float:
+    """FLOP/s of an n^3 BF16 matmul on this GPU (median of 10 by CUDA events, after warm-up):
+    the tensor-core rate a compute-bound kernel can reach, measured in the same run."""
+    import triton.testing
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    ms = triton.testing.do_bench(lambda: a @ b.t(), warmup=25, rep=100, return_mode="median")
+    return 2 * n**3 / (ms / 1e3)
+
+
 def sliced_preset(name: str, layers: int | None = None, **overrides):
     """A preset's model with its real layer shapes, cut to its first `layers` decoder layers
     (the first min(first_k_dense_replace, layers - 1) of them dense, so an MoE model keeps a

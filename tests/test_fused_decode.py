@@ -78,18 +78,65 @@ def test_fused_step_matches_model_decode(overrides, chunked):
         want = model(ids, positions=positions, cache=cache.prefix(3)).logits[:, -1]
     chunks = dict(attend_split=32, max_block=16, attend_block=16, merge_splits=2) if chunked else dict(attend_split=16)
     step = fused.FusedDecoder(model, fused_cache, max_rows=4, launch={**LAUNCH, **chunks, "attend_heads": 16})
-    assert step.nsplit == (2 if chunked else 3)
+    nsplit = step.splits(3)
+    assert nsplit == (2 if chunked else 3)
     for scratch in (step.part_acc, step.part_m, step.part_l):  # a split past a row's position is
         scratch.fill_(float("nan"))                          # neither written nor read
     got = step.forward(ids, positions)
+    part_m = step.part_m[: 3 * nsplit].view(3, nsplit, -1)  # (the last layer's scratch)
     for r, pos in enumerate(positions[:, 0].tolist()):
-        assert step.part_m[r, pos // step.split + 1:].isnan().all()  # (the last layer's scratch)
-        assert not step.part_m[r, : pos // step.split + 1].isnan().any()
+        used = -(-(pos + 1) // step.split)  # at most nsplit here: every split is the least length
+        assert part_m[r, used:].isnan().all() and not part_m[r, :used].isnan().any()
     assert want.abs().max() > 5  # sharp logits: a wrong expert moves them by whole units
     torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-4)
     for layer, fused_layer in zip(cache.layers, fused_cache.layers):
         for buf, fused_buf in zip(layer, fused_layer):
             torch.testing.assert_close(fused_buf, buf, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("programs, heads", [(4, 16), (24, 16), (24, 32)])
+def test_fused_attention_splits_follow_the_position(programs, heads):
+    """The fused attention (splits, merge, W_UV) against float64 attention over the latent,
+    rows at positions 150, 37 and 0 of a 200-position cache. A row's splits share its
+    positions. 32 heads in two blocks of 16: programs=4, one split per row (up to 10 blocks);
+    24, four splits of 48 positions for the row at 150 (the last one short) and of 16 for the
+    row at 37, merged two at a time. One block of 32 heads: 24 programs, eight splits."""
+    from nanoseek.infer.fused import FusedDecoder
+    model = sharp_model(num_attention_heads=32)
+    c = model.config
+    H, C, V, N = c.num_attention_heads, c.kv_lora_rank, c.v_head_dim, c.qk_nope_head_dim
+    cache = StaticCache(c, 3, 200, dtype=torch.float32, device=DEVICE)
+    for buf in cache.layers[0]:
+        buf.normal_()
+    step = FusedDecoder(model, cache, max_rows=3, launch={**LAUNCH, "attend_split": 16, "attend_block": 16,
+                                                          "attend_programs": programs, "attend_heads": heads,
+                                                          "merge_splits": 2})
+    step.q_lat.normal_()
+    step.q_pe.normal_()
+    pos = torch.tensor([150, 37, 0], device=DEVICE)
+    step.part_m.fill_(float("nan"))
+    attn = model.main_layers[0].self_attn
+    got = step.attend(attn, 0, pos, 3).double()
+
+    ckv, kpe = (t.double() for t in cache.layers[0])
+    scores = (torch.einsum("bhc,bsc->bhs", step.q_lat.double(), ckv)
+              + torch.einsum("bhr,bsr->bhs", step.q_pe.double(), kpe)) * attn.scale
+    scores = scores.masked_fill(torch.arange(200, device=DEVICE) > pos[:, None, None], float("-inf"))
+    o_lat = torch.einsum("bhs,bsc->bhc", scores.softmax(-1), ckv)
+    w_uv = attn.kv_b_proj.weight.double().unflatten(0, (H, -1))[:, N:]
+    want = torch.einsum("bhc,hvc->bhv", o_lat, w_uv).flatten(1)
+    # float32 sums of a few hundred products of unit-scale values: ~1e-6 of the largest
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+    nsplit = step.splits(3)
+    assert nsplit == {(4, 16): 1, (24, 16): 4, (24, 32): 8}[programs, heads]
+    part_m = step.part_m[: 3 * nsplit].view(3, nsplit, H)
+    for r, p in enumerate(pos.tolist()):
+        length = -(-(-(-(p + 1) // nsplit)) // 16) * 16
+        used = -(-(p + 1) // length)
+        assert part_m[r, used:].isnan().all() and not part_m[r, :used].isnan().any()
+        if nsplit == 4:
+            assert (length, used) == ((48, 4) if p == 150 else (16, 3) if p == 37 else (16, 1))
 
 
 def test_fused_step_of_a_dense_model():

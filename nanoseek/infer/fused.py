@@ -46,12 +46,17 @@ MAX_WARPS = 8
 PROGRAM_ELEMENTS = dict(gemv=4096, head=8192, up=4096, down=8192)
 MAX_BLOCK = 2048     # widest row a program loads at once (wider ones are read in chunks)
 ATTEND_BLOCK = 64    # cache positions an attention program scores at once (a split is one or more)
-ATTEND_SPLITS = 128  # attention splits a long cache is cut into (flash-decoding's parallelism)
+ATTEND_SPLITS = 128  # a cache's length over this sets the block of positions for short caches
+# Attention programs (head blocks x splits x rows) a step aims for once the context is long:
+# about two per SM of an H100/H200 (132), each one split's partial sums, H x C float32 values
+# written and read back by the merge; more splits than that only add partial sums.
+ATTEND_PROGRAMS = 256
 MERGE_SPLITS = 16    # attention splits the merge reads at once
-# rows of a weight per program (_rows), warps per program (_warps), cache positions per
-# attention split, heads per attention program, and the block sizes above
+# rows of a weight per program (_rows), warps per program (_warps), the least cache positions
+# of an attention split, heads per attention program, attention programs aimed for, the
+# attention loop's software-pipeline stages, and the block sizes above
 LAUNCH_KEYS = ("gemv_rows", "gemv_warps", "head_rows", "head_warps", "query_warps", "attend_split",
-               "attend_heads", "attend_block", "attend_warps", "output_warps", "merge_splits", "route_warps",
+               "attend_heads", "attend_block", "attend_programs", "attend_stages", "attend_warps", "output_warps", "merge_splits", "route_warps",
                "up_rows", "up_warps", "down_rows", "down_warps", "max_block", "pdl")
 
 
@@ -82,13 +87,14 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
     slots, F = ((_pow2(c.num_experts_per_tok), c.moe_intermediate_size) if c.is_moe
                 else (1, c.intermediate_size))
     F = min(max_block, _pow2(F))
-    split = given.get("attend_split", max(32, _pow2(triton.cdiv(max_len, ATTEND_SPLITS))))
-    block_s = given.get("attend_block", min(split, ATTEND_BLOCK))
+    block_s = given.get("attend_block", min(ATTEND_BLOCK, max(32, _pow2(triton.cdiv(max_len, ATTEND_SPLITS))),
+                                            given.get("attend_split", ATTEND_BLOCK)))
+    split = given.get("attend_split", block_s)
     # the running sum over the latent, heads x C float32 values, stays within 8 warps' registers
     heads = given.get("attend_heads", min(_pow2(H, 16), max(16, 4 * WARP_ELEMENTS // _pow2(C))))
     out = dict(gemv_rows=rows("gemv", D), head_rows=rows("head", D), up_rows=rows("up", D),
                down_rows=rows("down", slots * F), attend_split=split, attend_heads=heads, attend_block=block_s,
-               merge_splits=MERGE_SPLITS, max_block=max_block, pdl=True)
+               attend_programs=ATTEND_PROGRAMS, attend_stages=3, merge_splits=MERGE_SPLITS, max_block=max_block, pdl=True)
     out.update({k: v for k, v in given.items() if k in out})  # the warps follow the rows given
     out.update(gemv_warps=warps(out["gemv_rows"] * D), head_warps=warps(out["head_rows"] * D),
                up_warps=warps(2 * out["up_rows"] * D), down_warps=warps(out["down_rows"] * slots * F),
@@ -97,11 +103,13 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
                route_warps=warps(32 * (c.n_routed_experts or 0)))
     out.update(given)
     for key, value in out.items():
-        if key != "pdl" and (value < 1 or value & (value - 1)):
+        if key not in ("pdl", "attend_stages", "attend_programs") and (value < 1 or value & (value - 1)):
             raise ValueError(f"launch {key}={value}: must be a power of two")
     for key in ("attend_split", "attend_heads", "attend_block"):
         if out[key] < 16:  # tl.dot's smallest block
             raise ValueError(f"launch {key}={out[key]}: must be at least 16")
+    if not 1 <= out["attend_stages"] <= 4:
+        raise ValueError(f"launch attend_stages={out['attend_stages']}: must be 1 to 4")
     if out["attend_block"] > out["attend_split"]:
         raise ValueError(f"launch attend_block={out['attend_block']} exceeds attend_split={out['attend_split']}")
     return out
@@ -157,16 +165,17 @@ class FusedDecoder:
         self.rope_factor = float(rotary.attention_factor)
         H, C, R = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim
         self.split = self.t["attend_split"]
-        self.nsplit = triton.cdiv(cache.max_len, self.split)
         K = c.num_experts_per_tok if c.n_routed_experts else 0
         M = max_rows
         self.h = torch.empty(M, c.hidden_size, dtype=model.model.embed_tokens.weight.dtype, device=dev)
         self.qkv = torch.empty(M, c.q_lora_rank + C + R, **f32)
         self.q_lat = torch.empty(M, H, C, **f32)
         self.q_pe = torch.empty(M, H, R, **f32)
-        self.part_acc = torch.empty(M, self.nsplit, H, C, **f32)
-        self.part_m = torch.empty(M, self.nsplit, H, **f32)
-        self.part_l = torch.empty(M, self.nsplit, H, **f32)
+        # the attention's partial sums: B rows x splits(B) of them at a time
+        parts = max(B * self.splits(B) for B in range(1, M + 1))
+        self.part_acc = torch.empty(parts, H, C, **f32)
+        self.part_m = torch.empty(parts, H, **f32)
+        self.part_l = torch.empty(parts, H, **f32)
         self.o = torch.empty(M, H * c.v_head_dim, **f32)
         self.router_logits = torch.empty(M, max(c.n_routed_experts or 0, 1), **f32)
         self.sel_idx = torch.zeros(M, max(K, 1), dtype=torch.int32, device=dev)
@@ -177,6 +186,13 @@ class FusedDecoder:
         self.logits = torch.empty(M, c.vocab_size, **f32)
         # fp32 caches and weights (CPU tests): exact dot products, not TF32
         self.dot_precision = "ieee" if cache.layers[0][0].dtype == torch.float32 else "tf32"
+
+    def splits(self, B: int) -> int:
+        """Attention splits per row at B rows: enough for about attend_programs programs
+        (head blocks x splits x rows) over a long context, no more than the cache holds
+        splits of the least length. A row's splits share its positions (split_length)."""
+        blocks = triton.cdiv(self.config.num_attention_heads, self.t["attend_heads"])
+        return max(1, min(triton.cdiv(self.cache.max_len, self.split), self.t["attend_programs"] // (blocks * B)))
 
     @staticmethod
     def unsupported(config: ModelConfig, model: Transformer | None = None) -> str | None:
@@ -261,17 +277,18 @@ class FusedDecoder:
         c, k = self.config, kernels
         H, C, R, N, V = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim
         ckv, kpe = self.cache.layers[i]
-        heads = self.t["attend_heads"]
-        k.mla_attend_kernel[(triton.cdiv(H, heads), self.nsplit, B)](
+        heads, nsplit = self.t["attend_heads"], self.splits(B)
+        k.mla_attend_kernel[(triton.cdiv(H, heads), nsplit, B)](
             self.q_lat, self.q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0), positions_B,
-            self.part_acc, self.part_m, self.part_l, attn.scale, H, C, R, self.split, self.nsplit,
+            self.part_acc, self.part_m, self.part_l, attn.scale, H, C, R, self.split, nsplit,
             BLOCK_H=heads, BLOCK_C=_pow2(C, 16), BLOCK_R=_pow2(R, 16), BLOCK_S=self.t["attend_block"],
-            DOT_PRECISION=self.dot_precision, num_warps=self.t["attend_warps"], **self.launch)
+            DOT_PRECISION=self.dot_precision, num_warps=self.t["attend_warps"], num_stages=self.t["attend_stages"],
+            **self.launch)
         o = self.o[:B]
         k.mla_output_kernel[(B, H)](
             self.part_acc, self.part_m, self.part_l, attn.kv_b_proj.weight, o, positions_B, H, C, N, V,
-            self.split, self.nsplit, BLOCK_SP=_pow2(self.nsplit),
-            CHUNK_SP=min(self.t["merge_splits"], _pow2(self.nsplit)), BLOCK_C=_pow2(C), BLOCK_V=_pow2(V),
+            self.split, nsplit, BLOCK_SP=_pow2(nsplit),
+            CHUNK_SP=min(self.t["merge_splits"], _pow2(nsplit)), BLOCK_C=_pow2(C), BLOCK_V=_pow2(V),
             num_warps=self.t["output_warps"], **self.launch)
         return o
 

@@ -211,13 +211,22 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
 
 
 @triton.jit
+def split_length(pos, SPLIT, NSPLIT):
+    """Positions per attention split for a row at `pos`: its pos + 1 positions over NSPLIT
+    splits, rounded up to a multiple of SPLIT (mla_attend and mla_output agree on it)."""
+    return tl.cdiv(tl.cdiv(pos + 1, NSPLIT), SPLIT) * SPLIT
+
+
+@triton.jit
 def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe, pos_ptr,
                       acc_ptr, m_ptr, l_ptr, scale, H, C, R, SPLIT, NSPLIT,
                       BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
-    """Program (head block, split, b): BLOCK_H heads over cache positions [split·SPLIT,
-    +SPLIT) ∩ [0, pos] (the head block varies fastest, so the programs that read the same
-    latent positions run together and share them through L2):
+    """Program (head block, split, b): BLOCK_H heads over the split's cache positions, the
+    row's pos + 1 positions cut into NSPLIT splits of equal length (a multiple of SPLIT, so
+    a short context takes fewer, not shorter, splits; split_length). The head block varies
+    fastest, so the programs that read the same latent positions run together and share them
+    through L2. Per program:
     scores q_lat·c_kv + q_pe·k_pe, an online softmax over blocks of BLOCK_S positions, the
     unnormalised sum of p·c_kv with its running max and sum (merged by mla_output; a split
     past pos writes nothing). Everything it reads but the position, the previous kernel may
@@ -226,7 +235,8 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
     b = tl.program_id(2).to(tl.int64)
     sp = tl.program_id(1)
     pos = tl.load(pos_ptr + b).to(tl.int32)  # positions are written between steps
-    start = sp * SPLIT
+    length = split_length(pos, SPLIT, NSPLIT)
+    start = sp * length
     _wait_prev(USE_PDL)
     if start <= pos:
         hh = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -241,7 +251,7 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
         m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         l = tl.zeros([BLOCK_H], dtype=tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
-        end = tl.minimum(start + SPLIT, pos + 1)
+        end = tl.minimum(start + length, pos + 1)
         for s0 in range(start, end, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             smask = s < end
@@ -281,7 +291,8 @@ def mla_output_kernel(acc_ptr, m_ptr, l_ptr, wkvb_ptr, o_ptr, pos_ptr, H, C, N, 
     cmask = c < C
     wuv = tl.load(wkvb_ptr + (h * (N + V) + N + v)[:, None] * C + c[None, :],
                   mask=vmask[:, None] & cmask[None, :], other=0.0)
-    used = tl.minimum(tl.load(pos_ptr + b).to(tl.int32) // SPLIT + 1, NSPLIT)  # positions: between steps
+    pos = tl.load(pos_ptr + b).to(tl.int32)  # positions are written between steps
+    used = tl.cdiv(pos + 1, split_length(pos, SPLIT, NSPLIT))
     _wait_prev(USE_PDL)
     sp = tl.arange(0, BLOCK_SP)
     m = tl.load(m_ptr + (b * NSPLIT + sp) * H + h, mask=sp < used, other=float("-inf"))
