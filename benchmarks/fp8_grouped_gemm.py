@@ -58,7 +58,7 @@ def ops(p: dict, fast: bool) -> dict[str, dict]:
     xq, hq, dhq = (quantize(t, ACT_TILE) for t in (x, h, dh))
     wgq, wdq = quantize(wg, WEIGHT_BLOCK), quantize(wd, WEIGHT_BLOCK)
     wgq_t = wgq.t()
-    dh_T, x_T = quantize_tokens(dh, offs), quantize_tokens(x, offs)
+    dh_T, x_T = quantize_tokens(dh, offs, fast), quantize_tokens(x, offs, fast)
     grouped = torch._grouped_mm
     return {
         "fprop gate (x . W_gate^T)": dict(
@@ -74,7 +74,7 @@ def ops(p: dict, fast: bool) -> dict[str, dict]:
         "wgrad gate (dh^T . x per expert)": dict(
             flops=2 * M * F_ * D, bf16=lambda: grouped(dh.t(), x, offs=offs),
             fp8=lambda: gemm.grouped_mm_tokens(dh_T, x_T, offs, E, torch.float32, fast),
-            quantize=lambda: (quantize_tokens(dh, offs), quantize_tokens(x, offs))),
+            quantize=lambda: (quantize_tokens(dh, offs, fast), quantize_tokens(x, offs, fast))),
     }
 
 

@@ -193,6 +193,30 @@ def test_grouped_wgrad_sums_each_groups_tokens_only(grouped_operands):
         assert ((out[e] - a_e @ b_e.t()).abs() <= gamma_bound(a_e, b_e)).all()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's inf / inf
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_token_quantization_equals_the_twin_byte_for_byte(grouped_operands, dtype):
+    """quantize_tokens' one-pass kernel (fast=True; Triton's interpreter without a GPU) against
+    its twin: the same E4M3 bytes and scales, padding and the bound's unused tiles included
+    (in the interpreter the rounding to E4M3 is torch's: kernels.quantize_tokens_fp8),
+    for groups of 100, 0, 161 and 39 tokens over 200 channels (a partial block of 64), with an
+    all-zero tile, a NaN and an inf."""
+    pytest.importorskip("triton")
+    offsets, _, _, _, g = grouped_operands
+    x = torch.randn(300, 200, generator=g).mul(30).to(dtype)
+    x[:100, 7] = 0        # group 0's one tile: a zero channel
+    x[150, 70] = float("nan")
+    x[280, 199] = float("inf")
+    twin = quantize_tokens(x, offsets)
+    fast = quantize_tokens(x.to(DEVICE), offsets.to(DEVICE), fast=True)
+    assert fast.data.shape == twin.data.shape == (200, 6 * 128) and fast.block == ACT_TILE  # 4 tiles used of 6
+    nan = twin.data.float().isnan()  # (a NaN's sign bit is no one's business)
+    assert fast.data.cpu().float().isnan().equal(nan)
+    assert fast.data.cpu().view(torch.uint8)[~nan].equal(twin.data.view(torch.uint8)[~nan])
+    torch.testing.assert_close(fast.scale.cpu(), twin.scale, rtol=0, atol=0, equal_nan=True)
+    assert twin.scale[7, 0] == 1 and twin.scale[70, 1].isnan() and twin.scale[199, 3].isinf()
+
+
 def test_triton_grouped_kernels_agree_with_the_twin(grouped_operands):
     """The fast path's kernels (in Triton's interpreter without a GPU): the same maths,
     another float32 summation order, so within twice the accumulation bound."""

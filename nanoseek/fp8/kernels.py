@@ -17,6 +17,8 @@ tile (quant.first_tiles). A tile never holds two groups' tokens.
 - `grouped_mm_tokens_kernel`: c[e] [N, K] = Σ over group e's tokens of a [N, P] · b [K, P]^T,
   both in the padded group-aligned 128-token tiles of quant.quantize_tokens; one program per
   (block of N, block of K, group), looping over the group's tiles.
+- `quantize_tokens_kernel`: those tiles built from the [tokens, channels] activations or
+  gradients in one pass; one program per (tile, block of channels).
 
 The contraction tile is always 128 (the scales' granularity); the output block widths,
 warps and stages are timed per shape on a GPU (triton.autotune). The twins are gemm.py's
@@ -103,6 +105,38 @@ def grouped_mm_tokens_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, first_tile_ptr
              mask=n_ok[:, None] & k_ok[None, :])
 
 
+@triton.jit
+def quantize_tokens_kernel(x_ptr, q_ptr, s_ptr, ends_ptr, first_tile_ptr, M, C, T, E, FP8_MAX: tl.constexpr,
+                           EP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (tile, block of channels): x's rows of one group-aligned 128-token tile (a
+    contiguous run of its group's tokens, or none past the last group), amax per channel
+    over them, E4M3 values written transposed: q [C, 128·T] and s [C, T]. The tokens are read
+    along the channels and written along the tokens, each once; quant.quantize_tokens is the
+    twin, division correctly rounded as torch's so that the bytes agree."""
+    tile = tl.program_id(0)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cs < C
+    groups = tl.arange(0, EP)
+    tile_ends = tl.load(first_tile_ptr + 1 + groups, mask=groups < E, other=2**30)
+    e = tl.minimum(tl.sum((tile_ends <= tile).to(tl.int32), 0), E - 1)
+    start, end, first = _group_bounds(ends_ptr, first_tile_ptr, e)
+    rows = start + (tile - first) * BLOCK + tl.arange(0, BLOCK)
+    # rows of the group's own tiles only: a tile past the last group's holds zeros
+    r_ok = (rows < end) & (tile < tl.load(first_tile_ptr + E))
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * C + cs[None, :], mask=r_ok[:, None] & c_ok[None, :],
+                other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=0)
+    # tl.max drops NaNs: a tile holding one gets a NaN scale, as the twin's amax gives it
+    amax = tl.where(tl.sum((x != x).to(tl.int32), axis=0) > 0, float("nan"), amax)
+    scale = tl.where(amax == 0, 1.0, tl.math.div_rn(amax, tl.full(amax.shape, FP8_MAX, tl.float32)))
+    q = tl.math.div_rn(x, tl.broadcast_to(scale[None, :], x.shape))
+    nan = tl.PropagateNan.ALL  # a NaN stays NaN, as torch's clamp keeps it
+    q = tl.minimum(tl.maximum(q, -FP8_MAX, propagate_nan=nan), FP8_MAX, propagate_nan=nan).to(q_ptr.dtype.element_ty)
+    cols = tile * BLOCK + tl.arange(0, BLOCK)
+    tl.store(q_ptr + cs[:, None].to(tl.int64) * (T * BLOCK) + cols[None, :], tl.trans(q), mask=c_ok[:, None])
+    tl.store(s_ptr + cs * T + tile, scale, mask=c_ok)
+
+
 # On a GPU the launch shapes are chosen per (N, K) by timing a few Hopper-typical ones (each
 # kernel writes its whole output, so a timing run is harmless; a 256-wide block with 4 warps
 # would spill its float32 accumulator). 64-row programs of 4 warps (one warpgroup) are what
@@ -176,3 +210,29 @@ def grouped_mm_tokens_fp8(a_NP: torch.Tensor, scale_a: torch.Tensor, b_KP: torch
 @grouped_mm_tokens_fp8.register_fake
 def _(a_NP, scale_a, b_KP, scale_b, offsets_E, n_groups, out_dtype):
     return a_NP.new_empty(n_groups, a_NP.shape[0], b_KP.shape[0], dtype=out_dtype)
+
+
+@torch.library.custom_op("nanoseek::fp8_quantize_tokens", mutates_args=())
+def quantize_tokens_fp8(x_MC: torch.Tensor, offsets_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quant.quantize_tokens(x_MC, offsets_E)'s data [C, 128·T] and scale [C, T] (T =
+    n_tiles), in one pass over x (contiguous, tokens sorted by group)."""
+    from .quant import FP8_DTYPE, FP8_MAX, n_tiles
+    M, C = x_MC.shape
+    E, T = offsets_E.shape[0], n_tiles(offsets_E, M)
+    # Triton's CPU interpreter rounds to E4M3 by truncating with a half-up bump and no carry
+    # (127.9 becomes 64): there the kernel stores its float32 quotients and torch rounds them
+    q = torch.empty(C, T * TILE, dtype=FP8_DTYPE if x_MC.is_cuda else torch.float32, device=x_MC.device)
+    s = torch.empty(C, T, dtype=torch.float32, device=x_MC.device)
+    block_c = 64  # a [128, 64] float32 tile: 32 values a thread at 8 warps
+    quantize_tokens_kernel[(T, triton.cdiv(C, block_c))](
+        x_MC, q, s, offsets_E, first_tiles(offsets_E), M, C, T, E, FP8_MAX, triton.next_power_of_2(E), TILE, block_c,
+        num_warps=8)
+    return q.to(FP8_DTYPE), s
+
+
+@quantize_tokens_fp8.register_fake
+def _(x_MC, offsets_E):
+    from .quant import FP8_DTYPE, n_tiles
+    M, C = x_MC.shape
+    T = n_tiles(offsets_E, M)
+    return x_MC.new_empty(C, T * TILE, dtype=FP8_DTYPE), x_MC.new_empty(C, T, dtype=torch.float32)

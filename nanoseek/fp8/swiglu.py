@@ -60,11 +60,11 @@ class Fp8SwiGLUFunction(torch.autograd.Function):
             h_MF = silu_MF * up_MF  # recomputed, not stored
             d_up_MF = dh_MF * silu_MF
             d_gate_MF = dh_MF * up_MF * sig_MF * (1 + gate_MF * (1 - sig_MF))  # SiLU'(g) = σ(g)(1 + g(1 - σ(g)))
-            dy_T = quantize_tokens(dy_MD, offsets_E)
-            x_T = quantize_tokens(dequantize(q(x_d, x_s)), offsets_E)
-            dw_down = grouped_mm_tokens(dy_T, quantize_tokens(h_MF, offsets_E), offsets_E, E, f32, fast)
-            dw_gate = grouped_mm_tokens(quantize_tokens(d_gate_MF, offsets_E), x_T, offsets_E, E, f32, fast)
-            dw_up = grouped_mm_tokens(quantize_tokens(d_up_MF, offsets_E), x_T, offsets_E, E, f32, fast)
+            dy_T = quantize_tokens(dy_MD, offsets_E, fast)
+            x_T = quantize_tokens(dequantize(q(x_d, x_s)), offsets_E, fast)
+            dw_down = grouped_mm_tokens(dy_T, quantize_tokens(h_MF, offsets_E, fast), offsets_E, E, f32, fast)
+            dw_gate = grouped_mm_tokens(quantize_tokens(d_gate_MF, offsets_E, fast), x_T, offsets_E, E, f32, fast)
+            dw_up = grouped_mm_tokens(quantize_tokens(d_up_MF, offsets_E, fast), x_T, offsets_E, E, f32, fast)
             dx_MD = (grouped_mm(quantize(d_gate_MF, ACT_TILE), q(wg_d, wg_s, WEIGHT_BLOCK).t(), offsets_E, f32, fast)
                      + grouped_mm(quantize(d_up_MF, ACT_TILE), q(wu_d, wu_s, WEIGHT_BLOCK).t(), offsets_E, f32, fast))
         return dx_MD.to(ctx.x_dtype), dw_gate, dw_up, dw_down, None, None, *[None] * ctx.n_given
