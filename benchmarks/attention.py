@@ -124,13 +124,16 @@ def main():
                 print(f"  fastest fused launch {best['launch']}: {best.get('us', float('nan')):.1f} µs", flush=True)
             rows[f"context {S}, batch {B}"] = row
             print(summary(row), flush=True)
+            write_json(result(args, dtype, bandwidth, gemm_rate, rows), f"attention_{args.preset}.json")  # so far
             del cache
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    result = {"benchmark": "attention", **environment(), "preset": args.preset, "dtype": str(dtype),
-              "copy_bandwidth_GBps": bandwidth / 1e9, "bf16_gemm_TFLOPs": gemm_rate and gemm_rate / 1e12,
-              "rows": rows}
-    print(f"wrote {write_json(result, f'attention_{args.preset}.json')}")
+    print(f"wrote {write_json(result(args, dtype, bandwidth, gemm_rate, rows), f'attention_{args.preset}.json')}")
+
+
+def result(args, dtype, bandwidth, gemm_rate, rows) -> dict:
+    return {"benchmark": "attention", **environment(), "preset": args.preset, "dtype": str(dtype),
+            "copy_bandwidth_GBps": bandwidth / 1e9, "bf16_gemm_TFLOPs": gemm_rate and gemm_rate / 1e12, "rows": rows}
 
 
 ATTEND_KEYS = ("attend_heads", "attend_programs", "attend_split", "attend_block", "attend_warps", "attend_stages")
@@ -177,6 +180,7 @@ def sweep(model, cache, attn, positions, B, repeat, device) -> list[dict]:
             entry = {"launch": launch}
             try:
                 fused = FusedDecoder(model, cache, B, launch=launch)
+                entry["splits"] = fused.splits(B)
                 fused.q_lat[:B].normal_()
                 fused.q_pe[:B].normal_()
                 entry["us"] = call_seconds(lambda: fused.attend(attn, 0, positions[:, 0], B), repeat, device) * 1e6

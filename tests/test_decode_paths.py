@@ -86,6 +86,8 @@ def test_launch_shapes_follow_the_model_widths():
         fused_step_launch(preset("tiny"), 64, {"gemv_row": 8})
     with pytest.raises(ValueError, match="attend_heads=8: must be at least 16"):
         fused_step_launch(preset("tiny"), 64, {"attend_heads": 8})
+    with pytest.raises(ValueError, match="attend_programs=0: must be at least 1"):
+        fused_step_launch(preset("tiny"), 64, {"attend_programs": 0})
     with pytest.raises(ValueError, match="attend_stages=5: must be 1 to 4"):
         fused_step_launch(preset("tiny"), 64, {"attend_stages": 5})
     with pytest.raises(ValueError, match="gemv_rows=3: must be a power of two"):

@@ -101,6 +101,7 @@ def test_fused_attention_splits_follow_the_position(programs, heads):
     positions. 32 heads in two blocks of 16: programs=4, one split per row (up to 10 blocks);
     24, four splits of 48 positions for the row at 150 (the last one short) and of 16 for the
     row at 37, merged two at a time. One block of 32 heads: 24 programs, eight splits."""
+    from nanoseek.infer import fused
     from nanoseek.infer.fused import FusedDecoder
     model = sharp_model(num_attention_heads=32)
     c = model.config
@@ -130,6 +131,7 @@ def test_fused_attention_splits_follow_the_position(programs, heads):
 
     nsplit = step.splits(3)
     assert nsplit == {(4, 16): 1, (24, 16): 4, (24, 32): 8}[programs, heads]
+    assert step.splits(64) == step.splits(fused.ATTEND_ROWS) >= 1  # a long row among many keeps its splits
     part_m = step.part_m[: 3 * nsplit].view(3, nsplit, H)
     for r, p in enumerate(pos.tolist()):
         length = -(-(-(-(p + 1) // nsplit)) // 16) * 16

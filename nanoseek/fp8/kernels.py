@@ -122,7 +122,7 @@ def quantize_tokens_kernel(x_ptr, q_ptr, s_ptr, ends_ptr, first_tile_ptr, M, C, 
     start, end, first = _group_bounds(ends_ptr, first_tile_ptr, e)
     rows = start + (tile - first) * BLOCK + tl.arange(0, BLOCK)
     # rows of the group's own tiles only: a tile past the last group's holds zeros
-    r_ok = (rows < end) & (tile < tl.load(first_tile_ptr + E))
+    r_ok = (rows < end) & (rows < M) & (tile < tl.load(first_tile_ptr + E))
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * C + cs[None, :], mask=r_ok[:, None] & c_ok[None, :],
                 other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=0)

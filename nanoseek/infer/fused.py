@@ -51,6 +51,10 @@ ATTEND_SPLITS = 128  # a cache's length over this sets the block of positions fo
 # about two per SM of an H100/H200 (132), each one split's partial sums, H x C float32 values
 # written and read back by the merge; more splits than that only add partial sums.
 ATTEND_PROGRAMS = 256
+# The split count is static (captured in CUDA graphs) while rows' lengths differ: splits are
+# sized as if a step had at most ATTEND_ROWS rows, so a long row among short ones keeps
+# ATTEND_PROGRAMS / ATTEND_ROWS programs (more partial sums when every row is long).
+ATTEND_ROWS = 4
 MERGE_SPLITS = 16    # attention splits the merge reads at once
 # rows of a weight per program (_rows), warps per program (_warps), the least cache positions
 # of an attention split, heads per attention program, attention programs aimed for, the
@@ -108,6 +112,8 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
     for key in ("attend_split", "attend_heads", "attend_block"):
         if out[key] < 16:  # tl.dot's smallest block
             raise ValueError(f"launch {key}={out[key]}: must be at least 16")
+    if out["attend_programs"] < 1:
+        raise ValueError(f"launch attend_programs={out['attend_programs']}: must be at least 1")
     if not 1 <= out["attend_stages"] <= 4:
         raise ValueError(f"launch attend_stages={out['attend_stages']}: must be 1 to 4")
     if out["attend_block"] > out["attend_split"]:
@@ -189,10 +195,12 @@ class FusedDecoder:
 
     def splits(self, B: int) -> int:
         """Attention splits per row at B rows: enough for about attend_programs programs
-        (head blocks x splits x rows) over a long context, no more than the cache holds
-        splits of the least length. A row's splits share its positions (split_length)."""
+        (head blocks x splits x rows, rows counted up to ATTEND_ROWS) over a long context, no
+        more than the cache holds splits of the least length. A row's splits share its
+        positions (split_length)."""
         blocks = triton.cdiv(self.config.num_attention_heads, self.t["attend_heads"])
-        return max(1, min(triton.cdiv(self.cache.max_len, self.split), self.t["attend_programs"] // (blocks * B)))
+        rows = min(B, ATTEND_ROWS)
+        return max(1, min(triton.cdiv(self.cache.max_len, self.split), self.t["attend_programs"] // (blocks * rows)))
 
     @staticmethod
     def unsupported(config: ModelConfig, model: Transformer | None = None) -> str | None:
