@@ -14,7 +14,8 @@ apples-to-apples ratio. `--precision bf16,fp8` adds nanoseek's FP8 rows (nanosee
 DeepSeek-V3's recipe), against which transformers has nothing to run. `bf16-per-use` and
 `fp8-per-use` prepare the weights (the BF16 cast, the experts' FP8 quantization) at every
 use instead of once a step (train field weights_once, on by default): the peers that
-default must beat.
+default must beat. `bf16-fused-accum` and `fp8-fused-accum` add each micro-batch's BF16
+weight gradient into the float32 one in a single pass (train field fuse_grad_accumulation).
 
 Shapes: `--preset bench-1b` (default), or a real model's layer shapes with fewer layers,
 e.g. `--preset deepseek-v2-lite --layers 4 --batch 2 --seq 4096`.
@@ -121,7 +122,8 @@ def nanoseek_side(cfg, state, batches, args, device, precision: str, mtp: bool, 
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not missing and all(k.startswith(f"model.layers.{cfg.num_hidden_layers}.") for k in unexpected), \
         (missing, unexpected)
-    base, per_use = precision.removesuffix("-per-use"), precision.endswith("-per-use")
+    base = precision.removesuffix("-per-use").removesuffix("-fused-accum")
+    per_use, fused = precision.endswith("-per-use"), precision.endswith("-fused-accum")
     autocast = prepare_precision(model, base, device)
     if args.activation_checkpointing:
         checkpoint_blocks(model)
@@ -130,7 +132,7 @@ def nanoseek_side(cfg, state, batches, args, device, precision: str, mtp: bool, 
 
     def step(batch):
         stats = train_step(model, [batch] * args.accum, opt, grad_clip=1.0, autocast_dtype=autocast, compiled=call,
-                           base_model=model, weights_once=not per_use)
+                           base_model=model, weights_once=not per_use, fuse_accumulation=fused)
         return stats["loss"]
 
     row = time_steps(step, batches, args, Clock(device))
@@ -176,7 +178,8 @@ def parse_args():
     ap.add_argument("--layers", type=int, default=None, help="num_hidden_layers (default: the preset's)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--precision", default="bf16", help="comma-separated: bf16, fp8, bf16-per-use, fp8-per-use")
+    ap.add_argument("--precision", default="bf16", help="comma-separated: bf16, fp8, and either with -per-use or "
+                                                         "-fused-accum")
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (a real run's "
                     "global batch is many: the AdamW step, which FP8 does not change, is paid once for them)")
     ap.add_argument("--steps", type=int, default=10)
@@ -192,8 +195,8 @@ def parse_args():
         args.preset, args.batch, args.seq, args.steps, args.warmup = "tiny", 2, 64, 2, 0
         args.skip_hf, args.layers = True, args.layers or 2
     args.precisions = args.precision.split(",")
-    if not set(args.precisions) <= {*PEAK, *(f"{p}-per-use" for p in PEAK)}:
-        ap.error(f"--precision {args.precision}: comma-separated bf16, fp8, bf16-per-use, fp8-per-use")
+    if not set(args.precisions) <= {*PEAK, *(f"{p}-{v}" for p in PEAK for v in ("per-use", "fused-accum"))}:
+        ap.error(f"--precision {args.precision}: comma-separated bf16, fp8, and either with -per-use or -fused-accum")
     return args
 
 

@@ -172,6 +172,38 @@ def test_a_weight_used_twice_sums_its_gradients_in_float32():
     assert not head_once.equal(head_per_use)  # the sums did differ: the test sees the case it names
 
 
+def test_fused_accumulation_adds_the_same_gradients_in_one_pass():
+    """Three BF16 micro-batches, cast once a step: adding each one's gradient straight into the
+    float32 .grad (fuse_accumulation) gives autograd's sums bit for bit: float32 additions of the
+    same BF16 values in the same order. Only the head, shared with MTP, differs: its two uses now
+    sum in BF16 before entering float32, each micro-batch's sum rounded by 2^-9 of it at most
+    (2^-8 with the float32 roundings). The step's copies leave the context without gradients,
+    hooks or requires_grad."""
+    from nanoseek.train.precision import weights_once_a_step
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, 256, (2, 32), generator=g) for _ in range(3)]
+    grads, head_sums = [], 0
+    for fuse in (False, True):
+        model = tiny_model().train()
+        with weights_once_a_step(model, torch.bfloat16, fuse_accumulation=fuse):
+            for ids in batches:
+                before = 0 if model.lm_head.weight.grad is None else model.lm_head.weight.grad.clone()
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = model(ids, labels=ids)
+                (out.loss / 3).backward()
+                if not fuse:  # Σ over micro-batches of |this one's head gradient|
+                    head_sums = head_sums + (model.lm_head.weight.grad - before).abs()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        casts = [b for n, b in model.named_buffers() if n.endswith("_cast")]
+        assert casts and all(b.grad is None and not b.requires_grad for b in casts)
+        assert not any(b._post_accumulate_grad_hooks for b in casts)
+    autograd, fused = grads
+    assert autograd.keys() == fused.keys()
+    assert all(fused[n].equal(autograd[n]) for n in fused if n != "lm_head.weight")
+    head, head_fused = autograd["lm_head.weight"], fused["lm_head.weight"]
+    assert ((head_fused - head).abs() <= 2 ** -8 * head_sums).all() and not head_fused.equal(head)
+
+
 def test_weights_cast_once_only_where_autocast_lowers_float32():
     """No autocast, or weights already in the compute dtype: nothing to cast. In FP8 training,
     the MLPs' linears (read by the FP8 GEMMs) are left alone."""

@@ -175,15 +175,15 @@ case $stage in
       dequantized_models_tokens or v3_layer_widths" 2>&1 | tee "$OUT/fp8_tests.log" | tail -15
     ;;
   fp8train)  # the FP8 kernels against the twin, BF16 vs FP8 training speed on V2-Lite layers (4 micro-batches
-             # a step, as a real global batch amortizes AdamW; FP8's expert weights quantized once a step,
-             # compiled, and per use as the peer) with a kernel table of each, then the FP8 GPU tests in what
-             # is left (the compiled once-a-step quantization first)
+             # a step, as a real global batch amortizes AdamW; weights cast or quantized once a step, compiled;
+             # each also with fused gradient accumulation) with a kernel table of each, then the FP8 GPU tests
+             # in what is left (the compiled once-a-step quantization and the token quantizer first)
     bench 100 20 benchmarks/fp8_fast_vs_twin.py  # its sweep times the kernels' launch shapes for ~50 (N, K)
     bench "$(left 470)" 100 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
-      --accum 4 --precision bf16,fp8,fp8-per-use --skip-hf --profile
+      --accum 4 --precision bf16,bf16-fused-accum,fp8,fp8-fused-accum --skip-hf --profile
     python3 benchmarks/profile_categories.py "$OUT"/profile_train_*.txt 2>&1 | tee "$OUT/profile_categories.txt"
     timeout "$(left 590)" python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_train_precision.py \
-      tests/test_fp8.py -k "compiled_once_a_step or gpu_grouped or fast_fp8_swiglu" 2>&1 \
+      tests/test_fp8.py -k "compiled_once_a_step or gpu_grouped or fast_fp8_swiglu or byte_for_byte or fused_acc" 2>&1 \
       | tee "$OUT/fp8_tests.log" | tail -12
     ;;
   fp8deep)  # the expert GEMMs alone, then BF16 vs FP8 training speed on the most V2-Lite layers that fit (8 on

@@ -44,6 +44,28 @@ def prepare_precision(model: nn.Module, precision: str, device: torch.device) ->
 # optimizer step, so one cast a step serves every micro-batch; the gradient still goes to the
 # float32 weights, in float32.
 
+# Fused accumulation (weights_once_a_step(fuse_accumulation=True), Megatron's "gradient
+# accumulation fusion"): the step's BF16 copy is itself the leaf that collects the
+# micro-batch's gradient, and a hook adds it into the float32 weight's .grad in one pass:
+# 10 bytes a weight a micro-batch where the cast to float32 and autograd's add move 18. The
+# float32 weight then has no part in autograd's graph, so hooks on it do not fire.
+
+def _accumulate_into(weight: torch.Tensor):
+    def hook(cast: torch.Tensor) -> None:
+        grad, cast.grad = cast.grad, None
+        if weight.grad is None:
+            weight.grad = grad.to(weight.dtype)
+        else:
+            weight.grad.add_(grad)
+    return hook
+
+
+def _step_weight(weight: torch.Tensor, cast: torch.Tensor) -> torch.Tensor:
+    """The step's copy of `weight` for the forward: the leaf itself under fused accumulation,
+    else through _StepCast, which hands the gradient on to the float32 weight."""
+    return cast if cast.requires_grad else _StepCast.apply(weight, cast)
+
+
 class _StepCast(torch.autograd.Function):
     """weight (float32, a parameter) -> cast (its copy in the compute dtype, made this step);
     the gradient passes to the weight as autocast's cast would pass it."""
@@ -72,7 +94,7 @@ class StepCastExperts(Experts):
     def expert_weights(self, idx=None):
         if not self.training:
             return super().expert_weights(idx)
-        weights = tuple(_StepCast.apply(w, getattr(self, c)) for w, c in zip(self.weights(self), self.CASTS))
+        weights = tuple(_step_weight(w, getattr(self, c)) for w, c in zip(self.weights(self), self.CASTS))
         return weights if idx is None else tuple(w[idx] for w in weights)
 
 
@@ -89,7 +111,7 @@ class StepCastLinear(nn.Linear):
     def forward(self, x):
         if not self.training:
             return super().forward(x)
-        return F.linear(x, _StepCast.apply(self.weight, self.weight_cast), self.bias)
+        return F.linear(x, _step_weight(self.weight, self.weight_cast), self.bias)
 
 
 STEP_CAST = {Experts: StepCastExperts, nn.Linear: StepCastLinear}
@@ -108,24 +130,32 @@ def step_cast_layers(model: nn.Module, dtype: torch.dtype | None) -> list[nn.Mod
 
 
 @contextlib.contextmanager
-def weights_once_a_step(model: nn.Module, dtype: torch.dtype | None, compiled: bool = False):
+def weights_once_a_step(model: nn.Module, dtype: torch.dtype | None, compiled: bool = False,
+                        fuse_accumulation: bool = False):
     """Within it (one optimizer step's forward and backward passes), the linear and expert
     layers compute with their weights prepared once on entry: cast to autocast's `dtype`, or
     quantized (FP8 training's experts). The same numbers as at every use, since the weights
     change only at the optimizer step; but a weight used twice in a forward (the head, shared
     with MTP) sums its two gradients in float32, where autocast's cast cache sums them in BF16.
-    `compiled`: the step runs compiled, so the quantization is compiled too (on a GPU)."""
+    `compiled`: the step runs compiled, so the quantization is compiled too (on a GPU).
+    `fuse_accumulation`: each micro-batch's BF16 gradient of a cast weight is added into the
+    float32 .grad in one pass (_accumulate_into; the two uses of a shared weight then sum in
+    BF16 first, as autocast's do)."""
     from ..fp8.quant import FP8_DTYPE, WEIGHT_BLOCK, block_scale_shape
     from ..fp8.swiglu import Fp8TrainExperts
     cast = step_cast_layers(model, dtype)
     kinds = [type(layer) for layer in cast]
     quantized = [m for m in model.modules() if isinstance(m, Fp8TrainExperts) and m.training]
+    leaves, hooks = [], []
     try:
         with torch.no_grad():
             for layer, kind in zip(cast, kinds):
                 step_kind = STEP_CAST[kind]
                 for w, name in zip(step_kind.weights(layer), step_kind.CASTS):
-                    kept_buffer(layer, name, w.shape, dtype, w.device).copy_(w)
+                    buf = kept_buffer(layer, name, w.shape, dtype, w.device).copy_(w)
+                    if fuse_accumulation:
+                        leaves.append(buf.requires_grad_(True))
+                        hooks.append(buf.register_post_accumulate_grad_hook(_accumulate_into(w)))
                 layer.__class__ = step_kind
             for layer in quantized:
                 for w, (data_name, scale_name) in zip(Experts.expert_weights(layer), layer.QUANTIZED):
@@ -136,6 +166,11 @@ def weights_once_a_step(model: nn.Module, dtype: torch.dtype | None, compiled: b
                 layer.step_weights = True
         yield
     finally:
+        for hook in hooks:
+            hook.remove()
+        for leaf in leaves:
+            leaf.grad = None
+            leaf.requires_grad_(False)
         for layer, kind in zip(cast, kinds):
             layer.__class__ = kind
         for layer in quantized:

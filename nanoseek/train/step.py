@@ -30,12 +30,13 @@ def forward_backward(model: nn.Module, batch: dict, scale: float, autocast_dtype
 def train_step(model: nn.Module, micro_batches: list[dict], optimizer: torch.optim.Optimizer,
                grad_clip: float = 1.0, autocast_dtype: torch.dtype | None = None,
                compiled: nn.Module | None = None, base_model: nn.Module | None = None,
-               weights_once: bool = True) -> dict:
+               weights_once: bool = True, fuse_accumulation: bool = False) -> dict:
     """Returns loss parts (averaged over micro-batches) as tensors, grad norm, and MaxVio per
     MoE layer. `compiled` is the module to call (e.g. torch.compile(model)); `base_model` the
     plain module whose parameters and routers are updated (defaults to `model`); weights_once:
     the weights cast (quantized) once for the step's micro-batches (precision.weights_once_a_step)
-    where that saves casts, else at every use."""
+    where that saves casts, else at every use; fuse_accumulation: with them, each micro-batch's
+    gradient of a cast weight added into the float32 gradient in one pass."""
     base = base_model if base_model is not None else model
     call = compiled if compiled is not None else model
     n = len(micro_batches)
@@ -44,7 +45,8 @@ def train_step(model: nn.Module, micro_batches: list[dict], optimizer: torch.opt
     # once a step pays where a weight would be cast more than once: over several micro-batches,
     # or in a compiled backward, which recasts rather than keep the forward's casts
     once = weights_once and (n > 1 or compiled is not None)
-    with weights_once_a_step(base, autocast_dtype, compiled is not None) if once else contextlib.nullcontext():
+    with (weights_once_a_step(base, autocast_dtype, compiled is not None, fuse_accumulation) if once
+          else contextlib.nullcontext()):
         for batch in micro_batches:
             out = forward_backward(call, batch, 1.0 / n, autocast_dtype)
             parts = parts.to(out.loss.device) + torch.stack(

@@ -75,6 +75,9 @@ class TrainConfig(CheckedConfig):
     adam_moments: str = described("fp32", f"AdamW's moments in {' or '.join(MOMENTS)} (V3 §3.3.3)")
     weights_once: bool = described(True, "cast the weights to BF16 (FP8: quantize the experts') once per "
                                          "optimizer step, not at every use: faster, 2 bytes a weight of memory")
+    fuse_grad_accumulation: bool = described(False, "with weights_once: add each micro-batch's BF16 weight "
+                                                    "gradient into the float32 gradient in one pass (hooks "
+                                                    "on those weights then do not fire)")
     final_dtype: str = described("auto", "final/ as trained (auto), in bf16, or in fp8: V3's FP8 checkpoint "
                                          "layout")
     compile: bool = described(False, "torch.compile the model")
@@ -313,4 +316,5 @@ class Trainer(Checkpointed):
 
     def train_step(self, batches: list[dict]) -> dict:
         return train_step(self.model, batches, self.optimizer, self.cfg.grad_clip, self.autocast,
-                          compiled=self.compiled, base_model=self.model, weights_once=self.cfg.weights_once)
+                          compiled=self.compiled, base_model=self.model, weights_once=self.cfg.weights_once,
+                          fuse_accumulation=self.cfg.fuse_grad_accumulation)
