@@ -60,8 +60,8 @@ MERGE_SPLITS = 16    # attention splits the merge reads at once
 # of an attention split, heads per attention program, attention programs aimed for, the
 # attention loop's software-pipeline stages, and the block sizes above
 LAUNCH_KEYS = ("gemv_rows", "gemv_warps", "head_rows", "head_warps", "query_warps", "attend_split",
-               "attend_heads", "attend_block", "attend_programs", "attend_stages", "attend_warps", "output_warps", "merge_splits", "route_warps",
-               "up_rows", "up_warps", "down_rows", "down_warps", "max_block", "pdl")
+               "attend_heads", "attend_block", "attend_programs", "attend_stages", "attend_warps", "output_warps",
+               "merge_splits", "route_warps", "up_rows", "up_warps", "down_rows", "down_warps", "max_block", "pdl")
 
 
 def _pow2(n: int, at_least: int = 1) -> int:
@@ -98,7 +98,8 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
     heads = given.get("attend_heads", min(_pow2(H, 16), max(16, 4 * WARP_ELEMENTS // _pow2(C))))
     out = dict(gemv_rows=rows("gemv", D), head_rows=rows("head", D), up_rows=rows("up", D),
                down_rows=rows("down", slots * F), attend_split=split, attend_heads=heads, attend_block=block_s,
-               attend_programs=ATTEND_PROGRAMS, attend_stages=3, merge_splits=MERGE_SPLITS, max_block=max_block, pdl=True)
+               attend_programs=ATTEND_PROGRAMS, attend_stages=3, merge_splits=MERGE_SPLITS, max_block=max_block,
+               pdl=True)
     out.update({k: v for k, v in given.items() if k in out})  # the warps follow the rows given
     out.update(gemv_warps=warps(out["gemv_rows"] * D), head_warps=warps(out["head_rows"] * D),
                up_warps=warps(2 * out["up_rows"] * D), down_warps=warps(out["down_rows"] * slots * F),
