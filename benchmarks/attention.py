@@ -22,11 +22,13 @@ the larger of the latent's time at that bandwidth and the attention's FLOPs (row
 × heads × 2·(2C + R): scores and the weighted sum) at the BF16 GEMM rate measured in the same
 run. With 128 heads a latent byte meets ~240 FLOPs, more than an H200's ~200 FLOP/byte ridge:
 V3's decode attention is bound by the tensor cores there, not by HBM.
+`--mixed` also times each batch of several rows as one row at the full context among rows at
+1,024 positions: a step's split count is fixed while its rows' lengths differ.
 `--sweep` also times the fused attention at other launch shapes than the rule's (heads per
 program, programs aimed for; then positions per block, warps and pipeline stages around the
 fastest), to derive the rule from measurements.
 
-    python benchmarks/attention.py [--contexts 4096 32768 131072 --batches 1 16]
+    python benchmarks/attention.py [--contexts 4096 32768 131072 --batches 1 16 --mixed --sweep]
     python benchmarks/attention.py --device cpu --preset tiny --contexts 256 512 --batches 1 2
 """
 
@@ -56,6 +58,8 @@ def main():
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--mixed", action="store_true",
+                    help=f"also time each batch of several rows as one long row among rows at {MIXED_SHORT} positions")
     ap.add_argument("--sweep", action="store_true",
                     help="also time the fused attention at the launch shapes of sweep_launches")
     args = ap.parse_args()
@@ -69,7 +73,6 @@ def main():
     torch.manual_seed(0)
     model = to_dtype(Transformer(cfg), dtype).to(device).eval()
     attn = model.main_layers[0].self_attn
-    C, R, H = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.num_attention_heads
     bandwidth = copy_bandwidth(device)
     gemm_rate = bf16_gemm_flops(device) if device.type == "cuda" else None
     fused_runs = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
@@ -80,55 +83,72 @@ def main():
             cache = StaticCache(cfg, B, S, dtype=dtype, device=device, num_layers=1)
             for buf in cache.layers[0]:
                 buf.normal_()
-            c_kv, k_pe = cache.layers[0]
-            positions = torch.full((B, 1), S - 1, device=device)
-            mask = cache_mask(positions, S)
-            q_nope = torch.randn(B, 1, H, cfg.qk_nope_head_dim, device=device, dtype=dtype)
-            q_pe = torch.randn(B, 1, H, R, device=device, dtype=dtype)
-            nbytes = B * S * (C + R) * c_kv.element_size()
-            flops = B * S * H * 2 * (2 * C + R)
-            roofline = max(nbytes / bandwidth, flops / gemm_rate if gemm_rate else 0.0)
-            row = {"context": S, "batch": B, "latent_bytes": nbytes, "flops": flops, "roofline_us": roofline * 1e6,
-                   "bound": "compute" if gemm_rate and flops / gemm_rate > nbytes / bandwidth else "memory"}
-            with torch.no_grad():
-                ways = {"absorbed": lambda: attn.absorbed(q_nope, q_pe, c_kv, k_pe, mask)}
-                if compiled is not None:
-                    ways["absorbed_compiled"] = lambda: compiled(q_nope, q_pe, c_kv, k_pe, mask)
-                if fused_runs:
-                    from nanoseek.infer.fused import FusedDecoder
-                    fused = FusedDecoder(model, cache, B)
-                    fused.q_lat[:B].normal_()
-                    fused.q_pe[:B].normal_()
-                    ways["fused"] = lambda: fused.attend(attn, 0, positions[:, 0], B)
-                    row["fused_launch"] = {k: fused.t[k] for k in ATTEND_KEYS}
-                    row["fused_launch"]["splits"] = fused.splits(B)
-                for name, fn in ways.items():
-                    try:
-                        t = call_seconds(fn, args.repeat, device)
-                    except torch.OutOfMemoryError as e:
-                        row[f"{name}_error"] = f"out of memory: {str(e)[:120]}"
-                        torch.cuda.empty_cache()
-                        continue
-                    row[f"{name}_us"] = t * 1e6
-                    row[f"{name}_GBps"] = nbytes / t / 1e9
-                    row[f"{name}_bandwidth_fraction"] = nbytes / t / bandwidth
-                    row[f"{name}_roofline_fraction"] = roofline / t
-                    if gemm_rate:
-                        row[f"{name}_TFLOPs"] = flops / t / 1e12
-            if fused_runs and args.sweep:
-                row["fused_sweep"] = sweep(model, cache, attn, positions, B, args.repeat, device)
-                best = min(row["fused_sweep"], key=lambda r: r.get("us", float("inf")))
-                if "us" in best:
-                    row["fused_best"] = {"launch": best["launch"], "us": best["us"],
-                                         "roofline_fraction": roofline * 1e6 / best["us"]}
-                print(f"  fastest fused launch {best['launch']}: {best.get('us', float('nan')):.1f} µs", flush=True)
-            rows[f"context {S}, batch {B}"] = row
-            print(summary(row), flush=True)
-            write_json(result(args, dtype, bandwidth, gemm_rate, rows), f"attention_{args.preset}.json")  # so far
+            layouts = {"": [S - 1] * B}
+            if args.mixed and B > 1 and S > MIXED_SHORT:  # a long row among short ones
+                layouts[f", mixed: 1 row at {S}, {B - 1} at {MIXED_SHORT}"] = [S - 1] + [MIXED_SHORT - 1] * (B - 1)
+            for label, pos in layouts.items():
+                positions = torch.tensor(pos, device=device)[:, None]
+                row = time_row(args, model, cache, attn, compiled, positions, bandwidth, gemm_rate, device,
+                               fused_runs, sweep_it=args.sweep and fused_runs and not label)
+                rows[f"context {S}, batch {B}{label}"] = row
+                print(summary(row) + label, flush=True)
+                write_json(result(args, dtype, bandwidth, gemm_rate, rows), f"attention_{args.preset}.json")  # so far
             del cache
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     print(f"wrote {write_json(result(args, dtype, bandwidth, gemm_rate, rows), f'attention_{args.preset}.json')}")
+
+
+def time_row(args, model, cache, attn, compiled, positions, bandwidth, gemm_rate, device, fused_runs,
+             sweep_it: bool) -> dict:
+    """Each way's time for one new token per row at `positions` [B, 1] over the cache, with the
+    latent bytes and FLOPs those positions need and their roofline."""
+    cfg, (c_kv, k_pe) = model.config, cache.layers[0]
+    C, R, H = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.num_attention_heads
+    B, S = positions.shape[0], cache.max_len
+    mask = cache_mask(positions, S)
+    q_nope = torch.randn(B, 1, H, cfg.qk_nope_head_dim, device=device, dtype=c_kv.dtype)
+    q_pe = torch.randn(B, 1, H, R, device=device, dtype=c_kv.dtype)
+    seen = int(positions.sum()) + B  # positions each row attends to, summed
+    nbytes = seen * (C + R) * c_kv.element_size()
+    flops = seen * H * 2 * (2 * C + R)
+    roofline = max(nbytes / bandwidth, flops / gemm_rate if gemm_rate else 0.0)
+    row = {"context": S, "batch": B, "positions": positions[:, 0].tolist() if B <= 16 else None,
+           "latent_bytes": nbytes, "flops": flops, "roofline_us": roofline * 1e6,
+           "bound": "compute" if gemm_rate and flops / gemm_rate > nbytes / bandwidth else "memory"}
+    with torch.no_grad():
+        ways = {"absorbed": lambda: attn.absorbed(q_nope, q_pe, c_kv, k_pe, mask)}
+        if compiled is not None:
+            ways["absorbed_compiled"] = lambda: compiled(q_nope, q_pe, c_kv, k_pe, mask)
+        if fused_runs:
+            from nanoseek.infer.fused import FusedDecoder
+            fused = FusedDecoder(model, cache, B)
+            fused.q_lat[:B].normal_()
+            fused.q_pe[:B].normal_()
+            ways["fused"] = lambda: fused.attend(attn, 0, positions[:, 0], B)
+            row["fused_launch"] = {k: fused.t[k] for k in ATTEND_KEYS}
+            row["fused_launch"]["splits"] = fused.splits(B)
+        for name, fn in ways.items():
+            try:
+                t = call_seconds(fn, args.repeat, device)
+            except torch.OutOfMemoryError as e:
+                row[f"{name}_error"] = f"out of memory: {str(e)[:120]}"
+                torch.cuda.empty_cache()
+                continue
+            row[f"{name}_us"] = t * 1e6
+            row[f"{name}_GBps"] = nbytes / t / 1e9
+            row[f"{name}_bandwidth_fraction"] = nbytes / t / bandwidth
+            row[f"{name}_roofline_fraction"] = roofline / t
+            if gemm_rate:
+                row[f"{name}_TFLOPs"] = flops / t / 1e12
+    if sweep_it:
+        row["fused_sweep"] = sweep(model, cache, attn, positions, B, args.repeat, device)
+        best = min(row["fused_sweep"], key=lambda r: r.get("us", float("inf")))
+        if "us" in best:
+            row["fused_best"] = {"launch": best["launch"], "us": best["us"],
+                                 "roofline_fraction": roofline * 1e6 / best["us"]}
+        print(f"  fastest fused launch {best['launch']}: {best.get('us', float('nan')):.1f} µs", flush=True)
+    return row
 
 
 def result(args, dtype, bandwidth, gemm_rate, rows) -> dict:
@@ -136,6 +156,7 @@ def result(args, dtype, bandwidth, gemm_rate, rows) -> dict:
             "copy_bandwidth_GBps": bandwidth / 1e9, "bf16_gemm_TFLOPs": gemm_rate and gemm_rate / 1e12, "rows": rows}
 
 
+MIXED_SHORT = 1024  # the short rows' context in --mixed batches
 ATTEND_KEYS = ("attend_heads", "attend_programs", "attend_split", "attend_block", "attend_warps", "attend_stages")
 
 

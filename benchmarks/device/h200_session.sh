@@ -237,9 +237,9 @@ case $stage in
     ;;
   attention)  # MLA decode attention at V3's widths (compute-bound at 128 heads), 4K-128K, batch 1 and 16, the
               # fused launch swept (~4 min); then V2-Lite's 16 heads (memory-bound) as time allows
-    bench 420 30 benchmarks/attention.py --contexts 4096 32768 131072 --batches 1 16 --sweep
+    bench 420 30 benchmarks/attention.py --contexts 4096 32768 131072 --batches 1 16 --mixed --sweep
     bench "$(left 580)" 60 benchmarks/attention.py --preset deepseek-v2-lite --contexts 4096 32768 131072 \
-      --batches 1 16 --sweep
+      --batches 1 16 --mixed --sweep
     ;;
   serving)  # the server under 64 clients, prefix caching, then the engine alone at the load's batch, greedy and
             # sampled as the load samples (the server's decode steps took ~5x decode.json's: which part is it?)
