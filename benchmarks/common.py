@@ -67,13 +67,17 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeat: int 
     return 2 * nbytes / statistics.median(times)
 
 
-def bf16_gemm_flops(device: torch.device, n: int = 8192) -> float:
-    """FLOP/s of an n^3 BF16 matmul on this GPU (median of 10 by CUDA events, after warm-up):
-    the tensor-core rate a compute-bound kernel can reach, measured in the same run."""
+def gemm_flops(fn, n: int) -> float:
+    """FLOP/s of fn, an n^3 GEMM on the GPU (the median by CUDA events, after warm-up)."""
     import triton.testing
+    return 2 * n**3 / (triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3)
+
+
+def bf16_gemm_flops(device: torch.device, n: int = 8192) -> float:
+    """FLOP/s of an n^3 BF16 matmul on this GPU: the tensor-core rate a compute-bound kernel
+    can reach, measured in the same run."""
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    ms = triton.testing.do_bench(lambda: a @ b.t(), warmup=25, rep=100, return_mode="median")
-    return 2 * n**3 / (ms / 1e3)
+    return gemm_flops(lambda: a @ b.t(), n)
 
 
 def sliced_preset(name: str, layers: int | None = None, **overrides):

@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, out_dir, write_json  # noqa: E402
+from common import bf16_gemm_flops, environment, gemm_flops, out_dir, write_json  # noqa: E402
 
 from nanoseek import Transformer, preset, save_pretrained  # noqa: E402
 from nanoseek.info import model_info  # noqa: E402
@@ -103,17 +103,10 @@ def gemm_ceilings(device: torch.device, n: int = 8192) -> dict:
         return {}
     from nanoseek.fp8 import gemm
     from nanoseek.fp8.quant import ACT_TILE, WEIGHT_BLOCK, quantize
-    clock = Clock(device)
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    qa, qb = quantize(a, ACT_TILE), quantize(b, WEIGHT_BLOCK)
-    runs = {"bf16": lambda: a @ b.t(), "fp8": lambda: gemm.scaled_mm(qa, qb, torch.bfloat16, fast=True)}
-    out = {}
-    for name, fn in runs.items():
-        for _ in range(3):
-            fn()
-        ms = sorted(clock.time(fn)[0] for _ in range(10))[5]
-        out[name] = 2 * n**3 / (ms / 1e3)
-    return out
+    qa, qb = (quantize(torch.randn(n, n, device=device, dtype=torch.bfloat16), block)
+              for block in (ACT_TILE, WEIGHT_BLOCK))
+    return {"bf16": bf16_gemm_flops(device, n),
+            "fp8": gemm_flops(lambda: gemm.scaled_mm(qa, qb, torch.bfloat16, fast=True), n)}
 
 
 def nanoseek_side(cfg, state, batches, args, device, precision: str, mtp: bool, compile: bool,

@@ -92,18 +92,22 @@ def test_chunked_prefill_equals_one_shot(model, reference, chunk):
 
 def test_requests_joining_mid_batch_get_the_same_tokens_as_alone(model, reference):
     engine = Engine(model, max_batch=3, max_len=64)
+    assert engine.last_step_kind is None
     a = engine.add_request(PROMPTS[0], greedy(8))
     b = engine.add_request(PROMPTS[1], greedy(3))
     c = engine.add_request(PROMPTS[2], greedy(8))
+    engine.step()
+    assert engine.last_step_kind == "prefill"  # what a server's /metrics counts each step as
     while not b.finished:
         engine.step()
     engine.step()  # a decode over slots 0 and 2 only: rows gathered around the free one
-    assert (a.slot, c.slot, engine.scheduler.free_slots) == (0, 2, [1])
+    assert (a.slot, c.slot, engine.scheduler.free_slots) == (0, 2, [1]) and engine.last_step_kind == "decode"
     e = engine.add_request(PROMPTS[1], greedy(8))  # joins mid-batch, into b's old slot
     d = engine.add_request(PROMPTS[3], greedy(8))  # no slot left: waits for a or c to finish
     engine.step()
     assert e.slot == 1 and d.slot is None
     run_all(engine)
+    assert engine.step() == [] and engine.last_step_kind is None  # nothing left: no step of either kind
     assert b.output_ids == reference[1][:3] and b.finish_reason == "length"
     assert [a.output_ids, e.output_ids, c.output_ids, d.output_ids] == reference
 

@@ -367,6 +367,7 @@ class ScriptedEngine:
     """The engine's serving interface, emitting a fixed text (then 'x' up to max_tokens if endless)."""
 
     max_len = 4096
+    last_step_kind = "decode"
 
     def __init__(self, pieces, endless=False, delay=0.002):
         self.pieces, self.endless, self.delay = pieces, endless, delay

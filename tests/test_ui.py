@@ -52,6 +52,7 @@ class ScriptedChat:
     """The engine's serving interface, answering by the keyword of SCRIPTS found last in the prompt."""
 
     max_len = 4096
+    last_step_kind = "decode"
 
     def __init__(self, tokenizer, delay=0.03):
         self.tokenizer, self.delay = tokenizer, delay

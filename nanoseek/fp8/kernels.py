@@ -120,9 +120,10 @@ def quantize_tokens_kernel(x_ptr, q_ptr, s_ptr, ends_ptr, first_tile_ptr, M, C, 
     tile_ends = tl.load(first_tile_ptr + 1 + groups, mask=groups < E, other=2**30)
     e = tl.minimum(tl.sum((tile_ends <= tile).to(tl.int32), 0), E - 1)
     start, end, first = _group_bounds(ends_ptr, first_tile_ptr, e)
+    # a tile past the last group's (the grid is a bound) counts as the last group's: its rows
+    # lie past that group's end, so it holds zeros
     rows = start + (tile - first) * BLOCK + tl.arange(0, BLOCK)
-    # rows of the group's own tiles only: a tile past the last group's holds zeros
-    r_ok = (rows < end) & (rows < M) & (tile < tl.load(first_tile_ptr + E))
+    r_ok = (rows < end) & (rows < M)
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * C + cs[None, :], mask=r_ok[:, None] & c_ok[None, :],
                 other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=0)

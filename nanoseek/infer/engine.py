@@ -394,6 +394,7 @@ class Engine:
             raise ValueError("prefix caching is not available with speculative decoding (speculative_k > 0)")
         prefixes = PrefixCache(num_slots) if config.prefix_cache else None
         self.scheduler = Scheduler(num_slots, max_prefill_tokens, prefixes)
+        self.last_step_kind: str | None = None  # the last step's: prefill, decode, or None (nothing ran)
         self.prefilled_tokens = 0  # prompt tokens computed (the rest came from the prefix cache)
         eos = getattr(tokenizer, "eos_id", None)
         self.eos_id = eos if eos is not None else cfg.eos_token_id
@@ -486,10 +487,10 @@ class Engine:
     def step(self) -> list[StreamEvent]:
         """schedule -> run -> postprocess; one event per request that ran this step."""
         scheduled = self.scheduler.schedule()
+        self.last_step_kind = None if scheduled is None else scheduled[0]  # what /metrics counts it as
         if scheduled is None:
             return []
         kind, seqs = scheduled
-        self.last_step_kind = kind  # what a server's /metrics counts this step as
         if kind == "decode" and self.speculative_k:
             return self._speculative_step(seqs)
         params = [s.params for s in seqs]

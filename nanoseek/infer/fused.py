@@ -46,7 +46,7 @@ MAX_WARPS = 8
 PROGRAM_ELEMENTS = dict(gemv=4096, head=8192, up=4096, down=8192)
 MAX_BLOCK = 2048     # widest row a program loads at once (wider ones are read in chunks)
 ATTEND_BLOCK = 64    # cache positions an attention program scores at once (a split is one or more)
-ATTEND_SPLITS = 128  # a cache's length over this sets the block of positions for short caches
+SHORT_CACHE = 4096   # caches up to this long score 32 positions at once (bench-1b's tuned shape)
 # Attention programs (head blocks x splits x rows) a step aims for once the context is long:
 # about two per SM of an H100/H200 (132), each one split's partial sums, H x C float32 values
 # written and read back by the merge; more splits than that only add partial sums.
@@ -91,7 +91,7 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
     slots, F = ((_pow2(c.num_experts_per_tok), c.moe_intermediate_size) if c.is_moe
                 else (1, c.intermediate_size))
     F = min(max_block, _pow2(F))
-    block_s = given.get("attend_block", min(ATTEND_BLOCK, max(32, _pow2(triton.cdiv(max_len, ATTEND_SPLITS))),
+    block_s = given.get("attend_block", min(32 if max_len <= SHORT_CACHE else ATTEND_BLOCK,
                                             given.get("attend_split", ATTEND_BLOCK)))
     split = given.get("attend_split", block_s)
     # the running sum over the latent, heads x C float32 values, stays within 8 warps' registers

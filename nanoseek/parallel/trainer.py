@@ -50,8 +50,9 @@ class DistributedRun:
             return bool(stop.requested)
         asked = torch.tensor([int(stop.requested or 0)], device=self.device)
         torch.distributed.all_reduce(asked, op=torch.distributed.ReduceOp.MAX)
-        if asked.item() and not stop.requested:
-            stop.requested = signal.Signals(int(asked.item()))
+        signum = int(asked.item())
+        if signum and not stop.requested:
+            stop.requested = signal.Signals(signum)
         return bool(stop.requested)
 
     def resume(self) -> bool:

@@ -163,9 +163,7 @@ class EngineWorker:
                 log.exception("engine step failed")
                 self._fail(f"the engine failed: {type(e).__name__}", 500)
                 continue
-            kind = getattr(self.engine, "last_step_kind", "decode")
-            self.steps[kind] += 1
-            self.step_seconds[kind] += time.perf_counter() - started
+            seconds = time.perf_counter() - started
             new_tokens = 0
             for event in events:
                 job = self._jobs.get(event.request_id)
@@ -184,7 +182,11 @@ class EngineWorker:
                             "cached_tokens": getattr(job.seq, "cached_tokens", 0)}
                     self._push(job, ("done", event.finish_reason, len(job.prompt_ids), n, info))
                     self._done(job)
-            self.step_tokens[kind] += new_tokens
+            kind = self.engine.last_step_kind
+            if kind is not None:  # a step that scheduled nothing is no prefill or decode step
+                self.steps[kind] += 1
+                self.step_seconds[kind] += seconds
+                self.step_tokens[kind] += new_tokens
             self._recent.append((time.monotonic(), new_tokens))
             sched = getattr(self.engine, "scheduler", None)
             if sched is not None:
