@@ -70,8 +70,8 @@ def test_the_engine_defaults_to_the_compiled_step():
 def test_launch_shapes_follow_the_model_widths():
     """The rule gives back the shapes tuned on an H200 for bench-1b (fused_tuning.json, less
     the knobs since removed); for V3's widths the rows per program shrink so a program holds
-    the same number of weight elements, attention takes 16 of its 128 heads per program in
-    splits of at least 64 positions, aiming for 256 programs."""
+    the same number of weight elements, attention takes 32 of its 128 heads per program in
+    splits of at least 64 positions, aiming for 128 programs."""
     from nanoseek.infer.fused import MAX_WARPS, fused_step_launch
     tuned = json.loads(open("benchmarks/results/fused_tuning.json").read())
     bench = fused_step_launch(preset("bench-1b"), 640)
@@ -79,7 +79,7 @@ def test_launch_shapes_follow_the_model_widths():
     assert set(tuned) - set(bench) == {"query_split", "attend_prefetch"}
     v3 = fused_step_launch(preset("deepseek-v3"), 32768)
     assert (v3["gemv_rows"], v3["head_rows"], v3["up_rows"], v3["down_rows"]) == (2, 4, 2, 1)
-    assert (v3["attend_heads"], v3["attend_split"], v3["attend_block"], v3["attend_programs"]) == (16, 64, 64, 256)
+    assert (v3["attend_heads"], v3["attend_split"], v3["attend_block"], v3["attend_programs"]) == (32, 64, 64, 128)
     assert all(v3[k] <= MAX_WARPS for k in v3 if k.endswith("_warps"))
     assert fused_step_launch(preset("bench-1b"), 640, {"gemv_rows": 16})["gemv_warps"] == 8  # the warps follow
     with pytest.raises(ValueError, match="unknown launch keys \\['gemv_row'\\]"):

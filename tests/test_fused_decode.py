@@ -132,6 +132,9 @@ def test_fused_attention_splits_follow_the_position(programs, heads):
     nsplit = step.splits(3)
     assert nsplit == {(4, 16): 1, (24, 16): 4, (24, 32): 8}[programs, heads]
     assert step.splits(64) == step.splits(fused.ATTEND_ROWS) >= 1  # a long row among many keeps its splits
+    warps = step.t["attend_warps"]  # more rows than one wave holds: half the warps, 2 stages
+    assert step.attend_warps_stages(fused.ATTEND_ROWS) == dict(num_warps=warps, num_stages=step.t["attend_stages"])
+    assert step.attend_warps_stages(64) == dict(num_warps=max(4, warps // 2), num_stages=2)
     part_m = step.part_m[: 3 * nsplit].view(3, nsplit, H)
     for r, p in enumerate(pos.tolist()):
         length = -(-(-(-(p + 1) // nsplit)) // 16) * 16
@@ -313,7 +316,7 @@ def test_bf16_fused_step_at_v3_layer_widths():
         ref = model(nxt, positions=positions, cache=copy.deepcopy(cache32).prefix(2)).logits[:, -1]
         plain = half(nxt, positions=positions, cache=copy.deepcopy(cache16).prefix(2)).logits[:, -1].float()
     fused = FusedDecoder(half, cache16, 2)
-    assert fused.t["gemv_rows"] == 2 and fused.t["attend_heads"] == 16
+    assert fused.t["gemv_rows"] == 2 and fused.t["attend_heads"] == 32
     got = fused.forward(nxt, positions)
 
     def rel(x):

@@ -235,6 +235,15 @@ case $stage in
     bench "$(left 460)" 90 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
       --precision bf16,fp8
     ;;
+  verify)  # after a fix: the token quantizer's and fused step's GPU tests (and the fused step's CPU tests on
+            # the GPU), V3's decode attention at the rule's launch, then BF16 vs FP8 training at V2-Lite's layers
+    timeout 150 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8.py tests/test_fused_decode.py \
+      -k "byte_for_byte or fast_fp8_swiglu or fused" 2>&1 | tee "$OUT/verify_tests.log" | tail -15
+    bench 120 30 benchmarks/attention.py --contexts 4096 32768 131072 --batches 1 4 16 --mixed
+    bench "$(left 580)" 100 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
+      --accum 4 --precision bf16,fp8,fp8-fused-accum --skip-hf --profile
+    python3 benchmarks/profile_categories.py "$OUT"/profile_train_*.txt 2>&1 | tee "$OUT/profile_categories.txt"
+    ;;
   attention)  # MLA decode attention at V3's widths (compute-bound at 128 heads), 4K-128K, batch 1 and 16, the
               # fused launch swept (~4 min); then V2-Lite's 16 heads (memory-bound) as time allows
     bench 420 30 benchmarks/attention.py --contexts 4096 32768 131072 --batches 1 16 --mixed --sweep

@@ -131,8 +131,8 @@ def quantize_tokens_kernel(x_ptr, q_ptr, s_ptr, ends_ptr, first_tile_ptr, M, C, 
     amax = tl.where(tl.sum((x != x).to(tl.int32), axis=0) > 0, float("nan"), amax)
     scale = tl.where(amax == 0, 1.0, tl.math.div_rn(amax, tl.full(amax.shape, FP8_MAX, tl.float32)))
     q = tl.math.div_rn(x, tl.broadcast_to(scale[None, :], x.shape))
-    nan = tl.PropagateNan.ALL  # a NaN stays NaN, as torch's clamp keeps it
-    q = tl.minimum(tl.maximum(q, -FP8_MAX, propagate_nan=nan), FP8_MAX, propagate_nan=nan).to(q_ptr.dtype.element_ty)
+    # a NaN stays NaN, as torch's clamp keeps it (by where: Triton 3.6 rejects a PropagateNan bound to a name)
+    q = tl.where(q != q, q, tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)).to(q_ptr.dtype.element_ty)
     cols = tile * BLOCK + tl.arange(0, BLOCK)
     tl.store(q_ptr + cs[:, None].to(tl.int64) * (T * BLOCK) + cols[None, :], tl.trans(q), mask=c_ok[:, None])
     tl.store(s_ptr + cs * T + tile, scale, mask=c_ok)

@@ -48,9 +48,10 @@ MAX_BLOCK = 2048     # widest row a program loads at once (wider ones are read i
 ATTEND_BLOCK = 64    # cache positions an attention program scores at once (a split is one or more)
 SHORT_CACHE = 4096   # caches up to this long score 32 positions at once (bench-1b's tuned shape)
 # Attention programs (head blocks x splits x rows) a step aims for once the context is long:
-# about two per SM of an H100/H200 (132), each one split's partial sums, H x C float32 values
-# written and read back by the merge; more splits than that only add partial sums.
-ATTEND_PROGRAMS = 256
+# about one per SM of an H100/H200 (132), each one split's partial sums, H x C float32 values
+# written and read back by the merge. At V3's widths 128 beat 256 to 1,024 at every context
+# and batch measured (benchmarks/results/h100_attention/); more only add partial sums.
+ATTEND_PROGRAMS = 128
 # The split count is static (captured in CUDA graphs) while rows' lengths differ: splits are
 # sized as if a step had at most ATTEND_ROWS rows, so a long row among short ones keeps
 # ATTEND_PROGRAMS / ATTEND_ROWS programs (more partial sums when every row is long).
@@ -95,7 +96,8 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
                                             given.get("attend_split", ATTEND_BLOCK)))
     split = given.get("attend_split", block_s)
     # the running sum over the latent, heads x C float32 values, stays within 8 warps' registers
-    heads = given.get("attend_heads", min(_pow2(H, 16), max(16, 4 * WARP_ELEMENTS // _pow2(C))))
+    # (64 a thread): 32 of V3's heads a program measured 1.2-1.7x faster than 16, 64 do not fit
+    heads = given.get("attend_heads", min(_pow2(H, 16), max(16, 8 * WARP_ELEMENTS // _pow2(C))))
     out = dict(gemv_rows=rows("gemv", D), head_rows=rows("head", D), up_rows=rows("up", D),
                down_rows=rows("down", slots * F), attend_split=split, attend_heads=heads, attend_block=block_s,
                attend_programs=ATTEND_PROGRAMS, attend_stages=3, merge_splits=MERGE_SPLITS, max_block=max_block,
@@ -291,8 +293,7 @@ class FusedDecoder:
             self.q_lat, self.q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0), positions_B,
             self.part_acc, self.part_m, self.part_l, attn.scale, H, C, R, self.split, nsplit,
             BLOCK_H=heads, BLOCK_C=_pow2(C, 16), BLOCK_R=_pow2(R, 16), BLOCK_S=self.t["attend_block"],
-            DOT_PRECISION=self.dot_precision, num_warps=self.t["attend_warps"], num_stages=self.t["attend_stages"],
-            **self.launch)
+            DOT_PRECISION=self.dot_precision, **self.attend_warps_stages(B), **self.launch)
         o = self.o[:B]
         k.mla_output_kernel[(B, H)](
             self.part_acc, self.part_m, self.part_l, attn.kv_b_proj.weight, o, positions_B, H, C, N, V,
@@ -300,6 +301,15 @@ class FusedDecoder:
             CHUNK_SP=min(self.t["merge_splits"], _pow2(nsplit)), BLOCK_C=_pow2(C), BLOCK_V=_pow2(V),
             num_warps=self.t["output_warps"], **self.launch)
         return o
+
+    def attend_warps_stages(self, B: int) -> dict:
+        """The attention's warps and pipeline stages at B rows: the launch's while its programs
+        fit one wave (rows up to ATTEND_ROWS); past that, a wave of several programs an SM runs
+        faster on half the warps (at least 4) and 2 stages (V3's widths, 16 rows: 1.3x)."""
+        warps, stages = self.t["attend_warps"], self.t["attend_stages"]
+        if B <= ATTEND_ROWS:
+            return dict(num_warps=warps, num_stages=stages)
+        return dict(num_warps=max(4, warps // 2), num_stages=min(2, stages))
 
     @staticmethod
     def _slots(layer) -> tuple[int, int, tuple | None]:
