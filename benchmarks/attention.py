@@ -76,6 +76,12 @@ def main():
     bandwidth = copy_bandwidth(device)
     gemm_rate = bf16_gemm_flops(device) if device.type == "cuda" else None
     fused_runs = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    if fused_runs:
+        from nanoseek.infer.fused import FusedDecoder
+        why = FusedDecoder.unsupported(cfg, model)
+        if why:
+            print(f"{args.preset}: no fused path ({why})", flush=True)
+            fused_runs = False
     compiled = torch.compile(attn.absorbed, dynamic=False) if device.type == "cuda" else None
     rows = {}
     for S in args.contexts:
@@ -128,6 +134,8 @@ def time_row(args, model, cache, attn, compiled, positions, bandwidth, gemm_rate
             ways["fused"] = lambda: fused.attend(attn, 0, positions[:, 0], B)
             row["fused_launch"] = {k: fused.t[k] for k in ATTEND_KEYS}
             row["fused_launch"]["splits"] = fused.splits(B)
+            ws = fused.attend_warps_stages(B)  # what the launch runs at B rows
+            row["fused_launch"].update(attend_warps=ws["num_warps"], attend_stages=ws["num_stages"])
         for name, fn in ways.items():
             try:
                 t = call_seconds(fn, args.repeat, device)

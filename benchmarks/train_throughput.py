@@ -37,6 +37,7 @@ import argparse
 import gc
 import sys
 import tempfile
+import traceback
 import time
 from pathlib import Path
 
@@ -193,6 +194,39 @@ def parse_args():
     return args
 
 
+def summarize(rows: dict, args, cfg, flops: float, tokens: int, ceilings: dict | None, device) -> dict:
+    """The result so far: each timed row's tokens/s, MFU and ratios to transformers and to its
+    BF16 twin; a row that failed keeps its error."""
+    timed = {name: r for name, r in rows.items() if "median_step_ms" in r}
+    for r in timed.values():
+        r["tokens_per_s"] = tokens / (r["median_step_ms"] / 1e3)
+        achieved = r["tokens_per_s"] * flops
+        r["mfu_datasheet"] = achieved / PEAK[r["precision"]] if device.type == "cuda" else None
+        r["mfu_measured_ceiling"] = achieved / ceilings[r["precision"]] if ceilings else None
+    hf = timed.get("transformers (eager, default)")
+    for name, r in timed.items():
+        if hf:
+            r["speedup_vs_transformers"] = r["tokens_per_s"] / hf["tokens_per_s"]
+        variant = name.rsplit(", ", 1)[-1]
+        bf16 = timed.get(name.replace(f", {variant}", ", bf16"))  # the same row in BF16 (its default path)
+        if bf16 and variant != "bf16":
+            r["speedup_vs_bf16"] = r["tokens_per_s"] / bf16["tokens_per_s"]
+            r["peak_memory_vs_bf16"] = (r["peak_memory_gib"] / bf16["peak_memory_gib"]
+                                        if r["peak_memory_gib"] else None)
+    result = {"benchmark": "train_throughput", **environment(), "preset": args.preset, "layers": cfg.num_hidden_layers,
+              "batch": args.batch, "seq": args.seq, "accum": args.accum, "steps": args.steps, "warmup": args.warmup,
+              "activation_checkpointing": args.activation_checkpointing, "smoke": args.smoke,
+              "train_flops_per_token": flops, "peak_flops_datasheet": PEAK,
+              "gemm_ceiling_flops_measured": ceilings, "rows": rows, "config": cfg.to_dict(),
+              "command": " ".join(sys.argv)}
+    return result
+
+
+def json_name(args) -> str:
+    suffix = "" if args.preset == "bench-1b" and not args.smoke else f"_{args.preset}{'_smoke' if args.smoke else ''}"
+    return f"train_throughput{suffix}.json"
+
+
 def main():
     args = parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -228,39 +262,25 @@ def main():
                 mode = "compile" if eager_or_compiled else "eager"
                 name = f"nanoseek {mode}, {'MTP' if mtp else 'no MTP'}, {precision}"
                 profile = results if args.profile and eager_or_compiled and not mtp else None
-                rows[name] = nanoseek_side(cfg, state, batches, args, device, precision, mtp,
-                                           eager_or_compiled, profile)
+                try:
+                    rows[name] = nanoseek_side(cfg, state, batches, args, device, precision, mtp,
+                                               eager_or_compiled, profile)
+                except Exception as e:  # noqa: BLE001 - one path failing (a kernel's compile) leaves the others' rows
+                    traceback.print_exc()
+                    rows[name] = {"precision": precision, "error": f"{type(e).__name__}: {str(e)[:300]}"}
                 gc.collect(); torch._dynamo.reset()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    for r in rows.values():
-        r["tokens_per_s"] = tokens / (r["median_step_ms"] / 1e3)
-        achieved = r["tokens_per_s"] * flops
-        r["mfu_datasheet"] = achieved / PEAK[r["precision"]] if device.type == "cuda" else None
-        r["mfu_measured_ceiling"] = achieved / ceilings[r["precision"]] if ceilings else None
-    hf = rows.get("transformers (eager, default)")
-    for name, r in rows.items():
-        if hf:
-            r["speedup_vs_transformers"] = r["tokens_per_s"] / hf["tokens_per_s"]
-        variant = name.rsplit(", ", 1)[-1]
-        bf16 = rows.get(name.replace(f", {variant}", ", bf16"))  # the same row in BF16 (its default path)
-        if bf16 and variant != "bf16":
-            r["speedup_vs_bf16"] = r["tokens_per_s"] / bf16["tokens_per_s"]
-            r["peak_memory_vs_bf16"] = (r["peak_memory_gib"] / bf16["peak_memory_gib"]
-                                        if r["peak_memory_gib"] else None)
-    result = {"benchmark": "train_throughput", **environment(), "preset": args.preset, "layers": cfg.num_hidden_layers,
-              "batch": args.batch, "seq": args.seq, "accum": args.accum, "steps": args.steps, "warmup": args.warmup,
-              "activation_checkpointing": args.activation_checkpointing, "smoke": args.smoke,
-              "train_flops_per_token": flops, "peak_flops_datasheet": PEAK,
-              "gemm_ceiling_flops_measured": ceilings, "rows": rows, "config": cfg.to_dict(),
-              "command": " ".join(sys.argv)}
-    suffix = "" if args.preset == "bench-1b" and not args.smoke else f"_{args.preset}{'_smoke' if args.smoke else ''}"
-    path = write_json(result, f"train_throughput{suffix}.json")
+                write_json(summarize(rows, args, cfg, flops, tokens, ceilings, device), json_name(args))  # so far
+    path = write_json(summarize(rows, args, cfg, flops, tokens, ceilings, device), json_name(args))
     def fmt(v, spec):
         return format(v, spec) if v is not None else format("-", f">{spec.split('.')[0]}")
     print(f"\n{'run':34s} {'step ms':>9s} {'tokens/s':>10s} {'MFU sheet':>9s} {'MFU meas':>9s} "
           f"{'peak GiB':>9s} {'vs HF':>6s} {'vs bf16':>7s}")
     for name, r in rows.items():
+        if "error" in r:
+            print(f"{name:34s} failed: {r['error']}")
+            continue
         print(f"{name:34s} {r['median_step_ms']:9.1f} {r['tokens_per_s']:10,.0f} {fmt(r['mfu_datasheet'], '9.1%')} "
               f"{fmt(r['mfu_measured_ceiling'], '9.1%')} {fmt(r['peak_memory_gib'], '9.1f')} "
               f"{fmt(r.get('speedup_vs_transformers'), '6.2f')} {fmt(r.get('speedup_vs_bf16'), '7.2f')}")
