@@ -44,10 +44,10 @@ def scaled_mm(a: Quantized, b: Quantized, out_dtype: torch.dtype, fast: bool) ->
                                 scale_b=cublas_scale_b(b), out_dtype=out_dtype)
     from .kernels import grouped_mm_fp8, grouped_mm_tokens_fp8
     if b.block == WEIGHT_BLOCK:  # a's rows as one group
-        return grouped_mm_fp8(a.data, a.scale, b.data[None], b.scale[None], one_group(a.data.shape[0], a),
-                              out_dtype)
+        offsets = one_group(a.data.shape[0], a)
+        return grouped_mm_fp8(a.data, a.scale, b.data[None], b.scale[None], offsets, first_tiles(offsets), out_dtype)
     # both quantized along K (a wgrad): K as one group of tokens
-    return grouped_mm_tokens_fp8(a.data, a.scale, b.data, b.scale, one_group(a.data.shape[1], a), 1,
+    return grouped_mm_tokens_fp8(a.data, a.scale, b.data, b.scale, first_tiles(one_group(a.data.shape[1], a)), 1,
                                  out_dtype)[0]
 
 
@@ -145,7 +145,7 @@ def grouped_mm(a: Quantized, b: Quantized, offsets_E: torch.Tensor | None, out_d
         return scaled_mm(a, Quantized(b.data[0], b.scale[0], b.block), out_dtype, fast)
     if fast:
         from .kernels import grouped_mm_fp8
-        return grouped_mm_fp8(a.data, a.scale, b.data, b.scale, offsets_E, out_dtype)
+        return grouped_mm_fp8(a.data, a.scale, b.data, b.scale, offsets_E, first_tiles(offsets_E), out_dtype)
     a_MK, b_ENK = dequantize(a), dequantize(b)
     if grouped_mm_f32_takes(a_MK, b_ENK):
         return torch._grouped_mm(a_MK, b_ENK.transpose(-2, -1), offs=offsets_E).to(out_dtype)
@@ -165,7 +165,7 @@ def grouped_mm_tokens(a: Quantized, b: Quantized, offsets_E: torch.Tensor | None
         return scaled_mm(a, b, out_dtype, fast)[None]
     if fast:
         from .kernels import grouped_mm_tokens_fp8
-        return grouped_mm_tokens_fp8(a.data, a.scale, b.data, b.scale, offsets_E, n_groups, out_dtype)
+        return grouped_mm_tokens_fp8(a.data, a.scale, b.data, b.scale, first_tiles(offsets_E), n_groups, out_dtype)
     a_NP, b_KP = dequantize(a), dequantize(b)
     ends_E = (first_tiles(offsets_E)[1:] * TILE).to(torch.int32)  # each group's end column
     if grouped_mm_f32_takes(a_NP, b_KP):

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant import TILE, first_tiles
+from .quant import TILE
 
 
 @triton.jit
@@ -177,46 +177,51 @@ def _launch(tuned, grid, *args) -> None:
 
 @torch.library.custom_op("nanoseek::fp8_grouped_mm", mutates_args=())
 def grouped_mm_fp8(a_MK: torch.Tensor, scale_a: torch.Tensor, b_ENK: torch.Tensor, scale_b: torch.Tensor,
-                   offsets_E: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+                   offsets_E: torch.Tensor, first_E1: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """[M, N]: a's rows of group e times b[e]^T. a [M, K] E4M3 with scale_a [M, ⌈K/128⌉];
-    b [E, N, K] E4M3 with scale_b [E, ⌈N/128⌉, ⌈K/128⌉]; all contiguous."""
+    b [E, N, K] E4M3 with scale_b [E, ⌈N/128⌉, ⌈K/128⌉]; all contiguous. first_E1 =
+    quant.first_tiles(offsets_E), computed by the caller: inside a compiled graph it is fused and
+    shared, where here it would be ~6 eager launches a call."""
     M, K = a_MK.shape
     E, N, _ = b_ENK.shape
     c = torch.empty(M, N, dtype=out_dtype, device=a_MK.device)
     _launch(_grouped_tuned, lambda meta: ((triton.cdiv(M, TILE) + E - 1) * (TILE // meta["BLOCK_M"]),
                                           triton.cdiv(N, meta["BLOCK_N"])),
-            a_MK, scale_a, b_ENK, scale_b, c, offsets_E, first_tiles(offsets_E), N, K, E, triton.next_power_of_2(E),
+            a_MK, scale_a, b_ENK, scale_b, c, offsets_E, first_E1, N, K, E, triton.next_power_of_2(E),
             TILE)
     return c
 
 
 @grouped_mm_fp8.register_fake
-def _(a_MK, scale_a, b_ENK, scale_b, offsets_E, out_dtype):
+def _(a_MK, scale_a, b_ENK, scale_b, offsets_E, first_E1, out_dtype):
     return a_MK.new_empty(a_MK.shape[0], b_ENK.shape[1], dtype=out_dtype)
 
 
 @torch.library.custom_op("nanoseek::fp8_grouped_mm_tokens", mutates_args=())
 def grouped_mm_tokens_fp8(a_NP: torch.Tensor, scale_a: torch.Tensor, b_KP: torch.Tensor, scale_b: torch.Tensor,
-                          offsets_E: torch.Tensor, n_groups: int, out_dtype: torch.dtype) -> torch.Tensor:
+                          first_E1: torch.Tensor, n_groups: int, out_dtype: torch.dtype) -> torch.Tensor:
     """[E, N, K]: per group, a [N, P] · b [K, P]^T over its tokens. a, b E4M3 in the padded
-    group-aligned layout with scales [N, T] and [K, T] (quant.quantize_tokens); all contiguous."""
+    group-aligned layout with scales [N, T] and [K, T] (quant.quantize_tokens); all contiguous.
+    first_E1: quant.first_tiles of the group ends."""
     N, P = a_NP.shape
     K, T = b_KP.shape[0], scale_a.shape[1]
     c = torch.empty(n_groups, N, K, dtype=out_dtype, device=a_NP.device)
     _launch(_tokens_tuned, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]), n_groups),
-            a_NP, scale_a, b_KP, scale_b, c, first_tiles(offsets_E), N, K, P, T, TILE)
+            a_NP, scale_a, b_KP, scale_b, c, first_E1, N, K, P, T, TILE)
     return c
 
 
 @grouped_mm_tokens_fp8.register_fake
-def _(a_NP, scale_a, b_KP, scale_b, offsets_E, n_groups, out_dtype):
+def _(a_NP, scale_a, b_KP, scale_b, first_E1, n_groups, out_dtype):
     return a_NP.new_empty(n_groups, a_NP.shape[0], b_KP.shape[0], dtype=out_dtype)
 
 
 @torch.library.custom_op("nanoseek::fp8_quantize_tokens", mutates_args=())
-def quantize_tokens_fp8(x_MC: torch.Tensor, offsets_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_tokens_fp8(x_MC: torch.Tensor, offsets_E: torch.Tensor,
+                        first_E1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """quant.quantize_tokens(x_MC, offsets_E)'s data [C, 128·T] and scale [C, T] (T =
-    n_tiles), in one pass over x (contiguous, tokens sorted by group)."""
+    n_tiles), in one pass over x (contiguous, tokens sorted by group); first_E1:
+    quant.first_tiles(offsets_E)."""
     from .quant import FP8_DTYPE, FP8_MAX, n_tiles
     M, C = x_MC.shape
     E, T = offsets_E.shape[0], n_tiles(offsets_E, M)
@@ -226,13 +231,13 @@ def quantize_tokens_fp8(x_MC: torch.Tensor, offsets_E: torch.Tensor) -> tuple[to
     s = torch.empty(C, T, dtype=torch.float32, device=x_MC.device)
     block_c = 64  # a [128, 64] float32 tile: 32 values a thread at 8 warps
     quantize_tokens_kernel[(T, triton.cdiv(C, block_c))](
-        x_MC, q, s, offsets_E, first_tiles(offsets_E), M, C, T, E, FP8_MAX, triton.next_power_of_2(E), TILE, block_c,
+        x_MC, q, s, offsets_E, first_E1, M, C, T, E, FP8_MAX, triton.next_power_of_2(E), TILE, block_c,
         num_warps=8)
     return q.to(FP8_DTYPE), s
 
 
 @quantize_tokens_fp8.register_fake
-def _(x_MC, offsets_E):
+def _(x_MC, offsets_E, first_E1):
     from .quant import FP8_DTYPE, n_tiles
     M, C = x_MC.shape
     T = n_tiles(offsets_E, M)

@@ -143,7 +143,7 @@ def quantize_tokens(x_MC: torch.Tensor, offsets_E: torch.Tensor | None = None, f
         return quantize(x_MC.t(), ACT_TILE)
     if fast:
         from .kernels import quantize_tokens_fp8
-        return Quantized(*quantize_tokens_fp8(x_MC.contiguous(), offsets_E), ACT_TILE)
+        return Quantized(*quantize_tokens_fp8(x_MC.contiguous(), offsets_E, first_tiles(offsets_E)), ACT_TILE)
     M, C = x_MC.shape
     token_P = token_of_column(offsets_E, M)
     x_PC = torch.where((token_P < M)[:, None], x_MC[token_P.clamp_max(max(M - 1, 0))].float(), 0.0)
