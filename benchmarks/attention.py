@@ -128,13 +128,14 @@ def time_row(args, model, cache, attn, compiled, positions, bandwidth, gemm_rate
             ways["absorbed_compiled"] = lambda: compiled(q_nope, q_pe, c_kv, k_pe, mask)
         if fused_runs:
             from nanoseek.infer.fused import FusedDecoder
+            from nanoseek.infer.latent_attention import attend_warps_stages
             fused = FusedDecoder(model, cache, B)
             reference = attn.absorbed(q_nope, q_pe, c_kv, k_pe, mask).flatten(1).float()
             row["fused_error"] = fused_error(fused, attn, q_nope, q_pe, positions, reference)
             ways["fused"] = lambda: fused.attend(attn, 0, positions[:, 0], B)
             row["fused_launch"] = {k: fused.t[k] for k in ATTEND_KEYS}
             row["fused_launch"]["splits"] = fused.splits(B)
-            ws = fused.attend_warps_stages(B)  # what the launch runs at B rows
+            ws = attend_warps_stages(fused.t, B)  # what the launch runs at B rows
             row["fused_launch"].update(attend_warps=ws["num_warps"], attend_stages=ws["num_stages"])
         for name, fn in ways.items():
             try:

@@ -85,7 +85,7 @@ def test_fused_step_matches_model_decode(overrides, chunked):
     got = step.forward(ids, positions)
     part_m = step.part_m[: 3 * nsplit].view(3, nsplit, -1)  # (the last layer's scratch)
     for r, pos in enumerate(positions[:, 0].tolist()):
-        used = -(-(pos + 1) // step.split)  # at most nsplit here: every split is the least length
+        used = -(-(pos + 1) // step.t["attend_split"])  # at most nsplit here: every split is the least length
         assert part_m[r, used:].isnan().all() and not part_m[r, :used].isnan().any()
     assert want.abs().max() > 5  # sharp logits: a wrong expert moves them by whole units
     torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-4)
@@ -101,8 +101,8 @@ def test_fused_attention_splits_follow_the_position(programs, heads):
     positions. 32 heads in two blocks of 16: programs=4, one split per row (up to 10 blocks);
     24, four splits of 48 positions for the row at 150 (the last one short) and of 16 for the
     row at 37, merged two at a time. One block of 32 heads: 24 programs, eight splits."""
-    from nanoseek.infer import fused
     from nanoseek.infer.fused import FusedDecoder
+    from nanoseek.infer.latent_attention import ATTEND_ROWS, attend_warps_stages
     model = sharp_model(num_attention_heads=32)
     c = model.config
     H, C, V, N = c.num_attention_heads, c.kv_lora_rank, c.v_head_dim, c.qk_nope_head_dim
@@ -131,10 +131,10 @@ def test_fused_attention_splits_follow_the_position(programs, heads):
 
     nsplit = step.splits(3)
     assert nsplit == {(4, 16): 1, (24, 16): 4, (24, 32): 8}[programs, heads]
-    assert step.splits(64) == step.splits(fused.ATTEND_ROWS) >= 1  # a long row among many keeps its splits
+    assert step.splits(64) == step.splits(ATTEND_ROWS) >= 1  # a long row among many keeps its splits
     warps = step.t["attend_warps"]  # more rows than one wave holds: half the warps, 2 stages
-    assert step.attend_warps_stages(fused.ATTEND_ROWS) == dict(num_warps=warps, num_stages=step.t["attend_stages"])
-    assert step.attend_warps_stages(64) == dict(num_warps=max(4, warps // 2), num_stages=2)
+    assert attend_warps_stages(step.t, ATTEND_ROWS) == dict(num_warps=warps, num_stages=step.t["attend_stages"])
+    assert attend_warps_stages(step.t, 64) == dict(num_warps=max(4, warps // 2), num_stages=2)
     part_m = step.part_m[: 3 * nsplit].view(3, nsplit, H)
     for r, p in enumerate(pos.tolist()):
         length = -(-(-(-(p + 1) // nsplit)) // 16) * 16

@@ -16,6 +16,9 @@ from ..config import CheckedConfig
 from ..model.moe import EXPERT_PATHS, ExpertPath
 
 
+DECODE_ATTENTION = ("auto", "kernel", "torch")
+
+
 @dataclass
 class InferenceConfig(CheckedConfig):
     # routed experts (model/moe.py): auto, grouped, gather, small_batch or loop
@@ -36,6 +39,11 @@ class InferenceConfig(CheckedConfig):
     fused_decode_rows: int | None = None
     # launch shapes of the fused step's kernels, over those fused.fused_step_launch derives
     fused_launch: dict | None = None
+    # MLA decode attention for one new token a row: "kernel" (latent_attention.py: Triton kernels
+    # that read each row's own positions), "torch" (the model's absorbed attention, which reads
+    # every position of the cache and masks), or "auto": the kernels on a GPU when the cache is
+    # longer than fused.SHORT_CACHE positions, where reading all of it costs the most
+    decode_attention: str = "auto"
     # GPU: decode steps replayed back to back per read-back of their tokens
     decode_burst: int = 8
     # prompt tokens one prefill forward takes; longer prompts go through the cache in chunks
@@ -51,6 +59,7 @@ class InferenceConfig(CheckedConfig):
         self.need(self.gather_max_pairs >= 0, "gather_max_pairs", "must be >= 0 (0: never gather)")
         self.need(self.fused_decode_rows is None or self.fused_decode_rows >= 0, "fused_decode_rows",
                   "must be >= 0 (0: never the fused step), or null for the measured default")
+        self.need_one_of("decode_attention", DECODE_ATTENTION)
         self.need(self.decode_burst >= 1, "decode_burst", "must be >= 1 (1: read every step back)")
         self.need_at_least(1, "prefill_chunk")
 

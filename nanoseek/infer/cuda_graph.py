@@ -28,8 +28,9 @@ fused step does not take it) has a static compilation of its own, with Inductor'
 coordinate-descent tuning, which also turns its one-row matmuls into tuned, fused reductions
 (gpt-fast's setting): cuBLAS's small-M GEMMs were the largest item of a batch-1 step.
 
-Shapes are static: the bucket covers cache rows [0, bucket) and attention reads all
-max_len positions of each row, masked by the row's own position; rows of the bucket that
+Shapes are static: the bucket covers cache rows [0, bucket); the absorbed attention reads all
+max_len positions of each row, masked by the row's own position, while the decode attention
+kernels (InferenceConfig.decode_attention, latent_attention.py) read each row's own; rows of the bucket that
 no sequence holds run a dummy token at the cache's last position, which no request's
 tokens occupy (a free slot keeps what a prefix cache may reuse: prefix_cache.py); the rows
 of requests that end inside a burst run on past their last token for the rest of it

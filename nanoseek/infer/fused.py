@@ -33,6 +33,7 @@ from ..config import ModelConfig
 from ..kernels import decode as kernels
 from ..model import StaticCache, Transformer
 from ..model.moe import MoE, Router
+from .latent_attention import attend_latent, attention_splits
 
 MAX_EXPERTS = 256   # one program holds a token's E scores for the routing
 
@@ -52,10 +53,6 @@ SHORT_CACHE = 4096   # caches up to this long score 32 positions at once (bench-
 # written and read back by the merge. At V3's widths 128 beat 256 to 1,024 at every context
 # and batch measured (benchmarks/results/h100_attention/); more only add partial sums.
 ATTEND_PROGRAMS = 128
-# The split count is static (captured in CUDA graphs) while rows' lengths differ: splits are
-# sized as if a step had at most ATTEND_ROWS rows, so a long row among short ones keeps
-# ATTEND_PROGRAMS / ATTEND_ROWS programs (more partial sums when every row is long).
-ATTEND_ROWS = 4
 MERGE_SPLITS = 16    # attention splits the merge reads at once
 # rows of a weight per program (_rows), warps per program (_warps), the least cache positions
 # of an attention split, heads per attention program, attention programs aimed for, the
@@ -173,7 +170,6 @@ class FusedDecoder:
         self.inv_freq = rotary.inv_freq.float()  # derived from the config, never trained
         self.rope_factor = float(rotary.attention_factor)
         H, C, R = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim
-        self.split = self.t["attend_split"]
         K = c.num_experts_per_tok if c.n_routed_experts else 0
         M = max_rows
         self.h = torch.empty(M, c.hidden_size, dtype=model.model.embed_tokens.weight.dtype, device=dev)
@@ -197,13 +193,8 @@ class FusedDecoder:
         self.dot_precision = "ieee" if cache.layers[0][0].dtype == torch.float32 else "tf32"
 
     def splits(self, B: int) -> int:
-        """Attention splits per row at B rows: enough for about attend_programs programs
-        (head blocks x splits x rows, rows counted up to ATTEND_ROWS) over a long context, no
-        more than the cache holds splits of the least length. A row's splits share its
-        positions (split_length)."""
-        blocks = triton.cdiv(self.config.num_attention_heads, self.t["attend_heads"])
-        rows = min(B, ATTEND_ROWS)
-        return max(1, min(triton.cdiv(self.cache.max_len, self.split), self.t["attend_programs"] // (blocks * rows)))
+        """Attention splits per row at B rows (latent_attention.attention_splits)."""
+        return attention_splits(self.t, self.config.num_attention_heads, self.cache.max_len, B)
 
     @staticmethod
     def unsupported(config: ModelConfig, model: Transformer | None = None) -> str | None:
@@ -283,33 +274,11 @@ class FusedDecoder:
 
     def attend(self, attn, i: int, positions_B: torch.Tensor, B: int) -> torch.Tensor:
         """Attention of rows 0..B-1 over layer i's latent cache from the absorbed queries in
-        q_lat / q_pe: the splits (mla_attend), then their merge and W_UV (mla_output) ->
-        o [B, H·V] (float32)."""
-        c, k = self.config, kernels
-        H, C, R, N, V = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim
+        q_lat / q_pe -> o [B, H·V] (float32): latent_attention.attend_latent."""
         ckv, kpe = self.cache.layers[i]
-        heads, nsplit = self.t["attend_heads"], self.splits(B)
-        k.mla_attend_kernel[(triton.cdiv(H, heads), nsplit, B)](
-            self.q_lat, self.q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0), positions_B,
-            self.part_acc, self.part_m, self.part_l, attn.scale, H, C, R, self.split, nsplit,
-            BLOCK_H=heads, BLOCK_C=_pow2(C, 16), BLOCK_R=_pow2(R, 16), BLOCK_S=self.t["attend_block"],
-            DOT_PRECISION=self.dot_precision, **self.attend_warps_stages(B), **self.launch)
-        o = self.o[:B]
-        k.mla_output_kernel[(B, H)](
-            self.part_acc, self.part_m, self.part_l, attn.kv_b_proj.weight, o, positions_B, H, C, N, V,
-            self.split, nsplit, BLOCK_SP=_pow2(nsplit),
-            CHUNK_SP=min(self.t["merge_splits"], _pow2(nsplit)), BLOCK_C=_pow2(C), BLOCK_V=_pow2(V),
-            num_warps=self.t["output_warps"], **self.launch)
-        return o
-
-    def attend_warps_stages(self, B: int) -> dict:
-        """The attention's warps and pipeline stages at B rows: the launch's while its programs
-        fit one wave (rows up to ATTEND_ROWS); past that, a wave of several programs an SM runs
-        faster on half the warps (at least 4) and 2 stages (V3's widths, 16 rows: 1.3x)."""
-        warps, stages = self.t["attend_warps"], self.t["attend_stages"]
-        if B <= ATTEND_ROWS:
-            return dict(num_warps=warps, num_stages=stages)
-        return dict(num_warps=max(4, warps // 2), num_stages=min(2, stages))
+        return attend_latent(self.q_lat, self.q_pe, ckv, kpe, positions_B, attn.kv_b_proj.weight, attn.scale,
+                             self.o, (self.part_acc, self.part_m, self.part_l), self.t, self.splits(B),
+                             self.dot_precision, self.launch)
 
     @staticmethod
     def _slots(layer) -> tuple[int, int, tuple | None]:

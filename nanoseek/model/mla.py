@@ -30,6 +30,11 @@ from .rope import apply_rope
 
 
 class MLA(nn.Module):
+    # set from outside (Transformer.set_decode_attention, an inference engine): a callable
+    # (attn, q_nope, q_pe, c_kv, k_pe, positions) -> o [B, 1, H, V] taking the absorbed
+    # attention's place for one new token a row, e.g. kernels that read each row's own positions
+    decode_attention = None
+
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         c = config
@@ -73,8 +78,11 @@ class MLA(nn.Module):
             mask = cache_mask(positions, c_kv.shape[1])
         if absorb is None:
             absorb = cache is not None
-        attend = self.absorbed if absorb else self.expanded
-        o_BTHV = attend(q_nope, q_pe, c_kv, k_pe, mask)
+        if absorb and self.decode_attention is not None and q_nope.shape[1] == 1 and positions is not None:
+            o_BTHV = self.decode_attention(self, q_nope, q_pe, c_kv, k_pe, positions)
+        else:
+            attend = self.absorbed if absorb else self.expanded
+            o_BTHV = attend(q_nope, q_pe, c_kv, k_pe, mask)
         return self.o_proj(o_BTHV.flatten(-2))
 
     def expanded(self, q_nope, q_pe, c_kv, k_pe, mask):

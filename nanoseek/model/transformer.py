@@ -94,6 +94,13 @@ class Transformer(nn.Module):
             if isinstance(module, Experts):
                 module.path = path
 
+    def set_decode_attention(self, attend=None) -> None:
+        """What every MLA layer computes its attention with for one new token a row over a
+        cache (MLA.decode_attention; None: the absorbed attention): an inference engine sets it."""
+        for module in self.modules():
+            if isinstance(module, MLA):
+                module.decode_attention = attend
+
     def reset_parameters(self) -> None:
         std = self.config.initializer_range
         for m in self.modules():

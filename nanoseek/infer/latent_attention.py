@@ -1,0 +1,140 @@
+"""MLA decode attention over the latent cache by Triton kernels, each row reading its own positions.
+
+The model's absorbed attention (mla.MLA.absorbed) scores every position of the cache view it
+is given and masks the ones past a row's position: a step captured for a cache of max_len
+positions reads max_len positions a row, however short the rows are. The fused step's
+attention kernels (kernels/decode.py: mla_attend splits each row's own pos + 1 positions,
+mla_output merges the splits and applies W_UV) read only those. `attend_latent` launches
+them; the fused step calls it with its own buffers, and the engine's compiled step calls it
+through the custom op `nanoseek::mla_decode_attention` (opaque to Inductor, capturable in a
+CUDA graph), which `LatentDecodeAttention` puts in place of the absorbed attention for one
+new token a row (Transformer.set_decode_attention).
+
+Launch shapes follow fused.fused_step_launch's rule for the model's widths and cache length.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ..kernels import decode as kernels
+
+# Attention programs (head blocks x splits x rows) are sized as if a step had at most this
+# many rows: the split count is static in a captured step while rows' lengths differ, so a
+# long row among short ones keeps attend_programs / ATTEND_ROWS programs.
+ATTEND_ROWS = 4
+
+
+def _pow2(n: int, at_least: int = 1) -> int:
+    return max(at_least, triton.next_power_of_2(n))
+
+
+def attention_splits(t: dict, heads: int, max_len: int, B: int) -> int:
+    """Attention splits per row at B rows: enough for about attend_programs programs (head
+    blocks x splits x rows, rows counted up to ATTEND_ROWS) over a long context, no more than
+    the cache holds splits of the least length. A row's splits share its positions
+    (kernels.split_length)."""
+    blocks = triton.cdiv(heads, t["attend_heads"])
+    return max(1, min(triton.cdiv(max_len, t["attend_split"]), t["attend_programs"] // (blocks * min(B, ATTEND_ROWS))))
+
+
+def attend_warps_stages(t: dict, B: int) -> dict:
+    """The attention's warps and pipeline stages at B rows: the launch's while its programs
+    fit one wave (rows up to ATTEND_ROWS); past that, a wave of several programs an SM runs
+    faster on half the warps (at least 4) and 2 stages (V3's widths, 16 rows: 1.3x)."""
+    warps, stages = t["attend_warps"], t["attend_stages"]
+    if B <= ATTEND_ROWS:
+        return dict(num_warps=warps, num_stages=stages)
+    return dict(num_warps=max(4, warps // 2), num_stages=min(2, stages))
+
+
+def attend_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kpe: torch.Tensor,
+                  positions_B: torch.Tensor, w_kvb: torch.Tensor, scale: float, out: torch.Tensor,
+                  parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor], t: dict, nsplit: int,
+                  dot_precision: str, launch: dict) -> torch.Tensor:
+    """o [B, H·V] (float32, into `out`) of rows 0..B-1 at positions_B over the latent cache
+    ckv [>= B, S, C] / kpe [>= B, S, R] (row stride free, positions contiguous), from the
+    absorbed queries q_lat [>= B, H, C] and q_pe [>= B, H, R] (float32, contiguous): the
+    splits (mla_attend) into parts (acc [>= B·nsplit, H, C], m and l [>= B·nsplit, H]), then
+    their merge and W_UV from w_kvb (kv_b_proj's weight) (mla_output)."""
+    B = positions_B.shape[0]
+    H, C = q_lat.shape[1], q_lat.shape[2]
+    R = q_pe.shape[2]
+    V = out.shape[1] // H
+    N = w_kvb.shape[0] // H - V  # kv_b_proj holds W_UK (N rows) then W_UV (V rows) a head
+    part_acc, part_m, part_l = parts
+    heads, split = t["attend_heads"], t["attend_split"]
+    kernels.mla_attend_kernel[(triton.cdiv(H, heads), nsplit, B)](
+        q_lat, q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0), positions_B,
+        part_acc, part_m, part_l, scale, H, C, R, split, nsplit,
+        BLOCK_H=heads, BLOCK_C=_pow2(C, 16), BLOCK_R=_pow2(R, 16), BLOCK_S=t["attend_block"],
+        DOT_PRECISION=dot_precision, **attend_warps_stages(t, B), **launch)
+    o = out[:B]
+    kernels.mla_output_kernel[(B, H)](
+        part_acc, part_m, part_l, w_kvb, o, positions_B, H, C, N, V, split, nsplit, BLOCK_SP=_pow2(nsplit),
+        CHUNK_SP=min(t["merge_splits"], _pow2(nsplit)), BLOCK_C=_pow2(C), BLOCK_V=_pow2(V),
+        num_warps=t["output_warps"], **launch)
+    return o
+
+
+# the launch keys the custom op takes, in this order (a list of ints: an op's schema holds no dict)
+OP_LAUNCH = ("attend_heads", "attend_split", "attend_block", "attend_programs", "attend_warps", "attend_stages",
+             "merge_splits", "output_warps")
+
+
+@torch.library.custom_op("nanoseek::mla_decode_attention", mutates_args=())
+def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kpe: torch.Tensor,
+                         positions_B: torch.Tensor, w_kvb: torch.Tensor, scale: float, v_dim: int,
+                         launch: list[int]) -> torch.Tensor:
+    """attend_latent with its scratch allocated per call (from the graph's pool when captured):
+    o [B, H·v_dim] float32; launch: the values of OP_LAUNCH."""
+    t = dict(zip(OP_LAUNCH, launch))
+    B, H, C = q_lat.shape
+    V = v_dim
+    nsplit = attention_splits(t, H, ckv.shape[1], B)
+    f32 = dict(dtype=torch.float32, device=q_lat.device)
+    parts = (torch.empty(B * nsplit, H, C, **f32), torch.empty(B * nsplit, H, **f32), torch.empty(B * nsplit, H, **f32))
+    out = torch.empty(B, H * V, **f32)
+    precision = "ieee" if ckv.dtype == torch.float32 else "tf32"
+    return attend_latent(q_lat, q_pe, ckv, kpe, positions_B, w_kvb, scale, out, parts, t, nsplit, precision,
+                         dict(USE_PDL=False))
+
+
+@mla_decode_attention.register_fake
+def _(q_lat, q_pe, ckv, kpe, positions_B, w_kvb, scale, v_dim, launch):
+    return q_lat.new_empty(q_lat.shape[0], q_lat.shape[1] * v_dim, dtype=torch.float32)
+
+
+class LatentDecodeAttention:
+    """In place of MLA.absorbed for one new token a row (MLA.decode_attention): W_UK folded
+    into the query as the absorbed attention does, then mla_decode_attention over each row's
+    own positions. Launch shapes: fused.fused_step_launch's for the model's widths and the
+    cache's length, `launch` replacing any of them."""
+
+    def __init__(self, config, max_len: int, launch: dict | None = None):
+        from .fused import fused_step_launch
+        t = fused_step_launch(config, max_len, launch)
+        self.launch = [int(t[k]) for k in OP_LAUNCH]
+
+    def __call__(self, attn, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
+        """q_nope [B, 1, H, N], q_pe [B, 1, H, R], the rows' cache c_kv [B, S, C] and k_pe
+        [B, S, R], positions [B, 1] -> o [B, 1, H, V] in q_nope's dtype."""
+        B, _, H, _ = q_nope.shape
+        w_uk_HNC = attn.kv_b_proj.weight.unflatten(0, (H, -1))[:, : attn.nope_dim]
+        q_lat = torch.einsum("bhn,hnc->bhc", q_nope[:, 0], w_uk_HNC.to(q_nope.dtype)).float()
+        o = mla_decode_attention(q_lat.contiguous(), q_pe[:, 0].float().contiguous(), c_kv, k_pe,
+                                 positions[:, 0].contiguous(), attn.kv_b_proj.weight, attn.scale, attn.v_dim,
+                                 self.launch)
+        return o.to(q_nope.dtype).view(B, 1, H, attn.v_dim)
+
+    @staticmethod
+    def unsupported(config, model=None) -> str | None:
+        """Why this model's decode attention cannot take the kernels, or None."""
+        from .fp8_weights import has_fp8_weights
+        if config.attention_type != "mla":
+            return f"attention_type {config.attention_type!r} (MLA only)"
+        if model is not None and has_fp8_weights(model):
+            return "FP8 weights (the output kernel reads a 16-bit W_UV)"
+        return None

@@ -1,0 +1,113 @@
+"""The MLA decode attention kernels in the model's and the engine's decode step
+(infer/latent_attention.py) against the model's absorbed attention. Without a GPU the kernels
+run in Triton's interpreter (tests/conftest.py)."""
+
+import copy
+
+import pytest
+import torch
+
+from nanoseek import Transformer, preset
+from nanoseek.config import ConfigError
+from nanoseek.infer import Engine, SamplingParams
+from nanoseek.infer.config import InferenceConfig
+from nanoseek.infer.latent_attention import LatentDecodeAttention
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# small blocks so that a 40-position cache crosses several splits and blocks in the interpreter
+LAUNCH = dict(attend_split=16, attend_block=16, attend_programs=8, attend_heads=16, merge_splits=2)
+
+
+def sharp_model(**overrides) -> Transformer:
+    """tiny with weights scaled up, so that a wrong position or a wrong row shows in the logits."""
+    torch.manual_seed(0)
+    m = Transformer(preset("tiny", vocab_size=256, **overrides)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(5)
+    return m.to(DEVICE)
+
+
+def prefilled(model, lengths, max_len=40):
+    """A cache whose rows hold random prompts of the given lengths (the model's prefill)."""
+    from nanoseek.model import StaticCache
+    cache = StaticCache(model.config, len(lengths), max_len, device=DEVICE)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for b, n in enumerate(lengths):
+            ids = torch.randint(0, model.config.vocab_size, (1, n), generator=g).to(DEVICE)
+            model(ids, positions=torch.arange(n, device=DEVICE)[None], cache=cache.select([b], kv_len=n), absorb=False)
+    return cache
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(q_lora_rank=None, num_attention_heads=32)])
+@pytest.mark.parametrize("rows", [None, [2, 0]])
+def test_decode_attention_kernels_match_the_absorbed_attention(overrides, rows):
+    """One new token a row at positions 37, 5 and 20 of a 40-position cache: the logits with
+    the kernels equal the absorbed attention's (float32, float32 dot products in the kernels:
+    ~1e-6 of the largest logit). With and without a query LoRA (V2-Lite has none), 16 and 32
+    heads (two head blocks), over the whole cache and over a gathered view of rows 2 and 0."""
+    model = sharp_model(**overrides)
+    cache = prefilled(model, [37, 5, 20])
+    positions = torch.tensor([[37], [5], [20]], device=DEVICE)
+    ids = torch.tensor([[3], [7], [11]], device=DEVICE)
+    if rows is not None:
+        positions, ids = positions[rows], ids[rows]
+    view = (lambda c: c.select(rows)) if rows is not None else (lambda c: c)
+    logits = []
+    for attend in (None, LatentDecodeAttention(model.config, 40, LAUNCH)):
+        model.set_decode_attention(attend)
+        with torch.no_grad():
+            logits.append(model(ids, positions=positions, cache=view(copy.deepcopy(cache))).logits[:, -1].double())
+    model.set_decode_attention(None)
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-5 * logits[0].abs().max().item())
+
+
+def test_decode_attention_compiles_whole():
+    """The model's decode step with the kernels compiles as one graph (the custom op's fake
+    shape; the launch a constant) and gives eager's logits."""
+    model = sharp_model()
+    cache = prefilled(model, [30, 12])
+    model.set_decode_attention(LatentDecodeAttention(model.config, 40, LAUNCH))
+    positions, ids = torch.tensor([[30], [12]], device=DEVICE), torch.tensor([[3], [7]], device=DEVICE)
+
+    def step(ids, positions, cache):
+        return model(ids, positions=positions, cache=cache).logits
+    with torch.no_grad():
+        eager = step(ids, positions, copy.deepcopy(cache))
+        compiled = torch.compile(step, fullgraph=True)(ids, positions, copy.deepcopy(cache))
+    model.set_decode_attention(None)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5 * eager.abs().max().item())
+
+
+def test_engine_decodes_the_same_tokens_with_the_kernels():
+    """Greedy generation of two prompts of different lengths: the same tokens with the
+    decode attention kernels as with the absorbed attention."""
+    model = sharp_model()
+    prompts = [[5, 9, 2, 7, 1, 3, 8], [4, 4]]
+    outs = {}
+    for choice in ("torch", "kernel"):
+        engine = Engine(model, max_batch=2, max_len=40,
+                        config=InferenceConfig(decode_attention=choice, fused_launch=LAUNCH))
+        outs[choice] = [o.token_ids for o in engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0))]
+    model.set_decode_attention(None)
+    assert outs["kernel"] == outs["torch"] and all(len(t) == 12 for t in outs["torch"])
+
+
+def test_decode_attention_choice():
+    """auto takes the kernels on a GPU for caches longer than SHORT_CACHE only; kernel on a
+    model they cannot take says why; an unknown choice is a config error."""
+    from nanoseek.infer.engine import decode_attention
+    from nanoseek.infer.fused import SHORT_CACHE
+    model = sharp_model()
+    auto, cuda = InferenceConfig(), torch.device("cuda")
+    assert decode_attention(auto, model, SHORT_CACHE, cuda) is None
+    assert isinstance(decode_attention(auto, model, SHORT_CACHE + 1, cuda), LatentDecodeAttention)
+    assert decode_attention(auto, model, SHORT_CACHE + 1, torch.device("cpu")) is None
+    assert decode_attention(InferenceConfig(decode_attention="torch"), model, 10**5, cuda) is None
+    mha = sharp_model(attention_type="mha")
+    with pytest.raises(ValueError, match="attention_type 'mha' \\(MLA only\\); use decode_attention='torch'"):
+        decode_attention(InferenceConfig(decode_attention="kernel"), mha, 64, cuda)
+    with pytest.raises(ConfigError, match="decode_attention"):
+        InferenceConfig(decode_attention="flash")
