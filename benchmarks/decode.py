@@ -21,8 +21,10 @@ Per row:
   `roofline_fraction` = decode tokens/s ÷ roofline.
 Modes (`--modes`): the engine's defaults (`default`), the compiled captured step
 (`compiled`), batches up to 4 on the fused Triton step (`fused`), compiled with the routed
-experts always on the grouped GEMM (`grouped`), captured but not compiled (`graphs`), no
-CUDA graphs (`eager`). Greedy tokens are compared with the compiled engine's
+experts always on the grouped GEMM (`grouped`), compiled with the MLA attention on the
+decode attention kernels or on the absorbed attention (`kernel-attention`, `torch-attention`:
+InferenceConfig.decode_attention; `--max-len`, a cache longer than the requests, is where
+they differ most), captured but not compiled (`graphs`), no CUDA graphs (`eager`). Greedy tokens are compared with the compiled engine's
 (`same_tokens_as_compiled`; random weights leave logits near-tied, so BF16 rounding alone
 changes some) and between an engine's first and last run (`same_tokens_run_to_run`).
 `--fp8`: the BF16 rows run the weights an FP8 checkpoint of the model holds, dequantised
@@ -75,6 +77,11 @@ MODES = {"default": (" (defaults)", dict()),
          "fused": (" (fused Triton step)", dict(compile=True, fused_decode_rows=4)),
          "grouped": (" (compiled, grouped GEMM experts only)",
                      dict(compile=True, fused_decode_rows=0, expert_path="grouped")),
+         # the compiled step's MLA attention forced either way (compiled: decode_attention auto)
+         "kernel-attention": (" (compiled, attention kernels)",
+                              dict(compile=True, fused_decode_rows=0, decode_attention="kernel")),
+         "torch-attention": (" (compiled, absorbed attention)",
+                             dict(compile=True, fused_decode_rows=0, decode_attention="torch")),
          "graphs": (" (CUDA graphs, not compiled)", dict(compile=False, fused_decode_rows=0)),
          "eager": (" (no CUDA graphs)", dict(cuda_graphs=False, compile=False))}
 
@@ -229,6 +236,8 @@ def main():
                     help="the engine's requests sample at this temperature, seeded (default 0: greedy; "
                          "transformers stays greedy, so use --skip-hf)")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--max-len", type=int, default=None,
+                    help="the engine's cache length (default prompt + new): a server's, longer than its requests")
     ap.add_argument("--modes", nargs="+", default=["default", "compiled"], choices=list(MODES))
     ap.add_argument("--fp8", action="store_true", help="the modes again with the layer weights in FP8")
     ap.add_argument("--fp8-kernels", nargs="+", default=["auto", "w8a8"], choices=["auto", "w8a8"],
@@ -342,6 +351,11 @@ def fp8_round_trip(model) -> None:
                 t.copy_(dequantize_fp8_blockwise(*quantize_fp8_blockwise(t.float())))
 
 
+def max_len(args) -> int:
+    """The engines' cache length: --max-len, at least what the prompt and the new tokens take."""
+    return max(args.max_len or 0, args.prompt + args.new)
+
+
 def engine_rows(model, plists, args, common, device, bandwidth, rows, tokens, weights="") -> None:
     """The engine's rows of every mode and batch into rows (their tokens into tokens); weights:
     the label of the model's weights (FP8 rows are compared with the BF16 ones)."""
@@ -356,7 +370,7 @@ def engine_rows(model, plists, args, common, device, bandwidth, rows, tokens, we
     for mode_label, mode in (MODES[m] for m in args.modes):
         label = mode_label + weights
         config = InferenceConfig(**{**common, **mode})
-        engine = Engine(model, None, max_batch=max(args.batches), max_len=args.prompt + args.new, config=config)
+        engine = Engine(model, None, max_batch=max(args.batches), max_len=max_len(args), config=config)
         for B in args.batches:
             if B > (config.fused_decode_rows or B):
                 continue  # the fused mode's larger batches are the compiled mode's

@@ -244,6 +244,13 @@ case $stage in
       --accum 4 --precision bf16,fp8,fp8-fused-accum --skip-hf --profile
     python3 benchmarks/profile_categories.py "$OUT"/profile_train_*.txt 2>&1 | tee "$OUT/profile_categories.txt"
     ;;
+  longctx)  # the compiled decode step's MLA attention, kernels against the absorbed attention, in engines whose
+           # cache (32K) is longer than their requests (1K prompts), as a server's is: V3's widths, then V2-Lite's
+    real_decode "$(left 300)" --preset deepseek-v3 --layers 2 --prompt 1024 --new 64 --batches 1 16 --repeat 2 \
+      --modes kernel-attention torch-attention --max-len 32768 --skip-hf
+    real_decode "$(left 580)" --preset deepseek-v2-lite --layers 8 --prompt 1024 --new 64 --batches 1 16 --repeat 2 \
+      --modes kernel-attention torch-attention --max-len 32768 --skip-hf
+    ;;
   attention)  # MLA decode attention at V3's widths (compute-bound at 128 heads), 4K-128K, batch 1 and 16, the
               # fused launch swept (~4 min); then V2-Lite's 16 heads (memory-bound) as time allows
     bench 420 30 benchmarks/attention.py --contexts 4096 32768 131072 --batches 1 16 --mixed --sweep
