@@ -352,9 +352,10 @@ def test_serve_flags_reach_the_engine_and_the_experts(tiny_dir):
     from nanoseek.serve.launch import inference_config, load_engine
     args = build_parser().parse_args(["serve", "--model", str(tiny_dir), "--device", "cpu", "--max-len", "64",
                                       "--expert-path", "loop", "--decode-burst", "3", "--fused-decode", "0",
-                                      "--prefix-cache"])
+                                      "--decode-attention", "torch", "--prefix-cache"])
     config = inference_config(args)
-    assert config == InferenceConfig(expert_path="loop", decode_burst=3, fused_decode_rows=0, prefix_cache=True)
+    assert config == InferenceConfig(expert_path="loop", decode_burst=3, fused_decode_rows=0,
+                                     decode_attention="torch", prefix_cache=True)
     engine, tok = load_engine(args, config)
     assert engine.config is config and engine.decode_burst == 3 and engine.scheduler.prefix_cache is not None
     engine.generate(["2+2="], SamplingParams(max_tokens=2))

@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+from ..infer.config import DECODE_ATTENTION
 from ..model.moe import EXPERT_PATHS
 
 
@@ -31,6 +32,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fused-decode", type=int, default=None, metavar="N",
                    help="GPU: decode batches of up to N requests with the fused Triton step (default: as far "
                         "as it was measured faster than the compiled step for this model and GPU; 0: never)")
+    p.add_argument("--decode-attention", default="auto", choices=DECODE_ATTENTION,
+                   help="the MLA decode attention: kernel (Triton kernels reading each request's own "
+                        "positions), torch (reads the whole cache, masked), or auto (default: the kernels on a "
+                        "GPU with a context over 4,096 tokens)")
     p.add_argument("--prefix-cache", action="store_true",
                    help="reuse the cache of prompt prefixes that slots still hold (shared system prompts, "
                         "multi-turn chats); not with --speculative")
@@ -107,7 +112,8 @@ def inference_config(args: argparse.Namespace):
     """The engine's fast paths from the serve flags (InferenceConfig checks them)."""
     from ..infer.config import InferenceConfig
     return InferenceConfig(expert_path=args.expert_path, compile=args.compile, decode_burst=args.decode_burst,
-                           fused_decode_rows=args.fused_decode, prefix_cache=args.prefix_cache)
+                           fused_decode_rows=args.fused_decode, decode_attention=args.decode_attention,
+                           prefix_cache=args.prefix_cache)
 
 
 def cpu_threads(requested: int | None) -> int | None:
