@@ -134,7 +134,7 @@ def time_row(args, model, cache, attn, compiled, positions, bandwidth, gemm_rate
             row["fused_error"] = fused_error(fused, attn, q_nope, q_pe, positions, reference)
             ways["fused"] = lambda: fused.attend(attn, 0, positions[:, 0], B)
             row["fused_launch"] = {k: fused.t[k] for k in ATTEND_KEYS}
-            row["fused_launch"]["splits"] = fused.splits(B)
+            row["fused_launch"]["units"] = fused.units(B)
             ws = attend_warps_stages(fused.t, B)  # what the launch runs at B rows
             row["fused_launch"].update(attend_warps=ws["num_warps"], attend_stages=ws["num_stages"])
         for name, fn in ways.items():
@@ -231,7 +231,7 @@ def sweep(model, cache, attn, positions, B, repeat, device, error) -> list[dict]
             entry = {"launch": launch}
             try:
                 fused = FusedDecoder(model, cache, B, launch=launch)
-                entry["splits"] = fused.splits(B)
+                entry["units"] = fused.units(B)
                 entry["error"] = error(fused)
                 entry["us"] = call_seconds(lambda: fused.attend(attn, 0, positions[:, 0], B), repeat, device) * 1e6
                 del fused

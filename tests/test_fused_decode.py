@@ -64,10 +64,10 @@ def prefilled_cache(model, lengths, max_len=40, ids=None, dtype=torch.float32):
 def test_fused_step_matches_model_decode(overrides, chunked):
     """Logits of rows at different positions (one of them the dummy row at 0 that a bucket
     pads with) and every layer's cache entries: the fused step equals the model's absorbed
-    decode forward in float32. Attention in three splits of 16 positions (row 1 spans two,
-    the others one), 16 heads per program; chunked: rows wider than 16 read in chunks (the
-    path of a wide model's hidden size), two splits of 32 positions read in blocks of 16, the
-    splits merged two at a time."""
+    decode forward in float32. Attention in units of 16 positions (row 1 spans two, the
+    others one), 16 heads per program; chunked: rows wider than 16 read in chunks (the path of
+    a wide model's hidden size), units of 32 positions read in blocks of 16, merged two at a
+    time."""
     from nanoseek.infer import fused
     model = sharp_model(**overrides)
     cache = prefilled_cache(model, [7, 20, 1])
@@ -78,15 +78,13 @@ def test_fused_step_matches_model_decode(overrides, chunked):
         want = model(ids, positions=positions, cache=cache.prefix(3)).logits[:, -1]
     chunks = dict(attend_split=32, max_block=16, attend_block=16, merge_splits=2) if chunked else dict(attend_split=16)
     step = fused.FusedDecoder(model, fused_cache, max_rows=4, launch={**LAUNCH, **chunks, "attend_heads": 16})
-    nsplit = step.splits(3)
-    assert nsplit == (2 if chunked else 3)
-    for scratch in (step.part_acc, step.part_m, step.part_l):  # a split past a row's position is
+    assert step.units(3) == (6 if chunked else 9)  # the step's 30 positions: units of the least length
+    for scratch in (step.part_acc, step.part_m, step.part_l):  # scratch past the step's units is
         scratch.fill_(float("nan"))                          # neither written nor read
     got = step.forward(ids, positions)
-    part_m = step.part_m[: 3 * nsplit].view(3, nsplit, -1)  # (the last layer's scratch)
-    for r, pos in enumerate(positions[:, 0].tolist()):
-        used = -(-(pos + 1) // step.t["attend_split"])  # at most nsplit here: every split is the least length
-        assert part_m[r, used:].isnan().all() and not part_m[r, :used].isnan().any()
+    used = sum(-(-(pos + 1) // step.t["attend_split"]) for pos in positions[:, 0].tolist())
+    written = ~step.part_m[:, 0].isnan()  # (the last layer's scratch)
+    assert used == (3 if chunked else 4) and written[:used].all() and not written[used:].any()
     assert want.abs().max() > 5  # sharp logits: a wrong expert moves them by whole units
     torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-4)
     for layer, fused_layer in zip(cache.layers, fused_cache.layers):
@@ -95,14 +93,16 @@ def test_fused_step_matches_model_decode(overrides, chunked):
 
 
 @pytest.mark.parametrize("programs, heads", [(4, 16), (24, 16), (24, 32)])
-def test_fused_attention_splits_follow_the_position(programs, heads):
-    """The fused attention (splits, merge, W_UV) against float64 attention over the latent,
-    rows at positions 150, 37 and 0 of a 200-position cache. A row's splits share its
-    positions. 32 heads in two blocks of 16: programs=4, one split per row (up to 10 blocks);
-    24, four splits of 48 positions for the row at 150 (the last one short) and of 16 for the
-    row at 37, merged two at a time. One block of 32 heads: 24 programs, eight splits."""
+def test_fused_attention_units_follow_the_positions(programs, heads):
+    """The fused attention (units, merge, W_UV) against float64 attention over the latent,
+    rows at positions 150, 37 and 0 of a 200-position cache. The step's 189 positions are cut
+    in chunks of one length for all rows, so the long row gets the most units. 32 heads in two
+    blocks of 16 aiming for 4 programs: 1 unit a row, 3 in all, chunks of 64 positions (the
+    long row's 151 in 3 units, the row at 37 in 1); aiming for 24: 4 units a row, 12 in all,
+    chunks of 16 (10 units, 3, 1), merged two at a time. One block of 32 heads, 24 programs:
+    8 a row, 24 in all, chunks of 16 (the same cut)."""
     from nanoseek.infer.fused import FusedDecoder
-    from nanoseek.infer.latent_attention import ATTEND_ROWS, attend_warps_stages
+    from nanoseek.infer.latent_attention import ATTEND_ROWS, attend_warps_stages, attention_parts
     model = sharp_model(num_attention_heads=32)
     c = model.config
     H, C, V, N = c.num_attention_heads, c.kv_lora_rank, c.v_head_dim, c.qk_nope_head_dim
@@ -129,19 +129,18 @@ def test_fused_attention_splits_follow_the_position(programs, heads):
     # float32 sums of a few hundred products of unit-scale values: ~1e-6 of the largest
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
-    nsplit = step.splits(3)
-    assert nsplit == {(4, 16): 1, (24, 16): 4, (24, 32): 8}[programs, heads]
-    assert step.splits(64) == step.splits(ATTEND_ROWS) >= 1  # a long row among many keeps its splits
+    aim = step.units(3)
+    assert aim == {(4, 16): 3, (24, 16): 12, (24, 32): 24}[programs, heads]
+    chunk = -(-(-(-189 // aim)) // 16) * 16
+    counts = [-(-(p + 1) // chunk) for p in pos.tolist()]
+    assert (chunk, counts) == {3: (64, [3, 1, 1]), 12: (16, [10, 3, 1]), 24: (16, [10, 3, 1])}[aim]
+    written = ~step.part_m[:, 0].isnan()  # the units the attention wrote, a row's consecutive
+    assert written[: sum(counts)].all() and not written[sum(counts):].any()
+    assert len(step.part_m) == max(attention_parts(step.t, H, 200, B) for B in (1, 2, 3)) >= aim + 3
+    assert step.units(64) == 64 * step.units(ATTEND_ROWS) // ATTEND_ROWS  # more rows, more units
     warps = step.t["attend_warps"]  # more rows than one wave holds: half the warps, 2 stages
     assert attend_warps_stages(step.t, ATTEND_ROWS) == dict(num_warps=warps, num_stages=step.t["attend_stages"])
     assert attend_warps_stages(step.t, 64) == dict(num_warps=max(4, warps // 2), num_stages=2)
-    part_m = step.part_m[: 3 * nsplit].view(3, nsplit, H)
-    for r, p in enumerate(pos.tolist()):
-        length = -(-(-(-(p + 1) // nsplit)) // 16) * 16
-        used = -(-(p + 1) // length)
-        assert part_m[r, used:].isnan().all() and not part_m[r, :used].isnan().any()
-        if nsplit == 4:
-            assert (length, used) == ((48, 4) if p == 150 else (16, 3) if p == 37 else (16, 1))
 
 
 def test_fused_step_of_a_dense_model():

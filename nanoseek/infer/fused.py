@@ -33,7 +33,7 @@ from ..config import ModelConfig
 from ..kernels import decode as kernels
 from ..model import StaticCache, Transformer
 from ..model.moe import MoE, Router
-from .latent_attention import attend_latent, attention_splits
+from .latent_attention import attend_latent, attention_parts, attention_splits
 
 MAX_EXPERTS = 256   # one program holds a token's E scores for the routing
 
@@ -176,8 +176,8 @@ class FusedDecoder:
         self.qkv = torch.empty(M, c.q_lora_rank + C + R, **f32)
         self.q_lat = torch.empty(M, H, C, **f32)
         self.q_pe = torch.empty(M, H, R, **f32)
-        # the attention's partial sums: B rows x splits(B) of them at a time
-        parts = max(B * self.splits(B) for B in range(1, M + 1))
+        # the attention's partial sums: a unit's each, B rows' units at a time
+        parts = max(attention_parts(self.t, H, cache.max_len, B) for B in range(1, M + 1))
         self.part_acc = torch.empty(parts, H, C, **f32)
         self.part_m = torch.empty(parts, H, **f32)
         self.part_l = torch.empty(parts, H, **f32)
@@ -192,9 +192,9 @@ class FusedDecoder:
         # fp32 caches and weights (CPU tests): exact dot products, not TF32
         self.dot_precision = "ieee" if cache.layers[0][0].dtype == torch.float32 else "tf32"
 
-    def splits(self, B: int) -> int:
-        """Attention splits per row at B rows (latent_attention.attention_splits)."""
-        return attention_splits(self.t, self.config.num_attention_heads, self.cache.max_len, B)
+    def units(self, B: int) -> int:
+        """Attention units a step of B rows aims for (latent_attention.attention_splits per row)."""
+        return B * attention_splits(self.t, self.config.num_attention_heads, self.cache.max_len, B)
 
     @staticmethod
     def unsupported(config: ModelConfig, model: Transformer | None = None) -> str | None:
@@ -277,7 +277,7 @@ class FusedDecoder:
         q_lat / q_pe -> o [B, H·V] (float32): latent_attention.attend_latent."""
         ckv, kpe = self.cache.layers[i]
         return attend_latent(self.q_lat, self.q_pe, ckv, kpe, positions_B, attn.kv_b_proj.weight, attn.scale,
-                             self.o, (self.part_acc, self.part_m, self.part_l), self.t, self.splits(B),
+                             self.o, (self.part_acc, self.part_m, self.part_l), self.t, self.units(B),
                              self.dot_precision, self.launch)
 
     @staticmethod

@@ -20,9 +20,8 @@ import triton
 
 from ..kernels import decode as kernels
 
-# Attention programs (head blocks x splits x rows) are sized as if a step had at most this
-# many rows: the split count is static in a captured step while rows' lengths differ, so a
-# long row among short ones keeps attend_programs / ATTEND_ROWS programs.
+# Attention programs (head blocks x units) are sized as if a step had at most this many rows
+# of the cache's length: a step of more rows gets more units, each a share of their positions.
 ATTEND_ROWS = 4
 
 
@@ -31,12 +30,17 @@ def _pow2(n: int, at_least: int = 1) -> int:
 
 
 def attention_splits(t: dict, heads: int, max_len: int, B: int) -> int:
-    """Attention splits per row at B rows: enough for about attend_programs programs (head
-    blocks x splits x rows, rows counted up to ATTEND_ROWS) over a long context, no more than
-    the cache holds splits of the least length. A row's splits share its positions
-    (kernels.split_length)."""
+    """Units of attention per row at B rows (kernels._row_units cuts a step's positions into
+    B times as many): enough for about attend_programs programs (head blocks x units, rows
+    counted up to ATTEND_ROWS) over a long context, no more than a full row holds of the least
+    length (attend_split positions)."""
     blocks = triton.cdiv(heads, t["attend_heads"])
     return max(1, min(triton.cdiv(max_len, t["attend_split"]), t["attend_programs"] // (blocks * min(B, ATTEND_ROWS))))
+
+
+def attention_parts(t: dict, heads: int, max_len: int, B: int) -> int:
+    """Partial sums a step of B rows may write: its units, at most B more than it aims for."""
+    return B * attention_splits(t, heads, max_len, B) + B
 
 
 def attend_warps_stages(t: dict, B: int) -> dict:
@@ -51,13 +55,14 @@ def attend_warps_stages(t: dict, B: int) -> dict:
 
 def attend_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kpe: torch.Tensor,
                   positions_B: torch.Tensor, w_kvb: torch.Tensor, scale: float, out: torch.Tensor,
-                  parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor], t: dict, nsplit: int,
+                  parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor], t: dict, units: int,
                   dot_precision: str, launch: dict) -> torch.Tensor:
     """o [B, H·V] (float32, into `out`) of rows 0..B-1 at positions_B over the latent cache
     ckv [>= B, S, C] / kpe [>= B, S, R] (row stride free, positions contiguous), from the
-    absorbed queries q_lat [>= B, H, C] and q_pe [>= B, H, R] (float32, contiguous): the
-    splits (mla_attend) into parts (acc [>= B·nsplit, H, C], m and l [>= B·nsplit, H]), then
-    their merge and W_UV from w_kvb (kv_b_proj's weight) (mla_output)."""
+    absorbed queries q_lat [>= B, H, C] and q_pe [>= B, H, R] (float32, contiguous): the rows'
+    positions cut into about `units` units (kernels._row_units) attended (mla_attend) into
+    parts (acc [>= units + B, H, C], m and l [>= units + B, H]), then merged per row with
+    W_UV from w_kvb, kv_b_proj's weight (mla_output)."""
     B = positions_B.shape[0]
     H, C = q_lat.shape[1], q_lat.shape[2]
     R = q_pe.shape[2]
@@ -65,16 +70,16 @@ def attend_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kp
     N = w_kvb.shape[0] // H - V  # kv_b_proj holds W_UK (N rows) then W_UV (V rows) a head
     part_acc, part_m, part_l = parts
     heads, split = t["attend_heads"], t["attend_split"]
-    kernels.mla_attend_kernel[(triton.cdiv(H, heads), nsplit, B)](
+    kernels.mla_attend_kernel[(triton.cdiv(H, heads), units + B)](
         q_lat, q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0), positions_B,
-        part_acc, part_m, part_l, scale, H, C, R, split, nsplit,
-        BLOCK_H=heads, BLOCK_C=_pow2(C, 16), BLOCK_R=_pow2(R, 16), BLOCK_S=t["attend_block"],
+        part_acc, part_m, part_l, scale, H, C, R, B, split, units,
+        BLOCK_H=heads, BLOCK_C=_pow2(C, 16), BLOCK_R=_pow2(R, 16), BLOCK_S=t["attend_block"], BLOCK_B=_pow2(B),
         DOT_PRECISION=dot_precision, **attend_warps_stages(t, B), **launch)
     o = out[:B]
     kernels.mla_output_kernel[(B, H)](
-        part_acc, part_m, part_l, w_kvb, o, positions_B, H, C, N, V, split, nsplit, BLOCK_SP=_pow2(nsplit),
-        CHUNK_SP=min(t["merge_splits"], _pow2(nsplit)), BLOCK_C=_pow2(C), BLOCK_V=_pow2(V),
-        num_warps=t["output_warps"], **launch)
+        part_acc, part_m, part_l, w_kvb, o, positions_B, H, C, N, V, B, split, units, BLOCK_B=_pow2(B),
+        BLOCK_SP=_pow2(units + 1), CHUNK_SP=min(t["merge_splits"], _pow2(units + 1)), BLOCK_C=_pow2(C),
+        BLOCK_V=_pow2(V), num_warps=t["output_warps"], **launch)
     return o
 
 
@@ -92,12 +97,12 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Ten
     t = dict(zip(OP_LAUNCH, launch))
     B, H, C = q_lat.shape
     V = v_dim
-    nsplit = attention_splits(t, H, ckv.shape[1], B)
+    units = B * attention_splits(t, H, ckv.shape[1], B)
     f32 = dict(dtype=torch.float32, device=q_lat.device)
-    parts = (torch.empty(B * nsplit, H, C, **f32), torch.empty(B * nsplit, H, **f32), torch.empty(B * nsplit, H, **f32))
+    parts = (torch.empty(units + B, H, C, **f32), torch.empty(units + B, H, **f32), torch.empty(units + B, H, **f32))
     out = torch.empty(B, H * V, **f32)
     precision = "ieee" if ckv.dtype == torch.float32 else "tf32"
-    return attend_latent(q_lat, q_pe, ckv, kpe, positions_B, w_kvb, scale, out, parts, t, nsplit, precision,
+    return attend_latent(q_lat, q_pe, ckv, kpe, positions_B, w_kvb, scale, out, parts, t, units, precision,
                          dict(USE_PDL=False))
 
 

@@ -211,34 +211,46 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
 
 
 @triton.jit
-def split_length(pos, SPLIT, NSPLIT):
-    """Positions per attention split for a row at `pos`: its pos + 1 positions over NSPLIT
-    splits, rounded up to a multiple of SPLIT (mla_attend and mla_output agree on it)."""
-    return tl.cdiv(tl.cdiv(pos + 1, NSPLIT), SPLIT) * SPLIT
+def _row_units(pos_ptr, B, UNITS, SPLIT, BLOCK_B: tl.constexpr):
+    """How a step's attention is cut into units of work: every row's pos + 1 positions in
+    chunks of one length for the whole step, about (their sum) / UNITS rounded up to a multiple
+    of SPLIT (so a short step takes fewer units, not shorter ones). A long row among short ones
+    gets most of the units, as in FlashMLA's tile scheduling. Returns the chunk length and, per
+    row, its positions, its unit count and the end of its units (rows' units are consecutive:
+    at most UNITS + B of them). mla_attend and mla_output agree on it."""
+    rows = tl.arange(0, BLOCK_B)
+    pos = tl.load(pos_ptr + rows, mask=rows < B, other=-1).to(tl.int32)  # positions are written between steps
+    lengths = pos + 1
+    chunk = tl.cdiv(tl.cdiv(tl.sum(lengths, axis=0), UNITS), SPLIT) * SPLIT
+    counts = tl.cdiv(lengths, chunk)
+    return chunk, pos, counts, tl.cumsum(counts, axis=0)
 
 
 @triton.jit
 def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe, pos_ptr,
-                      acc_ptr, m_ptr, l_ptr, scale, H, C, R, SPLIT, NSPLIT,
+                      acc_ptr, m_ptr, l_ptr, scale, H, C, R, B, SPLIT, UNITS,
                       BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
-    """Program (head block, split, b): BLOCK_H heads over the split's cache positions, the
-    row's pos + 1 positions cut into NSPLIT splits of equal length (a multiple of SPLIT, so
-    a short context takes fewer, not shorter, splits; split_length). The head block varies
-    fastest, so the programs that read the same latent positions run together and share them
-    through L2. Per program:
+                      BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      USE_PDL: tl.constexpr):
+    """Program (head block, unit): BLOCK_H heads over one unit of _row_units, a chunk of one
+    row's positions (its last one shorter). The head block varies fastest, so the programs
+    that read the same latent positions run together and share them through L2. Per program:
     scores q_lat·c_kv + q_pe·k_pe, an online softmax over blocks of BLOCK_S positions, the
-    unnormalised sum of p·c_kv with its running max and sum (merged by mla_output; a split
-    past pos writes nothing). Everything it reads but the position, the previous kernel may
-    just have written (the new cache row), so it waits first."""
+    unnormalised sum of p·c_kv with its running max and sum into partial sums indexed by the
+    unit (merged by mla_output; a unit past the last row's writes nothing). Everything it
+    reads but the positions, the previous kernel may just have written (the new cache row),
+    so it waits first."""
     _launch_next(USE_PDL)
-    b = tl.program_id(2).to(tl.int64)
-    sp = tl.program_id(1)
-    pos = tl.load(pos_ptr + b).to(tl.int32)  # positions are written between steps
-    length = split_length(pos, SPLIT, NSPLIT)
-    start = sp * length
+    unit = tl.program_id(1)
+    chunk, pos_B, counts, ends = _row_units(pos_ptr, B, UNITS, SPLIT, BLOCK_B)
+    rows = tl.arange(0, BLOCK_B)
+    b32 = tl.sum((ends <= unit).to(tl.int32), axis=0)  # the row whose units hold this one
+    row = rows == b32
+    pos = tl.sum(tl.where(row, pos_B, 0), axis=0)
+    start = (unit - tl.sum(tl.where(row, ends - counts, 0), axis=0)) * chunk
+    b = b32.to(tl.int64)
     _wait_prev(USE_PDL)
-    if start <= pos:
+    if b32 < B:
         hh = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
         cc = tl.arange(0, BLOCK_C)
         rr = tl.arange(0, BLOCK_R)
@@ -251,7 +263,7 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
         m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         l = tl.zeros([BLOCK_H], dtype=tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
-        end = tl.minimum(start + length, pos + 1)
+        end = tl.minimum(start + chunk, pos + 1)
         for s0 in range(start, end, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             smask = s < end
@@ -268,20 +280,20 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
             l = l * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(dtype), c, input_precision=DOT_PRECISION)
             m = m_new
-        part = (b * NSPLIT + sp) * H + hh
+        part = unit * H + hh
         tl.store(m_ptr + part, m, mask=hmask)
         tl.store(l_ptr + part, l, mask=hmask)
         tl.store(acc_ptr + part[:, None] * C + cc[None, :], acc, mask=hmask[:, None] & cmask[None, :])
 
 
 @triton.jit
-def mla_output_kernel(acc_ptr, m_ptr, l_ptr, wkvb_ptr, o_ptr, pos_ptr, H, C, N, V, SPLIT, NSPLIT,
-                      BLOCK_SP: tl.constexpr, CHUNK_SP: tl.constexpr, BLOCK_C: tl.constexpr,
-                      BLOCK_V: tl.constexpr, USE_PDL: tl.constexpr):
-    """Program (b, h): o_lat = the splits merged (softmax-weighted), o[b, h·V:(h+1)·V] =
-    W_UV_h o_lat. Only the splits that reach the row's position are read (mla_attend
-    leaves the others unwritten), CHUNK_SP at a time: the work follows the position, not
-    the cache's length. BLOCK_C >= C."""
+def mla_output_kernel(acc_ptr, m_ptr, l_ptr, wkvb_ptr, o_ptr, pos_ptr, H, C, N, V, B, SPLIT, UNITS,
+                      BLOCK_B: tl.constexpr, BLOCK_SP: tl.constexpr, CHUNK_SP: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, USE_PDL: tl.constexpr):
+    """Program (b, h): o_lat = row b's units merged (softmax-weighted), o[b, h·V:(h+1)·V] =
+    W_UV_h o_lat. Only the row's units are read (_row_units), CHUNK_SP at a time: the work
+    follows the positions, not the cache's length. BLOCK_SP >= the most units a row may get
+    (UNITS + 1), BLOCK_C >= C."""
     _launch_next(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -291,18 +303,20 @@ def mla_output_kernel(acc_ptr, m_ptr, l_ptr, wkvb_ptr, o_ptr, pos_ptr, H, C, N, 
     cmask = c < C
     wuv = tl.load(wkvb_ptr + (h * (N + V) + N + v)[:, None] * C + c[None, :],
                   mask=vmask[:, None] & cmask[None, :], other=0.0)
-    pos = tl.load(pos_ptr + b).to(tl.int32)  # positions are written between steps
-    used = tl.cdiv(pos + 1, split_length(pos, SPLIT, NSPLIT))
+    _, _, counts, ends = _row_units(pos_ptr, B, UNITS, SPLIT, BLOCK_B)
+    row = tl.arange(0, BLOCK_B) == b
+    used = tl.sum(tl.where(row, counts, 0), axis=0)
+    first = tl.sum(tl.where(row, ends, 0), axis=0) - used
     _wait_prev(USE_PDL)
     sp = tl.arange(0, BLOCK_SP)
-    m = tl.load(m_ptr + (b * NSPLIT + sp) * H + h, mask=sp < used, other=float("-inf"))
+    m = tl.load(m_ptr + (first + sp) * H + h, mask=sp < used, other=float("-inf"))
     m_max = tl.max(m, axis=0)
     o_lat = tl.zeros([BLOCK_C], dtype=tl.float32)
     total = tl.zeros([CHUNK_SP], dtype=tl.float32)  # (tensors, not Python numbers: loop-carried)
     for s0 in range(0, used, CHUNK_SP):
         spc = s0 + tl.arange(0, CHUNK_SP)
         smask = spc < used
-        part = (b * NSPLIT + spc) * H + h
+        part = (first + spc) * H + h
         w = tl.where(smask, tl.exp(tl.load(m_ptr + part, mask=smask, other=float("-inf")) - m_max), 0.0)
         total += w * tl.load(l_ptr + part, mask=smask, other=0.0)
         a = tl.load(acc_ptr + part[:, None] * C + c[None, :], mask=smask[:, None] & cmask[None, :], other=0.0)
