@@ -143,6 +143,39 @@ def test_fused_attention_units_follow_the_positions(programs, heads):
     assert attend_warps_stages(step.t, 64) == dict(num_warps=max(4, warps // 2), num_stages=2)
 
 
+def test_a_padding_row_attends_to_its_own_position_only():
+    """A CUDA-graph bucket's padding row sits at the cache's last position (idle): its
+    attention reads that position alone (o_lat = its latent, one unit), so the step is cut as
+    if the row held one position, and the other rows' results are unchanged; without the
+    rule the row reads the whole cache and takes most of the units."""
+    from nanoseek.infer.fused import FusedDecoder
+    model = sharp_model(num_attention_heads=32)
+    c = model.config
+    H, N = c.num_attention_heads, c.qk_nope_head_dim
+    cache = StaticCache(c, 3, 200, dtype=torch.float32, device=DEVICE)
+    for buf in cache.layers[0]:
+        buf.normal_()
+    launch = {**LAUNCH, "attend_split": 16, "attend_block": 16, "attend_programs": 24, "merge_splits": 2}
+    attn = model.main_layers[0].self_attn
+    runs = {}
+    for name, idle, middle in (("padded", 199, 199), ("one position", -1, 0), ("no rule", -1, 199)):
+        step = FusedDecoder(model, cache, max_rows=3, launch=launch, idle=idle)
+        torch.manual_seed(1)  # the same queries in every run
+        step.q_lat.normal_()
+        step.q_pe.normal_()
+        step.part_m.fill_(float("nan"))
+        o = step.attend(attn, 0, torch.tensor([150, middle, 37], device=DEVICE), 3).clone()
+        runs[name] = (o, int((~step.part_m[:, 0].isnan()).sum()))
+    (padded, units), (short, short_units), (_, units_no_rule) = runs.values()
+    w_uv = attn.kv_b_proj.weight.unflatten(0, (H, -1))[:, N:]
+    alone = torch.einsum("hvc,c->hv", w_uv, cache.layers[0][0][1, 199]).flatten()  # softmax over one position
+    torch.testing.assert_close(padded[1], alone, rtol=1e-5, atol=1e-5 * alone.abs().max().item())
+    assert torch.equal(padded[[0, 2]], short[[0, 2]])  # the same cut, the same sums
+    # 24 units aimed for: 190 positions in chunks of 16 give the rows 10, 1 and 3 units; without
+    # the rule 389 in chunks of 32 give 5, 7 and 2: half the step for the padding row
+    assert units == short_units == 10 + 1 + 3 and units_no_rule == 5 + 7 + 2
+
+
 def test_fused_step_of_a_dense_model():
     """A model without experts (n_routed_experts None): every layer's MLP is the one slot."""
     from nanoseek.infer.fused import FusedDecoder

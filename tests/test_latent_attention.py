@@ -96,14 +96,18 @@ def test_engine_decodes_the_same_tokens_with_the_kernels():
 
 
 def test_decode_attention_choice():
-    """auto takes the kernels on a GPU for caches longer than SHORT_CACHE only; kernel on a
-    model they cannot take says why; an unknown choice is a config error."""
+    """auto takes the kernels on a GPU for caches longer than SHORT_CACHE only, the last
+    position idle unless speculating; kernel on a model they cannot take says why; an unknown
+    choice is a config error."""
     from nanoseek.infer.engine import decode_attention
     from nanoseek.infer.fused import SHORT_CACHE
     model = sharp_model()
     auto, cuda = InferenceConfig(), torch.device("cuda")
     assert decode_attention(auto, model, SHORT_CACHE, cuda) is None
-    assert isinstance(decode_attention(auto, model, SHORT_CACHE + 1, cuda), LatentDecodeAttention)
+    chosen = decode_attention(auto, model, SHORT_CACHE + 1, cuda)
+    # a captured step's padding rows sit at the last position, which speculation's verify may write
+    assert isinstance(chosen, LatentDecodeAttention) and chosen.idle == SHORT_CACHE
+    assert decode_attention(auto, model, SHORT_CACHE + 1, cuda, speculative_k=2).idle == -1
     assert decode_attention(auto, model, SHORT_CACHE + 1, torch.device("cpu")) is None
     assert decode_attention(InferenceConfig(decode_attention="torch"), model, 10**5, cuda) is None
     mha = sharp_model(attention_type="mha")

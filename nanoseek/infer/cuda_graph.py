@@ -243,8 +243,9 @@ class GraphDecoder(BucketGraphs):
         if fused_rows:
             from .fused import FusedDecoder
             if FusedDecoder.unsupported(model.config, model) is None:  # else the model's step for all
+                # its padding rows (at the last position, below) attend to that position only
                 self.fused = FusedDecoder(model, cache, max(b for b in self.buckets if b <= fused_rows),
-                                          fused_launch)
+                                          fused_launch, idle=cache.max_len - 1)
         n = cache.num_slots
         self.ids = torch.zeros(n, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(n, 1, dtype=torch.long, device=device)

@@ -93,19 +93,23 @@ from .sequence import RequestOutput, Sequence, Status, StreamEvent
 from .speculative import MTPDrafter, RequestStats, greedy_accept, sampling_probs, speculative_accept_rows
 
 
-def decode_attention(config: InferenceConfig, model: Transformer, cache_len: int, device: torch.device):
+def decode_attention(config: InferenceConfig, model: Transformer, cache_len: int, device: torch.device,
+                     speculative_k: int = 0):
     """The MLA decode attention InferenceConfig.decode_attention chooses (None: the model's
-    absorbed attention); "kernel" on a model the kernels cannot take says why."""
+    absorbed attention); "kernel" on a model the kernels cannot take says why. Without
+    speculation the cache's last position is the padding rows' of a captured step (no
+    request's token is fed there), so their attention reads that position only."""
     from .fused import SHORT_CACHE
     from .latent_attention import LatentDecodeAttention
     why = LatentDecodeAttention.unsupported(model.config, model)
+    idle = -1 if speculative_k else cache_len - 1
     if config.decode_attention == "kernel":
         if why:
             raise ValueError(f"decode_attention='kernel': the decode attention kernels do not take this model: "
                              f"{why}; use decode_attention='torch'")
-        return LatentDecodeAttention(model.config, cache_len, config.fused_launch)
+        return LatentDecodeAttention(model.config, cache_len, config.fused_launch, idle)
     if config.decode_attention == "auto" and not why and device.type == "cuda" and cache_len > SHORT_CACHE:
-        return LatentDecodeAttention(model.config, cache_len, config.fused_launch)
+        return LatentDecodeAttention(model.config, cache_len, config.fused_launch, idle)
     return None
 
 
@@ -404,7 +408,7 @@ class Engine:
         self.cache = StaticCache(cfg, num_slots, cache_len, dtype=self.dtype, device=self.device,
                                  num_layers=cfg.num_hidden_layers + (1 if speculative_k else 0))
         assert self.cache.nbytes_per_token() == bytes_per_token
-        model.set_decode_attention(decode_attention(config, model, self.cache.max_len, self.device))
+        model.set_decode_attention(decode_attention(config, model, self.cache.max_len, self.device, speculative_k))
         self.runner = ModelRunner(model, self.cache, autocast, config, speculative_k, fused_rows)
         self.speculative_totals = RequestStats()
         if config.prefix_cache and speculative_k:  # the MTP entry at a prefix's end depends on the next token

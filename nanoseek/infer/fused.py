@@ -153,12 +153,14 @@ def pdl_supported(device: torch.device) -> bool:
 
 
 class FusedDecoder:
-    def __init__(self, model: Transformer, cache: StaticCache, max_rows: int, launch: dict | None = None):
-        """launch: launch shapes replacing those fused_step_launch derives."""
+    def __init__(self, model: Transformer, cache: StaticCache, max_rows: int, launch: dict | None = None,
+                 idle: int = -1):
+        """launch: launch shapes replacing those fused_step_launch derives; idle: the position of
+        a CUDA-graph bucket's padding rows, whose attention reads only that position (-1: none)."""
         reason = self.unsupported(model.config, model)
         if reason:
             raise ValueError(f"the fused decode step does not support this model: {reason}")
-        self.model, self.cache, self.max_rows = model, cache, max_rows
+        self.model, self.cache, self.max_rows, self.idle = model, cache, max_rows, idle
         self.t = fused_step_launch(model.config, cache.max_len, launch)
         c = self.config = model.config
         dev = model.model.embed_tokens.weight.device
@@ -278,7 +280,7 @@ class FusedDecoder:
         ckv, kpe = self.cache.layers[i]
         return attend_latent(self.q_lat, self.q_pe, ckv, kpe, positions_B, attn.kv_b_proj.weight, attn.scale,
                              self.o, (self.part_acc, self.part_m, self.part_l), self.t, self.units(B),
-                             self.dot_precision, self.launch)
+                             self.dot_precision, self.launch, self.idle)
 
     @staticmethod
     def _slots(layer) -> tuple[int, int, tuple | None]:

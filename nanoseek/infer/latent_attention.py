@@ -56,13 +56,14 @@ def attend_warps_stages(t: dict, B: int) -> dict:
 def attend_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kpe: torch.Tensor,
                   positions_B: torch.Tensor, w_kvb: torch.Tensor, scale: float, out: torch.Tensor,
                   parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor], t: dict, units: int,
-                  dot_precision: str, launch: dict) -> torch.Tensor:
+                  dot_precision: str, launch: dict, idle: int = -1) -> torch.Tensor:
     """o [B, H·V] (float32, into `out`) of rows 0..B-1 at positions_B over the latent cache
     ckv [>= B, S, C] / kpe [>= B, S, R] (row stride free, positions contiguous), from the
     absorbed queries q_lat [>= B, H, C] and q_pe [>= B, H, R] (float32, contiguous): the rows'
     positions cut into about `units` units (kernels._row_units) attended (mla_attend) into
     parts (acc [>= units + B, H, C], m and l [>= units + B, H]), then merged per row with
-    W_UV from w_kvb, kv_b_proj's weight (mla_output)."""
+    W_UV from w_kvb, kv_b_proj's weight (mla_output). A row at position `idle` (a CUDA-graph
+    bucket's padding row; -1: none) attends to that position only."""
     B = positions_B.shape[0]
     H, C = q_lat.shape[1], q_lat.shape[2]
     R = q_pe.shape[2]
@@ -72,12 +73,12 @@ def attend_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kp
     heads, split = t["attend_heads"], t["attend_split"]
     kernels.mla_attend_kernel[(triton.cdiv(H, heads), units + B)](
         q_lat, q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0), positions_B,
-        part_acc, part_m, part_l, scale, H, C, R, B, split, units,
+        part_acc, part_m, part_l, scale, H, C, R, B, split, units, idle,
         BLOCK_H=heads, BLOCK_C=_pow2(C, 16), BLOCK_R=_pow2(R, 16), BLOCK_S=t["attend_block"], BLOCK_B=_pow2(B),
         DOT_PRECISION=dot_precision, **attend_warps_stages(t, B), **launch)
     o = out[:B]
     kernels.mla_output_kernel[(B, H)](
-        part_acc, part_m, part_l, w_kvb, o, positions_B, H, C, N, V, B, split, units, BLOCK_B=_pow2(B),
+        part_acc, part_m, part_l, w_kvb, o, positions_B, H, C, N, V, B, split, units, idle, BLOCK_B=_pow2(B),
         BLOCK_SP=_pow2(units + 1), CHUNK_SP=min(t["merge_splits"], _pow2(units + 1)), BLOCK_C=_pow2(C),
         BLOCK_V=_pow2(V), num_warps=t["output_warps"], **launch)
     return o
@@ -91,9 +92,9 @@ OP_LAUNCH = ("attend_heads", "attend_split", "attend_block", "attend_programs", 
 @torch.library.custom_op("nanoseek::mla_decode_attention", mutates_args=())
 def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kpe: torch.Tensor,
                          positions_B: torch.Tensor, w_kvb: torch.Tensor, scale: float, v_dim: int,
-                         launch: list[int]) -> torch.Tensor:
+                         launch: list[int], idle: int) -> torch.Tensor:
     """attend_latent with its scratch allocated per call (from the graph's pool when captured):
-    o [B, H·v_dim] float32; launch: the values of OP_LAUNCH."""
+    o [B, H·v_dim] float32; launch: the values of OP_LAUNCH; idle: attend_latent's."""
     t = dict(zip(OP_LAUNCH, launch))
     B, H, C = q_lat.shape
     V = v_dim
@@ -103,11 +104,11 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Ten
     out = torch.empty(B, H * V, **f32)
     precision = "ieee" if ckv.dtype == torch.float32 else "tf32"
     return attend_latent(q_lat, q_pe, ckv, kpe, positions_B, w_kvb, scale, out, parts, t, units, precision,
-                         dict(USE_PDL=False))
+                         dict(USE_PDL=False), idle)
 
 
 @mla_decode_attention.register_fake
-def _(q_lat, q_pe, ckv, kpe, positions_B, w_kvb, scale, v_dim, launch):
+def _(q_lat, q_pe, ckv, kpe, positions_B, w_kvb, scale, v_dim, launch, idle):
     return q_lat.new_empty(q_lat.shape[0], q_lat.shape[1] * v_dim, dtype=torch.float32)
 
 
@@ -115,12 +116,13 @@ class LatentDecodeAttention:
     """In place of MLA.absorbed for one new token a row (MLA.decode_attention): W_UK folded
     into the query as the absorbed attention does, then mla_decode_attention over each row's
     own positions. Launch shapes: fused.fused_step_launch's for the model's widths and the
-    cache's length, `launch` replacing any of them."""
+    cache's length, `launch` replacing any of them; idle: the position of a CUDA-graph bucket's
+    padding rows (attend_latent), -1 for none."""
 
-    def __init__(self, config, max_len: int, launch: dict | None = None):
+    def __init__(self, config, max_len: int, launch: dict | None = None, idle: int = -1):
         from .fused import fused_step_launch
         t = fused_step_launch(config, max_len, launch)
-        self.launch = [int(t[k]) for k in OP_LAUNCH]
+        self.launch, self.idle = [int(t[k]) for k in OP_LAUNCH], idle
 
     def __call__(self, attn, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
                  positions: torch.Tensor) -> torch.Tensor:
@@ -131,7 +133,7 @@ class LatentDecodeAttention:
         q_lat = torch.einsum("bhn,hnc->bhc", q_nope[:, 0], w_uk_HNC.to(q_nope.dtype)).float()
         o = mla_decode_attention(q_lat.contiguous(), q_pe[:, 0].float().contiguous(), c_kv, k_pe,
                                  positions[:, 0].contiguous(), attn.kv_b_proj.weight, attn.scale, attn.v_dim,
-                                 self.launch)
+                                 self.launch, self.idle)
         return o.to(q_nope.dtype).view(B, 1, H, attn.v_dim)
 
     @staticmethod

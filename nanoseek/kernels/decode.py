@@ -211,24 +211,27 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
 
 
 @triton.jit
-def _row_units(pos_ptr, B, UNITS, SPLIT, BLOCK_B: tl.constexpr):
-    """How a step's attention is cut into units of work: every row's pos + 1 positions in
-    chunks of one length for the whole step, about (their sum) / UNITS rounded up to a multiple
-    of SPLIT (so a short step takes fewer units, not shorter ones). A long row among short ones
-    gets most of the units, as in FlashMLA's tile scheduling. Returns the chunk length and, per
-    row, its positions, its unit count and the end of its units (rows' units are consecutive:
-    at most UNITS + B of them). mla_attend and mla_output agree on it."""
+def _row_units(pos_ptr, B, UNITS, SPLIT, IDLE, BLOCK_B: tl.constexpr):
+    """How a step's attention is cut into units of work: every row's positions in chunks of
+    one length for the whole step, about (their sum) / UNITS rounded up to a multiple of SPLIT
+    (so a short step takes fewer units, not shorter ones). A long row among short ones gets
+    most of the units, as in FlashMLA's tile scheduling. A row at position IDLE (a CUDA-graph
+    bucket's padding row, its output unused; -1: none) attends to that position only, not to
+    the whole cache. Returns the chunk length and, per row, its position, its first position,
+    its unit count and the end of its units (rows' units are consecutive: at most UNITS + B of
+    them). mla_attend and mla_output agree on it."""
     rows = tl.arange(0, BLOCK_B)
-    pos = tl.load(pos_ptr + rows, mask=rows < B, other=-1).to(tl.int32)  # positions are written between steps
-    lengths = pos + 1
+    pos = tl.load(pos_ptr + rows, mask=rows < B, other=0).to(tl.int32)  # positions are written between steps
+    first = tl.where(pos == IDLE, pos, 0)
+    lengths = tl.where(rows < B, pos + 1 - first, 0)
     chunk = tl.cdiv(tl.cdiv(tl.sum(lengths, axis=0), UNITS), SPLIT) * SPLIT
     counts = tl.cdiv(lengths, chunk)
-    return chunk, pos, counts, tl.cumsum(counts, axis=0)
+    return chunk, pos, first, counts, tl.cumsum(counts, axis=0)
 
 
 @triton.jit
 def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe, pos_ptr,
-                      acc_ptr, m_ptr, l_ptr, scale, H, C, R, B, SPLIT, UNITS,
+                      acc_ptr, m_ptr, l_ptr, scale, H, C, R, B, SPLIT, UNITS, IDLE,
                       BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       USE_PDL: tl.constexpr):
@@ -242,12 +245,13 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
     so it waits first."""
     _launch_next(USE_PDL)
     unit = tl.program_id(1)
-    chunk, pos_B, counts, ends = _row_units(pos_ptr, B, UNITS, SPLIT, BLOCK_B)
+    chunk, pos_B, first_B, counts, ends = _row_units(pos_ptr, B, UNITS, SPLIT, IDLE, BLOCK_B)
     rows = tl.arange(0, BLOCK_B)
     b32 = tl.sum((ends <= unit).to(tl.int32), axis=0)  # the row whose units hold this one
     row = rows == b32
     pos = tl.sum(tl.where(row, pos_B, 0), axis=0)
-    start = (unit - tl.sum(tl.where(row, ends - counts, 0), axis=0)) * chunk
+    nth = unit - tl.sum(tl.where(row, ends - counts, 0), axis=0)  # its place among the row's units
+    start = tl.sum(tl.where(row, first_B, 0), axis=0) + nth * chunk
     b = b32.to(tl.int64)
     _wait_prev(USE_PDL)
     if b32 < B:
@@ -287,7 +291,7 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
 
 
 @triton.jit
-def mla_output_kernel(acc_ptr, m_ptr, l_ptr, wkvb_ptr, o_ptr, pos_ptr, H, C, N, V, B, SPLIT, UNITS,
+def mla_output_kernel(acc_ptr, m_ptr, l_ptr, wkvb_ptr, o_ptr, pos_ptr, H, C, N, V, B, SPLIT, UNITS, IDLE,
                       BLOCK_B: tl.constexpr, BLOCK_SP: tl.constexpr, CHUNK_SP: tl.constexpr,
                       BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, USE_PDL: tl.constexpr):
     """Program (b, h): o_lat = row b's units merged (softmax-weighted), o[b, h·V:(h+1)·V] =
@@ -303,7 +307,7 @@ def mla_output_kernel(acc_ptr, m_ptr, l_ptr, wkvb_ptr, o_ptr, pos_ptr, H, C, N, 
     cmask = c < C
     wuv = tl.load(wkvb_ptr + (h * (N + V) + N + v)[:, None] * C + c[None, :],
                   mask=vmask[:, None] & cmask[None, :], other=0.0)
-    _, _, counts, ends = _row_units(pos_ptr, B, UNITS, SPLIT, BLOCK_B)
+    _, _, _, counts, ends = _row_units(pos_ptr, B, UNITS, SPLIT, IDLE, BLOCK_B)
     row = tl.arange(0, BLOCK_B) == b
     used = tl.sum(tl.where(row, counts, 0), axis=0)
     first = tl.sum(tl.where(row, ends, 0), axis=0) - used
