@@ -235,13 +235,15 @@ case $stage in
     bench "$(left 460)" 90 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
       --precision bf16,fp8
     ;;
-  verify)  # after a fix: the token quantizer's GPU tests and the fused step's GPU tests (V3 widths), then BF16
-            # vs FP8 training at V2-Lite's layers with the FP8 kernel tables (~6 min)
-    timeout 120 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8.py \
-      -k "byte_for_byte or fast_fp8_swiglu" 2>&1 | tee "$OUT/verify_tests.log" | tail -8
-    gpu_tests 150 -p no:logging tests/test_fused_decode.py
-    bench "$(left 580)" 100 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
-      --accum 4 --precision bf16,fp8,fp8-fused-accum --skip-hf --profile
+  verify)  # after the CPU-only changes: the token quantizer's GPU tests; the attention kernels' tests on the GPU
+            # (units, padding rows, the engine's compiled step with them, V3 widths); BF16 vs FP8 training (~8 min)
+    timeout 90 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8.py \
+      -k "byte_for_byte or fast_fp8_swiglu" 2>&1 | tee "$OUT/verify_fp8_tests.log" | tail -8
+    timeout 200 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_latent_attention.py \
+      tests/test_fused_decode.py -k "units or padding or latent or decode_attention or engine_decodes or v3_layer" \
+      2>&1 | tee "$OUT/verify_attention_tests.log" | tail -14
+    bench "$(left 585)" 100 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
+      --accum 4 --precision bf16,fp8 --skip-hf --profile
     python3 benchmarks/profile_categories.py "$OUT"/profile_train_*.txt 2>&1 | tee "$OUT/profile_categories.txt"
     ;;
   longctx)  # the compiled decode step's MLA attention, kernels against the absorbed attention, in engines whose
