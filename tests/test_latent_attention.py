@@ -83,16 +83,25 @@ def test_decode_attention_compiles_whole():
 
 def test_engine_decodes_the_same_tokens_with_the_kernels():
     """Greedy generation of two prompts of different lengths: the same tokens with the
-    decode attention kernels as with the absorbed attention."""
+    decode attention kernels (called once a layer and step) as with the absorbed attention;
+    after the engine's forwards the model's layers are as they were (a later generate() or
+    engine must not get this engine's cache length)."""
+    from nanoseek.model.mla import MLA
     model = sharp_model()
+    layers = [m for m in model.modules() if isinstance(m, MLA)]
     prompts = [[5, 9, 2, 7, 1, 3, 8], [4, 4]]
-    outs = {}
+    outs, calls = {}, []
     for choice in ("torch", "kernel"):
         engine = Engine(model, max_batch=2, max_len=40,
                         config=InferenceConfig(decode_attention=choice, fused_launch=LAUNCH))
+        attend = engine.runner.decode_attend
+        assert (attend is None) == (choice == "torch")
+        if attend is not None:
+            engine.runner.decode_attend = lambda *args: calls.append(1) or attend(*args)
         outs[choice] = [o.token_ids for o in engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0))]
-    model.set_decode_attention(None)
+        assert all(m.decode_attention is None for m in layers)
     assert outs["kernel"] == outs["torch"] and all(len(t) == 12 for t in outs["torch"])
+    assert len(calls) == 11 * model.config.num_hidden_layers  # 11 batched decode steps, the main layers
 
 
 def test_decode_attention_choice():

@@ -82,6 +82,7 @@ import torch
 
 from ..model import Transformer
 from ..model.cache import StaticCache, cache_entry_shapes
+from ..model.mla import MLA
 from .config import InferenceConfig
 from .decode_paths import measured_fused_rows
 from .grammar import GrammarCompiler, bitmask
@@ -122,6 +123,11 @@ class ModelRunner:
                  config: InferenceConfig, speculative_k: int = 0, fused_rows: int = 0):
         """fused_rows: config.fused_decode_rows resolved (decode_paths.measured_fused_rows)."""
         self.model, self.cache, self.autocast = model, cache, autocast
+        # the MLA decode attention of this engine's forwards only (set and put back around each:
+        # another engine or generate() on the same model must not get this cache's launch)
+        self.attention_layers = [m for m in model.modules() if isinstance(m, MLA)]
+        self.decode_attend = decode_attention(config, model, cache.max_len, model.model.embed_tokens.weight.device,
+                                              speculative_k)
         self.prefill_chunk = config.prefill_chunk
         self.device = model.model.embed_tokens.weight.device
         self.k = speculative_k
@@ -147,6 +153,7 @@ class ModelRunner:
         was_training = self.model.training
         if was_training:
             self.model.eval()
+        before = self._attend_with(self.decode_attend)
         # cache_enabled=False: autocast's cache of bf16 weight copies lives only as long as the
         # context, so a CUDA graph captured inside it would read freed copies (garbage or an
         # illegal memory access) that never see optimizer updates (GRPO rollouts); without the
@@ -157,8 +164,19 @@ class ModelRunner:
             with torch.no_grad(), amp:
                 yield
         finally:
+            self._attend_with(before)
             if was_training:
                 self.model.train()
+
+    def _attend_with(self, attend):
+        """Every MLA layer's decode attention set to `attend`; returns the one they had (a loop
+        over the layers only when it changes: this runs around every forward)."""
+        layers = self.attention_layers
+        before = layers[0].decode_attention if layers else None
+        if before is not attend:
+            for m in layers:
+                m.decode_attention = attend
+        return before
 
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
         """Prompts right-padded to the longest; a row's padding lands at positions beyond
@@ -408,7 +426,6 @@ class Engine:
         self.cache = StaticCache(cfg, num_slots, cache_len, dtype=self.dtype, device=self.device,
                                  num_layers=cfg.num_hidden_layers + (1 if speculative_k else 0))
         assert self.cache.nbytes_per_token() == bytes_per_token
-        model.set_decode_attention(decode_attention(config, model, self.cache.max_len, self.device, speculative_k))
         self.runner = ModelRunner(model, self.cache, autocast, config, speculative_k, fused_rows)
         self.speculative_totals = RequestStats()
         if config.prefix_cache and speculative_k:  # the MTP entry at a prefix's end depends on the next token

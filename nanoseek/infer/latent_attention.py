@@ -72,15 +72,18 @@ def attend_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kp
     part_acc, part_m, part_l = parts
     heads, split = t["attend_heads"], t["attend_split"]
     rows = _pow2(B, 2)  # the rows' positions as one block (not a 1-element one, which reductions may not take)
-    kernels.mla_attend_kernel[(triton.cdiv(H, heads), units + B)](
+    blocks = triton.cdiv(H, heads)
+    kernels.mla_attend_kernel[(blocks * (units + B),)](
         q_lat, q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0), positions_B,
-        part_acc, part_m, part_l, scale, H, C, R, B, split, units, idle,
+        part_acc, part_m, part_l, scale, H, C, R, B, split, units, idle, blocks,
         BLOCK_H=heads, BLOCK_C=_pow2(C, 16), BLOCK_R=_pow2(R, 16), BLOCK_S=t["attend_block"], BLOCK_B=rows,
         DOT_PRECISION=dot_precision, **attend_warps_stages(t, B), **launch)
     o = out[:B]
+    # the most units one row gets: no more than aimed for, nor than its positions in the least chunk
+    most = _pow2(min(units, triton.cdiv(ckv.shape[1], split)), 2)
     kernels.mla_output_kernel[(B, H)](
         part_acc, part_m, part_l, w_kvb, o, positions_B, H, C, N, V, B, split, units, idle, BLOCK_B=rows,
-        BLOCK_SP=_pow2(units + 1), CHUNK_SP=min(t["merge_splits"], _pow2(units + 1)), BLOCK_C=_pow2(C),
+        BLOCK_SP=most, CHUNK_SP=min(t["merge_splits"], most), BLOCK_C=_pow2(C),
         BLOCK_V=_pow2(V), num_warps=t["output_warps"], **launch)
     return o
 

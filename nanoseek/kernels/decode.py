@@ -231,20 +231,21 @@ def _row_units(pos_ptr, B, UNITS, SPLIT, IDLE, BLOCK_B: tl.constexpr):
 
 @triton.jit
 def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe, pos_ptr,
-                      acc_ptr, m_ptr, l_ptr, scale, H, C, R, B, SPLIT, UNITS, IDLE,
+                      acc_ptr, m_ptr, l_ptr, scale, H, C, R, B, SPLIT, UNITS, IDLE, HEAD_BLOCKS,
                       BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       USE_PDL: tl.constexpr):
-    """Program (head block, unit): BLOCK_H heads over one unit of _row_units, a chunk of one
-    row's positions (its last one shorter). The head block varies fastest, so the programs
-    that read the same latent positions run together and share them through L2. Per program:
+    """Program (unit · HEAD_BLOCKS + head block), one grid axis (a second axis would cap the
+    units at 65,535): BLOCK_H heads over one unit of _row_units, a chunk of one row's positions
+    (its last one shorter). The head block varies fastest, so the programs that read the same
+    latent positions run together and share them through L2. Per program:
     scores q_lat·c_kv + q_pe·k_pe, an online softmax over blocks of BLOCK_S positions, the
     unnormalised sum of p·c_kv with its running max and sum into partial sums indexed by the
     unit (merged by mla_output; a unit past the last row's writes nothing). Everything it
     reads but the positions, the previous kernel may just have written (the new cache row),
     so it waits first."""
     _launch_next(USE_PDL)
-    unit = tl.program_id(1)
+    unit = tl.program_id(0) // HEAD_BLOCKS
     chunk, pos_B, first_B, counts, ends = _row_units(pos_ptr, B, UNITS, SPLIT, IDLE, BLOCK_B)
     rows = tl.arange(0, BLOCK_B)
     b32 = tl.sum((ends <= unit).to(tl.int32), axis=0)  # the row whose units hold this one
@@ -255,7 +256,7 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
     b = b32.to(tl.int64)
     _wait_prev(USE_PDL)
     if b32 < B:
-        hh = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+        hh = (tl.program_id(0) % HEAD_BLOCKS) * BLOCK_H + tl.arange(0, BLOCK_H)
         cc = tl.arange(0, BLOCK_C)
         rr = tl.arange(0, BLOCK_R)
         hmask, cmask, rmask = hh < H, cc < C, rr < R
@@ -284,7 +285,7 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
             l = l * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(dtype), c, input_precision=DOT_PRECISION)
             m = m_new
-        part = unit * H + hh
+        part = unit.to(tl.int64) * H + hh  # (units + rows) x H x C passes 2^31 at a few thousand rows
         tl.store(m_ptr + part, m, mask=hmask)
         tl.store(l_ptr + part, l, mask=hmask)
         tl.store(acc_ptr + part[:, None] * C + cc[None, :], acc, mask=hmask[:, None] & cmask[None, :])
@@ -297,7 +298,7 @@ def mla_output_kernel(acc_ptr, m_ptr, l_ptr, wkvb_ptr, o_ptr, pos_ptr, H, C, N, 
     """Program (b, h): o_lat = row b's units merged (softmax-weighted), o[b, h·V:(h+1)·V] =
     W_UV_h o_lat. Only the row's units are read (_row_units), CHUNK_SP at a time: the work
     follows the positions, not the cache's length. BLOCK_SP >= the most units a row may get
-    (UNITS + 1), BLOCK_C >= C."""
+    (UNITS, and the cache's length over SPLIT), BLOCK_C >= C."""
     _launch_next(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -310,7 +311,7 @@ def mla_output_kernel(acc_ptr, m_ptr, l_ptr, wkvb_ptr, o_ptr, pos_ptr, H, C, N, 
     _, _, _, counts, ends = _row_units(pos_ptr, B, UNITS, SPLIT, IDLE, BLOCK_B)
     row = tl.arange(0, BLOCK_B) == b
     used = tl.sum(tl.where(row, counts, 0), axis=0)
-    first = tl.sum(tl.where(row, ends, 0), axis=0) - used
+    first = (tl.sum(tl.where(row, ends, 0), axis=0) - used).to(tl.int64)
     _wait_prev(USE_PDL)
     sp = tl.arange(0, BLOCK_SP)
     m = tl.load(m_ptr + (first + sp) * H + h, mask=sp < used, other=float("-inf"))
