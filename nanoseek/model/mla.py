@@ -30,7 +30,7 @@ from .rope import apply_rope
 
 
 class MLA(nn.Module):
-    # set from outside (Transformer.set_decode_attention, an inference engine): a callable
+    # set from outside (Transformer.set_decode_attention, an engine's forwards): a callable
     # (attn, q_nope, q_pe, c_kv, k_pe, positions) -> o [B, 1, H, V] taking the absorbed
     # attention's place for one new token a row, e.g. kernels that read each row's own positions
     decode_attention = None

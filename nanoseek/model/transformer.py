@@ -96,7 +96,8 @@ class Transformer(nn.Module):
 
     def set_decode_attention(self, attend=None) -> None:
         """What every MLA layer computes its attention with for one new token a row over a
-        cache (MLA.decode_attention; None: the absorbed attention): an inference engine sets it."""
+        cache (MLA.decode_attention; None: the absorbed attention). An inference engine sets
+        it around its own forwards only (ModelRunner._context)."""
         for module in self.modules():
             if isinstance(module, MLA):
                 module.decode_attention = attend
