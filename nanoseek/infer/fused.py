@@ -33,7 +33,7 @@ from ..config import ModelConfig
 from ..kernels import decode as kernels
 from ..model import StaticCache, Transformer
 from ..model.moe import MoE, Router
-from .latent_attention import attend_latent, attention_parts, attention_splits
+from .latent_attention import attend_latent, attention_parts, attention_units
 
 MAX_EXPERTS = 256   # one program holds a token's E scores for the routing
 
@@ -195,8 +195,8 @@ class FusedDecoder:
         self.dot_precision = "ieee" if cache.layers[0][0].dtype == torch.float32 else "tf32"
 
     def units(self, B: int) -> int:
-        """Attention units a step of B rows aims for (latent_attention.attention_splits per row)."""
-        return B * attention_splits(self.t, self.config.num_attention_heads, self.cache.max_len, B)
+        """Attention units a step of B rows aims for (latent_attention.attention_units)."""
+        return attention_units(self.t, self.config.num_attention_heads, self.cache.max_len, B)
 
     @staticmethod
     def unsupported(config: ModelConfig, model: Transformer | None = None) -> str | None:

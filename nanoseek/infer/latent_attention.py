@@ -3,12 +3,13 @@
 The model's absorbed attention (mla.MLA.absorbed) scores every position of the cache view it
 is given and masks the ones past a row's position: a step captured for a cache of max_len
 positions reads max_len positions a row, however short the rows are. The fused step's
-attention kernels (kernels/decode.py: mla_attend splits each row's own pos + 1 positions,
-mla_output merges the splits and applies W_UV) read only those. `attend_latent` launches
-them; the fused step calls it with its own buffers, and the engine's compiled step calls it
-through the custom op `nanoseek::mla_decode_attention` (opaque to Inductor, capturable in a
-CUDA graph), which `LatentDecodeAttention` puts in place of the absorbed attention for one
-new token a row (Transformer.set_decode_attention).
+attention kernels (kernels/decode.py: mla_attend cuts the rows' positions, all rows together,
+into units of one length, mla_output merges a row's units and applies W_UV) read only those.
+`attend_latent` launches them; the fused step calls it with its own buffers, and the engine's
+compiled step calls it through the custom op `nanoseek::mla_decode_attention` (opaque to
+Inductor, capturable in a CUDA graph), which `LatentDecodeAttention` puts in place of the
+absorbed attention for one new token a row (MLA.decode_attention, set around the engine's
+forwards).
 
 Launch shapes follow fused.fused_step_launch's rule for the model's widths and cache length.
 """
@@ -29,18 +30,19 @@ def _pow2(n: int, at_least: int = 1) -> int:
     return max(at_least, triton.next_power_of_2(n))
 
 
-def attention_splits(t: dict, heads: int, max_len: int, B: int) -> int:
-    """Units of attention per row at B rows (kernels._row_units cuts a step's positions into
-    B times as many): enough for about attend_programs programs (head blocks x units, rows
-    counted up to ATTEND_ROWS) over a long context, no more than a full row holds of the least
-    length (attend_split positions)."""
+def attention_units(t: dict, heads: int, max_len: int, B: int) -> int:
+    """Units of attention a step of B rows aims for (kernels._row_units cuts the rows'
+    positions into about that many): enough for about attend_programs programs (head blocks x
+    units) a row-full of the cache, rows counted up to ATTEND_ROWS, and no more a row than a
+    full row holds of the least length (attend_split positions)."""
     blocks = triton.cdiv(heads, t["attend_heads"])
-    return max(1, min(triton.cdiv(max_len, t["attend_split"]), t["attend_programs"] // (blocks * min(B, ATTEND_ROWS))))
+    per_row = min(triton.cdiv(max_len, t["attend_split"]), t["attend_programs"] // (blocks * min(B, ATTEND_ROWS)))
+    return B * max(1, per_row)
 
 
 def attention_parts(t: dict, heads: int, max_len: int, B: int) -> int:
     """Partial sums a step of B rows may write: its units, at most B more than it aims for."""
-    return B * attention_splits(t, heads, max_len, B) + B
+    return attention_units(t, heads, max_len, B) + B
 
 
 def attend_warps_stages(t: dict, B: int) -> dict:
@@ -102,7 +104,7 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Ten
     t = dict(zip(OP_LAUNCH, launch))
     B, H, C = q_lat.shape
     V = v_dim
-    units = B * attention_splits(t, H, ckv.shape[1], B)
+    units = attention_units(t, H, ckv.shape[1], B)
     f32 = dict(dtype=torch.float32, device=q_lat.device)
     parts = (torch.empty(units + B, H, C, **f32), torch.empty(units + B, H, **f32), torch.empty(units + B, H, **f32))
     out = torch.empty(B, H * V, **f32)
