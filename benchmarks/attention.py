@@ -11,9 +11,12 @@ random BF16 weights and cache, each timed as the median of `--repeat` calls afte
 - `absorbed`: the model's absorbed attention (mla.MLA.absorbed: the absorbed query against
   the latent, softmax over all positions, W_UV), eager;
 - `absorbed_compiled`: the same under torch.compile (GPU);
-- `fused`: the fused decode step's split attention and merge (FusedDecoder.attend:
-  kernels/decode.py's mla_attend + mla_output, launch shapes derived from the widths and
-  the context; GPU, or Triton's interpreter with TRITON_INTERPRET=1).
+- `kernel_op`: what the engine's compiled step runs in place of the absorbed attention
+  (InferenceConfig.decode_attention = kernel: infer/latent_attention.py), W_UK folded into the
+  query, the kernels below, compiled (GPU); it does not need a query LoRA (V2-Lite);
+- `fused`: the fused decode step's attention (FusedDecoder.attend: kernels/decode.py's
+  mla_attend + mla_output, launch shapes derived from the widths and the context), from its
+  absorbed queries; GPU, or Triton's interpreter with TRITON_INTERPRET=1.
 Each call is timed on the GPU by CUDA events with L2 flushed before it (triton's do_bench),
 so the latent comes from HBM as it does in a step whose other layers evicted it. Per row:
 µs per call, the latent bytes read (rows × context × (C + R) × element size) over that time
@@ -75,13 +78,16 @@ def main():
     attn = model.main_layers[0].self_attn
     bandwidth = copy_bandwidth(device)
     gemm_rate = bf16_gemm_flops(device) if device.type == "cuda" else None
-    fused_runs = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    if fused_runs:
+    kernels_run = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    fused_runs = op_runs = kernels_run
+    if kernels_run:
         from nanoseek.infer.fused import FusedDecoder
+        from nanoseek.infer.latent_attention import LatentDecodeAttention
         why = FusedDecoder.unsupported(cfg, model)
         if why:
-            print(f"{args.preset}: no fused path ({why})", flush=True)
+            print(f"{args.preset}: no fused step ({why}); its attention kernels run as the engine's op", flush=True)
             fused_runs = False
+        op_runs = LatentDecodeAttention.unsupported(cfg, model) is None
     compiled = torch.compile(attn.absorbed, dynamic=False) if device.type == "cuda" else None
     rows = {}
     for S in args.contexts:
@@ -95,7 +101,7 @@ def main():
             for label, pos in layouts.items():
                 positions = torch.tensor(pos, device=device)[:, None]
                 row = time_row(args, model, cache, attn, compiled, positions, bandwidth, gemm_rate, device,
-                               fused_runs, sweep_it=args.sweep and fused_runs and not label)
+                               fused_runs, op_runs, sweep_it=args.sweep and fused_runs and not label)
                 rows[f"context {S}, batch {B}{label}"] = row
                 print(summary(row) + label, flush=True)
                 write_json(result(args, dtype, bandwidth, gemm_rate, rows), f"attention_{args.preset}.json")  # so far
@@ -105,7 +111,7 @@ def main():
     print(f"wrote {write_json(result(args, dtype, bandwidth, gemm_rate, rows), f'attention_{args.preset}.json')}")
 
 
-def time_row(args, model, cache, attn, compiled, positions, bandwidth, gemm_rate, device, fused_runs,
+def time_row(args, model, cache, attn, compiled, positions, bandwidth, gemm_rate, device, fused_runs, op_runs,
              sweep_it: bool) -> dict:
     """Each way's time for one new token per row at `positions` [B, 1] over the cache, with the
     latent bytes and FLOPs those positions need and their roofline."""
@@ -126,6 +132,18 @@ def time_row(args, model, cache, attn, compiled, positions, bandwidth, gemm_rate
         ways = {"absorbed": lambda: attn.absorbed(q_nope, q_pe, c_kv, k_pe, mask)}
         if compiled is not None:
             ways["absorbed_compiled"] = lambda: compiled(q_nope, q_pe, c_kv, k_pe, mask)
+        if op_runs:  # the engine's compiled step's attention: W_UK folded in, the kernels, BF16 out
+            from nanoseek.infer.latent_attention import LatentDecodeAttention
+            op = LatentDecodeAttention(cfg, S)
+
+            def engine_attention(q_nope, q_pe, c_kv, k_pe, positions):
+                return op(attn, q_nope, q_pe, c_kv, k_pe, positions)
+            if device.type == "cuda":
+                engine_attention = torch.compile(engine_attention, dynamic=False)
+            want = attn.absorbed(q_nope, q_pe, c_kv, k_pe, mask).float()
+            got = engine_attention(q_nope, q_pe, c_kv, k_pe, positions).float()
+            row["kernel_op_error"] = float((got - want).abs().max() / want.abs().max())
+            ways["kernel_op"] = lambda: engine_attention(q_nope, q_pe, c_kv, k_pe, positions)
         if fused_runs:
             from nanoseek.infer.fused import FusedDecoder
             from nanoseek.infer.latent_attention import attend_warps_stages
@@ -204,7 +222,8 @@ def summary(row: dict) -> str:
     ways = [k.removesuffix("_us") for k in row if k.endswith("_us") and k != "roofline_us"]
     times = ", ".join(f"{w} {row[w + '_us']:.0f} µs ({row[w + '_roofline_fraction']:.0%})" for w in ways)
     best = row.get("fused_best")
-    error = f"; fused error {row['fused_error']:.1e}" if "fused_error" in row else ""
+    error = "".join(f"; {way} error {row[f'{way}_error']:.1e}" for way in ("kernel_op", "fused")
+                    if f"{way}_error" in row)
     swept = f"; swept fused {best['us']:.0f} µs ({best['roofline_fraction']:.0%})" if best else ""
     return (f"context {row['context']}, batch {row['batch']}: roofline {row['roofline_us']:.0f} µs "
             f"({row['bound']}-bound); {times}{error}{swept}")
