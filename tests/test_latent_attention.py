@@ -104,7 +104,7 @@ def test_engine_decodes_the_same_tokens_with_the_kernels():
     assert len(calls) == 11 * model.config.num_hidden_layers  # 11 batched decode steps, the main layers
 
 
-def test_decode_attention_choice():
+def test_decode_attention_choice(monkeypatch):
     """auto takes the kernels on a GPU for caches longer than SHORT_CACHE only, the last
     position idle unless speculating; kernel on a model they cannot take says why; an unknown
     choice is a config error."""
@@ -124,3 +124,6 @@ def test_decode_attention_choice():
         decode_attention(InferenceConfig(decode_attention="kernel"), mha, 64, cuda)
     with pytest.raises(ConfigError, match="decode_attention"):
         InferenceConfig(decode_attention="flash")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="they run on a GPU .*not on cpu; use decode_attention='torch'"):
+        decode_attention(InferenceConfig(decode_attention="kernel"), model, 64, torch.device("cpu"))

@@ -76,6 +76,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
 from collections.abc import Iterator
 
 import torch
@@ -105,6 +106,8 @@ def decode_attention(config: InferenceConfig, model: Transformer, cache_len: int
     why = LatentDecodeAttention.unsupported(model.config, model)
     idle = -1 if speculative_k else cache_len - 1
     if config.decode_attention == "kernel":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            why = f"they run on a GPU (or in Triton's interpreter, TRITON_INTERPRET=1), not on {device.type}"
         if why:
             raise ValueError(f"decode_attention='kernel': the decode attention kernels do not take this model: "
                              f"{why}; use decode_attention='torch'")
