@@ -7,38 +7,16 @@ import copy
 import pytest
 import torch
 
-from nanoseek import Transformer, preset
 from nanoseek.config import ConfigError
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.infer.config import InferenceConfig
 from nanoseek.infer.latent_attention import LatentDecodeAttention
 
 pytest.importorskip("triton")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# small blocks so that a 40-position cache crosses several splits and blocks in the interpreter
+from test_fused_decode import DEVICE, prefilled_cache, sharp_model  # noqa: E402 - tests/ is on sys.path
+
+# small blocks so that a 40-position cache crosses several units and blocks in the interpreter
 LAUNCH = dict(attend_split=16, attend_block=16, attend_programs=8, attend_heads=16, merge_splits=2)
-
-
-def sharp_model(**overrides) -> Transformer:
-    """tiny with weights scaled up, so that a wrong position or a wrong row shows in the logits."""
-    torch.manual_seed(0)
-    m = Transformer(preset("tiny", vocab_size=256, **overrides)).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.mul_(5)
-    return m.to(DEVICE)
-
-
-def prefilled(model, lengths, max_len=40):
-    """A cache whose rows hold random prompts of the given lengths (the model's prefill)."""
-    from nanoseek.model import StaticCache
-    cache = StaticCache(model.config, len(lengths), max_len, device=DEVICE)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for b, n in enumerate(lengths):
-            ids = torch.randint(0, model.config.vocab_size, (1, n), generator=g).to(DEVICE)
-            model(ids, positions=torch.arange(n, device=DEVICE)[None], cache=cache.select([b], kv_len=n), absorb=False)
-    return cache
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(q_lora_rank=None, num_attention_heads=32)])
@@ -49,7 +27,7 @@ def test_decode_attention_kernels_match_the_absorbed_attention(overrides, rows):
     ~1e-6 of the largest logit). With and without a query LoRA (V2-Lite has none), 16 and 32
     heads (two head blocks), over the whole cache and over a gathered view of rows 2 and 0."""
     model = sharp_model(**overrides)
-    cache = prefilled(model, [37, 5, 20])
+    cache = prefilled_cache(model, [37, 5, 20])
     positions = torch.tensor([[37], [5], [20]], device=DEVICE)
     ids = torch.tensor([[3], [7], [11]], device=DEVICE)
     if rows is not None:
@@ -68,7 +46,7 @@ def test_decode_attention_compiles_whole():
     """The model's decode step with the kernels compiles as one graph (the custom op's fake
     shape; the launch a constant) and gives eager's logits."""
     model = sharp_model()
-    cache = prefilled(model, [30, 12])
+    cache = prefilled_cache(model, [30, 12])
     model.set_decode_attention(LatentDecodeAttention(model.config, 40, LAUNCH))
     positions, ids = torch.tensor([[30], [12]], device=DEVICE), torch.tensor([[3], [7]], device=DEVICE)
 
@@ -125,5 +103,5 @@ def test_decode_attention_choice(monkeypatch):
     with pytest.raises(ConfigError, match="decode_attention"):
         InferenceConfig(decode_attention="flash")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match="they run on a GPU .*not on cpu; use decode_attention='torch'"):
+    with pytest.raises(ValueError, match="kernels run on a GPU .*not on cpu; use decode_attention='torch'"):
         decode_attention(InferenceConfig(decode_attention="kernel"), model, 64, torch.device("cpu"))

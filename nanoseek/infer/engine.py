@@ -106,11 +106,13 @@ def decode_attention(config: InferenceConfig, model: Transformer, cache_len: int
     why = LatentDecodeAttention.unsupported(model.config, model)
     idle = -1 if speculative_k else cache_len - 1
     if config.decode_attention == "kernel":
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            why = f"they run on a GPU (or in Triton's interpreter, TRITON_INTERPRET=1), not on {device.type}"
         if why:
             raise ValueError(f"decode_attention='kernel': the decode attention kernels do not take this model: "
                              f"{why}; use decode_attention='torch'")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"decode_attention='kernel': the decode attention kernels run on a GPU (or in "
+                             f"Triton's interpreter, TRITON_INTERPRET=1), not on {device.type}; use "
+                             f"decode_attention='torch'")
         return LatentDecodeAttention(model.config, cache_len, config.fused_launch, idle)
     if config.decode_attention == "auto" and not why and device.type == "cuda" and cache_len > SHORT_CACHE:
         return LatentDecodeAttention(model.config, cache_len, config.fused_launch, idle)
@@ -126,13 +128,12 @@ class ModelRunner:
                  config: InferenceConfig, speculative_k: int = 0, fused_rows: int = 0):
         """fused_rows: config.fused_decode_rows resolved (decode_paths.measured_fused_rows)."""
         self.model, self.cache, self.autocast = model, cache, autocast
+        self.prefill_chunk = config.prefill_chunk
+        self.device = model.model.embed_tokens.weight.device
         # the MLA decode attention of this engine's forwards only (set and put back around each:
         # another engine or generate() on the same model must not get this cache's launch)
         self.attention_layers = [m for m in model.modules() if isinstance(m, MLA)]
-        self.decode_attend = decode_attention(config, model, cache.max_len, model.model.embed_tokens.weight.device,
-                                              speculative_k)
-        self.prefill_chunk = config.prefill_chunk
-        self.device = model.model.embed_tokens.weight.device
+        self.decode_attend = decode_attention(config, model, cache.max_len, self.device, speculative_k)
         self.k = speculative_k
         if self.k:
             # per slot: the MTP module's output at the position before the pending token

@@ -33,7 +33,7 @@ from ..config import ModelConfig
 from ..kernels import decode as kernels
 from ..model import StaticCache, Transformer
 from ..model.moe import MoE, Router
-from .latent_attention import attend_latent, attention_parts, attention_units
+from .latent_attention import attend_latent, attention_parts, attention_units, pow2
 
 MAX_EXPERTS = 256   # one program holds a token's E scores for the routing
 
@@ -48,10 +48,10 @@ PROGRAM_ELEMENTS = dict(gemv=4096, head=8192, up=4096, down=8192)
 MAX_BLOCK = 2048     # widest row a program loads at once (wider ones are read in chunks)
 ATTEND_BLOCK = 64    # cache positions an attention program scores at once (a split is one or more)
 SHORT_CACHE = 4096   # caches up to this long score 32 positions at once (bench-1b's tuned shape)
-# Attention programs (head blocks x splits x rows) a step aims for once the context is long:
-# about one per SM of an H100/H200 (132), each one split's partial sums, H x C float32 values
-# written and read back by the merge. At V3's widths 128 beat 256 to 1,024 at every context
-# and batch measured (benchmarks/results/h100_attention/); more only add partial sums.
+# Attention programs (head blocks x units) a step aims for once the context is long (for up to
+# latent_attention.ATTEND_ROWS rows): about one per SM of an H100/H200 (132), each one unit's
+# partial sums, H x C float32 values written and read back by the merge. At V3's widths 128
+# beat 256 to 1,024 at every context and batch measured (benchmarks/results/h100_attention/).
 ATTEND_PROGRAMS = 128
 MERGE_SPLITS = 16    # attention splits the merge reads at once
 # rows of a weight per program (_rows), warps per program (_warps), the least cache positions
@@ -60,10 +60,6 @@ MERGE_SPLITS = 16    # attention splits the merge reads at once
 LAUNCH_KEYS = ("gemv_rows", "gemv_warps", "head_rows", "head_warps", "query_warps", "attend_split",
                "attend_heads", "attend_block", "attend_programs", "attend_stages", "attend_warps", "output_warps",
                "merge_splits", "route_warps", "up_rows", "up_warps", "down_rows", "down_warps", "max_block", "pdl")
-
-
-def _pow2(n: int, at_least: int = 1) -> int:
-    return max(at_least, triton.next_power_of_2(n))
 
 
 def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = None) -> dict:
@@ -77,24 +73,24 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
     max_block = given.get("max_block", MAX_BLOCK)
 
     def warps(elements: int) -> int:
-        return min(MAX_WARPS, _pow2(max(1, elements // WARP_ELEMENTS)))
+        return min(MAX_WARPS, pow2(max(1, elements // WARP_ELEMENTS)))
 
     def rows(kind: str, row_elements: int) -> int:
         return max(1, PROGRAM_ELEMENTS[kind] // row_elements)
 
     H, C, R, N = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim
-    D = min(max_block, _pow2(c.hidden_size))
+    D = min(max_block, pow2(c.hidden_size))
     # the down kernel loads [slots, rows, F] at once: an MoE layer's K routed slots of width
     # F, or a dense model's one MLP
-    slots, F = ((_pow2(c.num_experts_per_tok), c.moe_intermediate_size) if c.is_moe
+    slots, F = ((pow2(c.num_experts_per_tok), c.moe_intermediate_size) if c.is_moe
                 else (1, c.intermediate_size))
-    F = min(max_block, _pow2(F))
+    F = min(max_block, pow2(F))
     block_s = given.get("attend_block", min(32 if max_len <= SHORT_CACHE else ATTEND_BLOCK,
                                             given.get("attend_split", ATTEND_BLOCK)))
     split = given.get("attend_split", block_s)
     # the running sum over the latent, heads x C float32 values, stays within 8 warps' registers
-    # (64 a thread): 32 of V3's heads a program measured 1.2-1.7x faster than 16, 64 do not fit
-    heads = given.get("attend_heads", min(_pow2(H, 16), max(16, 8 * WARP_ELEMENTS // _pow2(C))))
+    # (64 a thread): 32 of V3's heads a program ran 1.2-1.4x faster than 16 from 32K on, 64 do not fit
+    heads = given.get("attend_heads", min(pow2(H, 16), max(16, 8 * WARP_ELEMENTS // pow2(C))))
     out = dict(gemv_rows=rows("gemv", D), head_rows=rows("head", D), up_rows=rows("up", D),
                down_rows=rows("down", slots * F), attend_split=split, attend_heads=heads, attend_block=block_s,
                attend_programs=ATTEND_PROGRAMS, attend_stages=3, merge_splits=MERGE_SPLITS, max_block=max_block,
@@ -191,8 +187,6 @@ class FusedDecoder:
         self.hmid = torch.empty(M * max(slots * width for slots, width, _ in map(self._slots, model.main_layers)),
                                 **f32)
         self.logits = torch.empty(M, c.vocab_size, **f32)
-        # fp32 caches and weights (CPU tests): exact dot products, not TF32
-        self.dot_precision = "ieee" if cache.layers[0][0].dtype == torch.float32 else "tf32"
 
     def units(self, B: int) -> int:
         """Attention units a step of B rows aims for (latent_attention.attention_units)."""
@@ -253,7 +247,7 @@ class FusedDecoder:
             residual if residual is not None else out, residual.stride(0) if residual is not None else 0,
             out, out.stride(0),
             HAS_NORM=norm is not None, HAS_RES=residual is not None,
-            BLOCK_B=_pow2(B), BLOCK_O=block_o, BLOCK_K=min(self.t["max_block"], _pow2(K)),
+            BLOCK_B=pow2(B), BLOCK_O=block_o, BLOCK_K=min(self.t["max_block"], pow2(K)),
             ONE_CHUNK=K <= self.t["max_block"],
             num_warps=self.t["head_warps" if head else "gemv_warps"], **self.launch)
 
@@ -269,7 +263,7 @@ class FusedDecoder:
             qkv, qkv.stride(0), a.q_a_layernorm.weight, a.kv_a_layernorm.weight,
             a.q_a_layernorm.eps, a.kv_a_layernorm.eps, a.q_b_proj.weight, a.kv_b_proj.weight,
             self.inv_freq, self.rope_factor, positions_B, self.q_lat, self.q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0),
-            H, Q, C, N, R, V, BLOCK_Q=_pow2(Q), BLOCK_N=_pow2(N), BLOCK_C=_pow2(C), BLOCK_R2=_pow2(R // 2),
+            H, Q, C, N, R, V, BLOCK_Q=pow2(Q), BLOCK_N=pow2(N), BLOCK_C=pow2(C), BLOCK_R2=pow2(R // 2),
             num_warps=self.t["query_warps"], **self.launch)
         o = self.attend(a, i, positions_B, B)
         self._gemv(o, a.o_proj.weight, h, residual=h)
@@ -279,8 +273,8 @@ class FusedDecoder:
         q_lat / q_pe -> o [B, H·V] (float32): latent_attention.attend_latent."""
         ckv, kpe = self.cache.layers[i]
         return attend_latent(self.q_lat, self.q_pe, ckv, kpe, positions_B, attn.kv_b_proj.weight, attn.scale,
-                             self.o, (self.part_acc, self.part_m, self.part_l), self.t, self.units(B),
-                             self.dot_precision, self.launch, self.idle)
+                             self.config.v_head_dim, self.t, self.launch, self.idle, self.o,
+                             (self.part_acc, self.part_m, self.part_l))
 
     @staticmethod
     def _slots(layer) -> tuple[int, int, tuple | None]:
@@ -317,12 +311,12 @@ class FusedDecoder:
         rows = self.t["up_rows"]
         k.moe_up_kernel[(B, P, triton.cdiv(F, rows))](
             h, h.stride(0), norm.weight, norm.eps, D, self.sel_idx, routed[0], routed[1], sg, su, F, hmid,
-            hmid.stride(0), K=K, BLOCK_F=rows, BLOCK_D=min(self.t["max_block"], _pow2(D)),
+            hmid.stride(0), K=K, BLOCK_F=rows, BLOCK_D=min(self.t["max_block"], pow2(D)),
             ONE_CHUNK=D <= self.t["max_block"],
             num_warps=self.t["up_warps"], **self.launch)
         rows = self.t["down_rows"]
         k.moe_down_kernel[(B, triton.cdiv(D, rows))](
             h, h.stride(0), self.sel_idx, self.sel_gate, routed[2], F, sd, S * F, D, hmid, hmid.stride(0),
-            K=K, HAS_SHARED=S > 0, BLOCK_P=_pow2(max(K, 1)), BLOCK_D=rows,
-            BLOCK_F=min(self.t["max_block"], _pow2(F)), BLOCK_FS=min(2 * self.t["max_block"], _pow2(max(S * F, 1))),
+            K=K, HAS_SHARED=S > 0, BLOCK_P=pow2(max(K, 1)), BLOCK_D=rows,
+            BLOCK_F=min(self.t["max_block"], pow2(F)), BLOCK_FS=min(2 * self.t["max_block"], pow2(max(S * F, 1))),
             num_warps=self.t["down_warps"], **self.launch)

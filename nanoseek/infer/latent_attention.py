@@ -26,7 +26,8 @@ from ..kernels import decode as kernels
 ATTEND_ROWS = 4
 
 
-def _pow2(n: int, at_least: int = 1) -> int:
+def pow2(n: int, at_least: int = 1) -> int:
+    """The power of two at or above n, and at least `at_least`: a Triton block size."""
     return max(at_least, triton.next_power_of_2(n))
 
 
@@ -56,37 +57,44 @@ def attend_warps_stages(t: dict, B: int) -> dict:
 
 
 def attend_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kpe: torch.Tensor,
-                  positions_B: torch.Tensor, w_kvb: torch.Tensor, scale: float, out: torch.Tensor,
-                  parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor], t: dict, units: int,
-                  dot_precision: str, launch: dict, idle: int = -1) -> torch.Tensor:
-    """o [B, H·V] (float32, into `out`) of rows 0..B-1 at positions_B over the latent cache
-    ckv [>= B, S, C] / kpe [>= B, S, R] (row stride free, positions contiguous), from the
-    absorbed queries q_lat [>= B, H, C] and q_pe [>= B, H, R] (float32, contiguous): the rows'
-    positions cut into about `units` units (kernels._row_units) attended (mla_attend) into
-    parts (acc [>= units + B, H, C], m and l [>= units + B, H]), then merged per row with
-    W_UV from w_kvb, kv_b_proj's weight (mla_output). A row at position `idle` (a CUDA-graph
-    bucket's padding row; -1: none) attends to that position only."""
+                  positions_B: torch.Tensor, w_kvb: torch.Tensor, scale: float, V: int, t: dict, launch: dict,
+                  idle: int = -1, out: torch.Tensor | None = None,
+                  parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """o [B, H·V] float32 of rows 0..B-1 at positions_B over the latent cache ckv [>= B, S, C] /
+    kpe [>= B, S, R] (row stride free, positions contiguous), from the absorbed queries q_lat
+    [>= B, H, C] and q_pe [>= B, H, R] (float32, contiguous): the rows' positions cut into about
+    attention_units units (kernels._row_units) attended (mla_attend) into partial sums, then
+    merged per row with W_UV (V wide a head) from w_kvb, kv_b_proj's weight (mla_output). A row
+    at position `idle` (a CUDA-graph bucket's padding row; -1: none) attends to it only. `out`
+    [>= B, H·V] and `parts` (acc [>= attention_parts, H, C], m and l [>= attention_parts, H]),
+    float32, are allocated here unless given (the fused step keeps its own)."""
     B = positions_B.shape[0]
     H, C = q_lat.shape[1], q_lat.shape[2]
     R = q_pe.shape[2]
-    V = out.shape[1] // H
-    N = w_kvb.shape[0] // H - V  # kv_b_proj holds W_UK (N rows) then W_UV (V rows) a head
-    part_acc, part_m, part_l = parts
     heads, split = t["attend_heads"], t["attend_split"]
-    rows = _pow2(B, 2)  # the rows' positions as one block (not a 1-element one, which reductions may not take)
+    units = attention_units(t, H, ckv.shape[1], B)
+    f32 = dict(dtype=torch.float32, device=q_lat.device)
+    if parts is None:
+        n = units + B
+        parts = (torch.empty(n, H, C, **f32), torch.empty(n, H, **f32), torch.empty(n, H, **f32))
+    part_acc, part_m, part_l = parts
+    # float32 caches (CPU tests): exact dot products, not TF32
+    precision = "ieee" if ckv.dtype == torch.float32 else "tf32"
+    rows = pow2(B, 2)  # the rows' positions as one block (not a 1-element one, which reductions may not take)
     blocks = triton.cdiv(H, heads)
     kernels.mla_attend_kernel[(blocks * (units + B),)](
         q_lat, q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0), positions_B,
         part_acc, part_m, part_l, scale, H, C, R, B, split, units, idle, blocks,
-        BLOCK_H=heads, BLOCK_C=_pow2(C, 16), BLOCK_R=_pow2(R, 16), BLOCK_S=t["attend_block"], BLOCK_B=rows,
-        DOT_PRECISION=dot_precision, **attend_warps_stages(t, B), **launch)
-    o = out[:B]
+        BLOCK_H=heads, BLOCK_C=pow2(C, 16), BLOCK_R=pow2(R, 16), BLOCK_S=t["attend_block"], BLOCK_B=rows,
+        DOT_PRECISION=precision, **attend_warps_stages(t, B), **launch)
+    o = out[:B] if out is not None else torch.empty(B, H * V, **f32)
+    N = w_kvb.shape[0] // H - V  # kv_b_proj holds W_UK (N rows) then W_UV (V rows) a head
     # the most units one row gets: no more than aimed for, nor than its positions in the least chunk
-    most = _pow2(min(units, triton.cdiv(ckv.shape[1], split)), 2)
+    most = pow2(min(units, triton.cdiv(ckv.shape[1], split)), 2)
     kernels.mla_output_kernel[(B, H)](
         part_acc, part_m, part_l, w_kvb, o, positions_B, H, C, N, V, B, split, units, idle, BLOCK_B=rows,
-        BLOCK_SP=most, CHUNK_SP=min(t["merge_splits"], most), BLOCK_C=_pow2(C),
-        BLOCK_V=_pow2(V), num_warps=t["output_warps"], **launch)
+        BLOCK_SP=most, CHUNK_SP=min(t["merge_splits"], most), BLOCK_C=pow2(C),
+        BLOCK_V=pow2(V), num_warps=t["output_warps"], **launch)
     return o
 
 
@@ -99,17 +107,9 @@ OP_LAUNCH = ("attend_heads", "attend_split", "attend_block", "attend_programs", 
 def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kpe: torch.Tensor,
                          positions_B: torch.Tensor, w_kvb: torch.Tensor, scale: float, v_dim: int,
                          launch: list[int], idle: int) -> torch.Tensor:
-    """attend_latent with its scratch allocated per call (from the graph's pool when captured):
+    """attend_latent, its scratch allocated per call (from the graph's pool when captured):
     o [B, H·v_dim] float32; launch: the values of OP_LAUNCH; idle: attend_latent's."""
-    t = dict(zip(OP_LAUNCH, launch))
-    B, H, C = q_lat.shape
-    V = v_dim
-    units = attention_units(t, H, ckv.shape[1], B)
-    f32 = dict(dtype=torch.float32, device=q_lat.device)
-    parts = (torch.empty(units + B, H, C, **f32), torch.empty(units + B, H, **f32), torch.empty(units + B, H, **f32))
-    out = torch.empty(B, H * V, **f32)
-    precision = "ieee" if ckv.dtype == torch.float32 else "tf32"
-    return attend_latent(q_lat, q_pe, ckv, kpe, positions_B, w_kvb, scale, out, parts, t, units, precision,
+    return attend_latent(q_lat, q_pe, ckv, kpe, positions_B, w_kvb, scale, v_dim, dict(zip(OP_LAUNCH, launch)),
                          dict(USE_PDL=False), idle)
 
 

@@ -72,15 +72,14 @@ class MLA(nn.Module):
     def forward(self, x_BTD, cos, sin, positions=None, cache=None, absorb: bool | None = None):
         q_nope, q_pe = self.query(x_BTD, cos, sin)
         c_kv, k_pe = self.latent(x_BTD, cos, sin)
-        mask = None
         if cache is not None:
             c_kv, k_pe = cache.update(self.layer_idx, positions, c_kv, k_pe)
-            mask = cache_mask(positions, c_kv.shape[1])
         if absorb is None:
             absorb = cache is not None
-        if absorb and self.decode_attention is not None and q_nope.shape[1] == 1 and positions is not None:
+        if absorb and cache is not None and self.decode_attention is not None and q_nope.shape[1] == 1:
             o_BTHV = self.decode_attention(self, q_nope, q_pe, c_kv, k_pe, positions)
         else:
+            mask = None if cache is None else cache_mask(positions, c_kv.shape[1])
             attend = self.absorbed if absorb else self.expanded
             o_BTHV = attend(q_nope, q_pe, c_kv, k_pe, mask)
         return self.o_proj(o_BTHV.flatten(-2))
