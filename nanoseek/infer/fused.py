@@ -33,7 +33,7 @@ from ..config import ModelConfig
 from ..kernels import decode as kernels
 from ..model import StaticCache, Transformer
 from ..model.moe import MoE, Router
-from .latent_attention import attend_latent, attention_parts, attention_units, pow2
+from .latent_attention import LatentDecodeAttention, attend_latent, attention_parts, attention_units, pow2
 
 MAX_EXPERTS = 256   # one program holds a token's E scores for the routing
 
@@ -195,13 +195,11 @@ class FusedDecoder:
     @staticmethod
     def unsupported(config: ModelConfig, model: Transformer | None = None) -> str | None:
         """Why this model (its config; and the built model's weights, if given) cannot take
-        the fused step, or None."""
-        from .fp8_weights import has_fp8_weights
-        if model is not None and has_fp8_weights(model):
-            return "FP8 weights (its kernels read 16-bit weights)"
+        the fused step, or None: its attention's reasons (LatentDecodeAttention), then its own."""
+        why = LatentDecodeAttention.unsupported(config, model)
+        if why:
+            return why
         c = config
-        if c.attention_type != "mla":
-            return f"attention_type {c.attention_type!r} (MLA only)"
         if c.q_lora_rank is None:
             return "no q_lora_rank (a single query projection)"
         if c.attention_bias:

@@ -149,5 +149,5 @@ class LatentDecodeAttention:
         if config.attention_type != "mla":
             return f"attention_type {config.attention_type!r} (MLA only)"
         if model is not None and has_fp8_weights(model):
-            return "FP8 weights (the output kernel reads a 16-bit W_UV)"
+            return "FP8 weights (the kernels read 16-bit weights)"
         return None
