@@ -267,7 +267,7 @@ def main():
                                                eager_or_compiled, profile)
                 except Exception as e:  # noqa: BLE001 - one path failing (a kernel's compile) leaves the others' rows
                     traceback.print_exc()
-                    rows[name] = {"precision": precision, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                    rows[name] = {"variant": precision, "error": f"{type(e).__name__}: {str(e)[:300]}"}
                 gc.collect(); torch._dynamo.reset()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
