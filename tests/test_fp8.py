@@ -249,8 +249,7 @@ def test_every_launch_shape_the_gpu_may_choose_agrees_with_the_twin(grouped_oper
     ends = offsets.to(DEVICE)
     for config in kernels._grouped_tuned.configs:
         out = torch.full_like(twin, float("nan"), device=DEVICE)
-        grid = ((triton.cdiv(300, 128) + 3) * (128 // config.kwargs["BLOCK_M"]),
-                triton.cdiv(136, config.kwargs["BLOCK_N"]))
+        grid = kernels.grouped_grid(300, 136, 4)(config.kwargs)
         kernels.grouped_mm_kernel[grid](*(t.to(DEVICE) for t in (a.data, a.scale, b.data, b.scale)), out, ends,
                                         first_tiles(ends), 136, 200, 4, 4, 128, **config.kwargs)
         assert ((out.cpu().double() - twin.double()).abs() <= bound).all(), config

@@ -12,8 +12,8 @@ Legend: M tokens sorted by group (expert), E groups, `ends` the cumulative group
 tile (quant.first_tiles). A tile never holds two groups' tokens.
 
 - `grouped_mm_kernel`: c [M, N] = a [M, K] · b[e] [N, K]^T for the rows of group e, with a
-  in 1x128 tiles and b in 128x128 blocks; one program per (128-row tile or half of one, block
-  of columns).
+  in 1x128 tiles and b in 128x128 blocks; one program per (block of columns, 128-row tile or
+  half of one).
 - `grouped_mm_tokens_kernel`: c[e] [N, K] = Σ over group e's tokens of a [N, P] · b [K, P]^T,
   both in the padded group-aligned 128-token tiles of quant.quantize_tokens; one program per
   (block of N, block of K, group), looping over the group's tiles.
@@ -45,10 +45,13 @@ def _group_bounds(ends_ptr, first_tile_ptr, e):
 @triton.jit
 def grouped_mm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, ends_ptr, first_tile_ptr, N, K, E,
                       EP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # a program takes BLOCK_M rows of a 128-row tile: all of it, or half (BLOCK_M divides 128)
-    tile = tl.program_id(0) // (BLOCK // BLOCK_M)
-    part = tl.program_id(0) % (BLOCK // BLOCK_M)
-    pid_n = tl.program_id(1)
+    # a program takes BLOCK_M rows of a 128-row tile: all of it, or half (BLOCK_M divides 128).
+    # The column blocks are the fastest grid axis: the programs running at once share their rows
+    # of a in L2, which is read once from memory, where with the rows fastest a was read once per
+    # column block (a [M, K] is as large as L2 at V2-Lite's shapes)
+    pid_n = tl.program_id(0)
+    tile = tl.program_id(1) // (BLOCK // BLOCK_M)
+    part = tl.program_id(1) % (BLOCK // BLOCK_M)
     if tile < tl.load(first_tile_ptr + E):  # the grid is a bound: ⌈M/128⌉ + E - 1 tiles
         groups = tl.arange(0, EP)
         tile_ends = tl.load(first_tile_ptr + 1 + groups, mask=groups < E, other=2**30)
@@ -175,6 +178,12 @@ def _launch(tuned, grid, *args) -> None:
     tuned.fn[grid(config.kwargs)](*args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
+def grouped_grid(M: int, N: int, E: int):
+    """grouped_mm_kernel's grid for a launch configuration: (column blocks, row programs), the
+    row tiles bounded by ⌈M/128⌉ + E - 1."""
+    return lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), (triton.cdiv(M, TILE) + E - 1) * (TILE // meta["BLOCK_M"]))
+
+
 @torch.library.custom_op("nanoseek::fp8_grouped_mm", mutates_args=())
 def grouped_mm_fp8(a_MK: torch.Tensor, scale_a: torch.Tensor, b_ENK: torch.Tensor, scale_b: torch.Tensor,
                    offsets_E: torch.Tensor, first_E1: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -185,8 +194,7 @@ def grouped_mm_fp8(a_MK: torch.Tensor, scale_a: torch.Tensor, b_ENK: torch.Tenso
     M, K = a_MK.shape
     E, N, _ = b_ENK.shape
     c = torch.empty(M, N, dtype=out_dtype, device=a_MK.device)
-    _launch(_grouped_tuned, lambda meta: ((triton.cdiv(M, TILE) + E - 1) * (TILE // meta["BLOCK_M"]),
-                                          triton.cdiv(N, meta["BLOCK_N"])),
+    _launch(_grouped_tuned, grouped_grid(M, N, E),
             a_MK, scale_a, b_ENK, scale_b, c, offsets_E, first_E1, N, K, E, triton.next_power_of_2(E),
             TILE)
     return c
