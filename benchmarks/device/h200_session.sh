@@ -238,7 +238,8 @@ case $stage in
   verify)  # after the CPU-only changes: the token quantizer's GPU tests; the attention kernels' tests on the GPU
             # (units, padding rows, the engine's compiled step with them, V3 widths); BF16 vs FP8 training (~8 min)
     timeout 90 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8.py \
-      -k "byte_for_byte or fast_fp8_swiglu or grouped_kernels or launch_shape" 2>&1 | tee "$OUT/verify_fp8_tests.log" | tail -8
+      -k "byte_for_byte or fast_fp8_swiglu or grouped_kernels or launch_shape" 2>&1 \
+      | tee "$OUT/verify_fp8_tests.log" | tail -8
     timeout 200 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_latent_attention.py \
       tests/test_fused_decode.py -k "units or padding or latent or decode_attention or engine_decodes or v3_layer" \
       2>&1 | tee "$OUT/verify_attention_tests.log" | tail -14
