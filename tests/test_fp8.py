@@ -226,13 +226,25 @@ def test_triton_grouped_kernels_agree_with_the_twin(grouped_operands):
     fast = gemm.grouped_mm(moved(a), moved(b), offsets.to(DEVICE), torch.float32, fast=True).double().cpu()
     bound = torch.cat([gamma_bound(deq64(a)[s], deq64(b)[e]) for e, s in
                        enumerate((slice(0, 100), slice(100, 100), slice(100, 261), slice(261, 300)))])
-    assert ((fast - twin).abs() <= 2 * bound).all()
+    assert ((fast - twin).abs() <= 2 * bound + tensor_core_slack(a, b)).all()
     dy, x = torch.randn(300, 72, generator=g), torch.randn(300, 48, generator=g)
     qa, qb = quantize_tokens(dy, offsets), quantize_tokens(x, offsets)
     twin = gemm.grouped_mm_tokens(qa, qb, offsets, 4, torch.float32, fast=False)
     fast = gemm.grouped_mm_tokens(*(moved(q) for q in (qa, qb)), offsets.to(DEVICE), 4, torch.float32,
                                   fast=True).cpu()
-    assert ((fast.double() - twin.double()).abs() <= 2 * gamma_bound(deq64(qa), deq64(qb)).max()).all()
+    bound = 2 * gamma_bound(deq64(qa), deq64(qb)).max() + tensor_core_slack(qa, qb, tokens=True)
+    assert ((fast.double() - twin.double()).abs() <= bound).all()
+
+
+def tensor_core_slack(a, b, tokens: bool = False):
+    """What a GPU's FP8 tensor cores add to the kernels' float32 error: ~14 bits kept inside
+    each 128-long K block (V3 §3.3.2), up to 2^-13 of Σ|a·b| (test_gpu_grouped_kernels_match_the_twin);
+    none in Triton's interpreter, which multiplies in float32."""
+    if DEVICE == "cpu":
+        return 0.0
+    if tokens:  # a [N, P] · b [K, P]^T, every group at once: a bound for each
+        return 2 ** -13 * (deq64(a).abs() @ deq64(b).abs().t())
+    return 2 ** -13 * deq64(a).abs() @ deq64(b).abs().amax(0).t()
 
 
 def test_every_launch_shape_the_gpu_may_choose_agrees_with_the_twin(grouped_operands):
@@ -252,7 +264,7 @@ def test_every_launch_shape_the_gpu_may_choose_agrees_with_the_twin(grouped_oper
         grid = kernels.grouped_grid(300, 136, 4)(config.kwargs)
         kernels.grouped_mm_kernel[grid](*(t.to(DEVICE) for t in (a.data, a.scale, b.data, b.scale)), out, ends,
                                         first_tiles(ends), 136, 200, 4, 4, 128, **config.kwargs)
-        assert ((out.cpu().double() - twin.double()).abs() <= bound).all(), config
+        assert ((out.cpu().double() - twin.double()).abs() <= bound + tensor_core_slack(a, b)).all(), config
     dy, x = torch.randn(300, 300, generator=g), torch.randn(300, 48, generator=g)
     qa, qb = quantize_tokens(dy, offsets), quantize_tokens(x, offsets)
     twin = gemm.grouped_mm_tokens(qa, qb, offsets, 4, torch.float32, fast=False)
@@ -263,7 +275,7 @@ def test_every_launch_shape_the_gpu_may_choose_agrees_with_the_twin(grouped_oper
         kernels.grouped_mm_tokens_kernel[(blocks, 4)](*(t.to(DEVICE) for t in (qa.data, qa.scale, qb.data, qb.scale)),
                                                        out, first_tiles(ends), 300, 48, qa.data.shape[1],
                                                        qa.scale.shape[1], 128, **config.kwargs)
-        assert ((out.cpu().double() - twin.double()).abs() <= bound).all(), config
+        assert ((out.cpu().double() - twin.double()).abs() <= bound + tensor_core_slack(qa, qb, True)).all(), config
 
 
 # ---------------------------------------------------------------------- autograd functions

@@ -26,6 +26,7 @@
 #   bash benchmarks/device/h200_session.sh fp8        # FP8 GEMM error, FP8-resident decode, long-context
 #                                              # attention, training throughput BF16 vs FP8 on V2-Lite layers
 #   bash benchmarks/device/h200_session.sh serving    # serve load, prefix cache
+#   bash benchmarks/device/h200_session.sh check      # the engine's decode paths against a no-cache reference
 #   bash benchmarks/device/h200_session.sh attention  # MLA decode attention at V3 widths, fused launches swept
 #   bash benchmarks/device/h200_session.sh one        # the most needed of shapes and fp8 in one call
 #   bash benchmarks/device/h200_session.sh r1-zero    # `nanoseek r1 --stages zero` from a `small` pretrained model
@@ -249,10 +250,15 @@ case $stage in
     ;;
   longctx)  # the compiled decode step's MLA attention, kernels against the absorbed attention, in engines whose
            # cache (32K) is longer than their requests (1K prompts), as a server's is: V3's widths, then V2-Lite's
-    real_decode "$(left 300)" --preset deepseek-v3 --layers 2 --prompt 1024 --new 64 --batches 1 16 --repeat 2 \
+    real_decode "$(left "${V3_END:-300}")" --preset deepseek-v3 --layers 2 --prompt 1024 --new 64 --batches 1 16 \
+      --repeat 2 --modes kernel-attention torch-attention --max-len 32768 --skip-hf
+    real_decode "$(left "${END:-580}")" --preset deepseek-v2-lite --layers 8 --prompt 1024 --new 64 --batches 1 16 --repeat 2 \
       --modes kernel-attention torch-attention --max-len 32768 --skip-hf
-    real_decode "$(left 580)" --preset deepseek-v2-lite --layers 8 --prompt 1024 --new 64 --batches 1 16 --repeat 2 \
-      --modes kernel-attention torch-attention --max-len 32768 --skip-hf
+    ;;
+  check)  # which engine path leaves the no-cache reference's greedy tokens; the grouped FP8 kernels' CPU tests
+    timeout 150 python3 benchmarks/decode_attention_check.py 2>&1 | quiet | tee "$OUT/decode_attention_check.log"
+    timeout 60 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8.py \
+      -k "grouped_kernels or launch_shape" 2>&1 | tail -5 | tee "$OUT/check_fp8_tests.log"
     ;;
   attention)  # MLA decode attention at V3's widths (compute-bound at 128 heads), 4K-128K, batch 1 and 16, the
               # fused launch swept (~4 min); then V2-Lite's 16 heads (memory-bound) as time allows
