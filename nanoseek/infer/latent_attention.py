@@ -118,6 +118,13 @@ def _(q_lat, q_pe, ckv, kpe, positions_B, w_kvb, scale, v_dim, launch, idle):
     return q_lat.new_empty(q_lat.shape[0], q_lat.shape[1] * v_dim, dtype=torch.float32)
 
 
+def op_positions(positions: torch.Tensor) -> torch.Tensor:
+    """The rows' positions [B] for mla_decode_attention, copied: a captured engine step advances
+    its positions input [B, 1] in place at its end, and the opaque op must read them before that
+    whatever order Inductor gives the write."""
+    return positions[:, 0].clone()
+
+
 class LatentDecodeAttention:
     """In place of MLA.absorbed for one new token a row (MLA.decode_attention): W_UK folded
     into the query as the absorbed attention does, then mla_decode_attention over each row's
@@ -138,7 +145,7 @@ class LatentDecodeAttention:
         w_uk_HNC = attn.kv_b_proj.weight.unflatten(0, (H, -1))[:, : attn.nope_dim]
         q_lat = torch.einsum("bhn,hnc->bhc", q_nope[:, 0], w_uk_HNC.to(q_nope.dtype)).float()
         o = mla_decode_attention(q_lat.contiguous(), q_pe[:, 0].float().contiguous(), c_kv, k_pe,
-                                 positions[:, 0].contiguous(), attn.kv_b_proj.weight, attn.scale, attn.v_dim,
+                                 op_positions(positions), attn.kv_b_proj.weight, attn.scale, attn.v_dim,
                                  self.launch, self.idle)
         return o.to(q_nope.dtype).view(B, 1, H, attn.v_dim)
 
