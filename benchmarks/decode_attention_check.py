@@ -46,25 +46,27 @@ def main() -> None:
     from nanoseek.infer import latent_attention
     copied = latent_attention.op_positions
     rows = []
-    for attention in ("torch", "kernel", "kernel-view"):
+    compiled_graphs = (True, True, 0, 8)
+    paths = [("torch", *compiled_graphs), ("torch", True, True, None, 8),
+             ("kernel", *compiled_graphs), ("kernel", True, True, None, 8), ("kernel", True, True, 0, 1),
+             ("kernel", True, False, 0, 8), ("kernel", False, False, 0, 1),
+             ("kernel-view", *compiled_graphs), ("kernel-view", True, False, 0, 8)]
+    for attention, graphs, compiled, fused, burst in paths:
         # kernel-view: the op handed a view of the step's positions input, as before they were copied
         latent_attention.op_positions = (lambda p: p[:, 0].contiguous()) if attention == "kernel-view" else copied
-        for graphs, compiled, fused, burst in ((True, True, None, 8), (True, True, 0, 8), (True, True, 0, 1),
-                                               (True, False, 0, 8), (False, False, 0, 1), (False, True, 0, 1)):
-            config = InferenceConfig(decode_attention=attention.removesuffix("-view"), fused_launch=LAUNCH, cuda_graphs=graphs,
-                                     compile=compiled, fused_decode_rows=fused, decode_burst=burst)
-            name = f"{attention} graphs={graphs} compile={compiled} fused_rows={fused} burst={burst}"
-            try:
-                engine = Engine(model, max_batch=2, max_len=args.max_len, config=config)
-                out = [o.token_ids for o in engine.generate(prompts, SamplingParams(max_tokens=args.new,
-                                                                                    temperature=0))]
-            except Exception as e:  # noqa: BLE001 - a diagnostic: report and go on
-                rows.append(dict(path=name, error=f"{type(e).__name__}: {e}"))
-                print(name, "ERROR", e, flush=True)
-                continue
-            first = [next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), None) for o, r in zip(out, ref)]
-            rows.append(dict(path=name, tokens=out, first_difference=first))
-            print(f"{name}: first difference per row {first} {out}", flush=True)
+        config = InferenceConfig(decode_attention=attention.removesuffix("-view"), fused_launch=LAUNCH,
+                                 cuda_graphs=graphs, compile=compiled, fused_decode_rows=fused, decode_burst=burst)
+        name = f"{attention} graphs={graphs} compile={compiled} fused_rows={fused} burst={burst}"
+        try:
+            engine = Engine(model, max_batch=2, max_len=args.max_len, config=config)
+            out = [o.token_ids for o in engine.generate(prompts, SamplingParams(max_tokens=args.new, temperature=0))]
+        except Exception as e:  # noqa: BLE001 - a diagnostic: report and go on
+            rows.append(dict(path=name, error=f"{type(e).__name__}: {e}"))
+            print(name, "ERROR", e, flush=True)
+            continue
+        first = [next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), None) for o, r in zip(out, ref)]
+        rows.append(dict(path=name, tokens=out, first_difference=first))
+        print(f"{name}: first difference per row {first} {out}", flush=True)
     path = os.path.join(os.environ.get("OUT", "."), "decode_attention_check.json")
     with open(path, "w") as f:
         json.dump(dict(reference=ref, rows=rows, device=torch.cuda.get_device_name() if torch.cuda.is_available()

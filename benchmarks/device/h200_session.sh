@@ -256,7 +256,7 @@ case $stage in
       --modes kernel-attention torch-attention --max-len 32768 --skip-hf
     ;;
   check)  # which engine path leaves the no-cache reference's greedy tokens; the grouped FP8 kernels' CPU tests
-    timeout 150 python3 benchmarks/decode_attention_check.py 2>&1 | quiet | tee "$OUT/decode_attention_check.log"
+    timeout 200 python3 benchmarks/decode_attention_check.py 2>&1 | quiet | tee "$OUT/decode_attention_check.log"
     timeout 60 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8.py \
       -k "grouped_kernels or launch_shape" 2>&1 | tail -5 | tee "$OUT/check_fp8_tests.log"
     ;;
