@@ -15,7 +15,8 @@ DeepSeek-V3's recipe), against which transformers has nothing to run. `bf16-per-
 `fp8-per-use` prepare the weights (the BF16 cast, the experts' FP8 quantization) at every
 use instead of once a step (train field weights_once, on by default): the peers that
 default must beat. `bf16-fused-accum` and `fp8-fused-accum` add each micro-batch's BF16
-weight gradient into the float32 one in a single pass (train field fuse_grad_accumulation).
+weight gradient into the float32 one in a single pass, and FP8's routed experts add theirs in
+the wgrad kernel (train field fuse_grad_accumulation).
 
 Shapes: `--preset bench-1b` (default), or a real model's layer shapes with fewer layers,
 e.g. `--preset deepseek-v2-lite --layers 4 --batch 2 --seq 4096`.

@@ -236,6 +236,34 @@ def test_triton_grouped_kernels_agree_with_the_twin(grouped_operands):
     assert ((fast.double() - twin.double()).abs() <= bound).all()
 
 
+def test_triton_wgrad_adds_into_a_gradient_as_the_twin_does(grouped_operands):
+    """Fused accumulation: the wgrad kernel adds its product into a float32 gradient already
+    holding c0 (in Triton's interpreter without a GPU) as the twin's c0 + product does. Bound:
+    the products' (twice the accumulation bound, test_triton_grouped_kernels_agree_with_the_twin)
+    plus each side's one rounding of the sum, 2^-24 of |c0| + |product| each. The empty group's
+    gradient is left as it was, and one group (a dense layer) adds its product too."""
+    pytest.importorskip("triton")
+    offsets, _, _, _, g = grouped_operands
+    dy, x = torch.randn(300, 72, generator=g), torch.randn(300, 48, generator=g)
+    qa, qb = quantize_tokens(dy, offsets), quantize_tokens(x, offsets)
+    c0 = torch.randn(4, 72, 48, generator=g) * 20
+    product = gemm.grouped_mm_tokens(qa, qb, offsets, 4, torch.float32, fast=False)
+    twin = c0.clone()
+    assert gemm.grouped_mm_tokens(qa, qb, offsets, 4, torch.float32, fast=False, into=twin) is twin
+    assert twin.equal(c0 + product)
+    fast = c0.clone().to(DEVICE)
+    assert gemm.grouped_mm_tokens(*(moved(q) for q in (qa, qb)), offsets.to(DEVICE), 4, torch.float32, fast=True,
+                                  into=fast) is fast
+    bound = (2 * gamma_bound(deq64(qa), deq64(qb)).max() + tensor_core_slack(qa, qb, tokens=True)
+             + 2 ** -23 * (c0.double().abs() + product.double().abs()))
+    assert ((fast.cpu().double() - twin.double()).abs() <= bound).all()
+    assert fast[1].cpu().equal(c0[1]) and not fast.cpu().equal(c0)
+    one = quantize_tokens(dy, None), quantize_tokens(x, None)
+    dense = c0[:1].clone()
+    gemm.grouped_mm_tokens(*one, None, 1, torch.float32, fast=False, into=dense)
+    assert dense.equal(c0[:1] + gemm.grouped_mm_tokens(*one, None, 1, torch.float32, fast=False))
+
+
 def tensor_core_slack(a, b, tokens: bool = False):
     """What a GPU's FP8 tensor cores add to the kernels' float32 error: ~14 bits kept inside
     each 128-long K block (V3 §3.3.2), up to 2^-13 of Σ|a·b| (test_gpu_grouped_kernels_match_the_twin);
@@ -527,6 +555,20 @@ def test_gpu_grouped_kernels_match_the_twin(grouped_operands):
     fast = gemm.grouped_mm_tokens(moved(qa), moved(qb), offsets.cuda(), 4, torch.float32, fast=True).cpu()
     twin = gemm.grouped_mm_tokens(qa, qb, offsets, 4, torch.float32, fast=False)
     assert ((fast - twin).abs() <= 2 ** -13 * (deq64(qa).abs() @ deq64(qb).abs().t())).all()
+    # the launch that adds into a gradient, at a shape of its own so that this call is the one the
+    # autotuner times every configuration on: c must come back restored after each timing run,
+    # holding c0 + the product once (each side's sum rounded once more: 2^-24 of it)
+    dy, x = torch.randn(300, 80, generator=g), torch.randn(300, 56, generator=g)
+    qa, qb = quantize_tokens(dy, offsets), quantize_tokens(x, offsets)
+    c0 = torch.randn(4, 80, 56, generator=g) * 20
+    product = gemm.grouped_mm_tokens(qa, qb, offsets, 4, torch.float32, fast=False)
+    twin = gemm.grouped_mm_tokens(qa, qb, offsets, 4, torch.float32, fast=False, into=c0.clone())
+    fast = c0.cuda()
+    gemm.grouped_mm_tokens(moved(qa), moved(qb), offsets.cuda(), 4, torch.float32, fast=True, into=fast)
+    bound = (2 ** -13 * (deq64(qa).abs() @ deq64(qb).abs().t())
+             + 2 ** -23 * (c0.double().abs() + product.double().abs()))
+    assert ((fast.cpu().double() - twin.double()).abs() <= bound).all()
+    assert fast[1].cpu().equal(c0[1])  # the empty group's gradient as it was
 
 
 # The fast path (Triton's kernels, and cuBLAS on a GPU) against the twin, op by op on the same
@@ -616,6 +658,41 @@ def test_fast_fp8_swiglu_compiles_whole_and_equals_eager():
         assert torch.equal(eager, compiled), name
 
 
+@needs_triton
+def test_fast_fp8_swiglu_adding_into_gradient_buffers_compiles_whole_and_equals_eager():
+    """Fused accumulation compiled: over two micro-batches the backward's kernel adds the weight
+    gradients into the buffers (graph inputs it mutates) and autograd gives the weights none.
+    From zeros the buffers end as autograd's accumulated gradients, exactly (0 + dw1 + dw2),
+    eager and compiled."""
+    if DEVICE != "cpu":  # as test_fast_fp8_swiglu_compiles_whole_and_equals_eager
+        pytest.skip("exact on the CPU only; on a GPU test_gpu_fp8_training_steps_compile_with_fullgraph")
+    g = torch.Generator().manual_seed(4)
+    E, D, F_ = 3, 128, 256
+    xs = [torch.randn(300, D, generator=g).to(DEVICE) for _ in range(2)]
+    ws = [(0.05 * torch.randn(*shape, generator=g)).to(DEVICE).requires_grad_()
+          for shape in ((E, F_, D), (E, F_, D), (E, D, F_))]
+    offsets = torch.tensor([100, 100, 300], dtype=torch.int32, device=DEVICE)
+
+    def experts(x, wg, wu, wd, grads):
+        return fp8_swiglu(x, wg, wu, wd, offsets, True, grads_into=grads)
+    results = []
+    for f in (experts, torch.compile(experts, fullgraph=True), None):
+        grads, dxs = tuple(torch.zeros_like(w) for w in ws), []
+        for x in xs:
+            x = x.clone().requires_grad_()
+            y = experts(x, *ws, ()) if f is None else f(x, *ws, grads)
+            y.square().sum().backward()
+            dxs.append(x.grad)
+        if f is None:  # autograd's accumulation
+            grads = tuple(w.grad for w in ws)
+        else:
+            assert all(w.grad is None for w in ws)
+        results.append([*dxs, *grads])
+    for name, eager, compiled, autograd in zip(("dx1", "dx2", "dW_gate", "dW_up", "dW_down"), *results):
+        assert torch.equal(eager, compiled) and torch.equal(eager, autograd), name
+        assert eager.abs().sum() > 0, name
+
+
 @pytest.mark.gpu
 def test_gpu_fp8_model_loss_matches_the_emulated_twin():
     """Whole model, fast kernels vs twin: the loss (an average, robust to a flipped route) and
@@ -637,7 +714,11 @@ def test_gpu_fp8_model_loss_matches_the_emulated_twin():
 
 
 @pytest.mark.gpu
-def test_gpu_fp8_training_steps_compile_with_fullgraph():
+@pytest.mark.parametrize("fuse", [False, True])
+def test_gpu_fp8_training_steps_compile_with_fullgraph(fuse):
+    """Compiled FP8 training steps of two micro-batches, the experts' gradients accumulated by
+    autograd or (fuse) by the wgrad kernel into the step's buffers."""
+    from nanoseek.fp8 import Fp8TrainExperts
     from nanoseek.train.optim import build_optimizer
     from nanoseek.train.step import train_step
     model = tiny_model(hidden_size=256, moe_intermediate_size=128).cuda().train()
@@ -645,6 +726,11 @@ def test_gpu_fp8_training_steps_compile_with_fullgraph():
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
     opt = build_optimizer(model, 3e-3)
     ids = torch.randint(0, 256, (4, 128), device="cuda")
-    losses = [train_step(model, [{"input_ids": ids, "labels": ids}], opt, autocast_dtype=torch.bfloat16,
-                         compiled=compiled, base_model=model)["loss"] for _ in range(4)]
+    micro = [{"input_ids": ids[:2], "labels": ids[:2]}, {"input_ids": ids[2:], "labels": ids[2:]}]
+    losses = [train_step(model, micro, opt, autocast_dtype=torch.bfloat16, compiled=compiled, base_model=model,
+                         fuse_accumulation=fuse)["loss"] for _ in range(4)]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    experts = [m for m in model.modules() if isinstance(m, Fp8TrainExperts)]
+    assert experts and all(hasattr(m, "gate_grad") == fuse for m in experts)
+    if fuse:  # they held the last step's gradients
+        assert all(getattr(m, name).abs().sum() > 0 for m in experts for name in m.GRADS)

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from safetensors import safe_open
+from torch import nn
 
 import nanoseek
 from nanoseek.cli import main
@@ -202,6 +203,90 @@ def test_fused_accumulation_adds_the_same_gradients_in_one_pass():
     assert all(fused[n].equal(autograd[n]) for n in fused if n != "lm_head.weight")
     head, head_fused = autograd["lm_head.weight"], fused["lm_head.weight"]
     assert ((head_fused - head).abs() <= 2 ** -8 * head_sums).all() and not head_fused.equal(head)
+
+
+def fp8_steps_grads(fuse: bool, compile_backend=None, **overrides) -> tuple[list[dict], set[str], nn.Module]:
+    """Two optimizer steps of two FP8-emulated micro-batches each (compiled with torch.compile's
+    `compile_backend`, if given): every gradient the optimizer is handed (after clipping) at each
+    step, the names of the parameters whose gradient hooks fired, and the model."""
+    from nanoseek.fp8 import convert_to_fp8
+    from nanoseek.train.step import train_step
+    g = torch.Generator().manual_seed(4)
+    batches = [torch.randint(0, 256, (2, 32), generator=g) for _ in range(4)]
+    model = tiny_model(**overrides).train()
+    convert_to_fp8(model, device="cpu")
+    compiled = None if compile_backend is None else torch.compile(model, fullgraph=True, backend=compile_backend)
+    opt = build_optimizer(model, 1e-3)
+    seen, fired = [], set()
+    for name, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda _, name=name: fired.add(name))
+    opt.register_step_pre_hook(lambda *_: seen.append({n: p.grad.clone() for n, p in model.named_parameters()
+                                                       if p.grad is not None}))
+    for step in range(2):
+        micro = [{"input_ids": ids, "labels": ids} for ids in batches[2 * step:2 * step + 2]]
+        train_step(model, micro, opt, compiled=compiled, base_model=model, fuse_accumulation=fuse)
+    return seen, fired, model
+
+
+def test_fp8_experts_fused_accumulation_adds_in_the_wgrad_as_autograd_does():
+    """FP8 training's fused accumulation: the routed experts' wgrad adds each micro-batch's
+    gradient into a float32 buffer, which becomes the weight's .grad at the step's end. Every
+    gradient equals autograd's sum bit for bit (float32 additions of the same values in the
+    same order: 0 + dw1 is dw1), at the first step and at the second, after zero_grad dropped
+    the buffers from .grad; so do the weights the optimizer then makes. Autograd never sees
+    those gradients (their hooks do not fire), and the buffers stay out of the checkpoint."""
+    from nanoseek.fp8 import Fp8TrainExperts
+    (autograd, fired_plain, plain), (fused, fired, model) = fp8_steps_grads(False), fp8_steps_grads(True)
+    experts = [m for m in model.modules() if isinstance(m, Fp8TrainExperts)]
+    expert_weights = {n for n, _ in model.named_parameters() if ".experts." in n}
+    assert len(expert_weights) == 9 and fired_plain - fired == expert_weights and fired <= fired_plain
+    assert len(experts) == 3 and not any(hasattr(m, "gate_grad") for m in plain.modules())  # 2 MoE layers, MTP's
+    for m in experts:  # the last step's .grad were these buffers, each with every expert's gradient
+        assert not m.grad_into and m.gate_proj.grad is None  # (zero_grad dropped it)
+        assert all((getattr(m, name).flatten(1).abs().sum(1) > 0).all() for name in m.GRADS)
+    assert len(autograd) == len(fused) == 2
+    for a, f in zip(autograd, fused):
+        assert a.keys() == f.keys() and all(f[n].equal(a[n]) for n in a)
+    assert all(p.equal(q) for p, q in zip(plain.parameters(), model.parameters()))
+    assert list(model.state_dict()) == list(plain.state_dict())
+
+
+def test_fp8_experts_fused_accumulation_adds_to_a_gradient_already_there():
+    """A step entered with gradients already in .grad (no zero_grad since) adds to them, fused
+    or not, bit for bit alike."""
+    from nanoseek.fp8 import convert_to_fp8
+    from nanoseek.train.precision import weights_once_a_step
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(5))
+    grads = []
+    for fuse in (False, True):
+        model = tiny_model().train()
+        convert_to_fp8(model, device="cpu")
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
+        with weights_once_a_step(model, None, fuse_accumulation=fuse):
+            model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    plain, fused = grads
+    assert all(fused[n].equal(plain[n]) for n in plain)
+
+
+@pytest.mark.slow
+def test_fp8_experts_fused_accumulation_traces_whole_and_compiles_once():
+    """The same two steps compiled (fullgraph, through AOTAutograd: Inductor's CPU code
+    generation fails on the FP8 model with or without fused accumulation), the fused run's
+    backward graph writing the experts' gradient buffers: each model compiles once for both steps
+    (the same buffers and flags each step) and the fused run's gradients equal the plain run's
+    bit for bit."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    runs = []
+    for fuse in (False, True):
+        counter = CompileCounterWithBackend("aot_eager")
+        grads, _, _ = fp8_steps_grads(fuse, counter, num_hidden_layers=2)
+        assert counter.frame_count == 1 and len(grads) == 2
+        runs.append(grads)
+    autograd, fused = runs
+    for a, f in zip(autograd, fused):
+        assert a.keys() == f.keys() and all(f[n].equal(a[n]) for n in a)
 
 
 def test_weights_cast_once_only_where_autocast_lowers_float32():

@@ -157,10 +157,18 @@ def grouped_mm(a: Quantized, b: Quantized, offsets_E: torch.Tensor | None, out_d
 
 
 def grouped_mm_tokens(a: Quantized, b: Quantized, offsets_E: torch.Tensor | None, n_groups: int,
-                      out_dtype: torch.dtype, fast: bool) -> torch.Tensor:
+                      out_dtype: torch.dtype, fast: bool, into: torch.Tensor | None = None) -> torch.Tensor:
     """a [N, P] · b [K, P]^T summed over each group's tokens -> [E, N, K] (a weight gradient
     per group; zeros for a group without tokens). a and b come from quant.quantize_tokens with
-    the same offsets_E, in its padded group-aligned layout (None: one group of all tokens)."""
+    the same offsets_E, in its padded group-aligned layout (None: one group of all tokens).
+    into: a float32 [E, N, K] gradient (contiguous) that the product is added to and that is
+    returned; the fast path adds in the kernel's store, with no pass of its own."""
+    if into is not None:
+        if fast and offsets_E is not None:
+            from .kernels import grouped_mm_tokens_into_fp8
+            grouped_mm_tokens_into_fp8(a.data, a.scale, b.data, b.scale, first_tiles(offsets_E), into)
+            return into
+        return into.add_(grouped_mm_tokens(a, b, offsets_E, n_groups, into.dtype, fast))
     if offsets_E is None:
         return scaled_mm(a, b, out_dtype, fast)[None]
     if fast:

@@ -16,7 +16,8 @@ tile (quant.first_tiles). A tile never holds two groups' tokens.
   half of one).
 - `grouped_mm_tokens_kernel`: c[e] [N, K] = Σ over group e's tokens of a [N, P] · b [K, P]^T,
   both in the padded group-aligned 128-token tiles of quant.quantize_tokens; one program per
-  (block of N, block of K, group), looping over the group's tiles.
+  (block of N, block of K, group), looping over the group's tiles. With ACCUMULATE it adds into
+  c (a float32 gradient) instead of overwriting it.
 - `quantize_tokens_kernel`: those tiles built from the [tokens, channels] activations or
   gradients in one pass; one program per (tile, block of channels).
 
@@ -85,7 +86,8 @@ def grouped_mm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, ends_ptr, first_tile_
 
 @triton.jit
 def grouped_mm_tokens_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, first_tile_ptr, N, K, P, T,
-                             BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                             BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             ACCUMULATE: tl.constexpr = False):
     # the group is the slowest grid axis, so that the programs running at once share their
     # group's tiles in L2
     e = tl.program_id(1)
@@ -104,8 +106,11 @@ def grouped_mm_tokens_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, first_tile_ptr
         sa = tl.load(sa_ptr + ns * T + t, mask=n_ok, other=0.0)
         sb = tl.load(sb_ptr + ks * T + t, mask=k_ok, other=0.0)
         acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb[None, :])
-    tl.store(c_ptr + (e.to(tl.int64) * N + ns[:, None]) * K + ks[None, :], acc.to(c_ptr.dtype.element_ty),
-             mask=n_ok[:, None] & k_ok[None, :])
+    c_ptrs = c_ptr + (e.to(tl.int64) * N + ns[:, None]) * K + ks[None, :]
+    c_ok = n_ok[:, None] & k_ok[None, :]
+    if ACCUMULATE:  # read after the loop: the old block holds no registers while the tiles stream
+        acc = tl.load(c_ptrs, mask=c_ok, other=0.0) + acc
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_ok)
 
 
 @triton.jit
@@ -141,14 +146,15 @@ def quantize_tokens_kernel(x_ptr, q_ptr, s_ptr, ends_ptr, first_tile_ptr, M, C, 
     tl.store(s_ptr + cs * T + tile, scale, mask=c_ok)
 
 
-# On a GPU the launch shapes are chosen per (N, K) by timing a few Hopper-typical ones (each
-# kernel writes its whole output, so a timing run is harmless; a 256-wide block with 4 warps
-# would spill its float32 accumulator). 64-row programs of 4 warps (one warpgroup) are what
-# vLLM's tuned table for its Triton blockwise FP8 GEMM at N = K = 1536 on an H100 picks at every
-# M. A weight gradient's program loops over its expert's few token tiles (~3 at V2-Lite's
-# 4,096 tokens) and then stores a float32 block: two stages and less shared memory leave room
-# for more programs an SM to hide those stores. Timing more shapes costs the first step, never
-# a later one. Triton's CPU interpreter gets the first.
+# On a GPU the launch shapes are chosen per (N, K) by timing a few Hopper-typical ones (a kernel
+# that writes its whole output can run any number of times; the accumulating launch's output is
+# restored after each timing run; a 256-wide block with 4 warps would spill its float32
+# accumulator). 64-row programs of 4 warps (one warpgroup) are what vLLM's tuned table for its
+# Triton blockwise FP8 GEMM at N = K = 1536 on an H100 picks at every M. A weight gradient's
+# program loops over its expert's few token tiles (~3 at V2-Lite's 4,096 tokens) and then stores
+# a float32 block: two stages and less shared memory leave room for more programs an SM to hide
+# those stores. Timing more shapes costs the first step, never a later one. Triton's CPU
+# interpreter gets the first.
 def _configs(*shapes: tuple[dict, int, int]) -> list[triton.Config]:
     return [triton.Config(blocks, num_warps=warps, num_stages=stages) for blocks, warps, stages in shapes]
 
@@ -167,21 +173,31 @@ _tokens_tuned = triton.autotune(_configs(({"BLOCK_N": 128, "BLOCK_K": 128}, 8, 3
                                          ({"BLOCK_N": 128, "BLOCK_K": 128}, 4, 2),
                                          ({"BLOCK_N": 64, "BLOCK_K": 128}, 4, 2)),
                                 key=["N", "K"])(grouped_mm_tokens_kernel)
+# the same shapes for the launch that adds into a gradient: timed apart from the overwriting one,
+# c restored after every timing run, which would otherwise add once more each
+_tokens_into_tuned = triton.autotune(_tokens_tuned.configs, key=["N", "K"], restore_value=["c_ptr"])(
+    grouped_mm_tokens_kernel)
 
 
-def _launch(tuned, grid, *args) -> None:
+def _launch(tuned, grid, *args, **constexprs) -> None:
     """The autotuned kernel on a GPU; its first configuration in Triton's CPU interpreter."""
     if args[0].is_cuda:
-        tuned[grid](*args)
+        tuned[grid](*args, **constexprs)
         return
     config = tuned.configs[0]
-    tuned.fn[grid(config.kwargs)](*args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    tuned.fn[grid(config.kwargs)](*args, **config.kwargs, **constexprs, num_warps=config.num_warps,
+                                  num_stages=config.num_stages)
 
 
 def grouped_grid(M: int, N: int, E: int):
     """grouped_mm_kernel's grid for a launch configuration: (column blocks, row programs), the
     row tiles bounded by ⌈M/128⌉ + E - 1."""
     return lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), (triton.cdiv(M, TILE) + E - 1) * (TILE // meta["BLOCK_M"]))
+
+
+def tokens_grid(N: int, K: int, n_groups: int):
+    """grouped_mm_tokens_kernel's grid for a launch configuration: (blocks of [N, K], groups)."""
+    return lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]), n_groups)
 
 
 @torch.library.custom_op("nanoseek::fp8_grouped_mm", mutates_args=())
@@ -214,14 +230,25 @@ def grouped_mm_tokens_fp8(a_NP: torch.Tensor, scale_a: torch.Tensor, b_KP: torch
     N, P = a_NP.shape
     K, T = b_KP.shape[0], scale_a.shape[1]
     c = torch.empty(n_groups, N, K, dtype=out_dtype, device=a_NP.device)
-    _launch(_tokens_tuned, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]), n_groups),
-            a_NP, scale_a, b_KP, scale_b, c, first_E1, N, K, P, T, TILE)
+    _launch(_tokens_tuned, tokens_grid(N, K, n_groups), a_NP, scale_a, b_KP, scale_b, c, first_E1, N, K, P, T, TILE)
     return c
 
 
 @grouped_mm_tokens_fp8.register_fake
 def _(a_NP, scale_a, b_KP, scale_b, first_E1, n_groups, out_dtype):
     return a_NP.new_empty(n_groups, a_NP.shape[0], b_KP.shape[0], dtype=out_dtype)
+
+
+# no fake registration: an op that mutates and returns nothing gets torch's trivial one
+@torch.library.custom_op("nanoseek::fp8_grouped_mm_tokens_into", mutates_args=("c_ENK",))
+def grouped_mm_tokens_into_fp8(a_NP: torch.Tensor, scale_a: torch.Tensor, b_KP: torch.Tensor, scale_b: torch.Tensor,
+                               first_E1: torch.Tensor, c_ENK: torch.Tensor) -> None:
+    """c [E, N, K] += grouped_mm_tokens_fp8's product, in the kernel's store (c float32,
+    contiguous: a weight's gradient, which then needs no separate read-add-write pass)."""
+    N, P = a_NP.shape
+    K, T = b_KP.shape[0], scale_a.shape[1]
+    _launch(_tokens_into_tuned, tokens_grid(N, K, c_ENK.shape[0]),
+            a_NP, scale_a, b_KP, scale_b, c_ENK, first_E1, N, K, P, T, TILE, ACCUMULATE=True)
 
 
 @torch.library.custom_op("nanoseek::fp8_quantize_tokens", mutates_args=())

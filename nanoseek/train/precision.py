@@ -49,6 +49,13 @@ def prepare_precision(model: nn.Module, precision: str, device: torch.device) ->
 # micro-batch's gradient, and a hook adds it into the float32 weight's .grad in one pass:
 # 10 bytes a weight a micro-batch where the cast to float32 and autograd's add move 18. The
 # float32 weight then has no part in autograd's graph, so hooks on it do not fire.
+# FP8 training's routed experts do the same in their wgrad kernel: each weight's gradient is added
+# into a float32 buffer in the kernel's store (fp8/swiglu.py), and the buffer becomes the
+# weight's .grad when the step's micro-batches are done. Autograd never sees those gradients, so
+# hooks on those weights see none either (a compiled step may still run their post-accumulate
+# hooks, with .grad unchanged), and a weight no backward reached gets zeros, not None. Beyond
+# the wgrad's own store, n micro-batches move 4 + 4n bytes a weight (the zeroing, the kernel's
+# reads) where autograd's adds move 12(n - 1): more at one, as much at two, less from three.
 
 def _accumulate_into(weight: torch.Tensor):
     def hook(cast: torch.Tensor) -> None:
@@ -140,12 +147,19 @@ def weights_once_a_step(model: nn.Module, dtype: torch.dtype | None, compiled: b
     `compiled`: the step runs compiled, so the quantization is compiled too (on a GPU).
     `fuse_accumulation`: each micro-batch's BF16 gradient of a cast weight is added into the
     float32 .grad in one pass (_accumulate_into; the two uses of a shared weight then sum in
-    BF16 first, as autocast's do)."""
+    BF16 first, as autocast's do), and FP8 training's expert weights add theirs into float32
+    buffers in the wgrad kernel, which become their .grad on exit. Either way hooks on those
+    float32 weights see no gradient, so it is not for a wrapper that reduces gradients in hooks
+    (DDP)."""
     from ..fp8.quant import FP8_DTYPE, WEIGHT_BLOCK, block_scale_shape
     from ..fp8.swiglu import Fp8TrainExperts
     cast = step_cast_layers(model, dtype)
     kinds = [type(layer) for layer in cast]
     quantized = [m for m in model.modules() if isinstance(m, Fp8TrainExperts) and m.training]
+    # the experts whose gradients add into step buffers: their three weights trained, plain float32
+    into = [m for m in quantized if fuse_accumulation and all(
+        w.requires_grad and type(w.data) is torch.Tensor and w.dtype == torch.float32
+        for w in Experts.expert_weights(m))]
     leaves, hooks = [], []
     try:
         with torch.no_grad():
@@ -164,6 +178,15 @@ def weights_once_a_step(model: nn.Module, dtype: torch.dtype | None, compiled: b
                                         w.device)
                     quantize_into(w, data, scale, compiled=compiled and w.is_cuda)
                 layer.step_weights = True
+            for layer in into:
+                for w, name in zip(Experts.expert_weights(layer), layer.GRADS):
+                    # the same buffer every step, so that a compiled graph sees the same tensor
+                    buf = kept_buffer(layer, name, w.shape, torch.float32, w.device)
+                    if w.grad is None:
+                        buf.zero_()
+                    else:
+                        buf.copy_(w.grad)
+                layer.grad_into = True
         yield
     finally:
         for hook in hooks:
@@ -175,6 +198,11 @@ def weights_once_a_step(model: nn.Module, dtype: torch.dtype | None, compiled: b
             layer.__class__ = kind
         for layer in quantized:
             layer.step_weights = False
+        for layer in into:
+            if layer.grad_into:  # (not when entering failed before the buffers were ready)
+                for w, name in zip(Experts.expert_weights(layer), layer.GRADS):
+                    w.grad = getattr(layer, name)
+            layer.grad_into = False
 
 
 def _quantize_into(w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> None:

@@ -36,7 +36,7 @@ def train_step(model: nn.Module, micro_batches: list[dict], optimizer: torch.opt
     plain module whose parameters and routers are updated (defaults to `model`); weights_once:
     the weights cast (quantized) once for the step's micro-batches (precision.weights_once_a_step)
     where that saves casts, else at every use; fuse_accumulation: with them, each micro-batch's
-    gradient of a cast weight added into the float32 gradient in one pass."""
+    gradient of a cast or quantized weight added into the float32 gradient in one pass."""
     base = base_model if base_model is not None else model
     call = compiled if compiled is not None else model
     n = len(micro_batches)

@@ -76,8 +76,9 @@ class TrainConfig(CheckedConfig):
     weights_once: bool = described(True, "cast the weights to BF16 (FP8: quantize the experts') once per "
                                          "optimizer step, not at every use: faster, 2 bytes a weight of memory")
     fuse_grad_accumulation: bool = described(False, "with weights_once: add each micro-batch's BF16 weight "
-                                                    "gradient into the float32 gradient in one pass (hooks "
-                                                    "on those weights then do not fire)")
+                                                    "gradient (fp8: the routed experts' wgrad) into the float32 "
+                                                    "gradient in one pass (hooks on those weights then see no "
+                                                    "gradient)")
     final_dtype: str = described("auto", "final/ as trained (auto), in bf16, or in fp8: V3's FP8 checkpoint "
                                          "layout")
     compile: bool = described(False, "torch.compile the model")
