@@ -255,10 +255,13 @@ case $stage in
     real_decode "$(left "${END:-580}")" --preset deepseek-v2-lite --layers 8 --prompt 1024 --new 64 --batches 1 16 --repeat 2 \
       --modes kernel-attention torch-attention --max-len 32768 --skip-hf
     ;;
-  check)  # which engine path leaves the no-cache reference's greedy tokens; the grouped FP8 kernels' CPU tests
-    timeout 200 python3 benchmarks/decode_attention_check.py 2>&1 | quiet | tee "$OUT/decode_attention_check.log"
-    timeout 60 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8.py \
-      -k "grouped_kernels or launch_shape" 2>&1 | tail -5 | tee "$OUT/check_fp8_tests.log"
+  check)  # which engine path leaves the no-cache reference's greedy tokens; the attention kernels' tests;
+          # the grouped FP8 kernels (the accumulating one too) and FP8 steps compiled, fused accumulation or not
+    timeout 100 python3 benchmarks/decode_attention_check.py 2>&1 | quiet | tee "$OUT/decode_attention_check.log"
+    timeout 90 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_latent_attention.py 2>&1 \
+      | tail -12 | tee "$OUT/check_attention_tests.log"
+    timeout 90 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8.py \
+      -k "gpu_grouped_kernels or compile_with_fullgraph" 2>&1 | tail -8 | tee "$OUT/check_fp8_tests.log"
     ;;
   attention)  # MLA decode attention at V3's widths (compute-bound at 128 heads), 4K-128K, batch 1 and 16, the
               # fused launch swept (~4 min); then V2-Lite's 16 heads (memory-bound) as time allows

@@ -20,6 +20,7 @@ import torch
 import triton
 
 from ..kernels import decode as kernels
+from ..model.cache import CacheView
 
 # Attention programs (head blocks x units) are sized as if a step had at most this many rows
 # of the cache's length: a step of more rows gets more units, each a share of their positions.
@@ -118,6 +119,29 @@ def _(q_lat, q_pe, ckv, kpe, positions_B, w_kvb, scale, v_dim, launch, idle):
     return q_lat.new_empty(q_lat.shape[0], q_lat.shape[1] * v_dim, dtype=torch.float32)
 
 
+@torch.library.custom_op("nanoseek::mla_decode_write_attention", mutates_args=("ckv_buf", "kpe_buf"))
+def mla_decode_write_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv_buf: torch.Tensor, kpe_buf: torch.Tensor,
+                               ckv_new: torch.Tensor, kpe_new: torch.Tensor, row0: int, positions_B: torch.Tensor,
+                               w_kvb: torch.Tensor, scale: float, v_dim: int, launch: list[int],
+                               idle: int) -> torch.Tensor:
+    """The new token's latent ckv_new [B, C] and RoPE key kpe_new [B, R] written into rows
+    row0.. row0+B-1 of a layer's cache buffers [slots, S, ·] at each row's position, then
+    mla_decode_attention over those rows. One op, so that nothing can run between the write and
+    the reads: with the write outside the op, the engine's step compiled by Inductor on a GPU
+    gave other tokens than uncompiled, though each part passed its tests."""
+    B = positions_B.shape[0]
+    rows = torch.arange(row0, row0 + B, device=positions_B.device)
+    ckv_buf[rows, positions_B] = ckv_new.to(ckv_buf.dtype)
+    kpe_buf[rows, positions_B] = kpe_new.to(kpe_buf.dtype)
+    return attend_latent(q_lat, q_pe, ckv_buf[row0:row0 + B], kpe_buf[row0:row0 + B], positions_B, w_kvb, scale,
+                         v_dim, dict(zip(OP_LAUNCH, launch)), dict(USE_PDL=False), idle)
+
+
+@mla_decode_write_attention.register_fake
+def _(q_lat, q_pe, ckv_buf, kpe_buf, ckv_new, kpe_new, row0, positions_B, w_kvb, scale, v_dim, launch, idle):
+    return q_lat.new_empty(q_lat.shape[0], q_lat.shape[1] * v_dim, dtype=torch.float32)
+
+
 def op_positions(positions: torch.Tensor) -> torch.Tensor:
     """The rows' positions [B] for mla_decode_attention, copied: a captured engine step advances
     its positions input [B, 1] in place at its end, and the opaque op must read them before that
@@ -138,16 +162,36 @@ class LatentDecodeAttention:
         self.launch, self.idle = [int(t[k]) for k in OP_LAUNCH], idle
 
     def __call__(self, attn, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
-                 positions: torch.Tensor) -> torch.Tensor:
-        """q_nope [B, 1, H, N], q_pe [B, 1, H, R], the rows' cache c_kv [B, S, C] and k_pe
-        [B, S, R], positions [B, 1] -> o [B, 1, H, V] in q_nope's dtype."""
+                 positions: torch.Tensor, cache) -> torch.Tensor:
+        """q_nope [B, 1, H, N], q_pe [B, 1, H, R], the new token's c_kv [B, 1, C] and k_pe
+        [B, 1, R] at positions [B, 1], written into `cache` (a StaticCache or a CacheView) here
+        -> o [B, 1, H, V] in q_nope's dtype. A view of consecutive rows (what a captured step
+        reads) is written and attended in one op; gathered rows through the view's update."""
+        view = cache if isinstance(cache, CacheView) else CacheView(cache, slice(None), cache.max_len)
+        if not isinstance(view.rows, slice):
+            return self.attend(attn, q_nope, q_pe, *view.update(attn.layer_idx, positions, c_kv, k_pe), positions)
         B, _, H, _ = q_nope.shape
-        w_uk_HNC = attn.kv_b_proj.weight.unflatten(0, (H, -1))[:, : attn.nope_dim]
-        q_lat = torch.einsum("bhn,hnc->bhc", q_nope[:, 0], w_uk_HNC.to(q_nope.dtype)).float()
-        o = mla_decode_attention(q_lat.contiguous(), q_pe[:, 0].float().contiguous(), c_kv, k_pe,
+        ckv_buf, kpe_buf = view.cache.layers[attn.layer_idx]
+        o = mla_decode_write_attention(self.latent_query(attn, q_nope), q_pe[:, 0].float().contiguous(), ckv_buf,
+                                       kpe_buf, c_kv[:, 0], k_pe[:, 0], view.rows.start or 0,
+                                       op_positions(positions), attn.kv_b_proj.weight, attn.scale, attn.v_dim,
+                                       self.launch, self.idle)
+        return o.to(q_nope.dtype).view(B, 1, H, attn.v_dim)
+
+    def attend(self, attn, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+               positions: torch.Tensor) -> torch.Tensor:
+        """As __call__ over a cache already written: the rows' c_kv [B, S, C] and k_pe [B, S, R]."""
+        B, _, H, _ = q_nope.shape
+        o = mla_decode_attention(self.latent_query(attn, q_nope), q_pe[:, 0].float().contiguous(), c_kv, k_pe,
                                  op_positions(positions), attn.kv_b_proj.weight, attn.scale, attn.v_dim,
                                  self.launch, self.idle)
         return o.to(q_nope.dtype).view(B, 1, H, attn.v_dim)
+
+    @staticmethod
+    def latent_query(attn, q_nope: torch.Tensor) -> torch.Tensor:
+        """W_UK folded into the query, as the absorbed attention does: q_lat [B, H, C] float32."""
+        w_uk_HNC = attn.kv_b_proj.weight.unflatten(0, (q_nope.shape[2], -1))[:, : attn.nope_dim]
+        return torch.einsum("bhn,hnc->bhc", q_nope[:, 0], w_uk_HNC.to(q_nope.dtype)).float().contiguous()
 
     @staticmethod
     def unsupported(config, model=None) -> str | None:
