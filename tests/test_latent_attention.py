@@ -83,13 +83,16 @@ def test_engine_decodes_the_same_tokens_with_the_kernels():
 
 
 def test_decode_attention_choice(monkeypatch):
-    """auto takes the kernels on a GPU for caches longer than SHORT_CACHE only, the last
-    position idle unless speculating; kernel on a model they cannot take says why; an unknown
-    choice is a config error."""
+    """auto takes the kernels on a GPU for caches longer than SHORT_CACHE only, and not for a
+    compiled step, the last position idle unless speculating; kernel on a model they cannot take
+    says why; an unknown choice is a config error."""
     from nanoseek.infer.engine import decode_attention
     from nanoseek.infer.fused import SHORT_CACHE
     model = sharp_model()
-    auto, cuda = InferenceConfig(), torch.device("cuda")
+    auto, cuda = InferenceConfig(compile=False), torch.device("cuda")
+    assert decode_attention(InferenceConfig(), model, SHORT_CACHE + 1, cuda) is None  # compiled
+    assert isinstance(decode_attention(InferenceConfig(cuda_graphs=False), model, SHORT_CACHE + 1, cuda),
+                      LatentDecodeAttention)  # compile without graphs: eager steps
     assert decode_attention(auto, model, SHORT_CACHE, cuda) is None
     chosen = decode_attention(auto, model, SHORT_CACHE + 1, cuda)
     # a captured step's padding rows sit at the last position, which speculation's verify may write

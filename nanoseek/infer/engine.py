@@ -114,7 +114,10 @@ def decode_attention(config: InferenceConfig, model: Transformer, cache_len: int
                              f"Triton's interpreter, TRITON_INTERPRET=1), not on {device.type}; use "
                              f"decode_attention='torch'")
         return LatentDecodeAttention(model.config, cache_len, config.fused_launch, idle)
-    if config.decode_attention == "auto" and not why and device.type == "cuda" and cache_len > SHORT_CACHE:
+    # auto leaves a compiled step the absorbed attention: with the kernels it is not yet checked
+    # against the no-cache reference on a GPU (benchmarks/decode_attention_check.py), uncompiled it is
+    if (config.decode_attention == "auto" and not why and device.type == "cuda" and cache_len > SHORT_CACHE
+            and not (config.compile and config.cuda_graphs)):
         return LatentDecodeAttention(model.config, cache_len, config.fused_launch, idle)
     return None
 
