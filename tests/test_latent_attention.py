@@ -20,12 +20,14 @@ LAUNCH = dict(attend_split=16, attend_block=16, attend_programs=8, attend_heads=
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(q_lora_rank=None, num_attention_heads=32)])
-@pytest.mark.parametrize("rows", [None, [2, 0]])
+@pytest.mark.parametrize("rows", [None, [2, 0], [1, 2]])
 def test_decode_attention_kernels_match_the_absorbed_attention(overrides, rows):
     """One new token a row at positions 37, 5 and 20 of a 40-position cache: the logits with
     the kernels equal the absorbed attention's (float32, float32 dot products in the kernels:
-    ~1e-6 of the largest logit). With and without a query LoRA (V2-Lite has none), 16 and 32
-    heads (two head blocks), over the whole cache and over a gathered view of rows 2 and 0."""
+    ~1e-6 of the largest logit), and so does the cache they leave (the kernels' op writes the
+    new entries itself). With and without a query LoRA (V2-Lite has none), 16 and 32 heads (two
+    head blocks), over the whole cache, a gathered view of rows 2 and 0, and a view of rows 1
+    and 2 (consecutive: written and attended by the op from row 1)."""
     model = sharp_model(**overrides)
     cache = prefilled_cache(model, [37, 5, 20])
     positions = torch.tensor([[37], [5], [20]], device=DEVICE)
@@ -33,13 +35,18 @@ def test_decode_attention_kernels_match_the_absorbed_attention(overrides, rows):
     if rows is not None:
         positions, ids = positions[rows], ids[rows]
     view = (lambda c: c.select(rows)) if rows is not None else (lambda c: c)
-    logits = []
+    logits, caches = [], []
     for attend in (None, LatentDecodeAttention(model.config, 40, LAUNCH)):
         model.set_decode_attention(attend)
+        caches.append(copy.deepcopy(cache))
         with torch.no_grad():
-            logits.append(model(ids, positions=positions, cache=view(copy.deepcopy(cache))).logits[:, -1].double())
+            logits.append(model(ids, positions=positions, cache=view(caches[-1])).logits[:, -1].double())
     model.set_decode_attention(None)
     torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-5 * logits[0].abs().max().item())
+    # layer 0's entries are written from the same inputs; later layers' carry the attention's rounding
+    for absorbed, kernels in zip(caches[0].layers, caches[1].layers):
+        for a, k in zip(absorbed, kernels):
+            torch.testing.assert_close(k, a, rtol=0, atol=1e-5 * a.abs().max().item())
 
 
 def test_decode_attention_compiles_whole():
