@@ -43,18 +43,13 @@ def main() -> None:
     prompts = [[5, 9, 2, 7, 1, 3, 8], [4, 4]]
     ref = [reference(model, p, args.new) for p in prompts]
     print("reference", ref, flush=True)
-    from nanoseek.infer import latent_attention
-    copied = latent_attention.op_positions
     rows = []
     compiled_graphs = (True, True, 0, 8)
     paths = [("torch", *compiled_graphs), ("torch", True, True, None, 8),
              ("kernel", *compiled_graphs), ("kernel", True, True, None, 8), ("kernel", True, True, 0, 1),
-             ("kernel", True, False, 0, 8), ("kernel", False, False, 0, 1),
-             ("kernel-view", *compiled_graphs), ("kernel-view", True, False, 0, 8)]
+             ("kernel", True, False, 0, 8), ("kernel", False, False, 0, 1)]
     for attention, graphs, compiled, fused, burst in paths:
-        # kernel-view: the op handed a view of the step's positions input, as before they were copied
-        latent_attention.op_positions = (lambda p: p[:, 0].contiguous()) if attention == "kernel-view" else copied
-        config = InferenceConfig(decode_attention=attention.removesuffix("-view"), fused_launch=LAUNCH,
+        config = InferenceConfig(decode_attention=attention, fused_launch=LAUNCH,
                                  cuda_graphs=graphs, compile=compiled, fused_decode_rows=fused, decode_burst=burst)
         name = f"{attention} graphs={graphs} compile={compiled} fused_rows={fused} burst={burst}"
         try:

@@ -6,10 +6,11 @@ positions reads max_len positions a row, however short the rows are. The fused s
 attention kernels (kernels/decode.py: mla_attend cuts the rows' positions, all rows together,
 into units of one length, mla_output merges a row's units and applies W_UV) read only those.
 `attend_latent` launches them; the fused step calls it with its own buffers, and the engine's
-compiled step calls it through the custom op `nanoseek::mla_decode_attention` (opaque to
-Inductor, capturable in a CUDA graph), which `LatentDecodeAttention` puts in place of the
-absorbed attention for one new token a row (MLA.decode_attention, set around the engine's
-forwards).
+steps through custom ops (opaque to Inductor, capturable in a CUDA graph) that
+`LatentDecodeAttention` puts in place of the absorbed attention for one new token a row
+(MLA.decode_attention, set around the engine's forwards): `nanoseek::mla_decode_write_attention`
+writes the token's cache entries and attends in one, `nanoseek::mla_decode_attention` attends
+over rows already written.
 
 Launch shapes follow fused.fused_step_launch's rule for the model's widths and cache length.
 """
@@ -142,13 +143,6 @@ def _(q_lat, q_pe, ckv_buf, kpe_buf, ckv_new, kpe_new, row0, positions_B, w_kvb,
     return q_lat.new_empty(q_lat.shape[0], q_lat.shape[1] * v_dim, dtype=torch.float32)
 
 
-def op_positions(positions: torch.Tensor) -> torch.Tensor:
-    """The rows' positions [B] for mla_decode_attention, copied: a captured engine step advances
-    its positions input [B, 1] in place at its end, and the opaque op must read them before that
-    whatever order Inductor gives the write."""
-    return positions[:, 0].clone()
-
-
 class LatentDecodeAttention:
     """In place of MLA.absorbed for one new token a row (MLA.decode_attention): W_UK folded
     into the query as the absorbed attention does, then mla_decode_attention over each row's
@@ -174,7 +168,7 @@ class LatentDecodeAttention:
         ckv_buf, kpe_buf = view.cache.layers[attn.layer_idx]
         o = mla_decode_write_attention(self.latent_query(attn, q_nope), q_pe[:, 0].float().contiguous(), ckv_buf,
                                        kpe_buf, c_kv[:, 0], k_pe[:, 0], view.rows.start or 0,
-                                       op_positions(positions), attn.kv_b_proj.weight, attn.scale, attn.v_dim,
+                                       positions[:, 0].contiguous(), attn.kv_b_proj.weight, attn.scale, attn.v_dim,
                                        self.launch, self.idle)
         return o.to(q_nope.dtype).view(B, 1, H, attn.v_dim)
 
@@ -183,7 +177,7 @@ class LatentDecodeAttention:
         """As __call__ over a cache already written: the rows' c_kv [B, S, C] and k_pe [B, S, R]."""
         B, _, H, _ = q_nope.shape
         o = mla_decode_attention(self.latent_query(attn, q_nope), q_pe[:, 0].float().contiguous(), c_kv, k_pe,
-                                 op_positions(positions), attn.kv_b_proj.weight, attn.scale, attn.v_dim,
+                                 positions[:, 0].contiguous(), attn.kv_b_proj.weight, attn.scale, attn.v_dim,
                                  self.launch, self.idle)
         return o.to(q_nope.dtype).view(B, 1, H, attn.v_dim)
 
