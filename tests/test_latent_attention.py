@@ -115,3 +115,27 @@ def test_decode_attention_choice(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="kernels run on a GPU .*not on cpu; use decode_attention='torch'"):
         decode_attention(InferenceConfig(decode_attention="kernel"), model, 64, torch.device("cpu"))
+
+
+def test_the_ops_take_any_strides_of_what_they_only_read():
+    """A compiled graph may hand the ops other strides than eager's: the kernels index each
+    row's positions and channels packed, so what the op only reads is packed first (same
+    output), and a cache buffer it writes, which it cannot copy, is refused with the reason."""
+    from nanoseek.infer.latent_attention import OP_LAUNCH, mla_decode_attention, mla_decode_write_attention
+    from nanoseek.infer.fused import fused_step_launch
+    g = torch.Generator().manual_seed(0)
+    B, H, S, C, R, V = 2, 16, 40, 32, 16, 8
+    q_lat, q_pe = torch.randn(B, H, C, generator=g), torch.randn(B, H, R, generator=g)
+    ckv, kpe = torch.randn(B, S, C, generator=g), torch.randn(B, S, R, generator=g)
+    w_kvb, positions = torch.randn(H * (4 + V), C, generator=g), torch.tensor([37, 5])
+    t = fused_step_launch(sharp_model().config, S, LAUNCH)
+    launch = [int(t[k]) for k in OP_LAUNCH]
+    run = [(x.to(DEVICE)) for x in (q_lat, q_pe, ckv, kpe, positions, w_kvb)]
+    packed = mla_decode_attention(*run, 0.1, V, launch, -1)
+    strided = [x.transpose(-2, -1).contiguous().transpose(-2, -1) for x in run[:4]]  # channels outermost
+    assert not strided[2].is_contiguous()
+    torch.testing.assert_close(mla_decode_attention(*strided, *run[4:], 0.1, V, launch, -1), packed,
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="ckv_buf: strides .* need each row's positions and channels packed"):
+        mla_decode_write_attention(run[0], run[1], strided[2], run[3], torch.zeros(B, C, device=DEVICE),
+                                   torch.zeros(B, R, device=DEVICE), 0, run[4], run[5], 0.1, V, launch, -1)

@@ -100,6 +100,18 @@ def attend_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kp
     return o
 
 
+def packed(rows: torch.Tensor, name: str | None = None) -> torch.Tensor:
+    """rows [B, S, X] with each row's positions and channels packed, as the kernels index them
+    (the row stride is free): a compiled graph may hand an op other strides than eager's. A
+    buffer the op writes (name given) cannot be copied: it must be packed already."""
+    if rows.stride(-1) == 1 and rows.stride(-2) == rows.shape[-1]:
+        return rows
+    if name is not None:
+        raise ValueError(f"{name}: strides {rows.stride()} for shape {tuple(rows.shape)}; the decode attention "
+                         f"kernels need each row's positions and channels packed")
+    return rows.contiguous()
+
+
 # the launch keys the custom op takes, in this order (a list of ints: an op's schema holds no dict)
 OP_LAUNCH = ("attend_heads", "attend_split", "attend_block", "attend_programs", "attend_warps", "attend_stages",
              "merge_splits", "output_warps")
@@ -111,8 +123,8 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Ten
                          launch: list[int], idle: int) -> torch.Tensor:
     """attend_latent, its scratch allocated per call (from the graph's pool when captured):
     o [B, H·v_dim] float32; launch: the values of OP_LAUNCH; idle: attend_latent's."""
-    return attend_latent(q_lat, q_pe, ckv, kpe, positions_B, w_kvb, scale, v_dim, dict(zip(OP_LAUNCH, launch)),
-                         dict(USE_PDL=False), idle)
+    return attend_latent(q_lat.contiguous(), q_pe.contiguous(), packed(ckv), packed(kpe), positions_B.contiguous(),
+                         w_kvb, scale, v_dim, dict(zip(OP_LAUNCH, launch)), dict(USE_PDL=False), idle)
 
 
 @mla_decode_attention.register_fake
@@ -134,7 +146,8 @@ def mla_decode_write_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv_buf:
     rows = torch.arange(row0, row0 + B, device=positions_B.device)
     ckv_buf[rows, positions_B] = ckv_new.to(ckv_buf.dtype)
     kpe_buf[rows, positions_B] = kpe_new.to(kpe_buf.dtype)
-    return attend_latent(q_lat, q_pe, ckv_buf[row0:row0 + B], kpe_buf[row0:row0 + B], positions_B, w_kvb, scale,
+    ckv, kpe = packed(ckv_buf, "ckv_buf")[row0:row0 + B], packed(kpe_buf, "kpe_buf")[row0:row0 + B]
+    return attend_latent(q_lat.contiguous(), q_pe.contiguous(), ckv, kpe, positions_B.contiguous(), w_kvb, scale,
                          v_dim, dict(zip(OP_LAUNCH, launch)), dict(USE_PDL=False), idle)
 
 
