@@ -238,7 +238,7 @@ case $stage in
     ;;
   verify)  # after the CPU-only changes: the token quantizer's GPU tests; the attention kernels' tests on the GPU
             # (units, padding rows, the engine's compiled step with them, V3 widths); BF16 vs FP8 training (~8 min)
-    timeout 90 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8.py \
+    timeout 150 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8.py \
       -k "byte_for_byte or fast_fp8_swiglu or grouped_kernels or launch_shape" 2>&1 \
       | tee "$OUT/verify_fp8_tests.log" | tail -8
     timeout 200 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_latent_attention.py \
@@ -260,7 +260,7 @@ case $stage in
     timeout 100 python3 benchmarks/decode_attention_check.py 2>&1 | quiet | tee "$OUT/decode_attention_check.log"
     timeout 90 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_latent_attention.py 2>&1 \
       | tail -12 | tee "$OUT/check_attention_tests.log"
-    timeout 90 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8.py \
+    timeout 150 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8.py \
       -k "gpu_grouped_kernels or compile_with_fullgraph" 2>&1 | tail -8 | tee "$OUT/check_fp8_tests.log"
     ;;
   attention)  # MLA decode attention at V3's widths (compute-bound at 128 heads), 4K-128K, batch 1 and 16, the
