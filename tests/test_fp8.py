@@ -279,7 +279,7 @@ def test_every_launch_shape_the_gpu_may_choose_agrees_with_the_twin(grouped_oper
     """A GPU times several output block shapes and picks one per shape: each must compute the
     same thing. N = 136 and 300 cross a 128 block inside a 256-wide one (two weight scales in one
     block); Triton's interpreter runs them on the CPU."""
-    triton = pytest.importorskip("triton")
+    pytest.importorskip("triton")
     from nanoseek.fp8 import kernels
     from nanoseek.fp8.quant import first_tiles
     offsets, _, a, b, g = grouped_operands
@@ -299,10 +299,10 @@ def test_every_launch_shape_the_gpu_may_choose_agrees_with_the_twin(grouped_oper
     bound = 2 * gamma_bound(deq64(qa), deq64(qb)).max()
     for config in kernels._tokens_tuned.configs:
         out = torch.full_like(twin, float("nan"), device=DEVICE)
-        blocks = triton.cdiv(300, config.kwargs["BLOCK_N"]) * triton.cdiv(48, config.kwargs["BLOCK_K"])
-        kernels.grouped_mm_tokens_kernel[(blocks, 4)](*(t.to(DEVICE) for t in (qa.data, qa.scale, qb.data, qb.scale)),
-                                                       out, first_tiles(ends), 300, 48, qa.data.shape[1],
-                                                       qa.scale.shape[1], 128, **config.kwargs)
+        grid = kernels.tokens_grid(300, 48, 4)(config.kwargs)
+        kernels.grouped_mm_tokens_kernel[grid](*(t.to(DEVICE) for t in (qa.data, qa.scale, qb.data, qb.scale)), out,
+                                               first_tiles(ends), 300, 48, qa.data.shape[1], qa.scale.shape[1], 128,
+                                               **config.kwargs)
         assert ((out.cpu().double() - twin.double()).abs() <= bound + tensor_core_slack(qa, qb, True)).all(), config
 
 

@@ -104,7 +104,6 @@ def decode_attention(config: InferenceConfig, model: Transformer, cache_len: int
     from .fused import SHORT_CACHE
     from .latent_attention import LatentDecodeAttention
     why = LatentDecodeAttention.unsupported(model.config, model)
-    idle = -1 if speculative_k else cache_len - 1
     if config.decode_attention == "kernel":
         if why:
             raise ValueError(f"decode_attention='kernel': the decode attention kernels do not take this model: "
@@ -113,13 +112,12 @@ def decode_attention(config: InferenceConfig, model: Transformer, cache_len: int
             raise ValueError(f"decode_attention='kernel': the decode attention kernels run on a GPU (or in "
                              f"Triton's interpreter, TRITON_INTERPRET=1), not on {device.type}; use "
                              f"decode_attention='torch'")
-        return LatentDecodeAttention(model.config, cache_len, config.fused_launch, idle)
     # auto leaves a compiled step the absorbed attention: with the kernels it is not yet checked
     # against the no-cache reference on a GPU (benchmarks/decode_attention_check.py), uncompiled it is
-    if (config.decode_attention == "auto" and not why and device.type == "cuda" and cache_len > SHORT_CACHE
-            and not (config.compile and config.cuda_graphs)):
-        return LatentDecodeAttention(model.config, cache_len, config.fused_launch, idle)
-    return None
+    elif not (config.decode_attention == "auto" and not why and device.type == "cuda" and cache_len > SHORT_CACHE
+              and not (config.compile and config.cuda_graphs)):
+        return None
+    return LatentDecodeAttention(model.config, cache_len, config.fused_launch, -1 if speculative_k else cache_len - 1)
 
 
 class ModelRunner:

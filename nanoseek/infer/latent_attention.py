@@ -123,8 +123,13 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Ten
                          launch: list[int], idle: int) -> torch.Tensor:
     """attend_latent, its scratch allocated per call (from the graph's pool when captured):
     o [B, H·v_dim] float32; launch: the values of OP_LAUNCH; idle: attend_latent's."""
-    return attend_latent(q_lat.contiguous(), q_pe.contiguous(), packed(ckv), packed(kpe), positions_B.contiguous(),
-                         w_kvb, scale, v_dim, dict(zip(OP_LAUNCH, launch)), dict(USE_PDL=False), idle)
+    return _op_attend(q_lat, q_pe, packed(ckv), packed(kpe), positions_B, w_kvb, scale, v_dim, launch, idle)
+
+
+def _op_attend(q_lat, q_pe, ckv, kpe, positions_B, w_kvb, scale, v_dim, launch, idle) -> torch.Tensor:
+    """The ops' attend_latent call, what they were handed made contiguous (a no-op when it is)."""
+    return attend_latent(q_lat.contiguous(), q_pe.contiguous(), ckv, kpe, positions_B.contiguous(), w_kvb, scale,
+                         v_dim, dict(zip(OP_LAUNCH, launch)), dict(USE_PDL=False), idle)
 
 
 @mla_decode_attention.register_fake
@@ -147,8 +152,7 @@ def mla_decode_write_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv_buf:
     ckv_buf[rows, positions_B] = ckv_new.to(ckv_buf.dtype)
     kpe_buf[rows, positions_B] = kpe_new.to(kpe_buf.dtype)
     ckv, kpe = packed(ckv_buf, "ckv_buf")[row0:row0 + B], packed(kpe_buf, "kpe_buf")[row0:row0 + B]
-    return attend_latent(q_lat.contiguous(), q_pe.contiguous(), ckv, kpe, positions_B.contiguous(), w_kvb, scale,
-                         v_dim, dict(zip(OP_LAUNCH, launch)), dict(USE_PDL=False), idle)
+    return _op_attend(q_lat, q_pe, ckv, kpe, positions_B, w_kvb, scale, v_dim, launch, idle)
 
 
 @mla_decode_write_attention.register_fake
@@ -177,28 +181,25 @@ class LatentDecodeAttention:
         view = cache if isinstance(cache, CacheView) else CacheView(cache, slice(None), cache.max_len)
         if not isinstance(view.rows, slice):
             return self.attend(attn, q_nope, q_pe, *view.update(attn.layer_idx, positions, c_kv, k_pe), positions)
-        B, _, H, _ = q_nope.shape
         ckv_buf, kpe_buf = view.cache.layers[attn.layer_idx]
-        o = mla_decode_write_attention(self.latent_query(attn, q_nope), q_pe[:, 0].float().contiguous(), ckv_buf,
-                                       kpe_buf, c_kv[:, 0], k_pe[:, 0], view.rows.start or 0,
-                                       positions[:, 0].contiguous(), attn.kv_b_proj.weight, attn.scale, attn.v_dim,
-                                       self.launch, self.idle)
-        return o.to(q_nope.dtype).view(B, 1, H, attn.v_dim)
+        return self._run(mla_decode_write_attention, attn, q_nope, q_pe, positions, ckv_buf, kpe_buf, c_kv[:, 0],
+                         k_pe[:, 0], view.rows.start or 0)
 
     def attend(self, attn, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
                positions: torch.Tensor) -> torch.Tensor:
         """As __call__ over a cache already written: the rows' c_kv [B, S, C] and k_pe [B, S, R]."""
-        B, _, H, _ = q_nope.shape
-        o = mla_decode_attention(self.latent_query(attn, q_nope), q_pe[:, 0].float().contiguous(), c_kv, k_pe,
-                                 positions[:, 0].contiguous(), attn.kv_b_proj.weight, attn.scale, attn.v_dim,
-                                 self.launch, self.idle)
-        return o.to(q_nope.dtype).view(B, 1, H, attn.v_dim)
+        return self._run(mla_decode_attention, attn, q_nope, q_pe, positions, c_kv, k_pe)
 
-    @staticmethod
-    def latent_query(attn, q_nope: torch.Tensor) -> torch.Tensor:
-        """W_UK folded into the query, as the absorbed attention does: q_lat [B, H, C] float32."""
-        w_uk_HNC = attn.kv_b_proj.weight.unflatten(0, (q_nope.shape[2], -1))[:, : attn.nope_dim]
-        return torch.einsum("bhn,hnc->bhc", q_nope[:, 0], w_uk_HNC.to(q_nope.dtype)).float().contiguous()
+    def _run(self, op, attn, q_nope, q_pe, positions, *cache_args) -> torch.Tensor:
+        """op (one of the two above) from the absorbed query: W_UK folded into q_nope as the
+        absorbed attention does; o back in q_nope's dtype as [B, 1, H, V]."""
+        B, _, H, _ = q_nope.shape
+        w_uk_HNC = attn.kv_b_proj.weight.unflatten(0, (H, -1))[:, : attn.nope_dim]
+        q_lat = torch.einsum("bhn,hnc->bhc", q_nope[:, 0], w_uk_HNC.to(q_nope.dtype)).float()
+        # both ops take (q_lat, q_pe, their cache arguments, positions, W_kv_b, scale, V, launch, idle)
+        o = op(q_lat, q_pe[:, 0].float(), *cache_args, positions[:, 0], attn.kv_b_proj.weight, attn.scale,
+               attn.v_dim, self.launch, self.idle)
+        return o.to(q_nope.dtype).view(B, 1, H, attn.v_dim)
 
     @staticmethod
     def unsupported(config, model=None) -> str | None:
