@@ -39,7 +39,8 @@
 #   CLAIM=moe bash benchmarks/device/h200_session.sh claim   # one of the papers' claims, gpu scale (8 min)
 #
 # Environment: LAYERS (fp8deep); MINUTES, GRPO_MINUTES, SPEEDRUN_LIMIT, SPECULATIVE (speedrun);
-# R1_LEVEL, R1_PRETRAIN_STEPS, R1_ARGS (r1-zero, r1-full: key=value settings of nanoseek r1); TRL_ARGS (trl, measure);
+# R1_LEVEL, R1_PRETRAIN_STEPS, R1_ARGS (r1-zero, r1-full: key=value settings of nanoseek r1), R1_LIMIT
+# (their seconds, 585 by default); TRL_ARGS (trl, measure);
 # CLAIM (claim: moe, balancing, attention, mtp, fp8 or specialization);
 # DECODE_ARGS (decode, measure: e.g. "--tuned-option combo_kernels=true"); DECODE_MODES (decode.py --modes);
 # FUSED_ARGS (benchmarks/fused_decode.py); SCALING_ARGS (benchmarks/scaling.py, multigpu: e.g.
@@ -337,8 +338,8 @@ case $stage in
   step) step 585 ;;
   serve) serve 585 ;;
   trl) trl 585 ;;
-  r1-zero) r1 585 zero 2 ;;
-  r1-full) r1 585 full 3 ;;  # at level 2 the base answered 93.6% and the cold start 99.6%: no room for RL
+  r1-zero) r1 "${R1_LIMIT:-585}" zero 2 ;;
+  r1-full) r1 "${R1_LIMIT:-585}" full 3 ;;  # at level 2 the base answered 93.6% and the cold start 99.6%: no room for RL
   *) echo "unknown stage $stage: gputests, fp8check, fp8train, fp8deep, parity, shapes, fp8, one, serving, speedrun," \
        "decode, mtp, spec, measure, fused, tune, multigpu, step, serve, trl, r1-zero, r1-full or claim" >&2
      exit 2 ;;
