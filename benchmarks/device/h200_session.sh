@@ -36,12 +36,12 @@
 #   bash benchmarks/device/h200_session.sh multigpu   # on a 2- or 4-GPU kind: DP, EP, EP+DP, 1F1B, DualPipeV
 #                                              # (and at 4, DualPipeV+EP overlapped and in turn) against one
 #                                              # GPU (benchmarks/scaling.py, small preset)
-#   CLAIM=moe bash benchmarks/device/h200_session.sh claim   # one of the papers' claims, gpu scale (8 min)
+#   CLAIM=moe bash benchmarks/device/h200_session.sh claim   # papers' claims, gpu scale (8 min each by default)
 #
 # Environment: LAYERS (fp8deep); MINUTES, GRPO_MINUTES, SPEEDRUN_LIMIT, SPECULATIVE (speedrun);
 # R1_LEVEL, R1_PRETRAIN_STEPS, R1_ARGS (r1-zero, r1-full: key=value settings of nanoseek r1), R1_LIMIT
 # (their seconds, 585 by default); TRL_ARGS (trl, measure);
-# CLAIM (claim: moe, balancing, attention, mtp, fp8 or specialization);
+# CLAIM (claim: one or more of moe, balancing, attention, mtp, fp8, specialization), CLAIM_MINUTES;
 # DECODE_ARGS (decode, measure: e.g. "--tuned-option combo_kernels=true"); DECODE_MODES (decode.py --modes);
 # FUSED_ARGS (benchmarks/fused_decode.py); SCALING_ARGS (benchmarks/scaling.py, multigpu: e.g.
 # "--preset deepseek-v2-lite --layers 8");
@@ -329,11 +329,17 @@ case $stage in
     counts="1 2"; [ "$gpus" -ge 4 ] && counts="1 2 4"
     bench "$(left 530)" 120 benchmarks/scaling.py --gpus $counts --run-timeout 150 ${SCALING_ARGS:-}
     ;;
-  claim)  # one of the papers' claims at the gpu scale (CLAIM=moe|balancing|attention|mtp|fp8|specialization;
-          # 8 minutes at its default budget): its result folder comes back under $OUT/claims/gpu/<name>/
-    enough "$(left 590)" 500 || exit
-    timeout "$(left 590)" python3 -m nanoseek.cli experiment "${CLAIM:?set CLAIM to an experiment name}" \
-      --device cuda --out "$OUT/claims" 2>&1 | quiet | tee "$OUT/claim_${CLAIM}.log" | tail -30
+  claim)  # the papers' claims at the gpu scale (CLAIM="mtp fp8": moe|balancing|attention|mtp|fp8|specialization),
+          # the call's time shared among them; 8 minutes each at the default budget, CLAIM_MINUTES sets it.
+          # Each result folder comes back under $OUT/claims/gpu/<name>/
+    read -ra claims <<< "${CLAIM:?set CLAIM to experiment names}"
+    per=$(( (590 - $(elapsed)) / ${#claims[@]} ))
+    for c in "${claims[@]}"; do
+      enough "$per" 200 || exit
+      timeout "$per" python3 -m nanoseek.cli experiment "$c" --device cuda --out "$OUT/claims" \
+        ${CLAIM_MINUTES:+--budget-minutes "$CLAIM_MINUTES"} 2>&1 | quiet | tee "$OUT/claim_$c.log" | tail -30
+      echo "claim $c done at $(elapsed)s"
+    done
     ;;
   step) step 585 ;;
   serve) serve 585 ;;
