@@ -91,7 +91,7 @@ def fp8_swiglu(x_MD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E, fast: bool,
     mode neither their gradient accumulators nor their hooks run)."""
     if grads_into:
         w_gate_EFD, w_up_EFD, w_down_EDF = (w.detach() for w in (w_gate_EFD, w_up_EFD, w_down_EDF))
-    return Fp8SwiGLUFunction.apply(x_MD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E, fast, bool(grads_into),
+    return Fp8SwiGLUFunction.apply(x_MD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E, fast, len(grads_into) > 0,
                                    *weights_q, *grads_into)
 
 
