@@ -7,8 +7,8 @@ decoding runs at 1.8x the tokens per second.
 
 Arms: V3's MoE with one MTP module (λ = 0.3, the config's default) and without; the main
 models are the same. On the trained MTP model, greedy speculative decoding with one draft
-per step (`infer.speculative.speculative_generate`) over held-out problems gives the
-acceptance rate; its wall time against plain greedy decoding (`infer.generate`) of the same
+per step (`infer.speculative.speculative_generate`) over held-out problems of the accuracy's
+levels gives the acceptance rate; its wall time against plain greedy decoding (`infer.generate`) of the same
 prompts, one batch each after a warm-up, gives the speedup. Greedy speculation must return
 the plain decoding's tokens; `identical` records that it did.
 """
@@ -24,7 +24,7 @@ from ..data.tasks import get_task
 from ..infer import generate
 from ..infer.speculative import speculative_generate
 from ..train.evaluate import task_prompt
-from .runner import Arm, Bound, Compare, Experiment
+from .runner import ACCURACY_LEVELS, Arm, Bound, Compare, Experiment
 
 
 def arms(scale) -> list[Arm]:
@@ -37,7 +37,11 @@ def measure(model, data, scale) -> dict:
     if not model.config.num_nextn_predict_layers:
         return {}
     tok = data.tokenizer
-    problems = get_task("arithmetic").generate(scale.decode_prompts, level=1, split="test", seed=7)
+    # the accuracy's levels in equal parts: level 1 alone (answers of 1-3 tokens that every arm gets
+    # right at the gpu scale) drafted 100% and said nothing about harder text
+    per = max(1, scale.decode_prompts // len(ACCURACY_LEVELS))
+    problems = [ex for level in ACCURACY_LEVELS
+                for ex in get_task("arithmetic").generate(per, level=level, split="test", seed=7)]
     prompts = [task_prompt(tok, ex.prompt, "plain") for ex in problems]
     autocast = torch.bfloat16 if next(model.parameters()).is_cuda else None
     kwargs = dict(max_new_tokens=scale.decode_tokens, eos_id=tok.eos_id, autocast=autocast)
