@@ -17,8 +17,10 @@ random BF16 weights and cache, each timed as the median of `--repeat` calls afte
 - `fused`: the fused decode step's attention (FusedDecoder.attend: kernels/decode.py's
   mla_attend + mla_output, launch shapes derived from the widths and the context), from its
   absorbed queries; GPU, or Triton's interpreter with TRITON_INTERPRET=1.
-Each call is timed on the GPU by CUDA events with L2 flushed before it (triton's do_bench),
-so the latent comes from HBM as it does in a step whose other layers evicted it. Per row:
+Each call is captured in a CUDA graph, as the engine's steps run it, and its replays are timed
+on the GPU by CUDA events with L2 flushed before each (triton's do_bench), so the latent comes
+from HBM as it does in a step whose other layers evicted it (`<way>_timed`: graph, or launch
+where capture failed). Per row:
 µs per call, the latent bytes read (rows × context × (C + R) × element size) over that time
 and its fraction of the device copy bandwidth measured in the same run; and the roofline:
 the larger of the latent's time at that bandwidth and the attention's FLOPs (rows × context
@@ -156,7 +158,7 @@ def time_row(args, model, cache, attn, compiled, positions, bandwidth, gemm_rate
             row["fused_launch"].update(attend_warps=ws["num_warps"], attend_stages=ws["num_stages"])
         for name, fn in ways.items():
             try:
-                t = call_seconds(fn, args.repeat, device)
+                t, row[f"{name}_timed"] = call_seconds(fn, args.repeat, device)
             except torch.OutOfMemoryError as e:
                 row[f"{name}_error"] = f"out of memory: {str(e)[:120]}"
                 torch.cuda.empty_cache()
@@ -206,15 +208,33 @@ MIXED_SHORT = 1024  # the short rows' context in --mixed batches
 ATTEND_KEYS = ("attend_heads", "attend_programs", "attend_split", "attend_block", "attend_warps", "attend_stages")
 
 
-def call_seconds(fn, repeat: int, device: torch.device) -> float:
-    """Median seconds of fn(): on a GPU by CUDA events with L2 flushed before each call
-    (triton's do_bench), else host time."""
+def call_seconds(fn, repeat: int, device: torch.device) -> tuple[float, str]:
+    """Median seconds of fn() and how it was launched. On a GPU: fn captured in a CUDA graph (as
+    the engine's steps run it), its replays timed by CUDA events with L2 flushed before each
+    (triton's do_bench); a call that cannot be captured is timed as launched from the host.
+    Launched from the host, a call of a few kernels costs ~0.2 ms of Python and launch overhead
+    whatever its size, which hid the kernels' own time at every size below ~1 ms. Else host time."""
     if device.type != "cuda":
-        return median_seconds(fn, repeat, device, warmup=2)
+        return median_seconds(fn, repeat, device, warmup=2), "host"
     import triton.testing
     fn()  # compilation and autotuning outside the timing
+    run, how = fn, "launch"
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # capture wants its warm-up off the default stream
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        run, how = graph.replay, "graph"
+    except Exception as e:  # noqa: BLE001 - not capturable: timed as launched, and said so
+        print(f"  (not captured in a CUDA graph: {type(e).__name__}: {str(e)[:100]}; timed as launched)", flush=True)
+        torch.cuda.synchronize()
     # warmup and rep are milliseconds of calls, not counts
-    return triton.testing.do_bench(fn, warmup=5, rep=max(2 * repeat, 20), return_mode="median") / 1e3
+    seconds = triton.testing.do_bench(run, warmup=5, rep=max(2 * repeat, 20), return_mode="median") / 1e3
+    return seconds, how
 
 
 def summary(row: dict) -> str:
@@ -251,7 +271,8 @@ def sweep(model, cache, attn, positions, B, repeat, device, error) -> list[dict]
                 fused = FusedDecoder(model, cache, B, launch=launch)
                 entry["units"] = fused.units(B)
                 entry["error"] = error(fused)
-                entry["us"] = call_seconds(lambda: fused.attend(attn, 0, positions[:, 0], B), repeat, device) * 1e6
+                t, entry["timed"] = call_seconds(lambda: fused.attend(attn, 0, positions[:, 0], B), repeat, device)
+                entry["us"] = t * 1e6
                 del fused
             except Exception as e:  # noqa: BLE001 - a shape that does not compile or fit is a result too
                 entry["failed"] = f"{type(e).__name__}: {str(e)[:160]}"

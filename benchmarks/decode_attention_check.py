@@ -4,7 +4,15 @@ step, on the sharpened tiny test model (tests/test_fused_decode.sharp_model), tw
 different lengths. Prints one line a path and the first step where a row leaves the reference;
 writes $OUT/decode_attention_check.json.
 
-    python benchmarks/decode_attention_check.py [--max-len 40] [--new 12]
+`--trace` then pins down where the compiled step with the kernels parts from the uncompiled
+one. Both run without CUDA graphs, so the ops' Python bodies run at every call, and every call
+records what the kernels were handed (queries, positions, the rows' cache up to their
+positions) and what they returned. The first call at which the two runs differ says whether
+the compiled graph handed the op other inputs, or the op made other outputs of the same ones.
+`--eager-op` adds a path whose attention call is kept out of the compiled graph (a graph break
+a layer), as a workaround to check.
+
+    python benchmarks/decode_attention_check.py [--max-len 40] [--new 12] [--trace] [--eager-op]
 """
 
 from __future__ import annotations
@@ -19,20 +27,76 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 
-def reference(model, prompt: list[int], new: int) -> list[int]:
-    """Greedy tokens by full forwards over the whole sequence, no cache."""
-    ids = list(prompt)
+def reference(model, prompt: list[int], new: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens by full forwards over the whole sequence, no cache, and each one's margin
+    (its logit less the runner-up's): a path that parts from the reference where the margin is
+    a rounding's width has met a near-tie, where it is wide, a fault."""
+    ids, margins = list(prompt), []
     with torch.no_grad():
         for _ in range(new):
             logits = model(torch.tensor([ids], device=next(model.parameters()).device)).logits[0, -1]
+            top = logits.float().topk(2).values
+            margins.append(round(float(top[0] - top[1]), 4))
             ids.append(int(logits.argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt):], margins
+
+
+def traced_run(model, prompts, new, compiled: bool, launch, max_len: int) -> list[dict]:
+    """Every call of the attention kernels' op body in an engine run (no CUDA graphs): its
+    inputs and output on the host, float64."""
+    from nanoseek.infer import Engine, SamplingParams
+    from nanoseek.infer import latent_attention as la
+    from nanoseek.infer.config import InferenceConfig
+    calls, attend = [], la._op_attend
+
+    def recording(q_lat, q_pe, ckv, kpe, positions_B, *rest):
+        o = attend(q_lat, q_pe, ckv, kpe, positions_B, *rest)
+        pos = positions_B.tolist()
+        calls.append(dict(positions=pos, q_lat=q_lat.double().cpu(), q_pe=q_pe.double().cpu(), out=o.double().cpu(),
+                          ckv=[ckv[b, :p + 1].double().cpu() for b, p in enumerate(pos)],
+                          kpe=[kpe[b, :p + 1].double().cpu() for b, p in enumerate(pos)]))
+        return o
+    la._op_attend = recording
+    try:
+        config = InferenceConfig(decode_attention="kernel", fused_launch=launch, cuda_graphs=False,
+                                 compile=compiled, fused_decode_rows=0, decode_burst=1)
+        engine = Engine(model, max_batch=2, max_len=max_len, config=config)
+        tokens = [o.token_ids for o in engine.generate(prompts, SamplingParams(max_tokens=new, temperature=0))]
+    finally:
+        la._op_attend = attend
+    print(f"traced compile={compiled}: {len(calls)} calls, tokens {tokens}", flush=True)
+    return calls
+
+
+def first_difference(eager: list[dict], compiled: list[dict], rtol: float = 1e-3) -> dict | None:
+    """The first call whose inputs or output differ by more than rtol of their largest value
+    (float32 kernels run in another order under compile: rounding, not a fault, stays below)."""
+    def far(a, b):
+        return a.shape != b.shape or float((a - b).abs().max()) > rtol * max(float(a.abs().max()), 1e-30)
+    for i, (e, c) in enumerate(zip(eager, compiled)):
+        if e["positions"] != c["positions"]:
+            return dict(call=i, what="positions", eager=e["positions"], compiled=c["positions"])
+        for key in ("q_lat", "q_pe"):
+            if far(e[key], c[key]):
+                return dict(call=i, what=key, positions=e["positions"],
+                            deviation=float((e[key] - c[key]).abs().max()), scale=float(e[key].abs().max()))
+        for key in ("ckv", "kpe"):
+            for b, (x, y) in enumerate(zip(e[key], c[key])):
+                if far(x, y):
+                    bad = ((x - y).abs().amax(-1) > rtol * float(x.abs().max())).nonzero()[:, 0].tolist()
+                    return dict(call=i, what=f"{key} of row {b}", positions=e["positions"], differing_positions=bad)
+        if far(e["out"], c["out"]):
+            return dict(call=i, what="output from the same inputs", positions=e["positions"],
+                        deviation=float((e["out"] - c["out"]).abs().max()), scale=float(e["out"].abs().max()))
+    return None
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--max-len", type=int, default=40)
     ap.add_argument("--new", type=int, default=12)
+    ap.add_argument("--trace", action="store_true", help="compare the op's calls, compiled against not")
+    ap.add_argument("--eager-op", action="store_true", help="also the path with the attention call kept eager")
     args = ap.parse_args()
     from test_fused_decode import sharp_model  # noqa: E402 - tests/ on sys.path
     from test_latent_attention import LAUNCH  # noqa: E402
@@ -41,17 +105,24 @@ def main() -> None:
 
     model = sharp_model()
     prompts = [[5, 9, 2, 7, 1, 3, 8], [4, 4]]
-    ref = [reference(model, p, args.new) for p in prompts]
-    print("reference", ref, flush=True)
+    ref, margins = zip(*(reference(model, p, args.new) for p in prompts))
+    print("reference", list(ref), "margins", list(margins), flush=True)
     rows = []
     compiled_graphs = (True, True, 0, 8)
     paths = [("torch", *compiled_graphs), ("torch", True, True, None, 8),
              ("kernel", *compiled_graphs), ("kernel", True, True, None, 8), ("kernel", True, True, 0, 1),
-             ("kernel", True, False, 0, 8), ("kernel", False, False, 0, 1)]
+             ("kernel", True, False, 0, 8), ("kernel", False, True, 0, 1), ("kernel", False, False, 0, 1)]
+    if args.eager_op:
+        paths.append(("kernel-eager-op", True, True, 0, 8))
     for attention, graphs, compiled, fused, burst in paths:
-        config = InferenceConfig(decode_attention=attention, fused_launch=LAUNCH,
+        eager_op = attention == "kernel-eager-op"
+        config = InferenceConfig(decode_attention="kernel" if eager_op else attention, fused_launch=LAUNCH,
                                  cuda_graphs=graphs, compile=compiled, fused_decode_rows=fused, decode_burst=burst)
         name = f"{attention} graphs={graphs} compile={compiled} fused_rows={fused} burst={burst}"
+        from nanoseek.infer.latent_attention import LatentDecodeAttention
+        call = LatentDecodeAttention.__call__
+        if eager_op:  # Dynamo breaks the graph at each layer's attention call and runs it as Python
+            LatentDecodeAttention.__call__ = torch.compiler.disable(call)
         try:
             engine = Engine(model, max_batch=2, max_len=args.max_len, config=config)
             out = [o.token_ids for o in engine.generate(prompts, SamplingParams(max_tokens=args.new, temperature=0))]
@@ -59,12 +130,19 @@ def main() -> None:
             rows.append(dict(path=name, error=f"{type(e).__name__}: {e}"))
             print(name, "ERROR", e, flush=True)
             continue
+        finally:
+            LatentDecodeAttention.__call__ = call
         first = [next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), None) for o, r in zip(out, ref)]
         rows.append(dict(path=name, tokens=out, first_difference=first))
         print(f"{name}: first difference per row {first} {out}", flush=True)
+    trace = None
+    if args.trace:
+        eager, compiled = (traced_run(model, prompts, args.new, c, LAUNCH, args.max_len) for c in (False, True))
+        trace = first_difference(eager, compiled) or "no call differs"
+        print("trace: first call where compiled and eager differ:", trace, flush=True)
     path = os.path.join(os.environ.get("OUT", "."), "decode_attention_check.json")
     with open(path, "w") as f:
-        json.dump(dict(reference=ref, rows=rows, device=torch.cuda.get_device_name() if torch.cuda.is_available()
+        json.dump(dict(reference=ref, margins=margins, rows=rows, trace=trace, device=torch.cuda.get_device_name() if torch.cuda.is_available()
                        else "cpu"), f, indent=1)
 
 

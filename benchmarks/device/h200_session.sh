@@ -258,7 +258,8 @@ case $stage in
     ;;
   check)  # which engine path leaves the no-cache reference's greedy tokens; the attention kernels' tests;
           # the grouped FP8 kernels (the accumulating one too) and FP8 steps compiled, fused accumulation or not
-    timeout 100 python3 benchmarks/decode_attention_check.py 2>&1 | quiet | tee "$OUT/decode_attention_check.log"
+    timeout 240 python3 benchmarks/decode_attention_check.py --trace --eager-op 2>&1 | quiet \
+      | tee "$OUT/decode_attention_check.log"
     timeout 90 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_latent_attention.py 2>&1 \
       | tail -12 | tee "$OUT/check_attention_tests.log"
     timeout 150 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8.py \
