@@ -30,8 +30,8 @@ V3's decode attention is bound by the tensor cores there, not by HBM.
 `--mixed` also times each batch of several rows as one row at the full context among rows at
 1,024 positions: a step's split count is fixed while its rows' lengths differ.
 `--sweep` also times the fused attention at other launch shapes than the rule's (heads per
-program, programs aimed for; then positions per block, warps and pipeline stages around the
-fastest), to derive the rule from measurements.
+program, programs aimed for, the dots transposed or not; then positions per block, warps and
+pipeline stages around the fastest), to derive the rule from measurements.
 
     python benchmarks/attention.py [--contexts 4096 32768 131072 --batches 1 16 --mixed --sweep]
     python benchmarks/attention.py --device cpu --preset tiny --contexts 256 512 --batches 1 2
@@ -205,7 +205,8 @@ def result(args, dtype, bandwidth, gemm_rate, rows) -> dict:
 
 
 MIXED_SHORT = 1024  # the short rows' context in --mixed batches
-ATTEND_KEYS = ("attend_heads", "attend_programs", "attend_split", "attend_block", "attend_warps", "attend_stages")
+ATTEND_KEYS = ("attend_heads", "attend_programs", "attend_split", "attend_block", "attend_warps", "attend_stages",
+               "attend_transposed")
 
 
 def call_seconds(fn, repeat: int, device: torch.device) -> tuple[float, str]:
@@ -250,11 +251,13 @@ def summary(row: dict) -> str:
 
 def sweep_launches(rule: dict, heads: int, best: dict | None = None) -> list[dict]:
     """First (best None): 16 to 64 heads a program (at most the model's) x 128 to 1024
-    attention programs aimed for, at the rule's block, warps and stages; then, around the
-    fastest of those, blocks of 32 and 64 positions x 4 or 8 warps x 2 to 4 stages."""
+    attention programs aimed for x the dots as heads x positions or transposed, at the rule's
+    block, warps and stages; then, around the fastest of those, blocks of 32 and 64 positions
+    x 4 or 8 warps x 2 to 4 stages."""
     if best is None:
         widths = [h for h in (16, 32, 64) if h <= max(16, heads)]
-        return [dict(attend_heads=h, attend_programs=p) for h in widths for p in (128, 256, 512, 1024)]
+        return [dict(attend_heads=h, attend_programs=p, attend_transposed=t)
+                for t in (0, 1) for h in widths for p in (128, 256, 512, 1024)]
     return [dict(best, attend_block=b, attend_split=max(b, rule["attend_split"]), attend_warps=w, attend_stages=st)
             for b in (32, 64) for w in (4, 8) for st in (2, 3, 4)]
 

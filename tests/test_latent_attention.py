@@ -21,13 +21,15 @@ LAUNCH = dict(attend_split=16, attend_block=16, attend_programs=8, attend_heads=
 
 @pytest.mark.parametrize("overrides", [dict(), dict(q_lora_rank=None, num_attention_heads=32)])
 @pytest.mark.parametrize("rows", [None, [2, 0], [1, 2]])
-def test_decode_attention_kernels_match_the_absorbed_attention(overrides, rows):
+@pytest.mark.parametrize("transposed", [0, 1])
+def test_decode_attention_kernels_match_the_absorbed_attention(overrides, rows, transposed):
     """One new token a row at positions 37, 5 and 20 of a 40-position cache: the logits with
     the kernels equal the absorbed attention's (float32, float32 dot products in the kernels:
     ~1e-6 of the largest logit), and so does the cache they leave (the kernels' op writes the
     new entries itself). With and without a query LoRA (V2-Lite has none), 16 and 32 heads (two
     head blocks), over the whole cache, a gathered view of rows 2 and 0, and a view of rows 1
-    and 2 (consecutive: written and attended by the op from row 1)."""
+    and 2 (consecutive: written and attended by the op from row 1); the dots as heads x
+    positions or transposed."""
     model = sharp_model(**overrides)
     cache = prefilled_cache(model, [37, 5, 20])
     positions = torch.tensor([[37], [5], [20]], device=DEVICE)
@@ -36,7 +38,7 @@ def test_decode_attention_kernels_match_the_absorbed_attention(overrides, rows):
         positions, ids = positions[rows], ids[rows]
     view = (lambda c: c.select(rows)) if rows is not None else (lambda c: c)
     logits, caches = [], []
-    for attend in (None, LatentDecodeAttention(model.config, 40, LAUNCH)):
+    for attend in (None, LatentDecodeAttention(model.config, 40, {**LAUNCH, "attend_transposed": transposed})):
         model.set_decode_attention(attend)
         caches.append(copy.deepcopy(cache))
         with torch.no_grad():

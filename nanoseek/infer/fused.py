@@ -59,7 +59,8 @@ MERGE_SPLITS = 16    # attention splits the merge reads at once
 # attention loop's software-pipeline stages, and the block sizes above
 LAUNCH_KEYS = ("gemv_rows", "gemv_warps", "head_rows", "head_warps", "query_warps", "attend_split",
                "attend_heads", "attend_block", "attend_programs", "attend_stages", "attend_warps", "output_warps",
-               "merge_splits", "route_warps", "up_rows", "up_warps", "down_rows", "down_warps", "max_block", "pdl")
+               "merge_splits", "route_warps", "up_rows", "up_warps", "down_rows", "down_warps", "max_block", "pdl",
+               "attend_transposed")
 
 
 def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = None) -> dict:
@@ -94,7 +95,7 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
     out = dict(gemv_rows=rows("gemv", D), head_rows=rows("head", D), up_rows=rows("up", D),
                down_rows=rows("down", slots * F), attend_split=split, attend_heads=heads, attend_block=block_s,
                attend_programs=ATTEND_PROGRAMS, attend_stages=3, merge_splits=MERGE_SPLITS, max_block=max_block,
-               pdl=True)
+               pdl=True, attend_transposed=0)
     out.update({k: v for k, v in given.items() if k in out})  # the warps follow the rows given
     out.update(gemv_warps=warps(out["gemv_rows"] * D), head_warps=warps(out["head_rows"] * D),
                up_warps=warps(2 * out["up_rows"] * D), down_warps=warps(out["down_rows"] * slots * F),
@@ -103,13 +104,16 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
                route_warps=warps(32 * (c.n_routed_experts or 0)))
     out.update(given)
     for key, value in out.items():
-        if key not in ("pdl", "attend_stages", "attend_programs") and (value < 1 or value & (value - 1)):
+        not_pow2 = ("pdl", "attend_stages", "attend_programs", "attend_transposed")
+        if key not in not_pow2 and (value < 1 or value & (value - 1)):
             raise ValueError(f"launch {key}={value}: must be a power of two")
     for key in ("attend_split", "attend_heads", "attend_block"):
         if out[key] < 16:  # tl.dot's smallest block
             raise ValueError(f"launch {key}={out[key]}: must be at least 16")
     if out["attend_programs"] < 1:
         raise ValueError(f"launch attend_programs={out['attend_programs']}: must be at least 1")
+    if out["attend_transposed"] not in (0, 1):
+        raise ValueError(f"launch attend_transposed={out['attend_transposed']}: must be 0 or 1")
     if not 1 <= out["attend_stages"] <= 4:
         raise ValueError(f"launch attend_stages={out['attend_stages']}: must be 1 to 4")
     if out["attend_block"] > out["attend_split"]:

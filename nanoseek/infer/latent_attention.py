@@ -88,7 +88,7 @@ def attend_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kp
         q_lat, q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0), positions_B,
         part_acc, part_m, part_l, scale, H, C, R, B, split, units, idle, blocks,
         BLOCK_H=heads, BLOCK_C=pow2(C, 16), BLOCK_R=pow2(R, 16), BLOCK_S=t["attend_block"], BLOCK_B=rows,
-        DOT_PRECISION=precision, **attend_warps_stages(t, B), **launch)
+        DOT_PRECISION=precision, TRANSPOSED=bool(t.get("attend_transposed", 0)), **attend_warps_stages(t, B), **launch)
     o = out[:B] if out is not None else torch.empty(B, H * V, **f32)
     N = w_kvb.shape[0] // H - V  # kv_b_proj holds W_UK (N rows) then W_UV (V rows) a head
     # the most units one row gets: no more than aimed for, nor than its positions in the least chunk
@@ -114,7 +114,7 @@ def packed(rows: torch.Tensor, name: str | None = None) -> torch.Tensor:
 
 # the launch keys the custom op takes, in this order (a list of ints: an op's schema holds no dict)
 OP_LAUNCH = ("attend_heads", "attend_split", "attend_block", "attend_programs", "attend_warps", "attend_stages",
-             "merge_splits", "output_warps")
+             "merge_splits", "output_warps", "attend_transposed")
 
 
 @torch.library.custom_op("nanoseek::mla_decode_attention", mutates_args=())

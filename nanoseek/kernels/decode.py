@@ -234,7 +234,7 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
                       acc_ptr, m_ptr, l_ptr, scale, H, C, R, B, SPLIT, UNITS, IDLE, HEAD_BLOCKS,
                       BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                      USE_PDL: tl.constexpr):
+                      USE_PDL: tl.constexpr, TRANSPOSED: tl.constexpr = False):
     """Program (unit · HEAD_BLOCKS + head block), one grid axis (a second axis would cap the
     units at 65,535): BLOCK_H heads over one unit of _row_units, a chunk of one row's positions
     (its last one shorter). The head block varies fastest, so the programs that read the same
@@ -243,7 +243,10 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
     unnormalised sum of p·c_kv with its running max and sum into partial sums indexed by the
     unit (merged by mla_output; a unit past the last row's writes nothing). Everything it
     reads but the positions, the previous kernel may just have written (the new cache row),
-    so it waits first."""
+    so it waits first. TRANSPOSED: the same sums with the positions and the latent's channels
+    as the dots' rows (scores [positions, heads], the running sum [C, heads]): Hopper's wgmma
+    takes a dot of at least 64 rows, more than a program's heads (16-32), so untransposed
+    those dots run on the older mma instructions."""
     _launch_next(USE_PDL)
     unit = tl.program_id(0) // HEAD_BLOCKS
     chunk, pos_B, first_B, counts, ends = _row_units(pos_ptr, B, UNITS, SPLIT, IDLE, BLOCK_B)
@@ -267,7 +270,11 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
                      mask=hmask[:, None] & rmask[None, :], other=0.0).to(dtype)
         m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         l = tl.zeros([BLOCK_H], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+        if TRANSPOSED:
+            acc = tl.zeros([BLOCK_C, BLOCK_H], dtype=tl.float32)
+            q_t, qp_t = tl.trans(q), tl.trans(qp)
+        else:
+            acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
         end = tl.minimum(start + chunk, pos + 1)
         for s0 in range(start, end, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
@@ -276,19 +283,32 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
                         mask=smask[:, None] & cmask[None, :], other=0.0)
             kp = tl.load(kpe_ptr + b * stride_kpe + s[:, None] * R + rr[None, :],
                          mask=smask[:, None] & rmask[None, :], other=0.0)
-            sc = (tl.dot(q, tl.trans(c), input_precision=DOT_PRECISION)
-                  + tl.dot(qp, tl.trans(kp), input_precision=DOT_PRECISION)) * scale
-            sc = tl.where(smask[None, :], sc, float("-inf"))
-            m_new = tl.maximum(m, tl.max(sc, axis=1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(sc - m_new[:, None])
-            l = l * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(dtype), c, input_precision=DOT_PRECISION)
+            if TRANSPOSED:
+                sc = (tl.dot(c, q_t, input_precision=DOT_PRECISION)
+                      + tl.dot(kp, qp_t, input_precision=DOT_PRECISION)) * scale
+                sc = tl.where(smask[:, None], sc, float("-inf"))
+                m_new = tl.maximum(m, tl.max(sc, axis=0))
+                alpha = tl.exp(m - m_new)
+                p = tl.exp(sc - m_new[None, :])
+                l = l * alpha + tl.sum(p, axis=0)
+                acc = acc * alpha[None, :] + tl.dot(tl.trans(c), p.to(dtype), input_precision=DOT_PRECISION)
+            else:
+                sc = (tl.dot(q, tl.trans(c), input_precision=DOT_PRECISION)
+                      + tl.dot(qp, tl.trans(kp), input_precision=DOT_PRECISION)) * scale
+                sc = tl.where(smask[None, :], sc, float("-inf"))
+                m_new = tl.maximum(m, tl.max(sc, axis=1))
+                alpha = tl.exp(m - m_new)
+                p = tl.exp(sc - m_new[:, None])
+                l = l * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(dtype), c, input_precision=DOT_PRECISION)
             m = m_new
         part = unit.to(tl.int64) * H + hh  # (units + rows) x H x C passes 2^31 at a few thousand rows
         tl.store(m_ptr + part, m, mask=hmask)
         tl.store(l_ptr + part, l, mask=hmask)
-        tl.store(acc_ptr + part[:, None] * C + cc[None, :], acc, mask=hmask[:, None] & cmask[None, :])
+        if TRANSPOSED:
+            tl.store(acc_ptr + part[None, :] * C + cc[:, None], acc, mask=cmask[:, None] & hmask[None, :])
+        else:
+            tl.store(acc_ptr + part[:, None] * C + cc[None, :], acc, mask=hmask[:, None] & cmask[None, :])
 
 
 @triton.jit
