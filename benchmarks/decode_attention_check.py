@@ -4,9 +4,11 @@ step, on the sharpened tiny test model (tests/test_fused_decode.sharp_model), tw
 different lengths. Prints one line a path and the first step where a row leaves the reference;
 writes $OUT/decode_attention_check.json.
 
+Steps: `captured` (the engine's CUDA-graph step), `graph-step` (the same step, compiled or
+not, run without capturing it: the ops' Python bodies run at every call) and `eager` (the
+engine's steps without the graph step; nothing compiled).
 `--trace` then pins down where the compiled step with the kernels parts from the uncompiled
-one. Both run without CUDA graphs, so the ops' Python bodies run at every call, and every call
-records what the kernels were handed (queries, positions, the rows' cache up to their
+one. Both run as `graph-step`, and every call records what the kernels were handed (queries, positions, the rows' cache up to their
 positions) and what they returned. The first call at which the two runs differ says whether
 the compiled graph handed the op other inputs, or the op made other outputs of the same ones.
 `--eager-op` adds a path whose attention call is kept out of the compiled graph (a graph break
@@ -41,10 +43,21 @@ def reference(model, prompt: list[int], new: int) -> tuple[list[int], list[float
     return ids[len(prompt):], margins
 
 
+def engine_for(model, step: str, config, max_len: int, fused_rows, launch):
+    """An engine whose decode step is `step` (the module docstring's)."""
+    from nanoseek.infer import Engine
+    from nanoseek.infer.cuda_graph import GraphDecoder
+    engine = Engine(model, max_batch=2, max_len=max_len, config=config)
+    if step == "graph-step":
+        engine.runner.graphs = GraphDecoder(model, engine.cache, engine.runner.autocast, compile=config.compile,
+                                            capture=False, fused_rows=fused_rows or 0, fused_launch=launch)
+    return engine
+
+
 def traced_run(model, prompts, new, compiled: bool, launch, max_len: int) -> list[dict]:
-    """Every call of the attention kernels' op body in an engine run (no CUDA graphs): its
-    inputs and output on the host, float64."""
-    from nanoseek.infer import Engine, SamplingParams
+    """Every call of the attention kernels' op body in an engine run (the graph step, not
+    captured): its inputs and output on the host, float64."""
+    from nanoseek.infer import SamplingParams
     from nanoseek.infer import latent_attention as la
     from nanoseek.infer.config import InferenceConfig
     calls, attend = [], la._op_attend
@@ -58,9 +71,9 @@ def traced_run(model, prompts, new, compiled: bool, launch, max_len: int) -> lis
         return o
     la._op_attend = recording
     try:
-        config = InferenceConfig(decode_attention="kernel", fused_launch=launch, cuda_graphs=False,
+        config = InferenceConfig(decode_attention="kernel", fused_launch=launch, cuda_graphs=True,
                                  compile=compiled, fused_decode_rows=0, decode_burst=1)
-        engine = Engine(model, max_batch=2, max_len=max_len, config=config)
+        engine = engine_for(model, "graph-step", config, max_len, 0, launch)
         tokens = [o.token_ids for o in engine.generate(prompts, SamplingParams(max_tokens=new, temperature=0))]
     finally:
         la._op_attend = attend
@@ -100,7 +113,7 @@ def main() -> None:
     args = ap.parse_args()
     from test_fused_decode import sharp_model  # noqa: E402 - tests/ on sys.path
     from test_latent_attention import LAUNCH  # noqa: E402
-    from nanoseek.infer import Engine, SamplingParams
+    from nanoseek.infer import SamplingParams
     from nanoseek.infer.config import InferenceConfig
 
     model = sharp_model()
@@ -108,23 +121,25 @@ def main() -> None:
     ref, margins = zip(*(reference(model, p, args.new) for p in prompts))
     print("reference", list(ref), "margins", list(margins), flush=True)
     rows = []
-    compiled_graphs = (True, True, 0, 8)
-    paths = [("torch", *compiled_graphs), ("torch", True, True, None, 8),
-             ("kernel", *compiled_graphs), ("kernel", True, True, None, 8), ("kernel", True, True, 0, 1),
-             ("kernel", True, False, 0, 8), ("kernel", False, True, 0, 1), ("kernel", False, False, 0, 1)]
+    compiled_graphs = ("captured", True, 0, 8)
+    paths = [("torch", *compiled_graphs), ("torch", "captured", True, None, 8),
+             ("kernel", *compiled_graphs), ("kernel", "captured", True, None, 8), ("kernel", "captured", True, 0, 1),
+             ("kernel", "captured", False, 0, 8), ("kernel", "graph-step", True, 0, 1),
+             ("kernel", "graph-step", False, 0, 1), ("kernel", "eager", False, 0, 1)]
     if args.eager_op:
-        paths.append(("kernel-eager-op", True, True, 0, 8))
-    for attention, graphs, compiled, fused, burst in paths:
+        paths.append(("kernel-eager-op", "captured", True, 0, 8))
+    for attention, step, compiled, fused, burst in paths:
         eager_op = attention == "kernel-eager-op"
         config = InferenceConfig(decode_attention="kernel" if eager_op else attention, fused_launch=LAUNCH,
-                                 cuda_graphs=graphs, compile=compiled, fused_decode_rows=fused, decode_burst=burst)
-        name = f"{attention} graphs={graphs} compile={compiled} fused_rows={fused} burst={burst}"
+                                 cuda_graphs=step != "eager", compile=compiled, fused_decode_rows=fused,
+                                 decode_burst=burst)
+        name = f"{attention} {step} compile={compiled} fused_rows={fused} burst={burst}"
         from nanoseek.infer.latent_attention import LatentDecodeAttention
         call = LatentDecodeAttention.__call__
         if eager_op:  # Dynamo breaks the graph at each layer's attention call and runs it as Python
             LatentDecodeAttention.__call__ = torch.compiler.disable(call)
         try:
-            engine = Engine(model, max_batch=2, max_len=args.max_len, config=config)
+            engine = engine_for(model, step, config, args.max_len, fused, LAUNCH)
             out = [o.token_ids for o in engine.generate(prompts, SamplingParams(max_tokens=args.new, temperature=0))]
         except Exception as e:  # noqa: BLE001 - a diagnostic: report and go on
             rows.append(dict(path=name, error=f"{type(e).__name__}: {e}"))

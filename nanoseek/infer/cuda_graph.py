@@ -64,7 +64,11 @@ class BucketGraphs:
     """`_step(*static inputs sliced to the bucket)` captured per key, replayed by `run`.
 
     A key is (bucket, variant): the variant picks a form of the step (the decoder's greedy or
-    sampling step), each its own compilation and graph."""
+    sampling step), each its own compilation and graph. A step returns its outputs and the
+    next values of its inputs (None: unchanged), which `_call` writes after it, outside the
+    compiled graph: an opaque op in the graph (the decode attention kernels) that reads an
+    input the same graph also writes depends on Inductor ordering that write after it, and a
+    copy that would decouple them is one Inductor removes as a no-op."""
 
     kind = "step"
     tuned_buckets: tuple[int, ...] = ()  # compiled with Inductor's coordinate-descent tuning
@@ -96,7 +100,8 @@ class BucketGraphs:
         """Tensors besides the cache that the step writes (restored after the warm-up runs)."""
         return []
 
-    def _step(self, *inputs):
+    def _step(self, *inputs) -> tuple[object, tuple]:
+        """(outputs, the inputs' next values or None each)."""
         raise NotImplementedError
 
     def _step_for(self, key: tuple):
@@ -127,16 +132,22 @@ class BucketGraphs:
 
     def _call(self, key: tuple):
         inputs = self._inputs(key)
+        out = None
         if self.compile and self._compiles(key):
             try:
-                return self._compiled_step(key)(*inputs)
+                out, nexts = self._compiled_step(key)(*inputs)
             except Exception as e:  # noqa: BLE001 — any compiler failure: plain steps, loudly, once
                 if self._plainer_compile(key, e):
                     return self._call(key)
                 warnings.warn(f"torch.compile of the {self.kind} step failed ({type(e).__name__}: "
                               f"{str(e)[:300]}); capturing the uncompiled step")
                 self.compile = False
-        return self._step_for(key)(*inputs)
+        if out is None:
+            out, nexts = self._step_for(key)(*inputs)
+        for dst, value in zip(inputs, nexts):
+            if value is not None:
+                dst.copy_(value)
+        return out
 
     def _plainer_compile(self, key: tuple, error: Exception) -> bool:
         """After key's compiled step failed: whether a plainer compiled form may run instead
@@ -223,9 +234,9 @@ class BucketGraphs:
 
 
 class GraphDecoder(BucketGraphs):
-    """The decode step: logits and the chosen token of every bucket row. The step also writes
-    each row's token and next position into its own inputs, so `decode_burst` replays it n
-    times back to back and reads the n tokens to the host once."""
+    """The decode step: logits and the chosen token of every bucket row. Each row's token and
+    next position also go into the step's own inputs, so `decode_burst` replays it n times
+    back to back and reads the n tokens to the host once."""
 
     kind = "decode"
     tuned_buckets = (1,)  # one row: every matmul has M = 1
@@ -296,18 +307,18 @@ class GraphDecoder(BucketGraphs):
             return super()._compiled_step(key)
         logits = self._compile(self._logits, key[0] in self.tuned_buckets)
         filtered = key[1] is not UNFILTERED
-        return lambda ids_B1, positions_B1, *settings: self._choose(logits(ids_B1, positions_B1), ids_B1,
-                                                                     positions_B1, *settings, filtered=filtered)
+        return lambda ids_B1, positions_B1, *settings: self._choose(logits(ids_B1, positions_B1), positions_B1,
+                                                                     *settings, filtered=filtered)
 
     def _step_for(self, key):
         return self._step_unfiltered if key[1] is UNFILTERED else self._step
 
     def _step(self, ids_B1, positions_B1, settings_4B=None, uniform_B=None):
-        return self._choose(self._logits(ids_B1, positions_B1), ids_B1, positions_B1, settings_4B, uniform_B)
+        return self._choose(self._logits(ids_B1, positions_B1), positions_B1, settings_4B, uniform_B)
 
     def _step_unfiltered(self, ids_B1, positions_B1, settings_4B, uniform_B):
         """The sampling step of a batch where no row filters (sampling.filters): no sort."""
-        return self._choose(self._logits(ids_B1, positions_B1), ids_B1, positions_B1, settings_4B, uniform_B,
+        return self._choose(self._logits(ids_B1, positions_B1), positions_B1, settings_4B, uniform_B,
                             filtered=False)
 
     def _logits(self, ids_B1, positions_B1):
@@ -318,9 +329,9 @@ class GraphDecoder(BucketGraphs):
                             cache_enabled=False):  # see ModelRunner._context
             return self.model(ids_B1, positions=positions_B1, cache=view).logits[:, -1]
 
-    def _choose(self, logits_BV, ids_B1, positions_B1, settings_4B=None, uniform_B=None, filtered=True):
-        """The token of each row (argmax, or the sampler at the row's uniform), written with
-        the next position into the step's inputs."""
+    def _choose(self, logits_BV, positions_B1, settings_4B=None, uniform_B=None, filtered=True):
+        """((logits, the token of each row: argmax, or the sampler at the row's uniform), the
+        step's next ids and positions)."""
         if settings_4B is None:
             tokens_B = logits_BV.argmax(-1)
         else:
@@ -328,9 +339,7 @@ class GraphDecoder(BucketGraphs):
             tokens_B = sample_tensors(logits_BV, greedy > 0, temperature, top_k.long(), top_p, uniform_B,
                                       filtered=filtered)
         # the next step's inputs (dummy rows too, kept inside the cache)
-        ids_B1.copy_(tokens_B[:, None])
-        positions_B1.copy_((positions_B1 + 1).clamp(max=self.last_position))
-        return logits_BV, tokens_B
+        return (logits_BV, tokens_B), (tokens_B[:, None], (positions_B1 + 1).clamp(max=self.last_position))
 
     @torch.no_grad()
     def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor | None:
@@ -402,9 +411,8 @@ class GraphSpeculator(BucketGraphs):
         out_BK2 = self.runner.speculate_greedy(slice(0, B), pending_B, pos_B, self.runner.cache.prefix(B))
         # the next step's inputs: the last new token x_{a+1}, a + 1 positions on
         n_acc_B = out_BK2[:, 0]
-        pending_B.copy_(out_BK2.gather(1, n_acc_B[:, None] + 1).squeeze(1))
-        pos_B.copy_((pos_B + n_acc_B + 1).clamp(max=self.last_position))
-        return out_BK2
+        return out_BK2, (out_BK2.gather(1, n_acc_B[:, None] + 1).squeeze(1),
+                         (pos_B + n_acc_B + 1).clamp(max=self.last_position))
 
     @torch.no_grad()
     def speculate_burst(self, slots: list[int], pending: list[int], positions: list[int],
