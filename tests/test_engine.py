@@ -313,6 +313,27 @@ def test_static_shape_decode_step_matches_eager_decode(compile):
     torch.testing.assert_close(static, eager, rtol=1e-4, atol=1e-5)
 
 
+def test_the_compiled_step_leaves_its_inputs_to_the_caller():
+    """The decode step's compiled function returns the next ids and positions instead of
+    writing them: an opaque op in the graph (the attention kernels) reads the positions, and
+    Inductor need not order a write inside the graph after it. _call writes them, clamped at
+    the cache's last position, outside the compiled function."""
+    from nanoseek.infer.cuda_graph import GraphDecoder
+    model = Transformer(preset("tiny")).eval()
+    engine = Engine(model, None, max_batch=2, max_len=16)
+    graph = GraphDecoder(model, engine.cache, None, compile=True, capture=False)
+    graph.load([graph.ids, graph.positions], [0, 1], [5, 9], [3, 15])
+    ids, positions = graph.ids.clone(), graph.positions.clone()
+    with torch.no_grad():
+        (logits, tokens), (next_ids, next_positions) = graph._compiled_step((2, False))(*graph._inputs((2, False)))
+    assert torch.equal(graph.ids, ids) and torch.equal(graph.positions, positions)  # untouched inside
+    assert torch.equal(next_ids[:, 0], logits.argmax(-1)) and torch.equal(tokens, logits.argmax(-1))
+    assert next_positions[:, 0].tolist() == [4, 15]  # the last position holds
+    with torch.no_grad():
+        graph._call((2, False))
+    assert graph.ids[:2, 0].tolist() == tokens.tolist() and graph.positions[:2, 0].tolist() == [4, 15]
+
+
 def burst_engine(model, tokenizer=None, compile=False, config=None, **kw):
     """An engine whose decode runs through GraphDecoder's static step in bursts of 4, here
     without capture (CPU): the step's own token choice and input advance, as replayed on a GPU.
