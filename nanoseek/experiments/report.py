@@ -78,7 +78,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import EngFormatter
+    from matplotlib.ticker import EngFormatter, PercentFormatter
 
     arms = [a["name"] for a in result["arms"]]
     tokens_per_step = result["scale"]["batch_size"] * result["scale"]["seq_len"]
@@ -122,8 +122,9 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3, axis="y")
         lows = [min(result["summary"][a][key]["values"]) for a in shown]
         highs = [max(result["summary"][a][key]["values"]) for a in shown]
-        if "%" in fmt:  # a rate: its whole range
-            ax.set_ylim(0, 1)
+        if "%" in fmt:  # a rate: its whole range, unless all of it lies in the bottom fifth (loss errors)
+            ax.set_ylim(0, 1 if max(highs) > 0.2 else max(1.3 * max(highs), 1e-6))
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         elif len(shown) > 1 and min(lows) > 0 and max(highs) - min(lows) < 0.2 * max(highs):  # close: zoom in
             pad = max(max(highs) - min(lows), 1e-9 + 0.01 * max(highs))
             ax.set_ylim(min(lows) - pad, max(highs) + pad)
