@@ -319,12 +319,14 @@ def test_bf16_fused_step_is_as_accurate_as_the_bf16_model():
 
 
 @pytest.mark.gpu
-def test_bf16_fused_step_at_v3_layer_widths():
+@pytest.mark.parametrize("transposed", [0, 1])
+def test_bf16_fused_step_at_v3_layer_widths(transposed):
     """On a GPU, BF16, DeepSeek-V3's layer widths (hidden 7168, 128 heads, latent 512,
     q_lora 1536, experts of width 2048, top-8 in 4 of 8 groups; 64 experts instead of 256 and
     a small vocabulary, to fit a float32 reference beside it), one dense and one MoE layer:
     the fused step with the launch shapes derived for these widths (2 GEMV rows a program,
-    attention in 16-head blocks) is as close to float32 as the BF16 model's own step."""
+    attention in 32-head blocks, its dots transposed or not) is as close to float32 as the
+    BF16 model's own step."""
     from nanoseek.hf import to_dtype
     from nanoseek.infer.fused import FusedDecoder
     torch.manual_seed(0)
@@ -347,7 +349,7 @@ def test_bf16_fused_step_at_v3_layer_widths():
     with torch.no_grad():
         ref = model(nxt, positions=positions, cache=copy.deepcopy(cache32).prefix(2)).logits[:, -1]
         plain = half(nxt, positions=positions, cache=copy.deepcopy(cache16).prefix(2)).logits[:, -1].float()
-    fused = FusedDecoder(half, cache16, 2)
+    fused = FusedDecoder(half, cache16, 2, launch={"attend_transposed": transposed})
     assert fused.t["gemv_rows"] == 2 and fused.t["attend_heads"] == 32
     got = fused.forward(nxt, positions)
 

@@ -260,8 +260,8 @@ case $stage in
           # the grouped FP8 kernels (the accumulating one too) and FP8 steps compiled, fused accumulation or not
     timeout 240 python3 benchmarks/decode_attention_check.py --trace --eager-op 2>&1 | quiet \
       | tee "$OUT/decode_attention_check.log"
-    timeout 90 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_latent_attention.py 2>&1 \
-      | tail -12 | tee "$OUT/check_attention_tests.log"
+    timeout 150 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_latent_attention.py \
+      tests/test_fused_decode.py -k "not fused_decode or v3_layer" 2>&1 | tail -30 | tee "$OUT/check_attention_tests.log"
     timeout 150 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8.py \
       -k "gpu_grouped_kernels or compile_with_fullgraph" 2>&1 | tail -8 | tee "$OUT/check_fp8_tests.log"
     ;;
