@@ -141,3 +141,36 @@ def test_the_ops_take_any_strides_of_what_they_only_read():
     with pytest.raises(ValueError, match="ckv_buf: strides .* need each row's positions and channels packed"):
         mla_decode_write_attention(run[0], run[1], strided[2], run[3], torch.zeros(B, C, device=DEVICE),
                                    torch.zeros(B, R, device=DEVICE), 0, run[4], run[5], 0.1, V, launch, -1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transposed", [0, 1])
+def test_bf16_decode_attention_kernels_at_v2_lite_widths(transposed):
+    """On a GPU, BF16, DeepSeek-V2-Lite's layer widths (hidden 2048, 16 heads, no query LoRA,
+    latent 512; 2 layers, 8 experts and a small vocabulary to fit a float32 reference beside
+    it), rows at positions 900 and 37 of a 1,024-position cache: the model's decode step with
+    the kernels, at the launch derived for these widths, is as close to float32 as the BF16
+    model's own absorbed attention."""
+    from nanoseek.config import preset
+    from nanoseek.hf import to_dtype
+    from nanoseek.model import Transformer
+    torch.manual_seed(0)
+    cfg = preset("deepseek-v2-lite", num_hidden_layers=2, n_routed_experts=8, vocab_size=2048)
+    model = Transformer(cfg).to(DEVICE).eval()
+    half = to_dtype(copy.deepcopy(model), torch.bfloat16)
+    lengths, S = [900, 37], 1024
+    ids = torch.randint(0, cfg.vocab_size, (2, max(lengths)), device=DEVICE)
+    cache32 = prefilled_cache(model, lengths, max_len=S, ids=ids)
+    cache16 = prefilled_cache(half, lengths, max_len=S, ids=ids, dtype=torch.bfloat16)
+    nxt = torch.randint(0, cfg.vocab_size, (2, 1), device=DEVICE)
+    positions = torch.tensor([[900], [37]], device=DEVICE)
+    with torch.no_grad():
+        ref = model(nxt, positions=positions, cache=copy.deepcopy(cache32)).logits[:, -1]
+        plain = half(nxt, positions=positions, cache=copy.deepcopy(cache16)).logits[:, -1].float()
+        half.set_decode_attention(LatentDecodeAttention(cfg, S, {"attend_transposed": transposed}))
+        got = half(nxt, positions=positions, cache=copy.deepcopy(cache16)).logits[:, -1].float()
+        half.set_decode_attention(None)
+
+    def rel(x):
+        return float((x - ref).norm() / ref.norm())
+    assert rel(got) <= 1.5 * rel(plain) + 1e-3, (rel(got), rel(plain))
