@@ -8,9 +8,10 @@ Steps: `captured` (the engine's CUDA-graph step), `graph-step` (the same step, c
 not, run without capturing it: the ops' Python bodies run at every call) and `eager` (the
 engine's steps without the graph step; nothing compiled).
 `--trace` then pins down where the compiled step with the kernels parts from the uncompiled
-one. Both run as `graph-step`, and every call records what the kernels were handed (queries, positions, the rows' cache up to their
-positions) and what they returned. The first call at which the two runs differ says whether
-the compiled graph handed the op other inputs, or the op made other outputs of the same ones.
+one. Both run as `graph-step`, and every call records what the kernels were handed (queries,
+positions, the rows' cache up to their positions) and what they returned. The first call at
+which the two runs differ says whether the compiled graph handed the op other inputs, or the
+op made other outputs of the same ones.
 `--eager-op` adds a path whose attention call is kept out of the compiled graph (a graph break
 a layer), as a workaround to check.
 
@@ -157,8 +158,8 @@ def main() -> None:
         print("trace: first call where compiled and eager differ:", trace, flush=True)
     path = os.path.join(os.environ.get("OUT", "."), "decode_attention_check.json")
     with open(path, "w") as f:
-        json.dump(dict(reference=ref, margins=margins, rows=rows, trace=trace, device=torch.cuda.get_device_name() if torch.cuda.is_available()
-                       else "cpu"), f, indent=1)
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        json.dump(dict(reference=ref, margins=margins, rows=rows, trace=trace, device=device), f, indent=1)
 
 
 if __name__ == "__main__":

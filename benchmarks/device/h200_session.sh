@@ -261,7 +261,8 @@ case $stage in
     timeout 240 python3 benchmarks/decode_attention_check.py --trace --eager-op 2>&1 | quiet \
       | tee "$OUT/decode_attention_check.log"
     timeout 150 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_latent_attention.py \
-      tests/test_fused_decode.py -k "not fused_decode or v3_layer" 2>&1 | tail -30 | tee "$OUT/check_attention_tests.log"
+      tests/test_fused_decode.py -k "not fused_decode or v3_layer" 2>&1 | tail -30 \
+      | tee "$OUT/check_attention_tests.log"
     timeout 150 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8.py \
       -k "gpu_grouped_kernels or compile_with_fullgraph" 2>&1 | tail -8 | tee "$OUT/check_fp8_tests.log"
     ;;
@@ -357,7 +358,8 @@ case $stage in
   serve) serve 585 ;;
   trl) trl 585 ;;
   r1-zero) r1 "${R1_LIMIT:-585}" zero 2 ;;
-  r1-full) r1 "${R1_LIMIT:-585}" full 3 ;;  # at level 2 the base answered 93.6% and the cold start 99.6%: no room for RL
+  # at level 2 the base answered 93.6% and the cold start 99.6%: no room for RL
+  r1-full) r1 "${R1_LIMIT:-585}" full 3 ;;
   *) echo "unknown stage $stage: gputests, fp8check, fp8train, fp8deep, parity, shapes, fp8, one, serving, speedrun," \
        "decode, mtp, spec, measure, fused, tune, multigpu, step, serve, trl, r1-zero, r1-full or claim" >&2
      exit 2 ;;

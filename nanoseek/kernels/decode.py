@@ -246,7 +246,7 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
     so it waits first. TRANSPOSED: the same sums with the positions and the latent's channels
     as the dots' rows (scores [positions, heads], the running sum [C, heads]): Hopper's wgmma
     takes a dot of at least 64 rows, more than a program's heads (16-32), so untransposed
-    those dots run on the older mma instructions."""
+    those dots likely run on the older mma instructions."""
     _launch_next(USE_PDL)
     unit = tl.program_id(0) // HEAD_BLOCKS
     chunk, pos_B, first_B, counts, ends = _row_units(pos_ptr, B, UNITS, SPLIT, IDLE, BLOCK_B)
