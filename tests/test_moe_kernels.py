@@ -63,6 +63,30 @@ def test_small_batch_experts_match_the_loop(E, K, N):
     torch.testing.assert_close(y_NKD[n, k], slot, rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("block", [(32, 32), (64, 32)])
+def test_fp8_small_batch_experts_match_the_dequantized_loop(block):
+    """FP8 experts (infer/fp8_weights.FP8Experts, as an FP8 checkpoint is kept) through the
+    kernels, which read the E4M3 weights in place and apply each scale block's scale to its
+    partial sums, give the loop's output over the dequantised weights (the twin): float32
+    activations, so only the order of the sums and of the scaling differs. Scale blocks of
+    one weight tile and of two; Experts.forward's dispatch takes the kernels."""
+    from nanoseek.infer.fp8_weights import FP8Experts
+    ex, x, idx, gate = experts_and_batch(16, 6, 20, path=moe.ExpertPath("small_batch", small_batch_launch=BLOCKS_32))
+    fp8 = FP8Experts(ex, block)
+    twin = copy.deepcopy(ex)
+    with torch.no_grad():
+        for p, w in zip((twin.gate_proj, twin.up_proj, twin.down_proj), fp8.expert_weights()):
+            p.copy_(w)
+        want = twin.forward_loop(x, gate, idx)
+        got = fp8(x, gate, idx)
+    assert fp8.last_path == "small_batch" and fp8.gate_proj.dtype == torch.float8_e4m3fn
+    torch.testing.assert_close(got, want, rtol=0, atol=2 * kernel_tolerance(twin, want))
+    # and the scales matter: the same weights with every scale doubled double the down projection's output
+    with torch.no_grad():
+        fp8.down_proj_scale_inv.mul_(2)
+        torch.testing.assert_close(fp8(x, gate, idx), 2 * want, rtol=0, atol=4 * kernel_tolerance(twin, want))
+
+
 def test_small_batch_experts_compile_as_one_op():
     """Under torch.compile (fullgraph) the kernels are one opaque op of the traced graph, and
     the compiled call gives the loop's output."""
@@ -82,8 +106,8 @@ def test_small_batch_experts_compile_as_one_op():
 
 def test_small_batch_experts_refuse_what_they_cannot_read():
     """The op itself (not only the dispatch) refuses more than MAX_TOKENS rows, widths its
-    blocks do not divide, weights it cannot read in place and launch keys it does not know,
-    saying what is wrong."""
+    blocks do not divide, weights it cannot read in place, launch keys it does not know, FP8
+    scale blocks that split a weight tile and scales with 32-bit weights, saying what is wrong."""
     from nanoseek.kernels.moe import MAX_TOKENS, small_batch_experts
     ex, x, idx, gate = experts_and_batch(8, 3, MAX_TOKENS + 1)
     w = (ex.gate_proj, ex.up_proj, ex.down_proj)
@@ -97,6 +121,13 @@ def test_small_batch_experts_refuse_what_they_cannot_read():
                             ex.down_proj.transpose(1, 2).contiguous().transpose(1, 2), launch=BLOCKS_32)
     with pytest.raises(ValueError, match="launch up=.*block_k"):
         small_batch_experts(x[:4], idx[:4], gate[:4], *w, launch={"up": dict(block_k=32)})
+    from nanoseek.infer.fp8_weights import FP8Experts
+    fp8 = FP8Experts(ex, (16, 32))
+    w8, scales, block = fp8.small_batch_weights()
+    with pytest.raises(ValueError, match=r"scale block \(16, 32\)"):  # a 32-row tile spans two blocks
+        small_batch_experts(x[:4], idx[:4], gate[:4], *w8, launch=BLOCKS_32, scales=scales, block=block)
+    with pytest.raises(ValueError, match="scales given with torch.float32 weights"):
+        small_batch_experts(x[:4], idx[:4], gate[:4], *w, launch=BLOCKS_32, scales=scales, block=(32, 32))
 
 
 def test_small_batch_kernels_dispatch(monkeypatch):
@@ -142,6 +173,29 @@ def test_bf16_small_batch_experts_on_gpu():
         return float((y - ref).norm() / ref.norm())
     assert rel(got) <= 1.5 * rel(grouped) + 1e-3, (rel(got), rel(grouped))
     assert torch.equal(got, again)
+
+
+@pytest.mark.gpu
+def test_fp8_small_batch_experts_on_gpu():
+    """On a GPU, FP8 expert weights with 128x128 scale blocks read in place under BF16
+    activations (the default launch, tensor-core dots): as close to the float32 loop over the
+    dequantised weights as that model's BF16 grouped GEMM, within half again, and taken by
+    the default ("auto") dispatch at 32 tokens."""
+    from nanoseek.infer.fp8_weights import FP8Experts
+    ex32, x32, idx, gate = experts_and_batch(64, 6, 32, D=256, F=256)
+    fp8 = FP8Experts(copy.deepcopy(ex32), (128, 128))
+    twin32 = copy.deepcopy(ex32)
+    with torch.no_grad():
+        for p, w in zip((twin32.gate_proj, twin32.up_proj, twin32.down_proj), fp8.expert_weights()):
+            p.copy_(w.float())
+        ref = twin32.forward_loop(x32, gate, idx)
+        grouped = copy.deepcopy(twin32).to(torch.bfloat16).forward_grouped(x32.bfloat16(), gate, idx).float()
+        got = fp8(x32.bfloat16(), gate, idx).float()
+    assert fp8.last_path == "small_batch"
+
+    def rel(y):
+        return float((y - ref).norm() / ref.norm())
+    assert rel(got) <= 1.5 * rel(grouped) + 1e-3, (rel(got), rel(grouped))
 
 
 @pytest.mark.gpu

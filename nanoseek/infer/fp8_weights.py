@@ -17,10 +17,11 @@ values and their scales in as stored:
   the FP8 x FP8 GEMM of training (fp8/gemm.py: cuBLAS's blockwise `_scaled_mm` on Hopper, the
   float32 twin elsewhere), for every row count: prefill and decode.
 - FP8Experts: the stacked experts [E, F, D] / [E, D, F] in float8 with scales [E, ⌈F/128⌉,
-  ⌈D/128⌉]. Every expert path reads its weights through `Experts.expert_weights`, which
-  this class dequantises: the chosen experts' only when a decode step gathers them (under
-  torch.compile the dequantisation fuses into the reads), all of them for a prefill's
-  grouped GEMM.
+  ⌈D/128⌉]. The small-batch kernels (kernels/moe.py: decode batches of up to 64 tokens on a
+  GPU) read them in place with their scales. Every other expert path reads its weights
+  through `Experts.expert_weights`, which this class dequantises: the chosen experts' only
+  when a decode step gathers them (under torch.compile the dequantisation fuses into the
+  reads), all of them for a prefill's grouped GEMM.
 `kv_b_proj` is dequantised at load: the absorbed attention uses its per-head blocks as
 matrices (W_UK into the query, W_UV into the output), as DeepSeek's own inference code does.
 The dequantised model is the twin of the FP8 one (tests compare their logits).
@@ -120,6 +121,12 @@ class FP8Experts(Experts):
         self.block, self.dtype = block, experts.gate_proj.dtype
         for name in ("gate_proj", "up_proj", "down_proj"):
             _fp8_buffers(self, name, getattr(experts, name), block)
+
+    def small_batch_weights(self):
+        """The FP8 weights and their scales as stored: kernels/moe.py reads them in place."""
+        names = ("gate_proj", "up_proj", "down_proj")
+        return (tuple(getattr(self, n) for n in names), tuple(getattr(self, n + SCALE_SUFFIX) for n in names),
+                tuple(self.block))
 
     def expert_weights(self, idx=None):
         names = ("gate_proj", "up_proj", "down_proj")

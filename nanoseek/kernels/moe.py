@@ -22,6 +22,12 @@ expert-major, with no sort:
 
 The caller sums y over K (moe.Experts.forward_small_batch). An expert no row chose is
 skipped whole: its weights are not read. The twin is moe.Experts.forward_loop.
+
+FP8 weights (an FP8 checkpoint kept in FP8: infer/fp8_weights.FP8Experts) are read in place
+with their block scales, weight-only: each weight tile, within one scale block, is widened to
+the activations' dtype (exact for E4M3), its dot product taken, and the block's scale applied
+to that float32 partial sum. So a decode step reads one byte a weight, where dequantising the
+experts first would write and read them again in 16 bits. The twin is the dequantised model.
 """
 
 from __future__ import annotations
@@ -48,10 +54,21 @@ def _chosen(idx_ptr, e, N, K: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.conste
 
 
 @triton.jit
+def _scaled_dot(x, w, acc, s_ptr, s_off, SCALED: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + x · w^T; with SCALED, w (FP8) widened to x's dtype and the product times the
+    block's scale at s_ptr + s_off (the tile lies in one scale block)."""
+    if SCALED:
+        return acc + tl.load(s_ptr + s_off) * tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
+    return tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+
+
+@triton.jit
 def expert_up_kernel(x_ptr, idx_ptr, w_gate_ptr, w_up_ptr, h_ptr, N,
                      D: tl.constexpr, F: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     PRECISION: tl.constexpr, s_gate_ptr=None, s_up_ptr=None, SCALED: tl.constexpr = False,
+                     QF: tl.constexpr = 128, QD: tl.constexpr = 128):
+    """Program (expert, block of F); SCALED: FP8 weights, scales [E, ⌈F/QF⌉, ⌈D/QD⌉]."""
     e = tl.program_id(0)
     f0 = tl.program_id(1) * BLOCK_F
     sel = _chosen(idx_ptr, e, N, K, KP, BLOCK_N)
@@ -60,14 +77,15 @@ def expert_up_kernel(x_ptr, idx_ptr, w_gate_ptr, w_up_ptr, h_ptr, N,
         fs = f0 + tl.arange(0, BLOCK_F)
         ds = tl.arange(0, BLOCK_D)
         w_off = e.to(tl.int64) * F * D + fs[:, None] * D + ds[None, :]
+        s_row = (e * tl.cdiv(F, QF) + f0 // QF) * tl.cdiv(D, QD)
         acc_g = tl.zeros((BLOCK_N, BLOCK_F), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_F), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             x = tl.load(x_ptr + rows[:, None] * D + d0 + ds[None, :], mask=sel[:, None], other=0.0)
             w_g = tl.load(w_gate_ptr + w_off + d0)
             w_u = tl.load(w_up_ptr + w_off + d0)
-            acc_g = tl.dot(x, tl.trans(w_g), acc_g, input_precision=PRECISION)
-            acc_u = tl.dot(x, tl.trans(w_u), acc_u, input_precision=PRECISION)
+            acc_g = _scaled_dot(x, w_g, acc_g, s_gate_ptr, s_row + d0 // QD, SCALED, PRECISION)
+            acc_u = _scaled_dot(x, w_u, acc_u, s_up_ptr, s_row + d0 // QD, SCALED, PRECISION)
         h = acc_g * tl.sigmoid(acc_g) * acc_u
         tl.store(h_ptr + (e.to(tl.int64) * N + rows[:, None]) * F + fs[None, :],
                  h.to(h_ptr.dtype.element_ty), mask=sel[:, None])
@@ -77,7 +95,9 @@ def expert_up_kernel(x_ptr, idx_ptr, w_gate_ptr, w_up_ptr, h_ptr, N,
 def expert_down_kernel(h_ptr, idx_ptr, route_gate_ptr, w_down_ptr, y_ptr, N,
                        D: tl.constexpr, F: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       PRECISION: tl.constexpr, s_down_ptr=None, SCALED: tl.constexpr = False,
+                       QD: tl.constexpr = 128, QF: tl.constexpr = 128):
+    """Program (expert, block of D); SCALED: FP8 weights, scales [E, ⌈D/QD⌉, ⌈F/QF⌉]."""
     e = tl.program_id(0)
     d0 = tl.program_id(1) * BLOCK_D
     sel = _chosen(idx_ptr, e, N, K, KP, BLOCK_N)
@@ -87,11 +107,12 @@ def expert_down_kernel(h_ptr, idx_ptr, route_gate_ptr, w_down_ptr, y_ptr, N,
         fs = tl.arange(0, BLOCK_F)
         w_off = e.to(tl.int64) * D * F + ds[:, None] * F + fs[None, :]
         h_off = (e.to(tl.int64) * N + rows[:, None]) * F + fs[None, :]
+        s_row = (e * tl.cdiv(D, QD) + d0 // QD) * tl.cdiv(F, QF)
         acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         for f0 in range(0, F, BLOCK_F):
             h = tl.load(h_ptr + h_off + f0, mask=sel[:, None], other=0.0)
             w_d = tl.load(w_down_ptr + w_off + f0)
-            acc = tl.dot(h, tl.trans(w_d), acc, input_precision=PRECISION)
+            acc = _scaled_dot(h, w_d, acc, s_down_ptr, s_row + f0 // QF, SCALED, PRECISION)
         for k in tl.static_range(K):
             hit = tl.load(idx_ptr + rows * K + k, mask=rows < N, other=-1) == e
             gate = tl.load(route_gate_ptr + rows * K + k, mask=hit, other=0.0)
@@ -112,11 +133,14 @@ def launch_shapes(launch: dict | None = None) -> dict:
 
 
 def unsupported(n_tokens: int, w_gate_EFD: torch.Tensor, w_up_EFD: torch.Tensor,
-                w_down_EDF: torch.Tensor, launch: dict | None = None) -> str | None:
+                w_down_EDF: torch.Tensor, launch: dict | None = None,
+                scales: tuple[torch.Tensor, ...] | None = None, block: tuple[int, int] | None = None) -> str | None:
     """Why these kernels cannot take a batch, or None: at most MAX_TOKENS rows, widths that
     the launch shapes' blocks divide (the weight loads are not masked), and weights of one
-    dtype that they can read in place (contiguous, as moe.Experts stores them)."""
-    _, F, D = w_gate_EFD.shape
+    dtype that they can read in place (contiguous, as moe.Experts stores them). FP8 weights
+    come with their scales (gate, up, down) and scale block (rows, columns of a matrix): every
+    weight tile must lie in one scale block."""
+    E, F, D = w_gate_EFD.shape
     shapes = launch_shapes(launch)
     up, down = shapes["up"], shapes["down"]
     if not 0 < n_tokens <= MAX_TOKENS:
@@ -126,37 +150,54 @@ def unsupported(n_tokens: int, w_gate_EFD: torch.Tensor, w_up_EFD: torch.Tensor,
     weights = (w_gate_EFD, w_up_EFD, w_down_EDF)
     if not all(w.is_contiguous() and w.dtype == w_gate_EFD.dtype for w in weights):
         return "expert weights not contiguous or not of one dtype (the kernels read them in place)"
+    if scales is not None:
+        r, c = block
+        if w_gate_EFD.dtype != torch.float8_e4m3fn:
+            return f"scales given with {w_gate_EFD.dtype} weights (FP8 E4M3 only)"
+        if r % up["block_f"] or c % up["block_d"] or r % down["block_d"] or c % down["block_f"]:
+            return f"scale block {block} (the launch's weight tiles must lie in one: {shapes})"
+        want = [(E, -(-F // r), -(-D // c))] * 2 + [(E, -(-D // r), -(-F // c))]
+        if [tuple(t.shape) for t in scales] != want or not all(t.is_contiguous() for t in scales):
+            return f"scales of shapes {[tuple(t.shape) for t in scales]} (want {want}, contiguous)"
     return None
 
 
 def small_batch_experts(x_ND: torch.Tensor, idx_NK: torch.Tensor, gate_NK: torch.Tensor,
                         w_gate_EFD: torch.Tensor, w_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor,
-                        launch: dict | None = None) -> torch.Tensor:
+                        launch: dict | None = None, scales: tuple[torch.Tensor, ...] | None = None,
+                        block: tuple[int, int] | None = None) -> torch.Tensor:
     """y [N, K, D] float32: each (token, slot)'s expert output times its gate. idx_NK: each
-    token's K distinct experts, in [0, E); x and the weights in one dtype, the weights
+    token's K distinct experts, in [0, E); x and the weights in one dtype, or FP8 weights with
+    their float32 block scales (gate, up, down) and scale block (unsupported's), the weights
     contiguous as moe.Experts stores them (the kernels read them in place). launch: launch
     shapes over SMALL_BATCH_EXPERTS_LAUNCH."""
     shapes = launch_shapes(launch)
     flat = [shapes["up"][k] for k in ("block_f", "block_d", "warps", "stages")] + \
            [shapes["down"][k] for k in ("block_d", "block_f", "warps", "stages")]
-    return _small_batch_experts(x_ND, idx_NK, gate_NK, w_gate_EFD, w_up_EFD, w_down_EDF, flat)
+    s_gate, s_up, s_down = scales if scales is not None else (None, None, None)
+    return _small_batch_experts(x_ND, idx_NK, gate_NK, w_gate_EFD, w_up_EFD, w_down_EDF, flat,
+                                s_gate, s_up, s_down, list(block or ()))
 
 
 @torch.library.custom_op("nanoseek::small_batch_experts", mutates_args=())
 def _small_batch_experts(x_ND: torch.Tensor, idx_NK: torch.Tensor, gate_NK: torch.Tensor,
                          w_gate_EFD: torch.Tensor, w_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor,
-                         launch: list[int]) -> torch.Tensor:
+                         launch: list[int], s_gate: torch.Tensor | None, s_up: torch.Tensor | None,
+                         s_down: torch.Tensor | None, block: list[int]) -> torch.Tensor:
     """small_batch_experts as one opaque op (torch.compile traces it whole); launch: the up
     kernel's block_f, block_d, warps, stages, then the down kernel's block_d, block_f, warps,
-    stages."""
+    stages; the scales None and block empty for 16- or 32-bit weights."""
     N, D = x_ND.shape
     K = idx_NK.shape[1]
     E, F, _ = w_gate_EFD.shape
     up_f, up_d, up_warps, up_stages, down_d, down_f, down_warps, down_stages = launch
     shapes = {"up": dict(block_f=up_f, block_d=up_d), "down": dict(block_d=down_d, block_f=down_f)}
-    reason = unsupported(N, w_gate_EFD, w_up_EFD, w_down_EDF, shapes)
+    scaled = s_gate is not None
+    scales = (s_gate, s_up, s_down) if scaled else None
+    reason = unsupported(N, w_gate_EFD, w_up_EFD, w_down_EDF, shapes, scales, tuple(block) if scaled else None)
     if reason is not None:
         raise ValueError(f"small_batch_experts cannot take {reason}")
+    fp8 = dict(SCALED=True, QF=block[0], QD=block[1]) if scaled else {}
     x_ND, idx_NK = x_ND.contiguous(), idx_NK.contiguous()
     gate_NK = gate_NK.float().contiguous()
     block_n = max(16, triton.next_power_of_2(N))  # tl.dot takes M >= 16
@@ -169,13 +210,15 @@ def _small_batch_experts(x_ND: torch.Tensor, idx_NK: torch.Tensor, gate_NK: torc
     y_NKD = torch.empty(N, K, D, dtype=torch.float32, device=x_ND.device)
     expert_up_kernel[(E, F // up_f)](
         x_ND, idx_NK, w_gate_EFD, w_up_EFD, h_ENF, N, D, F, K, kp, block_n, up_f, up_d,
-        precision, num_warps=up_warps, num_stages=up_stages)
+        precision, s_gate, s_up, **fp8, num_warps=up_warps, num_stages=up_stages)
+    # the down projection's matrices are [D, F]: its scale block's rows run along D
+    fp8_down = dict(SCALED=True, QD=block[0], QF=block[1]) if scaled else {}
     expert_down_kernel[(E, D // down_d)](
         h_ENF, idx_NK, gate_NK, w_down_EDF, y_NKD, N, D, F, K, kp, block_n, down_d, down_f,
-        precision, num_warps=down_warps, num_stages=down_stages)
+        precision, s_down, **fp8_down, num_warps=down_warps, num_stages=down_stages)
     return y_NKD
 
 
 @_small_batch_experts.register_fake
-def _(x_ND, idx_NK, gate_NK, w_gate_EFD, w_up_EFD, w_down_EDF, launch):
+def _(x_ND, idx_NK, gate_NK, w_gate_EFD, w_up_EFD, w_down_EDF, launch, s_gate, s_up, s_down, block):
     return x_ND.new_empty(x_ND.shape[0], idx_NK.shape[1], x_ND.shape[1], dtype=torch.float32)

@@ -212,18 +212,20 @@ class ExpertPath:
 
 
 def small_batch_kernels_take(x: torch.Tensor, weights: tuple[torch.Tensor, ...], n_tokens: int,
-                             launch: dict | None = None, anywhere: bool = False) -> bool:
+                             launch: dict | None = None, anywhere: bool = False,
+                             scales: tuple[torch.Tensor, ...] | None = None,
+                             block: tuple[int, int] | None = None) -> bool:
     """Whether kernels/moe.py can take the experts of these n_tokens rows: no autograd, the
-    weights (stacked gate [E, F, D], up, down) in the compute dtype, and the kernels' own
-    limits (kernels.moe.unsupported). anywhere: wherever Triton runs (the CPU tests run its
-    interpreter); else only where the kernels were measured faster (fast_kernels_supported)."""
-    weight = weights[0]
-    if torch.is_grad_enabled() or compute_dtype(x) != weight.dtype:
+    weights (stacked gate [E, F, D], up, down) in the compute dtype, or FP8 with their block
+    scales, and the kernels' own limits (kernels.moe.unsupported). anywhere: wherever Triton
+    runs (the CPU tests run its interpreter); else only where the kernels were measured faster
+    (fast_kernels_supported, for the compute dtype)."""
+    if torch.is_grad_enabled() or (scales is None and compute_dtype(x) != weights[0].dtype):
         return False
-    if not (triton_runs(x.device) if anywhere else fast_kernels_supported(x.device, weight.dtype)):
+    if not (triton_runs(x.device) if anywhere else fast_kernels_supported(x.device, compute_dtype(x))):
         return False
     from ..kernels import moe as moe_kernels  # imports Triton (and registers the op) on first use
-    return moe_kernels.unsupported(n_tokens, *weights, launch=launch) is None
+    return moe_kernels.unsupported(n_tokens, *weights, launch=launch, scales=scales, block=block) is None
 
 
 class Experts(nn.Module):
@@ -246,13 +248,20 @@ class Experts(nn.Module):
         if not torch.is_grad_enabled() and (
                 kind == "gather" or (kind == "auto" and idx_NK.numel() <= self.path.gather_max_pairs)):
             return "gather"
-        if kind in ("auto", "small_batch") and small_batch_kernels_take(
-                x_ND, (self.gate_proj, self.up_proj, self.down_proj), x_ND.shape[0],
-                self.path.small_batch_launch, anywhere=kind == "small_batch"):
-            return "small_batch"
+        if kind in ("auto", "small_batch"):
+            weights, scales, block = self.small_batch_weights()
+            if small_batch_kernels_take(x_ND, weights, x_ND.shape[0], self.path.small_batch_launch,
+                                        anywhere=kind == "small_batch", scales=scales, block=block):
+                return "small_batch"
         if grouped_mm_supported(x_ND):
             return "grouped"
         return "dense" if torch.compiler.is_compiling() else "loop"
+
+    def small_batch_weights(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None,
+                                           tuple[int, int] | None]:
+        """What kernels/moe.py reads in place: the stacked weights, and for FP8 weights their
+        block scales and scale block (a quantised subclass returns those)."""
+        return (self.gate_proj, self.up_proj, self.down_proj), None, None
 
     def expert_weights(self, idx: torch.Tensor | int | None = None) -> tuple[torch.Tensor, ...]:
         """The weights the paths compute with, (gate [E, F, D], up [E, F, D], down [E, D, F]),
@@ -319,8 +328,10 @@ class Experts(nn.Module):
         """kernels/moe.py's two expert-major kernels: each chosen expert's weights read once,
         no sort; each (token, slot)'s gated output in float32, summed here."""
         from ..kernels.moe import small_batch_experts
-        y_NKD = small_batch_experts(x_ND.to(self.gate_proj.dtype), idx_NK, weight_NK, self.gate_proj,
-                                    self.up_proj, self.down_proj, launch=self.path.small_batch_launch)
+        weights, scales, block = self.small_batch_weights()
+        dtype = compute_dtype(x_ND) if scales is not None else self.gate_proj.dtype
+        y_NKD = small_batch_experts(x_ND.to(dtype), idx_NK, weight_NK, *weights,
+                                    launch=self.path.small_batch_launch, scales=scales, block=block)
         return y_NKD.sum(1).to(x_ND.dtype)
 
     def forward_dense(self, x_ND, weight_NK, idx_NK):
