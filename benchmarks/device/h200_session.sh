@@ -223,7 +223,7 @@ case $stage in
     ;;
   fp8)  # blockwise FP8 GEMM error, FP8-resident weights at decode, long-context attention, training speed
     bench 30 15 benchmarks/fp8_gemm_error.py
-    real_decode "$(left 170)" --preset deepseek-v2-lite --batches 1 --new 64 --modes compiled --fp8 --skip-hf
+    real_decode "$(left 170)" --preset deepseek-v2-lite --batches 1 16 --new 64 --modes compiled --fp8 --skip-hf
     real_decode "$(left 250)" --preset deepseek-v3 --layers 2 --batches 1 --new 64 --modes compiled --fp8 --skip-hf
     bench "$(left 300)" 30 benchmarks/attention.py --contexts 4096 32768 131072 --batches 1 16 --sweep
     bench "$(left 440)" 90 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
