@@ -140,7 +140,7 @@ def time_row(args, model, cache, attn, compiled, positions, bandwidth, gemm_rate
             op = LatentDecodeAttention(cfg, S)
 
             def engine_attention(q_nope, q_pe, c_kv, k_pe, positions):
-                return op.attend(attn, q_nope, q_pe, c_kv, k_pe, positions)
+                return op(attn, q_nope, q_pe, c_kv, k_pe, positions)
             if device.type == "cuda":
                 engine_attention = torch.compile(engine_attention, dynamic=False)
             got = engine_attention(q_nope, q_pe, c_kv, k_pe, positions).float()

@@ -61,23 +61,23 @@ def traced_run(model, prompts, new, compiled: bool, launch, max_len: int) -> lis
     from nanoseek.infer import SamplingParams
     from nanoseek.infer import latent_attention as la
     from nanoseek.infer.config import InferenceConfig
-    calls, attend = [], la._op_attend
+    calls, attend = [], la.attend_latent
 
-    def recording(q_lat, q_pe, ckv, kpe, positions_B, *rest):
-        o = attend(q_lat, q_pe, ckv, kpe, positions_B, *rest)
+    def recording(q_lat, q_pe, ckv, kpe, positions_B, *rest, **kw):  # the op's body calls it
+        o = attend(q_lat, q_pe, ckv, kpe, positions_B, *rest, **kw)
         pos = positions_B.tolist()
         calls.append(dict(positions=pos, q_lat=q_lat.double().cpu(), q_pe=q_pe.double().cpu(), out=o.double().cpu(),
                           ckv=[ckv[b, :p + 1].double().cpu() for b, p in enumerate(pos)],
                           kpe=[kpe[b, :p + 1].double().cpu() for b, p in enumerate(pos)]))
         return o
-    la._op_attend = recording
+    la.attend_latent = recording
     try:
         config = InferenceConfig(decode_attention="kernel", fused_launch=launch, cuda_graphs=True,
                                  compile=compiled, fused_decode_rows=0, decode_burst=1)
         engine = engine_for(model, "graph-step", config, max_len, 0, launch)
         tokens = [o.token_ids for o in engine.generate(prompts, SamplingParams(max_tokens=new, temperature=0))]
     finally:
-        la._op_attend = attend
+        la.attend_latent = attend
     print(f"traced compile={compiled}: {len(calls)} calls, tokens {tokens}", flush=True)
     return calls
 

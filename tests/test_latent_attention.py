@@ -25,11 +25,10 @@ LAUNCH = dict(attend_split=16, attend_block=16, attend_programs=8, attend_heads=
 def test_decode_attention_kernels_match_the_absorbed_attention(overrides, rows, transposed):
     """One new token a row at positions 37, 5 and 20 of a 40-position cache: the logits with
     the kernels equal the absorbed attention's (float32, float32 dot products in the kernels:
-    ~1e-6 of the largest logit), and so does the cache they leave (the kernels' op writes the
-    new entries itself). With and without a query LoRA (V2-Lite has none), 16 and 32 heads (two
-    head blocks), over the whole cache, a gathered view of rows 2 and 0, and a view of rows 1
-    and 2 (consecutive: written and attended by the op from row 1); the dots as heads x
-    positions or transposed."""
+    ~1e-6 of the largest logit). With and without a query LoRA (V2-Lite has none), 16 and 32
+    heads (two head blocks), over the whole cache, a gathered view of rows 2 and 0 and a view
+    of rows 1 and 2 (a slice, as a captured step reads); the dots as heads x positions or
+    transposed."""
     model = sharp_model(**overrides)
     cache = prefilled_cache(model, [37, 5, 20])
     positions = torch.tensor([[37], [5], [20]], device=DEVICE)
@@ -37,18 +36,13 @@ def test_decode_attention_kernels_match_the_absorbed_attention(overrides, rows, 
     if rows is not None:
         positions, ids = positions[rows], ids[rows]
     view = (lambda c: c.select(rows)) if rows is not None else (lambda c: c)
-    logits, caches = [], []
+    logits = []
     for attend in (None, LatentDecodeAttention(model.config, 40, {**LAUNCH, "attend_transposed": transposed})):
         model.set_decode_attention(attend)
-        caches.append(copy.deepcopy(cache))
         with torch.no_grad():
-            logits.append(model(ids, positions=positions, cache=view(caches[-1])).logits[:, -1].double())
+            logits.append(model(ids, positions=positions, cache=view(copy.deepcopy(cache))).logits[:, -1].double())
     model.set_decode_attention(None)
     torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-5 * logits[0].abs().max().item())
-    # layer 0's entries are written from the same inputs; later layers' carry the attention's rounding
-    for absorbed, kernels in zip(caches[0].layers, caches[1].layers):
-        for a, k in zip(absorbed, kernels):
-            torch.testing.assert_close(k, a, rtol=0, atol=1e-5 * a.abs().max().item())
 
 
 def test_decode_attention_compiles_whole():
@@ -119,11 +113,10 @@ def test_decode_attention_choice(monkeypatch):
         decode_attention(InferenceConfig(decode_attention="kernel"), model, 64, torch.device("cpu"))
 
 
-def test_the_ops_take_any_strides_of_what_they_only_read():
-    """A compiled graph may hand the ops other strides than eager's: the kernels index each
-    row's positions and channels packed, so what the op only reads is packed first (same
-    output), and a cache buffer it writes, which it cannot copy, is refused with the reason."""
-    from nanoseek.infer.latent_attention import OP_LAUNCH, mla_decode_attention, mla_decode_write_attention
+def test_the_op_takes_any_strides():
+    """A compiled graph may hand the op other strides than eager's: the kernels index each
+    row's positions and channels packed, so the op packs what it reads first (same output)."""
+    from nanoseek.infer.latent_attention import OP_LAUNCH, mla_decode_attention
     from nanoseek.infer.fused import fused_step_launch
     g = torch.Generator().manual_seed(0)
     B, H, S, C, R, V = 2, 16, 40, 32, 16, 8
@@ -138,9 +131,6 @@ def test_the_ops_take_any_strides_of_what_they_only_read():
     assert not strided[2].is_contiguous()
     torch.testing.assert_close(mla_decode_attention(*strided, *run[4:], 0.1, V, launch, -1), packed,
                                rtol=0, atol=0)
-    with pytest.raises(ValueError, match="ckv_buf: strides .* need each row's positions and channels packed"):
-        mla_decode_write_attention(run[0], run[1], strided[2], run[3], torch.zeros(B, C, device=DEVICE),
-                                   torch.zeros(B, R, device=DEVICE), 0, run[4], run[5], 0.1, V, launch, -1)
 
 
 @pytest.mark.gpu

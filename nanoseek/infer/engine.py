@@ -112,10 +112,11 @@ def decode_attention(config: InferenceConfig, model: Transformer, cache_len: int
             raise ValueError(f"decode_attention='kernel': the decode attention kernels run on a GPU (or in "
                              f"Triton's interpreter, TRITON_INTERPRET=1), not on {device.type}; use "
                              f"decode_attention='torch'")
-    # auto leaves a compiled step the absorbed attention: with the kernels it left the no-cache
-    # reference's tokens on a GPU (benchmarks/decode_attention_check.py) where uncompiled it kept them
-    elif not (config.decode_attention == "auto" and not why and device.type == "cuda" and cache_len > SHORT_CACHE
-              and not (config.compile and config.cuda_graphs)):
+    elif config.decode_attention == "torch" or why or device.type != "cuda" or cache_len <= SHORT_CACHE:
+        return None
+    elif config.compile and config.cuda_graphs:
+        # auto leaves a compiled step the absorbed attention: with the kernels it left the no-cache
+        # reference's tokens on a GPU (benchmarks/decode_attention_check.py) where uncompiled it kept them
         return None
     return LatentDecodeAttention(model.config, cache_len, config.fused_launch, -1 if speculative_k else cache_len - 1)
 

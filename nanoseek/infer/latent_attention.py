@@ -6,11 +6,9 @@ positions reads max_len positions a row, however short the rows are. The fused s
 attention kernels (kernels/decode.py: mla_attend cuts the rows' positions, all rows together,
 into units of one length, mla_output merges a row's units and applies W_UV) read only those.
 `attend_latent` launches them; the fused step calls it with its own buffers, and the engine's
-steps through custom ops (opaque to Inductor, capturable in a CUDA graph) that
-`LatentDecodeAttention` puts in place of the absorbed attention for one new token a row
-(MLA.decode_attention, set around the engine's forwards): `nanoseek::mla_decode_write_attention`
-writes the token's cache entries and attends in one, `nanoseek::mla_decode_attention` attends
-over rows already written.
+steps through the custom op `nanoseek::mla_decode_attention` (opaque to Inductor, capturable
+in a CUDA graph), which `LatentDecodeAttention` puts in place of the absorbed attention for one
+new token a row (MLA.decode_attention, set around the engine's forwards).
 
 Launch shapes follow fused.fused_step_launch's rule for the model's widths and cache length.
 """
@@ -21,7 +19,6 @@ import torch
 import triton
 
 from ..kernels import decode as kernels
-from ..model.cache import CacheView
 
 # Attention programs (head blocks x units) are sized as if a step had at most this many rows
 # of the cache's length: a step of more rows gets more units, each a share of their positions.
@@ -88,7 +85,7 @@ def attend_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kp
         q_lat, q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0), positions_B,
         part_acc, part_m, part_l, scale, H, C, R, B, split, units, idle, blocks,
         BLOCK_H=heads, BLOCK_C=pow2(C, 16), BLOCK_R=pow2(R, 16), BLOCK_S=t["attend_block"], BLOCK_B=rows,
-        DOT_PRECISION=precision, TRANSPOSED=bool(t.get("attend_transposed", 0)), **attend_warps_stages(t, B), **launch)
+        DOT_PRECISION=precision, TRANSPOSED=bool(t["attend_transposed"]), **attend_warps_stages(t, B), **launch)
     o = out[:B] if out is not None else torch.empty(B, H * V, **f32)
     N = w_kvb.shape[0] // H - V  # kv_b_proj holds W_UK (N rows) then W_UV (V rows) a head
     # the most units one row gets: no more than aimed for, nor than its positions in the least chunk
@@ -98,18 +95,6 @@ def attend_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kp
         BLOCK_SP=most, CHUNK_SP=min(t["merge_splits"], most), BLOCK_C=pow2(C),
         BLOCK_V=pow2(V), num_warps=t["output_warps"], **launch)
     return o
-
-
-def packed(rows: torch.Tensor, name: str | None = None) -> torch.Tensor:
-    """rows [B, S, X] with each row's positions and channels packed, as the kernels index them
-    (the row stride is free): a compiled graph may hand an op other strides than eager's. A
-    buffer the op writes (name given) cannot be copied: it must be packed already."""
-    if rows.stride(-1) == 1 and rows.stride(-2) == rows.shape[-1]:
-        return rows
-    if name is not None:
-        raise ValueError(f"{name}: strides {rows.stride()} for shape {tuple(rows.shape)}; the decode attention "
-                         f"kernels need each row's positions and channels packed")
-    return rows.contiguous()
 
 
 # the launch keys the custom op takes, in this order (a list of ints: an op's schema holds no dict)
@@ -122,41 +107,16 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Ten
                          positions_B: torch.Tensor, w_kvb: torch.Tensor, scale: float, v_dim: int,
                          launch: list[int], idle: int) -> torch.Tensor:
     """attend_latent, its scratch allocated per call (from the graph's pool when captured):
-    o [B, H·v_dim] float32; launch: the values of OP_LAUNCH; idle: attend_latent's."""
-    return _op_attend(q_lat, q_pe, packed(ckv), packed(kpe), positions_B, w_kvb, scale, v_dim, launch, idle)
-
-
-def _op_attend(q_lat, q_pe, ckv, kpe, positions_B, w_kvb, scale, v_dim, launch, idle) -> torch.Tensor:
-    """The ops' attend_latent call, what they were handed made contiguous (a no-op when it is)."""
-    return attend_latent(q_lat.contiguous(), q_pe.contiguous(), ckv, kpe, positions_B.contiguous(), w_kvb, scale,
-                         v_dim, dict(zip(OP_LAUNCH, launch)), dict(USE_PDL=False), idle)
+    o [B, H·v_dim] float32; launch: the values of OP_LAUNCH; idle: attend_latent's. What it
+    reads is made contiguous first (a no-op in eager steps): a compiled graph may hand an op
+    other strides than eager's, and the kernels index every row packed."""
+    return attend_latent(q_lat.contiguous(), q_pe.contiguous(), ckv.contiguous(), kpe.contiguous(),
+                         positions_B.contiguous(), w_kvb, scale, v_dim, dict(zip(OP_LAUNCH, launch)),
+                         dict(USE_PDL=False), idle)
 
 
 @mla_decode_attention.register_fake
 def _(q_lat, q_pe, ckv, kpe, positions_B, w_kvb, scale, v_dim, launch, idle):
-    return q_lat.new_empty(q_lat.shape[0], q_lat.shape[1] * v_dim, dtype=torch.float32)
-
-
-@torch.library.custom_op("nanoseek::mla_decode_write_attention", mutates_args=("ckv_buf", "kpe_buf"))
-def mla_decode_write_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv_buf: torch.Tensor, kpe_buf: torch.Tensor,
-                               ckv_new: torch.Tensor, kpe_new: torch.Tensor, row0: int, positions_B: torch.Tensor,
-                               w_kvb: torch.Tensor, scale: float, v_dim: int, launch: list[int],
-                               idle: int) -> torch.Tensor:
-    """The new token's latent ckv_new [B, C] and RoPE key kpe_new [B, R] written into rows
-    row0.. row0+B-1 of a layer's cache buffers [slots, S, ·] at each row's position, then
-    mla_decode_attention over those rows. One op, so that nothing can run between the write and
-    the reads: with the write outside the op, the engine's step compiled by Inductor on a GPU
-    gave other tokens than uncompiled, though each part passed its tests."""
-    B = positions_B.shape[0]
-    rows = torch.arange(row0, row0 + B, device=positions_B.device)
-    ckv_buf[rows, positions_B] = ckv_new.to(ckv_buf.dtype)
-    kpe_buf[rows, positions_B] = kpe_new.to(kpe_buf.dtype)
-    ckv, kpe = packed(ckv_buf, "ckv_buf")[row0:row0 + B], packed(kpe_buf, "kpe_buf")[row0:row0 + B]
-    return _op_attend(q_lat, q_pe, ckv, kpe, positions_B, w_kvb, scale, v_dim, launch, idle)
-
-
-@mla_decode_write_attention.register_fake
-def _(q_lat, q_pe, ckv_buf, kpe_buf, ckv_new, kpe_new, row0, positions_B, w_kvb, scale, v_dim, launch, idle):
     return q_lat.new_empty(q_lat.shape[0], q_lat.shape[1] * v_dim, dtype=torch.float32)
 
 
@@ -173,32 +133,14 @@ class LatentDecodeAttention:
         self.launch, self.idle = [int(t[k]) for k in OP_LAUNCH], idle
 
     def __call__(self, attn, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
-                 positions: torch.Tensor, cache) -> torch.Tensor:
-        """q_nope [B, 1, H, N], q_pe [B, 1, H, R], the new token's c_kv [B, 1, C] and k_pe
-        [B, 1, R] at positions [B, 1], written into `cache` (a StaticCache or a CacheView) here
-        -> o [B, 1, H, V] in q_nope's dtype. A view of consecutive rows (what a captured step
-        reads) is written and attended in one op; gathered rows through the view's update."""
-        view = cache if isinstance(cache, CacheView) else CacheView(cache, slice(None), cache.max_len)
-        if not isinstance(view.rows, slice):
-            return self.attend(attn, q_nope, q_pe, *view.update(attn.layer_idx, positions, c_kv, k_pe), positions)
-        ckv_buf, kpe_buf = view.cache.layers[attn.layer_idx]
-        return self._run(mla_decode_write_attention, attn, q_nope, q_pe, positions, ckv_buf, kpe_buf, c_kv[:, 0],
-                         k_pe[:, 0], view.rows.start or 0)
-
-    def attend(self, attn, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
-               positions: torch.Tensor) -> torch.Tensor:
-        """As __call__ over a cache already written: the rows' c_kv [B, S, C] and k_pe [B, S, R]."""
-        return self._run(mla_decode_attention, attn, q_nope, q_pe, positions, c_kv, k_pe)
-
-    def _run(self, op, attn, q_nope, q_pe, positions, *cache_args) -> torch.Tensor:
-        """op (one of the two above) from the absorbed query: W_UK folded into q_nope as the
-        absorbed attention does; o back in q_nope's dtype as [B, 1, H, V]."""
+                 positions: torch.Tensor) -> torch.Tensor:
+        """q_nope [B, 1, H, N], q_pe [B, 1, H, R], the rows' cache c_kv [B, S, C] and k_pe
+        [B, S, R], positions [B, 1] -> o [B, 1, H, V] in q_nope's dtype."""
         B, _, H, _ = q_nope.shape
         w_uk_HNC = attn.kv_b_proj.weight.unflatten(0, (H, -1))[:, : attn.nope_dim]
         q_lat = torch.einsum("bhn,hnc->bhc", q_nope[:, 0], w_uk_HNC.to(q_nope.dtype)).float()
-        # both ops take (q_lat, q_pe, their cache arguments, positions, W_kv_b, scale, V, launch, idle)
-        o = op(q_lat, q_pe[:, 0].float(), *cache_args, positions[:, 0], attn.kv_b_proj.weight, attn.scale,
-               attn.v_dim, self.launch, self.idle)
+        o = mla_decode_attention(q_lat, q_pe[:, 0].float(), c_kv, k_pe, positions[:, 0], attn.kv_b_proj.weight,
+                                 attn.scale, attn.v_dim, self.launch, self.idle)
         return o.to(q_nope.dtype).view(B, 1, H, attn.v_dim)
 
     @staticmethod

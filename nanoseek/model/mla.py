@@ -31,9 +31,8 @@ from .rope import apply_rope
 
 class MLA(nn.Module):
     # set from outside (Transformer.set_decode_attention, an engine's forwards): a callable
-    # (attn, q_nope, q_pe, c_kv, k_pe, positions, cache) -> o [B, 1, H, V] taking the absorbed
-    # attention's place for one new token a row, e.g. kernels that read each row's own positions;
-    # it writes the token's c_kv and k_pe into the cache itself
+    # (attn, q_nope, q_pe, c_kv, k_pe, positions) -> o [B, 1, H, V] taking the absorbed
+    # attention's place for one new token a row, e.g. kernels that read each row's own positions
     decode_attention = None
 
     def __init__(self, config: ModelConfig, layer_idx: int):
@@ -73,13 +72,13 @@ class MLA(nn.Module):
     def forward(self, x_BTD, cos, sin, positions=None, cache=None, absorb: bool | None = None):
         q_nope, q_pe = self.query(x_BTD, cos, sin)
         c_kv, k_pe = self.latent(x_BTD, cos, sin)
+        if cache is not None:
+            c_kv, k_pe = cache.update(self.layer_idx, positions, c_kv, k_pe)
         if absorb is None:
             absorb = cache is not None
         if absorb and cache is not None and self.decode_attention is not None and q_nope.shape[1] == 1:
-            o_BTHV = self.decode_attention(self, q_nope, q_pe, c_kv, k_pe, positions, cache)
+            o_BTHV = self.decode_attention(self, q_nope, q_pe, c_kv, k_pe, positions)
         else:
-            if cache is not None:
-                c_kv, k_pe = cache.update(self.layer_idx, positions, c_kv, k_pe)
             mask = None if cache is None else cache_mask(positions, c_kv.shape[1])
             attend = self.absorbed if absorb else self.expanded
             o_BTHV = attend(q_nope, q_pe, c_kv, k_pe, mask)
