@@ -335,24 +335,25 @@ case $stage in
           # the call's time shared among them; 8 minutes each at the default budget, CLAIM_MINUTES sets it.
           # Each result folder comes back under $OUT/claims/gpu/<name>/
     # CLAIM_PARALLEL=1 runs them at once on the one GPU (small eager models leave most of it idle), each
-    # with its whole budget and a share of the CPU threads
+    # with the call's whole time and a share of the CPU threads
     read -ra claims <<< "${CLAIM:?set CLAIM to experiment names}"
-    per=$(( (590 - $(elapsed)) / ${#claims[@]} ))
-    [ -n "${CLAIM_PARALLEL:-}" ] && per=$(( 590 - $(elapsed) ))
+    claim() {  # limit, name
+      timeout "$1" python3 -m nanoseek.cli experiment "$2" --device cuda --out "$OUT/claims" \
+        ${CLAIM_MINUTES:+--budget-minutes "$CLAIM_MINUTES"} 2>&1 | quiet > "$OUT/claim_$2.log"
+      echo "claim $2 done at $(elapsed)s"
+    }
+    limit=$(( (590 - $(elapsed)) / ${#claims[@]} ))
+    [ -n "${CLAIM_PARALLEL:-}" ] && limit=$(left 590)
+    enough "$limit" 200 || exit
     for c in "${claims[@]}"; do
-      enough "$per" 200 || exit
       if [ -n "${CLAIM_PARALLEL:-}" ]; then
-        OMP_NUM_THREADS=$(( $(nproc) / ${#claims[@]} )) timeout "$per" python3 -m nanoseek.cli experiment "$c" \
-          --device cuda --out "$OUT/claims" ${CLAIM_MINUTES:+--budget-minutes "$CLAIM_MINUTES"} 2>&1 | quiet \
-          > "$OUT/claim_$c.log" &
+        OMP_NUM_THREADS=$(( $(nproc) / ${#claims[@]} )) claim "$limit" "$c" &
       else
-        timeout "$per" python3 -m nanoseek.cli experiment "$c" --device cuda --out "$OUT/claims" \
-          ${CLAIM_MINUTES:+--budget-minutes "$CLAIM_MINUTES"} 2>&1 | quiet | tee "$OUT/claim_$c.log" | tail -30
-        echo "claim $c done at $(elapsed)s"
+        claim "$limit" "$c"
       fi
     done
     wait
-    [ -n "${CLAIM_PARALLEL:-}" ] && tail -n 12 "$OUT"/claim_*.log && echo "claims done at $(elapsed)s"
+    tail -n 12 "$OUT"/claim_*.log
     ;;
   step) step 585 ;;
   serve) serve 585 ;;
