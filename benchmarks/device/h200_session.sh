@@ -54,10 +54,13 @@ stage=${1:-}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-if [ -d .whl ]; then
+# once per machine: stages started side by side in one call (staggered) would otherwise rewrite
+# /tmp/site while another imports from it
+if [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=$PWD:/tmp/site
+    && touch /tmp/site/.installed
 fi
+[ -f /tmp/site/.installed ] && export PYTHONPATH=$PWD:/tmp/site
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 elapsed() { echo $(( $(date +%s) - start )); }
 left() { echo $(( $1 - $(elapsed) )); }  # seconds until second $1 of the call
