@@ -329,3 +329,137 @@ def test_decode_benchmark_counts_agreement_where_the_reference_is_decisive():
     assert got["gap_over_0.25_std"] == {"positions": 5, "same": 3 / 5}  # 0.3, 0.6, 2.0, 0.4, 1.5
     assert got["gap_over_0.5_std"] == {"positions": 3, "same": 2 / 3}   # 0.6, 2.0, 1.5
     assert got["gap_over_1.0_std"] == {"positions": 2, "same": 1 / 2}   # 2.0, 1.5
+
+
+# ---------------------------------------------------------------------- a prefill's grouped experts
+def fp8_experts(kernel: str, E=4, F=200, D=320) -> FP8Experts:
+    """FP8 experts with 128x128 blocks cut short at both widths (F, D not multiples of 128)."""
+    from nanoseek.model.moe import Experts
+    experts = Experts(E, D, F)
+    for w in (experts.gate_proj, experts.up_proj, experts.down_proj):
+        torch.nn.init.normal_(w, std=0.05)
+    return FP8Experts(experts, (128, 128), kernel)
+
+
+def dequantized(experts: FP8Experts) -> tuple[torch.Tensor, ...]:
+    from nanoseek.hf import dequantize_fp8_blockwise
+    return tuple(dequantize_fp8_blockwise(getattr(experts, n), getattr(experts, n + SCALE_SUFFIX)).double()
+                 for n in ("gate_proj", "up_proj", "down_proj"))
+
+
+# tokens per expert: one expert without tokens, one with more than a 128-row tile
+COUNTS = [3, 0, 130, 7]
+
+
+def test_weight_only_grouped_kernel_matches_the_dequantized_product():
+    """fp8/kernels.py's grouped GEMM with unquantized activations (Triton's interpreter without
+    a GPU, float32): each row times its own expert's dequantized weight, to float32 rounding of
+    the K-long sums (the block scales applied to partial sums instead of to each weight)."""
+    pytest.importorskip("triton")
+    from nanoseek.fp8.kernels import grouped_mm_fp8_weight
+    from nanoseek.fp8.quant import first_tiles
+    experts = fp8_experts("triton")
+    offsets = torch.tensor(COUNTS).cumsum(0, dtype=torch.int32)
+    x = torch.randn(sum(COUNTS), 320)
+    got = grouped_mm_fp8_weight(x, experts.gate_proj, experts.gate_proj_scale_inv, offsets,
+                                first_tiles(offsets)).double()
+    w_gate = dequantized(experts)[0]
+    expert_of_row = torch.repeat_interleave(torch.arange(4), torch.tensor(COUNTS))
+    want = torch.einsum("md,mfd->mf", x.double(), w_gate[expert_of_row])
+    mag = torch.einsum("md,mfd->mf", x.double().abs(), w_gate[expert_of_row].abs())
+    assert got.shape == (sum(COUNTS), 200)
+    assert bool(((got - want).abs() <= 320 * torch.finfo(torch.float32).eps * mag).all())
+
+
+def test_fp8_experts_take_the_grouped_kernels_where_told():
+    """Which grouped forwards read the FP8 weights in place: inference only, 128x128 blocks
+    only, never the twin; "triton" under Triton's interpreter, "w8a8" anywhere (its float32
+    twin without an FP8 GPU), "auto" only where the fast kernels run (not on a CPU)."""
+    x = torch.randn(5, 320)
+    with torch.no_grad():
+        assert fp8_experts("triton").grouped_kernels_take(x)
+        assert fp8_experts("w8a8").grouped_kernels_take(x)
+        assert not fp8_experts("twin").grouped_kernels_take(x)
+        assert not fp8_experts("auto").grouped_kernels_take(x)
+        small_blocks = fp8_experts("triton")
+        small_blocks.block = (32, 32)
+        assert not small_blocks.grouped_kernels_take(x)
+    assert not fp8_experts("triton").grouped_kernels_take(x)  # grad on: the twin
+
+
+def test_fp8_experts_prefill_through_the_weight_only_kernel_is_the_twin():
+    """float32: the grouped forward of a prefill on the FP8 weights in place gives the
+    dequantised experts' output (kernel="twin") to float32 rounding through the SwiGLU's two
+    chained sums (D, then F, scaled by the down weights' magnitude)."""
+    pytest.importorskip("triton")
+    kernel, twin = fp8_experts("triton"), fp8_experts("twin")
+    twin.load_state_dict(kernel.state_dict())
+    N, K = 70, 2
+    x = torch.randn(N, 320)
+    # two distinct experts a token among 0, 2 and 3: expert 1 gets none
+    idx = torch.tensor([0, 2, 3])[torch.stack([torch.randperm(3)[:K] for _ in range(N)])]
+    weight = torch.rand(N, K)
+    with torch.no_grad():
+        got, want = kernel.forward_grouped(x, weight, idx).double(), twin.forward_grouped(x, weight, idx).double()
+    w_gate, w_up, w_down = dequantized(kernel)
+    h = (x.double().abs() @ w_gate.abs().amax(0).T) * (x.double().abs() @ w_up.abs().amax(0).T)
+    bound = 8 * (320 + 200) * torch.finfo(torch.float32).eps * (h @ w_down.abs().amax(0).T)
+    assert not torch.equal(got, want)  # the kernel ran: its sums are in another order
+    assert bool(((got - want).abs() <= bound).all())
+
+
+def hand_w8a8_experts(x: torch.Tensor, counts: list[int], experts: FP8Experts) -> torch.Tensor:
+    """Rows sorted by expert through the W8A8 SwiGLU by hand: x and the SwiGLU's output each
+    quantised per row and 128 columns (hand_w8a8), float64 products with the FP8 weights."""
+    out, start = [], 0
+    for e, n in enumerate(counts):
+        rows = x[start:start + n]
+        start += n
+        w = {name: (getattr(experts, name)[e], getattr(experts, name + SCALE_SUFFIX)[e])
+             for name in ("gate_proj", "up_proj", "down_proj")}
+        h = torch.nn.functional.silu(hand_w8a8(rows, *w["gate_proj"])) * hand_w8a8(rows, *w["up_proj"])
+        out.append(hand_w8a8(h.float(), *w["down_proj"]))
+    return torch.cat(out)
+
+
+def test_w8a8_fp8_experts_quantize_the_activations_of_a_prefill():
+    """kernel="w8a8" on a CPU (the FP8 GEMM's float32 twin): the hand-quantised SwiGLU of each
+    expert's rows, to float32 rounding; not the dequantised experts' product."""
+    experts = fp8_experts("w8a8", F=256, D=384)  # widths of whole 128-column tiles, as hand_w8a8 cuts
+    counts = torch.tensor(COUNTS)
+    x = torch.randn(sum(COUNTS), 384) * torch.logspace(-1, 1, 384)
+    with torch.no_grad():
+        got = experts.swiglu_sorted(x, counts).double()
+        experts.kernel = "twin"
+        twin = experts.swiglu_sorted(x, counts).double()
+    want = hand_w8a8_experts(x, COUNTS, experts)
+    # the SwiGLU's output is requantised from float32 values one rounding apart from the hand's:
+    # a value on a rounding edge may land one E4M3 step (2^-3 of its tile's largest) the other way
+    err = (got - want).abs() / want.abs().amax(-1, keepdim=True)
+    assert float(err.median()) < 1e-5 and float(err.max()) < 2 ** -3
+    assert float(((twin - want).abs() / want.abs().amax(-1, keepdim=True)).median()) > 1e-4
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_experts_prefill_is_the_bf16_twin_to_bf16_rounding():
+    """On a Hopper GPU in BF16 (kernel "auto"): the weight-only grouped kernels of a prefill
+    against the float64 SwiGLU of the same FP8 weights, each GEMM within BF16's rounding of its
+    result plus float32 sums; the dequantised BF16 twin alike, so the FP8 path is no farther."""
+    experts = fp8_experts("auto", E=8, F=1408, D=2048).cuda()
+    counts = torch.tensor([300, 0, 5, 128, 129, 64, 1, 400])
+    x = torch.randn(int(counts.sum()), 2048, device="cuda").to(torch.bfloat16)
+    with torch.no_grad():
+        assert experts.grouped_kernels_take(x)
+        got = experts.swiglu_sorted(x, counts.cuda()).double().cpu()
+        experts.kernel = "twin"
+        twin = experts.swiglu_sorted(x, counts.cuda()).double().cpu()
+    w_gate, w_up, w_down = (w.cpu() for w in dequantized(experts))
+    expert_of_row = torch.repeat_interleave(torch.arange(8), counts)
+    x64 = x.cpu().double()
+    h = (torch.nn.functional.silu(torch.einsum("md,mfd->mf", x64, w_gate[expert_of_row]))
+         * torch.einsum("md,mfd->mf", x64, w_up[expert_of_row]))
+    want = torch.einsum("mf,mdf->md", h, w_down[expert_of_row])
+    scale = want.abs().amax(-1, keepdim=True)
+    fp8_err, twin_err = float(((got - want).abs() / scale).median()), float(((twin - want).abs() / scale).median())
+    assert fp8_err <= 2 * twin_err + 2 ** -12, (fp8_err, twin_err)
+    assert float(((got - want).abs() / scale).max()) < 2 ** -4

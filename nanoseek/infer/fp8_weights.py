@@ -21,7 +21,9 @@ values and their scales in as stored:
   GPU) read them in place with their scales. Every other expert path reads its weights
   through `Experts.expert_weights`, which this class dequantises: the chosen experts' only
   when a decode step gathers them (under torch.compile the dequantisation fuses into the
-  reads), all of them for a prefill's grouped GEMM.
+  reads). A prefill's grouped GEMMs read the FP8 experts in place too, where the kernels run
+  (fp8/kernels.py: weight-only, or with kernel="w8a8" the activations quantized as in
+  training); elsewhere they dequantise all experts.
 `kv_b_proj` is dequantised at load: the absorbed attention uses its per-head blocks as
 matrices (W_UK into the query, W_UV into the output), as DeepSeek's own inference code does.
 The dequantised model is the twin of the FP8 one (tests compare their logits).
@@ -113,14 +115,52 @@ class FP8Linear(nn.Module):
 
 
 class FP8Experts(Experts):
-    """Experts whose stacked weights are FP8 with block scales per expert (module docstring)."""
+    """Experts whose stacked weights are FP8 with block scales per expert (module docstring).
+    kernel: as FP8Linear's, for the grouped GEMMs of a prefill: "auto" and "triton" the
+    weight-only kernel, "w8a8" the activations quantized too, "twin" the experts dequantised."""
 
-    def __init__(self, experts: Experts, block: tuple[int, int]):
+    def __init__(self, experts: Experts, block: tuple[int, int], kernel: str = "auto"):
         nn.Module.__init__(self)
         self.path, self.last_path = experts.path, None
-        self.block, self.dtype = block, experts.gate_proj.dtype
+        self.block, self.dtype, self.kernel = block, experts.gate_proj.dtype, kernel
         for name in ("gate_proj", "up_proj", "down_proj"):
             _fp8_buffers(self, name, getattr(experts, name), block)
+
+    def grouped_kernels_take(self, x_MD: torch.Tensor) -> bool:
+        """Whether a grouped forward reads the FP8 weights in place (else it dequantises them all)."""
+        if torch.is_grad_enabled() or tuple(self.block) != FP8_BLOCK or self.kernel == "twin":
+            return False
+        if self.kernel == "w8a8":
+            return True  # the FP8 GEMM's float32 twin where there is no FP8 GPU, as FP8Linear's
+        if self.kernel == "triton":
+            return triton_runs(x_MD.device)
+        return fast_kernels_supported(x_MD.device, compute_dtype(x_MD))
+
+    def swiglu_sorted(self, x_MD, counts_E):
+        """A prefill's three grouped GEMMs on the FP8 weights as stored, where a dequantised copy
+        of every expert would be written and read again: 5 bytes a parameter instead of 1."""
+        if not self.grouped_kernels_take(x_MD):
+            return super().swiglu_sorted(x_MD, counts_E)
+        from ..fp8.quant import first_tiles
+        offsets_E = counts_E.cumsum(0, dtype=torch.int32)
+        dtype = compute_dtype(x_MD)
+        (w_gate, w_up, w_down), (s_gate, s_up, s_down), _ = self.small_batch_weights()
+        if self.kernel == "w8a8":
+            from ..fp8.gemm import grouped_mm
+            from ..fp8.quant import ACT_TILE, Quantized, quantize
+            fast = x_MD.is_cuda and torch.cuda.get_device_capability(x_MD.device)[0] == 9
+            xq = quantize(x_MD, ACT_TILE)
+            gate_MF = grouped_mm(xq, Quantized(w_gate, s_gate, FP8_BLOCK), offsets_E, dtype, fast)
+            up_MF = grouped_mm(xq, Quantized(w_up, s_up, FP8_BLOCK), offsets_E, dtype, fast)
+            h_MF = quantize(F.silu(gate_MF) * up_MF, ACT_TILE)
+            return grouped_mm(h_MF, Quantized(w_down, s_down, FP8_BLOCK), offsets_E, dtype, fast)
+        from ..fp8.kernels import grouped_mm_fp8_weight
+        first_E1 = first_tiles(offsets_E)
+        x_MD = x_MD.to(dtype).contiguous()
+        gate_MF = grouped_mm_fp8_weight(x_MD, w_gate, s_gate, offsets_E, first_E1)
+        up_MF = grouped_mm_fp8_weight(x_MD, w_up, s_up, offsets_E, first_E1)
+        # in the compute dtype, as model.moe.grouped_swiglu (the dequantised twin) multiplies
+        return grouped_mm_fp8_weight((F.silu(gate_MF) * up_MF).contiguous(), w_down, s_down, offsets_E, first_E1)
 
     def small_batch_weights(self):
         """The FP8 weights and their scales as stored: kernels/moe.py reads them in place."""
@@ -154,7 +194,7 @@ def keep_fp8_weights(model: Transformer, fp8_names: set[str], block: tuple[int, 
         if isinstance(module, nn.Linear) and f"{name}.weight" in fp8_names:
             swapped = FP8Linear(module, block, kernel)
         elif type(module) is Experts and f"{name}.gate_proj" in fp8_names:
-            swapped = FP8Experts(module, block)
+            swapped = FP8Experts(module, block, kernel)
         else:
             continue
         setattr(model.get_submodule(parent_name), child, swapped)
