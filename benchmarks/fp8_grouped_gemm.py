@@ -8,6 +8,9 @@ rows over E experts of width F and hidden size D (routing uniform at random):
     dgrad  dh [M, F] . W_gate[e] -> [M, D]
     wgrad  dh^T . x over each expert's rows -> [E, F, D], float32 in FP8 (V3's FP32 gradients)
 
+And inference's: a prefill of an FP8 checkpoint, its experts' weights read in place by the
+weight-only kernel, against the BF16 model's weights and against dequantizing every expert first.
+
 Each row: FP8's relative error against BF16 (a check that both compute the same product), the
 median time by CUDA events after warm-up (the first calls autotune the Triton kernels),
 TFLOP/s, the fraction of the GEMM ceilings measured in the same run (an 8192^3 BF16 matmul;
@@ -33,7 +36,7 @@ from common import environment, rel_err, time_cuda, write_json  # noqa: E402
 
 from nanoseek import preset  # noqa: E402
 from nanoseek.fp8 import gemm  # noqa: E402
-from nanoseek.fp8.quant import ACT_TILE, WEIGHT_BLOCK, quantize, quantize_tokens  # noqa: E402
+from nanoseek.fp8.quant import ACT_TILE, WEIGHT_BLOCK, dequantize, first_tiles, quantize, quantize_tokens  # noqa: E402
 
 
 def problem(cfg, tokens: int, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
@@ -60,7 +63,15 @@ def ops(p: dict, fast: bool) -> dict[str, dict]:
     wgq_t = wgq.t()
     dh_T, x_T = quantize_tokens(dh, offs, fast), quantize_tokens(x, offs, fast)
     grouped = torch._grouped_mm
+    first = first_tiles(offs)
     return {
+        # inference: an FP8 checkpoint's experts in a prefill, the weights read in place by the
+        # weight-only kernel (no activation quantization), against the BF16 model's resident
+        # weights and against dequantizing every expert first (FP8Experts' path before)
+        "prefill gate, FP8 weights in place": dict(
+            flops=2 * M * F_ * D, bf16=lambda: grouped(x, wg.transpose(-2, -1), offs=offs),
+            fp8=lambda: weight_only(x, wgq, offs, first, fast), quantize=lambda: None,
+            dequantized=lambda: grouped(x, dequantize(wgq).to(x.dtype).transpose(-2, -1), offs=offs)),
         "fprop gate (x . W_gate^T)": dict(
             flops=2 * M * F_ * D, bf16=lambda: grouped(x, wg.transpose(-2, -1), offs=offs),
             fp8=lambda: gemm.grouped_mm(xq, wgq, offs, out, fast), quantize=lambda: quantize(x, ACT_TILE)),
@@ -76,6 +87,15 @@ def ops(p: dict, fast: bool) -> dict[str, dict]:
             fp8=lambda: gemm.grouped_mm_tokens(dh_T, x_T, offs, E, torch.float32, fast),
             quantize=lambda: (quantize_tokens(dh, offs, fast), quantize_tokens(x, offs, fast))),
     }
+
+
+def weight_only(x, wq, offs, first, fast: bool):
+    """x · (the FP8 weights with their block scales)^T per group: the Triton kernel on a GPU,
+    the dequantized float32 product on the CPU (the kernel's twin)."""
+    if fast:
+        from nanoseek.fp8.kernels import grouped_mm_fp8_weight
+        return grouped_mm_fp8_weight(x, wq.data, wq.scale, offs, first)
+    return torch._grouped_mm(x, dequantize(wq).transpose(-2, -1), offs=offs)
 
 
 def chosen_configs() -> dict:
@@ -121,6 +141,9 @@ def main() -> None:
         for kind in ("bf16", "fp8"):
             row[f"{kind}_tflops"] = op["flops"] / row[f"{kind}_ms"] / 1e9
             row[f"{kind}_of_ceiling"] = row[f"{kind}_tflops"] / ceilings[kind]
+        if "dequantized" in op:
+            row["dequantized_ms"] = time_cuda(op["dequantized"], warmup=3, repeat=20)["median_ms"]
+            row["fp8_vs_dequantized"] = row["dequantized_ms"] / row["fp8_ms"]
         row["fp8_vs_bf16"] = row["bf16_ms"] / row["fp8_ms"]
         row["fp8_with_quantize_vs_bf16"] = row["bf16_ms"] / (row["fp8_ms"] + row["quantize_ms"])
         rows[name] = row
@@ -136,6 +159,9 @@ def main() -> None:
             print(f"{name:34s} {r['bf16_ms']:8.3f} {r['bf16_tflops']:8.0f} {r['bf16_of_ceiling']:5.0%} "
                   f"{r['fp8_ms']:8.3f} {r['fp8_tflops']:8.0f} {r['fp8_of_ceiling']:5.0%} {r['quantize_ms']:8.3f} "
                   f"{r['fp8_vs_bf16']:7.2f}x {r['fp8_with_quantize_vs_bf16']:7.2f}x")
+            if "dequantized_ms" in r:
+                print(f"{'':34s} dequantizing every expert first: {r['dequantized_ms']:.3f} ms, the FP8 weights in "
+                      f"place {r['fp8_vs_dequantized']:.2f}x faster")
     result = {"benchmark": "fp8_grouped_gemm", **environment(), "preset": args.preset, "tokens": args.tokens,
               "shape": {k: p[k] for k in ("E", "M", "D", "F")}, "smoke": args.smoke, "rows": rows,
               "gemm_ceilings_tflops": ceilings if gpu else None, "triton_configs": chosen_configs() if gpu else None,
