@@ -205,7 +205,8 @@ def write_readme(root: str | Path) -> Path:
         if not found:
             parts.append("Not run yet.\n")
         for folder, r in found:
-            r["note"] = exp.notes.get(r["scale"]["name"], "")  # the code's caveat, also for older results
+            # the code's caveat (also for older results), then what the run's own conditions were
+            r["note"] = " ".join(filter(None, (exp.notes.get(r["scale"]["name"], ""), r.get("run_note", ""))))
             parts.append(f"### {SCALE_TITLES.get(r['scale']['name'], r['scale']['name'])} "
                          f"([JSON]({folder}/{RESULT}))\n\n" + section(r, image_prefix=folder + "/"))
     path = root / "README.md"
