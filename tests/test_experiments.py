@@ -26,6 +26,24 @@ SEEDS = [0, 1]
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
+# ---------------------------------------------------------------------------- the README
+def test_readme_shows_the_codes_caveat_and_the_runs_own_conditions(tmp_path):
+    """write_readme over committed results: the CPU mtp run gets the experiment's caveat, the
+    GPU mtp run its own run_note (it shared the GPU), both in that claim's section."""
+    import shutil
+    from pathlib import Path
+    from nanoseek.experiments.mtp import EXPERIMENT
+    from nanoseek.experiments.report import write_readme
+    claims = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "claims"
+    for scale in ("gpu", "cpu"):
+        shutil.copytree(claims / scale / "mtp", tmp_path / scale / "mtp")
+    run_note = json.loads((tmp_path / "gpu" / "mtp" / "result.json").read_text())["run_note"]
+    text = write_readme(tmp_path).read_text()
+    section = text[text.index("## Claim 4"):text.index("## Claim 5")]
+    assert f"*{run_note}*" in section and f"*{EXPERIMENT.notes['cpu']}*" in section
+    assert "Not run yet." in text[text.index("## Claim 1"):text.index("## Claim 2")]
+
+
 # ---------------------------------------------------------------------------- the CLI
 def test_cli_lists_the_experiments_and_refuses_bad_arguments(capsys):
     assert main(["experiment", "--help"]) == 0
