@@ -9,9 +9,11 @@ not, run without capturing it: the ops' Python bodies run at every call) and `ea
 engine's steps without the graph step; nothing compiled).
 `--trace` then pins down where the compiled step with the kernels parts from the uncompiled
 one. Both run as `graph-step`, and every call records what the kernels were handed (queries,
-positions, the rows' cache up to their positions) and what they returned. The first call at
-which the two runs differ says whether the compiled graph handed the op other inputs, or the
-op made other outputs of the same ones.
+positions, the rows' cache up to their positions), what they returned, and what the same call
+returns again on fresh copies of its inputs. The first call at which the two runs differ by
+more than rounding says whether the compiled graph handed the op other inputs (and which: the
+cache's newest entry is the one the step just wrote), or the op made other outputs of the same
+ones; an output that changes when the call is repeated says the kernels read something else.
 `--eager-op` adds a path whose attention call is kept out of the compiled graph (a graph break
 a layer), as a workaround to check.
 
@@ -65,8 +67,12 @@ def traced_run(model, prompts, new, compiled: bool, launch, max_len: int) -> lis
 
     def recording(q_lat, q_pe, ckv, kpe, positions_B, *rest, **kw):  # the op's body calls it
         o = attend(q_lat, q_pe, ckv, kpe, positions_B, *rest, **kw)
+        # the same call again on fresh copies of its inputs (and fresh scratch): an output that
+        # changes says the kernels read something besides their inputs (unwritten scratch, aliasing)
+        again = attend(*(t.clone() for t in (q_lat, q_pe, ckv, kpe, positions_B)), *rest, **kw)
         pos = positions_B.tolist()
         calls.append(dict(positions=pos, q_lat=q_lat.double().cpu(), q_pe=q_pe.double().cpu(), out=o.double().cpu(),
+                          out_again=again.double().cpu(),
                           ckv=[ckv[b, :p + 1].double().cpu() for b, p in enumerate(pos)],
                           kpe=[kpe[b, :p + 1].double().cpu() for b, p in enumerate(pos)]))
         return o
@@ -80,6 +86,42 @@ def traced_run(model, prompts, new, compiled: bool, launch, max_len: int) -> lis
         la.attend_latent = attend
     print(f"traced compile={compiled}: {len(calls)} calls, tokens {tokens}", flush=True)
     return calls
+
+
+# 4 BF16 units of a tensor's largest value: the compiled and the eager step round their BF16
+# products differently (the absorbed query differed by half a unit at the first call), a fault
+# by much more
+ROUNDING = 2 ** -6
+
+
+def deviation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to a's largest value; inf for other shapes."""
+    if a.shape != b.shape:
+        return float("inf")
+    return float((a - b).abs().max()) / max(float(a.abs().max()), 1e-30)
+
+
+def compare_calls(eager: list[dict], compiled: list[dict]) -> list[dict]:
+    """Per op call, compiled against eager: each input's and the output's deviation; the cache's
+    per row, over its positions and at its newest one (the entry the step just wrote); and, in
+    each run, the output against the same call repeated on fresh copies (`again`)."""
+    table = []
+    for i, (e, c) in enumerate(zip(eager, compiled)):
+        row = dict(call=i, positions=e["positions"], compiled_positions=c["positions"],
+                   **{k: round(deviation(e[k], c[k]), 6) for k in ("q_lat", "q_pe", "out")})
+        for k in ("ckv", "kpe"):
+            row[k] = [round(deviation(x, y), 6) for x, y in zip(e[k], c[k])]
+            row[k + "_newest"] = [round(deviation(x[-1:], y[-1:]), 6) for x, y in zip(e[k], c[k])]
+        row["again_eager"] = round(deviation(e["out"], e["out_again"]), 6)
+        row["again_compiled"] = round(deviation(c["out"], c["out_again"]), 6)
+        table.append(row)
+    return table
+
+
+def worst(row: dict) -> float:
+    values = [v for k, v in row.items() if k not in ("call", "positions", "compiled_positions")]
+    flat = [x for v in values for x in (v if isinstance(v, list) else [v])]
+    return max(flat) if row["positions"] == row["compiled_positions"] else float("inf")
 
 
 def first_difference(eager: list[dict], compiled: list[dict], rtol: float = 1e-3) -> dict | None:
@@ -154,8 +196,15 @@ def main() -> None:
     trace = None
     if args.trace:
         eager, compiled = (traced_run(model, prompts, args.new, c, LAUNCH, args.max_len) for c in (False, True))
-        trace = first_difference(eager, compiled) or "no call differs"
-        print("trace: first call where compiled and eager differ:", trace, flush=True)
+        table = compare_calls(eager, compiled)
+        fault = next((r for r in table if worst(r) > ROUNDING), None)
+        trace = dict(first_difference=first_difference(eager, compiled) or "no call differs",
+                     first_beyond_rounding=fault or "none", calls=table)
+        print("trace: first call where compiled and eager differ:", trace["first_difference"], flush=True)
+        print(f"trace: first call beyond {ROUNDING:g} of a value's largest:", fault or "none", flush=True)
+        start = max(0, (fault["call"] if fault else 0) - 2)
+        for r in table[start:start + 6]:  # the calls around it, each value's deviation
+            print("  ", r, flush=True)
     path = os.path.join(os.environ.get("OUT", "."), "decode_attention_check.json")
     with open(path, "w") as f:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

@@ -262,7 +262,7 @@ case $stage in
   check)  # which engine path leaves the no-cache reference's greedy tokens; the attention kernels' tests;
           # the grouped FP8 kernels (the accumulating one too) and FP8 steps compiled, fused accumulation or not;
           # an FP8 checkpoint's experts in a prefill
-    timeout 240 python3 benchmarks/decode_attention_check.py --trace --eager-op 2>&1 | quiet \
+    timeout 240 python3 benchmarks/decode_attention_check.py --trace 2>&1 | quiet \
       | tee "$OUT/decode_attention_check.log"
     timeout 150 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_latent_attention.py \
       tests/test_fused_decode.py -k "not fused_decode or v3_layer" 2>&1 | tail -30 \
