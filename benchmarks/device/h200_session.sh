@@ -23,8 +23,8 @@
 #   bash benchmarks/device/h200_session.sh parity     # FP8 vs BF16 loss parity (small, 2,000 steps), BF16's seed spread
 #   bash benchmarks/device/h200_session.sh shapes     # decode on V2-Lite and a V3 slice: fused vs compiled
 #                                              # recorded as the default path
-#   bash benchmarks/device/h200_session.sh fp8        # FP8 GEMM error, FP8-resident decode, long-context
-#                                              # attention, training throughput BF16 vs FP8 on V2-Lite layers
+#   bash benchmarks/device/h200_session.sh fp8        # an FP8 checkpoint's prefill experts, FP8-resident decode
+#                                              # vs BF16 on V2-Lite and a V3 slice
 #   bash benchmarks/device/h200_session.sh serving    # serve load, prefix cache
 #   bash benchmarks/device/h200_session.sh check      # the engine's decode paths against a no-cache reference
 #   bash benchmarks/device/h200_session.sh attention  # MLA decode attention at V3 widths, fused launches swept
@@ -224,13 +224,14 @@ case $stage in
       --record-paths --skip-hf
     cp nanoseek/infer/decode_paths.json "$OUT/"
     ;;
-  fp8)  # blockwise FP8 GEMM error, FP8-resident weights at decode, long-context attention, training speed
-    bench 30 15 benchmarks/fp8_gemm_error.py
-    real_decode "$(left 170)" --preset deepseek-v2-lite --batches 1 16 --new 64 --modes compiled --fp8 --skip-hf
-    real_decode "$(left 250)" --preset deepseek-v3 --layers 2 --batches 1 --new 64 --modes compiled --fp8 --skip-hf
-    bench "$(left 300)" 30 benchmarks/attention.py --contexts 4096 32768 131072 --batches 1 16 --sweep
-    bench "$(left 440)" 90 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
-      --precision bf16,fp8 --profile
+  fp8)  # an FP8 checkpoint at inference: its prefill experts (weights in place vs dequantized first), then
+        # FP8-resident decode against BF16 on V2-Lite (27 layers: compiling the BF16 and the FP8 models took
+        # more than 195 s on an H100, so it gets most of the call) and a V3 slice
+    bench 90 30 benchmarks/fp8_grouped_gemm.py --preset deepseek-v2-lite --tokens 2048
+    real_decode "$(left 470)" --preset deepseek-v2-lite --batches 1 --new 64 --modes compiled --fp8 --fp8-kernels auto \
+      --skip-hf
+    real_decode "$(left 585)" --preset deepseek-v3 --layers 2 --batches 1 --new 64 --modes compiled --fp8 \
+      --fp8-kernels auto --skip-hf
     ;;
   one)  # the first of each when only one call is to be had (about 8 minutes): V2-Lite decode (fused vs
         # compiled, FP8 weights), training throughput BF16 vs FP8
