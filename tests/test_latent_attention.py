@@ -133,6 +133,31 @@ def test_the_op_takes_any_strides():
                                rtol=0, atol=0)
 
 
+def test_the_op_reads_a_cut_view_of_the_cache_in_place(monkeypatch):
+    """An eager step's view covers fewer positions than the cache holds (StaticCache.select with
+    kv_len): its rows are not contiguous, but each row's positions and channels are packed, which
+    is all the kernels need. The op hands the kernels the cache's own memory, not a copy."""
+    from nanoseek.infer import latent_attention as la
+    from nanoseek.model import StaticCache
+    cfg = sharp_model().config
+    H, C, R, V = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.v_head_dim
+    cache = StaticCache(cfg, 2, 64)
+    positions = torch.tensor([[37], [5]])
+    ckv, kpe = cache.select([0, 1], kv_len=40).update(0, positions, torch.randn(2, 1, C), torch.randn(2, 1, R))
+    assert not ckv.is_contiguous()
+    handed = []
+
+    def attend(q_lat, q_pe, c, k, *rest):
+        handed.append((c, k))
+        return torch.zeros(2, H * V)
+    monkeypatch.setattr(la, "attend_latent", attend)
+    la.mla_decode_attention(torch.randn(2, H, C), torch.randn(2, H, R), ckv, kpe, positions[:, 0],
+                            torch.randn(H * (cfg.qk_nope_head_dim + V), C), 0.1, V, [16] * len(la.OP_LAUNCH), -1)
+    (c, k), = handed
+    assert c.data_ptr() == cache.layers[0][0].data_ptr() and k.data_ptr() == cache.layers[0][1].data_ptr()
+    assert c.stride(0) == 64 * C and c.shape[1] == 40  # the cache's row stride, the view's positions
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("transposed", [0, 1])
 def test_bf16_decode_attention_kernels_at_v2_lite_widths(transposed):

@@ -102,15 +102,23 @@ OP_LAUNCH = ("attend_heads", "attend_split", "attend_block", "attend_programs", 
              "merge_splits", "output_warps", "attend_transposed")
 
 
+def packed_rows(rows: torch.Tensor) -> torch.Tensor:
+    """rows [B, S, X] with each row's positions and channels packed, as the kernels index them:
+    a copy only if they are not. The row stride stays free (attend_latent takes it), so the rows
+    of a view cut to fewer positions than the cache holds (an eager step's) are read in place,
+    where .contiguous() would copy every row's cache at every layer and step."""
+    return rows if rows.stride(-1) == 1 and rows.stride(-2) == rows.shape[-1] else rows.contiguous()
+
+
 @torch.library.custom_op("nanoseek::mla_decode_attention", mutates_args=())
 def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kpe: torch.Tensor,
                          positions_B: torch.Tensor, w_kvb: torch.Tensor, scale: float, v_dim: int,
                          launch: list[int], idle: int) -> torch.Tensor:
     """attend_latent, its scratch allocated per call (from the graph's pool when captured):
     o [B, H·v_dim] float32; launch: the values of OP_LAUNCH; idle: attend_latent's. What it
-    reads is made contiguous first (a no-op in eager steps): a compiled graph may hand an op
-    other strides than eager's, and the kernels index every row packed."""
-    return attend_latent(q_lat.contiguous(), q_pe.contiguous(), ckv.contiguous(), kpe.contiguous(),
+    reads is packed first (a no-op in eager steps): a compiled graph may hand an op other
+    strides than eager's, and the kernels index every row packed."""
+    return attend_latent(q_lat.contiguous(), q_pe.contiguous(), packed_rows(ckv), packed_rows(kpe),
                          positions_B.contiguous(), w_kvb, scale, v_dim, dict(zip(OP_LAUNCH, launch)),
                          dict(USE_PDL=False), idle)
 
