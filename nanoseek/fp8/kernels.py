@@ -14,8 +14,7 @@ tile (quant.first_tiles). A tile never holds two groups' tokens.
 - `grouped_mm_kernel`: c [M, N] = a [M, K] · b[e] [N, K]^T for the rows of group e, with a
   in 1x128 tiles and b in 128x128 blocks; one program per (block of columns, 128-row tile or
   half of one).
-  Without A_SCALED, a is BF16 and only b is FP8, dequantized in the kernel (weight-only,
-  inference's prefill).
+  Without A_SCALED, a is BF16 and only b is FP8 (weight-only, inference's prefill).
 - `grouped_mm_tokens_kernel`: c[e] [N, K] = Σ over group e's tokens of a [N, P] · b [K, P]^T,
   both in the padded group-aligned 128-token tiles of quant.quantize_tokens; one program per
   (block of N, block of K, group), looping over the group's tiles. With ACCUMULATE it adds into
@@ -50,7 +49,7 @@ def grouped_mm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, ends_ptr, first_tile_
                       EP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       A_SCALED: tl.constexpr = True):
     # A_SCALED False: a is not quantized (BF16 activations at inference, sa_ptr unused) and b's
-    # E4M3 blocks are dequantized into a's dtype for the dot: weight-only FP8, the BF16 model's products.
+    # E4M3 blocks are widened to a's dtype for the dot: weight-only FP8, the BF16 model's products.
     # a program takes BLOCK_M rows of a 128-row tile: all of it, or half (BLOCK_M divides 128).
     # The column blocks are the fastest grid axis: the programs running at once share their rows
     # of a in L2, which is read once from memory, where with the rows fastest a was read once per
@@ -86,14 +85,11 @@ def grouped_mm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, ends_ptr, first_tile_
                 else:
                     sb = tl.load(sb_cols + kb, mask=col_ok, other=0.0)
                     acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb[None, :])
+            elif BLOCK_N <= BLOCK:
+                acc += tl.dot(a, tl.trans(b.to(a.dtype))) * tl.load(sb_block + kb)
             else:
-                # b dequantized into a's dtype, as the model dequantized at load holds it, so the
-                # dot adds into acc itself (a scale after the dot would make every MMA wait)
-                if BLOCK_N <= BLOCK:
-                    w = (b.to(tl.float32) * tl.load(sb_block + kb)).to(a.dtype)
-                else:
-                    w = (b.to(tl.float32) * tl.load(sb_cols + kb, mask=col_ok, other=0.0)[:, None]).to(a.dtype)
-                acc = tl.dot(a, tl.trans(w), acc)
+                sb = tl.load(sb_cols + kb, mask=col_ok, other=0.0)
+                acc += tl.dot(a, tl.trans(b.to(a.dtype))) * sb[None, :]
         tl.store(c_ptr + rows[:, None] * N + cols[None, :], acc.to(c_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
@@ -239,9 +235,8 @@ def _(a_MK, scale_a, b_ENK, scale_b, offsets_E, first_E1, out_dtype):
 def grouped_mm_fp8_weight(a_MK: torch.Tensor, b_ENK: torch.Tensor, scale_b: torch.Tensor, offsets_E: torch.Tensor,
                           first_E1: torch.Tensor) -> torch.Tensor:
     """grouped_mm_fp8 with a not quantized: [M, N] in a's dtype, a's rows of group e times
-    (b[e] · its block scales)^T, b dequantized into a's dtype block by block in the kernel, the
-    values a model dequantized at load holds (weight-only FP8: an FP8 checkpoint's experts read
-    in place at inference). a [M, K] contiguous."""
+    (b[e] · its block scales)^T, b's E4M3 values widened to a's dtype in the kernel (weight-only
+    FP8: an FP8 checkpoint's experts read in place at inference). a [M, K] contiguous."""
     M, K = a_MK.shape
     E, N, _ = b_ENK.shape
     c = torch.empty(M, N, dtype=a_MK.dtype, device=a_MK.device)
