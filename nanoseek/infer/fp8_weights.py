@@ -50,6 +50,11 @@ def _dequantize(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]
     return dequantize_fp8_blockwise(w, scale_inv, block).to(dtype)
 
 
+def fp8_gemm_fast(x: torch.Tensor) -> bool:
+    """Whether fp8/gemm.py's W8A8 GEMMs take their fast path for x (a Hopper GPU), not the twin."""
+    return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9
+
+
 def _fp8_buffers(module: nn.Module, name: str, weight: torch.Tensor, block: tuple[int, int]) -> None:
     """Register `name` (float8, weight's shape) and its block scales `name_scale_inv`: empty
     on the meta device (a checkpoint fills them), else weight quantised."""
@@ -92,7 +97,7 @@ class FP8Linear(nn.Module):
         """x [M, K] in 1x128 FP8 tiles times the FP8 weight: [M, N] in x's compute dtype."""
         from ..fp8.gemm import scaled_mm
         from ..fp8.quant import ACT_TILE, Quantized, quantize
-        fast = x_MK.is_cuda and torch.cuda.get_device_capability(x_MK.device)[0] == 9
+        fast = fp8_gemm_fast(x_MK)
         M, pad = x_MK.shape[0], -x_MK.shape[0] % 16  # cuBLAS's blockwise GEMM takes rows in 16s
         x_q = quantize(F.pad(x_MK, (0, 0, 0, pad)) if fast and pad else x_MK, ACT_TILE)
         w_q = Quantized(self.weight, self.weight_scale_inv, self.block)
@@ -148,7 +153,7 @@ class FP8Experts(Experts):
         if self.kernel == "w8a8":
             from ..fp8.gemm import grouped_mm
             from ..fp8.quant import ACT_TILE, Quantized, quantize
-            fast = x_MD.is_cuda and torch.cuda.get_device_capability(x_MD.device)[0] == 9
+            fast = fp8_gemm_fast(x_MD)
             xq = quantize(x_MD, ACT_TILE)
             gate_MF = grouped_mm(xq, Quantized(w_gate, s_gate, FP8_BLOCK), offsets_E, dtype, fast)
             up_MF = grouped_mm(xq, Quantized(w_up, s_up, FP8_BLOCK), offsets_E, dtype, fast)
