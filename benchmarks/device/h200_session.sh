@@ -263,12 +263,12 @@ case $stage in
   check)  # which engine path leaves the no-cache reference's greedy tokens; the attention kernels' tests;
           # the grouped FP8 kernels (the accumulating one too) and FP8 steps compiled, fused accumulation or not;
           # an FP8 checkpoint's experts in a prefill
-    timeout 240 python3 benchmarks/decode_attention_check.py --trace 2>&1 | quiet \
+    timeout 220 python3 benchmarks/decode_attention_check.py --trace 2>&1 | quiet \
       | tee "$OUT/decode_attention_check.log"
-    timeout 150 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_latent_attention.py \
+    timeout 170 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_latent_attention.py \
       tests/test_fused_decode.py -k "not fused_decode or v3_layer" 2>&1 | tail -30 \
       | tee "$OUT/check_attention_tests.log"
-    timeout 150 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8.py tests/test_fp8_weights.py \
+    timeout 170 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8.py tests/test_fp8_weights.py \
       -k "gpu_grouped_kernels or compile_with_fullgraph or fp8_experts" 2>&1 | tail -10 | tee "$OUT/check_fp8_tests.log"
     ;;
   attention)  # MLA decode attention at V3's widths (compute-bound at 128 heads), 4K-128K, batch 1 and 16, the
