@@ -224,10 +224,10 @@ case $stage in
       --record-paths --skip-hf
     cp nanoseek/infer/decode_paths.json "$OUT/"
     ;;
-  fp8)  # an FP8 checkpoint at inference: its prefill experts (weights in place vs dequantized first), then
+  fp8)  # what the compiler made of the grouped FP8 kernel and each launch shape's time (~1 min), then
         # FP8-resident decode against BF16 on V2-Lite (27 layers: compiling the BF16 and the FP8 models took
         # more than 195 s on an H100, so it gets most of the call) and a V3 slice
-    bench 90 30 benchmarks/fp8_grouped_gemm.py --preset deepseek-v2-lite --tokens 2048
+    bench 100 30 benchmarks/fp8_kernel_probe.py
     real_decode "$(left 470)" --preset deepseek-v2-lite --batches 1 --new 64 --modes compiled --fp8 --fp8-kernels auto \
       --skip-hf
     real_decode "$(left 585)" --preset deepseek-v3 --layers 2 --batches 1 --new 64 --modes compiled --fp8 \
