@@ -227,11 +227,14 @@ case $stage in
   fp8)  # what the compiler made of the grouped FP8 kernel and each launch shape's time (~1 min), then
         # FP8-resident decode against BF16 on V2-Lite (27 layers: compiling the BF16 and the FP8 models took
         # more than 195 s on an H100, so it gets most of the call) and a V3 slice
-    bench 100 30 benchmarks/fp8_kernel_probe.py
+    bench 150 30 benchmarks/fp8_kernel_probe.py
     real_decode "$(left 470)" --preset deepseek-v2-lite --batches 1 --new 64 --modes compiled --fp8 --fp8-kernels auto \
       --skip-hf
     real_decode "$(left 585)" --preset deepseek-v3 --layers 2 --batches 1 --new 64 --modes compiled --fp8 \
       --fp8-kernels auto --skip-hf
+    ;;
+  probe)  # the grouped FP8 kernel's compiled code and each launch shape's time, with a TMA-loading candidate
+    bench "${PROBE_LIMIT:-170}" 30 benchmarks/fp8_kernel_probe.py
     ;;
   one)  # the first of each when only one call is to be had (about 8 minutes): V2-Lite decode (fused vs
         # compiled, FP8 weights), training throughput BF16 vs FP8
@@ -367,7 +370,7 @@ case $stage in
   # at level 2 the base answered 93.6% and the cold start 99.6%: no room for RL
   r1-full) r1 "${R1_LIMIT:-585}" full 3 ;;
   *) echo "unknown stage $stage: gputests, fp8check, fp8train, fp8deep, parity, shapes, fp8, one, serving, speedrun," \
-       "decode, mtp, spec, measure, fused, tune, multigpu, step, serve, trl, r1-zero, r1-full or claim" >&2
+       "decode, mtp, spec, measure, fused, tune, probe, multigpu, step, serve, trl, r1-zero, r1-full or claim" >&2
      exit 2 ;;
 esac
 echo "stage $stage: $(elapsed)s"
