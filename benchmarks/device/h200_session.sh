@@ -23,7 +23,8 @@
 #   bash benchmarks/device/h200_session.sh parity     # FP8 vs BF16 loss parity (small, 2,000 steps), BF16's seed spread
 #   bash benchmarks/device/h200_session.sh shapes     # decode on V2-Lite and a V3 slice: fused vs compiled
 #                                              # recorded as the default path
-#   bash benchmarks/device/h200_session.sh fp8        # an FP8 checkpoint's prefill experts, FP8-resident decode
+#   bash benchmarks/device/h200_session.sh fp8        # the grouped FP8 kernel probed, FP8-resident decode
+#   bash benchmarks/device/h200_session.sh probe      # the grouped FP8 kernel: compiled code, launch shapes, a TMA candidate
 #                                              # vs BF16 on V2-Lite and a V3 slice
 #   bash benchmarks/device/h200_session.sh serving    # serve load, prefix cache
 #   bash benchmarks/device/h200_session.sh check      # the engine's decode paths against a no-cache reference
