@@ -24,8 +24,8 @@
 #   bash benchmarks/device/h200_session.sh shapes     # decode on V2-Lite and a V3 slice: fused vs compiled
 #                                              # recorded as the default path
 #   bash benchmarks/device/h200_session.sh fp8        # the grouped FP8 kernel probed, FP8-resident decode
-#   bash benchmarks/device/h200_session.sh probe      # the grouped FP8 kernel: compiled code, launch shapes, a TMA candidate
 #                                              # vs BF16 on V2-Lite and a V3 slice
+#   bash benchmarks/device/h200_session.sh probe      # the grouped FP8 kernel: compiled code, launch shapes, a TMA candidate
 #   bash benchmarks/device/h200_session.sh serving    # serve load, prefix cache
 #   bash benchmarks/device/h200_session.sh check      # the engine's decode paths against a no-cache reference
 #   bash benchmarks/device/h200_session.sh attention  # MLA decode attention at V3 widths, fused launches swept
