@@ -236,6 +236,34 @@ def test_triton_grouped_kernels_agree_with_the_twin(grouped_operands):
     assert ((fast.double() - twin.double()).abs() <= bound).all()
 
 
+def test_kernel_probes_tma_candidate_computes_the_kernels_product():
+    """benchmarks/fp8_kernel_probe.py times a candidate of the grouped kernel that loads its tiles
+    through TMA descriptors, whose tiles run past a group's rows and an expert's columns: on a CPU
+    (Triton's interpreter) it gives the production kernel's product bit for bit, with a ragged
+    group, an empty one and a column block past N."""
+    pytest.importorskip("triton")
+    if DEVICE != "cpu":
+        pytest.skip("the interpreter's check; the GPU probe compares the two itself")
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "fp8_kernel_probe", Path(__file__).resolve().parents[1] / "benchmarks" / "fp8_kernel_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    from nanoseek.fp8.kernels import grouped_grid, grouped_mm_fp8
+    from nanoseek.fp8.quant import TILE, first_tiles
+    g = torch.Generator().manual_seed(5)
+    offsets = torch.tensor([100, 100, 261], dtype=torch.int32)
+    a = quantize(torch.randn(261, 256, generator=g), ACT_TILE)
+    b = quantize(torch.randn(3, 192, 256, generator=g), WEIGHT_BLOCK)
+    first = first_tiles(offsets)
+    want = grouped_mm_fp8(a.data, a.scale, b.data, b.scale, offsets, first, torch.float32)
+    got = torch.full_like(want, float("nan"))
+    grid = grouped_grid(261, 192, 3)({"BLOCK_M": 64, "BLOCK_N": 128})
+    probe.grouped_mm_tma_kernel[grid](a.data, a.scale, b.data, b.scale, got, offsets, first, 261, 192, 256, 3, 4, TILE,
+                                      64, 128)
+    assert torch.equal(got, want)
+
+
 def test_triton_wgrad_adds_into_a_gradient_as_the_twin_does(grouped_operands):
     """Fused accumulation: the wgrad kernel adds its product into a float32 gradient already
     holding c0 (in Triton's interpreter without a GPU) as the twin's c0 + product does. Bound:
