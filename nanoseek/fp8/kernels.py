@@ -62,36 +62,38 @@ def grouped_mm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, ends_ptr, first_tile_
         tile_ends = tl.load(first_tile_ptr + 1 + groups, mask=groups < E, other=2**30)
         e = tl.sum((tile_ends <= tile).to(tl.int32), 0)  # the group whose tiles hold this one
         start, end, first = _group_bounds(ends_ptr, first_tile_ptr, e)
-        rows = (start + (tile - first) * BLOCK + part * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok, col_ok = rows < end, cols < N
-        nk = tl.cdiv(K, BLOCK)
-        b_base = b_ptr + e.to(tl.int64) * N * K
-        # the 128x128 block scale of each column, per K block: one number for a block of at
-        # most 128 columns, which then scales the rows' scales, not every partial sum twice
-        sb_cols = sb_ptr + (e.to(tl.int64) * tl.cdiv(N, BLOCK) + cols // BLOCK) * nk
-        sb_block = sb_ptr + (e.to(tl.int64) * tl.cdiv(N, BLOCK) + pid_n * BLOCK_N // BLOCK) * nk
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, nk):
-            ks = kb * BLOCK + tl.arange(0, BLOCK)
-            a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :],
-                        other=0.0)
-            b = tl.load(b_base + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :],
-                        other=0.0)
-            if A_SCALED:
-                sa = tl.load(sa_ptr + rows * nk + kb, mask=row_ok, other=0.0)
-                if BLOCK_N <= BLOCK:
-                    acc += tl.dot(a, tl.trans(b)) * (sa * tl.load(sb_block + kb))[:, None]
+        row0 = start + (tile - first) * BLOCK + part * BLOCK_M
+        if row0 < end:  # the half of a group's last tile that holds none of its rows does nothing
+            rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            row_ok, col_ok = rows < end, cols < N
+            nk = tl.cdiv(K, BLOCK)
+            b_base = b_ptr + e.to(tl.int64) * N * K
+            # the 128x128 block scale of each column, per K block: one number for a block of at
+            # most 128 columns, which then scales the rows' scales, not every partial sum twice
+            sb_cols = sb_ptr + (e.to(tl.int64) * tl.cdiv(N, BLOCK) + cols // BLOCK) * nk
+            sb_block = sb_ptr + (e.to(tl.int64) * tl.cdiv(N, BLOCK) + pid_n * BLOCK_N // BLOCK) * nk
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for kb in range(0, nk):
+                ks = kb * BLOCK + tl.arange(0, BLOCK)
+                a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :],
+                            other=0.0)
+                b = tl.load(b_base + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :],
+                            other=0.0)
+                if A_SCALED:
+                    sa = tl.load(sa_ptr + rows * nk + kb, mask=row_ok, other=0.0)
+                    if BLOCK_N <= BLOCK:
+                        acc += tl.dot(a, tl.trans(b)) * (sa * tl.load(sb_block + kb))[:, None]
+                    else:
+                        sb = tl.load(sb_cols + kb, mask=col_ok, other=0.0)
+                        acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb[None, :])
+                elif BLOCK_N <= BLOCK:
+                    acc += tl.dot(a, tl.trans(b.to(a.dtype))) * tl.load(sb_block + kb)
                 else:
                     sb = tl.load(sb_cols + kb, mask=col_ok, other=0.0)
-                    acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb[None, :])
-            elif BLOCK_N <= BLOCK:
-                acc += tl.dot(a, tl.trans(b.to(a.dtype))) * tl.load(sb_block + kb)
-            else:
-                sb = tl.load(sb_cols + kb, mask=col_ok, other=0.0)
-                acc += tl.dot(a, tl.trans(b.to(a.dtype))) * sb[None, :]
-        tl.store(c_ptr + rows[:, None] * N + cols[None, :], acc.to(c_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
+                    acc += tl.dot(a, tl.trans(b.to(a.dtype))) * sb[None, :]
+            tl.store(c_ptr + rows[:, None] * N + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
