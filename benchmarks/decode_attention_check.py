@@ -130,6 +130,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=12)
     ap.add_argument("--trace", action="store_true", help="compare the op's calls, compiled against not")
     ap.add_argument("--eager-op", action="store_true", help="also the path with the attention call kept eager")
+    ap.add_argument("--only-trace", action="store_true", help="the trace alone, none of the paths (a short call)")
     args = ap.parse_args()
     from test_fused_decode import sharp_model  # noqa: E402 - tests/ on sys.path
     from test_latent_attention import LAUNCH  # noqa: E402
@@ -148,6 +149,8 @@ def main() -> None:
              ("kernel", "graph-step", False, 0, 1), ("kernel", "eager", False, 0, 1)]
     if args.eager_op:
         paths.append(("kernel-eager-op", "captured", True, 0, 8))
+    if args.only_trace:
+        paths, args.trace = [], True
     for attention, step, compiled, fused, burst in paths:
         eager_op = attention == "kernel-eager-op"
         config = InferenceConfig(decode_attention="kernel" if eager_op else attention, fused_launch=LAUNCH,
