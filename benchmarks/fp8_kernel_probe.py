@@ -46,10 +46,13 @@ PTX_COUNTS = {"wgmma": r"wgmma\.mma_async", "mma.sync": r"\bmma\.sync", "cp.asyn
 
 @triton.jit
 def grouped_mm_tma_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, ends_ptr, first_tile_ptr, M, N, K, E,
-                          EP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          EP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          WARP_SPECIALIZE: tl.constexpr = False):
     """kernels.grouped_mm_kernel (W8A8) with a's and b's tiles loaded through TMA descriptors. A
     tile's rows past its group's end hold the next group's tokens and a column block past N the
-    next expert's rows: both are computed and not stored; past the tensors' ends TMA reads zeros."""
+    next expert's rows: both are computed and not stored; past the tensors' ends TMA reads zeros.
+    WARP_SPECIALIZE: Triton splits the loop into a warp that issues the loads and warps that
+    multiply, where the compiler supports it (Triton >= 3.5 on Hopper)."""
     pid_n = tl.program_id(0)
     tile = tl.program_id(1) // (BLOCK // BLOCK_M)
     part = tl.program_id(1) % (BLOCK // BLOCK_M)
@@ -67,7 +70,7 @@ def grouped_mm_tma_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, ends_ptr, first_t
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E * N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK])
         sb_block = sb_ptr + (e.to(tl.int64) * tl.cdiv(N, BLOCK) + pid_n * BLOCK_N // BLOCK) * nk
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, nk):
+        for kb in tl.range(0, nk, warp_specialize=WARP_SPECIALIZE):
             a = a_desc.load([row0, kb * BLOCK])
             b = b_desc.load([e * N + pid_n * BLOCK_N, kb * BLOCK])
             sa = tl.load(sa_ptr + rows * nk + kb, mask=row_ok, other=0.0)
@@ -93,7 +96,8 @@ def events_ms(fn, calls: int = 10, repeat: int = 15) -> float:
     return statistics.median(times)
 
 
-def probe(a, sa, b, sb, offs, a_scaled: bool, config: triton.Config, tma: bool = False) -> dict:
+def probe(a, sa, b, sb, offs, a_scaled: bool, config: triton.Config, tma: bool = False,
+          warp_specialize: bool = False) -> dict:
     M, K = a.shape
     E, N, _ = b.shape
     c = torch.empty(M, N, dtype=torch.bfloat16, device=a.device)
@@ -105,7 +109,7 @@ def probe(a, sa, b, sb, offs, a_scaled: bool, config: triton.Config, tma: bool =
     def launch():
         if tma:
             return grouped_mm_tma_kernel[grid](a, sa, b, sb, c, offs, first, M, N, K, E, triton.next_power_of_2(E),
-                                               TILE, **meta, **launch_options)
+                                               TILE, **meta, WARP_SPECIALIZE=warp_specialize, **launch_options)
         return kernels.grouped_mm_kernel[grid](a, sa, b, sb, c, offs, first, N, K, E, triton.next_power_of_2(E), TILE,
                                                **meta, A_SCALED=a_scaled, **launch_options)
 
@@ -146,11 +150,15 @@ def main() -> None:
     # device-side TMA descriptors live in a global scratch buffer the launch asks for
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
     rows = {}
-    for name, args in [*cases.items(), *[(f"{n}, TMA loads", (*cases[n], True)) for n in cases if "W8A8" in n]]:
+    candidates = [(f"{n}, TMA loads", (*cases[n], True, False)) for n in cases if "W8A8" in n]
+    candidates += [(f"{n}, TMA loads, warp-specialized", (*cases[n], True, True)) for n in cases if "W8A8" in n]
+    for name, args in [*cases.items(), *candidates]:
         rows[name] = []
         for config in kernels._grouped_tuned.configs:
+            if "warp-specialized" in name and config.num_warps != 4:  # one warpgroup multiplying
+                continue
             try:
-                r = probe(*args[:6], config, tma=len(args) > 6)
+                r = probe(*args[:6], config, *args[6:])
             except Exception as e:  # a shape that does not compile here (shared memory): say so
                 r = {"config": str(config), "error": f"{type(e).__name__}: {str(e)[:200]}"}
             if "ms" in r:

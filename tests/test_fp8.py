@@ -257,11 +257,12 @@ def test_kernel_probes_tma_candidate_computes_the_kernels_product():
     b = quantize(torch.randn(3, 192, 256, generator=g), WEIGHT_BLOCK)
     first = first_tiles(offsets)
     want = grouped_mm_fp8(a.data, a.scale, b.data, b.scale, offsets, first, torch.float32)
-    got = torch.full_like(want, float("nan"))
     grid = grouped_grid(261, 192, 3)({"BLOCK_M": 64, "BLOCK_N": 128})
-    probe.grouped_mm_tma_kernel[grid](a.data, a.scale, b.data, b.scale, got, offsets, first, 261, 192, 256, 3, 4, TILE,
-                                      64, 128)
-    assert torch.equal(got, want)
+    for warp_specialize in (False, True):
+        got = torch.full_like(want, float("nan"))
+        probe.grouped_mm_tma_kernel[grid](a.data, a.scale, b.data, b.scale, got, offsets, first, 261, 192, 256, 3, 4,
+                                          TILE, 64, 128, WARP_SPECIALIZE=warp_specialize)
+        assert torch.equal(got, want), warp_specialize
 
 
 def test_triton_wgrad_adds_into_a_gradient_as_the_twin_does(grouped_operands):
