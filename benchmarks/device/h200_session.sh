@@ -34,6 +34,8 @@
 #   bash benchmarks/device/h200_session.sh r1-full    # `nanoseek r1 --stages full` from the same base
 #                                              # (each call goes on where the last stopped while the machine
 #                                              # stays warm: call again until r1_*.log ends with "report:")
+#   bash benchmarks/device/h200_session.sh r1-short   # the same pipeline sized for one call (~8 min on an H100):
+#                                              # an 800-step base, 200-step SFTs, 30 + 15 RL steps
 #   bash benchmarks/device/h200_session.sh multigpu   # on a 2- or 4-GPU kind: DP, EP, EP+DP, 1F1B, DualPipeV
 #                                              # (and at 4, DualPipeV+EP overlapped and in turn) against one
 #                                              # GPU (benchmarks/scaling.py, small preset)
@@ -370,8 +372,12 @@ case $stage in
   r1-zero) r1 "${R1_LIMIT:-585}" zero 2 ;;
   # at level 2 the base answered 93.6% and the cold start 99.6%: no room for RL
   r1-full) r1 "${R1_LIMIT:-585}" full 3 ;;
+  r1-short)  # stage times from the two-call H100 run at level 2, scaled: base ~100 s, cold start ~50, reasoning
+             # RL ~150 (3.5 s a step and three held-out evaluations), rejection ~15, SFT ~60, final RL ~90
+    R1_PRETRAIN_STEPS=${R1_PRETRAIN_STEPS:-800} R1_ARGS=${R1_ARGS:-"cold_start_steps=200 sft_steps=200 \
+reasoning_steps=30 final_steps=15 curve_points=3 rejection_prompts=1000 eval_n=400"} r1 "${R1_LIMIT:-585}" full 3 ;;
   *) echo "unknown stage $stage: gputests, fp8check, fp8train, fp8deep, parity, shapes, fp8, one, serving, speedrun," \
-       "decode, mtp, spec, measure, fused, tune, probe, multigpu, step, serve, trl, r1-zero, r1-full or claim" >&2
+       "decode, mtp, spec, measure, fused, tune, probe, multigpu, step, serve, trl, r1-zero, r1-full, r1-short or claim" >&2
      exit 2 ;;
 esac
 echo "stage $stage: $(elapsed)s"
