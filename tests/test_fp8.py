@@ -236,6 +236,27 @@ def test_triton_grouped_kernels_agree_with_the_twin(grouped_operands):
     assert ((fast.double() - twin.double()).abs() <= bound).all()
 
 
+def test_grouped_kernel_compiles_to_hoppers_pipelined_tensor_core_path(tmp_path):
+    """The grouped FP8 GEMM compiled for sm_90 without a GPU (benchmarks/kernel_resources.py,
+    Triton's own ptxas): at the launch shape an H100's autotuner picked for V2-Lite's experts, its
+    loop multiplies with wgmma (Hopper's warpgroup MMA; mma.sync would be Ampere's, at a fraction
+    of the rate) and loads with cp.async (the loads pipelined over the stages)."""
+    pytest.importorskip("triton")
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = Path(tmp_path) / "resources.json"
+    env = {**os.environ, "TRITON_INTERPRET": "0"}  # the suite interprets kernels; this compiles one
+    subprocess.run([sys.executable, str(root / "benchmarks" / "kernel_resources.py"), "--only", "64x128 w4 s3",
+                    "--json", str(out)], check=True, env=env, cwd=root, capture_output=True)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["ptx"]["wgmma"] >= 4 and row["ptx"]["mma.sync"] == 0 and row["ptx"]["cp.async"] > 0, row
+    assert row["registers"] > 0 and row["occupancy_programs"] >= 1, row
+
+
 def test_kernel_probes_tma_candidate_computes_the_kernels_product():
     """benchmarks/fp8_kernel_probe.py times a candidate of the grouped kernel that loads its tiles
     through TMA descriptors, whose tiles run past a group's rows and an expert's columns: on a CPU

@@ -1,0 +1,147 @@
+"""What a Hopper GPU would run, without one: the grouped FP8 kernels (nanoseek/fp8/kernels.py) compiled
+for sm_90 by the ptxas that ships with Triton, per launch shape the autotuner may pick.
+
+Each row: registers a thread and spill stack (from cuobjdump's resource usage), shared memory, how
+many programs an SM holds by registers, by shared memory and by warps (the least of them is the
+occupancy), and counts in the PTX that say which path the compiler took: wgmma (Hopper's
+warpgroup MMA) or mma.sync (Ampere's), cp.async (pipelined pointer loads) or TMA copies. Device
+time is scarce; this shows on any machine whether a change keeps the loop on the fast path, spills
+or loses occupancy before it is timed. The device's Triton may be older than the one here, so its
+code can differ in detail.
+
+    python benchmarks/kernel_resources.py [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nanoseek.fp8 import kernels  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+REGISTERS, SHARED, MAX_WARPS = 65536, 233472, 64  # an H100/H200 SM: registers, shared bytes, resident warps
+PTX = {"wgmma": r"wgmma\.mma_async", "mma.sync": r"\bmma\.sync", "cp.async": r"cp\.async\.(?:ca|cg)",
+       "tma": r"cp\.async\.bulk\.tensor"}
+
+# the kernels' pointer and integer arguments as Triton types; the 16-byte alignment Triton assumes
+# of a tensor it is handed (and of integers divisible by 16, as real widths are)
+GROUPED = {"a_ptr": "*fp8e4nv", "sa_ptr": "*fp32", "b_ptr": "*fp8e4nv", "sb_ptr": "*fp32", "c_ptr": "*bf16",
+           "ends_ptr": "*i32", "first_tile_ptr": "*i64", "N": "i32", "K": "i32", "E": "i32"}
+TOKENS = {"a_ptr": "*fp8e4nv", "sa_ptr": "*fp32", "b_ptr": "*fp8e4nv", "sb_ptr": "*fp32", "c_ptr": "*fp32",
+          "first_tile_ptr": "*i64", "N": "i32", "K": "i32", "P": "i32", "T": "i32"}
+
+
+def compile_for_hopper(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int):
+    """fn compiled for sm_90: Triton's CompiledKernel (asm: ttgir, ptx, cubin)."""
+    names = list(signature)
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in {"N", "K", "P"} or
+               signature[n].startswith("*")}
+    sig = {**signature, **{name: "constexpr" for name in constexprs}}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=aligned), target=HOPPER,
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def cuobjdump() -> Path:
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def resources(compiled, num_warps: int) -> dict:
+    """Registers, spill stack, shared memory, programs an SM and the PTX counts of one kernel."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([str(cuobjdump()), "-res-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    regs, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
+    shared = compiled.metadata.shared
+    warp_regs = -(-regs * 32 // 256) * 256  # allocated per warp in 256-register units
+    per_sm = {"by_registers": REGISTERS // (warp_regs * num_warps), "by_shared": SHARED // (shared + 1024),
+              "by_warps": MAX_WARPS // num_warps}
+    ptx = compiled.asm["ptx"]
+    return {"registers": regs, "spill_stack_bytes": stack, "shared_bytes": shared, "programs_per_sm": per_sm,
+            "occupancy_programs": min(per_sm.values()),
+            "ptx": {name: len(re.findall(pattern, ptx)) for name, pattern in PTX.items()}}
+
+
+def rows(only: str | None = None) -> list[dict]:
+    """Every launch shape of the grouped forward/dgrad kernel (W8A8 and weight-only) and of the
+    weight-gradient kernel (overwriting and adding into a gradient), as the autotuners list them;
+    only: the grouped W8A8 kernel at that launch (e.g. "64x128 w4 s3")."""
+    out = []
+    for a_scaled in (True, False):
+        signature = {**GROUPED, "a_ptr": "*fp8e4nv" if a_scaled else "*bf16"}
+        for config in kernels._grouped_tuned.configs:
+            if only and (launch_name(config) != only or not a_scaled):
+                continue
+            constexprs = {"EP": 64, "BLOCK": 128, **config.kwargs, "A_SCALED": a_scaled}
+            k = compile_for_hopper(kernels.grouped_mm_kernel, signature, constexprs, config.num_warps,
+                                   config.num_stages)
+            out.append({"kernel": "grouped_mm " + ("W8A8" if a_scaled else "weight-only"),
+                        "config": launch_name(config), **resources(k, config.num_warps)})
+    for accumulate in (False, True) if only is None else ():
+        for config in kernels._tokens_tuned.configs:
+            k = compile_for_hopper(kernels.grouped_mm_tokens_kernel, TOKENS,
+                                   {"BLOCK": 128, **config.kwargs, "ACCUMULATE": accumulate}, config.num_warps,
+                                   config.num_stages)
+            out.append({"kernel": "wgrad" + (", adding into .grad" if accumulate else ""),
+                        "config": launch_name(config), **resources(k, config.num_warps)})
+    return out
+
+
+def candidate_rows() -> list[dict]:
+    """The TMA-loading candidates that benchmarks/fp8_kernel_probe.py times against the kernel."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from fp8_kernel_probe import grouped_mm_tma_kernel
+    out = []
+    for warp_specialize in (False, True):
+        for config in kernels._grouped_tuned.configs:
+            if warp_specialize and config.num_warps != 4:
+                continue
+            constexprs = {"EP": 64, "BLOCK": 128, **config.kwargs, "WARP_SPECIALIZE": warp_specialize}
+            signature = {name: kind for name, kind in GROUPED.items() if name not in {"N", "K", "E"}}
+            signature |= {"M": "i32", "N": "i32", "K": "i32", "E": "i32"}  # its argument order
+            k = compile_for_hopper(grouped_mm_tma_kernel, signature, constexprs, config.num_warps, config.num_stages)
+            out.append({"kernel": "candidate: TMA loads" + (", warp-specialized" if warp_specialize else ""),
+                        "config": launch_name(config), **resources(k, config.num_warps)})
+    return out
+
+
+def launch_name(config: triton.Config) -> str:
+    blocks = "x".join(str(v) for v in config.kwargs.values())
+    return f"{blocks} w{config.num_warps} s{config.num_stages}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--candidates", action="store_true", help="also the probe's TMA-loading candidates")
+    ap.add_argument("--only", help='the grouped W8A8 kernel at one launch shape, e.g. "64x128 w4 s3"')
+    args = ap.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's kernels are Python, not compiled
+        raise SystemExit("kernel_resources: unset TRITON_INTERPRET (the kernels must compile, not interpret)")
+    table = rows(args.only) + (candidate_rows() if args.candidates else [])
+    print(f"{'kernel':40s} {'launch':18s} {'regs':>4s} {'spill':>5s} {'smem KB':>7s} {'per SM':>6s} "
+          f"{'wgmma':>5s} {'mma.sync':>8s} {'cp.async':>8s} {'tma':>4s}")
+    for r in table:
+        print(f"{r['kernel']:40s} {r['config']:18s} {r['registers']:4d} {r['spill_stack_bytes']:5d} "
+              f"{r['shared_bytes'] / 1024:7.1f} {r['occupancy_programs']:6d} {r['ptx']['wgmma']:5d} "
+              f"{r['ptx']['mma.sync']:8d} {r['ptx']['cp.async']:8d} {r['ptx']['tma']:4d}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"triton": triton.__version__, "target": "sm_90", "rows": table,
+                                               "command": " ".join(sys.argv)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
