@@ -94,8 +94,9 @@ def sliced_preset(name: str, layers: int | None = None, **overrides):
     return cfg
 
 
-def time_cuda(fn, warmup: int = 3, repeat: int = 10) -> dict:
-    """Median/min milliseconds of fn() by CUDA events, after warm-up."""
+def time_cuda(fn, warmup: int = 3, repeat: int = 10, calls: int = 1) -> dict:
+    """Median/min milliseconds of fn() by CUDA events, after warm-up; calls > 1: each run times
+    that many back-to-back calls and counts their mean (no host gap between kernels)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -103,10 +104,11 @@ def time_cuda(fn, warmup: int = 3, repeat: int = 10) -> dict:
     for _ in range(repeat):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / calls)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "runs": len(times)}
 
 

@@ -20,7 +20,6 @@ programs an SM instead of two at 64x128).
 from __future__ import annotations
 
 import re
-import statistics
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_json  # noqa: E402
+from common import environment, time_cuda, write_json  # noqa: E402
 from fp8_grouped_gemm import problem  # noqa: E402
 
 from nanoseek import preset  # noqa: E402
@@ -79,21 +78,9 @@ def grouped_mm_tma_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, ends_ptr, first_t
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
-def events_ms(fn, calls: int = 10, repeat: int = 15) -> float:
-    """Median ms of one call, timed over `calls` back-to-back calls (no host gap between them)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
+def events_ms(fn) -> float:
+    """Median ms of one call over 10 back-to-back calls, 15 runs after warm-up."""
+    return time_cuda(fn, warmup=3, repeat=15, calls=10)["median_ms"]
 
 
 def probe(a, sa, b, sb, offs, a_scaled: bool, config: triton.Config, tma: bool = False,
