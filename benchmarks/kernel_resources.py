@@ -1,5 +1,7 @@
-"""What a Hopper GPU would run, without one: the grouped FP8 kernels (nanoseek/fp8/kernels.py) compiled
-for sm_90 by the ptxas that ships with Triton, per launch shape the autotuner may pick.
+"""What a Hopper GPU would run, without one: the grouped FP8 kernels (nanoseek/fp8/kernels.py) per
+launch shape their autotuners may pick, and the MLA decode attention (nanoseek/kernels/decode.py) at
+the launch the engine derives for V2-Lite's and V3's widths, compiled for sm_90 by the ptxas that
+ships with Triton.
 
 Each row: registers a thread and spill stack (from cuobjdump's resource usage), shared memory, how
 many programs an SM holds by registers, by shared memory and by warps (the least of them is the
@@ -100,6 +102,40 @@ def rows(only: str | None = None) -> list[dict]:
     return out
 
 
+ATTEND = {"qlat_ptr": "*fp32", "qpe_ptr": "*fp32", "ckv_ptr": "*bf16", "kpe_ptr": "*bf16", "stride_ckv": "i32",
+          "stride_kpe": "i32", "pos_ptr": "*i64", "acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32",
+          "scale": "fp32", "H": "i32", "C": "i32", "R": "i32", "B": "i32", "SPLIT": "i32", "UNITS": "i32",
+          "IDLE": "i32", "HEAD_BLOCKS": "i32"}
+
+
+def attention_rows(max_len: int = 32768) -> list[dict]:
+    """mla_attend_kernel as attend_latent launches it for a BF16 cache of max_len positions at 1 and
+    16 rows, plain and with the transposed product (attend_transposed), per model's widths."""
+    from nanoseek import preset
+    from nanoseek.infer.fused import fused_step_launch
+    from nanoseek.infer.latent_attention import attend_warps_stages, pow2
+    from nanoseek.kernels.decode import mla_attend_kernel
+    out = []
+    for name in ("deepseek-v2-lite", "deepseek-v3"):
+        cfg = preset(name)
+        t = fused_step_launch(cfg, max_len)
+        for rows_b in (1, 16):
+            launch = attend_warps_stages(t, rows_b)
+            for transposed in (False, True):
+                constexprs = {"BLOCK_H": t["attend_heads"], "BLOCK_C": pow2(cfg.kv_lora_rank, 16),
+                              "BLOCK_R": pow2(cfg.qk_rope_head_dim, 16), "BLOCK_S": t["attend_block"],
+                              "BLOCK_B": pow2(rows_b, 2), "DOT_PRECISION": "tf32", "USE_PDL": True,
+                              "TRANSPOSED": transposed}
+                k = compile_for_hopper(mla_attend_kernel, ATTEND, constexprs, launch["num_warps"],
+                                       launch["num_stages"])
+                out.append({"kernel": f"MLA attend, {name}, {rows_b} row{'s' if rows_b > 1 else ''}"
+                                      + (", transposed" if transposed else ""),
+                            "config": f"{t['attend_heads']}h x {t['attend_block']} w{launch['num_warps']} "
+                                      f"s{launch['num_stages']}",
+                            **resources(k, launch["num_warps"])})
+    return out
+
+
 def candidate_rows() -> list[dict]:
     """The TMA-loading candidates that benchmarks/fp8_kernel_probe.py times against the kernel."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -127,15 +163,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--candidates", action="store_true", help="also the probe's TMA-loading candidates")
+    ap.add_argument("--attention", action="store_true", help="also the MLA decode attention at real widths")
     ap.add_argument("--only", help='the grouped W8A8 kernel at one launch shape, e.g. "64x128 w4 s3"')
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's kernels are Python, not compiled
         raise SystemExit("kernel_resources: unset TRITON_INTERPRET (the kernels must compile, not interpret)")
-    table = rows(args.only) + (candidate_rows() if args.candidates else [])
-    print(f"{'kernel':40s} {'launch':18s} {'regs':>4s} {'spill':>5s} {'smem KB':>7s} {'per SM':>6s} "
+    table = rows(args.only) + (candidate_rows() if args.candidates else []) + (attention_rows() if args.attention else [])
+    print(f"{'kernel':46s} {'launch':18s} {'regs':>4s} {'spill':>5s} {'smem KB':>7s} {'per SM':>6s} "
           f"{'wgmma':>5s} {'mma.sync':>8s} {'cp.async':>8s} {'tma':>4s}")
     for r in table:
-        print(f"{r['kernel']:40s} {r['config']:18s} {r['registers']:4d} {r['spill_stack_bytes']:5d} "
+        print(f"{r['kernel']:46s} {r['config']:18s} {r['registers']:4d} {r['spill_stack_bytes']:5d} "
               f"{r['shared_bytes'] / 1024:7.1f} {r['occupancy_programs']:6d} {r['ptx']['wgmma']:5d} "
               f"{r['ptx']['mma.sync']:8d} {r['ptx']['cp.async']:8d} {r['ptx']['tma']:4d}")
     if args.json:
