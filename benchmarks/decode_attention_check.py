@@ -2,7 +2,7 @@
 a cache: the decode attention (kernel or torch) crossed with CUDA graphs, compile and the fused
 step, on the sharpened tiny test model (tests/test_fused_decode.sharp_model), two prompts of
 different lengths. Prints one line a path and the first step where a row leaves the reference;
-writes $OUT/decode_attention_check.json.
+writes decode_attention_check.json to $OUT (benchmarks/results without it).
 
 Steps: `captured` (the engine's CUDA-graph step), `graph-step` (the same step, compiled or
 not, run without capturing it: the ops' Python bodies run at every call) and `eager` (the
@@ -23,13 +23,14 @@ a layer), as a workaround to check.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import write_json  # noqa: E402
 
 
 def reference(model, prompt: list[int], new: int) -> tuple[list[int], list[float]]:
@@ -150,7 +151,7 @@ def main() -> None:
     if args.eager_op:
         paths.append(("kernel-eager-op", "captured", True, 0, 8))
     if args.only_trace:
-        paths, args.trace = [], True
+        paths = []
     for attention, step, compiled, fused, burst in paths:
         eager_op = attention == "kernel-eager-op"
         config = InferenceConfig(decode_attention="kernel" if eager_op else attention, fused_launch=LAUNCH,
@@ -174,7 +175,7 @@ def main() -> None:
         rows.append(dict(path=name, tokens=out, first_difference=first))
         print(f"{name}: first difference per row {first} {out}", flush=True)
     trace = None
-    if args.trace:
+    if args.trace or args.only_trace:
         eager, compiled = (traced_run(model, prompts, args.new, c, LAUNCH, args.max_len) for c in (False, True))
         table = compare_calls(eager, compiled)
         differ = next((r for r in table if worst(r) > 1e-3), None)  # float32 kernels' reordering stays below
@@ -186,10 +187,9 @@ def main() -> None:
         start = max(0, (fault["call"] if fault else 0) - 2)
         for r in table[start:start + 6]:  # the calls around it, each value's deviation
             print("  ", r, flush=True)
-    path = os.path.join(os.environ.get("OUT", "."), "decode_attention_check.json")
-    with open(path, "w") as f:
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        json.dump(dict(reference=ref, margins=margins, rows=rows, trace=trace, device=device), f, indent=1)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    write_json(dict(reference=ref, margins=margins, rows=rows, trace=trace, device=device),
+               "decode_attention_check.json")
 
 
 if __name__ == "__main__":
