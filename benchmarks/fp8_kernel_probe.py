@@ -36,7 +36,7 @@ from nanoseek import preset  # noqa: E402
 from nanoseek.fp8 import gemm, kernels  # noqa: E402
 from nanoseek.fp8.quant import ACT_TILE, TILE, WEIGHT_BLOCK, first_tiles, quantize  # noqa: E402
 
-_group_bounds = kernels._group_bounds
+_tile_rows = kernels._tile_rows
 
 PTX_COUNTS = {"wgmma": r"wgmma\.mma_async", "mma.sync": r"\bmma\.sync", "cp.async": r"cp\.async\.(ca|cg)",
               "tma": r"cp\.async\.bulk\.tensor", "ld.global": r"ld\.global", "wgmma.wait": r"wgmma\.wait_group",
@@ -55,12 +55,9 @@ def grouped_mm_tma_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, ends_ptr, first_t
     pid_n = tl.program_id(0)
     tile = tl.program_id(1) // (BLOCK // BLOCK_M)
     part = tl.program_id(1) % (BLOCK // BLOCK_M)
-    if tile < tl.load(first_tile_ptr + E):
-        groups = tl.arange(0, EP)
-        tile_ends = tl.load(first_tile_ptr + 1 + groups, mask=groups < E, other=2**30)
-        e = tl.sum((tile_ends <= tile).to(tl.int32), 0)
-        start, end, first = _group_bounds(ends_ptr, first_tile_ptr, e)
-        row0 = (start + (tile - first) * BLOCK + part * BLOCK_M).to(tl.int32)
+    e, row0, end = _tile_rows(ends_ptr, first_tile_ptr, tile, E, EP, BLOCK)
+    row0 = (row0 + part * BLOCK_M).to(tl.int32)
+    if row0 < end:
         rows = row0 + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok, col_ok = rows < end, cols < N

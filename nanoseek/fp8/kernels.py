@@ -37,11 +37,16 @@ from .quant import TILE
 
 
 @triton.jit
-def _group_bounds(ends_ptr, first_tile_ptr, e):
-    """(first token, end token, first tile) of group e."""
+def _tile_rows(ends_ptr, first_tile_ptr, tile, E, EP: tl.constexpr, BLOCK: tl.constexpr):
+    """(group, first token, the group's end token) of a group-aligned 128-token tile. The grids
+    are a bound (⌈M/128⌉ + E - 1 tiles): a tile past the last group's counts as that group's,
+    and its first token lies past the group's end, so it holds no rows."""
+    groups = tl.arange(0, EP)
+    tile_ends = tl.load(first_tile_ptr + 1 + groups, mask=groups < E, other=2**30)
+    e = tl.minimum(tl.sum((tile_ends <= tile).to(tl.int32), 0), E - 1)  # the group whose tiles hold it
     end = tl.load(ends_ptr + e)
     start = tl.load(ends_ptr + tl.maximum(e - 1, 0), mask=e > 0, other=0)
-    return start, end, tl.load(first_tile_ptr + e)
+    return e, start + (tile - tl.load(first_tile_ptr + e)) * BLOCK, end
 
 
 @triton.jit
@@ -57,43 +62,39 @@ def grouped_mm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, ends_ptr, first_tile_
     pid_n = tl.program_id(0)
     tile = tl.program_id(1) // (BLOCK // BLOCK_M)
     part = tl.program_id(1) % (BLOCK // BLOCK_M)
-    if tile < tl.load(first_tile_ptr + E):  # the grid is a bound: ⌈M/128⌉ + E - 1 tiles
-        groups = tl.arange(0, EP)
-        tile_ends = tl.load(first_tile_ptr + 1 + groups, mask=groups < E, other=2**30)
-        e = tl.sum((tile_ends <= tile).to(tl.int32), 0)  # the group whose tiles hold this one
-        start, end, first = _group_bounds(ends_ptr, first_tile_ptr, e)
-        row0 = start + (tile - first) * BLOCK + part * BLOCK_M
-        if row0 < end:  # the half of a group's last tile that holds none of its rows does nothing
-            rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            row_ok, col_ok = rows < end, cols < N
-            nk = tl.cdiv(K, BLOCK)
-            b_base = b_ptr + e.to(tl.int64) * N * K
-            # the 128x128 block scale of each column, per K block: one number for a block of at
-            # most 128 columns, which then scales the rows' scales, not every partial sum twice
-            sb_cols = sb_ptr + (e.to(tl.int64) * tl.cdiv(N, BLOCK) + cols // BLOCK) * nk
-            sb_block = sb_ptr + (e.to(tl.int64) * tl.cdiv(N, BLOCK) + pid_n * BLOCK_N // BLOCK) * nk
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for kb in range(0, nk):
-                ks = kb * BLOCK + tl.arange(0, BLOCK)
-                a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :],
-                            other=0.0)
-                b = tl.load(b_base + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :],
-                            other=0.0)
-                if A_SCALED:
-                    sa = tl.load(sa_ptr + rows * nk + kb, mask=row_ok, other=0.0)
-                    if BLOCK_N <= BLOCK:
-                        acc += tl.dot(a, tl.trans(b)) * (sa * tl.load(sb_block + kb))[:, None]
-                    else:
-                        sb = tl.load(sb_cols + kb, mask=col_ok, other=0.0)
-                        acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb[None, :])
-                elif BLOCK_N <= BLOCK:
-                    acc += tl.dot(a, tl.trans(b.to(a.dtype))) * tl.load(sb_block + kb)
+    e, row0, end = _tile_rows(ends_ptr, first_tile_ptr, tile, E, EP, BLOCK)
+    row0 += part * BLOCK_M
+    if row0 < end:  # not a tile past the last group's, nor the empty half of a group's last tile
+        rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok, col_ok = rows < end, cols < N
+        nk = tl.cdiv(K, BLOCK)
+        b_base = b_ptr + e.to(tl.int64) * N * K
+        # the 128x128 block scale of each column, per K block: one number for a block of at
+        # most 128 columns, which then scales the rows' scales, not every partial sum twice
+        sb_cols = sb_ptr + (e.to(tl.int64) * tl.cdiv(N, BLOCK) + cols // BLOCK) * nk
+        sb_block = sb_ptr + (e.to(tl.int64) * tl.cdiv(N, BLOCK) + pid_n * BLOCK_N // BLOCK) * nk
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, nk):
+            ks = kb * BLOCK + tl.arange(0, BLOCK)
+            a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :],
+                        other=0.0)
+            b = tl.load(b_base + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :],
+                        other=0.0)
+            if A_SCALED:
+                sa = tl.load(sa_ptr + rows * nk + kb, mask=row_ok, other=0.0)
+                if BLOCK_N <= BLOCK:
+                    acc += tl.dot(a, tl.trans(b)) * (sa * tl.load(sb_block + kb))[:, None]
                 else:
                     sb = tl.load(sb_cols + kb, mask=col_ok, other=0.0)
-                    acc += tl.dot(a, tl.trans(b.to(a.dtype))) * sb[None, :]
-            tl.store(c_ptr + rows[:, None] * N + cols[None, :], acc.to(c_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & col_ok[None, :])
+                    acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb[None, :])
+            elif BLOCK_N <= BLOCK:
+                acc += tl.dot(a, tl.trans(b.to(a.dtype))) * tl.load(sb_block + kb)
+            else:
+                sb = tl.load(sb_cols + kb, mask=col_ok, other=0.0)
+                acc += tl.dot(a, tl.trans(b.to(a.dtype))) * sb[None, :]
+        tl.store(c_ptr + rows[:, None] * N + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -136,13 +137,8 @@ def quantize_tokens_kernel(x_ptr, q_ptr, s_ptr, ends_ptr, first_tile_ptr, M, C, 
     tile = tl.program_id(0)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cs < C
-    groups = tl.arange(0, EP)
-    tile_ends = tl.load(first_tile_ptr + 1 + groups, mask=groups < E, other=2**30)
-    e = tl.minimum(tl.sum((tile_ends <= tile).to(tl.int32), 0), E - 1)
-    start, end, first = _group_bounds(ends_ptr, first_tile_ptr, e)
-    # a tile past the last group's (the grid is a bound) counts as the last group's: its rows
-    # lie past that group's end, so it holds zeros
-    rows = start + (tile - first) * BLOCK + tl.arange(0, BLOCK)
+    _, row0, end = _tile_rows(ends_ptr, first_tile_ptr, tile, E, EP, BLOCK)
+    rows = row0 + tl.arange(0, BLOCK)  # none of a tile past the last group's is read: it holds zeros
     r_ok = (rows < end) & (rows < M)
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * C + cs[None, :], mask=r_ok[:, None] & c_ok[None, :],
                 other=0.0).to(tl.float32)
