@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, time_cuda, write_json  # noqa: E402
 from fp8_grouped_gemm import problem  # noqa: E402
+from kernel_resources import PTX  # noqa: E402
 
 from nanoseek import preset  # noqa: E402
 from nanoseek.fp8 import gemm, kernels  # noqa: E402
@@ -38,9 +39,6 @@ from nanoseek.fp8.quant import ACT_TILE, TILE, WEIGHT_BLOCK, first_tiles, quanti
 
 _tile_rows = kernels._tile_rows
 
-PTX_COUNTS = {"wgmma": r"wgmma\.mma_async", "mma.sync": r"\bmma\.sync", "cp.async": r"cp\.async\.(ca|cg)",
-              "tma": r"cp\.async\.bulk\.tensor", "ld.global": r"ld\.global", "wgmma.wait": r"wgmma\.wait_group",
-              "bar.sync": r"bar\.sync"}
 
 
 @triton.jit
@@ -80,8 +78,11 @@ def events_ms(fn) -> float:
     return time_cuda(fn, warmup=3, repeat=15, calls=10)["median_ms"]
 
 
-def probe(a, sa, b, sb, offs, a_scaled: bool, config: triton.Config, tma: bool = False,
-          warp_specialize: bool = False) -> dict:
+def probe(args: tuple, config: triton.Config, a_scaled: bool = True, tma: bool = False,
+          warp_specialize: bool = False, reference: torch.Tensor | None = None) -> dict:
+    """One kernel at one launch shape: what it compiled to and its time. args: the kernel's
+    (a, sa, b, sb, offsets); tma: the candidate, whose output must be `reference`'s."""
+    a, sa, b, sb, offs = args
     M, K = a.shape
     E, N, _ = b.shape
     c = torch.empty(M, N, dtype=torch.bfloat16, device=a.device)
@@ -99,9 +100,8 @@ def probe(a, sa, b, sb, offs, a_scaled: bool, config: triton.Config, tma: bool =
 
     compiled = launch()
     diff = None
-    if tma:  # the candidate computes the production kernel's product
-        ref = kernels.grouped_mm_fp8(a, sa, b, sb, offs, first, torch.bfloat16).float()
-        diff = ((c.float() - ref).norm() / ref.norm()).item()
+    if reference is not None:
+        diff = ((c.float() - reference).norm() / reference.norm()).item()
         if not diff < 1e-2:
             raise RuntimeError(f"the TMA candidate differs from the kernel by {diff:.3g} of its norm")
     ptx = compiled.asm.get("ptx", "")
@@ -109,7 +109,7 @@ def probe(a, sa, b, sb, offs, a_scaled: bool, config: triton.Config, tma: bool =
            "programs": grid[0] * grid[1], "n_regs": getattr(compiled, "n_regs", None),
            "n_spills": getattr(compiled, "n_spills", None), "rel_diff_from_kernel": diff,
            "shared_bytes": getattr(compiled.metadata, "shared", None),
-           "ptx": {name: len(re.findall(pattern, ptx)) for name, pattern in PTX_COUNTS.items()}}
+           "ptx": {name: len(re.findall(pattern, ptx)) for name, pattern in PTX.items()}}
     row["ms"] = events_ms(launch)
     return row
 
@@ -127,22 +127,25 @@ def main() -> None:
     from train_throughput import gemm_ceilings
     ceiling = gemm_ceilings(device)["fp8"] / 1e12
     dense_offs = torch.full((1,), M, dtype=torch.int32, device=device)
-    cases = {"grouped, W8A8": (xq.data, xq.scale, wgq.data, wgq.scale, p["offsets"], True),
-             "grouped, weight-only": (x, wgq.scale, wgq.data, wgq.scale, p["offsets"], False),
-             "dense (one group), W8A8": (xq.data, xq.scale, wgq.data[:1].contiguous(), wgq.scale[:1].contiguous(),
-                                         dense_offs, True)}
+    grouped = (xq.data, xq.scale, wgq.data, wgq.scale, p["offsets"])
+    dense = (xq.data, xq.scale, wgq.data[:1].contiguous(), wgq.scale[:1].contiguous(), dense_offs)
+    runs = {"grouped, W8A8": (grouped, {}),
+            "grouped, weight-only": ((x, wgq.scale, wgq.data, wgq.scale, p["offsets"]), dict(a_scaled=False)),
+            "dense (one group), W8A8": (dense, {})}
+    for name, args in (("grouped, W8A8", grouped), ("dense (one group), W8A8", dense)):
+        ref = kernels.grouped_mm_fp8(*args, first_tiles(args[4]), torch.bfloat16).float()  # once a problem
+        runs[f"{name}, TMA loads"] = (args, dict(tma=True, reference=ref))
+        runs[f"{name}, TMA loads, warp-specialized"] = (args, dict(tma=True, warp_specialize=True, reference=ref))
     # device-side TMA descriptors live in a global scratch buffer the launch asks for
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
     rows = {}
-    candidates = [(f"{n}, TMA loads", (*cases[n], True, False)) for n in cases if "W8A8" in n]
-    candidates += [(f"{n}, TMA loads, warp-specialized", (*cases[n], True, True)) for n in cases if "W8A8" in n]
-    for name, args in [*cases.items(), *candidates]:
+    for name, (args, options) in runs.items():
         rows[name] = []
         for config in kernels._grouped_tuned.configs:
-            if "warp-specialized" in name and config.num_warps != 4:  # one warpgroup multiplying
+            if options.get("warp_specialize") and config.num_warps != 4:  # one warpgroup multiplying
                 continue
             try:
-                r = probe(*args[:6], config, *args[6:])
+                r = probe(args, config, **options)
             except Exception as e:  # a shape that does not compile here (shared memory): say so
                 r = {"config": str(config), "error": f"{type(e).__name__}: {str(e)[:200]}"}
             if "ms" in r:
