@@ -11,13 +11,13 @@ time is scarce; this shows on any machine whether a change keeps the loop on the
 or loses occupancy before it is timed. The device's Triton may be older than the one here, so its
 code can differ in detail.
 
-    python benchmarks/kernel_resources.py [--json FILE]
+    python benchmarks/kernel_resources.py [--candidates] [--attention]   (writes kernel_resources.json to $OUT,
+                                                                         else benchmarks/results)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -30,6 +30,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, write_json  # noqa: E402
+
 from nanoseek.fp8 import kernels  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -138,7 +141,6 @@ def attention_rows(max_len: int = 32768) -> list[dict]:
 
 def candidate_rows() -> list[dict]:
     """The TMA-loading candidates that benchmarks/fp8_kernel_probe.py times against the kernel."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from fp8_kernel_probe import grouped_mm_tma_kernel
     out = []
     for warp_specialize in (False, True):
@@ -146,8 +148,8 @@ def candidate_rows() -> list[dict]:
             if warp_specialize and config.num_warps != 4:
                 continue
             constexprs = {"EP": 64, "BLOCK": 128, **config.kwargs, "WARP_SPECIALIZE": warp_specialize}
-            signature = {name: kind for name, kind in GROUPED.items() if name not in {"N", "K", "E"}}
-            signature |= {"M": "i32", "N": "i32", "K": "i32", "E": "i32"}  # its argument order
+            pointers = {name: kind for name, kind in GROUPED.items() if kind.startswith("*")}
+            signature = {**pointers, "M": "i32", "N": "i32", "K": "i32", "E": "i32"}  # its argument order
             k = compile_for_hopper(grouped_mm_tma_kernel, signature, constexprs, config.num_warps, config.num_stages)
             out.append({"kernel": "candidate: TMA loads" + (", warp-specialized" if warp_specialize else ""),
                         "config": launch_name(config), **resources(k, config.num_warps)})
@@ -161,23 +163,22 @@ def launch_name(config: triton.Config) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--candidates", action="store_true", help="also the probe's TMA-loading candidates")
     ap.add_argument("--attention", action="store_true", help="also the MLA decode attention at real widths")
     ap.add_argument("--only", help='the grouped W8A8 kernel at one launch shape, e.g. "64x128 w4 s3"')
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's kernels are Python, not compiled
         raise SystemExit("kernel_resources: unset TRITON_INTERPRET (the kernels must compile, not interpret)")
-    table = rows(args.only) + (candidate_rows() if args.candidates else []) + (attention_rows() if args.attention else [])
+    table = rows(args.only) + (candidate_rows() if args.candidates else [])
+    table += attention_rows() if args.attention else []
     print(f"{'kernel':46s} {'launch':18s} {'regs':>4s} {'spill':>5s} {'smem KB':>7s} {'per SM':>6s} "
           f"{'wgmma':>5s} {'mma.sync':>8s} {'cp.async':>8s} {'tma':>4s}")
     for r in table:
         print(f"{r['kernel']:46s} {r['config']:18s} {r['registers']:4d} {r['spill_stack_bytes']:5d} "
               f"{r['shared_bytes'] / 1024:7.1f} {r['occupancy_programs']:6d} {r['ptx']['wgmma']:5d} "
               f"{r['ptx']['mma.sync']:8d} {r['ptx']['cp.async']:8d} {r['ptx']['tma']:4d}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"triton": triton.__version__, "target": "sm_90", "rows": table,
-                                               "command": " ".join(sys.argv)}, indent=1))
+    write_json({"benchmark": "kernel_resources", **environment(), "triton": triton.__version__, "target": "sm_90",
+                "rows": table, "command": " ".join(sys.argv)}, "kernel_resources.json")
 
 
 if __name__ == "__main__":

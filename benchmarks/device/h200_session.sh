@@ -239,7 +239,7 @@ case $stage in
   probe)  # the grouped FP8 kernel's compiled code and each launch shape's time, with a TMA-loading candidate
     bench "${PROBE_LIMIT:-170}" 30 benchmarks/fp8_kernel_probe.py
     # the same kernels' registers and spills as this image's Triton compiles them (no GPU time)
-    bench 60 20 benchmarks/kernel_resources.py --candidates --attention --json "$OUT/kernel_resources_device.json"
+    bench 60 20 benchmarks/kernel_resources.py --candidates --attention
     ;;
   one)  # the first of each when only one call is to be had (about 8 minutes): V2-Lite decode (fused vs
         # compiled, FP8 weights), training throughput BF16 vs FP8
