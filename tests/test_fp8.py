@@ -327,8 +327,9 @@ def tensor_core_slack(a, b, tokens: bool = False):
 def test_every_launch_shape_the_gpu_may_choose_agrees_with_the_twin(grouped_operands):
     """A GPU times several output block shapes and picks one per shape: each must compute the
     same thing. N = 136 and 300 cross a 128 block inside a 256-wide one (two weight scales in one
-    block); the 64-row programs skip the empty half of a group's last tile (the groups of 100 and
-    39 rows end in its first half). Triton's interpreter runs them on the CPU."""
+    block); the 64-row programs skip the empty half of a group's last tile (the groups of 161 and
+    39 rows end in its first half; the one of 100 in its second). Triton's interpreter runs them
+    on the CPU."""
     pytest.importorskip("triton")
     from nanoseek.fp8 import kernels
     from nanoseek.fp8.quant import first_tiles
