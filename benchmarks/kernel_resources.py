@@ -26,7 +26,8 @@ import tempfile
 from pathlib import Path
 
 import triton
-from triton.backends.compiler import GPUTarget
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,22 +41,39 @@ REGISTERS, SHARED, MAX_WARPS = 65536, 233472, 64  # an H100/H200 SM: registers, 
 PTX = {"wgmma": r"wgmma\.mma_async", "mma.sync": r"\bmma\.sync", "cp.async": r"cp\.async\.(?:ca|cg)",
        "tma": r"cp\.async\.bulk\.tensor"}
 
-# the kernels' pointer and integer arguments as Triton types; the 16-byte alignment Triton assumes
-# of a tensor it is handed (and of integers divisible by 16, as real widths are)
+# the kernels' pointer and integer arguments as Triton types
 GROUPED = {"a_ptr": "*fp8e4nv", "sa_ptr": "*fp32", "b_ptr": "*fp8e4nv", "sb_ptr": "*fp32", "c_ptr": "*bf16",
            "ends_ptr": "*i32", "first_tile_ptr": "*i64", "N": "i32", "K": "i32", "E": "i32"}
 TOKENS = {"a_ptr": "*fp8e4nv", "sa_ptr": "*fp32", "b_ptr": "*fp8e4nv", "sb_ptr": "*fp32", "c_ptr": "*fp32",
           "first_tile_ptr": "*i64", "N": "i32", "K": "i32", "P": "i32", "T": "i32"}
+# the integers V2-Lite's expert GEMMs pass at a 2,048-token prefill (the shape the H100 tuned for):
+# N and K its expert widths, E its experts, P the padded token rows (a multiple of 128); T, M unset
+# (a tile count and a token count with no divisibility to rely on)
+EXPERT_VALUES = {"N": 1408, "K": 2048, "E": 64, "P": 14336}
 
 
-def compile_for_hopper(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int):
-    """fn compiled for sm_90: Triton's CompiledKernel (asm: ttgir, ptx, cubin)."""
+def compile_for_hopper(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int,
+                       values: dict | None = None):
+    """fn compiled for sm_90: Triton's CompiledKernel (asm: ttgir, ptx, cubin). Specialized as a
+    launch would be: pointers 16-byte aligned (as torch allocates), and each integer in `values`
+    as Triton's launcher treats it (1 becomes a constant, a multiple of 16 is marked divisible,
+    which lets masks and strides keep vector loads: without it a [64, 512] tile's loads go one
+    element at a time and are not pipelined)."""
+    values = values or {}
     names = list(signature)
-    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in {"N", "K", "P"} or
-               signature[n].startswith("*")}
-    sig = {**signature, **{name: "constexpr" for name in constexprs}}
-    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=aligned), target=HOPPER,
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+    attrs, constants = {}, {}
+    for i, name in enumerate(names):
+        if signature[name].startswith("*"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in values:
+            kind, spec = native_specialize_impl(BaseBackend, values[name], False, True, True)
+            if kind == "constexpr":
+                constants[name] = spec
+            elif spec == "D":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    sig = {**signature, **{name: "constexpr" for name in {**constexprs, **constants}}}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs={**constexprs, **constants}, attrs=attrs),
+                          target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def cuobjdump() -> Path:
@@ -92,14 +110,14 @@ def rows(only: str | None = None) -> list[dict]:
                 continue
             constexprs = {"EP": 64, "BLOCK": 128, **config.kwargs, "A_SCALED": a_scaled}
             k = compile_for_hopper(kernels.grouped_mm_kernel, signature, constexprs, config.num_warps,
-                                   config.num_stages)
+                                   config.num_stages, EXPERT_VALUES)
             out.append({"kernel": "grouped_mm " + ("W8A8" if a_scaled else "weight-only"),
                         "config": launch_name(config), **resources(k, config.num_warps)})
     for accumulate in (False, True) if only is None else ():
         for config in kernels._tokens_tuned.configs:
             k = compile_for_hopper(kernels.grouped_mm_tokens_kernel, TOKENS,
                                    {"BLOCK": 128, **config.kwargs, "ACCUMULATE": accumulate}, config.num_warps,
-                                   config.num_stages)
+                                   config.num_stages, EXPERT_VALUES)
             out.append({"kernel": "wgrad" + (", adding into .grad" if accumulate else ""),
                         "config": launch_name(config), **resources(k, config.num_warps)})
     return out
@@ -113,24 +131,28 @@ ATTEND = {"qlat_ptr": "*fp32", "qpe_ptr": "*fp32", "ckv_ptr": "*bf16", "kpe_ptr"
 
 def attention_rows(max_len: int = 32768) -> list[dict]:
     """mla_attend_kernel as attend_latent launches it for a BF16 cache of max_len positions at 1 and
-    16 rows, plain and with the transposed product (attend_transposed), per model's widths."""
+    16 rows, plain and with the transposed product (attend_transposed), per model's widths, its
+    integers those attend_latent passes (no padding row: idle -1)."""
     from nanoseek import preset
     from nanoseek.infer.fused import fused_step_launch
-    from nanoseek.infer.latent_attention import attend_warps_stages, pow2
+    from nanoseek.infer.latent_attention import attend_warps_stages, attention_units, pow2
     from nanoseek.kernels.decode import mla_attend_kernel
     out = []
     for name in ("deepseek-v2-lite", "deepseek-v3"):
         cfg = preset(name)
         t = fused_step_launch(cfg, max_len)
+        H, C, R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
         for rows_b in (1, 16):
             launch = attend_warps_stages(t, rows_b)
+            values = {"stride_ckv": max_len * C, "stride_kpe": max_len * R, "H": H, "C": C, "R": R, "B": rows_b,
+                      "SPLIT": t["attend_split"], "UNITS": attention_units(t, H, max_len, rows_b), "IDLE": -1,
+                      "HEAD_BLOCKS": triton.cdiv(H, t["attend_heads"])}
             for transposed in (False, True):
-                constexprs = {"BLOCK_H": t["attend_heads"], "BLOCK_C": pow2(cfg.kv_lora_rank, 16),
-                              "BLOCK_R": pow2(cfg.qk_rope_head_dim, 16), "BLOCK_S": t["attend_block"],
-                              "BLOCK_B": pow2(rows_b, 2), "DOT_PRECISION": "tf32", "USE_PDL": True,
-                              "TRANSPOSED": transposed}
+                constexprs = {"BLOCK_H": t["attend_heads"], "BLOCK_C": pow2(C, 16), "BLOCK_R": pow2(R, 16),
+                              "BLOCK_S": t["attend_block"], "BLOCK_B": pow2(rows_b, 2), "DOT_PRECISION": "tf32",
+                              "USE_PDL": True, "TRANSPOSED": transposed}
                 k = compile_for_hopper(mla_attend_kernel, ATTEND, constexprs, launch["num_warps"],
-                                       launch["num_stages"])
+                                       launch["num_stages"], values)
                 out.append({"kernel": f"MLA attend, {name}, {rows_b} row{'s' if rows_b > 1 else ''}"
                                       + (", transposed" if transposed else ""),
                             "config": f"{t['attend_heads']}h x {t['attend_block']} w{launch['num_warps']} "
@@ -150,7 +172,8 @@ def candidate_rows() -> list[dict]:
             constexprs = {"EP": 64, "BLOCK": 128, **config.kwargs, "WARP_SPECIALIZE": warp_specialize}
             pointers = {name: kind for name, kind in GROUPED.items() if kind.startswith("*")}
             signature = {**pointers, "M": "i32", "N": "i32", "K": "i32", "E": "i32"}  # its argument order
-            k = compile_for_hopper(grouped_mm_tma_kernel, signature, constexprs, config.num_warps, config.num_stages)
+            k = compile_for_hopper(grouped_mm_tma_kernel, signature, constexprs, config.num_warps, config.num_stages,
+                                   EXPERT_VALUES)
             out.append({"kernel": "candidate: TMA loads" + (", warp-specialized" if warp_specialize else ""),
                         "config": launch_name(config), **resources(k, config.num_warps)})
     return out
