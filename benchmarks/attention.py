@@ -154,7 +154,7 @@ def time_row(args, model, cache, attn, compiled, positions, bandwidth, gemm_rate
             ways["fused"] = lambda: fused.attend(attn, 0, positions[:, 0], B)
             row["fused_launch"] = {k: fused.t[k] for k in ATTEND_KEYS}
             row["fused_launch"]["units"] = fused.units(B)
-            ws = attend_warps_stages(fused.t, B)  # what the launch runs at B rows
+            ws = attend_warps_stages(fused.t, B, model.config.kv_lora_rank)  # what the launch runs at B rows
             row["fused_launch"].update(attend_warps=ws["num_warps"], attend_stages=ws["num_stages"])
         for name, fn in ways.items():
             try:
@@ -252,14 +252,18 @@ def summary(row: dict) -> str:
 def sweep_launches(rule: dict, heads: int, best: dict | None = None) -> list[dict]:
     """First (best None): 16 to 64 heads a program (at most the model's) x 128 to 1024
     attention programs aimed for x the dots as heads x positions or transposed, at the rule's
-    block, warps and stages; then, around the fastest of those, blocks of 32 and 64 positions
-    x 4 or 8 warps x 2 to 4 stages."""
+    block, warps and stages; 64 heads at blocks of 32 positions and 2 stages, the most whose
+    tiles fit an SM's shared memory (benchmarks/kernel_resources.py: wgmma's 64 rows, at 8 warps
+    no spill). Then, around the fastest of those, blocks of 16 to 64 positions x 4 or 8 warps x
+    2 to 4 stages."""
     if best is None:
         widths = [h for h in (16, 32, 64) if h <= max(16, heads)]
-        return [dict(attend_heads=h, attend_programs=p, attend_transposed=t)
+        fit = {64: dict(attend_block=min(32, rule["attend_block"]), attend_split=rule["attend_split"], attend_stages=2,
+                        attend_warps=8)}
+        return [dict(attend_heads=h, attend_programs=p, attend_transposed=t, **fit.get(h, {}))
                 for t in (0, 1) for h in widths for p in (128, 256, 512, 1024)]
     return [dict(best, attend_block=b, attend_split=max(b, rule["attend_split"]), attend_warps=w, attend_stages=st)
-            for b in (32, 64) for w in (4, 8) for st in (2, 3, 4)]
+            for b in (16, 32, 64) for w in (4, 8) for st in (2, 3, 4)]
 
 
 def sweep(model, cache, attn, positions, B, repeat, device, error) -> list[dict]:

@@ -123,16 +123,22 @@ def rows(only: str | None = None) -> list[dict]:
     return out
 
 
-ATTEND = {"qlat_ptr": "*fp32", "qpe_ptr": "*fp32", "ckv_ptr": "*bf16", "kpe_ptr": "*bf16", "stride_ckv": "i32",
+ATTEND = {"qlat_ptr": "*bf16", "qpe_ptr": "*bf16", "ckv_ptr": "*bf16", "kpe_ptr": "*bf16", "stride_ckv": "i32",
           "stride_kpe": "i32", "pos_ptr": "*i64", "acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32",
           "scale": "fp32", "H": "i32", "C": "i32", "R": "i32", "B": "i32", "SPLIT": "i32", "UNITS": "i32",
           "IDLE": "i32", "HEAD_BLOCKS": "i32"}
 
 
+# launches beside the rule's: 64 heads a program (wgmma's rows) at the block and stages that fit
+# an SM's shared memory, as benchmarks/attention.py --sweep times them
+ATTEND_CANDIDATES = {"deepseek-v3": [dict(attend_heads=64, attend_block=32, attend_stages=2, attend_warps=8),
+                                     dict(attend_heads=64, attend_block=16, attend_stages=2, attend_warps=8)]}
+
+
 def attention_rows(max_len: int = 32768) -> list[dict]:
     """mla_attend_kernel as attend_latent launches it for a BF16 cache of max_len positions at 1 and
     16 rows, plain and with the transposed product (attend_transposed), per model's widths, its
-    integers those attend_latent passes (no padding row: idle -1)."""
+    integers those attend_latent passes (no padding row: idle -1); then ATTEND_CANDIDATES' launches."""
     from nanoseek import preset
     from nanoseek.infer.fused import fused_step_launch
     from nanoseek.infer.latent_attention import attend_warps_stages, attention_units, pow2
@@ -140,24 +146,25 @@ def attention_rows(max_len: int = 32768) -> list[dict]:
     out = []
     for name in ("deepseek-v2-lite", "deepseek-v3"):
         cfg = preset(name)
-        t = fused_step_launch(cfg, max_len)
         H, C, R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
-        for rows_b in (1, 16):
-            launch = attend_warps_stages(t, rows_b)
-            values = {"stride_ckv": max_len * C, "stride_kpe": max_len * R, "H": H, "C": C, "R": R, "B": rows_b,
-                      "SPLIT": t["attend_split"], "UNITS": attention_units(t, H, max_len, rows_b), "IDLE": -1,
-                      "HEAD_BLOCKS": triton.cdiv(H, t["attend_heads"])}
-            for transposed in (False, True):
-                constexprs = {"BLOCK_H": t["attend_heads"], "BLOCK_C": pow2(C, 16), "BLOCK_R": pow2(R, 16),
-                              "BLOCK_S": t["attend_block"], "BLOCK_B": pow2(rows_b, 2), "DOT_PRECISION": "tf32",
-                              "USE_PDL": True, "TRANSPOSED": transposed}
-                k = compile_for_hopper(mla_attend_kernel, ATTEND, constexprs, launch["num_warps"],
-                                       launch["num_stages"], values)
-                out.append({"kernel": f"MLA attend, {name}, {rows_b} row{'s' if rows_b > 1 else ''}"
-                                      + (", transposed" if transposed else ""),
-                            "config": f"{t['attend_heads']}h x {t['attend_block']} w{launch['num_warps']} "
-                                      f"s{launch['num_stages']}",
-                            **resources(k, launch["num_warps"])})
+        for given in [None] + ATTEND_CANDIDATES.get(name, []):
+            t = fused_step_launch(cfg, max_len, given)
+            for rows_b in (1, 16):
+                launch = attend_warps_stages(t, rows_b, C)
+                values = {"stride_ckv": max_len * C, "stride_kpe": max_len * R, "H": H, "C": C, "R": R,
+                          "B": rows_b, "SPLIT": t["attend_split"], "UNITS": attention_units(t, H, max_len, rows_b),
+                          "IDLE": -1, "HEAD_BLOCKS": triton.cdiv(H, t["attend_heads"])}
+                for transposed in (False, True) if given is None else (False,):
+                    constexprs = {"BLOCK_H": t["attend_heads"], "BLOCK_C": pow2(C, 16), "BLOCK_R": pow2(R, 16),
+                                  "BLOCK_S": t["attend_block"], "BLOCK_B": pow2(rows_b, 2), "DOT_PRECISION": "tf32",
+                                  "USE_PDL": True, "TRANSPOSED": transposed}
+                    k = compile_for_hopper(mla_attend_kernel, ATTEND, constexprs, launch["num_warps"],
+                                           launch["num_stages"], values)
+                    out.append({"kernel": ("candidate: " if given else "") + f"MLA attend, {name}, {rows_b} row"
+                                          + ("s" if rows_b > 1 else "") + (", transposed" if transposed else ""),
+                                "config": f"{t['attend_heads']}h x {t['attend_block']} w{launch['num_warps']} "
+                                          f"s{launch['num_stages']}",
+                                **resources(k, launch["num_warps"])})
     return out
 
 

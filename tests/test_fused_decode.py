@@ -141,6 +141,10 @@ def test_fused_attention_units_follow_the_positions(programs, heads):
     warps = step.t["attend_warps"]  # more rows than one wave holds: half the warps, 2 stages
     assert attend_warps_stages(step.t, ATTEND_ROWS) == dict(num_warps=warps, num_stages=step.t["attend_stages"])
     assert attend_warps_stages(step.t, 64) == dict(num_warps=max(4, warps // 2), num_stages=2)
+    # but never so few that a program's [heads, C] float32 accumulator passes 128 registers a thread
+    wide = dict(attend_warps=8, attend_stages=3, attend_heads=64)
+    assert attend_warps_stages(wide, 64, 512)["num_warps"] == 8  # 64 x 512 floats over 256 threads
+    assert attend_warps_stages({**wide, "attend_heads": 32}, 64, 512)["num_warps"] == 4
 
 
 def test_a_padding_row_attends_to_its_own_position_only():

@@ -176,8 +176,11 @@ class FusedDecoder:
         M = max_rows
         self.h = torch.empty(M, c.hidden_size, dtype=model.model.embed_tokens.weight.dtype, device=dev)
         self.qkv = torch.empty(M, c.q_lora_rank + C + R, **f32)
-        self.q_lat = torch.empty(M, H, C, **f32)
-        self.q_pe = torch.empty(M, H, R, **f32)
+        # the absorbed queries in the cache's dtype: the attention rounds them to it anyway, and a
+        # 16-bit query is a dot operand the compiler keeps in shared memory, not in registers
+        q16 = dict(dtype=cache.layers[0][0].dtype, device=dev)
+        self.q_lat = torch.empty(M, H, C, **q16)
+        self.q_pe = torch.empty(M, H, R, **q16)
         # the attention's partial sums: a unit's each, B rows' units at a time
         parts = max(attention_parts(self.t, H, cache.max_len, B) for B in range(1, M + 1))
         self.part_acc = torch.empty(parts, H, C, **f32)
@@ -272,7 +275,7 @@ class FusedDecoder:
 
     def attend(self, attn, i: int, positions_B: torch.Tensor, B: int) -> torch.Tensor:
         """Attention of rows 0..B-1 over layer i's latent cache from the absorbed queries in
-        q_lat / q_pe -> o [B, H·V] (float32): latent_attention.attend_latent."""
+        q_lat / q_pe (the cache's dtype) -> o [B, H·V] (float32): latent_attention.attend_latent."""
         ckv, kpe = self.cache.layers[i]
         return attend_latent(self.q_lat, self.q_pe, ckv, kpe, positions_B, attn.kv_b_proj.weight, attn.scale,
                              self.config.v_head_dim, self.t, self.launch, self.idle, self.o,

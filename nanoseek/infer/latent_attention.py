@@ -45,14 +45,17 @@ def attention_parts(t: dict, heads: int, max_len: int, B: int) -> int:
     return attention_units(t, heads, max_len, B) + B
 
 
-def attend_warps_stages(t: dict, B: int) -> dict:
+def attend_warps_stages(t: dict, B: int, C: int = 0) -> dict:
     """The attention's warps and pipeline stages at B rows: the launch's while its programs
     fit one wave (rows up to ATTEND_ROWS); past that, a wave of several programs an SM runs
-    faster on half the warps (at least 4) and 2 stages (V3's widths, 16 rows: 1.3x)."""
+    faster on half the warps (V3's widths, 16 rows: 1.3x) and 2 stages. Never fewer than 4
+    warps, nor (given the latent's width C) than hold a program's [heads, C] float32
+    accumulator in 128 registers a thread: a 64-head program at C = 512 keeps 8."""
     warps, stages = t["attend_warps"], t["attend_stages"]
     if B <= ATTEND_ROWS:
         return dict(num_warps=warps, num_stages=stages)
-    return dict(num_warps=max(4, warps // 2), num_stages=min(2, stages))
+    holds = min(warps, t["attend_heads"] * pow2(C) // (128 * 32)) if C else 0
+    return dict(num_warps=max(4, warps // 2, holds), num_stages=min(2, stages))
 
 
 def attend_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kpe: torch.Tensor,
@@ -61,7 +64,8 @@ def attend_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kp
                   parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """o [B, H·V] float32 of rows 0..B-1 at positions_B over the latent cache ckv [>= B, S, C] /
     kpe [>= B, S, R] (row stride free, positions contiguous), from the absorbed queries q_lat
-    [>= B, H, C] and q_pe [>= B, H, R] (float32, contiguous): the rows' positions cut into about
+    [>= B, H, C] and q_pe [>= B, H, R] (contiguous; rounded to the cache's dtype for the dots, so
+    best handed in it): the rows' positions cut into about
     attention_units units (kernels._row_units) attended (mla_attend) into partial sums, then
     merged per row with W_UV (V wide a head) from w_kvb, kv_b_proj's weight (mla_output). A row
     at position `idle` (a CUDA-graph bucket's padding row; -1: none) attends to it only. `out`
@@ -85,7 +89,7 @@ def attend_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kp
         q_lat, q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0), positions_B,
         part_acc, part_m, part_l, scale, H, C, R, B, split, units, idle, blocks,
         BLOCK_H=heads, BLOCK_C=pow2(C, 16), BLOCK_R=pow2(R, 16), BLOCK_S=t["attend_block"], BLOCK_B=rows,
-        DOT_PRECISION=precision, TRANSPOSED=bool(t["attend_transposed"]), **attend_warps_stages(t, B), **launch)
+        DOT_PRECISION=precision, TRANSPOSED=bool(t["attend_transposed"]), **attend_warps_stages(t, B, C), **launch)
     o = out[:B] if out is not None else torch.empty(B, H * V, **f32)
     N = w_kvb.shape[0] // H - V  # kv_b_proj holds W_UK (N rows) then W_UV (V rows) a head
     # the most units one row gets: no more than aimed for, nor than its positions in the least chunk
@@ -146,8 +150,9 @@ class LatentDecodeAttention:
         [B, S, R], positions [B, 1] -> o [B, 1, H, V] in q_nope's dtype."""
         B, _, H, _ = q_nope.shape
         w_uk_HNC = attn.kv_b_proj.weight.unflatten(0, (H, -1))[:, : attn.nope_dim]
-        q_lat = torch.einsum("bhn,hnc->bhc", q_nope[:, 0], w_uk_HNC.to(q_nope.dtype)).float()
-        o = mla_decode_attention(q_lat, q_pe[:, 0].float(), c_kv, k_pe, positions[:, 0], attn.kv_b_proj.weight,
+        # the queries in the cache's dtype, to which the kernel rounds them (fused.FusedDecoder's q_lat)
+        q_lat = torch.einsum("bhn,hnc->bhc", q_nope[:, 0], w_uk_HNC.to(q_nope.dtype)).to(c_kv.dtype)
+        o = mla_decode_attention(q_lat, q_pe[:, 0].to(c_kv.dtype), c_kv, k_pe, positions[:, 0], attn.kv_b_proj.weight,
                                  attn.scale, attn.v_dim, self.launch, self.idle)
         return o.to(q_nope.dtype).view(B, 1, H, attn.v_dim)
 
