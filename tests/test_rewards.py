@@ -106,7 +106,12 @@ def test_language_consistency_reward_in_three_scripts():
                "<think>add 两个 numbers</think><answer>4</answer>",      # add, 两, 个, numbers: 2 of 4
                "<think>12 + 30 = 42</think>",                             # no words
                "plain english without tags"]                              # 4 of 4
-    assert language_consistency_reward(None, english) == [1.0, 2 / 4, None, 1.0]
+    # no words: nothing in another language, as consistent as an all-English answer, so that the
+    # reward does not pay for writing words (a worded and a digits-only answer sum alike)
+    assert language_consistency_reward(None, english) == [1.0, 2 / 4, 1.0, 1.0]
+    combined = combine_rewards([format_reward, language_consistency_reward], [0.1, 0.1])
+    assert combined(None, ["<think>12 + 30 = 42</think><answer>42</answer>",
+                           "<think>add 12 and 30</think><answer>42</answer>"])[0] == [0.2, 0.2]
     chinese = ["<think>先算个位，再算十位</think><answer>42</answer>",       # 8 of 8
                "<think>先算 ones 再进位</think>",                           # 先 算 ones 再 进 位: 5 of 6
                "<think>add the ones</think>"]                               # 0 of 3
