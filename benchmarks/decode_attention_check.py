@@ -14,6 +14,8 @@ returns again on fresh copies of its inputs. The first call at which the two run
 more than rounding says whether the compiled graph handed the op other inputs (and which: the
 cache's newest entry is the one the step just wrote), or the op made other outputs of the same
 ones; an output that changes when the call is repeated says the kernels read something else.
+Each call's output is also set against float64 on that run's own inputs, which tells a kernel
+that computes wrongly under compile from a graph that hands it other (differently rounded) inputs.
 `--eager-op` adds a path whose attention call is kept out of the compiled graph (a graph break
 a layer), as a workaround to check.
 
@@ -73,7 +75,7 @@ def traced_run(model, prompts, new, compiled: bool, launch, max_len: int) -> lis
         again = attend(*(t.clone() for t in (q_lat, q_pe, ckv, kpe, positions_B)), *rest, **kw)
         pos = positions_B.tolist()
         calls.append(dict(positions=pos, q_lat=q_lat.double().cpu(), q_pe=q_pe.double().cpu(), out=o.double().cpu(),
-                          out_again=again.double().cpu(),
+                          out_again=again.double().cpu(), out_exact=exact_attention(q_lat, q_pe, ckv, kpe, pos, *rest[:3]),
                           ckv=[ckv[b, :p + 1].double().cpu() for b, p in enumerate(pos)],
                           kpe=[kpe[b, :p + 1].double().cpu() for b, p in enumerate(pos)]))
         return o
@@ -87,6 +89,19 @@ def traced_run(model, prompts, new, compiled: bool, launch, max_len: int) -> lis
         la.attend_latent = attend
     print(f"traced compile={compiled}: {len(calls)} calls, tokens {tokens}", flush=True)
     return calls
+
+
+def exact_attention(q_lat, q_pe, ckv, kpe, positions: list[int], w_kvb, scale: float, V: int) -> torch.Tensor:
+    """What attend_latent should return for these very inputs, in float64 on the host: per row,
+    softmax((q_lat·c_kv + q_pe·k_pe)·scale) over its positions, summed over c_kv, then W_UV."""
+    H = q_lat.shape[1]
+    w_uv = w_kvb.double().cpu().unflatten(0, (H, -1))[:, -V:]  # [H, V, C]: each head's rows after W_UK's
+    out = []
+    for b, p in enumerate(positions):
+        c, k = ckv[b, :p + 1].double().cpu(), kpe[b, :p + 1].double().cpu()
+        scores = (q_lat[b].double().cpu() @ c.T + q_pe[b].double().cpu() @ k.T) * scale
+        out.append(torch.einsum("hc,hvc->hv", scores.softmax(-1) @ c, w_uv).flatten())
+    return torch.stack(out)
 
 
 # 4 BF16 units of a tensor's largest value: the compiled and the eager step round their BF16
@@ -115,12 +130,17 @@ def compare_calls(eager: list[dict], compiled: list[dict]) -> list[dict]:
             row[k + "_newest"] = [round(deviation(x[-1:], y[-1:]), 6) for x, y in zip(e[k], c[k])]
         row["again_eager"] = round(deviation(e["out"], e["out_again"]), 6)
         row["again_compiled"] = round(deviation(c["out"], c["out_again"]), 6)
+        # each run's output against float64 on its own inputs: large in the compiled run alone
+        # says the kernels compute wrongly there; small in both, that the graph fed them other inputs
+        row["exact_eager"] = round(deviation(e["out_exact"], e["out"]), 6)
+        row["exact_compiled"] = round(deviation(c["out_exact"], c["out"]), 6)
         table.append(row)
     return table
 
 
 def worst(row: dict) -> float:
-    values = [v for k, v in row.items() if k not in ("call", "positions", "compiled_positions")]
+    values = [v for k, v in row.items()  # compiled against eager only; the float64 checks are their own
+              if k not in ("call", "positions", "compiled_positions") and not k.startswith("exact_")]
     flat = [x for v in values for x in (v if isinstance(v, list) else [v])]
     return max(flat) if row["positions"] == row["compiled_positions"] else float("inf")
 
@@ -184,6 +204,9 @@ def main() -> None:
                      calls=table)
         print("trace: first call where compiled and eager differ:", differ or "none", flush=True)
         print(f"trace: first call beyond {ROUNDING:g} of a value's largest:", fault or "none", flush=True)
+        exact = {run: max(r[f"exact_{run}"] for r in table) for run in ("eager", "compiled")}
+        trace["kernels_against_float64"] = exact
+        print("trace: the kernels' largest deviation from float64 on their own inputs:", exact, flush=True)
         start = max(0, (fault["call"] if fault else 0) - 2)
         for r in table[start:start + 6]:  # the calls around it, each value's deviation
             print("  ", r, flush=True)
