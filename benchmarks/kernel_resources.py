@@ -26,7 +26,6 @@ import tempfile
 from pathlib import Path
 
 import triton
-from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
@@ -52,6 +51,16 @@ TOKENS = {"a_ptr": "*fp8e4nv", "sa_ptr": "*fp32", "b_ptr": "*fp8e4nv", "sb_ptr":
 EXPERT_VALUES = {"N": 1408, "K": 2048, "E": 64, "P": 14336}
 
 
+def specialize(value: int) -> tuple[str, object]:
+    """How Triton's launcher specializes an integer argument: ("constexpr", 1) for 1, (type, "D")
+    for a multiple of 16, else (type, ""); its own function where this Triton has it."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        return native_specialize_impl(BaseBackend, value, False, True, True)[:2]
+    except ImportError:  # older Triton: the same rule
+        return ("constexpr", 1) if value == 1 else ("i32", "D" if value % 16 == 0 else "")
+
+
 def compile_for_hopper(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int,
                        values: dict | None = None):
     """fn compiled for sm_90: Triton's CompiledKernel (asm: ttgir, ptx, cubin). Specialized as a
@@ -66,7 +75,7 @@ def compile_for_hopper(fn, signature: dict, constexprs: dict, num_warps: int, nu
         if signature[name].startswith("*"):
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in values:
-            kind, spec = native_specialize_impl(BaseBackend, values[name], False, True, True)
+            kind, spec = specialize(values[name])
             if kind == "constexpr":
                 constants[name] = spec
             elif spec == "D":
