@@ -15,7 +15,8 @@ Each row: FP8's relative error against BF16 (a check that both compute the same 
 median time by CUDA events after warm-up (the first calls autotune the Triton kernels),
 TFLOP/s, the fraction of the GEMM ceilings measured in the same run (an 8192^3 BF16 matmul;
 an 8192^3 blockwise FP8 _scaled_mm), and FP8's speed over BF16's. The quantization
-rows time what the FP8 GEMMs need first; the launch shape the autotuner chose per (N, K) is
+rows time what the FP8 GEMMs need first, the activations' tiles by the quantizer compiled as a
+training step compiles it; the launch shape the autotuner chose per (N, K) is
 recorded.
 
     python benchmarks/fp8_grouped_gemm.py [--preset deepseek-v2-lite --tokens 4096]
@@ -59,6 +60,9 @@ def ops(p: dict, fast: bool) -> dict[str, dict]:
     E, M, D, F_ = p["E"], p["M"], p["D"], p["F"]
     out = x.dtype
     xq, hq, dhq = (quantize(t, ACT_TILE) for t in (x, h, dh))
+    # the activations' 1x128 quantizer as a training step runs it: inside its compiled graph
+    # (eager torch takes several passes over the tensor; Inductor fuses them into one)
+    tiles = torch.compile(quantize, dynamic=False) if fast else quantize
     wgq, wdq = quantize(wg, WEIGHT_BLOCK), quantize(wd, WEIGHT_BLOCK)
     wgq_t = wgq.t()
     dh_T, x_T = quantize_tokens(dh, offs, fast), quantize_tokens(x, offs, fast)
@@ -74,14 +78,14 @@ def ops(p: dict, fast: bool) -> dict[str, dict]:
             dequantized=lambda: grouped(x, dequantize(wgq).to(x.dtype).transpose(-2, -1), offs=offs)),
         "fprop gate (x . W_gate^T)": dict(
             flops=2 * M * F_ * D, bf16=lambda: grouped(x, wg.transpose(-2, -1), offs=offs),
-            fp8=lambda: gemm.grouped_mm(xq, wgq, offs, out, fast), quantize=lambda: quantize(x, ACT_TILE)),
+            fp8=lambda: gemm.grouped_mm(xq, wgq, offs, out, fast), quantize=lambda: tiles(x, ACT_TILE)),
         "fprop down (h . W_down^T)": dict(
             flops=2 * M * D * F_, bf16=lambda: grouped(h, wd.transpose(-2, -1), offs=offs),
-            fp8=lambda: gemm.grouped_mm(hq, wdq, offs, out, fast), quantize=lambda: quantize(h, ACT_TILE)),
+            fp8=lambda: gemm.grouped_mm(hq, wdq, offs, out, fast), quantize=lambda: tiles(h, ACT_TILE)),
         "dgrad gate (dh . W_gate)": dict(
             flops=2 * M * D * F_, bf16=lambda: grouped(dh, wg, offs=offs),
             fp8=lambda: gemm.grouped_mm(dhq, wgq_t, offs, torch.float32, fast),
-            quantize=lambda: quantize(dh, ACT_TILE)),
+            quantize=lambda: tiles(dh, ACT_TILE)),
         "wgrad gate (dh^T . x per expert)": dict(
             flops=2 * M * F_ * D, bf16=lambda: grouped(dh.t(), x, offs=offs),
             fp8=lambda: gemm.grouped_mm_tokens(dh_T, x_T, offs, E, torch.float32, fast),
