@@ -35,6 +35,7 @@
 #                                              # stays warm: call again until r1_*.log ends with "report:")
 #   bash benchmarks/device/h200_session.sh r1-short   # the same pipeline sized for one call (~8 min on an H100):
 #                                              # an 800-step base, 200-step SFTs, 30 + 15 RL steps
+#   bash benchmarks/device/h200_session.sh r1-zero-short   # R1-Zero sized for one call: 80 GRPO steps
 #   bash benchmarks/device/h200_session.sh multigpu   # on a 2- or 4-GPU kind: DP, EP, EP+DP, 1F1B, DualPipeV
 #                                              # (and at 4, DualPipeV+EP overlapped and in turn) against one
 #                                              # GPU (benchmarks/scaling.py, small preset)
@@ -375,8 +376,13 @@ case $stage in
              # RL ~150 (3.5 s a step and three held-out evaluations), rejection ~15, SFT ~60, final RL ~90
     R1_PRETRAIN_STEPS=${R1_PRETRAIN_STEPS:-800} R1_ARGS=${R1_ARGS:-"cold_start_steps=200 sft_steps=200 \
 reasoning_steps=30 final_steps=15 curve_points=3 rejection_prompts=1000 eval_n=400"} r1 "${R1_LIMIT:-585}" full 3 ;;
+  r1-zero-short)  # R1-Zero in one call, as the two-call run but 80 steps: the 1,500-step base ~145 s, ~3.6 s a
+                  # step and four held-out evaluations of 500 (the run's rollouts started climbing near step 60)
+    R1_PRETRAIN_STEPS=${R1_PRETRAIN_STEPS:-1500} R1_ARGS=${R1_ARGS:-"zero_steps=80 curve_points=4 eval_n=500"} \
+      r1 "${R1_LIMIT:-585}" zero 2 ;;
   *) echo "unknown stage $stage: gputests, fp8check, fp8train, fp8deep, parity, shapes, fp8, one, serving, speedrun," \
-       "decode, mtp, spec, measure, fused, tune, probe, multigpu, step, serve, trl, r1-zero, r1-full, r1-short or claim" >&2
+       "decode, mtp, spec, measure, fused, tune, probe, multigpu, step, serve, trl, r1-zero, r1-full, r1-short, "\
+       "r1-zero-short or claim" >&2
      exit 2 ;;
 esac
 echo "stage $stage: $(elapsed)s"
