@@ -381,7 +381,7 @@ reasoning_steps=30 final_steps=15 curve_points=3 rejection_prompts=1000 eval_n=4
     R1_PRETRAIN_STEPS=${R1_PRETRAIN_STEPS:-1500} R1_ARGS=${R1_ARGS:-"zero_steps=80 curve_points=4 eval_n=500"} \
       r1 "${R1_LIMIT:-585}" zero 2 ;;
   *) echo "unknown stage $stage: gputests, fp8check, fp8train, fp8deep, parity, shapes, fp8, one, serving, speedrun," \
-       "decode, mtp, spec, measure, fused, tune, probe, multigpu, step, serve, trl, r1-zero, r1-full, r1-short, "\
+       "decode, mtp, spec, measure, fused, tune, probe, multigpu, step, serve, trl, r1-zero, r1-full, r1-short,"\
        "r1-zero-short or claim" >&2
      exit 2 ;;
 esac
