@@ -13,6 +13,7 @@ code can differ in detail.
 
     python benchmarks/kernel_resources.py [--candidates] [--attention]   (writes kernel_resources.json to $OUT,
                                                                          else benchmarks/results)
+    python benchmarks/kernel_resources.py --attention-only
 """
 
 from __future__ import annotations
@@ -205,11 +206,12 @@ def main() -> None:
     ap.add_argument("--candidates", action="store_true", help="also the probe's TMA-loading candidates")
     ap.add_argument("--attention", action="store_true", help="also the MLA decode attention at real widths")
     ap.add_argument("--only", help='the grouped W8A8 kernel at one launch shape, e.g. "64x128 w4 s3"')
+    ap.add_argument("--attention-only", action="store_true", help="the MLA decode attention alone")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's kernels are Python, not compiled
         raise SystemExit("kernel_resources: unset TRITON_INTERPRET (the kernels must compile, not interpret)")
-    table = rows(args.only) + (candidate_rows() if args.candidates else [])
-    table += attention_rows() if args.attention else []
+    table = [] if args.attention_only else rows(args.only) + (candidate_rows() if args.candidates else [])
+    table += attention_rows() if args.attention or args.attention_only else []
     print(f"{'kernel':46s} {'launch':18s} {'regs':>4s} {'spill':>5s} {'smem KB':>7s} {'per SM':>6s} "
           f"{'wgmma':>5s} {'mma.sync':>8s} {'cp.async':>8s} {'tma':>4s}")
     for r in table:

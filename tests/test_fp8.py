@@ -256,6 +256,29 @@ def test_grouped_kernel_compiles_to_hoppers_pipelined_tensor_core_path(tmp_path)
     assert row["registers"] > 0 and row["occupancy_programs"] >= 1, row
 
 
+def test_mla_decode_attention_compiles_with_pipelined_cache_loads(tmp_path):
+    """The MLA decode attention compiled for sm_90 without a GPU, at the launches the engine
+    derives for V2-Lite's and V3's widths and V3's 64-head candidates, its integers specialized
+    as Triton's launcher does: every launch pipelines its cache loads (cp.async; a mask the
+    compiler cannot prove constant over 16 channels loads element by element, unpipelined), and a
+    64-head program multiplies on wgmma only and fits an SM."""
+    pytest.importorskip("triton")
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "0", "OUT": str(tmp_path)}  # the suite interprets kernels
+    subprocess.run([sys.executable, str(root / "benchmarks" / "kernel_resources.py"), "--attention-only"],
+                   check=True, env=env, cwd=root, capture_output=True)
+    table = json.loads((tmp_path / "kernel_resources.json").read_text())["rows"]
+    assert len(table) == 12 and all(r["ptx"]["cp.async"] > 0 for r in table), table
+    wide = [r for r in table if r["config"].startswith("64h")]
+    assert len(wide) == 4, table
+    assert all(r["ptx"]["wgmma"] > 0 and r["ptx"]["mma.sync"] == 0 and r["occupancy_programs"] >= 1 for r in wide), wide
+
+
 def test_kernel_probes_tma_candidate_computes_the_kernels_product():
     """benchmarks/fp8_kernel_probe.py times a candidate of the grouped kernel that loads its tiles
     through TMA descriptors, whose tiles run past a group's rows and an expert's columns: on a CPU
