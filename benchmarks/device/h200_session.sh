@@ -372,8 +372,7 @@ case $stage in
   r1-zero) r1 "${R1_LIMIT:-585}" zero 2 ;;
   # at level 2 the base answered 93.6% and the cold start 99.6%: no room for RL
   r1-full) r1 "${R1_LIMIT:-585}" full 3 ;;
-  r1-short)  # stage times from the two-call H100 run at level 2, scaled: base ~100 s, cold start ~50, reasoning
-             # RL ~150 (3.5 s a step and three held-out evaluations), rejection ~15, SFT ~60, final RL ~90
+  r1-short)  # on an H100 beside the check stage: base 123 s, then the six stages 291 s (456 s with the wheels)
     R1_PRETRAIN_STEPS=${R1_PRETRAIN_STEPS:-800} R1_ARGS=${R1_ARGS:-"cold_start_steps=200 sft_steps=200 \
 reasoning_steps=30 final_steps=15 curve_points=3 rejection_prompts=1000 eval_n=400"} r1 "${R1_LIMIT:-585}" full 3 ;;
   r1-zero-short)  # R1-Zero in one call, as the two-call run but 80 steps: the 1,500-step base ~145 s, ~3.6 s a
