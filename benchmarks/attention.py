@@ -254,8 +254,8 @@ def sweep_launches(rule: dict, heads: int, best: dict | None = None) -> list[dic
     attention programs aimed for x the dots as heads x positions or transposed, at the rule's
     block, warps and stages; 64 heads at blocks of 32 positions and 2 stages, the most whose
     tiles fit an SM's shared memory (benchmarks/kernel_resources.py: wgmma's 64 rows, at 8 warps
-    no spill). Then, around the fastest of those, blocks of 16 to 64 positions x 4 or 8 warps x
-    2 to 4 stages."""
+    32 bytes of spill; none at blocks of 16). Then, around the fastest of those, blocks of 16 to
+    64 positions x 4 or 8 warps x 2 to 4 stages."""
     if best is None:
         widths = [h for h in (16, 32, 64) if h <= max(16, heads)]
         fit = {64: dict(attend_block=min(32, rule["attend_block"]), attend_split=rule["attend_split"], attend_stages=2,

@@ -40,7 +40,6 @@ from nanoseek.fp8.quant import ACT_TILE, TILE, WEIGHT_BLOCK, first_tiles, quanti
 _tile_rows = kernels._tile_rows
 
 
-
 @triton.jit
 def grouped_mm_tma_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, ends_ptr, first_tile_ptr, M, N, K, E,
                           EP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,

@@ -139,8 +139,8 @@ def test_fused_attention_units_follow_the_positions(programs, heads):
     assert len(step.part_m) == max(attention_parts(step.t, H, 200, B) for B in (1, 2, 3)) >= aim + 3
     assert step.units(64) == 64 * step.units(ATTEND_ROWS) // ATTEND_ROWS  # more rows, more units
     warps = step.t["attend_warps"]  # more rows than one wave holds: half the warps, 2 stages
-    assert attend_warps_stages(step.t, ATTEND_ROWS) == dict(num_warps=warps, num_stages=step.t["attend_stages"])
-    assert attend_warps_stages(step.t, 64) == dict(num_warps=max(4, warps // 2), num_stages=2)
+    assert attend_warps_stages(step.t, ATTEND_ROWS, C) == dict(num_warps=warps, num_stages=step.t["attend_stages"])
+    assert attend_warps_stages(step.t, 64, C) == dict(num_warps=max(4, warps // 2), num_stages=2)
     # but never so few that a program's [heads, C] float32 accumulator passes 128 registers a thread
     wide = dict(attend_warps=8, attend_stages=3, attend_heads=64)
     assert attend_warps_stages(wide, 64, 512)["num_warps"] == 8  # 64 x 512 floats over 256 threads

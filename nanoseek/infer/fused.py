@@ -176,8 +176,8 @@ class FusedDecoder:
         M = max_rows
         self.h = torch.empty(M, c.hidden_size, dtype=model.model.embed_tokens.weight.dtype, device=dev)
         self.qkv = torch.empty(M, c.q_lora_rank + C + R, **f32)
-        # the absorbed queries in the cache's dtype: the attention rounds them to it anyway, and a
-        # 16-bit query is a dot operand the compiler keeps in shared memory, not in registers
+        # the absorbed queries in the cache's dtype: the attention rounds them to it anyway, and with
+        # float32 ones a 64-head program spills (benchmarks/kernel_resources.py)
         q16 = dict(dtype=cache.layers[0][0].dtype, device=dev)
         self.q_lat = torch.empty(M, H, C, **q16)
         self.q_pe = torch.empty(M, H, R, **q16)

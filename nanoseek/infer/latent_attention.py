@@ -45,16 +45,16 @@ def attention_parts(t: dict, heads: int, max_len: int, B: int) -> int:
     return attention_units(t, heads, max_len, B) + B
 
 
-def attend_warps_stages(t: dict, B: int, C: int = 0) -> dict:
-    """The attention's warps and pipeline stages at B rows: the launch's while its programs
-    fit one wave (rows up to ATTEND_ROWS); past that, a wave of several programs an SM runs
-    faster on half the warps (V3's widths, 16 rows: 1.3x) and 2 stages. Never fewer than 4
-    warps, nor (given the latent's width C) than hold a program's [heads, C] float32
-    accumulator in 128 registers a thread: a 64-head program at C = 512 keeps 8."""
+def attend_warps_stages(t: dict, B: int, C: int) -> dict:
+    """The attention's warps and pipeline stages at B rows over a latent C wide: the launch's
+    while its programs fit one wave (rows up to ATTEND_ROWS); past that, a wave of several
+    programs an SM runs faster on half the warps (V3's widths, 16 rows: 1.3x) and 2 stages.
+    Never fewer than 4 warps, nor than hold a program's [heads, C] float32 accumulator in 128
+    registers a thread (at most the launch's warps): a 64-head program at C = 512 keeps 8."""
     warps, stages = t["attend_warps"], t["attend_stages"]
     if B <= ATTEND_ROWS:
         return dict(num_warps=warps, num_stages=stages)
-    holds = min(warps, t["attend_heads"] * pow2(C) // (128 * 32)) if C else 0
+    holds = min(warps, t["attend_heads"] * pow2(C) // (128 * 32))
     return dict(num_warps=max(4, warps // 2, holds), num_stages=min(2, stages))
 
 

@@ -194,10 +194,9 @@ def _reasoning(text: str) -> str:
 def language_consistency_reward(prompts, completions, language="en", **kwargs) -> list[float | None]:
     """The share of the reasoning's words (inside <think>, else the whole completion) written
     in the target language's script (language.py: "en", "zh", "ru", ... or a script name such
-    as "Cyrillic"); 1.0 when it has no words (digits and symbols mix no language). Scoring
-    those 0 would pay a policy for writing any word at all: on arithmetic, where most
-    reasoning is digits, that term drove GRPO's advantages and accuracy fell. `language` is
-    one target for every sample, or a dataset column (one per completion)."""
+    as "Cyrillic"); 1.0 when it has no words (digits and symbols mix no language): scoring
+    those lower would pay a policy for writing words. `language` is one target for every
+    sample, or a dataset column (one per completion)."""
     targets = (_column("language", language, len(completions), "language_consistency_reward")
                if isinstance(language, (list, tuple)) else [language] * len(completions))
     shares = (language_share(_reasoning(completion_text(c)), target) for c, target in zip(completions, targets))
