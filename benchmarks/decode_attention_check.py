@@ -74,10 +74,10 @@ def traced_run(model, prompts, new, compiled: bool, launch, max_len: int) -> lis
         # changes says the kernels read something besides their inputs (unwritten scratch, aliasing)
         again = attend(*(t.clone() for t in (q_lat, q_pe, ckv, kpe, positions_B)), *rest, **kw)
         pos = positions_B.tolist()
-        calls.append(dict(positions=pos, q_lat=q_lat.double().cpu(), q_pe=q_pe.double().cpu(), out=o.double().cpu(),
-                          out_again=again.double().cpu(), out_exact=exact_attention(q_lat, q_pe, ckv, kpe, pos, *rest[:3]),
-                          ckv=[ckv[b, :p + 1].double().cpu() for b, p in enumerate(pos)],
-                          kpe=[kpe[b, :p + 1].double().cpu() for b, p in enumerate(pos)]))
+        call = dict(positions=pos, q_lat=q_lat.double().cpu(), q_pe=q_pe.double().cpu(), out=o.double().cpu(),
+                    out_again=again.double().cpu(), ckv=[ckv[b, :p + 1].double().cpu() for b, p in enumerate(pos)],
+                    kpe=[kpe[b, :p + 1].double().cpu() for b, p in enumerate(pos)])
+        calls.append(dict(call, out_exact=exact_attention(call, *rest[:3])))
         return o
     la.attend_latent = recording
     try:
@@ -91,15 +91,14 @@ def traced_run(model, prompts, new, compiled: bool, launch, max_len: int) -> lis
     return calls
 
 
-def exact_attention(q_lat, q_pe, ckv, kpe, positions: list[int], w_kvb, scale: float, V: int) -> torch.Tensor:
-    """What attend_latent should return for these very inputs, in float64 on the host: per row,
-    softmax((q_lat·c_kv + q_pe·k_pe)·scale) over its positions, summed over c_kv, then W_UV."""
-    H = q_lat.shape[1]
-    w_uv = w_kvb.double().cpu().unflatten(0, (H, -1))[:, -V:]  # [H, V, C]: each head's rows after W_UK's
+def exact_attention(call: dict, w_kvb, scale: float, V: int) -> torch.Tensor:
+    """What attend_latent should return for a recorded call's inputs (float64, on the host): per
+    row, softmax((q_lat·c_kv + q_pe·k_pe)·scale) over its positions, summed over c_kv, then W_UV."""
+    q_lat, q_pe = call["q_lat"], call["q_pe"]
+    w_uv = w_kvb.double().cpu().unflatten(0, (q_lat.shape[1], -1))[:, -V:]  # [H, V, C]: each head's after W_UK's
     out = []
-    for b, p in enumerate(positions):
-        c, k = ckv[b, :p + 1].double().cpu(), kpe[b, :p + 1].double().cpu()
-        scores = (q_lat[b].double().cpu() @ c.T + q_pe[b].double().cpu() @ k.T) * scale
+    for b, (c, k) in enumerate(zip(call["ckv"], call["kpe"])):  # a row's cache up to its position
+        scores = (q_lat[b] @ c.T + q_pe[b] @ k.T) * scale
         out.append(torch.einsum("hc,hvc->hv", scores.softmax(-1) @ c, w_uv).flatten())
     return torch.stack(out)
 

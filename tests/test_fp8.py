@@ -236,11 +236,9 @@ def test_triton_grouped_kernels_agree_with_the_twin(grouped_operands):
     assert ((fast.double() - twin.double()).abs() <= bound).all()
 
 
-def test_grouped_kernel_compiles_to_hoppers_pipelined_tensor_core_path(tmp_path):
-    """The grouped FP8 GEMM compiled for sm_90 without a GPU (benchmarks/kernel_resources.py,
-    Triton's own ptxas): at the launch shape an H100's autotuner picked for V2-Lite's experts, its
-    loop multiplies with wgmma (Hopper's warpgroup MMA; mma.sync would be Ampere's, at a fraction
-    of the rate) and loads with cp.async (the loads pipelined over the stages)."""
+def compiled_for_hopper(tmp_path, *args: str) -> list[dict]:
+    """benchmarks/kernel_resources.py's rows for `args`: kernels compiled for sm_90 by Triton's own
+    ptxas, without a GPU. In a subprocess: the suite interprets kernels, which then cannot compile."""
     pytest.importorskip("triton")
     import json
     import os
@@ -248,31 +246,28 @@ def test_grouped_kernel_compiles_to_hoppers_pipelined_tensor_core_path(tmp_path)
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "0", "OUT": str(tmp_path)}  # the suite interprets kernels
-    subprocess.run([sys.executable, str(root / "benchmarks" / "kernel_resources.py"), "--only", "64x128 w4 s3"],
+    env = {**os.environ, "TRITON_INTERPRET": "0", "OUT": str(tmp_path)}
+    subprocess.run([sys.executable, str(root / "benchmarks" / "kernel_resources.py"), *args],
                    check=True, env=env, cwd=root, capture_output=True)
-    (row,) = json.loads((tmp_path / "kernel_resources.json").read_text())["rows"]
+    return json.loads((tmp_path / "kernel_resources.json").read_text())["rows"]
+
+
+def test_grouped_kernel_compiles_to_hoppers_pipelined_tensor_core_path(tmp_path):
+    """The grouped FP8 GEMM at the launch shape an H100's autotuner picked for V2-Lite's experts:
+    its loop multiplies with wgmma (Hopper's warpgroup MMA; mma.sync would be Ampere's, at a
+    fraction of the rate) and loads with cp.async (the loads pipelined over the stages)."""
+    (row,) = compiled_for_hopper(tmp_path, "--only", "64x128 w4 s3")
     assert row["ptx"]["wgmma"] >= 4 and row["ptx"]["mma.sync"] == 0 and row["ptx"]["cp.async"] > 0, row
     assert row["registers"] > 0 and row["occupancy_programs"] >= 1, row
 
 
 def test_mla_decode_attention_compiles_with_pipelined_cache_loads(tmp_path):
-    """The MLA decode attention compiled for sm_90 without a GPU, at the launches the engine
-    derives for V2-Lite's and V3's widths and V3's 64-head candidates, its integers specialized
-    as Triton's launcher does: every launch pipelines its cache loads (cp.async; a mask the
-    compiler cannot prove constant over 16 channels loads element by element, unpipelined), and a
-    64-head program multiplies on wgmma only and fits an SM."""
-    pytest.importorskip("triton")
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "0", "OUT": str(tmp_path)}  # the suite interprets kernels
-    subprocess.run([sys.executable, str(root / "benchmarks" / "kernel_resources.py"), "--attention-only"],
-                   check=True, env=env, cwd=root, capture_output=True)
-    table = json.loads((tmp_path / "kernel_resources.json").read_text())["rows"]
+    """The MLA decode attention at the launches the engine derives for V2-Lite's and V3's widths
+    and V3's 64-head candidates, its integers specialized as Triton's launcher does: every launch
+    pipelines its cache loads (cp.async; a mask the compiler cannot prove constant over 16
+    channels loads element by element, unpipelined), and a 64-head program multiplies on wgmma
+    only and fits an SM."""
+    table = compiled_for_hopper(tmp_path, "--attention-only")
     assert len(table) == 12 and all(r["ptx"]["cp.async"] > 0 for r in table), table
     wide = [r for r in table if r["config"].startswith("64h")]
     assert len(wide) == 4, table
