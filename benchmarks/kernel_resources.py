@@ -30,6 +30,11 @@ import triton
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
+try:
+    from triton._C.libtriton import native_specialize_impl
+except ImportError:
+    native_specialize_impl = None
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_json  # noqa: E402
@@ -55,11 +60,9 @@ EXPERT_VALUES = {"N": 1408, "K": 2048, "E": 64, "P": 14336}
 def specialize(value: int) -> tuple[str, object]:
     """How Triton's launcher specializes an integer argument: ("constexpr", 1) for 1, (type, "D")
     for a multiple of 16, else (type, ""); its own function where this Triton has it."""
-    try:
-        from triton._C.libtriton import native_specialize_impl
-        return native_specialize_impl(BaseBackend, value, False, True, True)[:2]
-    except ImportError:  # older Triton: the same rule
+    if native_specialize_impl is None:  # older Triton: the same rule
         return ("constexpr", 1) if value == 1 else ("i32", "D" if value % 16 == 0 else "")
+    return native_specialize_impl(BaseBackend, value, False, True, True)[:2]
 
 
 def compile_for_hopper(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int,
