@@ -228,7 +228,9 @@ def combine_rewards(funcs: Sequence[RewardFn], weights: Sequence[float] | None =
     """A function (prompts, completions, **columns) -> (totals, per_function):
     totals[i] = Σ_k weight_k · value_k[i], with None counted as 0; per_function maps each
     function's name to its raw values (None kept, for "reward total and per function"
-    logging over the samples each applies to)."""
+    logging over the samples each applies to). None is neutral only when all of a prompt's
+    samples get it, so a reward returns None for what the prompt decides (no gold, no tests),
+    never for what a completion does."""
     funcs = list(funcs)
     weights = [1.0] * len(funcs) if weights is None else [float(w) for w in weights]
     if len(weights) != len(funcs):
