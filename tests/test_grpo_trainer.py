@@ -253,3 +253,14 @@ def test_generate_repeated_decodes_through_max_batch_slots(tiny):
     assert len(ids) == len(few) == 6 and engine.num_slots == 2
     _, all_at_once, engine = generate_repeated(model, tok, ["1+1=", "2+3="], params, repeat=3, max_new_tokens=6)
     assert engine.num_slots == 6 and [o.token_ids for o in few] == [o.token_ids for o in all_at_once]
+
+
+def test_a_reward_that_skips_samples_logs_the_share_it_scored():
+    # 3 of 4 samples unscored (None, summed as 0): the mean over the scored one reads 1.0, so the
+    # share beside it is what shows that the reward moved the total for one sample in four
+    batch = {"rewards": [1.1, 1.0, 0.0, 0.0], "completion_ids": [[1, 2], [1], [1, 2, 3], [4]],
+             "per_fn": {"accuracy": [1.0, 1.0, 0.0, 0.0], "language": [1.0, None, None, None]}}
+    rec = GRPOTrainer._rollout_metrics(None, batch)
+    assert rec["reward_language"] == 1.0 and rec["reward_language_applies"] == 0.25
+    assert "reward_accuracy_applies" not in rec and rec["accuracy"] == 0.5
+    assert rec["reward"] == pytest.approx(0.525) and rec["response_length"] == 1.75

@@ -451,6 +451,10 @@ class GRPOTrainer(Checkpointed):
             m = _mean(values)
             if m is not None:
                 rec[f"reward_{name}"] = m
+            # the mean above is over the samples a reward applies to; the share beside it keeps a
+            # reward that scores a few samples and leaves the rest at 0 from reading as "all good"
+            if any(v is None for v in values):
+                rec[f"reward_{name}_applies"] = sum(v is not None for v in values) / len(values)
         if "accuracy" in batch["per_fn"]:
             acc = batch["per_fn"]["accuracy"]
             rec["accuracy"] = rec.get("reward_accuracy", 0.0)
