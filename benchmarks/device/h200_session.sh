@@ -42,8 +42,8 @@
 #   CLAIM=moe bash benchmarks/device/h200_session.sh claim   # papers' claims, gpu scale (8 min each by default)
 #
 # Environment: LAYERS (fp8deep); MINUTES, GRPO_MINUTES, SPEEDRUN_LIMIT, SPECULATIVE (speedrun);
-# R1_LEVEL, R1_PRETRAIN_STEPS, R1_ARGS (r1-zero, r1-full: key=value settings of nanoseek r1), R1_LIMIT
-# (their seconds, 585 by default); TRL_ARGS (trl, measure);
+# R1_LEVEL, R1_BASE (the base's run directory), R1_PRETRAIN_STEPS, R1_ARGS (r1-zero, r1-full: key=value
+# settings of nanoseek r1), R1_LIMIT (their seconds, 585 by default); TRL_ARGS (trl, measure);
 # CLAIM (claim: one or more of moe, balancing, attention, mtp, fp8, specialization), CLAIM_MINUTES;
 # DECODE_ARGS (decode, measure: e.g. "--tuned-option combo_kernels=true"); DECODE_MODES (decode.py --modes);
 # FUSED_ARGS (benchmarks/fused_decode.py); SCALING_ARGS (benchmarks/scaling.py, multigpu: e.g.
@@ -137,9 +137,9 @@ serve() {  # limit: 64 streaming clients against serve --compile
 r1() {  # limit, zero|full, arithmetic level: the `small` base pretrained once (resumable), then `nanoseek r1`,
         # which resumes a stopped run (runs/ stays on a warm machine); its report, figures and stage results ->
         # $OUT/r1_<stages>.tgz
-  local until=$(( $(elapsed) + $1 ))
-  if [ ! -f runs/r1/base/final/config.json ]; then
-    timeout "$(left "$until")" python3 -m nanoseek.cli train --preset small --resume --out runs/r1/base \
+  local until=$(( $(elapsed) + $1 )) base=${R1_BASE:-runs/r1/base}
+  if [ ! -f "$base/final/config.json" ]; then
+    timeout "$(left "$until")" python3 -m nanoseek.cli train --preset small --resume --out "$base" \
       --data builtin:arithmetic:level=1:n=30000,builtin:arithmetic:level=2:n=3000,builtin:arithmetic:level=3:n=3000 \
       --steps "${R1_PRETRAIN_STEPS:-1500}" --save-every 250 lr=2e-3 batch_size=32 seq_len=512 warmup=50 compile=true \
       2>&1 | quiet | tail -3 | tee -a "$OUT/r1_base.log"
@@ -147,7 +147,7 @@ r1() {  # limit, zero|full, arithmetic level: the `small` base pretrained once (
   enough "$(left "$until")" 60 || return
   # SIGTERM 30 s before the call's end: the step in flight finishes and is saved (a ~4 s GRPO
   # step and a save), so the next call goes on from there, not from the last save_every
-  timeout -k 10 "$(( $(left "$until") - 30 ))" python3 -m nanoseek.cli r1 --model runs/r1/base --task arithmetic \
+  timeout -k 10 "$(( $(left "$until") - 30 ))" python3 -m nanoseek.cli r1 --model "$base" --task arithmetic \
     --level "${R1_LEVEL:-$3}" --stages "$2" --out "runs/r1/$2" ${R1_ARGS:-} 2>&1 | quiet \
     | tee -a "$OUT/r1_$2.log"
   tar czf "$OUT/r1_$2.tgz" --exclude='*.safetensors' --exclude='checkpoints' --exclude='tb' "runs/r1/$2" 2>/dev/null
@@ -377,8 +377,8 @@ case $stage in
 reasoning_steps=30 final_steps=15 curve_points=3 rejection_prompts=1000 eval_n=400"} r1 "${R1_LIMIT:-585}" full 3 ;;
   r1-zero-short)  # R1-Zero in one call, as the two-call run but 80 steps: the 1,500-step base ~145 s, ~3.6 s a
                   # step and four held-out evaluations of 500 (the run's rollouts started climbing near step 60)
-    R1_PRETRAIN_STEPS=${R1_PRETRAIN_STEPS:-1500} R1_ARGS=${R1_ARGS:-"zero_steps=80 curve_points=4 eval_n=500"} \
-      r1 "${R1_LIMIT:-585}" zero 2 ;;
+    R1_BASE=${R1_BASE:-runs/r1/base1500} R1_PRETRAIN_STEPS=${R1_PRETRAIN_STEPS:-1500} \
+      R1_ARGS=${R1_ARGS:-"zero_steps=80 curve_points=4 eval_n=500"} r1 "${R1_LIMIT:-585}" zero 2 ;;
   *) echo "unknown stage $stage: gputests, fp8check, fp8train, fp8deep, parity, shapes, fp8, one, serving, speedrun," \
        "decode, mtp, spec, measure, fused, tune, probe, multigpu, step, serve, trl, r1-zero, r1-full, r1-short,"\
        "r1-zero-short or claim" >&2
