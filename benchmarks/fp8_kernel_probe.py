@@ -1,6 +1,6 @@
-"""Why the grouped FP8 Triton kernel runs at ~10% of the FP8 ceiling: each launch shape of
-nanoseek/fp8/kernels.py's grouped_mm_kernel compiled for one real shape, with what the compiler
-made of it and its time.
+"""What the grouped FP8 Triton kernel's launch shapes compile to, and how fast each runs: each
+launch shape of nanoseek/fp8/kernels.py's grouped_mm_kernel compiled for one real shape, with
+what the compiler made of it and its time.
 
 For each (mode, launch shape), on DeepSeek-V2-Lite's gate projection at a 2,048-token chunk
 (12,288 routed rows over 64 experts; the same rows as one group for the dense case):
