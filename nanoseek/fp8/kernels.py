@@ -179,7 +179,11 @@ _tokens_tuned = triton.autotune(_configs(({"BLOCK_N": 128, "BLOCK_K": 128}, 8, 3
                                          ({"BLOCK_N": 128, "BLOCK_K": 256}, 8, 3),
                                          ({"BLOCK_N": 256, "BLOCK_K": 128}, 8, 3),
                                          ({"BLOCK_N": 128, "BLOCK_K": 128}, 4, 2),
-                                         ({"BLOCK_N": 64, "BLOCK_K": 128}, 4, 2)),
+                                         ({"BLOCK_N": 64, "BLOCK_K": 128}, 4, 2),
+                                         # the two tile shapes that keep their accumulators without
+                                         # spilling (benchmarks/kernel_resources.py), deeper pipelined
+                                         ({"BLOCK_N": 64, "BLOCK_K": 128}, 4, 3),
+                                         ({"BLOCK_N": 128, "BLOCK_K": 64}, 4, 3)),
                                 key=["N", "K"])(grouped_mm_tokens_kernel)
 # the same shapes for the launch that adds into a gradient: timed apart from the overwriting one,
 # c restored after every timing run, which would otherwise add once more each
