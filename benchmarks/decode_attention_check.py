@@ -1,8 +1,11 @@
 """Which of the engine's decode paths gives greedy tokens that differ from a full forward without
 a cache: the decode attention (kernel or torch) crossed with CUDA graphs, compile and the fused
-step, on the sharpened tiny test model (tests/test_fused_decode.sharp_model), two prompts of
-different lengths. Prints one line a path and the first step where a row leaves the reference;
-writes decode_attention_check.json to $OUT (benchmarks/results without it).
+step, two prompts of different lengths, on a tiny model trained to copy (`--model copier`,
+tests/test_fused_decode.copying_model: decisive choices, so a path that parts is at fault) or the
+kernel tests' model with its weights x5 (`--model sharp`: near-one-hot attention that amplifies
+rounding, where the trace found paths parting by rounding alone). Prints one line a path and the
+first step where a row leaves the reference; writes decode_attention_check.json to $OUT
+(benchmarks/results without it).
 
 Steps: `captured` (the engine's CUDA-graph step), `graph-step` (the same step, compiled or
 not, run without capturing it: the ops' Python bodies run at every call) and `eager` (the
@@ -19,7 +22,8 @@ that computes wrongly under compile from a graph that hands it other (differentl
 `--eager-op` adds a path whose attention call is kept out of the compiled graph (a graph break
 a layer), as a workaround to check.
 
-    python benchmarks/decode_attention_check.py [--max-len 40] [--new 12] [--trace] [--eager-op]
+    python benchmarks/decode_attention_check.py [--model copier|sharp] [--max-len 40] [--new 12] [--trace]
+        [--eager-op]
 """
 
 from __future__ import annotations
@@ -151,14 +155,22 @@ def main() -> None:
     ap.add_argument("--trace", action="store_true", help="compare the op's calls, compiled against not")
     ap.add_argument("--eager-op", action="store_true", help="also the path with the attention call kept eager")
     ap.add_argument("--only-trace", action="store_true", help="the trace alone, none of the paths (a short call)")
+    ap.add_argument("--model", choices=("copier", "sharp"), default="copier",
+                    help="copier: a tiny model trained to repeat its prompt's period, whose greedy choices lead "
+                         "by 4-6 logits; sharp: the kernel tests' model (weights x5), whose rounding amplifies")
     args = ap.parse_args()
-    from test_fused_decode import sharp_model  # noqa: E402 - tests/ on sys.path
+    from test_fused_decode import copying_model, sharp_model  # noqa: E402 - tests/ on sys.path
     from test_latent_attention import LAUNCH  # noqa: E402
     from nanoseek.infer import SamplingParams
     from nanoseek.infer.config import InferenceConfig
 
-    model = sharp_model()
-    prompts = [[5, 9, 2, 7, 1, 3, 8], [4, 4]]
+    if args.model == "copier":
+        model = copying_model()
+        period = [[17, 203, 5, 88, 140, 61, 230, 9], [44, 190, 7, 126, 33, 251, 72, 158]]
+        prompts = [period[0] + period[0][:3], period[1]]
+    else:
+        model = sharp_model()
+        prompts = [[5, 9, 2, 7, 1, 3, 8], [4, 4]]
     ref, margins = zip(*(reference(model, p, args.new) for p in prompts))
     print("reference", list(ref), "margins", list(margins), flush=True)
     rows = []
@@ -210,7 +222,7 @@ def main() -> None:
         for r in table[start:start + 6]:  # the calls around it, each value's deviation
             print("  ", r, flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    write_json(dict(reference=ref, margins=margins, rows=rows, trace=trace, device=device),
+    write_json(dict(model=args.model, reference=ref, margins=margins, rows=rows, trace=trace, device=device),
                "decode_attention_check.json")
 
 

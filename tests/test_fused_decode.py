@@ -3,6 +3,7 @@ model's absorbed decode forward. Without a GPU the kernels run in Triton's inter
 (tests/conftest.py sets TRITON_INTERPRET=1 there); on a GPU they run compiled."""
 
 import copy
+import functools
 import os
 
 import pytest
@@ -33,6 +34,41 @@ def sharp_model(**overrides):
             if r.e_score_correction_bias is not None:
                 r.e_score_correction_bias.normal_(0, 0.1)
     return m.to(DEVICE)
+
+
+@functools.lru_cache(maxsize=1)
+def copying_model(period: int = 8, steps: int = 300):
+    """tiny (vocab 256, no MTP) trained to continue its prompt by repeating the prompt's first
+    `period` tokens, a copy that needs attention over the cache. Its greedy choices lead by
+    4-6 logits (sharp_model's by as little as 0.01), so rounding that differs between two
+    decode paths cannot flip them: the model for comparing paths' tokens. ~12 s on 2 CPU cores,
+    trained once a process (callers leave its weights alone)."""
+    torch.manual_seed(0)
+    m = Transformer(preset("tiny", vocab_size=256, num_nextn_predict_layers=0)).to(DEVICE)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        ids = torch.randint(0, 256, (32, period), generator=g).repeat(1, 5).to(DEVICE)
+        labels = ids.clone()
+        labels[:, :period] = -100  # the first period cannot be predicted
+        loss = m(ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval().requires_grad_(False)
+
+
+def greedy_without_cache(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+    """n greedy tokens by full forwards without a cache, in float64 logits, and each choice's
+    lead over the runner-up."""
+    ids, margins = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids], device=DEVICE)).logits[0, -1].double()
+            top = logits.topk(2).values
+            margins.append((top[0] - top[1]).item())
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):], margins
 
 
 def prefilled_cache(model, lengths, max_len=40, ids=None, dtype=torch.float32):

@@ -13,7 +13,8 @@ from nanoseek.infer.config import InferenceConfig
 from nanoseek.infer.latent_attention import LatentDecodeAttention
 
 pytest.importorskip("triton")
-from test_fused_decode import DEVICE, prefilled_cache, sharp_model  # noqa: E402 - tests/ is on sys.path
+from test_fused_decode import (DEVICE, copying_model, greedy_without_cache, prefilled_cache,  # noqa: E402
+                               sharp_model)  # tests/ is on sys.path
 
 # small blocks so that a 40-position cache crosses several units and blocks in the interpreter
 LAUNCH = dict(attend_split=16, attend_block=16, attend_programs=8, attend_heads=16, merge_splits=2)
@@ -62,16 +63,24 @@ def test_decode_attention_compiles_whole():
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5 * eager.abs().max().item())
 
 
-def test_engine_decodes_the_same_tokens_with_the_kernels():
-    """Greedy generation of two prompts of different lengths: the same tokens with the
-    decode attention kernels (called once a layer and step) as with the absorbed attention;
-    after the engine's forwards the model's layers are as they were (a later generate() or
-    engine must not get this engine's cache length)."""
+def test_engine_decodes_the_reference_tokens_with_the_kernels():
+    """Greedy generation of two prompts of different lengths, with the decode attention kernels
+    (called once a layer and step) and with the absorbed attention: both give the tokens of full
+    forwards without a cache. The model copies its prompt's period (copying_model), so each
+    choice leads by over a logit and paths that round differently (BF16, compiled on a GPU)
+    cannot flip it, where sharp_model's amplified rounding did. After the engine's forwards the
+    model's layers are as they were (a later generate() or engine must not get this engine's
+    cache length)."""
     from nanoseek.model.mla import MLA
-    model = sharp_model()
+    model = copying_model()
     layers = [m for m in model.modules() if isinstance(m, MLA)]
-    prompts = [[5, 9, 2, 7, 1, 3, 8], [4, 4]]
-    outs, calls = {}, []
+    period = [[17, 203, 5, 88, 140, 61, 230, 9], [44, 190, 7, 126, 33, 251, 72, 158]]
+    prompts = [period[0] + period[0][:3], period[1]]
+    want = [(p * 4)[len(q):len(q) + 12] for p, q in zip(period, prompts)]
+    for prompt, tokens in zip(prompts, want):
+        reference, margins = greedy_without_cache(model, prompt, 12)
+        assert reference == tokens and min(margins) > 1.0, (reference, margins)  # a decisive copier
+    calls = []
     for choice in ("torch", "kernel"):
         engine = Engine(model, max_batch=2, max_len=40,
                         config=InferenceConfig(decode_attention=choice, fused_launch=LAUNCH))
@@ -79,9 +88,9 @@ def test_engine_decodes_the_same_tokens_with_the_kernels():
         assert (attend is None) == (choice == "torch")
         if attend is not None:
             engine.runner.decode_attend = lambda *args: calls.append(1) or attend(*args)
-        outs[choice] = [o.token_ids for o in engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0))]
+        out = [o.token_ids for o in engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0))]
+        assert out == want, choice
         assert all(m.decode_attention is None for m in layers)
-    assert outs["kernel"] == outs["torch"] and all(len(t) == 12 for t in outs["torch"])
     assert len(calls) == 11 * model.config.num_hidden_layers  # 11 batched decode steps, the main layers
 
 
