@@ -39,20 +39,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import write_json  # noqa: E402
 
 
-def reference(model, prompt: list[int], new: int) -> tuple[list[int], list[float]]:
-    """Greedy tokens by full forwards over the whole sequence, no cache, and each one's margin
-    (its logit less the runner-up's): a path that parts from the reference where the margin is
-    a rounding's width has met a near-tie, where it is wide, a fault."""
-    ids, margins = list(prompt), []
-    with torch.no_grad():
-        for _ in range(new):
-            logits = model(torch.tensor([ids], device=next(model.parameters()).device)).logits[0, -1]
-            top = logits.float().topk(2).values
-            margins.append(round(float(top[0] - top[1]), 4))
-            ids.append(int(logits.argmax()))
-    return ids[len(prompt):], margins
-
-
 def engine_for(model, step: str, config, max_len: int, fused_rows, launch):
     """An engine whose decode step is `step` (the module docstring's)."""
     from nanoseek.infer import Engine
@@ -159,19 +145,19 @@ def main() -> None:
                     help="copier: a tiny model trained to repeat its prompt's period, whose greedy choices lead "
                          "by 4-6 logits; sharp: the kernel tests' model (weights x5), whose rounding amplifies")
     args = ap.parse_args()
-    from test_fused_decode import copying_model, sharp_model  # noqa: E402 - tests/ on sys.path
+    from test_fused_decode import copy_prompts, copying_model, greedy_without_cache, sharp_model  # noqa: E402
     from test_latent_attention import LAUNCH  # noqa: E402
     from nanoseek.infer import SamplingParams
     from nanoseek.infer.config import InferenceConfig
 
     if args.model == "copier":
-        model = copying_model()
-        period = [[17, 203, 5, 88, 140, 61, 230, 9], [44, 190, 7, 126, 33, 251, 72, 158]]
-        prompts = [period[0] + period[0][:3], period[1]]
+        model, (prompts, _) = copying_model(), copy_prompts(args.new)
     else:
-        model = sharp_model()
-        prompts = [[5, 9, 2, 7, 1, 3, 8], [4, 4]]
-    ref, margins = zip(*(reference(model, p, args.new) for p in prompts))
+        model, prompts = sharp_model(), [[5, 9, 2, 7, 1, 3, 8], [4, 4]]
+    # a row that parts from the reference where the margin (top logit less the runner-up) is a
+    # rounding's width has met a near-tie; where it is wide, a fault
+    ref, margins = zip(*(greedy_without_cache(model, p, args.new) for p in prompts))
+    margins = [[round(m, 4) for m in row] for row in margins]
     print("reference", list(ref), "margins", list(margins), flush=True)
     rows = []
     compiled_graphs = ("captured", True, 0, 8)

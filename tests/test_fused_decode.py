@@ -61,6 +61,15 @@ def copying_model(period: int = 8, max_steps: int = 1000):
     return m.eval().requires_grad_(False)
 
 
+def copy_prompts(n: int = 12) -> tuple[list[list[int]], list[list[int]]]:
+    """Two prompts of different lengths for copying_model (a period and three tokens of its
+    repeat; a period alone) and the n tokens that continue each."""
+    periods = [[17, 203, 5, 88, 140, 61, 230, 9], [44, 190, 7, 126, 33, 251, 72, 158]]
+    prompts = [periods[0] + periods[0][:3], periods[1]]
+    repeats = [p * (2 + n // len(p)) for p in periods]
+    return prompts, [r[len(q):len(q) + n] for r, q in zip(repeats, prompts)]
+
+
 def greedy_without_cache(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
     """n greedy tokens by full forwards without a cache, in float64 logits, and each choice's
     lead over the runner-up."""

@@ -13,8 +13,8 @@ from nanoseek.infer.config import InferenceConfig
 from nanoseek.infer.latent_attention import LatentDecodeAttention
 
 pytest.importorskip("triton")
-from test_fused_decode import (DEVICE, copying_model, greedy_without_cache, prefilled_cache,  # noqa: E402
-                               sharp_model)  # tests/ is on sys.path
+from test_fused_decode import (DEVICE, copy_prompts, copying_model, greedy_without_cache,  # noqa: E402
+                               prefilled_cache, sharp_model)  # tests/ is on sys.path
 
 # small blocks so that a 40-position cache crosses several units and blocks in the interpreter
 LAUNCH = dict(attend_split=16, attend_block=16, attend_programs=8, attend_heads=16, merge_splits=2)
@@ -74,9 +74,7 @@ def test_engine_decodes_the_reference_tokens_with_the_kernels():
     from nanoseek.model.mla import MLA
     model = copying_model()
     layers = [m for m in model.modules() if isinstance(m, MLA)]
-    period = [[17, 203, 5, 88, 140, 61, 230, 9], [44, 190, 7, 126, 33, 251, 72, 158]]
-    prompts = [period[0] + period[0][:3], period[1]]
-    want = [(p * 4)[len(q):len(q) + 12] for p, q in zip(period, prompts)]
+    prompts, want = copy_prompts(12)
     for prompt, tokens in zip(prompts, want):
         reference, margins = greedy_without_cache(model, prompt, 12)
         assert reference == tokens and min(margins) > 1.0, (reference, margins)  # a decisive copier
