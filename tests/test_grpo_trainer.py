@@ -17,7 +17,7 @@ import torch
 import nanoseek
 from nanoseek.cli import main
 from nanoseek.data.tokenizer import ChatTokenizer, byte_tokenizer
-from nanoseek.rl.trainer import GRPOTrainer, grpo_config, informative_groups
+from nanoseek.rl.trainer import GRPOTrainer, grpo_config, informative_groups, rollout_metrics
 from nanoseek.train.trainer import TrainingInterrupted
 from nanoseek.train.checkpoint import latest_checkpoint
 from nanoseek.train.metrics import read_metrics
@@ -260,7 +260,7 @@ def test_a_reward_that_skips_samples_logs_the_share_it_scored():
     # share beside it is what shows that the reward moved the total for one sample in four
     batch = {"rewards": [1.1, 1.0, 0.0, 0.0], "completion_ids": [[1, 2], [1], [1, 2, 3], [4]],
              "per_fn": {"accuracy": [1.0, 1.0, 0.0, 0.0], "language": [1.0, None, None, None]}}
-    rec = GRPOTrainer._rollout_metrics(None, batch)
+    rec = rollout_metrics(batch)
     assert rec["reward_language"] == 1.0 and rec["reward_language_applies"] == 0.25
     assert "reward_accuracy_applies" not in rec and rec["accuracy"] == 0.5
     assert rec["reward"] == pytest.approx(0.525) and rec["response_length"] == 1.75

@@ -33,6 +33,7 @@ from nanoseek.cli import main
 from nanoseek.data.tokenizer import ChatTokenizer, byte_tokenizer
 from nanoseek.parallel.grpo import ParallelGRPOTrainer, share
 from nanoseek.parallel.mesh import ParallelConfig, ParallelError
+from nanoseek.rl import trainer as rl_trainer
 from nanoseek.rl.grpo import group_advantages
 from nanoseek.rl.trainer import GRPOTrainer, grpo_config
 from nanoseek.train.metrics import read_metrics
@@ -122,15 +123,15 @@ RUNNER = textwrap.dedent("""
     from nanoseek import cli
     from nanoseek.rl import trainer
 
-    original = trainer.GRPOTrainer._rollout_metrics
+    original = trainer.rollout_metrics
 
-    def record(self, batch):  # the step's completions, gathered from every rank
+    def record(batch):  # the step's completions, gathered from every rank
         if os.environ.get("RANK", "0") == "0":
             with open(sys.argv[1], "a") as f:
                 f.write(json.dumps(batch["completion_ids"]) + "\\n")
-        return original(self, batch)
+        return original(batch)
 
-    trainer.GRPOTrainer._rollout_metrics = record
+    trainer.rollout_metrics = record
     sys.exit(cli.main(sys.argv[2:]))
 """)
 
@@ -157,9 +158,9 @@ def test_torchrun_grpo_rolls_out_like_one_process_and_writes_once(tmp_path, monk
     assert two.stdout.count("GRPO to step 2") == 1                  # rank 0 prints, rank 1 is quiet
     read = [json.loads(line) for line in (tmp_path / "two.rollouts.jsonl").read_text().splitlines()]
 
-    want, original = [], GRPOTrainer._rollout_metrics
-    monkeypatch.setattr(GRPOTrainer, "_rollout_metrics",
-                        lambda self, batch: want.append(batch["completion_ids"]) or original(self, batch))
+    want, original = [], rl_trainer.rollout_metrics
+    monkeypatch.setattr(rl_trainer, "rollout_metrics",
+                        lambda batch: want.append(batch["completion_ids"]) or original(batch))
     assert main(["grpo", *map(str, args), "--steps", "1", "--out", str(tmp_path / "one")]) == 0
     monkeypatch.undo()
     assert len(read) == 2 and len(read[0]) == 12 and read[0] == want[0]

@@ -220,6 +220,32 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def rollout_metrics(batch: dict) -> dict:
+    """A step's rollout figures: reward (mean, spread, per function over the samples each scores,
+    and the share it scores where it skips some), response length, accuracy."""
+    rewards, lengths = batch["rewards"], [len(c) for c in batch["completion_ids"]]
+    mean = sum(rewards) / len(rewards)
+    rec = {"reward": mean,
+           "reward_std": (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5,
+           "response_length": sum(lengths) / len(lengths)}
+    for name, values in batch["per_fn"].items():
+        m = _mean(values)
+        if m is not None:
+            rec[f"reward_{name}"] = m
+        # the mean above is over the samples a reward applies to; the share beside it keeps a
+        # reward that scores a few samples and leaves the rest at 0 from reading as "all good"
+        if any(v is None for v in values):
+            rec[f"reward_{name}_applies"] = sum(v is not None for v in values) / len(values)
+    if "accuracy" in batch["per_fn"]:
+        acc = batch["per_fn"]["accuracy"]
+        rec["accuracy"] = rec.get("reward_accuracy", 0.0)
+        for label, want in (("correct", True), ("incorrect", False)):
+            ls = [n for n, a in zip(lengths, acc) if a is not None and (a > 0) == want]
+            if ls:
+                rec[f"response_length_{label}"] = sum(ls) / len(ls)
+    return rec
+
+
 class GRPOTrainer(Checkpointed):
     stage = "grpo"
 
@@ -415,7 +441,7 @@ class GRPOTrainer(Checkpointed):
                 for k, v in per_fn.items():
                     kept["per_fn"].setdefault(k, []).extend(v[sl])
 
-        record = self._rollout_metrics(everything)
+        record = rollout_metrics(everything)
         record.update(groups_kept=len(kept["rows"]) // G, groups_dropped=dropped,
                       rollout_tokens=rollout_tokens, rollout_time_s=rollout_time,
                       rollout_tokens_per_s=rollout_tokens / max(rollout_time, 1e-9), lr=cfg.lr)
@@ -440,29 +466,6 @@ class GRPOTrainer(Checkpointed):
         ref_logp = self._logprobs_of(self.ref_model, ids, mask) if self.ref_model is not None else None
         stats = [self._update(ids, mask, advantages, old_logp, ref_logp, n_rows, n_tokens) for _ in range(cfg.mu)]
         return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
-
-    def _rollout_metrics(self, batch: dict) -> dict:
-        rewards, lengths = batch["rewards"], [len(c) for c in batch["completion_ids"]]
-        mean = sum(rewards) / len(rewards)
-        rec = {"reward": mean,
-               "reward_std": (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5,
-               "response_length": sum(lengths) / len(lengths)}
-        for name, values in batch["per_fn"].items():
-            m = _mean(values)
-            if m is not None:
-                rec[f"reward_{name}"] = m
-            # the mean above is over the samples a reward applies to; the share beside it keeps a
-            # reward that scores a few samples and leaves the rest at 0 from reading as "all good"
-            if any(v is None for v in values):
-                rec[f"reward_{name}_applies"] = sum(v is not None for v in values) / len(values)
-        if "accuracy" in batch["per_fn"]:
-            acc = batch["per_fn"]["accuracy"]
-            rec["accuracy"] = rec.get("reward_accuracy", 0.0)
-            for label, want in (("correct", True), ("incorrect", False)):
-                ls = [n for n, a in zip(lengths, acc) if a is not None and (a > 0) == want]
-                if ls:
-                    rec[f"response_length_{label}"] = sum(ls) / len(ls)
-        return rec
 
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()
