@@ -42,8 +42,8 @@ class InferenceConfig(CheckedConfig):
     # MLA decode attention for one new token a row: "kernel" (latent_attention.py: Triton kernels
     # that read each row's own positions), "torch" (the model's absorbed attention, which reads
     # every position of the cache and masks), or "auto": the kernels on a GPU when the cache is
-    # longer than fused.SHORT_CACHE positions, where reading all of it costs the most, and the
-    # step is not compiled (engine.decode_attention says why)
+    # longer than fused.SHORT_CACHE positions, where reading all of it costs the most; a compiled
+    # step of 64 or more heads from 32K (engine.decode_attention says why)
     decode_attention: str = "auto"
     # GPU: decode steps replayed back to back per read-back of their tokens
     decode_burst: int = 8

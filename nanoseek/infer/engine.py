@@ -95,12 +95,22 @@ from .sequence import RequestOutput, Sequence, Status, StreamEvent
 from .speculative import MTPDrafter, RequestStats, greedy_accept, sampling_probs, speculative_accept_rows
 
 
+# A compiled step's absorbed attention is one batched GEMM over the whole cache. Where a latent byte
+# meets many heads' FLOPs (V3's 128) it beat the kernels at 4K (135 against 261 µs at 16 rows, and 134
+# against 183 with 15 of them at 1K); at 32K they won (773 against 787 µs at 16 full rows, 223 against
+# 787 with 15 short ones). At 16 heads (V2-Lite) the kernels won from 32K by 1.3-12x, and lost only
+# at 4K with one row, 34 against 31 µs (H100, benchmarks/results/h100_attention/captured).
+WIDE_HEADS, WIDE_CACHE = 64, 32768
+
+
 def decode_attention(config: InferenceConfig, model: Transformer, cache_len: int, device: torch.device,
                      speculative_k: int = 0):
     """The MLA decode attention InferenceConfig.decode_attention chooses (None: the model's
-    absorbed attention); "kernel" on a model the kernels cannot take says why. Without
-    speculation the cache's last position is the padding rows' of a captured step (no
-    request's token is fed there), so their attention reads that position only."""
+    absorbed attention); "kernel" on a model the kernels cannot take says why. auto takes the
+    kernels on a GPU for caches over SHORT_CACHE positions, and for a compiled step of
+    WIDE_HEADS or more heads from WIDE_CACHE on. Without speculation the cache's last position
+    is the padding rows' of a captured step (no request's token is fed there), so their
+    attention reads that position only."""
     from .fused import SHORT_CACHE
     from .latent_attention import LatentDecodeAttention
     why = LatentDecodeAttention.unsupported(model.config, model)
@@ -114,10 +124,8 @@ def decode_attention(config: InferenceConfig, model: Transformer, cache_len: int
                              f"decode_attention='torch'")
     elif config.decode_attention == "torch" or why or device.type != "cuda" or cache_len <= SHORT_CACHE:
         return None
-    elif config.compile and config.cuda_graphs:
-        # auto leaves a compiled step the absorbed attention until the engine's token test on the copying
-        # model passes compiled on a GPU: on the x5 test model compiled kernels parted from the reference,
-        # which a trace put down to that model amplifying rounding (the kernels matched float64)
+    elif (config.compile and config.cuda_graphs and model.config.num_attention_heads >= WIDE_HEADS
+          and cache_len < WIDE_CACHE):
         return None
     return LatentDecodeAttention(model.config, cache_len, config.fused_launch, -1 if speculative_k else cache_len - 1)
 

@@ -132,17 +132,40 @@ def _(q_lat, q_pe, ckv, kpe, positions_B, w_kvb, scale, v_dim, launch, idle):
     return q_lat.new_empty(q_lat.shape[0], q_lat.shape[1] * v_dim, dtype=torch.float32)
 
 
+# With one row at V3's widths, 64 heads a program in blocks of 32 positions ran 1.19x (32K) and
+# 1.39x (128K) faster than the rule's 32 heads; at 16 rows 32 stayed faster (H100,
+# benchmarks/results/h100_attention/captured)
+ONE_ROW_HEADS = 64
+
+
+def one_row_launch(config, max_len: int, launch: dict | None = None) -> dict | None:
+    """The launch for a step of one row where it differs from fused_step_launch's: ONE_ROW_HEADS
+    heads a program for a long cache, where the rule holds fewer for its accumulator's sake
+    (its warps then follow the wider program). None where the rule stands or `launch` sets
+    the heads."""
+    from .fused import ATTEND_BLOCK, SHORT_CACHE, fused_step_launch
+    given = dict(launch or {})
+    rule = fused_step_launch(config, max_len, launch)
+    if ("attend_heads" in given or max_len <= SHORT_CACHE or rule["attend_heads"] >= ONE_ROW_HEADS
+            or config.num_attention_heads < ONE_ROW_HEADS):
+        return None
+    return fused_step_launch(config, max_len, {"attend_block": 32, "attend_split": ATTEND_BLOCK, **given,
+                                               "attend_heads": ONE_ROW_HEADS})
+
+
 class LatentDecodeAttention:
     """In place of MLA.absorbed for one new token a row (MLA.decode_attention): W_UK folded
     into the query as the absorbed attention does, then mla_decode_attention over each row's
     own positions. Launch shapes: fused.fused_step_launch's for the model's widths and the
-    cache's length, `launch` replacing any of them; idle: the position of a CUDA-graph bucket's
-    padding rows (attend_latent), -1 for none."""
+    cache's length (one_row_launch's for one row), `launch` replacing any of them; idle: the
+    position of a CUDA-graph bucket's padding rows (attend_latent), -1 for none."""
 
     def __init__(self, config, max_len: int, launch: dict | None = None, idle: int = -1):
         from .fused import fused_step_launch
         t = fused_step_launch(config, max_len, launch)
+        one = one_row_launch(config, max_len, launch) or t
         self.launch, self.idle = [int(t[k]) for k in OP_LAUNCH], idle
+        self.one_row = [int(one[k]) for k in OP_LAUNCH]
 
     def __call__(self, attn, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
                  positions: torch.Tensor) -> torch.Tensor:
@@ -152,8 +175,10 @@ class LatentDecodeAttention:
         w_uk_HNC = attn.kv_b_proj.weight.unflatten(0, (H, -1))[:, : attn.nope_dim]
         # the queries in the cache's dtype, to which the kernel rounds them (fused.FusedDecoder's q_lat)
         q_lat = torch.einsum("bhn,hnc->bhc", q_nope[:, 0], w_uk_HNC.to(q_nope.dtype)).to(c_kv.dtype)
+        # B is static in a captured step: each bucket's graph holds its own launch
+        launch = self.one_row if B == 1 else self.launch
         o = mla_decode_attention(q_lat, q_pe[:, 0].to(c_kv.dtype), c_kv, k_pe, positions[:, 0], attn.kv_b_proj.weight,
-                                 attn.scale, attn.v_dim, self.launch, self.idle)
+                                 attn.scale, attn.v_dim, launch, self.idle)
         return o.to(q_nope.dtype).view(B, 1, H, attn.v_dim)
 
     @staticmethod
