@@ -30,7 +30,9 @@ changes some) and between an engine's first and last run (`same_tokens_run_to_ru
 `--fp8`: the BF16 rows run the weights an FP8 checkpoint of the model holds, dequantised
 (the twin), then the same modes run them FP8-resident (128x128 block scales, as the official
 V3 checkpoints: infer/fp8_weights.py), weight-only and with the activations in FP8 too
-(`--fp8-kernels auto w8a8`), rows marked "FP8 weights" with `speedup_vs_bf16` and
+(`--fp8-kernels auto w8a8`), or with FP8Linear's dequantization written in the step for
+Inductor to fuse (`twin`: in the batch-1 step's tuned compile a one-row matmul becomes a
+reduction that reads the FP8 weight in place; elsewhere it dequantizes whole weights), rows marked "FP8 weights" with `speedup_vs_bf16` and
 `same_tokens_as_bf16` against the BF16 row of their mode and batch (near-tie flips of a
 random model included), and `fp8_teacher_forced_vs_bf16`: the largest batch's BF16
 continuations forced through each FP8 model's cached decode, its greedy choices against BF16's
@@ -84,6 +86,9 @@ MODES = {"default": (" (defaults)", dict()),
                              dict(compile=True, fused_decode_rows=0, decode_attention="torch")),
          "graphs": (" (CUDA graphs, not compiled)", dict(compile=False, fused_decode_rows=0)),
          "eager": (" (no CUDA graphs)", dict(cuda_graphs=False, compile=False))}
+
+# FP8Linear.kernel -> the rows' label
+FP8_LABELS = {"auto": " FP8 weights", "w8a8": " FP8 weights, W8A8", "twin": " FP8 weights, fused dequantization"}
 
 
 def launch_file(path: str | None) -> dict | None:
@@ -240,9 +245,9 @@ def main():
                     help="the engine's cache length (default prompt + new): a server's, longer than its requests")
     ap.add_argument("--modes", nargs="+", default=["default", "compiled"], choices=list(MODES))
     ap.add_argument("--fp8", action="store_true", help="the modes again with the layer weights in FP8")
-    ap.add_argument("--fp8-kernels", nargs="+", default=["auto", "w8a8"], choices=["auto", "w8a8"],
-                    help="with --fp8, FP8Linear's kernels to run: weight-only (auto) and/or activations in FP8 "
-                         "too (w8a8)")
+    ap.add_argument("--fp8-kernels", nargs="+", default=["auto", "w8a8"], choices=list(FP8_LABELS),
+                    help="with --fp8, FP8Linear's kernels to run: weight-only (auto), activations in FP8 too "
+                         "(w8a8), the dequantization left to the compiler (twin)")
     ap.add_argument("--sharpen", type=float, default=1.0, metavar="F",
                     help="every random weight times F (tests/conftest.py's model: 5). It does not move a "
                          "random model's logits away from ties (the top-two gap stays ~0.2 of their std), "
@@ -335,7 +340,6 @@ def main():
         profile_decode_step(model, args, prompts)
 
 
-FP8_LABELS = {"auto": " FP8 weights", "w8a8": " FP8 weights, W8A8"}
 
 
 def fp8_round_trip(model) -> None:

@@ -24,6 +24,9 @@
 #   bash benchmarks/device/h200_session.sh shapes     # decode on V2-Lite and a V3 slice: fused vs compiled
 #                                              # recorded as the default path
 #   bash benchmarks/device/h200_session.sh fp8        # FP8-resident decode vs BF16 on V2-Lite and a V3 slice
+#   bash benchmarks/device/h200_session.sh fp8twin    # FP8 decode at batch 1: the FP8 GEMV kernel vs Inductor's fused
+#                                              # dequantization, V2-Lite's 8 layers (profiled), the V3 slice
+#   bash benchmarks/device/h200_session.sh verify16   # compiled kernels' engine test, one-row launch, V3 attention
 #   bash benchmarks/device/h200_session.sh probe      # the grouped FP8 kernel: compiled code, launch shapes, a TMA candidate
 #   bash benchmarks/device/h200_session.sh serving    # serve load, prefix cache
 #   bash benchmarks/device/h200_session.sh check      # the engine's decode paths against a no-cache reference
@@ -233,6 +236,20 @@ case $stage in
       --skip-hf
     real_decode "$(left 585)" --preset deepseek-v3 --layers 2 --batches 1 --new 64 --modes compiled --fp8 \
       --fp8-kernels auto --skip-hf
+    ;;
+  fp8twin)  # FP8-resident decode at batch 1 with FP8Linear's kernel (auto) against its dequantization left to
+            # the batch-1 step's tuned compile (twin), V2-Lite's first 8 layers (compiling 27 three times
+            # does not fit a call), the FP8 step profiled; then the V3 slice
+    real_decode "$(left 380)" --preset deepseek-v2-lite --layers 8 --batches 1 --new 64 --modes compiled --fp8 \
+      --fp8-kernels auto twin --skip-hf --profile
+    real_decode "$(left 585)" --preset deepseek-v3 --layers 2 --batches 1 --new 64 --modes compiled --fp8 \
+      --fp8-kernels auto twin --skip-hf
+    ;;
+  verify16)  # the kernels in compiled steps: the engine's token test on the copying model, the one-row launch
+             # at V3's widths, the choice rule; then V3's attention at 32K and 128K with that launch
+    timeout 200 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_latent_attention.py \
+      -k "engine_decodes or one_row or choice or v2_lite_widths" 2>&1 | tail -14 | tee "$OUT/verify16_tests.log"
+    bench "$(left 585)" 60 benchmarks/attention.py --contexts 32768 131072 --batches 1 16 --mixed
     ;;
   probe)  # the grouped FP8 kernel's compiled code and each launch shape's time, with a TMA-loading candidate
     bench "${PROBE_LIMIT:-170}" 30 benchmarks/fp8_kernel_probe.py
