@@ -237,7 +237,7 @@ case $stage in
     real_decode "$(left 585)" --preset deepseek-v3 --layers 2 --batches 1 --new 64 --modes compiled --fp8 \
       --fp8-kernels auto --skip-hf
     ;;
-  fp8twin)  # FP8-resident decode at batch 1 with FP8Linear's kernel (auto) against its dequantization left to
+  fp8twin)  # FP8-resident decode at batch 1 with FP8Linear's kernels (auto: the GEMV) against its dequantization left to
             # the batch-1 step's tuned compile (twin), V2-Lite's first 8 layers (compiling 27 three times
             # does not fit a call), the FP8 step profiled; then the V3 slice
     real_decode "$(left 380)" --preset deepseek-v2-lite --layers 8 --batches 1 --new 64 --modes compiled --fp8 \
@@ -249,6 +249,8 @@ case $stage in
              # at V3's widths, the choice rule; then V3's attention at 32K and 128K with that launch
     timeout 200 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_latent_attention.py \
       -k "engine_decodes or one_row or choice or v2_lite_widths" 2>&1 | tail -14 | tee "$OUT/verify16_tests.log"
+    timeout 120 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8_weights.py -k "gpu" 2>&1 \
+      | tail -12 | tee "$OUT/verify16_fp8_tests.log"
     bench "$(left 585)" 60 benchmarks/attention.py --contexts 32768 131072 --batches 1 16 --mixed
     ;;
   probe)  # the grouped FP8 kernel's compiled code and each launch shape's time, with a TMA-loading candidate

@@ -12,6 +12,13 @@ is only kept if the dequantisation happens in registers. Per program: BLOCK_N ou
 converted to x's dtype (exact: every e4m3 value is a BF16 value), one tensor-core dot with
 float32 accumulation, times the tile's one scale. The twin is infer/fp8_weights.py's
 dequantise-then-matmul.
+
+Up to GEMV_ROWS rows (a decode step of a few requests) take a GEMV instead: a tensor-core dot
+of 16 rows would be 15 rows of padding at one row, and a program per 64 outputs leaves most
+SMs idle at V2-Lite's widths (9 programs for a 576-wide projection on 132 SMs). The GEMV's
+programs hold a few output rows each (gemv_block_n: about GEMV_PROGRAMS of them), load up to
+GEMV_K columns of them at once, scale each column by its block's scale and multiply on the
+CUDA cores.
 """
 
 from __future__ import annotations
@@ -44,6 +51,40 @@ def fp8_weight_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_x, stri
     tl.store(y_ptr + m[:, None] * stride_y + n[None, :], acc, mask=(m[:, None] < M) & (n[None, :] < N))
 
 
+GEMV_ROWS = 4        # rows that take the GEMV kernel
+GEMV_PROGRAMS = 256  # programs the GEMV aims for: about two an SM of an H100/H200 (132)
+GEMV_K = 2048        # columns of the weight a GEMV program loads at once
+GEMV_TILE = 16384    # weight elements it loads at once: 64 a thread at 8 warps, no spill on sm_90
+
+
+@triton.jit
+def fp8_weight_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_x, stride_y, scale_cols,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr):
+    pid = tl.program_id(0)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.arange(0, BLOCK_M)
+    kk = tl.arange(0, BLOCK_K)
+    s_row = s_ptr + ((pid * BLOCK_N) // SCALE_ROWS) * scale_cols  # BLOCK_N divides the scale block's rows
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # a wide tile an iteration (all of K up to GEMV_K): every load is in flight before the first use
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + kk
+        w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K),
+                    other=0.0)
+        w = w.to(tl.float32) * tl.load(s_row + k // SCALE_COLS, mask=k < K, other=0.0)[None, :]
+        for i in tl.static_range(BLOCK_M):
+            x = tl.load(x_ptr + i * stride_x + k, mask=(k < K) & (i < M), other=0.0).to(tl.float32)
+            acc += tl.where(m[:, None] == i, tl.sum(w * x[None, :], axis=1)[None, :], 0.0)
+    tl.store(y_ptr + m[:, None] * stride_y + n[None, :], acc, mask=(m[:, None] < M) & (n[None, :] < N))
+
+
+def gemv_block_n(N: int, block_rows: int) -> int:
+    """Output rows a GEMV program holds: a power of two from 4, within a scale block's rows,
+    for about GEMV_PROGRAMS programs."""
+    return min(block_rows, max(4, triton.next_power_of_2(N // GEMV_PROGRAMS + 1) // 2))
+
+
 def unsupported(rows: int, weight: torch.Tensor, block: tuple[int, int]) -> str | None:
     """Why the kernel cannot take this call, or None."""
     if not 0 < rows <= MAX_ROWS:
@@ -66,6 +107,14 @@ def fp8_weight_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale_inv: torch.T
         raise ValueError(f"fp8_weight_linear cannot take {reason}")
     x_MK = x_MK.contiguous()
     y = torch.empty(M, N, dtype=x_MK.dtype, device=x_MK.device)
+    if M <= GEMV_ROWS:
+        block_k = min(GEMV_K, triton.next_power_of_2(K))
+        block_n = min(gemv_block_n(N, block[0]), max(1, GEMV_TILE // block_k))
+        fp8_weight_gemv_kernel[(triton.cdiv(N, block_n),)](
+            x_MK, w_NK, scale_inv, y, M, N, K, x_MK.stride(0), y.stride(0), scale_inv.shape[1],
+            BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k, SCALE_ROWS=block[0],
+            SCALE_COLS=block[1], num_warps=min(8, max(1, block_n * block_k // 512)))  # 16 weight bytes a thread
+        return y
     precision = "ieee" if x_MK.dtype == torch.float32 else "tf32"  # float32 (the tests) exactly
     block_n = min(BLOCK_N, block[0])  # inside one row of scale blocks
     fp8_weight_linear_kernel[(triton.cdiv(N, block_n),)](
