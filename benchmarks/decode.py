@@ -32,7 +32,8 @@ changes some) and between an engine's first and last run (`same_tokens_run_to_ru
 V3 checkpoints: infer/fp8_weights.py), weight-only and with the activations in FP8 too
 (`--fp8-kernels auto w8a8`), or with FP8Linear's dequantization written in the step for
 Inductor to fuse (`twin`: in the batch-1 step's tuned compile a one-row matmul becomes a
-reduction that reads the FP8 weight in place; elsewhere it dequantizes whole weights), rows marked "FP8 weights" with `speedup_vs_bf16` and
+reduction that reads the FP8 weight in place; elsewhere it dequantizes whole weights), rows
+marked "FP8 weights" with `speedup_vs_bf16` and
 `same_tokens_as_bf16` against the BF16 row of their mode and batch (near-tie flips of a
 random model included), and `fp8_teacher_forced_vs_bf16`: the largest batch's BF16
 continuations forced through each FP8 model's cached decode, its greedy choices against BF16's
