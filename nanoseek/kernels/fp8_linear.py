@@ -113,7 +113,7 @@ def fp8_weight_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale_inv: torch.T
         fp8_weight_gemv_kernel[(triton.cdiv(N, block_n),)](
             x_MK, w_NK, scale_inv, y, M, N, K, x_MK.stride(0), y.stride(0), scale_inv.shape[1],
             BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k, SCALE_ROWS=block[0],
-            SCALE_COLS=block[1], num_warps=min(8, max(1, block_n * block_k // 512)))  # 16 weight bytes a thread
+            SCALE_COLS=block[1], num_warps=min(8, max(1, block_n * block_k // 512)))  # 16+ weight bytes a thread
         return y
     precision = "ieee" if x_MK.dtype == torch.float32 else "tf32"  # float32 (the tests) exactly
     block_n = min(BLOCK_N, block[0])  # inside one row of scale blocks
