@@ -374,7 +374,12 @@ def engine_rows(model, plists, args, common, device, bandwidth, rows, tokens, we
         roofline[B] = {"step_bytes": nbytes, "experts_touched_per_layer": touched,
                        "roofline_tokens_per_s": B * bandwidth / nbytes}
         del engine
+    from nanoseek.infer.fused import FusedDecoder
     for mode_label, mode in (MODES[m] for m in args.modes):
+        why = mode.get("fused_decode_rows") and FusedDecoder.unsupported(model.config, model)
+        if why:  # the engine would run its compiled step under the fused step's label
+            print(f"{mode_label.strip()} skipped: the fused step does not take this model ({why})", flush=True)
+            continue
         label = mode_label + weights
         config = InferenceConfig(**{**common, **mode})
         engine = Engine(model, None, max_batch=max(args.batches), max_len=max_len(args), config=config)
