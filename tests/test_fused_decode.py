@@ -102,6 +102,8 @@ def prefilled_cache(model, lengths, max_len=40, ids=None, dtype=torch.float32):
     (dict(scoring_func="softmax", topk_method="group_limited_greedy", n_group=4, topk_group=2,
           n_shared_experts=2), False),                        # V2, two shared experts
     (dict(num_attention_heads=32), False),                    # attention in two blocks of heads
+    (dict(q_lora_rank=None, scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1,
+          n_shared_experts=2), True),                         # V2-Lite: no query LoRA, greedy softmax
     (dict(hidden_size=56, intermediate_size=88, moe_intermediate_size=40, num_attention_heads=32,
           q_lora_rank=40), True),                           # V3-like: rows end in a part chunk
     (dict(rope_scaling={"type": "yarn", "factor": 40, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
@@ -281,8 +283,8 @@ def test_unsupported_models_say_why():
         FusedDecoder(m, StaticCache(m.config, 1, 8), 1, launch=dict(gemv_row=8))
     assert FusedDecoder.unsupported(preset("tiny")) is None
     assert FusedDecoder.unsupported(preset("bench-1b")) is None
+    assert FusedDecoder.unsupported(preset("deepseek-v2-lite")) is None  # no query LoRA
     cases = {"attention_type": dict(attention_type="gqa", num_key_value_heads=2),
-             "q_lora_rank": dict(q_lora_rank=None),
              "96 routed experts in 8 groups": dict(n_routed_experts=96, n_group=8, topk_group=4),
              "at most 256": dict(n_routed_experts=512, n_group=8, topk_group=4)}
     for words, overrides in cases.items():
@@ -371,26 +373,30 @@ def test_bf16_fused_step_is_as_accurate_as_the_bf16_model():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("transposed", [0, 1])
-def test_bf16_fused_step_at_v3_layer_widths(transposed):
+@pytest.mark.parametrize("name, transposed", [("deepseek-v3", 0), ("deepseek-v3", 1), ("deepseek-v2-lite", 0)])
+def test_bf16_fused_step_at_real_layer_widths(name, transposed):
     """On a GPU, BF16, DeepSeek-V3's layer widths (hidden 7168, 128 heads, latent 512,
     q_lora 1536, experts of width 2048, top-8 in 4 of 8 groups; 64 experts instead of 256 and
     a small vocabulary, to fit a float32 reference beside it), one dense and one MoE layer:
     the fused step with the launch shapes derived for these widths (2 GEMV rows a program,
     attention in 32-head blocks, its dots transposed or not) is as close to float32 as the
-    BF16 model's own step."""
+    BF16 model's own step. The same at V2-Lite's (hidden 2048, 16 heads, no query LoRA, 64
+    experts of width 1408, greedy softmax top-6, two shared experts)."""
     from nanoseek.hf import to_dtype
     from nanoseek.infer.fused import FusedDecoder
     torch.manual_seed(0)
-    cfg = preset("deepseek-v3", num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=64,
+    cfg = preset(name, num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=64,
                  vocab_size=2048, num_nextn_predict_layers=0)
     model = Transformer(cfg).cuda().eval()
-    # a random model's expert scores all sit near sigmoid(0): a spread of selection bias makes
-    # the routing decisive, so that the test measures the step's arithmetic, not which expert
-    # BF16 rounding happens to pick
+    # a random model's expert scores all sit near one value: a spread of selection bias (V3),
+    # or router logits scaled up (V2-Lite, no bias), makes the routing decisive, so that the
+    # test measures the step's arithmetic, not which expert BF16 rounding happens to pick
     with torch.no_grad():
         for r in model.routers().values():
-            r.e_score_correction_bias.normal_(0, 1)
+            if r.e_score_correction_bias is not None:
+                r.e_score_correction_bias.normal_(0, 1)
+            else:
+                r.weight.mul_(20)
     half = to_dtype(copy.deepcopy(model), torch.bfloat16)
     lengths = [100, 37]
     ids = torch.randint(0, cfg.vocab_size, (2, 100), device=DEVICE)
@@ -402,7 +408,7 @@ def test_bf16_fused_step_at_v3_layer_widths(transposed):
         ref = model(nxt, positions=positions, cache=copy.deepcopy(cache32).prefix(2)).logits[:, -1]
         plain = half(nxt, positions=positions, cache=copy.deepcopy(cache16).prefix(2)).logits[:, -1].float()
     fused = FusedDecoder(half, cache16, 2, launch={"attend_transposed": transposed})
-    assert fused.t["gemv_rows"] == 2 and fused.t["attend_heads"] == 32
+    assert (fused.t["gemv_rows"], fused.t["attend_heads"]) == ((2, 32) if name == "deepseek-v3" else (2, 16))
     got = fused.forward(nxt, positions)
 
     def rel(x):

@@ -184,7 +184,7 @@ case $stage in
     bench 75 20 benchmarks/fp8_fast_vs_twin.py
     timeout "$(left 150)" python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8.py \
       tests/test_fp8_weights.py tests/test_fused_decode.py -k "fast_fp8 or scaled_mm or w8a8 or model_loss or \
-      dequantized_models_tokens or v3_layer_widths" 2>&1 | tee "$OUT/fp8_tests.log" | tail -15
+      dequantized_models_tokens or real_layer_widths" 2>&1 | tee "$OUT/fp8_tests.log" | tail -15
     ;;
   fp8train)  # the FP8 kernels against the twin, BF16 vs FP8 training speed on V2-Lite layers (4 micro-batches
              # a step, as a real global batch amortizes AdamW; weights cast or quantized once a step, compiled;
@@ -248,7 +248,8 @@ case $stage in
   verify16)  # the kernels in compiled steps: the engine's token test on the copying model, the one-row launch
              # at V3's widths, the choice rule; then V3's attention at 32K and 128K with that launch
     timeout 200 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_latent_attention.py \
-      -k "engine_decodes or one_row or choice or v2_lite_widths" 2>&1 | tail -14 | tee "$OUT/verify16_tests.log"
+      tests/test_fused_decode.py -k "engine_decodes or one_row or choice or v2_lite_widths or real_layer" 2>&1 \
+      | tail -16 | tee "$OUT/verify16_tests.log"
     timeout 120 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8_weights.py -k "gpu" 2>&1 \
       | tail -12 | tee "$OUT/verify16_fp8_tests.log"
     bench "$(left 585)" 60 benchmarks/attention.py --contexts 32768 131072 --batches 1 16 --mixed
@@ -272,7 +273,7 @@ case $stage in
       -k "byte_for_byte or fast_fp8_swiglu or grouped_kernels or launch_shape" 2>&1 \
       | tee "$OUT/verify_fp8_tests.log" | tail -8
     timeout 200 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_latent_attention.py \
-      tests/test_fused_decode.py -k "units or padding or latent or decode_attention or engine_decodes or v3_layer" \
+      tests/test_fused_decode.py -k "units or padding or latent or decode_attention or engine_decodes or real_layer" \
       2>&1 | tee "$OUT/verify_attention_tests.log" | tail -14
     bench "$(left 585)" 100 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
       --accum 4 --precision bf16,fp8 --skip-hf --profile
@@ -291,7 +292,7 @@ case $stage in
     timeout 220 python3 benchmarks/decode_attention_check.py --trace 2>&1 | quiet \
       | tee "$OUT/decode_attention_check.log"
     timeout 170 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_latent_attention.py \
-      tests/test_fused_decode.py -k "not fused_decode or v3_layer" 2>&1 | tail -30 \
+      tests/test_fused_decode.py -k "not fused_decode or real_layer" 2>&1 | tail -30 \
       | tee "$OUT/check_attention_tests.log"
     timeout 170 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8.py tests/test_fp8_weights.py \
       -k "gpu_grouped_kernels or compile_with_fullgraph or fp8_experts" 2>&1 | tail -10 | tee "$OUT/check_fp8_tests.log"

@@ -16,9 +16,9 @@ the logits.
 It reads the model's own parameters (no copies), so it follows weight updates (GRPO) and
 runs inside a CUDA graph. Scratch buffers are allocated once, for `max_rows` rows.
 
-Supported: MLA with a q_lora_rank and no attention bias, SwiGLU dense and MoE layers
-(sigmoid or softmax routing, group-limited or not, up to 256 routed experts in groups, all
-powers of two), one token per row. `FusedDecoder.unsupported(config)` says why not, and
+Supported: MLA (with a query LoRA as V3's, or without as V2-Lite's) and no attention bias,
+SwiGLU dense and MoE layers (sigmoid or softmax routing, group-limited or not, up to 256
+routed experts in groups, all powers of two), one token per row. `FusedDecoder.unsupported(config)` says why not, and
 the engine then keeps the model's forward.
 """
 
@@ -175,7 +175,8 @@ class FusedDecoder:
         K = c.num_experts_per_tok if c.n_routed_experts else 0
         M = max_rows
         self.h = torch.empty(M, c.hidden_size, dtype=model.model.embed_tokens.weight.dtype, device=dev)
-        self.qkv = torch.empty(M, c.q_lora_rank + C + R, **f32)
+        # per row: q_a (or the query itself, without a query LoRA) then kv_a
+        self.qkv = torch.empty(M, (c.q_lora_rank or H * (c.qk_nope_head_dim + R)) + C + R, **f32)
         # the absorbed queries in the cache's dtype: the attention rounds them to it anyway, and with
         # float32 ones a 64-head program spills (benchmarks/kernel_resources.py)
         q16 = dict(dtype=cache.layers[0][0].dtype, device=dev)
@@ -207,8 +208,6 @@ class FusedDecoder:
         if why:
             return why
         c = config
-        if c.q_lora_rank is None:
-            return "no q_lora_rank (a single query projection)"
         if c.attention_bias:
             return "attention_bias"
         E = c.n_routed_experts or 0
@@ -259,17 +258,20 @@ class FusedDecoder:
     def _attention(self, layer, i, h, positions_B):
         c, k, a = self.config, kernels, layer.self_attn
         B = h.shape[0]
-        H, C, R, N, V, Q = (c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim,
-                            c.qk_nope_head_dim, c.v_head_dim, c.q_lora_rank)
+        lora = c.q_lora_rank is not None
+        H, C, R, N, V = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim
+        Q = c.q_lora_rank if lora else H * (N + R)  # the row's query part: q_a, or the query itself
         qkv = self.qkv[:B]
-        self._gemv(h, a.q_a_proj.weight, qkv, norm=layer.input_layernorm, weight2=a.kv_a_proj_with_mqa.weight)
+        self._gemv(h, a.q_a_proj.weight if lora else a.q_proj.weight, qkv, norm=layer.input_layernorm,
+                   weight2=a.kv_a_proj_with_mqa.weight)
         ckv, kpe = self.cache.layers[i]
+        q_norm = a.q_a_layernorm if lora else a.kv_a_layernorm  # (unread without a query LoRA)
         k.mla_query_kernel[(B, H + 1)](
-            qkv, qkv.stride(0), a.q_a_layernorm.weight, a.kv_a_layernorm.weight,
-            a.q_a_layernorm.eps, a.kv_a_layernorm.eps, a.q_b_proj.weight, a.kv_b_proj.weight,
+            qkv, qkv.stride(0), q_norm.weight, a.kv_a_layernorm.weight, q_norm.eps, a.kv_a_layernorm.eps,
+            a.q_b_proj.weight if lora else a.kv_b_proj.weight, a.kv_b_proj.weight,
             self.inv_freq, self.rope_factor, positions_B, self.q_lat, self.q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0),
-            H, Q, C, N, R, V, BLOCK_Q=pow2(Q), BLOCK_N=pow2(N), BLOCK_C=pow2(C), BLOCK_R2=pow2(R // 2),
-            num_warps=self.t["query_warps"], **self.launch)
+            H, Q, C, N, R, V, BLOCK_Q=pow2(Q) if lora else 16, BLOCK_N=pow2(N), BLOCK_C=pow2(C),
+            BLOCK_R2=pow2(R // 2), Q_LORA=lora, num_warps=self.t["query_warps"], **self.launch)
         o = self.attend(a, i, positions_B, B)
         self._gemv(o, a.o_proj.weight, h, residual=h)
 

@@ -156,12 +156,14 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
                      qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe,
                      H, Q, C, N, R, V,
                      BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                     BLOCK_R2: tl.constexpr, USE_PDL: tl.constexpr):
+                     BLOCK_R2: tl.constexpr, Q_LORA: tl.constexpr, USE_PDL: tl.constexpr):
     """Program (b, h < H): head h's q_nope, q_pe = q_b(RMSNorm(q_a)), q_pe rotated, and the
     absorbed query q_lat[b, h] = W_UK_h^T q_nope. Program (b, H): c_kv = RMSNorm(kv_a[:C]),
-    k_pe = RoPE(kv_a[C:]), both written into the cache at the row's position. RoPE pairs are interleaved (x0, x1), ..., pair i turned by the angle
-    position · inv_freq[i], cos and sin scaled by rope_factor (rope.RotaryEmbedding).
-    BLOCK_Q >= Q and BLOCK_C >= C: the weights are loaded at once, before the row."""
+    k_pe = RoPE(kv_a[C:]), both written into the cache at the row's position. RoPE pairs are
+    interleaved (x0, x1), ..., pair i turned by the angle position · inv_freq[i], cos and sin
+    scaled by rope_factor (rope.RotaryEmbedding). The row holds q_a (Q wide) then kv_a; without
+    Q_LORA (V2-Lite) it holds the query itself, H·(N + R) = Q wide, and q_b and its norm are
+    not read. BLOCK_Q >= Q and BLOCK_C >= C: the weights are loaded at once, before the row."""
     _launch_next(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -178,23 +180,30 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
     if h < H:
         n = tl.arange(0, BLOCK_N)
         nmask = n < N
-        j = tl.arange(0, BLOCK_Q)
-        jmask = j < Q
         row0 = h * (N + R)
-        pe_rows = row0 + N + 2 * r2
-        pmask = r2mask[:, None] & jmask[None, :]
-        w_n = tl.load(wqb_ptr + (row0 + n)[:, None] * Q + j[None, :], mask=nmask[:, None] & jmask[None, :], other=0.0)
-        w_e = tl.load(wqb_ptr + pe_rows[:, None] * Q + j[None, :], mask=pmask, other=0.0)
-        w_o = tl.load(wqb_ptr + (pe_rows + 1)[:, None] * Q + j[None, :], mask=pmask, other=0.0)
         w_uk = tl.load(wkvb_ptr + (h * (N + V) + n)[:, None] * C + c[None, :],
                        mask=nmask[:, None] & cmask[None, :], other=0.0)
-        g = tl.load(qnorm_ptr + j, mask=jmask, other=0.0).to(tl.float32)
-        _wait_prev(USE_PDL)
-        qa = tl.load(row_ptr + j, mask=jmask, other=0.0).to(tl.float32)
-        x = _rms_norm(qa, g, Q, eps_q)
-        q_nope = tl.sum(w_n.to(tl.float32) * x[None, :], axis=1)
-        pe_e = tl.sum(w_e.to(tl.float32) * x[None, :], axis=1)
-        pe_o = tl.sum(w_o.to(tl.float32) * x[None, :], axis=1)
+        if Q_LORA:
+            j = tl.arange(0, BLOCK_Q)
+            jmask = j < Q
+            pe_rows = row0 + N + 2 * r2
+            pmask = r2mask[:, None] & jmask[None, :]
+            w_n = tl.load(wqb_ptr + (row0 + n)[:, None] * Q + j[None, :], mask=nmask[:, None] & jmask[None, :],
+                          other=0.0)
+            w_e = tl.load(wqb_ptr + pe_rows[:, None] * Q + j[None, :], mask=pmask, other=0.0)
+            w_o = tl.load(wqb_ptr + (pe_rows + 1)[:, None] * Q + j[None, :], mask=pmask, other=0.0)
+            g = tl.load(qnorm_ptr + j, mask=jmask, other=0.0).to(tl.float32)
+            _wait_prev(USE_PDL)
+            qa = tl.load(row_ptr + j, mask=jmask, other=0.0).to(tl.float32)
+            x = _rms_norm(qa, g, Q, eps_q)
+            q_nope = tl.sum(w_n.to(tl.float32) * x[None, :], axis=1)
+            pe_e = tl.sum(w_e.to(tl.float32) * x[None, :], axis=1)
+            pe_o = tl.sum(w_o.to(tl.float32) * x[None, :], axis=1)
+        else:
+            _wait_prev(USE_PDL)
+            q_nope = tl.load(row_ptr + row0 + n, mask=nmask, other=0.0).to(tl.float32)
+            pe_e = tl.load(row_ptr + row0 + N + 2 * r2, mask=r2mask, other=0.0).to(tl.float32)
+            pe_o = tl.load(row_ptr + row0 + N + 2 * r2 + 1, mask=r2mask, other=0.0).to(tl.float32)
         _rope_store(qpe_ptr + (b * H + h) * R + 2 * r2, pe_e, pe_o, cos, sin, r2mask)
         tl.store(qlat_ptr + (b * H + h) * C + c, tl.sum(w_uk.to(tl.float32) * q_nope[:, None], axis=0), mask=cmask)
     else:
