@@ -181,6 +181,57 @@ def attention_rows(max_len: int = 32768) -> list[dict]:
     return out
 
 
+QUERY = {"qkv_ptr": "*fp32", "stride_qkv": "i32", "qnorm_ptr": "*bf16", "kvnorm_ptr": "*bf16", "eps_q": "fp32",
+         "eps_kv": "fp32", "wqb_ptr": "*bf16", "wkvb_ptr": "*bf16", "inv_freq_ptr": "*fp32", "rope_factor": "fp32",
+         "pos_ptr": "*i64", "qlat_ptr": "*bf16", "qpe_ptr": "*bf16", "ckv_ptr": "*bf16", "kpe_ptr": "*bf16",
+         "stride_ckv": "i32", "stride_kpe": "i32", "H": "i32", "Q": "i32", "C": "i32", "N": "i32", "R": "i32",
+         "V": "i32"}
+GEMV = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
+        "stride_x": "i32", "stride_y": "i32", "scale_cols": "i32"}
+
+
+def decode_rows(max_len: int = 4096) -> list[dict]:
+    """The fused step's query kernel as FusedDecoder launches it, and the FP8 weight-only GEMV
+    (kernels/fp8_linear.py) at one row on the projections of V2-Lite's and V3's layers, as
+    fp8_weight_linear launches it."""
+    from nanoseek import preset
+    from nanoseek.infer.fused import QUERY_CHUNK, fused_step_launch
+    from nanoseek.infer.latent_attention import pow2
+    from nanoseek.kernels import fp8_linear
+    from nanoseek.kernels.decode import mla_query_kernel
+    out = []
+    for name in ("deepseek-v2-lite", "deepseek-v3"):
+        c = preset(name)
+        t = fused_step_launch(c, max_len)
+        lora = c.q_lora_rank is not None
+        H, C, R, N, V = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim
+        Q = c.q_lora_rank if lora else H * (N + R)
+        constexprs = {"CHUNK_Q": min(QUERY_CHUNK, pow2(Q, 16)), "CHUNK_C": min(QUERY_CHUNK, pow2(C, 16)),
+                      "BLOCK_N": pow2(N), "BLOCK_C": pow2(C), "BLOCK_R2": pow2(R // 2), "Q_LORA": lora, "USE_PDL": True}
+        values = {"stride_qkv": Q + C + R, "stride_ckv": max_len * C, "stride_kpe": max_len * R,
+                  "H": H, "Q": Q, "C": C, "N": N, "R": R, "V": V}
+        k = compile_for_hopper(mla_query_kernel, QUERY, constexprs, t["query_warps"], 3, values)
+        out.append({"kernel": f"fused step's query, {name}", "config": f"chunks of {QUERY_CHUNK} w{t['query_warps']}",
+                    **resources(k, t["query_warps"])})
+        D = c.hidden_size
+        projections = {"q_proj" if not lora else "q_a_proj": (Q if not lora else c.q_lora_rank, D),
+                       "kv_a_proj": (C + R, D), "o_proj": (D, H * V), "dense up": (c.intermediate_size, D),
+                       "dense down": (D, c.intermediate_size)}
+        for proj, (rows_n, cols_k) in projections.items():
+            block_k = min(fp8_linear.GEMV_K, pow2(cols_k))
+            block_n = min(fp8_linear.gemv_block_n(rows_n, 128), max(1, fp8_linear.GEMV_TILE // block_k))
+            warps = min(8, max(1, block_n * block_k // 512))
+            k = compile_for_hopper(fp8_linear.fp8_weight_gemv_kernel, GEMV,
+                                   {"BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": block_k, "SCALE_ROWS": 128,
+                                    "SCALE_COLS": 128}, warps, 3,
+                                   {"M": 1, "N": rows_n, "K": cols_k, "stride_x": cols_k, "stride_y": rows_n,
+                                    "scale_cols": -(-cols_k // 128)})
+            out.append({"kernel": f"FP8 GEMV, 1 row, {name} {proj} {rows_n}x{cols_k}",
+                        "config": f"{block_n}x{block_k} w{warps}, {-(-rows_n // block_n)} programs",
+                        **resources(k, warps)})
+    return out
+
+
 def candidate_rows() -> list[dict]:
     """The TMA-loading candidates that benchmarks/fp8_kernel_probe.py times against the kernel."""
     from fp8_kernel_probe import grouped_mm_tma_kernel
@@ -210,11 +261,16 @@ def main() -> None:
     ap.add_argument("--attention", action="store_true", help="also the MLA decode attention at real widths")
     ap.add_argument("--only", help='the grouped W8A8 kernel at one launch shape, e.g. "64x128 w4 s3"')
     ap.add_argument("--attention-only", action="store_true", help="the MLA decode attention alone")
+    ap.add_argument("--decode", action="store_true",
+                    help="also the fused step's query kernel and the FP8 GEMV at real widths")
+    ap.add_argument("--decode-only", action="store_true", help="those alone")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's kernels are Python, not compiled
         raise SystemExit("kernel_resources: unset TRITON_INTERPRET (the kernels must compile, not interpret)")
-    table = [] if args.attention_only else rows(args.only) + (candidate_rows() if args.candidates else [])
+    alone = args.attention_only or args.decode_only
+    table = [] if alone else rows(args.only) + (candidate_rows() if args.candidates else [])
     table += attention_rows() if args.attention or args.attention_only else []
+    table += decode_rows() if args.decode or args.decode_only else []
     print(f"{'kernel':46s} {'launch':18s} {'regs':>4s} {'spill':>5s} {'smem KB':>7s} {'per SM':>6s} "
           f"{'wgmma':>5s} {'mma.sync':>8s} {'cp.async':>8s} {'tma':>4s}")
     for r in table:

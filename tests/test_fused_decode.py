@@ -111,14 +111,16 @@ def prefilled_cache(model, lengths, max_len=40, ids=None, dtype=torch.float32):
     (dict(n_routed_experts=64, n_group=8, topk_group=4, num_experts_per_tok=8, moe_intermediate_size=16,
           routed_scaling_factor=2.5), False),               # V3's routing: top-8 of 64 in 4 of 8 groups
 ])
-def test_fused_step_matches_model_decode(overrides, chunked):
+def test_fused_step_matches_model_decode(overrides, chunked, monkeypatch):
     """Logits of rows at different positions (one of them the dummy row at 0 that a bucket
     pads with) and every layer's cache entries: the fused step equals the model's absorbed
     decode forward in float32. Attention in units of 16 positions (row 1 spans two, the
     others one), 16 heads per program; chunked: rows wider than 16 read in chunks (the path of
-    a wide model's hidden size), units of 32 positions read in blocks of 16, merged two at a
-    time."""
+    a wide model's hidden size, and of the query kernel's q_b and W_UK), units of 32 positions
+    read in blocks of 16, merged two at a time."""
     from nanoseek.infer import fused
+    if chunked:
+        monkeypatch.setattr(fused, "QUERY_CHUNK", 16)
     model = sharp_model(**overrides)
     cache = prefilled_cache(model, [7, 20, 1])
     fused_cache = copy.deepcopy(cache)

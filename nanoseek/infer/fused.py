@@ -54,6 +54,7 @@ SHORT_CACHE = 4096   # caches up to this long score 32 positions at once (bench-
 # beat 256 to 1,024 at every context and batch measured (benchmarks/results/h100_attention/).
 ATTEND_PROGRAMS = 128
 MERGE_SPLITS = 16    # attention splits the merge reads at once
+QUERY_CHUNK = 128    # columns of q_b and W_UK the query kernel reads at once: [128, 128] a head, no spill
 # rows of a weight per program (_rows), warps per program (_warps), the least cache positions
 # of an attention split, heads per attention program, attention programs aimed for, the
 # attention loop's software-pipeline stages, and the block sizes above
@@ -270,8 +271,9 @@ class FusedDecoder:
             qkv, qkv.stride(0), q_norm.weight, a.kv_a_layernorm.weight, q_norm.eps, a.kv_a_layernorm.eps,
             a.q_b_proj.weight if lora else a.kv_b_proj.weight, a.kv_b_proj.weight,
             self.inv_freq, self.rope_factor, positions_B, self.q_lat, self.q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0),
-            H, Q, C, N, R, V, BLOCK_Q=pow2(Q) if lora else 16, BLOCK_N=pow2(N), BLOCK_C=pow2(C),
-            BLOCK_R2=pow2(R // 2), Q_LORA=lora, num_warps=self.t["query_warps"], **self.launch)
+            H, Q, C, N, R, V, CHUNK_Q=min(QUERY_CHUNK, pow2(Q, 16)), CHUNK_C=min(QUERY_CHUNK, pow2(C, 16)),
+            BLOCK_N=pow2(N), BLOCK_C=pow2(C), BLOCK_R2=pow2(R // 2), Q_LORA=lora, num_warps=self.t["query_warps"],
+            **self.launch)
         o = self.attend(a, i, positions_B, B)
         self._gemv(o, a.o_proj.weight, h, residual=h)
 

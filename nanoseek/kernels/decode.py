@@ -155,7 +155,7 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
                      wqb_ptr, wkvb_ptr, inv_freq_ptr, rope_factor, pos_ptr,
                      qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe,
                      H, Q, C, N, R, V,
-                     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                     CHUNK_Q: tl.constexpr, CHUNK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
                      BLOCK_R2: tl.constexpr, Q_LORA: tl.constexpr, USE_PDL: tl.constexpr):
     """Program (b, h < H): head h's q_nope, q_pe = q_b(RMSNorm(q_a)), q_pe rotated, and the
     absorbed query q_lat[b, h] = W_UK_h^T q_nope. Program (b, H): c_kv = RMSNorm(kv_a[:C]),
@@ -163,7 +163,8 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
     interleaved (x0, x1), ..., pair i turned by the angle position · inv_freq[i], cos and sin
     scaled by rope_factor (rope.RotaryEmbedding). The row holds q_a (Q wide) then kv_a; without
     Q_LORA (V2-Lite) it holds the query itself, H·(N + R) = Q wide, and q_b and its norm are
-    not read. BLOCK_Q >= Q and BLOCK_C >= C: the weights are loaded at once, before the row."""
+    not read. q_b is read CHUNK_Q columns and W_UK CHUNK_C columns at a time: a head's whole
+    [N, Q] and [N, C] at V3's widths spilled 13 KB a thread (benchmarks/kernel_resources.py)."""
     _launch_next(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -181,31 +182,38 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
         n = tl.arange(0, BLOCK_N)
         nmask = n < N
         row0 = h * (N + R)
-        w_uk = tl.load(wkvb_ptr + (h * (N + V) + n)[:, None] * C + c[None, :],
-                       mask=nmask[:, None] & cmask[None, :], other=0.0)
+        _wait_prev(USE_PDL)
         if Q_LORA:
-            j = tl.arange(0, BLOCK_Q)
-            jmask = j < Q
+            inv = _inv_rms(row_ptr, Q, eps_q, CHUNK_Q)
             pe_rows = row0 + N + 2 * r2
-            pmask = r2mask[:, None] & jmask[None, :]
-            w_n = tl.load(wqb_ptr + (row0 + n)[:, None] * Q + j[None, :], mask=nmask[:, None] & jmask[None, :],
-                          other=0.0)
-            w_e = tl.load(wqb_ptr + pe_rows[:, None] * Q + j[None, :], mask=pmask, other=0.0)
-            w_o = tl.load(wqb_ptr + (pe_rows + 1)[:, None] * Q + j[None, :], mask=pmask, other=0.0)
-            g = tl.load(qnorm_ptr + j, mask=jmask, other=0.0).to(tl.float32)
-            _wait_prev(USE_PDL)
-            qa = tl.load(row_ptr + j, mask=jmask, other=0.0).to(tl.float32)
-            x = _rms_norm(qa, g, Q, eps_q)
-            q_nope = tl.sum(w_n.to(tl.float32) * x[None, :], axis=1)
-            pe_e = tl.sum(w_e.to(tl.float32) * x[None, :], axis=1)
-            pe_o = tl.sum(w_o.to(tl.float32) * x[None, :], axis=1)
+            q_nope = tl.zeros([BLOCK_N], dtype=tl.float32)
+            pe_e = tl.zeros([BLOCK_R2], dtype=tl.float32)
+            pe_o = tl.zeros([BLOCK_R2], dtype=tl.float32)
+            for j0 in range(0, Q, CHUNK_Q):
+                j = j0 + tl.arange(0, CHUNK_Q)
+                jmask = j < Q
+                pmask = r2mask[:, None] & jmask[None, :]
+                x = (tl.load(row_ptr + j, mask=jmask, other=0.0).to(tl.float32) * inv
+                     * tl.load(qnorm_ptr + j, mask=jmask, other=0.0).to(tl.float32))
+                w_n = tl.load(wqb_ptr + (row0 + n)[:, None] * Q + j[None, :], mask=nmask[:, None] & jmask[None, :],
+                              other=0.0)
+                w_e = tl.load(wqb_ptr + pe_rows[:, None] * Q + j[None, :], mask=pmask, other=0.0)
+                w_o = tl.load(wqb_ptr + (pe_rows + 1)[:, None] * Q + j[None, :], mask=pmask, other=0.0)
+                q_nope += tl.sum(w_n.to(tl.float32) * x[None, :], axis=1)
+                pe_e += tl.sum(w_e.to(tl.float32) * x[None, :], axis=1)
+                pe_o += tl.sum(w_o.to(tl.float32) * x[None, :], axis=1)
         else:
-            _wait_prev(USE_PDL)
             q_nope = tl.load(row_ptr + row0 + n, mask=nmask, other=0.0).to(tl.float32)
             pe_e = tl.load(row_ptr + row0 + N + 2 * r2, mask=r2mask, other=0.0).to(tl.float32)
             pe_o = tl.load(row_ptr + row0 + N + 2 * r2 + 1, mask=r2mask, other=0.0).to(tl.float32)
         _rope_store(qpe_ptr + (b * H + h) * R + 2 * r2, pe_e, pe_o, cos, sin, r2mask)
-        tl.store(qlat_ptr + (b * H + h) * C + c, tl.sum(w_uk.to(tl.float32) * q_nope[:, None], axis=0), mask=cmask)
+        for c0 in range(0, C, CHUNK_C):
+            cc = c0 + tl.arange(0, CHUNK_C)
+            ccmask = cc < C
+            w_uk = tl.load(wkvb_ptr + (h * (N + V) + n)[:, None] * C + cc[None, :],
+                           mask=nmask[:, None] & ccmask[None, :], other=0.0)
+            tl.store(qlat_ptr + (b * H + h) * C + cc, tl.sum(w_uk.to(tl.float32) * q_nope[:, None], axis=0),
+                     mask=ccmask)
     else:
         # (names of its own: Triton merges same-named values of the two branches)
         kv_ptr = row_ptr + Q
