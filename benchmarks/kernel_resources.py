@@ -19,6 +19,7 @@ code can differ in detail.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import subprocess
@@ -26,6 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
@@ -181,40 +183,80 @@ def attention_rows(max_len: int = 32768) -> list[dict]:
     return out
 
 
-QUERY = {"qkv_ptr": "*fp32", "stride_qkv": "i32", "qnorm_ptr": "*bf16", "kvnorm_ptr": "*bf16", "eps_q": "fp32",
-         "eps_kv": "fp32", "wqb_ptr": "*bf16", "wkvb_ptr": "*bf16", "inv_freq_ptr": "*fp32", "rope_factor": "fp32",
-         "pos_ptr": "*i64", "qlat_ptr": "*bf16", "qpe_ptr": "*bf16", "ckv_ptr": "*bf16", "kpe_ptr": "*bf16",
-         "stride_ckv": "i32", "stride_kpe": "i32", "H": "i32", "Q": "i32", "C": "i32", "N": "i32", "R": "i32",
-         "V": "i32"}
 GEMV = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
         "stride_x": "i32", "stride_y": "i32", "scale_cols": "i32"}
 
 
+PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.int32: "*i32", torch.int64: "*i64"}
+FUSED_KERNELS = ("gemv_kernel", "mla_query_kernel", "mla_attend_kernel", "mla_output_kernel", "moe_route_kernel",
+                 "moe_up_kernel", "moe_down_kernel")
+
+
+def fused_step_launches(cfg, rows: int, max_len: int) -> list[tuple]:
+    """Every kernel launch of one fused decode step (fused.FusedDecoder.forward) of a BF16 model
+    of cfg's shape built on the meta device: (kernel, grid, arguments, keyword arguments), the
+    launches recorded instead of run."""
+    from nanoseek.infer.fused import FusedDecoder
+    from nanoseek.kernels import decode
+    from nanoseek.model import StaticCache, Transformer
+    meta = torch.device("meta")
+    with meta:
+        model = Transformer(cfg).to(torch.bfloat16).eval()
+    cache = StaticCache(cfg, rows, max_len, dtype=torch.bfloat16, device=meta)
+    launches, kernels = [], {name: getattr(decode, name) for name in FUSED_KERNELS}
+
+    class Recorded:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.fn, grid, args, kwargs))
+    try:
+        for name, fn in kernels.items():
+            setattr(decode, name, Recorded(fn))
+        step = FusedDecoder(model, cache, rows)
+        ids = torch.zeros(rows, 1, dtype=torch.long, device=meta)
+        step.forward(ids, ids.clone())
+    finally:
+        for name, fn in kernels.items():
+            setattr(decode, name, fn)
+    return launches
+
+
 def decode_rows(max_len: int = 4096) -> list[dict]:
-    """The fused step's query kernel as FusedDecoder launches it, and the FP8 weight-only GEMV
-    (kernels/fp8_linear.py) at one row on the projections of V2-Lite's and V3's layers, as
-    fp8_weight_linear launches it."""
+    """The fused decode step's kernels as FusedDecoder launches them at one row for V2-Lite's and
+    V3's widths (a dense and an MoE layer; each distinct launch once), and the FP8 weight-only GEMV
+    (kernels/fp8_linear.py) at one row on their projections, as fp8_weight_linear launches it."""
     from nanoseek import preset
-    from nanoseek.infer.fused import QUERY_CHUNK, fused_step_launch
     from nanoseek.infer.latent_attention import pow2
     from nanoseek.kernels import fp8_linear
-    from nanoseek.kernels.decode import mla_query_kernel
     out = []
     for name in ("deepseek-v2-lite", "deepseek-v3"):
-        c = preset(name)
-        t = fused_step_launch(c, max_len)
+        c = preset(name, num_hidden_layers=2, first_k_dense_replace=1, num_nextn_predict_layers=0)
+        seen = set()
+        for fn, grid, args, kwargs in fused_step_launches(c, 1, max_len):
+            signature, values = {}, {}
+            for param, arg in zip(fn.arg_names, args):
+                if isinstance(arg, torch.Tensor):
+                    signature[param] = PTR[arg.dtype]
+                elif isinstance(arg, float):
+                    signature[param] = "fp32"
+                elif isinstance(arg, int):
+                    signature[param], values[param] = "i32", arg
+            constexprs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages", "launch_pdl")}
+            key = (fn.__name__, str(sorted(constexprs.items())), str(sorted(values.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            warps = kwargs.get("num_warps", 4)
+            k = compile_for_hopper(fn, signature, constexprs, warps, kwargs.get("num_stages", 3), values)
+            programs = math.prod(grid)
+            out.append({"kernel": f"fused step, {name}: {fn.__name__}", "config": f"w{warps}, {programs} programs",
+                        **resources(k, warps)})
         lora = c.q_lora_rank is not None
         H, C, R, N, V = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim
-        Q = c.q_lora_rank if lora else H * (N + R)
-        constexprs = {"CHUNK_Q": min(QUERY_CHUNK, pow2(Q, 16)), "CHUNK_C": min(QUERY_CHUNK, pow2(C, 16)),
-                      "BLOCK_N": pow2(N), "BLOCK_C": pow2(C), "BLOCK_R2": pow2(R // 2), "Q_LORA": lora, "USE_PDL": True}
-        values = {"stride_qkv": Q + C + R, "stride_ckv": max_len * C, "stride_kpe": max_len * R,
-                  "H": H, "Q": Q, "C": C, "N": N, "R": R, "V": V}
-        k = compile_for_hopper(mla_query_kernel, QUERY, constexprs, t["query_warps"], 3, values)
-        out.append({"kernel": f"fused step's query, {name}", "config": f"chunks of {QUERY_CHUNK} w{t['query_warps']}",
-                    **resources(k, t["query_warps"])})
         D = c.hidden_size
-        projections = {"q_proj" if not lora else "q_a_proj": (Q if not lora else c.q_lora_rank, D),
+        projections = {"q_a_proj" if lora else "q_proj": (c.q_lora_rank if lora else H * (N + R), D),
                        "kv_a_proj": (C + R, D), "o_proj": (D, H * V), "dense up": (c.intermediate_size, D),
                        "dense down": (D, c.intermediate_size)}
         for proj, (rows_n, cols_k) in projections.items():
