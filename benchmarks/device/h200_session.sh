@@ -21,8 +21,9 @@
 #   bash benchmarks/device/h200_session.sh fp8train   # BF16 vs FP8 training speed on V2-Lite layers
 #   bash benchmarks/device/h200_session.sh fp8deep    # expert GEMMs alone; BF16 vs FP8 training, most V2-Lite layers
 #   bash benchmarks/device/h200_session.sh parity     # FP8 vs BF16 loss parity (small, 2,000 steps), BF16's seed spread
-#   bash benchmarks/device/h200_session.sh shapes     # decode on V2-Lite and a V3 slice: fused vs compiled
-#                                              # recorded as the default path
+#   bash benchmarks/device/h200_session.sh shapes     # decode on V2-Lite: fused vs compiled recorded as the
+#                                              # default path (shapes-v3: the same on a V3 slice)
+#   bash benchmarks/device/h200_session.sh fp8accum   # BF16 vs FP8 training at 16 micro-batches a step
 #   bash benchmarks/device/h200_session.sh fp8        # FP8-resident decode vs BF16 on V2-Lite and a V3 slice
 #   bash benchmarks/device/h200_session.sh fp8twin    # FP8 decode at batch 1: the FP8 GEMV kernel vs Inductor's fused
 #                                              # dequantization, V2-Lite's 8 layers (profiled), the V3 slice
@@ -221,14 +222,23 @@ case $stage in
       "$OUT/fp8_loss_parity_fp8_seed1.json" $R/fp8_loss_parity_bf16.json $R/fp8_loss_parity_bf16_rerun.json \
       2>&1 | tee "$OUT/parity_join_seed1.log"
     ;;
-  shapes)  # decode on real shapes, fused vs compiled, recorded into decode_paths.json (brought back in
-           # $OUT); transformers is skipped: loading V2-Lite's 27 layers into it and compiling ours
-           # took longer than 150 s on an H100 (benchmarks/results/h100_first_run)
-    real_decode "$(left 400)" --preset deepseek-v2-lite --batches 1 32 --new 64 --repeat 2 --modes compiled fused \
-      --record-paths --skip-hf
-    real_decode "$(left 570)" --preset deepseek-v3 --layers 2 --batches 1 32 --new 64 --repeat 2 --modes compiled fused \
+  shapes)  # decode on V2-Lite's 27 layers, fused vs compiled (the fused step takes models without a query LoRA
+           # since 90c8ed6), recorded into decode_paths.json (brought back in $OUT); transformers is skipped:
+           # loading V2-Lite's 27 layers into it and compiling ours took longer than 150 s on an H100
+           # (benchmarks/results/h100_first_run); the V3 slice is shapes-v3 (here it ran out of the call)
+    real_decode "$(left 585)" --preset deepseek-v2-lite --batches 1 32 --new 64 --repeat 2 --modes compiled fused \
       --record-paths --skip-hf
     cp nanoseek/infer/decode_paths.json "$OUT/"
+    ;;
+  shapes-v3)  # the same on a V3 slice (two layers), batch 1 and 32
+    real_decode "$(left 585)" --preset deepseek-v3 --layers 2 --batches 1 32 --new 64 --repeat 2 --modes compiled \
+      fused --record-paths --skip-hf
+    cp nanoseek/infer/decode_paths.json "$OUT/"
+    ;;
+  fp8accum)  # BF16 vs FP8 training at 16 micro-batches a step, where AdamW's share a token is a quarter of 4's,
+             # and the wgrad autotuner times its 3-stage launches (64x128, 128x64)
+    bench "$(left 585)" 100 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
+      --accum 16 --steps 4 --warmup 2 --precision bf16,bf16-fused-accum,fp8-fused-accum --skip-hf
     ;;
   fp8)  # FP8-resident decode against BF16 on V2-Lite (27 layers: compiling the BF16 and the FP8 models took
         # more than 195 s on an H100, so it gets most of the call) and a V3 slice; the kernel probe is `probe`
