@@ -223,11 +223,12 @@ case $stage in
       2>&1 | tee "$OUT/parity_join_seed1.log"
     ;;
   shapes)  # decode on V2-Lite's 27 layers, fused vs compiled (the fused step takes models without a query LoRA
-           # since 90c8ed6), recorded into decode_paths.json (brought back in $OUT); transformers is skipped:
+           # since 90c8ed6), recorded into decode_paths.json (brought back in $OUT), the compiled step's kernels
+           # profiled at batch 1 and 32 (decode_profile.txt: where 48% of the roofline goes); transformers is skipped:
            # loading V2-Lite's 27 layers into it and compiling ours took longer than 150 s on an H100
            # (benchmarks/results/h100_first_run); the V3 slice is shapes-v3 (here it ran out of the call)
     real_decode "$(left 585)" --preset deepseek-v2-lite --batches 1 32 --new 64 --repeat 2 --modes compiled fused \
-      --record-paths --skip-hf
+      --record-paths --skip-hf --profile
     cp nanoseek/infer/decode_paths.json "$OUT/"
     ;;
   shapes-v3)  # the same on a V3 slice (two layers), batch 1 and 32
