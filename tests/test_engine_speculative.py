@@ -345,3 +345,17 @@ def test_speculative_bursts_run_rows_to_the_end_of_their_context(model):
     outs = engine.generate(prompts, SamplingParams(ignore_eos=True))
     assert [o.token_ids for o in outs] == want
     assert [len(p) + len(o.token_ids) for p, o in zip(prompts, outs)] == [37, 37]
+
+
+def test_speculation_takes_the_decode_attention_kernels(model):
+    """With decode_attention="kernel" the MTP drafts' one-token steps attend through the
+    kernels (latent_attention.py, Triton's interpreter without a GPU; no padding row: idle
+    -1), and greedy speculation still gives plain greedy's tokens."""
+    pytest.importorskip("triton")
+    want = [o.token_ids for o in plain(model, PROMPTS[:2], greedy(8))]
+    engine = Engine(model, max_batch=2, max_len=64, speculative_k=2, config=InferenceConfig(decode_attention="kernel"))
+    attend, calls = engine.runner.decode_attend, []
+    assert attend is not None and attend.idle == -1
+    engine.runner.decode_attend = lambda *args: calls.append(1) or attend(*args)
+    assert [o.token_ids for o in engine.generate(PROMPTS[:2], greedy(8))] == want
+    assert calls
