@@ -1,0 +1,105 @@
+"""FP8 weight-only linear layers at decode rows: the GEMV (kernels/fp8_linear.py, up to
+GEMV_ROWS rows) against the tensor-core kernel that takes more rows, and against BF16 (cuBLAS)
+on the same weights dequantized, at DeepSeek-V2-Lite's and V3's projection shapes.
+
+Each call is captured in a CUDA graph over enough copies of the weight to exceed the L2 cache
+(a decode step reads every weight once), the replays timed by CUDA events; the weight's bytes
+over that time, against the measured copy bandwidth. Every output is checked against the
+float64 product of the same FP8 weights.
+
+    python benchmarks/fp8_gemv.py [--rows 1 4] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import copy_bandwidth, environment, graph_us, write_json  # noqa: E402
+
+from nanoseek import preset  # noqa: E402
+from nanoseek.hf import dequantize_fp8_blockwise, quantize_fp8_blockwise  # noqa: E402
+from nanoseek.kernels import fp8_linear  # noqa: E402
+
+L2_BYTES = 200 * 2**20  # more than an H100's or H200's L2 (50 / 60 MB), so no call finds its weight there
+
+
+def projections(name: str) -> dict[str, tuple[int, int]]:
+    """Name -> (N, K) of the linear layers a decode step runs per layer (FP8Linear's)."""
+    c = preset(name)
+    H, C, R, N, V, D = (c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim,
+                        c.v_head_dim, c.hidden_size)
+    S = c.n_shared_experts * c.moe_intermediate_size
+    out = {"q_a_proj": (c.q_lora_rank, D), "q_b_proj": (H * (N + R), c.q_lora_rank)} if c.q_lora_rank else \
+        {"q_proj": (H * (N + R), D)}
+    return {**out, "kv_a_proj": (C + R, D), "o_proj": (D, H * V), "shared gate": (S, D), "shared down": (D, S)}
+
+
+def dot_kernel(x, w, scale):
+    """The tensor-core kernel of fp8_weight_linear, launched as it launches it past GEMV_ROWS."""
+    M, K = x.shape
+    N = w.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    block_n = min(fp8_linear.BLOCK_N, 128)
+    fp8_linear.fp8_weight_linear_kernel[(triton.cdiv(N, block_n),)](
+        x, w, scale, y, M, N, K, x.stride(0), y.stride(0), scale.shape[1], BLOCK_M=max(16, triton.next_power_of_2(M)),
+        BLOCK_N=block_n, BLOCK_K=128, SCALE_ROWS=128, PRECISION="tf32", num_warps=4)
+    return y
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--presets", nargs="+", default=["deepseek-v2-lite", "deepseek-v3"])
+    ap.add_argument("--rows", nargs="+", type=int, default=[1, 4])
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("fp8_gemv: times CUDA kernels; run it on a GPU")
+    device = torch.device("cuda")
+    bandwidth = copy_bandwidth(device)
+    print(f"copy bandwidth {bandwidth / 1e9:,.0f} GB/s", flush=True)
+    rows_out = []
+    for name in args.presets:
+        for proj, (N, K) in projections(name).items():
+            w, scale = quantize_fp8_blockwise(torch.randn(N, K))
+            w64 = dequantize_fp8_blockwise(w, scale).double()
+            copies = max(1, -(-L2_BYTES // (N * K)))
+            ws = [w.to(device) for _ in range(copies)]
+            scale = scale.to(device)
+            w16 = dequantize_fp8_blockwise(w, scale.cpu()).to(device, torch.bfloat16)
+            w16s = [w16] + [w16.clone() for _ in range(max(1, -(-L2_BYTES // (2 * N * K))) - 1)]
+            for M in args.rows:
+                x = torch.randn(M, K, device=device).to(torch.bfloat16)
+                want = x.double().cpu() @ w64.T
+                ways = {"gemv": lambda i, x=x: fp8_linear.fp8_weight_linear(x, ws[i % copies], scale, [128, 128]),
+                        "tensor-core kernel": lambda i, x=x: dot_kernel(x, ws[i % copies], scale),
+                        "bf16 cuBLAS": lambda i, x=x: x @ w16s[i % len(w16s)].T}
+                row = {"preset": name, "projection": proj, "N": N, "K": K, "rows": M, "fp8_bytes": N * K}
+                for way, fn in ways.items():
+                    if way == "gemv" and M > fp8_linear.GEMV_ROWS:
+                        continue
+                    got = fn(0).double().cpu()
+                    row[f"{way}_error"] = float((got - want).abs().max() / want.abs().max())
+                    calls = copies if way != "bf16 cuBLAS" else len(w16s)
+                    it = iter(range(10**9))
+                    us = graph_us(lambda fn=fn, it=it: fn(next(it)), args.repeat, calls=calls)
+                    nbytes = N * K * (2 if way == "bf16 cuBLAS" else 1)
+                    row[f"{way}_us"] = us
+                    row[f"{way}_bandwidth_fraction"] = nbytes / (us * 1e-6) / bandwidth
+                rows_out.append(row)
+                print(f"{name} {proj} {N}x{K} rows {M}: " + ", ".join(
+                    f"{way} {row[f'{way}_us']:.1f} us ({row[f'{way}_bandwidth_fraction']:.0%}, err "
+                    f"{row[f'{way}_error']:.1e})" for way in ways if f"{way}_us" in row), flush=True)
+    path = write_json({"benchmark": "fp8_gemv", **environment(), "copy_bandwidth_GBps": bandwidth / 1e9,
+                       "rows": rows_out}, "fp8_gemv.json")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
