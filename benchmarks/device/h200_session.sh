@@ -259,7 +259,7 @@ case $stage in
   verify16)  # the kernels in compiled steps: the engine's token test on the copying model, the one-row launch
              # at V3's widths, the choice rule; then V3's attention at 32K and 128K with that launch
     timeout 200 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_latent_attention.py \
-      tests/test_fused_decode.py -k "engine_decodes or one_row or choice or v2_lite_widths or real_layer" 2>&1 \
+      tests/test_fused_decode.py -k "engine_decodes or one_row or choice or real_widths or real_layer" 2>&1 \
       | tail -16 | tee "$OUT/verify16_tests.log"
     timeout 120 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8_weights.py -k "gpu" 2>&1 \
       | tail -12 | tee "$OUT/verify16_fp8_tests.log"

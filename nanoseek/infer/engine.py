@@ -104,11 +104,13 @@ WIDE_HEADS, WIDE_CACHE = 64, 32768
 
 
 def decode_attention(config: InferenceConfig, model: Transformer, cache_len: int, device: torch.device,
-                     speculative_k: int = 0):
+                     speculative_k: int = 0, cache_dtype: torch.dtype = torch.bfloat16):
     """The MLA decode attention InferenceConfig.decode_attention chooses (None: the model's
     absorbed attention); "kernel" on a model the kernels cannot take says why. auto takes the
-    kernels on a GPU for caches over SHORT_CACHE positions, and for a compiled step of
-    WIDE_HEADS or more heads from WIDE_CACHE on. Without speculation the cache's last position
+    kernels on a GPU for 16-bit caches over SHORT_CACHE positions, and for a compiled step of
+    WIDE_HEADS or more heads from WIDE_CACHE on (their launch shapes are sized for 16-bit
+    caches: at V3's widths a float32 one asks more shared memory than an SM has). Without
+    speculation the cache's last position
     is the padding rows' of a captured step (no request's token is fed there), so their
     attention reads that position only."""
     from .fused import SHORT_CACHE
@@ -122,7 +124,8 @@ def decode_attention(config: InferenceConfig, model: Transformer, cache_len: int
             raise ValueError(f"decode_attention='kernel': the decode attention kernels run on a GPU (or in "
                              f"Triton's interpreter, TRITON_INTERPRET=1), not on {device.type}; use "
                              f"decode_attention='torch'")
-    elif config.decode_attention == "torch" or why or device.type != "cuda" or cache_len <= SHORT_CACHE:
+    elif (config.decode_attention == "torch" or why or device.type != "cuda" or cache_len <= SHORT_CACHE
+          or cache_dtype not in (torch.bfloat16, torch.float16)):
         return None
     elif (config.compile and config.cuda_graphs and model.config.num_attention_heads >= WIDE_HEADS
           and cache_len < WIDE_CACHE):
@@ -144,7 +147,8 @@ class ModelRunner:
         # the MLA decode attention of this engine's forwards only (set and put back around each:
         # another engine or generate() on the same model must not get this cache's launch)
         self.attention_layers = [m for m in model.modules() if isinstance(m, MLA)]
-        self.decode_attend = decode_attention(config, model, cache.max_len, self.device, speculative_k)
+        self.decode_attend = decode_attention(config, model, cache.max_len, self.device, speculative_k,
+                                              cache.layers[0][0].dtype)
         self.k = speculative_k
         if self.k:
             # per slot: the MTP module's output at the position before the pending token

@@ -13,7 +13,7 @@ converted to x's dtype (exact: every e4m3 value is a BF16 value), one tensor-cor
 float32 accumulation, times the tile's one scale. The twin is infer/fp8_weights.py's
 dequantise-then-matmul.
 
-Up to GEMV_ROWS rows (a decode step of a few requests) take a GEMV instead: a tensor-core dot
+Up to GEMV_ROWS rows (a decode step of one request) take a GEMV instead: a tensor-core dot
 of 16 rows would be 15 rows of padding at one row, and a program per 64 outputs leaves most
 SMs idle at V2-Lite's widths (9 programs for a 576-wide projection on 132 SMs). The GEMV's
 programs hold a few output rows each (gemv_block_n: about GEMV_PROGRAMS of them), load up to
@@ -51,7 +51,10 @@ def fp8_weight_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_x, stri
     tl.store(y_ptr + m[:, None] * stride_y + n[None, :], acc, mask=(m[:, None] < M) & (n[None, :] < N))
 
 
-GEMV_ROWS = 4        # rows that take the GEMV kernel
+# rows that take the GEMV kernel: at one row it beat the tensor-core kernel 1.6-6.2x on V2-Lite's and
+# V3's projections (all but V3's q_b_proj, 0.88x) and BF16 cuBLAS 1.3-2.2x; at four rows it lost to
+# the tensor-core kernel on V3's three largest (H100, benchmarks/results/h100_decode_shapes/fp8_gemv)
+GEMV_ROWS = 1
 GEMV_PROGRAMS = 256  # programs the GEMV aims for: about two an SM of an H100/H200 (132)
 GEMV_K = 2048        # columns of the weight a GEMV program loads at once
 GEMV_TILE = 16384    # weight elements it loads at once: 64 a thread at 8 warps, no spill on sm_90
