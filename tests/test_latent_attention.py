@@ -147,6 +147,10 @@ def test_decode_attention_choice(monkeypatch):
     assert decode_attention(auto, model, SHORT_CACHE + 1, cuda, speculative_k=2).idle == -1
     assert decode_attention(auto, model, SHORT_CACHE + 1, torch.device("cpu")) is None
     assert decode_attention(auto, model, SHORT_CACHE + 1, cuda, cache_dtype=torch.float32) is None
+    kernel = InferenceConfig(decode_attention="kernel")
+    assert isinstance(decode_attention(kernel, model, 64, cuda, cache_dtype=torch.float32), LatentDecodeAttention)
+    with pytest.raises(ValueError, match="16-bit cache at a latent 512 wide .*float32.*use decode_attention='torch'"):
+        decode_attention(kernel, sharp_model(kv_lora_rank=512), 64, cuda, cache_dtype=torch.float32)
     assert decode_attention(InferenceConfig(decode_attention="torch"), model, 10**5, cuda) is None
     mha = sharp_model(attention_type="mha")
     with pytest.raises(ValueError, match="attention_type 'mha' \\(MLA only\\); use decode_attention='torch'"):

@@ -101,6 +101,9 @@ from .speculative import MTPDrafter, RequestStats, greedy_accept, sampling_probs
 # 787 with 15 short ones). At 16 heads (V2-Lite) the kernels won from 32K by 1.3-12x, and lost only
 # at 4K with one row, 34 against 31 µs (H100, benchmarks/results/h100_attention/captured).
 WIDE_HEADS, WIDE_CACHE = 64, 32768
+# the widest latent whose float32 cache the kernels' launches fit in an SM's shared memory (the GPU
+# tests' 32-wide one does; V3's 512-wide asked 272 KB of an H100's 227)
+FLOAT32_LATENT = 64
 
 
 def decode_attention(config: InferenceConfig, model: Transformer, cache_len: int, device: torch.device,
@@ -123,6 +126,12 @@ def decode_attention(config: InferenceConfig, model: Transformer, cache_len: int
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(f"decode_attention='kernel': the decode attention kernels run on a GPU (or in "
                              f"Triton's interpreter, TRITON_INTERPRET=1), not on {device.type}; use "
+                             f"decode_attention='torch'")
+        wide = model.config.kv_lora_rank > FLOAT32_LATENT
+        if device.type == "cuda" and cache_dtype not in (torch.bfloat16, torch.float16) and wide:
+            raise ValueError(f"decode_attention='kernel': on a GPU the decode attention kernels take a 16-bit cache "
+                             f"at a latent {model.config.kv_lora_rank} wide (a {str(cache_dtype).removeprefix('torch.')} "
+                             f"one asks more shared memory than an SM has); run the model in bfloat16 or use "
                              f"decode_attention='torch'")
     elif (config.decode_attention == "torch" or why or device.type != "cuda" or cache_len <= SHORT_CACHE
           or cache_dtype not in (torch.bfloat16, torch.float16)):
