@@ -1,13 +1,14 @@
-"""FP8 weight-only linear layers at decode rows: the GEMV (kernels/fp8_linear.py, up to
-GEMV_ROWS rows) against the tensor-core kernel that takes more rows, and against BF16 (cuBLAS)
-on the same weights dequantized, at DeepSeek-V2-Lite's and V3's projection shapes.
+"""FP8 weight-only linear layers at decode rows: `fp8_weight_linear` as the engine calls it
+(kernels/fp8_linear.py: the GEMV up to GEMV_ROWS rows, past them the tensor-core kernel with
+K split where few programs would run) against the tensor-core kernel unsplit, and against BF16
+(cuBLAS) on the same weights dequantized, at DeepSeek-V2-Lite's and V3's projection shapes.
 
 Each call is captured in a CUDA graph over enough copies of the weight to exceed the L2 cache
 (a decode step reads every weight once), the replays timed by CUDA events; the weight's bytes
 over that time, against the measured copy bandwidth. Every output is checked against the
 float64 product of the same FP8 weights.
 
-    python benchmarks/fp8_gemv.py [--rows 1 4] [--repeat 5]
+    python benchmarks/fp8_gemv.py [--rows 1 4 16] [--repeat 5]
 """
 
 from __future__ import annotations
@@ -42,21 +43,32 @@ def projections(name: str) -> dict[str, tuple[int, int]]:
 
 
 def dot_kernel(x, w, scale):
-    """The tensor-core kernel of fp8_weight_linear, launched as it launches it past GEMV_ROWS."""
+    """The tensor-core kernel of fp8_weight_linear without a split over K: a program per 64
+    outputs walks all of K."""
     M, K = x.shape
     N = w.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     block_n = min(fp8_linear.BLOCK_N, 128)
-    fp8_linear.fp8_weight_linear_kernel[(triton.cdiv(N, block_n),)](
-        x, w, scale, y, M, N, K, x.stride(0), y.stride(0), scale.shape[1], BLOCK_M=max(16, triton.next_power_of_2(M)),
-        BLOCK_N=block_n, BLOCK_K=128, SCALE_ROWS=128, PRECISION="tf32", num_warps=4)
+    fp8_linear.fp8_weight_linear_kernel[(triton.cdiv(N, block_n), 1)](
+        x, w, scale, y, M, N, K, x.stride(0), y.stride(0), scale.shape[1], triton.cdiv(K, 128), 0,
+        BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=128, SCALE_ROWS=128, PRECISION="tf32",
+        num_warps=4)
     return y
+
+
+def path(M: int, N: int, K: int) -> str:
+    """What fp8_weight_linear runs for M rows of an N x K weight (128x128 blocks)."""
+    if M <= fp8_linear.GEMV_ROWS:
+        return "gemv"
+    k_blocks = triton.cdiv(K, 128)
+    splits = triton.cdiv(k_blocks, triton.cdiv(k_blocks, fp8_linear.split_k(triton.cdiv(N, 64), k_blocks)))
+    return f"tensor-core kernel, K in {splits} shares" if splits > 1 else "tensor-core kernel"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", nargs="+", default=["deepseek-v2-lite", "deepseek-v3"])
-    ap.add_argument("--rows", nargs="+", type=int, default=[1, 4])
+    ap.add_argument("--rows", nargs="+", type=int, default=[1, 4, 16])
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -77,13 +89,13 @@ def main() -> None:
             for M in args.rows:
                 x = torch.randn(M, K, device=device).to(torch.bfloat16)
                 want = x.double().cpu() @ w64.T
-                ways = {"gemv": lambda i, x=x: fp8_linear.fp8_weight_linear(x, ws[i % copies], scale, [128, 128]),
-                        "tensor-core kernel": lambda i, x=x: dot_kernel(x, ws[i % copies], scale),
+                ways = {"fp8_weight_linear": lambda i, x=x: fp8_linear.fp8_weight_linear(x, ws[i % copies], scale,
+                                                                                        [128, 128]),
+                        "tensor-core kernel unsplit": lambda i, x=x: dot_kernel(x, ws[i % copies], scale),
                         "bf16 cuBLAS": lambda i, x=x: x @ w16s[i % len(w16s)].T}
-                row = {"preset": name, "projection": proj, "N": N, "K": K, "rows": M, "fp8_bytes": N * K}
+                row = {"preset": name, "projection": proj, "N": N, "K": K, "rows": M, "fp8_bytes": N * K,
+                       "fp8_weight_linear_path": path(M, N, K)}
                 for way, fn in ways.items():
-                    if way == "gemv" and M > fp8_linear.GEMV_ROWS:
-                        continue
                     got = fn(0).double().cpu()
                     row[f"{way}_error"] = float((got - want).abs().max() / want.abs().max())
                     calls = copies if way != "bf16 cuBLAS" else len(w16s)
@@ -93,7 +105,7 @@ def main() -> None:
                     row[f"{way}_us"] = us
                     row[f"{way}_bandwidth_fraction"] = nbytes / (us * 1e-6) / bandwidth
                 rows_out.append(row)
-                print(f"{name} {proj} {N}x{K} rows {M}: " + ", ".join(
+                print(f"{name} {proj} {N}x{K} rows {M} ({row['fp8_weight_linear_path']}): " + ", ".join(
                     f"{way} {row[f'{way}_us']:.1f} us ({row[f'{way}_bandwidth_fraction']:.0%}, err "
                     f"{row[f'{way}_error']:.1e})" for way in ways if f"{way}_us" in row), flush=True)
     path = write_json({"benchmark": "fp8_gemv", **environment(), "copy_bandwidth_GBps": bandwidth / 1e9,

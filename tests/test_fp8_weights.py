@@ -96,15 +96,21 @@ def test_fp8_weights_take_about_half_the_bytes_of_bf16(tmp_path):
 
 
 @pytest.mark.parametrize("M, N, K, block", [(1, 600, 300, (128, 128)), (1, 40, 96, (16, 32)),
-                                            (3, 200, 300, (128, 128)), (16, 64, 96, (64, 32))])
-@pytest.mark.parametrize("gemv_rows", [1, 4])
-def test_fp8_kernel_matches_the_dequantized_matmul(M, N, K, block, gemv_rows, monkeypatch):
+                                            (3, 200, 300, (128, 128)), (8, 40, 300, (16, 32)),
+                                            (16, 64, 96, (64, 32))])
+@pytest.mark.parametrize("gemv_rows, split_blocks", [(1, 4), (4, 1)])
+def test_fp8_kernel_matches_the_dequantized_matmul(M, N, K, block, gemv_rows, split_blocks, monkeypatch):
     """kernels/fp8_linear.py (Triton's interpreter without a GPU) against the twin, for edge
     blocks cut short on both sides, up to GEMV_ROWS rows (1, and 4 for the GEMV's row loop) by
-    the GEMV and past them by the dot: float32 sums of K products in another order, the scale
-    applied per block after them."""
+    the GEMV and past them by the dot, whose K is split in shares of SPLIT_BLOCKS blocks where
+    few programs would run (with 1, every case past GEMV_ROWS splits, the last share short):
+    float32 sums of K products in another order, the scale applied per block after them."""
     from nanoseek.kernels import fp8_linear
     monkeypatch.setattr(fp8_linear, "GEMV_ROWS", gemv_rows)
+    monkeypatch.setattr(fp8_linear, "SPLIT_BLOCKS", split_blocks)
+    columns, k_blocks = -(-N // min(fp8_linear.BLOCK_N, block[0])), -(-K // block[1])
+    if M > gemv_rows and split_blocks == 1:
+        assert fp8_linear.split_k(columns, k_blocks) > 1
     pytest.importorskip("triton")
     from nanoseek.kernels.fp8_linear import fp8_weight_linear
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -251,7 +251,8 @@ case $stage in
   fp8twin)  # FP8-resident decode at batch 1, FP8Linear's kernels (auto: the GEMV) against its dequantization left
             # to the batch-1 step's tuned compile (twin), V2-Lite's first 8 layers (compiling 27 three times
             # does not fit a call), the FP8 step profiled; then the V3 slice
-    real_decode "$(left 380)" --preset deepseek-v2-lite --layers 8 --batches 1 --new 64 --modes compiled --fp8 \
+    bench 80 30 benchmarks/fp8_gemv.py --repeat 5  # the FP8 linear alone: GEMV, split and unsplit kernel, BF16
+    real_decode "$(left 400)" --preset deepseek-v2-lite --layers 8 --batches 1 --new 64 --modes compiled --fp8 \
       --fp8-kernels auto twin --skip-hf --profile
     real_decode "$(left 585)" --preset deepseek-v3 --layers 2 --batches 1 --new 64 --modes compiled --fp8 \
       --fp8-kernels auto twin --skip-hf

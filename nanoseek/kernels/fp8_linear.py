@@ -33,15 +33,18 @@ BLOCK_N = 64       # output rows per program (fewer when a scale block has fewer
 
 @triton.jit
 def fp8_weight_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_x, stride_y, scale_cols,
+                             split_blocks, stride_split,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              SCALE_ROWS: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
+    split = tl.program_id(1)  # this program's share of K: split_blocks blocks of BLOCK_K from split's
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
     kk = tl.arange(0, BLOCK_K)
     scale_row = (pid * BLOCK_N) // SCALE_ROWS
+    y_ptr += split * stride_split
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(split * split_blocks * BLOCK_K, tl.minimum(K, (split + 1) * split_blocks * BLOCK_K), BLOCK_K):
         k = k0 + kk
         x = tl.load(x_ptr + m[:, None] * stride_x + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
         w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K),
@@ -82,6 +85,19 @@ def fp8_weight_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_x, stride
     tl.store(y_ptr + m[:, None] * stride_y + n[None, :], acc, mask=(m[:, None] < M) & (n[None, :] < N))
 
 
+# the tensor-core kernel's time grew with K's blocks, not with N (about 0.75 µs a 128-column block on
+# an H100, whatever the programs: benchmarks/results/h100_decode_shapes/fp8_gemv), so a weight of few
+# column blocks is split over K until about SPLIT_PROGRAMS programs run, each at least SPLIT_BLOCKS blocks
+SPLIT_PROGRAMS = 264  # two an SM of an H100 (132)
+SPLIT_BLOCKS = 4
+
+
+def split_k(columns: int, k_blocks: int) -> int:
+    """Shares of K the tensor-core kernel cuts a weight of `columns` column blocks and
+    `k_blocks` K blocks into (1: none)."""
+    return max(1, min(SPLIT_PROGRAMS // columns, k_blocks // SPLIT_BLOCKS))
+
+
 def gemv_block_n(N: int, block_rows: int) -> int:
     """Output rows a GEMV program holds: a power of two from 4, within a scale block's rows,
     for about GEMV_PROGRAMS programs."""
@@ -120,11 +136,18 @@ def fp8_weight_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale_inv: torch.T
         return y
     precision = "ieee" if x_MK.dtype == torch.float32 else "tf32"  # float32 (the tests) exactly
     block_n = min(BLOCK_N, block[0])  # inside one row of scale blocks
-    fp8_weight_linear_kernel[(triton.cdiv(N, block_n),)](
-        x_MK, w_NK, scale_inv, y, M, N, K, x_MK.stride(0), y.stride(0), scale_inv.shape[1],
+    columns, k_blocks = triton.cdiv(N, block_n), triton.cdiv(K, block[1])
+    splits = split_k(columns, k_blocks)
+    per_split = triton.cdiv(k_blocks, splits)
+    splits = triton.cdiv(k_blocks, per_split)
+    # split over K, each share's sums in float32 apart and added after (not atomically: the same
+    # sums in the same order every step, so greedy decoding stays reproducible)
+    out = y if splits == 1 else torch.empty(splits, M, N, dtype=torch.float32, device=x_MK.device)
+    fp8_weight_linear_kernel[(columns, splits)](
+        x_MK, w_NK, scale_inv, out, M, N, K, x_MK.stride(0), N, scale_inv.shape[1], per_split, M * N,
         BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=block[1], SCALE_ROWS=block[0],
         PRECISION=precision, num_warps=4)
-    return y
+    return y if splits == 1 else out.sum(0).to(y.dtype)
 
 
 @fp8_weight_linear.register_fake
