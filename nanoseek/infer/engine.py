@@ -113,9 +113,8 @@ def decode_attention(config: InferenceConfig, model: Transformer, cache_len: int
     kernels on a GPU for 16-bit caches over SHORT_CACHE positions, and for a compiled step of
     WIDE_HEADS or more heads from WIDE_CACHE on (their launch shapes are sized for 16-bit
     caches: at V3's widths a float32 one asks more shared memory than an SM has). Without
-    speculation the cache's last position
-    is the padding rows' of a captured step (no request's token is fed there), so their
-    attention reads that position only."""
+    speculation the cache's last position is the padding rows' of a captured step (no
+    request's token is fed there), so their attention reads that position only."""
     from .fused import SHORT_CACHE
     from .latent_attention import LatentDecodeAttention
     why = LatentDecodeAttention.unsupported(model.config, model)

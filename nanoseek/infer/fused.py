@@ -18,8 +18,8 @@ runs inside a CUDA graph. Scratch buffers are allocated once, for `max_rows` row
 
 Supported: MLA (with a query LoRA as V3's, or without as V2-Lite's) and no attention bias,
 SwiGLU dense and MoE layers (sigmoid or softmax routing, group-limited or not, up to 256
-routed experts in groups, all powers of two), one token per row. `FusedDecoder.unsupported(config)` says why not, and
-the engine then keeps the model's forward.
+routed experts in groups, all powers of two), one token per row.
+`FusedDecoder.unsupported(config)` says why not, and the engine then keeps the model's forward.
 """
 
 from __future__ import annotations
