@@ -68,14 +68,45 @@ def speculative() -> Path:
     return save(fig, "speculative.png")
 
 
-def save(fig, name: str) -> Path:
+def fp8_gemv() -> Path:
+    """The FP8 weight-only linear at one and four rows against BF16, as a share of the copy
+    bandwidth per projection (h100_decode_shapes/fp8_gemv)."""
+    data = json.loads((RESULTS / "h100_decode_shapes" / "fp8_gemv" / "fp8_gemv.json").read_text())
+    # the first run's names, then fp8_gemv.py's since the split over K
+    ways = {"gemv": ("FP8 GEMV", "#1f77b4"), "fp8_weight_linear": ("FP8 fp8_weight_linear", "#1f77b4"),
+            "tensor-core kernel": ("FP8 tensor-core kernel", "#ff7f0e"),
+            "tensor-core kernel unsplit": ("FP8 tensor-core kernel, K unsplit", "#ff7f0e"),
+            "bf16 cuBLAS": ("BF16 cuBLAS", "#999999")}
+    ways = {k: v for k, v in ways.items() if any(f"{k}_us" in r for r in data["rows"])}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    for ax, rows in zip(axes, (1, 4)):
+        picked = [r for r in data["rows"] if r["rows"] == rows]
+        names = [f"{r['preset'].removeprefix('deepseek-')} {r['projection']}" for r in picked]
+        for i, (way, (name, color)) in enumerate(ways.items()):
+            us = [r.get(f"{way}_us") for r in picked]
+            ys = [j + (i - 1) * 0.27 for j, u in enumerate(us) if u is not None]
+            ax.barh(ys, [u for u in us if u is not None], height=0.27, color=color, label=name)
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xscale("log")
+        ax.set_xlabel("µs a call (log scale)")
+        ax.set_title(f"{rows} row{'s' if rows > 1 else ''}")
+        ax.spines[["top", "right"]].set_visible(False)
+    axes[0].invert_yaxis()  # (the axes share it) the table's order, top down
+    fig.suptitle("FP8 weight-only linear vs BF16 at decode rows, one H100 (fp8_gemv.json)")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(ways), frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return save(fig, "fp8_gemv.png", layout=False)
+
+
+def save(fig, name: str, layout: bool = True) -> Path:
     PLOTS.mkdir(exist_ok=True)
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     fig.savefig(PLOTS / name, dpi=110)
     plt.close(fig)
     return PLOTS / name
 
 
 if __name__ == "__main__":
-    for make in (decode, grpo_trl, speculative):
+    for make in (decode, grpo_trl, speculative, fp8_gemv):
         print(make())
