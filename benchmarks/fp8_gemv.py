@@ -1,6 +1,6 @@
 """FP8 weight-only linear layers at decode rows: `fp8_weight_linear` as the engine calls it
-(kernels/fp8_linear.py: the GEMV up to GEMV_ROWS rows, past them the tensor-core kernel with
-K split where few programs would run) against the tensor-core kernel unsplit, and against BF16
+(kernels/fp8_linear.py: the GEMV at one row, past it the tensor-core kernel with K split where
+few programs would run) against the tensor-core kernel unsplit, and against BF16
 (cuBLAS) on the same weights dequantized, at DeepSeek-V2-Lite's and V3's projection shapes.
 
 Each call is captured in a CUDA graph over enough copies of the weight to exceed the L2 cache
@@ -58,11 +58,10 @@ def dot_kernel(x, w, scale):
 
 def path(M: int, N: int, K: int) -> str:
     """What fp8_weight_linear runs for M rows of an N x K weight (128x128 blocks)."""
-    if M <= fp8_linear.GEMV_ROWS:
+    if M == 1:
         return "gemv"
-    k_blocks = triton.cdiv(K, 128)
-    splits = triton.cdiv(k_blocks, triton.cdiv(k_blocks, fp8_linear.split_k(triton.cdiv(N, 64), k_blocks)))
-    return f"tensor-core kernel, K in {splits} shares" if splits > 1 else "tensor-core kernel"
+    shares, _ = fp8_linear.k_shares(N, K, (128, 128))
+    return f"tensor-core kernel, K in {shares} shares" if shares > 1 else "tensor-core kernel"
 
 
 def main() -> None:

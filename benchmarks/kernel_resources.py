@@ -183,8 +183,8 @@ def attention_rows(max_len: int = 32768) -> list[dict]:
     return out
 
 
-GEMV = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
-        "stride_x": "i32", "stride_y": "i32", "scale_cols": "i32"}
+GEMV = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "y_ptr": "*bf16", "N": "i32", "K": "i32",
+        "scale_cols": "i32"}
 
 
 PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.int32: "*i32", torch.int64: "*i64"}
@@ -260,16 +260,12 @@ def decode_rows(max_len: int = 4096) -> list[dict]:
                        "kv_a_proj": (C + R, D), "o_proj": (D, H * V), "dense up": (c.intermediate_size, D),
                        "dense down": (D, c.intermediate_size)}
         for proj, (rows_n, cols_k) in projections.items():
-            block_k = min(fp8_linear.GEMV_K, pow2(cols_k))
-            block_n = min(fp8_linear.gemv_block_n(rows_n, 128), max(1, fp8_linear.GEMV_TILE // block_k))
-            warps = min(8, max(1, block_n * block_k // 512))
-            k = compile_for_hopper(fp8_linear.fp8_weight_gemv_kernel, GEMV,
-                                   {"BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": block_k, "SCALE_ROWS": 128,
-                                    "SCALE_COLS": 128}, warps, 3,
-                                   {"M": 1, "N": rows_n, "K": cols_k, "stride_x": cols_k, "stride_y": rows_n,
-                                    "scale_cols": -(-cols_k // 128)})
+            t = fp8_linear.gemv_launch(rows_n, cols_k, (128, 128))
+            warps = t.pop("num_warps")
+            k = compile_for_hopper(fp8_linear.fp8_weight_gemv_kernel, GEMV, {**t, "SCALE_ROWS": 128, "SCALE_COLS": 128},
+                                   warps, 3, {"N": rows_n, "K": cols_k, "scale_cols": -(-cols_k // 128)})
             out.append({"kernel": f"FP8 GEMV, 1 row, {name} {proj} {rows_n}x{cols_k}",
-                        "config": f"{block_n}x{block_k} w{warps}, {-(-rows_n // block_n)} programs",
+                        "config": f"{t['BLOCK_N']}x{t['BLOCK_K']} w{warps}, {-(-rows_n // t['BLOCK_N'])} programs",
                         **resources(k, warps)})
     return out
 

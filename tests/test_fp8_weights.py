@@ -96,29 +96,26 @@ def test_fp8_weights_take_about_half_the_bytes_of_bf16(tmp_path):
 
 
 @pytest.mark.parametrize("M, N, K, block", [(1, 600, 300, (128, 128)), (1, 40, 96, (16, 32)),
-                                            (3, 200, 300, (128, 128)), (8, 40, 300, (16, 32)),
-                                            (16, 64, 96, (64, 32))])
-@pytest.mark.parametrize("gemv_rows, split_blocks", [(1, 4), (4, 1)])
-def test_fp8_kernel_matches_the_dequantized_matmul(M, N, K, block, gemv_rows, split_blocks, monkeypatch):
+                                            (1, 24, 4500, (128, 128)), (3, 200, 300, (128, 128)),
+                                            (8, 40, 300, (16, 32)), (16, 64, 96, (64, 32))])
+@pytest.mark.parametrize("split_blocks", [4, 1])
+def test_fp8_kernel_matches_the_dequantized_matmul(M, N, K, block, split_blocks, monkeypatch):
     """kernels/fp8_linear.py (Triton's interpreter without a GPU) against the twin, for edge
-    blocks cut short on both sides, up to GEMV_ROWS rows (1, and 4 for the GEMV's row loop) by
-    the GEMV and past them by the dot, whose K is split in shares of SPLIT_BLOCKS blocks where
-    few programs would run (with 1, every case past GEMV_ROWS splits, the last share short):
-    float32 sums of K products in another order, the scale applied per block after them."""
-    from nanoseek.kernels import fp8_linear
-    monkeypatch.setattr(fp8_linear, "GEMV_ROWS", gemv_rows)
-    monkeypatch.setattr(fp8_linear, "SPLIT_BLOCKS", split_blocks)
-    columns, k_blocks = -(-N // min(fp8_linear.BLOCK_N, block[0])), -(-K // block[1])
-    if M > gemv_rows and split_blocks == 1:
-        assert fp8_linear.split_k(columns, k_blocks) > 1
+    blocks cut short on both sides: one row by the GEMV (a K past GEMV_K in three loads), more
+    by the tensor-core kernel, whose K is split in shares of SPLIT_BLOCKS blocks where few
+    programs would run (with 1, every case past one row splits, the last share short): float32
+    sums of K products in another order, the scale applied per block after them."""
     pytest.importorskip("triton")
-    from nanoseek.kernels.fp8_linear import fp8_weight_linear
+    from nanoseek.kernels import fp8_linear
+    monkeypatch.setattr(fp8_linear, "SPLIT_BLOCKS", split_blocks)
+    if M > 1 and split_blocks == 1:
+        assert fp8_linear.k_shares(N, K, block)[0] > 1
     device = "cuda" if torch.cuda.is_available() else "cpu"
     w, scale = quantize_fp8_blockwise(torch.randn(N, K), block)
     x = torch.randn(M, K)
     from nanoseek.hf import dequantize_fp8_blockwise
     want = x.double() @ dequantize_fp8_blockwise(w, scale, block).double().T
-    got = fp8_weight_linear(x.to(device), w.to(device), scale.to(device), list(block)).cpu()
+    got = fp8_linear.fp8_weight_linear(x.to(device), w.to(device), scale.to(device), list(block)).cpu()
     bound = torch.finfo(torch.float32).eps * K * float((x.abs().double() @ dequantize_fp8_blockwise(
         w, scale, block).abs().double().T).max())
     torch.testing.assert_close(got.double(), want, rtol=0, atol=bound)

@@ -13,12 +13,13 @@ converted to x's dtype (exact: every e4m3 value is a BF16 value), one tensor-cor
 float32 accumulation, times the tile's one scale. The twin is infer/fp8_weights.py's
 dequantise-then-matmul.
 
-Up to GEMV_ROWS rows (a decode step of one request) take a GEMV instead: a tensor-core dot
+One row (a decode step of one request) takes a GEMV instead: a tensor-core dot
 of 16 rows would be 15 rows of padding at one row, and a program per 64 outputs leaves most
 SMs idle at V2-Lite's widths (9 programs for a 576-wide projection on 132 SMs). The GEMV's
-programs hold a few output rows each (gemv_block_n: about GEMV_PROGRAMS of them), load up to
+programs hold a few output rows each (gemv_launch: about GEMV_PROGRAMS of them), load up to
 GEMV_K columns of them at once, scale each column by its block's scale and multiply on the
-CUDA cores.
+CUDA cores. Past one row, where few programs would run, the tensor-core kernel splits K
+(k_shares).
 """
 
 from __future__ import annotations
@@ -54,54 +55,59 @@ def fp8_weight_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_x, stri
     tl.store(y_ptr + m[:, None] * stride_y + n[None, :], acc, mask=(m[:, None] < M) & (n[None, :] < N))
 
 
-# rows that take the GEMV kernel: at one row it beat the tensor-core kernel 1.6-6.2x on V2-Lite's and
-# V3's projections (all but V3's q_b_proj, 0.88x) and BF16 cuBLAS 1.3-2.2x; at four rows it lost to
-# the tensor-core kernel on V3's three largest (H100, benchmarks/results/h100_decode_shapes/fp8_gemv)
-GEMV_ROWS = 1
+# One row takes the GEMV: it beat the tensor-core kernel 1.6-6.2x on V2-Lite's and V3's projections
+# (all but V3's q_b_proj, 0.88x) and BF16 cuBLAS 1.3-2.2x; a row loop in it lost at four rows to the
+# tensor-core kernel on V3's q_b_proj, o_proj and shared down projection (H100,
+# benchmarks/results/h100_decode_shapes/fp8_gemv)
 GEMV_PROGRAMS = 256  # programs the GEMV aims for: about two an SM of an H100/H200 (132)
 GEMV_K = 2048        # columns of the weight a GEMV program loads at once
 GEMV_TILE = 16384    # weight elements it loads at once: 64 a thread at 8 warps, no spill on sm_90
 
 
 @triton.jit
-def fp8_weight_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_x, stride_y, scale_cols,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def fp8_weight_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, scale_cols,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = tl.arange(0, BLOCK_M)
     kk = tl.arange(0, BLOCK_K)
     s_row = s_ptr + ((pid * BLOCK_N) // SCALE_ROWS) * scale_cols  # BLOCK_N divides the scale block's rows
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     # a wide tile an iteration (all of K up to GEMV_K): every load is in flight before the first use
     for k0 in range(0, K, BLOCK_K):
         k = k0 + kk
         w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K),
                     other=0.0)
         w = w.to(tl.float32) * tl.load(s_row + k // SCALE_COLS, mask=k < K, other=0.0)[None, :]
-        for i in tl.static_range(BLOCK_M):
-            x = tl.load(x_ptr + i * stride_x + k, mask=(k < K) & (i < M), other=0.0).to(tl.float32)
-            acc += tl.where(m[:, None] == i, tl.sum(w * x[None, :], axis=1)[None, :], 0.0)
-    tl.store(y_ptr + m[:, None] * stride_y + n[None, :], acc, mask=(m[:, None] < M) & (n[None, :] < N))
+        x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        acc += tl.sum(w * x[None, :], axis=1)
+    tl.store(y_ptr + n, acc, mask=n < N)
 
 
-# the tensor-core kernel's time grew with K's blocks, not with N (about 0.75 µs a 128-column block on
-# an H100, whatever the programs: benchmarks/results/h100_decode_shapes/fp8_gemv), so a weight of few
-# column blocks is split over K until about SPLIT_PROGRAMS programs run, each at least SPLIT_BLOCKS blocks
+def gemv_launch(N: int, K: int, block: tuple[int, int]) -> dict:
+    """The GEMV's launch for an N x K weight: output rows a program holds (a power of two from 4,
+    within a scale block's rows, for about GEMV_PROGRAMS programs and at most GEMV_TILE elements
+    a load), columns a load, and warps (16 or more weight bytes a thread)."""
+    block_k = min(GEMV_K, triton.next_power_of_2(K))
+    by_programs = max(4, triton.next_power_of_2(N // GEMV_PROGRAMS + 1) // 2)
+    block_n = min(block[0], by_programs, max(1, GEMV_TILE // block_k))
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=min(8, max(1, block_n * block_k // 512)))
+
+
+# The tensor-core kernel's time grew with K's blocks, about 0.6-0.8 µs a 128-column block, where
+# fewer programs than two an SM ran (one a 64-output block; H100,
+# benchmarks/results/h100_decode_shapes/fp8_gemv): such a weight is split over K until about
+# SPLIT_PROGRAMS programs run, each over SPLIT_BLOCKS blocks or more
 SPLIT_PROGRAMS = 264  # two an SM of an H100 (132)
 SPLIT_BLOCKS = 4
 
 
-def split_k(columns: int, k_blocks: int) -> int:
-    """Shares of K the tensor-core kernel cuts a weight of `columns` column blocks and
-    `k_blocks` K blocks into (1: none)."""
-    return max(1, min(SPLIT_PROGRAMS // columns, k_blocks // SPLIT_BLOCKS))
-
-
-def gemv_block_n(N: int, block_rows: int) -> int:
-    """Output rows a GEMV program holds: a power of two from 4, within a scale block's rows,
-    for about GEMV_PROGRAMS programs."""
-    return min(block_rows, max(4, triton.next_power_of_2(N // GEMV_PROGRAMS + 1) // 2))
+def k_shares(N: int, K: int, block: tuple[int, int]) -> tuple[int, int]:
+    """(shares, K blocks a share) the tensor-core kernel cuts an N x K weight's K into: (1, all)
+    where enough programs run without."""
+    columns, k_blocks = triton.cdiv(N, min(BLOCK_N, block[0])), triton.cdiv(K, block[1])
+    per_share = triton.cdiv(k_blocks, max(1, min(SPLIT_PROGRAMS // columns, k_blocks // SPLIT_BLOCKS)))
+    return triton.cdiv(k_blocks, per_share), per_share
 
 
 def unsupported(rows: int, weight: torch.Tensor, block: tuple[int, int]) -> str | None:
@@ -125,29 +131,23 @@ def fp8_weight_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale_inv: torch.T
     if reason is not None:
         raise ValueError(f"fp8_weight_linear cannot take {reason}")
     x_MK = x_MK.contiguous()
-    y = torch.empty(M, N, dtype=x_MK.dtype, device=x_MK.device)
-    if M <= GEMV_ROWS:
-        block_k = min(GEMV_K, triton.next_power_of_2(K))
-        block_n = min(gemv_block_n(N, block[0]), max(1, GEMV_TILE // block_k))
-        fp8_weight_gemv_kernel[(triton.cdiv(N, block_n),)](
-            x_MK, w_NK, scale_inv, y, M, N, K, x_MK.stride(0), y.stride(0), scale_inv.shape[1],
-            BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k, SCALE_ROWS=block[0],
-            SCALE_COLS=block[1], num_warps=min(8, max(1, block_n * block_k // 512)))  # 16+ weight bytes a thread
+    if M == 1:
+        t = gemv_launch(N, K, tuple(block))
+        y = torch.empty(M, N, dtype=x_MK.dtype, device=x_MK.device)
+        fp8_weight_gemv_kernel[(triton.cdiv(N, t["BLOCK_N"]),)](
+            x_MK, w_NK, scale_inv, y, N, K, scale_inv.shape[1], SCALE_ROWS=block[0], SCALE_COLS=block[1], **t)
         return y
     precision = "ieee" if x_MK.dtype == torch.float32 else "tf32"  # float32 (the tests) exactly
     block_n = min(BLOCK_N, block[0])  # inside one row of scale blocks
-    columns, k_blocks = triton.cdiv(N, block_n), triton.cdiv(K, block[1])
-    splits = split_k(columns, k_blocks)
-    per_split = triton.cdiv(k_blocks, splits)
-    splits = triton.cdiv(k_blocks, per_split)
-    # split over K, each share's sums in float32 apart and added after (not atomically: the same
-    # sums in the same order every step, so greedy decoding stays reproducible)
-    out = y if splits == 1 else torch.empty(splits, M, N, dtype=torch.float32, device=x_MK.device)
-    fp8_weight_linear_kernel[(columns, splits)](
-        x_MK, w_NK, scale_inv, out, M, N, K, x_MK.stride(0), N, scale_inv.shape[1], per_split, M * N,
+    shares, per_share = k_shares(N, K, tuple(block))
+    # each share's sums in float32 apart, added after (not atomically: the same sums in the same
+    # order every step, so greedy decoding stays reproducible)
+    out = torch.empty(shares, M, N, dtype=torch.float32 if shares > 1 else x_MK.dtype, device=x_MK.device)
+    fp8_weight_linear_kernel[(triton.cdiv(N, block_n), shares)](
+        x_MK, w_NK, scale_inv, out, M, N, K, x_MK.stride(0), N, scale_inv.shape[1], per_share, M * N,
         BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=block[1], SCALE_ROWS=block[0],
         PRECISION=precision, num_warps=4)
-    return y if splits == 1 else out.sum(0).to(y.dtype)
+    return out[0] if shares == 1 else out.sum(0).to(x_MK.dtype)
 
 
 @fp8_weight_linear.register_fake
