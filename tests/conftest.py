@@ -18,6 +18,14 @@ def float32_tolerance(config, context: int, magnitude: float) -> float:
     return torch.finfo(torch.float32).eps * chain * magnitude
 
 
+@pytest.fixture
+def hopper(monkeypatch):
+    """A pretend H200: the device queries of a path choice, answered without a GPU."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.version, "hip", None)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

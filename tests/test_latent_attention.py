@@ -125,10 +125,11 @@ def test_engine_decodes_the_reference_tokens_with_the_kernels():
     assert (len(calls) % L == 0 and 0 < len(calls) < 11 * L) if graphs else len(calls) == 11 * L
 
 
-def test_decode_attention_choice(monkeypatch):
-    """auto takes the kernels on a GPU for caches longer than SHORT_CACHE only (for a compiled
-    step of 64+ heads, from WIDE_CACHE), the last position idle unless speculating; kernel on a
-    model they cannot take says why; an unknown choice is a config error."""
+def test_decode_attention_choice(hopper, monkeypatch):
+    """auto takes the kernels on a Hopper GPU with a 16-bit cache longer than SHORT_CACHE only
+    (for a compiled step of 64+ heads, from WIDE_CACHE), the last position idle unless
+    speculating; kernel on a model they cannot take says why; an unknown choice is a config
+    error."""
     from nanoseek.infer.engine import WIDE_CACHE, decode_attention
     from nanoseek.infer.fused import SHORT_CACHE
     model = sharp_model()
@@ -152,6 +153,9 @@ def test_decode_attention_choice(monkeypatch):
     with pytest.raises(ValueError, match="16-bit cache at a latent 512 wide .*float32.*use decode_attention='torch'"):
         decode_attention(kernel, sharp_model(kv_lora_rank=512), 64, cuda, cache_dtype=torch.float32)
     assert decode_attention(InferenceConfig(decode_attention="torch"), model, 10**5, cuda) is None
+    with monkeypatch.context() as ampere:  # where the kernels' launches were not measured
+        ampere.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+        assert decode_attention(auto, model, SHORT_CACHE + 1, cuda) is None
     mha = sharp_model(attention_type="mha")
     with pytest.raises(ValueError, match="attention_type 'mha' \\(MLA only\\); use decode_attention='torch'"):
         decode_attention(InferenceConfig(decode_attention="kernel"), mha, 64, cuda)

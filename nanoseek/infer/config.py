@@ -41,9 +41,9 @@ class InferenceConfig(CheckedConfig):
     fused_launch: dict | None = None
     # MLA decode attention for one new token a row: "kernel" (latent_attention.py: Triton kernels
     # that read each row's own positions), "torch" (the model's absorbed attention, which reads
-    # every position of the cache and masks), or "auto": the kernels on a GPU when the cache is
-    # longer than fused.SHORT_CACHE positions, where reading all of it costs the most; a compiled
-    # step of 64 or more heads from 32K (engine.decode_attention says why)
+    # every position of the cache and masks), or "auto": the kernels on a Hopper+ GPU with a 16-bit
+    # cache longer than fused.SHORT_CACHE positions, where reading all of it costs the most; a
+    # compiled step of 64 or more heads from 32K (engine.decode_attention says why)
     decode_attention: str = "auto"
     # GPU: decode steps replayed back to back per read-back of their tokens
     decode_burst: int = 8

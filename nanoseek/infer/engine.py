@@ -81,6 +81,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..kernels import fast_kernels_supported
 from ..model import Transformer
 from ..model.cache import StaticCache, cache_entry_shapes
 from ..model.mla import MLA
@@ -110,9 +111,10 @@ def decode_attention(config: InferenceConfig, model: Transformer, cache_len: int
                      speculative_k: int = 0, cache_dtype: torch.dtype = torch.bfloat16):
     """The MLA decode attention InferenceConfig.decode_attention chooses (None: the model's
     absorbed attention); "kernel" on a model the kernels cannot take says why. auto takes the
-    kernels on a GPU for 16-bit caches over SHORT_CACHE positions, and for a compiled step of
-    WIDE_HEADS or more heads from WIDE_CACHE on (their launch shapes are sized for 16-bit
-    caches: at V3's widths a float32 one asks more shared memory than an SM has). Without
+    kernels where the fused step's kernels run by default (fast_kernels_supported: a Hopper+
+    GPU, a 16-bit cache; their launches are sized for one, and at V3's widths a float32 cache
+    asks more shared memory than an SM has) for caches over SHORT_CACHE positions, and for a
+    compiled step of WIDE_HEADS or more heads from WIDE_CACHE on. Without
     speculation the cache's last position is the padding rows' of a captured step (no
     request's token is fed there), so their attention reads that position only."""
     from .fused import SHORT_CACHE
@@ -132,8 +134,8 @@ def decode_attention(config: InferenceConfig, model: Transformer, cache_len: int
                              f"at a latent {model.config.kv_lora_rank} wide (a {str(cache_dtype).removeprefix('torch.')} "
                              f"one asks more shared memory than an SM has); run the model in bfloat16 or use "
                              f"decode_attention='torch'")
-    elif (config.decode_attention == "torch" or why or device.type != "cuda" or cache_len <= SHORT_CACHE
-          or cache_dtype not in (torch.bfloat16, torch.float16)):
+    elif (config.decode_attention == "torch" or why or cache_len <= SHORT_CACHE
+          or not fast_kernels_supported(device, cache_dtype)):
         return None
     elif (config.compile and config.cuda_graphs and model.config.num_attention_heads >= WIDE_HEADS
           and cache_len < WIDE_CACHE):

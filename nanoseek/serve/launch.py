@@ -35,7 +35,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-attention", default="auto", choices=DECODE_ATTENTION,
                    help="the MLA decode attention: kernel (Triton kernels reading each request's own "
                         "positions), torch (reads the whole cache, masked), or auto (default: the kernels on a "
-                        "GPU with a context over 4,096 tokens; from 32,768 for a compiled step of 64+ heads)")
+                        "Hopper GPU with a context over 4,096 tokens; from 32,768 for a compiled step of 64+ "
+                        "heads)")
     p.add_argument("--prefix-cache", action="store_true",
                    help="reuse the cache of prompt prefixes that slots still hold (shared system prompts, "
                         "multi-turn chats); not with --speculative")
