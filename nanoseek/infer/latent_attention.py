@@ -138,17 +138,16 @@ def _(q_lat, q_pe, ckv, kpe, positions_B, w_kvb, scale, v_dim, launch, idle):
 ONE_ROW_HEADS = 64
 
 
-def one_row_launch(config, max_len: int, launch: dict | None = None) -> dict | None:
-    """The launch for a step of one row where it differs from fused_step_launch's: ONE_ROW_HEADS
-    heads a program for a long cache, where the rule holds fewer for its accumulator's sake
-    (its warps then follow the wider program). None where the rule stands or `launch` sets
-    the heads."""
+def one_row_launch(config, max_len: int, rule: dict, launch: dict | None = None) -> dict:
+    """The launch for a step of one row, from fused_step_launch's (`rule`, for the same
+    `launch`): ONE_ROW_HEADS heads a program for a long cache, where the rule holds fewer for
+    its accumulator's sake (its warps then follow the wider program); the rule itself where
+    it holds as many, the model has fewer heads or `launch` sets them."""
     from .fused import ATTEND_BLOCK, SHORT_CACHE, fused_step_launch
     given = dict(launch or {})
-    rule = fused_step_launch(config, max_len, launch)
     if ("attend_heads" in given or max_len <= SHORT_CACHE or rule["attend_heads"] >= ONE_ROW_HEADS
             or config.num_attention_heads < ONE_ROW_HEADS):
-        return None
+        return rule
     return fused_step_launch(config, max_len, {"attend_block": 32, "attend_split": ATTEND_BLOCK, **given,
                                                "attend_heads": ONE_ROW_HEADS})
 
@@ -163,8 +162,8 @@ class LatentDecodeAttention:
     def __init__(self, config, max_len: int, launch: dict | None = None, idle: int = -1):
         from .fused import fused_step_launch
         t = fused_step_launch(config, max_len, launch)
-        one = one_row_launch(config, max_len, launch) or t
         self.launch, self.idle = [int(t[k]) for k in OP_LAUNCH], idle
+        one = one_row_launch(config, max_len, t, launch)
         self.one_row = [int(one[k]) for k in OP_LAUNCH]
 
     def __call__(self, attn, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
