@@ -253,9 +253,9 @@ case $stage in
             # does not fit a call), the FP8 step profiled; then the V3 slice
     bench 80 30 benchmarks/fp8_gemv.py --repeat 5  # the FP8 linear alone: GEMV, split and unsplit kernel, BF16
     real_decode "$(left 400)" --preset deepseek-v2-lite --layers 8 --batches 1 --new 64 --modes compiled --fp8 \
-      --fp8-kernels auto twin --skip-hf --profile
+      --fp8-kernels ${FP8_KERNELS:-twin auto} --skip-hf --profile  # the last of the kernels is the one profiled
     real_decode "$(left 585)" --preset deepseek-v3 --layers 2 --batches 1 --new 64 --modes compiled --fp8 \
-      --fp8-kernels auto twin --skip-hf
+      --fp8-kernels ${FP8_KERNELS:-twin auto} --skip-hf
     ;;
   verify16)  # the kernels in compiled steps: the engine's token test on the copying model, the one-row launch
              # at V3's widths, the choice rule; then V3's attention at 32K and 128K with that launch

@@ -61,6 +61,11 @@ def _fp8_buffers(module: nn.Module, name: str, weight: torch.Tensor, block: tupl
     if weight.is_meta:
         w_fp8 = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device="meta")
         scale_inv = torch.empty(block_scale_shape(weight.shape, block), device="meta")
+    elif weight.dim() == 3:  # one expert at a time: the float32 temporaries of V3's 256 at once take 14 GiB
+        w_fp8 = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
+        scale_inv = torch.empty(block_scale_shape(weight.shape, block), device=weight.device)
+        for e in range(weight.shape[0]):
+            w_fp8[e], scale_inv[e] = quantize_fp8_blockwise(weight[e].detach(), block)
     else:
         w_fp8, scale_inv = quantize_fp8_blockwise(weight.detach(), block)
     module.register_buffer(name, w_fp8)
