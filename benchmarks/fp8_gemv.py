@@ -6,7 +6,8 @@ few programs would run) against the tensor-core kernel unsplit, and against BF16
 Each call is captured in a CUDA graph over enough copies of the weight to exceed the L2 cache
 (a decode step reads every weight once), the replays timed by CUDA events; the weight's bytes
 over that time, against the measured copy bandwidth. Every output is checked against the
-float64 product of the same FP8 weights.
+float64 product of the same FP8 weights. Then one token's routed experts, each way compiled
+as a batch-1 decode step runs them (experts_row).
 
     python benchmarks/fp8_gemv.py [--rows 1 4 16] [--repeat 5]
 """
@@ -58,10 +59,53 @@ def dot_kernel(x, w, scale):
 
 def path(M: int, N: int, K: int) -> str:
     """What fp8_weight_linear runs for M rows of an N x K weight (128x128 blocks)."""
-    if M == 1:
+    if fp8_linear.takes_gemv(M, N, (128, 128)):
         return "gemv"
     shares, _ = fp8_linear.k_shares(N, K, (128, 128))
     return f"tensor-core kernel, K in {shares} shares" if shares > 1 else "tensor-core kernel"
+
+
+def experts_row(name: str, device: torch.device, bandwidth: float, repeat: int) -> dict:
+    """One decode token's routed experts (the gathered forward, as a compiled batch-1 step runs it)
+    three ways: the FP8 experts through fp8_experts_gemv, the FP8 experts dequantized in the step
+    (Inductor fuses the dequantization into its one-row reductions: the twin), and BF16 experts.
+    Each call takes the next K experts, so a capture of E / K calls reads them all, past L2."""
+    from nanoseek.infer.fp8_weights import FP8Experts
+    from nanoseek.model.moe import Experts
+    c = preset(name)
+    E, F, D, K = c.n_routed_experts, c.moe_intermediate_size, c.hidden_size, c.num_experts_per_tok
+    with torch.device("meta"):
+        bf16 = Experts(E, D, F)
+    for n in ("gate_proj", "up_proj", "down_proj"):  # made in BF16 on the GPU: V3's are 45 GB in float32
+        shape = getattr(bf16, n).shape
+        setattr(bf16, n, torch.nn.Parameter(torch.randn(shape, device=device, dtype=torch.bfloat16).mul_(
+            shape[-1] ** -0.5), requires_grad=False))
+    fp8 = FP8Experts(bf16, (128, 128), "auto")
+    calls = E // K
+    x = torch.randn(1, D, device=device).to(torch.bfloat16)
+    route = torch.rand(1, K, device=device)
+    idxs = [torch.arange(i * K, (i + 1) * K, device=device)[None] for i in range(calls)]
+    row = {"preset": name, "experts": E, "expert_width": F, "hidden": D, "top_k": K}
+    want = None
+    with torch.no_grad():
+        for way, m, kernel in (("bf16", bf16, None), ("fp8 experts GEMV", fp8, "auto"),
+                               ("fp8 dequantized in the step", fp8, "twin")):
+            fp8.kernel = kernel or fp8.kernel  # each way's step is compiled and timed before the next
+            step = torch.compile(m.forward_gathered, fullgraph=True, dynamic=False,
+                                 options={"coordinate_descent_tuning": True})
+            got = step(x, route, idxs[0]).double()
+            want = got if want is None else want
+            row[f"{way}_difference_from_bf16"] = float((got - want).abs().max() / want.abs().max())
+            it = iter(range(10**9))
+            us = graph_us(lambda step=step, it=it: step(x, route, idxs[next(it) % calls]), repeat, calls=calls)
+            nbytes = 3 * K * F * D * (2 if way == "bf16" else 1)
+            row[f"{way}_us"], row[f"{way}_bandwidth_fraction"] = us, nbytes / (us * 1e-6) / bandwidth
+    print(f"{name} routed experts, 1 token x {K}: " + ", ".join(
+        f"{way} {row[f'{way}_us']:.1f} us ({row[f'{way}_bandwidth_fraction']:.0%})"
+        for way in ("bf16", "fp8 experts GEMV", "fp8 dequantized in the step")), flush=True)
+    del bf16, fp8
+    torch.cuda.empty_cache()
+    return row
 
 
 def main() -> None:
@@ -69,6 +113,8 @@ def main() -> None:
     ap.add_argument("--presets", nargs="+", default=["deepseek-v2-lite", "deepseek-v3"])
     ap.add_argument("--rows", nargs="+", type=int, default=[1, 4, 16])
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--no-experts", dest="experts", action="store_false",
+                    help="skip one token's routed experts (the gathered forward, compiled, three ways)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("fp8_gemv: times CUDA kernels; run it on a GPU")
@@ -107,8 +153,9 @@ def main() -> None:
                 print(f"{name} {proj} {N}x{K} rows {M} ({row['fp8_weight_linear_path']}): " + ", ".join(
                     f"{way} {row[f'{way}_us']:.1f} us ({row[f'{way}_bandwidth_fraction']:.0%}, err "
                     f"{row[f'{way}_error']:.1e})" for way in ways if f"{way}_us" in row), flush=True)
+    experts = [experts_row(name, device, bandwidth, args.repeat) for name in args.presets] if args.experts else []
     written = write_json({"benchmark": "fp8_gemv", **environment(), "copy_bandwidth_GBps": bandwidth / 1e9,
-                       "rows": rows_out}, "fp8_gemv.json")
+                          "rows": rows_out, "experts": experts}, "fp8_gemv.json")
     print(f"wrote {written}")
 
 

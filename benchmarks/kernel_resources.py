@@ -75,7 +75,8 @@ def compile_for_hopper(fn, signature: dict, constexprs: dict, num_warps: int, nu
     which lets masks and strides keep vector loads: without it a [64, 512] tile's loads go one
     element at a time and are not pipelined)."""
     values = values or {}
-    names = list(signature)
+    # in the kernel's argument order, which attrs' indices count in (a pointer may follow constexprs)
+    names = [name for name in fn.arg_names if name in signature]
     attrs, constants = {}, {}
     for i, name in enumerate(names):
         if signature[name].startswith("*"):
@@ -86,7 +87,8 @@ def compile_for_hopper(fn, signature: dict, constexprs: dict, num_warps: int, nu
                 constants[name] = spec
             elif spec == "D":
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    sig = {**signature, **{name: "constexpr" for name in {**constexprs, **constants}}}
+    kinds = {**signature, **{name: "constexpr" for name in {**constexprs, **constants}}}
+    sig = {name: kinds[name] for name in fn.arg_names if name in kinds}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs={**constexprs, **constants}, attrs=attrs),
                           target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
 
@@ -184,7 +186,28 @@ def attention_rows(max_len: int = 32768) -> list[dict]:
 
 
 GEMV = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "y_ptr": "*bf16", "N": "i32", "K": "i32",
-        "scale_cols": "i32"}
+        "scale_cols": "i32", "x_share": "i32"}
+# the GEMV's gathered forms (fp8_experts_gemv): the pointers its flags read (the others None)
+GATHERED = {"idx_ptr": "*i64", "route_ptr": "*fp32", "w2_ptr": "*fp8e4nv", "s2_ptr": "*fp32"}
+
+
+def gemv_row(label: str, rows_n: int, cols_k: int, pairs: int = 1, x_share: int = 1, **flags) -> dict:
+    """The FP8 GEMV compiled for sm_90 as fp8_linear launches it for an N x K weight over `pairs`
+    rows; flags: GATHER, SWIGLU, ROUTE (fp8_weight_gemv_kernel's)."""
+    from nanoseek.kernels import fp8_linear
+    t = fp8_linear.gemv_launch(rows_n, cols_k, (128, 128), pairs, 2 if flags.get("SWIGLU") else 1)
+    warps = t.pop("num_warps")
+    used = {"idx_ptr": flags.get("GATHER"), "route_ptr": flags.get("ROUTE"), "w2_ptr": flags.get("SWIGLU"),
+            "s2_ptr": flags.get("SWIGLU")}
+    signature = {**GEMV, **({"y_ptr": "*fp32"} if flags.get("ROUTE") else {}),
+                 **{p: kind for p, kind in GATHERED.items() if used[p]}}
+    # every argument named, defaults too: Triton's compile does not fill them in
+    constexprs = {**t, "SCALE_ROWS": 128, "SCALE_COLS": 128, **{p: None for p in GATHERED if not used[p]},
+                  "GATHER": False, "SWIGLU": False, "ROUTE": False, **flags}
+    k = compile_for_hopper(fp8_linear.fp8_weight_gemv_kernel, signature, constexprs, warps, 3,
+                           {"N": rows_n, "K": cols_k, "scale_cols": -(-cols_k // 128), "x_share": x_share})
+    return {"kernel": label, "config": f"{t['BLOCK_N']}x{t['BLOCK_K']} w{warps}, "
+                                       f"{-(-rows_n // t['BLOCK_N']) * pairs} programs", **resources(k, warps)}
 
 
 PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.int32: "*i32", torch.int64: "*i64"}
@@ -226,10 +249,10 @@ def fused_step_launches(cfg, rows: int, max_len: int) -> list[tuple]:
 def decode_rows(max_len: int = 4096) -> list[dict]:
     """The fused decode step's kernels as FusedDecoder launches them at one row for V2-Lite's and
     V3's widths (a dense and an MoE layer; each distinct launch once), and the FP8 weight-only GEMV
-    (kernels/fp8_linear.py) at one row on their projections, as fp8_weight_linear launches it."""
+    (kernels/fp8_linear.py) at one row on their projections and on one token's routed experts, as
+    fp8_weight_linear and fp8_experts_gemv launch it."""
     from nanoseek import preset
     from nanoseek.infer.latent_attention import pow2
-    from nanoseek.kernels import fp8_linear
     out = []
     for name in ("deepseek-v2-lite", "deepseek-v3"):
         c = preset(name, num_hidden_layers=2, first_k_dense_replace=1, num_nextn_predict_layers=0)
@@ -260,13 +283,12 @@ def decode_rows(max_len: int = 4096) -> list[dict]:
                        "kv_a_proj": (C + R, D), "o_proj": (D, H * V), "dense up": (c.intermediate_size, D),
                        "dense down": (D, c.intermediate_size)}
         for proj, (rows_n, cols_k) in projections.items():
-            t = fp8_linear.gemv_launch(rows_n, cols_k, (128, 128))
-            warps = t.pop("num_warps")
-            k = compile_for_hopper(fp8_linear.fp8_weight_gemv_kernel, GEMV, {**t, "SCALE_ROWS": 128, "SCALE_COLS": 128},
-                                   warps, 3, {"N": rows_n, "K": cols_k, "scale_cols": -(-cols_k // 128)})
-            out.append({"kernel": f"FP8 GEMV, 1 row, {name} {proj} {rows_n}x{cols_k}",
-                        "config": f"{t['BLOCK_N']}x{t['BLOCK_K']} w{warps}, {-(-rows_n // t['BLOCK_N'])} programs",
-                        **resources(k, warps)})
+            out.append(gemv_row(f"FP8 GEMV, 1 row, {name} {proj} {rows_n}x{cols_k}", rows_n, cols_k))
+        F, K = c.moe_intermediate_size, c.num_experts_per_tok
+        out.append(gemv_row(f"FP8 experts GEMV, 1 token, {name} gate+up {F}x{D} x{K}", F, D, K, K,
+                            GATHER=True, SWIGLU=True))
+        out.append(gemv_row(f"FP8 experts GEMV, 1 token, {name} down {D}x{F} x{K}", D, F, K,
+                            GATHER=True, ROUTE=True))
     return out
 
 

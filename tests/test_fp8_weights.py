@@ -341,12 +341,15 @@ def test_decode_benchmark_counts_agreement_where_the_reference_is_decisive():
 
 
 # ---------------------------------------------------------------------- a prefill's grouped experts
-def fp8_experts(kernel: str, E=4, F=200, D=320) -> FP8Experts:
-    """FP8 experts with 128x128 blocks cut short at both widths (F, D not multiples of 128)."""
+def fp8_experts(kernel: str, E=4, F=200, D=320, spread: bool = False) -> FP8Experts:
+    """FP8 experts with 128x128 blocks cut short at both widths (F, D not multiples of 128);
+    spread: expert e's weights 2^e times as large, so that each expert has its own scales."""
     from nanoseek.model.moe import Experts
     experts = Experts(E, D, F)
     for w in (experts.gate_proj, experts.up_proj, experts.down_proj):
         torch.nn.init.normal_(w, std=0.05)
+        if spread:
+            w.data *= 2.0 ** torch.arange(E)[:, None, None]
     return FP8Experts(experts, (128, 128), kernel)
 
 
@@ -476,3 +479,70 @@ def test_gpu_fp8_experts_prefill_is_the_bf16_twin_to_bf16_rounding():
     fp8_err, twin_err = float(((got - want).abs() / scale).median()), float(((twin - want).abs() / scale).median())
     assert fp8_err <= 2 * twin_err + 2 ** -12, (fp8_err, twin_err)
     assert float(((got - want).abs() / scale).max()) < 2 ** -4
+
+
+# ---------------------------------------------------------------------- a decode step's gathered experts
+def hand_gathered_experts(x: torch.Tensor, idx: torch.Tensor, route: torch.Tensor, experts: FP8Experts):
+    """y [N, K, D] float64: each (token, slot)'s dequantised expert SwiGLU times its route weight,
+    and the same with every product's magnitude (for the rounding bound)."""
+    w_gate, w_up, w_down = (w[idx] for w in dequantized(experts))  # [N, K, ...]
+    x64 = x.double()[:, None, :, None]
+    gate, up = (w_gate @ x64)[..., 0], (w_up @ x64)[..., 0]
+    h = torch.nn.functional.silu(gate) * up
+    y = (w_down @ h[..., None])[..., 0] * route.double()[..., None]
+    mag_h = (w_gate.abs() @ x64.abs())[..., 0] * (w_up.abs() @ x64.abs())[..., 0]
+    mag = (w_down.abs() @ mag_h[..., None])[..., 0] * route.double()[..., None]
+    return y, mag
+
+
+@pytest.mark.parametrize("gemv_k", [2048, 128])
+def test_fp8_experts_gemv_matches_the_dequantized_experts(gemv_k, monkeypatch):
+    """kernels/fp8_linear.fp8_experts_gemv (Triton's interpreter, float32): each (token, expert)
+    pair through its own expert's FP8 weights in place, gate and up in one launch, down times the
+    route weight, against float64 on the dequantised experts; F and D not multiples of 128, so
+    each expert's scale rows end short (a scale or weight read from the wrong expert fails), and
+    with gemv_k 128 every projection takes several loads. Bound: float32 sums over D then F."""
+    pytest.importorskip("triton")
+    from nanoseek.kernels import fp8_linear
+    monkeypatch.setattr(fp8_linear, "GEMV_K", gemv_k)
+    experts = fp8_experts("triton", spread=True)
+    idx = torch.tensor([[3, 0], [1, 3]])  # two tokens, two experts each, expert 3 twice
+    route = torch.rand(2, 2)
+    x = torch.randn(2, 320)
+    got = fp8_linear.fp8_experts_gemv(x, idx, route, experts.gate_proj, experts.up_proj, experts.down_proj,
+                                      experts.gate_proj_scale_inv, experts.up_proj_scale_inv,
+                                      experts.down_proj_scale_inv, [128, 128]).double()
+    want, mag = hand_gathered_experts(x, idx, route, experts)
+    assert got.shape == (2, 2, 320)
+    assert bool(((got - want).abs() <= 8 * (320 + 200) * torch.finfo(torch.float32).eps * mag).all())
+
+
+def test_fp8_experts_gather_through_the_gemv_where_told(monkeypatch):
+    """A decode step's gathered experts: kernel "triton" runs the GEMV op once (no autograd) and
+    gives the dequantised twin's sum over the token's experts to float32 rounding; "twin",
+    "w8a8", "auto" on a CPU and autograd dequantise instead."""
+    pytest.importorskip("triton")
+    from nanoseek.kernels import fp8_linear
+    calls, op = [], fp8_linear.fp8_experts_gemv
+    monkeypatch.setattr(fp8_linear, "fp8_experts_gemv", lambda *a: calls.append(a[1].shape) or op(*a))
+    kernel, twin = fp8_experts("triton", spread=True), fp8_experts("twin")
+    twin.load_state_dict(kernel.state_dict())
+    x, idx, route = torch.randn(3, 320), torch.tensor([[0, 2], [3, 1], [2, 3]]), torch.rand(3, 2)
+    with torch.no_grad():
+        assert kernel.gemv_takes(x)
+        assert not any(fp8_experts(k).gemv_takes(x) for k in ("twin", "w8a8", "auto"))
+        got = kernel.forward_gathered(x, route, idx).double()
+        want = twin.forward_gathered(x, route, idx).double()
+    assert not kernel.gemv_takes(x)  # grad on
+    assert calls == [(3, 2)]
+    _, mag = hand_gathered_experts(x, idx, route, kernel)
+    assert bool(((got - want).abs() <= 8 * (320 + 200) * torch.finfo(torch.float32).eps * mag.sum(1)).all())
+
+
+def test_one_row_takes_the_gemv_unless_the_tensor_core_kernel_fills_the_gpu():
+    from nanoseek.kernels.fp8_linear import SPLIT_PROGRAMS, takes_gemv
+    assert takes_gemv(1, 7168, (128, 128)) and takes_gemv(1, 576, (128, 128))
+    assert not takes_gemv(1, 24576, (128, 128))  # V3's q_b_proj: 384 programs of 64 outputs
+    last = 64 * (SPLIT_PROGRAMS - 1)  # the most outputs the tensor-core kernel covers in fewer programs
+    assert takes_gemv(1, last, (128, 128)) and not takes_gemv(1, last + 1, (128, 128))
+    assert not takes_gemv(2, 576, (128, 128))

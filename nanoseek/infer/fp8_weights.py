@@ -18,10 +18,9 @@ values and their scales in as stored:
   float32 twin elsewhere), for every row count: prefill and decode.
 - FP8Experts: the stacked experts [E, F, D] / [E, D, F] in float8 with scales [E, ⌈F/128⌉,
   ⌈D/128⌉]. The small-batch kernels (kernels/moe.py: decode batches of up to 64 tokens on a
-  GPU) read them in place with their scales. Every other expert path reads its weights
-  through `Experts.expert_weights`, which this class dequantises: the chosen experts' only
-  when a decode step gathers them (under torch.compile the dequantisation fuses into the
-  reads). A prefill's grouped GEMMs read the FP8 experts in place too, where the kernels run
+  GPU) read them in place with their scales, and so does the GEMV of kernels/fp8_linear.py
+  when a decode step of a few pairs gathers the chosen experts. Every other expert path reads
+  its weights through `Experts.expert_weights`, which this class dequantises. A prefill's grouped GEMMs read the FP8 experts in place too, where the kernels run
   (fp8/kernels.py: weight-only, or with kernel="w8a8" the activations quantized as in
   training); elsewhere they dequantise all experts.
 `kv_b_proj` is dequantised at load: the absorbed attention uses its per-head blocks as
@@ -171,6 +170,27 @@ class FP8Experts(Experts):
         up_MF = grouped_mm_fp8_weight(x_MD, w_up, s_up, offsets_E, first_E1)
         # in the compute dtype, as model.moe.grouped_swiglu (the dequantised twin) multiplies
         return grouped_mm_fp8_weight((F.silu(gate_MF) * up_MF).contiguous(), w_down, s_down, offsets_E, first_E1)
+
+    def gemv_takes(self, x_ND: torch.Tensor) -> bool:
+        """Whether a gathered forward (a decode step of a few pairs) runs kernels/fp8_linear.py's
+        GEMV on the FP8 experts in place, as FP8Linear's kernel choice: else they are dequantised."""
+        if torch.is_grad_enabled() or self.kernel not in ("auto", "triton"):
+            return False
+        if not (triton_runs(x_ND.device) if self.kernel == "triton"
+                else fast_kernels_supported(x_ND.device, compute_dtype(x_ND))):
+            return False
+        from ..kernels import fp8_linear
+        return all(fp8_linear.unsupported(1, getattr(self, n), self.block) is None
+                   for n in ("gate_proj", "up_proj", "down_proj"))
+
+    def forward_gathered(self, x_ND, weight_NK, idx_NK):
+        if not self.gemv_takes(x_ND):
+            return super().forward_gathered(x_ND, weight_NK, idx_NK)
+        from ..kernels.fp8_linear import fp8_experts_gemv
+        (w_gate, w_up, w_down), (s_gate, s_up, s_down), block = self.small_batch_weights()
+        y_NKD = fp8_experts_gemv(x_ND.to(compute_dtype(x_ND)), idx_NK, weight_NK, w_gate, w_up, w_down,
+                                 s_gate, s_up, s_down, list(block))
+        return y_NKD.sum(1).to(x_ND.dtype)
 
     def small_batch_weights(self):
         """The FP8 weights and their scales as stored: kernels/moe.py reads them in place."""

@@ -20,6 +20,13 @@ programs hold a few output rows each (gemv_launch: about GEMV_PROGRAMS of them),
 GEMV_K columns of them at once, scale each column by its block's scale and multiply on the
 CUDA cores. Past one row, where few programs would run, the tensor-core kernel splits K
 (k_shares).
+
+The routed experts of a decode step of a few tokens (`fp8_experts_gemv`) take the same GEMV,
+one program row per (token, expert) pair, the pair's expert read in place from the stacked
+FP8 weights: gate and up in one launch with the SwiGLU applied, then down times the routing
+weight. Left to Inductor, the dequantisation of the gathered experts fused into one-row
+reductions that read the FP8 bytes at 0.5-0.75 TB/s on an H100, half the step's time at
+V2-Lite's widths (benchmarks/results/h100_decode_shapes/fp8_8L).
 """
 
 from __future__ import annotations
@@ -65,33 +72,56 @@ GEMV_TILE = 16384    # weight elements it loads at once: 64 a thread at 8 warps,
 
 
 @triton.jit
-def fp8_weight_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, scale_cols,
+def fp8_weight_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, scale_cols, x_share,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr):
+                           SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr,
+                           idx_ptr=None, route_ptr=None, w2_ptr=None, s2_ptr=None,
+                           GATHER: tl.constexpr = False, SWIGLU: tl.constexpr = False, ROUTE: tl.constexpr = False):
+    """Program (block of BLOCK_N outputs, pair): y[pair] = x[pair // x_share] · w^T. GATHER: w is
+    the stacked [E, N, K] weights (scales [E, ⌈N/SCALE_ROWS⌉, scale_cols]) and the pair's matrix
+    is expert idx[pair]; SWIGLU: silu(x · w^T) · (x · w2^T), w2 with scales s2 beside w; ROUTE:
+    times route[pair]."""
     pid = tl.program_id(0)
+    pair = tl.program_id(1)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
-    s_row = s_ptr + ((pid * BLOCK_N) // SCALE_ROWS) * scale_cols  # BLOCK_N divides the scale block's rows
+    w_off = n[:, None].to(tl.int64) * K
+    s_off = ((pid * BLOCK_N) // SCALE_ROWS) * scale_cols  # BLOCK_N divides the scale block's rows
+    if GATHER:
+        e = tl.load(idx_ptr + pair).to(tl.int64)
+        w_off += e * N * K
+        s_off += e * tl.cdiv(N, SCALE_ROWS) * scale_cols
+    x_ptr += (pair // x_share) * K
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     # a wide tile an iteration (all of K up to GEMV_K): every load is in flight before the first use
     for k0 in range(0, K, BLOCK_K):
         k = k0 + kk
-        w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K),
-                    other=0.0)
-        w = w.to(tl.float32) * tl.load(s_row + k // SCALE_COLS, mask=k < K, other=0.0)[None, :]
+        mask = (n[:, None] < N) & (k[None, :] < K)
         x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + w_off + k[None, :], mask=mask, other=0.0)
+        w = w.to(tl.float32) * tl.load(s_ptr + s_off + k // SCALE_COLS, mask=k < K, other=0.0)[None, :]
         acc += tl.sum(w * x[None, :], axis=1)
-    tl.store(y_ptr + n, acc, mask=n < N)
+        if SWIGLU:
+            w2 = tl.load(w2_ptr + w_off + k[None, :], mask=mask, other=0.0)
+            w2 = w2.to(tl.float32) * tl.load(s2_ptr + s_off + k // SCALE_COLS, mask=k < K, other=0.0)[None, :]
+            acc2 += tl.sum(w2 * x[None, :], axis=1)
+    if SWIGLU:
+        acc = acc * tl.sigmoid(acc) * acc2
+    if ROUTE:
+        acc *= tl.load(route_ptr + pair)
+    tl.store(y_ptr + pair * N + n, acc, mask=n < N)
 
 
-def gemv_launch(N: int, K: int, block: tuple[int, int]) -> dict:
-    """The GEMV's launch for an N x K weight: output rows a program holds (a power of two from 4,
-    within a scale block's rows, for about GEMV_PROGRAMS programs and at most GEMV_TILE elements
-    a load), columns a load, and warps (16 or more weight bytes a thread)."""
+def gemv_launch(N: int, K: int, block: tuple[int, int], pairs: int = 1, weights: int = 1) -> dict:
+    """The GEMV's launch for an N x K weight over `pairs` rows (each its own matrix, or one), of
+    `weights` matrices read together: output rows a program holds (a power of two from 4, within
+    a scale block's rows, for about GEMV_PROGRAMS programs in all and at most GEMV_TILE elements a
+    load), columns a load, and warps (16 or more weight bytes a thread)."""
     block_k = min(GEMV_K, triton.next_power_of_2(K))
-    by_programs = max(4, triton.next_power_of_2(N // GEMV_PROGRAMS + 1) // 2)
-    block_n = min(block[0], by_programs, max(1, GEMV_TILE // block_k))
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=min(8, max(1, block_n * block_k // 512)))
+    by_programs = max(4, triton.next_power_of_2(N * pairs // GEMV_PROGRAMS + 1) // 2)
+    block_n = min(block[0], by_programs, max(1, GEMV_TILE // weights // block_k))
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=min(8, max(1, weights * block_n * block_k // 512)))
 
 
 # The tensor-core kernel's time grew with K's blocks, about 0.6-0.8 µs a 128-column block, where
@@ -108,6 +138,13 @@ def k_shares(N: int, K: int, block: tuple[int, int]) -> tuple[int, int]:
     columns, k_blocks = triton.cdiv(N, min(BLOCK_N, block[0])), triton.cdiv(K, block[1])
     per_share = triton.cdiv(k_blocks, max(1, min(SPLIT_PROGRAMS // columns, k_blocks // SPLIT_BLOCKS)))
     return triton.cdiv(k_blocks, per_share), per_share
+
+
+def takes_gemv(M: int, N: int, block: tuple[int, int]) -> bool:
+    """Whether M rows of an N-output weight take the GEMV: one row, unless the tensor-core kernel
+    runs SPLIT_PROGRAMS programs or more unsplit (V3's q_b_proj, 384: there it led the GEMV, 19
+    against 22 µs on an H100, benchmarks/results/h100_decode_shapes/fp8_gemv_auto)."""
+    return M == 1 and triton.cdiv(N, min(BLOCK_N, block[0])) < SPLIT_PROGRAMS
 
 
 def unsupported(rows: int, weight: torch.Tensor, block: tuple[int, int]) -> str | None:
@@ -131,11 +168,11 @@ def fp8_weight_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale_inv: torch.T
     if reason is not None:
         raise ValueError(f"fp8_weight_linear cannot take {reason}")
     x_MK = x_MK.contiguous()
-    if M == 1:
+    if takes_gemv(M, N, tuple(block)):
         t = gemv_launch(N, K, tuple(block))
         y = torch.empty(M, N, dtype=x_MK.dtype, device=x_MK.device)
         fp8_weight_gemv_kernel[(triton.cdiv(N, t["BLOCK_N"]),)](
-            x_MK, w_NK, scale_inv, y, N, K, scale_inv.shape[1], SCALE_ROWS=block[0], SCALE_COLS=block[1], **t)
+            x_MK, w_NK, scale_inv, y, N, K, scale_inv.shape[1], 1, SCALE_ROWS=block[0], SCALE_COLS=block[1], **t)
         return y
     precision = "ieee" if x_MK.dtype == torch.float32 else "tf32"  # float32 (the tests) exactly
     block_n = min(BLOCK_N, block[0])  # inside one row of scale blocks
@@ -153,3 +190,37 @@ def fp8_weight_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale_inv: torch.T
 @fp8_weight_linear.register_fake
 def _(x_MK, w_NK, scale_inv, block):
     return x_MK.new_empty(x_MK.shape[0], w_NK.shape[0])
+
+
+@torch.library.custom_op("nanoseek::fp8_experts_gemv", mutates_args=())
+def fp8_experts_gemv(x_ND: torch.Tensor, idx_NK: torch.Tensor, route_NK: torch.Tensor,
+                     w_gate_EFD: torch.Tensor, w_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor,
+                     s_gate: torch.Tensor, s_up: torch.Tensor, s_down: torch.Tensor, block: list[int]) -> torch.Tensor:
+    """y [N, K, D] float32: each (token, slot)'s expert output times its routing weight, the FP8
+    experts (stacked, with their block scales as infer/fp8_weights.FP8Experts holds them) read in
+    place by the GEMV, one pair of (token, expert) a row: SiLU(x W_gate^T) · (x W_up^T) in one
+    launch, into x's dtype as the twin rounds it, then W_down^T times the route weight in another.
+    A decode step of a few pairs (moe.Experts' "gather" path); the caller sums over K."""
+    N, D = x_ND.shape
+    K = idx_NK.shape[1]
+    F = w_gate_EFD.shape[1]
+    pairs = N * K
+    x_ND, idx = x_ND.contiguous(), idx_NK.contiguous().view(-1)
+    route = route_NK.float().contiguous().view(-1)
+    rows, cols = block
+    h = torch.empty(pairs, F, dtype=x_ND.dtype, device=x_ND.device)
+    t = gemv_launch(F, D, (rows, cols), pairs, weights=2)
+    fp8_weight_gemv_kernel[(triton.cdiv(F, t["BLOCK_N"]), pairs)](
+        x_ND, w_gate_EFD, s_gate, h, F, D, s_gate.shape[2], K, SCALE_ROWS=rows, SCALE_COLS=cols,
+        idx_ptr=idx, w2_ptr=w_up_EFD, s2_ptr=s_up, GATHER=True, SWIGLU=True, **t)
+    y = torch.empty(N, K, D, dtype=torch.float32, device=x_ND.device)
+    t = gemv_launch(D, F, (rows, cols), pairs)
+    fp8_weight_gemv_kernel[(triton.cdiv(D, t["BLOCK_N"]), pairs)](
+        h, w_down_EDF, s_down, y, D, F, s_down.shape[2], 1, SCALE_ROWS=rows, SCALE_COLS=cols,
+        idx_ptr=idx, route_ptr=route, GATHER=True, ROUTE=True, **t)
+    return y
+
+
+@fp8_experts_gemv.register_fake
+def _(x_ND, idx_NK, route_NK, w_gate_EFD, w_up_EFD, w_down_EDF, s_gate, s_up, s_down, block):
+    return x_ND.new_empty(x_ND.shape[0], idx_NK.shape[1], x_ND.shape[1], dtype=torch.float32)
