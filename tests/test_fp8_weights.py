@@ -546,3 +546,20 @@ def test_one_row_takes_the_gemv_unless_the_tensor_core_kernel_fills_the_gpu():
     last = 64 * (SPLIT_PROGRAMS - 1)  # the most outputs the tensor-core kernel covers in fewer programs
     assert takes_gemv(1, last, (128, 128)) and not takes_gemv(1, last + 1, (128, 128))
     assert not takes_gemv(2, 576, (128, 128))
+
+
+def test_fp8_model_decodes_through_the_gemv_as_its_twin(fp8_dir, monkeypatch):
+    """A cached decode of one row of the FP8 model with kernel="triton" (Triton's interpreter,
+    float32): every linear layer and every MoE layer's routed experts through the GEMV, the
+    weights read in place, against the dequantised twin: logits within float32's reordering bound."""
+    pytest.importorskip("triton")
+    from nanoseek.kernels import fp8_linear
+    calls, op = [], fp8_linear.fp8_experts_gemv
+    monkeypatch.setattr(fp8_linear, "fp8_experts_gemv", lambda *a: calls.append(1) or op(*a))
+    fp8, twin = load(fp8_dir, torch.float32, kernel="triton"), load(fp8_dir, torch.float32)
+    seqs = torch.randint(0, fp8.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        (_, got), (_, want) = decode_argmax(fp8, seqs, 4), decode_argmax(twin, seqs, 4)
+    c = fp8.config
+    assert len(calls) == 2 * (c.num_hidden_layers - c.first_k_dense_replace)  # two decode steps
+    torch.testing.assert_close(got, want, rtol=0, atol=float32_tolerance(c, 6, float(want.abs().max())))
