@@ -454,17 +454,22 @@ def record_paths(cfg, dtype, device, rows, result: str) -> None:
 
 def profile_decode_step(model, args, prompts):
     """Where a decode step's GPU time goes: the compiled step run without capture under
-    torch.profiler, at batch 1 and the largest batch, kernels by total CUDA time. Every row
+    torch.profiler, at batch 1 and the largest batch (and the fused step at batch 1 when the
+    fused mode runs and the model takes it), kernels by total CUDA time. Every row
     decodes its own token after its own prompt, so rows choose different experts as in the
     engine (the same token in every row would route every row to the same experts)."""
     from nanoseek.infer.cuda_graph import GraphDecoder
+    from nanoseek.infer.fused import FusedDecoder
     engine = Engine(model, None, max_batch=max(args.batches), max_len=args.prompt + args.new,
                     config=InferenceConfig(cuda_graphs=False))
     plist = [p.tolist() for p in prompts]
     engine_run(engine, plist, 1)  # the requests end at their first token; their rows keep the prompts
     lines = []
-    for B in sorted({1, max(args.batches)}):
-        step = GraphDecoder(model, engine.cache, None, compile=True, capture=False)
+    steps = [("compiled step", B, 0) for B in sorted({1, max(args.batches)})]
+    if "fused" in args.modes and FusedDecoder.unsupported(model.config, model) is None:
+        steps.append(("fused step", 1, 1))  # the fused step's kernels at one row, beside the compiled step's
+    for name, B, fused_rows in steps:
+        step = GraphDecoder(model, engine.cache, None, compile=True, capture=False, fused_rows=fused_rows)
         slots = list(range(B))
         with torch.no_grad():
             nxt = [p[0] for p in plist[:B]]
@@ -473,11 +478,11 @@ def profile_decode_step(model, args, prompts):
             torch.cuda.synchronize()
             total, launches, table = profile_kernels(lambda: step.decode(slots, nxt, [args.prompt] * B), 10,
                                                      rows=200)
-        lines += [f"## batch {B}: {total:.0f} us of kernels per decode step, {launches:.0f} kernel launches", "",
-                  table, ""]
+        lines += [f"## {name}, batch {B}: {total:.0f} us of kernels per decode step, {launches:.0f} kernel launches",
+                  "", table, ""]
     out = out_dir() / "decode_profile.txt"
     out.write_text("\n".join(lines))
-    print("\n".join(lines[:1]), f"\nwrote {out}")
+    print("\n".join(line for line in lines if line.startswith("## ")), f"\nwrote {out}")
 
 
 if __name__ == "__main__":
