@@ -20,9 +20,10 @@ values and their scales in as stored:
   ⌈D/128⌉]. The small-batch kernels (kernels/moe.py: decode batches of up to 64 tokens on a
   GPU) read them in place with their scales, and so does the GEMV of kernels/fp8_linear.py
   when a decode step of a few pairs gathers the chosen experts. Every other expert path reads
-  its weights through `Experts.expert_weights`, which this class dequantises. A prefill's grouped GEMMs read the FP8 experts in place too, where the kernels run
-  (fp8/kernels.py: weight-only, or with kernel="w8a8" the activations quantized as in
-  training); elsewhere they dequantise all experts.
+  its weights through `Experts.expert_weights`, which this class dequantises. A prefill's
+  grouped GEMMs read the FP8 experts in place too, where the kernels run (fp8/kernels.py:
+  weight-only, or with kernel="w8a8" the activations quantized as in training); elsewhere
+  they dequantise all experts.
 `kv_b_proj` is dequantised at load: the absorbed attention uses its per-head blocks as
 matrices (W_UK into the query, W_UV into the output), as DeepSeek's own inference code does.
 The dequantised model is the twin of the FP8 one (tests compare their logits).
