@@ -6,8 +6,9 @@ few programs would run) against the tensor-core kernel unsplit, and against BF16
 Each call is captured in a CUDA graph over enough copies of the weight to exceed the L2 cache
 (a decode step reads every weight once), the replays timed by CUDA events; the weight's bytes
 over that time, against the measured copy bandwidth. Every output is checked against the
-float64 product of the same FP8 weights. Then one token's routed experts, each way compiled
-as a batch-1 decode step runs them (experts_row).
+float64 product of the same FP8 weights. Then a SwiGLU's gate and up at one row in one launch
+against two (swiglu_rows), and one token's routed experts, each way compiled as a batch-1
+decode step runs them (experts_row).
 
     python benchmarks/fp8_gemv.py [--rows 1 4 16] [--repeat 5]
 """
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,6 +65,48 @@ def path(M: int, N: int, K: int) -> str:
         return "gemv"
     shares, _ = fp8_linear.k_shares(N, K, (128, 128))
     return f"tensor-core kernel, K in {shares} shares" if shares > 1 else "tensor-core kernel"
+
+
+def swiglu_rows(name: str, device: torch.device, bandwidth: float, repeat: int) -> list[dict]:
+    """A SwiGLU's gate and up at one row (the shared experts, a dense layer's MLP): fp8_swiglu_gemv
+    (one launch, both FP8 weights) against two FP8 GEMVs and the product, and BF16 cuBLAS."""
+    c = preset(name)
+    D = c.hidden_size
+    out = []
+    for part, N in (("shared", c.n_shared_experts * c.moe_intermediate_size), ("dense", c.intermediate_size)):
+        pairs = [quantize_fp8_blockwise(torch.randn(N, D) * D ** -0.5) for _ in range(2)]
+        copies = max(1, -(-L2_BYTES // (2 * N * D)))
+        ws = [[(w.to(device), s.to(device)) for w, s in pairs] for _ in range(copies)]
+        w16 = [[dequantize_fp8_blockwise(w, s).to(device, torch.bfloat16) for w, s in pairs]
+               for _ in range(max(1, copies // 2))]
+        x = torch.randn(1, D, device=device).to(torch.bfloat16)
+
+        def fused(i):
+            (wg, sg), (wu, su) = ws[i % copies]
+            return fp8_linear.fp8_swiglu_gemv(x, wg, sg, wu, su, [128, 128])
+
+        def two(i):
+            (wg, sg), (wu, su) = ws[i % copies]
+            g = fp8_linear.fp8_weight_linear(x, wg, sg, [128, 128])
+            return F.silu(g) * fp8_linear.fp8_weight_linear(x, wu, su, [128, 128])
+
+        def bf16(i):
+            wg, wu = w16[i % len(w16)]
+            return F.silu(x @ wg.T) * (x @ wu.T)
+        row = {"preset": name, "mlp": part, "N": N, "K": D}
+        want = fused(0).double()
+        for way, fn, calls, nbytes in (("fp8 swiglu gemv", fused, copies, 2 * N * D),
+                                       ("fp8 two gemvs", two, copies, 2 * N * D),
+                                       ("bf16 cuBLAS", bf16, len(w16), 4 * N * D)):
+            row[f"{way}_difference"] = float((fn(0).double() - want).abs().max() / want.abs().max())
+            it = iter(range(10**9))
+            us = graph_us(lambda fn=fn, it=it: fn(next(it)), repeat, calls=calls)
+            row[f"{way}_us"], row[f"{way}_bandwidth_fraction"] = us, nbytes / (us * 1e-6) / bandwidth
+        print(f"{name} {part} gate+up {N}x{D}, 1 row: " + ", ".join(
+            f"{way} {row[f'{way}_us']:.1f} us ({row[f'{way}_bandwidth_fraction']:.0%})"
+            for way in ("fp8 swiglu gemv", "fp8 two gemvs", "bf16 cuBLAS")), flush=True)
+        out.append(row)
+    return out
 
 
 def experts_row(name: str, device: torch.device, bandwidth: float, repeat: int) -> dict:
@@ -153,9 +197,10 @@ def main() -> None:
                 print(f"{name} {proj} {N}x{K} rows {M} ({row['fp8_weight_linear_path']}): " + ", ".join(
                     f"{way} {row[f'{way}_us']:.1f} us ({row[f'{way}_bandwidth_fraction']:.0%}, err "
                     f"{row[f'{way}_error']:.1e})" for way in ways if f"{way}_us" in row), flush=True)
+    swiglu = [r for name in args.presets for r in swiglu_rows(name, device, bandwidth, args.repeat)]
     experts = [experts_row(name, device, bandwidth, args.repeat) for name in args.presets] if args.experts else []
     written = write_json({"benchmark": "fp8_gemv", **environment(), "copy_bandwidth_GBps": bandwidth / 1e9,
-                          "rows": rows_out, "experts": experts}, "fp8_gemv.json")
+                          "rows": rows_out, "swiglu": swiglu, "experts": experts}, "fp8_gemv.json")
     print(f"wrote {written}")
 
 

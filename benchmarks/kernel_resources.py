@@ -249,8 +249,8 @@ def fused_step_launches(cfg, rows: int, max_len: int) -> list[tuple]:
 def decode_rows(max_len: int = 4096) -> list[dict]:
     """The fused decode step's kernels as FusedDecoder launches them at one row for V2-Lite's and
     V3's widths (a dense and an MoE layer; each distinct launch once), and the FP8 weight-only GEMV
-    (kernels/fp8_linear.py) at one row on their projections and on one token's routed experts, as
-    fp8_weight_linear and fp8_experts_gemv launch it."""
+    (kernels/fp8_linear.py) at one row on their projections, their MLPs' gate and up together and one
+    token's routed experts, as fp8_weight_linear, fp8_swiglu_gemv and fp8_experts_gemv launch it."""
     from nanoseek import preset
     from nanoseek.infer.latent_attention import pow2
     out = []
@@ -284,6 +284,8 @@ def decode_rows(max_len: int = 4096) -> list[dict]:
                        "dense down": (D, c.intermediate_size)}
         for proj, (rows_n, cols_k) in projections.items():
             out.append(gemv_row(f"FP8 GEMV, 1 row, {name} {proj} {rows_n}x{cols_k}", rows_n, cols_k))
+        for proj, rows_n in (("shared", c.n_shared_experts * c.moe_intermediate_size), ("dense", c.intermediate_size)):
+            out.append(gemv_row(f"FP8 SwiGLU GEMV, 1 row, {name} {proj} gate+up {rows_n}x{D}", rows_n, D, SWIGLU=True))
         F, K = c.moe_intermediate_size, c.num_experts_per_tok
         out.append(gemv_row(f"FP8 experts GEMV, 1 token, {name} gate+up {F}x{D} x{K}", F, D, K, K,
                             GATHER=True, SWIGLU=True))

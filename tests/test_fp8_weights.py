@@ -563,3 +563,42 @@ def test_fp8_model_decodes_through_the_gemv_as_its_twin(fp8_dir, monkeypatch):
     c = fp8.config
     assert len(calls) == 2 * (c.num_hidden_layers - c.first_k_dense_replace)  # two decode steps
     torch.testing.assert_close(got, want, rtol=0, atol=float32_tolerance(c, 6, float(want.abs().max())))
+
+
+def test_fp8_mlp_takes_one_swiglu_gemv_at_one_row(monkeypatch):
+    """An MLP whose gate and up are FP8Linear becomes an FP8MLP: at one row with kernel "triton"
+    (Triton's interpreter, float32) gate and up go through one fused GEMV launch, to the
+    dequantised twin's output within float32 sums over K then F; two rows, "twin" and autograd
+    keep the MLP's own forward."""
+    pytest.importorskip("triton")
+    from nanoseek.infer.fp8_weights import FP8MLP
+    from nanoseek.kernels import fp8_linear
+    from nanoseek.model.moe import MLP
+    calls, op = [], fp8_linear.fp8_swiglu_gemv
+    monkeypatch.setattr(fp8_linear, "fp8_swiglu_gemv", lambda *a: calls.append(a[0].shape) or op(*a))
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.mlp = MLP(320, 200)
+    with torch.no_grad():  # gate and up of different magnitudes: each weight keeps its own scales
+        model.mlp.up_proj.weight.mul_(8)
+    names = {f"mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")}
+    keep_fp8_weights(model, names, (128, 128), "triton")
+    mlp = model.mlp
+    assert type(mlp) is FP8MLP and isinstance(mlp.gate_proj, FP8Linear)
+    x = torch.randn(1, 1, 320)
+    with torch.no_grad():
+        got = mlp(x).double()
+        assert calls == [(1, 320)]
+        for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            lin.kernel = "twin"
+        want = mlp(x).double()
+        for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            lin.kernel = "triton"
+        mlp(torch.randn(2, 320))
+    mlp(x)  # grad on
+    assert calls == [(1, 320)]
+    w_gate, w_up, w_down = (lin.dequantized_weight().double().abs() for lin in (mlp.gate_proj, mlp.up_proj,
+                                                                                  mlp.down_proj))
+    x64 = x.double().abs()[0]
+    mag = ((x64 @ w_gate.T) * (x64 @ w_up.T)) @ w_down.T
+    assert bool(((got - want).abs()[0] <= 8 * (320 + 200) * torch.finfo(torch.float32).eps * mag).all())

@@ -16,6 +16,8 @@ values and their scales in as stored:
   quantises the activations too, per token per 128 channels as FP8 training does, and runs
   the FP8 x FP8 GEMM of training (fp8/gemm.py: cuBLAS's blockwise `_scaled_mm` on Hopper, the
   float32 twin elsewhere), for every row count: prefill and decode.
+- FP8MLP: a SwiGLU MLP (shared experts, dense layers) whose gate and up are FP8Linear: at one
+  row its gate and up take one GEMV launch that reads both weights.
 - FP8Experts: the stacked experts [E, F, D] / [E, D, F] in float8 with scales [E, ⌈F/128⌉,
   ⌈D/128⌉]. The small-batch kernels (kernels/moe.py: decode batches of up to 64 tokens on a
   GPU) read them in place with their scales, and so does the GEMV of kernels/fp8_linear.py
@@ -39,7 +41,7 @@ from ..fp8.quant import block_scale_shape
 from ..hf import FP8_BLOCK, SCALE_SUFFIX, dequantize_fp8_blockwise, quantize_fp8_blockwise
 from ..kernels import fast_kernels_supported, triton_runs
 from ..model import Transformer
-from ..model.moe import Experts, compute_dtype
+from ..model.moe import MLP, Experts, compute_dtype
 
 # modules an FP8 checkpoint's weights stay FP8 in, by name; kv_b_proj: see the module docstring
 DEQUANTIZED = ("kv_b_proj",)
@@ -122,6 +124,33 @@ class FP8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 blocks {self.block}"
+
+
+class FP8MLP(MLP):
+    """A SwiGLU MLP (shared experts, a dense layer) whose gate and up projections are FP8Linear:
+    at one row, where their kernel runs the GEMV, both go through one launch that reads the two
+    weights and applies the SiLU product (kernels/fp8_linear.fp8_swiglu_gemv); else as MLP."""
+
+    def __init__(self, mlp: MLP):
+        nn.Module.__init__(self)
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
+    def fused(self, x_MK: torch.Tensor) -> bool:
+        from ..kernels import fp8_linear
+        gate, up = self.gate_proj, self.up_proj
+        return (gate.kernel == up.kernel != "w8a8" and gate.block == up.block and gate.bias is None
+                and up.bias is None and gate.takes_kernel(x_MK)
+                and fp8_linear.takes_gemv(x_MK.shape[0], gate.out_features, gate.block))
+
+    def forward(self, x):
+        x_MK = x.reshape(-1, x.shape[-1])
+        if not self.fused(x_MK):
+            return super().forward(x)
+        from ..kernels.fp8_linear import fp8_swiglu_gemv
+        g, u = self.gate_proj, self.up_proj
+        h = fp8_swiglu_gemv(x_MK.to(compute_dtype(x)), g.weight, g.weight_scale_inv, u.weight, u.weight_scale_inv,
+                            list(g.block))
+        return self.down_proj(h.view(*x.shape[:-1], -1).to(x.dtype))
 
 
 class FP8Experts(Experts):
@@ -211,8 +240,9 @@ def keep_fp8_weights(model: Transformer, fp8_names: set[str], block: tuple[int, 
                      kernel: str = "auto") -> None:
     """The module swap `from_pretrained(keep_fp8=...)` applies: every nn.Linear and Experts
     whose weights the checkpoint stores in FP8 (fp8_names: state-dict names) becomes an
-    FP8Linear / FP8Experts, except DEQUANTIZED; kernel: FP8Linear's. On a model that is not
-    on the meta device the new modules hold its weights quantised."""
+    FP8Linear / FP8Experts, except DEQUANTIZED, and an MLP whose gate and up became FP8Linear an
+    FP8MLP; kernel: FP8Linear's. On a model that is not on the meta device the new modules hold
+    its weights quantised."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel {kernel!r}: must be one of {', '.join(KERNELS)}")
     if kernel == "w8a8" and torch.cuda.is_available():
@@ -229,6 +259,10 @@ def keep_fp8_weights(model: Transformer, fp8_names: set[str], block: tuple[int, 
         else:
             continue
         setattr(model.get_submodule(parent_name), child, swapped)
+    for name, module in list(model.named_modules()):  # after their linears: one launch for gate and up
+        if type(module) is MLP and isinstance(module.gate_proj, FP8Linear) and isinstance(module.up_proj, FP8Linear):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, FP8MLP(module))
 
 
 def layer_weights(model: Transformer) -> set[str]:

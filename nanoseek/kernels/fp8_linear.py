@@ -21,7 +21,9 @@ GEMV_K columns of them at once, scale each column by its block's scale and multi
 CUDA cores. Past one row, where few programs would run, the tensor-core kernel splits K
 (k_shares).
 
-The routed experts of a decode step of a few tokens (`fp8_experts_gemv`) take the same GEMV,
+A SwiGLU's gate and up projections at one row (the shared experts, a dense layer's MLP) take
+one GEMV that reads both weights and applies the SiLU product (`fp8_swiglu_gemv`). The routed
+experts of a decode step of a few tokens (`fp8_experts_gemv`) take the same GEMV,
 one program row per (token, expert) pair, the pair's expert read in place from the stacked
 FP8 weights: gate and up in one launch with the SwiGLU applied, then down times the routing
 weight. Left to Inductor, the dequantisation of the gathered experts fused into one-row
@@ -190,6 +192,26 @@ def fp8_weight_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale_inv: torch.T
 @fp8_weight_linear.register_fake
 def _(x_MK, w_NK, scale_inv, block):
     return x_MK.new_empty(x_MK.shape[0], w_NK.shape[0])
+
+
+@torch.library.custom_op("nanoseek::fp8_swiglu_gemv", mutates_args=())
+def fp8_swiglu_gemv(x_1K: torch.Tensor, w_gate: torch.Tensor, s_gate: torch.Tensor, w_up: torch.Tensor,
+                    s_up: torch.Tensor, block: list[int]) -> torch.Tensor:
+    """h [1, N] in x's dtype = SiLU(x · gate^T) · (x · up^T), one row, the two FP8 weights [N, K]
+    read together by the GEMV: one launch where two GEMVs and the product were three, x read once."""
+    N, K = w_gate.shape
+    x_1K = x_1K.contiguous()
+    t = gemv_launch(N, K, tuple(block), weights=2)
+    h = torch.empty(1, N, dtype=x_1K.dtype, device=x_1K.device)
+    fp8_weight_gemv_kernel[(triton.cdiv(N, t["BLOCK_N"]),)](
+        x_1K, w_gate, s_gate, h, N, K, s_gate.shape[1], 1, SCALE_ROWS=block[0], SCALE_COLS=block[1],
+        w2_ptr=w_up, s2_ptr=s_up, SWIGLU=True, **t)
+    return h
+
+
+@fp8_swiglu_gemv.register_fake
+def _(x_1K, w_gate, s_gate, w_up, s_up, block):
+    return x_1K.new_empty(1, w_gate.shape[0])
 
 
 @torch.library.custom_op("nanoseek::fp8_experts_gemv", mutates_args=())
