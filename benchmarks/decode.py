@@ -80,6 +80,9 @@ MODES = {"default": (" (defaults)", dict()),
          "fused": (" (fused Triton step)", dict(compile=True, fused_decode_rows=4)),
          "grouped": (" (compiled, grouped GEMM experts only)",
                      dict(compile=True, fused_decode_rows=0, expert_path="grouped")),
+         # the routed experts gathered, their down projection (FP8: every projection) through the GEMV
+         "gemv-experts": (" (compiled, GEMV expert down projections)",
+                          dict(compile=True, fused_decode_rows=0, expert_path="gather_gemv")),
          # the compiled step's MLA attention forced either way (compiled: decode_attention auto)
          "kernel-attention": (" (compiled, attention kernels)",
                               dict(compile=True, fused_decode_rows=0, decode_attention="kernel")),

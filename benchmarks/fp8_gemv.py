@@ -111,8 +111,9 @@ def swiglu_rows(name: str, device: torch.device, bandwidth: float, repeat: int) 
 
 def experts_row(name: str, device: torch.device, bandwidth: float, repeat: int) -> dict:
     """One decode token's routed experts (the gathered forward, as a compiled batch-1 step runs it)
-    three ways: the FP8 experts through fp8_experts_gemv, the FP8 experts dequantized in the step
-    (Inductor fuses the dequantization into its one-row reductions: the twin), and BF16 experts.
+    four ways: BF16 experts in Inductor's one-row reductions, the same with the down projection
+    by the GEMV (the "gather_gemv" path), the FP8 experts through fp8_experts_gemv, and the FP8
+    experts dequantized in the step (Inductor fuses the dequantization into its reductions).
     Each call takes the next K experts, so a capture of E / K calls reads them all, past L2."""
     from nanoseek.infer.fp8_weights import FP8Experts
     from nanoseek.model.moe import Experts
@@ -132,21 +133,22 @@ def experts_row(name: str, device: torch.device, bandwidth: float, repeat: int) 
     row = {"preset": name, "experts": E, "expert_width": F, "hidden": D, "top_k": K}
     want = None
     with torch.no_grad():
-        for way, m, kernel in (("bf16", bf16, None), ("fp8 experts GEMV", fp8, "auto"),
-                               ("fp8 dequantized in the step", fp8, "twin")):
+        for way, fn, kernel in (("bf16", bf16.forward_gathered, None),
+                                ("bf16, down by the GEMV", bf16.forward_gathered_gemv, None),
+                                ("fp8 experts GEMV", fp8.forward_gathered, "auto"),
+                                ("fp8 dequantized in the step", fp8.forward_gathered, "twin")):
             fp8.kernel = kernel or fp8.kernel  # each way's step is compiled and timed before the next
-            step = torch.compile(m.forward_gathered, fullgraph=True, dynamic=False,
-                                 options={"coordinate_descent_tuning": True})
+            step = torch.compile(fn, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": True})
             got = step(x, route, idxs[0]).double()
             want = got if want is None else want
             row[f"{way}_difference_from_bf16"] = float((got - want).abs().max() / want.abs().max())
             it = iter(range(10**9))
             us = graph_us(lambda step=step, it=it: step(x, route, idxs[next(it) % calls]), repeat, calls=calls)
-            nbytes = 3 * K * F * D * (2 if way == "bf16" else 1)
+            nbytes = 3 * K * F * D * (2 if way.startswith("bf16") else 1)
             row[f"{way}_us"], row[f"{way}_bandwidth_fraction"] = us, nbytes / (us * 1e-6) / bandwidth
     print(f"{name} routed experts, 1 token x {K}: " + ", ".join(
         f"{way} {row[f'{way}_us']:.1f} us ({row[f'{way}_bandwidth_fraction']:.0%})"
-        for way in ("bf16", "fp8 experts GEMV", "fp8 dequantized in the step")), flush=True)
+        for way in ("bf16", "bf16, down by the GEMV", "fp8 experts GEMV", "fp8 dequantized in the step")), flush=True)
     del bf16, fp8
     torch.cuda.empty_cache()
     return row

@@ -199,11 +199,15 @@ def gemv_row(label: str, rows_n: int, cols_k: int, pairs: int = 1, x_share: int 
     warps = t.pop("num_warps")
     used = {"idx_ptr": flags.get("GATHER"), "route_ptr": flags.get("ROUTE"), "w2_ptr": flags.get("SWIGLU"),
             "s2_ptr": flags.get("SWIGLU")}
+    scaled = flags.get("SCALED", True)  # else BF16 weights without scales (the "gather_gemv" path)
     signature = {**GEMV, **({"y_ptr": "*fp32"} if flags.get("ROUTE") else {}),
-                 **{p: kind for p, kind in GATHERED.items() if used[p]}}
+                 **({} if scaled else {"w_ptr": "*bf16"}), **{p: kind for p, kind in GATHERED.items() if used[p]}}
+    if not scaled:
+        del signature["s_ptr"]
     # every argument named, defaults too: Triton's compile does not fill them in
     constexprs = {**t, "SCALE_ROWS": 128, "SCALE_COLS": 128, **{p: None for p in GATHERED if not used[p]},
-                  "GATHER": False, "SWIGLU": False, "ROUTE": False, **flags}
+                  **({} if scaled else {"s_ptr": None}), "GATHER": False, "SWIGLU": False, "ROUTE": False,
+                  "SCALED": True, **flags}
     k = compile_for_hopper(fp8_linear.fp8_weight_gemv_kernel, signature, constexprs, warps, 3,
                            {"N": rows_n, "K": cols_k, "scale_cols": -(-cols_k // 128), "x_share": x_share})
     return {"kernel": label, "config": f"{t['BLOCK_N']}x{t['BLOCK_K']} w{warps}, "
@@ -291,6 +295,8 @@ def decode_rows(max_len: int = 4096) -> list[dict]:
                             GATHER=True, SWIGLU=True))
         out.append(gemv_row(f"FP8 experts GEMV, 1 token, {name} down {D}x{F} x{K}", D, F, K,
                             GATHER=True, ROUTE=True))
+        out.append(gemv_row(f"BF16 experts GEMV, 1 token, {name} down {D}x{F} x{K}", D, F, K,
+                            GATHER=True, ROUTE=True, SCALED=False))
     return out
 
 

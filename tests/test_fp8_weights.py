@@ -602,3 +602,34 @@ def test_fp8_mlp_takes_one_swiglu_gemv_at_one_row(monkeypatch):
     x64 = x.double().abs()[0]
     mag = ((x64 @ w_gate.T) * (x64 @ w_up.T)) @ w_down.T
     assert bool(((got - want).abs()[0] <= 8 * (320 + 200) * torch.finfo(torch.float32).eps * mag).all())
+
+
+def test_gather_gemv_path_reads_16bit_experts_down_in_place(monkeypatch):
+    """The "gather_gemv" expert path on 16- or 32-bit experts (Triton's interpreter, float32):
+    gate and up as the gathered forward computes them, the down projection through the GEMV (the
+    op runs once), times the route weights: the loop twin's sum within float32 sums over D then F.
+    Under autograd it is never taken."""
+    pytest.importorskip("triton")
+    from nanoseek.kernels import fp8_linear
+    from nanoseek.model.moe import ExpertPath, Experts
+    calls, op = [], fp8_linear.experts_down_gemv
+    monkeypatch.setattr(fp8_linear, "experts_down_gemv", lambda *a: calls.append(a[1].shape) or op(*a))
+    torch.manual_seed(0)
+    experts = Experts(4, 320, 200, ExpertPath("gather_gemv"))
+    for w in (experts.gate_proj, experts.up_proj, experts.down_proj):
+        torch.nn.init.normal_(w, std=0.05)
+    with torch.no_grad():
+        experts.down_proj.mul_(2.0 ** torch.arange(4)[:, None, None])  # a wrong expert's rows fail
+    x, idx, route = torch.randn(3, 320), torch.tensor([[0, 2], [3, 1], [2, 3]]), torch.rand(3, 2)
+    with torch.no_grad():
+        got = experts(x, route, idx).double()
+        assert experts.last_path == "gather_gemv" and calls == [(3, 2)]
+        want = experts.forward_loop(x, route, idx).double()
+    experts(x, route, idx)  # grad on
+    assert experts.last_path != "gather_gemv"
+    w_gate, w_up, w_down = (w.detach().double().abs()[idx] for w in (experts.gate_proj, experts.up_proj,
+                                                                     experts.down_proj))
+    x64 = x.double().abs()[:, None, :, None]
+    h = (w_gate @ x64)[..., 0] * (w_up @ x64)[..., 0]
+    mag = ((w_down @ h[..., None])[..., 0] * route.double()[..., None]).sum(1)
+    assert bool(((got - want).abs() <= 8 * (320 + 200) * torch.finfo(torch.float32).eps * mag).all())

@@ -12,7 +12,7 @@ from nanoseek.model.moe import ExpertPath, Experts
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("expert_path", "fast", "'expert_path' = 'fast': must be one of auto, grouped, gather, small_batch, loop"),
+    ("expert_path", "fast", "'expert_path' = 'fast': must be one of auto, grouped, gather, gather_gemv, small_batch, loop"),
     ("gather_max_pairs", -1, "'gather_max_pairs' = -1: must be >= 0"),
     ("fused_decode_rows", -2, "'fused_decode_rows' = -2: must be >= 0"),
     ("decode_burst", 0, "'decode_burst' = 0: must be >= 1"),
@@ -44,6 +44,7 @@ def routed_experts(model):
     (InferenceConfig(gather_max_pairs=0), {"grouped"}),
     (InferenceConfig(expert_path="loop"), {"loop"}),
     (InferenceConfig(expert_path="gather"), {"gather"}),
+    (InferenceConfig(expert_path="gather_gemv"), {"gather_gemv"}),  # Triton's interpreter on a CPU
 ])
 def test_the_engine_runs_the_configured_expert_path(config, ran):
     """The engine sets its config's expert path on the model, and the prefill (6 tokens, 12

@@ -260,9 +260,10 @@ case $stage in
       --fp8-kernels ${FP8_KERNELS:-w8a8 auto} --skip-hf
     ;;
   fusedprof)  # the fused step's kernels beside the compiled step's at one row, V2-Lite's first 8 layers: on all
-              # 27 the fused step ran at 0.95x of the compiled one (f7ead35); where its time goes
+              # 27 the fused step ran at 0.95x of the compiled one (f7ead35); where its time goes; and the
+              # compiled step with the routed down projections by the GEMV (expert path gather_gemv)
     real_decode "$(left 585)" --preset deepseek-v2-lite --layers 8 --batches 1 --new 64 --repeat 2 \
-      --modes compiled fused --skip-hf --profile
+      --modes compiled gemv-experts fused --skip-hf --profile
     ;;
   verify16)  # the kernels in compiled steps: the engine's token test on the copying model, the one-row launch
              # at V3's widths, the choice rule; then V3's attention at 32K and 128K with that launch

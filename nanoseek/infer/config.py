@@ -21,7 +21,7 @@ DECODE_ATTENTION = ("auto", "kernel", "torch")
 
 @dataclass
 class InferenceConfig(CheckedConfig):
-    # routed experts (model/moe.py): auto, grouped, gather, small_batch or loop
+    # routed experts (model/moe.py): auto, grouped, gather, gather_gemv, small_batch or loop
     expert_path: str = "auto"
     # under "auto": (token, expert) pairs up to which a decode step gathers the experts; 0: never
     gather_max_pairs: int = 16

@@ -201,12 +201,13 @@ class FP8Experts(Experts):
         # in the compute dtype, as model.moe.grouped_swiglu (the dequantised twin) multiplies
         return grouped_mm_fp8_weight((F.silu(gate_MF) * up_MF).contiguous(), w_down, s_down, offsets_E, first_E1)
 
-    def gemv_takes(self, x_ND: torch.Tensor) -> bool:
+    def gemv_takes(self, x_ND: torch.Tensor, anywhere: bool = False) -> bool:
         """Whether a gathered forward (a decode step of a few pairs) runs kernels/fp8_linear.py's
-        GEMV on the FP8 experts in place, as FP8Linear's kernel choice: else they are dequantised."""
+        GEMV on the FP8 experts in place, as FP8Linear's kernel choice (anywhere: wherever Triton
+        runs, as "triton"): else they are dequantised."""
         if torch.is_grad_enabled() or self.kernel not in ("auto", "triton"):
             return False
-        if not (triton_runs(x_ND.device) if self.kernel == "triton"
+        if not (triton_runs(x_ND.device) if self.kernel == "triton" or anywhere
                 else fast_kernels_supported(x_ND.device, compute_dtype(x_ND))):
             return False
         from ..kernels import fp8_linear
@@ -216,6 +217,14 @@ class FP8Experts(Experts):
     def forward_gathered(self, x_ND, weight_NK, idx_NK):
         if not self.gemv_takes(x_ND):
             return super().forward_gathered(x_ND, weight_NK, idx_NK)
+        return self.experts_gemv(x_ND, weight_NK, idx_NK)
+
+    def forward_gathered_gemv(self, x_ND, weight_NK, idx_NK):
+        if not self.gemv_takes(x_ND, anywhere=True):
+            return super().forward_gathered(x_ND, weight_NK, idx_NK)
+        return self.experts_gemv(x_ND, weight_NK, idx_NK)
+
+    def experts_gemv(self, x_ND, weight_NK, idx_NK):
         from ..kernels.fp8_linear import fp8_experts_gemv
         (w_gate, w_up, w_down), (s_gate, s_up, s_down), block = self.small_batch_weights()
         y_NKD = fp8_experts_gemv(x_ND.to(compute_dtype(x_ND)), idx_NK, weight_NK, w_gate, w_up, w_down,

@@ -78,11 +78,12 @@ def fp8_weight_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, scale_cols, x_share
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr,
                            idx_ptr=None, route_ptr=None, w2_ptr=None, s2_ptr=None,
-                           GATHER: tl.constexpr = False, SWIGLU: tl.constexpr = False, ROUTE: tl.constexpr = False):
+                           GATHER: tl.constexpr = False, SWIGLU: tl.constexpr = False, ROUTE: tl.constexpr = False,
+                           SCALED: tl.constexpr = True):
     """Program (block of BLOCK_N outputs, pair): y[pair] = x[pair // x_share] · w^T. GATHER: w is
     the stacked [E, N, K] weights (scales [E, ⌈N/SCALE_ROWS⌉, scale_cols]) and the pair's matrix
     is expert idx[pair]; SWIGLU: silu(x · w^T) · (x · w2^T), w2 with scales s2 beside w; ROUTE:
-    times route[pair]."""
+    times route[pair]; not SCALED: 16- or 32-bit weights, no scales."""
     pid = tl.program_id(0)
     pair = tl.program_id(1)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -101,8 +102,9 @@ def fp8_weight_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, scale_cols, x_share
         k = k0 + kk
         mask = (n[:, None] < N) & (k[None, :] < K)
         x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + w_off + k[None, :], mask=mask, other=0.0)
-        w = w.to(tl.float32) * tl.load(s_ptr + s_off + k // SCALE_COLS, mask=k < K, other=0.0)[None, :]
+        w = tl.load(w_ptr + w_off + k[None, :], mask=mask, other=0.0).to(tl.float32)
+        if SCALED:
+            w = w * tl.load(s_ptr + s_off + k // SCALE_COLS, mask=k < K, other=0.0)[None, :]
         acc += tl.sum(w * x[None, :], axis=1)
         if SWIGLU:
             w2 = tl.load(w2_ptr + w_off + k[None, :], mask=mask, other=0.0)
@@ -235,14 +237,39 @@ def fp8_experts_gemv(x_ND: torch.Tensor, idx_NK: torch.Tensor, route_NK: torch.T
     fp8_weight_gemv_kernel[(triton.cdiv(F, t["BLOCK_N"]), pairs)](
         x_ND, w_gate_EFD, s_gate, h, F, D, s_gate.shape[2], K, SCALE_ROWS=rows, SCALE_COLS=cols,
         idx_ptr=idx, w2_ptr=w_up_EFD, s2_ptr=s_up, GATHER=True, SWIGLU=True, **t)
-    y = torch.empty(N, K, D, dtype=torch.float32, device=x_ND.device)
-    t = gemv_launch(D, F, (rows, cols), pairs)
-    fp8_weight_gemv_kernel[(triton.cdiv(D, t["BLOCK_N"]), pairs)](
-        h, w_down_EDF, s_down, y, D, F, s_down.shape[2], 1, SCALE_ROWS=rows, SCALE_COLS=cols,
-        idx_ptr=idx, route_ptr=route, GATHER=True, ROUTE=True, **t)
-    return y
+    return _gathered_down(h, idx, route, w_down_EDF, s_down, (rows, cols), N, K)
 
 
 @fp8_experts_gemv.register_fake
 def _(x_ND, idx_NK, route_NK, w_gate_EFD, w_up_EFD, w_down_EDF, s_gate, s_up, s_down, block):
     return x_ND.new_empty(x_ND.shape[0], idx_NK.shape[1], x_ND.shape[1], dtype=torch.float32)
+
+
+def _gathered_down(h_MF, idx_M, route_M, w_down_EDF, s_down, block, N, K) -> torch.Tensor:
+    """y [N, K, D] float32: pair m's h times expert idx[m]'s down projection (FP8 with its scales,
+    or 16-bit where s_down is None), times route[m]."""
+    E, D, F = w_down_EDF.shape
+    y = torch.empty(N, K, D, dtype=torch.float32, device=h_MF.device)
+    t = gemv_launch(D, F, block, N * K)
+    scales = dict(SCALE_ROWS=block[0], SCALE_COLS=block[1]) if s_down is not None else \
+        dict(SCALE_ROWS=t["BLOCK_N"], SCALE_COLS=t["BLOCK_K"], SCALED=False)
+    fp8_weight_gemv_kernel[(triton.cdiv(D, t["BLOCK_N"]), N * K)](
+        h_MF, w_down_EDF, s_down, y, D, F, s_down.shape[2] if s_down is not None else 1, 1,
+        idx_ptr=idx_M, route_ptr=route_M, GATHER=True, ROUTE=True, **scales, **t)
+    return y
+
+
+@torch.library.custom_op("nanoseek::experts_down_gemv", mutates_args=())
+def experts_down_gemv(h_MF: torch.Tensor, idx_NK: torch.Tensor, route_NK: torch.Tensor,
+                      w_down_EDF: torch.Tensor) -> torch.Tensor:
+    """y [N, K, D] float32: each (token, slot)'s SwiGLU output h (pairs in (token, slot) order)
+    times its expert's 16-bit down projection, read in place by the GEMV, times its route weight:
+    a decode step's routed down projection (moe.Experts' "gather_gemv" path)."""
+    N, K = idx_NK.shape
+    return _gathered_down(h_MF.contiguous(), idx_NK.contiguous().view(-1), route_NK.float().contiguous().view(-1),
+                          w_down_EDF, None, (w_down_EDF.shape[1], w_down_EDF.shape[2]), N, K)
+
+
+@experts_down_gemv.register_fake
+def _(h_MF, idx_NK, route_NK, w_down_EDF):
+    return h_MF.new_empty(idx_NK.shape[0], idx_NK.shape[1], w_down_EDF.shape[1], dtype=torch.float32)

@@ -31,6 +31,8 @@ names the one the last eager forward took:
 - gather: each (token, expert) pair's weights gathered and applied as batched matrix-vector
   products (gpt-fast's decode MoE): three plain kernels instead of a sort, a grouped GEMM
   over all E groups and a scatter, for a decode step of a few pairs;
+- gather_gemv: gathered, the down projection through the GEMV of kernels/fp8_linear.py (FP8
+  experts: gate and up too), for timing against Inductor's reductions; never under "auto";
 - small_batch: kernels/moe.py's two expert-major Triton kernels, which read each chosen
   expert's weights once with no sort and no scatter: decode steps of up to 64 tokens;
 - loop: one plain SwiGLU per expert over its tokens, the reference twin (it syncs to find
@@ -190,7 +192,7 @@ def balance_loss(scores_BTE, idx_BTK, n_experts: int, alpha: float, per_sequence
     return alpha * (f_BE * P_BE).sum(-1).mean()
 
 
-EXPERT_PATHS = ("auto", "grouped", "gather", "small_batch", "loop")
+EXPERT_PATHS = ("auto", "grouped", "gather", "gather_gemv", "small_batch", "loop")
 
 
 @dataclass(frozen=True)
@@ -240,11 +242,13 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
 
     def choose_path(self, x_ND: torch.Tensor, idx_NK: torch.Tensor) -> str:
-        """The computation this forward takes: grouped, gather, small_batch, loop, or dense
+        """The computation this forward takes: grouped, gather, gather_gemv, small_batch, loop, or dense
         (the grouped GEMM's stand-in under torch.compile where it cannot run)."""
         kind = self.path.kind
         if kind == "loop":
             return "loop"
+        if kind == "gather_gemv" and not torch.is_grad_enabled() and triton_runs(x_ND.device):
+            return "gather_gemv"
         if not torch.is_grad_enabled() and (
                 kind == "gather" or (kind == "auto" and idx_NK.numel() <= self.path.gather_max_pairs)):
             return "gather"
@@ -276,8 +280,8 @@ class Experts(nn.Module):
         if not torch.compiler.is_compiling():
             self.last_path = path
         forward = {"grouped": self.forward_grouped, "gather": self.forward_gathered,
-                   "small_batch": self.forward_small_batch, "dense": self.forward_dense,
-                   "loop": self.forward_loop}[path]
+                   "gather_gemv": self.forward_gathered_gemv, "small_batch": self.forward_small_batch,
+                   "dense": self.forward_dense, "loop": self.forward_loop}[path]
         return forward(x_ND, weight_NK, idx_NK)
 
     def forward_grouped(self, x_ND, weight_NK, idx_NK):
@@ -323,6 +327,21 @@ class Experts(nn.Module):
         y_MD1 = torch.bmm(down_MDF, F.silu(gate_MF1) * up_MF1)
         y_NKD = y_MD1.view(N, K, -1) * weight_NK[..., None].to(y_MD1.dtype)
         return y_NKD.sum(1).to(x_ND.dtype)
+
+    def forward_gathered_gemv(self, x_ND, weight_NK, idx_NK):
+        """As forward_gathered, the down projection through kernels/fp8_linear.py's GEMV, each
+        pair's expert read in place (Inductor's one-row reductions read gate and up at the copy
+        bandwidth but the down projection, fused with the next norm, at about half on an H100:
+        benchmarks/results/h100_decode_shapes/v2lite_fused)."""
+        from ..kernels.fp8_linear import experts_down_gemv
+        N, K = idx_NK.shape
+        dtype = self.gate_proj.dtype
+        gate_MFD, up_MFD = self.gate_proj[idx_NK.flatten()], self.up_proj[idx_NK.flatten()]
+        x_M1D = x_ND.to(dtype).repeat_interleave(K, dim=0)[:, None, :]
+        gate_MF = (gate_MFD * x_M1D).sum(-1, dtype=torch.float32)
+        up_MF = (up_MFD * x_M1D).sum(-1, dtype=torch.float32)
+        h_MF = (F.silu(gate_MF) * up_MF).to(dtype)
+        return experts_down_gemv(h_MF, idx_NK, weight_NK, self.down_proj).sum(1).to(x_ND.dtype)
 
     def forward_small_batch(self, x_ND, weight_NK, idx_NK):
         """kernels/moe.py's two expert-major kernels: each chosen expert's weights read once,
