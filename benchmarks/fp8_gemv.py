@@ -6,7 +6,8 @@ few programs would run) against the tensor-core kernel unsplit, and against BF16
 Each call is captured in a CUDA graph over enough copies of the weight to exceed the L2 cache
 (a decode step reads every weight once), the replays timed by CUDA events; the weight's bytes
 over that time, against the measured copy bandwidth. Every output is checked against the
-float64 product of the same FP8 weights. Then a SwiGLU's gate and up at one row in one launch
+float64 product of the same FP8 weights. Then the projections at a prefill chunk's rows
+(prefill_rows: dequantized then cuBLAS, W8A8, BF16), a SwiGLU's gate and up at one row in one launch
 against two (swiglu_rows), and one token's routed experts, each way compiled as a batch-1
 decode step runs them (experts_row).
 
@@ -65,6 +66,36 @@ def path(M: int, N: int, K: int) -> str:
         return "gemv"
     shares, _ = fp8_linear.k_shares(N, K, (128, 128))
     return f"tensor-core kernel, K in {shares} shares" if shares > 1 else "tensor-core kernel"
+
+
+def prefill_rows(name: str, device: torch.device, repeat: int, rows: list[int]) -> list[dict]:
+    """FP8Linear past the GEMV's rows (a prefill's chunk): the weight dequantized then cuBLAS (what
+    kernel "auto" runs there), W8A8 (activations in 1x128 FP8 tiles, cuBLAS's blockwise FP8 GEMM
+    on Hopper: DeepSeek-V3's own inference), and BF16 cuBLAS on resident BF16 weights."""
+    from nanoseek.fp8.gemm import cublas_recipe
+    from nanoseek.infer.fp8_weights import FP8Linear
+    cublas_recipe(device)  # probed before any capture
+    out = []
+    for proj, (N, K) in projections(name).items():
+        lin = torch.nn.Linear(K, N, bias=False, device=device, dtype=torch.bfloat16)
+        fp8 = FP8Linear(lin, (128, 128), "twin").requires_grad_(False)
+        w16 = fp8.dequantized_weight()
+        for M in rows:
+            x = torch.randn(M, K, device=device).to(torch.bfloat16)
+            row = {"preset": name, "projection": proj, "N": N, "K": K, "rows": M}
+            with torch.no_grad():
+                want = (x.double() @ w16.double().T)
+                for way, kernel in (("fp8 dequantized, cuBLAS", "twin"), ("fp8 w8a8", "w8a8"), ("bf16 cuBLAS", None)):
+                    fp8.kernel = kernel or "twin"
+                    fn = (lambda: x @ w16.T) if kernel is None else (lambda: fp8(x))
+                    row[f"{way}_error"] = float((fn().double() - want).abs().max() / want.abs().max())
+                    us = graph_us(fn, repeat, calls=4)
+                    row[f"{way}_us"], row[f"{way}_TFLOPs"] = us, 2 * M * N * K / (us * 1e-6) / 1e12
+            print(f"{name} {proj} {N}x{K} rows {M}: " + ", ".join(
+                f"{way} {row[f'{way}_us']:.1f} us ({row[f'{way}_TFLOPs']:.0f} TFLOP/s, err {row[f'{way}_error']:.1e})"
+                for way in ("fp8 dequantized, cuBLAS", "fp8 w8a8", "bf16 cuBLAS")), flush=True)
+            out.append(row)
+    return out
 
 
 def swiglu_rows(name: str, device: torch.device, bandwidth: float, repeat: int) -> list[dict]:
@@ -159,6 +190,8 @@ def main() -> None:
     ap.add_argument("--presets", nargs="+", default=["deepseek-v2-lite", "deepseek-v3"])
     ap.add_argument("--rows", nargs="+", type=int, default=[1, 4, 16])
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--prefill-rows", nargs="*", type=int, default=[512, 2048],
+                    help="rows of a prefill chunk: FP8Linear dequantized vs W8A8 vs BF16 (none: skip)")
     ap.add_argument("--no-experts", dest="experts", action="store_false",
                     help="skip one token's routed experts (the gathered forward, compiled, three ways)")
     args = ap.parse_args()
@@ -199,10 +232,12 @@ def main() -> None:
                 print(f"{name} {proj} {N}x{K} rows {M} ({row['fp8_weight_linear_path']}): " + ", ".join(
                     f"{way} {row[f'{way}_us']:.1f} us ({row[f'{way}_bandwidth_fraction']:.0%}, err "
                     f"{row[f'{way}_error']:.1e})" for way in ways if f"{way}_us" in row), flush=True)
+    prefill = [r for name in args.presets for r in prefill_rows(name, device, args.repeat, args.prefill_rows)]
     swiglu = [r for name in args.presets for r in swiglu_rows(name, device, bandwidth, args.repeat)]
     experts = [experts_row(name, device, bandwidth, args.repeat) for name in args.presets] if args.experts else []
     written = write_json({"benchmark": "fp8_gemv", **environment(), "copy_bandwidth_GBps": bandwidth / 1e9,
-                          "rows": rows_out, "swiglu": swiglu, "experts": experts}, "fp8_gemv.json")
+                          "rows": rows_out, "prefill": prefill, "swiglu": swiglu, "experts": experts},
+                         "fp8_gemv.json")
     print(f"wrote {written}")
 
 
