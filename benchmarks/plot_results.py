@@ -98,6 +98,53 @@ def fp8_gemv() -> Path:
     return save(fig, "fp8_gemv.png", layout=False)
 
 
+def decode_shapes() -> Path:
+    """Decode at real layer shapes, one H100: each path's share of the bandwidth roofline against
+    the issue's targets, and FP8-resident weights' speed against BF16 beside what their bytes
+    allow (h100_decode_shapes)."""
+    base = RESULTS / "h100_decode_shapes"
+    runs = [("V2-Lite 27L", base / "v2lite_fused" / "decode_deepseek-v2-lite.json"),
+            ("V3 2L", base / "decode_deepseek-v3_2L.json")]
+    fractions = []
+    for shape, path in runs:
+        for name, r in json.loads(path.read_text())["rows"].items():
+            step = "fused" if "fused" in name else "compiled"
+            fractions.append((f"{shape}, {step}, batch {r['batch']}", 100 * r["roofline_fraction"],
+                              70 if r["batch"] == 1 else 60))
+    fp8 = [("V2-Lite 8L", base / "fp8_8L" / "decode_deepseek-v2-lite_8L_twin.json"),
+           ("V3 2L", base / "fp8_8L" / "decode_deepseek-v3_2L.json")]
+    ratios = []
+    for shape, path in fp8:
+        rows = json.loads(path.read_text())["rows"]
+        bf16 = next(r for name, r in rows.items() if "FP8" not in name)
+        for name, r in rows.items():
+            if "FP8" in name:
+                way = "dequantized in the step" if "fused dequantization" in name else "GEMV"
+                ratios.append((f"{shape}, FP8 {way}", r["speedup_vs_bf16"], bf16["step_bytes"] / r["step_bytes"]))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    a.barh([n for n, _, _ in fractions], [v for _, v, _ in fractions], color="#1f77b4")
+    a.scatter([t for _, _, t in fractions], range(len(fractions)), marker="|", s=300, color="k", label="target")
+    for i, (_, v, _) in enumerate(fractions):
+        a.text(v, i, f" {v:.0f}%", va="center")
+    a.set_xlim(0, 100)
+    a.set_xlabel("share of the bandwidth roofline, %")
+    a.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    b.barh([n for n, _, _ in ratios], [v for _, v, _ in ratios], color="#ff7f0e")
+    b.scatter([c for _, _, c in ratios], range(len(ratios)), marker="|", s=300, color="k",
+              label="what the bytes allow")
+    b.axvline(1.7, color="#999999", linestyle="--", label="target 1.7x")
+    for i, (_, v, _) in enumerate(ratios):
+        b.text(v, i, f" {v:.2f}x", va="center")
+    b.set_xlim(0, 2)
+    b.set_xlabel("FP8-resident decode speed / BF16, batch 1")
+    b.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+    for ax in (a, b):
+        ax.invert_yaxis()
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.suptitle("Decode at DeepSeek layer shapes, one H100 (h100_decode_shapes)")
+    return save(fig, "decode_shapes.png")
+
+
 def save(fig, name: str, layout: bool = True) -> Path:
     PLOTS.mkdir(exist_ok=True)
     if layout:
@@ -108,5 +155,5 @@ def save(fig, name: str, layout: bool = True) -> Path:
 
 
 if __name__ == "__main__":
-    for make in (decode, grpo_trl, speculative, fp8_gemv):
+    for make in (decode, grpo_trl, speculative, fp8_gemv, decode_shapes):
         print(make())
