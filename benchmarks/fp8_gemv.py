@@ -43,7 +43,8 @@ def projections(name: str) -> dict[str, tuple[int, int]]:
     S = c.n_shared_experts * c.moe_intermediate_size
     out = {"q_a_proj": (c.q_lora_rank, D), "q_b_proj": (H * (N + R), c.q_lora_rank)} if c.q_lora_rank else \
         {"q_proj": (H * (N + R), D)}
-    return {**out, "kv_a_proj": (C + R, D), "o_proj": (D, H * V), "shared gate": (S, D), "shared down": (D, S)}
+    return {**out, "kv_a_proj": (C + R, D), "o_proj": (D, H * V), "shared gate": (S, D), "shared down": (D, S),
+            "dense up": (c.intermediate_size, D), "dense down": (D, c.intermediate_size)}
 
 
 def dot_kernel(x, w, scale):
@@ -62,7 +63,7 @@ def dot_kernel(x, w, scale):
 
 def path(M: int, N: int, K: int) -> str:
     """What fp8_weight_linear runs for M rows of an N x K weight (128x128 blocks)."""
-    if fp8_linear.takes_gemv(M, N, (128, 128)):
+    if fp8_linear.takes_gemv(M, N, K, (128, 128)):
         return "gemv"
     shares, _ = fp8_linear.k_shares(N, K, (128, 128))
     return f"tensor-core kernel, K in {shares} shares" if shares > 1 else "tensor-core kernel"

@@ -540,12 +540,13 @@ def test_fp8_experts_gather_through_the_gemv_where_told(monkeypatch):
 
 
 def test_one_row_takes_the_gemv_unless_the_tensor_core_kernel_fills_the_gpu():
-    from nanoseek.kernels.fp8_linear import SPLIT_PROGRAMS, takes_gemv
-    assert takes_gemv(1, 7168, (128, 128)) and takes_gemv(1, 576, (128, 128))
-    assert not takes_gemv(1, 24576, (128, 128))  # V3's q_b_proj: 384 programs of 64 outputs
+    from nanoseek.kernels.fp8_linear import GEMV_K, SPLIT_PROGRAMS, takes_gemv
+    assert takes_gemv(1, 7168, 16384, (128, 128)) and takes_gemv(1, 576, 2048, (128, 128))
+    assert not takes_gemv(1, 24576, 1536, (128, 128))  # V3's q_b_proj: 384 programs of 64 outputs
+    assert takes_gemv(1, 18432, 7168, (128, 128))  # V3's dense up: a K past one GEMV load, unmeasured
     last = 64 * (SPLIT_PROGRAMS - 1)  # the most outputs the tensor-core kernel covers in fewer programs
-    assert takes_gemv(1, last, (128, 128)) and not takes_gemv(1, last + 1, (128, 128))
-    assert not takes_gemv(2, 576, (128, 128))
+    assert takes_gemv(1, last, GEMV_K, (128, 128)) and not takes_gemv(1, last + 1, GEMV_K, (128, 128))
+    assert not takes_gemv(2, 576, 2048, (128, 128))
 
 
 def test_fp8_model_decodes_through_the_gemv_as_its_twin(fp8_dir, monkeypatch):

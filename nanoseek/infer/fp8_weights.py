@@ -140,7 +140,7 @@ class FP8MLP(MLP):
         gate, up = self.gate_proj, self.up_proj
         return (gate.kernel == up.kernel != "w8a8" and gate.block == up.block and gate.bias is None
                 and up.bias is None and gate.takes_kernel(x_MK)
-                and fp8_linear.takes_gemv(x_MK.shape[0], gate.out_features, gate.block))
+                and fp8_linear.takes_gemv(x_MK.shape[0], gate.out_features, gate.in_features, gate.block))
 
     def forward(self, x):
         x_MK = x.reshape(-1, x.shape[-1])

@@ -144,11 +144,13 @@ def k_shares(N: int, K: int, block: tuple[int, int]) -> tuple[int, int]:
     return triton.cdiv(k_blocks, per_share), per_share
 
 
-def takes_gemv(M: int, N: int, block: tuple[int, int]) -> bool:
-    """Whether M rows of an N-output weight take the GEMV: one row, unless the tensor-core kernel
-    runs SPLIT_PROGRAMS programs or more unsplit (V3's q_b_proj, 384: there it led the GEMV, 19
-    against 22 µs on an H100, benchmarks/results/h100_decode_shapes/fp8_gemv_auto)."""
-    return M == 1 and triton.cdiv(N, min(BLOCK_N, block[0])) < SPLIT_PROGRAMS
+def takes_gemv(M: int, N: int, K: int, block: tuple[int, int]) -> bool:
+    """Whether M rows of an N x K weight take the GEMV: one row, unless the tensor-core kernel runs
+    SPLIT_PROGRAMS programs or more unsplit over a K of one GEMV load (V3's q_b_proj, 384 programs
+    over 1,536 columns: there it led the GEMV, 19 against 22 µs on an H100,
+    benchmarks/results/h100_decode_shapes/fp8_gemv_auto; a longer K is unmeasured, and walking it
+    is where the tensor-core kernel was slow)."""
+    return M == 1 and (triton.cdiv(N, min(BLOCK_N, block[0])) < SPLIT_PROGRAMS or K > GEMV_K)
 
 
 def unsupported(rows: int, weight: torch.Tensor, block: tuple[int, int]) -> str | None:
@@ -172,7 +174,7 @@ def fp8_weight_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale_inv: torch.T
     if reason is not None:
         raise ValueError(f"fp8_weight_linear cannot take {reason}")
     x_MK = x_MK.contiguous()
-    if takes_gemv(M, N, tuple(block)):
+    if takes_gemv(M, N, K, tuple(block)):
         t = gemv_launch(N, K, tuple(block))
         y = torch.empty(M, N, dtype=x_MK.dtype, device=x_MK.device)
         fp8_weight_gemv_kernel[(triton.cdiv(N, t["BLOCK_N"]),)](
