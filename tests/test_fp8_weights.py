@@ -634,3 +634,38 @@ def test_gather_gemv_path_reads_16bit_experts_down_in_place(monkeypatch):
     h = (w_gate @ x64)[..., 0] * (w_up @ x64)[..., 0]
     mag = ((w_down @ h[..., None])[..., 0] * route.double()[..., None]).sum(1)
     assert bool(((got - want).abs() <= 8 * (320 + 200) * torch.finfo(torch.float32).eps * mag).all())
+
+
+@pytest.mark.gpu
+def test_bf16_fp8_experts_and_swiglu_gemv_on_gpu_at_v2_lite_widths():
+    """On a GPU in BF16 at V2-Lite's widths (D 2,048, expert width 1,408, shared 2,816): the
+    SwiGLU GEMV and the routed experts' GEMV against float64 on the same FP8 weights, within the
+    BF16 rounding of h (and, for the experts, of nothing else: y is float32) plus float32 sums."""
+    from nanoseek.kernels.fp8_linear import fp8_experts_gemv, fp8_swiglu_gemv
+    eps = torch.finfo(torch.float32).eps
+    x = torch.randn(2, 2048).to(torch.bfloat16)
+    x64 = x.double()
+    (wg, sg), (wu, su) = (quantize_fp8_blockwise(torch.randn(2816, 2048) * 2048 ** -0.5) for _ in range(2))
+    from nanoseek.hf import dequantize_fp8_blockwise
+    g64, u64 = (x64[:1] @ dequantize_fp8_blockwise(w, s).double().T for w, s in ((wg, sg), (wu, su)))
+    want = torch.nn.functional.silu(g64) * u64
+    got = fp8_swiglu_gemv(x[:1].cuda(), wg.cuda(), sg.cuda(), wu.cuda(), su.cuda(), [128, 128]).cpu().double()
+    mag = (x64[:1].abs() @ dequantize_fp8_blockwise(wg, sg).double().abs().T) * \
+        (x64[:1].abs() @ dequantize_fp8_blockwise(wu, su).double().abs().T)
+    assert bool(((got - want).abs() <= 2 ** -8 * want.abs() + 2.2 * 2050 * eps * mag).all())
+
+    experts = fp8_experts("auto", E=8, F=1408, D=2048, spread=True).cuda()
+    idx, route = torch.tensor([[1, 5, 7, 0, 3, 6], [2, 5, 4, 0, 1, 7]]), torch.rand(2, 6)
+    with torch.no_grad():
+        assert experts.gemv_takes(x.cuda())
+        got = fp8_experts_gemv(x.cuda(), idx.cuda(), route.cuda(), experts.gate_proj, experts.up_proj,
+                               experts.down_proj, experts.gate_proj_scale_inv, experts.up_proj_scale_inv,
+                               experts.down_proj_scale_inv, [128, 128]).cpu().double()
+    w_gate, w_up, w_down = (w.cpu()[idx] for w in dequantized(experts))
+    gate, up = (w_gate @ x64[:, None, :, None])[..., 0], (w_up @ x64[:, None, :, None])[..., 0]
+    h = torch.nn.functional.silu(gate) * up
+    want = (w_down @ h[..., None])[..., 0] * route.double()[..., None]
+    mag_h = (w_gate.abs() @ x64.abs()[:, None, :, None])[..., 0] * (w_up.abs() @ x64.abs()[:, None, :, None])[..., 0]
+    bound = route.double()[..., None] * (w_down.abs() @ (2 ** -8 * h.abs() + 2.2 * 2050 * eps * mag_h)[..., None]
+                                         + 1410 * eps * (w_down.abs() @ h.abs()[..., None]))[..., 0]
+    assert bool(((got - want).abs() <= bound).all())
