@@ -248,15 +248,18 @@ case $stage in
     real_decode "$(left 585)" --preset deepseek-v3 --layers 2 --batches 1 --new 64 --modes compiled --fp8 \
       --fp8-kernels auto --skip-hf
     ;;
-  fp8twin)  # FP8-resident decode at batch 1 on V2-Lite's first 8 layers (compiling 27 several times does not
-            # fit a call) and the V3 slice: FP8Linear's kernels, weight-only (auto: the GEMV, the routed experts
-            # through it since 1d2b236) against W8A8 (the issue asks for both; the twin, dequantized in the
-            # step, ran at 0.79x), the last kernel named profiled; first the FP8 linear and one token's
-            # experts alone (GEMV, split and unsplit kernel, BF16; experts three ways)
+  fp8gemv)  # the FP8 GPU tests, then the FP8 linear, SwiGLU and one token's experts alone (fp8_gemv.py: GEMV,
+            # split and unsplit kernel, BF16 at decode rows; dequantized vs W8A8 vs BF16 at prefill rows;
+            # gate+up in one launch vs two; the experts four ways, each compiled: most of its time)
     timeout 120 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8_weights.py -k "gpu" 2>&1 \
       | tail -12 | tee "$OUT/fp8_gpu_tests.log"
-    bench 240 30 benchmarks/fp8_gemv.py --repeat 5
-    real_decode "$(left 400)" --preset deepseek-v2-lite --layers 8 --batches 1 --new 64 --modes compiled --fp8 \
+    bench "$(left 585)" 30 benchmarks/fp8_gemv.py --repeat 5
+    ;;
+  fp8twin)  # FP8-resident decode at batch 1 on V2-Lite's first 8 layers (compiling 27 several times does not
+            # fit a call) and the V3 slice: FP8Linear's kernels, weight-only (auto: the GEMV, the routed experts
+            # and an MLP's gate and up through it since 1d2b236 and 6468c76) against W8A8 (the issue asks for
+            # both; the twin, dequantized in the step, ran at 0.79x), the last kernel named profiled
+    real_decode "$(left 330)" --preset deepseek-v2-lite --layers 8 --batches 1 --new 64 --modes compiled --fp8 \
       --fp8-kernels ${FP8_KERNELS:-w8a8 auto} --skip-hf --profile
     real_decode "$(left 585)" --preset deepseek-v3 --layers 2 --batches 1 --new 64 --modes compiled --fp8 \
       --fp8-kernels ${FP8_KERNELS:-w8a8 auto} --skip-hf
