@@ -302,7 +302,7 @@ def main():
     engine_rows(model, plists, args, common, device, bandwidth, rows, tokens)
     forced = {}
     if args.fp8:
-        from nanoseek.infer.fp8_weights import FP8Linear, quantize_weights
+        from nanoseek.infer.fp8_weights import FP8Experts, FP8Linear, quantize_weights
         # the largest batch's BF16 continuations, forced through both models: greedy choices
         # compared position by position, not only until two free runs first part
         B = max(args.batches)
@@ -312,7 +312,7 @@ def main():
         quantize_weights(model)
         for kernel in args.fp8_kernels:
             for m in model.modules():
-                if isinstance(m, FP8Linear):
+                if isinstance(m, (FP8Linear, FP8Experts)):  # the experts' gathered GEMV follows it too
                     m.kernel = kernel
             engine_rows(model, plists, args, common, device, bandwidth, rows, tokens, FP8_LABELS[kernel])
             name = FP8_LABELS[kernel].strip()
