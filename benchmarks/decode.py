@@ -325,6 +325,8 @@ def main():
                 r["decode_speedup_vs_transformers"] = r["decode_tokens_per_s"] / hf_row["decode_tokens_per_s"]
     name = "decode.json" if args.preset == "bench-1b" and not args.layers else \
         f"decode_{args.preset}{f'_{args.layers}L' if args.layers else ''}.json"
+    if args.tuned_option:  # a run with other Inductor options keeps its own file
+        name = name.replace(".json", "_" + "_".join(o.replace("=", "-") for o in args.tuned_option) + ".json")
     result = {"benchmark": "decode", **environment(), "preset": args.preset, "layers": cfg.num_hidden_layers,
               "prompt_tokens": args.prompt, "new_tokens": args.new, "dtype": str(dtype).removeprefix("torch."),
               "greedy": args.temperature == 0, "temperature": args.temperature, "sharpen": args.sharpen,

@@ -267,8 +267,13 @@ case $stage in
   fusedprof)  # the fused step's kernels beside the compiled step's at one row, V2-Lite's first 8 layers: on all
               # 27 the fused step ran at 0.95x of the compiled one (f7ead35); where its time goes; and the
               # compiled step with the routed down projections by the GEMV (expert path gather_gemv)
-    real_decode "$(left 585)" --preset deepseek-v2-lite --layers 8 --batches 1 --new 64 --repeat 2 \
+    real_decode "$(left 450)" --preset deepseek-v2-lite --layers 8 --batches 1 --new 64 --repeat 2 \
       --modes compiled gemv-experts fused --skip-hf --profile
+    # the batch-1 step without coordinate-descent tuning: Inductor then leaves one-row matmuls to
+    # cuBLAS instead of decomposing them into reductions fused with the norms (the down projections
+    # fused so read at 35-45% of the bandwidth)
+    real_decode "$(left 585)" --preset deepseek-v2-lite --layers 8 --batches 1 --new 64 --repeat 2 \
+      --modes compiled --skip-hf --tuned-option coordinate_descent_tuning=False
     ;;
   verify16)  # the kernels in compiled steps: the engine's token test on the copying model, the one-row launch
              # at V3's widths, the choice rule; then V3's attention at 32K and 128K with that launch
