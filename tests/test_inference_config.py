@@ -12,7 +12,8 @@ from nanoseek.model.moe import ExpertPath, Experts
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("expert_path", "fast", "'expert_path' = 'fast': must be one of auto, grouped, gather, gather_gemv, small_batch, loop"),
+    ("expert_path", "fast",
+     "'expert_path' = 'fast': must be one of auto, grouped, gather, gather_gemv, small_batch, loop"),
     ("gather_max_pairs", -1, "'gather_max_pairs' = -1: must be >= 0"),
     ("fused_decode_rows", -2, "'fused_decode_rows' = -2: must be >= 0"),
     ("decode_burst", 0, "'decode_burst' = 0: must be >= 1"),
