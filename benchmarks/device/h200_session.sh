@@ -264,6 +264,11 @@ case $stage in
     real_decode "$(left 585)" --preset deepseek-v3 --layers 2 --batches 1 --new 64 --modes compiled --fp8 \
       --fp8-kernels ${FP8_KERNELS:-w8a8 auto} --skip-hf
     ;;
+  fp8batch)  # FP8-resident decode past one row (V2-Lite's first 8 layers, batch 4 and 32): the linears' split-K
+             # tensor-core kernel and the experts' small-batch kernels on FP8 weights, against BF16
+    real_decode "$(left 585)" --preset deepseek-v2-lite --layers 8 --batches 4 32 --new 64 --modes compiled --fp8 \
+      --fp8-kernels auto --skip-hf
+    ;;
   fusedprof)  # the fused step's kernels beside the compiled step's at one row, V2-Lite's first 8 layers: on all
               # 27 the fused step ran at 0.95x of the compiled one (f7ead35); where its time goes; and the
               # compiled step with the routed down projections by the GEMV (expert path gather_gemv)
