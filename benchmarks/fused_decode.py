@@ -1,7 +1,8 @@
 """The fused decode step (infer/fused.py) on a GPU: accurate, and how much faster per step.
 
-bench-1b with random weights (seeded), BF16, every cache row prefilled with a prompt of
-`--prompt` tokens (max_len prompt + 128, as benchmarks/decode.py).
+bench-1b (or `--preset NAME [--layers N]`: a preset's real layer shapes, its first N layers)
+with random weights (seeded), BF16, every cache row prefilled with a prompt of `--prompt`
+tokens (max_len prompt + 128, as benchmarks/decode.py).
 
 - accuracy, per bucket: the next-token logits of the fused step and of the model's own
   absorbed decode forward (both BF16), each against the same forward of a float32 copy of
@@ -15,11 +16,13 @@ bench-1b with random weights (seeded), BF16, every cache row prefilled with a pr
   coordinate descent at batch 1: each knob in turn over its candidates, the others held,
   keeping the fastest captured step (µs per step of 16 replayed steps, median of 5); the
   path and the best shapes go to the JSON and are used for the rest of the run, and the
-  shapes alone to fused_tuning.json (benchmarks/decode.py --fused-tuning reads them);
+  shapes alone to fused_tuning.json (fused_tuning_<preset>[_<N>L].json for another preset;
+  benchmarks/decode.py --fused-tuning reads them);
 - `--profile`: the fused step's kernels at batch 1 (torch.profiler, uncaptured) in
   fused_profile.txt.
 
-    python benchmarks/fused_decode.py [--buckets 1 2 4 --steps 64 --repeat 5 --tune 2 --profile]
+    python benchmarks/fused_decode.py [--preset deepseek-v2-lite --layers 8] [--buckets 1 2 4 --steps 64
+        --repeat 5 --tune 2 --profile]
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (environment, graph_flags, graph_us, out_dir, prefill, profile_kernels, rel_err,  # noqa: E402
-                    time_cuda, write_json)  # noqa: E402
+                    sliced_preset, time_cuda, write_json)  # noqa: E402
 
-from nanoseek import Transformer, preset  # noqa: E402
+from nanoseek import Transformer  # noqa: E402
 from nanoseek.infer.config import InferenceConfig  # noqa: E402
 from nanoseek.infer.cuda_graph import GraphDecoder  # noqa: E402
 from nanoseek.infer import fused as fused_module  # noqa: E402
@@ -95,7 +98,7 @@ def tune(model, cache, prompt, passes) -> tuple[dict, list]:
     print(f"tune: start {best_us:.1f} us/step", flush=True)
     tried = {tuple(sorted(best.items()))}
     for key, values in [kv for _ in range(passes) for kv in CANDIDATES.items()]:
-        for v in values:
+        for v in sorted(set(values) | {best[key]}):  # the rule's value for this model's widths too
             trial = {**best, key: v}
             if tuple(sorted(trial.items())) in tried:
                 continue
@@ -114,6 +117,8 @@ def tune(model, cache, prompt, passes) -> tuple[dict, list]:
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="bench-1b")
+    ap.add_argument("--layers", type=int, default=None, help="the preset's first N layers (real shapes, no MTP)")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--buckets", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--steps", type=int, default=64)
@@ -124,7 +129,9 @@ def main():
     ap.add_argument("--no-compiled", action="store_true", help="time the fused step only")
     args = ap.parse_args()
     torch.manual_seed(0)
-    cfg = preset("bench-1b")
+    cfg = sliced_preset(args.preset, args.layers)
+    tag = "" if args.preset == "bench-1b" and not args.layers else \
+        f"_{args.preset}{f'_{args.layers}L' if args.layers else ''}"
     model = Transformer(cfg).cuda().eval()   # float32 twin: the reference both are held to
     model_bf16 = to_dtype(copy.deepcopy(model), torch.bfloat16)  # as from_pretrained(dtype=) loads it
     R = max(args.buckets)
@@ -186,13 +193,13 @@ def main():
     import triton
     pdl = fused_module.pdl_supported(torch.device("cuda")) and bool(launch["pdl"])
     result = {"benchmark": "fused_decode", **environment(), "triton": triton.__version__, "pdl": pdl,
-              "preset": "bench-1b", "prompt_tokens": args.prompt,
+              "preset": args.preset, "layers": cfg.num_hidden_layers, "prompt_tokens": args.prompt,
               "max_len": max_len, "steps_per_burst": args.steps, "repeat": args.repeat,
               "batch1_weight_bytes": weight_bytes, "launch_used": launch,
               "tuning_search": tuning, "rows": rows}
-    print(f"wrote {write_json(result, 'fused_decode.json')}")
+    print(f"wrote {write_json(result, f'fused_decode{tag}.json')}")
     if args.tune:  # for benchmarks/decode.py --fused-tuning
-        print(f"wrote {write_json(launch, 'fused_tuning.json')}")
+        print(f"wrote {write_json(launch, f'fused_tuning{tag}.json')}")
     if args.profile:
         profile(model_bf16, cache16, args, launch)
 

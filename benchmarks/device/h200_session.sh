@@ -264,6 +264,12 @@ case $stage in
     real_decode "$(left 585)" --preset deepseek-v3 --layers 2 --batches 1 --new 64 --modes compiled --fp8 \
       --fp8-kernels ${FP8_KERNELS:-w8a8 auto} --skip-hf
     ;;
+  fusedtune)  # the fused step's launch shapes searched at V2-Lite's widths (8 layers, one row: its rule was tuned
+              # on bench-1b), then its accuracy against float32 and its speed against the compiled step,
+              # profiled; fused_tuning_deepseek-v2-lite_8L.json is what decode.py --fused-tuning reads
+    bench "$(left 585)" 120 benchmarks/fused_decode.py --preset deepseek-v2-lite --layers 8 --buckets 1 --tune 1 \
+      --repeat 3 --profile
+    ;;
   fp8batch)  # FP8-resident decode past one row (V2-Lite's first 8 layers, batch 4 and 32): the linears' split-K
              # tensor-core kernel and the experts' small-batch kernels on FP8 weights, against BF16
     real_decode "$(left 585)" --preset deepseek-v2-lite --layers 8 --batches 4 32 --new 64 --modes compiled --fp8 \
