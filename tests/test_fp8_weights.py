@@ -482,17 +482,19 @@ def test_gpu_fp8_experts_prefill_is_the_bf16_twin_to_bf16_rounding():
 
 
 # ---------------------------------------------------------------------- a decode step's gathered experts
-def hand_gathered_experts(x: torch.Tensor, idx: torch.Tensor, route: torch.Tensor, experts: FP8Experts):
-    """y [N, K, D] float64: each (token, slot)'s dequantised expert SwiGLU times its route weight,
-    and the same with every product's magnitude (for the rounding bound)."""
-    w_gate, w_up, w_down = (w[idx] for w in dequantized(experts))  # [N, K, ...]
+def hand_gathered_experts(x: torch.Tensor, idx: torch.Tensor, route: torch.Tensor,
+                          weights: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Float64 on the experts' (gate, up, down) weights [E, ...]: y [N, K, D], each (token,
+    slot)'s expert SwiGLU times its route weight; the same with every product's magnitude (for
+    the rounding bound); and the hidden h [N, K, F] with its magnitude."""
+    w_gate, w_up, w_down = (w.double()[idx] for w in weights)  # [N, K, ...]
     x64 = x.double()[:, None, :, None]
     gate, up = (w_gate @ x64)[..., 0], (w_up @ x64)[..., 0]
     h = torch.nn.functional.silu(gate) * up
     y = (w_down @ h[..., None])[..., 0] * route.double()[..., None]
     mag_h = (w_gate.abs() @ x64.abs())[..., 0] * (w_up.abs() @ x64.abs())[..., 0]
     mag = (w_down.abs() @ mag_h[..., None])[..., 0] * route.double()[..., None]
-    return y, mag
+    return y, mag, h, mag_h
 
 
 @pytest.mark.parametrize("gemv_k", [2048, 128])
@@ -512,7 +514,7 @@ def test_fp8_experts_gemv_matches_the_dequantized_experts(gemv_k, monkeypatch):
     got = fp8_linear.fp8_experts_gemv(x, idx, route, experts.gate_proj, experts.up_proj, experts.down_proj,
                                       experts.gate_proj_scale_inv, experts.up_proj_scale_inv,
                                       experts.down_proj_scale_inv, [128, 128]).double()
-    want, mag = hand_gathered_experts(x, idx, route, experts)
+    want, mag, _, _ = hand_gathered_experts(x, idx, route, dequantized(experts))
     assert got.shape == (2, 2, 320)
     assert bool(((got - want).abs() <= 8 * (320 + 200) * torch.finfo(torch.float32).eps * mag).all())
 
@@ -535,7 +537,7 @@ def test_fp8_experts_gather_through_the_gemv_where_told(monkeypatch):
         want = twin.forward_gathered(x, route, idx).double()
     assert not kernel.gemv_takes(x)  # grad on
     assert calls == [(3, 2)]
-    _, mag = hand_gathered_experts(x, idx, route, kernel)
+    _, mag, _, _ = hand_gathered_experts(x, idx, route, dequantized(kernel))
     assert bool(((got - want).abs() <= 8 * (320 + 200) * torch.finfo(torch.float32).eps * mag.sum(1)).all())
 
 
@@ -628,12 +630,9 @@ def test_gather_gemv_path_reads_16bit_experts_down_in_place(monkeypatch):
         want = experts.forward_loop(x, route, idx).double()
     experts(x, route, idx)  # grad on
     assert experts.last_path != "gather_gemv"
-    w_gate, w_up, w_down = (w.detach().double().abs()[idx] for w in (experts.gate_proj, experts.up_proj,
-                                                                     experts.down_proj))
-    x64 = x.double().abs()[:, None, :, None]
-    h = (w_gate @ x64)[..., 0] * (w_up @ x64)[..., 0]
-    mag = ((w_down @ h[..., None])[..., 0] * route.double()[..., None]).sum(1)
-    assert bool(((got - want).abs() <= 8 * (320 + 200) * torch.finfo(torch.float32).eps * mag).all())
+    _, mag, _, _ = hand_gathered_experts(x, idx, route, (experts.gate_proj.detach(), experts.up_proj.detach(),
+                                                         experts.down_proj.detach()))
+    assert bool(((got - want).abs() <= 8 * (320 + 200) * torch.finfo(torch.float32).eps * mag.sum(1)).all())
 
 
 @pytest.mark.gpu
@@ -661,11 +660,9 @@ def test_bf16_fp8_experts_and_swiglu_gemv_on_gpu_at_v2_lite_widths():
         got = fp8_experts_gemv(x.cuda(), idx.cuda(), route.cuda(), experts.gate_proj, experts.up_proj,
                                experts.down_proj, experts.gate_proj_scale_inv, experts.up_proj_scale_inv,
                                experts.down_proj_scale_inv, [128, 128]).cpu().double()
-    w_gate, w_up, w_down = (w.cpu()[idx] for w in dequantized(experts))
-    gate, up = (w_gate @ x64[:, None, :, None])[..., 0], (w_up @ x64[:, None, :, None])[..., 0]
-    h = torch.nn.functional.silu(gate) * up
-    want = (w_down @ h[..., None])[..., 0] * route.double()[..., None]
-    mag_h = (w_gate.abs() @ x64.abs()[:, None, :, None])[..., 0] * (w_up.abs() @ x64.abs()[:, None, :, None])[..., 0]
-    bound = route.double()[..., None] * (w_down.abs() @ (2 ** -8 * h.abs() + 2.2 * 2050 * eps * mag_h)[..., None]
-                                         + 1410 * eps * (w_down.abs() @ h.abs()[..., None]))[..., 0]
+    weights = tuple(w.cpu() for w in dequantized(experts))
+    want, _, h, mag_h = hand_gathered_experts(x, idx, route, weights)
+    w_down = weights[2][idx].abs()
+    bound = route.double()[..., None] * (w_down @ (2 ** -8 * h.abs() + 2.2 * 2050 * eps * mag_h)[..., None]
+                                         + 1410 * eps * (w_down @ h.abs()[..., None]))[..., 0]
     assert bool(((got - want).abs() <= bound).all())

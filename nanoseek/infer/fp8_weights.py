@@ -214,22 +214,18 @@ class FP8Experts(Experts):
         return all(fp8_linear.unsupported(1, getattr(self, n), self.block) is None
                    for n in ("gate_proj", "up_proj", "down_proj"))
 
-    def forward_gathered(self, x_ND, weight_NK, idx_NK):
-        if not self.gemv_takes(x_ND):
+    def forward_gathered(self, x_ND, weight_NK, idx_NK, anywhere: bool = False):
+        if not self.gemv_takes(x_ND, anywhere):
             return super().forward_gathered(x_ND, weight_NK, idx_NK)
-        return self.experts_gemv(x_ND, weight_NK, idx_NK)
-
-    def forward_gathered_gemv(self, x_ND, weight_NK, idx_NK):
-        if not self.gemv_takes(x_ND, anywhere=True):
-            return super().forward_gathered(x_ND, weight_NK, idx_NK)
-        return self.experts_gemv(x_ND, weight_NK, idx_NK)
-
-    def experts_gemv(self, x_ND, weight_NK, idx_NK):
         from ..kernels.fp8_linear import fp8_experts_gemv
         (w_gate, w_up, w_down), (s_gate, s_up, s_down), block = self.small_batch_weights()
         y_NKD = fp8_experts_gemv(x_ND.to(compute_dtype(x_ND)), idx_NK, weight_NK, w_gate, w_up, w_down,
                                  s_gate, s_up, s_down, list(block))
         return y_NKD.sum(1).to(x_ND.dtype)
+
+    def forward_gathered_gemv(self, x_ND, weight_NK, idx_NK):
+        """Every projection through the GEMV ("gather_gemv": wherever Triton runs)."""
+        return self.forward_gathered(x_ND, weight_NK, idx_NK, anywhere=True)
 
     def small_batch_weights(self):
         """The FP8 weights and their scales as stored: kernels/moe.py reads them in place."""

@@ -74,6 +74,15 @@ GEMV_TILE = 16384    # weight elements it loads at once: 64 a thread at 8 warps,
 
 
 @triton.jit
+def _gemv_tile(w_ptr, s_ptr, w_off, s_off, k, mask, K, SCALE_COLS: tl.constexpr, SCALED: tl.constexpr):
+    """A [BLOCK_N, BLOCK_K] tile of the weight in float32, each column times its block's scale."""
+    w = tl.load(w_ptr + w_off + k[None, :], mask=mask, other=0.0).to(tl.float32)
+    if SCALED:
+        w = w * tl.load(s_ptr + s_off + k // SCALE_COLS, mask=k < K, other=0.0)[None, :]
+    return w
+
+
+@triton.jit
 def fp8_weight_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, scale_cols, x_share,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr,
@@ -102,19 +111,32 @@ def fp8_weight_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, scale_cols, x_share
         k = k0 + kk
         mask = (n[:, None] < N) & (k[None, :] < K)
         x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + w_off + k[None, :], mask=mask, other=0.0).to(tl.float32)
-        if SCALED:
-            w = w * tl.load(s_ptr + s_off + k // SCALE_COLS, mask=k < K, other=0.0)[None, :]
-        acc += tl.sum(w * x[None, :], axis=1)
+        acc += tl.sum(_gemv_tile(w_ptr, s_ptr, w_off, s_off, k, mask, K, SCALE_COLS, SCALED) * x[None, :], axis=1)
         if SWIGLU:
-            w2 = tl.load(w2_ptr + w_off + k[None, :], mask=mask, other=0.0)
-            w2 = w2.to(tl.float32) * tl.load(s2_ptr + s_off + k // SCALE_COLS, mask=k < K, other=0.0)[None, :]
-            acc2 += tl.sum(w2 * x[None, :], axis=1)
+            acc2 += tl.sum(_gemv_tile(w2_ptr, s2_ptr, w_off, s_off, k, mask, K, SCALE_COLS, SCALED) * x[None, :],
+                           axis=1)
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc2
     if ROUTE:
         acc *= tl.load(route_ptr + pair)
     tl.store(y_ptr + pair * N + n, acc, mask=n < N)
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None, y: torch.Tensor, block: tuple[int, int],
+         pairs: int = 1, x_share: int = 1, w2: torch.Tensor | None = None, s2: torch.Tensor | None = None,
+         idx: torch.Tensor | None = None, route: torch.Tensor | None = None) -> torch.Tensor:
+    """fp8_weight_gemv_kernel into y at gemv_launch's launch: w [N, K] (or stacked [E, N, K], each
+    of `pairs` rows taking expert idx[pair]), FP8 with its block scales or 16-bit (scales None);
+    w2: the SwiGLU's up weight beside w; route: each pair's routing weight. Returns y."""
+    N, K = w.shape[-2:]
+    t = gemv_launch(N, K, block, pairs, 2 if w2 is not None else 1)
+    scaled = dict(SCALE_ROWS=block[0], SCALE_COLS=block[1]) if scales is not None else \
+        dict(SCALE_ROWS=t["BLOCK_N"], SCALE_COLS=t["BLOCK_K"], SCALED=False)
+    fp8_weight_gemv_kernel[(triton.cdiv(N, t["BLOCK_N"]), pairs)](
+        x, w, scales, y, N, K, scales.shape[-1] if scales is not None else 1, x_share,
+        idx_ptr=idx, route_ptr=route, w2_ptr=w2, s2_ptr=s2, GATHER=idx is not None, SWIGLU=w2 is not None,
+        ROUTE=route is not None, **scaled, **t)
+    return y
 
 
 def gemv_launch(N: int, K: int, block: tuple[int, int], pairs: int = 1, weights: int = 1) -> dict:
@@ -175,11 +197,7 @@ def fp8_weight_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale_inv: torch.T
         raise ValueError(f"fp8_weight_linear cannot take {reason}")
     x_MK = x_MK.contiguous()
     if takes_gemv(M, N, K, tuple(block)):
-        t = gemv_launch(N, K, tuple(block))
-        y = torch.empty(M, N, dtype=x_MK.dtype, device=x_MK.device)
-        fp8_weight_gemv_kernel[(triton.cdiv(N, t["BLOCK_N"]),)](
-            x_MK, w_NK, scale_inv, y, N, K, scale_inv.shape[1], 1, SCALE_ROWS=block[0], SCALE_COLS=block[1], **t)
-        return y
+        return gemv(x_MK, w_NK, scale_inv, torch.empty(M, N, dtype=x_MK.dtype, device=x_MK.device), tuple(block))
     precision = "ieee" if x_MK.dtype == torch.float32 else "tf32"  # float32 (the tests) exactly
     block_n = min(BLOCK_N, block[0])  # inside one row of scale blocks
     shares, per_share = k_shares(N, K, tuple(block))
@@ -203,14 +221,8 @@ def fp8_swiglu_gemv(x_1K: torch.Tensor, w_gate: torch.Tensor, s_gate: torch.Tens
                     s_up: torch.Tensor, block: list[int]) -> torch.Tensor:
     """h [1, N] in x's dtype = SiLU(x · gate^T) · (x · up^T), one row, the two FP8 weights [N, K]
     read together by the GEMV: one launch where two GEMVs and the product were three, x read once."""
-    N, K = w_gate.shape
-    x_1K = x_1K.contiguous()
-    t = gemv_launch(N, K, tuple(block), weights=2)
-    h = torch.empty(1, N, dtype=x_1K.dtype, device=x_1K.device)
-    fp8_weight_gemv_kernel[(triton.cdiv(N, t["BLOCK_N"]),)](
-        x_1K, w_gate, s_gate, h, N, K, s_gate.shape[1], 1, SCALE_ROWS=block[0], SCALE_COLS=block[1],
-        w2_ptr=w_up, s2_ptr=s_up, SWIGLU=True, **t)
-    return h
+    h = torch.empty(1, w_gate.shape[0], dtype=x_1K.dtype, device=x_1K.device)
+    return gemv(x_1K.contiguous(), w_gate, s_gate, h, tuple(block), w2=w_up, s2=s_up)
 
 
 @fp8_swiglu_gemv.register_fake
@@ -229,36 +241,16 @@ def fp8_experts_gemv(x_ND: torch.Tensor, idx_NK: torch.Tensor, route_NK: torch.T
     A decode step of a few pairs (moe.Experts' "gather" path); the caller sums over K."""
     N, D = x_ND.shape
     K = idx_NK.shape[1]
-    F = w_gate_EFD.shape[1]
-    pairs = N * K
-    x_ND, idx = x_ND.contiguous(), idx_NK.contiguous().view(-1)
-    route = route_NK.float().contiguous().view(-1)
-    rows, cols = block
-    h = torch.empty(pairs, F, dtype=x_ND.dtype, device=x_ND.device)
-    t = gemv_launch(F, D, (rows, cols), pairs, weights=2)
-    fp8_weight_gemv_kernel[(triton.cdiv(F, t["BLOCK_N"]), pairs)](
-        x_ND, w_gate_EFD, s_gate, h, F, D, s_gate.shape[2], K, SCALE_ROWS=rows, SCALE_COLS=cols,
-        idx_ptr=idx, w2_ptr=w_up_EFD, s2_ptr=s_up, GATHER=True, SWIGLU=True, **t)
-    return _gathered_down(h, idx, route, w_down_EDF, s_down, (rows, cols), N, K)
+    idx, route = idx_NK.contiguous().view(-1), route_NK.float().contiguous().view(-1)
+    h = torch.empty(N * K, w_gate_EFD.shape[1], dtype=x_ND.dtype, device=x_ND.device)
+    gemv(x_ND.contiguous(), w_gate_EFD, s_gate, h, tuple(block), N * K, K, w2=w_up_EFD, s2=s_up, idx=idx)
+    y = torch.empty(N, K, D, dtype=torch.float32, device=x_ND.device)
+    return gemv(h, w_down_EDF, s_down, y, tuple(block), N * K, idx=idx, route=route)
 
 
 @fp8_experts_gemv.register_fake
 def _(x_ND, idx_NK, route_NK, w_gate_EFD, w_up_EFD, w_down_EDF, s_gate, s_up, s_down, block):
     return x_ND.new_empty(x_ND.shape[0], idx_NK.shape[1], x_ND.shape[1], dtype=torch.float32)
-
-
-def _gathered_down(h_MF, idx_M, route_M, w_down_EDF, s_down, block, N, K) -> torch.Tensor:
-    """y [N, K, D] float32: pair m's h times expert idx[m]'s down projection (FP8 with its scales,
-    or 16-bit where s_down is None), times route[m]."""
-    E, D, F = w_down_EDF.shape
-    y = torch.empty(N, K, D, dtype=torch.float32, device=h_MF.device)
-    t = gemv_launch(D, F, block, N * K)
-    scales = dict(SCALE_ROWS=block[0], SCALE_COLS=block[1]) if s_down is not None else \
-        dict(SCALE_ROWS=t["BLOCK_N"], SCALE_COLS=t["BLOCK_K"], SCALED=False)
-    fp8_weight_gemv_kernel[(triton.cdiv(D, t["BLOCK_N"]), N * K)](
-        h_MF, w_down_EDF, s_down, y, D, F, s_down.shape[2] if s_down is not None else 1, 1,
-        idx_ptr=idx_M, route_ptr=route_M, GATHER=True, ROUTE=True, **scales, **t)
-    return y
 
 
 @torch.library.custom_op("nanoseek::experts_down_gemv", mutates_args=())
@@ -268,8 +260,9 @@ def experts_down_gemv(h_MF: torch.Tensor, idx_NK: torch.Tensor, route_NK: torch.
     times its expert's 16-bit down projection, read in place by the GEMV, times its route weight:
     a decode step's routed down projection (moe.Experts' "gather_gemv" path)."""
     N, K = idx_NK.shape
-    return _gathered_down(h_MF.contiguous(), idx_NK.contiguous().view(-1), route_NK.float().contiguous().view(-1),
-                          w_down_EDF, None, (w_down_EDF.shape[1], w_down_EDF.shape[2]), N, K)
+    y = torch.empty(N, K, w_down_EDF.shape[1], dtype=torch.float32, device=h_MF.device)
+    return gemv(h_MF.contiguous(), w_down_EDF, None, y, tuple(w_down_EDF.shape[1:]), N * K,
+                idx=idx_NK.contiguous().view(-1), route=route_NK.float().contiguous().view(-1))
 
 
 @experts_down_gemv.register_fake

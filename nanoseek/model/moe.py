@@ -313,12 +313,7 @@ class Experts(nn.Module):
         dtype = compute_dtype(x_ND)
         gate_MFD, up_MFD, down_MDF = (w.to(dtype) for w in self.expert_weights(idx_NK.flatten()))
         if torch.compiler.is_compiling():
-            # written as products and sums, which Inductor turns into one kernel per projection
-            # that reads the chosen experts' rows in place (no gathered copy, no separate GEMV)
-            x_M1D = x_ND.to(dtype).repeat_interleave(K, dim=0)[:, None, :]
-            gate_MF = (gate_MFD * x_M1D).sum(-1, dtype=torch.float32)
-            up_MF = (up_MFD * x_M1D).sum(-1, dtype=torch.float32)
-            h_M1F = (F.silu(gate_MF) * up_MF).to(dtype)[:, None, :]
+            h_M1F = gathered_hidden(x_ND, gate_MFD, up_MFD)[:, None, :]
             y_MD = (down_MDF * h_M1F).sum(-1, dtype=torch.float32)
             return (y_MD.view(N, K, -1) * weight_NK[..., None]).sum(1).to(x_ND.dtype)
         x_MD1 = x_ND.to(dtype).repeat_interleave(K, dim=0)[:, :, None]
@@ -334,13 +329,8 @@ class Experts(nn.Module):
         bandwidth but the down projection, fused with the next norm, at about half on an H100:
         benchmarks/results/h100_decode_shapes/v2lite_fused)."""
         from ..kernels.fp8_linear import experts_down_gemv
-        N, K = idx_NK.shape
-        dtype = self.gate_proj.dtype
-        gate_MFD, up_MFD = self.gate_proj[idx_NK.flatten()], self.up_proj[idx_NK.flatten()]
-        x_M1D = x_ND.to(dtype).repeat_interleave(K, dim=0)[:, None, :]
-        gate_MF = (gate_MFD * x_M1D).sum(-1, dtype=torch.float32)
-        up_MF = (up_MFD * x_M1D).sum(-1, dtype=torch.float32)
-        h_MF = (F.silu(gate_MF) * up_MF).to(dtype)
+        gate_MFD, up_MFD, _ = self.expert_weights(idx_NK.flatten())
+        h_MF = gathered_hidden(x_ND, gate_MFD, up_MFD)
         return experts_down_gemv(h_MF, idx_NK, weight_NK, self.down_proj).sum(1).to(x_ND.dtype)
 
     def forward_small_batch(self, x_ND, weight_NK, idx_NK):
@@ -376,6 +366,17 @@ class Experts(nn.Module):
             y = (h @ down_DF.T) * weight_NK[token, slot, None].to(x.dtype)
             out.index_add_(0, token, y.to(out.dtype))
         return out
+
+
+def gathered_hidden(x_ND: torch.Tensor, gate_MFD: torch.Tensor, up_MFD: torch.Tensor) -> torch.Tensor:
+    """h [M, F] in the weights' dtype: each of the M = N·K (token, slot) pairs' SwiGLU hidden state
+    on its gathered gate and up, written as products and sums, which Inductor turns into one kernel
+    per projection that reads the chosen experts' rows in place (no gathered copy, no GEMV)."""
+    dtype = gate_MFD.dtype
+    x_M1D = x_ND.to(dtype).repeat_interleave(gate_MFD.shape[0] // x_ND.shape[0], dim=0)[:, None, :]
+    gate_MF = (gate_MFD * x_M1D).sum(-1, dtype=torch.float32)
+    up_MF = (up_MFD * x_M1D).sum(-1, dtype=torch.float32)
+    return (F.silu(gate_MF) * up_MF).to(dtype)
 
 
 def grouped_swiglu(x_MD: torch.Tensor, counts_E: torch.Tensor, w_gate_EFD: torch.Tensor,
