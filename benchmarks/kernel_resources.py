@@ -185,52 +185,16 @@ def attention_rows(max_len: int = 32768) -> list[dict]:
     return out
 
 
-GEMV = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "y_ptr": "*bf16", "N": "i32", "K": "i32",
-        "scale_cols": "i32", "x_share": "i32"}
-# the GEMV's gathered forms (fp8_experts_gemv): the pointers its flags read (the others None)
-GATHERED = {"idx_ptr": "*i64", "route_ptr": "*fp32", "w2_ptr": "*fp8e4nv", "s2_ptr": "*fp32"}
-
-
-def gemv_row(label: str, rows_n: int, cols_k: int, pairs: int = 1, x_share: int = 1, **flags) -> dict:
-    """The FP8 GEMV compiled for sm_90 as fp8_linear launches it for an N x K weight over `pairs`
-    rows; flags: GATHER, SWIGLU, ROUTE (fp8_weight_gemv_kernel's)."""
-    from nanoseek.kernels import fp8_linear
-    t = fp8_linear.gemv_launch(rows_n, cols_k, (128, 128), pairs, 2 if flags.get("SWIGLU") else 1)
-    warps = t.pop("num_warps")
-    used = {"idx_ptr": flags.get("GATHER"), "route_ptr": flags.get("ROUTE"), "w2_ptr": flags.get("SWIGLU"),
-            "s2_ptr": flags.get("SWIGLU")}
-    scaled = flags.get("SCALED", True)  # else BF16 weights without scales (the "gather_gemv" path)
-    signature = {**GEMV, **({"y_ptr": "*fp32"} if flags.get("ROUTE") else {}),
-                 **({} if scaled else {"w_ptr": "*bf16"}), **{p: kind for p, kind in GATHERED.items() if used[p]}}
-    if not scaled:
-        del signature["s_ptr"]
-    # every argument named, defaults too: Triton's compile does not fill them in
-    constexprs = {**t, "SCALE_ROWS": 128, "SCALE_COLS": 128, **{p: None for p in GATHERED if not used[p]},
-                  **({} if scaled else {"s_ptr": None}), "GATHER": False, "SWIGLU": False, "ROUTE": False,
-                  "SCALED": True, **flags}
-    k = compile_for_hopper(fp8_linear.fp8_weight_gemv_kernel, signature, constexprs, warps, 3,
-                           {"N": rows_n, "K": cols_k, "scale_cols": -(-cols_k // 128), "x_share": x_share})
-    return {"kernel": label, "config": f"{t['BLOCK_N']}x{t['BLOCK_K']} w{warps}, "
-                                       f"{-(-rows_n // t['BLOCK_N']) * pairs} programs", **resources(k, warps)}
-
-
-PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.int32: "*i32", torch.int64: "*i64"}
+PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.int32: "*i32", torch.int64: "*i64",
+       torch.float8_e4m3fn: "*fp8e4nv"}
 FUSED_KERNELS = ("gemv_kernel", "mla_query_kernel", "mla_attend_kernel", "mla_output_kernel", "moe_route_kernel",
                  "moe_up_kernel", "moe_down_kernel")
 
 
-def fused_step_launches(cfg, rows: int, max_len: int) -> list[tuple]:
-    """Every kernel launch of one fused decode step (fused.FusedDecoder.forward) of a BF16 model
-    of cfg's shape built on the meta device: (kernel, grid, arguments, keyword arguments), the
-    launches recorded instead of run."""
-    from nanoseek.infer.fused import FusedDecoder
-    from nanoseek.kernels import decode
-    from nanoseek.model import StaticCache, Transformer
-    meta = torch.device("meta")
-    with meta:
-        model = Transformer(cfg).to(torch.bfloat16).eval()
-    cache = StaticCache(cfg, rows, max_len, dtype=torch.bfloat16, device=meta)
-    launches, kernels = [], {name: getattr(decode, name) for name in FUSED_KERNELS}
+def recorded_launches(module, names, run) -> list[tuple]:
+    """The launches of `module`'s kernels `names` while run() runs (on meta tensors): (kernel, grid,
+    arguments, keyword arguments), recorded instead of run."""
+    launches, kernels = [], {name: getattr(module, name) for name in names}
 
     class Recorded:
         def __init__(self, fn):
@@ -240,14 +204,60 @@ def fused_step_launches(cfg, rows: int, max_len: int) -> list[tuple]:
             return lambda *args, **kwargs: launches.append((self.fn, grid, args, kwargs))
     try:
         for name, fn in kernels.items():
-            setattr(decode, name, Recorded(fn))
-        step = FusedDecoder(model, cache, rows)
-        ids = torch.zeros(rows, 1, dtype=torch.long, device=meta)
-        step.forward(ids, ids.clone())
+            setattr(module, name, Recorded(fn))
+        run()
     finally:
         for name, fn in kernels.items():
-            setattr(decode, name, fn)
+            setattr(module, name, fn)
     return launches
+
+
+def fused_step_launches(cfg, rows: int, max_len: int) -> list[tuple]:
+    """Every kernel launch of one fused decode step (fused.FusedDecoder.forward) of a BF16 model
+    of cfg's shape built on the meta device."""
+    from nanoseek.infer.fused import FusedDecoder
+    from nanoseek.kernels import decode
+    from nanoseek.model import StaticCache, Transformer
+    meta = torch.device("meta")
+    with meta:
+        model = Transformer(cfg).to(torch.bfloat16).eval()
+    cache = StaticCache(cfg, rows, max_len, dtype=torch.bfloat16, device=meta)
+    ids = torch.zeros(rows, 1, dtype=torch.long, device=meta)
+    return recorded_launches(decode, FUSED_KERNELS, lambda: FusedDecoder(model, cache, rows).forward(ids, ids.clone()))
+
+
+def compile_launch(fn, grid, args, kwargs) -> dict:
+    """A recorded launch compiled for sm_90 as Triton's launcher would specialize it: tensors as
+    pointers, integers as i32 values, constexprs (and the defaults not given) as given; its
+    resources, warps and programs."""
+    signature, constexprs, values = {}, {}, {}
+    for i, param in enumerate(fn.params):
+        arg = args[i] if i < len(args) else kwargs.get(param.name, param.default)
+        if param.is_constexpr or arg is None:
+            constexprs[param.name] = arg
+        elif isinstance(arg, torch.Tensor):
+            signature[param.name] = PTR[arg.dtype]
+        elif isinstance(arg, float):
+            signature[param.name] = "fp32"
+        else:
+            signature[param.name], values[param.name] = "i32", arg
+    warps = kwargs.get("num_warps", 4)
+    k = compile_for_hopper(fn, signature, constexprs, warps, kwargs.get("num_stages", 3), values)
+    return {"warps": warps, "programs": math.prod(grid), "constexprs": constexprs, "values": values,
+            **resources(k, warps)}
+
+
+def gemv_rows(label: str, run) -> list[dict]:
+    """fp8_linear.gemv's launches while run() calls it on meta tensors, compiled for sm_90."""
+    from nanoseek.kernels import fp8_linear
+    out = []
+    for launch in recorded_launches(fp8_linear, ("fp8_weight_gemv_kernel",), run):
+        r = compile_launch(*launch)
+        c = r.pop("constexprs")
+        r.pop("values")
+        out.append({"kernel": label, "config": f"{c['BLOCK_N']}x{c['BLOCK_K']} w{r.pop('warps')}, "
+                                               f"{r.pop('programs')} programs", **r})
+    return out
 
 
 def decode_rows(max_len: int = 4096) -> list[dict]:
@@ -256,47 +266,50 @@ def decode_rows(max_len: int = 4096) -> list[dict]:
     (kernels/fp8_linear.py) at one row on their projections, their MLPs' gate and up together and one
     token's routed experts, as fp8_weight_linear, fp8_swiglu_gemv and fp8_experts_gemv launch it."""
     from nanoseek import preset
-    from nanoseek.infer.latent_attention import pow2
+    from nanoseek.kernels import fp8_linear
     out = []
     for name in ("deepseek-v2-lite", "deepseek-v3"):
         c = preset(name, num_hidden_layers=2, first_k_dense_replace=1, num_nextn_predict_layers=0)
         seen = set()
         for fn, grid, args, kwargs in fused_step_launches(c, 1, max_len):
-            signature, values = {}, {}
-            for param, arg in zip(fn.arg_names, args):
-                if isinstance(arg, torch.Tensor):
-                    signature[param] = PTR[arg.dtype]
-                elif isinstance(arg, float):
-                    signature[param] = "fp32"
-                elif isinstance(arg, int):
-                    signature[param], values[param] = "i32", arg
-            constexprs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages", "launch_pdl")}
-            key = (fn.__name__, str(sorted(constexprs.items())), str(sorted(values.items())))
+            key = (fn.__name__, str(sorted(kwargs.items())), str([a for a in args if not isinstance(a, torch.Tensor)]))
             if key in seen:
                 continue
             seen.add(key)
-            warps = kwargs.get("num_warps", 4)
-            k = compile_for_hopper(fn, signature, constexprs, warps, kwargs.get("num_stages", 3), values)
-            programs = math.prod(grid)
-            out.append({"kernel": f"fused step, {name}: {fn.__name__}", "config": f"w{warps}, {programs} programs",
-                        **resources(k, warps)})
+            r = compile_launch(fn, grid, args, kwargs)
+            r.pop("constexprs"), r.pop("values")
+            out.append({"kernel": f"fused step, {name}: {fn.__name__}",
+                        "config": f"w{r.pop('warps')}, {r.pop('programs')} programs", **r})
         lora = c.q_lora_rank is not None
         H, C, R, N, V = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim
         D = c.hidden_size
         projections = {"q_a_proj" if lora else "q_proj": (c.q_lora_rank if lora else H * (N + R), D),
                        "kv_a_proj": (C + R, D), "o_proj": (D, H * V), "dense up": (c.intermediate_size, D),
                        "dense down": (D, c.intermediate_size)}
+        meta = dict(device="meta")
+        fp8, bf16, f32 = (dict(dtype=d, **meta) for d in (torch.float8_e4m3fn, torch.bfloat16, torch.float32))
+
+        def weight(*shape, scaled=True):  # FP8 with its 128x128 block scales, or BF16 and None
+            if not scaled:
+                return torch.empty(shape, **bf16), None
+            return torch.empty(shape, **fp8), torch.empty(*shape[:-2], -(-shape[-2] // 128), -(-shape[-1] // 128), **f32)
         for proj, (rows_n, cols_k) in projections.items():
-            out.append(gemv_row(f"FP8 GEMV, 1 row, {name} {proj} {rows_n}x{cols_k}", rows_n, cols_k))
+            w, sc = weight(rows_n, cols_k)
+            out += gemv_rows(f"FP8 GEMV, 1 row, {name} {proj} {rows_n}x{cols_k}", lambda w=w, sc=sc: fp8_linear.gemv(
+                torch.empty(1, w.shape[1], **bf16), w, sc, torch.empty(1, w.shape[0], **bf16), (128, 128)))
         for proj, rows_n in (("shared", c.n_shared_experts * c.moe_intermediate_size), ("dense", c.intermediate_size)):
-            out.append(gemv_row(f"FP8 SwiGLU GEMV, 1 row, {name} {proj} gate+up {rows_n}x{D}", rows_n, D, SWIGLU=True))
-        F, K = c.moe_intermediate_size, c.num_experts_per_tok
-        out.append(gemv_row(f"FP8 experts GEMV, 1 token, {name} gate+up {F}x{D} x{K}", F, D, K, K,
-                            GATHER=True, SWIGLU=True))
-        out.append(gemv_row(f"FP8 experts GEMV, 1 token, {name} down {D}x{F} x{K}", D, F, K,
-                            GATHER=True, ROUTE=True))
-        out.append(gemv_row(f"BF16 experts GEMV, 1 token, {name} down {D}x{F} x{K}", D, F, K,
-                            GATHER=True, ROUTE=True, SCALED=False))
+            (wg, sg), (wu, su) = weight(rows_n, D), weight(rows_n, D)
+            out += gemv_rows(f"FP8 SwiGLU GEMV, 1 row, {name} {proj} gate+up {rows_n}x{D}", lambda: fp8_linear.gemv(
+                torch.empty(1, D, **bf16), wg, sg, torch.empty(1, rows_n, **bf16), (128, 128), w2=wu, s2=su))
+        E, F, K = c.n_routed_experts, c.moe_intermediate_size, c.num_experts_per_tok
+        idx, route = torch.empty(K, dtype=torch.int64, **meta), torch.empty(K, **f32)
+        (wg, sg), (wu, su), (wd, sd) = weight(E, F, D), weight(E, F, D), weight(E, D, F)
+        out += gemv_rows(f"FP8 experts GEMV, 1 token, {name} gate+up {F}x{D} x{K}", lambda: fp8_linear.gemv(
+            torch.empty(1, D, **bf16), wg, sg, torch.empty(K, F, **bf16), (128, 128), K, K, w2=wu, s2=su, idx=idx))
+        for kind, (wd, sd) in (("FP8", (wd, sd)), ("BF16", weight(E, D, F, scaled=False))):
+            out += gemv_rows(f"{kind} experts GEMV, 1 token, {name} down {D}x{F} x{K}", lambda wd=wd, sd=sd:
+                             fp8_linear.gemv(torch.empty(K, F, **bf16), wd, sd, torch.empty(K, D, **f32),
+                                             (128, 128) if sd is not None else (D, F), K, idx=idx, route=route))
     return out
 
 
