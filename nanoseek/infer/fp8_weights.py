@@ -52,6 +52,17 @@ def _dequantize(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]
     return dequantize_fp8_blockwise(w, scale_inv, block).to(dtype)
 
 
+def _kernels_run(kernel: str, x: torch.Tensor, anywhere: bool = False) -> bool:
+    """Whether a module of this kernel choice may run kernels/fp8_linear.py's kernels on x: never
+    the twin nor under autograd; "triton" (or anywhere) wherever Triton runs (the CPU tests: its
+    interpreter), else only where the fast kernels were measured (kernels.fast_kernels_supported)."""
+    if kernel == "twin" or torch.is_grad_enabled():
+        return False
+    if kernel == "triton" or anywhere:
+        return triton_runs(x.device)
+    return fast_kernels_supported(x.device, compute_dtype(x))
+
+
 def fp8_gemm_fast(x: torch.Tensor) -> bool:
     """Whether fp8/gemm.py's W8A8 GEMMs take their fast path for x (a Hopper GPU), not the twin."""
     return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9
@@ -92,10 +103,7 @@ class FP8Linear(nn.Module):
         return _dequantize(self.weight, self.weight_scale_inv, self.block, self.dtype)
 
     def takes_kernel(self, x_MK: torch.Tensor) -> bool:
-        if self.kernel == "twin" or torch.is_grad_enabled():
-            return False
-        if not (triton_runs(x_MK.device) if self.kernel == "triton"
-                else fast_kernels_supported(x_MK.device, compute_dtype(x_MK))):
+        if not _kernels_run(self.kernel, x_MK):
             return False
         from ..kernels import fp8_linear
         return fp8_linear.unsupported(x_MK.shape[0], self.weight, self.block) is None
@@ -136,10 +144,11 @@ class FP8MLP(MLP):
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
 
     def fused(self, x_MK: torch.Tensor) -> bool:
+        """Where gate alone would take the GEMV (keep_fp8_weights gives gate and up one block and
+        kernel, and an MLP's linears have no bias)."""
         from ..kernels import fp8_linear
-        gate, up = self.gate_proj, self.up_proj
-        return (gate.kernel == up.kernel != "w8a8" and gate.block == up.block and gate.bias is None
-                and up.bias is None and gate.takes_kernel(x_MK)
+        gate = self.gate_proj
+        return (gate.kernel != "w8a8" and gate.takes_kernel(x_MK)
                 and fp8_linear.takes_gemv(x_MK.shape[0], gate.out_features, gate.in_features, gate.block))
 
     def forward(self, x):
@@ -167,13 +176,11 @@ class FP8Experts(Experts):
 
     def grouped_kernels_take(self, x_MD: torch.Tensor) -> bool:
         """Whether a grouped forward reads the FP8 weights in place (else it dequantises them all)."""
-        if torch.is_grad_enabled() or tuple(self.block) != FP8_BLOCK or self.kernel == "twin":
+        if tuple(self.block) != FP8_BLOCK:
             return False
-        if self.kernel == "w8a8":
-            return True  # the FP8 GEMM's float32 twin where there is no FP8 GPU, as FP8Linear's
-        if self.kernel == "triton":
-            return triton_runs(x_MD.device)
-        return fast_kernels_supported(x_MD.device, compute_dtype(x_MD))
+        if self.kernel == "w8a8":  # the FP8 GEMM's float32 twin where there is no FP8 GPU, as FP8Linear's
+            return not torch.is_grad_enabled()
+        return _kernels_run(self.kernel, x_MD)
 
     def swiglu_sorted(self, x_MD, counts_E):
         """A prefill's three grouped GEMMs on the FP8 weights as stored, where a dequantised copy
@@ -205,10 +212,7 @@ class FP8Experts(Experts):
         """Whether a gathered forward (a decode step of a few pairs) runs kernels/fp8_linear.py's
         GEMV on the FP8 experts in place, as FP8Linear's kernel choice (anywhere: wherever Triton
         runs, as "triton"): else they are dequantised."""
-        if torch.is_grad_enabled() or self.kernel not in ("auto", "triton"):
-            return False
-        if not (triton_runs(x_ND.device) if self.kernel == "triton" or anywhere
-                else fast_kernels_supported(x_ND.device, compute_dtype(x_ND))):
+        if self.kernel == "w8a8" or not _kernels_run(self.kernel, x_ND, anywhere):
             return False
         from ..kernels import fp8_linear
         return all(fp8_linear.unsupported(1, getattr(self, n), self.block) is None
