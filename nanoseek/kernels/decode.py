@@ -34,8 +34,9 @@ than another kernel.
 
 Programmatic dependent launch (PDL, Hopper+). Each kernel first lets the next one launch
 (`_launch_next`), then loads what no earlier kernel of the step writes (its weights), and
-only then waits for the previous kernel (`_wait_prev`) before reading activations. So a
-kernel's launch and its weight reads overlap the kernel before it, and the chain of
+only then waits for the previous kernel (`_wait_prev`) before reading activations (but
+mla_query, which reads its weights in chunks that would not fit in registers at once, waits
+first). So a kernel's launch and its weight reads overlap the kernel before it, and the chain of
 dependent kernels costs little more than its activations' round trips. Nothing a kernel
 writes is read by another before that one's wait; the expert weights of the routed slots
 depend on the routing and are read after it. USE_PDL is off in Triton's interpreter.
