@@ -292,7 +292,8 @@ def decode_rows(max_len: int = 4096) -> list[dict]:
         def weight(*shape, scaled=True):  # FP8 with its 128x128 block scales, or BF16 and None
             if not scaled:
                 return torch.empty(shape, **bf16), None
-            return torch.empty(shape, **fp8), torch.empty(*shape[:-2], -(-shape[-2] // 128), -(-shape[-1] // 128), **f32)
+            blocks = (-(-shape[-2] // 128), -(-shape[-1] // 128))
+            return torch.empty(shape, **fp8), torch.empty(*shape[:-2], *blocks, **f32)
         for proj, (rows_n, cols_k) in projections.items():
             w, sc = weight(rows_n, cols_k)
             out += gemv_rows(f"FP8 GEMV, 1 row, {name} {proj} {rows_n}x{cols_k}", lambda w=w, sc=sc: fp8_linear.gemv(
