@@ -96,7 +96,7 @@ def prefilled_cache(model, lengths, max_len=40, ids=None, dtype=torch.float32):
     return cache
 
 
-@pytest.mark.parametrize("overrides, chunked", [
+@pytest.mark.parametrize("overrides, chunked, extra", [(*case, {}) for case in [
     (dict(), False),                                          # V3: sigmoid, noaux_tc, bias
     (dict(topk_method="greedy", n_shared_experts=0), True),   # no groups, no shared experts
     (dict(scoring_func="softmax", topk_method="group_limited_greedy", n_group=4, topk_group=2,
@@ -110,8 +110,13 @@ def prefilled_cache(model, lengths, max_len=40, ids=None, dtype=torch.float32):
                         "mscale_all_dim": 1.0, "original_max_position_embeddings": 16}), False),  # V3's YaRN
     (dict(n_routed_experts=64, n_group=8, topk_group=4, num_experts_per_tok=8, moe_intermediate_size=16,
           routed_scaling_factor=2.5), False),               # V3's routing: top-8 of 64 in 4 of 8 groups
+]] + [
+    # the query's columns in shares (each recomputing q_b's rows with a LoRA), the merge's V
+    # outputs in blocks: by the rule without a LoRA, given with one
+    (dict(q_lora_rank=None, n_shared_experts=2), True, dict(query_split=2, output_split=4)),
+    (dict(), True, dict(query_split=2, output_split=2)),
 ])
-def test_fused_step_matches_model_decode(overrides, chunked, monkeypatch):
+def test_fused_step_matches_model_decode(overrides, chunked, extra, monkeypatch):
     """Logits of rows at different positions (one of them the dummy row at 0 that a bucket
     pads with) and every layer's cache entries: the fused step equals the model's absorbed
     decode forward in float32. Attention in units of 16 positions (row 1 spans two, the
@@ -129,7 +134,8 @@ def test_fused_step_matches_model_decode(overrides, chunked, monkeypatch):
     with torch.no_grad():
         want = model(ids, positions=positions, cache=cache.prefix(3)).logits[:, -1]
     chunks = dict(attend_split=32, max_block=16, attend_block=16, merge_splits=2) if chunked else dict(attend_split=16)
-    step = fused.FusedDecoder(model, fused_cache, max_rows=4, launch={**LAUNCH, **chunks, "attend_heads": 16})
+    step = fused.FusedDecoder(model, fused_cache, max_rows=4, launch={**LAUNCH, **chunks, "attend_heads": 16, **extra})
+    assert all(step.t[k] == v for k, v in extra.items())
     assert step.units(3) == (6 if chunked else 9)  # the step's 30 positions: units of the least length
     for scratch in (step.part_acc, step.part_m, step.part_l):  # scratch past the step's units is
         scratch.fill_(float("nan"))                          # neither written nor read

@@ -55,13 +55,17 @@ SHORT_CACHE = 4096   # caches up to this long score 32 positions at once (bench-
 ATTEND_PROGRAMS = 128
 MERGE_SPLITS = 16    # attention splits the merge reads at once
 QUERY_CHUNK = 128    # columns of q_b and W_UK the query kernel reads at once: [128, 128] a head, no spill
+# Without a query LoRA (V2-Lite) the query kernel only folds W_UK into the loaded query: its
+# columns are shared among programs until about this many run (16 heads ran 17 programs, each
+# reading 128 KB of W_UK). With a LoRA each share would read q_b again, so there it stays 1.
+QUERY_PROGRAMS = 128
 # rows of a weight per program (_rows), warps per program (_warps), the least cache positions
 # of an attention split, heads per attention program, attention programs aimed for, the
 # attention loop's software-pipeline stages, and the block sizes above
 LAUNCH_KEYS = ("gemv_rows", "gemv_warps", "head_rows", "head_warps", "query_warps", "attend_split",
                "attend_heads", "attend_block", "attend_programs", "attend_stages", "attend_warps", "output_warps",
                "merge_splits", "route_warps", "up_rows", "up_warps", "down_rows", "down_warps", "max_block", "pdl",
-               "attend_transposed")
+               "attend_transposed", "query_split", "output_split")
 
 
 def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = None) -> dict:
@@ -93,21 +97,27 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
     # the running sum over the latent, heads x C float32 values, stays within 8 warps' registers
     # (64 a thread): 32 of V3's heads a program ran 1.2-1.4x faster than 16 from 32K on, 64 do not fit
     heads = given.get("attend_heads", min(pow2(H, 16), max(16, 8 * WARP_ELEMENTS // pow2(C))))
+    # the query's column shares (see QUERY_PROGRAMS); the merge's blocks of V outputs a head
+    # (output_split) stay 1, as tuned at bench-1b's widths, unless given
+    query_split = 1 if c.q_lora_rank else min(pow2(C) // 16, pow2(triton.cdiv(QUERY_PROGRAMS, H)))
     out = dict(gemv_rows=rows("gemv", D), head_rows=rows("head", D), up_rows=rows("up", D),
                down_rows=rows("down", slots * F), attend_split=split, attend_heads=heads, attend_block=block_s,
                attend_programs=ATTEND_PROGRAMS, attend_stages=3, merge_splits=MERGE_SPLITS, max_block=max_block,
-               pdl=True, attend_transposed=0)
+               pdl=True, attend_transposed=0, query_split=query_split, output_split=1)
     out.update({k: v for k, v in given.items() if k in out})  # the warps follow the rows given
     out.update(gemv_warps=warps(out["gemv_rows"] * D), head_warps=warps(out["head_rows"] * D),
                up_warps=warps(2 * out["up_rows"] * D), down_warps=warps(out["down_rows"] * slots * F),
-               query_warps=warps(N * (c.q_lora_rank or 0) + R * (c.q_lora_rank or 0) + N * C),
-               attend_warps=warps(block_s * (C + R) + heads * C), output_warps=warps(c.v_head_dim * C),
+               query_warps=warps(N * (c.q_lora_rank or 0) + R * (c.q_lora_rank or 0) + N * C // out["query_split"]),
+               attend_warps=warps(block_s * (C + R) + heads * C), output_warps=warps(c.v_head_dim * C // out["output_split"]),
                route_warps=warps(32 * (c.n_routed_experts or 0)))
     out.update(given)
     for key, value in out.items():
         not_pow2 = ("pdl", "attend_stages", "attend_programs", "attend_transposed")
         if key not in not_pow2 and (value < 1 or value & (value - 1)):
             raise ValueError(f"launch {key}={value}: must be a power of two")
+    if pow2(C) // out["query_split"] < 16 or pow2(c.v_head_dim) // out["output_split"] < 1:
+        raise ValueError(f"launch query_split={out['query_split']} / output_split={out['output_split']}: "
+                         f"at most {pow2(C) // 16} / {pow2(c.v_head_dim)} for this model's widths")
     for key in ("attend_split", "attend_heads", "attend_block"):
         if out[key] < 16:  # tl.dot's smallest block
             raise ValueError(f"launch {key}={out[key]}: must be at least 16")
@@ -267,13 +277,15 @@ class FusedDecoder:
                    weight2=a.kv_a_proj_with_mqa.weight)
         ckv, kpe = self.cache.layers[i]
         q_norm = a.q_a_layernorm if lora else a.kv_a_layernorm  # (unread without a query LoRA)
-        k.mla_query_kernel[(B, H + 1)](
+        shares = self.t["query_split"]
+        share_c = pow2(C, 16) // shares if shares > 1 else 0
+        k.mla_query_kernel[(B, H + 1, shares)](
             qkv, qkv.stride(0), q_norm.weight, a.kv_a_layernorm.weight, q_norm.eps, a.kv_a_layernorm.eps,
             a.q_b_proj.weight if lora else a.kv_b_proj.weight, a.kv_b_proj.weight,
             self.inv_freq, self.rope_factor, positions_B, self.q_lat, self.q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0),
-            H, Q, C, N, R, V, CHUNK_Q=min(QUERY_CHUNK, pow2(Q, 16)), CHUNK_C=min(QUERY_CHUNK, pow2(C, 16)),
+            H, Q, C, N, R, V, CHUNK_Q=min(QUERY_CHUNK, pow2(Q, 16)), CHUNK_C=min(QUERY_CHUNK, share_c or pow2(C, 16)),
             BLOCK_N=pow2(N), BLOCK_C=pow2(C), BLOCK_R2=pow2(R // 2), Q_LORA=lora, num_warps=self.t["query_warps"],
-            **self.launch)
+            SHARE_C=share_c, **self.launch)
         o = self.attend(a, i, positions_B, B)
         self._gemv(o, a.o_proj.weight, h, residual=h)
 

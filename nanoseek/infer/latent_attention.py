@@ -94,16 +94,17 @@ def attend_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kp
     N = w_kvb.shape[0] // H - V  # kv_b_proj holds W_UK (N rows) then W_UV (V rows) a head
     # the most units one row gets: no more than aimed for, nor than its positions in the least chunk
     most = pow2(min(units, triton.cdiv(ckv.shape[1], split)), 2)
-    kernels.mla_output_kernel[(B, H)](
+    block_v = max(1, pow2(V) // t.get("output_split", 1))
+    kernels.mla_output_kernel[(B, H, triton.cdiv(V, block_v))](
         part_acc, part_m, part_l, w_kvb, o, positions_B, H, C, N, V, B, split, units, idle, BLOCK_B=rows,
         BLOCK_SP=most, CHUNK_SP=min(t["merge_splits"], most), BLOCK_C=pow2(C),
-        BLOCK_V=pow2(V), num_warps=t["output_warps"], **launch)
+        BLOCK_V=block_v, num_warps=t["output_warps"], **launch)
     return o
 
 
 # the launch keys the custom op takes, in this order (a list of ints: an op's schema holds no dict)
 OP_LAUNCH = ("attend_heads", "attend_split", "attend_block", "attend_programs", "attend_warps", "attend_stages",
-             "merge_splits", "output_warps", "attend_transposed")
+             "merge_splits", "output_warps", "attend_transposed", "output_split")
 
 
 def packed_rows(rows: torch.Tensor) -> torch.Tensor:

@@ -157,7 +157,7 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
                      qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe,
                      H, Q, C, N, R, V,
                      CHUNK_Q: tl.constexpr, CHUNK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                     BLOCK_R2: tl.constexpr, Q_LORA: tl.constexpr, USE_PDL: tl.constexpr):
+                     BLOCK_R2: tl.constexpr, Q_LORA: tl.constexpr, USE_PDL: tl.constexpr, SHARE_C: tl.constexpr = 0):
     """Program (b, h < H): head h's q_nope, q_pe = q_b(RMSNorm(q_a)), q_pe rotated, and the
     absorbed query q_lat[b, h] = W_UK_h^T q_nope. Program (b, H): c_kv = RMSNorm(kv_a[:C]),
     k_pe = RoPE(kv_a[C:]), both written into the cache at the row's position. RoPE pairs are
@@ -165,10 +165,20 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
     scaled by rope_factor (rope.RotaryEmbedding). The row holds q_a (Q wide) then kv_a; without
     Q_LORA (V2-Lite) it holds the query itself, H·(N + R) = Q wide, and q_b and its norm are
     not read. q_b is read CHUNK_Q columns and W_UK CHUNK_C columns at a time: a head's whole
-    [N, Q] and [N, C] at V3's widths spilled 13 KB a thread (benchmarks/kernel_resources.py)."""
+    [N, Q] and [N, C] at V3's widths spilled 13 KB a thread (benchmarks/kernel_resources.py).
+    Program axis 2 (SHARE_C > 0): the share of q_lat's columns [s·SHARE_C, (s+1)·SHARE_C) a
+    program writes, so that a model of few heads runs more than H + 1 programs (each share
+    computes q_nope again: free without a query LoRA, where it is loaded); only share 0 writes
+    q_pe and the cache."""
     _launch_next(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
+    share = tl.program_id(2)
+    c_first = 0
+    c_end = C
+    if SHARE_C > 0:
+        c_first = share * SHARE_C
+        c_end = tl.minimum(C, c_first + SHARE_C)
     R2 = R // 2
     r2 = tl.arange(0, BLOCK_R2)
     r2mask = r2 < R2
@@ -207,15 +217,16 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
             q_nope = tl.load(row_ptr + row0 + n, mask=nmask, other=0.0).to(tl.float32)
             pe_e = tl.load(row_ptr + row0 + N + 2 * r2, mask=r2mask, other=0.0).to(tl.float32)
             pe_o = tl.load(row_ptr + row0 + N + 2 * r2 + 1, mask=r2mask, other=0.0).to(tl.float32)
-        _rope_store(qpe_ptr + (b * H + h) * R + 2 * r2, pe_e, pe_o, cos, sin, r2mask)
-        for c0 in range(0, C, CHUNK_C):
+        if share == 0:
+            _rope_store(qpe_ptr + (b * H + h) * R + 2 * r2, pe_e, pe_o, cos, sin, r2mask)
+        for c0 in range(c_first, c_end, CHUNK_C):
             cc = c0 + tl.arange(0, CHUNK_C)
-            ccmask = cc < C
+            ccmask = cc < c_end
             w_uk = tl.load(wkvb_ptr + (h * (N + V) + n)[:, None] * C + cc[None, :],
                            mask=nmask[:, None] & ccmask[None, :], other=0.0)
             tl.store(qlat_ptr + (b * H + h) * C + cc, tl.sum(w_uk.to(tl.float32) * q_nope[:, None], axis=0),
                      mask=ccmask)
-    else:
+    elif share == 0:
         # (names of its own: Triton merges same-named values of the two branches)
         kv_ptr = row_ptr + Q
         pos = tl.load(pos_ptr + b)
@@ -333,14 +344,16 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
 def mla_output_kernel(acc_ptr, m_ptr, l_ptr, wkvb_ptr, o_ptr, pos_ptr, H, C, N, V, B, SPLIT, UNITS, IDLE,
                       BLOCK_B: tl.constexpr, BLOCK_SP: tl.constexpr, CHUNK_SP: tl.constexpr,
                       BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, USE_PDL: tl.constexpr):
-    """Program (b, h): o_lat = row b's units merged (softmax-weighted), o[b, h·V:(h+1)·V] =
-    W_UV_h o_lat. Only the row's units are read (_row_units), CHUNK_SP at a time: the work
-    follows the positions, not the cache's length. BLOCK_SP >= the most units a row may get
-    (UNITS, and the cache's length over SPLIT), BLOCK_C >= C."""
+    """Program (b, h, j): o_lat = row b's units merged (softmax-weighted), o[b, h·V + v] =
+    (W_UV_h o_lat)[v] for the j-th block of BLOCK_V of the V outputs. Only the row's units are
+    read (_row_units), CHUNK_SP at a time: the work follows the positions, not the cache's
+    length. BLOCK_SP >= the most units a row may get (UNITS, and the cache's length over
+    SPLIT), BLOCK_C >= C. Blocks of fewer than V outputs merge the units again each, so that a
+    model of few heads runs more than H programs a row, each reading less of W_UV."""
     _launch_next(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    v = tl.arange(0, BLOCK_V)
+    v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
     vmask = v < V
     c = tl.arange(0, BLOCK_C)
     cmask = c < C
