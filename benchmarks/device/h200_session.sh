@@ -255,6 +255,14 @@ case $stage in
       | tail -12 | tee "$OUT/fp8_gpu_tests.log"
     bench "$(left 585)" 30 benchmarks/fp8_gemv.py --repeat 5
     ;;
+  gemvprof)  # fp8gemv, then fusedprof's first part, in one call (the device came seldom): the FP8 GEMV
+             # defaults decided, then the compiled, gemv-experts and fused steps on 8 V2-Lite layers profiled
+    timeout 120 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8_weights.py -k "gpu" 2>&1 \
+      | tail -12 | tee "$OUT/fp8_gpu_tests.log"
+    bench "$(left 300)" 30 benchmarks/fp8_gemv.py --repeat 3
+    real_decode "$(left 585)" --preset deepseek-v2-lite --layers 8 --batches 1 --new 64 --repeat 2 \
+      --modes compiled gemv-experts fused --skip-hf --profile
+    ;;
   fp8twin)  # FP8-resident decode at batch 1 on V2-Lite's first 8 layers (compiling 27 several times does not
             # fit a call) and the V3 slice: FP8Linear's kernels, weight-only (auto: the GEMV, the routed experts
             # and an MLP's gate and up through it since 1d2b236 and 6468c76) against W8A8 (the issue asks for
