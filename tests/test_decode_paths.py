@@ -62,14 +62,17 @@ def test_the_engine_defaults_to_the_compiled_step():
 
 def test_launch_shapes_follow_the_model_widths():
     """The rule gives back the shapes tuned on an H200 for bench-1b (fused_tuning.json, less
-    the knobs since removed); for V3's widths the rows per program shrink so a program holds
+    the knob since removed); for V3's widths the rows per program shrink so a program holds
     the same number of weight elements, attention takes 32 of its 128 heads per program in
-    splits of at least 64 positions, aiming for 128 programs."""
+    splits of at least 64 positions, aiming for 128 programs. Without a query LoRA (V2-Lite's
+    16 heads) the query's latent columns are shared among 8 programs a head."""
     from nanoseek.infer.fused import MAX_WARPS, fused_step_launch
     tuned = json.loads(open("benchmarks/results/fused_tuning.json").read())
     bench = fused_step_launch(preset("bench-1b"), 640)
     assert {k: bench[k] for k in tuned if k in bench} == {k: v for k, v in tuned.items() if k in bench}
-    assert set(tuned) - set(bench) == {"query_split", "attend_prefetch"}
+    assert set(tuned) - set(bench) == {"attend_prefetch"}
+    lite = fused_step_launch(preset("deepseek-v2-lite"), 4096)
+    assert (lite["query_split"], lite["query_warps"], lite["output_split"]) == (8, 4, 1)
     v3 = fused_step_launch(preset("deepseek-v3"), 32768)
     assert (v3["gemv_rows"], v3["head_rows"], v3["up_rows"], v3["down_rows"]) == (2, 4, 2, 1)
     assert (v3["attend_heads"], v3["attend_split"], v3["attend_block"], v3["attend_programs"]) == (32, 64, 64, 128)
