@@ -98,12 +98,14 @@ def cuobjdump() -> Path:
 
 
 def resources(compiled, num_warps: int) -> dict:
-    """Registers, spill stack, shared memory, programs an SM and the PTX counts of one kernel."""
+    """Registers, spill stack, shared memory, programs an SM, the PTX counts and the machine
+    instructions (SASS, static: a loop's body counts once) of one kernel."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
         usage = subprocess.run([str(cuobjdump()), "-res-usage", f.name], capture_output=True, text=True,
                                check=True).stdout
+        sass = subprocess.run([str(cuobjdump()), "-sass", f.name], capture_output=True, text=True, check=True).stdout
     regs, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
     shared = compiled.metadata.shared
     warp_regs = -(-regs * 32 // 256) * 256  # allocated per warp in 256-register units
@@ -112,7 +114,8 @@ def resources(compiled, num_warps: int) -> dict:
     ptx = compiled.asm["ptx"]
     return {"registers": regs, "spill_stack_bytes": stack, "shared_bytes": shared, "programs_per_sm": per_sm,
             "occupancy_programs": min(per_sm.values()),
-            "ptx": {name: len(re.findall(pattern, ptx)) for name, pattern in PTX.items()}}
+            "ptx": {name: len(re.findall(pattern, ptx)) for name, pattern in PTX.items()},
+            "sass_instructions": len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+[@A-Z]", sass))}
 
 
 def rows(only: str | None = None) -> list[dict]:
@@ -354,11 +357,11 @@ def main() -> None:
     table += attention_rows() if args.attention or args.attention_only else []
     table += decode_rows() if args.decode or args.decode_only else []
     print(f"{'kernel':46s} {'launch':18s} {'regs':>4s} {'spill':>5s} {'smem KB':>7s} {'per SM':>6s} "
-          f"{'wgmma':>5s} {'mma.sync':>8s} {'cp.async':>8s} {'tma':>4s}")
+          f"{'wgmma':>5s} {'mma.sync':>8s} {'cp.async':>8s} {'tma':>4s} {'SASS':>6s}")
     for r in table:
         print(f"{r['kernel']:46s} {r['config']:18s} {r['registers']:4d} {r['spill_stack_bytes']:5d} "
               f"{r['shared_bytes'] / 1024:7.1f} {r['occupancy_programs']:6d} {r['ptx']['wgmma']:5d} "
-              f"{r['ptx']['mma.sync']:8d} {r['ptx']['cp.async']:8d} {r['ptx']['tma']:4d}")
+              f"{r['ptx']['mma.sync']:8d} {r['ptx']['cp.async']:8d} {r['ptx']['tma']:4d} {r['sass_instructions']:6d}")
     write_json({"benchmark": "kernel_resources", **environment(), "triton": triton.__version__, "target": "sm_90",
                 "rows": table, "command": " ".join(sys.argv)}, "kernel_resources.json")
 

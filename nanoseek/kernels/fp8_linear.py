@@ -74,12 +74,14 @@ GEMV_TILE = 16384    # weight elements it loads at once: 64 a thread at 8 warps,
 
 
 @triton.jit
-def _gemv_tile(w_ptr, s_ptr, w_off, s_off, k, mask, K, SCALE_COLS: tl.constexpr, SCALED: tl.constexpr):
-    """A [BLOCK_N, BLOCK_K] tile of the weight in float32, each column times its block's scale."""
-    w = tl.load(w_ptr + w_off + k[None, :], mask=mask, other=0.0).to(tl.float32)
+def _gemv_dot(w_ptr, s_ptr, w_off, s_off, k, mask, x, K, SCALE_COLS: tl.constexpr, SCALED: tl.constexpr):
+    """Σ_k w[:, k] · scale(k) · x[k] over a [BLOCK_N, BLOCK_K] tile of the weight (its rows inside one
+    row of scale blocks): the scales fold into x, a multiply a column instead of one an element
+    (the GEMV's arithmetic, not its bytes, bounded it: ~8 instructions an FP8 element on sm_90)."""
     if SCALED:
-        w = w * tl.load(s_ptr + s_off + k // SCALE_COLS, mask=k < K, other=0.0)[None, :]
-    return w
+        x = x * tl.load(s_ptr + s_off + k // SCALE_COLS, mask=k < K, other=0.0)
+    w = tl.load(w_ptr + w_off + k[None, :], mask=mask, other=0.0).to(tl.float32)
+    return tl.sum(w * x[None, :], axis=1)
 
 
 @triton.jit
@@ -111,10 +113,9 @@ def fp8_weight_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, scale_cols, x_share
         k = k0 + kk
         mask = (n[:, None] < N) & (k[None, :] < K)
         x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-        acc += tl.sum(_gemv_tile(w_ptr, s_ptr, w_off, s_off, k, mask, K, SCALE_COLS, SCALED) * x[None, :], axis=1)
+        acc += _gemv_dot(w_ptr, s_ptr, w_off, s_off, k, mask, x, K, SCALE_COLS, SCALED)
         if SWIGLU:
-            acc2 += tl.sum(_gemv_tile(w2_ptr, s2_ptr, w_off, s_off, k, mask, K, SCALE_COLS, SCALED) * x[None, :],
-                           axis=1)
+            acc2 += _gemv_dot(w2_ptr, s2_ptr, w_off, s_off, k, mask, x, K, SCALE_COLS, SCALED)
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc2
     if ROUTE:
