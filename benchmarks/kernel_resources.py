@@ -317,6 +317,50 @@ def decode_rows(max_len: int = 4096) -> list[dict]:
     return out
 
 
+def batch_rows(tokens: int = 32, rows: int = 4) -> list[dict]:
+    """The kernels of a decode step past one row at V2-Lite's and V3's widths: the small-batch
+    experts (kernels/moe.py) for `tokens` tokens on BF16 and on FP8 weights, and the FP8
+    tensor-core linear (fp8_weight_linear past one row) at `rows` rows on kv_a_proj and o_proj,
+    as their launchers launch them on meta tensors."""
+    from nanoseek import preset
+    from nanoseek.kernels import fp8_linear, moe
+    out, meta = [], dict(device="meta")
+    f32 = dict(dtype=torch.float32, **meta)
+    for name in ("deepseek-v2-lite", "deepseek-v3"):
+        c = preset(name)
+        E, F, D, K = c.n_routed_experts, c.moe_intermediate_size, c.hidden_size, c.num_experts_per_tok
+        x = torch.empty(tokens, D, dtype=torch.bfloat16, **meta)
+        idx, gate = torch.empty(tokens, K, dtype=torch.int64, **meta), torch.empty(tokens, K, **f32)
+        launch = [moe.SMALL_BATCH_EXPERTS_LAUNCH[part][k] for part, keys in
+                  (("up", ("block_f", "block_d", "warps", "stages")), ("down", ("block_d", "block_f", "warps", "stages")))
+                  for k in keys]
+        for kind, dtype in (("BF16", torch.bfloat16), ("FP8", torch.float8_e4m3fn)):
+            w = [torch.empty(E, F, D, dtype=dtype, **meta), torch.empty(E, F, D, dtype=dtype, **meta),
+                 torch.empty(E, D, F, dtype=dtype, **meta)]
+            s = ([torch.empty(E, -(-F // 128), -(-D // 128), **f32)] * 2 + [torch.empty(E, -(-D // 128), -(-F // 128), **f32)]
+                 if kind == "FP8" else [None] * 3)
+            block = [128, 128] if kind == "FP8" else []
+            run = lambda w=w, s=s, block=block: moe._small_batch_experts._init_fn(  # noqa: E731 — the op's body
+                x, idx, gate, *w, launch, *s, block)
+            for fn, grid, args, kwargs in recorded_launches(moe, ("expert_up_kernel", "expert_down_kernel"), run):
+                r = compile_launch(fn, grid, args, kwargs)
+                r.pop("constexprs"), r.pop("values")
+                out.append({"kernel": f"small-batch experts, {tokens} tokens, {name} {kind}: {fn.__name__}",
+                            "config": f"w{r.pop('warps')}, {r.pop('programs')} programs", **r})
+        H = c.num_attention_heads
+        for proj, (N, K_) in (("kv_a_proj", (c.kv_lora_rank + c.qk_rope_head_dim, D)), ("o_proj", (D, H * c.v_head_dim))):
+            w = torch.empty(N, K_, dtype=torch.float8_e4m3fn, **meta)
+            sc = torch.empty(-(-N // 128), -(-K_ // 128), **f32)
+            xr = torch.empty(rows, K_, dtype=torch.bfloat16, **meta)
+            run = lambda w=w, sc=sc, xr=xr: fp8_linear.fp8_weight_linear._init_fn(xr, w, sc, [128, 128])  # noqa: E731
+            for fn, grid, args, kwargs in recorded_launches(fp8_linear, ("fp8_weight_linear_kernel",), run):
+                r = compile_launch(fn, grid, args, kwargs)
+                r.pop("constexprs"), r.pop("values")
+                out.append({"kernel": f"FP8 linear, {rows} rows, {name} {proj} {N}x{K_}",
+                            "config": f"w{r.pop('warps')}, {r.pop('programs')} programs", **r})
+    return out
+
+
 def candidate_rows() -> list[dict]:
     """The TMA-loading candidates that benchmarks/fp8_kernel_probe.py times against the kernel."""
     from fp8_kernel_probe import grouped_mm_tma_kernel
@@ -349,13 +393,16 @@ def main() -> None:
     ap.add_argument("--decode", action="store_true",
                     help="also the fused step's query kernel and the FP8 GEMV at real widths")
     ap.add_argument("--decode-only", action="store_true", help="those alone")
+    ap.add_argument("--batch-only", action="store_true",
+                    help="the small-batch experts and the FP8 tensor-core linear past one row, alone")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's kernels are Python, not compiled
         raise SystemExit("kernel_resources: unset TRITON_INTERPRET (the kernels must compile, not interpret)")
-    alone = args.attention_only or args.decode_only
+    alone = args.attention_only or args.decode_only or args.batch_only
     table = [] if alone else rows(args.only) + (candidate_rows() if args.candidates else [])
     table += attention_rows() if args.attention or args.attention_only else []
     table += decode_rows() if args.decode or args.decode_only else []
+    table += batch_rows() if args.decode or args.batch_only else []
     print(f"{'kernel':46s} {'launch':18s} {'regs':>4s} {'spill':>5s} {'smem KB':>7s} {'per SM':>6s} "
           f"{'wgmma':>5s} {'mma.sync':>8s} {'cp.async':>8s} {'tma':>4s} {'SASS':>6s}")
     for r in table:

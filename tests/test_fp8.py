@@ -274,6 +274,19 @@ def test_mla_decode_attention_compiles_with_pipelined_cache_loads(tmp_path):
     assert all(r["ptx"]["wgmma"] > 0 and r["ptx"]["mma.sync"] == 0 and r["occupancy_programs"] >= 1 for r in wide), wide
 
 
+def test_decode_kernels_past_one_row_compile_for_hopper(tmp_path):
+    """The small-batch experts on BF16 and FP8 weights and the FP8 tensor-core linear past one
+    row, at V2-Lite's and V3's widths as their launchers launch them, compile for sm_90 (the FP8
+    experts once did not: a return inside a constexpr `if` left the unscaled FP8 dot for the
+    compiler, which Triton's interpreter never builds) onto tensor cores, their tiles' loads
+    pipelined, nothing spilled."""
+    table = compiled_for_hopper(tmp_path, "--batch-only")
+    assert len(table) == 12, table
+    assert sum("FP8: expert_" in r["kernel"] for r in table) == 4, table
+    assert all(r["ptx"]["mma.sync"] > 0 and r["ptx"]["cp.async"] > 0 and r["spill_stack_bytes"] == 0
+               for r in table), table
+
+
 def test_kernel_probes_tma_candidate_computes_the_kernels_product():
     """benchmarks/fp8_kernel_probe.py times a candidate of the grouped kernel that loads its tiles
     through TMA descriptors, whose tiles run past a group's rows and an expert's columns: on a CPU
