@@ -60,8 +60,10 @@ def _row_scales(s_ptr, s_row, n, BLOCKS: tl.constexpr, SCALED: tl.constexpr):
     would wait a memory round trip every block."""
     if SCALED:
         sb = tl.arange(0, BLOCKS)
-        return tl.load(s_ptr + s_row + sb, mask=sb < n, other=0.0)
-    return tl.zeros([BLOCKS], dtype=tl.float32)
+        scales = tl.load(s_ptr + s_row + sb, mask=sb < n, other=0.0)
+    else:
+        scales = tl.zeros([BLOCKS], dtype=tl.float32)
+    return scales
 
 
 @triton.jit
