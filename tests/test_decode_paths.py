@@ -65,16 +65,18 @@ def test_launch_shapes_follow_the_model_widths():
     the knob since removed); for V3's widths the rows per program shrink so a program holds
     the same number of weight elements, attention takes 32 of its 128 heads per program in
     splits of at least 64 positions, aiming for 128 programs. Without a query LoRA (V2-Lite's
-    16 heads) the query's latent columns are shared among 8 programs a head."""
+    16 heads) the query's latent columns are shared among 8 programs a head. The MoE down
+    kernel runs about 512 programs (4 rows at V2-Lite's and V3's hidden sizes) and the merge
+    4 blocks of V outputs a head at V2-Lite's and V3's widths: V2-Lite's tuned shapes."""
     from nanoseek.infer.fused import MAX_WARPS, fused_step_launch
     tuned = json.loads(open("benchmarks/results/fused_tuning.json").read())
     bench = fused_step_launch(preset("bench-1b"), 640)
     assert {k: bench[k] for k in tuned if k in bench} == {k: v for k, v in tuned.items() if k in bench}
     assert set(tuned) - set(bench) == {"attend_prefetch"}
     lite = fused_step_launch(preset("deepseek-v2-lite"), 4096)
-    assert (lite["query_split"], lite["query_warps"], lite["output_split"]) == (8, 4, 1)
+    assert (lite["query_split"], lite["query_warps"], lite["output_split"], lite["down_rows"]) == (8, 4, 4, 4)
     v3 = fused_step_launch(preset("deepseek-v3"), 32768)
-    assert (v3["gemv_rows"], v3["head_rows"], v3["up_rows"], v3["down_rows"]) == (2, 4, 2, 1)
+    assert (v3["gemv_rows"], v3["head_rows"], v3["up_rows"], v3["down_rows"]) == (2, 4, 2, 4)
     assert (v3["attend_heads"], v3["attend_split"], v3["attend_block"], v3["attend_programs"]) == (32, 64, 64, 128)
     assert all(v3[k] <= MAX_WARPS for k in v3 if k.endswith("_warps"))
     assert fused_step_launch(preset("bench-1b"), 640, {"gemv_rows": 16})["gemv_warps"] == 8  # the warps follow

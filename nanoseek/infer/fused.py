@@ -41,10 +41,10 @@ MAX_EXPERTS = 256   # one program holds a token's E scores for the routing
 # PROGRAM_ELEMENTS of a weight, WARP_ELEMENTS of them per warp (at most MAX_WARPS warps). At
 # bench-1b's widths the rule gives back the fastest shapes benchmarks/fused_decode.py --tune
 # found there (benchmarks/results/fused_tuning.json); wider models get fewer rows per program
-# instead of more registers per thread.
+# instead of more registers per thread, except the MoE down kernel's (DOWN_PROGRAMS below).
 WARP_ELEMENTS = 2048
 MAX_WARPS = 8
-PROGRAM_ELEMENTS = dict(gemv=4096, head=8192, up=4096, down=8192)
+PROGRAM_ELEMENTS = dict(gemv=4096, head=8192, up=4096)
 MAX_BLOCK = 2048     # widest row a program loads at once (wider ones are read in chunks)
 ATTEND_BLOCK = 64    # cache positions an attention program scores at once (a split is one or more)
 SHORT_CACHE = 4096   # caches up to this long score 32 positions at once (bench-1b's tuned shape)
@@ -59,6 +59,14 @@ QUERY_CHUNK = 128    # columns of q_b and W_UK the query kernel reads at once: [
 # columns are shared among programs until about this many run (16 heads ran 17 programs, each
 # reading 128 KB of W_UK). With a LoRA each share would read q_b again, so there it stays 1.
 QUERY_PROGRAMS = 128
+# The MoE down kernel's rows per program: about DOWN_PROGRAMS programs over the hidden size,
+# each loading at most DOWN_ELEMENTS weights at once; the merge's blocks of V outputs: at most
+# OUTPUT_ELEMENTS of W_UV a program. Both reproduce the tuned shapes at bench-1b's widths (2
+# rows, 1 block) and at V2-Lite's (4 rows, 4 blocks: 1.20x and 1.04x faster steps than 1 row
+# and 1 block on an H100, benchmarks/results/h100_decode_shapes/v2lite_tuned)
+DOWN_PROGRAMS = 512
+DOWN_ELEMENTS = 65536
+OUTPUT_ELEMENTS = 16384
 # rows of a weight per program (_rows), warps per program (_warps), the least cache positions
 # of an attention split, heads per attention program, attention programs aimed for, the
 # attention loop's software-pipeline stages, and the block sizes above
@@ -97,13 +105,15 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
     # the running sum over the latent, heads x C float32 values, stays within 8 warps' registers
     # (64 a thread): 32 of V3's heads a program ran 1.2-1.4x faster than 16 from 32K on, 64 do not fit
     heads = given.get("attend_heads", min(pow2(H, 16), max(16, 8 * WARP_ELEMENTS // pow2(C))))
-    # the query's column shares (see QUERY_PROGRAMS); the merge's blocks of V outputs a head
-    # (output_split) stay 1, as tuned at bench-1b's widths, unless given
+    # the query's column shares (see QUERY_PROGRAMS); the merge's blocks of V outputs and the
+    # down kernel's rows (OUTPUT_ELEMENTS, DOWN_PROGRAMS)
     query_split = 1 if c.q_lora_rank else min(pow2(C) // 16, pow2(triton.cdiv(QUERY_PROGRAMS, H)))
+    output_split = max(1, min(pow2(c.v_head_dim) // 16, pow2(c.v_head_dim) * pow2(C) // OUTPUT_ELEMENTS))
+    down_rows = max(1, min(pow2(c.hidden_size // DOWN_PROGRAMS + 1) // 2, DOWN_ELEMENTS // (slots * F)))
     out = dict(gemv_rows=rows("gemv", D), head_rows=rows("head", D), up_rows=rows("up", D),
-               down_rows=rows("down", slots * F), attend_split=split, attend_heads=heads, attend_block=block_s,
+               down_rows=down_rows, attend_split=split, attend_heads=heads, attend_block=block_s,
                attend_programs=ATTEND_PROGRAMS, attend_stages=3, merge_splits=MERGE_SPLITS, max_block=max_block,
-               pdl=True, attend_transposed=0, query_split=query_split, output_split=1)
+               pdl=True, attend_transposed=0, query_split=query_split, output_split=output_split)
     out.update({k: v for k, v in given.items() if k in out})  # the warps follow the rows given
     out.update(gemv_warps=warps(out["gemv_rows"] * D), head_warps=warps(out["head_rows"] * D),
                up_warps=warps(2 * out["up_rows"] * D), down_warps=warps(out["down_rows"] * slots * F),
