@@ -215,9 +215,9 @@ def recorded_launches(module, names, run) -> list[tuple]:
     return launches
 
 
-def fused_step_launches(cfg, rows: int, max_len: int) -> list[tuple]:
+def fused_step_launches(cfg, rows: int, max_len: int, launch: dict | None = None) -> list[tuple]:
     """Every kernel launch of one fused decode step (fused.FusedDecoder.forward) of a BF16 model
-    of cfg's shape built on the meta device."""
+    of cfg's shape built on the meta device; launch: over the rule's shapes."""
     from nanoseek.infer.fused import FusedDecoder
     from nanoseek.kernels import decode
     from nanoseek.model import StaticCache, Transformer
@@ -226,7 +226,8 @@ def fused_step_launches(cfg, rows: int, max_len: int) -> list[tuple]:
         model = Transformer(cfg).to(torch.bfloat16).eval()
     cache = StaticCache(cfg, rows, max_len, dtype=torch.bfloat16, device=meta)
     ids = torch.zeros(rows, 1, dtype=torch.long, device=meta)
-    return recorded_launches(decode, FUSED_KERNELS, lambda: FusedDecoder(model, cache, rows).forward(ids, ids.clone()))
+    return recorded_launches(decode, FUSED_KERNELS,
+                             lambda: FusedDecoder(model, cache, rows, launch).forward(ids, ids.clone()))
 
 
 def compile_launch(fn, grid, args, kwargs) -> dict:
