@@ -322,7 +322,8 @@ def batch_rows(tokens: int = 32, rows: int = 4) -> list[dict]:
     """The kernels of a decode step past one row at V2-Lite's and V3's widths: the small-batch
     experts (kernels/moe.py) for `tokens` tokens on BF16 and on FP8 weights, and the FP8
     tensor-core linear (fp8_weight_linear past one row) at `rows` rows on kv_a_proj and o_proj,
-    as their launchers launch them on meta tensors."""
+    and the one-pass dequantization of a prefill's FP8 linear, as their launchers launch them on
+    meta tensors."""
     from nanoseek import preset
     from nanoseek.kernels import fp8_linear, moe
     out, meta = [], dict(device="meta")
@@ -359,6 +360,15 @@ def batch_rows(tokens: int = 32, rows: int = 4) -> list[dict]:
                 r.pop("constexprs"), r.pop("values")
                 out.append({"kernel": f"FP8 linear, {rows} rows, {name} {proj} {N}x{K_}",
                             "config": f"w{r.pop('warps')}, {r.pop('programs')} programs", **r})
+    # a prefill's FP8 linear past the kernels' rows: its weight dequantized in one pass (V3's o_proj)
+    w = torch.empty(7168, 16384, dtype=torch.float8_e4m3fn, **meta)
+    sc = torch.empty(56, 128, **f32)
+    run = lambda: fp8_linear.fp8_dequantize._init_fn(w, sc, [128, 128], torch.bfloat16)  # noqa: E731
+    for fn, grid, args, kwargs in recorded_launches(fp8_linear, ("fp8_dequantize_kernel",), run):
+        r = compile_launch(fn, grid, args, kwargs)
+        r.pop("constexprs"), r.pop("values")
+        out.append({"kernel": "FP8 dequantize, deepseek-v3 o_proj 7168x16384",
+                    "config": f"w{r.pop('warps')}, {r.pop('programs')} programs", **r})
     return out
 
 

@@ -276,15 +276,18 @@ def test_mla_decode_attention_compiles_with_pipelined_cache_loads(tmp_path):
 
 def test_decode_kernels_past_one_row_compile_for_hopper(tmp_path):
     """The small-batch experts on BF16 and FP8 weights and the FP8 tensor-core linear past one
-    row, at V2-Lite's and V3's widths as their launchers launch them, compile for sm_90 (the FP8
+    row, at V2-Lite's and V3's widths as their launchers launch them, and the one-pass FP8
+    dequantization of a prefill, compile for sm_90 (the FP8
     experts once did not: a return inside a constexpr `if` left the unscaled FP8 dot for the
     compiler, which Triton's interpreter never builds) onto tensor cores, their tiles' loads
     pipelined, nothing spilled."""
     table = compiled_for_hopper(tmp_path, "--batch-only")
-    assert len(table) == 12, table
+    assert len(table) == 13, table
     assert sum("FP8: expert_" in r["kernel"] for r in table) == 4, table
+    products, (dequantize,) = table[:-1], table[-1:]
     assert all(r["ptx"]["mma.sync"] > 0 and r["ptx"]["cp.async"] > 0 and r["spill_stack_bytes"] == 0
-               for r in table), table
+               for r in products), table
+    assert "dequantize" in dequantize["kernel"] and dequantize["spill_stack_bytes"] == 0, dequantize
 
 
 def test_kernel_probes_tma_candidate_computes_the_kernels_product():

@@ -168,6 +168,66 @@ def test_serve_keeps_an_fp8_checkpoint_fp8_unless_told(fp8_dir, tmp_path):
     assert not has_fp8_weights(served(model=tmp_path / "bf16"))
 
 
+def dequantize_cases():
+    """FP8 weights with their 128x128 block scales: ragged edges, one matrix and a stack of
+    three, columns spanning five decades (so that the blocks' scales differ)."""
+    torch.manual_seed(0)
+    out = []
+    for shape in [(300, 200), (3, 130, 260), (128, 128)]:
+        x = torch.randn(*shape) * torch.logspace(-3, 2, shape[-1])
+        pairs = [quantize_fp8_blockwise(m) for m in x.reshape(-1, *shape[-2:])]
+        out.append((torch.stack([w for w, _ in pairs]).view(shape), torch.stack([s for _, s in pairs]).squeeze(0)))
+    return out
+
+
+def test_fp8_dequantize_kernel_is_the_twin():
+    """kernels/fp8_linear.fp8_dequantize against the twin (fp8/quant.dequantize in float32, then
+    a cast): bit for bit into float32 and float16. Into BF16 within one unit of BF16's last
+    place: Triton's interpreter casts float32 to BF16 by truncation whatever the rounding asked
+    (the GPU rounds to nearest even: the GPU test below asks bit equality)."""
+    pytest.importorskip("triton")
+    from nanoseek.hf import dequantize_fp8_blockwise
+    from nanoseek.kernels.fp8_linear import fp8_dequantize
+    for w, scale in dequantize_cases():
+        twin = dequantize_fp8_blockwise(w, scale)
+        for dtype in (torch.float32, torch.float16):
+            assert torch.equal(fp8_dequantize(w, scale, [128, 128], dtype), twin.to(dtype)), (w.shape, dtype)
+        got = fp8_dequantize(w, scale, [128, 128], torch.bfloat16).float()
+        assert bool(((got - twin).abs() <= 2 ** -7 * twin.abs()).all()), w.shape
+
+
+def test_fp8_linear_prefill_dequantizes_by_the_kernel_where_kernels_run(monkeypatch):
+    """Past the kernels' 64 rows an FP8Linear dequantizes its weight and calls cuBLAS: through
+    fp8_dequantize where its kernel choice runs kernels (the twin's values), through torch for
+    the twin."""
+    pytest.importorskip("triton")
+    from nanoseek.infer.fp8_weights import FP8Linear
+    from nanoseek.kernels import fp8_linear
+    calls = []
+    real = fp8_linear.fp8_dequantize
+    monkeypatch.setattr(fp8_linear, "fp8_dequantize", lambda *a: calls.append(a[0].shape) or real(*a))
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 192, bias=False)
+    fast, twin = FP8Linear(linear, (128, 128), "triton"), FP8Linear(linear, (128, 128), "twin")
+    x = torch.randn(70, 256)
+    with torch.no_grad():
+        got, want = fast(x), twin(x)
+    assert calls == [torch.Size([192, 256])]
+    assert torch.equal(got, want)  # float32: the same weight, the same matmul
+
+
+@pytest.mark.gpu
+def test_fp8_dequantize_kernel_on_gpu_is_the_twin_bit_for_bit():
+    """On a GPU the kernel rounds its float32 products to nearest even, as the twin's cast does:
+    equal in BF16 too."""
+    from nanoseek.hf import dequantize_fp8_blockwise
+    from nanoseek.kernels.fp8_linear import fp8_dequantize
+    for w, scale in dequantize_cases():
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            got = fp8_dequantize(w.cuda(), scale.cuda(), [128, 128], dtype).cpu()
+            assert torch.equal(got, dequantize_fp8_blockwise(w, scale).to(dtype)), (w.shape, dtype)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, 3, 8])
 def test_bf16_fp8_kernel_on_gpu_is_as_close_as_bf16_rounding(M):

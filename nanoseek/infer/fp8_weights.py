@@ -12,7 +12,8 @@ values and their scales in as stored:
   scale_inv, in float32) into the model's weight dtype and runs `F.linear`: exactly what the
   model dequantised at load computes. On a GPU, decode-sized inputs (up to 64 rows) go
   through kernels/fp8_linear.py instead, which reads the FP8 weight in place (weight-only
-  FP8: the products in BF16, float32 sums, the block scales applied to them). kernel="w8a8"
+  FP8: the products in BF16, float32 sums, the block scales applied to them); larger inputs
+  (a prefill) dequantise the weight as the twin does, by one Triton pass. kernel="w8a8"
   quantises the activations too, per token per 128 channels as FP8 training does, and runs
   the FP8 x FP8 GEMM of training (fp8/gemm.py: cuBLAS's blockwise `_scaled_mm` on Hopper, the
   float32 twin elsewhere), for every row count: prefill and decode.
@@ -99,7 +100,12 @@ class FP8Linear(nn.Module):
         _fp8_buffers(self, "weight", linear.weight, block)
         self.bias = linear.bias
 
-    def dequantized_weight(self) -> torch.Tensor:
+    def dequantized_weight(self, kernel: bool = False) -> torch.Tensor:
+        """The weight in self.dtype; kernel: by kernels/fp8_linear.fp8_dequantize in one pass (the
+        same values) instead of torch's float32 temporaries."""
+        if kernel:
+            from ..kernels.fp8_linear import fp8_dequantize
+            return fp8_dequantize(self.weight, self.weight_scale_inv, list(self.block), self.dtype)
         return _dequantize(self.weight, self.weight_scale_inv, self.block, self.dtype)
 
     def takes_kernel(self, x_MK: torch.Tensor) -> bool:
@@ -128,7 +134,8 @@ class FP8Linear(nn.Module):
             y = fp8_weight_linear(x_MK.to(compute_dtype(x)), self.weight, self.weight_scale_inv, list(self.block))
             y = y.view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
-        return F.linear(x, self.dequantized_weight(), self.bias)
+        # past the kernels' rows (a prefill): dequantized, then cuBLAS
+        return F.linear(x, self.dequantized_weight(_kernels_run(self.kernel, x_MK)), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 blocks {self.block}"
