@@ -67,7 +67,8 @@ def test_launch_shapes_follow_the_model_widths():
     splits of at least 64 positions, aiming for 128 programs. Without a query LoRA (V2-Lite's
     16 heads) the query's latent columns are shared among 8 programs a head. The MoE down
     kernel runs about 512 programs (4 rows at V2-Lite's and V3's hidden sizes) and the merge
-    4 blocks of V outputs a head at V2-Lite's and V3's widths: V2-Lite's tuned shapes."""
+    4 blocks of V outputs a head at V2-Lite's and V3's widths up to a 4,096-position cache (one
+    past it, where each block would re-read many units' partial sums): V2-Lite's tuned shapes."""
     from nanoseek.infer.fused import MAX_WARPS, fused_step_launch
     tuned = json.loads(open("benchmarks/results/fused_tuning.json").read())
     bench = fused_step_launch(preset("bench-1b"), 640)
@@ -75,6 +76,7 @@ def test_launch_shapes_follow_the_model_widths():
     assert set(tuned) - set(bench) == {"attend_prefetch"}
     lite = fused_step_launch(preset("deepseek-v2-lite"), 4096)
     assert (lite["query_split"], lite["query_warps"], lite["output_split"], lite["down_rows"]) == (8, 4, 4, 4)
+    assert fused_step_launch(preset("deepseek-v2-lite"), 32768)["output_split"] == 1  # the units' sums re-read
     v3 = fused_step_launch(preset("deepseek-v3"), 32768)
     assert (v3["gemv_rows"], v3["head_rows"], v3["up_rows"], v3["down_rows"]) == (2, 4, 2, 4)
     assert (v3["attend_heads"], v3["attend_split"], v3["attend_block"], v3["attend_programs"]) == (32, 64, 64, 128)

@@ -61,9 +61,9 @@ QUERY_CHUNK = 128    # columns of q_b and W_UK the query kernel reads at once: [
 QUERY_PROGRAMS = 128
 # The MoE down kernel's rows per program: about DOWN_PROGRAMS programs over the hidden size,
 # each loading at most DOWN_ELEMENTS weights at once; the merge's blocks of V outputs: at most
-# OUTPUT_ELEMENTS of W_UV a program. Both reproduce the tuned shapes at bench-1b's widths (2
-# rows, 1 block) and at V2-Lite's (4 rows, 4 blocks: 1.20x and 1.04x faster steps than 1 row
-# and 1 block on an H100, benchmarks/results/h100_decode_shapes/v2lite_tuned)
+# OUTPUT_ELEMENTS of W_UV a program (caches up to SHORT_CACHE). Both reproduce the tuned shapes
+# at bench-1b's widths (2 rows, 1 block) and at V2-Lite's (4 rows, 4 blocks: 1.20x and 1.04x
+# faster steps than 1 row and 1 block on an H100, benchmarks/results/h100_decode_shapes/v2lite_tuned)
 DOWN_PROGRAMS = 512
 DOWN_ELEMENTS = 65536
 OUTPUT_ELEMENTS = 16384
@@ -108,7 +108,10 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
     # the query's column shares (see QUERY_PROGRAMS); the merge's blocks of V outputs and the
     # down kernel's rows (OUTPUT_ELEMENTS, DOWN_PROGRAMS)
     query_split = 1 if c.q_lora_rank else min(pow2(C) // 16, pow2(triton.cdiv(QUERY_PROGRAMS, H)))
-    output_split = max(1, min(pow2(c.v_head_dim) // 16, pow2(c.v_head_dim) * pow2(C) // OUTPUT_ELEMENTS))
+    # each block merges the units' partial sums again: few at a short cache (as measured), but
+    # at a long one (the engine's attention op past 4,096 positions) as many bytes as W_UV's
+    output_split = (max(1, min(pow2(c.v_head_dim) // 16, pow2(c.v_head_dim) * pow2(C) // OUTPUT_ELEMENTS))
+                    if max_len <= SHORT_CACHE else 1)
     down_rows = max(1, min(pow2(c.hidden_size // DOWN_PROGRAMS + 1) // 2, DOWN_ELEMENTS // (slots * F)))
     out = dict(gemv_rows=rows("gemv", D), head_rows=rows("head", D), up_rows=rows("up", D),
                down_rows=down_rows, attend_split=split, attend_heads=heads, attend_block=block_s,
