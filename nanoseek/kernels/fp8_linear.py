@@ -45,7 +45,7 @@ BLOCK_N = 64       # output rows per program (fewer when a scale block has fewer
 def fp8_weight_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_x, stride_y, scale_cols,
                              split_blocks, stride_split,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             SCALE_ROWS: tl.constexpr, PRECISION: tl.constexpr, SHARE_BLOCKS: tl.constexpr = 0):
+                             SCALE_ROWS: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)  # this program's share of K: split_blocks blocks of BLOCK_K from split's
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -53,22 +53,15 @@ def fp8_weight_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_x, stri
     kk = tl.arange(0, BLOCK_K)
     scale_row = (pid * BLOCK_N) // SCALE_ROWS
     y_ptr += split * stride_split
-    first = split * split_blocks
-    if SHARE_BLOCKS > 0:
-        # the share's scales loaded once: a scalar load in the loop is not pipelined as the tiles
-        # are, and waited a memory round trip every block (0.6-0.8 µs a block on an H100)
-        kb = tl.arange(0, SHARE_BLOCKS)
-        scales = tl.load(s_ptr + scale_row * scale_cols + first + kb, mask=first + kb < scale_cols, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(first * BLOCK_K, tl.minimum(K, (first + split_blocks) * BLOCK_K), BLOCK_K):
+    for k0 in range(split * split_blocks * BLOCK_K, tl.minimum(K, (split + 1) * split_blocks * BLOCK_K), BLOCK_K):
         k = k0 + kk
         x = tl.load(x_ptr + m[:, None] * stride_x + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
         w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K),
                     other=0.0)
-        if SHARE_BLOCKS > 0:
-            scale = tl.sum(tl.where(kb == k0 // BLOCK_K - first, scales, 0.0), axis=0)
-        else:
-            scale = tl.load(s_ptr + scale_row * scale_cols + k0 // BLOCK_K)
+        # (a scalar load in the loop, unpipelined; loading a share's scales before it did not
+        # change the kernel's time on an H100: benchmarks/results/h100_decode_shapes/gemv_fold)
+        scale = tl.load(s_ptr + scale_row * scale_cols + k0 // BLOCK_K)
         acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION) * scale
     tl.store(y_ptr + m[:, None] * stride_y + n[None, :], acc, mask=(m[:, None] < M) & (n[None, :] < N))
 
@@ -86,7 +79,7 @@ GEMV_TILE = 16384    # weight elements it loads at once: 64 a thread at 8 warps,
 def _gemv_dot(w_ptr, s_ptr, w_off, s_off, k, mask, x, K, SCALE_COLS: tl.constexpr, SCALED: tl.constexpr):
     """Σ_k w[:, k] · scale(k) · x[k] over a [BLOCK_N, BLOCK_K] tile of the weight (its rows inside one
     row of scale blocks): the scales fold into x, a multiply a column instead of one an element
-    (the GEMV's arithmetic, not its bytes, bounded it: ~8 instructions an FP8 element on sm_90)."""
+    (8 -> 7 machine instructions an FP8 element on sm_90; 2-4% faster on an H100)."""
     if SCALED:
         x = x * tl.load(s_ptr + s_off + k // SCALE_COLS, mask=k < K, other=0.0)
     w = tl.load(w_ptr + w_off + k[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -217,7 +210,7 @@ def fp8_weight_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, scale_inv: torch.T
     fp8_weight_linear_kernel[(triton.cdiv(N, block_n), shares)](
         x_MK, w_NK, scale_inv, out, M, N, K, x_MK.stride(0), N, scale_inv.shape[1], per_share, M * N,
         BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=block[1], SCALE_ROWS=block[0],
-        PRECISION=precision, SHARE_BLOCKS=triton.next_power_of_2(per_share), num_warps=4)
+        PRECISION=precision, num_warps=4)
     return out[0] if shares == 1 else out.sum(0).to(x_MK.dtype)
 
 
@@ -253,7 +246,8 @@ def fp8_dequantize(w: torch.Tensor, scale_inv: torch.Tensor, block: list[int], d
     in one pass: one byte read and two written an element. The torch twin (fp8/quant.dequantize,
     then a cast) writes float32 temporaries and repeats every scale over its block: at V3's
     o_proj it took 1.5 ms an FP8 linear at prefill rows, where BF16's whole product took 0.16
-    (benchmarks/results/h100_decode_shapes/gemv_fold). Bit for bit the twin's result."""
+    (benchmarks/results/h100_decode_shapes/gemv_fold). The product is float32 rounded once to
+    nearest even, as the twin's cast rounds (Triton's interpreter truncates to BF16 instead)."""
     R, C = w.shape[-2:]
     E = w.numel() // max(1, R * C)
     out = torch.empty(w.shape, dtype=dtype, device=w.device)

@@ -54,27 +54,13 @@ def _chosen(idx_ptr, e, N, K: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.conste
 
 
 @triton.jit
-def _row_scales(s_ptr, s_row, n, BLOCKS: tl.constexpr, SCALED: tl.constexpr):
-    """The n scales of a row of scale blocks from s_ptr + s_row, loaded before the loop that
-    uses them one at a time: a scalar load in the loop is not pipelined as the tiles are, and
-    would wait a memory round trip every block."""
-    if SCALED:
-        sb = tl.arange(0, BLOCKS)
-        scales = tl.load(s_ptr + s_row + sb, mask=sb < n, other=0.0)
-    else:
-        scales = tl.zeros([BLOCKS], dtype=tl.float32)
-    return scales
-
-
-@triton.jit
-def _scaled_dot(x, w, acc, scales, block, SCALED: tl.constexpr, PRECISION: tl.constexpr):
+def _scaled_dot(x, w, acc, s_ptr, s_off, SCALED: tl.constexpr, PRECISION: tl.constexpr):
     """acc + x · w^T; with SCALED, w (FP8) widened to x's dtype and the product times the
-    block's scale, scales[block] (the tile lies in one scale block)."""
+    block's scale at s_ptr + s_off (the tile lies in one scale block)."""
     # (an else, not a return inside the if: the compiler still built the FP8 dot after it, which
     # Triton refuses, so FP8 weights did not compile for a GPU)
     if SCALED:
-        scale = tl.sum(tl.where(tl.arange(0, scales.shape[0]) == block, scales, 0.0), axis=0)
-        out = acc + scale * tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
+        out = acc + tl.load(s_ptr + s_off) * tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
     else:
         out = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     return out
@@ -85,7 +71,7 @@ def expert_up_kernel(x_ptr, idx_ptr, w_gate_ptr, w_up_ptr, h_ptr, N,
                      D: tl.constexpr, F: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
                      PRECISION: tl.constexpr, s_gate_ptr=None, s_up_ptr=None, SCALED: tl.constexpr = False,
-                     QF: tl.constexpr = 128, QD: tl.constexpr = 128, SCALE_BLOCKS: tl.constexpr = 1):
+                     QF: tl.constexpr = 128, QD: tl.constexpr = 128):
     """Program (expert, block of F); SCALED: FP8 weights, scales [E, ⌈F/QF⌉, ⌈D/QD⌉]."""
     e = tl.program_id(0)
     f0 = tl.program_id(1) * BLOCK_F
@@ -96,16 +82,14 @@ def expert_up_kernel(x_ptr, idx_ptr, w_gate_ptr, w_up_ptr, h_ptr, N,
         ds = tl.arange(0, BLOCK_D)
         w_off = e.to(tl.int64) * F * D + fs[:, None] * D + ds[None, :]
         s_row = (e * tl.cdiv(F, QF) + f0 // QF) * tl.cdiv(D, QD)
-        s_g = _row_scales(s_gate_ptr, s_row, tl.cdiv(D, QD), SCALE_BLOCKS, SCALED)
-        s_u = _row_scales(s_up_ptr, s_row, tl.cdiv(D, QD), SCALE_BLOCKS, SCALED)
         acc_g = tl.zeros((BLOCK_N, BLOCK_F), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_F), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             x = tl.load(x_ptr + rows[:, None] * D + d0 + ds[None, :], mask=sel[:, None], other=0.0)
             w_g = tl.load(w_gate_ptr + w_off + d0)
             w_u = tl.load(w_up_ptr + w_off + d0)
-            acc_g = _scaled_dot(x, w_g, acc_g, s_g, d0 // QD, SCALED, PRECISION)
-            acc_u = _scaled_dot(x, w_u, acc_u, s_u, d0 // QD, SCALED, PRECISION)
+            acc_g = _scaled_dot(x, w_g, acc_g, s_gate_ptr, s_row + d0 // QD, SCALED, PRECISION)
+            acc_u = _scaled_dot(x, w_u, acc_u, s_up_ptr, s_row + d0 // QD, SCALED, PRECISION)
         h = acc_g * tl.sigmoid(acc_g) * acc_u
         tl.store(h_ptr + (e.to(tl.int64) * N + rows[:, None]) * F + fs[None, :],
                  h.to(h_ptr.dtype.element_ty), mask=sel[:, None])
@@ -116,7 +100,7 @@ def expert_down_kernel(h_ptr, idx_ptr, route_gate_ptr, w_down_ptr, y_ptr, N,
                        D: tl.constexpr, F: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
                        PRECISION: tl.constexpr, s_down_ptr=None, SCALED: tl.constexpr = False,
-                       QD: tl.constexpr = 128, QF: tl.constexpr = 128, SCALE_BLOCKS: tl.constexpr = 1):
+                       QD: tl.constexpr = 128, QF: tl.constexpr = 128):
     """Program (expert, block of D); SCALED: FP8 weights, scales [E, ⌈D/QD⌉, ⌈F/QF⌉]."""
     e = tl.program_id(0)
     d0 = tl.program_id(1) * BLOCK_D
@@ -128,12 +112,11 @@ def expert_down_kernel(h_ptr, idx_ptr, route_gate_ptr, w_down_ptr, y_ptr, N,
         w_off = e.to(tl.int64) * D * F + ds[:, None] * F + fs[None, :]
         h_off = (e.to(tl.int64) * N + rows[:, None]) * F + fs[None, :]
         s_row = (e * tl.cdiv(D, QD) + d0 // QD) * tl.cdiv(F, QF)
-        s_d = _row_scales(s_down_ptr, s_row, tl.cdiv(F, QF), SCALE_BLOCKS, SCALED)
         acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         for f0 in range(0, F, BLOCK_F):
             h = tl.load(h_ptr + h_off + f0, mask=sel[:, None], other=0.0)
             w_d = tl.load(w_down_ptr + w_off + f0)
-            acc = _scaled_dot(h, w_d, acc, s_d, f0 // QF, SCALED, PRECISION)
+            acc = _scaled_dot(h, w_d, acc, s_down_ptr, s_row + f0 // QF, SCALED, PRECISION)
         for k in tl.static_range(K):
             hit = tl.load(idx_ptr + rows * K + k, mask=rows < N, other=-1) == e
             gate = tl.load(route_gate_ptr + rows * K + k, mask=hit, other=0.0)
@@ -218,8 +201,7 @@ def _small_batch_experts(x_ND: torch.Tensor, idx_NK: torch.Tensor, gate_NK: torc
     reason = unsupported(N, w_gate_EFD, w_up_EFD, w_down_EDF, shapes, scales, tuple(block) if scaled else None)
     if reason is not None:
         raise ValueError(f"small_batch_experts cannot take {reason}")
-    fp8 = dict(SCALED=True, QF=block[0], QD=block[1],
-               SCALE_BLOCKS=triton.next_power_of_2(-(-D // block[1]))) if scaled else {}
+    fp8 = dict(SCALED=True, QF=block[0], QD=block[1]) if scaled else {}
     x_ND, idx_NK = x_ND.contiguous(), idx_NK.contiguous()
     gate_NK = gate_NK.float().contiguous()
     block_n = max(16, triton.next_power_of_2(N))  # tl.dot takes M >= 16
@@ -234,8 +216,7 @@ def _small_batch_experts(x_ND: torch.Tensor, idx_NK: torch.Tensor, gate_NK: torc
         x_ND, idx_NK, w_gate_EFD, w_up_EFD, h_ENF, N, D, F, K, kp, block_n, up_f, up_d,
         precision, s_gate, s_up, **fp8, num_warps=up_warps, num_stages=up_stages)
     # the down projection's matrices are [D, F]: its scale block's rows run along D
-    fp8_down = dict(SCALED=True, QD=block[0], QF=block[1],
-                    SCALE_BLOCKS=triton.next_power_of_2(-(-F // block[1]))) if scaled else {}
+    fp8_down = dict(SCALED=True, QD=block[0], QF=block[1]) if scaled else {}
     expert_down_kernel[(E, D // down_d)](
         h_ENF, idx_NK, gate_NK, w_down_EDF, y_NKD, N, D, F, K, kp, block_n, down_d, down_f,
         precision, s_down, **fp8_down, num_warps=down_warps, num_stages=down_stages)
