@@ -251,6 +251,23 @@ def compile_launch(fn, grid, args, kwargs) -> dict:
             **resources(k, warps)}
 
 
+def launch_row(label: str, launch: tuple) -> dict:
+    """A recorded launch compiled for sm_90 as a table row: its label, warps and programs, and
+    its resources."""
+    r = compile_launch(*launch)
+    r.pop("constexprs"), r.pop("values")
+    return {"kernel": label, "config": f"w{r.pop('warps')}, {r.pop('programs')} programs", **r}
+
+
+def meta_weight(*shape, scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A weight on the meta device: FP8 with its 128x128 block scales, or BF16 and None."""
+    if not scaled:
+        return torch.empty(shape, dtype=torch.bfloat16, device="meta"), None
+    blocks = (-(-shape[-2] // 128), -(-shape[-1] // 128))
+    return (torch.empty(shape, dtype=torch.float8_e4m3fn, device="meta"),
+            torch.empty(*shape[:-2], *blocks, dtype=torch.float32, device="meta"))
+
+
 def gemv_rows(label: str, run) -> list[dict]:
     """fp8_linear.gemv's launches while run() calls it on meta tensors, compiled for sm_90."""
     from nanoseek.kernels import fp8_linear
@@ -280,10 +297,7 @@ def decode_rows(max_len: int = 4096) -> list[dict]:
             if key in seen:
                 continue
             seen.add(key)
-            r = compile_launch(fn, grid, args, kwargs)
-            r.pop("constexprs"), r.pop("values")
-            out.append({"kernel": f"fused step, {name}: {fn.__name__}",
-                        "config": f"w{r.pop('warps')}, {r.pop('programs')} programs", **r})
+            out.append(launch_row(f"fused step, {name}: {fn.__name__}", (fn, grid, args, kwargs)))
         lora = c.q_lora_rank is not None
         H, C, R, N, V = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim
         D = c.hidden_size
@@ -291,27 +305,21 @@ def decode_rows(max_len: int = 4096) -> list[dict]:
                        "kv_a_proj": (C + R, D), "o_proj": (D, H * V), "dense up": (c.intermediate_size, D),
                        "dense down": (D, c.intermediate_size)}
         meta = dict(device="meta")
-        fp8, bf16, f32 = (dict(dtype=d, **meta) for d in (torch.float8_e4m3fn, torch.bfloat16, torch.float32))
-
-        def weight(*shape, scaled=True):  # FP8 with its 128x128 block scales, or BF16 and None
-            if not scaled:
-                return torch.empty(shape, **bf16), None
-            blocks = (-(-shape[-2] // 128), -(-shape[-1] // 128))
-            return torch.empty(shape, **fp8), torch.empty(*shape[:-2], *blocks, **f32)
+        bf16, f32 = dict(dtype=torch.bfloat16, **meta), dict(dtype=torch.float32, **meta)
         for proj, (rows_n, cols_k) in projections.items():
-            w, sc = weight(rows_n, cols_k)
+            w, sc = meta_weight(rows_n, cols_k)
             out += gemv_rows(f"FP8 GEMV, 1 row, {name} {proj} {rows_n}x{cols_k}", lambda w=w, sc=sc: fp8_linear.gemv(
                 torch.empty(1, w.shape[1], **bf16), w, sc, torch.empty(1, w.shape[0], **bf16), (128, 128)))
         for proj, rows_n in (("shared", c.n_shared_experts * c.moe_intermediate_size), ("dense", c.intermediate_size)):
-            (wg, sg), (wu, su) = weight(rows_n, D), weight(rows_n, D)
+            (wg, sg), (wu, su) = meta_weight(rows_n, D), meta_weight(rows_n, D)
             out += gemv_rows(f"FP8 SwiGLU GEMV, 1 row, {name} {proj} gate+up {rows_n}x{D}", lambda: fp8_linear.gemv(
                 torch.empty(1, D, **bf16), wg, sg, torch.empty(1, rows_n, **bf16), (128, 128), w2=wu, s2=su))
         E, F, K = c.n_routed_experts, c.moe_intermediate_size, c.num_experts_per_tok
         idx, route = torch.empty(K, dtype=torch.int64, **meta), torch.empty(K, **f32)
-        (wg, sg), (wu, su), (wd, sd) = weight(E, F, D), weight(E, F, D), weight(E, D, F)
+        (wg, sg), (wu, su), (wd, sd) = meta_weight(E, F, D), meta_weight(E, F, D), meta_weight(E, D, F)
         out += gemv_rows(f"FP8 experts GEMV, 1 token, {name} gate+up {F}x{D} x{K}", lambda: fp8_linear.gemv(
             torch.empty(1, D, **bf16), wg, sg, torch.empty(K, F, **bf16), (128, 128), K, K, w2=wu, s2=su, idx=idx))
-        for kind, (wd, sd) in (("FP8", (wd, sd)), ("BF16", weight(E, D, F, scaled=False))):
+        for kind, (wd, sd) in (("FP8", (wd, sd)), ("BF16", meta_weight(E, D, F, scaled=False))):
             out += gemv_rows(f"{kind} experts GEMV, 1 token, {name} down {D}x{F} x{K}", lambda wd=wd, sd=sd:
                              fp8_linear.gemv(torch.empty(K, F, **bf16), wd, sd, torch.empty(K, D, **f32),
                                              (128, 128) if sd is not None else (D, F), K, idx=idx, route=route))
@@ -337,39 +345,26 @@ def batch_rows(tokens: int = 32, rows: int = 4) -> list[dict]:
                   (("up", ("block_f", "block_d", "warps", "stages")), ("down", ("block_d", "block_f", "warps", "stages")))
                   for k in keys]
         for kind, dtype in (("BF16", torch.bfloat16), ("FP8", torch.float8_e4m3fn)):
-            w = [torch.empty(E, F, D, dtype=dtype, **meta), torch.empty(E, F, D, dtype=dtype, **meta),
-                 torch.empty(E, D, F, dtype=dtype, **meta)]
-            s = ([torch.empty(E, -(-F // 128), -(-D // 128), **f32)] * 2 + [torch.empty(E, -(-D // 128), -(-F // 128), **f32)]
-                 if kind == "FP8" else [None] * 3)
+            (wg, sg), (wu, su), (wd, sd) = (meta_weight(*shape, scaled=kind == "FP8")
+                                            for shape in ((E, F, D), (E, F, D), (E, D, F)))
             block = [128, 128] if kind == "FP8" else []
-            run = lambda w=w, s=s, block=block: moe._small_batch_experts._init_fn(  # noqa: E731 — the op's body
+            run = lambda w=(wg, wu, wd), s=(sg, su, sd), block=block: moe._small_batch_experts._init_fn(  # noqa: E731
                 x, idx, gate, *w, launch, *s, block)
-            for fn, grid, args, kwargs in recorded_launches(moe, ("expert_up_kernel", "expert_down_kernel"), run):
-                r = compile_launch(fn, grid, args, kwargs)
-                r.pop("constexprs"), r.pop("values")
-                out.append({"kernel": f"small-batch experts, {tokens} tokens, {name} {kind}: {fn.__name__}",
-                            "config": f"w{r.pop('warps')}, {r.pop('programs')} programs", **r})
+            for launch_ in recorded_launches(moe, ("expert_up_kernel", "expert_down_kernel"), run):
+                out.append(launch_row(f"small-batch experts, {tokens} tokens, {name} {kind}: {launch_[0].__name__}",
+                                      launch_))
         H = c.num_attention_heads
         for proj, (N, K_) in (("kv_a_proj", (c.kv_lora_rank + c.qk_rope_head_dim, D)), ("o_proj", (D, H * c.v_head_dim))):
-            w = torch.empty(N, K_, dtype=torch.float8_e4m3fn, **meta)
-            sc = torch.empty(-(-N // 128), -(-K_ // 128), **f32)
+            w, sc = meta_weight(N, K_)
             xr = torch.empty(rows, K_, dtype=torch.bfloat16, **meta)
             run = lambda w=w, sc=sc, xr=xr: fp8_linear.fp8_weight_linear._init_fn(xr, w, sc, [128, 128])  # noqa: E731
-            for fn, grid, args, kwargs in recorded_launches(fp8_linear, ("fp8_weight_linear_kernel",), run):
-                r = compile_launch(fn, grid, args, kwargs)
-                r.pop("constexprs"), r.pop("values")
-                out.append({"kernel": f"FP8 linear, {rows} rows, {name} {proj} {N}x{K_}",
-                            "config": f"w{r.pop('warps')}, {r.pop('programs')} programs", **r})
+            out += [launch_row(f"FP8 linear, {rows} rows, {name} {proj} {N}x{K_}", launch_)
+                    for launch_ in recorded_launches(fp8_linear, ("fp8_weight_linear_kernel",), run)]
     # a prefill's FP8 linear past the kernels' rows: its weight dequantized in one pass (V3's o_proj)
-    w = torch.empty(7168, 16384, dtype=torch.float8_e4m3fn, **meta)
-    sc = torch.empty(56, 128, **f32)
+    w, sc = meta_weight(7168, 16384)
     run = lambda: fp8_linear.fp8_dequantize._init_fn(w, sc, [128, 128], torch.bfloat16)  # noqa: E731
-    for fn, grid, args, kwargs in recorded_launches(fp8_linear, ("fp8_dequantize_kernel",), run):
-        r = compile_launch(fn, grid, args, kwargs)
-        r.pop("constexprs"), r.pop("values")
-        out.append({"kernel": "FP8 dequantize, deepseek-v3 o_proj 7168x16384",
-                    "config": f"w{r.pop('warps')}, {r.pop('programs')} programs", **r})
-    return out
+    return out + [launch_row("FP8 dequantize, deepseek-v3 o_proj 7168x16384", launch_)
+                  for launch_ in recorded_launches(fp8_linear, ("fp8_dequantize_kernel",), run)]
 
 
 def candidate_rows() -> list[dict]:
