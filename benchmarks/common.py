@@ -80,6 +80,12 @@ def bf16_gemm_flops(device: torch.device, n: int = 8192) -> float:
     return gemm_flops(lambda: a @ b.t(), n)
 
 
+def result_tag(preset: str, layers: int | None) -> str:
+    """What a benchmark's result file names carry for a model other than full bench-1b:
+    "_<preset>[_<N>L]" (decode_deepseek-v2-lite_8L.json), else ""."""
+    return "" if preset == "bench-1b" and not layers else f"_{preset}{f'_{layers}L' if layers else ''}"
+
+
 def sliced_preset(name: str, layers: int | None = None, **overrides):
     """A preset's model with its real layer shapes, cut to its first `layers` decoder layers
     (the first min(first_k_dense_replace, layers - 1) of them dense, so an MoE model keeps a

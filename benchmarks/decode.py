@@ -41,7 +41,8 @@ at every position and where BF16's top-two gap exceeds 0.25, 0.5 and 1 logit sta
 deviations. Each figure is the median of `--repeat` runs after a warm-up run.
 `--record-paths` (with
 `fused` and `compiled`) writes the batches up to which the fused step was faster into
-nanoseek/infer/decode_paths.json, the engine's default choice of decode step.
+nanoseek/infer/decode_paths.json, the engine's default choice of decode step;
+`--record-paths-from JSON` does the same from a result file this script wrote.
 
     python benchmarks/decode.py --preset deepseek-v2-lite --batches 1 32
     python benchmarks/decode.py --preset deepseek-v3 --layers 2 --modes compiled fused --record-paths
@@ -65,7 +66,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (copy_bandwidth, environment, graph_flags, median_seconds, out_dir, profile_kernels,  # noqa: E402
-                    sliced_preset, synchronize, write_json)  # noqa: E402
+                    result_tag, sliced_preset, synchronize, write_json)  # noqa: E402
 
 from nanoseek import Transformer, from_pretrained, save_pretrained  # noqa: E402
 from nanoseek.infer.config import InferenceConfig  # noqa: E402
@@ -258,6 +259,8 @@ def main():
                          "so token agreement between modes counts near-tie flips too")
     ap.add_argument("--record-paths", action="store_true",
                     help="write the batches where fused beat compiled into nanoseek/infer/decode_paths.json")
+    ap.add_argument("--record-paths-from", metavar="JSON",
+                    help="the same from a result this script wrote (with fused and compiled rows), then stop")
     ap.add_argument("--tuned-option", action="append", default=[], metavar="KEY=VALUE",
                     help="an Inductor option for the batch-1 step's compilation, beside coordinate-descent "
                          "tuning (e.g. combo_kernels=true); repeatable")
@@ -269,6 +272,11 @@ def main():
     ap.add_argument("--profile", action="store_true",
                     help="also profile the compiled decode step (uncaptured) per kernel: decode_profile.txt")
     args = ap.parse_args()
+    if args.record_paths_from:
+        saved = json.loads(Path(args.record_paths_from).read_text())
+        record_paths(sliced_preset(saved["preset"], saved["layers"]), getattr(torch, saved["dtype"]), saved["device"],
+                     saved["rows"], args.record_paths_from)
+        return
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.record_paths and not {"fused", "compiled"} <= set(args.modes):
         raise SystemExit("--record-paths compares the fused and the compiled step: add --modes fused compiled")
@@ -323,8 +331,7 @@ def main():
         for r in rows.values():
             if hf_row and r["batch"] == B:
                 r["decode_speedup_vs_transformers"] = r["decode_tokens_per_s"] / hf_row["decode_tokens_per_s"]
-    name = "decode.json" if args.preset == "bench-1b" and not args.layers else \
-        f"decode_{args.preset}{f'_{args.layers}L' if args.layers else ''}.json"
+    name = f"decode{result_tag(args.preset, args.layers)}.json"
     if args.tuned_option:  # a run with other Inductor options keeps its own file
         name = name.replace(".json", "_" + "_".join(o.replace("=", "-") for o in args.tuned_option) + ".json")
     result = {"benchmark": "decode", **environment(), "preset": args.preset, "layers": cfg.num_hidden_layers,
@@ -341,7 +348,8 @@ def main():
               f"{r.get('decode_speedup_vs_transformers', float('nan')):6.1f}x")
     print(f"wrote {path}")
     if args.record_paths:
-        record_paths(cfg, dtype, device, rows, f"benchmarks/results/{name}")
+        record_paths(cfg, dtype, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", rows,
+                     f"benchmarks/results/{name}")
     if args.profile and device.type == "cuda":
         profile_decode_step(model, args, prompts)
 
@@ -443,7 +451,7 @@ def transformers_rows(directory, prompts, args, dtype, device) -> dict:
     return rows
 
 
-def record_paths(cfg, dtype, device, rows, result: str) -> None:
+def record_paths(cfg, dtype, device_name: str, rows, result: str) -> None:
     """The batches up to which the fused step's tokens/s beat the compiled step's, into the
     engine's table of decode paths."""
     from nanoseek.infer.decode_paths import record_fused_rows, rows_the_fused_step_won
@@ -453,7 +461,7 @@ def record_paths(cfg, dtype, device, rows, result: str) -> None:
              for name, r in rows.items() if name.startswith(f"nanoseek engine{compiled}")
              and f"nanoseek engine{fused}, batch {r['batch']}" in rows}
     won = rows_the_fused_step_won(pairs)
-    record_fused_rows(cfg, dtype, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", won, result)
+    record_fused_rows(cfg, dtype, device_name, won, result)
     print(f"decode paths: the fused step up to batch {won} for this shape (nanoseek/infer/decode_paths.json)")
 
 

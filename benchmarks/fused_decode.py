@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (environment, graph_flags, graph_us, out_dir, prefill, profile_kernels, rel_err,  # noqa: E402
-                    sliced_preset, time_cuda, write_json)  # noqa: E402
+                    result_tag, sliced_preset, time_cuda, write_json)  # noqa: E402
 
 from nanoseek import Transformer  # noqa: E402
 from nanoseek.infer.config import InferenceConfig  # noqa: E402
@@ -131,8 +131,7 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = sliced_preset(args.preset, args.layers)
-    tag = "" if args.preset == "bench-1b" and not args.layers else \
-        f"_{args.preset}{f'_{args.layers}L' if args.layers else ''}"
+    tag = result_tag(args.preset, args.layers)
     model = Transformer(cfg).cuda().eval()   # float32 twin: the reference both are held to
     model_bf16 = to_dtype(copy.deepcopy(model), torch.bfloat16)  # as from_pretrained(dtype=) loads it
     R = max(args.buckets)
