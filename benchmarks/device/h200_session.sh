@@ -164,6 +164,10 @@ real_decode() {  # limit, decode.py arguments: a real-shape decode run, its JSON
   OUT=$OUT timeout "$limit" python3 benchmarks/decode.py "$@" 2>&1 | quiet | tee -a "$OUT/decode_shapes.log"
   echo "decode $* done at $(elapsed)s"
 }
+fp8_weight_tests() {  # log name: the FP8-resident weights' GPU tests (tests/test_fp8_weights.py)
+  timeout 120 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8_weights.py -k "gpu" 2>&1 \
+    | tail -12 | tee "$OUT/$1"
+}
 bench() {  # limit, least seconds, script and its arguments, logged to $OUT/<script>.log
   enough "$1" "$2" || return
   local limit=$1; shift 2
@@ -251,14 +255,12 @@ case $stage in
   fp8gemv)  # the FP8 GPU tests, then the FP8 linear, SwiGLU and one token's experts alone (fp8_gemv.py: GEMV,
             # split and unsplit kernel, BF16 at decode rows; dequantized vs W8A8 vs BF16 at prefill rows;
             # gate+up in one launch vs two; the experts four ways, each compiled: most of its time)
-    timeout 120 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8_weights.py -k "gpu" 2>&1 \
-      | tail -12 | tee "$OUT/fp8_gpu_tests.log"
+    fp8_weight_tests fp8_gpu_tests.log
     bench "$(left 585)" 30 benchmarks/fp8_gemv.py --repeat 5
     ;;
   gemvprof)  # fp8gemv, then fusedprof's first part, in one call (the device came seldom): the FP8 GEMV
              # defaults decided, then the compiled, gemv-experts and fused steps on 8 V2-Lite layers profiled
-    timeout 120 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8_weights.py -k "gpu" 2>&1 \
-      | tail -12 | tee "$OUT/fp8_gpu_tests.log"
+    fp8_weight_tests fp8_gpu_tests.log
     bench "$(left 300)" 30 benchmarks/fp8_gemv.py --repeat 3
     real_decode "$(left 585)" --preset deepseek-v2-lite --layers 8 --batches 1 --new 64 --repeat 2 \
       --modes compiled gemv-experts fused --skip-hf --profile
@@ -299,8 +301,7 @@ case $stage in
     timeout 200 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_latent_attention.py \
       tests/test_fused_decode.py -k "engine_decodes or one_row or choice or real_widths or real_layer" 2>&1 \
       | tail -16 | tee "$OUT/verify16_tests.log"
-    timeout 120 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fp8_weights.py -k "gpu" 2>&1 \
-      | tail -12 | tee "$OUT/verify16_fp8_tests.log"
+    fp8_weight_tests verify16_fp8_tests.log
     bench "$(left 585)" 60 benchmarks/attention.py --contexts 32768 131072 --batches 1 16 --mixed
     ;;
   probe)  # the grouped FP8 kernel's compiled code and each launch shape's time, with a TMA-loading candidate
