@@ -7,7 +7,8 @@ Each call is captured in a CUDA graph over enough copies of the weight to exceed
 (a decode step reads every weight once), the replays timed by CUDA events; the weight's bytes
 over that time, against the measured copy bandwidth. Every output is checked against the
 float64 product of the same FP8 weights. Then the projections at a prefill chunk's rows
-(prefill_rows: dequantized then cuBLAS, W8A8, BF16), a SwiGLU's gate and up at one row in one launch
+(prefill_rows: dequantized by torch or in one pass then cuBLAS, W8A8, BF16), a SwiGLU's gate and up at
+one row in one launch
 against two (swiglu_rows), and one token's routed experts, each way compiled as a batch-1
 decode step runs them (experts_row).
 
@@ -69,6 +70,11 @@ def path(M: int, N: int, K: int) -> str:
     return f"tensor-core kernel, K in {shares} shares" if shares > 1 else "tensor-core kernel"
 
 
+# prefill_rows' ways: FP8Linear's kernel choice for each (None: BF16 cuBLAS on the BF16 weight)
+PREFILL_WAYS = {"fp8 dequantized, cuBLAS": "twin", "fp8 one-pass dequantized, cuBLAS": "auto", "fp8 w8a8": "w8a8",
+                "bf16 cuBLAS": None}
+
+
 def prefill_rows(name: str, device: torch.device, repeat: int, rows: list[int]) -> list[dict]:
     """FP8Linear past the GEMV's rows (a prefill's chunk): the weight dequantized by torch then
     cuBLAS (the twin), dequantized in one pass by kernels/fp8_linear.fp8_dequantize then cuBLAS
@@ -87,8 +93,7 @@ def prefill_rows(name: str, device: torch.device, repeat: int, rows: list[int]) 
             row = {"preset": name, "projection": proj, "N": N, "K": K, "rows": M}
             with torch.no_grad():
                 want = (x.double() @ w16.double().T)
-                for way, kernel in (("fp8 dequantized, cuBLAS", "twin"), ("fp8 one-pass dequantized, cuBLAS", "auto"),
-                                    ("fp8 w8a8", "w8a8"), ("bf16 cuBLAS", None)):
+                for way, kernel in PREFILL_WAYS.items():
                     fp8.kernel = kernel or "twin"
                     fn = (lambda: x @ w16.T) if kernel is None else (lambda: fp8(x))
                     row[f"{way}_error"] = float((fn().double() - want).abs().max() / want.abs().max())
@@ -96,8 +101,7 @@ def prefill_rows(name: str, device: torch.device, repeat: int, rows: list[int]) 
                     row[f"{way}_us"], row[f"{way}_TFLOPs"] = us, 2 * M * N * K / (us * 1e-6) / 1e12
             print(f"{name} {proj} {N}x{K} rows {M}: " + ", ".join(
                 f"{way} {row[f'{way}_us']:.1f} us ({row[f'{way}_TFLOPs']:.0f} TFLOP/s, err {row[f'{way}_error']:.1e})"
-                for way in ("fp8 dequantized, cuBLAS", "fp8 one-pass dequantized, cuBLAS", "fp8 w8a8", "bf16 cuBLAS")),
-                flush=True)
+                for way in PREFILL_WAYS), flush=True)
             out.append(row)
     return out
 
@@ -197,7 +201,7 @@ def main() -> None:
     ap.add_argument("--prefill-rows", nargs="*", type=int, default=[512, 2048],
                     help="rows of a prefill chunk: FP8Linear dequantized vs W8A8 vs BF16 (none: skip)")
     ap.add_argument("--no-experts", dest="experts", action="store_false",
-                    help="skip one token's routed experts (the gathered forward, compiled, three ways)")
+                    help="skip one token's routed experts (the gathered forward, compiled, four ways)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("fp8_gemv: times CUDA kernels; run it on a GPU")
