@@ -7,10 +7,9 @@ Each call is captured in a CUDA graph over enough copies of the weight to exceed
 (a decode step reads every weight once), the replays timed by CUDA events; the weight's bytes
 over that time, against the measured copy bandwidth. Every output is checked against the
 float64 product of the same FP8 weights. Then the projections at a prefill chunk's rows
-(prefill_rows: dequantized by torch or in one pass then cuBLAS, W8A8, BF16), a SwiGLU's gate and up at
-one row in one launch
-against two (swiglu_rows), and one token's routed experts, each way compiled as a batch-1
-decode step runs them (experts_row).
+(prefill_rows: dequantized by torch or in one pass then cuBLAS, W8A8, BF16), a SwiGLU's gate and
+up at one row in one launch against two (swiglu_rows), and one token's routed experts, each way
+compiled as a batch-1 decode step runs them (experts_row).
 
     python benchmarks/fp8_gemv.py [--rows 1 4 16] [--repeat 5]
 """
