@@ -304,12 +304,12 @@ class FusedDecoder:
         ckv, kpe = self.cache.layers[i]
         q_norm = a.q_a_layernorm if lora else a.kv_a_layernorm  # (unread without a query LoRA)
         shares = self.t["query_split"]
-        share_c = pow2(C, 16) // shares if shares > 1 else 0
+        share_c = pow2(C, 16) // shares
         k.mla_query_kernel[(B, H + 1, shares)](
             qkv, qkv.stride(0), q_norm.weight, a.kv_a_layernorm.weight, q_norm.eps, a.kv_a_layernorm.eps,
             a.q_b_proj.weight if lora else a.kv_b_proj.weight, a.kv_b_proj.weight,
             self.inv_freq, self.rope_factor, positions_B, self.q_lat, self.q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0),
-            H, Q, C, N, R, V, CHUNK_Q=min(QUERY_CHUNK, pow2(Q, 16)), CHUNK_C=min(QUERY_CHUNK, share_c or pow2(C, 16)),
+            H, Q, C, N, R, V, CHUNK_Q=min(QUERY_CHUNK, pow2(Q, 16)), CHUNK_C=min(QUERY_CHUNK, share_c),
             BLOCK_N=pow2(N), BLOCK_C=pow2(C), BLOCK_R2=pow2(R // 2), Q_LORA=lora, num_warps=self.t["query_warps"],
             SHARE_C=share_c, **self.launch)
         o = self.attend(a, i, positions_B, B)

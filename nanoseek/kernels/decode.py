@@ -157,7 +157,7 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
                      qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe,
                      H, Q, C, N, R, V,
                      CHUNK_Q: tl.constexpr, CHUNK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                     BLOCK_R2: tl.constexpr, Q_LORA: tl.constexpr, USE_PDL: tl.constexpr, SHARE_C: tl.constexpr = 0):
+                     BLOCK_R2: tl.constexpr, Q_LORA: tl.constexpr, USE_PDL: tl.constexpr, SHARE_C: tl.constexpr):
     """Program (b, h < H): head h's q_nope, q_pe = q_b(RMSNorm(q_a)), q_pe rotated, and the
     absorbed query q_lat[b, h] = W_UK_h^T q_nope. Program (b, H): c_kv = RMSNorm(kv_a[:C]),
     k_pe = RoPE(kv_a[C:]), both written into the cache at the row's position. RoPE pairs are
@@ -166,19 +166,16 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
     Q_LORA (V2-Lite) it holds the query itself, H·(N + R) = Q wide, and q_b and its norm are
     not read. q_b is read CHUNK_Q columns and W_UK CHUNK_C columns at a time: a head's whole
     [N, Q] and [N, C] at V3's widths spilled 13 KB a thread (benchmarks/kernel_resources.py).
-    Program axis 2 (SHARE_C > 0): the share of q_lat's columns [s·SHARE_C, (s+1)·SHARE_C) a
-    program writes, so that a model of few heads runs more than H + 1 programs (each share
-    computes q_nope again: free without a query LoRA, where it is loaded); only share 0 writes
-    q_pe and the cache."""
+    Program axis 2: the share of q_lat's columns [s·SHARE_C, (s+1)·SHARE_C) a program writes
+    (one share: SHARE_C >= C), so that a model of few heads runs more than H + 1 programs (each
+    share computes q_nope again: free without a query LoRA, where it is loaded); only share 0
+    writes q_pe and the cache."""
     _launch_next(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     share = tl.program_id(2)
-    c_first = 0
-    c_end = C
-    if SHARE_C > 0:
-        c_first = share * SHARE_C
-        c_end = tl.minimum(C, c_first + SHARE_C)
+    c_first = share * SHARE_C
+    c_end = tl.minimum(C, c_first + SHARE_C)
     R2 = R // 2
     r2 = tl.arange(0, BLOCK_R2)
     r2mask = r2 < R2
