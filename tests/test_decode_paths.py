@@ -68,7 +68,8 @@ def test_launch_shapes_follow_the_model_widths():
     16 heads) the query's latent columns are shared among 8 programs a head. The MoE down
     kernel runs about 512 programs (4 rows at V2-Lite's and V3's hidden sizes) and the merge
     4 blocks of V outputs a head at V2-Lite's and V3's widths up to a 4,096-position cache (one
-    past it, where each block would re-read many units' partial sums): V2-Lite's tuned shapes."""
+    past it, where each block would re-read many units' partial sums): V2-Lite's tuned shapes.
+    Split over its slots (down_split), a down program reads a GEMV's tile."""
     from nanoseek.infer.fused import MAX_WARPS, fused_step_launch
     tuned = json.loads(open("benchmarks/results/fused_tuning.json").read())
     bench = fused_step_launch(preset("bench-1b"), 640)
@@ -82,6 +83,10 @@ def test_launch_shapes_follow_the_model_widths():
     assert (v3["attend_heads"], v3["attend_split"], v3["attend_block"], v3["attend_programs"]) == (32, 64, 64, 128)
     assert all(v3[k] <= MAX_WARPS for k in v3 if k.endswith("_warps"))
     assert fused_step_launch(preset("bench-1b"), 640, {"gemv_rows": 16})["gemv_warps"] == 8  # the warps follow
+    # the down kernel split over its slots: a GEMV's tile a program, 4 x 2,048 at V2-Lite's and V3's widths
+    for name in ("deepseek-v2-lite", "deepseek-v3"):
+        split = fused_step_launch(preset(name), 4096, {"down_split": 1})
+        assert (split["down_rows"], split["down_warps"]) == (4, 4)
     with pytest.raises(ValueError, match="unknown launch keys \\['gemv_row'\\]"):
         fused_step_launch(preset("tiny"), 64, {"gemv_row": 8})
     with pytest.raises(ValueError, match="attend_heads=8: must be at least 16"):

@@ -118,6 +118,9 @@ def prefilled_cache(model, lengths, max_len=40, ids=None, dtype=torch.float32):
     # widths that are not powers of two read as a power-of-two head and a masked tail
     (dict(hidden_size=56, intermediate_size=88, moe_intermediate_size=40, num_attention_heads=32,
           q_lora_rank=40, n_shared_experts=2), False, dict(down_tail=1)),
+    # the down projection split over its slots and their column blocks, summed by the last program
+    (dict(hidden_size=56, intermediate_size=88, moe_intermediate_size=40, num_attention_heads=32,
+          q_lora_rank=40, n_shared_experts=2), True, dict(down_split=1, down_rows=8)),
 ])
 def test_fused_step_matches_model_decode(overrides, chunked, extra, monkeypatch):
     """Logits of rows at different positions (one of them the dummy row at 0 that a bucket
@@ -384,15 +387,20 @@ def test_bf16_fused_step_is_as_accurate_as_the_bf16_model():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name, transposed", [("deepseek-v3", 0), ("deepseek-v3", 1), ("deepseek-v2-lite", 0)])
-def test_bf16_fused_step_at_real_layer_widths(name, transposed):
+@pytest.mark.parametrize("name, extra", [("deepseek-v3", {}), ("deepseek-v3", dict(attend_transposed=1)),
+                                         ("deepseek-v2-lite", {}), ("deepseek-v2-lite", dict(down_split=1)),
+                                         ("deepseek-v3", dict(down_split=1))])
+def test_bf16_fused_step_at_real_layer_widths(name, extra):
     """On a GPU, BF16, DeepSeek-V3's layer widths (hidden 7168, 128 heads, latent 512,
     q_lora 1536, experts of width 2048, top-8 in 4 of 8 groups; 64 experts instead of 256 and
     a small vocabulary, to fit a float32 reference beside it), one dense and one MoE layer:
     the fused step with the launch shapes derived for these widths (2 GEMV rows a program,
     attention in 32-head blocks, its dots transposed or not) is as close to float32 as the
     BF16 model's own step. The same at V2-Lite's (hidden 2048, 16 heads, no query LoRA, 64
-    experts of width 1408, greedy softmax top-6, two shared experts)."""
+    experts of width 1408, greedy softmax top-6, two shared experts). With the down projection
+    split over its slots too, whose last program per block sums the others' partial sums: the
+    same logits bit for bit step after step (a program reading a sum not yet written would not
+    be)."""
     from nanoseek.hf import to_dtype
     from nanoseek.infer.fused import FusedDecoder
     torch.manual_seed(0)
@@ -418,9 +426,11 @@ def test_bf16_fused_step_at_real_layer_widths(name, transposed):
     with torch.no_grad():
         ref = model(nxt, positions=positions, cache=copy.deepcopy(cache32).prefix(2)).logits[:, -1]
         plain = half(nxt, positions=positions, cache=copy.deepcopy(cache16).prefix(2)).logits[:, -1].float()
-    fused = FusedDecoder(half, cache16, 2, launch={"attend_transposed": transposed})
+    fused = FusedDecoder(half, cache16, 2, launch=extra)
     assert (fused.t["gemv_rows"], fused.t["attend_heads"]) == ((2, 32) if name == "deepseek-v3" else (2, 16))
     got = fused.forward(nxt, positions)
+    for _ in range(8):  # the step rewrites the same cache entries: nothing else may move
+        assert torch.equal(fused.forward(nxt, positions), got)
 
     def rel(x):
         return float((x - ref).norm() / ref.norm())

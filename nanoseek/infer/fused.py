@@ -67,13 +67,16 @@ QUERY_PROGRAMS = 128
 DOWN_PROGRAMS = 512
 DOWN_ELEMENTS = 65536
 OUTPUT_ELEMENTS = 16384
+# down_split: the down kernel split over its slots (kernels.moe_down_split_kernel), each program
+# a GEMV's tile of about this many weights (the GEMV's fastest at V2-Lite's widths: 4 x 2,048)
+DOWN_SPLIT_ELEMENTS = 8192
 # rows of a weight per program (_rows), warps per program (_warps), the least cache positions
 # of an attention split, heads per attention program, attention programs aimed for, the
 # attention loop's software-pipeline stages, and the block sizes above
 LAUNCH_KEYS = ("gemv_rows", "gemv_warps", "head_rows", "head_warps", "query_warps", "attend_split",
                "attend_heads", "attend_block", "attend_programs", "attend_stages", "attend_warps", "output_warps",
                "merge_splits", "route_warps", "up_rows", "up_warps", "down_rows", "down_warps", "max_block", "pdl",
-               "attend_transposed", "query_split", "output_split", "down_tail")
+               "attend_transposed", "query_split", "output_split", "down_tail", "down_split")
 
 
 def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = None) -> dict:
@@ -112,20 +115,24 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
     # at a long one (the engine's attention op past 4,096 positions) as many bytes as W_UV's
     output_split = (max(1, min(pow2(c.v_head_dim) // 16, pow2(c.v_head_dim) * pow2(C) // OUTPUT_ELEMENTS))
                     if max_len <= SHORT_CACHE else 1)
-    down_rows = max(1, min(pow2(c.hidden_size // DOWN_PROGRAMS + 1) // 2, DOWN_ELEMENTS // (slots * F)))
+    down_split = given.get("down_split", 0)
+    down_rows = (max(1, DOWN_SPLIT_ELEMENTS // F) if down_split else
+                 max(1, min(pow2(c.hidden_size // DOWN_PROGRAMS + 1) // 2, DOWN_ELEMENTS // (slots * F))))
     out = dict(gemv_rows=rows("gemv", D), head_rows=rows("head", D), up_rows=rows("up", D),
                down_rows=down_rows, attend_split=split, attend_heads=heads, attend_block=block_s,
                attend_programs=ATTEND_PROGRAMS, attend_stages=3, merge_splits=MERGE_SPLITS, max_block=max_block,
-               pdl=True, attend_transposed=0, query_split=query_split, output_split=output_split, down_tail=0)
+               pdl=True, attend_transposed=0, query_split=query_split, output_split=output_split, down_tail=0,
+               down_split=down_split)
     out.update({k: v for k, v in given.items() if k in out})  # the warps follow the rows given
     out.update(gemv_warps=warps(out["gemv_rows"] * D), head_warps=warps(out["head_rows"] * D),
-               up_warps=warps(2 * out["up_rows"] * D), down_warps=warps(out["down_rows"] * slots * F),
+               up_warps=warps(2 * out["up_rows"] * D),
+               down_warps=warps(out["down_rows"] * (1 if out["down_split"] else slots) * F),
                query_warps=warps(N * (c.q_lora_rank or 0) + R * (c.q_lora_rank or 0) + N * C // out["query_split"]),
                attend_warps=warps(block_s * (C + R) + heads * C), output_warps=warps(c.v_head_dim * C // out["output_split"]),
                route_warps=warps(32 * (c.n_routed_experts or 0)))
     out.update(given)
     for key, value in out.items():
-        not_pow2 = ("pdl", "attend_stages", "attend_programs", "attend_transposed", "down_tail")
+        not_pow2 = ("pdl", "attend_stages", "attend_programs", "attend_transposed", "down_tail", "down_split")
         if key not in not_pow2 and (value < 1 or value & (value - 1)):
             raise ValueError(f"launch {key}={value}: must be a power of two")
     if pow2(C) // out["query_split"] < 16 or pow2(c.v_head_dim) // out["output_split"] < 1:
@@ -136,7 +143,7 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
             raise ValueError(f"launch {key}={out[key]}: must be at least 16")
     if out["attend_programs"] < 1:
         raise ValueError(f"launch attend_programs={out['attend_programs']}: must be at least 1")
-    for key in ("attend_transposed", "down_tail"):
+    for key in ("attend_transposed", "down_tail", "down_split"):
         if out[key] not in (0, 1):
             raise ValueError(f"launch {key}={out[key]}: must be 0 or 1")
     if not 1 <= out["attend_stages"] <= 4:
@@ -231,6 +238,11 @@ class FusedDecoder:
         # per row: the slots' SiLU(gate)·up (routed and shared, or a dense layer's one slot)
         self.hmid = torch.empty(M * max(slots * width for slots, width, _ in map(self._slots, model.main_layers)),
                                 **f32)
+        if self.t["down_split"]:  # its per-slot sums and each d-block's count of them (zero between uses)
+            chunks = max(slots * self._chunks(width)[1] for slots, width, _ in map(self._slots, model.main_layers))
+            self.down_parts = torch.empty(M, chunks, c.hidden_size, **f32)
+            self.down_count = torch.zeros(M, triton.cdiv(c.hidden_size, self.t["down_rows"]), dtype=torch.int32,
+                                          device=dev)
         self.logits = torch.empty(M, c.vocab_size, **f32)
 
     def units(self, B: int) -> int:
@@ -337,6 +349,12 @@ class FusedDecoder:
         F = mlp.experts.gate_proj.shape[1]
         return mlp.gate.top_k + (0 if shared is None else weights[0].shape[0] // F), F, weights
 
+    def _chunks(self, F: int) -> tuple[int, int]:
+        """A slot's columns as the split down kernel reads them: blocks of at most max_block, and
+        how many."""
+        block = min(self.t["max_block"], pow2(F))
+        return block, triton.cdiv(F, block)
+
     def _mlp(self, layer, h):
         """h += the layer's MLP or MoE of RMSNorm(h): router logits (gemv), routing, expert
         gate/up, expert down + combine + residual."""
@@ -362,6 +380,13 @@ class FusedDecoder:
             ONE_CHUNK=D <= self.t["max_block"],
             num_warps=self.t["up_warps"], **self.launch)
         rows = self.t["down_rows"]
+        if self.t["down_split"]:
+            block_f, chunks = self._chunks(F)
+            k.moe_down_split_kernel[(P * chunks, triton.cdiv(D, rows), B)](
+                h, h.stride(0), self.sel_idx, self.sel_gate, routed[2], F, sd, S * F, D, hmid, hmid.stride(0),
+                self.down_parts, self.down_count, chunks, P * chunks, K=K, BLOCK_D=rows, BLOCK_F=block_f,
+                BLOCK_Q=pow2(P * chunks), num_warps=self.t["down_warps"], **self.launch)
+            return
         block_f, tail_f = head_tail(F, self.t["max_block"], self.t["down_tail"])
         block_fs, tail_fs = head_tail(max(S * F, 1), 2 * self.t["max_block"], self.t["down_tail"])
         k.moe_down_kernel[(B, triton.cdiv(D, rows))](

@@ -560,3 +560,45 @@ def moe_down_kernel(h_ptr, stride_h, sel_idx_ptr, sel_gate_ptr, wd_ptr, F, sd_pt
             x = tl.load(hm_ptr + K * F + f, mask=fmask, other=0.0)
             acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
     tl.store(out_ptr, acc, mask=dmask)
+
+
+@triton.jit
+def moe_down_split_kernel(h_ptr, stride_h, sel_idx_ptr, sel_gate_ptr, wd_ptr, F, sd_ptr, FS, D,
+                          hmid_ptr, stride_hm_b, part_ptr, count_ptr, CF, Q,
+                          K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_Q: tl.constexpr,
+                          USE_PDL: tl.constexpr):
+    """moe_down_kernel's sum split over its slots: program (q, d-block, b) reads one slot's
+    BLOCK_F columns of rows d, q = slot · CF + chunk (Q = slots · CF), and writes
+    gate · W_down[d, f] · hmid[b, slot, f] into part[b, q, d]; the last of a d-block's Q
+    programs (a counter, reset for the next use) adds them in order to h[b, d]. So a program
+    loads a GEMV's tile, not every slot's rows at once: many small programs an SM (the up
+    kernel's shape, ~95% of the bandwidth) where the fused sum held one (255 registers)."""
+    _launch_next(USE_PDL)
+    q = tl.program_id(0)
+    blk = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    p = q // CF
+    f = (q % CF) * BLOCK_F + tl.arange(0, BLOCK_F)
+    d = blk * BLOCK_D + tl.arange(0, BLOCK_D)
+    fmask, dmask = f < F, d < D
+    wmask = dmask[:, None] & fmask[None, :]
+    routed = p < K
+    # a shared slot's rows now (they depend on no routing), a routed slot's after the wait
+    w = tl.load(sd_ptr + d[:, None] * FS + (p - K) * F + f[None, :], mask=wmask & (p >= K), other=0.0)
+    _wait_prev(USE_PDL)
+    idx = tl.load(sel_idx_ptr + b * K + p, mask=routed, other=0).to(tl.int64)
+    w += tl.load(wd_ptr + idx * D * F + d[:, None] * F + f[None, :], mask=wmask & routed, other=0.0)
+    gate = tl.load(sel_gate_ptr + b * K + p, mask=routed, other=1.0)
+    x = tl.load(hmid_ptr + b * stride_hm_b + p * F + f, mask=fmask, other=0.0).to(tl.float32)
+    tl.store(part_ptr + (b * Q + q) * D + d, tl.sum(w.to(tl.float32) * x[None, :], axis=1) * gate, mask=dmask)
+    # every thread's stores before the counter's release (CUTLASS's split-K semaphore)
+    tl.debug_barrier()
+    counter = count_ptr + b * tl.num_programs(1) + blk
+    if tl.atomic_add(counter, 1, sem="acq_rel") == Q - 1:
+        qq = tl.arange(0, BLOCK_Q)
+        parts = tl.load(part_ptr + (b * Q + qq)[:, None] * D + d[None, :], mask=(qq < Q)[:, None] & dmask[None, :],
+                        other=0.0, cache_modifier=".cg")  # written by other SMs: not from this one's L1
+        out_ptr = h_ptr + b * stride_h + d
+        acc = tl.load(out_ptr, mask=dmask, other=0.0).to(tl.float32) + tl.sum(parts, axis=0)
+        tl.store(out_ptr, acc, mask=dmask)
+        tl.atomic_xchg(counter, 0)
