@@ -24,7 +24,7 @@
 #   bash benchmarks/device/h200_session.sh shapes     # decode on V2-Lite: fused vs compiled recorded as the
 #                                              # default path (shapes-v3: the same on a V3 slice)
 #   bash benchmarks/device/h200_session.sh fp8accum   # BF16 vs FP8 training at 16 micro-batches a step
-#   bash benchmarks/device/h200_session.sh fp8        # FP8-resident decode vs BF16 on V2-Lite and a V3 slice
+#   bash benchmarks/device/h200_session.sh fp8        # FP8-resident decode vs BF16 on all 27 V2-Lite layers
 #   bash benchmarks/device/h200_session.sh fp8twin    # FP8 decode at batch 1: the FP8 GEMV kernel vs Inductor's fused
 #                                              # dequantization, V2-Lite's 8 layers (profiled), the V3 slice
 #   bash benchmarks/device/h200_session.sh verify16   # compiled kernels' engine test, one-row launch, V3 attention
@@ -245,12 +245,10 @@ case $stage in
     bench "$(left 585)" 100 benchmarks/train_throughput.py --preset deepseek-v2-lite --layers 4 --seq 4096 --batch 1 \
       --accum 16 --steps 4 --warmup 2 --precision bf16,bf16-fused-accum,fp8-fused-accum --skip-hf
     ;;
-  fp8)  # FP8-resident decode against BF16 on V2-Lite (27 layers: compiling the BF16 and the FP8 models took
-        # more than 195 s on an H100, so it gets most of the call) and a V3 slice; the kernel probe is `probe`
-    real_decode "$(left 420)" --preset deepseek-v2-lite --batches 1 --new 64 --modes compiled --fp8 --fp8-kernels auto \
+  fp8)  # FP8-resident decode against BF16 on V2-Lite's 27 layers, the whole call: on an H100 the BF16 row alone
+        # took most of 420 s and the FP8 model's compile did not finish in the rest (the V3 slice: fp8twin)
+    real_decode "$(left 585)" --preset deepseek-v2-lite --batches 1 --new 64 --modes compiled --fp8 --fp8-kernels auto \
       --skip-hf
-    real_decode "$(left 585)" --preset deepseek-v3 --layers 2 --batches 1 --new 64 --modes compiled --fp8 \
-      --fp8-kernels auto --skip-hf
     ;;
   fp8gemv)  # the FP8 GPU tests, then the FP8 linear, SwiGLU and one token's experts alone (fp8_gemv.py: GEMV,
             # split and unsplit kernel, BF16 at decode rows; dequantized vs W8A8 vs BF16 at prefill rows;
@@ -274,9 +272,12 @@ case $stage in
     real_decode "$(left 585)" --preset deepseek-v3 --layers 2 --batches 1 --new 64 --modes compiled --fp8 \
       --fp8-kernels ${FP8_KERNELS:-w8a8 auto} --skip-hf
     ;;
-  fusedtune)  # the fused step's launch shapes searched at V2-Lite's widths (8 layers, one row: its rule was tuned
-              # on bench-1b), then its accuracy against float32 and its speed against the compiled step,
+  fusedtune)  # the fused step's GPU tests at real widths (the down kernel split over its slots among them),
+              # then its launch shapes searched at V2-Lite's widths (8 layers, one row: its rule was tuned
+              # on bench-1b), its accuracy against float32 and its speed against the compiled step,
               # profiled; fused_tuning_deepseek-v2-lite_8L.json is what decode.py --fused-tuning reads
+    timeout 150 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fused_decode.py -k \
+      "real_layer_widths or as_accurate" 2>&1 | tail -12 | tee "$OUT/fused_gpu_tests.log"
     bench "$(left 585)" 120 benchmarks/fused_decode.py --preset deepseek-v2-lite --layers 8 --buckets 1 --tune 1 \
       --repeat 3 --profile
     ;;
