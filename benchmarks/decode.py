@@ -275,7 +275,7 @@ def main():
     if args.record_paths_from:
         saved = json.loads(Path(args.record_paths_from).read_text())
         record_paths(sliced_preset(saved["preset"], saved["layers"]), getattr(torch, saved["dtype"]), saved["device"],
-                     saved["rows"], args.record_paths_from)
+                     saved["rows"], args.record_paths_from, saved["inference_config"].get("fused_launch"))
         return
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.record_paths and not {"fused", "compiled"} <= set(args.modes):
@@ -349,7 +349,7 @@ def main():
     print(f"wrote {path}")
     if args.record_paths:
         record_paths(cfg, dtype, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", rows,
-                     f"benchmarks/results/{name}")
+                     f"benchmarks/results/{name}", common["fused_launch"])
     if args.profile and device.type == "cuda":
         profile_decode_step(model, args, prompts)
 
@@ -451,9 +451,10 @@ def transformers_rows(directory, prompts, args, dtype, device) -> dict:
     return rows
 
 
-def record_paths(cfg, dtype, device_name: str, rows, result: str) -> None:
+def record_paths(cfg, dtype, device_name: str, rows, result: str, fused_launch: dict | None) -> None:
     """The batches up to which the fused step's tokens/s beat the compiled step's, into the
-    engine's table of decode paths."""
+    engine's table of decode paths, with the fused step's launch shapes if they were given
+    (--fused-tuning)."""
     from nanoseek.infer.decode_paths import record_fused_rows, rows_the_fused_step_won
     fused, compiled = MODES["fused"][0], MODES["compiled"][0]
     pairs = {r["batch"]: (rows[f"nanoseek engine{fused}, batch {r['batch']}"]["decode_tokens_per_s"],
@@ -461,7 +462,7 @@ def record_paths(cfg, dtype, device_name: str, rows, result: str) -> None:
              for name, r in rows.items() if name.startswith(f"nanoseek engine{compiled}")
              and f"nanoseek engine{fused}, batch {r['batch']}" in rows}
     won = rows_the_fused_step_won(pairs)
-    record_fused_rows(cfg, dtype, device_name, won, result)
+    record_fused_rows(cfg, dtype, device_name, won, result, fused_launch=fused_launch)
     print(f"decode paths: the fused step up to batch {won} for this shape (nanoseek/infer/decode_paths.json)")
 
 

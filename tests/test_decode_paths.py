@@ -52,6 +52,42 @@ def test_a_recorded_measurement_is_what_the_engine_takes(hopper, tmp_path):
     assert len(json.loads(table.read_text())["measured"]) == shipped + 1
 
 
+def test_a_recorded_launch_is_what_the_fused_step_takes(hopper, tmp_path, monkeypatch):
+    """A measurement recorded with the fused step's searched launch gives that launch back for
+    caches up to the short ones it was measured at, and the engine's step runs it unless its
+    config names a launch; longer caches, an entry without one and a shape where the fused step
+    lost take the rule's (None)."""
+    from nanoseek.infer import engine as engine_module
+    from nanoseek.infer.decode_paths import measured_fused_launch
+    from nanoseek.infer.fused import SHORT_CACHE
+    table = tmp_path / "paths.json"
+    shutil.copy(decode_paths.TABLE, table)
+    tiny, bench = preset("tiny"), preset("bench-1b")
+    searched = {"gemv_rows": 8, "down_split": 1}
+    record_fused_rows(tiny, torch.bfloat16, "NVIDIA H200", 1, "decode_tiny.json", table, fused_launch=searched)
+    assert measured_fused_launch(tiny, torch.bfloat16, CUDA, SHORT_CACHE, table) == searched
+    assert measured_fused_launch(tiny, torch.bfloat16, CUDA, SHORT_CACHE + 1, table) is None
+    assert measured_fused_launch(bench, torch.bfloat16, CUDA, 640, table) is None  # measured with the rule's
+    record_fused_rows(tiny, torch.bfloat16, "NVIDIA H200", 0, "decode_tiny.json", table, fused_launch=searched)
+    assert measured_fused_launch(tiny, torch.bfloat16, CUDA, 640, table) is None  # the fused step lost
+    # the engine: a table that says fused at one row with a launch (the CPU model stands in for a GPU one)
+    seen = []
+
+    class Runner(engine_module.ModelRunner):
+        def __init__(self, model, cache, autocast, config, *args):
+            seen.append(config.fused_launch)
+            super().__init__(model, cache, autocast, config, *args)
+    monkeypatch.setattr(engine_module, "ModelRunner", Runner)
+    monkeypatch.setattr(engine_module, "measured_fused_rows", lambda *a: 1)
+    monkeypatch.setattr(engine_module, "measured_fused_launch",
+                        lambda config, dtype, device, cache_len: searched if cache_len <= 100 else None)
+    model = Transformer(tiny)  # (its positions end short of SHORT_CACHE: the fake's is 100)
+    engine_module.Engine(model, max_batch=1, max_len=64)
+    engine_module.Engine(model, max_batch=1, max_len=101)
+    engine_module.Engine(model, max_batch=1, max_len=64, config=InferenceConfig(fused_launch={"gemv_rows": 2}))
+    assert seen == [searched, None, {"gemv_rows": 2}]
+
+
 def test_the_engine_defaults_to_the_compiled_step():
     """No setting: compiled captured steps, the fused step only as the table says."""
     config = InferenceConfig()

@@ -50,8 +50,8 @@
 # settings of nanoseek r1), R1_LIMIT (their seconds, 585 by default); TRL_ARGS (trl, measure);
 # CLAIM (claim: one or more of moe, balancing, attention, mtp, fp8, specialization), CLAIM_MINUTES;
 # DECODE_ARGS (decode, measure: e.g. "--tuned-option combo_kernels=true"); DECODE_MODES (decode.py --modes);
-# FUSED_ARGS (benchmarks/fused_decode.py); SCALING_ARGS (benchmarks/scaling.py, multigpu: e.g.
-# "--preset deepseek-v2-lite --layers 8");
+# FUSED_ARGS (benchmarks/fused_decode.py); FUSED_TUNING (shapes: the fused step's launch, recorded with the
+# paths); SCALING_ARGS (benchmarks/scaling.py, multigpu: e.g. "--preset deepseek-v2-lite --layers 8");
 # GIT_COMMIT: the commit the tree is at, recorded in the JSON results (the device's copy of .git may
 # still read an older HEAD than the working tree it was sent).
 # Wheels the image lacks (fastapi, uvicorn, trl, ...) come in .whl (benchmarks/device/device_wheels.txt).
@@ -232,7 +232,7 @@ case $stage in
            # loading V2-Lite's 27 layers into it and compiling ours took longer than 150 s on an H100
            # (benchmarks/results/h100_first_run); the V3 slice is shapes-v3 (here it ran out of the call)
     real_decode "$(left 585)" --preset deepseek-v2-lite --batches 1 32 --new 64 --repeat 2 --modes compiled fused \
-      --record-paths --skip-hf --profile
+      --record-paths --skip-hf --profile ${FUSED_TUNING:+--fused-tuning "$FUSED_TUNING"}
     cp nanoseek/infer/decode_paths.json "$OUT/"
     ;;
   shapes-v3)  # the same on a V3 slice (two layers), batch 1 and 32

@@ -9,6 +9,12 @@ dtype, the largest batch up to which the fused step was faster than the compiled
 every batch measured in one job (`benchmarks/decode.py --modes fused compiled
 --record-paths` writes it). A model, device or dtype without a measurement takes the
 compiled step, the path that has not lost anywhere.
+
+An entry may also hold the fused step's launch shapes that measurement ran with (searched by
+`benchmarks/fused_decode.py --tune`, given to decode.py by `--fused-tuning`): the engine takes
+them over the rule's (fused.fused_step_launch) for that shape and device, as tuned-kernel
+tables do, for caches up to fused.SHORT_CACHE positions, where they were measured; the rule
+derives every other model's.
 """
 
 from __future__ import annotations
@@ -47,11 +53,26 @@ def measured_fused_rows(config: ModelConfig, dtype: torch.dtype, device: torch.d
     from .fused import FusedDecoder  # imports Triton, which fast_kernels_supported found
     if FusedDecoder.unsupported(config) is not None:
         return 0
+    return measured_entry(config, dtype, device, table).get("fused_rows", 0)
+
+
+def measured_entry(config: ModelConfig, dtype: torch.dtype, device: torch.device, table: Path = TABLE) -> dict:
+    """The table's entry for this model shape, device and weight dtype, or {}."""
     key = dict(device=torch.cuda.get_device_name(device), dtype=dtype_name(dtype), shape=decode_shape(config))
     for entry in json.loads(table.read_text())["measured"]:
         if {k: entry[k] for k in key} == key:
-            return entry["fused_rows"]
-    return 0
+            return entry
+    return {}
+
+
+def measured_fused_launch(config: ModelConfig, dtype: torch.dtype, device: torch.device, cache_len: int,
+                          table: Path = TABLE) -> dict | None:
+    """The launch shapes the table's measurement of the fused step ran with, for a cache of
+    cache_len positions up to the short caches it was measured at; else None (the rule's)."""
+    from .fused import SHORT_CACHE
+    if cache_len > SHORT_CACHE or not measured_fused_rows(config, dtype, device, table):
+        return None
+    return measured_entry(config, dtype, device, table).get("fused_launch")
 
 
 def rows_the_fused_step_won(tokens_per_s: dict[int, tuple[float, float]]) -> int:
@@ -68,12 +89,13 @@ def rows_the_fused_step_won(tokens_per_s: dict[int, tuple[float, float]]) -> int
 
 
 def record_fused_rows(config: ModelConfig, dtype: torch.dtype, device_name: str, fused_rows: int,
-                      result: str, table: Path = TABLE) -> None:
+                      result: str, table: Path = TABLE, fused_launch: dict | None = None) -> None:
     """Put a measurement into the table, replacing the one of the same shape, device and dtype;
-    result: the benchmark's result file the figure comes from."""
+    result: the benchmark's result file the figure comes from; fused_launch: the launch shapes
+    the fused step ran with there, if not the rule's."""
     data = json.loads(table.read_text())
     entry = dict(device=device_name, dtype=dtype_name(dtype), shape=decode_shape(config),
-                 fused_rows=fused_rows, result=result)
+                 fused_rows=fused_rows, result=result, **({"fused_launch": fused_launch} if fused_launch else {}))
     same = ("device", "dtype", "shape")
     data["measured"] = [e for e in data["measured"] if any(e[k] != entry[k] for k in same)] + [entry]
     table.write_text(json.dumps(data, indent=2) + "\n")

@@ -74,6 +74,7 @@ tokens a step); a step with sampled rows runs eagerly.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import os
@@ -86,7 +87,7 @@ from ..model import Transformer
 from ..model.cache import StaticCache, cache_entry_shapes
 from ..model.mla import MLA
 from .config import InferenceConfig
-from .decode_paths import measured_fused_rows
+from .decode_paths import measured_fused_launch, measured_fused_rows
 from .grammar import GrammarCompiler, bitmask
 from .prefix_cache import PrefixCache
 from .sampling import (SamplingParams, TokenLogprob, logprob_rows, process_logits, row_settings, sample_rows,
@@ -455,7 +456,11 @@ class Engine:
         self.cache = StaticCache(cfg, num_slots, cache_len, dtype=self.dtype, device=self.device,
                                  num_layers=cfg.num_hidden_layers + (1 if speculative_k else 0))
         assert self.cache.nbytes_per_token() == bytes_per_token
-        self.runner = ModelRunner(model, self.cache, autocast, config, speculative_k, fused_rows)
+        step_config = config
+        if fused_rows and config.fused_launch is None:  # the launch the table's measurement ran with, if any
+            launch = measured_fused_launch(cfg, weight_dtype, self.device, cache_len)
+            step_config = dataclasses.replace(config, fused_launch=launch) if launch else config
+        self.runner = ModelRunner(model, self.cache, autocast, step_config, speculative_k, fused_rows)
         self.speculative_totals = RequestStats()
         if config.prefix_cache and speculative_k:  # the MTP entry at a prefix's end depends on the next token
             raise ValueError("prefix caching is not available with speculative decoding (speculative_k > 0)")
