@@ -151,3 +151,26 @@ def test_skip_special_tokens_leaves_them_out_of_the_text(model, tokenizer):
     assert kept.token_ids == skipped.token_ids and {0, 300} & set(kept.token_ids)
     assert skipped.text == tokenizer.decode([t for t in kept.token_ids if t not in range(0, 9) and t < 265])
     assert kept.text == tokenizer.decode(kept.token_ids) != skipped.text
+
+
+def test_chunked_argmax_is_torchs_argmax():
+    """The two-pass argmax of a GPU decode step gives torch's argmax: random rows, a maximum
+    repeated within a chunk and across chunks (the first wins), a row all -inf but one entry,
+    a NaN (above all, the first), a maximum in the last chunk's last entry; and the one-pass
+    fallback where no chunk divides the vocabulary."""
+    from nanoseek.infer.sampling import argmax_chunk, argmax_rows, chunked_argmax
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 24 * 64, generator=g)
+    x[1, [70, 75, 700]] = 9.0            # ties in one chunk and in a later one
+    x[2] = float("-inf")
+    x[2, 1000] = -1e30
+    x[3, [5, 900]] = float("nan")
+    x[4, -1] = 50.0
+    x[5, [64, 128]] = 7.0               # ties at the first entries of two chunks
+    want = x.argmax(-1)
+    assert want[:6].tolist()[1:6] == [70, 1000, 5, 24 * 64 - 1, 64]
+    for chunk in (64, 128, 256):
+        assert torch.equal(chunked_argmax(x, chunk), want)
+    assert torch.equal(argmax_rows(x), want)
+    # V2-Lite's, V3's and bench-1b's vocabularies in chunks of 2,048, 2,020 and 2,000; a prime none
+    assert [argmax_chunk(V) for V in (102400, 129280, 32000, 1009)] == [2048, 2020, 2000, 0]

@@ -52,7 +52,7 @@ import warnings
 import torch
 
 from ..model import StaticCache, Transformer
-from .sampling import SamplingParams, filters, logprob_rows, row_settings, sample_tensors
+from .sampling import SamplingParams, argmax_rows, filters, logprob_rows, row_settings, sample_tensors
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # the decode step's forms, a key's second part: False greedy, True sampling (with the top-k /
@@ -333,7 +333,7 @@ class GraphDecoder(BucketGraphs):
         """((logits, the token of each row: argmax, or the sampler at the row's uniform), the
         step's next ids and positions)."""
         if settings_4B is None:
-            tokens_B = logits_BV.argmax(-1)
+            tokens_B = argmax_rows(logits_BV)
         else:
             greedy, temperature, top_k, top_p = settings_4B
             tokens_B = sample_tensors(logits_BV, greedy > 0, temperature, top_k.long(), top_p, uniform_B,

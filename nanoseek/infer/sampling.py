@@ -29,6 +29,33 @@ from typing import NamedTuple
 import torch
 
 MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's chat limit; vLLM's default)
+# argmax_rows reads a row in chunks of at most this many logits, at least ARGMAX_LEAST
+ARGMAX_CHUNK, ARGMAX_LEAST = 2048, 256
+
+
+def argmax_rows(logits_BV: torch.Tensor) -> torch.Tensor:
+    """logits_BV.argmax(-1) (the first of equal maxima; NaN above all) on a GPU in two passes,
+    the maximum of each chunk of a row, then of the chunks' (chunked_argmax): torch's argmax of
+    one row of V2-Lite's 102,400 logits took 31 us on an H100, 1.2% of a decode step. A
+    vocabulary with no divisor in [ARGMAX_LEAST, ARGMAX_CHUNK], or a CPU, takes the one pass."""
+    chunk = argmax_chunk(logits_BV.shape[-1])
+    if logits_BV.device.type != "cuda" or not chunk:
+        return logits_BV.argmax(-1)
+    return chunked_argmax(logits_BV, chunk)
+
+
+def argmax_chunk(V: int) -> int:
+    """The largest divisor of V in [ARGMAX_LEAST, min(ARGMAX_CHUNK, V / 2)], or 0."""
+    return next((c for c in range(min(ARGMAX_CHUNK, V // 2), ARGMAX_LEAST - 1, -1) if V % c == 0), 0)
+
+
+def chunked_argmax(logits_BV: torch.Tensor, chunk: int) -> torch.Tensor:
+    """argmax over each row read as chunks of `chunk` logits (V a multiple of it): the first
+    chunk holding the row's maximum, then that chunk's first maximum."""
+    B, V = logits_BV.shape
+    best, where = logits_BV.view(B, V // chunk, chunk).max(-1)
+    first = best.argmax(-1, keepdim=True)
+    return first.squeeze(-1) * chunk + where.gather(-1, first).squeeze(-1)
 
 
 @dataclass
@@ -248,14 +275,14 @@ def sample_tensors(logits_BV: torch.Tensor, greedy_B: torch.Tensor, temperature_
         scaled_BV = torch.empty_like(sorted_BV).scatter_(-1, order_BV, sorted_BV)  # back in vocabulary order
     else:
         scaled_BV = logits_BV.float() / temperature_B[:, None]
-    return torch.where(greedy_B, logits_BV.argmax(-1), draw(scaled_BV, uniform_B))
+    return torch.where(greedy_B, argmax_rows(logits_BV), draw(scaled_BV, uniform_B))
 
 
 def sample_rows(logits_BV: torch.Tensor, params: list[SamplingParams],
                 uniforms: list[float]) -> torch.Tensor:
     """One token per row: argmax for greedy rows, else the inverse CDF at uniforms[b]."""
     if all(p.greedy for p in params):
-        return logits_BV.argmax(-1)
+        return argmax_rows(logits_BV)
     dev = logits_BV.device
     return sample_tensors(logits_BV, *row_settings(params, dev), torch.tensor(uniforms, device=dev),
                           filtered=filters(params))
