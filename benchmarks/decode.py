@@ -109,12 +109,13 @@ def same_tokens(a: list[list[int]], b: list[list[int]]) -> float:
 DECISIVE = (0.25, 0.5, 1.0)  # top-two logit gaps, in the logits' standard deviations
 
 
-def teacher_forced(model, seqs: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_forced(model, seqs: torch.Tensor, start: int,
+                   fused_launch: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """generate.forced_decode's choices after each of positions start-1 .. T-2, [B, T - start],
     and the gap between each one's top two logits over the logits' standard deviation."""
     from nanoseek.infer.generate import forced_decode
     choices, gaps = [], []
-    for logits in forced_decode(model, seqs, start):
+    for logits in forced_decode(model, seqs, start, fused_launch):
         logits = logits.float()
         top = logits.topk(2, -1).values
         choices.append(logits.argmax(-1))
@@ -305,9 +306,26 @@ def main():
         model = from_pretrained(tmp, dtype=dtype, device=device)
     plists = {B: [p.tolist() for p in prompts[:B]] for B in args.batches}
     tokens = {}
+    if common["fused_launch"] is None and "fused" in args.modes and device.type == "cuda":
+        # the launch the engine's fused step takes without one: the table's for this shape, or the rule's
+        from nanoseek.infer.decode_paths import measured_fused_launch
+        common["fused_launch"] = measured_fused_launch(model.config, dtype, device, max_len(args))
+        print(f"fused step launch: {common['fused_launch'] or 'the rule'}", flush=True)
     if args.fp8:
         fp8_round_trip(model)
     engine_rows(model, plists, args, common, device, bandwidth, rows, tokens)
+    fused, compiled = MODES["fused"][0], MODES["compiled"][0]
+    B = min(args.batches)
+    if {"fused", "compiled"} <= set(args.modes) and (fused, B) in tokens:
+        # the compiled step's continuations forced through the fused step and through the model's
+        # own decode: a free run's tokens part at the first near-tie, these are compared everywhere
+        seqs = torch.tensor([p + g for p, g in zip(plists[B], tokens[compiled, B][-1])], device=device)
+        row = rows[f"nanoseek engine{fused}, batch {B}"]
+        row["fused_teacher_forced_vs_model"] = agreement(
+            teacher_forced(model, seqs, args.prompt, common["fused_launch"] or {})[0],
+            teacher_forced(model, seqs, args.prompt))
+        print(f"teacher-forced greedy choices, fused step against the model: "
+              f"{row['fused_teacher_forced_vs_model']}", flush=True)
     forced = {}
     if args.fp8:
         from nanoseek.infer.fp8_weights import FP8Experts, FP8Linear, quantize_weights

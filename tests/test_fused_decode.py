@@ -290,6 +290,19 @@ def test_fused_decoder_bursts_equal_the_model_step():
     assert one.fused.max_rows == 1 and one._fused(1) and not one._fused(2) and one._compiles((2, False))
 
 
+def test_forced_decode_through_the_fused_step_is_the_models():
+    """generate.forced_decode with a fused launch (the benchmark's teacher-forced check of the
+    fused step) steps through the fused step: the logits after each forced token equal the
+    model's own cached decode's along the same sequences, rows of two prompts at once."""
+    from nanoseek.infer.generate import forced_decode
+    model = sharp_model()
+    seqs = torch.randint(0, model.config.vocab_size, (2, 9), device=DEVICE)
+    want = torch.stack(list(forced_decode(model, seqs, 5)), 1)
+    got = torch.stack(list(forced_decode(model, seqs, 5, dict(LAUNCH, attend_split=16))), 1)
+    assert got.shape == (2, 4, model.config.vocab_size) and want.abs().max() > 5
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-4)
+
+
 def test_unsupported_models_say_why():
     from nanoseek.infer.fused import FusedDecoder
     with pytest.raises(ValueError, match="unknown launch keys \\['gemv_row'\\]"):

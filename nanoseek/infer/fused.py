@@ -277,7 +277,7 @@ class FusedDecoder:
         m = self.model
         h = self.h[:B]
         torch.index_select(m.model.embed_tokens.weight, 0, ids_B1[:, 0], out=h)
-        positions_B = positions_B1[:, 0]
+        positions_B = positions_B1[:, 0].contiguous()  # the kernels read row b's at offset b
         for i, layer in enumerate(m.main_layers):
             self._attention(layer, i, h, positions_B)
             self._mlp(layer, h)

@@ -72,16 +72,23 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
 
 @torch.no_grad()
-def forced_decode(model: Transformer, seqs: torch.Tensor, start: int) -> Iterator[torch.Tensor]:
+def forced_decode(model: Transformer, seqs: torch.Tensor, start: int,
+                  fused_launch: dict | None = None) -> Iterator[torch.Tensor]:
     """A cached greedy decode forced along seqs [B, T] (the same length every row): prefilled
     to `start`, then one token a step, so the decode-sized paths run (FP8 weights' kernels,
-    the absorbed attention). Yields the next-token logits [B, V] after each of positions
-    start-1 .. T-2: what the model would choose where the sequence goes on as given."""
+    the absorbed attention; with fused_launch, {} for the rule's, the fused Triton step).
+    Yields the next-token logits [B, V] after each of positions start-1 .. T-2: what the
+    model would choose where the sequence goes on as given."""
     B, T = seqs.shape
     cache = StaticCache(model.config, B, T, dtype=next(model.parameters()).dtype, device=seqs.device)
     pos = torch.arange(T, device=seqs.device).expand(B, T)
     logits = model(seqs[:, :start], positions=pos[:, :start], cache=cache, absorb=False).logits[:, -1]
+    step = lambda ids, positions: model(ids, positions=positions, cache=cache).logits[:, -1]  # noqa: E731
+    if fused_launch is not None:
+        from .fused import FusedDecoder  # imports Triton
+        fused = FusedDecoder(model, cache, B, fused_launch)
+        step = lambda ids, positions: fused.forward(ids, positions).clone()  # noqa: E731 (its buffer's next step)
     for t in range(start, T):
         yield logits
         if t + 1 < T:
-            logits = model(seqs[:, t:t + 1], positions=pos[:, t:t + 1], cache=cache).logits[:, -1]
+            logits = step(seqs[:, t:t + 1], pos[:, t:t + 1])
