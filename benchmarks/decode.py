@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -293,7 +294,8 @@ def main():
     print(f"{args.preset}{f' ({args.layers} layers)' if args.layers else ''} on {device}: copy bandwidth "
           f"{bandwidth / 1e9:,.0f} GB/s", flush=True)
     rows = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=checkpoint_dir(cfg)) as tmp:
         model = Transformer(cfg)
         with torch.no_grad():
             for p in model.parameters():
@@ -304,6 +306,7 @@ def main():
         if not args.skip_hf:
             rows.update(transformers_rows(tmp, prompts, args, dtype, device))
         model = from_pretrained(tmp, dtype=dtype, device=device)
+    print(f"model built, saved and loaded in {time.perf_counter() - began:.0f} s", flush=True)
     plists = {B: [p.tolist() for p in prompts[:B]] for B in args.batches}
     tokens = {}
     if common["fused_launch"] is None and "fused" in args.modes and device.type == "cuda":
@@ -389,6 +392,16 @@ def fp8_round_trip(model) -> None:
                     part.copy_(dequantize_fp8_blockwise(*quantize_fp8_blockwise(part.float())))
 
 
+def checkpoint_dir(cfg) -> str | None:
+    """Where the random model's checkpoint goes: /dev/shm when it has room for the BF16 weights
+    twice over (all of V2-Lite is 31 GB: writing and reading it on disk took minutes of a device
+    call), else the default temporary directory."""
+    shm = Path("/dev/shm")
+    with torch.device("meta"):
+        size = sum(p.numel() for p in Transformer(cfg).parameters()) * 2
+    return str(shm) if shm.is_dir() and shutil.disk_usage(shm).free > 2 * size else None
+
+
 def max_len(args) -> int:
     """The engines' cache length: --max-len, at least what the prompt and the new tokens take."""
     return max(args.max_len or 0, args.prompt + args.new)
@@ -425,7 +438,9 @@ def engine_rows(model, plists, args, common, device, bandwidth, rows, tokens, we
                     tokens.setdefault((label, B), []).append(outs)
                 return span
             name = f"nanoseek engine{label}, batch {B}"
+            began = time.perf_counter()
             row = rows[name] = {"batch": B, **measure(run, B, args.new, args.repeat, device), **roofline[B]}
+            row["measure_wall_s"] = time.perf_counter() - began  # with the first run's compile and capture
             row["roofline_fraction"] = row["decode_tokens_per_s"] / row["roofline_tokens_per_s"]
             row.update(graph_flags(engine.runner.graphs))
             runs = tokens[label, B]
