@@ -23,6 +23,8 @@
 #   bash benchmarks/device/h200_session.sh parity     # FP8 vs BF16 loss parity (small, 2,000 steps), BF16's seed spread
 #   bash benchmarks/device/h200_session.sh shapes     # decode on V2-Lite: fused vs compiled recorded as the
 #                                              # default path (shapes-v3: the same on a V3 slice)
+#   bash benchmarks/device/h200_session.sh fusedtune  # the fused step's GPU tests at real widths, its launch
+#                                              # searched on 8 V2-Lite layers (FUSED_TUNING of shapes)
 #   bash benchmarks/device/h200_session.sh fp8accum   # BF16 vs FP8 training at 16 micro-batches a step
 #   bash benchmarks/device/h200_session.sh fp8        # FP8-resident decode vs BF16 on all 27 V2-Lite layers
 #   bash benchmarks/device/h200_session.sh fp8twin    # FP8 decode at batch 1: the FP8 GEMV kernel vs Inductor's fused
