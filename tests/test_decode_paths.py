@@ -54,19 +54,22 @@ def test_a_recorded_measurement_is_what_the_engine_takes(hopper, tmp_path):
 
 def test_a_recorded_launch_is_what_the_fused_step_takes(hopper, tmp_path, monkeypatch):
     """A measurement recorded with the fused step's searched launch gives that launch back for
-    caches up to the short ones it was measured at, and the engine's step runs it unless its
-    config names a launch; longer caches, an entry without one and a shape where the fused step
-    lost take the rule's (None)."""
+    caches up to the short ones it was measured at (past them its weight kernels' shapes only),
+    and the engine's step runs it unless its config names a launch; an entry without one and a
+    shape where the fused step lost take the rule's (None)."""
     from nanoseek.infer import engine as engine_module
     from nanoseek.infer.decode_paths import measured_fused_launch
     from nanoseek.infer.fused import SHORT_CACHE
     table = tmp_path / "paths.json"
     shutil.copy(decode_paths.TABLE, table)
     tiny, bench = preset("tiny"), preset("bench-1b")
-    searched = {"gemv_rows": 8, "down_split": 1}
+    searched = {"gemv_rows": 8, "down_split": 1, "attend_split": 64, "attend_warps": 4, "output_split": 4,
+                "output_warps": 2, "merge_splits": 8}
     record_fused_rows(tiny, torch.bfloat16, "NVIDIA H200", 1, "decode_tiny.json", table, fused_launch=searched)
     assert measured_fused_launch(tiny, torch.bfloat16, CUDA, SHORT_CACHE, table) == searched
-    assert measured_fused_launch(tiny, torch.bfloat16, CUDA, SHORT_CACHE + 1, table) is None
+    # past the short cache the attention's shapes are the rule's, the weights' kernels' the table's
+    assert measured_fused_launch(tiny, torch.bfloat16, CUDA, SHORT_CACHE + 1, table) == {"gemv_rows": 8,
+                                                                                         "down_split": 1}
     assert measured_fused_launch(bench, torch.bfloat16, CUDA, 640, table) is None  # measured with the rule's
     record_fused_rows(tiny, torch.bfloat16, "NVIDIA H200", 0, "decode_tiny.json", table, fused_launch=searched)
     assert measured_fused_launch(tiny, torch.bfloat16, CUDA, 640, table) is None  # the fused step lost

@@ -13,8 +13,9 @@ compiled step, the path that has not lost anywhere.
 An entry may also hold the fused step's launch shapes that measurement ran with (searched by
 `benchmarks/fused_decode.py --tune`, given to decode.py by `--fused-tuning`): the engine takes
 them over the rule's (fused.fused_step_launch) for that shape and device, as tuned-kernel
-tables do, for caches up to fused.SHORT_CACHE positions, where they were measured; the rule
-derives every other model's.
+tables do; the rule derives every other model's. They were measured at a short cache: past
+fused.SHORT_CACHE positions the engine keeps only the weight kernels' shapes and takes the
+rule's for the attention (its split, blocks and merge follow the cache's length).
 """
 
 from __future__ import annotations
@@ -68,11 +69,16 @@ def measured_entry(config: ModelConfig, dtype: torch.dtype, device: torch.device
 def measured_fused_launch(config: ModelConfig, dtype: torch.dtype, device: torch.device, cache_len: int,
                           table: Path = TABLE) -> dict | None:
     """The launch shapes the table's measurement of the fused step ran with, for a cache of
-    cache_len positions up to the short caches it was measured at; else None (the rule's)."""
-    from .fused import SHORT_CACHE
-    if cache_len > SHORT_CACHE or not measured_fused_rows(config, dtype, device, table):
+    cache_len positions: all of them up to the short caches they were measured at, past that
+    those of the weights' kernels (fused.ATTENTION_KEYS left to the rule); None where the
+    table has none (the rule's)."""
+    from .fused import ATTENTION_KEYS, SHORT_CACHE
+    if not measured_fused_rows(config, dtype, device, table):
         return None
-    return measured_entry(config, dtype, device, table).get("fused_launch")
+    launch = measured_entry(config, dtype, device, table).get("fused_launch")
+    if launch is None or cache_len <= SHORT_CACHE:
+        return launch
+    return {k: v for k, v in launch.items() if k not in ATTENTION_KEYS}
 
 
 def rows_the_fused_step_won(tokens_per_s: dict[int, tuple[float, float]]) -> int:

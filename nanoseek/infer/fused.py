@@ -77,6 +77,8 @@ LAUNCH_KEYS = ("gemv_rows", "gemv_warps", "head_rows", "head_warps", "query_warp
                "attend_heads", "attend_block", "attend_programs", "attend_stages", "attend_warps", "output_warps",
                "merge_splits", "route_warps", "up_rows", "up_warps", "down_rows", "down_warps", "max_block", "pdl",
                "attend_transposed", "query_split", "output_split", "down_tail", "down_split")
+# those of the attention over the cache, whose best values depend on the cache's length
+ATTENTION_KEYS = tuple(k for k in LAUNCH_KEYS if k.startswith(("attend_", "output_", "merge_")))
 
 
 def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = None) -> dict:
