@@ -91,6 +91,22 @@ def test_a_recorded_launch_is_what_the_fused_step_takes(hopper, tmp_path, monkey
     assert seen == [searched, None, {"gemv_rows": 2}]
 
 
+def test_the_shipped_tables_launches_are_valid_for_their_shapes():
+    """Every launch the shipped table holds is one fused_step_launch takes for its model's widths
+    (a renamed or removed launch key would stop the engine building its step): V2-Lite's on an
+    H100 among them, its MoE down kernel at 4 rows."""
+    from nanoseek.infer.fused import SHORT_CACHE, fused_step_launch
+    launches = [(e["shape"], e["fused_launch"]) for e in json.loads(decode_paths.TABLE.read_text())["measured"]
+                if "fused_launch" in e]
+    assert any(shape["hidden_size"] == 2048 for shape, _ in launches)  # V2-Lite's
+    for shape, launch in launches:
+        config = preset("deepseek-v2-lite").replace(**shape)
+        t = fused_step_launch(config, SHORT_CACHE, launch)
+        assert {k: t[k] for k in launch} == launch
+        if shape["hidden_size"] == 2048:
+            assert t["down_rows"] == 4
+
+
 def test_the_engine_defaults_to_the_compiled_step():
     """No setting: compiled captured steps, the fused step only as the table says."""
     config = InferenceConfig()
