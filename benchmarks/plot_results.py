@@ -103,17 +103,19 @@ def decode_shapes() -> Path:
     the issue's targets, and FP8-resident weights' speed against BF16 beside what their bytes
     allow (h100_decode_shapes)."""
     base = RESULTS / "h100_decode_shapes"
-    # (shape, result, the batches taken from it): batch 1 from the run with the fused step's
-    # searched launch, batch 32 from the earlier run that timed it
-    runs = [("V2-Lite 27L", base / "v2lite_tuned" / "decode_deepseek-v2-lite_tune2.json", (1,)),
-            ("V2-Lite 27L", base / "v2lite_fused" / "decode_deepseek-v2-lite.json", (32,)),
-            ("V3 2L", base / "decode_deepseek-v3_2L.json", (1, 32))]
+    # (shape, result, the batches taken from it, the run's note): V2-Lite's fused step with its
+    # searched launch (the one the engine takes from its table) and with the rule's, each beside
+    # the compiled step of its own run (another H100 each)
+    runs = [("V2-Lite 27L", base / "v2lite_tuned" / "decode_deepseek-v2-lite_tune2.json", (1,), "searched launch"),
+            ("V2-Lite 27L", base / "rule_launch" / "decode_deepseek-v2-lite.json", (1, 32), "rule's launch"),
+            ("V3 2L", base / "rule_launch" / "v3" / "decode_deepseek-v3_2L.json", (1, 32), "")]
     fractions = []
-    for shape, path, batches in runs:
+    for shape, path, batches, note in runs:
         for name, r in json.loads(path.read_text())["rows"].items():
             if r["batch"] in batches:
                 step = "fused" if "fused" in name else "compiled"
-                fractions.append((f"{shape}, {step}, batch {r['batch']}", 100 * r["roofline_fraction"],
+                run = f" ({note} run)" if note else ""
+                fractions.append((f"{shape}, {step}{run}, batch {r['batch']}", 100 * r["roofline_fraction"],
                                   70 if r["batch"] == 1 else 60))
     fp8 = [("V2-Lite 8L", base / "fp8_batch" / "decode_deepseek-v2-lite_8L.json"),
            ("V3 2L", base / "fp8_batch" / "decode_deepseek-v3_2L.json")]
