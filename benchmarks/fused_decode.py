@@ -19,7 +19,9 @@ tokens (max_len prompt + 128, as benchmarks/decode.py).
   shapes alone to fused_tuning.json (fused_tuning_<preset>[_<N>L].json for another preset;
   benchmarks/decode.py --fused-tuning reads them);
 - `--profile`: the fused step's kernels at batch 1 (torch.profiler, uncaptured) in
-  fused_profile.txt.
+  fused_profile.txt;
+- `--no-reference`: no float32 twin and no accuracy rows, for a model whose twin does not fit
+  beside it (the V3 slice on an H100).
 
     python benchmarks/fused_decode.py [--preset deepseek-v2-lite --layers 8] [--buckets 1 2 4 --steps 64
         --repeat 5 --tune 2 --profile]
@@ -133,26 +135,33 @@ def main():
     ap.add_argument("--tune", type=int, default=0, metavar="PASSES",
                     help="tune the launch shapes first: PASSES rounds of coordinate descent")
     ap.add_argument("--no-compiled", action="store_true", help="time the fused step only")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="no float32 twin, so no accuracy rows: the V3 slice's (~54 GB) beside its BF16 copy "
+                         "passes an H100's 80 GB")
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = sliced_preset(args.preset, args.layers)
     tag = result_tag(args.preset, args.layers)
-    model = Transformer(cfg).cuda().eval()   # float32 twin: the reference both are held to
-    model_bf16 = to_dtype(copy.deepcopy(model), torch.bfloat16)  # as from_pretrained(dtype=) loads it
+    if args.no_reference:  # initialised in float32 on the host, as the twin is, then cast
+        model_bf16 = to_dtype(Transformer(cfg).eval(), torch.bfloat16).cuda()
+    else:
+        model = Transformer(cfg).cuda().eval()   # float32 twin: the reference both are held to
+        model_bf16 = to_dtype(copy.deepcopy(model), torch.bfloat16)  # as from_pretrained(dtype=) loads it
     R = max(args.buckets)
     max_len = args.prompt + 128
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, cfg.vocab_size, (R, args.prompt), generator=g).cuda()
-    cache32 = StaticCache(cfg, R, max_len, dtype=torch.float32, device="cuda")
     cache16 = StaticCache(cfg, R, max_len, dtype=torch.bfloat16, device="cuda")
-    prefill(model, cache32, prompts)
     prefill(model_bf16, cache16, prompts)
     rows, tuning = {}, {}
     launch = fused_module.fused_step_launch(cfg, max_len)  # the shapes every fused step below runs
     if args.tune:
         launch, path = tune(model_bf16, copy.deepcopy(cache16), args.prompt, args.tune)
         tuning = {"best": launch, "path": path}
-    for B in args.buckets:
+    for B in [] if args.no_reference else args.buckets:
+        if B == args.buckets[0]:
+            cache32 = StaticCache(cfg, R, max_len, dtype=torch.float32, device="cuda")
+            prefill(model, cache32, prompts)
         ids = torch.randint(0, cfg.vocab_size, (B, 1), generator=g).cuda()
         pos = torch.full((B, 1), args.prompt, device="cuda")
         with torch.no_grad():
@@ -167,7 +176,8 @@ def main():
             "fused_vs_model_bf16_max_abs_diff": float((fused - plain).abs().max()),
         }
         print(rows[f"batch {B}"], flush=True)
-    del model, cache32
+    if not args.no_reference:
+        del model, cache32
     torch.cuda.empty_cache()
 
     modes = ((("fused", dict(fused_rows=R, fused_launch=launch)),)
@@ -181,7 +191,7 @@ def main():
             def burst(step=step, slots=slots):
                 return step.decode_burst(slots, [1] * len(slots), [args.prompt] * len(slots), args.steps)
             us = time_cuda(burst, warmup=1, repeat=args.repeat)["median_ms"] * 1e3 / args.steps  # warm-up: capture
-            row = rows[f"batch {B}"]
+            row = rows.setdefault(f"batch {B}", {"batch": B})
             row[f"{name}_us_per_step"] = us
             row.update({f"{name}_{k}": v for k, v in graph_flags(step).items()})  # captured, compiled
             if name == "compiled":

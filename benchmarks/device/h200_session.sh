@@ -25,6 +25,7 @@
 #                                              # default path (shapes-v3: the same on a V3 slice)
 #   bash benchmarks/device/h200_session.sh fusedtune  # the fused step's GPU tests at real widths, its launch
 #                                              # searched on 8 V2-Lite layers (FUSED_TUNING of shapes)
+#   bash benchmarks/device/h200_session.sh fusedtune-v3   # the same search on the V3 slice
 #   bash benchmarks/device/h200_session.sh fp8accum   # BF16 vs FP8 training at 16 micro-batches a step
 #   bash benchmarks/device/h200_session.sh fp8        # FP8-resident decode vs BF16 on all 27 V2-Lite layers
 #   bash benchmarks/device/h200_session.sh fp8twin    # FP8 decode at batch 1: the FP8 GEMV kernel vs Inductor's fused
@@ -282,6 +283,11 @@ case $stage in
       "real_layer_widths or as_accurate" 2>&1 | tail -12 | tee "$OUT/fused_gpu_tests.log"
     bench "$(left 585)" 120 benchmarks/fused_decode.py --preset deepseek-v2-lite --layers 8 --buckets 1 --tune 1 \
       --repeat 3 --profile
+    ;;
+  fusedtune-v3)  # the same search on the V3 slice (its float32 twin would not fit an H100 beside it: no accuracy
+                 # rows); with the rule's launch the fused step lost there, 569 to the compiled step's 599 tokens/s
+    bench "$(left 585)" 120 benchmarks/fused_decode.py --preset deepseek-v3 --layers 2 --buckets 1 --tune 1 \
+      --repeat 3 --no-reference
     ;;
   fp8batch)  # FP8-resident decode past one row (V2-Lite's first 8 layers, batch 4 and 32): the linears' split-K
              # tensor-core kernel and the experts' small-batch kernels on FP8 weights, against BF16
