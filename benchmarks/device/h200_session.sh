@@ -279,7 +279,7 @@ case $stage in
               # then its launch shapes searched at V2-Lite's widths (8 layers, one row: its rule was tuned
               # on bench-1b), its accuracy against float32 and its speed against the compiled step,
               # profiled; fused_tuning_deepseek-v2-lite_8L.json is what decode.py --fused-tuning reads
-    timeout 150 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fused_decode.py -k \
+    timeout 240 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fused_decode.py -k \
       "real_layer_widths or as_accurate" 2>&1 | tail -12 | tee "$OUT/fused_gpu_tests.log"
     bench "$(left 585)" 120 benchmarks/fused_decode.py --preset deepseek-v2-lite --layers 8 --buckets 1 --tune 1 \
       --repeat 3 --profile
