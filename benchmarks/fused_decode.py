@@ -75,13 +75,15 @@ def step_weight_bytes(model: Transformer) -> int:
 
 # the largest kernels' knobs first (fused.LAUNCH_KEYS; each list holds bench-1b's derived value)
 CANDIDATES = dict(pdl=[True, False], up_rows=[2, 4, 8, 16], up_warps=[1, 2, 4], down_split=[0, 1],
-                  down_rows=[1, 2, 4, 8], down_warps=[1, 2, 4, 8], down_tail=[0, 1],
+                  down_block=[256, 512, 1024, 2048], down_rows=[1, 2, 4, 8], down_warps=[1, 2, 4, 8],
+                  down_tail=[0, 1],
                   query_split=[1, 2, 4, 8], query_warps=[2, 4, 8], gemv_rows=[2, 4, 8], gemv_warps=[2, 4, 8],
                   attend_split=[32, 64, 128], attend_warps=[4, 8], output_split=[1, 2, 4, 8],
                   output_warps=[2, 4, 8], route_warps=[1, 2, 4],
                   head_rows=[4, 8, 16, 32], head_warps=[4, 8])
-# a knob that changes a kernel's shape: its trials take the rule's launch for that kernel
-DERIVED = dict(down_split=("down_rows", "down_warps"))
+# a knob that changes a kernel's shape: its trials take the rule's values of these for it (from the
+# rest of the best launch so far)
+DERIVED = dict(down_split=("down_rows", "down_warps"), down_block=("down_warps",))
 
 
 def fused_step_us(model, cache, launch, prompt, repeat=5) -> float:
@@ -106,7 +108,8 @@ def tune(model, cache, prompt, passes) -> tuple[dict, list]:
         for v in sorted(set(values) | {best[key]}):  # the rule's value for this model's widths too
             trial = {**best, key: v}
             if key in DERIVED:
-                rule = fused_module.fused_step_launch(model.config, cache.max_len, {key: v})
+                kept = {k: x for k, x in trial.items() if k not in DERIVED[key] and not k.endswith("_warps")}
+                rule = fused_module.fused_step_launch(model.config, cache.max_len, kept)
                 trial.update({k: rule[k] for k in DERIVED[key]})
             if tuple(sorted(trial.items())) in tried:
                 continue

@@ -121,6 +121,11 @@ def prefilled_cache(model, lengths, max_len=40, ids=None, dtype=torch.float32):
     # the down projection split over its slots and their column blocks, summed by the last program
     (dict(hidden_size=56, intermediate_size=88, moe_intermediate_size=40, num_attention_heads=32,
           q_lora_rank=40, n_shared_experts=2), True, dict(down_split=1, down_rows=8)),
+    # the down kernel's columns in blocks narrower than the other kernels' (a loop; more split programs)
+    (dict(hidden_size=56, intermediate_size=88, moe_intermediate_size=40, num_attention_heads=32,
+          q_lora_rank=40, n_shared_experts=2), False, dict(down_block=16)),
+    (dict(hidden_size=56, intermediate_size=88, moe_intermediate_size=40, num_attention_heads=32,
+          q_lora_rank=40, n_shared_experts=2), False, dict(down_split=1, down_block=16)),
 ])
 def test_fused_step_matches_model_decode(overrides, chunked, extra, monkeypatch):
     """Logits of rows at different positions (one of them the dummy row at 0 that a bucket

@@ -76,7 +76,7 @@ DOWN_SPLIT_ELEMENTS = 8192
 LAUNCH_KEYS = ("gemv_rows", "gemv_warps", "head_rows", "head_warps", "query_warps", "attend_split",
                "attend_heads", "attend_block", "attend_programs", "attend_stages", "attend_warps", "output_warps",
                "merge_splits", "route_warps", "up_rows", "up_warps", "down_rows", "down_warps", "max_block", "pdl",
-               "attend_transposed", "query_split", "output_split", "down_tail", "down_split")
+               "attend_transposed", "query_split", "output_split", "down_tail", "down_split", "down_block")
 # those of the attention over the cache, whose best values depend on the cache's length
 ATTENTION_KEYS = tuple(k for k in LAUNCH_KEYS if k.startswith(("attend_", "output_", "merge_")))
 
@@ -118,17 +118,20 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
     output_split = (max(1, min(pow2(c.v_head_dim) // 16, pow2(c.v_head_dim) * pow2(C) // OUTPUT_ELEMENTS))
                     if max_len <= SHORT_CACHE else 1)
     down_split = given.get("down_split", 0)
+    # the columns of a slot the down kernel reads at once (the rest in a loop, or more split programs)
+    down_block = given.get("down_block", max_block)
     down_rows = (max(1, DOWN_SPLIT_ELEMENTS // F) if down_split else
                  max(1, min(pow2(c.hidden_size // DOWN_PROGRAMS + 1) // 2, DOWN_ELEMENTS // (slots * F))))
     out = dict(gemv_rows=rows("gemv", D), head_rows=rows("head", D), up_rows=rows("up", D),
                down_rows=down_rows, attend_split=split, attend_heads=heads, attend_block=block_s,
                attend_programs=ATTEND_PROGRAMS, attend_stages=3, merge_splits=MERGE_SPLITS, max_block=max_block,
                pdl=True, attend_transposed=0, query_split=query_split, output_split=output_split, down_tail=0,
-               down_split=down_split)
+               down_split=down_split, down_block=down_block)
     out.update({k: v for k, v in given.items() if k in out})  # the warps follow the rows given
     out.update(gemv_warps=warps(out["gemv_rows"] * D), head_warps=warps(out["head_rows"] * D),
                up_warps=warps(2 * out["up_rows"] * D),
-               down_warps=warps(out["down_rows"] * (1 if out["down_split"] else slots) * F),
+               down_warps=warps(out["down_rows"] * (1 if out["down_split"] else slots)
+                                * min(F, out["down_block"])),
                query_warps=warps(N * (c.q_lora_rank or 0) + R * (c.q_lora_rank or 0) + N * C // out["query_split"]),
                attend_warps=warps(block_s * (C + R) + heads * C), output_warps=warps(c.v_head_dim * C // out["output_split"]),
                route_warps=warps(32 * (c.n_routed_experts or 0)))
@@ -140,8 +143,8 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
     if pow2(C) // out["query_split"] < 16 or pow2(c.v_head_dim) // out["output_split"] < 1:
         raise ValueError(f"launch query_split={out['query_split']} / output_split={out['output_split']}: "
                          f"at most {pow2(C) // 16} / {pow2(c.v_head_dim)} for this model's widths")
-    for key in ("attend_split", "attend_heads", "attend_block"):
-        if out[key] < 16:  # tl.dot's smallest block
+    for key in ("attend_split", "attend_heads", "attend_block", "down_block"):
+        if out[key] < 16:  # tl.dot's smallest block; the reductions' too
             raise ValueError(f"launch {key}={out[key]}: must be at least 16")
     if out["attend_programs"] < 1:
         raise ValueError(f"launch attend_programs={out['attend_programs']}: must be at least 1")
@@ -352,9 +355,9 @@ class FusedDecoder:
         return mlp.gate.top_k + (0 if shared is None else weights[0].shape[0] // F), F, weights
 
     def _chunks(self, F: int) -> tuple[int, int]:
-        """A slot's columns as the split down kernel reads them: blocks of at most max_block, and
+        """A slot's columns as the split down kernel reads them: blocks of at most down_block, and
         how many."""
-        block = min(self.t["max_block"], pow2(F))
+        block = min(self.t["down_block"], pow2(F))
         return block, triton.cdiv(F, block)
 
     def _mlp(self, layer, h):
@@ -389,8 +392,8 @@ class FusedDecoder:
                 self.down_parts, self.down_count, chunks, P * chunks, K=K, BLOCK_D=rows, BLOCK_F=block_f,
                 BLOCK_Q=pow2(P * chunks), num_warps=self.t["down_warps"], **self.launch)
             return
-        block_f, tail_f = head_tail(F, self.t["max_block"], self.t["down_tail"])
-        block_fs, tail_fs = head_tail(max(S * F, 1), 2 * self.t["max_block"], self.t["down_tail"])
+        block_f, tail_f = head_tail(F, self.t["down_block"], self.t["down_tail"])
+        block_fs, tail_fs = head_tail(max(S * F, 1), 2 * self.t["down_block"], self.t["down_tail"])
         k.moe_down_kernel[(B, triton.cdiv(D, rows))](
             h, h.stride(0), self.sel_idx, self.sel_gate, routed[2], F, sd, S * F, D, hmid, hmid.stride(0),
             K=K, HAS_SHARED=S > 0, BLOCK_P=pow2(max(K, 1)), BLOCK_D=rows, BLOCK_F=block_f, BLOCK_FS=block_fs,
