@@ -76,7 +76,6 @@ def step_weight_bytes(model: Transformer) -> int:
 # the largest kernels' knobs first (fused.LAUNCH_KEYS; each list holds bench-1b's derived value)
 CANDIDATES = dict(pdl=[True, False], up_rows=[2, 4, 8, 16], up_warps=[1, 2, 4], down_split=[0, 1],
                   down_block=[256, 512, 1024, 2048], down_rows=[1, 2, 4, 8], down_warps=[1, 2, 4, 8],
-                  down_tail=[0, 1],
                   query_split=[1, 2, 4, 8], query_warps=[2, 4, 8], gemv_rows=[2, 4, 8], gemv_warps=[2, 4, 8],
                   attend_split=[32, 64, 128], attend_warps=[4, 8], output_split=[1, 2, 4, 8],
                   output_warps=[2, 4, 8], route_warps=[1, 2, 4],

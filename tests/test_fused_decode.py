@@ -115,9 +115,6 @@ def prefilled_cache(model, lengths, max_len=40, ids=None, dtype=torch.float32):
     # outputs in blocks: by the rule without a LoRA, given with one
     (dict(q_lora_rank=None, n_shared_experts=2), True, dict(query_split=2, output_split=4)),
     (dict(), True, dict(query_split=2, output_split=2)),
-    # widths that are not powers of two read as a power-of-two head and a masked tail
-    (dict(hidden_size=56, intermediate_size=88, moe_intermediate_size=40, num_attention_heads=32,
-          q_lora_rank=40, n_shared_experts=2), False, dict(down_tail=1)),
     # the down projection split over its slots and their column blocks, summed by the last program
     (dict(hidden_size=56, intermediate_size=88, moe_intermediate_size=40, num_attention_heads=32,
           q_lora_rank=40, n_shared_experts=2), True, dict(down_split=1, down_rows=8)),

@@ -76,7 +76,7 @@ DOWN_SPLIT_ELEMENTS = 8192
 LAUNCH_KEYS = ("gemv_rows", "gemv_warps", "head_rows", "head_warps", "query_warps", "attend_split",
                "attend_heads", "attend_block", "attend_programs", "attend_stages", "attend_warps", "output_warps",
                "merge_splits", "route_warps", "up_rows", "up_warps", "down_rows", "down_warps", "max_block", "pdl",
-               "attend_transposed", "query_split", "output_split", "down_tail", "down_split", "down_block")
+               "attend_transposed", "query_split", "output_split", "down_split", "down_block")
 # those of the attention over the cache, whose best values depend on the cache's length
 ATTENTION_KEYS = tuple(k for k in LAUNCH_KEYS if k.startswith(("attend_", "output_", "merge_")))
 
@@ -125,7 +125,7 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
     out = dict(gemv_rows=rows("gemv", D), head_rows=rows("head", D), up_rows=rows("up", D),
                down_rows=down_rows, attend_split=split, attend_heads=heads, attend_block=block_s,
                attend_programs=ATTEND_PROGRAMS, attend_stages=3, merge_splits=MERGE_SPLITS, max_block=max_block,
-               pdl=True, attend_transposed=0, query_split=query_split, output_split=output_split, down_tail=0,
+               pdl=True, attend_transposed=0, query_split=query_split, output_split=output_split,
                down_split=down_split, down_block=down_block)
     out.update({k: v for k, v in given.items() if k in out})  # the warps follow the rows given
     out.update(gemv_warps=warps(out["gemv_rows"] * D), head_warps=warps(out["head_rows"] * D),
@@ -137,7 +137,7 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
                route_warps=warps(32 * (c.n_routed_experts or 0)))
     out.update(given)
     for key, value in out.items():
-        not_pow2 = ("pdl", "attend_stages", "attend_programs", "attend_transposed", "down_tail", "down_split")
+        not_pow2 = ("pdl", "attend_stages", "attend_programs", "attend_transposed", "down_split")
         if key not in not_pow2 and (value < 1 or value & (value - 1)):
             raise ValueError(f"launch {key}={value}: must be a power of two")
     if pow2(C) // out["query_split"] < 16 or pow2(c.v_head_dim) // out["output_split"] < 1:
@@ -148,7 +148,7 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
             raise ValueError(f"launch {key}={out[key]}: must be at least 16")
     if out["attend_programs"] < 1:
         raise ValueError(f"launch attend_programs={out['attend_programs']}: must be at least 1")
-    for key in ("attend_transposed", "down_tail", "down_split"):
+    for key in ("attend_transposed", "down_split"):
         if out[key] not in (0, 1):
             raise ValueError(f"launch {key}={out[key]}: must be 0 or 1")
     if not 1 <= out["attend_stages"] <= 4:
@@ -156,18 +156,6 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
     if out["attend_block"] > out["attend_split"]:
         raise ValueError(f"launch attend_block={out['attend_block']} exceeds attend_split={out['attend_split']}")
     return out
-
-
-def head_tail(width: int, max_block: int, tail: int) -> tuple[int, int]:
-    """The down kernel's load of `width` columns: (block, 0), the block a power of two of at
-    most max_block walked in a loop; or with `tail` where the width fits one pass and is not a
-    power of two, (head, tail): the largest power of two under it, then a power-of-two tail
-    masked to the rest (1,408 as 1,024 + 512 instead of 2,048)."""
-    block = min(max_block, pow2(width))
-    if not tail or width > max_block or block == width:
-        return block, 0
-    head = block // 2
-    return head, pow2(width - head, 16)  # (reductions may not take a 1-element block)
 
 
 def routing_groups(topk_method: str, n_group: int | None) -> int:
@@ -355,8 +343,8 @@ class FusedDecoder:
         return mlp.gate.top_k + (0 if shared is None else weights[0].shape[0] // F), F, weights
 
     def _chunks(self, F: int) -> tuple[int, int]:
-        """A slot's columns as the split down kernel reads them: blocks of at most down_block, and
-        how many."""
+        """A slot's columns as the down kernels read them: blocks of at most down_block (a loop in
+        moe_down_kernel, more programs in the split one), and how many."""
         block = min(self.t["down_block"], pow2(F))
         return block, triton.cdiv(F, block)
 
@@ -392,9 +380,8 @@ class FusedDecoder:
                 self.down_parts, self.down_count, chunks, P * chunks, K=K, BLOCK_D=rows, BLOCK_F=block_f,
                 BLOCK_Q=pow2(P * chunks), num_warps=self.t["down_warps"], **self.launch)
             return
-        block_f, tail_f = head_tail(F, self.t["down_block"], self.t["down_tail"])
-        block_fs, tail_fs = head_tail(max(S * F, 1), 2 * self.t["down_block"], self.t["down_tail"])
         k.moe_down_kernel[(B, triton.cdiv(D, rows))](
             h, h.stride(0), self.sel_idx, self.sel_gate, routed[2], F, sd, S * F, D, hmid, hmid.stride(0),
-            K=K, HAS_SHARED=S > 0, BLOCK_P=pow2(max(K, 1)), BLOCK_D=rows, BLOCK_F=block_f, BLOCK_FS=block_fs,
-            TAIL_F=tail_f, TAIL_FS=tail_fs, num_warps=self.t["down_warps"], **self.launch)
+            K=K, HAS_SHARED=S > 0, BLOCK_P=pow2(max(K, 1)), BLOCK_D=rows, BLOCK_F=self._chunks(F)[0],
+            BLOCK_FS=min(2 * self.t["down_block"], pow2(max(S * F, 1))), num_warps=self.t["down_warps"],
+            **self.launch)

@@ -496,29 +496,16 @@ def moe_up_kernel(h_ptr, stride_h, norm_ptr, eps, D, sel_idx_ptr,
 
 
 @triton.jit
-def _down_slots(wd_ptr, hm_ptr, base, d, pp, pmask, dmask, f, F):
-    """[slots, rows] partial sums of the routed slots' W_down rows d over the columns f."""
-    fmask = f < F
-    w = tl.load(wd_ptr + base[:, None, None] + d[None, :, None] * F + f[None, None, :],
-                mask=pmask[:, None, None] & dmask[None, :, None] & fmask[None, None, :], other=0.0)
-    x = tl.load(hm_ptr + pp[:, None] * F + f[None, :], mask=pmask[:, None] & fmask[None, :], other=0.0)
-    return tl.sum(w.to(tl.float32) * x[:, None, :], axis=2)
-
-
-@triton.jit
 def moe_down_kernel(h_ptr, stride_h, sel_idx_ptr, sel_gate_ptr, wd_ptr, F, sd_ptr, FS, D,
                     hmid_ptr, stride_hm_b,
                     K: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_P: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_FS: tl.constexpr,
-                    USE_PDL: tl.constexpr, TAIL_F: tl.constexpr = 0, TAIL_FS: tl.constexpr = 0):
+                    USE_PDL: tl.constexpr):
     """Program (b, d-block): h[b, d] += Σ_p gate_p · W_down_p[d] · hmid[b, p] over the K
-    routed slots (one [K, BLOCK_D, F] load: every expert's rows in flight at once), plus
+    routed slots (a [K, BLOCK_D, BLOCK_F] load: every expert's rows in flight at once), plus
     the shared experts' W_down[d] · hmid[b, K:] (their FS = S·F values follow the routed
     slots'; their rows loaded before the wait when BLOCK_FS >= FS). In place: a program
-    reads and writes only its own block of h. TAIL_F > 0: F is read in one pass as BLOCK_F
-    columns and a masked tail of TAIL_F (F <= BLOCK_F + TAIL_F), not padded to a power of two
-    (V2-Lite's 1,408 as 1,024 + 512, not 2,048: fewer registers for masked lanes); TAIL_FS
-    likewise for the shared experts' FS."""
+    reads and writes only its own block of h."""
     _launch_next(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -528,10 +515,6 @@ def moe_down_kernel(h_ptr, stride_h, sel_idx_ptr, sel_gate_ptr, wd_ptr, F, sd_pt
     if HAS_SHARED:
         fs = tl.arange(0, BLOCK_FS)
         w_s = tl.load(sd_ptr + d[:, None] * FS + fs[None, :], mask=dmask[:, None] & (fs < FS)[None, :], other=0.0)
-        if TAIL_FS > 0:
-            fs2 = BLOCK_FS + tl.arange(0, TAIL_FS)
-            w_s2 = tl.load(sd_ptr + d[:, None] * FS + fs2[None, :], mask=dmask[:, None] & (fs2 < FS)[None, :],
-                           other=0.0)
     _wait_prev(USE_PDL)
     acc = tl.load(out_ptr, mask=dmask, other=0.0).to(tl.float32)
     if K > 0:
@@ -539,21 +522,19 @@ def moe_down_kernel(h_ptr, stride_h, sel_idx_ptr, sel_gate_ptr, wd_ptr, F, sd_pt
         pmask = pp < K
         base = tl.load(sel_idx_ptr + b * K + pp, mask=pmask, other=0).to(tl.int64) * D * F
         gate = tl.load(sel_gate_ptr + b * K + pp, mask=pmask, other=0.0)
-        if TAIL_F > 0:
-            acc_p = (_down_slots(wd_ptr, hm_ptr, base, d, pp, pmask, dmask, tl.arange(0, BLOCK_F), F)
-                     + _down_slots(wd_ptr, hm_ptr, base, d, pp, pmask, dmask, BLOCK_F + tl.arange(0, TAIL_F), F))
-        else:
-            acc_p = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
-            for f0 in range(0, F, BLOCK_F):
-                acc_p += _down_slots(wd_ptr, hm_ptr, base, d, pp, pmask, dmask, f0 + tl.arange(0, BLOCK_F), F)
+        acc_p = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+        for f0 in range(0, F, BLOCK_F):
+            f = f0 + tl.arange(0, BLOCK_F)
+            fmask = f < F
+            w = tl.load(wd_ptr + base[:, None, None] + d[None, :, None] * F + f[None, None, :],
+                        mask=pmask[:, None, None] & dmask[None, :, None] & fmask[None, None, :], other=0.0)
+            x = tl.load(hm_ptr + pp[:, None] * F + f[None, :], mask=pmask[:, None] & fmask[None, :], other=0.0)
+            acc_p += tl.sum(w.to(tl.float32) * x[:, None, :], axis=2)
         acc += tl.sum(acc_p * gate[:, None], axis=0)
     if HAS_SHARED:
         x_s = tl.load(hm_ptr + K * F + fs, mask=fs < FS, other=0.0)
         acc += tl.sum(w_s.to(tl.float32) * x_s[None, :], axis=1)
-        if TAIL_FS > 0:
-            x_s2 = tl.load(hm_ptr + K * F + fs2, mask=fs2 < FS, other=0.0)
-            acc += tl.sum(w_s2.to(tl.float32) * x_s2[None, :], axis=1)
-        for f0 in range(BLOCK_FS + TAIL_FS, FS, BLOCK_FS):  # shared experts wider than BLOCK_FS
+        for f0 in range(BLOCK_FS, FS, BLOCK_FS):  # shared experts wider than BLOCK_FS
             f = f0 + tl.arange(0, BLOCK_FS)
             fmask = f < FS
             w = tl.load(sd_ptr + d[:, None] * FS + f[None, :], mask=dmask[:, None] & fmask[None, :], other=0.0)
