@@ -295,8 +295,8 @@ def main():
           f"{bandwidth / 1e9:,.0f} GB/s", flush=True)
     rows = {}
     began = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=checkpoint_dir(cfg)) as tmp:
-        model = Transformer(cfg)
+    model = Transformer(cfg)
+    with tempfile.TemporaryDirectory(dir=checkpoint_dir(model)) as tmp:
         with torch.no_grad():
             for p in model.parameters():
                 p.mul_(args.sharpen)
@@ -311,8 +311,8 @@ def main():
     tokens = {}
     if common["fused_launch"] is None and "fused" in args.modes and device.type == "cuda":
         # the launch the engine's fused step takes without one: the table's for this shape, or the rule's
-        from nanoseek.infer.decode_paths import measured_fused_launch
-        common["fused_launch"] = measured_fused_launch(model.config, dtype, device, max_len(args))
+        from nanoseek.infer.decode_paths import measured_fused_step
+        common["fused_launch"] = measured_fused_step(model.config, dtype, device, max_len(args))[1]
         print(f"fused step launch: {common['fused_launch'] or 'the rule'}", flush=True)
     if args.fp8:
         fp8_round_trip(model)
@@ -392,13 +392,11 @@ def fp8_round_trip(model) -> None:
                     part.copy_(dequantize_fp8_blockwise(*quantize_fp8_blockwise(part.float())))
 
 
-def checkpoint_dir(cfg) -> str | None:
-    """Where the random model's checkpoint goes: /dev/shm when it has room for the BF16 weights
-    twice over (all of V2-Lite is 31 GB: writing and reading it on disk took minutes of a device
-    call), else the default temporary directory."""
-    shm = Path("/dev/shm")
-    with torch.device("meta"):
-        size = sum(p.numel() for p in Transformer(cfg).parameters()) * 2
+def checkpoint_dir(model) -> str | None:
+    """Where the random model's checkpoint goes: /dev/shm when it has room for its BF16 weights
+    twice over (all of V2-Lite is 31 GB, written and read back), else the default temporary
+    directory."""
+    shm, size = Path("/dev/shm"), 2 * sum(p.numel() for p in model.parameters())
     return str(shm) if shm.is_dir() and shutil.disk_usage(shm).free > 2 * size else None
 
 

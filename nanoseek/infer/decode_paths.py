@@ -46,39 +46,28 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def measured_fused_rows(config: ModelConfig, dtype: torch.dtype, device: torch.device,
                         table: Path = TABLE) -> int:
-    """Batches up to which the engine takes the fused step: the table's figure for this model
-    shape, device and weight dtype where the fused step runs at all (fast_kernels_supported,
-    FusedDecoder.unsupported), else 0."""
+    """Batches up to which the engine takes the fused step (measured_fused_step's first)."""
+    return measured_fused_step(config, dtype, device, 0, table)[0]
+
+
+def measured_fused_step(config: ModelConfig, dtype: torch.dtype, device: torch.device, cache_len: int,
+                        table: Path = TABLE) -> tuple[int, dict | None]:
+    """(Batches up to which the engine takes the fused step, the launch shapes it was measured
+    with or None) from the table's entry for this model shape, device and weight dtype, where
+    the fused step runs at all (fast_kernels_supported, FusedDecoder.unsupported); else (0,
+    None). The launch is whole for caches of cache_len up to SHORT_CACHE, past that its weight
+    kernels' part only (fused.ATTENTION_KEYS are left to the rule)."""
     if not fast_kernels_supported(device, dtype):
-        return 0
-    from .fused import FusedDecoder  # imports Triton, which fast_kernels_supported found
+        return 0, None
+    from .fused import ATTENTION_KEYS, SHORT_CACHE, FusedDecoder  # imports Triton, which fast_kernels_supported found
     if FusedDecoder.unsupported(config) is not None:
-        return 0
-    return measured_entry(config, dtype, device, table).get("fused_rows", 0)
-
-
-def measured_entry(config: ModelConfig, dtype: torch.dtype, device: torch.device, table: Path = TABLE) -> dict:
-    """The table's entry for this model shape, device and weight dtype, or {}."""
+        return 0, None
     key = dict(device=torch.cuda.get_device_name(device), dtype=dtype_name(dtype), shape=decode_shape(config))
-    for entry in json.loads(table.read_text())["measured"]:
-        if {k: entry[k] for k in key} == key:
-            return entry
-    return {}
-
-
-def measured_fused_launch(config: ModelConfig, dtype: torch.dtype, device: torch.device, cache_len: int,
-                          table: Path = TABLE) -> dict | None:
-    """The launch shapes the table's measurement of the fused step ran with, for a cache of
-    cache_len positions: all of them up to the short caches they were measured at, past that
-    those of the weights' kernels (fused.ATTENTION_KEYS left to the rule); None where the
-    table has none (the rule's)."""
-    from .fused import ATTENTION_KEYS, SHORT_CACHE
-    if not measured_fused_rows(config, dtype, device, table):
-        return None
-    launch = measured_entry(config, dtype, device, table).get("fused_launch")
-    if launch is None or cache_len <= SHORT_CACHE:
-        return launch
-    return {k: v for k, v in launch.items() if k not in ATTENTION_KEYS}
+    entry = next((e for e in json.loads(table.read_text())["measured"] if {k: e[k] for k in key} == key), {})
+    rows, launch = entry.get("fused_rows", 0), entry.get("fused_launch")
+    if not rows or launch is None:
+        return rows, None
+    return rows, launch if cache_len <= SHORT_CACHE else {k: v for k, v in launch.items() if k not in ATTENTION_KEYS}
 
 
 def rows_the_fused_step_won(tokens_per_s: dict[int, tuple[float, float]]) -> int:

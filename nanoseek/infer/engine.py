@@ -87,7 +87,7 @@ from ..model import Transformer
 from ..model.cache import StaticCache, cache_entry_shapes
 from ..model.mla import MLA
 from .config import InferenceConfig
-from .decode_paths import measured_fused_launch, measured_fused_rows
+from .decode_paths import measured_fused_step
 from .grammar import GrammarCompiler, bitmask
 from .prefix_cache import PrefixCache
 from .sampling import (SamplingParams, TokenLogprob, logprob_rows, process_logits, row_settings, sample_rows,
@@ -151,7 +151,7 @@ class ModelRunner:
 
     def __init__(self, model: Transformer, cache: StaticCache, autocast: torch.dtype | None,
                  config: InferenceConfig, speculative_k: int = 0, fused_rows: int = 0):
-        """fused_rows: config.fused_decode_rows resolved (decode_paths.measured_fused_rows)."""
+        """fused_rows: config.fused_decode_rows resolved (decode_paths.measured_fused_step)."""
         self.model, self.cache, self.autocast = model, cache, autocast
         self.prefill_chunk = config.prefill_chunk
         self.device = model.model.embed_tokens.weight.device
@@ -426,9 +426,6 @@ class Engine:
         self.config = config = config or InferenceConfig()
         self.speculative_k, self.decode_burst = speculative_k, config.decode_burst
         self.device = model.model.embed_tokens.weight.device
-        fused_rows = config.fused_decode_rows
-        if fused_rows is None:  # where it was measured faster than the compiled step
-            fused_rows = measured_fused_rows(cfg, model.model.embed_tokens.weight.dtype, self.device)
         model.set_expert_path(config.experts())
         weight_dtype = model.model.embed_tokens.weight.dtype
         # float32 weights on a GPU run under BF16 autocast; the cache holds what attention computes in
@@ -456,10 +453,13 @@ class Engine:
         self.cache = StaticCache(cfg, num_slots, cache_len, dtype=self.dtype, device=self.device,
                                  num_layers=cfg.num_hidden_layers + (1 if speculative_k else 0))
         assert self.cache.nbytes_per_token() == bytes_per_token
+        # the fused step where it was measured faster than the compiled step, with the launch it
+        # was measured with, unless the config says
+        measured_rows, measured_launch = measured_fused_step(cfg, weight_dtype, self.device, cache_len)
+        fused_rows = measured_rows if config.fused_decode_rows is None else config.fused_decode_rows
         step_config = config
-        if fused_rows and config.fused_launch is None:  # the launch the table's measurement ran with, if any
-            launch = measured_fused_launch(cfg, weight_dtype, self.device, cache_len)
-            step_config = dataclasses.replace(config, fused_launch=launch) if launch else config
+        if config.fused_launch is None and measured_launch:
+            step_config = dataclasses.replace(config, fused_launch=measured_launch)
         self.runner = ModelRunner(model, self.cache, autocast, step_config, speculative_k, fused_rows)
         self.speculative_totals = RequestStats()
         if config.prefix_cache and speculative_k:  # the MTP entry at a prefix's end depends on the next token
