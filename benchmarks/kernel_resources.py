@@ -19,6 +19,7 @@ code can differ in detail.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -281,6 +282,23 @@ def gemv_rows(label: str, run) -> list[dict]:
     return out
 
 
+def fused_step_rows(launch: dict | None = None, max_len: int = 4096) -> list[dict]:
+    """The fused decode step's kernels as FusedDecoder launches them at one row for V2-Lite's and
+    V3's widths (a dense and an MoE layer; each distinct launch once), launch over the rule's."""
+    from nanoseek import preset
+    out = []
+    for name in ("deepseek-v2-lite", "deepseek-v3"):
+        c = preset(name, num_hidden_layers=2, first_k_dense_replace=1, num_nextn_predict_layers=0)
+        seen = set()
+        for fn, grid, args, kwargs in fused_step_launches(c, 1, max_len, launch):
+            key = (fn.__name__, str(sorted(kwargs.items())), str([a for a in args if not isinstance(a, torch.Tensor)]))
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append(launch_row(f"fused step, {name}: {fn.__name__}", (fn, grid, args, kwargs)))
+    return out
+
+
 def decode_rows(max_len: int = 4096) -> list[dict]:
     """The fused decode step's kernels as FusedDecoder launches them at one row for V2-Lite's and
     V3's widths (a dense and an MoE layer; each distinct launch once), and the FP8 weight-only GEMV
@@ -288,16 +306,9 @@ def decode_rows(max_len: int = 4096) -> list[dict]:
     token's routed experts, as fp8_weight_linear, fp8_swiglu_gemv and fp8_experts_gemv launch it."""
     from nanoseek import preset
     from nanoseek.kernels import fp8_linear
-    out = []
+    out = fused_step_rows(max_len=max_len)
     for name in ("deepseek-v2-lite", "deepseek-v3"):
         c = preset(name, num_hidden_layers=2, first_k_dense_replace=1, num_nextn_predict_layers=0)
-        seen = set()
-        for fn, grid, args, kwargs in fused_step_launches(c, 1, max_len):
-            key = (fn.__name__, str(sorted(kwargs.items())), str([a for a in args if not isinstance(a, torch.Tensor)]))
-            if key in seen:
-                continue
-            seen.add(key)
-            out.append(launch_row(f"fused step, {name}: {fn.__name__}", (fn, grid, args, kwargs)))
         lora = c.q_lora_rank is not None
         H, C, R, N, V = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim
         D = c.hidden_size
@@ -401,11 +412,14 @@ def main() -> None:
     ap.add_argument("--decode-only", action="store_true", help="those alone")
     ap.add_argument("--batch-only", action="store_true",
                     help="the small-batch experts and the FP8 tensor-core linear past one row, alone")
+    ap.add_argument("--fused-step", metavar="JSON",
+                    help='the fused step\'s kernels alone with this launch over the rule\'s, e.g. \'{"down_split": 1}\'')
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's kernels are Python, not compiled
         raise SystemExit("kernel_resources: unset TRITON_INTERPRET (the kernels must compile, not interpret)")
-    alone = args.attention_only or args.decode_only or args.batch_only
+    alone = args.attention_only or args.decode_only or args.batch_only or args.fused_step
     table = [] if alone else rows(args.only) + (candidate_rows() if args.candidates else [])
+    table += fused_step_rows(json.loads(args.fused_step)) if args.fused_step else []
     table += attention_rows() if args.attention or args.attention_only else []
     table += decode_rows() if args.decode or args.decode_only else []
     table += batch_rows() if args.decode or args.batch_only else []
