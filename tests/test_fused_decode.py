@@ -443,7 +443,7 @@ def test_bf16_fused_step_at_real_layer_widths(name, extra):
         plain = half(nxt, positions=positions, cache=copy.deepcopy(cache16).prefix(2)).logits[:, -1].float()
     fused = FusedDecoder(half, cache16, 2, launch=extra)
     assert (fused.t["gemv_rows"], fused.t["attend_heads"]) == ((2, 32) if name == "deepseek-v3" else (2, 16))
-    got = fused.forward(nxt, positions)
+    got = fused.forward(nxt, positions).clone()  # (forward returns its logits buffer, which the next overwrites)
     for _ in range(8):  # the step rewrites the same cache entries: nothing else may move
         assert torch.equal(fused.forward(nxt, positions), got)
 
