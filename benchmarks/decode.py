@@ -347,14 +347,15 @@ def main():
             name = FP8_LABELS[kernel].strip()
             forced[name] = agreement(teacher_forced(model, seqs, args.prompt)[0], reference)
             print(f"teacher-forced greedy choices, {name} against BF16: {forced[name]}", flush=True)
+            if kernel == "auto" and args.record_paths:  # the FP8 model's own entry in the engine's table
+                record_paths(cfg, torch.float8_e4m3fn, torch.cuda.get_device_name(device), rows,
+                             f"benchmarks/results/{result_name(args)}", common["fused_launch"], FP8_LABELS[kernel])
     for B in args.batches:
         hf_row = rows.get(f"transformers generate, batch {B}")
         for r in rows.values():
             if hf_row and r["batch"] == B:
                 r["decode_speedup_vs_transformers"] = r["decode_tokens_per_s"] / hf_row["decode_tokens_per_s"]
-    name = f"decode{result_tag(args.preset, args.layers)}.json"
-    if args.tuned_option:  # a run with other Inductor options keeps its own file
-        name = name.replace(".json", "_" + "_".join(o.replace("=", "-") for o in args.tuned_option) + ".json")
+    name = result_name(args)
     result = {"benchmark": "decode", **environment(), "preset": args.preset, "layers": cfg.num_hidden_layers,
               "prompt_tokens": args.prompt, "new_tokens": args.new, "dtype": str(dtype).removeprefix("torch."),
               "greedy": args.temperature == 0, "temperature": args.temperature, "sharpen": args.sharpen,
@@ -482,15 +483,23 @@ def transformers_rows(directory, prompts, args, dtype, device) -> dict:
     return rows
 
 
-def record_paths(cfg, dtype, device_name: str, rows, result: str, fused_launch: dict | None) -> None:
+def result_name(args) -> str:
+    name = f"decode{result_tag(args.preset, args.layers)}.json"
+    if args.tuned_option:  # a run with other Inductor options keeps its own file
+        name = name.replace(".json", "_" + "_".join(o.replace("=", "-") for o in args.tuned_option) + ".json")
+    return name
+
+
+def record_paths(cfg, dtype, device_name: str, rows, result: str, fused_launch: dict | None,
+                 weights: str = "") -> None:
     """The batches up to which the fused step's tokens/s beat the compiled step's, into the
     engine's table of decode paths, with the fused step's launch shapes if they were given
-    (--fused-tuning)."""
+    (--fused-tuning); weights: the rows' weights label (FP8 rows go in under dtype float8)."""
     from nanoseek.infer.decode_paths import record_fused_rows, rows_the_fused_step_won
-    fused, compiled = MODES["fused"][0], MODES["compiled"][0]
+    fused, compiled = MODES["fused"][0] + weights, MODES["compiled"][0] + weights
     pairs = {r["batch"]: (rows[f"nanoseek engine{fused}, batch {r['batch']}"]["decode_tokens_per_s"],
                           r["decode_tokens_per_s"])
-             for name, r in rows.items() if name.startswith(f"nanoseek engine{compiled}")
+             for name, r in rows.items() if name == f"nanoseek engine{compiled}, batch {r['batch']}"
              and f"nanoseek engine{fused}, batch {r['batch']}" in rows}
     won = rows_the_fused_step_won(pairs)
     record_fused_rows(cfg, dtype, device_name, won, result, fused_launch=fused_launch)

@@ -154,3 +154,17 @@ def test_cpu_engines_take_no_fused_step():
     engine_model = Transformer(preset("tiny"))
     from nanoseek.infer.engine import Engine
     assert Engine(engine_model, max_batch=2, max_len=16).runner.graphs is None
+
+
+def test_an_fp8_model_takes_its_own_measurement(monkeypatch):
+    """An FP8-resident model's step is looked up under float8, not under its embedding's dtype:
+    the BF16 model's measurement says nothing of the FP8 one's bytes."""
+    from nanoseek.infer import engine as engine_module
+    from nanoseek.infer.fp8_weights import quantize_weights
+    asked = []
+    monkeypatch.setattr(engine_module, "measured_fused_step",
+                        lambda config, dtype, device, cache_len: asked.append(dtype) or (0, None))
+    model = Transformer(preset("tiny"))
+    engine_module.Engine(model, max_batch=1, max_len=16)
+    engine_module.Engine(quantize_weights(model, (32, 32), "twin"), max_batch=1, max_len=16)
+    assert asked == [torch.float32, torch.float8_e4m3fn]

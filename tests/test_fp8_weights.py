@@ -11,7 +11,8 @@ from nanoseek import Transformer, from_pretrained, preset
 from nanoseek.hf import SCALE_SUFFIX, hf_config_dict, quantize_fp8_blockwise, save_pretrained, to_hf_state_dict
 from nanoseek.infer.config import InferenceConfig
 from nanoseek.infer.engine import Engine
-from nanoseek.infer.fp8_weights import FP8Experts, FP8Linear, has_fp8_weights, keep_fp8_weights, weight_bytes
+from nanoseek.infer.fp8_weights import (FP8Experts, FP8Linear, has_fp8_weights, keep_fp8_weights,
+                                         quantize_weights, weight_bytes)
 from nanoseek.infer.sampling import SamplingParams
 
 # kept in BF16 by the official V3 checkpoints: the embedding, the output heads, the routers
@@ -297,13 +298,28 @@ def median_error(logits: torch.Tensor, exact: torch.Tensor) -> float:
     return ((logits - exact).norm(dim=-1) / exact.norm(dim=-1)).median().item()
 
 
-def test_the_fused_step_refuses_fp8_weights(fp8_dir):
-    """The fused Triton step reads 16-bit weights: an FP8-resident model keeps the model step."""
+def test_the_fused_step_takes_an_fp8_checkpoint_and_says_what_it_cannot(fp8_dir):
+    """The fused Triton step reads an FP8 checkpoint's weights as held (its logits against the
+    dequantised twin: tests/test_fused_decode.py); a layout its kernels cannot read says why, and
+    the engine then keeps the model step."""
     pytest.importorskip("triton")
-    from nanoseek.infer.fused import FusedDecoder
+    from torch import nn
+
+    from nanoseek.infer.fused import FusedDecoder, fp8_layout
+    from nanoseek.model import StaticCache
     fp8 = load(fp8_dir, torch.float32)
-    assert FusedDecoder.unsupported(fp8.config) is None
-    assert "FP8 weights" in FusedDecoder.unsupported(fp8.config, fp8)
+    assert FusedDecoder.unsupported(fp8.config, fp8) is None
+    assert fp8_layout(fp8) == ((32, 32), None)
+    assert fp8_layout(load(fp8_dir, torch.float32, kernel="w8a8"))[1].startswith("FP8 weights with W8A8 kernels")
+    with pytest.raises(ValueError, match="blocks of 32 rows take at most 32 rows a program"):
+        FusedDecoder(fp8, StaticCache(fp8.config, 1, 8), 1, launch=dict(up_rows=64))
+    attn = fp8.model.layers[1].self_attn
+    attn.o_proj = nn.Linear(attn.o_proj.in_features, attn.o_proj.out_features, bias=False)
+    assert FusedDecoder.unsupported(fp8.config, fp8) == \
+        "FP8 and 16-bit layer weights mixed (self_attn.o_proj is not FP8)"
+    two_shared = quantize_weights(Transformer(preset("tiny", n_shared_experts=2, moe_intermediate_size=48)),
+                                  (32, 32), "twin")
+    assert fp8_layout(two_shared)[1] == "shared experts of width 48 in FP8 blocks of 32 rows (a multiple needed)"
 
 
 def test_quantizing_a_loaded_model_equals_loading_its_fp8_checkpoint(fp8_dir, tmp_path):

@@ -455,7 +455,9 @@ class Engine:
         assert self.cache.nbytes_per_token() == bytes_per_token
         # the fused step where it was measured faster than the compiled step, with the launch it
         # was measured with, unless the config says
-        measured_rows, measured_launch = measured_fused_step(cfg, weight_dtype, self.device, cache_len)
+        from .fp8_weights import has_fp8_weights
+        table_dtype = torch.float8_e4m3fn if has_fp8_weights(model) else weight_dtype  # FP8: measured apart
+        measured_rows, measured_launch = measured_fused_step(cfg, table_dtype, self.device, cache_len)
         fused_rows = measured_rows if config.fused_decode_rows is None else config.fused_decode_rows
         step_config = config
         if config.fused_launch is None and measured_launch:

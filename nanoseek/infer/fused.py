@@ -18,7 +18,10 @@ runs inside a CUDA graph. Scratch buffers are allocated once, for `max_rows` row
 
 Supported: MLA (with a query LoRA as V3's, or without as V2-Lite's) and no attention bias,
 SwiGLU dense and MoE layers (sigmoid or softmax routing, group-limited or not, up to 256
-routed experts in groups, all powers of two), one token per row.
+routed experts in groups, all powers of two), one token per row; 16- or 32-bit weights, or an
+FP8 checkpoint's held FP8 (infer/fp8_weights.py: every layer weight but kv_b_proj float8 with
+block scales; the kernels read the float8 bytes and fold the scales into the activations, so a
+step reads about half the bytes of BF16's).
 `FusedDecoder.unsupported(config)` says why not, and the engine then keeps the model's forward.
 """
 
@@ -30,6 +33,7 @@ import torch
 import triton
 
 from ..config import ModelConfig
+from ..hf import SCALE_SUFFIX
 from ..kernels import decode as kernels
 from ..model import StaticCache, Transformer
 from ..model.moe import MoE, Router
@@ -158,6 +162,44 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
     return out
 
 
+def _scale(module) -> torch.Tensor | None:
+    """A linear layer's block scales if its weight is FP8 (fp8_weights.FP8Linear), else None."""
+    return getattr(module, "weight" + SCALE_SUFFIX, None)
+
+
+def fp8_layout(model: Transformer) -> tuple[tuple[int, int] | None, str | None]:
+    """(The FP8 weights' scale block, or None for 16- or 32-bit weights; why the fused step cannot
+    read them, or None). It reads FP8 weights where every weight its kernels read in the decoder
+    layers is FP8 (an FP8 checkpoint's; the routers, kv_b_proj, the embedding and the head stay
+    16-bit) with one power-of-two block, and several shared experts' chunks start at block rows."""
+    from .fp8_weights import DEQUANTIZED, FP8Experts, FP8Linear
+    fp8, plain, blocks = [], [], set()
+    for layer in model.main_layers:
+        for name, m in layer.named_modules():
+            if isinstance(m, (FP8Linear, FP8Experts)):
+                if m.kernel == "w8a8":
+                    return None, f"FP8 weights with W8A8 kernels ({name}; the fused step reads them weight-only)"
+                fp8.append(name)
+                blocks.add(tuple(m.block))
+            elif (isinstance(m, torch.nn.Linear) and name.rpartition(".")[2] not in DEQUANTIZED) or \
+                    type(m).__name__ == "Experts":
+                plain.append(name)
+    if not fp8:
+        return None, None
+    if plain:
+        return None, f"FP8 and 16-bit layer weights mixed ({plain[0]} is not FP8)"
+    if len(blocks) > 1:
+        return None, f"FP8 weights in blocks of several shapes {sorted(blocks)}"
+    (rows, cols), = blocks
+    if rows & (rows - 1) or cols & (cols - 1):
+        return None, f"FP8 scale blocks of {rows}x{cols} (powers of two only)"
+    for layer in model.main_layers:
+        P, F, shared = FusedDecoder._slots(layer)
+        if isinstance(layer.mlp, MoE) and P - layer.mlp.gate.top_k > 1 and F % rows:
+            return None, f"shared experts of width {F} in FP8 blocks of {rows} rows (a multiple needed)"
+    return (rows, cols), None
+
+
 def routing_groups(topk_method: str, n_group: int | None) -> int:
     """The groups the routing chooses among: greedy routing ignores them, as moe.Router does."""
     return 1 if topk_method == "greedy" else (n_group or 1)
@@ -199,6 +241,17 @@ class FusedDecoder:
             raise ValueError(f"the fused decode step does not support this model: {reason}")
         self.model, self.cache, self.max_rows, self.idle = model, cache, max_rows, idle
         self.t = fused_step_launch(model.config, cache.max_len, launch)
+        self.fp8_block = fp8_layout(model)[0]
+        if self.fp8_block:
+            # a program's rows of a weight must lie in one row of scale blocks, and a query
+            # chunk's columns in one column of them (the kernels take one scale for each)
+            rows = {k: self.t[k] for k in ("gemv_rows", "up_rows", "down_rows")}
+            wide = {k: v for k, v in rows.items() if v > self.fp8_block[0]}
+            if wide:
+                raise ValueError(f"launch {wide}: FP8 weights in blocks of {self.fp8_block[0]} rows take at "
+                                 f"most {self.fp8_block[0]} rows a program")
+        # the kernels' FP8 arguments (the scales' pointers are given per launch)
+        self.fp8 = (dict(FP8=True, SB_R=self.fp8_block[0], SB_C=self.fp8_block[1]) if self.fp8_block else {})
         c = self.config = model.config
         dev = model.model.embed_tokens.weight.device
         f32 = dict(dtype=torch.float32, device=dev)
@@ -249,6 +302,10 @@ class FusedDecoder:
         why = LatentDecodeAttention.unsupported(config, model)
         if why:
             return why
+        if model is not None:
+            why = fp8_layout(model)[1]
+            if why:
+                return why
         c = config
         if c.attention_bias:
             return "attention_bias"
@@ -278,9 +335,14 @@ class FusedDecoder:
         return self.logits[:B]
 
     # ------------------------------------------------------------------ pieces
-    def _gemv(self, x, weight, out, norm=None, weight2=None, residual=None, head=False):
-        """out = [norm(x)] @ [weight; weight2]^T (+ residual): kernels.gemv_kernel; head: the
-        output head's launch shape (a far taller matrix than a layer's)."""
+    def _gemv(self, x, linear, out, norm=None, linear2=None, residual=None, head=False):
+        """out = [norm(x)] @ [weight; weight2]^T (+ residual), the weights of two linear layers
+        (FP8 with their block scales, or not: both alike) or a bare weight: kernels.gemv_kernel;
+        head: the output head's launch shape (a far taller matrix than a layer's)."""
+        weight = getattr(linear, "weight", linear)
+        weight2 = getattr(linear2, "weight", linear2)
+        scales = _scale(linear), _scale(linear2) if linear2 is not None else _scale(linear)
+        fp8 = dict(s1_ptr=scales[0], s2_ptr=scales[1], **self.fp8) if scales[0] is not None else {}
         B, K = x.shape
         n1 = weight.shape[0]
         n2 = 0 if weight2 is None else weight2.shape[0]
@@ -295,7 +357,7 @@ class FusedDecoder:
             HAS_NORM=norm is not None, HAS_RES=residual is not None,
             BLOCK_B=pow2(B), BLOCK_O=block_o, BLOCK_K=min(self.t["max_block"], pow2(K)),
             ONE_CHUNK=K <= self.t["max_block"],
-            num_warps=self.t["head_warps" if head else "gemv_warps"], **self.launch)
+            num_warps=self.t["head_warps" if head else "gemv_warps"], **self.launch, **fp8)
 
     def _attention(self, layer, i, h, positions_B):
         c, k, a = self.config, kernels, layer.self_attn
@@ -304,21 +366,23 @@ class FusedDecoder:
         H, C, R, N, V = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim
         Q = c.q_lora_rank if lora else H * (N + R)  # the row's query part: q_a, or the query itself
         qkv = self.qkv[:B]
-        self._gemv(h, a.q_a_proj.weight if lora else a.q_proj.weight, qkv, norm=layer.input_layernorm,
-                   weight2=a.kv_a_proj_with_mqa.weight)
+        self._gemv(h, a.q_a_proj if lora else a.q_proj, qkv, norm=layer.input_layernorm,
+                   linear2=a.kv_a_proj_with_mqa)
         ckv, kpe = self.cache.layers[i]
         q_norm = a.q_a_layernorm if lora else a.kv_a_layernorm  # (unread without a query LoRA)
         shares = self.t["query_split"]
         share_c = pow2(C, 16) // shares
+        fp8 = dict(sqb_ptr=_scale(a.q_b_proj), **self.fp8) if lora and self.fp8 else {}
+        chunk_q = min(QUERY_CHUNK, pow2(Q, 16), *([self.fp8_block[1]] if fp8 else []))
         k.mla_query_kernel[(B, H + 1, shares)](
             qkv, qkv.stride(0), q_norm.weight, a.kv_a_layernorm.weight, q_norm.eps, a.kv_a_layernorm.eps,
             a.q_b_proj.weight if lora else a.kv_b_proj.weight, a.kv_b_proj.weight,
             self.inv_freq, self.rope_factor, positions_B, self.q_lat, self.q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0),
-            H, Q, C, N, R, V, CHUNK_Q=min(QUERY_CHUNK, pow2(Q, 16)), CHUNK_C=min(QUERY_CHUNK, share_c),
+            H, Q, C, N, R, V, CHUNK_Q=chunk_q, CHUNK_C=min(QUERY_CHUNK, share_c),
             BLOCK_N=pow2(N), BLOCK_C=pow2(C), BLOCK_R2=pow2(R // 2), Q_LORA=lora, num_warps=self.t["query_warps"],
-            SHARE_C=share_c, **self.launch)
+            SHARE_C=share_c, **self.launch, **fp8)
         o = self.attend(a, i, positions_B, B)
-        self._gemv(o, a.o_proj.weight, h, residual=h)
+        self._gemv(o, a.o_proj, h, residual=h)
 
     def attend(self, attn, i: int, positions_B: torch.Tensor, B: int) -> torch.Tensor:
         """Attention of rows 0..B-1 over layer i's latent cache from the absorbed queries in
@@ -330,17 +394,16 @@ class FusedDecoder:
 
     @staticmethod
     def _slots(layer) -> tuple[int, int, tuple | None]:
-        """A layer's expert slots, their width F, and the weights (gate, up, down) of the
-        shared slots, stacked [S·F, D] / [D, S·F]: the K routed experts then the shared
+        """A layer's expert slots, their width F, and the linear layers (gate, up, down) of the
+        shared slots, weights stacked [S·F, D] / [D, S·F]: the K routed experts then the shared
         experts in chunks of F; a dense layer's MLP is one slot of its own width."""
         mlp = layer.mlp
         shared = mlp.shared_experts if isinstance(mlp, MoE) else mlp
-        weights = None if shared is None else (shared.gate_proj.weight, shared.up_proj.weight,
-                                               shared.down_proj.weight)
+        weights = None if shared is None else (shared.gate_proj, shared.up_proj, shared.down_proj)
         if not isinstance(mlp, MoE):
-            return 1, weights[0].shape[0], weights
+            return 1, weights[0].weight.shape[0], weights
         F = mlp.experts.gate_proj.shape[1]
-        return mlp.gate.top_k + (0 if shared is None else weights[0].shape[0] // F), F, weights
+        return mlp.gate.top_k + (0 if shared is None else weights[0].weight.shape[0] // F), F, weights
 
     def _chunks(self, F: int) -> tuple[int, int]:
         """A slot's columns as the down kernels read them: blocks of at most down_block (a loop in
@@ -362,8 +425,18 @@ class FusedDecoder:
             self._gemv(h, router.weight, self.router_logits[:B], norm=norm)
             route(router, self.router_logits, self.sel_idx, self.sel_gate, B, self.t["route_warps"], **self.launch)
         # pointers a layer lacks (routed in a dense layer, shared without shared experts) are never read
-        routed = (experts.gate_proj, experts.up_proj, experts.down_proj) if K else shared
-        sg, su, sd = shared if shared is not None else routed
+        if shared is not None:
+            shared = tuple(m.weight for m in shared), tuple(_scale(m) for m in shared)
+        names = ("gate_proj", "up_proj", "down_proj")
+        routed = ((tuple(getattr(experts, n) for n in names),
+                   tuple(getattr(experts, n + SCALE_SUFFIX, None) for n in names)) if K else shared)
+        (sg, su, sd), shared_scales = shared if shared is not None else routed
+        routed, routed_scales = routed
+        up_fp8 = down_fp8 = {}
+        if self.fp8:
+            up_fp8 = dict(wgs_ptr=routed_scales[0], wus_ptr=routed_scales[1], sgs_ptr=shared_scales[0],
+                          sus_ptr=shared_scales[1], **self.fp8)
+            down_fp8 = dict(wds_ptr=routed_scales[2], sds_ptr=shared_scales[2], **self.fp8)
         S = P - K
         hmid = self.hmid[: B * P * F].view(B, P, F)
         rows = self.t["up_rows"]
@@ -371,17 +444,17 @@ class FusedDecoder:
             h, h.stride(0), norm.weight, norm.eps, D, self.sel_idx, routed[0], routed[1], sg, su, F, hmid,
             hmid.stride(0), K=K, BLOCK_F=rows, BLOCK_D=min(self.t["max_block"], pow2(D)),
             ONE_CHUNK=D <= self.t["max_block"],
-            num_warps=self.t["up_warps"], **self.launch)
+            num_warps=self.t["up_warps"], **self.launch, **up_fp8)
         rows = self.t["down_rows"]
         if self.t["down_split"]:
             block_f, chunks = self._chunks(F)
             k.moe_down_split_kernel[(P * chunks, triton.cdiv(D, rows), B)](
                 h, h.stride(0), self.sel_idx, self.sel_gate, routed[2], F, sd, S * F, D, hmid, hmid.stride(0),
                 self.down_parts, self.down_count, chunks, P * chunks, K=K, BLOCK_D=rows, BLOCK_F=block_f,
-                BLOCK_Q=pow2(P * chunks), num_warps=self.t["down_warps"], **self.launch)
+                BLOCK_Q=pow2(P * chunks), num_warps=self.t["down_warps"], **self.launch, **down_fp8)
             return
         k.moe_down_kernel[(B, triton.cdiv(D, rows))](
             h, h.stride(0), self.sel_idx, self.sel_gate, routed[2], F, sd, S * F, D, hmid, hmid.stride(0),
             K=K, HAS_SHARED=S > 0, BLOCK_P=pow2(max(K, 1)), BLOCK_D=rows, BLOCK_F=self._chunks(F)[0],
             BLOCK_FS=min(2 * self.t["down_block"], pow2(max(S * F, 1))), num_warps=self.t["down_warps"],
-            **self.launch)
+            **self.launch, **down_fp8)

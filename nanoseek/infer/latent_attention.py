@@ -183,10 +183,8 @@ class LatentDecodeAttention:
 
     @staticmethod
     def unsupported(config, model=None) -> str | None:
-        """Why this model's decode attention cannot take the kernels, or None."""
-        from .fp8_weights import has_fp8_weights
+        """Why this model's decode attention cannot take the kernels, or None (an FP8 checkpoint's
+        too: its kv_b_proj, the one weight the attention reads, is dequantised at load)."""
         if config.attention_type != "mla":
             return f"attention_type {config.attention_type!r} (MLA only)"
-        if model is not None and has_fp8_weights(model):
-            return "FP8 weights (the kernels read 16-bit weights)"
         return None

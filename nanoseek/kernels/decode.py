@@ -91,13 +91,15 @@ def gemv_kernel(x_ptr, stride_x, B, K, norm_ptr, eps,
                 w1_ptr, n1, w2_ptr, n2, res_ptr, stride_res, out_ptr, stride_out,
                 HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr,
                 BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr,
-                USE_PDL: tl.constexpr):
+                USE_PDL: tl.constexpr, s1_ptr=None, s2_ptr=None, FP8: tl.constexpr = False,
+                SB_R: tl.constexpr = 128, SB_C: tl.constexpr = 128):
     """out[b, :n1] = x_b @ w1^T, out[b, n1:n1+n2] = x_b @ w2^T (two weights, one launch),
     x_b = RMSNorm(x[b]) · norm if HAS_NORM, plus res[b] if HAS_RES (res may be out: each
     program reads and writes only its own columns). All B rows per program:
     each weight block is read once. ONE_CHUNK (BLOCK_K >= K): one load of the weight block, issued
     first, so its latency overlaps the row's and the norm's (a loop over K would wait for
-    memory once per chunk); else chunks of BLOCK_K (a wide hidden size)."""
+    memory once per chunk); else chunks of BLOCK_K (a wide hidden size). FP8: both weights
+    float8 with block scales s1, s2 (module docstring)."""
     _launch_next(USE_PDL)
     pid = tl.program_id(0)
     nb1 = tl.cdiv(n1, BLOCK_O)
@@ -105,7 +107,13 @@ def gemv_kernel(x_ptr, stride_x, B, K, norm_ptr, eps,
     w_ptr = w1_ptr
     if pid >= nb1:
         w_ptr = w2_ptr
-    o = (pid - second * nb1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    o0 = (pid - second * nb1) * BLOCK_O
+    o = o0 + tl.arange(0, BLOCK_O)
+    if FP8:
+        s_ptr = s1_ptr
+        if pid >= nb1:
+            s_ptr = s2_ptr
+        s_ptr += (o0 // SB_R) * tl.cdiv(K, SB_C)  # the row of scale blocks holding the program's rows
     omask = o < n1 + second * (n2 - n1)
     rows = tl.arange(0, BLOCK_B)
     bmask = rows < B
@@ -115,12 +123,16 @@ def gemv_kernel(x_ptr, stride_x, B, K, norm_ptr, eps,
         w = tl.load(w_ptr + o[:, None] * K + k[None, :], mask=omask[:, None] & kmask[None, :], other=0.0)
         if HAS_NORM:
             g = tl.load(norm_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+        if FP8:
+            s = tl.load(s_ptr + k // SB_C, mask=kmask, other=0.0)
         _wait_prev(USE_PDL)
         x = tl.load(x_ptr + rows[:, None] * stride_x + k[None, :],
                     mask=bmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
         if HAS_NORM:
             inv = tl.rsqrt(tl.sum(x * x, axis=1) / K + eps)
             x = x * inv[:, None] * g[None, :]
+        if FP8:
+            x = x * s[None, :]
         acc = tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     else:
         _wait_prev(USE_PDL)
@@ -143,6 +155,8 @@ def gemv_kernel(x_ptr, stride_x, B, K, norm_ptr, eps,
             if HAS_NORM:
                 g = tl.load(norm_ptr + k, mask=kmask, other=0.0).to(tl.float32)
                 x = x * inv[:, None] * g[None, :]
+            if FP8:
+                x = x * tl.load(s_ptr + k // SB_C, mask=kmask, other=0.0)[None, :]
             acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
     col = o + second * n1
     mask = bmask[:, None] & omask[None, :]
@@ -157,7 +171,8 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
                      qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe,
                      H, Q, C, N, R, V,
                      CHUNK_Q: tl.constexpr, CHUNK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                     BLOCK_R2: tl.constexpr, Q_LORA: tl.constexpr, USE_PDL: tl.constexpr, SHARE_C: tl.constexpr):
+                     BLOCK_R2: tl.constexpr, Q_LORA: tl.constexpr, USE_PDL: tl.constexpr, SHARE_C: tl.constexpr,
+                     sqb_ptr=None, FP8: tl.constexpr = False, SB_R: tl.constexpr = 128, SB_C: tl.constexpr = 128):
     """Program (b, h < H): head h's q_nope, q_pe = q_b(RMSNorm(q_a)), q_pe rotated, and the
     absorbed query q_lat[b, h] = W_UK_h^T q_nope. Program (b, H): c_kv = RMSNorm(kv_a[:C]),
     k_pe = RoPE(kv_a[C:]), both written into the cache at the row's position. RoPE pairs are
@@ -169,7 +184,8 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
     Program axis 2: the share of q_lat's columns [s·SHARE_C, (s+1)·SHARE_C) a program writes
     (one share: SHARE_C >= C), so that a model of few heads runs more than H + 1 programs (each
     share computes q_nope again: free without a query LoRA, where it is loaded); only share 0
-    writes q_pe and the cache."""
+    writes q_pe and the cache. FP8: q_b float8 with block scales sqb (CHUNK_Q dividing SB_C: a
+    chunk's columns share one block, a row's scale multiplies its chunk's sum); W_UK is 16-bit."""
     _launch_next(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -207,9 +223,19 @@ def mla_query_kernel(qkv_ptr, stride_qkv, qnorm_ptr, kvnorm_ptr, eps_q, eps_kv,
                               other=0.0)
                 w_e = tl.load(wqb_ptr + pe_rows[:, None] * Q + j[None, :], mask=pmask, other=0.0)
                 w_o = tl.load(wqb_ptr + (pe_rows + 1)[:, None] * Q + j[None, :], mask=pmask, other=0.0)
-                q_nope += tl.sum(w_n.to(tl.float32) * x[None, :], axis=1)
-                pe_e += tl.sum(w_e.to(tl.float32) * x[None, :], axis=1)
-                pe_o += tl.sum(w_o.to(tl.float32) * x[None, :], axis=1)
+                dn = tl.sum(w_n.to(tl.float32) * x[None, :], axis=1)
+                de = tl.sum(w_e.to(tl.float32) * x[None, :], axis=1)
+                do = tl.sum(w_o.to(tl.float32) * x[None, :], axis=1)
+                if FP8:  # (a pair's two rows share a block: blocks start at even rows)
+                    s_row = sqb_ptr + j0 // SB_C
+                    s_cols = tl.cdiv(Q, SB_C)
+                    dn *= tl.load(s_row + ((row0 + n) // SB_R) * s_cols, mask=nmask, other=0.0)
+                    s_pe = tl.load(s_row + (pe_rows // SB_R) * s_cols, mask=r2mask, other=0.0)
+                    de *= s_pe
+                    do *= s_pe
+                q_nope += dn
+                pe_e += de
+                pe_o += do
         else:
             q_nope = tl.load(row_ptr + row0 + n, mask=nmask, other=0.0).to(tl.float32)
             pe_e = tl.load(row_ptr + row0 + N + 2 * r2, mask=r2mask, other=0.0).to(tl.float32)
@@ -441,19 +467,27 @@ def moe_up_kernel(h_ptr, stride_h, norm_ptr, eps, D, sel_idx_ptr,
                   wg_ptr, wu_ptr, sg_ptr, su_ptr, F,
                   hmid_ptr, stride_hm_b,
                   K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr,
-                  USE_PDL: tl.constexpr):
+                  USE_PDL: tl.constexpr, wgs_ptr=None, wus_ptr=None, sgs_ptr=None, sus_ptr=None,
+                  FP8: tl.constexpr = False, SB_R: tl.constexpr = 128, SB_C: tl.constexpr = 128):
     """Program (b, p, f-block): slot p < K is routed expert sel_idx[b, p], p >= K the shared
     experts' chunk p - K (rows (p-K)·F.. of their stacked [S·F, D] weights, or a dense
     layer's whole MLP with F its width). hmid[b, p, f] = SiLU(x·W_gate[f]) · (x·W_up[f]),
     x = RMSNorm(h[b])·norm. ONE_CHUNK (BLOCK_D >= D): the rows of W_gate and W_up are
-    loaded at once, a shared slot's before the wait (they depend on no routing)."""
+    loaded at once, a shared slot's before the wait (they depend on no routing). FP8: every
+    weight float8, the routed experts' block scales wgs, wus [E, ⌈F/SB_R⌉, ⌈D/SB_C⌉], the
+    shared ones' sgs, sus [⌈S·F/SB_R⌉, ⌈D/SB_C⌉] (BLOCK_F dividing SB_R, and F a multiple of
+    SB_R if there are several shared chunks: a program's rows share one row of blocks)."""
     _launch_next(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
-    f = tl.program_id(2) * BLOCK_F + tl.arange(0, BLOCK_F)
+    f0 = tl.program_id(2) * BLOCK_F
+    f = f0 + tl.arange(0, BLOCK_F)
     fmask = f < F
     shared = p >= K
     x_ptr = h_ptr + b * stride_h
+    if FP8:
+        s_cols = tl.cdiv(D, SB_C)
+        shared_s = (((p - K) * F + f0) // SB_R) * s_cols  # (negative for a routed slot: never read)
     if ONE_CHUNK:
         d = tl.arange(0, BLOCK_D)
         dmask = d < D
@@ -464,21 +498,39 @@ def moe_up_kernel(h_ptr, stride_h, norm_ptr, eps, D, sel_idx_ptr,
         s_g = tl.load(sg_ptr + rows[:, None] * D + d[None, :], mask=wmask & shared, other=0.0)
         s_u = tl.load(su_ptr + rows[:, None] * D + d[None, :], mask=wmask & shared, other=0.0)
         g = tl.load(norm_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+        if FP8:
+            x_g = tl.load(sgs_ptr + shared_s + d // SB_C, mask=dmask & shared, other=0.0)
+            x_u = tl.load(sus_ptr + shared_s + d // SB_C, mask=dmask & shared, other=0.0)
         _wait_prev(USE_PDL)
         idx = tl.load(sel_idx_ptr + b * K + p, mask=p < K, other=0).to(tl.int64)
         rmask = wmask & (p < K)
-        w_g = s_g + tl.load(wg_ptr + idx * F * D + f[:, None] * D + d[None, :], mask=rmask, other=0.0)
-        w_u = s_u + tl.load(wu_ptr + idx * F * D + f[:, None] * D + d[None, :], mask=rmask, other=0.0)
+        w_g = tl.load(wg_ptr + idx * F * D + f[:, None] * D + d[None, :], mask=rmask, other=0.0)
+        w_u = tl.load(wu_ptr + idx * F * D + f[:, None] * D + d[None, :], mask=rmask, other=0.0)
+        if FP8:  # (no arithmetic on float8 values: widened first)
+            w_g, w_u = s_g.to(tl.float32) + w_g.to(tl.float32), s_u.to(tl.float32) + w_u.to(tl.float32)
+        else:
+            w_g, w_u = s_g + w_g, s_u + w_u
         hx = tl.load(x_ptr + d, mask=dmask, other=0.0).to(tl.float32)
         x = _rms_norm(hx, g, D, eps)
-        acc_g = tl.sum(w_g.to(tl.float32) * x[None, :], axis=1)
-        acc_u = tl.sum(w_u.to(tl.float32) * x[None, :], axis=1)
+        if FP8:  # the scales fold into the activations: a multiply a column, not one a weight
+            routed_s = (idx * tl.cdiv(F, SB_R) + f0 // SB_R) * s_cols + d // SB_C
+            x_g = x * (x_g + tl.load(wgs_ptr + routed_s, mask=dmask & (p < K), other=0.0))
+            x_u = x * (x_u + tl.load(wus_ptr + routed_s, mask=dmask & (p < K), other=0.0))
+        else:
+            x_g, x_u = x, x
+        acc_g = tl.sum(w_g.to(tl.float32) * x_g[None, :], axis=1)
+        acc_u = tl.sum(w_u.to(tl.float32) * x_u[None, :], axis=1)
     else:
         _wait_prev(USE_PDL)
         wg, wu = sg_ptr + (p - K) * F * D, su_ptr + (p - K) * F * D
+        if FP8:
+            sg, su = sgs_ptr + shared_s, sus_ptr + shared_s
         if p < K:
-            offset = tl.load(sel_idx_ptr + b * K + p).to(tl.int64) * F * D
-            wg, wu = wg_ptr + offset, wu_ptr + offset
+            idx = tl.load(sel_idx_ptr + b * K + p).to(tl.int64)
+            wg, wu = wg_ptr + idx * F * D, wu_ptr + idx * F * D
+            if FP8:
+                routed_s = (idx * tl.cdiv(F, SB_R) + f0 // SB_R) * s_cols
+                sg, su = wgs_ptr + routed_s, wus_ptr + routed_s
         inv = _inv_rms(x_ptr, D, eps, BLOCK_D)
         acc_g = tl.zeros([BLOCK_F], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_F], dtype=tl.float32)
@@ -490,8 +542,12 @@ def moe_up_kernel(h_ptr, stride_h, norm_ptr, eps, D, sel_idx_ptr,
             wmask = fmask[:, None] & dmask[None, :]
             w_g = tl.load(wg + f[:, None] * D + d[None, :], mask=wmask, other=0.0).to(tl.float32)
             w_u = tl.load(wu + f[:, None] * D + d[None, :], mask=wmask, other=0.0).to(tl.float32)
-            acc_g += tl.sum(w_g * x[None, :], axis=1)
-            acc_u += tl.sum(w_u * x[None, :], axis=1)
+            if FP8:
+                acc_g += tl.sum(w_g * (x * tl.load(sg + d // SB_C, mask=dmask, other=0.0))[None, :], axis=1)
+                acc_u += tl.sum(w_u * (x * tl.load(su + d // SB_C, mask=dmask, other=0.0))[None, :], axis=1)
+            else:
+                acc_g += tl.sum(w_g * x[None, :], axis=1)
+                acc_u += tl.sum(w_u * x[None, :], axis=1)
     tl.store(hmid_ptr + b * stride_hm_b + p * F + f, acc_g * tl.sigmoid(acc_g) * acc_u, mask=fmask)
 
 
@@ -500,15 +556,19 @@ def moe_down_kernel(h_ptr, stride_h, sel_idx_ptr, sel_gate_ptr, wd_ptr, F, sd_pt
                     hmid_ptr, stride_hm_b,
                     K: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_P: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_FS: tl.constexpr,
-                    USE_PDL: tl.constexpr):
+                    USE_PDL: tl.constexpr, wds_ptr=None, sds_ptr=None, FP8: tl.constexpr = False,
+                    SB_R: tl.constexpr = 128, SB_C: tl.constexpr = 128):
     """Program (b, d-block): h[b, d] += Σ_p gate_p · W_down_p[d] · hmid[b, p] over the K
     routed slots (a [K, BLOCK_D, BLOCK_F] load: every expert's rows in flight at once), plus
     the shared experts' W_down[d] · hmid[b, K:] (their FS = S·F values follow the routed
     slots'; their rows loaded before the wait when BLOCK_FS >= FS). In place: a program
-    reads and writes only its own block of h."""
+    reads and writes only its own block of h. FP8: the weights float8, the routed experts'
+    block scales wds [E, ⌈D/SB_R⌉, ⌈F/SB_C⌉], the shared ones' sds [⌈D/SB_R⌉, ⌈FS/SB_C⌉]
+    (BLOCK_D dividing SB_R), folded into hmid's columns."""
     _launch_next(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d0 = tl.program_id(1) * BLOCK_D
+    d = d0 + tl.arange(0, BLOCK_D)
     dmask = d < D
     hm_ptr = hmid_ptr + b * stride_hm_b
     out_ptr = h_ptr + b * stride_h + d
@@ -520,7 +580,10 @@ def moe_down_kernel(h_ptr, stride_h, sel_idx_ptr, sel_gate_ptr, wd_ptr, F, sd_pt
     if K > 0:
         pp = tl.arange(0, BLOCK_P)
         pmask = pp < K
-        base = tl.load(sel_idx_ptr + b * K + pp, mask=pmask, other=0).to(tl.int64) * D * F
+        idx = tl.load(sel_idx_ptr + b * K + pp, mask=pmask, other=0).to(tl.int64)
+        base = idx * D * F
+        if FP8:
+            s_base = (idx * tl.cdiv(D, SB_R) + d0 // SB_R) * tl.cdiv(F, SB_C)
         gate = tl.load(sel_gate_ptr + b * K + pp, mask=pmask, other=0.0)
         acc_p = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
         for f0 in range(0, F, BLOCK_F):
@@ -529,16 +592,25 @@ def moe_down_kernel(h_ptr, stride_h, sel_idx_ptr, sel_gate_ptr, wd_ptr, F, sd_pt
             w = tl.load(wd_ptr + base[:, None, None] + d[None, :, None] * F + f[None, None, :],
                         mask=pmask[:, None, None] & dmask[None, :, None] & fmask[None, None, :], other=0.0)
             x = tl.load(hm_ptr + pp[:, None] * F + f[None, :], mask=pmask[:, None] & fmask[None, :], other=0.0)
+            if FP8:
+                x *= tl.load(wds_ptr + s_base[:, None] + f[None, :] // SB_C, mask=pmask[:, None] & fmask[None, :],
+                             other=0.0)
             acc_p += tl.sum(w.to(tl.float32) * x[:, None, :], axis=2)
         acc += tl.sum(acc_p * gate[:, None], axis=0)
     if HAS_SHARED:
+        if FP8:
+            s_row = sds_ptr + (d0 // SB_R) * tl.cdiv(FS, SB_C)
         x_s = tl.load(hm_ptr + K * F + fs, mask=fs < FS, other=0.0)
+        if FP8:
+            x_s *= tl.load(s_row + fs // SB_C, mask=fs < FS, other=0.0)
         acc += tl.sum(w_s.to(tl.float32) * x_s[None, :], axis=1)
         for f0 in range(BLOCK_FS, FS, BLOCK_FS):  # shared experts wider than BLOCK_FS
             f = f0 + tl.arange(0, BLOCK_FS)
             fmask = f < FS
             w = tl.load(sd_ptr + d[:, None] * FS + f[None, :], mask=dmask[:, None] & fmask[None, :], other=0.0)
             x = tl.load(hm_ptr + K * F + f, mask=fmask, other=0.0)
+            if FP8:
+                x *= tl.load(s_row + f // SB_C, mask=fmask, other=0.0)
             acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
     tl.store(out_ptr, acc, mask=dmask)
 
@@ -547,30 +619,44 @@ def moe_down_kernel(h_ptr, stride_h, sel_idx_ptr, sel_gate_ptr, wd_ptr, F, sd_pt
 def moe_down_split_kernel(h_ptr, stride_h, sel_idx_ptr, sel_gate_ptr, wd_ptr, F, sd_ptr, FS, D,
                           hmid_ptr, stride_hm_b, part_ptr, count_ptr, CF, Q,
                           K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_Q: tl.constexpr,
-                          USE_PDL: tl.constexpr):
+                          USE_PDL: tl.constexpr, wds_ptr=None, sds_ptr=None, FP8: tl.constexpr = False,
+                          SB_R: tl.constexpr = 128, SB_C: tl.constexpr = 128):
     """moe_down_kernel's sum split over its slots: program (q, d-block, b) reads one slot's
     BLOCK_F columns of rows d, q = slot · CF + chunk (Q = slots · CF), and writes
     gate · W_down[d, f] · hmid[b, slot, f] into part[b, q, d]; the last of a d-block's Q
     programs (a counter, reset for the next use) adds them in order to h[b, d]. So a program
     loads a GEMV's tile, not every slot's rows at once: many small programs an SM (the up
-    kernel's shape, ~95% of the bandwidth) where the fused sum held one (255 registers)."""
+    kernel's shape, ~95% of the bandwidth) where the fused sum held one (255 registers). FP8:
+    as moe_down_kernel's."""
     _launch_next(USE_PDL)
     q = tl.program_id(0)
     blk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     p = q // CF
     f = (q % CF) * BLOCK_F + tl.arange(0, BLOCK_F)
-    d = blk * BLOCK_D + tl.arange(0, BLOCK_D)
+    d0 = blk * BLOCK_D
+    d = d0 + tl.arange(0, BLOCK_D)
     fmask, dmask = f < F, d < D
     wmask = dmask[:, None] & fmask[None, :]
     routed = p < K
     # a shared slot's rows now (they depend on no routing), a routed slot's after the wait
     w = tl.load(sd_ptr + d[:, None] * FS + (p - K) * F + f[None, :], mask=wmask & (p >= K), other=0.0)
+    if FP8:
+        scale = tl.load(sds_ptr + (d0 // SB_R) * tl.cdiv(FS, SB_C) + ((p - K) * F + f) // SB_C,
+                        mask=fmask & (p >= K), other=0.0)
     _wait_prev(USE_PDL)
     idx = tl.load(sel_idx_ptr + b * K + p, mask=routed, other=0).to(tl.int64)
-    w += tl.load(wd_ptr + idx * D * F + d[:, None] * F + f[None, :], mask=wmask & routed, other=0.0)
+    w_r = tl.load(wd_ptr + idx * D * F + d[:, None] * F + f[None, :], mask=wmask & routed, other=0.0)
+    if FP8:
+        w = w.to(tl.float32) + w_r.to(tl.float32)
+    else:
+        w = w + w_r
     gate = tl.load(sel_gate_ptr + b * K + p, mask=routed, other=1.0)
     x = tl.load(hmid_ptr + b * stride_hm_b + p * F + f, mask=fmask, other=0.0).to(tl.float32)
+    if FP8:
+        scale += tl.load(wds_ptr + (idx * tl.cdiv(D, SB_R) + d0 // SB_R) * tl.cdiv(F, SB_C) + f // SB_C,
+                         mask=fmask & routed, other=0.0)
+        x *= scale
     tl.store(part_ptr + (b * Q + q) * D + d, tl.sum(w.to(tl.float32) * x[None, :], axis=1) * gate, mask=dmask)
     # every thread's stores before the counter's release (CUTLASS's split-K semaphore)
     tl.debug_barrier()
