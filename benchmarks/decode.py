@@ -41,7 +41,8 @@ at every position and where BF16's top-two gap exceeds 0.25, 0.5 and 1 logit sta
 deviations. Each figure is the median of `--repeat` runs after a warm-up run.
 `--record-paths` (with
 `fused` and `compiled`) writes the batches up to which the fused step was faster into
-nanoseek/infer/decode_paths.json, the engine's default choice of decode step;
+nanoseek/infer/decode_paths.json, the engine's default choice of decode step, for the BF16
+weights and (with `--fp8`) the FP8-resident ones, or only those named (`--record-paths fp8`);
 `--record-paths-from JSON` does the same from a result file this script wrote.
 
     python benchmarks/decode.py --preset deepseek-v2-lite --batches 1 32
@@ -259,8 +260,9 @@ def main():
                     help="every random weight times F (tests/conftest.py's model: 5). It does not move a "
                          "random model's logits away from ties (the top-two gap stays ~0.2 of their std), "
                          "so token agreement between modes counts near-tie flips too")
-    ap.add_argument("--record-paths", action="store_true",
-                    help="write the batches where fused beat compiled into nanoseek/infer/decode_paths.json")
+    ap.add_argument("--record-paths", nargs="*", choices=["bf16", "fp8"], metavar="WEIGHTS",
+                    help="write the batches where fused beat compiled into nanoseek/infer/decode_paths.json: "
+                         "for the weights named (bf16, fp8), or for every weights measured")
     ap.add_argument("--record-paths-from", metavar="JSON",
                     help="the same from a result this script wrote (with fused and compiled rows), then stop")
     ap.add_argument("--tuned-option", action="append", default=[], metavar="KEY=VALUE",
@@ -280,7 +282,7 @@ def main():
                      saved["rows"], args.record_paths_from, saved["inference_config"].get("fused_launch"))
         return
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.record_paths and not {"fused", "compiled"} <= set(args.modes):
+    if args.record_paths is not None and not {"fused", "compiled"} <= set(args.modes):
         raise SystemExit("--record-paths compares the fused and the compiled step: add --modes fused compiled")
     # every mode's engine: these, then the mode's own settings
     common = dict(compile_options=dict(map(inductor_option, args.tuned_option)),
@@ -347,8 +349,8 @@ def main():
             name = FP8_LABELS[kernel].strip()
             forced[name] = agreement(teacher_forced(model, seqs, args.prompt)[0], reference)
             print(f"teacher-forced greedy choices, {name} against BF16: {forced[name]}", flush=True)
-            if kernel == "auto" and args.record_paths:  # the FP8 model's own entry in the engine's table
-                record_paths(cfg, torch.float8_e4m3fn, torch.cuda.get_device_name(device), rows,
+            if kernel == "auto" and recorded(args, "fp8"):  # the FP8 model's own entry in the engine's table
+                record_paths(cfg, torch.float8_e4m3fn, device_name(device), rows,
                              f"benchmarks/results/{result_name(args)}", common["fused_launch"], FP8_LABELS[kernel])
     for B in args.batches:
         hf_row = rows.get(f"transformers generate, batch {B}")
@@ -369,8 +371,8 @@ def main():
               f"{r.get('roofline_tokens_per_s', float('nan')):9,.0f} {r.get('roofline_fraction', float('nan')):8.0%} "
               f"{r.get('decode_speedup_vs_transformers', float('nan')):6.1f}x")
     print(f"wrote {path}")
-    if args.record_paths:
-        record_paths(cfg, dtype, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", rows,
+    if recorded(args, "bf16"):
+        record_paths(cfg, dtype, device_name(device), rows,
                      f"benchmarks/results/{name}", common["fused_launch"])
     if args.profile and device.type == "cuda":
         profile_decode_step(model, args, prompts)
@@ -481,6 +483,15 @@ def transformers_rows(directory, prompts, args, dtype, device) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def recorded(args, weights: str) -> bool:
+    """Whether --record-paths asks for these weights' entry (given without names: all measured)."""
+    return args.record_paths is not None and (not args.record_paths or weights in args.record_paths)
 
 
 def result_name(args) -> str:

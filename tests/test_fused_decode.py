@@ -486,3 +486,57 @@ def test_bf16_fused_step_at_real_layer_widths(name, extra):
     def rel(x):
         return float((x - ref).norm() / ref.norm())
     assert rel(got) <= 1.5 * rel(plain) + 1e-3, (rel(got), rel(plain))
+
+
+def fp8_twins(model, dtype):
+    """From a float32 model: (the model holding its layer weights FP8 in 128x128 blocks, the rest
+    in dtype; the same FP8 weights dequantised into dtype at every forward, the BF16-dequantised
+    model; the same in float32, the reference: float32 arithmetic on the FP8 checkpoint's values)."""
+    from nanoseek.hf import to_dtype
+    from nanoseek.infer.fp8_weights import FP8Experts, FP8Linear, quantize_weights
+    fp8 = quantize_weights(to_dtype(copy.deepcopy(model), dtype))
+    twin, ref = copy.deepcopy(fp8), to_dtype(copy.deepcopy(fp8), torch.float32)  # (float8 values cast exactly)
+    for m, r in zip(twin.modules(), ref.modules()):
+        if isinstance(m, (FP8Linear, FP8Experts)):
+            m.kernel, r.kernel, r.dtype = "twin", "twin", torch.float32
+    return fp8, twin, ref
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["deepseek-v2-lite", "deepseek-v3"])
+def test_fp8_fused_step_at_real_layer_widths(name):
+    """On a GPU at V2-Lite's and V3's layer widths (as the BF16 test above), the layer weights FP8
+    in 128x128 blocks as an official checkpoint holds them: the fused step reading the float8
+    bytes is as close to float32 arithmetic on the same FP8 values as the model whose weights are
+    those values dequantised to BF16, and repeated steps give the same logits bit for bit."""
+    from nanoseek.infer.fused import FusedDecoder
+    torch.manual_seed(0)
+    cfg = preset(name, num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=64,
+                 vocab_size=2048, num_nextn_predict_layers=0)
+    model = Transformer(cfg).cuda().eval()
+    with torch.no_grad():  # decisive routing, as in the BF16 test
+        for r in model.routers().values():
+            if r.e_score_correction_bias is not None:
+                r.e_score_correction_bias.normal_(0, 1)
+            else:
+                r.weight.mul_(20)
+    fp8, twin, ref = fp8_twins(model, torch.bfloat16)
+    del model
+    lengths = [100, 37]
+    ids = torch.randint(0, cfg.vocab_size, (2, 100), device=DEVICE)
+    cache32 = prefilled_cache(ref, lengths, max_len=128, ids=ids)
+    cache16 = prefilled_cache(twin, lengths, max_len=128, ids=ids, dtype=torch.bfloat16)
+    nxt = torch.randint(0, cfg.vocab_size, (2, 1), device=DEVICE)
+    positions = torch.tensor([[100], [37]], device=DEVICE)
+    with torch.no_grad():
+        want = ref(nxt, positions=positions, cache=copy.deepcopy(cache32).prefix(2)).logits[:, -1]
+        plain = twin(nxt, positions=positions, cache=copy.deepcopy(cache16).prefix(2)).logits[:, -1].float()
+    step = FusedDecoder(fp8, cache16, 2)
+    assert step.fp8_block == (128, 128)
+    got = step.forward(nxt, positions).clone()
+    for _ in range(4):
+        assert torch.equal(step.forward(nxt, positions), got)
+
+    def rel(x):
+        return float((x - want).norm() / want.norm())
+    assert rel(got) <= 1.5 * rel(plain) + 1e-3, (rel(got), rel(plain))

@@ -28,6 +28,10 @@
 #   bash benchmarks/device/h200_session.sh fusedtune-v3   # the same search on the V3 slice
 #   bash benchmarks/device/h200_session.sh fp8accum   # BF16 vs FP8 training at 16 micro-batches a step
 #   bash benchmarks/device/h200_session.sh fp8        # FP8-resident decode vs BF16 on all 27 V2-Lite layers
+#   bash benchmarks/device/h200_session.sh fp8fused   # the fused step on FP8 weights: its GPU tests at real widths,
+#                                              # then FP8 vs BF16 through it on V2-Lite's 27 layers at batch 1
+#   bash benchmarks/device/h200_session.sh fp8fused-v3   # FP8 vs BF16 on the V3 slice, fused and compiled, the
+#                                              # FP8 paths recorded
 #   bash benchmarks/device/h200_session.sh fp8twin    # FP8 decode at batch 1: the FP8 GEMV kernel vs Inductor's fused
 #                                              # dequantization, V2-Lite's 8 layers (profiled), the V3 slice
 #   bash benchmarks/device/h200_session.sh verify16   # compiled kernels' engine test, one-row launch, V3 attention
@@ -252,6 +256,19 @@ case $stage in
         # took most of 420 s and the FP8 model's compile did not finish in the rest (the V3 slice: fp8twin)
     real_decode "$(left 585)" --preset deepseek-v2-lite --batches 1 --new 64 --modes compiled --fp8 --fp8-kernels auto \
       --skip-hf
+    ;;
+  fp8fused)  # the fused step reading FP8 weights in place: its GPU tests at V2-Lite's and V3's widths (and the
+             # BF16 split down kernel's), then FP8 against BF16 through the fused step on V2-Lite's 27 layers at one
+             # row (no Inductor compile: the compiled FP8 step on 27 layers did not fit a call)
+    timeout 200 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fused_decode.py -k \
+      "real_layer_widths and (fp8 or down_split)" 2>&1 | tail -12 | tee "$OUT/fused_gpu_tests.log"
+    real_decode "$(left 585)" --preset deepseek-v2-lite --batches 1 --new 64 --repeat 3 --modes fused --fp8 \
+      --fp8-kernels auto --skip-hf
+    ;;
+  fp8fused-v3)  # the same on the V3 slice, beside the compiled step (its faster BF16 path), the FP8 paths recorded
+    real_decode "$(left 585)" --preset deepseek-v3 --layers 2 --batches 1 --new 64 --repeat 3 --modes fused compiled \
+      --fp8 --fp8-kernels auto --skip-hf --record-paths fp8
+    cp nanoseek/infer/decode_paths.json "$OUT/"
     ;;
   fp8gemv)  # the FP8 GPU tests, then the FP8 linear, SwiGLU and one token's experts alone (fp8_gemv.py: GEMV,
             # split and unsplit kernel, BF16 at decode rows; dequantized vs W8A8 vs BF16 at prefill rows;
