@@ -216,15 +216,19 @@ def recorded_launches(module, names, run) -> list[tuple]:
     return launches
 
 
-def fused_step_launches(cfg, rows: int, max_len: int, launch: dict | None = None) -> list[tuple]:
+def fused_step_launches(cfg, rows: int, max_len: int, launch: dict | None = None, fp8: bool = False) -> list[tuple]:
     """Every kernel launch of one fused decode step (fused.FusedDecoder.forward) of a BF16 model
-    of cfg's shape built on the meta device; launch: over the rule's shapes."""
+    of cfg's shape built on the meta device; launch: over the rule's shapes; fp8: its layer weights
+    FP8 in 128x128 blocks, as an official checkpoint's."""
+    from nanoseek.infer.fp8_weights import quantize_weights
     from nanoseek.infer.fused import FusedDecoder
     from nanoseek.kernels import decode
     from nanoseek.model import StaticCache, Transformer
     meta = torch.device("meta")
     with meta:
         model = Transformer(cfg).to(torch.bfloat16).eval()
+    if fp8:
+        quantize_weights(model)
     cache = StaticCache(cfg, rows, max_len, dtype=torch.bfloat16, device=meta)
     ids = torch.zeros(rows, 1, dtype=torch.long, device=meta)
     return recorded_launches(decode, FUSED_KERNELS,
@@ -282,20 +286,22 @@ def gemv_rows(label: str, run) -> list[dict]:
     return out
 
 
-def fused_step_rows(launch: dict | None = None, max_len: int = 4096) -> list[dict]:
+def fused_step_rows(launch: dict | None = None, max_len: int = 4096, fp8: bool = False) -> list[dict]:
     """The fused decode step's kernels as FusedDecoder launches them at one row for V2-Lite's and
-    V3's widths (a dense and an MoE layer; each distinct launch once), launch over the rule's."""
+    V3's widths (a dense and an MoE layer; each distinct launch once), launch over the rule's;
+    fp8: on FP8 weights."""
     from nanoseek import preset
     out = []
     for name in ("deepseek-v2-lite", "deepseek-v3"):
         c = preset(name, num_hidden_layers=2, first_k_dense_replace=1, num_nextn_predict_layers=0)
         seen = set()
-        for fn, grid, args, kwargs in fused_step_launches(c, 1, max_len, launch):
+        for fn, grid, args, kwargs in fused_step_launches(c, 1, max_len, launch, fp8):
             key = (fn.__name__, str(sorted(kwargs.items())), str([a for a in args if not isinstance(a, torch.Tensor)]))
             if key in seen:
                 continue
             seen.add(key)
-            out.append(launch_row(f"fused step, {name}: {fn.__name__}", (fn, grid, args, kwargs)))
+            out.append(launch_row(f"fused step{' FP8' if fp8 else ''}, {name}: {fn.__name__}",
+                                  (fn, grid, args, kwargs)))
     return out
 
 
@@ -414,12 +420,13 @@ def main() -> None:
                     help="the small-batch experts and the FP8 tensor-core linear past one row, alone")
     ap.add_argument("--fused-step", metavar="JSON",
                     help='the fused step\'s kernels alone with this launch over the rule\'s, e.g. \'{"down_split": 1}\'')
+    ap.add_argument("--fp8", action="store_true", help="with --fused-step: the layer weights in FP8")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's kernels are Python, not compiled
         raise SystemExit("kernel_resources: unset TRITON_INTERPRET (the kernels must compile, not interpret)")
     alone = args.attention_only or args.decode_only or args.batch_only or args.fused_step
     table = [] if alone else rows(args.only) + (candidate_rows() if args.candidates else [])
-    table += fused_step_rows(json.loads(args.fused_step)) if args.fused_step else []
+    table += fused_step_rows(json.loads(args.fused_step), fp8=args.fp8) if args.fused_step else []
     table += attention_rows() if args.attention or args.attention_only else []
     table += decode_rows() if args.decode or args.decode_only else []
     table += batch_rows() if args.decode or args.batch_only else []
