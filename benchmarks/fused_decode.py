@@ -21,7 +21,10 @@ tokens (max_len prompt + 128, as benchmarks/decode.py).
 - `--profile`: the fused step's kernels at batch 1 (torch.profiler, uncaptured) in
   fused_profile.txt;
 - `--no-reference`: no float32 twin and no accuracy rows, for a model whose twin does not fit
-  beside it (the V3 slice on an H100).
+  beside it (the V3 slice on an H100);
+- `--fp8`: the layer weights FP8 in 128x128 blocks, as an official checkpoint holds them
+  (infer/fp8_weights.quantize_weights), everything above on them (no accuracy rows: the float32
+  twin's weights are not FP8; tests/test_fused_decode.py holds the FP8 step to its twin).
 
     python benchmarks/fused_decode.py [--preset deepseek-v2-lite --layers 8] [--buckets 1 2 4 --steps 64
         --repeat 5 --tune 2 --profile]
@@ -56,20 +59,21 @@ def step_weight_bytes(model: Transformer) -> int:
     """Bytes of the weights one token's decode step reads: everything but the embedding
     table (one row), the MTP layers and the routed experts it does not choose."""
     c = model.config
+
+    def nbytes(module) -> int:  # parameters and buffers: FP8 weights and their scales are buffers
+        return sum(t.numel() * t.element_size() for t in module.state_dict().values())
     total = 0
     for layer in model.main_layers:
-        total += sum(p.numel() * p.element_size() for p in layer.self_attn.parameters())
-        total += sum(p.numel() * p.element_size() for p in (layer.input_layernorm.weight,
-                                                             layer.post_attention_layernorm.weight))
+        total += nbytes(layer.self_attn) + nbytes(layer.input_layernorm) + nbytes(layer.post_attention_layernorm)
         mlp = layer.mlp
         if isinstance(mlp, MoE):
-            total += mlp.gate.weight.numel() * mlp.gate.weight.element_size()
-            total += sum(p[0].numel() * p.element_size() * c.num_experts_per_tok
-                         for p in (mlp.experts.gate_proj, mlp.experts.up_proj, mlp.experts.down_proj))
+            total += nbytes(mlp.gate)
+            expert = {k: t[0] for k, t in mlp.experts.state_dict().items()}  # one expert's weights and scales
+            total += sum(t.numel() * t.element_size() for t in expert.values()) * c.num_experts_per_tok
             if mlp.shared_experts is not None:
-                total += sum(p.numel() * p.element_size() for p in mlp.shared_experts.parameters())
+                total += nbytes(mlp.shared_experts)
         else:
-            total += sum(p.numel() * p.element_size() for p in mlp.parameters())
+            total += nbytes(mlp)
     return total + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
 
 
@@ -137,18 +141,23 @@ def main():
     ap.add_argument("--tune", type=int, default=0, metavar="PASSES",
                     help="tune the launch shapes first: PASSES rounds of coordinate descent")
     ap.add_argument("--no-compiled", action="store_true", help="time the fused step only")
+    ap.add_argument("--fp8", action="store_true", help="the layer weights FP8 (implies --no-reference)")
     ap.add_argument("--no-reference", action="store_true",
                     help="no float32 twin, so no accuracy rows: the V3 slice's (~54 GB) beside its BF16 copy "
                          "passes an H100's 80 GB")
     args = ap.parse_args()
+    args.no_reference |= args.fp8
     torch.manual_seed(0)
     cfg = sliced_preset(args.preset, args.layers)
-    tag = result_tag(args.preset, args.layers)
+    tag = result_tag(args.preset, args.layers) + ("_fp8" if args.fp8 else "")
     if args.no_reference:  # initialised in float32 on the host, as the twin is, then cast
         model_bf16 = to_dtype(Transformer(cfg).eval(), torch.bfloat16).cuda()
     else:
         model = Transformer(cfg).cuda().eval()   # float32 twin: the reference both are held to
         model_bf16 = to_dtype(copy.deepcopy(model), torch.bfloat16)  # as from_pretrained(dtype=) loads it
+    if args.fp8:
+        from nanoseek.infer.fp8_weights import quantize_weights
+        quantize_weights(model_bf16)
     R = max(args.buckets)
     max_len = args.prompt + 128
     g = torch.Generator().manual_seed(1)
@@ -210,7 +219,8 @@ def main():
     import triton
     pdl = fused_module.pdl_supported(torch.device("cuda")) and bool(launch["pdl"])
     result = {"benchmark": "fused_decode", **environment(), "triton": triton.__version__, "pdl": pdl,
-              "preset": args.preset, "layers": cfg.num_hidden_layers, "prompt_tokens": args.prompt,
+              "preset": args.preset, "layers": cfg.num_hidden_layers, "fp8_weights": args.fp8,
+              "prompt_tokens": args.prompt,
               "max_len": max_len, "steps_per_burst": args.steps, "repeat": args.repeat,
               "batch1_weight_bytes": weight_bytes, "launch_used": launch,
               "tuning_search": tuning, "rows": rows}
