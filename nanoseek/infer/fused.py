@@ -36,7 +36,7 @@ from ..config import ModelConfig
 from ..hf import SCALE_SUFFIX
 from ..kernels import decode as kernels
 from ..model import StaticCache, Transformer
-from ..model.moe import MoE, Router
+from ..model.moe import Experts, MoE, Router
 from .latent_attention import LatentDecodeAttention, attend_latent, attention_parts, attention_units, pow2
 
 MAX_EXPERTS = 256   # one program holds a token's E scores for the routing
@@ -181,8 +181,7 @@ def fp8_layout(model: Transformer) -> tuple[tuple[int, int] | None, str | None]:
                     return None, f"FP8 weights with W8A8 kernels ({name}; the fused step reads them weight-only)"
                 fp8.append(name)
                 blocks.add(tuple(m.block))
-            elif (isinstance(m, torch.nn.Linear) and name.rpartition(".")[2] not in DEQUANTIZED) or \
-                    type(m).__name__ == "Experts":
+            elif (isinstance(m, torch.nn.Linear) and name.rpartition(".")[2] not in DEQUANTIZED) or type(m) is Experts:
                 plain.append(name)
     if not fp8:
         return None, None
