@@ -185,6 +185,14 @@ _tokens_tuned = triton.autotune(_configs(({"BLOCK_N": 128, "BLOCK_K": 128}, 8, 3
                                          ({"BLOCK_N": 64, "BLOCK_K": 128}, 4, 3),
                                          ({"BLOCK_N": 128, "BLOCK_K": 64}, 4, 3)),
                                 key=["N", "K"])(grouped_mm_tokens_kernel)
+# The token quantizer's channels a program (x's [128, BLOCK_C] tile, transposed through shared
+# memory): at 64 channels on 8 warps it holds 3 programs an SM (79 registers; sm_90 compile,
+# benchmarks/kernel_resources.py) and ran at ~40% of the copy bandwidth on an H100; 32 channels on
+# 4 warps hold 7 (68 registers). It writes all of its outputs, so any shape may be timed.
+_quantize_tuned = triton.autotune(_configs(({"BLOCK_C": 64}, 8, 1), ({"BLOCK_C": 32}, 4, 1),
+                                           ({"BLOCK_C": 32}, 2, 1), ({"BLOCK_C": 64}, 4, 1),
+                                           ({"BLOCK_C": 128}, 8, 1)),
+                                  key=["C"])(quantize_tokens_kernel)
 # the same shapes for the launch that adds into a gradient: timed apart from the overwriting one,
 # c restored after every timing run, which would otherwise add once more each
 _tokens_into_tuned = triton.autotune(_tokens_tuned.configs, key=["N", "K"], restore_value=["c_ptr"])(
@@ -296,10 +304,8 @@ def quantize_tokens_fp8(x_MC: torch.Tensor, offsets_E: torch.Tensor,
     # (127.9 becomes 64): there the kernel stores its float32 quotients and torch rounds them
     q = torch.empty(C, T * TILE, dtype=FP8_DTYPE if x_MC.is_cuda else torch.float32, device=x_MC.device)
     s = torch.empty(C, T, dtype=torch.float32, device=x_MC.device)
-    block_c = 64  # a [128, 64] float32 tile: 32 values a thread at 8 warps
-    quantize_tokens_kernel[(T, triton.cdiv(C, block_c))](
-        x_MC, q, s, offsets_E, first_E1, M, C, T, E, FP8_MAX, triton.next_power_of_2(E), TILE, block_c,
-        num_warps=8)
+    _launch(_quantize_tuned, lambda meta: (T, triton.cdiv(C, meta["BLOCK_C"])),
+            x_MC, q, s, offsets_E, first_E1, M, C, T, E, FP8_MAX, triton.next_power_of_2(E), TILE)
     return q.to(FP8_DTYPE), s
 
 
