@@ -261,7 +261,7 @@ case $stage in
   fp8fused)  # the fused step reading FP8 weights in place: its GPU tests at V2-Lite's and V3's widths (and the
              # BF16 split down kernel's), then FP8 against BF16 through the fused step on V2-Lite's 27 layers at one
              # row (no Inductor compile: the compiled FP8 step on 27 layers did not fit a call)
-    timeout 200 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fused_decode.py -k \
+    timeout 150 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fused_decode.py -k \
       "real_layer_widths and (fp8 or down_split)" 2>&1 | tail -12 | tee "$OUT/fused_gpu_tests.log"
     real_decode "$(left 585)" --preset deepseek-v2-lite --batches 1 --new 64 --repeat 3 --modes fused --fp8 \
       --fp8-kernels auto --skip-hf
