@@ -30,6 +30,8 @@
 #   bash benchmarks/device/h200_session.sh fp8        # FP8-resident decode vs BF16 on all 27 V2-Lite layers
 #   bash benchmarks/device/h200_session.sh fp8fused   # the fused step on FP8 weights: its GPU tests at real widths,
 #                                              # then FP8 vs BF16 through it on V2-Lite's 27 layers at batch 1
+#   bash benchmarks/device/h200_session.sh fp8paths   # the FP8 model's fused vs compiled step recorded: V2-Lite
+#                                              # (8 layers), the V3 slice
 #   bash benchmarks/device/h200_session.sh fusedtune-fp8 # the fused step's launch searched on FP8 weights
 #   bash benchmarks/device/h200_session.sh fp8fused-v3   # FP8 vs BF16 on the V3 slice, fused and compiled, the
 #                                              # FP8 paths recorded
@@ -265,6 +267,14 @@ case $stage in
       "real_layer_widths and (fp8 or down_split)" 2>&1 | tail -12 | tee "$OUT/fused_gpu_tests.log"
     real_decode "$(left 585)" --preset deepseek-v2-lite --batches 1 --new 64 --repeat 3 --modes fused --fp8 \
       --fp8-kernels auto --skip-hf
+    ;;
+  fp8paths)  # the FP8 model's decode paths recorded (fused against compiled at one row; the table is keyed by the
+             # layers' widths, not their number): V2-Lite's first 8 layers, then the V3 slice
+    real_decode "$(left 330)" --preset deepseek-v2-lite --layers 8 --batches 1 --new 64 --repeat 3 \
+      --modes fused compiled --fp8 --fp8-kernels auto --skip-hf --record-paths fp8
+    real_decode "$(left 585)" --preset deepseek-v3 --layers 2 --batches 1 --new 64 --repeat 3 --modes fused compiled \
+      --fp8 --fp8-kernels auto --skip-hf --record-paths fp8
+    cp nanoseek/infer/decode_paths.json "$OUT/"
     ;;
   fusedtune-fp8)  # the fused step's launch searched on FP8 weights (8 V2-Lite layers): a weight row is half the
                   # bytes, so the rule's rows a program (set for BF16) may be too few
