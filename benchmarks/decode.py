@@ -270,6 +270,8 @@ def main():
                          "tuning (e.g. combo_kernels=true); repeatable")
     ap.add_argument("--fused-tuning", metavar="JSON",
                     help="launch shapes for the fused step (fused_tuning.json of benchmarks/fused_decode.py --tune)")
+    ap.add_argument("--fp8-fused-tuning", metavar="JSON",
+                    help="the same for the FP8 rows (fused_decode.py --tune --fp8; default: --fused-tuning's)")
     ap.add_argument("--moe-tuning", metavar="JSON",
                     help="launch shapes for the small-batch experts kernels (moe_tuning.json of "
                          "benchmarks/decode_step.py --moe-sweep)")
@@ -331,7 +333,7 @@ def main():
             teacher_forced(model, seqs, args.prompt))
         print(f"teacher-forced greedy choices, fused step against the model: "
               f"{row['fused_teacher_forced_vs_model']}", flush=True)
-    forced = {}
+    forced, fp8_launch = {}, launch_file(args.fp8_fused_tuning)
     if args.fp8:
         from nanoseek.infer.fp8_weights import FP8Experts, FP8Linear, quantize_weights
         # the largest batch's BF16 continuations, forced through both models: greedy choices
@@ -341,17 +343,19 @@ def main():
         seqs = torch.tensor([p + g for p, g in zip(plists[B], tokens[label, B][-1])], device=device)
         reference = teacher_forced(model, seqs, args.prompt)
         quantize_weights(model)
+        # the FP8 rows' settings: their own fused launch if given (BF16's is recorded with BF16's rows)
+        fp8_common = {**common, "fused_launch": fp8_launch or common["fused_launch"]}
         for kernel in args.fp8_kernels:
             for m in model.modules():
                 if isinstance(m, (FP8Linear, FP8Experts)):  # the experts' gathered GEMV follows it too
                     m.kernel = kernel
-            engine_rows(model, plists, args, common, device, bandwidth, rows, tokens, FP8_LABELS[kernel])
+            engine_rows(model, plists, args, fp8_common, device, bandwidth, rows, tokens, FP8_LABELS[kernel])
             name = FP8_LABELS[kernel].strip()
             forced[name] = agreement(teacher_forced(model, seqs, args.prompt)[0], reference)
             print(f"teacher-forced greedy choices, {name} against BF16: {forced[name]}", flush=True)
             if kernel == "auto" and recorded(args, "fp8"):  # the FP8 model's own entry in the engine's table
                 record_paths(cfg, torch.float8_e4m3fn, device_name(device), rows,
-                             f"benchmarks/results/{result_name(args)}", common["fused_launch"], FP8_LABELS[kernel])
+                             f"benchmarks/results/{result_name(args)}", fp8_common["fused_launch"], FP8_LABELS[kernel])
     for B in args.batches:
         hf_row = rows.get(f"transformers generate, batch {B}")
         for r in rows.values():
@@ -363,6 +367,7 @@ def main():
               "greedy": args.temperature == 0, "temperature": args.temperature, "sharpen": args.sharpen,
               "copy_bandwidth_GBps": bandwidth / 1e9,
               "inference_config": common, "rows": rows,
+              **({"fp8_fused_launch": fp8_launch} if fp8_launch else {}),
               **({"fp8_teacher_forced_vs_bf16": forced} if forced else {})}
     path = write_json(result, name)
     print(f"\n{'run':52s} {'TTFT ms':>8s} {'decode tok/s':>13s} {'roofline':>9s} {'fraction':>8s} {'vs HF':>7s}")

@@ -61,7 +61,7 @@
 # CLAIM (claim: one or more of moe, balancing, attention, mtp, fp8, specialization), CLAIM_MINUTES;
 # DECODE_ARGS (decode, measure: e.g. "--tuned-option combo_kernels=true"); DECODE_MODES (decode.py --modes);
 # FUSED_ARGS (benchmarks/fused_decode.py); FUSED_TUNING (shapes: the fused step's launch, recorded with the
-# paths); SCALING_ARGS (benchmarks/scaling.py, multigpu: e.g. "--preset deepseek-v2-lite --layers 8");
+# paths); FP8_FUSED_TUNING (fp8fused, fp8paths: the FP8 rows' fused launch, fusedtune-fp8's JSON); SCALING_ARGS (benchmarks/scaling.py, multigpu: e.g. "--preset deepseek-v2-lite --layers 8");
 # GIT_COMMIT: the commit the tree is at, recorded in the JSON results (the device's copy of .git may
 # still read an older HEAD than the working tree it was sent).
 # Wheels the image lacks (fastapi, uvicorn, trl, ...) come in .whl (benchmarks/device/device_wheels.txt).
@@ -266,12 +266,13 @@ case $stage in
     timeout 150 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fused_decode.py -k \
       "real_layer_widths and (fp8 or down_split)" 2>&1 | tail -12 | tee "$OUT/fused_gpu_tests.log"
     real_decode "$(left 585)" --preset deepseek-v2-lite --batches 1 --new 64 --repeat 3 --modes fused --fp8 \
-      --fp8-kernels auto --skip-hf
+      --fp8-kernels auto --skip-hf ${FP8_FUSED_TUNING:+--fp8-fused-tuning "$FP8_FUSED_TUNING"}
     ;;
   fp8paths)  # the FP8 model's decode paths recorded (fused against compiled at one row; the table is keyed by the
              # layers' widths, not their number): V2-Lite's first 8 layers, then the V3 slice
     real_decode "$(left 330)" --preset deepseek-v2-lite --layers 8 --batches 1 --new 64 --repeat 3 \
-      --modes fused compiled --fp8 --fp8-kernels auto --skip-hf --record-paths fp8
+      --modes fused compiled --fp8 --fp8-kernels auto --skip-hf --record-paths fp8 \
+      ${FP8_FUSED_TUNING:+--fp8-fused-tuning "$FP8_FUSED_TUNING"}
     real_decode "$(left 585)" --preset deepseek-v3 --layers 2 --batches 1 --new 64 --repeat 3 --modes fused compiled \
       --fp8 --fp8-kernels auto --skip-hf --record-paths fp8
     cp nanoseek/infer/decode_paths.json "$OUT/"
