@@ -61,7 +61,8 @@
 # CLAIM (claim: one or more of moe, balancing, attention, mtp, fp8, specialization), CLAIM_MINUTES;
 # DECODE_ARGS (decode, measure: e.g. "--tuned-option combo_kernels=true"); DECODE_MODES (decode.py --modes);
 # FUSED_ARGS (benchmarks/fused_decode.py); FUSED_TUNING (shapes: the fused step's launch, recorded with the
-# paths); FP8_FUSED_TUNING (fp8fused, fp8paths: the FP8 rows' fused launch, fusedtune-fp8's JSON); SCALING_ARGS (benchmarks/scaling.py, multigpu: e.g. "--preset deepseek-v2-lite --layers 8");
+# paths); FP8_FUSED_TUNING (fp8fused, fp8paths: the FP8 rows' fused launch, fusedtune-fp8's JSON);
+# SCALING_ARGS (benchmarks/scaling.py, multigpu: e.g. "--preset deepseek-v2-lite --layers 8");
 # GIT_COMMIT: the commit the tree is at, recorded in the JSON results (the device's copy of .git may
 # still read an older HEAD than the working tree it was sent).
 # Wheels the image lacks (fastapi, uvicorn, trl, ...) come in .whl (benchmarks/device/device_wheels.txt).
