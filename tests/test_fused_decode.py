@@ -165,6 +165,7 @@ def test_fused_step_matches_model_decode(overrides, chunked, extra, monkeypatch)
     (dict(hidden_size=56, intermediate_size=88, moe_intermediate_size=40, num_attention_heads=32,
           q_lora_rank=40), True, dict(down_split=1)),       # widths ending mid-block; the split down kernel
     (dict(n_shared_experts=2), False, dict(down_split=1, down_block=16)),  # the split kernel's shared chunks
+    (dict(topk_method="greedy", n_shared_experts=0), True, {}),  # no shared experts: the routed scales alone
 ])
 def test_fp8_fused_step_is_the_dequantized_models_decode(overrides, chunked, extra, monkeypatch):
     """A model holding FP8 weights (every layer weight but kv_b_proj, in 16x16 blocks: several
