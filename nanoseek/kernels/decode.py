@@ -29,6 +29,10 @@ decode_profile.txt); here it is nine:
 Everything is computed in float32 from whatever the tensors hold (BF16 weights and cache,
 or float32 in the CPU tests) and rounded on store, except the attention's dot products,
 whose operands (q_lat, q_pe, the softmax weights) are rounded to the cache's dtype first.
+FP8 weights (an FP8 checkpoint's, float8 with one float32 scale per SB_R x SB_C block; the
+kernels' FP8 flag) are widened in registers; a program's rows of a weight lie in one row of
+blocks, so each column's block scale multiplies the activation it meets, once a column rather
+than once a weight (kernels/fp8_linear.py's GEMV does the same).
 Norms are recomputed by each program that needs them: a reduction over one row is cheaper
 than another kernel.
 
