@@ -33,7 +33,8 @@ V3 checkpoints: infer/fp8_weights.py), weight-only and with the activations in F
 (`--fp8-kernels auto w8a8`), or with FP8Linear's dequantization written in the step for
 Inductor to fuse (`twin`: in the batch-1 step's tuned compile a one-row matmul becomes a
 reduction that reads the FP8 weight in place; elsewhere it dequantizes whole weights), rows
-marked "FP8 weights" with `speedup_vs_bf16` and
+marked "FP8 weights" with `speedup_vs_bf16` (beside `speedup_ceiling_vs_bf16`, the ratio of the
+two rows' step bytes: the most FP8 can gain there) and
 `same_tokens_as_bf16` against the BF16 row of their mode and batch (near-tie flips of a
 random model included), and `fp8_teacher_forced_vs_bf16`: the largest batch's BF16
 continuations forced through each FP8 model's cached decode, its greedy choices against BF16's
@@ -457,6 +458,8 @@ def engine_rows(model, plists, args, common, device, bandwidth, rows, tokens, we
             if weights:
                 bf16 = rows[f"nanoseek engine{mode_label}, batch {B}"]
                 row["speedup_vs_bf16"] = row["decode_tokens_per_s"] / bf16["decode_tokens_per_s"]
+                # the most these weights' bytes allow (fp8_decode_ceiling.py): the head and the cache stay 16-bit
+                row["speedup_ceiling_vs_bf16"] = bf16["step_bytes"] / row["step_bytes"]
                 row["same_tokens_as_bf16"] = same_tokens(runs[-1], tokens[mode_label, B][-1])
             print(f"{name}: {row}", flush=True)
         del engine
