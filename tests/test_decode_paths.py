@@ -156,9 +156,17 @@ def test_cpu_engines_take_no_fused_step():
     assert Engine(engine_model, max_batch=2, max_len=16).runner.graphs is None
 
 
-def test_an_fp8_model_takes_its_own_measurement(monkeypatch):
+def test_an_fp8_model_takes_its_own_measurement(hopper, tmp_path, monkeypatch):
     """An FP8-resident model's step is looked up under float8, not under its embedding's dtype:
-    the BF16 model's measurement says nothing of the FP8 one's bytes."""
+    the BF16 model's measurement says nothing of the FP8 one's bytes. Its entry is found on a GPU
+    where the BF16 kernels run (it computes in BF16)."""
+    from nanoseek.infer.decode_paths import measured_fused_step
+    table = tmp_path / "paths.json"
+    shutil.copy(decode_paths.TABLE, table)
+    tiny, fp8 = preset("tiny"), torch.float8_e4m3fn
+    record_fused_rows(tiny, fp8, "NVIDIA H200", 2, "decode_tiny.json", table, fused_launch={"gemv_rows": 4})
+    assert measured_fused_step(tiny, fp8, CUDA, 64, table) == (2, {"gemv_rows": 4})
+    assert measured_fused_step(tiny, torch.bfloat16, CUDA, 64, table) == (0, None)
     from nanoseek.infer import engine as engine_module
     from nanoseek.infer.fp8_weights import quantize_weights
     asked = []

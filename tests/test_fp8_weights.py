@@ -313,6 +313,11 @@ def test_the_fused_step_takes_an_fp8_checkpoint_and_says_what_it_cannot(fp8_dir)
     assert fp8_layout(load(fp8_dir, torch.float32, kernel="w8a8"))[1].startswith("FP8 weights with W8A8 kernels")
     with pytest.raises(ValueError, match="blocks of 32 rows take at most 32 rows a program"):
         FusedDecoder(fp8, StaticCache(fp8.config, 1, 8), 1, launch=dict(up_rows=64))
+    # the rule's rows at tiny's widths (64) are cut to a block's, the warps following them
+    step = FusedDecoder(fp8, StaticCache(fp8.config, 1, 8), 1)
+    assert (step.t["gemv_rows"], step.t["up_rows"]) == (32, 32) and step.t["up_warps"] == 2
+    assert fp8_layout(quantize_weights(Transformer(preset("tiny")), (1, 32), "twin"))[1].startswith(
+        "FP8 scale blocks of 1x32")
     attn = fp8.model.layers[1].self_attn
     attn.o_proj = nn.Linear(attn.o_proj.in_features, attn.o_proj.out_features, bias=False)
     assert FusedDecoder.unsupported(fp8.config, fp8) == \

@@ -158,25 +158,26 @@ def test_fused_step_matches_model_decode(overrides, chunked, extra, monkeypatch)
             torch.testing.assert_close(fused_buf, buf, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("overrides, chunked, extra", [
-    (dict(), False, {}),                                      # V3: query LoRA, a dense layer, one shared expert
+@pytest.mark.parametrize("overrides, chunked, extra, block, rows", [
+    (dict(), False, {}, (32, 16), 16),                        # V3: query LoRA, a dense layer, one shared expert
     (dict(q_lora_rank=None, scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1,
-          n_shared_experts=2), True, {}),                     # V2-Lite: two shared experts, rows in chunks
+          n_shared_experts=2), True, {}, (16, 32), 8),        # V2-Lite: two shared experts, rows in chunks
     (dict(hidden_size=56, intermediate_size=88, moe_intermediate_size=40, num_attention_heads=32,
-          q_lora_rank=40), True, dict(down_split=1)),       # widths ending mid-block; the split down kernel
-    (dict(n_shared_experts=2), False, dict(down_split=1, down_block=16)),  # the split kernel's shared chunks
-    (dict(topk_method="greedy", n_shared_experts=0), True, {}),  # no shared experts: the routed scales alone
+          q_lora_rank=40), True, dict(down_split=1), (64, 16), 16),  # widths ending mid-block; split down kernel
+    (dict(n_shared_experts=2), False, dict(down_split=1, down_block=16), (16, 16), 16),  # its shared chunks
+    (dict(topk_method="greedy", n_shared_experts=0), True, {}, (32, 16), 8),  # no shared experts
 ])
-def test_fp8_fused_step_is_the_dequantized_models_decode(overrides, chunked, extra, monkeypatch):
-    """A model holding FP8 weights (every layer weight but kv_b_proj, in 16x16 blocks: several
-    a weight at tiny's widths, a head's query rows straddling two) through the fused step: its
-    logits and cache entries equal those of the model's own decode forward, which dequantises
-    the weights (the twin), in float32. Wrong block scales move the logits by whole units."""
+def test_fp8_fused_step_is_the_dequantized_models_decode(overrides, chunked, extra, block, rows, monkeypatch):
+    """A model holding FP8 weights (every layer weight but kv_b_proj) in blocks smaller than
+    tiny's widths, taller or wider than square, with fewer rows a program than a block has (a
+    head's query rows straddling two blocks), through the fused step: its logits and cache
+    entries equal those of the model's own decode forward, which dequantises the weights (the
+    twin), in float32. Wrong block scales move the logits by whole units."""
     from nanoseek.infer import fused
     from nanoseek.infer.fp8_weights import quantize_weights
     if chunked:
         monkeypatch.setattr(fused, "QUERY_CHUNK", 16)
-    model = quantize_weights(sharp_model(**overrides), (16, 16), "twin")
+    model = quantize_weights(sharp_model(**overrides), block, "twin")
     cache = prefilled_cache(model, [7, 20, 1])
     fused_cache = copy.deepcopy(cache)
     ids = torch.randint(0, model.config.vocab_size, (3, 1), device=DEVICE)
@@ -184,9 +185,9 @@ def test_fp8_fused_step_is_the_dequantized_models_decode(overrides, chunked, ext
     with torch.no_grad():
         want = model(ids, positions=positions, cache=cache.prefix(3)).logits[:, -1]
     chunks = dict(attend_split=32, max_block=16, attend_block=16, merge_splits=2) if chunked else dict(attend_split=16)
-    step = fused.FusedDecoder(model, fused_cache, max_rows=4,
-                              launch={**LAUNCH, "down_rows": 16, **chunks, "attend_heads": 16, **extra})
-    assert step.fp8_block == (16, 16) and model.model.layers[1].mlp.experts.gate_proj.dtype == torch.float8_e4m3fn
+    step = fused.FusedDecoder(model, fused_cache, max_rows=4, launch={
+        **LAUNCH, "gemv_rows": rows, "up_rows": rows, "down_rows": rows, **chunks, "attend_heads": 16, **extra})
+    assert step.fp8_block == block and model.model.layers[1].mlp.experts.gate_proj.dtype == torch.float8_e4m3fn
     got = step.forward(ids, positions)
     assert want.abs().max() > 5
     torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-4)

@@ -57,7 +57,8 @@ def measured_fused_step(config: ModelConfig, dtype: torch.dtype, device: torch.d
     the fused step runs at all (fast_kernels_supported, FusedDecoder.unsupported); else (0,
     None). The launch is whole for caches of cache_len up to SHORT_CACHE, past that its weight
     kernels' part only (fused.ATTENTION_KEYS are left to the rule)."""
-    if not fast_kernels_supported(device, dtype):
+    # an FP8 model (its own entries, dtype float8) computes in BF16
+    if not fast_kernels_supported(device, torch.bfloat16 if dtype == torch.float8_e4m3fn else dtype):
         return 0, None
     from .fused import ATTENTION_KEYS, SHORT_CACHE, FusedDecoder  # imports Triton, which fast_kernels_supported found
     if FusedDecoder.unsupported(config) is not None:

@@ -190,8 +190,11 @@ def fp8_layout(model: Transformer) -> tuple[tuple[int, int] | None, str | None]:
     if len(blocks) > 1:
         return None, f"FP8 weights in blocks of several shapes {sorted(blocks)}"
     (rows, cols), = blocks
-    if rows & (rows - 1) or cols & (cols - 1):
-        return None, f"FP8 scale blocks of {rows}x{cols} (powers of two only)"
+    if rows & (rows - 1) or cols & (cols - 1) or rows < 2:
+        return None, f"FP8 scale blocks of {rows}x{cols} (powers of two, of at least 2 rows: a RoPE pair's rows " \
+                     f"take one scale)"
+    if model.config.qk_nope_head_dim % 2:  # (a head's RoPE rows would start at an odd row)
+        return None, f"qk_nope_head_dim {model.config.qk_nope_head_dim} with FP8 weights (an even one only)"
     for layer in model.main_layers:
         P, F, shared = FusedDecoder._slots(layer)
         if isinstance(layer.mlp, MoE) and P - layer.mlp.gate.top_k > 1 and F % rows:
@@ -242,13 +245,18 @@ class FusedDecoder:
         self.t = fused_step_launch(model.config, cache.max_len, launch)
         self.fp8_block = fp8_layout(model)[0]
         if self.fp8_block:
-            # a program's rows of a weight must lie in one row of scale blocks, and a query
-            # chunk's columns in one column of them (the kernels take one scale for each)
-            rows = {k: self.t[k] for k in ("gemv_rows", "up_rows", "down_rows")}
-            wide = {k: v for k, v in rows.items() if v > self.fp8_block[0]}
+            # a program's rows of a weight must lie in one row of scale blocks (the kernels take
+            # one scale a column): the rule's rows are cut to a block's (a small model's rule
+            # gives more), rows asked for in `launch` must fit
+            block_rows = self.fp8_block[0]
+            rows = {k: self.t[k] for k in ("gemv_rows", "up_rows", "down_rows") if self.t[k] > block_rows}
+            wide = {k: v for k, v in rows.items() if k in (launch or {})}
             if wide:
-                raise ValueError(f"launch {wide}: FP8 weights in blocks of {self.fp8_block[0]} rows take at "
-                                 f"most {self.fp8_block[0]} rows a program")
+                raise ValueError(f"launch {wide}: FP8 weights in blocks of {block_rows} rows take at most "
+                                 f"{block_rows} rows a program")
+            if rows:  # (given, so that the warps follow the rows)
+                self.t = fused_step_launch(model.config, cache.max_len, {**(launch or {}),
+                                                                         **dict.fromkeys(rows, block_rows)})
         # the kernels' FP8 arguments (the scales' pointers are given per launch)
         self.fp8 = (dict(FP8=True, SB_R=self.fp8_block[0], SB_C=self.fp8_block[1]) if self.fp8_block else {})
         c = self.config = model.config
