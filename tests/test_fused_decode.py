@@ -330,6 +330,27 @@ def test_fused_decoder_bursts_equal_the_model_step():
     assert one.fused.max_rows == 1 and one._fused(1) and not one._fused(2) and one._compiles((2, False))
 
 
+def test_fp8_model_bursts_through_the_fused_step_as_its_model_step():
+    """The graph decoder of an FP8-resident model (32x32 blocks) takes the fused step at the rows
+    it is given, and a greedy burst there gives the model step's tokens and cache."""
+    from nanoseek.infer.cuda_graph import GraphDecoder
+    from nanoseek.infer.fp8_weights import quantize_weights
+    model = quantize_weights(sharp_model(), (32, 32), "twin")
+    cache = prefilled_cache(model, [5, 9])
+
+    def burst(fused_rows):
+        c = copy.deepcopy(cache)
+        step = GraphDecoder(model, c, None, capture=False, fused_rows=fused_rows, fused_launch=LAUNCH)
+        return step.decode_burst([0, 1], [3, 4], [5, 9], 2).tolist(), step, c
+
+    (want, _, want_cache), (got, fused, got_cache) = burst(0), burst(2)
+    assert fused._fused(2) and fused.fused.fp8_block == (32, 32)
+    assert got == want
+    for layer, fused_layer in zip(want_cache.layers, got_cache.layers):
+        for buf, fused_buf in zip(layer, fused_layer):
+            torch.testing.assert_close(fused_buf, buf, rtol=1e-4, atol=1e-5)
+
+
 def test_forced_decode_through_the_fused_step_is_the_models():
     """generate.forced_decode with a fused launch (the benchmark's teacher-forced check of the
     fused step) steps through the fused step: the logits after each forced token equal the
