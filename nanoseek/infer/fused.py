@@ -81,14 +81,19 @@ LAUNCH_KEYS = ("gemv_rows", "gemv_warps", "head_rows", "head_warps", "query_warp
                "attend_heads", "attend_block", "attend_programs", "attend_stages", "attend_warps", "output_warps",
                "merge_splits", "route_warps", "up_rows", "up_warps", "down_rows", "down_warps", "max_block", "pdl",
                "attend_transposed", "query_split", "output_split", "down_split", "down_block")
+# the rows a program of the kernels that read FP8 layer weights
+FP8_ROW_KEYS = ("gemv_rows", "up_rows", "down_rows")
 # those of the attention over the cache, whose best values depend on the cache's length
 ATTENTION_KEYS = tuple(k for k in LAUNCH_KEYS if k.startswith(("attend_", "output_", "merge_")))
 
 
-def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = None) -> dict:
+def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = None,
+                      block_rows: int | None = None) -> dict:
     """The fused step's launch shapes for this model and a cache of max_len positions (module
     constants' rule); `launch` replaces any of them (a benchmark's tuning, the interpreter's
-    shapes in tests). Every block and warp count is a power of two."""
+    shapes in tests). Every block and warp count is a power of two. block_rows: FP8 weights'
+    scale block rows (fp8_layout), which the weight kernels' rows a program may not pass (the
+    kernels take one scale a column): the rule's are cut to it, given ones past it raise."""
     c, given = config, dict(launch or {})
     unknown = set(given) - set(LAUNCH_KEYS)
     if unknown:
@@ -131,6 +136,12 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
                attend_programs=ATTEND_PROGRAMS, attend_stages=3, merge_splits=MERGE_SPLITS, max_block=max_block,
                pdl=True, attend_transposed=0, query_split=query_split, output_split=output_split,
                down_split=down_split, down_block=down_block)
+    if block_rows:
+        out.update({k: min(out[k], block_rows) for k in FP8_ROW_KEYS})
+        wide = {k: given[k] for k in FP8_ROW_KEYS if given.get(k, 0) > block_rows}
+        if wide:
+            raise ValueError(f"launch {wide}: FP8 weights in blocks of {block_rows} rows take at most "
+                             f"{block_rows} rows a program")
     out.update({k: v for k, v in given.items() if k in out})  # the warps follow the rows given
     out.update(gemv_warps=warps(out["gemv_rows"] * D), head_warps=warps(out["head_rows"] * D),
                up_warps=warps(2 * out["up_rows"] * D),
@@ -242,21 +253,8 @@ class FusedDecoder:
         if reason:
             raise ValueError(f"the fused decode step does not support this model: {reason}")
         self.model, self.cache, self.max_rows, self.idle = model, cache, max_rows, idle
-        self.t = fused_step_launch(model.config, cache.max_len, launch)
         self.fp8_block = fp8_layout(model)[0]
-        if self.fp8_block:
-            # a program's rows of a weight must lie in one row of scale blocks (the kernels take
-            # one scale a column): the rule's rows are cut to a block's (a small model's rule
-            # gives more), rows asked for in `launch` must fit
-            block_rows = self.fp8_block[0]
-            rows = {k: self.t[k] for k in ("gemv_rows", "up_rows", "down_rows") if self.t[k] > block_rows}
-            wide = {k: v for k, v in rows.items() if k in (launch or {})}
-            if wide:
-                raise ValueError(f"launch {wide}: FP8 weights in blocks of {block_rows} rows take at most "
-                                 f"{block_rows} rows a program")
-            if rows:  # (given, so that the warps follow the rows)
-                self.t = fused_step_launch(model.config, cache.max_len, {**(launch or {}),
-                                                                         **dict.fromkeys(rows, block_rows)})
+        self.t = fused_step_launch(model.config, cache.max_len, launch, self.fp8_block and self.fp8_block[0])
         # the kernels' FP8 arguments (the scales' pointers are given per launch)
         self.fp8 = (dict(FP8=True, SB_R=self.fp8_block[0], SB_C=self.fp8_block[1]) if self.fp8_block else {})
         c = self.config = model.config
@@ -348,8 +346,9 @@ class FusedDecoder:
         head: the output head's launch shape (a far taller matrix than a layer's)."""
         weight = getattr(linear, "weight", linear)
         weight2 = getattr(linear2, "weight", linear2)
-        scales = _scale(linear), _scale(linear2) if linear2 is not None else _scale(linear)
-        fp8 = dict(s1_ptr=scales[0], s2_ptr=scales[1], **self.fp8) if scales[0] is not None else {}
+        s1, s2 = _scale(linear), _scale(linear2)
+        # (without a second weight its pointer is never read, but must be a pointer)
+        fp8 = dict(s1_ptr=s1, s2_ptr=s1 if s2 is None else s2, **self.fp8) if s1 is not None else {}
         B, K = x.shape
         n1 = weight.shape[0]
         n2 = 0 if weight2 is None else weight2.shape[0]
@@ -431,14 +430,12 @@ class FusedDecoder:
             K = router.top_k
             self._gemv(h, router.weight, self.router_logits[:B], norm=norm)
             route(router, self.router_logits, self.sel_idx, self.sel_gate, B, self.t["route_warps"], **self.launch)
-        # pointers a layer lacks (routed in a dense layer, shared without shared experts) are never read
+        # (weights, scales) of the routed and the shared slots; the side a layer lacks (routed in a
+        # dense layer, shared without shared experts) takes the other's, whose pointers are never read
         if shared is not None:
             shared = tuple(m.weight for m in shared), tuple(_scale(m) for m in shared)
-        names = ("gate_proj", "up_proj", "down_proj")
-        routed = ((tuple(getattr(experts, n) for n in names),
-                   tuple(getattr(experts, n + SCALE_SUFFIX, None) for n in names)) if K else shared)
-        (sg, su, sd), shared_scales = shared if shared is not None else routed
-        routed, routed_scales = routed
+        routed = experts.small_batch_weights()[:2] if K else shared
+        (routed, routed_scales), ((sg, su, sd), shared_scales) = routed, shared or routed
         up_fp8 = down_fp8 = {}
         if self.fp8:
             up_fp8 = dict(wgs_ptr=routed_scales[0], wus_ptr=routed_scales[1], sgs_ptr=shared_scales[0],

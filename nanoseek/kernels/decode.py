@@ -546,12 +546,12 @@ def moe_up_kernel(h_ptr, stride_h, norm_ptr, eps, D, sel_idx_ptr,
             wmask = fmask[:, None] & dmask[None, :]
             w_g = tl.load(wg + f[:, None] * D + d[None, :], mask=wmask, other=0.0).to(tl.float32)
             w_u = tl.load(wu + f[:, None] * D + d[None, :], mask=wmask, other=0.0).to(tl.float32)
+            x_g, x_u = x, x
             if FP8:
-                acc_g += tl.sum(w_g * (x * tl.load(sg + d // SB_C, mask=dmask, other=0.0))[None, :], axis=1)
-                acc_u += tl.sum(w_u * (x * tl.load(su + d // SB_C, mask=dmask, other=0.0))[None, :], axis=1)
-            else:
-                acc_g += tl.sum(w_g * x[None, :], axis=1)
-                acc_u += tl.sum(w_u * x[None, :], axis=1)
+                x_g = x * tl.load(sg + d // SB_C, mask=dmask, other=0.0)
+                x_u = x * tl.load(su + d // SB_C, mask=dmask, other=0.0)
+            acc_g += tl.sum(w_g * x_g[None, :], axis=1)
+            acc_u += tl.sum(w_u * x_u[None, :], axis=1)
     tl.store(hmid_ptr + b * stride_hm_b + p * F + f, acc_g * tl.sigmoid(acc_g) * acc_u, mask=fmask)
 
 
