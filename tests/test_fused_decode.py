@@ -96,7 +96,7 @@ def prefilled_cache(model, lengths, max_len=40, ids=None, dtype=torch.float32):
     return cache
 
 
-@pytest.mark.parametrize("overrides, chunked, extra", [(*case, {}) for case in [
+@pytest.mark.parametrize("overrides, chunked, extra, fp8", [(*case, {}, None) for case in [
     (dict(), False),                                          # V3: sigmoid, noaux_tc, bias
     (dict(topk_method="greedy", n_shared_experts=0), True),   # no groups, no shared experts
     (dict(scoring_func="softmax", topk_method="group_limited_greedy", n_group=4, topk_group=2,
@@ -113,28 +113,45 @@ def prefilled_cache(model, lengths, max_len=40, ids=None, dtype=torch.float32):
 ]] + [
     # the query's columns in shares (each recomputing q_b's rows with a LoRA), the merge's V
     # outputs in blocks: by the rule without a LoRA, given with one
-    (dict(q_lora_rank=None, n_shared_experts=2), True, dict(query_split=2, output_split=4)),
-    (dict(), True, dict(query_split=2, output_split=2)),
+    (dict(q_lora_rank=None, n_shared_experts=2), True, dict(query_split=2, output_split=4), None),
+    (dict(), True, dict(query_split=2, output_split=2), None),
     # the down projection split over its slots and their column blocks, summed by the last program
     (dict(hidden_size=56, intermediate_size=88, moe_intermediate_size=40, num_attention_heads=32,
-          q_lora_rank=40, n_shared_experts=2), True, dict(down_split=1, down_rows=8)),
+          q_lora_rank=40, n_shared_experts=2), True, dict(down_split=1, down_rows=8), None),
     # the down kernel's columns in blocks narrower than the other kernels' (a loop; more split programs)
     (dict(hidden_size=56, intermediate_size=88, moe_intermediate_size=40, num_attention_heads=32,
-          q_lora_rank=40, n_shared_experts=2), False, dict(down_block=16)),
+          q_lora_rank=40, n_shared_experts=2), False, dict(down_block=16), None),
     (dict(hidden_size=56, intermediate_size=88, moe_intermediate_size=40, num_attention_heads=32,
-          q_lora_rank=40, n_shared_experts=2), False, dict(down_split=1, down_block=16)),
+          q_lora_rank=40, n_shared_experts=2), False, dict(down_split=1, down_block=16), None),
+] + [
+    # FP8 weights (every layer weight but kv_b_proj) in scale blocks smaller than tiny's widths,
+    # taller or wider than square, with fewer rows a program than a block has (a head's query rows
+    # straddle two blocks): the twin is the model's forward, which dequantises them
+    (overrides, chunked, {"gemv_rows": rows, "up_rows": rows, "down_rows": rows, **extra}, block)
+    for overrides, chunked, extra, block, rows in [
+        (dict(), False, {}, (32, 16), 16),                    # V3: query LoRA, a dense layer
+        (dict(q_lora_rank=None, scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1,
+              n_shared_experts=2), True, {}, (16, 32), 8),    # V2-Lite: two shared experts
+        (dict(hidden_size=56, intermediate_size=88, moe_intermediate_size=40, num_attention_heads=32,
+              q_lora_rank=40), True, dict(down_split=1), (64, 16), 16),  # widths ending mid-block
+        (dict(n_shared_experts=2), False, dict(down_split=1, down_block=16), (16, 16), 16),  # split shared chunks
+        (dict(topk_method="greedy", n_shared_experts=0), True, {}, (32, 16), 8)]  # no shared experts
 ])
-def test_fused_step_matches_model_decode(overrides, chunked, extra, monkeypatch):
+def test_fused_step_matches_model_decode(overrides, chunked, extra, fp8, monkeypatch):
     """Logits of rows at different positions (one of them the dummy row at 0 that a bucket
     pads with) and every layer's cache entries: the fused step equals the model's absorbed
     decode forward in float32. Attention in units of 16 positions (row 1 spans two, the
     others one), 16 heads per program; chunked: rows wider than 16 read in chunks (the path of
     a wide model's hidden size, and of the query kernel's q_b and W_UK), units of 32 positions
-    read in blocks of 16, merged two at a time."""
+    read in blocks of 16, merged two at a time. fp8: the layer weights FP8 in blocks of that
+    shape (wrong block scales move the logits by whole units)."""
     from nanoseek.infer import fused
+    from nanoseek.infer.fp8_weights import quantize_weights
     if chunked:
         monkeypatch.setattr(fused, "QUERY_CHUNK", 16)
     model = sharp_model(**overrides)
+    if fp8:
+        quantize_weights(model, fp8, "twin")
     cache = prefilled_cache(model, [7, 20, 1])
     fused_cache = copy.deepcopy(cache)
     ids = torch.randint(0, model.config.vocab_size, (3, 1), device=DEVICE)
@@ -143,7 +160,7 @@ def test_fused_step_matches_model_decode(overrides, chunked, extra, monkeypatch)
         want = model(ids, positions=positions, cache=cache.prefix(3)).logits[:, -1]
     chunks = dict(attend_split=32, max_block=16, attend_block=16, merge_splits=2) if chunked else dict(attend_split=16)
     step = fused.FusedDecoder(model, fused_cache, max_rows=4, launch={**LAUNCH, **chunks, "attend_heads": 16, **extra})
-    assert all(step.t[k] == v for k, v in extra.items())
+    assert all(step.t[k] == v for k, v in extra.items()) and step.fp8_block == fp8
     assert step.units(3) == (6 if chunked else 9)  # the step's 30 positions: units of the least length
     for scratch in (step.part_acc, step.part_m, step.part_l):  # scratch past the step's units is
         scratch.fill_(float("nan"))                          # neither written nor read
@@ -152,44 +169,6 @@ def test_fused_step_matches_model_decode(overrides, chunked, extra, monkeypatch)
     written = ~step.part_m[:, 0].isnan()  # (the last layer's scratch)
     assert used == (3 if chunked else 4) and written[:used].all() and not written[used:].any()
     assert want.abs().max() > 5  # sharp logits: a wrong expert moves them by whole units
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-4)
-    for layer, fused_layer in zip(cache.layers, fused_cache.layers):
-        for buf, fused_buf in zip(layer, fused_layer):
-            torch.testing.assert_close(fused_buf, buf, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("overrides, chunked, extra, block, rows", [
-    (dict(), False, {}, (32, 16), 16),                        # V3: query LoRA, a dense layer, one shared expert
-    (dict(q_lora_rank=None, scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1,
-          n_shared_experts=2), True, {}, (16, 32), 8),        # V2-Lite: two shared experts, rows in chunks
-    (dict(hidden_size=56, intermediate_size=88, moe_intermediate_size=40, num_attention_heads=32,
-          q_lora_rank=40), True, dict(down_split=1), (64, 16), 16),  # widths ending mid-block; split down kernel
-    (dict(n_shared_experts=2), False, dict(down_split=1, down_block=16), (16, 16), 16),  # its shared chunks
-    (dict(topk_method="greedy", n_shared_experts=0), True, {}, (32, 16), 8),  # no shared experts
-])
-def test_fp8_fused_step_is_the_dequantized_models_decode(overrides, chunked, extra, block, rows, monkeypatch):
-    """A model holding FP8 weights (every layer weight but kv_b_proj) in blocks smaller than
-    tiny's widths, taller or wider than square, with fewer rows a program than a block has (a
-    head's query rows straddling two blocks), through the fused step: its logits and cache
-    entries equal those of the model's own decode forward, which dequantises the weights (the
-    twin), in float32. Wrong block scales move the logits by whole units."""
-    from nanoseek.infer import fused
-    from nanoseek.infer.fp8_weights import quantize_weights
-    if chunked:
-        monkeypatch.setattr(fused, "QUERY_CHUNK", 16)
-    model = quantize_weights(sharp_model(**overrides), block, "twin")
-    cache = prefilled_cache(model, [7, 20, 1])
-    fused_cache = copy.deepcopy(cache)
-    ids = torch.randint(0, model.config.vocab_size, (3, 1), device=DEVICE)
-    positions = torch.tensor([[7], [20], [0]], device=DEVICE)
-    with torch.no_grad():
-        want = model(ids, positions=positions, cache=cache.prefix(3)).logits[:, -1]
-    chunks = dict(attend_split=32, max_block=16, attend_block=16, merge_splits=2) if chunked else dict(attend_split=16)
-    step = fused.FusedDecoder(model, fused_cache, max_rows=4, launch={
-        **LAUNCH, "gemv_rows": rows, "up_rows": rows, "down_rows": rows, **chunks, "attend_heads": 16, **extra})
-    assert step.fp8_block == block and model.model.layers[1].mlp.experts.gate_proj.dtype == torch.float8_e4m3fn
-    got = step.forward(ids, positions)
-    assert want.abs().max() > 5
     torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-4)
     for layer, fused_layer in zip(cache.layers, fused_cache.layers):
         for buf, fused_buf in zip(layer, fused_layer):
@@ -301,14 +280,18 @@ def test_fused_step_of_a_dense_model():
                                rtol=1e-4, atol=1e-5)
 
 
-def test_fused_decoder_bursts_equal_the_model_step():
+@pytest.mark.parametrize("fp8", [None, (32, 32)])
+def test_fused_decoder_bursts_equal_the_model_step(fp8):
     """GraphDecoder with fused rows, uncaptured here: a greedy burst (the token chosen inside
     the step, the inputs advanced by it) gives the model step's tokens and cache, and a
     sampled one (top-p, each row's own uniforms) its tokens; buckets above fused_rows keep
-    the model's forward (and may compile)."""
+    the model's forward (and may compile). fp8: an FP8-resident model's, in blocks of that shape."""
     from nanoseek.infer.cuda_graph import GraphDecoder
+    from nanoseek.infer.fp8_weights import quantize_weights
     from nanoseek.infer.sampling import SamplingParams
     model = sharp_model()
+    if fp8:
+        quantize_weights(model, fp8, "twin")
     cache = prefilled_cache(model, [5, 9])
     params = [SamplingParams(temperature=0.8, top_p=0.9, seed=1), SamplingParams(max_tokens=4)]
 
@@ -320,7 +303,7 @@ def test_fused_decoder_bursts_equal_the_model_step():
 
     want, plain, want_cache = burst(0)
     got, fused, got_cache = burst(2)
-    assert fused._fused(2) and not fused._compiles((2, False)) and plain.fused is None
+    assert fused._fused(2) and not fused._compiles((2, False)) and plain.fused is None and fused.fused.fp8_block == fp8
     assert got == want
     for layer, fused_layer in zip(want_cache.layers, got_cache.layers):
         for buf, fused_buf in zip(layer, fused_layer):  # c_kv and k_pe
@@ -328,27 +311,6 @@ def test_fused_decoder_bursts_equal_the_model_step():
     assert burst(2, sampled=True, n=1)[0] == burst(0, sampled=True, n=1)[0]
     one = GraphDecoder(model, copy.deepcopy(cache), None, capture=False, fused_rows=1, fused_launch=LAUNCH)
     assert one.fused.max_rows == 1 and one._fused(1) and not one._fused(2) and one._compiles((2, False))
-
-
-def test_fp8_model_bursts_through_the_fused_step_as_its_model_step():
-    """The graph decoder of an FP8-resident model (32x32 blocks) takes the fused step at the rows
-    it is given, and a greedy burst there gives the model step's tokens and cache."""
-    from nanoseek.infer.cuda_graph import GraphDecoder
-    from nanoseek.infer.fp8_weights import quantize_weights
-    model = quantize_weights(sharp_model(), (32, 32), "twin")
-    cache = prefilled_cache(model, [5, 9])
-
-    def burst(fused_rows):
-        c = copy.deepcopy(cache)
-        step = GraphDecoder(model, c, None, capture=False, fused_rows=fused_rows, fused_launch=LAUNCH)
-        return step.decode_burst([0, 1], [3, 4], [5, 9], 2).tolist(), step, c
-
-    (want, _, want_cache), (got, fused, got_cache) = burst(0), burst(2)
-    assert fused._fused(2) and fused.fused.fp8_block == (32, 32)
-    assert got == want
-    for layer, fused_layer in zip(want_cache.layers, got_cache.layers):
-        for buf, fused_buf in zip(layer, fused_layer):
-            torch.testing.assert_close(fused_buf, buf, rtol=1e-4, atol=1e-5)
 
 
 def test_forced_decode_through_the_fused_step_is_the_models():
@@ -461,10 +423,11 @@ def test_bf16_fused_step_is_as_accurate_as_the_bf16_model():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name, extra", [("deepseek-v3", {}), ("deepseek-v3", dict(attend_transposed=1)),
-                                         ("deepseek-v2-lite", {}), ("deepseek-v2-lite", dict(down_split=1)),
-                                         ("deepseek-v3", dict(down_split=1))])
-def test_bf16_fused_step_at_real_layer_widths(name, extra):
+@pytest.mark.parametrize("name, extra, weights", [
+    ("deepseek-v3", {}, "bf16"), ("deepseek-v3", dict(attend_transposed=1), "bf16"), ("deepseek-v2-lite", {}, "bf16"),
+    ("deepseek-v2-lite", dict(down_split=1), "bf16"), ("deepseek-v3", dict(down_split=1), "bf16"),
+    ("deepseek-v2-lite", {}, "fp8"), ("deepseek-v3", {}, "fp8")])
+def test_fused_step_at_real_layer_widths(name, extra, weights):
     """On a GPU, BF16, DeepSeek-V3's layer widths (hidden 7168, 128 heads, latent 512,
     q_lora 1536, experts of width 2048, top-8 in 4 of 8 groups; 64 experts instead of 256 and
     a small vocabulary, to fit a float32 reference beside it), one dense and one MoE layer:
@@ -474,7 +437,9 @@ def test_bf16_fused_step_at_real_layer_widths(name, extra):
     experts of width 1408, greedy softmax top-6, two shared experts). With the down projection
     split over its slots too, whose last program per block sums the others' partial sums: the
     same logits bit for bit step after step (a program reading a sum not yet written would not
-    be)."""
+    be). fp8: the layer weights FP8 in 128x128 blocks as an official checkpoint holds them, the
+    fused step reading the float8 bytes, held to float32 arithmetic on the same FP8 values as
+    closely as the model holding them dequantised to BF16 (fp8_twins)."""
     from nanoseek.hf import to_dtype
     from nanoseek.infer.fused import FusedDecoder
     torch.manual_seed(0)
@@ -490,18 +455,23 @@ def test_bf16_fused_step_at_real_layer_widths(name, extra):
                 r.e_score_correction_bias.normal_(0, 1)
             else:
                 r.weight.mul_(20)
-    half = to_dtype(copy.deepcopy(model), torch.bfloat16)
+    # the model the fused step reads, the model stepped by its own forward, the float32 reference
+    if weights == "fp8":
+        stepped, plain_model, model = fp8_twins(model, torch.bfloat16)
+    else:
+        stepped = plain_model = to_dtype(copy.deepcopy(model), torch.bfloat16)
     lengths = [100, 37]
     ids = torch.randint(0, cfg.vocab_size, (2, 100), device=DEVICE)
     cache32 = prefilled_cache(model, lengths, max_len=128, ids=ids)
-    cache16 = prefilled_cache(half, lengths, max_len=128, ids=ids, dtype=torch.bfloat16)
+    cache16 = prefilled_cache(plain_model, lengths, max_len=128, ids=ids, dtype=torch.bfloat16)
     nxt = torch.randint(0, cfg.vocab_size, (2, 1), device=DEVICE)
     positions = torch.tensor([[100], [37]], device=DEVICE)
     with torch.no_grad():
         ref = model(nxt, positions=positions, cache=copy.deepcopy(cache32).prefix(2)).logits[:, -1]
-        plain = half(nxt, positions=positions, cache=copy.deepcopy(cache16).prefix(2)).logits[:, -1].float()
-    fused = FusedDecoder(half, cache16, 2, launch=extra)
+        plain = plain_model(nxt, positions=positions, cache=copy.deepcopy(cache16).prefix(2)).logits[:, -1].float()
+    fused = FusedDecoder(stepped, cache16, 2, launch=extra)
     assert (fused.t["gemv_rows"], fused.t["attend_heads"]) == ((2, 32) if name == "deepseek-v3" else (2, 16))
+    assert fused.fp8_block == ((128, 128) if weights == "fp8" else None)
     got = fused.forward(nxt, positions).clone()  # (forward returns its logits buffer, which the next overwrites)
     for _ in range(8):  # the step rewrites the same cache entries: nothing else may move
         assert torch.equal(fused.forward(nxt, positions), got)
@@ -523,43 +493,3 @@ def fp8_twins(model, dtype):
         if isinstance(m, (FP8Linear, FP8Experts)):
             m.kernel, r.kernel, r.dtype = "twin", "twin", torch.float32
     return fp8, twin, ref
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", ["deepseek-v2-lite", "deepseek-v3"])
-def test_fp8_fused_step_at_real_layer_widths(name):
-    """On a GPU at V2-Lite's and V3's layer widths (as the BF16 test above), the layer weights FP8
-    in 128x128 blocks as an official checkpoint holds them: the fused step reading the float8
-    bytes is as close to float32 arithmetic on the same FP8 values as the model whose weights are
-    those values dequantised to BF16, and repeated steps give the same logits bit for bit."""
-    from nanoseek.infer.fused import FusedDecoder
-    torch.manual_seed(0)
-    cfg = preset(name, num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=64,
-                 vocab_size=2048, num_nextn_predict_layers=0)
-    model = Transformer(cfg).cuda().eval()
-    with torch.no_grad():  # decisive routing, as in the BF16 test
-        for r in model.routers().values():
-            if r.e_score_correction_bias is not None:
-                r.e_score_correction_bias.normal_(0, 1)
-            else:
-                r.weight.mul_(20)
-    fp8, twin, ref = fp8_twins(model, torch.bfloat16)
-    del model
-    lengths = [100, 37]
-    ids = torch.randint(0, cfg.vocab_size, (2, 100), device=DEVICE)
-    cache32 = prefilled_cache(ref, lengths, max_len=128, ids=ids)
-    cache16 = prefilled_cache(twin, lengths, max_len=128, ids=ids, dtype=torch.bfloat16)
-    nxt = torch.randint(0, cfg.vocab_size, (2, 1), device=DEVICE)
-    positions = torch.tensor([[100], [37]], device=DEVICE)
-    with torch.no_grad():
-        want = ref(nxt, positions=positions, cache=copy.deepcopy(cache32).prefix(2)).logits[:, -1]
-        plain = twin(nxt, positions=positions, cache=copy.deepcopy(cache16).prefix(2)).logits[:, -1].float()
-    step = FusedDecoder(fp8, cache16, 2)
-    assert step.fp8_block == (128, 128)
-    got = step.forward(nxt, positions).clone()
-    for _ in range(4):
-        assert torch.equal(step.forward(nxt, positions), got)
-
-    def rel(x):
-        return float((x - want).norm() / want.norm())
-    assert rel(got) <= 1.5 * rel(plain) + 1e-3, (rel(got), rel(plain))
