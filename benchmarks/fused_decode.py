@@ -56,25 +56,12 @@ from nanoseek.model.moe import MoE  # noqa: E402
 
 
 def step_weight_bytes(model: Transformer) -> int:
-    """Bytes of the weights one token's decode step reads: everything but the embedding
-    table (one row), the MTP layers and the routed experts it does not choose."""
-    c = model.config
-
-    def nbytes(module) -> int:  # parameters and buffers: FP8 weights and their scales are buffers
-        return sum(t.numel() * t.element_size() for t in module.state_dict().values())
-    total = 0
-    for layer in model.main_layers:
-        total += nbytes(layer.self_attn) + nbytes(layer.input_layernorm) + nbytes(layer.post_attention_layernorm)
-        mlp = layer.mlp
-        if isinstance(mlp, MoE):
-            total += nbytes(mlp.gate)
-            expert = {k: t[0] for k, t in mlp.experts.state_dict().items()}  # one expert's weights and scales
-            total += sum(t.numel() * t.element_size() for t in expert.values()) * c.num_experts_per_tok
-            if mlp.shared_experts is not None:
-                total += nbytes(mlp.shared_experts)
-        else:
-            total += nbytes(mlp)
-    return total + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    """Bytes of the weights one token's decode step reads (decode.step_bytes at one row without a
+    cache: every main-layer weight but the routed experts it does not choose, the head, and the
+    embedding's one row; FP8 weights with their scales)."""
+    from decode import step_bytes
+    moe_layers = sum(isinstance(layer.mlp, MoE) for layer in model.main_layers)
+    return int(step_bytes(model, [model.config.num_experts_per_tok] * moe_layers, 1, 0, 0))
 
 
 # the largest kernels' knobs first (fused.LAUNCH_KEYS; each list holds bench-1b's derived value)

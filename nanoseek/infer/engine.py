@@ -88,6 +88,7 @@ from ..model.cache import StaticCache, cache_entry_shapes
 from ..model.mla import MLA
 from .config import InferenceConfig
 from .decode_paths import measured_fused_step
+from .fp8_weights import has_fp8_weights
 from .grammar import GrammarCompiler, bitmask
 from .prefix_cache import PrefixCache
 from .sampling import (SamplingParams, TokenLogprob, logprob_rows, process_logits, row_settings, sample_rows,
@@ -455,7 +456,6 @@ class Engine:
         assert self.cache.nbytes_per_token() == bytes_per_token
         # the fused step where it was measured faster than the compiled step, with the launch it
         # was measured with, unless the config says
-        from .fp8_weights import has_fp8_weights
         table_dtype = torch.float8_e4m3fn if has_fp8_weights(model) else weight_dtype  # FP8: measured apart
         measured_rows, measured_launch = measured_fused_step(cfg, table_dtype, self.device, cache_len)
         fused_rows = measured_rows if config.fused_decode_rows is None else config.fused_decode_rows

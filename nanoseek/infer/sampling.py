@@ -23,6 +23,7 @@ those of the model's own logits (vLLM's raw logprobs), whatever changed the choi
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -42,6 +43,7 @@ def argmax_rows(logits_BV: torch.Tensor) -> torch.Tensor:
     return chunked_argmax(logits_BV, chunk) if chunk else logits_BV.argmax(-1)
 
 
+@functools.cache  # (a scan of up to ~1,800 candidates: once a vocabulary, not once a step)
 def argmax_chunk(V: int) -> int:
     """The largest divisor of V in [ARGMAX_LEAST, min(ARGMAX_CHUNK, V / 2)], or 0."""
     return next((c for c in range(min(ARGMAX_CHUNK, V // 2), ARGMAX_LEAST - 1, -1) if V % c == 0), 0)
