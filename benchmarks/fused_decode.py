@@ -65,15 +65,17 @@ def step_weight_bytes(model: Transformer) -> int:
 
 
 # the largest kernels' knobs first (fused.LAUNCH_KEYS; each list holds bench-1b's derived value)
-CANDIDATES = dict(pdl=[True, False], up_rows=[2, 4, 8, 16], up_warps=[1, 2, 4], down_split=[0, 1],
+CANDIDATES = dict(pdl=[True, False], up_rows=[2, 4, 8, 16], up_warps=[1, 2, 4, 8], down_split=[0, 1],
                   down_block=[256, 512, 1024, 2048], down_rows=[1, 2, 4, 8], down_warps=[1, 2, 4, 8],
                   query_split=[1, 2, 4, 8], query_warps=[2, 4, 8], gemv_rows=[2, 4, 8], gemv_warps=[2, 4, 8],
                   attend_split=[32, 64, 128], attend_warps=[4, 8], output_split=[1, 2, 4, 8],
                   output_warps=[2, 4, 8], route_warps=[1, 2, 4],
                   head_rows=[4, 8, 16, 32], head_warps=[4, 8])
 # a knob that changes a kernel's shape: its trials take the rule's values of these for it (from the
-# rest of the best launch so far)
-DERIVED = dict(down_split=("down_rows", "down_warps"), down_block=("down_warps",))
+# rest of the best launch so far); rows a program take the rule's warps for them (twice the rows at
+# the same warps is twice the registers a thread)
+DERIVED = dict(down_split=("down_rows", "down_warps"), down_block=("down_warps",), up_rows=("up_warps",),
+               gemv_rows=("gemv_warps",), head_rows=("head_warps",))
 
 
 def fused_step_us(model, cache, launch, prompt, repeat=5) -> float:

@@ -91,6 +91,15 @@ def _inv_rms(x_ptr, n, eps, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _scaled_batch_rows(w, x, s, B: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, SBC: tl.constexpr):
+    """[B, ROWS]: Σ_c x[b, c] · w[r, c] · s[c // SBC] for float8 w [ROWS, COLS], x [B, COLS]:
+    each block of SBC columns summed, then scaled (a multiply a block, not one a column)."""
+    w4 = tl.reshape(w.to(tl.float32), [1, ROWS, COLS // SBC, SBC])
+    x4 = tl.reshape(x, [B, 1, COLS // SBC, SBC])
+    return tl.sum(tl.sum(x4 * w4, axis=3) * s[None, None, :], axis=2)
+
+
+@triton.jit
 def gemv_kernel(x_ptr, stride_x, B, K, norm_ptr, eps,
                 w1_ptr, n1, w2_ptr, n2, res_ptr, stride_res, out_ptr, stride_out,
                 HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr,
@@ -128,7 +137,9 @@ def gemv_kernel(x_ptr, stride_x, B, K, norm_ptr, eps,
         if HAS_NORM:
             g = tl.load(norm_ptr + k, mask=kmask, other=0.0).to(tl.float32)
         if FP8:
-            s = tl.load(s_ptr + k // SB_C, mask=kmask, other=0.0)
+            SBC: tl.constexpr = min(SB_C, BLOCK_K)
+            cb = tl.arange(0, BLOCK_K // SBC)
+            s = tl.load(s_ptr + cb, mask=cb * SBC < K, other=0.0)
         _wait_prev(USE_PDL)
         x = tl.load(x_ptr + rows[:, None] * stride_x + k[None, :],
                     mask=bmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
@@ -136,8 +147,9 @@ def gemv_kernel(x_ptr, stride_x, B, K, norm_ptr, eps,
             inv = tl.rsqrt(tl.sum(x * x, axis=1) / K + eps)
             x = x * inv[:, None] * g[None, :]
         if FP8:
-            x = x * s[None, :]
-        acc = tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            acc = _scaled_batch_rows(w, x, s, BLOCK_B, BLOCK_O, BLOCK_K, SBC)
+        else:
+            acc = tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     else:
         _wait_prev(USE_PDL)
         if HAS_NORM:
@@ -152,16 +164,19 @@ def gemv_kernel(x_ptr, stride_x, B, K, norm_ptr, eps,
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             kmask = k < K
-            w = tl.load(w_ptr + o[:, None] * K + k[None, :], mask=omask[:, None] & kmask[None, :],
-                        other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + o[:, None] * K + k[None, :], mask=omask[:, None] & kmask[None, :], other=0.0)
             x = tl.load(x_ptr + rows[:, None] * stride_x + k[None, :],
                         mask=bmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
             if HAS_NORM:
                 g = tl.load(norm_ptr + k, mask=kmask, other=0.0).to(tl.float32)
                 x = x * inv[:, None] * g[None, :]
             if FP8:
-                x = x * tl.load(s_ptr + k // SB_C, mask=kmask, other=0.0)[None, :]
-            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+                SBC_L: tl.constexpr = min(SB_C, BLOCK_K)
+                cb = k0 // SB_C + tl.arange(0, BLOCK_K // SBC_L)
+                s = tl.load(s_ptr + cb, mask=cb * SB_C < K, other=0.0)
+                acc += _scaled_batch_rows(w, x, s, BLOCK_B, BLOCK_O, BLOCK_K, SBC_L)
+            else:
+                acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     col = o + second * n1
     mask = bmask[:, None] & omask[None, :]
     if HAS_RES:
@@ -467,6 +482,15 @@ def moe_route_kernel(logits_ptr, bias_ptr, scaling, sel_idx_ptr, sel_gate_ptr,
 
 
 @triton.jit
+def _scaled_rows(w, x, s, ROWS: tl.constexpr, COLS: tl.constexpr, SBC: tl.constexpr):
+    """Σ_c w[r, c] · x[c] · s[c // SBC] for float8 w [ROWS, COLS]: each block of SBC columns
+    summed, then scaled (a multiply a block, not one a column)."""
+    w3 = tl.reshape(w.to(tl.float32), [ROWS, COLS // SBC, SBC])
+    part = tl.sum(w3 * tl.reshape(x, [COLS // SBC, SBC])[None, :, :], axis=2)
+    return tl.sum(part * s[None, :], axis=1)
+
+
+@triton.jit
 def moe_up_kernel(h_ptr, stride_h, norm_ptr, eps, D, sel_idx_ptr,
                   wg_ptr, wu_ptr, sg_ptr, su_ptr, F,
                   hmid_ptr, stride_hm_b,
@@ -502,28 +526,29 @@ def moe_up_kernel(h_ptr, stride_h, norm_ptr, eps, D, sel_idx_ptr,
         s_g = tl.load(sg_ptr + rows[:, None] * D + d[None, :], mask=wmask & shared, other=0.0)
         s_u = tl.load(su_ptr + rows[:, None] * D + d[None, :], mask=wmask & shared, other=0.0)
         g = tl.load(norm_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-        if FP8:
-            x_g = tl.load(sgs_ptr + shared_s + d // SB_C, mask=dmask & shared, other=0.0)
-            x_u = tl.load(sus_ptr + shared_s + d // SB_C, mask=dmask & shared, other=0.0)
+        if FP8:  # a scale a block of columns, applied to the block's partial sums
+            SBC: tl.constexpr = min(SB_C, BLOCK_D)
+            cb = tl.arange(0, BLOCK_D // SBC)
+            cbmask = cb < s_cols
+            x_g = tl.load(sgs_ptr + shared_s + cb, mask=cbmask & shared, other=0.0)
+            x_u = tl.load(sus_ptr + shared_s + cb, mask=cbmask & shared, other=0.0)
         _wait_prev(USE_PDL)
         idx = tl.load(sel_idx_ptr + b * K + p, mask=p < K, other=0).to(tl.int64)
         rmask = wmask & (p < K)
-        w_g = tl.load(wg_ptr + idx * F * D + f[:, None] * D + d[None, :], mask=rmask, other=0.0)
-        w_u = tl.load(wu_ptr + idx * F * D + f[:, None] * D + d[None, :], mask=rmask, other=0.0)
-        if FP8:  # (no arithmetic on float8 values: widened first)
-            w_g, w_u = s_g.to(tl.float32) + w_g.to(tl.float32), s_u.to(tl.float32) + w_u.to(tl.float32)
-        else:
-            w_g, w_u = s_g + w_g, s_u + w_u
+        # a shared slot keeps its rows (the routed load's mask is empty): one tile, widened once
+        w_g = tl.load(wg_ptr + idx * F * D + f[:, None] * D + d[None, :], mask=rmask, other=s_g)
+        w_u = tl.load(wu_ptr + idx * F * D + f[:, None] * D + d[None, :], mask=rmask, other=s_u)
         hx = tl.load(x_ptr + d, mask=dmask, other=0.0).to(tl.float32)
         x = _rms_norm(hx, g, D, eps)
-        if FP8:  # the scales fold into the activations: a multiply a column, not one a weight
-            routed_s = (idx * tl.cdiv(F, SB_R) + f0 // SB_R) * s_cols + d // SB_C
-            x_g = x * (x_g + tl.load(wgs_ptr + routed_s, mask=dmask & (p < K), other=0.0))
-            x_u = x * (x_u + tl.load(wus_ptr + routed_s, mask=dmask & (p < K), other=0.0))
+        if FP8:
+            routed_s = (idx * tl.cdiv(F, SB_R) + f0 // SB_R) * s_cols + cb
+            x_g = tl.load(wgs_ptr + routed_s, mask=cbmask & (p < K), other=x_g)
+            x_u = tl.load(wus_ptr + routed_s, mask=cbmask & (p < K), other=x_u)
+            acc_g = _scaled_rows(w_g, x, x_g, BLOCK_F, BLOCK_D, SBC)
+            acc_u = _scaled_rows(w_u, x, x_u, BLOCK_F, BLOCK_D, SBC)
         else:
-            x_g, x_u = x, x
-        acc_g = tl.sum(w_g.to(tl.float32) * x_g[None, :], axis=1)
-        acc_u = tl.sum(w_u.to(tl.float32) * x_u[None, :], axis=1)
+            acc_g = tl.sum(w_g.to(tl.float32) * x[None, :], axis=1)
+            acc_u = tl.sum(w_u.to(tl.float32) * x[None, :], axis=1)
     else:
         _wait_prev(USE_PDL)
         wg, wu = sg_ptr + (p - K) * F * D, su_ptr + (p - K) * F * D
@@ -544,14 +569,17 @@ def moe_up_kernel(h_ptr, stride_h, norm_ptr, eps, D, sel_idx_ptr,
             x = (tl.load(x_ptr + d, mask=dmask, other=0.0).to(tl.float32) * inv
                  * tl.load(norm_ptr + d, mask=dmask, other=0.0).to(tl.float32))
             wmask = fmask[:, None] & dmask[None, :]
-            w_g = tl.load(wg + f[:, None] * D + d[None, :], mask=wmask, other=0.0).to(tl.float32)
-            w_u = tl.load(wu + f[:, None] * D + d[None, :], mask=wmask, other=0.0).to(tl.float32)
-            x_g, x_u = x, x
+            w_g = tl.load(wg + f[:, None] * D + d[None, :], mask=wmask, other=0.0)
+            w_u = tl.load(wu + f[:, None] * D + d[None, :], mask=wmask, other=0.0)
             if FP8:
-                x_g = x * tl.load(sg + d // SB_C, mask=dmask, other=0.0)
-                x_u = x * tl.load(su + d // SB_C, mask=dmask, other=0.0)
-            acc_g += tl.sum(w_g * x_g[None, :], axis=1)
-            acc_u += tl.sum(w_u * x_u[None, :], axis=1)
+                SBC_L: tl.constexpr = min(SB_C, BLOCK_D)
+                cb = d0 // SB_C + tl.arange(0, BLOCK_D // SBC_L)
+                cbmask = cb * SB_C < D
+                acc_g += _scaled_rows(w_g, x, tl.load(sg + cb, mask=cbmask, other=0.0), BLOCK_F, BLOCK_D, SBC_L)
+                acc_u += _scaled_rows(w_u, x, tl.load(su + cb, mask=cbmask, other=0.0), BLOCK_F, BLOCK_D, SBC_L)
+            else:
+                acc_g += tl.sum(w_g.to(tl.float32) * x[None, :], axis=1)
+                acc_u += tl.sum(w_u.to(tl.float32) * x[None, :], axis=1)
     tl.store(hmid_ptr + b * stride_hm_b + p * F + f, acc_g * tl.sigmoid(acc_g) * acc_u, mask=fmask)
 
 
@@ -637,7 +665,8 @@ def moe_down_split_kernel(h_ptr, stride_h, sel_idx_ptr, sel_gate_ptr, wd_ptr, F,
     blk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     p = q // CF
-    f = (q % CF) * BLOCK_F + tl.arange(0, BLOCK_F)
+    f0 = (q % CF) * BLOCK_F
+    f = f0 + tl.arange(0, BLOCK_F)
     d0 = blk * BLOCK_D
     d = d0 + tl.arange(0, BLOCK_D)
     fmask, dmask = f < F, d < D
@@ -645,23 +674,25 @@ def moe_down_split_kernel(h_ptr, stride_h, sel_idx_ptr, sel_gate_ptr, wd_ptr, F,
     routed = p < K
     # a shared slot's rows now (they depend on no routing), a routed slot's after the wait
     w = tl.load(sd_ptr + d[:, None] * FS + (p - K) * F + f[None, :], mask=wmask & (p >= K), other=0.0)
-    if FP8:
-        scale = tl.load(sds_ptr + (d0 // SB_R) * tl.cdiv(FS, SB_C) + ((p - K) * F + f) // SB_C,
-                        mask=fmask & (p >= K), other=0.0)
+    if FP8:  # a scale a block of columns (BLOCK_F and SB_C powers of two: whole blocks, or within one)
+        SBC: tl.constexpr = min(SB_C, BLOCK_F)
+        cb = tl.arange(0, BLOCK_F // SBC)
+        cbmask = cb * SBC + f0 < F
+        scale = tl.load(sds_ptr + (d0 // SB_R) * tl.cdiv(FS, SB_C) + ((p - K) * F + f0) // SB_C + cb,
+                        mask=cbmask & (p >= K), other=0.0)
     _wait_prev(USE_PDL)
     idx = tl.load(sel_idx_ptr + b * K + p, mask=routed, other=0).to(tl.int64)
-    w_r = tl.load(wd_ptr + idx * D * F + d[:, None] * F + f[None, :], mask=wmask & routed, other=0.0)
-    if FP8:
-        w = w.to(tl.float32) + w_r.to(tl.float32)
-    else:
-        w = w + w_r
+    # a shared slot keeps its rows (the routed load's mask is empty): one tile, widened once
+    w = tl.load(wd_ptr + idx * D * F + d[:, None] * F + f[None, :], mask=wmask & routed, other=w)
     gate = tl.load(sel_gate_ptr + b * K + p, mask=routed, other=1.0)
     x = tl.load(hmid_ptr + b * stride_hm_b + p * F + f, mask=fmask, other=0.0).to(tl.float32)
     if FP8:
-        scale += tl.load(wds_ptr + (idx * tl.cdiv(D, SB_R) + d0 // SB_R) * tl.cdiv(F, SB_C) + f // SB_C,
-                         mask=fmask & routed, other=0.0)
-        x *= scale
-    tl.store(part_ptr + (b * Q + q) * D + d, tl.sum(w.to(tl.float32) * x[None, :], axis=1) * gate, mask=dmask)
+        scale = tl.load(wds_ptr + (idx * tl.cdiv(D, SB_R) + d0 // SB_R) * tl.cdiv(F, SB_C) + f0 // SB_C + cb,
+                        mask=cbmask & routed, other=scale)
+        out = _scaled_rows(w, x, scale, BLOCK_D, BLOCK_F, SBC)
+    else:
+        out = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    tl.store(part_ptr + (b * Q + q) * D + d, out * gate, mask=dmask)
     # every thread's stores before the counter's release (CUTLASS's split-K semaphore)
     tl.debug_barrier()
     counter = count_ptr + b * tl.num_programs(1) + blk
