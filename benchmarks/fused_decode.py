@@ -65,7 +65,8 @@ def step_weight_bytes(model: Transformer) -> int:
 
 
 # the largest kernels' knobs first (fused.LAUNCH_KEYS; each list holds bench-1b's derived value)
-CANDIDATES = dict(pdl=[True, False], up_rows=[2, 4, 8, 16], up_warps=[1, 2, 4, 8], down_split=[0, 1],
+CANDIDATES = dict(pdl=[True, False], up_dot=[0, 1], up_rows=[2, 4, 8, 16, 32, 64], up_warps=[1, 2, 4, 8],
+                  up_block=[64, 128, 256], down_split=[0, 1],
                   down_block=[256, 512, 1024, 2048], down_rows=[1, 2, 4, 8], down_warps=[1, 2, 4, 8],
                   query_split=[1, 2, 4, 8], query_warps=[2, 4, 8], gemv_rows=[2, 4, 8], gemv_warps=[2, 4, 8],
                   attend_split=[32, 64, 128], attend_warps=[4, 8], output_split=[1, 2, 4, 8],
@@ -75,6 +76,7 @@ CANDIDATES = dict(pdl=[True, False], up_rows=[2, 4, 8, 16], up_warps=[1, 2, 4, 8
 # rest of the best launch so far); rows a program take the rule's warps for them (twice the rows at
 # the same warps is twice the registers a thread)
 DERIVED = dict(down_split=("down_rows", "down_warps"), down_block=("down_warps",), up_rows=("up_warps",),
+               up_dot=("up_rows", "up_warps", "up_block"),
                gemv_rows=("gemv_warps",), head_rows=("head_warps",))
 
 

@@ -192,7 +192,7 @@ def attention_rows(max_len: int = 32768) -> list[dict]:
 PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.int32: "*i32", torch.int64: "*i64",
        torch.float8_e4m3fn: "*fp8e4nv"}
 FUSED_KERNELS = ("gemv_kernel", "mla_query_kernel", "mla_attend_kernel", "mla_output_kernel", "moe_route_kernel",
-                 "moe_up_kernel", "moe_down_kernel", "moe_down_split_kernel")
+                 "moe_up_kernel", "moe_up_dot_kernel", "moe_down_kernel", "moe_down_split_kernel")
 
 
 def recorded_launches(module, names, run) -> list[tuple]:

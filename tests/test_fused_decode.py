@@ -123,6 +123,9 @@ def prefilled_cache(model, lengths, max_len=40, ids=None, dtype=torch.float32):
           q_lora_rank=40, n_shared_experts=2), False, dict(down_block=16), None),
     (dict(hidden_size=56, intermediate_size=88, moe_intermediate_size=40, num_attention_heads=32,
           q_lora_rank=40, n_shared_experts=2), False, dict(down_split=1, down_block=16), None),
+    # the up kernel on the tensor cores: rows and columns ending mid-block, two shared slots
+    (dict(hidden_size=56, intermediate_size=88, moe_intermediate_size=40, num_attention_heads=32,
+          q_lora_rank=40, n_shared_experts=2), False, dict(up_dot=1, up_rows=16, up_block=16), None),
 ] + [
     # FP8 weights (every layer weight but kv_b_proj) in scale blocks smaller than tiny's widths,
     # taller or wider than square, with fewer rows a program than a block has (a head's query rows
@@ -135,7 +138,9 @@ def prefilled_cache(model, lengths, max_len=40, ids=None, dtype=torch.float32):
         (dict(hidden_size=56, intermediate_size=88, moe_intermediate_size=40, num_attention_heads=32,
               q_lora_rank=40), True, dict(down_split=1), (64, 16), 16),  # widths ending mid-block
         (dict(n_shared_experts=2), False, dict(down_split=1, down_block=16), (16, 16), 16),  # split shared chunks
-        (dict(topk_method="greedy", n_shared_experts=0), True, {}, (32, 16), 8)]  # no shared experts
+        (dict(topk_method="greedy", n_shared_experts=0), True, {}, (32, 16), 8),  # no shared experts
+        # the tensor-core up kernel: a scale a chunk of 16 columns (of 32-column blocks), two shared slots
+        (dict(q_lora_rank=None, n_shared_experts=2), False, dict(up_dot=1, up_block=16), (16, 32), 16)]
 ])
 def test_fused_step_matches_model_decode(overrides, chunked, extra, fp8, monkeypatch):
     """Logits of rows at different positions (one of them the dummy row at 0 that a bucket
@@ -426,7 +431,10 @@ def test_bf16_fused_step_is_as_accurate_as_the_bf16_model():
 @pytest.mark.parametrize("name, extra, weights", [
     ("deepseek-v3", {}, "bf16"), ("deepseek-v3", dict(attend_transposed=1), "bf16"), ("deepseek-v2-lite", {}, "bf16"),
     ("deepseek-v2-lite", dict(down_split=1), "bf16"), ("deepseek-v3", dict(down_split=1), "bf16"),
-    ("deepseek-v2-lite", {}, "fp8"), ("deepseek-v3", {}, "fp8")])
+    ("deepseek-v2-lite", {}, "fp8"), ("deepseek-v3", {}, "fp8"),
+    ("deepseek-v2-lite", dict(up_dot=1), "bf16"), ("deepseek-v2-lite", dict(up_dot=1), "fp8"),
+    ("deepseek-v3", dict(up_dot=1), "fp8")],
+    ids=lambda v: ("_".join(f"{k}{x}" for k, x in v.items()) or "rule") if isinstance(v, dict) else None)
 def test_fused_step_at_real_layer_widths(name, extra, weights):
     """On a GPU, BF16, DeepSeek-V3's layer widths (hidden 7168, 128 heads, latent 512,
     q_lora 1536, experts of width 2048, top-8 in 4 of 8 groups; 64 experts instead of 256 and
@@ -437,7 +445,7 @@ def test_fused_step_at_real_layer_widths(name, extra, weights):
     experts of width 1408, greedy softmax top-6, two shared experts). With the down projection
     split over its slots too, whose last program per block sums the others' partial sums: the
     same logits bit for bit step after step (a program reading a sum not yet written would not
-    be). fp8: the layer weights FP8 in 128x128 blocks as an official checkpoint holds them, the
+    be). With the up kernel on the tensor cores (its activation rounded to float16). fp8: the layer weights FP8 in 128x128 blocks as an official checkpoint holds them, the
     fused step reading the float8 bytes, held to float32 arithmetic on the same FP8 values as
     closely as the model holding them dequantised to BF16 (fp8_twins)."""
     from nanoseek.hf import to_dtype

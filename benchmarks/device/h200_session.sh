@@ -67,7 +67,7 @@
 # still read an older HEAD than the working tree it was sent).
 # Wheels the image lacks (fastapi, uvicorn, trl, ...) come in .whl (benchmarks/device/device_wheels.txt).
 set -uo pipefail
-start=$(date +%s)
+start=${CALL_START:-$(date +%s)}  # stages chained in one call share its clock (export CALL_START first)
 stage=${1:-}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}
@@ -261,13 +261,13 @@ case $stage in
     real_decode "$(left 585)" --preset deepseek-v2-lite --batches 1 --new 64 --modes compiled --fp8 --fp8-kernels auto \
       --skip-hf
     ;;
-  fp8fused)  # the fused step reading FP8 weights in place: its GPU tests at V2-Lite's and V3's widths (and the
-             # BF16 split down kernel's), then FP8 against BF16 through the fused step on V2-Lite's 27 layers at one
-             # row (no Inductor compile: the compiled FP8 step on 27 layers did not fit a call)
-    timeout 150 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fused_decode.py -k \
-      "real_layer_widths and (fp8 or down_split)" 2>&1 | tail -12 | tee "$OUT/fused_gpu_tests.log"
-    real_decode "$(left 585)" --preset deepseek-v2-lite --batches 1 --new 64 --repeat 3 --modes fused --fp8 \
+  fp8fused)  # the fused step reading FP8 weights in place: FP8 against BF16 through the fused step on V2-Lite's
+             # 27 layers at one row (no Inductor compile: the compiled FP8 step on 27 layers did not fit a call),
+             # then its GPU tests at V2-Lite's and V3's widths (with the split down and tensor-core up kernels)
+    real_decode "$(left 450)" --preset deepseek-v2-lite --batches 1 --new 64 --repeat 3 --modes fused --fp8 \
       --fp8-kernels auto --skip-hf ${FP8_FUSED_TUNING:+--fp8-fused-tuning "$FP8_FUSED_TUNING"}
+    timeout "$(left 590)" python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fused_decode.py -k \
+      "real_layer_widths and (fp8 or down_split or up_dot)" 2>&1 | tail -14 | tee "$OUT/fused_gpu_tests.log"
     ;;
   fp8paths)  # the FP8 model's decode paths recorded (fused against compiled at one row; the table is keyed by the
              # layers' widths, not their number): V2-Lite's first 8 layers, then the V3 slice

@@ -74,13 +74,17 @@ OUTPUT_ELEMENTS = 16384
 # down_split: the down kernel split over its slots (kernels.moe_down_split_kernel), each program
 # a GEMV's tile of about this many weights (the GEMV's fastest at V2-Lite's widths: 4 x 2,048)
 DOWN_SPLIT_ELEMENTS = 8192
+# up_dot: the up kernel's products on the tensor cores (kernels.moe_up_dot_kernel), rows of a
+# program and columns a pipelined step; compiled for sm_90 at 32 x 256, ~4.5 instructions a
+# weight a thread against ~7 for the register sums (benchmarks/results/kernel_resources)
+UP_DOT_ROWS, UP_DOT_BLOCK = 32, 256
 # rows of a weight per program (_rows), warps per program (_warps), the least cache positions
 # of an attention split, heads per attention program, attention programs aimed for, the
 # attention loop's software-pipeline stages, and the block sizes above
 LAUNCH_KEYS = ("gemv_rows", "gemv_warps", "head_rows", "head_warps", "query_warps", "attend_split",
                "attend_heads", "attend_block", "attend_programs", "attend_stages", "attend_warps", "output_warps",
                "merge_splits", "route_warps", "up_rows", "up_warps", "down_rows", "down_warps", "max_block", "pdl",
-               "attend_transposed", "query_split", "output_split", "down_split", "down_block")
+               "attend_transposed", "query_split", "output_split", "down_split", "down_block", "up_dot", "up_block")
 # the rows a program of the kernels that read FP8 layer weights
 FP8_ROW_KEYS = ("gemv_rows", "up_rows", "down_rows")
 # those of the attention over the cache, whose best values depend on the cache's length
@@ -131,7 +135,9 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
     down_block = given.get("down_block", max_block)
     down_rows = (max(1, DOWN_SPLIT_ELEMENTS // F) if down_split else
                  max(1, min(pow2(c.hidden_size // DOWN_PROGRAMS + 1) // 2, DOWN_ELEMENTS // (slots * F))))
-    out = dict(gemv_rows=rows("gemv", D), head_rows=rows("head", D), up_rows=rows("up", D),
+    up_dot = given.get("up_dot", 0)
+    out = dict(gemv_rows=rows("gemv", D), head_rows=rows("head", D),
+               up_rows=UP_DOT_ROWS if up_dot else rows("up", D), up_dot=up_dot, up_block=UP_DOT_BLOCK,
                down_rows=down_rows, attend_split=split, attend_heads=heads, attend_block=block_s,
                attend_programs=ATTEND_PROGRAMS, attend_stages=3, merge_splits=MERGE_SPLITS, max_block=max_block,
                pdl=True, attend_transposed=0, query_split=query_split, output_split=output_split,
@@ -144,7 +150,7 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
                              f"{block_rows} rows a program")
     out.update({k: v for k, v in given.items() if k in out})  # the warps follow the rows given
     out.update(gemv_warps=warps(out["gemv_rows"] * D), head_warps=warps(out["head_rows"] * D),
-               up_warps=warps(2 * out["up_rows"] * D),
+               up_warps=4 if up_dot else warps(2 * out["up_rows"] * D),
                down_warps=warps(out["down_rows"] * (1 if out["down_split"] else slots)
                                 * min(F, out["down_block"])),
                query_warps=warps(N * (c.q_lora_rank or 0) + R * (c.q_lora_rank or 0) + N * C // out["query_split"]),
@@ -152,7 +158,7 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
                route_warps=warps(32 * (c.n_routed_experts or 0)))
     out.update(given)
     for key, value in out.items():
-        not_pow2 = ("pdl", "attend_stages", "attend_programs", "attend_transposed", "down_split")
+        not_pow2 = ("pdl", "attend_stages", "attend_programs", "attend_transposed", "down_split", "up_dot")
         if key not in not_pow2 and (value < 1 or value & (value - 1)):
             raise ValueError(f"launch {key}={value}: must be a power of two")
     if pow2(C) // out["query_split"] < 16 or pow2(c.v_head_dim) // out["output_split"] < 1:
@@ -163,7 +169,10 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
             raise ValueError(f"launch {key}={out[key]}: must be at least 16")
     if out["attend_programs"] < 1:
         raise ValueError(f"launch attend_programs={out['attend_programs']}: must be at least 1")
-    for key in ("attend_transposed", "down_split"):
+    if out["up_dot"] and min(out["up_rows"], out["up_block"]) < 16:  # tl.dot's smallest block
+        raise ValueError(f"launch up_dot with up_rows={out['up_rows']}, up_block={out['up_block']}: "
+                         "the tensor-core up kernel takes at least 16 of each")
+    for key in ("attend_transposed", "down_split", "up_dot"):
         if out[key] not in (0, 1):
             raise ValueError(f"launch {key}={out[key]}: must be 0 or 1")
     if not 1 <= out["attend_stages"] <= 4:
@@ -444,11 +453,18 @@ class FusedDecoder:
         S = P - K
         hmid = self.hmid[: B * P * F].view(B, P, F)
         rows = self.t["up_rows"]
-        k.moe_up_kernel[(B, P, triton.cdiv(F, rows))](
-            h, h.stride(0), norm.weight, norm.eps, D, self.sel_idx, routed[0], routed[1], sg, su, F, hmid,
-            hmid.stride(0), K=K, BLOCK_F=rows, BLOCK_D=min(self.t["max_block"], pow2(D)),
-            ONE_CHUNK=D <= self.t["max_block"],
-            num_warps=self.t["up_warps"], **self.launch, **up_fp8)
+        if self.t["up_dot"]:
+            block = min(self.t["up_block"], pow2(D), self.fp8.get("SB_C", pow2(D)))
+            k.moe_up_dot_kernel[(B, P, triton.cdiv(F, rows))](
+                h, h.stride(0), norm.weight, norm.eps, D, self.sel_idx, routed[0], routed[1], sg, su, F, hmid,
+                hmid.stride(0), K=K, BLOCK_F=rows, BLOCK_D=block, BLOCK_X=min(self.t["max_block"], pow2(D)),
+                STAGES=3, HALF=h.dtype != torch.float32, num_warps=self.t["up_warps"], **self.launch, **up_fp8)
+        else:
+            k.moe_up_kernel[(B, P, triton.cdiv(F, rows))](
+                h, h.stride(0), norm.weight, norm.eps, D, self.sel_idx, routed[0], routed[1], sg, su, F, hmid,
+                hmid.stride(0), K=K, BLOCK_F=rows, BLOCK_D=min(self.t["max_block"], pow2(D)),
+                ONE_CHUNK=D <= self.t["max_block"],
+                num_warps=self.t["up_warps"], **self.launch, **up_fp8)
         rows = self.t["down_rows"]
         if self.t["down_split"]:
             block_f, chunks = self._chunks(F)

@@ -31,8 +31,10 @@ or float32 in the CPU tests) and rounded on store, except the attention's dot pr
 whose operands (q_lat, q_pe, the softmax weights) are rounded to the cache's dtype first.
 FP8 weights (an FP8 checkpoint's, float8 with one float32 scale per SB_R x SB_C block; the
 kernels' FP8 flag) are widened in registers; a program's rows of a weight lie in one row of
-blocks, so each column's block scale multiplies the activation it meets, once a column rather
-than once a weight (kernels/fp8_linear.py's GEMV does the same).
+blocks, so each block's scale multiplies the block's partial sums, once a block rather than
+once a weight. `moe_up_dot` (the launch's up_dot) multiplies on the tensor cores instead of
+summing products in registers, its activation rounded to float16 first: a widened FP8 weight
+costs the CUDA cores an instruction or two where a product-sum costs four.
 Norms are recomputed by each program that needs them: a reduction over one row is cheaper
 than another kernel.
 
@@ -581,6 +583,64 @@ def moe_up_kernel(h_ptr, stride_h, norm_ptr, eps, D, sel_idx_ptr,
                 acc_g += tl.sum(w_g.to(tl.float32) * x[None, :], axis=1)
                 acc_u += tl.sum(w_u.to(tl.float32) * x[None, :], axis=1)
     tl.store(hmid_ptr + b * stride_hm_b + p * F + f, acc_g * tl.sigmoid(acc_g) * acc_u, mask=fmask)
+
+
+@triton.jit
+def moe_up_dot_kernel(h_ptr, stride_h, norm_ptr, eps, D, sel_idx_ptr,
+                      wg_ptr, wu_ptr, sg_ptr, su_ptr, F,
+                      hmid_ptr, stride_hm_b,
+                      K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_X: tl.constexpr,
+                      STAGES: tl.constexpr, HALF: tl.constexpr, USE_PDL: tl.constexpr,
+                      wgs_ptr=None, wus_ptr=None, sgs_ptr=None, sus_ptr=None,
+                      FP8: tl.constexpr = False, SB_R: tl.constexpr = 128, SB_C: tl.constexpr = 128):
+    """moe_up_kernel's result (program (b, p, f-block), the same slots and scales) with the
+    products on the tensor cores: each BLOCK_D columns of the BLOCK_F rows (>= 16) a tl.dot
+    with x in the first of 16 columns (zeros in the rest: the sum of a row is exact), the
+    weight tiles pipelined over STAGES. HALF: x and the weights float16 (x = RMSNorm(h)·norm,
+    rounded once), else float32 (the CPU tests' float32 models). FP8: BLOCK_D divides SB_C, so
+    a chunk's partial sums take one scale."""
+    _launch_next(USE_PDL)
+    b = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
+    f0 = tl.program_id(2) * BLOCK_F
+    f = f0 + tl.arange(0, BLOCK_F)
+    fmask = f < F
+    x_ptr = h_ptr + b * stride_h
+    dt: tl.constexpr = tl.float16 if HALF else tl.float32
+    _wait_prev(USE_PDL)
+    wg, wu = sg_ptr + (p - K) * F * D, su_ptr + (p - K) * F * D
+    if FP8:
+        s_cols = tl.cdiv(D, SB_C)
+        sg = sgs_ptr + (((p - K) * F + f0) // SB_R) * s_cols
+        su = sus_ptr + (((p - K) * F + f0) // SB_R) * s_cols
+    if p < K:
+        idx = tl.load(sel_idx_ptr + b * K + p).to(tl.int64)
+        wg, wu = wg_ptr + idx * F * D, wu_ptr + idx * F * D
+        if FP8:
+            sg = wgs_ptr + (idx * tl.cdiv(F, SB_R) + f0 // SB_R) * s_cols
+            su = wus_ptr + (idx * tl.cdiv(F, SB_R) + f0 // SB_R) * s_cols
+    inv = _inv_rms(x_ptr, D, eps, BLOCK_X)
+    first = (tl.arange(0, 16) == 0)[None, :]
+    acc_g = tl.zeros([BLOCK_F, 16], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_F, 16], dtype=tl.float32)
+    for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dmask = d < D
+        wmask = fmask[:, None] & dmask[None, :]
+        w_g = tl.load(wg + f[:, None] * D + d[None, :], mask=wmask, other=0.0).to(dt)
+        w_u = tl.load(wu + f[:, None] * D + d[None, :], mask=wmask, other=0.0).to(dt)
+        x = (tl.load(x_ptr + d, mask=dmask, other=0.0).to(tl.float32) * inv
+             * tl.load(norm_ptr + d, mask=dmask, other=0.0).to(tl.float32))
+        xb = tl.where(first, x[:, None], 0.0).to(dt)
+        if FP8:
+            acc_g += tl.dot(w_g, xb, input_precision="ieee") * tl.load(sg + d0 // SB_C)
+            acc_u += tl.dot(w_u, xb, input_precision="ieee") * tl.load(su + d0 // SB_C)
+        else:
+            acc_g = tl.dot(w_g, xb, acc_g, input_precision="ieee")
+            acc_u = tl.dot(w_u, xb, acc_u, input_precision="ieee")
+    g = tl.sum(acc_g, axis=1)
+    u = tl.sum(acc_u, axis=1)
+    tl.store(hmid_ptr + b * stride_hm_b + p * F + f, g * tl.sigmoid(g) * u, mask=fmask)
 
 
 @triton.jit
