@@ -286,13 +286,17 @@ def gemv_rows(label: str, run) -> list[dict]:
     return out
 
 
-def fused_step_rows(launch: dict | None = None, max_len: int = 4096, fp8: bool = False) -> list[dict]:
+FUSED_PRESETS = ("deepseek-v2-lite", "deepseek-v3")
+
+
+def fused_step_rows(launch: dict | None = None, max_len: int = 4096, fp8: bool = False,
+                    presets=FUSED_PRESETS) -> list[dict]:
     """The fused decode step's kernels as FusedDecoder launches them at one row for V2-Lite's and
     V3's widths (a dense and an MoE layer; each distinct launch once), launch over the rule's;
     fp8: on FP8 weights."""
     from nanoseek import preset
     out = []
-    for name in ("deepseek-v2-lite", "deepseek-v3"):
+    for name in presets:
         c = preset(name, num_hidden_layers=2, first_k_dense_replace=1, num_nextn_predict_layers=0)
         seen = set()
         for fn, grid, args, kwargs in fused_step_launches(c, 1, max_len, launch, fp8):
@@ -421,12 +425,15 @@ def main() -> None:
     ap.add_argument("--fused-step", metavar="JSON",
                     help='the fused step\'s kernels alone with this launch over the rule\'s, e.g. \'{"down_split": 1}\'')
     ap.add_argument("--fp8", action="store_true", help="with --fused-step: the layer weights in FP8")
+    ap.add_argument("--preset", action="append", choices=FUSED_PRESETS,
+                    help="with --fused-step: this model's widths only (repeatable; default both)")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's kernels are Python, not compiled
         raise SystemExit("kernel_resources: unset TRITON_INTERPRET (the kernels must compile, not interpret)")
     alone = args.attention_only or args.decode_only or args.batch_only or args.fused_step
     table = [] if alone else rows(args.only) + (candidate_rows() if args.candidates else [])
-    table += fused_step_rows(json.loads(args.fused_step), fp8=args.fp8) if args.fused_step else []
+    table += (fused_step_rows(json.loads(args.fused_step), fp8=args.fp8, presets=args.preset or FUSED_PRESETS)
+              if args.fused_step else [])
     table += attention_rows() if args.attention or args.attention_only else []
     table += decode_rows() if args.decode or args.decode_only else []
     table += batch_rows() if args.decode or args.batch_only else []

@@ -290,6 +290,29 @@ def test_decode_kernels_past_one_row_compile_for_hopper(tmp_path):
     assert "dequantize" in dequantize["kernel"] and dequantize["spill_stack_bytes"] == 0, dequantize
 
 
+@pytest.mark.parametrize("launch, weights, name", [
+    ('{"down_split": 1}', "fp8", "deepseek-v2-lite"), ('{"up_dot": 1}', "fp8", "deepseek-v3"),
+    ('{"up_dot": 1}', "bf16", "deepseek-v2-lite"), ("{}", "fp8", "deepseek-v3")])
+def test_fused_step_kernels_compile_for_hopper(tmp_path, launch, weights, name):
+    """Every kernel of the fused decode step at one row compiles for sm_90 at real widths (a type
+    clash between a kernel's branches, which Triton's interpreter runs without complaint, does
+    not): the up kernel on registers (one tile, V2-Lite; in chunks, V3's 7,168 columns) and on
+    the tensor cores, where its loop multiplies with mma and pipelines its weight tiles; nothing
+    in the expert kernels spills."""
+    table = compiled_for_hopper(tmp_path, "--fused-step", launch, "--preset", name,
+                                *(["--fp8"] if weights == "fp8" else []))
+    kernels = {r["kernel"].rsplit(": ", 1)[1] for r in table}
+    up = "moe_up_dot_kernel" if "up_dot" in launch else "moe_up_kernel"
+    down = "moe_down_split_kernel" if "down_split" in launch else "moe_down_kernel"
+    assert kernels == {"gemv_kernel", "mla_query_kernel", "mla_attend_kernel", "mla_output_kernel",
+                       "moe_route_kernel", up, down}, kernels
+    ups = [r for r in table if r["kernel"].endswith(up)]
+    assert len(ups) == 2 and all(r["spill_stack_bytes"] == 0 for r in ups), ups
+    if up == "moe_up_dot_kernel":
+        assert all(r["ptx"]["mma.sync"] + r["ptx"]["wgmma"] > 0 and r["ptx"]["cp.async"] > 0 for r in ups), ups
+    assert all(r["spill_stack_bytes"] == 0 for r in table if r["kernel"].endswith("moe_down_split_kernel"))
+
+
 def test_kernel_probes_tma_candidate_computes_the_kernels_product():
     """benchmarks/fp8_kernel_probe.py times a candidate of the grouped kernel that loads its tiles
     through TMA descriptors, whose tiles run past a group's rows and an expert's columns: on a CPU

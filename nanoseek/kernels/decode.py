@@ -493,6 +493,26 @@ def _scaled_rows(w, x, s, ROWS: tl.constexpr, COLS: tl.constexpr, SBC: tl.conste
 
 
 @triton.jit
+def _slot_weights(b, p, f0, K: tl.constexpr, F, D, sel_idx_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr,
+                  wgs_ptr, wus_ptr, sgs_ptr, sus_ptr, FP8: tl.constexpr, SB_R: tl.constexpr, SB_C: tl.constexpr):
+    """The up kernels' slot p of row b: its gate and up weights' first rows (a routed expert's
+    after the routing, else the shared chunk p - K), and with FP8 the row of block scales
+    holding rows f0.. (else the weights again: never read)."""
+    wg, wu = sg_ptr + (p - K) * F * D, su_ptr + (p - K) * F * D
+    sg, su = wg, wu
+    if FP8:
+        s_row = (((p - K) * F + f0) // SB_R) * tl.cdiv(D, SB_C)
+        sg, su = sgs_ptr + s_row, sus_ptr + s_row
+    if p < K:
+        idx = tl.load(sel_idx_ptr + b * K + p).to(tl.int64)
+        wg, wu = wg_ptr + idx * F * D, wu_ptr + idx * F * D
+        if FP8:
+            routed_s = (idx * tl.cdiv(F, SB_R) + f0 // SB_R) * tl.cdiv(D, SB_C)
+            sg, su = wgs_ptr + routed_s, wus_ptr + routed_s
+    return wg, wu, sg, su
+
+
+@triton.jit
 def moe_up_kernel(h_ptr, stride_h, norm_ptr, eps, D, sel_idx_ptr,
                   wg_ptr, wu_ptr, sg_ptr, su_ptr, F,
                   hmid_ptr, stride_hm_b,
@@ -553,15 +573,8 @@ def moe_up_kernel(h_ptr, stride_h, norm_ptr, eps, D, sel_idx_ptr,
             acc_u = tl.sum(w_u.to(tl.float32) * x[None, :], axis=1)
     else:
         _wait_prev(USE_PDL)
-        wg, wu = sg_ptr + (p - K) * F * D, su_ptr + (p - K) * F * D
-        if FP8:
-            sg, su = sgs_ptr + shared_s, sus_ptr + shared_s
-        if p < K:
-            idx = tl.load(sel_idx_ptr + b * K + p).to(tl.int64)
-            wg, wu = wg_ptr + idx * F * D, wu_ptr + idx * F * D
-            if FP8:
-                routed_s = (idx * tl.cdiv(F, SB_R) + f0 // SB_R) * s_cols
-                sg, su = wgs_ptr + routed_s, wus_ptr + routed_s
+        wg, wu, sg, su = _slot_weights(b, p, f0, K, F, D, sel_idx_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr,
+                                       wgs_ptr, wus_ptr, sgs_ptr, sus_ptr, FP8, SB_R, SB_C)
         inv = _inv_rms(x_ptr, D, eps, BLOCK_D)
         acc_g = tl.zeros([BLOCK_F], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_F], dtype=tl.float32)
@@ -608,17 +621,8 @@ def moe_up_dot_kernel(h_ptr, stride_h, norm_ptr, eps, D, sel_idx_ptr,
     x_ptr = h_ptr + b * stride_h
     dt: tl.constexpr = tl.float16 if HALF else tl.float32
     _wait_prev(USE_PDL)
-    wg, wu = sg_ptr + (p - K) * F * D, su_ptr + (p - K) * F * D
-    if FP8:
-        s_cols = tl.cdiv(D, SB_C)
-        sg = sgs_ptr + (((p - K) * F + f0) // SB_R) * s_cols
-        su = sus_ptr + (((p - K) * F + f0) // SB_R) * s_cols
-    if p < K:
-        idx = tl.load(sel_idx_ptr + b * K + p).to(tl.int64)
-        wg, wu = wg_ptr + idx * F * D, wu_ptr + idx * F * D
-        if FP8:
-            sg = wgs_ptr + (idx * tl.cdiv(F, SB_R) + f0 // SB_R) * s_cols
-            su = wus_ptr + (idx * tl.cdiv(F, SB_R) + f0 // SB_R) * s_cols
+    wg, wu, sg, su = _slot_weights(b, p, f0, K, F, D, sel_idx_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr,
+                                   wgs_ptr, wus_ptr, sgs_ptr, sus_ptr, FP8, SB_R, SB_C)
     inv = _inv_rms(x_ptr, D, eps, BLOCK_X)
     first = (tl.arange(0, 16) == 0)[None, :]
     acc_g = tl.zeros([BLOCK_F, 16], dtype=tl.float32)
