@@ -116,7 +116,19 @@ def resources(compiled, num_warps: int) -> dict:
     return {"registers": regs, "spill_stack_bytes": stack, "shared_bytes": shared, "programs_per_sm": per_sm,
             "occupancy_programs": min(per_sm.values()),
             "ptx": {name: len(re.findall(pattern, ptx)) for name, pattern in PTX.items()},
-            "sass_instructions": len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+[@A-Z]", sass))}
+            "sass_instructions": len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+[@A-Z]", sass)),
+            "loop_sass_instructions": loop_instructions(sass)}
+
+
+def loop_instructions(sass: str) -> int:
+    """Machine instructions in the longest loop body (from a backward branch's target to the
+    branch; 0 without a loop): what a program issues per trip of its main loop."""
+    code = [(int(a, 16), rest) for a, rest in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([@A-Z].*)", sass)]
+    bodies = [sum(lo <= a <= addr for a, _ in code) for addr, rest in code
+              if re.match(r"(?:@!?U?P\w+\s+)?BRA", rest)
+              for lo in [int(m.group(1), 16) for m in [re.search(r"0x([0-9a-f]+)", rest)] if m]
+              if lo < addr]
+    return max(bodies, default=0)
 
 
 def rows(only: str | None = None) -> list[dict]:
@@ -438,11 +450,12 @@ def main() -> None:
     table += decode_rows() if args.decode or args.decode_only else []
     table += batch_rows() if args.decode or args.batch_only else []
     print(f"{'kernel':46s} {'launch':18s} {'regs':>4s} {'spill':>5s} {'smem KB':>7s} {'per SM':>6s} "
-          f"{'wgmma':>5s} {'mma.sync':>8s} {'cp.async':>8s} {'tma':>4s} {'SASS':>6s}")
+          f"{'wgmma':>5s} {'mma.sync':>8s} {'cp.async':>8s} {'tma':>4s} {'SASS':>6s} {'loop':>5s}")
     for r in table:
         print(f"{r['kernel']:46s} {r['config']:18s} {r['registers']:4d} {r['spill_stack_bytes']:5d} "
               f"{r['shared_bytes'] / 1024:7.1f} {r['occupancy_programs']:6d} {r['ptx']['wgmma']:5d} "
-              f"{r['ptx']['mma.sync']:8d} {r['ptx']['cp.async']:8d} {r['ptx']['tma']:4d} {r['sass_instructions']:6d}")
+              f"{r['ptx']['mma.sync']:8d} {r['ptx']['cp.async']:8d} {r['ptx']['tma']:4d} {r['sass_instructions']:6d} "
+              f"{r['loop_sass_instructions']:5d}")
     write_json({"benchmark": "kernel_resources", **environment(), "triton": triton.__version__, "target": "sm_90",
                 "rows": table, "command": " ".join(sys.argv)}, "kernel_resources.json")
 

@@ -75,8 +75,9 @@ OUTPUT_ELEMENTS = 16384
 # a GEMV's tile of about this many weights (the GEMV's fastest at V2-Lite's widths: 4 x 2,048)
 DOWN_SPLIT_ELEMENTS = 8192
 # up_dot: the up kernel's products on the tensor cores (kernels.moe_up_dot_kernel), rows of a
-# program and columns a pipelined step; compiled for sm_90 at 32 x 256, ~4.5 instructions a
-# weight a thread against ~7 for the register sums (benchmarks/results/kernel_resources)
+# program and columns a pipelined step. Compiled for sm_90 on V2-Lite's FP8 experts its loop
+# issues 4.7 instructions a weight at 32 rows, 2.8 at 64, the register kernel 7.4
+# (benchmarks/results/kernel_resources/fp8_fused_block_scales); off by default until timed
 UP_DOT_ROWS, UP_DOT_BLOCK = 32, 256
 # rows of a weight per program (_rows), warps per program (_warps), the least cache positions
 # of an attention split, heads per attention program, attention programs aimed for, the
