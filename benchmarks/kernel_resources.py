@@ -124,11 +124,13 @@ def loop_instructions(sass: str) -> int:
     """Machine instructions in the longest loop body (from a backward branch's target to the
     branch; 0 without a loop): what a program issues per trip of its main loop."""
     code = [(int(a, 16), rest) for a, rest in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([@A-Z].*)", sass)]
-    bodies = [sum(lo <= a <= addr for a, _ in code) for addr, rest in code
-              if re.match(r"(?:@!?U?P\w+\s+)?BRA", rest)
-              for lo in [int(m.group(1), 16) for m in [re.search(r"0x([0-9a-f]+)", rest)] if m]
-              if lo < addr]
-    return max(bodies, default=0)
+    longest = 0
+    for addr, rest in code:
+        branch = re.match(r"(?:@!?U?P\w+\s+)?BRA\b.*?0x([0-9a-f]+)", rest)
+        if branch and int(branch.group(1), 16) < addr:
+            target = int(branch.group(1), 16)
+            longest = max(longest, sum(target <= a <= addr for a, _ in code))
+    return longest
 
 
 def rows(only: str | None = None) -> list[dict]:

@@ -78,7 +78,7 @@ DOWN_SPLIT_ELEMENTS = 8192
 # program and columns a pipelined step. Compiled for sm_90 on V2-Lite's FP8 experts its loop
 # issues 4.7 instructions a weight at 32 rows, 2.8 at 64, the register kernel 7.4
 # (benchmarks/results/kernel_resources/fp8_fused_block_scales); off by default until timed
-UP_DOT_ROWS, UP_DOT_BLOCK = 32, 256
+UP_DOT_ROWS, UP_DOT_BLOCK, UP_DOT_WARPS = 32, 256, 4
 # rows of a weight per program (_rows), warps per program (_warps), the least cache positions
 # of an attention split, heads per attention program, attention programs aimed for, the
 # attention loop's software-pipeline stages, and the block sizes above
@@ -97,8 +97,8 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
     """The fused step's launch shapes for this model and a cache of max_len positions (module
     constants' rule); `launch` replaces any of them (a benchmark's tuning, the interpreter's
     shapes in tests). Every block and warp count is a power of two. block_rows: FP8 weights'
-    scale block rows (fp8_layout), which the weight kernels' rows a program may not pass (the
-    kernels take one scale a column): the rule's are cut to it, given ones past it raise."""
+    scale block rows (fp8_layout), which the weight kernels' rows a program may not pass (a
+    program's rows take one row of block scales): the rule's are cut to it, given ones past it raise."""
     c, given = config, dict(launch or {})
     unknown = set(given) - set(LAUNCH_KEYS)
     if unknown:
@@ -151,7 +151,7 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
                              f"{block_rows} rows a program")
     out.update({k: v for k, v in given.items() if k in out})  # the warps follow the rows given
     out.update(gemv_warps=warps(out["gemv_rows"] * D), head_warps=warps(out["head_rows"] * D),
-               up_warps=4 if up_dot else warps(2 * out["up_rows"] * D),
+               up_warps=UP_DOT_WARPS if up_dot else warps(2 * out["up_rows"] * D),
                down_warps=warps(out["down_rows"] * (1 if out["down_split"] else slots)
                                 * min(F, out["down_block"])),
                query_warps=warps(N * (c.q_lora_rank or 0) + R * (c.q_lora_rank or 0) + N * C // out["query_split"]),
