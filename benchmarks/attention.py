@@ -206,7 +206,7 @@ def result(args, dtype, bandwidth, gemm_rate, rows) -> dict:
 
 MIXED_SHORT = 1024  # the short rows' context in --mixed batches
 ATTEND_KEYS = ("attend_heads", "attend_programs", "attend_split", "attend_block", "attend_warps", "attend_stages",
-               "attend_transposed")
+               "attend_transposed", "attend_tma")
 
 
 def call_seconds(fn, repeat: int, device: torch.device) -> tuple[float, str]:
@@ -254,14 +254,19 @@ def sweep_launches(rule: dict, heads: int, best: dict | None = None) -> list[dic
     attention programs aimed for x the dots as heads x positions or transposed, at the rule's
     block, warps and stages; 64 heads at blocks of 32 positions and 2 stages, the most whose
     tiles fit an SM's shared memory (benchmarks/kernel_resources.py: wgmma's 64 rows, at 8 warps
-    32 bytes of spill; none at blocks of 16). Then, around the fastest of those, blocks of 16 to
-    64 positions x 4 or 8 warps x 2 to 4 stages."""
+    32 bytes of spill; none at blocks of 16); with 64+ heads, the TMA kernel (attend_tma: wgmma's
+    64 rows, the latent copied by TMA, no spill at 8 warps) at blocks of 64 and 2 stages or 32
+    and 2-3, 128 or 256 programs. Then, around the fastest of those, blocks of 16 to 64
+    positions x 4 or 8 warps x 2 to 4 stages."""
     if best is None:
         widths = [h for h in (16, 32, 64) if h <= max(16, heads)]
         fit = {64: dict(attend_block=min(32, rule["attend_block"]), attend_split=rule["attend_split"], attend_stages=2,
                         attend_warps=8)}
-        return [dict(attend_heads=h, attend_programs=p, attend_transposed=t, **fit.get(h, {}))
-                for t in (0, 1) for h in widths for p in (128, 256, 512, 1024)]
+        tma = [dict(attend_heads=64, attend_tma=1, attend_block=block, attend_split=max(block, rule["attend_split"]),
+                    attend_stages=stages, attend_warps=8, attend_programs=p)
+               for block, stages in ((64, 2), (32, 3), (32, 2)) for p in (128, 256)] if heads >= 64 else []
+        return tma + [dict(attend_heads=h, attend_programs=p, attend_transposed=t, **fit.get(h, {}))
+                      for t in (0, 1) for h in widths for p in (128, 256, 512, 1024)]
     return [dict(best, attend_block=b, attend_split=max(b, rule["attend_split"]), attend_warps=w, attend_stages=st)
             for b in (16, 32, 64) for w in (4, 8) for st in (2, 3, 4)]
 

@@ -164,10 +164,16 @@ ATTEND = {"qlat_ptr": "*bf16", "qpe_ptr": "*bf16", "ckv_ptr": "*bf16", "kpe_ptr"
           "IDLE": "i32", "HEAD_BLOCKS": "i32"}
 
 
+# mla_attend_tma_kernel's: the descriptors in place of the cache pointers' ints
+ATTEND_TMA = {**{k: v for k, v in ATTEND.items() if k not in ("C", "R")}, "ckv_ptr": "*bf16", "kpe_ptr": "*bf16"}
+
 # launches beside the rule's: 64 heads a program (wgmma's rows) at the block and stages that fit
-# an SM's shared memory, as benchmarks/attention.py --sweep times them
-ATTEND_CANDIDATES = {"deepseek-v3": [dict(attend_heads=64, attend_block=32, attend_stages=2, attend_warps=8),
-                                     dict(attend_heads=64, attend_block=16, attend_stages=2, attend_warps=8)]}
+# an SM's shared memory, and the TMA kernel (attend_tma), as benchmarks/attention.py --sweep times them
+ATTEND_CANDIDATES = {
+    "deepseek-v3": [dict(attend_heads=64, attend_block=32, attend_stages=2, attend_warps=8),
+                    dict(attend_heads=64, attend_block=16, attend_stages=2, attend_warps=8),
+                    dict(attend_tma=1, attend_heads=64, attend_block=64, attend_stages=2, attend_warps=8),
+                    dict(attend_tma=1, attend_heads=64, attend_block=32, attend_stages=3, attend_warps=8)]}
 
 
 def attention_rows(max_len: int = 32768) -> list[dict]:
@@ -177,7 +183,7 @@ def attention_rows(max_len: int = 32768) -> list[dict]:
     from nanoseek import preset
     from nanoseek.infer.fused import fused_step_launch
     from nanoseek.infer.latent_attention import attend_warps_stages, attention_units, pow2
-    from nanoseek.kernels.decode import mla_attend_kernel
+    from nanoseek.kernels.decode import mla_attend_kernel, mla_attend_tma_kernel
     out = []
     for name in ("deepseek-v2-lite", "deepseek-v3"):
         cfg = preset(name)
@@ -190,13 +196,22 @@ def attention_rows(max_len: int = 32768) -> list[dict]:
                           "B": rows_b, "SPLIT": t["attend_split"], "UNITS": attention_units(t, H, max_len, rows_b),
                           "IDLE": -1, "HEAD_BLOCKS": triton.cdiv(H, t["attend_heads"])}
                 for transposed in (False, True) if given is None else (False,):
-                    constexprs = {"BLOCK_H": t["attend_heads"], "BLOCK_C": pow2(C, 16), "BLOCK_R": pow2(R, 16),
-                                  "BLOCK_S": t["attend_block"], "BLOCK_B": pow2(rows_b, 2), "DOT_PRECISION": "tf32",
-                                  "USE_PDL": True, "TRANSPOSED": transposed}
-                    k = compile_for_hopper(mla_attend_kernel, ATTEND, constexprs, launch["num_warps"],
-                                           launch["num_stages"], values)
+                    common = {"BLOCK_H": t["attend_heads"], "BLOCK_S": t["attend_block"], "BLOCK_B": pow2(rows_b, 2),
+                              "DOT_PRECISION": "tf32", "USE_PDL": True}
+                    if t["attend_tma"]:
+                        descs = {"ckv_desc": f"tensordesc<bf16[{t['attend_block']}, {C // 2}]>",
+                                 "kpe_desc": f"tensordesc<bf16[{t['attend_block']}, {R}]>"}
+                        k = compile_for_hopper(mla_attend_tma_kernel, {**ATTEND_TMA, **descs},
+                                               {**common, "HALF": C // 2, "R": R}, launch["num_warps"],
+                                               launch["num_stages"], values)
+                    else:
+                        k = compile_for_hopper(mla_attend_kernel, ATTEND,
+                                               {**common, "BLOCK_C": pow2(C, 16), "BLOCK_R": pow2(R, 16),
+                                                "TRANSPOSED": transposed}, launch["num_warps"], launch["num_stages"],
+                                               values)
                     out.append({"kernel": ("candidate: " if given else "") + f"MLA attend, {name}, {rows_b} row"
-                                          + ("s" if rows_b > 1 else "") + (", transposed" if transposed else ""),
+                                          + ("s" if rows_b > 1 else "") + (", transposed" if transposed else "")
+                                          + (", TMA" if t["attend_tma"] else ""),
                                 "config": f"{t['attend_heads']}h x {t['attend_block']} w{launch['num_warps']} "
                                           f"s{launch['num_stages']}",
                                 **resources(k, launch["num_warps"])})

@@ -148,6 +148,14 @@ def test_launch_shapes_follow_the_model_widths():
         fused_step_launch(preset("tiny"), 64, {"attend_stages": 5})
     with pytest.raises(ValueError, match="gemv_rows=3: must be a power of two"):
         fused_step_launch(preset("tiny"), 64, {"gemv_rows": 3})
+    # the TMA attention copies whole tiles: half the latent and the RoPE key powers of two, 8 to 256 wide
+    assert fused_step_launch(preset("deepseek-v3"), 32768, {"attend_tma": 1})["attend_tma"] == 1
+    with pytest.raises(ValueError, match="kv_lora_rank=48, qk_rope_head_dim=8: leave attend_tma at 0"):
+        fused_step_launch(preset("tiny", kv_lora_rank=48), 64, {"attend_tma": 1})
+    with pytest.raises(ValueError, match="attend_tma=1 with attend_transposed=1"):
+        fused_step_launch(preset("deepseek-v3"), 64, {"attend_tma": 1, "attend_transposed": 1})
+    with pytest.raises(ValueError, match="attend_tma=1 with attend_block=512"):
+        fused_step_launch(preset("deepseek-v3"), 64, {"attend_tma": 1, "attend_block": 512, "attend_split": 512})
 
 
 def test_cpu_engines_take_no_fused_step():

@@ -180,37 +180,41 @@ def test_fused_step_matches_model_decode(overrides, chunked, extra, fp8, monkeyp
             torch.testing.assert_close(fused_buf, buf, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("programs, heads", [(4, 16), (24, 16), (24, 32)])
-def test_fused_attention_units_follow_the_positions(programs, heads):
+@pytest.mark.parametrize("programs, heads, tma", [(4, 16, 0), (24, 16, 0), (24, 32, 0), (4, 16, 1)])
+def test_fused_attention_units_follow_the_positions(programs, heads, tma):
     """The fused attention (units, merge, W_UV) against float64 attention over the latent,
     rows at positions 150, 37 and 0 of a 200-position cache. The step's 189 positions are cut
     in chunks of one length for all rows, so the long row gets the most units. 32 heads in two
     blocks of 16 aiming for 4 programs: 1 unit a row, 3 in all, chunks of 64 positions (the
     long row's 151 in 3 units, the row at 37 in 1); aiming for 24: 4 units a row, 12 in all,
     chunks of 16 (10 units, 3, 1), merged two at a time. One block of 32 heads, 24 programs:
-    8 a row, 24 in all, chunks of 16 (the same cut)."""
+    8 a row, 24 in all, chunks of 16 (the same cut). The cache past each row's position holds
+    NaN, as memory never written may: no kernel reads it into a sum (the TMA kernel's copies
+    stop at a unit's last whole block)."""
     from nanoseek.infer.fused import FusedDecoder
     from nanoseek.infer.latent_attention import ATTEND_ROWS, attend_warps_stages, attention_parts
     model = sharp_model(num_attention_heads=32)
     c = model.config
     H, C, V, N = c.num_attention_heads, c.kv_lora_rank, c.v_head_dim, c.qk_nope_head_dim
     cache = StaticCache(c, 3, 200, dtype=torch.float32, device=DEVICE)
+    pos = torch.tensor([150, 37, 0], device=DEVICE)
+    past = torch.arange(200, device=DEVICE) > pos[:, None]
     for buf in cache.layers[0]:
         buf.normal_()
+        buf[past] = float("nan")
     step = FusedDecoder(model, cache, max_rows=3, launch={**LAUNCH, "attend_split": 16, "attend_block": 16,
                                                           "attend_programs": programs, "attend_heads": heads,
-                                                          "merge_splits": 2})
+                                                          "merge_splits": 2, "attend_tma": tma})
     step.q_lat.normal_()
     step.q_pe.normal_()
-    pos = torch.tensor([150, 37, 0], device=DEVICE)
     step.part_m.fill_(float("nan"))
     attn = model.main_layers[0].self_attn
     got = step.attend(attn, 0, pos, 3).double()
 
-    ckv, kpe = (t.double() for t in cache.layers[0])
+    ckv, kpe = (t.double().masked_fill(past[..., None], 0) for t in cache.layers[0])
     scores = (torch.einsum("bhc,bsc->bhs", step.q_lat.double(), ckv)
               + torch.einsum("bhr,bsr->bhs", step.q_pe.double(), kpe)) * attn.scale
-    scores = scores.masked_fill(torch.arange(200, device=DEVICE) > pos[:, None, None], float("-inf"))
+    scores = scores.masked_fill(past[:, None], float("-inf"))
     o_lat = torch.einsum("bhs,bsc->bhc", scores.softmax(-1), ckv)
     w_uv = attn.kv_b_proj.weight.double().unflatten(0, (H, -1))[:, N:]
     want = torch.einsum("bhc,hvc->bhv", o_lat, w_uv).flatten(1)

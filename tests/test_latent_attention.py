@@ -22,14 +22,16 @@ LAUNCH = dict(attend_split=16, attend_block=16, attend_programs=8, attend_heads=
 
 @pytest.mark.parametrize("overrides", [dict(), dict(q_lora_rank=None, num_attention_heads=32)])
 @pytest.mark.parametrize("rows", [None, [2, 0], [1, 2]])
-@pytest.mark.parametrize("transposed", [0, 1])
-def test_decode_attention_kernels_match_the_absorbed_attention(overrides, rows, transposed):
+@pytest.mark.parametrize("kernel", [dict(), dict(attend_transposed=1), dict(attend_tma=1)],
+                         ids=["plain", "transposed", "tma"])
+def test_decode_attention_kernels_match_the_absorbed_attention(overrides, rows, kernel):
     """One new token a row at positions 37, 5 and 20 of a 40-position cache: the logits with
     the kernels equal the absorbed attention's (float32, float32 dot products in the kernels:
     ~1e-6 of the largest logit). With and without a query LoRA (V2-Lite has none), 16 and 32
     heads (two head blocks), over the whole cache, a gathered view of rows 2 and 0 and a view
     of rows 1 and 2 (a slice, as a captured step reads); the dots as heads x positions or
-    transposed."""
+    transposed, or the TMA kernel (whole blocks of 16 copied, each unit's partial last block
+    loaded under a mask)."""
     model = sharp_model(**overrides)
     cache = prefilled_cache(model, [37, 5, 20])
     positions = torch.tensor([[37], [5], [20]], device=DEVICE)
@@ -38,7 +40,7 @@ def test_decode_attention_kernels_match_the_absorbed_attention(overrides, rows, 
         positions, ids = positions[rows], ids[rows]
     view = (lambda c: c.select(rows)) if rows is not None else (lambda c: c)
     logits = []
-    for attend in (None, LatentDecodeAttention(model.config, 40, {**LAUNCH, "attend_transposed": transposed})):
+    for attend in (None, LatentDecodeAttention(model.config, 40, {**LAUNCH, **kernel})):
         model.set_decode_attention(attend)
         with torch.no_grad():
             logits.append(model(ids, positions=positions, cache=view(copy.deepcopy(cache))).logits[:, -1].double())
@@ -212,16 +214,19 @@ def test_the_op_reads_a_cut_view_of_the_cache_in_place(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name, lengths, transposed", [("deepseek-v2-lite", [900, 37], 0),
-                                                       ("deepseek-v2-lite", [900, 37], 1),
-                                                       ("deepseek-v3", [900], 0)])
-def test_bf16_decode_attention_kernels_at_real_widths(name, lengths, transposed):
+@pytest.mark.parametrize("name, lengths, launch", [
+    ("deepseek-v2-lite", [900, 37], {}), ("deepseek-v2-lite", [900, 37], dict(attend_transposed=1)),
+    ("deepseek-v3", [900], {}), ("deepseek-v3", [900, 37], dict(attend_tma=1, attend_heads=64, attend_warps=8)),
+    ("deepseek-v3", [900, 37], dict(attend_tma=1, attend_heads=64, attend_block=32, attend_stages=3, attend_warps=8))],
+    ids=lambda v: ("_".join(f"{k}{x}" for k, x in v.items()) or "rule") if isinstance(v, dict) else None)
+def test_bf16_decode_attention_kernels_at_real_widths(name, lengths, launch):
     """On a GPU, BF16, DeepSeek-V2-Lite's layer widths (hidden 2048, 16 heads, no query LoRA,
     latent 512; 2 layers, 8 experts and a small vocabulary to fit a float32 reference beside
     it), rows at positions 900 and 37 of a 1,024-position cache: the model's decode step with
     the kernels, at the launch derived for these widths, is as close to float32 as the BF16
     model's own absorbed attention. The same at V3's widths (128 heads; 64 experts) for one
-    row, with the launch of a 32K cache: one_row_launch's 64 heads a program."""
+    row, with the launch of a 32K cache: one_row_launch's 64 heads a program; and for two rows
+    with the TMA kernel (64 heads, 8 warps, blocks of 64 in 2 stages or of 32 in 3)."""
     from nanoseek.config import preset
     from nanoseek.hf import to_dtype
     from nanoseek.model import Transformer
@@ -240,8 +245,8 @@ def test_bf16_decode_attention_kernels_at_real_widths(name, lengths, transposed)
     cache16 = prefilled_cache(half, lengths, max_len=S, ids=ids, dtype=torch.bfloat16)
     nxt = torch.randint(0, cfg.vocab_size, (len(lengths), 1), device=DEVICE)
     positions = torch.tensor([[n] for n in lengths], device=DEVICE)
-    attend = LatentDecodeAttention(cfg, S if "lite" in name else 32768, {"attend_transposed": transposed})
-    if "v3" in name:
+    attend = LatentDecodeAttention(cfg, S if "lite" in name else 32768, launch)
+    if "v3" in name and len(lengths) == 1:
         assert attend.one_row != attend.launch  # the one-row launch is what runs
     with torch.no_grad():
         ref = model(nxt, positions=positions, cache=copy.deepcopy(cache32)).logits[:, -1]

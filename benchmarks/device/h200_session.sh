@@ -27,6 +27,7 @@
 #                                              # searched on 8 V2-Lite layers (FUSED_TUNING of shapes)
 #   bash benchmarks/device/h200_session.sh fusedtune-v3   # the same search on the V3 slice
 #   bash benchmarks/device/h200_session.sh fp8accum   # BF16 vs FP8 training at 16 micro-batches a step
+#   bash benchmarks/device/h200_session.sh tma        # the TMA attention kernel's GPU tests, V3's attention swept with it
 #   bash benchmarks/device/h200_session.sh fp8        # FP8-resident decode vs BF16 on all 27 V2-Lite layers
 #   bash benchmarks/device/h200_session.sh fp8fused   # the fused step on FP8 weights: its GPU tests at real widths,
 #                                              # then FP8 vs BF16 through it on V2-Lite's 27 layers at batch 1
@@ -396,6 +397,12 @@ case $stage in
     bench 420 30 benchmarks/attention.py --contexts 4096 32768 131072 --batches 1 16 --mixed --sweep
     bench "$(left 580)" 60 benchmarks/attention.py --preset deepseek-v2-lite --contexts 4096 32768 131072 \
       --batches 1 16 --mixed --sweep
+    ;;
+  tma)  # the TMA attention kernel (attend_tma: 64 heads on wgmma, the latent copied by TMA): its GPU tests, then
+        # V3's attention at 32K and 128K swept with it among the launches (the target: 75% of the bandwidth)
+    timeout 150 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_latent_attention.py -k \
+      real_widths 2>&1 | tail -12 | tee "$OUT/tma_gpu_tests.log"
+    bench "$(left 585)" 60 benchmarks/attention.py --contexts 32768 131072 --batches 1 16 --sweep
     ;;
   serving)  # the server under 64 clients, prefix caching, then the engine alone at the load's batch, greedy and
             # sampled as the load samples (the server's decode steps took ~5x decode.json's: which part is it?)

@@ -85,7 +85,8 @@ UP_DOT_ROWS, UP_DOT_BLOCK, UP_DOT_WARPS = 32, 256, 4
 LAUNCH_KEYS = ("gemv_rows", "gemv_warps", "head_rows", "head_warps", "query_warps", "attend_split",
                "attend_heads", "attend_block", "attend_programs", "attend_stages", "attend_warps", "output_warps",
                "merge_splits", "route_warps", "up_rows", "up_warps", "down_rows", "down_warps", "max_block", "pdl",
-               "attend_transposed", "query_split", "output_split", "down_split", "down_block", "up_dot", "up_block")
+               "attend_transposed", "query_split", "output_split", "down_split", "down_block", "up_dot", "up_block",
+               "attend_tma")
 # the rows a program of the kernels that read FP8 layer weights
 FP8_ROW_KEYS = ("gemv_rows", "up_rows", "down_rows")
 # those of the attention over the cache, whose best values depend on the cache's length
@@ -141,7 +142,7 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
                up_rows=UP_DOT_ROWS if up_dot else rows("up", D), up_dot=up_dot, up_block=UP_DOT_BLOCK,
                down_rows=down_rows, attend_split=split, attend_heads=heads, attend_block=block_s,
                attend_programs=ATTEND_PROGRAMS, attend_stages=3, merge_splits=MERGE_SPLITS, max_block=max_block,
-               pdl=True, attend_transposed=0, query_split=query_split, output_split=output_split,
+               pdl=True, attend_transposed=0, attend_tma=0, query_split=query_split, output_split=output_split,
                down_split=down_split, down_block=down_block)
     if block_rows:
         out.update({k: min(out[k], block_rows) for k in FP8_ROW_KEYS})
@@ -159,7 +160,8 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
                route_warps=warps(32 * (c.n_routed_experts or 0)))
     out.update(given)
     for key, value in out.items():
-        not_pow2 = ("pdl", "attend_stages", "attend_programs", "attend_transposed", "down_split", "up_dot")
+        not_pow2 = ("pdl", "attend_stages", "attend_programs", "attend_transposed", "attend_tma", "down_split",
+                    "up_dot")
         if key not in not_pow2 and (value < 1 or value & (value - 1)):
             raise ValueError(f"launch {key}={value}: must be a power of two")
     if pow2(C) // out["query_split"] < 16 or pow2(c.v_head_dim) // out["output_split"] < 1:
@@ -173,9 +175,21 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
     if out["up_dot"] and min(out["up_rows"], out["up_block"]) < 16:  # tl.dot's smallest block
         raise ValueError(f"launch up_dot with up_rows={out['up_rows']}, up_block={out['up_block']}: "
                          "the tensor-core up kernel takes at least 16 of each")
-    for key in ("attend_transposed", "down_split", "up_dot"):
+    for key in ("attend_transposed", "attend_tma", "down_split", "up_dot"):
         if out[key] not in (0, 1):
             raise ValueError(f"launch {key}={out[key]}: must be 0 or 1")
+    if out["attend_tma"]:  # TMA copies whole [block, width] tiles of the latent's halves and the RoPE key
+        half = C // 2
+        if C % 2 or half & (half - 1) or R & (R - 1) or not 8 <= min(half, R) <= max(half, R) <= 256:
+            raise ValueError(f"launch attend_tma=1: the TMA attention takes a latent of twice a power of two and a "
+                             f"power-of-two RoPE key, each 8 to 256 wide (half the latent); this model has "
+                             f"kv_lora_rank={C}, qk_rope_head_dim={R}: leave attend_tma at 0")
+        if out["attend_block"] > 256:
+            raise ValueError(f"launch attend_tma=1 with attend_block={out['attend_block']}: a TMA copy is at most "
+                             "256 positions")
+        if out["attend_transposed"]:
+            raise ValueError("launch attend_tma=1 with attend_transposed=1: the TMA attention's dots are heads x "
+                             "positions; set one of them")
     if not 1 <= out["attend_stages"] <= 4:
         raise ValueError(f"launch attend_stages={out['attend_stages']}: must be 1 to 4")
     if out["attend_block"] > out["attend_split"]:

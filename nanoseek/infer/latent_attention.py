@@ -58,6 +58,20 @@ def attend_warps_stages(t: dict, B: int, C: int) -> dict:
     return dict(num_warps=max(4, warps // 2, holds), num_stages=min(2, stages))
 
 
+def positions_descriptor(rows: torch.Tensor, block: list[int]):
+    """A TMA descriptor of the cache rows [n, S, X] (positions contiguous, channels packed, the
+    row stride a multiple of X) as one [positions, X] matrix read in `block`s: row b's
+    positions start at b · stride / X (mla_attend_tma_kernel)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    n, S, X = rows.shape
+    if rows.stride(0) % X or rows.data_ptr() % 16 or (X * rows.element_size()) % 16:
+        raise ValueError(f"the TMA attention reads a cache of rows {tuple(rows.shape)}, strides {rows.stride()}: "
+                         "its row stride must be a multiple of its width, 16-byte aligned")
+    if rows.is_cuda and torch.cuda.get_device_capability(rows.device) < (9, 0):
+        raise ValueError("launch attend_tma=1 needs TMA copies (Hopper, sm_90, or later); leave it at 0 on this GPU")
+    return TensorDescriptor(rows, shape=[(n - 1) * (rows.stride(0) // X) + S, X], strides=[X, 1], block_shape=block)
+
+
 def attend_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kpe: torch.Tensor,
                   positions_B: torch.Tensor, w_kvb: torch.Tensor, scale: float, V: int, t: dict, launch: dict,
                   idle: int = -1, out: torch.Tensor | None = None,
@@ -85,11 +99,19 @@ def attend_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kp
     precision = "ieee" if ckv.dtype == torch.float32 else "tf32"
     rows = pow2(B, 2)  # the rows' positions as one block (not a 1-element one, which reductions may not take)
     blocks = triton.cdiv(H, heads)
-    kernels.mla_attend_kernel[(blocks * (units + B),)](
-        q_lat, q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0), positions_B,
-        part_acc, part_m, part_l, scale, H, C, R, B, split, units, idle, blocks,
-        BLOCK_H=heads, BLOCK_C=pow2(C, 16), BLOCK_R=pow2(R, 16), BLOCK_S=t["attend_block"], BLOCK_B=rows,
-        DOT_PRECISION=precision, TRANSPOSED=bool(t["attend_transposed"]), **attend_warps_stages(t, B, C), **launch)
+    if t.get("attend_tma"):
+        block_s = t["attend_block"]
+        kernels.mla_attend_tma_kernel[(blocks * (units + B),)](
+            q_lat, q_pe, positions_descriptor(ckv, [block_s, C // 2]), positions_descriptor(kpe, [block_s, R]),
+            ckv, kpe, ckv.stride(0), kpe.stride(0), positions_B, part_acc, part_m, part_l, scale, H, B, split, units,
+            idle, blocks, HALF=C // 2, R=R, BLOCK_H=heads, BLOCK_S=block_s, BLOCK_B=rows, DOT_PRECISION=precision,
+            **attend_warps_stages(t, B, C), **launch)
+    else:
+        kernels.mla_attend_kernel[(blocks * (units + B),)](
+            q_lat, q_pe, ckv, kpe, ckv.stride(0), kpe.stride(0), positions_B,
+            part_acc, part_m, part_l, scale, H, C, R, B, split, units, idle, blocks,
+            BLOCK_H=heads, BLOCK_C=pow2(C, 16), BLOCK_R=pow2(R, 16), BLOCK_S=t["attend_block"], BLOCK_B=rows,
+            DOT_PRECISION=precision, TRANSPOSED=bool(t["attend_transposed"]), **attend_warps_stages(t, B, C), **launch)
     o = out[:B] if out is not None else torch.empty(B, H * V, **f32)
     N = w_kvb.shape[0] // H - V  # kv_b_proj holds W_UK (N rows) then W_UV (V rows) a head
     # the most units one row gets: no more than aimed for, nor than its positions in the least chunk
@@ -104,7 +126,7 @@ def attend_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kp
 
 # the launch keys the custom op takes, in this order (a list of ints: an op's schema holds no dict)
 OP_LAUNCH = ("attend_heads", "attend_split", "attend_block", "attend_programs", "attend_warps", "attend_stages",
-             "merge_splits", "output_warps", "attend_transposed", "output_split")
+             "merge_splits", "output_warps", "attend_transposed", "output_split", "attend_tma")
 
 
 def packed_rows(rows: torch.Tensor) -> torch.Tensor:

@@ -303,6 +303,32 @@ def _row_units(pos_ptr, B, UNITS, SPLIT, IDLE, BLOCK_B: tl.constexpr):
 
 
 @triton.jit
+def _through_memory(x, ptr):
+    """The int32 x, stored as float32 bits at ptr (a float32 slot of the program's own, written
+    again later) and read back: a value reductions computed, which every thread of the program
+    holds alike, but which ptxas cannot tell apart from one that differs per thread. A loop
+    bounded by such values kept mla_attend_tma_kernel's loop control and TMA coordinates per
+    thread: compiled for sm_90 (64 heads, blocks of 64, 8 warps), 255 registers with 112 bytes
+    of spill and 27% more instructions a trip, against 222 and none read back so."""
+    tl.store(ptr, x.to(tl.float32, bitcast=True))
+    return tl.load(ptr, volatile=True).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _unit_span(pos_ptr, unit, B, UNITS, SPLIT, IDLE, BLOCK_B: tl.constexpr):
+    """The row of `unit` (of _row_units' cut; B for a unit past the last row's) and the
+    positions [start, end) it attends to."""
+    chunk, pos_B, first_B, counts, ends = _row_units(pos_ptr, B, UNITS, SPLIT, IDLE, BLOCK_B)
+    rows = tl.arange(0, BLOCK_B)
+    b32 = tl.sum((ends <= unit).to(tl.int32), axis=0)  # the row whose units hold this one
+    row = rows == b32
+    pos = tl.sum(tl.where(row, pos_B, 0), axis=0)
+    nth = unit - tl.sum(tl.where(row, ends - counts, 0), axis=0)  # its place among the row's units
+    start = tl.sum(tl.where(row, first_B, 0), axis=0) + nth * chunk
+    return b32, start, tl.minimum(start + chunk, pos + 1)
+
+
+@triton.jit
 def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe, pos_ptr,
                       acc_ptr, m_ptr, l_ptr, scale, H, C, R, B, SPLIT, UNITS, IDLE, HEAD_BLOCKS,
                       BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -322,13 +348,7 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
     those dots likely run on the older mma instructions."""
     _launch_next(USE_PDL)
     unit = tl.program_id(0) // HEAD_BLOCKS
-    chunk, pos_B, first_B, counts, ends = _row_units(pos_ptr, B, UNITS, SPLIT, IDLE, BLOCK_B)
-    rows = tl.arange(0, BLOCK_B)
-    b32 = tl.sum((ends <= unit).to(tl.int32), axis=0)  # the row whose units hold this one
-    row = rows == b32
-    pos = tl.sum(tl.where(row, pos_B, 0), axis=0)
-    nth = unit - tl.sum(tl.where(row, ends - counts, 0), axis=0)  # its place among the row's units
-    start = tl.sum(tl.where(row, first_B, 0), axis=0) + nth * chunk
+    b32, start, end = _unit_span(pos_ptr, unit, B, UNITS, SPLIT, IDLE, BLOCK_B)
     b = b32.to(tl.int64)
     _wait_prev(USE_PDL)
     if b32 < B:
@@ -348,7 +368,6 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
             q_t, qp_t = tl.trans(q), tl.trans(qp)
         else:
             acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
-        end = tl.minimum(start + chunk, pos + 1)
         for s0 in range(start, end, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             smask = s < end
@@ -383,6 +402,90 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
         else:
             tl.store(acc_ptr + part[:, None] * C + cc[None, :], acc, mask=hmask[:, None] & cmask[None, :])
 
+
+
+@triton.jit
+def _attend_tile(q_lo, q_hi, qp, c_lo, c_hi, kp, valid, m, l, acc_lo, acc_hi, scale,
+                 MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One block of positions of mla_attend_tma_kernel's online softmax: the scores of the
+    latent's two halves and the RoPE key, the running max m, sum l and the two halves of the
+    unnormalised sum (positions not `valid` weigh nothing where MASKED)."""
+    sc = tl.dot(q_lo, tl.trans(c_lo), input_precision=DOT_PRECISION)
+    sc = tl.dot(q_hi, tl.trans(c_hi), sc, input_precision=DOT_PRECISION)
+    sc = tl.dot(qp, tl.trans(kp), sc, input_precision=DOT_PRECISION) * scale
+    if MASKED:
+        sc = tl.where(valid[None, :], sc, float("-inf"))
+    m_new = tl.maximum(m, tl.max(sc, axis=1))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(sc - m_new[:, None])
+    pc = p.to(c_lo.dtype)
+    acc_lo = tl.dot(pc, c_lo, acc_lo * alpha[:, None], input_precision=DOT_PRECISION)
+    acc_hi = tl.dot(pc, c_hi, acc_hi * alpha[:, None], input_precision=DOT_PRECISION)
+    return m_new, l * alpha + tl.sum(p, axis=1), acc_lo, acc_hi
+
+
+@triton.jit
+def mla_attend_tma_kernel(qlat_ptr, qpe_ptr, ckv_desc, kpe_desc, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe, pos_ptr,
+                          acc_ptr, m_ptr, l_ptr, scale, H, B, SPLIT, UNITS, IDLE, HEAD_BLOCKS,
+                          HALF: tl.constexpr, R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
+                          BLOCK_B: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+    """mla_attend_kernel's partial sums (the same programs and units) for a latent of C = 2·HALF
+    channels and a RoPE key of R, both powers of two, built for Hopper: whole blocks of
+    positions come by TMA copies (ckv_desc [rows' positions, C] in blocks [BLOCK_S, HALF],
+    kpe_desc [.., R] in [BLOCK_S, R]: row b's positions start at b · stride / width), straight
+    into shared memory where wgmma reads them, with no address arithmetic in registers; the
+    latent in two halves, as a TMA copy is at most 256 wide, and so the running sum is two
+    [BLOCK_H, HALF] halves. A unit's last, partial block is read by masked loads instead: a
+    copy would bring positions past the row's end, whose cache rows may hold anything (a NaN
+    times a zero weight is NaN). Compiled for sm_90 at 64 heads, blocks of 64 and 8 warps it
+    keeps 221 registers and no spill where mla_attend_kernel spills
+    (benchmarks/kernel_resources.py)."""
+    C: tl.constexpr = 2 * HALF
+    _launch_next(USE_PDL)
+    unit = tl.program_id(0) // HEAD_BLOCKS
+    b32, start, end = _unit_span(pos_ptr, unit, B, UNITS, SPLIT, IDLE, BLOCK_B)
+    b = b32.to(tl.int64)
+    _wait_prev(USE_PDL)
+    if b32 < B:
+        hh = (tl.program_id(0) % HEAD_BLOCKS) * BLOCK_H + tl.arange(0, BLOCK_H)
+        cc = tl.arange(0, HALF)
+        rr = tl.arange(0, R)
+        hmask = hh < H
+        dtype = ckv_ptr.dtype.element_ty
+        q_row = qlat_ptr + (b * H + hh)[:, None] * C + cc[None, :]
+        q_lo = tl.load(q_row, mask=hmask[:, None], other=0.0).to(dtype)
+        q_hi = tl.load(q_row + HALF, mask=hmask[:, None], other=0.0).to(dtype)
+        qp = tl.load(qpe_ptr + (b * H + hh)[:, None] * R + rr[None, :], mask=hmask[:, None], other=0.0).to(dtype)
+        m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        l = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc_lo = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
+        acc_hi = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
+        part = unit.to(tl.int64) * H + hh
+        mine = unit.to(tl.int64) * H + (tl.program_id(0) % HEAD_BLOCKS) * BLOCK_H  # this program's m and l slots
+        start = _through_memory(start, m_ptr + mine)
+        end = _through_memory(end, l_ptr + mine)
+        whole = start + (end - start) // BLOCK_S * BLOCK_S
+        c_row = b32 * (stride_ckv // C)
+        k_row = b32 * (stride_kpe // R)
+        ss = tl.arange(0, BLOCK_S)
+        for s0 in range(start, whole, BLOCK_S):
+            m, l, acc_lo, acc_hi = _attend_tile(
+                q_lo, q_hi, qp, ckv_desc.load([c_row + s0, 0]), ckv_desc.load([c_row + s0, HALF]),
+                kpe_desc.load([k_row + s0, 0]), ss, m, l, acc_lo, acc_hi, scale, False, DOT_PRECISION)
+        if whole < end:
+            s = whole + ss
+            valid = s < end
+            c_ptrs = ckv_ptr + b * stride_ckv + s[:, None] * C + cc[None, :]
+            m, l, acc_lo, acc_hi = _attend_tile(
+                q_lo, q_hi, qp, tl.load(c_ptrs, mask=valid[:, None], other=0.0),
+                tl.load(c_ptrs + HALF, mask=valid[:, None], other=0.0),
+                tl.load(kpe_ptr + b * stride_kpe + s[:, None] * R + rr[None, :], mask=valid[:, None], other=0.0),
+                valid, m, l, acc_lo, acc_hi, scale, True, DOT_PRECISION)
+        tl.store(m_ptr + part, m, mask=hmask)
+        tl.store(l_ptr + part, l, mask=hmask)
+        a_row = acc_ptr + part[:, None] * C + cc[None, :]
+        tl.store(a_row, acc_lo, mask=hmask[:, None])
+        tl.store(a_row + HALF, acc_hi, mask=hmask[:, None])
 
 @triton.jit
 def mla_output_kernel(acc_ptr, m_ptr, l_ptr, wkvb_ptr, o_ptr, pos_ptr, H, C, N, V, B, SPLIT, UNITS, IDLE,
