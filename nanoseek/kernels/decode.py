@@ -329,6 +329,19 @@ def _unit_span(pos_ptr, unit, B, UNITS, SPLIT, IDLE, BLOCK_B: tl.constexpr):
 
 
 @triton.jit
+def _attend_program(pos_ptr, B, UNITS, SPLIT, IDLE, HEAD_BLOCKS, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr,
+                    USE_PDL: tl.constexpr):
+    """The attention kernels' program (unit · HEAD_BLOCKS + head block): its unit, the unit's
+    row and positions [start, end) (_unit_span) and its first head, once the previous kernel
+    (which may just have written the new cache row) is waited for."""
+    _launch_next(USE_PDL)
+    unit = tl.program_id(0) // HEAD_BLOCKS
+    b32, start, end = _unit_span(pos_ptr, unit, B, UNITS, SPLIT, IDLE, BLOCK_B)
+    _wait_prev(USE_PDL)
+    return unit, b32, start, end, (tl.program_id(0) % HEAD_BLOCKS) * BLOCK_H
+
+
+@triton.jit
 def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kpe, pos_ptr,
                       acc_ptr, m_ptr, l_ptr, scale, H, C, R, B, SPLIT, UNITS, IDLE, HEAD_BLOCKS,
                       BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -346,13 +359,10 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
     as the dots' rows (scores [positions, heads], the running sum [C, heads]): Hopper's wgmma
     takes a dot of at least 64 rows, more than a program's heads (16-32), so untransposed
     those dots likely run on the older mma instructions."""
-    _launch_next(USE_PDL)
-    unit = tl.program_id(0) // HEAD_BLOCKS
-    b32, start, end = _unit_span(pos_ptr, unit, B, UNITS, SPLIT, IDLE, BLOCK_B)
+    unit, b32, start, end, h0 = _attend_program(pos_ptr, B, UNITS, SPLIT, IDLE, HEAD_BLOCKS, BLOCK_H, BLOCK_B, USE_PDL)
     b = b32.to(tl.int64)
-    _wait_prev(USE_PDL)
     if b32 < B:
-        hh = (tl.program_id(0) % HEAD_BLOCKS) * BLOCK_H + tl.arange(0, BLOCK_H)
+        hh = h0 + tl.arange(0, BLOCK_H)
         cc = tl.arange(0, BLOCK_C)
         rr = tl.arange(0, BLOCK_R)
         hmask, cmask, rmask = hh < H, cc < C, rr < R
@@ -438,16 +448,13 @@ def mla_attend_tma_kernel(qlat_ptr, qpe_ptr, ckv_desc, kpe_desc, ckv_ptr, kpe_pt
     [BLOCK_H, HALF] halves. A unit's last, partial block is read by masked loads instead: a
     copy would bring positions past the row's end, whose cache rows may hold anything (a NaN
     times a zero weight is NaN). Compiled for sm_90 at 64 heads, blocks of 64 and 8 warps it
-    keeps 221 registers and no spill where mla_attend_kernel spills
-    (benchmarks/kernel_resources.py)."""
+    does not spill where mla_attend_kernel's 64-head launches do, and its loop issues 918
+    instructions a block, 80 of them wgmma (benchmarks/kernel_resources.py)."""
     C: tl.constexpr = 2 * HALF
-    _launch_next(USE_PDL)
-    unit = tl.program_id(0) // HEAD_BLOCKS
-    b32, start, end = _unit_span(pos_ptr, unit, B, UNITS, SPLIT, IDLE, BLOCK_B)
+    unit, b32, start, end, h0 = _attend_program(pos_ptr, B, UNITS, SPLIT, IDLE, HEAD_BLOCKS, BLOCK_H, BLOCK_B, USE_PDL)
     b = b32.to(tl.int64)
-    _wait_prev(USE_PDL)
     if b32 < B:
-        hh = (tl.program_id(0) % HEAD_BLOCKS) * BLOCK_H + tl.arange(0, BLOCK_H)
+        hh = h0 + tl.arange(0, BLOCK_H)
         cc = tl.arange(0, HALF)
         rr = tl.arange(0, R)
         hmask = hh < H
@@ -461,7 +468,7 @@ def mla_attend_tma_kernel(qlat_ptr, qpe_ptr, ckv_desc, kpe_desc, ckv_ptr, kpe_pt
         acc_lo = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
         acc_hi = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
         part = unit.to(tl.int64) * H + hh
-        mine = unit.to(tl.int64) * H + (tl.program_id(0) % HEAD_BLOCKS) * BLOCK_H  # this program's m and l slots
+        mine = unit.to(tl.int64) * H + h0  # this program's m and l slots
         start = _through_memory(start, m_ptr + mine)
         end = _through_memory(end, l_ptr + mine)
         whole = start + (end - start) // BLOCK_S * BLOCK_S
