@@ -266,12 +266,17 @@ def test_mla_decode_attention_compiles_with_pipelined_cache_loads(tmp_path):
     and V3's 64-head candidates, its integers specialized as Triton's launcher does: every launch
     pipelines its cache loads (cp.async; a mask the compiler cannot prove constant over 16
     channels loads element by element, unpipelined), and a 64-head program multiplies on wgmma
-    only and fits an SM."""
+    only and fits an SM. The TMA kernel's (attend_tma, V3's 64 heads) copy the latent by TMA,
+    multiply on wgmma only and spill nothing (reduction-derived loop bounds once made them
+    spill: kernels._through_memory)."""
     table = compiled_for_hopper(tmp_path, "--attention-only")
-    assert len(table) == 12 and all(r["ptx"]["cp.async"] > 0 for r in table), table
+    tma = [r for r in table if r["kernel"].endswith(", TMA")]
+    plain = [r for r in table if r not in tma]
+    assert len(plain) == 12 and all(r["ptx"]["cp.async"] > 0 for r in plain), table
     wide = [r for r in table if r["config"].startswith("64h")]
-    assert len(wide) == 4, table
+    assert len(wide) == 8 and len(tma) == 4, table
     assert all(r["ptx"]["wgmma"] > 0 and r["ptx"]["mma.sync"] == 0 and r["occupancy_programs"] >= 1 for r in wide), wide
+    assert all(r["ptx"]["tma"] > 0 and r["ptx"]["cp.async"] == 0 and r["spill_stack_bytes"] == 0 for r in tma), tma
 
 
 def test_decode_kernels_past_one_row_compile_for_hopper(tmp_path):
