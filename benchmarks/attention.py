@@ -67,6 +67,9 @@ def main():
                     help=f"also time each batch of several rows as one long row among rows at {MIXED_SHORT} positions")
     ap.add_argument("--sweep", action="store_true",
                     help="also time the fused attention at the launch shapes of sweep_launches")
+    ap.add_argument("--sweep-tma", action="store_true",
+                    help="the same with the TMA kernel's launches only (sweep_launches' first six, then their "
+                         "blocks and stages around the fastest): beside the rule's and the op's in each row")
     args = ap.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -103,7 +106,7 @@ def main():
             for label, pos in layouts.items():
                 positions = torch.tensor(pos, device=device)[:, None]
                 row = time_row(args, model, cache, attn, compiled, positions, bandwidth, gemm_rate, device,
-                               fused_runs, op_runs, sweep_it=args.sweep and fused_runs and not label)
+                               fused_runs, op_runs, sweep_it=(args.sweep or args.sweep_tma) and fused_runs and not label)
                 rows[f"context {S}, batch {B}{label}"] = row
                 print(summary(row) + label, flush=True)
                 write_json(result(args, dtype, bandwidth, gemm_rate, rows), f"attention_{args.preset}.json")  # so far
@@ -171,8 +174,9 @@ def time_row(args, model, cache, attn, compiled, positions, bandwidth, gemm_rate
                 row[f"{name}_TFLOPs"] = flops / t / 1e12
     if sweep_it:
         row["fused_sweep"] = sweep(model, cache, attn, positions, B, args.repeat, device,
-                                   lambda f: fused_error(f, attn, q_nope, q_pe, positions, reference))
-        best = min(row["fused_sweep"], key=launch_time)
+                                   lambda f: fused_error(f, attn, q_nope, q_pe, positions, reference),
+                                   tma_only=args.sweep_tma)
+        best = min(row["fused_sweep"], key=launch_time, default={"launch": None})
         if "us" in best:
             row["fused_best"] = {"launch": best["launch"], "us": best["us"],
                                  "roofline_fraction": roofline * 1e6 / best["us"]}
@@ -271,7 +275,14 @@ def sweep_launches(rule: dict, heads: int, best: dict | None = None) -> list[dic
             for b in (16, 32, 64) for w in (4, 8) for st in (2, 3, 4)]
 
 
-def sweep(model, cache, attn, positions, B, repeat, device, error) -> list[dict]:
+def tma_neighbours(best: dict) -> list[dict]:
+    """Around the fastest TMA launch: blocks of 32 and 64 at 2 and 3 stages (8 warps hold a
+    64-head program's two [64, 256] float32 halves)."""
+    return [dict(best, attend_block=b, attend_split=max(b, best["attend_split"]), attend_stages=st)
+            for b in (32, 64) for st in (2, 3)]
+
+
+def sweep(model, cache, attn, positions, B, repeat, device, error, tma_only: bool = False) -> list[dict]:
     from nanoseek.infer.fused import FusedDecoder, fused_step_launch
     rule = fused_step_launch(model.config, cache.max_len)
     out = []
@@ -290,9 +301,12 @@ def sweep(model, cache, attn, positions, B, repeat, device, error) -> list[dict]
                 entry["failed"] = f"{type(e).__name__}: {str(e)[:160]}"
             out.append(entry)
 
-    time_launches(sweep_launches(rule, model.config.num_attention_heads))
+    first = sweep_launches(rule, model.config.num_attention_heads)
+    time_launches([x for x in first if x.get("attend_tma")] if tma_only else first)
+    if not out:  # no TMA launch for fewer than 64 heads
+        return out
     best = min(out, key=launch_time)["launch"]
-    time_launches(sweep_launches(rule, model.config.num_attention_heads, best))
+    time_launches(tma_neighbours(best) if tma_only else sweep_launches(rule, model.config.num_attention_heads, best))
     return out
 
 

@@ -399,10 +399,11 @@ case $stage in
       --batches 1 16 --mixed --sweep
     ;;
   tma)  # the TMA attention kernel (attend_tma: 64 heads on wgmma, the latent copied by TMA): its GPU tests, then
-        # V3's attention at 32K and 128K swept with it among the launches (the target: 75% of the bandwidth)
+        # V3's attention at 32K and 128K with its launches swept, beside the rule's and the engine's op (the
+        # target: 75% of the bandwidth); TMA_UNTIL: the second of the call it must end by (585)
     timeout 150 python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_latent_attention.py -k \
       real_widths 2>&1 | tail -12 | tee "$OUT/tma_gpu_tests.log"
-    bench "$(left 585)" 60 benchmarks/attention.py --contexts 32768 131072 --batches 1 16 --sweep
+    bench "$(left "${TMA_UNTIL:-585}")" 60 benchmarks/attention.py --contexts 32768 131072 --batches 1 16 --sweep-tma
     ;;
   serving)  # the server under 64 clients, prefix caching, then the engine alone at the load's batch, greedy and
             # sampled as the load samples (the server's decode steps took ~5x decode.json's: which part is it?)
