@@ -106,7 +106,8 @@ def main():
             for label, pos in layouts.items():
                 positions = torch.tensor(pos, device=device)[:, None]
                 row = time_row(args, model, cache, attn, compiled, positions, bandwidth, gemm_rate, device,
-                               fused_runs, op_runs, sweep_it=(args.sweep or args.sweep_tma) and fused_runs and not label)
+                               fused_runs, op_runs,
+                               sweep_it=(args.sweep or args.sweep_tma) and fused_runs and not label)
                 rows[f"context {S}, batch {B}{label}"] = row
                 print(summary(row) + label, flush=True)
                 write_json(result(args, dtype, bandwidth, gemm_rate, rows), f"attention_{args.preset}.json")  # so far

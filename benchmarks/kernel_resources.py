@@ -32,6 +32,7 @@ import torch
 import triton
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 try:
     from triton._C.libtriton import native_specialize_impl
@@ -220,8 +221,8 @@ def attention_rows(max_len: int = 32768) -> list[dict]:
 
 PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.int32: "*i32", torch.int64: "*i64",
        torch.float8_e4m3fn: "*fp8e4nv"}
-FUSED_KERNELS = ("gemv_kernel", "mla_query_kernel", "mla_attend_kernel", "mla_output_kernel", "moe_route_kernel",
-                 "moe_up_kernel", "moe_up_dot_kernel", "moe_down_kernel", "moe_down_split_kernel")
+FUSED_KERNELS = ("gemv_kernel", "mla_query_kernel", "mla_attend_kernel", "mla_attend_tma_kernel", "mla_output_kernel",
+                 "moe_route_kernel", "moe_up_kernel", "moe_up_dot_kernel", "moe_down_kernel", "moe_down_split_kernel")
 
 
 def recorded_launches(module, names, run) -> list[tuple]:
@@ -275,6 +276,8 @@ def compile_launch(fn, grid, args, kwargs) -> dict:
             constexprs[param.name] = arg
         elif isinstance(arg, torch.Tensor):
             signature[param.name] = PTR[arg.dtype]
+        elif isinstance(arg, TensorDescriptor):
+            signature[param.name] = f"tensordesc<{PTR[arg.base.dtype][1:]}{list(arg.block_shape)}>"
         elif isinstance(arg, float):
             signature[param.name] = "fp32"
         else:

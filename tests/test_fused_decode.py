@@ -437,7 +437,8 @@ def test_bf16_fused_step_is_as_accurate_as_the_bf16_model():
     ("deepseek-v2-lite", dict(down_split=1), "bf16"), ("deepseek-v3", dict(down_split=1), "bf16"),
     ("deepseek-v2-lite", {}, "fp8"), ("deepseek-v3", {}, "fp8"),
     ("deepseek-v2-lite", dict(up_dot=1), "bf16"), ("deepseek-v2-lite", dict(up_dot=1), "fp8"),
-    ("deepseek-v3", dict(up_dot=1), "fp8")],
+    ("deepseek-v3", dict(up_dot=1), "fp8"),
+    ("deepseek-v3", dict(attend_tma=1, attend_heads=64, attend_warps=8), "bf16")],
     ids=lambda v: ("_".join(f"{k}{x}" for k, x in v.items()) or "rule") if isinstance(v, dict) else None)
 def test_fused_step_at_real_layer_widths(name, extra, weights):
     """On a GPU, BF16, DeepSeek-V3's layer widths (hidden 7168, 128 heads, latent 512,
@@ -449,7 +450,9 @@ def test_fused_step_at_real_layer_widths(name, extra, weights):
     experts of width 1408, greedy softmax top-6, two shared experts). With the down projection
     split over its slots too, whose last program per block sums the others' partial sums: the
     same logits bit for bit step after step (a program reading a sum not yet written would not
-    be). With the up kernel on the tensor cores (its activation rounded to float16). fp8: the layer weights FP8 in 128x128 blocks as an official checkpoint holds them, the
+    be). With the up kernel on the tensor cores (its activation rounded to float16). With the
+    TMA attention kernel at 64 heads a program. fp8: the layer weights FP8 in 128x128 blocks as
+    an official checkpoint holds them, the
     fused step reading the float8 bytes, held to float32 arithmetic on the same FP8 values as
     closely as the model holding them dequantised to BF16 (fp8_twins)."""
     from nanoseek.hf import to_dtype

@@ -27,7 +27,8 @@
 #                                              # searched on 8 V2-Lite layers (FUSED_TUNING of shapes)
 #   bash benchmarks/device/h200_session.sh fusedtune-v3   # the same search on the V3 slice
 #   bash benchmarks/device/h200_session.sh fp8accum   # BF16 vs FP8 training at 16 micro-batches a step
-#   bash benchmarks/device/h200_session.sh tma        # the TMA attention kernel's GPU tests, V3's attention swept with it
+#   bash benchmarks/device/h200_session.sh tma        # the TMA attention kernel's GPU tests, V3's attention
+#                                              # swept with its launches
 #   bash benchmarks/device/h200_session.sh fp8        # FP8-resident decode vs BF16 on all 27 V2-Lite layers
 #   bash benchmarks/device/h200_session.sh fp8fused   # the fused step on FP8 weights: its GPU tests at real widths,
 #                                              # then FP8 vs BF16 through it on V2-Lite's 27 layers at batch 1
@@ -268,7 +269,8 @@ case $stage in
     real_decode "$(left 450)" --preset deepseek-v2-lite --batches 1 --new 64 --repeat 3 --modes fused --fp8 \
       --fp8-kernels auto --skip-hf ${FP8_FUSED_TUNING:+--fp8-fused-tuning "$FP8_FUSED_TUNING"}
     timeout "$(left 590)" python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fused_decode.py -k \
-      "real_layer_widths and (fp8 or down_split or up_dot)" 2>&1 | tail -14 | tee "$OUT/fused_gpu_tests.log"
+      "real_layer_widths and (fp8 or down_split or up_dot or attend_tma)" 2>&1 | tail -14 \
+      | tee "$OUT/fused_gpu_tests.log"
     ;;
   fp8paths)  # the FP8 model's decode paths recorded (fused against compiled at one row; the table is keyed by the
              # layers' widths, not their number): V2-Lite's first 8 layers, then the V3 slice
