@@ -122,16 +122,17 @@ def resources(compiled, num_warps: int) -> dict:
 
 
 def loop_instructions(sass: str) -> int:
-    """Machine instructions in the longest loop body (from a backward branch's target to the
-    branch; 0 without a loop): what a program issues per trip of its main loop."""
+    """Machine instructions in the longest innermost loop body (from a backward branch's target
+    to the branch, holding no other such span; 0 without a loop): what a program issues per trip
+    of its main loop. Innermost, as TMA kernels wrap their main loop in a span of barrier waits."""
     code = [(int(a, 16), rest) for a, rest in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([@A-Z].*)", sass)]
-    longest = 0
+    spans = []
     for addr, rest in code:
         branch = re.match(r"(?:@!?U?P\w+\s+)?BRA\b.*?0x([0-9a-f]+)", rest)
         if branch and int(branch.group(1), 16) < addr:
-            target = int(branch.group(1), 16)
-            longest = max(longest, sum(target <= a <= addr for a, _ in code))
-    return longest
+            spans.append((int(branch.group(1), 16), addr))
+    innermost = [(t, e) for t, e in spans if not any((t, e) != (t2, e2) and t <= t2 and e2 <= e for t2, e2 in spans)]
+    return max((sum(t <= a <= e for a, _ in code) for t, e in innermost), default=0)
 
 
 def rows(only: str | None = None) -> list[dict]:
