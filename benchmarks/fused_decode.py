@@ -65,7 +65,7 @@ def step_weight_bytes(model: Transformer) -> int:
 
 
 # the largest kernels' knobs first (fused.LAUNCH_KEYS; each list holds bench-1b's derived value)
-CANDIDATES = dict(pdl=[True, False], up_dot=[0, 1], up_rows=[2, 4, 8, 16, 32, 64], up_warps=[1, 2, 4, 8],
+CANDIDATES = dict(pdl=[True, False], up_dot=[0, 1, 2], up_rows=[2, 4, 8, 16, 32, 64], up_warps=[1, 2, 4, 8],
                   up_block=[64, 128, 256], down_split=[0, 1],
                   down_block=[256, 512, 1024, 2048], down_rows=[1, 2, 4, 8], down_warps=[1, 2, 4, 8],
                   query_split=[1, 2, 4, 8], query_warps=[2, 4, 8], gemv_rows=[2, 4, 8], gemv_warps=[2, 4, 8],

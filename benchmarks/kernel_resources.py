@@ -122,9 +122,11 @@ def resources(compiled, num_warps: int) -> dict:
 
 
 def loop_instructions(sass: str) -> int:
-    """Machine instructions in the longest innermost loop body (from a backward branch's target
-    to the branch, holding no other such span; 0 without a loop): what a program issues per trip
-    of its main loop. Innermost, as TMA kernels wrap their main loop in a span of barrier waits."""
+    """Machine instructions in the main loop's body: of the innermost loops (from a backward
+    branch's target to the branch, holding no other such span), the one with the most tensor-core
+    instructions, else the longest; 0 without a loop. What a program issues per trip. Innermost,
+    as TMA kernels wrap their main loop in a span of barrier waits; by its products, as the W8A8
+    up kernel's quantization loop before it is longer."""
     code = [(int(a, 16), rest) for a, rest in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([@A-Z].*)", sass)]
     spans = []
     for addr, rest in code:
@@ -132,7 +134,9 @@ def loop_instructions(sass: str) -> int:
         if branch and int(branch.group(1), 16) < addr:
             spans.append((int(branch.group(1), 16), addr))
     innermost = [(t, e) for t, e in spans if not any((t, e) != (t2, e2) and t <= t2 and e2 <= e for t2, e2 in spans)]
-    return max((sum(t <= a <= e for a, _ in code) for t, e in innermost), default=0)
+    def body(t, e):
+        return [rest for a, rest in code if t <= a <= e]
+    return max(((sum("MMA" in x for x in body(t, e)), len(body(t, e))) for t, e in innermost), default=(0, 0))[1]
 
 
 def rows(only: str | None = None) -> list[dict]:

@@ -297,13 +297,15 @@ def test_decode_kernels_past_one_row_compile_for_hopper(tmp_path):
 
 @pytest.mark.parametrize("launch, weights, name", [
     ('{"down_split": 1}', "fp8", "deepseek-v2-lite"), ('{"up_dot": 1}', "fp8", "deepseek-v3"),
-    ('{"up_dot": 1}', "bf16", "deepseek-v2-lite"), ("{}", "fp8", "deepseek-v3")])
+    ('{"up_dot": 1}', "bf16", "deepseek-v2-lite"), ("{}", "fp8", "deepseek-v3"),
+    ('{"up_dot": 2}', "fp8", "deepseek-v2-lite")])
 def test_fused_step_kernels_compile_for_hopper(tmp_path, launch, weights, name):
     """Every kernel of the fused decode step at one row compiles for sm_90 at real widths (a type
     clash between a kernel's branches, which Triton's interpreter runs without complaint, does
     not): the up kernel on registers (one tile, V2-Lite; in chunks, V3's 7,168 columns) and on
-    the tensor cores, where its loop multiplies with mma and pipelines its weight tiles; neither
-    up kernel nor the split down kernel spills (V3's fused down kernel does, 80 bytes: not held)."""
+    the tensor cores, where its loop multiplies with mma and pipelines its weight tiles (W8A8:
+    on wgmma); neither up kernel nor the split down kernel spills (V3's fused down kernel does,
+    80 bytes: not held)."""
     table = compiled_for_hopper(tmp_path, "--fused-step", launch, "--preset", name,
                                 *(["--fp8"] if weights == "fp8" else []))
     kernels = {r["kernel"].rsplit(": ", 1)[1] for r in table}
@@ -315,6 +317,8 @@ def test_fused_step_kernels_compile_for_hopper(tmp_path, launch, weights, name):
     assert len(ups) == 2 and all(r["spill_stack_bytes"] == 0 for r in ups), ups
     if up == "moe_up_dot_kernel":
         assert all(r["ptx"]["mma.sync"] + r["ptx"]["wgmma"] > 0 and r["ptx"]["cp.async"] > 0 for r in ups), ups
+    if '"up_dot": 2' in launch:  # W8A8: the FP8 tiles on wgmma as they are, not widened for mma.sync
+        assert all(r["ptx"]["wgmma"] > 0 and r["ptx"]["mma.sync"] == 0 for r in ups), ups
     assert all(r["spill_stack_bytes"] == 0 for r in table if r["kernel"].endswith("moe_down_split_kernel"))
 
 

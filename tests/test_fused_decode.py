@@ -180,6 +180,76 @@ def test_fused_step_matches_model_decode(overrides, chunked, extra, fp8, monkeyp
             torch.testing.assert_close(fused_buf, buf, rtol=1e-4, atol=1e-4)
 
 
+
+@functools.cache
+def _e4m3_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def to_e4m3(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + i, tl.load(x_ptr + i, mask=i < n).to(tl.float8e4nv), mask=i < n)
+    return to_e4m3
+
+
+def to_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to E4M3 by Triton's conversion, the kernels': on a GPU the hardware's, as
+    torch's; Triton's interpreter carries no rounding into the exponent (127.5 becomes 64,
+    not 128), and the twin must round as the kernel under test does."""
+    flat = x.float().contiguous().flatten()
+    out = torch.empty(flat.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    _e4m3_kernel()[(-(-flat.numel() // 1024),)](flat, out, flat.numel(), BLOCK=1024)
+    return out.view(x.shape)
+
+
+def fake_quantized(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x [.., D] quantized to E4M3 in chunks of `block` columns (scale amax / 448, 1 for an
+    all-zero chunk; D padded with zeros) and dequantized: what the W8A8 up kernel multiplies."""
+    D = x.shape[-1]
+    chunks = torch.nn.functional.pad(x.float(), (0, -D % block)).unflatten(-1, (-1, block))
+    amax = chunks.abs().amax(-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+    return (to_e4m3(chunks / scale).float() * scale).flatten(-2)[..., :D].to(x.dtype)
+
+
+@pytest.mark.parametrize("overrides, up_block, block", [
+    (dict(q_lora_rank=None, n_shared_experts=2), 16, (16, 32)),                      # chunks of 16: 2 a scale block
+    (dict(hidden_size=56, intermediate_size=88, moe_intermediate_size=40, num_attention_heads=32,
+          q_lora_rank=40), 32, (32, 32))])                                          # a last chunk of 24 columns
+def test_w8a8_up_kernel_matches_its_quantized_twin(overrides, up_block, block):
+    """up_dot=2: the up kernel multiplies the FP8 experts by the activation quantized to E4M3 in
+    chunks of up_block columns (W8A8, training's 1x128 tiles). The fused step's logits equal the
+    model's forward on the same FP8 weights whose MLPs' gate and up projections read the
+    activation fake-quantized the same way (the router reads it unquantized, as the kernels do):
+    float32 sums of exact products in another order, rtol 1e-4. Without the twin's quantization
+    the step is off by more than that: the test sees the quantization."""
+    from nanoseek.infer.fp8_weights import quantize_weights
+    from nanoseek.infer.fused import FusedDecoder
+    from nanoseek.model.moe import MLP
+    model = sharp_model(**overrides)
+    quantize_weights(model, block, "twin")
+    cache = prefilled_cache(model, [7, 20, 1])
+    fused_cache = copy.deepcopy(cache)
+    ids = torch.randint(0, model.config.vocab_size, (3, 1), device=DEVICE)
+    positions = torch.tensor([[7], [20], [0]], device=DEVICE)
+    with torch.no_grad():
+        plain = model(ids, positions=positions, cache=copy.deepcopy(cache).prefix(3)).logits[:, -1]
+        hooks = [m.register_forward_pre_hook(lambda m, args: (fake_quantized(args[0], up_block), *args[1:]))
+                 for layer in model.main_layers for m in layer.modules()
+                 if isinstance(m, MLP) or m is getattr(layer.mlp, "experts", None)]
+        want = model(ids, positions=positions, cache=cache.prefix(3)).logits[:, -1]
+        for hook in hooks:
+            hook.remove()
+    step = FusedDecoder(model, fused_cache, max_rows=4,
+                        launch={**LAUNCH, "attend_split": 16, "attend_heads": 16, "up_dot": 2, "up_rows": 16,
+                                "up_block": up_block, **({"gemv_rows": 16, "down_rows": 16} if LAUNCH else {})})
+    got = step.forward(ids, positions)
+    assert want.abs().max() > 5 and (plain - want).abs().max() > 1e-2  # sharp logits; the quantization shows
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-4)
+    with pytest.raises(ValueError, match="up_dot=2 multiplies FP8 weights"):
+        FusedDecoder(sharp_model(**overrides), copy.deepcopy(cache), max_rows=4, launch={"up_dot": 2})
+
 @pytest.mark.parametrize("programs, heads, tma", [(4, 16, 0), (24, 16, 0), (24, 32, 0), (4, 16, 1)])
 def test_fused_attention_units_follow_the_positions(programs, heads, tma):
     """The fused attention (units, merge, W_UV) against float64 attention over the latent,

@@ -79,6 +79,10 @@ DOWN_SPLIT_ELEMENTS = 8192
 # issues 4.7 instructions a weight at 32 rows, 2.8 at 64, the register kernel 7.4
 # (benchmarks/results/kernel_resources/fp8_fused_block_scales); off by default until timed
 UP_DOT_ROWS, UP_DOT_BLOCK, UP_DOT_WARPS = 32, 256, 4
+# up_dot=2 (W8A8, FP8 weights): the FP8 tiles multiplied as they are, which only Hopper's wgmma does
+# (64+ rows a warpgroup; mma.sync widens them again): 64 rows, whose loop issues 1.5 instructions
+# a weight on V2-Lite's experts against up_dot=1's 2.8 (benchmarks/results/kernel_resources/w8a8_up)
+W8A8_ROWS = 64
 # rows of a weight per program (_rows), warps per program (_warps), the least cache positions
 # of an attention split, heads per attention program, attention programs aimed for, the
 # attention loop's software-pipeline stages, and the block sizes above
@@ -138,9 +142,9 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
     down_rows = (max(1, DOWN_SPLIT_ELEMENTS // F) if down_split else
                  max(1, min(pow2(c.hidden_size // DOWN_PROGRAMS + 1) // 2, DOWN_ELEMENTS // (slots * F))))
     up_dot = given.get("up_dot", 0)
-    out = dict(gemv_rows=rows("gemv", D), head_rows=rows("head", D),
-               up_rows=UP_DOT_ROWS if up_dot else rows("up", D), up_dot=up_dot, up_block=UP_DOT_BLOCK,
-               down_rows=down_rows, attend_split=split, attend_heads=heads, attend_block=block_s,
+    up_rows = {0: rows("up", D), 1: UP_DOT_ROWS}.get(up_dot, W8A8_ROWS)
+    out = dict(gemv_rows=rows("gemv", D), head_rows=rows("head", D), up_rows=up_rows, up_dot=up_dot,
+               up_block=UP_DOT_BLOCK, down_rows=down_rows, attend_split=split, attend_heads=heads, attend_block=block_s,
                attend_programs=ATTEND_PROGRAMS, attend_stages=3, merge_splits=MERGE_SPLITS, max_block=max_block,
                pdl=True, attend_transposed=0, attend_tma=0, query_split=query_split, output_split=output_split,
                down_split=down_split, down_block=down_block)
@@ -175,9 +179,15 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
     if out["up_dot"] and min(out["up_rows"], out["up_block"]) < 16:  # tl.dot's smallest block
         raise ValueError(f"launch up_dot with up_rows={out['up_rows']}, up_block={out['up_block']}: "
                          "the tensor-core up kernel takes at least 16 of each")
-    for key in ("attend_transposed", "attend_tma", "down_split", "up_dot"):
+    for key in ("attend_transposed", "attend_tma", "down_split"):
         if out[key] not in (0, 1):
             raise ValueError(f"launch {key}={out[key]}: must be 0 or 1")
+    if out["up_dot"] not in (0, 1, 2):
+        raise ValueError(f"launch up_dot={out['up_dot']}: must be 0 (registers), 1 (tensor cores) or 2 "
+                         "(tensor cores, W8A8)")
+    if out["up_dot"] == 2 and not block_rows:
+        raise ValueError("launch up_dot=2 multiplies FP8 weights by an FP8-quantized activation (W8A8); this "
+                         "model's weights are not FP8: use up_dot=1")
     if out["attend_tma"]:  # TMA copies whole [block, width] tiles of the latent's halves and the RoPE key
         half = C // 2
         if C % 2 or half & (half - 1) or R & (R - 1) or not 8 <= min(half, R) <= max(half, R) <= 256:
@@ -294,6 +304,9 @@ class FusedDecoder:
         K = c.num_experts_per_tok if c.n_routed_experts else 0
         M = max_rows
         self.h = torch.empty(M, c.hidden_size, dtype=model.model.embed_tokens.weight.dtype, device=dev)
+        if self.t["up_dot"] == 2:  # the W8A8 up kernel's quantized activation and its scales (16+ columns each)
+            self.x_q = torch.empty(M, c.hidden_size, dtype=torch.float8_e4m3fn, device=dev)
+            self.x_s = torch.empty(M, triton.cdiv(c.hidden_size, 16), **f32)
         # per row: q_a (or the query itself, without a query LoRA) then kv_a
         self.qkv = torch.empty(M, (c.q_lora_rank or H * (c.qk_nope_head_dim + R)) + C + R, **f32)
         # the absorbed queries in the cache's dtype: the attention rounds them to it anyway, and with
@@ -473,7 +486,9 @@ class FusedDecoder:
             k.moe_up_dot_kernel[(B, P, triton.cdiv(F, rows))](
                 h, h.stride(0), norm.weight, norm.eps, D, self.sel_idx, routed[0], routed[1], sg, su, F, hmid,
                 hmid.stride(0), K=K, BLOCK_F=rows, BLOCK_D=block, BLOCK_X=min(self.t["max_block"], pow2(D)),
-                STAGES=3, HALF=h.dtype != torch.float32, num_warps=self.t["up_warps"], **self.launch, **up_fp8)
+                STAGES=3, HALF=h.dtype != torch.float32, num_warps=self.t["up_warps"], **self.launch, **up_fp8,
+                **(dict(W8A8=True, xq_ptr=self.x_q, xs_ptr=self.x_s, stride_xq=self.x_q.stride(0),
+                        stride_xs=self.x_s.stride(0)) if self.t["up_dot"] == 2 else {}))
         else:
             k.moe_up_kernel[(B, P, triton.cdiv(F, rows))](
                 h, h.stride(0), norm.weight, norm.eps, D, self.sel_idx, routed[0], routed[1], sg, su, F, hmid,

@@ -720,13 +720,20 @@ def moe_up_dot_kernel(h_ptr, stride_h, norm_ptr, eps, D, sel_idx_ptr,
                       K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_X: tl.constexpr,
                       STAGES: tl.constexpr, HALF: tl.constexpr, USE_PDL: tl.constexpr,
                       wgs_ptr=None, wus_ptr=None, sgs_ptr=None, sus_ptr=None,
-                      FP8: tl.constexpr = False, SB_R: tl.constexpr = 128, SB_C: tl.constexpr = 128):
+                      FP8: tl.constexpr = False, SB_R: tl.constexpr = 128, SB_C: tl.constexpr = 128,
+                      W8A8: tl.constexpr = False, xq_ptr=None, xs_ptr=None, stride_xq=0, stride_xs=0):
     """moe_up_kernel's result (program (b, p, f-block), the same slots and scales) with the
     products on the tensor cores: each BLOCK_D columns of the BLOCK_F rows (>= 16) a tl.dot
     with x in the first of 16 columns (zeros in the rest: the sum of a row is exact), the
     weight tiles pipelined over STAGES. HALF: x and the weights float16 (x = RMSNorm(h)·norm,
     rounded once), else float32 (the CPU tests' float32 models). FP8: BLOCK_D divides SB_C, so
-    a chunk's partial sums take one scale."""
+    a chunk's partial sums take one scale. W8A8 (FP8 weights): x quantized too, a scale per
+    BLOCK_D chunk (amax / 448, as training's 1x128 tiles), and the FP8 tiles multiplied as
+    they are: widening a weight for a 16-bit product cost a shared-memory load and a convert
+    per two weights (sm_90: 2.8 instructions a weight at 64 rows). The program quantizes x
+    whole before its loop into row b's scratch (xq [., D] float8, xs [., ⌈D/BLOCK_D⌉]; every
+    program of the row writes the same bytes) and reads it back a tile a trip: quantizing a
+    chunk a trip cost its loop a cross-warp amax and more instructions than the products."""
     _launch_next(USE_PDL)
     b, p, f0, f, fmask = _up_program(F, BLOCK_F)
     x_ptr = h_ptr + b * stride_h
@@ -736,23 +743,44 @@ def moe_up_dot_kernel(h_ptr, stride_h, norm_ptr, eps, D, sel_idx_ptr,
                                    wgs_ptr, wus_ptr, sgs_ptr, sus_ptr, FP8, SB_R, SB_C)
     inv = _inv_rms(x_ptr, D, eps, BLOCK_X)
     first = (tl.arange(0, 16) == 0)[None, :]
+    if W8A8:
+        xq_row, xs_row = xq_ptr + b * stride_xq, xs_ptr + b * stride_xs
+        XB: tl.constexpr = BLOCK_X if BLOCK_X > BLOCK_D else BLOCK_D
+        for x0 in range(0, D, XB):
+            i = x0 + tl.arange(0, XB)
+            x = (tl.load(x_ptr + i, mask=i < D, other=0.0).to(tl.float32) * inv
+                 * tl.load(norm_ptr + i, mask=i < D, other=0.0).to(tl.float32))
+            x2 = tl.reshape(x, [XB // BLOCK_D, BLOCK_D])
+            amax = tl.max(tl.abs(x2), axis=1)
+            xs = tl.where(amax > 0, amax / 448.0, 1.0)  # fp8.quant's scale_inv: 1 for an all-zero chunk
+            tl.store(xq_row + i, tl.reshape((x2 / xs[:, None]).to(tl.float8e4nv), [XB]), mask=i < D)
+            c = x0 // BLOCK_D + tl.arange(0, XB // BLOCK_D)
+            tl.store(xs_row + c, xs, mask=c * BLOCK_D < D)
+        tl.debug_barrier()  # the program's own stores, read back below
     acc_g = tl.zeros([BLOCK_F, 16], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_F, 16], dtype=tl.float32)
     for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
         d = d0 + tl.arange(0, BLOCK_D)
         dmask = d < D
         wmask = fmask[:, None] & dmask[None, :]
-        w_g = tl.load(wg + f[:, None] * D + d[None, :], mask=wmask, other=0.0).to(dt)
-        w_u = tl.load(wu + f[:, None] * D + d[None, :], mask=wmask, other=0.0).to(dt)
-        x = (tl.load(x_ptr + d, mask=dmask, other=0.0).to(tl.float32) * inv
-             * tl.load(norm_ptr + d, mask=dmask, other=0.0).to(tl.float32))
-        xb = tl.where(first, x[:, None], 0.0).to(dt)
-        if FP8:
-            acc_g += tl.dot(w_g, xb, input_precision="ieee") * tl.load(sg + d0 // SB_C)
-            acc_u += tl.dot(w_u, xb, input_precision="ieee") * tl.load(su + d0 // SB_C)
+        w_g = tl.load(wg + f[:, None] * D + d[None, :], mask=wmask, other=0.0)
+        w_u = tl.load(wu + f[:, None] * D + d[None, :], mask=wmask, other=0.0)
+        if W8A8:  # x in the first of the tile's 16 columns, zeros in the rest
+            xq = tl.load(xq_row + d[:, None] + 0 * first, mask=dmask[:, None] & first, other=0.0)
+            xs = tl.load(xs_row + d0 // BLOCK_D)
+            acc_g += tl.dot(w_g, xq) * (tl.load(sg + d0 // SB_C) * xs)
+            acc_u += tl.dot(w_u, xq) * (tl.load(su + d0 // SB_C) * xs)
         else:
-            acc_g = tl.dot(w_g, xb, acc_g, input_precision="ieee")
-            acc_u = tl.dot(w_u, xb, acc_u, input_precision="ieee")
+            x = (tl.load(x_ptr + d, mask=dmask, other=0.0).to(tl.float32) * inv
+                 * tl.load(norm_ptr + d, mask=dmask, other=0.0).to(tl.float32))
+            xb = tl.where(first, x[:, None], 0.0).to(dt)
+            w_g, w_u = w_g.to(dt), w_u.to(dt)
+            if FP8:
+                acc_g += tl.dot(w_g, xb, input_precision="ieee") * tl.load(sg + d0 // SB_C)
+                acc_u += tl.dot(w_u, xb, input_precision="ieee") * tl.load(su + d0 // SB_C)
+            else:
+                acc_g = tl.dot(w_g, xb, acc_g, input_precision="ieee")
+                acc_u = tl.dot(w_u, xb, acc_u, input_precision="ieee")
     g = tl.sum(acc_g, axis=1)
     u = tl.sum(acc_u, axis=1)
     tl.store(hmid_ptr + b * stride_hm_b + p * F + f, g * tl.sigmoid(g) * u, mask=fmask)
