@@ -269,7 +269,7 @@ case $stage in
     real_decode "$(left 450)" --preset deepseek-v2-lite --batches 1 --new 64 --repeat 3 --modes fused --fp8 \
       --fp8-kernels auto --skip-hf ${FP8_FUSED_TUNING:+--fp8-fused-tuning "$FP8_FUSED_TUNING"}
     timeout "$(left 590)" python3 -m pytest -rA -p no:cacheprovider -p no:logging tests/test_fused_decode.py -k \
-      "real_layer_widths and (fp8 or down_split or up_dot or attend_tma)" 2>&1 | tail -14 \
+      "(real_layer_widths and (fp8 or down_split or up_dot or attend_tma)) or w8a8" 2>&1 | tail -16 \
       | tee "$OUT/fused_gpu_tests.log"
     ;;
   fp8paths)  # the FP8 model's decode paths recorded (fused against compiled at one row; the table is keyed by the
