@@ -96,6 +96,14 @@ def prefilled_cache(model, lengths, max_len=40, ids=None, dtype=torch.float32):
     return cache
 
 
+def three_rows(model):
+    """A cache prefilled with rows of 7, 20 and 1 positions, a copy for the fused step, and a
+    new token a row at positions 7, 20 and 0 (a bucket's dummy row)."""
+    cache = prefilled_cache(model, [7, 20, 1])
+    ids = torch.randint(0, model.config.vocab_size, (3, 1), device=DEVICE)
+    return cache, copy.deepcopy(cache), ids, torch.tensor([[7], [20], [0]], device=DEVICE)
+
+
 @pytest.mark.parametrize("overrides, chunked, extra, fp8", [(*case, {}, None) for case in [
     (dict(), False),                                          # V3: sigmoid, noaux_tc, bias
     (dict(topk_method="greedy", n_shared_experts=0), True),   # no groups, no shared experts
@@ -157,10 +165,7 @@ def test_fused_step_matches_model_decode(overrides, chunked, extra, fp8, monkeyp
     model = sharp_model(**overrides)
     if fp8:
         quantize_weights(model, fp8, "twin")
-    cache = prefilled_cache(model, [7, 20, 1])
-    fused_cache = copy.deepcopy(cache)
-    ids = torch.randint(0, model.config.vocab_size, (3, 1), device=DEVICE)
-    positions = torch.tensor([[7], [20], [0]], device=DEVICE)
+    cache, fused_cache, ids, positions = three_rows(model)
     with torch.no_grad():
         want = model(ids, positions=positions, cache=cache.prefix(3)).logits[:, -1]
     chunks = dict(attend_split=32, max_block=16, attend_block=16, merge_splits=2) if chunked else dict(attend_split=16)
@@ -229,10 +234,7 @@ def test_w8a8_up_kernel_matches_its_quantized_twin(overrides, up_block, block):
     from nanoseek.model.moe import MLP
     model = sharp_model(**overrides)
     quantize_weights(model, block, "twin")
-    cache = prefilled_cache(model, [7, 20, 1])
-    fused_cache = copy.deepcopy(cache)
-    ids = torch.randint(0, model.config.vocab_size, (3, 1), device=DEVICE)
-    positions = torch.tensor([[7], [20], [0]], device=DEVICE)
+    cache, fused_cache, ids, positions = three_rows(model)
     with torch.no_grad():
         plain = model(ids, positions=positions, cache=copy.deepcopy(cache).prefix(3)).logits[:, -1]
         hooks = [m.register_forward_pre_hook(lambda m, args: (fake_quantized(args[0], up_block), *args[1:]))
