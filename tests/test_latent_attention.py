@@ -77,12 +77,14 @@ def test_one_row_takes_wider_head_blocks_at_v3_widths():
         torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=bound)
 
 
-def test_decode_attention_compiles_whole():
+@pytest.mark.parametrize("kernel", [dict(), dict(attend_tma=1)], ids=["plain", "tma"])
+def test_decode_attention_compiles_whole(kernel):
     """The model's decode step with the kernels compiles as one graph (the custom op's fake
-    shape; the launch a constant) and gives eager's logits."""
+    shape; the launch a constant) and gives eager's logits; the TMA kernel's descriptors are
+    made inside the op, from its real tensors."""
     model = sharp_model()
     cache = prefilled_cache(model, [30, 12])
-    model.set_decode_attention(LatentDecodeAttention(model.config, 40, LAUNCH))
+    model.set_decode_attention(LatentDecodeAttention(model.config, 40, {**LAUNCH, **kernel}))
     positions, ids = torch.tensor([[30], [12]], device=DEVICE), torch.tensor([[3], [7]], device=DEVICE)
 
     def step(ids, positions, cache):
