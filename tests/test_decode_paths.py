@@ -150,6 +150,10 @@ def test_launch_shapes_follow_the_model_widths():
         fused_step_launch(preset("tiny"), 64, {"gemv_rows": 3})
     # the TMA attention copies whole tiles: half the latent and the RoPE key powers of two, 8 to 256 wide
     assert fused_step_launch(preset("deepseek-v3"), 32768, {"attend_tma": 1})["attend_tma"] == 1
+    # its stages fit an SM's shared memory: 64 heads' queries and 2 blocks of 64 positions, or 3 of 32
+    tma = [fused_step_launch(preset("deepseek-v3"), 32768, {"attend_tma": 1, "attend_heads": 64, **x})
+           for x in ({}, {"attend_block": 32}, {"attend_stages": 1})]
+    assert [t["attend_stages"] for t in tma] == [2, 3, 1]
     with pytest.raises(ValueError, match="kv_lora_rank=48, qk_rope_head_dim=8: leave attend_tma at 0"):
         fused_step_launch(preset("tiny", kv_lora_rank=48), 64, {"attend_tma": 1})
     with pytest.raises(ValueError, match="attend_tma=1 with attend_transposed=1"):

@@ -83,6 +83,10 @@ UP_DOT_ROWS, UP_DOT_BLOCK, UP_DOT_WARPS = 32, 256, 4
 # (64+ rows a warpgroup; mma.sync widens them again): 64 rows, whose loop issues 1.5 instructions
 # a weight on V2-Lite's experts against up_dot=1's 2.8 (benchmarks/results/kernel_resources/w8a8_up)
 W8A8_ROWS = 64
+# attend_tma: the shared memory a Hopper program may take (227 KB), which holds its BF16 queries
+# [heads, C + R] once and a [block, C + R] tile of the cache per pipeline stage (64 heads, blocks
+# of 64: 2 stages; of 32: 3)
+TMA_SHARED = 227 * 1024
 # rows of a weight per program (_rows), warps per program (_warps), the least cache positions
 # of an attention split, heads per attention program, attention programs aimed for, the
 # attention loop's software-pipeline stages, and the block sizes above
@@ -162,6 +166,9 @@ def fused_step_launch(config: ModelConfig, max_len: int, launch: dict | None = N
                query_warps=warps(N * (c.q_lora_rank or 0) + R * (c.q_lora_rank or 0) + N * C // out["query_split"]),
                attend_warps=warps(block_s * (C + R) + heads * C), output_warps=warps(c.v_head_dim * C // out["output_split"]),
                route_warps=warps(32 * (c.n_routed_experts or 0)))
+    if given.get("attend_tma") and "attend_stages" not in given:
+        row = 2 * (C + R)  # bytes of one head's query, or one position's cache, in BF16
+        out["attend_stages"] = max(1, min(3, (TMA_SHARED - out["attend_heads"] * row) // (out["attend_block"] * row)))
     out.update(given)
     for key, value in out.items():
         not_pow2 = ("pdl", "attend_stages", "attend_programs", "attend_transposed", "attend_tma", "down_split",
