@@ -305,11 +305,10 @@ def _row_units(pos_ptr, B, UNITS, SPLIT, IDLE, BLOCK_B: tl.constexpr):
 @triton.jit
 def _through_memory(x, ptr):
     """The int32 x, stored as float32 bits at ptr (a float32 slot of the program's own, written
-    again later) and read back: a value reductions computed, which every thread of the program
-    holds alike, but which ptxas cannot tell apart from one that differs per thread. A loop
-    bounded by such values kept mla_attend_tma_kernel's loop control and TMA coordinates per
-    thread: compiled for sm_90 (64 heads, blocks of 64, 8 warps), 255 registers with 112 bytes
-    of spill and 27% more instructions a trip, against 222 and none read back so."""
+    again later) and read back. For loop bounds that reductions computed: bounded by them
+    directly, mla_attend_tma_kernel's loop compiled for sm_90 (64 heads, blocks of 64, 8 warps)
+    to 255 registers with 112 bytes of spill and 27% more instructions a trip; bounded by them
+    read back, as by any loaded values, to 222 registers and none (a bisected copy of the loop)."""
     tl.store(ptr, x.to(tl.float32, bitcast=True))
     return tl.load(ptr, volatile=True).to(tl.int32, bitcast=True)
 
@@ -449,7 +448,7 @@ def mla_attend_tma_kernel(qlat_ptr, qpe_ptr, ckv_desc, kpe_desc, ckv_ptr, kpe_pt
     [BLOCK_H, HALF] halves. A unit's last, partial block is read by masked loads instead: a
     copy would bring positions past the row's end, whose cache rows may hold anything (a NaN
     times a zero weight is NaN). Compiled for sm_90 at 64 heads, blocks of 64 and 8 warps it
-    does not spill where mla_attend_kernel's 64-head launches do, and its loop issues 918
+    does not spill where mla_attend_kernel's 64-head launches do, and its loop issues 781
     instructions a block, 80 of them wgmma (benchmarks/kernel_resources.py)."""
     C: tl.constexpr = 2 * HALF
     unit, b32, start, end, h0 = _attend_program(pos_ptr, B, UNITS, SPLIT, IDLE, HEAD_BLOCKS, BLOCK_H, BLOCK_B, USE_PDL)
