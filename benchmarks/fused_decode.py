@@ -17,7 +17,8 @@ tokens (max_len prompt + 128, as benchmarks/decode.py).
   keeping the fastest captured step (µs per step of 16 replayed steps, median of 5); the
   path and the best shapes go to the JSON and are used for the rest of the run, and the
   shapes alone to fused_tuning.json (fused_tuning_<preset>[_<N>L].json for another preset;
-  benchmarks/decode.py --fused-tuning reads them);
+  benchmarks/decode.py --fused-tuning reads them), written again at each new best, so a run
+  cut off mid-search keeps it; `--tune-budget SECONDS` starts no knob past that;
 - `--profile`: the fused step's kernels at batch 1 (torch.profiler, uncaptured) in
   fused_profile.txt;
 - `--no-reference`: no float32 twin and no accuracy rows, for a model whose twin does not fit
@@ -36,6 +37,7 @@ import argparse
 import copy
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -89,17 +91,28 @@ def fused_step_us(model, cache, launch, prompt, repeat=5) -> float:
     return graph_us(lambda: step.forward(ids, pos), repeat, calls=16)
 
 
-def tune(model, cache, prompt, passes) -> tuple[dict, list]:
+def tune(model, cache, prompt, passes, budget: float | None = None, keep=None) -> tuple[dict, list]:
     """Coordinate descent over CANDIDATES from the derived launch shapes (fused_step_launch):
     each knob in turn over its values, the others held, keeping the fastest; returns the best
-    shapes and the path."""
+    shapes and the path. budget: seconds after which no further trial starts (the best so far
+    stands); keep(best): called with each new best, so a run cut off mid-search keeps it."""
+    start = time.monotonic()
     best = fused_module.fused_step_launch(model.config, cache.max_len)
     best_us = fused_step_us(model, cache, best, prompt)
     path = [{"tuning": dict(best), "us_per_step": best_us}]
     print(f"tune: start {best_us:.1f} us/step", flush=True)
+    if keep:
+        keep(best)
     tried = {tuple(sorted(best.items()))}
+    def spent() -> bool:
+        return budget is not None and time.monotonic() - start > budget
     for key, values in [kv for _ in range(passes) for kv in CANDIDATES.items()]:
+        if spent():
+            print(f"tune: {budget:.0f} s spent, stopping before {key}", flush=True)
+            break
         for v in sorted(set(values) | {best[key]}):  # the rule's value for this model's widths too
+            if spent():
+                break
             trial = {**best, key: v}
             if key in DERIVED:
                 kept = {k: x for k, x in trial.items() if k not in DERIVED[key] and not k.endswith("_warps")}
@@ -117,6 +130,8 @@ def tune(model, cache, prompt, passes) -> tuple[dict, list]:
             if us < best_us:
                 best, best_us = trial, us
                 print(f"tune: {key}={v} -> {us:.1f} us/step", flush=True)
+                if keep:
+                    keep(best)
     return best, path
 
 
@@ -131,6 +146,8 @@ def main():
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--tune", type=int, default=0, metavar="PASSES",
                     help="tune the launch shapes first: PASSES rounds of coordinate descent")
+    ap.add_argument("--tune-budget", type=float, default=None, metavar="SECONDS",
+                    help="start no tuning trial after this many seconds of search; the best so far stands")
     ap.add_argument("--no-compiled", action="store_true", help="time the fused step only")
     ap.add_argument("--fp8", action="store_true", help="the layer weights FP8 (implies --no-reference)")
     ap.add_argument("--no-reference", action="store_true",
@@ -158,7 +175,8 @@ def main():
     rows, tuning = {}, {}
     launch = fused_module.fused_step_launch(cfg, max_len)  # the shapes every fused step below runs
     if args.tune:
-        launch, path = tune(model_bf16, copy.deepcopy(cache16), args.prompt, args.tune)
+        launch, path = tune(model_bf16, copy.deepcopy(cache16), args.prompt, args.tune, args.tune_budget,
+                            lambda best: write_json(best, f"fused_tuning{tag}.json"))
         tuning = {"best": launch, "path": path}
     for B in [] if args.no_reference else args.buckets:
         if B == args.buckets[0]:

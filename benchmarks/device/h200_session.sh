@@ -282,9 +282,10 @@ case $stage in
     cp nanoseek/infer/decode_paths.json "$OUT/"
     ;;
   fusedtune-fp8)  # the fused step's launch searched on FP8 weights (8 V2-Lite layers): a weight row is half the
-                  # bytes, so the rule's rows a program (set for BF16) may be too few
+                  # bytes, so the rule's rows a program (set for BF16) may be too few; the search stops
+                  # starting trials after TUNE_BUDGET s (240), leaving a chained fp8fused its time
     bench "$(left 585)" 120 benchmarks/fused_decode.py --preset deepseek-v2-lite --layers 8 --buckets 1 --tune 1 \
-      --repeat 3 --fp8 --profile
+      --tune-budget "${TUNE_BUDGET:-240}" --repeat 3 --fp8 --profile
     ;;
   fp8fused-v3)  # the same on the V3 slice, beside the compiled step (its faster BF16 path), the FP8 paths recorded
     real_decode "$(left 585)" --preset deepseek-v3 --layers 2 --batches 1 --new 64 --repeat 3 --modes fused compiled \
