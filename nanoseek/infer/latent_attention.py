@@ -15,6 +15,8 @@ Launch shapes follow fused.fused_step_launch's rule for the model's widths and c
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -58,6 +60,12 @@ def attend_warps_stages(t: dict, B: int, C: int) -> dict:
     return dict(num_warps=max(4, warps // 2, holds), num_stages=min(2, stages))
 
 
+@functools.cache
+def _has_tma(device: int) -> bool:
+    """Whether the CUDA device (-1: the current one) copies by TMA: asked once, not every layer."""
+    return torch.cuda.get_device_capability(None if device < 0 else device) >= (9, 0)
+
+
 def positions_descriptor(rows: torch.Tensor, block: list[int]):
     """A TMA descriptor of the cache rows [n, S, X] (positions contiguous, channels packed, the
     row stride a multiple of X) as one [positions, X] matrix read in `block`s: row b's
@@ -67,7 +75,7 @@ def positions_descriptor(rows: torch.Tensor, block: list[int]):
     if rows.stride(0) % X or rows.data_ptr() % 16 or (X * rows.element_size()) % 16:
         raise ValueError(f"the TMA attention reads a cache of rows {tuple(rows.shape)}, strides {rows.stride()}: "
                          "its row stride must be a multiple of its width, 16-byte aligned")
-    if rows.is_cuda and torch.cuda.get_device_capability(rows.device) < (9, 0):
+    if rows.is_cuda and not _has_tma(rows.device.index if rows.device.index is not None else -1):
         raise ValueError("launch attend_tma=1 needs TMA copies (Hopper, sm_90, or later); leave it at 0 on this GPU")
     return TensorDescriptor(rows, shape=[(n - 1) * (rows.stride(0) // X) + S, X], strides=[X, 1], block_shape=block)
 
@@ -99,7 +107,7 @@ def attend_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kp
     precision = "ieee" if ckv.dtype == torch.float32 else "tf32"
     rows = pow2(B, 2)  # the rows' positions as one block (not a 1-element one, which reductions may not take)
     blocks = triton.cdiv(H, heads)
-    if t.get("attend_tma"):
+    if t["attend_tma"]:
         block_s = t["attend_block"]
         kernels.mla_attend_tma_kernel[(blocks * (units + B),)](
             q_lat, q_pe, positions_descriptor(ckv, [block_s, C // 2]), positions_descriptor(kpe, [block_s, R]),

@@ -307,8 +307,8 @@ def _through_memory(x, ptr):
     """The int32 x, stored as float32 bits at ptr (a float32 slot of the program's own, written
     again later) and read back. For loop bounds that reductions computed: bounded by them
     directly, mla_attend_tma_kernel's loop compiled for sm_90 (64 heads, blocks of 64, 8 warps)
-    to 255 registers with 112 bytes of spill and 27% more instructions a trip; bounded by them
-    read back, as by any loaded values, to 222 registers and none (a bisected copy of the loop)."""
+    with 176 bytes of spill and 1,148 instructions a trip; bounded by them read back, as by any
+    loaded values, with none and 781 (benchmarks/results/kernel_resources/tma_attention)."""
     tl.store(ptr, x.to(tl.float32, bitcast=True))
     return tl.load(ptr, volatile=True).to(tl.int32, bitcast=True)
 
@@ -412,7 +412,6 @@ def mla_attend_kernel(qlat_ptr, qpe_ptr, ckv_ptr, kpe_ptr, stride_ckv, stride_kp
             tl.store(acc_ptr + part[:, None] * C + cc[None, :], acc, mask=hmask[:, None] & cmask[None, :])
 
 
-
 @triton.jit
 def _attend_tile(q_lo, q_hi, qp, c_lo, c_hi, kp, valid, m, l, acc_lo, acc_hi, scale,
                  MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -494,6 +493,7 @@ def mla_attend_tma_kernel(qlat_ptr, qpe_ptr, ckv_desc, kpe_desc, ckv_ptr, kpe_pt
         a_row = acc_ptr + part[:, None] * C + cc[None, :]
         tl.store(a_row, acc_lo, mask=hmask[:, None])
         tl.store(a_row + HALF, acc_hi, mask=hmask[:, None])
+
 
 @triton.jit
 def mla_output_kernel(acc_ptr, m_ptr, l_ptr, wkvb_ptr, o_ptr, pos_ptr, H, C, N, V, B, SPLIT, UNITS, IDLE,
